@@ -1,0 +1,143 @@
+/* pipewright — the layer graph: file format v1, IR, shape inference, costs.
+ *
+ * A graph file (docs/graph-format.md) is parsed into a pw_graph: a DAG of
+ * nodes in topological (file) order over SSA values, with named parameters.
+ *
+ *     pw_graph *g = NULL;
+ *     if (pw_graph_parse_file("examples/fashion_mlp.graph", &g) != PW_OK) {
+ *         fprintf(stderr, "%s\n", pw_last_error());  // file:line:col: error: ...
+ *         return 1;
+ *     }
+ *     for (int i = 0; i < g->n_nodes; i++) {
+ *         pw_op_cost c;
+ *         pw_graph_node_cost(g, i, &c);
+ *     }
+ *     pw_graph_destroy(g);
+ *
+ * The IR is plain data, read-only after parsing. Shapes are per sample (no
+ * batch dimension). Every value has exactly one producer (a node, or the
+ * graph's input/label declarations); parameters have stable dotted names
+ * ("fc1.weight", "blocks.3.fc.bias") that checkpoints use.
+ */
+#ifndef PW_GRAPH_GRAPH_H
+#define PW_GRAPH_GRAPH_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "runtime/status.h"
+#include "runtime/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PW_MAX_OP_INPUTS 4
+#define PW_MAX_OP_PARAMS 4
+
+typedef enum pw_op_kind {
+    PW_OP_LINEAR = 0,      /* y = x·Wᵀ + b over the last dim; W (out, in), b (out) */
+    PW_OP_RELU,
+    PW_OP_GELU,            /* tanh approximation (see docs/graph-format.md) */
+    PW_OP_LAYERNORM,       /* over the last dim; weight (d), bias (d) */
+    PW_OP_ADD,             /* a + b, same shape */
+    PW_OP_FLATTEN,         /* per-sample shape -> [numel] */
+    PW_OP_RESHAPE,         /* per-sample shape -> attrs.shape (same numel) */
+    PW_OP_SOFTMAX_XENT,    /* (logits [..., C] f32, labels [...] i32) -> loss [] */
+    PW_OP_COUNT
+} pw_op_kind;
+
+typedef enum pw_init_kind {
+    PW_INIT_ZEROS = 0,
+    PW_INIT_ONES,
+    PW_INIT_UNIFORM,       /* U(-scale, scale) */
+    PW_INIT_NORMAL,        /* N(0, scale²) */
+} pw_init_kind;
+
+typedef struct pw_value {
+    char *name;            /* unique; values inside repeat blocks: "blocks.3/h" */
+    pw_dtype dtype;
+    pw_shape shape;        /* per sample */
+    int producer;          /* node index; -1 for input/label declarations */
+    int n_consumers;
+    int line, col;         /* where it is defined */
+} pw_value;
+
+typedef struct pw_param {
+    char *name;            /* "fc1.weight" */
+    pw_shape shape;        /* PyTorch layout: linear weight (out, in) */
+    pw_init_kind init;
+    float init_scale;
+    int decay;             /* weight decay applies (matrices yes, biases/norms no) */
+    int n_uses;            /* > 1 when tied (e.g. weight=tok_emb.weight) */
+} pw_param;
+
+typedef struct pw_node_attrs {
+    int64_t out;           /* linear: output features */
+    int bias;              /* linear: 1 (default) or 0 */
+    float eps;             /* layernorm: default 1e-5 */
+    pw_shape shape;        /* reshape: per-sample target shape */
+} pw_node_attrs;
+
+typedef struct pw_node {
+    pw_op_kind op;
+    char *scope;           /* parameter prefix: "fc1", "blocks.3.fc" */
+    int n_inputs;
+    int inputs[PW_MAX_OP_INPUTS];   /* value ids */
+    int output;                     /* value id */
+    int n_params;
+    int params[PW_MAX_OP_PARAMS];   /* param ids, in the op's order (weight, bias) */
+    pw_node_attrs attrs;
+    int cut_before;        /* a `cut` marker precedes this node in the file */
+    int line, col;
+} pw_node;
+
+typedef struct pw_graph {
+    char *name;            /* from `graph NAME`, else the file's base name */
+    char *file;            /* path given to the parser (for messages) */
+    int n_values, n_nodes, n_params;
+    pw_value *values;
+    pw_node *nodes;        /* topological order */
+    pw_param *params;
+    int input;             /* value id of the `input` declaration */
+    int label;             /* value id of the `label` declaration, -1 if none */
+    int loss;              /* value id of the loss (output of the softmax_xent node) */
+    int n_cuts;            /* number of `cut` markers */
+} pw_graph;
+
+/* Parses a graph file. On error returns PW_ERR_PARSE / PW_ERR_SHAPE / PW_ERR_IO
+ * with "file:line:col: error: ..." in pw_last_error() and *out = NULL. */
+pw_status pw_graph_parse_file(const char *path, pw_graph **out);
+/* Same, from memory; `filename` is used in messages only. */
+pw_status pw_graph_parse_string(const char *text, size_t len, const char *filename,
+                                pw_graph **out);
+void pw_graph_destroy(pw_graph *g); /* accepts NULL */
+
+/* Name of an op as written in graph files ("linear", "softmax_cross_entropy"). */
+const char *pw_op_name(pw_op_kind op);
+
+/* Looks a parameter up by name; -1 when absent. */
+int pw_graph_find_param(const pw_graph *g, const char *name);
+
+/* Per-sample costs of one node. FLOPs count a multiply-add as 2. */
+typedef struct pw_op_cost {
+    double flops_fwd;
+    double flops_bwd_input;
+    double flops_bwd_weight;
+    int64_t param_bytes;   /* bytes of parameters first used by this node */
+    int64_t act_bytes;     /* bytes stashed per sample for the backward pass
+                              (the output plus any saved statistics) */
+    int64_t out_bytes;     /* bytes of the output value per sample */
+} pw_op_cost;
+
+pw_status pw_graph_node_cost(const pw_graph *g, int node, pw_op_cost *out);
+/* Sum over all nodes (params counted once even when tied). */
+void pw_graph_total_cost(const pw_graph *g, pw_op_cost *out);
+
+/* Human-readable summary (one line per node with shapes and costs) to a FILE*. */
+void pw_graph_print(const pw_graph *g, FILE *f);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
