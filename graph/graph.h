@@ -70,6 +70,7 @@ typedef struct pw_param {
     float init_scale;
     int decay;             /* weight decay applies (matrices yes, biases/norms no) */
     int n_uses;            /* > 1 when tied (e.g. weight=tok_emb.weight) */
+    int owner;             /* index of the node that created it (its first use) */
 } pw_param;
 
 typedef struct pw_node_attrs {

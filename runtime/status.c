@@ -54,7 +54,13 @@ pw_status pw_error_prefix(pw_status st, const char *fmt, ...)
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, tls_msg, sizeof old);
-    snprintf(tls_msg, sizeof tls_msg, "%s%s", prefix, old);
+    /* prefix, then as much of the old message as still fits */
+    size_t np = strlen(prefix), no = strlen(old);
+    if (np > sizeof tls_msg - 1) np = sizeof tls_msg - 1;
+    if (no > sizeof tls_msg - 1 - np) no = sizeof tls_msg - 1 - np;
+    memcpy(tls_msg, prefix, np);
+    memcpy(tls_msg + np, old, no);
+    tls_msg[np + no] = '\0';
     return st;
 }
 

@@ -70,7 +70,10 @@ void pw_cpu_copy_grad(const float *dy, float *dx, int64_t n, int accumulate);
  * the SUM over rows of −log p[label] (double). Labels outside [0, C) are the
  * caller's error (checked by the data loader), treated as row loss 0 here.
  * Backward: dlogits (n, C) = (probs − onehot(label)) · scale, where scale is
- * 1 / (number of rows in the GLOBAL batch) so micro-batches sum to the mean. */
+ * 1 / (number of rows in the GLOBAL batch) so micro-batches sum to the mean.
+ * A row whose label is outside [0, C) gets dlogits = probs · scale (no one-hot
+ * term). That is not the gradient of its zero loss: such a label is a caller
+ * error, handled only so that nothing crashes or reads out of bounds. */
 double pw_cpu_softmax_xent_fwd(const float *logits, const int32_t *labels, float *probs,
                                int64_t n, int64_t C);
 void pw_cpu_softmax_xent_bwd(const float *probs, const int32_t *labels, float *dlogits,

@@ -1,0 +1,66 @@
+/* pipewright — helpers shared by the schedule files (schedule.c, validate.c,
+ * schedule_csv.c, schedule_print.c). Not installed. */
+#ifndef PW_SCHEDULER_SCHEDULE_INTERNAL_H
+#define PW_SCHEDULER_SCHEDULE_INTERNAL_H
+
+#include <stdint.h>
+
+#include "scheduler/schedule.h"
+
+/* Upper bounds that keep every count in an int and every index product in an
+ * int64 (n_chunks * n_micro fits comfortably). */
+#define PW_SCHED_MAX_RANKS (1 << 20)
+#define PW_SCHED_MAX_CHUNKS_PER_RANK 1024
+#define PW_SCHED_MAX_MICRO (1 << 24)
+#define PW_SCHED_MAX_BUCKETS (1 << 16)
+
+/* Chunk c runs on rank c mod n_ranks and is that rank's (c / n_ranks)-th
+ * chunk (its local index). */
+/* (The branch skips a division on the hot path: GPipe and 1F1B have one
+ * chunk per rank, and the validator asks this several times per action.) */
+static inline int pw_sched_rank_of(const pw_schedule *s, int chunk)
+{
+    return chunk < s->n_ranks ? chunk : chunk % s->n_ranks;
+}
+static inline int pw_sched_local(const pw_schedule *s, int chunk)
+{
+    return chunk < s->n_ranks ? 0 : chunk / s->n_ranks;
+}
+
+/* Fast form of pw_sched_action_ok (no message): 1 when `a` names a real kind,
+ * a chunk of `rank` and an mb (bucket) in range. */
+static inline int pw_sched_action_valid(const pw_schedule *s, int rank, const pw_action *a)
+{
+    if ((unsigned)a->kind >= PW_ACT_COUNT) return 0;
+    if (a->kind == PW_ACT_OPTIM) return a->chunk == -1 && a->mb == -1;
+    if (a->chunk < 0 || a->chunk >= s->n_chunks || pw_sched_rank_of(s, a->chunk) != rank) return 0;
+    int limit = a->kind == PW_ACT_ALLREDUCE ? s->n_buckets : s->n_micro;
+    return a->mb >= 0 && a->mb < limit;
+}
+
+/* Allocates a schedule with the shape fields of `shape` (ranks pointer and
+ * storage ignored) and room for counts[r] actions on rank r, all in one block;
+ * the actions are left for the caller to fill. */
+pw_status pw_sched_alloc(const pw_schedule *shape, const int64_t *counts, pw_schedule **out);
+
+/* Checks the shape fields (ranks, chunks, micro-batches, buckets) are in
+ * range and agree. PW_OK or PW_ERR_INVALID_ARG. */
+pw_status pw_sched_check_shape(const pw_schedule *s);
+
+/* Checks that `a` names a real kind, a chunk of `rank` and an mb (bucket) in
+ * range. Returns 0 when it does, otherwise writes the reason ("chunk 3 runs on
+ * rank 1, not rank 0") into why and returns -1. */
+int pw_sched_action_ok(const pw_schedule *s, int rank, const pw_action *a, char *why, size_t n);
+
+/* Human form of an action as run by `rank`, for messages: "F mb 3",
+ * "RECV_F mb 2 from rank 0", "SEND_B chunk 5 mb 1 to rank 0", "OPTIM". The
+ * chunk is named when it is not simply the rank's own single chunk. */
+void pw_sched_describe(const pw_schedule *s, int rank, const pw_action *a, char *buf, size_t n);
+
+/* The validator's replay. rep (may be NULL) receives the figures (its arrays
+ * already sized); start (may be NULL) receives, for every action in rank
+ * order (rank 0's actions, then rank 1's, ...), the unit-cost step at which it
+ * starts. */
+pw_status pw_sched_replay(const pw_schedule *s, pw_schedule_report *rep, uint32_t *start);
+
+#endif

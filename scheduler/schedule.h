@@ -1,0 +1,281 @@
+/* pipewright — the schedule IR: generators, lowering, validator, CSV form.
+ *
+ * A schedule says, for each pipeline rank, the ordered list of actions that
+ * rank runs in one training step. This module is pure data and algorithms (no
+ * threads, no I/O beyond FILE*); the engine executes what it produces.
+ *
+ *     pw_schedule_config cfg = { .kind = PW_SCHEDULE_1F1B,
+ *                                .n_stages = 4, .n_micro = 8 };
+ *     pw_schedule *s = NULL;
+ *     pw_schedule_report *rep = NULL;
+ *     if (pw_schedule_generate(&cfg, &s) != PW_OK ||   // compute actions only
+ *         pw_schedule_lower(s) != PW_OK ||             // + SEND/RECV
+ *         pw_schedule_validate(s, &rep) != PW_OK) {    // replayed: finishes
+ *         fprintf(stderr, "%s\n", pw_last_error());
+ *         pw_schedule_destroy(s);
+ *         return 1;
+ *     }
+ *     // rep->peak_inflight[r]: activation stash slots rank r needs (here
+ *     // min(4 - r, 8)); rep->makespan: unit-cost length of the step.
+ *     pw_schedule_write_csv(s, stdout);   // "0F0,0SF0,0F1,..." one row a rank
+ *     pw_schedule_report_destroy(rep);
+ *     pw_schedule_destroy(s);
+ *
+ * Model. The layers are cut into n_chunks = n_ranks × chunks_per_rank "stage
+ * chunks", numbered 0 .. n_chunks−1 in layer order; chunk c runs on rank
+ * c mod n_ranks (so GPipe and 1F1B, with one chunk per rank, have chunk ==
+ * rank; interleaved schedules give each rank several chunks). A step pushes
+ * n_micro micro-batches through every chunk: forward F in chunk order, then
+ * backward B in reverse chunk order, optionally split into B (gradient of the
+ * chunk's input) and W (gradient of its weights).
+ *
+ * Communication. SEND/RECV actions carry the chunk of the rank that runs
+ * them: SEND_F{c, m} sends chunk c's forward output of micro-batch m to the
+ * rank of chunk c+1, which runs RECV_F{c+1, m} before F{c+1, m}; SEND_B{c, m}
+ * sends chunk c's input gradient to the rank of chunk c−1, which runs
+ * RECV_B{c−1, m} before B{c−1, m}. Sends never block (they are buffered);
+ * receives block until their message has been sent. A message is identified
+ * by (direction, chunk, micro-batch), so transports match by that key, never
+ * by arrival order. Neighbouring chunks on the same rank hand over locally,
+ * with no communication action.
+ *
+ * Every call returning pw_status records a message readable with
+ * pw_last_error() on failure. Schedule errors read
+ * "rank R, position P (ACTION): what is wrong" (positions count from 0 and
+ * equal the cell index in the rank's CSV row); CSV errors read
+ * "file:line:col: error: ...". See docs/schedules.md.
+ */
+#ifndef PW_SCHEDULER_SCHEDULE_H
+#define PW_SCHEDULER_SCHEDULE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "runtime/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------ IR */
+
+typedef enum pw_action_kind {
+    PW_ACT_F = 0,      /* forward of (chunk, mb)                        CSV 0F3 */
+    PW_ACT_B,          /* backward: input grad; the whole backward when
+                        * W is not split                                 CSV 0B3 */
+    PW_ACT_W,          /* backward for weights (split_w schedules only)  CSV 0W3 */
+    PW_ACT_SEND_F,     /* F output of (chunk, mb) to chunk+1's rank      CSV 0SF3 */
+    PW_ACT_RECV_F,     /* F input of (chunk, mb) from chunk-1's rank     CSV 1RF3 */
+    PW_ACT_SEND_B,     /* B input-grad of (chunk, mb) to chunk-1's rank  CSV 1SB3 */
+    PW_ACT_RECV_B,     /* output grad of (chunk, mb) from chunk+1's rank CSV 0RB3 */
+    PW_ACT_ALLREDUCE,  /* start all-reducing gradient bucket `mb` of
+                        * `chunk` across replicas (non-blocking)        CSV AR0 */
+    PW_ACT_OPTIM,      /* wait for the rank's all-reduces, apply the
+                        * optimizer to every chunk of the rank; last,
+                        * once per rank (chunk = mb = -1)                CSV OPT */
+    PW_ACT_COUNT
+} pw_action_kind;
+
+typedef struct pw_action {
+    pw_action_kind kind;
+    int32_t chunk;     /* global stage-chunk index; -1 for OPTIM */
+    int32_t mb;        /* micro-batch; bucket index for ALLREDUCE; -1 for OPTIM */
+} pw_action;
+
+typedef enum pw_schedule_kind {
+    PW_SCHEDULE_CUSTOM = 0,  /* hand-written or loaded from CSV */
+    PW_SCHEDULE_GPIPE,       /* all F (mb 0..M-1), then all B (mb 0..M-1) */
+    PW_SCHEDULE_1F1B,        /* PipeDream-Flush: warm-up F, steady 1F1B, cool-down B */
+    PW_SCHEDULE_KIND_COUNT
+} pw_schedule_kind;
+
+typedef struct pw_rank_program {
+    int n_actions;
+    pw_action *actions;      /* [n_actions], run in this order */
+} pw_rank_program;
+
+/* Plain data, read-only to users after creation; destroy with
+ * pw_schedule_destroy. */
+typedef struct pw_schedule {
+    pw_schedule_kind kind;
+    int n_ranks;             /* pipeline ranks (one replica) */
+    int chunks_per_rank;     /* v: 1 for GPipe/1F1B */
+    int n_chunks;            /* n_ranks * chunks_per_rank (the "stages") */
+    int n_micro;             /* micro-batches per step */
+    int split_w;             /* 1: B is input-grad only and every (chunk, mb)
+                              * also has a W; 0: no W anywhere */
+    int n_buckets;           /* all-reduce buckets per chunk (0: none) */
+    int lowered;             /* communication actions are present/complete:
+                              * set by pw_schedule_lower and by the CSV parser */
+    pw_rank_program *ranks;  /* [n_ranks] */
+    void *storage;           /* private: one block holding every action */
+} pw_schedule;
+
+/* ------------------------------------------------------------ generators */
+
+typedef struct pw_schedule_config {
+    pw_schedule_kind kind;   /* PW_SCHEDULE_GPIPE or PW_SCHEDULE_1F1B */
+    int n_stages;            /* pipeline ranks, >= 1 */
+    int n_micro;             /* micro-batches per step, >= 1 */
+    int split_w;             /* 0 or 1: emit W right after each B */
+    int n_buckets;           /* >= 0: ALLREDUCE actions per stage, emitted
+                              * after the stage's last backward (data
+                              * parallelism); 0 for a single replica */
+} pw_schedule_config;
+
+/* Builds the compute-only schedule (F, B, W, ALLREDUCE, then one OPTIM per
+ * rank) for `cfg`. PW_OK: *out is a new schedule with lowered == 0.
+ * PW_ERR_INVALID_ARG: a config field is out of range (kind, counts, or a rank
+ * would exceed INT_MAX actions); *out is NULL. PW_ERR_NOMEM: *out is NULL. */
+pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out);
+
+/* Accepts NULL. */
+void pw_schedule_destroy(pw_schedule *s);
+
+/* Inserts the communication, in place: RECV_F immediately before each F whose
+ * input comes from another rank, SEND_F immediately after each F whose output
+ * goes to another rank, and RECV_B / SEND_B likewise around each B.
+ * Idempotent: a schedule that already holds any SEND/RECV is taken as lowered
+ * by its author and left unchanged (the validator checks it is complete).
+ * PW_OK: s->lowered == 1. PW_ERR_SCHEDULE: an action names a kind, chunk or
+ * micro-batch that does not exist or a chunk of another rank (s unchanged).
+ * PW_ERR_NOMEM: s unchanged. */
+pw_status pw_schedule_lower(pw_schedule *s);
+
+/* 1 when a and b hold the same shape, flags and actions (kind included). */
+int pw_schedule_equal(const pw_schedule *a, const pw_schedule *b);
+
+/* -------------------------------------------------------------- validator */
+
+typedef struct pw_schedule_report {
+    int n_ranks, n_chunks;
+    /* Activation stash: micro-batches whose F has run and whose last backward
+     * (B, or W when split) has not; its peak is the number of activation slots
+     * a rank (or one chunk) needs. GPipe: M on every rank; 1F1B: min(S-r, M). */
+    int *peak_inflight;         /* [n_ranks] */
+    int *peak_inflight_chunk;   /* [n_chunks] */
+    /* Split W only: micro-batches whose B has run and whose W has not (their
+     * input activations and output grads are still held for W). */
+    int *peak_w_pending;        /* [n_ranks]; all 0 when not split */
+    int64_t n_actions;          /* actions replayed (all of them) */
+    int64_t n_messages;         /* SEND/RECV pairs matched */
+    /* Unit-cost replay: every F/B/W takes one step, communication none, each
+     * action starts as soon as its rank and its input allow. */
+    int64_t makespan;           /* steps from the first F to the last action */
+    double bubble;              /* idle fraction: 1 - busy / (n_ranks*makespan) */
+} pw_schedule_report;
+
+/* Replays the schedule symbolically as n_ranks concurrent programs with
+ * blocking receives and buffered sends, and proves that it finishes and is
+ * well formed:
+ *   - every action names a valid kind, a chunk of its own rank and an mb in
+ *     range; SEND/RECV name a neighbour on another rank;
+ *   - each (chunk, mb) has exactly one F and one B, and one W iff split_w;
+ *     F needs the input (F of chunk-1: locally, or through RECV_F), B needs
+ *     its F and the output grad (B of chunk+1, locally or through RECV_B),
+ *     W needs its B; a SEND follows the compute it sends;
+ *   - every send is received exactly once, every receive is sent;
+ *   - each (chunk, bucket) is all-reduced once, after the chunk's last
+ *     backward; OPTIM runs once per rank, last, after all of them;
+ *   - no deadlock: if at some point no rank can move, the message names the
+ *     cycle of waits ("deadlock: rank 1 at position 4 (RECV_F mb 2 from rank
+ *     0) waits; rank 0 at position 7 (RECV_B mb 1 from rank 1) waits").
+ * The schedule must be lowered when it spans more than one rank (otherwise
+ * the first F that needs a message reports the missing receive).
+ * Runs in O(total actions + n_chunks * n_micro).
+ * PW_OK: *out (when out != NULL) is a new report. PW_ERR_SCHEDULE: the first
+ * problem found, "rank R, position P (ACTION): what is wrong"; *out is NULL.
+ * PW_ERR_INVALID_ARG (s NULL or its shape fields inconsistent),
+ * PW_ERR_NOMEM. */
+pw_status pw_schedule_validate(const pw_schedule *s, pw_schedule_report **out);
+
+/* Accepts NULL. */
+void pw_schedule_report_destroy(pw_schedule_report *rep);
+
+/* Run-time invariant check for one rank (STYLE.md §14): the engine, behind
+ * PW_DEBUG_CHECK=1, feeds each action of `rank` as it completes; the
+ * validator runs the same checks. It holds "every F before its B before its
+ * W", the local conditions of each action listed above, and "in-flight <=
+ * bound". One checker per rank; not thread-safe (each worker owns its own). */
+typedef struct pw_schedule_checker pw_schedule_checker;
+
+/* inflight_bound: largest allowed activation in-flight count on the rank
+ * (the validator's peak_inflight[rank]); 0: unchecked. The schedule must
+ * outlive the checker. PW_ERR_INVALID_ARG: rank out of range. */
+pw_status pw_schedule_checker_create(const pw_schedule *s, int rank, int inflight_bound,
+                                     pw_schedule_checker **out);
+/* PW_OK, or PW_ERR_SCHEDULE naming the rank, the action's position (actions
+ * fed so far) and the broken rule. After an error the checker's state is
+ * unspecified until pw_schedule_checker_finish. */
+pw_status pw_schedule_checker_step(pw_schedule_checker *c, const pw_action *a);
+/* End of a training step: checks that every (chunk, mb) of the rank has had
+ * its F, B (and W), every needed SEND, every all-reduce and the OPTIM; then
+ * resets for the next step (also after an error). PW_OK or PW_ERR_SCHEDULE. */
+pw_status pw_schedule_checker_finish(pw_schedule_checker *c);
+void pw_schedule_checker_destroy(pw_schedule_checker *c); /* accepts NULL */
+
+/* -------------------------------------------------------------- CSV form */
+
+/* One line per rank (rank 0 first), one action per comma-separated cell:
+ *   <chunk>F<mb>  <chunk>B<mb>  <chunk>W<mb>                 compute
+ *   <chunk>SF<mb> <chunk>RF<mb> <chunk>SB<mb> <chunk>RB<mb>  communication
+ *   AR<bucket> (one chunk per rank) or <chunk>AR<bucket>      all-reduce
+ *   OPT                                                       optimizer
+ * Spaces around cells, empty cells, blank lines and '#' comment lines are
+ * ignored; letters may be lower case. An optional header comment, before the
+ * first row, fixes the shape instead of inferring it from the cells:
+ *   # pipewright schedule v1: kind=1f1b ranks=4 chunks_per_rank=1
+ *     micro_batches=8 split_w=0 buckets=0          (one line; any subset)
+ * Rows holding only compute actions are lowered by the parser
+ * (pw_schedule_lower); rows that hold any SEND/RECV are kept as written.
+ * PW_OK: *out is a new schedule. PW_ERR_PARSE: "file:line:col: error: ..."
+ * (filename NULL reads "<string>") for a malformed cell, a chunk not on its
+ * row's rank, an index beyond the header's counts, or a bad header; *out is
+ * NULL. The result is not validated: call pw_schedule_validate. */
+pw_status pw_schedule_parse_csv(const char *text, size_t len, const char *filename,
+                                pw_schedule **out);
+/* Reads `path` and parses it. PW_ERR_IO when it cannot be read. */
+pw_status pw_schedule_load_csv(const char *path, pw_schedule **out);
+
+/* Writes the header comment and one row per rank. A lowered schedule reads
+ * back equal (pw_schedule_equal) and re-writes to the same bytes; a
+ * compute-only one reads back lowered. PW_ERR_IO on a write error. */
+pw_status pw_schedule_write_csv(const pw_schedule *s, FILE *f);
+pw_status pw_schedule_save_csv(const pw_schedule *s, const char *path);
+
+/* ----------------------------------------------------- names and theory */
+
+/* "F", "B", "W", "SEND_F", ..., "OPTIM"; "?" when out of range. */
+const char *pw_action_kind_name(pw_action_kind k);
+/* "custom", "gpipe", "1f1b"; "?" when out of range. */
+const char *pw_schedule_kind_name(pw_schedule_kind k);
+/* Inverse of pw_schedule_kind_name (case-insensitive; "pipedream-flush" is
+ * 1f1b too). PW_ERR_INVALID_ARG names the choices. */
+pw_status pw_schedule_kind_parse(const char *name, pw_schedule_kind *out);
+/* The action's CSV cell ("0F3", "1RB2", "AR0", "OPT") into buf, NUL
+ * terminated; `one_chunk_per_rank` writes AR<b> without its chunk. Returns the
+ * length it needs (as snprintf). */
+int pw_action_format(const pw_action *a, int one_chunk_per_rank, char *buf, size_t n);
+
+/* Ideal bubble fraction: (p-1)/(m+p-1) for GPipe and 1F1B (p stages, m
+ * micro-batches, every stage equally fast). It is exact for the unsplit
+ * schedules; with split W it counts B+W as one backward and is an upper
+ * bound, since sending the gradient before W lets the upstream stage start
+ * sooner (pw_schedule_report.bubble has the replayed figure).
+ * -1.0 for other kinds or counts < 1. */
+double pw_schedule_theoretical_bubble(pw_schedule_kind kind, int n_stages, int n_micro);
+/* Theoretical peak in-flight activations on `stage`: n_micro for GPipe,
+ * min(n_stages - stage, n_micro) for 1F1B; -1 for other kinds or bad args. */
+int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micro, int stage);
+
+/* ASCII timeline, one line per rank, compute actions placed at their
+ * unit-cost replay step ('.' = idle). A schedule that does not validate is
+ * printed as plain action lists under the validator's message. PW_OK, or
+ * PW_ERR_IO / PW_ERR_NOMEM. */
+pw_status pw_schedule_print(const pw_schedule *s, FILE *f);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages pipewright needs, only those missing.
+# Idempotent; needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+PKGS=(build-essential cmake pkg-config
+      libhwloc-dev hwloc libevent-dev libjansson-dev zlib1g-dev
+      libopenblas-dev libcriterion-dev
+      libopenmpi-dev openmpi-bin
+      dataset-fashion-mnist)
+
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "pipewright: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,394 @@
+/* pipewright — CPU reference kernels (fp32). Contract in ops.h.
+ *
+ * How the kernels are written, and why:
+ *   - GEMMs are one cblas_sgemm each; everything else is a single sweep over
+ *     its data, written (VEC_FOR below) so that gcc -O2 vectorises it.
+ *     Kernels never allocate.
+ *   - Every reduction that is not a GEMM runs in a fixed order on the calling
+ *     thread, so its bits depend only on its inputs (not on the BLAS thread
+ *     count, not on the call history). Row reductions in double use LANES
+ *     independent partial sums combined in a fixed order: the same bits on
+ *     every run, and independent chains that the compiler can vectorise.
+ *   - Reductions over rows (db, layernorm dw/db) add each row straight into
+ *     the destination, row 0 first. Splitting a batch into micro-batches and
+ *     calling once per micro-batch in order therefore gives the same bits as
+ *     one call over the whole batch.
+ *   - Pointers are `restrict`: ops.h promises arrays never alias.
+ */
+#include "stages/cpu/ops.h"
+
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#include "runtime/status.h"
+
+/* gcc -O2 runs the vectoriser with its "very cheap" cost model: it vectorises
+ * a loop only when the trip count is a known multiple of the vector width (no
+ * epilogue, no run-time alias checks). A plain `for (i < n)` loop therefore
+ * stays scalar. VEC_FOR(i, n, body) runs body over blocks of exactly VEC_N
+ * elements (an inner loop gcc does vectorise), then over the scalar tail.
+ * Bodies must load unconditionally: `c ? a[i] : 0` is a conditional load and
+ * blocks vectorisation, so load into a local first. Checked with
+ * -fopt-info-vec; the order of operations per element is unchanged, so the
+ * bits are the same as the scalar loop's. */
+#define VEC_N 8
+#define VEC_FOR(i, n, ...)                                                    \
+    do {                                                                      \
+        const int64_t vec_n_ = (n);                                           \
+        int64_t vec_b_ = 0;                                                   \
+        for (; vec_b_ + VEC_N <= vec_n_; vec_b_ += VEC_N)                     \
+            for (int vec_l_ = 0; vec_l_ < VEC_N; vec_l_++) {                  \
+                const int64_t i = vec_b_ + vec_l_;                            \
+                __VA_ARGS__                                                   \
+            }                                                                 \
+        for (int64_t i = vec_b_; i < vec_n_; i++) { __VA_ARGS__ }             \
+    } while (0)
+
+/* ---------------------------------------------------------------- BLAS */
+
+#if defined(PW_BLAS_BLIS)
+#include <blis.h>
+#else
+#include <cblas.h>
+#ifndef OPENBLAS_VERSION
+/* Some cblas.h (the reference one, Debian's alternatives) omit these. */
+void openblas_set_num_threads(int num_threads);
+int openblas_get_num_threads(void);
+#endif
+#endif
+
+#if defined(OPENBLAS_VERSION)
+typedef blasint pw_blas_int; /* int, or int64 in an ILP64 build */
+#else
+typedef int pw_blas_int;
+#endif
+
+/* A dimension as the BLAS integer. Shapes are validated when a plan is built;
+ * one that does not fit here is a bug, not bad input. */
+static pw_blas_int blas_dim(int64_t v)
+{
+    PW_ASSERT(v >= 0 && (sizeof(pw_blas_int) >= sizeof(int64_t) || v <= INT_MAX));
+    return (pw_blas_int)v;
+}
+
+/* Leading dimensions must be >= 1 even when the matrix is empty. */
+static pw_blas_int blas_ld(int64_t v) { return blas_dim(v > 0 ? v : 1); }
+
+void pw_cpu_set_threads(int n)
+{
+    if (n < 1) n = 1;
+#if defined(PW_BLAS_BLIS)
+    bli_thread_set_num_threads((dim_t)n);
+#else
+    openblas_set_num_threads(n);
+#endif
+}
+
+int pw_cpu_get_threads(void)
+{
+#if defined(PW_BLAS_BLIS)
+    dim_t n = bli_thread_get_num_threads();
+    return n < 1 ? 1 : (int)n;
+#else
+    return openblas_get_num_threads();
+#endif
+}
+
+/* ---------------------------------------------------------------- linear */
+
+void pw_cpu_linear_fwd(const float *restrict x, const float *restrict w,
+                       const float *restrict b, float *restrict y, int64_t n,
+                       int64_t in, int64_t out)
+{
+    if (n <= 0 || out <= 0) return;
+    /* The bias goes in first and the GEMM adds onto it (beta = 1): one pass
+     * over y fewer than GEMM-then-add, same rounding (acc + b). */
+    float beta = 0.0f;
+    if (b) {
+        for (int64_t r = 0; r < n; r++) memcpy(y + r * out, b, (size_t)out * sizeof(float));
+        beta = 1.0f;
+    }
+    if (in <= 0) {
+        if (!b) memset(y, 0, (size_t)(n * out) * sizeof(float));
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(n), blas_dim(out),
+                blas_dim(in), 1.0f, x, blas_ld(in), w, blas_ld(in), beta, y,
+                blas_ld(out));
+}
+
+void pw_cpu_linear_bwd_input(const float *restrict dy, const float *restrict w,
+                             float *restrict dx, int64_t n, int64_t in, int64_t out,
+                             int accumulate)
+{
+    if (n <= 0 || in <= 0) return;
+    if (out <= 0) { /* dx = 0·w: nothing to add, zero to write */
+        if (!accumulate) memset(dx, 0, (size_t)(n * in) * sizeof(float));
+        return;
+    }
+    /* beta = 0 makes the BLAS write C without reading it, so stale contents
+     * (even NaN) never leak into dx. */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(n), blas_dim(in),
+                blas_dim(out), 1.0f, dy, blas_ld(out), w, blas_ld(in),
+                accumulate ? 1.0f : 0.0f, dx, blas_ld(in));
+}
+
+void pw_cpu_linear_bwd_weight(const float *restrict dy, const float *restrict x,
+                              float *restrict dw, float *restrict db, int64_t n,
+                              int64_t in, int64_t out)
+{
+    if (n <= 0 || out <= 0) return;
+    if (in > 0)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(out),
+                    blas_dim(in), blas_dim(n), 1.0f, dy, blas_ld(out), x, blas_ld(in),
+                    1.0f, dw, blas_ld(in));
+    if (db) {
+        /* Row by row into db: fixed order, and micro-batch splits are exact. */
+        for (int64_t r = 0; r < n; r++) {
+            const float *restrict g = dy + r * out;
+            VEC_FOR(j, out, db[j] += g[j];);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- relu */
+
+void pw_cpu_relu_fwd(const float *restrict x, float *restrict y, int64_t n)
+{
+    /* `x < 0 ? 0 : x` rather than fmaxf: NaN passes through, so a diverging
+     * run is caught by the loss check instead of being silently zeroed. */
+    VEC_FOR(i, n, float v = x[i]; y[i] = v < 0.0f ? 0.0f : v;);
+}
+
+void pw_cpu_relu_bwd_input(const float *restrict y, const float *restrict dy,
+                           float *restrict dx, int64_t n, int accumulate)
+{
+    if (accumulate) {
+        VEC_FOR(i, n, float g = dy[i]; dx[i] += y[i] > 0.0f ? g : 0.0f;);
+    } else {
+        VEC_FOR(i, n, float g = dy[i]; dx[i] = y[i] > 0.0f ? g : 0.0f;);
+    }
+}
+
+/* ---------------------------------------------------------------- gelu */
+
+#define GELU_K 0.7978845608028654f /* √(2/π) */
+#define GELU_C 0.044715f
+
+/* The gelu loops call tanhf, which gcc does not vectorise without
+ * -ffast-math; they stay plain loops (one tanhf per element per pass). */
+void pw_cpu_gelu_fwd(const float *restrict x, float *restrict y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
+        y[i] = 0.5f * v * (1.0f + t);
+    }
+}
+
+/* d/dx of 0.5·x·(1 + tanh(u)), u = k·(x + c·x³):
+ *   0.5·(1 + t) + 0.5·x·(1 − t²)·k·(1 + 3c·x²)                              */
+static inline float gelu_grad(float v)
+{
+    float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
+    float du = GELU_K * (1.0f + 3.0f * GELU_C * v * v);
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
+}
+
+void pw_cpu_gelu_bwd_input(const float *restrict x, const float *restrict dy,
+                           float *restrict dx, int64_t n, int accumulate)
+{
+    if (accumulate) {
+        for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_grad(x[i]);
+    } else {
+        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * gelu_grad(x[i]);
+    }
+}
+
+/* ---------------------------------------------------------------- layernorm */
+
+/* Partial sums per row reduction. Part of the result's definition: changing
+ * it changes the rounding (and so the bits) of layernorm and softmax. */
+#define LANES 8
+
+/* Σ v in double (see the file comment for the lane scheme). */
+static double sum_d(const float *restrict v, int64_t d)
+{
+    double acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= d; i += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += (double)v[i + l];
+    double s = 0.0;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    for (; i < d; i++) s += (double)v[i];
+    return s;
+}
+
+/* Σ (v − m)² in double: the second pass of a two-pass variance. */
+static double sumsq_dev_d(const float *restrict v, double m, int64_t d)
+{
+    double acc[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= d; i += LANES)
+        for (int l = 0; l < LANES; l++) {
+            double e = (double)v[i + l] - m;
+            acc[l] += e * e;
+        }
+    double s = 0.0;
+    for (int l = 0; l < LANES; l++) s += acc[l];
+    for (; i < d; i++) {
+        double e = (double)v[i] - m;
+        s += e * e;
+    }
+    return s;
+}
+
+void pw_cpu_layernorm_fwd(const float *restrict x, const float *restrict w,
+                          const float *restrict b, float *restrict y,
+                          float *restrict mean, float *restrict rstd, int64_t n,
+                          int64_t d, float eps)
+{
+    if (d <= 0) return;
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict xr = x + r * d;
+        float *restrict yr = y + r * d;
+        /* Two passes (mean, then squared deviations) in double: no
+         * catastrophic cancellation when |mean| ≫ std. */
+        double m = sum_d(xr, d) / (double)d;
+        double var = sumsq_dev_d(xr, m, d) / (double)d;
+        float mf = (float)m;
+        float rs = 1.0f / sqrtf((float)var + eps);
+        mean[r] = mf;
+        rstd[r] = rs;
+        /* The backward recomputes x̂ from the stored float mean/rstd exactly
+         * as here, so forward and backward see the same x̂. */
+        VEC_FOR(j, d, yr[j] = (xr[j] - mf) * rs * w[j] + b[j];);
+    }
+}
+
+void pw_cpu_layernorm_bwd_input(const float *restrict x, const float *restrict w,
+                                const float *restrict mean, const float *restrict rstd,
+                                const float *restrict dy, float *restrict dx,
+                                int64_t n, int64_t d, int accumulate)
+{
+    if (d <= 0) return;
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict xr = x + r * d;
+        const float *restrict gr = dy + r * d;
+        float *restrict dxr = dx + r * d;
+        const float mf = mean[r], rs = rstd[r];
+        /* With g = dy·w and x̂ = (x − mean)·rstd:
+         *   dx = rstd · (g − mean(g) − x̂ · mean(g·x̂))                      */
+        double s1[LANES] = {0}, s2[LANES] = {0};
+        int64_t j = 0;
+        for (; j + LANES <= d; j += LANES)
+            for (int l = 0; l < LANES; l++) {
+                float g = gr[j + l] * w[j + l];
+                float xh = (xr[j + l] - mf) * rs;
+                s1[l] += (double)g;
+                s2[l] += (double)g * (double)xh;
+            }
+        double t1 = 0.0, t2 = 0.0;
+        for (int l = 0; l < LANES; l++) {
+            t1 += s1[l];
+            t2 += s2[l];
+        }
+        for (; j < d; j++) {
+            float g = gr[j] * w[j];
+            float xh = (xr[j] - mf) * rs;
+            t1 += (double)g;
+            t2 += (double)g * (double)xh;
+        }
+        const float mg = (float)(t1 / (double)d), mgx = (float)(t2 / (double)d);
+        if (accumulate) {
+            VEC_FOR(k, d, float xh = (xr[k] - mf) * rs;
+                    dxr[k] += rs * (gr[k] * w[k] - mg - xh * mgx););
+        } else {
+            VEC_FOR(k, d, float xh = (xr[k] - mf) * rs;
+                    dxr[k] = rs * (gr[k] * w[k] - mg - xh * mgx););
+        }
+    }
+}
+
+void pw_cpu_layernorm_bwd_weight(const float *restrict x, const float *restrict mean,
+                                 const float *restrict rstd, const float *restrict dy,
+                                 float *restrict dw, float *restrict db, int64_t n,
+                                 int64_t d)
+{
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict xr = x + r * d;
+        const float *restrict gr = dy + r * d;
+        const float mf = mean[r], rs = rstd[r];
+        VEC_FOR(j, d, dw[j] += gr[j] * ((xr[j] - mf) * rs); db[j] += gr[j];);
+    }
+}
+
+/* ---------------------------------------------------------------- add, copy */
+
+void pw_cpu_add_fwd(const float *restrict a, const float *restrict b, float *restrict y,
+                    int64_t n)
+{
+    VEC_FOR(i, n, y[i] = a[i] + b[i];);
+}
+
+void pw_cpu_copy_grad(const float *restrict dy, float *restrict dx, int64_t n,
+                      int accumulate)
+{
+    if (n <= 0) return;
+    if (accumulate) {
+        VEC_FOR(i, n, dx[i] += dy[i];);
+    } else {
+        memcpy(dx, dy, (size_t)n * sizeof(float));
+    }
+}
+
+/* ---------------------------------------------------------------- softmax xent */
+
+static int label_ok(int32_t label, int64_t C) { return label >= 0 && (int64_t)label < C; }
+
+double pw_cpu_softmax_xent_fwd(const float *restrict logits, const int32_t *restrict labels,
+                               float *restrict probs, int64_t n, int64_t C)
+{
+    if (C <= 0) return 0.0;
+    double loss = 0.0;
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict lr = logits + r * C;
+        float *restrict pr = probs + r * C;
+        float m = lr[0];
+        for (int64_t j = 1; j < C; j++) m = lr[j] > m ? lr[j] : m;
+        /* exp(l − max) ≤ 1: no overflow at any logit size; the sum in
+         * double keeps the normaliser exact to well below float rounding. */
+        for (int64_t j = 0; j < C; j++) pr[j] = expf(lr[j] - m);
+        double s = sum_d(pr, C);
+        float inv = (float)(1.0 / s);
+        VEC_FOR(j, C, pr[j] *= inv;);
+        /* −log p[label] as logsumexp − logit[label]: stays accurate when
+         * p[label] is tiny or rounds to 0 in float. */
+        int32_t lab = labels[r];
+        if (label_ok(lab, C)) loss += ((double)m + log(s)) - (double)lr[lab];
+    }
+    return loss;
+}
+
+void pw_cpu_softmax_xent_bwd(const float *restrict probs, const int32_t *restrict labels,
+                             float *restrict dlogits, int64_t n, int64_t C, float scale,
+                             int accumulate)
+{
+    if (C <= 0) return;
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict pr = probs + r * C;
+        float *restrict dr = dlogits + r * C;
+        int32_t lab = labels[r];
+        int ok = label_ok(lab, C);
+        /* Sweep with no one-hot, then redo the label's element from its
+         * saved old value, so it is rounded once: old + (p − 1)·scale. */
+        float old = (ok && accumulate) ? dr[lab] : 0.0f;
+        if (accumulate) {
+            VEC_FOR(j, C, dr[j] += pr[j] * scale;);
+        } else {
+            VEC_FOR(j, C, dr[j] = pr[j] * scale;);
+        }
+        if (ok) dr[lab] = old + (pr[lab] - 1.0f) * scale;
+    }
+}

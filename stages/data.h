@@ -1,0 +1,176 @@
+/* pipewright — data sets: IDX files (MNIST / Fashion-MNIST), a synthetic
+ * learnable task, and a deterministic sampler.
+ *
+ *     pw_dataset *train = NULL;
+ *     if (pw_dataset_from_spec("fashion-mnist", 1, &train) != PW_OK) {
+ *         fprintf(stderr, "%s\n", pw_last_error());
+ *         return 1;
+ *     }
+ *     // train->n == 60000, sample_shape [28, 28], n_classes 10
+ *
+ *     pw_sampler s;
+ *     pw_sampler_init(&s, train->n, 1, seed);          // shuffled
+ *     for (int epoch = 0; epoch < epochs; epoch++) {
+ *         pw_sampler_epoch(&s, epoch);
+ *         for (int64_t b = 0; b < pw_sampler_batches(&s, batch); b++)
+ *             pw_dataset_gather(train, pw_sampler_batch(&s, b, batch), batch, x, y);
+ *     }
+ *     pw_sampler_free(&s);
+ *     pw_dataset_destroy(train);
+ *
+ * Samples are stored as f32 rows, (n, numel(sample_shape)), row-major; labels
+ * are i32 class indices in [0, n_classes).
+ */
+#ifndef PW_STAGES_DATA_H
+#define PW_STAGES_DATA_H
+
+#include <stdint.h>
+
+#include "runtime/status.h"
+#include "runtime/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Largest class count a label file may imply (a label above this is taken as
+ * corruption, not as a 2-billion-way classifier). */
+#define PW_DATA_MAX_CLASSES 65536
+
+typedef struct pw_dataset {
+    int64_t n;              /* samples */
+    pw_shape sample_shape;  /* per sample, e.g. [28, 28] */
+    int64_t sample_numel;   /* numel(sample_shape) */
+    float *x;               /* (n, sample_numel) */
+    int32_t *y;             /* (n) in [0, n_classes) */
+    int n_classes;          /* max label + 1 (for IDX), or the configured count */
+    char *name;             /* "fashion-mnist/train", "synthetic/test", images path */
+} pw_dataset;
+
+/* Frees a data set and its arrays; accepts NULL. */
+void pw_dataset_destroy(pw_dataset *d);
+
+/* ---------------------------------------------------------------- IDX files
+ *
+ * IDX is the MNIST format: magic bytes 00 00 TYPE NDIMS, NDIMS big-endian u32
+ * dimensions, then the elements in big-endian row-major order. Files ending
+ * in anything may be gzip-compressed; they are decompressed transparently.
+ *
+ * Loads an images file (TYPE 0x08 u8, scaled by 1/255 to [0, 1]; or 0x0D f32,
+ * kept as is; NDIMS >= 1, the first dimension the sample count) and a labels
+ * file (TYPE 0x08 u8 or 0x0C i32, NDIMS 1) into one data set.
+ * n_classes = max label + 1 (a test split may therefore report fewer classes
+ * than its training split if a class is absent; use the training split's).
+ * Returns PW_OK, or
+ *   PW_ERR_IO           a file cannot be opened or read (errno text);
+ *   PW_ERR_FORMAT       bad magic, bad NDIMS, truncated data ("truncated:
+ *                       expected 7840000 bytes of data, got 12345"), trailing
+ *                       bytes, corrupt gzip, sample counts that disagree
+ *                       ("labels.gz: 9999 labels but images file has 10000
+ *                       images"), a label out of range; every message starts
+ *                       with the offending file;
+ *   PW_ERR_UNSUPPORTED  a valid IDX type not accepted here (i8, i16, f64, or
+ *                       f32 labels) or more than PW_MAX_DIMS sample dims;
+ *   PW_ERR_NOMEM        allocation failed.
+ * On failure *out is NULL. */
+pw_status pw_dataset_load_idx(const char *images, const char *labels, pw_dataset **out);
+
+/* Writes an IDX file: dtype PW_U8 (0x08), PW_F32 (0x0D) or PW_I32 (0x0C);
+ * `shape` is the full shape including the count, ndim 1..PW_MAX_DIMS, every
+ * dimension < 2^32; `data` holds numel(shape) elements in host order.
+ * gzip-compressed when `path` ends in ".gz" (bytes are reproducible: no time
+ * stamp). Atomic like pw_safetensors_write: "<path>.tmp.<pid>", fsync,
+ * rename; an existing file survives any failure.
+ * Returns PW_OK, PW_ERR_INVALID_ARG (bad dtype or shape), PW_ERR_IO,
+ * PW_ERR_NOMEM. */
+pw_status pw_idx_write(const char *path, pw_dtype dtype, const pw_shape *shape,
+                       const void *data);
+
+/* ---------------------------------------------------------------- synthetic
+ *
+ * A learnable classification task: class c has a prototype vector p_c with
+ * N(0, 1) elements drawn from pw_rng_key(seed, "synthetic/proto"); sample i
+ * has a label drawn uniformly from the split's label stream and
+ * x_i = p_{y_i} + noise · N(0, 1). Train and test splits share prototypes and
+ * draw labels and noise from different streams ("synthetic/train/label",
+ * "synthetic/test/noise", ...). Pure function of the config. */
+typedef struct pw_synthetic_config {
+    int64_t n;              /* samples, > 0 */
+    pw_shape sample_shape;  /* per sample, ndim >= 1 */
+    int n_classes;          /* 2..PW_DATA_MAX_CLASSES */
+    uint64_t seed;
+    float noise;            /* >= 0; 1.0 is easy, 4.0 is hard for 784 dims */
+    int test;               /* 0: training split, 1: test split */
+} pw_synthetic_config;
+
+/* PW_OK, PW_ERR_INVALID_ARG (a field out of range, named in the message),
+ * PW_ERR_NOMEM. */
+pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out);
+
+/* ---------------------------------------------------------------- specs
+ *
+ * The CLI's --data strings. `train` picks the split (1 train, 0 test).
+ *
+ *   "fashion-mnist" (also "" or NULL)
+ *       /usr/share/datasets/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz,
+ *       from the Debian package dataset-fashion-mnist.
+ *   "fashion-mnist:DIR"
+ *       the same four file names in DIR (.gz or uncompressed).
+ *   "idx:TRAIN_IMAGES,TRAIN_LABELS[,TEST_IMAGES,TEST_LABELS]"
+ *       any IDX pair(s); the test split needs the second pair.
+ *   "synthetic[:N[:DIM[:CLASSES[:SEED]]]]"
+ *       pw_dataset_synthetic with N training samples (default 8192; the test
+ *       split has max(N / 4, 1)), DIM a size or a shape "1x28x28" (default
+ *       784), CLASSES (default 10), SEED (default 1234), noise 1.0.
+ *
+ * Returns PW_OK, PW_ERR_INVALID_ARG for a malformed spec or an "idx:" spec
+ * without a test pair when train == 0, PW_ERR_IO when the Fashion-MNIST files
+ * are missing ("... install the Debian package dataset-fashion-mnist"), or any
+ * error of the loaders above. */
+pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out);
+
+/* Whether the spec names a test split (all but a two-file "idx:" spec). */
+int pw_dataset_spec_has_test(const char *spec);
+
+/* Copies samples idx[0..count) into x_out (count, sample_numel) and their
+ * labels into y_out (count); y_out may be NULL. PW_ERR_INVALID_ARG (nothing
+ * copied) when an index is outside [0, n). */
+pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t count,
+                            float *x_out, int32_t *y_out);
+
+/* ---------------------------------------------------------------- sampler
+ *
+ * The order in which an epoch visits samples. Without shuffle it is 0..n-1
+ * every epoch. With shuffle it is a Fisher–Yates permutation of 0..n-1 drawn
+ * from the stream pw_rng_u64(pw_rng_key(seed, "shuffle"), epoch), computed
+ * from the identity each time: epoch e's order depends only on (n, seed, e),
+ * so every stage, replica and process that asks gets the same order, and a
+ * resumed run can jump straight to its epoch.
+ *
+ * Batches are consecutive slices of the order; when the batch size does not
+ * divide n, the last n % batch samples of the epoch are dropped (a different
+ * set each shuffled epoch), so every step sees a full batch. */
+typedef struct pw_sampler {
+    int64_t n;
+    int shuffle;
+    uint64_t seed;
+    int epoch;              /* the epoch `order` holds, -1 before the first */
+    int64_t *order;         /* (n) */
+} pw_sampler;
+
+/* PW_OK, PW_ERR_INVALID_ARG (n <= 0), PW_ERR_NOMEM. */
+pw_status pw_sampler_init(pw_sampler *s, int64_t n, int shuffle, uint64_t seed);
+/* Fills s->order for `epoch` (>= 0). */
+void pw_sampler_epoch(pw_sampler *s, int epoch);
+/* Full batches per epoch: n / batch (0 when batch <= 0 or batch > n). */
+int64_t pw_sampler_batches(const pw_sampler *s, int64_t batch);
+/* The b-th batch of the current epoch: &order[b * batch] (batch indices);
+ * NULL unless 0 <= b < pw_sampler_batches(s, batch). */
+const int64_t *pw_sampler_batch(const pw_sampler *s, int64_t b, int64_t batch);
+/* Frees the order; accepts a zeroed or already-freed sampler. */
+void pw_sampler_free(pw_sampler *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

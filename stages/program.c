@@ -1,0 +1,605 @@
+/* pipewright — stage program: plan buffers for a node range, run its ops. */
+#include "stages/program.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/arena.h"
+#include "runtime/log.h"
+#include "runtime/rng.h"
+#include "stages/cpu/ops.h"
+
+#define NO_OFF ((size_t)-1)
+
+typedef struct prog_param {
+    int gp;                /* graph param id */
+    size_t off_data, off_grad, off_state;
+    int64_t numel;
+} prog_param;
+
+typedef struct prog_value {
+    size_t off_act;        /* per slot: base + slot * slot_bytes */
+    size_t off_grad;       /* NO_OFF when no gradient */
+} prog_value;
+
+typedef struct prog_node {
+    size_t off_stat0, off_stat1; /* layernorm mean/rstd, softmax probs (per slot) */
+} prog_node;
+
+struct pw_program {
+    pw_program_config cfg;
+    const pw_graph *g;
+    int begin, end;
+    pw_arena arena;
+    size_t slot_bytes;           /* stride between slots in the activation region */
+    size_t act_base;             /* offset of slot 0's activation region */
+    pw_program_memory mem;
+
+    int n_params;
+    prog_param *params;
+    int *param_of_graph;         /* graph param id -> local index or -1 */
+
+    prog_value *values;          /* per graph value */
+    unsigned char *touched;      /* per graph value: read or written here */
+    unsigned char *requires_grad;/* per graph value (whole-graph analysis) */
+    unsigned char *grad_valid;   /* slots × n_values: gradient written this backward */
+    prog_node *nodes;            /* per graph node (only [begin, end) used) */
+
+    int n_inputs, n_outputs;
+    int *inputs, *outputs;
+
+    int64_t *rows_in_slot;       /* samples of the last forward, per slot */
+    double *loss_sum;            /* per slot */
+    int64_t *correct;            /* per slot */
+    int loss_node;               /* node id of the loss in range, or -1 */
+};
+
+static inline char *slot_base(const pw_program *p, int slot)
+{
+    return (char *)p->arena.base + p->act_base + (size_t)slot * p->slot_bytes;
+}
+
+void *pw_program_value(const pw_program *p, int v, int slot)
+{
+    if (v < 0 || v >= p->g->n_values || !p->touched[v] || slot < 0 || slot >= p->cfg.slots)
+        return NULL;
+    return slot_base(p, slot) + p->values[v].off_act;
+}
+
+float *pw_program_grad(const pw_program *p, int v, int slot)
+{
+    if (v < 0 || v >= p->g->n_values || !p->touched[v] || p->values[v].off_grad == NO_OFF ||
+        slot < 0 || slot >= p->cfg.slots)
+        return NULL;
+    return (float *)(slot_base(p, slot) + p->values[v].off_grad);
+}
+
+static float *stat(const pw_program *p, int slot, size_t off)
+{
+    return (float *)(slot_base(p, slot) + off);
+}
+
+/* Rows an op works over for n samples: all leading dims of the value. */
+static int64_t rows_of(const pw_value *v, int64_t n)
+{
+    int64_t last = v->shape.ndim ? v->shape.d[v->shape.ndim - 1] : 1;
+    return n * (pw_shape_numel(&v->shape) / (last ? last : 1));
+}
+
+static int64_t last_dim(const pw_value *v)
+{
+    return v->shape.ndim ? v->shape.d[v->shape.ndim - 1] : 1;
+}
+
+static size_t value_bytes(const pw_value *v, int64_t mb)
+{
+    return (size_t)mb * (size_t)pw_shape_numel(&v->shape) * pw_dtype_size(v->dtype);
+}
+
+/* requires_grad over the whole graph, so a stage knows which boundary
+ * gradients exist whatever the partition. */
+static void analyse_grad(pw_program *p)
+{
+    const pw_graph *g = p->g;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const pw_node *nd = &g->nodes[i];
+        int rg = nd->n_params > 0;
+        for (int k = 0; k < nd->n_inputs; k++) rg |= p->requires_grad[nd->inputs[k]];
+        if (nd->op == PW_OP_SOFTMAX_XENT) rg = 0; /* the loss is the seed */
+        p->requires_grad[nd->output] = (unsigned char)(rg && g->values[nd->output].dtype == PW_F32);
+    }
+}
+
+static pw_status plan(pw_program *p)
+{
+    const pw_graph *g = p->g;
+    const int64_t mb = p->cfg.micro_batch;
+    pw_arena *a = &p->arena;
+
+    /* Which values this stage touches; which are its inputs and outputs. */
+    unsigned char *produced_here = calloc((size_t)g->n_values, 1);
+    if (!produced_here) return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    for (int i = p->begin; i < p->end; i++) {
+        const pw_node *nd = &g->nodes[i];
+        for (int k = 0; k < nd->n_inputs; k++) p->touched[nd->inputs[k]] = 1;
+        p->touched[nd->output] = 1;
+        produced_here[nd->output] = 1;
+    }
+    p->inputs = calloc((size_t)g->n_values, sizeof(int));
+    p->outputs = calloc((size_t)g->n_values, sizeof(int));
+    if (!p->inputs || !p->outputs) {
+        free(produced_here);
+        return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    }
+    for (int v = 0; v < g->n_values; v++) {
+        if (!p->touched[v]) continue;
+        if (!produced_here[v]) p->inputs[p->n_inputs++] = v;
+    }
+    for (int i = p->end; i < g->n_nodes; i++) {
+        const pw_node *nd = &g->nodes[i];
+        for (int k = 0; k < nd->n_inputs; k++) {
+            int v = nd->inputs[k];
+            int seen = 0;
+            for (int j = 0; j < p->n_outputs; j++) seen |= p->outputs[j] == v;
+            if (produced_here[v] && !seen) p->outputs[p->n_outputs++] = v;
+        }
+    }
+    free(produced_here);
+
+    /* Parameters used by the range, each once (tied parameters share). */
+    for (int i = p->begin; i < p->end; i++) {
+        const pw_node *nd = &g->nodes[i];
+        for (int k = 0; k < nd->n_params; k++) {
+            int gp = nd->params[k];
+            if (p->param_of_graph[gp] >= 0) continue;
+            p->param_of_graph[gp] = p->n_params;
+            p->params[p->n_params].gp = gp;
+            p->params[p->n_params].numel = pw_shape_numel(&g->params[gp].shape);
+            p->n_params++;
+        }
+    }
+    int sf = pw_optim_state_floats(p->cfg.optim.kind);
+    size_t before = a->size;
+    for (int i = 0; i < p->n_params; i++)
+        p->params[i].off_data = pw_arena_plan(a, (size_t)p->params[i].numel * 4);
+    p->mem.params = a->size - before;
+    before = a->size;
+    for (int i = 0; i < p->n_params; i++)
+        p->params[i].off_grad = pw_arena_plan(a, (size_t)p->params[i].numel * 4);
+    p->mem.grads = a->size - before;
+    before = a->size;
+    for (int i = 0; i < p->n_params; i++)
+        p->params[i].off_state = pw_arena_plan(a, (size_t)p->params[i].numel * 4 * (size_t)sf);
+    p->mem.optim_state = a->size - before;
+
+    /* One slot's activations, gradients and statistics; offsets are relative
+     * to the slot's base so every slot has the same layout. */
+    pw_arena slot;
+    pw_arena_init(&slot, "slot");
+    for (int v = 0; v < g->n_values; v++) {
+        p->values[v].off_act = NO_OFF;
+        p->values[v].off_grad = NO_OFF;
+        if (!p->touched[v]) continue;
+        p->values[v].off_act = pw_arena_plan(&slot, value_bytes(&g->values[v], mb));
+        if (p->requires_grad[v])
+            p->values[v].off_grad = pw_arena_plan(&slot, value_bytes(&g->values[v], mb));
+    }
+    p->loss_node = -1;
+    for (int i = p->begin; i < p->end; i++) {
+        const pw_node *nd = &g->nodes[i];
+        const pw_value *x = &g->values[nd->inputs[0]];
+        p->nodes[i].off_stat0 = p->nodes[i].off_stat1 = NO_OFF;
+        if (nd->op == PW_OP_LAYERNORM) {
+            p->nodes[i].off_stat0 = pw_arena_plan(&slot, (size_t)rows_of(x, mb) * 4);
+            p->nodes[i].off_stat1 = pw_arena_plan(&slot, (size_t)rows_of(x, mb) * 4);
+        } else if (nd->op == PW_OP_SOFTMAX_XENT) {
+            p->nodes[i].off_stat0 = pw_arena_plan(&slot, value_bytes(x, mb));
+            p->loss_node = i;
+        }
+    }
+    p->slot_bytes = slot.size;
+    p->act_base = a->size;
+    for (int s = 0; s < p->cfg.slots; s++) pw_arena_plan(a, p->slot_bytes);
+    p->mem.activations = a->size - p->act_base;
+    p->mem.total = a->size;
+    return pw_arena_commit(a);
+}
+
+pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
+{
+    *out = NULL;
+    if (!cfg || !cfg->graph)
+        return pw_error(PW_ERR_INVALID_ARG, "program: no graph given");
+    const pw_graph *g = cfg->graph;
+    pw_program_config c = *cfg;
+    if (c.node_begin == 0 && c.node_end == 0) c.node_end = g->n_nodes;
+    if (c.slots <= 0) c.slots = 1;
+    if (c.node_begin < 0 || c.node_end > g->n_nodes || c.node_begin >= c.node_end)
+        return pw_error(PW_ERR_INVALID_ARG, "program: node range [%d, %d) is not within the "
+                        "graph's %d nodes", c.node_begin, c.node_end, g->n_nodes);
+    if (c.micro_batch <= 0)
+        return pw_error(PW_ERR_INVALID_ARG, "program: micro-batch size must be positive (got %lld)",
+                        (long long)c.micro_batch);
+    if (c.loss_batch <= 0) c.loss_batch = c.micro_batch;
+
+    pw_program *p = calloc(1, sizeof *p);
+    if (!p) return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    p->cfg = c;
+    p->g = g;
+    p->begin = c.node_begin;
+    p->end = c.node_end;
+    pw_arena_init(&p->arena, "stage program");
+    size_t nv = (size_t)g->n_values;
+    p->params = calloc((size_t)g->n_params + 1, sizeof *p->params);
+    p->param_of_graph = malloc(((size_t)g->n_params + 1) * sizeof(int));
+    p->values = calloc(nv, sizeof *p->values);
+    p->touched = calloc(nv, 1);
+    p->requires_grad = calloc(nv, 1);
+    p->grad_valid = calloc(nv * (size_t)c.slots, 1);
+    p->nodes = calloc((size_t)g->n_nodes, sizeof *p->nodes);
+    p->rows_in_slot = calloc((size_t)c.slots, sizeof(int64_t));
+    p->loss_sum = calloc((size_t)c.slots, sizeof(double));
+    p->correct = calloc((size_t)c.slots, sizeof(int64_t));
+    if (!p->params || !p->param_of_graph || !p->values || !p->touched || !p->requires_grad ||
+        !p->grad_valid || !p->nodes || !p->rows_in_slot || !p->loss_sum || !p->correct) {
+        pw_program_destroy(p);
+        return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    }
+    for (int i = 0; i < g->n_params; i++) p->param_of_graph[i] = -1;
+    analyse_grad(p);
+    pw_status st = plan(p);
+    if (st != PW_OK) {
+        pw_program_destroy(p);
+        return st;
+    }
+    PW_INFO(PW_SUB_MEM, "program nodes [%d, %d): params %zu B, grads %zu B, optimizer %zu B, "
+            "activations %zu B (%d slots)", p->begin, p->end, p->mem.params, p->mem.grads,
+            p->mem.optim_state, p->mem.activations, c.slots);
+    *out = p;
+    return PW_OK;
+}
+
+void pw_program_destroy(pw_program *p)
+{
+    if (!p) return;
+    pw_arena_release(&p->arena);
+    free(p->params);
+    free(p->param_of_graph);
+    free(p->values);
+    free(p->touched);
+    free(p->requires_grad);
+    free(p->grad_valid);
+    free(p->nodes);
+    free(p->inputs);
+    free(p->outputs);
+    free(p->rows_in_slot);
+    free(p->loss_sum);
+    free(p->correct);
+    free(p);
+}
+
+void pw_program_memory_usage(const pw_program *p, pw_program_memory *out) { *out = p->mem; }
+
+int pw_program_n_params(const pw_program *p) { return p->n_params; }
+
+void pw_program_param_at(const pw_program *p, int i, pw_program_param *out)
+{
+    const prog_param *pp = &p->params[i];
+    const pw_param *gp = &p->g->params[pp->gp];
+    out->graph_param = pp->gp;
+    out->name = gp->name;
+    out->shape = gp->shape;
+    out->data = pw_arena_at(&p->arena, pp->off_data);
+    out->grad = pw_arena_at(&p->arena, pp->off_grad);
+    out->numel = pp->numel;
+}
+
+void pw_program_init_params(pw_program *p, uint64_t seed)
+{
+    for (int i = 0; i < p->n_params; i++) {
+        const pw_param *gp = &p->g->params[p->params[i].gp];
+        float *w = pw_arena_at(&p->arena, p->params[i].off_data);
+        uint64_t key = pw_rng_key(seed, gp->name);
+        int64_t n = p->params[i].numel;
+        switch (gp->init) {
+        case PW_INIT_ZEROS: memset(w, 0, (size_t)n * 4); break;
+        case PW_INIT_ONES: for (int64_t j = 0; j < n; j++) w[j] = 1.0f; break;
+        case PW_INIT_UNIFORM:
+            for (int64_t j = 0; j < n; j++)
+                w[j] = (2.0f * pw_rng_uniform(key, (uint64_t)j) - 1.0f) * gp->init_scale;
+            break;
+        case PW_INIT_NORMAL:
+            for (int64_t j = 0; j < n; j++) w[j] = pw_rng_normal(key, (uint64_t)j) * gp->init_scale;
+            break;
+        }
+    }
+}
+
+int pw_program_inputs(const pw_program *p, const int **values)
+{
+    *values = p->inputs;
+    return p->n_inputs;
+}
+
+int pw_program_outputs(const pw_program *p, const int **values)
+{
+    *values = p->outputs;
+    return p->n_outputs;
+}
+
+static float *param_data(const pw_program *p, int gp)
+{
+    return pw_arena_at(&p->arena, p->params[p->param_of_graph[gp]].off_data);
+}
+
+static float *param_grad(const pw_program *p, int gp)
+{
+    return pw_arena_at(&p->arena, p->params[p->param_of_graph[gp]].off_grad);
+}
+
+static int64_t argmax_correct(const float *logits, const int32_t *labels, int64_t rows, int64_t C)
+{
+    int64_t correct = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *l = logits + r * C;
+        int64_t best = 0;
+        for (int64_t c = 1; c < C; c++)
+            if (l[c] > l[best]) best = c;
+        correct += best == labels[r];
+    }
+    return correct;
+}
+
+pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
+{
+    const pw_graph *g = p->g;
+    if (slot < 0 || slot >= p->cfg.slots)
+        return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range (0..%d)", slot,
+                        p->cfg.slots - 1);
+    if (n < 1 || n > p->cfg.micro_batch)
+        return pw_error(PW_ERR_INVALID_ARG, "program: %lld samples do not fit a micro-batch of %lld",
+                        (long long)n, (long long)p->cfg.micro_batch);
+    p->rows_in_slot[slot] = n;
+    p->loss_sum[slot] = 0.0;
+    p->correct[slot] = 0;
+    for (int i = p->begin; i < p->end; i++) {
+        const pw_node *nd = &g->nodes[i];
+        const pw_value *xv = &g->values[nd->inputs[0]];
+        const pw_value *yv = &g->values[nd->output];
+        float *x = pw_program_value(p, nd->inputs[0], slot);
+        float *y = pw_program_value(p, nd->output, slot);
+        int64_t numel = n * pw_shape_numel(&yv->shape);
+        switch (nd->op) {
+        case PW_OP_LINEAR:
+            pw_cpu_linear_fwd(x, param_data(p, nd->params[0]),
+                              nd->n_params > 1 ? param_data(p, nd->params[1]) : NULL, y,
+                              rows_of(xv, n), last_dim(xv), nd->attrs.out);
+            break;
+        case PW_OP_RELU: pw_cpu_relu_fwd(x, y, numel); break;
+        case PW_OP_GELU: pw_cpu_gelu_fwd(x, y, numel); break;
+        case PW_OP_LAYERNORM:
+            pw_cpu_layernorm_fwd(x, param_data(p, nd->params[0]), param_data(p, nd->params[1]), y,
+                                 stat(p, slot, p->nodes[i].off_stat0),
+                                 stat(p, slot, p->nodes[i].off_stat1), rows_of(xv, n),
+                                 last_dim(xv), nd->attrs.eps);
+            break;
+        case PW_OP_ADD:
+            pw_cpu_add_fwd(x, pw_program_value(p, nd->inputs[1], slot), y, numel);
+            break;
+        case PW_OP_FLATTEN:
+        case PW_OP_RESHAPE:
+            memcpy(y, x, (size_t)numel * pw_dtype_size(yv->dtype));
+            break;
+        case PW_OP_SOFTMAX_XENT: {
+            const int32_t *lab = pw_program_value(p, nd->inputs[1], slot);
+            float *probs = stat(p, slot, p->nodes[i].off_stat0);
+            int64_t rows = rows_of(xv, n), C = last_dim(xv);
+            double s = pw_cpu_softmax_xent_fwd(x, lab, probs, rows, C);
+            p->loss_sum[slot] += s;
+            p->correct[slot] += argmax_correct(x, lab, rows, C);
+            /* The loss value holds the per-sample mean loss of this micro-batch. */
+            for (int64_t j = 0; j < n; j++) y[j] = (float)(s / (double)rows);
+            break;
+        }
+        default:
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU kernel", g->file,
+                            nd->line, nd->col, pw_op_name(nd->op));
+        }
+    }
+    return PW_OK;
+}
+
+/* Hands gradient `dy` of a node to its input k: write or accumulate. Returns
+ * the destination, or NULL when that input needs no gradient. */
+static float *grad_dest(pw_program *p, int slot, int v, int *accumulate)
+{
+    if (!p->requires_grad[v]) return NULL;
+    unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)p->g->n_values + (size_t)v];
+    *accumulate = *valid;
+    *valid = 1;
+    return pw_program_grad(p, v, slot);
+}
+
+static int grad_ready(const pw_program *p, int slot, int v)
+{
+    return p->grad_valid[(size_t)slot * (size_t)p->g->n_values + (size_t)v];
+}
+
+pw_status pw_program_backward_input(pw_program *p, int slot)
+{
+    const pw_graph *g = p->g;
+    if (slot < 0 || slot >= p->cfg.slots)
+        return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range", slot);
+    int64_t n = p->rows_in_slot[slot];
+    if (n <= 0)
+        return pw_error(PW_ERR_INTERNAL, "program: backward of slot %d before its forward", slot);
+    unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)g->n_values];
+    memset(valid, 0, (size_t)g->n_values);
+    /* Gradients of this stage's outputs were written by the engine. */
+    for (int k = 0; k < p->n_outputs; k++)
+        if (p->requires_grad[p->outputs[k]]) valid[p->outputs[k]] = 1;
+
+    for (int i = p->end - 1; i >= p->begin; i--) {
+        const pw_node *nd = &g->nodes[i];
+        const pw_value *xv = &g->values[nd->inputs[0]];
+        const pw_value *yv = &g->values[nd->output];
+        int acc = 0;
+        int64_t numel = n * pw_shape_numel(&yv->shape);
+        if (nd->op == PW_OP_SOFTMAX_XENT) {
+            float *dx = grad_dest(p, slot, nd->inputs[0], &acc);
+            if (!dx) continue;
+            int64_t rows = rows_of(xv, n), C = last_dim(xv);
+            float scale = (float)(1.0 / ((double)p->cfg.loss_batch * (double)(rows / n)));
+            pw_cpu_softmax_xent_bwd(stat(p, slot, p->nodes[i].off_stat0),
+                                    pw_program_value(p, nd->inputs[1], slot), dx, rows, C, scale,
+                                    acc);
+            continue;
+        }
+        if (!grad_ready(p, slot, nd->output)) continue; /* no gradient flows here */
+        const float *dy = pw_program_grad(p, nd->output, slot);
+        float *dx = grad_dest(p, slot, nd->inputs[0], &acc);
+        switch (nd->op) {
+        case PW_OP_LINEAR:
+            if (dx)
+                pw_cpu_linear_bwd_input(dy, param_data(p, nd->params[0]), dx, rows_of(xv, n),
+                                        last_dim(xv), nd->attrs.out, acc);
+            break;
+        case PW_OP_RELU:
+            if (dx) pw_cpu_relu_bwd_input(pw_program_value(p, nd->output, slot), dy, dx, numel, acc);
+            break;
+        case PW_OP_GELU:
+            if (dx) pw_cpu_gelu_bwd_input(pw_program_value(p, nd->inputs[0], slot), dy, dx, numel, acc);
+            break;
+        case PW_OP_LAYERNORM:
+            if (dx)
+                pw_cpu_layernorm_bwd_input(pw_program_value(p, nd->inputs[0], slot),
+                                           param_data(p, nd->params[0]),
+                                           stat(p, slot, p->nodes[i].off_stat0),
+                                           stat(p, slot, p->nodes[i].off_stat1), dy, dx,
+                                           rows_of(xv, n), last_dim(xv), acc);
+            break;
+        case PW_OP_ADD: {
+            if (dx) pw_cpu_copy_grad(dy, dx, numel, acc);
+            int acc1 = 0;
+            float *dx1 = grad_dest(p, slot, nd->inputs[1], &acc1);
+            if (dx1) pw_cpu_copy_grad(dy, dx1, numel, acc1);
+            break;
+        }
+        case PW_OP_FLATTEN:
+        case PW_OP_RESHAPE:
+            if (dx) pw_cpu_copy_grad(dy, dx, numel, acc);
+            break;
+        default:
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU backward", g->file,
+                            nd->line, nd->col, pw_op_name(nd->op));
+        }
+    }
+    return PW_OK;
+}
+
+pw_status pw_program_backward_weight(pw_program *p, int slot)
+{
+    const pw_graph *g = p->g;
+    if (slot < 0 || slot >= p->cfg.slots)
+        return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range", slot);
+    int64_t n = p->rows_in_slot[slot];
+    /* Reverse node order, as the fused backward would visit them, so a tied
+     * parameter sums its uses in the same order under every schedule. */
+    for (int i = p->end - 1; i >= p->begin; i--) {
+        const pw_node *nd = &g->nodes[i];
+        if (nd->n_params == 0 || !grad_ready(p, slot, nd->output)) continue;
+        const pw_value *xv = &g->values[nd->inputs[0]];
+        const float *dy = pw_program_grad(p, nd->output, slot);
+        const float *x = pw_program_value(p, nd->inputs[0], slot);
+        switch (nd->op) {
+        case PW_OP_LINEAR:
+            pw_cpu_linear_bwd_weight(dy, x, param_grad(p, nd->params[0]),
+                                     nd->n_params > 1 ? param_grad(p, nd->params[1]) : NULL,
+                                     rows_of(xv, n), last_dim(xv), nd->attrs.out);
+            break;
+        case PW_OP_LAYERNORM:
+            pw_cpu_layernorm_bwd_weight(x, stat(p, slot, p->nodes[i].off_stat0),
+                                        stat(p, slot, p->nodes[i].off_stat1), dy,
+                                        param_grad(p, nd->params[0]), param_grad(p, nd->params[1]),
+                                        rows_of(xv, n), last_dim(xv));
+            break;
+        default:
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no weight backward",
+                            g->file, nd->line, nd->col, pw_op_name(nd->op));
+        }
+    }
+    return PW_OK;
+}
+
+void pw_program_zero_grads(pw_program *p)
+{
+    if (p->n_params == 0) return;
+    memset(pw_arena_at(&p->arena, p->params[0].off_grad), 0, p->mem.grads);
+}
+
+pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
+{
+    if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "optimizer step must count from 1");
+    for (int i = 0; i < p->n_params; i++) {
+        const prog_param *pp = &p->params[i];
+        const float *gr = pw_arena_at(&p->arena, pp->off_grad);
+        /* A non-finite gradient would silently poison every weight. */
+        float s = 0.0f;
+        for (int64_t j = 0; j < pp->numel; j++) s += gr[j] * 0.0f;
+        if (s != 0.0f || isnan(s))
+            return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite",
+                            (long long)step, p->g->params[pp->gp].name);
+    }
+    for (int i = 0; i < p->n_params; i++) {
+        const prog_param *pp = &p->params[i];
+        pw_optim_update(&p->cfg.optim, step, pw_arena_at(&p->arena, pp->off_data),
+                        pw_arena_at(&p->arena, pp->off_grad), pw_arena_at(&p->arena, pp->off_state),
+                        pp->numel, p->g->params[pp->gp].decay);
+    }
+    pw_program_zero_grads(p);
+    return PW_OK;
+}
+
+double pw_program_loss_sum(const pw_program *p, int slot) { return p->loss_sum[slot]; }
+int64_t pw_program_correct(const pw_program *p, int slot) { return p->correct[slot]; }
+int pw_program_has_loss(const pw_program *p) { return p->loss_node >= 0; }
+
+int64_t pw_program_loss_positions(const pw_program *p)
+{
+    if (p->g->label < 0) return 0;
+    return pw_shape_numel(&p->g->values[p->g->label].shape);
+}
+
+/* ---- the scheduler's stage vtable ---- */
+static pw_status stage_forward(void *self, int mb, int slot)
+{
+    (void)mb;
+    pw_program *p = self;
+    return pw_program_forward(p, slot, p->cfg.micro_batch);
+}
+
+static pw_status stage_backward_input(void *self, int mb, int slot)
+{
+    (void)mb;
+    return pw_program_backward_input(self, slot);
+}
+
+static pw_status stage_backward_weight(void *self, int mb, int slot)
+{
+    (void)mb;
+    return pw_program_backward_weight(self, slot);
+}
+
+static pw_status stage_optimizer_step(void *self, long step)
+{
+    return pw_program_optimizer_step(self, step);
+}
+
+const pw_stage_i pw_program_stage_i = {
+    .name = "graph-program",
+    .forward = stage_forward,
+    .backward_input = stage_backward_input,
+    .backward_weight = stage_backward_weight,
+    .optimizer_step = stage_optimizer_step,
+};

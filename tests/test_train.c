@@ -1,0 +1,548 @@
+/* Tests: stage programs, optimizers, micro-batch accumulation, training,
+ * checkpoints, and the two-program (stage boundary) equivalence. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "graph/graph.h"
+#include "runtime/rng.h"
+#include "runtime/safetensors.h"
+#include "stages/checkpoint.h"
+#include "stages/cpu/ops.h"
+#include "stages/data.h"
+#include "stages/optim.h"
+#include "stages/program.h"
+#include "stages/trainer.h"
+
+static const char *MLP =
+    "graph t_mlp\n"
+    "input image : f32[4, 6]\n"
+    "label target : i32[]\n"
+    "x = flatten(image)\n"
+    "fc1 = linear(x, out=32)\n"
+    "n1 = layernorm(fc1)\n"
+    "h1 = gelu(n1)\n"
+    "fc2 = linear(h1, out=32)\n"
+    "h2 = relu(fc2)\n"
+    "r = add(h2, h1)\n"
+    "cut\n"
+    "fc3 = linear(r, out=16)\n"
+    "h3 = relu(fc3)\n"
+    "logits = linear(h3, out=5) as head\n"
+    "loss = softmax_cross_entropy(logits, target)\n";
+
+static pw_graph *parse(const char *text)
+{
+    pw_graph *g = NULL;
+    pw_status st = pw_graph_parse_string(text, strlen(text), "test.graph", &g);
+    cr_assert_eq(st, PW_OK, "parse failed: %s", pw_last_error());
+    return g;
+}
+
+static pw_dataset *synthetic(int64_t n, int classes, int test)
+{
+    pw_synthetic_config sc = {.n = n, .sample_shape = {.ndim = 2, .d = {4, 6}},
+                              .n_classes = classes, .seed = 3, .noise = 1.0f, .test = test};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static void snapshot(pw_program *p, float **out, int64_t *n)
+{
+    int64_t total = 0;
+    for (int i = 0; i < pw_program_n_params(p); i++) {
+        pw_program_param pp;
+        pw_program_param_at(p, i, &pp);
+        total += pp.numel;
+    }
+    float *buf = malloc((size_t)total * sizeof(float));
+    int64_t off = 0;
+    for (int i = 0; i < pw_program_n_params(p); i++) {
+        pw_program_param pp;
+        pw_program_param_at(p, i, &pp);
+        memcpy(buf + off, pp.data, (size_t)pp.numel * sizeof(float));
+        off += pp.numel;
+    }
+    *out = buf;
+    *n = total;
+}
+
+Test(optim, sgd_momentum_matches_hand_computation)
+{
+    pw_optim_config c = pw_optim_defaults(PW_OPTIM_SGD);
+    c.lr = 0.1f;
+    c.momentum = 0.9f;
+    c.weight_decay = 0.01f;
+    float p[2] = {1.0f, -2.0f}, g[2] = {0.5f, 0.25f}, st[2] = {0, 0};
+    double rp[2] = {1.0, -2.0}, buf[2] = {0, 0};
+    for (int step = 1; step <= 3; step++) {
+        pw_optim_update(&c, step, p, g, st, 2, 1);
+        for (int i = 0; i < 2; i++) {
+            double gi = (double)g[i] + 0.01 * rp[i];
+            buf[i] = step == 1 ? gi : 0.9 * buf[i] + gi;
+            rp[i] -= 0.1 * buf[i];
+        }
+    }
+    for (int i = 0; i < 2; i++) cr_assert_float_eq(p[i], rp[i], 1e-6, "p[%d] %g vs %g", i, p[i], rp[i]);
+}
+
+Test(optim, adamw_matches_hand_computation)
+{
+    pw_optim_config c = pw_optim_defaults(PW_OPTIM_ADAMW);
+    c.lr = 0.01f;
+    c.weight_decay = 0.1f;
+    float p[3] = {0.5f, -1.0f, 2.0f}, st[6] = {0};
+    double rp[3] = {0.5, -1.0, 2.0}, m[3] = {0}, v[3] = {0};
+    for (int step = 1; step <= 5; step++) {
+        float g[3] = {0.1f * step, -0.3f, 0.05f / step};
+        pw_optim_update(&c, step, p, g, st, 3, 1);
+        for (int i = 0; i < 3; i++) {
+            rp[i] *= 1.0 - 0.01 * 0.1;
+            m[i] = 0.9 * m[i] + 0.1 * g[i];
+            v[i] = 0.999 * v[i] + 0.001 * (double)g[i] * g[i];
+            double mh = m[i] / (1 - pow(0.9, step)), vh = v[i] / (1 - pow(0.999, step));
+            rp[i] -= 0.01 * mh / (sqrt(vh) + 1e-8);
+        }
+    }
+    for (int i = 0; i < 3; i++) cr_assert_float_eq(p[i], rp[i], 1e-5, "p[%d] %g vs %g", i, p[i], rp[i]);
+}
+
+Test(optim, no_decay_leaves_parameter_alone_without_gradient)
+{
+    pw_optim_config c = pw_optim_defaults(PW_OPTIM_ADAMW);
+    c.weight_decay = 0.5f;
+    float p[1] = {3.0f}, g[1] = {0.0f}, st[2] = {0};
+    pw_optim_update(&c, 1, p, g, st, 1, 0);
+    cr_assert_eq(p[0], 3.0f);
+    pw_optim_update(&c, 2, p, g, st, 1, 1);
+    cr_assert_lt(p[0], 3.0f);
+}
+
+Test(optim, parse_kind)
+{
+    pw_optim_kind k;
+    cr_assert_eq(pw_optim_parse_kind("adamw", &k), PW_OK);
+    cr_assert_eq(k, PW_OPTIM_ADAMW);
+    cr_assert_eq(pw_optim_parse_kind("adam", &k), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "adam"));
+}
+
+/* Parameters depend on (seed, name) only: a program holding part of the
+ * graph initialises exactly the values the whole-graph program has. */
+Test(program, init_is_independent_of_partition)
+{
+    pw_graph *g = parse(MLP);
+    int cut = -1;
+    for (int i = 0; i < g->n_nodes; i++)
+        if (g->nodes[i].cut_before) cut = i;
+    cr_assert_gt(cut, 0);
+    pw_program_config pc = {.graph = g, .micro_batch = 4, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_program *whole, *tail;
+    cr_assert_eq(pw_program_create(&pc, &whole), PW_OK);
+    pc.node_begin = cut;
+    pc.node_end = g->n_nodes;
+    cr_assert_eq(pw_program_create(&pc, &tail), PW_OK);
+    pw_program_init_params(whole, 42);
+    pw_program_init_params(tail, 42);
+    cr_assert_lt(pw_program_n_params(tail), pw_program_n_params(whole));
+    for (int i = 0; i < pw_program_n_params(tail); i++) {
+        pw_program_param a, b;
+        pw_program_param_at(tail, i, &a);
+        int found = 0;
+        for (int j = 0; j < pw_program_n_params(whole); j++) {
+            pw_program_param_at(whole, j, &b);
+            if (b.graph_param != a.graph_param) continue;
+            found = 1;
+            cr_assert_eq(memcmp(a.data, b.data, (size_t)a.numel * 4), 0, "%s differs", a.name);
+        }
+        cr_assert(found);
+    }
+    pw_program_destroy(whole);
+    pw_program_destroy(tail);
+    pw_graph_destroy(g);
+}
+
+Test(program, rejects_bad_config)
+{
+    pw_graph *g = parse(MLP);
+    pw_program *p;
+    pw_program_config pc = {.graph = g, .micro_batch = 0};
+    cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
+    cr_assert_null(p);
+    pc.micro_batch = 4;
+    pc.node_begin = 3;
+    pc.node_end = 2;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "node range"));
+    pc.node_begin = pc.node_end = 0;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_OK);
+    cr_assert_eq(pw_program_forward(p, 0, 5), PW_ERR_INVALID_ARG);
+    cr_assert_eq(pw_program_forward(p, 1, 4), PW_ERR_INVALID_ARG);
+    pw_program_destroy(p);
+    pw_program_destroy(NULL);
+    pw_graph_destroy(g);
+}
+
+/* Runs one training step of `batch` samples as `m` micro-batches and returns
+ * the parameters after it, and the parameters before. */
+static void one_step(pw_graph *g, pw_dataset *d, int64_t batch, int m, float **before, float **after,
+                     int64_t *n)
+{
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = batch, .micro_batches = m,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD), .seed = 5};
+    tc.optim.momentum = 0.0f;
+    tc.optim.lr = 0.5f;
+    pw_trainer *t;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "%s", pw_last_error());
+    snapshot(pw_trainer_program(t), before, n);
+    pw_step_stats s;
+    cr_assert_eq(pw_trainer_step(t, &s), PW_OK, "%s", pw_last_error());
+    snapshot(pw_trainer_program(t), after, n);
+    pw_trainer_destroy(t);
+}
+
+Test(train, micro_batches_equal_one_big_batch)
+{
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = synthetic(256, 5, 0);
+    float *b1, *a1, *b4, *a4;
+    int64_t n;
+    one_step(g, d, 64, 1, &b1, &a1, &n);
+    for (int m = 2; m <= 8; m *= 2) {
+        one_step(g, d, 64, m, &b4, &a4, &n);
+        cr_assert_eq(memcmp(b1, b4, (size_t)n * 4), 0, "initial parameters differ");
+        /* Relative difference per parameter tensor, in the max norm:
+         * max|a1 − a4| / max|a1| over the tensor's elements. */
+        double max_rel = 0, max_upd = 0, max_upd_diff = 0;
+        pw_program_config pc = {.graph = g, .micro_batch = 1};
+        pw_program *layout;
+        cr_assert_eq(pw_program_create(&pc, &layout), PW_OK);
+        int64_t off = 0;
+        for (int k = 0; k < pw_program_n_params(layout); k++) {
+            pw_program_param pp;
+            pw_program_param_at(layout, k, &pp);
+            double num = 0, den = 0;
+            for (int64_t i = off; i < off + pp.numel; i++) {
+                num = fmax(num, fabs((double)a1[i] - a4[i]));
+                den = fmax(den, fabs((double)a1[i]));
+            }
+            max_rel = fmax(max_rel, num / den);
+            off += pp.numel;
+        }
+        pw_program_destroy(layout);
+        for (int64_t i = 0; i < n; i++) {
+            max_upd = fmax(max_upd, fabs((double)a1[i] - b1[i]));
+            max_upd_diff = fmax(max_upd_diff, fabs(((double)a1[i] - b1[i]) - ((double)a4[i] - b4[i])));
+        }
+        cr_log_info("M=%d: max relative parameter difference %.3g; update difference %.3g of "
+                    "largest update %.3g", m, max_rel, max_upd_diff, max_upd);
+        cr_assert_lt(max_rel, 1e-6, "M=%d: parameters differ by %.3g relative", m, max_rel);
+        cr_assert_gt(max_upd, 1e-4, "the step changed nothing; the test would be vacuous");
+        cr_assert_lt(max_upd_diff / max_upd, 1e-4, "M=%d: updates differ by %.3g of the largest",
+                     m, max_upd_diff / max_upd);
+        free(b4);
+        free(a4);
+    }
+    free(b1);
+    free(a1);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+static double train_loss(pw_graph *g, pw_dataset *d, pw_optim_kind kind, int steps, double *first)
+{
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = 32, .micro_batches = 2,
+                            .optim = pw_optim_defaults(kind), .seed = 9, .shuffle = 1};
+    if (kind == PW_OPTIM_ADAMW) tc.optim.lr = 1e-2f;
+    pw_trainer *t;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "%s", pw_last_error());
+    pw_step_stats s;
+    double last = 0;
+    for (int i = 0; i < steps; i++) {
+        cr_assert_eq(pw_trainer_step(t, &s), PW_OK, "%s", pw_last_error());
+        if (i == 0) *first = s.loss;
+        last = s.loss;
+    }
+    pw_trainer_destroy(t);
+    return last;
+}
+
+Test(train, loss_falls_on_synthetic_data)
+{
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = synthetic(512, 5, 0);
+    for (int k = 0; k < 2; k++) {
+        double first, last = train_loss(g, d, k ? PW_OPTIM_ADAMW : PW_OPTIM_SGD, 60, &first);
+        cr_log_info("%s: loss %.4f -> %.4f", k ? "adamw" : "sgd", first, last);
+        cr_assert_lt(last, 0.5 * first, "%s: loss %.4f -> %.4f", k ? "adamw" : "sgd", first, last);
+    }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(train, evaluation_accuracy_rises)
+{
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = synthetic(512, 5, 0), *te = synthetic(200, 5, 1);
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = 32, .micro_batches = 1,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD), .seed = 9};
+    pw_trainer *t;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "%s", pw_last_error());
+    pw_eval_stats e0, e1;
+    cr_assert_eq(pw_trainer_evaluate(t, te, &e0), PW_OK);
+    for (int i = 0; i < 64; i++) cr_assert_eq(pw_trainer_step(t, NULL), PW_OK);
+    cr_assert_eq(pw_trainer_evaluate(t, te, &e1), PW_OK);
+    cr_assert_eq(e1.samples, 200);
+    cr_log_info("accuracy %.3f -> %.3f", e0.accuracy, e1.accuracy);
+    cr_assert_gt(e1.accuracy, 0.9);
+    cr_assert_gt(e1.accuracy, e0.accuracy + 0.3);
+    pw_trainer_destroy(t);
+    pw_dataset_destroy(d);
+    pw_dataset_destroy(te);
+    pw_graph_destroy(g);
+}
+
+Test(train, data_that_does_not_fit_the_graph_is_refused)
+{
+    pw_graph *g = parse(MLP);
+    pw_synthetic_config sc = {.n = 64, .sample_shape = {.ndim = 1, .d = {23}}, .n_classes = 5,
+                              .seed = 1, .noise = 1.0f};
+    pw_dataset *d;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK);
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = 8, .micro_batches = 1,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_trainer *t;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_ERR_SHAPE);
+    cr_assert(strstr(pw_last_error(), "[4, 6]") && strstr(pw_last_error(), "[23]"), "%s",
+              pw_last_error());
+    pw_dataset_destroy(d);
+    sc.sample_shape = (pw_shape){.ndim = 2, .d = {4, 6}};
+    sc.n_classes = 9;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK);
+    tc.train = d;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_ERR_SHAPE);
+    cr_assert(strstr(pw_last_error(), "5 classes"), "%s", pw_last_error());
+    sc.n_classes = 5;
+    pw_dataset_destroy(d);
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK);
+    tc.train = d;
+    tc.batch = 10;
+    tc.micro_batches = 4;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "multiple"), "%s", pw_last_error());
+    tc.batch = 128;
+    tc.micro_batches = 1;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "larger"), "%s", pw_last_error());
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* The seam the pipeline engine stands on: the graph run as two programs that
+ * hand boundary activations forward and their gradients back gives
+ * bit-identical parameters to one program. */
+static void fill_micro(pw_program *p, const pw_graph *g, const pw_dataset *d, int64_t start, int64_t n)
+{
+    int64_t idx[64];
+    for (int64_t i = 0; i < n; i++) idx[i] = start + i;
+    /* Each stage reads only what it holds: the first the input, the last the label. */
+    float *x = pw_program_value(p, g->input, 0);
+    int32_t *y = pw_program_value(p, g->label, 0);
+    if (!x) {
+        static float scratch[64 * 24];
+        x = scratch;
+    }
+    cr_assert_eq(pw_dataset_gather(d, idx, n, x, y), PW_OK, "%s", pw_last_error());
+}
+
+Test(program, two_stages_bit_identical_to_one)
+{
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = synthetic(256, 5, 0);
+    int cut = -1;
+    for (int i = 0; i < g->n_nodes; i++)
+        if (g->nodes[i].cut_before) cut = i;
+    const int64_t mb = 8;
+    const int M = 4;
+    pw_program_config pc = {.graph = g, .micro_batch = mb, .loss_batch = mb * M,
+                            .optim = pw_optim_defaults(PW_OPTIM_ADAMW)};
+    pw_program *one, *s0, *s1;
+    cr_assert_eq(pw_program_create(&pc, &one), PW_OK);
+    pc.node_end = cut;
+    cr_assert_eq(pw_program_create(&pc, &s0), PW_OK, "%s", pw_last_error());
+    pc.node_begin = cut;
+    pc.node_end = g->n_nodes;
+    cr_assert_eq(pw_program_create(&pc, &s1), PW_OK, "%s", pw_last_error());
+    pw_program_init_params(one, 11);
+    pw_program_init_params(s0, 11);
+    pw_program_init_params(s1, 11);
+
+    const int *outs, *ins;
+    int n_out = pw_program_outputs(s0, &outs);
+    int n_in = pw_program_inputs(s1, &ins);
+    cr_assert_eq(n_out, 1, "stage 0 should send exactly r (the residual sum)");
+    cr_assert_geq(n_in, 2); /* r and the label */
+    int r = outs[0];
+    size_t rbytes = (size_t)mb * (size_t)pw_shape_numel(&g->values[r].shape) * 4;
+
+    for (int step = 1; step <= 3; step++) {
+        for (int m = 0; m < M; m++) {
+            int64_t start = ((int64_t)(step - 1) * M + m) * mb;
+            fill_micro(one, g, d, start, mb);
+            cr_assert_eq(pw_program_forward(one, 0, mb), PW_OK);
+            cr_assert_eq(pw_program_backward_input(one, 0), PW_OK);
+            cr_assert_eq(pw_program_backward_weight(one, 0), PW_OK);
+
+            fill_micro(s0, g, d, start, mb);
+            fill_micro(s1, g, d, start, mb);
+            cr_assert_eq(pw_program_forward(s0, 0, mb), PW_OK);
+            memcpy(pw_program_value(s1, r, 0), pw_program_value(s0, r, 0), rbytes);
+            cr_assert_eq(pw_program_forward(s1, 0, mb), PW_OK);
+            cr_assert_eq(pw_program_loss_sum(s1, 0), pw_program_loss_sum(one, 0));
+            cr_assert_eq(pw_program_backward_input(s1, 0), PW_OK);
+            cr_assert_eq(pw_program_backward_weight(s1, 0), PW_OK);
+            cr_assert_not_null(pw_program_grad(s1, r, 0));
+            memcpy(pw_program_grad(s0, r, 0), pw_program_grad(s1, r, 0), rbytes);
+            cr_assert_eq(pw_program_backward_input(s0, 0), PW_OK);
+            cr_assert_eq(pw_program_backward_weight(s0, 0), PW_OK);
+        }
+        cr_assert_eq(pw_program_optimizer_step(one, step), PW_OK);
+        cr_assert_eq(pw_program_optimizer_step(s0, step), PW_OK);
+        cr_assert_eq(pw_program_optimizer_step(s1, step), PW_OK);
+    }
+    pw_program *stages[2] = {s0, s1};
+    for (int s = 0; s < 2; s++) {
+        for (int i = 0; i < pw_program_n_params(stages[s]); i++) {
+            pw_program_param a, b;
+            pw_program_param_at(stages[s], i, &a);
+            for (int j = 0; j < pw_program_n_params(one); j++) {
+                pw_program_param_at(one, j, &b);
+                if (b.graph_param == a.graph_param)
+                    cr_assert_eq(memcmp(a.data, b.data, (size_t)a.numel * 4), 0,
+                                 "%s differs between 1 and 2 stages", a.name);
+            }
+        }
+    }
+    pw_program_destroy(one);
+    pw_program_destroy(s0);
+    pw_program_destroy(s1);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* ---- checkpoints ---- */
+static char tmpdir[64];
+
+static void make_tmpdir(void)
+{
+    strcpy(tmpdir, "/tmp/pw_test_train_XXXXXX");
+    cr_assert_not_null(mkdtemp(tmpdir));
+}
+
+static void remove_tmpdir(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+TestSuite(checkpoint, .init = make_tmpdir, .fini = remove_tmpdir);
+
+static pw_program *make_program(pw_graph *g, uint64_t seed)
+{
+    pw_program_config pc = {.graph = g, .micro_batch = 4, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_program *p;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_OK);
+    pw_program_init_params(p, seed);
+    return p;
+}
+
+Test(checkpoint, round_trip_and_layout)
+{
+    pw_graph *g = parse(MLP);
+    pw_program *a = make_program(g, 1), *b = make_program(g, 2);
+    char path[128];
+    snprintf(path, sizeof path, "%s/ck.safetensors", tmpdir);
+    pw_checkpoint_info info = {.step = 17, .epoch = 2, .seed = 1, .extra = "x"};
+    cr_assert_eq(pw_checkpoint_save(path, g, &a, 1, &info), PW_OK, "%s", pw_last_error());
+    pw_checkpoint_info got;
+    cr_assert_eq(pw_checkpoint_load(path, g, &b, 1, &got), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(got.step, 17);
+    cr_assert_eq(got.epoch, 2);
+    float *pa, *pb;
+    int64_t n;
+    snapshot(a, &pa, &n);
+    snapshot(b, &pb, &n);
+    cr_assert_eq(memcmp(pa, pb, (size_t)n * 4), 0);
+    free(pa);
+    free(pb);
+    /* PyTorch layout and names. */
+    pw_safetensors *f;
+    cr_assert_eq(pw_safetensors_open(path, &f), PW_OK);
+    pw_st_tensor t;
+    cr_assert_eq(pw_safetensors_get(f, "fc1.weight", &t), PW_OK);
+    cr_assert_eq(t.shape.ndim, 2);
+    cr_assert_eq(t.shape.d[0], 32);
+    cr_assert_eq(t.shape.d[1], 24);
+    cr_assert_eq(pw_safetensors_get(f, "head.bias", &t), PW_OK);
+    cr_assert_str_eq(pw_safetensors_meta(f, "graph"), "t_mlp");
+    cr_assert_str_eq(pw_safetensors_meta(f, "step"), "17");
+    pw_safetensors_close(f);
+    pw_program_destroy(a);
+    pw_program_destroy(b);
+    pw_graph_destroy(g);
+}
+
+Test(checkpoint, mismatched_or_corrupt_files_are_refused_untouched)
+{
+    pw_graph *g = parse(MLP);
+    pw_program *a = make_program(g, 1);
+    char path[128];
+    snprintf(path, sizeof path, "%s/ck.safetensors", tmpdir);
+    cr_assert_eq(pw_checkpoint_save(path, g, &a, 1, NULL), PW_OK);
+
+    /* A different graph: same names, other width. */
+    char *other = strdup(MLP);
+    char *w = strstr(other, "out=16");
+    memcpy(w, "out=17", 6);
+    pw_graph *g2 = parse(other);
+    pw_program *b = make_program(g2, 3);
+    float *before, *after;
+    int64_t n;
+    snapshot(b, &before, &n);
+    cr_assert_eq(pw_checkpoint_load(path, g2, &b, 1, NULL), PW_ERR_SHAPE);
+    cr_assert(strstr(pw_last_error(), "fc3.weight"), "%s", pw_last_error());
+    snapshot(b, &after, &n);
+    cr_assert_eq(memcmp(before, after, (size_t)n * 4), 0, "a refused load changed parameters");
+    free(before);
+    free(after);
+
+    /* Truncated. */
+    FILE *f = fopen(path, "rb");
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fclose(f);
+    cr_assert_eq(truncate(path, size - 10), 0);
+    cr_assert_eq(pw_checkpoint_load(path, g, &a, 1, NULL), PW_ERR_FORMAT);
+    cr_assert(strstr(pw_last_error(), path), "%s", pw_last_error());
+
+    /* Missing file. */
+    cr_assert_eq(pw_checkpoint_load("/nonexistent/x.safetensors", g, &a, 1, NULL), PW_ERR_IO);
+
+    /* Extra tensor the graph does not define. */
+    float z = 0;
+    pw_st_tensor ts[1] = {{.name = "stray.weight", .dtype = PW_F32, .shape = {.ndim = 1, .d = {1}},
+                           .data = &z, .nbytes = 4}};
+    cr_assert_eq(pw_safetensors_write(path, ts, 1, NULL, 0), PW_OK);
+    cr_assert_eq(pw_checkpoint_load(path, g, &a, 1, NULL), PW_ERR_FORMAT);
+    cr_assert(strstr(pw_last_error(), "stray.weight"), "%s", pw_last_error());
+    free(other);
+    pw_program_destroy(a);
+    pw_program_destroy(b);
+    pw_graph_destroy(g);
+    pw_graph_destroy(g2);
+}
