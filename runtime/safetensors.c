@@ -512,7 +512,7 @@ pw_status pw_safetensors_at(const pw_safetensors *st, int i, pw_st_tensor *out)
 
 const char *pw_safetensors_meta(const pw_safetensors *st, const char *key)
 {
-    if (!st || !key) return NULL;
+    if (!st || !key || st->n_meta == 0) return NULL; /* bsearch wants a non-NULL base */
     st_kv k = {.key = (char *)key};
     const st_kv *kv = bsearch(&k, st->meta, (size_t)st->n_meta, sizeof *st->meta, kv_by_key);
     return kv ? kv->value : NULL;

@@ -106,8 +106,8 @@ typedef struct pw_schedule {
     int split_w;             /* 1: B is input-grad only and every (chunk, mb)
                               * also has a W; 0: no W anywhere */
     int n_buckets;           /* all-reduce buckets per chunk (0: none) */
-    int lowered;             /* communication actions are present/complete:
-                              * set by pw_schedule_lower and by the CSV parser */
+    int lowered;             /* 1 once pw_schedule_lower has run (the CSV
+                              * parser runs it); generators leave 0 */
     pw_rank_program *ranks;  /* [n_ranks] */
     void *storage;           /* private: one block holding every action */
 } pw_schedule;
@@ -187,7 +187,7 @@ typedef struct pw_schedule_report {
  * PW_OK: *out (when out != NULL) is a new report. PW_ERR_SCHEDULE: the first
  * problem found, "rank R, position P (ACTION): what is wrong"; *out is NULL.
  * PW_ERR_INVALID_ARG (s NULL or its shape fields inconsistent),
- * PW_ERR_NOMEM. */
+ * PW_ERR_UNSUPPORTED (4 G actions or more), PW_ERR_NOMEM. */
 pw_status pw_schedule_validate(const pw_schedule *s, pw_schedule_report **out);
 
 /* Accepts NULL. */

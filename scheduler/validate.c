@@ -11,7 +11,8 @@
  * parks; a send wakes the one rank that can be parked on it. Every action is
  * therefore visited once — O(total actions + n_chunks × n_micro) — and when
  * the work list empties with ranks still parked, those ranks are deadlocked
- * and the waits-for chain between them is the cycle we report.
+ * and the waits-for chain between them is the cycle we report. A rank's
+ * final OPTIM runs after all that, once every send is known to be matched.
  */
 #include <limits.h>
 #include <stdarg.h>

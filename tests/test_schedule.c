@@ -331,6 +331,17 @@ Test(schedule_broken, cyclic_wait)
                    "position 2 (RECV_F mb 1 from rank 0) waits");
 }
 
+Test(schedule_broken, docs_deadlock)
+{
+    /* The edit docs/schedules.md warns about: 0B0 right after 0F0. */
+    expect_invalid("0F0,0B0,0F1,0F2,0F3,0B1,0B2,0B3,OPT\n"
+                   "1F0,1F1,1F2,1B0,1F3,1B1,1B2,1B3,OPT\n"
+                   "2F0,2F1,2B0,2F2,2B1,2F3,2B2,2B3,OPT\n"
+                   "3F0,3B0,3F1,3B1,3F2,3B2,3F3,3B3,OPT\n",
+                   "deadlock: rank 0 at position 2 (RECV_B mb 0 from rank 1) waits; rank 1 at "
+                   "position 3 (RECV_F mb 1 from rank 0) waits (4 ranks blocked in all)");
+}
+
 Test(schedule_broken, cycle_among_many)
 {
     /* Ranks 1 and 2 wait on each other; ranks 0 and 3 wait behind them. Only
@@ -455,6 +466,12 @@ Test(schedule, bad_configs)
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_GPIPE, .n_stages = 2, .n_micro = 2, .split_w = 2};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
     cr_assert_eq(pw_schedule_generate(NULL, &s), PW_ERR_INVALID_ARG);
+    s = gen(PW_SCHEDULE_GPIPE, 2, 2, 0, 0);
+    pw_schedule_checker *ck = (pw_schedule_checker *)1;
+    cr_assert_eq(pw_schedule_checker_create(s, 2, 0, &ck), PW_ERR_INVALID_ARG);
+    cr_assert_null(ck);
+    cr_assert(strstr(pw_last_error(), "rank 2 out of range (0..1)"), "%s", pw_last_error());
+    pw_schedule_destroy(s);
     pw_schedule_destroy(NULL);
     pw_schedule_report_destroy(NULL);
     pw_schedule_checker_destroy(NULL);
