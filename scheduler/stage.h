@@ -1,23 +1,40 @@
 /* pipewright — the stage interface the scheduler drives.
  *
- * The scheduler knows nothing about layers. A stage is an object plus this
- * vtable; the graph executor in stages/ (pw_program) is one implementation, a
- * framework author's own trainer can supply another.
+ * The scheduler knows nothing about layers. A stage chunk is an object plus
+ * this vtable; the graph stage in stages/ (pw_graph_stage) is one
+ * implementation, a framework author's own trainer can supply another.
  *
  *     static const pw_stage_i my_stage_i = {
  *         .name = "my-trainer",
  *         .forward = my_forward,
  *         .backward_input = my_backward_input,
  *         .backward_weight = my_backward_weight,   // optional
+ *         .port_bytes = my_port_bytes,             // optional
+ *         .bind = my_bind,                         // optional
  *     };
  *
- * Calls for one micro-batch use one activation `slot` (0 .. slots−1) chosen by
- * the scheduler; the slot keeps that micro-batch's stashed activations from
- * forward until its backward (or backward_weight, when split) has run. The
- * number of slots a stage needs is the validator's peak in-flight count.
+ * Slots. Calls for one micro-batch use one activation `slot` (0 .. slots−1)
+ * chosen by the engine; the slot keeps that micro-batch's stashed activations
+ * from forward until its last backward (backward_input, or backward_weight
+ * when the schedule splits W). A chunk needs as many slots as the validator's
+ * peak in-flight count for it.
+ *
+ * Ports. Neighbouring chunks exchange one message per micro-batch in each
+ * direction. The engine owns the message memory and hands it over between
+ * chunks without copying: before each call it binds the buffers the call
+ * reads or writes to the slot:
+ *   forward(mb, slot):        ACT_IN (received, read-only) and ACT_OUT (to fill)
+ *   backward_input(mb, slot): GRAD_OUT (received gradient of ACT_OUT, read-only)
+ *                             and GRAD_IN (to fill: gradient of ACT_IN)
+ *   backward_weight(mb, slot): the same bindings as backward_input, still valid
+ * A bound buffer stays valid and unchanged until the chunk's last backward of
+ * that micro-batch has returned. The first chunk has no ACT_IN/GRAD_IN, the
+ * last no ACT_OUT/GRAD_OUT (port_bytes returns 0 for those).
  */
 #ifndef PW_SCHEDULER_STAGE_H
 #define PW_SCHEDULER_STAGE_H
+
+#include <stddef.h>
 
 #include "runtime/status.h"
 
@@ -25,18 +42,33 @@
 extern "C" {
 #endif
 
+typedef enum pw_port {
+    PW_PORT_ACT_IN = 0,   /* activations from the previous chunk */
+    PW_PORT_ACT_OUT,      /* activations for the next chunk */
+    PW_PORT_GRAD_OUT,     /* gradient of ACT_OUT, from the next chunk */
+    PW_PORT_GRAD_IN,      /* gradient of ACT_IN, for the previous chunk */
+    PW_PORT_COUNT
+} pw_port;
+
 typedef struct pw_stage_i {
     const char *name;
-    /* Run the forward of micro-batch `mb` with inputs already in `slot`. */
+    /* Run the forward of micro-batch `mb` in `slot`. The first chunk loads
+     * its own inputs and the last its labels (the same sampler everywhere). */
     pw_status (*forward)(void *self, int mb, int slot);
-    /* Gradient with respect to the stage's inputs (and, when backward_weight
-     * is NULL, also the weights: the full backward). */
+    /* Gradient with respect to the chunk's inputs (and, when backward_weight
+     * is NULL or the schedule does not split W, also the weights). */
     pw_status (*backward_input)(void *self, int mb, int slot);
     /* (optional) Gradient with respect to the weights, accumulated in
-     * micro-batch order. NULL: backward_input does it. */
+     * micro-batch order. */
     pw_status (*backward_weight)(void *self, int mb, int slot);
-    /* (optional) Apply the optimizer after all micro-batches of `step`. */
+    /* (optional) Apply the optimizer after all micro-batches of `step`
+     * (counting from 1) and zero the gradients. */
     pw_status (*optimizer_step)(void *self, long step);
+    /* (optional) Bytes per micro-batch of a port's message; 0 = no port. */
+    size_t (*port_bytes)(void *self, pw_port port);
+    /* (optional) Point a port of `slot` at engine-owned memory of
+     * port_bytes() bytes, 64-byte aligned. */
+    pw_status (*bind)(void *self, int slot, pw_port port, void *buf);
 } pw_stage_i;
 
 #ifdef __cplusplus

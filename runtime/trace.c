@@ -1,0 +1,215 @@
+/* pipewright — trace buffers and the Chrome Trace Event JSON writer. */
+#include "runtime/trace.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef struct trace_track {
+    pw_trace_event *ev;
+    int64_t n, cap, dropped;
+    char pad[64];            /* keep tracks' counters off each other's cache lines */
+} trace_track;
+
+struct pw_trace {
+    int n_tracks;
+    trace_track *tracks;
+};
+
+int64_t pw_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+pw_status pw_trace_create(int n_tracks, int64_t events_per_track, pw_trace **out)
+{
+    *out = NULL;
+    if (n_tracks < 1 || events_per_track < 1 || events_per_track > (INT64_C(1) << 32))
+        return pw_error(PW_ERR_INVALID_ARG, "trace: bad size (%d tracks x %" PRId64 " events)",
+                        n_tracks, events_per_track);
+    pw_trace *t = calloc(1, sizeof *t);
+    if (!t) return pw_error(PW_ERR_NOMEM, "trace: out of memory");
+    t->n_tracks = n_tracks;
+    t->tracks = calloc((size_t)n_tracks, sizeof *t->tracks);
+    if (!t->tracks) {
+        free(t);
+        return pw_error(PW_ERR_NOMEM, "trace: out of memory");
+    }
+    for (int i = 0; i < n_tracks; i++) {
+        /* Allocated and touched now so recording never page-faults or mallocs. */
+        t->tracks[i].ev = calloc((size_t)events_per_track, sizeof(pw_trace_event));
+        if (!t->tracks[i].ev) {
+            pw_trace_destroy(t);
+            return pw_error(PW_ERR_NOMEM, "trace: cannot allocate %" PRId64 " events",
+                            events_per_track);
+        }
+        t->tracks[i].cap = events_per_track;
+    }
+    *out = t;
+    return PW_OK;
+}
+
+void pw_trace_destroy(pw_trace *t)
+{
+    if (!t) return;
+    for (int i = 0; t->tracks && i < t->n_tracks; i++) free(t->tracks[i].ev);
+    free(t->tracks);
+    free(t);
+}
+
+pw_trace_event *pw_trace_push(pw_trace *t, int track)
+{
+    if (!t || track < 0 || track >= t->n_tracks) return NULL;
+    trace_track *k = &t->tracks[track];
+    if (k->n >= k->cap) {
+        k->dropped++;
+        return NULL;
+    }
+    pw_trace_event *e = &k->ev[k->n++];
+    memset(e, 0, sizeof *e);
+    e->chunk = e->mb = e->peer = -1;
+    return e;
+}
+
+int64_t pw_trace_count(const pw_trace *t, int track)
+{
+    return t && track >= 0 && track < t->n_tracks ? t->tracks[track].n : 0;
+}
+
+const pw_trace_event *pw_trace_events(const pw_trace *t, int track)
+{
+    return t && track >= 0 && track < t->n_tracks ? t->tracks[track].ev : NULL;
+}
+
+int64_t pw_trace_dropped(const pw_trace *t, int track)
+{
+    return t && track >= 0 && track < t->n_tracks ? t->tracks[track].dropped : 0;
+}
+
+static const char *cat_name(int cat)
+{
+    switch (cat) {
+    case PW_TRACE_COMPUTE: return "compute";
+    case PW_TRACE_COMM: return "comm";
+    case PW_TRACE_WAIT: return "wait";
+    case PW_TRACE_STEP: return "step";
+    default: return "other";
+    }
+}
+
+/* JSON string body with escapes (names are ours, but paths are users'). */
+static void put_str(FILE *f, const char *s)
+{
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
+        if (*p == '"' || *p == '\\') fprintf(f, "\\%c", *p);
+        else if (*p < 0x20) fprintf(f, "\\u%04x", *p);
+        else fputc(*p, f);
+    }
+    fputc('"', f);
+}
+
+static void put_int_array(FILE *f, const int *v, int n)
+{
+    fputc('[', f);
+    for (int i = 0; v && i < n; i++) fprintf(f, "%s%d", i ? ", " : "", v[i]);
+    fputc(']', f);
+}
+
+static void write_meta(FILE *f, const pw_trace *t, const pw_trace_meta *m)
+{
+    fprintf(f, "\"pipewright\": {\"version\": 1, \"schedule\": ");
+    put_str(f, m->schedule);
+    fprintf(f, ", \"graph\": ");
+    put_str(f, m->graph);
+    fprintf(f, ", \"ranks\": %d, \"stages\": %d, \"micro_batches\": %d, \"replicas\": %d, "
+            "\"micro_batch_size\": %" PRId64 ", \"steps\": %" PRId64 ", \"theory_bubble\": %.6f",
+            m->n_ranks, m->n_chunks, m->n_micro, m->n_replicas > 0 ? m->n_replicas : 1,
+            m->micro_batch, m->steps, m->theory_bubble);
+    if (m->peak_inflight) {
+        fprintf(f, ", \"peak_inflight\": ");
+        put_int_array(f, m->peak_inflight, m->n_ranks);
+    }
+    if (m->measured_peak) {
+        fprintf(f, ", \"measured_peak\": ");
+        put_int_array(f, m->measured_peak, m->n_ranks);
+    }
+    if (m->costs) {
+        fprintf(f, ", \"stage_costs\": [");
+        for (int c = 0; c < m->n_chunks; c++) {
+            const pw_trace_stage_cost *k = &m->costs[c];
+            fprintf(f, "%s{\"stage\": %d, \"nodes\": [%d, %d], \"flops_fwd\": %.6g, "
+                    "\"flops_bwd_input\": %.6g, \"flops_bwd_weight\": %.6g, \"param_bytes\": %"
+                    PRId64 ", \"act_bytes\": %" PRId64 "}", c ? ", " : "", c, k->node_begin,
+                    k->node_end, k->flops_fwd, k->flops_bwd_input, k->flops_bwd_weight,
+                    k->param_bytes, k->act_bytes);
+        }
+        fputc(']', f);
+    }
+    int64_t dropped = 0;
+    for (int r = 0; r < t->n_tracks; r++) dropped += t->tracks[r].dropped;
+    fprintf(f, ", \"dropped_events\": %" PRId64 "}", dropped);
+}
+
+pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_meta *m)
+{
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp)
+        return pw_error(PW_ERR_INVALID_ARG, "trace: path too long: %s", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return pw_error(PW_ERR_IO, "%s: %s", tmp, strerror(errno));
+
+    int64_t t_base = INT64_MAX;
+    for (int r = 0; r < t->n_tracks; r++)
+        for (int64_t i = 0; i < t->tracks[r].n; i++)
+            if (t->tracks[r].ev[i].t0_ns < t_base) t_base = t->tracks[r].ev[i].t0_ns;
+    if (t_base == INT64_MAX) t_base = 0;
+
+    fprintf(f, "{\"displayTimeUnit\": \"ns\",\n");
+    write_meta(f, t, m);
+    fprintf(f, ",\n\"traceEvents\": [\n");
+    fprintf(f, "{\"name\": \"process_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": 0, "
+            "\"args\": {\"name\": \"pipewright\"}}");
+    for (int r = 0; r < t->n_tracks; r++)
+        fprintf(f, ",\n{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": %d, "
+                "\"args\": {\"name\": \"rank %d\"}}", r, r);
+    for (int r = 0; r < t->n_tracks; r++) {
+        for (int64_t i = 0; i < t->tracks[r].n; i++) {
+            const pw_trace_event *e = &t->tracks[r].ev[i];
+            /* Microseconds with ns precision, as Chrome's format wants. */
+            fprintf(f, ",\n{\"name\": ");
+            put_str(f, e->name);
+            fprintf(f, ", \"cat\": \"%s\", \"ph\": \"X\", \"pid\": 0, \"tid\": %d, \"ts\": %.3f, "
+                    "\"dur\": %.3f, \"args\": {\"step\": %" PRId64, cat_name(e->cat), r,
+                    (double)(e->t0_ns - t_base) / 1e3, (double)(e->t1_ns - e->t0_ns) / 1e3,
+                    e->step);
+            if (e->chunk >= 0) fprintf(f, ", \"stage\": %d", e->chunk);
+            if (e->mb >= 0) fprintf(f, ", \"mb\": %d", e->mb);
+            if (e->peer >= 0) fprintf(f, ", \"peer\": %d", e->peer);
+            if (e->bytes) fprintf(f, ", \"bytes\": %" PRId64, e->bytes);
+            fprintf(f, "}}");
+        }
+    }
+    fprintf(f, "\n]}\n");
+    int bad = ferror(f);
+    if (fflush(f) != 0) bad = 1;
+    if (fsync(fileno(f)) != 0) bad = 1;
+    if (fclose(f) != 0) bad = 1;
+    if (bad) {
+        int err = errno;
+        unlink(tmp);
+        return pw_error(PW_ERR_IO, "%s: cannot write trace: %s", path, strerror(err));
+    }
+    if (rename(tmp, path) != 0) {
+        int err = errno;
+        unlink(tmp);
+        return pw_error(PW_ERR_IO, "%s: %s", path, strerror(err));
+    }
+    return PW_OK;
+}

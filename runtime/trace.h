@@ -1,0 +1,90 @@
+/* pipewright — run traces: preallocated per-track event buffers written as
+ * Chrome Trace Event JSON (opens in Perfetto and chrome://tracing) with a
+ * "pipewright" metadata block that pipe-trace reads.
+ *
+ *     pw_trace *t;
+ *     PW_CHECK(pw_trace_create(n_ranks, events_per_rank, &t));
+ *     // on rank r's thread, no locks, no allocation:
+ *     pw_trace_event *e = pw_trace_push(t, r);
+ *     if (e) { e->name = "F"; e->chunk = 1; e->mb = 3; e->t0_ns = a; e->t1_ns = b; }
+ *     // after the run:
+ *     pw_trace_meta m = {...};
+ *     PW_CHECK(pw_trace_write(t, "run.json", &m));
+ *     pw_trace_destroy(t);
+ *
+ * One track per rank, written only by that rank's thread. A full track drops
+ * further events and counts them (the file says how many were dropped).
+ */
+#ifndef PW_RUNTIME_TRACE_H
+#define PW_RUNTIME_TRACE_H
+
+#include <stdint.h>
+
+#include "runtime/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum pw_trace_cat {
+    PW_TRACE_COMPUTE = 0,   /* F, B, W, OPTIM */
+    PW_TRACE_COMM,          /* SEND_*, RECV_* (the hand-off itself) */
+    PW_TRACE_WAIT,          /* idle: waiting for a message / all-reduce / data */
+    PW_TRACE_STEP,          /* a whole training step */
+} pw_trace_cat;
+
+typedef struct pw_trace_event {
+    const char *name;       /* static string: "F", "B", "W", "RECV_F", "wait RECV_F", ... */
+    int32_t cat;            /* pw_trace_cat */
+    int32_t chunk;          /* stage chunk, -1 none */
+    int32_t mb;             /* micro-batch (bucket for all-reduce), -1 none */
+    int32_t peer;           /* rank waited on / sent to, -1 none */
+    int64_t step;           /* training step, from 1 */
+    int64_t bytes;          /* bytes moved, 0 none */
+    int64_t t0_ns, t1_ns;   /* CLOCK_MONOTONIC */
+} pw_trace_event;
+
+typedef struct pw_trace pw_trace;
+
+pw_status pw_trace_create(int n_tracks, int64_t events_per_track, pw_trace **out);
+void pw_trace_destroy(pw_trace *t); /* accepts NULL */
+
+/* Next free event of `track` (zeroed except chunk/mb/peer = -1), or NULL when
+ * the track is full. Only the track's own thread may call it. */
+pw_trace_event *pw_trace_push(pw_trace *t, int track);
+int64_t pw_trace_count(const pw_trace *t, int track);
+const pw_trace_event *pw_trace_events(const pw_trace *t, int track);
+int64_t pw_trace_dropped(const pw_trace *t, int track);
+
+/* Monotonic clock in nanoseconds. */
+int64_t pw_now_ns(void);
+
+/* Per-stage cost estimate recorded in the metadata. */
+typedef struct pw_trace_stage_cost {
+    double flops_fwd, flops_bwd_input, flops_bwd_weight;  /* per micro-batch */
+    int64_t param_bytes;
+    int64_t act_bytes;       /* per micro-batch */
+    int node_begin, node_end;
+} pw_trace_stage_cost;
+
+typedef struct pw_trace_meta {
+    const char *schedule;        /* "1f1b", "gpipe", a CSV path */
+    const char *graph;           /* graph name */
+    int n_ranks, n_chunks, n_micro, n_replicas;
+    int64_t micro_batch;         /* samples per micro-batch */
+    int64_t steps;               /* steps traced */
+    double theory_bubble;        /* schedule's theoretical bubble fraction; <0 unknown */
+    const int *peak_inflight;    /* [n_ranks] validator's prediction, or NULL */
+    const int *measured_peak;    /* [n_ranks] engine's high-water mark, or NULL */
+    const pw_trace_stage_cost *costs; /* [n_chunks] or NULL */
+} pw_trace_meta;
+
+/* Writes {"traceEvents": [...], "displayTimeUnit": "ns", "pipewright": {...}}
+ * atomically (temp file + rename). Timestamps are microseconds from the first
+ * event. PW_ERR_IO on failure. */
+pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_meta *meta);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
