@@ -14,18 +14,35 @@
 #define PW_SCHED_MAX_MICRO (1 << 24)
 #define PW_SCHED_MAX_BUCKETS (1 << 16)
 
-/* Chunk c runs on rank c mod n_ranks and is that rank's (c / n_ranks)-th
- * chunk (its local index). */
+/* The placement. Looping (chunk_rank == NULL): chunk c runs on rank
+ * c mod n_ranks and is that rank's (c / n_ranks)-th chunk (its local index).
+ * Otherwise the tables built by pw_sched_alloc say. `chunk` must be in
+ * 0 .. n_chunks-1. */
 /* (The branch skips a division on the hot path: GPipe and 1F1B have one
  * chunk per rank, and the validator asks this several times per action.) */
 static inline int pw_sched_rank_of(const pw_schedule *s, int chunk)
 {
+    if (s->chunk_rank) return s->chunk_rank[chunk];
     return chunk < s->n_ranks ? chunk : chunk % s->n_ranks;
 }
 static inline int pw_sched_local(const pw_schedule *s, int chunk)
 {
+    if (s->chunk_local) return s->chunk_local[chunk];
     return chunk < s->n_ranks ? 0 : chunk / s->n_ranks;
 }
+/* The chunk that is `rank`'s local-th chunk (inverse of the two above). */
+static inline int pw_sched_chunk_at(const pw_schedule *s, int rank, int local)
+{
+    if (s->rank_chunks) return s->rank_chunks[(size_t)rank * (size_t)s->chunks_per_rank + (size_t)local];
+    return local * s->n_ranks + rank;
+}
+
+/* Fills table[n_chunks] with the V placement of n_ranks ranks: chunk c on
+ * rank c for c < n_ranks, 2 n_ranks - 1 - c for the next n_ranks, and on
+ * zig-zagging for more chunks per rank (ZB-V uses two). */
+void pw_sched_v_placement(int n_ranks, int n_chunks, int *table);
+/* 1 when table[n_chunks] is the V placement. */
+int pw_sched_is_v_placement(int n_ranks, int n_chunks, const int *table);
 
 /* Fast form of pw_sched_action_ok (no message): 1 when `a` names a real kind,
  * a chunk of `rank` and an mb (bucket) in range. */
@@ -40,7 +57,10 @@ static inline int pw_sched_action_valid(const pw_schedule *s, int rank, const pw
 
 /* Allocates a schedule with the shape fields of `shape` (ranks pointer and
  * storage ignored) and room for counts[r] actions on rank r, all in one block;
- * the actions are left for the caller to fill. */
+ * the actions are left for the caller to fill. A placement table in
+ * shape->chunk_rank (the derived tables ignored) is checked (every rank holds
+ * chunks_per_rank chunks; PW_ERR_INVALID_ARG otherwise) and copied into the
+ * block with its derived tables, or stored as NULL when it is looping. */
 pw_status pw_sched_alloc(const pw_schedule *shape, const int64_t *counts, pw_schedule **out);
 
 /* Checks the shape fields (ranks, chunks, micro-batches, buckets) are in

@@ -22,12 +22,16 @@
  *     pw_schedule_destroy(s);
  *
  * Model. The layers are cut into n_chunks = n_ranks × chunks_per_rank "stage
- * chunks", numbered 0 .. n_chunks−1 in layer order; chunk c runs on rank
- * c mod n_ranks (so GPipe and 1F1B, with one chunk per rank, have chunk ==
- * rank; interleaved schedules give each rank several chunks). A step pushes
- * n_micro micro-batches through every chunk: forward F in chunk order, then
- * backward B in reverse chunk order, optionally split into B (gradient of the
- * chunk's input) and W (gradient of its weights).
+ * chunks", numbered 0 .. n_chunks−1 in layer order. The placement says which
+ * rank runs each chunk: by default chunk c runs on rank c mod n_ranks (the
+ * looping placement: GPipe and 1F1B, with one chunk per rank, have chunk ==
+ * rank; interleaved 1F1B gives rank r the chunks r, r + n_ranks, ...); ZB-V
+ * uses the V placement (chunk c on rank c for c < n_ranks, on rank
+ * 2·n_ranks − 1 − c after that), held in pw_schedule.chunk_rank. Every rank
+ * holds chunks_per_rank chunks. A step pushes n_micro micro-batches through
+ * every chunk: forward F in chunk order, then backward B in reverse chunk
+ * order, optionally split into B (gradient of the chunk's input) and W
+ * (gradient of its weights).
  *
  * Communication. SEND/RECV actions carry the chunk of the rank that runs
  * them: SEND_F{c, m} sends chunk c's forward output of micro-batch m to the
@@ -87,6 +91,14 @@ typedef enum pw_schedule_kind {
     PW_SCHEDULE_CUSTOM = 0,  /* hand-written or loaded from CSV */
     PW_SCHEDULE_GPIPE,       /* all F (mb 0..M-1), then all B (mb 0..M-1) */
     PW_SCHEDULE_1F1B,        /* PipeDream-Flush: warm-up F, steady 1F1B, cool-down B */
+    PW_SCHEDULE_INTERLEAVED, /* Megatron's interleaved 1F1B: v chunks per rank,
+                              * looping placement; n_micro % n_stages == 0 */
+    PW_SCHEDULE_ZB_H1,       /* Zero Bubble ZB-H1: 1F1B memory, W fills the
+                              * cool-down (always splits W) */
+    PW_SCHEDULE_ZB_H2,       /* Zero Bubble ZB-H2: 2p-1 warm-up forwards, W
+                              * moved to the tail (always splits W) */
+    PW_SCHEDULE_ZB_V,        /* Zero Bubble ZB-V: 2 chunks per rank in a V,
+                              * 1F1B memory (always splits W) */
     PW_SCHEDULE_KIND_COUNT
 } pw_schedule_kind;
 
@@ -109,25 +121,47 @@ typedef struct pw_schedule {
     int lowered;             /* 1 once pw_schedule_lower has run (the CSV
                               * parser runs it); generators leave 0 */
     pw_rank_program *ranks;  /* [n_ranks] */
-    void *storage;           /* private: one block holding every action */
+    /* Placement: the rank that runs each chunk. NULL: the looping placement,
+     * chunk c on rank c mod n_ranks. Otherwise [n_chunks] (ZB-V: chunk c on
+     * rank c for c < n_ranks, else 2·n_ranks − 1 − c); every rank holds
+     * exactly chunks_per_rank chunks. Read it with pw_schedule_rank_of().
+     * A table equal to the looping placement is stored as NULL. */
+    const int *chunk_rank;
+    const int *chunk_local;  /* private: [n_chunks] c's index among its rank's
+                              * chunks, in chunk order (NULL when looping) */
+    const int *rank_chunks;  /* private: [n_ranks][chunks_per_rank] each
+                              * rank's chunks in chunk order (NULL when looping) */
+    void *storage;           /* private: one block holding every action and
+                              * the placement tables */
 } pw_schedule;
+
+/* The rank that runs `chunk`; -1 when chunk is out of range. */
+int pw_schedule_rank_of(const pw_schedule *s, int chunk);
 
 /* ------------------------------------------------------------ generators */
 
 typedef struct pw_schedule_config {
-    pw_schedule_kind kind;   /* PW_SCHEDULE_GPIPE or PW_SCHEDULE_1F1B */
-    int n_stages;            /* pipeline ranks, >= 1 */
-    int n_micro;             /* micro-batches per step, >= 1 */
-    int split_w;             /* 0 or 1: emit W right after each B */
-    int n_buckets;           /* >= 0: ALLREDUCE actions per stage, emitted
-                              * after the stage's last backward (data
+    pw_schedule_kind kind;   /* any kind but PW_SCHEDULE_CUSTOM */
+    int n_stages;            /* pipeline ranks (p), >= 1 */
+    int n_micro;             /* micro-batches per step (m), >= 1; interleaved:
+                              * a multiple of n_stages */
+    int split_w;             /* 0 or 1: emit W right after each B (GPipe,
+                              * 1F1B, interleaved). The zero-bubble kinds
+                              * always split W and place it themselves; for
+                              * them this field is ignored */
+    int n_buckets;           /* >= 0: ALLREDUCE actions per chunk, emitted
+                              * right after the chunk's last backward (data
                               * parallelism); 0 for a single replica */
+    int chunks_per_rank;     /* v. Interleaved: >= 2 (0 means 2). ZB-V: 2
+                              * (0 means 2). Other kinds: 1 (0 means 1) */
 } pw_schedule_config;
 
 /* Builds the compute-only schedule (F, B, W, ALLREDUCE, then one OPTIM per
  * rank) for `cfg`. PW_OK: *out is a new schedule with lowered == 0.
- * PW_ERR_INVALID_ARG: a config field is out of range (kind, counts, or a rank
- * would exceed INT_MAX actions); *out is NULL. PW_ERR_NOMEM: *out is NULL. */
+ * PW_ERR_INVALID_ARG: a config field is out of range (kind, counts, v, an
+ * interleaved n_micro that is not a multiple of n_stages, or a rank would
+ * exceed INT_MAX actions); *out is NULL. PW_ERR_NOMEM: *out is NULL.
+ * The generators, their memory and their bubbles: docs/schedules.md. */
 pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out);
 
 /* Accepts NULL. */
@@ -150,11 +184,19 @@ int pw_schedule_equal(const pw_schedule *a, const pw_schedule *b);
 
 typedef struct pw_schedule_report {
     int n_ranks, n_chunks;
-    /* Activation stash: micro-batches whose F has run and whose last backward
-     * (B, or W when split) has not; its peak is the number of activation slots
-     * a rank (or one chunk) needs. GPipe: M on every rank; 1F1B: min(S-r, M). */
+    /* Activation stash: (chunk, micro-batch) pairs whose F has run and whose
+     * last backward (B, or W when split) has not; its peak is the number of
+     * activation slots a rank (or one chunk) needs. GPipe: M on every rank;
+     * 1F1B: min(S-r, M); the other kinds: pw_schedule_config_peak(). */
     int *peak_inflight;         /* [n_ranks] */
     int *peak_inflight_chunk;   /* [n_chunks] */
+    /* peak_inflight[r] / chunks_per_rank: the same peak in units of one
+     * micro-batch's activations of one whole stage (a rank's share of the
+     * layers, 1/n_ranks of the model), taking each chunk as an equal share
+     * of its rank's layers. This is the unit of the published figures:
+     * 1F1B and ZB-H1 hold p on the first rank, ZB-H2 2p-1, ZB-V p,
+     * interleaved p + (p-1)/v (p = n_ranks, v = chunks_per_rank). */
+    double *peak_stages;        /* [n_ranks] */
     /* Split W only: micro-batches whose B has run and whose W has not (their
      * input activations and output grads are still held for W). */
     int *peak_w_pending;        /* [n_ranks]; all 0 when not split */
@@ -227,7 +269,9 @@ void pw_schedule_checker_destroy(pw_schedule_checker *c); /* accepts NULL */
  * first row, fixes the shape instead of inferring it from the cells:
  *   # pipewright schedule v1: kind=1f1b ranks=4 chunks_per_rank=1
  *     micro_batches=8 split_w=0 buckets=0          (one line; any subset)
- * Rows holding only compute actions are lowered by the parser
+ * and, for a placement other than looping, placement=v (the V placement of
+ * ZB-V; kind=zb-v implies it) or placement=R0,R1,... (the rank of each chunk,
+ * in chunk order). Rows holding only compute actions are lowered by the parser
  * (pw_schedule_lower); rows that hold any SEND/RECV are kept as written.
  * PW_OK: *out is a new schedule. PW_ERR_PARSE: "file:line:col: error: ..."
  * (filename NULL reads "<string>") for a malformed cell, a chunk not on its
@@ -238,7 +282,8 @@ pw_status pw_schedule_parse_csv(const char *text, size_t len, const char *filena
 /* Reads `path` and parses it. PW_ERR_IO when it cannot be read. */
 pw_status pw_schedule_load_csv(const char *path, pw_schedule **out);
 
-/* Writes the header comment and one row per rank. A lowered schedule reads
+/* Writes the header comment (placement= only when not looping) and one row
+ * per rank. A lowered schedule reads
  * back equal (pw_schedule_equal) and re-writes to the same bytes; a
  * compute-only one reads back lowered. PW_ERR_IO on a write error. */
 pw_status pw_schedule_write_csv(const pw_schedule *s, FILE *f);
@@ -248,10 +293,13 @@ pw_status pw_schedule_save_csv(const pw_schedule *s, const char *path);
 
 /* "F", "B", "W", "SEND_F", ..., "OPTIM"; "?" when out of range. */
 const char *pw_action_kind_name(pw_action_kind k);
-/* "custom", "gpipe", "1f1b"; "?" when out of range. */
+/* "custom", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"; "?"
+ * when out of range. */
 const char *pw_schedule_kind_name(pw_schedule_kind k);
-/* Inverse of pw_schedule_kind_name (case-insensitive; "pipedream-flush" is
- * 1f1b too). PW_ERR_INVALID_ARG names the choices. */
+/* Inverse of pw_schedule_kind_name (case-insensitive; also accepted:
+ * "pipedream-flush" for 1f1b, "interleaved-1f1b" for interleaved, and the
+ * zero-bubble names with '_' or without the dash: "zb_h1", "zbh1", "zbv").
+ * PW_ERR_INVALID_ARG names the choices. */
 pw_status pw_schedule_kind_parse(const char *name, pw_schedule_kind *out);
 /* The action's CSV cell ("0F3", "1RB2", "AR0", "OPT") into buf, NUL
  * terminated; `one_chunk_per_rank` writes AR<b> without its chunk. Returns the
@@ -262,12 +310,36 @@ int pw_action_format(const pw_action *a, int one_chunk_per_rank, char *buf, size
  * micro-batches, every stage equally fast). It is exact for the unsplit
  * schedules; with split W it counts B+W as one backward and is an upper
  * bound, since sending the gradient before W lets the upstream stage start
- * sooner (pw_schedule_report.bubble has the replayed figure).
- * -1.0 for other kinds or counts < 1. */
+ * sooner (pw_schedule_report.bubble has the replayed figure). The
+ * zero-bubble kinds give pw_schedule_config_bubble() of their generated
+ * schedule. -1.0 for custom and interleaved (it needs v: use
+ * pw_schedule_config_bubble) or counts < 1. */
 double pw_schedule_theoretical_bubble(pw_schedule_kind kind, int n_stages, int n_micro);
 /* Theoretical peak in-flight activations on `stage`: n_micro for GPipe,
- * min(n_stages - stage, n_micro) for 1F1B; -1 for other kinds or bad args. */
+ * min(n_stages - stage, n_micro) for 1F1B, pw_schedule_config_peak() for the
+ * zero-bubble kinds; -1 for custom, interleaved or bad args. */
 int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micro, int stage);
+
+/* Closed forms for the schedule pw_schedule_generate builds from `cfg`, under
+ * the validator's unit costs (every F, B and W of a chunk takes one step,
+ * communication is free). With p = n_stages, m = n_micro, v = chunks per
+ * rank, the step lasts T unit steps and the bubble is 1 - busy / (p T):
+ *   gpipe, 1f1b        T = 2(m+p-1)           bubble (p-1)/(m+p-1)
+ *     with split W     T = 3m + 2(p-1)        bubble 2(p-1)/(3m+2(p-1))
+ *   interleaved        T = 2(vm+p-1)          bubble (p-1)/(vm+p-1)
+ *     with split W     T = 3vm + 2(p-1)       bubble 2(p-1)/(3vm+2(p-1))
+ *   zb-h1, zb-h2       T = 3m + p-1 + max(0, p-m)
+ *   zb-v               T = max(6m + p-1, 4m + 4p-2)
+ * (the tests replay every p <= 8, m <= 16 against these). -1.0 when cfg is
+ * out of range. */
+double pw_schedule_config_bubble(const pw_schedule_config *cfg);
+/* Peak in-flight (chunk, micro-batch) activations on `rank` of the generated
+ * schedule (pw_schedule_report.peak_inflight):
+ *   gpipe m; 1f1b min(p-r, m); interleaved min(2(p-r-1) + (v-1)p + 1, vm)
+ *   (Megatron's warm-up plus one); zb-h1 min(p, m); zb-h2 min(2p-1, m);
+ *   zb-v min(2p, 2m, m+1+r) (two half-stage chunks: 2p slots are p stages).
+ * -1 when cfg or rank is out of range. */
+int pw_schedule_config_peak(const pw_schedule_config *cfg, int rank);
 
 /* ASCII timeline, one line per rank, compute actions placed at their
  * unit-cost replay step ('.' = idle). A schedule that does not validate is

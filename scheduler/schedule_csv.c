@@ -37,11 +37,19 @@ typedef struct parser {
     size_t n_cells, cap_cells;
     int n_rows;
     int *row_line;          /* [n_rows] line of each row, for messages */
-    int cap_rows;
+    size_t cap_rows;
     int header_line;        /* 0: no header */
     int kind;               /* -1 when absent */
     field ranks, chunks_per_rank, micro_batches, split_w, buckets;
+    /* placement=: PLACE_* (absent: looping, or V with kind=zb-v); a list is
+     * kept as text until the shape is known. */
+    int placement, placement_col;
+    const char *place_list;
+    size_t place_len;
+    int *place;             /* the table handed to pw_sched_alloc */
 } parser;
+
+enum { PLACE_ABSENT = -1, PLACE_LOOP = 0, PLACE_V, PLACE_LIST };
 
 static pw_status perr(const parser *p, int line, int col, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -141,9 +149,7 @@ static pw_status parse_row(parser *p, size_t b, size_t e, int line)
 {
     if (p->n_rows >= PW_SCHED_MAX_RANKS)
         return perr(p, line, 1, "more than %d rows (ranks)", PW_SCHED_MAX_RANKS);
-    size_t cap = (size_t)p->cap_rows;
-    PW_CHECK(grow((void **)&p->row_line, &cap, (size_t)p->n_rows + 1, sizeof(int)));
-    p->cap_rows = (int)cap;
+    PW_CHECK(grow((void **)&p->row_line, &p->cap_rows, (size_t)p->n_rows + 1, sizeof(int)));
     int row = p->n_rows++;
     p->row_line[row] = line;
     size_t i = b;
@@ -216,9 +222,23 @@ static pw_status parse_header(parser *p, size_t line_b, size_t at, size_t e, int
             pw_schedule_kind k;
             snprintf(name, sizeof name, "%.*s", (int)(vl < 31 ? vl : 31), v);
             if (vl >= 31 || pw_schedule_kind_parse(name, &k) != PW_OK)
-                return perr(p, line, col, "header: unknown kind '%.*s' (gpipe, 1f1b or custom)",
-                            (int)vl, v);
+                return perr(p, line, col, "header: unknown kind '%.*s' (gpipe, 1f1b, interleaved, "
+                            "zb-h1, zb-h2, zb-v or custom)", (int)vl, v);
             p->kind = (int)k;
+        } else if (strcmp(key, "placement") == 0) {
+            p->placement_col = col;
+            if (vl == 4 && strncasecmp(v, "loop", 4) == 0) {
+                p->placement = PLACE_LOOP;
+            } else if (vl == 1 && (v[0] == 'v' || v[0] == 'V')) {
+                p->placement = PLACE_V;
+            } else if (vl > 0 && isdigit((unsigned char)v[0])) {
+                p->placement = PLACE_LIST;
+                p->place_list = v;
+                p->place_len = vl;
+            } else {
+                return perr(p, line, col, "header: placement must be loop, v or the rank of each "
+                            "chunk (0,1,1,0), got '%.*s'", (int)vl, v);
+            }
         } else if (strcmp(key, "ranks") == 0) {
             PW_CHECK(header_int(p, &p->ranks, key, v, vl, line, col, 1, PW_SCHED_MAX_RANKS));
         } else if (strcmp(key, "chunks_per_rank") == 0) {
@@ -232,7 +252,7 @@ static pw_status parse_header(parser *p, size_t line_b, size_t at, size_t e, int
             PW_CHECK(header_int(p, &p->buckets, key, v, vl, line, col, 0, PW_SCHED_MAX_BUCKETS));
         } else {
             return perr(p, line, col, "header: unknown key '%.*s' (kind, ranks, chunks_per_rank, "
-                        "micro_batches, split_w, buckets)", (int)kl, t + kb);
+                        "micro_batches, split_w, buckets, placement)", (int)kl, t + kb);
         }
     }
     return PW_OK;
@@ -269,6 +289,53 @@ static pw_status scan(parser *p)
     return PW_OK;
 }
 
+/* The placement table for `shape` into p->place (NULL for looping): the
+ * header's placement=, or V when the kind is zb-v and the header is silent.
+ * list_n: the entries of a placement=R0,R1,... list. */
+static pw_status settle_placement(parser *p, pw_schedule *shape, size_t list_n)
+{
+    int how = p->placement;
+    if (how == PLACE_ABSENT) how = shape->kind == PW_SCHEDULE_ZB_V ? PLACE_V : PLACE_LOOP;
+    if (how == PLACE_LOOP) return PW_OK;
+    const int n = shape->n_ranks, C = shape->n_chunks, v = shape->chunks_per_rank;
+    const int line = p->header_line, col = p->placement_col ? p->placement_col : 1;
+    if (how == PLACE_LIST && list_n != (size_t)C)
+        return perr(p, line, col, "header: placement lists %zu ranks, but there are %d chunks "
+                    "(%d ranks x %d chunks per rank)", list_n, C, n, v);
+    p->place = malloc((size_t)C * sizeof *p->place);
+    int *held = calloc((size_t)n, sizeof *held);
+    if (!p->place || !held) {
+        free(held);
+        return pw_error(PW_ERR_NOMEM, "schedule CSV: out of memory");
+    }
+    if (how == PLACE_V) {
+        pw_sched_v_placement(n, C, p->place);
+        free(held);
+        shape->chunk_rank = p->place;
+        return PW_OK;
+    }
+    size_t i = 0;
+    for (int c = 0; c < C; c++) {
+        long r = read_number(p->place_list, &i, p->place_len);
+        if (r < 0 || r >= n || (i < p->place_len && p->place_list[i] != ',') ||
+            (c == C - 1 && i != p->place_len)) {
+            free(held);
+            return perr(p, line, col, "header: placement entry %d must be a rank in 0..%d "
+                        "(placement=%.*s)", c, n - 1, (int)p->place_len, p->place_list);
+        }
+        if (++held[r] > v) {
+            free(held);
+            return perr(p, line, col, "header: placement puts more than %d chunks on rank %ld "
+                        "(every rank holds chunks_per_rank=%d)", v, r, v);
+        }
+        p->place[c] = (int)r;
+        i++; /* the comma */
+    }
+    free(held);
+    shape->chunk_rank = p->place;
+    return PW_OK;
+}
+
 /* Settles the shape from the header, or from the cells where it is silent. */
 static pw_status settle_shape(parser *p, pw_schedule *shape)
 {
@@ -293,6 +360,13 @@ static pw_status settle_shape(parser *p, pw_schedule *shape)
     }
     const int n = p->n_rows;
     int v = p->chunks_per_rank.value;
+    size_t list_n = 0; /* entries of placement=R0,R1,... */
+    if (p->placement == PLACE_LIST) {
+        for (size_t i = 0; i < p->place_len; i++) list_n += p->place_list[i] == ',';
+        list_n++;
+        if (v < 0 && list_n % (size_t)n == 0 && list_n / (size_t)n <= PW_SCHED_MAX_CHUNKS_PER_RANK)
+            v = (int)(list_n / (size_t)n); /* the list says how many chunks there are */
+    }
     if (v < 0) {
         long need = (max_chunk + 1 + n - 1) / n;
         v = need < 1 ? 1 : need > PW_SCHED_MAX_CHUNKS_PER_RANK ? PW_SCHED_MAX_CHUNKS_PER_RANK + 1
@@ -320,6 +394,8 @@ static pw_status settle_shape(parser *p, pw_schedule *shape)
     if (v > PW_SCHED_MAX_CHUNKS_PER_RANK || (int64_t)n * v > INT_MAX / 2)
         return perr(p, p->row_line[0], 1, "chunk %ld needs more than %d chunks per rank", max_chunk,
                     PW_SCHED_MAX_CHUNKS_PER_RANK);
+    PW_CHECK(settle_placement(p, shape, list_n));
+    const int *where = p->place; /* NULL: looping */
 
     /* Each cell against the shape, so the message can point at it. */
     for (size_t i = 0; i < p->n_cells; i++) {
@@ -335,9 +411,13 @@ static pw_status settle_shape(parser *p, pw_schedule *shape)
         if (a->chunk >= shape->n_chunks)
             return perr(p, c->line, c->col, "chunk %d does not exist (%d ranks x %d chunks per rank: "
                         "chunks 0..%d)", (int)a->chunk, n, v, shape->n_chunks - 1);
-        if (a->chunk % n != c->row)
+        if (!where && a->chunk % n != c->row)
             return perr(p, c->line, c->col, "chunk %d runs on rank %d (chunk mod %d), but this row "
                         "is rank %d", (int)a->chunk, (int)a->chunk % n, n, c->row);
+        if (where && where[a->chunk] != c->row)
+            return perr(p, c->line, c->col, "chunk %d runs on rank %d (placement=%s), but this row "
+                        "is rank %d", (int)a->chunk, where[a->chunk],
+                        p->placement == PLACE_LIST ? "list" : "v", c->row);
         if (a->kind == PW_ACT_ALLREDUCE) {
             if (a->mb >= shape->n_buckets)
                 return perr(p, c->line, c->col, "bucket %d out of range (buckets=%d)", (int)a->mb,
@@ -360,7 +440,7 @@ pw_status pw_schedule_parse_csv(const char *text, size_t len, const char *filena
         .text = text ? text : "", .len = len, .fname = filename ? filename : "<string>",
         .kind = -1,
         .ranks = {-1, 0}, .chunks_per_rank = {-1, 0}, .micro_batches = {-1, 0},
-        .split_w = {-1, 0}, .buckets = {-1, 0},
+        .split_w = {-1, 0}, .buckets = {-1, 0}, .placement = PLACE_ABSENT,
     };
     pw_schedule shape, *s = NULL;
     int64_t *counts = NULL;
@@ -387,6 +467,7 @@ fail:
     free(counts);
     free(p.cells);
     free(p.row_line);
+    free(p.place);
     return st;
 }
 
@@ -431,8 +512,15 @@ pw_status pw_schedule_write_csv(const pw_schedule *s, FILE *f)
     if (!s || !f) return pw_error(PW_ERR_INVALID_ARG, "pw_schedule_write_csv: NULL argument");
     PW_CHECK(pw_sched_check_shape(s));
     fprintf(f, "# " HEADER_TAG " v1: kind=%s ranks=%d chunks_per_rank=%d micro_batches=%d "
-            "split_w=%d buckets=%d\n", pw_schedule_kind_name(s->kind), s->n_ranks,
+            "split_w=%d buckets=%d", pw_schedule_kind_name(s->kind), s->n_ranks,
             s->chunks_per_rank, s->n_micro, s->split_w, s->n_buckets);
+    if (s->chunk_rank && pw_sched_is_v_placement(s->n_ranks, s->n_chunks, s->chunk_rank)) {
+        fputs(" placement=v", f);
+    } else if (s->chunk_rank) {
+        fputs(" placement=", f);
+        for (int c = 0; c < s->n_chunks; c++) fprintf(f, "%s%d", c ? "," : "", s->chunk_rank[c]);
+    }
+    fputc('\n', f);
     const int one = s->chunks_per_rank == 1;
     for (int r = 0; r < s->n_ranks; r++) {
         const pw_rank_program *p = &s->ranks[r];

@@ -43,8 +43,12 @@ pw_status pw_schedule_print(const pw_schedule *s, FILE *f)
     uint32_t *start = malloc((size_t)(total ? total : 1) * sizeof *start);
     if (!start) return pw_error(PW_ERR_NOMEM, "schedule print: out of memory");
 
-    char title[160], chunks[48] = "";
-    if (s->chunks_per_rank > 1) snprintf(chunks, sizeof chunks, " x %d chunks", s->chunks_per_rank);
+    char title[200], chunks[64] = "";
+    if (s->chunks_per_rank > 1)
+        snprintf(chunks, sizeof chunks, " x %d chunks%s", s->chunks_per_rank,
+                 !s->chunk_rank ? ""
+                 : pw_sched_is_v_placement(s->n_ranks, s->n_chunks, s->chunk_rank) ? " (V placement)"
+                                                                                   : " (custom placement)");
     snprintf(title, sizeof title, "%s: %d rank%s%s, %d micro-batch%s%s",
              pw_schedule_kind_name(s->kind), s->n_ranks, s->n_ranks == 1 ? "" : "s", chunks,
              s->n_micro, s->n_micro == 1 ? "" : "es", s->split_w ? ", split W" : "");
@@ -76,8 +80,13 @@ pw_status pw_schedule_print(const pw_schedule *s, FILE *f)
     double bubble = makespan ? 1.0 - (double)busy / ((double)s->n_ranks * (double)makespan) : 0.0;
     fprintf(f, "%s; unit-cost makespan %lld, bubble %.1f%%", title, (long long)makespan,
             100.0 * bubble);
-    double theory = pw_schedule_theoretical_bubble(s->kind, s->n_chunks, s->n_micro);
-    if (theory >= 0 && !s->split_w) fprintf(f, " (theory %.1f%%)", 100.0 * theory);
+    /* The closed form of the generator this schedule claims to come from. */
+    pw_schedule_config cfg = {
+        .kind = s->kind, .n_stages = s->n_ranks, .n_micro = s->n_micro, .split_w = s->split_w,
+        .chunks_per_rank = s->chunks_per_rank,
+    };
+    double theory = s->kind == PW_SCHEDULE_CUSTOM ? -1.0 : pw_schedule_config_bubble(&cfg);
+    if (theory >= 0) fprintf(f, " (theory %.1f%%)", 100.0 * theory);
     fputc('\n', f);
 
     int *slot = malloc((size_t)(makespan ? makespan : 1) * sizeof *slot);

@@ -248,7 +248,7 @@ pw_status pw_schedule_checker_step(pw_schedule_checker *c, const pw_action *a)
     }
     case PW_ACT_OPTIM:
         for (int l = 0; l < s->chunks_per_rank; l++) {
-            int chunk = l * s->n_ranks + c->rank;
+            int chunk = pw_sched_chunk_at(s, c->rank, l);
             if (c->final_done[l] < M)
                 return fail(c, a, "OPTIM before the last backward of chunk %d (%d of %d micro-batches done)",
                             chunk, c->final_done[l], M);
@@ -275,7 +275,7 @@ static pw_status finish_check(pw_schedule_checker *c)
     };
     if (!c->optim_done) {
         for (int l = 0; l < s->chunks_per_rank; l++) {
-            int ch = l * s->n_ranks + R;
+            int ch = pw_sched_chunk_at(s, R, l);
             for (int m = 0; m < M; m++) {
                 uint8_t st = c->state[(size_t)l * (size_t)M + (size_t)m];
                 for (int k = 0; k < 2 + s->split_w; k++)
@@ -292,7 +292,7 @@ static pw_status finish_check(pw_schedule_checker *c)
         return pw_error(PW_ERR_SCHEDULE, "rank %d, at the end: no OPTIM (every rank ends with one)", R);
     }
     for (int l = 0; l < s->chunks_per_rank; l++) {
-        int ch = l * s->n_ranks + R;
+        int ch = pw_sched_chunk_at(s, R, l);
         for (int m = 0; m < M; m++) {
             uint8_t st = c->state[(size_t)l * (size_t)M + (size_t)m];
             if (remote(s, ch, +1) && !(st & ST_SF))
@@ -626,9 +626,10 @@ pw_status pw_sched_replay(const pw_schedule *s, pw_schedule_report *rep, uint32_
         for (int r = 0; r < n; r++) {
             const pw_schedule_checker *c = &rp.ck[r];
             rep->peak_inflight[r] = c->peak_inflight;
+            rep->peak_stages[r] = (double)c->peak_inflight / (double)s->chunks_per_rank;
             rep->peak_w_pending[r] = c->peak_w_pending;
             for (int l = 0; l < s->chunks_per_rank; l++)
-                rep->peak_inflight_chunk[l * n + r] = c->chunk_peak[l];
+                rep->peak_inflight_chunk[pw_sched_chunk_at(s, r, l)] = c->chunk_peak[l];
             if (rp.time[r] > makespan) makespan = rp.time[r];
         }
         rep->n_ranks = n;
@@ -657,9 +658,12 @@ pw_status pw_schedule_validate(const pw_schedule *s, pw_schedule_report **out)
     pw_schedule_report *rep = NULL;
     if (out) {
         size_t n = (size_t)s->n_ranks, c = (size_t)s->n_chunks;
-        rep = calloc(1, sizeof *rep + (2 * n + c) * sizeof(int));
+        /* One block: the report, peak_stages (doubles first, for their
+         * alignment), then the int arrays. */
+        rep = calloc(1, sizeof *rep + n * sizeof(double) + (2 * n + c) * sizeof(int));
         if (!rep) return pw_error(PW_ERR_NOMEM, "validator: cannot allocate the report");
-        rep->peak_inflight = (int *)(rep + 1);
+        rep->peak_stages = (double *)(rep + 1);
+        rep->peak_inflight = (int *)(rep->peak_stages + n);
         rep->peak_w_pending = rep->peak_inflight + n;
         rep->peak_inflight_chunk = rep->peak_w_pending + n;
     }

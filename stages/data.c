@@ -691,7 +691,7 @@ int pw_dataset_spec_has_test(const char *spec)
 pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t count,
                             float *x_out, int32_t *y_out)
 {
-    if (!d || (count > 0 && (!idx || !x_out)) || count < 0)
+    if (!d || (count > 0 && !idx) || count < 0)
         return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_gather: bad arguments");
     for (int64_t i = 0; i < count; i++)
         if (idx[i] < 0 || idx[i] >= d->n)
@@ -700,7 +700,7 @@ pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t cou
                             (long long)idx[i], (long long)i, (long long)d->n);
     size_t row = sizeof(float) * (size_t)d->sample_numel;
     for (int64_t i = 0; i < count; i++) {
-        memcpy(x_out + i * d->sample_numel, d->x + idx[i] * d->sample_numel, row);
+        if (x_out) memcpy(x_out + i * d->sample_numel, d->x + idx[i] * d->sample_numel, row);
         if (y_out) y_out[i] = d->y[idx[i]];
     }
     return PW_OK;

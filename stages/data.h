@@ -133,7 +133,8 @@ pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out);
 int pw_dataset_spec_has_test(const char *spec);
 
 /* Copies samples idx[0..count) into x_out (count, sample_numel) and their
- * labels into y_out (count); y_out may be NULL. PW_ERR_INVALID_ARG (nothing
+ * labels into y_out (count); either may be NULL (a pipeline stage that
+ * holds only the loss reads only labels). PW_ERR_INVALID_ARG (nothing
  * copied) when an index is outside [0, n). */
 pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t count,
                             float *x_out, int32_t *y_out);

@@ -47,7 +47,17 @@ struct pw_program {
     prog_node *nodes;            /* per graph node (only [begin, end) used) */
 
     int n_inputs, n_outputs;
-    int *inputs, *outputs;
+    int *inputs, *outputs;       /* live-in / live-out values, value-id order */
+    unsigned char *is_in, *is_out; /* per graph value */
+
+    /* Ports: message layouts (offsets per value) and per-slot bindings. */
+    size_t port_bytes[PW_PORT_COUNT];
+    size_t *port_off[PW_PORT_COUNT];      /* per graph value; NO_OFF when absent */
+    void **bind_act;                      /* slots × n_values; NULL = own buffer */
+    float **bind_grad;                    /* slots × n_values */
+    char **fwd_act_dst;                   /* slots × n_values: ACT_OUT copy target of
+                                             a value received and passed on */
+    float **fwd_grad_src;                 /* slots × n_values: GRAD_OUT part of such a value */
 
     int64_t *rows_in_slot;       /* samples of the last forward, per slot */
     double *loss_sum;            /* per slot */
@@ -60,11 +70,17 @@ static inline char *slot_base(const pw_program *p, int slot)
     return (char *)p->arena.base + p->act_base + (size_t)slot * p->slot_bytes;
 }
 
+static inline size_t sv(const pw_program *p, int slot, int v)
+{
+    return (size_t)slot * (size_t)p->g->n_values + (size_t)v;
+}
+
 void *pw_program_value(const pw_program *p, int v, int slot)
 {
     if (v < 0 || v >= p->g->n_values || !p->touched[v] || slot < 0 || slot >= p->cfg.slots)
         return NULL;
-    return slot_base(p, slot) + p->values[v].off_act;
+    void *b = p->bind_act[sv(p, slot, v)];
+    return b ? b : slot_base(p, slot) + p->values[v].off_act;
 }
 
 float *pw_program_grad(const pw_program *p, int v, int slot)
@@ -72,7 +88,8 @@ float *pw_program_grad(const pw_program *p, int v, int slot)
     if (v < 0 || v >= p->g->n_values || !p->touched[v] || p->values[v].off_grad == NO_OFF ||
         slot < 0 || slot >= p->cfg.slots)
         return NULL;
-    return (float *)(slot_base(p, slot) + p->values[v].off_grad);
+    float *b = p->bind_grad[sv(p, slot, v)];
+    return b ? b : (float *)(slot_base(p, slot) + p->values[v].off_grad);
 }
 
 static float *stat(const pw_program *p, int slot, size_t off)
@@ -117,35 +134,38 @@ static pw_status plan(pw_program *p)
     const int64_t mb = p->cfg.micro_batch;
     pw_arena *a = &p->arena;
 
-    /* Which values this stage touches; which are its inputs and outputs. */
-    unsigned char *produced_here = calloc((size_t)g->n_values, 1);
-    if (!produced_here) return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    /* Live-in: produced by a node before the range and consumed in or after
+     * it (a value that skips this stage is received and passed on).
+     * Live-out: produced by a node before the range's end and consumed after
+     * it. Graph inputs and labels are not messages: every stage that reads
+     * them loads them from the data itself. */
+    int *last_use = malloc((size_t)g->n_values * sizeof(int));
+    p->inputs = calloc((size_t)g->n_values, sizeof(int));
+    p->outputs = calloc((size_t)g->n_values, sizeof(int));
+    p->is_in = calloc((size_t)g->n_values, 1);
+    p->is_out = calloc((size_t)g->n_values, 1);
+    if (!last_use || !p->inputs || !p->outputs || !p->is_in || !p->is_out) {
+        free(last_use);
+        return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    }
+    for (int v = 0; v < g->n_values; v++) last_use[v] = -1;
+    for (int i = 0; i < g->n_nodes; i++)
+        for (int k = 0; k < g->nodes[i].n_inputs; k++) last_use[g->nodes[i].inputs[k]] = i;
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
         for (int k = 0; k < nd->n_inputs; k++) p->touched[nd->inputs[k]] = 1;
         p->touched[nd->output] = 1;
-        produced_here[nd->output] = 1;
-    }
-    p->inputs = calloc((size_t)g->n_values, sizeof(int));
-    p->outputs = calloc((size_t)g->n_values, sizeof(int));
-    if (!p->inputs || !p->outputs) {
-        free(produced_here);
-        return pw_error(PW_ERR_NOMEM, "program: out of memory");
     }
     for (int v = 0; v < g->n_values; v++) {
-        if (!p->touched[v]) continue;
-        if (!produced_here[v]) p->inputs[p->n_inputs++] = v;
+        int prod = g->values[v].producer;
+        if (prod < 0) continue;
+        if (prod < p->begin && last_use[v] >= p->begin) p->is_in[v] = 1;
+        if (prod < p->end && last_use[v] >= p->end) p->is_out[v] = 1;
+        if (p->is_in[v]) p->inputs[p->n_inputs++] = v;
+        if (p->is_out[v]) p->outputs[p->n_outputs++] = v;
+        if (p->is_in[v] || p->is_out[v]) p->touched[v] = 1;
     }
-    for (int i = p->end; i < g->n_nodes; i++) {
-        const pw_node *nd = &g->nodes[i];
-        for (int k = 0; k < nd->n_inputs; k++) {
-            int v = nd->inputs[k];
-            int seen = 0;
-            for (int j = 0; j < p->n_outputs; j++) seen |= p->outputs[j] == v;
-            if (produced_here[v] && !seen) p->outputs[p->n_outputs++] = v;
-        }
-    }
-    free(produced_here);
+    free(last_use);
 
     /* Parameters used by the range, each once (tied parameters share). */
     for (int i = p->begin; i < p->end; i++) {
@@ -199,6 +219,23 @@ static pw_status plan(pw_program *p)
         }
     }
     p->slot_bytes = slot.size;
+
+    /* Message layouts: values in id order, each 64-byte aligned, so both
+     * sides of a link compute the same offsets from the same graph. */
+    for (int port = 0; port < PW_PORT_COUNT; port++) {
+        p->port_off[port] = malloc((size_t)g->n_values * sizeof(size_t));
+        if (!p->port_off[port]) return pw_error(PW_ERR_NOMEM, "program: out of memory");
+        pw_arena msg;
+        pw_arena_init(&msg, "message");
+        for (int v = 0; v < g->n_values; v++) {
+            p->port_off[port][v] = NO_OFF;
+            int in_port = (port == PW_PORT_ACT_IN || port == PW_PORT_GRAD_IN) ? p->is_in[v] : p->is_out[v];
+            int grad_port = port == PW_PORT_GRAD_IN || port == PW_PORT_GRAD_OUT;
+            if (!in_port || (grad_port && !p->requires_grad[v])) continue;
+            p->port_off[port][v] = pw_arena_plan(&msg, value_bytes(&g->values[v], mb));
+        }
+        p->port_bytes[port] = msg.size;
+    }
     p->act_base = a->size;
     for (int s = 0; s < p->cfg.slots; s++) pw_arena_plan(a, p->slot_bytes);
     p->mem.activations = a->size - p->act_base;
@@ -241,7 +278,12 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     p->rows_in_slot = calloc((size_t)c.slots, sizeof(int64_t));
     p->loss_sum = calloc((size_t)c.slots, sizeof(double));
     p->correct = calloc((size_t)c.slots, sizeof(int64_t));
-    if (!p->params || !p->param_of_graph || !p->values || !p->touched || !p->requires_grad ||
+    p->bind_act = calloc(nv * (size_t)c.slots, sizeof(void *));
+    p->bind_grad = calloc(nv * (size_t)c.slots, sizeof(float *));
+    p->fwd_act_dst = calloc(nv * (size_t)c.slots, sizeof(char *));
+    p->fwd_grad_src = calloc(nv * (size_t)c.slots, sizeof(float *));
+    if (!p->bind_act || !p->bind_grad || !p->fwd_act_dst || !p->fwd_grad_src ||
+        !p->params || !p->param_of_graph || !p->values || !p->touched || !p->requires_grad ||
         !p->grad_valid || !p->nodes || !p->rows_in_slot || !p->loss_sum || !p->correct) {
         pw_program_destroy(p);
         return pw_error(PW_ERR_NOMEM, "program: out of memory");
@@ -273,6 +315,13 @@ void pw_program_destroy(pw_program *p)
     free(p->nodes);
     free(p->inputs);
     free(p->outputs);
+    free(p->is_in);
+    free(p->is_out);
+    for (int port = 0; port < PW_PORT_COUNT; port++) free(p->port_off[port]);
+    free(p->bind_act);
+    free(p->bind_grad);
+    free(p->fwd_act_dst);
+    free(p->fwd_grad_src);
     free(p->rows_in_slot);
     free(p->loss_sum);
     free(p->correct);
@@ -407,6 +456,13 @@ pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
                             nd->line, nd->col, pw_op_name(nd->op));
         }
     }
+    /* Values received and passed on to the next stage: the one copy the
+     * zero-copy ports cannot avoid (the two messages have different owners). */
+    for (int k = 0; k < p->n_outputs; k++) {
+        int v = p->outputs[k];
+        char *dst = p->fwd_act_dst[sv(p, slot, v)];
+        if (p->is_in[v] && dst) memcpy(dst, pw_program_value(p, v, slot), value_bytes(&g->values[v], n));
+    }
     return PW_OK;
 }
 
@@ -436,9 +492,17 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
         return pw_error(PW_ERR_INTERNAL, "program: backward of slot %d before its forward", slot);
     unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)g->n_values];
     memset(valid, 0, (size_t)g->n_values);
-    /* Gradients of this stage's outputs were written by the engine. */
-    for (int k = 0; k < p->n_outputs; k++)
-        if (p->requires_grad[p->outputs[k]]) valid[p->outputs[k]] = 1;
+    /* Gradients of this stage's outputs were written by the next stage. A
+     * value passed through arrives in GRAD_OUT and leaves in GRAD_IN: copy,
+     * then local uses add to it — the order a single stage sums in. */
+    for (int k = 0; k < p->n_outputs; k++) {
+        int v = p->outputs[k];
+        if (!p->requires_grad[v]) continue;
+        valid[v] = 1;
+        const float *src = p->fwd_grad_src[sv(p, slot, v)];
+        if (p->is_in[v] && src)
+            memcpy(pw_program_grad(p, v, slot), src, value_bytes(&g->values[v], n));
+    }
 
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
@@ -494,6 +558,13 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
             return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU backward", g->file,
                             nd->line, nd->col, pw_op_name(nd->op));
         }
+    }
+    /* A received value no local op sent a gradient to still owes the previous
+     * stage a (zero) gradient. */
+    for (int k = 0; k < p->n_inputs; k++) {
+        int v = p->inputs[k];
+        if (p->requires_grad[v] && !valid[v])
+            memset(pw_program_grad(p, v, slot), 0, value_bytes(&g->values[v], n));
     }
     return PW_OK;
 }
@@ -569,6 +640,40 @@ int64_t pw_program_loss_positions(const pw_program *p)
 {
     if (p->g->label < 0) return 0;
     return pw_shape_numel(&p->g->values[p->g->label].shape);
+}
+
+size_t pw_program_port_bytes(const pw_program *p, pw_port port)
+{
+    return (unsigned)port < PW_PORT_COUNT ? p->port_bytes[port] : 0;
+}
+
+pw_status pw_program_bind_port(pw_program *p, int slot, pw_port port, void *buf)
+{
+    if (slot < 0 || slot >= p->cfg.slots || (unsigned)port >= PW_PORT_COUNT)
+        return pw_error(PW_ERR_INVALID_ARG, "program: bind of slot %d port %d out of range", slot,
+                        (int)port);
+    const pw_graph *g = p->g;
+    for (int v = 0; v < g->n_values; v++) {
+        size_t off = p->port_off[port][v];
+        if (off == NO_OFF) continue;
+        char *at = buf ? (char *)buf + off : NULL;
+        size_t i = sv(p, slot, v);
+        switch (port) {
+        case PW_PORT_ACT_IN: p->bind_act[i] = at; break;
+        case PW_PORT_GRAD_IN: p->bind_grad[i] = (float *)at; break;
+        case PW_PORT_ACT_OUT:
+            /* Produced here: the op writes straight into the message. */
+            if (p->is_in[v]) p->fwd_act_dst[i] = at;
+            else p->bind_act[i] = at;
+            break;
+        case PW_PORT_GRAD_OUT:
+            if (p->is_in[v]) p->fwd_grad_src[i] = (float *)at;
+            else p->bind_grad[i] = (float *)at;
+            break;
+        default: break;
+        }
+    }
+    return PW_OK;
 }
 
 /* ---- the scheduler's stage vtable ---- */

@@ -85,9 +85,23 @@ void pw_program_init_params(pw_program *p, uint64_t seed);
 void *pw_program_value(const pw_program *p, int value, int slot);
 /* Gradient buffer (f32, same shape); NULL if the value needs no gradient. */
 float *pw_program_grad(const pw_program *p, int value, int slot);
-/* Values this stage reads from outside / produces for later stages. */
+/* Values this stage receives from the previous stage (live-in: produced by an
+ * earlier node, used here or later) and sends to the next (live-out: produced
+ * here or earlier, used later), in value-id order. A value used only by a
+ * later stage is both: received and passed on. Graph inputs and labels are
+ * not messages; each stage that reads them loads them from the data. */
 int pw_program_inputs(const pw_program *p, const int **values);
 int pw_program_outputs(const pw_program *p, const int **values);
+
+/* Ports (scheduler/stage.h): one message per micro-batch per direction,
+ * holding the live values in id order, each 64-byte aligned. ACT_IN / ACT_OUT
+ * hold all live-in / live-out values; GRAD_IN / GRAD_OUT those that need a
+ * gradient. 0 bytes = no such port. */
+size_t pw_program_port_bytes(const pw_program *p, pw_port port);
+/* Points a port of `slot` at a message buffer (NULL: back to the program's
+ * own buffers). Forward then reads inputs from ACT_IN and writes outputs
+ * straight into ACT_OUT; backward reads GRAD_OUT and writes GRAD_IN. */
+pw_status pw_program_bind_port(pw_program *p, int slot, pw_port port, void *buf);
 
 /* Forward of `n` samples (1 ≤ n ≤ micro_batch) in `slot`. */
 pw_status pw_program_forward(pw_program *p, int slot, int64_t n);

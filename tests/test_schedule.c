@@ -460,7 +460,8 @@ Test(schedule, bad_configs)
     cr_assert(strstr(pw_last_error(), "n_stages must be in 1.."), "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_CUSTOM, .n_stages = 2, .n_micro = 4};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
-    cr_assert(strstr(pw_last_error(), "kind must be gpipe or 1f1b (got custom)"), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v (got custom)"),
+              "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_GPIPE, .n_stages = 2, .n_micro = 0};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_GPIPE, .n_stages = 2, .n_micro = 2, .split_w = 2};
@@ -696,6 +697,99 @@ Test(schedule, print_timeline)
     cr_assert(strstr(buf, "rank 0: 0B0 0F0 OPT\n"), "%s", buf);
     free(buf);
     pw_schedule_destroy(s);
+}
+
+/* ------------------------------------------------------------ robustness */
+
+static uint32_t lcg(uint32_t *x)
+{
+    *x = *x * 1664525u + 1013904223u;
+    return *x >> 8;
+}
+
+/* Randomly damaged schedules never crash anything: validation answers OK or
+ * PW_ERR_SCHEDULE, their CSV text parses or gets PW_ERR_PARSE, print works.
+ * (Run under AddressSanitizer this is the memory-safety check.) */
+Test(schedule_fuzz, damaged_schedules, .timeout = 120)
+{
+    uint32_t seed = 12345;
+    int n_ok = 0, n_bad = 0;
+    for (int iter = 0; iter < 3000; iter++) {
+        int S = 1 + (int)(lcg(&seed) % 4), M = 1 + (int)(lcg(&seed) % 4);
+        pw_schedule *s = gen_lowered(lcg(&seed) % 2 ? PW_SCHEDULE_1F1B : PW_SCHEDULE_GPIPE, S, M,
+                                     (int)(lcg(&seed) % 2));
+        int edits = 1 + (int)(lcg(&seed) % 3);
+        for (int e = 0; e < edits; e++) {
+            pw_rank_program *p = &s->ranks[lcg(&seed) % (uint32_t)S];
+            pw_action *a = &p->actions[lcg(&seed) % (uint32_t)p->n_actions];
+            switch (lcg(&seed) % 5) {
+            case 0: a->kind = (pw_action_kind)(lcg(&seed) % (PW_ACT_COUNT + 2)); break;
+            case 1: a->chunk = (int)(lcg(&seed) % (uint32_t)(S + 3)) - 1; break;
+            case 2: a->mb = (int)(lcg(&seed) % (uint32_t)(M + 3)) - 1; break;
+            case 3: { /* swap with another action of the rank */
+                pw_action *b = &p->actions[lcg(&seed) % (uint32_t)p->n_actions];
+                pw_action tmp = *a;
+                *a = *b;
+                *b = tmp;
+                break;
+            }
+            default: /* drop the last action */
+                if (p->n_actions > 1) p->n_actions--;
+                break;
+            }
+        }
+        pw_status st = pw_schedule_validate(s, NULL);
+        cr_assert(st == PW_OK || st == PW_ERR_SCHEDULE, "status %d: %s", st, pw_last_error());
+        if (st == PW_OK) n_ok++;
+        else n_bad++;
+        char *buf = NULL;
+        size_t n = 0;
+        FILE *f = open_memstream(&buf, &n);
+        cr_assert_eq(pw_schedule_write_csv(s, f), PW_OK);
+        cr_assert_eq(pw_schedule_print(s, f), PW_OK);
+        fclose(f);
+        pw_schedule *back = NULL;
+        st = pw_schedule_parse_csv(buf, n, "fuzz.csv", &back);
+        cr_assert(st == PW_OK || st == PW_ERR_PARSE, "status %d: %s", st, pw_last_error());
+        if (back) {
+            st = pw_schedule_validate(back, NULL);
+            cr_assert(st == PW_OK || st == PW_ERR_SCHEDULE, "status %d: %s", st, pw_last_error());
+        }
+        pw_schedule_destroy(back);
+        free(buf);
+        pw_schedule_destroy(s);
+    }
+    cr_assert_gt(n_bad, 2000, "most damage should be caught (%d ok, %d rejected)", n_ok, n_bad);
+}
+
+/* Random bytes and truncations of a valid file: the parser never crashes. */
+Test(schedule_fuzz, damaged_text)
+{
+    pw_schedule *g = gen_lowered(PW_SCHEDULE_1F1B, 3, 3, 1);
+    size_t len;
+    char *text = to_csv(g, &len);
+    static const char alphabet[] = "0123456789FBWSRAOPTfbw,# \n\r=:-x\t";
+    uint32_t seed = 777;
+    for (int iter = 0; iter < 5000; iter++) {
+        char *copy = malloc(len);
+        memcpy(copy, text, len);
+        int edits = 1 + (int)(lcg(&seed) % 4);
+        for (int e = 0; e < edits; e++)
+            copy[lcg(&seed) % len] = alphabet[lcg(&seed) % (sizeof alphabet - 1)];
+        size_t n = lcg(&seed) % 4 ? len : lcg(&seed) % (len + 1);
+        pw_schedule *s = NULL;
+        pw_status st = pw_schedule_parse_csv(copy, n, "fuzz.csv", &s);
+        cr_assert(st == PW_OK || st == PW_ERR_PARSE, "status %d: %s", st, pw_last_error());
+        if (st == PW_ERR_PARSE) cr_assert(strncmp(pw_last_error(), "fuzz.csv:", 9) == 0);
+        if (s) {
+            st = pw_schedule_validate(s, NULL);
+            cr_assert(st == PW_OK || st == PW_ERR_SCHEDULE, "status %d: %s", st, pw_last_error());
+        }
+        pw_schedule_destroy(s);
+        free(copy);
+    }
+    free(text);
+    pw_schedule_destroy(g);
 }
 
 /* --------------------------------------------------------------- scale */

@@ -1,7 +1,6 @@
-/* pipeline-run — train a graph file (one stage for now; the pipeline engine
- * adds --stages N > 1 and --schedule).
+/* pipeline-run — train a graph file through a pipeline of stages.
  *
- *   pipeline-run examples/fashion_mlp.graph --epochs 3
+ *   pipeline-run examples/fashion_mlp.graph --stages 2 --micro-batches 8 --schedule 1f1b
  *
  * Exit status: 0 success, 1 a run-time error (bad file, numeric failure),
  * 2 bad command line. Every error is one message on stderr. */
@@ -21,6 +20,7 @@
 #include "stages/checkpoint.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
+#include "stages/pipeline.h"
 #include "stages/trainer.h"
 
 typedef struct options {
@@ -29,6 +29,12 @@ typedef struct options {
     int64_t batch;
     int micro_batches;
     int stages;
+    int micro_set;
+    const char *schedule;        /* name or CSV path */
+    pw_partition_method partition;
+    const char *trace;
+    double watchdog_s;
+    int pin, check;
     pw_optim_config optim;
     int lr_set, momentum_set, wd_set;
     uint64_t seed;
@@ -55,8 +61,20 @@ static void usage(FILE *f)
 "Batching\n"
 "  --batch B             samples per optimizer step, the global batch (default 64)\n"
 "  --micro-batches M     split each batch into M micro-batches of B/M samples;\n"
-"                        the update equals one batch of B (default 1)\n"
-"  --stages S            pipeline stages (only 1 in this version)\n"
+"                        the update equals one batch of B (default: 1 on one\n"
+"                        stage, 4 x stages otherwise, capped at B)\n"
+"\n"
+"Pipeline\n"
+"  --stages S            pipeline stages, one worker thread each (default: the\n"
+"                        number of cores)\n"
+"  --schedule NAME|FILE  gpipe, 1f1b (default), or a schedule CSV file\n"
+"                        (docs/schedules.md); validated before anything runs\n"
+"  --partition METHOD    auto (default: the graph's cut markers when they make\n"
+"                        S stages, else flops), cuts, or flops\n"
+"  --trace FILE          write a Chrome trace (Perfetto, pipe-trace)\n"
+"  --watchdog SEC        fail a stage that waits longer than this (default 60)\n"
+"  --no-pin              do not bind stage threads to cores\n"
+"  --check               check every executed action against the schedule\n"
 "\n"
 "Optimizer\n"
 "  --optimizer NAME      sgd (default) or adamw\n"
@@ -124,7 +142,8 @@ static int parse_f32(const char *flag, const char *s, double lo, double hi, floa
 
 enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM, OPT_LR,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
-       OPT_THREADS, OPT_PRINT, OPT_HELP };
+       OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
+       OPT_NOPIN, OPT_CHECK };
 
 /* Returns 0 to run, 1 when --help was printed, 2 on a usage error. */
 static int parse_args(int argc, char **argv, options *o)
@@ -148,13 +167,22 @@ static int parse_args(int argc, char **argv, options *o)
         {"threads", required_argument, 0, OPT_THREADS},
         {"print-graph", no_argument, 0, OPT_PRINT},
         {"help", no_argument, 0, OPT_HELP},
+        {"schedule", required_argument, 0, OPT_SCHEDULE},
+        {"partition", required_argument, 0, OPT_PARTITION},
+        {"trace", required_argument, 0, OPT_TRACE},
+        {"watchdog", required_argument, 0, OPT_WATCHDOG},
+        {"no-pin", no_argument, 0, OPT_NOPIN},
+        {"check", no_argument, 0, OPT_CHECK},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
     o->epochs = 3;
     o->batch = 64;
     o->micro_batches = 1;
-    o->stages = 1;
+    o->stages = 0;
+    o->schedule = "1f1b";
+    o->watchdog_s = 60.0;
+    o->pin = 1;
     o->seed = 1;
     o->data = "fashion-mnist";
     pw_optim_kind kind = PW_OPTIM_SGD;
@@ -176,6 +204,7 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_MICRO:
             if (parse_i64("--micro-batches", optarg, 1, 1 << 20, &v)) return 2;
             o->micro_batches = (int)v;
+            o->micro_set = 1;
             break;
         case OPT_STAGES:
             if (parse_i64("--stages", optarg, 1, 4096, &v)) return 2;
@@ -211,6 +240,20 @@ static int parse_args(int argc, char **argv, options *o)
             o->threads = (int)v;
             break;
         case OPT_PRINT: o->print_graph = 1; break;
+        case OPT_SCHEDULE: o->schedule = optarg; break;
+        case OPT_PARTITION:
+            if (pw_partition_method_parse(optarg, &o->partition) != PW_OK)
+                return bad_usage("--partition: '%s' is not auto, cuts or flops", optarg);
+            break;
+        case OPT_TRACE: o->trace = optarg; break;
+        case OPT_WATCHDOG: {
+            float w;
+            if (parse_f32("--watchdog", optarg, 0.01, 86400, &w)) return 2;
+            o->watchdog_s = w;
+            break;
+        }
+        case OPT_NOPIN: o->pin = 0; break;
+        case OPT_CHECK: o->check = 1; break;
         case 'h':
         case OPT_HELP: usage(stdout); return 1;
         case ':': return bad_usage("%s needs a value", argv[optind - 1]);
@@ -239,10 +282,14 @@ static int parse_args(int argc, char **argv, options *o)
         o->optim.momentum = momentum;
     }
     if (o->wd_set) o->optim.weight_decay = wd;
-    if (o->stages != 1) {
-        fprintf(stderr, "pipeline-run: --stages %d: this version trains on one stage only; the "
-                "pipeline engine is not built yet\n", o->stages);
-        return 2;
+    if (o->stages == 0) {
+        long cores = sysconf(_SC_NPROCESSORS_ONLN);
+        o->stages = cores > 0 ? (int)cores : 1;
+    }
+    if (!o->micro_set) {
+        int64_t m = o->stages > 1 ? 4 * (int64_t)o->stages : 1;
+        while (m > 1 && (m > o->batch || o->batch % m)) m--;
+        o->micro_batches = (int)m;
     }
     if (o->batch % o->micro_batches != 0) {
         fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --micro-batches %d\n",
@@ -270,6 +317,27 @@ static void fmt_time(double s, char *buf, size_t n)
     else snprintf(buf, n, "%ld:%02ld", t / 60, t % 60);
 }
 
+/* Per-stage table: where the time went, against the schedule's theory. */
+static void print_summary(const pw_pipeline *t, int stages)
+{
+    double theory = pw_pipeline_theory_bubble(t);
+    printf("\nstage  nodes        busy s   idle s   bubble   theory   stash slots (used/planned)\n");
+    double busy = 0, total = 0;
+    for (int st = 0; st < stages; st++) {
+        pw_pipeline_stage_stats ss;
+        pw_pipeline_stage_stats_get(t, st, &ss);
+        double idle = ss.total_s - ss.busy_s;
+        printf("%5d  [%3lld,%3lld)  %8.2f %8.2f  %6.1f%%  %6.1f%%   %d/%d\n", st,
+               (long long)ss.node_begin, (long long)ss.node_end, ss.busy_s, idle,
+               ss.total_s > 0 ? 100.0 * idle / ss.total_s : 0.0, 100.0 * theory, ss.peak_slots,
+               ss.slots);
+        busy += ss.busy_s;
+        total += ss.total_s;
+    }
+    printf("  all  %-10s  %8.2f %8.2f  %6.1f%%  %6.1f%%\n", "", busy, total - busy,
+           total > 0 ? 100.0 * (total - busy) / total : 0.0, 100.0 * theory);
+}
+
 static int fail(const char *what)
 {
     fprintf(stderr, "pipeline-run: %s%s\n", what, pw_last_error());
@@ -285,7 +353,7 @@ int main(int argc, char **argv)
 
     pw_graph *g = NULL;
     pw_dataset *train = NULL, *test = NULL;
-    pw_trainer *t = NULL;
+    pw_pipeline *t = NULL;
     int status = 1;
 
     if (pw_graph_parse_file(o.graph, &g) != PW_OK) {
@@ -306,34 +374,75 @@ int main(int argc, char **argv)
         printf("pipeline-run: --data %s has no test set; accuracy is not reported\n", o.data);
     }
 
-    pw_trainer_config tc = {
-        .graph = g, .train = train, .batch = o.batch, .micro_batches = o.micro_batches,
-        .optim = o.optim, .seed = o.seed, .shuffle = o.shuffle,
-    };
-    if (pw_trainer_create(&tc, &t) != PW_OK) {
+    pw_schedule_kind kind = PW_SCHEDULE_1F1B;
+    const char *csv = NULL;
+    if (pw_schedule_kind_parse(o.schedule, &kind) != PW_OK) {
+        if (access(o.schedule, R_OK) != 0) {
+            fprintf(stderr, "pipeline-run: --schedule: '%s' is not gpipe, 1f1b or a readable CSV "
+                    "file\n", o.schedule);
+            status = 2;
+            goto out;
+        }
+        csv = o.schedule;
+    }
+    const int64_t spe0 = train->n / o.batch;
+    const int64_t total0 = o.steps ? o.steps : o.epochs * (spe0 > 0 ? spe0 : 1);
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = train;
+    pc.batch = o.batch;
+    pc.micro_batches = o.micro_batches;
+    pc.stages = o.stages;
+    pc.schedule = kind;
+    pc.schedule_csv = csv;
+    pc.partition = o.partition;
+    pc.optim = o.optim;
+    pc.seed = o.seed;
+    pc.shuffle = o.shuffle;
+    pc.watchdog_s = o.watchdog_s;
+    pc.pin = o.pin;
+    pc.check = o.check;
+    if (o.trace) {
+        /* Every action and wait of every step, plus a margin; capped. */
+        int64_t per_step = 8 * (int64_t)o.micro_batches + 16;
+        int64_t want = per_step * total0;
+        pc.trace_events = want < (INT64_C(1) << 23) ? want : (INT64_C(1) << 23);
+    }
+    if (pw_pipeline_create(&pc, &t) != PW_OK) {
         fail("");
         goto out;
     }
-    pw_program *prog = pw_trainer_program(t);
+    if (o.threads) pw_cpu_set_threads(o.threads);
     if (o.init_from) {
-        if (pw_checkpoint_load(o.init_from, g, &prog, 1, NULL) != PW_OK) {
+        if (pw_pipeline_load(t, o.init_from, NULL) != PW_OK) {
             fail("--init-from: ");
             goto out;
         }
     }
 
-    const int64_t spe = pw_trainer_steps_per_epoch(t);
+    const int64_t spe = pw_pipeline_steps_per_epoch(t);
     const int64_t total = o.steps ? o.steps : o.epochs * spe;
     const int64_t n_epochs = (total + spe - 1) / spe;
     const int tty = isatty(STDOUT_FILENO) && !o.quiet;
     if (!o.quiet) {
-        pw_program_memory mem;
-        pw_program_memory_usage(prog, &mem);
+        size_t planned = 0;
+        for (int st = 0; st < o.stages; st++) {
+            pw_pipeline_stage_stats ss;
+            pw_pipeline_stage_stats_get(t, st, &ss);
+            planned += ss.memory;
+        }
         pw_op_cost cost;
         pw_graph_total_cost(g, &cost);
+        const pw_partition *part = pw_pipeline_partition(t);
         printf("pipeline-run: %s: %d nodes, %d parameter tensors (%.2f M values), %.1f MiB planned\n",
                g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6,
-               (double)mem.total / (1 << 20));
+               (double)planned / (1 << 20));
+        printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
+               pw_partition_method_name(part->method));
+        for (int st = 0; st < o.stages; st++)
+            printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
+        printf("), schedule %s, theoretical bubble %.1f%%\n", csv ? csv : pw_schedule_kind_name(kind),
+               100.0 * pw_pipeline_theory_bubble(t));
         printf("pipeline-run: data %s: %lld train / %lld test samples; batch %lld = %d x %lld; "
                "%s lr %g; %lld steps (%lld per epoch)\n",
                train->name, (long long)train->n, test ? (long long)test->n : 0LL,
@@ -349,7 +458,7 @@ int main(int argc, char **argv)
     pw_eval_stats ev = {0};
     int64_t print_every = spe / 10 > 0 ? spe / 10 : 1;
     for (int64_t i = 0; i < total; i++) {
-        if (pw_trainer_step(t, &s) != PW_OK) {
+        if (pw_pipeline_step(t, &s) != PW_OK) {
             if (tty) printf("\n");
             fail("");
             goto out;
@@ -363,15 +472,16 @@ int main(int argc, char **argv)
                              : ((i + 1) % print_every == 0 || epoch_done))) {
             char eta[32];
             fmt_time((double)(total - i - 1) * (double)o.batch / rate, eta, sizeof eta);
-            printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f  %.0f samples/s  ETA %s%s",
-                   tty ? "\r\033[K" : "", (long long)s.epoch + 1, (long long)n_epochs,
-                   (long long)s.step_in_epoch, (long long)spe, s.loss, rate, eta, tty ? "" : "\n");
+            printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f  %.0f samples/s  bubble %.1f%%  "
+                   "ETA %s%s", tty ? "\r\033[K" : "", (long long)s.epoch + 1, (long long)n_epochs,
+                   (long long)s.step_in_epoch, (long long)spe, s.loss, rate,
+                   100.0 * pw_pipeline_last_bubble(t), eta, tty ? "" : "\n");
             fflush(stdout);
             last_print = now;
         }
         if (epoch_done) {
             if (tty) printf("\n");
-            if (test && pw_trainer_evaluate(t, test, &ev) != PW_OK) {
+            if (test && pw_pipeline_evaluate(t, test, &ev) != PW_OK) {
                 fail("evaluation: ");
                 goto out;
             }
@@ -389,24 +499,32 @@ int main(int argc, char **argv)
     }
     if (o.save) {
         char extra[256];
-        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d optimizer=%s lr=%g",
-                 o.data, (long long)o.batch, o.micro_batches, pw_optim_name(o.optim.kind),
-                 (double)o.optim.lr);
+        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d stages=%d "
+                 "schedule=%s optimizer=%s lr=%g", o.data, (long long)o.batch, o.micro_batches,
+                 o.stages, o.schedule, pw_optim_name(o.optim.kind), (double)o.optim.lr);
         pw_checkpoint_info info = {.step = s.step, .epoch = s.epoch + 1, .seed = o.seed,
                                    .extra = extra};
-        if (pw_checkpoint_save(o.save, g, &prog, 1, &info) != PW_OK) {
+        if (pw_pipeline_save(t, o.save, &info) != PW_OK) {
             fail("--save: ");
             goto out;
         }
         if (!o.quiet) printf("saved %s\n", o.save);
     }
+    if (o.trace) {
+        if (pw_pipeline_write_trace(t, o.trace) != PW_OK) {
+            fail("--trace: ");
+            goto out;
+        }
+        if (!o.quiet) printf("trace written to %s\n", o.trace);
+    }
+    if (!o.quiet) print_summary(t, o.stages);
     printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)s.step, now_s() - t0,
            s.loss);
     if (test) printf("; test accuracy %.2f%%", 100.0 * ev.accuracy);
     printf("\n");
     status = 0;
 out:
-    pw_trainer_destroy(t);
+    pw_pipeline_destroy(t);
     pw_dataset_destroy(train);
     pw_dataset_destroy(test);
     pw_graph_destroy(g);

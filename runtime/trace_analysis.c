@@ -1,0 +1,1667 @@
+/* pipewright — trace analysis: streaming (rank, step) reduction, bubble
+ * accounting, idle attribution, the first-order imbalance model and the
+ * critical path of one step. See trace_analysis.h for the definitions.
+ *
+ * Flow: pass 1 streams the file; events land in their (rank, step) group;
+ * a group is reduced (swept into time classes, idle causes aggregated) once
+ * its rank is two steps further, and leaves a ta_rec. finish() orders the
+ * records into steps, adds the idle between each rank's own span and the
+ * step's window, and derives the totals, the median step and the bubble
+ * explanation. Pass 2 seeks back to the detail step's events and sweeps them
+ * again over the whole window, keeping segments, gaps and the critical path.
+ */
+#include "runtime/trace_analysis.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CLS_STEP 100            /* a "step" event: defines the rank's span */
+#define MAX_NAMES (1 << 16)     /* distinct event names kept; more share "(other)" */
+
+enum { WK_NONE = 0, WK_RECV, WK_ALLREDUCE, WK_OTHER };
+
+/* ------------------------------------------------------------ containers */
+
+#define VEC_PUSH(arr, n, cap, fail_label)                                              \
+    do {                                                                               \
+        if ((n) >= (cap)) {                                                            \
+            size_t _nc = (cap) ? 2 * (size_t)(cap) : 16;                               \
+            void *_p = realloc((arr), _nc * sizeof *(arr));                            \
+            if (!_p) goto fail_label;                                                  \
+            (arr) = _p;                                                                \
+            (cap) = _nc;                                                               \
+        }                                                                              \
+    } while (0)
+
+static uint64_t hash_bytes(const void *p, size_t n, uint64_t h)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+#define HASH_SEED 14695981039346656037ull
+
+/* ------------------------------------------------------------ state */
+
+typedef struct ta_ev {          /* one event of an open group */
+    int64_t t0, t1;
+    int64_t bytes;
+    int32_t name;
+    int32_t stage, mb, peer;
+    int8_t cls;                 /* pw_ta_class or CLS_STEP */
+    int8_t wk;                  /* WK_* for waits and comm actions */
+} ta_ev;
+
+typedef struct ta_group {
+    int64_t step;
+    int64_t off0, line0, off1;  /* file range of its events (pass 2 seeks there) */
+    ta_ev *ev;
+    size_t n, cap;
+} ta_group;
+
+typedef struct ta_bopen {       /* an unmatched "B" event */
+    int64_t t0, off, line, step;
+    int32_t name, stage, mb, peer;
+    int8_t cls, wk;
+} ta_bopen;
+
+typedef struct ta_rank {
+    int64_t pid, tid;
+    char label[64];
+    int has_label;
+    ta_group *open;             /* open groups, ascending step */
+    size_t n_open, cap_open;
+    int64_t max_closed;         /* highest step reduced; -1 none */
+    ta_bopen *bstack;
+    size_t n_b, cap_b;
+    int new_index;              /* after sorting ranks */
+} ta_rank;
+
+typedef struct ta_rec {         /* one reduced (rank, step) */
+    int64_t step;
+    int rank;
+    pw_ta_rank_step rs;
+    int64_t first_b, last_f;    /* phase boundaries (INT64_MAX / INT64_MIN: none) */
+    int64_t head_ns, tail_ns;   /* idle before the first / after the last event, in the span */
+    int64_t off0, line0, off1;
+} ta_rec;
+
+typedef struct ta_cause_key {
+    int32_t rank, kind, what, peer, stage, mb;
+} ta_cause_key;
+
+typedef struct ta_detail_rank { /* detail-step output of one rank (local indices) */
+    pw_ta_event *ev;
+    size_t n_ev;
+    pw_ta_segment *seg;
+    size_t n_seg, cap_seg;
+    pw_ta_gap *gap;
+    size_t n_gap, cap_gap;
+} ta_detail_rank;
+
+typedef struct ta {
+    pw_trace_analysis *a;
+    const pw_trace_analysis_config *cfg;
+    pw_trace_reader *rd;
+
+    char **names;
+    size_t n_names, cap_names;
+    int32_t *name_ht;           /* index + 1; 0 empty */
+    size_t name_ht_cap;
+    int32_t id_step, id_other;
+
+    ta_rank *ranks;
+    size_t n_ranks, cap_ranks;
+    int32_t *rank_ht;
+    size_t rank_ht_cap;
+    int last_rank;              /* lookup cache */
+    int64_t last_pid, last_tid;
+
+    ta_rec *recs;
+    size_t n_recs, cap_recs;
+
+    pw_ta_cause *causes;
+    size_t n_causes, cap_causes;
+    ta_cause_key *cause_keys;
+    int32_t *cause_ht;
+    size_t cause_ht_cap;
+
+    int64_t *skip;              /* the first skip_steps distinct steps */
+    size_t n_skip;
+
+    int64_t n_late, n_bad_args, n_other_ph, n_unmatched_e, n_unclosed_b;
+    int64_t n_with_step, n_without_step, n_step_events, n_x;
+
+    /* sweep scratch */
+    int64_t *bounds;
+    size_t cap_bounds;
+    int *active;
+    size_t cap_active;
+    int *order;
+    size_t cap_order;
+
+    /* pass 2 */
+    int detail;                 /* 1 while reading the detail step */
+    int64_t win_t0, win_t1;     /* the detail step's window */
+    int win_last_rank;
+    ta_detail_rank *drank;      /* [n_ranks] */
+} ta;
+
+static pw_status oom(void) { return pw_error(PW_ERR_NOMEM, "trace analysis: out of memory"); }
+
+/* ------------------------------------------------------------ names */
+
+static int32_t intern(ta *s, const char *name)
+{
+    if (s->name_ht_cap < 2 * (s->n_names + 1)) {
+        size_t cap = s->name_ht_cap ? 2 * s->name_ht_cap : 256;
+        int32_t *ht = calloc(cap, sizeof *ht);
+        if (!ht) return -1;
+        for (size_t i = 0; i < s->n_names; i++) {
+            uint64_t h = hash_bytes(s->names[i], strlen(s->names[i]), HASH_SEED);
+            size_t j = h & (cap - 1);
+            while (ht[j]) j = (j + 1) & (cap - 1);
+            ht[j] = (int32_t)i + 1;
+        }
+        free(s->name_ht);
+        s->name_ht = ht;
+        s->name_ht_cap = cap;
+    }
+    size_t len = strlen(name);
+    uint64_t h = hash_bytes(name, len, HASH_SEED);
+    size_t j = h & (s->name_ht_cap - 1);
+    while (s->name_ht[j]) {
+        int32_t id = s->name_ht[j] - 1;
+        if (!strcmp(s->names[id], name)) return id;
+        j = (j + 1) & (s->name_ht_cap - 1);
+    }
+    if (s->n_names >= MAX_NAMES && s->id_other >= 0) return s->id_other;
+    if (s->n_names >= s->cap_names) {
+        size_t cap = s->cap_names ? 2 * s->cap_names : 64;
+        char **p = realloc(s->names, cap * sizeof *p);
+        if (!p) return -1;
+        s->names = p;
+        s->cap_names = cap;
+    }
+    char *copy = strdup(name);
+    if (!copy) return -1;
+    s->names[s->n_names] = copy;
+    s->name_ht[j] = (int32_t)s->n_names + 1;
+    return (int32_t)s->n_names++;
+}
+
+/* Class of an event from its name and category. */
+static int classify(const char *name, const char *cat, int8_t *wk)
+{
+    *wk = WK_NONE;
+    if (!strncmp(name, "wait", 4) || !strcmp(cat, "wait")) {
+        if (strstr(name, "RECV")) *wk = WK_RECV;
+        else if (strstr(name, "ALLREDUCE") || strstr(name, "allreduce") || strstr(name, "all-reduce"))
+            *wk = WK_ALLREDUCE;
+        else *wk = WK_OTHER;
+        return PW_TA_WAIT;
+    }
+    if (!strcmp(name, "F")) return PW_TA_F;
+    if (!strcmp(name, "B")) return PW_TA_B;
+    if (!strcmp(name, "W")) return PW_TA_W;
+    if (!strcmp(name, "OPTIM")) return PW_TA_OPTIM;
+    if (!strcmp(name, "step") || !strcmp(cat, "step")) return CLS_STEP;
+    if (!strcmp(name, "ALLREDUCE")) {
+        *wk = WK_ALLREDUCE;
+        return PW_TA_COMM;
+    }
+    if (!strncmp(name, "SEND_", 5) || !strncmp(name, "RECV_", 5) || !strcmp(cat, "comm"))
+        return PW_TA_COMM;
+    return PW_TA_OTHER;
+}
+
+/* ------------------------------------------------------------ ranks */
+
+static int rank_lookup(ta *s, int64_t pid, int64_t tid)
+{
+    if (s->last_rank >= 0 && s->last_pid == pid && s->last_tid == tid) return s->last_rank;
+    if (s->rank_ht_cap < 2 * (s->n_ranks + 1)) {
+        size_t cap = s->rank_ht_cap ? 2 * s->rank_ht_cap : 64;
+        int32_t *ht = calloc(cap, sizeof *ht);
+        if (!ht) return -1;
+        for (size_t i = 0; i < s->n_ranks; i++) {
+            int64_t key[2] = {s->ranks[i].pid, s->ranks[i].tid};
+            size_t j = hash_bytes(key, sizeof key, HASH_SEED) & (cap - 1);
+            while (ht[j]) j = (j + 1) & (cap - 1);
+            ht[j] = (int32_t)i + 1;
+        }
+        free(s->rank_ht);
+        s->rank_ht = ht;
+        s->rank_ht_cap = cap;
+    }
+    int64_t key[2] = {pid, tid};
+    size_t j = hash_bytes(key, sizeof key, HASH_SEED) & (s->rank_ht_cap - 1);
+    while (s->rank_ht[j]) {
+        int id = s->rank_ht[j] - 1;
+        if (s->ranks[id].pid == pid && s->ranks[id].tid == tid) {
+            s->last_rank = id;
+            s->last_pid = pid;
+            s->last_tid = tid;
+            return id;
+        }
+        j = (j + 1) & (s->rank_ht_cap - 1);
+    }
+    if (s->detail) return -2; /* pass 2 never creates ranks */
+    if (s->n_ranks >= (1u << 20)) return -1;
+    if (s->n_ranks >= s->cap_ranks) {
+        size_t cap = s->cap_ranks ? 2 * s->cap_ranks : 16;
+        ta_rank *p = realloc(s->ranks, cap * sizeof *p);
+        if (!p) return -1;
+        s->ranks = p;
+        s->cap_ranks = cap;
+    }
+    ta_rank *r = &s->ranks[s->n_ranks];
+    memset(r, 0, sizeof *r);
+    r->pid = pid;
+    r->tid = tid;
+    r->max_closed = -1;
+    s->rank_ht[j] = (int32_t)s->n_ranks + 1;
+    s->last_rank = (int)s->n_ranks;
+    s->last_pid = pid;
+    s->last_tid = tid;
+    return (int)s->n_ranks++;
+}
+
+/* ------------------------------------------------------------ causes */
+
+static pw_ta_cause *cause_get(ta *s, ta_cause_key k)
+{
+    if (s->cause_ht_cap < 2 * (s->n_causes + 1)) {
+        size_t cap = s->cause_ht_cap ? 2 * s->cause_ht_cap : 256;
+        int32_t *ht = calloc(cap, sizeof *ht);
+        if (!ht) return NULL;
+        for (size_t i = 0; i < s->n_causes; i++) {
+            size_t j = hash_bytes(&s->cause_keys[i], sizeof k, HASH_SEED) & (cap - 1);
+            while (ht[j]) j = (j + 1) & (cap - 1);
+            ht[j] = (int32_t)i + 1;
+        }
+        free(s->cause_ht);
+        s->cause_ht = ht;
+        s->cause_ht_cap = cap;
+    }
+    size_t j = hash_bytes(&k, sizeof k, HASH_SEED) & (s->cause_ht_cap - 1);
+    while (s->cause_ht[j]) {
+        int32_t id = s->cause_ht[j] - 1;
+        if (!memcmp(&s->cause_keys[id], &k, sizeof k)) return &s->causes[id];
+        j = (j + 1) & (s->cause_ht_cap - 1);
+    }
+    if (s->n_causes >= s->cap_causes) {
+        size_t cap = s->cap_causes ? 2 * s->cap_causes : 64;
+        pw_ta_cause *c = realloc(s->causes, cap * sizeof *c);
+        if (!c) return NULL;
+        s->causes = c;
+        ta_cause_key *kk = realloc(s->cause_keys, cap * sizeof *kk);
+        if (!kk) return NULL;
+        s->cause_keys = kk;
+        s->cap_causes = cap;
+    }
+    pw_ta_cause *c = &s->causes[s->n_causes];
+    memset(c, 0, sizeof *c);
+    c->rank = k.rank;
+    c->kind = (pw_ta_cause_kind)k.kind;
+    c->what = k.what >= 0 ? s->names[k.what] : "";
+    c->peer = k.peer;
+    c->stage = k.stage;
+    c->mb = k.mb;
+    c->max_step = -1;
+    s->cause_keys[s->n_causes] = k;
+    s->cause_ht[j] = (int32_t)s->n_causes + 1;
+    s->n_causes++;
+    return c;
+}
+
+/* Adds one gap (a maximal idle run) of `len` ns. */
+static int cause_add(ta *s, ta_cause_key k, const int64_t phase_ns[PW_TA_N_PHASES], int64_t len,
+                     int64_t step, int new_gap)
+{
+    if (len <= 0) return 1;
+    pw_ta_cause *c = cause_get(s, k);
+    if (!c) return 0;
+    c->total_ns += len;
+    for (int p = 0; p < PW_TA_N_PHASES; p++) c->phase_ns[p] += phase_ns[p];
+    c->n_gaps += new_gap;
+    if (len > c->max_ns) {
+        c->max_ns = len;
+        c->max_step = step;
+    }
+    return 1;
+}
+
+static int step_skipped(ta *s, int64_t step)
+{
+    for (size_t i = 0; i < s->n_skip; i++)
+        if (s->skip[i] == step) return 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------ the sweep */
+
+static int phase_at(int64_t x, int64_t first_b, int64_t last_f)
+{
+    if (x < first_b) return PW_TA_WARMUP;
+    if (x >= last_f) return PW_TA_COOLDOWN;
+    return PW_TA_STEADY;
+}
+
+static int prio(int cls)
+{
+    switch (cls) {
+    case PW_TA_F: case PW_TA_B: case PW_TA_W: case PW_TA_OPTIM: return 4;
+    case PW_TA_WAIT: return 3;
+    case PW_TA_COMM: return 2;
+    case PW_TA_OTHER: return 1;
+    default: return 0;
+    }
+}
+
+static const ta_ev *g_sort_ev; /* qsort context (single-threaded analysis) */
+
+static int cmp_order(const void *x, const void *y)
+{
+    const ta_ev *a = &g_sort_ev[*(const int *)x], *b = &g_sort_ev[*(const int *)y];
+    if (a->t0 != b->t0) return a->t0 < b->t0 ? -1 : 1;
+    return *(const int *)x - *(const int *)y;
+}
+
+static int cmp_i64(const void *x, const void *y)
+{
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a > b) - (a < b);
+}
+
+static int grow(void **p, size_t *cap, size_t need, size_t elem)
+{
+    if (need <= *cap) return 1;
+    size_t nc = *cap ? *cap : 64;
+    while (nc < need) nc *= 2;
+    void *q = realloc(*p, nc * elem);
+    if (!q) return 0;
+    *p = q;
+    *cap = nc;
+    return 1;
+}
+
+/* A gap being built during the sweep. */
+typedef struct ta_run {
+    int open;
+    ta_cause_key key;
+    int64_t t0, t1;
+    int64_t phase_ns[PW_TA_N_PHASES];
+    int event, peer, phase;
+} ta_run;
+
+/* Ends the current gap and adds it to its cause. Edge gaps (NOT_STARTED,
+ * DONE) wait for finish(), which joins them with the idle outside the rank's
+ * span; pass 2 and skipped steps add nothing. 0 when out of memory. */
+static int run_flush(ta *s, ta_run *run, int64_t step, int skipped)
+{
+    if (!run->open) return 1;
+    run->open = 0;
+    if (s->detail || skipped || run->key.kind == PW_CAUSE_NOT_STARTED || run->key.kind == PW_CAUSE_DONE)
+        return 1;
+    return cause_add(s, run->key, run->phase_ns, run->t1 - run->t0, step, 1);
+}
+
+/* Reduces rank r's group g. Pass 1: over the rank's own span, into a ta_rec
+ * and the cause table. Pass 2 (s->detail): over the step window, into the
+ * detail outputs. */
+static pw_status reduce(ta *s, int r, ta_group *g)
+{
+    const size_t n = g->n;
+    ta_ev *ev = g->ev;
+    if (n == 0) return PW_OK;
+    if (!grow((void **)&s->order, &s->cap_order, n, sizeof(int)) ||
+        !grow((void **)&s->bounds, &s->cap_bounds, 2 * n + 2, sizeof(int64_t)) ||
+        !grow((void **)&s->active, &s->cap_active, n, sizeof(int)))
+        return oom();
+    int *ord = s->order;
+    for (size_t i = 0; i < n; i++) ord[i] = (int)i;
+    g_sort_ev = ev;
+    qsort(ord, n, sizeof *ord, cmp_order);
+
+    int64_t st0 = INT64_MAX, st1 = INT64_MIN, e0 = INT64_MAX, e1 = INT64_MIN;
+    int64_t first_b = INT64_MAX, first_w = INT64_MAX, last_f = INT64_MIN;
+    for (size_t i = 0; i < n; i++) {
+        const ta_ev *e = &ev[i];
+        if (e->cls == CLS_STEP) {
+            if (e->t0 < st0) st0 = e->t0;
+            if (e->t1 > st1) st1 = e->t1;
+            continue;
+        }
+        if (e->t0 < e0) e0 = e->t0;
+        if (e->t1 > e1) e1 = e->t1;
+        if (e->cls == PW_TA_B && e->t0 < first_b) first_b = e->t0;
+        if (e->cls == PW_TA_W && e->t0 < first_w) first_w = e->t0;
+        if (e->cls == PW_TA_F && e->t1 > last_f) last_f = e->t1;
+    }
+    if (first_b == INT64_MAX) first_b = first_w;
+    /* The rank's span: its step event(s), stretched over any event outside. */
+    int64_t a0 = st0 <= e0 ? st0 : e0, a1 = st1 >= e1 ? st1 : e1;
+    if (a0 == INT64_MAX) return PW_OK; /* cannot happen: n > 0 */
+    int64_t w0 = s->detail ? s->win_t0 : a0, w1 = s->detail ? s->win_t1 : a1;
+    if (w0 > a0) w0 = a0;
+    if (w1 < a1) w1 = a1;
+    const int has_events = e0 != INT64_MAX;
+
+    /* Elementary intervals. */
+    size_t nb = 0;
+    int64_t *bd = s->bounds;
+    bd[nb++] = w0;
+    bd[nb++] = w1;
+    for (size_t i = 0; i < n; i++) {
+        if (ev[i].cls == CLS_STEP) continue;
+        bd[nb++] = ev[i].t0;
+        bd[nb++] = ev[i].t1;
+    }
+    qsort(bd, nb, sizeof *bd, cmp_i64);
+    size_t u = 0;
+    for (size_t i = 0; i < nb; i++)
+        if (u == 0 || bd[i] != bd[u - 1]) bd[u++] = bd[i];
+    nb = u;
+
+    ta_rec rec;
+    memset(&rec, 0, sizeof rec);
+    pw_ta_times *t = &rec.rs.t;
+    int64_t head_ns = 0, tail_ns = 0;
+    const int skipped = !s->detail && step_skipped(s, g->step);
+
+    ta_detail_rank *dr = s->detail ? &s->drank[r] : NULL;
+    if (dr) {
+        /* The rank's events in start order; segments index into them. */
+        dr->ev = calloc(n, sizeof *dr->ev);
+        if (!dr->ev) return oom();
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            const ta_ev *e = &ev[ord[i]];
+            if (e->cls == CLS_STEP) continue;
+            pw_ta_event *o = &dr->ev[k];
+            o->rank = r;
+            o->cls = (pw_ta_class)e->cls;
+            o->name = s->names[e->name];
+            o->stage = e->stage;
+            o->mb = e->mb;
+            o->peer = e->peer;
+            o->t0 = e->t0;
+            o->t1 = e->t1;
+            o->bytes = e->bytes;
+            ord[k++] = ord[i]; /* keep only non-step events, same order */
+        }
+        dr->n_ev = k;
+    }
+
+    ta_run run = {0};
+    size_t na = 0, next = 0;
+    int *act = s->active;
+    int last_seg_cls = -1, last_seg_event = -2, last_seg_phase = -2;
+    pw_status st = PW_OK;
+
+    for (size_t b = 0; b + 1 < nb; b++) {
+        const int64_t x = bd[b], y = bd[b + 1], len = y - x;
+        /* Enter events starting at or before x; drop the finished ones. */
+        const size_t n_ord = dr ? dr->n_ev : n;
+        while (next < n_ord && ev[ord[next]].t0 <= x) {
+            if (ev[ord[next]].cls != CLS_STEP) act[na++] = (int)next;
+            next++;
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < na; i++)
+            if (ev[ord[act[i]]].t1 > x) act[k++] = act[i];
+        na = k;
+        /* The winner: highest priority, then the innermost (latest start). */
+        int win = -1;
+        for (size_t i = 0; i < na; i++) {
+            const ta_ev *e = &ev[ord[act[i]]];
+            if (win < 0) {
+                win = act[i];
+                continue;
+            }
+            const ta_ev *w = &ev[ord[win]];
+            int pe = prio(e->cls), pw = prio(w->cls);
+            if (pe > pw || (pe == pw && e->t0 >= w->t0)) win = act[i];
+        }
+        const ta_ev *we = win >= 0 ? &ev[ord[win]] : NULL;
+        int cls = we ? we->cls : PW_TA_IDLE;
+        int phase = -1;
+        if (cls <= PW_TA_COMM) {
+            t->busy[cls] += len;
+            if (cls == PW_TA_COMM && we->wk == WK_ALLREDUCE) t->exposed_allreduce += len;
+            if (!run_flush(s, &run, g->step, skipped)) return oom();
+        } else {
+            phase = phase_at(x, first_b, last_f);
+            t->idle_phase[phase] += len;
+            ta_cause_key key = {.rank = r, .what = -1, .peer = -1, .stage = -1, .mb = -1};
+            int gap_event = -1, gap_peer = -1;
+            if (cls == PW_TA_WAIT) {
+                if (we->wk == WK_RECV) t->wait_comm += len;
+                else if (we->wk == WK_ALLREDUCE) t->exposed_allreduce += len;
+                else t->wait_other += len;
+                key.kind = PW_CAUSE_WAIT;
+                key.what = we->name;
+                key.peer = we->peer;
+                key.stage = we->stage;
+                key.mb = we->mb;
+                gap_event = win;
+                gap_peer = we->peer;
+            } else if (!has_events) {
+                key.kind = PW_CAUSE_NOT_STARTED;
+            } else if (x < e0) {
+                key.kind = PW_CAUSE_NOT_STARTED;
+                head_ns += len;
+            } else if (x >= e1) {
+                key.kind = PW_CAUSE_DONE;
+                tail_ns += len;
+                gap_peer = s->detail ? s->win_last_rank : -1;
+            } else {
+                key.kind = PW_CAUSE_UNTRACKED;
+                /* the next event to start is the action the rank idled before */
+                if (next < n_ord) {
+                    key.what = ev[ord[next]].name;
+                    gap_event = (int)next;
+                }
+            }
+            int same = run.open && !memcmp(&run.key, &key, sizeof key) && run.t1 == x;
+            if (!same) {
+                if (!run_flush(s, &run, g->step, skipped)) return oom();
+                memset(&run, 0, sizeof run);
+                run.open = 1;
+                run.key = key;
+                run.t0 = x;
+                run.event = gap_event;
+                run.peer = gap_peer;
+                run.phase = phase;
+                if (dr) {
+                    if (!grow((void **)&dr->gap, &dr->cap_gap, dr->n_gap + 1, sizeof *dr->gap)) return oom();
+                    pw_ta_gap *gp = &dr->gap[dr->n_gap++];
+                    gp->rank = r;
+                    gp->t0 = x;
+                    gp->kind = (pw_ta_cause_kind)key.kind;
+                    gp->event = gap_event;
+                    gp->peer = gap_peer;
+                    gp->phase = phase;
+                }
+            }
+            run.t1 = y;
+            run.phase_ns[phase] += len;
+            if (dr) dr->gap[dr->n_gap - 1].t1 = y;
+        }
+        if (dr) {
+            int seg_event = win;
+            if (cls == last_seg_cls && seg_event == last_seg_event && phase == last_seg_phase && dr->n_seg) {
+                dr->seg[dr->n_seg - 1].t1 = y;
+            } else {
+                if (!grow((void **)&dr->seg, &dr->cap_seg, dr->n_seg + 1, sizeof *dr->seg)) return oom();
+                pw_ta_segment *sg = &dr->seg[dr->n_seg++];
+                sg->t0 = x;
+                sg->t1 = y;
+                sg->cls = (pw_ta_class)cls;
+                sg->event = seg_event;
+                sg->phase = phase;
+                last_seg_cls = cls;
+                last_seg_event = seg_event;
+                last_seg_phase = phase;
+            }
+        }
+    }
+    if (!run_flush(s, &run, g->step, skipped)) return oom();
+
+    if (s->detail) return st;
+
+    for (size_t i = 0; i < n; i++) {
+        if (ev[i].cls == PW_TA_F) t->n_actions[0]++;
+        else if (ev[i].cls == PW_TA_B) t->n_actions[1]++;
+        else if (ev[i].cls == PW_TA_W) t->n_actions[2]++;
+    }
+    rec.step = g->step;
+    rec.rank = r;
+    rec.rs.present = 1;
+    rec.rs.t0 = a0;
+    rec.rs.t1 = a1;
+    rec.first_b = first_b;
+    rec.last_f = last_f;
+    rec.head_ns = head_ns;
+    rec.tail_ns = tail_ns;
+    rec.off0 = g->off0;
+    rec.line0 = g->line0;
+    rec.off1 = g->off1;
+    VEC_PUSH(s->recs, s->n_recs, s->cap_recs, fail);
+    s->recs[s->n_recs++] = rec;
+    return PW_OK;
+fail:
+    return oom();
+}
+
+/* ------------------------------------------------------------ ingest */
+
+static void group_free(ta_group *g)
+{
+    free(g->ev);
+    memset(g, 0, sizeof *g);
+}
+
+/* Reduces and frees rank r's open group i. */
+static pw_status close_group(ta *s, int r, size_t i)
+{
+    ta_rank *rk = &s->ranks[r];
+    ta_group g = rk->open[i];
+    memmove(&rk->open[i], &rk->open[i + 1], (rk->n_open - i - 1) * sizeof g);
+    rk->n_open--;
+    pw_status st = reduce(s, r, &g);
+    if (!s->detail && g.step > rk->max_closed) rk->max_closed = g.step;
+    group_free(&g);
+    return st;
+}
+
+static pw_status add_event(ta *s, int r, const ta_ev *e, int64_t step, int64_t off0, int64_t line0,
+                           int64_t off1)
+{
+    ta_rank *rk = &s->ranks[r];
+    if (s->detail && step != s->a->detail.step) return PW_OK;
+    /* The first skip_steps distinct steps, in trace order. */
+    if (!s->detail && s->n_skip < (size_t)s->cfg->skip_steps && !step_skipped(s, step))
+        s->skip[s->n_skip++] = step;
+    size_t i = 0;
+    while (i < rk->n_open && rk->open[i].step < step) i++;
+    if (i == rk->n_open || rk->open[i].step != step) {
+        if (!s->detail && step <= rk->max_closed) {
+            s->n_late++;
+            return PW_OK;
+        }
+        VEC_PUSH(rk->open, rk->n_open, rk->cap_open, fail);
+        memmove(&rk->open[i + 1], &rk->open[i], (rk->n_open - i) * sizeof *rk->open);
+        rk->n_open++;
+        memset(&rk->open[i], 0, sizeof rk->open[i]);
+        rk->open[i].step = step;
+        rk->open[i].off0 = off0;
+        rk->open[i].line0 = line0;
+    }
+    ta_group *g = &rk->open[i];
+    VEC_PUSH(g->ev, g->n, g->cap, fail);
+    g->ev[g->n++] = *e;
+    if (off0 < g->off0) {
+        g->off0 = off0;
+        g->line0 = line0;
+    }
+    if (off1 > g->off1) g->off1 = off1;
+    /* A rank two steps further has finished this one (writers emit a rank's
+     * events in step order; the step event comes last). */
+    while (rk->n_open && rk->open[0].step <= step - 2) PW_CHECK(close_group(s, r, 0));
+    return PW_OK;
+fail:
+    return oom();
+}
+
+static pw_status ingest(ta *s, const pw_trace_record *rec)
+{
+    if (!s->detail) s->a->n_events++;
+    if (rec->has & PW_TREC_BAD_ARGS && !s->detail) s->n_bad_args++;
+    if (rec->ph == 'M') {
+        if (!s->detail && !strcmp(rec->name, "thread_name") && rec->has & PW_TREC_ARG_NAME) {
+            int r = rank_lookup(s, rec->pid, rec->tid);
+            if (r < 0) return oom();
+            snprintf(s->ranks[r].label, sizeof s->ranks[r].label, "%s", rec->arg_name);
+            s->ranks[r].has_label = 1;
+        }
+        return PW_OK;
+    }
+    if (rec->ph != 'X' && rec->ph != 'B' && rec->ph != 'E') {
+        if (!s->detail) s->n_other_ph++;
+        return PW_OK;
+    }
+    int r = rank_lookup(s, rec->pid, rec->tid);
+    if (r == -2) return PW_OK;
+    if (r < 0) return oom();
+    ta_rank *rk = &s->ranks[r];
+    int64_t step = rec->has & PW_TREC_STEP ? rec->step : 0;
+    if (rec->ph == 'B') {
+        VEC_PUSH(rk->bstack, rk->n_b, rk->cap_b, fail);
+        ta_bopen *b = &rk->bstack[rk->n_b++];
+        b->t0 = rec->ts_ns;
+        b->off = rec->offset;
+        b->line = rec->line;
+        b->step = step;
+        b->name = intern(s, rec->name);
+        if (b->name < 0) return oom();
+        b->cls = (int8_t)classify(rec->name, rec->cat, &b->wk);
+        b->stage = rec->stage;
+        b->mb = rec->mb;
+        b->peer = rec->peer;
+        return PW_OK;
+    }
+    ta_ev e;
+    int64_t off0 = rec->offset, line0 = rec->line;
+    if (rec->ph == 'E') {
+        if (rk->n_b == 0) {
+            if (!s->detail) s->n_unmatched_e++;
+            return PW_OK;
+        }
+        ta_bopen *b = &rk->bstack[--rk->n_b];
+        e.t0 = b->t0;
+        e.t1 = rec->ts_ns >= b->t0 ? rec->ts_ns : b->t0;
+        e.name = b->name;
+        e.cls = b->cls;
+        e.wk = b->wk;
+        e.stage = b->stage;
+        e.mb = b->mb;
+        e.peer = b->peer;
+        e.bytes = 0;
+        step = b->step;
+        off0 = b->off;
+        line0 = b->line;
+    } else {
+        e.t0 = rec->ts_ns;
+        if (rec->dur_ns > INT64_MAX - rec->ts_ns) e.t1 = INT64_MAX;
+        else e.t1 = rec->ts_ns + rec->dur_ns;
+        e.name = intern(s, rec->name);
+        if (e.name < 0) return oom();
+        e.cls = (int8_t)classify(rec->name, rec->cat, &e.wk);
+        e.stage = rec->stage;
+        e.mb = rec->mb;
+        e.peer = rec->peer;
+        e.bytes = rec->bytes;
+    }
+    if (!s->detail) {
+        s->n_x++;
+        if (e.cls == CLS_STEP) s->n_step_events++;
+        if (rec->ph == 'X' ? (rec->has & PW_TREC_STEP) : step != 0) s->n_with_step++;
+        else s->n_without_step++;
+        s->a->n_used++;
+    }
+    return add_event(s, r, &e, step, off0, line0, rec->offset);
+fail:
+    return oom();
+}
+
+/* ------------------------------------------------------------ finish */
+
+static void note(pw_trace_analysis *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void note(pw_trace_analysis *a, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    char **p = realloc(a->notes, (size_t)(a->n_notes + 1) * sizeof *p);
+    if (!p) return;
+    a->notes = p;
+    if ((a->notes[a->n_notes] = strdup(buf))) a->n_notes++;
+}
+
+static int cmp_rec(const void *x, const void *y)
+{
+    const ta_rec *a = x, *b = y;
+    if (a->step != b->step) return a->step < b->step ? -1 : 1;
+    return a->rank - b->rank;
+}
+
+static int cmp_rank(const void *x, const void *y)
+{
+    const ta_rank *a = x, *b = y;
+    if (a->pid != b->pid) return a->pid < b->pid ? -1 : 1;
+    return (a->tid > b->tid) - (a->tid < b->tid);
+}
+
+static int cmp_cause(const void *x, const void *y)
+{
+    const pw_ta_cause *a = x, *b = y;
+    if (a->total_ns != b->total_ns) return a->total_ns > b->total_ns ? -1 : 1;
+    if (a->rank != b->rank) return a->rank - b->rank;
+    if (a->kind != b->kind) return (int)a->kind - (int)b->kind;
+    if (a->mb != b->mb) return a->mb - b->mb;
+    return strcmp(a->what, b->what);
+}
+
+static void times_add(pw_ta_times *d, const pw_ta_times *x)
+{
+    d->window += x->window;
+    for (int c = 0; c <= PW_TA_COMM; c++) d->busy[c] += x->busy[c];
+    d->compute += x->compute;
+    d->idle += x->idle;
+    for (int p = 0; p < PW_TA_N_PHASES; p++) d->idle_phase[p] += x->idle_phase[p];
+    d->wait_comm += x->wait_comm;
+    d->wait_other += x->wait_other;
+    d->exposed_allreduce += x->exposed_allreduce;
+    for (int k = 0; k < 3; k++) d->n_actions[k] += x->n_actions[k];
+}
+
+/* Orders the ranks by (pid, tid) and renumbers what holds a rank index. */
+static pw_status sort_ranks(ta *s)
+{
+    const size_t R = s->n_ranks;
+    ta_rank *sorted = malloc((R ? R : 1) * sizeof *sorted);
+    int *map = malloc((R ? R : 1) * sizeof *map);
+    if (!sorted || !map) {
+        free(sorted);
+        free(map);
+        return oom();
+    }
+    for (size_t i = 0; i < R; i++) s->ranks[i].new_index = (int)i; /* the old index, for now */
+    memcpy(sorted, s->ranks, R * sizeof *sorted);
+    qsort(sorted, R, sizeof *sorted, cmp_rank);
+    for (size_t i = 0; i < R; i++) map[sorted[i].new_index] = (int)i;
+    memcpy(s->ranks, sorted, R * sizeof *sorted);
+    for (size_t i = 0; i < R; i++) s->ranks[i].new_index = (int)i;
+    for (size_t i = 0; i < s->n_recs; i++) s->recs[i].rank = map[s->recs[i].rank];
+    for (size_t i = 0; i < s->n_causes; i++) {
+        s->causes[i].rank = map[s->causes[i].rank];
+        s->cause_keys[i].rank = s->causes[i].rank;
+    }
+    free(sorted);
+    free(map);
+    /* Both hashes are keyed by index: rebuild them (lazily for causes). */
+    free(s->cause_ht);
+    s->cause_ht = NULL;
+    s->cause_ht_cap = 0;
+    free(s->rank_ht);
+    s->rank_ht = NULL;
+    s->rank_ht_cap = 0;
+    s->last_rank = -1;
+    for (size_t i = 0; i < R; i++)
+        if (rank_lookup(s, s->ranks[i].pid, s->ranks[i].tid) < 0) return oom();
+    return PW_OK;
+}
+
+static int cmp_step_dur(const void *x, const void *y)
+{
+    const pw_ta_step *a = *(pw_ta_step *const *)x, *b = *(pw_ta_step *const *)y;
+    int64_t da = a->t1 - a->t0, db = b->t1 - b->t0;
+    if (da != db) return da < db ? -1 : 1;
+    return (a->step > b->step) - (a->step < b->step);
+}
+
+/* The first-order bubble model and the explanation of measured vs theory. */
+static void explain(ta *s)
+{
+    pw_trace_analysis *a = s->a;
+    const int R = a->n_ranks;
+    char *ex = a->explanation;
+    size_t cap = sizeof a->explanation, len = 0;
+#define EX(...)                                                                        \
+    do {                                                                               \
+        if (len < cap) {                                                               \
+            int _k = snprintf(ex + len, cap - len, __VA_ARGS__);                       \
+            if (_k > 0) len += (size_t)_k;                                             \
+        }                                                                              \
+    } while (0)
+    a->model_bubble = a->model_bubble_optim = -1;
+    a->slow_rank = a->fast_rank = -1;
+    if (a->bubble < 0) {
+        EX("no steps to measure");
+        return;
+    }
+    /* The model: each rank spends tf per micro-batch forward and tb backward
+     * (B + W); a stage that is slower sets the pace of the steady state. */
+    const int m = a->micro_batches;
+    int model_ok = a->has_meta && a->meta.stages == R && R >= 1 && m >= 1 && a->n_analysed > 0;
+    double sum_t = 0, max_t = 0, sum_f = 0, max_f = 0, sum_b = 0, max_b = 0, sum_o = 0, max_o = 0;
+    double min_t = INFINITY;
+    for (int r = 0; model_ok && r < R; r++) {
+        const pw_ta_times *t = &a->ranks[r].total;
+        if (t->n_actions[0] == 0 || t->n_actions[1] + t->n_actions[2] == 0) {
+            model_ok = 0;
+            break;
+        }
+        double tf = (double)t->busy[PW_TA_F] / (double)t->n_actions[0];
+        double nb = (double)(t->n_actions[1] ? t->n_actions[1] : t->n_actions[2]);
+        double tb = (double)(t->busy[PW_TA_B] + t->busy[PW_TA_W]) / nb;
+        double o = (double)t->busy[PW_TA_OPTIM] / (double)a->n_analysed;
+        a->ranks[r].compute_per_mb_ns = tf + tb;
+        sum_f += tf;
+        sum_b += tb;
+        sum_t += tf + tb;
+        sum_o += o;
+        if (tf > max_f) max_f = tf;
+        if (tb > max_b) max_b = tb;
+        if (o > max_o) max_o = o;
+        if (tf + tb > max_t) {
+            max_t = tf + tb;
+            a->slow_rank = r;
+        }
+        if (tf + tb < min_t) {
+            min_t = tf + tb;
+            a->fast_rank = r;
+        }
+    }
+    double T = a->theory;
+    if (model_ok && max_t > 0) {
+        const int gpipe = !strcmp(a->meta.schedule, "gpipe");
+        double w0 = gpipe ? sum_f + (m - 1) * max_f + sum_b + (m - 1) * max_b : sum_t + (m - 1) * max_t;
+        double w1 = w0 + max_o;
+        a->model_bubble = 1.0 - m * sum_t / (R * w0);
+        a->model_bubble_optim = 1.0 - (m * sum_t + sum_o) / (R * w1);
+        a->imbalance_ratio = min_t > 0 ? max_t / min_t : 0;
+    }
+    const double X = a->bubble;
+    a->points_comm_actions = a->total.window > 0 ? 100.0 * (double)a->total.busy[PW_TA_COMM] / (double)a->total.window : 0;
+    if (T >= 0) EX("measured %.1f%% vs theory %.1f%%: %+.1f points", 100 * X, 100 * T, 100 * (X - T));
+    else EX("measured %.1f%%; no theory for this schedule", 100 * X);
+    if (a->model_bubble < 0) {
+        if (!a->has_meta) EX(" (no pipewright metadata: no model of the stages)");
+        else EX(" (stage-time model unavailable: needs F and B events on every rank)");
+        return;
+    }
+    a->points_optimizer = 100 * (a->model_bubble_optim - a->model_bubble);
+    a->points_overhead = 100 * (X - a->model_bubble_optim);
+    if (T >= 0) {
+        a->points_imbalance = 100 * (a->model_bubble - T);
+        EX(" = imbalance %+.1f", a->points_imbalance);
+    } else {
+        a->points_imbalance = 0;
+        EX("; the stage-time model predicts %.1f%% from", 100 * a->model_bubble);
+    }
+    const double ratio = a->imbalance_ratio;
+    if (ratio >= 1.05)
+        EX(" (rank %d computes %.2fx as long per micro-batch as rank %d: %.3f vs %.3f ms)",
+           a->slow_rank, ratio, a->fast_rank, max_t / 1e6, min_t / 1e6);
+    else EX(" (stages balanced: slowest/fastest %.2fx)", ratio);
+    EX(" + optimizer %+.1f + communication and scheduling %+.1f (send/recv actions %.1f, waits and gaps "
+       "beyond the stage-time model %+.1f)",
+       a->points_optimizer, a->points_overhead, a->points_comm_actions,
+       a->points_overhead - a->points_comm_actions);
+#undef EX
+}
+
+static pw_status finish(ta *s)
+{
+    pw_trace_analysis *a = s->a;
+    /* Close everything still open. */
+    for (size_t r = 0; r < s->n_ranks; r++) {
+        s->n_unclosed_b += (int64_t)s->ranks[r].n_b;
+        s->ranks[r].n_b = 0;
+        while (s->ranks[r].n_open) PW_CHECK(close_group(s, (int)r, 0));
+    }
+    /* A pipewright trace has ranks 0..R-1 even when one never recorded. */
+    if (a->has_meta) {
+        for (int r = 0; r < a->meta.ranks; r++)
+            if (rank_lookup(s, 0, r) == -1) return oom();
+    }
+    PW_CHECK(sort_ranks(s));
+    const int R = (int)s->n_ranks;
+    a->n_ranks = R;
+    a->ranks = calloc(R ? (size_t)R : 1, sizeof *a->ranks);
+    if (!a->ranks) return oom();
+    for (int r = 0; r < R; r++) {
+        pw_ta_rank *o = &a->ranks[r];
+        o->pid = s->ranks[r].pid;
+        o->tid = s->ranks[r].tid;
+        if (a->has_meta && o->pid == 0) snprintf(o->label, sizeof o->label, "rank %" PRId64, o->tid);
+        else if (s->ranks[r].has_label) snprintf(o->label, sizeof o->label, "%s", s->ranks[r].label);
+        else snprintf(o->label, sizeof o->label, "pid %" PRId64 " tid %" PRId64, o->pid, o->tid);
+    }
+
+    /* Steps. */
+    qsort(s->recs, s->n_recs, sizeof *s->recs, cmp_rec);
+    int64_t n_steps = 0;
+    for (size_t i = 0; i < s->n_recs; i++)
+        if (i == 0 || s->recs[i].step != s->recs[i - 1].step) n_steps++;
+    a->steps = calloc(n_steps ? (size_t)n_steps : 1, sizeof *a->steps);
+    if (!a->steps) return oom();
+    a->n_steps = n_steps;
+    int64_t k = -1;
+    for (size_t i = 0; i < s->n_recs; i++) {
+        const ta_rec *rc = &s->recs[i];
+        if (i == 0 || rc->step != s->recs[i - 1].step) {
+            k++;
+            a->steps[k].step = rc->step;
+            a->steps[k].ranks = calloc((size_t)R, sizeof(pw_ta_rank_step));
+            if (!a->steps[k].ranks) return oom();
+            a->steps[k].t0 = INT64_MAX;
+            a->steps[k].t1 = INT64_MIN;
+            a->steps[k].analysed = !step_skipped(s, rc->step);
+        }
+        pw_ta_step *sp = &a->steps[k];
+        sp->ranks[rc->rank] = rc->rs;
+        if (rc->rs.t0 < sp->t0) sp->t0 = rc->rs.t0;
+        if (rc->rs.t1 > sp->t1) {
+            sp->t1 = rc->rs.t1;
+            sp->last_rank = rc->rank;
+        }
+    }
+    /* Idle outside each rank's own span, and the edge gaps' causes. */
+    size_t ri = 0;
+    int64_t n_absent = 0;
+    for (int64_t si = 0; si < n_steps; si++) {
+        pw_ta_step *sp = &a->steps[si];
+        const int64_t W = sp->t1 - sp->t0;
+        int64_t compute = 0;
+        for (int r = 0; r < R; r++) {
+            pw_ta_rank_step *rs = &sp->ranks[r];
+            pw_ta_times *t = &rs->t;
+            const ta_rec *rc = NULL;
+            while (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank < r) ri++;
+            if (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank == r) rc = &s->recs[ri];
+            t->window = W;
+            if (!rc) {
+                n_absent++;
+                t->idle = W;
+                t->idle_phase[PW_TA_WARMUP] = W;
+                if (sp->analysed) {
+                    ta_cause_key key = {r, PW_CAUSE_ABSENT, -1, -1, -1, -1};
+                    int64_t ph[PW_TA_N_PHASES] = {W, 0, 0};
+                    if (!cause_add(s, key, ph, W, sp->step, 1)) return oom();
+                }
+                continue;
+            }
+            const int64_t head = rs->t0 - sp->t0, tail = sp->t1 - rs->t1;
+            const int tail_phase = phase_at(rs->t1, rc->first_b, rc->last_f);
+            t->idle_phase[PW_TA_WARMUP] += head;
+            t->idle_phase[tail_phase] += tail;
+            for (int c = 0; c <= PW_TA_COMM; c++) {
+                if (c < PW_TA_N_COMPUTE) t->compute += t->busy[c];
+            }
+            int64_t busy = t->compute + t->busy[PW_TA_COMM];
+            t->idle = W - busy;
+            compute += t->compute;
+            if (sp->analysed) {
+                ta_cause_key kh = {r, PW_CAUSE_NOT_STARTED, -1, -1, -1, -1};
+                int64_t ph[PW_TA_N_PHASES] = {head + rc->head_ns, 0, 0};
+                if (!cause_add(s, kh, ph, head + rc->head_ns, sp->step, 1)) return oom();
+                ta_cause_key kt = {r, PW_CAUSE_DONE, -1, -1, -1, -1};
+                int64_t pt[PW_TA_N_PHASES] = {0, 0, 0};
+                pt[tail_phase] = tail + rc->tail_ns;
+                if (!cause_add(s, kt, pt, tail + rc->tail_ns, sp->step, 1)) return oom();
+            }
+        }
+        sp->bubble = W > 0 && R > 0 ? 1.0 - (double)compute / ((double)R * (double)W) : 0;
+    }
+
+    /* Totals over analysed steps. */
+    pw_ta_step **by_dur = malloc((n_steps ? (size_t)n_steps : 1) * sizeof *by_dur);
+    if (!by_dur) return oom();
+    int64_t na = 0, sum = 0;
+    for (int64_t si = 0; si < n_steps; si++) {
+        pw_ta_step *sp = &a->steps[si];
+        if (!sp->analysed) continue;
+        by_dur[na++] = sp;
+        sum += sp->t1 - sp->t0;
+        for (int r = 0; r < R; r++) {
+            times_add(&a->ranks[r].total, &sp->ranks[r].t);
+            times_add(&a->total, &sp->ranks[r].t);
+        }
+    }
+    a->n_analysed = na;
+    a->median_step = -1;
+    if (na > 0) {
+        qsort(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);
+        const pw_ta_step *med = by_dur[(na - 1) / 2];
+        a->median_step = med->step;
+        a->step_ns_median = med->t1 - med->t0;
+        a->step_ns_min = by_dur[0]->t1 - by_dur[0]->t0;
+        a->step_ns_max = by_dur[na - 1]->t1 - by_dur[na - 1]->t0;
+        a->step_ns_mean = sum / na;
+    }
+    free(by_dur);
+    for (int r = 0; r < R; r++) {
+        const pw_ta_times *t = &a->ranks[r].total;
+        a->ranks[r].bubble = t->window > 0 ? 1.0 - (double)t->compute / (double)t->window : 0;
+    }
+    a->bubble = a->total.window > 0 ? 1.0 - (double)a->total.compute / (double)a->total.window : -1;
+
+    /* Micro-batches per step: the metadata's, else the most F any rank ran. */
+    a->micro_batches = a->has_meta ? a->meta.micro_batches : 0;
+    if (a->micro_batches <= 0)
+        for (int64_t si = 0; si < n_steps; si++)
+            for (int r = 0; r < R; r++)
+                if (a->steps[si].ranks[r].t.n_actions[0] > a->micro_batches)
+                    a->micro_batches = (int)a->steps[si].ranks[r].t.n_actions[0];
+
+    /* Theory. */
+    a->theory = -1;
+    a->theory_source = "none";
+    if (a->has_meta && a->meta.theory_bubble >= 0) {
+        a->theory = a->meta.theory_bubble;
+        a->theory_source = "metadata";
+    } else if (a->has_meta && s->cfg->theory) {
+        double th = s->cfg->theory(a->meta.schedule, a->meta.stages, a->micro_batches, s->cfg->theory_user);
+        if (th >= 0 && th < 1) {
+            a->theory = th;
+            a->theory_source = "formula";
+        }
+    }
+
+    /* Causes, largest first. */
+    qsort(s->causes, s->n_causes, sizeof *s->causes, cmp_cause);
+    free(s->cause_ht);
+    s->cause_ht = NULL;
+    s->cause_ht_cap = 0;
+    size_t nc = 0;
+    for (size_t i = 0; i < s->n_causes; i++)
+        if (s->causes[i].total_ns > 0) s->causes[nc++] = s->causes[i];
+    a->causes = s->causes;
+    a->n_causes = (int)nc;
+    s->causes = NULL;
+    s->n_causes = s->cap_causes = 0;
+
+    explain(s);
+
+    /* What could not be computed. */
+    if (!a->has_meta)
+        note(a, "no pipewright metadata: schedule theory and attribution by stage unavailable");
+    if (a->has_meta && a->theory < 0)
+        note(a, "no theoretical bubble for schedule '%s'", a->meta.schedule);
+    if (a->has_meta && a->meta.dropped_events > 0)
+        note(a, "the writer dropped %" PRId64 " events (trace buffers full): the last steps are incomplete",
+             a->meta.dropped_events);
+    if (s->n_x == 0) note(a, "no complete (\"X\") or begin/end events: nothing to analyse");
+    if (s->n_x > 0 && s->n_with_step == 0)
+        note(a, "events carry no args.step: the whole trace is analysed as one step (step 0)");
+    else if (s->n_without_step > 0)
+        note(a, "%" PRId64 " events carry no args.step: analysed as step 0", s->n_without_step);
+    if (s->n_x > 0 && s->n_step_events == 0)
+        note(a, "no \"step\" events: each rank's step spans its first to its last event");
+    if (s->n_late > 0)
+        note(a, "%" PRId64 " events came after their rank had moved two steps on and were ignored "
+             "(events out of step order)", s->n_late);
+    if (s->n_bad_args > 0)
+        note(a, "%" PRId64 " events had args.step/stage/mb/peer/bytes of the wrong type (ignored)", s->n_bad_args);
+    if (s->n_other_ph > 0)
+        note(a, "%" PRId64 " events of other phases (instant, counter, flow, ...) ignored", s->n_other_ph);
+    if (s->n_unmatched_e > 0) note(a, "%" PRId64 " \"E\" events without a \"B\" ignored", s->n_unmatched_e);
+    if (s->n_unclosed_b > 0) note(a, "%" PRId64 " \"B\" events never ended ignored", s->n_unclosed_b);
+    if (n_absent > 0) note(a, "%" PRId64 " (rank, step) pairs have no events: counted as idle", n_absent);
+    if (a->has_meta && R > a->meta.ranks)
+        note(a, "the trace has %d threads but the metadata says %d ranks", R, a->meta.ranks);
+    if (a->has_meta && a->meta.replicas > 1)
+        note(a, "%d replicas: the theory is per pipeline; exposed all-reduce is measured per rank",
+             a->meta.replicas);
+    if (*pw_trace_reader_note(s->rd)) note(a, "%s", pw_trace_reader_note(s->rd));
+    return PW_OK;
+}
+
+/* ------------------------------------------------------------ critical path */
+
+/* Latest event of rank r ending at or before `t` (skipping `not`), or -1.
+ * `first`/`count` delimit the rank's events (sorted by start). */
+static int latest_before(const pw_ta_event *ev, int first, int count, int64_t t, const unsigned char *seen)
+{
+    int lo = first, hi = first + count; /* first index with t0 > t */
+    while (lo < hi) {
+        int mid = lo + (hi - lo) / 2;
+        if (ev[mid].t0 <= t) lo = mid + 1;
+        else hi = mid;
+    }
+    int best = -1;
+    for (int i = lo - 1, scanned = 0; i >= first && scanned < 4096; i--, scanned++) {
+        if (seen[i] || ev[i].t1 > t) continue;
+        if (best < 0 || ev[i].t1 > ev[best].t1) best = i;
+        if (best >= 0 && ev[i].t1 < ev[best].t0) break; /* nothing later can end after best */
+    }
+    return best;
+}
+
+static pw_status critical_path(ta *s)
+{
+    pw_ta_detail *d = &s->a->detail;
+    const int R = s->a->n_ranks;
+    if (d->n_events == 0) return PW_OK;
+    int *first = calloc((size_t)R + 1, sizeof *first);
+    unsigned char *seen = calloc((size_t)d->n_events, 1);
+    size_t cap = 64, n = 0;
+    pw_ta_path_item *it = malloc(cap * sizeof *it);
+    if (!first || !seen || !it) {
+        free(first);
+        free(seen);
+        free(it);
+        return oom();
+    }
+    for (int i = 0; i < d->n_events; i++) first[d->events[i].rank + 1]++;
+    for (int r = 0; r < R; r++) first[r + 1] += first[r];
+#define PUSH_ITEM(k, rk, fr, e, a0, a1)                                                \
+    do {                                                                               \
+        if (n == cap) {                                                                \
+            pw_ta_path_item *_p = realloc(it, 2 * cap * sizeof *it);                   \
+            if (!_p) goto nomem;                                                       \
+            it = _p;                                                                   \
+            cap *= 2;                                                                  \
+        }                                                                              \
+        it[n++] = (pw_ta_path_item){(k), (rk), (fr), (e), (a0), (a1)};                 \
+    } while (0)
+    /* Start from the action that ends last. */
+    int cur = -1;
+    for (int i = 0; i < d->n_events; i++) {
+        if (d->events[i].cls == PW_TA_WAIT) continue;
+        if (cur < 0 || d->events[i].t1 > d->events[cur].t1) cur = i;
+    }
+    int64_t frontier = d->t1;
+    if (cur >= 0 && d->events[cur].t1 < frontier) {
+        PUSH_ITEM(PW_PATH_GAP, d->events[cur].rank, -1, -1, d->events[cur].t1, frontier);
+        frontier = d->events[cur].t1;
+    }
+    for (int guard = 0; cur >= 0 && guard <= d->n_events; guard++) {
+        const pw_ta_event *e = &d->events[cur];
+        seen[cur] = 1;
+        int64_t a1 = e->t1 < frontier ? e->t1 : frontier, a0 = e->t0 < a1 ? e->t0 : a1;
+        PUSH_ITEM(PW_PATH_ACTION, e->rank, -1, cur, a0, a1);
+        frontier = a0;
+        const int r = e->rank;
+        int pred = latest_before(d->events, first[r], first[r + 1] - first[r], frontier, seen);
+        /* Across a wait for a message: jump to the sender. */
+        while (pred >= 0 && d->events[pred].cls == PW_TA_WAIT) {
+            const pw_ta_event *w = &d->events[pred];
+            seen[pred] = 1;
+            int p = w->peer, prod = -1;
+            if (p >= 0 && p < R && p != r) {
+                int want_dir = strstr(w->name, "RECV_F") ? 'F' : strstr(w->name, "RECV_B") ? 'B' : 0;
+                for (int i = first[p]; i < first[p + 1]; i++) {
+                    const pw_ta_event *q = &d->events[i];
+                    if (seen[i] || q->t1 > w->t1 || q->cls == PW_TA_WAIT) continue;
+                    int match = 0;
+                    if (want_dir && q->mb == w->mb && !strncmp(q->name, "SEND_", 5) && q->name[5] == want_dir)
+                        match = 2;
+                    else if (want_dir && q->mb == w->mb && q->name[0] == want_dir && !q->name[1])
+                        match = 1;
+                    if (match && (prod < 0 || match > 1 || q->t1 > d->events[prod].t1)) {
+                        prod = i;
+                        if (match == 2) break;
+                    }
+                }
+                if (prod < 0) prod = latest_before(d->events, first[p], first[p + 1] - first[p], w->t1, seen);
+            }
+            if (prod < 0) {
+                /* A wait on nothing we can see (data, all-reduce): it is on the path. */
+                int64_t b1 = w->t1 < frontier ? w->t1 : frontier, b0 = w->t0 < b1 ? w->t0 : b1;
+                PUSH_ITEM(PW_PATH_ACTION, r, -1, pred, b0, b1);
+                frontier = b0;
+                pred = latest_before(d->events, first[r], first[r + 1] - first[r], frontier, seen);
+                continue;
+            }
+            int64_t h0 = d->events[prod].t1 < frontier ? d->events[prod].t1 : frontier;
+            PUSH_ITEM(PW_PATH_HANDOFF, r, p, pred, h0, frontier);
+            frontier = h0;
+            cur = prod;
+            goto next_action;
+        }
+        if (pred < 0) break;
+        if (d->events[pred].t1 < frontier) {
+            PUSH_ITEM(PW_PATH_GAP, r, -1, -1, d->events[pred].t1, frontier);
+            frontier = d->events[pred].t1;
+        }
+        cur = pred;
+        continue;
+    next_action:;
+    }
+    {
+        int r0 = n ? it[n - 1].rank : 0;
+        if (frontier > d->t0) PUSH_ITEM(PW_PATH_START, r0, -1, -1, d->t0, frontier);
+    }
+    /* Reverse into time order and sum by kind. */
+    for (size_t i = 0; i < n / 2; i++) {
+        pw_ta_path_item tmp = it[i];
+        it[i] = it[n - 1 - i];
+        it[n - 1 - i] = tmp;
+    }
+    for (size_t i = 0; i < n; i++) {
+        d->path_ns[it[i].kind] += it[i].t1 - it[i].t0;
+        if (it[i].kind == PW_PATH_ACTION && d->events[it[i].event].cls < PW_TA_N_COMPUTE)
+            d->path_compute_ns += it[i].t1 - it[i].t0;
+    }
+    d->path = it;
+    d->n_path = (int)n;
+    free(first);
+    free(seen);
+    return PW_OK;
+#undef PUSH_ITEM
+nomem:
+    free(first);
+    free(seen);
+    free(it);
+    return oom();
+}
+
+/* ------------------------------------------------------------ pass 2 */
+
+typedef struct ta_range {
+    int64_t off0, line0, off1;
+} ta_range;
+
+static int cmp_range(const void *x, const void *y)
+{
+    const ta_range *a = x, *b = y;
+    return (a->off0 > b->off0) - (a->off0 < b->off0);
+}
+
+static pw_status detail_pass(ta *s)
+{
+    pw_trace_analysis *a = s->a;
+    pw_ta_detail *d = &a->detail;
+    const int R = a->n_ranks;
+    int64_t want = s->cfg->detail_step;
+    d->step = -1;
+    if (want >= 0) {
+        int found = 0;
+        for (int64_t i = 0; i < a->n_steps; i++) found |= a->steps[i].step == want;
+        if (!found) {
+            if (a->n_steps == 0) return pw_error(PW_ERR_INVALID_ARG, "%s: no steps in the trace (asked for step %" PRId64 ")", a->file, want);
+            return pw_error(PW_ERR_INVALID_ARG, "%s: step %" PRId64 " is not in the trace (steps %" PRId64 "-%" PRId64 ")",
+                            a->file, want, a->steps[0].step, a->steps[a->n_steps - 1].step);
+        }
+        d->requested = 1;
+    } else {
+        want = a->median_step;
+        if (want < 0) return PW_OK;
+    }
+    const pw_ta_step *sp = NULL;
+    for (int64_t i = 0; i < a->n_steps; i++)
+        if (a->steps[i].step == want) sp = &a->steps[i];
+    d->step = want;
+    d->t0 = sp->t0;
+    d->t1 = sp->t1;
+    s->win_t0 = sp->t0;
+    s->win_t1 = sp->t1;
+    s->win_last_rank = sp->last_rank;
+
+    /* The file ranges holding the step's events, merged. */
+    ta_range *rg = malloc((s->n_recs ? s->n_recs : 1) * sizeof *rg);
+    if (!rg) return oom();
+    size_t nr = 0;
+    for (size_t i = 0; i < s->n_recs; i++)
+        if (s->recs[i].step == want) rg[nr++] = (ta_range){s->recs[i].off0, s->recs[i].line0, s->recs[i].off1};
+    qsort(rg, nr, sizeof *rg, cmp_range);
+    size_t m = 0;
+    for (size_t i = 0; i < nr; i++) {
+        if (m && rg[i].off0 <= rg[m - 1].off1) {
+            if (rg[i].off1 > rg[m - 1].off1) rg[m - 1].off1 = rg[i].off1;
+        } else {
+            rg[m++] = rg[i];
+        }
+    }
+    s->drank = calloc((size_t)R ? (size_t)R : 1, sizeof *s->drank);
+    if (!s->drank) {
+        free(rg);
+        return oom();
+    }
+    s->detail = 1;
+    for (size_t r = 0; r < s->n_ranks; r++) s->ranks[r].n_b = 0;
+    pw_status st = PW_OK;
+    for (size_t i = 0; i < m && st == PW_OK; i++) {
+        st = pw_trace_reader_seek(s->rd, rg[i].off0, rg[i].line0);
+        pw_trace_record rec;
+        int more = 1;
+        while (st == PW_OK) {
+            st = pw_trace_reader_next(s->rd, &rec, &more);
+            if (st != PW_OK || !more || rec.offset > rg[i].off1) break;
+            st = ingest(s, &rec);
+        }
+    }
+    free(rg);
+    for (size_t r = 0; r < s->n_ranks && st == PW_OK; r++)
+        while (s->ranks[r].n_open && st == PW_OK) st = close_group(s, (int)r, 0);
+    PW_CHECK(st);
+
+    /* Concatenate the ranks' outputs, rebasing event indices. */
+    size_t ne = 0, ng = 0;
+    for (int r = 0; r < R; r++) {
+        ne += s->drank[r].n_ev;
+        ng += s->drank[r].n_gap;
+    }
+    d->events = calloc(ne ? ne : 1, sizeof *d->events);
+    d->gaps = calloc(ng ? ng : 1, sizeof *d->gaps);
+    d->n_segments = calloc((size_t)R ? (size_t)R : 1, sizeof *d->n_segments);
+    d->segments = calloc((size_t)R ? (size_t)R : 1, sizeof *d->segments);
+    if (!d->events || !d->gaps || !d->n_segments || !d->segments) return oom();
+    size_t be = 0;
+    for (int r = 0; r < R; r++) {
+        ta_detail_rank *dr = &s->drank[r];
+        memcpy(d->events + be, dr->ev, dr->n_ev * sizeof *dr->ev);
+        for (size_t i = 0; i < dr->n_gap; i++) {
+            pw_ta_gap g = dr->gap[i];
+            if (g.event >= 0) g.event += (int)be;
+            d->gaps[d->n_gaps++] = g;
+        }
+        if (dr->n_seg == 0 && d->t1 > d->t0) {
+            /* A rank without events: one idle segment, one gap. */
+            dr->seg = calloc(1, sizeof *dr->seg);
+            if (!dr->seg) return oom();
+            dr->seg[0] = (pw_ta_segment){d->t0, d->t1, PW_TA_IDLE, -1, PW_TA_WARMUP};
+            dr->n_seg = 1;
+            pw_ta_gap *grow_g = realloc(d->gaps, (size_t)(d->n_gaps + 1) * sizeof *d->gaps);
+            if (!grow_g) return oom();
+            d->gaps = grow_g;
+            d->gaps[d->n_gaps++] = (pw_ta_gap){r, d->t0, d->t1, PW_CAUSE_ABSENT, -1, -1, PW_TA_WARMUP};
+        }
+        for (size_t i = 0; i < dr->n_seg; i++)
+            if (dr->seg[i].event >= 0) dr->seg[i].event += (int)be;
+        d->segments[r] = dr->seg;
+        d->n_segments[r] = (int)dr->n_seg;
+        dr->seg = NULL;
+        be += dr->n_ev;
+    }
+    d->n_events = (int)ne;
+    return critical_path(s);
+}
+
+/* ------------------------------------------------------------ entry points */
+
+static void ta_free(ta *s)
+{
+    for (size_t i = 0; i < s->n_ranks; i++) {
+        for (size_t j = 0; j < s->ranks[i].n_open; j++) group_free(&s->ranks[i].open[j]);
+        free(s->ranks[i].open);
+        free(s->ranks[i].bstack);
+    }
+    free(s->ranks);
+    free(s->rank_ht);
+    free(s->recs);
+    free(s->causes);
+    free(s->cause_keys);
+    free(s->cause_ht);
+    free(s->skip);
+    free(s->bounds);
+    free(s->active);
+    free(s->order);
+    free(s->name_ht);
+    if (s->drank) {
+        for (size_t r = 0; r < s->n_ranks; r++) {
+            free(s->drank[r].ev);
+            free(s->drank[r].seg);
+            free(s->drank[r].gap);
+        }
+        free(s->drank);
+    }
+    /* names belong to the analysis (priv) */
+}
+
+typedef struct ta_priv {
+    char **names;
+    size_t n_names;
+} ta_priv;
+
+static pw_status copy_meta(pw_trace_analysis *a, const pw_trace_info *in)
+{
+    a->meta = *in;
+    a->meta.schedule = strdup(in->schedule ? in->schedule : "");
+    a->meta.graph = strdup(in->graph ? in->graph : "");
+    a->meta.peak_inflight = NULL;
+    a->meta.measured_peak = NULL;
+    a->meta.costs = NULL;
+    if (!a->meta.schedule || !a->meta.graph) return oom();
+#define DUP(field, count)                                                              \
+    if (in->field && in->count > 0) {                                                  \
+        a->meta.field = malloc((size_t)in->count * sizeof *in->field);                 \
+        if (!a->meta.field) return oom();                                              \
+        memcpy(a->meta.field, in->field, (size_t)in->count * sizeof *in->field);       \
+    } else {                                                                           \
+        a->meta.count = 0;                                                             \
+    }
+    DUP(peak_inflight, n_peak_inflight)
+    DUP(measured_peak, n_measured_peak)
+    DUP(costs, n_costs)
+#undef DUP
+    return PW_OK;
+}
+
+pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_config *cfg,
+                                  pw_trace_analysis **out)
+{
+    *out = NULL;
+    pw_trace_analysis_config def = PW_TRACE_ANALYSIS_DEFAULTS;
+    if (!cfg) cfg = &def;
+    if (cfg->skip_steps < 0) return pw_error(PW_ERR_INVALID_ARG, "skip_steps must be >= 0 (got %d)", cfg->skip_steps);
+    ta s;
+    memset(&s, 0, sizeof s);
+    s.cfg = cfg;
+    s.rd = rd;
+    s.last_rank = -1;
+    s.id_other = -1;
+    pw_trace_analysis *a = calloc(1, sizeof *a);
+    ta_priv *priv = calloc(1, sizeof *priv);
+    pw_status st = PW_OK;
+    if (!a || !priv) {
+        free(a);
+        free(priv);
+        return oom();
+    }
+    a->priv = priv;
+    a->detail.step = -1;
+    a->bubble = a->theory = a->model_bubble = a->model_bubble_optim = -1;
+    a->slow_rank = a->fast_rank = -1;
+    a->median_step = -1;
+    a->theory_source = "none";
+    s.a = a;
+    a->file = strdup(pw_trace_reader_name(rd));
+    if (!a->file) {
+        st = oom();
+        goto fail;
+    }
+    if ((s.id_other = intern(&s, "(other)")) < 0 || (s.id_step = intern(&s, "step")) < 0) {
+        st = oom();
+        goto fail;
+    }
+    if (cfg->skip_steps > 0 && !(s.skip = calloc((size_t)cfg->skip_steps, sizeof *s.skip))) {
+        st = oom();
+        goto fail;
+    }
+    pw_trace_record rec;
+    int more = 1;
+    for (;;) {
+        PW_CHECK_GOTO(pw_trace_reader_next(rd, &rec, &more), st, fail);
+        if (!more) break;
+        PW_CHECK_GOTO(ingest(&s, &rec), st, fail);
+    }
+    const pw_trace_info *info = pw_trace_reader_info(rd);
+    a->has_meta = info->present;
+    PW_CHECK_GOTO(copy_meta(a, info), st, fail);
+    PW_CHECK_GOTO(finish(&s), st, fail);
+    if (!cfg->no_detail) PW_CHECK_GOTO(detail_pass(&s), st, fail);
+    priv->names = s.names;
+    priv->n_names = s.n_names;
+    s.names = NULL;
+    ta_free(&s);
+    *out = a;
+    return PW_OK;
+fail:
+    priv->names = s.names;
+    priv->n_names = s.n_names;
+    ta_free(&s);
+    pw_trace_analysis_destroy(a);
+    return st;
+}
+
+pw_status pw_trace_analyze(const char *path, const pw_trace_analysis_config *cfg, pw_trace_analysis **out)
+{
+    *out = NULL;
+    pw_trace_reader *rd;
+    PW_CHECK(pw_trace_reader_open(path, &rd));
+    pw_status st = pw_trace_analyze_reader(rd, cfg, out);
+    pw_trace_reader_close(rd);
+    return st;
+}
+
+void pw_trace_analysis_destroy(pw_trace_analysis *a)
+{
+    if (!a) return;
+    ta_priv *priv = a->priv;
+    if (priv) {
+        for (size_t i = 0; i < priv->n_names; i++) free(priv->names[i]);
+        free(priv->names);
+        free(priv);
+    }
+    free(a->file);
+    free(a->meta.schedule);
+    free(a->meta.graph);
+    free(a->meta.peak_inflight);
+    free(a->meta.measured_peak);
+    free(a->meta.costs);
+    for (int i = 0; i < a->n_notes; i++) free(a->notes[i]);
+    free(a->notes);
+    free(a->ranks);
+    for (int64_t i = 0; i < a->n_steps; i++) free(a->steps[i].ranks);
+    free(a->steps);
+    free(a->causes);
+    pw_ta_detail *d = &a->detail;
+    free(d->events);
+    if (d->segments)
+        for (int r = 0; r < a->n_ranks; r++) free(d->segments[r]);
+    free(d->segments);
+    free(d->n_segments);
+    free(d->gaps);
+    free(d->path);
+    free(a);
+}
+
+/* ------------------------------------------------------------ names */
+
+const char *pw_ta_class_name(pw_ta_class c)
+{
+    static const char *n[] = {"F", "B", "W", "optimizer", "other", "comm", "wait", "idle"};
+    return (unsigned)c < PW_TA_CLASS_COUNT ? n[c] : "?";
+}
+
+const char *pw_ta_phase_name(int phase)
+{
+    static const char *n[] = {"warm-up", "steady", "cool-down"};
+    return phase >= 0 && phase < PW_TA_N_PHASES ? n[phase] : "-";
+}
+
+static int fmt_wait(char *buf, size_t n, const char *what, int stage, int mb, int peer)
+{
+    char st[32] = "", m[32] = "", p[32] = "";
+    if (mb >= 0) snprintf(m, sizeof m, " mb %d", mb);
+    if (stage >= 0) snprintf(st, sizeof st, " (stage %d)", stage);
+    if (peer >= 0) snprintf(p, sizeof p, " from rank %d", peer);
+    return snprintf(buf, n, "%s%s%s%s", what, m, st, p);
+}
+
+int pw_ta_cause_format(const pw_ta_cause *c, char *buf, size_t n)
+{
+    switch (c->kind) {
+    case PW_CAUSE_WAIT: return fmt_wait(buf, n, c->what, c->stage, c->mb, c->peer);
+    case PW_CAUSE_UNTRACKED:
+        return *c->what ? snprintf(buf, n, "untracked gap before %s", c->what)
+                        : snprintf(buf, n, "untracked gap");
+    case PW_CAUSE_NOT_STARTED: return snprintf(buf, n, "before the rank's first action");
+    case PW_CAUSE_DONE: return snprintf(buf, n, "done: the step ends with a slower rank");
+    case PW_CAUSE_ABSENT: return snprintf(buf, n, "no events for this rank in the step");
+    }
+    return snprintf(buf, n, "?");
+}
+
+int pw_ta_gap_format(const pw_trace_analysis *a, const pw_ta_gap *g, char *buf, size_t n)
+{
+    const pw_ta_event *e = g->event >= 0 && g->event < a->detail.n_events ? &a->detail.events[g->event] : NULL;
+    switch (g->kind) {
+    case PW_CAUSE_WAIT:
+        if (e) return fmt_wait(buf, n, e->name, e->stage, e->mb, e->peer);
+        return snprintf(buf, n, "wait");
+    case PW_CAUSE_UNTRACKED:
+        if (e && e->mb >= 0) return snprintf(buf, n, "untracked gap before %s mb %d", e->name, e->mb);
+        if (e) return snprintf(buf, n, "untracked gap before %s", e->name);
+        return snprintf(buf, n, "untracked gap");
+    case PW_CAUSE_NOT_STARTED: return snprintf(buf, n, "before the rank's first action");
+    case PW_CAUSE_DONE:
+        if (g->peer >= 0 && g->peer < a->n_ranks)
+            return snprintf(buf, n, "done: the step ends when %s finishes", a->ranks[g->peer].label);
+        return snprintf(buf, n, "done: the step ends with a slower rank");
+    case PW_CAUSE_ABSENT: return snprintf(buf, n, "no events for this rank in the step");
+    }
+    return snprintf(buf, n, "?");
+}

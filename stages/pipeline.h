@@ -1,0 +1,104 @@
+/* pipewright — a graph trained through a pipeline of stages.
+ *
+ * Wires everything for a graph file: partition → one stage program per
+ * stage → schedule (generated or CSV) → validation → the engine, one worker
+ * thread per stage. This is what `pipeline-run` uses; the engine itself
+ * (scheduler/engine.h) knows nothing about graphs.
+ *
+ *     pw_pipeline_config pc = pw_pipeline_defaults();
+ *     pc.graph = g; pc.train = ds; pc.batch = 64; pc.micro_batches = 8;
+ *     pc.stages = 2; pc.schedule = PW_SCHEDULE_1F1B;
+ *     pw_pipeline *pl;
+ *     PW_CHECK(pw_pipeline_create(&pc, &pl));
+ *     pw_step_stats s;
+ *     for (int i = 0; i < 100; i++) PW_CHECK(pw_pipeline_step(pl, &s));
+ *     PW_CHECK(pw_pipeline_save(pl, "ckpt.safetensors", NULL));
+ *     pw_pipeline_destroy(pl);
+ *
+ * For the same graph, seed, data order, batch and micro-batch count, the
+ * parameters after N steps are bit-identical for every schedule and every
+ * stage count (tests/test_pipeline.c holds this).
+ */
+#ifndef PW_STAGES_PIPELINE_H
+#define PW_STAGES_PIPELINE_H
+
+#include <stdint.h>
+
+#include "graph/graph.h"
+#include "graph/partition.h"
+#include "runtime/status.h"
+#include "scheduler/engine.h"
+#include "scheduler/schedule.h"
+#include "stages/checkpoint.h"
+#include "stages/data.h"
+#include "stages/optim.h"
+#include "stages/trainer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pw_pipeline pw_pipeline;
+
+typedef struct pw_pipeline_config {
+    const pw_graph *graph;
+    const pw_dataset *train;        /* borrowed */
+    int64_t batch;                  /* global batch per step */
+    int micro_batches;              /* M */
+    int stages;                     /* S pipeline stages = ranks = worker threads */
+    pw_schedule_kind schedule;      /* GPIPE or 1F1B (ignored with schedule_csv) */
+    const char *schedule_csv;       /* (optional) a user's schedule file */
+    int split_w;                    /* split backward into B and W */
+    pw_partition_method partition;
+    pw_optim_config optim;
+    uint64_t seed;
+    int shuffle;
+    double watchdog_s;              /* 0: 60 s */
+    int pin;                        /* bind workers to cores */
+    int64_t trace_events;           /* > 0: record up to this many events per rank */
+    int check;                      /* run the schedule checker on every action */
+} pw_pipeline_config;
+
+pw_pipeline_config pw_pipeline_defaults(void);
+
+pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out);
+void pw_pipeline_destroy(pw_pipeline *pl); /* accepts NULL */
+
+int64_t pw_pipeline_steps_per_epoch(const pw_pipeline *pl);
+void pw_pipeline_seek(pw_pipeline *pl, int64_t step);
+/* One optimizer step: every micro-batch through every stage. */
+pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out);
+/* Forward-only over a data set, stage after stage (mean loss, accuracy). */
+pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out);
+
+pw_status pw_pipeline_save(pw_pipeline *pl, const char *path, const pw_checkpoint_info *info);
+pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info *info);
+
+/* What the pipeline was built from. */
+const pw_partition *pw_pipeline_partition(const pw_pipeline *pl);
+const pw_schedule *pw_pipeline_schedule(const pw_pipeline *pl);
+const pw_schedule_report *pw_pipeline_report(const pw_pipeline *pl);
+pw_program *pw_pipeline_program(pw_pipeline *pl, int stage);
+pw_engine *pw_pipeline_engine(pw_pipeline *pl);
+
+/* Per stage, since creation. bubble = idle / wall inside steps. */
+typedef struct pw_pipeline_stage_stats {
+    double busy_s, wait_s, total_s;
+    int slots, peak_slots;          /* planned (validator) and measured high-water mark */
+    int64_t node_begin, node_end;
+    double flops;                   /* per-sample fwd+bwd FLOPs of the stage */
+    size_t memory;                  /* stage program's arena bytes */
+} pw_pipeline_stage_stats;
+void pw_pipeline_stage_stats_get(const pw_pipeline *pl, int stage, pw_pipeline_stage_stats *out);
+/* Measured bubble of the last step: 1 − Σ busy / (S × step wall time). */
+double pw_pipeline_last_bubble(const pw_pipeline *pl);
+/* The schedule's theoretical bubble, (S−1)/(M+S−1) for GPipe and 1F1B. */
+double pw_pipeline_theory_bubble(const pw_pipeline *pl);
+
+/* Writes the recorded trace (needs trace_events > 0). */
+pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

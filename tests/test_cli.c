@@ -1,0 +1,255 @@
+/* Tests: pipeline-run as a user runs it — flags, errors, checkpoints,
+ * schedules and traces, through the real binary. */
+#include <criterion/criterion.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "runtime/safetensors.h"
+
+#define TIMEOUT 120
+
+static char dir[64];
+
+static void setup(void)
+{
+    strcpy(dir, "/tmp/pw_test_cli_XXXXXX");
+    cr_assert_not_null(mkdtemp(dir));
+    char path[128];
+    snprintf(path, sizeof path, "%s/m.graph", dir);
+    FILE *f = fopen(path, "w");
+    fputs("graph cli_mlp\n"
+          "input x : f32[24]\n"
+          "label y : i32[]\n"
+          "h1 = linear(x, out=32) as fc1\n"
+          "a1 = relu(h1)\n"
+          "h2 = linear(a1, out=32) as fc2\n"
+          "a2 = relu(h2)\n"
+          "cut\n"
+          "logits = linear(a2, out=5) as head\n"
+          "loss = softmax_cross_entropy(logits, y)\n", f);
+    fclose(f);
+}
+
+static void teardown(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    cr_assert_eq(system(cmd), 0);
+}
+
+TestSuite(cli, .init = setup, .fini = teardown, .timeout = TIMEOUT);
+
+/* Runs pipeline-run with `args` (shell words); returns the exit status and
+ * the combined output in *out (caller frees). */
+static int run(const char *args, char **out)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd '%s' && '%s/pipeline-run' %s 2>&1", dir, PW_BINARY_DIR, args);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    size_t k;
+    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
+        n += k;
+        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = '\0';
+    int st = pclose(p);
+    *out = buf;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+#define DATA "--data synthetic:512:24:5 --no-pin --quiet"
+
+Test(cli, help_documents_every_flag)
+{
+    char *o;
+    cr_assert_eq(run("--help", &o), 0);
+    const char *flags[] = {"--epochs", "--steps", "--batch", "--micro-batches", "--stages",
+                           "--schedule", "--partition", "--trace", "--watchdog", "--optimizer",
+                           "--lr", "--momentum", "--weight-decay", "--data", "--shuffle", "--seed",
+                           "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        cr_assert(strstr(o, flags[i]), "--help does not mention %s", flags[i]);
+    free(o);
+}
+
+Test(cli, bad_flags_exit_2_with_a_message)
+{
+    struct { const char *args, *msg; } cases[] = {
+        {"m.graph --batch 0", "--batch"},
+        {"m.graph --batch abc", "--batch"},
+        {"m.graph --lr -1", "--lr"},
+        {"m.graph --frobnicate", "unknown option"},
+        {"m.graph --lr", "needs a value"},
+        {"", "no graph file"},
+        {"m.graph other.graph", "unexpected argument"},
+        {"m.graph --optimizer adam", "adam"},
+        {"m.graph --batch 10 --micro-batches 4", "not divisible"},
+        {"m.graph --partition magic", "magic"},
+        {"m.graph --schedule nosuch", "nosuch"},
+        {"m.graph --optimizer adamw --momentum 0.5", "--momentum"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *o;
+        int rc = run(cases[i].args, &o);
+        cr_assert_eq(rc, 2, "'%s': exit %d, output: %s", cases[i].args, rc, o);
+        cr_assert(strstr(o, cases[i].msg), "'%s': message lacks '%s': %s", cases[i].args,
+                  cases[i].msg, o);
+        free(o);
+    }
+}
+
+Test(cli, graph_errors_give_file_line_col)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/bad.graph", dir);
+    FILE *f = fopen(path, "w");
+    fputs("input x : f32[24]\nlabel y : i32[]\nh = linaer(x, out=3)\n", f);
+    fclose(f);
+    char *o;
+    cr_assert_eq(run("bad.graph " DATA, &o), 1);
+    cr_assert(strstr(o, "bad.graph:3:5: error:"), "%s", o);
+    free(o);
+    cr_assert_eq(run("missing.graph " DATA, &o), 1);
+    cr_assert(strstr(o, "missing.graph"), "%s", o);
+    free(o);
+}
+
+static long file_size(const char *name)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fclose(f);
+    return n;
+}
+
+/* Same tensors, byte for byte (the metadata records the run's settings, so
+ * files of runs with other stage counts differ there by design). */
+static int same_file(const char *a, const char *b)
+{
+    char pa[128], pb[128];
+    snprintf(pa, sizeof pa, "%s/%s", dir, a);
+    snprintf(pb, sizeof pb, "%s/%s", dir, b);
+    pw_safetensors *fa, *fb;
+    cr_assert_eq(pw_safetensors_open(pa, &fa), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_safetensors_open(pb, &fb), PW_OK, "%s", pw_last_error());
+    int same = pw_safetensors_count(fa) == pw_safetensors_count(fb) && pw_safetensors_count(fa) > 0;
+    for (int i = 0; same && i < pw_safetensors_count(fa); i++) {
+        pw_st_tensor ta, tb;
+        cr_assert_eq(pw_safetensors_at(fa, i, &ta), PW_OK);
+        same = pw_safetensors_get(fb, ta.name, &tb) == PW_OK && ta.nbytes == tb.nbytes &&
+               memcmp(ta.data, tb.data, ta.nbytes) == 0;
+    }
+    pw_safetensors_close(fa);
+    pw_safetensors_close(fb);
+    return same;
+}
+
+Test(cli, stage_counts_and_schedules_save_identical_checkpoints)
+{
+    char *o;
+    const char *runs[] = {
+        "--stages 1 --micro-batches 4 --save s1.safetensors",
+        "--stages 2 --micro-batches 4 --schedule gpipe --save s2g.safetensors",
+        "--stages 2 --micro-batches 4 --schedule 1f1b --save s2.safetensors",
+        "--stages 3 --micro-batches 4 --partition flops --save s3.safetensors",
+    };
+    for (size_t i = 0; i < 4; i++) {
+        char args[512];
+        snprintf(args, sizeof args, "m.graph " DATA " --steps 12 --batch 32 --shuffle %s", runs[i]);
+        cr_assert_eq(run(args, &o), 0, "%s: %s", runs[i], o);
+        free(o);
+    }
+    cr_assert_gt(file_size("s1.safetensors"), 0);
+    cr_assert(same_file("s1.safetensors", "s2g.safetensors"), "gpipe on 2 stages differs from 1 stage");
+    cr_assert(same_file("s1.safetensors", "s2.safetensors"), "1f1b on 2 stages differs from 1 stage");
+    cr_assert(same_file("s1.safetensors", "s3.safetensors"), "3 stages differ from 1 stage");
+}
+
+Test(cli, init_from_and_corrupt_checkpoints)
+{
+    char *o;
+    cr_assert_eq(run("m.graph " DATA " --steps 5 --save a.safetensors", &o), 0, "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --init-from a.safetensors --save b.safetensors", &o),
+                 0, "%s", o);
+    free(o);
+    char cmd[256];
+    snprintf(cmd, sizeof cmd, "head -c 100 '%s/a.safetensors' > '%s/t.safetensors'", dir, dir);
+    cr_assert_eq(system(cmd), 0);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --init-from t.safetensors", &o), 1);
+    cr_assert(strstr(o, "t.safetensors"), "%s", o);
+    free(o);
+    /* A failed save leaves the old file as it was. */
+    long before = file_size("a.safetensors");
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --save /nonexistent/dir/x.safetensors", &o), 1);
+    cr_assert(strstr(o, "/nonexistent/dir"), "%s", o);
+    free(o);
+    cr_assert_eq(file_size("a.safetensors"), before);
+}
+
+Test(cli, user_schedule_csv)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/good.csv", dir);
+    FILE *f = fopen(path, "w");
+    fputs("# 1F1B by hand\n0F0,0F1,0B0,0F2,0B1,0F3,0B2,0B3,OPT\n1F0,1B0,1F1,1B1,1F2,1B2,1F3,1B3,OPT\n", f);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/bad.csv", dir);
+    f = fopen(path, "w");
+    fputs("0F0,0F1,0B0,0F2,0B1,0F3,0B2,0B3,OPT\n1B0,1F0,1F1,1B1,1F2,1B2,1F3,1B3,OPT\n", f);
+    fclose(f);
+    char *o;
+    cr_assert_eq(run("m.graph " DATA " --steps 4 --stages 2 --micro-batches 4 --schedule good.csv "
+                     "--save c.safetensors", &o), 0, "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 4 --stages 1 --micro-batches 4 --save d.safetensors",
+                     &o), 0, "%s", o);
+    free(o);
+    cr_assert(same_file("c.safetensors", "d.safetensors"));
+    cr_assert_eq(run("m.graph " DATA " --steps 4 --stages 2 --micro-batches 4 --schedule bad.csv", &o), 1);
+    cr_assert(strstr(o, "bad.csv") && strstr(o, "rank 1"), "%s", o);
+    free(o);
+}
+
+Test(cli, trace_is_chrome_json_with_metadata)
+{
+    char *o;
+    cr_assert_eq(run("m.graph " DATA " --steps 3 --stages 2 --micro-batches 4 --trace t.json", &o),
+                 0, "%s", o);
+    free(o);
+    char path[128];
+    snprintf(path, sizeof path, "%s/t.json", dir);
+    json_error_t err;
+    json_t *root = json_load_file(path, 0, &err);
+    cr_assert_not_null(root, "trace is not JSON: %s at line %d", err.text, err.line);
+    json_t *meta = json_object_get(root, "pipewright");
+    cr_assert(json_is_object(meta));
+    cr_assert_str_eq(json_string_value(json_object_get(meta, "schedule")), "1f1b");
+    cr_assert_eq(json_integer_value(json_object_get(meta, "stages")), 2);
+    cr_assert_eq(json_integer_value(json_object_get(meta, "micro_batches")), 4);
+    json_t *ev = json_object_get(root, "traceEvents");
+    cr_assert(json_is_array(ev));
+    /* 3 steps × 2 ranks × 4 micro-batches of F and of B. */
+    int nf = 0, nb = 0;
+    size_t i;
+    json_t *e;
+    json_array_foreach(ev, i, e) {
+        const char *name = json_string_value(json_object_get(e, "name"));
+        if (name && !strcmp(name, "F")) nf++;
+        if (name && !strcmp(name, "B")) nb++;
+    }
+    cr_assert_eq(nf, 24);
+    cr_assert_eq(nb, 24);
+    json_decref(root);
+}
