@@ -4,11 +4,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-static double node_flops(const pw_graph *g, int i)
+/* Which values carry a gradient: produced by an op with parameters or from
+ * one that does (the same rule the stage program uses). A node whose inputs
+ * carry none skips its input-gradient work, e.g. the first layer. */
+static unsigned char *grad_flags(const pw_graph *g)
+{
+    unsigned char *rg = calloc((size_t)g->n_values + 1, 1);
+    if (!rg) return NULL;
+    for (int i = 0; i < g->n_nodes; i++) {
+        const pw_node *nd = &g->nodes[i];
+        int r = nd->n_params > 0;
+        for (int k = 0; k < nd->n_inputs; k++) r |= rg[nd->inputs[k]];
+        rg[nd->output] = (unsigned char)(r && nd->op != PW_OP_SOFTMAX_XENT &&
+                                         g->values[nd->output].dtype == PW_F32);
+    }
+    return rg;
+}
+
+static double node_flops_rg(const pw_graph *g, int i, const unsigned char *rg)
 {
     pw_op_cost c;
     if (pw_graph_node_cost(g, i, &c) != PW_OK) return 0.0;
-    return c.flops_fwd + c.flops_bwd_input + c.flops_bwd_weight;
+    int needs_dx = 1;
+    if (rg && g->nodes[i].op != PW_OP_SOFTMAX_XENT) {
+        needs_dx = 0;
+        for (int k = 0; k < g->nodes[i].n_inputs; k++) needs_dx |= rg[g->nodes[i].inputs[k]];
+    }
+    return c.flops_fwd + (needs_dx ? c.flops_bwd_input : 0.0) + c.flops_bwd_weight;
 }
 
 /* Greedy: can the nodes be cut into at most `stages` ranges each ≤ cap,
@@ -58,11 +80,13 @@ static pw_status balanced(const pw_graph *g, int n_stages, int *begin)
         return pw_error(PW_ERR_NOMEM, "partition: out of memory");
     }
     double total = 0.0, wmax = 0.0;
+    unsigned char *rg = grad_flags(g);
     for (int i = 0; i < n; i++) {
-        w[i] = node_flops(g, i);
+        w[i] = node_flops_rg(g, i, rg);
         total += w[i];
         if (w[i] > wmax) wmax = w[i];
     }
+    free(rg);
     /* Bisection on the bottleneck: the greedy check is exact for contiguous
      * ranges of non-negative weights, so this converges on the optimum. */
     double lo = wmax > total / n_stages ? wmax : total / n_stages, hi = total + 1.0;
@@ -120,8 +144,10 @@ pw_status pw_partition_make(const pw_graph *g, int n_stages, pw_partition_method
             return st;
         }
     }
+    unsigned char *rg = grad_flags(g);
     for (int s = 0; s < n_stages; s++)
-        for (int i = out->begin[s]; i < out->begin[s + 1]; i++) out->flops[s] += node_flops(g, i);
+        for (int i = out->begin[s]; i < out->begin[s + 1]; i++) out->flops[s] += node_flops_rg(g, i, rg);
+    free(rg);
     return PW_OK;
 }
 

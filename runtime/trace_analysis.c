@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #define CLS_STEP 100            /* a "step" event: defines the rank's span */
 #define MAX_NAMES (1 << 16)     /* distinct event names kept; more share "(other)" */
@@ -78,6 +79,7 @@ typedef struct ta_rank {
     int64_t max_closed;         /* highest step reduced; -1 none */
     ta_bopen *bstack;
     size_t n_b, cap_b;
+    int has_events;             /* 0: only named by metadata events */
     int new_index;              /* after sorting ranks */
 } ta_rank;
 
@@ -720,6 +722,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
     if (r == -2) return PW_OK;
     if (r < 0) return oom();
     ta_rank *rk = &s->ranks[r];
+    rk->has_events = 1;
     int64_t step = rec->has & PW_TREC_STEP ? rec->step : 0;
     if (rec->ph == 'B') {
         VEC_PUSH(rk->bstack, rk->n_b, rk->cap_b, fail);
@@ -833,7 +836,10 @@ static void times_add(pw_ta_times *d, const pw_ta_times *x)
     for (int k = 0; k < 3; k++) d->n_actions[k] += x->n_actions[k];
 }
 
-/* Orders the ranks by (pid, tid) and renumbers what holds a rank index. */
+/* Keeps the ranks that have events (and, in a pipewright trace, ranks
+ * 0..R-1 of the metadata even without any), ordered by (pid, tid), and
+ * renumbers what holds a rank index. Threads a generic trace only names
+ * (thread_name metadata) are no ranks. */
 static pw_status sort_ranks(ta *s)
 {
     const size_t R = s->n_ranks;
@@ -844,12 +850,23 @@ static pw_status sort_ranks(ta *s)
         free(map);
         return oom();
     }
-    for (size_t i = 0; i < R; i++) s->ranks[i].new_index = (int)i; /* the old index, for now */
-    memcpy(sorted, s->ranks, R * sizeof *sorted);
-    qsort(sorted, R, sizeof *sorted, cmp_rank);
-    for (size_t i = 0; i < R; i++) map[sorted[i].new_index] = (int)i;
-    memcpy(s->ranks, sorted, R * sizeof *sorted);
-    for (size_t i = 0; i < R; i++) s->ranks[i].new_index = (int)i;
+    size_t kept = 0;
+    for (size_t i = 0; i < R; i++) {
+        ta_rank *k = &s->ranks[i];
+        k->new_index = (int)i; /* the old index, for now */
+        map[i] = -1;
+        if (k->has_events || (s->a->has_meta && k->pid == 0 && k->tid >= 0 && k->tid < s->a->meta.ranks)) {
+            sorted[kept++] = *k;
+        } else {
+            free(k->bstack);
+            free(k->open);
+        }
+    }
+    qsort(sorted, kept, sizeof *sorted, cmp_rank);
+    for (size_t i = 0; i < kept; i++) map[sorted[i].new_index] = (int)i;
+    memcpy(s->ranks, sorted, kept * sizeof *sorted);
+    s->n_ranks = kept;
+    for (size_t i = 0; i < kept; i++) s->ranks[i].new_index = (int)i;
     for (size_t i = 0; i < s->n_recs; i++) s->recs[i].rank = map[s->recs[i].rank];
     for (size_t i = 0; i < s->n_causes; i++) {
         s->causes[i].rank = map[s->causes[i].rank];
@@ -865,7 +882,7 @@ static pw_status sort_ranks(ta *s)
     s->rank_ht = NULL;
     s->rank_ht_cap = 0;
     s->last_rank = -1;
-    for (size_t i = 0; i < R; i++)
+    for (size_t i = 0; i < kept; i++)
         if (rank_lookup(s, s->ranks[i].pid, s->ranks[i].tid) < 0) return oom();
     return PW_OK;
 }
@@ -901,7 +918,10 @@ static void explain(ta *s)
     /* The model: each rank spends tf per micro-batch forward and tb backward
      * (B + W); a stage that is slower sets the pace of the steady state. */
     const int m = a->micro_batches;
-    int model_ok = a->has_meta && a->meta.stages == R && R >= 1 && m >= 1 && a->n_analysed > 0;
+    const char *sched = a->has_meta ? a->meta.schedule : "";
+    const int gpipe = !strcasecmp(sched, "gpipe");
+    const int known = gpipe || !strcasecmp(sched, "1f1b") || !strcasecmp(sched, "pipedream-flush");
+    int model_ok = known && a->meta.stages == R && R >= 1 && m >= 1 && a->n_analysed > 0;
     double sum_t = 0, max_t = 0, sum_f = 0, max_f = 0, sum_b = 0, max_b = 0, sum_o = 0, max_o = 0;
     double min_t = INFINITY;
     for (int r = 0; model_ok && r < R; r++) {
@@ -933,7 +953,6 @@ static void explain(ta *s)
     }
     double T = a->theory;
     if (model_ok && max_t > 0) {
-        const int gpipe = !strcmp(a->meta.schedule, "gpipe");
         double w0 = gpipe ? sum_f + (m - 1) * max_f + sum_b + (m - 1) * max_b : sum_t + (m - 1) * max_t;
         double w1 = w0 + max_o;
         a->model_bubble = 1.0 - m * sum_t / (R * w0);
@@ -946,7 +965,8 @@ static void explain(ta *s)
     else EX("measured %.1f%%; no theory for this schedule", 100 * X);
     if (a->model_bubble < 0) {
         if (!a->has_meta) EX(" (no pipewright metadata: no model of the stages)");
-        else EX(" (stage-time model unavailable: needs F and B events on every rank)");
+        else if (!known) EX(" (the stage-time model covers GPipe and 1F1B, not '%s')", sched);
+        else EX(" (stage-time model unavailable: needs F and B events on every rank of one replica)");
         return;
     }
     a->points_optimizer = 100 * (a->model_bubble_optim - a->model_bubble);
@@ -1037,7 +1057,9 @@ static pw_status finish(ta *s)
             pw_ta_rank_step *rs = &sp->ranks[r];
             pw_ta_times *t = &rs->t;
             const ta_rec *rc = NULL;
-            while (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank < r) ri++;
+            while (ri < s->n_recs && (s->recs[ri].step < sp->step ||
+                                      (s->recs[ri].step == sp->step && s->recs[ri].rank < r)))
+                ri++;
             if (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank == r) rc = &s->recs[ri];
             t->window = W;
             if (!rc) {

@@ -410,6 +410,48 @@ void pw_engine_destroy(pw_engine *e)
 
 /* -------------------------------------------------------------- a step */
 
+/* End-of-step invariant (STYLE §14), run on the caller's thread once every
+ * worker has stopped: each micro-batch has left every chunk (slots free),
+ * every buffer is back in its pool and every message was received. A
+ * validated schedule always satisfies it; a hand-written one that skips a
+ * backward or a receive gets named here instead of failing obscurely in the
+ * next step. */
+static pw_status audit_step(pw_engine *e, int64_t step)
+{
+    for (int c = 0; c < e->C; c++) {
+        const pw_echunk *ch = &e->chunks[c];
+        if (ch->n_free == ch->n_slots) continue;
+        for (int m = 0; m < e->M; m++)
+            if (pw_eng_mb(e, c, m)->slot >= 0)
+                return pw_error(PW_ERR_SCHEDULE,
+                                "engine: step %lld ended with micro-batch %d still in flight on "
+                                "chunk %d (rank %d): its last backward never ran",
+                                (long long)step, m, c, ch->rank);
+        return pw_error(PW_ERR_INTERNAL, "engine: chunk %d lost an activation slot in step %lld", c,
+                        (long long)step);
+    }
+    for (int d = 0; d < 2; d++)
+        for (int c = 0; c < e->C; c++)
+            for (int m = 0; m < e->M; m++)
+                if (pw_eng_mail(e, d, c, m)->arrived) {
+                    int src = d == PW_DIR_F ? c - 1 : c + 1;
+                    return pw_error(PW_ERR_SCHEDULE,
+                                    "engine: step %lld ended with an unreceived message: %s of "
+                                    "micro-batch %d from chunk %d (rank %d) to chunk %d (rank %d)",
+                                    (long long)step, d == PW_DIR_F ? "SEND_F" : "SEND_B", m, src,
+                                    e->chunks[src].rank, c, e->chunks[c].rank);
+                }
+    for (int i = 0; e->pools && i < 2 * (e->C - 1); i++) {
+        const pw_pool *p = &e->pools[i];
+        if (p->top != p->n)
+            return pw_error(PW_ERR_INTERNAL,
+                            "engine: step %lld ended with %d of %d %s buffers of link %d->%d not returned",
+                            (long long)step, p->n - p->top, p->n, p->grad ? "gradient" : "activation",
+                            p->link, p->link + 1);
+    }
+    return PW_OK;
+}
+
 /* After a failure, how long run_step waits for the other workers to leave
  * the step before it returns anyway (a worker inside a stage callback that
  * never returns cannot be interrupted). */
@@ -472,6 +514,10 @@ pw_status pw_engine_run_step(pw_engine *e, int64_t step)
                 }
         }
         st = pw_error(e->err, "%s%s", e->err_msg, note);
+    } else if ((st = audit_step(e, step)) != PW_OK) {
+        e->failed = 1;
+        e->err = st;
+        snprintf(e->err_msg, sizeof e->err_msg, "%s", pw_last_error());
     }
     pthread_mutex_unlock(&e->mu);
     return st;

@@ -25,6 +25,21 @@
  * waits longer than watchdog_s for a message, stops every worker; run_step
  * returns the first error with its message ("rank 1 (chunk 1): waited 30.0 s
  * for RECV_F of micro-batch 7 from rank 0"). No hang.
+ *
+ * Details (docs/engine.md has the whole design):
+ *   - pw_engine_create checks shapes, every action's fields, the report's
+ *     per-chunk peaks and that each link's port sizes agree on both ends; it
+ *     does not re-run the validator. A schedule that was never validated
+ *     still cannot crash the engine: a receive nobody sends ends in the
+ *     watchdog error, a misplaced action in a clear PW_ERR_SCHEDULE.
+ *   - After any failed step the engine only accepts pw_engine_destroy
+ *     (run_step repeats the error). A stage callback cannot be interrupted:
+ *     when one has not returned max(2 s, watchdog_s) after the failure,
+ *     run_step returns anyway ("rank R did not stop: still inside a stage
+ *     callback"), destroy returns at once and the stuck worker frees the
+ *     engine when its callback returns; the schedule and the chunks must
+ *     stay valid until then.
+ *   - Statistics and chunk peaks are read between steps, not during one.
  */
 #ifndef PW_SCHEDULER_ENGINE_H
 #define PW_SCHEDULER_ENGINE_H

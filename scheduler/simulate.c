@@ -51,6 +51,7 @@ typedef struct sim {
     sim_cost *cost;         /* [C] */
     int *link_f, *link_b;   /* [C]: link of boundary k (chunk k -> k+1 forward,
                              * k+1 -> k backward); -1 when both on one rank */
+    int64_t *xfer_f, *xfer_b; /* [C]: ns the message of boundary k holds its link */
     sim_link *links;        /* [n_links] */
     int64_t *arr_f, *arr_b; /* [C][M] arrival of the message over boundary k
                              * for micro-batch mb; -1: not sent yet */
@@ -131,7 +132,10 @@ static pw_status build_links(sim *m, const pw_sim_config *cfg)
 {
     const pw_schedule *s = m->s;
     const int C = m->C;
-    for (int k = 0; k < C; k++) m->link_f[k] = m->link_b[k] = -1;
+    for (int k = 0; k < C; k++) {
+        m->link_f[k] = m->link_b[k] = -1;
+        m->xfer_f[k] = m->xfer_b[k] = 0;
+    }
     link_key *keys = malloc((size_t)(2 * C + 1) * sizeof *keys);
     if (!keys) return pw_error(PW_ERR_NOMEM, "simulate: out of memory (links)");
     int n = 0;
@@ -155,10 +159,44 @@ static pw_status build_links(sim *m, const pw_sim_config *cfg)
             st = link_param(cfg, (int)(keys[i].pair / m->R), (int)(keys[i].pair % m->R),
                             &m->links[id]);
         }
-        (keys[i].dir ? m->link_b : m->link_f)[keys[i].boundary] = id;
+        int k = keys[i].boundary;
+        (keys[i].dir ? m->link_b : m->link_f)[k] = id;
+        /* The message of a boundary always has the same size and link, so
+         * its transfer time is known before the run. */
+        double ns = (double)m->cost[k].msg_bytes * m->links[id].ns_per_byte;
+        (keys[i].dir ? m->xfer_b : m->xfer_f)[k] = ns < 9e18 ? llround(ns) : INT64_MAX / 4;
     }
     free(keys);
     return st;
+}
+
+/* Every time the simulation computes is at most the sum, over all actions,
+ * of the largest time one action can add (a critical path visits each action
+ * at most once, a link's queue holds at most every message); keeping that
+ * below 2^62 ns keeps the int64 clock from overflowing on absurd costs. */
+static pw_status check_clock(const sim *m)
+{
+    double most = 0.0, total = 1.0;
+    for (int c = 0; c < m->C; c++) {
+        const sim_cost *k = &m->cost[c];
+        double x[] = {(double)k->f, (double)k->b, (double)k->w, (double)k->allreduce,
+                      (double)m->xfer_f[c], (double)m->xfer_b[c]};
+        for (size_t i = 0; i < sizeof x / sizeof x[0]; i++)
+            if (x[i] > most) most = x[i];
+    }
+    for (int r = 0; r < m->R; r++) {
+        if ((double)m->rk[r].optim_ns > most) most = (double)m->rk[r].optim_ns;
+        total += m->s->ranks[r].n_actions;
+    }
+    for (int64_t i = 0; i < 2 * (int64_t)m->C; i++) {
+        int id = i < m->C ? m->link_f[i] : m->link_b[i - m->C];
+        if (id >= 0 && (double)m->links[id].latency > most) most = (double)m->links[id].latency;
+    }
+    if (most * total > 4.6e18)
+        return pw_error(PW_ERR_INVALID_ARG, "simulate: the costs are too large for the simulated "
+                        "clock (an action or message of %.3g s, %.0f actions: over 146 years)",
+                        most * 1e-9, total - 1);
+    return PW_OK;
 }
 
 /* ------------------------------------------------------------------ run */
@@ -196,7 +234,7 @@ static void send(sim *m, int r, int k, int dir, int mb, int64_t t)
     sim_link *l = &m->links[(dir ? m->link_b : m->link_f)[k]];
     int64_t bytes = m->cost[k].msg_bytes;
     int64_t leave = t > l->free_at ? t : l->free_at;
-    l->free_at = leave + (l->ns_per_byte > 0.0 ? llround((double)bytes * l->ns_per_byte) : 0);
+    l->free_at = leave + (dir ? m->xfer_b : m->xfer_f)[k];
     (dir ? m->arr_b : m->arr_f)[key] = l->free_at + l->latency;
     m->n_messages++;
     int dst_chunk = dir ? k : k + 1, dst = pw_sched_rank_of(m->s, dst_chunk);
@@ -210,6 +248,8 @@ static void send(sim *m, int r, int k, int dir, int mb, int64_t t)
         if (w->kind == want && w->chunk == dst_chunk && w->mb == mb) {
             d->parked = 0;
             m->stack[m->sp++] = dst;
+            __builtin_prefetch(w + 1); /* it runs next, from memory nobody touched lately */
+            __builtin_prefetch(w + 6);
         }
     }
 }
@@ -391,6 +431,7 @@ pw_status pw_simulate(const pw_schedule *s, const pw_sim_config *cfg, pw_sim_res
     size_t o_rk = size;    size += (size_t)R * sizeof(sim_rank);
     size_t o_cost = size;  size += (size_t)C * sizeof(sim_cost);
     size_t o_arr = size;   size += 2 * keys * sizeof(int64_t);
+    size_t o_xf = size;    size += 2 * (size_t)C * sizeof(int64_t);
     size_t o_lf = size;    size += 2 * (size_t)C * sizeof(int);
     size_t o_stack = size; size += (size_t)R * sizeof(int);
     char *block = malloc(size);
@@ -401,18 +442,21 @@ pw_status pw_simulate(const pw_schedule *s, const pw_sim_config *cfg, pw_sim_res
         .cost = (sim_cost *)(block + o_cost),
         .arr_f = (int64_t *)(block + o_arr),
         .link_f = (int *)(block + o_lf),
+        .xfer_f = (int64_t *)(block + o_xf),
         .stack = (int *)(block + o_stack),
         .trace = cfg ? cfg->trace : NULL,
         .step = cfg && cfg->step > 0 ? cfg->step : 1,
     };
     m.arr_b = m.arr_f + keys;
     m.link_b = m.link_f + C;
+    m.xfer_b = m.xfer_f + C;
     memset(m.rk, 0, (size_t)R * sizeof *m.rk);
     memset(m.arr_f, 0xff, 2 * keys * sizeof(int64_t)); /* -1: not sent */
 
     pw_status st;
     PW_CHECK_GOTO(load_costs(&m, cfg), st, out);
     PW_CHECK_GOTO(build_links(&m, cfg), st, out);
+    PW_CHECK_GOTO(check_clock(&m), st, out);
 
     for (int r = R - 1; r >= 0; r--) m.stack[m.sp++] = r; /* rank 0 runs first */
     while (m.sp > 0) {

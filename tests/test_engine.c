@@ -792,8 +792,9 @@ Test(engine, checker_catches_bound, .timeout = TIMEOUT)
         unsetenv("PW_DEBUG_CHECK");
         pw_status st = pw_engine_run_step(h.e, 1);
         cr_assert_eq(st, PW_ERR_SCHEDULE, "%s", pw_last_error());
-        cr_assert(strstr(pw_last_error(), "3 micro-batches in flight, above the bound of 2"), "%s",
-                  pw_last_error());
+        cr_assert(strstr(pw_last_error(), "rank 0, position 2 (F mb 2): 3 micro-batches in flight, above the "
+                                          "bound of 2"),
+                  "%s", pw_last_error());
         harness_fini(&h);
     }
 }
@@ -809,6 +810,23 @@ Test(engine, report_too_small_is_clear, .timeout = TIMEOUT)
     pw_status st = pw_engine_run_step(h.e, 1);
     cr_assert_eq(st, PW_ERR_INTERNAL, "%s", pw_last_error());
     cr_assert(strstr(pw_last_error(), "F of micro-batch 2: no free activation slot"), "%s", pw_last_error());
+    harness_fini(&h);
+}
+
+Test(engine, incomplete_step_is_named, .timeout = TIMEOUT)
+{
+    /* Never validated: micro-batch 1 has no backward. */
+    pw_schedule *s = parse("# pipewright schedule v1: ranks=1 micro_batches=2\n0F0,0F1,0B0,OPT\n");
+    harness h;
+    harness_init(&h, s, own_report(s, 2), &fake_full_i);
+    pw_engine_config cfg = harness_config(&h);
+    harness_create(&h, &cfg);
+    pw_status st = pw_engine_run_step(h.e, 1);
+    cr_assert_eq(st, PW_ERR_SCHEDULE, "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "step 1 ended with micro-batch 1 still in flight on chunk 0 (rank 0): "
+                                      "its last backward never ran"),
+              "%s", pw_last_error());
+    cr_assert_eq(pw_engine_run_step(h.e, 2), PW_ERR_SCHEDULE);
     harness_fini(&h);
 }
 

@@ -343,7 +343,8 @@ Test(partition, flops_balanced_is_optimal_on_random_chains, .timeout = TIMEOUT)
         for (int i = 0; i < g->n_nodes; i++) {
             pw_op_cost c;
             pw_graph_node_cost(g, i, &c);
-            w[i] = c.flops_fwd + c.flops_bwd_input + c.flops_bwd_weight;
+            /* The first layer reads the data input: no input gradient. */
+            w[i] = c.flops_fwd + (i > 0 ? c.flops_bwd_input : 0.0) + c.flops_bwd_weight;
         }
         for (int S = 1; S <= g->n_nodes && S <= 5; S++) {
             pw_partition pt;

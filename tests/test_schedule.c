@@ -1,5 +1,9 @@
 /* Tests for the schedule IR (scheduler/schedule.h): generators, lowering,
- * validator, run-time checker, CSV form, theory and printing. */
+ * validator, run-time checker, CSV form, theory and printing.
+ *
+ * Every test has the same .timeout (300 s, room for the 25 M-action scale
+ * test under AddressSanitizer): Criterion runs tests with different timeouts
+ * in a way that shows up as a leak under LeakSanitizer. */
 #include <criterion/criterion.h>
 #include <criterion/parameterized.h>
 #include <stdio.h>
@@ -111,7 +115,7 @@ ParameterizedTestParameters(schedule, generated)
 
 /* Every generated schedule lowers, validates, has the theoretical peaks and
  * bubble, round-trips through CSV, and passes the run-time checker. */
-ParameterizedTest(gen_param *p, schedule, generated, .timeout = 60)
+ParameterizedTest(gen_param *p, schedule, generated, .timeout = 300)
 {
     const int S = p->stages, W = p->split_w;
     const char *name = pw_schedule_kind_name(p->kind);
@@ -145,7 +149,13 @@ ParameterizedTest(gen_param *p, schedule, generated, .timeout = 60)
                                name, S, M, rep->bubble, theory);
         } else {
             cr_assert_leq(rep->bubble, pw_schedule_theoretical_bubble(p->kind, S, M) + 1e-12);
+            /* The gradient leaves after B, before W: 3M + 2(S-1) steps. */
+            cr_assert_eq(rep->makespan, 3 * (int64_t)M + 2 * (S - 1), "%s S=%d M=%d", name, S, M);
         }
+        pw_schedule_config cfg = {.kind = p->kind, .n_stages = S, .n_micro = M, .split_w = W};
+        cr_assert_float_eq(rep->bubble, pw_schedule_config_bubble(&cfg), 1e-12, "%s S=%d M=%d W=%d",
+                           name, S, M, W);
+        for (int r = 0; r < S; r++) cr_assert_eq(rep->peak_stages[r], (double)rep->peak_inflight[r]);
 
         /* Lowering is idempotent. */
         pw_schedule *again = gen_lowered(p->kind, S, M, W);
@@ -202,7 +212,7 @@ ParameterizedTest(gen_param *p, schedule, generated, .timeout = 60)
 
 /* ----------------------------------------------------------- exact orders */
 
-Test(schedule, gpipe_order)
+Test(schedule, gpipe_order, .timeout = 300)
 {
     pw_schedule *s = gen(PW_SCHEDULE_GPIPE, 4, 4, 0, 0);
     char row[512];
@@ -211,7 +221,7 @@ Test(schedule, gpipe_order)
     pw_schedule_destroy(s);
 }
 
-Test(schedule, onefoneb_order)
+Test(schedule, onefoneb_order, .timeout = 300)
 {
     pw_schedule *s = gen(PW_SCHEDULE_1F1B, 4, 8, 0, 0);
     char row[512];
@@ -227,7 +237,7 @@ Test(schedule, onefoneb_order)
     pw_schedule_destroy(s);
 }
 
-Test(schedule, lowering_placement)
+Test(schedule, lowering_placement, .timeout = 300)
 {
     pw_schedule *s = gen_lowered(PW_SCHEDULE_1F1B, 3, 2, 0);
     size_t len;
@@ -241,7 +251,7 @@ Test(schedule, lowering_placement)
     pw_schedule_destroy(s);
 }
 
-Test(schedule, allreduce_buckets)
+Test(schedule, allreduce_buckets, .timeout = 300)
 {
     pw_schedule *s = gen(PW_SCHEDULE_1F1B, 3, 4, 0, 2);
     cr_assert_eq(pw_schedule_lower(s), PW_OK);
@@ -272,7 +282,7 @@ Test(schedule, allreduce_buckets)
 #define GOOD0 "0F0,0SF0,0F1,0SF1,0RB0,0B0,0RB1,0B1,OPT\n"
 #define GOOD1 "1RF0,1F0,1B0,1SB0,1RF1,1F1,1B1,1SB1,OPT\n"
 
-Test(schedule_broken, baseline_is_valid)
+Test(schedule_broken, baseline_is_valid, .timeout = 300)
 {
     pw_schedule *s = from_csv(HDR GOOD0 GOOD1);
     pw_schedule_report *rep = NULL;
@@ -283,7 +293,7 @@ Test(schedule_broken, baseline_is_valid)
     pw_schedule_destroy(s);
 }
 
-Test(schedule_broken, missing_receive)
+Test(schedule_broken, missing_receive, .timeout = 300)
 {
     expect_invalid(HDR GOOD0 "1RF0,1F0,1B0,1SB0,1F1,1B1,1SB1,OPT\n",
                    "rank 1, position 4 (F mb 1): missing receive: F needs its input from rank 0, "
@@ -293,7 +303,7 @@ Test(schedule_broken, missing_receive)
                    "rank 1, but no RECV_B mb 1 comes before it");
 }
 
-Test(schedule_broken, unmatched_send)
+Test(schedule_broken, unmatched_send, .timeout = 300)
 {
     /* Rank 0 sends mb 1 forward, but rank 1 never takes it. */
     expect_invalid(HDR "0F0,0SF0,0F1,0SF1,0RB0,0B0,OPT\n"
@@ -302,7 +312,7 @@ Test(schedule_broken, unmatched_send)
                    "receives it (no RECV_F mb 1)");
 }
 
-Test(schedule_broken, unmatched_receive)
+Test(schedule_broken, unmatched_receive, .timeout = 300)
 {
     /* Rank 1 waits for mb 1, which rank 0 computes but never sends. */
     expect_invalid(HDR "0F0,0SF0,0F1,0RB0,0B0,OPT\n" GOOD1,
@@ -310,18 +320,18 @@ Test(schedule_broken, unmatched_receive)
                    "finished without sending it");
 }
 
-Test(schedule_broken, b_before_f)
+Test(schedule_broken, b_before_f, .timeout = 300)
 {
     expect_invalid(HDR GOOD0 "1RF0,1B0,1F0,1SB0,1RF1,1F1,1B1,1SB1,OPT\n",
                    "rank 1, position 1 (B mb 0): B before its F (F mb 0 has not run)");
 }
 
-Test(schedule_broken, w_before_b)
+Test(schedule_broken, w_before_b, .timeout = 300)
 {
     expect_invalid("0F0,0W0,0B0,OPT\n", "rank 0, position 1 (W mb 0): W before its B (B mb 0 has not run)");
 }
 
-Test(schedule_broken, cyclic_wait)
+Test(schedule_broken, cyclic_wait, .timeout = 300)
 {
     /* Rank 0 wants the gradient of mb 1 before sending mb 1 forward; rank 1
      * needs mb 1 forward before it can produce that gradient. */
@@ -331,7 +341,7 @@ Test(schedule_broken, cyclic_wait)
                    "position 2 (RECV_F mb 1 from rank 0) waits");
 }
 
-Test(schedule_broken, docs_deadlock)
+Test(schedule_broken, docs_deadlock, .timeout = 300)
 {
     /* The edit docs/schedules.md warns about: 0B0 right after 0F0. */
     expect_invalid("0F0,0B0,0F1,0F2,0F3,0B1,0B2,0B3,OPT\n"
@@ -342,7 +352,7 @@ Test(schedule_broken, docs_deadlock)
                    "position 3 (RECV_F mb 1 from rank 0) waits (4 ranks blocked in all)");
 }
 
-Test(schedule_broken, cycle_among_many)
+Test(schedule_broken, cycle_among_many, .timeout = 300)
 {
     /* Ranks 1 and 2 wait on each other; ranks 0 and 3 wait behind them. Only
      * the cycle is named. */
@@ -365,13 +375,13 @@ Test(schedule_broken, cycle_among_many)
     pw_schedule_destroy(s);
 }
 
-Test(schedule_broken, duplicate_f)
+Test(schedule_broken, duplicate_f, .timeout = 300)
 {
     expect_invalid("0F0,0F0,0F1,0B0,0B1,OPT\n1F0,1B0,1F1,1B1,OPT\n",
                    "rank 0, position 2 (F mb 0): duplicate F: mb 0 already ran its F");
 }
 
-Test(schedule_broken, missing_b)
+Test(schedule_broken, missing_b, .timeout = 300)
 {
     expect_invalid("# pipewright schedule v1: micro_batches=2\n0F0,0F1,0B0,OPT\n",
                    "rank 0, position 3 (OPTIM): OPTIM before the last backward of chunk 0 (1 of 2 "
@@ -381,7 +391,7 @@ Test(schedule_broken, missing_b)
                    "rank 0, at the end: mb 1 never runs F");
 }
 
-Test(schedule_broken, w_without_split)
+Test(schedule_broken, w_without_split, .timeout = 300)
 {
     expect_invalid("# pipewright schedule v1: split_w=0\n0F0,0B0,0W0,OPT\n",
                    "rank 0, position 2 (W mb 0): W in a schedule that does not split W (split_w=0)");
@@ -390,7 +400,7 @@ Test(schedule_broken, w_without_split)
                    "OPTIM before the last backward of chunk 0 (0 of 1 micro-batches done)");
 }
 
-Test(schedule_broken, optim_rules)
+Test(schedule_broken, optim_rules, .timeout = 300)
 {
     expect_invalid("0F0,0B0,OPT,OPT\n", "rank 0, position 3 (OPTIM): second OPTIM (once per rank)");
     expect_invalid("0F0,OPT,0B0\n", "rank 0, position 1 (OPTIM): OPTIM before the last backward");
@@ -398,7 +408,7 @@ Test(schedule_broken, optim_rules)
                    "rank 1, position 8 (SEND_B mb 1 to rank 0): action after OPTIM");
 }
 
-Test(schedule_broken, bad_messages)
+Test(schedule_broken, bad_messages, .timeout = 300)
 {
     expect_invalid(HDR "0RF0,0F0,0SF0,0F1,0SF1,0RB0,0B0,0RB1,0B1,OPT\n" GOOD1,
                    "rank 0, position 0 (RECV_F mb 0 from no rank): RECV_F into chunk 0: the first "
@@ -411,7 +421,7 @@ Test(schedule_broken, bad_messages)
                    "rank 0, position 2 (SEND_F mb 0 to rank 1): duplicate SEND_F");
 }
 
-Test(schedule_broken, bad_structs)
+Test(schedule_broken, bad_structs, .timeout = 300)
 {
     pw_schedule *s = gen_lowered(PW_SCHEDULE_1F1B, 2, 2, 0);
     pw_action saved = s->ranks[0].actions[0];
@@ -451,7 +461,7 @@ Test(schedule_broken, bad_structs)
 
 /* ------------------------------------------------------ generator arguments */
 
-Test(schedule, bad_configs)
+Test(schedule, bad_configs, .timeout = 300)
 {
     pw_schedule *s = (pw_schedule *)1;
     pw_schedule_config cfg = {.kind = PW_SCHEDULE_1F1B, .n_stages = 0, .n_micro = 4};
@@ -478,7 +488,7 @@ Test(schedule, bad_configs)
     pw_schedule_checker_destroy(NULL);
 }
 
-Test(schedule, names_and_theory)
+Test(schedule, names_and_theory, .timeout = 300)
 {
     pw_schedule_kind k;
     cr_assert_eq(pw_schedule_kind_parse("1F1B", &k), PW_OK);
@@ -511,7 +521,7 @@ Test(schedule, names_and_theory)
 
 /* ----------------------------------------------------------------- CSV */
 
-Test(schedule_csv, malformed_cells)
+Test(schedule_csv, malformed_cells, .timeout = 300)
 {
     expect_parse_error("0F0,0X3,OPT\n", "bad.csv:1:6: error: malformed cell '0X3': unknown action 'X'");
     expect_parse_error("0F0,0B0,OPT\n\n  0F0, F3\n", "bad.csv:3:8: error: malformed cell 'F3': missing chunk number before 'F'");
@@ -524,7 +534,7 @@ Test(schedule_csv, malformed_cells)
     expect_parse_error("0F0,0AR\n", "bad.csv:1:8: error: malformed cell '0AR': missing bucket number after 'AR'");
 }
 
-Test(schedule_csv, bad_rank_or_chunk)
+Test(schedule_csv, bad_rank_or_chunk, .timeout = 300)
 {
     expect_parse_error("0F0,1F0,OPT\n1F0,1B0,OPT\n",
                        "bad.csv:1:5: error: chunk 1 runs on rank 1 (chunk mod 2), but this row is rank 0");
@@ -538,7 +548,7 @@ Test(schedule_csv, bad_rank_or_chunk)
                        "bad.csv:2:5: error: 'AR0' names no chunk, but ranks hold 2 chunks each");
 }
 
-Test(schedule_csv, bad_headers)
+Test(schedule_csv, bad_headers, .timeout = 300)
 {
     expect_parse_error("# pipewright schedule v1: stages=4\n0F0\n",
                        "bad.csv:1:27: error: header: unknown key 'stages'");
@@ -555,7 +565,7 @@ Test(schedule_csv, bad_headers)
     expect_parse_error("OPT\n", "no cell names a micro-batch");
 }
 
-Test(schedule_csv, lenient_forms)
+Test(schedule_csv, lenient_forms, .timeout = 300)
 {
     /* Comments, blank lines, spaces, empty cells, lower case, CRLF, AR<b>. */
     const char *text = "# my schedule\n"
@@ -577,7 +587,7 @@ Test(schedule_csv, lenient_forms)
     pw_schedule_destroy(s);
 }
 
-Test(schedule_csv, compute_only_is_lowered)
+Test(schedule_csv, compute_only_is_lowered, .timeout = 300)
 {
     pw_schedule *s = from_csv("0F0,0F1,0B0,0B1,OPT\n1F0,1B0,1F1,1B1,OPT\n");
     cr_assert_eq(s->lowered, 1);
@@ -591,7 +601,7 @@ Test(schedule_csv, compute_only_is_lowered)
 
 /* Two ranks, two chunks each (chunk c on rank c mod 2): the IR, lowering and
  * validator handle interleaved placements; local hand-overs need no message. */
-Test(schedule_csv, interleaved_chunks)
+Test(schedule_csv, interleaved_chunks, .timeout = 300)
 {
     const char *text = "0F0,0F1,2F0,2F1,2B0,2B1,0B0,0B1,OPT\n"
                        "1F0,1F1,3F0,3F1,3B0,3B1,1B0,1B1,OPT\n";
@@ -621,7 +631,7 @@ Test(schedule_csv, interleaved_chunks)
                    "too: the hand-over is local, not a message");
 }
 
-Test(schedule_csv, load_and_save)
+Test(schedule_csv, load_and_save, .timeout = 300)
 {
     char path[512];
     snprintf(path, sizeof path, "%s/test_schedule_%d.csv", PW_BINARY_DIR, (int)getpid());
@@ -641,7 +651,7 @@ Test(schedule_csv, load_and_save)
 
 /* Every ```csv block in docs/schedules.md parses and validates, so the
  * examples a user copies keep working. */
-Test(schedule_csv, docs_examples)
+Test(schedule_csv, docs_examples, .timeout = 300)
 {
     char path[512];
     snprintf(path, sizeof path, "%s/docs/schedules.md", PW_SOURCE_DIR);
@@ -670,7 +680,7 @@ Test(schedule_csv, docs_examples)
 
 /* --------------------------------------------------------------- printing */
 
-Test(schedule, print_timeline)
+Test(schedule, print_timeline, .timeout = 300)
 {
     pw_schedule *s = gen_lowered(PW_SCHEDULE_1F1B, 4, 8, 0);
     char *buf = NULL;
@@ -699,6 +709,432 @@ Test(schedule, print_timeline)
     pw_schedule_destroy(s);
 }
 
+/* ------------------------------------- interleaved and zero-bubble schedules */
+
+typedef struct new_param {
+    pw_schedule_kind kind;
+    int v;        /* chunks_per_rank asked for (0: the kind's default) */
+    int stages;
+} new_param;
+
+ParameterizedTestParameters(schedule_new, generated)
+{
+    static new_param params[6 * 8];
+    static const new_param kinds[] = {
+        {PW_SCHEDULE_INTERLEAVED, 2, 0}, {PW_SCHEDULE_INTERLEAVED, 3, 0},
+        {PW_SCHEDULE_INTERLEAVED, 4, 0}, {PW_SCHEDULE_ZB_H1, 0, 0},
+        {PW_SCHEDULE_ZB_H2, 0, 0},       {PW_SCHEDULE_ZB_V, 0, 0},
+    };
+    int n = 0;
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
+        for (int S = 1; S <= 8; S++) params[n++] = (new_param){kinds[k].kind, kinds[k].v, S};
+    return cr_make_param_array(new_param, params, (size_t)n);
+}
+
+/* The published peak activation memory of rank 0, in stage units (one
+ * micro-batch's activations of a whole stage), once m is large enough for
+ * the schedule to reach it; -1 when m is too small. */
+static double published_peak(pw_schedule_kind kind, int S, int v, int M)
+{
+    switch (kind) {
+    case PW_SCHEDULE_ZB_H1: return M >= S ? S : -1;               /* as 1F1B: p */
+    case PW_SCHEDULE_ZB_H2: return M >= 2 * S - 1 ? 2 * S - 1 : -1; /* 2p - 1 */
+    case PW_SCHEDULE_ZB_V: return M >= 2 * S - 1 ? S : -1;          /* p */
+    case PW_SCHEDULE_INTERLEAVED:
+        /* Korthikanti et al. 2022, §4.2: the first stage holds p(1 + (p-1)/(pv)). */
+        return S == 1 || M >= 2 * S ? S + (double)(S - 1) / v : -1;
+    default: return -1;
+    }
+}
+
+/* Every interleaved and zero-bubble schedule of 1..8 stages and 1..16, p, 2p,
+ * 4p micro-batches (interleaved: multiples of p) lowers, validates, has the
+ * closed-form peaks and bubble, the published memory, round-trips through
+ * CSV, and passes the run-time checker at its own bound. */
+ParameterizedTest(new_param *p, schedule_new, generated, .timeout = 300)
+{
+    const int S = p->stages;
+    const char *name = pw_schedule_kind_name(p->kind);
+    int Ms[19], nM = 0;
+    for (int M = 1; M <= 16; M++) Ms[nM++] = M;
+    Ms[nM++] = 2 * S > 16 ? 2 * S : 17;
+    Ms[nM++] = 4 * S > 16 ? 4 * S : 18;
+    Ms[nM++] = 20 + S;
+    int tested = 0;
+    for (int i = 0; i < nM; i++) {
+        const int M = Ms[i];
+        pw_schedule_config cfg = {.kind = p->kind, .n_stages = S, .n_micro = M, .chunks_per_rank = p->v};
+        pw_schedule *compute = NULL;
+        pw_status st = pw_schedule_generate(&cfg, &compute);
+        if (p->kind == PW_SCHEDULE_INTERLEAVED && M % S != 0) {
+            cr_assert_eq(st, PW_ERR_INVALID_ARG);
+            cr_assert(strstr(pw_last_error(), "needs n_micro to be a multiple of n_stages"), "%s",
+                      pw_last_error());
+            continue;
+        }
+        cr_assert_eq(st, PW_OK, "%s S=%d M=%d: %s", name, S, M, pw_last_error());
+        tested++;
+        const int v = compute->chunks_per_rank, C = compute->n_chunks;
+        cr_assert_eq(v, p->kind == PW_SCHEDULE_ZB_V ? 2 : p->v ? p->v : 1);
+        cr_assert_eq(compute->split_w, p->kind != PW_SCHEDULE_INTERLEAVED);
+        /* (With one rank the V placement is the looping one, stored as NULL.) */
+        cr_assert_eq(compute->chunk_rank == NULL, p->kind != PW_SCHEDULE_ZB_V || S == 1);
+        for (int c = 0; c < C; c++) {
+            int want = p->kind != PW_SCHEDULE_ZB_V ? c % S : c < S ? c : 2 * S - 1 - c;
+            cr_assert_eq(pw_schedule_rank_of(compute, c), want, "%s S=%d chunk %d", name, S, c);
+        }
+        cr_assert_eq(pw_schedule_rank_of(compute, C), -1);
+        for (int r = 0; r < S; r++) {
+            const pw_rank_program *rp = &compute->ranks[r];
+            cr_assert_eq(rp->n_actions, v * M * (2 + compute->split_w) + 1, "%s S=%d M=%d rank %d",
+                         name, S, M, r);
+            cr_assert_eq(rp->actions[rp->n_actions - 1].kind, PW_ACT_OPTIM);
+        }
+
+        pw_schedule *s = NULL;
+        cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_OK);
+        cr_assert_eq(pw_schedule_lower(s), PW_OK, "%s", pw_last_error());
+        pw_schedule_report *rep = NULL;
+        cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK, "%s S=%d M=%d: %s", name, S, M,
+                     pw_last_error());
+        for (int r = 0; r < S; r++) {
+            int want = pw_schedule_config_peak(&cfg, r);
+            cr_assert_eq(rep->peak_inflight[r], want, "%s S=%d M=%d rank %d: peak %d, closed form %d",
+                         name, S, M, r, rep->peak_inflight[r], want);
+            cr_assert_float_eq(rep->peak_stages[r], (double)want / v, 1e-12);
+        }
+        /* The published memory, in stage units; never above it. */
+        double pub = published_peak(p->kind, S, v, M);
+        double bound = published_peak(p->kind, S, v, 1 << 20);
+        for (int r = 0; r < S; r++)
+            cr_assert_leq(rep->peak_stages[r], bound + 1e-12, "%s S=%d M=%d rank %d: %g stages",
+                          name, S, M, r, rep->peak_stages[r]);
+        if (pub >= 0)
+            cr_assert_float_eq(rep->peak_stages[0], pub, 1e-12, "%s S=%d M=%d: rank 0 holds %g "
+                               "stages, published %g", name, S, M, rep->peak_stages[0], pub);
+        /* Unit-cost bubble: the closed form, exactly. */
+        double theory = pw_schedule_config_bubble(&cfg);
+        cr_assert_float_eq(rep->bubble, theory, 1e-12, "%s S=%d M=%d: bubble %g, theory %g", name,
+                           S, M, rep->bubble, theory);
+        if (p->kind != PW_SCHEDULE_INTERLEAVED)
+            cr_assert_float_eq(pw_schedule_theoretical_bubble(p->kind, S, M), theory, 1e-15);
+        /* Messages: two per micro-batch over every boundary between ranks. */
+        int remote = 0;
+        for (int c = 0; c + 1 < C; c++) remote += pw_schedule_rank_of(s, c) != pw_schedule_rank_of(s, c + 1);
+        cr_assert_eq(rep->n_messages, 2 * (int64_t)M * remote);
+
+        /* Lowering is idempotent; CSV reads back equal and rewrites the same
+         * bytes; compute-only CSV reads back lowered. */
+        pw_schedule *again = NULL;
+        cr_assert_eq(pw_schedule_generate(&cfg, &again), PW_OK);
+        cr_assert_eq(pw_schedule_lower(again), PW_OK);
+        cr_assert_eq(pw_schedule_lower(again), PW_OK);
+        cr_assert(pw_schedule_equal(s, again));
+        pw_schedule_destroy(again);
+        size_t len1, len2;
+        char *csv1 = to_csv(s, &len1);
+        char head[160];
+        snprintf(head, sizeof head, "kind=%s ranks=%d chunks_per_rank=%d micro_batches=%d", name, S,
+                 v, M);
+        cr_assert(strstr(csv1, head), "%s", csv1);
+        cr_assert_eq(strstr(csv1, "placement=v\n") != NULL, p->kind == PW_SCHEDULE_ZB_V && S > 1);
+        pw_schedule *back = from_csv(csv1);
+        cr_assert(pw_schedule_equal(s, back), "%s S=%d M=%d: CSV round trip differs", name, S, M);
+        char *csv2 = to_csv(back, &len2);
+        cr_assert_eq(len1, len2);
+        cr_assert_eq(memcmp(csv1, csv2, len1), 0);
+        char *csv3 = to_csv(compute, NULL);
+        pw_schedule *back3 = from_csv(csv3);
+        cr_assert(pw_schedule_equal(s, back3), "%s S=%d M=%d: compute-only CSV", name, S, M);
+
+        /* Run-time checker at the validator's bound, and one below. */
+        for (int r = 0; r < S; r++) {
+            pw_schedule_checker *ck = NULL;
+            cr_assert_eq(pw_schedule_checker_create(s, r, rep->peak_inflight[r], &ck), PW_OK);
+            for (int k = 0; k < s->ranks[r].n_actions; k++)
+                cr_assert_eq(pw_schedule_checker_step(ck, &s->ranks[r].actions[k]), PW_OK, "%s",
+                             pw_last_error());
+            cr_assert_eq(pw_schedule_checker_finish(ck), PW_OK, "%s", pw_last_error());
+            pw_schedule_checker_destroy(ck);
+            if (rep->peak_inflight[r] > 1) {
+                cr_assert_eq(pw_schedule_checker_create(s, r, rep->peak_inflight[r] - 1, &ck), PW_OK);
+                st = PW_OK;
+                for (int k = 0; k < s->ranks[r].n_actions && st == PW_OK; k++)
+                    st = pw_schedule_checker_step(ck, &s->ranks[r].actions[k]);
+                cr_assert_eq(st, PW_ERR_SCHEDULE);
+                pw_schedule_checker_destroy(ck);
+            }
+        }
+        free(csv1);
+        free(csv2);
+        free(csv3);
+        pw_schedule_destroy(back);
+        pw_schedule_destroy(back3);
+        pw_schedule_report_destroy(rep);
+        pw_schedule_destroy(s);
+        pw_schedule_destroy(compute);
+    }
+    cr_assert_geq(tested, 3);
+}
+
+static pw_schedule *gen_cfg(pw_schedule_kind kind, int S, int M, int v, int buckets)
+{
+    pw_schedule_config cfg = {
+        .kind = kind, .n_stages = S, .n_micro = M, .chunks_per_rank = v, .n_buckets = buckets,
+    };
+    pw_schedule *s = NULL;
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_OK, "%s", pw_last_error());
+    return s;
+}
+
+/* The compute cells of one rank with their chunks ("0F0,4F0,..."). */
+static void compute_row_chunks(const pw_schedule *s, int r, char *buf, size_t n)
+{
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < s->ranks[r].n_actions; i++) {
+        const pw_action *a = &s->ranks[r].actions[i];
+        if (a->kind == PW_ACT_OPTIM) continue;
+        char cell[32];
+        pw_action_format(a, 0, cell, sizeof cell);
+        used += (size_t)snprintf(buf + used, n - used, "%s%s", used ? "," : "", cell);
+    }
+}
+
+Test(schedule_new, interleaved_order, .timeout = 300)
+{
+    char row[2048];
+    /* Megatron: warm-up 2(p-r-1) + (v-1)p forwards, chunks in groups of p. */
+    pw_schedule *s = gen_cfg(PW_SCHEDULE_INTERLEAVED, 2, 4, 2, 0);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,2F0,2F1,0F2,2B0,0F3,2B1,2F2,0B0,2F3,0B1,2B2,2B3,0B2,0B3");
+    compute_row_chunks(s, 1, row, sizeof row);
+    cr_assert_str_eq(row, "1F0,1F1,3F0,3B0,3F1,3B1,1F2,1B0,1F3,1B1,3F2,3B2,3F3,3B3,1B2,1B3");
+    pw_schedule_destroy(s);
+    s = gen_cfg(PW_SCHEDULE_INTERLEAVED, 4, 8, 2, 0);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,0F2,0F3,4F0,4F1,4F2,4F3,0F4,0F5,0F6,4B0,0F7,4B1,4F4,4B2,4F5,4B3,"
+                          "4F6,0B0,4F7,0B1,0B2,0B3,4B4,4B5,4B6,4B7,0B4,0B5,0B6,0B7");
+    compute_row_chunks(s, 3, row, sizeof row);
+    cr_assert_str_eq(row, "3F0,3F1,3F2,3F3,7F0,7B0,7F1,7B1,7F2,7B2,7F3,7B3,3F4,3B0,3F5,3B1,3F6,3B2,"
+                          "3F7,3B3,7F4,7B4,7F5,7B5,7F6,7B6,7F7,7B7,3B4,3B5,3B6,3B7");
+    pw_schedule_destroy(s);
+    /* All-reduce buckets right after each chunk's last backward. */
+    s = gen_cfg(PW_SCHEDULE_INTERLEAVED, 2, 2, 2, 1);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,2F0,2F1,2B0,2B1,2AR0,0B0,0B1,0AR0");
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_OK, "%s", pw_last_error());
+    pw_schedule_destroy(s);
+}
+
+Test(schedule_new, zero_bubble_orders, .timeout = 300)
+{
+    char row[2048];
+    /* ZB-H1: 1F1B's F and B; rank r holds back r W passes to the end. */
+    pw_schedule *s = gen_cfg(PW_SCHEDULE_ZB_H1, 4, 8, 0, 0);
+    compute_row(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,0F2,0F3,0B0,0W0,0F4,0B1,0W1,0F5,0B2,0W2,0F6,0B3,0W3,0F7,0B4,0W4,"
+                          "0B5,0W5,0B6,0W6,0B7,0W7");
+    compute_row(s, 3, row, sizeof row);
+    cr_assert_str_eq(row, "3F0,3B0,3F1,3B1,3F2,3B2,3F3,3B3,3W0,3F4,3B4,3W1,3F5,3B5,3W2,3F6,3B6,3W3,"
+                          "3F7,3B7,3W4,3W5,3W6,3W7");
+    pw_schedule_destroy(s);
+    /* ZB-H2: 2(p-r)-1 warm-up forwards; W where nothing else is ready. */
+    s = gen_cfg(PW_SCHEDULE_ZB_H2, 4, 8, 0, 0);
+    compute_row(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,0F2,0F3,0F4,0F5,0F6,0B0,0W0,0B1,0F7,0B2,0W1,0B3,0W2,0B4,0W3,0B5,"
+                          "0W4,0B6,0W5,0W6,0B7,0W7");
+    compute_row(s, 3, row, sizeof row);
+    cr_assert_str_eq(row, "3F0,3B0,3F1,3B1,3F2,3B2,3F3,3B3,3F4,3B4,3F5,3B5,3F6,3B6,3W0,3F7,3B7,3W1,"
+                          "3W2,3W3,3W4,3W5,3W6,3W7");
+    pw_schedule_destroy(s);
+    /* ZB-V: rank 0 holds chunks 0 (down) and 7 (up); rank 3 chunks 3 and 4. */
+    s = gen_cfg(PW_SCHEDULE_ZB_V, 4, 8, 0, 0);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,0F2,0F3,0F4,0F5,0F6,7F0,7B0,7W0,7F1,7B1,7W1,7F2,7B2,7W2,7F3,7B3,"
+                          "7W3,0F7,0B0,0W0,7F4,7B4,7W4,0B1,0W1,7F5,7B5,7W5,0B2,0W2,7F6,7B6,7W6,0B3,"
+                          "0W3,7F7,7B7,7W7,0B4,0W4,0B5,0W5,0B6,0W6,0B7,0W7");
+    compute_row_chunks(s, 3, row, sizeof row);
+    cr_assert_str_eq(row, "3F0,4F0,3F1,4F1,3F2,4F2,3F3,4F3,4B0,4W0,3F4,3B0,3W0,4F4,4B1,4W1,3F5,3B1,"
+                          "3W1,4F5,4B2,4W2,3F6,3B2,3W2,4F6,4B3,4W3,3F7,3B3,3W3,4F7,4B4,4W4,3B4,4B5,"
+                          "3B5,4B6,3B6,4B7,3B7,3W4,4W5,4W6,4W7,3W5,3W6,3W7");
+    /* Chunks 3 and 4 meet on rank 3: a local hand-over, no message. */
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    char *csv = to_csv(s, NULL);
+    cr_assert(strstr(csv, "\n3RF0,3F0,4F0,4SF0,"), "%s", csv);
+    free(csv);
+    pw_schedule_destroy(s);
+    /* Buckets: after each chunk's last W. */
+    s = gen_cfg(PW_SCHEDULE_ZB_V, 1, 1, 0, 2);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,1F0,1B0,1W0,1AR0,1AR1,0B0,0W0,0AR0,0AR1");
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_OK, "%s", pw_last_error());
+    pw_schedule_destroy(s);
+}
+
+Test(schedule_new, print_zero_bubble, .timeout = 300)
+{
+    pw_schedule *s = gen_cfg(PW_SCHEDULE_ZB_H1, 4, 8, 0, 0);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    char *buf = NULL;
+    size_t n = 0;
+    FILE *f = open_memstream(&buf, &n);
+    cr_assert_eq(pw_schedule_print(s, f), PW_OK);
+    fclose(f);
+    cr_assert(strstr(buf, "zb-h1: 4 ranks, 8 micro-batches, split W; unit-cost makespan 27, bubble "
+                          "11.1% (theory 11.1%)\n"), "%s", buf);
+    cr_assert(strstr(buf, "rank 0 | F0 F1 F2 F3 .. .. .. B0 W0 F4 B1 W1 F5 B2 W2 F6 B3 W3 F7 B4 W4 "
+                          "B5 W5 B6 W6 B7 W7\n"), "%s", buf);
+    free(buf);
+    pw_schedule_destroy(s);
+    s = gen_cfg(PW_SCHEDULE_ZB_V, 2, 3, 0, 0);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    buf = NULL;
+    f = open_memstream(&buf, &n);
+    cr_assert_eq(pw_schedule_print(s, f), PW_OK);
+    fclose(f);
+    cr_assert(strstr(buf, "zb-v: 2 ranks x 2 chunks (V placement), 3 micro-batches, split W; "
+                          "unit-cost makespan 19, bubble 5.3% (theory 5.3%)\n"), "%s", buf);
+    free(buf);
+    pw_schedule_destroy(s);
+}
+
+Test(schedule_new, bad_configs, .timeout = 300)
+{
+    pw_schedule *s = (pw_schedule *)1;
+    pw_schedule_config cfg = {.kind = PW_SCHEDULE_INTERLEAVED, .n_stages = 4, .n_micro = 6};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert_null(s);
+    cr_assert(strstr(pw_last_error(), "schedule config: interleaved 1F1B needs n_micro to be a "
+                                      "multiple of n_stages, as Megatron-LM does"), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "got n_micro=6 with n_stages=4; use 4 or 8"), "%s", pw_last_error());
+    cfg.n_micro = 3;
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "got n_micro=3 with n_stages=4; use 4"), "%s", pw_last_error());
+    cfg = (pw_schedule_config){.kind = PW_SCHEDULE_INTERLEAVED, .n_stages = 2, .n_micro = 4,
+                               .chunks_per_rank = 1};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "interleaved needs chunks_per_rank in 2..1024 (got 1; with one "
+                                      "chunk per rank use 1f1b)"), "%s", pw_last_error());
+    cfg = (pw_schedule_config){.kind = PW_SCHEDULE_ZB_V, .n_stages = 2, .n_micro = 4,
+                               .chunks_per_rank = 3};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "zb-v has exactly 2 chunks per rank (got chunks_per_rank=3)"),
+              "%s", pw_last_error());
+    cfg = (pw_schedule_config){.kind = PW_SCHEDULE_1F1B, .n_stages = 2, .n_micro = 4,
+                               .chunks_per_rank = 2};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "1f1b has one chunk per rank (got chunks_per_rank=2; "
+                                      "interleaved takes more)"), "%s", pw_last_error());
+    cr_assert_eq(pw_schedule_config_bubble(&cfg), -1.0);
+    cr_assert_eq(pw_schedule_config_peak(&cfg, 0), -1);
+    cfg.chunks_per_rank = 0;
+    cr_assert_eq(pw_schedule_config_peak(&cfg, 2), -1);
+    cr_assert_eq(pw_schedule_config_bubble(NULL), -1.0);
+    /* split_w is the zero-bubble schedules' own business. */
+    cfg = (pw_schedule_config){.kind = PW_SCHEDULE_ZB_H1, .n_stages = 2, .n_micro = 4, .split_w = 0};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_OK);
+    cr_assert_eq(s->split_w, 1);
+    pw_schedule_destroy(s);
+    /* Interleaved has no closed form without v. */
+    cr_assert_eq(pw_schedule_theoretical_bubble(PW_SCHEDULE_INTERLEAVED, 4, 8), -1.0);
+    cr_assert_eq(pw_schedule_theoretical_peak(PW_SCHEDULE_INTERLEAVED, 4, 8, 0), -1);
+    cr_assert_eq(pw_schedule_theoretical_peak(PW_SCHEDULE_ZB_H2, 4, 8, 3), 7);
+    cr_assert_eq(pw_schedule_rank_of(NULL, 0), -1);
+}
+
+Test(schedule_new, names, .timeout = 300)
+{
+    static const struct { const char *name; pw_schedule_kind kind; } cases[] = {
+        {"interleaved", PW_SCHEDULE_INTERLEAVED}, {"Interleaved-1F1B", PW_SCHEDULE_INTERLEAVED},
+        {"zb-h1", PW_SCHEDULE_ZB_H1}, {"ZB_H1", PW_SCHEDULE_ZB_H1}, {"zbh1", PW_SCHEDULE_ZB_H1},
+        {"zb-h2", PW_SCHEDULE_ZB_H2}, {"zbh2", PW_SCHEDULE_ZB_H2}, {"zb-v", PW_SCHEDULE_ZB_V},
+        {"ZBV", PW_SCHEDULE_ZB_V}, {"zb_v", PW_SCHEDULE_ZB_V},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        pw_schedule_kind k = PW_SCHEDULE_CUSTOM;
+        cr_assert_eq(pw_schedule_kind_parse(cases[i].name, &k), PW_OK, "%s", cases[i].name);
+        cr_assert_eq(k, cases[i].kind, "%s", cases[i].name);
+    }
+    for (int k = 0; k < PW_SCHEDULE_KIND_COUNT; k++) {
+        pw_schedule_kind back;
+        cr_assert_eq(pw_schedule_kind_parse(pw_schedule_kind_name((pw_schedule_kind)k), &back), PW_OK);
+        cr_assert_eq((int)back, k);
+    }
+    /* Numbering of the existing kinds is kept. */
+    cr_assert_eq(PW_SCHEDULE_CUSTOM, 0);
+    cr_assert_eq(PW_SCHEDULE_GPIPE, 1);
+    cr_assert_eq(PW_SCHEDULE_1F1B, 2);
+    pw_schedule_kind k;
+    cr_assert_eq(pw_schedule_kind_parse("zb", &k), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "(expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or "
+                                      "custom)"), "%s", pw_last_error());
+}
+
+/* The V placement and explicit placements in the CSV header. */
+Test(schedule_csv, placements, .timeout = 300)
+{
+    /* kind=zb-v implies the V placement: rank 0 holds chunks 0 and 3. */
+    const char *v_text = "# pipewright schedule v1: kind=zb-v ranks=2 micro_batches=1\n"
+                         "0F0,3F0,3B0,3W0,0B0,0W0,OPT\n"
+                         "1F0,2F0,2B0,2W0,1B0,1W0,OPT\n";
+    pw_schedule *s = from_csv(v_text);
+    cr_assert_not_null(s->chunk_rank);
+    cr_assert_eq(pw_schedule_rank_of(s, 3), 0);
+    cr_assert_eq(pw_schedule_rank_of(s, 2), 1);
+    pw_schedule_report *rep = NULL;
+    cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(rep->n_messages, 2 * 2); /* 0->1 and 2->3 cross ranks, 1->2 is local */
+    cr_assert_eq(rep->peak_inflight_chunk[3], 1);
+    pw_schedule_report_destroy(rep);
+    char *csv = to_csv(s, NULL);
+    cr_assert(strstr(csv, "buckets=0 placement=v\n0F0,0SF0,3RF0,3F0,3B0,3SB0,3W0,0RB0,0B0,0W0,OPT\n"),
+              "%s", csv);
+    pw_schedule *back = from_csv(csv);
+    cr_assert(pw_schedule_equal(s, back));
+    pw_schedule_destroy(back);
+    free(csv);
+    /* The same as an explicit list; placement=loop overrides the kind. */
+    back = from_csv("# pipewright schedule v1: kind=zb-v placement=0,1,1,0 micro_batches=1\n"
+                    "0F0,3F0,3B0,3W0,0B0,0W0,OPT\n1F0,2F0,2B0,2W0,1B0,1W0,OPT\n");
+    cr_assert(pw_schedule_equal(s, back));
+    pw_schedule_destroy(back);
+    pw_schedule_destroy(s);
+    expect_parse_error("# pipewright schedule v1: kind=zb-v placement=loop\n"
+                       "0F0,3F0,3B0,3W0,0B0,0W0,OPT\n1F0,2F0,2B0,2W0,1B0,1W0,OPT\n",
+                       "bad.csv:2:5: error: chunk 3 runs on rank 1 (chunk mod 2), but this row is rank 0");
+
+    /* A placement of its own: rank 0 holds chunks 0 and 1, rank 1 chunks 2 and 3. */
+    s = from_csv("# pipewright schedule v1: placement=0,0,1,1\n"
+                 "0F0,1F0,1B0,0B0,OPT\n"
+                 "2F0,3F0,3B0,2B0,OPT\n");
+    cr_assert_eq(s->chunks_per_rank, 2);
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_OK, "%s", pw_last_error());
+    csv = to_csv(s, NULL);
+    cr_assert(strstr(csv, " placement=0,0,1,1\n0F0,1F0,1SF0,1RB0,1B0,0B0,OPT\n"), "%s", csv);
+    back = from_csv(csv);
+    cr_assert(pw_schedule_equal(s, back));
+    pw_schedule_destroy(back);
+    free(csv);
+    pw_schedule_destroy(s);
+
+    expect_parse_error("# pipewright schedule v1: placement=v ranks=2\n0F0,2F0,OPT\n1F0,3F0,OPT\n",
+                       "bad.csv:2:5: error: chunk 2 runs on rank 1 (placement=v), but this row is rank 0");
+    expect_parse_error("# pipewright schedule v1: placement=0,1,1\n0F0,3F0,OPT\n1F0,2F0,OPT\n",
+                       "bad.csv:1:27: error: header: placement lists 3 ranks, but there are 4 chunks "
+                       "(2 ranks x 2 chunks per rank)");
+    expect_parse_error("# pipewright schedule v1: placement=0,0,0,1\n0F0,1F0,OPT\n3F0,OPT\n",
+                       "header: placement puts more than 2 chunks on rank 0");
+    expect_parse_error("# pipewright schedule v1: placement=0,5,1,0\n0F0,3F0,OPT\n1F0,2F0,OPT\n",
+                       "header: placement entry 1 must be a rank in 0..1 (placement=0,5,1,0)");
+    expect_parse_error("# pipewright schedule v1: placement=zigzag\n0F0\n",
+                       "bad.csv:1:27: error: header: placement must be loop, v or the rank of each chunk");
+    expect_parse_error("# pipewright schedule v1: placement=0,1,,0\n0F0,3F0,OPT\n1F0,2F0,OPT\n",
+                       "header: placement entry 2 must be a rank in 0..1");
+}
+
 /* ------------------------------------------------------------ robustness */
 
 static uint32_t lcg(uint32_t *x)
@@ -710,7 +1146,7 @@ static uint32_t lcg(uint32_t *x)
 /* Randomly damaged schedules never crash anything: validation answers OK or
  * PW_ERR_SCHEDULE, their CSV text parses or gets PW_ERR_PARSE, print works.
  * (Run under AddressSanitizer this is the memory-safety check.) */
-Test(schedule_fuzz, damaged_schedules, .timeout = 120)
+Test(schedule_fuzz, damaged_schedules, .timeout = 300)
 {
     uint32_t seed = 12345;
     int n_ok = 0, n_bad = 0;
@@ -762,8 +1198,66 @@ Test(schedule_fuzz, damaged_schedules, .timeout = 120)
     cr_assert_gt(n_bad, 2000, "most damage should be caught (%d ok, %d rejected)", n_ok, n_bad);
 }
 
+/* The same damage to the new kinds: several chunks per rank, the V
+ * placement, split W everywhere. */
+Test(schedule_fuzz, damaged_new_kinds, .timeout = 300)
+{
+    static const pw_schedule_kind kinds[] = {PW_SCHEDULE_INTERLEAVED, PW_SCHEDULE_ZB_H1,
+                                             PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V};
+    uint32_t seed = 4242;
+    int n_bad = 0;
+    for (int iter = 0; iter < 2000; iter++) {
+        pw_schedule_kind kind = kinds[lcg(&seed) % 4];
+        int S = 1 + (int)(lcg(&seed) % 4), M = 1 + (int)(lcg(&seed) % 4);
+        if (kind == PW_SCHEDULE_INTERLEAVED) M = S * (1 + (int)(lcg(&seed) % 2));
+        pw_schedule *s = gen_cfg(kind, S, M, 0, (int)(lcg(&seed) % 2));
+        cr_assert_eq(pw_schedule_lower(s), PW_OK);
+        const int C = s->n_chunks;
+        int edits = 1 + (int)(lcg(&seed) % 3);
+        for (int e = 0; e < edits; e++) {
+            pw_rank_program *p = &s->ranks[lcg(&seed) % (uint32_t)S];
+            pw_action *a = &p->actions[lcg(&seed) % (uint32_t)p->n_actions];
+            switch (lcg(&seed) % 5) {
+            case 0: a->kind = (pw_action_kind)(lcg(&seed) % (PW_ACT_COUNT + 2)); break;
+            case 1: a->chunk = (int)(lcg(&seed) % (uint32_t)(C + 3)) - 1; break;
+            case 2: a->mb = (int)(lcg(&seed) % (uint32_t)(M + 3)) - 1; break;
+            case 3: {
+                pw_action *b = &p->actions[lcg(&seed) % (uint32_t)p->n_actions];
+                pw_action tmp = *a;
+                *a = *b;
+                *b = tmp;
+                break;
+            }
+            default:
+                if (p->n_actions > 1) p->n_actions--;
+                break;
+            }
+        }
+        pw_status st = pw_schedule_validate(s, NULL);
+        cr_assert(st == PW_OK || st == PW_ERR_SCHEDULE, "status %d: %s", st, pw_last_error());
+        n_bad += st != PW_OK;
+        char *buf = NULL;
+        size_t n = 0;
+        FILE *f = open_memstream(&buf, &n);
+        cr_assert_eq(pw_schedule_write_csv(s, f), PW_OK);
+        cr_assert_eq(pw_schedule_print(s, f), PW_OK);
+        fclose(f);
+        pw_schedule *back = NULL;
+        st = pw_schedule_parse_csv(buf, n, "fuzz.csv", &back);
+        cr_assert(st == PW_OK || st == PW_ERR_PARSE, "status %d: %s", st, pw_last_error());
+        if (back) {
+            st = pw_schedule_validate(back, NULL);
+            cr_assert(st == PW_OK || st == PW_ERR_SCHEDULE, "status %d: %s", st, pw_last_error());
+        }
+        pw_schedule_destroy(back);
+        free(buf);
+        pw_schedule_destroy(s);
+    }
+    cr_assert_gt(n_bad, 1200, "most damage should be caught (%d rejected)", n_bad);
+}
+
 /* Random bytes and truncations of a valid file: the parser never crashes. */
-Test(schedule_fuzz, damaged_text)
+Test(schedule_fuzz, damaged_text, .timeout = 300)
 {
     pw_schedule *g = gen_lowered(PW_SCHEDULE_1F1B, 3, 3, 1);
     size_t len;
