@@ -525,14 +525,19 @@ static pw_action *gen_zb_h1(const pw_schedule *s, int r, pw_action *p)
  * the paper builds it by hand, on the unit-cost clock (F = B = W = 1): at
  * each step a rank runs the first that is ready of its next B, its next F
  * (while fewer than 2p−1 micro-batches are in flight, F to W), its oldest
- * pending W. Peak in-flight min(2p−1, m) on every rank. O(p × (3m + 2p)). */
+ * pending W. Peak in-flight min(2p−1, m) on every rank.
+ *
+ * The clock is stepped for the ranks that can act only: everything decided
+ * at step t ends at t+1, so a rank with nothing ready either sees its input
+ * arrive at t+1 (and retries then) or sleeps until the neighbour that
+ * produces it acts, which wakes it. O(actions + p). */
 static pw_status gen_zb_h2(pw_schedule *s, pw_action **pos)
 {
     const int S = s->n_ranks, M = s->n_micro;
     const int64_t cap = 2 * (int64_t)S - 1;
     size_t keys = (size_t)S * (size_t)M;
     uint32_t *end_f = malloc(keys * sizeof *end_f), *end_b = malloc(keys * sizeof *end_b);
-    int *cnt = calloc((size_t)S * 3, sizeof *cnt);
+    int *cnt = calloc((size_t)S * 6, sizeof *cnt);
     if (!end_f || !end_b || !cnt) {
         free(end_f);
         free(end_b);
@@ -542,33 +547,69 @@ static pw_status gen_zb_h2(pw_schedule *s, pw_action **pos)
     memset(end_f, 0xff, keys * sizeof *end_f); /* UINT32_MAX: not run yet */
     memset(end_b, 0xff, keys * sizeof *end_b);
     int *f = cnt, *b = cnt + S, *w = cnt + 2 * S;
-    /* Every step runs something on some rank, so T <= 3 S M; the theory
-     * says T = 3M + S - 1 + max(0, S - M). */
-    const uint64_t limit = 3 * (uint64_t)S * (uint64_t)M + 2 * (uint64_t)S + 16;
-    int left = S;
+    int *cur = cnt + 3 * S, *nxt = cnt + 4 * S, *queued = cnt + 5 * S; /* queued: step+1 it is in */
+    int n_cur = 0, n_nxt = 0, left = S;
+    for (int r = 0; r < S; r++) cur[n_cur++] = r;
+#define QUEUE(x)                                                               \
+    do {                                                                       \
+        if (queued[x] != (int)t + 2) {                                         \
+            queued[x] = (int)t + 2;                                            \
+            nxt[n_nxt++] = (x);                                                \
+        }                                                                      \
+    } while (0)
     for (uint32_t t = 0; left > 0; t++) {
-        PW_ASSERT(t < limit);
-        for (int r = 0; r < S; r++) {
-            if (w[r] == M) continue;
+        PW_ASSERT(n_cur > 0); /* someone can always move: the order is a greedy schedule */
+        n_nxt = 0;
+        for (int i = 0; i < n_cur; i++) {
+            const int r = cur[i];
             uint32_t *ef = end_f + (size_t)r * M, *eb = end_b + (size_t)r * M;
-            if (b[r] < f[r] && ef[b[r]] <= t &&
-                (r == S - 1 || end_b[(size_t)(r + 1) * M + b[r]] <= t)) {
+            const uint32_t *down_b = r + 1 < S ? end_b + (size_t)(r + 1) * M : NULL;
+            const uint32_t *up_f = r > 0 ? end_f + (size_t)(r - 1) * M : NULL;
+            const int can_f = f[r] < M && f[r] - w[r] < cap;
+            if (b[r] < f[r] && ef[b[r]] <= t && (!down_b || down_b[b[r]] <= t)) {
                 eb[b[r]] = t + 1;
                 *pos[r]++ = act(PW_ACT_B, r, b[r]++);
-            } else if (f[r] < M && f[r] - w[r] < cap &&
-                       (r == 0 || end_f[(size_t)(r - 1) * M + f[r]] <= t)) {
+                if (r > 0) QUEUE(r - 1); /* its gradient may be what rank r-1 waits for */
+            } else if (can_f && (!up_f || up_f[f[r]] <= t)) {
                 ef[f[r]] = t + 1;
                 *pos[r]++ = act(PW_ACT_F, r, f[r]++);
-            } else if (w[r] < b[r] && eb[w[r]] <= t) {
+                if (r + 1 < S) QUEUE(r + 1);
+            } else if (w[r] < b[r]) { /* its B ended by t: W is ready */
                 *pos[r]++ = act(PW_ACT_W, r, w[r]++);
-                if (w[r] == M) left--;
+                if (w[r] == M) {
+                    left--;
+                    continue;
+                }
+            } else {
+                /* Idle: retry at t+1 only if an input lands then; else sleep
+                 * until the neighbour acts. */
+                int soon = (b[r] < f[r] && down_b && down_b[b[r]] == t + 1) ||
+                           (can_f && up_f && up_f[f[r]] == t + 1);
+                if (soon) QUEUE(r);
+                continue;
             }
+            QUEUE(r);
         }
+        int *tmp = cur;
+        cur = nxt;
+        nxt = tmp;
+        n_cur = n_nxt;
     }
+#undef QUEUE
     free(end_f);
     free(end_b);
     free(cnt);
     return PW_OK;
+}
+
+/* Emits `times` actions (kind, chunk, *cnt ...) of which those below m; the
+ * counter advances by `times`. O(actions emitted). */
+static pw_action *emit_run(pw_action *p, pw_action_kind k, int chunk, int *cnt, int times, int m)
+{
+    int end = *cnt + times;
+    for (int i = *cnt; i < end && i < m; i++) *p++ = act(k, chunk, i);
+    *cnt = end;
+    return p;
 }
 
 /* ZB-V (ibid., §4; the authors' handcrafted get_zb_v_schedule). Rank r holds
@@ -578,8 +619,9 @@ static pw_status gen_zb_h2(pw_schedule *s, pw_action **pos)
  * steady: F B W of the down chunk, then of the up chunk; cool-down: r pairs
  * of B (down, up), p−r pairs B W of the down chunk, then the remaining W.
  * The pattern is laid out for n = max(2p−1, m) micro-batches and those
- * >= m are dropped (as the authors do). Peak in-flight min(2p, 2m, m+1+r)
- * half-stage chunks: p stages. */
+ * >= m are dropped (as the authors do); the loops skip ahead over the
+ * dropped ones, so a rank costs O(m) however many ranks there are. Peak
+ * in-flight min(2p, 2m, m+1+r) half-stage chunks: p stages. */
 static pw_action *gen_zb_v(const pw_schedule *s, int r, pw_action *p)
 {
     const int S = s->n_ranks, M = s->n_micro;
@@ -591,17 +633,37 @@ static pw_action *gen_zb_v(const pw_schedule *s, int r, pw_action *p)
         int mb_ = (mb);                                                        \
         if (mb_ < M) *p++ = act(kind, chunk, mb_);                             \
     } while (0)
-    for (int i = 0; i < 2 * (S - r) - 1; i++) EMIT(PW_ACT_F, c0, f0++);
+    p = emit_run(p, PW_ACT_F, c0, &f0, 2 * (S - r) - 1, M);
     for (int i = 0; i < r; i++) {
+        if (f0 >= M && f1 >= M) { /* the rest is dropped */
+            f0 += r - i;
+            f1 += r - i;
+            break;
+        }
         EMIT(PW_ACT_F, c1, f1++);
         EMIT(PW_ACT_F, c0, f0++);
     }
     for (int i = 0; i < S - r; i++) {
+        if (f1 >= M && b1 >= M) {
+            f1 += S - r - i;
+            b1 += S - r - i;
+            break;
+        }
         EMIT(PW_ACT_F, c1, f1++);
         EMIT(PW_ACT_B, c1, b1);
         EMIT(PW_ACT_W, c1, b1++);
     }
     while (f1 < f0 || f0 < n) {
+        if (f0 >= M && b0 >= M && f1 >= M && b1 >= M) {
+            /* Each further round moves f0 up to n and the others by one;
+             * the loop ends once f0 = n and f1 >= n. */
+            int k = n - f0 > n - f1 ? n - f0 : n - f1;
+            f0 = n;
+            f1 += k;
+            b0 += k;
+            b1 += k;
+            break;
+        }
         if (f0 < n) EMIT(PW_ACT_F, c0, f0++);
         EMIT(PW_ACT_B, c0, b0);
         EMIT(PW_ACT_W, c0, b0++);
@@ -611,15 +673,25 @@ static pw_action *gen_zb_v(const pw_schedule *s, int r, pw_action *p)
     }
     int w0 = b0, w1 = b1;
     for (int i = 0; i < r; i++) {
+        if (b0 >= M && b1 >= M) {
+            b0 += r - i;
+            b1 += r - i;
+            break;
+        }
         EMIT(PW_ACT_B, c0, b0++);
         EMIT(PW_ACT_B, c1, b1++);
     }
     for (int i = 0; i < S - r; i++) {
+        if (b0 >= M && w0 >= M) {
+            b0 += S - r - i;
+            w0 += S - r - i;
+            break;
+        }
         EMIT(PW_ACT_B, c0, b0++);
         EMIT(PW_ACT_W, c0, w0++);
     }
-    while (w1 < b1) EMIT(PW_ACT_W, c1, w1++);
-    while (w0 < b0) EMIT(PW_ACT_W, c0, w0++);
+    p = emit_run(p, PW_ACT_W, c1, &w1, b1 - w1, M);
+    p = emit_run(p, PW_ACT_W, c0, &w0, b0 - w0, M);
 #undef EMIT
     PW_ASSERT(f0 == n && b0 == n && w0 == n && f1 == n && b1 == n && w1 == n);
     return p;

@@ -228,7 +228,7 @@ static pw_status bad_action(const sim *m, int r, int i, const char *why)
 
 /* Sends the message of boundary k in direction dir at time t from rank r;
  * wakes the receiver if it is parked on it. */
-static void send(sim *m, int r, int k, int dir, int mb, int64_t t)
+static void post_message(sim *m, int r, int k, int dir, int mb, int64_t t)
 {
     const size_t key = (size_t)k * (size_t)m->M + (size_t)mb;
     sim_link *l = &m->links[(dir ? m->link_b : m->link_f)[k]];
@@ -288,11 +288,11 @@ static pw_status run_rank(sim *m, int r)
             break;
         case PW_ACT_SEND_F:
             if (c + 1 >= C || m->link_f[c] < 0) return bad_action(m, r, i, "no neighbour on another rank");
-            send(m, r, c, 0, mb, t);
+            post_message(m, r, c, 0, mb, t);
             continue;
         case PW_ACT_SEND_B:
             if (c < 1 || m->link_b[c - 1] < 0) return bad_action(m, r, i, "no neighbour on another rank");
-            send(m, r, c - 1, 1, mb, t);
+            post_message(m, r, c - 1, 1, mb, t);
             continue;
         case PW_ACT_RECV_F:
         case PW_ACT_RECV_B: {

@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run the whole test suite:
-# the optimised build, then the AddressSanitizer+UndefinedBehaviorSanitizer
-# build (skip with PW_TEST_FAST=1).
+#   1. the optimised build and every test;
+#   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
+#   3. the ThreadSanitizer build: the engine's tests, and a real pipeline run.
+# PW_TEST_FAST=1 runs only the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 
+# Criterion runs each test in a child process and does not always turn a
+# sanitizer report into a failure, so the logs are searched too.
+check_log() {
+    if grep -E "ERROR: (Address|Leak)Sanitizer|runtime error:|WARNING: ThreadSanitizer" "$1" >/dev/null; then
+        echo "!! sanitizer reports in $1:"
+        grep -E -A8 "ERROR: (Address|Leak)Sanitizer|runtime error:|WARNING: ThreadSanitizer" "$1" | head -60
+        exit 1
+    fi
+}
+
 echo "== build (RelWithDebInfo)"
 bash scripts/build.sh build
 echo "== tests"
-(cd build && ctest --output-on-failure --timeout 600)
+(cd build && ctest --output-on-failure --timeout 900)
 
 if [ "${PW_TEST_FAST:-0}" != "1" ]; then
     echo "== build (address,undefined sanitizers)"
     bash scripts/build.sh build-asan -DPW_SANITIZE=address,undefined
-    echo "== tests under sanitizers"
+    echo "== tests under AddressSanitizer + UndefinedBehaviorSanitizer"
     (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-        ctest --output-on-failure --timeout 900)
+        ctest --output-on-failure --timeout 1800 2>&1 | tee ../build-asan/ctest.log | tail -25)
+    check_log build-asan/ctest.log
+
+    echo "== build (thread sanitizer)"
+    bash scripts/build.sh build-tsan -DPW_SANITIZE=thread
+    echo "== engine tests and a 3-stage pipeline run under ThreadSanitizer"
+    export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
+    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^test_engine$' 2>&1 \
+        | tee ctest.log | tail -5)
+    check_log build-tsan/ctest.log
+    ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \
+        --stages 3 --micro-batches 6 --batch 48 --steps 20 --quiet --no-pin 2>&1 \
+        | tee build-tsan/pipeline.log | tail -3
+    check_log build-tsan/pipeline.log
 fi
 echo "== all tests passed"
