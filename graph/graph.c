@@ -181,6 +181,54 @@ int pw_graph_find_param(const pw_graph *g, const char *name)
     return -1;
 }
 
+int pw_graph_param_users(const pw_graph *g, int param, int *nodes, int cap)
+{
+    if (!g || param < 0 || param >= g->n_params) return -1;
+    int n = 0;
+    for (int i = g->params[param].owner; i < g->n_nodes; i++) {
+        const pw_node *nd = &g->nodes[i];
+        for (int k = 0; k < nd->n_params; k++) {
+            if (nd->params[k] != param) continue;
+            if (n < cap) nodes[n] = i;
+            n++;
+            break; /* a node counts once even if it named the parameter twice */
+        }
+    }
+    return n;
+}
+
+int64_t pw_graph_range_input_bytes(const pw_graph *g, int begin, int end)
+{
+    if (!g || begin < 0 || end > g->n_nodes || begin >= end) return -1;
+    /* last use of each value, and whether the range itself reads it */
+    int *last = malloc((size_t)g->n_values * sizeof *last);
+    unsigned char *in_range = calloc((size_t)g->n_values, 1);
+    if (!last || !in_range) {
+        free(last);
+        free(in_range);
+        return -1;
+    }
+    for (int v = 0; v < g->n_values; v++) last[v] = -1;
+    for (int i = 0; i < g->n_nodes; i++)
+        for (int k = 0; k < g->nodes[i].n_inputs; k++) {
+            int v = g->nodes[i].inputs[k];
+            last[v] = i;
+            if (i >= begin && i < end) in_range[v] = 1;
+        }
+    int64_t bytes = 0;
+    for (int v = 0; v < g->n_values; v++) {
+        const pw_value *val = &g->values[v];
+        if (val->producer >= begin) continue; /* produced in or after the range */
+        /* data (input, label) is loaded where it is read; a node's output
+         * is received if used here or later (passed on) */
+        int kept = val->producer < 0 ? in_range[v] : last[v] >= begin;
+        if (kept) bytes += pw_shape_numel(&val->shape) * (int64_t)pw_dtype_size(val->dtype);
+    }
+    free(last);
+    free(in_range);
+    return bytes;
+}
+
 void pw_graph_total_cost(const pw_graph *g, pw_op_cost *out)
 {
     memset(out, 0, sizeof *out);

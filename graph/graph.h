@@ -44,6 +44,10 @@ typedef enum pw_op_kind {
     PW_OP_FLATTEN,         /* per-sample shape -> [numel] */
     PW_OP_RESHAPE,         /* per-sample shape -> attrs.shape (same numel) */
     PW_OP_SOFTMAX_XENT,    /* (logits [..., C] f32, labels [...] i32) -> loss [] */
+    PW_OP_EMBEDDING,       /* tokens [...] i32 -> [..., dim] f32; weight (vocab, dim) */
+    PW_OP_POS_EMBEDDING,   /* x [T, D] + weight[0:T]; weight (max, D) */
+    PW_OP_CAUSAL_ATTENTION,/* qkv [T, 3D] -> [T, D]; causal, `heads` heads, no parameters */
+    PW_OP_DROPOUT,         /* x · mask / (1 − p) in training, x in evaluation */
     PW_OP_COUNT
 } pw_op_kind;
 
@@ -78,6 +82,10 @@ typedef struct pw_node_attrs {
     int bias;              /* linear: 1 (default) or 0 */
     float eps;             /* layernorm: default 1e-5 */
     pw_shape shape;        /* reshape: per-sample target shape */
+    int64_t vocab, dim;    /* embedding: table rows (token ids in [0, vocab)), width */
+    int64_t max_len;       /* pos_embedding: table rows (≥ T; default T) */
+    int64_t heads;         /* causal_attention: number of heads (divides D) */
+    float p;               /* dropout: drop probability in [0, 1); default 0.1 */
 } pw_node_attrs;
 
 typedef struct pw_node {
@@ -119,6 +127,22 @@ const char *pw_op_name(pw_op_kind op);
 
 /* Looks a parameter up by name; -1 when absent. */
 int pw_graph_find_param(const pw_graph *g, const char *name);
+
+/* The nodes that use parameter `param` (its creator and every tied reuse),
+ * in increasing node order, which is the reverse of the order their weight
+ * gradients are summed in. Writes at most `cap` node ids into `nodes` (may be
+ * NULL when cap is 0) and returns how many there are in all (== n_uses), or
+ * -1 when `param` is out of range. A tie that spans pipeline stages is a
+ * parameter whose users fall into different node ranges. */
+int pw_graph_param_users(const pw_graph *g, int param, int *nodes, int cap);
+
+/* Bytes per sample of what nodes [begin, end) read but do not produce: the
+ * values received from earlier stages (passed-through ones included) and
+ * the graph's input and label when the range reads them. This is what a
+ * stage keeps per in-flight micro-batch under activation recomputation
+ * (pw_program_config.recompute); the rest is rebuilt in one shared copy.
+ * Returns -1 for a bad range. */
+int64_t pw_graph_range_input_bytes(const pw_graph *g, int begin, int end);
 
 /* Per-sample costs of one node. FLOPs count a multiply-add as 2. */
 typedef struct pw_op_cost {

@@ -7,6 +7,7 @@
  * in docs/graph-format.md.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -34,6 +35,24 @@ static const pw_op_spec op_table[PW_OP_COUNT] = {
     [PW_OP_SOFTMAX_XENT] = {
         .op = PW_OP_SOFTMAX_XENT, .name = "softmax_cross_entropy", .n_inputs = 2,
         .inputs = {"logits", "labels"}, .is_loss = 1,
+    },
+    [PW_OP_EMBEDDING] = {
+        .op = PW_OP_EMBEDDING, .name = "embedding", .n_inputs = 1, .inputs = {"tokens"},
+        .n_attrs = 3,
+        .attrs = {{"vocab", PW_ATTR_INT, 1}, {"dim", PW_ATTR_INT, 1},
+                  {"weight", PW_ATTR_NAME, 0}},
+    },
+    [PW_OP_POS_EMBEDDING] = {
+        .op = PW_OP_POS_EMBEDDING, .name = "pos_embedding", .n_inputs = 1, .inputs = {"x"},
+        .n_attrs = 1, .attrs = {{"max", PW_ATTR_INT, 0}},
+    },
+    [PW_OP_CAUSAL_ATTENTION] = {
+        .op = PW_OP_CAUSAL_ATTENTION, .name = "causal_attention", .n_inputs = 1,
+        .inputs = {"qkv"}, .n_attrs = 1, .attrs = {{"heads", PW_ATTR_INT, 1}},
+    },
+    [PW_OP_DROPOUT] = {
+        .op = PW_OP_DROPOUT, .name = "dropout", .n_inputs = 1, .inputs = {"x"},
+        .n_attrs = 1, .attrs = {{"p", PW_ATTR_FLOAT, 0}},
     },
 };
 
@@ -94,6 +113,21 @@ void pw_op_default_attrs(pw_op_kind op, pw_node_attrs *attrs)
     memset(attrs, 0, sizeof *attrs);
     if (op == PW_OP_LINEAR) attrs->bias = 1;
     if (op == PW_OP_LAYERNORM) attrs->eps = 1e-5f;
+    if (op == PW_OP_DROPOUT) attrs->p = 0.1f;
+}
+
+/* An integer attribute in [lo, hi], stored into *dst. */
+static pw_status int_in_range(const pw_op_spec *spec, const pw_attr_spec *a,
+                              const pw_attr_value *v, int64_t lo, int64_t hi, const char *hi_text,
+                              int64_t *dst, char *msg, size_t n)
+{
+    if (v->i < lo || v->i > hi) {
+        snprintf(msg, n, "%s: '%s' must be between %lld and %s, got %lld", spec->name, a->key,
+                 (long long)lo, hi_text, (long long)v->i);
+        return PW_ERR_SHAPE;
+    }
+    *dst = v->i;
+    return PW_OK;
 }
 
 pw_status pw_op_set_attr(const pw_op_spec *spec, const pw_attr_spec *a,
@@ -142,8 +176,25 @@ pw_status pw_op_set_attr(const pw_op_spec *spec, const pw_attr_spec *a,
             }
         }
         attrs->shape = pw_shape_make(v->n, v->list);
+    } else if (spec->op == PW_OP_EMBEDDING && strcmp(a->key, "vocab") == 0) {
+        /* token ids are i32 */
+        return int_in_range(spec, a, v, 1, INT32_MAX, "2^31 - 1", &attrs->vocab, msg, n);
+    } else if (spec->op == PW_OP_EMBEDDING && strcmp(a->key, "dim") == 0) {
+        return int_in_range(spec, a, v, 1, PW_GRAPH_MAX_NUMEL, "2^40", &attrs->dim, msg, n);
+    } else if (spec->op == PW_OP_POS_EMBEDDING && strcmp(a->key, "max") == 0) {
+        return int_in_range(spec, a, v, 1, PW_GRAPH_MAX_NUMEL, "2^40", &attrs->max_len, msg, n);
+    } else if (spec->op == PW_OP_CAUSAL_ATTENTION && strcmp(a->key, "heads") == 0) {
+        return int_in_range(spec, a, v, 1, PW_GRAPH_MAX_NUMEL, "2^40", &attrs->heads, msg, n);
+    } else if (spec->op == PW_OP_DROPOUT && strcmp(a->key, "p") == 0) {
+        double f = v->kind == PW_ATTR_INT ? (double)v->i : v->f;
+        if (!(f >= 0.0 && f < 1.0)) {
+            snprintf(msg, n, "dropout: 'p' must be in [0, 1), got %g", f);
+            return PW_ERR_PARSE;
+        }
+        attrs->p = (float)f;
+        if (attrs->p >= 1.0f) attrs->p = nextafterf(1.0f, 0.0f); /* 0.99999999 rounds up */
     }
-    /* linear's `weight` is a name the lowering pass resolves (tied parameter). */
+    /* `weight` (linear, embedding) is a name the lowering pass resolves (tied parameter). */
     return PW_OK;
 }
 
@@ -270,6 +321,67 @@ pw_status pw_op_infer(pw_op_kind op, pw_infer *c)
         c->shape = pw_shape_make(0, NULL);
         return PW_OK;
     }
+    case PW_OP_EMBEDDING: {
+        if (x->dtype != PW_I32)
+            return fail(c, 0, NULL, PW_ERR_SHAPE, "embedding: tokens must be i32, got %s",
+                        pw_dtype_name(x->dtype));
+        if (x->shape.ndim >= PW_MAX_DIMS)
+            return fail(c, 0, NULL, PW_ERR_SHAPE,
+                        "embedding: tokens %s have too many dimensions (the output adds one; "
+                        "the limit is %d)", shp(&x->shape, b1, sizeof b1), PW_MAX_DIMS);
+        if (pw_graph_mul_checked(numel, c->attrs.dim, &tmp) != 0)
+            return fail(c, -1, "dim", PW_ERR_SHAPE,
+                        "embedding: output would have more than 2^40 elements");
+        if (pw_graph_mul_checked(c->attrs.vocab, c->attrs.dim, &tmp) != 0)
+            return fail(c, -1, "vocab", PW_ERR_SHAPE,
+                        "embedding: weight [%lld, %lld] would have more than 2^40 elements",
+                        (long long)c->attrs.vocab, (long long)c->attrs.dim);
+        c->dtype = PW_F32;
+        c->shape.d[c->shape.ndim++] = c->attrs.dim;
+        return PW_OK;
+    }
+    case PW_OP_POS_EMBEDDING: {
+        PW_CHECK(need_f32(c, "pos_embedding", 0));
+        if (x->shape.ndim != 2)
+            return fail(c, 0, NULL, PW_ERR_SHAPE,
+                        "pos_embedding: input must be [T, D] (positions, width), got %s",
+                        shp(&x->shape, b1, sizeof b1));
+        if (c->attrs.max_len == 0) c->attrs.max_len = x->shape.d[0];
+        if (x->shape.d[0] > c->attrs.max_len)
+            return fail(c, -1, "max", PW_ERR_SHAPE,
+                        "pos_embedding: %lld positions do not fit a table of max=%lld",
+                        (long long)x->shape.d[0], (long long)c->attrs.max_len);
+        if (pw_graph_mul_checked(c->attrs.max_len, x->shape.d[1], &tmp) != 0)
+            return fail(c, -1, "max", PW_ERR_SHAPE,
+                        "pos_embedding: weight [%lld, %lld] would have more than 2^40 elements",
+                        (long long)c->attrs.max_len, (long long)x->shape.d[1]);
+        return PW_OK;
+    }
+    case PW_OP_CAUSAL_ATTENTION: {
+        PW_CHECK(need_f32(c, "causal_attention", 0));
+        if (x->shape.ndim != 2)
+            return fail(c, 0, NULL, PW_ERR_SHAPE,
+                        "causal_attention: input must be [T, 3·D] (q, k, v side by side), got %s",
+                        shp(&x->shape, b1, sizeof b1));
+        int64_t w = x->shape.d[1], H = c->attrs.heads;
+        if (w % 3 != 0)
+            return fail(c, 0, NULL, PW_ERR_SHAPE,
+                        "causal_attention: last dimension %lld is not 3·D (q, k, v side by side)",
+                        (long long)w);
+        if ((w / 3) % H != 0)
+            return fail(c, -1, "heads", PW_ERR_SHAPE,
+                        "causal_attention: width D = %lld is not a multiple of heads = %lld",
+                        (long long)(w / 3), (long long)H);
+        int64_t T = x->shape.d[0];
+        if (pw_graph_mul_checked(T, T, &tmp) != 0 || pw_graph_mul_checked(tmp, H, &tmp) != 0)
+            return fail(c, 0, NULL, PW_ERR_SHAPE,
+                        "causal_attention: heads × T × T attention weights would have more than "
+                        "2^40 elements");
+        c->shape.d[1] = w / 3;
+        return PW_OK;
+    }
+    case PW_OP_DROPOUT:
+        return need_f32(c, "dropout", 0);
     case PW_OP_COUNT:
         break;
     }
@@ -301,6 +413,21 @@ int pw_op_params(pw_op_kind op, const pw_node_attrs *attrs, const pw_value *cons
         out[0] = (pw_param_tmpl){"weight", pw_shape_make(1, &last), PW_INIT_ONES, 0, 0, NULL};
         out[1] = (pw_param_tmpl){"bias", pw_shape_make(1, &last), PW_INIT_ZEROS, 0, 0, NULL};
         return 2;
+    case PW_OP_EMBEDDING: {
+        /* nn.Embedding's layout (vocab, dim), so an output projection
+         * linear(h, out=vocab, weight=SCOPE.weight) ties to it as is.
+         * N(0, 0.02²) as GPT-2 (nn.Embedding's own default is N(0, 1)). */
+        int64_t wd[2] = {attrs->vocab, attrs->dim};
+        out[0] = (pw_param_tmpl){"weight", pw_shape_make(2, wd), PW_INIT_NORMAL, 0.02f, 1,
+                                 "weight"};
+        return 1;
+    }
+    case PW_OP_POS_EMBEDDING: {
+        /* GPT-2's wpe: (positions, width), N(0, 0.01²). */
+        int64_t wd[2] = {attrs->max_len, last};
+        out[0] = (pw_param_tmpl){"weight", pw_shape_make(2, wd), PW_INIT_NORMAL, 0.01f, 1, NULL};
+        return 1;
+    }
     default:
         return 0;
     }
@@ -366,6 +493,36 @@ pw_status pw_graph_node_cost(const pw_graph *g, int node, pw_op_cost *c)
         c->flops_fwd = 5 * n;
         c->flops_bwd_input = 3 * n;
         c->act_bytes += (int64_t)n * 4; /* the softmax probabilities */
+        break;
+    case PW_OP_EMBEDDING: {
+        /* a gather forward; the backward adds each output row into its
+         * token's row of the table (no gradient flows to the tokens) */
+        double rows_out = (double)pw_shape_numel(&y->shape);
+        c->flops_bwd_weight = rows_out;
+        break;
+    }
+    case PW_OP_POS_EMBEDDING:
+        c->flops_fwd = n;
+        c->flops_bwd_input = 0; /* the gradient passes through unchanged */
+        c->flops_bwd_weight = n; /* no statistics: the backward reads only dy */
+        break;
+    case PW_OP_CAUSAL_ATTENTION: {
+        /* What the kernel does per head: S = Q·Kᵀ and O = P·V as full T×T
+         * GEMMs (the masked half is computed and discarded; GEMMs are faster
+         * than triangular loops at these sizes), softmax over the causal part;
+         * backward dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO. With
+         * D = heads × head_dim each GEMM is 2·T²·D FLOPs over all heads. */
+        double T = (double)x->shape.d[0], D = (double)y->shape.d[1];
+        double H = (double)nd->attrs.heads, tri = T * (T + 1) / 2;
+        c->flops_fwd = 2 * (2 * T * T * D) + 5 * H * tri;
+        c->flops_bwd_input = 4 * (2 * T * T * D) + 5 * H * tri;
+        c->act_bytes += (int64_t)(H * T * T) * 4; /* the attention probabilities */
+        break;
+    }
+    case PW_OP_DROPOUT:
+        c->flops_fwd = 2 * n; /* one random draw and one multiply per element */
+        c->flops_bwd_input = n;
+        c->act_bytes += (int64_t)n; /* the keep mask: one byte per element */
         break;
     case PW_OP_COUNT:
         break;

@@ -503,9 +503,14 @@ static pw_status parse_call(parser *p, pw_ast_stmt *st)
         if (best)
             return pw_graph_err(PW_ERR_PARSE, p->file, st->op_pos,
                                 "unknown op '%s'; did you mean '%s'?", name, best);
-        return pw_graph_err(PW_ERR_PARSE, p->file, st->op_pos,
-                            "unknown op '%s' (ops: linear, relu, gelu, layernorm, add, "
-                            "flatten, reshape, softmax_cross_entropy)", name);
+        char list[512] = "";
+        for (int k = 0; k < PW_OP_COUNT; k++) {
+            size_t off = strlen(list);
+            snprintf(list + off, sizeof list - off, "%s%s", k ? ", " : "",
+                     pw_op_name((pw_op_kind)k));
+        }
+        return pw_graph_err(PW_ERR_PARSE, p->file, st->op_pos, "unknown op '%s' (ops: %s)",
+                            name, list);
     }
     pw_op_default_attrs(st->op->op, &st->node_attrs);
     PW_CHECK(advance(p));

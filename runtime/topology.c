@@ -107,6 +107,12 @@ int pw_cpu_bind_thread(hwloc_topology_t topo, hwloc_const_cpuset_t set, const ch
         PW_WARN("%s: no CPU set to bind to; running unpinned", who ? who : "thread");
         return -1;
     }
+    /* hwloc binds as a silent no-op on a topology that is not this
+     * machine's (synthetic, XML): refuse out loud instead. */
+    if (!hwloc_topology_is_thissystem(topo)) {
+        PW_WARN("%s: the topology is not this machine's; running unpinned", who ? who : "thread");
+        return -1;
+    }
     if (hwloc_set_cpubind(topo, set, HWLOC_CPUBIND_THREAD) == 0) {
         PW_INFO(PW_SUB_TOPO, "%s: bound", who ? who : "thread");
         return 0;
@@ -116,6 +122,380 @@ int pw_cpu_bind_thread(hwloc_topology_t topo, hwloc_const_cpuset_t set, const ch
     hwloc_bitmap_list_asprintf(&list, set);
     PW_WARN("%s: binding to PU(s) %s refused (%s); running unpinned", who ? who : "thread",
             list ? list : "?", strerror(err));
+    free(list);
+    return -1;
+}
+
+/* ------------------------------------------------------------ topologies */
+
+pw_status pw_topology_load_xml(const char *path, hwloc_topology_t *out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_topology_load_xml: out is NULL");
+    *out = NULL;
+    if (!path) return pw_error(PW_ERR_INVALID_ARG, "pw_topology_load_xml: path is NULL");
+    FILE *f = fopen(path, "rb");
+    if (!f) return pw_error(PW_ERR_IO, "%s: cannot open topology: %s", path, strerror(errno));
+    fclose(f);
+    hwloc_topology_t t;
+    if (hwloc_topology_init(&t) != 0)
+        return pw_error(PW_ERR_UNSUPPORTED, "hwloc: cannot initialise a topology: %s", strerror(errno));
+    /* GPUs are OS devices under PCI objects: keep them (hwloc drops I/O by default). */
+    hwloc_topology_set_io_types_filter(t, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
+    if (hwloc_topology_set_xml(t, path) != 0 || hwloc_topology_load(t) != 0) {
+        int err = errno;
+        hwloc_topology_destroy(t);
+        return pw_error(PW_ERR_FORMAT, "%s: not an hwloc topology XML (lstopo --of xml): %s", path,
+                        strerror(err));
+    }
+    *out = t;
+    return PW_OK;
+}
+
+static int ends_with(const char *s, const char *suffix)
+{
+    size_t a = strlen(s), b = strlen(suffix);
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+pw_status pw_topology_load_spec(const char *spec, hwloc_topology_t *out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_topology_load_spec: out is NULL");
+    *out = NULL;
+    if (!spec || !*spec || !strcmp(spec, "this")) {
+        hwloc_topology_t t;
+        if (hwloc_topology_init(&t) != 0)
+            return pw_error(PW_ERR_UNSUPPORTED, "hwloc: cannot initialise a topology: %s",
+                            strerror(errno));
+        hwloc_topology_set_io_types_filter(t, HWLOC_TYPE_FILTER_KEEP_IMPORTANT);
+        /* On Linux the OS backend reads PCI devices from sysfs itself; the
+         * libpciaccess component finds nothing more and leaks at exit. */
+        hwloc_topology_set_components(t, HWLOC_TOPOLOGY_COMPONENTS_FLAG_BLACKLIST, "pci");
+        if (hwloc_topology_load(t) != 0) {
+            int err = errno;
+            hwloc_topology_destroy(t);
+            return pw_error(PW_ERR_UNSUPPORTED, "hwloc: cannot read this machine's topology: %s",
+                            strerror(err));
+        }
+        *out = t;
+        return PW_OK;
+    }
+    FILE *f = fopen(spec, "rb");
+    if (f) fclose(f);
+    if (f || ends_with(spec, ".xml")) return pw_topology_load_xml(spec, out);
+    return pw_topology_load_synthetic(spec, out);
+}
+
+/* -------------------------------------------------------- stage placement */
+
+void pw_placement_destroy(pw_placement *p)
+{
+    if (!p) return;
+    for (int g = 0; p->gpus && g < p->n_gpus; g++) hwloc_bitmap_free(p->gpus[g].cpuset);
+    for (int r = 0; p->ranks && r < p->n_ranks; r++) {
+        hwloc_bitmap_free(p->ranks[r].cpuset);
+        hwloc_bitmap_free(p->ranks[r].nodeset);
+    }
+    free(p->gpus);
+    free(p->ranks);
+    free(p);
+}
+
+/* Logical index of the package above obj (obj itself when it is one), -1. */
+static int package_of(hwloc_topology_t topo, hwloc_obj_t obj)
+{
+    if (!obj) return -1;
+    if (obj->type == HWLOC_OBJ_PACKAGE) return (int)obj->logical_index;
+    hwloc_obj_t p = hwloc_get_ancestor_obj_by_type(topo, HWLOC_OBJ_PACKAGE, obj);
+    return p ? (int)p->logical_index : -1;
+}
+
+/* Logical index of the first NUMA node of a nodeset, -1 when empty. */
+static int numa_of(hwloc_topology_t topo, hwloc_const_nodeset_t ns)
+{
+    if (!ns || hwloc_bitmap_iszero(ns)) return -1;
+    hwloc_obj_t n = hwloc_get_numanode_obj_by_os_index(topo, (unsigned)hwloc_bitmap_first(ns));
+    return n ? (int)n->logical_index : -1;
+}
+
+static int cmp_gpu(const void *a, const void *b)
+{
+    const pw_gpu *x = a, *y = b;
+    if (x->package != y->package) return x->package < y->package ? -1 : 1;
+    if (x->numa != y->numa) return x->numa < y->numa ? -1 : 1;
+    int c = strcmp(x->pci, y->pci);
+    return c ? c : strcmp(x->name, y->name);
+}
+
+/* The GPUs of topo, one per card, in locality order. */
+static pw_status find_gpus(hwloc_topology_t topo, pw_placement *p)
+{
+    int cap = 0;
+    for (hwloc_obj_t os = NULL; (os = hwloc_get_next_osdev(topo, os));) cap++;
+    if (cap == 0) return PW_OK;
+    p->gpus = calloc((size_t)cap, sizeof *p->gpus);
+    hwloc_obj_t *ident = calloc((size_t)cap, sizeof *ident);
+    if (!p->gpus || !ident) {
+        free(ident);
+        return pw_error(PW_ERR_NOMEM, "placement: out of memory");
+    }
+    for (hwloc_obj_t os = NULL; (os = hwloc_get_next_osdev(topo, os));) {
+        hwloc_obj_osdev_type_t t = os->attr->osdev.type;
+        if (t != HWLOC_OBJ_OSDEV_GPU && t != HWLOC_OBJ_OSDEV_COPROC) continue;
+        /* One card shows up as several OS devices (cuda0, nvml0, card0,
+         * opencl0d0): they share the PCI device above them. */
+        hwloc_obj_t id = os->parent && os->parent->type == HWLOC_OBJ_PCI_DEVICE ? os->parent : os;
+        int k = 0;
+        while (k < p->n_gpus && ident[k] != id) k++;
+        pw_gpu *g = &p->gpus[k];
+        if (k < p->n_gpus) {
+            /* Prefer the CUDA name, which is what a CUDA backend calls it. */
+            if (strncmp(g->name, "cuda", 4) != 0 && os->name && strncmp(os->name, "cuda", 4) == 0)
+                snprintf(g->name, sizeof g->name, "%s", os->name);
+            continue;
+        }
+        ident[p->n_gpus++] = id;
+        snprintf(g->name, sizeof g->name, "%s", os->name ? os->name : "gpu");
+        if (id->type == HWLOC_OBJ_PCI_DEVICE) {
+            const struct hwloc_pcidev_attr_s *pa = &id->attr->pcidev;
+            snprintf(g->pci, sizeof g->pci, "%04x:%02x:%02x.%01x", (unsigned)pa->domain,
+                     (unsigned)pa->bus, (unsigned)pa->dev, (unsigned)pa->func);
+        }
+        hwloc_obj_t anc = hwloc_get_non_io_ancestor_obj(topo, os);
+        g->cpuset = hwloc_bitmap_dup(anc && anc->cpuset ? anc->cpuset : hwloc_topology_get_topology_cpuset(topo));
+        if (!g->cpuset) {
+            free(ident);
+            return pw_error(PW_ERR_NOMEM, "placement: out of memory");
+        }
+        g->package = package_of(topo, anc);
+        g->numa = numa_of(topo, anc ? anc->nodeset : NULL);
+    }
+    free(ident);
+    qsort(p->gpus, (size_t)p->n_gpus, sizeof *p->gpus, cmp_gpu);
+    return PW_OK;
+}
+
+/* Gives rank r the cores [first, first + n) of the slot list `type`. */
+static pw_status assign_cores(hwloc_topology_t topo, hwloc_obj_type_t type, pw_rank_place *rk,
+                              const int *cores, int first, int n)
+{
+    rk->first_core = cores[first];
+    rk->n_cores = n;
+    for (int k = 0; k < n; k++) {
+        hwloc_obj_t o = hwloc_get_obj_by_type(topo, type, (unsigned)cores[first + k]);
+        if (o && o->cpuset) hwloc_bitmap_or(rk->cpuset, rk->cpuset, o->cpuset);
+    }
+    hwloc_obj_t o = hwloc_get_obj_by_type(topo, type, (unsigned)cores[first]);
+    rk->package = package_of(topo, o);
+    if (hwloc_cpuset_to_nodeset(topo, rk->cpuset, rk->nodeset) != 0)
+        return pw_error(PW_ERR_NOMEM, "placement: out of memory");
+    rk->numa = o && o->nodeset ? numa_of(topo, o->nodeset) : -1;
+    rk->n_numa = hwloc_bitmap_weight(rk->nodeset);
+    return PW_OK;
+}
+
+pw_status pw_place_stages(hwloc_topology_t topo, const pw_place_config *cfg, pw_placement **out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: out is NULL");
+    *out = NULL;
+    if (!topo) return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: topology is NULL");
+    if (!cfg || cfg->n_stages < 1 || cfg->n_replicas < 0 || cfg->cores_per_rank < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: %d stages, %d replicas, %d cores "
+                        "per rank", cfg ? cfg->n_stages : 0, cfg ? cfg->n_replicas : 0,
+                        cfg ? cfg->cores_per_rank : 0);
+    const int S = cfg->n_stages, R = cfg->n_replicas > 0 ? cfg->n_replicas : 1;
+    if ((int64_t)S * R > 1 << 20)
+        return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: %d x %d ranks is too many", S, R);
+    const int N = S * R;
+
+    hwloc_obj_type_t type = HWLOC_OBJ_CORE;
+    int nc = hwloc_get_nbobjs_by_type(topo, type);
+    if (nc <= 0) {
+        type = HWLOC_OBJ_PU;
+        nc = hwloc_get_nbobjs_by_type(topo, type);
+    }
+    if (nc <= 0) return pw_error(PW_ERR_UNSUPPORTED, "hwloc: the topology has no cores or PUs");
+
+    pw_status st = PW_OK;
+    int *cores = malloc(sizeof(int) * (size_t)nc);
+    int *local = malloc(sizeof(int) * (size_t)nc);
+    pw_placement *p = calloc(1, sizeof *p);
+    if (!p || !cores || !local) {
+        st = pw_error(PW_ERR_NOMEM, "placement: out of memory");
+        goto fail;
+    }
+    p->n_stages = S;
+    p->n_replicas = R;
+    p->n_ranks = N;
+    p->n_cores = nc;
+    p->cores_are_pus = type == HWLOC_OBJ_PU;
+    p->ranks = calloc((size_t)N, sizeof *p->ranks);
+    if (!p->ranks) {
+        st = pw_error(PW_ERR_NOMEM, "placement: out of memory");
+        goto fail;
+    }
+    for (int r = 0; r < N; r++) {
+        p->ranks[r].stage = r % S;
+        p->ranks[r].replica = r / S;
+        p->ranks[r].gpu = -1;
+        p->ranks[r].cpuset = hwloc_bitmap_alloc();
+        p->ranks[r].nodeset = hwloc_bitmap_alloc();
+        if (!p->ranks[r].cpuset || !p->ranks[r].nodeset) {
+            st = pw_error(PW_ERR_NOMEM, "placement: out of memory");
+            goto fail;
+        }
+    }
+    for (int k = 0; k < nc; k++) cores[k] = k;
+    const char *unit = p->cores_are_pus ? "PU" : "core";
+    if (cfg->gpus != 0) PW_CHECK_GOTO(find_gpus(topo, p), st, fail);
+    if (cfg->gpus == 1 && p->n_gpus == 0) {
+        st = pw_error(PW_ERR_UNSUPPORTED, "placement: the topology has no GPUs (no GPU or "
+                      "co-processor OS devices; an XML needs lstopo's I/O objects)");
+        goto fail;
+    }
+    p->on_gpus = cfg->gpus != 0 && p->n_gpus > 0;
+
+    if (!p->on_gpus) {
+        if (N <= nc) {
+            for (int r = 0; r < R; r++) {
+                int lo = (int)((int64_t)r * nc / R), hi = (int)((int64_t)(r + 1) * nc / R);
+                for (int s = 0; s < S; s++) {
+                    int a = lo + (int)((int64_t)s * (hi - lo) / S);
+                    int b = lo + (int)((int64_t)(s + 1) * (hi - lo) / S);
+                    int n = b - a;
+                    if (cfg->cores_per_rank > 0 && n > cfg->cores_per_rank) n = cfg->cores_per_rank;
+                    PW_CHECK_GOTO(assign_cores(topo, type, &p->ranks[r * S + s], cores, a, n), st, fail);
+                }
+            }
+        } else {
+            p->shared = 1;
+            snprintf(p->note, sizeof p->note, "%d ranks on %d %ss: ranks share %ss", N, nc, unit, unit);
+            for (int k = 0; k < N; k++)
+                PW_CHECK_GOTO(assign_cores(topo, type, &p->ranks[k], cores, k % nc, 1), st, fail);
+        }
+        *out = p;
+        free(cores);
+        free(local);
+        return PW_OK;
+    }
+
+    const int G = p->n_gpus;
+    if (N <= G) {
+        for (int r = 0; r < R; r++) {
+            int lo = (int)((int64_t)r * G / R);
+            for (int s = 0; s < S; s++) p->ranks[r * S + s].gpu = lo + s;
+        }
+    } else {
+        p->shared = 1;
+        snprintf(p->note, sizeof p->note, "%d ranks on %d GPU%s: ranks share GPUs", N, G,
+                 G > 1 ? "s" : "");
+        for (int k = 0; k < N; k++) p->ranks[k].gpu = k % G;
+    }
+    /* Worker cores: the ranks whose GPUs share one CPU locality split its
+     * cores evenly, in rank order. */
+    unsigned char *done = calloc((size_t)N, 1);
+    if (!done) {
+        st = pw_error(PW_ERR_NOMEM, "placement: out of memory");
+        goto fail;
+    }
+    for (int r0 = 0; r0 < N; r0++) {
+        if (done[r0]) continue;
+        hwloc_const_cpuset_t loc = p->gpus[p->ranks[r0].gpu].cpuset;
+        int nl = 0;
+        for (int k = 0; k < nc; k++) {
+            hwloc_obj_t o = hwloc_get_obj_by_type(topo, type, (unsigned)k);
+            if (o && o->cpuset && hwloc_bitmap_isincluded(o->cpuset, loc)) local[nl++] = k;
+        }
+        if (nl == 0) { /* a GPU without CPU locality: the whole machine */
+            for (int k = 0; k < nc; k++) local[k] = k;
+            nl = nc;
+        }
+        int K = 0;
+        for (int r = r0; r < N; r++)
+            if (!done[r] && hwloc_bitmap_isequal(p->gpus[p->ranks[r].gpu].cpuset, loc)) K++;
+        int k = 0;
+        for (int r = r0; r < N; r++) {
+            if (done[r] || !hwloc_bitmap_isequal(p->gpus[p->ranks[r].gpu].cpuset, loc)) continue;
+            done[r] = 1;
+            if (K <= nl) {
+                int a = (int)((int64_t)k * nl / K), b = (int)((int64_t)(k + 1) * nl / K);
+                int n = b - a;
+                if (cfg->cores_per_rank > 0 && n > cfg->cores_per_rank) n = cfg->cores_per_rank;
+                st = assign_cores(topo, type, &p->ranks[r], local, a, n);
+            } else {
+                if (!p->shared || !strstr(p->note, unit)) {
+                    size_t len = strlen(p->note);
+                    snprintf(p->note + len, sizeof p->note - len, "%s%d ranks on the %d %ss near "
+                             "their GPUs: ranks share %ss", len ? "; " : "", K, nl, unit, unit);
+                }
+                p->shared = 1;
+                st = assign_cores(topo, type, &p->ranks[r], local, k % nl, 1);
+            }
+            if (st != PW_OK) {
+                free(done);
+                goto fail;
+            }
+            k++;
+        }
+    }
+    free(done);
+    *out = p;
+    free(cores);
+    free(local);
+    return PW_OK;
+fail:
+    pw_placement_destroy(p);
+    free(cores);
+    free(local);
+    return st;
+}
+
+int pw_placement_describe(const pw_placement *p, int rank, char *buf, size_t n)
+{
+    if (!p || rank < 0 || rank >= p->n_ranks) return snprintf(buf, n, "?");
+    const pw_rank_place *rk = &p->ranks[rank];
+    char gpu[64] = "", cores[48];
+    if (rk->gpu >= 0) {
+        const pw_gpu *g = &p->gpus[rk->gpu];
+        snprintf(gpu, sizeof gpu, g->pci[0] ? "%s (%s), " : "%s, ", g->name, g->pci);
+    }
+    const char *unit = p->cores_are_pus ? "PU" : "core";
+    if (rk->n_cores == 1)
+        snprintf(cores, sizeof cores, "%s %d", unit, rk->first_core);
+    else
+        snprintf(cores, sizeof cores, "%ss %d-%d", unit, rk->first_core, rk->first_core + rk->n_cores - 1);
+    char numa[48] = "";
+    if (rk->numa >= 0 && rk->n_numa > 1)
+        snprintf(numa, sizeof numa, ", NUMA %d (+%d more)", rk->numa, rk->n_numa - 1);
+    else if (rk->numa >= 0)
+        snprintf(numa, sizeof numa, ", NUMA %d", rk->numa);
+    return snprintf(buf, n, "%s%s%s", gpu, cores, numa);
+}
+
+int pw_mem_bind_area(hwloc_topology_t topo, const void *addr, size_t len,
+                     hwloc_const_nodeset_t nodes, const char *who)
+{
+    if (len == 0) return 0;
+    who = who ? who : "memory";
+    if (!topo || !addr || !nodes || hwloc_bitmap_iszero(nodes)) {
+        PW_WARN("%s: no NUMA node to bind %zu bytes to; memory stays where the OS puts it", who, len);
+        return -1;
+    }
+    /* hwloc's binding calls succeed as no-ops on a topology that is not this
+     * machine's (synthetic, XML): say so instead of pretending. */
+    if (!hwloc_topology_is_thissystem(topo)) {
+        PW_WARN("%s: the topology is not this machine's; %zu bytes not bound", who, len);
+        return -1;
+    }
+    if (hwloc_set_area_membind(topo, addr, len, nodes, HWLOC_MEMBIND_BIND,
+                               HWLOC_MEMBIND_BYNODESET | HWLOC_MEMBIND_MIGRATE) == 0) {
+        PW_INFO(PW_SUB_TOPO, "%s: %zu bytes bound", who, len);
+        return 0;
+    }
+    int err = errno;
+    char *list = NULL;
+    hwloc_bitmap_list_asprintf(&list, nodes);
+    PW_WARN("%s: binding %zu bytes to NUMA node(s) %s refused (%s); memory stays where the OS "
+            "puts it", who, len, list ? list : "?", strerror(err));
     free(list);
     return -1;
 }

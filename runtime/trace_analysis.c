@@ -3,11 +3,12 @@
  * critical path of one step. See trace_analysis.h for the definitions.
  *
  * Flow: pass 1 streams the file; events land in their (rank, step) group;
- * a group is reduced (swept into time classes, idle causes aggregated) once
- * its rank is two steps further, and leaves a ta_rec. finish() orders the
- * records into steps, adds the idle between each rank's own span and the
- * step's window, and derives the totals, the median step and the bubble
- * explanation. Pass 2 seeks back to the detail step's events and sweeps them
+ * a group is reduced (swept into time classes, idle causes aggregated, the
+ * rank's totals summed) once its rank is two steps further, and leaves a
+ * small ta_rec: a step's window is known only when its last rank has been
+ * read, and pipewright writes rank after rank. finish() orders the records
+ * into steps, adds the idle between each rank's own span and the step's
+ * window, and derives the median step and the bubble explanation. Pass 2 seeks back to the detail step's events and sweeps them
  * again over the whole window, keeping segments, gaps and the critical path.
  */
 #include "runtime/trace_analysis.h"
@@ -37,6 +38,17 @@ enum { WK_NONE = 0, WK_RECV, WK_ALLREDUCE, WK_OTHER };
             (cap) = _nc;                                                               \
         }                                                                              \
     } while (0)
+
+/* qsort, memcpy and memmove without the undefined cases: NULL with n = 0. */
+static void sort_n(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *))
+{
+    if (n > 1) qsort(base, n, size, cmp);
+}
+
+static void copy_n(void *dst, const void *src, size_t bytes)
+{
+    if (bytes) memcpy(dst, src, bytes);
+}
 
 static uint64_t hash_bytes(const void *p, size_t n, uint64_t h)
 {
@@ -81,15 +93,20 @@ typedef struct ta_rank {
     size_t n_b, cap_b;
     int has_events;             /* 0: only named by metadata events */
     int new_index;              /* after sorting ranks */
+    pw_ta_times total;          /* analysed steps, inside the rank's spans (finish adds the rest) */
 } ta_rank;
 
-typedef struct ta_rec {         /* one reduced (rank, step) */
+/* One reduced (rank, step): what finish() needs once the step's window is
+ * known (the rank's other figures went straight into its totals). */
+typedef struct ta_rec {
     int64_t step;
-    int rank;
-    pw_ta_rank_step rs;
-    int64_t first_b, last_f;    /* phase boundaries (INT64_MAX / INT64_MIN: none) */
-    int64_t head_ns, tail_ns;   /* idle before the first / after the last event, in the span */
-    int64_t off0, line0, off1;
+    int64_t t0, t1;             /* the rank's own span */
+    int64_t head_ns, tail_ns;   /* idle before its first / after its last event, inside the span */
+    int64_t compute;            /* for the step's bubble */
+    int64_t off0, line0, off1;  /* file range of its events (pass 2 seeks there) */
+    int64_t full;               /* index in ta.full (cfg->per_step), else -1 */
+    int32_t rank;
+    int8_t tail_phase;          /* phase of the idle after the span */
 } ta_rec;
 
 typedef struct ta_cause_key {
@@ -111,6 +128,8 @@ typedef struct ta {
     pw_trace_reader *rd;
 
     char **names;
+    int8_t *name_cls;           /* [cap_names] class by name alone, or -1: depends on "cat" */
+    int8_t *name_wk;
     size_t n_names, cap_names;
     int32_t *name_ht;           /* index + 1; 0 empty */
     size_t name_ht_cap;
@@ -125,6 +144,9 @@ typedef struct ta {
 
     ta_rec *recs;
     size_t n_recs, cap_recs;
+    pw_ta_times *full;          /* per (rank, step) figures, only with cfg->per_step */
+    size_t n_full, cap_full;
+    int64_t max_f;              /* most F events of one rank in one step */
 
     pw_ta_cause *causes;
     size_t n_causes, cap_causes;
@@ -145,6 +167,8 @@ typedef struct ta {
     size_t cap_active;
     int *order;
     size_t cap_order;
+    struct ta_key *keys;
+    size_t cap_keys;
 
     /* pass 2 */
     int detail;                 /* 1 while reading the detail step */
@@ -157,8 +181,55 @@ static pw_status oom(void) { return pw_error(PW_ERR_NOMEM, "trace analysis: out 
 
 /* ------------------------------------------------------------ names */
 
-static int32_t intern(ta *s, const char *name)
+/* Class of an event from its name and category. */
+static int classify(const char *name, const char *cat, int8_t *wk)
 {
+    *wk = WK_NONE;
+    if (!strncmp(name, "wait", 4) || !strcmp(cat, "wait")) {
+        if (strstr(name, "RECV")) *wk = WK_RECV;
+        else if (strstr(name, "ALLREDUCE") || strstr(name, "allreduce") || strstr(name, "all-reduce"))
+            *wk = WK_ALLREDUCE;
+        else *wk = WK_OTHER;
+        return PW_TA_WAIT;
+    }
+    if (!strcmp(name, "F")) return PW_TA_F;
+    if (!strcmp(name, "B")) return PW_TA_B;
+    if (!strcmp(name, "W")) return PW_TA_W;
+    if (!strcmp(name, "OPTIM")) return PW_TA_OPTIM;
+    if (!strcmp(name, "step") || !strcmp(cat, "step")) return CLS_STEP;
+    if (!strcmp(name, "ALLREDUCE")) {
+        *wk = WK_ALLREDUCE;
+        return PW_TA_COMM;
+    }
+    if (!strncmp(name, "SEND_", 5) || !strncmp(name, "RECV_", 5) || !strcmp(cat, "comm"))
+        return PW_TA_COMM;
+    return PW_TA_OTHER;
+}
+
+/* Names come from arbitrary traces and end up on terminals and in JSON:
+ * control characters (escape sequences) become '?', and a name cut to fit
+ * `n` is cut between UTF-8 characters. Returns `name` itself when it is
+ * clean and fits, else a copy in buf. */
+static const char *clean_name(const char *name, char *buf, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)name;
+    while (*p && *p >= 0x20 && *p != 0x7f) p++;
+    if (!*p && (size_t)(p - (const unsigned char *)name) < n) return name;
+    size_t i = 0;
+    for (p = (const unsigned char *)name; *p && i + 1 < n; p++) buf[i++] = *p < 0x20 || *p == 0x7f ? '?' : (char)*p;
+    if ((*p & 0xc0) == 0x80) {
+        /* Cut inside a character: drop its bytes already copied. */
+        while (i > 0 && ((unsigned char)buf[i - 1] & 0xc0) == 0x80) i--;
+        if (i > 0) i--; /* its lead byte */
+    }
+    buf[i] = 0;
+    return buf;
+}
+
+static int32_t intern(ta *s, const char *raw)
+{
+    char cleaned[512];
+    const char *name = clean_name(raw, cleaned, sizeof cleaned);
     if (s->name_ht_cap < 2 * (s->n_names + 1)) {
         size_t cap = s->name_ht_cap ? 2 * s->name_ht_cap : 256;
         int32_t *ht = calloc(cap, sizeof *ht);
@@ -187,38 +258,32 @@ static int32_t intern(ta *s, const char *name)
         char **p = realloc(s->names, cap * sizeof *p);
         if (!p) return -1;
         s->names = p;
+        int8_t *c = realloc(s->name_cls, cap), *w = c ? realloc(s->name_wk, cap) : NULL;
+        if (c) s->name_cls = c;
+        if (!c || !w) return -1;
+        s->name_wk = w;
         s->cap_names = cap;
     }
     char *copy = strdup(name);
     if (!copy) return -1;
     s->names[s->n_names] = copy;
+    /* The class, when the name alone decides it (all of pipewright's). */
+    int8_t wk, wk2;
+    int c1 = classify(name, "", &wk), c2 = classify(name, "comm", &wk2);
+    s->name_cls[s->n_names] = c1 == c2 && wk == wk2 && c1 != PW_TA_OTHER ? (int8_t)c1 : -1;
+    s->name_wk[s->n_names] = wk;
     s->name_ht[j] = (int32_t)s->n_names + 1;
     return (int32_t)s->n_names++;
 }
 
-/* Class of an event from its name and category. */
-static int classify(const char *name, const char *cat, int8_t *wk)
+/* Class of an interned name with this event's category. */
+static int class_of(const ta *s, int32_t id, const char *name, const char *cat, int8_t *wk)
 {
-    *wk = WK_NONE;
-    if (!strncmp(name, "wait", 4) || !strcmp(cat, "wait")) {
-        if (strstr(name, "RECV")) *wk = WK_RECV;
-        else if (strstr(name, "ALLREDUCE") || strstr(name, "allreduce") || strstr(name, "all-reduce"))
-            *wk = WK_ALLREDUCE;
-        else *wk = WK_OTHER;
-        return PW_TA_WAIT;
+    if (s->name_cls[id] >= 0) {
+        *wk = s->name_wk[id];
+        return s->name_cls[id];
     }
-    if (!strcmp(name, "F")) return PW_TA_F;
-    if (!strcmp(name, "B")) return PW_TA_B;
-    if (!strcmp(name, "W")) return PW_TA_W;
-    if (!strcmp(name, "OPTIM")) return PW_TA_OPTIM;
-    if (!strcmp(name, "step") || !strcmp(cat, "step")) return CLS_STEP;
-    if (!strcmp(name, "ALLREDUCE")) {
-        *wk = WK_ALLREDUCE;
-        return PW_TA_COMM;
-    }
-    if (!strncmp(name, "SEND_", 5) || !strncmp(name, "RECV_", 5) || !strcmp(cat, "comm"))
-        return PW_TA_COMM;
-    return PW_TA_OTHER;
+    return classify(name, cat, wk);
 }
 
 /* ------------------------------------------------------------ ranks */
@@ -365,13 +430,17 @@ static int prio(int cls)
     }
 }
 
-static const ta_ev *g_sort_ev; /* qsort context (single-threaded analysis) */
+/* Sort key of an event: start time, then position in the group (stable). */
+typedef struct ta_key {
+    int64_t t0;
+    int idx;
+} ta_key;
 
-static int cmp_order(const void *x, const void *y)
+static int cmp_key(const void *x, const void *y)
 {
-    const ta_ev *a = &g_sort_ev[*(const int *)x], *b = &g_sort_ev[*(const int *)y];
+    const ta_key *a = x, *b = y;
     if (a->t0 != b->t0) return a->t0 < b->t0 ? -1 : 1;
-    return *(const int *)x - *(const int *)y;
+    return a->idx - b->idx;
 }
 
 static int cmp_i64(const void *x, const void *y)
@@ -401,6 +470,19 @@ typedef struct ta_run {
     int event, peer, phase;
 } ta_run;
 
+static void times_add(pw_ta_times *d, const pw_ta_times *x)
+{
+    d->window += x->window;
+    for (int c = 0; c <= PW_TA_COMM; c++) d->busy[c] += x->busy[c];
+    d->compute += x->compute;
+    d->idle += x->idle;
+    for (int p = 0; p < PW_TA_N_PHASES; p++) d->idle_phase[p] += x->idle_phase[p];
+    d->wait_comm += x->wait_comm;
+    d->wait_other += x->wait_other;
+    d->exposed_allreduce += x->exposed_allreduce;
+    for (int k = 0; k < 3; k++) d->n_actions[k] += x->n_actions[k];
+}
+
 /* Ends the current gap and adds it to its cause. Edge gaps (NOT_STARTED,
  * DONE) wait for finish(), which joins them with the idle outside the rank's
  * span; pass 2 and skipped steps add nothing. 0 when out of memory. */
@@ -422,13 +504,18 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     ta_ev *ev = g->ev;
     if (n == 0) return PW_OK;
     if (!grow((void **)&s->order, &s->cap_order, n, sizeof(int)) ||
+        !grow((void **)&s->keys, &s->cap_keys, n, sizeof(ta_key)) ||
         !grow((void **)&s->bounds, &s->cap_bounds, 2 * n + 2, sizeof(int64_t)) ||
         !grow((void **)&s->active, &s->cap_active, n, sizeof(int)))
         return oom();
     int *ord = s->order;
-    for (size_t i = 0; i < n; i++) ord[i] = (int)i;
-    g_sort_ev = ev;
-    qsort(ord, n, sizeof *ord, cmp_order);
+    int sorted = 1;
+    for (size_t i = 0; i < n; i++) {
+        s->keys[i] = (ta_key){ev[i].t0, (int)i};
+        if (i && ev[i].t0 < ev[i - 1].t0) sorted = 0;
+    }
+    if (!sorted) sort_n(s->keys, n, sizeof *s->keys, cmp_key); /* writers usually emit in order */
+    for (size_t i = 0; i < n; i++) ord[i] = s->keys[i].idx;
 
     int64_t st0 = INT64_MAX, st1 = INT64_MIN, e0 = INT64_MAX, e1 = INT64_MIN;
     int64_t first_b = INT64_MAX, first_w = INT64_MAX, last_f = INT64_MIN;
@@ -458,21 +545,24 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     size_t nb = 0;
     int64_t *bd = s->bounds;
     bd[nb++] = w0;
-    bd[nb++] = w1;
-    for (size_t i = 0; i < n; i++) {
-        if (ev[i].cls == CLS_STEP) continue;
-        bd[nb++] = ev[i].t0;
-        bd[nb++] = ev[i].t1;
+    for (size_t i = 0; i < n; i++) { /* in order, so usually already sorted */
+        const ta_ev *e = &ev[ord[i]];
+        if (e->cls == CLS_STEP) continue;
+        bd[nb++] = e->t0;
+        bd[nb++] = e->t1;
     }
-    qsort(bd, nb, sizeof *bd, cmp_i64);
+    bd[nb++] = w1;
+    int bd_sorted = 1;
+    for (size_t i = 1; i < nb && bd_sorted; i++) bd_sorted = bd[i - 1] <= bd[i];
+    if (!bd_sorted) sort_n(bd, nb, sizeof *bd, cmp_i64);
     size_t u = 0;
     for (size_t i = 0; i < nb; i++)
         if (u == 0 || bd[i] != bd[u - 1]) bd[u++] = bd[i];
     nb = u;
 
-    ta_rec rec;
-    memset(&rec, 0, sizeof rec);
-    pw_ta_times *t = &rec.rs.t;
+    pw_ta_times times;
+    memset(&times, 0, sizeof times);
+    pw_ta_times *t = &times;
     int64_t head_ns = 0, tail_ns = 0;
     const int skipped = !s->detail && step_skipped(s, g->step);
 
@@ -553,9 +643,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
                 key.mb = we->mb;
                 gap_event = win;
                 gap_peer = we->peer;
-            } else if (!has_events) {
-                key.kind = PW_CAUSE_NOT_STARTED;
-            } else if (x < e0) {
+            } else if (!has_events || x < e0) {
                 key.kind = PW_CAUSE_NOT_STARTED;
                 head_ns += len;
             } else if (x >= e1) {
@@ -622,18 +710,19 @@ static pw_status reduce(ta *s, int r, ta_group *g)
         else if (ev[i].cls == PW_TA_B) t->n_actions[1]++;
         else if (ev[i].cls == PW_TA_W) t->n_actions[2]++;
     }
-    rec.step = g->step;
-    rec.rank = r;
-    rec.rs.present = 1;
-    rec.rs.t0 = a0;
-    rec.rs.t1 = a1;
-    rec.first_b = first_b;
-    rec.last_f = last_f;
-    rec.head_ns = head_ns;
-    rec.tail_ns = tail_ns;
-    rec.off0 = g->off0;
-    rec.line0 = g->line0;
-    rec.off1 = g->off1;
+    for (int c = 0; c < PW_TA_N_COMPUTE; c++) t->compute += t->busy[c];
+    if (t->n_actions[0] > s->max_f) s->max_f = t->n_actions[0];
+    if (!skipped) times_add(&s->ranks[r].total, t);
+    ta_rec rec = {
+        .step = g->step, .t0 = a0, .t1 = a1, .head_ns = head_ns, .tail_ns = tail_ns, .compute = t->compute,
+        .off0 = g->off0, .line0 = g->line0, .off1 = g->off1, .full = -1, .rank = r,
+        .tail_phase = (int8_t)phase_at(a1, first_b, last_f),
+    };
+    if (s->cfg->per_step) {
+        VEC_PUSH(s->full, s->n_full, s->cap_full, fail);
+        s->full[s->n_full] = *t;
+        rec.full = (int64_t)s->n_full++;
+    }
     VEC_PUSH(s->recs, s->n_recs, s->cap_recs, fail);
     s->recs[s->n_recs++] = rec;
     return PW_OK;
@@ -654,7 +743,7 @@ static pw_status close_group(ta *s, int r, size_t i)
 {
     ta_rank *rk = &s->ranks[r];
     ta_group g = rk->open[i];
-    memmove(&rk->open[i], &rk->open[i + 1], (rk->n_open - i - 1) * sizeof g);
+    if (i + 1 < rk->n_open) memmove(&rk->open[i], &rk->open[i + 1], (rk->n_open - i - 1) * sizeof g);
     rk->n_open--;
     pw_status st = reduce(s, r, &g);
     if (!s->detail && g.step > rk->max_closed) rk->max_closed = g.step;
@@ -709,7 +798,9 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
         if (!s->detail && !strcmp(rec->name, "thread_name") && rec->has & PW_TREC_ARG_NAME) {
             int r = rank_lookup(s, rec->pid, rec->tid);
             if (r < 0) return oom();
-            snprintf(s->ranks[r].label, sizeof s->ranks[r].label, "%s", rec->arg_name);
+            char cleaned[sizeof s->ranks[r].label];
+            const char *l = clean_name(rec->arg_name, cleaned, sizeof cleaned);
+            memcpy(s->ranks[r].label, l, strlen(l) + 1);
             s->ranks[r].has_label = 1;
         }
         return PW_OK;
@@ -733,7 +824,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
         b->step = step;
         b->name = intern(s, rec->name);
         if (b->name < 0) return oom();
-        b->cls = (int8_t)classify(rec->name, rec->cat, &b->wk);
+        b->cls = (int8_t)class_of(s, b->name, rec->name, rec->cat, &b->wk);
         b->stage = rec->stage;
         b->mb = rec->mb;
         b->peer = rec->peer;
@@ -765,7 +856,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
         else e.t1 = rec->ts_ns + rec->dur_ns;
         e.name = intern(s, rec->name);
         if (e.name < 0) return oom();
-        e.cls = (int8_t)classify(rec->name, rec->cat, &e.wk);
+        e.cls = (int8_t)class_of(s, e.name, rec->name, rec->cat, &e.wk);
         e.stage = rec->stage;
         e.mb = rec->mb;
         e.peer = rec->peer;
@@ -823,18 +914,6 @@ static int cmp_cause(const void *x, const void *y)
     return strcmp(a->what, b->what);
 }
 
-static void times_add(pw_ta_times *d, const pw_ta_times *x)
-{
-    d->window += x->window;
-    for (int c = 0; c <= PW_TA_COMM; c++) d->busy[c] += x->busy[c];
-    d->compute += x->compute;
-    d->idle += x->idle;
-    for (int p = 0; p < PW_TA_N_PHASES; p++) d->idle_phase[p] += x->idle_phase[p];
-    d->wait_comm += x->wait_comm;
-    d->wait_other += x->wait_other;
-    d->exposed_allreduce += x->exposed_allreduce;
-    for (int k = 0; k < 3; k++) d->n_actions[k] += x->n_actions[k];
-}
 
 /* Keeps the ranks that have events (and, in a pipewright trace, ranks
  * 0..R-1 of the metadata even without any), ordered by (pid, tid), and
@@ -862,9 +941,9 @@ static pw_status sort_ranks(ta *s)
             free(k->open);
         }
     }
-    qsort(sorted, kept, sizeof *sorted, cmp_rank);
+    sort_n(sorted, kept, sizeof *sorted, cmp_rank);
     for (size_t i = 0; i < kept; i++) map[sorted[i].new_index] = (int)i;
-    memcpy(s->ranks, sorted, kept * sizeof *sorted);
+    copy_n(s->ranks, sorted, kept * sizeof *sorted);
     s->n_ranks = kept;
     for (size_t i = 0; i < kept; i++) s->ranks[i].new_index = (int)i;
     for (size_t i = 0; i < s->n_recs; i++) s->recs[i].rank = map[s->recs[i].rank];
@@ -923,7 +1002,8 @@ static void explain(ta *s)
     const int known = gpipe || !strcasecmp(sched, "1f1b") || !strcasecmp(sched, "pipedream-flush");
     int model_ok = known && a->meta.stages == R && R >= 1 && m >= 1 && a->n_analysed > 0;
     double sum_t = 0, max_t = 0, sum_f = 0, max_f = 0, sum_b = 0, max_b = 0, sum_o = 0, max_o = 0;
-    double min_t = INFINITY;
+    double min_t = INFINITY, min_f = INFINITY, min_b = INFINITY;
+    int slow_f = -1, fast_f = -1, slow_b = -1, fast_b = -1;
     for (int r = 0; model_ok && r < R; r++) {
         const pw_ta_times *t = &a->ranks[r].total;
         if (t->n_actions[0] == 0 || t->n_actions[1] + t->n_actions[2] == 0) {
@@ -939,8 +1019,22 @@ static void explain(ta *s)
         sum_b += tb;
         sum_t += tf + tb;
         sum_o += o;
-        if (tf > max_f) max_f = tf;
-        if (tb > max_b) max_b = tb;
+        if (tf > max_f) {
+            max_f = tf;
+            slow_f = r;
+        }
+        if (tb > max_b) {
+            max_b = tb;
+            slow_b = r;
+        }
+        if (tf < min_f) {
+            min_f = tf;
+            fast_f = r;
+        }
+        if (tb < min_b) {
+            min_b = tb;
+            fast_b = r;
+        }
         if (o > max_o) max_o = o;
         if (tf + tb > max_t) {
             max_t = tf + tb;
@@ -962,9 +1056,10 @@ static void explain(ta *s)
     const double X = a->bubble;
     a->points_comm_actions = a->total.window > 0 ? 100.0 * (double)a->total.busy[PW_TA_COMM] / (double)a->total.window : 0;
     if (T >= 0) EX("measured %.1f%% vs theory %.1f%%: %+.1f points", 100 * X, 100 * T, 100 * (X - T));
+    else if (!a->has_meta) EX("measured %.1f%%; no theory and no stage model without pipewright metadata", 100 * X);
     else EX("measured %.1f%%; no theory for this schedule", 100 * X);
     if (a->model_bubble < 0) {
-        if (!a->has_meta) EX(" (no pipewright metadata: no model of the stages)");
+        if (!a->has_meta) return;
         else if (!known) EX(" (the stage-time model covers GPipe and 1F1B, not '%s')", sched);
         else EX(" (stage-time model unavailable: needs F and B events on every rank of one replica)");
         return;
@@ -979,10 +1074,18 @@ static void explain(ta *s)
         EX("; the stage-time model predicts %.1f%% from", 100 * a->model_bubble);
     }
     const double ratio = a->imbalance_ratio;
-    if (ratio >= 1.05)
+    const double rf = min_f > 0 ? max_f / min_f : 0, rb = min_b > 0 ? max_b / min_b : 0;
+    if (gpipe && (rf >= 1.05 || rb >= 1.05)) {
+        /* GPipe's forward and backward phases are each paced by their own
+         * slowest stage, so the two imbalances add up. */
+        EX(" (F: rank %d takes %.2fx as long as rank %d; B: rank %d takes %.2fx as long as rank %d)",
+           slow_f, rf, fast_f, slow_b, rb, fast_b);
+    } else if (ratio >= 1.05) {
         EX(" (rank %d computes %.2fx as long per micro-batch as rank %d: %.3f vs %.3f ms)",
            a->slow_rank, ratio, a->fast_rank, max_t / 1e6, min_t / 1e6);
-    else EX(" (stages balanced: slowest/fastest %.2fx)", ratio);
+    } else {
+        EX(" (stages balanced: slowest/fastest %.2fx)", ratio);
+    }
     EX(" + optimizer %+.1f + communication and scheduling %+.1f (send/recv actions %.1f, waits and gaps "
        "beyond the stage-time model %+.1f)",
        a->points_optimizer, a->points_overhead, a->points_comm_actions,
@@ -1018,8 +1121,9 @@ static pw_status finish(ta *s)
         else snprintf(o->label, sizeof o->label, "pid %" PRId64 " tid %" PRId64, o->pid, o->tid);
     }
 
-    /* Steps. */
-    qsort(s->recs, s->n_recs, sizeof *s->recs, cmp_rec);
+    /* Steps: windows first (every rank's span), then each rank's idle
+     * outside its own span, the edge gaps' causes and the step's bubble. */
+    sort_n(s->recs, s->n_recs, sizeof *s->recs, cmp_rec);
     int64_t n_steps = 0;
     for (size_t i = 0; i < s->n_recs; i++)
         if (i == 0 || s->recs[i].step != s->recs[i - 1].step) n_steps++;
@@ -1030,23 +1134,20 @@ static pw_status finish(ta *s)
     for (size_t i = 0; i < s->n_recs; i++) {
         const ta_rec *rc = &s->recs[i];
         if (i == 0 || rc->step != s->recs[i - 1].step) {
-            k++;
-            a->steps[k].step = rc->step;
-            a->steps[k].ranks = calloc((size_t)R, sizeof(pw_ta_rank_step));
-            if (!a->steps[k].ranks) return oom();
-            a->steps[k].t0 = INT64_MAX;
-            a->steps[k].t1 = INT64_MIN;
-            a->steps[k].analysed = !step_skipped(s, rc->step);
+            pw_ta_step *sp = &a->steps[++k];
+            sp->step = rc->step;
+            sp->t0 = INT64_MAX;
+            sp->t1 = INT64_MIN;
+            sp->analysed = !step_skipped(s, rc->step);
+            if (s->cfg->per_step && !(sp->ranks = calloc((size_t)R, sizeof(pw_ta_rank_step)))) return oom();
         }
         pw_ta_step *sp = &a->steps[k];
-        sp->ranks[rc->rank] = rc->rs;
-        if (rc->rs.t0 < sp->t0) sp->t0 = rc->rs.t0;
-        if (rc->rs.t1 > sp->t1) {
-            sp->t1 = rc->rs.t1;
+        if (rc->t0 < sp->t0) sp->t0 = rc->t0;
+        if (rc->t1 > sp->t1) {
+            sp->t1 = rc->t1;
             sp->last_rank = rc->rank;
         }
     }
-    /* Idle outside each rank's own span, and the edge gaps' causes. */
     size_t ri = 0;
     int64_t n_absent = 0;
     for (int64_t si = 0; si < n_steps; si++) {
@@ -1054,49 +1155,64 @@ static pw_status finish(ta *s)
         const int64_t W = sp->t1 - sp->t0;
         int64_t compute = 0;
         for (int r = 0; r < R; r++) {
-            pw_ta_rank_step *rs = &sp->ranks[r];
-            pw_ta_times *t = &rs->t;
+            pw_ta_times *tot = &s->ranks[r].total;
             const ta_rec *rc = NULL;
-            while (ri < s->n_recs && (s->recs[ri].step < sp->step ||
-                                      (s->recs[ri].step == sp->step && s->recs[ri].rank < r)))
-                ri++;
-            if (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank == r) rc = &s->recs[ri];
-            t->window = W;
+            if (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank == r) rc = &s->recs[ri++];
+            if (sp->analysed) tot->window += W;
             if (!rc) {
                 n_absent++;
-                t->idle = W;
-                t->idle_phase[PW_TA_WARMUP] = W;
                 if (sp->analysed) {
+                    tot->idle_phase[PW_TA_WARMUP] += W;
                     ta_cause_key key = {r, PW_CAUSE_ABSENT, -1, -1, -1, -1};
                     int64_t ph[PW_TA_N_PHASES] = {W, 0, 0};
                     if (!cause_add(s, key, ph, W, sp->step, 1)) return oom();
                 }
+                if (sp->ranks) {
+                    pw_ta_times *t = &sp->ranks[r].t;
+                    t->window = t->idle = t->idle_phase[PW_TA_WARMUP] = W;
+                }
                 continue;
             }
-            const int64_t head = rs->t0 - sp->t0, tail = sp->t1 - rs->t1;
-            const int tail_phase = phase_at(rs->t1, rc->first_b, rc->last_f);
-            t->idle_phase[PW_TA_WARMUP] += head;
-            t->idle_phase[tail_phase] += tail;
-            for (int c = 0; c <= PW_TA_COMM; c++) {
-                if (c < PW_TA_N_COMPUTE) t->compute += t->busy[c];
-            }
-            int64_t busy = t->compute + t->busy[PW_TA_COMM];
-            t->idle = W - busy;
-            compute += t->compute;
+            const int64_t head = rc->t0 - sp->t0, tail = sp->t1 - rc->t1;
+            compute += rc->compute;
             if (sp->analysed) {
+                tot->idle_phase[PW_TA_WARMUP] += head;
+                tot->idle_phase[rc->tail_phase] += tail;
                 ta_cause_key kh = {r, PW_CAUSE_NOT_STARTED, -1, -1, -1, -1};
                 int64_t ph[PW_TA_N_PHASES] = {head + rc->head_ns, 0, 0};
                 if (!cause_add(s, kh, ph, head + rc->head_ns, sp->step, 1)) return oom();
                 ta_cause_key kt = {r, PW_CAUSE_DONE, -1, -1, -1, -1};
                 int64_t pt[PW_TA_N_PHASES] = {0, 0, 0};
-                pt[tail_phase] = tail + rc->tail_ns;
+                pt[rc->tail_phase] = tail + rc->tail_ns;
                 if (!cause_add(s, kt, pt, tail + rc->tail_ns, sp->step, 1)) return oom();
+            }
+            if (sp->ranks) {
+                pw_ta_rank_step *rs = &sp->ranks[r];
+                rs->present = 1;
+                rs->t0 = rc->t0;
+                rs->t1 = rc->t1;
+                rs->t = s->full[rc->full];
+                rs->t.window = W;
+                rs->t.idle_phase[PW_TA_WARMUP] += head;
+                rs->t.idle_phase[rc->tail_phase] += tail;
+                rs->t.idle = W - rs->t.compute - rs->t.busy[PW_TA_COMM];
             }
         }
         sp->bubble = W > 0 && R > 0 ? 1.0 - (double)compute / ((double)R * (double)W) : 0;
     }
+    free(s->full);
+    s->full = NULL;
+    s->n_full = s->cap_full = 0;
 
     /* Totals over analysed steps. */
+    for (int r = 0; r < R; r++) {
+        pw_ta_times *t = &s->ranks[r].total;
+        t->idle = t->window - t->compute - t->busy[PW_TA_COMM];
+        a->ranks[r].total = *t;
+        times_add(&a->total, t);
+        a->ranks[r].bubble = t->window > 0 ? 1.0 - (double)t->compute / (double)t->window : 0;
+    }
+    a->bubble = a->total.window > 0 ? 1.0 - (double)a->total.compute / (double)a->total.window : -1;
     pw_ta_step **by_dur = malloc((n_steps ? (size_t)n_steps : 1) * sizeof *by_dur);
     if (!by_dur) return oom();
     int64_t na = 0, sum = 0;
@@ -1105,15 +1221,11 @@ static pw_status finish(ta *s)
         if (!sp->analysed) continue;
         by_dur[na++] = sp;
         sum += sp->t1 - sp->t0;
-        for (int r = 0; r < R; r++) {
-            times_add(&a->ranks[r].total, &sp->ranks[r].t);
-            times_add(&a->total, &sp->ranks[r].t);
-        }
     }
     a->n_analysed = na;
     a->median_step = -1;
     if (na > 0) {
-        qsort(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);
+        sort_n(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);
         const pw_ta_step *med = by_dur[(na - 1) / 2];
         a->median_step = med->step;
         a->step_ns_median = med->t1 - med->t0;
@@ -1122,19 +1234,10 @@ static pw_status finish(ta *s)
         a->step_ns_mean = sum / na;
     }
     free(by_dur);
-    for (int r = 0; r < R; r++) {
-        const pw_ta_times *t = &a->ranks[r].total;
-        a->ranks[r].bubble = t->window > 0 ? 1.0 - (double)t->compute / (double)t->window : 0;
-    }
-    a->bubble = a->total.window > 0 ? 1.0 - (double)a->total.compute / (double)a->total.window : -1;
 
     /* Micro-batches per step: the metadata's, else the most F any rank ran. */
     a->micro_batches = a->has_meta ? a->meta.micro_batches : 0;
-    if (a->micro_batches <= 0)
-        for (int64_t si = 0; si < n_steps; si++)
-            for (int r = 0; r < R; r++)
-                if (a->steps[si].ranks[r].t.n_actions[0] > a->micro_batches)
-                    a->micro_batches = (int)a->steps[si].ranks[r].t.n_actions[0];
+    if (a->micro_batches <= 0) a->micro_batches = s->max_f < INT32_MAX ? (int)s->max_f : INT32_MAX;
 
     /* Theory. */
     a->theory = -1;
@@ -1151,7 +1254,7 @@ static pw_status finish(ta *s)
     }
 
     /* Causes, largest first. */
-    qsort(s->causes, s->n_causes, sizeof *s->causes, cmp_cause);
+    sort_n(s->causes, s->n_causes, sizeof *s->causes, cmp_cause);
     free(s->cause_ht);
     s->cause_ht = NULL;
     s->cause_ht_cap = 0;
@@ -1387,7 +1490,7 @@ static pw_status detail_pass(ta *s)
     size_t nr = 0;
     for (size_t i = 0; i < s->n_recs; i++)
         if (s->recs[i].step == want) rg[nr++] = (ta_range){s->recs[i].off0, s->recs[i].line0, s->recs[i].off1};
-    qsort(rg, nr, sizeof *rg, cmp_range);
+    sort_n(rg, nr, sizeof *rg, cmp_range);
     size_t m = 0;
     for (size_t i = 0; i < nr; i++) {
         if (m && rg[i].off0 <= rg[m - 1].off1) {
@@ -1412,6 +1515,7 @@ static pw_status detail_pass(ta *s)
             st = pw_trace_reader_next(s->rd, &rec, &more);
             if (st != PW_OK || !more || rec.offset > rg[i].off1) break;
             st = ingest(s, &rec);
+            if (rec.offset == rg[i].off1) break; /* the range's last event */
         }
     }
     free(rg);
@@ -1433,7 +1537,7 @@ static pw_status detail_pass(ta *s)
     size_t be = 0;
     for (int r = 0; r < R; r++) {
         ta_detail_rank *dr = &s->drank[r];
-        memcpy(d->events + be, dr->ev, dr->n_ev * sizeof *dr->ev);
+        copy_n(d->events + be, dr->ev, dr->n_ev * sizeof *dr->ev);
         for (size_t i = 0; i < dr->n_gap; i++) {
             pw_ta_gap g = dr->gap[i];
             if (g.event >= 0) g.event += (int)be;
@@ -1473,6 +1577,7 @@ static void ta_free(ta *s)
     free(s->ranks);
     free(s->rank_ht);
     free(s->recs);
+    free(s->full);
     free(s->causes);
     free(s->cause_keys);
     free(s->cause_ht);
@@ -1480,6 +1585,9 @@ static void ta_free(ta *s)
     free(s->bounds);
     free(s->active);
     free(s->order);
+    free(s->keys);
+    free(s->name_cls);
+    free(s->name_wk);
     free(s->name_ht);
     if (s->drank) {
         for (size_t r = 0; r < s->n_ranks; r++) {

@@ -16,8 +16,8 @@
  *
  * How it reads. One streaming pass (trace_read.h) groups events by (rank,
  * step) and reduces each group as soon as its rank has moved two steps on,
- * so memory holds the open steps' events plus one small record per rank and
- * step. A second pass seeks back to the detail step (a pipe is spooled to a
+ * so memory holds the open steps' events plus an 88-byte record per rank and
+ * step (cfg->per_step keeps each one's full figures too). A second pass seeks back to the detail step (a pipe is spooled to a
  * temporary file) to keep its events for the Gantt chart, the gap list and
  * the critical path.
  *
@@ -97,7 +97,7 @@ typedef struct pw_ta_step {
     int last_rank;          /* the rank whose end closes the window */
     int analysed;           /* 0: left out by skip_steps */
     double bubble;          /* 1 - compute / (ranks x window) */
-    pw_ta_rank_step *ranks; /* [n_ranks] */
+    pw_ta_rank_step *ranks; /* [n_ranks] with cfg->per_step, else NULL */
 } pw_ta_step;
 
 typedef struct pw_ta_rank {
@@ -234,6 +234,8 @@ typedef struct pw_trace_analysis_config {
     int64_t detail_step;          /* step for the detail; -1: the median-duration step */
     int no_detail;                /* 1: skip the second pass */
     int skip_steps;               /* leave the first N steps (in trace order) out of totals */
+    int per_step;                 /* 1: keep every (rank, step)'s figures in steps[].ranks
+                                   * (about 0.3 KB each); 0: totals and per-step windows only */
     /* Theoretical bubble for a schedule when the metadata has none (the
      * runtime does not know schedules; pipe-trace passes the scheduler's
      * formula). NULL, or < 0 returned: unknown. */
@@ -241,7 +243,8 @@ typedef struct pw_trace_analysis_config {
     void *theory_user;
 } pw_trace_analysis_config;
 
-#define PW_TRACE_ANALYSIS_DEFAULTS {.detail_step = -1, .no_detail = 0, .skip_steps = 0, .theory = NULL, .theory_user = NULL}
+#define PW_TRACE_ANALYSIS_DEFAULTS                                                      \
+    {.detail_step = -1, .no_detail = 0, .skip_steps = 0, .per_step = 0, .theory = NULL, .theory_user = NULL}
 
 /* Analyses the trace at `path` ("-": stdin). *out is NULL on error. */
 pw_status pw_trace_analyze(const char *path, const pw_trace_analysis_config *cfg,

@@ -58,6 +58,7 @@ struct pw_trace_reader {
     enum rd_state state;
     int array_format;     /* top level is [ ... ] */
     int seen_events;      /* a traceEvents member was found */
+    int seeked;           /* re-reading after a seek: the metadata is known */
     pw_status err;        /* sticky error */
     char *errmsg;
 
@@ -170,17 +171,34 @@ static inline int skip_ws(pw_trace_reader *rd)
     }
 }
 
-static const char *what_is(int c)
+/* What a value starting with byte `c` is, for messages ("a string", "']'"). */
+typedef struct what_buf {
+    char s[24];
+} what_buf;
+
+static what_buf what_is(int c)
 {
+    what_buf w;
+    const char *k;
     switch (c) {
-    case -1: return "the end of the file";
-    case '{': return "an object";
-    case '[': return "an array";
-    case '"': return "a string";
-    case 't': case 'f': return "a boolean";
-    case 'n': return "null";
-    default: return (c == '-' || (c >= '0' && c <= '9')) ? "a number" : "an invalid character";
+    case -1: k = "the end of the file"; break;
+    case '{': k = "an object"; break;
+    case '[': k = "an array"; break;
+    case '"': k = "a string"; break;
+    case 't': case 'f': k = "a boolean"; break;
+    case 'n': k = "null"; break;
+    default:
+        if (c == '-' || (c >= '0' && c <= '9')) k = "a number";
+        else if (c > 0x20 && c < 0x7f) {
+            snprintf(w.s, sizeof w.s, "'%c'", c);
+            return w;
+        } else {
+            snprintf(w.s, sizeof w.s, "byte 0x%02x", c & 0xff);
+            return w;
+        }
     }
+    snprintf(w.s, sizeof w.s, "%s", k);
+    return w;
 }
 
 /* Error for an unexpected byte `c` where `expected` should be. */
@@ -354,9 +372,51 @@ static pw_status read_string(pw_trace_reader *rd, rd_str *out)
 
 #define NUM_MAX 64
 
+/* Whether [s, s+n) is exactly one JSON number. */
+static int valid_number(const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    if (i < n && s[i] == '-') i++;
+    if (i >= n) return 0;
+    if (s[i] == '0') {
+        i++;
+    } else if (s[i] >= '1' && s[i] <= '9') {
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+    } else {
+        return 0;
+    }
+    if (i < n && s[i] == '.') {
+        size_t d = ++i;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        if (i == d) return 0;
+    }
+    if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+        i++;
+        if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+        size_t d = i;
+        while (i < n && s[i] >= '0' && s[i] <= '9') i++;
+        if (i == d) return 0;
+    }
+    return i == n;
+}
+
 /* Reads a JSON number into buf (NUL terminated), checking its grammar. */
 static pw_status read_number(pw_trace_reader *rd, char *buf)
 {
+    /* Fast path: the number and the byte after it are in the buffer. The
+     * slow path below handles buffer edges and reports errors precisely. */
+    if (!rd->capture) {
+        const unsigned char *q = rd->p, *lim = rd->end - rd->p > NUM_MAX - 1 ? rd->p + NUM_MAX - 1 : rd->end;
+        while (q < lim && ((*q >= '0' && *q <= '9') || *q == '.' || *q == '-' || *q == '+' || *q == 'e' || *q == 'E'))
+            q++;
+        if (q < rd->end && q < lim && valid_number(rd->p, (size_t)(q - rd->p))) {
+            size_t n = (size_t)(q - rd->p);
+            memcpy(buf, rd->p, n);
+            buf[n] = 0;
+            rd->p = (unsigned char *)q;
+            return PW_OK;
+        }
+    }
     int n = 0, c = peekc(rd);
 #define NUM_PUT(ch)                                                                    \
     do {                                                                               \
@@ -460,6 +520,49 @@ static int num_us_to_ns(const char *s, int64_t *out)
     return 1;
 }
 
+/* One pass over a plain decimal wholly in the buffer: -?digits(.digits)?
+ * followed by a delimiter; `int_only` refuses a fraction. Sets *ip (the
+ * integer part, at most 15 digits), *frac and *nf (the first 9 fraction
+ * digits and how many), *neg, and advances. 0, with nothing consumed, for
+ * anything else (exponents, long numbers, the buffer's edge, bad grammar):
+ * the caller then takes the general path, which also words the errors. */
+static inline int fast_decimal(pw_trace_reader *rd, int int_only, uint64_t *ip, uint64_t *frac, int *nf, int *neg)
+{
+    if (rd->capture) return 0;
+    const unsigned char *q = rd->p, *end = rd->end;
+    int n = 0, f = 0;
+    uint64_t v = 0, fr = 0;
+    *neg = 0;
+    if (q < end && *q == '-') {
+        *neg = 1;
+        q++;
+    }
+    if (q >= end || *q < '0' || *q > '9') return 0;
+    if (*q == '0' && q + 1 < end && q[1] >= '0' && q[1] <= '9') return 0; /* leading zero */
+    while (q < end && *q >= '0' && *q <= '9') {
+        v = v * 10 + (uint64_t)(*q++ - '0');
+        if (++n > 15) return 0;
+    }
+    if (q < end && *q == '.') {
+        if (int_only) return 0;
+        const unsigned char *d = ++q;
+        while (q < end && *q >= '0' && *q <= '9') {
+            if (f < 9) {
+                fr = fr * 10 + (uint64_t)(*q - '0');
+                f++;
+            }
+            q++;
+        }
+        if (q == d) return 0;
+    }
+    if (q >= end || *q == 'e' || *q == 'E' || *q == '.' || *q == '+' || *q == '-') return 0;
+    *ip = v;
+    *frac = fr;
+    *nf = f;
+    rd->p = (unsigned char *)q;
+    return 1;
+}
+
 /* ------------------------------------------------------------ values */
 
 static pw_status skip_value(pw_trace_reader *rd, int depth);
@@ -540,12 +643,71 @@ static pw_status skip_value(pw_trace_reader *rd, int depth)
 
 /* ------------------------------------------------------------ events */
 
+/* Member names the reader keeps; K_OTHER is skipped. */
+enum { K_OTHER = 0, K_NAME, K_CAT, K_PH, K_PID, K_TID, K_TS, K_DUR, K_ARGS, K_STEP, K_STAGE, K_MB, K_PEER, K_BYTES };
+
+static int key_id(const char *k, size_t n)
+{
+    switch (n) {
+    case 2:
+        if (!memcmp(k, "ph", 2)) return K_PH;
+        if (!memcmp(k, "ts", 2)) return K_TS;
+        if (!memcmp(k, "mb", 2)) return K_MB;
+        break;
+    case 3:
+        if (!memcmp(k, "pid", 3)) return K_PID;
+        if (!memcmp(k, "tid", 3)) return K_TID;
+        if (!memcmp(k, "cat", 3)) return K_CAT;
+        if (!memcmp(k, "dur", 3)) return K_DUR;
+        break;
+    case 4:
+        if (!memcmp(k, "name", 4)) return K_NAME;
+        if (!memcmp(k, "args", 4)) return K_ARGS;
+        if (!memcmp(k, "step", 4)) return K_STEP;
+        if (!memcmp(k, "peer", 4)) return K_PEER;
+        break;
+    case 5:
+        if (!memcmp(k, "stage", 5)) return K_STAGE;
+        if (!memcmp(k, "bytes", 5)) return K_BYTES;
+        break;
+    }
+    return K_OTHER;
+}
+
+/* Reads a member name (its quote is next), then the ':' after it; *id is
+ * its K_* (names with escapes are decoded first). */
+static pw_status read_key(pw_trace_reader *rd, int *id)
+{
+    int c;
+    const unsigned char *q = rd->p + 1;
+    if (!rd->capture) {
+        while (q < rd->end && *q != '"' && *q != '\\' && *q >= 0x20 && *q < 0x80) q++;
+    }
+    if (!rd->capture && q < rd->end && *q == '"') {
+        *id = key_id((const char *)rd->p + 1, (size_t)(q - rd->p - 1));
+        rd->p = (unsigned char *)q + 1;
+    } else {
+        PW_CHECK(read_string(rd, &rd->key));
+        *id = key_id(rd->key.s, rd->key.n);
+    }
+    if ((c = skip_ws(rd)) != ':') return unexpected(rd, c, "':'");
+    take(rd, c);
+    return PW_OK;
+}
+
 /* Reads an integer member value. *ok = 0 when it is not an integer (the
  * value is consumed either way); `what` names it for hard errors. */
 static pw_status read_int_member(pw_trace_reader *rd, int64_t *v, int *ok)
 {
     int c = skip_ws(rd);
     char num[NUM_MAX];
+    uint64_t ip, frac;
+    int nf, neg;
+    if (fast_decimal(rd, 1, &ip, &frac, &nf, &neg)) {
+        *ok = 1;
+        *v = neg ? -(int64_t)ip : (int64_t)ip;
+        return PW_OK;
+    }
     *ok = 0;
     if (c == '-' || (c >= '0' && c <= '9')) {
         PW_CHECK(read_number(rd, num));
@@ -567,18 +729,12 @@ static pw_status event_args(pw_trace_reader *rd, pw_trace_record *ev)
     }
     for (;;) {
         if (c != '"') return unexpected(rd, c, "a member name");
-        PW_CHECK(read_string(rd, &rd->key));
-        if ((c = skip_ws(rd)) != ':') return unexpected(rd, c, "':'");
-        take(rd, c);
-        const char *k = rd->key.s;
+        int k;
+        PW_CHECK(read_key(rd, &k));
         int64_t v;
         int ok;
-        unsigned bit = 0;
-        if (!strcmp(k, "step")) bit = PW_TREC_STEP;
-        else if (!strcmp(k, "stage")) bit = PW_TREC_STAGE;
-        else if (!strcmp(k, "mb")) bit = PW_TREC_MB;
-        else if (!strcmp(k, "peer")) bit = PW_TREC_PEER;
-        else if (!strcmp(k, "bytes")) bit = PW_TREC_BYTES;
+        unsigned bit = k == K_STEP ? PW_TREC_STEP : k == K_STAGE ? PW_TREC_STAGE : k == K_MB ? PW_TREC_MB
+                     : k == K_PEER ? PW_TREC_PEER : k == K_BYTES ? PW_TREC_BYTES : 0;
         if (bit) {
             PW_CHECK(read_int_member(rd, &v, &ok));
             int32_t *small = bit == PW_TREC_STAGE ? &ev->stage : bit == PW_TREC_MB ? &ev->mb
@@ -593,7 +749,7 @@ static pw_status event_args(pw_trace_reader *rd, pw_trace_record *ev)
                 else if (bit == PW_TREC_STEP) ev->step = v;
                 else ev->bytes = v;
             }
-        } else if (!strcmp(k, "name") && skip_ws(rd) == '"') {
+        } else if (k == K_NAME && skip_ws(rd) == '"') {
             PW_CHECK(read_string(rd, &rd->argname_s));
             ev->has |= PW_TREC_ARG_NAME;
         } else {
@@ -615,8 +771,23 @@ static pw_status time_member(pw_trace_reader *rd, const char *key, int64_t *ns)
 {
     int c = skip_ws(rd);
     char num[NUM_MAX];
+    uint64_t ip, frac;
+    int nf, neg;
+    if (fast_decimal(rd, 0, &ip, &frac, &nf, &neg)) {
+        /* microseconds -> ns: the first 3 fraction digits, rounded half up by
+         * the 4th (as num_us_to_ns) */
+        int round = 0;
+        for (; nf > 3; nf--) {
+            if (nf == 4) round = frac % 10 >= 5;
+            frac /= 10;
+        }
+        for (; nf < 3; nf++) frac *= 10;
+        uint64_t v = ip * 1000 + frac + (uint64_t)round;
+        *ns = neg ? -(int64_t)v : (int64_t)v;
+        return PW_OK;
+    }
     if (!(c == '-' || (c >= '0' && c <= '9')))
-        return rd_fail(rd, "event \"%s\" is %s, expected a number (microseconds)", key, what_is(c));
+        return rd_fail(rd, "event \"%s\" is %s, expected a number (microseconds)", key, what_is(c).s);
     PW_CHECK(read_number(rd, num));
     if (!num_us_to_ns(num, ns)) return rd_fail(rd, "event \"%s\" %s is out of range", key, num);
     return PW_OK;
@@ -626,8 +797,14 @@ static pw_status id_member(pw_trace_reader *rd, const char *key, int64_t *v)
 {
     int c = skip_ws(rd);
     char num[NUM_MAX];
+    uint64_t ip, frac;
+    int nf, neg;
+    if (fast_decimal(rd, 1, &ip, &frac, &nf, &neg)) {
+        *v = neg ? -(int64_t)ip : (int64_t)ip;
+        return PW_OK;
+    }
     if (!(c == '-' || (c >= '0' && c <= '9')))
-        return rd_fail(rd, "event \"%s\" is %s, expected an integer", key, what_is(c));
+        return rd_fail(rd, "event \"%s\" is %s, expected an integer", key, what_is(c).s);
     PW_CHECK(read_number(rd, num));
     if (!num_int(num, v)) return rd_fail(rd, "event \"%s\" %s is not an integer", key, num);
     return PW_OK;
@@ -636,7 +813,7 @@ static pw_status id_member(pw_trace_reader *rd, const char *key, int64_t *v)
 static pw_status string_member(pw_trace_reader *rd, const char *key, rd_str *out)
 {
     int c = skip_ws(rd);
-    if (c != '"') return rd_fail(rd, "event \"%s\" is %s, expected a string", key, what_is(c));
+    if (c != '"') return rd_fail(rd, "event \"%s\" is %s, expected a string", key, what_is(c).s);
     return read_string(rd, out);
 }
 
@@ -651,7 +828,7 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
     ev->offset = cur_off(rd);
     if (c != '{') {
         if (c < 0) return unexpected(rd, c, "an event object");
-        return rd_fail(rd, "traceEvents element is %s, expected an event object", what_is(c));
+        return rd_fail(rd, "traceEvents element is %s, expected an event object", what_is(c).s);
     }
     take(rd, c);
     rd->name_s.n = rd->cat_s.n = rd->argname_s.n = rd->ph_s.n = 0;
@@ -662,64 +839,42 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
     } else {
         for (;;) {
             if (c != '"') return unexpected(rd, c, "a member name");
-            PW_CHECK(read_string(rd, &rd->key));
-            if ((c = skip_ws(rd)) != ':') return unexpected(rd, c, "':'");
-            take(rd, c);
-            const char *k = rd->key.s;
-            switch (k[0]) {
-            case 'a':
-                if (!strcmp(k, "args")) { PW_CHECK(event_args(rd, ev)); goto next; }
+            int k;
+            PW_CHECK(read_key(rd, &k));
+            switch (k) {
+            case K_ARGS: PW_CHECK(event_args(rd, ev)); break;
+            case K_CAT:
+                PW_CHECK(string_member(rd, "cat", &rd->cat_s));
+                ev->has |= PW_TREC_CAT;
                 break;
-            case 'c':
-                if (!strcmp(k, "cat")) {
-                    PW_CHECK(string_member(rd, k, &rd->cat_s));
-                    ev->has |= PW_TREC_CAT;
-                    goto next;
-                }
+            case K_DUR:
+                PW_CHECK(time_member(rd, "dur", &ev->dur_ns));
+                if (ev->dur_ns < 0) return rd_fail(rd, "event \"dur\" is negative");
+                ev->has |= PW_TREC_DUR;
                 break;
-            case 'd':
-                if (!strcmp(k, "dur")) {
-                    PW_CHECK(time_member(rd, k, &ev->dur_ns));
-                    if (ev->dur_ns < 0) return rd_fail(rd, "event \"dur\" is negative");
-                    ev->has |= PW_TREC_DUR;
-                    goto next;
-                }
+            case K_NAME:
+                PW_CHECK(string_member(rd, "name", &rd->name_s));
+                ev->has |= PW_TREC_NAME;
                 break;
-            case 'n':
-                if (!strcmp(k, "name")) {
-                    PW_CHECK(string_member(rd, k, &rd->name_s));
-                    ev->has |= PW_TREC_NAME;
-                    goto next;
-                }
+            case K_PH:
+                PW_CHECK(string_member(rd, "ph", &rd->ph_s));
+                if (rd->ph_s.n == 0) return rd_fail(rd, "event \"ph\" is empty");
+                has_ph = 1;
                 break;
-            case 'p':
-                if (!strcmp(k, "ph")) {
-                    PW_CHECK(string_member(rd, k, &rd->ph_s));
-                    if (rd->ph_s.n == 0) return rd_fail(rd, "event \"ph\" is empty");
-                    has_ph = 1;
-                    goto next;
-                }
-                if (!strcmp(k, "pid")) {
-                    PW_CHECK(id_member(rd, k, &ev->pid));
-                    ev->has |= PW_TREC_PID;
-                    goto next;
-                }
+            case K_PID:
+                PW_CHECK(id_member(rd, "pid", &ev->pid));
+                ev->has |= PW_TREC_PID;
                 break;
-            case 't':
-                if (!strcmp(k, "ts")) {
-                    PW_CHECK(time_member(rd, k, &ev->ts_ns));
-                    ev->has |= PW_TREC_TS;
-                    goto next;
-                }
-                if (!strcmp(k, "tid")) {
-                    PW_CHECK(id_member(rd, k, &ev->tid));
-                    ev->has |= PW_TREC_TID;
-                    goto next;
-                }
+            case K_TS:
+                PW_CHECK(time_member(rd, "ts", &ev->ts_ns));
+                ev->has |= PW_TREC_TS;
                 break;
+            case K_TID:
+                PW_CHECK(id_member(rd, "tid", &ev->tid));
+                ev->has |= PW_TREC_TID;
+                break;
+            default: PW_CHECK(skip_value(rd, 1));
             }
-            PW_CHECK(skip_value(rd, 1));
-        next:
             c = skip_ws(rd);
             if (c == '}') {
                 take(rd, c);
@@ -855,7 +1010,7 @@ static pw_status read_meta(pw_trace_reader *rd)
     if (in->present) return rd_fail(rd, "a second \"pipewright\" block");
     in->line = rd->line;
     int c = skip_ws(rd);
-    if (c != '{') return rd_fail(rd, "\"pipewright\" is %s, expected an object", what_is(c));
+    if (c != '{') return rd_fail(rd, "\"pipewright\" is %s, expected an object", what_is(c).s);
     rd->meta.n = 0;
     rd->capture_bad = 0;
     rd->capture = &rd->meta;
@@ -918,13 +1073,13 @@ static pw_status top_member(pw_trace_reader *rd)
     take(rd, c);
     c = skip_ws(rd);
     if (!strcmp(rd->key.s, "traceEvents")) {
-        if (c != '[') return rd_fail(rd, "\"traceEvents\" is %s, expected an array", what_is(c));
+        if (c != '[') return rd_fail(rd, "\"traceEvents\" is %s, expected an array", what_is(c).s);
         take(rd, c);
         rd->seen_events = 1;
         rd->state = S_EV_FIRST;
         return PW_OK;
     }
-    if (!strcmp(rd->key.s, "pipewright")) {
+    if (!strcmp(rd->key.s, "pipewright") && !rd->seeked) {
         PW_CHECK(read_meta(rd));
     } else if (!strcmp(rd->key.s, "displayTimeUnit") && c == '"') {
         PW_CHECK(read_string(rd, &rd->sval));
@@ -963,7 +1118,7 @@ pw_status pw_trace_reader_next(pw_trace_reader *rd, pw_trace_record *ev, int *mo
                 return rd_fail(rd, "empty file (expected a Chrome trace: a JSON object or array)");
             } else {
                 return rd_fail(rd, "not a Chrome trace: the file starts with %s, expected a JSON object or array",
-                               what_is(c));
+                               what_is(c).s);
             }
             break;
         case S_OBJ_FIRST:
@@ -1119,5 +1274,6 @@ pw_status pw_trace_reader_seek(pw_trace_reader *rd, int64_t offset, int64_t line
     rd->p = rd->end = rd->buf;
     rd->line = line;
     rd->state = S_EV_ELEM;
+    rd->seeked = 1;
     return PW_OK;
 }

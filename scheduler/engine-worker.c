@@ -1,15 +1,17 @@
-/* pipewright — the engine's worker: one thread per rank running its own
- * libevent loop, and the actions it executes (F, B, W, SEND, RECV,
+/* pipewright — the engine's worker: one thread per (replica, rank) running
+ * its own libevent loop, and the actions it executes (F, B, W, SEND, RECV,
  * ALLREDUCE, OPTIM).
  *
- * Everything here runs inside event callbacks on the rank's thread, and
+ * Everything here runs inside event callbacks on the worker's thread, and
  * nothing blocks: a RECV whose message has not arrived records the wait start
- * and returns to the loop (the rank "parks"); the sender's deliver() wakes it
- * with event_active() on its wake event. The only locks are short critical
- * sections (a mailbox, a buffer pool, the engine mutex at step end).
+ * and returns to the loop (the worker "parks"); the sender's deliver() wakes
+ * it with event_active() on its wake event. OPTIM parks the same way until
+ * the communication thread has finished the rank's all-reduces
+ * (engine-comm.c). The only locks are short critical sections (a mailbox, a
+ * buffer pool, the job queue, the engine mutex at step end).
  *
- * The step loop allocates nothing: slots, buffers and mailbox entries were
- * all planned in pw_engine_create (engine.c).
+ * The step loop allocates nothing: slots, buffers, mailbox entries and
+ * buckets were all planned in pw_engine_create (engine.c).
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -25,10 +27,10 @@ enum { EXEC_OK = 0, EXEC_PARKED, EXEC_FAILED };
 
 static inline int rank_of(const pw_engine *e, int chunk) { return pw_sched_rank_of(e->s, chunk); }
 
-static inline void trace_ev(pw_worker *w, const char *name, int cat, int chunk, int mb, int peer,
-                            int64_t bytes, int64_t t0, int64_t t1)
+void pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk, int mb, int peer, int64_t bytes,
+                  int64_t t0, int64_t t1)
 {
-    pw_trace_event *ev = pw_trace_push(w->e->trace, w->rank);
+    pw_trace_event *ev = pw_trace_push(w->e->trace, w->gid);
     if (!ev) return; /* full track: the trace counts the drop */
     ev->name = name;
     ev->cat = cat;
@@ -41,9 +43,15 @@ static inline void trace_ev(pw_worker *w, const char *name, int cat, int chunk, 
     ev->t1_ns = t1;
 }
 
+/* The trace track of the worker that runs `chunk` in w's replica. */
+static inline int peer_track(const pw_worker *w, int chunk)
+{
+    return w->replica * w->e->S + rank_of(w->e, chunk);
+}
+
 /* Records the first failure of the step and stops every worker: each polls
  * `abort` before its next action, and parked ones are woken to see it. */
-static void engine_fail(pw_engine *e, pw_status st, const char *msg)
+void pw_eng_fail(pw_engine *e, pw_status st, const char *msg)
 {
     pthread_mutex_lock(&e->mu);
     if (e->err == PW_OK) {
@@ -53,7 +61,7 @@ static void engine_fail(pw_engine *e, pw_status st, const char *msg)
     }
     pthread_mutex_unlock(&e->mu);
     atomic_store(&e->abort, 1);
-    for (int r = 0; r < e->R; r++) event_active(e->workers[r].wake, 0, 0);
+    for (int i = 0; i < e->NW; i++) event_active(e->workers[i].wake, 0, 0);
 }
 
 /* pw_error messages are thread-local: format the text here, on the failing
@@ -66,29 +74,30 @@ static int fail(pw_worker *w, pw_status st, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    engine_fail(w->e, st, msg);
+    pw_eng_fail(w->e, st, msg);
     return EXEC_FAILED;
 }
 
 /* A failure about action (kind, chunk, mb): "rank R (chunk C), F of
- * micro-batch M: why". */
+ * micro-batch M: why" (with replicas "replica K rank R (chunk C), ..."). */
 static int fail_at(pw_worker *w, pw_status st, const char *kind, int chunk, int mb, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
 static int fail_at(pw_worker *w, pw_status st, const char *kind, int chunk, int mb, const char *fmt, ...)
 {
-    char why[PW_ENGINE_ERRMSG - 128];
+    char why[PW_ENGINE_ERRMSG - 192], who[64];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(why, sizeof why, fmt, ap);
     va_end(ap);
-    return fail(w, st, "rank %d (chunk %d), %s of micro-batch %d: %s", w->rank, chunk, kind, mb, why);
+    pw_eng_name(w->e, w->replica, w->rank, who, sizeof who);
+    return fail(w, st, "%s (chunk %d), %s of micro-batch %d: %s", who, chunk, kind, mb, why);
 }
 
 /* Runs one stage callback, timing it as busy time. */
 static int call_stage(pw_worker *w, pw_status (*fn)(void *, int, int), const char *kind, int chunk,
                       int mb, int slot)
 {
-    pw_echunk *ch = &w->e->chunks[chunk];
+    pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, chunk);
     pw_clear_error(); /* a callback that fails without a message must not show a stale one */
     int64_t t0 = pw_now_ns();
     pw_status st = fn(ch->self, mb, slot);
@@ -98,11 +107,27 @@ static int call_stage(pw_worker *w, pw_status (*fn)(void *, int, int), const cha
     return fail_at(w, st, kind, chunk, mb, "%s", msg[0] ? msg : pw_status_str(st));
 }
 
+/* The part of the last backward that finishes bucket b, then its start. */
+static int call_bucket(pw_worker *w, const char *kind, int chunk, int mb, int slot, int b, pw_bwd_part part)
+{
+    pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, chunk);
+    pw_clear_error();
+    int64_t t0 = pw_now_ns();
+    pw_status st = ch->vt->backward_bucket(ch->self, mb, slot, b, part);
+    w->busy_ns += pw_now_ns() - t0;
+    if (st != PW_OK) {
+        const char *msg = pw_last_error();
+        return fail_at(w, st, kind, chunk, mb, "bucket %d: %s", b, msg[0] ? msg : pw_status_str(st));
+    }
+    pw_eng_bucket_start(w, chunk, b);
+    return EXEC_OK;
+}
+
 static int bind_port(pw_worker *w, int chunk, int mb, const char *kind, int slot, pw_port port,
                      const pw_msgbuf *b)
 {
     static const char *const names[PW_PORT_COUNT] = {"ACT_IN", "ACT_OUT", "GRAD_OUT", "GRAD_IN"};
-    pw_echunk *ch = &w->e->chunks[chunk];
+    pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, chunk);
     if (!ch->vt->bind || !ch->bytes[port]) return EXEC_OK;
     pw_clear_error();
     pw_status st = ch->vt->bind(ch->self, slot, port, b->data);
@@ -113,19 +138,17 @@ static int bind_port(pw_worker *w, int chunk, int mb, const char *kind, int slot
 
 /* ------------------------------------------------------------- buffers */
 
-static pw_msgbuf *pool_get(pw_pool *p)
+pw_msgbuf *pw_eng_pool_get(pw_pool *p, int refs)
 {
     pw_msgbuf *b = NULL;
     pthread_mutex_lock(&p->mu);
     if (p->top > 0) b = &p->bufs[p->free_idx[--p->top]];
     pthread_mutex_unlock(&p->mu);
-    /* Producer and consumer each drop one reference after their own last
-     * backward of the micro-batch. */
-    if (b) atomic_store_explicit(&b->refs, 2, memory_order_relaxed);
+    if (b) atomic_store_explicit(&b->refs, refs, memory_order_relaxed);
     return b;
 }
 
-static void buf_put(pw_msgbuf *b)
+void pw_eng_buf_put(pw_msgbuf *b)
 {
     if (!b) return;
     /* acq_rel: the last reader's accesses happen before the buffer's next
@@ -135,6 +158,17 @@ static void buf_put(pw_msgbuf *b)
     pthread_mutex_lock(&p->mu);
     p->free_idx[p->top++] = b->index;
     pthread_mutex_unlock(&p->mu);
+}
+
+/* A buffer for a message this worker produces. Producer and consumer each
+ * drop one reference after their own last backward of the micro-batch (a
+ * send to another process stands in for the consumer). A pool that looks
+ * empty may only be waiting for sends to other processes to be tested. */
+static pw_msgbuf *pool_get_out(pw_worker *w, pw_pool *p)
+{
+    pw_msgbuf *b = pw_eng_pool_get(p, 2);
+    if (!b && w->e->t && pw_eng_progress_sends(w) >= 0) b = pw_eng_pool_get(p, 2);
+    return b;
 }
 
 static int pool_exhausted(pw_worker *w, const char *kind, int chunk, int mb, const pw_pool *p)
@@ -150,11 +184,11 @@ static int pool_exhausted(pw_worker *w, const char *kind, int chunk, int mb, con
  * Runs once per (chunk, mb) and step (F, B and W each refuse to run twice). */
 static void release_mb(pw_worker *w, int chunk, pw_mbstate *st)
 {
-    pw_echunk *ch = &w->e->chunks[chunk];
-    buf_put(st->act_in);
-    buf_put(st->act_out);
-    buf_put(st->grad_out);
-    buf_put(st->grad_in);
+    pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, chunk);
+    pw_eng_buf_put(st->act_in);
+    pw_eng_buf_put(st->act_out);
+    pw_eng_buf_put(st->grad_out);
+    pw_eng_buf_put(st->grad_in);
     /* The pointers stay: a SEND_B after the last backward, or the previous
      * chunk's local B, still hands grad_in over, and the consumer's
      * reference (counted at pool_get) keeps it out of the pool until then. */
@@ -170,14 +204,14 @@ static void release_mb(pw_worker *w, int chunk, pw_mbstate *st)
 static int do_forward(pw_worker *w, int c, int m)
 {
     pw_engine *e = w->e;
-    pw_echunk *ch = &e->chunks[c];
-    pw_mbstate *st = pw_eng_mb(e, c, m);
+    pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
     if (st->done & PW_MB_F) return fail_at(w, PW_ERR_SCHEDULE, "F", c, m, "its F runs twice");
     pw_msgbuf *in = NULL, *out = NULL;
     if (c > 0) {
         if (rank_of(e, c - 1) == w->rank) {
             /* Local hand-over: read chunk c-1's output of this micro-batch. */
-            pw_mbstate *prev = pw_eng_mb(e, c - 1, m);
+            pw_mbstate *prev = pw_eng_mb(e, w->lrep, c - 1, m);
             if (!(prev->done & PW_MB_F))
                 return fail_at(w, PW_ERR_SCHEDULE, "F", c, m,
                                "needs the output of chunk %d, whose F has not run", c - 1);
@@ -194,8 +228,8 @@ static int do_forward(pw_worker *w, int c, int m)
                        "peak_inflight_chunk[%d] understates this schedule)", ch->n_slots, c);
     }
     if (c < e->C - 1) {
-        pw_pool *p = pw_eng_act_pool(e, c);
-        if (p->bytes && !(out = pool_get(p))) return pool_exhausted(w, "F", c, m, p);
+        pw_pool *p = pw_eng_act_pool(e, w->lrep, c);
+        if (p->bytes && !(out = pool_get_out(w, p))) return pool_exhausted(w, "F", c, m, p);
     }
     int slot = ch->free_slots[--ch->n_free];
     if (++ch->in_use > ch->peak) ch->peak = ch->in_use;
@@ -209,17 +243,31 @@ static int do_forward(pw_worker *w, int c, int m)
     return call_stage(w, ch->vt->forward, "F", c, m, slot);
 }
 
+/* Whether this action is chunk c's last backward of the step with replicas:
+ * its gradients become final here and their buckets start. */
+static int is_last_backward(const pw_worker *w, int c)
+{
+    return w->e->bucketed && w->e->last_bwd[c] == w->pc;
+}
+
+/* Starts every bucket of chunk c (a chunk without backward_bucket, once its
+ * whole last backward has returned). */
+static void start_all_buckets(pw_worker *w, int c)
+{
+    for (int b = 0; b < w->e->NB; b++) pw_eng_bucket_start(w, c, b);
+}
+
 static int do_backward(pw_worker *w, int c, int m)
 {
     pw_engine *e = w->e;
-    pw_echunk *ch = &e->chunks[c];
-    pw_mbstate *st = pw_eng_mb(e, c, m);
+    pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
     if (!(st->done & PW_MB_F)) return fail_at(w, PW_ERR_SCHEDULE, "B", c, m, "B before its F");
     if (st->done & PW_MB_B) return fail_at(w, PW_ERR_SCHEDULE, "B", c, m, "its B runs twice");
     pw_msgbuf *gout = NULL, *gin = NULL;
     if (c < e->C - 1) {
         if (rank_of(e, c + 1) == w->rank) {
-            pw_mbstate *next = pw_eng_mb(e, c + 1, m);
+            pw_mbstate *next = pw_eng_mb(e, w->lrep, c + 1, m);
             if (!(next->done & PW_MB_B))
                 return fail_at(w, PW_ERR_SCHEDULE, "B", c, m,
                                "needs the gradient of chunk %d, whose B has not run", c + 1);
@@ -231,14 +279,23 @@ static int do_backward(pw_worker *w, int c, int m)
         }
     }
     if (c > 0) {
-        pw_pool *p = pw_eng_grad_pool(e, c - 1);
-        if (p->bytes && !(gin = pool_get(p))) return pool_exhausted(w, "B", c, m, p);
+        pw_pool *p = pw_eng_grad_pool(e, w->lrep, c - 1);
+        if (p->bytes && !(gin = pool_get_out(w, p))) return pool_exhausted(w, "B", c, m, p);
     }
     st->grad_out = gout;
     st->grad_in = gin;
     st->done |= PW_MB_B;
     if (gout && bind_port(w, c, m, "B", st->slot, PW_PORT_GRAD_OUT, gout) != EXEC_OK) return EXEC_FAILED;
     if (gin && bind_port(w, c, m, "B", st->slot, PW_PORT_GRAD_IN, gin) != EXEC_OK) return EXEC_FAILED;
+    const int last = !e->split_w && is_last_backward(w, c);
+    if (last && ch->vt->backward_bucket) {
+        /* The full backward bucket by bucket, each all-reduce started as
+         * soon as its gradients are final. */
+        for (int b = 0; b < e->NB; b++)
+            if (call_bucket(w, "B", c, m, st->slot, b, PW_BWD_FULL) != EXEC_OK) return EXEC_FAILED;
+        release_mb(w, c, st);
+        return EXEC_OK;
+    }
     if (call_stage(w, ch->vt->backward_input, "B", c, m, st->slot) != EXEC_OK) return EXEC_FAILED;
     if (e->split_w) return EXEC_OK;
     /* The full backward: the weight half right after, same bindings. */
@@ -246,54 +303,72 @@ static int do_backward(pw_worker *w, int c, int m)
         call_stage(w, ch->vt->backward_weight, "B", c, m, st->slot) != EXEC_OK)
         return EXEC_FAILED;
     release_mb(w, c, st);
+    if (last) start_all_buckets(w, c);
     return EXEC_OK;
 }
 
 static int do_weight(pw_worker *w, int c, int m)
 {
     pw_engine *e = w->e;
-    pw_echunk *ch = &e->chunks[c];
-    pw_mbstate *st = pw_eng_mb(e, c, m);
+    pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
     if (!e->split_w) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "W in a schedule that does not split W");
     if (!(st->done & PW_MB_B)) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "W before its B");
     if (st->done & PW_MB_W) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "its W runs twice");
     st->done |= PW_MB_W;
-    if (ch->vt->backward_weight &&
-        call_stage(w, ch->vt->backward_weight, "W", c, m, st->slot) != EXEC_OK)
+    const int last = is_last_backward(w, c);
+    if (last && ch->vt->backward_bucket) {
+        for (int b = 0; b < e->NB; b++)
+            if (call_bucket(w, "W", c, m, st->slot, b, PW_BWD_WEIGHT) != EXEC_OK) return EXEC_FAILED;
+    } else if (ch->vt->backward_weight &&
+               call_stage(w, ch->vt->backward_weight, "W", c, m, st->slot) != EXEC_OK) {
         return EXEC_FAILED;
+    }
     release_mb(w, c, st);
+    if (last && !ch->vt->backward_bucket) start_all_buckets(w, c);
     return EXEC_OK;
 }
 
+/* Waits (parked, through the loop) for the rank's all-reduces and the
+ * gradient norm, then runs the optimizer of every chunk of the rank. */
 static int do_optim(pw_worker *w)
 {
     pw_engine *e = w->e;
+    int rc = pw_eng_comm_before_optim(w);
+    if (rc > 0) return EXEC_PARKED;
+    if (rc < 0) return EXEC_FAILED;
     long step = (long)atomic_load_explicit(&e->step, memory_order_relaxed);
-    for (int c = w->rank; c < e->C; c += e->R) {
-        pw_echunk *ch = &e->chunks[c];
+    int64_t t0 = pw_now_ns();
+    for (int l = 0; l < w->n_chunks; l++) {
+        const int c = w->chunk_ids[l];
+        pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
         if (!ch->vt->optimizer_step) continue;
         pw_clear_error();
-        int64_t t0 = pw_now_ns();
+        int64_t a = pw_now_ns();
         pw_status st = ch->vt->optimizer_step(ch->self, step);
-        w->busy_ns += pw_now_ns() - t0;
-        if (st != PW_OK)
-            return fail(w, st, "rank %d (chunk %d), OPTIM of step %ld: %s", w->rank, c, step,
+        w->busy_ns += pw_now_ns() - a;
+        if (st != PW_OK) {
+            char who[64];
+            pw_eng_name(e, w->replica, w->rank, who, sizeof who);
+            return fail(w, st, "%s (chunk %d), OPTIM of step %ld: %s", who, c, step,
                         pw_last_error()[0] ? pw_last_error() : pw_status_str(st));
+        }
     }
+    if (e->trace) pw_eng_trace(w, "OPTIM", PW_TRACE_COMPUTE, -1, -1, -1, 0, t0, pw_now_ns());
     return EXEC_OK;
 }
 
 /* -------------------------------------------------------- communication */
 
-/* Puts a message in the receiving rank's mailbox under key (dir, chunk, mb)
- * and wakes that rank if it is parked on exactly this key. Never blocks
- * beyond the mailbox's short critical section. */
+/* Puts a message in the receiving worker's mailbox under key (dir, chunk,
+ * mb) and wakes it if it is parked on exactly this key. Never blocks beyond
+ * the mailbox's short critical section. */
 static int deliver(pw_worker *w, const char *kind, int src_chunk, int dir, int chunk, int mb,
                    pw_msgbuf *buf)
 {
     pw_engine *e = w->e;
-    pw_worker *dst = &e->workers[rank_of(e, chunk)];
-    pw_mail *mail = pw_eng_mail(e, dir, chunk, mb);
+    pw_worker *dst = pw_eng_worker(e, w->lrep, rank_of(e, chunk));
+    pw_mail *mail = pw_eng_mail(e, w->lrep, dir, chunk, mb);
     int wake = 0, dup = 0;
     pthread_mutex_lock(&dst->mbox_mu);
     if (mail->arrived) {
@@ -316,7 +391,7 @@ static int do_send(pw_worker *w, const pw_action *a)
 {
     pw_engine *e = w->e;
     const int c = a->chunk, m = a->mb;
-    pw_mbstate *st = pw_eng_mb(e, c, m);
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
     const char *kind = pw_action_kind_name(a->kind);
     int64_t t0 = e->trace ? pw_now_ns() : 0;
     int dst_chunk, dir, rc;
@@ -328,22 +403,27 @@ static int do_send(pw_worker *w, const pw_action *a)
         dst_chunk = c + 1;
         dir = PW_DIR_F;
         buf = st->act_out;
-        bytes = e->chunks[c].bytes[PW_PORT_ACT_OUT];
+        bytes = pw_eng_chunk(e, w->lrep, c)->bytes[PW_PORT_ACT_OUT];
     } else {
         if (c == 0) return fail_at(w, PW_ERR_SCHEDULE, kind, c, m, "SEND_B from chunk 0");
         if (!(st->done & PW_MB_B)) return fail_at(w, PW_ERR_SCHEDULE, kind, c, m, "SEND_B before its B");
         dst_chunk = c - 1;
         dir = PW_DIR_B;
         buf = st->grad_in;
-        bytes = e->chunks[c].bytes[PW_PORT_GRAD_IN];
+        bytes = pw_eng_chunk(e, w->lrep, c)->bytes[PW_PORT_GRAD_IN];
     }
-    if ((rc = deliver(w, kind, c, dir, dst_chunk, m, buf)) != EXEC_OK) return rc;
-    if (e->trace) trace_ev(w, kind, PW_TRACE_COMM, c, m, rank_of(e, dst_chunk), (int64_t)bytes, t0, pw_now_ns());
+    if (pw_eng_is_local(e, rank_of(e, dst_chunk)))
+        rc = deliver(w, kind, c, dir, dst_chunk, m, buf);
+    else
+        rc = pw_eng_remote_send(w, kind, c, dir, dst_chunk, m, buf, bytes) < 0 ? EXEC_FAILED : EXEC_OK;
+    if (rc != EXEC_OK) return rc;
+    if (e->trace)
+        pw_eng_trace(w, kind, PW_TRACE_COMM, c, m, peer_track(w, dst_chunk), (int64_t)bytes, t0, pw_now_ns());
     return EXEC_OK;
 }
 
 /* Takes the message for this receive, or parks: records the wait start,
- * publishes the key the rank waits on and returns to the loop. */
+ * publishes the key the worker waits on and returns to the loop. */
 static int do_recv(pw_worker *w, const pw_action *a)
 {
     pw_engine *e = w->e;
@@ -353,37 +433,44 @@ static int do_recv(pw_worker *w, const pw_action *a)
     const int src_chunk = dir == PW_DIR_F ? c - 1 : c + 1;
     if (src_chunk < 0 || src_chunk >= e->C)
         return fail_at(w, PW_ERR_SCHEDULE, kind, c, m, "the chunk has no neighbour on that side");
-    pw_mail *mail = pw_eng_mail(e, dir, c, m);
     pw_msgbuf *buf = NULL;
     int arrived;
-    pthread_mutex_lock(&w->mbox_mu);
-    arrived = mail->arrived;
-    if (arrived) {
-        buf = mail->buf;
-        mail->buf = NULL;
-        mail->arrived = 0;
-        w->wait_dir = -1;
+    if (pw_eng_is_local(e, rank_of(e, src_chunk))) {
+        pw_mail *mail = pw_eng_mail(e, w->lrep, dir, c, m);
+        pthread_mutex_lock(&w->mbox_mu);
+        arrived = mail->arrived;
+        if (arrived) {
+            buf = mail->buf;
+            mail->buf = NULL;
+            mail->arrived = 0;
+            w->wait_dir = -1;
+        } else {
+            w->wait_dir = dir;
+            w->wait_chunk = c;
+            w->wait_mb = m;
+        }
+        pthread_mutex_unlock(&w->mbox_mu);
     } else {
-        w->wait_dir = dir;
-        w->wait_chunk = c;
-        w->wait_mb = m;
+        arrived = pw_eng_remote_recv(w, kind, dir, c, m, &buf);
+        if (arrived < 0) return EXEC_FAILED;
     }
-    pthread_mutex_unlock(&w->mbox_mu);
     int64_t now = (e->trace || w->wait_t0 || !arrived) ? pw_now_ns() : 0;
     if (!arrived) {
         if (!w->wait_t0) w->wait_t0 = now;
+        w->wait_kind = PW_WAIT_RECV;
         return EXEC_PARKED;
     }
     if (w->wait_t0) {
         w->wait_ns += now - w->wait_t0;
         if (e->trace)
-            trace_ev(w, dir == PW_DIR_F ? "wait RECV_F" : "wait RECV_B", PW_TRACE_WAIT, c, m,
-                     rank_of(e, src_chunk), 0, w->wait_t0, now);
+            pw_eng_trace(w, dir == PW_DIR_F ? "wait RECV_F" : "wait RECV_B", PW_TRACE_WAIT, c, m,
+                         peer_track(w, src_chunk), 0, w->wait_t0, now);
         w->wait_t0 = 0;
+        w->wait_kind = PW_WAIT_NONE;
     }
     if (w->checker && pw_schedule_checker_step(w->checker, a) != PW_OK)
         return fail(w, PW_ERR_SCHEDULE, "%s", pw_last_error());
-    pw_mbstate *st = pw_eng_mb(e, c, m);
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
     if (dir == PW_DIR_F) {
         st->act_in = buf;
         st->done |= PW_MB_RF;
@@ -392,8 +479,8 @@ static int do_recv(pw_worker *w, const pw_action *a)
         st->done |= PW_MB_RB;
     }
     if (e->trace) {
-        size_t bytes = e->chunks[c].bytes[dir == PW_DIR_F ? PW_PORT_ACT_IN : PW_PORT_GRAD_OUT];
-        trace_ev(w, kind, PW_TRACE_COMM, c, m, rank_of(e, src_chunk), (int64_t)bytes, now, pw_now_ns());
+        size_t bytes = pw_eng_chunk(e, w->lrep, c)->bytes[dir == PW_DIR_F ? PW_PORT_ACT_IN : PW_PORT_GRAD_OUT];
+        pw_eng_trace(w, kind, PW_TRACE_COMM, c, m, peer_track(w, src_chunk), (int64_t)bytes, now, pw_now_ns());
     }
     return EXEC_OK;
 }
@@ -404,8 +491,9 @@ static int exec(pw_worker *w, const pw_action *a)
 {
     pw_engine *e = w->e;
     if (a->kind == PW_ACT_RECV_F || a->kind == PW_ACT_RECV_B) return do_recv(w, a);
-    /* The checker sees each action before it runs (receives: once arrived). */
-    if (w->checker && pw_schedule_checker_step(w->checker, a) != PW_OK)
+    /* The checker sees each action before it runs (receives: once arrived;
+     * an OPTIM that parked: once). */
+    if (!w->resumed && w->checker && pw_schedule_checker_step(w->checker, a) != PW_OK)
         return fail(w, PW_ERR_SCHEDULE, "%s", pw_last_error());
     int64_t t0 = e->trace ? pw_now_ns() : 0;
     int rc;
@@ -415,14 +503,25 @@ static int exec(pw_worker *w, const pw_action *a)
     case PW_ACT_W: rc = do_weight(w, a->chunk, a->mb); break;
     case PW_ACT_SEND_F:
     case PW_ACT_SEND_B: return do_send(w, a); /* traces itself */
-    case PW_ACT_ALLREDUCE: rc = EXEC_OK; break; /* one replica: nothing to reduce yet */
-    case PW_ACT_OPTIM: rc = do_optim(w); break;
+    case PW_ACT_ALLREDUCE:
+        if (e->bucketed) {
+            /* Usually already started by the chunk's last backward; the
+             * bucket's ALLREDUCE event spans its run (pushed at OPTIM). */
+            pw_eng_bucket_start(w, a->chunk, a->mb);
+            return EXEC_OK;
+        }
+        rc = EXEC_OK; /* one replica: nothing to reduce */
+        break;
+    case PW_ACT_OPTIM:
+        rc = do_optim(w); /* traces itself, after its waits */
+        if (rc == EXEC_PARKED) w->resumed = 1;
+        return rc;
     default: return fail(w, PW_ERR_INTERNAL, "rank %d: action kind %d", w->rank, (int)a->kind);
     }
     if (rc == EXEC_OK && e->trace)
-        trace_ev(w, pw_action_kind_name(a->kind),
-                 a->kind == PW_ACT_ALLREDUCE ? PW_TRACE_COMM : PW_TRACE_COMPUTE, a->chunk, a->mb, -1,
-                 0, t0, pw_now_ns());
+        pw_eng_trace(w, pw_action_kind_name(a->kind),
+                     a->kind == PW_ACT_ALLREDUCE ? PW_TRACE_COMM : PW_TRACE_COMPUTE, a->chunk, a->mb, -1,
+                     0, t0, pw_now_ns());
     return rc;
 }
 
@@ -434,12 +533,21 @@ static void begin_step(pw_worker *w)
     w->running = 1;
     w->pc = 0;
     w->wait_t0 = 0;
-    for (int c = w->rank; c < e->C; c += e->R) {
-        pw_mbstate *row = pw_eng_mb(e, c, 0);
+    w->wait_kind = PW_WAIT_NONE;
+    w->resumed = 0;
+    w->optim_phase = 0;
+    w->flushing = 0;
+    for (int l = 0; l < w->n_chunks; l++) {
+        pw_mbstate *row = pw_eng_mb(e, w->lrep, w->chunk_ids[l], 0);
         for (int m = 0; m < e->M; m++) {
             memset(&row[m], 0, sizeof row[m]);
             row[m].slot = -1;
         }
+    }
+    pw_eng_comm_begin_step(w);
+    if (w->poll) {
+        struct timeval tv = {0, PW_ENG_POLL_US};
+        event_add(w->poll, &tv);
     }
     w->step_t0 = pw_now_ns();
 }
@@ -450,22 +558,23 @@ static void end_step(pw_worker *w)
     pw_engine *e = w->e;
     if (!w->running) return;
     w->running = 0;
+    if (w->poll) event_del(w->poll);
     int64_t now = pw_now_ns();
     if (w->wait_t0) { /* stopped while parked */
         w->wait_ns += now - w->wait_t0;
         w->wait_t0 = 0;
     }
     w->total_ns += now - w->step_t0;
-    if (e->trace) trace_ev(w, "step", PW_TRACE_STEP, -1, -1, -1, 0, w->step_t0, now);
+    if (e->trace) pw_eng_trace(w, "step", PW_TRACE_STEP, -1, -1, -1, 0, w->step_t0, now);
     pthread_mutex_lock(&e->mu);
     w->stopped_epoch = w->epoch;
-    if (++e->n_stopped == e->R) pthread_cond_signal(&e->cv);
+    if (++e->n_stopped == e->NW) pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
 }
 
-/* Runs the rank's actions from pc until the list ends, a receive parks, or
- * the step fails. Every wake-up lands here; it is idempotent. */
-static void drive(pw_worker *w)
+/* Runs the worker's actions from pc until the list ends, a receive or OPTIM
+ * parks, or the step fails. Every wake-up lands here; it is idempotent. */
+void pw_eng_drive(pw_worker *w)
 {
     pw_engine *e = w->e;
     int64_t epoch = atomic_load_explicit(&e->epoch, memory_order_acquire);
@@ -486,8 +595,34 @@ static void drive(pw_worker *w)
             end_step(w);
             return;
         }
+        w->resumed = 0;
         w->pc++;
         w->actions++;
+    }
+    if (atomic_load_explicit(&e->abort, memory_order_relaxed)) {
+        end_step(w);
+        return;
+    }
+    /* Sends to other processes must complete before the step ends: their
+     * buffers go back to the pools. */
+    if (w->n_pending > 0) {
+        if (pw_eng_progress_sends(w) < 0) {
+            end_step(w);
+            return;
+        }
+        if (w->n_pending > 0) {
+            if (!w->flushing) {
+                w->flushing = 1;
+                w->wait_t0 = pw_now_ns();
+                w->wait_kind = PW_WAIT_SENDS;
+            }
+            return;
+        }
+    }
+    if (w->flushing) {
+        w->wait_ns += pw_now_ns() - w->wait_t0;
+        w->wait_t0 = 0;
+        w->flushing = 0;
     }
     if (w->checker && pw_schedule_checker_finish(w->checker) != PW_OK)
         fail(w, PW_ERR_SCHEDULE, "%s", pw_last_error());
@@ -498,7 +633,7 @@ void pw_eng_wake_cb(evutil_socket_t fd, short what, void *arg)
 {
     (void)fd;
     (void)what;
-    drive(arg);
+    pw_eng_drive(arg);
 }
 
 void pw_eng_quit_cb(evutil_socket_t fd, short what, void *arg)
@@ -509,7 +644,7 @@ void pw_eng_quit_cb(evutil_socket_t fd, short what, void *arg)
     event_base_loopbreak(w->base);
 }
 
-/* Fails the step when this rank has been parked on the same receive for
+/* Fails the step when this worker has been parked on the same thing for
  * longer than watchdog_s, naming what it waits for and from whom. */
 void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
 {
@@ -520,16 +655,48 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
     if (!w->running || !w->wait_t0) return;
     int64_t waited = pw_now_ns() - w->wait_t0;
     if (waited < e->watchdog_ns || atomic_load(&e->abort)) return;
+    char who[64], from[64];
+    pw_eng_name(e, w->replica, w->rank, who, sizeof who);
+    const double secs = (double)waited / 1e9;
+    if (w->wait_kind == PW_WAIT_SENDS) {
+        fail(w, PW_ERR_TIMEOUT, "%s: waited %.1f s for %d message(s) to other processes to be taken", who,
+             secs, w->n_pending);
+        end_step(w);
+        return;
+    }
+    if (w->wait_kind == PW_WAIT_BUCKET || w->wait_kind == PW_WAIT_NORM) {
+        char there[128] = "";
+        if (w->wait_kind == PW_WAIT_BUCKET && e->groups) {
+            int n = pw_shm_group_joined(e->groups[w->wait_key_chunk], w->replica, NULL);
+            snprintf(there, sizeof there, " (%d of %d there)", n, e->NR);
+        } else if (w->wait_kind == PW_WAIT_BUCKET && e->t && e->t->stage_coll.vt->waiting_for) {
+            int m = e->t->stage_coll.vt->waiting_for(e->t->stage_coll.self, e->t->stage_coll.member);
+            if (m >= 0) {
+                pw_eng_name(e, m, w->rank, from, sizeof from);
+                snprintf(there, sizeof there, " (waiting for %s)", from);
+            }
+        }
+        if (w->wait_kind == PW_WAIT_BUCKET)
+            fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for the all-reduce of gradient bucket %d "
+                 "across %d replicas%s", who, w->wait_key_chunk, secs, w->wait_key_bucket, e->NR, there);
+        else
+            fail(w, PW_ERR_TIMEOUT, "%s: waited %.1f s for the global gradient norm from the %d ranks of "
+                 "replica %d", who, secs, e->S, w->replica);
+        end_step(w);
+        return;
+    }
     const pw_action *a = &e->s->ranks[w->rank].actions[w->pc];
     const int dir = a->kind == PW_ACT_RECV_F ? PW_DIR_F : PW_DIR_B;
-    pthread_mutex_lock(&w->mbox_mu);
-    int arrived = pw_eng_mail(e, dir, a->chunk, a->mb)->arrived;
-    pthread_mutex_unlock(&w->mbox_mu);
-    if (arrived) return; /* its wake-up is queued behind us */
     int src = dir == PW_DIR_F ? a->chunk - 1 : a->chunk + 1;
-    fail(w, PW_ERR_TIMEOUT, "rank %d (chunk %d): waited %.1f s for %s of micro-batch %d from rank %d (chunk %d)",
-         w->rank, a->chunk, (double)waited / 1e9, pw_action_kind_name(a->kind), a->mb, rank_of(e, src),
-         src);
+    if (pw_eng_is_local(e, rank_of(e, src))) {
+        pthread_mutex_lock(&w->mbox_mu);
+        int arrived = pw_eng_mail(e, w->lrep, dir, a->chunk, a->mb)->arrived;
+        pthread_mutex_unlock(&w->mbox_mu);
+        if (arrived) return; /* its wake-up is queued behind us */
+    }
+    pw_eng_name(e, w->replica, rank_of(e, src), from, sizeof from);
+    fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for %s of micro-batch %d from %s (chunk %d)", who,
+         a->chunk, secs, pw_action_kind_name(a->kind), a->mb, from, src);
     end_step(w);
 }
 
@@ -538,9 +705,10 @@ void *pw_eng_worker_main(void *arg)
     pw_worker *w = arg;
     pw_engine *e = w->e;
     if (e->place) {
-        char who[48];
-        snprintf(who, sizeof who, "engine rank %d", w->rank);
-        pw_cpu_bind_thread(e->topo, e->place->cpusets[w->rank], who);
+        char who[64];
+        snprintf(who, sizeof who, "engine worker %d", w->gid);
+        int slot = e->t ? e->place_first : (int)(w - e->workers);
+        pw_cpu_bind_thread(e->topo, e->place->cpusets[slot], who);
     }
     /* The loop lives until destroy's quit event, idle between steps (the
      * watchdog timer keeps it non-empty anyway). */

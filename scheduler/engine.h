@@ -40,6 +40,17 @@
  *     engine when its callback returns; the schedule and the chunks must
  *     stay valid until then.
  *   - Statistics and chunk peaks are read between steps, not during one.
+ *
+ * Data parallelism (docs/distributed.md). With replicas = R > 1 the engine
+ * runs R copies of the pipeline: in one process R × n_ranks workers (chunks
+ * then holds R × n_chunks entries, replica-major), or, with a transport, the
+ * one (replica, rank) of this process (chunks holds n_chunks entries, only
+ * that rank's are used). Each chunk's gradients are summed across the
+ * replicas in the schedule's n_buckets buckets (pw_stage_i.grad_bucket): a
+ * bucket's all-reduce starts on the worker's communication thread as soon as
+ * the last backward that touches it returns, overlapping the rest of the
+ * backward; OPTIM waits for the rank's buckets through the event loop (never
+ * blocking it), then optionally clips the global gradient norm.
  */
 #ifndef PW_SCHEDULER_ENGINE_H
 #define PW_SCHEDULER_ENGINE_H
@@ -48,6 +59,7 @@
 
 #include "runtime/status.h"
 #include "runtime/trace.h"
+#include "runtime/transport.h"
 #include "scheduler/schedule.h"
 #include "scheduler/stage.h"
 
@@ -65,12 +77,21 @@ typedef struct pw_engine_chunk {
 typedef struct pw_engine_config {
     const pw_schedule *schedule;       /* lowered + validated; outlives the engine */
     const pw_schedule_report *report;  /* its validation report (slot counts) */
-    const pw_engine_chunk *chunks;     /* [schedule->n_chunks] */
+    const pw_engine_chunk *chunks;     /* [replicas × n_chunks] in one process, replica-major;
+                                          [n_chunks] with a transport */
     double watchdog_s;                 /* 0: default 60 s */
     int pin;                           /* 1: bind each worker to its own core(s) with hwloc */
-    pw_trace *trace;                   /* (optional) one track per rank */
+    pw_trace *trace;                   /* (optional) one track per worker: track
+                                          replica × n_ranks + rank */
     int check;                         /* 1: run the schedule checker on every action
                                           (also when PW_DEBUG_CHECK=1) */
+    int replicas;                      /* data-parallel replicas R (0: 1); R > 1 needs a
+                                          schedule with n_buckets >= 1 */
+    const pw_transport *transport;     /* (optional) multi-process run: this process is
+                                          (transport->replica, transport->rank); outlives
+                                          the engine */
+    double clip_grad_norm;             /* > 0: before OPTIM, scale all gradients so that
+                                          their global L2 norm (all chunks) is at most this */
 } pw_engine_config;
 
 pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out);
@@ -85,13 +106,21 @@ typedef struct pw_engine_rank_stats {
     int slots;              /* activation slots allocated per chunk (sum over the rank's chunks) */
     int peak_slots_used;    /* high-water mark of slots in use (sum over chunks at the peak) */
     double busy_s;          /* time inside compute callbacks */
-    double wait_s;          /* time parked on RECVs */
+    double wait_s;          /* time parked on RECVs and, with replicas, on all-reduces */
     double total_s;         /* wall time inside run_step */
     int64_t actions;        /* actions executed */
+    double allreduce_s;     /* sum over buckets of start-to-finish all-reduce time */
+    double allreduce_wait_s;/* of which OPTIM waited for (exposed) */
 } pw_engine_rank_stats;
+/* `rank` is the worker: replica × n_ranks + rank (just the rank with one
+ * replica); with a transport only this process's own worker has figures. */
 void pw_engine_rank_stats_get(const pw_engine *e, int rank, pw_engine_rank_stats *out);
-/* Measured high-water mark of slots in use for one chunk. */
+/* Measured high-water mark of slots in use for one chunk (first replica of
+ * this process). */
 int pw_engine_chunk_peak(const pw_engine *e, int chunk);
+/* The global gradient norm before clipping of the last step (first replica
+ * of this process); -1 when clip_grad_norm is off. */
+double pw_engine_grad_norm(const pw_engine *e);
 /* Message bytes allocated (communication buffers), all links. */
 int64_t pw_engine_message_bytes(const pw_engine *e);
 

@@ -30,12 +30,31 @@
  * A bound buffer stays valid and unchanged until the chunk's last backward of
  * that micro-batch has returned. The first chunk has no ACT_IN/GRAD_IN, the
  * last no ACT_OUT/GRAD_OUT (port_bytes returns 0 for those).
+ *
+ * Data parallelism (optional slots; docs/distributed.md). With replicas the
+ * engine sums each chunk's gradients across the replicas that hold it, in
+ * the schedule's n_buckets buckets, before OPTIM:
+ *   grad_bucket(b, n, spans, max)   which gradient floats form bucket b
+ *                                   (required with replicas);
+ *   backward_bucket(mb, slot, b, part)  lets bucket b's all-reduce start in
+ *                                   the middle of the chunk's last backward:
+ *                                   on that backward the engine calls it for
+ *                                   b = 0 .. n−1 in order instead of
+ *                                   backward_input + backward_weight (part
+ *                                   PW_BWD_FULL, unsplit schedules) or
+ *                                   backward_weight (PW_BWD_WEIGHT, split W);
+ *                                   the calls together must do exactly what
+ *                                   those would, and bucket b's gradients must
+ *                                   be final when call b returns. So bucket 0
+ *                                   holds the chunk's last layers;
+ *   grad_sumsq() / scale_grads(s)   global gradient-norm clipping.
  */
 #ifndef PW_SCHEDULER_STAGE_H
 #define PW_SCHEDULER_STAGE_H
 
 #include <stddef.h>
 
+#include "runtime/collective.h"
 #include "runtime/status.h"
 
 #ifdef __cplusplus
@@ -49,6 +68,12 @@ typedef enum pw_port {
     PW_PORT_GRAD_IN,      /* gradient of ACT_IN, for the previous chunk */
     PW_PORT_COUNT
 } pw_port;
+
+/* What a backward_bucket call computes. */
+typedef enum pw_bwd_part {
+    PW_BWD_FULL = 0,      /* input and weight gradients of the bucket's part */
+    PW_BWD_WEIGHT,        /* weight gradients only (the schedule splits W) */
+} pw_bwd_part;
 
 typedef struct pw_stage_i {
     const char *name;
@@ -69,6 +94,21 @@ typedef struct pw_stage_i {
     /* (optional) Point a port of `slot` at engine-owned memory of
      * port_bytes() bytes, 64-byte aligned. */
     pw_status (*bind)(void *self, int slot, pw_port port, void *buf);
+
+    /* (optional) Data parallelism: writes up to max_spans spans of bucket
+     * `bucket` (0 .. n_buckets−1) of the chunk's gradients into `spans` and
+     * returns how many it has (possibly 0: an empty bucket). Called once per
+     * bucket at engine creation; the floats must stay where they are. Every
+     * replica must describe buckets of equal sizes. */
+    int (*grad_bucket)(void *self, int bucket, int n_buckets, pw_span *spans, int max_spans);
+    /* (optional) The part of the backward of `mb` whose gradients form
+     * bucket `bucket` (see "Data parallelism" above). */
+    pw_status (*backward_bucket)(void *self, int mb, int slot, int bucket, pw_bwd_part part);
+    /* (optional) Sum of the squares of the chunk's gradients, in double, in
+     * a fixed order (after the all-reduce; for --clip-grad-norm). */
+    double (*grad_sumsq)(void *self);
+    /* (optional) Multiplies every gradient of the chunk by `scale`. */
+    void (*scale_grads)(void *self, float scale);
 } pw_stage_i;
 
 #ifdef __cplusplus

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +67,7 @@ void pw_dataset_destroy(pw_dataset *d)
     if (!d) return;
     free(d->x);
     free(d->y);
+    free(d->text);
     free(d->name);
     free(d);
 }
@@ -238,6 +240,7 @@ static pw_status dataset_fill_images(const char *path, const idx_file *im, pw_da
     d->n = im->dims[0];
     d->sample_shape = pw_shape_make(im->ndim - 1, im->dims + 1);
     d->sample_numel = pw_shape_numel(&d->sample_shape);
+    d->label_numel = 1; /* label_shape [] */
     if (d->n == 0) return pw_error(PW_ERR_FORMAT, "%s: contains no samples", path);
     d->x = malloc(sizeof(float) * (size_t)im->count);
     if (!d->x) return pw_error(PW_ERR_NOMEM, "%s: out of memory for %lld samples", path,
@@ -492,6 +495,7 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
     d->n = cfg->n;
     d->sample_shape = *s;
     d->sample_numel = numel;
+    d->label_numel = 1; /* label_shape [] */
     d->n_classes = cfg->n_classes;
 
     char kname[64];
@@ -519,8 +523,8 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
 /* ---------------------------------------------------------------- specs */
 
 static const char *const spec_help =
-    "expected fashion-mnist[:DIR], idx:IMAGES,LABELS[,TEST_IMAGES,TEST_LABELS] or "
-    "synthetic[:N[:DIM[:CLASSES[:SEED]]]]";
+    "expected fashion-mnist[:DIR], idx:IMAGES,LABELS[,TEST_IMAGES,TEST_LABELS], "
+    "synthetic[:N[:DIM[:CLASSES[:SEED]]]] or text:FILE|DIR|fortunes";
 
 static int file_exists(const char *p)
 {
@@ -666,7 +670,26 @@ bad:
     return rc;
 }
 
-pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out)
+static pw_status load_text(const char *path, int is_fortunes, int64_t T, int train,
+                           pw_dataset **out);
+
+/* The context length a text spec needs from the graph: its input i32 [T]. */
+static pw_status text_context(const char *spec, const pw_graph *g, int64_t *T)
+{
+    if (!g)
+        return pw_error(PW_ERR_INVALID_ARG, "data spec '%s': text data is cut into windows of the "
+                        "model's context length; load it with pw_dataset_from_spec_for_graph", spec);
+    const pw_value *in = &g->values[g->input];
+    char b[96];
+    if (in->dtype != PW_I32 || in->shape.ndim != 1)
+        return pw_error(PW_ERR_SHAPE, "%s: data spec '%s' gives byte tokens, so input '%s' must be "
+                        "i32[T] (got %s%s)", g->file, spec, in->name, pw_dtype_name(in->dtype),
+                        pw_shape_str(&in->shape, b, sizeof b));
+    *T = in->shape.d[0];
+    return PW_OK;
+}
+
+static pw_status from_spec(const char *spec, int train, const pw_graph *g, pw_dataset **out)
 {
     if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_from_spec: out is NULL");
     *out = NULL;
@@ -677,7 +700,28 @@ pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out)
     if (strncmp(spec, "idx:", 4) == 0) return load_idx_spec(spec, train, out);
     if (strcmp(spec, "synthetic") == 0 || strncmp(spec, "synthetic:", 10) == 0)
         return load_synthetic_spec(spec, train, out);
+    if (strncmp(spec, "text:", 5) == 0 && spec[5]) {
+        int64_t T = 0;
+        PW_CHECK(text_context(spec, g, &T));
+        if (strcmp(spec + 5, "fortunes") == 0) return load_text(PW_FORTUNES_DIR, 1, T, train, out);
+        return load_text(spec + 5, 0, T, train, out);
+    }
     return pw_error(PW_ERR_INVALID_ARG, "unknown data spec '%s' (%s)", spec, spec_help);
+}
+
+pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out)
+{
+    return from_spec(spec, train, NULL, out);
+}
+
+pw_status pw_dataset_from_spec_for_graph(const char *spec, int train, const pw_graph *g,
+                                         pw_dataset **out)
+{
+    if (!g) {
+        if (out) *out = NULL;
+        return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_from_spec_for_graph: graph is NULL");
+    }
+    return from_spec(spec, train, g, out);
 }
 
 int pw_dataset_spec_has_test(const char *spec)
@@ -689,7 +733,7 @@ int pw_dataset_spec_has_test(const char *spec)
 }
 
 pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t count,
-                            float *x_out, int32_t *y_out)
+                            void *x_out, int32_t *y_out)
 {
     if (!d || (count > 0 && !idx) || count < 0)
         return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_gather: bad arguments");
@@ -698,10 +742,244 @@ pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t cou
             return pw_error(PW_ERR_INVALID_ARG, "%s: sample index %lld (batch position %lld) out "
                             "of range [0, %lld)", d->name ? d->name : "dataset",
                             (long long)idx[i], (long long)i, (long long)d->n);
-    size_t row = sizeof(float) * (size_t)d->sample_numel;
+    const int64_t T = d->sample_numel;
+    if (d->text) {
+        int32_t *x = x_out;
+        for (int64_t i = 0; i < count; i++) {
+            const unsigned char *w = d->text + idx[i] * d->stride;
+            for (int64_t t = 0; t < T; t++) {
+                if (x) x[i * T + t] = w[t];
+                if (y_out) y_out[i * T + t] = w[t + 1];
+            }
+        }
+        return PW_OK;
+    }
+    const int64_t L = d->label_numel > 0 ? d->label_numel : 1;
+    size_t row = sizeof(float) * (size_t)T;
     for (int64_t i = 0; i < count; i++) {
-        if (x_out) memcpy(x_out + i * d->sample_numel, d->x + idx[i] * d->sample_numel, row);
-        if (y_out) y_out[i] = d->y[idx[i]];
+        if (x_out) memcpy((float *)x_out + i * T, d->x + idx[i] * T, row);
+        if (y_out) memcpy(y_out + i * L, d->y + idx[i] * L, sizeof(int32_t) * (size_t)L);
+    }
+    return PW_OK;
+}
+
+/* ---------------------------------------------------------------- text */
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Appends the bytes of `path` to *buf (size *len, capacity *cap). */
+static pw_status append_file(const char *path, unsigned char **buf, size_t *len, size_t *cap)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return pw_error(PW_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    pw_status rc = PW_OK;
+    for (;;) {
+        if (*cap - *len < 65536) {
+            size_t ncap = *cap ? *cap * 2 : (1u << 20);
+            unsigned char *nb = realloc(*buf, ncap);
+            if (!nb) {
+                rc = pw_error(PW_ERR_NOMEM, "%s: out of memory", path);
+                break;
+            }
+            *buf = nb;
+            *cap = ncap;
+        }
+        size_t got = fread(*buf + *len, 1, *cap - *len, f);
+        *len += got;
+        if (got == 0) {
+            if (ferror(f)) rc = pw_error(PW_ERR_IO, "%s: read failed: %s", path, strerror(errno));
+            break;
+        }
+    }
+    fclose(f);
+    return rc;
+}
+
+/* Every regular file of a directory (not links; not *.dat when skip_dat),
+ * in byte order of their names. */
+static pw_status append_dir(const char *dir, int skip_dat, unsigned char **buf, size_t *len,
+                            size_t *cap)
+{
+    DIR *dh = opendir(dir);
+    if (!dh) return pw_error(PW_ERR_IO, "%s: cannot open directory: %s", dir, strerror(errno));
+    char **names = NULL;
+    size_t n = 0, ncap = 0;
+    pw_status rc = PW_OK;
+    struct dirent *e;
+    while (rc == PW_OK && (e = readdir(dh)) != NULL) {
+        size_t nl = strlen(e->d_name);
+        if (e->d_name[0] == '.') continue;
+        if (skip_dat && nl > 4 && strcmp(e->d_name + nl - 4, ".dat") == 0) continue;
+        size_t pl = strlen(dir) + nl + 2;
+        char *path = malloc(pl);
+        if (!path) {
+            rc = pw_error(PW_ERR_NOMEM, "%s: out of memory", dir);
+            break;
+        }
+        snprintf(path, pl, "%s/%s", dir, e->d_name);
+        struct stat sb;
+        if (lstat(path, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+            free(path);
+            continue;
+        }
+        if (n == ncap) {
+            size_t c2 = ncap ? ncap * 2 : 64;
+            char **nn = realloc(names, c2 * sizeof *nn);
+            if (!nn) {
+                free(path);
+                rc = pw_error(PW_ERR_NOMEM, "%s: out of memory", dir);
+                break;
+            }
+            names = nn;
+            ncap = c2;
+        }
+        names[n++] = path;
+    }
+    closedir(dh);
+    if (rc == PW_OK && n == 0) rc = pw_error(PW_ERR_IO, "%s: no regular files to read", dir);
+    if (rc == PW_OK) qsort(names, n, sizeof *names, name_cmp);
+    for (size_t i = 0; i < n; i++) {
+        if (rc == PW_OK) rc = append_file(names[i], buf, len, cap);
+        free(names[i]);
+    }
+    free(names);
+    return rc;
+}
+
+static pw_status load_text(const char *path, int is_fortunes, int64_t T, int train,
+                           pw_dataset **out)
+{
+    *out = NULL;
+    if (T < 1)
+        return pw_error(PW_ERR_INVALID_ARG, "text data %s: context must be >= 1 (got %lld)", path,
+                        (long long)T);
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        if (is_fortunes)
+            return pw_error(PW_ERR_IO, "text:fortunes: %s not found; install the Debian package "
+                            "fortunes (apt-get install fortunes), or pass --data text:FILE",
+                            path);
+        return pw_error(PW_ERR_IO, "%s: %s", path, strerror(errno));
+    }
+    unsigned char *buf = NULL;
+    size_t len = 0, cap = 0;
+    pw_status rc = S_ISDIR(sb.st_mode) ? append_dir(path, is_fortunes, &buf, &len, &cap)
+                                       : append_file(path, &buf, &len, &cap);
+    if (rc != PW_OK) {
+        free(buf);
+        return rc;
+    }
+    size_t split = len - len / 10;
+    size_t from = train ? 0 : split, part = train ? split : len - split;
+    if (part < (size_t)T + 1) {
+        free(buf);
+        return pw_error(PW_ERR_INVALID_ARG, "text data %s: the %s split has %zu bytes but a "
+                        "window of context %lld needs at least %lld", path,
+                        train ? "training" : "held-out", part, (long long)T, (long long)T + 1);
+    }
+    pw_dataset *d = calloc(1, sizeof *d);
+    size_t nl = strlen(path) + 16;
+    if (d) d->name = malloc(nl);
+    if (d) d->text = malloc(part);
+    if (!d || !d->name || !d->text) {
+        free(buf);
+        pw_dataset_destroy(d);
+        return pw_error(PW_ERR_NOMEM, "text data %s: out of memory", path);
+    }
+    memcpy(d->text, buf + from, part);
+    free(buf);
+    snprintf(d->name, nl, "%s/%s", is_fortunes ? "fortunes" : path, train ? "train" : "test");
+    d->text_len = (int64_t)part;
+    d->stride = T;
+    d->n = ((int64_t)part - 1) / T;
+    d->sample_shape = pw_shape_make(1, &T);
+    d->sample_numel = T;
+    d->x_dtype = PW_I32;
+    d->label_shape = pw_shape_make(1, &T);
+    d->label_numel = T;
+    d->n_classes = 256;
+    d->n_tokens = 256;
+    PW_INFO(PW_SUB_DATA, "%s: %lld bytes, %lld windows of %lld", d->name, (long long)part,
+            (long long)d->n, (long long)T);
+    *out = d;
+    return PW_OK;
+}
+
+pw_status pw_dataset_load_text(const char *path, int64_t context, int train, pw_dataset **out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_load_text: out is NULL");
+    *out = NULL;
+    if (!path || !*path) return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_load_text: no path");
+    return load_text(path, 0, context, train, out);
+}
+
+double pw_dataset_unigram_entropy(const pw_dataset *d)
+{
+    if (!d || d->n <= 0) return 0.0;
+    int64_t bins = d->n_classes > 0 ? d->n_classes : 1, total = 0;
+    int64_t *count = calloc((size_t)bins, sizeof *count);
+    if (!count) return 0.0;
+    if (d->text) {
+        /* the targets of the windows: bytes 1 .. n·T */
+        for (int64_t i = 1; i <= d->n * d->stride; i++) count[d->text[i] % bins]++;
+        total = d->n * d->stride;
+    } else {
+        int64_t L = d->label_numel > 0 ? d->label_numel : 1;
+        for (int64_t i = 0; i < d->n * L; i++)
+            if (d->y[i] >= 0 && d->y[i] < bins) count[d->y[i]]++, total++;
+    }
+    double h = 0.0;
+    for (int64_t c = 0; c < bins; c++)
+        if (count[c]) {
+            double q = (double)count[c] / (double)total;
+            h -= q * log(q);
+        }
+    free(count);
+    return h;
+}
+
+pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d)
+{
+    const pw_value *in = &g->values[g->input];
+    char a[96], b[96];
+    if (in->dtype != d->x_dtype)
+        return pw_error(PW_ERR_SHAPE, "%s: input '%s' is %s but data set '%s' gives %s samples%s",
+                        g->file, in->name, pw_dtype_name(in->dtype), d->name,
+                        pw_dtype_name(d->x_dtype),
+                        d->x_dtype == PW_I32 ? " (tokens: start the graph with an embedding)" : "");
+    if (pw_shape_numel(&in->shape) != d->sample_numel)
+        return pw_error(PW_ERR_SHAPE, "%s: input '%s' has shape %s but data set '%s' has samples "
+                        "of shape %s", g->file, in->name, pw_shape_str(&in->shape, a, sizeof a),
+                        d->name, pw_shape_str(&d->sample_shape, b, sizeof b));
+    if (g->label < 0)
+        return pw_error(PW_ERR_SHAPE, "%s: the graph declares no `label`, so it cannot be trained",
+                        g->file);
+    const pw_value *lab = &g->values[g->label];
+    int64_t L = d->label_numel > 0 ? d->label_numel : 1;
+    if (pw_shape_numel(&lab->shape) != L) {
+        pw_shape ls = d->label_numel > 0 ? d->label_shape : pw_shape_make(0, NULL);
+        return pw_error(PW_ERR_SHAPE, "%s: label '%s' has shape %s but data set '%s' gives labels "
+                        "of shape %s per sample", g->file, lab->name,
+                        pw_shape_str(&lab->shape, a, sizeof a), d->name,
+                        pw_shape_str(&ls, b, sizeof b));
+    }
+    for (int i = 0; i < g->n_nodes; i++) {
+        const pw_node *nd = &g->nodes[i];
+        if (nd->op == PW_OP_SOFTMAX_XENT) {
+            const pw_value *lg = &g->values[nd->inputs[0]];
+            int64_t C = lg->shape.ndim ? lg->shape.d[lg->shape.ndim - 1] : 0;
+            if (d->n_classes > C)
+                return pw_error(PW_ERR_SHAPE, "%s: the loss has %lld classes but data set '%s' "
+                                "has labels up to %d", g->file, (long long)C, d->name,
+                                d->n_classes - 1);
+        }
+        if (nd->op == PW_OP_EMBEDDING && nd->inputs[0] == g->input && d->n_tokens > nd->attrs.vocab)
+            return pw_error(PW_ERR_SHAPE, "%s:%d:%d: embedding has vocab=%lld but data set '%s' "
+                            "has tokens up to %d", g->file, nd->line, nd->col,
+                            (long long)nd->attrs.vocab, d->name, d->n_tokens - 1);
     }
     return PW_OK;
 }

@@ -18,14 +18,19 @@
  *     pw_sampler_free(&s);
  *     pw_dataset_destroy(train);
  *
- * Samples are stored as f32 rows, (n, numel(sample_shape)), row-major; labels
- * are i32 class indices in [0, n_classes).
+ * Dense data sets (IDX, synthetic) store samples as f32 rows,
+ * (n, numel(sample_shape)), row-major, and one i32 class index in
+ * [0, n_classes) per sample. Token data sets (text:) are views of a byte
+ * stream: sample i is a window of T + 1 bytes, its input the first T bytes
+ * (i32 tokens [T]) and its labels the last T (the next byte at every
+ * position, [T]). pw_dataset_gather serves both.
  */
 #ifndef PW_STAGES_DATA_H
 #define PW_STAGES_DATA_H
 
 #include <stdint.h>
 
+#include "graph/graph.h"
 #include "runtime/status.h"
 #include "runtime/tensor.h"
 
@@ -39,12 +44,20 @@ extern "C" {
 
 typedef struct pw_dataset {
     int64_t n;              /* samples */
-    pw_shape sample_shape;  /* per sample, e.g. [28, 28] */
+    pw_shape sample_shape;  /* per sample, e.g. [28, 28]; [T] for text */
     int64_t sample_numel;   /* numel(sample_shape) */
-    float *x;               /* (n, sample_numel) */
-    int32_t *y;             /* (n) in [0, n_classes) */
+    pw_dtype x_dtype;       /* PW_F32 (dense, the zero value) or PW_I32 (tokens) */
+    float *x;               /* dense: (n, sample_numel); NULL for tokens */
+    int32_t *y;             /* dense: (n, label_numel) in [0, n_classes); NULL for tokens */
+    pw_shape label_shape;   /* per sample: [] (one class) or [T] (one per position) */
+    int64_t label_numel;    /* numel(label_shape); 0 reads as 1 (a zeroed struct) */
     int n_classes;          /* max label + 1 (for IDX), or the configured count */
+    int n_tokens;           /* tokens: ids are in [0, n_tokens) (256 for bytes); else 0 */
     char *name;             /* "fashion-mnist/train", "synthetic/test", images path */
+    /* Token streams: sample i is text[i·stride .. i·stride + T] (T + 1 bytes,
+     * T = sample_numel). */
+    unsigned char *text;
+    int64_t text_len, stride;
 } pw_dataset;
 
 /* Frees a data set and its arrays; accepts NULL. */
@@ -107,6 +120,39 @@ typedef struct pw_synthetic_config {
  * PW_ERR_NOMEM. */
 pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out);
 
+/* ---------------------------------------------------------------- text
+ *
+ * Byte-level language modelling over a file, or over every regular file of a
+ * directory (not symbolic links) concatenated in byte order of their names.
+ * Vocabulary 256 (tokens and labels are bytes). The held-out split is the
+ * last 10% of the bytes (len / 10, rounded down), the training split the
+ * rest. Each split is cut into contiguous windows of context + 1 bytes that
+ * share their boundary byte: window i covers bytes [i·T, i·T + T], its
+ * input is bytes [i·T, i·T + T) and its targets bytes [i·T + 1, i·T + T]; an
+ * epoch therefore predicts every byte of the split (but the first) once.
+ * n = (split length − 1) / T windows; a trailing partial window is dropped.
+ * Returns PW_ERR_IO (missing file or directory, naming it), PW_ERR_INVALID_ARG
+ * (context < 1, or a split too short for one window: "needs at least T + 1
+ * bytes"), PW_ERR_NOMEM. */
+pw_status pw_dataset_load_text(const char *path, int64_t context, int train, pw_dataset **out);
+
+/* The default corpus: the files of the Debian package `fortunes` in
+ * /usr/share/games/fortunes (their strfile indexes, *.dat, and symbolic
+ * links skipped), ~2.3 MB of English text. */
+#define PW_FORTUNES_DIR "/usr/share/games/fortunes"
+
+/* Entropy in nats of the split's label distribution: for text, of the
+ * target bytes of its windows. It is the loss of the best model that ignores
+ * its input (the unigram baseline a language model must beat). */
+double pw_dataset_unigram_entropy(const pw_dataset *d);
+
+/* Checks that a data set fits a graph: the input's dtype and size (f32 for
+ * dense data, i32 [T] for tokens), the label's size (one class, or one per
+ * position), the loss's class count against the labels, and every embedding
+ * that reads the input against the token range. PW_ERR_SHAPE with a message
+ * naming the graph file, the value and the data set. */
+pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d);
+
 /* ---------------------------------------------------------------- specs
  *
  * The CLI's --data strings. `train` picks the split (1 train, 0 test).
@@ -122,22 +168,33 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
  *       pw_dataset_synthetic with N training samples (default 8192; the test
  *       split has max(N / 4, 1)), DIM a size or a shape "1x28x28" (default
  *       784), CLASSES (default 10), SEED (default 1234), noise 1.0.
+ *   "text:FILE", "text:DIR", "text:fortunes"
+ *       pw_dataset_load_text; "fortunes" is the default corpus
+ *       (PW_FORTUNES_DIR; "... install the Debian package fortunes" when
+ *       missing). The window length comes from the graph, so these need
+ *       pw_dataset_from_spec_for_graph (pw_dataset_from_spec refuses them).
  *
  * Returns PW_OK, PW_ERR_INVALID_ARG for a malformed spec or an "idx:" spec
  * without a test pair when train == 0, PW_ERR_IO when the Fashion-MNIST files
  * are missing ("... install the Debian package dataset-fashion-mnist"), or any
  * error of the loaders above. */
 pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out);
+/* The same for the graph the data will feed: text specs take their context T
+ * from the graph's input, which must be i32 [T] (PW_ERR_SHAPE otherwise);
+ * other specs ignore g. */
+pw_status pw_dataset_from_spec_for_graph(const char *spec, int train, const pw_graph *g,
+                                         pw_dataset **out);
 
 /* Whether the spec names a test split (all but a two-file "idx:" spec). */
 int pw_dataset_spec_has_test(const char *spec);
 
-/* Copies samples idx[0..count) into x_out (count, sample_numel) and their
- * labels into y_out (count); either may be NULL (a pipeline stage that
+/* Copies samples idx[0..count) into x_out (count, sample_numel) of x_dtype
+ * (float for dense data, int32_t tokens for text) and their labels into
+ * y_out (count, label_numel); either may be NULL (a pipeline stage that
  * holds only the loss reads only labels). PW_ERR_INVALID_ARG (nothing
  * copied) when an index is outside [0, n). */
 pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t count,
-                            float *x_out, int32_t *y_out);
+                            void *x_out, int32_t *y_out);
 
 /* ---------------------------------------------------------------- sampler
  *

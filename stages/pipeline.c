@@ -1,6 +1,9 @@
-/* pipewright — graph stages on the engine: partition, programs, schedule. */
+/* pipewright — graph stages on the engine: partition, programs, schedule,
+ * data-parallel replicas (in one process or one process per stage and
+ * replica under MPI). */
 #include "stages/pipeline.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,12 +12,24 @@
 #include "runtime/trace.h"
 #include "stages/cpu/ops.h"
 
-/* One stage chunk: a program over a node range, plus the data it loads. */
+#define DEFAULT_BUCKETS 4
+/* Tags of the blocking world messages: a parameter's is its graph index,
+ * evaluation's activations use the largest tag (the phases never overlap). */
+#define TAG_EVAL(t) ((t)->max_tag)
+
+/* One stage chunk of one replica: the stage's nodes cut into `n_pieces`
+ * programs (one per gradient bucket; one without replicas) chained through
+ * per-slot link buffers, plus the data it loads. */
 typedef struct gstage {
     pw_pipeline *pl;
-    int index;
-    pw_program *prog;
-    int has_input, has_label, has_loss;
+    int index;                /* stage */
+    int replica;              /* global replica index */
+    int n_pieces;
+    pw_program **piece;       /* [n_pieces] in node order; bucket b is piece n_pieces−1−b */
+    unsigned char *reads_input, *reads_label; /* [n_pieces] */
+    int loss_piece;           /* -1: no loss here */
+    void *links;              /* link buffers between pieces, every slot */
+    size_t link_bytes;
     double *mb_loss;          /* [M]: loss sum of each micro-batch this step */
     int64_t *mb_correct;      /* [M] */
 } gstage;
@@ -22,7 +37,11 @@ typedef struct gstage {
 struct pw_pipeline {
     pw_pipeline_config cfg;
     const pw_graph *g;
+    const pw_transport *t;
+    int S, NR, NRL;           /* stages, replicas, replicas built here */
+    int n_buckets;            /* the schedule's */
     int64_t micro;            /* samples per micro-batch */
+    int64_t share;            /* samples per replica per step: batch / R */
     int64_t steps_per_epoch;
     int64_t step;             /* steps done */
     pw_sampler sampler;
@@ -32,8 +51,8 @@ struct pw_pipeline {
     pw_partition part;
     pw_schedule *sched;
     pw_schedule_report *rep;
-    gstage *stages;
-    pw_engine_chunk *chunks;
+    gstage *stages;           /* [NRL][S]; with a transport only this process's stage is built */
+    pw_engine_chunk *chunks;  /* [NRL][S] */
     pw_engine *engine;
     pw_trace *trace;
     double last_bubble;
@@ -53,24 +72,54 @@ pw_pipeline_config pw_pipeline_defaults(void)
     c.seed = 1;
     c.watchdog_s = 60.0;
     c.pin = 1;
+    c.replicas = 1;
     return c;
 }
 
-/* ---- the stage vtable over a program ---- */
+static gstage *stage_at(pw_pipeline *pl, int lrep, int s) { return &pl->stages[(size_t)lrep * (size_t)pl->S + (size_t)s]; }
+static int stage_here(const pw_pipeline *pl, int s) { return !pl->t || pl->t->rank == s; }
+/* The local replica index of global replica k, -1 when not here. */
+static int lrep_of(const pw_pipeline *pl, int k)
+{
+    if (pl->t) return k == pl->t->replica ? 0 : -1;
+    return k >= 0 && k < pl->NR ? k : -1;
+}
+
+/* ---- one stage's pieces ---- */
+
+/* Forward of `n` rows of samples idx[0..n) in `slot` through every piece;
+ * `train` sets the dropout stream (sample_offset: the micro-batch's first
+ * sample within the global batch). */
+static pw_status gs_run_forward(gstage *s, const pw_dataset *d, const int64_t *idx, int64_t n, int slot,
+                                int train, int64_t step, int64_t sample_offset)
+{
+    const pw_graph *g = s->pl->g;
+    for (int j = 0; j < s->n_pieces; j++) {
+        pw_program *p = s->piece[j];
+        if (s->reads_input[j] || s->reads_label[j])
+            PW_CHECK(pw_dataset_gather(d, idx, n, s->reads_input[j] ? pw_program_value(p, g->input, slot) : NULL,
+                                       s->reads_label[j] ? pw_program_value(p, g->label, slot) : NULL));
+        if (train) {
+            if (pw_program_needs_rng(p))
+                PW_CHECK(pw_program_set_rng(p, slot, s->pl->cfg.seed, step, sample_offset));
+            PW_CHECK(pw_program_forward(p, slot, n));
+        } else {
+            PW_CHECK(pw_program_forward_eval(p, slot, n));
+        }
+    }
+    return PW_OK;
+}
 
 static pw_status gs_forward(void *self, int mb, int slot)
 {
     gstage *s = self;
     pw_pipeline *pl = s->pl;
-    const int64_t *idx = pl->batch_idx + (int64_t)mb * pl->micro;
-    if (s->has_input || s->has_label)
-        PW_CHECK(pw_dataset_gather(pl->cfg.train, idx, pl->micro,
-                                   s->has_input ? pw_program_value(s->prog, pl->g->input, slot) : NULL,
-                                   s->has_label ? pw_program_value(s->prog, pl->g->label, slot) : NULL));
-    PW_CHECK(pw_program_forward(s->prog, slot, pl->micro));
-    if (s->has_loss) {
-        s->mb_loss[mb] = pw_program_loss_sum(s->prog, slot);
-        s->mb_correct[mb] = pw_program_correct(s->prog, slot);
+    const int64_t offset = (int64_t)s->replica * pl->share + (int64_t)mb * pl->micro;
+    PW_CHECK(gs_run_forward(s, pl->cfg.train, pl->batch_idx + offset, pl->micro, slot, 1, pl->step + 1,
+                            offset));
+    if (s->loss_piece >= 0) {
+        s->mb_loss[mb] = pw_program_loss_sum(s->piece[s->loss_piece], slot);
+        s->mb_correct[mb] = pw_program_correct(s->piece[s->loss_piece], slot);
     }
     return PW_OK;
 }
@@ -79,32 +128,92 @@ static pw_status gs_backward_input(void *self, int mb, int slot)
 {
     (void)mb;
     gstage *s = self;
-    return pw_program_backward_input(s->prog, slot);
+    for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
+    return PW_OK;
 }
 
 static pw_status gs_backward_weight(void *self, int mb, int slot)
 {
     (void)mb;
     gstage *s = self;
-    return pw_program_backward_weight(s->prog, slot);
+    for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_weight(s->piece[j], slot));
+    return PW_OK;
+}
+
+/* Bucket b is piece n_pieces−1−b: the last layers first, the order the
+ * backward finishes them. */
+static pw_status gs_backward_bucket(void *self, int mb, int slot, int bucket, pw_bwd_part part)
+{
+    (void)mb;
+    gstage *s = self;
+    int j = s->n_pieces - 1 - bucket;
+    if (j < 0) return PW_OK; /* fewer pieces than buckets: an empty bucket */
+    if (part == PW_BWD_FULL) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
+    return pw_program_backward_weight(s->piece[j], slot);
+}
+
+static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans, int max_spans)
+{
+    (void)n_buckets;
+    gstage *s = self;
+    int j = s->n_pieces - 1 - bucket;
+    if (j < 0) return 0;
+    int n = pw_program_n_params(s->piece[j]);
+    for (int i = 0; i < n && i < max_spans; i++) {
+        pw_program_param pp;
+        pw_program_param_at(s->piece[j], i, &pp);
+        spans[i] = (pw_span){pp.grad, pp.numel};
+    }
+    return n;
+}
+
+static double gs_grad_sumsq(void *self)
+{
+    gstage *s = self;
+    double sum = 0.0;
+    for (int j = 0; j < s->n_pieces; j++)
+        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(s->piece[j], i, &pp);
+            for (int64_t k = 0; k < pp.numel; k++) sum += (double)pp.grad[k] * (double)pp.grad[k];
+        }
+    return sum;
+}
+
+static void gs_scale_grads(void *self, float scale)
+{
+    gstage *s = self;
+    for (int j = 0; j < s->n_pieces; j++)
+        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(s->piece[j], i, &pp);
+            for (int64_t k = 0; k < pp.numel; k++) pp.grad[k] *= scale;
+        }
 }
 
 static pw_status gs_optimizer_step(void *self, long step)
 {
     gstage *s = self;
-    return pw_program_optimizer_step(s->prog, step);
+    for (int j = 0; j < s->n_pieces; j++) PW_CHECK(pw_program_optimizer_step(s->piece[j], step));
+    return PW_OK;
+}
+
+/* The stage's inputs enter its first piece; its outputs leave its last. */
+static pw_program *port_piece(const gstage *s, pw_port port)
+{
+    return port == PW_PORT_ACT_IN || port == PW_PORT_GRAD_IN ? s->piece[0] : s->piece[s->n_pieces - 1];
 }
 
 static size_t gs_port_bytes(void *self, pw_port port)
 {
     gstage *s = self;
-    return pw_program_port_bytes(s->prog, port);
+    return pw_program_port_bytes(port_piece(s, port), port);
 }
 
 static pw_status gs_bind(void *self, int slot, pw_port port, void *buf)
 {
     gstage *s = self;
-    return pw_program_bind_port(s->prog, slot, port, buf);
+    return pw_program_bind_port(port_piece(s, port), slot, port, buf);
 }
 
 static const pw_stage_i gstage_i = {
@@ -115,6 +224,10 @@ static const pw_stage_i gstage_i = {
     .optimizer_step = gs_optimizer_step,
     .port_bytes = gs_port_bytes,
     .bind = gs_bind,
+    .grad_bucket = gs_grad_bucket,
+    .backward_bucket = gs_backward_bucket,
+    .grad_sumsq = gs_grad_sumsq,
+    .scale_grads = gs_scale_grads,
 };
 
 /* ---- construction ---- */
@@ -134,17 +247,20 @@ static pw_status make_schedule(pw_pipeline *pl)
         if (s->n_micro != c->micro_batches)
             return pw_error(PW_ERR_INVALID_ARG, "%s: the schedule has %d micro-batches but "
                             "--micro-batches is %d", c->schedule_csv, s->n_micro, c->micro_batches);
-        if (s->n_buckets != 0)
-            return pw_error(PW_ERR_UNSUPPORTED, "%s: all-reduce buckets need --replicas, which "
-                            "this version does not have", c->schedule_csv);
+        if (pl->NR > 1 && s->n_buckets == 0)
+            return pw_error(PW_ERR_INVALID_ARG, "%s: --replicas %d needs ALLREDUCE buckets in the "
+                            "schedule (cells AR0, AR1, ... after each rank's last backward)",
+                            c->schedule_csv, pl->NR);
         pl->schedule_name = strdup(c->schedule_csv);
     } else {
         pw_schedule_config sc = {.kind = c->schedule, .n_stages = c->stages,
-                                 .n_micro = c->micro_batches, .split_w = c->split_w};
+                                 .n_micro = c->micro_batches, .split_w = c->split_w,
+                                 .n_buckets = pl->NR > 1 ? (c->buckets > 0 ? c->buckets : DEFAULT_BUCKETS) : 0};
         PW_CHECK(pw_schedule_generate(&sc, &pl->sched));
         PW_CHECK(pw_schedule_lower(pl->sched));
         pl->schedule_name = strdup(pw_schedule_kind_name(c->schedule));
     }
+    pl->n_buckets = pl->sched->n_buckets;
     if (!pl->schedule_name) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     /* Rejected before anything runs, with the rank, position and action. */
     pw_status st = pw_schedule_validate(pl->sched, &pl->rep);
@@ -154,10 +270,162 @@ static pw_status make_schedule(pw_pipeline *pl)
 
 static int node_range_reads(const pw_graph *g, int begin, int end, int value)
 {
+    if (value < 0) return 0;
     for (int i = begin; i < end; i++)
         for (int k = 0; k < g->nodes[i].n_inputs; k++)
             if (g->nodes[i].inputs[k] == value) return 1;
     return 0;
+}
+
+/* Cuts nodes [b, e) into at most k pieces of roughly equal parameter bytes
+ * (each parameter counted at its first use in the range). A cut may not
+ * separate two uses of one parameter (a tied weight keeps one gradient) and
+ * every piece holds parameters. cut[0] = b < cut[1] < ... < cut[n] = e;
+ * returns n. Deterministic: the same graph and k give the same pieces in
+ * every process. */
+static int cut_pieces(const pw_graph *g, int b, int e, int k, int *cut)
+{
+    cut[0] = b;
+    int n = 1;
+    const int len = e - b;
+    int64_t *before = calloc((size_t)len + 1, sizeof *before);
+    int *first = malloc((size_t)g->n_params * sizeof *first), *last = malloc((size_t)g->n_params * sizeof *last);
+    if (!before || !first || !last || k <= 1) goto out;
+    for (int p = 0; p < g->n_params; p++) first[p] = last[p] = -1;
+    for (int i = b; i < e; i++)
+        for (int q = 0; q < g->nodes[i].n_params; q++) {
+            int p = g->nodes[i].params[q];
+            if (first[p] < 0) first[p] = i;
+            last[p] = i;
+        }
+    for (int i = b; i < e; i++) {
+        int64_t add = 0;
+        for (int q = 0; q < g->nodes[i].n_params; q++) {
+            int p = g->nodes[i].params[q];
+            if (first[p] == i) add += pw_shape_numel(&g->params[p].shape) * (int64_t)sizeof(float);
+        }
+        before[i - b + 1] = before[i - b] + add;
+    }
+    const int64_t total = before[len];
+    int prev = b;
+    for (int j = 1; j < k; j++) {
+        const double target = (double)total * j / k;
+        int best = -1;
+        double best_d = 0;
+        for (int i = prev + 1; i < e; i++) {
+            int64_t at = before[i - b];
+            if (at <= before[prev - b] || at >= total) continue; /* a piece without parameters */
+            int ok = 1;
+            for (int p = 0; p < g->n_params && ok; p++)
+                if (first[p] >= 0 && first[p] < i && last[p] >= i) ok = 0;
+            if (!ok) continue;
+            double d = fabs((double)at - target);
+            if (best < 0 || d < best_d) {
+                best = i;
+                best_d = d;
+            }
+        }
+        if (best < 0) break;
+        cut[n++] = best;
+        prev = best;
+    }
+out:
+    cut[n] = e;
+    free(before);
+    free(first);
+    free(last);
+    return n;
+}
+
+static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
+{
+    const pw_pipeline_config *c = &pl->cfg;
+    const pw_graph *g = pl->g;
+    const int b = pl->part.begin[s], e = pl->part.begin[s + 1], M = c->micro_batches;
+    const int slots = pl->rep->peak_inflight_chunk[s];
+    gs->pl = pl;
+    gs->index = s;
+    gs->replica = replica;
+    gs->loss_piece = -1;
+    int k = pl->NR > 1 ? pl->n_buckets : 1;
+    int *cut = calloc((size_t)(k > 1 ? k : 1) + 1, sizeof *cut);
+    if (!cut) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    gs->n_pieces = cut_pieces(g, b, e, k, cut);
+    gs->piece = calloc((size_t)gs->n_pieces, sizeof *gs->piece);
+    gs->reads_input = calloc((size_t)gs->n_pieces, 1);
+    gs->reads_label = calloc((size_t)gs->n_pieces, 1);
+    gs->mb_loss = calloc((size_t)M, sizeof(double));
+    gs->mb_correct = calloc((size_t)M, sizeof(int64_t));
+    pw_status st = PW_OK;
+    if (!gs->piece || !gs->reads_input || !gs->reads_label || !gs->mb_loss || !gs->mb_correct) {
+        st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+        goto out;
+    }
+    for (int j = 0; j < gs->n_pieces; j++) {
+        pw_program_config pc = {
+            .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
+            .loss_batch = c->batch, .slots = slots, .optim = c->optim,
+        };
+        PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
+        pw_program_init_params(gs->piece[j], c->seed);
+        gs->reads_input[j] = (unsigned char)node_range_reads(g, cut[j], cut[j + 1], g->input);
+        gs->reads_label[j] = (unsigned char)node_range_reads(g, cut[j], cut[j + 1], g->label);
+        if (pw_program_has_loss(gs->piece[j])) gs->loss_piece = j;
+    }
+    /* Link buffers between pieces, one set per slot, bound once for good:
+     * piece j writes its outputs straight into piece j+1's inputs. */
+    if (gs->n_pieces > 1) {
+        size_t per_slot = 0;
+        for (int j = 0; j + 1 < gs->n_pieces; j++) {
+            size_t a = pw_program_port_bytes(gs->piece[j], PW_PORT_ACT_OUT);
+            size_t r = pw_program_port_bytes(gs->piece[j], PW_PORT_GRAD_OUT);
+            if (a != pw_program_port_bytes(gs->piece[j + 1], PW_PORT_ACT_IN) ||
+                r != pw_program_port_bytes(gs->piece[j + 1], PW_PORT_GRAD_IN)) {
+                st = pw_error(PW_ERR_INTERNAL, "pipeline: stage %d pieces %d and %d disagree on their link",
+                              s, j, j + 1);
+                goto out;
+            }
+            per_slot += (a + 63) / 64 * 64 + (r + 63) / 64 * 64;
+        }
+        gs->link_bytes = per_slot * (size_t)slots;
+        if (gs->link_bytes && posix_memalign(&gs->links, 64, gs->link_bytes) != 0) {
+            gs->links = NULL;
+            st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory for stage %d's link buffers", s);
+            goto out;
+        }
+        if (gs->links) memset(gs->links, 0, gs->link_bytes);
+        char *at = gs->links;
+        for (int slot = 0; slot < slots; slot++)
+            for (int j = 0; j + 1 < gs->n_pieces; j++) {
+                size_t a = pw_program_port_bytes(gs->piece[j], PW_PORT_ACT_OUT);
+                size_t r = pw_program_port_bytes(gs->piece[j], PW_PORT_GRAD_OUT);
+                if (a) {
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j], slot, PW_PORT_ACT_OUT, at), st, out);
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j + 1], slot, PW_PORT_ACT_IN, at), st, out);
+                    at += (a + 63) / 64 * 64;
+                }
+                if (r) {
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j], slot, PW_PORT_GRAD_OUT, at), st, out);
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j + 1], slot, PW_PORT_GRAD_IN, at), st, out);
+                    at += (r + 63) / 64 * 64;
+                }
+            }
+    }
+out:
+    free(cut);
+    return st;
+}
+
+static void free_stage(gstage *gs)
+{
+    for (int j = 0; gs->piece && j < gs->n_pieces; j++) pw_program_destroy(gs->piece[j]);
+    free(gs->piece);
+    free(gs->reads_input);
+    free(gs->reads_label);
+    free(gs->links);
+    free(gs->mb_loss);
+    free(gs->mb_correct);
+    memset(gs, 0, sizeof *gs);
 }
 
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
@@ -171,65 +439,67 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     if (c->micro_batches < 1)
         return pw_error(PW_ERR_INVALID_ARG, "micro-batches must be at least 1 (got %d)",
                         c->micro_batches);
-    if (c->batch < 1 || c->batch % c->micro_batches != 0)
+    const int NR = c->replicas > 0 ? c->replicas : 1;
+    if (c->replicas < 0 || c->buckets < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "replicas (%d) and buckets (%d) must not be negative",
+                        c->replicas, c->buckets);
+    if (c->batch < 1 || c->batch % ((int64_t)c->micro_batches * NR) != 0)
         return pw_error(PW_ERR_INVALID_ARG, "batch %lld is not a positive multiple of the %d "
-                        "micro-batches", (long long)c->batch, c->micro_batches);
+                        "micro-batches%s", (long long)c->batch, c->micro_batches * NR,
+                        NR > 1 ? " of every replica (replicas x micro-batches)" : "");
     if (c->batch > c->train->n)
         return pw_error(PW_ERR_INVALID_ARG, "batch %lld is larger than the %lld samples of '%s'",
                         (long long)c->batch, (long long)c->train->n, c->train->name);
+    if (c->clip_grad_norm < 0 || c->clip_grad_norm != c->clip_grad_norm)
+        return pw_error(PW_ERR_INVALID_ARG, "clip_grad_norm must be >= 0 (got %g)", c->clip_grad_norm);
+    const pw_transport *t = c->transport;
+    if (t && (t->n_ranks != c->stages || t->n_replicas != NR))
+        return pw_error(PW_ERR_INVALID_ARG, "pipeline: the transport runs %d stages x %d replicas, the "
+                        "configuration asks for %d x %d", t->n_ranks, t->n_replicas, c->stages, NR);
     PW_CHECK(pw_trainer_check_data(c->graph, c->train));
 
     pw_pipeline *pl = calloc(1, sizeof *pl);
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     pl->cfg = *c;
     pl->g = c->graph;
-    pl->micro = c->batch / c->micro_batches;
+    pl->t = t;
+    pl->S = c->stages;
+    pl->NR = NR;
+    pl->NRL = t ? 1 : NR;
+    pl->share = c->batch / NR;
+    pl->micro = pl->share / c->micro_batches;
     pl->steps_per_epoch = c->train->n / c->batch;
     pl->sampler_epoch = -1;
     pw_status st;
     const pw_graph *g = c->graph;
-    const int S = c->stages, M = c->micro_batches;
+    const int S = c->stages;
 
     PW_CHECK_GOTO(pw_sampler_init(&pl->sampler, c->train->n, c->shuffle, c->seed), st, fail);
     PW_CHECK_GOTO(pw_partition_make(g, S, c->partition, &pl->part), st, fail);
     PW_CHECK_GOTO(make_schedule(pl), st, fail);
     pl->cfg.schedule_csv = NULL; /* the caller's string; pl->schedule_name keeps a copy */
-    pl->stages = calloc((size_t)S, sizeof *pl->stages);
-    pl->chunks = calloc((size_t)S, sizeof *pl->chunks);
+    pl->stages = calloc((size_t)pl->NRL * (size_t)S, sizeof *pl->stages);
+    pl->chunks = calloc((size_t)pl->NRL * (size_t)S, sizeof *pl->chunks);
     if (!pl->stages || !pl->chunks) {
         st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
         goto fail;
     }
-    for (int s = 0; s < S; s++) {
-        gstage *gs = &pl->stages[s];
-        gs->pl = pl;
-        gs->index = s;
-        int b = pl->part.begin[s], e = pl->part.begin[s + 1];
-        pw_program_config pc = {
-            .graph = g, .node_begin = b, .node_end = e, .micro_batch = pl->micro,
-            .loss_batch = c->batch, .slots = pl->rep->peak_inflight_chunk[s], .optim = c->optim,
-        };
-        PW_CHECK_GOTO(pw_program_create(&pc, &gs->prog), st, fail);
-        pw_program_init_params(gs->prog, c->seed);
-        gs->has_input = node_range_reads(g, b, e, g->input);
-        gs->has_label = g->label >= 0 && node_range_reads(g, b, e, g->label);
-        gs->has_loss = pw_program_has_loss(gs->prog);
-        gs->mb_loss = calloc((size_t)M, sizeof(double));
-        gs->mb_correct = calloc((size_t)M, sizeof(int64_t));
-        if (!gs->mb_loss || !gs->mb_correct) {
-            st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
-            goto fail;
+    for (int k = 0; k < pl->NRL; k++)
+        for (int s = 0; s < S; s++) {
+            if (!stage_here(pl, s)) continue;
+            gstage *gs = stage_at(pl, k, s);
+            PW_CHECK_GOTO(build_stage(pl, gs, s, t ? t->replica : k), st, fail);
+            pl->chunks[(size_t)k * (size_t)S + (size_t)s] = (pw_engine_chunk){&gstage_i, gs};
         }
-        pl->chunks[s].vt = &gstage_i;
-        pl->chunks[s].self = gs;
-    }
-    /* One core per stage: BLAS threads would only fight the other stages. */
-    if (S > 1) pw_cpu_set_threads(1);
+    /* One core per worker: BLAS threads would only fight the other stages
+     * and replicas (and every process of an MPI run has one worker). */
+    if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
     if (c->trace_events > 0)
-        PW_CHECK_GOTO(pw_trace_create(S, c->trace_events, &pl->trace), st, fail);
+        PW_CHECK_GOTO(pw_trace_create(S * NR, c->trace_events, &pl->trace), st, fail);
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
+        .replicas = NR, .transport = t, .clip_grad_norm = c->clip_grad_norm,
     };
     PW_CHECK_GOTO(pw_engine_create(&ec, &pl->engine), st, fail);
     *out = pl;
@@ -243,11 +513,7 @@ void pw_pipeline_destroy(pw_pipeline *pl)
 {
     if (!pl) return;
     pw_engine_destroy(pl->engine);
-    for (int s = 0; pl->stages && s < pl->cfg.stages; s++) {
-        pw_program_destroy(pl->stages[s].prog);
-        free(pl->stages[s].mb_loss);
-        free(pl->stages[s].mb_correct);
-    }
+    for (size_t i = 0; pl->stages && i < (size_t)pl->NRL * (size_t)pl->S; i++) free_stage(&pl->stages[i]);
     free(pl->stages);
     free(pl->chunks);
     pw_trace_destroy(pl->trace);
@@ -262,17 +528,50 @@ void pw_pipeline_destroy(pw_pipeline *pl)
 int64_t pw_pipeline_steps_per_epoch(const pw_pipeline *pl) { return pl->steps_per_epoch; }
 void pw_pipeline_seek(pw_pipeline *pl, int64_t step) { pl->step = step; }
 
-static double busy_sum(const pw_pipeline *pl, double *total_max)
+/* The engine workers of this process: their busy time summed, the longest
+ * step time in *total_max. */
+static double busy_sum(const pw_pipeline *pl, double *total_max, int *n_workers)
 {
     double busy = 0.0, tmax = 0.0;
-    for (int r = 0; r < pl->cfg.stages; r++) {
-        pw_engine_rank_stats rs;
-        pw_engine_rank_stats_get(pl->engine, r, &rs);
-        busy += rs.busy_s;
-        if (rs.total_s > tmax) tmax = rs.total_s;
-    }
+    int n = 0;
+    for (int k = 0; k < pl->NR; k++)
+        for (int r = 0; r < pl->S; r++) {
+            if (lrep_of(pl, k) < 0 || !stage_here(pl, r)) continue;
+            pw_engine_rank_stats rs;
+            pw_engine_rank_stats_get(pl->engine, k * pl->S + r, &rs);
+            busy += rs.busy_s;
+            if (rs.total_s > tmax) tmax = rs.total_s;
+            n++;
+        }
     *total_max = tmax;
+    *n_workers = n;
     return busy;
+}
+
+/* Loss and correct count of one replica's loss stage this step, summed in
+ * micro-batch order. */
+typedef struct loss_part {
+    double loss;
+    int64_t correct;
+    int32_t has;
+    int32_t pad;
+} loss_part;
+
+static loss_part replica_loss(const pw_pipeline *pl, int lrep)
+{
+    loss_part lp = {0};
+    for (int s = 0; s < pl->S; s++) {
+        const gstage *gs = &pl->stages[(size_t)lrep * (size_t)pl->S + (size_t)s];
+        if (!gs->piece || gs->loss_piece < 0) continue;
+        lp.has = 1;
+        lp.loss = 0.0;
+        lp.correct = 0;
+        for (int m = 0; m < pl->cfg.micro_batches; m++) {
+            lp.loss += gs->mb_loss[m];
+            lp.correct += gs->mb_correct[m];
+        }
+    }
+    return lp;
 }
 
 pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
@@ -285,26 +584,48 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
     }
     pl->batch_idx = pl->sampler.order + in_epoch * pl->cfg.batch;
     double t0_busy, t0_wall, t1_wall;
-    t0_busy = busy_sum(pl, &t0_wall);
+    int nw;
+    t0_busy = busy_sum(pl, &t0_wall, &nw);
     int64_t t0 = pw_now_ns();
     PW_CHECK(pw_engine_run_step(pl->engine, pl->step + 1));
     int64_t t1 = pw_now_ns();
-    double busy = busy_sum(pl, &t1_wall) - t0_busy;
+    double busy = busy_sum(pl, &t1_wall, &nw) - t0_busy;
     double wall = (double)(t1 - t0) * 1e-9;
-    pl->last_bubble = wall > 0 ? 1.0 - busy / ((double)pl->cfg.stages * wall) : 0.0;
+    pl->last_bubble = wall > 0 && nw > 0 ? 1.0 - busy / ((double)nw * wall) : 0.0;
     if (pl->last_bubble < 0) pl->last_bubble = 0;
 
-    /* Loss of the step, summed in micro-batch order. */
-    const gstage *last = NULL;
-    for (int s = 0; s < pl->cfg.stages; s++)
-        if (pl->stages[s].has_loss) last = &pl->stages[s];
+    /* Loss of the step: each replica's sum in micro-batch order, then the
+     * replicas in order (the same bytes in one process or many). */
     double loss = 0.0;
     int64_t correct = 0;
-    for (int m = 0; last && m < pl->cfg.micro_batches; m++) {
-        loss += last->mb_loss[m];
-        correct += last->mb_correct[m];
+    if (pl->t) {
+        const int W = pl->t->world_size;
+        loss_part mine = replica_loss(pl, 0);
+        loss_part *all = calloc((size_t)W, sizeof *all);
+        if (!all) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+        pw_status st = pl->t->vt->allgather(pl->t->self, &mine, sizeof mine, all);
+        if (st != PW_OK) {
+            free(all);
+            return pw_error_prefix(st, "step %lld: gathering the loss: ", (long long)pl->step + 1);
+        }
+        for (int k = 0; k < pl->NR; k++)
+            for (int r = 0; r < pl->S; r++) {
+                const loss_part *lp = &all[pw_transport_world_of(pl->t, k, r)];
+                if (!lp->has) continue;
+                loss += lp->loss;
+                correct += lp->correct;
+            }
+        free(all);
+    } else {
+        for (int k = 0; k < pl->NR; k++) {
+            loss_part lp = replica_loss(pl, k);
+            loss += lp.loss;
+            correct += lp.correct;
+        }
     }
-    int64_t positions = pl->cfg.batch * (last ? pw_program_loss_positions(last->prog) : 1);
+    const pw_graph *g = pl->g;
+    int64_t per_sample = g->label >= 0 ? pw_shape_numel(&g->values[g->label].shape) : 1;
+    int64_t positions = pl->cfg.batch * (per_sample > 0 ? per_sample : 1);
     pl->step++;
     if (out) {
         out->step = pl->step;
@@ -316,56 +637,89 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
     return PW_OK;
 }
 
+/* Forward-only over a data set, stage after stage, on replica 0. In one
+ * process the stages run one after the other on this thread (the workers
+ * are idle between steps); with a transport each process of replica 0 runs
+ * its stage and passes the activations on with blocking world messages. */
 pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out)
 {
     const pw_graph *g = pl->g;
-    const int S = pl->cfg.stages;
+    const int S = pl->S;
+    const pw_transport *t = pl->t;
     PW_CHECK(pw_trainer_check_data(g, d));
-    /* One message buffer per link, bound to slot 0 of both neighbours; the
-     * stages run one after the other on this thread (the workers are idle
-     * between steps). */
-    void **link = calloc((size_t)S, sizeof(void *));
+    void **link = calloc((size_t)S + 1, sizeof(void *));
     int64_t *idx = malloc((size_t)pl->micro * sizeof *idx);
     pw_status st = PW_OK;
+    double loss = 0.0;
+    int64_t correct = 0;
+    const int mine = t ? t->rank : -1;
+    const int run = !t || t->replica == 0; /* other replicas only hear the result */
     if (!link || !idx) {
         st = pw_error(PW_ERR_NOMEM, "evaluate: out of memory");
         goto out;
     }
-    for (int s = 0; s + 1 < S; s++) {
-        size_t n = pw_program_port_bytes(pl->stages[s].prog, PW_PORT_ACT_OUT);
+    /* link[s]: the activations from stage s to s+1 (bound to slot 0). */
+    for (int s = 0; run && s + 1 < S; s++) {
+        if (t && s != mine && s + 1 != mine) continue;
+        gstage *from = stage_here(pl, s) ? stage_at(pl, 0, s) : NULL;
+        gstage *to = stage_here(pl, s + 1) ? stage_at(pl, 0, s + 1) : NULL;
+        size_t n = from ? gs_port_bytes(from, PW_PORT_ACT_OUT) : gs_port_bytes(to, PW_PORT_ACT_IN);
         if (posix_memalign(&link[s], 64, n ? n : 64) != 0) {
+            link[s] = NULL;
             st = pw_error(PW_ERR_NOMEM, "evaluate: out of memory");
             goto out;
         }
-        PW_CHECK_GOTO(pw_program_bind_port(pl->stages[s].prog, 0, PW_PORT_ACT_OUT, link[s]), st, out);
-        PW_CHECK_GOTO(pw_program_bind_port(pl->stages[s + 1].prog, 0, PW_PORT_ACT_IN, link[s]), st, out);
+        if (from) PW_CHECK_GOTO(gs_bind(from, 0, PW_PORT_ACT_OUT, link[s]), st, out);
+        if (to) PW_CHECK_GOTO(gs_bind(to, 0, PW_PORT_ACT_IN, link[s]), st, out);
     }
-    double loss = 0.0;
-    int64_t correct = 0;
-    for (int64_t start = 0; start < d->n; start += pl->micro) {
+    for (int64_t start = 0; run && start < d->n; start += pl->micro) {
         int64_t n = d->n - start < pl->micro ? d->n - start : pl->micro;
         for (int64_t i = 0; i < n; i++) idx[i] = start + i;
         for (int s = 0; s < S; s++) {
-            gstage *gs = &pl->stages[s];
-            if (gs->has_input || gs->has_label)
-                PW_CHECK_GOTO(pw_dataset_gather(d, idx, n,
-                              gs->has_input ? pw_program_value(gs->prog, g->input, 0) : NULL,
-                              gs->has_label ? pw_program_value(gs->prog, g->label, 0) : NULL), st, out);
-            PW_CHECK_GOTO(pw_program_forward(gs->prog, 0, n), st, out);
-            if (gs->has_loss) {
-                loss += pw_program_loss_sum(gs->prog, 0);
-                correct += pw_program_correct(gs->prog, 0);
+            if (!stage_here(pl, s)) continue;
+            gstage *gs = stage_at(pl, 0, s);
+            if (t && s > 0)
+                PW_CHECK_GOTO(t->vt->recv(t->self, pw_transport_world_of(t, 0, s - 1), TAG_EVAL(t), link[s - 1],
+                                          gs_port_bytes(gs, PW_PORT_ACT_IN)), st, out);
+            PW_CHECK_GOTO(gs_run_forward(gs, d, idx, n, 0, 0, 0, 0), st, out);
+            if (t && s + 1 < S)
+                PW_CHECK_GOTO(t->vt->send(t->self, pw_transport_world_of(t, 0, s + 1), TAG_EVAL(t), link[s],
+                                          gs_port_bytes(gs, PW_PORT_ACT_OUT)), st, out);
+            if (gs->loss_piece >= 0) {
+                loss += pw_program_loss_sum(gs->piece[gs->loss_piece], 0);
+                correct += pw_program_correct(gs->piece[gs->loss_piece], 0);
             }
         }
     }
-    int64_t positions = d->n * pw_program_loss_positions(pl->stages[S - 1].prog);
-    out->loss = positions ? loss / (double)positions : 0.0;
-    out->accuracy = positions ? (double)correct / (double)positions : 0.0;
-    out->samples = d->n;
+    if (t) {
+        /* Everyone learns replica 0's figures (a failed process sends has = 0). */
+        loss_part lp = {.loss = loss, .correct = correct, .has = run && st == PW_OK &&
+                        stage_here(pl, S - 1) ? 1 : 0};
+        loss_part *all = calloc((size_t)t->world_size, sizeof *all);
+        if (!all) {
+            st = pw_error(PW_ERR_NOMEM, "evaluate: out of memory");
+            goto out;
+        }
+        PW_CHECK_GOTO(t->vt->allgather(t->self, &lp, sizeof lp, all), st, out_all);
+        const loss_part *last = &all[pw_transport_world_of(t, 0, S - 1)];
+        loss = last->loss;
+        correct = last->correct;
+    out_all:
+        free(all);
+        if (st != PW_OK) goto out;
+    }
+    {
+        int64_t per_sample = g->label >= 0 ? pw_shape_numel(&g->values[g->label].shape) : 1;
+        int64_t positions = d->n * (per_sample > 0 ? per_sample : 1);
+        out->loss = positions ? loss / (double)positions : 0.0;
+        out->accuracy = positions ? (double)correct / (double)positions : 0.0;
+        out->samples = d->n;
+    }
 out:
     for (int s = 0; link && s + 1 < S; s++) {
-        pw_program_bind_port(pl->stages[s].prog, 0, PW_PORT_ACT_OUT, NULL);
-        pw_program_bind_port(pl->stages[s + 1].prog, 0, PW_PORT_ACT_IN, NULL);
+        if (!link[s]) continue;
+        if (stage_here(pl, s)) gs_bind(stage_at(pl, 0, s), 0, PW_PORT_ACT_OUT, NULL);
+        if (stage_here(pl, s + 1)) gs_bind(stage_at(pl, 0, s + 1), 0, PW_PORT_ACT_IN, NULL);
         free(link[s]);
     }
     free(link);
@@ -373,32 +727,202 @@ out:
     return st;
 }
 
-static void programs(pw_pipeline *pl, pw_program **out)
+/* Every program of replica 0 (this process's), stage by stage, pieces in
+ * node order; returns the count. */
+static int programs_of_replica(pw_pipeline *pl, pw_program **out)
 {
-    for (int s = 0; s < pl->cfg.stages; s++) out[s] = pl->stages[s].prog;
+    int n = 0;
+    for (int s = 0; s < pl->S; s++) {
+        if (!stage_here(pl, s)) continue;
+        gstage *gs = stage_at(pl, 0, s);
+        for (int j = 0; j < gs->n_pieces; j++) out[n++] = gs->piece[j];
+    }
+    return n;
+}
+
+static int total_pieces(const pw_pipeline *pl)
+{
+    int n = 0;
+    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->S; i++) n += pl->stages[i].n_pieces;
+    return n;
+}
+
+/* A program over the whole graph with one row and one slot: the parameters
+ * of every stage in one place (MPI save and load). */
+static pw_status whole_program(const pw_pipeline *pl, pw_program **out)
+{
+    pw_program_config pc = {.graph = pl->g, .micro_batch = 1, .loss_batch = 1, .slots = 1,
+                            .optim = pl->cfg.optim};
+    return pw_program_create(&pc, out);
+}
+
+/* The stage whose programs hold parameter p first (the checkpoint's rule:
+ * the first program in stage order). */
+static int first_holder(const pw_pipeline *pl, int p)
+{
+    const pw_graph *g = pl->g;
+    for (int s = 0; s < pl->S; s++)
+        for (int i = pl->part.begin[s]; i < pl->part.begin[s + 1]; i++)
+            for (int q = 0; q < g->nodes[i].n_params; q++)
+                if (g->nodes[i].params[q] == p) return s;
+    return -1;
+}
+
+/* This process's copy of graph parameter p (first piece holding it). */
+static float *local_param(pw_pipeline *pl, int p, int64_t *numel)
+{
+    gstage *gs = stage_at(pl, 0, pl->t ? pl->t->rank : 0);
+    for (int j = 0; j < gs->n_pieces; j++)
+        for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(gs->piece[j], i, &pp);
+            if (pp.graph_param == p) {
+                *numel = pp.numel;
+                return pp.data;
+            }
+        }
+    return NULL;
+}
+
+/* MPI: replica 0's processes send each parameter they hold first to world
+ * rank 0, which writes the file with the same content as one process would;
+ * every process returns rank 0's verdict. */
+static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_checkpoint_info *info)
+{
+    const pw_transport *t = pl->t;
+    const pw_graph *g = pl->g;
+    pw_status st = PW_OK;
+    pw_program *whole = NULL;
+    if (g->n_params >= t->max_tag)
+        return pw_error(PW_ERR_UNSUPPORTED, "save: %d parameters need more message tags than MPI's %d",
+                        g->n_params, t->max_tag);
+    if (t->replica == 0 && t->rank != 0) {
+        for (int p = 0; p < g->n_params && st == PW_OK; p++) {
+            if (first_holder(pl, p) != t->rank) continue;
+            int64_t n = 0;
+            float *data = local_param(pl, p, &n);
+            st = data ? t->vt->send(t->self, 0, p, data, (size_t)n * sizeof(float))
+                      : pw_error(PW_ERR_INTERNAL, "save: stage %d lost parameter %s", t->rank, g->params[p].name);
+        }
+    } else if (t->world_rank == 0) {
+        st = whole_program(pl, &whole);
+        /* In graph order, the order the holders send in (blocking sends of
+         * large messages wait for their matching receive). */
+        for (int p = 0; st == PW_OK && p < g->n_params; p++) {
+            pw_program_param pp = {0};
+            for (int i = 0; i < pw_program_n_params(whole); i++) {
+                pw_program_param_at(whole, i, &pp);
+                if (pp.graph_param == p) break;
+            }
+            if (pp.graph_param != p || !pp.data) {
+                st = pw_error(PW_ERR_INTERNAL, "save: parameter %s has no place", g->params[p].name);
+                break;
+            }
+            int holder = first_holder(pl, pp.graph_param);
+            if (holder == 0) {
+                int64_t n = 0;
+                float *data = local_param(pl, pp.graph_param, &n);
+                if (data) memcpy(pp.data, data, (size_t)n * sizeof(float));
+            } else {
+                st = t->vt->recv(t->self, pw_transport_world_of(t, 0, holder), pp.graph_param, pp.data,
+                                 (size_t)pp.numel * sizeof(float));
+            }
+        }
+        if (st == PW_OK) st = pw_checkpoint_save(path, g, &whole, 1, info);
+    }
+    char msg[512] = "";
+    if (st != PW_OK) snprintf(msg, sizeof msg, "%s", pw_last_error());
+    pw_program_destroy(whole);
+    /* Everyone returns rank 0's verdict (and its message). */
+    struct { int32_t st; char msg[252]; } mine = {(int32_t)st, ""}, *all = calloc((size_t)t->world_size, sizeof mine);
+    snprintf(mine.msg, sizeof mine.msg, "%s", msg);
+    if (!all) return pw_error(PW_ERR_NOMEM, "save: out of memory");
+    pw_status gs = t->vt->allgather(t->self, &mine, sizeof mine, all);
+    pw_status worst = PW_OK;
+    const char *why = "";
+    int who = -1;
+    for (int w = 0; gs == PW_OK && w < t->world_size; w++)
+        if (all[w].st != PW_OK && worst == PW_OK) {
+            worst = (pw_status)all[w].st;
+            why = all[w].msg;
+            who = w;
+        }
+    if (gs != PW_OK) worst = gs;
+    else if (worst != PW_OK) worst = pw_error(worst, "%s (MPI rank %d)", why, who);
+    free(all);
+    return worst;
 }
 
 pw_status pw_pipeline_save(pw_pipeline *pl, const char *path, const pw_checkpoint_info *info)
 {
-    pw_program *p[pl->cfg.stages];
-    programs(pl, p);
     pw_checkpoint_info def = {.step = pl->step, .seed = pl->cfg.seed};
-    return pw_checkpoint_save(path, pl->g, p, pl->cfg.stages, info ? info : &def);
+    if (!info) info = &def;
+    if (pl->t) return save_gathered(pl, path, info);
+    int n = total_pieces(pl);
+    pw_program **p = malloc((size_t)n * sizeof *p);
+    if (!p) return pw_error(PW_ERR_NOMEM, "save: out of memory");
+    int k = programs_of_replica(pl, p);
+    pw_status st = pw_checkpoint_save(path, pl->g, p, k, info);
+    free(p);
+    return st;
 }
 
 pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info *info)
 {
-    pw_program *p[pl->cfg.stages];
-    programs(pl, p);
-    return pw_checkpoint_load(path, pl->g, p, pl->cfg.stages, info);
+    if (pl->t) {
+        /* Every process reads the file into a whole-graph program and keeps
+         * its own parameters: the same checks, no messages. */
+        pw_program *whole = NULL;
+        PW_CHECK(whole_program(pl, &whole));
+        pw_status st = pw_checkpoint_load(path, pl->g, &whole, 1, info);
+        for (int i = 0; st == PW_OK && i < pw_program_n_params(whole); i++) {
+            pw_program_param pp;
+            pw_program_param_at(whole, i, &pp);
+            gstage *gs = stage_at(pl, 0, pl->t->rank);
+            for (int j = 0; j < gs->n_pieces; j++)
+                for (int q = 0; q < pw_program_n_params(gs->piece[j]); q++) {
+                    pw_program_param mine;
+                    pw_program_param_at(gs->piece[j], q, &mine);
+                    if (mine.graph_param == pp.graph_param)
+                        memcpy(mine.data, pp.data, (size_t)pp.numel * sizeof(float));
+                }
+        }
+        pw_program_destroy(whole);
+        return st;
+    }
+    /* Every replica's programs: each loads the same weights. */
+    int n = total_pieces(pl), k = 0;
+    pw_program **p = malloc((size_t)n * sizeof *p);
+    if (!p) return pw_error(PW_ERR_NOMEM, "load: out of memory");
+    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->S; i++)
+        for (int j = 0; j < pl->stages[i].n_pieces; j++) p[k++] = pl->stages[i].piece[j];
+    pw_status st = pw_checkpoint_load(path, pl->g, p, k, info);
+    free(p);
+    return st;
 }
 
 const pw_partition *pw_pipeline_partition(const pw_pipeline *pl) { return &pl->part; }
 const pw_schedule *pw_pipeline_schedule(const pw_pipeline *pl) { return pl->sched; }
 const pw_schedule_report *pw_pipeline_report(const pw_pipeline *pl) { return pl->rep; }
-pw_program *pw_pipeline_program(pw_pipeline *pl, int stage) { return pl->stages[stage].prog; }
 pw_engine *pw_pipeline_engine(pw_pipeline *pl) { return pl->engine; }
 double pw_pipeline_last_bubble(const pw_pipeline *pl) { return pl->last_bubble; }
+double pw_pipeline_grad_norm(const pw_pipeline *pl) { return pw_engine_grad_norm(pl->engine); }
+
+pw_program *pw_pipeline_program(pw_pipeline *pl, int stage)
+{
+    if (stage < 0 || stage >= pl->S || !stage_here(pl, stage)) return NULL;
+    gstage *gs = stage_at(pl, 0, stage);
+    return gs->n_pieces > 0 ? gs->piece[0] : NULL;
+}
+
+int pw_pipeline_programs(pw_pipeline *pl, int replica, int stage, pw_program **progs, int max)
+{
+    int k = lrep_of(pl, replica);
+    if (k < 0 || stage < 0 || stage >= pl->S || !stage_here(pl, stage)) return 0;
+    gstage *gs = stage_at(pl, k, stage);
+    for (int j = 0; j < gs->n_pieces && j < max; j++) progs[j] = gs->piece[j];
+    return gs->n_pieces;
+}
 
 double pw_pipeline_theory_bubble(const pw_pipeline *pl)
 {
@@ -408,28 +932,41 @@ double pw_pipeline_theory_bubble(const pw_pipeline *pl)
 
 void pw_pipeline_stage_stats_get(const pw_pipeline *pl, int stage, pw_pipeline_stage_stats *out)
 {
-    pw_engine_rank_stats rs;
-    pw_engine_rank_stats_get(pl->engine, stage, &rs);
-    pw_program_memory mem;
-    pw_program_memory_usage(pl->stages[stage].prog, &mem);
-    out->busy_s = rs.busy_s;
-    out->wait_s = rs.wait_s;
-    out->total_s = rs.total_s;
+    memset(out, 0, sizeof *out);
     out->slots = pl->rep->peak_inflight_chunk[stage];
-    out->peak_slots = pw_engine_chunk_peak(pl->engine, stage);
     out->node_begin = pl->part.begin[stage];
     out->node_end = pl->part.begin[stage + 1];
     out->flops = pl->part.flops[stage];
-    out->memory = mem.total;
+    if (!stage_here(pl, stage)) return;
+    const int replica = pl->t ? pl->t->replica : 0;
+    pw_engine_rank_stats rs;
+    pw_engine_rank_stats_get(pl->engine, replica * pl->S + stage, &rs);
+    out->busy_s = rs.busy_s;
+    out->wait_s = rs.wait_s;
+    out->total_s = rs.total_s;
+    out->peak_slots = pw_engine_chunk_peak(pl->engine, stage);
+    const gstage *gs = &pl->stages[stage];
+    for (int j = 0; j < gs->n_pieces; j++) {
+        pw_program_memory mem;
+        pw_program_memory_usage(gs->piece[j], &mem);
+        out->memory += mem.total;
+    }
+    out->memory += gs->link_bytes;
 }
 
 pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path)
 {
     if (!pl->trace)
         return pw_error(PW_ERR_INVALID_ARG, "pipeline: tracing was not enabled");
-    const int S = pl->cfg.stages;
+    const int S = pl->S, NR = pl->NR;
     pw_trace_stage_cost costs[S];
-    int measured[S];
+    int *measured = calloc((size_t)S * (size_t)NR, sizeof *measured);
+    int *peaks = calloc((size_t)S * (size_t)NR, sizeof *peaks);
+    if (!measured || !peaks) {
+        free(measured);
+        free(peaks);
+        return pw_error(PW_ERR_NOMEM, "trace: out of memory");
+    }
     for (int s = 0; s < S; s++) {
         memset(&costs[s], 0, sizeof costs[s]);
         costs[s].node_begin = pl->part.begin[s];
@@ -443,13 +980,20 @@ pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path)
             costs[s].param_bytes += c.param_bytes;
             costs[s].act_bytes += c.act_bytes * pl->micro;
         }
-        measured[s] = pw_engine_chunk_peak(pl->engine, s);
+        /* Tracks are replica-major: track k·S + s is stage s of replica k. */
+        for (int k = 0; k < NR; k++) {
+            measured[k * S + s] = stage_here(pl, s) ? pw_engine_chunk_peak(pl->engine, s) : 0;
+            peaks[k * S + s] = pl->rep->peak_inflight[s];
+        }
     }
     pw_trace_meta m = {
-        .schedule = pl->schedule_name, .graph = pl->g->name, .n_ranks = S, .n_chunks = S,
-        .n_micro = pl->cfg.micro_batches, .n_replicas = 1, .micro_batch = pl->micro,
+        .schedule = pl->schedule_name, .graph = pl->g->name, .n_ranks = S * NR, .n_chunks = S,
+        .n_micro = pl->cfg.micro_batches, .n_replicas = NR, .micro_batch = pl->micro,
         .steps = pl->step, .theory_bubble = pw_pipeline_theory_bubble(pl),
-        .peak_inflight = pl->rep->peak_inflight, .measured_peak = measured, .costs = costs,
+        .peak_inflight = peaks, .measured_peak = measured, .costs = costs,
     };
-    return pw_trace_write(pl->trace, path, &m);
+    pw_status st = pw_trace_write(pl->trace, path, &m);
+    free(measured);
+    free(peaks);
+    return st;
 }

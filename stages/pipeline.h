@@ -18,6 +18,17 @@
  * For the same graph, seed, data order, batch and micro-batch count, the
  * parameters after N steps are bit-identical for every schedule and every
  * stage count (tests/test_pipeline.c holds this).
+ *
+ * Data parallelism (docs/distributed.md). With replicas = R the pipeline runs
+ * R copies; replica k takes samples [k·B/R, (k+1)·B/R) of each step's global
+ * batch B, in M micro-batches of B/(R·M) (so R = 1 is the plain pipeline).
+ * Each stage's gradients are summed across the replicas in `buckets`
+ * buckets: the stage is cut into that many pieces of roughly equal parameter
+ * bytes, bucket 0 the last piece, and a bucket's all-reduce starts as soon as
+ * its piece's part of the last backward is done. The loss is averaged over
+ * the global batch and reported once. With a transport (mpirun -np S·R) this
+ * process builds only its own stage of its own replica; save gathers one
+ * file on world rank 0 with the same content as a run in one process.
  */
 #ifndef PW_STAGES_PIPELINE_H
 #define PW_STAGES_PIPELINE_H
@@ -27,6 +38,7 @@
 #include "graph/graph.h"
 #include "graph/partition.h"
 #include "runtime/status.h"
+#include "runtime/transport.h"
 #include "scheduler/engine.h"
 #include "scheduler/schedule.h"
 #include "stages/checkpoint.h"
@@ -57,6 +69,13 @@ typedef struct pw_pipeline_config {
     int pin;                        /* bind workers to cores */
     int64_t trace_events;           /* > 0: record up to this many events per rank */
     int check;                      /* run the schedule checker on every action */
+    int replicas;                   /* R data-parallel replicas (0: 1); batch must be a
+                                       multiple of R × micro_batches */
+    int buckets;                    /* gradient buckets per stage with replicas (0: 4;
+                                       1: one all-reduce after the whole backward) */
+    double clip_grad_norm;          /* > 0: clip the global gradient norm to this */
+    const pw_transport *transport;  /* (optional) multi-process run: this process is
+                                       (transport->replica, transport->rank) */
 } pw_pipeline_config;
 
 pw_pipeline_config pw_pipeline_defaults(void);
@@ -78,10 +97,20 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
 const pw_partition *pw_pipeline_partition(const pw_pipeline *pl);
 const pw_schedule *pw_pipeline_schedule(const pw_pipeline *pl);
 const pw_schedule_report *pw_pipeline_report(const pw_pipeline *pl);
+/* The first program of `stage` (replica 0 in one process; this process's
+ * replica with a transport, NULL for another process's stage). With buckets
+ * a stage holds several programs: see pw_pipeline_programs. */
 pw_program *pw_pipeline_program(pw_pipeline *pl, int stage);
+/* The programs (bucket pieces, in node order) of `stage` of `replica` into
+ * progs[0 .. max−1]; returns how many it has, 0 when not held here. */
+int pw_pipeline_programs(pw_pipeline *pl, int replica, int stage, pw_program **progs, int max);
 pw_engine *pw_pipeline_engine(pw_pipeline *pl);
+/* Global gradient norm of the last step before clipping; -1 without
+ * clip_grad_norm. */
+double pw_pipeline_grad_norm(const pw_pipeline *pl);
 
-/* Per stage, since creation. bubble = idle / wall inside steps. */
+/* Per stage, since creation (replica 0; with a transport only this
+ * process's stage has figures). bubble = idle / wall inside steps. */
 typedef struct pw_pipeline_stage_stats {
     double busy_s, wait_s, total_s;
     int slots, peak_slots;          /* planned (validator) and measured high-water mark */

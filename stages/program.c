@@ -1,7 +1,20 @@
-/* pipewright — stage program: plan buffers for a node range, run its ops. */
+/* pipewright — stage program: plan buffers for a node range, run its ops.
+ *
+ * Memory (one arena, planned in create):
+ *   params | grads | optimizer state | shared | slot 0 | slot 1 | ...
+ * A slot holds what one in-flight micro-batch keeps between its forward and
+ * its last backward. Without recompute that is every value the range
+ * touches, its gradient and the ops' statistics. With recompute a slot keeps
+ * only the stage's inputs (graph input, label, values received from the
+ * previous stage), the values it sends on, and the boundary gradients; the
+ * activations, interior gradients and statistics live once, in `shared`, and
+ * are rebuilt there by re-running the forward of the slot being
+ * differentiated. `shared` also holds kernel workspace (attention's T×T).
+ */
 #include "stages/program.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,16 +29,40 @@ typedef struct prog_param {
     int gp;                /* graph param id */
     size_t off_data, off_grad, off_state;
     int64_t numel;
+    int n_uses;            /* nodes of the range that use it */
+    int use_first;         /* its uses' gradient buffers: use_off[use_first ..] */
 } prog_param;
 
+/* Where a value and its gradient live. Offsets are relative to the slot's
+ * base (off_act, off_grad) or to the shared region (the _s ones); NO_OFF
+ * when absent there. Without recompute only the slot offsets are used. */
 typedef struct prog_value {
-    size_t off_act;        /* per slot: base + slot * slot_bytes */
-    size_t off_grad;       /* NO_OFF when no gradient */
+    size_t off_act, off_act_s;
+    size_t off_grad, off_grad_s;
 } prog_value;
 
 typedef struct prog_node {
-    size_t off_stat0, off_stat1; /* layernorm mean/rstd, softmax probs (per slot) */
+    /* layernorm mean/rstd, softmax probs, attention probs, dropout mask;
+     * relative to the slot, or to the shared region under recompute */
+    size_t off_stat0, off_stat1;
+    char *rng_name;              /* dropout: "dropout:<value name>" */
 } prog_node;
+
+/* Per slot: the last forward and the randomness it used. */
+typedef struct slot_state {
+    int64_t rows;                /* samples of the last forward; 0 = none */
+    int eval;                    /* the last forward was an evaluation forward */
+    int rng_pending;             /* pw_program_set_rng since the last training forward */
+    uint64_t seed;               /* pending: set by pw_program_set_rng */
+    int64_t step, offset;
+    uint64_t used_seed;          /* what the last training forward used (and so */
+    int64_t used_step, used_offset; /* what its recomputation must use) */
+    double loss_sum;
+    int64_t correct;
+} slot_state;
+
+/* What the shared region holds under recompute. */
+enum { SHARED_NONE = 0, SHARED_FWD, SHARED_BWD };
 
 struct pw_program {
     pw_program_config cfg;
@@ -34,11 +71,19 @@ struct pw_program {
     pw_arena arena;
     size_t slot_bytes;           /* stride between slots in the activation region */
     size_t act_base;             /* offset of slot 0's activation region */
+    size_t shared_base;          /* offset of the shared region */
+    size_t off_work;             /* kernel workspace in the shared region */
     pw_program_memory mem;
 
     int n_params;
     prog_param *params;
     int *param_of_graph;         /* graph param id -> local index or -1 */
+    /* Tied parameters: each use accumulates its weight gradient in its own
+     * buffer over a step (use 0, the last user in node order, in the
+     * parameter's gradient); pw_program_fold_grads sums them. */
+    size_t *use_off;             /* per use, in reverse node order of the users */
+    size_t *node_grad_off;       /* per (node, param slot): that use's buffer */
+    int folded;                  /* the uses are summed (until the next backward_weight) */
 
     prog_value *values;          /* per graph value */
     unsigned char *touched;      /* per graph value: read or written here */
@@ -59,15 +104,25 @@ struct pw_program {
                                              a value received and passed on */
     float **fwd_grad_src;                 /* slots × n_values: GRAD_OUT part of such a value */
 
-    int64_t *rows_in_slot;       /* samples of the last forward, per slot */
-    double *loss_sum;            /* per slot */
-    int64_t *correct;            /* per slot */
+    slot_state *slots;
     int loss_node;               /* node id of the loss in range, or -1 */
+    int needs_rng;               /* a dropout with p > 0 in range */
+
+    /* recompute */
+    int shared_slot;             /* slot whose state the shared region holds */
+    int shared_state;            /* SHARED_* */
+    int redo;                    /* re-running a backward for backward_weight: input
+                                    gradients go to the shared region, not the ports */
 };
 
 static inline char *slot_base(const pw_program *p, int slot)
 {
     return (char *)p->arena.base + p->act_base + (size_t)slot * p->slot_bytes;
+}
+
+static inline char *shared_at(const pw_program *p, size_t off)
+{
+    return (char *)p->arena.base + p->shared_base + off;
 }
 
 static inline size_t sv(const pw_program *p, int slot, int v)
@@ -79,22 +134,46 @@ void *pw_program_value(const pw_program *p, int v, int slot)
 {
     if (v < 0 || v >= p->g->n_values || !p->touched[v] || slot < 0 || slot >= p->cfg.slots)
         return NULL;
+    const prog_value *pv = &p->values[v];
+    if (pv->off_act == NO_OFF) return shared_at(p, pv->off_act_s);
     void *b = p->bind_act[sv(p, slot, v)];
-    return b ? b : slot_base(p, slot) + p->values[v].off_act;
+    return b ? b : slot_base(p, slot) + pv->off_act;
 }
 
 float *pw_program_grad(const pw_program *p, int v, int slot)
 {
-    if (v < 0 || v >= p->g->n_values || !p->touched[v] || p->values[v].off_grad == NO_OFF ||
-        slot < 0 || slot >= p->cfg.slots)
+    if (v < 0 || v >= p->g->n_values || !p->touched[v] || !p->requires_grad[v] || slot < 0 ||
+        slot >= p->cfg.slots)
         return NULL;
+    const prog_value *pv = &p->values[v];
+    if (pv->off_grad == NO_OFF) return (float *)shared_at(p, pv->off_grad_s);
     float *b = p->bind_grad[sv(p, slot, v)];
-    return b ? b : (float *)(slot_base(p, slot) + p->values[v].off_grad);
+    return b ? b : (float *)(slot_base(p, slot) + pv->off_grad);
 }
 
-static float *stat(const pw_program *p, int slot, size_t off)
+/* Where the ops read and write value v of `slot`: the shared region under
+ * recompute (all but the stage's inputs), else the slot (or a bound port). */
+static void *act(const pw_program *p, int v, int slot)
 {
-    return (float *)(slot_base(p, slot) + off);
+    const prog_value *pv = &p->values[v];
+    if (pv->off_act_s != NO_OFF) return shared_at(p, pv->off_act_s);
+    return pw_program_value(p, v, slot);
+}
+
+/* Where the ops accumulate the gradient of v. Under recompute everything
+ * but the gradients of received values (which go back to the previous stage)
+ * is summed in the shared region; a redo sends those there too. */
+static float *grad_at(const pw_program *p, int v, int slot)
+{
+    const prog_value *pv = &p->values[v];
+    if (pv->off_grad_s != NO_OFF && (!p->is_in[v] || p->redo))
+        return (float *)shared_at(p, pv->off_grad_s);
+    return pw_program_grad(p, v, slot);
+}
+
+static void *stat(const pw_program *p, int slot, size_t off)
+{
+    return p->cfg.recompute ? shared_at(p, off) : slot_base(p, slot) + off;
 }
 
 /* Rows an op works over for n samples: all leading dims of the value. */
@@ -128,10 +207,40 @@ static void analyse_grad(pw_program *p)
     }
 }
 
+/* Statistics a node keeps for its backward, planned into `a`. */
+static void plan_stats(pw_program *p, int i, pw_arena *a)
+{
+    const pw_graph *g = p->g;
+    const int64_t mb = p->cfg.micro_batch;
+    const pw_node *nd = &g->nodes[i];
+    const pw_value *x = &g->values[nd->inputs[0]];
+    prog_node *pn = &p->nodes[i];
+    switch (nd->op) {
+    case PW_OP_LAYERNORM:
+        pn->off_stat0 = pw_arena_plan(a, (size_t)rows_of(x, mb) * 4);
+        pn->off_stat1 = pw_arena_plan(a, (size_t)rows_of(x, mb) * 4);
+        break;
+    case PW_OP_SOFTMAX_XENT:
+        pn->off_stat0 = pw_arena_plan(a, value_bytes(x, mb));
+        break;
+    case PW_OP_CAUSAL_ATTENTION: {
+        int64_t T = x->shape.d[0];
+        pn->off_stat0 = pw_arena_plan(a, (size_t)(mb * nd->attrs.heads * T * T) * 4);
+        break;
+    }
+    case PW_OP_DROPOUT:
+        pn->off_stat0 = pw_arena_plan(a, (size_t)(mb * pw_shape_numel(&x->shape)));
+        break;
+    default:
+        break;
+    }
+}
+
 static pw_status plan(pw_program *p)
 {
     const pw_graph *g = p->g;
     const int64_t mb = p->cfg.micro_batch;
+    const int rc = p->cfg.recompute;
     pw_arena *a = &p->arena;
 
     /* Live-in: produced by a node before the range and consumed in or after
@@ -179,45 +288,80 @@ static pw_status plan(pw_program *p)
             p->n_params++;
         }
     }
+    int n_uses = 0;
+    for (int i = p->begin; i < p->end; i++)
+        for (int k = 0; k < g->nodes[i].n_params; k++) {
+            prog_param *pp = &p->params[p->param_of_graph[g->nodes[i].params[k]]];
+            pp->n_uses++;
+            n_uses++;
+        }
+    p->use_off = malloc((size_t)(n_uses + 1) * sizeof *p->use_off);
+    p->node_grad_off = malloc((size_t)(p->end - p->begin) * PW_MAX_OP_PARAMS * sizeof(size_t));
+    if (!p->use_off || !p->node_grad_off) return pw_error(PW_ERR_NOMEM, "program: out of memory");
     int sf = pw_optim_state_floats(p->cfg.optim.kind);
     size_t before = a->size;
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_data = pw_arena_plan(a, (size_t)p->params[i].numel * 4);
     p->mem.params = a->size - before;
+    /* Gradients, then the extra per-use buffers of tied parameters, in one
+     * region (pw_program_zero_grads clears it at once). */
     before = a->size;
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_grad = pw_arena_plan(a, (size_t)p->params[i].numel * 4);
+    for (int i = 0, at = 0; i < p->n_params; i++) {
+        prog_param *pp = &p->params[i];
+        pp->use_first = at;
+        p->use_off[at++] = pp->off_grad;
+        for (int u = 1; u < pp->n_uses; u++)
+            p->use_off[at++] = pw_arena_plan(a, (size_t)pp->numel * 4);
+    }
+    for (int i = 0; i < p->n_params; i++) p->params[i].n_uses = 0; /* recounted below */
+    for (int i = p->end - 1; i >= p->begin; i--)
+        for (int k = 0; k < g->nodes[i].n_params; k++) {
+            prog_param *pp = &p->params[p->param_of_graph[g->nodes[i].params[k]]];
+            p->node_grad_off[(size_t)(i - p->begin) * PW_MAX_OP_PARAMS + (size_t)k] =
+                p->use_off[pp->use_first + pp->n_uses++];
+        }
     p->mem.grads = a->size - before;
     before = a->size;
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_state = pw_arena_plan(a, (size_t)p->params[i].numel * 4 * (size_t)sf);
     p->mem.optim_state = a->size - before;
 
-    /* One slot's activations, gradients and statistics; offsets are relative
-     * to the slot's base so every slot has the same layout. */
-    pw_arena slot;
+    /* One slot's layout (offsets relative to the slot's base, the same for
+     * every slot) and the shared region's. */
+    pw_arena slot, shared;
     pw_arena_init(&slot, "slot");
+    pw_arena_init(&shared, "shared");
     for (int v = 0; v < g->n_values; v++) {
-        p->values[v].off_act = NO_OFF;
-        p->values[v].off_grad = NO_OFF;
+        prog_value *pv = &p->values[v];
+        pv->off_act = pv->off_act_s = pv->off_grad = pv->off_grad_s = NO_OFF;
         if (!p->touched[v]) continue;
-        p->values[v].off_act = pw_arena_plan(&slot, value_bytes(&g->values[v], mb));
-        if (p->requires_grad[v])
-            p->values[v].off_grad = pw_arena_plan(&slot, value_bytes(&g->values[v], mb));
+        const size_t bytes = value_bytes(&g->values[v], mb);
+        /* Under recompute a slot keeps the stage's inputs and what it sends
+         * on (sent values are also rebuilt in the shared region, since the
+         * message may be gone by the backward). */
+        const int kept = g->values[v].producer < 0 || p->is_in[v];
+        const int sent = p->is_out[v] && !p->is_in[v];
+        if (!rc || kept || sent) pv->off_act = pw_arena_plan(&slot, bytes);
+        if (rc && !kept) pv->off_act_s = pw_arena_plan(&shared, bytes);
+        if (!p->requires_grad[v]) continue;
+        if (!rc || p->is_in[v] || p->is_out[v]) pv->off_grad = pw_arena_plan(&slot, bytes);
+        if (rc) pv->off_grad_s = pw_arena_plan(&shared, bytes);
     }
     p->loss_node = -1;
+    int64_t work = 0;
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
-        const pw_value *x = &g->values[nd->inputs[0]];
         p->nodes[i].off_stat0 = p->nodes[i].off_stat1 = NO_OFF;
-        if (nd->op == PW_OP_LAYERNORM) {
-            p->nodes[i].off_stat0 = pw_arena_plan(&slot, (size_t)rows_of(x, mb) * 4);
-            p->nodes[i].off_stat1 = pw_arena_plan(&slot, (size_t)rows_of(x, mb) * 4);
-        } else if (nd->op == PW_OP_SOFTMAX_XENT) {
-            p->nodes[i].off_stat0 = pw_arena_plan(&slot, value_bytes(x, mb));
-            p->loss_node = i;
+        plan_stats(p, i, rc ? &shared : &slot);
+        if (nd->op == PW_OP_SOFTMAX_XENT) p->loss_node = i;
+        if (nd->op == PW_OP_CAUSAL_ATTENTION) {
+            int64_t T = g->values[nd->inputs[0]].shape.d[0];
+            if (T * T > work) work = T * T;
         }
     }
+    p->off_work = pw_arena_plan(&shared, (size_t)work * 4);
     p->slot_bytes = slot.size;
 
     /* Message layouts: values in id order, each 64-byte aligned, so both
@@ -236,6 +380,8 @@ static pw_status plan(pw_program *p)
         }
         p->port_bytes[port] = msg.size;
     }
+    p->shared_base = pw_arena_plan(a, shared.size);
+    p->mem.shared = shared.size;
     p->act_base = a->size;
     for (int s = 0; s < p->cfg.slots; s++) pw_arena_plan(a, p->slot_bytes);
     p->mem.activations = a->size - p->act_base;
@@ -259,6 +405,7 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
         return pw_error(PW_ERR_INVALID_ARG, "program: micro-batch size must be positive (got %lld)",
                         (long long)c.micro_batch);
     if (c.loss_batch <= 0) c.loss_batch = c.micro_batch;
+    c.recompute = c.recompute != 0;
 
     pw_program *p = calloc(1, sizeof *p);
     if (!p) return pw_error(PW_ERR_NOMEM, "program: out of memory");
@@ -266,6 +413,7 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     p->g = g;
     p->begin = c.node_begin;
     p->end = c.node_end;
+    p->shared_slot = -1;
     pw_arena_init(&p->arena, "stage program");
     size_t nv = (size_t)g->n_values;
     p->params = calloc((size_t)g->n_params + 1, sizeof *p->params);
@@ -275,20 +423,31 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     p->requires_grad = calloc(nv, 1);
     p->grad_valid = calloc(nv * (size_t)c.slots, 1);
     p->nodes = calloc((size_t)g->n_nodes, sizeof *p->nodes);
-    p->rows_in_slot = calloc((size_t)c.slots, sizeof(int64_t));
-    p->loss_sum = calloc((size_t)c.slots, sizeof(double));
-    p->correct = calloc((size_t)c.slots, sizeof(int64_t));
+    p->slots = calloc((size_t)c.slots, sizeof *p->slots);
     p->bind_act = calloc(nv * (size_t)c.slots, sizeof(void *));
     p->bind_grad = calloc(nv * (size_t)c.slots, sizeof(float *));
     p->fwd_act_dst = calloc(nv * (size_t)c.slots, sizeof(char *));
     p->fwd_grad_src = calloc(nv * (size_t)c.slots, sizeof(float *));
     if (!p->bind_act || !p->bind_grad || !p->fwd_act_dst || !p->fwd_grad_src ||
         !p->params || !p->param_of_graph || !p->values || !p->touched || !p->requires_grad ||
-        !p->grad_valid || !p->nodes || !p->rows_in_slot || !p->loss_sum || !p->correct) {
+        !p->grad_valid || !p->nodes || !p->slots) {
         pw_program_destroy(p);
         return pw_error(PW_ERR_NOMEM, "program: out of memory");
     }
     for (int i = 0; i < g->n_params; i++) p->param_of_graph[i] = -1;
+    for (int i = p->begin; i < p->end; i++) {
+        const pw_node *nd = &g->nodes[i];
+        if (nd->op != PW_OP_DROPOUT) continue;
+        const char *vname = g->values[nd->output].name;
+        size_t len = strlen(vname) + sizeof "dropout:";
+        p->nodes[i].rng_name = malloc(len);
+        if (!p->nodes[i].rng_name) {
+            pw_program_destroy(p);
+            return pw_error(PW_ERR_NOMEM, "program: out of memory");
+        }
+        snprintf(p->nodes[i].rng_name, len, "dropout:%s", vname);
+        if (nd->attrs.p > 0.0f) p->needs_rng = 1;
+    }
     analyse_grad(p);
     pw_status st = plan(p);
     if (st != PW_OK) {
@@ -296,8 +455,9 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
         return st;
     }
     PW_INFO(PW_SUB_MEM, "program nodes [%d, %d): params %zu B, grads %zu B, optimizer %zu B, "
-            "activations %zu B (%d slots)", p->begin, p->end, p->mem.params, p->mem.grads,
-            p->mem.optim_state, p->mem.activations, c.slots);
+            "activations %zu B (%d slots), shared %zu B%s", p->begin, p->end, p->mem.params,
+            p->mem.grads, p->mem.optim_state, p->mem.activations, c.slots, p->mem.shared,
+            c.recompute ? " (recompute)" : "");
     *out = p;
     return PW_OK;
 }
@@ -306,8 +466,12 @@ void pw_program_destroy(pw_program *p)
 {
     if (!p) return;
     pw_arena_release(&p->arena);
+    if (p->nodes)
+        for (int i = 0; i < p->g->n_nodes; i++) free(p->nodes[i].rng_name);
     free(p->params);
     free(p->param_of_graph);
+    free(p->use_off);
+    free(p->node_grad_off);
     free(p->values);
     free(p->touched);
     free(p->requires_grad);
@@ -322,9 +486,7 @@ void pw_program_destroy(pw_program *p)
     free(p->bind_grad);
     free(p->fwd_act_dst);
     free(p->fwd_grad_src);
-    free(p->rows_in_slot);
-    free(p->loss_sum);
-    free(p->correct);
+    free(p->slots);
     free(p);
 }
 
@@ -382,9 +544,37 @@ static float *param_data(const pw_program *p, int gp)
     return pw_arena_at(&p->arena, p->params[p->param_of_graph[gp]].off_data);
 }
 
-static float *param_grad(const pw_program *p, int gp)
+/* The gradient buffer of parameter slot k of node i (its own for a tied
+ * parameter's use; see pw_program_fold_grads). */
+static float *use_grad(const pw_program *p, int i, int k)
 {
-    return pw_arena_at(&p->arena, p->params[p->param_of_graph[gp]].off_grad);
+    return pw_arena_at(&p->arena,
+                       p->node_grad_off[(size_t)(i - p->begin) * PW_MAX_OP_PARAMS + (size_t)k]);
+}
+
+int pw_program_param_uses(const pw_program *p, int i, float **grads, int max)
+{
+    if (i < 0 || i >= p->n_params) return -1;
+    const prog_param *pp = &p->params[i];
+    for (int u = 0; u < pp->n_uses && u < max; u++)
+        grads[u] = pw_arena_at(&p->arena, p->use_off[pp->use_first + u]);
+    return pp->n_uses;
+}
+
+void pw_program_fold_grads(pw_program *p)
+{
+    if (p->folded) return;
+    for (int i = 0; i < p->n_params; i++) {
+        const prog_param *pp = &p->params[i];
+        if (pp->n_uses < 2) continue;
+        float *restrict g0 = pw_arena_at(&p->arena, pp->off_grad);
+        for (int u = 1; u < pp->n_uses; u++) {
+            float *restrict gu = pw_arena_at(&p->arena, p->use_off[pp->use_first + u]);
+            for (int64_t j = 0; j < pp->numel; j++) g0[j] += gu[j];
+            memset(gu, 0, (size_t)pp->numel * 4);
+        }
+    }
+    p->folded = 1;
 }
 
 static int64_t argmax_correct(const float *logits, const int32_t *labels, int64_t rows, int64_t C)
@@ -400,24 +590,49 @@ static int64_t argmax_correct(const float *logits, const int32_t *labels, int64_
     return correct;
 }
 
-pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
+
+pw_status pw_program_set_rng(pw_program *p, int slot, uint64_t seed, int64_t step,
+                             int64_t sample_offset)
+{
+    if (!p || slot < 0 || slot >= p->cfg.slots)
+        return pw_error(PW_ERR_INVALID_ARG, "program: set_rng of slot %d out of range", slot);
+    if (sample_offset < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "program: sample offset must be >= 0 (got %lld)",
+                        (long long)sample_offset);
+    slot_state *s = &p->slots[slot];
+    s->seed = seed;
+    s->step = step;
+    s->offset = sample_offset;
+    s->rng_pending = 1;
+    return PW_OK;
+}
+
+/* Dropout's stream for one node and step: see pw_program_set_rng. */
+static uint64_t dropout_key(const pw_program *p, int node, const slot_state *s)
+{
+    return pw_rng_u64(pw_rng_key(s->used_seed, p->nodes[node].rng_name), (uint64_t)s->used_step);
+}
+
+enum { RUN_TRAIN = 0, RUN_EVAL = 1, RUN_RECOMPUTE = 2 };
+
+/* The ops of the range over n samples of `slot`. RUN_RECOMPUTE rebuilds the
+ * activations of the last training forward in the shared region: the same
+ * kernels on the same inputs with the same randomness, so the same bits; it
+ * leaves the loss statistics and the outgoing messages alone. */
+static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
 {
     const pw_graph *g = p->g;
-    if (slot < 0 || slot >= p->cfg.slots)
-        return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range (0..%d)", slot,
-                        p->cfg.slots - 1);
-    if (n < 1 || n > p->cfg.micro_batch)
-        return pw_error(PW_ERR_INVALID_ARG, "program: %lld samples do not fit a micro-batch of %lld",
-                        (long long)n, (long long)p->cfg.micro_batch);
-    p->rows_in_slot[slot] = n;
-    p->loss_sum[slot] = 0.0;
-    p->correct[slot] = 0;
+    slot_state *ss = &p->slots[slot];
+    if (how != RUN_RECOMPUTE) {
+        ss->loss_sum = 0.0;
+        ss->correct = 0;
+    }
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
         const pw_value *xv = &g->values[nd->inputs[0]];
         const pw_value *yv = &g->values[nd->output];
-        float *x = pw_program_value(p, nd->inputs[0], slot);
-        float *y = pw_program_value(p, nd->output, slot);
+        void *x = act(p, nd->inputs[0], slot);
+        float *y = act(p, nd->output, slot);
         int64_t numel = n * pw_shape_numel(&yv->shape);
         switch (nd->op) {
         case PW_OP_LINEAR:
@@ -434,36 +649,113 @@ pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
                                  last_dim(xv), nd->attrs.eps);
             break;
         case PW_OP_ADD:
-            pw_cpu_add_fwd(x, pw_program_value(p, nd->inputs[1], slot), y, numel);
+            pw_cpu_add_fwd(x, act(p, nd->inputs[1], slot), y, numel);
             break;
         case PW_OP_FLATTEN:
         case PW_OP_RESHAPE:
             memcpy(y, x, (size_t)numel * pw_dtype_size(yv->dtype));
             break;
         case PW_OP_SOFTMAX_XENT: {
-            const int32_t *lab = pw_program_value(p, nd->inputs[1], slot);
+            const int32_t *lab = act(p, nd->inputs[1], slot);
             float *probs = stat(p, slot, p->nodes[i].off_stat0);
             int64_t rows = rows_of(xv, n), C = last_dim(xv);
             double s = pw_cpu_softmax_xent_fwd(x, lab, probs, rows, C);
-            p->loss_sum[slot] += s;
-            p->correct[slot] += argmax_correct(x, lab, rows, C);
-            /* The loss value holds the per-sample mean loss of this micro-batch. */
+            if (how != RUN_RECOMPUTE) {
+                ss->loss_sum += s;
+                ss->correct += argmax_correct(x, lab, rows, C);
+            }
+            /* The loss value holds the per-position mean loss of this micro-batch. */
             for (int64_t j = 0; j < n; j++) y[j] = (float)(s / (double)rows);
             break;
         }
+        case PW_OP_EMBEDDING:
+            pw_cpu_embedding_fwd(x, param_data(p, nd->params[0]), y,
+                                 n * pw_shape_numel(&xv->shape), nd->attrs.vocab, nd->attrs.dim);
+            break;
+        case PW_OP_POS_EMBEDDING:
+            pw_cpu_pos_embedding_fwd(x, param_data(p, nd->params[0]), y, n, xv->shape.d[0],
+                                     xv->shape.d[1]);
+            break;
+        case PW_OP_CAUSAL_ATTENTION:
+            pw_cpu_attention_fwd(x, y, stat(p, slot, p->nodes[i].off_stat0), n, xv->shape.d[0],
+                                 yv->shape.d[1], nd->attrs.heads);
+            break;
+        case PW_OP_DROPOUT:
+            if (how == RUN_EVAL || nd->attrs.p == 0.0f)
+                memcpy(y, x, (size_t)numel * sizeof(float)); /* the identity */
+            else
+                pw_cpu_dropout_fwd(x, y, stat(p, slot, p->nodes[i].off_stat0), n,
+                                   pw_shape_numel(&xv->shape), nd->attrs.p,
+                                   dropout_key(p, i, ss), ss->used_offset);
+            break;
         default:
             return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU kernel", g->file,
                             nd->line, nd->col, pw_op_name(nd->op));
         }
     }
-    /* Values received and passed on to the next stage: the one copy the
-     * zero-copy ports cannot avoid (the two messages have different owners). */
+    if (how == RUN_RECOMPUTE) return PW_OK;
+    /* Values sent on. Under recompute, those produced here were computed in
+     * the shared region and go to the slot's message now. Values received
+     * and passed on are the one copy the zero-copy ports cannot avoid (the
+     * two messages have different owners). */
     for (int k = 0; k < p->n_outputs; k++) {
         int v = p->outputs[k];
-        char *dst = p->fwd_act_dst[sv(p, slot, v)];
-        if (p->is_in[v] && dst) memcpy(dst, pw_program_value(p, v, slot), value_bytes(&g->values[v], n));
+        size_t bytes = value_bytes(&g->values[v], n);
+        if (p->is_in[v]) {
+            char *dst = p->fwd_act_dst[sv(p, slot, v)];
+            if (dst) memcpy(dst, pw_program_value(p, v, slot), bytes);
+        } else if (p->cfg.recompute) {
+            memcpy(pw_program_value(p, v, slot), act(p, v, slot), bytes);
+        }
     }
     return PW_OK;
+}
+
+static pw_status check_forward(const pw_program *p, int slot, int64_t n)
+{
+    if (slot < 0 || slot >= p->cfg.slots)
+        return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range (0..%d)", slot,
+                        p->cfg.slots - 1);
+    if (n < 1 || n > p->cfg.micro_batch)
+        return pw_error(PW_ERR_INVALID_ARG, "program: %lld samples do not fit a micro-batch of %lld",
+                        (long long)n, (long long)p->cfg.micro_batch);
+    return PW_OK;
+}
+
+pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
+{
+    PW_CHECK(check_forward(p, slot, n));
+    slot_state *ss = &p->slots[slot];
+    if (p->needs_rng && !ss->rng_pending) {
+        for (int i = p->begin; i < p->end; i++) {
+            const pw_node *nd = &p->g->nodes[i];
+            if (nd->op == PW_OP_DROPOUT && nd->attrs.p > 0.0f)
+                return pw_error(PW_ERR_INVALID_ARG,
+                                "%s:%d:%d: dropout needs the step and sample offset of each "
+                                "training forward: call pw_program_set_rng(slot %d) before "
+                                "pw_program_forward (or use pw_program_forward_eval)",
+                                p->g->file, nd->line, nd->col, slot);
+        }
+    }
+    ss->used_seed = ss->seed;
+    ss->used_step = ss->step;
+    ss->used_offset = ss->offset;
+    ss->rng_pending = 0;
+    ss->rows = n;
+    ss->eval = 0;
+    pw_status st = run_forward(p, slot, n, RUN_TRAIN);
+    p->shared_slot = slot;
+    p->shared_state = st == PW_OK ? SHARED_FWD : SHARED_NONE;
+    return st;
+}
+
+pw_status pw_program_forward_eval(pw_program *p, int slot, int64_t n)
+{
+    PW_CHECK(check_forward(p, slot, n));
+    p->slots[slot].rows = n;
+    p->slots[slot].eval = 1;
+    p->shared_state = SHARED_NONE; /* an evaluation forward is no base for a backward */
+    return run_forward(p, slot, n, RUN_EVAL);
 }
 
 /* Hands gradient `dy` of a node to its input k: write or accumulate. Returns
@@ -474,7 +766,7 @@ static float *grad_dest(pw_program *p, int slot, int v, int *accumulate)
     unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)p->g->n_values + (size_t)v];
     *accumulate = *valid;
     *valid = 1;
-    return pw_program_grad(p, v, slot);
+    return grad_at(p, v, slot);
 }
 
 static int grad_ready(const pw_program *p, int slot, int v)
@@ -482,26 +774,55 @@ static int grad_ready(const pw_program *p, int slot, int v)
     return p->grad_valid[(size_t)slot * (size_t)p->g->n_values + (size_t)v];
 }
 
-pw_status pw_program_backward_input(pw_program *p, int slot)
+static pw_status check_backward(const pw_program *p, int slot)
 {
-    const pw_graph *g = p->g;
     if (slot < 0 || slot >= p->cfg.slots)
         return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range", slot);
-    int64_t n = p->rows_in_slot[slot];
-    if (n <= 0)
+    if (p->slots[slot].rows <= 0)
         return pw_error(PW_ERR_INTERNAL, "program: backward of slot %d before its forward", slot);
+    if (p->slots[slot].eval)
+        return pw_error(PW_ERR_INVALID_ARG, "program: backward of slot %d after an evaluation "
+                        "forward (use pw_program_forward for training)", slot);
+    return PW_OK;
+}
+
+/* Under recompute: makes the shared region hold slot's activations. */
+static pw_status ensure_forward(pw_program *p, int slot)
+{
+    if (p->shared_slot == slot && p->shared_state != SHARED_NONE) return PW_OK;
+    p->shared_state = SHARED_NONE;
+    PW_CHECK(run_forward(p, slot, p->slots[slot].rows, RUN_RECOMPUTE));
+    p->shared_slot = slot;
+    p->shared_state = SHARED_FWD;
+    return PW_OK;
+}
+
+/* The input gradients of one slot, in reverse node order. */
+static pw_status run_backward_input(pw_program *p, int slot)
+{
+    const pw_graph *g = p->g;
+    int64_t n = p->slots[slot].rows;
     unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)g->n_values];
     memset(valid, 0, (size_t)g->n_values);
     /* Gradients of this stage's outputs were written by the next stage. A
      * value passed through arrives in GRAD_OUT and leaves in GRAD_IN: copy,
-     * then local uses add to it — the order a single stage sums in. */
+     * then local uses add to it — the order a single stage sums in. Under
+     * recompute the gradient of a value produced here is summed in the
+     * shared region, starting from what the next stage sent, so the message
+     * is only read (and a redo can start over from it). */
     for (int k = 0; k < p->n_outputs; k++) {
         int v = p->outputs[k];
         if (!p->requires_grad[v]) continue;
-        valid[v] = 1;
-        const float *src = p->fwd_grad_src[sv(p, slot, v)];
-        if (p->is_in[v] && src)
-            memcpy(pw_program_grad(p, v, slot), src, value_bytes(&g->values[v], n));
+        size_t bytes = value_bytes(&g->values[v], n);
+        if (p->is_in[v]) {
+            if (p->redo) continue; /* its gradient is not needed again */
+            valid[v] = 1;
+            const float *src = p->fwd_grad_src[sv(p, slot, v)];
+            if (src) memcpy(pw_program_grad(p, v, slot), src, bytes);
+        } else {
+            valid[v] = 1;
+            if (p->cfg.recompute) memcpy(grad_at(p, v, slot), pw_program_grad(p, v, slot), bytes);
+        }
     }
 
     for (int i = p->end - 1; i >= p->begin; i--) {
@@ -514,14 +835,14 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
             float *dx = grad_dest(p, slot, nd->inputs[0], &acc);
             if (!dx) continue;
             int64_t rows = rows_of(xv, n), C = last_dim(xv);
+            /* mean over every position of the global batch */
             float scale = (float)(1.0 / ((double)p->cfg.loss_batch * (double)(rows / n)));
             pw_cpu_softmax_xent_bwd(stat(p, slot, p->nodes[i].off_stat0),
-                                    pw_program_value(p, nd->inputs[1], slot), dx, rows, C, scale,
-                                    acc);
+                                    act(p, nd->inputs[1], slot), dx, rows, C, scale, acc);
             continue;
         }
         if (!grad_ready(p, slot, nd->output)) continue; /* no gradient flows here */
-        const float *dy = pw_program_grad(p, nd->output, slot);
+        const float *dy = grad_at(p, nd->output, slot);
         float *dx = grad_dest(p, slot, nd->inputs[0], &acc);
         switch (nd->op) {
         case PW_OP_LINEAR:
@@ -530,14 +851,14 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
                                         last_dim(xv), nd->attrs.out, acc);
             break;
         case PW_OP_RELU:
-            if (dx) pw_cpu_relu_bwd_input(pw_program_value(p, nd->output, slot), dy, dx, numel, acc);
+            if (dx) pw_cpu_relu_bwd_input(act(p, nd->output, slot), dy, dx, numel, acc);
             break;
         case PW_OP_GELU:
-            if (dx) pw_cpu_gelu_bwd_input(pw_program_value(p, nd->inputs[0], slot), dy, dx, numel, acc);
+            if (dx) pw_cpu_gelu_bwd_input(act(p, nd->inputs[0], slot), dy, dx, numel, acc);
             break;
         case PW_OP_LAYERNORM:
             if (dx)
-                pw_cpu_layernorm_bwd_input(pw_program_value(p, nd->inputs[0], slot),
+                pw_cpu_layernorm_bwd_input(act(p, nd->inputs[0], slot),
                                            param_data(p, nd->params[0]),
                                            stat(p, slot, p->nodes[i].off_stat0),
                                            stat(p, slot, p->nodes[i].off_stat1), dy, dx,
@@ -552,13 +873,32 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
         }
         case PW_OP_FLATTEN:
         case PW_OP_RESHAPE:
+        case PW_OP_POS_EMBEDDING: /* y = x + table: dx = dy */
             if (dx) pw_cpu_copy_grad(dy, dx, numel, acc);
+            break;
+        case PW_OP_EMBEDDING:
+            break; /* tokens are integers: no gradient (dx is NULL) */
+        case PW_OP_CAUSAL_ATTENTION:
+            if (dx)
+                pw_cpu_attention_bwd_input(act(p, nd->inputs[0], slot),
+                                           stat(p, slot, p->nodes[i].off_stat0), dy, dx,
+                                           (float *)shared_at(p, p->off_work), n,
+                                           xv->shape.d[0], yv->shape.d[1], nd->attrs.heads, acc);
+            break;
+        case PW_OP_DROPOUT:
+            if (!dx) break;
+            if (nd->attrs.p == 0.0f)
+                pw_cpu_copy_grad(dy, dx, numel, acc);
+            else
+                pw_cpu_dropout_bwd_input(stat(p, slot, p->nodes[i].off_stat0), dy, dx, numel,
+                                         nd->attrs.p, acc);
             break;
         default:
             return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU backward", g->file,
                             nd->line, nd->col, pw_op_name(nd->op));
         }
     }
+    if (p->redo) return PW_OK;
     /* A received value no local op sent a gradient to still owes the previous
      * stage a (zero) gradient. */
     for (int k = 0; k < p->n_inputs; k++) {
@@ -569,31 +909,66 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
     return PW_OK;
 }
 
+pw_status pw_program_backward_input(pw_program *p, int slot)
+{
+    PW_CHECK(check_backward(p, slot));
+    if (p->cfg.recompute) {
+        PW_CHECK(ensure_forward(p, slot));
+        p->shared_state = SHARED_NONE; /* until the backward is complete */
+    }
+    PW_CHECK(run_backward_input(p, slot));
+    if (p->cfg.recompute) p->shared_state = SHARED_BWD;
+    return PW_OK;
+}
+
 pw_status pw_program_backward_weight(pw_program *p, int slot)
 {
     const pw_graph *g = p->g;
-    if (slot < 0 || slot >= p->cfg.slots)
-        return pw_error(PW_ERR_INVALID_ARG, "program: slot %d out of range", slot);
-    int64_t n = p->rows_in_slot[slot];
-    /* Reverse node order, as the fused backward would visit them, so a tied
-     * parameter sums its uses in the same order under every schedule. */
+    PW_CHECK(check_backward(p, slot));
+    int64_t n = p->slots[slot].rows;
+    if (p->cfg.recompute && !(p->shared_slot == slot && p->shared_state == SHARED_BWD)) {
+        /* Other work ran since this slot's backward_input (a split-W
+         * schedule): rebuild its activations and interior gradients. The
+         * input gradients were sent already; the redo keeps them local. */
+        PW_CHECK(ensure_forward(p, slot));
+        p->shared_state = SHARED_NONE;
+        p->redo = 1;
+        pw_status st = run_backward_input(p, slot);
+        p->redo = 0;
+        PW_CHECK(st);
+        p->shared_state = SHARED_BWD;
+    }
+    /* Reverse node order, as the fused backward would visit them. A tied
+     * parameter's uses each add into their own buffer (micro-batch order),
+     * summed once per step by pw_program_fold_grads: the same order however
+     * the uses are spread over stages. */
+    p->folded = 0;
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
         if (nd->n_params == 0 || !grad_ready(p, slot, nd->output)) continue;
         const pw_value *xv = &g->values[nd->inputs[0]];
-        const float *dy = pw_program_grad(p, nd->output, slot);
-        const float *x = pw_program_value(p, nd->inputs[0], slot);
+        const float *dy = grad_at(p, nd->output, slot);
+        const void *x = act(p, nd->inputs[0], slot);
         switch (nd->op) {
         case PW_OP_LINEAR:
-            pw_cpu_linear_bwd_weight(dy, x, param_grad(p, nd->params[0]),
-                                     nd->n_params > 1 ? param_grad(p, nd->params[1]) : NULL,
+            pw_cpu_linear_bwd_weight(dy, x, use_grad(p, i, 0),
+                                     nd->n_params > 1 ? use_grad(p, i, 1) : NULL,
                                      rows_of(xv, n), last_dim(xv), nd->attrs.out);
             break;
         case PW_OP_LAYERNORM:
             pw_cpu_layernorm_bwd_weight(x, stat(p, slot, p->nodes[i].off_stat0),
                                         stat(p, slot, p->nodes[i].off_stat1), dy,
-                                        param_grad(p, nd->params[0]), param_grad(p, nd->params[1]),
+                                        use_grad(p, i, 0), use_grad(p, i, 1),
                                         rows_of(xv, n), last_dim(xv));
+            break;
+        case PW_OP_EMBEDDING:
+            pw_cpu_embedding_bwd_weight(x, dy, use_grad(p, i, 0),
+                                        n * pw_shape_numel(&xv->shape), nd->attrs.vocab,
+                                        nd->attrs.dim);
+            break;
+        case PW_OP_POS_EMBEDDING:
+            pw_cpu_pos_embedding_bwd_weight(dy, use_grad(p, i, 0), n, xv->shape.d[0],
+                                            xv->shape.d[1]);
             break;
         default:
             return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no weight backward",
@@ -605,6 +980,7 @@ pw_status pw_program_backward_weight(pw_program *p, int slot)
 
 void pw_program_zero_grads(pw_program *p)
 {
+    p->folded = 0;
     if (p->n_params == 0) return;
     memset(pw_arena_at(&p->arena, p->params[0].off_grad), 0, p->mem.grads);
 }
@@ -612,6 +988,7 @@ void pw_program_zero_grads(pw_program *p)
 pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
 {
     if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "optimizer step must count from 1");
+    pw_program_fold_grads(p);
     for (int i = 0; i < p->n_params; i++) {
         const prog_param *pp = &p->params[i];
         const float *gr = pw_arena_at(&p->arena, pp->off_grad);
@@ -632,9 +1009,10 @@ pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
     return PW_OK;
 }
 
-double pw_program_loss_sum(const pw_program *p, int slot) { return p->loss_sum[slot]; }
-int64_t pw_program_correct(const pw_program *p, int slot) { return p->correct[slot]; }
+double pw_program_loss_sum(const pw_program *p, int slot) { return p->slots[slot].loss_sum; }
+int64_t pw_program_correct(const pw_program *p, int slot) { return p->slots[slot].correct; }
 int pw_program_has_loss(const pw_program *p) { return p->loss_node >= 0; }
+int pw_program_needs_rng(const pw_program *p) { return p->needs_rng; }
 
 int64_t pw_program_loss_positions(const pw_program *p)
 {
@@ -662,7 +1040,8 @@ pw_status pw_program_bind_port(pw_program *p, int slot, pw_port port, void *buf)
         case PW_PORT_ACT_IN: p->bind_act[i] = at; break;
         case PW_PORT_GRAD_IN: p->bind_grad[i] = (float *)at; break;
         case PW_PORT_ACT_OUT:
-            /* Produced here: the op writes straight into the message. */
+            /* Produced here: the op writes straight into the message (under
+             * recompute the forward copies it there at its end). */
             if (p->is_in[v]) p->fwd_act_dst[i] = at;
             else p->bind_act[i] = at;
             break;

@@ -28,7 +28,26 @@
  *
  * Determinism: gradients of a value used several times are summed in reverse
  * node order; weight gradients accumulate in the order backward_weight is
- * called (micro-batch order under every schedule).
+ * called (micro-batch order under every schedule). A tied parameter used by
+ * several nodes (an LM head reusing the token embedding) accumulates each
+ * use's gradient in its own buffer over the step and sums the uses once, in
+ * reverse node order, before the optimizer (pw_program_fold_grads): the one
+ * order that a pipeline whose stages hold different uses can reproduce.
+ *
+ * Randomness (dropout): before each training forward of a graph with
+ * dropout, tell the program which step and which samples the slot holds:
+ *
+ *     pw_program_set_rng(p, slot, seed, step, first_sample_of_micro_batch);
+ *     PW_CHECK(pw_program_forward(p, slot, n));
+ *
+ * Evaluation and generation use pw_program_forward_eval (dropout is the
+ * identity there, and no randomness is needed).
+ *
+ * Recomputation (cfg.recompute): a slot keeps only the stage's inputs (and
+ * the values it sends on); backward_input re-runs the slot's forward into
+ * one shared scratch region first. Results are bit-identical to running
+ * without it; activation memory falls from slots × everything to
+ * slots × inputs + one shared copy (pw_program_memory_usage).
  */
 #ifndef PW_STAGES_PROGRAM_H
 #define PW_STAGES_PROGRAM_H
@@ -54,14 +73,24 @@ typedef struct pw_program_config {
                                   batch); 0 = micro_batch */
     int slots;                 /* activation stash slots; 0 = 1 */
     pw_optim_config optim;
+    int recompute;             /* 1: keep only stage inputs per slot and re-run the
+                                  forward of a slot in backward_input (see above).
+                                  With a split W (zero-bubble), a backward_weight
+                                  that does not directly follow its slot's
+                                  backward_input re-runs forward and input backward
+                                  once more (its input gradients are not resent). */
 } pw_program_config;
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out);
 void pw_program_destroy(pw_program *p); /* accepts NULL */
 
-/* Bytes of the single arena, by category. */
+/* Bytes of the single arena, by category. `activations` is all slots
+ * together (slots × the per-slot stash); `shared` is what one copy serves
+ * every slot: kernel workspace, and under recompute the recomputed
+ * activations, their gradients and the ops' statistics. */
 typedef struct pw_program_memory {
     size_t params, grads, optim_state, activations, total;
+    size_t shared;
 } pw_program_memory;
 void pw_program_memory_usage(const pw_program *p, pw_program_memory *out);
 
@@ -72,18 +101,46 @@ typedef struct pw_program_param {
     const char *name;
     pw_shape shape;
     float *data;
-    float *grad;
+    float *grad;         /* for a parameter used by several nodes of the range:
+                            the total only after pw_program_fold_grads */
     int64_t numel;
 } pw_program_param;
 void pw_program_param_at(const pw_program *p, int i, pw_program_param *out);
+
+/* Tied parameters. Parameter i accumulates the weight gradient of each node
+ * of the range that uses it in its own buffer; writes up to `max` of them
+ * into grads (reverse node order of the users: grads[0] is the last user's,
+ * and is pw_program_param.grad) and returns how many uses there are (1 for
+ * an untied parameter), or -1 for a bad index.
+ *
+ * The gradient of a tied parameter is defined, whatever the partition, as
+ *     total = use_k + use_(k-1) + ... + use_1   (left to right)
+ * over ALL its uses in the graph in reverse node order, each use summed over
+ * the step's micro-batches in micro-batch order. pw_program_fold_grads
+ * computes it for the uses within one program. A pipeline whose stages hold
+ * different uses (the embedding on the first stage, the head on the last)
+ * reproduces it exactly by, after the step's last backward_weight: reading
+ * every copy's use buffers, stages last to first, and adding them up left to
+ * right; then on each stage calling pw_program_fold_grads and overwriting
+ * the parameter's grad with that total; then the optimizer step, which
+ * updates every copy identically. */
+int pw_program_param_uses(const pw_program *p, int i, float **grads, int max);
+/* Sums each tied parameter's use buffers into its gradient (grads[0] +=
+ * grads[1], += grads[2], ...) and zeroes them. Idempotent until the next
+ * backward_weight; pw_program_optimizer_step calls it first. Call it before
+ * reading or all-reducing parameter gradients of a range with a tie. */
+void pw_program_fold_grads(pw_program *p);
 /* Fills every parameter from (seed, parameter name): independent of stage. */
 void pw_program_init_params(pw_program *p, uint64_t seed);
 
 /* ---- activations ---- */
 /* Buffer of a value for a slot: (micro_batch, numel) of its dtype; NULL if the
- * value is not touched by this stage. */
+ * value is not touched by this stage. Under recompute, a value that is
+ * neither a stage input nor sent on lives in the shared region: the pointer
+ * is the same for every slot and holds the slot computed last. */
 void *pw_program_value(const pw_program *p, int value, int slot);
-/* Gradient buffer (f32, same shape); NULL if the value needs no gradient. */
+/* Gradient buffer (f32, same shape); NULL if the value needs no gradient.
+ * Under recompute, interior gradients are shared the same way. */
 float *pw_program_grad(const pw_program *p, int value, int slot);
 /* Values this stage receives from the previous stage (live-in: produced by an
  * earlier node, used here or later) and sends to the next (live-out: produced
@@ -103,8 +160,32 @@ size_t pw_program_port_bytes(const pw_program *p, pw_port port);
  * straight into ACT_OUT; backward reads GRAD_OUT and writes GRAD_IN. */
 pw_status pw_program_bind_port(pw_program *p, int slot, pw_port port, void *buf);
 
-/* Forward of `n` samples (1 ≤ n ≤ micro_batch) in `slot`. */
+/* The randomness of the next training forward of `slot` (dropout masks):
+ *   seed           the run's seed (the one parameters are initialised from);
+ *   step           the optimizer step this forward belongs to (from 1);
+ *   sample_offset  the index, within the step's global batch (all
+ *                  micro-batches, all replicas), of the slot's first sample.
+ * Element j of sample i (global index sample_offset + i) of the dropout node
+ * whose output value is named NAME is kept when
+ *   pw_rng_uniform(pw_rng_u64(pw_rng_key(seed, "dropout:" NAME), step),
+ *                  (sample_offset + i) · numel + j) ≥ p,
+ * so a sample's mask depends on (seed, node, step, its global index) only:
+ * not on the micro-batch size, the schedule or the stage count. A training
+ * forward of a range with dropout (p > 0) requires a call since the previous
+ * training forward of that slot (PW_ERR_INVALID_ARG otherwise, naming the
+ * dropout), so a forgotten update cannot silently reuse masks.
+ * Returns PW_ERR_INVALID_ARG for a bad slot or a negative offset. */
+pw_status pw_program_set_rng(pw_program *p, int slot, uint64_t seed, int64_t step,
+                             int64_t sample_offset);
+/* Whether this range has a dropout with p > 0 (needs pw_program_set_rng). */
+int pw_program_needs_rng(const pw_program *p);
+
+/* Training forward of `n` samples (1 ≤ n ≤ micro_batch) in `slot`. */
 pw_status pw_program_forward(pw_program *p, int slot, int64_t n);
+/* Evaluation forward: dropout is the identity, no randomness is used, and
+ * the slot cannot be differentiated afterwards (a backward returns
+ * PW_ERR_INVALID_ARG). Loss statistics are kept as for training. */
+pw_status pw_program_forward_eval(pw_program *p, int slot, int64_t n);
 /* Input gradients, in reverse node order. */
 pw_status pw_program_backward_input(pw_program *p, int slot);
 /* Weight gradients, added into the parameters' gradients. */
@@ -113,7 +194,10 @@ pw_status pw_program_backward_weight(pw_program *p, int slot);
 pw_status pw_program_optimizer_step(pw_program *p, int64_t step);
 void pw_program_zero_grads(pw_program *p);
 /* Sum of per-position losses and count of correct argmax predictions from the
- * last forward in `slot` (0 when this stage has no loss). */
+ * last forward in `slot` (0 when this stage has no loss). The training loss
+ * is the mean over every position of the global batch: divide the sum over
+ * the step's micro-batches by batch × pw_program_loss_positions (the
+ * backward scales by 1 / (loss_batch × positions) to match). */
 double pw_program_loss_sum(const pw_program *p, int slot);
 int64_t pw_program_correct(const pw_program *p, int slot);
 /* Positions the loss covers per sample (numel of the label). */

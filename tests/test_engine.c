@@ -13,6 +13,7 @@
 #include <criterion/criterion.h>
 #include <criterion/logging.h>
 #include <criterion/parameterized.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1026,4 +1027,363 @@ Test(engine, overhead, .timeout = TIMEOUT)
     pw_engine_destroy(e);
     pw_schedule_report_destroy(rep);
     pw_schedule_destroy(s);
+}
+
+/* ------------------------------------------------ data-parallel replicas */
+
+/* A chunk with gradients and no ports: backward_weight (or the bucket
+ * pieces) adds a value that depends on (replica, chunk, mb, element), so the
+ * gradients after the all-reduce say whether every replica's sum arrived, in
+ * the documented ring order. */
+#define RF_N 37
+#define RF_MAXB 8
+
+typedef struct rfake {
+    int replica, chunk, n_buckets;
+    int sleep_fwd_ms, fail_fwd_mb;
+    int next_bucket;          /* backward_bucket: the next bucket expected */
+    int bucket_calls;
+    float grad[RF_N];
+    float snap[RF_N];         /* the gradients OPTIM saw */
+    float scale;              /* last scale_grads, 1 if none */
+    int optim_calls;
+} rfake;
+
+static float rvalue(int replica, int chunk, int mb, int i)
+{
+    return (float)((replica * 131 + chunk * 17 + mb * 7 + i * 3) % 101) / 7.0f - 3.1f;
+}
+
+static void rbucket_range(int b, int n, int *lo, int *hi)
+{
+    *lo = b * RF_N / n;
+    *hi = (b + 1) * RF_N / n;
+}
+
+static pw_status rf_forward(void *self, int mb, int slot)
+{
+    (void)slot;
+    rfake *f = self;
+    if (f->sleep_fwd_ms) usleep((useconds_t)f->sleep_fwd_ms * 1000);
+    if (mb == f->fail_fwd_mb) return pw_error(PW_ERR_NUMERIC, "rfake chunk %d: loss is NaN", f->chunk);
+    return PW_OK;
+}
+
+static pw_status rf_nop(void *self, int mb, int slot)
+{
+    (void)self;
+    (void)mb;
+    (void)slot;
+    return PW_OK;
+}
+
+static pw_status rf_weight(void *self, int mb, int slot)
+{
+    (void)slot;
+    rfake *f = self;
+    for (int i = 0; i < RF_N; i++) f->grad[i] += rvalue(f->replica, f->chunk, mb, i);
+    return PW_OK;
+}
+
+/* Bucket b holds elements [b·N/n, (b+1)·N/n), as two spans. */
+static int rf_grad_bucket(void *self, int b, int n, pw_span *spans, int max)
+{
+    rfake *f = self;
+    int lo, hi;
+    rbucket_range(b, n, &lo, &hi);
+    int mid = (lo + hi) / 2;
+    if (max >= 2) {
+        spans[0] = (pw_span){f->grad + lo, mid - lo};
+        spans[1] = (pw_span){f->grad + mid, hi - mid};
+    }
+    return 2;
+}
+
+static pw_status rf_backward_bucket(void *self, int mb, int slot, int b, pw_bwd_part part)
+{
+    (void)slot;
+    (void)part;
+    rfake *f = self;
+    if (b != f->next_bucket)
+        return pw_error(PW_ERR_INTERNAL, "rfake chunk %d: bucket %d called, %d expected", f->chunk, b,
+                        f->next_bucket);
+    f->next_bucket = (b + 1) % f->n_buckets;
+    f->bucket_calls++;
+    int lo, hi;
+    rbucket_range(b, f->n_buckets, &lo, &hi);
+    for (int i = lo; i < hi; i++) f->grad[i] += rvalue(f->replica, f->chunk, mb, i);
+    return PW_OK;
+}
+
+static double rf_sumsq(void *self)
+{
+    rfake *f = self;
+    double s = 0;
+    for (int i = 0; i < RF_N; i++) s += (double)f->grad[i] * f->grad[i];
+    return s;
+}
+
+static void rf_scale(void *self, float s)
+{
+    rfake *f = self;
+    f->scale = s;
+    for (int i = 0; i < RF_N; i++) f->grad[i] *= s;
+}
+
+static pw_status rf_optim(void *self, long step)
+{
+    (void)step;
+    rfake *f = self;
+    memcpy(f->snap, f->grad, sizeof f->snap);
+    memset(f->grad, 0, sizeof f->grad);
+    f->optim_calls++;
+    return PW_OK;
+}
+
+static const pw_stage_i rfake_i = {
+    .name = "rfake", .forward = rf_forward, .backward_input = rf_nop, .backward_weight = rf_weight,
+    .optimizer_step = rf_optim, .grad_bucket = rf_grad_bucket, .grad_sumsq = rf_sumsq,
+    .scale_grads = rf_scale,
+};
+static const pw_stage_i rfake_bucket_i = {
+    .name = "rfake-buckets", .forward = rf_forward, .backward_input = rf_nop, .backward_weight = rf_weight,
+    .optimizer_step = rf_optim, .grad_bucket = rf_grad_bucket, .backward_bucket = rf_backward_bucket,
+    .grad_sumsq = rf_sumsq, .scale_grads = rf_scale,
+};
+
+typedef struct rharness {
+    pw_schedule *s;
+    pw_schedule_report *rep;
+    rfake *fakes;             /* [R][C] */
+    pw_engine_chunk *chunks;  /* [R][C] */
+    pw_engine *e;
+    int R;
+} rharness;
+
+static void rh_init(rharness *h, pw_schedule_kind kind, int S, int M, int split_w, int R, int NB,
+                    const pw_stage_i *vt)
+{
+    memset(h, 0, sizeof *h);
+    pw_schedule_config sc = {.kind = kind, .n_stages = S, .n_micro = M, .split_w = split_w, .n_buckets = NB};
+    cr_assert_eq(pw_schedule_generate(&sc, &h->s), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_schedule_lower(h->s), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_schedule_validate(h->s, &h->rep), PW_OK, "%s", pw_last_error());
+    const int C = h->s->n_chunks;
+    h->R = R;
+    h->fakes = calloc((size_t)R * (size_t)C, sizeof *h->fakes);
+    h->chunks = calloc((size_t)R * (size_t)C, sizeof *h->chunks);
+    for (int k = 0; k < R; k++)
+        for (int c = 0; c < C; c++) {
+            rfake *f = &h->fakes[k * C + c];
+            f->replica = k;
+            f->chunk = c;
+            f->n_buckets = NB;
+            f->fail_fwd_mb = -1;
+            f->scale = 1.0f;
+            h->chunks[k * C + c] = (pw_engine_chunk){vt, f};
+        }
+}
+
+static pw_engine_config rh_config(rharness *h)
+{
+    return (pw_engine_config){.schedule = h->s, .report = h->rep, .chunks = h->chunks, .watchdog_s = 30,
+                              .replicas = h->R, .check = 1};
+}
+
+static void rh_fini(rharness *h)
+{
+    pw_engine_destroy(h->e);
+    pw_schedule_report_destroy(h->rep);
+    pw_schedule_destroy(h->s);
+    free(h->fakes);
+    free(h->chunks);
+}
+
+/* What every replica's chunk c must see at OPTIM: each replica's
+ * micro-batch sum, then the ring order over the replicas within each
+ * bucket (runtime/collective.h). */
+static float rexpect(int R, int M, int NB, int c, int i)
+{
+    float acc[16];
+    for (int k = 0; k < R; k++) {
+        acc[k] = 0.0f;
+        for (int m = 0; m < M; m++) acc[k] += rvalue(k, c, m, i);
+    }
+    int lo, hi, b = 0;
+    for (int x = 0; x < NB; x++) {
+        rbucket_range(x, NB, &lo, &hi);
+        if (i >= lo && i < hi) b = x;
+    }
+    rbucket_range(b, NB, &lo, &hi);
+    int64_t L = hi - lo, slo, shi;
+    int j = 0;
+    for (int s = 0; s < R; s++) {
+        pw_ring_segment(L, R, s, &slo, &shi);
+        if (i - lo >= slo && i - lo < shi) j = s;
+    }
+    float sum = acc[j];
+    for (int t = 1; t < R; t++) sum = sum + acc[(j + t) % R];
+    return sum;
+}
+
+typedef struct rcase {
+    pw_schedule_kind kind;
+    int split_w, S, M, R, NB, pieces;
+} rcase;
+
+ParameterizedTestParameters(engine, replicas_sum_buckets)
+{
+    static rcase cases[] = {
+        {PW_SCHEDULE_1F1B, 0, 1, 4, 2, 3, 0},  {PW_SCHEDULE_1F1B, 0, 3, 4, 2, 2, 1},
+        {PW_SCHEDULE_1F1B, 1, 2, 4, 3, 4, 1},  {PW_SCHEDULE_GPIPE, 0, 2, 2, 4, 1, 0},
+        {PW_SCHEDULE_GPIPE, 1, 4, 8, 2, 5, 0}, {PW_SCHEDULE_ZB_H1, 1, 3, 6, 2, 2, 1},
+        {PW_SCHEDULE_INTERLEAVED, 0, 2, 4, 3, 2, 1},
+    };
+    return cr_make_param_array(rcase, cases, sizeof cases / sizeof cases[0]);
+}
+
+ParameterizedTest(rcase *c, engine, replicas_sum_buckets, .timeout = TIMEOUT)
+{
+    rharness h;
+    rh_init(&h, c->kind, c->S, c->M, c->split_w, c->R, c->NB, c->pieces ? &rfake_bucket_i : &rfake_i);
+    const int C = h.s->n_chunks, W = c->R * c->S, steps = 3;
+    pw_trace *t = NULL;
+    cr_assert_eq(pw_trace_create(W, 4096, &t), PW_OK);
+    pw_engine_config cfg = rh_config(&h);
+    cfg.trace = t;
+    cr_assert_eq(pw_engine_create(&cfg, &h.e), PW_OK, "%s", pw_last_error());
+    for (int step = 1; step <= steps; step++) {
+        cr_assert_eq(pw_engine_run_step(h.e, step), PW_OK, "step %d: %s", step, pw_last_error());
+        for (int k = 0; k < c->R; k++)
+            for (int ch = 0; ch < C; ch++) {
+                rfake *f = &h.fakes[k * C + ch];
+                cr_assert_eq(f->optim_calls, step);
+                for (int i = 0; i < RF_N; i++) {
+                    float want = rexpect(c->R, c->M, c->NB, ch, i);
+                    cr_assert(memcmp(&f->snap[i], &want, 4) == 0,
+                              "%s S=%d R=%d NB=%d step %d replica %d chunk %d element %d: %.9g, expected %.9g",
+                              pw_schedule_kind_name(c->kind), c->S, c->R, c->NB, step, k, ch, i, f->snap[i], want);
+                }
+                if (c->pieces) cr_assert_eq(f->bucket_calls, step * c->NB, "the last backward ran %d pieces",
+                                            f->bucket_calls);
+            }
+    }
+    /* Each worker's track: one ALLREDUCE per bucket of each of its chunks
+     * and step, spanning the all-reduce; statistics agree. */
+    for (int w = 0; w < W; w++) {
+        int64_t n_ar;
+        count_events(t, w, "ALLREDUCE", &n_ar);
+        cr_assert_eq(n_ar, (int64_t)steps * c->NB * h.s->chunks_per_rank, "worker %d: %lld ALLREDUCE events", w,
+                     (long long)n_ar);
+        const pw_trace_event *ev = pw_trace_events(t, w);
+        for (int64_t i = 0; i < pw_trace_count(t, w); i++) {
+            if (strcmp(ev[i].name, "ALLREDUCE") == 0) {
+                cr_assert_eq(ev[i].cat, PW_TRACE_COMM);
+                cr_assert(ev[i].mb >= 0 && ev[i].mb < c->NB);
+                cr_assert_geq(ev[i].t1_ns, ev[i].t0_ns);
+                cr_assert_gt(ev[i].bytes, 0);
+            } else if (strcmp(ev[i].name, "wait ALLREDUCE") == 0) {
+                cr_assert_eq(ev[i].cat, PW_TRACE_WAIT);
+            }
+        }
+        pw_engine_rank_stats rs;
+        pw_engine_rank_stats_get(h.e, w, &rs);
+        cr_assert_eq(rs.actions, (int64_t)steps * h.s->ranks[w % c->S].n_actions);
+        cr_assert_geq(rs.allreduce_s, rs.allreduce_wait_s * 0.0);
+        cr_assert_leq(rs.allreduce_wait_s, rs.wait_s + 1e-9);
+    }
+    pw_engine_destroy(h.e);
+    h.e = NULL;
+    pw_trace_destroy(t);
+    rh_fini(&h);
+}
+
+Test(engine, replica_failure_names_the_replica, .timeout = TIMEOUT)
+{
+    rharness h;
+    rh_init(&h, PW_SCHEDULE_1F1B, 2, 4, 0, 2, 2, &rfake_i);
+    h.fakes[1 * 2 + 1].fail_fwd_mb = 2; /* replica 1, chunk 1 */
+    pw_engine_config cfg = rh_config(&h);
+    cr_assert_eq(pw_engine_create(&cfg, &h.e), PW_OK, "%s", pw_last_error());
+    double t0 = now_s();
+    pw_status st = pw_engine_run_step(h.e, 1);
+    cr_assert_eq(st, PW_ERR_NUMERIC, "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "replica 1 rank 1 (chunk 1), F of micro-batch 2: rfake chunk 1: loss is NaN"),
+              "%s", pw_last_error());
+    cr_assert_lt(now_s() - t0, 5.0);
+    rh_fini(&h);
+}
+
+/* Replica 1 never reaches its all-reduce in time: replica 0's OPTIM waits,
+ * and its watchdog names what it waits for. */
+Test(engine, allreduce_watchdog, .timeout = TIMEOUT)
+{
+    rharness h;
+    rh_init(&h, PW_SCHEDULE_1F1B, 1, 2, 0, 2, 2, &rfake_i);
+    h.fakes[1].sleep_fwd_ms = 1500;
+    pw_engine_config cfg = rh_config(&h);
+    cfg.watchdog_s = 0.5;
+    cr_assert_eq(pw_engine_create(&cfg, &h.e), PW_OK, "%s", pw_last_error());
+    double t0 = now_s();
+    pw_status st = pw_engine_run_step(h.e, 1);
+    double dt = now_s() - t0;
+    cr_assert_eq(st, PW_ERR_TIMEOUT, "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "replica 0 rank 0 (chunk 0): waited 0."), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "for the all-reduce of gradient bucket 0 across 2 replicas (1 of 2 there)"),
+              "%s", pw_last_error());
+    cr_assert_lt(dt, 5.0, "%.2f s", dt);
+    cr_log_info("all-reduce watchdog: %s", pw_last_error());
+    rh_fini(&h);
+}
+
+Test(engine, clip_grad_norm, .timeout = TIMEOUT)
+{
+    for (int R = 1; R <= 2; R++) {
+        rharness h;
+        rh_init(&h, PW_SCHEDULE_1F1B, 3, 2, 0, R, R > 1 ? 2 : 0, &rfake_i);
+        pw_engine_config cfg = rh_config(&h);
+        cfg.clip_grad_norm = 1.0;
+        cr_assert_eq(pw_engine_create(&cfg, &h.e), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_engine_run_step(h.e, 1), PW_OK, "%s", pw_last_error());
+        /* The norm over all chunks of a replica's summed gradients. */
+        /* Each rank's sum of squares, then the ranks in order (as the engine). */
+        double total = 0;
+        for (int c = 0; c < 3; c++) {
+            double part = 0;
+            for (int i = 0; i < RF_N; i++) {
+                double v = rexpect(R, 2, R > 1 ? 2 : 1, c, i);
+                part += v * v;
+            }
+            total += part;
+        }
+        double norm = sqrt(total), got = pw_engine_grad_norm(h.e);
+        cr_assert_leq(fabs(got - norm), 1e-9 * norm, "R=%d: norm %.12g, expected %.12g", R, got, norm);
+        float coef = (float)(1.0 / (norm + 1e-6));
+        for (int k = 0; k < R; k++)
+            for (int c = 0; c < 3; c++) {
+                rfake *f = &h.fakes[k * 3 + c];
+                cr_assert_eq(f->scale, coef, "R=%d replica %d chunk %d: scaled by %.9g, expected %.9g", R, k, c,
+                             f->scale, coef);
+            }
+        rh_fini(&h);
+    }
+}
+
+Test(engine, replica_config_errors, .timeout = TIMEOUT)
+{
+    rharness h;
+    rh_init(&h, PW_SCHEDULE_1F1B, 2, 2, 0, 2, 0, &rfake_i); /* no buckets */
+    pw_engine_config cfg = rh_config(&h);
+    pw_engine *e = NULL;
+    cr_assert_eq(pw_engine_create(&cfg, &e), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "2 replicas need a schedule with all-reduce buckets"), "%s", pw_last_error());
+    rh_fini(&h);
+    rh_init(&h, PW_SCHEDULE_1F1B, 2, 2, 0, 2, 1, &fake_full_i);
+    for (int i = 0; i < 4; i++) h.chunks[i].vt = &fake_full_i;
+    cfg = rh_config(&h);
+    cr_assert_eq(pw_engine_create(&cfg, &e), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "has no grad_bucket"), "%s", pw_last_error());
+    cfg.replicas = -1;
+    cr_assert_eq(pw_engine_create(&cfg, &e), PW_ERR_INVALID_ARG);
+    rh_fini(&h);
 }

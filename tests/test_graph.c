@@ -484,6 +484,37 @@ static const bad_case bad_cases[] = {
     {"param clash in body", HDR "o = repeat 2 (b = x) {\n  f = linear(b, out=4) as p\n"
      "  g = linear(f, out=4) as p\n  return g\n}\n", 0, PW_ERR_PARSE, 5, 27,
      "parameter 'o.0.p.weight' already exists (created at 4:7); use 'as PATH'"},
+    /* transformer ops */
+    {"embedding of floats", HDR "e = embedding(x, vocab=4, dim=2)\n", 0, PW_ERR_SHAPE, 3, 15,
+     "embedding: tokens must be i32, got f32"},
+    {"embedding vocab zero", "input t : i32[4]\nlabel y : i32[4]\ne = embedding(t, vocab=0, dim=2)\n",
+     0, PW_ERR_SHAPE, 3, 24, "embedding: 'vocab' must be between 1 and 2^31 - 1, got 0"},
+    {"embedding no dim", "input t : i32[4]\nlabel y : i32[4]\ne = embedding(t, vocab=3)\n", 0,
+     PW_ERR_PARSE, 3, 5, "embedding: missing required attribute 'dim'"},
+    {"embedding tie shape", "input t : i32[4]\nlabel y : i32[4]\ne = embedding(t, vocab=5, dim=2)\n"
+     "f = embedding(t, vocab=2, dim=5, weight=e.weight)\n", 0, PW_ERR_SHAPE, 4, 41,
+     "embedding: cannot reuse 'e.weight': it has shape [5, 2] but this embedding needs [2, 5]"},
+    {"head tie shape", "input t : i32[4]\nlabel y : i32[4]\ne = embedding(t, vocab=5, dim=2)\n"
+     "l = linear(e, out=2, bias=false, weight=e.weight)\n", 0, PW_ERR_SHAPE, 4, 41,
+     "linear: cannot reuse 'e.weight': it has shape [5, 2] but this linear needs [2, 2]"},
+    {"pos_embedding rank", HDR "p = pos_embedding(x)\n", 0, PW_ERR_SHAPE, 3, 19,
+     "pos_embedding: input must be [T, D] (positions, width), got [4]"},
+    {"pos_embedding max", "input x : f32[4, 2]\nlabel y : i32[4]\np = pos_embedding(x, max=3)\n",
+     0, PW_ERR_SHAPE, 3, 26, "pos_embedding: 4 positions do not fit a table of max=3"},
+    {"attention width", "input x : f32[4, 8]\nlabel y : i32[4]\na = causal_attention(x, heads=1)\n",
+     0, PW_ERR_SHAPE, 3, 22, "causal_attention: last dimension 8 is not 3·D"},
+    {"attention heads", "input x : f32[4, 6]\nlabel y : i32[4]\na = causal_attention(x, heads=4)\n",
+     0, PW_ERR_SHAPE, 3, 31, "causal_attention: width D = 2 is not a multiple of heads = 4"},
+    {"attention rank", HDR "a = causal_attention(x, heads=1)\n", 0, PW_ERR_SHAPE, 3, 22,
+     "causal_attention: input must be [T, 3·D]"},
+    {"attention no heads", "input x : f32[4, 6]\nlabel y : i32[4]\na = causal_attention(x)\n",
+     0, PW_ERR_PARSE, 3, 5, "causal_attention: missing required attribute 'heads'"},
+    {"dropout p one", HDR "d = dropout(x, p=1)\n", 0, PW_ERR_PARSE, 3, 18,
+     "dropout: 'p' must be in [0, 1), got 1"},
+    {"dropout p negative", HDR "d = dropout(x, p=-0.5)\n", 0, PW_ERR_PARSE, 3, 18,
+     "dropout: 'p' must be in [0, 1), got -0.5"},
+    {"unknown op lists ops", HDR "h = conv2d(x)\n", 0, PW_ERR_PARSE, 3, 5,
+     "causal_attention, dropout)"},
     /* bytes */
     {"NUL", "input x : f32[4]\0\n", 18, PW_ERR_PARSE, 1, 17, "unexpected character NUL"},
     {"bad UTF-8 in comment", "input x : f32[4] # \xff\n", 0, PW_ERR_PARSE, 1, 20,
@@ -750,8 +781,9 @@ static void parse_any(const char *text, size_t len)
 
 Test(graph_fuzz, every_prefix, .timeout = 120)
 {
-    static const char *const files[] = {FIXTURE("features.graph"), FIXTURE("gpt_shared.graph")};
-    for (size_t f = 0; f < 2; f++) {
+    static const char *const files[] = {FIXTURE("features.graph"), FIXTURE("gpt_shared.graph"),
+                                        PW_SOURCE_DIR "/examples/tiny_gpt.graph"};
+    for (size_t f = 0; f < sizeof files / sizeof files[0]; f++) {
         size_t len;
         char *text = slurp(files[f], &len);
         for (size_t n = 0; n <= len; n++) {

@@ -104,6 +104,7 @@ static int analyse(const char *path, const pt_options *o, int detail, pw_trace_a
     cfg.detail_step = o->step;
     cfg.skip_steps = o->skip;
     cfg.no_detail = !detail;
+    cfg.per_step = o->json; /* the per-(rank, step) table is only printed in JSON */
     cfg.theory = theory_formula;
     pw_status st = pw_trace_analyze(path, &cfg, out);
     if (st == PW_OK) return 0;

@@ -1,6 +1,8 @@
 /* pipeline-run — train a graph file through a pipeline of stages.
  *
  *   pipeline-run examples/fashion_mlp.graph --stages 2 --micro-batches 8 --schedule 1f1b
+ *   pipeline-run m.graph --stages 2 --replicas 2                (4 workers, one process)
+ *   mpirun -np 4 pipeline-run m.graph --stages 2 --replicas 2   (one process per worker)
  *
  * Exit status: 0 success, 1 a run-time error (bad file, numeric failure),
  * 2 bad command line. Every error is one message on stderr. */
@@ -9,6 +11,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +20,7 @@
 
 #include "graph/graph.h"
 #include "runtime/log.h"
+#include "runtime/transport.h"
 #include "stages/checkpoint.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
@@ -45,6 +49,11 @@ typedef struct options {
     int quiet;
     int threads;
     int print_graph;
+    int replicas;
+    int buckets;
+    double clip;
+    pw_allreduce_algo allreduce;
+    int allreduce_set;
 } options;
 
 static void usage(FILE *f)
@@ -75,6 +84,20 @@ static void usage(FILE *f)
 "  --watchdog SEC        fail a stage that waits longer than this (default 60)\n"
 "  --no-pin              do not bind stage threads to cores\n"
 "  --check               check every executed action against the schedule\n"
+"\n"
+"Data parallelism (docs/distributed.md)\n"
+"  --replicas R          R copies of the pipeline, each on 1/R of every batch;\n"
+"                        their gradients are summed before each optimizer step\n"
+"                        (default 1). Under mpirun -np S*R every process runs\n"
+"                        one stage of one replica (MPI rank w: replica w / S,\n"
+"                        stage w % S)\n"
+"  --buckets N           all-reduce buckets per stage (default 4); a bucket's\n"
+"                        all-reduce starts as soon as its part of the backward\n"
+"                        is done, overlapping the rest\n"
+"  --allreduce ALGO      under mpirun: ring (default: the same bytes as one\n"
+"                        process) or mpi (MPI_Iallreduce)\n"
+"  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
+"                        stages, all replicas) is at most X\n"
 "\n"
 "Optimizer\n"
 "  --optimizer NAME      sgd (default) or adamw\n"
@@ -143,7 +166,7 @@ static int parse_f32(const char *flag, const char *s, double lo, double hi, floa
 enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM, OPT_LR,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
-       OPT_NOPIN, OPT_CHECK };
+       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE };
 
 /* Returns 0 to run, 1 when --help was printed, 2 on a usage error. */
 static int parse_args(int argc, char **argv, options *o)
@@ -173,6 +196,10 @@ static int parse_args(int argc, char **argv, options *o)
         {"watchdog", required_argument, 0, OPT_WATCHDOG},
         {"no-pin", no_argument, 0, OPT_NOPIN},
         {"check", no_argument, 0, OPT_CHECK},
+        {"replicas", required_argument, 0, OPT_REPLICAS},
+        {"buckets", required_argument, 0, OPT_BUCKETS},
+        {"clip-grad-norm", required_argument, 0, OPT_CLIP},
+        {"allreduce", required_argument, 0, OPT_ALLREDUCE},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -184,6 +211,7 @@ static int parse_args(int argc, char **argv, options *o)
     o->watchdog_s = 60.0;
     o->pin = 1;
     o->seed = 1;
+    o->replicas = 1;
     o->data = "fashion-mnist";
     pw_optim_kind kind = PW_OPTIM_SGD;
     float lr = 0, momentum = 0, wd = 0;
@@ -254,6 +282,25 @@ static int parse_args(int argc, char **argv, options *o)
         }
         case OPT_NOPIN: o->pin = 0; break;
         case OPT_CHECK: o->check = 1; break;
+        case OPT_REPLICAS:
+            if (parse_i64("--replicas", optarg, 1, 4096, &v)) return 2;
+            o->replicas = (int)v;
+            break;
+        case OPT_BUCKETS:
+            if (parse_i64("--buckets", optarg, 1, 4096, &v)) return 2;
+            o->buckets = (int)v;
+            break;
+        case OPT_CLIP: {
+            float x;
+            if (parse_f32("--clip-grad-norm", optarg, 1e-12, 1e12, &x)) return 2;
+            o->clip = x;
+            break;
+        }
+        case OPT_ALLREDUCE:
+            if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
+                return bad_usage("--allreduce: '%s' is not ring or mpi", optarg);
+            o->allreduce_set = 1;
+            break;
         case 'h':
         case OPT_HELP: usage(stdout); return 1;
         case ':': return bad_usage("%s needs a value", argv[optind - 1]);
@@ -282,18 +329,33 @@ static int parse_args(int argc, char **argv, options *o)
         o->optim.momentum = momentum;
     }
     if (o->wd_set) o->optim.weight_decay = wd;
+    const int world = pw_mpi_launched_size();
     if (o->stages == 0) {
-        long cores = sysconf(_SC_NPROCESSORS_ONLN);
-        o->stages = cores > 0 ? (int)cores : 1;
+        if (world > 1) {
+            /* Under mpirun the processes are the workers. */
+            o->stages = world % o->replicas == 0 ? world / o->replicas : 1;
+        } else {
+            long cores = sysconf(_SC_NPROCESSORS_ONLN);
+            o->stages = cores > 0 ? (int)cores : 1;
+            if (o->replicas > 1) o->stages = o->stages / o->replicas > 0 ? o->stages / o->replicas : 1;
+        }
     }
+    if (o->allreduce_set && world <= 1)
+        return bad_usage("%s", "--allreduce applies to runs under mpirun only");
+    const int64_t R = o->replicas;
     if (!o->micro_set) {
         int64_t m = o->stages > 1 ? 4 * (int64_t)o->stages : 1;
-        while (m > 1 && (m > o->batch || o->batch % m)) m--;
+        while (m > 1 && (m * R > o->batch || o->batch % (m * R))) m--;
         o->micro_batches = (int)m;
     }
-    if (o->batch % o->micro_batches != 0) {
-        fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --micro-batches %d\n",
-                (long long)o->batch, o->micro_batches);
+    if (o->batch % (R * o->micro_batches) != 0) {
+        if (R > 1)
+            fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --replicas %d x --micro-batches "
+                    "%d (each replica takes batch / replicas samples, in micro-batches)\n",
+                    (long long)o->batch, o->replicas, o->micro_batches);
+        else
+            fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --micro-batches %d\n",
+                    (long long)o->batch, o->micro_batches);
         return 2;
     }
     return 0;
@@ -338,10 +400,157 @@ static void print_summary(const pw_pipeline *t, int stages)
            total > 0 ? 100.0 * (total - busy) / total : 0.0, 100.0 * theory);
 }
 
+/* ---- runs under mpirun ---- */
+
+/* Set under mpirun: every error is reported by the process that met it,
+ * named, and then stops the whole run (MPI_Abort), so no process waits for
+ * one that is gone. */
+static pw_transport *g_mpi;
+static char g_who[96];
+
 static int fail(const char *what)
 {
-    fprintf(stderr, "pipeline-run: %s%s\n", what, pw_last_error());
+    /* The engine's own messages already name the MPI rank. */
+    const char *who = strncmp(pw_last_error(), "MPI rank ", 9) == 0 ? "" : g_who;
+    fprintf(stderr, "pipeline-run: %s%s%s\n", who, what, pw_last_error());
+    if (g_mpi) {
+        fflush(NULL);
+        pw_transport_abort(g_mpi, 1);
+    }
     return 1;
+}
+
+/* An error printed by the caller: under mpirun, stop every process. */
+static void stop_all(void)
+{
+    if (!g_mpi) return;
+    fflush(NULL);
+    pw_transport_abort(g_mpi, 1);
+}
+
+/* Test hook (docs/distributed.md): PW_TEST_FAULT=MODE:RANK:STEP makes MPI
+ * rank RANK fail after step STEP: "kill" (SIGKILL), "exit" (exits with
+ * status 3 on the spot), "error" (reports an error) or "hang" (sleeps; the
+ * others' watchdog must notice). */
+static void maybe_fault(int64_t step)
+{
+    const char *spec = getenv("PW_TEST_FAULT");
+    if (!g_mpi || !spec) return;
+    char mode[16] = "";
+    int rank = -1;
+    long long at = -1;
+    if (sscanf(spec, "%15[a-z]:%d:%lld", mode, &rank, &at) != 3 || rank != g_mpi->world_rank || at != step)
+        return;
+    fflush(NULL);
+    if (!strcmp(mode, "kill")) raise(SIGKILL);
+    if (!strcmp(mode, "exit")) exit(3);
+    if (!strcmp(mode, "hang"))
+        for (;;) pause();
+    if (!strcmp(mode, "error")) {
+        pw_error(PW_ERR_INTERNAL, "step %lld: injected fault (PW_TEST_FAULT=%s)", at, spec);
+        fail("");
+    }
+}
+
+/* A process that leaves before the run is over (an early exit, or an exit
+ * from a library we link) says so before mpirun stops the others. */
+static int g_finished;
+static void report_early_exit(void)
+{
+    if (g_mpi && !g_finished) {
+        fprintf(stderr, "pipeline-run: %sexited before the end of the run\n", g_who);
+        fflush(stderr);
+    }
+}
+
+/* The sum over every process of `v` (world order). */
+static double world_sum(double v)
+{
+    double *all = calloc((size_t)g_mpi->world_size, sizeof *all), sum = 0;
+    if (!all || g_mpi->vt->allgather(g_mpi->self, &v, sizeof v, all) != PW_OK) {
+        free(all);
+        return v;
+    }
+    for (int w = 0; w < g_mpi->world_size; w++) sum += all[w];
+    free(all);
+    return sum;
+}
+
+/* Under mpirun: one row per process, printed by world rank 0. */
+typedef struct row {
+    double busy, total, allreduce, exposed;
+    int32_t replica, stage, peak, slots;
+    int64_t nodes[2];
+} row;
+
+static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
+{
+    const int W = g_mpi->world_size;
+    row mine = {0}, *all = calloc((size_t)W, sizeof mine);
+    pw_pipeline_stage_stats ss;
+    pw_pipeline_stage_stats_get(t, g_mpi->rank, &ss);
+    pw_engine_rank_stats rs;
+    pw_engine_rank_stats_get(pw_pipeline_engine((pw_pipeline *)t), g_mpi->replica * S + g_mpi->rank, &rs);
+    mine = (row){ss.busy_s, ss.total_s, rs.allreduce_s, rs.allreduce_wait_s, g_mpi->replica, g_mpi->rank,
+                 ss.peak_slots, ss.slots, {ss.node_begin, ss.node_end}};
+    if (!all || g_mpi->vt->allgather(g_mpi->self, &mine, sizeof mine, all) != PW_OK) {
+        free(all);
+        return;
+    }
+    if (g_mpi->world_rank == 0 && !quiet) {
+        double theory = pw_pipeline_theory_bubble(t);
+        printf("\nrank  replica stage  nodes        busy s   idle s   bubble   theory   all-reduce s "
+               "(exposed)   slots\n");
+        for (int w = 0; w < W; w++) {
+            const row *r = &all[w];
+            double idle = r->total - r->busy;
+            printf("%4d  %7d %5d  [%3lld,%3lld)  %8.2f %8.2f  %6.1f%%  %6.1f%%   %8.3f (%8.3f)   %d/%d\n", w,
+                   r->replica, r->stage, (long long)r->nodes[0], (long long)r->nodes[1], r->busy, idle,
+                   r->total > 0 ? 100.0 * idle / r->total : 0.0, 100.0 * theory, r->allreduce, r->exposed,
+                   r->peak, r->slots);
+        }
+    }
+    free(all);
+}
+
+/* "run.json" -> "run.rank3.json" under mpirun (each process writes its own
+ * track; the same clock on one host). */
+static void trace_path(const char *path, char *out, size_t n)
+{
+    if (!g_mpi) {
+        snprintf(out, n, "%s", path);
+        return;
+    }
+    const char *dot = strrchr(path, '.');
+    const char *slash = strrchr(path, '/');
+    if (dot && (!slash || dot > slash))
+        snprintf(out, n, "%.*s.rank%d%s", (int)(dot - path), path, g_mpi->world_rank, dot);
+    else
+        snprintf(out, n, "%s.rank%d", path, g_mpi->world_rank);
+}
+
+static int start_mpi(int *argc, char ***argv, options *o, int world)
+{
+    if (!pw_mpi_built()) {
+        fprintf(stderr, "pipeline-run: started by mpirun with %d processes, but this build has no MPI; "
+                "configure with -DPW_MPI=ON and an MPI library (Debian: libopenmpi-dev), or run "
+                "without mpirun (--replicas works in one process)\n", world);
+        return 2;
+    }
+    pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce};
+    if (pw_mpi_transport_create(argc, argv, &mc, &g_mpi) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
+        return 1;
+    }
+    snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d): ", g_mpi->world_rank, g_mpi->replica,
+             g_mpi->rank);
+    atexit(report_early_exit);
+    if (g_mpi->world_rank != 0) o->quiet = 2; /* only rank 0 talks */
+    else if (!o->quiet)
+        printf("pipeline-run: MPI: %d processes = %d stage%s x %d replica%s (rank w runs replica w / %d, "
+               "stage w %% %d); %s\n", g_mpi->world_size, o->stages, o->stages > 1 ? "s" : "", o->replicas,
+               o->replicas > 1 ? "s" : "", o->stages, o->stages, g_mpi->desc);
+    return 0;
 }
 
 int main(int argc, char **argv)
@@ -349,6 +558,8 @@ int main(int argc, char **argv)
     options o;
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;
+    const int world = pw_mpi_launched_size();
+    if (world > 1 && (rc = start_mpi(&argc, &argv, &o, world)) != 0) return rc;
     if (o.threads) pw_cpu_set_threads(o.threads);
 
     pw_graph *g = NULL;
@@ -357,10 +568,10 @@ int main(int argc, char **argv)
     int status = 1;
 
     if (pw_graph_parse_file(o.graph, &g) != PW_OK) {
-        fprintf(stderr, "%s\n", pw_last_error());
+        fprintf(stderr, "%s%s\n", g_who, pw_last_error());
         goto out;
     }
-    if (o.print_graph) pw_graph_print(g, stdout);
+    if (o.print_graph && o.quiet < 2) pw_graph_print(g, stdout);
     if (pw_dataset_from_spec(o.data, 1, &train) != PW_OK) {
         fail("--data: ");
         goto out;
@@ -378,8 +589,8 @@ int main(int argc, char **argv)
     const char *csv = NULL;
     if (pw_schedule_kind_parse(o.schedule, &kind) != PW_OK) {
         if (access(o.schedule, R_OK) != 0) {
-            fprintf(stderr, "pipeline-run: --schedule: '%s' is not gpipe, 1f1b or a readable CSV "
-                    "file\n", o.schedule);
+            fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b or a readable CSV "
+                    "file\n", g_who, o.schedule);
             status = 2;
             goto out;
         }
@@ -402,9 +613,13 @@ int main(int argc, char **argv)
     pc.watchdog_s = o.watchdog_s;
     pc.pin = o.pin;
     pc.check = o.check;
+    pc.replicas = o.replicas;
+    pc.buckets = o.buckets;
+    pc.clip_grad_norm = o.clip;
+    pc.transport = g_mpi;
     if (o.trace) {
         /* Every action and wait of every step, plus a margin; capped. */
-        int64_t per_step = 8 * (int64_t)o.micro_batches + 16;
+        int64_t per_step = 8 * (int64_t)o.micro_batches + 16 + 4 * (o.buckets > 0 ? o.buckets : 4);
         int64_t want = per_step * total0;
         pc.trace_events = want < (INT64_C(1) << 23) ? want : (INT64_C(1) << 23);
     }
@@ -423,32 +638,41 @@ int main(int argc, char **argv)
     const int64_t spe = pw_pipeline_steps_per_epoch(t);
     const int64_t total = o.steps ? o.steps : o.epochs * spe;
     const int64_t n_epochs = (total + spe - 1) / spe;
-    const int tty = isatty(STDOUT_FILENO) && !o.quiet;
-    if (!o.quiet) {
-        size_t planned = 0;
+    /* mpirun forwards output through a terminal of its own: no \r updates. */
+    const int tty = isatty(STDOUT_FILENO) && !o.quiet && !g_mpi;
+    {
+        /* Collective under mpirun: every process takes part. */
+        double planned = 0;
         for (int st = 0; st < o.stages; st++) {
             pw_pipeline_stage_stats ss;
             pw_pipeline_stage_stats_get(t, st, &ss);
-            planned += ss.memory;
+            planned += (double)ss.memory;
         }
-        pw_op_cost cost;
-        pw_graph_total_cost(g, &cost);
-        const pw_partition *part = pw_pipeline_partition(t);
-        printf("pipeline-run: %s: %d nodes, %d parameter tensors (%.2f M values), %.1f MiB planned\n",
-               g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6,
-               (double)planned / (1 << 20));
-        printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
-               pw_partition_method_name(part->method));
-        for (int st = 0; st < o.stages; st++)
-            printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
-        printf("), schedule %s, theoretical bubble %.1f%%\n", csv ? csv : pw_schedule_kind_name(kind),
-               100.0 * pw_pipeline_theory_bubble(t));
-        printf("pipeline-run: data %s: %lld train / %lld test samples; batch %lld = %d x %lld; "
-               "%s lr %g; %lld steps (%lld per epoch)\n",
-               train->name, (long long)train->n, test ? (long long)test->n : 0LL,
-               (long long)o.batch, o.micro_batches, (long long)(o.batch / o.micro_batches),
-               pw_optim_name(o.optim.kind), (double)o.optim.lr, (long long)total, (long long)spe);
-        fflush(stdout);
+        if (g_mpi) planned = world_sum(planned);
+        else planned *= o.replicas;
+        if (!o.quiet) {
+            pw_op_cost cost;
+            pw_graph_total_cost(g, &cost);
+            const pw_partition *part = pw_pipeline_partition(t);
+            printf("pipeline-run: %s: %d nodes, %d parameter tensors (%.2f M values), %.1f MiB planned\n",
+                   g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6, planned / (1 << 20));
+            printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
+                   pw_partition_method_name(part->method));
+            for (int st = 0; st < o.stages; st++) printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
+            printf("), schedule %s, theoretical bubble %.1f%%\n", csv ? csv : pw_schedule_kind_name(kind),
+                   100.0 * pw_pipeline_theory_bubble(t));
+            if (o.replicas > 1)
+                printf("pipeline-run: %d replicas, each %lld samples of every batch; gradients summed in %d "
+                       "bucket%s per stage%s\n", o.replicas, (long long)(o.batch / o.replicas),
+                       pw_pipeline_schedule(t)->n_buckets, pw_pipeline_schedule(t)->n_buckets > 1 ? "s" : "",
+                       g_mpi ? "" : " (in-process ring)");
+            printf("pipeline-run: data %s: %lld train / %lld test samples; batch %lld = %d x %d x %lld; "
+                   "%s lr %g; %lld steps (%lld per epoch)\n",
+                   train->name, (long long)train->n, test ? (long long)test->n : 0LL, (long long)o.batch,
+                   o.replicas, o.micro_batches, (long long)(o.batch / o.micro_batches / o.replicas),
+                   pw_optim_name(o.optim.kind), (double)o.optim.lr, (long long)total, (long long)spe);
+            fflush(stdout);
+        }
     }
 
     double t0 = now_s(), last_print = t0;
@@ -463,6 +687,7 @@ int main(int argc, char **argv)
             fail("");
             goto out;
         }
+        maybe_fault(s.step);
         epoch_loss += s.loss;
         epoch_steps++;
         double now = now_s();
@@ -470,11 +695,12 @@ int main(int argc, char **argv)
         int epoch_done = s.step_in_epoch == spe || i + 1 == total;
         if (!o.quiet && (tty ? (now - last_print > 0.1 || epoch_done)
                              : ((i + 1) % print_every == 0 || epoch_done))) {
-            char eta[32];
+            char eta[32], norm[48] = "";
             fmt_time((double)(total - i - 1) * (double)o.batch / rate, eta, sizeof eta);
-            printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f  %.0f samples/s  bubble %.1f%%  "
+            if (o.clip > 0) snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(t));
+            printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "
                    "ETA %s%s", tty ? "\r\033[K" : "", (long long)s.epoch + 1, (long long)n_epochs,
-                   (long long)s.step_in_epoch, (long long)spe, s.loss, rate,
+                   (long long)s.step_in_epoch, (long long)spe, s.loss, norm, rate,
                    100.0 * pw_pipeline_last_bubble(t), eta, tty ? "" : "\n");
             fflush(stdout);
             last_print = now;
@@ -498,10 +724,10 @@ int main(int argc, char **argv)
         }
     }
     if (o.save) {
-        char extra[256];
-        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d stages=%d "
+        char extra[320];
+        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d stages=%d replicas=%d "
                  "schedule=%s optimizer=%s lr=%g", o.data, (long long)o.batch, o.micro_batches,
-                 o.stages, o.schedule, pw_optim_name(o.optim.kind), (double)o.optim.lr);
+                 o.stages, o.replicas, o.schedule, pw_optim_name(o.optim.kind), (double)o.optim.lr);
         pw_checkpoint_info info = {.step = s.step, .epoch = s.epoch + 1, .seed = o.seed,
                                    .extra = extra};
         if (pw_pipeline_save(t, o.save, &info) != PW_OK) {
@@ -511,22 +737,29 @@ int main(int argc, char **argv)
         if (!o.quiet) printf("saved %s\n", o.save);
     }
     if (o.trace) {
-        if (pw_pipeline_write_trace(t, o.trace) != PW_OK) {
+        char path[4096];
+        trace_path(o.trace, path, sizeof path);
+        if (pw_pipeline_write_trace(t, path) != PW_OK) {
             fail("--trace: ");
             goto out;
         }
-        if (!o.quiet) printf("trace written to %s\n", o.trace);
+        if (!o.quiet) printf("trace written to %s%s\n", path, g_mpi ? " (one file per process)" : "");
     }
-    if (!o.quiet) print_summary(t, o.stages);
-    printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)s.step, now_s() - t0,
-           s.loss);
-    if (test) printf("; test accuracy %.2f%%", 100.0 * ev.accuracy);
-    printf("\n");
+    if (g_mpi) print_summary_mpi(t, o.stages, o.quiet);
+    else if (!o.quiet) print_summary(t, o.stages);
+    if (o.quiet < 2) {
+        printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)s.step, now_s() - t0, s.loss);
+        if (test) printf("; test accuracy %.2f%%", 100.0 * ev.accuracy);
+        printf("\n");
+    }
     status = 0;
 out:
+    if (status != 0) stop_all();
+    g_finished = 1;
     pw_pipeline_destroy(t);
     pw_dataset_destroy(train);
     pw_dataset_destroy(test);
     pw_graph_destroy(g);
+    pw_transport_destroy(g_mpi);
     return status;
 }

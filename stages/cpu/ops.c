@@ -21,6 +21,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "runtime/rng.h"
 #include "runtime/status.h"
 
 /* gcc -O2 runs the vectoriser with its "very cheap" cost model: it vectorises
@@ -171,38 +172,136 @@ void pw_cpu_relu_bwd_input(const float *restrict y, const float *restrict dy,
     }
 }
 
+/* ---------------------------------------------------------------- exp */
+
+/* exp, gelu and the attention softmax are written with GCC's vector
+ * extensions (4 floats: one SSE / NEON register, the baseline of x86-64 and
+ * aarch64; wider types change the calling convention of these helpers
+ * without AVX, which gcc warns about) rather than with VEC_FOR: they clamp
+ * their argument, and gcc -O2 does not vectorise a loop whose float select
+ * feeds further arithmetic ("control flow in loop").
+ * glibc's expf/tanhf are calls it never vectorises without -ffast-math
+ * (tanhf was the whole cost of gelu). The tail of an array goes through the
+ * same vector code on a zero-padded copy, so an element's bits do not depend
+ * on where it falls (micro-batch splits stay exact). */
+typedef float vf __attribute__((vector_size(16)));
+typedef int32_t vi __attribute__((vector_size(16)));
+typedef uint32_t vu __attribute__((vector_size(16)));
+
+static inline vf vec_load(const float *p, int64_t m)
+{
+    vf v = {0};
+    memcpy(&v, p, (size_t)m * sizeof(float));
+    return v;
+}
+
+static inline void vec_store(float *p, vf v, int64_t m)
+{
+    memcpy(p, &v, (size_t)m * sizeof(float));
+}
+
+/* (x < lo) ? lo : x, lane by lane; NaN compares false and passes through. */
+static inline vf vec_max_keep_nan(vf x, float lo)
+{
+    vi m = x < lo;
+    vf l = {lo, lo, lo, lo};
+    return (vf)(((vi)x & ~m) | ((vi)l & m));
+}
+
+static inline vf vec_min_keep_nan(vf x, float hi)
+{
+    vi m = x > hi;
+    vf h = {hi, hi, hi, hi};
+    return (vf)(((vi)x & ~m) | ((vi)h & m));
+}
+
+/* e^x:
+ *   x = n·ln2 + r, n = round(x·log2 e), |r| ≤ ln2/2 (Cody–Waite: ln2 in two
+ *   parts, the first with few enough bits that n·LN2_HI is exact);
+ *   e^r by its Taylor series to degree 7 (truncation < 1e-8 relative);
+ *   2^n built in the exponent bits.
+ * n comes from "magic number" rounding: adding 1.5·2^23 leaves n in the low
+ * mantissa bits, read back with unsigned arithmetic (no float-to-int
+ * conversion, so NaN stays defined and propagates through r). The clamps
+ * keep 2^n a normal float. */
+static inline vf vec_exp(vf x)
+{
+    const float magic = 12582912.0f; /* 1.5·2^23 */
+    x = vec_max_keep_nan(x, -87.33654f); /* n ≥ −126 */
+    x = vec_min_keep_nan(x, 88.0f);      /* n ≤ 127 */
+    vf t = x * 1.44269504088896341f + magic;
+    vf n = t - magic;
+    vf scale = (vf)(((vu)t - 0x4B400000u + 127u) << 23); /* 2^n */
+    vf r = x - n * 0.693145751953125f;   /* LN2_HI */
+    r = r - n * 1.428606765330187045e-06f; /* LN2_LO */
+    vf q = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    return q * scale;
+}
+
+/* for (i = 0; i < n; i += VF) with m = the lanes in use (VF, or the tail). */
+#define VF ((int64_t)(sizeof(vf) / sizeof(float)))
+#define VF_FOR(i, m, n, ...)                                                  \
+    do {                                                                      \
+        const int64_t vf_n_ = (n);                                            \
+        int64_t i = 0;                                                        \
+        for (; i + VF <= vf_n_; i += VF) {                                    \
+            const int64_t m = VF;                                             \
+            __VA_ARGS__                                                       \
+        }                                                                     \
+        if (i < vf_n_) {                                                      \
+            const int64_t m = vf_n_ - i;                                      \
+            __VA_ARGS__                                                       \
+        }                                                                     \
+    } while (0)
+
+void pw_cpu_exp(const float *restrict x, float *restrict y, int64_t n)
+{
+    VF_FOR(i, m, n, vec_store(y + i, vec_exp(vec_load(x + i, m)), m););
+}
+
 /* ---------------------------------------------------------------- gelu */
 
 #define GELU_K 0.7978845608028654f /* √(2/π) */
 #define GELU_C 0.044715f
 
-/* The gelu loops call tanhf, which gcc does not vectorise without
- * -ffast-math; they stay plain loops (one tanhf per element per pass). */
-void pw_cpu_gelu_fwd(const float *restrict x, float *restrict y, int64_t n)
+/* 0.5·x·(1 + tanh u) = x·σ(2u) = x / (1 + e^(−2u)): the same function with
+ * one exp, and no 1 + tanh cancellation in the left tail. */
+static inline vf vec_gelu(vf v)
 {
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
-        y[i] = 0.5f * v * (1.0f + t);
-    }
+    vf e = vec_exp(-2.0f * GELU_K * (v + GELU_C * v * v * v));
+    return v / (1.0f + e);
 }
 
-/* d/dx of 0.5·x·(1 + tanh(u)), u = k·(x + c·x³):
- *   0.5·(1 + t) + 0.5·x·(1 − t²)·k·(1 + 3c·x²)                              */
-static inline float gelu_grad(float v)
+/* d/dx of x·σ(2u), u = k·(x + c·x³), σ(2u) = 1/(1 + e), e = e^(−2u):
+ *   σ + x·σ·(1 − σ)·2·u',  u' = k·(1 + 3c·x²),  1 − σ = e·σ             */
+static inline vf vec_gelu_grad(vf v)
 {
-    float t = tanhf(GELU_K * (v + GELU_C * v * v * v));
-    float du = GELU_K * (1.0f + 3.0f * GELU_C * v * v);
-    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
+    vf e = vec_exp(-2.0f * GELU_K * (v + GELU_C * v * v * v));
+    vf s = 1.0f / (1.0f + e);
+    vf du = GELU_K * (1.0f + 3.0f * GELU_C * v * v);
+    return s + 2.0f * v * s * (e * s) * du;
+}
+
+void pw_cpu_gelu_fwd(const float *restrict x, float *restrict y, int64_t n)
+{
+    VF_FOR(i, m, n, vec_store(y + i, vec_gelu(vec_load(x + i, m)), m););
 }
 
 void pw_cpu_gelu_bwd_input(const float *restrict x, const float *restrict dy,
                            float *restrict dx, int64_t n, int accumulate)
 {
     if (accumulate) {
-        for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * gelu_grad(x[i]);
+        VF_FOR(i, m, n, vf g = vec_load(dy + i, m) * vec_gelu_grad(vec_load(x + i, m));
+               vec_store(dx + i, vec_load(dx + i, m) + g, m););
     } else {
-        for (int64_t i = 0; i < n; i++) dx[i] = dy[i] * gelu_grad(x[i]);
+        VF_FOR(i, m, n, vf g = vec_load(dy + i, m) * vec_gelu_grad(vec_load(x + i, m));
+               vec_store(dx + i, g, m););
     }
 }
 
@@ -390,5 +489,178 @@ void pw_cpu_softmax_xent_bwd(const float *restrict probs, const int32_t *restric
             VEC_FOR(j, C, dr[j] = pr[j] * scale;);
         }
         if (ok) dr[lab] = old + (pr[lab] - 1.0f) * scale;
+    }
+}
+
+/* ---------------------------------------------------------------- embedding */
+
+void pw_cpu_embedding_fwd(const int32_t *restrict tokens, const float *restrict w,
+                          float *restrict y, int64_t n, int64_t vocab, int64_t d)
+{
+    for (int64_t r = 0; r < n; r++) {
+        int32_t t = tokens[r];
+        if (t >= 0 && (int64_t)t < vocab)
+            memcpy(y + r * d, w + (int64_t)t * d, (size_t)d * sizeof(float));
+        else
+            memset(y + r * d, 0, (size_t)d * sizeof(float));
+    }
+}
+
+void pw_cpu_embedding_bwd_weight(const int32_t *restrict tokens, const float *restrict dy,
+                                 float *restrict dw, int64_t n, int64_t vocab, int64_t d)
+{
+    /* Row by row, in order: a token that occurs twice sums its rows in
+     * position order, and micro-batch splits give the same bits. */
+    for (int64_t r = 0; r < n; r++) {
+        int32_t t = tokens[r];
+        if (t < 0 || (int64_t)t >= vocab) continue;
+        float *restrict row = dw + (int64_t)t * d;
+        const float *restrict g = dy + r * d;
+        VEC_FOR(j, d, row[j] += g[j];);
+    }
+}
+
+void pw_cpu_pos_embedding_fwd(const float *restrict x, const float *restrict w,
+                              float *restrict y, int64_t batch, int64_t T, int64_t d)
+{
+    const int64_t n = T * d;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *restrict xb = x + b * n;
+        float *restrict yb = y + b * n;
+        VEC_FOR(i, n, yb[i] = xb[i] + w[i];);
+    }
+}
+
+void pw_cpu_pos_embedding_bwd_weight(const float *restrict dy, float *restrict dw,
+                                     int64_t batch, int64_t T, int64_t d)
+{
+    const int64_t n = T * d;
+    for (int64_t b = 0; b < batch; b++) {
+        const float *restrict g = dy + b * n;
+        VEC_FOR(i, n, dw[i] += g[i];);
+    }
+}
+
+/* ---------------------------------------------------------------- attention */
+
+/* Per (sequence, head): S = Q·Kᵀ/√hd and O = P·V are BLAS GEMMs over the full
+ * T×T square; the softmax then writes exact zeros above the diagonal, so the
+ * discarded half never reaches O (0·v adds nothing, and the GEMM's order of
+ * operations does not depend on the values). Q, K, V are read in place with
+ * leading dimension 3D; no copies. */
+void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float *restrict att,
+                          int64_t batch, int64_t T, int64_t D, int64_t H)
+{
+    if (batch <= 0 || T <= 0 || D <= 0 || H <= 0) return;
+    const int64_t hd = D / H, ld = 3 * D;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    for (int64_t b = 0; b < batch; b++) {
+        const float *q0 = qkv + b * T * ld;
+        for (int64_t h = 0; h < H; h++) {
+            const float *q = q0 + h * hd, *k = q + D, *v = q + 2 * D;
+            float *a = att + (b * H + h) * T * T;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(T), blas_dim(T),
+                        blas_dim(hd), scale, q, blas_ld(ld), k, blas_ld(ld), 0.0f, a,
+                        blas_ld(T));
+            for (int64_t t = 0; t < T; t++) {
+                float *restrict row = a + t * T;
+                const int64_t len = t + 1;
+                float m = row[0];
+                for (int64_t s = 1; s < len; s++) m = row[s] > m ? row[s] : m;
+                VF_FOR(s, w, len, vec_store(row + s, vec_exp(vec_load(row + s, w) - m), w););
+                const float inv = (float)(1.0 / sum_d(row, len));
+                VEC_FOR(s, len, row[s] *= inv;);
+                if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
+                        blas_dim(T), 1.0f, a, blas_ld(T), v, blas_ld(ld), 0.0f,
+                        out + b * T * D + h * hd, blas_ld(D));
+        }
+    }
+}
+
+/* With P the probabilities and dP = dO·Vᵀ:
+ *   dS[t, s] = P[t, s]·(dP[t, s] − Σ_s' P[t, s']·dP[t, s']) / √hd
+ *   dQ = dS·K,  dK = dSᵀ·Q,  dV = Pᵀ·dO
+ * P is zero above the diagonal, so dS is too, and the row sums run over
+ * s ≤ t only. */
+void pw_cpu_attention_bwd_input(const float *restrict qkv, const float *restrict att,
+                                const float *restrict dout, float *restrict dqkv,
+                                float *restrict scratch, int64_t batch, int64_t T, int64_t D,
+                                int64_t H, int accumulate)
+{
+    if (batch <= 0 || T <= 0 || D <= 0 || H <= 0) return;
+    const int64_t hd = D / H, ld = 3 * D;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const float beta = accumulate ? 1.0f : 0.0f; /* 0: C is written, never read */
+    for (int64_t b = 0; b < batch; b++) {
+        const float *q0 = qkv + b * T * ld;
+        float *dq0 = dqkv + b * T * ld;
+        const float *dob = dout + b * T * D;
+        for (int64_t h = 0; h < H; h++) {
+            const float *q = q0 + h * hd, *k = q + D, *v = q + 2 * D;
+            const float *dO = dob + h * hd;
+            float *dq = dq0 + h * hd, *dk = dq + D, *dv = dq + 2 * D;
+            const float *a = att + (b * H + h) * T * T;
+            float *ds = scratch;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(T), blas_dim(T),
+                        blas_dim(hd), 1.0f, dO, blas_ld(D), v, blas_ld(ld), 0.0f, ds,
+                        blas_ld(T));
+            for (int64_t t = 0; t < T; t++) {
+                const float *restrict pr = a + t * T;
+                float *restrict dr = ds + t * T;
+                const int64_t len = t + 1;
+                double acc[LANES] = {0};
+                int64_t s = 0;
+                for (; s + LANES <= len; s += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
+                double dot = 0.0;
+                for (int l = 0; l < LANES; l++) dot += acc[l];
+                for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
+                const float df = (float)dot;
+                VEC_FOR(j, len, dr[j] = pr[j] * (dr[j] - df) * scale;);
+                if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
+                        blas_dim(T), 1.0f, ds, blas_ld(T), k, blas_ld(ld), beta, dq,
+                        blas_ld(ld));
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
+                        blas_dim(T), 1.0f, ds, blas_ld(T), q, blas_ld(ld), beta, dk,
+                        blas_ld(ld));
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
+                        blas_dim(T), 1.0f, a, blas_ld(T), dO, blas_ld(D), beta, dv,
+                        blas_ld(ld));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- dropout */
+
+void pw_cpu_dropout_fwd(const float *restrict x, float *restrict y, uint8_t *restrict mask,
+                        int64_t batch, int64_t numel, float p, uint64_t key,
+                        int64_t first_sample)
+{
+    const float scale = 1.0f / (1.0f - p);
+    for (int64_t b = 0; b < batch; b++) {
+        const uint64_t base = (uint64_t)(first_sample + b) * (uint64_t)numel;
+        const float *restrict xb = x + b * numel;
+        float *restrict yb = y + b * numel;
+        uint8_t *restrict mb = mask + b * numel;
+        for (int64_t j = 0; j < numel; j++) {
+            int keep = pw_rng_uniform(key, base + (uint64_t)j) >= p;
+            mb[j] = (uint8_t)keep;
+            yb[j] = keep ? xb[j] * scale : 0.0f;
+        }
+    }
+}
+
+void pw_cpu_dropout_bwd_input(const uint8_t *restrict mask, const float *restrict dy,
+                              float *restrict dx, int64_t n, float p, int accumulate)
+{
+    const float scale = 1.0f / (1.0f - p);
+    if (accumulate) {
+        VEC_FOR(i, n, float g = dy[i] * scale; dx[i] += mask[i] ? g : 0.0f;);
+    } else {
+        VEC_FOR(i, n, float g = dy[i] * scale; dx[i] = mask[i] ? g : 0.0f;);
     }
 }

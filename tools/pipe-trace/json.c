@@ -205,7 +205,7 @@ static json_t *analysis_json(const pw_trace_analysis *a)
         put(x, "time_us", us(s->t1 - s->t0));
         put(x, "bubble", json_real(s->bubble));
         put(x, "last_rank", json_integer(s->last_rank));
-        for (int r = 0; r < a->n_ranks; r++) {
+        for (int r = 0; s->ranks && r < a->n_ranks; r++) {
             json_t *t = times_json(&s->ranks[r].t, 1);
             if (t) {
                 put(t, "present", json_boolean(s->ranks[r].present));

@@ -29,6 +29,28 @@ void pt_event_text(const pw_ta_event *e, char *buf, size_t n)
     }
 }
 
+/* `s` cut to at most `cols` characters (UTF-8 aware, never splitting one)
+ * and padded with spaces to exactly `cols` columns, into buf. Labels come
+ * from traces (thread names) and may be any UTF-8. */
+static const char *fit(const char *s, int cols, char *buf, size_t n)
+{
+    size_t i = 0;
+    int w = 0;
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p && w < cols) {
+        int len = *p < 0x80 ? 1 : (*p >> 5) == 6 ? 2 : (*p >> 4) == 14 ? 3 : 4;
+        if (i + (size_t)len + 1 >= n) break;
+        for (int k = 0; k < len && *p; k++) buf[i++] = (char)*p++;
+        w++;
+    }
+    while (w < cols && i + 1 < n) {
+        buf[i++] = ' ';
+        w++;
+    }
+    buf[i] = 0;
+    return buf;
+}
+
 /* ------------------------------------------------------------ styling */
 
 typedef struct style {
@@ -94,8 +116,9 @@ static void bubble_section(FILE *f, const pw_trace_analysis *a, const pt_options
 
 static void times_row(FILE *f, const char *label, const pw_ta_times *t, double div, double bubble)
 {
-    fprintf(f, "  %-10.10s %8.3f %7.3f %7.3f %7.3f %7.3f %7.3f | %7.3f %7.3f %7.3f %7.3f | %7.3f %7.3f | %5.1f%%\n",
-            label, pt_ms(t->window) / div, pt_ms(t->busy[PW_TA_F]) / div, pt_ms(t->busy[PW_TA_B]) / div,
+    char lb[64];
+    fprintf(f, "  %s %8.3f %7.3f %7.3f %7.3f %7.3f %7.3f | %7.3f %7.3f %7.3f %7.3f | %7.3f %7.3f | %5.1f%%\n",
+            fit(label, 10, lb, sizeof lb), pt_ms(t->window) / div, pt_ms(t->busy[PW_TA_F]) / div, pt_ms(t->busy[PW_TA_B]) / div,
             pt_ms(t->busy[PW_TA_W]) / div, pt_ms(t->busy[PW_TA_OPTIM] + t->busy[PW_TA_OTHER]) / div,
             pt_ms(t->busy[PW_TA_COMM]) / div, pt_ms(t->idle) / div, pt_ms(t->idle_phase[PW_TA_WARMUP]) / div,
             pt_ms(t->idle_phase[PW_TA_STEADY]) / div, pt_ms(t->idle_phase[PW_TA_COOLDOWN]) / div,
@@ -138,9 +161,10 @@ static void cause_section(FILE *f, const pw_trace_analysis *a, const pt_options 
         for (int p = 1; p < PW_TA_N_PHASES; p++)
             if (c->phase_ns[p] > c->phase_ns[ph]) ph = p;
         snprintf(largest, sizeof largest, "%.3f (%" PRId64 ")", pt_ms(c->max_ns), c->max_step);
-        fprintf(f, "  %10.3f %5.1f%% %6" PRId64 " %20s  %-10.10s %s [%s]\n", pt_ms(c->total_ns),
+        char lb[64];
+        fprintf(f, "  %10.3f %5.1f%% %6" PRId64 " %20s  %s %s [%s]\n", pt_ms(c->total_ns),
                 idle > 0 ? 100.0 * (double)c->total_ns / (double)idle : 0.0, c->n_gaps, largest,
-                pt_rank_label(a, c->rank), what, pw_ta_phase_name(ph));
+                fit(pt_rank_label(a, c->rank), 10, lb, sizeof lb), what, pw_ta_phase_name(ph));
     }
 }
 
@@ -185,8 +209,9 @@ static void path_section(FILE *f, const pw_trace_analysis *a, const pt_options *
             case PW_PATH_GAP: snprintf(txt, sizeof txt, "untracked gap"); break;
             case PW_PATH_START: snprintf(txt, sizeof txt, "step start"); break;
             }
-            fprintf(f, "  %10.3f %9.3f  %-10.10s %s\n", pt_ms(p->t0 - d->t0), pt_ms(p->t1 - p->t0),
-                    pt_rank_label(a, p->rank), txt);
+            char lb[64];
+            fprintf(f, "  %10.3f %9.3f  %s %s\n", pt_ms(p->t0 - d->t0), pt_ms(p->t1 - p->t0),
+                    fit(pt_rank_label(a, p->rank), 10, lb, sizeof lb), txt);
         }
         return;
     }
@@ -228,8 +253,9 @@ static void gap_section(FILE *f, const pw_trace_analysis *a, const pt_options *o
         const pw_ta_gap *g = &d->gaps[i];
         char what[192];
         pw_ta_gap_format(a, g, what, sizeof what);
-        fprintf(f, "  %-10.10s %10.3f %9.3f  %-9s %s\n", pt_rank_label(a, g->rank), pt_ms(g->t0 - d->t0),
-                pt_ms(g->t1 - g->t0), pw_ta_phase_name(g->phase), what);
+        char lb[64];
+        fprintf(f, "  %s %10.3f %9.3f  %-9s %s\n", fit(pt_rank_label(a, g->rank), 10, lb, sizeof lb),
+                pt_ms(g->t0 - d->t0), pt_ms(g->t1 - g->t0), pw_ta_phase_name(g->phase), what);
     }
 }
 
@@ -241,7 +267,8 @@ static void gantt(FILE *f, const pw_trace_analysis *a, const pt_options *o)
     if (d->step < 0 || d->t1 <= d->t0 || a->n_ranks == 0) return;
     int label_w = 4;
     for (int r = 0; r < a->n_ranks; r++) {
-        int l = (int)strlen(a->ranks[r].label);
+        int l = 0; /* characters, not bytes */
+        for (const unsigned char *p = (const unsigned char *)a->ranks[r].label; *p; p++) l += (*p & 0xc0) != 0x80;
         if (l > label_w) label_w = l;
     }
     if (label_w > 16) label_w = 16;
@@ -311,7 +338,8 @@ static void gantt(FILE *f, const pw_trace_analysis *a, const pt_options *o)
             }
             c = c1;
         }
-        fprintf(f, "  %-*.*s │", label_w, label_w, a->ranks[r].label);
+        char lb[96];
+        fprintf(f, "  %s │", fit(a->ranks[r].label, label_w, lb, sizeof lb));
         int prev = -1, prev_digit = -1;
         for (int c = 0; c < cols; c++) {
             const style *st = &k_style[cls[c]];
@@ -439,7 +467,8 @@ void pt_report_compare(FILE *f, const pw_trace_analysis *a, const pw_trace_analy
         char ca[64] = "-", cb[64] = "-";
         if (x) snprintf(ca, sizeof ca, "%8.3f %8.3f %6.1f%%", pt_ms(x->total.compute) / na, pt_ms(x->total.idle) / na, 100 * x->bubble);
         if (y) snprintf(cb, sizeof cb, "%8.3f %8.3f %6.1f%%", pt_ms(y->total.compute) / nb, pt_ms(y->total.idle) / nb, 100 * y->bubble);
-        fprintf(f, "  %-10.10s %26s %26s", x ? x->label : y->label, ca, cb);
+        char lb[64];
+        fprintf(f, "  %s %26s %26s", fit(x ? x->label : y->label, 10, lb, sizeof lb), ca, cb);
         if (x && y) fprintf(f, " %+12.3f ms", pt_ms(y->total.idle) / nb - pt_ms(x->total.idle) / na);
         fputc('\n', f);
     }
@@ -452,8 +481,9 @@ void pt_report_compare(FILE *f, const pw_trace_analysis *a, const pw_trace_analy
         for (int i = 0; i < n; i++) {
             char what[160];
             pw_ta_cause_format(&x->causes[i], what, sizeof what);
-            fprintf(f, "  %10.3f ms/step  %-10.10s %s\n", pt_ms(x->causes[i].total_ns) / (k ? nb : na),
-                    pt_rank_label(x, x->causes[i].rank), what);
+            char lb[64];
+            fprintf(f, "  %10.3f ms/step  %s %s\n", pt_ms(x->causes[i].total_ns) / (k ? nb : na),
+                    fit(pt_rank_label(x, x->causes[i].rank), 10, lb, sizeof lb), what);
         }
     }
     if (a->n_notes || b->n_notes) {

@@ -1,0 +1,130 @@
+/* pipewright — collectives: summing gradient buckets across data-parallel
+ * replicas, and gathering one number from every member of a group.
+ *
+ * A collective endpoint (pw_coll) is one member's handle on a group of n
+ * members. Two implementations sit behind the same vtable:
+ *   - in-process (this file): a ring over shared memory between threads of
+ *     one process (pw_shm_group);
+ *   - MPI (runtime/transport.h): the same ring over MPI point-to-point, or
+ *     MPI_Iallreduce, on a communicator.
+ *
+ *     pw_shm_group *g;
+ *     PW_CHECK(pw_shm_group_create(2, &g));
+ *     // on member k's thread (k = 0, 1), with its own gradient spans:
+ *     pw_coll me = pw_shm_group_member(g, k);
+ *     pw_span spans[] = {{w_grad, 4096}, {b_grad, 64}};
+ *     PW_CHECK(pw_coll_allreduce(&me, spans, 2, NULL));   // in place: the sum
+ *     ...
+ *     pw_shm_group_destroy(g);   // after every member has returned
+ *
+ * Calls are blocking: the engine runs them on a communication thread per
+ * worker, so its event loops never block (docs/distributed.md). Every member
+ * must make the same sequence of calls with spans of equal total length
+ * (the layouts may differ; only the concatenation matters).
+ *
+ * The ring and its summation order. A bucket of L floats (its spans
+ * concatenated) is cut into n segments, segment j = [⌊jL/n⌋, ⌊(j+1)L/n⌋).
+ * Reduce-scatter: at step s = 0 .. n−2 member k adds the partial sum of
+ * segment (k−s−1) mod n that member k−1 holds into its own copy:
+ * mine = prev + mine. After n−1 steps member k holds segment (k+1) mod n
+ * complete. All-gather: at step t = 0 .. n−2 member k copies the complete
+ * segment (k−t) mod n from member k−1. So every element of segment j is
+ *
+ *     ((g_j + g_{j+1}) + g_{j+2}) + … + g_{j−1}        (member indices mod n)
+ *
+ * summed left to right in float, starting at member j: a fixed order that
+ * depends only on (L, n) — never on thread timing — and that the MPI ring
+ * reproduces exactly, so in-process and MPI runs give the same bytes. Each
+ * member moves 2(n−1)/n·L floats, the ring's optimum.
+ *
+ * Aborting. Every call polls `abort` (may be NULL) at least every few
+ * milliseconds while it waits for another member and then returns
+ * PW_ERR_TIMEOUT ("aborted"); a member that never arrives therefore cannot
+ * hang its peers once the caller raises the flag (the engine does when any
+ * worker fails). After an aborted call the group may only be destroyed.
+ */
+#ifndef PW_RUNTIME_COLLECTIVE_H
+#define PW_RUNTIME_COLLECTIVE_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "runtime/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A contiguous run of floats: one parameter's gradient, say. */
+typedef struct pw_span {
+    float *data;
+    int64_t n;
+} pw_span;
+
+typedef struct pw_coll_i {
+    const char *name;  /* "shm-ring", "mpi-ring", "mpi-iallreduce" */
+    /* Sums the concatenation of `spans` across the group, in place, in the
+     * ring order above (an implementation that cannot, e.g. MPI_Iallreduce,
+     * says so in docs/distributed.md). PW_OK; PW_ERR_TIMEOUT when aborted;
+     * PW_ERR_SHAPE when members disagree on the total length; PW_ERR_IO on a
+     * transport error. */
+    pw_status (*allreduce)(void *self, int member, const pw_span *spans, int n_spans,
+                           const atomic_int *abort);
+    /* Every member contributes `v`; out[0 .. n_members−1] receives all of
+     * them in member order. */
+    pw_status (*allgather_f64)(void *self, int member, double v, double *out,
+                               const atomic_int *abort);
+    /* (optional) For messages, from any thread: the member whose data
+     * `member` is waiting for right now, or -1 (not waiting, or unknown). */
+    int (*waiting_for)(void *self, int member);
+} pw_coll_i;
+
+/* One member's endpoint. */
+typedef struct pw_coll {
+    const pw_coll_i *vt;
+    void *self;
+    int member;      /* 0 .. n_members−1 */
+    int n_members;
+} pw_coll;
+
+static inline pw_status pw_coll_allreduce(const pw_coll *c, const pw_span *spans, int n_spans,
+                                          const atomic_int *abort)
+{
+    return c->vt->allreduce(c->self, c->member, spans, n_spans, abort);
+}
+static inline pw_status pw_coll_allgather_f64(const pw_coll *c, double v, double *out,
+                                              const atomic_int *abort)
+{
+    return c->vt->allgather_f64(c->self, c->member, v, out, abort);
+}
+
+/* Total floats of a span list. */
+int64_t pw_span_total(const pw_span *spans, int n_spans);
+
+/* Segment j of n over L floats: [*lo, *hi). */
+static inline void pw_ring_segment(int64_t L, int n, int j, int64_t *lo, int64_t *hi)
+{
+    *lo = L * j / n;
+    *hi = L * (j + 1) / n;
+}
+
+/* ---------------------------------------------------- in-process group */
+
+typedef struct pw_shm_group pw_shm_group;
+
+/* A group of n >= 1 members that are threads of this process. PW_OK,
+ * PW_ERR_INVALID_ARG (n < 1), PW_ERR_NOMEM. */
+pw_status pw_shm_group_create(int n, pw_shm_group **out);
+/* Accepts NULL. No member may be inside a call. */
+void pw_shm_group_destroy(pw_shm_group *g);
+/* Member k's endpoint (0 <= k < n). */
+pw_coll pw_shm_group_member(pw_shm_group *g, int k);
+/* Members that have joined the collective member `k` is in now (for
+ * messages: "1 of 2 replicas there"); the count of calls made so far by the
+ * slowest member is in *slowest (optional). */
+int pw_shm_group_joined(pw_shm_group *g, int k, int *slowest);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,34 @@
+/* pipewright — shared by transport_mpi.c and collective_mpi.c. Not
+ * installed. Only for builds with PW_HAVE_MPI. */
+#ifndef PW_RUNTIME_TRANSPORT_INTERNAL_H
+#define PW_RUNTIME_TRANSPORT_INTERNAL_H
+
+#ifdef PW_HAVE_MPI
+#include <mpi.h>
+#include <stdatomic.h>
+
+#include "runtime/transport.h"
+
+_Static_assert(sizeof(MPI_Request) <= sizeof(((pw_treq *)0)->opaque), "pw_treq too small for MPI_Request");
+
+/* Set when MPI granted less than MPI_THREAD_MULTIPLE: every MPI call of
+ * ours then holds pw_mpi_mu. */
+extern int pw_mpi_serialize;
+void pw_mpi_lock(void);
+void pw_mpi_unlock(void);
+
+/* "what: MPI error text" as PW_ERR_IO. */
+pw_status pw_mpi_error(int rc, const char *what);
+
+/* Tests `reqs` until all complete (statuses optional), without blocking in
+ * MPI: between tests it yields, then sleeps a few microseconds. Gives up with
+ * PW_ERR_TIMEOUT when *abort becomes non-zero (abort may be NULL). */
+pw_status pw_mpi_wait(MPI_Request *reqs, int n, MPI_Status *sts, const atomic_int *abort,
+                      const char *what);
+
+/* collective_mpi.c: the collectives on `comm` (borrowed; must outlive it). */
+pw_status pw_mpi_coll_init(MPI_Comm comm, pw_allreduce_algo algo, pw_coll *out);
+void pw_mpi_coll_fini(pw_coll *c);
+#endif
+
+#endif

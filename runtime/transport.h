@@ -1,0 +1,135 @@
+/* pipewright — transports: messages between pipeline ranks that live in
+ * different processes, collectives across them, and the layout of a
+ * multi-process run. The MPI transport is the one implementation (built when
+ * PW_HAVE_MPI); in one process the engine hands buffers between threads and
+ * needs no transport at all.
+ *
+ *     // mpirun -np 4 pipeline-run m.graph --stages 2 --replicas 2
+ *     pw_mpi_config mc = {.n_ranks = 2, .n_replicas = 2};
+ *     pw_transport *t;
+ *     if (pw_mpi_transport_create(&argc, &argv, &mc, &t) != PW_OK) { ... }
+ *     // t->replica, t->rank: what this process runs (world rank w is
+ *     // replica w / n_ranks, rank w % n_ranks)
+ *     pw_engine_config ec = {..., .replicas = 2, .transport = t};
+ *     ...
+ *     pw_transport_destroy(t);       // MPI_Finalize
+ *
+ * Layout. World rank w runs pipeline rank w mod S of replica w div S, so one
+ * replica's ranks are consecutive (mpirun places them on neighbouring cores).
+ * Two communicators are split from the world: the replica's (its S ranks,
+ * for activations and gradients between stages and the global gradient norm)
+ * and the stage's (the R processes that hold the same rank, for the gradient
+ * all-reduce).
+ *
+ * Threads. The engine's worker calls the point-to-point functions from its
+ * event loop and its communication thread calls the collectives; the caller's
+ * thread uses the blocking world functions between steps. The MPI transport
+ * asks for MPI_THREAD_MULTIPLE and serialises its own calls with a lock when
+ * the library grants less (at least MPI_THREAD_SERIALIZED is required).
+ *
+ * Failure. Every function returns a pw_status with a message; nothing here
+ * exits. pw_transport_abort (MPI_Abort) is for tools that have reported an
+ * error and want every other process stopped at once.
+ */
+#ifndef PW_RUNTIME_TRANSPORT_H
+#define PW_RUNTIME_TRANSPORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "runtime/collective.h"
+#include "runtime/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A pending non-blocking operation: storage the caller owns. */
+typedef struct pw_treq {
+    _Alignas(8) unsigned char opaque[16];
+    size_t bytes;         /* a receive: what must arrive */
+} pw_treq;
+
+typedef struct pw_transport_i {
+    const char *name;
+    /* Non-blocking point-to-point between pipeline ranks of this process's
+     * replica, matched by (peer, tag) in posting order. */
+    pw_status (*isend)(void *self, int to_rank, int tag, const void *buf, size_t bytes, pw_treq *req);
+    pw_status (*irecv)(void *self, int from_rank, int tag, void *buf, size_t bytes, pw_treq *req);
+    /* 1: complete; 0: pending; -1: failed (pw_last_error says why; a
+     * receive of another size than posted fails). Never blocks. */
+    int (*test)(void *self, pw_treq *req);
+    /* Blocking, on the world, from one thread between steps. Tags >= 0. */
+    pw_status (*send)(void *self, int to_world, int tag, const void *buf, size_t bytes);
+    pw_status (*recv)(void *self, int from_world, int tag, void *buf, size_t bytes);
+    /* all[world_size × bytes] receives every process's `mine`, in world order. */
+    pw_status (*allgather)(void *self, const void *mine, size_t bytes, void *all);
+    pw_status (*barrier)(void *self);
+    /* Stops every process of the run (MPI_Abort); for tools, after reporting. */
+    void (*abort)(void *self, int code);
+    void (*destroy)(void *self);
+} pw_transport_i;
+
+typedef struct pw_transport {
+    const pw_transport_i *vt;
+    void *self;
+    int world_rank, world_size;
+    int replica, n_replicas;  /* this process's replica */
+    int rank, n_ranks;        /* this process's pipeline rank */
+    int local_rank, local_size; /* among the run's processes on this host */
+    int max_tag;              /* largest point-to-point tag */
+    pw_coll stage_coll;       /* the R processes holding this rank: member = replica */
+    pw_coll replica_coll;     /* the S ranks of this replica: member = rank */
+    char desc[128];           /* "MPI (Open MPI 4.1.4), ring all-reduce, thread level multiple" */
+} pw_transport;
+
+/* Accepts NULL. For MPI: frees the communicators and calls MPI_Finalize. */
+void pw_transport_destroy(pw_transport *t);
+/* MPI_Abort on the world; returns only when the transport cannot abort. */
+void pw_transport_abort(pw_transport *t, int code);
+/* The world rank running pipeline rank `rank` of `replica`. */
+static inline int pw_transport_world_of(const pw_transport *t, int replica, int rank)
+{
+    return replica * t->n_ranks + rank;
+}
+
+/* ------------------------------------------------------------------ MPI */
+
+typedef enum pw_allreduce_algo {
+    PW_ALLREDUCE_RING = 0,   /* the ring of collective.h over MPI_Isend/Irecv:
+                                same bytes as in one process (default) */
+    PW_ALLREDUCE_MPI,        /* MPI_Iallreduce: the library's order */
+} pw_allreduce_algo;
+
+typedef struct pw_mpi_config {
+    int n_ranks;             /* S: pipeline ranks per replica */
+    int n_replicas;          /* R; the world must have S × R processes */
+    pw_allreduce_algo allreduce;
+} pw_mpi_config;
+
+/* 1 when this build has MPI (PW_HAVE_MPI). */
+int pw_mpi_built(void);
+/* The world size the launcher announced in the environment (Open MPI's
+ * OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_SIZE...), 0 when the process was not
+ * started by mpirun. Needs no MPI library. */
+int pw_mpi_launched_size(void);
+/* "ring" / "mpi" -> algorithm; PW_ERR_INVALID_ARG otherwise. */
+pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out);
+
+/* Initialises MPI (MPI_Init_thread), checks the world has n_ranks ×
+ * n_replicas processes ("mpirun -np 3, but --stages 2 x --replicas 2 needs
+ * 4 processes") and splits the communicators. PW_OK: *out is new.
+ * PW_ERR_UNSUPPORTED without MPI in this build; PW_ERR_INVALID_ARG for a
+ * bad layout; PW_ERR_IO when MPI fails. */
+pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *cfg,
+                                  pw_transport **out);
+
+/* Just the MPI collectives of transport.c on a communicator the caller owns
+ * (benchmarks and tests): `comm` is an MPI_Comm passed by address. */
+pw_status pw_mpi_coll_create(const void *comm, pw_allreduce_algo algo, pw_coll *out);
+void pw_mpi_coll_destroy(pw_coll *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,426 @@
+/* pipewright — the engine's communication: gradient buckets summed across
+ * replicas on a communication thread per worker, the global gradient norm,
+ * and messages to and from pipeline ranks in other processes.
+ *
+ * Buckets. Each chunk's gradients come in the schedule's n_buckets buckets
+ * (pw_stage_i.grad_bucket). A bucket starts (pw_eng_bucket_start) when the
+ * chunk's last backward that touches it returns — bucket by bucket inside
+ * that backward when the chunk has backward_bucket — or at the latest at its
+ * ALLREDUCE action. Starting only queues a job for the worker's
+ * communication thread, which runs the (blocking) collective and wakes the
+ * worker's loop when it is done. OPTIM parks until all the rank's buckets
+ * are done, so the worker never blocks and the all-reduces overlap whatever
+ * the rank still computes. Every worker queues its buckets in the order of
+ * its program, the same on every replica, so the members of each group meet
+ * in the same sequence and the collectives cannot deadlock.
+ *
+ * Other processes. Sends are MPI_Isend-like and complete in the background:
+ * the worker tests them at its actions and from a poll timer
+ * (PW_ENG_POLL_US) while a step runs, and returns each buffer to its pool
+ * when its send completes. A receive is posted when its RECV action is
+ * reached and tested the same way; a parked worker is woken by the timer.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "runtime/log.h"
+#include "scheduler/engine-internal.h"
+
+static void comm_fail(pw_worker *w, pw_status st, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void comm_fail(pw_worker *w, pw_status st, const char *fmt, ...)
+{
+    char why[PW_ENGINE_ERRMSG - 128], who[64], msg[PW_ENGINE_ERRMSG];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(why, sizeof why, fmt, ap);
+    va_end(ap);
+    pw_eng_name(w->e, w->replica, w->rank, who, sizeof who);
+    snprintf(msg, sizeof msg, "%s%s", who, why);
+    pw_eng_fail(w->e, st, msg);
+}
+
+/* ------------------------------------------------- communication thread */
+
+static pw_coll bucket_coll(pw_worker *w, int chunk)
+{
+    pw_engine *e = w->e;
+    if (e->t) return e->t->stage_coll;
+    return pw_shm_group_member(e->groups[chunk], w->replica);
+}
+
+static pw_coll norm_coll(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    if (e->t) return e->t->replica_coll;
+    return pw_shm_group_member(e->norm_groups[w->lrep], w->rank);
+}
+
+static void *comm_main(void *arg)
+{
+    pw_worker *w = arg;
+    pw_engine *e = w->e;
+    pthread_mutex_lock(&w->comm_mu);
+    for (;;) {
+        while (!w->comm_quit && w->jobs_n == 0) pthread_cond_wait(&w->comm_cv, &w->comm_mu);
+        if (w->comm_quit) break;
+        pw_job j = w->jobs[w->jobs_head];
+        w->jobs_head = (w->jobs_head + 1) % w->jobs_cap;
+        w->jobs_n--;
+        pw_bucket *bk = j.kind == PW_JOB_ALLREDUCE ? pw_eng_bucket(e, w->lrep, j.chunk, j.bucket) : NULL;
+        pthread_mutex_unlock(&w->comm_mu);
+
+        pw_clear_error();
+        pw_status st;
+        if (bk) {
+            pw_coll co = bucket_coll(w, j.chunk);
+            st = pw_coll_allreduce(&co, bk->spans, bk->n_spans, &e->abort);
+        } else {
+            pw_coll co = norm_coll(w);
+            st = pw_coll_allgather_f64(&co, j.value, w->norm_vals, &e->abort);
+        }
+        int64_t t1 = pw_now_ns();
+
+        pthread_mutex_lock(&w->comm_mu);
+        if (bk) {
+            bk->state = st == PW_OK ? PW_BK_DONE : PW_BK_FAILED;
+            bk->t1 = t1;
+        } else {
+            w->norm_state = st == PW_OK ? PW_BK_DONE : PW_BK_FAILED;
+        }
+        if (st != PW_OK && w->comm_err == PW_OK) {
+            w->comm_err = st;
+            snprintf(w->comm_msg, sizeof w->comm_msg, "%s", pw_last_error()[0] ? pw_last_error() : pw_status_str(st));
+        }
+        pthread_mutex_unlock(&w->comm_mu);
+        event_active(w->wake, 0, 0);
+        pthread_mutex_lock(&w->comm_mu);
+    }
+    pthread_mutex_unlock(&w->comm_mu);
+    return NULL;
+}
+
+pw_status pw_eng_comm_start(pw_engine *e, pw_worker *w)
+{
+    (void)e;
+    pthread_mutex_init(&w->comm_mu, NULL);
+    pthread_cond_init(&w->comm_cv, NULL);
+    w->comm_init = 1;
+    int rc = pthread_create(&w->comm_thread, NULL, comm_main, w);
+    if (rc != 0)
+        return pw_error(PW_ERR_NOMEM, "engine: cannot start the communication thread of rank %d: %s", w->rank,
+                        strerror(rc));
+    w->comm_started = 1;
+    return PW_OK;
+}
+
+void pw_eng_comm_stop(pw_worker *w)
+{
+    if (!w->comm_started) return;
+    pthread_mutex_lock(&w->comm_mu);
+    w->comm_quit = 1;
+    pthread_cond_broadcast(&w->comm_cv);
+    pthread_mutex_unlock(&w->comm_mu);
+    pthread_join(w->comm_thread, NULL);
+    w->comm_started = 0;
+}
+
+void pw_eng_comm_free(pw_worker *w)
+{
+    if (!w->comm_init) return;
+    pthread_cond_destroy(&w->comm_cv);
+    pthread_mutex_destroy(&w->comm_mu);
+    w->comm_init = 0;
+}
+
+void pw_eng_comm_begin_step(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    if (!e->use_comm) return;
+    pthread_mutex_lock(&w->comm_mu);
+    for (int l = 0; e->bucketed && l < w->n_chunks; l++)
+        for (int b = 0; b < e->NB; b++) pw_eng_bucket(e, w->lrep, w->chunk_ids[l], b)->state = PW_BK_IDLE;
+    w->norm_state = PW_BK_IDLE;
+    pthread_mutex_unlock(&w->comm_mu);
+}
+
+static void push_job(pw_worker *w, pw_job j)
+{
+    /* (comm_mu held) The ring holds a step's jobs: every bucket of the
+     * rank's chunks once, plus the norm. */
+    PW_ASSERT(w->jobs_n < w->jobs_cap);
+    w->jobs[(w->jobs_head + w->jobs_n) % w->jobs_cap] = j;
+    w->jobs_n++;
+    pthread_cond_signal(&w->comm_cv);
+}
+
+void pw_eng_bucket_start(pw_worker *w, int chunk, int b)
+{
+    pw_engine *e = w->e;
+    if (!e->bucketed) return;
+    pw_bucket *bk = pw_eng_bucket(e, w->lrep, chunk, b);
+    int64_t now = pw_now_ns();
+    pthread_mutex_lock(&w->comm_mu);
+    if (bk->state == PW_BK_IDLE) {
+        bk->t0 = now;
+        if (bk->floats == 0) {
+            /* Empty on every replica (their buckets are alike): nothing to sum. */
+            bk->state = PW_BK_DONE;
+            bk->t1 = now;
+        } else {
+            bk->state = PW_BK_QUEUED;
+            push_job(w, (pw_job){.kind = PW_JOB_ALLREDUCE, .chunk = chunk, .bucket = b});
+        }
+    }
+    pthread_mutex_unlock(&w->comm_mu);
+}
+
+/* ------------------------------------------------------------ OPTIM wait */
+
+static int park(pw_worker *w, int kind, int chunk, int bucket)
+{
+    if (!w->wait_t0) w->wait_t0 = pw_now_ns();
+    w->wait_kind = kind;
+    w->wait_key_chunk = chunk;
+    w->wait_key_bucket = bucket;
+    return 1;
+}
+
+/* Leaves a park, recording the wait (an exposed all-reduce when kind is
+ * PW_WAIT_BUCKET). */
+static void unpark(pw_worker *w, const char *name)
+{
+    if (!w->wait_t0) return;
+    int64_t now = pw_now_ns();
+    w->wait_ns += now - w->wait_t0;
+    if (w->wait_kind == PW_WAIT_BUCKET) w->coll_wait_ns += now - w->wait_t0;
+    if (w->e->trace)
+        pw_eng_trace(w, name, PW_TRACE_WAIT, w->wait_key_chunk, w->wait_key_bucket, -1, 0, w->wait_t0, now);
+    w->wait_t0 = 0;
+    w->wait_kind = PW_WAIT_NONE;
+}
+
+/* 0: all the worker's buckets are done; 1: parked on one; -1: one failed. */
+static int buckets_done(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    int wait_c = -1, wait_b = -1, failed = 0;
+    pthread_mutex_lock(&w->comm_mu);
+    for (int l = 0; l < w->n_chunks && wait_c < 0 && !failed; l++)
+        for (int b = 0; b < e->NB; b++) {
+            int s = pw_eng_bucket(e, w->lrep, w->chunk_ids[l], b)->state;
+            if (s == PW_BK_FAILED) {
+                failed = 1;
+                wait_c = w->chunk_ids[l];
+                wait_b = b;
+                break;
+            }
+            if (s != PW_BK_DONE) {
+                wait_c = w->chunk_ids[l];
+                wait_b = b;
+                break;
+            }
+        }
+    char msg[sizeof w->comm_msg];
+    memcpy(msg, w->comm_msg, sizeof msg);
+    pw_status err = w->comm_err;
+    pthread_mutex_unlock(&w->comm_mu);
+    if (failed) {
+        comm_fail(w, err != PW_OK ? err : PW_ERR_INTERNAL, " (chunk %d): all-reduce of gradient bucket %d: %s",
+                  wait_c, wait_b, msg);
+        return -1;
+    }
+    if (wait_c >= 0) return park(w, PW_WAIT_BUCKET, wait_c, wait_b);
+    unpark(w, "wait ALLREDUCE");
+    /* Each bucket's whole run, start to finish, on the worker's track. */
+    for (int l = 0; l < w->n_chunks; l++)
+        for (int b = 0; b < e->NB; b++) {
+            const int c = w->chunk_ids[l];
+            pw_bucket *bk = pw_eng_bucket(e, w->lrep, c, b);
+            pthread_mutex_lock(&w->comm_mu);
+            int64_t t0 = bk->t0, t1 = bk->t1;
+            pthread_mutex_unlock(&w->comm_mu);
+            w->coll_ns += t1 - t0;
+            if (e->trace && bk->floats > 0)
+                pw_eng_trace(w, "ALLREDUCE", PW_TRACE_COMM, c, b, -1, bk->floats * (int64_t)sizeof(float), t0, t1);
+        }
+    return 0;
+}
+
+/* The rank's share of the squared global norm: its chunks in chunk order. */
+static double local_sumsq(pw_worker *w)
+{
+    double s = 0.0;
+    for (int l = 0; l < w->n_chunks; l++) {
+        pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, w->chunk_ids[l]);
+        s += ch->vt->grad_sumsq(ch->self);
+    }
+    return s;
+}
+
+/* Scales the rank's gradients so the global norm is at most clip (PyTorch's
+ * clip_grad_norm_: coefficient clip / (norm + 1e-6), applied when below 1). */
+static void apply_clip(pw_worker *w, double total)
+{
+    pw_engine *e = w->e;
+    double norm = sqrt(total);
+    w->grad_norm = norm;
+    double coef = e->clip / (norm + 1e-6);
+    if (!(coef < 1.0)) return;
+    for (int l = 0; l < w->n_chunks; l++) {
+        pw_echunk *ch = pw_eng_chunk(e, w->lrep, w->chunk_ids[l]);
+        ch->vt->scale_grads(ch->self, (float)coef);
+    }
+}
+
+int pw_eng_comm_before_optim(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    if (w->optim_phase == 0) {
+        if (e->bucketed) {
+            int rc = buckets_done(w);
+            if (rc != 0) return rc;
+        }
+        w->optim_phase = 1;
+    }
+    if (e->clip <= 0) return 0;
+    if (w->optim_phase == 1) {
+        double mine = local_sumsq(w);
+        if (!e->use_comm) {
+            /* One rank of one replica: the norm is ours alone. */
+            apply_clip(w, mine);
+            w->optim_phase = 3;
+            return 0;
+        }
+        pthread_mutex_lock(&w->comm_mu);
+        w->norm_state = PW_BK_QUEUED;
+        push_job(w, (pw_job){.kind = PW_JOB_NORM, .value = mine});
+        pthread_mutex_unlock(&w->comm_mu);
+        w->optim_phase = 2;
+    }
+    if (w->optim_phase == 2) {
+        pthread_mutex_lock(&w->comm_mu);
+        int s = w->norm_state;
+        pw_status err = w->comm_err;
+        char msg[sizeof w->comm_msg];
+        memcpy(msg, w->comm_msg, sizeof msg);
+        pthread_mutex_unlock(&w->comm_mu);
+        if (s == PW_BK_FAILED) {
+            comm_fail(w, err != PW_OK ? err : PW_ERR_INTERNAL, ": global gradient norm: %s", msg);
+            return -1;
+        }
+        if (s != PW_BK_DONE) return park(w, PW_WAIT_NORM, -1, -1);
+        unpark(w, "wait GRADNORM");
+        /* Every rank's share, summed in rank order: the same total on every
+         * rank and replica, in one process or many. */
+        double total = 0.0;
+        pthread_mutex_lock(&w->comm_mu);
+        for (int r = 0; r < e->S; r++) total += w->norm_vals[r];
+        pthread_mutex_unlock(&w->comm_mu);
+        apply_clip(w, total);
+        w->optim_phase = 3;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------ other processes */
+
+int pw_eng_progress_sends(pw_worker *w)
+{
+    const pw_transport *t = w->e->t;
+    int k = 0;
+    for (int i = 0; i < w->n_pending; i++) {
+        int rc = t->vt->test(t->self, &w->pending[i].req);
+        if (rc < 0) {
+            comm_fail(w, PW_ERR_IO, ": sending a message to another process: %s", pw_last_error());
+            /* Keep the rest; the step is failing. */
+            for (int j = i; j < w->n_pending; j++) w->pending[k++] = w->pending[j];
+            w->n_pending = k;
+            return -1;
+        }
+        if (rc == 1) pw_eng_buf_put(w->pending[i].buf);
+        else w->pending[k++] = w->pending[i];
+    }
+    w->n_pending = k;
+    return 0;
+}
+
+int pw_eng_remote_send(pw_worker *w, const char *kind, int src_chunk, int dir, int dst_chunk, int mb,
+                       pw_msgbuf *buf, size_t bytes)
+{
+    pw_engine *e = w->e;
+    const pw_transport *t = e->t;
+    if (w->n_pending >= w->max_pending && pw_eng_progress_sends(w) < 0) return -1;
+    if (w->n_pending >= w->max_pending) {
+        comm_fail(w, PW_ERR_INTERNAL, " (chunk %d), %s of micro-batch %d: %d sends in flight", src_chunk, kind,
+                  mb, w->n_pending);
+        return -1;
+    }
+    struct pw_pending *p = &w->pending[w->n_pending];
+    pw_clear_error();
+    pw_status st = t->vt->isend(t->self, pw_eng_rank_of(e, dst_chunk), pw_eng_tag(e, dir, dst_chunk, mb),
+                                buf ? buf->data : NULL, bytes, &p->req);
+    if (st != PW_OK) {
+        comm_fail(w, st, " (chunk %d), %s of micro-batch %d: %s", src_chunk, kind, mb, pw_last_error());
+        return -1;
+    }
+    p->buf = buf;
+    w->n_pending++;
+    return pw_eng_progress_sends(w);
+}
+
+int pw_eng_remote_recv(pw_worker *w, const char *kind, int dir, int c, int mb, pw_msgbuf **out)
+{
+    pw_engine *e = w->e;
+    const pw_transport *t = e->t;
+    pw_mail *mail = pw_eng_mail(e, w->lrep, dir, c, mb);
+    const int src = dir == PW_DIR_F ? c - 1 : c + 1;
+    if (!mail->posted) {
+        pw_pool *pool = dir == PW_DIR_F ? pw_eng_act_pool(e, w->lrep, c - 1) : pw_eng_grad_pool(e, w->lrep, c);
+        pw_msgbuf *b = NULL;
+        if (pool->bytes) {
+            /* The consumer alone holds a received buffer. */
+            b = pw_eng_pool_get(pool, 1);
+            if (!b && pw_eng_progress_sends(w) >= 0) b = pw_eng_pool_get(pool, 1);
+            if (!b) {
+                comm_fail(w, PW_ERR_INTERNAL, " (chunk %d), %s of micro-batch %d: no free receive buffer "
+                          "(%d of link %d->%d)", c, kind, mb, pool->n, pool->link, pool->link + 1);
+                return -1;
+            }
+        }
+        pw_clear_error();
+        pw_status st = t->vt->irecv(t->self, pw_eng_rank_of(e, src), pw_eng_tag(e, dir, c, mb),
+                                    b ? b->data : NULL, pool->bytes, &mail->req);
+        if (st != PW_OK) {
+            pw_eng_buf_put(b);
+            comm_fail(w, st, " (chunk %d), %s of micro-batch %d: %s", c, kind, mb, pw_last_error());
+            return -1;
+        }
+        mail->buf = b;
+        mail->posted = 1;
+    }
+    int rc = t->vt->test(t->self, &mail->req);
+    if (rc < 0) {
+        char from[64];
+        pw_eng_name(e, w->replica, pw_eng_rank_of(e, src), from, sizeof from);
+        comm_fail(w, PW_ERR_IO, " (chunk %d), %s of micro-batch %d from %s: %s", c, kind, mb, from,
+                  pw_last_error());
+        return -1;
+    }
+    if (rc == 0) return 0;
+    mail->posted = 0;
+    *out = mail->buf;
+    mail->buf = NULL;
+    return 1;
+}
+
+void pw_eng_poll_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    pw_worker *w = arg;
+    if (!w->running) return;
+    if (w->n_pending > 0 && pw_eng_progress_sends(w) < 0) return; /* the failure wakes us */
+    if (w->wait_t0) pw_eng_drive(w);
+}
