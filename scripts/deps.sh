@@ -7,7 +7,7 @@ PKGS=(build-essential cmake pkg-config
       libhwloc-dev hwloc libevent-dev libjansson-dev zlib1g-dev
       libopenblas-dev libcriterion-dev
       libopenmpi-dev openmpi-bin
-      dataset-fashion-mnist)
+      dataset-fashion-mnist fortunes)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -17,38 +17,9 @@ struct pw_trainer {
     int64_t sampler_epoch;     /* epoch the sampler's order is for; -1 none */
 };
 
-static const pw_value *logits_value(const pw_graph *g)
-{
-    for (int i = 0; i < g->n_nodes; i++)
-        if (g->nodes[i].op == PW_OP_SOFTMAX_XENT) return &g->values[g->nodes[i].inputs[0]];
-    return NULL;
-}
-
 pw_status pw_trainer_check_data(const pw_graph *g, const pw_dataset *d)
 {
-    const pw_value *in = &g->values[g->input];
-    char a[96], b[96];
-    if (in->dtype != PW_F32)
-        return pw_error(PW_ERR_SHAPE, "%s: input '%s' is %s but data set '%s' gives f32 samples",
-                        g->file, in->name, pw_dtype_name(in->dtype), d->name);
-    if (pw_shape_numel(&in->shape) != pw_shape_numel(&d->sample_shape))
-        return pw_error(PW_ERR_SHAPE, "%s: input '%s' has shape %s but data set '%s' has samples "
-                        "of shape %s", g->file, in->name, pw_shape_str(&in->shape, a, sizeof a),
-                        d->name, pw_shape_str(&d->sample_shape, b, sizeof b));
-    if (g->label < 0)
-        return pw_error(PW_ERR_SHAPE, "%s: the graph declares no `label`, so it cannot be trained",
-                        g->file);
-    const pw_value *lab = &g->values[g->label];
-    if (pw_shape_numel(&lab->shape) != 1)
-        return pw_error(PW_ERR_SHAPE, "%s: label '%s' has shape %s but data set '%s' gives one "
-                        "class per sample", g->file, lab->name,
-                        pw_shape_str(&lab->shape, a, sizeof a), d->name);
-    const pw_value *lg = logits_value(g);
-    int64_t C = lg && lg->shape.ndim ? lg->shape.d[lg->shape.ndim - 1] : 0;
-    if (d->n_classes > C)
-        return pw_error(PW_ERR_SHAPE, "%s: the loss has %lld classes but data set '%s' has "
-                        "labels up to %d", g->file, (long long)C, d->name, d->n_classes - 1);
-    return PW_OK;
+    return pw_dataset_check_graph(g, d);
 }
 
 pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
@@ -78,6 +49,7 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
         .loss_batch = c->batch,
         .slots = 1,
         .optim = c->optim,
+        .recompute = c->recompute,
     };
     pw_status st = pw_program_create(&pc, &t->prog);
     if (st == PW_OK) st = pw_sampler_init(&t->sampler, c->train->n, c->shuffle, c->seed);
@@ -123,6 +95,9 @@ pw_status pw_trainer_step(pw_trainer *t, pw_step_stats *out)
     int64_t correct = 0;
     for (int m = 0; m < t->cfg.micro_batches; m++) {
         PW_CHECK(load_micro(t, t->cfg.train, order + (int64_t)m * t->micro, t->micro));
+        /* Dropout masks are keyed by (seed, step, global sample index). */
+        if (pw_program_needs_rng(t->prog))
+            PW_CHECK(pw_program_set_rng(t->prog, 0, t->cfg.seed, t->step + 1, (int64_t)m * t->micro));
         PW_CHECK(pw_program_forward(t->prog, 0, t->micro));
         loss += pw_program_loss_sum(t->prog, 0);
         correct += pw_program_correct(t->prog, 0);
@@ -159,7 +134,7 @@ pw_status pw_trainer_evaluate(pw_trainer *t, const pw_dataset *d, pw_eval_stats 
         int64_t n = d->n - start < t->micro ? d->n - start : t->micro;
         for (int64_t i = 0; i < n; i++) idx[i] = start + i;
         pw_status st = load_micro(t, d, idx, n);
-        if (st == PW_OK) st = pw_program_forward(t->prog, 0, n);
+        if (st == PW_OK) st = pw_program_forward_eval(t->prog, 0, n);
         if (st != PW_OK) {
             free(idx);
             return st;

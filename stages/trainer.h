@@ -44,6 +44,7 @@ typedef struct pw_trainer_config {
     pw_optim_config optim;
     uint64_t seed;             /* parameter init and shuffling */
     int shuffle;               /* 0: data in file order every epoch */
+    int recompute;             /* keep only inputs; recompute the forward in backward */
 } pw_trainer_config;
 
 typedef struct pw_step_stats {
@@ -78,7 +79,8 @@ pw_status pw_trainer_step(pw_trainer *t, pw_step_stats *out);
 /* Forward-only pass over a whole data set (any size). */
 pw_status pw_trainer_evaluate(pw_trainer *t, const pw_dataset *d, pw_eval_stats *out);
 
-/* Checks a data set against the graph's input and label. */
+/* Checks a data set against the graph's input and label
+ * (pw_dataset_check_graph). */
 pw_status pw_trainer_check_data(const pw_graph *g, const pw_dataset *d);
 
 #ifdef __cplusplus
