@@ -79,7 +79,8 @@ typedef struct pw_trace_meta {
     const pw_trace_stage_cost *costs; /* [n_chunks] or NULL */
 } pw_trace_meta;
 
-/* Writes {"traceEvents": [...], "displayTimeUnit": "ns", "pipewright": {...}}
+/* Writes {"displayTimeUnit": "ns", "pipewright": {...}, "traceEvents": [...]}
+ * (metadata first, so a streaming reader has it before the events; one event a line)
  * atomically (temp file + rename). Timestamps are microseconds from the first
  * event. PW_ERR_IO on failure. */
 pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_meta *meta);

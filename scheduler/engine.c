@@ -433,6 +433,16 @@ static void plan_pinning(pw_engine *e)
      * run's processes on this host. */
     int n = e->t ? (e->t->local_size > 0 ? e->t->local_size : 1) : e->NW;
     e->place_first = e->t ? e->t->local_rank : 0;
+    if (e->t) {
+        /* mpirun may already have bound this process to fewer cores than
+         * there are processes on the host: then keep to what it gave us. */
+        int cores = hwloc_get_nbobjs_by_type(e->topo, HWLOC_OBJ_CORE);
+        if (cores <= 0) cores = hwloc_get_nbobjs_by_type(e->topo, HWLOC_OBJ_PU);
+        if (cores > 0 && cores < n) {
+            n = 1;
+            e->place_first = 0;
+        }
+    }
     if (pw_cpu_place_ranks(e->topo, n, &e->place) != PW_OK) {
         PW_WARN("engine: placement failed (%s); workers run unpinned", pw_last_error());
         hwloc_topology_destroy(e->topo);

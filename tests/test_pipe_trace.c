@@ -9,6 +9,7 @@
  * truncation and thousands of random mutations of a trace must give a clean
  * error or a consistent analysis (run this file under ASan + UBSan). Real
  * runs of pipeline-run (balanced stages) land within 2 points of theory. */
+#define _GNU_SOURCE /* nftw */
 #include <criterion/criterion.h>
 #include <jansson.h>
 #include <math.h>
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -46,6 +48,20 @@ static const char *tmpdir(void)
     }
     return g_dir;
 }
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+/* Each test runs in its own process with its own directory; removed after. */
+static void remove_tmpdir(void)
+{
+    if (g_dir[0]) nftw(g_dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
+}
+
+TestSuite(pipe_trace, .fini = remove_tmpdir);
 
 static const char *tmp_path(const char *name)
 {
@@ -1015,8 +1031,11 @@ Test(pipe_trace, random_mutations_never_crash, TIMEOUT)
             ok++;
             const char *why = inconsistency(a);
             if (why) {
-                const char *keep = tmp_path("mutation_failed.json");
-                write_text(keep, m, len);
+                char keep[] = "/tmp/pw_pipe_trace_mutation_XXXXXX";
+                int fd = mkstemp(keep);
+                cr_assert_geq(fd, 0);
+                cr_assert_eq(write(fd, m, len), (ssize_t)len);
+                close(fd);
                 cr_assert_fail("iteration %d: %s (input kept in %s)", iter, why, keep);
             }
             pw_trace_analysis_destroy(a);
@@ -1235,6 +1254,8 @@ static double machine_busy_s(void)
 
 static void real_run(const char *schedule, int M)
 {
+    if (access(PW_BINARY_DIR "/pipeline-run", X_OK) != 0)
+        cr_skip_test("pipeline-run is not built in " PW_BINARY_DIR " (build the pipeline-run target)");
     struct timespec t_start, t_now;
     clock_gettime(CLOCK_MONOTONIC, &t_start);
     int lock = open("/tmp/pw_pipe_trace_real_runs.lock", O_CREAT | O_RDWR, 0666);
@@ -1249,6 +1270,7 @@ static void real_run(const char *schedule, int M)
         clock_gettime(CLOCK_MONOTONIC, &t_now);
         if (t_now.tv_sec - t_start.tv_sec > 35) {
             close(lock);
+            remove_tmpdir(); /* a skipped test does not reach .fini */
             cr_skip_test("the machine is too slow or busy: no time left for run %d of 3 within the test's timeout:\n%s\n%s",
                          attempt + 1, why[0], why[1]);
         }
@@ -1325,9 +1347,11 @@ static void real_run(const char *schedule, int M)
         if (attempt < 2) sleep(1);
     }
     close(lock);
-    if (busy_misses > 0)
+    if (busy_misses > 0) {
+        remove_tmpdir(); /* a skipped test does not reach .fini */
         cr_skip_test("the machine was busy in %d of 3 runs, no timing measurement possible:\n%s\n%s\n%s",
                      busy_misses, why[0], why[1], why[2]);
+    }
     cr_assert_fail("off theory on a quiet machine:\n%s\n%s\n%s", why[0], why[1], why[2]);
 }
 

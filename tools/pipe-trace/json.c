@@ -1,6 +1,8 @@
 /* pipe-trace — the whole analysis as one JSON document (--json). Times are
  * microseconds (the trace's own unit), fractions are in [0, 1]; field names
- * follow docs/pipe-trace.md. */
+ * follow docs/pipe-trace.md. Streamed: small members go through jansson one
+ * at a time, the per-step table one step at a time, so the output of a
+ * long trace is never held in memory whole. */
 #include <jansson.h>
 #include <stdint.h>
 #include <string.h>
@@ -194,31 +196,6 @@ static json_t *analysis_json(const pw_trace_analysis *a)
     }
     put(o, "causes", causes);
 
-    json_t *steps = json_array();
-    for (int64_t i = 0; steps && i < a->n_steps; i++) {
-        const pw_ta_step *s = &a->steps[i];
-        json_t *x = json_object(), *rs = json_array();
-        if (!x || !rs) { json_decref(x); json_decref(rs); bad = 1; break; }
-        put(x, "step", json_integer(s->step));
-        put(x, "analysed", json_boolean(s->analysed));
-        put(x, "start_us", us(s->t0));
-        put(x, "time_us", us(s->t1 - s->t0));
-        put(x, "bubble", json_real(s->bubble));
-        put(x, "last_rank", json_integer(s->last_rank));
-        for (int r = 0; s->ranks && r < a->n_ranks; r++) {
-            json_t *t = times_json(&s->ranks[r].t, 1);
-            if (t) {
-                put(t, "present", json_boolean(s->ranks[r].present));
-                put(t, "start_us", us(s->ranks[r].t0));
-                put(t, "end_us", us(s->ranks[r].t1));
-            }
-            push(rs, t);
-        }
-        put(x, "ranks", rs);
-        push(steps, x);
-    }
-    put(o, "steps", steps);
-
     const pw_ta_detail *d = &a->detail;
     if (d->step < 0) {
         put(o, "detail", json_null());
@@ -292,47 +269,122 @@ static json_t *analysis_json(const pw_trace_analysis *a)
     return o;
 }
 
+/* One member of a streamed object: `"key": value` (v is consumed). */
+static int member(FILE *f, int *first, const char *key, json_t *v)
+{
+    if (!v) bad = 1;
+    json_t *k = json_string(key);
+    int rc = !v || !k;
+    if (!rc) {
+        fputs(*first ? "\n " : ",\n ", f);
+        rc |= json_dumpf(k, f, JSON_ENCODE_ANY) != 0;
+        fputs(": ", f);
+        rc |= json_dumpf(v, f, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(12) | JSON_PRESERVE_ORDER) != 0;
+    }
+    *first = 0;
+    json_decref(k);
+    json_decref(v);
+    if (rc) bad = 1;
+    return rc ? -1 : 0;
+}
+
+static json_t *step_json(const pw_trace_analysis *a, const pw_ta_step *s)
+{
+    json_t *x = json_object(), *rs = s->ranks ? json_array() : NULL;
+    if (!x) return NULL;
+    put(x, "step", json_integer(s->step));
+    put(x, "analysed", json_boolean(s->analysed));
+    put(x, "start_us", us(s->t0));
+    put(x, "time_us", us(s->t1 - s->t0));
+    put(x, "bubble", json_real(s->bubble));
+    put(x, "last_rank", json_integer(s->last_rank));
+    for (int r = 0; s->ranks && rs && r < a->n_ranks; r++) {
+        json_t *t = times_json(&s->ranks[r].t, 1);
+        if (t) {
+            put(t, "present", json_boolean(s->ranks[r].present));
+            put(t, "start_us", us(s->ranks[r].t0));
+            put(t, "end_us", us(s->ranks[r].t1));
+        }
+        push(rs, t);
+    }
+    if (s->ranks) put(x, "ranks", rs);
+    return x;
+}
+
+/* The analysis as one JSON object, streamed member by member: the per-step
+ * table of a long trace is written one step at a time, never held whole. */
+static void write_analysis(FILE *f, const pw_trace_analysis *a)
+{
+    json_t *o = analysis_json(a);
+    int first = 1;
+    fputc('{', f);
+    const char *key;
+    json_t *v;
+    void *tmp;
+    json_object_foreach_safe(o, tmp, key, v) {
+        if (!strcmp(key, "detail")) break; /* steps come before the detail */
+        member(f, &first, key, json_incref(v));
+    }
+    fputs(first ? "\n \"steps\": [" : ",\n \"steps\": [", f);
+    first = 0;
+    for (int64_t i = 0; i < a->n_steps; i++) {
+        json_t *x = step_json(a, &a->steps[i]);
+        if (!x) {
+            bad = 1;
+            break;
+        }
+        fputs(i ? ",\n  " : "\n  ", f);
+        if (json_dumpf(x, f, JSON_COMPACT | JSON_REAL_PRECISION(12) | JSON_PRESERVE_ORDER) != 0) bad = 1;
+        json_decref(x);
+    }
+    fputs(a->n_steps ? "\n ]" : "]", f);
+    member(f, &first, "detail", json_incref(json_object_get(o, "detail")));
+    fputs("\n}", f);
+    json_decref(o);
+}
+
 int pt_json_write(FILE *f, const pw_trace_analysis *a, const pw_trace_analysis *b)
 {
     bad = 0;
-    json_t *doc;
-    if (b) {
-        doc = json_object();
-        if (doc) {
-            put(doc, "a", analysis_json(a));
-            put(doc, "b", analysis_json(b));
-            json_t *diff = json_object();
-            if (diff) {
-                put(diff, "step_time_median_us", us(b->step_ns_median - a->step_ns_median));
-                if (a->bubble >= 0 && b->bubble >= 0) put(diff, "bubble_points", json_real(100 * (b->bubble - a->bubble)));
-                json_t *rk = json_array();
-                int R = a->n_ranks < b->n_ranks ? a->n_ranks : b->n_ranks;
-                double na = a->n_analysed ? (double)a->n_analysed : 1, nb = b->n_analysed ? (double)b->n_analysed : 1;
-                for (int r = 0; rk && r < R; r++) {
-                    json_t *x = json_object();
-                    if (!x) { bad = 1; break; }
-                    put(x, "rank", json_integer(r));
-                    put(x, "compute_per_step_us", json_real(((double)b->ranks[r].total.compute / nb -
-                                                             (double)a->ranks[r].total.compute / na) / 1e3));
-                    put(x, "idle_per_step_us", json_real(((double)b->ranks[r].total.idle / nb -
-                                                          (double)a->ranks[r].total.idle / na) / 1e3));
-                    put(x, "bubble_points", json_real(100 * (b->ranks[r].bubble - a->ranks[r].bubble)));
-                    push(rk, x);
-                }
-                put(diff, "ranks", rk);
-            }
-            put(doc, "diff", diff);
-        }
+    if (!b) {
+        write_analysis(f, a);
     } else {
-        doc = analysis_json(a);
+        fputs("{\n\"a\": ", f);
+        write_analysis(f, a);
+        fputs(",\n\"b\": ", f);
+        write_analysis(f, b);
+        json_t *diff = json_object();
+        if (diff) {
+            put(diff, "step_time_median_us", us(b->step_ns_median - a->step_ns_median));
+            if (a->bubble >= 0 && b->bubble >= 0) put(diff, "bubble_points", json_real(100 * (b->bubble - a->bubble)));
+            json_t *rk = json_array();
+            int R = a->n_ranks < b->n_ranks ? a->n_ranks : b->n_ranks;
+            double na = a->n_analysed ? (double)a->n_analysed : 1, nb = b->n_analysed ? (double)b->n_analysed : 1;
+            for (int r = 0; rk && r < R; r++) {
+                json_t *x = json_object();
+                if (!x) {
+                    bad = 1;
+                    break;
+                }
+                put(x, "rank", json_integer(r));
+                put(x, "compute_per_step_us", json_real(((double)b->ranks[r].total.compute / nb -
+                                                         (double)a->ranks[r].total.compute / na) / 1e3));
+                put(x, "idle_per_step_us", json_real(((double)b->ranks[r].total.idle / nb -
+                                                      (double)a->ranks[r].total.idle / na) / 1e3));
+                put(x, "bubble_points", json_real(100 * (b->ranks[r].bubble - a->ranks[r].bubble)));
+                push(rk, x);
+            }
+            put(diff, "ranks", rk);
+        }
+        fputs(",\n\"diff\": ", f);
+        if (!diff || json_dumpf(diff, f, JSON_COMPACT | JSON_REAL_PRECISION(12) | JSON_PRESERVE_ORDER) != 0) bad = 1;
+        json_decref(diff);
+        fputs("\n}", f);
     }
-    if (!doc || bad) {
-        json_decref(doc);
-        fprintf(stderr, "pipe-trace: out of memory building the JSON\n");
+    fputc('\n', f);
+    if (bad) {
+        fprintf(stderr, "pipe-trace: out of memory (or an invalid string) building the JSON\n");
         return -1;
     }
-    int rc = json_dumpf(doc, f, JSON_INDENT(1) | JSON_REAL_PRECISION(12) | JSON_PRESERVE_ORDER);
-    fputc('\n', f);
-    json_decref(doc);
-    return rc == 0 ? 0 : -1;
+    return ferror(f) ? -1 : 0;
 }
