@@ -467,7 +467,18 @@ static pw_status start_workers(pw_engine *e)
         if (e->check) {
             PW_CHECK(pw_schedule_checker_create(e->s, w->rank, e->rep->peak_inflight[w->rank], &w->checker));
         }
-        w->base = event_base_new();
+        if (e->t) {
+            /* The poll timer needs microseconds: epoll's own timeout has
+             * millisecond steps, a timerfd does not. */
+            struct event_config *ec = event_config_new();
+            if (ec) {
+                event_config_set_flag(ec, EVENT_BASE_FLAG_PRECISE_TIMER);
+                w->base = event_base_new_with_config(ec);
+                event_config_free(ec);
+            }
+        } else {
+            w->base = event_base_new();
+        }
         if (!w->base)
             return pw_error(PW_ERR_INTERNAL, "engine: libevent cannot create an event base for worker %d", i);
         w->wake = event_new(w->base, -1, 0, pw_eng_wake_cb, w);

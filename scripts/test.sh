@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run the whole test suite:
-#   1. the optimised build and every test;
+#   1. the optimised build and every test, then the MPI tests (mpirun on
+#      loopback with 2 and 4 processes; skipped with a message without mpirun);
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
 #   3. the ThreadSanitizer build: the engine's tests, and a real pipeline run.
 # PW_TEST_FAST=1 runs only the first.
@@ -23,7 +24,9 @@ check_log() {
 echo "== build (RelWithDebInfo)"
 bash scripts/build.sh build
 echo "== tests"
-(cd build && ctest --output-on-failure --timeout 900)
+(cd build && ctest --output-on-failure --timeout 900 -LE mpi)
+echo "== MPI tests: pipeline-run under mpirun on loopback, 2 and 4 processes (skipped without mpirun)"
+(cd build && ctest --output-on-failure --timeout 900 -L mpi)
 
 if [ "${PW_TEST_FAST:-0}" != "1" ]; then
     echo "== build (address,undefined sanitizers)"

@@ -13,9 +13,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "graph/graph.h"
+#include "runtime/safetensors.h"
 #include "stages/data.h"
 #include "stages/pipeline.h"
 #include "stages/trainer.h"
@@ -423,4 +425,90 @@ Test(replicas, buckets_overlap_the_backward, .timeout = TIMEOUT)
                  "us with 1", four, one);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
+}
+
+/* ---- pipeline-run's flags ---- */
+
+static int run_tool(const char *args, char **out)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd /tmp && OPENBLAS_NUM_THREADS=1 '%s/pipeline-run' %s 2>&1", PW_BINARY_DIR, args);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    size_t cap = 1 << 16, n = 0, k;
+    char *buf = malloc(cap);
+    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
+        n += k;
+        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = '\0';
+    int st = pclose(p);
+    *out = buf;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(replicas, cli_flags, .timeout = TIMEOUT)
+{
+    char graph[64], args[1024], *o;
+    snprintf(graph, sizeof graph, "/tmp/pw_test_replicas_%d.graph", (int)getpid());
+    FILE *f = fopen(graph, "w");
+    cr_assert_not_null(f);
+    fputs(MLP, f);
+    fclose(f);
+    cr_assert_eq(run_tool("--help", &o), 0);
+    const char *flags[] = {"--replicas", "--buckets", "--clip-grad-norm", "--allreduce"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        cr_assert(strstr(o, flags[i]), "--help does not mention %s", flags[i]);
+    free(o);
+
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --replicas 2 --batch 30 "
+             "--micro-batches 2", graph);
+    cr_assert_eq(run_tool(args, &o), 2, "%s", o);
+    cr_assert(strstr(o, "not divisible by --replicas 2 x --micro-batches 2"), "%s", o);
+    free(o);
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --allreduce ring", graph);
+    cr_assert_eq(run_tool(args, &o), 2, "%s", o);
+    cr_assert(strstr(o, "--allreduce applies to runs under mpirun only"), "%s", o);
+    free(o);
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --replicas 0", graph);
+    cr_assert_eq(run_tool(args, &o), 2, "%s", o);
+    free(o);
+
+    /* Two replicas and one, the same global batch, through the tool: the
+     * saved weights agree to 1e-6. */
+    char a[96], b[96];
+    snprintf(a, sizeof a, "/tmp/pw_test_replicas_%d_a.st", (int)getpid());
+    snprintf(b, sizeof b, "/tmp/pw_test_replicas_%d_b.st", (int)getpid());
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --stages 2 --replicas 2 --buckets 2 "
+             "--batch 32 --micro-batches 2 --steps 6 --clip-grad-norm 10 --save %s", graph, a);
+    cr_assert_eq(run_tool(args, &o), 0, "%s", o);
+    cr_assert(strstr(o, "2 replicas, each 16 samples of every batch"), "%s", o);
+    cr_assert(strstr(o, "grad norm"), "%s", o);
+    free(o);
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --stages 1 --batch 32 "
+             "--micro-batches 2 --steps 6 --clip-grad-norm 10 --save %s --quiet", graph, b);
+    cr_assert_eq(run_tool(args, &o), 0, "%s", o);
+    free(o);
+    pw_graph *g = parse(MLP);
+    pw_safetensors *fa = NULL, *fb = NULL;
+    cr_assert_eq(pw_safetensors_open(a, &fa), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_safetensors_open(b, &fb), PW_OK, "%s", pw_last_error());
+    for (int p = 0; p < g->n_params; p++) {
+        pw_st_tensor ta, tb;
+        cr_assert_eq(pw_safetensors_get(fa, g->params[p].name, &ta), PW_OK);
+        cr_assert_eq(pw_safetensors_get(fb, g->params[p].name, &tb), PW_OK);
+        const float *x = ta.data, *y = tb.data;
+        double scale = 0, diff = 0;
+        for (size_t i = 0; i < ta.nbytes / 4; i++) {
+            scale = fmax(scale, fabs(x[i]));
+            diff = fmax(diff, fabs((double)x[i] - y[i]));
+        }
+        cr_assert_leq(diff, 1e-6 * scale, "%s: differs by %g (scale %g)", g->params[p].name, diff, scale);
+    }
+    pw_safetensors_close(fa);
+    pw_safetensors_close(fb);
+    pw_graph_destroy(g);
+    unlink(a);
+    unlink(b);
+    unlink(graph);
 }
