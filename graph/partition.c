@@ -70,6 +70,9 @@ typedef struct model {
 typedef struct range {
     int i, j;
     int64_t params;             /* distinct parameters used, aligned */
+    int64_t grads;              /* one gradient buffer per use: a parameter used
+                                   twice in the range (tied) sums its uses at the
+                                   end of the step, in a fixed order */
     int64_t optim;
     int64_t act, grad;          /* values read or written by nodes of the range */
     int64_t livein_act;         /* part of act / grad that is live-in at i */
@@ -302,6 +305,7 @@ static void range_add(model *m, range *r)
     }
     for (int k = 0; k < nd->n_params; k++) {
         int q = nd->params[k];
+        r->grads += m->pbytes[q];
         if (m->pstamp[q] == m->stamp) continue;
         m->pstamp[q] = m->stamp;
         r->params += m->pbytes[q];
@@ -348,7 +352,7 @@ static void stage_eval(const model *m, int s, const range *r, pw_stage_cost *o)
     pw_stage_memory *mem = &o->mem;
     mem->slots = m->inflight[s];
     mem->params = r->params;
-    mem->grads = r->params;
+    mem->grads = r->grads;
     mem->optim_state = r->optim;
     /* Everything the range touches: its values (and received values passed
      * on), their gradients, the statistics. */
