@@ -22,7 +22,7 @@
  * per-slot link buffers, plus the data it loads. */
 typedef struct gstage {
     pw_pipeline *pl;
-    int index;                /* stage */
+    int index;                /* chunk id (= stage with one chunk per rank) */
     int replica;              /* global replica index */
     int n_pieces;
     pw_program **piece;       /* [n_pieces] in node order; bucket b is piece n_pieces−1−b */
@@ -38,7 +38,12 @@ struct pw_pipeline {
     pw_pipeline_config cfg;
     const pw_graph *g;
     const pw_transport *t;
-    int S, NR, NRL;           /* stages, replicas, replicas built here */
+    int S, NR, NRL;           /* ranks (stages), replicas, replicas built here */
+    int V, C;                 /* chunks per rank; chunks C = S·V (graph cut into C) */
+    int post_optim;           /* 1: parameters tied across chunks; the pipeline runs the
+                                 optimizer after the engine's step (see finish_step) */
+    double grad_norm;         /* post_optim with clipping: last norm before clipping */
+    pw_schedule_config sc;    /* the generated schedule's config (kind CUSTOM for CSV) */
     int n_buckets;            /* the schedule's */
     int64_t micro;            /* samples per micro-batch */
     int64_t share;            /* samples per replica per step: batch / R */
@@ -51,8 +56,8 @@ struct pw_pipeline {
     pw_partition part;
     pw_schedule *sched;
     pw_schedule_report *rep;
-    gstage *stages;           /* [NRL][S]; with a transport only this process's stage is built */
-    pw_engine_chunk *chunks;  /* [NRL][S] */
+    gstage *stages;           /* [NRL][C]; with a transport only this process's chunk is built */
+    pw_engine_chunk *chunks;  /* [NRL][C], chunk-id order (the engine's) */
     pw_engine *engine;
     pw_trace *trace;
     double last_bubble;
@@ -76,8 +81,11 @@ pw_pipeline_config pw_pipeline_defaults(void)
     return c;
 }
 
-static gstage *stage_at(pw_pipeline *pl, int lrep, int s) { return &pl->stages[(size_t)lrep * (size_t)pl->S + (size_t)s]; }
-static int stage_here(const pw_pipeline *pl, int s) { return !pl->t || pl->t->rank == s; }
+static gstage *stage_at(pw_pipeline *pl, int lrep, int c) { return &pl->stages[(size_t)lrep * (size_t)pl->C + (size_t)c]; }
+/* Chunk c is built in this process (always in one process; under a
+ * transport, one chunk per rank, so chunk = rank). */
+static int stage_here(const pw_pipeline *pl, int c) { return !pl->t || pw_schedule_rank_of(pl->sched, c) == pl->t->rank; }
+static int rank_here(const pw_pipeline *pl, int r) { return !pl->t || pl->t->rank == r; }
 /* The local replica index of global replica k, -1 when not here. */
 static int lrep_of(const pw_pipeline *pl, int k)
 {
@@ -158,11 +166,17 @@ static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
     gstage *s = self;
     int j = s->n_pieces - 1 - bucket;
     if (j < 0) return 0;
-    int n = pw_program_n_params(s->piece[j]);
-    for (int i = 0; i < n && i < max_spans; i++) {
+    /* Every use buffer of a tied parameter is summed across the replicas
+     * (the uses are folded only before the optimizer). */
+    int n = 0;
+    for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
         pw_program_param pp;
         pw_program_param_at(s->piece[j], i, &pp);
-        spans[i] = (pw_span){pp.grad, pp.numel};
+        float *uses[16];
+        int nu = pw_program_param_uses(s->piece[j], i, uses, 16);
+        if (nu > 16) nu = 16; /* PW_ASSERT-worthy; 16 uses of one weight in one piece */
+        for (int u = 0; u < nu; u++, n++)
+            if (n < max_spans) spans[n] = (pw_span){uses[u], pp.numel};
     }
     return n;
 }
@@ -171,6 +185,7 @@ static double gs_grad_sumsq(void *self)
 {
     gstage *s = self;
     double sum = 0.0;
+    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
     for (int j = 0; j < s->n_pieces; j++)
         for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
             pw_program_param pp;
@@ -183,6 +198,7 @@ static double gs_grad_sumsq(void *self)
 static void gs_scale_grads(void *self, float scale)
 {
     gstage *s = self;
+    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
     for (int j = 0; j < s->n_pieces; j++)
         for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
             pw_program_param pp;
@@ -230,6 +246,21 @@ static const pw_stage_i gstage_i = {
     .scale_grads = gs_scale_grads,
 };
 
+/* The same stage without an optimizer: with parameters tied across chunks
+ * the pipeline applies it after the engine's step (finish_step). */
+static const pw_stage_i gstage_post_i = {
+    .name = "graph-stage",
+    .forward = gs_forward,
+    .backward_input = gs_backward_input,
+    .backward_weight = gs_backward_weight,
+    .port_bytes = gs_port_bytes,
+    .bind = gs_bind,
+    .grad_bucket = gs_grad_bucket,
+    .backward_bucket = gs_backward_bucket,
+    .grad_sumsq = gs_grad_sumsq,
+    .scale_grads = gs_scale_grads,
+};
+
 /* ---- construction ---- */
 
 static pw_status make_schedule(pw_pipeline *pl)
@@ -238,9 +269,7 @@ static pw_status make_schedule(pw_pipeline *pl)
     if (c->schedule_csv) {
         PW_CHECK(pw_schedule_load_csv(c->schedule_csv, &pl->sched));
         const pw_schedule *s = pl->sched;
-        if (s->chunks_per_rank != 1)
-            return pw_error(PW_ERR_UNSUPPORTED, "%s: %d chunks per rank; this version runs one "
-                            "stage per rank", c->schedule_csv, s->chunks_per_rank);
+        pl->sc.kind = PW_SCHEDULE_CUSTOM;
         if (s->n_ranks != c->stages)
             return pw_error(PW_ERR_INVALID_ARG, "%s: the schedule has %d ranks but --stages is %d",
                             c->schedule_csv, s->n_ranks, c->stages);
@@ -255,7 +284,9 @@ static pw_status make_schedule(pw_pipeline *pl)
     } else {
         pw_schedule_config sc = {.kind = c->schedule, .n_stages = c->stages,
                                  .n_micro = c->micro_batches, .split_w = c->split_w,
-                                 .n_buckets = pl->NR > 1 ? (c->buckets > 0 ? c->buckets : DEFAULT_BUCKETS) : 0};
+                                 .n_buckets = pl->NR > 1 ? (c->buckets > 0 ? c->buckets : DEFAULT_BUCKETS) : 0,
+                                 .chunks_per_rank = c->chunks_per_rank};
+        pl->sc = sc;
         PW_CHECK(pw_schedule_generate(&sc, &pl->sched));
         PW_CHECK(pw_schedule_lower(pl->sched));
         pl->schedule_name = strdup(pw_schedule_kind_name(c->schedule));
@@ -364,7 +395,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     for (int j = 0; j < gs->n_pieces; j++) {
         pw_program_config pc = {
             .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
-            .loss_batch = c->batch, .slots = slots, .optim = c->optim,
+            .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
         };
         PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
         pw_program_init_params(gs->piece[j], c->seed);
@@ -428,6 +459,26 @@ static void free_stage(gstage *gs)
     memset(gs, 0, sizeof *gs);
 }
 
+/* 1 when some parameter is used by nodes of two different chunks (an
+ * embedding on the first chunk tied with the head on the last). */
+static int ties_across_chunks(const pw_pipeline *pl)
+{
+    const pw_graph *g = pl->g;
+    int *owner = malloc((size_t)(g->n_params > 0 ? g->n_params : 1) * sizeof *owner);
+    int tied = 0;
+    if (!owner) return 1; /* the slow path is correct for every graph */
+    for (int p = 0; p < g->n_params; p++) owner[p] = -1;
+    for (int ch = 0; ch < pl->C && !tied; ch++)
+        for (int i = pl->part.begin[ch]; i < pl->part.begin[ch + 1] && !tied; i++)
+            for (int q = 0; q < g->nodes[i].n_params; q++) {
+                int p = g->nodes[i].params[q];
+                if (owner[p] >= 0 && owner[p] != ch) tied = 1;
+                owner[p] = ch;
+            }
+    free(owner);
+    return tied;
+}
+
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
 {
     *out = NULL;
@@ -439,6 +490,9 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     if (c->micro_batches < 1)
         return pw_error(PW_ERR_INVALID_ARG, "micro-batches must be at least 1 (got %d)",
                         c->micro_batches);
+    if (c->chunks_per_rank < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "chunks per rank must not be negative (got %d)",
+                        c->chunks_per_rank);
     const int NR = c->replicas > 0 ? c->replicas : 1;
     if (c->replicas < 0 || c->buckets < 0)
         return pw_error(PW_ERR_INVALID_ARG, "replicas (%d) and buckets (%d) must not be negative",
@@ -475,21 +529,41 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     const int S = c->stages;
 
     PW_CHECK_GOTO(pw_sampler_init(&pl->sampler, c->train->n, c->shuffle, c->seed), st, fail);
-    PW_CHECK_GOTO(pw_partition_make(g, S, c->partition, &pl->part), st, fail);
     PW_CHECK_GOTO(make_schedule(pl), st, fail);
     pl->cfg.schedule_csv = NULL; /* the caller's string; pl->schedule_name keeps a copy */
-    pl->stages = calloc((size_t)pl->NRL * (size_t)S, sizeof *pl->stages);
-    pl->chunks = calloc((size_t)pl->NRL * (size_t)S, sizeof *pl->chunks);
+    pl->V = pl->sched->chunks_per_rank;
+    pl->C = pl->sched->n_chunks;
+    if (t && pl->V > 1) {
+        st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: %s places %d chunks per rank; a multi-process run "
+                      "(transport) supports one chunk per rank only", pl->schedule_name, pl->V);
+        goto fail;
+    }
+    if (pl->C > g->n_nodes) {
+        st = pw_error(PW_ERR_INVALID_ARG, "pipeline: %d chunks (%d stages x %d chunks per rank) but graph "
+                      "'%s' has only %d nodes", pl->C, S, pl->V, g->name, g->n_nodes);
+        goto fail;
+    }
+    PW_CHECK_GOTO(pw_partition_make(g, pl->C, c->partition, &pl->part), st, fail);
+    pl->post_optim = ties_across_chunks(pl);
+    if (t && pl->post_optim) {
+        st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: graph '%s' ties a parameter across stages; a "
+                      "multi-process run (transport) cannot sum it across processes yet", g->name);
+        goto fail;
+    }
+    pl->grad_norm = -1.0;
+    pl->stages = calloc((size_t)pl->NRL * (size_t)pl->C, sizeof *pl->stages);
+    pl->chunks = calloc((size_t)pl->NRL * (size_t)pl->C, sizeof *pl->chunks);
     if (!pl->stages || !pl->chunks) {
         st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
         goto fail;
     }
     for (int k = 0; k < pl->NRL; k++)
-        for (int s = 0; s < S; s++) {
-            if (!stage_here(pl, s)) continue;
-            gstage *gs = stage_at(pl, k, s);
-            PW_CHECK_GOTO(build_stage(pl, gs, s, t ? t->replica : k), st, fail);
-            pl->chunks[(size_t)k * (size_t)S + (size_t)s] = (pw_engine_chunk){&gstage_i, gs};
+        for (int ch = 0; ch < pl->C; ch++) {
+            if (!stage_here(pl, ch)) continue;
+            gstage *gs = stage_at(pl, k, ch);
+            PW_CHECK_GOTO(build_stage(pl, gs, ch, t ? t->replica : k), st, fail);
+            pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] =
+                (pw_engine_chunk){pl->post_optim ? &gstage_post_i : &gstage_i, gs};
         }
     /* One core per worker: BLAS threads would only fight the other stages
      * and replicas (and every process of an MPI run has one worker). */
@@ -499,7 +573,9 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
-        .replicas = NR, .transport = t, .clip_grad_norm = c->clip_grad_norm,
+        .replicas = NR, .transport = t,
+        /* With ties across chunks the norm is taken after their sum (finish_step). */
+        .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
     };
     PW_CHECK_GOTO(pw_engine_create(&ec, &pl->engine), st, fail);
     *out = pl;
@@ -513,7 +589,7 @@ void pw_pipeline_destroy(pw_pipeline *pl)
 {
     if (!pl) return;
     pw_engine_destroy(pl->engine);
-    for (size_t i = 0; pl->stages && i < (size_t)pl->NRL * (size_t)pl->S; i++) free_stage(&pl->stages[i]);
+    for (size_t i = 0; pl->stages && i < (size_t)pl->NRL * (size_t)pl->C; i++) free_stage(&pl->stages[i]);
     free(pl->stages);
     free(pl->chunks);
     pw_trace_destroy(pl->trace);
@@ -536,7 +612,7 @@ static double busy_sum(const pw_pipeline *pl, double *total_max, int *n_workers)
     int n = 0;
     for (int k = 0; k < pl->NR; k++)
         for (int r = 0; r < pl->S; r++) {
-            if (lrep_of(pl, k) < 0 || !stage_here(pl, r)) continue;
+            if (lrep_of(pl, k) < 0 || !rank_here(pl, r)) continue;
             pw_engine_rank_stats rs;
             pw_engine_rank_stats_get(pl->engine, k * pl->S + r, &rs);
             busy += rs.busy_s;
@@ -560,8 +636,8 @@ typedef struct loss_part {
 static loss_part replica_loss(const pw_pipeline *pl, int lrep)
 {
     loss_part lp = {0};
-    for (int s = 0; s < pl->S; s++) {
-        const gstage *gs = &pl->stages[(size_t)lrep * (size_t)pl->S + (size_t)s];
+    for (int s = 0; s < pl->C; s++) {
+        const gstage *gs = &pl->stages[(size_t)lrep * (size_t)pl->C + (size_t)s];
         if (!gs->piece || gs->loss_piece < 0) continue;
         lp.has = 1;
         lp.loss = 0.0;
@@ -572,6 +648,146 @@ static loss_part replica_loss(const pw_pipeline *pl, int lrep)
         }
     }
     return lp;
+}
+
+/* ---- parameters tied across chunks ----
+ *
+ * Design. A tied parameter's gradient is defined (stages/program.h) as the
+ * sum of all its uses in reverse node order over the whole graph. Its uses
+ * sit in different chunks, which run on different engine workers
+ * concurrently, and the engine's OPTIM is per rank: no worker can know when
+ * the other ranks' backwards are done. So when the graph has such a tie the
+ * chunks get a stage vtable without optimizer_step (gstage_post_i), the
+ * engine only runs F/B/W and the replica all-reduces (it sums every use
+ * buffer across replicas: gs_grad_bucket), and after pw_engine_run_step has
+ * returned — every worker idle, every backward of the step done — this
+ * thread, for each replica: sums the uses across chunks in reverse node
+ * order (chunks last to first, pieces last to first, each program's uses as
+ * pw_program_param_uses lists them), writes the total into every copy,
+ * optionally clips by the global norm (each tied parameter counted once),
+ * and runs every program's optimizer. Every copy sees the same gradient and
+ * the same optimizer state, so copies never drift, and the bytes match one
+ * stage. Replicas: the cross-replica sum happens first (per use), then the
+ * cross-chunk sum. Multi-process runs refuse such graphs (create). */
+
+/* The programs of local replica k in node order; returns the count. */
+static int replica_programs(pw_pipeline *pl, int k, pw_program **out)
+{
+    int n = 0;
+    for (int ch = 0; ch < pl->C; ch++) {
+        if (!stage_here(pl, ch)) continue;
+        gstage *gs = stage_at(pl, k, ch);
+        for (int j = 0; j < gs->n_pieces; j++) out[n++] = gs->piece[j];
+    }
+    return n;
+}
+
+static pw_status sum_ties(const pw_graph *g, pw_program **p, int np)
+{
+    int *where = malloc((size_t)np * sizeof *where), *local = malloc((size_t)np * sizeof *local);
+    float *acc = NULL;
+    pw_status st = PW_OK;
+    if (!where || !local) {
+        st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory summing tied gradients");
+        goto out;
+    }
+    for (int gp = 0; gp < g->n_params; gp++) {
+        int n = 0;
+        for (int s = 0; s < np; s++)
+            for (int i = 0; i < pw_program_n_params(p[s]); i++) {
+                pw_program_param pp;
+                pw_program_param_at(p[s], i, &pp);
+                if (pp.graph_param == gp) {
+                    where[n] = s;
+                    local[n++] = i;
+                    break;
+                }
+            }
+        if (n < 2) continue; /* held by one program: its optimizer folds it */
+        const int64_t numel = pw_shape_numel(&g->params[gp].shape);
+        float *a = realloc(acc, (size_t)numel * sizeof *acc);
+        if (!a) {
+            st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory summing tied gradients");
+            goto out;
+        }
+        acc = a;
+        int first = 1;
+        for (int k = n - 1; k >= 0; k--) {
+            float *bufs[16];
+            int uses = pw_program_param_uses(p[where[k]], local[k], bufs, 16);
+            if (uses < 1 || uses > 16) {
+                st = pw_error(PW_ERR_INTERNAL, "pipeline: parameter %s has %d uses in one program",
+                              g->params[gp].name, uses);
+                goto out;
+            }
+            for (int u = 0; u < uses; u++) {
+                if (first) memcpy(acc, bufs[u], (size_t)numel * sizeof *acc);
+                else
+                    for (int64_t j = 0; j < numel; j++) acc[j] += bufs[u][j];
+                first = 0;
+            }
+        }
+        for (int k = 0; k < n; k++) {
+            pw_program_param pp;
+            pw_program_fold_grads(p[where[k]]);
+            pw_program_param_at(p[where[k]], local[k], &pp);
+            memcpy(pp.grad, acc, (size_t)numel * sizeof *acc);
+        }
+    }
+out:
+    free(where);
+    free(local);
+    free(acc);
+    return st;
+}
+
+/* The rest of the step after the engine's: see the design note above. */
+static pw_status finish_step(pw_pipeline *pl, int64_t step)
+{
+    const pw_graph *g = pl->g;
+    int total = 0;
+    for (int ch = 0; ch < pl->C; ch++) total += stage_here(pl, ch) ? stage_at(pl, 0, ch)->n_pieces : 0;
+    pw_program **p = malloc((size_t)(total > 0 ? total : 1) * sizeof *p);
+    unsigned char *seen = calloc((size_t)(g->n_params > 0 ? g->n_params : 1), 1);
+    pw_status st = PW_OK;
+    if (!p || !seen) {
+        st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+        goto out;
+    }
+    for (int k = 0; k < pl->NRL && st == PW_OK; k++) {
+        int np = replica_programs(pl, k, p);
+        PW_CHECK_GOTO(sum_ties(g, p, np), st, out);
+        if (pl->cfg.clip_grad_norm > 0) {
+            /* Every parameter once, in node order (copies hold the same total). */
+            double sumsq = 0.0;
+            memset(seen, 0, (size_t)g->n_params);
+            for (int j = 0; j < np; j++) {
+                pw_program_fold_grads(p[j]);
+                for (int i = 0; i < pw_program_n_params(p[j]); i++) {
+                    pw_program_param pp;
+                    pw_program_param_at(p[j], i, &pp);
+                    if (seen[pp.graph_param]) continue;
+                    seen[pp.graph_param] = 1;
+                    for (int64_t e = 0; e < pp.numel; e++) sumsq += (double)pp.grad[e] * (double)pp.grad[e];
+                }
+            }
+            double norm = sqrt(sumsq), coef = pl->cfg.clip_grad_norm / (norm + 1e-6);
+            if (k == 0) pl->grad_norm = norm;
+            if (coef < 1.0)
+                for (int j = 0; j < np; j++)
+                    for (int i = 0; i < pw_program_n_params(p[j]); i++) {
+                        pw_program_param pp;
+                        pw_program_param_at(p[j], i, &pp);
+                        for (int64_t e = 0; e < pp.numel; e++) pp.grad[e] *= (float)coef;
+                    }
+        }
+        for (int j = 0; j < np; j++)
+            PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
+    }
+out:
+    free(p);
+    free(seen);
+    return st;
 }
 
 pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
@@ -588,6 +804,7 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
     t0_busy = busy_sum(pl, &t0_wall, &nw);
     int64_t t0 = pw_now_ns();
     PW_CHECK(pw_engine_run_step(pl->engine, pl->step + 1));
+    if (pl->post_optim) PW_CHECK(finish_step(pl, pl->step + 1));
     int64_t t1 = pw_now_ns();
     double busy = busy_sum(pl, &t1_wall, &nw) - t0_busy;
     double wall = (double)(t1 - t0) * 1e-9;
@@ -644,7 +861,7 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
 pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out)
 {
     const pw_graph *g = pl->g;
-    const int S = pl->S;
+    const int S = pl->C; /* chunks in chunk order (= ranks under a transport) */
     const pw_transport *t = pl->t;
     PW_CHECK(pw_trainer_check_data(g, d));
     void **link = calloc((size_t)S + 1, sizeof(void *));
@@ -731,19 +948,13 @@ out:
  * node order; returns the count. */
 static int programs_of_replica(pw_pipeline *pl, pw_program **out)
 {
-    int n = 0;
-    for (int s = 0; s < pl->S; s++) {
-        if (!stage_here(pl, s)) continue;
-        gstage *gs = stage_at(pl, 0, s);
-        for (int j = 0; j < gs->n_pieces; j++) out[n++] = gs->piece[j];
-    }
-    return n;
+    return replica_programs(pl, 0, out);
 }
 
 static int total_pieces(const pw_pipeline *pl)
 {
     int n = 0;
-    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->S; i++) n += pl->stages[i].n_pieces;
+    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++) n += pl->stages[i].n_pieces;
     return n;
 }
 
@@ -761,7 +972,7 @@ static pw_status whole_program(const pw_pipeline *pl, pw_program **out)
 static int first_holder(const pw_pipeline *pl, int p)
 {
     const pw_graph *g = pl->g;
-    for (int s = 0; s < pl->S; s++)
+    for (int s = 0; s < pl->C; s++)
         for (int i = pl->part.begin[s]; i < pl->part.begin[s + 1]; i++)
             for (int q = 0; q < g->nodes[i].n_params; q++)
                 if (g->nodes[i].params[q] == p) return s;
@@ -894,7 +1105,7 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
     int n = total_pieces(pl), k = 0;
     pw_program **p = malloc((size_t)n * sizeof *p);
     if (!p) return pw_error(PW_ERR_NOMEM, "load: out of memory");
-    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->S; i++)
+    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++)
         for (int j = 0; j < pl->stages[i].n_pieces; j++) p[k++] = pl->stages[i].piece[j];
     pw_status st = pw_checkpoint_load(path, pl->g, p, k, info);
     free(p);
@@ -906,11 +1117,16 @@ const pw_schedule *pw_pipeline_schedule(const pw_pipeline *pl) { return pl->sche
 const pw_schedule_report *pw_pipeline_report(const pw_pipeline *pl) { return pl->rep; }
 pw_engine *pw_pipeline_engine(pw_pipeline *pl) { return pl->engine; }
 double pw_pipeline_last_bubble(const pw_pipeline *pl) { return pl->last_bubble; }
-double pw_pipeline_grad_norm(const pw_pipeline *pl) { return pw_engine_grad_norm(pl->engine); }
+double pw_pipeline_grad_norm(const pw_pipeline *pl)
+{
+    return pl->post_optim ? pl->grad_norm : pw_engine_grad_norm(pl->engine);
+}
+int pw_pipeline_n_chunks(const pw_pipeline *pl) { return pl->C; }
+int pw_pipeline_chunks_per_rank(const pw_pipeline *pl) { return pl->V; }
 
 pw_program *pw_pipeline_program(pw_pipeline *pl, int stage)
 {
-    if (stage < 0 || stage >= pl->S || !stage_here(pl, stage)) return NULL;
+    if (stage < 0 || stage >= pl->C || !stage_here(pl, stage)) return NULL;
     gstage *gs = stage_at(pl, 0, stage);
     return gs->n_pieces > 0 ? gs->piece[0] : NULL;
 }
@@ -918,7 +1134,7 @@ pw_program *pw_pipeline_program(pw_pipeline *pl, int stage)
 int pw_pipeline_programs(pw_pipeline *pl, int replica, int stage, pw_program **progs, int max)
 {
     int k = lrep_of(pl, replica);
-    if (k < 0 || stage < 0 || stage >= pl->S || !stage_here(pl, stage)) return 0;
+    if (k < 0 || stage < 0 || stage >= pl->C || !stage_here(pl, stage)) return 0;
     gstage *gs = stage_at(pl, k, stage);
     for (int j = 0; j < gs->n_pieces && j < max; j++) progs[j] = gs->piece[j];
     return gs->n_pieces;
@@ -926,21 +1142,24 @@ int pw_pipeline_programs(pw_pipeline *pl, int replica, int stage, pw_program **p
 
 double pw_pipeline_theory_bubble(const pw_pipeline *pl)
 {
-    if (pl->sched->kind == PW_SCHEDULE_CUSTOM) return pl->rep->bubble;
-    return pw_schedule_theoretical_bubble(pl->sched->kind, pl->cfg.stages, pl->cfg.micro_batches);
+    if (pl->sc.kind == PW_SCHEDULE_CUSTOM) return pl->rep->bubble;
+    return pw_schedule_config_bubble(&pl->sc);
 }
 
 void pw_pipeline_stage_stats_get(const pw_pipeline *pl, int stage, pw_pipeline_stage_stats *out)
 {
     memset(out, 0, sizeof *out);
+    if (stage < 0 || stage >= pl->C) return;
     out->slots = pl->rep->peak_inflight_chunk[stage];
     out->node_begin = pl->part.begin[stage];
     out->node_end = pl->part.begin[stage + 1];
     out->flops = pl->part.flops[stage];
     if (!stage_here(pl, stage)) return;
     const int replica = pl->t ? pl->t->replica : 0;
+    const int rank = pw_schedule_rank_of(pl->sched, stage);
+    out->rank = rank;
     pw_engine_rank_stats rs;
-    pw_engine_rank_stats_get(pl->engine, replica * pl->S + stage, &rs);
+    pw_engine_rank_stats_get(pl->engine, replica * pl->S + rank, &rs);
     out->busy_s = rs.busy_s;
     out->wait_s = rs.wait_s;
     out->total_s = rs.total_s;
@@ -958,8 +1177,8 @@ pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path)
 {
     if (!pl->trace)
         return pw_error(PW_ERR_INVALID_ARG, "pipeline: tracing was not enabled");
-    const int S = pl->S, NR = pl->NR;
-    pw_trace_stage_cost costs[S];
+    const int S = pl->S, NR = pl->NR, C = pl->C;
+    pw_trace_stage_cost costs[C];
     int *measured = calloc((size_t)S * (size_t)NR, sizeof *measured);
     int *peaks = calloc((size_t)S * (size_t)NR, sizeof *peaks);
     if (!measured || !peaks) {
@@ -967,7 +1186,7 @@ pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path)
         free(peaks);
         return pw_error(PW_ERR_NOMEM, "trace: out of memory");
     }
-    for (int s = 0; s < S; s++) {
+    for (int s = 0; s < C; s++) {
         memset(&costs[s], 0, sizeof costs[s]);
         costs[s].node_begin = pl->part.begin[s];
         costs[s].node_end = pl->part.begin[s + 1];
@@ -980,14 +1199,22 @@ pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path)
             costs[s].param_bytes += c.param_bytes;
             costs[s].act_bytes += c.act_bytes * pl->micro;
         }
-        /* Tracks are replica-major: track k·S + s is stage s of replica k. */
+    }
+    /* Tracks are replica-major: track k·S + r is rank r of replica k; a rank's
+     * measured peak is the sum of its chunks' (an upper bound when they peak
+     * at different times). */
+    for (int r = 0; r < S; r++) {
+        int m = 0;
+        for (int ch = 0; ch < C; ch++)
+            if (pw_schedule_rank_of(pl->sched, ch) == r && stage_here(pl, ch))
+                m += pw_engine_chunk_peak(pl->engine, ch);
         for (int k = 0; k < NR; k++) {
-            measured[k * S + s] = stage_here(pl, s) ? pw_engine_chunk_peak(pl->engine, s) : 0;
-            peaks[k * S + s] = pl->rep->peak_inflight[s];
+            measured[k * S + r] = m;
+            peaks[k * S + r] = pl->rep->peak_inflight[r];
         }
     }
     pw_trace_meta m = {
-        .schedule = pl->schedule_name, .graph = pl->g->name, .n_ranks = S * NR, .n_chunks = S,
+        .schedule = pl->schedule_name, .graph = pl->g->name, .n_ranks = S * NR, .n_chunks = C,
         .n_micro = pl->cfg.micro_batches, .n_replicas = NR, .micro_batch = pl->micro,
         .steps = pl->step, .theory_bubble = pw_pipeline_theory_bubble(pl),
         .peak_inflight = peaks, .measured_peak = measured, .costs = costs,

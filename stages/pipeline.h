@@ -19,6 +19,17 @@
  * parameters after N steps are bit-identical for every schedule and every
  * stage count (tests/test_pipeline.c holds this).
  *
+ * Chunks. The graph is cut into C = stages × chunks_per_rank contiguous
+ * chunks (interleaved and zb-v: 2 per rank by default), placed on ranks by
+ * the schedule (pw_schedule_rank_of: looping, or zb-v's V); each rank's
+ * worker runs all its chunks. A parameter tied across chunks (an embedding on
+ * chunk 0 reused by the head on the last) gets the gradient one stage would
+ * compute, and every copy the same update: the engine runs forward/backward
+ * (and the replica all-reduces) only, and after its step the pipeline sums
+ * the uses in reverse node order, clips and runs the optimizers (see
+ * finish_step in pipeline.c). Multi-process runs (transport) support one
+ * chunk per rank and no tie across stages (PW_ERR_UNSUPPORTED).
+ *
  * Data parallelism (docs/distributed.md). With replicas = R the pipeline runs
  * R copies; replica k takes samples [k·B/R, (k+1)·B/R) of each step's global
  * batch B, in M micro-batches of B/(R·M) (so R = 1 is the plain pipeline).
@@ -58,7 +69,7 @@ typedef struct pw_pipeline_config {
     int64_t batch;                  /* global batch per step */
     int micro_batches;              /* M */
     int stages;                     /* S pipeline stages = ranks = worker threads */
-    pw_schedule_kind schedule;      /* GPIPE or 1F1B (ignored with schedule_csv) */
+    pw_schedule_kind schedule;      /* any generated kind (ignored with schedule_csv) */
     const char *schedule_csv;       /* (optional) a user's schedule file */
     int split_w;                    /* split backward into B and W */
     pw_partition_method partition;
@@ -75,7 +86,13 @@ typedef struct pw_pipeline_config {
                                        1: one all-reduce after the whole backward) */
     double clip_grad_norm;          /* > 0: clip the global gradient norm to this */
     const pw_transport *transport;  /* (optional) multi-process run: this process is
-                                       (transport->replica, transport->rank) */
+                                       (transport->replica, transport->rank); one chunk
+                                       per rank and no parameter tied across stages
+                                       (PW_ERR_UNSUPPORTED otherwise) */
+    int chunks_per_rank;            /* v: the graph is cut into stages × v chunks (0: the
+                                       kind's default: interleaved 2, zb-v 2, others 1) */
+    int recompute;                  /* 1: every program keeps only its inputs per slot and
+                                       re-runs its forward in backward (bit-identical) */
 } pw_pipeline_config;
 
 pw_pipeline_config pw_pipeline_defaults(void);
@@ -97,6 +114,10 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
 const pw_partition *pw_pipeline_partition(const pw_pipeline *pl);
 const pw_schedule *pw_pipeline_schedule(const pw_pipeline *pl);
 const pw_schedule_report *pw_pipeline_report(const pw_pipeline *pl);
+/* Chunks: stages × chunks_per_rank (the schedule's); the functions below that
+ * take a `stage` take a chunk id (the same thing with one chunk per rank). */
+int pw_pipeline_n_chunks(const pw_pipeline *pl);
+int pw_pipeline_chunks_per_rank(const pw_pipeline *pl);
 /* The first program of `stage` (replica 0 in one process; this process's
  * replica with a transport, NULL for another process's stage). With buckets
  * a stage holds several programs: see pw_pipeline_programs. */
@@ -109,10 +130,13 @@ pw_engine *pw_pipeline_engine(pw_pipeline *pl);
  * clip_grad_norm. */
 double pw_pipeline_grad_norm(const pw_pipeline *pl);
 
-/* Per stage, since creation (replica 0; with a transport only this
- * process's stage has figures). bubble = idle / wall inside steps. */
+/* Per chunk (`stage` is a chunk id), since creation (replica 0; with a
+ * transport only this process's chunk has figures). busy/wait/total are the
+ * figures of the rank that runs the chunk (shared by its chunks); slots,
+ * peak_slots, nodes, flops and memory are the chunk's own. */
 typedef struct pw_pipeline_stage_stats {
     double busy_s, wait_s, total_s;
+    int rank;                       /* the rank running the chunk */
     int slots, peak_slots;          /* planned (validator) and measured high-water mark */
     int64_t node_begin, node_end;
     double flops;                   /* per-sample fwd+bwd FLOPs of the stage */
@@ -121,7 +145,9 @@ typedef struct pw_pipeline_stage_stats {
 void pw_pipeline_stage_stats_get(const pw_pipeline *pl, int stage, pw_pipeline_stage_stats *out);
 /* Measured bubble of the last step: 1 − Σ busy / (S × step wall time). */
 double pw_pipeline_last_bubble(const pw_pipeline *pl);
-/* The schedule's theoretical bubble, (S−1)/(M+S−1) for GPipe and 1F1B. */
+/* The schedule's theoretical bubble: pw_schedule_config_bubble of the
+ * generated schedule ((S−1)/(M+S−1) for GPipe and 1F1B without split W), the
+ * validator's replayed figure for a CSV schedule. */
 double pw_pipeline_theory_bubble(const pw_pipeline *pl);
 
 /* Writes the recorded trace (needs trace_events > 0). */

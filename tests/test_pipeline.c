@@ -3,6 +3,7 @@
  * marks equal the validator's prediction; user CSV schedules; partitions. */
 #include <criterion/criterion.h>
 #include <criterion/parameterized.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -361,4 +362,381 @@ Test(partition, flops_balanced_is_optimal_on_random_chains, .timeout = TIMEOUT)
         }
         pw_graph_destroy(g);
     }
+}
+
+/* ---- several chunks per rank, every generated kind ---- */
+
+/* 17 nodes, 10 of them with parameters: enough for 4 ranks × 2 chunks. The
+ * skip connection (a1 into r4) crosses several chunk boundaries. */
+static const char *DEEP =
+    "graph p_deep\n"
+    "input image : f32[4, 6]\n"
+    "label target : i32[]\n"
+    "x = flatten(image)\n"
+    "l1 = linear(x, out=12)\n"
+    "a1 = relu(l1)\n"
+    "l2 = linear(a1, out=12)\n"
+    "n2 = layernorm(l2)\n"
+    "l3 = linear(n2, out=12)\n"
+    "a3 = gelu(l3)\n"
+    "l4 = linear(a3, out=12)\n"
+    "r4 = add(l4, a1)\n"
+    "l5 = linear(r4, out=12)\n"
+    "n5 = layernorm(l5)\n"
+    "l6 = linear(n5, out=12)\n"
+    "a6 = relu(l6)\n"
+    "l7 = linear(a6, out=12)\n"
+    "logits = linear(l7, out=5) as head\n"
+    "loss = softmax_cross_entropy(logits, target)\n";
+
+static const int64_t DEEP_BATCH = 48; /* a multiple of every M below (S·{1,2,4}, S ≤ 4) */
+
+/* Parameters of every chunk of replica 0 (every bucket piece), chunk order. */
+static float *pipeline_params(pw_pipeline *pl, const pw_graph *g, int64_t *n)
+{
+    int C = pw_pipeline_n_chunks(pl), k = 0;
+    pw_program *progs[64];
+    for (int c = 0; c < C; c++) {
+        int got = pw_pipeline_programs(pl, 0, c, progs + k, 64 - k);
+        cr_assert_gt(got, 0, "chunk %d has no program", c);
+        k += got;
+        cr_assert_leq(k, 64);
+    }
+    return params_of(progs, k, g, n);
+}
+
+static void assert_same_bytes(const float *got, const float *ref, int64_t n, const char *what)
+{
+    int64_t first = -1, ndiff = 0;
+    double maxerr = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &ref[i], 4) != 0) {
+            if (first < 0) first = i;
+            ndiff++;
+            double e = got[i] > ref[i] ? got[i] - ref[i] : ref[i] - got[i];
+            if (e > maxerr) maxerr = e;
+        }
+    cr_assert_eq(ndiff, 0, "%s: %lld of %lld parameters differ from one stage (first at %lld: %.9g vs "
+                 "%.9g, max error %g)", what, (long long)ndiff, (long long)n, (long long)first,
+                 first >= 0 ? got[first] : 0.0, first >= 0 ? ref[first] : 0.0, maxerr);
+}
+
+typedef struct kcase_t {
+    pw_schedule_kind kind;
+    int stages;
+} kcase_t;
+
+ParameterizedTestParameters(pipeline, every_kind_bit_exact)
+{
+    static const pw_schedule_kind kinds[] = {PW_SCHEDULE_GPIPE, PW_SCHEDULE_1F1B, PW_SCHEDULE_INTERLEAVED,
+                                             PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V};
+    static kcase_t cases[6 * 4];
+    int n = 0;
+    for (int k = 0; k < 6; k++)
+        for (int s = 1; s <= 4; s++) cases[n++] = (kcase_t){kinds[k], s};
+    return cr_make_param_array(kcase_t, cases, (size_t)n);
+}
+
+/* kind × stages × M ∈ {S, 2S, 4S}: parameters after two steps equal one stage
+ * byte for byte; each chunk's measured stash peak equals the validator's, and
+ * each rank's the closed form; the theoretical bubble is the closed form. */
+ParameterizedTest(kcase_t *c, pipeline, every_kind_bit_exact, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(DEEP);
+    pw_dataset *d = data();
+    const int S = c->stages;
+    for (int M = S; M <= 4 * S; M *= 2) {
+        pw_trainer_config tc = {.graph = g, .train = d, .batch = DEEP_BATCH, .micro_batches = M,
+                                .optim = pw_optim_defaults(PW_OPTIM_ADAMW), .seed = 7, .shuffle = 1};
+        pw_trainer *t;
+        cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "%s", pw_last_error());
+        for (int i = 0; i < 2; i++) cr_assert_eq(pw_trainer_step(t, NULL), PW_OK, "%s", pw_last_error());
+        int64_t n_ref, n;
+        pw_program *p1 = pw_trainer_program(t);
+        float *ref = params_of(&p1, 1, g, &n_ref);
+        pw_trainer_destroy(t);
+
+        pw_pipeline_config pc = pw_pipeline_defaults();
+        pc.graph = g;
+        pc.train = d;
+        pc.batch = DEEP_BATCH;
+        pc.micro_batches = M;
+        pc.stages = S;
+        pc.schedule = c->kind;
+        pc.partition = PW_PARTITION_FLOPS;
+        pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
+        pc.seed = 7;
+        pc.shuffle = 1;
+        pc.pin = 0;
+        pc.check = 1;
+        pc.watchdog_s = 30;
+        pw_pipeline *pl;
+        cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s S=%d M=%d: %s", pw_schedule_kind_name(c->kind),
+                     S, M, pw_last_error());
+        const int v = c->kind == PW_SCHEDULE_INTERLEAVED || c->kind == PW_SCHEDULE_ZB_V ? 2 : 1;
+        cr_assert_eq(pw_pipeline_chunks_per_rank(pl), v);
+        cr_assert_eq(pw_pipeline_n_chunks(pl), S * v);
+        for (int i = 0; i < 2; i++)
+            cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+        float *got = pipeline_params(pl, g, &n);
+        cr_assert_eq(n, n_ref);
+        char what[96];
+        snprintf(what, sizeof what, "%s S=%d M=%d", pw_schedule_kind_name(c->kind), S, M);
+        assert_same_bytes(got, ref, n, what);
+
+        pw_schedule_config sc = {.kind = c->kind, .n_stages = S, .n_micro = M};
+        for (int ch = 0; ch < S * v; ch++) {
+            pw_pipeline_stage_stats ss;
+            pw_pipeline_stage_stats_get(pl, ch, &ss);
+            cr_assert_gt(ss.slots, 0);
+            cr_assert_eq(ss.peak_slots, ss.slots, "%s chunk %d: measured peak %d, validator %d", what, ch,
+                         ss.peak_slots, ss.slots);
+            cr_assert_eq(ss.rank, pw_schedule_rank_of(pw_pipeline_schedule(pl), ch));
+        }
+        const pw_schedule_report *rep = pw_pipeline_report(pl);
+        for (int r = 0; r < S; r++)
+            cr_assert_eq(rep->peak_inflight[r], pw_schedule_config_peak(&sc, r), "%s rank %d: validator %d, "
+                         "closed form %d", what, r, rep->peak_inflight[r], pw_schedule_config_peak(&sc, r));
+        double tb = pw_pipeline_theory_bubble(pl);
+        cr_assert_geq(tb, 0.0, "%s: theoretical bubble %g", what, tb);
+        cr_assert_eq(tb, pw_schedule_config_bubble(&sc));
+        free(got);
+        free(ref);
+        pw_pipeline_destroy(pl);
+    }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(pipeline, interleaved_three_chunks_and_csv_with_two_chunks_per_rank, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(DEEP);
+    pw_dataset *d = data();
+    const int M = 4;
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = DEEP_BATCH, .micro_batches = M,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD), .seed = 7};
+    pw_trainer *t;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "%s", pw_last_error());
+    for (int i = 0; i < 2; i++) cr_assert_eq(pw_trainer_step(t, NULL), PW_OK);
+    int64_t n_ref, n;
+    pw_program *p1 = pw_trainer_program(t);
+    float *ref = params_of(&p1, 1, g, &n_ref);
+    pw_trainer_destroy(t);
+
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = DEEP_BATCH;
+    pc.micro_batches = M;
+    pc.stages = 2;
+    pc.schedule = PW_SCHEDULE_INTERLEAVED;
+    pc.chunks_per_rank = 3;
+    pc.seed = 7;
+    pc.pin = 0;
+    pc.check = 1;
+    pw_pipeline *pl;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_pipeline_n_chunks(pl), 6);
+    for (int i = 0; i < 2; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    float *got = pipeline_params(pl, g, &n);
+    assert_same_bytes(got, ref, n, "interleaved v=3");
+    free(got);
+
+    /* The same schedule through a CSV file. */
+    char path[] = "/tmp/pw_sched_v3_XXXXXX.csv";
+    int fd = mkstemps(path, 4);
+    cr_assert_geq(fd, 0);
+    close(fd);
+    cr_assert_eq(pw_schedule_save_csv(pw_pipeline_schedule(pl), path), PW_OK, "%s", pw_last_error());
+    pw_pipeline_destroy(pl);
+    pc.schedule_csv = path;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_pipeline_chunks_per_rank(pl), 3);
+    cr_assert_geq(pw_pipeline_theory_bubble(pl), 0.0);
+    for (int i = 0; i < 2; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    got = pipeline_params(pl, g, &n);
+    assert_same_bytes(got, ref, n, "CSV with 3 chunks per rank");
+    /* Evaluation goes through the chunks in chunk order. */
+    pw_eval_stats e;
+    cr_assert_eq(pw_pipeline_evaluate(pl, d, &e), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(e.samples, d->n);
+    pw_pipeline_destroy(pl);
+    unlink(path);
+    free(got);
+    free(ref);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* ---- a tiny GPT whose head is tied to the token embedding ---- */
+
+static pw_graph *tiny_gpt(void)
+{
+    const int T = 8, D = 16, H = 2, V = 256;
+    const double p = 0.1;
+    char text[4096];
+    snprintf(text, sizeof text,
+             "graph tiny_tied_gpt\n"
+             "input tokens : i32[%d]\n"
+             "label next : i32[%d]\n"
+             "tok = embedding(tokens, vocab=%d, dim=%d) as wte\n"
+             "pos = pos_embedding(tok, max=%d) as wpe\n"
+             "x0  = dropout(pos, p=%g)\n"
+             "h = repeat 2 as h (x = x0) {\n"
+             "  a   = layernorm(x) as ln_1\n"
+             "  qkv = linear(a, out=%d) as attn.c_attn\n"
+             "  att = causal_attention(qkv, heads=%d)\n"
+             "  o   = linear(att, out=%d) as attn.c_proj\n"
+             "  od  = dropout(o, p=%g)\n"
+             "  x1  = add(x, od)\n"
+             "  m   = layernorm(x1) as ln_2\n"
+             "  fc  = linear(m, out=%d) as mlp.c_fc\n"
+             "  g   = gelu(fc)\n"
+             "  pr  = linear(g, out=%d) as mlp.c_proj\n"
+             "  x2  = add(x1, pr)\n"
+             "  return x2\n"
+             "}\n"
+             "hf = layernorm(h) as ln_f\n"
+             "logits = linear(hf, out=%d, bias=false, weight=wte.weight) as lm_head\n"
+             "loss = softmax_cross_entropy(logits, next)\n",
+             T, T, V, D, T, p, 3 * D, H, D, p, 4 * D, D, V);
+    return parse(text);
+}
+
+static pw_dataset *token_data(char *path)
+{
+    static const char *const sent[] = {"the quick brown fox jumps over the lazy dog. ",
+                                       "a stitch in time saves nine. ", "all that glitters is not gold. "};
+    int fd = mkstemps(path, 4);
+    cr_assert_geq(fd, 0);
+    FILE *f = fdopen(fd, "w");
+    cr_assert_not_null(f);
+    for (int i = 0; i < 120; i++) fputs(sent[(i * 7 + i / 3) % 3], f);
+    fclose(f);
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_load_text(path, 8, 1, &d), PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+typedef struct gpt_run {
+    pw_schedule_kind kind;
+    int stages, recompute, replicas, sgd;
+    double clip;        /* clip_grad_norm */
+    double *norm;       /* (optional) out: the last step's gradient norm */
+} gpt_run;
+
+static float *run_gpt(const pw_graph *g, const pw_dataset *d, const gpt_run *r, double *losses, int64_t *n)
+{
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = 16;
+    pc.micro_batches = 4;
+    pc.stages = r->stages;
+    pc.schedule = r->kind;
+    pc.recompute = r->recompute;
+    pc.replicas = r->replicas;
+    pc.clip_grad_norm = r->clip;
+    pc.optim = pw_optim_defaults(r->sgd ? PW_OPTIM_SGD : PW_OPTIM_ADAMW);
+    if (!r->sgd) pc.optim.lr = 3e-3f;
+    pc.seed = 11;
+    pc.shuffle = 1;
+    pc.pin = 0;
+    pc.check = 1;
+    pc.watchdog_s = 30;
+    pw_pipeline *pl;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    for (int i = 0; i < 2; i++) {
+        pw_step_stats st;
+        cr_assert_eq(pw_pipeline_step(pl, &st), PW_OK, "%s", pw_last_error());
+        losses[i] = st.loss;
+    }
+    if (r->norm) *r->norm = pw_pipeline_grad_norm(pl);
+    const int C = pw_pipeline_n_chunks(pl);
+    for (int ch = 0; ch < C; ch++) {
+        pw_pipeline_stage_stats ss;
+        pw_pipeline_stage_stats_get(pl, ch, &ss);
+        cr_assert_eq(ss.peak_slots, ss.slots, "%s S=%d chunk %d: measured peak %d, validator %d",
+                     pw_schedule_kind_name(r->kind), r->stages, ch, ss.peak_slots, ss.slots);
+    }
+    /* Every copy of the tied weight holds the same bytes. */
+    int wte = pw_graph_find_param(g, "wte.weight");
+    cr_assert_geq(wte, 0);
+    const float *first = NULL;
+    for (int k = 0; k < (r->replicas > 0 ? r->replicas : 1); k++)
+        for (int ch = 0; ch < C; ch++) {
+            pw_program *progs[16];
+            int np = pw_pipeline_programs(pl, k, ch, progs, 16);
+            for (int j = 0; j < np; j++)
+                for (int i = 0; i < pw_program_n_params(progs[j]); i++) {
+                    pw_program_param pp;
+                    pw_program_param_at(progs[j], i, &pp);
+                    if (pp.graph_param != wte) continue;
+                    if (!first) first = pp.data;
+                    else cr_assert_eq(memcmp(first, pp.data, (size_t)pp.numel * 4), 0,
+                                      "copies of wte.weight drifted (replica %d chunk %d)", k, ch);
+                }
+        }
+    float *out = pipeline_params(pl, g, n);
+    pw_pipeline_destroy(pl);
+    return out;
+}
+
+Test(pipeline, tied_gpt_across_stages_is_bit_exact, .timeout = TIMEOUT)
+{
+    char path[] = "/tmp/pw_tied_gpt_XXXXXX.txt";
+    pw_graph *g = tiny_gpt();
+    pw_dataset *d = token_data(path);
+    double l_ref[2], l[2];
+    int64_t n_ref, n;
+    gpt_run one = {.kind = PW_SCHEDULE_1F1B, .stages = 1, .replicas = 1};
+    float *ref = run_gpt(g, d, &one, l_ref, &n_ref);
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_V};
+    for (int k = 0; k < 2; k++)
+        for (int S = 2; S <= 4; S++)
+            for (int rc = 0; rc < 2; rc++) {
+                gpt_run r = {.kind = kinds[k], .stages = S, .recompute = rc, .replicas = 1};
+                float *got = run_gpt(g, d, &r, l, &n);
+                char what[96];
+                snprintf(what, sizeof what, "tied GPT %s S=%d recompute=%d", pw_schedule_kind_name(kinds[k]), S,
+                         rc);
+                cr_assert_eq(n, n_ref);
+                assert_same_bytes(got, ref, n, what);
+                for (int i = 0; i < 2; i++)
+                    cr_assert_eq(l[i], l_ref[i], "%s step %d: loss %.17g vs %.17g", what, i + 1, l[i], l_ref[i]);
+                free(got);
+            }
+    free(ref);
+    /* Two replicas (SGD, as tests/test_replicas.c): the same as one within
+     * 1e-6 relative (the replica sum per use comes first, then the chunks'). */
+    gpt_run r1 = {.kind = PW_SCHEDULE_1F1B, .stages = 1, .replicas = 1, .sgd = 1};
+    ref = run_gpt(g, d, &r1, l_ref, &n_ref);
+    for (int S = 1; S <= 3; S += 2) {
+        gpt_run r2 = {.kind = PW_SCHEDULE_1F1B, .stages = S, .replicas = 2, .sgd = 1};
+        float *got = run_gpt(g, d, &r2, l, &n);
+        double maxerr = 0, scale = 0;
+        for (int64_t i = 0; i < n; i++) {
+            double e = fabs((double)got[i] - (double)ref[i]);
+            if (e > maxerr) maxerr = e;
+            if (fabs((double)ref[i]) > scale) scale = fabs((double)ref[i]);
+        }
+        cr_assert_leq(maxerr, 1e-6 * scale, "tied GPT S=%d with 2 replicas: max error %g (scale %g)", S, maxerr,
+                      scale);
+        free(got);
+    }
+    free(ref);
+    /* Clipping: the norm counts the tied weight once, after its sum. */
+    double n1 = 0, n3 = 0;
+    gpt_run c1 = {.kind = PW_SCHEDULE_1F1B, .stages = 1, .replicas = 1, .clip = 0.05, .norm = &n1};
+    gpt_run c3 = {.kind = PW_SCHEDULE_ZB_V, .stages = 3, .replicas = 1, .clip = 0.05, .norm = &n3};
+    ref = run_gpt(g, d, &c1, l_ref, &n_ref);
+    float *got = run_gpt(g, d, &c3, l, &n);
+    cr_assert_gt(n1, 0.05, "the clip must bite (norm %g)", n1);
+    cr_assert_eq(n1, n3, "gradient norm %.17g with one stage, %.17g with zb-v on 3", n1, n3);
+    assert_same_bytes(got, ref, n, "tied GPT zb-v S=3 with clipping");
+    free(got);
+    free(ref);
+    unlink(path);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
 }

@@ -3,7 +3,7 @@
  * run, for several micro-batch counts M at a fixed micro-batch size.
  *
  *   bench_pipeline [--width W] [--layers L] [--micro-size B] [--steps N]
- *                  [--schedule 1f1b|gpipe] [--stages S]
+ *                  [--schedule 1f1b|gpipe] [--stages S] [--trace-overhead 1]
  *
  * The ideal speedup of S balanced stages under 1F1B or GPipe is
  * S·M/(M+S−1) (the bubble is (S−1)/(M+S−1)). Reported: measured speedup
@@ -61,6 +61,8 @@ fail:
     exit(1);
 }
 
+static int64_t trace_events; /* > 0: record a trace (for --trace-overhead) */
+
 static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, int stages, int M, long mbs,
                          pw_schedule_kind kind)
 {
@@ -74,6 +76,7 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, int stages, int
     pc.partition = PW_PARTITION_FLOPS;
     pc.optim.lr = 1e-3f;
     pc.pin = 1;
+    pc.trace_events = trace_events;
     pw_pipeline *pl;
     if (pw_pipeline_create(&pc, &pl) != PW_OK) {
         fprintf(stderr, "bench_pipeline: %s\n", pw_last_error());
@@ -113,6 +116,34 @@ int main(int argc, char **argv)
         return 1;
     }
     free(text);
+    if (arg_int(argc, argv, "--trace-overhead", 0)) {
+        /* Tracing cost: the same 2-stage run with and without a trace,
+         * alternated; medians of the per-round medians. */
+        const int M = 16, rounds = 7;
+        pw_synthetic_config tc = {.n = (int64_t)M * mbs * 2, .sample_shape = {.ndim = 1, .d = {W}},
+                                  .n_classes = 10, .seed = 1, .noise = 1.0f};
+        pw_dataset *td;
+        if (pw_dataset_synthetic(&tc, &td) != PW_OK) return 1;
+        double off[16], on[16], b;
+        for (int r = 0; r < rounds; r++) {
+            trace_events = 0;
+            pw_pipeline *a = make(g, td, S, M, mbs, kind);
+            off[r] = time_steps(a, steps, &b);
+            pw_pipeline_destroy(a);
+            trace_events = (int64_t)(steps + 2) * (8 * M + 16);
+            pw_pipeline *t = make(g, td, S, M, mbs, kind);
+            on[r] = time_steps(t, steps, &b);
+            pw_pipeline_destroy(t);
+        }
+        qsort(off, (size_t)rounds, sizeof off[0], cmp_double);
+        qsort(on, (size_t)rounds, sizeof on[0], cmp_double);
+        printf("bench_pipeline --trace-overhead: %d stages, M = %d: step %.3f ms without a trace, "
+               "%.3f ms with; overhead %+.2f %% (target < 2 %%)\n", S, M, off[rounds / 2] * 1e3,
+               on[rounds / 2] * 1e3, 100.0 * (on[rounds / 2] / off[rounds / 2] - 1.0));
+        pw_dataset_destroy(td);
+        pw_graph_destroy(g);
+        return 0;
+    }
     static const int Ms[] = {4, 8, 16, 32};
     const int max_m = 32;
     pw_synthetic_config sc = {.n = (int64_t)max_m * mbs * 2, .sample_shape = {.ndim = 1, .d = {W}},
