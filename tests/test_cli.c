@@ -253,3 +253,178 @@ Test(cli, trace_is_chrome_json_with_metadata)
     cr_assert_eq(nb, 24);
     json_decref(root);
 }
+
+/* ---- schedules, forecasts, plans, text data and generation ---- */
+
+static void write_file(const char *name, const char *text)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* A two-block GPT at context 16 and a repetitive corpus. */
+static void write_gpt(void)
+{
+    write_file("gpt.graph",
+               "graph mini_gpt\n"
+               "input tokens : i32[16]\n"
+               "label next : i32[16]\n"
+               "tok = embedding(tokens, vocab=256, dim=32) as wte\n"
+               "pos = pos_embedding(tok, max=16) as wpe\n"
+               "x0 = dropout(pos, p=0.1)\n"
+               "h = repeat 2 as h (x = x0) {\n"
+               "    a = layernorm(x) as ln_1\n"
+               "    qkv = linear(a, out=96) as attn.c_attn\n"
+               "    att = causal_attention(qkv, heads=2)\n"
+               "    o = linear(att, out=32) as attn.c_proj\n"
+               "    x1 = add(x, o)\n"
+               "    m = layernorm(x1) as ln_2\n"
+               "    fc = linear(m, out=64) as mlp.c_fc\n"
+               "    g = gelu(fc)\n"
+               "    pr = linear(g, out=32) as mlp.c_proj\n"
+               "    x2 = add(x1, pr)\n"
+               "    return x2\n"
+               "}\n"
+               "hf = layernorm(h) as ln_f\n"
+               "logits = linear(hf, out=256, bias=false, weight=wte.weight) as lm_head\n"
+               "loss = softmax_cross_entropy(logits, next)\n");
+    char *text = malloc(20000);
+    text[0] = '\0';
+    const char *w[] = {"the cat sat on the mat. ", "a dog ran in the park. ", "hello world! "};
+    unsigned x = 1;
+    size_t n = 0;
+    while (n < 12000) {
+        x = x * 1103515245u + 12345u;
+        const char *s = w[(x >> 16) % 3];
+        strcpy(text + n, s);
+        n += strlen(s);
+    }
+    write_file("corpus.txt", text);
+    free(text);
+}
+
+Test(cli, every_schedule_kind_trains_the_same_weights)
+{
+    char *o;
+    const char *kinds[] = {"gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        char args[512];
+        snprintf(args, sizeof args, "m.graph " DATA " --steps 4 --batch 32 --stages 2 --micro-batches 4 "
+                 "--schedule %s --save k%zu.safetensors", kinds[i], i);
+        cr_assert_eq(run(args, &o), 0, "%s: %s", kinds[i], o);
+        free(o);
+        char name[32];
+        snprintf(name, sizeof name, "k%zu.safetensors", i);
+        cr_assert(same_file("k0.safetensors", name), "%s differs from gpipe", kinds[i]);
+    }
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --stages 2 --schedule zb-v --chunks-per-rank 3", &o), 1);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --recompute --stages 2 --save r.safetensors", &o), 0, "%s", o);
+    free(o);
+}
+
+Test(cli, schedule_auto_prints_candidates_and_trains)
+{
+    char *o;
+    cr_assert_eq(run("m.graph --data synthetic:512:24:5 --no-pin --steps 2 --batch 32 --stages 2 "
+                     "--micro-batches 4 --schedule auto", &o), 0, "%s", o);
+    cr_assert(strstr(o, "compute rate"), "%s", o);
+    cr_assert(strstr(o, "measured"), "%s", o);
+    cr_assert(strstr(o, "1f1b"), "%s", o);
+    cr_assert(strstr(o, "chose "), "%s", o);
+    cr_assert(strstr(o, "done:"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --data synthetic:512:24:5 --no-pin --steps 1 --stages 2 --schedule auto "
+                     "--flops-per-s 1e9", &o), 0, "%s", o);
+    cr_assert(strstr(o, "--flops-per-s"), "%s", o);
+    free(o);
+}
+
+Test(cli, simulate_any_size_without_data_and_writes_a_trace)
+{
+    char *o;
+    write_gpt();
+    /* Larger than the machine; the data set does not exist and is not read. */
+    cr_assert_eq(run("gpt.graph --simulate --stages 24 --replicas 8 --micro-batches 32 --batch 1024 "
+                     "--data text:/nonexistent", &o), 0, "%s", o);
+    cr_assert(strstr(o, "step time"), "%s", o);
+    cr_assert(strstr(o, "bubble"), "%s", o);
+    cr_assert(strstr(o, "samples/s"), "%s", o);
+    cr_assert(strstr(o, "peak memory per stage: max"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --simulate --stages 2 --micro-batches 4 --batch 16 --schedule zb-h1 "
+                     "--trace sim.json", &o), 0, "%s", o);
+    cr_assert(strstr(o, "peak memory per stage (MiB)"), "%s", o);
+    free(o);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "'%s/pipe-trace' '%s/sim.json' > /dev/null 2>&1", PW_BINARY_DIR, dir);
+    cr_assert_eq(system(cmd), 0, "pipe-trace cannot read the simulated trace");
+    cr_assert_eq(run("m.graph --simulate --stages 2 --schedule auto --batch 16", &o), 0, "%s", o);
+    cr_assert(strstr(o, "chose "), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --simulate --stages 64", &o), 1);
+    cr_assert(strstr(o, "--simulate"), "%s", o);
+    free(o);
+}
+
+Test(cli, plan_prints_and_refuses_with_the_library_message)
+{
+    char *o;
+    cr_assert_eq(run("m.graph --plan --stages 2 --micro-batches 4 --batch 16 --data text:/nonexistent "
+                     "--topology 'pack:1 core:4 pu:1' --device-speeds 1,2 --link-bandwidth 1e9 "
+                     "--link-latency 1e-5", &o), 0, "%s", o);
+    cr_assert(strstr(o, "plan for graph cli_mlp"), "%s", o);
+    cr_assert(strstr(o, "predicted step"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --stages 2 --micro-batches 4 --batch 16 --memory-budget 1K", &o), 1);
+    cr_assert(strstr(o, "does not fit") || strstr(o, "fit"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --stages 2 --micro-batches 4 --batch 16 --balance time --profile p.json",
+                     &o), 0, "%s", o);
+    cr_assert(strstr(o, "balance time"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --stages 2 --micro-batches 4 --batch 16 --balance time --profile p.json",
+                     &o), 0, "%s", o);
+    cr_assert(strstr(o, "loaded"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --stages 2 --balance time", &o), 2);
+    cr_assert(strstr(o, "--plan only"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --stages 2 --device-speeds 1,2,3", &o), 2);
+    free(o);
+}
+
+Test(cli, text_data_reports_entropy_and_generates_deterministic_text)
+{
+    char *o;
+    write_gpt();
+    cr_assert_eq(run("gpt.graph --data text:corpus.txt --no-pin --stages 2 --batch 16 --micro-batches 4 "
+                     "--optimizer adamw --lr 0.01 --epochs 2 --save gpt.safetensors", &o), 0, "%s", o);
+    cr_assert(strstr(o, "unigram entropy"), "%s", o);
+    cr_assert(strstr(o, "held-out loss"), "%s", o);
+    free(o);
+    char *a, *b, *c;
+    cr_assert_eq(run("gpt.graph --generate 'the ' --tokens 40 --temperature 0.5 --top-k 10 --seed 3 "
+                     "--init-from gpt.safetensors --stages 2 --no-pin --quiet", &a), 0, "%s", a);
+    cr_assert(!strncmp(a, "the ", 4), "%s", a);
+    cr_assert_geq(strlen(a), 44, "%s", a);
+    cr_assert_eq(run("gpt.graph --generate 'the ' --tokens 40 --temperature 0.5 --top-k 10 --seed 3 "
+                     "--init-from gpt.safetensors --stages 3 --no-pin --quiet", &b), 0, "%s", b);
+    cr_assert_str_eq(a, b, "generation depends on the stage count");
+    cr_assert_eq(run("gpt.graph --generate 'the ' --tokens 40 --temperature 0 "
+                     "--init-from gpt.safetensors --stages 1 --no-pin --quiet", &c), 0, "%s", c);
+    cr_assert(!strncmp(c, "the ", 4), "%s", c);
+    free(a);
+    free(b);
+    free(c);
+    cr_assert_eq(run("gpt.graph --generate hi", &o), 2);
+    cr_assert(strstr(o, "--init-from"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --generate hi --init-from gpt.safetensors", &o), 1);
+    cr_assert(strstr(o, "i32"), "%s", o);
+    free(o);
+}

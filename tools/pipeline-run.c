@@ -20,11 +20,18 @@
 
 #include "graph/graph.h"
 #include "runtime/log.h"
+#include "runtime/topology.h"
+#include "runtime/trace.h"
 #include "runtime/transport.h"
 #include "stages/checkpoint.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
+#include "stages/forecast.h"
+#include "stages/generate.h"
 #include "stages/pipeline.h"
+#include "stages/plan.h"
+#include "stages/profile.h"
+#include "stages/program.h"
 #include "stages/trainer.h"
 
 typedef struct options {
@@ -54,6 +61,20 @@ typedef struct options {
     double clip;
     pw_allreduce_algo allreduce;
     int allreduce_set;
+    int chunks_per_rank;         /* 0: the schedule's default */
+    int simulate;
+    double flops_per_s;          /* 0: measured (auto) or the forecast default */
+    int plan;
+    pw_balance balance;
+    int balance_set;
+    const char *profile, *topology, *memory_budget, *device_speeds;
+    double link_bandwidth, link_latency;
+    int link_set;
+    int recompute;
+    const char *generate;        /* prompt */
+    int64_t gen_tokens;
+    double temperature;
+    int top_k;
 } options;
 
 static void usage(FILE *f)
@@ -76,14 +97,40 @@ static void usage(FILE *f)
 "Pipeline\n"
 "  --stages S            pipeline stages, one worker thread each (default: the\n"
 "                        number of cores)\n"
-"  --schedule NAME|FILE  gpipe, 1f1b (default), or a schedule CSV file\n"
-"                        (docs/schedules.md); validated before anything runs\n"
+"  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
+"                        auto (forecast every kind, train with the fastest that\n"
+"                        fits), or a schedule CSV file (docs/schedules.md);\n"
+"                        validated before anything runs\n"
+"  --chunks-per-rank V   model chunks per rank for interleaved (default 2)\n"
+"  --recompute           recompute activations in the backward (less memory)\n"
 "  --partition METHOD    auto (default: the graph's cut markers when they make\n"
 "                        S stages, else flops), cuts, or flops\n"
 "  --trace FILE          write a Chrome trace (Perfetto, pipe-trace)\n"
 "  --watchdog SEC        fail a stage that waits longer than this (default 60)\n"
 "  --no-pin              do not bind stage threads to cores\n"
 "  --check               check every executed action against the schedule\n"
+"\n"
+"Forecasts and plans (nothing trains; no data is loaded)\n"
+"  --simulate            simulate one step of --stages/--replicas/--micro-batches/\n"
+"                        --schedule (any size): step time, bubble, samples/s and\n"
+"                        peak memory per stage; --trace FILE writes the simulated\n"
+"                        trace (pipe-trace reads it)\n"
+"  --flops-per-s X       compute rate of one rank for --simulate and --schedule\n"
+"                        auto (default: measured here for auto, 5e10 for --simulate)\n"
+"  --plan                print the partition / schedule / placement plan, exit\n"
+"  --balance flops|time  balance stages by FLOPs (default) or measured time\n"
+"  --profile FILE        op-time profile cache for --balance time\n"
+"  --topology SPEC       FILE.xml, a synthetic description or 'this' (placement)\n"
+"  --memory-budget SIZE[,SIZE...]  bytes per stage (512M, 16G)\n"
+"  --device-speeds X[,X...]        relative speed of each stage's device\n"
+"  --link-bandwidth B    bytes/s between neighbouring stages\n"
+"  --link-latency SEC    seconds per stage-to-stage message\n"
+"\n"
+"Text generation (byte-level language models, docs/transformer.md)\n"
+"  --generate PROMPT     sample text after PROMPT from --init-from weights, exit\n"
+"  --tokens N            bytes to sample (default 200)\n"
+"  --temperature T       softmax temperature (default 1; 0 = greedy)\n"
+"  --top-k K             sample among the K most likely bytes (default 0 = all)\n"
 "\n"
 "Data parallelism (docs/distributed.md)\n"
 "  --replicas R          R copies of the pipeline, each on 1/R of every batch;\n"
@@ -110,6 +157,8 @@ static void usage(FILE *f)
 "  --data SPEC           fashion-mnist (default; Debian package dataset-fashion-mnist)\n"
 "                        idx:TRAIN_IMAGES,TRAIN_LABELS[,TEST_IMAGES,TEST_LABELS]\n"
 "                        synthetic[:N[:DIM[:CLASSES]]]\n"
+"                        text:FILE, text:DIR or text:fortunes (byte tokens; the\n"
+"                        window length comes from the graph's input)\n"
 "  --shuffle             reshuffle the training set every epoch (seeded)\n"
 "  --seed N              seed for parameters and shuffling (default 1)\n"
 "\n"
@@ -149,6 +198,19 @@ static int parse_i64(const char *flag, const char *s, int64_t lo, int64_t hi, in
     return 0;
 }
 
+static int parse_f64(const char *flag, const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v) || v < lo || v > hi) {
+        fprintf(stderr, "pipeline-run: %s wants a number in [%g, %g], got '%s'\n", flag, lo, hi, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 static int parse_f32(const char *flag, const char *s, double lo, double hi, float *out)
 {
     char *end;
@@ -166,7 +228,9 @@ static int parse_f32(const char *flag, const char *s, double lo, double hi, floa
 enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM, OPT_LR,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
-       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE };
+       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
+       OPT_CHUNKS, OPT_SIMULATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
+       OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK };
 
 /* Returns 0 to run, 1 when --help was printed, 2 on a usage error. */
 static int parse_args(int argc, char **argv, options *o)
@@ -200,6 +264,22 @@ static int parse_args(int argc, char **argv, options *o)
         {"buckets", required_argument, 0, OPT_BUCKETS},
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
+        {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
+        {"simulate", no_argument, 0, OPT_SIMULATE},
+        {"flops-per-s", required_argument, 0, OPT_FLOPS},
+        {"plan", no_argument, 0, OPT_PLAN},
+        {"balance", required_argument, 0, OPT_BALANCE},
+        {"profile", required_argument, 0, OPT_PROFILE},
+        {"topology", required_argument, 0, OPT_TOPOLOGY},
+        {"memory-budget", required_argument, 0, OPT_MEMBUDGET},
+        {"device-speeds", required_argument, 0, OPT_SPEEDS},
+        {"link-bandwidth", required_argument, 0, OPT_LINKBW},
+        {"link-latency", required_argument, 0, OPT_LINKLAT},
+        {"recompute", no_argument, 0, OPT_RECOMPUTE},
+        {"generate", required_argument, 0, OPT_GENERATE},
+        {"tokens", required_argument, 0, OPT_TOKENS},
+        {"temperature", required_argument, 0, OPT_TEMP},
+        {"top-k", required_argument, 0, OPT_TOPK},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -213,6 +293,8 @@ static int parse_args(int argc, char **argv, options *o)
     o->seed = 1;
     o->replicas = 1;
     o->data = "fashion-mnist";
+    o->gen_tokens = 200;
+    o->temperature = 1.0;
     pw_optim_kind kind = PW_OPTIM_SGD;
     float lr = 0, momentum = 0, wd = 0;
     int64_t v;
@@ -301,6 +383,44 @@ static int parse_args(int argc, char **argv, options *o)
                 return bad_usage("--allreduce: '%s' is not ring or mpi", optarg);
             o->allreduce_set = 1;
             break;
+        case OPT_CHUNKS:
+            if (parse_i64("--chunks-per-rank", optarg, 1, 64, &v)) return 2;
+            o->chunks_per_rank = (int)v;
+            break;
+        case OPT_SIMULATE: o->simulate = 1; break;
+        case OPT_FLOPS:
+            if (parse_f64("--flops-per-s", optarg, 1.0, 1e20, &o->flops_per_s)) return 2;
+            break;
+        case OPT_PLAN: o->plan = 1; break;
+        case OPT_BALANCE:
+            if (pw_balance_parse(optarg, &o->balance) != PW_OK)
+                return bad_usage("--balance: '%s' is not flops or time", optarg);
+            o->balance_set = 1;
+            break;
+        case OPT_PROFILE: o->profile = optarg; break;
+        case OPT_TOPOLOGY: o->topology = optarg; break;
+        case OPT_MEMBUDGET: o->memory_budget = optarg; break;
+        case OPT_SPEEDS: o->device_speeds = optarg; break;
+        case OPT_LINKBW:
+            if (parse_f64("--link-bandwidth", optarg, 1.0, 1e18, &o->link_bandwidth)) return 2;
+            o->link_set = 1;
+            break;
+        case OPT_LINKLAT:
+            if (parse_f64("--link-latency", optarg, 0.0, 1e3, &o->link_latency)) return 2;
+            o->link_set = 1;
+            break;
+        case OPT_RECOMPUTE: o->recompute = 1; break;
+        case OPT_GENERATE: o->generate = optarg; break;
+        case OPT_TOKENS:
+            if (parse_i64("--tokens", optarg, 0, 1 << 24, &o->gen_tokens)) return 2;
+            break;
+        case OPT_TEMP:
+            if (parse_f64("--temperature", optarg, 0.0, 1e3, &o->temperature)) return 2;
+            break;
+        case OPT_TOPK:
+            if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
+            o->top_k = (int)v;
+            break;
         case 'h':
         case OPT_HELP: usage(stdout); return 1;
         case ':': return bad_usage("%s needs a value", argv[optind - 1]);
@@ -342,6 +462,19 @@ static int parse_args(int argc, char **argv, options *o)
     }
     if (o->allreduce_set && world <= 1)
         return bad_usage("%s", "--allreduce applies to runs under mpirun only");
+    if (o->simulate + o->plan + (o->generate != NULL) > 1)
+        return bad_usage("%s", "--simulate, --plan and --generate are separate modes; give one");
+    if (o->generate && !o->init_from)
+        return bad_usage("%s", "--generate needs --init-from FILE (the trained weights)");
+    if ((o->simulate || o->plan || o->generate) && world > 1)
+        return bad_usage("%s", "--simulate, --plan and --generate run in one process, not under mpirun");
+    if (o->generate) {
+        /* One window of one sample through the stages. */
+        o->batch = 1;
+        o->micro_batches = 1;
+        o->micro_set = 1;
+        o->replicas = 1;
+    }
     const int64_t R = o->replicas;
     if (!o->micro_set) {
         int64_t m = o->stages > 1 ? 4 * (int64_t)o->stages : 1;
@@ -383,9 +516,11 @@ static void fmt_time(double s, char *buf, size_t n)
 static void print_summary(const pw_pipeline *t, int stages)
 {
     double theory = pw_pipeline_theory_bubble(t);
+    const int C = pw_pipeline_n_chunks(t);
+    if (C > stages) printf("\n(one row per chunk; a rank's busy and idle times cover all its chunks)");
     printf("\nstage  nodes        busy s   idle s   bubble   theory   stash slots (used/planned)\n");
     double busy = 0, total = 0;
-    for (int st = 0; st < stages; st++) {
+    for (int st = 0; st < C; st++) {
         pw_pipeline_stage_stats ss;
         pw_pipeline_stage_stats_get(t, st, &ss);
         double idle = ss.total_s - ss.busy_s;
@@ -393,6 +528,7 @@ static void print_summary(const pw_pipeline *t, int stages)
                (long long)ss.node_begin, (long long)ss.node_end, ss.busy_s, idle,
                ss.total_s > 0 ? 100.0 * idle / ss.total_s : 0.0, 100.0 * theory, ss.peak_slots,
                ss.slots);
+        if (st >= stages) continue; /* chunks 0..S-1 sit on distinct ranks */
         busy += ss.busy_s;
         total += ss.total_s;
     }
@@ -553,6 +689,343 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     return 0;
 }
 
+/* ---- schedules, forecasts, plans, generation ---- */
+
+/* --schedule: a kind name, "auto" (*is_auto) or a readable CSV file. */
+static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char **csv, int *is_auto)
+{
+    *kind = PW_SCHEDULE_1F1B;
+    *csv = NULL;
+    *is_auto = 0;
+    if (!strcmp(o->schedule, "auto")) {
+        *is_auto = 1;
+        return 0;
+    }
+    if (pw_schedule_kind_parse(o->schedule, kind) == PW_OK && *kind != PW_SCHEDULE_CUSTOM) return 0;
+    if (access(o->schedule, R_OK) != 0) {
+        fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
+                "auto or a readable CSV file\n", g_who, o->schedule);
+        return 2;
+    }
+    *csv = o->schedule;
+    return 0;
+}
+
+/* Compute rate of this machine on this graph: a whole-graph program at the
+ * micro-batch size, forward + backward timed a few times (median-free:
+ * the best of 3 after one warm-up). */
+static double measure_rate(const pw_graph *g, int64_t micro)
+{
+    pw_program_config pc = {.graph = g, .micro_batch = micro, .loss_batch = micro, .slots = 1,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_program *p = NULL;
+    if (pw_program_create(&pc, &p) != PW_OK) return 0;
+    pw_program_init_params(p, 1);
+    /* Inputs: zeros (a valid token and a valid class). */
+    const pw_value *in = &g->values[g->input];
+    void *x = pw_program_value(p, g->input, 0);
+    if (x) memset(x, 0, (size_t)(micro * pw_shape_numel(&in->shape)) * 4);
+    if (g->label >= 0) {
+        void *y = pw_program_value(p, g->label, 0);
+        if (y) memset(y, 0, (size_t)(micro * pw_shape_numel(&g->values[g->label].shape)) * 4);
+    }
+    double best = 0;
+    for (int it = 0; it < 4; it++) {
+        double t0 = now_s();
+        if (pw_program_needs_rng(p)) pw_program_set_rng(p, 0, 1, it + 1, 0);
+        if (pw_program_forward(p, 0, micro) != PW_OK || pw_program_backward_input(p, 0) != PW_OK ||
+            pw_program_backward_weight(p, 0) != PW_OK) {
+            pw_program_destroy(p);
+            return 0;
+        }
+        double dt = now_s() - t0;
+        if (it > 0 && (best == 0 || dt < best)) best = dt;
+    }
+    pw_program_zero_grads(p);
+    pw_program_destroy(p);
+    pw_op_cost c;
+    pw_graph_total_cost(g, &c);
+    double flops = (c.flops_fwd + c.flops_bwd_input + c.flops_bwd_weight) * (double)micro;
+    return best > 0 ? flops / best : 0;
+}
+
+static int64_t micro_size(const options *o)
+{
+    return o->batch / ((int64_t)o->micro_batches * o->replicas);
+}
+
+static pw_forecast_config forecast_config(const pw_graph *g, const options *o, double rate)
+{
+    pw_forecast_config fc = pw_forecast_defaults();
+    fc.graph = g;
+    fc.stages = o->stages;
+    fc.replicas = o->replicas;
+    fc.micro_batches = o->micro_batches;
+    fc.micro_batch_size = micro_size(o);
+    fc.chunks_per_rank = o->chunks_per_rank;
+    if (rate > 0) fc.flops_per_s = rate;
+    if (o->link_bandwidth > 0) fc.link_bandwidth = o->link_bandwidth;
+    if (o->link_set) fc.link_latency_s = o->link_latency;
+    fc.optim_state_floats = o->optim.kind == PW_OPTIM_ADAMW ? 2 : 1;
+    return fc;
+}
+
+/* --memory-budget as one number (forecasts take one budget per rank). */
+static int one_budget(const options *o, int64_t *out)
+{
+    *out = 0;
+    if (!o->memory_budget) return 0;
+    if (strchr(o->memory_budget, ',')) {
+        fprintf(stderr, "pipeline-run: --memory-budget: --simulate and --schedule auto take one budget for "
+                "every rank, not a list ('%s')\n", o->memory_budget);
+        return 2;
+    }
+    if (pw_parse_bytes(o->memory_budget, out) != PW_OK) {
+        fprintf(stderr, "pipeline-run: --memory-budget: %s\n", pw_last_error());
+        return 2;
+    }
+    return 0;
+}
+
+static void print_forecast(const pw_forecast *f, const pw_forecast_config *fc)
+{
+    printf("pipeline-run: forecast for %s: %d stage%s x %d replica%s, %d micro-batches of %lld, schedule %s",
+           fc->graph->name, fc->stages, fc->stages > 1 ? "s" : "", fc->replicas, fc->replicas > 1 ? "s" : "",
+           fc->micro_batches, (long long)fc->micro_batch_size, pw_schedule_kind_name(f->schedule));
+    if (f->chunks_per_rank > 1) printf(" (v=%d)", f->chunks_per_rank);
+    printf(", %.3g FLOP/s per rank\n", fc->flops_per_s);
+    printf("  step time     %.3f ms\n", f->step_time * 1e3);
+    printf("  bubble        %.1f%% (steady state %.1f%%)\n", 100.0 * f->bubble, 100.0 * f->steady_bubble);
+    printf("  samples/s     %.1f\n", f->samples_per_s);
+    const double MiB = 1024.0 * 1024.0;
+    int64_t lo = INT64_MAX, hi = 0;
+    int at_lo = 0, at_hi = 0;
+    for (int r = 0; r < f->n_ranks; r++) {
+        if (f->peak_memory[r] < lo) lo = f->peak_memory[r], at_lo = r;
+        if (f->peak_memory[r] > hi) hi = f->peak_memory[r], at_hi = r;
+    }
+    if (f->n_ranks <= 16) {
+        printf("  peak memory per stage (MiB):");
+        for (int r = 0; r < f->n_ranks; r++) printf(" %.1f", (double)f->peak_memory[r] / MiB);
+        printf("\n");
+    } else {
+        printf("  peak memory per stage: max %.1f MiB (stage %d), min %.1f MiB (stage %d), %d stages\n",
+               (double)hi / MiB, at_hi, (double)lo / MiB, at_lo, f->n_ranks);
+    }
+    if (fc->memory_budget > 0)
+        printf("  memory budget %.1f MiB per stage: %s\n", (double)fc->memory_budget / MiB,
+               f->fits ? "fits" : "does NOT fit");
+}
+
+/* --simulate: nothing trains, no data is loaded. */
+static int run_simulate(const pw_graph *g, const options *o)
+{
+    pw_schedule_kind kind;
+    const char *csv;
+    int is_auto, rc;
+    if ((rc = resolve_schedule(o, &kind, &csv, &is_auto)) != 0) return rc;
+    if (csv) {
+        fprintf(stderr, "pipeline-run: --simulate takes a schedule kind or auto, not a CSV file (%s)\n", csv);
+        return 2;
+    }
+    pw_forecast_config fc = forecast_config(g, o, o->flops_per_s);
+    if ((rc = one_budget(o, &fc.memory_budget)) != 0) return rc;
+    fc.schedule = kind;
+    pw_trace *tr = NULL;
+    pw_forecast f;
+    memset(&f, 0, sizeof f);
+    if (is_auto) {
+        printf("pipeline-run: --schedule auto: candidates at %.3g FLOP/s per rank (%s)\n", fc.flops_per_s,
+               o->flops_per_s > 0 ? "--flops-per-s" : "the forecast default; set --flops-per-s");
+        if (pw_forecast_auto(&fc, &f, stdout) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --schedule auto: %s\n", pw_last_error());
+            return 1;
+        }
+        fc.schedule = f.schedule;
+        fc.chunks_per_rank = f.chunks_per_rank;
+        pw_forecast_free(&f);
+        memset(&f, 0, sizeof f);
+    }
+    if (o->trace) {
+        int v = fc.chunks_per_rank > 2 ? fc.chunks_per_rank : 2;
+        int64_t per = 16 * (int64_t)fc.micro_batches * v + 64;
+        if (pw_trace_create(fc.stages, per, &tr) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --trace: %s\n", pw_last_error());
+            return 1;
+        }
+        fc.trace = tr;
+    }
+    rc = 0;
+    if (pw_forecast_run(&fc, &f) != PW_OK) {
+        fprintf(stderr, "pipeline-run: --simulate: %s\n", pw_last_error());
+        rc = 1;
+        goto out;
+    }
+    print_forecast(&f, &fc);
+    if (o->trace) {
+        if (pw_forecast_write_trace(&fc, &f, o->trace) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --trace: %s\n", pw_last_error());
+            rc = 1;
+            goto out;
+        }
+        printf("simulated trace written to %s\n", o->trace);
+    }
+out:
+    pw_forecast_free(&f);
+    pw_trace_destroy(tr);
+    return rc;
+}
+
+/* --schedule auto before training: forecast every kind, keep the fastest
+ * that fits, print the table and the reason. */
+static int choose_auto(const pw_graph *g, const options *o, pw_schedule_kind *kind, int *v)
+{
+    double rate = o->flops_per_s;
+    const char *src = "--flops-per-s";
+    if (rate <= 0) {
+        rate = measure_rate(g, micro_size(o));
+        src = "measured: whole-graph forward + backward at the micro-batch size on this machine";
+        if (rate <= 0) {
+            rate = pw_forecast_defaults().flops_per_s;
+            src = "the forecast default (measuring failed)";
+        }
+    }
+    pw_forecast_config fc = forecast_config(g, o, rate);
+    int rc;
+    if ((rc = one_budget(o, &fc.memory_budget)) != 0) return rc;
+    if (!o->quiet)
+        printf("pipeline-run: --schedule auto: compute rate %.3g FLOP/s per stage (%s)\n", rate, src);
+    pw_forecast best;
+    memset(&best, 0, sizeof best);
+    if (pw_forecast_auto(&fc, &best, o->quiet ? NULL : stdout) != PW_OK) {
+        fprintf(stderr, "pipeline-run: --schedule auto: %s\n", pw_last_error());
+        return 1;
+    }
+    *kind = best.schedule;
+    *v = best.chunks_per_rank;
+    pw_forecast_free(&best);
+    return 0;
+}
+
+/* --plan: pw_plan_make + pw_plan_print; no data, no training. */
+static int run_plan(const pw_graph *g, const options *o)
+{
+    pw_schedule_kind kind;
+    const char *csv;
+    int is_auto, rc;
+    if ((rc = resolve_schedule(o, &kind, &csv, &is_auto)) != 0) return rc;
+    if (is_auto) {
+        fprintf(stderr, "pipeline-run: --plan needs a schedule kind or CSV file, not auto (try --simulate "
+                "--schedule auto)\n");
+        return 2;
+    }
+    pw_plan_config pc = pw_plan_defaults();
+    pc.graph = g;
+    pc.stages = o->stages;
+    pc.replicas = o->replicas;
+    pc.micro_batches = o->micro_batches;
+    pc.micro_batch_size = micro_size(o);
+    pc.schedule = kind;
+    pc.method = o->partition;
+    pc.balance = o->balance;
+    if (o->flops_per_s > 0) pc.flops_per_s = o->flops_per_s;
+    pc.link_bandwidth = o->link_bandwidth;
+    pc.link_latency = o->link_latency;
+    pc.optim = o->optim.kind;
+    pc.recompute = o->recompute;
+    pw_schedule *custom = NULL;
+    pw_profile *prof = NULL;
+    pw_device_spec *devs = NULL;
+    hwloc_topology_t topo = NULL;
+    pw_plan *plan = NULL;
+    rc = 1;
+    if (csv) {
+        if (pw_schedule_load_csv(csv, &custom) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --schedule: %s\n", pw_last_error());
+            goto out;
+        }
+        pc.custom = custom;
+    }
+    if (o->balance == PW_BALANCE_TIME || o->profile) {
+        pw_profile_config prc = {.micro_batch = micro_size(o), .threads = o->threads ? o->threads : 1};
+        int measured = 0;
+        if (pw_profile_load_or_measure(o->profile, g, &prc, &prof, &measured) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --profile: %s\n", pw_last_error());
+            goto out;
+        }
+        if (!o->quiet)
+            printf("pipeline-run: profile %s%s\n", measured ? "measured" : "loaded from ",
+                   measured ? (o->profile ? " and written" : " (not saved: no --profile)") : o->profile);
+        pc.profile = prof;
+        if (!o->balance_set) pc.balance = PW_BALANCE_TIME;
+    }
+    if (o->device_speeds || o->memory_budget) {
+        if (pw_plan_parse_devices(o->device_speeds, o->memory_budget, o->stages, &devs) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
+            rc = 2;
+            goto out;
+        }
+        pc.devices = devs;
+    }
+    if (o->topology) {
+        if (pw_topology_load_spec(o->topology, &topo) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
+            goto out;
+        }
+        pc.topology = topo;
+        pc.topology_name = o->topology;
+    }
+    if (pw_plan_make(&pc, &plan) != PW_OK) {
+        fprintf(stderr, "pipeline-run: --plan: %s\n", pw_last_error());
+        goto out;
+    }
+    if (pw_plan_print(stdout, plan) != PW_OK) {
+        fprintf(stderr, "pipeline-run: --plan: %s\n", pw_last_error());
+        goto out;
+    }
+    rc = 0;
+out:
+    pw_plan_destroy(plan);
+    if (topo) hwloc_topology_destroy(topo);
+    free(devs);
+    pw_profile_destroy(prof);
+    pw_schedule_destroy(custom);
+    return rc;
+}
+
+/* A one-window token data set of zeros: what a pipeline needs to be built
+ * for --generate without loading any corpus. */
+static pw_dataset *generation_dataset(const pw_graph *g)
+{
+    const pw_value *in = &g->values[g->input];
+    if (in->dtype != PW_I32 || in->shape.ndim != 1) {
+        pw_error(PW_ERR_SHAPE, "%s: --generate needs a graph whose input is i32 [T] tokens; '%s' is not",
+                 g->file ? g->file : g->name, in->name);
+        return NULL;
+    }
+    const int64_t T = in->shape.d[0];
+    pw_dataset *d = calloc(1, sizeof *d);
+    if (!d) return NULL;
+    d->n = 1;
+    d->sample_shape = in->shape;
+    d->sample_numel = T;
+    d->x_dtype = PW_I32;
+    if (g->label >= 0) d->label_shape = g->values[g->label].shape;
+    d->label_numel = T;
+    d->n_classes = 256;
+    d->n_tokens = 256;
+    d->text = calloc((size_t)T + 1, 1);
+    d->text_len = T + 1;
+    d->stride = T;
+    d->name = strdup("generate");
+    if (!d->text || !d->name) {
+        pw_dataset_destroy(d);
+        pw_error(PW_ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    return d;
+}
+
 int main(int argc, char **argv)
 {
     options o;
@@ -572,12 +1045,43 @@ int main(int argc, char **argv)
         goto out;
     }
     if (o.print_graph && o.quiet < 2) pw_graph_print(g, stdout);
-    if (pw_dataset_from_spec(o.data, 1, &train) != PW_OK) {
+    if (o.simulate) {
+        status = run_simulate(g, &o);
+        goto out;
+    }
+    if (o.plan) {
+        status = run_plan(g, &o);
+        goto out;
+    }
+    /* Flags of the planner that the pipeline cannot take yet. */
+    {
+        const char *plan_only = o.balance_set ? "--balance" : o.profile ? "--profile" : o.topology ? "--topology"
+                              : o.device_speeds ? "--device-speeds" : o.link_set ? "--link-bandwidth/--link-latency"
+                              : (o.memory_budget && strcmp(o.schedule, "auto")) ? "--memory-budget" : NULL;
+        if (plan_only) {
+            fprintf(stderr, "pipeline-run: %s applies to --plan only for now: the pipeline cannot take the "
+                    "planned cuts yet (pw_pipeline_config has no cuts field); print them with --plan and "
+                    "mark them with `cut` lines in the graph%s\n", plan_only,
+                    !strcmp(plan_only, "--memory-budget") ? " (with --schedule auto the budget limits the "
+                    "candidates)" : "");
+            status = 2;
+            goto out;
+        }
+    }
+    if (o.generate) {
+        train = generation_dataset(g);
+        if (!train) {
+            fail("--generate: ");
+            goto out;
+        }
+    } else if (pw_dataset_from_spec_for_graph(o.data, 1, g, &train) != PW_OK) {
         fail("--data: ");
         goto out;
     }
-    if (pw_dataset_spec_has_test(o.data)) {
-        if (pw_dataset_from_spec(o.data, 0, &test) != PW_OK) {
+    if (o.generate) {
+        /* no test set */
+    } else if (pw_dataset_spec_has_test(o.data)) {
+        if (pw_dataset_from_spec_for_graph(o.data, 0, g, &test) != PW_OK) {
             fail("--data (test set): ");
             goto out;
         }
@@ -587,15 +1091,20 @@ int main(int argc, char **argv)
 
     pw_schedule_kind kind = PW_SCHEDULE_1F1B;
     const char *csv = NULL;
-    if (pw_schedule_kind_parse(o.schedule, &kind) != PW_OK) {
-        if (access(o.schedule, R_OK) != 0) {
-            fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b or a readable CSV "
-                    "file\n", g_who, o.schedule);
-            status = 2;
+    int is_auto = 0;
+    if ((rc = resolve_schedule(&o, &kind, &csv, &is_auto)) != 0) {
+        status = rc;
+        goto out;
+    }
+    if (is_auto) {
+        int v = 0;
+        if ((rc = choose_auto(g, &o, &kind, &v)) != 0) {
+            status = rc;
             goto out;
         }
-        csv = o.schedule;
+        o.chunks_per_rank = v;
     }
+    const double entropy = test && test->x_dtype == PW_I32 ? pw_dataset_unigram_entropy(test) : -1;
     const int64_t spe0 = train->n / o.batch;
     const int64_t total0 = o.steps ? o.steps : o.epochs * (spe0 > 0 ? spe0 : 1);
     pw_pipeline_config pc = pw_pipeline_defaults();
@@ -617,6 +1126,8 @@ int main(int argc, char **argv)
     pc.buckets = o.buckets;
     pc.clip_grad_norm = o.clip;
     pc.transport = g_mpi;
+    pc.chunks_per_rank = o.chunks_per_rank;
+    pc.recompute = o.recompute;
     if (o.trace) {
         /* Every action and wait of every step, plus a margin; capped. */
         int64_t per_step = 8 * (int64_t)o.micro_batches + 16 + 4 * (o.buckets > 0 ? o.buckets : 4);
@@ -634,6 +1145,25 @@ int main(int argc, char **argv)
             goto out;
         }
     }
+    if (o.generate) {
+        pw_generate_config gc = pw_generate_defaults();
+        gc.graph = g;
+        gc.prompt = o.generate;
+        gc.tokens = o.gen_tokens;
+        gc.temperature = o.temperature;
+        gc.top_k = o.top_k;
+        gc.seed = o.seed;
+        char *text = NULL;
+        if (pw_generate(t, &gc, &text) != PW_OK) {
+            fail("--generate: ");
+            goto out;
+        }
+        fputs(text, stdout);
+        fputs("\n", stdout);
+        free(text);
+        status = 0;
+        goto out;
+    }
 
     const int64_t spe = pw_pipeline_steps_per_epoch(t);
     const int64_t total = o.steps ? o.steps : o.epochs * spe;
@@ -643,7 +1173,7 @@ int main(int argc, char **argv)
     {
         /* Collective under mpirun: every process takes part. */
         double planned = 0;
-        for (int st = 0; st < o.stages; st++) {
+        for (int st = 0; st < pw_pipeline_n_chunks(t); st++) {
             pw_pipeline_stage_stats ss;
             pw_pipeline_stage_stats_get(t, st, &ss);
             planned += (double)ss.memory;
@@ -658,7 +1188,9 @@ int main(int argc, char **argv)
                    g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6, planned / (1 << 20));
             printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
                    pw_partition_method_name(part->method));
-            for (int st = 0; st < o.stages; st++) printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
+            for (int st = 0; st < part->n_stages; st++) printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
+            if (pw_pipeline_chunks_per_rank(t) > 1) printf(" = %d chunks per stage", pw_pipeline_chunks_per_rank(t));
+            if (o.recompute) printf(", recompute");
             printf("), schedule %s, theoretical bubble %.1f%%\n", csv ? csv : pw_schedule_kind_name(kind),
                    100.0 * pw_pipeline_theory_bubble(t));
             if (o.replicas > 1)
@@ -714,7 +1246,10 @@ int main(int argc, char **argv)
             if (!o.quiet) {
                 printf("epoch %lld: train loss %.4f", (long long)s.epoch + 1,
                        epoch_loss / (double)epoch_steps);
-                if (test)
+                if (test && entropy >= 0)
+                    printf("  held-out loss %.4f nats (unigram entropy %.4f)  accuracy %.2f%%", ev.loss,
+                           entropy, 100.0 * ev.accuracy);
+                else if (test)
                     printf("  test loss %.4f  test accuracy %.2f%%", ev.loss, 100.0 * ev.accuracy);
                 printf("  (%.1f s)\n", now_s() - t0);
                 fflush(stdout);
