@@ -54,6 +54,14 @@ static uint64_t hash_bytes(const void *p, size_t n, uint64_t h)
 {
     const unsigned char *b = p;
     for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+    /* FNV's low bits depend only on the inputs' low bits, and the tables mask
+     * the low bits: without a final mix, keys that differ in high bits pile
+     * into long probe chains (a 64-rank simulated trace took minutes). */
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ull;
+    h ^= h >> 33;
     return h;
 }
 #define HASH_SEED 14695981039346656037ull
@@ -344,6 +352,9 @@ static pw_ta_cause *cause_get(ta *s, ta_cause_key k)
 {
     if (s->cause_ht_cap < 2 * (s->n_causes + 1)) {
         size_t cap = s->cause_ht_cap ? 2 * s->cause_ht_cap : 256;
+        /* The table may have been dropped (cap 0) while causes remain: size it
+         * for all of them, or the rehash below never finds a free slot. */
+        while (cap < 2 * (s->n_causes + 1)) cap *= 2;
         int32_t *ht = calloc(cap, sizeof *ht);
         if (!ht) return NULL;
         for (size_t i = 0; i < s->n_causes; i++) {
