@@ -365,12 +365,12 @@ Test(cli, simulate_any_size_without_data_and_writes_a_trace)
     cr_assert_eq(system(cmd), 0, "pipe-trace cannot read the simulated trace");
     /* Many ranks: pipe-trace once looped forever here when its cause table
      * was regrown after being dropped (a regression test, bounded by timeout). */
-    cr_assert_eq(run("gpt.graph --simulate --stages 32 --replicas 2 --micro-batches 32 --batch 64 "
+    cr_assert_eq(run("gpt.graph --simulate --stages 24 --replicas 2 --micro-batches 32 --batch 64 "
                      "--data text:/nonexistent --trace big.json", &o), 0, "%s", o);
     free(o);
     snprintf(cmd, sizeof cmd, "timeout 60 '%s/pipe-trace' '%s/big.json' > /dev/null 2>&1",
              PW_BINARY_DIR, dir);
-    cr_assert_eq(system(cmd), 0, "pipe-trace failed or hung on a 64-rank simulated trace");
+    cr_assert_eq(system(cmd), 0, "pipe-trace failed or hung on a 48-rank simulated trace");
     cr_assert_eq(run("m.graph --simulate --stages 2 --schedule auto --batch 16", &o), 0, "%s", o);
     cr_assert(strstr(o, "chose "), "%s", o);
     free(o);
