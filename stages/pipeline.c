@@ -497,20 +497,13 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     if (c->replicas < 0 || c->buckets < 0)
         return pw_error(PW_ERR_INVALID_ARG, "replicas (%d) and buckets (%d) must not be negative",
                         c->replicas, c->buckets);
-    if (c->batch < 1 || c->batch % ((int64_t)c->micro_batches * NR) != 0)
-        return pw_error(PW_ERR_INVALID_ARG, "batch %lld is not a positive multiple of the %d "
-                        "micro-batches%s", (long long)c->batch, c->micro_batches * NR,
-                        NR > 1 ? " of every replica (replicas x micro-batches)" : "");
-    if (c->batch > c->train->n)
-        return pw_error(PW_ERR_INVALID_ARG, "batch %lld is larger than the %lld samples of '%s'",
-                        (long long)c->batch, (long long)c->train->n, c->train->name);
     if (c->clip_grad_norm < 0 || c->clip_grad_norm != c->clip_grad_norm)
         return pw_error(PW_ERR_INVALID_ARG, "clip_grad_norm must be >= 0 (got %g)", c->clip_grad_norm);
     const pw_transport *t = c->transport;
     if (t && (t->n_ranks != c->stages || t->n_replicas != NR))
         return pw_error(PW_ERR_INVALID_ARG, "pipeline: the transport runs %d stages x %d replicas, the "
                         "configuration asks for %d x %d", t->n_ranks, t->n_replicas, c->stages, NR);
-    PW_CHECK(pw_trainer_check_data(c->graph, c->train));
+    PW_CHECK(pw_trainer_check_batching(c->graph, c->train, c->batch, c->micro_batches, NR));
 
     pw_pipeline *pl = calloc(1, sizeof *pl);
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");

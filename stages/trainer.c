@@ -22,20 +22,28 @@ pw_status pw_trainer_check_data(const pw_graph *g, const pw_dataset *d)
     return pw_dataset_check_graph(g, d);
 }
 
+pw_status pw_trainer_check_batching(const pw_graph *g, const pw_dataset *d, int64_t batch,
+                                    int micro_batches, int replicas)
+{
+    if (micro_batches < 1)
+        return pw_error(PW_ERR_INVALID_ARG, "micro-batches must be at least 1 (got %d)",
+                        micro_batches);
+    if (replicas < 1) replicas = 1;
+    if (batch < 1 || batch % ((int64_t)micro_batches * replicas) != 0)
+        return pw_error(PW_ERR_INVALID_ARG, "batch %lld is not a positive multiple of the %d "
+                        "micro-batches%s", (long long)batch, micro_batches * replicas,
+                        replicas > 1 ? " of every replica (replicas x micro-batches)" : "");
+    if (batch > d->n)
+        return pw_error(PW_ERR_INVALID_ARG, "batch %lld is larger than the %lld samples of '%s'",
+                        (long long)batch, (long long)d->n, d->name);
+    return pw_trainer_check_data(g, d);
+}
+
 pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
 {
     *out = NULL;
     const pw_trainer_config *c = cfg;
-    if (c->micro_batches < 1)
-        return pw_error(PW_ERR_INVALID_ARG, "micro-batches must be at least 1 (got %d)",
-                        c->micro_batches);
-    if (c->batch < 1 || c->batch % c->micro_batches != 0)
-        return pw_error(PW_ERR_INVALID_ARG, "batch %lld is not a positive multiple of the %d "
-                        "micro-batches", (long long)c->batch, c->micro_batches);
-    if (c->batch > c->train->n)
-        return pw_error(PW_ERR_INVALID_ARG, "batch %lld is larger than the %lld samples of '%s'",
-                        (long long)c->batch, (long long)c->train->n, c->train->name);
-    PW_CHECK(pw_trainer_check_data(c->graph, c->train));
+    PW_CHECK(pw_trainer_check_batching(c->graph, c->train, c->batch, c->micro_batches, 1));
 
     pw_trainer *t = calloc(1, sizeof *t);
     if (!t) return pw_error(PW_ERR_NOMEM, "trainer: out of memory");

@@ -79,6 +79,12 @@ pw_status pw_trainer_step(pw_trainer *t, pw_step_stats *out);
 /* Forward-only pass over a whole data set (any size). */
 pw_status pw_trainer_evaluate(pw_trainer *t, const pw_dataset *d, pw_eval_stats *out);
 
+/* Checks a run's batching against its data (M ≥ 1, the batch a positive
+ * multiple of replicas × M and no larger than the data set) and then the data
+ * against the graph. Shared by the trainer and the pipeline. */
+pw_status pw_trainer_check_batching(const pw_graph *g, const pw_dataset *d, int64_t batch,
+                                    int micro_batches, int replicas);
+
 /* Checks a data set against the graph's input and label
  * (pw_dataset_check_graph). */
 pw_status pw_trainer_check_data(const pw_graph *g, const pw_dataset *d);
