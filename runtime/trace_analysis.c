@@ -8,8 +8,10 @@
  * small ta_rec: a step's window is known only when its last rank has been
  * read, and pipewright writes rank after rank. finish() orders the records
  * into steps, adds the idle between each rank's own span and the step's
- * window, and derives the median step and the bubble explanation. Pass 2 seeks back to the detail step's events and sweeps them
+ * window, and derives the median step and the bubble explanation. Pass 2
+ * (trace_detail.c) seeks back to the detail step's events and sweeps them
  * again over the whole window, keeping segments, gaps and the critical path.
+ * The types both files share are in trace_analysis_int.h.
  */
 #include "runtime/trace_analysis.h"
 
@@ -21,31 +23,18 @@
 #include <string.h>
 #include <strings.h>
 
-#define CLS_STEP 100            /* a "step" event: defines the rank's span */
-#define MAX_NAMES (1 << 16)     /* distinct event names kept; more share "(other)" */
-
-enum { WK_NONE = 0, WK_RECV, WK_ALLREDUCE, WK_OTHER };
+#include "runtime/trace_analysis_int.h"
 
 /* ------------------------------------------------------------ containers */
 
-#define VEC_PUSH(arr, n, cap, fail_label)                                              \
-    do {                                                                               \
-        if ((n) >= (cap)) {                                                            \
-            size_t _nc = (cap) ? 2 * (size_t)(cap) : 16;                               \
-            void *_p = realloc((arr), _nc * sizeof *(arr));                            \
-            if (!_p) goto fail_label;                                                  \
-            (arr) = _p;                                                                \
-            (cap) = _nc;                                                               \
-        }                                                                              \
-    } while (0)
 
 /* qsort, memcpy and memmove without the undefined cases: NULL with n = 0. */
-static void sort_n(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *))
+void ta_sort_n(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *))
 {
     if (n > 1) qsort(base, n, size, cmp);
 }
 
-static void copy_n(void *dst, const void *src, size_t bytes)
+void ta_copy_n(void *dst, const void *src, size_t bytes)
 {
     if (bytes) memcpy(dst, src, bytes);
 }
@@ -66,126 +55,7 @@ static uint64_t hash_bytes(const void *p, size_t n, uint64_t h)
 }
 #define HASH_SEED 14695981039346656037ull
 
-/* ------------------------------------------------------------ state */
-
-typedef struct ta_ev {          /* one event of an open group */
-    int64_t t0, t1;
-    int64_t bytes;
-    int32_t name;
-    int32_t stage, mb, peer;
-    int8_t cls;                 /* pw_ta_class or CLS_STEP */
-    int8_t wk;                  /* WK_* for waits and comm actions */
-} ta_ev;
-
-typedef struct ta_group {
-    int64_t step;
-    int64_t off0, line0, off1;  /* file range of its events (pass 2 seeks there) */
-    ta_ev *ev;
-    size_t n, cap;
-} ta_group;
-
-typedef struct ta_bopen {       /* an unmatched "B" event */
-    int64_t t0, off, line, step;
-    int32_t name, stage, mb, peer;
-    int8_t cls, wk;
-} ta_bopen;
-
-typedef struct ta_rank {
-    int64_t pid, tid;
-    char label[64];
-    int has_label;
-    ta_group *open;             /* open groups, ascending step */
-    size_t n_open, cap_open;
-    int64_t max_closed;         /* highest step reduced; -1 none */
-    ta_bopen *bstack;
-    size_t n_b, cap_b;
-    int has_events;             /* 0: only named by metadata events */
-    int new_index;              /* after sorting ranks */
-    pw_ta_times total;          /* analysed steps, inside the rank's spans (finish adds the rest) */
-} ta_rank;
-
-/* One reduced (rank, step): what finish() needs once the step's window is
- * known (the rank's other figures went straight into its totals). */
-typedef struct ta_rec {
-    int64_t step;
-    int64_t t0, t1;             /* the rank's own span */
-    int64_t head_ns, tail_ns;   /* idle before its first / after its last event, inside the span */
-    int64_t compute;            /* for the step's bubble */
-    int64_t off0, line0, off1;  /* file range of its events (pass 2 seeks there) */
-    int64_t full;               /* index in ta.full (cfg->per_step), else -1 */
-    int32_t rank;
-    int8_t tail_phase;          /* phase of the idle after the span */
-} ta_rec;
-
-typedef struct ta_cause_key {
-    int32_t rank, kind, what, peer, stage, mb;
-} ta_cause_key;
-
-typedef struct ta_detail_rank { /* detail-step output of one rank (local indices) */
-    pw_ta_event *ev;
-    size_t n_ev;
-    pw_ta_segment *seg;
-    size_t n_seg, cap_seg;
-    pw_ta_gap *gap;
-    size_t n_gap, cap_gap;
-} ta_detail_rank;
-
-typedef struct ta {
-    pw_trace_analysis *a;
-    const pw_trace_analysis_config *cfg;
-    pw_trace_reader *rd;
-
-    char **names;
-    int8_t *name_cls;           /* [cap_names] class by name alone, or -1: depends on "cat" */
-    int8_t *name_wk;
-    size_t n_names, cap_names;
-    int32_t *name_ht;           /* index + 1; 0 empty */
-    size_t name_ht_cap;
-    int32_t id_step, id_other;
-
-    ta_rank *ranks;
-    size_t n_ranks, cap_ranks;
-    int32_t *rank_ht;
-    size_t rank_ht_cap;
-    int last_rank;              /* lookup cache */
-    int64_t last_pid, last_tid;
-
-    ta_rec *recs;
-    size_t n_recs, cap_recs;
-    pw_ta_times *full;          /* per (rank, step) figures, only with cfg->per_step */
-    size_t n_full, cap_full;
-    int64_t max_f;              /* most F events of one rank in one step */
-
-    pw_ta_cause *causes;
-    size_t n_causes, cap_causes;
-    ta_cause_key *cause_keys;
-    int32_t *cause_ht;
-    size_t cause_ht_cap;
-
-    int64_t *skip;              /* the first skip_steps distinct steps */
-    size_t n_skip;
-
-    int64_t n_late, n_bad_args, n_other_ph, n_unmatched_e, n_unclosed_b;
-    int64_t n_with_step, n_without_step, n_step_events, n_x;
-
-    /* sweep scratch */
-    int64_t *bounds;
-    size_t cap_bounds;
-    int *active;
-    size_t cap_active;
-    int *order;
-    size_t cap_order;
-    struct ta_key *keys;
-    size_t cap_keys;
-
-    /* pass 2 */
-    int detail;                 /* 1 while reading the detail step */
-    int64_t win_t0, win_t1;     /* the detail step's window */
-    int win_last_rank;
-    ta_detail_rank *drank;      /* [n_ranks] */
-} ta;
-
-static pw_status oom(void) { return pw_error(PW_ERR_NOMEM, "trace analysis: out of memory"); }
+pw_status ta_oom(void) { return pw_error(PW_ERR_NOMEM, "trace analysis: out of memory"); }
 
 /* ------------------------------------------------------------ names */
 
@@ -518,14 +388,14 @@ static pw_status reduce(ta *s, int r, ta_group *g)
         !grow((void **)&s->keys, &s->cap_keys, n, sizeof(ta_key)) ||
         !grow((void **)&s->bounds, &s->cap_bounds, 2 * n + 2, sizeof(int64_t)) ||
         !grow((void **)&s->active, &s->cap_active, n, sizeof(int)))
-        return oom();
+        return ta_oom();
     int *ord = s->order;
     int sorted = 1;
     for (size_t i = 0; i < n; i++) {
         s->keys[i] = (ta_key){ev[i].t0, (int)i};
         if (i && ev[i].t0 < ev[i - 1].t0) sorted = 0;
     }
-    if (!sorted) sort_n(s->keys, n, sizeof *s->keys, cmp_key); /* writers usually emit in order */
+    if (!sorted) ta_sort_n(s->keys, n, sizeof *s->keys, cmp_key); /* writers usually emit in order */
     for (size_t i = 0; i < n; i++) ord[i] = s->keys[i].idx;
 
     int64_t st0 = INT64_MAX, st1 = INT64_MIN, e0 = INT64_MAX, e1 = INT64_MIN;
@@ -565,7 +435,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     bd[nb++] = w1;
     int bd_sorted = 1;
     for (size_t i = 1; i < nb && bd_sorted; i++) bd_sorted = bd[i - 1] <= bd[i];
-    if (!bd_sorted) sort_n(bd, nb, sizeof *bd, cmp_i64);
+    if (!bd_sorted) ta_sort_n(bd, nb, sizeof *bd, cmp_i64);
     size_t u = 0;
     for (size_t i = 0; i < nb; i++)
         if (u == 0 || bd[i] != bd[u - 1]) bd[u++] = bd[i];
@@ -581,7 +451,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     if (dr) {
         /* The rank's events in start order; segments index into them. */
         dr->ev = calloc(n, sizeof *dr->ev);
-        if (!dr->ev) return oom();
+        if (!dr->ev) return ta_oom();
         size_t k = 0;
         for (size_t i = 0; i < n; i++) {
             const ta_ev *e = &ev[ord[i]];
@@ -637,7 +507,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
         if (cls <= PW_TA_COMM) {
             t->busy[cls] += len;
             if (cls == PW_TA_COMM && we->wk == WK_ALLREDUCE) t->exposed_allreduce += len;
-            if (!run_flush(s, &run, g->step, skipped)) return oom();
+            if (!run_flush(s, &run, g->step, skipped)) return ta_oom();
         } else {
             phase = phase_at(x, first_b, last_f);
             t->idle_phase[phase] += len;
@@ -671,7 +541,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
             }
             int same = run.open && !memcmp(&run.key, &key, sizeof key) && run.t1 == x;
             if (!same) {
-                if (!run_flush(s, &run, g->step, skipped)) return oom();
+                if (!run_flush(s, &run, g->step, skipped)) return ta_oom();
                 memset(&run, 0, sizeof run);
                 run.open = 1;
                 run.key = key;
@@ -680,7 +550,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
                 run.peer = gap_peer;
                 run.phase = phase;
                 if (dr) {
-                    if (!grow((void **)&dr->gap, &dr->cap_gap, dr->n_gap + 1, sizeof *dr->gap)) return oom();
+                    if (!grow((void **)&dr->gap, &dr->cap_gap, dr->n_gap + 1, sizeof *dr->gap)) return ta_oom();
                     pw_ta_gap *gp = &dr->gap[dr->n_gap++];
                     gp->rank = r;
                     gp->t0 = x;
@@ -699,7 +569,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
             if (cls == last_seg_cls && seg_event == last_seg_event && phase == last_seg_phase && dr->n_seg) {
                 dr->seg[dr->n_seg - 1].t1 = y;
             } else {
-                if (!grow((void **)&dr->seg, &dr->cap_seg, dr->n_seg + 1, sizeof *dr->seg)) return oom();
+                if (!grow((void **)&dr->seg, &dr->cap_seg, dr->n_seg + 1, sizeof *dr->seg)) return ta_oom();
                 pw_ta_segment *sg = &dr->seg[dr->n_seg++];
                 sg->t0 = x;
                 sg->t1 = y;
@@ -712,7 +582,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
             }
         }
     }
-    if (!run_flush(s, &run, g->step, skipped)) return oom();
+    if (!run_flush(s, &run, g->step, skipped)) return ta_oom();
 
     if (s->detail) return st;
 
@@ -738,7 +608,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     s->recs[s->n_recs++] = rec;
     return PW_OK;
 fail:
-    return oom();
+    return ta_oom();
 }
 
 /* ------------------------------------------------------------ ingest */
@@ -750,7 +620,7 @@ static void group_free(ta_group *g)
 }
 
 /* Reduces and frees rank r's open group i. */
-static pw_status close_group(ta *s, int r, size_t i)
+pw_status ta_close_group(ta *s, int r, size_t i)
 {
     ta_rank *rk = &s->ranks[r];
     ta_group g = rk->open[i];
@@ -795,20 +665,20 @@ static pw_status add_event(ta *s, int r, const ta_ev *e, int64_t step, int64_t o
     if (off1 > g->off1) g->off1 = off1;
     /* A rank two steps further has finished this one (writers emit a rank's
      * events in step order; the step event comes last). */
-    while (rk->n_open && rk->open[0].step <= step - 2) PW_CHECK(close_group(s, r, 0));
+    while (rk->n_open && rk->open[0].step <= step - 2) PW_CHECK(ta_close_group(s, r, 0));
     return PW_OK;
 fail:
-    return oom();
+    return ta_oom();
 }
 
-static pw_status ingest(ta *s, const pw_trace_record *rec)
+pw_status ta_ingest(ta *s, const pw_trace_record *rec)
 {
     if (!s->detail) s->a->n_events++;
     if (rec->has & PW_TREC_BAD_ARGS && !s->detail) s->n_bad_args++;
     if (rec->ph == 'M') {
         if (!s->detail && !strcmp(rec->name, "thread_name") && rec->has & PW_TREC_ARG_NAME) {
             int r = rank_lookup(s, rec->pid, rec->tid);
-            if (r < 0) return oom();
+            if (r < 0) return ta_oom();
             char cleaned[sizeof s->ranks[r].label];
             const char *l = clean_name(rec->arg_name, cleaned, sizeof cleaned);
             memcpy(s->ranks[r].label, l, strlen(l) + 1);
@@ -822,7 +692,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
     }
     int r = rank_lookup(s, rec->pid, rec->tid);
     if (r == -2) return PW_OK;
-    if (r < 0) return oom();
+    if (r < 0) return ta_oom();
     ta_rank *rk = &s->ranks[r];
     rk->has_events = 1;
     int64_t step = rec->has & PW_TREC_STEP ? rec->step : 0;
@@ -834,7 +704,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
         b->line = rec->line;
         b->step = step;
         b->name = intern(s, rec->name);
-        if (b->name < 0) return oom();
+        if (b->name < 0) return ta_oom();
         b->cls = (int8_t)class_of(s, b->name, rec->name, rec->cat, &b->wk);
         b->stage = rec->stage;
         b->mb = rec->mb;
@@ -866,7 +736,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
         if (rec->dur_ns > INT64_MAX - rec->ts_ns) e.t1 = INT64_MAX;
         else e.t1 = rec->ts_ns + rec->dur_ns;
         e.name = intern(s, rec->name);
-        if (e.name < 0) return oom();
+        if (e.name < 0) return ta_oom();
         e.cls = (int8_t)class_of(s, e.name, rec->name, rec->cat, &e.wk);
         e.stage = rec->stage;
         e.mb = rec->mb;
@@ -882,7 +752,7 @@ static pw_status ingest(ta *s, const pw_trace_record *rec)
     }
     return add_event(s, r, &e, step, off0, line0, rec->offset);
 fail:
-    return oom();
+    return ta_oom();
 }
 
 /* ------------------------------------------------------------ finish */
@@ -938,7 +808,7 @@ static pw_status sort_ranks(ta *s)
     if (!sorted || !map) {
         free(sorted);
         free(map);
-        return oom();
+        return ta_oom();
     }
     size_t kept = 0;
     for (size_t i = 0; i < R; i++) {
@@ -952,9 +822,9 @@ static pw_status sort_ranks(ta *s)
             free(k->open);
         }
     }
-    sort_n(sorted, kept, sizeof *sorted, cmp_rank);
+    ta_sort_n(sorted, kept, sizeof *sorted, cmp_rank);
     for (size_t i = 0; i < kept; i++) map[sorted[i].new_index] = (int)i;
-    copy_n(s->ranks, sorted, kept * sizeof *sorted);
+    ta_copy_n(s->ranks, sorted, kept * sizeof *sorted);
     s->n_ranks = kept;
     for (size_t i = 0; i < kept; i++) s->ranks[i].new_index = (int)i;
     for (size_t i = 0; i < s->n_recs; i++) s->recs[i].rank = map[s->recs[i].rank];
@@ -973,7 +843,7 @@ static pw_status sort_ranks(ta *s)
     s->rank_ht_cap = 0;
     s->last_rank = -1;
     for (size_t i = 0; i < kept; i++)
-        if (rank_lookup(s, s->ranks[i].pid, s->ranks[i].tid) < 0) return oom();
+        if (rank_lookup(s, s->ranks[i].pid, s->ranks[i].tid) < 0) return ta_oom();
     return PW_OK;
 }
 
@@ -1111,18 +981,18 @@ static pw_status finish(ta *s)
     for (size_t r = 0; r < s->n_ranks; r++) {
         s->n_unclosed_b += (int64_t)s->ranks[r].n_b;
         s->ranks[r].n_b = 0;
-        while (s->ranks[r].n_open) PW_CHECK(close_group(s, (int)r, 0));
+        while (s->ranks[r].n_open) PW_CHECK(ta_close_group(s, (int)r, 0));
     }
     /* A pipewright trace has ranks 0..R-1 even when one never recorded. */
     if (a->has_meta) {
         for (int r = 0; r < a->meta.ranks; r++)
-            if (rank_lookup(s, 0, r) == -1) return oom();
+            if (rank_lookup(s, 0, r) == -1) return ta_oom();
     }
     PW_CHECK(sort_ranks(s));
     const int R = (int)s->n_ranks;
     a->n_ranks = R;
     a->ranks = calloc(R ? (size_t)R : 1, sizeof *a->ranks);
-    if (!a->ranks) return oom();
+    if (!a->ranks) return ta_oom();
     for (int r = 0; r < R; r++) {
         pw_ta_rank *o = &a->ranks[r];
         o->pid = s->ranks[r].pid;
@@ -1134,12 +1004,12 @@ static pw_status finish(ta *s)
 
     /* Steps: windows first (every rank's span), then each rank's idle
      * outside its own span, the edge gaps' causes and the step's bubble. */
-    sort_n(s->recs, s->n_recs, sizeof *s->recs, cmp_rec);
+    ta_sort_n(s->recs, s->n_recs, sizeof *s->recs, cmp_rec);
     int64_t n_steps = 0;
     for (size_t i = 0; i < s->n_recs; i++)
         if (i == 0 || s->recs[i].step != s->recs[i - 1].step) n_steps++;
     a->steps = calloc(n_steps ? (size_t)n_steps : 1, sizeof *a->steps);
-    if (!a->steps) return oom();
+    if (!a->steps) return ta_oom();
     a->n_steps = n_steps;
     int64_t k = -1;
     for (size_t i = 0; i < s->n_recs; i++) {
@@ -1150,7 +1020,7 @@ static pw_status finish(ta *s)
             sp->t0 = INT64_MAX;
             sp->t1 = INT64_MIN;
             sp->analysed = !step_skipped(s, rc->step);
-            if (s->cfg->per_step && !(sp->ranks = calloc((size_t)R, sizeof(pw_ta_rank_step)))) return oom();
+            if (s->cfg->per_step && !(sp->ranks = calloc((size_t)R, sizeof(pw_ta_rank_step)))) return ta_oom();
         }
         pw_ta_step *sp = &a->steps[k];
         if (rc->t0 < sp->t0) sp->t0 = rc->t0;
@@ -1176,7 +1046,7 @@ static pw_status finish(ta *s)
                     tot->idle_phase[PW_TA_WARMUP] += W;
                     ta_cause_key key = {r, PW_CAUSE_ABSENT, -1, -1, -1, -1};
                     int64_t ph[PW_TA_N_PHASES] = {W, 0, 0};
-                    if (!cause_add(s, key, ph, W, sp->step, 1)) return oom();
+                    if (!cause_add(s, key, ph, W, sp->step, 1)) return ta_oom();
                 }
                 if (sp->ranks) {
                     pw_ta_times *t = &sp->ranks[r].t;
@@ -1191,11 +1061,11 @@ static pw_status finish(ta *s)
                 tot->idle_phase[rc->tail_phase] += tail;
                 ta_cause_key kh = {r, PW_CAUSE_NOT_STARTED, -1, -1, -1, -1};
                 int64_t ph[PW_TA_N_PHASES] = {head + rc->head_ns, 0, 0};
-                if (!cause_add(s, kh, ph, head + rc->head_ns, sp->step, 1)) return oom();
+                if (!cause_add(s, kh, ph, head + rc->head_ns, sp->step, 1)) return ta_oom();
                 ta_cause_key kt = {r, PW_CAUSE_DONE, -1, -1, -1, -1};
                 int64_t pt[PW_TA_N_PHASES] = {0, 0, 0};
                 pt[rc->tail_phase] = tail + rc->tail_ns;
-                if (!cause_add(s, kt, pt, tail + rc->tail_ns, sp->step, 1)) return oom();
+                if (!cause_add(s, kt, pt, tail + rc->tail_ns, sp->step, 1)) return ta_oom();
             }
             if (sp->ranks) {
                 pw_ta_rank_step *rs = &sp->ranks[r];
@@ -1225,7 +1095,7 @@ static pw_status finish(ta *s)
     }
     a->bubble = a->total.window > 0 ? 1.0 - (double)a->total.compute / (double)a->total.window : -1;
     pw_ta_step **by_dur = malloc((n_steps ? (size_t)n_steps : 1) * sizeof *by_dur);
-    if (!by_dur) return oom();
+    if (!by_dur) return ta_oom();
     int64_t na = 0, sum = 0;
     for (int64_t si = 0; si < n_steps; si++) {
         pw_ta_step *sp = &a->steps[si];
@@ -1236,7 +1106,7 @@ static pw_status finish(ta *s)
     a->n_analysed = na;
     a->median_step = -1;
     if (na > 0) {
-        sort_n(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);
+        ta_sort_n(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);
         const pw_ta_step *med = by_dur[(na - 1) / 2];
         a->median_step = med->step;
         a->step_ns_median = med->t1 - med->t0;
@@ -1265,7 +1135,7 @@ static pw_status finish(ta *s)
     }
 
     /* Causes, largest first. */
-    sort_n(s->causes, s->n_causes, sizeof *s->causes, cmp_cause);
+    ta_sort_n(s->causes, s->n_causes, sizeof *s->causes, cmp_cause);
     free(s->cause_ht);
     s->cause_ht = NULL;
     s->cause_ht_cap = 0;
@@ -1311,269 +1181,6 @@ static pw_status finish(ta *s)
              a->meta.replicas);
     if (*pw_trace_reader_note(s->rd)) note(a, "%s", pw_trace_reader_note(s->rd));
     return PW_OK;
-}
-
-/* ------------------------------------------------------------ critical path */
-
-/* Latest event of rank r ending at or before `t` (skipping `not`), or -1.
- * `first`/`count` delimit the rank's events (sorted by start). */
-static int latest_before(const pw_ta_event *ev, int first, int count, int64_t t, const unsigned char *seen)
-{
-    int lo = first, hi = first + count; /* first index with t0 > t */
-    while (lo < hi) {
-        int mid = lo + (hi - lo) / 2;
-        if (ev[mid].t0 <= t) lo = mid + 1;
-        else hi = mid;
-    }
-    int best = -1;
-    for (int i = lo - 1, scanned = 0; i >= first && scanned < 4096; i--, scanned++) {
-        if (seen[i] || ev[i].t1 > t) continue;
-        if (best < 0 || ev[i].t1 > ev[best].t1) best = i;
-        if (best >= 0 && ev[i].t1 < ev[best].t0) break; /* nothing later can end after best */
-    }
-    return best;
-}
-
-static pw_status critical_path(ta *s)
-{
-    pw_ta_detail *d = &s->a->detail;
-    const int R = s->a->n_ranks;
-    if (d->n_events == 0) return PW_OK;
-    int *first = calloc((size_t)R + 1, sizeof *first);
-    unsigned char *seen = calloc((size_t)d->n_events, 1);
-    size_t cap = 64, n = 0;
-    pw_ta_path_item *it = malloc(cap * sizeof *it);
-    if (!first || !seen || !it) {
-        free(first);
-        free(seen);
-        free(it);
-        return oom();
-    }
-    for (int i = 0; i < d->n_events; i++) first[d->events[i].rank + 1]++;
-    for (int r = 0; r < R; r++) first[r + 1] += first[r];
-#define PUSH_ITEM(k, rk, fr, e, a0, a1)                                                \
-    do {                                                                               \
-        if (n == cap) {                                                                \
-            pw_ta_path_item *_p = realloc(it, 2 * cap * sizeof *it);                   \
-            if (!_p) goto nomem;                                                       \
-            it = _p;                                                                   \
-            cap *= 2;                                                                  \
-        }                                                                              \
-        it[n++] = (pw_ta_path_item){(k), (rk), (fr), (e), (a0), (a1)};                 \
-    } while (0)
-    /* Start from the action that ends last. */
-    int cur = -1;
-    for (int i = 0; i < d->n_events; i++) {
-        if (d->events[i].cls == PW_TA_WAIT) continue;
-        if (cur < 0 || d->events[i].t1 > d->events[cur].t1) cur = i;
-    }
-    int64_t frontier = d->t1;
-    if (cur >= 0 && d->events[cur].t1 < frontier) {
-        PUSH_ITEM(PW_PATH_GAP, d->events[cur].rank, -1, -1, d->events[cur].t1, frontier);
-        frontier = d->events[cur].t1;
-    }
-    for (int guard = 0; cur >= 0 && guard <= d->n_events; guard++) {
-        const pw_ta_event *e = &d->events[cur];
-        seen[cur] = 1;
-        int64_t a1 = e->t1 < frontier ? e->t1 : frontier, a0 = e->t0 < a1 ? e->t0 : a1;
-        PUSH_ITEM(PW_PATH_ACTION, e->rank, -1, cur, a0, a1);
-        frontier = a0;
-        const int r = e->rank;
-        int pred = latest_before(d->events, first[r], first[r + 1] - first[r], frontier, seen);
-        /* Across a wait for a message: jump to the sender. */
-        while (pred >= 0 && d->events[pred].cls == PW_TA_WAIT) {
-            const pw_ta_event *w = &d->events[pred];
-            seen[pred] = 1;
-            int p = w->peer, prod = -1;
-            if (p >= 0 && p < R && p != r) {
-                int want_dir = strstr(w->name, "RECV_F") ? 'F' : strstr(w->name, "RECV_B") ? 'B' : 0;
-                for (int i = first[p]; i < first[p + 1]; i++) {
-                    const pw_ta_event *q = &d->events[i];
-                    if (seen[i] || q->t1 > w->t1 || q->cls == PW_TA_WAIT) continue;
-                    int match = 0;
-                    if (want_dir && q->mb == w->mb && !strncmp(q->name, "SEND_", 5) && q->name[5] == want_dir)
-                        match = 2;
-                    else if (want_dir && q->mb == w->mb && q->name[0] == want_dir && !q->name[1])
-                        match = 1;
-                    if (match && (prod < 0 || match > 1 || q->t1 > d->events[prod].t1)) {
-                        prod = i;
-                        if (match == 2) break;
-                    }
-                }
-                if (prod < 0) prod = latest_before(d->events, first[p], first[p + 1] - first[p], w->t1, seen);
-            }
-            if (prod < 0) {
-                /* A wait on nothing we can see (data, all-reduce): it is on the path. */
-                int64_t b1 = w->t1 < frontier ? w->t1 : frontier, b0 = w->t0 < b1 ? w->t0 : b1;
-                PUSH_ITEM(PW_PATH_ACTION, r, -1, pred, b0, b1);
-                frontier = b0;
-                pred = latest_before(d->events, first[r], first[r + 1] - first[r], frontier, seen);
-                continue;
-            }
-            int64_t h0 = d->events[prod].t1 < frontier ? d->events[prod].t1 : frontier;
-            PUSH_ITEM(PW_PATH_HANDOFF, r, p, pred, h0, frontier);
-            frontier = h0;
-            cur = prod;
-            goto next_action;
-        }
-        if (pred < 0) break;
-        if (d->events[pred].t1 < frontier) {
-            PUSH_ITEM(PW_PATH_GAP, r, -1, -1, d->events[pred].t1, frontier);
-            frontier = d->events[pred].t1;
-        }
-        cur = pred;
-        continue;
-    next_action:;
-    }
-    {
-        int r0 = n ? it[n - 1].rank : 0;
-        if (frontier > d->t0) PUSH_ITEM(PW_PATH_START, r0, -1, -1, d->t0, frontier);
-    }
-    /* Reverse into time order and sum by kind. */
-    for (size_t i = 0; i < n / 2; i++) {
-        pw_ta_path_item tmp = it[i];
-        it[i] = it[n - 1 - i];
-        it[n - 1 - i] = tmp;
-    }
-    for (size_t i = 0; i < n; i++) {
-        d->path_ns[it[i].kind] += it[i].t1 - it[i].t0;
-        if (it[i].kind == PW_PATH_ACTION && d->events[it[i].event].cls < PW_TA_N_COMPUTE)
-            d->path_compute_ns += it[i].t1 - it[i].t0;
-    }
-    d->path = it;
-    d->n_path = (int)n;
-    free(first);
-    free(seen);
-    return PW_OK;
-#undef PUSH_ITEM
-nomem:
-    free(first);
-    free(seen);
-    free(it);
-    return oom();
-}
-
-/* ------------------------------------------------------------ pass 2 */
-
-typedef struct ta_range {
-    int64_t off0, line0, off1;
-} ta_range;
-
-static int cmp_range(const void *x, const void *y)
-{
-    const ta_range *a = x, *b = y;
-    return (a->off0 > b->off0) - (a->off0 < b->off0);
-}
-
-static pw_status detail_pass(ta *s)
-{
-    pw_trace_analysis *a = s->a;
-    pw_ta_detail *d = &a->detail;
-    const int R = a->n_ranks;
-    int64_t want = s->cfg->detail_step;
-    d->step = -1;
-    if (want >= 0) {
-        int found = 0;
-        for (int64_t i = 0; i < a->n_steps; i++) found |= a->steps[i].step == want;
-        if (!found) {
-            if (a->n_steps == 0) return pw_error(PW_ERR_INVALID_ARG, "%s: no steps in the trace (asked for step %" PRId64 ")", a->file, want);
-            return pw_error(PW_ERR_INVALID_ARG, "%s: step %" PRId64 " is not in the trace (steps %" PRId64 "-%" PRId64 ")",
-                            a->file, want, a->steps[0].step, a->steps[a->n_steps - 1].step);
-        }
-        d->requested = 1;
-    } else {
-        want = a->median_step;
-        if (want < 0) return PW_OK;
-    }
-    const pw_ta_step *sp = NULL;
-    for (int64_t i = 0; i < a->n_steps; i++)
-        if (a->steps[i].step == want) sp = &a->steps[i];
-    d->step = want;
-    d->t0 = sp->t0;
-    d->t1 = sp->t1;
-    s->win_t0 = sp->t0;
-    s->win_t1 = sp->t1;
-    s->win_last_rank = sp->last_rank;
-
-    /* The file ranges holding the step's events, merged. */
-    ta_range *rg = malloc((s->n_recs ? s->n_recs : 1) * sizeof *rg);
-    if (!rg) return oom();
-    size_t nr = 0;
-    for (size_t i = 0; i < s->n_recs; i++)
-        if (s->recs[i].step == want) rg[nr++] = (ta_range){s->recs[i].off0, s->recs[i].line0, s->recs[i].off1};
-    sort_n(rg, nr, sizeof *rg, cmp_range);
-    size_t m = 0;
-    for (size_t i = 0; i < nr; i++) {
-        if (m && rg[i].off0 <= rg[m - 1].off1) {
-            if (rg[i].off1 > rg[m - 1].off1) rg[m - 1].off1 = rg[i].off1;
-        } else {
-            rg[m++] = rg[i];
-        }
-    }
-    s->drank = calloc((size_t)R ? (size_t)R : 1, sizeof *s->drank);
-    if (!s->drank) {
-        free(rg);
-        return oom();
-    }
-    s->detail = 1;
-    for (size_t r = 0; r < s->n_ranks; r++) s->ranks[r].n_b = 0;
-    pw_status st = PW_OK;
-    for (size_t i = 0; i < m && st == PW_OK; i++) {
-        st = pw_trace_reader_seek(s->rd, rg[i].off0, rg[i].line0);
-        pw_trace_record rec;
-        int more = 1;
-        while (st == PW_OK) {
-            st = pw_trace_reader_next(s->rd, &rec, &more);
-            if (st != PW_OK || !more || rec.offset > rg[i].off1) break;
-            st = ingest(s, &rec);
-            if (rec.offset == rg[i].off1) break; /* the range's last event */
-        }
-    }
-    free(rg);
-    for (size_t r = 0; r < s->n_ranks && st == PW_OK; r++)
-        while (s->ranks[r].n_open && st == PW_OK) st = close_group(s, (int)r, 0);
-    PW_CHECK(st);
-
-    /* Concatenate the ranks' outputs, rebasing event indices. */
-    size_t ne = 0, ng = 0;
-    for (int r = 0; r < R; r++) {
-        ne += s->drank[r].n_ev;
-        ng += s->drank[r].n_gap;
-    }
-    d->events = calloc(ne ? ne : 1, sizeof *d->events);
-    d->gaps = calloc(ng ? ng : 1, sizeof *d->gaps);
-    d->n_segments = calloc((size_t)R ? (size_t)R : 1, sizeof *d->n_segments);
-    d->segments = calloc((size_t)R ? (size_t)R : 1, sizeof *d->segments);
-    if (!d->events || !d->gaps || !d->n_segments || !d->segments) return oom();
-    size_t be = 0;
-    for (int r = 0; r < R; r++) {
-        ta_detail_rank *dr = &s->drank[r];
-        copy_n(d->events + be, dr->ev, dr->n_ev * sizeof *dr->ev);
-        for (size_t i = 0; i < dr->n_gap; i++) {
-            pw_ta_gap g = dr->gap[i];
-            if (g.event >= 0) g.event += (int)be;
-            d->gaps[d->n_gaps++] = g;
-        }
-        if (dr->n_seg == 0 && d->t1 > d->t0) {
-            /* A rank without events: one idle segment, one gap. */
-            dr->seg = calloc(1, sizeof *dr->seg);
-            if (!dr->seg) return oom();
-            dr->seg[0] = (pw_ta_segment){d->t0, d->t1, PW_TA_IDLE, -1, PW_TA_WARMUP};
-            dr->n_seg = 1;
-            pw_ta_gap *grow_g = realloc(d->gaps, (size_t)(d->n_gaps + 1) * sizeof *d->gaps);
-            if (!grow_g) return oom();
-            d->gaps = grow_g;
-            d->gaps[d->n_gaps++] = (pw_ta_gap){r, d->t0, d->t1, PW_CAUSE_ABSENT, -1, -1, PW_TA_WARMUP};
-        }
-        for (size_t i = 0; i < dr->n_seg; i++)
-            if (dr->seg[i].event >= 0) dr->seg[i].event += (int)be;
-        d->segments[r] = dr->seg;
-        d->n_segments[r] = (int)dr->n_seg;
-        dr->seg = NULL;
-        be += dr->n_ev;
-    }
-    d->n_events = (int)ne;
-    return critical_path(s);
 }
 
 /* ------------------------------------------------------------ entry points */
@@ -1624,11 +1231,11 @@ static pw_status copy_meta(pw_trace_analysis *a, const pw_trace_info *in)
     a->meta.peak_inflight = NULL;
     a->meta.measured_peak = NULL;
     a->meta.costs = NULL;
-    if (!a->meta.schedule || !a->meta.graph) return oom();
+    if (!a->meta.schedule || !a->meta.graph) return ta_oom();
 #define DUP(field, count)                                                              \
     if (in->field && in->count > 0) {                                                  \
         a->meta.field = malloc((size_t)in->count * sizeof *in->field);                 \
-        if (!a->meta.field) return oom();                                              \
+        if (!a->meta.field) return ta_oom();                                              \
         memcpy(a->meta.field, in->field, (size_t)in->count * sizeof *in->field);       \
     } else {                                                                           \
         a->meta.count = 0;                                                             \
@@ -1659,7 +1266,7 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
     if (!a || !priv) {
         free(a);
         free(priv);
-        return oom();
+        return ta_oom();
     }
     a->priv = priv;
     a->detail.step = -1;
@@ -1670,15 +1277,15 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
     s.a = a;
     a->file = strdup(pw_trace_reader_name(rd));
     if (!a->file) {
-        st = oom();
+        st = ta_oom();
         goto fail;
     }
     if ((s.id_other = intern(&s, "(other)")) < 0 || (s.id_step = intern(&s, "step")) < 0) {
-        st = oom();
+        st = ta_oom();
         goto fail;
     }
     if (cfg->skip_steps > 0 && !(s.skip = calloc((size_t)cfg->skip_steps, sizeof *s.skip))) {
-        st = oom();
+        st = ta_oom();
         goto fail;
     }
     pw_trace_record rec;
@@ -1686,13 +1293,13 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
     for (;;) {
         PW_CHECK_GOTO(pw_trace_reader_next(rd, &rec, &more), st, fail);
         if (!more) break;
-        PW_CHECK_GOTO(ingest(&s, &rec), st, fail);
+        PW_CHECK_GOTO(ta_ingest(&s, &rec), st, fail);
     }
     const pw_trace_info *info = pw_trace_reader_info(rd);
     a->has_meta = info->present;
     PW_CHECK_GOTO(copy_meta(a, info), st, fail);
     PW_CHECK_GOTO(finish(&s), st, fail);
-    if (!cfg->no_detail) PW_CHECK_GOTO(detail_pass(&s), st, fail);
+    if (!cfg->no_detail) PW_CHECK_GOTO(ta_detail_pass(&s), st, fail);
     priv->names = s.names;
     priv->n_names = s.n_names;
     s.names = NULL;
