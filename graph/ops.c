@@ -507,15 +507,25 @@ pw_status pw_graph_node_cost(const pw_graph *g, int node, pw_op_cost *c)
         c->flops_bwd_weight = n; /* no statistics: the backward reads only dy */
         break;
     case PW_OP_CAUSAL_ATTENTION: {
-        /* What the kernel does per head: S = Q·Kᵀ and O = P·V as full T×T
-         * GEMMs (the masked half is computed and discarded; GEMMs are faster
-         * than triangular loops at these sizes), softmax over the causal part;
-         * backward dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO. With
-         * D = heads × head_dim each GEMM is 2·T²·D FLOPs over all heads. */
-        double T = (double)x->shape.d[0], D = (double)y->shape.d[1];
+        /* What the CPU kernel does per head (stages/cpu/ops.c): S = Q·Kᵀ and
+         * O = P·V as GEMMs over blocks of PW_ATTENTION_BLOCK rows, each block
+         * over the columns up to its last row (the blocks above the diagonal
+         * are skipped; the masked part of a diagonal block is computed and
+         * discarded), softmax over the causal part; backward dP = dO·Vᵀ and
+         * dQ = dS·K by the same row blocks, dK = dSᵀ·Q and dV = Pᵀ·dO by the
+         * mirrored column blocks. `cells` counts the (row, column) pairs the
+         * blocks cover; with D = heads × head_dim each GEMM is 2·cells·D
+         * FLOPs over all heads. */
+        const int64_t Ti = x->shape.d[0];
+        double cells = 0;
+        for (int64_t r0 = 0; r0 < Ti; r0 += PW_ATTENTION_BLOCK) {
+            int64_t rn = Ti - r0 < PW_ATTENTION_BLOCK ? Ti - r0 : PW_ATTENTION_BLOCK;
+            cells += (double)rn * (double)(r0 + rn);
+        }
+        double T = (double)Ti, D = (double)y->shape.d[1];
         double H = (double)nd->attrs.heads, tri = T * (T + 1) / 2;
-        c->flops_fwd = 2 * (2 * T * T * D) + 5 * H * tri;
-        c->flops_bwd_input = 4 * (2 * T * T * D) + 5 * H * tri;
+        c->flops_fwd = 2 * (2 * cells * D) + 5 * H * tri;
+        c->flops_bwd_input = 4 * (2 * cells * D) + 5 * H * tri;
         c->act_bytes += (int64_t)(H * T * T) * 4; /* the attention probabilities */
         break;
     }

@@ -47,11 +47,16 @@ pw_status pw_topology_load_synthetic(const char *desc, hwloc_topology_t *out)
     return PW_OK;
 }
 
+static int numa_of(hwloc_topology_t topo, hwloc_const_nodeset_t ns);
+
 void pw_cpu_placement_destroy(pw_cpu_placement *p)
 {
     if (!p) return;
     for (int r = 0; p->cpusets && r < p->n_ranks; r++) hwloc_bitmap_free(p->cpusets[r]);
+    for (int r = 0; p->nodesets && r < p->n_ranks; r++) hwloc_bitmap_free(p->nodesets[r]);
     free(p->cpusets);
+    free(p->nodesets);
+    free(p->numa);
     free(p->core);
     free(p);
 }
@@ -78,15 +83,25 @@ pw_status pw_cpu_place_ranks(hwloc_topology_t topo, int n_ranks, pw_cpu_placemen
     if (!p) return pw_error(PW_ERR_NOMEM, "placement: out of memory");
     p->n_ranks = n_ranks;
     p->n_cores = n;
+    p->n_numa = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE);
     p->core = calloc((size_t)n_ranks, sizeof *p->core);
     p->cpusets = calloc((size_t)n_ranks, sizeof *p->cpusets);
-    if (!p->core || !p->cpusets) goto nomem;
+    p->nodesets = calloc((size_t)n_ranks, sizeof *p->nodesets);
+    p->numa = calloc((size_t)n_ranks, sizeof *p->numa);
+    if (!p->core || !p->cpusets || !p->nodesets || !p->numa) goto nomem;
     for (int r = 0; r < n_ranks; r++) {
         int idx = r % n;
         hwloc_obj_t obj = hwloc_get_obj_by_type(topo, type, (unsigned)idx);
         p->core[r] = idx;
         p->cpusets[r] = obj && obj->cpuset ? hwloc_bitmap_dup(obj->cpuset) : hwloc_bitmap_alloc();
-        if (!p->cpusets[r]) goto nomem;
+        /* Its memory: the NUMA node(s) local to its PUs, as pw_place_stages
+         * binds a stage's (several where memory-only nodes such as HBM
+         * share the locality). */
+        p->nodesets[r] = hwloc_bitmap_alloc();
+        if (!p->cpusets[r] || !p->nodesets[r] ||
+            hwloc_cpuset_to_nodeset(topo, p->cpusets[r], p->nodesets[r]) != 0)
+            goto nomem;
+        p->numa[r] = numa_of(topo, p->nodesets[r]);
     }
     if (n_ranks > n) {
         p->shared = 1;
@@ -99,6 +114,45 @@ pw_status pw_cpu_place_ranks(hwloc_topology_t topo, int n_ranks, pw_cpu_placemen
 nomem:
     pw_cpu_placement_destroy(p);
     return pw_error(PW_ERR_NOMEM, "placement: out of memory for %d ranks", n_ranks);
+}
+
+pw_status pw_cpu_place_pipeline(hwloc_topology_t topo, int n_stages, int n_replicas, pw_cpu_placement **out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_cpu_place_pipeline: out is NULL");
+    *out = NULL;
+    if (n_replicas < 1) n_replicas = 1;
+    /* Worker threads run on CPU cores even when the machine has GPUs. */
+    pw_place_config pc = {.n_stages = n_stages, .n_replicas = n_replicas, .gpus = 0};
+    pw_placement *pl = NULL;
+    PW_CHECK(pw_place_stages(topo, &pc, &pl));
+    const int n = pl->n_ranks;
+    pw_cpu_placement *p = calloc(1, sizeof *p);
+    if (!p) goto nomem;
+    p->n_ranks = n;
+    p->n_cores = pl->n_cores;
+    p->shared = pl->shared;
+    p->n_numa = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE);
+    p->core = calloc((size_t)n, sizeof *p->core);
+    p->cpusets = calloc((size_t)n, sizeof *p->cpusets);
+    p->nodesets = calloc((size_t)n, sizeof *p->nodesets);
+    p->numa = calloc((size_t)n, sizeof *p->numa);
+    if (!p->core || !p->cpusets || !p->nodesets || !p->numa) goto nomem;
+    for (int r = 0; r < n; r++) {
+        const pw_rank_place *rp = &pl->ranks[r];
+        p->core[r] = rp->first_core;
+        p->cpusets[r] = hwloc_bitmap_dup(rp->cpuset);
+        p->nodesets[r] = hwloc_bitmap_dup(rp->nodeset);
+        if (!p->cpusets[r] || !p->nodesets[r]) goto nomem;
+        p->numa[r] = numa_of(topo, p->nodesets[r]);
+    }
+    snprintf(p->note, sizeof p->note, "%s", pl->note);
+    pw_placement_destroy(pl);
+    *out = p;
+    return PW_OK;
+nomem:
+    pw_placement_destroy(pl);
+    pw_cpu_placement_destroy(p);
+    return pw_error(PW_ERR_NOMEM, "placement: out of memory for %d x %d ranks", n_stages, n_replicas);
 }
 
 int pw_cpu_bind_thread(hwloc_topology_t topo, hwloc_const_cpuset_t set, const char *who)

@@ -30,7 +30,12 @@
  *     // pl->core[r]: logical core index of rank r; pl->cpusets[r]: its PUs
  *     if (pl->note[0]) PW_WARN("%s", pl->note);   // ranks share cores
  *
- * The engine's rule. Rank r gets core r (cores in hwloc's logical order, which walks
+ *     // and rank r's memory on that core's NUMA node (from any thread):
+ *     pw_mem_bind_area(topo, arena, bytes, pl->nodesets[r], "stage 1");
+ *
+ * pw_cpu_place_ranks' rule (the engine's under mpirun, for this process's
+ * host rank; in one process the engine uses pw_cpu_place_pipeline, below).
+ * Rank r gets core r (cores in hwloc's logical order, which walks
  * the machine depth-first: neighbouring ranks, which exchange every
  * micro-batch, land on neighbouring cores of the same package and cache).
  * With more ranks than cores the ranks share cores round-robin (rank r on
@@ -63,7 +68,12 @@ typedef struct pw_cpu_placement {
     int shared;               /* 1: more ranks than cores, ranks share round-robin */
     int *core;                /* [n_ranks] logical index of rank r's core */
     hwloc_bitmap_t *cpusets;  /* [n_ranks] the PUs of that core */
-    char note[96];            /* "4 ranks on 2 cores: ranks share cores", or "" */
+    hwloc_bitmap_t *nodesets; /* [n_ranks] the NUMA node(s) of that core: where rank
+                                 r's memory belongs (pw_mem_bind_area); empty when
+                                 the topology has no NUMA information */
+    int *numa;                /* [n_ranks] logical index of that NUMA node, -1 none */
+    int n_numa;               /* NUMA nodes of the topology (1 on most laptops) */
+    char note[160];           /* "4 ranks on 2 cores: ranks share cores", or "" */
 } pw_cpu_placement;
 
 /* Pure: computes the placement of n_ranks worker threads on `topo` (see
@@ -72,6 +82,13 @@ typedef struct pw_cpu_placement {
  * n_ranks < 1. PW_ERR_NOMEM. */
 pw_status pw_cpu_place_ranks(hwloc_topology_t topo, int n_ranks, pw_cpu_placement **out);
 void pw_cpu_placement_destroy(pw_cpu_placement *p); /* accepts NULL */
+/* Pure: the in-process engine's placement of S stages × R replicas, worker
+ * k·S + s for stage s of replica k: pw_place_stages (below) on CPU cores, as
+ * `pipeline-run --plan` prints it — replicas spread over the packages, each
+ * stage a contiguous share of its replica's cores (its worker binds to the
+ * share), memory on the share's NUMA node(s); more ranks than cores share
+ * them round-robin, with the note. Same errors as pw_place_stages. */
+pw_status pw_cpu_place_pipeline(hwloc_topology_t topo, int n_stages, int n_replicas, pw_cpu_placement **out);
 
 /* Side effect: binds the calling thread to `set` (hwloc_set_cpubind with
  * HWLOC_CPUBIND_THREAD). Returns 0 when bound. When the system refuses

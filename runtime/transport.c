@@ -3,6 +3,7 @@
  * transport itself is in transport_mpi.c and collective_mpi.c. */
 #include "runtime/transport.h"
 
+#include <hwloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -17,6 +18,20 @@ void pw_transport_destroy(pw_transport *t)
 void pw_transport_abort(pw_transport *t, int code)
 {
     if (t && t->vt && t->vt->abort) t->vt->abort(t->self, code);
+}
+
+int pw_transport_host_place(const pw_transport *t, struct hwloc_topology *topo, int *slot, int *n)
+{
+    *n = t->local_size > 0 ? t->local_size : 1;
+    *slot = t->local_rank >= 0 ? t->local_rank % *n : 0;
+    /* hwloc's topology spans what the process may use (its cgroup); a
+     * binding to less than that came from the launcher or the user. */
+    hwloc_bitmap_t bound = hwloc_bitmap_alloc();
+    int keep = bound && hwloc_get_cpubind(topo, bound, HWLOC_CPUBIND_PROCESS) == 0 &&
+               !hwloc_bitmap_iszero(bound) &&
+               !hwloc_bitmap_isincluded(hwloc_topology_get_allowed_cpuset(topo), bound);
+    hwloc_bitmap_free(bound);
+    return keep;
 }
 
 int pw_mpi_launched_size(void)

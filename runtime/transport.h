@@ -93,6 +93,18 @@ static inline int pw_transport_world_of(const pw_transport *t, int replica, int 
     return replica * t->n_ranks + rank;
 }
 
+/* Where this process goes on its host: the one rule for pinning the engine's
+ * worker and binding the pipeline's memory. Returns 1 when the process is
+ * already bound to part of the machine (mpirun --bind-to core, Open MPI's
+ * default for two processes, or taskset): keep that binding (memory then
+ * follows it by first touch). Otherwise 0, with *n = the run's processes on
+ * this host (local_size) and *slot = this process's host rank: it takes slot
+ * *slot of pw_cpu_place_ranks(topo, *n) — host rank l on core l, round-robin
+ * when there are more processes than cores, never all on core 0. `topo` is
+ * this machine's (runtime/topology.h). */
+struct hwloc_topology;
+int pw_transport_host_place(const pw_transport *t, struct hwloc_topology *topo, int *slot, int *n);
+
 /* ------------------------------------------------------------------ MPI */
 
 typedef enum pw_allreduce_algo {

@@ -430,27 +430,54 @@ static void plan_pinning(pw_engine *e)
         return;
     }
     /* With a transport, this process's worker takes its place among the
-     * run's processes on this host. */
-    int n = e->t ? (e->t->local_size > 0 ? e->t->local_size : 1) : e->NW;
-    e->place_first = e->t ? e->t->local_rank : 0;
-    if (e->t) {
-        /* mpirun may already have bound this process to fewer cores than
-         * there are processes on the host: then keep to what it gave us. */
-        int cores = hwloc_get_nbobjs_by_type(e->topo, HWLOC_OBJ_CORE);
-        if (cores <= 0) cores = hwloc_get_nbobjs_by_type(e->topo, HWLOC_OBJ_PU);
-        if (cores > 0 && cores < n) {
-            n = 1;
-            e->place_first = 0;
+     * run's processes on this host: host rank l of L is placed as rank l of
+     * L threads would be (core l, round-robin when L exceeds the cores), so
+     * the processes of one host never pile onto one core. When mpirun
+     * (--bind-to core, its default for 2 processes) or taskset has bound the
+     * process already, the worker keeps that binding (it inherits the
+     * process's). pw_transport_host_place is also the pipeline's rule for
+     * binding stage memory. */
+    int n = e->NW;
+    e->place_first = 0;
+    if (e->t && pw_transport_host_place(e->t, e->topo, &e->place_first, &n)) {
+        if (pw_log_enabled(PW_LOG_INFO, PW_SUB_TOPO)) {
+            hwloc_bitmap_t bound = hwloc_bitmap_alloc();
+            char *list = NULL;
+            if (bound && hwloc_get_cpubind(e->topo, bound, HWLOC_CPUBIND_PROCESS) == 0)
+                hwloc_bitmap_list_asprintf(&list, bound);
+            PW_INFO(PW_SUB_TOPO, "MPI rank %d (host rank %d of %d): already bound to PU %s (mpirun or "
+                    "taskset); the worker keeps that binding", e->t->world_rank, e->t->local_rank, n,
+                    list ? list : "?");
+            free(list);
+            hwloc_bitmap_free(bound);
         }
+        hwloc_topology_destroy(e->topo);
+        e->topo = NULL;
+        return;
     }
-    if (pw_cpu_place_ranks(e->topo, n, &e->place) != PW_OK) {
+    /* In one process: the stages × replicas placement `--plan` prints
+     * (replicas spread over packages, neighbouring stages on neighbouring
+     * cores); under a transport, this process's host rank among n. */
+    pw_status pst = e->t ? pw_cpu_place_ranks(e->topo, n, &e->place)
+                         : pw_cpu_place_pipeline(e->topo, e->S, e->NRL, &e->place);
+    if (pst != PW_OK) {
         PW_WARN("engine: placement failed (%s); workers run unpinned", pw_last_error());
         hwloc_topology_destroy(e->topo);
         e->topo = NULL;
         e->place = NULL;
         return;
     }
-    if (e->place->note[0] && !atomic_flag_test_and_set(&share_notice_done)) PW_WARN("%s", e->place->note);
+    /* Under a transport, once per host. */
+    if (e->place->note[0] && (!e->t || e->t->local_rank == 0) && !atomic_flag_test_and_set(&share_notice_done))
+        PW_WARN("%s", e->place->note);
+    if (e->t && pw_log_enabled(PW_LOG_INFO, PW_SUB_TOPO)) {
+        char *list = NULL;
+        hwloc_bitmap_list_asprintf(&list, e->place->cpusets[e->place_first]);
+        PW_INFO(PW_SUB_TOPO, "MPI rank %d (host rank %d of %d): the worker binds to core %d of %d (PU %s)",
+                e->t->world_rank, e->t->local_rank, n, e->place->core[e->place_first], e->place->n_cores,
+                list ? list : "?");
+        free(list);
+    }
 }
 
 /* ----------------------------------------------------------- lifecycle */

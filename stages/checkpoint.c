@@ -8,9 +8,10 @@
 
 #include "runtime/safetensors.h"
 
-/* For each graph parameter, the program and local index that holds it. */
+/* For each graph parameter, the program and local index that holds it
+ * (owner / local may be NULL). */
 static pw_status locate_params(const pw_graph *g, pw_program *const *programs, int n_programs,
-                               pw_program_param *where)
+                               pw_program_param *where, pw_program **owner, int *local)
 {
     char *found = calloc((size_t)g->n_params + 1, 1);
     if (!found) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
@@ -21,6 +22,8 @@ static pw_status locate_params(const pw_graph *g, pw_program *const *programs, i
             if (found[pp.graph_param]) continue;
             found[pp.graph_param] = 1;
             where[pp.graph_param] = pp;
+            if (owner) owner[pp.graph_param] = programs[s];
+            if (local) local[pp.graph_param] = i;
         }
     }
     for (int i = 0; i < g->n_params; i++) {
@@ -40,17 +43,27 @@ pw_status pw_checkpoint_save(const char *path, const pw_graph *g, pw_program *co
     pw_status st = PW_OK;
     pw_program_param *where = calloc((size_t)g->n_params + 1, sizeof *where);
     pw_st_tensor *t = calloc((size_t)g->n_params + 1, sizeof *t);
-    if (!where || !t) {
+    pw_program **owner = calloc((size_t)g->n_params + 1, sizeof *owner);
+    int *local = calloc((size_t)g->n_params + 1, sizeof *local);
+    float **host = calloc((size_t)g->n_params + 1, sizeof *host); /* device programs' copies */
+    if (!where || !t || !owner || !local || !host) {
         st = pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
         goto out;
     }
-    PW_CHECK_GOTO(locate_params(g, programs, n_programs, where), st, out);
+    PW_CHECK_GOTO(locate_params(g, programs, n_programs, where, owner, local), st, out);
     for (int i = 0; i < g->n_params; i++) {
         t[i].name = g->params[i].name;
         t[i].dtype = PW_F32;
         t[i].shape = g->params[i].shape;
         t[i].data = where[i].data;
         t[i].nbytes = (size_t)where[i].numel * sizeof(float);
+        if (!pw_program_on_device(owner[i])) continue;
+        if (!(host[i] = malloc(t[i].nbytes + 1))) {
+            st = pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+            goto out;
+        }
+        PW_CHECK_GOTO(pw_program_param_read(owner[i], local[i], PW_PARAM_DATA, 0, host[i]), st, out);
+        t[i].data = host[i];
     }
     char step[32], epoch[32], seed[32], nparams[32];
     snprintf(step, sizeof step, "%" PRId64, info ? info->step : 0);
@@ -64,6 +77,10 @@ pw_status pw_checkpoint_save(const char *path, const pw_graph *g, pw_program *co
     };
     st = pw_safetensors_write(path, t, g->n_params, meta, (int)(sizeof meta / sizeof meta[0]));
 out:
+    for (int i = 0; host && i < g->n_params; i++) free(host[i]);
+    free(host);
+    free(owner);
+    free(local);
     free(where);
     free(t);
     return st;
@@ -95,7 +112,7 @@ pw_status pw_checkpoint_load(const char *path, const pw_graph *g, pw_program *co
             goto out;
         }
     }
-    PW_CHECK_GOTO(locate_params(g, programs, n_programs, where), st, out);
+    PW_CHECK_GOTO(locate_params(g, programs, n_programs, where, NULL, NULL), st, out);
     /* Validate everything before copying anything. */
     for (int i = 0; i < pw_safetensors_count(f); i++) {
         pw_st_tensor t;
@@ -122,7 +139,11 @@ pw_status pw_checkpoint_load(const char *path, const pw_graph *g, pw_program *co
             for (int k = 0; k < pw_program_n_params(programs[s]); k++) {
                 pw_program_param pp;
                 pw_program_param_at(programs[s], k, &pp);
-                if (pp.graph_param == i) memcpy(pp.data, t.data, t.nbytes);
+                if (pp.graph_param != i) continue;
+                if (pw_program_on_device(programs[s])) /* t.data: the file's, aligned floats */
+                    PW_CHECK_GOTO(pw_program_param_write(programs[s], k, PW_PARAM_DATA, t.data), st, out);
+                else
+                    memcpy(pp.data, t.data, t.nbytes);
             }
         }
     }

@@ -113,10 +113,13 @@ static pw_status gz_read_full(gzFile gz, const char *path, void *buf, size_t n, 
     return PW_OK;
 }
 
-static pw_status idx_read(const char *path, idx_file *f)
+/* Reads an IDX file; with header_only, just its type and dimensions (raw
+ * stays NULL and nothing past the header is read). */
+static pw_status idx_read(const char *path, idx_file *f, int header_only)
 {
     pw_status rc = PW_OK;
     memset(f, 0, sizeof *f);
+    PW_INFO(PW_SUB_DATA, "reading %s%s", path, header_only ? " (its header only)" : "");
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return pw_error(PW_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
@@ -177,6 +180,10 @@ static pw_status idx_read(const char *path, idx_file *f)
         goto fail;
     }
     f->count = (int64_t)count;
+    if (header_only) {
+        gzclose(gz);
+        return PW_OK;
+    }
 
     /* Grow the buffer as data actually arrives, so a header that lies about
      * its size cannot make us allocate gigabytes for a tiny file. */
@@ -284,6 +291,12 @@ static pw_status dataset_fill_labels(const char *path, const idx_file *lb, pw_da
 
 pw_status pw_dataset_load_idx(const char *images, const char *labels, pw_dataset **out)
 {
+    return pw_dataset_load_idx_parts(images, labels, PW_DATA_ALL, out);
+}
+
+pw_status pw_dataset_load_idx_parts(const char *images, const char *labels, unsigned parts,
+                                    pw_dataset **out)
+{
     if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_load_idx: out is NULL");
     *out = NULL;
     if (!images || !labels)
@@ -296,17 +309,42 @@ pw_status pw_dataset_load_idx(const char *images, const char *labels, pw_dataset
         free(d);
         return pw_error(PW_ERR_NOMEM, "%s: out of memory", images);
     }
-    PW_CHECK_GOTO(idx_read(images, &im), rc, fail);
-    PW_CHECK_GOTO(dataset_fill_images(images, &im, d), rc, fail);
-    free(im.raw);
-    im.raw = NULL;
-    PW_CHECK_GOTO(idx_read(labels, &lb), rc, fail);
-    PW_CHECK_GOTO(dataset_fill_labels(labels, &lb, d), rc, fail);
-    free(lb.raw);
+    d->missing = PW_DATA_ALL & ~parts;
+    d->label_numel = 1; /* label_shape [] */
+    if (parts & PW_DATA_INPUTS) {
+        PW_CHECK_GOTO(idx_read(images, &im, 0), rc, fail);
+        PW_CHECK_GOTO(dataset_fill_images(images, &im, d), rc, fail);
+        free(im.raw);
+        im.raw = NULL;
+        d->loaded_bytes += (int64_t)sizeof(float) * im.count;
+    }
+    /* Without the images the labels file gives the count: read whole, or
+     * just its header when the labels are not wanted either. */
+    const int header_only = !(parts & PW_DATA_LABELS);
+    if (!(parts & PW_DATA_INPUTS) || !header_only) {
+        PW_CHECK_GOTO(idx_read(labels, &lb, header_only), rc, fail);
+        if (!(parts & PW_DATA_INPUTS)) {
+            if (lb.ndim != 1 || lb.dims[0] == 0) {
+                rc = pw_error(PW_ERR_FORMAT, "%s: a labels file has 1 dimension and at least one "
+                              "label (this one: %d dimensions, %lld entries)", labels, lb.ndim,
+                              (long long)lb.dims[0]);
+                goto fail;
+            }
+            d->n = lb.dims[0];
+        }
+        if (!header_only) {
+            PW_CHECK_GOTO(dataset_fill_labels(labels, &lb, d), rc, fail);
+            d->loaded_bytes += (int64_t)sizeof(int32_t) * d->n;
+        }
+        free(lb.raw);
+        lb.raw = NULL;
+    }
 
     char sbuf[96];
-    PW_INFO(PW_SUB_DATA, "loaded %s: %lld samples of %s, %d classes", images, (long long)d->n,
-            pw_shape_str(&d->sample_shape, sbuf, sizeof sbuf), d->n_classes);
+    PW_INFO(PW_SUB_DATA, "loaded %s: %lld samples of %s, %d classes (%s%s%s)", images, (long long)d->n,
+            pw_shape_str(&d->sample_shape, sbuf, sizeof sbuf), d->n_classes,
+            parts & PW_DATA_INPUTS ? "images" : "", (parts & PW_DATA_ALL) == PW_DATA_ALL ? " and " : "",
+            parts & PW_DATA_LABELS ? "labels" : (parts & PW_DATA_INPUTS) ? "" : "the labels header only");
     *out = d;
     return PW_OK;
 
@@ -476,17 +514,20 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
         return pw_error(PW_ERR_INVALID_ARG, "synthetic data: %lld samples of %lld elements is "
                         "too large", (long long)cfg->n, (long long)numel);
 
+    /* Labels are drawn first and cost one number per sample; the inputs
+     * (prototype + noise) need them, the labels alone need nothing else. */
+    const int want_x = !(cfg->missing & PW_DATA_INPUTS), want_y = !(cfg->missing & PW_DATA_LABELS);
     pw_dataset *d = calloc(1, sizeof *d);
-    float *proto = malloc(sizeof(float) * (size_t)protos);
+    float *proto = want_x ? malloc(sizeof(float) * (size_t)protos) : NULL;
     const char *split = cfg->test ? "test" : "train";
     char name[64];
     snprintf(name, sizeof name, "synthetic/%s", split);
     if (d) {
-        d->x = malloc(sizeof(float) * (size_t)total);
-        d->y = malloc(sizeof(int32_t) * (size_t)cfg->n);
+        d->x = want_x ? malloc(sizeof(float) * (size_t)total) : NULL;
+        d->y = want_x || want_y ? malloc(sizeof(int32_t) * (size_t)cfg->n) : NULL;
         d->name = strdup(name);
     }
-    if (!d || !proto || !d->x || !d->y || !d->name) {
+    if (!d || (want_x && (!proto || !d->x)) || ((want_x || want_y) && !d->y) || !d->name) {
         free(proto);
         pw_dataset_destroy(d);
         return pw_error(PW_ERR_NOMEM, "synthetic data: out of memory for %lld samples",
@@ -497,6 +538,7 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
     d->sample_numel = numel;
     d->label_numel = 1; /* label_shape [] */
     d->n_classes = cfg->n_classes;
+    d->missing = cfg->missing & PW_DATA_ALL;
 
     char kname[64];
     uint64_t kp = pw_rng_key(cfg->seed, "synthetic/proto");
@@ -505,17 +547,24 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
     snprintf(kname, sizeof kname, "synthetic/%s/noise", split);
     uint64_t kn = pw_rng_key(cfg->seed, kname);
 
-    for (int64_t i = 0; i < protos; i++) proto[i] = pw_rng_normal(kp, (uint64_t)i);
-    for (int64_t i = 0; i < d->n; i++) {
+    for (int64_t i = 0; want_x && i < protos; i++) proto[i] = pw_rng_normal(kp, (uint64_t)i);
+    for (int64_t i = 0; d->y && i < d->n; i++) {
         /* modulo bias is < n_classes / 2^64: immaterial */
         int32_t c = (int32_t)(pw_rng_u64(kl, (uint64_t)i) % (uint64_t)cfg->n_classes);
+        d->y[i] = c;
+        if (!want_x) continue;
         const float *p = proto + (int64_t)c * numel;
         float *x = d->x + i * numel;
-        d->y[i] = c;
         for (int64_t j = 0; j < numel; j++)
             x[j] = p[j] + cfg->noise * pw_rng_normal(kn, (uint64_t)(i * numel + j));
     }
     free(proto);
+    if (!want_y) {
+        free(d->y); /* drawn for the inputs only */
+        d->y = NULL;
+    }
+    d->loaded_bytes = (want_x ? (int64_t)sizeof(float) * total : 0) +
+                      (want_y ? (int64_t)sizeof(int32_t) * d->n : 0);
     *out = d;
     return PW_OK;
 }
@@ -532,7 +581,7 @@ static int file_exists(const char *p)
     return stat(p, &sb) == 0 && S_ISREG(sb.st_mode);
 }
 
-static pw_status load_fashion(const char *dir, int is_default, int train, pw_dataset **out)
+static pw_status load_fashion(const char *dir, int is_default, int train, unsigned parts, pw_dataset **out)
 {
     const char *pre = train ? "train" : "t10k";
     const char *kind[2] = {"images-idx3", "labels-idx1"};
@@ -552,7 +601,7 @@ static pw_status load_fashion(const char *dir, int is_default, int train, pw_dat
                             "pass --data idx:IMAGES,LABELS or --data synthetic", path[k]);
         return pw_error(PW_ERR_IO, "fashion-mnist: neither %s nor %s exists", path[k], plain);
     }
-    PW_CHECK(pw_dataset_load_idx(path[0], path[1], out));
+    PW_CHECK(pw_dataset_load_idx_parts(path[0], path[1], parts, out));
     char *name = strdup(train ? "fashion-mnist/train" : "fashion-mnist/test");
     if (name) {
         free((*out)->name);
@@ -575,7 +624,7 @@ static int split_commas(char *s, char **parts, int max)
     return n;
 }
 
-static pw_status load_idx_spec(const char *spec, int train, pw_dataset **out)
+static pw_status load_idx_spec(const char *spec, int train, unsigned sides, pw_dataset **out)
 {
     char *copy = strdup(spec + 4), *parts[4];
     if (!copy) return pw_error(PW_ERR_NOMEM, "out of memory");
@@ -590,7 +639,7 @@ static pw_status load_idx_spec(const char *spec, int train, pw_dataset **out)
         rc = pw_error(PW_ERR_INVALID_ARG, "data spec '%s' has no test pair (write idx:TRAIN_IMAGES,"
                       "TRAIN_LABELS,TEST_IMAGES,TEST_LABELS)", spec);
     else
-        rc = pw_dataset_load_idx(parts[train ? 0 : 2], parts[train ? 1 : 3], out);
+        rc = pw_dataset_load_idx_parts(parts[train ? 0 : 2], parts[train ? 1 : 3], sides, out);
     free(copy);
     return rc;
 }
@@ -607,7 +656,7 @@ static int parse_i64(const char *s, int64_t *v)
     return 1;
 }
 
-static pw_status load_synthetic_spec(const char *spec, int train, pw_dataset **out)
+static pw_status load_synthetic_spec(const char *spec, int train, unsigned parts, pw_dataset **out)
 {
     int64_t n = 8192, classes = 10, seed = 1234;
     pw_synthetic_config cfg = {0};
@@ -659,6 +708,7 @@ static pw_status load_synthetic_spec(const char *spec, int train, pw_dataset **o
     cfg.seed = (uint64_t)seed;
     cfg.noise = 1.0f;
     cfg.test = !train;
+    cfg.missing = PW_DATA_ALL & ~parts;
     free(copy);
     rc = pw_dataset_synthetic(&cfg, out);
     if (rc != PW_OK) pw_error_prefix(rc, "data spec '%s': ", spec);
@@ -689,17 +739,19 @@ static pw_status text_context(const char *spec, const pw_graph *g, int64_t *T)
     return PW_OK;
 }
 
-static pw_status from_spec(const char *spec, int train, const pw_graph *g, pw_dataset **out)
+static pw_status from_spec(const char *spec, int train, const pw_graph *g, unsigned parts,
+                           pw_dataset **out)
 {
     if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_from_spec: out is NULL");
     *out = NULL;
+    parts &= PW_DATA_ALL;
     if (!spec || !*spec || strcmp(spec, "fashion-mnist") == 0)
-        return load_fashion(FASHION_MNIST_DIR, 1, train, out);
+        return load_fashion(FASHION_MNIST_DIR, 1, train, parts, out);
     if (strncmp(spec, "fashion-mnist:", 14) == 0 && spec[14])
-        return load_fashion(spec + 14, 0, train, out);
-    if (strncmp(spec, "idx:", 4) == 0) return load_idx_spec(spec, train, out);
+        return load_fashion(spec + 14, 0, train, parts, out);
+    if (strncmp(spec, "idx:", 4) == 0) return load_idx_spec(spec, train, parts, out);
     if (strcmp(spec, "synthetic") == 0 || strncmp(spec, "synthetic:", 10) == 0)
-        return load_synthetic_spec(spec, train, out);
+        return load_synthetic_spec(spec, train, parts, out);
     if (strncmp(spec, "text:", 5) == 0 && spec[5]) {
         int64_t T = 0;
         PW_CHECK(text_context(spec, g, &T));
@@ -711,7 +763,13 @@ static pw_status from_spec(const char *spec, int train, const pw_graph *g, pw_da
 
 pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out)
 {
-    return from_spec(spec, train, NULL, out);
+    return from_spec(spec, train, NULL, PW_DATA_ALL, out);
+}
+
+pw_status pw_dataset_from_spec_parts(const char *spec, int train, const pw_graph *g, unsigned parts,
+                                     pw_dataset **out)
+{
+    return from_spec(spec, train, g, parts, out);
 }
 
 pw_status pw_dataset_from_spec_for_graph(const char *spec, int train, const pw_graph *g,
@@ -721,7 +779,7 @@ pw_status pw_dataset_from_spec_for_graph(const char *spec, int train, const pw_g
         if (out) *out = NULL;
         return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_from_spec_for_graph: graph is NULL");
     }
-    return from_spec(spec, train, g, out);
+    return from_spec(spec, train, g, PW_DATA_ALL, out);
 }
 
 int pw_dataset_spec_has_test(const char *spec)
@@ -737,6 +795,11 @@ pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t cou
 {
     if (!d || (count > 0 && !idx) || count < 0)
         return pw_error(PW_ERR_INVALID_ARG, "pw_dataset_gather: bad arguments");
+    if ((x_out && (d->missing & PW_DATA_INPUTS)) || (y_out && (d->missing & PW_DATA_LABELS)))
+        return pw_error(PW_ERR_INVALID_ARG, "%s: its %s not loaded in this process (a process loads "
+                        "only the sides its stages read: pw_pipeline_data_parts)",
+                        d->name ? d->name : "dataset",
+                        x_out && (d->missing & PW_DATA_INPUTS) ? "inputs were" : "labels were");
     for (int64_t i = 0; i < count; i++)
         if (idx[i] < 0 || idx[i] >= d->n)
             return pw_error(PW_ERR_INVALID_ARG, "%s: sample index %lld (batch position %lld) out "
@@ -893,6 +956,7 @@ static pw_status load_text(const char *path, int is_fortunes, int64_t T, int tra
     free(buf);
     snprintf(d->name, nl, "%s/%s", is_fortunes ? "fortunes" : path, train ? "train" : "test");
     d->text_len = (int64_t)part;
+    d->loaded_bytes = (int64_t)part;
     d->stride = T;
     d->n = ((int64_t)part - 1) / T;
     d->sample_shape = pw_shape_make(1, &T);
@@ -918,7 +982,7 @@ pw_status pw_dataset_load_text(const char *path, int64_t context, int train, pw_
 
 double pw_dataset_unigram_entropy(const pw_dataset *d)
 {
-    if (!d || d->n <= 0) return 0.0;
+    if (!d || d->n <= 0 || (!d->text && !d->y)) return 0.0;
     int64_t bins = d->n_classes > 0 ? d->n_classes : 1, total = 0;
     int64_t *count = calloc((size_t)bins, sizeof *count);
     if (!count) return 0.0;
@@ -945,12 +1009,15 @@ pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d)
 {
     const pw_value *in = &g->values[g->input];
     char a[96], b[96];
+    /* Without its inputs an IDX set knows no sample shape: the process that
+     * loads them checks it. */
+    const int shape_known = !(d->missing & PW_DATA_INPUTS) || d->sample_numel > 0;
     if (in->dtype != d->x_dtype)
         return pw_error(PW_ERR_SHAPE, "%s: input '%s' is %s but data set '%s' gives %s samples%s",
                         g->file, in->name, pw_dtype_name(in->dtype), d->name,
                         pw_dtype_name(d->x_dtype),
                         d->x_dtype == PW_I32 ? " (tokens: start the graph with an embedding)" : "");
-    if (pw_shape_numel(&in->shape) != d->sample_numel)
+    if (shape_known && pw_shape_numel(&in->shape) != d->sample_numel)
         return pw_error(PW_ERR_SHAPE, "%s: input '%s' has shape %s but data set '%s' has samples "
                         "of shape %s", g->file, in->name, pw_shape_str(&in->shape, a, sizeof a),
                         d->name, pw_shape_str(&d->sample_shape, b, sizeof b));

@@ -24,6 +24,12 @@
  * stream: sample i is a window of T + 1 bytes, its input the first T bytes
  * (i32 tokens [T]) and its labels the last T (the next byte at every
  * position, [T]). pw_dataset_gather serves both.
+ *
+ * Parts. A process of a multi-process run loads only the side its stages
+ * read (pw_pipeline_data_parts): the first stage the inputs, the last the
+ * labels, a middle stage neither (only the sample count, which the sampler
+ * needs). pw_dataset_from_spec_parts asks for the sides; the others are
+ * `missing` and gather refuses them.
  */
 #ifndef PW_STAGES_DATA_H
 #define PW_STAGES_DATA_H
@@ -42,6 +48,13 @@ extern "C" {
  * corruption, not as a 2-billion-way classifier). */
 #define PW_DATA_MAX_CLASSES 65536
 
+/* The sides of a data set (bit flags). */
+enum {
+    PW_DATA_INPUTS = 1u << 0,   /* the samples: x, or the windows' first T tokens */
+    PW_DATA_LABELS = 1u << 1,   /* the targets: y, or the windows' last T tokens */
+    PW_DATA_ALL = PW_DATA_INPUTS | PW_DATA_LABELS,
+};
+
 typedef struct pw_dataset {
     int64_t n;              /* samples */
     pw_shape sample_shape;  /* per sample, e.g. [28, 28]; [T] for text */
@@ -58,6 +71,12 @@ typedef struct pw_dataset {
      * T = sample_numel). */
     unsigned char *text;
     int64_t text_len, stride;
+    /* Sides not loaded in this process (PW_DATA_* bits; 0, as in a zeroed
+     * struct: everything). A missing side's array is NULL and what only it
+     * tells is unknown: inputs missing, sample_shape may be [] and
+     * sample_numel 0 (IDX); labels missing, n_classes may be 0 (IDX). */
+    unsigned missing;
+    int64_t loaded_bytes;   /* bytes of samples and labels read or generated */
 } pw_dataset;
 
 /* Frees a data set and its arrays; accepts NULL. */
@@ -87,6 +106,13 @@ void pw_dataset_destroy(pw_dataset *d);
  *   PW_ERR_NOMEM        allocation failed.
  * On failure *out is NULL. */
 pw_status pw_dataset_load_idx(const char *images, const char *labels, pw_dataset **out);
+/* The same, loading only `parts` (PW_DATA_* bits): without PW_DATA_INPUTS the
+ * images file is not opened (the count comes from the labels file); without
+ * PW_DATA_LABELS the labels file is not opened, except that with neither its
+ * header alone is read for the count. The sample counts are checked against
+ * each other only when both files are read. */
+pw_status pw_dataset_load_idx_parts(const char *images, const char *labels, unsigned parts,
+                                    pw_dataset **out);
 
 /* Writes an IDX file: dtype PW_U8 (0x08), PW_F32 (0x0D) or PW_I32 (0x0C);
  * `shape` is the full shape including the count, ndim 1..PW_MAX_DIMS, every
@@ -114,6 +140,8 @@ typedef struct pw_synthetic_config {
     uint64_t seed;
     float noise;            /* >= 0; 1.0 is easy, 4.0 is hard for 784 dims */
     int test;               /* 0: training split, 1: test split */
+    unsigned missing;       /* PW_DATA_* sides not to generate (0: both); the sides
+                               generated hold the same values either way */
 } pw_synthetic_config;
 
 /* PW_OK, PW_ERR_INVALID_ARG (a field out of range, named in the message),
@@ -149,8 +177,9 @@ double pw_dataset_unigram_entropy(const pw_dataset *d);
 /* Checks that a data set fits a graph: the input's dtype and size (f32 for
  * dense data, i32 [T] for tokens), the label's size (one class, or one per
  * position), the loss's class count against the labels, and every embedding
- * that reads the input against the token range. PW_ERR_SHAPE with a message
- * naming the graph file, the value and the data set. */
+ * that reads the input against the token range; a missing side's checks are
+ * left to the process that loads it. PW_ERR_SHAPE with a message naming the
+ * graph file, the value and the data set. */
 pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d);
 
 /* ---------------------------------------------------------------- specs
@@ -185,6 +214,16 @@ pw_status pw_dataset_from_spec(const char *spec, int train, pw_dataset **out);
 pw_status pw_dataset_from_spec_for_graph(const char *spec, int train, const pw_graph *g,
                                          pw_dataset **out);
 
+/* The same, loading only `parts` (PW_DATA_* bits) where the format allows:
+ * IDX files (fashion-mnist, idx:) open only the file of each side asked for
+ * (pw_dataset_load_idx_parts), synthetic data generates only those sides
+ * (the same values as a full load), text data is loaded whole (inputs and
+ * labels are the same bytes, shifted by one). `g` as for
+ * pw_dataset_from_spec_for_graph (may be NULL but for text specs). The
+ * sides not loaded are in (*out)->missing. */
+pw_status pw_dataset_from_spec_parts(const char *spec, int train, const pw_graph *g, unsigned parts,
+                                     pw_dataset **out);
+
 /* Whether the spec names a test split (all but a two-file "idx:" spec). */
 int pw_dataset_spec_has_test(const char *spec);
 
@@ -192,7 +231,8 @@ int pw_dataset_spec_has_test(const char *spec);
  * (float for dense data, int32_t tokens for text) and their labels into
  * y_out (count, label_numel); either may be NULL (a pipeline stage that
  * holds only the loss reads only labels). PW_ERR_INVALID_ARG (nothing
- * copied) when an index is outside [0, n). */
+ * copied) when an index is outside [0, n), or when a side asked for is
+ * missing (not loaded in this process). */
 pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t count,
                             void *x_out, int32_t *y_out);
 

@@ -17,6 +17,33 @@
  *
  * pw_forecast_auto tries every schedule kind (and v) that applies, keeps
  * those whose peak memory fits the budget, and picks the fastest.
+ *
+ * With a topology (cfg.topology: an hwloc XML file or synthetic description
+ * loaded with pw_topology_load_spec), the stages × replicas are placed on it
+ * (pw_place_stages) and every link is costed from where its two ranks sit:
+ *
+ *     hwloc_topology_t topo;
+ *     PW_CHECK(pw_topology_load_spec("cluster.xml", &topo));
+ *     fc.topology = topo; fc.stages = 64; fc.replicas = 8;
+ *     PW_CHECK(pw_forecast_run(&fc, &f));
+ *     for (int k = 0; k < f.n_links; k++)     // chunk k -> k + 1
+ *         printf("%d -> %d: %s, %.1f us per message
+", f.links[k].src, f.links[k].dst,
+ *                pw_link_class_name(f.links[k].cls), 1e6 * f.links[k].time);
+ *
+ * Hosts. A Group object above packages (synthetic "group:8 pack:2 core:8
+ * pu:1", or a Group per node in an XML file) is one host. A placement that
+ * needs more slots (GPUs, else cores) than the topology has repeats the
+ * topology: each copy is more hosts of the same make ("--topology node.xml"
+ * with 512 ranks on 8-GPU nodes is 64 nodes). Whole pipelines stay on one
+ * copy when they fit one; a longer pipeline spans consecutive copies.
+ *
+ * Links. Each pair of ranks falls in one class (pw_link_class); each class
+ * has default figures (pw_link_default: documented in docs/schedules.md) and
+ * the links between hosts take cfg.host_latency_s / host_bandwidth when set.
+ * A pipeline link between two stages takes the slowest figures over the
+ * replicas; each stage's gradient all-reduce is a ring over its replicas at
+ * the figures of the ring's slowest hop.
  */
 #ifndef PW_STAGES_FORECAST_H
 #define PW_STAGES_FORECAST_H
@@ -26,6 +53,7 @@
 
 #include "graph/graph.h"
 #include "runtime/status.h"
+#include "runtime/topology.h"
 #include "runtime/trace.h"
 #include "scheduler/schedule.h"
 #include "scheduler/simulate.h"
@@ -33,6 +61,33 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Where the two ranks of a link sit, fastest class first. */
+typedef enum pw_link_class {
+    PW_LINK_SAME_DEVICE = 0,  /* same core (CPU) or same GPU: ranks share it */
+    PW_LINK_NUMA,             /* CPU ranks on one NUMA node */
+    PW_LINK_PACKAGE,          /* one package: CPU ranks across its NUMA nodes, or
+                               * GPUs local to the same package (PCIe switch/NVLink) */
+    PW_LINK_PACKAGES,         /* across packages of one host */
+    PW_LINK_HOSTS,            /* across hosts (the network) */
+    PW_LINK_N
+} pw_link_class;
+
+const char *pw_link_class_name(pw_link_class c); /* "same core/GPU", ..., "across hosts" */
+
+/* The default latency (s) and bandwidth (bytes/s, 0 = infinite) of class c
+ * between CPU ranks (on_gpus 0) or GPU ranks (1). */
+void pw_link_default(pw_link_class c, int on_gpus, double *latency, double *bandwidth);
+
+/* One link of the forecast's pipeline: chunk k's activation to chunk k + 1
+ * (and its gradient back), between ranks on different slots. */
+typedef struct pw_forecast_link {
+    int src, dst;               /* pipeline ranks (stages) */
+    pw_link_class cls;          /* the slowest over the replicas */
+    double latency, bandwidth;  /* its figures (bandwidth 0 = infinite) */
+    int64_t bytes;              /* one micro-batch's activation */
+    double time;                /* s one message takes: latency + bytes / bandwidth */
+} pw_forecast_link;
 
 typedef struct pw_forecast_config {
     const pw_graph *graph;
@@ -50,6 +105,14 @@ typedef struct pw_forecast_config {
     int optim_state_floats;     /* 1 SGD, 2 AdamW */
     int64_t memory_budget;      /* bytes per rank; 0 = unlimited */
     pw_trace *trace;            /* (optional) record the simulated step */
+    /* (optional) place the ranks on this topology and cost each link and
+     * all-reduce from the placement (above) instead of the three link
+     * figures; not owned. */
+    hwloc_topology_t topology;
+    int gpus;                   /* with a topology: PW_PLACE_GPUS_AUTO (default), 0 or 1 */
+    double host_latency_s;      /* with a topology: links across hosts; < 0 (as
+                                 * pw_forecast_defaults sets it): the default */
+    double host_bandwidth;      /* likewise (bytes/s; 0 = infinite); < 0: the default */
 } pw_forecast_config;
 
 pw_forecast_config pw_forecast_defaults(void);
@@ -66,6 +129,17 @@ typedef struct pw_forecast {
                                    + peak activation stash */
     int *peak_inflight;         /* [n_ranks] micro-batches (validator) */
     int fits;                   /* every rank within the memory budget */
+    double allreduce_time;      /* s: the slowest stage's gradient all-reduce (0 for
+                                 * one replica) */
+    int allreduce_stage;        /* ... that stage */
+    /* With a topology only (0 / NULL / "" without): */
+    int n_hosts;                /* hosts the placement spans */
+    int on_gpus;                /* ranks run on GPUs */
+    int topology_copies;        /* copies of the topology it took (1: it fits) */
+    int allreduce_cls;          /* class of the slowest all-reduce ring's slowest hop */
+    int n_links;                /* chunk boundaries between different ranks */
+    pw_forecast_link *links;    /* [n_links] */
+    char placement[192];        /* "512 ranks (64 stages x 8 replicas) on 64 hosts: ..." */
 } pw_forecast;
 
 pw_status pw_forecast_run(const pw_forecast_config *cfg, pw_forecast *out);
@@ -75,6 +149,26 @@ void pw_forecast_free(pw_forecast *f);
  * (PW_ERR_NOMEM naming the smallest need when none fits). `report`
  * (optional) receives one line per candidate and the reason for the choice. */
 pw_status pw_forecast_auto(const pw_forecast_config *cfg, pw_forecast *best, FILE *report);
+
+/* Calibration: the compute rate of this machine for cfg->graph, measured
+ * as a one-stage pipeline runs it, so that forecasts start from what this
+ * machine does rather than from a nominal FLOP/s figure. A whole-graph stage
+ * program at cfg->micro_batch_size samples runs forward, backward for inputs
+ * and backward for weights per micro-batch, in 1F1B's one-stage order, then
+ * the optimizer (AdamW when optim_state_floats = 2, else SGD): one warm-up
+ * micro-batch, then three rounds of min(2, micro_batches) micro-batches; the
+ * fastest round (wall time), scaled to cfg->micro_batches, is one step (the
+ * BLAS threads are the caller's: pw_cpu_set_threads). *flops_per_s is the
+ * rate at which the forecast's cost model (graph FLOPs, and 4 FLOPs per
+ * parameter for the optimizer) takes exactly that long for that step;
+ * *step_s (optional) the measured step. Everything the per-op cost model
+ * misses on this machine (cache misses between ops, per-op overheads, the
+ * optimizer's memory traffic) is folded into that one rate, so a forecast
+ * at it is exact for one stage here and carries the same ratio to other
+ * stage counts; it says nothing about another machine. Inputs are zeros
+ * (a valid token or class). PW_ERR_INVALID_ARG: no graph, counts < 1;
+ * errors of pw_program_create (e.g. PW_ERR_NOMEM). */
+pw_status pw_forecast_calibrate(const pw_forecast_config *cfg, double *flops_per_s, double *step_s);
 
 /* Writes the simulated trace's metadata and events (cfg->trace must have
  * been set for the run). */

@@ -36,12 +36,43 @@ const char *pw_optim_name(pw_optim_kind kind)
     return kind == PW_OPTIM_SGD ? "sgd" : "adamw";
 }
 
+static const char *const schedule_names[] = {"constant", "cosine", "linear"};
+
+pw_status pw_lr_schedule_parse(const char *s, pw_lr_schedule *out)
+{
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(s, schedule_names[i])) {
+            *out = (pw_lr_schedule)i;
+            return PW_OK;
+        }
+    return pw_error(PW_ERR_INVALID_ARG, "unknown lr schedule '%s' (want constant, cosine or linear)",
+                    s);
+}
+
+const char *pw_lr_schedule_name(pw_lr_schedule s)
+{
+    return (unsigned)s < 3 ? schedule_names[s] : "?";
+}
+
+float pw_optim_lr_at(const pw_optim_config *c, int64_t step)
+{
+    const int64_t W = c->warmup_steps > 0 ? c->warmup_steps : 0;
+    if (step <= W) return (float)((double)c->lr * (double)step / (double)W);
+    if (c->schedule == PW_LR_CONSTANT || c->decay_steps <= W) return c->lr;
+    double p = (double)(step - W) / (double)(c->decay_steps - W);
+    if (p > 1.0) p = 1.0;
+    const double hi = c->lr, lo = c->min_lr;
+    if (c->schedule == PW_LR_COSINE)
+        return (float)(lo + (hi - lo) * 0.5 * (1.0 + cos(3.14159265358979323846 * p)));
+    return (float)(hi + (lo - hi) * p);
+}
+
 int pw_optim_state_floats(pw_optim_kind kind) { return kind == PW_OPTIM_SGD ? 1 : 2; }
 
 static void sgd_update(const pw_optim_config *c, int64_t step, float *p, const float *g,
                        float *buf, int64_t n, int decay)
 {
-    const float lr = c->lr, mu = c->momentum, wd = decay ? c->weight_decay : 0.0f;
+    const float lr = pw_optim_lr_at(c, step), mu = c->momentum, wd = decay ? c->weight_decay : 0.0f;
     if (mu == 0.0f) {
         for (int64_t i = 0; i < n; i++) p[i] -= lr * (g[i] + wd * p[i]);
         return;
@@ -65,7 +96,7 @@ static void adamw_update(const pw_optim_config *c, int64_t step, float *p, const
                          float *state, int64_t n, int decay)
 {
     float *m = state, *v = state + n;
-    const float b1 = c->beta1, b2 = c->beta2, lr = c->lr, eps = c->eps;
+    const float b1 = c->beta1, b2 = c->beta2, lr = pw_optim_lr_at(c, step), eps = c->eps;
     const float decay_mul = decay ? 1.0f - lr * c->weight_decay : 1.0f;
     /* Bias corrections in double: (1 − β2ᵗ) loses precision in float for small t. */
     const float bc1 = (float)(1.0 - pow(b1, (double)step));

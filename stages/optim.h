@@ -15,6 +15,19 @@
  *   AdamW: p -= lr·wd·p (decayed tensors); m = β1·m + (1−β1)·g;
  *          v = β2·v + (1−β2)·g²; p -= lr · (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε)
  * Which tensors decay is a property of the parameter (pw_param.decay).
+ *
+ * Learning-rate schedule. The lr of step t (counting from 1) is a pure
+ * function of the config and t, pw_optim_lr_at(), so every stage and replica
+ * that runs step t uses the same value and the pipeline stays bit-identical
+ * to one stage:
+ *   warm-up (t ≤ W):  lr · t / W                   (W = warmup_steps; none if 0)
+ *   then, with p = (t − W) / (decay_steps − W) clamped to [0, 1]:
+ *     constant:  lr
+ *     cosine:    min_lr + (lr − min_lr) · (1 + cos(π p)) / 2
+ *     linear:    lr + (min_lr − lr) · p
+ * computed in double, rounded once to float. Steps past decay_steps stay at
+ * min_lr; decay_steps ≤ warmup_steps (0 included) means no decay. The
+ * defaults (constant, no warm-up) leave lr untouched.
  */
 #ifndef PW_STAGES_OPTIM_H
 #define PW_STAGES_OPTIM_H
@@ -28,6 +41,7 @@ extern "C" {
 #endif
 
 typedef enum pw_optim_kind { PW_OPTIM_SGD = 0, PW_OPTIM_ADAMW } pw_optim_kind;
+typedef enum pw_lr_schedule { PW_LR_CONSTANT = 0, PW_LR_COSINE, PW_LR_LINEAR } pw_lr_schedule;
 
 typedef struct pw_optim_config {
     pw_optim_kind kind;
@@ -36,17 +50,28 @@ typedef struct pw_optim_config {
     float weight_decay;
     float beta1, beta2;  /* AdamW */
     float eps;           /* AdamW */
+    pw_lr_schedule schedule; /* after the warm-up (default constant) */
+    int64_t warmup_steps;    /* linear warm-up over steps 1..warmup_steps (0: none) */
+    int64_t decay_steps;     /* cosine/linear reach min_lr at this step (the run's length) */
+    float min_lr;            /* cosine/linear end value (default 0) */
 } pw_optim_config;
 
 pw_optim_config pw_optim_defaults(pw_optim_kind kind);
 /* "sgd" / "adamw" -> kind; PW_ERR_INVALID_ARG otherwise. */
 pw_status pw_optim_parse_kind(const char *s, pw_optim_kind *out);
 const char *pw_optim_name(pw_optim_kind kind);
+/* "constant" / "cosine" / "linear" -> schedule; PW_ERR_INVALID_ARG otherwise. */
+pw_status pw_lr_schedule_parse(const char *s, pw_lr_schedule *out);
+const char *pw_lr_schedule_name(pw_lr_schedule s);
+/* The learning rate of step `step` (from 1) under c's schedule; c->lr itself
+ * for the default constant schedule without warm-up. */
+float pw_optim_lr_at(const pw_optim_config *c, int64_t step);
 /* Floats of state per parameter element: SGD 1 (momentum buffer), AdamW 2. */
 int pw_optim_state_floats(pw_optim_kind kind);
 
-/* One update of n elements. `step` counts from 1. `state` holds
- * pw_optim_state_floats() × n floats, zero before the first step. */
+/* One update of n elements at learning rate pw_optim_lr_at(c, step). `step`
+ * counts from 1. `state` holds pw_optim_state_floats() × n floats, zero
+ * before the first step. */
 void pw_optim_update(const pw_optim_config *c, int64_t step, float *p, const float *g,
                      float *state, int64_t n, int decay);
 

@@ -9,7 +9,9 @@
 #include <string.h>
 
 #include "runtime/log.h"
+#include "runtime/topology.h"
 #include "runtime/trace.h"
+#include "stages/backend.h"
 #include "stages/cpu/ops.h"
 
 #define DEFAULT_BUCKETS 4
@@ -83,9 +85,15 @@ pw_pipeline_config pw_pipeline_defaults(void)
 
 static gstage *stage_at(pw_pipeline *pl, int lrep, int c) { return &pl->stages[(size_t)lrep * (size_t)pl->C + (size_t)c]; }
 /* Chunk c is built in this process (always in one process; under a
- * transport, one chunk per rank, so chunk = rank). */
+ * transport, the chunks the schedule places on this process's rank). */
 static int stage_here(const pw_pipeline *pl, int c) { return !pl->t || pw_schedule_rank_of(pl->sched, c) == pl->t->rank; }
 static int rank_here(const pw_pipeline *pl, int r) { return !pl->t || pl->t->rank == r; }
+/* Under a transport: the world rank of the process running chunk c of
+ * global replica k. */
+static int world_of_chunk(const pw_pipeline *pl, int k, int c)
+{
+    return pw_transport_world_of(pl->t, k, pw_schedule_rank_of(pl->sched, c));
+}
 /* The local replica index of global replica k, -1 when not here. */
 static int lrep_of(const pw_pipeline *pl, int k)
 {
@@ -105,8 +113,8 @@ static pw_status gs_run_forward(gstage *s, const pw_dataset *d, const int64_t *i
     for (int j = 0; j < s->n_pieces; j++) {
         pw_program *p = s->piece[j];
         if (s->reads_input[j] || s->reads_label[j])
-            PW_CHECK(pw_dataset_gather(d, idx, n, s->reads_input[j] ? pw_program_value(p, g->input, slot) : NULL,
-                                       s->reads_label[j] ? pw_program_value(p, g->label, slot) : NULL));
+            PW_CHECK(pw_dataset_gather(d, idx, n, s->reads_input[j] ? pw_program_data(p, g->input, slot) : NULL,
+                                       s->reads_label[j] ? pw_program_data(p, g->label, slot) : NULL));
         if (train) {
             if (pw_program_needs_rng(p))
                 PW_CHECK(pw_program_set_rng(p, slot, s->pl->cfg.seed, step, sample_offset));
@@ -181,30 +189,65 @@ static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
     return n;
 }
 
+/* Parameter i's (folded) gradient as host floats, for clipping: *out =
+ * pp->grad itself for a CPU program; a device program's downloaded into
+ * *tmp (grown as needed; the caller frees it). */
+static pw_status host_grad(pw_program *p, int i, const pw_program_param *pp, float **tmp, float **out)
+{
+    *out = pp->grad;
+    if (!pw_program_on_device(p)) return PW_OK;
+    float *t = realloc(*tmp, (size_t)pp->numel * sizeof *t + 1);
+    if (!t) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory reading the gradient of %s", pp->name);
+    *tmp = *out = t;
+    return pw_program_param_read(p, i, PW_PARAM_GRAD, 0, t);
+}
+
+/* After scaling a host copy: back to the device (nothing on the CPU). */
+static pw_status host_grad_done(pw_program *p, int i, const float *g)
+{
+    return pw_program_on_device(p) ? pw_program_param_write(p, i, PW_PARAM_GRAD, g) : PW_OK;
+}
+
 static double gs_grad_sumsq(void *self)
 {
     gstage *s = self;
     double sum = 0.0;
+    float *tmp = NULL;
     for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
     for (int j = 0; j < s->n_pieces; j++)
         for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
             pw_program_param pp;
             pw_program_param_at(s->piece[j], i, &pp);
-            for (int64_t k = 0; k < pp.numel; k++) sum += (double)pp.grad[k] * (double)pp.grad[k];
+            float *gr;
+            if (host_grad(s->piece[j], i, &pp, &tmp, &gr) != PW_OK) {
+                /* the norm becomes NaN: the optimizer's finiteness check stops the step */
+                PW_WARN("stage %d: %s", s->index, pw_last_error());
+                free(tmp);
+                return NAN;
+            }
+            for (int64_t k = 0; k < pp.numel; k++) sum += (double)gr[k] * (double)gr[k];
         }
+    free(tmp);
     return sum;
 }
 
 static void gs_scale_grads(void *self, float scale)
 {
     gstage *s = self;
+    float *tmp = NULL;
     for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
     for (int j = 0; j < s->n_pieces; j++)
         for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
             pw_program_param pp;
             pw_program_param_at(s->piece[j], i, &pp);
-            for (int64_t k = 0; k < pp.numel; k++) pp.grad[k] *= scale;
+            float *gr;
+            pw_status st = host_grad(s->piece[j], i, &pp, &tmp, &gr);
+            if (st == PW_OK)
+                for (int64_t k = 0; k < pp.numel; k++) gr[k] *= scale;
+            if (st != PW_OK || host_grad_done(s->piece[j], i, gr) != PW_OK)
+                PW_WARN("stage %d: clipping the gradient of %s: %s", s->index, pp.name, pw_last_error());
         }
+    free(tmp);
 }
 
 static pw_status gs_optimizer_step(void *self, long step)
@@ -368,6 +411,21 @@ out:
     return n;
 }
 
+/* The device of chunk s: the configured one, except that a bare device
+ * name with several devices ("cuda" on a machine with 4 GPUs) puts rank r's
+ * chunks on device r mod the count (ARCHITECTURE.md: one rank per GPU). */
+static const char *chunk_device(const pw_pipeline *pl, int s, char *buf, size_t size)
+{
+    const pw_backend_i *be;
+    int idx;
+    if (pw_backend_find(pl->cfg.device, &be, &idx) != PW_OK || idx >= 0 || !be->device_count)
+        return pl->cfg.device;
+    int n = be->device_count();
+    if (n < 2) return pl->cfg.device;
+    snprintf(buf, size, "%s:%d", be->name, pw_schedule_rank_of(pl->sched, s) % n);
+    return buf;
+}
+
 static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
 {
     const pw_pipeline_config *c = &pl->cfg;
@@ -379,6 +437,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     gs->replica = replica;
     gs->loss_piece = -1;
     int k = pl->NR > 1 ? pl->n_buckets : 1;
+    char device[48];
     int *cut = calloc((size_t)(k > 1 ? k : 1) + 1, sizeof *cut);
     if (!cut) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     gs->n_pieces = cut_pieces(g, b, e, k, cut);
@@ -396,6 +455,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
         pw_program_config pc = {
             .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
+            .device = chunk_device(pl, s, device, sizeof device),
         };
         PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
         pw_program_init_params(gs->piece[j], c->seed);
@@ -479,6 +539,82 @@ static int ties_across_chunks(const pw_pipeline *pl)
     return tied;
 }
 
+/* The chunks' node ranges: the caller's cuts (a plan's, stages/plan.h) or
+ * the partition method's; both get the same FLOP-model predictions. */
+static pw_status make_partition(pw_pipeline *pl)
+{
+    const pw_pipeline_config *c = &pl->cfg;
+    if (!c->cuts) return pw_partition_make(pl->g, pl->C, c->partition, &pl->part);
+    if (c->n_cuts != pl->C + 1)
+        return pw_error(PW_ERR_INVALID_ARG, "pipeline: %d cut boundaries given for %d chunks (want %d: "
+                        "0, the first node of each later chunk, %d)", c->n_cuts, pl->C, pl->C + 1,
+                        pl->g->n_nodes);
+    pw_partition_config pc = {.n_stages = pl->C, .balance = PW_BALANCE_FLOPS};
+    return pw_partition_evaluate(pl->g, &pc, c->cuts, &pl->part);
+}
+
+/* Stage memory on its worker's NUMA node: each program's arena (and the
+ * links between a stage's pieces) is bound to the node(s) of the core the
+ * engine pins the stage's worker to, by the engine's own rule
+ * (pw_cpu_place_pipeline: worker k·S + rank; pw_cpu_place_ranks with this
+ * process's local rank under a transport). One NUMA node: nothing to do (said at PW_DEBUG=INFO).
+ * A refusal warns once (pw_mem_bind_area) and leaves the rest unbound. */
+static void bind_stage_memory(pw_pipeline *pl)
+{
+    const pw_transport *t = pl->t;
+    hwloc_topology_t topo = NULL;
+    pw_cpu_placement *place = NULL;
+    if (pw_topology_load(&topo) != PW_OK) return; /* the engine warns about pinning */
+    if (hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE) < 2) {
+        PW_INFO(PW_SUB_MEM, "pipeline: one NUMA node; stage memory is not bound");
+        goto out;
+    }
+    int n = pl->NRL * pl->S, first = 0;
+    /* As the engine places this process's worker (one rule for both). A
+     * process mpirun or taskset has bound keeps its binding: its memory
+     * follows it by first touch. */
+    if (t && pw_transport_host_place(t, topo, &first, &n)) {
+        PW_INFO(PW_SUB_MEM, "pipeline: this process is already bound (mpirun or taskset); its stage memory "
+                "follows that binding");
+        goto out;
+    }
+    if ((t ? pw_cpu_place_ranks(topo, n, &place) : pw_cpu_place_pipeline(topo, pl->S, pl->NRL, &place)) != PW_OK)
+        goto out;
+    for (int k = 0; k < pl->NRL; k++)
+        for (int ch = 0; ch < pl->C; ch++) {
+            if (!stage_here(pl, ch)) continue;
+            const int slot = t ? first : k * pl->S + pw_schedule_rank_of(pl->sched, ch);
+            gstage *gs = stage_at(pl, k, ch);
+            char who[64];
+            snprintf(who, sizeof who, "stage %d (replica %d) memory", ch, t ? t->replica : k);
+            for (int j = 0; j < gs->n_pieces; j++)
+                if (pw_program_bind_memory(gs->piece[j], topo, place->nodesets[slot], who) != 0) goto out;
+            if (pw_mem_bind_area(topo, gs->links, gs->link_bytes, place->nodesets[slot], who) != 0) goto out;
+        }
+out:
+    pw_cpu_placement_destroy(place);
+    if (topo) hwloc_topology_destroy(topo);
+}
+
+/* A device backend (CUDA) runs the stage programs; what the pipeline does
+ * with gradients on the host between processes or replicas (the all-reduce,
+ * the processes' messages) is not wired to device memory yet: refused up
+ * front. (Clipping and tied gradients go through host copies.) */
+static pw_status check_device(const pw_pipeline_config *c, int NR)
+{
+    const pw_backend_i *be;
+    int dev;
+    PW_CHECK(pw_backend_find(c->device, &be, &dev));
+    if (!be->device_memory) return PW_OK;
+    const char *no = NR > 1 ? "--replicas > 1 (the all-reduce reads host gradients)"
+                     : c->transport ? "several processes (MPI; the NCCL transport is not written yet)"
+                     : NULL;
+    if (no)
+        return pw_error(PW_ERR_UNSUPPORTED, "device '%s': %s is not supported on %s yet (docs/cuda.md)",
+                        c->device, no, be->name);
+    return PW_OK;
+}
+
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
 {
     *out = NULL;
@@ -504,6 +640,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
         return pw_error(PW_ERR_INVALID_ARG, "pipeline: the transport runs %d stages x %d replicas, the "
                         "configuration asks for %d x %d", t->n_ranks, t->n_replicas, c->stages, NR);
     PW_CHECK(pw_trainer_check_batching(c->graph, c->train, c->batch, c->micro_batches, NR));
+    PW_CHECK(check_device(c, NR));
 
     pw_pipeline *pl = calloc(1, sizeof *pl);
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
@@ -526,21 +663,19 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     pl->cfg.schedule_csv = NULL; /* the caller's string; pl->schedule_name keeps a copy */
     pl->V = pl->sched->chunks_per_rank;
     pl->C = pl->sched->n_chunks;
-    if (t && pl->V > 1) {
-        st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: %s places %d chunks per rank; a multi-process run "
-                      "(transport) supports one chunk per rank only", pl->schedule_name, pl->V);
-        goto fail;
-    }
     if (pl->C > g->n_nodes) {
         st = pw_error(PW_ERR_INVALID_ARG, "pipeline: %d chunks (%d stages x %d chunks per rank) but graph "
                       "'%s' has only %d nodes", pl->C, S, pl->V, g->name, g->n_nodes);
         goto fail;
     }
-    PW_CHECK_GOTO(pw_partition_make(g, pl->C, c->partition, &pl->part), st, fail);
+    PW_CHECK_GOTO(make_partition(pl), st, fail);
+    pl->cfg.cuts = NULL; /* the caller's array; pl->part keeps a copy */
     pl->post_optim = ties_across_chunks(pl);
-    if (t && pl->post_optim) {
-        st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: graph '%s' ties a parameter across stages; a "
-                      "multi-process run (transport) cannot sum it across processes yet", g->name);
+    if (t && pl->post_optim && g->n_params >= t->max_tag) {
+        /* finish_step's messages are tagged by parameter (and n_params). */
+        st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: graph '%s' ties parameters across stages; summing "
+                      "its %d parameters across processes needs more message tags than MPI's %d", g->name,
+                      g->n_params, t->max_tag);
         goto fail;
     }
     pl->grad_norm = -1.0;
@@ -558,6 +693,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
             pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] =
                 (pw_engine_chunk){pl->post_optim ? &gstage_post_i : &gstage_i, gs};
         }
+    if (c->pin) bind_stage_memory(pl);
     /* One core per worker: BLAS threads would only fight the other stages
      * and replicas (and every process of an MPI run has one worker). */
     if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
@@ -592,6 +728,52 @@ void pw_pipeline_destroy(pw_pipeline *pl)
     pw_sampler_free(&pl->sampler);
     free(pl->schedule_name);
     free(pl);
+}
+
+pw_status pw_pipeline_data_parts(const pw_pipeline_config *cfg, int evaluation, unsigned *parts)
+{
+    *parts = PW_DATA_ALL;
+    const pw_transport *t = cfg->transport;
+    if (!t) return PW_OK; /* every chunk runs in this process */
+    if (evaluation && t->replica != 0) {
+        *parts = 0; /* evaluation runs on replica 0 */
+        return PW_OK;
+    }
+    if (!cfg->graph) return pw_error(PW_ERR_INVALID_ARG, "pipeline: graph is required");
+    if (cfg->stages < 1 || cfg->micro_batches < 1)
+        return pw_error(PW_ERR_INVALID_ARG, "pipeline: %d stages and %d micro-batches (each must be at "
+                        "least 1)", cfg->stages, cfg->micro_batches);
+    /* The chunks and their placement, as pw_pipeline_create computes them. */
+    pw_pipeline *pl = calloc(1, sizeof *pl);
+    if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    pl->cfg = *cfg;
+    pl->g = cfg->graph;
+    pl->t = t;
+    pl->S = cfg->stages;
+    pl->NR = cfg->replicas > 0 ? cfg->replicas : 1;
+    pw_status st = make_schedule(pl);
+    if (st == PW_OK) {
+        pl->V = pl->sched->chunks_per_rank;
+        pl->C = pl->sched->n_chunks;
+        st = pl->C > pl->g->n_nodes
+                 ? pw_error(PW_ERR_INVALID_ARG, "pipeline: %d chunks (%d stages x %d chunks per rank) but "
+                            "graph '%s' has only %d nodes", pl->C, pl->S, pl->V, pl->g->name, pl->g->n_nodes)
+                 : make_partition(pl);
+    }
+    if (st == PW_OK) {
+        const pw_graph *g = pl->g;
+        unsigned p = 0;
+        for (int ch = 0; ch < pl->C; ch++) {
+            if (pw_schedule_rank_of(pl->sched, ch) != t->rank) continue;
+            if (node_range_reads(g, pl->part.begin[ch], pl->part.begin[ch + 1], g->input)) p |= PW_DATA_INPUTS;
+            if (node_range_reads(g, pl->part.begin[ch], pl->part.begin[ch + 1], g->label)) p |= PW_DATA_LABELS;
+        }
+        *parts = p;
+    }
+    pl->cfg.schedule_csv = NULL;
+    pl->cfg.cuts = NULL;
+    pw_pipeline_destroy(pl);
+    return st;
 }
 
 int64_t pw_pipeline_steps_per_epoch(const pw_pipeline *pl) { return pl->steps_per_epoch; }
@@ -661,7 +843,8 @@ static loss_part replica_loss(const pw_pipeline *pl, int lrep)
  * and runs every program's optimizer. Every copy sees the same gradient and
  * the same optimizer state, so copies never drift, and the bytes match one
  * stage. Replicas: the cross-replica sum happens first (per use), then the
- * cross-chunk sum. Multi-process runs refuse such graphs (create). */
+ * cross-chunk sum. Multi-process runs pass the partial sums between the
+ * chunks' processes in the same order (sum_ties_across below). */
 
 /* The programs of local replica k in node order; returns the count. */
 static int replica_programs(pw_pipeline *pl, int k, pw_program **out)
@@ -678,7 +861,7 @@ static int replica_programs(pw_pipeline *pl, int k, pw_program **out)
 static pw_status sum_ties(const pw_graph *g, pw_program **p, int np)
 {
     int *where = malloc((size_t)np * sizeof *where), *local = malloc((size_t)np * sizeof *local);
-    float *acc = NULL;
+    float *acc = NULL, *host = NULL; /* host: a device program's use, downloaded */
     pw_status st = PW_OK;
     if (!where || !local) {
         st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory summing tied gradients");
@@ -714,6 +897,16 @@ static pw_status sum_ties(const pw_graph *g, pw_program **p, int np)
                 goto out;
             }
             for (int u = 0; u < uses; u++) {
+                if (pw_program_on_device(p[where[k]])) { /* a host copy of the use, then the same sum */
+                    float *h = realloc(host, (size_t)numel * sizeof *host);
+                    if (!h) {
+                        st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory summing tied gradients");
+                        goto out;
+                    }
+                    host = h;
+                    PW_CHECK_GOTO(pw_program_param_read(p[where[k]], local[k], PW_PARAM_GRAD, u, host), st, out);
+                    bufs[u] = host;
+                }
                 if (first) memcpy(acc, bufs[u], (size_t)numel * sizeof *acc);
                 else
                     for (int64_t j = 0; j < numel; j++) acc[j] += bufs[u][j];
@@ -724,13 +917,185 @@ static pw_status sum_ties(const pw_graph *g, pw_program **p, int np)
             pw_program_param pp;
             pw_program_fold_grads(p[where[k]]);
             pw_program_param_at(p[where[k]], local[k], &pp);
-            memcpy(pp.grad, acc, (size_t)numel * sizeof *acc);
+            if (pw_program_on_device(p[where[k]]))
+                PW_CHECK_GOTO(pw_program_param_write(p[where[k]], local[k], PW_PARAM_GRAD, acc), st, out);
+            else
+                memcpy(pp.grad, acc, (size_t)numel * sizeof *acc);
         }
     }
 out:
     free(where);
     free(local);
     free(acc);
+    free(host);
+    return st;
+}
+
+/* ---- the same across processes (a transport) ----
+ *
+ * Each process holds the chunks of its rank, so a tied parameter's uses sit
+ * in several processes of the replica. The sum keeps the one-process order
+ * by passing the partial sum along: the process of the last chunk using the
+ * parameter starts it, each process holding an earlier use receives it,
+ * adds its uses (pw_program_param_uses order) and passes it on, down to the
+ * first chunk's process (the owner), which sends the total to every other
+ * process holding a use. The squared norm for clipping travels the same way
+ * through the chunks in order. Every message is a blocking world send or
+ * receive on this thread between the engine's step and the optimizer, and
+ * every process walks the parameters and chunks in the same order, so each
+ * send meets its receive: no deadlock, and the bytes of one process. */
+
+/* Chunks whose nodes use graph parameter gp, ascending; returns the count. */
+static int chunks_using(const pw_pipeline *pl, int gp, int *out)
+{
+    const pw_graph *g = pl->g;
+    int n = 0;
+    for (int ch = 0; ch < pl->C; ch++) {
+        int uses = 0;
+        for (int i = pl->part.begin[ch]; i < pl->part.begin[ch + 1] && !uses; i++)
+            for (int q = 0; q < g->nodes[i].n_params; q++) uses |= g->nodes[i].params[q] == gp;
+        if (uses) out[n++] = ch;
+    }
+    return n;
+}
+
+/* The piece of local chunk ch holding graph parameter gp (one: cut_pieces
+ * never separates two uses), and the parameter's index there. */
+static pw_program *chunk_param(pw_pipeline *pl, int ch, int gp, int *local)
+{
+    gstage *gs = stage_at(pl, 0, ch);
+    for (int j = 0; j < gs->n_pieces; j++)
+        for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(gs->piece[j], i, &pp);
+            if (pp.graph_param == gp) {
+                *local = i;
+                return gs->piece[j];
+            }
+        }
+    return NULL;
+}
+
+static pw_status sum_ties_across(pw_pipeline *pl)
+{
+    const pw_graph *g = pl->g;
+    const pw_transport *t = pl->t;
+    const int me = t->rank, k = t->replica;
+    int *list = malloc((size_t)pl->C * sizeof *list);
+    float *acc = NULL;
+    pw_status st = PW_OK;
+    if (!list) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory summing tied gradients");
+    for (int gp = 0; gp < g->n_params && st == PW_OK; gp++) {
+        const int nc = chunks_using(pl, gp, list);
+        if (nc < 2) continue; /* held by one chunk: its optimizer folds it */
+        const int64_t numel = pw_shape_numel(&g->params[gp].shape);
+        const size_t bytes = (size_t)numel * sizeof *acc;
+        float *a = realloc(acc, bytes ? bytes : sizeof *acc);
+        if (!a) {
+            st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory summing tied gradients");
+            break;
+        }
+        acc = a;
+        /* Last use to first; the partial sum follows the chunks' ranks. */
+        int prev = -1;
+        for (int i = nc - 1; i >= 0 && st == PW_OK; i--) {
+            const int ch = list[i], r = pw_schedule_rank_of(pl->sched, ch);
+            if (prev >= 0 && prev != r) {
+                if (prev == me) st = t->vt->send(t->self, pw_transport_world_of(t, k, r), gp, acc, bytes);
+                else if (r == me) st = t->vt->recv(t->self, pw_transport_world_of(t, k, prev), gp, acc, bytes);
+            }
+            prev = r;
+            if (st != PW_OK || r != me) continue;
+            int li = 0;
+            pw_program *p = chunk_param(pl, ch, gp, &li);
+            float *bufs[16];
+            int uses = p ? pw_program_param_uses(p, li, bufs, 16) : 0;
+            if (uses < 1 || uses > 16) {
+                st = pw_error(PW_ERR_INTERNAL, "pipeline: parameter %s has %d uses in chunk %d",
+                              g->params[gp].name, uses, ch);
+                break;
+            }
+            for (int u = 0; u < uses; u++) {
+                if (i == nc - 1 && u == 0) memcpy(acc, bufs[u], bytes);
+                else
+                    for (int64_t j = 0; j < numel; j++) acc[j] += bufs[u][j];
+            }
+        }
+        /* The owner (first use) sends the total to the other holders, in
+         * rank order. */
+        const int owner = pw_schedule_rank_of(pl->sched, list[0]);
+        for (int r = 0; r < pl->S && st == PW_OK; r++) {
+            int holds = 0;
+            for (int i = 1; i < nc; i++) holds |= pw_schedule_rank_of(pl->sched, list[i]) == r;
+            if (r == owner || !holds) continue;
+            if (me == owner) st = t->vt->send(t->self, pw_transport_world_of(t, k, r), gp, acc, bytes);
+            else if (me == r) st = t->vt->recv(t->self, pw_transport_world_of(t, k, owner), gp, acc, bytes);
+        }
+        for (int i = 0; i < nc && st == PW_OK; i++) {
+            if (pw_schedule_rank_of(pl->sched, list[i]) != me) continue;
+            int li = 0;
+            pw_program *p = chunk_param(pl, list[i], gp, &li);
+            pw_program_param pp;
+            pw_program_fold_grads(p);
+            pw_program_param_at(p, li, &pp);
+            memcpy(pp.grad, acc, bytes);
+        }
+        if (st != PW_OK) st = pw_error_prefix(st, "summing tied parameter %s across processes: ",
+                                              g->params[gp].name);
+    }
+    free(list);
+    free(acc);
+    return st;
+}
+
+/* The sum of squared gradients of the replica, every parameter once at its
+ * first chunk, added in chunk order through the chunks' processes (the
+ * order of one process); every process of the replica learns the total. */
+static pw_status sumsq_across(pw_pipeline *pl, double *out)
+{
+    const pw_graph *g = pl->g;
+    const pw_transport *t = pl->t;
+    const int me = t->rank, k = t->replica, tag = g->n_params;
+    int *first = malloc((size_t)(g->n_params > 0 ? g->n_params : 1) * sizeof *first);
+    double *all = calloc((size_t)t->world_size, sizeof *all);
+    double sumsq = 0.0;
+    pw_status st = PW_OK;
+    if (!first || !all) {
+        st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory for the gradient norm");
+        goto out;
+    }
+    for (int p = 0; p < g->n_params; p++) first[p] = -1;
+    for (int ch = pl->C - 1; ch >= 0; ch--)
+        for (int i = pl->part.begin[ch]; i < pl->part.begin[ch + 1]; i++)
+            for (int q = 0; q < g->nodes[i].n_params; q++) first[g->nodes[i].params[q]] = ch;
+    for (int ch = 0; ch < pl->C && st == PW_OK; ch++) {
+        const int r = pw_schedule_rank_of(pl->sched, ch);
+        const int pr = ch > 0 ? pw_schedule_rank_of(pl->sched, ch - 1) : r;
+        if (pr != r && pr == me) st = t->vt->send(t->self, pw_transport_world_of(t, k, r), tag, &sumsq, sizeof sumsq);
+        else if (pr != r && r == me)
+            st = t->vt->recv(t->self, pw_transport_world_of(t, k, pr), tag, &sumsq, sizeof sumsq);
+        if (st != PW_OK || r != me) continue;
+        gstage *gs = stage_at(pl, 0, ch);
+        for (int j = 0; j < gs->n_pieces; j++) {
+            pw_program_fold_grads(gs->piece[j]);
+            for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
+                pw_program_param pp;
+                pw_program_param_at(gs->piece[j], i, &pp);
+                if (first[pp.graph_param] != ch) continue;
+                for (int64_t e = 0; e < pp.numel; e++) sumsq += (double)pp.grad[e] * (double)pp.grad[e];
+            }
+        }
+    }
+    if (st == PW_OK) {
+        /* The last chunk's process holds the replica's total. */
+        double mine = pw_schedule_rank_of(pl->sched, pl->C - 1) == me ? sumsq : 0.0;
+        st = t->vt->allgather(t->self, &mine, sizeof mine, all);
+        if (st == PW_OK) *out = all[world_of_chunk(pl, k, pl->C - 1)];
+    }
+    if (st != PW_OK) st = pw_error_prefix(st, "gradient norm across processes: ");
+out:
+    free(first);
+    free(all);
     return st;
 }
 
@@ -742,6 +1107,7 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
     for (int ch = 0; ch < pl->C; ch++) total += stage_here(pl, ch) ? stage_at(pl, 0, ch)->n_pieces : 0;
     pw_program **p = malloc((size_t)(total > 0 ? total : 1) * sizeof *p);
     unsigned char *seen = calloc((size_t)(g->n_params > 0 ? g->n_params : 1), 1);
+    float *tmp = NULL; /* a device program's gradient, for clipping */
     pw_status st = PW_OK;
     if (!p || !seen) {
         st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
@@ -749,19 +1115,22 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
     }
     for (int k = 0; k < pl->NRL && st == PW_OK; k++) {
         int np = replica_programs(pl, k, p);
-        PW_CHECK_GOTO(sum_ties(g, p, np), st, out);
+        PW_CHECK_GOTO(pl->t ? sum_ties_across(pl) : sum_ties(g, p, np), st, out);
         if (pl->cfg.clip_grad_norm > 0) {
             /* Every parameter once, in node order (copies hold the same total). */
             double sumsq = 0.0;
             memset(seen, 0, (size_t)g->n_params);
-            for (int j = 0; j < np; j++) {
+            if (pl->t) PW_CHECK_GOTO(sumsq_across(pl, &sumsq), st, out);
+            for (int j = 0; j < np && !pl->t; j++) {
                 pw_program_fold_grads(p[j]);
                 for (int i = 0; i < pw_program_n_params(p[j]); i++) {
                     pw_program_param pp;
                     pw_program_param_at(p[j], i, &pp);
                     if (seen[pp.graph_param]) continue;
                     seen[pp.graph_param] = 1;
-                    for (int64_t e = 0; e < pp.numel; e++) sumsq += (double)pp.grad[e] * (double)pp.grad[e];
+                    float *gr;
+                    PW_CHECK_GOTO(host_grad(p[j], i, &pp, &tmp, &gr), st, out);
+                    for (int64_t e = 0; e < pp.numel; e++) sumsq += (double)gr[e] * (double)gr[e];
                 }
             }
             double norm = sqrt(sumsq), coef = pl->cfg.clip_grad_norm / (norm + 1e-6);
@@ -771,7 +1140,10 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
                     for (int i = 0; i < pw_program_n_params(p[j]); i++) {
                         pw_program_param pp;
                         pw_program_param_at(p[j], i, &pp);
-                        for (int64_t e = 0; e < pp.numel; e++) pp.grad[e] *= (float)coef;
+                        float *gr;
+                        PW_CHECK_GOTO(host_grad(p[j], i, &pp, &tmp, &gr), st, out);
+                        for (int64_t e = 0; e < pp.numel; e++) gr[e] *= (float)coef;
+                        PW_CHECK_GOTO(host_grad_done(p[j], i, gr), st, out);
                     }
         }
         for (int j = 0; j < np; j++)
@@ -780,6 +1152,7 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
 out:
     free(p);
     free(seen);
+    free(tmp);
     return st;
 }
 
@@ -850,11 +1223,13 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
 /* Forward-only over a data set, stage after stage, on replica 0. In one
  * process the stages run one after the other on this thread (the workers
  * are idle between steps); with a transport each process of replica 0 runs
- * its stage and passes the activations on with blocking world messages. */
+ * its chunks and passes the activations to the next chunk's process with
+ * blocking world messages (in chunk order, so a rank holding several chunks
+ * takes its turn each time the chain comes back to it). */
 pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out)
 {
     const pw_graph *g = pl->g;
-    const int S = pl->C; /* chunks in chunk order (= ranks under a transport) */
+    const int S = pl->C; /* chunks, run in chunk order */
     const pw_transport *t = pl->t;
     PW_CHECK(pw_trainer_check_data(g, d));
     void **link = calloc((size_t)S + 1, sizeof(void *));
@@ -862,7 +1237,6 @@ pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_sta
     pw_status st = PW_OK;
     double loss = 0.0;
     int64_t correct = 0;
-    const int mine = t ? t->rank : -1;
     const int run = !t || t->replica == 0; /* other replicas only hear the result */
     if (!link || !idx) {
         st = pw_error(PW_ERR_NOMEM, "evaluate: out of memory");
@@ -870,7 +1244,7 @@ pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_sta
     }
     /* link[s]: the activations from stage s to s+1 (bound to slot 0). */
     for (int s = 0; run && s + 1 < S; s++) {
-        if (t && s != mine && s + 1 != mine) continue;
+        if (!stage_here(pl, s) && !stage_here(pl, s + 1)) continue;
         gstage *from = stage_here(pl, s) ? stage_at(pl, 0, s) : NULL;
         gstage *to = stage_here(pl, s + 1) ? stage_at(pl, 0, s + 1) : NULL;
         size_t n = from ? gs_port_bytes(from, PW_PORT_ACT_OUT) : gs_port_bytes(to, PW_PORT_ACT_IN);
@@ -888,12 +1262,12 @@ pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_sta
         for (int s = 0; s < S; s++) {
             if (!stage_here(pl, s)) continue;
             gstage *gs = stage_at(pl, 0, s);
-            if (t && s > 0)
-                PW_CHECK_GOTO(t->vt->recv(t->self, pw_transport_world_of(t, 0, s - 1), TAG_EVAL(t), link[s - 1],
+            if (s > 0 && !stage_here(pl, s - 1))
+                PW_CHECK_GOTO(t->vt->recv(t->self, world_of_chunk(pl, 0, s - 1), TAG_EVAL(t), link[s - 1],
                                           gs_port_bytes(gs, PW_PORT_ACT_IN)), st, out);
             PW_CHECK_GOTO(gs_run_forward(gs, d, idx, n, 0, 0, 0, 0), st, out);
-            if (t && s + 1 < S)
-                PW_CHECK_GOTO(t->vt->send(t->self, pw_transport_world_of(t, 0, s + 1), TAG_EVAL(t), link[s],
+            if (s + 1 < S && !stage_here(pl, s + 1))
+                PW_CHECK_GOTO(t->vt->send(t->self, world_of_chunk(pl, 0, s + 1), TAG_EVAL(t), link[s],
                                           gs_port_bytes(gs, PW_PORT_ACT_OUT)), st, out);
             if (gs->loss_piece >= 0) {
                 loss += pw_program_loss_sum(gs->piece[gs->loss_piece], 0);
@@ -911,7 +1285,7 @@ pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_sta
             goto out;
         }
         PW_CHECK_GOTO(t->vt->allgather(t->self, &lp, sizeof lp, all), st, out_all);
-        const loss_part *last = &all[pw_transport_world_of(t, 0, S - 1)];
+        const loss_part *last = &all[world_of_chunk(pl, 0, S - 1)];
         loss = last->loss;
         correct = last->correct;
     out_all:
@@ -972,19 +1346,31 @@ static int first_holder(const pw_pipeline *pl, int p)
     return -1;
 }
 
-/* This process's copy of graph parameter p (first piece holding it). */
+/* The pipeline rank that runs that chunk (MPI save: the process that sends
+ * p; every copy of a tied parameter holds the same bytes). */
+static int holder_rank(const pw_pipeline *pl, int p)
+{
+    int c = first_holder(pl, p);
+    return c < 0 ? -1 : pw_schedule_rank_of(pl->sched, c);
+}
+
+/* This process's copy of graph parameter p (the first piece holding it, in
+ * chunk order). */
 static float *local_param(pw_pipeline *pl, int p, int64_t *numel)
 {
-    gstage *gs = stage_at(pl, 0, pl->t ? pl->t->rank : 0);
-    for (int j = 0; j < gs->n_pieces; j++)
-        for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
-            pw_program_param pp;
-            pw_program_param_at(gs->piece[j], i, &pp);
-            if (pp.graph_param == p) {
-                *numel = pp.numel;
-                return pp.data;
+    for (int ch = 0; ch < pl->C; ch++) {
+        if (!stage_here(pl, ch)) continue;
+        gstage *gs = stage_at(pl, 0, ch);
+        for (int j = 0; j < gs->n_pieces; j++)
+            for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
+                pw_program_param pp;
+                pw_program_param_at(gs->piece[j], i, &pp);
+                if (pp.graph_param == p) {
+                    *numel = pp.numel;
+                    return pp.data;
+                }
             }
-        }
+    }
     return NULL;
 }
 
@@ -1002,7 +1388,7 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
                         g->n_params, t->max_tag);
     if (t->replica == 0 && t->rank != 0) {
         for (int p = 0; p < g->n_params && st == PW_OK; p++) {
-            if (first_holder(pl, p) != t->rank) continue;
+            if (holder_rank(pl, p) != t->rank) continue;
             int64_t n = 0;
             float *data = local_param(pl, p, &n);
             st = data ? t->vt->send(t->self, 0, p, data, (size_t)n * sizeof(float))
@@ -1022,7 +1408,7 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
                 st = pw_error(PW_ERR_INTERNAL, "save: parameter %s has no place", g->params[p].name);
                 break;
             }
-            int holder = first_holder(pl, pp.graph_param);
+            int holder = holder_rank(pl, pp.graph_param);
             if (holder == 0) {
                 int64_t n = 0;
                 float *data = local_param(pl, pp.graph_param, &n);
@@ -1082,14 +1468,17 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
         for (int i = 0; st == PW_OK && i < pw_program_n_params(whole); i++) {
             pw_program_param pp;
             pw_program_param_at(whole, i, &pp);
-            gstage *gs = stage_at(pl, 0, pl->t->rank);
-            for (int j = 0; j < gs->n_pieces; j++)
-                for (int q = 0; q < pw_program_n_params(gs->piece[j]); q++) {
-                    pw_program_param mine;
-                    pw_program_param_at(gs->piece[j], q, &mine);
-                    if (mine.graph_param == pp.graph_param)
-                        memcpy(mine.data, pp.data, (size_t)pp.numel * sizeof(float));
-                }
+            for (int ch = 0; ch < pl->C; ch++) {
+                if (!stage_here(pl, ch)) continue;
+                gstage *gs = stage_at(pl, 0, ch);
+                for (int j = 0; j < gs->n_pieces; j++)
+                    for (int q = 0; q < pw_program_n_params(gs->piece[j]); q++) {
+                        pw_program_param mine;
+                        pw_program_param_at(gs->piece[j], q, &mine);
+                        if (mine.graph_param == pp.graph_param)
+                            memcpy(mine.data, pp.data, (size_t)pp.numel * sizeof(float));
+                    }
+            }
         }
         pw_program_destroy(whole);
         return st;

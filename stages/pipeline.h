@@ -27,8 +27,10 @@
  * compute, and every copy the same update: the engine runs forward/backward
  * (and the replica all-reduces) only, and after its step the pipeline sums
  * the uses in reverse node order, clips and runs the optimizers (see
- * finish_step in pipeline.c). Multi-process runs (transport) support one
- * chunk per rank and no tie across stages (PW_ERR_UNSUPPORTED).
+ * finish_step in pipeline.c). Multi-process runs (transport) build the
+ * chunks of their rank; a tied parameter's partial sum then travels between
+ * the processes holding its uses in the same order, so the bytes match one
+ * process (docs/distributed.md).
  *
  * Data parallelism (docs/distributed.md). With replicas = R the pipeline runs
  * R copies; replica k takes samples [k·B/R, (k+1)·B/R) of each step's global
@@ -38,7 +40,8 @@
  * bytes, bucket 0 the last piece, and a bucket's all-reduce starts as soon as
  * its piece's part of the last backward is done. The loss is averaged over
  * the global batch and reported once. With a transport (mpirun -np S·R) this
- * process builds only its own stage of its own replica; save gathers one
+ * process builds only its own rank's chunks of its own replica and needs only
+ * the side of the data they read (pw_pipeline_data_parts); save gathers one
  * file on world rank 0 with the same content as a run in one process.
  */
 #ifndef PW_STAGES_PIPELINE_H
@@ -72,7 +75,13 @@ typedef struct pw_pipeline_config {
     pw_schedule_kind schedule;      /* any generated kind (ignored with schedule_csv) */
     const char *schedule_csv;       /* (optional) a user's schedule file */
     int split_w;                    /* split backward into B and W */
-    pw_partition_method partition;
+    pw_partition_method partition;  /* how to cut the graph when `cuts` is NULL */
+    const int *cuts;                /* (optional) [n_cuts] chunk boundaries, pw_partition's
+                                       `begin` layout: 0 = cuts[0] < cuts[1] < ... <
+                                       cuts[C] = the graph's node count, chunk c runs
+                                       nodes [cuts[c], cuts[c+1]); e.g. a plan's
+                                       part.begin (stages/plan.h). Overrides `partition` */
+    int n_cuts;                     /* entries in cuts: chunks + 1 */
     pw_optim_config optim;
     uint64_t seed;
     int shuffle;
@@ -86,19 +95,36 @@ typedef struct pw_pipeline_config {
                                        1: one all-reduce after the whole backward) */
     double clip_grad_norm;          /* > 0: clip the global gradient norm to this */
     const pw_transport *transport;  /* (optional) multi-process run: this process is
-                                       (transport->replica, transport->rank); one chunk
-                                       per rank and no parameter tied across stages
-                                       (PW_ERR_UNSUPPORTED otherwise) */
+                                       (transport->replica, transport->rank) and builds
+                                       the chunks the schedule places on that rank */
     int chunks_per_rank;            /* v: the graph is cut into stages × v chunks (0: the
                                        kind's default: interleaved 2, zb-v 2, others 1) */
     int recompute;                  /* 1: every program keeps only its inputs per slot and
                                        re-runs its forward in backward (bit-identical) */
+    const char *device;             /* where the stage programs run: NULL or "cpu" (default),
+                                       "cuda:N" (every stage on GPU N, each with its own
+                                       streams), "cuda" (rank r on GPU r mod the GPU count);
+                                       docs/cuda.md. CUDA refuses replicas > 1 and a
+                                       transport for now (PW_ERR_UNSUPPORTED) */
 } pw_pipeline_config;
 
 pw_pipeline_config pw_pipeline_defaults(void);
 
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out);
 void pw_pipeline_destroy(pw_pipeline *pl); /* accepts NULL */
+
+/* Which sides of the data this process's chunks read, before any data is
+ * loaded (cfg->train may be NULL): PW_DATA_INPUTS for the chunk holding the
+ * graph's input, PW_DATA_LABELS for the one holding the loss; *parts is
+ * PW_DATA_ALL without a transport (every chunk runs here) and 0 for a process
+ * that reads neither (a middle stage). With `evaluation` set, for the data
+ * pw_pipeline_evaluate reads: replica 0's processes only, so 0 on the other
+ * replicas. Computes the schedule and partition exactly as
+ * pw_pipeline_create does; any error it would report is returned. Load the
+ * data with pw_dataset_from_spec_parts and pass it as cfg->train: the data
+ * order (the sampler) needs only the sample count, so every process still
+ * visits the same samples. */
+pw_status pw_pipeline_data_parts(const pw_pipeline_config *cfg, int evaluation, unsigned *parts);
 
 int64_t pw_pipeline_steps_per_epoch(const pw_pipeline *pl);
 void pw_pipeline_seek(pw_pipeline *pl, int64_t step);
@@ -131,7 +157,7 @@ pw_engine *pw_pipeline_engine(pw_pipeline *pl);
 double pw_pipeline_grad_norm(const pw_pipeline *pl);
 
 /* Per chunk (`stage` is a chunk id), since creation (replica 0; with a
- * transport only this process's chunk has figures). busy/wait/total are the
+ * transport only this process's chunks have figures). busy/wait/total are the
  * figures of the rank that runs the chunk (shared by its chunks); slots,
  * peak_slots, nodes, flops and memory are the chunk's own. */
 typedef struct pw_pipeline_stage_stats {

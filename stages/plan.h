@@ -17,7 +17,8 @@
  *         return 1;
  *     }
  *     pw_plan_print(stdout, plan);
- *     // plan->part.begin[] are the cuts a pipeline should run
+ *     // train on the plan's cuts (stages/pipeline.h):
+ *     //   pipe_cfg.cuts = plan->part.begin; pipe_cfg.n_cuts = plan->n_stages + 1;
  *     pw_plan_destroy(plan);
  *
  * What it does: the schedule (generated, or a user's CSV) is validated to

@@ -10,6 +10,15 @@
  * activations, interior gradients and statistics live once, in `shared`, and
  * are rebuilt there by re-running the forward of the slot being
  * differentiated. `shared` also holds kernel workspace (attention's T×T).
+ *
+ * Backends: every op, copy and fill goes through p->be (stages/backend.h).
+ * The plan is the same for every backend; the categories (params, grads,
+ * optimizer state, activations = shared + slots) are one host arena for the
+ * CPU (one block, bindable to a NUMA node) and one block each for a device
+ * backend. at() maps a plan offset into its category's block. A device
+ * program stages the data and the engine's (host) messages through
+ * uploads and downloads and waits for its stream at the end of each call
+ * (see program.h, "Device programs").
  */
 #include "stages/program.h"
 
@@ -21,7 +30,7 @@
 #include "runtime/arena.h"
 #include "runtime/log.h"
 #include "runtime/rng.h"
-#include "stages/cpu/ops.h"
+#include "stages/backend.h"
 
 #define NO_OFF ((size_t)-1)
 
@@ -45,6 +54,10 @@ typedef struct prog_node {
     /* layernorm mean/rstd, softmax probs, attention probs, dropout mask;
      * relative to the slot, or to the shared region under recompute */
     size_t off_stat0, off_stat1;
+    /* device backends, softmax cross-entropy: row scratch (off_stat1) and
+     * the loss statistics (off_stat2: 2 doubles for the forward, 2 for a
+     * recomputation); the CPU keeps its statistics in slot_state */
+    size_t off_stat2;
     char *rng_name;              /* dropout: "dropout:<value name>" */
 } prog_node;
 
@@ -59,6 +72,8 @@ typedef struct slot_state {
     int64_t used_step, used_offset; /* what its recomputation must use) */
     double loss_sum;
     int64_t correct;
+    double stats[2];             /* the loss op's statistics of the last forward (host copy) */
+    double redo_stats[2];        /* the CPU's scratch statistics of a recomputation */
 } slot_state;
 
 /* What the shared region holds under recompute. */
@@ -68,7 +83,18 @@ struct pw_program {
     pw_program_config cfg;
     const pw_graph *g;
     int begin, end;
-    pw_arena arena;
+    pw_arena arena;              /* the plan; the memory itself for the CPU */
+    const pw_backend_i *be;
+    void *be_ctx;
+    int dev;                     /* p->be->device_memory */
+    int dev_index;               /* "cuda:N": N */
+    size_t cat_start[PW_MEM_COUNT]; /* plan offset where each category begins */
+    size_t cat_bytes[PW_MEM_COUNT];
+    char *cat_base[PW_MEM_COUNT];   /* its block (the arena's base + start on the CPU) */
+    char *staging;               /* device: per slot, host copies of the graph input and label */
+    size_t stage_in_bytes, stage_slot_bytes;
+    float **gptr;                /* [n_params] each parameter's gradient (optimizer check) */
+    int64_t *gnum;               /* [n_params] */
     size_t slot_bytes;           /* stride between slots in the activation region */
     size_t act_base;             /* offset of slot 0's activation region */
     size_t shared_base;          /* offset of the shared region */
@@ -115,14 +141,39 @@ struct pw_program {
                                     gradients go to the shared region, not the ports */
 };
 
+/* Plan offset → address in its category's block. */
+static inline void *at(const pw_program *p, size_t off)
+{
+    int c = PW_MEM_COUNT - 1;
+    while (c > 0 && off < p->cat_start[c]) c--;
+    return p->cat_base[c] + (off - p->cat_start[c]);
+}
+
 static inline char *slot_base(const pw_program *p, int slot)
 {
-    return (char *)p->arena.base + p->act_base + (size_t)slot * p->slot_bytes;
+    return (char *)at(p, p->act_base) + (size_t)slot * p->slot_bytes;
 }
 
 static inline char *shared_at(const pw_program *p, size_t off)
 {
-    return (char *)p->arena.base + p->shared_base + off;
+    return (char *)at(p, p->shared_base) + off;
+}
+
+/* Runs a backend slot; returns its error from the calling function. */
+#define BE(slot, ...) PW_CHECK(p->be->slot(p->be_ctx, __VA_ARGS__))
+
+/* Every public call that touches memory starts here (the CUDA device is
+ * current per thread: the engine's workers call from their own). */
+static pw_status be_begin(const pw_program *p)
+{
+    return p->be->activate ? p->be->activate(p->be_ctx) : PW_OK;
+}
+
+/* ... and ends here: a device program waits for its stream (program.h). */
+static pw_status be_end(const pw_program *p, pw_status st)
+{
+    if (st == PW_OK && p->be->sync) st = p->be->sync(p->be_ctx);
+    return st;
 }
 
 static inline size_t sv(const pw_program *p, int slot, int v)
@@ -136,7 +187,8 @@ void *pw_program_value(const pw_program *p, int v, int slot)
         return NULL;
     const prog_value *pv = &p->values[v];
     if (pv->off_act == NO_OFF) return shared_at(p, pv->off_act_s);
-    void *b = p->bind_act[sv(p, slot, v)];
+    /* A device program's ports are host memory it copies through. */
+    void *b = p->dev ? NULL : p->bind_act[sv(p, slot, v)];
     return b ? b : slot_base(p, slot) + pv->off_act;
 }
 
@@ -147,7 +199,7 @@ float *pw_program_grad(const pw_program *p, int v, int slot)
         return NULL;
     const prog_value *pv = &p->values[v];
     if (pv->off_grad == NO_OFF) return (float *)shared_at(p, pv->off_grad_s);
-    float *b = p->bind_grad[sv(p, slot, v)];
+    float *b = p->dev ? NULL : p->bind_grad[sv(p, slot, v)];
     return b ? b : (float *)(slot_base(p, slot) + pv->off_grad);
 }
 
@@ -222,6 +274,10 @@ static void plan_stats(pw_program *p, int i, pw_arena *a)
         break;
     case PW_OP_SOFTMAX_XENT:
         pn->off_stat0 = pw_arena_plan(a, value_bytes(x, mb));
+        if (p->dev) { /* the device reduces per row; its statistics stay there */
+            pn->off_stat1 = pw_arena_plan(a, (size_t)rows_of(x, mb) * sizeof(double));
+            pn->off_stat2 = pw_arena_plan(a, 4 * sizeof(double));
+        }
         break;
     case PW_OP_CAUSAL_ATTENTION: {
         int64_t T = x->shape.d[0];
@@ -300,12 +356,14 @@ static pw_status plan(pw_program *p)
     if (!p->use_off || !p->node_grad_off) return pw_error(PW_ERR_NOMEM, "program: out of memory");
     int sf = pw_optim_state_floats(p->cfg.optim.kind);
     size_t before = a->size;
+    p->cat_start[PW_MEM_PARAMS] = before;
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_data = pw_arena_plan(a, (size_t)p->params[i].numel * 4);
     p->mem.params = a->size - before;
     /* Gradients, then the extra per-use buffers of tied parameters, in one
      * region (pw_program_zero_grads clears it at once). */
     before = a->size;
+    p->cat_start[PW_MEM_GRADS] = before;
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_grad = pw_arena_plan(a, (size_t)p->params[i].numel * 4);
     for (int i = 0, at = 0; i < p->n_params; i++) {
@@ -324,6 +382,7 @@ static pw_status plan(pw_program *p)
         }
     p->mem.grads = a->size - before;
     before = a->size;
+    p->cat_start[PW_MEM_OPTIM] = before;
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_state = pw_arena_plan(a, (size_t)p->params[i].numel * 4 * (size_t)sf);
     p->mem.optim_state = a->size - before;
@@ -353,12 +412,13 @@ static pw_status plan(pw_program *p)
     int64_t work = 0;
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
-        p->nodes[i].off_stat0 = p->nodes[i].off_stat1 = NO_OFF;
+        p->nodes[i].off_stat0 = p->nodes[i].off_stat1 = p->nodes[i].off_stat2 = NO_OFF;
         plan_stats(p, i, rc ? &shared : &slot);
         if (nd->op == PW_OP_SOFTMAX_XENT) p->loss_node = i;
         if (nd->op == PW_OP_CAUSAL_ATTENTION) {
             int64_t T = g->values[nd->inputs[0]].shape.d[0];
-            if (T * T > work) work = T * T;
+            int64_t w = p->be->attention_scratch(T, nd->attrs.heads); /* CPU: T·T */
+            if (w > work) work = w;
         }
     }
     p->off_work = pw_arena_plan(&shared, (size_t)work * 4);
@@ -386,7 +446,48 @@ static pw_status plan(pw_program *p)
     for (int s = 0; s < p->cfg.slots; s++) pw_arena_plan(a, p->slot_bytes);
     p->mem.activations = a->size - p->act_base;
     p->mem.total = a->size;
-    return pw_arena_commit(a);
+    p->cat_start[PW_MEM_ACTIVATIONS] = p->shared_base;
+    p->cat_bytes[PW_MEM_PARAMS] = p->mem.params;
+    p->cat_bytes[PW_MEM_GRADS] = p->mem.grads;
+    p->cat_bytes[PW_MEM_OPTIM] = p->mem.optim_state;
+    p->cat_bytes[PW_MEM_ACTIVATIONS] = a->size - p->shared_base;
+    return PW_OK;
+}
+
+/* The planned memory: the host arena (one block; CPU) or one block per
+ * category from the backend; then a device program's host staging of the
+ * graph input and label. */
+static pw_status commit(pw_program *p)
+{
+    const pw_graph *g = p->g;
+    if (!p->be->open) {
+        PW_CHECK(pw_arena_commit(&p->arena));
+        for (int c = 0; c < PW_MEM_COUNT; c++) p->cat_base[c] = (char *)p->arena.base + p->cat_start[c];
+    } else {
+        char who[96];
+        snprintf(who, sizeof who, "program nodes [%d, %d) of '%s'", p->begin, p->end, g->name);
+        void *base[PW_MEM_COUNT];
+        PW_CHECK(p->be->open(p->dev_index, who, p->cat_bytes, &p->be_ctx, base));
+        for (int c = 0; c < PW_MEM_COUNT; c++) p->cat_base[c] = base[c];
+    }
+    p->gptr = malloc(((size_t)p->n_params + 1) * sizeof *p->gptr);
+    p->gnum = malloc(((size_t)p->n_params + 1) * sizeof *p->gnum);
+    if (!p->gptr || !p->gnum) return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    for (int i = 0; i < p->n_params; i++) {
+        p->gptr[i] = at(p, p->params[i].off_grad);
+        p->gnum[i] = p->params[i].numel;
+    }
+    if (!p->dev) return PW_OK;
+    const int64_t mb = p->cfg.micro_batch;
+    size_t in = g->input >= 0 && p->touched[g->input] ? value_bytes(&g->values[g->input], mb) : 0;
+    size_t lab = g->label >= 0 && p->touched[g->label] ? value_bytes(&g->values[g->label], mb) : 0;
+    p->stage_in_bytes = (in + 63) / 64 * 64;
+    p->stage_slot_bytes = p->stage_in_bytes + (lab + 63) / 64 * 64;
+    if (p->stage_slot_bytes) {
+        p->staging = calloc((size_t)p->cfg.slots, p->stage_slot_bytes);
+        if (!p->staging) return pw_error(PW_ERR_NOMEM, "program: out of memory for input staging");
+    }
+    return PW_OK;
 }
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
@@ -407,8 +508,17 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     if (c.loss_batch <= 0) c.loss_batch = c.micro_batch;
     c.recompute = c.recompute != 0;
 
+    const pw_backend_i *be;
+    int dev_index;
+    PW_CHECK(pw_backend_find(c.device, &be, &dev_index));
+    if (dev_index < 0) dev_index = 0; /* "cuda" = "cuda:0" for one program */
+    c.device = NULL; /* the caller's string: read here only */
+
     pw_program *p = calloc(1, sizeof *p);
     if (!p) return pw_error(PW_ERR_NOMEM, "program: out of memory");
+    p->be = be;
+    p->dev = be->device_memory;
+    p->dev_index = dev_index;
     p->cfg = c;
     p->g = g;
     p->begin = c.node_begin;
@@ -450,14 +560,15 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     }
     analyse_grad(p);
     pw_status st = plan(p);
+    if (st == PW_OK) st = commit(p);
     if (st != PW_OK) {
         pw_program_destroy(p);
         return st;
     }
     PW_INFO(PW_SUB_MEM, "program nodes [%d, %d): params %zu B, grads %zu B, optimizer %zu B, "
-            "activations %zu B (%d slots), shared %zu B%s", p->begin, p->end, p->mem.params,
+            "activations %zu B (%d slots), shared %zu B%s on %s:%d", p->begin, p->end, p->mem.params,
             p->mem.grads, p->mem.optim_state, p->mem.activations, c.slots, p->mem.shared,
-            c.recompute ? " (recompute)" : "");
+            c.recompute ? " (recompute)" : "", be->name, dev_index);
     *out = p;
     return PW_OK;
 }
@@ -465,7 +576,11 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
 void pw_program_destroy(pw_program *p)
 {
     if (!p) return;
+    if (p->be && p->be->close) p->be->close(p->be_ctx);
     pw_arena_release(&p->arena);
+    free(p->staging);
+    free(p->gptr);
+    free(p->gnum);
     if (p->nodes)
         for (int i = 0; i < p->g->n_nodes; i++) free(p->nodes[i].rng_name);
     free(p->params);
@@ -492,6 +607,14 @@ void pw_program_destroy(pw_program *p)
 
 void pw_program_memory_usage(const pw_program *p, pw_program_memory *out) { *out = p->mem; }
 
+int pw_program_bind_memory(const pw_program *p, hwloc_topology_t topo, hwloc_const_nodeset_t nodes,
+                           const char *who)
+{
+    /* The arena is one block: one call moves parameters, state and stash. */
+    if (p->dev) return 0; /* device memory: nothing to bind */
+    return pw_mem_bind_area(topo, p->arena.base, p->arena.size, nodes, who);
+}
+
 int pw_program_n_params(const pw_program *p) { return p->n_params; }
 
 void pw_program_param_at(const pw_program *p, int i, pw_program_param *out)
@@ -501,30 +624,76 @@ void pw_program_param_at(const pw_program *p, int i, pw_program_param *out)
     out->graph_param = pp->gp;
     out->name = gp->name;
     out->shape = gp->shape;
-    out->data = pw_arena_at(&p->arena, pp->off_data);
-    out->grad = pw_arena_at(&p->arena, pp->off_grad);
+    out->data = at(p, pp->off_data);
+    out->grad = at(p, pp->off_grad);
     out->numel = pp->numel;
+}
+
+int pw_program_on_device(const pw_program *p) { return p->dev; }
+
+pw_status pw_program_param_read(const pw_program *p, int i, pw_param_part part, int use, float *dst)
+{
+    if (i < 0 || i >= p->n_params || (part != PW_PARAM_DATA && part != PW_PARAM_GRAD) ||
+        use < 0 || (part == PW_PARAM_GRAD ? use >= p->params[i].n_uses : use != 0))
+        return pw_error(PW_ERR_INVALID_ARG, "program: no parameter %d (part %d, use %d) to read", i,
+                        (int)part, use);
+    const prog_param *pp = &p->params[i];
+    size_t off = part == PW_PARAM_DATA ? pp->off_data : p->use_off[pp->use_first + use];
+    PW_CHECK(be_begin(p));
+    BE(download, dst, at(p, off), (size_t)pp->numel * sizeof(float));
+    return be_end(p, PW_OK);
+}
+
+pw_status pw_program_param_write(pw_program *p, int i, pw_param_part part, const float *src)
+{
+    if (i < 0 || i >= p->n_params || (part != PW_PARAM_DATA && part != PW_PARAM_GRAD))
+        return pw_error(PW_ERR_INVALID_ARG, "program: no parameter %d (part %d) to write", i, (int)part);
+    const prog_param *pp = &p->params[i];
+    PW_CHECK(be_begin(p));
+    BE(upload, at(p, part == PW_PARAM_DATA ? pp->off_data : pp->off_grad), src,
+       (size_t)pp->numel * sizeof(float));
+    return be_end(p, PW_OK);
+}
+
+/* The values of parameter `gp` from (seed, name) into w (numel floats, host). */
+static void init_values(const pw_param *gp, uint64_t seed, float *w, int64_t n)
+{
+    uint64_t key = pw_rng_key(seed, gp->name);
+    switch (gp->init) {
+    case PW_INIT_ZEROS: memset(w, 0, (size_t)n * 4); break;
+    case PW_INIT_ONES: for (int64_t j = 0; j < n; j++) w[j] = 1.0f; break;
+    case PW_INIT_UNIFORM:
+        for (int64_t j = 0; j < n; j++)
+            w[j] = (2.0f * pw_rng_uniform(key, (uint64_t)j) - 1.0f) * gp->init_scale;
+        break;
+    case PW_INIT_NORMAL:
+        for (int64_t j = 0; j < n; j++) w[j] = pw_rng_normal(key, (uint64_t)j) * gp->init_scale;
+        break;
+    }
 }
 
 void pw_program_init_params(pw_program *p, uint64_t seed)
 {
-    for (int i = 0; i < p->n_params; i++) {
-        const pw_param *gp = &p->g->params[p->params[i].gp];
-        float *w = pw_arena_at(&p->arena, p->params[i].off_data);
-        uint64_t key = pw_rng_key(seed, gp->name);
-        int64_t n = p->params[i].numel;
-        switch (gp->init) {
-        case PW_INIT_ZEROS: memset(w, 0, (size_t)n * 4); break;
-        case PW_INIT_ONES: for (int64_t j = 0; j < n; j++) w[j] = 1.0f; break;
-        case PW_INIT_UNIFORM:
-            for (int64_t j = 0; j < n; j++)
-                w[j] = (2.0f * pw_rng_uniform(key, (uint64_t)j) - 1.0f) * gp->init_scale;
-            break;
-        case PW_INIT_NORMAL:
-            for (int64_t j = 0; j < n; j++) w[j] = pw_rng_normal(key, (uint64_t)j) * gp->init_scale;
-            break;
+    if (p->dev) {
+        /* Computed on the host (the same bits), then uploaded one by one. */
+        pw_status st = be_begin(p);
+        for (int i = 0; st == PW_OK && i < p->n_params; i++) {
+            float *w = malloc((size_t)p->params[i].numel * sizeof *w + 1);
+            if (!w) {
+                st = pw_error(PW_ERR_NOMEM, "program: out of memory initialising parameters");
+                break;
+            }
+            init_values(&p->g->params[p->params[i].gp], seed, w, p->params[i].numel);
+            st = pw_program_param_write(p, i, PW_PARAM_DATA, w); /* waits: w may go */
+            free(w);
         }
+        if (st != PW_OK) PW_WARN("program: initialising parameters on %s failed: %s", p->be->name,
+                                 pw_last_error());
+        return;
     }
+    for (int i = 0; i < p->n_params; i++)
+        init_values(&p->g->params[p->params[i].gp], seed, at(p, p->params[i].off_data),
+                    p->params[i].numel);
 }
 
 int pw_program_inputs(const pw_program *p, const int **values)
@@ -541,15 +710,14 @@ int pw_program_outputs(const pw_program *p, const int **values)
 
 static float *param_data(const pw_program *p, int gp)
 {
-    return pw_arena_at(&p->arena, p->params[p->param_of_graph[gp]].off_data);
+    return at(p, p->params[p->param_of_graph[gp]].off_data);
 }
 
 /* The gradient buffer of parameter slot k of node i (its own for a tied
  * parameter's use; see pw_program_fold_grads). */
 static float *use_grad(const pw_program *p, int i, int k)
 {
-    return pw_arena_at(&p->arena,
-                       p->node_grad_off[(size_t)(i - p->begin) * PW_MAX_OP_PARAMS + (size_t)k]);
+    return at(p, p->node_grad_off[(size_t)(i - p->begin) * PW_MAX_OP_PARAMS + (size_t)k]);
 }
 
 int pw_program_param_uses(const pw_program *p, int i, float **grads, int max)
@@ -557,37 +725,33 @@ int pw_program_param_uses(const pw_program *p, int i, float **grads, int max)
     if (i < 0 || i >= p->n_params) return -1;
     const prog_param *pp = &p->params[i];
     for (int u = 0; u < pp->n_uses && u < max; u++)
-        grads[u] = pw_arena_at(&p->arena, p->use_off[pp->use_first + u]);
+        grads[u] = at(p, p->use_off[pp->use_first + u]);
     return pp->n_uses;
+}
+
+static pw_status fold(pw_program *p)
+{
+    for (int i = 0; i < p->n_params; i++) {
+        const prog_param *pp = &p->params[i];
+        if (pp->n_uses < 2) continue;
+        float *g0 = at(p, pp->off_grad);
+        for (int u = 1; u < pp->n_uses; u++) {
+            float *gu = at(p, p->use_off[pp->use_first + u]);
+            BE(copy_grad, gu, g0, pp->numel, 1); /* g0[j] += gu[j] */
+            BE(zero, gu, (size_t)pp->numel * 4);
+        }
+    }
+    return PW_OK;
 }
 
 void pw_program_fold_grads(pw_program *p)
 {
     if (p->folded) return;
-    for (int i = 0; i < p->n_params; i++) {
-        const prog_param *pp = &p->params[i];
-        if (pp->n_uses < 2) continue;
-        float *restrict g0 = pw_arena_at(&p->arena, pp->off_grad);
-        for (int u = 1; u < pp->n_uses; u++) {
-            float *restrict gu = pw_arena_at(&p->arena, p->use_off[pp->use_first + u]);
-            for (int64_t j = 0; j < pp->numel; j++) g0[j] += gu[j];
-            memset(gu, 0, (size_t)pp->numel * 4);
-        }
-    }
+    pw_status st = be_begin(p);
+    if (st == PW_OK) st = be_end(p, fold(p));
+    if (st != PW_OK) /* only a device can fail here; its next call reports it again */
+        PW_WARN("program: summing tied gradients on %s failed: %s", p->be->name, pw_last_error());
     p->folded = 1;
-}
-
-static int64_t argmax_correct(const float *logits, const int32_t *labels, int64_t rows, int64_t C)
-{
-    int64_t correct = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *l = logits + r * C;
-        int64_t best = 0;
-        for (int64_t c = 1; c < C; c++)
-            if (l[c] > l[best]) best = c;
-        correct += best == labels[r];
-    }
-    return correct;
 }
 
 
@@ -615,6 +779,35 @@ static uint64_t dropout_key(const pw_program *p, int node, const slot_state *s)
 
 enum { RUN_TRAIN = 0, RUN_EVAL = 1, RUN_RECOMPUTE = 2 };
 
+/* Where the loss op of node i keeps its statistics (2 doubles, backend
+ * memory): the slot's for a forward, scratch ones for a recomputation. */
+static double *loss_stats(pw_program *p, int i, int slot, int how)
+{
+    slot_state *ss = &p->slots[slot];
+    if (!p->dev) return how == RUN_RECOMPUTE ? ss->redo_stats : ss->stats;
+    return (double *)stat(p, slot, p->nodes[i].off_stat2) + (how == RUN_RECOMPUTE ? 2 : 0);
+}
+
+/* Device program, before a training or evaluation forward: the data the
+ * caller staged (pw_program_data) and the received messages (host ports)
+ * go to the slot's device buffers. */
+static pw_status upload_inputs(pw_program *p, int slot, int64_t n)
+{
+    const pw_graph *g = p->g;
+    const int data[2] = {g->input, g->label};
+    for (int k = 0; k < 2; k++) {
+        int v = data[k];
+        if (v < 0 || !p->touched[v]) continue;
+        BE(upload, pw_program_value(p, v, slot), pw_program_data(p, v, slot), value_bytes(&g->values[v], n));
+    }
+    for (int k = 0; k < p->n_inputs; k++) {
+        int v = p->inputs[k];
+        const void *src = p->bind_act[sv(p, slot, v)];
+        if (src) BE(upload, pw_program_value(p, v, slot), src, value_bytes(&g->values[v], n));
+    }
+    return PW_OK;
+}
+
 /* The ops of the range over n samples of `slot`. RUN_RECOMPUTE rebuilds the
  * activations of the last training forward in the shared region: the same
  * kernels on the same inputs with the same randomness, so the same bits; it
@@ -626,6 +819,8 @@ static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
     if (how != RUN_RECOMPUTE) {
         ss->loss_sum = 0.0;
         ss->correct = 0;
+        ss->stats[0] = ss->stats[1] = 0.0;
+        if (p->dev) PW_CHECK(upload_inputs(p, slot, n));
     }
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
@@ -636,77 +831,85 @@ static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
         int64_t numel = n * pw_shape_numel(&yv->shape);
         switch (nd->op) {
         case PW_OP_LINEAR:
-            pw_cpu_linear_fwd(x, param_data(p, nd->params[0]),
-                              nd->n_params > 1 ? param_data(p, nd->params[1]) : NULL, y,
-                              rows_of(xv, n), last_dim(xv), nd->attrs.out);
+            BE(linear_fwd, x, param_data(p, nd->params[0]),
+               nd->n_params > 1 ? param_data(p, nd->params[1]) : NULL, y, rows_of(xv, n), last_dim(xv),
+               nd->attrs.out);
             break;
-        case PW_OP_RELU: pw_cpu_relu_fwd(x, y, numel); break;
-        case PW_OP_GELU: pw_cpu_gelu_fwd(x, y, numel); break;
+        case PW_OP_RELU: BE(relu_fwd, x, y, numel); break;
+        case PW_OP_GELU: BE(gelu_fwd, x, y, numel); break;
         case PW_OP_LAYERNORM:
-            pw_cpu_layernorm_fwd(x, param_data(p, nd->params[0]), param_data(p, nd->params[1]), y,
-                                 stat(p, slot, p->nodes[i].off_stat0),
-                                 stat(p, slot, p->nodes[i].off_stat1), rows_of(xv, n),
-                                 last_dim(xv), nd->attrs.eps);
+            BE(layernorm_fwd, x, param_data(p, nd->params[0]), param_data(p, nd->params[1]), y,
+               stat(p, slot, p->nodes[i].off_stat0), stat(p, slot, p->nodes[i].off_stat1),
+               rows_of(xv, n), last_dim(xv), nd->attrs.eps);
             break;
         case PW_OP_ADD:
-            pw_cpu_add_fwd(x, act(p, nd->inputs[1], slot), y, numel);
+            BE(add_fwd, x, act(p, nd->inputs[1], slot), y, numel);
             break;
         case PW_OP_FLATTEN:
         case PW_OP_RESHAPE:
-            memcpy(y, x, (size_t)numel * pw_dtype_size(yv->dtype));
+            BE(copy, y, x, (size_t)numel * pw_dtype_size(yv->dtype));
             break;
         case PW_OP_SOFTMAX_XENT: {
             const int32_t *lab = act(p, nd->inputs[1], slot);
             float *probs = stat(p, slot, p->nodes[i].off_stat0);
             int64_t rows = rows_of(xv, n), C = last_dim(xv);
-            double s = pw_cpu_softmax_xent_fwd(x, lab, probs, rows, C);
-            if (how != RUN_RECOMPUTE) {
-                ss->loss_sum += s;
-                ss->correct += argmax_correct(x, lab, rows, C);
-            }
+            double *st = loss_stats(p, i, slot, how);
+            double *rowbuf = p->dev ? (double *)stat(p, slot, p->nodes[i].off_stat1) : NULL;
+            BE(zero, st, 2 * sizeof(double));
+            BE(xent_fwd, x, lab, probs, st, rowbuf, rows, C);
             /* The loss value holds the per-position mean loss of this micro-batch. */
-            for (int64_t j = 0; j < n; j++) y[j] = (float)(s / (double)rows);
+            BE(loss_fill, st, y, n, (double)rows);
             break;
         }
         case PW_OP_EMBEDDING:
-            pw_cpu_embedding_fwd(x, param_data(p, nd->params[0]), y,
-                                 n * pw_shape_numel(&xv->shape), nd->attrs.vocab, nd->attrs.dim);
+            BE(embedding_fwd, x, param_data(p, nd->params[0]), y, n * pw_shape_numel(&xv->shape),
+               nd->attrs.vocab, nd->attrs.dim);
             break;
         case PW_OP_POS_EMBEDDING:
-            pw_cpu_pos_embedding_fwd(x, param_data(p, nd->params[0]), y, n, xv->shape.d[0],
-                                     xv->shape.d[1]);
+            BE(pos_embedding_fwd, x, param_data(p, nd->params[0]), y, n, xv->shape.d[0],
+               xv->shape.d[1]);
             break;
         case PW_OP_CAUSAL_ATTENTION:
-            pw_cpu_attention_fwd(x, y, stat(p, slot, p->nodes[i].off_stat0), n, xv->shape.d[0],
-                                 yv->shape.d[1], nd->attrs.heads);
+            BE(attention_fwd, x, y, stat(p, slot, p->nodes[i].off_stat0), n, xv->shape.d[0],
+               yv->shape.d[1], nd->attrs.heads);
             break;
         case PW_OP_DROPOUT:
             if (how == RUN_EVAL || nd->attrs.p == 0.0f)
-                memcpy(y, x, (size_t)numel * sizeof(float)); /* the identity */
+                BE(copy, y, x, (size_t)numel * sizeof(float)); /* the identity */
             else
-                pw_cpu_dropout_fwd(x, y, stat(p, slot, p->nodes[i].off_stat0), n,
-                                   pw_shape_numel(&xv->shape), nd->attrs.p,
-                                   dropout_key(p, i, ss), ss->used_offset);
+                BE(dropout_fwd, x, y, stat(p, slot, p->nodes[i].off_stat0), n,
+                   pw_shape_numel(&xv->shape), nd->attrs.p, dropout_key(p, i, ss), ss->used_offset);
             break;
         default:
-            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU kernel", g->file,
-                            nd->line, nd->col, pw_op_name(nd->op));
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s kernel", g->file,
+                            nd->line, nd->col, pw_op_name(nd->op), p->be->name);
         }
     }
     if (how == RUN_RECOMPUTE) return PW_OK;
     /* Values sent on. Under recompute, those produced here were computed in
      * the shared region and go to the slot's message now. Values received
      * and passed on are the one copy the zero-copy ports cannot avoid (the
-     * two messages have different owners). */
+     * two messages have different owners). A device program downloads
+     * what it sends into the (host) messages. */
     for (int k = 0; k < p->n_outputs; k++) {
         int v = p->outputs[k];
         size_t bytes = value_bytes(&g->values[v], n);
         if (p->is_in[v]) {
             char *dst = p->fwd_act_dst[sv(p, slot, v)];
-            if (dst) memcpy(dst, pw_program_value(p, v, slot), bytes);
-        } else if (p->cfg.recompute) {
-            memcpy(pw_program_value(p, v, slot), act(p, v, slot), bytes);
+            if (dst) BE(download, dst, pw_program_value(p, v, slot), bytes);
+        } else {
+            if (p->cfg.recompute) BE(copy, pw_program_value(p, v, slot), act(p, v, slot), bytes);
+            void *msg = p->dev ? p->bind_act[sv(p, slot, v)] : NULL;
+            if (msg) BE(download, msg, pw_program_value(p, v, slot), bytes);
         }
+    }
+    if (p->loss_node >= 0) {
+        if (p->dev) { /* the statistics the host reads: 16 bytes per forward */
+            BE(download, ss->stats, loss_stats(p, p->loss_node, slot, how), sizeof ss->stats);
+            PW_CHECK(be_end(p, PW_OK)); /* before the host reads them */
+        }
+        ss->loss_sum += ss->stats[0];
+        ss->correct += (int64_t)ss->stats[1];
     }
     return PW_OK;
 }
@@ -743,7 +946,8 @@ pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
     ss->rng_pending = 0;
     ss->rows = n;
     ss->eval = 0;
-    pw_status st = run_forward(p, slot, n, RUN_TRAIN);
+    PW_CHECK(be_begin(p));
+    pw_status st = be_end(p, run_forward(p, slot, n, RUN_TRAIN));
     p->shared_slot = slot;
     p->shared_state = st == PW_OK ? SHARED_FWD : SHARED_NONE;
     return st;
@@ -755,7 +959,8 @@ pw_status pw_program_forward_eval(pw_program *p, int slot, int64_t n)
     p->slots[slot].rows = n;
     p->slots[slot].eval = 1;
     p->shared_state = SHARED_NONE; /* an evaluation forward is no base for a backward */
-    return run_forward(p, slot, n, RUN_EVAL);
+    PW_CHECK(be_begin(p));
+    return be_end(p, run_forward(p, slot, n, RUN_EVAL));
 }
 
 /* Hands gradient `dy` of a node to its input k: write or accumulate. Returns
@@ -818,10 +1023,13 @@ static pw_status run_backward_input(pw_program *p, int slot)
             if (p->redo) continue; /* its gradient is not needed again */
             valid[v] = 1;
             const float *src = p->fwd_grad_src[sv(p, slot, v)];
-            if (src) memcpy(pw_program_grad(p, v, slot), src, bytes);
+            if (src) BE(upload, pw_program_grad(p, v, slot), src, bytes);
         } else {
             valid[v] = 1;
-            if (p->cfg.recompute) memcpy(grad_at(p, v, slot), pw_program_grad(p, v, slot), bytes);
+            /* A device program's copy of the (host) message, once. */
+            const float *msg = p->dev && !p->redo ? p->bind_grad[sv(p, slot, v)] : NULL;
+            if (msg) BE(upload, pw_program_grad(p, v, slot), msg, bytes);
+            if (p->cfg.recompute) BE(copy, grad_at(p, v, slot), pw_program_grad(p, v, slot), bytes);
         }
     }
 
@@ -837,8 +1045,8 @@ static pw_status run_backward_input(pw_program *p, int slot)
             int64_t rows = rows_of(xv, n), C = last_dim(xv);
             /* mean over every position of the global batch */
             float scale = (float)(1.0 / ((double)p->cfg.loss_batch * (double)(rows / n)));
-            pw_cpu_softmax_xent_bwd(stat(p, slot, p->nodes[i].off_stat0),
-                                    act(p, nd->inputs[1], slot), dx, rows, C, scale, acc);
+            BE(xent_bwd, stat(p, slot, p->nodes[i].off_stat0), act(p, nd->inputs[1], slot), dx, rows,
+               C, scale, acc);
             continue;
         }
         if (!grad_ready(p, slot, nd->output)) continue; /* no gradient flows here */
@@ -847,71 +1055,71 @@ static pw_status run_backward_input(pw_program *p, int slot)
         switch (nd->op) {
         case PW_OP_LINEAR:
             if (dx)
-                pw_cpu_linear_bwd_input(dy, param_data(p, nd->params[0]), dx, rows_of(xv, n),
-                                        last_dim(xv), nd->attrs.out, acc);
+                BE(linear_bwd_input, dy, param_data(p, nd->params[0]), dx, rows_of(xv, n), last_dim(xv),
+                   nd->attrs.out, acc);
             break;
         case PW_OP_RELU:
-            if (dx) pw_cpu_relu_bwd_input(act(p, nd->output, slot), dy, dx, numel, acc);
+            if (dx) BE(relu_bwd_input, act(p, nd->output, slot), dy, dx, numel, acc);
             break;
         case PW_OP_GELU:
-            if (dx) pw_cpu_gelu_bwd_input(act(p, nd->inputs[0], slot), dy, dx, numel, acc);
+            if (dx) BE(gelu_bwd_input, act(p, nd->inputs[0], slot), dy, dx, numel, acc);
             break;
         case PW_OP_LAYERNORM:
             if (dx)
-                pw_cpu_layernorm_bwd_input(act(p, nd->inputs[0], slot),
-                                           param_data(p, nd->params[0]),
-                                           stat(p, slot, p->nodes[i].off_stat0),
-                                           stat(p, slot, p->nodes[i].off_stat1), dy, dx,
-                                           rows_of(xv, n), last_dim(xv), acc);
+                BE(layernorm_bwd_input, act(p, nd->inputs[0], slot), param_data(p, nd->params[0]),
+                   stat(p, slot, p->nodes[i].off_stat0), stat(p, slot, p->nodes[i].off_stat1), dy, dx,
+                   rows_of(xv, n), last_dim(xv), acc);
             break;
         case PW_OP_ADD: {
-            if (dx) pw_cpu_copy_grad(dy, dx, numel, acc);
+            if (dx) BE(copy_grad, dy, dx, numel, acc);
             int acc1 = 0;
             float *dx1 = grad_dest(p, slot, nd->inputs[1], &acc1);
-            if (dx1) pw_cpu_copy_grad(dy, dx1, numel, acc1);
+            if (dx1) BE(copy_grad, dy, dx1, numel, acc1);
             break;
         }
         case PW_OP_FLATTEN:
         case PW_OP_RESHAPE:
         case PW_OP_POS_EMBEDDING: /* y = x + table: dx = dy */
-            if (dx) pw_cpu_copy_grad(dy, dx, numel, acc);
+            if (dx) BE(copy_grad, dy, dx, numel, acc);
             break;
         case PW_OP_EMBEDDING:
             break; /* tokens are integers: no gradient (dx is NULL) */
         case PW_OP_CAUSAL_ATTENTION:
             if (dx)
-                pw_cpu_attention_bwd_input(act(p, nd->inputs[0], slot),
-                                           stat(p, slot, p->nodes[i].off_stat0), dy, dx,
-                                           (float *)shared_at(p, p->off_work), n,
-                                           xv->shape.d[0], yv->shape.d[1], nd->attrs.heads, acc);
+                BE(attention_bwd_input, act(p, nd->inputs[0], slot), stat(p, slot, p->nodes[i].off_stat0),
+                   dy, dx, (float *)shared_at(p, p->off_work), n, xv->shape.d[0], yv->shape.d[1],
+                   nd->attrs.heads, acc);
             break;
         case PW_OP_DROPOUT:
             if (!dx) break;
             if (nd->attrs.p == 0.0f)
-                pw_cpu_copy_grad(dy, dx, numel, acc);
+                BE(copy_grad, dy, dx, numel, acc);
             else
-                pw_cpu_dropout_bwd_input(stat(p, slot, p->nodes[i].off_stat0), dy, dx, numel,
-                                         nd->attrs.p, acc);
+                BE(dropout_bwd_input, stat(p, slot, p->nodes[i].off_stat0), dy, dx, numel, nd->attrs.p,
+                   acc);
             break;
         default:
-            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no CPU backward", g->file,
-                            nd->line, nd->col, pw_op_name(nd->op));
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s backward", g->file,
+                            nd->line, nd->col, pw_op_name(nd->op), p->be->name);
         }
     }
     if (p->redo) return PW_OK;
     /* A received value no local op sent a gradient to still owes the previous
-     * stage a (zero) gradient. */
+     * stage a (zero) gradient. A device program then downloads the input
+     * gradients into the (host) messages. */
     for (int k = 0; k < p->n_inputs; k++) {
         int v = p->inputs[k];
-        if (p->requires_grad[v] && !valid[v])
-            memset(pw_program_grad(p, v, slot), 0, value_bytes(&g->values[v], n));
+        if (!p->requires_grad[v]) continue;
+        size_t bytes = value_bytes(&g->values[v], n);
+        if (!valid[v]) BE(zero, pw_program_grad(p, v, slot), bytes);
+        float *msg = p->dev ? p->bind_grad[sv(p, slot, v)] : NULL;
+        if (msg) BE(download, msg, pw_program_grad(p, v, slot), bytes);
     }
     return PW_OK;
 }
 
-pw_status pw_program_backward_input(pw_program *p, int slot)
+static pw_status backward_input(pw_program *p, int slot)
 {
-    PW_CHECK(check_backward(p, slot));
     if (p->cfg.recompute) {
         PW_CHECK(ensure_forward(p, slot));
         p->shared_state = SHARED_NONE; /* until the backward is complete */
@@ -921,10 +1129,16 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
     return PW_OK;
 }
 
-pw_status pw_program_backward_weight(pw_program *p, int slot)
+pw_status pw_program_backward_input(pw_program *p, int slot)
+{
+    PW_CHECK(check_backward(p, slot));
+    PW_CHECK(be_begin(p));
+    return be_end(p, backward_input(p, slot));
+}
+
+static pw_status backward_weight(pw_program *p, int slot)
 {
     const pw_graph *g = p->g;
-    PW_CHECK(check_backward(p, slot));
     int64_t n = p->slots[slot].rows;
     if (p->cfg.recompute && !(p->shared_slot == slot && p->shared_state == SHARED_BWD)) {
         /* Other work ran since this slot's backward_input (a split-W
@@ -951,67 +1165,90 @@ pw_status pw_program_backward_weight(pw_program *p, int slot)
         const void *x = act(p, nd->inputs[0], slot);
         switch (nd->op) {
         case PW_OP_LINEAR:
-            pw_cpu_linear_bwd_weight(dy, x, use_grad(p, i, 0),
-                                     nd->n_params > 1 ? use_grad(p, i, 1) : NULL,
-                                     rows_of(xv, n), last_dim(xv), nd->attrs.out);
+            BE(linear_bwd_weight, dy, x, use_grad(p, i, 0), nd->n_params > 1 ? use_grad(p, i, 1) : NULL,
+               rows_of(xv, n), last_dim(xv), nd->attrs.out);
             break;
         case PW_OP_LAYERNORM:
-            pw_cpu_layernorm_bwd_weight(x, stat(p, slot, p->nodes[i].off_stat0),
-                                        stat(p, slot, p->nodes[i].off_stat1), dy,
-                                        use_grad(p, i, 0), use_grad(p, i, 1),
-                                        rows_of(xv, n), last_dim(xv));
+            BE(layernorm_bwd_weight, x, stat(p, slot, p->nodes[i].off_stat0),
+               stat(p, slot, p->nodes[i].off_stat1), dy, use_grad(p, i, 0), use_grad(p, i, 1),
+               rows_of(xv, n), last_dim(xv));
             break;
         case PW_OP_EMBEDDING:
-            pw_cpu_embedding_bwd_weight(x, dy, use_grad(p, i, 0),
-                                        n * pw_shape_numel(&xv->shape), nd->attrs.vocab,
-                                        nd->attrs.dim);
+            BE(embedding_bwd_weight, x, dy, use_grad(p, i, 0), n * pw_shape_numel(&xv->shape),
+               nd->attrs.vocab, nd->attrs.dim);
             break;
         case PW_OP_POS_EMBEDDING:
-            pw_cpu_pos_embedding_bwd_weight(dy, use_grad(p, i, 0), n, xv->shape.d[0],
-                                            xv->shape.d[1]);
+            BE(pos_embedding_bwd_weight, dy, use_grad(p, i, 0), n, xv->shape.d[0], xv->shape.d[1]);
             break;
         default:
-            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no weight backward",
-                            g->file, nd->line, nd->col, pw_op_name(nd->op));
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s weight backward",
+                            g->file, nd->line, nd->col, pw_op_name(nd->op), p->be->name);
         }
     }
     return PW_OK;
 }
 
-void pw_program_zero_grads(pw_program *p)
+pw_status pw_program_backward_weight(pw_program *p, int slot)
+{
+    PW_CHECK(check_backward(p, slot));
+    PW_CHECK(be_begin(p));
+    return be_end(p, backward_weight(p, slot));
+}
+
+static pw_status zero_grads(pw_program *p)
 {
     p->folded = 0;
-    if (p->n_params == 0) return;
-    memset(pw_arena_at(&p->arena, p->params[0].off_grad), 0, p->mem.grads);
+    if (p->n_params == 0) return PW_OK;
+    BE(zero, at(p, p->params[0].off_grad), p->mem.grads);
+    return PW_OK;
+}
+
+void pw_program_zero_grads(pw_program *p)
+{
+    pw_status st = be_begin(p);
+    if (st == PW_OK) st = be_end(p, zero_grads(p));
+    if (st != PW_OK) /* only a device can fail here; its next call reports it again */
+        PW_WARN("program: zeroing gradients on %s failed: %s", p->be->name, pw_last_error());
+}
+
+static pw_status optimizer_step(pw_program *p, int64_t step)
+{
+    if (p->n_params == 0) return PW_OK;
+    if (!p->folded) PW_CHECK(fold(p));
+    p->folded = 1;
+    /* A non-finite gradient would silently poison every weight. */
+    int bad = -1;
+    BE(find_nonfinite, p->gptr, p->gnum, p->n_params, &bad);
+    if (bad >= 0)
+        return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite", (long long)step,
+                        p->g->params[p->params[bad].gp].name);
+    for (int i = 0; i < p->n_params; i++) {
+        const prog_param *pp = &p->params[i];
+        BE(optim_update, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
+           at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
+    }
+    return zero_grads(p);
 }
 
 pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
 {
     if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "optimizer step must count from 1");
-    pw_program_fold_grads(p);
-    for (int i = 0; i < p->n_params; i++) {
-        const prog_param *pp = &p->params[i];
-        const float *gr = pw_arena_at(&p->arena, pp->off_grad);
-        /* A non-finite gradient would silently poison every weight. */
-        float s = 0.0f;
-        for (int64_t j = 0; j < pp->numel; j++) s += gr[j] * 0.0f;
-        if (s != 0.0f || isnan(s))
-            return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite",
-                            (long long)step, p->g->params[pp->gp].name);
-    }
-    for (int i = 0; i < p->n_params; i++) {
-        const prog_param *pp = &p->params[i];
-        pw_optim_update(&p->cfg.optim, step, pw_arena_at(&p->arena, pp->off_data),
-                        pw_arena_at(&p->arena, pp->off_grad), pw_arena_at(&p->arena, pp->off_state),
-                        pp->numel, p->g->params[pp->gp].decay);
-    }
-    pw_program_zero_grads(p);
-    return PW_OK;
+    PW_CHECK(be_begin(p));
+    return be_end(p, optimizer_step(p, step));
 }
 
 double pw_program_loss_sum(const pw_program *p, int slot) { return p->slots[slot].loss_sum; }
 int64_t pw_program_correct(const pw_program *p, int slot) { return p->slots[slot].correct; }
 int pw_program_has_loss(const pw_program *p) { return p->loss_node >= 0; }
+
+void *pw_program_data(const pw_program *p, int v, int slot)
+{
+    const pw_graph *g = p->g;
+    if (v < 0 || (v != g->input && v != g->label) || !p->touched[v] || slot < 0 || slot >= p->cfg.slots)
+        return NULL;
+    if (!p->dev) return pw_program_value(p, v, slot);
+    return p->staging + (size_t)slot * p->stage_slot_bytes + (v == g->input ? 0 : p->stage_in_bytes);
+}
 int pw_program_needs_rng(const pw_program *p) { return p->needs_rng; }
 
 int64_t pw_program_loss_positions(const pw_program *p)

@@ -1,5 +1,6 @@
 /* pipewright — the stage program: a range of graph nodes compiled to a flat
- * list of CPU ops over planned buffers.
+ * list of ops over planned buffers, run by a backend (stages/backend.h: the
+ * CPU by default, CUDA with cfg.device = "cuda:N").
  *
  * One pw_program runs one stage: nodes [node_begin, node_end) of a graph (the
  * whole graph for a single stage). All memory — parameters, gradients,
@@ -12,8 +13,8 @@
  *     PW_CHECK(pw_program_create(&pc, &p));
  *     pw_program_init_params(p, seed);
  *     // per micro-batch: fill the stage inputs, then
- *     memcpy(pw_program_value(p, g->input, slot), x, ...);
- *     memcpy(pw_program_value(p, g->label, slot), y, ...);
+ *     memcpy(pw_program_data(p, g->input, slot), x, ...);  // = pw_program_value
+ *     memcpy(pw_program_data(p, g->label, slot), y, ...);  //   on the CPU
  *     PW_CHECK(pw_program_forward(p, slot, 64));
  *     PW_CHECK(pw_program_backward_input(p, slot));
  *     PW_CHECK(pw_program_backward_weight(p, slot));
@@ -48,6 +49,25 @@
  * one shared scratch region first. Results are bit-identical to running
  * without it; activation memory falls from slots × everything to
  * slots × inputs + one shared copy (pw_program_memory_usage).
+ *
+ * Device programs (cfg.device = "cuda:N"; docs/cuda.md). The same plan, one
+ * device block per memory category, every op through the backend table
+ * (stages/backend.h) on the program's compute stream. What changes for the
+ * caller:
+ *   - pw_program_value / pw_program_grad and pw_program_param's data / grad
+ *     are DEVICE pointers; read and write parameters with
+ *     pw_program_param_read / pw_program_param_write;
+ *   - the graph input and label are written into the host buffer
+ *     pw_program_data returns (for a CPU program that is pw_program_value),
+ *     and each training or evaluation forward uploads them;
+ *   - bound ports stay host memory (the engine's messages): forward uploads
+ *     ACT_IN and downloads ACT_OUT, backward uploads GRAD_OUT and downloads
+ *     GRAD_IN;
+ *   - each call (forward, backward, optimizer step, ...) waits for its GPU
+ *     work before returning, so it returns with its results in place and
+ *     its errors reported — simple and correct, not yet fast (the
+ *     notifier-based completion of docs/cuda.md is the follow-up);
+ *   - pw_program_bind_memory does nothing.
  */
 #ifndef PW_STAGES_PROGRAM_H
 #define PW_STAGES_PROGRAM_H
@@ -56,6 +76,7 @@
 
 #include "graph/graph.h"
 #include "runtime/status.h"
+#include "runtime/topology.h"
 #include "scheduler/stage.h"
 #include "stages/optim.h"
 
@@ -79,6 +100,9 @@ typedef struct pw_program_config {
                                   that does not directly follow its slot's
                                   backward_input re-runs forward and input backward
                                   once more (its input gradients are not resent). */
+    const char *device;        /* backend and device (stages/backend.h): NULL or "cpu"
+                                  (default), "cuda:N", "cuda" (= "cuda:0" here). Read
+                                  in create only. See "Device programs" above. */
 } pw_program_config;
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out);
@@ -94,6 +118,14 @@ typedef struct pw_program_memory {
 } pw_program_memory;
 void pw_program_memory_usage(const pw_program *p, pw_program_memory *out);
 
+/* Binds the whole arena (every byte counted above) to the NUMA node(s)
+ * `nodes` of `topo` (this machine's), migrating the pages already touched:
+ * a stage's memory on the node of the core its worker runs on. Returns
+ * pw_mem_bind_area's result: 0 bound; -1 refused, with one PW_WARN naming
+ * `who` (the memory stays where it is; never an error). */
+int pw_program_bind_memory(const pw_program *p, hwloc_topology_t topo, hwloc_const_nodeset_t nodes,
+                           const char *who);
+
 /* ---- parameters (only those used by this stage's nodes) ---- */
 int pw_program_n_params(const pw_program *p);
 typedef struct pw_program_param {
@@ -106,6 +138,18 @@ typedef struct pw_program_param {
     int64_t numel;
 } pw_program_param;
 void pw_program_param_at(const pw_program *p, int i, pw_program_param *out);
+
+/* Whether the program's memory is on a device (pointers not host-addressable). */
+int pw_program_on_device(const pw_program *p);
+/* Host copies of parameter i, for any program (a memcpy on the CPU, a
+ * download or upload that waits on a device): PW_PARAM_DATA its values;
+ * PW_PARAM_GRAD use `use` of its gradient (pw_program_param_uses' order; 0
+ * is pw_program_param.grad). numel floats each. PW_ERR_INVALID_ARG for a bad
+ * index or use; the backend's error otherwise. A write of the gradient
+ * writes use 0. */
+typedef enum pw_param_part { PW_PARAM_DATA = 0, PW_PARAM_GRAD } pw_param_part;
+pw_status pw_program_param_read(const pw_program *p, int i, pw_param_part part, int use, float *dst);
+pw_status pw_program_param_write(pw_program *p, int i, pw_param_part part, const float *src);
 
 /* Tied parameters. Parameter i accumulates the weight gradient of each node
  * of the range that uses it in its own buffer; writes up to `max` of them
@@ -125,6 +169,8 @@ void pw_program_param_at(const pw_program *p, int i, pw_program_param *out);
  * the parameter's grad with that total; then the optimizer step, which
  * updates every copy identically. */
 int pw_program_param_uses(const pw_program *p, int i, float **grads, int max);
+/* (For a device program the pointers are device pointers: read a use with
+ * pw_program_param_read(p, i, PW_PARAM_GRAD, use, host).) */
 /* Sums each tied parameter's use buffers into its gradient (grads[0] +=
  * grads[1], += grads[2], ...) and zeroes them. Idempotent until the next
  * backward_weight; pw_program_optimizer_step calls it first. Call it before
@@ -142,6 +188,12 @@ void *pw_program_value(const pw_program *p, int value, int slot);
 /* Gradient buffer (f32, same shape); NULL if the value needs no gradient.
  * Under recompute, interior gradients are shared the same way. */
 float *pw_program_grad(const pw_program *p, int value, int slot);
+/* The host buffer the caller fills with the graph input or label `value`
+ * of `slot` before a forward: pw_program_value for a CPU program; for a
+ * device program a host staging buffer that each training or evaluation
+ * forward uploads. NULL for any other value or one this stage does not
+ * read. */
+void *pw_program_data(const pw_program *p, int value, int slot);
 /* Values this stage receives from the previous stage (live-in: produced by an
  * earlier node, used here or later) and sends to the next (live-out: produced
  * here or earlier, used later), in value-id order. A value used only by a

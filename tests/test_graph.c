@@ -628,7 +628,7 @@ Test(graph_errors, nesting_depth)
     }
 }
 
-Test(graph_errors, node_limit, .timeout = 120)
+Test(graph_errors, node_limit, .timeout = 300)
 {
     const char *text = HDR "o = repeat 100000 (a = x) {\n"
                            "  p = repeat 100000 (b = a) {\n    r = relu(b)\n    return r\n  }\n"
@@ -779,7 +779,7 @@ static void parse_any(const char *text, size_t len)
     pw_graph_destroy(g);
 }
 
-Test(graph_fuzz, every_prefix, .timeout = 120)
+Test(graph_fuzz, every_prefix, .timeout = 300)
 {
     static const char *const files[] = {FIXTURE("features.graph"), FIXTURE("gpt_shared.graph"),
                                         PW_SOURCE_DIR "/examples/tiny_gpt.graph"};

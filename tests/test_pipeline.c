@@ -4,6 +4,7 @@
 #include <criterion/criterion.h>
 #include <criterion/parameterized.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,8 +12,12 @@
 
 #include "graph/graph.h"
 #include "graph/partition.h"
+#include "runtime/log.h"
+#include "runtime/topology.h"
 #include "stages/data.h"
 #include "stages/pipeline.h"
+#include "stages/plan.h"
+#include "stages/profile.h"
 #include "stages/trainer.h"
 
 #define TIMEOUT 120
@@ -737,6 +742,240 @@ Test(pipeline, tied_gpt_across_stages_is_bit_exact, .timeout = TIMEOUT)
     free(got);
     free(ref);
     unlink(path);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* ------------------------------------------- issue 5: the planner's cuts */
+
+/* Three wide layers, then narrow ones: the planner's cuts are far from an
+ * equal split by node count (tests/fixtures/graphs/imbalanced_mlp.graph). */
+static char *imbalanced_text(void)
+{
+    FILE *f = fopen(PW_SOURCE_DIR "/tests/fixtures/graphs/imbalanced_mlp.graph", "rb");
+    cr_assert_not_null(f);
+    static char buf[8192];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    return buf;
+}
+
+static pw_dataset *imbalanced_data(void)
+{
+    pw_synthetic_config sc = {.n = 256, .sample_shape = {.ndim = 1, .d = {24}}, .n_classes = 5, .seed = 3,
+                              .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static pw_pipeline_config cuts_config(const pw_graph *g, const pw_dataset *d, int S, int M)
+{
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = BATCH;
+    pc.micro_batches = M;
+    pc.stages = S;
+    pc.schedule = PW_SCHEDULE_1F1B;
+    pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
+    pc.seed = 7;
+    pc.shuffle = 1;
+    pc.pin = 0;
+    pc.check = 1;
+    pc.watchdog_s = 30;
+    return pc;
+}
+
+/* Trains STEPS steps on the given cuts and returns every parameter. */
+static float *train_on_cuts(const pw_graph *g, const pw_dataset *d, int S, int M, const int *cuts, int64_t *n)
+{
+    pw_pipeline_config pc = cuts_config(g, d, S, M);
+    pc.cuts = cuts;
+    pc.n_cuts = S + 1;
+    pw_pipeline *pl;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    const pw_partition *part = pw_pipeline_partition(pl);
+    for (int s = 0; s <= S; s++) cr_assert_eq(part->begin[s], cuts[s], "stage %d begins at %d, not at %d", s,
+                                              part->begin[s], cuts[s]);
+    for (int i = 0; i < STEPS; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    float *got = pipeline_params(pl, g, n);
+    pw_pipeline_destroy(pl);
+    return got;
+}
+
+static pw_plan *plan_for(const pw_graph *g, int S, int M, pw_balance balance, const pw_profile *prof)
+{
+    pw_plan_config pc = pw_plan_defaults();
+    pc.graph = g;
+    pc.stages = S;
+    pc.micro_batches = M;
+    pc.micro_batch_size = BATCH / M;
+    pc.schedule = PW_SCHEDULE_1F1B;
+    pc.optim = PW_OPTIM_ADAMW;
+    pc.balance = balance;
+    pc.profile = prof;
+    pw_plan *plan = NULL;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_OK, "%s", pw_last_error());
+    return plan;
+}
+
+/* pipeline-run's training path with --balance / --profile / --memory-budget
+ * ...: the plan's cuts through pw_pipeline_config.cuts, byte-identical to
+ * one stage; a measured profile's cuts too; cut markers stay honoured. */
+Test(pipeline, planned_cuts_train_bit_exact, .timeout = TIMEOUT)
+{
+    const char *text = imbalanced_text();
+    pw_graph *g = parse(text);
+    pw_dataset *d = imbalanced_data();
+    const int M = 4;
+    int64_t n_ref, n;
+    float *ref = reference(g, d, M, &n_ref);
+    pw_profile_config prc = {.micro_batch = BATCH / M, .iterations = 1, .threads = 1};
+    pw_profile *prof = NULL;
+    cr_assert_eq(pw_profile_measure(g, &prc, &prof), PW_OK, "%s", pw_last_error());
+    for (int S = 2; S <= 3; S++)
+        for (int b = 0; b < 2; b++) {
+            pw_plan *plan = plan_for(g, S, M, b ? PW_BALANCE_TIME : PW_BALANCE_FLOPS, b ? prof : NULL);
+            const int *cuts = plan->part.begin;
+            if (!b) { /* FLOPs are deterministic: the wide layers are cut apart */
+                int differs = 0;
+                for (int s = 1; s < S; s++) differs |= cuts[s] != s * g->n_nodes / S;
+                cr_assert(differs, "S=%d: the plan's cuts are the equal split", S);
+                cr_assert_leq(cuts[1], 4, "S=%d: stage 0 should end within the wide layers (at %d)", S, cuts[1]);
+            }
+            float *got = train_on_cuts(g, d, S, M, cuts, &n);
+            char what[96];
+            snprintf(what, sizeof what, "planned cuts S=%d balance %s (cut at %d)", S, b ? "time" : "flops",
+                     cuts[1]);
+            cr_assert_eq(n, n_ref);
+            assert_same_bytes(got, ref, n, what);
+            free(got);
+            pw_plan_destroy(plan);
+        }
+    /* The equal split, for contrast, and the same bytes. */
+    const int equal[] = {0, 10, 20};
+    float *got = train_on_cuts(g, d, 2, M, equal, &n);
+    assert_same_bytes(got, ref, n, "equal split");
+    free(got);
+
+    /* Bad cuts are refused, named. */
+    pw_pipeline_config pc = cuts_config(g, d, 2, M);
+    pw_pipeline *pl = NULL;
+    const int three[] = {0, 5, 12, 20}, backwards[] = {0, 12, 5}, short_end[] = {0, 5, 19};
+    pc.cuts = three;
+    pc.n_cuts = 4;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "4 cut boundaries given for 2 chunks"), "%s", pw_last_error());
+    pc.n_cuts = 3;
+    pc.cuts = backwards;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_ERR_INVALID_ARG);
+    pc.cuts = short_end;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_ERR_INVALID_ARG);
+    cr_assert_null(pl);
+    free(ref);
+    pw_profile_destroy(prof);
+    pw_graph_destroy(g);
+
+    /* A cut marker before w5: the plan (method auto) keeps it, even though
+     * it is far from balanced, and training runs it. */
+    char marked[8192];
+    const char *at = strstr(text, "w5 = ");
+    cr_assert_not_null(at);
+    snprintf(marked, sizeof marked, "%.*scut\n%s", (int)(at - text), text, at);
+    g = parse(marked);
+    ref = reference(g, d, M, &n_ref);
+    pw_plan *plan = plan_for(g, 2, M, PW_BALANCE_FLOPS, NULL);
+    cr_assert_eq(plan->part.method, PW_PARTITION_CUTS);
+    cr_assert_eq(plan->part.begin[1], 8, "the marker is before node 8 (w5), the plan cuts at %d",
+                 plan->part.begin[1]);
+    cr_assert(plan->part.note[0], "the plan compares the markers with the best split");
+    got = train_on_cuts(g, d, 2, M, plan->part.begin, &n);
+    assert_same_bytes(got, ref, n, "cut markers through the plan");
+    free(got);
+    free(ref);
+    pw_plan_destroy(plan);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* ---------------------------- issue 5: stage memory on its NUMA node */
+
+static pthread_mutex_t warn_mu = PTHREAD_MUTEX_INITIALIZER;
+static int n_mem_warnings;
+static char mem_warned[512];
+
+static void count_mem_warnings(pw_log_level level, unsigned subsys, const char *msg, void *user)
+{
+    (void)subsys;
+    (void)user;
+    if (level != PW_LOG_WARN || !strstr(msg, "bytes")) return; /* pw_mem_bind_area's */
+    pthread_mutex_lock(&warn_mu);
+    n_mem_warnings++;
+    snprintf(mem_warned, sizeof mem_warned, "%s", msg);
+    pthread_mutex_unlock(&warn_mu);
+}
+
+/* With pinning the pipeline binds each stage's arena to its worker's NUMA
+ * node: on this machine that succeeds, is skipped (one node) or warns once,
+ * and training is unchanged. The binding call itself keeps the bytes. */
+Test(pipeline, stage_memory_binds_to_its_node_or_degrades, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(imbalanced_text());
+    pw_dataset *d = imbalanced_data();
+    const int M = 4;
+    int64_t n_ref, n;
+    float *ref = reference(g, d, M, &n_ref);
+    hwloc_topology_t topo = NULL;
+    cr_assert_eq(pw_topology_load(&topo), PW_OK, "%s", pw_last_error());
+    const int nodes = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE);
+    pw_log_set(count_mem_warnings, NULL);
+
+    pw_pipeline_config pc = cuts_config(g, d, 2, M);
+    pc.pin = 1;
+    pw_pipeline *pl;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    if (nodes < 2) cr_assert_eq(n_mem_warnings, 0, "one NUMA node: nothing to bind, nothing to say (%s)",
+                                mem_warned);
+    else cr_assert_leq(n_mem_warnings, 1, "a refusal warns once (%s)", mem_warned);
+    for (int i = 0; i < STEPS; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    float *got = pipeline_params(pl, g, &n);
+    assert_same_bytes(got, ref, n, "pinned, memory bound");
+    free(got);
+
+    /* The call: this machine's node of worker 0 binds (or warns, refused);
+     * a topology that is not this machine's never binds; bytes stay. */
+    pw_cpu_placement *place = NULL;
+    cr_assert_eq(pw_cpu_place_ranks(topo, 2, &place), PW_OK, "%s", pw_last_error());
+    cr_assert_geq(place->numa[0], 0);
+    float *before = pipeline_params(pl, g, &n);
+    n_mem_warnings = 0;
+    mem_warned[0] = '\0';
+    int rc = pw_program_bind_memory(pw_pipeline_program(pl, 0), topo, place->nodesets[0], "stage 0 memory");
+    cr_assert(rc == 0 || (rc == -1 && n_mem_warnings == 1 && strstr(mem_warned, "stage 0 memory: binding")),
+              "rc %d, warning '%s'", rc, mem_warned);
+    got = pipeline_params(pl, g, &n);
+    assert_same_bytes(got, before, n, "after binding");
+    free(got);
+    free(before);
+    hwloc_topology_t other = NULL;
+    cr_assert_eq(pw_topology_load_synthetic("pack:2 numa:2 core:2 pu:1", &other), PW_OK);
+    pw_cpu_placement *far = NULL;
+    cr_assert_eq(pw_cpu_place_ranks(other, 4, &far), PW_OK);
+    cr_assert_eq(far->numa[3], 1);
+    n_mem_warnings = 0;
+    cr_assert_eq(pw_program_bind_memory(pw_pipeline_program(pl, 1), other, far->nodesets[3], "stage 1 memory"),
+                 -1);
+    cr_assert_eq(n_mem_warnings, 1);
+    cr_assert(strstr(mem_warned, "not this machine's"), "%s", mem_warned);
+    pw_log_set(NULL, NULL);
+    pw_cpu_placement_destroy(far);
+    pw_cpu_placement_destroy(place);
+    hwloc_topology_destroy(other);
+    hwloc_topology_destroy(topo);
+    pw_pipeline_destroy(pl);
+    free(ref);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }

@@ -411,9 +411,11 @@ Test(replicas, buckets_overlap_the_backward, .timeout = TIMEOUT)
     pw_dataset *d = NULL;
     cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
     /* Exposed all-reduce: the time OPTIM waited for the buckets. Best of
-     * three tries each, against scheduling noise on a busy machine. */
+     * up to six tries each, against scheduling noise on a busy machine (with
+     * the other tests of this binary running beside it, three were not
+     * always enough on 2 cores). */
     double one = 1e300, four = 1e300, t1 = 0, t4 = 0;
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 6; i++) {
         double a = exposed_allreduce(g, d, 1, &t1), b = exposed_allreduce(g, d, 4, &t4);
         if (a < one) one = a;
         if (b < four) four = b;

@@ -238,6 +238,92 @@ Test(placement, errors, .timeout = TIMEOUT)
     hwloc_topology_destroy(t);
 }
 
+/* The engine's one-core-per-rank rule says which NUMA node each worker's
+ * memory belongs to (stages/pipeline.c binds each stage's arena there). */
+static void check_cpu_nodes(hwloc_topology_t t, int n_ranks, int cores_per_node, int nodes)
+{
+    pw_cpu_placement *p = NULL;
+    cr_assert_eq(pw_cpu_place_ranks(t, n_ranks, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->n_numa, nodes);
+    for (int r = 0; r < n_ranks; r++) {
+        int want = (r % p->n_cores) / cores_per_node;
+        cr_assert_eq(p->numa[r], want, "rank %d (core %d) on NUMA node %d, want %d", r, p->core[r],
+                     p->numa[r], want);
+        cr_assert_eq(hwloc_bitmap_weight(p->nodesets[r]), 1, "rank %d", r);
+        hwloc_obj_t node = hwloc_get_obj_by_type(t, HWLOC_OBJ_NUMANODE, (unsigned)want);
+        cr_assert_not_null(node);
+        cr_assert(hwloc_bitmap_isset(p->nodesets[r], node->os_index), "rank %d: nodeset lacks node %d", r,
+                  want);
+    }
+    pw_cpu_placement_destroy(p);
+}
+
+Test(placement, engine_ranks_memory_nodes, .timeout = TIMEOUT)
+{
+    /* 2 packages x 2 NUMA nodes x 8 cores: ranks fill node 0 first (compact),
+     * rank 8 is the first on node 1; 40 ranks wrap round the 32 cores. */
+    hwloc_topology_t t = load("pack:2 numa:2 core:8 pu:1");
+    check_cpu_nodes(t, 2, 8, 4);
+    check_cpu_nodes(t, 32, 8, 4);
+    check_cpu_nodes(t, 40, 8, 4);
+    hwloc_topology_destroy(t);
+    t = load(FIXTURES "2pack_2numa_8core.xml");
+    check_cpu_nodes(t, 32, 8, 4);
+    hwloc_topology_destroy(t);
+    /* 2 sockets, one NUMA node each, 8 cores x 2 PUs (and GPUs). */
+    t = load(FIXTURES "2socket_8gpu.xml");
+    check_cpu_nodes(t, 16, 8, 2);
+    hwloc_topology_destroy(t);
+    /* No NUMA level in the description: hwloc's one node holds everything. */
+    t = load("pack:2 core:2 pu:2");
+    check_cpu_nodes(t, 4, 4, 1);
+    hwloc_topology_destroy(t);
+}
+
+/* The in-process engine places stages x replicas as --plan prints it
+ * (pw_place_stages): replicas spread over the packages, each stage a
+ * contiguous share of its replica's cores, memory on that share's node. */
+Test(placement, engine_pipeline_placement_is_the_plans, .timeout = TIMEOUT)
+{
+    hwloc_topology_t t = load("pack:2 numa:2 core:8 pu:1");
+    pw_cpu_placement *p = NULL;
+    cr_assert_eq(pw_cpu_place_pipeline(t, 2, 2, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->n_ranks, 4);
+    cr_assert_eq(p->shared, 0);
+    /* worker k*S + s: replica 0 on package 0 (nodes 0, 1), replica 1 on
+     * package 1 (nodes 2, 3); eight cores per stage. */
+    for (int r = 0; r < 4; r++) {
+        cr_assert_eq(p->core[r], 8 * r, "worker %d first core %d", r, p->core[r]);
+        cr_assert_eq(hwloc_bitmap_weight(p->cpusets[r]), 8, "worker %d", r);
+        cr_assert_eq(p->numa[r], r, "worker %d on NUMA node %d", r, p->numa[r]);
+    }
+    pw_place_config pc = {.n_stages = 2, .n_replicas = 2, .gpus = 0};
+    pw_placement *pl = NULL;
+    cr_assert_eq(pw_place_stages(t, &pc, &pl), PW_OK);
+    for (int r = 0; r < 4; r++) {
+        cr_assert(hwloc_bitmap_isequal(p->cpusets[r], pl->ranks[r].cpuset), "worker %d", r);
+        cr_assert(hwloc_bitmap_isequal(p->nodesets[r], pl->ranks[r].nodeset), "worker %d", r);
+    }
+    pw_placement_destroy(pl);
+    pw_cpu_placement_destroy(p);
+    /* More workers than cores: round-robin, with the note. */
+    hwloc_topology_destroy(t);
+    t = load("pack:1 core:2 pu:1");
+    cr_assert_eq(pw_cpu_place_pipeline(t, 3, 2, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->shared, 1);
+    cr_assert(p->note[0], "no note for 6 workers on 2 cores");
+    for (int r = 0; r < 6; r++) cr_assert_eq(p->core[r], r % 2, "worker %d on core %d", r, p->core[r]);
+    pw_cpu_placement_destroy(p);
+    /* Two stages on a 2-core machine: one core each, as before. */
+    cr_assert_eq(pw_cpu_place_pipeline(t, 2, 1, &p), PW_OK);
+    cr_assert_eq(p->core[0], 0);
+    cr_assert_eq(p->core[1], 1);
+    cr_assert_eq(p->shared, 0);
+    pw_cpu_placement_destroy(p);
+    cr_assert_eq(pw_cpu_place_pipeline(NULL, 2, 1, &p), PW_ERR_INVALID_ARG);
+    hwloc_topology_destroy(t);
+}
+
 /* ------------------------------------------------------------ binding */
 
 static char warned[1024];

@@ -3,7 +3,8 @@
  * differences and direct formulas, causal masking, dropout determinism and
  * partition independence, activation recomputation (bit-identical to none,
  * also across stages and with a split W), tied embeddings, byte-level text
- * data, and a small GPT that learns.
+ * data, a small GPT that learns, and the learning-rate schedule (warm-up and
+ * cosine/linear decay) keeping the pipeline bit-identical to one stage.
  *
  * Every test carries the same .timeout: Criterion leaks under LeakSanitizer
  * when a file mixes timeouts.
@@ -24,6 +25,8 @@
 #include "runtime/rng.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
+#include "stages/optim.h"
+#include "stages/pipeline.h"
 #include "stages/program.h"
 
 #define TIMEOUT 120
@@ -282,8 +285,11 @@ static void attention_ref(const float *qkv, double *out, int64_t b, int64_t T, i
 
 ParameterizedTestParameters(grad, attention)
 {
+    /* T > PW_CPU_ATTENTION_BLOCK (32) exercises the kernels' row and key
+     * blocks, including a last block that is not full (37, 70). */
     static struct att_shape s[] = {{1, 1}, {1, 4}, {3, 1}, {3, 2}, {3, 4},
-                                   {8, 1}, {8, 2}, {8, 4}, {5, 2}};
+                                   {8, 1}, {8, 2}, {8, 4}, {5, 2},
+                                   {32, 2}, {37, 2}, {64, 1}, {70, 4}};
     return cr_make_param_array(struct att_shape, s, sizeof s / sizeof s[0]);
 }
 
@@ -331,6 +337,30 @@ ParameterizedTest(struct att_shape *sh, grad, attention, .timeout = TIMEOUT)
                   "accumulate [%lld]", (long long)i);
     free(qkv), free(r), free(out), free(att), free(dqkv), free(work), free(ref), free(acc),
         free(base);
+}
+
+/* The blocked kernels compute each sequence on its own: a batch of three
+ * gives, bit for bit, what each sequence gives alone (so micro-batch splits
+ * stay exact), forward and backward, with T spanning several blocks. */
+Test(attention, sequences_independent_of_batch, .timeout = TIMEOUT)
+{
+    const int64_t b = 3, T = 70, D = 16, H = 2, nq = T * 3 * D, no = T * D;
+    float *qkv = rand_f(b * nq, -2, 2, 41), *dout = rand_f(b * no, -1, 1, 42);
+    float *out = zeros_f(b * no), *att = zeros_f(b * H * T * T), *dqkv = zeros_f(b * nq);
+    float *out1 = zeros_f(no), *att1 = zeros_f(H * T * T), *dqkv1 = zeros_f(nq);
+    float *work = zeros_f(T * T);
+    pw_cpu_attention_fwd(qkv, out, att, b, T, D, H);
+    pw_cpu_attention_bwd_input(qkv, att, dout, dqkv, work, b, T, D, H, 0);
+    for (int64_t i = 0; i < b; i++) {
+        pw_cpu_attention_fwd(qkv + i * nq, out1, att1, 1, T, D, H);
+        pw_cpu_attention_bwd_input(qkv + i * nq, att1, dout + i * no, dqkv1, work, 1, T, D, H, 0);
+        cr_expect(same_bits("attention out, alone vs in a batch", out1, out + i * no,
+                            (size_t)no * 4));
+        cr_expect(same_bits("attention dqkv, alone vs in a batch", dqkv1, dqkv + i * nq,
+                            (size_t)nq * 4));
+    }
+    free(qkv), free(dout), free(out), free(att), free(dqkv), free(out1), free(att1), free(dqkv1),
+        free(work);
 }
 
 /* Changing the query, key or value of a later position leaves every earlier
@@ -562,7 +592,10 @@ Test(graph, tiny_gpt_parses, .timeout = TIMEOUT)
     cr_assert_eq(pw_graph_node_cost(g, att, &c), PW_OK);
     cr_expect_eq(c.param_bytes, 0);
     cr_expect_eq(c.act_bytes, (128 * 256 + 4 * 128 * 128) * 4);
-    cr_expect_eq(c.flops_fwd, 4.0 * 128 * 128 * 256 + 5.0 * 4 * 128 * 129 / 2);
+    /* The kernel's blocks of 32 rows cover 32·(32 + 64 + 96 + 128) = 10240
+     * of the 128² cells at T = 128. */
+    cr_expect_eq(c.flops_fwd, 4.0 * 10240 * 256 + 5.0 * 4 * 128 * 129 / 2);
+    cr_expect_eq(c.flops_bwd_input, 8.0 * 10240 * 256 + 5.0 * 4 * 128 * 129 / 2);
     FILE *f = fopen("/dev/null", "w");
     pw_graph_print(g, f);
     fclose(f);
@@ -570,6 +603,29 @@ Test(graph, tiny_gpt_parses, .timeout = TIMEOUT)
 }
 
 /* ---------------------------------------------------------------- text data */
+
+/* The README's quick-start GPT: tiny_gpt.graph's names and tie at context
+ * 64, width 128, 4 blocks, no dropout. */
+Test(graph, tiny_gpt_quick_parses, .timeout = TIMEOUT)
+{
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_file(PW_SOURCE_DIR "/examples/tiny_gpt_quick.graph", &g), PW_OK,
+                 "%s", pw_last_error());
+    cr_expect_str_eq(g->name, "tiny_gpt_quick");
+    int64_t n = 0;
+    for (int i = 0; i < g->n_params; i++) n += pw_shape_numel(&g->params[i].shape);
+    int64_t block = 2 * 256 + (384 * 128 + 384) + (128 * 128 + 128) + (512 * 128 + 512) +
+                    (128 * 512 + 128);
+    cr_expect_eq(n, 256 * 128 + 64 * 128 + 4 * block + 256, "%lld parameters", (long long)n);
+    int wte = pw_graph_find_param(g, "wte.weight");
+    cr_assert_geq(wte, 0);
+    cr_expect_eq(g->params[wte].n_uses, 2, "the head is tied to wte.weight");
+    cr_expect_geq(pw_graph_find_param(g, "h.3.attn.c_attn.weight"), 0);
+    for (int i = 0; i < g->n_nodes; i++) cr_expect_neq(g->nodes[i].op, PW_OP_DROPOUT);
+    const pw_value *in = &g->values[g->input];
+    cr_expect_eq(in->shape.d[in->shape.ndim - 1], 64);
+    pw_graph_destroy(g);
+}
 
 Test(data, text_windows_split_and_checks)
 {
@@ -1216,5 +1272,111 @@ Test(gpt, small_gpt_learns_text)
               "entropy %g", STEPS, last, h);
     free(w);
     pw_dataset_destroy(d), pw_dataset_destroy(te);
+    pw_graph_destroy(g);
+}
+
+/* ---------------------------------------------------------------- lr schedule */
+
+Test(gpt, lr_schedule_values)
+{
+    pw_optim_config c = pw_optim_defaults(PW_OPTIM_ADAMW);
+    c.lr = 1e-3f;
+    cr_expect_eq(pw_optim_lr_at(&c, 1), c.lr, "the default schedule leaves lr alone");
+    cr_expect_eq(pw_optim_lr_at(&c, 1000000), c.lr);
+    c.schedule = PW_LR_COSINE;
+    c.warmup_steps = 10;
+    c.decay_steps = 110;
+    c.min_lr = 1e-4f;
+    cr_expect_float_eq(pw_optim_lr_at(&c, 1), 1e-4f, 1e-10, "warm-up: lr · 1/10");
+    cr_expect_float_eq(pw_optim_lr_at(&c, 5), 5e-4f, 1e-10);
+    cr_expect_eq(pw_optim_lr_at(&c, 10), c.lr, "the peak at the end of the warm-up");
+    cr_expect_float_eq(pw_optim_lr_at(&c, 60), 5.5e-4f, 1e-9, "cosine half-way: (lr + min) / 2");
+    cr_expect_float_eq(pw_optim_lr_at(&c, 110), c.min_lr, 1e-10);
+    cr_expect_float_eq(pw_optim_lr_at(&c, 500), c.min_lr, 1e-10, "past the end: min_lr");
+    for (int64_t t = 11; t < 110; t++)
+        cr_expect_leq(pw_optim_lr_at(&c, t + 1), pw_optim_lr_at(&c, t), "cosine decays (step %lld)",
+                      (long long)t);
+    c.schedule = PW_LR_LINEAR;
+    cr_expect_float_eq(pw_optim_lr_at(&c, 35), 7.75e-4f, 1e-9, "linear: a quarter of the way");
+    c.decay_steps = 0; /* no length given: no decay after the warm-up */
+    cr_expect_eq(pw_optim_lr_at(&c, 50), c.lr);
+    pw_lr_schedule k;
+    cr_expect_eq(pw_lr_schedule_parse("cosine", &k), PW_OK);
+    cr_expect_eq(k, PW_LR_COSINE);
+    cr_expect_str_eq(pw_lr_schedule_name(PW_LR_LINEAR), "linear");
+    cr_expect_eq(pw_lr_schedule_parse("step", &k), PW_ERR_INVALID_ARG);
+}
+
+/* The tiny GPT's parameters after `steps` steps of a real pipeline (worker
+ * threads, 1F1B, the tie summed across stages), in graph order. */
+static float *pipeline_params(const pw_graph *g, const pw_dataset *d, int stages,
+                              const pw_optim_config *oc, int steps)
+{
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = 8;
+    pc.micro_batches = 4;
+    pc.stages = stages;
+    pc.schedule = PW_SCHEDULE_1F1B;
+    pc.optim = *oc;
+    pc.seed = 5;
+    pc.pin = 0;
+    pw_pipeline *pl = NULL;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    for (int i = 0; i < steps; i++)
+        cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    float *out = calloc((size_t)n_param_elems(g), 4);
+    cr_assert_not_null(out);
+    int64_t at = 0;
+    for (int i = 0; i < g->n_params; i++) {
+        int found = 0;
+        for (int s = 0; s < pw_pipeline_n_chunks(pl) && !found; s++) {
+            pw_program *progs[16];
+            int n = pw_pipeline_programs(pl, 0, s, progs, 16);
+            for (int k = 0; k < n && !found; k++)
+                for (int j = 0; j < pw_program_n_params(progs[k]); j++) {
+                    pw_program_param pp;
+                    pw_program_param_at(progs[k], j, &pp);
+                    if (pp.graph_param != i) continue;
+                    memcpy(out + at, pp.data, (size_t)pp.numel * 4);
+                    found = 1;
+                    break;
+                }
+        }
+        cr_assert(found, "parameter %s in no stage", g->params[i].name);
+        at += pw_shape_numel(&g->params[i].shape);
+    }
+    pw_pipeline_destroy(pl);
+    return out;
+}
+
+/* Warm-up and cosine decay change the lr every step; every stage computes it
+ * from the step alone, so 2 and 3 stages stay bit-identical to one, and the
+ * schedule does change the result. */
+Test(gpt, lr_schedule_keeps_stages_bit_identical)
+{
+    pw_graph *g = small_gpt(8, 16, 2, 2, 256, 0.1, 1);
+    pw_dataset *d = corpus_dataset(8, 1, 20000);
+    pw_optim_config oc = pw_optim_defaults(PW_OPTIM_ADAMW);
+    oc.lr = 3e-3f;
+    const int steps = 6;
+    float *flat = pipeline_params(g, d, 1, &oc, steps);
+    oc.schedule = PW_LR_COSINE;
+    oc.warmup_steps = 2;
+    oc.decay_steps = steps;
+    oc.min_lr = 3e-4f;
+    float *one = pipeline_params(g, d, 1, &oc, steps);
+    const size_t bytes = (size_t)n_param_elems(g) * 4;
+    cr_expect(memcmp(flat, one, bytes) != 0, "the schedule must change the update");
+    for (int S = 2; S <= 3; S++) {
+        float *many = pipeline_params(g, d, S, &oc, steps);
+        char what[64];
+        snprintf(what, sizeof what, "params, cosine schedule, %d stages vs 1", S);
+        cr_expect(same_bits(what, one, many, bytes));
+        free(many);
+    }
+    free(flat), free(one);
+    pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }

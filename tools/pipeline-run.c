@@ -23,6 +23,7 @@
 #include "runtime/topology.h"
 #include "runtime/trace.h"
 #include "runtime/transport.h"
+#include "stages/backend.h"
 #include "stages/checkpoint.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
@@ -33,6 +34,10 @@
 #include "stages/profile.h"
 #include "stages/program.h"
 #include "stages/trainer.h"
+#ifdef PW_HAVE_CUDA
+#include "stages/cuda/backend_cuda.h"
+#include "stages/cuda/device.h"
+#endif
 
 typedef struct options {
     const char *graph;
@@ -63,6 +68,7 @@ typedef struct options {
     int allreduce_set;
     int chunks_per_rank;         /* 0: the schedule's default */
     int simulate;
+    int calibrate;               /* --simulate: measure the compute rate here */
     double flops_per_s;          /* 0: measured (auto) or the forecast default */
     int plan;
     pw_balance balance;
@@ -70,11 +76,13 @@ typedef struct options {
     const char *profile, *topology, *memory_budget, *device_speeds;
     double link_bandwidth, link_latency;
     int link_set;
+    int link_latency_set;        /* --link-latency given (--simulate --topology) */
     int recompute;
     const char *generate;        /* prompt */
     int64_t gen_tokens;
     double temperature;
     int top_k;
+    const char *device;          /* --device: NULL = cpu */
 } options;
 
 static void usage(FILE *f)
@@ -96,13 +104,16 @@ static void usage(FILE *f)
 "\n"
 "Pipeline\n"
 "  --stages S            pipeline stages, one worker thread each (default: the\n"
-"                        number of cores)\n"
+"                        number of cores; with --device cuda the number of GPUs)\n"
 "  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
 "                        auto (forecast every kind, train with the fastest that\n"
 "                        fits), or a schedule CSV file (docs/schedules.md);\n"
 "                        validated before anything runs\n"
 "  --chunks-per-rank V   model chunks per rank for interleaved (default 2)\n"
 "  --recompute           recompute activations in the backward (less memory)\n"
+"  --device cpu|cuda[:N] where the stages compute (default cpu); cuda: rank r on\n"
+"                        GPU r mod the GPU count; cuda:N: every stage on GPU N\n"
+"                        (docs/cuda.md)\n"
 "  --partition METHOD    auto (default: the graph's cut markers when they make\n"
 "                        S stages, else flops), cuts, or flops\n"
 "  --trace FILE          write a Chrome trace (Perfetto, pipe-trace)\n"
@@ -117,14 +128,20 @@ static void usage(FILE *f)
 "                        trace (pipe-trace reads it)\n"
 "  --flops-per-s X       compute rate of one rank for --simulate and --schedule\n"
 "                        auto (default: measured here for auto, 5e10 for --simulate)\n"
+"  --calibrate           --simulate at this machine's rate for this graph: time a\n"
+"                        few one-stage micro-batches here first\n"
 "  --plan                print the partition / schedule / placement plan, exit\n"
 "  --balance flops|time  balance stages by FLOPs (default) or measured time\n"
 "  --profile FILE        op-time profile cache for --balance time\n"
-"  --topology SPEC       FILE.xml, a synthetic description or 'this' (placement)\n"
+"  --topology SPEC       FILE.xml, a synthetic description or 'this' (placement;\n"
+"                        with --simulate: cost each link from it, any size)\n"
 "  --memory-budget SIZE[,SIZE...]  bytes per stage (512M, 16G)\n"
 "  --device-speeds X[,X...]        relative speed of each stage's device\n"
 "  --link-bandwidth B    bytes/s between neighbouring stages\n"
 "  --link-latency SEC    seconds per stage-to-stage message\n"
+"                        (with --simulate --topology: the links between hosts)\n"
+"                        without --plan, --balance .. --link-latency make\n"
+"                        training run the plan's cuts (printed first)\n"
 "\n"
 "Text generation (byte-level language models, docs/transformer.md)\n"
 "  --generate PROMPT     sample text after PROMPT from --init-from weights, exit\n"
@@ -136,8 +153,9 @@ static void usage(FILE *f)
 "  --replicas R          R copies of the pipeline, each on 1/R of every batch;\n"
 "                        their gradients are summed before each optimizer step\n"
 "                        (default 1). Under mpirun -np S*R every process runs\n"
-"                        one stage of one replica (MPI rank w: replica w / S,\n"
-"                        stage w % S)\n"
+"                        one stage (its chunks) of one replica (MPI rank w:\n"
+"                        replica w / S, stage w % S) and loads only the data\n"
+"                        its chunks read\n"
 "  --buckets N           all-reduce buckets per stage (default 4); a bucket's\n"
 "                        all-reduce starts as soon as its part of the backward\n"
 "                        is done, overlapping the rest\n"
@@ -149,6 +167,10 @@ static void usage(FILE *f)
 "Optimizer\n"
 "  --optimizer NAME      sgd (default) or adamw\n"
 "  --lr X                learning rate (sgd 0.05, adamw 0.001)\n"
+"  --lr-schedule NAME    constant (default), cosine or linear decay from --lr to\n"
+"                        --min-lr over the run's steps, after the warm-up\n"
+"  --warmup N            raise the lr linearly over the first N steps (default 0)\n"
+"  --min-lr X            where cosine/linear decay ends (default --lr / 10)\n"
 "  --momentum X          SGD momentum (default 0.9)\n"
 "  --weight-decay X      decoupled for adamw (default 0.01), L2 for sgd (default 0);\n"
 "                        applies to weight matrices, not biases or norms\n"
@@ -229,8 +251,49 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
-       OPT_CHUNKS, OPT_SIMULATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
-       OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK };
+       OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
+       OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
+       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE };
+
+/* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
+ * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
+ * and where the device cannot be used (check_device_flag says why). */
+static int default_device_stages(const char *device)
+{
+    const pw_backend_i *be;
+    int dev;
+    if (pw_backend_find(device, &be, &dev) != PW_OK || !be->device_memory) return 0;
+    if (dev >= 0 || !be->device_count) return 1;
+    int n = be->device_count();
+    return n > 0 ? n : 0;
+}
+
+/* --device: the backend exists in this build, the GPU exists on this
+ * machine, and the run uses nothing the CUDA stage program lacks yet
+ * (docs/cuda.md). 0 or 2 (a usage error, with one clear line). */
+static int check_device_flag(const options *o, int world)
+{
+    const pw_backend_i *be;
+    int dev;
+    if (pw_backend_find(o->device, &be, &dev) != PW_OK) return bad_usage("--device: %s", pw_last_error());
+    if (!be->device_memory) return 0;
+    if (world > 1)
+        return bad_usage("--device %s: several processes (mpirun) are not supported on CUDA yet "
+                         "(no NCCL transport); run one process", o->device);
+    if (o->replicas > 1)
+        return bad_usage("--device %s: --replicas > 1 is not supported on CUDA yet", o->device);
+    if (o->generate) return bad_usage("--device %s: --generate runs on the CPU only (drop --device)", o->device);
+#ifdef PW_HAVE_CUDA
+    int n = 0;
+    if (pw_cuda_device_count(&n) != PW_OK) return bad_usage("--device: %s", pw_last_error());
+    if (dev >= n) {
+        fprintf(stderr, "pipeline-run: --device %s: no CUDA device %d (this machine has %d)\n"
+                "Try 'pipeline-run --help'.\n", o->device, dev, n);
+        return 2;
+    }
+#endif
+    return 0;
+}
 
 /* Returns 0 to run, 1 when --help was printed, 2 on a usage error. */
 static int parse_args(int argc, char **argv, options *o)
@@ -266,6 +329,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
         {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
         {"simulate", no_argument, 0, OPT_SIMULATE},
+        {"calibrate", no_argument, 0, OPT_CALIBRATE},
         {"flops-per-s", required_argument, 0, OPT_FLOPS},
         {"plan", no_argument, 0, OPT_PLAN},
         {"balance", required_argument, 0, OPT_BALANCE},
@@ -280,6 +344,10 @@ static int parse_args(int argc, char **argv, options *o)
         {"tokens", required_argument, 0, OPT_TOKENS},
         {"temperature", required_argument, 0, OPT_TEMP},
         {"top-k", required_argument, 0, OPT_TOPK},
+        {"lr-schedule", required_argument, 0, OPT_LR_SCHEDULE},
+        {"warmup", required_argument, 0, OPT_WARMUP},
+        {"min-lr", required_argument, 0, OPT_MIN_LR},
+        {"device", required_argument, 0, OPT_DEVICE},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -297,6 +365,9 @@ static int parse_args(int argc, char **argv, options *o)
     o->temperature = 1.0;
     pw_optim_kind kind = PW_OPTIM_SGD;
     float lr = 0, momentum = 0, wd = 0;
+    pw_lr_schedule lr_schedule = PW_LR_CONSTANT;
+    int64_t warmup = 0;
+    float min_lr = -1; /* -1: --lr / 10 */
     int64_t v;
     opterr = 0;
     int c;
@@ -388,6 +459,7 @@ static int parse_args(int argc, char **argv, options *o)
             o->chunks_per_rank = (int)v;
             break;
         case OPT_SIMULATE: o->simulate = 1; break;
+        case OPT_CALIBRATE: o->calibrate = 1; break;
         case OPT_FLOPS:
             if (parse_f64("--flops-per-s", optarg, 1.0, 1e20, &o->flops_per_s)) return 2;
             break;
@@ -408,6 +480,7 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_LINKLAT:
             if (parse_f64("--link-latency", optarg, 0.0, 1e3, &o->link_latency)) return 2;
             o->link_set = 1;
+            o->link_latency_set = 1;
             break;
         case OPT_RECOMPUTE: o->recompute = 1; break;
         case OPT_GENERATE: o->generate = optarg; break;
@@ -417,6 +490,17 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_TEMP:
             if (parse_f64("--temperature", optarg, 0.0, 1e3, &o->temperature)) return 2;
             break;
+        case OPT_LR_SCHEDULE:
+            if (pw_lr_schedule_parse(optarg, &lr_schedule) != PW_OK)
+                return bad_usage("--lr-schedule: '%s' is not constant, cosine or linear", optarg);
+            break;
+        case OPT_WARMUP:
+            if (parse_i64("--warmup", optarg, 0, INT64_MAX / 2, &warmup)) return 2;
+            break;
+        case OPT_MIN_LR:
+            if (parse_f32("--min-lr", optarg, 0.0, 1e3, &min_lr)) return 2;
+            break;
+        case OPT_DEVICE: o->device = optarg; break;
         case OPT_TOPK:
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
@@ -444,12 +528,17 @@ static int parse_args(int argc, char **argv, options *o)
     o->graph = argv[optind];
     o->optim = pw_optim_defaults(kind);
     if (o->lr_set) o->optim.lr = lr;
+    /* decay_steps is the run's length, known once the data is loaded. */
+    o->optim.schedule = lr_schedule;
+    o->optim.warmup_steps = warmup;
+    o->optim.min_lr = min_lr >= 0 ? min_lr : o->optim.lr / 10;
     if (o->momentum_set) {
         if (kind != PW_OPTIM_SGD) return bad_usage("%s", "--momentum applies to --optimizer sgd only");
         o->optim.momentum = momentum;
     }
     if (o->wd_set) o->optim.weight_decay = wd;
     const int world = pw_mpi_launched_size();
+    if (o->stages == 0) o->stages = default_device_stages(o->device);
     if (o->stages == 0) {
         if (world > 1) {
             /* Under mpirun the processes are the workers. */
@@ -464,6 +553,10 @@ static int parse_args(int argc, char **argv, options *o)
         return bad_usage("%s", "--allreduce applies to runs under mpirun only");
     if (o->simulate + o->plan + (o->generate != NULL) > 1)
         return bad_usage("%s", "--simulate, --plan and --generate are separate modes; give one");
+    if (o->calibrate && !o->simulate)
+        return bad_usage("%s", "--calibrate applies to --simulate only");
+    if (o->calibrate && o->flops_per_s > 0)
+        return bad_usage("%s", "--calibrate measures the compute rate that --flops-per-s gives; give one");
     if (o->generate && !o->init_from)
         return bad_usage("%s", "--generate needs --init-from FILE (the trained weights)");
     if ((o->simulate || o->plan || o->generate) && world > 1)
@@ -491,7 +584,7 @@ static int parse_args(int argc, char **argv, options *o)
                     (long long)o->batch, o->micro_batches);
         return 2;
     }
-    return 0;
+    return check_device_flag(o, world);
 }
 
 static double now_s(void)
@@ -623,8 +716,20 @@ static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
 {
     const int W = g_mpi->world_size;
     row mine = {0}, *all = calloc((size_t)W, sizeof mine);
-    pw_pipeline_stage_stats ss;
-    pw_pipeline_stage_stats_get(t, g_mpi->rank, &ss);
+    /* The rank's figures from its first chunk; slots summed over its chunks
+     * (interleaved and zb-v place several on each rank). */
+    pw_pipeline_stage_stats ss = {0};
+    int found = 0, peak = 0, slots = 0;
+    for (int ch = 0; ch < pw_pipeline_n_chunks(t); ch++) {
+        if (pw_schedule_rank_of(pw_pipeline_schedule(t), ch) != g_mpi->rank) continue;
+        pw_pipeline_stage_stats cs;
+        pw_pipeline_stage_stats_get(t, ch, &cs);
+        if (!found++) ss = cs;
+        peak += cs.peak_slots;
+        slots += cs.slots;
+    }
+    ss.peak_slots = peak;
+    ss.slots = slots;
     pw_engine_rank_stats rs;
     pw_engine_rank_stats_get(pw_pipeline_engine((pw_pipeline *)t), g_mpi->replica * S + g_mpi->rank, &rs);
     mine = (row){ss.busy_s, ss.total_s, rs.allreduce_s, rs.allreduce_wait_s, g_mpi->replica, g_mpi->rank,
@@ -787,6 +892,66 @@ static int one_budget(const options *o, int64_t *out)
     return 0;
 }
 
+static const char *fmt_link(double latency, double bandwidth, char *buf, size_t n)
+{
+    if (bandwidth > 0) snprintf(buf, n, "%.3g us, %.3g GB/s", latency * 1e6, bandwidth * 1e-9);
+    else snprintf(buf, n, "%.3g us, no bandwidth limit", latency * 1e6);
+    return buf;
+}
+
+/* --simulate --topology: where the ranks went, the links by class, and the
+ * links of the slowest class (the class that takes longest for the largest
+ * message: they set the pace of every micro-batch that crosses them). */
+static void print_links(const pw_forecast *f)
+{
+    printf("  placement     %s\n", f->placement);
+    if (f->n_links == 0) return;
+    int count[PW_LINK_N] = {0}, first[PW_LINK_N] = {0};
+    int64_t most = 0;
+    for (int k = 0; k < f->n_links; k++) {
+        const pw_forecast_link *l = &f->links[k];
+        if (count[l->cls]++ == 0) first[l->cls] = k;
+        if (l->bytes > most) most = l->bytes;
+    }
+    char fig[64];
+    int slow = -1;
+    double slow_t = -1;
+    printf("  links         %d between stages:", f->n_links);
+    const char *sep = " ";
+    for (int c = 0; c < PW_LINK_N; c++) {
+        if (!count[c]) continue;
+        const pw_forecast_link *l = &f->links[first[c]];
+        double t = l->latency + (l->bandwidth > 0 ? (double)most / l->bandwidth : 0.0);
+        if (t > slow_t) slow_t = t, slow = c;
+        printf("%s%d %s (%s)", sep, count[c], pw_link_class_name((pw_link_class)c),
+               fmt_link(l->latency, l->bandwidth, fig, sizeof fig));
+        sep = ", ";
+    }
+    printf("\n");
+    double worst = 0;
+    for (int k = 0; k < f->n_links; k++)
+        if ((int)f->links[k].cls == slow && f->links[k].time > worst) worst = f->links[k].time;
+    printf("  slowest links %s, up to %.3f ms per activation message", pw_link_class_name((pw_link_class)slow),
+           worst * 1e3);
+    if (count[slow] == f->n_links) {
+        printf(": every link\n");
+        return;
+    }
+    printf(", stages");
+    int shown = 0, more = 0;
+    for (int k = 0; k < f->n_links; k++) {
+        const pw_forecast_link *l = &f->links[k];
+        if ((int)l->cls != slow) continue;
+        int dup = 0; /* interleaved chunks repeat rank pairs */
+        for (int j = 0; j < k && !dup; j++)
+            dup = f->links[j].src == l->src && f->links[j].dst == l->dst;
+        if (dup) continue;
+        if (shown < 8) printf(" %d->%d", l->src, l->dst), shown++;
+        else more++;
+    }
+    printf(more ? " and %d more\n" : "\n", more);
+}
+
 static void print_forecast(const pw_forecast *f, const pw_forecast_config *fc)
 {
     printf("pipeline-run: forecast for %s: %d stage%s x %d replica%s, %d micro-batches of %lld, schedule %s",
@@ -815,6 +980,11 @@ static void print_forecast(const pw_forecast *f, const pw_forecast_config *fc)
     if (fc->memory_budget > 0)
         printf("  memory budget %.1f MiB per stage: %s\n", (double)fc->memory_budget / MiB,
                f->fits ? "fits" : "does NOT fit");
+    if (fc->replicas > 1)
+        printf("  all-reduce    %.3f ms per step across %d replicas (stage %d, the slowest%s%s)\n",
+               f->allreduce_time * 1e3, fc->replicas, f->allreduce_stage, fc->topology ? "; ring " : "",
+               fc->topology ? pw_link_class_name((pw_link_class)f->allreduce_cls) : "");
+    if (fc->topology) print_links(f);
 }
 
 /* --simulate: nothing trains, no data is loaded. */
@@ -831,15 +1001,39 @@ static int run_simulate(const pw_graph *g, const options *o)
     pw_forecast_config fc = forecast_config(g, o, o->flops_per_s);
     if ((rc = one_budget(o, &fc.memory_budget)) != 0) return rc;
     fc.schedule = kind;
+    if (o->calibrate) {
+        double step = 0;
+        if (pw_forecast_calibrate(&fc, &fc.flops_per_s, &step) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --calibrate: %s\n", pw_last_error());
+            return 1;
+        }
+        printf("pipeline-run: --calibrate: a one-stage step of %d micro-batches of %lld takes %.3f ms here: "
+               "%.3g FLOP/s per rank\n", fc.micro_batches, (long long)fc.micro_batch_size, step * 1e3,
+               fc.flops_per_s);
+    }
     pw_trace *tr = NULL;
+    hwloc_topology_t topo = NULL;
     pw_forecast f;
     memset(&f, 0, sizeof f);
+    if (o->topology) {
+        /* Place the ranks on it; the link flags then set the links between
+         * hosts, the other classes keep their defaults (docs/schedules.md). */
+        if (pw_topology_load_spec(o->topology, &topo) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
+            return 1;
+        }
+        fc.topology = topo;
+        if (o->link_bandwidth > 0) fc.host_bandwidth = o->link_bandwidth;
+        if (o->link_latency_set) fc.host_latency_s = o->link_latency;
+    }
     if (is_auto) {
         printf("pipeline-run: --schedule auto: candidates at %.3g FLOP/s per rank (%s)\n", fc.flops_per_s,
-               o->flops_per_s > 0 ? "--flops-per-s" : "the forecast default; set --flops-per-s");
+               o->flops_per_s > 0 ? "--flops-per-s" : o->calibrate ? "--calibrate"
+               : "the forecast default; set --flops-per-s");
         if (pw_forecast_auto(&fc, &f, stdout) != PW_OK) {
             fprintf(stderr, "pipeline-run: --schedule auto: %s\n", pw_last_error());
-            return 1;
+            rc = 1;
+            goto out;
         }
         fc.schedule = f.schedule;
         fc.chunks_per_rank = f.chunks_per_rank;
@@ -851,7 +1045,8 @@ static int run_simulate(const pw_graph *g, const options *o)
         int64_t per = 16 * (int64_t)fc.micro_batches * v + 64;
         if (pw_trace_create(fc.stages, per, &tr) != PW_OK) {
             fprintf(stderr, "pipeline-run: --trace: %s\n", pw_last_error());
-            return 1;
+            rc = 1;
+            goto out;
         }
         fc.trace = tr;
     }
@@ -873,6 +1068,7 @@ static int run_simulate(const pw_graph *g, const options *o)
 out:
     pw_forecast_free(&f);
     pw_trace_destroy(tr);
+    if (topo) hwloc_topology_destroy(topo);
     return rc;
 }
 
@@ -907,18 +1103,40 @@ static int choose_auto(const pw_graph *g, const options *o, pw_schedule_kind *ki
     return 0;
 }
 
-/* --plan: pw_plan_make + pw_plan_print; no data, no training. */
-static int run_plan(const pw_graph *g, const options *o)
+/* What a plan borrows (a CSV schedule, the profile, the devices, the
+ * topology), freed with it. */
+typedef struct plan_run {
+    pw_plan *plan;
+    pw_schedule *custom;
+    pw_profile *prof;
+    pw_device_spec *devs;
+    hwloc_topology_t topo;
+} plan_run;
+
+static void plan_run_free(plan_run *pr)
 {
-    pw_schedule_kind kind;
-    const char *csv;
-    int is_auto, rc;
-    if ((rc = resolve_schedule(o, &kind, &csv, &is_auto)) != 0) return rc;
-    if (is_auto) {
-        fprintf(stderr, "pipeline-run: --plan needs a schedule kind or CSV file, not auto (try --simulate "
-                "--schedule auto)\n");
-        return 2;
-    }
+    pw_plan_destroy(pr->plan);
+    if (pr->topo) hwloc_topology_destroy(pr->topo);
+    free(pr->devs);
+    pw_profile_destroy(pr->prof);
+    pw_schedule_destroy(pr->custom);
+    memset(pr, 0, sizeof *pr);
+}
+
+/* The planner's flags besides --memory-budget (which --schedule auto also
+ * takes). Any planner flag makes training run the plan's cuts. */
+static int planner_flags(const options *o)
+{
+    return o->balance_set || o->profile || o->topology || o->device_speeds || o->link_set;
+}
+
+/* pw_plan_make from the flags, for --plan and for training (which then runs
+ * plan->part.begin). `what` prefixes the planner's own error ("--plan: ").
+ * Returns 0, or the exit status after printing the error. */
+static int make_plan(const pw_graph *g, const options *o, pw_schedule_kind kind, const char *csv,
+                     const char *what, plan_run *pr)
+{
+    memset(pr, 0, sizeof *pr);
     pw_plan_config pc = pw_plan_defaults();
     pc.graph = g;
     pc.stages = o->stages;
@@ -933,63 +1151,75 @@ static int run_plan(const pw_graph *g, const options *o)
     pc.link_latency = o->link_latency;
     pc.optim = o->optim.kind;
     pc.recompute = o->recompute;
-    pw_schedule *custom = NULL;
-    pw_profile *prof = NULL;
-    pw_device_spec *devs = NULL;
-    hwloc_topology_t topo = NULL;
-    pw_plan *plan = NULL;
-    rc = 1;
     if (csv) {
-        if (pw_schedule_load_csv(csv, &custom) != PW_OK) {
-            fprintf(stderr, "pipeline-run: --schedule: %s\n", pw_last_error());
-            goto out;
+        if (pw_schedule_load_csv(csv, &pr->custom) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s--schedule: %s\n", g_who, pw_last_error());
+            return 1;
         }
-        pc.custom = custom;
+        pc.custom = pr->custom;
     }
     if (o->balance == PW_BALANCE_TIME || o->profile) {
+        /* Under mpirun every process plans for itself: they agree on the
+         * cuts only when they read one profile measured beforehand. */
+        if (g_mpi && (!o->profile || access(o->profile, R_OK) != 0)) {
+            fprintf(stderr, "pipeline-run: %s--balance time under mpirun needs a --profile FILE measured "
+                    "beforehand (pipeline-run GRAPH --plan --balance time --profile FILE, same batch and "
+                    "micro-batches), so that every process plans the same cuts\n", g_who);
+            return 2;
+        }
         pw_profile_config prc = {.micro_batch = micro_size(o), .threads = o->threads ? o->threads : 1};
         int measured = 0;
-        if (pw_profile_load_or_measure(o->profile, g, &prc, &prof, &measured) != PW_OK) {
-            fprintf(stderr, "pipeline-run: --profile: %s\n", pw_last_error());
-            goto out;
+        if (pw_profile_load_or_measure(o->profile, g, &prc, &pr->prof, &measured) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s--profile: %s\n", g_who, pw_last_error());
+            return 1;
         }
         if (!o->quiet)
             printf("pipeline-run: profile %s%s\n", measured ? "measured" : "loaded from ",
                    measured ? (o->profile ? " and written" : " (not saved: no --profile)") : o->profile);
-        pc.profile = prof;
+        pc.profile = pr->prof;
         if (!o->balance_set) pc.balance = PW_BALANCE_TIME;
     }
     if (o->device_speeds || o->memory_budget) {
-        if (pw_plan_parse_devices(o->device_speeds, o->memory_budget, o->stages, &devs) != PW_OK) {
-            fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
-            rc = 2;
-            goto out;
+        if (pw_plan_parse_devices(o->device_speeds, o->memory_budget, o->stages, &pr->devs) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s%s\n", g_who, pw_last_error());
+            return 2;
         }
-        pc.devices = devs;
+        pc.devices = pr->devs;
     }
     if (o->topology) {
-        if (pw_topology_load_spec(o->topology, &topo) != PW_OK) {
-            fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
-            goto out;
+        if (pw_topology_load_spec(o->topology, &pr->topo) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s--topology: %s\n", g_who, pw_last_error());
+            return 1;
         }
-        pc.topology = topo;
+        pc.topology = pr->topo;
         pc.topology_name = o->topology;
     }
-    if (pw_plan_make(&pc, &plan) != PW_OK) {
-        fprintf(stderr, "pipeline-run: --plan: %s\n", pw_last_error());
-        goto out;
+    if (pw_plan_make(&pc, &pr->plan) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s%s%s\n", g_who, what, pw_last_error());
+        return 1;
     }
-    if (pw_plan_print(stdout, plan) != PW_OK) {
-        fprintf(stderr, "pipeline-run: --plan: %s\n", pw_last_error());
-        goto out;
+    return 0;
+}
+
+/* --plan: pw_plan_make + pw_plan_print; no data, no training. */
+static int run_plan(const pw_graph *g, const options *o)
+{
+    pw_schedule_kind kind;
+    const char *csv;
+    int is_auto, rc;
+    if ((rc = resolve_schedule(o, &kind, &csv, &is_auto)) != 0) return rc;
+    if (is_auto) {
+        fprintf(stderr, "pipeline-run: --plan needs a schedule kind or CSV file, not auto (try --simulate "
+                "--schedule auto)\n");
+        return 2;
     }
-    rc = 0;
-out:
-    pw_plan_destroy(plan);
-    if (topo) hwloc_topology_destroy(topo);
-    free(devs);
-    pw_profile_destroy(prof);
-    pw_schedule_destroy(custom);
+    plan_run pr;
+    rc = make_plan(g, o, kind, csv, "--plan: ", &pr);
+    if (rc == 0 && pw_plan_print(stdout, pr.plan) != PW_OK) {
+        fprintf(stderr, "pipeline-run: --plan: %s\n", pw_last_error());
+        rc = 1;
+    }
+    plan_run_free(&pr);
     return rc;
 }
 
@@ -1026,9 +1256,62 @@ static pw_dataset *generation_dataset(const pw_graph *g)
     return d;
 }
 
+/* Under mpirun, PW_DEBUG=INFO says what this process loaded (the MPI tests
+ * check that a middle stage loads nothing). */
+static void log_data(const pw_dataset *d, const char *split)
+{
+    if (!d || !pw_log_enabled(PW_LOG_INFO, PW_SUB_DATA)) return;
+    const unsigned have = PW_DATA_ALL & ~d->missing;
+    PW_INFO(PW_SUB_DATA, "%s%s data %s: %lld samples, loaded %s (%lld bytes)", g_who, split, d->name,
+            (long long)d->n, have == PW_DATA_ALL ? "inputs and labels" : have == PW_DATA_INPUTS ? "inputs only"
+            : have == PW_DATA_LABELS ? "labels only" : "nothing (its stages read neither inputs nor labels)",
+            (long long)d->loaded_bytes);
+}
+
+/* Loads the training data and the test split (when the spec has one): all
+ * of it in one process; under mpirun only the sides this process's chunks
+ * read (pw_pipeline_data_parts on the finished config). 0, or 1 after
+ * reporting the error. */
+static int load_data(const options *o, const pw_graph *g, const pw_pipeline_config *pc, pw_dataset **train,
+                     pw_dataset **test)
+{
+    if (o->generate) {
+        *train = generation_dataset(g); /* no test set */
+        if (!*train) fail("--generate: ");
+        return *train ? 0 : 1;
+    }
+    unsigned parts = PW_DATA_ALL, test_parts = PW_DATA_ALL;
+    if (pw_pipeline_data_parts(pc, 0, &parts) != PW_OK || pw_pipeline_data_parts(pc, 1, &test_parts) != PW_OK) {
+        fail("");
+        return 1;
+    }
+    if (pw_dataset_from_spec_parts(o->data, 1, g, parts, train) != PW_OK) {
+        fail("--data: ");
+        return 1;
+    }
+    log_data(*train, "train");
+    if (pw_dataset_spec_has_test(o->data)) {
+        if (pw_dataset_from_spec_parts(o->data, 0, g, test_parts, test) != PW_OK) {
+            fail("--data (test set): ");
+            return 1;
+        }
+        log_data(*test, "test");
+    } else if (!o->quiet) {
+        printf("pipeline-run: --data %s has no test set; accuracy is not reported\n", o->data);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     options o;
+#ifdef PW_HAVE_CUDA
+    /* The stage program's CUDA backend (pw_stages does not link CUDA). */
+    if (pw_backend_register(pw_backend_cuda()) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
+        return 1;
+    }
+#endif
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;
     const int world = pw_mpi_launched_size();
@@ -1053,42 +1336,6 @@ int main(int argc, char **argv)
         status = run_plan(g, &o);
         goto out;
     }
-    /* Flags of the planner that the pipeline cannot take yet. */
-    {
-        const char *plan_only = o.balance_set ? "--balance" : o.profile ? "--profile" : o.topology ? "--topology"
-                              : o.device_speeds ? "--device-speeds" : o.link_set ? "--link-bandwidth/--link-latency"
-                              : (o.memory_budget && strcmp(o.schedule, "auto")) ? "--memory-budget" : NULL;
-        if (plan_only) {
-            fprintf(stderr, "pipeline-run: %s applies to --plan only for now: the pipeline cannot take the "
-                    "planned cuts yet (pw_pipeline_config has no cuts field); print them with --plan and "
-                    "mark them with `cut` lines in the graph%s\n", plan_only,
-                    !strcmp(plan_only, "--memory-budget") ? " (with --schedule auto the budget limits the "
-                    "candidates)" : "");
-            status = 2;
-            goto out;
-        }
-    }
-    if (o.generate) {
-        train = generation_dataset(g);
-        if (!train) {
-            fail("--generate: ");
-            goto out;
-        }
-    } else if (pw_dataset_from_spec_for_graph(o.data, 1, g, &train) != PW_OK) {
-        fail("--data: ");
-        goto out;
-    }
-    if (o.generate) {
-        /* no test set */
-    } else if (pw_dataset_spec_has_test(o.data)) {
-        if (pw_dataset_from_spec_for_graph(o.data, 0, g, &test) != PW_OK) {
-            fail("--data (test set): ");
-            goto out;
-        }
-    } else if (!o.quiet) {
-        printf("pipeline-run: --data %s has no test set; accuracy is not reported\n", o.data);
-    }
-
     pw_schedule_kind kind = PW_SCHEDULE_1F1B;
     const char *csv = NULL;
     int is_auto = 0;
@@ -1104,12 +1351,26 @@ int main(int argc, char **argv)
         }
         o.chunks_per_rank = v;
     }
-    const double entropy = test && test->x_dtype == PW_I32 ? pw_dataset_unigram_entropy(test) : -1;
-    const int64_t spe0 = train->n / o.batch;
-    const int64_t total0 = o.steps ? o.steps : o.epochs * (spe0 > 0 ? spe0 : 1);
+    /* The planner's flags: train with the plan's cuts (the ones --plan
+     * prints), refused here when it does not fit. --schedule auto has
+     * already applied a lone --memory-budget to a schedule of several
+     * chunks per rank, which the planner does not cut. */
+    plan_run pr = {0};
+    const int use_plan = planner_flags(&o) || (o.memory_budget && !(is_auto && o.chunks_per_rank > 1));
+    if (use_plan) {
+        if ((rc = make_plan(g, &o, kind, csv, "", &pr)) != 0) {
+            plan_run_free(&pr);
+            status = rc;
+            goto out;
+        }
+        if (!o.quiet && pw_plan_print(stdout, pr.plan) != PW_OK) {
+            fail("plan: ");
+            plan_run_free(&pr);
+            goto out;
+        }
+    }
     pw_pipeline_config pc = pw_pipeline_defaults();
     pc.graph = g;
-    pc.train = train;
     pc.batch = o.batch;
     pc.micro_batches = o.micro_batches;
     pc.stages = o.stages;
@@ -1128,13 +1389,33 @@ int main(int argc, char **argv)
     pc.transport = g_mpi;
     pc.chunks_per_rank = o.chunks_per_rank;
     pc.recompute = o.recompute;
+    pc.device = o.device;
+    if (use_plan) {
+        pc.cuts = pr.plan->part.begin;
+        pc.n_cuts = pr.plan->part.n_stages + 1;
+    }
+    /* The data, once the layout is known: under mpirun a process loads only
+     * the sides its chunks read (docs/distributed.md). */
+    if (load_data(&o, g, &pc, &train, &test) != 0) {
+        plan_run_free(&pr);
+        goto out;
+    }
+    const double entropy = test && test->x_dtype == PW_I32 ? pw_dataset_unigram_entropy(test) : -1;
+    const int64_t spe0 = train->n / o.batch;
+    const int64_t total0 = o.steps ? o.steps : o.epochs * (spe0 > 0 ? spe0 : 1);
+    pc.train = train;
+    pc.optim.decay_steps = total0; /* --lr-schedule decays over this run */
     if (o.trace) {
         /* Every action and wait of every step, plus a margin; capped. */
         int64_t per_step = 8 * (int64_t)o.micro_batches + 16 + 4 * (o.buckets > 0 ? o.buckets : 4);
         int64_t want = per_step * total0;
         pc.trace_events = want < (INT64_C(1) << 23) ? want : (INT64_C(1) << 23);
     }
-    if (pw_pipeline_create(&pc, &t) != PW_OK) {
+    const pw_partition_method plan_method = use_plan ? pr.plan->part.method : o.partition;
+    const pw_balance plan_balance = use_plan ? pr.plan->balance : PW_BALANCE_FLOPS;
+    pw_status created = pw_pipeline_create(&pc, &t);
+    plan_run_free(&pr); /* the pipeline keeps a copy of the cuts */
+    if (created != PW_OK) {
         fail("");
         goto out;
     }
@@ -1186,8 +1467,13 @@ int main(int argc, char **argv)
             const pw_partition *part = pw_pipeline_partition(t);
             printf("pipeline-run: %s: %d nodes, %d parameter tensors (%.2f M values), %.1f MiB planned\n",
                    g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6, planned / (1 << 20));
-            printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
-                   pw_partition_method_name(part->method));
+            if (use_plan)
+                printf("pipeline-run: %d stage%s (planned %s partition, balance %s:", o.stages,
+                       o.stages > 1 ? "s" : "", pw_partition_method_name(plan_method),
+                       pw_balance_name(plan_balance));
+            else
+                printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
+                       pw_partition_method_name(part->method));
             for (int st = 0; st < part->n_stages; st++) printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
             if (pw_pipeline_chunks_per_rank(t) > 1) printf(" = %d chunks per stage", pw_pipeline_chunks_per_rank(t));
             if (o.recompute) printf(", recompute");
@@ -1198,11 +1484,18 @@ int main(int argc, char **argv)
                        "bucket%s per stage%s\n", o.replicas, (long long)(o.batch / o.replicas),
                        pw_pipeline_schedule(t)->n_buckets, pw_pipeline_schedule(t)->n_buckets > 1 ? "s" : "",
                        g_mpi ? "" : " (in-process ring)");
+            char sched[96] = "";
+            if (o.optim.schedule != PW_LR_CONSTANT)
+                snprintf(sched, sizeof sched, " %s to %g", pw_lr_schedule_name(o.optim.schedule),
+                         (double)o.optim.min_lr);
+            if (o.optim.warmup_steps > 0)
+                snprintf(sched + strlen(sched), sizeof sched - strlen(sched), " after %lld warm-up steps",
+                         (long long)o.optim.warmup_steps);
             printf("pipeline-run: data %s: %lld train / %lld test samples; batch %lld = %d x %d x %lld; "
-                   "%s lr %g; %lld steps (%lld per epoch)\n",
+                   "%s lr %g%s; %lld steps (%lld per epoch)\n",
                    train->name, (long long)train->n, test ? (long long)test->n : 0LL, (long long)o.batch,
                    o.replicas, o.micro_batches, (long long)(o.batch / o.micro_batches / o.replicas),
-                   pw_optim_name(o.optim.kind), (double)o.optim.lr, (long long)total, (long long)spe);
+                   pw_optim_name(o.optim.kind), (double)o.optim.lr, sched, (long long)total, (long long)spe);
             fflush(stdout);
         }
     }

@@ -21,6 +21,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "graph/graph.h"
 #include "runtime/rng.h"
 #include "runtime/status.h"
 
@@ -543,11 +544,24 @@ void pw_cpu_pos_embedding_bwd_weight(const float *restrict dy, float *restrict d
 
 /* ---------------------------------------------------------------- attention */
 
-/* Per (sequence, head): S = Q·Kᵀ/√hd and O = P·V are BLAS GEMMs over the full
- * T×T square; the softmax then writes exact zeros above the diagonal, so the
- * discarded half never reaches O (0·v adds nothing, and the GEMM's order of
- * operations does not depend on the values). Q, K, V are read in place with
- * leading dimension 3D; no copies. */
+/* Causal attention only needs the lower triangle of each T×T score matrix.
+ * The kernels cut the T positions into blocks of ATT_BLOCK rows and skip the
+ * blocks above the diagonal: row block i (rows r0 .. r0+rn) needs key
+ * columns 0 .. r0+rn only, and key block j (columns c0 .. c0+cn) only gets
+ * gradient from query rows c0 .. T. That is (nb + 1) / (2·nb) of the full
+ * square's GEMM work for nb blocks (62.5 % at T = 128), in GEMMs still big
+ * enough to run near the BLAS's rate. Inside a block the diagonal's upper
+ * part is computed and then overwritten with exact zeros, so it never
+ * reaches an output. Blocks depend on T only, never on the batch size, so
+ * a sequence's bits do not depend on the micro-batching. */
+#define ATT_BLOCK PW_CPU_ATTENTION_BLOCK
+_Static_assert(PW_CPU_ATTENTION_BLOCK == PW_ATTENTION_BLOCK,
+               "graph/ops.c's attention cost counts blocks of PW_ATTENTION_BLOCK rows");
+
+/* Per (sequence, head), per row block: S = Q·Kᵀ/√hd and O = P·V as BLAS
+ * GEMMs over the block's columns; the softmax writes exact zeros above the
+ * diagonal (every entry of att above it is 0). Q, K, V are read in place
+ * with leading dimension 3D; no copies. */
 void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float *restrict att,
                           int64_t batch, int64_t T, int64_t D, int64_t H)
 {
@@ -559,22 +573,26 @@ void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float 
         for (int64_t h = 0; h < H; h++) {
             const float *q = q0 + h * hd, *k = q + D, *v = q + 2 * D;
             float *a = att + (b * H + h) * T * T;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(T), blas_dim(T),
-                        blas_dim(hd), scale, q, blas_ld(ld), k, blas_ld(ld), 0.0f, a,
-                        blas_ld(T));
-            for (int64_t t = 0; t < T; t++) {
-                float *restrict row = a + t * T;
-                const int64_t len = t + 1;
-                float m = row[0];
-                for (int64_t s = 1; s < len; s++) m = row[s] > m ? row[s] : m;
-                VF_FOR(s, w, len, vec_store(row + s, vec_exp(vec_load(row + s, w) - m), w););
-                const float inv = (float)(1.0 / sum_d(row, len));
-                VEC_FOR(s, len, row[s] *= inv;);
-                if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
+            for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+                const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
+                float *ab = a + r0 * T;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rn), blas_dim(cols),
+                            blas_dim(hd), scale, q + r0 * ld, blas_ld(ld), k, blas_ld(ld), 0.0f,
+                            ab, blas_ld(T));
+                for (int64_t t = r0; t < r0 + rn; t++) {
+                    float *restrict row = a + t * T;
+                    const int64_t len = t + 1;
+                    float m = row[0];
+                    for (int64_t s = 1; s < len; s++) m = row[s] > m ? row[s] : m;
+                    VF_FOR(s, w, len, vec_store(row + s, vec_exp(vec_load(row + s, w) - m), w););
+                    const float inv = (float)(1.0 / sum_d(row, len));
+                    VEC_FOR(s, len, row[s] *= inv;);
+                    if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(rn), blas_dim(hd),
+                            blas_dim(cols), 1.0f, ab, blas_ld(T), v, blas_ld(ld), 0.0f,
+                            out + (b * T + r0) * D + h * hd, blas_ld(D));
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
-                        blas_dim(T), 1.0f, a, blas_ld(T), v, blas_ld(ld), 0.0f,
-                        out + b * T * D + h * hd, blas_ld(D));
         }
     }
 }
@@ -583,7 +601,8 @@ void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float 
  *   dS[t, s] = P[t, s]·(dP[t, s] − Σ_s' P[t, s']·dP[t, s']) / √hd
  *   dQ = dS·K,  dK = dSᵀ·Q,  dV = Pᵀ·dO
  * P is zero above the diagonal, so dS is too, and the row sums run over
- * s ≤ t only. */
+ * s ≤ t only. dP and dQ go by row blocks (columns up to the block's last
+ * row), dK and dV by key blocks (rows from the block's first column on). */
 void pw_cpu_attention_bwd_input(const float *restrict qkv, const float *restrict att,
                                 const float *restrict dout, float *restrict dqkv,
                                 float *restrict scratch, int64_t batch, int64_t T, int64_t D,
@@ -603,33 +622,39 @@ void pw_cpu_attention_bwd_input(const float *restrict qkv, const float *restrict
             float *dq = dq0 + h * hd, *dk = dq + D, *dv = dq + 2 * D;
             const float *a = att + (b * H + h) * T * T;
             float *ds = scratch;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(T), blas_dim(T),
-                        blas_dim(hd), 1.0f, dO, blas_ld(D), v, blas_ld(ld), 0.0f, ds,
-                        blas_ld(T));
-            for (int64_t t = 0; t < T; t++) {
-                const float *restrict pr = a + t * T;
-                float *restrict dr = ds + t * T;
-                const int64_t len = t + 1;
-                double acc[LANES] = {0};
-                int64_t s = 0;
-                for (; s + LANES <= len; s += LANES)
-                    for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
-                double dot = 0.0;
-                for (int l = 0; l < LANES; l++) dot += acc[l];
-                for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
-                const float df = (float)dot;
-                VEC_FOR(j, len, dr[j] = pr[j] * (dr[j] - df) * scale;);
-                if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
+            for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+                const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rn), blas_dim(cols),
+                            blas_dim(hd), 1.0f, dO + r0 * D, blas_ld(D), v, blas_ld(ld), 0.0f,
+                            ds + r0 * T, blas_ld(T));
+                for (int64_t t = r0; t < r0 + rn; t++) {
+                    const float *restrict pr = a + t * T;
+                    float *restrict dr = ds + t * T;
+                    const int64_t len = t + 1;
+                    double acc[LANES] = {0};
+                    int64_t s = 0;
+                    for (; s + LANES <= len; s += LANES)
+                        for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
+                    double dot = 0.0;
+                    for (int l = 0; l < LANES; l++) dot += acc[l];
+                    for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
+                    const float df = (float)dot;
+                    VEC_FOR(j, len, dr[j] = pr[j] * (dr[j] - df) * scale;);
+                    if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(rn), blas_dim(hd),
+                            blas_dim(cols), 1.0f, ds + r0 * T, blas_ld(T), k, blas_ld(ld), beta,
+                            dq + r0 * ld, blas_ld(ld));
             }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
-                        blas_dim(T), 1.0f, ds, blas_ld(T), k, blas_ld(ld), beta, dq,
-                        blas_ld(ld));
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
-                        blas_dim(T), 1.0f, ds, blas_ld(T), q, blas_ld(ld), beta, dk,
-                        blas_ld(ld));
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(T), blas_dim(hd),
-                        blas_dim(T), 1.0f, a, blas_ld(T), dO, blas_ld(D), beta, dv,
-                        blas_ld(ld));
+            for (int64_t c0 = 0; c0 < T; c0 += ATT_BLOCK) {
+                const int64_t cn = T - c0 < ATT_BLOCK ? T - c0 : ATT_BLOCK, rows = T - c0;
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(cn), blas_dim(hd),
+                            blas_dim(rows), 1.0f, ds + c0 * T + c0, blas_ld(T), q + c0 * ld,
+                            blas_ld(ld), beta, dk + c0 * ld, blas_ld(ld));
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(cn), blas_dim(hd),
+                            blas_dim(rows), 1.0f, a + c0 * T + c0, blas_ld(T), dO + c0 * D,
+                            blas_ld(D), beta, dv + c0 * ld, blas_ld(ld));
+            }
         }
     }
 }

@@ -5,10 +5,25 @@
  *   identical   for every (stages, replicas) with stages × replicas = NP:
  *               the checkpoint's tensors are byte-identical to the same run
  *               in one process (SGD and AdamW, 1F1B / GPipe / split W, clipping);
- *               a run resumed with --init-from likewise
+ *               a run resumed with --init-from likewise; interleaved 1F1B and
+ *               zb-v (two chunks per process) likewise
+ *   tied        a tiny GPT whose head reuses the token embedding (wte.weight
+ *               on the first and last stage, so in different processes):
+ *               byte-identical to one process, with clipping and replicas
+ *   data parts  IDX files: the first stage reads only the images, the last
+ *               only the labels, a middle stage neither file (the PW_DEBUG
+ *               log of each process, told apart by mpirun --tag-output, says
+ *               what it read and loaded); still byte-identical
+ *   binding     with pinning on, the processes of this host bind their
+ *               workers to cores by host rank (not all to core 0), or keep
+ *               mpirun's --bind-to core binding
  *   failures    a rank killed (SIGKILL), exiting early, reporting an error
  *               or hanging: mpirun returns non-zero within a bounded time and
  *               the output names the rank (and stage)
+ *
+ *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
+ *               few layouts, partial synthetic data holds the same values as
+ *               the full set, and gather refuses a side that was not loaded
  *
  * Exit status: 0 pass, 1 fail, 77 skipped (no mpirun, or a build without
  * MPI), as CTest's SKIP_RETURN_CODE. */
@@ -21,7 +36,11 @@
 #include <unistd.h>
 
 #include "runtime/safetensors.h"
+#include "runtime/topology.h"
 #include "runtime/transport.h"
+#include "graph/graph.h"
+#include "stages/data.h"
+#include "stages/pipeline.h"
 
 static const char *bin;       /* the build directory: pipeline-run */
 static char dir[64];          /* scratch */
@@ -132,13 +151,53 @@ static void write_graph(void)
     fclose(f);
 }
 
-/* One (stages, replicas) layout: the same flags in one process and under
- * mpirun; the checkpoints must hold the same tensor bytes. */
-static void identical(int np, int S, int R, const char *extra, const char *mpi_extra, const char *tag)
+/* A tiny GPT whose head is tied to the token embedding (as
+ * tests/test_pipeline.c's), and a text to train it on. */
+static void write_tied(void)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/tied.graph", dir);
+    FILE *f = fopen(path, "w");
+    fputs("graph tiny_tied_gpt\n"
+          "input tokens : i32[8]\n"
+          "label next : i32[8]\n"
+          "tok = embedding(tokens, vocab=256, dim=16) as wte\n"
+          "pos = pos_embedding(tok, max=8) as wpe\n"
+          "x0  = dropout(pos, p=0.1)\n"
+          "h = repeat 2 as h (x = x0) {\n"
+          "  a   = layernorm(x) as ln_1\n"
+          "  qkv = linear(a, out=48) as attn.c_attn\n"
+          "  att = causal_attention(qkv, heads=2)\n"
+          "  o   = linear(att, out=16) as attn.c_proj\n"
+          "  od  = dropout(o, p=0.1)\n"
+          "  x1  = add(x, od)\n"
+          "  m   = layernorm(x1) as ln_2\n"
+          "  fc  = linear(m, out=64) as mlp.c_fc\n"
+          "  g   = gelu(fc)\n"
+          "  pr  = linear(g, out=16) as mlp.c_proj\n"
+          "  x2  = add(x1, pr)\n"
+          "  return x2\n"
+          "}\n"
+          "hf = layernorm(h) as ln_f\n"
+          "logits = linear(hf, out=256, bias=false, weight=wte.weight) as lm_head\n"
+          "loss = softmax_cross_entropy(logits, next)\n", f);
+    fclose(f);
+    static const char *const sent[] = {"the quick brown fox jumps over the lazy dog. ",
+                                       "a stitch in time saves nine. ", "all that glitters is not gold. "};
+    snprintf(path, sizeof path, "%s/text.txt", dir);
+    f = fopen(path, "w");
+    for (int i = 0; i < 120; i++) fputs(sent[(i * 7 + i / 3) % 3], f);
+    fclose(f);
+}
+
+/* The same training run (model, data and step flags in `model`) in one
+ * process and under mpirun -np NP; the checkpoints must hold the same
+ * tensor bytes. */
+static void identical_model(const char *model, int np, int S, int R, const char *extra, const char *mpi_extra,
+                            const char *tag)
 {
     char args[1024], cmd[2048], why[256];
-    snprintf(args, sizeof args, "m.graph " DATA " --stages %d --replicas %d --batch 48 --steps 12 %s", S, R,
-             extra);
+    snprintf(args, sizeof args, "%s --stages %d --replicas %d %s", model, S, R, extra);
     char *out = NULL;
     double took;
     snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save one_%s.st", bin, args, tag);
@@ -162,11 +221,307 @@ static void identical(int np, int S, int R, const char *extra, const char *mpi_e
     snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
     snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
     if (!same_tensors(a, b, why, sizeof why))
-        fail("%d stages x %d replicas %s %s: the MPI checkpoint differs from one process: %s", S, R, extra,
-             mpi_extra, why);
+        fail("%s: %d stages x %d replicas %s %s: the MPI checkpoint differs from one process: %s", model, S,
+             R, extra, mpi_extra, why);
     else
-        printf("ok   %d stages x %d replicas %s %s: MPI checkpoint identical to one process (%.1f s)\n", S, R,
-               extra, mpi_extra, took);
+        printf("ok   %.*s: %d stages x %d replicas %s %s: MPI checkpoint identical to one process (%.1f s)\n",
+               (int)strcspn(model, " "), model, S, R, extra, mpi_extra, took);
+}
+
+/* One (stages, replicas) layout of the MLP. */
+static void identical(int np, int S, int R, const char *extra, const char *mpi_extra, const char *tag)
+{
+    identical_model("m.graph " DATA " --batch 48 --steps 12", np, S, R, extra, mpi_extra, tag);
+}
+
+/* The tied GPT: wte.weight on the first chunk, lm_head on the last. */
+static void tied(int np, int S, int R, const char *extra, const char *tag)
+{
+    identical_model("tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6",
+                    np, S, R, extra, "", tag);
+}
+
+/* 1 when some line of `out` that mpirun --tag-output marks as world rank
+ * `rank` ("[1,3]<stderr>:...") contains `needle`. */
+static int rank_says(const char *out, int rank, const char *needle)
+{
+    for (const char *line = out; line && *line;) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        int job = 0, r = -1;
+        if (sscanf(line, "[%d,%d]", &job, &r) == 2 && r == rank) {
+            char buf[1024];
+            snprintf(buf, sizeof buf, "%.*s", (int)(len < sizeof buf ? len : sizeof buf - 1), line);
+            if (strstr(buf, needle)) return 1;
+        }
+        line = end ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+/* IDX files (f32 images, gzipped u8 labels) of the synthetic task, so that
+ * reading a file shows in the log. */
+static int write_idx(void)
+{
+    for (int train = 1; train >= 0; train--) {
+        pw_dataset *d = NULL;
+        if (pw_dataset_from_spec("synthetic:768:24:5", train, &d) != PW_OK) {
+            fail("synthetic data: %s", pw_last_error());
+            return 0;
+        }
+        unsigned char *y = malloc((size_t)d->n);
+        for (int64_t i = 0; i < d->n; i++) y[i] = (unsigned char)d->y[i];
+        pw_shape xs = {.ndim = 2, .d = {d->n, d->sample_numel}}, ys = {.ndim = 1, .d = {d->n}};
+        char px[128], py[128];
+        snprintf(px, sizeof px, "%s/%s_x.idx", dir, train ? "tr" : "te");
+        snprintf(py, sizeof py, "%s/%s_y.idx.gz", dir, train ? "tr" : "te");
+        int ok = pw_idx_write(px, PW_F32, &xs, d->x) == PW_OK && pw_idx_write(py, PW_U8, &ys, y) == PW_OK;
+        free(y);
+        pw_dataset_destroy(d);
+        if (!ok) {
+            fail("writing IDX files: %s", pw_last_error());
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Each process reads only the data its stages need: with S stages x R
+ * replicas over IDX files, stage 0 reads the images file alone, stage S-1
+ * the labels file alone, a middle stage neither (the labels file's header,
+ * for the sample count); the test split only on replica 0. The checkpoint
+ * stays byte-identical to one process. */
+static void data_parts(int np, int S, int R)
+{
+    char tag[32], args[1024], cmd[2048], why[256], *out = NULL;
+    snprintf(tag, sizeof tag, "dp%d%d", S, R);
+    snprintf(args, sizeof args, "m.graph --data idx:tr_x.idx,tr_y.idx.gz,te_x.idx,te_y.idx.gz --no-pin --quiet "
+             "--seed 5 --shuffle --stages %d --replicas %d --batch 48 --steps 12 --micro-batches 4", S, R);
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save one_%s.st", bin, args, tag);
+    if (run(cmd, 300, &out, NULL) != 0) {
+        fail("in one process (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    free(out);
+    snprintf(cmd, sizeof cmd, "PW_DEBUG=INFO PW_DEBUG_SUBSYS=DATA " MPIRUN " --tag-output -np %d %s/pipeline-run "
+             "%s --save mpi_%s.st", np, bin, args, tag);
+    if (run(cmd, 300, &out, NULL) != 0) {
+        fail("under mpirun (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    char a[160], b[160];
+    snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
+    snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
+    int bad = 0;
+    if (!same_tensors(a, b, why, sizeof why)) {
+        fail("data parts, %d stages x %d replicas: the MPI checkpoint differs from one process: %s", S, R, why);
+        bad = 1;
+    }
+    for (int w = 0; w < np; w++) {
+        const int stage = w % S, replica = w / S;
+        for (int train = 1; train >= 0; train--) {
+            const char *pre = train ? "tr" : "te";
+            char x[64], y[64], yh[80], loaded[96];
+            snprintf(x, sizeof x, "reading %s_x.idx", pre);
+            snprintf(y, sizeof y, "reading %s_y.idx.gz", pre);
+            snprintf(yh, sizeof yh, "reading %s_y.idx.gz (its header only)", pre);
+            const int none = !train && replica > 0; /* evaluation runs on replica 0 */
+            const int want_x = !none && stage == 0, want_y = !none && stage == S - 1;
+            snprintf(loaded, sizeof loaded, train ? "train data tr_x.idx: 768" : "test data te_x.idx: 192");
+            const char *what = want_x && want_y ? "loaded inputs and labels" : want_x ? "loaded inputs only"
+                             : want_y ? "loaded labels only" : "loaded nothing";
+            char says[160];
+            snprintf(says, sizeof says, "%s samples, %s", loaded, what);
+            if (!rank_says(out, w, says) || rank_says(out, w, x) != want_x ||
+                (rank_says(out, w, y) && !rank_says(out, w, yh)) != want_y ||
+                (want_x && !want_y && rank_says(out, w, y)) ||
+                (!want_x && !want_y && !rank_says(out, w, "(0 bytes)"))) {
+                fail("data parts, %d stages x %d replicas: MPI rank %d (stage %d, replica %d) should say \"%s\", "
+                     "%sread the %s images and %sthe %s labels:\n%s", S, R, w, stage, replica, says,
+                     want_x ? "" : "not ", pre, want_y ? "" : "not ", pre, out);
+                bad = 1;
+                break;
+            }
+        }
+        if (bad) break;
+    }
+    if (!bad)
+        printf("ok   data parts, %d stages x %d replicas: stage 0 reads only the images, stage %d only the "
+               "labels, middle stages neither; identical to one process\n", S, R, S - 1);
+    free(out);
+}
+
+/* Without mpirun: the layout logic and the partial loaders. */
+static void parts_unit(void)
+{
+    char path[160];
+    snprintf(path, sizeof path, "%s/m.graph", dir);
+    pw_graph *g = NULL;
+    if (pw_graph_parse_file(path, &g) != PW_OK) {
+        fail("parts: %s", pw_last_error());
+        return;
+    }
+    /* want[r]: rank r's sides (zb-v's V puts the first and last chunk on
+     * rank 0); eval[r] the same for replica 0's evaluation. */
+    struct { int S, R; pw_schedule_kind kind; unsigned want[4], eval[4]; } cases[] = {
+        {3, 1, PW_SCHEDULE_1F1B, {PW_DATA_INPUTS, 0, PW_DATA_LABELS}, {PW_DATA_INPUTS, 0, PW_DATA_LABELS}},
+        {2, 1, PW_SCHEDULE_ZB_V, {PW_DATA_ALL, 0}, {PW_DATA_ALL, 0}},
+        {2, 2, PW_SCHEDULE_INTERLEAVED, {PW_DATA_INPUTS, PW_DATA_LABELS}, {PW_DATA_INPUTS, PW_DATA_LABELS}},
+        {1, 2, PW_SCHEDULE_1F1B, {PW_DATA_ALL}, {PW_DATA_ALL}},
+    };
+    int ok = 1;
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int k = 0; k < cases[c].R; k++)
+            for (int r = 0; r < cases[c].S; r++) {
+                pw_transport t = {.rank = r, .n_ranks = cases[c].S, .replica = k, .n_replicas = cases[c].R};
+                pw_pipeline_config pc = pw_pipeline_defaults();
+                pc.graph = g;
+                pc.stages = cases[c].S;
+                pc.replicas = cases[c].R;
+                pc.micro_batches = 4;
+                pc.schedule = cases[c].kind;
+                pc.transport = &t;
+                unsigned got = 99, got_eval = 99;
+                if (pw_pipeline_data_parts(&pc, 0, &got) != PW_OK ||
+                    pw_pipeline_data_parts(&pc, 1, &got_eval) != PW_OK) {
+                    fail("parts: %s", pw_last_error());
+                    ok = 0;
+                    continue;
+                }
+                unsigned want_eval = k == 0 ? cases[c].eval[r] : 0;
+                if (got != cases[c].want[r] || got_eval != want_eval) {
+                    fail("parts: %s, %d stages x %d replicas, replica %d rank %d: parts %u (evaluation %u), "
+                         "expected %u (%u)", pw_schedule_kind_name(cases[c].kind), cases[c].S, cases[c].R, k, r,
+                         got, got_eval, cases[c].want[r], want_eval);
+                    ok = 0;
+                }
+            }
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    unsigned all = 0;
+    if (pw_pipeline_data_parts(&pc, 0, &all) != PW_OK || all != PW_DATA_ALL) {
+        fail("parts: without a transport every side is needed (got %u)", all);
+        ok = 0;
+    }
+    pw_graph_destroy(g);
+    /* Synthetic sides are the full set's values; missing sides are refused. */
+    pw_dataset *full = NULL, *xs = NULL, *ys = NULL, *none = NULL;
+    if (pw_dataset_from_spec_parts("synthetic:64:6:3", 1, NULL, PW_DATA_ALL, &full) != PW_OK ||
+        pw_dataset_from_spec_parts("synthetic:64:6:3", 1, NULL, PW_DATA_INPUTS, &xs) != PW_OK ||
+        pw_dataset_from_spec_parts("synthetic:64:6:3", 1, NULL, PW_DATA_LABELS, &ys) != PW_OK ||
+        pw_dataset_from_spec_parts("synthetic:64:6:3", 1, NULL, 0, &none) != PW_OK) {
+        fail("parts: synthetic: %s", pw_last_error());
+        ok = 0;
+    } else {
+        int64_t idx[2] = {5, 60};
+        float x[12];
+        int32_t y[2];
+        if (!xs->x || xs->y || memcmp(xs->x, full->x, sizeof(float) * 64 * 6) || !ys->y || ys->x ||
+            memcmp(ys->y, full->y, sizeof(int32_t) * 64) || none->x || none->y || none->n != 64 ||
+            none->loaded_bytes != 0 || xs->missing != PW_DATA_LABELS || ys->missing != PW_DATA_INPUTS) {
+            fail("parts: partial synthetic data differs from the full set");
+            ok = 0;
+        } else if (pw_dataset_gather(xs, idx, 2, x, NULL) != PW_OK ||
+                   pw_dataset_gather(ys, idx, 2, NULL, y) != PW_OK ||
+                   pw_dataset_gather(xs, idx, 2, NULL, y) == PW_OK ||
+                   pw_dataset_gather(none, idx, 2, x, NULL) == PW_OK ||
+                   !strstr(pw_last_error(), "not loaded in this process")) {
+            fail("parts: gather of the loaded sides must work and of a missing side fail (%s)", pw_last_error());
+            ok = 0;
+        }
+    }
+    pw_dataset_destroy(full);
+    pw_dataset_destroy(xs);
+    pw_dataset_destroy(ys);
+    pw_dataset_destroy(none);
+    if (ok) printf("ok   parts: pw_pipeline_data_parts per rank; partial synthetic data and gather\n");
+}
+
+/* Without mpirun: the placement rule on a machine we don't have (2 cores,
+ * 4 processes on the host): host rank l takes core l mod 2, never all core
+ * 0 (a synthetic topology is never "already bound"). */
+static void host_place_unit(void)
+{
+    hwloc_topology_t topo = NULL;
+    if (pw_topology_load_synthetic("pack:1 core:2 pu:1", &topo) != PW_OK) {
+        fail("host place: %s", pw_last_error());
+        return;
+    }
+    int ok = 1;
+    for (int l = 0; l < 4; l++) {
+        pw_transport t = {.local_rank = l, .local_size = 4};
+        int slot = -1, n = 0;
+        pw_cpu_placement *place = NULL;
+        if (pw_transport_host_place(&t, topo, &slot, &n) != 0 || slot != l || n != 4 ||
+            pw_cpu_place_ranks(topo, n, &place) != PW_OK || place->core[slot] != l % 2) {
+            fail("host place: host rank %d of 4 on 2 cores: slot %d of %d, core %d (expected core %d)", l, slot,
+                 n, place ? place->core[slot < 0 ? 0 : slot] : -1, l % 2);
+            ok = 0;
+        }
+        pw_cpu_placement_destroy(place);
+    }
+    hwloc_topology_destroy(topo);
+    if (ok) printf("ok   host place: 4 processes on 2 cores take cores 0 1 0 1\n");
+}
+
+/* Pinning under mpirun: host rank l's worker binds to core l mod cores, so
+ * the processes of one host spread over its cores; with --bind-to core
+ * (when there are cores for it) each process keeps mpirun's core. */
+static void binding(int np)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "PW_DEBUG=INFO PW_DEBUG_SUBSYS=TOPO " MPIRUN " -np %d %s/pipeline-run m.graph "
+             "--data synthetic:768:24:5 --quiet --seed 5 --stages %d --batch 48 --steps 2", np, bin, np);
+    if (run(cmd, 120, &out, NULL) != 0) {
+        fail("binding (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    int seen = 0, cores = 0, first_core = -1, spread = 0;
+    for (int w = 0; w < np; w++) {
+        char pat[96];
+        snprintf(pat, sizeof pat, "MPI rank %d (host rank ", w);
+        const char *at = strstr(out, pat);
+        int host = -1, n = 0, core = -1;
+        if (!at || sscanf(at + strlen(pat), "%d of %d): the worker binds to core %d of %d", &host, &n, &core,
+                          &cores) != 4)
+            continue;
+        seen++;
+        if (cores > 0 && core != host % cores) {
+            fail("binding: MPI rank %d (host rank %d) bound to core %d, expected %d of %d\n%s", w, host, core,
+                 host % cores, cores, out);
+            free(out);
+            return;
+        }
+        if (first_core < 0) first_core = core;
+        else if (core != first_core) spread = 1;
+    }
+    if (seen != np || (cores >= 2 && !spread)) {
+        fail("binding: %d of %d processes logged their core (%d cores), %s\n%s", seen, np, cores,
+             spread ? "spread" : "all on one core", out);
+        free(out);
+        return;
+    }
+    free(out);
+    printf("ok   binding: %d processes on %d cores, host rank l on core l mod %d\n", np, cores, cores);
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    if (np != 2 || online < 2) return;
+    snprintf(cmd, sizeof cmd, "PW_DEBUG=INFO PW_DEBUG_SUBSYS=TOPO mpirun --oversubscribe --bind-to core --mca btl "
+             "self,vader -np 2 %s/pipeline-run m.graph --data synthetic:768:24:5 --quiet --seed 5 --stages 2 "
+             "--batch 48 --steps 2", bin);
+    if (run(cmd, 120, &out, NULL) != 0) {
+        fail("binding (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    if (!strstr(out, "MPI rank 0 (host rank 0 of 2): already bound to PU") ||
+        !strstr(out, "MPI rank 1 (host rank 1 of 2): already bound to PU"))
+        fail("binding: with --bind-to core both processes should keep mpirun's binding:\n%s", out);
+    else
+        printf("ok   binding: under --bind-to core each worker keeps mpirun's core\n");
+    free(out);
 }
 
 /* Resuming under MPI from a checkpoint saved in one process. */
@@ -253,13 +608,24 @@ int main(int argc, char **argv)
     snprintf(dir, sizeof dir, "/tmp/pw_mpi_test_XXXXXX");
     if (!mkdtemp(dir)) return 1;
     write_graph();
+    write_tied();
+    const int have_idx = write_idx();
 
     if (np == 2) {
+        parts_unit();
+        host_place_unit();
         identical(2, 2, 1, "--micro-batches 4", "", "s2");
         identical(2, 1, 2, "--micro-batches 2 --buckets 3", "", "r2");
         identical(2, 2, 1, "--schedule gpipe --optimizer adamw --clip-grad-norm 0.5", "", "s2g");
         identical(2, 1, 2, "--optimizer adamw", "--allreduce mpi", "r2mpi");
         resumed(2, 1, 2);
+        identical(2, 2, 1, "--micro-batches 4 --schedule interleaved", "", "il2");
+        identical(2, 2, 1, "--micro-batches 4 --schedule zb-v --optimizer adamw --clip-grad-norm 0.5", "", "zbv2");
+        tied(2, 2, 1, "--micro-batches 4", "t2");
+        tied(2, 2, 1, "--micro-batches 4 --schedule zb-v --optimizer adamw --clip-grad-norm 0.05", "t2zbv");
+        tied(2, 2, 1, "--micro-batches 4 --schedule interleaved --clip-grad-norm 0.05", "t2il");
+        if (have_idx) data_parts(2, 2, 1);
+        binding(2);
         failure(2, "kill", "rank %d", 60);
         failure(2, "error", "MPI rank %d (replica %d, stage %d): step 2: injected fault", 60);
     } else {
@@ -268,6 +634,15 @@ int main(int argc, char **argv)
         identical(4, 1, 4, "--micro-batches 2 --buckets 2 --optimizer adamw", "", "r4");
         identical(4, 2, 2, "--schedule zb-h1 --micro-batches 4 --buckets 2", "", "zb");
         resumed(4, 2, 2);
+        identical(4, 4, 1, "--micro-batches 8 --schedule interleaved --optimizer adamw", "", "il4");
+        identical(4, 2, 2, "--micro-batches 4 --schedule zb-v --buckets 2 --clip-grad-norm 0.5", "", "zbv4");
+        tied(4, 4, 1, "--micro-batches 4 --schedule interleaved --optimizer adamw --clip-grad-norm 0.05", "t4il");
+        tied(4, 2, 2, "--micro-batches 2 --schedule zb-v --clip-grad-norm 0.05", "t4zbv");
+        if (have_idx) {
+            data_parts(4, 4, 1);
+            data_parts(4, 2, 2);
+        }
+        binding(4);
         failure(4, "kill", "rank %d", 60);
         failure(4, "exit", "MPI rank %d (replica %d, stage %d): exited before the end of the run", 60);
         failure(4, "hang", "MPI rank %d = replica %d rank %d", 60);

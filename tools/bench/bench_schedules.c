@@ -1,31 +1,42 @@
 /* bench_schedules — every schedule run on this machine at p = 2 stages and
  * m = 8 micro-batches, side by side: measured step time and bubble, the
  * schedule's theoretical bubble, and the simulator's predicted step time from
- * a measured per-op profile (the error is the simulator's).
+ * four sources of chunk times (the error is the simulator's and the
+ * source's):
+ *
+ *   raw          a measured per-op profile (pw_profile_measure at the same
+ *                micro-batch size, one BLAS thread), summed per chunk;
+ *   stage-timed  each chunk's own program in the built pipeline, timed whole
+ *                as the engine runs it (time_chunks), in CPU time; no factor;
+ *   calibrated   the raw profile scaled by one factor: the one-stage run's
+ *                measured step over its simulation;
+ *   forecast --calibrate  the user-facing path (pipeline-run --simulate
+ *                --calibrate): the FLOP cost model of stages/forecast.h at
+ *                the rate pw_forecast_calibrate measures here.
  *
  *   bench_schedules [--width W] [--layers L] [--micro-size B] [--steps N]
  *
  * Model: an L × W MLP (linear + relu), partitioned by FLOPs into the
- * schedule's chunks. Per-op times come from pw_profile_measure at the same
- * micro-batch size on one BLAS thread; a chunk's F / B / W cost is the sum over
- * its nodes, its OPTIM cost is timed on its program. Messages are hand-offs
- * between threads (zero-copy): a fixed 10 µs latency.
+ * schedule's chunks. OPTIM is timed on each chunk's program. Messages are
+ * hand-offs between threads (zero-copy): a fixed 10 µs latency.
  *
- * Calibration: an op timed alone in a loop runs hotter in cache than inside a
- * step (stash slots rotate, data is gathered), so the profile alone predicts
- * every step ~12 % short on this machine. The bench therefore measures the
- * one-stage run once, scales the profile so the one-stage simulation matches
- * it, and then predicts every multi-stage schedule with that single factor
- * (printed). Both the raw and the calibrated error are shown. */
+ * Why the raw profile is short: an op timed alone in a loop runs with its
+ * weights and output hot in cache; inside a step a chunk's ops run back to
+ * back over rotating stash slots. The one-stage lines compare the three in
+ * wall and CPU time (CPU time is what other load on a shared machine does
+ * not inflate); docs/performance.md has the figures. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "graph/graph.h"
 #include "runtime/trace.h"
 #include "scheduler/simulate.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
+#include "stages/forecast.h"
 #include "stages/pipeline.h"
 #include "stages/profile.h"
 
@@ -46,6 +57,121 @@ static void die(const char *what)
 {
     fprintf(stderr, "bench_schedules: %s: %s\n", what, pw_last_error());
     exit(1);
+}
+
+/* Each chunk's F, B and W per micro-batch, timed on the pipeline's own chunk
+ * programs as the engine runs them: M forwards over the rotating stash
+ * slots, then M backwards in the same order (input, then weight; with a
+ * split W, all the weight passes after all the input passes), each action
+ * timed alone; the median of `reps` rounds. Unlike the per-op
+ * profile, a chunk's ops run back to back over its real buffers, so its
+ * parameters, stash and the caches are as warm (or cold) as in a step. */
+/* The clock the chunk timings read: wall time, or (cpu = 1) this thread's
+ * CPU time, which other processes on the machine do not inflate. */
+static int64_t clock_ns(int cpu)
+{
+    if (!cpu) return pw_now_ns();
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int64_t process_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void time_chunks(pw_pipeline *pl, int M, int64_t mbs, int reps, int cpu, int rank,
+                        pw_sim_chunk_cost *cost)
+{
+    pw_schedule_report *rep;
+    const pw_schedule *sched = pw_pipeline_schedule(pl);
+    if (pw_schedule_validate(sched, &rep) != PW_OK) die("validate");
+    const int C = pw_pipeline_n_chunks(pl);
+    const int split = sched->split_w;
+    for (int c = 0; c < C; c++) {
+        if (rank >= 0 && pw_schedule_rank_of(sched, c) != rank) continue;
+        pw_program *p = pw_pipeline_program(pl, c);
+        const int slots = rep->peak_inflight_chunk[c] > 0 ? rep->peak_inflight_chunk[c] : 1;
+        double f[16], b[16], w[16];
+        for (int r = 0; r < reps; r++) {
+            int64_t tf = 0, tb = 0, tw = 0;
+            for (int mb = 0; mb < M; mb++) {
+                int64_t t0 = clock_ns(cpu);
+                if (pw_program_forward(p, mb % slots, mbs) != PW_OK) die("forward");
+                tf += clock_ns(cpu) - t0;
+            }
+            /* An unsplit B runs the weight gradient right after the input
+             * gradient; a split schedule runs W later, when the micro-batch's
+             * stash is no longer in cache: a pass of its own. */
+            for (int mb = 0; mb < M; mb++) {
+                int64_t t0 = clock_ns(cpu);
+                if (pw_program_backward_input(p, mb % slots) != PW_OK) die("backward");
+                int64_t t1 = clock_ns(cpu);
+                tb += t1 - t0;
+                if (split) continue;
+                if (pw_program_backward_weight(p, mb % slots) != PW_OK) die("backward");
+                tw += clock_ns(cpu) - t1;
+            }
+            for (int mb = 0; split && mb < M; mb++) {
+                int64_t t0 = clock_ns(cpu);
+                if (pw_program_backward_weight(p, mb % slots) != PW_OK) die("backward");
+                tw += clock_ns(cpu) - t0;
+            }
+            f[r] = (double)tf * 1e-9 / M;
+            b[r] = (double)tb * 1e-9 / M;
+            w[r] = (double)tw * 1e-9 / M;
+        }
+        int64_t o0 = clock_ns(cpu);
+        for (int r = 0; r < 3; r++) pw_program_optimizer_step(p, 3000 + r);
+        cost[c].optim = (double)(clock_ns(cpu) - o0) * 1e-9 / 3;
+        pw_program_zero_grads(p);
+        qsort(f, (size_t)reps, sizeof f[0], cmp_double);
+        qsort(b, (size_t)reps, sizeof b[0], cmp_double);
+        qsort(w, (size_t)reps, sizeof w[0], cmp_double);
+        cost[c].f = f[reps / 2];
+        cost[c].b = b[reps / 2];
+        cost[c].w = w[reps / 2];
+    }
+    pw_schedule_report_destroy(rep);
+}
+
+/* time_chunks for every rank at once, one thread per rank (CPU time): the
+ * ranks of a step run concurrently and share the last-level cache and the
+ * memory bandwidth, which a chunk timed alone does not see. */
+typedef struct rank_job {
+    pw_pipeline *pl;
+    int M, reps, rank;
+    int64_t mbs;
+    pw_sim_chunk_cost *cost;
+    pthread_barrier_t *start;
+} rank_job;
+
+static void *rank_main(void *arg)
+{
+    rank_job *j = arg;
+    pw_cpu_set_threads(1);
+    pthread_barrier_wait(j->start);
+    time_chunks(j->pl, j->M, j->mbs, j->reps, 1, j->rank, j->cost);
+    return NULL;
+}
+
+static void time_chunks_concurrently(pw_pipeline *pl, int M, int64_t mbs, int reps, pw_sim_chunk_cost *cost)
+{
+    const int R = pw_pipeline_schedule(pl)->n_ranks;
+    pthread_t th[64];
+    rank_job job[64];
+    pthread_barrier_t start;
+    if (R > 64 || pthread_barrier_init(&start, NULL, (unsigned)R) != 0) die("threads");
+    for (int r = 0; r < R; r++) {
+        job[r] = (rank_job){.pl = pl, .M = M, .reps = reps, .rank = r, .mbs = mbs, .cost = cost,
+                            .start = &start};
+        if (pthread_create(&th[r], NULL, rank_main, &job[r]) != 0) die("threads");
+    }
+    for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&start);
 }
 
 int main(int argc, char **argv)
@@ -92,14 +218,18 @@ int main(int argc, char **argv)
         pw_pipeline *pl;
         if (pw_pipeline_create(&pc, &pl) != PW_OK) die("one stage");
         pw_cpu_set_threads(1);
-        double t[64];
+        double t[64], tc[64];
         pw_pipeline_step(pl, NULL);
         for (int i = 0; i < steps; i++) {
-            int64_t t0 = pw_now_ns();
+            int64_t t0 = pw_now_ns(), c0 = process_cpu_ns();
             if (pw_pipeline_step(pl, NULL) != PW_OK) die("step");
             t[i] = (double)(pw_now_ns() - t0) * 1e-9;
+            /* One stage: the worker's CPU time is the step, less what other
+             * processes took from it (the main thread only waits). */
+            tc[i] = (double)(process_cpu_ns() - c0) * 1e-9;
         }
         qsort(t, (size_t)steps, sizeof t[0], cmp_double);
+        qsort(tc, (size_t)steps, sizeof tc[0], cmp_double);
         pw_sim_chunk_cost one = {0};
         for (int i = 0; i < g->n_nodes; i++) {
             one.f += prof->times[i].f;
@@ -114,11 +244,36 @@ int main(int argc, char **argv)
         pw_sim_result *res;
         if (pw_simulate(pw_pipeline_schedule(pl), &sim, &res) != PW_OK) die("simulate");
         calib = t[steps / 2] / res->step_time;
-        printf("  calibration: one stage measured %.2f ms, profile predicts %.2f ms: factor %.3f\n",
-               t[steps / 2] * 1e3, res->step_time * 1e3, calib);
+        pw_sim_chunk_cost whole = {0}, whole_cpu = {0};
+        time_chunks(pl, M, mbs, 5, 0, -1, &whole);
+        time_chunks(pl, M, mbs, 5, 1, -1, &whole_cpu);
+        pw_sim_result *res1, *res2;
+        sim.chunks = &whole;
+        if (pw_simulate(pw_pipeline_schedule(pl), &sim, &res1) != PW_OK) die("simulate");
+        sim.chunks = &whole_cpu;
+        if (pw_simulate(pw_pipeline_schedule(pl), &sim, &res2) != PW_OK) die("simulate");
+        printf("  calibration: one stage measured %.2f ms, profile predicts %.2f ms: factor %.3f "
+               "(stage-timed predicts %.2f ms, %+.1f%%)\n", t[steps / 2] * 1e3, res->step_time * 1e3,
+               calib, res1->step_time * 1e3, 100.0 * (res1->step_time / t[steps / 2] - 1.0));
+        printf("  one stage in CPU time (what other load does not inflate): measured %.2f ms, "
+               "stage-timed predicts %.2f ms (%+.1f%%)\n", tc[steps / 2] * 1e3, res2->step_time * 1e3,
+               100.0 * (res2->step_time / tc[steps / 2] - 1.0));
+        pw_sim_result_destroy(res1);
+        pw_sim_result_destroy(res2);
         pw_sim_result_destroy(res);
         pw_pipeline_destroy(pl);
     }
+    /* The user-facing calibration (pipeline-run --simulate --calibrate): one
+     * measured rate for the graph's FLOP cost model. */
+    pw_forecast_config fc = pw_forecast_defaults();
+    fc.graph = g;
+    fc.micro_batches = M;
+    fc.micro_batch_size = mbs;
+    fc.link_latency_s = 10e-6;
+    fc.link_bandwidth = 0; /* hand-offs between threads: no bandwidth limit */
+    double cal_step;
+    if (pw_forecast_calibrate(&fc, &fc.flops_per_s, &cal_step) != PW_OK) die("calibrate");
+    printf("  --calibrate: one-stage step %.2f ms here: %.3g FLOP/s\n", cal_step * 1e3, fc.flops_per_s);
     static const struct { pw_schedule_kind kind; const char *name; } kinds[] = {
         {PW_SCHEDULE_GPIPE, "gpipe"},       {PW_SCHEDULE_1F1B, "1f1b"},
         {PW_SCHEDULE_INTERLEAVED, "interleaved v=2"}, {PW_SCHEDULE_ZB_H1, "zb-h1"},
@@ -127,7 +282,7 @@ int main(int argc, char **argv)
     printf("bench_schedules: %ld x %ld MLP, p = %d stages, m = %d micro-batches of %ld, one core "
            "per stage\n", L, W, S, M, mbs);
     printf("  schedule          measured step   bubble   theory   simulated (raw)   error   "
-           "calibrated   error\n");
+           "stage-timed   error   calibrated   error   forecast --calibrate   error\n");
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
         pw_pipeline_config pc = pw_pipeline_defaults();
         pc.graph = g;
@@ -168,8 +323,16 @@ int main(int argc, char **argv)
             cost[c].optim = (double)(pw_now_ns() - o0) * 1e-9 / 3;
         }
         pw_sim_config sim = {.chunks = cost, .link_latency = 10e-6, .link_bandwidth = 0};
-        pw_sim_result *res, *cal;
+        pw_sim_result *res, *cal, *stt;
         if (pw_simulate(pw_pipeline_schedule(pl), &sim, &res) != PW_OK) die("simulate");
+        /* The same chunks timed whole, as the engine runs them, in this
+         * thread's CPU time: the prediction does not move with the load
+         * other processes put on the machine (the measured step does). */
+        pw_sim_chunk_cost *timed = calloc((size_t)C, sizeof *timed);
+        time_chunks_concurrently(pl, M, mbs, 5, timed);
+        pw_sim_config simt = sim;
+        simt.chunks = timed;
+        if (pw_simulate(pw_pipeline_schedule(pl), &simt, &stt) != PW_OK) die("simulate");
         for (int c = 0; c < C; c++) {
             cost[c].f *= calib;
             cost[c].b *= calib;
@@ -178,12 +341,25 @@ int main(int argc, char **argv)
         }
         if (pw_simulate(pw_pipeline_schedule(pl), &sim, &cal) != PW_OK) die("simulate");
         double meas = t[steps / 2];
-        printf("  %-16s %10.2f ms   %5.1f%%   %5.1f%%   %12.2f ms  %+6.1f%%   %7.2f ms  %+6.1f%%\n",
+        const pw_schedule *ps = pw_pipeline_schedule(pl);
+        fc.stages = S;
+        fc.schedule = kinds[k].kind;
+        fc.chunks_per_rank = ps->chunks_per_rank;
+        fc.split_w = ps->split_w;
+        pw_forecast fo;
+        if (pw_forecast_run(&fc, &fo) != PW_OK) die("forecast");
+        printf("  %-16s %10.2f ms   %5.1f%%   %5.1f%%   %12.2f ms  %+6.1f%%   %8.2f ms  %+6.1f%%   "
+               "%7.2f ms  %+6.1f%%   %12.2f ms  %+6.1f%%\n",
                kinds[k].name, meas * 1e3, 100.0 * bub[steps / 2],
                100.0 * pw_pipeline_theory_bubble(pl), res->step_time * 1e3,
-               100.0 * (res->step_time / meas - 1.0), cal->step_time * 1e3,
-               100.0 * (cal->step_time / meas - 1.0));
+               100.0 * (res->step_time / meas - 1.0), stt->step_time * 1e3,
+               100.0 * (stt->step_time / meas - 1.0), cal->step_time * 1e3,
+               100.0 * (cal->step_time / meas - 1.0), fo.step_time * 1e3,
+               100.0 * (fo.step_time / meas - 1.0));
+        pw_forecast_free(&fo);
         pw_sim_result_destroy(cal);
+        pw_sim_result_destroy(stt);
+        free(timed);
         fflush(stdout);
         pw_sim_result_destroy(res);
         free(cost);

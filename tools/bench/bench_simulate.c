@@ -8,14 +8,24 @@
  *
  * Prints each phase's time and the total (median of N rounds, default 3),
  * and the simulated step's figures. Target (issue 6): the total under 2 s for
- * 1024 x 4096 1F1B. */
+ * 1024 x 4096 1F1B.
+ *
+ *   bench_simulate --topology SPEC [--ranks 64] [--replicas 8] [--micro 256] [--layers 200]
+ *
+ * instead times what `pipeline-run --simulate --topology` does: a forecast
+ * (stages/forecast.h) of a chain graph (--layers linear+relu layers, width
+ * 512) with the ranks placed on the topology, every link costed from the
+ * placement, and the step simulated (pw_forecast_run, whole). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "graph/graph.h"
+#include "runtime/topology.h"
 #include "runtime/trace.h"
 #include "scheduler/schedule.h"
 #include "scheduler/simulate.h"
+#include "stages/forecast.h"
 
 static long arg_int(int argc, char **argv, const char *name, long def)
 {
@@ -49,6 +59,57 @@ static void die(const char *what)
     exit(1);
 }
 
+/* --topology: pw_forecast_run on a placement, timed whole. */
+static int bench_forecast(int argc, char **argv, const char *spec, pw_schedule_kind kind, int rounds)
+{
+    const int S = (int)arg_int(argc, argv, "--ranks", 64);
+    const int R = (int)arg_int(argc, argv, "--replicas", 8);
+    const int M = (int)arg_int(argc, argv, "--micro", 256);
+    const int L = (int)arg_int(argc, argv, "--layers", 200);
+    if (S < 1 || R < 1 || M < 1 || L < 1 || L > 4000) {
+        fprintf(stderr, "bench_simulate: bad arguments\n");
+        return 2;
+    }
+    size_t cap = 128 + (size_t)L * 96, off;
+    char *text = malloc(cap);
+    if (!text) die("graph text");
+    off = (size_t)snprintf(text, cap, "graph chain\ninput x : f32[512]\nlabel y : i32[]\nh0 = relu(x)\n");
+    for (int l = 0; l < L; l++)
+        off += (size_t)snprintf(text + off, cap - off, "l%d = linear(h%d, out=512)\nh%d = relu(l%d)\n",
+                                l, l, l + 1, l);
+    snprintf(text + off, cap - off, "o = linear(h%d, out=10)\nloss = softmax_cross_entropy(o, y)\n", L);
+    pw_graph *g;
+    if (pw_graph_parse_string(text, strlen(text), "chain.graph", &g) != PW_OK) die("graph");
+    free(text);
+    hwloc_topology_t topo;
+    if (pw_topology_load_spec(spec, &topo) != PW_OK) die("--topology");
+    pw_forecast_config fc = pw_forecast_defaults();
+    fc.graph = g;
+    fc.stages = S;
+    fc.replicas = R;
+    fc.micro_batches = M;
+    fc.micro_batch_size = 4;
+    fc.schedule = kind;
+    fc.topology = topo;
+    double t[64];
+    pw_forecast f = {0};
+    for (int i = 0; i < rounds; i++) {
+        pw_forecast_free(&f);
+        int64_t t0 = pw_now_ns();
+        if (pw_forecast_run(&fc, &f) != PW_OK) die("forecast");
+        t[i] = 1e-9 * (double)(pw_now_ns() - t0);
+    }
+    printf("bench_simulate: forecast of a %d-layer chain, %s, %d stages x %d replicas x %d micro-batches "
+           "on %s (median of %d rounds)\n", L, pw_schedule_kind_name(kind), S, R, M, spec, rounds);
+    printf("  place + partition + cost + simulate: %.3f s\n", median(t, rounds));
+    printf("  %s\n  step %.3f s, bubble %.1f%%, %d links, all-reduce %.3f ms\n", f.placement, f.step_time,
+           100.0 * f.bubble, f.n_links, 1e3 * f.allreduce_time);
+    pw_forecast_free(&f);
+    hwloc_topology_destroy(topo);
+    pw_graph_destroy(g);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const int R = (int)arg_int(argc, argv, "--ranks", 1024);
@@ -59,6 +120,8 @@ int main(int argc, char **argv)
     pw_schedule_kind kind;
     if (pw_schedule_kind_parse(arg_str(argc, argv, "--schedule", "1f1b"), &kind) != PW_OK)
         die("--schedule");
+    const char *topology = arg_str(argc, argv, "--topology", NULL);
+    if (topology) return bench_forecast(argc, argv, topology, kind, rounds);
 
     double t_gen[64], t_low[64], t_val[64], t_sim[64], t_all[64];
     pw_sim_result *res = NULL;

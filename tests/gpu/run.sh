@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh — everything GPU-related in one command, for a lent GPU
+# machine (same Debian and CUDA toolkit as CI, no network):
+#   1. configure and build into build-gpu (PW_CUDA=ON; all targets);
+#   2. the CUDA tests (tests/test_cuda_ops.c: every CUDA op against the CPU op;
+#      tests/test_cuda_pipeline.c: 2- and 3-stage pipelines on one GPU byte-
+#      identical to one stage there, and close to the CPU);
+#   3. the GPU benchmark (tools/bench/bench_cuda.c), fp32 then TF32;
+#   4. the tiny GPT (examples/tiny_gpt.graph) through pipeline-run: 1 stage
+#      and 4 stages on the GPU, 1 stage on the CPU (tokens/s);
+#   5. a short table.
+# It never installs anything: a missing dependency stops the configure step
+# with CMake's message. Logs go to build-gpu/gpu-logs/ (and to $OUT/ when the
+# caller sets OUT, as the device runner does).
+#
+#   bash tests/gpu/run.sh                  # everything
+#   PW_GPU_QUICK=1 bash tests/gpu/run.sh   # tests, and a shorter benchmark
+#   PW_CUDA_ARCHS="80;90" bash tests/gpu/run.sh   # other GPUs (default 90)
+#   PW_GPU_ALL_TESTS=1 bash tests/gpu/run.sh      # also the whole ctest suite
+#   PW_GPU_BUILD_DIR=dir bash tests/gpu/run.sh    # another build directory
+#
+# Exit status: 0 when the CUDA tests pass (or skip without a GPU, which is
+# reported in the table), 1 when a test fails or the build does.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+build="${PW_GPU_BUILD_DIR:-build-gpu}"
+logs="$build/gpu-logs"
+jobs=$(nproc)
+[ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
+export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-$jobs}"
+status=0
+t_start=$(date +%s)
+
+say() { printf '\n== %s\n' "$*"; }
+secs() { echo $(( $(date +%s) - $1 )); }
+
+say "GPU"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+else
+    echo "nvidia-smi not found: the CUDA tests will skip unless the runtime finds a device"
+fi
+command -v nvcc >/dev/null 2>&1 || { echo "nvcc not found (expected /usr/local/cuda/bin/nvcc)"; exit 1; }
+nvcc --version | tail -2
+
+say "configure + build ($build, $jobs jobs)"
+mkdir -p "$build"
+t0=$(date +%s)
+if ! cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPW_CUDA=ON \
+        -DPW_CUDA_ARCHS="${PW_CUDA_ARCHS:-90}" >"$build/configure.log" 2>&1; then
+    cat "$build/configure.log"; exit 1
+fi
+grep "pipewright:" "$build/configure.log" | sed 's/^-- //'
+if ! grep -q "✓ CUDA backend" "$build/configure.log"; then
+    echo "the CUDA backend is not enabled in this configure (see above)"; exit 1
+fi
+mkdir -p "$logs"
+if ! cmake --build "$build" -j"$jobs" >"$logs/build.log" 2>&1; then
+    grep -E "error|Error" "$logs/build.log" | head -40; exit 1
+fi
+grep -E "warning" "$logs/build.log" | head -20 || true
+build_s=$(secs "$t0")
+echo "built in ${build_s} s"
+
+say "CUDA tests (test_cuda_ops)"
+t0=$(date +%s)
+timeout 900 "$build/test_cuda_ops" --verbose --jobs 1 >"$logs/test_cuda_ops.log" 2>&1
+test_rc=$?
+grep -E "^\[(FAIL|SKIP|PASS)|Synthesis|error|differ" "$logs/test_cuda_ops.log" | head -60
+test_s=$(secs "$t0")
+synth=$(grep -o "Tested: [0-9]* | Passing: [0-9]* | Failing: [0-9]* | Crashing: [0-9]*" \
+        "$logs/test_cuda_ops.log" | tail -1)
+skipped=$(grep -c "^\[SKIP\]" "$logs/test_cuda_ops.log" || true)
+[ "$test_rc" -ne 0 ] && status=1
+
+say "CUDA pipeline tests (test_cuda_pipeline)"
+t0=$(date +%s)
+timeout 900 "$build/test_cuda_pipeline" --verbose --jobs 1 >"$logs/test_cuda_pipeline.log" 2>&1
+pipe_rc=$?
+grep -E "^\[(FAIL|SKIP|PASS)|Synthesis|error|differ|GPU vs CPU" "$logs/test_cuda_pipeline.log" | head -40
+pipe_s=$(secs "$t0")
+pipe_synth=$(grep -o "Tested: [0-9]* | Passing: [0-9]* | Failing: [0-9]* | Crashing: [0-9]*" \
+        "$logs/test_cuda_pipeline.log" | tail -1)
+pipe_skipped=$(grep -c "^\[SKIP\]" "$logs/test_cuda_pipeline.log" || true)
+[ "$pipe_rc" -ne 0 ] && status=1
+
+if [ "${PW_GPU_ALL_TESTS:-0}" = "1" ]; then
+    say "whole test suite (ctest)"
+    (cd "$build" && ctest --output-on-failure --timeout 900 -LE mpi) >"$logs/ctest.log" 2>&1 || status=1
+    tail -5 "$logs/ctest.log"
+fi
+
+say "benchmark (bench_cuda)"
+iters=20; rows=4096
+[ "${PW_GPU_QUICK:-0}" = "1" ] && iters=5 && rows=1024
+bench_rc=0
+for tf in 0 1; do
+    timeout 600 "$build/bench_cuda" --tf32 $tf --iters $iters --rows $rows --threads "$jobs" \
+        >"$logs/bench_cuda_tf32_$tf.log" 2>&1
+    rc=$?
+    grep -v "^SUMMARY" "$logs/bench_cuda_tf32_$tf.log"
+    [ $rc -ne 0 ] && bench_rc=$rc
+done
+[ "$bench_rc" -ne 0 ] && [ "$bench_rc" -ne 77 ] && status=1
+
+say "tiny GPT through pipeline-run (tokens/s = samples/s x 128)"
+# The training rate pipeline-run prints (samples since the start over wall
+# time, so it includes the first step's set-up); the held-out evaluation at
+# the end is not in it. Each run is cut off after 300 s.
+gpt_steps=30
+[ "${PW_GPU_QUICK:-0}" = "1" ] && gpt_steps=10
+gpt() { # name, extra flags; sets gpt_result (tokens/s, or - when it failed)
+    gpt_result="-"
+    timeout 300 "$build/pipeline-run" examples/tiny_gpt.graph --data text:fortunes --batch 32 \
+        --micro-batches 8 --steps "$gpt_steps" --optimizer adamw --lr 1e-3 --no-pin $2 \
+        >"$logs/gpt_$1.log" 2>&1
+    local rc=$?
+    local sps
+    sps=$(grep -o "[0-9.]* samples/s" "$logs/gpt_$1.log" | tail -1 | awk '{print $1}')
+    if [ "$rc" -ne 0 ] || [ -z "$sps" ]; then
+        echo "gpt $1: exit $rc"; tail -3 "$logs/gpt_$1.log"
+        # No GPU here is a skip, as for the tests; a time-out is only slow.
+        grep -q "no CUDA device" "$logs/gpt_$1.log" && return
+        [ "$rc" -ne 124 ] && status=1
+        return
+    fi
+    gpt_result=$(echo "$sps" | awk '{printf "%.0f", $1 * 128}')
+}
+gpt gpu1 "--device cuda --stages 1"; gpt_gpu1=$gpt_result; echo "GPU, 1 stage:  $gpt_gpu1 tokens/s"
+gpt gpu4 "--device cuda --stages 4"; gpt_gpu4=$gpt_result; echo "GPU, 4 stages: $gpt_gpu4 tokens/s"
+gpt cpu1 "--device cpu --stages 1 --threads $jobs"; gpt_cpu1=$gpt_result
+echo "CPU, 1 stage ($jobs threads): $gpt_cpu1 tokens/s"
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
+
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp -r "$logs" "$OUT/" 2>/dev/null || true; fi
+
+say "summary"
+sum() { grep -h "^SUMMARY $1" "$logs/bench_cuda_tf32_$2.log" 2>/dev/null; }
+device=$(sum device 0 | cut -d' ' -f3-)
+printf '%-34s %s\n' "device" "${device:-none (benchmark skipped: exit $bench_rc)}"
+printf '%-34s %s\n' "build (configure + all targets)" "${build_s} s"
+printf '%-34s %s\n' "test_cuda_ops" "${synth:-no result} | skipped: $skipped (exit $test_rc, ${test_s} s)"
+printf '%-34s %s\n' "test_cuda_pipeline" "${pipe_synth:-no result} | skipped: $pipe_skipped (exit $pipe_rc, ${pipe_s} s)"
+for tf in 0 1; do
+    label=$([ $tf = 1 ] && echo TF32 || echo fp32)
+    w=$(sum gemm_worst_ratio $tf | awk '{print $3}')
+    sq=$(sum "gemm square_4096.fwd" $tf | awk '{printf "%s TFLOP/s (cuBLAS %s)", $4, $5}')
+    printf '%-34s %s\n' "GEMM $label: worst op/cuBLAS ratio" "${w:--}"
+    printf '%-34s %s\n' "GEMM $label: 4096^3 linear_fwd" "${sq:--}"
+done
+for op in attention_fwd attention_bwd_input layernorm_fwd "softmax_xent_fwd" gelu_fwd embedding_bwd_weight; do
+    r=$(sum "op $op " 0 | head -1 | awk '{printf "cpu %s ms, gpu %s ms, x%s", $4, $5, $6}')
+    printf '%-34s %s\n' "$op" "${r:--}"
+done
+printf '%-34s %s\n' "tiny GPT tokens/s: GPU 1 stage" "${gpt_gpu1:--}"
+printf '%-34s %s\n' "tiny GPT tokens/s: GPU 4 stages" "${gpt_gpu4:--} (x$(ratio "$gpt_gpu4" "$gpt_gpu1") of 1 stage)"
+printf '%-34s %s\n' "tiny GPT tokens/s: CPU 1 stage" "${gpt_cpu1:--} (GPU 1 stage: x$(ratio "$gpt_gpu1" "$gpt_cpu1"))"
+printf '%-34s %s\n' "total" "$(secs "$t_start") s, exit $status"
+exit $status

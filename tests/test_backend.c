@@ -1,0 +1,458 @@
+/* pipewright — the stage program's backend table (stages/backend.h).
+ *
+ * The CUDA path of the program (device memory in one block per category,
+ * the data and the engine's host messages staged through uploads and
+ * downloads, the loss statistics kept in backend memory, parameters read
+ * and written through pw_program_param_read/write, tied gradients summed
+ * through host copies, checkpoints) can only run on a GPU. Most of it does
+ * not depend on the GPU, though: this file registers "hostdev", a backend
+ * that claims device memory (so the program takes every device path) but
+ * allocates its blocks with malloc and runs the CPU ops. Since its ops are
+ * the CPU's, every run must give the CPU backend's bytes exactly; a missing
+ * upload or download shows up as different bytes. It runs everywhere,
+ * with or without CUDA.
+ */
+#include <criterion/criterion.h>
+#include <criterion/logging.h>
+#include <criterion/parameterized.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "graph/graph.h"
+#include "runtime/status.h"
+#include "stages/backend.h"
+#include "stages/data.h"
+#include "stages/pipeline.h"
+#include "stages/program.h"
+
+#define TIMEOUT_S 120
+
+/* ---------------------------------------------------------------- hostdev */
+
+typedef struct hostdev {
+    void *block[PW_MEM_COUNT];
+    int syncs;
+} hostdev;
+
+static void hd_close(void *ctx)
+{
+    hostdev *h = ctx;
+    if (!h) return;
+    for (int c = 0; c < PW_MEM_COUNT; c++) free(h->block[c]);
+    free(h);
+}
+
+/* Two pretend devices; programs opened on each (a pipeline given the bare
+ * name spreads its ranks over them). */
+#define HD_DEVICES 2
+static int hd_opened[HD_DEVICES];
+
+static int hd_device_count(void) { return HD_DEVICES; }
+
+static pw_status hd_open(int device, const char *who, const size_t bytes[PW_MEM_COUNT], void **ctx,
+                         void *base[PW_MEM_COUNT])
+{
+    (void)who;
+    if (device < 0 || device >= HD_DEVICES) return pw_error(PW_ERR_INVALID_ARG, "hostdev: no device %d", device);
+    hd_opened[device]++;
+    hostdev *h = calloc(1, sizeof *h);
+    if (!h) return pw_error(PW_ERR_NOMEM, "hostdev: out of memory");
+    for (int c = 0; c < PW_MEM_COUNT; c++) {
+        base[c] = NULL;
+        if (!bytes[c]) continue;
+        /* Separate blocks, 256-byte aligned like cudaMalloc's, zeroed. */
+        if (posix_memalign(&h->block[c], 256, bytes[c]) != 0) {
+            hd_close(h);
+            return pw_error(PW_ERR_NOMEM, "hostdev: out of memory");
+        }
+        memset(h->block[c], 0, bytes[c]);
+        base[c] = h->block[c];
+    }
+    *ctx = h;
+    return PW_OK;
+}
+
+static pw_status hd_sync(void *ctx)
+{
+    ((hostdev *)ctx)->syncs++;
+    return PW_OK;
+}
+
+static pw_backend_i hostdev_i;
+
+static void register_hostdev(void)
+{
+    hostdev_i = pw_backend_cpu_i; /* the CPU's ops... */
+    hostdev_i.name = "hostdev";
+    hostdev_i.device_memory = 1;  /* ...behind the device paths */
+    hostdev_i.open = hd_open;
+    hostdev_i.close = hd_close;
+    hostdev_i.device_count = hd_device_count;
+    hostdev_i.sync = hd_sync;
+    cr_assert_eq(pw_backend_register(&hostdev_i), PW_OK, "%s", pw_last_error());
+}
+
+/* ---------------------------------------------------------------- runs */
+
+static const char *MLP =
+    "graph b_mlp\n"
+    "input image : f32[4, 6]\n"
+    "label target : i32[]\n"
+    "x = flatten(image)\n"
+    "fc1 = linear(x, out=24)\n"
+    "n1 = layernorm(fc1)\n"
+    "h1 = gelu(n1)\n"
+    "fc2 = linear(h1, out=24)\n"
+    "h2 = relu(fc2)\n"
+    "fc3 = linear(h2, out=24)\n"
+    "h3 = relu(fc3)\n"
+    "r = add(h3, h1)\n"
+    "logits = linear(r, out=5) as head\n"
+    "loss = softmax_cross_entropy(logits, target)\n";
+
+/* Tied head (a tie across stages), dropout, attention. */
+static const char *GPT =
+    "graph b_gpt\n"
+    "input tokens : i32[16]\n"
+    "label next : i32[16]\n"
+    "tok = embedding(tokens, vocab=256, dim=32) as wte\n"
+    "pos = pos_embedding(tok, max=16) as wpe\n"
+    "x0  = dropout(pos, p=0.1)\n"
+    "h = repeat 2 as h (x = x0) {\n"
+    "  a   = layernorm(x) as ln_1\n"
+    "  qkv = linear(a, out=96) as attn.c_attn\n"
+    "  att = causal_attention(qkv, heads=4)\n"
+    "  o   = linear(att, out=32) as attn.c_proj\n"
+    "  x1  = add(x, o)\n"
+    "  m   = layernorm(x1) as ln_2\n"
+    "  fc  = linear(m, out=128) as mlp.c_fc\n"
+    "  g   = gelu(fc)\n"
+    "  pr  = linear(g, out=32) as mlp.c_proj\n"
+    "  pd  = dropout(pr, p=0.1)\n"
+    "  x2  = add(x1, pd)\n"
+    "  return x2\n"
+    "}\n"
+    "hf = layernorm(h) as ln_f\n"
+    "logits = linear(hf, out=256, bias=false, weight=wte.weight) as lm_head\n"
+    "loss = softmax_cross_entropy(logits, next)\n";
+
+static pw_graph *parse(const char *text)
+{
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "b.graph", &g), PW_OK, "%s",
+                 pw_last_error());
+    return g;
+}
+
+static pw_dataset *dataset(const pw_graph *g, int gpt)
+{
+    pw_dataset *d = NULL;
+    if (gpt) {
+        cr_assert_eq(pw_dataset_from_spec_for_graph("text:fortunes", 1, g, &d), PW_OK, "%s",
+                     pw_last_error());
+    } else {
+        pw_synthetic_config sc = {.n = 256, .sample_shape = {.ndim = 2, .d = {4, 6}},
+                                  .n_classes = 5, .seed = 3, .noise = 1.0f};
+        cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    }
+    return d;
+}
+
+typedef struct run_cfg {
+    const char *device;
+    int stages;
+    pw_schedule_kind kind;
+    int recompute;
+    int chunks_per_rank;
+    double clip;
+} run_cfg;
+
+static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
+{
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = 16;
+    pc.micro_batches = 4;
+    pc.stages = r->stages;
+    pc.schedule = r->kind;
+    pc.chunks_per_rank = r->chunks_per_rank;
+    pc.partition = PW_PARTITION_FLOPS;
+    pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
+    pc.seed = 7;
+    pc.shuffle = 1;
+    pc.pin = 0;
+    pc.recompute = r->recompute;
+    pc.clip_grad_norm = r->clip;
+    pc.device = r->device;
+    pw_pipeline *pl = NULL;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    return pl;
+}
+
+/* Every parameter in graph order, through pw_program_param_read. */
+static float *params_of(pw_pipeline *pl, const pw_graph *g, int64_t *count)
+{
+    int64_t total = 0;
+    for (int i = 0; i < g->n_params; i++) total += pw_shape_numel(&g->params[i].shape);
+    float *out = calloc((size_t)total + 1, sizeof(float));
+    cr_assert_not_null(out);
+    int64_t off = 0;
+    for (int i = 0; i < g->n_params; i++) {
+        int found = 0;
+        for (int s = 0; s < pw_pipeline_n_chunks(pl) && !found; s++) {
+            pw_program *p = pw_pipeline_program(pl, s);
+            for (int j = 0; p && j < pw_program_n_params(p) && !found; j++) {
+                pw_program_param pp;
+                pw_program_param_at(p, j, &pp);
+                if (pp.graph_param != i) continue;
+                cr_assert_eq(pw_program_param_read(p, j, PW_PARAM_DATA, 0, out + off), PW_OK, "%s",
+                             pw_last_error());
+                found = 1;
+            }
+        }
+        cr_assert(found, "parameter %s held by no stage", g->params[i].name);
+        off += pw_shape_numel(&g->params[i].shape);
+    }
+    *count = total;
+    return out;
+}
+
+typedef struct result {
+    float *params;
+    int64_t count;
+    double loss[3];
+    double eval_loss;
+} result;
+
+static result run(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
+{
+    pw_pipeline *pl = make(g, d, r);
+    result o = {0};
+    for (int s = 0; s < 3; s++) {
+        pw_step_stats st;
+        cr_assert_eq(pw_pipeline_step(pl, &st), PW_OK, "%s: %s", r->device, pw_last_error());
+        o.loss[s] = st.loss;
+    }
+    if (d->n <= 4096) { /* the MLP's data; the text corpus would take long */
+        pw_eval_stats es;
+        cr_assert_eq(pw_pipeline_evaluate(pl, d, &es), PW_OK, "%s: %s", r->device, pw_last_error());
+        o.eval_loss = es.loss;
+    }
+    o.params = params_of(pl, g, &o.count);
+    pw_pipeline_destroy(pl);
+    return o;
+}
+
+static void expect_same(const result *a, const result *b, const char *what)
+{
+    cr_assert_eq(a->count, b->count);
+    for (int s = 0; s < 3; s++)
+        cr_expect_eq(a->loss[s], b->loss[s], "%s: step %d loss %.17g vs %.17g", what, s + 1, a->loss[s],
+                     b->loss[s]);
+    cr_expect_eq(a->eval_loss, b->eval_loss, "%s: evaluation loss %.17g vs %.17g", what, a->eval_loss,
+                 b->eval_loss);
+    if (memcmp(a->params, b->params, (size_t)a->count * sizeof(float)) == 0) return;
+    int shown = 0;
+    for (int64_t i = 0; i < a->count && shown < 5; i++)
+        if (a->params[i] != b->params[i]) {
+            cr_log_error("%s: param[%lld] %.9g vs %.9g", what, (long long)i, a->params[i], b->params[i]);
+            shown++;
+        }
+    cr_assert_fail("%s: parameters differ", what);
+}
+
+typedef struct case_t {
+    int gpt;
+    int stages;
+    pw_schedule_kind kind;
+    int recompute;
+} case_t;
+
+ParameterizedTestParameters(backend, device_paths_match_the_cpu)
+{
+    static case_t cases[24];
+    int n = 0;
+    for (int gpt = 0; gpt < 2; gpt++)
+        for (int s = 1; s <= 3; s++)
+            for (int k = 0; k < 2; k++)
+                for (int rc = 0; rc < 2; rc++)
+                    cases[n++] = (case_t){gpt, s, k ? PW_SCHEDULE_ZB_H1 : PW_SCHEDULE_1F1B, rc};
+    return cr_make_param_array(case_t, cases, (size_t)n);
+}
+
+/* A "device" program (every upload, download and device-side statistic)
+ * computes the CPU program's bytes: loss per step, evaluation, parameters. */
+ParameterizedTest(case_t *c, backend, device_paths_match_the_cpu, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(c->gpt ? GPT : MLP);
+    pw_dataset *d = dataset(g, c->gpt);
+    run_cfg r = {.device = "cpu", .stages = c->stages, .kind = c->kind, .recompute = c->recompute};
+    result cpu = run(g, d, &r);
+    r.device = "hostdev";
+    result dev = run(g, d, &r);
+    char what[128];
+    snprintf(what, sizeof what, "%s, %d stages, %s%s: hostdev vs cpu", c->gpt ? "GPT" : "MLP", c->stages,
+             pw_schedule_kind_name(c->kind), c->recompute ? ", recompute" : "");
+    expect_same(&cpu, &dev, what);
+    free(cpu.params);
+    free(dev.params);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* Interleaved: several chunks per worker, each its own device program. */
+Test(backend, interleaved_matches_the_cpu, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = dataset(g, 1);
+    run_cfg r = {.device = "cpu", .stages = 2, .kind = PW_SCHEDULE_INTERLEAVED, .chunks_per_rank = 2};
+    result cpu = run(g, d, &r);
+    r.device = "hostdev:0";
+    result dev = run(g, d, &r);
+    expect_same(&cpu, &dev, "GPT, interleaved 2x2: hostdev vs cpu");
+    free(cpu.params);
+    free(dev.params);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* A checkpoint from a device pipeline has the CPU's bytes and loads back
+ * (into either backend) unchanged. */
+Test(backend, checkpoints_cross_backends, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = dataset(g, 1);
+    run_cfg rd = {.device = "hostdev", .stages = 2, .kind = PW_SCHEDULE_1F1B};
+    run_cfg rc = {.device = "cpu", .stages = 3, .kind = PW_SCHEDULE_1F1B};
+    pw_pipeline *dev = make(g, d, &rd);
+    for (int s = 0; s < 2; s++) cr_assert_eq(pw_pipeline_step(dev, NULL), PW_OK, "%s", pw_last_error());
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/pw_backend_ckpt_%d.safetensors", (int)getpid());
+    cr_assert_eq(pw_pipeline_save(dev, path, NULL), PW_OK, "%s", pw_last_error());
+    int64_t n1, n2, n3;
+    float *want = params_of(dev, g, &n1);
+    pw_pipeline *cpu = make(g, d, &rc);
+    cr_assert_eq(pw_pipeline_load(cpu, path, NULL), PW_OK, "%s", pw_last_error());
+    float *got = params_of(cpu, g, &n2);
+    cr_assert_eq(n1, n2);
+    cr_assert(memcmp(want, got, (size_t)n1 * sizeof(float)) == 0, "device checkpoint into the CPU differs");
+    pw_pipeline *dev2 = make(g, d, &rd);
+    cr_assert_eq(pw_pipeline_load(dev2, path, NULL), PW_OK, "%s", pw_last_error());
+    float *back = params_of(dev2, g, &n3);
+    cr_assert(memcmp(want, back, (size_t)n1 * sizeof(float)) == 0, "device checkpoint back differs");
+    unlink(path);
+    free(want);
+    free(got);
+    free(back);
+    pw_pipeline_destroy(dev);
+    pw_pipeline_destroy(dev2);
+    pw_pipeline_destroy(cpu);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* The program's own calls on a device program: data through
+ * pw_program_data, values and gradients in device memory, a non-finite
+ * gradient still refused by name. */
+Test(backend, program_calls, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(MLP);
+    pw_program_config pc = {.graph = g, .micro_batch = 4, .slots = 2,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD), .device = "hostdev"};
+    pw_program *p;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert(pw_program_on_device(p));
+    pw_program_init_params(p, 1);
+    float *x = pw_program_data(p, g->input, 1);
+    int32_t *y = pw_program_data(p, g->label, 1);
+    cr_assert_not_null(x);
+    cr_assert_not_null(y);
+    cr_assert_neq((void *)x, pw_program_value(p, g->input, 1), "a device program stages its data");
+    cr_assert_null(pw_program_data(p, g->nodes[1].output, 1));
+    for (int i = 0; i < 4 * 24; i++) x[i] = (float)(i % 7) - 3.0f;
+    for (int i = 0; i < 4; i++) y[i] = i % 5;
+    cr_assert_eq(pw_program_forward(p, 1, 4), PW_OK, "%s", pw_last_error());
+    cr_assert(pw_program_loss_sum(p, 1) > 0, "loss %g", pw_program_loss_sum(p, 1));
+    cr_assert_eq(pw_program_backward_input(p, 1), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_program_backward_weight(p, 1), PW_OK, "%s", pw_last_error());
+    pw_program_param pp;
+    pw_program_param_at(p, 0, &pp);
+    float *gr = malloc((size_t)pp.numel * sizeof *gr);
+    cr_assert_eq(pw_program_param_read(p, 0, PW_PARAM_GRAD, 0, gr), PW_OK, "%s", pw_last_error());
+    gr[3] = NAN;
+    cr_assert_eq(pw_program_param_write(p, 0, PW_PARAM_GRAD, gr), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_program_optimizer_step(p, 1), PW_ERR_NUMERIC);
+    cr_expect(strstr(pw_last_error(), pp.name) != NULL, "%s", pw_last_error());
+    cr_expect_eq(pw_program_param_read(p, 0, PW_PARAM_GRAD, 1, gr), PW_ERR_INVALID_ARG);
+    cr_expect_eq(pw_program_param_read(p, 99, PW_PARAM_DATA, 0, gr), PW_ERR_INVALID_ARG);
+    free(gr);
+    pw_program_destroy(p);
+    pw_graph_destroy(g);
+}
+
+/* "hostdev" spreads the ranks over its two devices (rank r on r mod 2);
+ * "hostdev:1" puts every stage on device 1; one program alone takes 0. */
+Test(backend, bare_name_spreads_ranks_over_devices, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = dataset(g, 0);
+    run_cfg r = {.device = "hostdev", .stages = 3, .kind = PW_SCHEDULE_1F1B};
+    memset(hd_opened, 0, sizeof hd_opened);
+    pw_pipeline *pl = make(g, d, &r);
+    cr_expect_eq(hd_opened[0], 2, "ranks 0 and 2 on device 0 (%d programs)", hd_opened[0]);
+    cr_expect_eq(hd_opened[1], 1, "rank 1 on device 1 (%d programs)", hd_opened[1]);
+    pw_pipeline_destroy(pl);
+    r.device = "hostdev:1";
+    memset(hd_opened, 0, sizeof hd_opened);
+    pl = make(g, d, &r);
+    cr_expect_eq(hd_opened[0], 0);
+    cr_expect_eq(hd_opened[1], 3);
+    pw_pipeline_destroy(pl);
+    pw_program_config pc = {.graph = g, .micro_batch = 4, .optim = pw_optim_defaults(PW_OPTIM_SGD),
+                            .device = "hostdev"};
+    pw_program *p;
+    memset(hd_opened, 0, sizeof hd_opened);
+    cr_assert_eq(pw_program_create(&pc, &p), PW_OK, "%s", pw_last_error());
+    cr_expect_eq(hd_opened[0], 1);
+    pw_program_destroy(p);
+    pc.device = "hostdev:2";
+    cr_expect_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG, "no device 2");
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* Clipping reads and scales the gradients through host copies on a device:
+ * the CPU's bytes, both where the engine clips (no tie across stages: the
+ * MLP) and where the pipeline does after summing a tie (the GPT). A small
+ * limit so that every step clips. */
+Test(backend, clipping_matches_the_cpu, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    for (int gpt = 0; gpt < 2; gpt++) {
+        pw_graph *g = parse(gpt ? GPT : MLP);
+        pw_dataset *d = dataset(g, gpt);
+        run_cfg r = {.device = "cpu", .stages = 2, .kind = PW_SCHEDULE_ZB_H1, .clip = 0.05};
+        result cpu = run(g, d, &r);
+        r.device = "hostdev";
+        result dev = run(g, d, &r);
+        expect_same(&cpu, &dev, gpt ? "GPT, clipped: hostdev vs cpu" : "MLP, clipped: hostdev vs cpu");
+        r.clip = 0;
+        result unclipped = run(g, d, &r);
+        cr_expect(memcmp(unclipped.params, dev.params, (size_t)dev.count * sizeof(float)) != 0,
+                  "the limit never clipped: the test would prove nothing");
+        free(unclipped.params);
+        free(cpu.params);
+        free(dev.params);
+        pw_dataset_destroy(d);
+        pw_graph_destroy(g);
+    }
+}
