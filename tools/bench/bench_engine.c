@@ -20,6 +20,7 @@
 #include "runtime/trace.h"
 #include "scheduler/engine.h"
 #include "scheduler/schedule.h"
+#include "tools/bench/bench_util.h"
 
 typedef struct empty_chunk { char msg[64]; } empty_chunk;
 
@@ -45,19 +46,6 @@ static pw_status bind(void *self, int slot, pw_port port, void *buf)
 {
     (void)self; (void)slot; (void)port; (void)buf;
     return PW_OK;
-}
-
-static long arg_int(int argc, char **argv, const char *name, long def)
-{
-    for (int i = 1; i + 1 < argc; i++)
-        if (!strcmp(argv[i], name)) return strtol(argv[i + 1], NULL, 10);
-    return def;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 int main(int argc, char **argv)

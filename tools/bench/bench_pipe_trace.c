@@ -30,6 +30,7 @@
 
 #include "runtime/trace_analysis.h"
 #include "scheduler/schedule.h"
+#include "tools/bench/bench_util.h"
 
 static double now_s(void)
 {
@@ -42,13 +43,6 @@ static long long arg_ll(int argc, char **argv, const char *name, long long def)
 {
     for (int i = 1; i + 1 < argc; i++)
         if (!strcmp(argv[i], name)) return strtoll(argv[i + 1], NULL, 10);
-    return def;
-}
-
-static const char *arg_str(int argc, char **argv, const char *name, const char *def)
-{
-    for (int i = 1; i + 1 < argc; i++)
-        if (!strcmp(argv[i], name)) return argv[i + 1];
     return def;
 }
 

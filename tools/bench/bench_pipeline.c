@@ -20,26 +20,7 @@
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
 #include "stages/pipeline.h"
-
-static long arg_int(int argc, char **argv, const char *name, long def)
-{
-    for (int i = 1; i + 1 < argc; i++)
-        if (!strcmp(argv[i], name)) return strtol(argv[i + 1], NULL, 10);
-    return def;
-}
-
-static const char *arg_str(int argc, char **argv, const char *name, const char *def)
-{
-    for (int i = 1; i + 1 < argc; i++)
-        if (!strcmp(argv[i], name)) return argv[i + 1];
-    return def;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
+#include "tools/bench/bench_util.h"
 
 /* Median (and, in *best, minimum) seconds per step of `steps` steps, after
  * one warm-up step. On a shared machine the minimum is the closest to an

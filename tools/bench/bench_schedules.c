@@ -39,19 +39,7 @@
 #include "stages/forecast.h"
 #include "stages/pipeline.h"
 #include "stages/profile.h"
-
-static long arg_int(int argc, char **argv, const char *name, long def)
-{
-    for (int i = 1; i + 1 < argc; i++)
-        if (!strcmp(argv[i], name)) return strtol(argv[i + 1], NULL, 10);
-    return def;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
+#include "tools/bench/bench_util.h"
 
 static void die(const char *what)
 {
