@@ -48,6 +48,8 @@ pw_status pw_topology_load_synthetic(const char *desc, hwloc_topology_t *out)
 }
 
 static int numa_of(hwloc_topology_t topo, hwloc_const_nodeset_t ns);
+static pw_status place_stages(hwloc_topology_t topo, const pw_place_config *cfg, const int *rank_gpu,
+                              int strict, pw_placement **out);
 
 void pw_cpu_placement_destroy(pw_cpu_placement *p)
 {
@@ -116,15 +118,10 @@ nomem:
     return pw_error(PW_ERR_NOMEM, "placement: out of memory for %d ranks", n_ranks);
 }
 
-pw_status pw_cpu_place_pipeline(hwloc_topology_t topo, int n_stages, int n_replicas, pw_cpu_placement **out)
+/* The engine's per-worker view of a stage placement: each rank's cpuset and
+ * nodeset, copied. Consumes pl (destroyed either way). */
+static pw_status to_cpu_placement(hwloc_topology_t topo, pw_placement *pl, pw_cpu_placement **out)
 {
-    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_cpu_place_pipeline: out is NULL");
-    *out = NULL;
-    if (n_replicas < 1) n_replicas = 1;
-    /* Worker threads run on CPU cores even when the machine has GPUs. */
-    pw_place_config pc = {.n_stages = n_stages, .n_replicas = n_replicas, .gpus = 0};
-    pw_placement *pl = NULL;
-    PW_CHECK(pw_place_stages(topo, &pc, &pl));
     const int n = pl->n_ranks;
     pw_cpu_placement *p = calloc(1, sizeof *p);
     if (!p) goto nomem;
@@ -150,9 +147,22 @@ pw_status pw_cpu_place_pipeline(hwloc_topology_t topo, int n_stages, int n_repli
     *out = p;
     return PW_OK;
 nomem:
-    pw_placement_destroy(pl);
     pw_cpu_placement_destroy(p);
-    return pw_error(PW_ERR_NOMEM, "placement: out of memory for %d x %d ranks", n_stages, n_replicas);
+    pw_status st = pw_error(PW_ERR_NOMEM, "placement: out of memory for %d ranks", n);
+    pw_placement_destroy(pl);
+    return st;
+}
+
+pw_status pw_cpu_place_pipeline(hwloc_topology_t topo, int n_stages, int n_replicas, pw_cpu_placement **out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_cpu_place_pipeline: out is NULL");
+    *out = NULL;
+    if (n_replicas < 1) n_replicas = 1;
+    /* Worker threads run on CPU cores even when the machine has GPUs. */
+    pw_place_config pc = {.n_stages = n_stages, .n_replicas = n_replicas, .gpus = 0};
+    pw_placement *pl = NULL;
+    PW_CHECK(pw_place_stages(topo, &pc, &pl));
+    return to_cpu_placement(topo, pl, out);
 }
 
 int pw_cpu_bind_thread(hwloc_topology_t topo, hwloc_const_cpuset_t set, const char *who)
@@ -280,6 +290,119 @@ static int cmp_gpu(const void *a, const void *b)
     return c ? c : strcmp(x->name, y->name);
 }
 
+/* "0000:11:00.0" for a PCI device (hwloc's own format, lower case). */
+static void pci_string(hwloc_obj_t pci, char *buf, size_t n)
+{
+    const struct hwloc_pcidev_attr_s *pa = &pci->attr->pcidev;
+    snprintf(buf, n, "%04x:%02x:%02x.%01x", (unsigned)pa->domain, (unsigned)pa->bus, (unsigned)pa->dev,
+             (unsigned)pa->func);
+}
+
+/* Model and memory of a card from one of its OS devices, where not known
+ * yet: lstopo's CUDA device carries both (CUDAGlobalMemorySize, in KiB),
+ * NVML the model, OpenCL both. */
+static void gpu_info(pw_gpu *g, hwloc_obj_t os)
+{
+    const char *v;
+    if (!g->model[0] && (v = hwloc_obj_get_info_by_name(os, "GPUModel")))
+        snprintf(g->model, sizeof g->model, "%s", v);
+    if (g->memory <= 0) {
+        v = hwloc_obj_get_info_by_name(os, "CUDAGlobalMemorySize");
+        if (!v) v = hwloc_obj_get_info_by_name(os, "OpenCLGlobalMemorySize");
+        long long kib = v ? strtoll(v, NULL, 10) : 0;
+        if (kib > 0 && kib < (1ll << 50)) g->memory = (int64_t)kib * 1024;
+    }
+}
+
+/* g's CPU locality: the cores of the first non-I/O ancestor of `io` (the
+ * whole machine when io is NULL or has none). */
+static pw_status gpu_locate(hwloc_topology_t topo, pw_gpu *g, hwloc_obj_t io)
+{
+    hwloc_obj_t anc = io ? hwloc_get_non_io_ancestor_obj(topo, io) : NULL;
+    g->cpuset = hwloc_bitmap_dup(anc && anc->cpuset ? anc->cpuset : hwloc_topology_get_topology_cpuset(topo));
+    if (!g->cpuset) return pw_error(PW_ERR_NOMEM, "placement: out of memory");
+    g->located = io != NULL;
+    g->package = package_of(topo, anc);
+    g->numa = numa_of(topo, anc ? anc->nodeset : NULL);
+    return PW_OK;
+}
+
+static int is_gpu_osdev(hwloc_obj_t os)
+{
+    return os->type == HWLOC_OBJ_OS_DEVICE && (os->attr->osdev.type == HWLOC_OBJ_OSDEV_GPU ||
+                                               os->attr->osdev.type == HWLOC_OBJ_OSDEV_COPROC);
+}
+
+/* Parses a PCI bus id — "0000:11:00.0" (CUDA may write an 8-digit domain,
+ * upper case) or "11:00.0" — into domain, bus, device, function. 0 when
+ * malformed. */
+static int parse_busid(const char *busid, unsigned a[4])
+{
+    char tail;
+    a[0] = 0;
+    if (sscanf(busid, "%x:%x:%x.%x%c", &a[0], &a[1], &a[2], &a[3], &tail) == 4) return 1;
+    a[0] = 0;
+    return sscanf(busid, "%x:%x.%x%c", &a[1], &a[2], &a[3], &tail) == 3;
+}
+
+/* The PCI device of a bus id, NULL when the topology has none; *bad = 1
+ * for a malformed id. */
+static hwloc_obj_t find_pcidev(hwloc_topology_t topo, const char *busid, int *bad)
+{
+    unsigned a[4];
+    *bad = !parse_busid(busid, a);
+    return *bad ? NULL : hwloc_get_pcidev_by_busid(topo, a[0], a[1], a[2], a[3]);
+}
+
+/* The caller's GPUs (cfg->gpu_list), in its order, each located by bus id.
+ * strict: one the topology lacks is an error; otherwise it has the whole
+ * machine as its locality and the note says so. */
+static pw_status gpus_from_list(hwloc_topology_t topo, const pw_place_config *cfg, int strict, pw_placement *p)
+{
+    const int n = cfg->n_gpu_list;
+    p->gpus = calloc((size_t)n, sizeof *p->gpus);
+    if (!p->gpus) return pw_error(PW_ERR_NOMEM, "placement: out of memory");
+    int missing = 0, first_missing = -1;
+    for (int k = 0; k < n; k++) {
+        const pw_gpu_desc *d = &cfg->gpu_list[k];
+        int bad = 0;
+        hwloc_obj_t pd = d->pci ? find_pcidev(topo, d->pci, &bad) : NULL;
+        if (!d->pci || bad)
+            return pw_error(PW_ERR_INVALID_ARG, "placement: GPU %d: '%s' is not a PCI bus id (like "
+                            "0000:11:00.0)", k, d->pci ? d->pci : "(null)");
+        if (!pd && strict)
+            return pw_error(PW_ERR_UNSUPPORTED, "GPU %s%s%s%s is not in the topology (no PCI device "
+                            "with that bus id)", d->name ? d->name : "", d->name ? " (" : "", d->pci,
+                            d->name ? ")" : "");
+        pw_gpu *g = &p->gpus[p->n_gpus++];
+        if (pd) pci_string(pd, g->pci, sizeof g->pci);
+        else snprintf(g->pci, sizeof g->pci, "%s", d->pci);
+        if (d->name) snprintf(g->name, sizeof g->name, "%s", d->name);
+        for (hwloc_obj_t os = pd ? pd->io_first_child : NULL; os; os = os->next_sibling) {
+            if (!is_gpu_osdev(os)) continue;
+            if (!d->name && os->name && (!g->name[0] || (strncmp(g->name, "cuda", 4) != 0 &&
+                                                         strncmp(os->name, "cuda", 4) == 0)))
+                snprintf(g->name, sizeof g->name, "%s", os->name);
+            gpu_info(g, os);
+        }
+        if (!g->name[0]) snprintf(g->name, sizeof g->name, "gpu%d", k);
+        if (d->model) snprintf(g->model, sizeof g->model, "%s", d->model);
+        const char *v;
+        if (!g->model[0] && pd && (v = hwloc_obj_get_info_by_name(pd, "PCIDevice")))
+            snprintf(g->model, sizeof g->model, "%s", v);
+        if (d->memory > 0) g->memory = d->memory;
+        PW_CHECK(gpu_locate(topo, g, pd));
+        if (!pd && missing++ == 0) first_missing = k;
+    }
+    if (missing == 1)
+        snprintf(p->note, sizeof p->note, "%s (%s) is not in the topology: its ranks may run on any core",
+                 p->gpus[first_missing].name, p->gpus[first_missing].pci);
+    else if (missing > 1)
+        snprintf(p->note, sizeof p->note, "%d of the GPUs are not in the topology: their ranks may run "
+                 "on any core", missing);
+    return PW_OK;
+}
+
 /* The GPUs of topo, one per card, in locality order. */
 static pw_status find_gpus(hwloc_topology_t topo, pw_placement *p)
 {
@@ -305,23 +428,24 @@ static pw_status find_gpus(hwloc_topology_t topo, pw_placement *p)
             /* Prefer the CUDA name, which is what a CUDA backend calls it. */
             if (strncmp(g->name, "cuda", 4) != 0 && os->name && strncmp(os->name, "cuda", 4) == 0)
                 snprintf(g->name, sizeof g->name, "%s", os->name);
+            gpu_info(g, os);
             continue;
         }
         ident[p->n_gpus++] = id;
         snprintf(g->name, sizeof g->name, "%s", os->name ? os->name : "gpu");
-        if (id->type == HWLOC_OBJ_PCI_DEVICE) {
-            const struct hwloc_pcidev_attr_s *pa = &id->attr->pcidev;
-            snprintf(g->pci, sizeof g->pci, "%04x:%02x:%02x.%01x", (unsigned)pa->domain,
-                     (unsigned)pa->bus, (unsigned)pa->dev, (unsigned)pa->func);
-        }
-        hwloc_obj_t anc = hwloc_get_non_io_ancestor_obj(topo, os);
-        g->cpuset = hwloc_bitmap_dup(anc && anc->cpuset ? anc->cpuset : hwloc_topology_get_topology_cpuset(topo));
-        if (!g->cpuset) {
+        if (id->type == HWLOC_OBJ_PCI_DEVICE) pci_string(id, g->pci, sizeof g->pci);
+        gpu_info(g, os);
+        pw_status st = gpu_locate(topo, g, os);
+        if (st != PW_OK) {
             free(ident);
-            return pw_error(PW_ERR_NOMEM, "placement: out of memory");
+            return st;
         }
-        g->package = package_of(topo, anc);
-        g->numa = numa_of(topo, anc ? anc->nodeset : NULL);
+    }
+    for (int k = 0; k < p->n_gpus; k++) {
+        const char *v;
+        if (!p->gpus[k].model[0] && ident[k]->type == HWLOC_OBJ_PCI_DEVICE &&
+            (v = hwloc_obj_get_info_by_name(ident[k], "PCIDevice")))
+            snprintf(p->gpus[k].model, sizeof p->gpus[k].model, "%s", v);
     }
     free(ident);
     qsort(p->gpus, (size_t)p->n_gpus, sizeof *p->gpus, cmp_gpu);
@@ -349,10 +473,20 @@ static pw_status assign_cores(hwloc_topology_t topo, hwloc_obj_type_t type, pw_r
 
 pw_status pw_place_stages(hwloc_topology_t topo, const pw_place_config *cfg, pw_placement **out)
 {
+    return place_stages(topo, cfg, NULL, 0, out);
+}
+
+/* pw_place_stages; with rank_gpu ([n_stages × n_replicas], indices into
+ * cfg->gpu_list) each rank's GPU is given instead of the rule; strict: every
+ * GPU of gpu_list must be in the topology. */
+static pw_status place_stages(hwloc_topology_t topo, const pw_place_config *cfg, const int *rank_gpu,
+                              int strict, pw_placement **out)
+{
     if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: out is NULL");
     *out = NULL;
     if (!topo) return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: topology is NULL");
-    if (!cfg || cfg->n_stages < 1 || cfg->n_replicas < 0 || cfg->cores_per_rank < 0)
+    if (!cfg || cfg->n_stages < 1 || cfg->n_replicas < 0 || cfg->cores_per_rank < 0 ||
+        cfg->n_gpu_list < 0 || (cfg->n_gpu_list > 0 && !cfg->gpu_list))
         return pw_error(PW_ERR_INVALID_ARG, "pw_place_stages: %d stages, %d replicas, %d cores "
                         "per rank", cfg ? cfg->n_stages : 0, cfg ? cfg->n_replicas : 0,
                         cfg ? cfg->cores_per_rank : 0);
@@ -400,13 +534,14 @@ pw_status pw_place_stages(hwloc_topology_t topo, const pw_place_config *cfg, pw_
     }
     for (int k = 0; k < nc; k++) cores[k] = k;
     const char *unit = p->cores_are_pus ? "PU" : "core";
-    if (cfg->gpus != 0) PW_CHECK_GOTO(find_gpus(topo, p), st, fail);
-    if (cfg->gpus == 1 && p->n_gpus == 0) {
+    if (cfg->n_gpu_list > 0) PW_CHECK_GOTO(gpus_from_list(topo, cfg, strict, p), st, fail);
+    else if (cfg->gpus != 0) PW_CHECK_GOTO(find_gpus(topo, p), st, fail);
+    if (cfg->n_gpu_list == 0 && cfg->gpus == 1 && p->n_gpus == 0) {
         st = pw_error(PW_ERR_UNSUPPORTED, "placement: the topology has no GPUs (no GPU or "
                       "co-processor OS devices; an XML needs lstopo's I/O objects)");
         goto fail;
     }
-    p->on_gpus = cfg->gpus != 0 && p->n_gpus > 0;
+    p->on_gpus = (cfg->n_gpu_list > 0 || cfg->gpus != 0) && p->n_gpus > 0;
 
     if (!p->on_gpus) {
         if (N <= nc) {
@@ -433,15 +568,18 @@ pw_status pw_place_stages(hwloc_topology_t topo, const pw_place_config *cfg, pw_
     }
 
     const int G = p->n_gpus;
-    if (N <= G) {
+    if (rank_gpu) {
+        for (int k = 0; k < N; k++) p->ranks[k].gpu = rank_gpu[k];
+    } else if (N <= G) {
         for (int r = 0; r < R; r++) {
             int lo = (int)((int64_t)r * G / R);
             for (int s = 0; s < S; s++) p->ranks[r * S + s].gpu = lo + s;
         }
     } else {
         p->shared = 1;
-        snprintf(p->note, sizeof p->note, "%d ranks on %d GPU%s: ranks share GPUs", N, G,
-                 G > 1 ? "s" : "");
+        size_t len = strlen(p->note); /* gpus_from_list's, or "" */
+        snprintf(p->note + len, sizeof p->note - len, "%s%d ranks on %d GPU%s: ranks share GPUs",
+                 len ? "; " : "", N, G, G > 1 ? "s" : "");
         for (int k = 0; k < N; k++) p->ranks[k].gpu = k % G;
     }
     /* Worker cores: the ranks whose GPUs share one CPU locality split its
@@ -500,6 +638,51 @@ fail:
     pw_placement_destroy(p);
     free(cores);
     free(local);
+    return st;
+}
+
+pw_status pw_cpu_place_gpus(hwloc_topology_t topo, int n_ranks, const char *const *pci,
+                            pw_cpu_placement **out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_cpu_place_gpus: out is NULL");
+    *out = NULL;
+    if (!topo || !pci || n_ranks < 1 || n_ranks > 1 << 20)
+        return pw_error(PW_ERR_INVALID_ARG, "pw_cpu_place_gpus: %s, %d ranks",
+                        topo ? "bus ids" : "topology is NULL", n_ranks);
+    /* The distinct GPUs in order of first use; rank r on GPU map[r]. Bus
+     * ids are compared as the PCI addresses they name. */
+    pw_gpu_desc *desc = calloc((size_t)n_ranks, sizeof *desc);
+    unsigned (*addr)[4] = calloc((size_t)n_ranks, sizeof *addr);
+    int *map = calloc((size_t)n_ranks, sizeof *map);
+    pw_status st = PW_OK;
+    if (!desc || !addr || !map) {
+        st = pw_error(PW_ERR_NOMEM, "placement: out of memory");
+        goto out;
+    }
+    int n = 0;
+    for (int r = 0; r < n_ranks; r++) {
+        unsigned a[4] = {0, 0, 0, 0};
+        if (!pci[r] || !parse_busid(pci[r], a)) {
+            st = pw_error(PW_ERR_INVALID_ARG, "placement: rank %d: '%s' is not a PCI bus id (like "
+                          "0000:11:00.0)", r, pci[r] ? pci[r] : "(null)");
+            goto out;
+        }
+        int k = 0;
+        while (k < n && memcmp(addr[k], a, sizeof a) != 0) k++;
+        if (k == n) {
+            memcpy(addr[n], a, sizeof a);
+            desc[n++].pci = pci[r];
+        }
+        map[r] = k;
+    }
+    pw_place_config pc = {.n_stages = n_ranks, .n_replicas = 1, .gpu_list = desc, .n_gpu_list = n};
+    pw_placement *pl = NULL;
+    st = place_stages(topo, &pc, map, 1, &pl);
+    if (st == PW_OK) st = to_cpu_placement(topo, pl, out);
+out:
+    free(desc);
+    free(addr);
+    free(map);
     return st;
 }
 

@@ -22,6 +22,15 @@
  *     pw_placement_destroy(pl);
  *     hwloc_topology_destroy(topo);
  *
+ * Workers of ranks that compute on GPUs bind near their GPU, found by the
+ * PCI bus id the CUDA runtime gives (the topology must keep I/O devices):
+ *
+ *     const char *bus[2] = {"0000:11:00.0", "0000:11:00.0"};  // both ranks on cuda0
+ *     pw_cpu_placement *gp;
+ *     if (pw_cpu_place_gpus(topo, 2, bus, &gp) == PW_OK)     // gp->cpusets[r]: cores
+ *         ...                                                // near cuda0, split in two
+ *     else PW_WARN("%s", pw_last_error());                   // not in the topology
+ *
  * pw_cpu_place_ranks is the engine's simpler rule (one core per rank):
  *
  *     PW_CHECK(pw_topology_load_synthetic("pack:2 core:4 pu:2", &topo));
@@ -46,6 +55,8 @@
 #define PW_RUNTIME_TOPOLOGY_H
 
 #include <hwloc.h>
+#include <stddef.h>
+#include <stdint.h>
 
 #include "runtime/status.h"
 
@@ -114,6 +125,18 @@ pw_status pw_topology_load_spec(const char *spec, hwloc_topology_t *out);
 
 #define PW_PLACE_GPUS_AUTO (-1)
 
+/* A GPU named by the caller (the CUDA runtime's view of this machine): the
+ * placement finds its PCI device in the topology for its CPU locality. */
+typedef struct pw_gpu_desc {
+    const char *pci;      /* bus id, "0000:11:00.0" (cudaDeviceGetPCIBusId; any
+                             case, 4- or 8-digit domain) */
+    const char *name;     /* (optional) "cuda0"; NULL: the topology's OS device
+                             under that PCI device, else "gpuK" */
+    const char *model;    /* (optional) "NVIDIA H100 80GB HBM3"; NULL: the topology's */
+    int64_t memory;       /* (optional) bytes a plan may use on it (free memory); 0:
+                             the topology's figure, if any */
+} pw_gpu_desc;
+
 typedef struct pw_place_config {
     int n_stages;         /* pipeline stages, >= 1 */
     int n_replicas;       /* data-parallel copies of the pipeline; 0 means 1 */
@@ -121,6 +144,10 @@ typedef struct pw_place_config {
                              rank's whole share */
     int gpus;             /* PW_PLACE_GPUS_AUTO: on GPUs when the topology has
                              any; 0: CPU cores only; 1: GPUs, an error without */
+    const pw_gpu_desc *gpu_list; /* (optional) [n_gpu_list] place on these
+                             GPUs, in device order (the CUDA runtime's), instead
+                             of the topology's; `gpus` is then ignored */
+    int n_gpu_list;
 } pw_place_config;
 
 /* One GPU of the topology: a PCI device with a GPU or co-processor OS
@@ -128,6 +155,14 @@ typedef struct pw_place_config {
 typedef struct pw_gpu {
     char name[32];        /* the first OS device's name: "cuda0", "nvml0", "card1" */
     char pci[16];         /* "0000:11:00.0", "" when not on PCI */
+    char model[64];       /* "NVIDIA H100 80GB HBM3" (the OS device's GPUModel, or
+                             the PCI device's name), "" unknown */
+    int64_t memory;       /* bytes of device memory: the caller's (pw_gpu_desc), or
+                             the topology's (CUDAGlobalMemorySize of lstopo's CUDA
+                             device), 0 unknown */
+    int located;          /* 1: found in the topology; 0: a pw_gpu_desc whose bus
+                             id the topology lacks (a VM, a topology without I/O):
+                             its locality is the whole machine */
     int package;          /* logical index of its local package, -1 */
     int numa;             /* logical index of its local NUMA node, -1 */
     hwloc_bitmap_t cpuset;/* its CPU locality (the non-I/O ancestor's cpuset) */
@@ -172,13 +207,33 @@ typedef struct pw_placement {
  *     cores evenly in rank order, for their worker threads;
  *   - more ranks than slots: rank k takes slot k mod slots (one core each on
  *     CPUs), shared = 1 and note says so ("12 ranks on 8 GPUs: ranks share
- *     GPUs"). Memory binds to the NUMA nodes under the rank's cores.
+ *     GPUs"). Memory binds to the NUMA nodes under the rank's cores;
+ *   - with cfg->gpu_list the GPUs are those, in the given (device) order, so
+ *     rank k of one replica is on device k mod count as a CUDA pipeline runs
+ *     it; each is looked up by bus id for its locality, and one the topology
+ *     lacks gets the whole machine's cores and a note ("cuda0
+ *     (0000:65:00.0) is not in the topology: its ranks may run on any core").
  * Logs nothing, binds nothing. PW_OK: *out is new (pw_placement_destroy).
  * PW_ERR_INVALID_ARG: topo NULL, n_stages < 1, negative counts.
  * PW_ERR_UNSUPPORTED: gpus = 1 on a topology without GPUs ("the topology has
  * no GPUs"), or no cores. PW_ERR_NOMEM. */
 pw_status pw_place_stages(hwloc_topology_t topo, const pw_place_config *cfg, pw_placement **out);
 void pw_placement_destroy(pw_placement *p); /* accepts NULL */
+
+/* Pure: the engine's worker placement when rank r computes on the GPU with
+ * PCI bus id pci[r] (several ranks may share one): each rank's worker binds
+ * to cores near its GPU — the PCI device's non-I/O ancestor's cores — and
+ * the ranks sharing one locality split those cores evenly in rank order, as
+ * pw_place_stages does for GPUs (one core each, round-robin, with the note,
+ * when they outnumber the cores); memory on those cores' NUMA node(s).
+ * The topology must hold I/O objects (pw_topology_load_spec("this"), or an
+ * lstopo XML). Logs nothing, binds nothing. PW_OK: *out is new
+ * (pw_cpu_placement_destroy). PW_ERR_INVALID_ARG: topo NULL, n_ranks < 1, a
+ * NULL or malformed bus id. PW_ERR_UNSUPPORTED: a bus id not in the topology
+ * ("GPU 0000:65:00.0 is not in the topology (no PCI device with that bus
+ * id)"): the caller falls back to the CPU rule. PW_ERR_NOMEM. */
+pw_status pw_cpu_place_gpus(hwloc_topology_t topo, int n_ranks, const char *const *pci,
+                            pw_cpu_placement **out);
 
 /* "cuda1 (0000:21:00.0), cores 2-3, NUMA 0" / "cores 8-15, NUMA 1" into buf
  * (core ranges in logical indices). Returns the length it needs (snprintf). */

@@ -139,7 +139,7 @@ typedef struct pw_job {
 } pw_job;
 
 /* What a parked worker waits for (worker thread only; the watchdog reads it). */
-enum { PW_WAIT_NONE = 0, PW_WAIT_RECV, PW_WAIT_BUCKET, PW_WAIT_NORM, PW_WAIT_SENDS };
+enum { PW_WAIT_NONE = 0, PW_WAIT_RECV, PW_WAIT_BUCKET, PW_WAIT_NORM, PW_WAIT_SENDS, PW_WAIT_DONE };
 
 typedef struct pw_worker {
     _Alignas(64) struct pw_engine *e;
@@ -163,6 +163,13 @@ typedef struct pw_worker {
     pthread_mutex_t mbox_mu;
     int mbox_init;            /* mbox_mu initialised */
     int wait_dir, wait_chunk, wait_mb;
+    /* The pending stage call's completion (asynchronous stages; see
+     * stage.h): written by pw_stage_done_fn on any thread, read by the
+     * worker once `fired` is set, all under mbox_mu. */
+    int done_fired;
+    pw_status done_st;
+    int64_t done_t1;          /* ns when the stage reported it */
+    char done_msg[256];
 
     /* Worker thread only (read by others after the step, through the engine
      * mutex). */
@@ -172,6 +179,15 @@ typedef struct pw_worker {
     int resumed;              /* actions[pc] parked before (the checker saw it) */
     int optim_phase;          /* OPTIM: 0 buckets, 1 norm queued, 2 optimizer */
     int flushing;             /* actions done; sends to other processes pending */
+    /* Asynchronous stage calls of actions[pc] (a compute action is a short
+     * run of calls: F one, B one or two or one per bucket, OPTIM one per
+     * chunk): how many have completed, and whether the next is pending. */
+    int calls_done;
+    int call_pending;
+    int pending_chunk;        /* the chunk whose call is pending (watchdog) */
+    int64_t act_t0;           /* ns: the action's first entry (trace) */
+    int64_t act_t1;           /* ns: its last async completion; 0: none */
+    int64_t pend_t0;          /* ns: when the pending call was submitted */
     int wait_kind;            /* PW_WAIT_* while parked */
     int wait_key_chunk, wait_key_bucket;
     int64_t step_t0;          /* ns */

@@ -7,8 +7,11 @@
  * and returns to the loop (the worker "parks"); the sender's deliver() wakes
  * it with event_active() on its wake event. OPTIM parks the same way until
  * the communication thread has finished the rank's all-reduces
- * (engine-comm.c). The only locks are short critical sections (a mailbox, a
- * buffer pool, the job queue, the engine mutex at step end).
+ * (engine-comm.c), and a compute action parks while an asynchronous stage's
+ * call is pending (stage.h "Asynchronous stages"; run_call): its done
+ * function wakes the worker the same way, from whatever thread completes
+ * the work. The only locks are short critical sections (a mailbox, a buffer
+ * pool, the job queue, the engine mutex at step end).
  *
  * The step loop allocates nothing: slots, buffers, mailbox entries and
  * buckets were all planned in pw_engine_create (engine.c).
@@ -16,6 +19,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "runtime/log.h"
 #include "scheduler/engine-internal.h"
@@ -93,34 +97,125 @@ static int fail_at(pw_worker *w, pw_status st, const char *kind, int chunk, int 
     return fail(w, st, "%s (chunk %d), %s of micro-batch %d: %s", who, chunk, kind, mb, why);
 }
 
-/* Runs one stage callback, timing it as busy time. */
-static int call_stage(pw_worker *w, pw_status (*fn)(void *, int, int), const char *kind, int chunk,
-                      int mb, int slot)
+/* ------------------------------------------------------ stage calls */
+
+/* One stage call of an action: forward / backward_input / backward_weight
+ * (fn), a bucket of the last backward, or the optimizer. */
+enum { CALL_MB = 0, CALL_BUCKET, CALL_OPTIM };
+typedef struct stage_call {
+    int how;
+    pw_status (*fn)(void *, int, int); /* CALL_MB */
+    int slot;
+    int bucket;                        /* CALL_BUCKET */
+    pw_bwd_part part;
+    long step;                         /* CALL_OPTIM */
+} stage_call;
+
+/* pw_stage_done_fn of every asynchronous stage call (any thread). The
+ * wake-up is issued under mbox_mu: once the worker has seen `done_fired` it
+ * may finish the step and the engine may be destroyed, so nothing of w is
+ * touched after the unlock. */
+static void stage_done(void *arg, pw_status st, const char *msg)
 {
+    pw_worker *w = arg;
+    int64_t t1 = pw_now_ns();
+    pthread_mutex_lock(&w->mbox_mu);
+    w->done_st = st;
+    snprintf(w->done_msg, sizeof w->done_msg, "%s", msg ? msg : "");
+    w->done_t1 = t1;
+    w->done_fired = 1;
+    event_active(w->wake, 0, 0);
+    pthread_mutex_unlock(&w->mbox_mu);
+}
+
+static int call_failed(pw_worker *w, pw_status st, const char *msg, const char *kind, int chunk, int mb,
+                       const stage_call *c)
+{
+    if (!msg[0]) msg = pw_status_str(st);
+    if (c->how == CALL_BUCKET) return fail_at(w, st, kind, chunk, mb, "bucket %d: %s", c->bucket, msg);
+    if (c->how == CALL_OPTIM) {
+        char who[64];
+        pw_eng_name(w->e, w->replica, w->rank, who, sizeof who);
+        return fail(w, st, "%s (chunk %d), OPTIM of step %ld: %s", who, chunk, c->step, msg);
+    }
+    return fail_at(w, st, kind, chunk, mb, "%s", msg);
+}
+
+/* The pending call has completed when its done has fired: EXEC_OK (or
+ * EXEC_FAILED with its error), EXEC_PARKED while it has not. */
+static int finish_pending(pw_worker *w, const char *kind, int chunk, int mb, const stage_call *c)
+{
+    char msg[sizeof w->done_msg];
+    pthread_mutex_lock(&w->mbox_mu);
+    const int fired = w->done_fired;
+    const pw_status st = w->done_st;
+    int64_t t1 = w->done_t1;
+    if (fired) {
+        w->done_fired = 0;
+        memcpy(msg, w->done_msg, sizeof msg);
+    }
+    pthread_mutex_unlock(&w->mbox_mu);
+    if (!fired) return EXEC_PARKED;
+    w->call_pending = 0;
+    if (t1 < w->pend_t0) t1 = w->pend_t0; /* done before submitted returned */
+    w->busy_ns += t1 - w->pend_t0;        /* the stage's device was busy with it */
+    w->act_t1 = t1;
+    if (st != PW_OK) return call_failed(w, st, msg, kind, chunk, mb, c);
+    w->calls_done++;
+    return EXEC_OK;
+}
+
+/* Runs call number k (0, 1, ...) of actions[pc] on `chunk`, timing it as
+ * busy time, unless it has completed already (the action re-enters after
+ * each completion). EXEC_OK: complete; EXEC_PARKED: submitted to an
+ * asynchronous stage and not yet done (the worker parks; stage_done wakes
+ * it); EXEC_FAILED. */
+static int run_call(pw_worker *w, int k, const char *kind, int chunk, int mb, const stage_call *c)
+{
+    if (k < w->calls_done) return EXEC_OK;
+    if (w->call_pending) return finish_pending(w, kind, chunk, mb, c);
+    /* A failed step issues nothing more (a pending call was waited for). */
+    if (k > 0 && atomic_load_explicit(&w->e->abort, memory_order_relaxed)) return EXEC_FAILED;
     pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, chunk);
     pw_clear_error(); /* a callback that fails without a message must not show a stale one */
     int64_t t0 = pw_now_ns();
-    pw_status st = fn(ch->self, mb, slot);
-    w->busy_ns += pw_now_ns() - t0;
-    if (st == PW_OK) return EXEC_OK;
-    const char *msg = pw_last_error();
-    return fail_at(w, st, kind, chunk, mb, "%s", msg[0] ? msg : pw_status_str(st));
+    pw_status st;
+    switch (c->how) {
+    case CALL_MB: st = c->fn(ch->self, mb, c->slot); break;
+    case CALL_BUCKET: st = ch->vt->backward_bucket(ch->self, mb, c->slot, c->bucket, c->part); break;
+    default: st = ch->vt->optimizer_step(ch->self, c->step); break;
+    }
+    int64_t t1 = pw_now_ns();
+    w->busy_ns += t1 - t0;
+    if (st != PW_OK) return call_failed(w, st, pw_last_error(), kind, chunk, mb, c);
+    if (ch->vt->submitted && ch->vt->submitted(ch->self, stage_done, w)) {
+        w->call_pending = 1;
+        w->pending_chunk = chunk;
+        w->pend_t0 = t1;
+        w->resumed = 1; /* re-entries skip the action's prologue and the checker */
+        return finish_pending(w, kind, chunk, mb, c);
+    }
+    w->act_t1 = 0;
+    w->calls_done++;
+    return EXEC_OK;
 }
 
-/* The part of the last backward that finishes bucket b, then its start. */
+/* The part of the last backward that finishes bucket b, then its start
+ * (bucket starts are idempotent: re-entries repeat them harmlessly). */
 static int call_bucket(pw_worker *w, const char *kind, int chunk, int mb, int slot, int b, pw_bwd_part part)
 {
-    pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, chunk);
-    pw_clear_error();
-    int64_t t0 = pw_now_ns();
-    pw_status st = ch->vt->backward_bucket(ch->self, mb, slot, b, part);
-    w->busy_ns += pw_now_ns() - t0;
-    if (st != PW_OK) {
-        const char *msg = pw_last_error();
-        return fail_at(w, st, kind, chunk, mb, "bucket %d: %s", b, msg[0] ? msg : pw_status_str(st));
-    }
+    stage_call c = {.how = CALL_BUCKET, .slot = slot, .bucket = b, .part = part};
+    int rc = run_call(w, b, kind, chunk, mb, &c);
+    if (rc != EXEC_OK) return rc;
     pw_eng_bucket_start(w, chunk, b);
     return EXEC_OK;
+}
+
+static int call_stage(pw_worker *w, int k, pw_status (*fn)(void *, int, int), const char *kind, int chunk,
+                      int mb, int slot)
+{
+    stage_call c = {.how = CALL_MB, .fn = fn, .slot = slot};
+    return run_call(w, k, kind, chunk, mb, &c);
 }
 
 static int bind_port(pw_worker *w, int chunk, int mb, const char *kind, int slot, pw_port port,
@@ -201,7 +296,8 @@ static void release_mb(pw_worker *w, int chunk, pw_mbstate *st)
 
 /* -------------------------------------------------------------- compute */
 
-static int do_forward(pw_worker *w, int c, int m)
+/* F's bookkeeping before its call (once per action, not on re-entries). */
+static int forward_prologue(pw_worker *w, int c, int m)
 {
     pw_engine *e = w->e;
     pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
@@ -240,7 +336,14 @@ static int do_forward(pw_worker *w, int c, int m)
     st->done |= PW_MB_F;
     if (in && bind_port(w, c, m, "F", slot, PW_PORT_ACT_IN, in) != EXEC_OK) return EXEC_FAILED;
     if (out && bind_port(w, c, m, "F", slot, PW_PORT_ACT_OUT, out) != EXEC_OK) return EXEC_FAILED;
-    return call_stage(w, ch->vt->forward, "F", c, m, slot);
+    return EXEC_OK;
+}
+
+static int do_forward(pw_worker *w, int c, int m)
+{
+    if (!w->resumed && forward_prologue(w, c, m) != EXEC_OK) return EXEC_FAILED;
+    pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, c);
+    return call_stage(w, 0, ch->vt->forward, "F", c, m, pw_eng_mb(w->e, w->lrep, c, m)->slot);
 }
 
 /* Whether this action is chunk c's last backward of the step with replicas:
@@ -257,10 +360,10 @@ static void start_all_buckets(pw_worker *w, int c)
     for (int b = 0; b < w->e->NB; b++) pw_eng_bucket_start(w, c, b);
 }
 
-static int do_backward(pw_worker *w, int c, int m)
+/* B's bookkeeping before its calls (once per action). */
+static int backward_prologue(pw_worker *w, int c, int m)
 {
     pw_engine *e = w->e;
-    pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
     pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
     if (!(st->done & PW_MB_F)) return fail_at(w, PW_ERR_SCHEDULE, "B", c, m, "B before its F");
     if (st->done & PW_MB_B) return fail_at(w, PW_ERR_SCHEDULE, "B", c, m, "its B runs twice");
@@ -287,23 +390,45 @@ static int do_backward(pw_worker *w, int c, int m)
     st->done |= PW_MB_B;
     if (gout && bind_port(w, c, m, "B", st->slot, PW_PORT_GRAD_OUT, gout) != EXEC_OK) return EXEC_FAILED;
     if (gin && bind_port(w, c, m, "B", st->slot, PW_PORT_GRAD_IN, gin) != EXEC_OK) return EXEC_FAILED;
+    return EXEC_OK;
+}
+
+static int do_backward(pw_worker *w, int c, int m)
+{
+    pw_engine *e = w->e;
+    pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
+    if (!w->resumed && backward_prologue(w, c, m) != EXEC_OK) return EXEC_FAILED;
     const int last = !e->split_w && is_last_backward(w, c);
+    int rc;
     if (last && ch->vt->backward_bucket) {
         /* The full backward bucket by bucket, each all-reduce started as
          * soon as its gradients are final. */
         for (int b = 0; b < e->NB; b++)
-            if (call_bucket(w, "B", c, m, st->slot, b, PW_BWD_FULL) != EXEC_OK) return EXEC_FAILED;
+            if ((rc = call_bucket(w, "B", c, m, st->slot, b, PW_BWD_FULL)) != EXEC_OK) return rc;
         release_mb(w, c, st);
         return EXEC_OK;
     }
-    if (call_stage(w, ch->vt->backward_input, "B", c, m, st->slot) != EXEC_OK) return EXEC_FAILED;
+    if ((rc = call_stage(w, 0, ch->vt->backward_input, "B", c, m, st->slot)) != EXEC_OK) return rc;
     if (e->split_w) return EXEC_OK;
     /* The full backward: the weight half right after, same bindings. */
     if (ch->vt->backward_weight &&
-        call_stage(w, ch->vt->backward_weight, "B", c, m, st->slot) != EXEC_OK)
-        return EXEC_FAILED;
+        (rc = call_stage(w, 1, ch->vt->backward_weight, "B", c, m, st->slot)) != EXEC_OK)
+        return rc;
     release_mb(w, c, st);
     if (last) start_all_buckets(w, c);
+    return EXEC_OK;
+}
+
+/* W's checks before its calls (once per action). */
+static int weight_prologue(pw_worker *w, int c, int m)
+{
+    pw_engine *e = w->e;
+    pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
+    if (!e->split_w) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "W in a schedule that does not split W");
+    if (!(st->done & PW_MB_B)) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "W before its B");
+    if (st->done & PW_MB_W) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "its W runs twice");
+    st->done |= PW_MB_W;
     return EXEC_OK;
 }
 
@@ -312,17 +437,15 @@ static int do_weight(pw_worker *w, int c, int m)
     pw_engine *e = w->e;
     pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
     pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
-    if (!e->split_w) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "W in a schedule that does not split W");
-    if (!(st->done & PW_MB_B)) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "W before its B");
-    if (st->done & PW_MB_W) return fail_at(w, PW_ERR_SCHEDULE, "W", c, m, "its W runs twice");
-    st->done |= PW_MB_W;
+    if (!w->resumed && weight_prologue(w, c, m) != EXEC_OK) return EXEC_FAILED;
     const int last = is_last_backward(w, c);
+    int rc;
     if (last && ch->vt->backward_bucket) {
         for (int b = 0; b < e->NB; b++)
-            if (call_bucket(w, "W", c, m, st->slot, b, PW_BWD_WEIGHT) != EXEC_OK) return EXEC_FAILED;
+            if ((rc = call_bucket(w, "W", c, m, st->slot, b, PW_BWD_WEIGHT)) != EXEC_OK) return rc;
     } else if (ch->vt->backward_weight &&
-               call_stage(w, ch->vt->backward_weight, "W", c, m, st->slot) != EXEC_OK) {
-        return EXEC_FAILED;
+               (rc = call_stage(w, 0, ch->vt->backward_weight, "W", c, m, st->slot)) != EXEC_OK) {
+        return rc;
     }
     release_mb(w, c, st);
     if (last && !ch->vt->backward_bucket) start_all_buckets(w, c);
@@ -338,23 +461,21 @@ static int do_optim(pw_worker *w)
     if (rc > 0) return EXEC_PARKED;
     if (rc < 0) return EXEC_FAILED;
     long step = (long)atomic_load_explicit(&e->step, memory_order_relaxed);
-    int64_t t0 = pw_now_ns();
+    if (w->calls_done == 0 && !w->call_pending) w->act_t0 = pw_now_ns();
     for (int l = 0; l < w->n_chunks; l++) {
         const int c = w->chunk_ids[l];
         pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
-        if (!ch->vt->optimizer_step) continue;
-        pw_clear_error();
-        int64_t a = pw_now_ns();
-        pw_status st = ch->vt->optimizer_step(ch->self, step);
-        w->busy_ns += pw_now_ns() - a;
-        if (st != PW_OK) {
-            char who[64];
-            pw_eng_name(e, w->replica, w->rank, who, sizeof who);
-            return fail(w, st, "%s (chunk %d), OPTIM of step %ld: %s", who, c, step,
-                        pw_last_error()[0] ? pw_last_error() : pw_status_str(st));
+        if (!ch->vt->optimizer_step) {
+            if (l == w->calls_done) w->calls_done++; /* keeps call k = chunk l */
+            continue;
         }
+        stage_call call = {.how = CALL_OPTIM, .step = step};
+        rc = run_call(w, l, "OPTIM", c, -1, &call);
+        if (rc != EXEC_OK) return rc;
     }
-    if (e->trace) pw_eng_trace(w, "OPTIM", PW_TRACE_COMPUTE, -1, -1, -1, 0, t0, pw_now_ns());
+    if (e->trace)
+        pw_eng_trace(w, "OPTIM", PW_TRACE_COMPUTE, -1, -1, -1, 0, w->act_t0,
+                     w->act_t1 ? w->act_t1 : pw_now_ns());
     return EXEC_OK;
 }
 
@@ -495,7 +616,9 @@ static int exec(pw_worker *w, const pw_action *a)
      * an OPTIM that parked: once). */
     if (!w->resumed && w->checker && pw_schedule_checker_step(w->checker, a) != PW_OK)
         return fail(w, PW_ERR_SCHEDULE, "%s", pw_last_error());
-    int64_t t0 = e->trace ? pw_now_ns() : 0;
+    /* An action re-entered after an asynchronous completion keeps the time
+     * of its first entry. */
+    if (!w->resumed) w->act_t0 = e->trace ? pw_now_ns() : 0;
     int rc;
     switch (a->kind) {
     case PW_ACT_F: rc = do_forward(w, a->chunk, a->mb); break;
@@ -518,10 +641,10 @@ static int exec(pw_worker *w, const pw_action *a)
         return rc;
     default: return fail(w, PW_ERR_INTERNAL, "rank %d: action kind %d", w->rank, (int)a->kind);
     }
-    if (rc == EXEC_OK && e->trace)
+    if (rc == EXEC_OK && e->trace) /* ends at the completion of its last asynchronous call */
         pw_eng_trace(w, pw_action_kind_name(a->kind),
                      a->kind == PW_ACT_ALLREDUCE ? PW_TRACE_COMM : PW_TRACE_COMPUTE, a->chunk, a->mb, -1,
-                     0, t0, pw_now_ns());
+                     0, w->act_t0, w->act_t1 ? w->act_t1 : pw_now_ns());
     return rc;
 }
 
@@ -537,6 +660,8 @@ static void begin_step(pw_worker *w)
     w->resumed = 0;
     w->optim_phase = 0;
     w->flushing = 0;
+    w->calls_done = 0;
+    w->act_t1 = 0;
     for (int l = 0; l < w->n_chunks; l++) {
         pw_mbstate *row = pw_eng_mb(e, w->lrep, w->chunk_ids[l], 0);
         for (int m = 0; m < e->M; m++) {
@@ -585,7 +710,10 @@ void pw_eng_drive(pw_worker *w)
     if (!w->running) return;
     const pw_rank_program *prog = &e->s->ranks[w->rank];
     while (w->pc < prog->n_actions) {
-        if (atomic_load_explicit(&e->abort, memory_order_relaxed)) {
+        /* A failed step is left at once, unless a stage call is pending: the
+         * stage may still write engine-owned buffers, so its completion is
+         * waited for (run_call issues nothing more). */
+        if (atomic_load_explicit(&e->abort, memory_order_relaxed) && !w->call_pending) {
             end_step(w);
             return;
         }
@@ -596,6 +724,8 @@ void pw_eng_drive(pw_worker *w)
             return;
         }
         w->resumed = 0;
+        w->calls_done = 0;
+        w->act_t1 = 0;
         w->pc++;
         w->actions++;
     }
@@ -652,12 +782,27 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
     (void)what;
     pw_worker *w = arg;
     pw_engine *e = w->e;
-    if (!w->running || !w->wait_t0) return;
-    int64_t waited = pw_now_ns() - w->wait_t0;
+    if (!w->running || (!w->wait_t0 && !w->call_pending)) return;
+    int64_t waited = pw_now_ns() - (w->call_pending ? w->pend_t0 : w->wait_t0);
     if (waited < e->watchdog_ns || atomic_load(&e->abort)) return;
     char who[64], from[64];
     pw_eng_name(e, w->replica, w->rank, who, sizeof who);
     const double secs = (double)waited / 1e9;
+    if (w->call_pending) {
+        /* The step fails, but the worker leaves it only once the stage
+         * reports the completion (it may still write the buffers). */
+        const pw_action *a = &e->s->ranks[w->rank].actions[w->pc];
+        const pw_echunk *ch = pw_eng_chunk(e, w->lrep, w->pending_chunk);
+        if (a->kind == PW_ACT_OPTIM)
+            fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for the completion of OPTIM of step %lld "
+                 "(submitted to stage '%s')", who, w->pending_chunk, secs,
+                 (long long)atomic_load(&e->step), ch->vt->name ? ch->vt->name : "?");
+        else
+            fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for the completion of %s of micro-batch %d "
+                 "(submitted to stage '%s')", who, w->pending_chunk, secs, pw_action_kind_name(a->kind),
+                 a->mb, ch->vt->name ? ch->vt->name : "?");
+        return;
+    }
     if (w->wait_kind == PW_WAIT_SENDS) {
         fail(w, PW_ERR_TIMEOUT, "%s: waited %.1f s for %d message(s) to other processes to be taken", who,
              secs, w->n_pending);
@@ -713,6 +858,16 @@ void *pw_eng_worker_main(void *arg)
     /* The loop lives until destroy's quit event, idle between steps (the
      * watchdog timer keeps it non-empty anyway). */
     event_base_loop(w->base, EVLOOP_NO_EXIT_ON_EMPTY);
+    /* Destroyed after a failed step that a stage call never completed
+     * (only a straggler, hence an orphan, can be here): the stage still
+     * holds stage_done's argument, so keep the engine until it reports. */
+    while (w->call_pending) {
+        pthread_mutex_lock(&w->mbox_mu);
+        int fired = w->done_fired;
+        pthread_mutex_unlock(&w->mbox_mu);
+        if (fired) break;
+        nanosleep(&(struct timespec){0, 1000000}, NULL);
+    }
     /* Destroyed while this worker was stuck in a callback: the last owner
      * frees the engine (see pw_engine_destroy). */
     pthread_mutex_lock(&e->mu);

@@ -25,6 +25,8 @@ static void evthread_setup(void) { evthread_status = evthread_use_pthreads(); }
 /* The "ranks share cores" notice is printed once per process, not per engine
  * (tests and sweeps create many). */
 static atomic_flag share_notice_done = ATOMIC_FLAG_INIT;
+/* The GPU-locality fallback is said once per process, not per pipeline. */
+static atomic_flag gpu_fallback_done = ATOMIC_FLAG_INIT;
 
 #define DEFAULT_WATCHDOG_S 60.0
 #define MAX_REPLICAS (1 << 16)
@@ -422,8 +424,36 @@ static pw_status make_groups(pw_engine *e)
 
 /* ------------------------------------------------------------ pinning */
 
-static void plan_pinning(pw_engine *e)
+/* Workers on GPUs (cfg->gpu_pci, one process): each binds to the cores near
+ * its rank's GPU, found by bus id in this machine's topology with its I/O
+ * devices. 1 when e->place is set that way; 0 to use the CPU rule (with one
+ * warning per process when a GPU is not in the topology). */
+static int plan_gpu_pinning(pw_engine *e, const pw_engine_config *cfg)
 {
+    if (pw_topology_load_spec("this", &e->topo) != PW_OK) return 0;
+    if (pw_cpu_place_gpus(e->topo, e->NW, cfg->gpu_pci, &e->place) == PW_OK) {
+        if (e->place->note[0] && !atomic_flag_test_and_set(&share_notice_done)) PW_WARN("%s", e->place->note);
+        if (pw_log_enabled(PW_LOG_INFO, PW_SUB_TOPO))
+            for (int i = 0; i < e->NW; i++) {
+                char *list = NULL;
+                hwloc_bitmap_list_asprintf(&list, e->place->cpusets[i]);
+                PW_INFO(PW_SUB_TOPO, "engine worker %d: GPU %s, binds near it to PU %s", i, cfg->gpu_pci[i],
+                        list ? list : "?");
+                free(list);
+            }
+        return 1;
+    }
+    if (!atomic_flag_test_and_set(&gpu_fallback_done))
+        PW_WARN("engine: %s; workers bind by the CPU rule instead of near their GPUs", pw_last_error());
+    hwloc_topology_destroy(e->topo);
+    e->topo = NULL;
+    e->place = NULL;
+    return 0;
+}
+
+static void plan_pinning(pw_engine *e, const pw_engine_config *cfg)
+{
+    if (!e->t && cfg->gpu_pci && plan_gpu_pinning(e, cfg)) return;
     if (pw_topology_load(&e->topo) != PW_OK) {
         PW_WARN("engine: %s; workers run unpinned", pw_last_error());
         e->topo = NULL;
@@ -599,7 +629,7 @@ pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out)
         }
     PW_CHECK_GOTO(make_groups(e), st, fail);
 
-    if (cfg->pin) plan_pinning(e);
+    if (cfg->pin) plan_pinning(e, cfg);
     PW_CHECK_GOTO(start_workers(e), st, fail);
     PW_INFO(PW_SUB_SCHED, "engine: %d ranks x %d replicas (%d workers here), %d chunks, %d micro-batches, "
             "%d buckets, %lld message bytes%s", e->S, e->NR, e->NW, e->C, e->M, e->NB,

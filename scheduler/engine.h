@@ -92,6 +92,13 @@ typedef struct pw_engine_config {
                                           the engine */
     double clip_grad_norm;             /* > 0: before OPTIM, scale all gradients so that
                                           their global L2 norm (all chunks) is at most this */
+    const char *const *gpu_pci;        /* (optional, with pin, in one process) [replicas ×
+                                          n_ranks], indexed like the workers: the PCI bus id
+                                          ("0000:11:00.0") of the GPU each worker's rank
+                                          computes on; the worker then binds to the cores near
+                                          that GPU (pw_cpu_place_gpus) instead of the CPU rule.
+                                          A bus id the machine's topology lacks (a VM) logs one
+                                          warning and falls back to the CPU rule. */
 } pw_engine_config;
 
 pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out);

@@ -48,6 +48,27 @@
  *                                   be final when call b returns. So bucket 0
  *                                   holds the chunk's last layers;
  *   grad_sumsq() / scale_grads(s)   global gradient-norm clipping.
+ *
+ * Asynchronous stages (optional slot `submitted`; docs/engine.md, "Pending
+ * completions"). A stage whose work runs elsewhere (a GPU stream, a thread
+ * pool) may return from forward / backward_input / backward_weight /
+ * backward_bucket / optimizer_step before that work is done. Right after
+ * each such call returns PW_OK the engine calls
+ *     submitted(self, done, arg)
+ * which returns 0 when the call's work is complete (the engine goes on as
+ * for a synchronous stage) or 1 when it completes later: the stage then
+ * calls done(arg, st, msg) exactly once, from any thread, when every effect
+ * of the call is in place — the port buffers it fills (ACT_OUT, GRAD_IN)
+ * written in host memory, gradients final for their bucket — with PW_OK,
+ * or the failure and a message naming it (msg may be NULL; the engine
+ * copies it before done returns). Until then the worker parks that action:
+ * its loop keeps running (messages arrive, the watchdog names "the
+ * completion of F of micro-batch 3"), and it calls nothing else of any
+ * stage it drives — the next call, the sends after the action and the
+ * release of the micro-batch's buffers all wait for done. A failed or
+ * aborted step still waits for an outstanding completion before it ends,
+ * because the stage may still be writing engine-owned buffers. A stage
+ * without this slot is synchronous (costs nothing extra).
  */
 #ifndef PW_SCHEDULER_STAGE_H
 #define PW_SCHEDULER_STAGE_H
@@ -74,6 +95,10 @@ typedef enum pw_bwd_part {
     PW_BWD_FULL = 0,      /* input and weight gradients of the bucket's part */
     PW_BWD_WEIGHT,        /* weight gradients only (the schedule splits W) */
 } pw_bwd_part;
+
+/* How an asynchronous stage reports completion (see "Asynchronous stages"):
+ * callable from any thread, exactly once per pending call. */
+typedef void (*pw_stage_done_fn)(void *arg, pw_status st, const char *msg);
 
 typedef struct pw_stage_i {
     const char *name;
@@ -109,6 +134,10 @@ typedef struct pw_stage_i {
     double (*grad_sumsq)(void *self);
     /* (optional) Multiplies every gradient of the chunk by `scale`. */
     void (*scale_grads)(void *self, float scale);
+    /* (optional) Asynchronous completion of the call that just returned
+     * PW_OK: 0 = complete now, 1 = done(arg, ...) follows once (see
+     * "Asynchronous stages" above). */
+    int (*submitted)(void *self, pw_stage_done_fn done, void *arg);
 } pw_stage_i;
 
 #ifdef __cplusplus

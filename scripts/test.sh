@@ -3,7 +3,8 @@
 #   1. the optimised build and every test, then the MPI tests (mpirun on
 #      loopback with 2 and 4 processes; skipped with a message without mpirun);
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
-#   3. the ThreadSanitizer build: the engine's tests, and a real pipeline run.
+#   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
+#      completing actions asynchronously), and a real pipeline run.
 # PW_TEST_FAST=1 runs only the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,9 +39,9 @@ if [ "${PW_TEST_FAST:-0}" != "1" ]; then
 
     echo "== build (thread sanitizer)"
     bash scripts/build.sh build-tsan -DPW_SANITIZE=thread
-    echo "== engine tests and a 3-stage pipeline run under ThreadSanitizer"
+    echo "== engine and backend tests (asynchronous completions) and a 3-stage pipeline run under ThreadSanitizer"
     export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
-    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^test_engine$' 2>&1 \
+    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend)$' 2>&1 \
         | tee ctest.log | tail -5)
     check_log build-tsan/ctest.log
     ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \

@@ -76,6 +76,12 @@ typedef struct pw_backend_i {
      * the first error of that work. NULL: every slot finishes before it
      * returns (the CPU). */
     pw_status (*sync)(void *ctx);
+    /* (optional) Calls fn(arg) once everything enqueued so far (downloads
+     * included: their host side is then written) has finished, from any
+     * thread (CUDA: a host function on the stream, on a runtime thread).
+     * fn must not call the backend. Never blocks. NULL: the program has no asynchronous mode
+     * (pw_program_set_async). */
+    pw_status (*notify)(void *ctx, void (*fn)(void *arg), void *arg);
     /* Copies in enqueue order: host → backend memory, backend → host, and
      * within the backend's memory. The host side of upload/download must
      * stay valid until the next sync. */
@@ -148,6 +154,13 @@ typedef struct pw_backend_i {
      * holding an infinity or a NaN, or -1 when all are finite. Waits for
      * the work before it (the host needs the answer). */
     pw_status (*find_nonfinite)(void *ctx, float *const *g, const int64_t *n, int count, int *bad);
+
+    /* ---- placement ---- */
+    /* (optional) PCI bus id of device `device` ("0000:11:00.0", buf of at
+     * least 16 bytes): the pipeline binds the worker of a rank on that
+     * device to the cores near it (runtime/topology.h, pw_cpu_place_gpus).
+     * NULL: the backend's devices have no PCI locality (the CPU). */
+    pw_status (*device_pci)(int device, char *buf, size_t n);
 } pw_backend_i;
 
 /* The CPU backend (always present). */

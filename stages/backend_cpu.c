@@ -299,6 +299,7 @@ const pw_backend_i pw_backend_cpu_i = {
     .dropout_bwd_input = cpu_dropout_bwd_input,
     .optim_update = cpu_optim_update,
     .find_nonfinite = cpu_find_nonfinite,
+    .device_pci = NULL, /* workers bind by the CPU rule */
 };
 
 /* ---------------------------------------------------------------- registry */

@@ -34,6 +34,13 @@ typedef struct gstage {
     size_t link_bytes;
     double *mb_loss;          /* [M]: loss sum of each micro-batch this step */
     int64_t *mb_correct;      /* [M] */
+    /* Asynchronous (a device stage of one piece; pw_program_set_async):
+     * the forward whose loss is read at completion (-1: none), and the
+     * engine's done for the call in flight. */
+    int async;
+    int loss_mb, loss_slot;
+    pw_stage_done_fn done;
+    void *done_arg;
 } gstage;
 
 struct pw_pipeline {
@@ -133,7 +140,10 @@ static pw_status gs_forward(void *self, int mb, int slot)
     const int64_t offset = (int64_t)s->replica * pl->share + (int64_t)mb * pl->micro;
     PW_CHECK(gs_run_forward(s, pl->cfg.train, pl->batch_idx + offset, pl->micro, slot, 1, pl->step + 1,
                             offset));
-    if (s->loss_piece >= 0) {
+    if (s->loss_piece >= 0 && s->async) { /* the statistics reach the host at completion */
+        s->loss_mb = mb;
+        s->loss_slot = slot;
+    } else if (s->loss_piece >= 0) {
         s->mb_loss[mb] = pw_program_loss_sum(s->piece[s->loss_piece], slot);
         s->mb_correct[mb] = pw_program_correct(s->piece[s->loss_piece], slot);
     }
@@ -257,6 +267,32 @@ static pw_status gs_optimizer_step(void *self, long step)
     return PW_OK;
 }
 
+/* The program's completion (a backend thread): the forward's loss is on
+ * the host now; then the engine's. */
+static void gs_completed(void *arg, pw_status st, const char *msg)
+{
+    gstage *s = arg;
+    if (s->loss_mb >= 0 && st == PW_OK) {
+        s->mb_loss[s->loss_mb] = pw_program_loss_sum(s->piece[s->loss_piece], s->loss_slot);
+        s->mb_correct[s->loss_mb] = pw_program_correct(s->piece[s->loss_piece], s->loss_slot);
+    }
+    s->loss_mb = -1;
+    s->done(s->done_arg, st, msg);
+}
+
+/* An asynchronous stage has one piece (several come only with replicas,
+ * which a device refuses), so its call in flight is that program's. */
+static int gs_submitted(void *self, pw_stage_done_fn done, void *arg)
+{
+    gstage *s = self;
+    if (!s->async) return 0;
+    s->done = done;
+    s->done_arg = arg;
+    if (pw_program_submitted(s->piece[0], gs_completed, s)) return 1;
+    s->loss_mb = -1;
+    return 0;
+}
+
 /* The stage's inputs enter its first piece; its outputs leave its last. */
 static pw_program *port_piece(const gstage *s, pw_port port)
 {
@@ -287,6 +323,7 @@ static const pw_stage_i gstage_i = {
     .backward_bucket = gs_backward_bucket,
     .grad_sumsq = gs_grad_sumsq,
     .scale_grads = gs_scale_grads,
+    .submitted = gs_submitted,
 };
 
 /* The same stage without an optimizer: with parameters tied across chunks
@@ -302,6 +339,7 @@ static const pw_stage_i gstage_post_i = {
     .backward_bucket = gs_backward_bucket,
     .grad_sumsq = gs_grad_sumsq,
     .scale_grads = gs_scale_grads,
+    .submitted = gs_submitted,
 };
 
 /* ---- construction ---- */
@@ -441,6 +479,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     int *cut = calloc((size_t)(k > 1 ? k : 1) + 1, sizeof *cut);
     if (!cut) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     gs->n_pieces = cut_pieces(g, b, e, k, cut);
+    gs->loss_mb = -1;
     gs->piece = calloc((size_t)gs->n_pieces, sizeof *gs->piece);
     gs->reads_input = calloc((size_t)gs->n_pieces, 1);
     gs->reads_label = calloc((size_t)gs->n_pieces, 1);
@@ -463,6 +502,9 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
         gs->reads_label[j] = (unsigned char)node_range_reads(g, cut[j], cut[j + 1], g->label);
         if (pw_program_has_loss(gs->piece[j])) gs->loss_piece = j;
     }
+    /* One device piece runs asynchronously under the engine (stage.h,
+     * "Asynchronous stages"); pieces chained through host links could not. */
+    if (gs->n_pieces == 1) gs->async = pw_program_set_async(gs->piece[0], 1);
     /* Link buffers between pieces, one set per slot, bound once for good:
      * piece j writes its outputs straight into piece j+1's inputs. */
     if (gs->n_pieces > 1) {
@@ -553,18 +595,56 @@ static pw_status make_partition(pw_pipeline *pl)
     return pw_partition_evaluate(pl->g, &pc, c->cuts, &pl->part);
 }
 
+/* The PCI bus id of each worker's GPU, worker k·S + rank as the engine
+ * counts them (rank r on its chunks' device, as chunk_device puts it), so
+ * that the engine binds each worker near its GPU; NULL in one process
+ * without a backend that knows PCI locality (the CPU), under a transport,
+ * or when an id cannot be read (the engine then binds by the CPU rule).
+ * Free with free(): one block, the pointers and the strings. */
+static const char **worker_gpu_pci(const pw_pipeline *pl)
+{
+    const pw_backend_i *be;
+    int idx;
+    if (pl->t || pw_backend_find(pl->cfg.device, &be, &idx) != PW_OK || !be->device_pci) return NULL;
+    const int NW = pl->NRL * pl->S;
+    const int n = idx < 0 && be->device_count ? be->device_count() : 1;
+    const char **ids = calloc((size_t)NW, sizeof *ids + 16);
+    if (!ids) return NULL;
+    char *text = (char *)(ids + NW);
+    for (int w = 0; w < NW; w++) {
+        int dev = idx >= 0 ? idx : n >= 2 ? (w % pl->S) % n : 0;
+        ids[w] = text + (size_t)16 * (size_t)w;
+        if (be->device_pci(dev, text + (size_t)16 * (size_t)w, 16) != PW_OK) {
+            PW_WARN("pipeline: %s; workers bind by the CPU rule", pw_last_error());
+            free(ids);
+            return NULL;
+        }
+    }
+    return ids;
+}
+
 /* Stage memory on its worker's NUMA node: each program's arena (and the
  * links between a stage's pieces) is bound to the node(s) of the core the
  * engine pins the stage's worker to, by the engine's own rule
  * (pw_cpu_place_pipeline: worker k·S + rank; pw_cpu_place_ranks with this
- * process's local rank under a transport). One NUMA node: nothing to do (said at PW_DEBUG=INFO).
+ * process's local rank under a transport; pw_cpu_place_gpus near each
+ * worker's GPU when gpu_pci is given and the GPUs are in the topology).
+ * One NUMA node: nothing to do (said at PW_DEBUG=INFO).
  * A refusal warns once (pw_mem_bind_area) and leaves the rest unbound. */
-static void bind_stage_memory(pw_pipeline *pl)
+static void bind_stage_memory(pw_pipeline *pl, const char *const *gpu_pci)
 {
     const pw_transport *t = pl->t;
     hwloc_topology_t topo = NULL;
     pw_cpu_placement *place = NULL;
-    if (pw_topology_load(&topo) != PW_OK) return; /* the engine warns about pinning */
+    if (!t && gpu_pci) {
+        /* Host memory of GPU stages (messages, links) near the GPU's cores. */
+        if (pw_topology_load_spec("this", &topo) != PW_OK) return;
+        if (pw_cpu_place_gpus(topo, pl->NRL * pl->S, gpu_pci, &place) != PW_OK) {
+            hwloc_topology_destroy(topo); /* the engine says why, once */
+            topo = NULL;
+        }
+    }
+    if (!topo && pw_topology_load(&topo) != PW_OK) return; /* the engine warns about pinning */
     if (hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE) < 2) {
         PW_INFO(PW_SUB_MEM, "pipeline: one NUMA node; stage memory is not bound");
         goto out;
@@ -578,7 +658,8 @@ static void bind_stage_memory(pw_pipeline *pl)
                 "follows that binding");
         goto out;
     }
-    if ((t ? pw_cpu_place_ranks(topo, n, &place) : pw_cpu_place_pipeline(topo, pl->S, pl->NRL, &place)) != PW_OK)
+    if (!place &&
+        (t ? pw_cpu_place_ranks(topo, n, &place) : pw_cpu_place_pipeline(topo, pl->S, pl->NRL, &place)) != PW_OK)
         goto out;
     for (int k = 0; k < pl->NRL; k++)
         for (int ch = 0; ch < pl->C; ch++) {
@@ -693,20 +774,26 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
             pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] =
                 (pw_engine_chunk){pl->post_optim ? &gstage_post_i : &gstage_i, gs};
         }
-    if (c->pin) bind_stage_memory(pl);
+    const char **gpu_pci = c->pin ? worker_gpu_pci(pl) : NULL;
+    if (c->pin) bind_stage_memory(pl, gpu_pci);
     /* One core per worker: BLAS threads would only fight the other stages
      * and replicas (and every process of an MPI run has one worker). */
     if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
-    if (c->trace_events > 0)
-        PW_CHECK_GOTO(pw_trace_create(S * NR, c->trace_events, &pl->trace), st, fail);
+    if (c->trace_events > 0 && (st = pw_trace_create(S * NR, c->trace_events, &pl->trace)) != PW_OK) {
+        free(gpu_pci);
+        goto fail;
+    }
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
         .replicas = NR, .transport = t,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
+        .gpu_pci = gpu_pci,
     };
-    PW_CHECK_GOTO(pw_engine_create(&ec, &pl->engine), st, fail);
+    st = pw_engine_create(&ec, &pl->engine);
+    free(gpu_pci);
+    if (st != PW_OK) goto fail;
     *out = pl;
     return PW_OK;
 fail:
@@ -1146,8 +1233,10 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
                         PW_CHECK_GOTO(host_grad_done(p[j], i, gr), st, out);
                     }
         }
-        for (int j = 0; j < np; j++)
+        for (int j = 0; j < np; j++) {
             PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
+            PW_CHECK_GOTO(pw_program_wait(p[j]), st, out); /* outside the engine: no completion */
+        }
     }
 out:
     free(p);

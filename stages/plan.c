@@ -27,8 +27,43 @@ void pw_plan_destroy(pw_plan *p)
     if (!p) return;
     pw_partition_free(&p->part);
     pw_placement_destroy(p->place);
+    free(p->gpu_budgets);
+    free(p->gpu_names);
     free(p->inflight);
     free(p);
+}
+
+/* Stage budgets from the GPUs' memory (see plan.h): replica 0's stage s is
+ * rank s; a GPU's memory is split evenly among every rank placed on it.
+ * Leaves p->gpu_budgets NULL when the placement is not on GPUs or no GPU's
+ * memory is known. */
+static pw_status gpu_budgets(const pw_plan_config *c, pw_plan *p)
+{
+    const pw_placement *pl = p->place;
+    if (!pl || !pl->on_gpus || c->devices || c->memory_budget > 0) return PW_OK;
+    int known = 0;
+    for (int g = 0; g < pl->n_gpus; g++) known |= c->gpu_memory > 0 || pl->gpus[g].memory > 0;
+    if (!known) return PW_OK;
+    const int S = p->n_stages;
+    p->gpu_budgets = calloc((size_t)S, sizeof *p->gpu_budgets);
+    p->gpu_names = calloc((size_t)S, sizeof *p->gpu_names);
+    if (!p->gpu_budgets || !p->gpu_names) return pw_error(PW_ERR_NOMEM, "plan: out of memory");
+    for (int s = 0; s < S; s++) {
+        const int g = pl->ranks[s].gpu;
+        const pw_gpu *gpu = &pl->gpus[g];
+        int sharing = 0;
+        for (int r = 0; r < pl->n_ranks; r++) sharing += pl->ranks[r].gpu == g;
+        const int64_t mem = c->gpu_memory > 0 ? c->gpu_memory : gpu->memory;
+        p->gpu_budgets[s].speed = 1.0;
+        p->gpu_budgets[s].memory = mem > 0 ? mem / (sharing > 0 ? sharing : 1) : 0;
+        if (sharing > 1)
+            snprintf(p->gpu_names[s], sizeof p->gpu_names[s], "its share of %s (1/%d)", gpu->name, sharing);
+        else
+            snprintf(p->gpu_names[s], sizeof p->gpu_names[s], "%s", gpu->name);
+        p->gpu_budgets[s].name = p->gpu_names[s];
+    }
+    p->devices = p->gpu_budgets;
+    return PW_OK;
 }
 
 /* The schedule the plan is for, lowered and validated. */
@@ -182,6 +217,7 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
     p->optim_state_floats = pw_optim_state_floats(c->optim);
     p->recompute = c->recompute;
     p->memory_budget = c->memory_budget;
+    p->gpu_memory = c->gpu_memory;
     p->devices = c->devices;
     p->theory_bubble = -1.0;
     snprintf(p->topology, sizeof p->topology, "%s", c->topology_name ? c->topology_name : "");
@@ -193,6 +229,25 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
                  (c->flops_per_s > 0 ? c->flops_per_s : 1e10) / 1e9);
 
     PW_CHECK_GOTO(make_schedule(c, S, &sched, &rep, p->schedule, sizeof p->schedule), st, fail);
+    /* Placement first: on GPUs it gives the stages their budgets. */
+    if (c->n_gpu_list > 0 && !c->topology) {
+        st = pw_error(PW_ERR_INVALID_ARG, "plan: GPUs given without a topology to find their cores in");
+        goto fail;
+    }
+    if (c->topology) {
+        pw_place_config plc = {.n_stages = S, .n_replicas = p->n_replicas, .cores_per_rank = c->cores_per_rank,
+                               .gpus = c->gpus, .gpu_list = c->gpu_list, .n_gpu_list = c->n_gpu_list};
+        PW_CHECK_GOTO(pw_place_stages(c->topology, &plc, &p->place), st, fail);
+        PW_CHECK_GOTO(gpu_budgets(c, p), st, fail);
+    }
+    if (c->gpu_memory > 0 && (!p->place || !p->place->on_gpus)) {
+        st = pw_error(PW_ERR_INVALID_ARG, "plan: a GPU memory size is given but the stages are not placed "
+                      "on GPUs (give a topology with GPUs, or this machine's)");
+        goto fail;
+    }
+    pw_plan_config cg = *c; /* the partition's view: the GPUs' budgets as devices */
+    if (p->gpu_budgets) cg.devices = p->gpu_budgets;
+    c = &cg;
     p->inflight = malloc(sizeof(int) * (size_t)S);
     cost = calloc((size_t)S, sizeof *cost);
     if (!p->inflight || !cost) {
@@ -243,11 +298,6 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
     p->step_time = p->part.step_time = res->step_time;
     p->bubble = p->part.bubble = res->bubble;
 
-    if (c->topology) {
-        pw_place_config plc = {.n_stages = S, .n_replicas = p->n_replicas,
-                               .cores_per_rank = c->cores_per_rank, .gpus = c->gpus};
-        PW_CHECK_GOTO(pw_place_stages(c->topology, &plc, &p->place), st, fail);
-    }
     pw_sim_result_destroy(res);
     free(cost);
     pw_schedule_report_destroy(rep);
@@ -285,6 +335,36 @@ static const char *bytes_or_dash(int64_t b, char *buf, size_t n)
 
 static const char *node_name(const pw_graph *g, int i) { return g->values[g->nodes[i].output].name; }
 
+/* The GPUs the ranks use: model, memory, and which stages share each. */
+static void print_gpus(FILE *f, const pw_plan *p)
+{
+    const pw_placement *pl = p->place;
+    fprintf(f, "GPUs:\n");
+    for (int g = 0; g < pl->n_gpus; g++) {
+        const pw_gpu *gpu = &pl->gpus[g];
+        char line[512], a[32];
+        int n = 0, off = 0;
+        for (int r = 0; r < pl->n_ranks && off < 200; r++) {
+            if (pl->ranks[r].gpu != g) continue;
+            off += snprintf(line + off, sizeof line - (size_t)off, n ? ", %d" : "%d", pl->ranks[r].stage);
+            if (pl->ranks[r].replica > 0 && off < 200)
+                off += snprintf(line + off, sizeof line - (size_t)off, " (replica %d)", pl->ranks[r].replica);
+            n++;
+        }
+        if (!n) continue;
+        /* The GPU's memory as the plan takes it (gpu_memory overrides). */
+        const int64_t mem = p->gpu_memory > 0 ? p->gpu_memory : gpu->memory;
+        fprintf(f, "  %-7s %-13s %-24s memory %-10s stage%s %s", gpu->name, gpu->pci[0] ? gpu->pci : "-",
+                gpu->model[0] ? gpu->model : "(model unknown)",
+                mem > 0 ? pw_format_bytes((double)mem, a, sizeof a) : "unknown", n > 1 ? "s" : "", line);
+        /* As gpu_budgets computes replica 0's (other replicas mirror them). */
+        if (p->gpu_budgets && mem > 0)
+            fprintf(f, ", budget %s%s", pw_format_bytes((double)(mem / n), a, sizeof a), n > 1 ? " each" : "");
+        if (!gpu->located) fprintf(f, " (not in the topology: any core)");
+        fprintf(f, "\n");
+    }
+}
+
 pw_status pw_plan_print(FILE *f, const pw_plan *p)
 {
     if (!f || !p) return pw_error(PW_ERR_INVALID_ARG, "plan: nothing to print");
@@ -308,7 +388,8 @@ pw_status pw_plan_print(FILE *f, const pw_plan *p)
         fprintf(f, "  links: free (in-process hand-off)\n");
     fprintf(f, "  memory: optimizer state %d float%s per parameter, recomputation %s, budget %s\n",
             p->optim_state_floats, p->optim_state_floats == 1 ? "" : "s", p->recompute ? "on" : "off",
-            p->devices ? "per device" : p->memory_budget > 0 ? pw_format_bytes((double)p->memory_budget, a, sizeof a) : "none");
+            p->gpu_budgets ? "each GPU's memory, shared by the stages on it"
+            : p->devices ? "per device" : p->memory_budget > 0 ? pw_format_bytes((double)p->memory_budget, a, sizeof a) : "none");
 
     tunit u = time_unit(pt->bottleneck);
     char hf[16], hb[16], hw[16], hc[16], ht[16];
@@ -336,7 +417,7 @@ pw_status pw_plan_print(FILE *f, const pw_plan *p)
         else
             snprintf(mem, sizeof mem, "%s", pw_format_bytes((double)o->mem.total, a, sizeof a));
         size_t off = 0;
-        if (p->devices) {
+        if (p->devices && !p->gpu_budgets) { /* the GPU is in the placement */
             const pw_device_spec *d = &p->devices[s];
             double speed = d->speed > 0 ? d->speed : 1.0;
             if (d->name) off = (size_t)snprintf(dev, sizeof dev, "%s x%.3g", d->name, speed);
@@ -391,6 +472,7 @@ pw_status pw_plan_print(FILE *f, const pw_plan *p)
             fprintf(f, "  replica %d stage %d: %s\n", p->place->ranks[r].replica,
                     p->place->ranks[r].stage, d);
         }
+        if (p->place->on_gpus) print_gpus(f, p);
     }
     if (ferror(f)) return pw_error(PW_ERR_IO, "plan: write error");
     return PW_OK;

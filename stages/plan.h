@@ -28,6 +28,14 @@
  * predicted stage times to give the step time and bubble; the placement
  * (pw_place_stages) maps the stages onto the topology. When nothing fits
  * and the devices are uniform, the error also says how many stages would.
+ *
+ * GPUs. On a topology with GPUs (an lstopo XML with its CUDA devices) or
+ * with gpu_list (this machine's CUDA devices, pipeline-run --device cuda),
+ * the stages are placed on GPUs first, and each stage's memory budget is
+ * its GPU's memory (gpu_memory when given; the XML's CUDAGlobalMemorySize;
+ * the caller's free memory) shared by the ranks on that GPU — unless
+ * devices or memory_budget say otherwise. The table then shows each
+ * stage's GPU, its PCI id, its cores and its budget, and a list of the GPUs.
  * docs/partition.md has the model and the flags.
  */
 #ifndef PW_STAGES_PLAN_H
@@ -73,6 +81,13 @@ typedef struct pw_plan_config {
     const char *topology_name;       /* (optional) for the header: "2socket_8gpu.xml" */
     int cores_per_rank;              /* placement: 0: an equal share (pw_place_config) */
     int gpus;                        /* placement: PW_PLACE_GPUS_AUTO, 0 or 1 */
+    const pw_gpu_desc *gpu_list;     /* (optional) [n_gpu_list] place on these GPUs (this
+                                        machine's CUDA devices, in device order, with their
+                                        free memory) instead of the topology's; needs
+                                        `topology` for their cores */
+    int n_gpu_list;
+    int64_t gpu_memory;              /* > 0: bytes of every GPU, instead of what the
+                                        topology (CUDAGlobalMemorySize) or gpu_list says */
 } pw_plan_config;
 
 /* Zeroed, with schedule 1f1b, method auto, balance flops, optimizer SGD,
@@ -96,8 +111,15 @@ typedef struct pw_plan {
     double link_bandwidth, link_latency;
     int optim_state_floats, recompute;
     int64_t memory_budget;
-    const pw_device_spec *devices;   /* borrowed from the config, or NULL */
+    const pw_device_spec *devices;   /* borrowed from the config, the GPUs' budgets
+                                        (gpu_budgets), or NULL */
     pw_placement *place;             /* NULL without a topology */
+    pw_device_spec *gpu_budgets;     /* [n_stages] owned, or NULL: on GPUs whose memory is
+                                        known, without devices or memory_budget in the
+                                        config, stage s's budget is its GPU's memory
+                                        divided among the ranks placed on that GPU */
+    char (*gpu_names)[96];           /* [n_stages] their names for messages ("cuda0") */
+    int64_t gpu_memory;              /* the config's, 0 */
     char topology[128];              /* its name for the header, "" */
 } pw_plan;
 

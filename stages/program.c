@@ -18,7 +18,10 @@
  * backend. at() maps a plan offset into its category's block. A device
  * program stages the data and the engine's (host) messages through
  * uploads and downloads and waits for its stream at the end of each call
- * (see program.h, "Device programs").
+ * (see program.h, "Device programs") — or, asynchronous
+ * (pw_program_set_async, under the engine), leaves the call's work in
+ * flight and reports its completion through the backend's notify
+ * (pw_program_submitted).
  */
 #include "stages/program.h"
 
@@ -139,6 +142,13 @@ struct pw_program {
     int shared_state;            /* SHARED_* */
     int redo;                    /* re-running a backward for backward_weight: input
                                     gradients go to the shared region, not the ports */
+
+    /* Asynchronous completion (pw_program_set_async). */
+    int async;                   /* training calls return with their work in flight */
+    int unsynced;                /* one did, and pw_program_submitted has not taken it */
+    int loss_slot;               /* its loss statistics reach the host at completion; -1: none */
+    pw_stage_done_fn done;       /* the caller's, for the call in flight */
+    void *done_arg;
 };
 
 /* Plan offset → address in its category's block. */
@@ -174,6 +184,18 @@ static pw_status be_end(const pw_program *p, pw_status st)
 {
     if (st == PW_OK && p->be->sync) st = p->be->sync(p->be_ctx);
     return st;
+}
+
+/* The training calls (forward, backward_input, backward_weight, optimizer
+ * step) end here: an asynchronous program leaves the work in flight for
+ * pw_program_submitted. */
+static pw_status be_end_call(pw_program *p, pw_status st)
+{
+    if (st == PW_OK && p->async) {
+        p->unsynced = 1;
+        return PW_OK;
+    }
+    return be_end(p, st);
 }
 
 static inline size_t sv(const pw_program *p, int slot, int v)
@@ -524,6 +546,7 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     p->begin = c.node_begin;
     p->end = c.node_end;
     p->shared_slot = -1;
+    p->loss_slot = -1;
     pw_arena_init(&p->arena, "stage program");
     size_t nv = (size_t)g->n_values;
     p->params = calloc((size_t)g->n_params + 1, sizeof *p->params);
@@ -906,6 +929,10 @@ static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
     if (p->loss_node >= 0) {
         if (p->dev) { /* the statistics the host reads: 16 bytes per forward */
             BE(download, ss->stats, loss_stats(p, p->loss_node, slot, how), sizeof ss->stats);
+            if (p->async && how == RUN_TRAIN) {
+                p->loss_slot = slot; /* added up at completion (program_completed) */
+                return PW_OK;
+            }
             PW_CHECK(be_end(p, PW_OK)); /* before the host reads them */
         }
         ss->loss_sum += ss->stats[0];
@@ -947,7 +974,7 @@ pw_status pw_program_forward(pw_program *p, int slot, int64_t n)
     ss->rows = n;
     ss->eval = 0;
     PW_CHECK(be_begin(p));
-    pw_status st = be_end(p, run_forward(p, slot, n, RUN_TRAIN));
+    pw_status st = be_end_call(p, run_forward(p, slot, n, RUN_TRAIN));
     p->shared_slot = slot;
     p->shared_state = st == PW_OK ? SHARED_FWD : SHARED_NONE;
     return st;
@@ -1133,7 +1160,7 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
 {
     PW_CHECK(check_backward(p, slot));
     PW_CHECK(be_begin(p));
-    return be_end(p, backward_input(p, slot));
+    return be_end_call(p, backward_input(p, slot));
 }
 
 static pw_status backward_weight(pw_program *p, int slot)
@@ -1192,7 +1219,7 @@ pw_status pw_program_backward_weight(pw_program *p, int slot)
 {
     PW_CHECK(check_backward(p, slot));
     PW_CHECK(be_begin(p));
-    return be_end(p, backward_weight(p, slot));
+    return be_end_call(p, backward_weight(p, slot));
 }
 
 static pw_status zero_grads(pw_program *p)
@@ -1234,7 +1261,63 @@ pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
 {
     if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "optimizer step must count from 1");
     PW_CHECK(be_begin(p));
-    return be_end(p, optimizer_step(p, step));
+    return be_end_call(p, optimizer_step(p, step));
+}
+
+/* ---- asynchronous completion ---- */
+
+int pw_program_set_async(pw_program *p, int on)
+{
+    p->async = on && p->dev && p->be->notify && p->be->sync;
+    return p->async;
+}
+
+/* The backend's notify callback, on its own thread, once the call's work
+ * (downloads included) has finished: the loss statistics are in host
+ * memory now. Touches no backend. */
+static void program_completed(void *arg)
+{
+    pw_program *p = arg;
+    if (p->loss_slot >= 0) {
+        slot_state *ss = &p->slots[p->loss_slot];
+        ss->loss_sum += ss->stats[0];
+        ss->correct += (int64_t)ss->stats[1];
+        p->loss_slot = -1;
+    }
+    p->done(p->done_arg, PW_OK, NULL);
+}
+
+pw_status pw_program_wait(pw_program *p)
+{
+    if (!p->unsynced) return PW_OK;
+    p->unsynced = 0;
+    PW_CHECK(be_begin(p));
+    pw_status st = be_end(p, PW_OK);
+    if (p->loss_slot >= 0 && st == PW_OK) {
+        slot_state *ss = &p->slots[p->loss_slot];
+        ss->loss_sum += ss->stats[0];
+        ss->correct += (int64_t)ss->stats[1];
+    }
+    p->loss_slot = -1;
+    return st;
+}
+
+int pw_program_submitted(pw_program *p, pw_stage_done_fn done, void *arg)
+{
+    if (!p->unsynced) return 0;
+    p->unsynced = 0;
+    p->done = done;
+    p->done_arg = arg;
+    pw_status st = p->be->notify(p->be_ctx, program_completed, p);
+    if (st != PW_OK) {
+        /* Nothing will call back: wait here and report the failure. */
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", pw_last_error());
+        (void)p->be->sync(p->be_ctx);
+        p->loss_slot = -1;
+        done(arg, st, msg);
+    }
+    return 1;
 }
 
 double pw_program_loss_sum(const pw_program *p, int slot) { return p->slots[slot].loss_sum; }
@@ -1317,10 +1400,16 @@ static pw_status stage_optimizer_step(void *self, long step)
     return pw_program_optimizer_step(self, step);
 }
 
+static int stage_submitted(void *self, pw_stage_done_fn done, void *arg)
+{
+    return pw_program_submitted(self, done, arg);
+}
+
 const pw_stage_i pw_program_stage_i = {
     .name = "graph-program",
     .forward = stage_forward,
     .backward_input = stage_backward_input,
     .backward_weight = stage_backward_weight,
     .optimizer_step = stage_optimizer_step,
+    .submitted = stage_submitted,
 };

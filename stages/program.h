@@ -65,8 +65,10 @@
  *     GRAD_IN;
  *   - each call (forward, backward, optimizer step, ...) waits for its GPU
  *     work before returning, so it returns with its results in place and
- *     its errors reported — simple and correct, not yet fast (the
- *     notifier-based completion of docs/cuda.md is the follow-up);
+ *     its errors reported — unless the program is asynchronous
+ *     (pw_program_set_async, below: what a pipeline does under the engine),
+ *     where the training calls return once their work is enqueued and
+ *     report completion through pw_program_submitted;
  *   - pw_program_bind_memory does nothing.
  */
 #ifndef PW_STAGES_PROGRAM_H
@@ -255,6 +257,26 @@ int64_t pw_program_correct(const pw_program *p, int slot);
 /* Positions the loss covers per sample (numel of the label). */
 int64_t pw_program_loss_positions(const pw_program *p);
 int pw_program_has_loss(const pw_program *p);
+
+/* Asynchronous completion (device programs whose backend has `notify`, e.g.
+ * CUDA; the engine's pending path, scheduler/stage.h "Asynchronous
+ * stages"). pw_program_set_async(p, 1) makes pw_program_forward,
+ * _backward_input, _backward_weight and _optimizer_step return once their
+ * work is ENQUEUED: outgoing messages, the loss statistics and gradients
+ * are not in place yet, and kernel errors surface later. Right after each
+ * such call returns PW_OK the caller must call pw_program_submitted: 0 =
+ * nothing is in flight; 1 = done(arg, st, msg) follows once, from another
+ * thread, when the work (the downloads into the bound ports included) has
+ * finished — then pw_program_loss_sum/_correct hold that forward's values.
+ * No other call of the program until then. Every other call (evaluation,
+ * parameters, zeroing, checkpoints) still waits for its work. Returns
+ * whether the program is asynchronous now (0 for a CPU program or a backend
+ * without notify: those complete every call before returning). */
+int pw_program_set_async(pw_program *p, int on);
+int pw_program_submitted(pw_program *p, pw_stage_done_fn done, void *arg);
+/* Instead of pw_program_submitted, outside an engine: waits for the work in
+ * flight and returns its first error (PW_OK when nothing is in flight). */
+pw_status pw_program_wait(pw_program *p);
 
 /* The scheduler's stage vtable over a program (self = pw_program*). The
  * micro-batch size used is the config's micro_batch. */

@@ -16,6 +16,7 @@
 #include <criterion/logging.h>
 #include <criterion/parameterized.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,17 +31,117 @@
 
 #define TIMEOUT_S 120
 
+/* ThreadSanitizer builds: Criterion's arena workaround and halt_on_error,
+ * as in tests/test_engine.c (see docs/engine.md, "Sanitizers"). */
+#if defined(__SANITIZE_THREAD__)
+#define PW_TEST_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define PW_TEST_TSAN 1
+#endif
+#endif
+#ifdef PW_TEST_TSAN
+const char *__tsan_default_options(void);
+const char *__tsan_default_options(void) { return "halt_on_error=1"; }
+int rand_r(unsigned *seed);
+int rand_r(unsigned *seed)
+{
+    *seed = *seed * 1103515245u + 12345u;
+    return 0x358000 + (int)((*seed >> 8) % 0x8000);
+}
+#endif
+
 /* ---------------------------------------------------------------- hostdev */
+
+/* A download in flight (hostdev-async): the source's bytes when it was
+ * enqueued, written to the host only when the stream gets there. */
+typedef struct hd_copy {
+    void *dst;
+    void *data;
+    size_t bytes;
+} hd_copy;
 
 typedef struct hostdev {
     void *block[PW_MEM_COUNT];
     int syncs;
+    hd_copy *pend;      /* hostdev-async: downloads since the last notify/sync */
+    int n_pend, cap_pend;
+    int inflight;       /* notifies not yet run (hdq.mu) */
 } hostdev;
+
+static void hd_flush(hd_copy *c, int n)
+{
+    for (int i = 0; i < n; i++) {
+        memcpy(c[i].dst, c[i].data, c[i].bytes);
+        free(c[i].data);
+    }
+    free(c);
+}
+
+/* hostdev-async's "stream": one thread runs the notified completions in
+ * order, each after a random delay of up to 200 µs: its downloads land in
+ * host memory, then the program's callback runs (and wakes the engine). */
+typedef struct hd_job {
+    hostdev *h;
+    hd_copy *copies;
+    int n;
+    void (*fn)(void *);
+    void *arg;
+} hd_job;
+
+#define HDQ_CAP 256
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv, idle;
+    hd_job q[HDQ_CAP];
+    int head, n, started;
+    pthread_t thread;
+    unsigned jobs_run;
+} hdq = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .idle = PTHREAD_COND_INITIALIZER};
+
+static void *hdq_main(void *arg)
+{
+    (void)arg;
+    unsigned rng = 2024;
+    pthread_mutex_lock(&hdq.mu);
+    for (;;) {
+        while (!hdq.n) pthread_cond_wait(&hdq.cv, &hdq.mu);
+        hd_job j = hdq.q[hdq.head];
+        hdq.head = (hdq.head + 1) % HDQ_CAP;
+        hdq.n--;
+        pthread_mutex_unlock(&hdq.mu);
+        rng = rng * 1103515245u + 12345u;
+        usleep((rng >> 16) % 200);
+        hd_flush(j.copies, j.n);
+        pthread_mutex_lock(&hdq.mu);
+        /* Counted down before fn: once fn has run, the engine may end the
+         * step and the program close this context. */
+        j.h->inflight--;
+        hdq.jobs_run++;
+        pthread_cond_broadcast(&hdq.idle);
+        pthread_mutex_unlock(&hdq.mu);
+        j.fn(j.arg);
+        pthread_mutex_lock(&hdq.mu);
+    }
+    return NULL;
+}
+
+/* Waits for the context's notifies, then lands its remaining downloads. */
+static void hd_drain(hostdev *h)
+{
+    pthread_mutex_lock(&hdq.mu);
+    while (h->inflight) pthread_cond_wait(&hdq.idle, &hdq.mu);
+    pthread_mutex_unlock(&hdq.mu);
+    hd_flush(h->pend, h->n_pend);
+    h->pend = NULL;
+    h->n_pend = h->cap_pend = 0;
+}
 
 static void hd_close(void *ctx)
 {
     hostdev *h = ctx;
     if (!h) return;
+    hd_drain(h);
     for (int c = 0; c < PW_MEM_COUNT; c++) free(h->block[c]);
     free(h);
 }
@@ -81,7 +182,62 @@ static pw_status hd_sync(void *ctx)
     return PW_OK;
 }
 
-static pw_backend_i hostdev_i;
+static pw_status hd_async_sync(void *ctx)
+{
+    hostdev *h = ctx;
+    hd_drain(h);
+    h->syncs++;
+    return PW_OK;
+}
+
+static pw_status hd_async_download(void *ctx, void *dst, const void *src, size_t bytes)
+{
+    hostdev *h = ctx;
+    if (h->n_pend == h->cap_pend) {
+        int cap = h->cap_pend ? 2 * h->cap_pend : 16;
+        hd_copy *c = realloc(h->pend, (size_t)cap * sizeof *c);
+        if (!c) return pw_error(PW_ERR_NOMEM, "hostdev-async: out of memory");
+        h->pend = c;
+        h->cap_pend = cap;
+    }
+    void *data = malloc(bytes ? bytes : 1);
+    if (!data) return pw_error(PW_ERR_NOMEM, "hostdev-async: out of memory");
+    memcpy(data, src, bytes);
+    h->pend[h->n_pend++] = (hd_copy){dst, data, bytes};
+    return PW_OK;
+}
+
+static pw_status hd_async_notify(void *ctx, void (*fn)(void *), void *arg)
+{
+    hostdev *h = ctx;
+    pthread_mutex_lock(&hdq.mu);
+    if (!hdq.started) {
+        if (pthread_create(&hdq.thread, NULL, hdq_main, NULL) != 0) {
+            pthread_mutex_unlock(&hdq.mu);
+            return pw_error(PW_ERR_IO, "hostdev-async: no completion thread");
+        }
+        pthread_detach(hdq.thread);
+        hdq.started = 1;
+    }
+    cr_assert_lt(hdq.n, HDQ_CAP);
+    hdq.q[(hdq.head + hdq.n++) % HDQ_CAP] = (hd_job){h, h->pend, h->n_pend, fn, arg};
+    h->inflight++;
+    h->pend = NULL;
+    h->n_pend = h->cap_pend = 0;
+    pthread_cond_signal(&hdq.cv);
+    pthread_mutex_unlock(&hdq.mu);
+    return PW_OK;
+}
+
+static unsigned hd_jobs_run(void)
+{
+    pthread_mutex_lock(&hdq.mu);
+    unsigned n = hdq.jobs_run;
+    pthread_mutex_unlock(&hdq.mu);
+    return n;
+}
+
+static pw_backend_i hostdev_i, hostdev_async_i;
 
 static void register_hostdev(void)
 {
@@ -93,6 +249,16 @@ static void register_hostdev(void)
     hostdev_i.device_count = hd_device_count;
     hostdev_i.sync = hd_sync;
     cr_assert_eq(pw_backend_register(&hostdev_i), PW_OK, "%s", pw_last_error());
+    /* "hostdev-async": completes each training call later, from its own
+     * thread, and lands the downloads only then (like a GPU stream): a
+     * message sent or a loss read before the completion has the wrong
+     * bytes. */
+    hostdev_async_i = hostdev_i;
+    hostdev_async_i.name = "hostdev-async";
+    hostdev_async_i.sync = hd_async_sync;
+    hostdev_async_i.download = hd_async_download;
+    hostdev_async_i.notify = hd_async_notify;
+    cr_assert_eq(pw_backend_register(&hostdev_async_i), PW_OK, "%s", pw_last_error());
 }
 
 /* ---------------------------------------------------------------- runs */
@@ -168,6 +334,7 @@ typedef struct run_cfg {
     int recompute;
     int chunks_per_rank;
     double clip;
+    int batch, micro;  /* 0: 16 and 4 */
 } run_cfg;
 
 static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
@@ -175,8 +342,8 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *
     pw_pipeline_config pc = pw_pipeline_defaults();
     pc.graph = g;
     pc.train = d;
-    pc.batch = 16;
-    pc.micro_batches = 4;
+    pc.batch = r->batch ? r->batch : 16;
+    pc.micro_batches = r->micro ? r->micro : 4;
     pc.stages = r->stages;
     pc.schedule = r->kind;
     pc.chunks_per_rank = r->chunks_per_rank;
@@ -299,6 +466,14 @@ ParameterizedTest(case_t *c, backend, device_paths_match_the_cpu, .timeout = TIM
     snprintf(what, sizeof what, "%s, %d stages, %s%s: hostdev vs cpu", c->gpt ? "GPT" : "MLP", c->stages,
              pw_schedule_kind_name(c->kind), c->recompute ? ", recompute" : "");
     expect_same(&cpu, &dev, what);
+    r.device = "hostdev-async";
+    unsigned before = hd_jobs_run();
+    result adev = run(g, d, &r);
+    cr_assert_gt(hd_jobs_run(), before, "no call completed asynchronously");
+    snprintf(what, sizeof what, "%s, %d stages, %s%s: hostdev-async vs cpu", c->gpt ? "GPT" : "MLP",
+             c->stages, pw_schedule_kind_name(c->kind), c->recompute ? ", recompute" : "");
+    expect_same(&cpu, &adev, what);
+    free(adev.params);
     free(cpu.params);
     free(dev.params);
     pw_dataset_destroy(d);
@@ -455,4 +630,140 @@ Test(backend, clipping_matches_the_cpu, .timeout = TIMEOUT_S)
         pw_dataset_destroy(d);
         pw_graph_destroy(g);
     }
+}
+
+/* ------------------------------------------ asynchronous device programs */
+
+typedef struct async_case {
+    pw_schedule_kind kind;
+    int stages;
+} async_case;
+
+ParameterizedTestParameters(backend, async_device_every_schedule)
+{
+    static async_case cases[6 * 4];
+    static const pw_schedule_kind kinds[] = {PW_SCHEDULE_GPIPE, PW_SCHEDULE_1F1B, PW_SCHEDULE_INTERLEAVED,
+                                             PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V};
+    int n = 0;
+    for (int k = 0; k < 6; k++)
+        for (int s = 1; s <= 4; s++) cases[n++] = (async_case){kinds[k], s};
+    return cr_make_param_array(async_case, cases, (size_t)n);
+}
+
+/* Every schedule × 1-4 stages with completions that come later from another
+ * thread (the engine's pending path, downloads landing only at completion):
+ * the CPU's bytes — loss per step, evaluation, parameters. */
+ParameterizedTest(async_case *c, backend, async_device_every_schedule, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = dataset(g, 0);
+    run_cfg r = {.device = "cpu", .stages = c->stages, .kind = c->kind};
+    if (c->kind == PW_SCHEDULE_INTERLEAVED || c->kind == PW_SCHEDULE_ZB_V) r.chunks_per_rank = 2;
+    if (c->kind == PW_SCHEDULE_INTERLEAVED && c->stages == 3) { /* micro-batches: a multiple of 3 */
+        r.batch = 24;
+        r.micro = 6;
+    }
+    result cpu = run(g, d, &r);
+    r.device = "hostdev-async";
+    unsigned before = hd_jobs_run();
+    result dev = run(g, d, &r);
+    cr_assert_gt(hd_jobs_run(), before, "no call completed asynchronously");
+    char what[128];
+    snprintf(what, sizeof what, "MLP, %d stages, %s: hostdev-async vs cpu", c->stages,
+             pw_schedule_kind_name(c->kind));
+    expect_same(&cpu, &dev, what);
+    free(cpu.params);
+    free(dev.params);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* The pipeline's own paths on an asynchronous device: the tied GPT head
+ * (the optimizer outside the engine), clipping, interleaved chunks. */
+Test(backend, async_device_pipeline_paths, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = dataset(g, 1);
+    static const run_cfg cfgs[] = {
+        {.stages = 3, .kind = PW_SCHEDULE_1F1B},
+        {.stages = 2, .kind = PW_SCHEDULE_ZB_H1, .clip = 0.05},
+        {.stages = 2, .kind = PW_SCHEDULE_INTERLEAVED, .chunks_per_rank = 2, .recompute = 1},
+    };
+    for (size_t i = 0; i < sizeof cfgs / sizeof cfgs[0]; i++) {
+        run_cfg r = cfgs[i];
+        r.device = "cpu";
+        result cpu = run(g, d, &r);
+        r.device = "hostdev-async";
+        result dev = run(g, d, &r);
+        char what[96];
+        snprintf(what, sizeof what, "GPT case %zu: hostdev-async vs cpu", i);
+        expect_same(&cpu, &dev, what);
+        free(cpu.params);
+        free(dev.params);
+    }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* Outside an engine an asynchronous program is driven by hand: submitted
+ * reports completion once, wait is the alternative. */
+static pw_status g_done_st = PW_ERR_INTERNAL;
+static pthread_mutex_t g_done_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_done_cv = PTHREAD_COND_INITIALIZER;
+static int g_done_n;
+static void on_done(void *arg, pw_status st, const char *msg)
+{
+    (void)arg;
+    (void)msg;
+    pthread_mutex_lock(&g_done_mu);
+    g_done_st = st;
+    g_done_n++;
+    pthread_cond_signal(&g_done_cv);
+    pthread_mutex_unlock(&g_done_mu);
+}
+
+Test(backend, async_program_by_hand, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(MLP);
+    double loss[2];
+    for (int async = 0; async < 2; async++) {
+        pw_program_config pc = {.graph = g, .micro_batch = 4, .slots = 1,
+                                .optim = pw_optim_defaults(PW_OPTIM_SGD), .device = "hostdev-async"};
+        pw_program *p;
+        cr_assert_eq(pw_program_create(&pc, &p), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_program_set_async(p, async), async);
+        pw_program_init_params(p, 1);
+        float *x = pw_program_data(p, g->input, 0);
+        int32_t *y = pw_program_data(p, g->label, 0);
+        for (int i = 0; i < 4 * 24; i++) x[i] = (float)(i % 7) - 3.0f;
+        for (int i = 0; i < 4; i++) y[i] = i % 5;
+        cr_assert_eq(pw_program_forward(p, 0, 4), PW_OK, "%s", pw_last_error());
+        if (async) {
+            cr_assert_eq(pw_program_submitted(p, on_done, NULL), 1);
+            pthread_mutex_lock(&g_done_mu);
+            while (g_done_n < 1) pthread_cond_wait(&g_done_cv, &g_done_mu);
+            pthread_mutex_unlock(&g_done_mu);
+            cr_assert_eq(g_done_st, PW_OK);
+            cr_assert_eq(pw_program_submitted(p, on_done, NULL), 0, "nothing in flight any more");
+        } else {
+            cr_assert_eq(pw_program_submitted(p, on_done, NULL), 0, "a synchronous program");
+        }
+        loss[async] = pw_program_loss_sum(p, 0);
+        cr_assert_eq(pw_program_backward_input(p, 0), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_program_wait(p), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_program_wait(p), PW_OK);
+        pw_program_destroy(p);
+    }
+    cr_assert_eq(loss[0], loss[1], "loss %.17g (synchronous) vs %.17g (asynchronous)", loss[0], loss[1]);
+    cr_assert(loss[0] > 0);
+    /* A CPU program has no asynchronous mode. */
+    pw_program_config pc = {.graph = g, .micro_batch = 4, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_program *p;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_program_set_async(p, 1), 0);
+    pw_program_destroy(p);
+    pw_graph_destroy(g);
 }

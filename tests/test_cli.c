@@ -540,3 +540,56 @@ Test(cli, device_flag)
     free(o);
 #endif
 }
+
+/* Issue 9: --plan on GPUs. The 2-socket, 8-GPU fixture: one row per stage
+ * with its GPU, PCI id and cores (neighbours on one package, two cores
+ * each), each budget its GPU's memory; --gpu-memory plans for GPUs of
+ * another size and a plan that cannot fit is refused naming the GPU;
+ * --device cuda plans on this machine's GPUs, or fails cleanly without. */
+Test(cli, plan_on_gpus)
+{
+    char *o;
+    const char *topo = "--topology '" PW_SOURCE_DIR "/tests/fixtures/topologies/2socket_8gpu.xml'";
+    char args[512];
+    snprintf(args, sizeof args, "m.graph --plan --stages 4 %s", topo);
+    cr_assert_eq(run(args, &o), 0, "%s", o);
+    static const char *const rows[] = {"cuda0 (0000:11:00.0), cores 0-1, NUMA 0\n",
+                                       "cuda1 (0000:21:00.0), cores 2-3, NUMA 0\n",
+                                       "cuda2 (0000:31:00.0), cores 4-5, NUMA 0\n",
+                                       "cuda3 (0000:41:00.0), cores 6-7, NUMA 0\n"};
+    for (int s = 0; s < 4; s++) cr_assert(strstr(o, rows[s]), "stage %d: %s", s, o);
+    cr_assert_eq(strstr(o, "/ 80.0 GiB 0%") ? 1 : 0, 1, "%s", o);
+    cr_assert(strstr(o, "on GPUs\nGPUs:\n  cuda0   0000:11:00.0  NVIDIA H100 80GB HBM3    memory 80.0 GiB   "
+                        "stage 0, budget 80.0 GiB\n"), "%s", o);
+    free(o);
+    snprintf(args, sizeof args, "m.graph --plan --stages 4 %s --gpu-memory 1K", topo);
+    cr_assert_eq(run(args, &o), 1, "%s", o);
+    cr_assert(strstr(o, "pipeline-run: --plan: partition: stage ") && strstr(o, " has 1.0 KiB; no split into 4 "
+              "stages fits"), "%s", o);
+    free(o);
+    snprintf(args, sizeof args, "m.graph --plan --stages 2 %s --gpu-memory 16G", topo);
+    cr_assert_eq(run(args, &o), 0, "%s", o);
+    cr_assert(strstr(o, "memory 16.0 GiB   stage 0, budget 16.0 GiB\n"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --stages 2 --gpu-memory lots", &o), 2, "%s", o);
+    cr_assert(strstr(o, "--gpu-memory: 'lots' is not a size"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --stages 2 --topology 'pack:1 core:2 pu:1' --gpu-memory 1G", &o), 1, "%s", o);
+    cr_assert(strstr(o, "not placed on GPUs"), "%s", o);
+    free(o);
+    cr_assert_eq(run("--help", &o), 0);
+    cr_assert(strstr(o, "--gpu-memory"), "%s", o);
+    free(o);
+    int rc = run("m.graph --plan --stages 2 --device cuda", &o);
+    if (rc == 0) { /* a GPU is present: the plan is on it */
+        cr_assert(strstr(o, "on GPUs\nGPUs:\n  cuda0 "), "%s", o);
+    } else {
+        cr_assert_eq(rc, 2, "exit %d: %s", rc, o);
+#ifdef PW_HAVE_CUDA
+        cr_assert(strstr(o, "pipeline-run: --device: no CUDA device"), "%s", o);
+#else
+        cr_assert(strstr(o, "pipeline-run: --device") && strstr(o, "built without CUDA"), "%s", o);
+#endif
+    }
+    free(o);
+}

@@ -14,6 +14,7 @@
 #include <criterion/logging.h>
 #include <criterion/parameterized.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -369,7 +370,7 @@ static void check_calls(harness *h, int step)
     const pw_schedule *s = h->s;
     for (int c = 0; c < s->n_chunks; c++) {
         fake *f = &h->fakes[c];
-        const pw_rank_program *p = &s->ranks[c % s->n_ranks];
+        const pw_rank_program *p = &s->ranks[pw_schedule_rank_of(s, c)];
         int k = 0;
         for (int i = 0; i < p->n_actions; i++) {
             const pw_action *a = &p->actions[i];
@@ -1386,4 +1387,332 @@ Test(engine, replica_config_errors, .timeout = TIMEOUT)
     cfg.replicas = -1;
     cr_assert_eq(pw_engine_create(&cfg, &e), PW_ERR_INVALID_ARG);
     rh_fini(&h);
+}
+
+/* ------------------------------------------- asynchronous stages (pending) */
+
+/* An asynchronous wrapper around the fake chunk, like a GPU stage: most
+ * calls only record what to do and return; `submitted` then hands the work
+ * to one executor thread (the "device"), which runs the fake's call after a
+ * random delay of up to 300 µs and reports through the engine's done
+ * function. Some calls run at once (submitted says 0), some complete inside
+ * submitted (done before it returns): every path of the engine's pending
+ * completions is taken, in random mixes, and the fake checks buffers,
+ * slots and the call order exactly as in the synchronous runs. */
+typedef struct async_job {
+    struct astage *a;
+    char what;             /* 'F', 'B', 'W', 'O' */
+    int mb, slot;
+    long step;
+    pw_stage_done_fn done;
+    void *arg;
+} async_job;
+
+typedef struct astage {
+    const pw_stage_i *inner;
+    void *self;
+    async_job job;         /* the call being submitted (worker thread) */
+    int ran;               /* it ran synchronously: submitted says 0 */
+    unsigned rng;
+    char hold_what;        /* this call (what, mb) completes only after hold_us */
+    int hold_mb, hold_us;
+} astage;
+
+#define AQ_CAP 64
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    async_job q[AQ_CAP];
+    int head, n, quit;
+    pthread_t thread;
+    atomic_int completed;  /* by the executor */
+} aq = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static unsigned arand(unsigned *s)
+{
+    *s = *s * 1103515245u + 12345u;
+    return *s >> 16;
+}
+
+static pw_status run_job(const async_job *j)
+{
+    const astage *a = j->a;
+    pw_clear_error();
+    switch (j->what) {
+    case 'F': return a->inner->forward(a->self, j->mb, j->slot);
+    case 'B': return a->inner->backward_input(a->self, j->mb, j->slot);
+    case 'W': return a->inner->backward_weight(a->self, j->mb, j->slot);
+    default: return a->inner->optimizer_step(a->self, j->step);
+    }
+}
+
+static void complete_job(const async_job *j)
+{
+    pw_status st = run_job(j);
+    j->done(j->arg, st, st == PW_OK ? NULL : pw_last_error());
+}
+
+static void *executor_main(void *arg)
+{
+    (void)arg;
+    unsigned rng = 12345;
+    pthread_mutex_lock(&aq.mu);
+    for (;;) {
+        while (!aq.n && !aq.quit) pthread_cond_wait(&aq.cv, &aq.mu);
+        if (!aq.n) break;
+        async_job j = aq.q[aq.head];
+        aq.head = (aq.head + 1) % AQ_CAP;
+        aq.n--;
+        pthread_mutex_unlock(&aq.mu);
+        int us = (int)(arand(&rng) % 300);
+        if (j.what == j.a->hold_what && j.mb == j.a->hold_mb) us = j.a->hold_us;
+        if (us) usleep((useconds_t)us);
+        complete_job(&j);
+        atomic_fetch_add(&aq.completed, 1);
+        pthread_mutex_lock(&aq.mu);
+    }
+    pthread_mutex_unlock(&aq.mu);
+    return NULL;
+}
+
+static void executor_start(void)
+{
+    aq.head = aq.n = aq.quit = 0;
+    cr_assert_eq(pthread_create(&aq.thread, NULL, executor_main, NULL), 0);
+}
+
+static void executor_stop(void)
+{
+    pthread_mutex_lock(&aq.mu);
+    aq.quit = 1;
+    pthread_cond_signal(&aq.cv);
+    pthread_mutex_unlock(&aq.mu);
+    pthread_join(aq.thread, NULL);
+}
+
+/* Records the call, or (one call in four) runs it now. */
+static pw_status a_defer(astage *a, char what, int mb, int slot, long step)
+{
+    a->job = (async_job){.a = a, .what = what, .mb = mb, .slot = slot, .step = step};
+    a->ran = arand(&a->rng) % 4 == 0 && what != a->hold_what;
+    return a->ran ? run_job(&a->job) : PW_OK;
+}
+
+static pw_status a_forward(void *self, int mb, int slot) { return a_defer(self, 'F', mb, slot, 0); }
+static pw_status a_backward_input(void *self, int mb, int slot) { return a_defer(self, 'B', mb, slot, 0); }
+static pw_status a_backward_weight(void *self, int mb, int slot) { return a_defer(self, 'W', mb, slot, 0); }
+static pw_status a_optimizer_step(void *self, long step) { return a_defer(self, 'O', -1, -1, step); }
+
+static int a_submitted(void *self, pw_stage_done_fn done, void *arg)
+{
+    astage *a = self;
+    if (a->ran) return 0;
+    a->job.done = done;
+    a->job.arg = arg;
+    if (arand(&a->rng) % 5 == 0 && a->job.what != a->hold_what) {
+        complete_job(&a->job); /* done before submitted returns */
+        return 1;
+    }
+    pthread_mutex_lock(&aq.mu);
+    cr_assert_lt(aq.n, AQ_CAP);
+    aq.q[(aq.head + aq.n++) % AQ_CAP] = a->job;
+    pthread_cond_signal(&aq.cv);
+    pthread_mutex_unlock(&aq.mu);
+    return 1;
+}
+
+static size_t a_port_bytes(void *self, pw_port port)
+{
+    astage *a = self;
+    return a->inner->port_bytes(a->self, port);
+}
+
+static pw_status a_bind(void *self, int slot, pw_port port, void *buf)
+{
+    astage *a = self;
+    return a->inner->bind(a->self, slot, port, buf);
+}
+
+static const pw_stage_i async_full_i = {
+    .name = "async-fake",
+    .forward = a_forward,
+    .backward_input = a_backward_input,
+    .backward_weight = a_backward_weight,
+    .optimizer_step = a_optimizer_step,
+    .port_bytes = a_port_bytes,
+    .bind = a_bind,
+    .submitted = a_submitted,
+};
+
+static const pw_stage_i async_nobw_i = {
+    .name = "async-fake",
+    .forward = a_forward,
+    .backward_input = a_backward_input,
+    .optimizer_step = a_optimizer_step,
+    .port_bytes = a_port_bytes,
+    .bind = a_bind,
+    .submitted = a_submitted,
+};
+
+/* Wraps every fake of h (initialised with `inner`) in an astage. */
+static astage *make_async(harness *h, const pw_stage_i *inner, const pw_stage_i *outer, unsigned seed)
+{
+    astage *as = calloc((size_t)h->s->n_chunks, sizeof *as);
+    cr_assert(as);
+    for (int c = 0; c < h->s->n_chunks; c++) {
+        as[c] = (astage){.inner = inner, .self = &h->fakes[c], .rng = seed * 7919u + (unsigned)c, .hold_mb = -1};
+        h->chunks[c] = (pw_engine_chunk){outer, &as[c]};
+    }
+    return as;
+}
+
+typedef struct async_case {
+    pw_schedule_kind kind;
+    int split_w, stages, micro, v, nobw;
+} async_case;
+
+ParameterizedTestParameters(engine, async_matrix)
+{
+    static async_case cases[64];
+    size_t n = 0;
+    for (int S = 1; S <= 4; S++) {
+        for (int w = 0; w < 2; w++) {
+            cases[n++] = (async_case){PW_SCHEDULE_GPIPE, w, S, 4, 1, 0};
+            cases[n++] = (async_case){PW_SCHEDULE_1F1B, w, S, 6, 1, w};
+            cases[n++] = (async_case){PW_SCHEDULE_INTERLEAVED, w, S, 2 * S, 2, 0};
+        }
+        cases[n++] = (async_case){PW_SCHEDULE_ZB_H1, 1, S, 6, 1, 0};
+        cases[n++] = (async_case){PW_SCHEDULE_ZB_H2, 1, S, 6, 1, 0};
+        cases[n++] = (async_case){PW_SCHEDULE_ZB_V, 1, S, 6, 2, 0};
+    }
+    return cr_make_param_array(async_case, cases, n);
+}
+
+/* Every schedule with asynchronous chunks: the same calls in the same order,
+ * the same buffers, the same weight-gradient order as the synchronous run. */
+ParameterizedTest(async_case *ac, engine, async_matrix, .timeout = TIMEOUT)
+{
+    uint64_t want[16];
+    const pw_stage_i *inner = ac->nobw ? &fake_nobw_i : &fake_full_i;
+    for (int async = 0; async < 2; async++) {
+        pw_schedule_config sc = {.kind = ac->kind, .n_stages = ac->stages, .n_micro = ac->micro,
+                                 .split_w = ac->split_w, .chunks_per_rank = ac->v};
+        pw_schedule *s = NULL;
+        cr_assert_eq(pw_schedule_generate(&sc, &s), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_schedule_lower(s), PW_OK, "%s", pw_last_error());
+        harness h;
+        harness_init(&h, s, NULL, inner);
+        astage *as = NULL;
+        if (async) {
+            executor_start();
+            as = make_async(&h, inner, ac->nobw ? &async_nobw_i : &async_full_i, (unsigned)ac->stages);
+        }
+        pw_engine_config cfg = harness_config(&h);
+        cfg.check = 1;
+        harness_create(&h, &cfg);
+        run_and_check(&h, 3);
+        cr_assert_leq(h.s->n_chunks, 16);
+        for (int c = 0; c < h.s->n_chunks; c++) {
+            if (!async) want[c] = h.fakes[c].wsum;
+            else
+                cr_assert_eq(h.fakes[c].wsum, want[c], "chunk %d: weight gradients in another order than "
+                             "the synchronous run", c);
+        }
+        harness_fini(&h);
+        if (async) {
+            executor_stop();
+            cr_assert_gt(atomic_load(&aq.completed), 0, "no call completed on the executor");
+            free(as);
+        }
+    }
+}
+
+/* A completion that takes too long: the watchdog names it, and the step
+ * ends only once the stage has reported (it may still write buffers). */
+Test(engine, async_watchdog_names_completion, .timeout = TIMEOUT)
+{
+    harness h;
+    /* One rank: no other wait can trip the watchdog first. */
+    harness_init(&h, make_schedule(PW_SCHEDULE_1F1B, 1, 4, 0), NULL, &fake_full_i);
+    executor_start();
+    astage *as = make_async(&h, &fake_full_i, &async_full_i, 3);
+    as[0].hold_what = 'F';
+    as[0].hold_mb = 2;
+    as[0].hold_us = 1200 * 1000;
+    pw_engine_config cfg = harness_config(&h);
+    cfg.watchdog_s = 0.3;
+    harness_create(&h, &cfg);
+    double t0 = now_s();
+    pw_status st = pw_engine_run_step(h.e, 1);
+    double dt = now_s() - t0;
+    cr_assert_eq(st, PW_ERR_TIMEOUT, "status %s: %s", pw_status_str(st), pw_last_error());
+    cr_assert(strstr(pw_last_error(), "rank 0 (chunk 0): waited 0."), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), " s for the completion of F of micro-batch 2 (submitted to stage "
+                                      "'async-fake')"), "%s", pw_last_error());
+    cr_assert(!strstr(pw_last_error(), "did not stop"), "%s", pw_last_error());
+    cr_assert(dt >= 1.1, "the step ended after %.2f s, before the held completion (1.2 s)", dt);
+    cr_log_info("async watchdog: %s (after %.2f s)", pw_last_error(), dt);
+    harness_fini(&h);
+    executor_stop();
+    free(as);
+}
+
+/* A failure reported through done (on the executor thread) fails the step
+ * with the stage's message, named by action. */
+Test(engine, async_failure_is_named, .timeout = TIMEOUT)
+{
+    harness h;
+    harness_init(&h, make_schedule(PW_SCHEDULE_1F1B, 3, 4, 1), NULL, &fake_full_i);
+    executor_start();
+    astage *as = make_async(&h, &fake_full_i, &async_full_i, 5);
+    h.fakes[1].fail_fwd_mb = 2;
+    as[1].hold_what = 'F'; /* that call goes through the executor */
+    as[1].hold_mb = 2;
+    as[1].hold_us = 1000;
+    pw_engine_config cfg = harness_config(&h);
+    harness_create(&h, &cfg);
+    pw_status st = pw_engine_run_step(h.e, 1);
+    cr_assert_eq(st, PW_ERR_NUMERIC, "status %s: %s", pw_status_str(st), pw_last_error());
+    cr_assert(strstr(pw_last_error(), "rank 1 (chunk 1), F of micro-batch 2: fake chunk 1: loss is NaN"), "%s",
+              pw_last_error());
+    harness_fini(&h);
+    executor_stop();
+    free(as);
+}
+
+/* The trace of an asynchronous action spans submission to completion, and
+ * the busy time counts the device's share. */
+Test(engine, async_trace_spans_completion, .timeout = TIMEOUT)
+{
+    harness h;
+    harness_init(&h, make_schedule(PW_SCHEDULE_GPIPE, 1, 2, 0), NULL, &fake_full_i);
+    executor_start();
+    astage *as = make_async(&h, &fake_full_i, &async_full_i, 9);
+    as[0].hold_what = 'F';
+    as[0].hold_mb = 1;
+    as[0].hold_us = 50 * 1000;
+    pw_trace *t = NULL;
+    cr_assert_eq(pw_trace_create(1, 1024, &t), PW_OK, "%s", pw_last_error());
+    pw_engine_config cfg = harness_config(&h);
+    cfg.trace = t;
+    harness_create(&h, &cfg);
+    cr_assert_eq(pw_engine_run_step(h.e, 1), PW_OK, "%s", pw_last_error());
+    int found = 0;
+    const pw_trace_event *evs = pw_trace_events(t, 0);
+    for (int64_t i = 0; i < pw_trace_count(t, 0); i++) {
+        const pw_trace_event *ev = &evs[i];
+        if (ev->name && !strcmp(ev->name, "F") && ev->mb == 1) {
+            found = 1;
+            cr_assert_geq(ev->t1_ns - ev->t0_ns, 45 * 1000 * 1000, "F mb 1 spans %lld ns",
+                          (long long)(ev->t1_ns - ev->t0_ns));
+        }
+    }
+    cr_assert(found, "no F event for micro-batch 1");
+    pw_engine_rank_stats rs;
+    pw_engine_rank_stats_get(h.e, 0, &rs);
+    cr_assert_geq(rs.busy_s, 0.045, "busy %.3f s", rs.busy_s);
+    harness_fini(&h);
+    pw_trace_destroy(t);
+    executor_stop();
+    free(as);
 }

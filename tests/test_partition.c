@@ -918,3 +918,99 @@ Test(plan, flag_helpers, .timeout = TIMEOUT)
     cr_assert_str_eq(pw_last_error(), "device speeds: 'fast' is not a speed > 0");
     cr_assert_null(d);
 }
+
+/* Issue 9: the plan on GPUs. On the 2-socket, 8-GPU fixture each stage's
+ * row names its GPU, PCI id and cores, and its budget is its GPU's memory
+ * (lstopo's CUDAGlobalMemorySize: 80 GiB); a GPU shared by several stages
+ * is split among them; the GPUs are listed with their model. */
+Test(plan, on_gpus_with_their_memory_as_budgets, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(SKIP);
+    hwloc_topology_t topo;
+    cr_assert_eq(pw_topology_load_spec(PW_SOURCE_DIR "/tests/fixtures/topologies/2socket_8gpu.xml", &topo),
+                 PW_OK, "%s", pw_last_error());
+    pw_plan_config pc = pw_plan_defaults();
+    pc.graph = g;
+    pc.stages = 4;
+    pc.micro_batches = 4;
+    pc.micro_batch_size = 16;
+    pc.topology = topo;
+    pc.topology_name = "2socket_8gpu.xml";
+    pw_plan *plan = NULL;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_OK, "%s", pw_last_error());
+    cr_assert_not_null(plan->gpu_budgets);
+    for (int s = 0; s < 4; s++) {
+        cr_assert_eq(plan->part.stage[s].mem.budget, 80ll << 30, "stage %d", s);
+        cr_assert_eq(plan->place->ranks[s].gpu, s);
+    }
+    char *out = print_plan(plan);
+    cr_assert(strstr(out, "budget each GPU's memory, shared by the stages on it\n"), "%s", out);
+    static const char *const rows[] = {"cuda0 (0000:11:00.0), cores 0-1, NUMA 0\n",
+                                       "cuda1 (0000:21:00.0), cores 2-3, NUMA 0\n",
+                                       "cuda2 (0000:31:00.0), cores 4-5, NUMA 0\n",
+                                       "cuda3 (0000:41:00.0), cores 6-7, NUMA 0\n"};
+    for (int s = 0; s < 4; s++) {
+        char want[160];
+        snprintf(want, sizeof want, "\n    %d  ", s);
+        const char *row = strstr(out, want);
+        cr_assert_not_null(row, "no row for stage %d: %s", s, out);
+        const char *end = strchr(row + 1, '\n');
+        cr_assert(strstr(row, rows[s]) && strstr(row, rows[s]) < end + 1, "stage %d: %s", s, out);
+        cr_assert(strstr(row, " / 80.0 GiB ") && strstr(row, " / 80.0 GiB ") < end, "stage %d budget: %s", s, out);
+    }
+    cr_assert(strstr(out, "placement on 2socket_8gpu.xml: 4 ranks (4 stages x 1 replica) on GPUs\nGPUs:\n"
+                          "  cuda0   0000:11:00.0  NVIDIA H100 80GB HBM3    memory 80.0 GiB   stage 0, "
+                          "budget 80.0 GiB\n"), "%s", out);
+    cr_assert(strstr(out, "  cuda3   0000:41:00.0  NVIDIA H100 80GB HBM3    memory 80.0 GiB   stage 3, "
+                          "budget 80.0 GiB\n"), "%s", out);
+    cr_assert(!strstr(out, "cuda4"), "unused GPUs are not listed: %s", out);
+    free(out);
+    pw_plan_destroy(plan);
+
+    /* --memory-budget wins over the GPUs' memory. */
+    pc.memory_budget = 1 << 20;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_OK, "%s", pw_last_error());
+    cr_assert_null(plan->gpu_budgets);
+    cr_assert_eq(plan->part.stage[0].mem.budget, 1 << 20);
+    pw_plan_destroy(plan);
+    pc.memory_budget = 0;
+
+    /* This machine's GPU (as --device cuda:0 gives it): two stages share
+     * it and its free memory; too little is refused naming the share. */
+    const pw_gpu_desc one[] = {{.pci = "0000:91:00.0", .name = "cuda0", .model = "NVIDIA H200",
+                                .memory = 2ll << 30}};
+    pc.stages = 2;
+    pc.gpu_list = one;
+    pc.n_gpu_list = 1;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(plan->part.stage[0].mem.budget, 1ll << 30);
+    cr_assert_eq(plan->part.stage[1].mem.budget, 1ll << 30);
+    out = print_plan(plan);
+    cr_assert(strstr(out, "cuda0 (0000:91:00.0), cores 8-11, NUMA 1\n"), "%s", out);
+    cr_assert(strstr(out, "cuda0 (0000:91:00.0), cores 12-15, NUMA 1\n"), "%s", out);
+    cr_assert(strstr(out, "  cuda0   0000:91:00.0  NVIDIA H200              memory 2.0 GiB    stages 0, 1, "
+                          "budget 1.0 GiB each\n"), "%s", out);
+    free(out);
+    pw_plan_destroy(plan);
+    pc.gpu_memory = 1024;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_ERR_NOMEM);
+    cr_assert_null(plan);
+    cr_assert(strstr(pw_last_error(), "but its share of cuda0 (1/2) has 512 B"), "%s", pw_last_error());
+
+    /* A GPU memory size needs stages on GPUs; GPUs need a topology. */
+    pc.gpu_list = NULL;
+    pc.n_gpu_list = 0;
+    pc.gpus = 0;
+    pc.gpu_memory = 1 << 30;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "not placed on GPUs"), "%s", pw_last_error());
+    pc.gpus = PW_PLACE_GPUS_AUTO;
+    pc.gpu_memory = 0;
+    pc.gpu_list = one;
+    pc.n_gpu_list = 1;
+    pc.topology = NULL;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "without a topology"), "%s", pw_last_error());
+    hwloc_topology_destroy(topo);
+    pw_graph_destroy(g);
+}

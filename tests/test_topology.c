@@ -6,12 +6,17 @@
  * Every test has the same .timeout: Criterion reports a spurious leak under
  * LeakSanitizer when timeouts differ within a file. */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "graph/graph.h"
 #include "runtime/log.h"
 #include "runtime/topology.h"
+#include "stages/backend.h"
+#include "stages/data.h"
+#include "stages/pipeline.h"
 
 #define TIMEOUT 60
 
@@ -369,4 +374,275 @@ Test(binding, degrades_to_a_warning, .timeout = TIMEOUT)
     pw_placement_destroy(p);
     hwloc_topology_destroy(t);
     pw_log_set(NULL, NULL);
+}
+
+/* ------------------------------------------------- workers near their GPUs */
+
+static void expect_cores(const pw_cpu_placement *p, int rank, const char *want_pus)
+{
+    char *got = NULL;
+    hwloc_bitmap_list_asprintf(&got, p->cpusets[rank]);
+    cr_assert_str_eq(got, want_pus, "rank %d", rank);
+    free(got);
+}
+
+/* Issue 9: the engine's worker for a rank on GPU g binds to the cores near
+ * g, found by the bus id the CUDA runtime gives (cudaDeviceGetPCIBusId);
+ * ranks sharing one locality split its cores as pw_place_stages does. */
+Test(placement, gpu_workers_bind_near_their_gpus_by_bus_id, .timeout = TIMEOUT)
+{
+    hwloc_topology_t t = load(FIXTURES "2socket_8gpu.xml");
+    pw_cpu_placement *p = NULL;
+    /* Two GPUs per package (cuda0, cuda1 | cuda4, cuda5), as CUDA spells
+     * them (upper case, 8-digit domain): each package's 8 cores split in
+     * two, 2 PUs per core. */
+    const char *four[] = {"00000000:11:00.0", "0000:21:00.0", "0000:91:00.0", "0000:A1:00.0"};
+    cr_assert_eq(pw_cpu_place_gpus(t, 4, four, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->n_ranks, 4);
+    cr_assert_eq(p->shared, 0);
+    cr_assert_str_empty(p->note);
+    static const int first[] = {0, 4, 8, 12}, numa[] = {0, 0, 1, 1};
+    for (int r = 0; r < 4; r++) {
+        cr_assert_eq(p->core[r], first[r], "rank %d first core %d", r, p->core[r]);
+        cr_assert_eq(p->numa[r], numa[r], "rank %d NUMA %d", r, p->numa[r]);
+        cr_assert_eq(hwloc_bitmap_weight(p->nodesets[r]), 1);
+    }
+    expect_cores(p, 0, "0-7");
+    expect_cores(p, 1, "8-15");
+    expect_cores(p, 2, "16-23");
+    expect_cores(p, 3, "24-31");
+    pw_cpu_placement_destroy(p);
+
+    /* Eight GPUs, eight ranks: two cores each, next to their own GPU. */
+    const char *eight[] = {"0000:11:00.0", "0000:21:00.0", "0000:31:00.0", "0000:41:00.0",
+                           "0000:91:00.0", "0000:a1:00.0", "0000:b1:00.0", "0000:c1:00.0"};
+    cr_assert_eq(pw_cpu_place_gpus(t, 8, eight, &p), PW_OK, "%s", pw_last_error());
+    for (int r = 0; r < 8; r++) cr_assert_eq(p->core[r], 2 * r, "rank %d", r);
+    expect_cores(p, 0, "0-3");
+    expect_cores(p, 7, "28-31");
+    pw_cpu_placement_destroy(p);
+
+    /* The same as the plan's placement of 8 stages on the 8 GPUs. */
+    pw_placement *pl = place(t, 8, 1, 0, PW_PLACE_GPUS_AUTO);
+    cr_assert_eq(pw_cpu_place_gpus(t, 8, eight, &p), PW_OK);
+    for (int r = 0; r < 8; r++) {
+        cr_assert(hwloc_bitmap_isequal(p->cpusets[r], pl->ranks[r].cpuset), "rank %d", r);
+        cr_assert(hwloc_bitmap_isequal(p->nodesets[r], pl->ranks[r].nodeset), "rank %d", r);
+    }
+    pw_cpu_placement_destroy(p);
+    pw_placement_destroy(pl);
+
+    /* Three ranks on one GPU (cuda:4 for every stage) and one on cuda5:
+     * the four share package 1's cores, in rank order. */
+    const char *shared[] = {"0000:91:00.0", "0000:91:00.0", "0000:91:00.0", "0000:a1:00.0"};
+    cr_assert_eq(pw_cpu_place_gpus(t, 4, shared, &p), PW_OK, "%s", pw_last_error());
+    for (int r = 0; r < 4; r++) cr_assert_eq(p->core[r], 8 + 2 * r, "rank %d", r);
+    cr_assert_str_empty(p->note, "sharing a GPU is not worth a warning: %s", p->note);
+    pw_cpu_placement_destroy(p);
+
+    /* Twenty ranks on cuda0: more than its 8 cores, one core each round-robin. */
+    const char *many[20];
+    for (int r = 0; r < 20; r++) many[r] = "0000:11:00.0";
+    cr_assert_eq(pw_cpu_place_gpus(t, 20, many, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->shared, 1);
+    cr_assert_str_eq(p->note, "20 ranks on the 8 cores near their GPUs: ranks share cores");
+    cr_assert_eq(p->core[9], 1);
+    pw_cpu_placement_destroy(p);
+
+    /* Not in the topology (a VM, this machine's GPU on a fixture): an
+     * error that names it, for the engine's fallback; bad ids refused. */
+    const char *absent[] = {"0000:11:00.0", "0000:65:00.0"};
+    cr_assert_eq(pw_cpu_place_gpus(t, 2, absent, &p), PW_ERR_UNSUPPORTED);
+    cr_assert_null(p);
+    cr_assert_str_eq(pw_last_error(), "GPU 0000:65:00.0 is not in the topology (no PCI device with that bus id)");
+    const char *bad[] = {"0000:11:00.0", "cuda1"};
+    cr_assert_eq(pw_cpu_place_gpus(t, 2, bad, &p), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "rank 1: 'cuda1' is not a PCI bus id"), "%s", pw_last_error());
+    const char *none[] = {NULL};
+    cr_assert_eq(pw_cpu_place_gpus(t, 1, none, &p), PW_ERR_INVALID_ARG);
+    cr_assert_eq(pw_cpu_place_gpus(t, 0, four, &p), PW_ERR_INVALID_ARG);
+    cr_assert_eq(pw_cpu_place_gpus(NULL, 1, four, &p), PW_ERR_INVALID_ARG);
+    hwloc_topology_destroy(t);
+
+    /* A topology without I/O objects has no PCI devices at all. */
+    t = load("pack:2 core:4 pu:1");
+    cr_assert_eq(pw_cpu_place_gpus(t, 1, four, &p), PW_ERR_UNSUPPORTED);
+    hwloc_topology_destroy(t);
+}
+
+/* The fixture's GPUs carry their model and memory (lstopo's CUDA device:
+ * GPUModel, CUDAGlobalMemorySize in KiB); a caller's GPU list is placed in
+ * its order and keeps its own names and figures. */
+Test(placement, gpu_list_in_device_order, .timeout = TIMEOUT)
+{
+    hwloc_topology_t t = load(FIXTURES "2socket_8gpu.xml");
+    pw_placement *p = place(t, 2, 1, 0, PW_PLACE_GPUS_AUTO);
+    for (int g = 0; g < p->n_gpus; g++) {
+        cr_assert_str_eq(p->gpus[g].model, "NVIDIA H100 80GB HBM3");
+        cr_assert_eq(p->gpus[g].memory, 80ll << 30, "gpu %d: %lld", g, (long long)p->gpus[g].memory);
+        cr_assert_eq(p->gpus[g].located, 1);
+    }
+    pw_placement_destroy(p);
+
+    /* Device order as CUDA numbers them (here: package 1's first). */
+    const pw_gpu_desc list[] = {
+        {.pci = "0000:91:00.0", .name = "cuda0", .model = "H200", .memory = 100ll << 30},
+        {.pci = "0000:11:00.0"},
+    };
+    pw_place_config c = {.n_stages = 4, .gpu_list = list, .n_gpu_list = 2};
+    cr_assert_eq(pw_place_stages(t, &c, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->on_gpus, 1);
+    cr_assert_eq(p->n_gpus, 2);
+    cr_assert_str_eq(p->gpus[0].name, "cuda0");
+    cr_assert_str_eq(p->gpus[0].model, "H200");
+    cr_assert_eq(p->gpus[0].memory, 100ll << 30);
+    cr_assert_str_eq(p->gpus[1].name, "cuda0", "the topology's name for 0000:11:00.0");
+    cr_assert_eq(p->gpus[1].memory, 80ll << 30);
+    /* Rank k on device k mod 2, as a CUDA pipeline runs it; the two ranks of
+     * each GPU split its package's cores. */
+    cr_assert_str_eq(p->note, "4 ranks on 2 GPUs: ranks share GPUs");
+    expect(p, 0, "cuda0 (0000:91:00.0), cores 8-11, NUMA 1");
+    expect(p, 1, "cuda0 (0000:11:00.0), cores 0-3, NUMA 0");
+    expect(p, 2, "cuda0 (0000:91:00.0), cores 12-15, NUMA 1");
+    expect(p, 3, "cuda0 (0000:11:00.0), cores 4-7, NUMA 0");
+    pw_placement_destroy(p);
+
+    /* A GPU the topology lacks: placed anyway, on any core, and said. */
+    const pw_gpu_desc lost[] = {{.pci = "0000:65:00.0", .name = "cuda0"}};
+    c = (pw_place_config){.n_stages = 2, .gpu_list = lost, .n_gpu_list = 1};
+    cr_assert_eq(pw_place_stages(t, &c, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p->gpus[0].located, 0);
+    cr_assert_str_eq(p->note, "cuda0 (0000:65:00.0) is not in the topology: its ranks may run on any core; "
+                              "2 ranks on 1 GPU: ranks share GPUs");
+    expect(p, 0, "cuda0 (0000:65:00.0), cores 0-7, NUMA 0");
+    expect(p, 1, "cuda0 (0000:65:00.0), cores 8-15, NUMA 1");
+    pw_placement_destroy(p);
+
+    const pw_gpu_desc junk[] = {{.pci = "zz"}};
+    c.gpu_list = junk;
+    cr_assert_eq(pw_place_stages(t, &c, &p), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "'zz' is not a PCI bus id"), "%s", pw_last_error());
+    c.gpu_list = NULL;
+    cr_assert_eq(pw_place_stages(t, &c, &p), PW_ERR_INVALID_ARG);
+    hwloc_topology_destroy(t);
+}
+
+/* ------------------------------------------- the pipeline and the engine */
+
+/* Every warning, from any thread (workers warn when binding is refused). */
+static pthread_mutex_t warn_mu = PTHREAD_MUTEX_INITIALIZER;
+static char warnings[8192];
+
+static void collect(pw_log_level level, unsigned subsys, const char *msg, void *user)
+{
+    (void)subsys;
+    (void)user;
+    if (level != PW_LOG_WARN) return;
+    pthread_mutex_lock(&warn_mu);
+    size_t len = strlen(warnings);
+    snprintf(warnings + len, sizeof warnings - len, "%s\n", msg);
+    pthread_mutex_unlock(&warn_mu);
+}
+
+static int count_of(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle)) n++;
+    return n;
+}
+
+/* "pcidev": the CPU's ops on a pretend device that reports a PCI bus id,
+ * so the pipeline passes it to the engine as a CUDA run does. (A backend
+ * without `open` keeps host memory and has one device.) */
+static char pci_of[2][16];
+
+static pw_status pd_pci(int device, char *buf, size_t n)
+{
+    if (device < 0 || device > 1) return pw_error(PW_ERR_INVALID_ARG, "pcidev: no device %d", device);
+    snprintf(buf, n, "%s", pci_of[device]);
+    return PW_OK;
+}
+
+static int pd_count(void) { return 1; }
+
+static pw_backend_i pcidev_i;
+
+/* Two stages on "pcidev" (both ranks on its one device), pinned; one step. */
+static void train_pinned_on_pcidev(void)
+{
+    pcidev_i = pw_backend_cpu_i;
+    pcidev_i.name = "pcidev";
+    pcidev_i.device_count = pd_count;
+    pcidev_i.device_pci = pd_pci;
+    cr_assert_eq(pw_backend_register(&pcidev_i), PW_OK, "%s", pw_last_error());
+    static const char *text = "graph t_mlp\n"
+                              "input x : f32[6]\n"
+                              "label y : i32[]\n"
+                              "h = linear(x, out=8)\n"
+                              "a = relu(h)\n"
+                              "logits = linear(a, out=3)\n"
+                              "loss = softmax_cross_entropy(logits, y)\n";
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "t.graph", &g), PW_OK, "%s", pw_last_error());
+    pw_synthetic_config sc = {.n = 64, .sample_shape = {.ndim = 1, .d = {6}}, .n_classes = 3, .seed = 1,
+                              .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = 16;
+    pc.micro_batches = 4;
+    pc.stages = 2;
+    pc.pin = 1;
+    pc.device = "pcidev";
+    pw_pipeline *pl = NULL;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    pw_step_stats st;
+    cr_assert_eq(pw_pipeline_step(pl, &st), PW_OK, "%s", pw_last_error());
+    pw_pipeline_destroy(pl);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* GPUs this machine does not have (the fixture's bus ids): the engine says
+ * so once and binds its workers by the CPU rule; training goes on. */
+Test(gpu_binding, falls_back_to_the_cpu_rule_with_one_warning, .timeout = TIMEOUT)
+{
+    snprintf(pci_of[0], sizeof pci_of[0], "0000:11:00.0");
+    pw_log_set(collect, NULL);
+    train_pinned_on_pcidev();
+    train_pinned_on_pcidev(); /* a second pipeline: not said again */
+    pw_log_set(NULL, NULL);
+    const char *want = "engine: GPU 0000:11:00.0 is not in the topology (no PCI device with that bus id); "
+                       "workers bind by the CPU rule instead of near their GPUs";
+    cr_assert_eq(count_of(warnings, want), 1, "warnings:\n%s", warnings);
+}
+
+/* A PCI device this machine has (whatever it is) stands in for a GPU: the
+ * workers bind near it, with no fallback. */
+Test(gpu_binding, binds_near_a_device_of_this_machine, .timeout = TIMEOUT)
+{
+    hwloc_topology_t t = load("this");
+    hwloc_obj_t pd = hwloc_get_next_pcidev(t, NULL);
+    if (!pd) {
+        hwloc_topology_destroy(t);
+        cr_skip_test("this machine's topology shows no PCI device");
+    }
+    const struct hwloc_pcidev_attr_s *a = &pd->attr->pcidev;
+    snprintf(pci_of[0], sizeof pci_of[0], "%04x:%02x:%02x.%01x", (unsigned)a->domain, (unsigned)a->bus,
+             (unsigned)a->dev, (unsigned)a->func);
+    snprintf(pci_of[1], sizeof pci_of[1], "%s", pci_of[0]);
+    const char *ids[] = {pci_of[0], pci_of[1]};
+    pw_cpu_placement *p = NULL;
+    cr_assert_eq(pw_cpu_place_gpus(t, 2, ids, &p), PW_OK, "%s", pw_last_error());
+    hwloc_obj_t anc = hwloc_get_non_io_ancestor_obj(t, pd);
+    for (int r = 0; r < 2; r++)
+        cr_assert(hwloc_bitmap_isincluded(p->cpusets[r], anc->cpuset), "rank %d near %s", r, pci_of[0]);
+    pw_cpu_placement_destroy(p);
+    hwloc_topology_destroy(t);
+    pw_log_set(collect, NULL);
+    train_pinned_on_pcidev();
+    pw_log_set(NULL, NULL);
+    cr_assert_not(strstr(warnings, "CPU rule"), "warnings:\n%s", warnings);
 }

@@ -83,6 +83,7 @@ typedef struct options {
     double temperature;
     int top_k;
     const char *device;          /* --device: NULL = cpu */
+    const char *gpu_memory;      /* --gpu-memory: each GPU's bytes for the plan */
 } options;
 
 static void usage(FILE *f)
@@ -137,6 +138,9 @@ static void usage(FILE *f)
 "                        with --simulate: cost each link from it, any size)\n"
 "  --memory-budget SIZE[,SIZE...]  bytes per stage (512M, 16G)\n"
 "  --device-speeds X[,X...]        relative speed of each stage's device\n"
+"  --gpu-memory SIZE     memory of each GPU the plan places on (default: the\n"
+"                        topology's, or the free memory of --device cuda's\n"
+"                        GPUs), shared by the stages on one GPU\n"
 "  --link-bandwidth B    bytes/s between neighbouring stages\n"
 "  --link-latency SEC    seconds per stage-to-stage message\n"
 "                        (with --simulate --topology: the links between hosts)\n"
@@ -253,7 +257,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
-       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE };
+       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -348,6 +352,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"warmup", required_argument, 0, OPT_WARMUP},
         {"min-lr", required_argument, 0, OPT_MIN_LR},
         {"device", required_argument, 0, OPT_DEVICE},
+        {"gpu-memory", required_argument, 0, OPT_GPUMEM},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -501,6 +506,7 @@ static int parse_args(int argc, char **argv, options *o)
             if (parse_f32("--min-lr", optarg, 0.0, 1e3, &min_lr)) return 2;
             break;
         case OPT_DEVICE: o->device = optarg; break;
+        case OPT_GPUMEM: o->gpu_memory = optarg; break;
         case OPT_TOPK:
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
@@ -1111,10 +1117,14 @@ typedef struct plan_run {
     pw_profile *prof;
     pw_device_spec *devs;
     hwloc_topology_t topo;
+    pw_gpu_desc *gpus;           /* --device cuda: this machine's GPUs */
+    struct gpu_text { char name[16], pci[16], model[256]; } *gpu_text;
 } plan_run;
 
 static void plan_run_free(plan_run *pr)
 {
+    free(pr->gpus);
+    free(pr->gpu_text);
     pw_plan_destroy(pr->plan);
     if (pr->topo) hwloc_topology_destroy(pr->topo);
     free(pr->devs);
@@ -1127,7 +1137,56 @@ static void plan_run_free(plan_run *pr)
  * takes). Any planner flag makes training run the plan's cuts. */
 static int planner_flags(const options *o)
 {
-    return o->balance_set || o->profile || o->topology || o->device_speeds || o->link_set;
+    return o->balance_set || o->profile || o->topology || o->device_speeds || o->link_set || o->gpu_memory;
+}
+
+/* --device cuda[:N] without --topology: the plan places on this machine's
+ * GPUs (the ones the run uses, in device order) with their free memory, on
+ * this machine's topology with its I/O devices for their cores. 0, or the
+ * exit status after the message. */
+static int plan_on_this_machines_gpus(const options *o, plan_run *pr, pw_plan_config *pc)
+{
+#ifdef PW_HAVE_CUDA
+    const pw_backend_i *be;
+    int dev, n = 0;
+    if (pw_backend_find(o->device, &be, &dev) != PW_OK || !be->device_memory) return 0;
+    if (pw_cuda_device_count(&n) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s--device: %s\n", g_who, pw_last_error());
+        return 2;
+    }
+    const int first = dev >= 0 ? dev : 0, count = dev >= 0 ? 1 : n;
+    pr->gpus = calloc((size_t)count, sizeof *pr->gpus);
+    pr->gpu_text = calloc((size_t)count, sizeof *pr->gpu_text);
+    if (!pr->gpus || !pr->gpu_text) {
+        fprintf(stderr, "pipeline-run: out of memory\n");
+        return 1;
+    }
+    for (int k = 0; k < count; k++) {
+        pw_cuda_device_info info;
+        struct gpu_text *t = &pr->gpu_text[k];
+        if (pw_cuda_device_query(first + k, &info) != PW_OK || pw_cuda_device_pci(first + k, t->pci, sizeof t->pci) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s--device %s: %s\n", g_who, o->device, pw_last_error());
+            return 1;
+        }
+        snprintf(t->name, sizeof t->name, "cuda%d", first + k);
+        snprintf(t->model, sizeof t->model, "%s", info.name);
+        pr->gpus[k] = (pw_gpu_desc){.pci = t->pci, .name = t->name, .model = t->model,
+                                    .memory = (int64_t)info.free_mem};
+    }
+    if (pw_topology_load_spec("this", &pr->topo) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s--device %s: %s\n", g_who, o->device, pw_last_error());
+        return 1;
+    }
+    pc->topology = pr->topo;
+    pc->topology_name = "this machine";
+    pc->gpu_list = pr->gpus;
+    pc->n_gpu_list = count;
+#else
+    (void)o;
+    (void)pr;
+    (void)pc;
+#endif
+    return 0;
 }
 
 /* pw_plan_make from the flags, for --plan and for training (which then runs
@@ -1186,6 +1245,13 @@ static int make_plan(const pw_graph *g, const options *o, pw_schedule_kind kind,
         }
         pc.devices = pr->devs;
     }
+    if (o->gpu_memory) {
+        if (pw_parse_bytes(o->gpu_memory, &pc.gpu_memory) != PW_OK || pc.gpu_memory <= 0) {
+            fprintf(stderr, "pipeline-run: %s--gpu-memory: '%s' is not a size > 0 (e.g. 16G)\n", g_who,
+                    o->gpu_memory);
+            return 2;
+        }
+    }
     if (o->topology) {
         if (pw_topology_load_spec(o->topology, &pr->topo) != PW_OK) {
             fprintf(stderr, "pipeline-run: %s--topology: %s\n", g_who, pw_last_error());
@@ -1193,6 +1259,9 @@ static int make_plan(const pw_graph *g, const options *o, pw_schedule_kind kind,
         }
         pc.topology = pr->topo;
         pc.topology_name = o->topology;
+    } else {
+        int rc = plan_on_this_machines_gpus(o, pr, &pc);
+        if (rc) return rc;
     }
     if (pw_plan_make(&pc, &pr->plan) != PW_OK) {
         fprintf(stderr, "pipeline-run: %s%s%s\n", g_who, what, pw_last_error());

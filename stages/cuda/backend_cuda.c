@@ -79,6 +79,12 @@ static int cuda_device_count(void)
 
 static pw_status cuda_activate(void *ctx) { return pw_cuda_set_device(((cuda_ctx *)ctx)->device); }
 static pw_status cuda_sync(void *ctx) { return pw_cuda_sync(((cuda_ctx *)ctx)->s); }
+/* The program's completion: a host function after the call's work on the
+ * compute stream (its downloads into the engine's messages included). */
+static pw_status cuda_notify(void *ctx, void (*fn)(void *arg), void *arg)
+{
+    return pw_cuda_host_call(((cuda_ctx *)ctx)->s, fn, arg);
+}
 
 static pw_status cuda_copy(void *ctx, void *dst, const void *src, size_t bytes)
 {
@@ -286,6 +292,7 @@ static const pw_backend_i cuda_i = {
     .close = cuda_close,
     .device_count = cuda_device_count,
     .activate = cuda_activate,
+    .notify = cuda_notify,
     .sync = cuda_sync,
     .upload = cuda_copy,
     .download = cuda_copy,
@@ -317,6 +324,7 @@ static const pw_backend_i cuda_i = {
     .dropout_bwd_input = cuda_dropout_bwd_input,
     .optim_update = cuda_optim_update,
     .find_nonfinite = cuda_find_nonfinite,
+    .device_pci = pw_cuda_device_pci,
 };
 
 const pw_backend_i *pw_backend_cuda(void) { return &cuda_i; }

@@ -88,6 +88,22 @@ pw_status pw_cuda_device_query(int dev, pw_cuda_device_info *out)
     return PW_OK;
 }
 
+pw_status pw_cuda_device_pci(int dev, char *buf, size_t n)
+{
+    if (!buf || n < 16) return pw_error(PW_ERR_INVALID_ARG, "pw_cuda_device_pci: a buffer of 16 bytes is needed");
+    buf[0] = '\0';
+    PW_CHECK(check_device(dev));
+    char id[64];
+    CUDA_TRY(cudaDeviceGetPCIBusId(id, (int)sizeof id, dev), "cudaDeviceGetPCIBusId");
+    /* "0000:11:00.0" or "00000000:11:00.0", upper case hex: the same
+     * address in hwloc's spelling, so it compares as a string too. */
+    unsigned domain, bus, device, func;
+    if (sscanf(id, "%x:%x:%x.%x", &domain, &bus, &device, &func) != 4)
+        return pw_error(PW_ERR_INTERNAL, "CUDA device %d: unexpected PCI bus id '%s'", dev, id);
+    snprintf(buf, n, "%04x:%02x:%02x.%01x", domain, bus, device, func);
+    return PW_OK;
+}
+
 /* ---------------------------------------------------------------- buffers */
 
 pw_status pw_cuda_malloc(int dev, size_t bytes, void **dptr)
@@ -425,6 +441,12 @@ static void CUDART_CB notify_host_fn(void *arg)
 {
     pw_cuda_completion *c = arg;
     pw_cuda_notifier_post(c->notifier, c);
+}
+
+pw_status pw_cuda_host_call(pw_cuda_stream s, void (*fn)(void *arg), void *arg)
+{
+    CUDA_TRY(cudaLaunchHostFunc(s, fn, arg), "cudaLaunchHostFunc");
+    return PW_OK;
 }
 
 pw_status pw_cuda_notify(pw_cuda_notifier *n, pw_cuda_stream s, pw_cuda_completion *c)

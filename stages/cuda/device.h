@@ -72,6 +72,12 @@ typedef struct pw_cuda_device_info {
  * index out of range, PW_ERR_UNSUPPORTED when there is no device at all. */
 pw_status pw_cuda_device_query(int dev, pw_cuda_device_info *out);
 
+/* PCI bus id of device `dev` in hwloc's form, "0000:11:00.0" (lower case,
+ * 4-digit domain; cudaDeviceGetPCIBusId's answer, normalised), into buf (at
+ * least 16 bytes): what runtime/topology.h looks the GPU up by to bind its
+ * worker near it (pw_cpu_place_gpus). Errors as pw_cuda_device_query. */
+pw_status pw_cuda_device_pci(int dev, char *buf, size_t n);
+
 /* ---- plain buffers (setup, tests, benchmarks; never the step loop) ---- */
 
 /* Makes `dev` the calling thread's current device. */
@@ -100,6 +106,12 @@ pw_status pw_cuda_set_device(int dev);
 pw_status pw_cuda_copy_async(void *dst, const void *src, size_t bytes, pw_cuda_stream s);
 /* Enqueues a fill of `bytes` device bytes with `byte` on `s`. */
 pw_status pw_cuda_memset_async(void *dptr, int byte, size_t bytes, pw_cuda_stream s);
+/* Enqueues fn(arg) on `s` (cudaLaunchHostFunc): it runs on a CUDA runtime
+ * thread once everything enqueued on `s` before has finished. fn must not
+ * call CUDA; waking another thread (an engine worker's event_active) is
+ * what it is for. Not called when the context has failed: a watchdog must
+ * cover a completion that never comes. Never blocks. */
+pw_status pw_cuda_host_call(pw_cuda_stream s, void (*fn)(void *arg), void *arg);
 
 /* ---- one stage's device memory and streams ---- */
 
