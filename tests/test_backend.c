@@ -31,25 +31,7 @@
 
 #define TIMEOUT_S 120
 
-/* ThreadSanitizer builds: Criterion's arena workaround and halt_on_error,
- * as in tests/test_engine.c (see docs/engine.md, "Sanitizers"). */
-#if defined(__SANITIZE_THREAD__)
-#define PW_TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define PW_TEST_TSAN 1
-#endif
-#endif
-#ifdef PW_TEST_TSAN
-const char *__tsan_default_options(void);
-const char *__tsan_default_options(void) { return "halt_on_error=1"; }
-int rand_r(unsigned *seed);
-int rand_r(unsigned *seed)
-{
-    *seed = *seed * 1103515245u + 12345u;
-    return 0x358000 + (int)((*seed >> 8) % 0x8000);
-}
-#endif
+#include "tests/tsan_criterion.h" /* runs under ThreadSanitizer */
 
 /* ---------------------------------------------------------------- hostdev */
 

@@ -26,26 +26,7 @@
 
 /* ------------------------------------------------- ThreadSanitizer builds */
 
-/* Same as tests/test_engine.c: Criterion 2.4 cannot start under TSan
- * (Criterion issue #274); this rand_r steers its arena into TSan's
- * application range, and a race must fail the test. */
-#if defined(__SANITIZE_THREAD__)
-#define PW_TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-#define PW_TEST_TSAN 1
-#endif
-#endif
-#ifdef PW_TEST_TSAN
-const char *__tsan_default_options(void);
-const char *__tsan_default_options(void) { return "halt_on_error=1"; }
-int rand_r(unsigned *seed);
-int rand_r(unsigned *seed)
-{
-    *seed = *seed * 1103515245u + 12345u;
-    return 0x358000 + (int)((*seed >> 8) % 0x8000);
-}
-#endif
+#include "tests/tsan_criterion.h" /* runs under ThreadSanitizer */
 
 static const char *MLP =
     "graph r_mlp\n"
