@@ -57,6 +57,7 @@ typedef struct model {
     int64_t *gbytes;            /* [n_values] aligned gradient buffer, 0 without one */
     int64_t *stat_bytes;        /* [n] saved statistics beyond the output */
     int64_t *pbytes, *obytes;   /* [n_params] parameter (= gradient) and optimizer state */
+    double *ptime;              /* [n_params] s of its optimizer update, speed 1 */
     int64_t *cross_act;         /* [n + 1] ACT message bytes of the cut before node k */
     int64_t *cross_grad;        /* [n + 1] GRAD message bytes of that cut */
     int *vstamp, *pstamp;       /* walk marks */
@@ -74,6 +75,7 @@ typedef struct range {
                                    twice in the range (tied) sums its uses at the
                                    end of the step, in a fixed order */
     int64_t optim;
+    double optim_time;          /* s per step updating those parameters, speed 1 */
     int64_t act, grad;          /* values read or written by nodes of the range */
     int64_t livein_act;         /* part of act / grad that is live-in at i */
     int64_t livein_grad;
@@ -98,6 +100,7 @@ static void model_free(model *m)
     free(m->stat_bytes);
     free(m->pbytes);
     free(m->obytes);
+    free(m->ptime);
     free(m->cross_act);
     free(m->cross_grad);
     free(m->vstamp);
@@ -124,9 +127,9 @@ static pw_status check_config(const pw_graph *g, const pw_partition_config *c)
         return pw_error(PW_ERR_INVALID_ARG, "partition: balance 'time' needs measured op times "
                         "(a profile); use balance 'flops' or measure one");
     if (!finite_nonneg(c->flops_per_s) || !finite_nonneg(c->link_bandwidth) ||
-        !finite_nonneg(c->link_latency))
-        return pw_error(PW_ERR_INVALID_ARG, "partition: FLOP rate, link bandwidth and latency must "
-                        "be finite and >= 0");
+        !finite_nonneg(c->link_latency) || !finite_nonneg(c->optim_flops))
+        return pw_error(PW_ERR_INVALID_ARG, "partition: FLOP rate, optimizer FLOPs, link bandwidth "
+                        "and latency must be finite and >= 0");
     if (c->memory_budget < 0 || c->optim_state_floats < 0)
         return pw_error(PW_ERR_INVALID_ARG, "partition: negative memory budget or optimizer state");
     for (int s = 0; c->inflight && s < c->n_stages; s++)
@@ -141,7 +144,8 @@ static pw_status check_config(const pw_graph *g, const pw_partition_config *c)
     }
     for (int i = 0; c->node_times && c->balance == PW_BALANCE_TIME && i < g->n_nodes; i++) {
         const pw_op_time *t = &c->node_times[i];
-        if (!finite_nonneg(t->f) || !finite_nonneg(t->b) || !finite_nonneg(t->w))
+        if (!finite_nonneg(t->f) || !finite_nonneg(t->b) || !finite_nonneg(t->w) ||
+            !finite_nonneg(t->o))
             return pw_error(PW_ERR_INVALID_ARG, "partition: node %d (%s): measured times must be "
                             "finite and >= 0", i, g->values[g->nodes[i].output].name);
     }
@@ -171,6 +175,7 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
     m->stat_bytes = calloc((size_t)n + 1, sizeof(int64_t));
     m->pbytes = calloc((size_t)np + 1, sizeof(int64_t));
     m->obytes = calloc((size_t)np + 1, sizeof(int64_t));
+    m->ptime = calloc((size_t)np + 1, sizeof(double));
     m->cross_act = calloc((size_t)n + 2, sizeof(int64_t));
     m->cross_grad = calloc((size_t)n + 2, sizeof(int64_t));
     m->vstamp = calloc((size_t)nv + 1, sizeof(int));
@@ -178,7 +183,7 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
     unsigned char *rg = grad_flags(g);
     if (!m->ones || !m->F || !m->B || !m->W || !m->FL || !m->sample_flops || !m->last_use ||
         !m->vbytes || !m->gbytes || !m->stat_bytes || !m->pbytes || !m->obytes ||
-        !m->cross_act || !m->cross_grad || !m->vstamp || !m->pstamp || !rg) {
+        !m->ptime || !m->cross_act || !m->cross_grad || !m->vstamp || !m->pstamp || !rg) {
         free(rg);
         model_free(m);
         return pw_error(PW_ERR_NOMEM, "partition: out of memory for %d nodes", n);
@@ -246,6 +251,31 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
         int64_t numel = pw_shape_numel(&g->params[q].shape);
         m->pbytes[q] = ALIGN64(numel * 4);
         m->obytes[q] = ALIGN64(numel * 4 * (int64_t)c->optim_state_floats);
+        if (c->balance == PW_BALANCE_FLOPS) m->ptime[q] = (double)numel * c->optim_flops / rate;
+    }
+    if (c->balance == PW_BALANCE_TIME) {
+        /* A node's measured `o` updates the parameters it introduces (not a
+         * tied one it reuses): share it among them by element count, so a
+         * stage pays for exactly the parameters it holds, as the engine's
+         * optimizer step does. pstamp marks the parameters seen so far. */
+        for (int i = 0; i < n; i++) {
+            const pw_node *nd = &g->nodes[i];
+            double own = 0.0;
+            for (int k = 0; k < nd->n_params; k++) { /* 2: introduced here */
+                int q = nd->params[k];
+                if (m->pstamp[q]) continue;
+                m->pstamp[q] = 2;
+                own += (double)pw_shape_numel(&g->params[q].shape);
+            }
+            for (int k = 0; k < nd->n_params; k++) {
+                int q = nd->params[k];
+                if (m->pstamp[q] != 2) continue;
+                m->pstamp[q] = 1;
+                if (own > 0)
+                    m->ptime[q] = c->node_times[i].o * (double)pw_shape_numel(&g->params[q].shape) / own;
+            }
+        }
+        memset(m->pstamp, 0, sizeof(int) * ((size_t)np + 1));
     }
     free(rg);
     return PW_OK;
@@ -310,6 +340,7 @@ static void range_add(model *m, range *r)
         m->pstamp[q] = m->stamp;
         r->params += m->pbytes[q];
         r->optim += m->obytes[q];
+        r->optim_time += m->ptime[q];
     }
     r->j++;
 }
@@ -347,7 +378,10 @@ static void stage_eval(const model *m, int s, const range *r, pw_stage_cost *o)
         o->comm += c->link_latency + (bw > 0 ? (double)o->send_act_bytes / bw : 0.0);
     if (o->send_grad_bytes > 0)
         o->comm += c->link_latency + (bw > 0 ? (double)o->send_grad_bytes / bw : 0.0);
-    o->time = o->f + o->b + o->w + o->comm;
+    o->optim = r->optim_time / speed;
+    /* The update runs once per step; spread over the step's micro-batches
+     * it is what the stage's period carries in the steady state. */
+    o->time = o->f + o->b + o->w + o->comm + o->optim / m->M;
 
     pw_stage_memory *mem = &o->mem;
     mem->slots = m->inflight[s];
@@ -513,7 +547,7 @@ static void fill(model *m, pw_partition *p)
             p->bottleneck_stage = s;
         }
         sum_time += o->time;
-        busy += (o->f + o->b + o->w) * m->M;
+        busy += (o->f + o->b + o->w) * m->M + o->optim;
     }
     p->step_time = sum_time + (m->M - 1) * p->bottleneck;
     p->bubble = p->step_time > 0 ? 1.0 - busy / (m->S * p->step_time) : 0.0;

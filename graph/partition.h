@@ -13,6 +13,7 @@
  *         .memory_budget = 2ll << 30,     // per stage
  *         .link_bandwidth = 10e9, .link_latency = 5e-6,
  *         .optim_state_floats = 1,        // pw_optim_state_floats(SGD)
+ *         .optim_flops = PW_OPTIM_FLOPS_SGD,
  *     };
  *     pw_partition pt;
  *     if (pw_partition_plan(g, &pc, &pt) != PW_OK) {
@@ -40,8 +41,14 @@
  *            value crossing a cut travels in the message of every link it
  *            crosses (a skip connection from stage 0 to 3 is counted on the
  *            links 0→1, 1→2 and 2→3), as the stage programs send it.
- *   time     F + B + W + comm, the stage's period per micro-batch in the
- *            steady state; the bottleneck is the largest.
+ *   optim    O, once per step: the optimizer update of every parameter the
+ *            stage holds (a tied parameter in each stage that uses it), on
+ *            its device: balance TIME distributes each node's measured `o`
+ *            over the parameters it introduces by element count; balance
+ *            FLOPS takes elements × optim_flops / flops_per_s.
+ *   time     F + B + W + comm + O / M, the stage's period per micro-batch
+ *            in the steady state (the update spread over the step's M
+ *            micro-batches); the bottleneck is the largest.
  *   memory   parameters + gradients + optimizer state (optim_state_floats
  *            per element) of every parameter the stage uses, + the activation
  *            stash (one micro-batch's values, gradients and saved statistics)
@@ -90,7 +97,19 @@ typedef struct pw_op_time {
     double f;               /* forward */
     double b;               /* backward for the input (0 when none flows) */
     double w;               /* backward for the weights */
+    double o;               /* the optimizer update of the parameters this node
+                               introduces, once per step (not per micro-batch);
+                               0 without parameters, and a tied parameter's
+                               later uses add nothing */
 } pw_op_time;
+
+/* FLOPs of one optimizer update per parameter element, counted from the
+ * update loops of stages/optim.c (a square root or a division counts one):
+ * SGD with momentum g+wd·p, μ·buf+g, p−lr·buf = 6; AdamW decay, both moments,
+ * the bias-corrected step = 14. What pw_partition_config.optim_flops takes
+ * for the analytic (FLOPS) model. */
+#define PW_OPTIM_FLOPS_SGD 6.0
+#define PW_OPTIM_FLOPS_ADAMW 14.0
 
 /* The device that runs one stage. */
 typedef struct pw_device_spec {
@@ -122,6 +141,11 @@ typedef struct pw_partition_config {
     double link_latency;            /* s per message */
     int optim_state_floats;         /* floats of optimizer state per parameter
                                        element (pw_optim_state_floats) */
+    double optim_flops;             /* FLOPs per parameter element of one
+                                       optimizer update for balance FLOPS
+                                       (PW_OPTIM_FLOPS_SGD / _ADAMW); 0: the
+                                       analytic model leaves the optimizer out.
+                                       Balance TIME takes node_times[i].o */
     int recompute;                  /* 1: stash only stage inputs, recompute the
                                        forward before each backward */
 } pw_partition_config;
@@ -148,7 +172,9 @@ typedef struct pw_stage_memory {
 typedef struct pw_stage_cost {
     double f, b, w;         /* s on the stage's device (recompute: b includes f) */
     double comm;            /* s sending its activations and input gradients */
-    double time;            /* f + b + w + comm */
+    double optim;           /* s per STEP: the optimizer update of every
+                               parameter the stage holds, on its device */
+    double time;            /* f + b + w + comm + optim / M */
     double flops;           /* fwd + bwd FLOPs (per micro-batch) */
     int64_t send_act_bytes; /* message to stage s+1 (0 for the last stage) */
     int64_t send_grad_bytes;/* message to stage s−1 (0 for the first stage) */
@@ -169,7 +195,7 @@ typedef struct pw_partition {
                                equals bottleneck unless the cuts were given
                                (-1 when no split fits) */
     /* Estimate for GPipe / 1F1B: step = Σ stage time + (M−1) × bottleneck,
-     * bubble = 1 − Σ compute × M / (S × step). stages/plan.h replaces both
+     * bubble = 1 − Σ (compute × M + optim) / (S × step). stages/plan.h replaces both
      * with the simulator's figures for the actual schedule. */
     double step_time, bubble;
     char note[256];         /* "" or, for cut markers, how they compare */
@@ -198,7 +224,7 @@ pw_status pw_partition_evaluate(const pw_graph *g, const pw_partition_config *cf
                                 const int *begin, pw_partition *out);
 
 /* The older entry point: pw_partition_plan with FLOPS balance, one sample
- * per micro-batch, no memory budget and free links. */
+ * per micro-batch, no memory budget, free links and no optimizer time. */
 pw_status pw_partition_make(const pw_graph *g, int n_stages, pw_partition_method method,
                             pw_partition *out);
 void pw_partition_free(pw_partition *p); /* accepts NULL and a zeroed struct */

@@ -122,6 +122,7 @@ static void fill_partition_config(const pw_plan_config *c, int S, const int *inf
     pc->link_bandwidth = c->link_bandwidth;
     pc->link_latency = c->link_latency;
     pc->optim_state_floats = pw_optim_state_floats(c->optim);
+    pc->optim_flops = c->optim == PW_OPTIM_ADAMW ? PW_OPTIM_FLOPS_ADAMW : PW_OPTIM_FLOPS_SGD;
     pc->recompute = c->recompute;
 }
 
@@ -196,8 +197,11 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
         return pw_error(PW_ERR_INVALID_ARG, "plan: balance 'time' needs a profile (measure one "
                         "with pw_profile_load_or_measure, --profile FILE)");
     if (c->profile && c->balance == PW_BALANCE_TIME && c->method != PW_PARTITION_FLOPS)
+        /* The optimizer is not checked here: files are (pw_profile_load_or_measure,
+         * the CLI's path); a profile in memory for another optimizer is
+         * used, and the header says so. */
         PW_CHECK(pw_profile_check(c->profile, "the profile", g, c->micro_batch_size,
-                                  c->profile->device));
+                                  c->profile->device, c->profile->optim));
 
     pw_status st = PW_OK;
     pw_schedule *sched = NULL;
@@ -215,6 +219,7 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
     p->link_bandwidth = c->link_bandwidth;
     p->link_latency = c->link_latency;
     p->optim_state_floats = pw_optim_state_floats(c->optim);
+    p->optim = c->optim;
     p->recompute = c->recompute;
     p->memory_budget = c->memory_budget;
     p->gpu_memory = c->gpu_memory;
@@ -222,8 +227,13 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
     p->theory_bubble = -1.0;
     snprintf(p->topology, sizeof p->topology, "%s", c->topology_name ? c->topology_name : "");
     if (p->balance == PW_BALANCE_TIME)
-        snprintf(p->source, sizeof p->source, "measured on %s, median of %d", c->profile->device,
-                 c->profile->iterations);
+        snprintf(p->source, sizeof p->source, "measured on %s, median of %d%s%s%s%s%s", c->profile->device,
+                 c->profile->iterations,
+                 c->profile->optim != c->optim ? "; its optimizer times are for " : "",
+                 c->profile->optim != c->optim ? pw_optim_name(c->profile->optim) : "",
+                 c->profile->optim != c->optim ? ", this plan uses " : "",
+                 c->profile->optim != c->optim ? pw_optim_name(c->optim) : "",
+                 c->profile->optim != c->optim ? " (measure one for it)" : "");
     else
         snprintf(p->source, sizeof p->source, "analytic, FLOPs at %.3g GFLOP/s per unit of speed",
                  (c->flops_per_s > 0 ? c->flops_per_s : 1e10) / 1e9);
@@ -279,6 +289,7 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
         cost[s].f = o->f;
         cost[s].b = o->b;
         cost[s].w = o->w;
+        cost[s].optim = o->optim; /* the simulator's OPTIM, once per step */
         cost[s].msg_bytes = o->send_act_bytes;
         cost[s].act_bytes = o->mem.stash;
     }
@@ -386,20 +397,21 @@ pw_status pw_plan_print(FILE *f, const pw_plan *p)
         fprintf(f, "  links: unlimited bandwidth, %.3g us per message\n", 1e6 * p->link_latency);
     else
         fprintf(f, "  links: free (in-process hand-off)\n");
-    fprintf(f, "  memory: optimizer state %d float%s per parameter, recomputation %s, budget %s\n",
-            p->optim_state_floats, p->optim_state_floats == 1 ? "" : "s", p->recompute ? "on" : "off",
+    fprintf(f, "  memory: optimizer %s, state %d float%s per parameter, recomputation %s, budget %s\n",
+            pw_optim_name(p->optim), p->optim_state_floats, p->optim_state_floats == 1 ? "" : "s", p->recompute ? "on" : "off",
             p->gpu_budgets ? "each GPU's memory, shared by the stages on it"
             : p->devices ? "per device" : p->memory_budget > 0 ? pw_format_bytes((double)p->memory_budget, a, sizeof a) : "none");
 
     tunit u = time_unit(pt->bottleneck);
-    char hf[16], hb[16], hw[16], hc[16], ht[16];
+    char hf[16], hb[16], hw[16], ho[16], hc[16], ht[16];
     snprintf(hf, sizeof hf, "F %s", u.name);
     snprintf(hb, sizeof hb, "B %s", u.name);
     snprintf(hw, sizeof hw, "W %s", u.name);
+    snprintf(ho, sizeof ho, "O %s", u.name);
     snprintf(hc, sizeof hc, "send %s", u.name);
     snprintf(ht, sizeof ht, "time %s", u.name);
-    fprintf(f, "\n%5s  %-9s %-24s %9s %9s %9s %9s %9s %5s  %-27s %-10s %-10s  %s\n", "stage",
-            "nodes", "ops", hf, hb, hw, hc, ht, "slots", "memory / budget", "send act",
+    fprintf(f, "\n%5s  %-9s %-24s %9s %9s %9s %9s %9s %9s %5s  %-27s %-10s %-10s  %s\n", "stage",
+            "nodes", "ops", hf, hb, hw, ho, hc, ht, "slots", "memory / budget", "send act",
             "send grad", "device");
     for (int s = 0; s < S; s++) {
         const pw_stage_cost *o = &pt->stage[s];
@@ -429,12 +441,14 @@ pw_status pw_plan_print(FILE *f, const pw_plan *p)
             if (off < sizeof dev) pw_placement_describe(p->place, s, dev + off, sizeof dev - off);
         }
         if (!dev[0]) snprintf(dev, sizeof dev, "-");
-        fprintf(f, "%5d  %-9s %-24s %9.3f %9.3f %9.3f %9.3f %9.3f %5d  %-27s %-10s %-10s  %s\n", s,
-                nodes, ops, u.scale * o->f, u.scale * o->b, u.scale * o->w, u.scale * o->comm,
-                u.scale * o->time, o->mem.slots, mem, bytes_or_dash(o->send_act_bytes, a, sizeof a),
+        fprintf(f, "%5d  %-9s %-24s %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %5d  %-27s %-10s %-10s  %s\n", s,
+                nodes, ops, u.scale * o->f, u.scale * o->b, u.scale * o->w, u.scale * o->optim,
+                u.scale * o->comm, u.scale * o->time, o->mem.slots, mem, bytes_or_dash(o->send_act_bytes, a, sizeof a),
                 bytes_or_dash(o->send_grad_bytes, b, sizeof b), dev);
     }
 
+    fprintf(f, "(F, B, W, send and time per micro-batch; O, the optimizer update, once per step: "
+               "time = F + B + W + send + O / %d)\n", p->micro_batches);
     fprintf(f, "\nstage ops:\n");
     for (int s = 0; s < S; s++) {
         int col = fprintf(f, "  %d:", s);

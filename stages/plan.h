@@ -1,7 +1,8 @@
 /* pipewright — the pipeline plan: partition + schedule + placement, printed.
  *
  * `pipeline-run --plan` builds one of these and prints it: which nodes each
- * stage runs, its predicted forward / backward / weight time, memory against
+ * stage runs, its predicted forward / backward / weight time and optimizer
+ * update (once per step; the simulator's OPTIM), memory against
  * its budget, the bytes it sends per micro-batch, the device and cores it is
  * placed on, the predicted bottleneck, step time and bubble.
  *
@@ -75,7 +76,8 @@ typedef struct pw_plan_config {
     int64_t memory_budget;           /* bytes per stage where devices say none; 0: unlimited */
     double link_bandwidth;           /* bytes/s between neighbouring stages; 0: infinite */
     double link_latency;             /* s per message */
-    pw_optim_kind optim;             /* sizes the optimizer state */
+    pw_optim_kind optim;             /* sizes the optimizer state and its update
+                                        time (the profile must be measured for it) */
     int recompute;                   /* plan with activation recomputation */
     hwloc_topology_t topology;       /* (optional) place the stages on it */
     const char *topology_name;       /* (optional) for the header: "2socket_8gpu.xml" */
@@ -109,6 +111,7 @@ typedef struct pw_plan {
     pw_balance balance;
     char source[300];                /* where the op times come from */
     double link_bandwidth, link_latency;
+    pw_optim_kind optim;
     int optim_state_floats, recompute;
     int64_t memory_budget;
     const pw_device_spec *devices;   /* borrowed from the config, the GPUs' budgets
@@ -125,7 +128,8 @@ typedef struct pw_plan {
 
 /* Builds the plan. PW_OK: *out is new (pw_plan_destroy). Errors (*out NULL):
  * PW_ERR_INVALID_ARG (counts, a profile for another graph or micro-batch,
- * balance time without a profile), PW_ERR_UNSUPPORTED (interleaved or zb-v:
+ * balance time without a profile; a profile measured for another optimizer
+ * is used, and the `op times:` line says so), PW_ERR_UNSUPPORTED (interleaved or zb-v:
  * several chunks per rank; a topology without what `gpus` asks),
  * PW_ERR_SCHEDULE (a custom schedule that does not validate), PW_ERR_NOMEM
  * (no split fits: pw_partition_plan's message, plus "N stages would fit"

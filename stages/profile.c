@@ -16,7 +16,7 @@
 #include "stages/program.h"
 
 #define PROFILE_FORMAT "pipewright-profile"
-#define PROFILE_VERSION 1
+#define PROFILE_VERSION 2 /* 2: the optimizer time "o" and "optimizer" */
 #define MIN_SAMPLE_S 2e-4 /* one timed sample lasts at least this long */
 #define STALE_HINT "delete it or choose another --profile file to measure again"
 
@@ -155,13 +155,53 @@ static pw_status time_phase(pw_program *p, phase ph, int64_t mb, int reps, doubl
     return PW_OK;
 }
 
+/* The optimizer update of the parameters node i introduces, as the
+ * engine's optimizer step runs it (pw_program_optimizer_step: the
+ * non-finite check of the gradients, the update, zeroing the gradients),
+ * on the node's one-node program, past step 1 (SGD's first step skips the
+ * momentum); repeated like a phase. A parameter the node reuses (tied,
+ * introduced by an earlier node) is not this node's: a node with only such
+ * parameters gets 0, one with both its share by element count. */
+static pw_status time_optimizer(const pw_graph *g, int i, pw_program *p, int iters, double *samples,
+                                double *out)
+{
+    const pw_node *nd = &g->nodes[i];
+    double own = 0.0, all = 0.0;
+    *out = 0.0;
+    for (int k = 0; k < nd->n_params; k++) {
+        int q = nd->params[k], dup = 0, first = 1;
+        for (int t = 0; t < k; t++) dup |= nd->params[t] == q;
+        if (dup) continue;
+        for (int j = 0; j < i && first; j++)
+            for (int t = 0; t < g->nodes[j].n_params && first; t++) first = g->nodes[j].params[t] != q;
+        double ne = (double)pw_shape_numel(&g->params[q].shape);
+        all += ne;
+        if (first) own += ne;
+    }
+    if (own <= 0.0) return PW_OK;
+    int64_t step = 2;
+    PW_CHECK(pw_program_optimizer_step(p, step++)); /* warm-up */
+    double t0 = now_s();
+    PW_CHECK(pw_program_optimizer_step(p, step++));
+    double one = now_s() - t0;
+    double r = one >= MIN_SAMPLE_S ? 1.0 : ceil(MIN_SAMPLE_S / (one > 1e-8 ? one : 1e-8));
+    int reps = r > 10000 ? 10000 : (int)r;
+    for (int it = 0; it < iters; it++) {
+        t0 = now_s();
+        for (int k = 0; k < reps; k++) PW_CHECK(pw_program_optimizer_step(p, step++));
+        samples[it] = (now_s() - t0) / reps;
+    }
+    *out = median(samples, iters) * own / all;
+    return PW_OK;
+}
+
 static pw_status measure_node(const pw_graph *g, int i, const pw_profile_config *c, int iters,
                               uint64_t seed, double *samples, pw_op_time *out)
 {
     const int64_t mb = c->micro_batch;
     pw_program_config pc = {.graph = g, .node_begin = i, .node_end = i + 1, .micro_batch = mb,
                             .loss_batch = mb, .slots = 1,
-                            .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+                            .optim = pw_optim_defaults(c->optim)};
     pw_program *p = NULL;
     PW_CHECK(pw_program_create(&pc, &p));
     pw_program_init_params(p, seed);
@@ -203,12 +243,15 @@ static pw_status measure_node(const pw_graph *g, int i, const pw_profile_config 
     for (int it = 0; it < iters && st == PW_OK; it++)
         for (int ph = 0; ph < 3 && st == PW_OK; ph++)
             st = time_phase(p, (phase)ph, mb, reps[ph], &smp[ph][it]);
+    if (st == PW_OK) {
+        out->f = median(smp[0], iters);
+        out->b = median(smp[1], iters);
+        out->w = median(smp[2], iters);
+        /* After F, B and W: the gradients hold what a step would update. */
+        st = time_optimizer(g, i, p, iters, samples, &out->o);
+    }
     pw_program_destroy(p);
-    if (st != PW_OK) return st;
-    out->f = median(smp[0], iters);
-    out->b = median(smp[1], iters);
-    out->w = median(smp[2], iters);
-    return PW_OK;
+    return st;
 }
 
 static pw_status set_keys(pw_profile *p, const pw_graph *g)
@@ -254,6 +297,7 @@ pw_status pw_profile_measure(const pw_graph *g, const pw_profile_config *cfg, pw
     p->device = strdup(dev);
     p->micro_batch = cfg->micro_batch;
     p->iterations = iters;
+    p->optim = cfg->optim;
     if (!p->device) {
         st = pw_error(PW_ERR_NOMEM, "profile: out of memory");
         goto done;
@@ -286,18 +330,19 @@ pw_status pw_profile_save(const pw_profile *p, const char *path)
 {
     if (!p || !path) return pw_error(PW_ERR_INVALID_ARG, "profile: nothing to save");
     json_t *nodes = json_array();
-    json_t *root = json_pack("{s:s, s:i, s:s, s:I, s:s, s:i}", "format", PROFILE_FORMAT,
+    json_t *root = json_pack("{s:s, s:i, s:s, s:I, s:s, s:s, s:i}", "format", PROFILE_FORMAT,
                              "version", PROFILE_VERSION, "graph", p->graph, "micro_batch",
-                             (json_int_t)p->micro_batch, "device", p->device, "iterations",
-                             p->iterations);
+                             (json_int_t)p->micro_batch, "device", p->device, "optimizer",
+                             pw_optim_name(p->optim), "iterations", p->iterations);
     if (!nodes || !root) {
         json_decref(nodes);
         json_decref(root);
         return pw_error(PW_ERR_NOMEM, "profile: out of memory");
     }
     for (int i = 0; i < p->n_nodes; i++) {
-        json_t *o = json_pack("{s:s, s:s, s:f, s:f, s:f}", "name", p->names[i], "sig", p->sigs[i],
-                              "f", p->times[i].f, "b", p->times[i].b, "w", p->times[i].w);
+        json_t *o = json_pack("{s:s, s:s, s:f, s:f, s:f, s:f}", "name", p->names[i], "sig",
+                              p->sigs[i], "f", p->times[i].f, "b", p->times[i].b, "w",
+                              p->times[i].w, "o", p->times[i].o);
         if (!o || json_array_append_new(nodes, o) != 0) {
             json_decref(nodes);
             json_decref(root);
@@ -359,13 +404,17 @@ pw_status pw_profile_load(const char *path, pw_profile **out)
     json_t *mb = json_object_get(root, "micro_batch");
     json_t *dev = json_object_get(root, "device");
     json_t *iters = json_object_get(root, "iterations");
+    json_t *optim = json_object_get(root, "optimizer");
     json_t *nodes = json_object_get(root, "nodes");
     if (!json_is_object(root) || !json_is_string(fmt) || strcmp(json_string_value(fmt), PROFILE_FORMAT)) {
         st = corrupt(path, "not a pipewright profile (no \"format\": \"%s\")", PROFILE_FORMAT);
         goto done;
     }
     if (!json_is_integer(ver) || json_integer_value(ver) != PROFILE_VERSION) {
-        if (json_is_integer(ver))
+        if (json_is_integer(ver) && json_integer_value(ver) == 1)
+            st = pw_error(PW_ERR_FORMAT, "%s is stale: it is a version 1 profile, measured without "
+                          "the optimizer step (no \"o\" times); %s", path, STALE_HINT);
+        else if (json_is_integer(ver))
             st = pw_error(PW_ERR_FORMAT, "%s: error: profile format version %lld; this pipewright "
                           "reads version %d", path, (long long)json_integer_value(ver), PROFILE_VERSION);
         else
@@ -375,6 +424,7 @@ pw_status pw_profile_load(const char *path, pw_profile **out)
     const char *bad = !json_is_string(graph)                                ? "graph"
                       : !json_is_integer(mb) || json_integer_value(mb) < 1  ? "micro_batch"
                       : !json_is_string(dev)                                ? "device"
+                      : !json_is_string(optim)                              ? "optimizer"
                       : !json_is_integer(iters) || json_integer_value(iters) < 1 ? "iterations"
                       : !json_is_array(nodes)                               ? "nodes"
                                                                             : NULL;
@@ -393,6 +443,11 @@ pw_status pw_profile_load(const char *path, pw_profile **out)
         st = pw_error(PW_ERR_NOMEM, "profile: out of memory");
         goto done;
     }
+    if (pw_optim_parse_kind(json_string_value(optim), &p->optim) != PW_OK) {
+        st = pw_error(PW_ERR_FORMAT, "%s: error: unknown optimizer '%s' (want sgd or adamw)", path,
+                      json_string_value(optim));
+        goto done;
+    }
     p->micro_batch = json_integer_value(mb);
     p->iterations = (int)(json_integer_value(iters) > 1000000 ? 1000000 : json_integer_value(iters));
     for (size_t i = 0; i < n; i++) {
@@ -404,7 +459,19 @@ pw_status pw_profile_load(const char *path, pw_profile **out)
             !nonneg_number(json_object_get(o, "b"), &t->b) ||
             !nonneg_number(json_object_get(o, "w"), &t->w)) {
             st = pw_error(PW_ERR_FORMAT, "%s: error: node %zu needs \"name\", \"sig\" and times "
-                          "\"f\", \"b\", \"w\" (numbers >= 0)", path, i);
+                          "\"f\", \"b\", \"w\", \"o\" (numbers >= 0)", path, i);
+            goto done;
+        }
+        json_t *ot = json_object_get(o, "o");
+        if (!ot) {
+            st = pw_error(PW_ERR_FORMAT, "%s is stale: node %zu (%s) has no optimizer time \"o\" "
+                          "(measured before the optimizer step was timed); %s", path, i,
+                          json_string_value(nm), STALE_HINT);
+            goto done;
+        }
+        if (!nonneg_number(ot, &t->o)) {
+            st = pw_error(PW_ERR_FORMAT, "%s: error: node %zu needs \"name\", \"sig\" and times "
+                          "\"f\", \"b\", \"w\", \"o\" (numbers >= 0)", path, i);
             goto done;
         }
         p->names[i] = strdup(json_string_value(nm));
@@ -425,7 +492,7 @@ done:
 }
 
 pw_status pw_profile_check(const pw_profile *p, const char *path, const pw_graph *g,
-                           int64_t micro_batch, const char *device)
+                           int64_t micro_batch, const char *device, pw_optim_kind optim)
 {
     const char *what = path ? path : "profile";
     if (!p || !g) return pw_error(PW_ERR_INVALID_ARG, "profile: nothing to check");
@@ -457,6 +524,9 @@ pw_status pw_profile_check(const pw_profile *p, const char *path, const pw_graph
     if (strcmp(p->device, device) != 0)
         return pw_error(PW_ERR_FORMAT, "%s is stale: it was measured on '%s', this run is on '%s'; "
                         "%s", what, p->device, device, STALE_HINT);
+    if (p->optim != optim)
+        return pw_error(PW_ERR_FORMAT, "%s is stale: its optimizer times are for %s, this run uses "
+                        "%s; %s", what, pw_optim_name(p->optim), pw_optim_name(optim), STALE_HINT);
     return PW_OK;
 }
 
@@ -477,7 +547,7 @@ pw_status pw_profile_load_or_measure(const char *path, const pw_graph *g,
         }
         pw_profile *p = NULL;
         PW_CHECK(pw_profile_load(path, &p));
-        pw_status st = pw_profile_check(p, path, g, cfg->micro_batch, device);
+        pw_status st = pw_profile_check(p, path, g, cfg->micro_batch, device, cfg->optim);
         if (st != PW_OK) {
             pw_profile_destroy(p);
             return st;

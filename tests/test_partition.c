@@ -132,12 +132,17 @@ static void random_config(unsigned *seed, const pw_graph *g, int S, pw_partition
     pc->micro_batches = 1 + rnd(seed) % 8;
     pc->flops_per_s = 1e6 * (1 + rnd(seed) % 10);
     pc->optim_state_floats = (int)(rnd(seed) % 3);
+    /* The optimizer's time (analytic: FLOPs per element; measured: each
+     * node's `o` below) enters every stage as O / M. */
+    static const double oflops[] = {0.0, PW_OPTIM_FLOPS_SGD, PW_OPTIM_FLOPS_ADAMW, 1e4};
+    pc->optim_flops = oflops[rnd(seed) % 4];
     pc->recompute = rnd(seed) % 4 == 0;
     if (rnd(seed) % 2) {
         pc->balance = PW_BALANCE_TIME;
         for (int i = 0; i < g->n_nodes; i++)
             times[i] = (pw_op_time){urand(seed, 0, 1e-3), urand(seed, 0, 1e-3),
-                                    rnd(seed) % 2 ? urand(seed, 0, 1e-3) : 0.0};
+                                    rnd(seed) % 2 ? urand(seed, 0, 1e-3) : 0.0,
+                                    rnd(seed) % 2 ? urand(seed, 0, 4e-3) : 0.0};
         pc->node_times = times;
     }
     if (rnd(seed) % 3) {
@@ -600,6 +605,148 @@ Test(partition, make_still_works, .timeout = TIMEOUT)
     pw_graph_destroy(g);
 }
 
+/* ------------------------------------------------------ the optimizer */
+
+/* A large embedding table (65536 x 64 = 4 Mi parameters, next to no FLOPs
+ * per sample) in front of four small linear layers. */
+static const char *EMB =
+    "graph emb\n"
+    "input t : i32[4]\n"
+    "label y : i32[4]\n"
+    "e = embedding(t, vocab=65536, dim=64)\n"
+    "h1 = linear(e, out=64)\n"
+    "h2 = linear(h1, out=64)\n"
+    "h3 = linear(h2, out=64)\n"
+    "h4 = linear(h3, out=64)\n"
+    "o = linear(h4, out=8)\n"
+    "loss = softmax_cross_entropy(o, y)\n";
+
+Test(partition, analytic_optimizer_time_is_exact, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(EMB);
+    pw_device_spec dev[2] = {{.speed = 2.0}, {.speed = 1.0}};
+    pw_partition_config pc = {.n_stages = 2, .micro_batch_size = 1, .micro_batches = 4,
+                              .flops_per_s = 1e9, .optim_state_floats = 2,
+                              .optim_flops = PW_OPTIM_FLOPS_ADAMW, .devices = dev};
+    int begin[] = {0, 1, g->n_nodes};
+    pw_partition p;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, begin, &p), PW_OK, "%s", pw_last_error());
+    /* Stage 0 = the table: elements × 14 FLOPs ÷ 1 GFLOP/s ÷ speed 2. */
+    const double table = 65536.0 * 64.0;
+    cr_assert_eq(p.stage[0].optim, table * 14.0 / 1e9 / 2.0, "%.17g", p.stage[0].optim);
+    /* Stage 1: four 64x64 layers with biases and the 8x64 head. */
+    const double rest = 4.0 * (64 * 64 + 64) + (8 * 64 + 8);
+    cr_assert_float_eq(p.stage[1].optim, rest * 14.0 / 1e9, 1e-18);
+    for (int s = 0; s < 2; s++) {
+        const pw_stage_cost *o = &p.stage[s];
+        cr_assert_eq(o->time, o->f + o->b + o->w + o->comm + o->optim / 4, "stage %d: O / M", s);
+    }
+    /* Σ (compute × M + O) / (S × step) is the busy share. */
+    double busy = 0;
+    for (int s = 0; s < 2; s++)
+        busy += (p.stage[s].f + p.stage[s].b + p.stage[s].w) * 4 + p.stage[s].optim;
+    cr_assert_float_eq(p.bubble, 1.0 - busy / (2 * p.step_time), 1e-12);
+    pw_partition_free(&p);
+    /* optim_flops 0: the analytic model without the optimizer, as before. */
+    pc.optim_flops = 0;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, begin, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p.stage[0].optim, 0);
+    cr_assert_eq(p.stage[1].optim, 0);
+    pw_partition_free(&p);
+    pc.optim_flops = -1;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, begin, &p), PW_ERR_INVALID_ARG);
+    pw_graph_destroy(g);
+}
+
+Test(partition, optimizer_time_moves_a_cut, .timeout = TIMEOUT)
+{
+    /* Analytic, one sample per micro-batch, M = 1: the table's update
+     * (4 Mi × 6 FLOPs) outweighs every layer's compute (about 100 kFLOP
+     * each), so with the optimizer the table gets a stage of its own;
+     * without it the table costs nothing and shares stage 0. */
+    pw_graph *g = parse(EMB);
+    pw_partition_config pc = {.n_stages = 2, .method = PW_PARTITION_BALANCED,
+                              .micro_batch_size = 1, .micro_batches = 1, .optim_state_floats = 1};
+    pw_partition p;
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_gt(p.begin[1], 1, "without the optimizer the table shares a stage (cut %d)", p.begin[1]);
+    pw_partition_free(&p);
+    pc.optim_flops = PW_OPTIM_FLOPS_SGD;
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p.begin[1], 1, "with it the table stands alone (cut %d)", p.begin[1]);
+    cr_assert_eq(p.bottleneck_stage, 0);
+    cr_assert_eq(p.bottleneck, p.stage[0].time);
+    pw_partition_free(&p);
+
+    /* Measured, by hand: four nodes of 1 ms each, M = 4, 2 stages. Without
+     * the optimizer: [a b | c o+loss], 2 ms. With 8 ms of update on `a`
+     * (2 ms per micro-batch): [a b] would take 4 ms, [a | b c o loss] takes
+     * max(1 + 2, 3) = 3 ms: the cut moves one node earlier. */
+    pw_graph *c = parse(CHAIN);
+    cr_assert_eq(c->n_nodes, 5);
+    pw_op_time t[5] = {{1e-3, 0, 0, 0}, {1e-3, 0, 0, 0}, {1e-3, 0, 0, 0}, {1e-3, 0, 0, 0}, {0, 0, 0, 0}};
+    pw_partition_config tc = {.n_stages = 2, .method = PW_PARTITION_BALANCED, .balance = PW_BALANCE_TIME,
+                              .node_times = t, .micro_batch_size = 1, .micro_batches = 4};
+    cr_assert_eq(pw_partition_plan(c, &tc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p.begin[1], 2);
+    cr_assert_float_eq(p.bottleneck, 2e-3, 1e-15);
+    pw_partition_free(&p);
+    t[0].o = 8e-3;
+    cr_assert_eq(pw_partition_plan(c, &tc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p.begin[1], 1, "cut %d", p.begin[1]);
+    cr_assert_float_eq(p.stage[0].optim, 8e-3, 1e-15);
+    cr_assert_float_eq(p.bottleneck, 3e-3, 1e-15);
+    /* Estimate: Σ stage + (M − 1) × bottleneck. */
+    cr_assert_float_eq(p.step_time, 3e-3 + 3e-3 + 3 * 3e-3, 1e-15);
+    pw_partition_free(&p);
+    pw_graph_destroy(c);
+    pw_graph_destroy(g);
+}
+
+/* A tied head: each stage updates its own copy of the table, so a stage
+ * holding only the reuse pays for it too, whatever `o` the reusing node
+ * carries (a measured profile gives it 0). */
+Test(partition, tied_parameter_updated_in_every_stage_that_holds_it, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse("graph tied\n"
+                        "input t : i32[4]\n"
+                        "label y : i32[4]\n"
+                        "e = embedding(t, vocab=16, dim=8) as wte\n"
+                        "h = linear(e, out=8)\n"
+                        "o = linear(h, out=16, bias=false, weight=wte.weight)\n"
+                        "loss = softmax_cross_entropy(o, y)\n");
+    pw_op_time t[4] = {{1e-3, 0, 0, 4e-3}, {1e-3, 0, 0, 1e-3}, {1e-3, 0, 0, 9.0}, {0, 0, 0, 0}};
+    pw_partition_config pc = {.n_stages = 2, .balance = PW_BALANCE_TIME, .node_times = t,
+                              .micro_batch_size = 1, .micro_batches = 2};
+    int split[] = {0, 2, 4}, whole[] = {0, 4};
+    pw_partition p;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, split, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_float_eq(p.stage[0].optim, 4e-3 + 1e-3, 1e-15);
+    cr_assert_float_eq(p.stage[1].optim, 4e-3, 1e-15, "the head's copy of wte");
+    pw_partition_free(&p);
+    pc.n_stages = 1;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, whole, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_float_eq(p.stage[0].optim, 4e-3 + 1e-3, 1e-15, "one copy, updated once");
+    pw_partition_free(&p);
+    pw_graph_destroy(g);
+
+    /* What a profile measures for it: the reuse updates nothing. */
+    g = parse("graph tied\n"
+              "input t : i32[4]\n"
+              "label y : i32[4]\n"
+              "e = embedding(t, vocab=16, dim=8) as wte\n"
+              "o = linear(e, out=16, bias=false, weight=wte.weight)\n"
+              "loss = softmax_cross_entropy(o, y)\n");
+    pw_profile_config prc = {.micro_batch = 2, .iterations = 1, .device = "test device"};
+    pw_profile *prof = NULL;
+    cr_assert_eq(pw_profile_measure(g, &prc, &prof), PW_OK, "%s", pw_last_error());
+    cr_assert_gt(prof->times[0].o, 0);
+    cr_assert_eq(prof->times[1].o, 0);
+    cr_assert_eq(prof->times[2].o, 0);
+    pw_profile_destroy(prof);
+    pw_graph_destroy(g);
+}
+
 /* ------------------------------------------------------ profiles */
 
 static char tmpdir[64];
@@ -649,14 +796,23 @@ Test(profile, round_trip_and_reuse, .timeout = TIMEOUT)
         cr_assert(a->times[i].f > 0, "node %d forward took time", i);
         cr_assert(a->times[i].b >= 0 && a->times[i].w >= 0);
     }
-    /* Linear layers have weight gradients; relu none. */
+    /* Linear layers have weight gradients; relu none. Only nodes with
+     * parameters have an optimizer update. */
     cr_assert_gt(a->times[0].w, 0);
+    cr_assert_eq(a->optim, PW_OPTIM_SGD);
+    for (int i = 0; i < g->n_nodes; i++) {
+        if (g->nodes[i].n_params > 0)
+            cr_assert_gt(a->times[i].o, 0, "node %d: optimizer update timed", i);
+        else
+            cr_assert_eq(a->times[i].o, 0, "node %d has no parameters", i);
+    }
     cr_assert_eq(pw_profile_load_or_measure(path, g, &pc, &b, &measured), PW_OK, "%s", pw_last_error());
     cr_assert_eq(measured, 0, "the second run reuses the file");
     for (int i = 0; i < g->n_nodes; i++) {
         cr_assert_eq(a->times[i].f, b->times[i].f, "node %d: bit-exact round trip", i);
         cr_assert_eq(a->times[i].b, b->times[i].b);
         cr_assert_eq(a->times[i].w, b->times[i].w);
+        cr_assert_eq(a->times[i].o, b->times[i].o);
         cr_assert_str_eq(a->names[i], b->names[i]);
     }
     /* A measured profile drives the planner. */
@@ -665,10 +821,20 @@ Test(profile, round_trip_and_reuse, .timeout = TIMEOUT)
     pw_partition p;
     cr_assert_eq(pw_partition_plan(g, &cfg, &p), PW_OK, "%s", pw_last_error());
     double sum = 0;
-    for (int i = 0; i < g->n_nodes; i++) sum += b->times[i].f + b->times[i].b + b->times[i].w;
-    double got = 0;
-    for (int s = 0; s < 3; s++) got += p.stage[s].f + p.stage[s].b + p.stage[s].w;
+    double osum = 0;
+    for (int i = 0; i < g->n_nodes; i++) {
+        sum += b->times[i].f + b->times[i].b + b->times[i].w;
+        osum += b->times[i].o;
+    }
+    double got = 0, ogot = 0;
+    for (int s = 0; s < 3; s++) {
+        got += p.stage[s].f + p.stage[s].b + p.stage[s].w;
+        ogot += p.stage[s].optim;
+        cr_assert_float_eq(p.stage[s].time, p.stage[s].f + p.stage[s].b + p.stage[s].w +
+                           p.stage[s].comm + p.stage[s].optim, 1e-15, "M = 1: O / M = O");
+    }
     cr_assert_float_eq(got, sum, 1e-12);
+    cr_assert_float_eq(ogot, osum, 1e-12, "no tied parameters: the stages' O sum the nodes' o");
     pw_partition_free(&p);
     pw_profile_destroy(a);
     pw_profile_destroy(b);
@@ -725,6 +891,39 @@ Test(profile, stale_and_corrupt_files_are_refused, .timeout = TIMEOUT)
               pw_last_error());
     pw_graph_destroy(g3);
 
+    /* Another optimizer. */
+    pc.optim = PW_OPTIM_ADAMW;
+    cr_assert_eq(pw_profile_load_or_measure(path, g, &pc, &p, NULL), PW_ERR_FORMAT);
+    snprintf(want, sizeof want, "%s is stale: its optimizer times are for sgd, this run uses adamw; "
+             "delete it or choose another --profile file to measure again", path);
+    cr_assert_str_eq(pw_last_error(), want);
+    pc.optim = PW_OPTIM_SGD;
+    /* A version 1 file (no optimizer times) is stale, not corrupt. */
+    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 1, \"graph\": \"skip\", "
+                     "\"micro_batch\": 4, \"device\": \"test device\", \"iterations\": 1, "
+                     "\"nodes\": [{\"name\": \"a\", \"sig\": \"s\", \"f\": 1, \"b\": 0, \"w\": 0}]}");
+    cr_assert_eq(pw_profile_load_or_measure(path, g, &pc, &p, NULL), PW_ERR_FORMAT);
+    snprintf(want, sizeof want, "%s is stale: it is a version 1 profile, measured without the "
+             "optimizer step (no \"o\" times); delete it or choose another --profile file to "
+             "measure again", path);
+    cr_assert_str_eq(pw_last_error(), want);
+    cr_assert_null(p);
+    /* A version 2 node without "o" likewise. */
+    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 2, \"graph\": \"skip\", "
+                     "\"micro_batch\": 4, \"device\": \"test device\", \"optimizer\": \"sgd\", "
+                     "\"iterations\": 1, \"nodes\": [{\"name\": \"a\", \"sig\": \"s\", \"f\": 1, "
+                     "\"b\": 0, \"w\": 0}]}");
+    cr_assert_eq(pw_profile_load(path, &p), PW_ERR_FORMAT);
+    snprintf(want, sizeof want, "%s is stale: node 0 (a) has no optimizer time \"o\" (measured "
+             "before the optimizer step was timed); delete it or choose another --profile file to "
+             "measure again", path);
+    cr_assert_str_eq(pw_last_error(), want);
+    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 2, \"graph\": \"skip\", "
+                     "\"micro_batch\": 4, \"device\": \"test device\", \"optimizer\": \"lion\", "
+                     "\"iterations\": 1, \"nodes\": []}");
+    cr_assert_eq(pw_profile_load(path, &p), PW_ERR_FORMAT);
+    cr_assert(strstr(pw_last_error(), "unknown optimizer 'lion'"), "%s", pw_last_error());
+
     /* Corrupt files: where and what. */
     write_file(path, "{\"format\": \"pipewright-profile\",\n \"version\": 1,\n \"graph\": }\n");
     cr_assert_eq(pw_profile_load(path, &p), PW_ERR_FORMAT);
@@ -737,18 +936,21 @@ Test(profile, stale_and_corrupt_files_are_refused, .timeout = TIMEOUT)
     cr_assert_str_eq(pw_last_error(), want);
     write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 9}");
     cr_assert_eq(pw_profile_load(path, &p), PW_ERR_FORMAT);
-    cr_assert(strstr(pw_last_error(), "profile format version 9; this pipewright reads version 1"),
+    cr_assert(strstr(pw_last_error(), "profile format version 9; this pipewright reads version 2"),
               "%s", pw_last_error());
-    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 1, \"graph\": \"skip\", "
-                     "\"micro_batch\": 4, \"device\": \"test device\", \"iterations\": 1}");
+    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 2, \"graph\": \"skip\", "
+                     "\"micro_batch\": 4, \"device\": \"test device\", \"optimizer\": \"sgd\", "
+                     "\"iterations\": 1}");
     cr_assert_eq(pw_profile_load(path, &p), PW_ERR_FORMAT);
     cr_assert(strstr(pw_last_error(), "field \"nodes\" is missing or has the wrong type"), "%s",
               pw_last_error());
-    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 1, \"graph\": \"skip\", "
-                     "\"micro_batch\": 4, \"device\": \"test device\", \"iterations\": 1, "
-                     "\"nodes\": [{\"name\": \"a\", \"sig\": \"s\", \"f\": 1, \"b\": -1, \"w\": 0}]}");
+    write_file(path, "{\"format\": \"pipewright-profile\", \"version\": 2, \"graph\": \"skip\", "
+                     "\"micro_batch\": 4, \"device\": \"test device\", \"optimizer\": \"sgd\", "
+                     "\"iterations\": 1, \"nodes\": [{\"name\": \"a\", \"sig\": \"s\", \"f\": 1, "
+                     "\"b\": -1, \"w\": 0, \"o\": 0}]}");
     cr_assert_eq(pw_profile_load(path, &p), PW_ERR_FORMAT);
-    cr_assert(strstr(pw_last_error(), "node 0 needs \"name\", \"sig\" and times"), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "node 0 needs \"name\", \"sig\" and times \"f\", \"b\", \"w\", \"o\""),
+              "%s", pw_last_error());
     /* The stale or corrupt file is left alone, never overwritten. */
     cr_assert_eq(pw_profile_load_or_measure(path, g, &pc, &p, NULL), PW_ERR_FORMAT);
     cr_assert_eq(pw_profile_load(NULL, &p), PW_ERR_INVALID_ARG);
@@ -770,6 +972,56 @@ static char *print_plan(const pw_plan *plan)
     cr_assert_eq(pw_plan_print(f, plan), PW_OK, "%s", pw_last_error());
     fclose(f);
     return buf;
+}
+
+Test(plan, simulator_runs_the_optimizer, .timeout = TIMEOUT)
+{
+    /* The plan hands O to the simulator's OPTIM: a step with a large update
+     * is longer by at least the slowest stage's O. */
+    pw_graph *g = parse(EMB);
+    pw_plan_config pc = pw_plan_defaults();
+    pc.graph = g;
+    pc.stages = 2;
+    pc.micro_batches = 4;
+    pc.micro_batch_size = 1;
+    pc.method = PW_PARTITION_BALANCED;
+    pc.optim = PW_OPTIM_ADAMW;
+    pw_plan *plan = NULL;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_OK, "%s", pw_last_error());
+    const pw_partition *pt = &plan->part;
+    cr_assert_eq(pt->begin[1], 1, "the table stands alone");
+    const double o0 = 65536.0 * 64.0 * PW_OPTIM_FLOPS_ADAMW / 1e10;
+    cr_assert_eq(pt->stage[0].optim, o0);
+    double fbw = 0;
+    for (int s = 0; s < 2; s++) fbw += pt->stage[s].f + pt->stage[s].b + pt->stage[s].w;
+    cr_assert_geq(plan->step_time, o0, "step %.9g, stage 0's update %.9g", plan->step_time, o0);
+    cr_assert_leq(plan->step_time, 4 * fbw + o0 + pt->stage[1].optim + 1e-12);
+    char *out = print_plan(plan);
+    cr_assert(strstr(out, "  memory: optimizer adamw, state 2 floats per parameter"), "%s", out);
+    free(out);
+    pw_plan_destroy(plan);
+    pw_graph_destroy(g);
+
+    /* A profile in memory measured for another optimizer is used, and the
+     * header says so (files are refused: profile tests above). */
+    g = parse(CHAIN);
+    pw_profile_config prc = {.micro_batch = 1, .iterations = 1, .device = "test device"};
+    pw_profile *prof = NULL;
+    cr_assert_eq(pw_profile_measure(g, &prc, &prof), PW_OK, "%s", pw_last_error());
+    pc.graph = g;
+    pc.balance = PW_BALANCE_TIME;
+    pc.profile = prof;
+    cr_assert_eq(pw_plan_make(&pc, &plan), PW_OK, "%s", pw_last_error());
+    out = print_plan(plan);
+    cr_assert(strstr(out, "  op times: measured on test device, median of 1; its optimizer times are for "
+                          "sgd, this plan uses adamw (measure one for it)\n"), "%s", out);
+    double osum = 0;
+    for (int i = 0; i < g->n_nodes; i++) osum += prof->times[i].o;
+    cr_assert_float_eq(plan->part.stage[0].optim + plan->part.stage[1].optim, osum, 1e-12);
+    free(out);
+    pw_plan_destroy(plan);
+    pw_profile_destroy(prof);
+    pw_graph_destroy(g);
 }
 
 Test(plan, table_has_the_columns, .timeout = TIMEOUT)
@@ -799,8 +1051,11 @@ Test(plan, table_has_the_columns, .timeout = TIMEOUT)
     cr_assert(strstr(out, "  op times: analytic, FLOPs at 10 GFLOP/s per unit of speed\n"), "%s", out);
     cr_assert(strstr(out, "  links: 1 GB/s, 5 us per message\n"), "%s", out);
     cr_assert(strstr(out, "\nstage  nodes     ops                           F us      B us      W us"
-                          "   send us   time us slots  memory / budget             send act   "
+                          "      O us   send us   time us slots  memory / budget             send act   "
                           "send grad   device\n"), "%s", out);
+    cr_assert(strstr(out, "  memory: optimizer sgd, state 1 float per parameter, recomputation off"), "%s", out);
+    cr_assert(strstr(out, "(F, B, W, send and time per micro-batch; O, the optimizer update, once per "
+                          "step: time = F + B + W + send + O / 4)\n"), "%s", out);
     cr_assert(strstr(out, "\n    0  0-4       a .. r (5)  "), "%s", out);
     cr_assert(strstr(out, "1.0 MiB "), "budget column: %s", out);
     cr_assert(strstr(out, "cores 0-9, NUMA 0 (+1 more)\n"), "%s", out);

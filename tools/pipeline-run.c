@@ -1226,7 +1226,8 @@ static int make_plan(const pw_graph *g, const options *o, pw_schedule_kind kind,
                     "micro-batches), so that every process plans the same cuts\n", g_who);
             return 2;
         }
-        pw_profile_config prc = {.micro_batch = micro_size(o), .threads = o->threads ? o->threads : 1};
+        pw_profile_config prc = {.micro_batch = micro_size(o), .threads = o->threads ? o->threads : 1,
+                                 .optim = o->optim.kind};
         int measured = 0;
         if (pw_profile_load_or_measure(o->profile, g, &prc, &pr->prof, &measured) != PW_OK) {
             fprintf(stderr, "pipeline-run: %s--profile: %s\n", g_who, pw_last_error());

@@ -16,17 +16,18 @@
  *      node count (what a hand split by layer count gives), alternately, R
  *      rounds of N timed steps each after a warm-up step: median step time
  *      of each and the ratio equal / plan (> 1: the plan is faster);
- *   3. the planner's predicted time per stage per micro-batch (F + B + W;
+ *   3. the planner's predicted time per stage per micro-batch (F + B + W
+ *      + O / M, O the optimizer update once per step, all from the profile;
  *      the links are free in-process) against the measured busy time (time
- *      inside the stage's compute callbacks, engine statistics) per
- *      micro-batch, error %; and the predicted step time
- *      (Σ stage + (M − 1) × bottleneck) against the measured one. A
- *      one-stage run of the whole graph (one core) in each round separates
- *      the profile's own error from what running two stages side by side
- *      adds (shared caches and memory bandwidth). The engine counts the
- *      optimizer step as busy time and the planner does not model it, so
- *      it is timed apart (three extra optimizer steps on the main thread
- *      after the round) and the busy time is also shown without it.
+ *      inside the stage's compute callbacks, engine statistics, which
+ *      include the optimizer step) per micro-batch, error %; and the
+ *      predicted step time (Σ stage + (M − 1) × bottleneck) against the
+ *      measured one. A one-stage run of the whole graph (one core) in each
+ *      round separates the profile's own error from what running two
+ *      stages side by side adds (shared caches and memory bandwidth). The
+ *      optimizer is also timed apart (three extra optimizer steps on the
+ *      main thread after the round), so F + B + W is compared with busy
+ *      minus the optimizer, and O / M with that optimizer time.
  *
  * The load average is printed before and after: on a shared machine the
  * figures move with the neighbours' load. */
@@ -108,9 +109,9 @@ static round_result run_round(const pw_graph *g, const pw_dataset *d, int n_stag
         pw_pipeline_stage_stats ss;
         pw_pipeline_stage_stats_get(pl, s, &ss);
         r.busy[s] = (ss.busy_s - busy0[s]) / ((double)steps * M);
-        /* The engine counts the optimizer step as busy; the planner does
-         * not model it. Time it apart (on this thread, a few times) to
-         * compare F + B + W with F + B + W. */
+        /* The engine counts the optimizer step as busy, and so does the
+         * plan (O / M). Time it apart too (on this thread, a few times) to
+         * compare F + B + W with F + B + W and O with O. */
         pw_program *prog = pw_pipeline_program(pl, s);
         int64_t a = pw_now_ns();
         for (int k = 0; k < 3; k++)
@@ -124,12 +125,13 @@ static round_result run_round(const pw_graph *g, const pw_dataset *d, int n_stag
 static void print_split(const char *name, const pw_graph *g, const pw_partition *pred, const round_result *rr,
                         int rounds, int M)
 {
-    double step[MAX_ROUNDS], busy[STAGES][MAX_ROUNDS], fbw[STAGES][MAX_ROUNDS];
+    double step[MAX_ROUNDS], busy[STAGES][MAX_ROUNDS], fbw[STAGES][MAX_ROUNDS], opt[STAGES][MAX_ROUNDS];
     for (int r = 0; r < rounds; r++) {
         step[r] = rr[r].step;
         for (int s = 0; s < STAGES; s++) {
             busy[s][r] = rr[r].busy[s];
             fbw[s][r] = rr[r].busy[s] - rr[r].optim[s];
+            opt[s][r] = rr[r].optim[s];
         }
     }
     const double ms = median(step, rounds);
@@ -138,11 +140,15 @@ static void print_split(const char *name, const pw_graph *g, const pw_partition 
     printf(" (%s .. %s | %s .. %s)\n", g->values[g->nodes[0].output].name,
            g->values[g->nodes[pred->begin[1] - 1].output].name, g->values[g->nodes[pred->begin[1]].output].name,
            g->values[g->nodes[g->n_nodes - 1].output].name);
-    printf("  stage   predicted F+B+W   measured busy   error    busy - optimizer   error   (per micro-batch)\n");
+    printf("  stage   predicted F+B+W+O/M   measured busy   error    predicted F+B+W   busy - optimizer   "
+           "error    predicted O/M   optimizer   error   (per micro-batch)\n");
     for (int s = 0; s < STAGES; s++) {
-        const double p = pred->stage[s].time, m = median(busy[s], rounds), f = median(fbw[s], rounds);
-        printf("  %5d   %12.3f ms   %10.3f ms   %+6.1f%%   %11.3f ms   %+6.1f%%\n", s, p * 1e3, m * 1e3,
-               100.0 * (m - p) / p, f * 1e3, 100.0 * (f - p) / p);
+        const pw_stage_cost *c = &pred->stage[s];
+        const double p = c->time, m = median(busy[s], rounds), f = median(fbw[s], rounds);
+        const double pf = c->f + c->b + c->w, po = c->optim / M, mo = median(opt[s], rounds);
+        printf("  %5d   %16.3f ms   %10.3f ms   %+6.1f%%   %12.3f ms   %13.3f ms   %+6.1f%%   %10.3f ms   "
+               "%6.3f ms   %+6.1f%%\n", s, p * 1e3, m * 1e3, 100.0 * (m - p) / p, pf * 1e3, f * 1e3,
+               100.0 * (f - pf) / pf, po * 1e3, mo * 1e3, po > 0 ? 100.0 * (mo - po) / po : 0.0);
     }
     printf("  step    %12.3f ms   %10.3f ms   %+6.1f%%   (predicted: sum of stages + %d x bottleneck)\n",
            pred->step_time * 1e3, ms * 1e3, 100.0 * (ms - pred->step_time) / pred->step_time, M - 1);
@@ -174,7 +180,7 @@ int main(int argc, char **argv)
 
     /* 1. The profile, measured now, and the plan. */
     int64_t t0 = pw_now_ns();
-    pw_profile_config prc = {.micro_batch = mbs, .threads = 1};
+    pw_profile_config prc = {.micro_batch = mbs, .threads = 1, .optim = PW_OPTIM_SGD}; /* the pipeline's */
     pw_profile *prof;
     if (pw_profile_measure(g, &prc, &prof) != PW_OK) die();
     const double t_prof = (double)(pw_now_ns() - t0) * 1e-9;
@@ -186,6 +192,7 @@ int main(int argc, char **argv)
     pc.schedule = kind;
     pc.balance = PW_BALANCE_TIME;
     pc.profile = prof;
+    pc.optim = PW_OPTIM_SGD;
     pw_plan *plan;
     if (pw_plan_make(&pc, &plan) != PW_OK) die();
 
@@ -194,7 +201,8 @@ int main(int argc, char **argv)
     int equal[STAGES + 1];
     for (int s = 0; s <= STAGES; s++) equal[s] = s * g->n_nodes / STAGES;
     pw_partition_config ec = {.n_stages = STAGES, .balance = PW_BALANCE_TIME, .node_times = prof->times,
-                              .micro_batch_size = mbs, .micro_batches = M};
+                              .micro_batch_size = mbs, .micro_batches = M,
+                              .optim_state_floats = pw_optim_state_floats(PW_OPTIM_SGD)};
     pw_partition pred_plan, pred_equal;
     if (pw_partition_evaluate(g, &ec, plan->part.begin, &pred_plan) != PW_OK ||
         pw_partition_evaluate(g, &ec, equal, &pred_equal) != PW_OK)
@@ -249,12 +257,17 @@ int main(int argc, char **argv)
            "%.3f)\n\n", m1 / mp, m1 / me, STAGES, (double)STAGES * M / (M + STAGES - 1));
 
     /* The model without a pipeline: the whole graph on one core. */
-    double whole_pred = 0;
-    for (int s = 0; s < STAGES; s++) whole_pred += pred_plan.stage[s].f + pred_plan.stage[s].b + pred_plan.stage[s].w;
+    double whole_fbw = 0, whole_o = 0;
+    for (int s = 0; s < STAGES; s++) {
+        whole_fbw += pred_plan.stage[s].f + pred_plan.stage[s].b + pred_plan.stage[s].w;
+        whole_o += pred_plan.stage[s].optim / M;
+    }
+    const double whole_pred = whole_fbw + whole_o;
     const double mb1 = median(b1, rounds), mf1 = median(f1, rounds);
-    printf("one stage: predicted F+B+W %.3f ms; measured busy %.3f ms (%+.1f%%), without the optimizer %.3f ms "
-           "(%+.1f%%) per micro-batch\n\n", whole_pred * 1e3, mb1 * 1e3, 100.0 * (mb1 - whole_pred) / whole_pred,
-           mf1 * 1e3, 100.0 * (mf1 - whole_pred) / whole_pred);
+    printf("one stage: predicted F+B+W+O/M %.3f ms, measured busy %.3f ms (%+.1f%%); predicted F+B+W %.3f ms, "
+           "busy without the optimizer %.3f ms (%+.1f%%) per micro-batch\n\n", whole_pred * 1e3, mb1 * 1e3,
+           100.0 * (mb1 - whole_pred) / whole_pred, whole_fbw * 1e3, mf1 * 1e3,
+           100.0 * (mf1 - whole_fbw) / whole_fbw);
 
     /* 3. Predicted against measured, per stage. */
     print_split("plan (balance time)", g, &pred_plan, rp, rounds, M);
