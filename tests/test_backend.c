@@ -28,6 +28,7 @@
 #include "stages/data.h"
 #include "stages/pipeline.h"
 #include "stages/program.h"
+#include "tests/pipeline_support.h"
 
 #define TIMEOUT_S 120
 
@@ -245,55 +246,12 @@ static void register_hostdev(void)
 
 /* ---------------------------------------------------------------- runs */
 
-static const char *MLP =
-    "graph b_mlp\n"
-    "input image : f32[4, 6]\n"
-    "label target : i32[]\n"
-    "x = flatten(image)\n"
-    "fc1 = linear(x, out=24)\n"
-    "n1 = layernorm(fc1)\n"
-    "h1 = gelu(n1)\n"
-    "fc2 = linear(h1, out=24)\n"
-    "h2 = relu(fc2)\n"
-    "fc3 = linear(h2, out=24)\n"
-    "h3 = relu(fc3)\n"
-    "r = add(h3, h1)\n"
-    "logits = linear(r, out=5) as head\n"
-    "loss = softmax_cross_entropy(logits, target)\n";
+static const char *MLP = "graph b_mlp\n" PW_TEST_MLP_BODY;
 
 /* Tied head (a tie across stages), dropout, attention. */
-static const char *GPT =
-    "graph b_gpt\n"
-    "input tokens : i32[16]\n"
-    "label next : i32[16]\n"
-    "tok = embedding(tokens, vocab=256, dim=32) as wte\n"
-    "pos = pos_embedding(tok, max=16) as wpe\n"
-    "x0  = dropout(pos, p=0.1)\n"
-    "h = repeat 2 as h (x = x0) {\n"
-    "  a   = layernorm(x) as ln_1\n"
-    "  qkv = linear(a, out=96) as attn.c_attn\n"
-    "  att = causal_attention(qkv, heads=4)\n"
-    "  o   = linear(att, out=32) as attn.c_proj\n"
-    "  x1  = add(x, o)\n"
-    "  m   = layernorm(x1) as ln_2\n"
-    "  fc  = linear(m, out=128) as mlp.c_fc\n"
-    "  g   = gelu(fc)\n"
-    "  pr  = linear(g, out=32) as mlp.c_proj\n"
-    "  pd  = dropout(pr, p=0.1)\n"
-    "  x2  = add(x1, pd)\n"
-    "  return x2\n"
-    "}\n"
-    "hf = layernorm(h) as ln_f\n"
-    "logits = linear(hf, out=256, bias=false, weight=wte.weight) as lm_head\n"
-    "loss = softmax_cross_entropy(logits, next)\n";
+static const char *GPT = "graph b_gpt\n" PW_TEST_GPT_BODY;
 
-static pw_graph *parse(const char *text)
-{
-    pw_graph *g = NULL;
-    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "b.graph", &g), PW_OK, "%s",
-                 pw_last_error());
-    return g;
-}
+static pw_graph *parse(const char *text) { return test_parse(text, "b.graph"); }
 
 static pw_dataset *dataset(const pw_graph *g, int gpt)
 {
@@ -342,34 +300,6 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *
     return pl;
 }
 
-/* Every parameter in graph order, through pw_program_param_read. */
-static float *params_of(pw_pipeline *pl, const pw_graph *g, int64_t *count)
-{
-    int64_t total = 0;
-    for (int i = 0; i < g->n_params; i++) total += pw_shape_numel(&g->params[i].shape);
-    float *out = calloc((size_t)total + 1, sizeof(float));
-    cr_assert_not_null(out);
-    int64_t off = 0;
-    for (int i = 0; i < g->n_params; i++) {
-        int found = 0;
-        for (int s = 0; s < pw_pipeline_n_chunks(pl) && !found; s++) {
-            pw_program *p = pw_pipeline_program(pl, s);
-            for (int j = 0; p && j < pw_program_n_params(p) && !found; j++) {
-                pw_program_param pp;
-                pw_program_param_at(p, j, &pp);
-                if (pp.graph_param != i) continue;
-                cr_assert_eq(pw_program_param_read(p, j, PW_PARAM_DATA, 0, out + off), PW_OK, "%s",
-                             pw_last_error());
-                found = 1;
-            }
-        }
-        cr_assert(found, "parameter %s held by no stage", g->params[i].name);
-        off += pw_shape_numel(&g->params[i].shape);
-    }
-    *count = total;
-    return out;
-}
-
 typedef struct result {
     float *params;
     int64_t count;
@@ -391,7 +321,7 @@ static result run(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
         cr_assert_eq(pw_pipeline_evaluate(pl, d, &es), PW_OK, "%s: %s", r->device, pw_last_error());
         o.eval_loss = es.loss;
     }
-    o.params = params_of(pl, g, &o.count);
+    o.params = test_pipeline_params(pl, g, &o.count);
     pw_pipeline_destroy(pl);
     return o;
 }
@@ -494,15 +424,15 @@ Test(backend, checkpoints_cross_backends, .timeout = TIMEOUT_S)
     snprintf(path, sizeof path, "/tmp/pw_backend_ckpt_%d.safetensors", (int)getpid());
     cr_assert_eq(pw_pipeline_save(dev, path, NULL), PW_OK, "%s", pw_last_error());
     int64_t n1, n2, n3;
-    float *want = params_of(dev, g, &n1);
+    float *want = test_pipeline_params(dev, g, &n1);
     pw_pipeline *cpu = make(g, d, &rc);
     cr_assert_eq(pw_pipeline_load(cpu, path, NULL), PW_OK, "%s", pw_last_error());
-    float *got = params_of(cpu, g, &n2);
+    float *got = test_pipeline_params(cpu, g, &n2);
     cr_assert_eq(n1, n2);
     cr_assert(memcmp(want, got, (size_t)n1 * sizeof(float)) == 0, "device checkpoint into the CPU differs");
     pw_pipeline *dev2 = make(g, d, &rd);
     cr_assert_eq(pw_pipeline_load(dev2, path, NULL), PW_OK, "%s", pw_last_error());
-    float *back = params_of(dev2, g, &n3);
+    float *back = test_pipeline_params(dev2, g, &n3);
     cr_assert(memcmp(want, back, (size_t)n1 * sizeof(float)) == 0, "device checkpoint back differs");
     unlink(path);
     free(want);

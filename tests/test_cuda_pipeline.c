@@ -44,52 +44,16 @@ Test(cuda_pipeline, built_without_cuda)
 #include "stages/data.h"
 #include "stages/pipeline.h"
 #include "stages/program.h"
+#include "tests/pipeline_support.h"
 
 /* One timeout for every test (see test_cuda_ops.c: Criterion 2.4.1 leaks a
  * record when tests of one binary run in parallel with different ones). */
 #define TIMEOUT_S 180
 
-static const char *MLP =
-    "graph c_mlp\n"
-    "input image : f32[4, 6]\n"
-    "label target : i32[]\n"
-    "x = flatten(image)\n"
-    "fc1 = linear(x, out=24)\n"
-    "n1 = layernorm(fc1)\n"
-    "h1 = gelu(n1)\n"
-    "fc2 = linear(h1, out=24)\n"
-    "h2 = relu(fc2)\n"
-    "fc3 = linear(h2, out=24)\n"
-    "h3 = relu(fc3)\n"
-    "r = add(h3, h1)\n"
-    "logits = linear(r, out=5) as head\n"
-    "loss = softmax_cross_entropy(logits, target)\n";
+static const char *MLP = "graph c_mlp\n" PW_TEST_MLP_BODY;
 
 /* A small GPT with the head tied to wte (a tie across stages) and dropout. */
-static const char *GPT =
-    "graph c_gpt\n"
-    "input tokens : i32[16]\n"
-    "label next : i32[16]\n"
-    "tok = embedding(tokens, vocab=256, dim=32) as wte\n"
-    "pos = pos_embedding(tok, max=16) as wpe\n"
-    "x0  = dropout(pos, p=0.1)\n"
-    "h = repeat 2 as h (x = x0) {\n"
-    "  a   = layernorm(x) as ln_1\n"
-    "  qkv = linear(a, out=96) as attn.c_attn\n"
-    "  att = causal_attention(qkv, heads=4)\n"
-    "  o   = linear(att, out=32) as attn.c_proj\n"
-    "  x1  = add(x, o)\n"
-    "  m   = layernorm(x1) as ln_2\n"
-    "  fc  = linear(m, out=128) as mlp.c_fc\n"
-    "  g   = gelu(fc)\n"
-    "  pr  = linear(g, out=32) as mlp.c_proj\n"
-    "  pd  = dropout(pr, p=0.1)\n"
-    "  x2  = add(x1, pd)\n"
-    "  return x2\n"
-    "}\n"
-    "hf = layernorm(h) as ln_f\n"
-    "logits = linear(hf, out=256, bias=false, weight=wte.weight) as lm_head\n"
-    "loss = softmax_cross_entropy(logits, next)\n";
+static const char *GPT = "graph c_gpt\n" PW_TEST_GPT_BODY;
 
 /* The CUDA backend registered and device 0 present, or the test skips
  * with the runtime's reason ("no CUDA device: ..."). */
@@ -100,13 +64,7 @@ static void need_gpu(void)
     if (pw_cuda_device_count(&n) != PW_OK) cr_skip_test("%s", pw_last_error());
 }
 
-static pw_graph *parse(const char *text)
-{
-    pw_graph *g = NULL;
-    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "c.graph", &g), PW_OK, "%s",
-                 pw_last_error());
-    return g;
-}
+static pw_graph *parse(const char *text) { return test_parse(text, "c.graph"); }
 
 static pw_dataset *mlp_data(void)
 {
@@ -165,34 +123,6 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *
     return pl;
 }
 
-/* Every parameter in graph order, read from the first stage holding it. */
-static float *params_of(pw_pipeline *pl, const pw_graph *g, int64_t *count)
-{
-    int64_t total = 0;
-    for (int i = 0; i < g->n_params; i++) total += pw_shape_numel(&g->params[i].shape);
-    float *out = calloc((size_t)total + 1, sizeof(float));
-    cr_assert_not_null(out);
-    int64_t off = 0;
-    for (int i = 0; i < g->n_params; i++) {
-        int found = 0;
-        for (int s = 0; s < pw_pipeline_n_chunks(pl) && !found; s++) {
-            pw_program *p = pw_pipeline_program(pl, s);
-            for (int j = 0; p && j < pw_program_n_params(p) && !found; j++) {
-                pw_program_param pp;
-                pw_program_param_at(p, j, &pp);
-                if (pp.graph_param != i) continue;
-                cr_assert_eq(pw_program_param_read(p, j, PW_PARAM_DATA, 0, out + off), PW_OK, "%s",
-                             pw_last_error());
-                found = 1;
-            }
-        }
-        cr_assert(found, "parameter %s held by no stage", g->params[i].name);
-        off += pw_shape_numel(&g->params[i].shape);
-    }
-    *count = total;
-    return out;
-}
-
 static run_out run(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
 {
     pw_pipeline *pl = make(g, d, r);
@@ -204,7 +134,7 @@ static run_out run(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
         cr_assert(isfinite(st.loss), "%s step %d: loss %g", r->device, s + 1, st.loss);
         o.last_loss = st.loss;
     }
-    o.params = params_of(pl, g, &o.count);
+    o.params = test_pipeline_params(pl, g, &o.count);
     pw_pipeline_destroy(pl);
     return o;
 }
@@ -360,7 +290,7 @@ Test(cuda_pipeline, checkpoint_round_trip, .timeout = TIMEOUT_S)
     snprintf(path, sizeof path, "/tmp/pw_cuda_ckpt_%d.safetensors", (int)getpid());
     cr_assert_eq(pw_pipeline_save(gpu, path, NULL), PW_OK, "%s", pw_last_error());
     run_out want = {0};
-    want.params = params_of(gpu, g, &want.count);
+    want.params = test_pipeline_params(gpu, g, &want.count);
 
     run_cfg rc = r;
     rc.device = "cpu";
@@ -368,13 +298,13 @@ Test(cuda_pipeline, checkpoint_round_trip, .timeout = TIMEOUT_S)
     pw_pipeline *cpu = make(g, d, &rc);
     cr_assert_eq(pw_pipeline_load(cpu, path, NULL), PW_OK, "%s", pw_last_error());
     run_out got = {0};
-    got.params = params_of(cpu, g, &got.count);
+    got.params = test_pipeline_params(cpu, g, &got.count);
     expect_same_bytes(&want, &got, "checkpoint from cuda:0 into a CPU pipeline");
 
     pw_pipeline *gpu2 = make(g, d, &r);
     cr_assert_eq(pw_pipeline_load(gpu2, path, NULL), PW_OK, "%s", pw_last_error());
     run_out back = {0};
-    back.params = params_of(gpu2, g, &back.count);
+    back.params = test_pipeline_params(gpu2, g, &back.count);
     expect_same_bytes(&want, &back, "checkpoint back onto cuda:0");
 
     pw_eval_stats es;

@@ -19,34 +19,15 @@
 #include "stages/plan.h"
 #include "stages/profile.h"
 #include "stages/trainer.h"
+#include "tests/pipeline_support.h"
 
 #define TIMEOUT 120
 
 /* 11 nodes; h1 is used again after the cut, so with four stages a value
  * crosses several boundaries. */
-static const char *MLP =
-    "graph p_mlp\n"
-    "input image : f32[4, 6]\n"
-    "label target : i32[]\n"
-    "x = flatten(image)\n"
-    "fc1 = linear(x, out=24)\n"
-    "n1 = layernorm(fc1)\n"
-    "h1 = gelu(n1)\n"
-    "fc2 = linear(h1, out=24)\n"
-    "h2 = relu(fc2)\n"
-    "fc3 = linear(h2, out=24)\n"
-    "h3 = relu(fc3)\n"
-    "r = add(h3, h1)\n"
-    "logits = linear(r, out=5) as head\n"
-    "loss = softmax_cross_entropy(logits, target)\n";
+static const char *MLP = "graph p_mlp\n" PW_TEST_MLP_BODY;
 
-static pw_graph *parse(const char *text)
-{
-    pw_graph *g = NULL;
-    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "p.graph", &g), PW_OK, "%s",
-                 pw_last_error());
-    return g;
-}
+static pw_graph *parse(const char *text) { return test_parse(text, "p.graph"); }
 
 static pw_dataset *data(void)
 {
