@@ -23,6 +23,15 @@
 # reported in the table), 1 when a test fails or the build does.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+# The device runner brings back at most a few files from $OUT: all logs go
+# there as one archive, whatever way the script ends.
+save_logs() {
+    if [ -n "${OUT:-}" ] && [ -d "${OUT}" ] && [ -d "${logs:-}" ]; then
+        tar czf "$OUT/gpu-logs.tar.gz" -C "$(dirname "$logs")" "$(basename "$logs")" 2>/dev/null || true
+    fi
+}
+trap save_logs EXIT
+trap "exit 143" TERM
 build="${PW_GPU_BUILD_DIR:-build-gpu}"
 logs="$build/gpu-logs"
 jobs=$(nproc)
@@ -30,6 +39,11 @@ jobs=$(nproc)
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-$jobs}"
 status=0
 t_start=$(date +%s)
+# Time limits of each step (seconds): a lent machine's time is short, so a
+# hang costs one step, not the call.
+t_test="${PW_GPU_TEST_TIMEOUT:-900}"
+t_bench="${PW_GPU_BENCH_TIMEOUT:-600}"
+t_gpt="${PW_GPU_GPT_TIMEOUT:-300}"
 
 say() { printf '\n== %s\n' "$*"; }
 secs() { echo $(( $(date +%s) - $1 )); }
@@ -40,6 +54,34 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
     echo "nvidia-smi not found: the CUDA tests will skip unless the runtime finds a device"
 fi
+if [ -n "${PW_GPU_PREBUILT:-}" ]; then
+    # Binaries built elsewhere by tests/gpu/pack.sh, with their libraries.
+    pre="$PW_GPU_PREBUILT"
+    say "prebuilt binaries ($pre, from tests/gpu/pack.sh)"
+    mkdir -p "$pre/lib" && tar xJf "$pre/libs.tar.xz" -C "$pre/lib" || exit 1
+    cudalib=""
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib; do
+        [ -e "$d/libcublas.so.13" ] && cudalib="$d" && break
+    done
+    if [ -z "$cudalib" ]; then # e.g. only the Python wheels' copies
+        f=$(find / -name 'libcublas.so.13' -not -path '/proc/*' 2>/dev/null | head -1)
+        [ -n "$f" ] && cudalib=$(dirname "$f")
+        f=$(find / -name 'libcudart.so.13' -not -path '/proc/*' 2>/dev/null | head -1)
+        [ -n "$f" ] && cudalib="$cudalib:$(dirname "$f")"
+    fi
+    export LD_LIBRARY_PATH="$PWD/$pre/lib:$cudalib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    if [ -d "$pre/fortunes" ] && [ ! -e /usr/share/games/fortunes ]; then
+        mkdir -p /usr/share/games && ln -s "$PWD/$pre/fortunes" /usr/share/games/fortunes
+    fi
+    if ldd "$pre/bin/pipeline-run" "$pre/bin/test_cuda_ops" | grep "not found"; then
+        echo "missing shared libraries (above)"; exit 1
+    fi
+    build="$pre/bin"
+    logs="$pre/gpu-logs"
+    mkdir -p "$logs"
+    build_s=0
+else
 command -v nvcc >/dev/null 2>&1 || { echo "nvcc not found (expected /usr/local/cuda/bin/nvcc)"; exit 1; }
 nvcc --version | tail -2
 
@@ -61,10 +103,11 @@ fi
 grep -E "warning" "$logs/build.log" | head -20 || true
 build_s=$(secs "$t0")
 echo "built in ${build_s} s"
+fi
 
 say "CUDA tests (test_cuda_ops)"
 t0=$(date +%s)
-timeout 900 "$build/test_cuda_ops" --verbose --jobs 1 >"$logs/test_cuda_ops.log" 2>&1
+timeout "$t_test" "$build/test_cuda_ops" --verbose --jobs 1 >"$logs/test_cuda_ops.log" 2>&1
 test_rc=$?
 grep -E "^\[(FAIL|SKIP|PASS)|Synthesis|error|differ" "$logs/test_cuda_ops.log" | head -60
 test_s=$(secs "$t0")
@@ -72,10 +115,22 @@ synth=$(grep -o "Tested: [0-9]* | Passing: [0-9]* | Failing: [0-9]* | Crashing: 
         "$logs/test_cuda_ops.log" | tail -1)
 skipped=$(grep -c "^\[SKIP\]" "$logs/test_cuda_ops.log" || true)
 [ "$test_rc" -ne 0 ] && status=1
+diagnose() { # binary log: the first failing or crashing test again under compute-sanitizer
+    local t
+    t=$(grep -E "^\[(FAIL|----)\] [a-z_0-9]+::[a-z_0-9]+" "$2" | grep -o "[a-z_0-9]*::[a-z_0-9]*" | head -1)
+    [ -z "$t" ] && t=$(grep -oE "Test #?[a-z_0-9]+::[a-z_0-9]+ (crashed|timed out)" "$2" | grep -o "[a-z_0-9]*::[a-z_0-9]*" | head -1)
+    if [ -n "$t" ] && command -v compute-sanitizer >/dev/null 2>&1 && [ "${PW_GPU_SANITIZE:-1}" = "1" ]; then
+        say "compute-sanitizer on ${t/::/\/}"
+        timeout "${PW_GPU_SANITIZE_TIMEOUT:-90}" compute-sanitizer --print-limit 20 "$1" --filter="${t/::/\/}" --jobs 1 --verbose \
+            >"$2.sanitizer" 2>&1
+        grep -v "^\[----\]   " "$2.sanitizer" | head -60
+    fi
+}
+[ "$test_rc" -ne 0 ] && diagnose "$build/test_cuda_ops" "$logs/test_cuda_ops.log"
 
 say "CUDA pipeline tests (test_cuda_pipeline)"
 t0=$(date +%s)
-timeout 900 "$build/test_cuda_pipeline" --verbose --jobs 1 >"$logs/test_cuda_pipeline.log" 2>&1
+timeout "$t_test" "$build/test_cuda_pipeline" --verbose --jobs 1 >"$logs/test_cuda_pipeline.log" 2>&1
 pipe_rc=$?
 grep -E "^\[(FAIL|SKIP|PASS)|Synthesis|error|differ|GPU vs CPU" "$logs/test_cuda_pipeline.log" | head -40
 pipe_s=$(secs "$t0")
@@ -83,6 +138,7 @@ pipe_synth=$(grep -o "Tested: [0-9]* | Passing: [0-9]* | Failing: [0-9]* | Crash
         "$logs/test_cuda_pipeline.log" | tail -1)
 pipe_skipped=$(grep -c "^\[SKIP\]" "$logs/test_cuda_pipeline.log" || true)
 [ "$pipe_rc" -ne 0 ] && status=1
+[ "$pipe_rc" -ne 0 ] && diagnose "$build/test_cuda_pipeline" "$logs/test_cuda_pipeline.log"
 
 if [ "${PW_GPU_ALL_TESTS:-0}" = "1" ]; then
     say "whole test suite (ctest)"
@@ -95,7 +151,7 @@ iters=20; rows=4096
 [ "${PW_GPU_QUICK:-0}" = "1" ] && iters=5 && rows=1024
 bench_rc=0
 for tf in 0 1; do
-    timeout 600 "$build/bench_cuda" --tf32 $tf --iters $iters --rows $rows --threads "$jobs" \
+    timeout "$t_bench" "$build/bench_cuda" --tf32 $tf --iters $iters --rows $rows --threads "$jobs" \
         >"$logs/bench_cuda_tf32_$tf.log" 2>&1
     rc=$?
     grep -v "^SUMMARY" "$logs/bench_cuda_tf32_$tf.log"
@@ -111,7 +167,7 @@ gpt_steps=30
 [ "${PW_GPU_QUICK:-0}" = "1" ] && gpt_steps=10
 gpt() { # name, extra flags; sets gpt_result (tokens/s, or - when it failed)
     gpt_result="-"
-    timeout 300 "$build/pipeline-run" examples/tiny_gpt.graph --data text:fortunes --batch 32 \
+    timeout "$t_gpt" "$build/pipeline-run" examples/tiny_gpt.graph --data text:fortunes --batch 32 \
         --micro-batches 8 --steps "$gpt_steps" --optimizer adamw --lr 1e-3 --no-pin $2 \
         >"$logs/gpt_$1.log" 2>&1
     local rc=$?
@@ -132,7 +188,18 @@ gpt cpu1 "--device cpu --stages 1 --threads $jobs"; gpt_cpu1=$gpt_result
 echo "CPU, 1 stage ($jobs threads): $gpt_cpu1 tokens/s"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then cp -r "$logs" "$OUT/" 2>/dev/null || true; fi
+say "the quick GPT example trains on the GPU (examples/tiny_gpt_quick.graph, README's flags)"
+train_steps="${PW_GPU_TRAIN_STEPS:-2500}"
+t0=$(date +%s)
+timeout "${PW_GPU_TRAIN_TIMEOUT:-900}" "$build/pipeline-run" examples/tiny_gpt_quick.graph \
+    --data text:fortunes --device cuda --stages 2 --steps "$train_steps" --batch 32 \
+    --micro-batches 4 --optimizer adamw --lr 3e-3 --lr-schedule cosine --warmup 100 \
+    >"$logs/train_quick.log" 2>&1
+train_rc=$?
+train_s=$(secs "$t0")
+grep -E "held-out|^done|error" "$logs/train_quick.log" | tail -4
+heldout=$(grep -o "held-out loss [0-9.]*" "$logs/train_quick.log" | tail -1 | awk '{print $3}')
+[ "$train_rc" -ne 0 ] && ! grep -q "no CUDA device" "$logs/train_quick.log" && status=1
 
 say "summary"
 sum() { grep -h "^SUMMARY $1" "$logs/bench_cuda_tf32_$2.log" 2>/dev/null; }
@@ -155,5 +222,6 @@ done
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 1 stage" "${gpt_gpu1:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 4 stages" "${gpt_gpu4:--} (x$(ratio "$gpt_gpu4" "$gpt_gpu1") of 1 stage)"
 printf '%-34s %s\n' "tiny GPT tokens/s: CPU 1 stage" "${gpt_cpu1:--} (GPU 1 stage: x$(ratio "$gpt_gpu1" "$gpt_cpu1"))"
+printf '%-34s %s\n' "quick GPT trained, ${train_steps} steps" "held-out ${heldout:--} nats (exit $train_rc, ${train_s} s)"
 printf '%-34s %s\n' "total" "$(secs "$t_start") s, exit $status"
 exit $status
