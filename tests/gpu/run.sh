@@ -58,7 +58,8 @@ if [ -n "${PW_GPU_PREBUILT:-}" ]; then
     # Binaries built elsewhere by tests/gpu/pack.sh, with their libraries.
     pre="$PW_GPU_PREBUILT"
     say "prebuilt binaries ($pre, from tests/gpu/pack.sh)"
-    mkdir -p "$pre/lib" && tar xJf "$pre/libs.tar.xz" -C "$pre/lib" || exit 1
+    prelib="${TMPDIR:-/tmp}/pw-gpu-lib"
+    mkdir -p "$prelib" && tar xJf "$pre/libs.tar.xz" -C "$prelib" || exit 1
     cudalib=""
     for d in /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/local/cuda/targets/x86_64-linux/lib; do
         [ -e "$d/libcublas.so.13" ] && cudalib="$d" && break
@@ -69,7 +70,7 @@ if [ -n "${PW_GPU_PREBUILT:-}" ]; then
         f=$(find / -name 'libcudart.so.13' -not -path '/proc/*' 2>/dev/null | head -1)
         [ -n "$f" ] && cudalib="$cudalib:$(dirname "$f")"
     fi
-    export LD_LIBRARY_PATH="$PWD/$pre/lib:$cudalib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH="$prelib:$cudalib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     if [ -d "$pre/fortunes" ] && [ ! -e /usr/share/games/fortunes ]; then
         mkdir -p /usr/share/games && ln -s "$PWD/$pre/fortunes" /usr/share/games/fortunes
@@ -78,7 +79,7 @@ if [ -n "${PW_GPU_PREBUILT:-}" ]; then
         echo "missing shared libraries (above)"; exit 1
     fi
     build="$pre/bin"
-    logs="$pre/gpu-logs"
+    logs="${TMPDIR:-/tmp}/pw-gpu-logs"
     mkdir -p "$logs"
     build_s=0
 else
