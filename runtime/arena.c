@@ -3,6 +3,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "runtime/log.h"
 
@@ -23,9 +24,14 @@ size_t pw_arena_plan(pw_arena *a, size_t bytes)
 pw_status pw_arena_commit(pw_arena *a)
 {
     PW_ASSERT(a->base == NULL);
-    size_t sz = a->size ? a->size : PW_ARENA_ALIGN;
+    /* Whole pages, page-aligned: a device backend may page-lock the block
+     * (stages/backend.h, host_register), which must not share a page with
+     * other memory. */
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t page = pg >= PW_ARENA_ALIGN ? (size_t)pg : PW_ARENA_ALIGN;
+    size_t sz = a->size ? (a->size + page - 1) / page * page : page;
     void *p = NULL;
-    if (posix_memalign(&p, PW_ARENA_ALIGN, sz) != 0)
+    if (posix_memalign(&p, page, sz) != 0)
         return pw_error(PW_ERR_NOMEM, "%s: cannot allocate %zu bytes", a->name, sz);
     memset(p, 0, sz);
     a->base = p;

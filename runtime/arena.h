@@ -8,8 +8,9 @@
  *     PW_CHECK(pw_arena_commit(&a));         // one allocation, zeroed
  *     float *w = pw_arena_at(&a, off_w);     // (out, in)
  *
- * Every planned region is 64-byte aligned. Step boundaries reuse the block;
- * only pw_arena_release frees it.
+ * Every planned region is 64-byte aligned; the block is page-aligned and a
+ * whole number of pages (so a device backend can page-lock it). Step
+ * boundaries reuse the block; only pw_arena_release frees it.
  */
 #ifndef PW_RUNTIME_ARENA_H
 #define PW_RUNTIME_ARENA_H

@@ -251,6 +251,9 @@ struct pw_engine {
     pw_arena book;            /* everything above but the groups */
     pw_arena msgs;            /* the message buffers */
     int64_t msg_bytes;
+    pw_engine_msg_memory_fn msg_alloc; /* (optional) where msgs.base came from, else */
+    void (*msg_free)(void *arg, void *base); /* pw_arena_commit; see pw_engine_config */
+    void *msg_arg;
 
     hwloc_topology_t topo;    /* pin only */
     pw_cpu_placement *place;

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <event2/thread.h>
 
@@ -309,7 +310,17 @@ static pw_status allocate(pw_engine *e, const pw_engine_config *cfg, const pw_ec
     size_t o_bufs = pw_arena_plan(&e->book, n_bufs * sizeof(pw_msgbuf));
 
     pw_status st = pw_arena_commit(&e->book);
-    if (st == PW_OK) st = pw_arena_commit(&e->msgs);
+    if (st == PW_OK && cfg->msg_alloc && e->msgs.size) {
+        e->msg_alloc = cfg->msg_alloc;
+        e->msg_free = cfg->msg_free;
+        e->msg_arg = cfg->msg_arg;
+        void *base = NULL;
+        st = cfg->msg_alloc(cfg->msg_arg, e->msgs.size, &base);
+        e->msgs.base = st == PW_OK ? base : NULL;
+        if (st != PW_OK) e->msg_alloc = NULL;
+    } else if (st == PW_OK) {
+        st = pw_arena_commit(&e->msgs);
+    }
     if (st != PW_OK) {
         free(o_data);
         free(span_count);
@@ -664,13 +675,26 @@ void pw_eng_free(pw_engine *e)
     free(e->norm_groups);
     pw_cpu_placement_destroy(e->place);
     if (e->topo) hwloc_topology_destroy(e->topo);
-    pw_arena_release(&e->msgs);
+    if (e->msg_alloc) {
+        if (e->msgs.base && e->msg_free) e->msg_free(e->msg_arg, e->msgs.base);
+        e->msgs.base = NULL;
+    } else {
+        pw_arena_release(&e->msgs);
+    }
     pw_arena_release(&e->book);
     if (e->sync_init) {
         pthread_cond_destroy(&e->cv);
         pthread_mutex_destroy(&e->mu);
     }
     free(e);
+}
+
+void pw_engine_message_memory(const pw_engine *e, void **base, size_t *bytes)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    size_t page = pg > 0 ? (size_t)pg : 4096;
+    *base = e->msg_alloc ? NULL : e->msgs.base; /* host memory only */
+    *bytes = *base && e->msgs.size ? (e->msgs.size + page - 1) / page * page : 0;
 }
 
 void pw_engine_destroy(pw_engine *e)

@@ -74,6 +74,9 @@ typedef struct pw_engine_chunk {
     void *self;
 } pw_engine_chunk;
 
+/* Allocates `bytes` of zeroed message memory at *base (see msg_alloc). */
+typedef pw_status (*pw_engine_msg_memory_fn)(void *arg, size_t bytes, void **base);
+
 typedef struct pw_engine_config {
     const pw_schedule *schedule;       /* lowered + validated; outlives the engine */
     const pw_schedule_report *report;  /* its validation report (slot counts) */
@@ -99,10 +102,25 @@ typedef struct pw_engine_config {
                                           that GPU (pw_cpu_place_gpus) instead of the CPU rule.
                                           A bus id the machine's topology lacks (a VM) logs one
                                           warning and falls back to the CPU rule. */
+    pw_engine_msg_memory_fn msg_alloc; /* (optional) allocates the block of every message
+                                          buffer (bytes, zeroed) instead of host memory: a
+                                          pipeline whose stages all compute on one GPU keeps
+                                          its messages there. The engine never reads or
+                                          writes message bytes itself; the stages do, through
+                                          the ports. msg_free(msg_arg, base) frees it. */
+    void (*msg_free)(void *arg, void *base);
+    void *msg_arg;
 } pw_engine_config;
 
 pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out);
 void pw_engine_destroy(pw_engine *e); /* accepts NULL; joins the workers */
+
+/* The host block that holds every message buffer of the engine (the
+ * ports bound to the stages point into it): page-aligned, whole pages,
+ * valid until pw_engine_destroy. A device pipeline page-locks it
+ * (stages/backend.h, host_register). *base is NULL and *bytes 0 when there
+ * are none, or when msg_alloc provided them. */
+void pw_engine_message_memory(const pw_engine *e, void **base, size_t *bytes);
 
 /* Runs one training step on every rank (through each rank's OPTIM) and
  * returns when all have finished or one has failed. */

@@ -5,7 +5,7 @@
  *     int dev;
  *     PW_CHECK(pw_backend_find("cuda:0", &be, &dev)); // "cpu" is always there
  *     void *ctx = NULL, *base[PW_MEM_COUNT];
- *     if (be->open) PW_CHECK(be->open(dev, "stage 1", bytes, &ctx, base));
+ *     if (be->open) PW_CHECK(be->open(dev, PW_MATH_FP32, "stage 1", bytes, &ctx, base));
  *     PW_CHECK(be->linear_fwd(ctx, x, w, b, y, n, in, out));
  *     PW_CHECK(be->sync(ctx));                          // (optional slot)
  *     if (be->close) be->close(ctx);
@@ -51,6 +51,21 @@ typedef enum pw_mem_cat {
     PW_MEM_COUNT
 } pw_mem_cat;
 
+/* How a device backend may do its matrix products (GEMMs; everything else
+ * is fp32 whatever the mode). Storage — parameters, gradients, optimizer
+ * state, activations — is fp32 in every mode, so the weights the optimizer
+ * updates are fp32 "master weights". The CPU ignores it. */
+typedef enum pw_math {
+    PW_MATH_FP32 = 0, /* plain fp32 (the default) */
+    PW_MATH_TF32,     /* operands rounded to TF32 in the tensor cores, fp32 accumulation */
+    PW_MATH_BF16      /* operands rounded to bf16 in the tensor cores, fp32 accumulation */
+} pw_math;
+
+/* "fp32", "tf32", "bf16". */
+const char *pw_math_name(pw_math m);
+/* The mode named s (the names above); PW_ERR_INVALID_ARG otherwise. */
+pw_status pw_math_parse(const char *s, pw_math *out);
+
 typedef struct pw_backend_i {
     const char *name;        /* "cpu", "cuda" */
     int device_memory;       /* 1: the program's buffers are not host-addressable */
@@ -60,9 +75,10 @@ typedef struct pw_backend_i {
      * 0 bytes), and the context the other slots take, on device `device`.
      * NULL: the program keeps its memory in one host arena (pw_arena; what
      * pw_program_bind_memory binds to a NUMA node) and the context is NULL.
-     * `who` names the program in messages. On failure nothing is left. */
-    pw_status (*open)(int device, const char *who, const size_t bytes[PW_MEM_COUNT], void **ctx,
-                      void *base[PW_MEM_COUNT]);
+     * `who` names the program in messages; `math` is its GEMMs' mode. On
+     * failure nothing is left. */
+    pw_status (*open)(int device, pw_math math, const char *who, const size_t bytes[PW_MEM_COUNT],
+                      void **ctx, void *base[PW_MEM_COUNT]);
     void (*close)(void *ctx); /* (optional) frees what open made; accepts NULL */
     /* (optional) Devices of this backend on this machine (0 when there are
      * none); NULL: one. A pipeline given the bare name ("cuda") spreads its
@@ -86,6 +102,22 @@ typedef struct pw_backend_i {
      * within the backend's memory. The host side of upload/download must
      * stay valid until the next sync. */
     pw_status (*upload)(void *ctx, void *dst, const void *src, size_t bytes);
+    /* (optional) Page-locks [base, base + bytes) of host memory for the
+     * whole process, so that upload/download through it run asynchronously
+     * (CUDA: from pageable memory a download waits for the device). base
+     * and bytes must be page-aligned, and no page may be registered twice.
+     * A failure leaves the memory pageable (slower, still correct): the
+     * caller warns and goes on. host_unregister undoes it before the memory
+     * is freed. NULL: the backend copies host memory as it is (the CPU). */
+    pw_status (*host_register)(void *base, size_t bytes);
+    void (*host_unregister)(void *base);
+    /* (optional) `bytes` of zeroed backend memory on `device` for the
+     * messages between programs that all compute there (a pipeline's
+     * stages on one GPU): their uploads and downloads then copy within the
+     * device instead of through the host. message_free releases it. NULL:
+     * messages live in host memory. */
+    pw_status (*message_alloc)(int device, size_t bytes, void **base);
+    void (*message_free)(void *base);
     pw_status (*download)(void *ctx, void *dst, const void *src, size_t bytes);
     pw_status (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
     pw_status (*zero)(void *ctx, void *dst, size_t bytes);

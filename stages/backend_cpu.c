@@ -360,3 +360,22 @@ pw_status pw_backend_find(const char *device, const pw_backend_i **be, int *inde
     }
     return pw_error(PW_ERR_INVALID_ARG, "device '%s': unknown (expected cpu, cuda or cuda:N)", device);
 }
+
+/* ---------------------------------------------------------------- math modes */
+
+static const char *const math_names[] = {"fp32", "tf32", "bf16"};
+
+const char *pw_math_name(pw_math m)
+{
+    return (unsigned)m < sizeof math_names / sizeof *math_names ? math_names[m] : "?";
+}
+
+pw_status pw_math_parse(const char *s, pw_math *out)
+{
+    for (int m = 0; m < (int)(sizeof math_names / sizeof *math_names); m++)
+        if (s && strcmp(s, math_names[m]) == 0) {
+            *out = (pw_math)m;
+            return PW_OK;
+        }
+    return pw_error(PW_ERR_INVALID_ARG, "GPU math '%s': expected fp32, tf32 or bf16", s ? s : "");
+}

@@ -71,6 +71,10 @@ struct pw_pipeline {
     pw_trace *trace;
     double last_bubble;
     char *schedule_name;
+    void *msg_pinned;               /* the engine's message block, page-locked by msg_backend */
+    const pw_backend_i *msg_backend;
+    const pw_backend_i *dev_msgs;   /* messages in this backend's memory on msg_device */
+    int msg_device;
 };
 
 pw_pipeline_config pw_pipeline_defaults(void)
@@ -494,7 +498,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
         pw_program_config pc = {
             .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
-            .device = chunk_device(pl, s, device, sizeof device),
+            .device = chunk_device(pl, s, device, sizeof device), .math = c->math,
         };
         PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
         pw_program_init_params(gs->piece[j], c->seed);
@@ -677,6 +681,60 @@ out:
     if (topo) hwloc_topology_destroy(topo);
 }
 
+/* Whether every chunk of this process computes on one device of a backend
+ * that can hold the messages (stages/backend.h, message_alloc): then they
+ * live there and a hand-over between stages never crosses to the host. */
+static int messages_on_device(pw_pipeline *pl)
+{
+    const pw_backend_i *be;
+    int idx, dev = -1;
+    if (pl->t || pw_backend_find(pl->cfg.device, &be, &idx) != PW_OK || !be->message_alloc)
+        return 0;
+    for (int ch = 0; ch < pl->C; ch++) {
+        if (!stage_here(pl, ch)) continue;
+        char buf[64];
+        const pw_backend_i *b;
+        int i;
+        if (pw_backend_find(chunk_device(pl, ch, buf, sizeof buf), &b, &i) != PW_OK || b != be) return 0;
+        if (i < 0) i = 0;
+        if (dev >= 0 && i != dev) return 0;
+        dev = i;
+    }
+    pl->dev_msgs = be;
+    pl->msg_device = dev < 0 ? 0 : dev;
+    return 1;
+}
+
+static pw_status msgs_alloc(void *arg, size_t bytes, void **base)
+{
+    pw_pipeline *pl = arg;
+    return pl->dev_msgs->message_alloc(pl->msg_device, bytes, base);
+}
+
+static void msgs_free(void *arg, void *base) { ((pw_pipeline *)arg)->dev_msgs->message_free(base); }
+
+/* A device pipeline page-locks the engine's message buffers once: the
+ * programs download what they send into them and upload what they receive
+ * from them, and from pageable memory a download waits for the device
+ * (the worker would block inside every action that sends). A refusal
+ * leaves them pageable: slower, still correct. */
+static void pin_messages(pw_pipeline *pl)
+{
+    const pw_backend_i *be;
+    int idx;
+    if (pw_backend_find(pl->cfg.device, &be, &idx) != PW_OK || !be->host_register) return;
+    void *base;
+    size_t bytes;
+    pw_engine_message_memory(pl->engine, &base, &bytes);
+    if (!bytes) return;
+    if (be->host_register(base, bytes) != PW_OK) {
+        PW_WARN("pipeline: message buffers (%zu bytes) stay pageable: %s", bytes, pw_last_error());
+        return;
+    }
+    pl->msg_pinned = base;
+    pl->msg_backend = be;
+}
+
 /* A device backend (CUDA) runs the stage programs; what the pipeline does
  * with gradients on the host between processes or replicas (the all-reduce,
  * the processes' messages) is not wired to device memory yet: refused up
@@ -791,9 +849,15 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .gpu_pci = gpu_pci,
     };
+    if (messages_on_device(pl)) {
+        ec.msg_alloc = msgs_alloc;
+        ec.msg_free = msgs_free;
+        ec.msg_arg = pl;
+    }
     st = pw_engine_create(&ec, &pl->engine);
     free(gpu_pci);
     if (st != PW_OK) goto fail;
+    pin_messages(pl);
     *out = pl;
     return PW_OK;
 fail:
@@ -804,6 +868,7 @@ fail:
 void pw_pipeline_destroy(pw_pipeline *pl)
 {
     if (!pl) return;
+    if (pl->msg_pinned) pl->msg_backend->host_unregister(pl->msg_pinned);
     pw_engine_destroy(pl->engine);
     for (size_t i = 0; pl->stages && i < (size_t)pl->NRL * (size_t)pl->C; i++) free_stage(&pl->stages[i]);
     free(pl->stages);

@@ -106,6 +106,8 @@ typedef struct pw_pipeline_config {
                                        streams), "cuda" (rank r on GPU r mod the GPU count);
                                        docs/cuda.md. CUDA refuses replicas > 1 and a
                                        transport for now (PW_ERR_UNSUPPORTED) */
+    int math;                       /* a device's GEMM mode (pw_math, stages/backend.h):
+                                       0 = fp32 (default), tf32, bf16; the CPU ignores it */
 } pw_pipeline_config;
 
 pw_pipeline_config pw_pipeline_defaults(void);

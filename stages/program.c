@@ -29,6 +29,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "runtime/arena.h"
 #include "runtime/log.h"
@@ -94,7 +95,10 @@ struct pw_program {
     size_t cat_start[PW_MEM_COUNT]; /* plan offset where each category begins */
     size_t cat_bytes[PW_MEM_COUNT];
     char *cat_base[PW_MEM_COUNT];   /* its block (the arena's base + start on the CPU) */
-    char *staging;               /* device: per slot, host copies of the graph input and label */
+    char *staging;               /* device: per slot, host copies of the graph input and label;
+                                    then dev_stats (one page-aligned block) */
+    double *dev_stats;           /* device: per slot, the loss statistics downloaded (2 doubles) */
+    int staging_pinned;          /* the backend page-locked the staging block */
     size_t stage_in_bytes, stage_slot_bytes;
     float **gptr;                /* [n_params] each parameter's gradient (optimizer check) */
     int64_t *gnum;               /* [n_params] */
@@ -476,6 +480,12 @@ static pw_status plan(pw_program *p)
     return PW_OK;
 }
 
+static size_t host_page(void)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    return pg > 0 ? (size_t)pg : 4096;
+}
+
 /* The planned memory: the host arena (one block; CPU) or one block per
  * category from the backend; then a device program's host staging of the
  * graph input and label. */
@@ -489,7 +499,7 @@ static pw_status commit(pw_program *p)
         char who[96];
         snprintf(who, sizeof who, "program nodes [%d, %d) of '%s'", p->begin, p->end, g->name);
         void *base[PW_MEM_COUNT];
-        PW_CHECK(p->be->open(p->dev_index, who, p->cat_bytes, &p->be_ctx, base));
+        PW_CHECK(p->be->open(p->dev_index, (pw_math)p->cfg.math, who, p->cat_bytes, &p->be_ctx, base));
         for (int c = 0; c < PW_MEM_COUNT; c++) p->cat_base[c] = base[c];
     }
     p->gptr = malloc(((size_t)p->n_params + 1) * sizeof *p->gptr);
@@ -505,9 +515,25 @@ static pw_status commit(pw_program *p)
     size_t lab = g->label >= 0 && p->touched[g->label] ? value_bytes(&g->values[g->label], mb) : 0;
     p->stage_in_bytes = (in + 63) / 64 * 64;
     p->stage_slot_bytes = p->stage_in_bytes + (lab + 63) / 64 * 64;
-    if (p->stage_slot_bytes) {
-        p->staging = calloc((size_t)p->cfg.slots, p->stage_slot_bytes);
-        if (!p->staging) return pw_error(PW_ERR_NOMEM, "program: out of memory for input staging");
+    /* One page-aligned host block: each slot's staged input and label, then
+     * each slot's loss statistics (2 doubles) as the device writes them.
+     * The backend page-locks it when it can, so that these copies do not
+     * wait for the device (a download to pageable memory would). */
+    const size_t page = host_page();
+    size_t bytes = (size_t)p->cfg.slots * (p->stage_slot_bytes + 2 * sizeof(double));
+    bytes = (bytes + page - 1) / page * page;
+    if (posix_memalign((void **)&p->staging, page, bytes) != 0) {
+        p->staging = NULL;
+        return pw_error(PW_ERR_NOMEM, "program: out of memory for %zu bytes of input staging", bytes);
+    }
+    memset(p->staging, 0, bytes);
+    p->dev_stats = (double *)(p->staging + (size_t)p->cfg.slots * p->stage_slot_bytes);
+    if (p->be->host_register) {
+        if (p->be->host_register(p->staging, bytes) == PW_OK)
+            p->staging_pinned = 1;
+        else
+            PW_WARN("program: staging memory stays pageable (copies through it wait for the "
+                    "device): %s", pw_last_error());
     }
     return PW_OK;
 }
@@ -601,6 +627,7 @@ void pw_program_destroy(pw_program *p)
     if (!p) return;
     if (p->be && p->be->close) p->be->close(p->be_ctx);
     pw_arena_release(&p->arena);
+    if (p->staging_pinned) p->be->host_unregister(p->staging);
     free(p->staging);
     free(p->gptr);
     free(p->gnum);
@@ -811,6 +838,16 @@ static double *loss_stats(pw_program *p, int i, int slot, int how)
     return (double *)stat(p, slot, p->nodes[i].off_stat2) + (how == RUN_RECOMPUTE ? 2 : 0);
 }
 
+/* The loss statistics of the slot's last forward join its totals; a device
+ * program's arrive in the staging block (call once its download is done). */
+static void take_stats(pw_program *p, int slot)
+{
+    slot_state *ss = &p->slots[slot];
+    if (p->dev) memcpy(ss->stats, p->dev_stats + 2 * (size_t)slot, sizeof ss->stats);
+    ss->loss_sum += ss->stats[0];
+    ss->correct += (int64_t)ss->stats[1];
+}
+
 /* Device program, before a training or evaluation forward: the data the
  * caller staged (pw_program_data) and the received messages (host ports)
  * go to the slot's device buffers. */
@@ -928,15 +965,15 @@ static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
     }
     if (p->loss_node >= 0) {
         if (p->dev) { /* the statistics the host reads: 16 bytes per forward */
-            BE(download, ss->stats, loss_stats(p, p->loss_node, slot, how), sizeof ss->stats);
+            BE(download, p->dev_stats + 2 * (size_t)slot, loss_stats(p, p->loss_node, slot, how),
+               sizeof ss->stats);
             if (p->async && how == RUN_TRAIN) {
                 p->loss_slot = slot; /* added up at completion (program_completed) */
                 return PW_OK;
             }
             PW_CHECK(be_end(p, PW_OK)); /* before the host reads them */
         }
-        ss->loss_sum += ss->stats[0];
-        ss->correct += (int64_t)ss->stats[1];
+        take_stats(p, slot);
     }
     return PW_OK;
 }
@@ -1279,9 +1316,7 @@ static void program_completed(void *arg)
 {
     pw_program *p = arg;
     if (p->loss_slot >= 0) {
-        slot_state *ss = &p->slots[p->loss_slot];
-        ss->loss_sum += ss->stats[0];
-        ss->correct += (int64_t)ss->stats[1];
+        take_stats(p, p->loss_slot);
         p->loss_slot = -1;
     }
     p->done(p->done_arg, PW_OK, NULL);
@@ -1293,11 +1328,7 @@ pw_status pw_program_wait(pw_program *p)
     p->unsynced = 0;
     PW_CHECK(be_begin(p));
     pw_status st = be_end(p, PW_OK);
-    if (p->loss_slot >= 0 && st == PW_OK) {
-        slot_state *ss = &p->slots[p->loss_slot];
-        ss->loss_sum += ss->stats[0];
-        ss->correct += (int64_t)ss->stats[1];
-    }
+    if (p->loss_slot >= 0 && st == PW_OK) take_stats(p, p->loss_slot);
     p->loss_slot = -1;
     return st;
 }

@@ -105,6 +105,9 @@ typedef struct pw_program_config {
     const char *device;        /* backend and device (stages/backend.h): NULL or "cpu"
                                   (default), "cuda:N", "cuda" (= "cuda:0" here). Read
                                   in create only. See "Device programs" above. */
+    int math;                  /* a device program's GEMM mode, a pw_math of
+                                  stages/backend.h: 0 = fp32 (default), tf32, bf16;
+                                  the CPU ignores it */
 } pw_program_config;
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out);

@@ -17,6 +17,7 @@
 #include <criterion/parameterized.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -136,10 +137,11 @@ static int hd_opened[HD_DEVICES];
 
 static int hd_device_count(void) { return HD_DEVICES; }
 
-static pw_status hd_open(int device, const char *who, const size_t bytes[PW_MEM_COUNT], void **ctx,
-                         void *base[PW_MEM_COUNT])
+static pw_status hd_open(int device, pw_math math, const char *who, const size_t bytes[PW_MEM_COUNT],
+                         void **ctx, void *base[PW_MEM_COUNT])
 {
     (void)who;
+    (void)math;
     if (device < 0 || device >= HD_DEVICES) return pw_error(PW_ERR_INVALID_ARG, "hostdev: no device %d", device);
     hd_opened[device]++;
     hostdev *h = calloc(1, sizeof *h);
@@ -220,6 +222,70 @@ static unsigned hd_jobs_run(void)
     return n;
 }
 
+/* Page-locking as cudaHostRegister checks it: whole pages, no page twice;
+ * what is registered must be unregistered (by its base) before it is
+ * freed, which the tests check by counting what is left. */
+#define HD_MAX_PINNED 64
+static struct {
+    pthread_mutex_t mu;
+    char *base[HD_MAX_PINNED];
+    size_t bytes[HD_MAX_PINNED];
+    int n, total, violations;
+} hdp = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static pw_status hd_host_register(void *base, size_t bytes)
+{
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    char *b = base;
+    pthread_mutex_lock(&hdp.mu);
+    int ok = (uintptr_t)b % page == 0 && bytes % page == 0 && bytes > 0 && hdp.n < HD_MAX_PINNED;
+    for (int i = 0; ok && i < hdp.n; i++)
+        if (b < hdp.base[i] + hdp.bytes[i] && hdp.base[i] < b + bytes) ok = 0;
+    if (ok) {
+        hdp.base[hdp.n] = b;
+        hdp.bytes[hdp.n++] = bytes;
+        hdp.total++;
+    } else {
+        hdp.violations++;
+    }
+    pthread_mutex_unlock(&hdp.mu);
+    return ok ? PW_OK : pw_error(PW_ERR_INVALID_ARG, "hostdev: bad host registration %p + %zu", base, bytes);
+}
+
+static void hd_host_unregister(void *base)
+{
+    pthread_mutex_lock(&hdp.mu);
+    int i = 0;
+    while (i < hdp.n && hdp.base[i] != (char *)base) i++;
+    if (i == hdp.n) {
+        hdp.violations++;
+    } else {
+        hdp.base[i] = hdp.base[hdp.n - 1];
+        hdp.bytes[i] = hdp.bytes[--hdp.n];
+    }
+    pthread_mutex_unlock(&hdp.mu);
+}
+
+/* Message memory "on the device": host memory here (the ops are the CPU's),
+ * counted so that the tests see which path a pipeline took. */
+static int hd_msg_live, hd_msg_allocs;
+
+static pw_status hd_message_alloc(int device, size_t bytes, void **base)
+{
+    cr_assert(device >= 0 && device < HD_DEVICES, "message memory on device %d", device);
+    if (posix_memalign(base, 256, bytes) != 0) return pw_error(PW_ERR_NOMEM, "hostdev: out of memory");
+    memset(*base, 0, bytes);
+    __atomic_add_fetch(&hd_msg_live, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&hd_msg_allocs, 1, __ATOMIC_SEQ_CST);
+    return PW_OK;
+}
+
+static void hd_message_free(void *base)
+{
+    __atomic_sub_fetch(&hd_msg_live, 1, __ATOMIC_SEQ_CST);
+    free(base);
+}
+
 static pw_backend_i hostdev_i, hostdev_async_i;
 
 static void register_hostdev(void)
@@ -231,6 +297,10 @@ static void register_hostdev(void)
     hostdev_i.close = hd_close;
     hostdev_i.device_count = hd_device_count;
     hostdev_i.sync = hd_sync;
+    hostdev_i.host_register = hd_host_register;
+    hostdev_i.host_unregister = hd_host_unregister;
+    hostdev_i.message_alloc = hd_message_alloc;
+    hostdev_i.message_free = hd_message_free;
     cr_assert_eq(pw_backend_register(&hostdev_i), PW_OK, "%s", pw_last_error());
     /* "hostdev-async": completes each training call later, from its own
      * thread, and lands the downloads only then (like a GPU stream): a
@@ -378,7 +448,7 @@ ParameterizedTest(case_t *c, backend, device_paths_match_the_cpu, .timeout = TIM
     snprintf(what, sizeof what, "%s, %d stages, %s%s: hostdev vs cpu", c->gpt ? "GPT" : "MLP", c->stages,
              pw_schedule_kind_name(c->kind), c->recompute ? ", recompute" : "");
     expect_same(&cpu, &dev, what);
-    r.device = "hostdev-async";
+    r.device = "hostdev-async:0"; /* one device: the messages stay there */
     unsigned before = hd_jobs_run();
     result adev = run(g, d, &r);
     cr_assert_gt(hd_jobs_run(), before, "no call completed asynchronously");
@@ -388,6 +458,49 @@ ParameterizedTest(case_t *c, backend, device_paths_match_the_cpu, .timeout = TIM
     free(adev.params);
     free(cpu.params);
     free(dev.params);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* A device pipeline page-locks its host memory — every program's staging
+ * block, and the engine's messages when they stay on the host — in whole
+ * pages, no page twice, and unlocks all of it before freeing it. Stages
+ * that all compute on one device keep their messages there instead. */
+typedef struct host_case {
+    const char *device;
+    int stages;
+    int messages_on_device; /* else page-locked host messages (several devices) */
+} host_case;
+
+Test(backend, host_memory_is_locked_and_released, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = dataset(g, 1);
+    const host_case cases[] = {
+        {"hostdev", 1, 0},       /* one stage: no messages */
+        {"hostdev", 3, 0},       /* the bare name spreads ranks over both devices */
+        {"hostdev-async", 2, 0},
+        {"hostdev:0", 3, 1},     /* every stage on device 0 */
+        {"hostdev-async:1", 2, 1},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const host_case *c = &cases[i];
+        int before = hdp.total, allocs = hd_msg_allocs;
+        run_cfg r = {.device = c->device, .stages = c->stages, .kind = PW_SCHEDULE_1F1B};
+        pw_pipeline *pl = make(g, d, &r);
+        pw_step_stats st;
+        cr_assert_eq(pw_pipeline_step(pl, &st), PW_OK, "%s", pw_last_error());
+        const int host_msgs = c->stages > 1 && !c->messages_on_device;
+        cr_expect_eq(hdp.n, c->stages + host_msgs, "%s x %d: %d blocks locked", c->device, c->stages, hdp.n);
+        cr_expect_eq(hdp.total - before, c->stages + host_msgs);
+        cr_expect_eq(hd_msg_allocs - allocs, c->messages_on_device, "%s x %d: device messages",
+                     c->device, c->stages);
+        pw_pipeline_destroy(pl);
+        cr_expect_eq(hdp.n, 0, "%s x %d: %d blocks still locked after destroy", c->device, c->stages, hdp.n);
+        cr_expect_eq(hd_msg_live, 0, "%s x %d: message memory not freed", c->device, c->stages);
+    }
+    cr_expect_eq(hdp.violations, 0, "registrations that cudaHostRegister would refuse");
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
@@ -577,7 +690,7 @@ ParameterizedTest(async_case *c, backend, async_device_every_schedule, .timeout 
         r.micro = 6;
     }
     result cpu = run(g, d, &r);
-    r.device = "hostdev-async";
+    r.device = "hostdev-async:0"; /* one device: the messages stay there */
     unsigned before = hd_jobs_run();
     result dev = run(g, d, &r);
     cr_assert_gt(hd_jobs_run(), before, "no call completed asynchronously");

@@ -2,10 +2,12 @@
  *
  * The CPU kernels are the oracle (STYLE 9): every CUDA op runs on random
  * inputs beside its CPU op, and the results must agree within fp32 rounding
- * (TF32 rounding for the TF32 GEMM test). The error is normalised by the
- * largest reference magnitude of the array: max |gpu − cpu| / max |cpu|. On
- * a mismatch the first few differing elements and the max error are printed.
- * Dropout masks must be identical bit for bit, and every op must give the
+ * (TF32 or bf16 rounding for the GEMM tests in those math modes). The error
+ * is normalised by the largest reference magnitude of the array: max |gpu −
+ * cpu| / max |cpu|. On a mismatch the first few differing elements and the
+ * max error are printed. The reductions over rows (linear db, layernorm
+ * dw/db, embedding and position-embedding gradients) and the dropout masks
+ * must be identical to the CPU's bit for bit, and every op must give the
  * same bits when run twice.
  *
  * Without a GPU (or without a driver) every test that needs one calls
@@ -47,6 +49,21 @@ Test(cuda, built_without_cuda)
 #define TOL_RED 2e-6    /* row reductions in double (layernorm, softmax) */
 #define TOL_GEMM 2e-5   /* fp32 SGEMM: a different summation order */
 #define TOL_TF32 5e-3   /* TF32 tensor cores: 10-bit mantissa products */
+/* bf16 tensor cores: 8-bit significands, up to 2·2^-8 per product. With
+ * round-to-nearest operands the worst case of these tests is 7.5e-3 (linear
+ * (1, 1, 1) with bias, where x·w and b nearly cancel; emulated on the CPU);
+ * attention's is 3.4e-3. */
+#define TOL_BF16 1.5e-2
+
+/* Bit-exact comparisons with the CPU op need a CPU build that does not
+ * contract a·b + c into an FMA (x86-64 without -march has no FMA). Only
+ * layernorm's dw has a product in its sum; where the compiler may fuse it,
+ * the test compares dw with an unfused reference of its own instead. */
+#if defined(__FP_FAST_FMAF)
+#define CPU_MAY_FUSE 1
+#else
+#define CPU_MAY_FUSE 0
+#endif
 
 /* One timeout for every test: Criterion 2.4.1's runner leaks a timeout
  * record (48 bytes, reported by LeakSanitizer at exit, which fails the ASan
@@ -65,20 +82,27 @@ typedef struct gpu {
     int n_bufs;
 } gpu;
 
-static void gpu_open(gpu *g, int tf32)
+static void gpu_open(gpu *g, pw_cuda_math math)
 {
     memset(g, 0, sizeof *g);
     int n = 0;
     if (pw_cuda_device_count(&n) != PW_OK) cr_skip_test("%s", pw_last_error());
     cr_assert_eq(pw_cuda_stream_create(0, &g->s), PW_OK, "%s", pw_last_error());
-    pw_cuda_ops_config oc = {.device = 0, .stream = g->s, .allow_tf32 = tf32};
+    pw_cuda_ops_config oc = {.device = 0, .stream = g->s, .math = math};
     cr_assert_eq(pw_cuda_ops_create(&oc, &g->ops), PW_OK, "%s", pw_last_error());
+}
+
+/* Frees every buffer dev() made so far (after the stream is done). */
+static void gpu_release(gpu *g)
+{
+    cr_assert_eq(pw_cuda_sync(g->s), PW_OK, "%s", pw_last_error());
+    for (int i = 0; i < g->n_bufs; i++) pw_cuda_free(g->bufs[i]);
+    g->n_bufs = 0;
 }
 
 static void gpu_close(gpu *g)
 {
-    cr_assert_eq(pw_cuda_sync(g->s), PW_OK, "%s", pw_last_error());
-    for (int i = 0; i < g->n_bufs; i++) pw_cuda_free(g->bufs[i]);
+    gpu_release(g);
     pw_cuda_ops_destroy(g->ops);
     pw_cuda_stream_destroy(g->s);
 }
@@ -165,6 +189,32 @@ static void check_dev(const char *what, const float *d, const float *ref, int64_
     free(h);
 }
 
+/* Download d (n floats): it must hold ref's bits exactly (memcmp), else
+ * print the first differing elements (value and bits) and the max error. */
+static void check_bits(const char *what, const float *d, const float *ref, int64_t n)
+{
+    float *h = host_f(d, n);
+    if (n > 0 && memcmp(h, ref, (size_t)n * sizeof(float)) != 0) {
+        int64_t bad = 0, first = -1;
+        double maxerr = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t a, b;
+            memcpy(&a, &h[i], sizeof a);
+            memcpy(&b, &ref[i], sizeof b);
+            if (a == b) continue;
+            if (first < 0) first = i;
+            maxerr = fmax(maxerr, fabs((double)h[i] - (double)ref[i]));
+            if (bad++ < 5)
+                cr_log_error("%s[%lld]: gpu %.9g (0x%08x) cpu %.9g (0x%08x)", what, (long long)i,
+                             (double)h[i], a, (double)ref[i], b);
+        }
+        cr_assert_fail("%s: %lld of %lld elements differ from the CPU's bits (first at %lld, max "
+                       "|gpu − cpu| %.3g)",
+                       what, (long long)bad, (long long)n, (long long)first, maxerr);
+    }
+    free(h);
+}
+
 #define OK(call) cr_assert_eq((call), PW_OK, "%s: %s", #call, pw_last_error())
 
 /* ---------------------------------------------------------------- no device */
@@ -209,6 +259,37 @@ Test(cuda_device, no_device_is_a_clear_error, .timeout = TIMEOUT_S)
     cr_assert_leq(info.free_mem, info.total_mem);
     cr_assert_gt(strlen(info.name), 0);
     cr_assert_eq(pw_cuda_device_query(n, &info), PW_ERR_INVALID_ARG);
+}
+
+/* Runs everywhere: the names round-trip, anything else is refused; with a
+ * device, a context refuses a math value outside the enum. */
+Test(cuda_device, math_mode_names, .timeout = TIMEOUT_S)
+{
+    static const pw_cuda_math modes[] = {PW_CUDA_MATH_FP32, PW_CUDA_MATH_TF32, PW_CUDA_MATH_BF16};
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        pw_cuda_math m = (pw_cuda_math)-1;
+        cr_assert_eq(pw_cuda_math_parse(pw_cuda_math_name(modes[i]), &m), 0);
+        cr_assert_eq(m, modes[i]);
+    }
+    cr_assert_str_eq(pw_cuda_math_name(PW_CUDA_MATH_FP32), "fp32");
+    cr_assert_str_eq(pw_cuda_math_name(PW_CUDA_MATH_TF32), "tf32");
+    cr_assert_str_eq(pw_cuda_math_name(PW_CUDA_MATH_BF16), "bf16");
+    cr_assert_str_eq(pw_cuda_math_name((pw_cuda_math)7), "unknown");
+    pw_cuda_math m = PW_CUDA_MATH_TF32;
+    cr_assert_eq(pw_cuda_math_parse("BF16", &m), 0);
+    cr_assert_eq(m, PW_CUDA_MATH_BF16);
+    cr_assert_eq(pw_cuda_math_parse("fp16", &m), -1);
+    cr_assert_eq(pw_cuda_math_parse("", &m), -1);
+    cr_assert_eq(pw_cuda_math_parse(NULL, &m), -1);
+    cr_assert_eq(m, PW_CUDA_MATH_BF16, "a refused name leaves *out alone");
+
+    int n;
+    if (pw_cuda_device_count(&n) != PW_OK) return;
+    pw_cuda_ops_config oc = {.device = 0, .math = (pw_cuda_math)3};
+    pw_cuda_ops *ops = (pw_cuda_ops *)&n;
+    cr_assert_eq(pw_cuda_ops_create(&oc, &ops), PW_ERR_INVALID_ARG);
+    cr_assert_null(ops);
+    cr_assert(strstr(pw_last_error(), "math") != NULL, "%s", pw_last_error());
 }
 
 /* ---------------------------------------------------------------- notifier */
@@ -310,12 +391,12 @@ Test(cuda_device, stage_memory_streams_and_completion, .timeout = TIMEOUT_S)
 
 /* ---------------------------------------------------------------- linear */
 
-static void run_linear(int tf32, double tol)
+static void run_linear(pw_cuda_math math, double tol)
 {
     static const int64_t shapes[][3] = {{1, 1, 1}, {7, 13, 5}, {64, 128, 96}, {33, 257, 511},
                                         {5, 0, 3}};
     gpu g;
-    gpu_open(&g, tf32);
+    gpu_open(&g, math);
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t n = shapes[si][0], in = shapes[si][1], out = shapes[si][2];
         char what[96];
@@ -354,21 +435,22 @@ static void run_linear(int tf32, double tol)
         check_dev(what, dw_d, dw0, out * in, tol);
         snprintf(what, sizeof what, "linear_bwd_weight db (%lld, %lld, %lld)", (long long)n,
                  (long long)in, (long long)out);
-        check_dev(what, db_d, db0, out, TOL_EW); /* row order: the CPU's */
+        check_bits(what, db_d, db0, out); /* row order: the CPU's, in every math mode */
         free(x), free(w), free(b), free(dy), free(dx0), free(dw0), free(db0), free(y), free(dx);
     }
     gpu_close(&g);
 }
 
-Test(cuda_ops, linear_fp32, .timeout = TIMEOUT_S) { run_linear(0, TOL_GEMM); }
-Test(cuda_ops, linear_tf32, .timeout = TIMEOUT_S) { run_linear(1, TOL_TF32); }
+Test(cuda_ops, linear_fp32, .timeout = TIMEOUT_S) { run_linear(PW_CUDA_MATH_FP32, TOL_GEMM); }
+Test(cuda_ops, linear_tf32, .timeout = TIMEOUT_S) { run_linear(PW_CUDA_MATH_TF32, TOL_TF32); }
+Test(cuda_ops, linear_bf16, .timeout = TIMEOUT_S) { run_linear(PW_CUDA_MATH_BF16, TOL_BF16); }
 
 /* ---------------------------------------------------------------- element-wise */
 
 Test(cuda_ops, relu_gelu_add_copy, .timeout = TIMEOUT_S)
 {
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     const int64_t n = 10007;
     float *x = rand_f(n, -6, 6, 11), *x2 = rand_f(n, -3, 3, 12), *dy = rand_f(n, -1, 1, 13);
     float *acc0 = rand_f(n, -1, 1, 14);
@@ -419,11 +501,51 @@ Test(cuda_ops, relu_gelu_add_copy, .timeout = TIMEOUT_S)
 
 /* ---------------------------------------------------------------- layernorm */
 
+/* dw (d) += Σ_r dy·((x − mean)·rstd), row by row: the CPU op's expression
+ * and order, with the product rounded before the add even where the
+ * compiler would fuse them (volatile). */
+static void ln_dw_unfused(const float *x, const float *mean, const float *rstd, const float *dy,
+                          float *dw, int64_t n, int64_t d)
+{
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t j = 0; j < d; j++) {
+            volatile float p = dy[r * d + j] * ((x[r * d + j] - mean[r]) * rstd[r]);
+            dw[j] += p;
+        }
+}
+
+/* Runs layernorm bwd_weight on both sides from dw0/db0 (d each, on the
+ * host, left unchanged) and compares bit for bit: db with the CPU op, dw
+ * with the unfused reference and, where the CPU build cannot fuse, with
+ * the CPU op too. */
+static void check_ln_weight(gpu *g, const char *shape, const float *x, const float *mean,
+                            const float *rstd, const float *dy, const float *dw0,
+                            const float *db0, const float *x_d, const float *mean_d,
+                            const float *rstd_d, const float *dy_d, int64_t n, int64_t d)
+{
+    char what[128];
+    float *dw = copy_f(dw0, d), *db = copy_f(db0, d), *dw_ref = copy_f(dw0, d);
+    float *dw_d = dev_f(g, dw0, d), *db_d = dev_f(g, db0, d);
+    pw_cpu_layernorm_bwd_weight(x, mean, rstd, dy, dw, db, n, d);
+    ln_dw_unfused(x, mean, rstd, dy, dw_ref, n, d);
+    OK(pw_cuda_layernorm_bwd_weight(g->ops, x_d, mean_d, rstd_d, dy_d, dw_d, db_d, n, d));
+    snprintf(what, sizeof what, "layernorm_bwd_weight db %s", shape);
+    check_bits(what, db_d, db, d);
+    snprintf(what, sizeof what, "layernorm_bwd_weight dw %s (unfused reference)", shape);
+    check_bits(what, dw_d, dw_ref, d);
+    snprintf(what, sizeof what, "layernorm_bwd_weight dw %s", shape);
+    if (CPU_MAY_FUSE)
+        check_dev(what, dw_d, dw, d, TOL_EW);
+    else
+        check_bits(what, dw_d, dw, d);
+    free(dw), free(db), free(dw_ref);
+}
+
 Test(cuda_ops, layernorm, .timeout = TIMEOUT_S)
 {
     static const int64_t shapes[][2] = {{1, 1}, {5, 7}, {64, 768}, {3, 1000}, {2, 4099}};
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t n = shapes[si][0], d = shapes[si][1];
         char what[96];
@@ -439,7 +561,6 @@ Test(cuda_ops, layernorm, .timeout = TIMEOUT_S)
         float *dy_d = dev_f(&g, dy, n * d), *y_d = dev_f(&g, NULL, n * d);
         float *mean_d = dev_f(&g, NULL, n), *rstd_d = dev_f(&g, NULL, n);
         float *dx_d = dev_f(&g, NULL, n * d), *dx0_d = dev_f(&g, dx0, n * d);
-        float *dw_d = dev_f(&g, dw0, d), *db_d = dev_f(&g, db0, d);
 
         pw_cpu_layernorm_fwd(x, w, b, y, mean, rstd, n, d, 1e-5f);
         OK(pw_cuda_layernorm_fwd(g.ops, x_d, w_d, b_d, y_d, mean_d, rstd_d, n, d, 1e-5f));
@@ -462,14 +583,8 @@ Test(cuda_ops, layernorm, .timeout = TIMEOUT_S)
         snprintf(what, sizeof what, "layernorm_bwd_input accumulate (%lld, %lld)", (long long)n,
                  (long long)d);
         check_dev(what, dx0_d, dx0, n * d, TOL_RED);
-        pw_cpu_layernorm_bwd_weight(x, mean, rstd, dy, dw0, db0, n, d);
-        OK(pw_cuda_layernorm_bwd_weight(g.ops, x_d, mean_d, rstd_d, dy_d, dw_d, db_d, n, d));
-        snprintf(what, sizeof what, "layernorm_bwd_weight dw (%lld, %lld)", (long long)n,
-                 (long long)d);
-        check_dev(what, dw_d, dw0, d, TOL_EW);
-        snprintf(what, sizeof what, "layernorm_bwd_weight db (%lld, %lld)", (long long)n,
-                 (long long)d);
-        check_dev(what, db_d, db0, d, TOL_EW);
+        snprintf(what, sizeof what, "(%lld, %lld)", (long long)n, (long long)d);
+        check_ln_weight(&g, what, x, mean, rstd, dy, dw0, db0, x_d, mean_d, rstd_d, dy_d, n, d);
         free(x), free(w), free(b), free(dy), free(dx0), free(dw0), free(db0);
         free(y), free(dx), free(mean), free(rstd);
     }
@@ -482,7 +597,7 @@ Test(cuda_ops, softmax_xent, .timeout = TIMEOUT_S)
 {
     static const int64_t shapes[][2] = {{1, 1}, {13, 10}, {64, 1000}, {5, 3001}};
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t n = shapes[si][0], C = shapes[si][1];
         char what[96];
@@ -538,7 +653,7 @@ Test(cuda_ops, softmax_xent, .timeout = TIMEOUT_S)
 Test(cuda_ops, embedding_and_position, .timeout = TIMEOUT_S)
 {
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     const int64_t vocab = 50, d = 33, n = 100;
     int32_t tokens[100];
     uint64_t key = pw_rng_key(41, "tokens");
@@ -555,7 +670,7 @@ Test(cuda_ops, embedding_and_position, .timeout = TIMEOUT_S)
     check_dev("embedding_fwd", y_d, y, n * d, 0.0);
     pw_cpu_embedding_bwd_weight(tokens, dy, dw, n, vocab, d);
     OK(pw_cuda_embedding_bwd_weight(g.ops, tok_d, dy_d, dw_d, n, vocab, d));
-    check_dev("embedding_bwd_weight", dw_d, dw, vocab * d, TOL_EW);
+    check_bits("embedding_bwd_weight", dw_d, dw, vocab * d);
 
     const int64_t batch = 3, T = 17, Tmax = 20, dp = 24;
     float *x = rand_f(batch * T * dp, -1, 1, 45), *pw = rand_f(Tmax * dp, -1, 1, 46);
@@ -569,21 +684,137 @@ Test(cuda_ops, embedding_and_position, .timeout = TIMEOUT_S)
     check_dev("pos_embedding_fwd", py_d, py, batch * T * dp, 0.0);
     pw_cpu_pos_embedding_bwd_weight(pdy, pdw, batch, T, dp);
     OK(pw_cuda_pos_embedding_bwd_weight(g.ops, pdy_d, pdw_d, batch, T, dp));
-    check_dev("pos_embedding_bwd_weight", pdw_d, pdw, Tmax * dp, TOL_EW);
+    check_bits("pos_embedding_bwd_weight", pdw_d, pdw, Tmax * dp);
     free(w), free(dy), free(dw), free(y), free(x), free(pw), free(pdy), free(pdw), free(py);
+    gpu_close(&g);
+}
+
+/* ---------------------------------------------------------------- reductions over rows */
+
+/* The kernels that add rows into columns (linear db, layernorm dw/db, the
+ * embedding gradients) work in tiles of 32 columns × 128 or 256 rows and
+ * keep the CPU's order of additions, so their bits must be the CPU op's.
+ * Shapes: one row, rows around the tile heights (127, 128, 129, 255, 256,
+ * 257), several tiles with a partial last one, columns not a multiple of
+ * 32, and more columns than one grid covers (WIDE: 65535 blocks of 32
+ * columns, then a second round). The accumulators start from random values
+ * (the ops ADD into them), and column 0 of db starts at −0 with −0 in every
+ * row: the sum must stay −0, which a kernel that pads a tile with +0 would
+ * break. */
+#define WIDE (65535 * 32 + 65)
+
+Test(cuda_ops, reductions_over_rows_bit_exact, .timeout = TIMEOUT_S)
+{
+    gpu g;
+    gpu_open(&g, PW_CUDA_MATH_FP32);
+    char what[128];
+
+    /* linear db (in = 0: the GEMM is skipped, db alone). */
+    static const int64_t db_shapes[][2] = {{1, 1},    {1, 33},   {127, 32}, {255, 31},
+                                           {256, 64}, {257, 65}, {700, 100}, {1030, 773},
+                                           {3, WIDE}};
+    for (size_t si = 0; si < sizeof db_shapes / sizeof db_shapes[0]; si++) {
+        const int64_t n = db_shapes[si][0], out = db_shapes[si][1];
+        float *dy = rand_f(n * out, -1, 1, 200 + si), *db = rand_f(out, -1, 1, 220 + si);
+        db[0] = -0.0f;
+        for (int64_t r = 0; r < n; r++) dy[r * out] = -0.0f;
+        float *dy_d = dev_f(&g, dy, n * out), *db_d = dev_f(&g, db, out);
+        float *unused_d = dev_f(&g, NULL, 1);
+        pw_cpu_linear_bwd_weight(dy, NULL, NULL, db, n, 0, out);
+        cr_assert(signbit(db[0]) && db[0] == 0.0f, "the CPU's −0 sum");
+        OK(pw_cuda_linear_bwd_weight(g.ops, dy_d, unused_d, unused_d, db_d, n, 0, out));
+        snprintf(what, sizeof what, "linear_bwd_weight db (n %lld, out %lld)", (long long)n,
+                 (long long)out);
+        check_bits(what, db_d, db, out);
+        free(dy), free(db);
+        gpu_release(&g);
+    }
+
+    /* layernorm dw/db (any mean and rstd will do: the sums are compared). */
+    static const int64_t ln_shapes[][2] = {{1, 1},    {1, 40},   {127, 33}, {128, 32},
+                                           {129, 31}, {300, 70}, {1030, 768}, {2, WIDE}};
+    for (size_t si = 0; si < sizeof ln_shapes / sizeof ln_shapes[0]; si++) {
+        const int64_t n = ln_shapes[si][0], d = ln_shapes[si][1];
+        float *x = rand_f(n * d, -2, 2, 240 + si), *dy = rand_f(n * d, -1, 1, 250 + si);
+        float *mean = rand_f(n, -1, 1, 260 + si), *rstd = rand_f(n, 0.5f, 2.0f, 270 + si);
+        float *dw0 = rand_f(d, -1, 1, 280 + si), *db0 = rand_f(d, -1, 1, 290 + si);
+        float *x_d = dev_f(&g, x, n * d), *dy_d = dev_f(&g, dy, n * d);
+        float *mean_d = dev_f(&g, mean, n), *rstd_d = dev_f(&g, rstd, n);
+        snprintf(what, sizeof what, "(n %lld, d %lld)", (long long)n, (long long)d);
+        check_ln_weight(&g, what, x, mean, rstd, dy, dw0, db0, x_d, mean_d, rstd_d, dy_d, n, d);
+        free(x), free(dy), free(mean), free(rstd), free(dw0), free(db0);
+        gpu_release(&g);
+    }
+
+    /* Embedding gradient: token patterns against the 128-row tiles. */
+    enum { TOK_RANDOM, TOK_SAME, TOK_RUNS, TOK_DISTINCT };
+    static const struct {
+        int64_t n, vocab, d;
+        int pattern;
+    } emb[] = {
+        {1, 5, 1, TOK_SAME},          /* one row */
+        {129, 200, 33, TOK_DISTINCT}, /* no repeats, a 1-row last tile */
+        {300, 50, 33, TOK_RANDOM},    /* repeats within and across tiles, invalid tokens */
+        {260, 7, 40, TOK_SAME},       /* one token: a chain through every tile */
+        {1000, 1000, 70, TOK_RUNS},   /* runs of 150 crossing tile boundaries */
+        {3, 2, WIDE, TOK_SAME},       /* a second round of column groups */
+    };
+    for (size_t si = 0; si < sizeof emb / sizeof emb[0]; si++) {
+        const int64_t n = emb[si].n, vocab = emb[si].vocab, d = emb[si].d;
+        int32_t *tokens = malloc((size_t)n * sizeof(int32_t));
+        cr_assert_not_null(tokens);
+        uint64_t key = pw_rng_key(300 + si, "tokens");
+        for (int64_t r = 0; r < n; r++) {
+            switch (emb[si].pattern) {
+            case TOK_RANDOM: /* [−3, vocab + 3): some out of range */
+                tokens[r] = (int32_t)(pw_rng_u64(key, (uint64_t)r) % (uint64_t)(vocab + 6)) - 3;
+                break;
+            case TOK_SAME: tokens[r] = (int32_t)(vocab / 2); break;
+            case TOK_RUNS: tokens[r] = (int32_t)((r / 150) % 4); break;
+            default: tokens[r] = (int32_t)((r * 7) % vocab); break;
+            }
+        }
+        if (n > 10) tokens[5] = INT32_MIN, tokens[9] = INT32_MAX, tokens[n - 1] = (int32_t)vocab;
+        float *dy = rand_f(n * d, -1, 1, 310 + si), *dw = rand_f(vocab * d, -1, 1, 320 + si);
+        int32_t *tok_d = dev(&g, tokens, (size_t)n * sizeof(int32_t));
+        float *dy_d = dev_f(&g, dy, n * d), *dw_d = dev_f(&g, dw, vocab * d);
+        pw_cpu_embedding_bwd_weight(tokens, dy, dw, n, vocab, d);
+        OK(pw_cuda_embedding_bwd_weight(g.ops, tok_d, dy_d, dw_d, n, vocab, d));
+        snprintf(what, sizeof what, "embedding_bwd_weight (n %lld, vocab %lld, d %lld)",
+                 (long long)n, (long long)vocab, (long long)d);
+        check_bits(what, dw_d, dw, vocab * d);
+        free(tokens), free(dy), free(dw);
+        gpu_release(&g);
+    }
+
+    /* Position-embedding gradient (T < Tmax: rows past T stay untouched). */
+    static const int64_t pos_shapes[][4] = {{1, 1, 1, 1}, {3, 17, 24, 20}, {5, 100, 33, 128}};
+    for (size_t si = 0; si < sizeof pos_shapes / sizeof pos_shapes[0]; si++) {
+        const int64_t batch = pos_shapes[si][0], T = pos_shapes[si][1], d = pos_shapes[si][2];
+        const int64_t Tmax = pos_shapes[si][3];
+        float *dy = rand_f(batch * T * d, -1, 1, 330 + si), *dw = rand_f(Tmax * d, -1, 1, 340 + si);
+        float *dy_d = dev_f(&g, dy, batch * T * d), *dw_d = dev_f(&g, dw, Tmax * d);
+        pw_cpu_pos_embedding_bwd_weight(dy, dw, batch, T, d);
+        OK(pw_cuda_pos_embedding_bwd_weight(g.ops, dy_d, dw_d, batch, T, d));
+        snprintf(what, sizeof what, "pos_embedding_bwd_weight (batch %lld, T %lld, d %lld)",
+                 (long long)batch, (long long)T, (long long)d);
+        check_bits(what, dw_d, dw, Tmax * d);
+        free(dy), free(dw);
+        gpu_release(&g);
+    }
     gpu_close(&g);
 }
 
 /* ---------------------------------------------------------------- attention */
 
-Test(cuda_ops, attention, .timeout = TIMEOUT_S)
+static void run_attention(pw_cuda_math math, double tol)
 {
     /* {batch, T, D, H}: one position; T not a multiple of anything; several
      * heads; T above the block size (NT = 256) so rows span several strides. */
     static const int64_t shapes[][4] = {{1, 1, 8, 1},   {2, 7, 16, 2},   {2, 64, 64, 4},
                                         {1, 128, 96, 12}, {1, 300, 64, 2}, {3, 33, 48, 3}};
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, math);
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
         const int64_t B = shapes[si][0], T = shapes[si][1], D = shapes[si][2], H = shapes[si][3];
         char what[128];
@@ -603,11 +834,11 @@ Test(cuda_ops, attention, .timeout = TIMEOUT_S)
         OK(pw_cuda_attention_fwd(g.ops, qkv_d, out_d, att_d, B, T, D, H));
         snprintf(what, sizeof what, "attention_fwd out (B %lld, T %lld, D %lld, H %lld)",
                  (long long)B, (long long)T, (long long)D, (long long)H);
-        check_dev(what, out_d, out, nout, TOL_GEMM);
+        check_dev(what, out_d, out, nout, tol);
         snprintf(what, sizeof what, "attention_fwd att (B %lld, T %lld, D %lld, H %lld)",
                  (long long)B, (long long)T, (long long)D, (long long)H);
         float *att_h = host_f(att_d, natt);
-        check_close(what, att_h, att, natt, TOL_GEMM);
+        check_close(what, att_h, att, natt, tol);
         /* Causality is exact: nothing above the diagonal. */
         for (int64_t r = 0; r < B * H * T; r++)
             for (int64_t s = r % T + 1; s < T; s++)
@@ -621,16 +852,26 @@ Test(cuda_ops, attention, .timeout = TIMEOUT_S)
         OK(pw_cuda_attention_bwd_input(g.ops, qkv_d, att_d, dout_d, dqkv_d, scr_d, B, T, D, H, 0));
         snprintf(what, sizeof what, "attention_bwd_input (B %lld, T %lld, D %lld, H %lld)",
                  (long long)B, (long long)T, (long long)D, (long long)H);
-        check_dev(what, dqkv_d, dqkv, nqkv, TOL_GEMM);
+        check_dev(what, dqkv_d, dqkv, nqkv, tol);
         pw_cpu_attention_bwd_input(qkv, att, dout, acc0, scr, B, T, D, H, 1);
         OK(pw_cuda_attention_bwd_input(g.ops, qkv_d, att_d, dout_d, acc_d, scr_d, B, T, D, H, 1));
         snprintf(what, sizeof what,
                  "attention_bwd_input accumulate (B %lld, T %lld, D %lld, H %lld)", (long long)B,
                  (long long)T, (long long)D, (long long)H);
-        check_dev(what, acc_d, acc0, nqkv, TOL_GEMM);
+        check_dev(what, acc_d, acc0, nqkv, tol);
         free(qkv), free(dout), free(acc0), free(out), free(att), free(dqkv), free(scr);
     }
     gpu_close(&g);
+}
+
+Test(cuda_ops, attention, .timeout = TIMEOUT_S) { run_attention(PW_CUDA_MATH_FP32, TOL_GEMM); }
+Test(cuda_ops, attention_tf32, .timeout = TIMEOUT_S)
+{
+    run_attention(PW_CUDA_MATH_TF32, TOL_TF32);
+}
+Test(cuda_ops, attention_bf16, .timeout = TIMEOUT_S)
+{
+    run_attention(PW_CUDA_MATH_BF16, TOL_BF16);
 }
 
 /* ---------------------------------------------------------------- dropout */
@@ -638,7 +879,7 @@ Test(cuda_ops, attention, .timeout = TIMEOUT_S)
 Test(cuda_ops, dropout_masks_match_cpu, .timeout = TIMEOUT_S)
 {
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     const int64_t batch = 4, numel = 1000, n = batch * numel, first = 5;
     const float p = 0.1f;
     /* The program's keying: a key per (seed, step, op); samples by global index. */
@@ -685,7 +926,7 @@ Test(cuda_ops, dropout_masks_match_cpu, .timeout = TIMEOUT_S)
 Test(cuda_ops, same_bits_twice, .timeout = TIMEOUT_S)
 {
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     const int64_t B = 2, T = 100, D = 64, H = 4, n = B * T;
     float *qkv = rand_f(B * T * 3 * D, -1, 1, 71), *dout = rand_f(B * T * D, -1, 1, 72);
     float *w = rand_f(D, 0.5f, 1.5f, 73), *b = rand_f(D, -1, 1, 74);
@@ -726,7 +967,7 @@ Test(cuda_ops, same_bits_twice, .timeout = TIMEOUT_S)
 Test(cuda_ops, optimizer_updates, .timeout = TIMEOUT_S)
 {
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     const int64_t n = 4099;
     pw_optim_config cfgs[4];
     cfgs[0] = pw_optim_defaults(PW_OPTIM_SGD);
@@ -771,7 +1012,7 @@ Test(cuda_ops, optimizer_updates, .timeout = TIMEOUT_S)
 Test(cuda_ops, argmax_sumsq_scale, .timeout = TIMEOUT_S)
 {
     gpu g;
-    gpu_open(&g, 0);
+    gpu_open(&g, PW_CUDA_MATH_FP32);
     /* Accuracy: the program's argmax_correct (first largest logit). */
     const int64_t n = 37, C = 1000;
     float *logits = rand_f(n * C, -4, 4, 101);

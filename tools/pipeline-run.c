@@ -84,6 +84,8 @@ typedef struct options {
     int top_k;
     const char *device;          /* --device: NULL = cpu */
     const char *gpu_memory;      /* --gpu-memory: each GPU's bytes for the plan */
+    pw_math gpu_math;            /* --gpu-math */
+    int gpu_math_set;
 } options;
 
 static void usage(FILE *f)
@@ -115,6 +117,8 @@ static void usage(FILE *f)
 "  --device cpu|cuda[:N] where the stages compute (default cpu); cuda: rank r on\n"
 "                        GPU r mod the GPU count; cuda:N: every stage on GPU N\n"
 "                        (docs/cuda.md)\n"
+"  --gpu-math MODE       fp32 (default), tf32 or bf16: how GPU matrix products\n"
+"                        round their operands (storage stays fp32)\n"
 "  --partition METHOD    auto (default: the graph's cut markers when they make\n"
 "                        S stages, else flops), cuts, or flops\n"
 "  --trace FILE          write a Chrome trace (Perfetto, pipe-trace)\n"
@@ -257,7 +261,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
-       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM };
+       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -280,7 +284,12 @@ static int check_device_flag(const options *o, int world)
     const pw_backend_i *be;
     int dev;
     if (pw_backend_find(o->device, &be, &dev) != PW_OK) return bad_usage("--device: %s", pw_last_error());
-    if (!be->device_memory) return 0;
+    if (!be->device_memory) {
+        if (o->gpu_math_set && o->gpu_math != PW_MATH_FP32)
+            return bad_usage("--gpu-math %s: needs a GPU (--device cuda); the CPU computes in fp32",
+                             pw_math_name(o->gpu_math));
+        return 0;
+    }
     if (world > 1)
         return bad_usage("--device %s: several processes (mpirun) are not supported on CUDA yet "
                          "(no NCCL transport); run one process", o->device);
@@ -353,6 +362,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"min-lr", required_argument, 0, OPT_MIN_LR},
         {"device", required_argument, 0, OPT_DEVICE},
         {"gpu-memory", required_argument, 0, OPT_GPUMEM},
+        {"gpu-math", required_argument, 0, OPT_GPUMATH},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -507,6 +517,10 @@ static int parse_args(int argc, char **argv, options *o)
             break;
         case OPT_DEVICE: o->device = optarg; break;
         case OPT_GPUMEM: o->gpu_memory = optarg; break;
+        case OPT_GPUMATH:
+            if (pw_math_parse(optarg, &o->gpu_math) != PW_OK) return bad_usage("--gpu-math: %s", pw_last_error());
+            o->gpu_math_set = 1;
+            break;
         case OPT_TOPK:
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
@@ -1460,6 +1474,7 @@ int main(int argc, char **argv)
     pc.chunks_per_rank = o.chunks_per_rank;
     pc.recompute = o.recompute;
     pc.device = o.device;
+    pc.math = (int)o.gpu_math;
     if (use_plan) {
         pc.cuts = pr.plan->part.begin;
         pc.n_cuts = pr.plan->part.n_stages + 1;
@@ -1576,8 +1591,13 @@ int main(int argc, char **argv)
     pw_step_stats s = {0};
     pw_eval_stats ev = {0};
     int64_t print_every = spe / 10 > 0 ? spe / 10 : 1;
+    double step_s = 0.0, first_step_s = 0.0; /* inside pw_pipeline_step (evaluations excluded) */
     for (int64_t i = 0; i < total; i++) {
-        if (pw_pipeline_step(t, &s) != PW_OK) {
+        double ts = now_s();
+        pw_status step_st = pw_pipeline_step(t, &s);
+        if (i == 0) first_step_s = now_s() - ts;
+        else step_s += now_s() - ts;
+        if (step_st != PW_OK) {
             if (tty) printf("\n");
             fail("");
             goto out;
@@ -1645,6 +1665,13 @@ int main(int argc, char **argv)
     }
     if (g_mpi) print_summary_mpi(t, o.stages, o.quiet);
     else if (!o.quiet) print_summary(t, o.stages);
+    if (o.quiet < 2 && total > 1 && step_s > 0.0)
+        /* The steady rate: the first step pays one-time set-up (a GPU's
+         * kernel loading and cuBLAS's first choices, the first pages
+         * touched), and evaluations are not training. */
+        printf("training rate: %.1f samples/s over steps 2-%lld (first step %.3f s, evaluations "
+               "excluded)\n", (double)(total - 1) * (double)o.batch / step_s, (long long)total,
+               first_step_s);
     if (o.quiet < 2) {
         printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)s.step, now_s() - t0, s.loss);
         if (test) printf("; test accuracy %.2f%%", 100.0 * ev.accuracy);

@@ -31,8 +31,8 @@ static void cuda_close(void *ctx)
     free(c);
 }
 
-static pw_status cuda_open(int device, const char *who, const size_t bytes[PW_MEM_COUNT], void **out,
-                           void *base[PW_MEM_COUNT])
+static pw_status cuda_open(int device, pw_math math, const char *who, const size_t bytes[PW_MEM_COUNT],
+                           void **out, void *base[PW_MEM_COUNT])
 {
     *out = NULL;
     for (int k = 0; k < PW_MEM_COUNT; k++) base[k] = NULL;
@@ -59,7 +59,7 @@ static pw_status cuda_open(int device, const char *who, const size_t bytes[PW_ME
     void *sp;
     PW_CHECK_GOTO(pw_cuda_stage_carve(c->st, PW_CUDA_MEM_ACTIVATIONS, sizeof(double), &sp), st, fail);
     c->scratch = sp;
-    pw_cuda_ops_config oc = {.device = device, .stream = c->s, .allow_tf32 = 0};
+    pw_cuda_ops_config oc = {.device = device, .stream = c->s, .math = (pw_cuda_math)math};
     PW_CHECK_GOTO(pw_cuda_ops_create(&oc, &c->ops), st, fail);
     PW_CHECK_GOTO(pw_cuda_sync(c->s), st, fail);
     *out = c;
@@ -295,6 +295,10 @@ static const pw_backend_i cuda_i = {
     .notify = cuda_notify,
     .sync = cuda_sync,
     .upload = cuda_copy,
+    .host_register = pw_cuda_host_register,
+    .host_unregister = pw_cuda_host_unregister,
+    .message_alloc = pw_cuda_message_alloc,
+    .message_free = pw_cuda_free,
     .download = cuda_copy,
     .copy = cuda_copy,
     .zero = cuda_zero,

@@ -126,6 +126,21 @@ void pw_cuda_free(void *dptr)
     if (dptr) (void)cudaFree(dptr);
 }
 
+pw_status pw_cuda_message_alloc(int dev, size_t bytes, void **dptr)
+{
+    PW_CHECK(pw_cuda_malloc(dev, bytes, dptr));
+    /* Zeroed like a host arena; the stages' non-blocking streams do not
+     * wait for the legacy stream, so wait here (once, at creation). */
+    if (cudaMemset(*dptr, 0, bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
+        cudaError_t e = cudaGetLastError();
+        pw_cuda_free(*dptr);
+        *dptr = NULL;
+        return pw_error(PW_ERR_INTERNAL, "zeroing %zu bytes of messages on device %d: %s", bytes, dev,
+                        cudaGetErrorString(e));
+    }
+    return PW_OK;
+}
+
 /* The stages' streams are non-blocking: they do not wait for the legacy
  * stream that cudaMemcpy / cudaMemset use. So these helpers wait for the
  * whole device before and after, which is what a test or a setup step wants
@@ -176,6 +191,18 @@ pw_status pw_cuda_copy_async(void *dst, const void *src, size_t bytes, pw_cuda_s
     if (!bytes) return PW_OK;
     CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s), "cudaMemcpyAsync");
     return PW_OK;
+}
+
+pw_status pw_cuda_host_register(void *base, size_t bytes)
+{
+    if (!bytes) return PW_OK;
+    CUDA_TRY(cudaHostRegister(base, bytes, cudaHostRegisterPortable), "cudaHostRegister");
+    return PW_OK;
+}
+
+void pw_cuda_host_unregister(void *base)
+{
+    if (base && cudaHostUnregister(base) != cudaSuccess) (void)cudaGetLastError();
 }
 
 pw_status pw_cuda_memset_async(void *dptr, int byte, size_t bytes, pw_cuda_stream s)

@@ -104,6 +104,17 @@ pw_status pw_cuda_set_device(int dev);
  * host memory the runtime may wait for the copy before returning; the
  * host buffer must stay valid until `s` has passed the copy either way. */
 pw_status pw_cuda_copy_async(void *dst, const void *src, size_t bytes, pw_cuda_stream s);
+/* Page-locks [base, base + bytes) of host memory for every device of the
+ * process (cudaHostRegister, portable), so that copies between it and a
+ * device run asynchronously. No page may be registered twice (the runtime
+ * refuses); page-aligned blocks never share one. Undo it with
+ * pw_cuda_host_unregister before freeing the memory. */
+pw_status pw_cuda_host_register(void *base, size_t bytes);
+void pw_cuda_host_unregister(void *base);
+/* `bytes` of zeroed memory on device `dev` (cudaMalloc, then a memset that
+ * waits): the message buffers of stages that all compute on `dev`. Makes
+ * `dev` current on the calling thread. Free with pw_cuda_free. */
+pw_status pw_cuda_message_alloc(int dev, size_t bytes, void **dptr);
 /* Enqueues a fill of `bytes` device bytes with `byte` on `s`. */
 pw_status pw_cuda_memset_async(void *dptr, int byte, size_t bytes, pw_cuda_stream s);
 /* Enqueues fn(arg) on `s` (cudaLaunchHostFunc): it runs on a CUDA runtime

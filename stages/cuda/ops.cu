@@ -2,20 +2,23 @@
  * stages/cpu/ops.c, whose structure this file follows op by op.
  *
  * How the kernels are written, and why:
- *   - GEMMs are cuBLAS SGEMMs. cuBLAS is column-major and our arrays are
- *     row-major, so a row-major C (m, n) = A·B is computed as the
- *     column-major Cᵀ (n, m) = Bᵀ·Aᵀ: the operands swap places and keep
- *     their leading dimensions. Each call below says which CPU GEMM it is.
+ *   - GEMMs are cuBLAS, all through gemm() below: fp32 arrays, the compute
+ *     type of the context's math mode (fp32, TF32 or bf16 tensor cores).
+ *     cuBLAS is column-major and our arrays are row-major, so a row-major
+ *     C (m, n) = A·B is computed as the column-major Cᵀ (n, m) = Bᵀ·Aᵀ: the
+ *     operands swap places and keep their leading dimensions. Each call
+ *     below says which CPU GEMM it is.
  *   - Element-wise ops are grid-stride loops over int64 indices.
  *   - A row reduction is one block of NT threads per row: each thread sums a
  *     strided part in double, then a fixed shuffle tree and a fixed tree over
  *     the warps. The order depends on NT only, so the bits are the same on
  *     every run (no atomics anywhere).
- *   - A reduction over rows (db, layernorm dw/db, embedding gradients) gives
- *     each column to one thread that walks the rows in order, row 0 first:
- *     the CPU's order, so micro-batch splits stay exact and the bits equal
- *     the CPU's (the file is built with --fmad=false, so a·b + c rounds
- *     twice, as on the CPU).
+ *   - A reduction over rows (db, layernorm dw/db, embedding gradients) adds
+ *     each column's rows in order, row 0 first: the CPU's order, so
+ *     micro-batch splits stay exact and the bits equal the CPU's (the file
+ *     is built with --fmad=false, so a·b + c rounds twice, as on the CPU).
+ *     Blocks stage tiles of rows in shared memory so that the serial adds
+ *     do not wait on global memory ("reductions over rows" below).
  *   - Nothing here allocates or synchronises with the host.
  */
 #include "stages/cuda/ops.h"
@@ -24,6 +27,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <strings.h>
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -37,7 +41,7 @@ struct pw_cuda_ops {
     int device;
     cudaStream_t stream;
     cublasHandle_t blas;
-    int allow_tf32;
+    cublasComputeType_t compute; /* every GEMM's compute type: the math mode */
     double *partials; /* SUM_BLOCKS doubles of device scratch, allocated at create */
     void *workspace;  /* cuBLAS workspace owned by this context */
     size_t workspace_bytes;
@@ -61,9 +65,6 @@ static pw_status bind_stream(pw_cuda_ops *ops, cudaStream_t s)
 #define NT 256
 /* Grid cap for grid-stride loops: enough blocks to fill any current GPU. */
 #define MAX_BLOCKS 65535
-/* Threads per block of the column kernels (a thread walks all rows of its
- * column): small blocks spread a few hundred columns over many SMs. */
-#define COL_NT 32
 
 /* ---------------------------------------------------------------- errors */
 
@@ -90,6 +91,27 @@ static pw_status dims_ok(const char *op, int64_t a, int64_t b, int64_t c)
     return PW_OK;
 }
 
+/* Every GEMM of this file: column-major C = alpha·op(A)·op(B) + beta·C on
+ * fp32 arrays, in the context's math mode (ops->compute; the algorithm is
+ * cuBLAS's default choice). batch > 1: that many GEMMs, the k-th on A +
+ * k·sa, B + k·sb, C + k·sc. beta = 0 never reads C. */
+static pw_status gemm(pw_cuda_ops *ops, const char *op, cublasOperation_t ta,
+                      cublasOperation_t tb, int m, int n, int k, float alpha, const float *A,
+                      int lda, int64_t sa, const float *B, int ldb, int64_t sb, float beta,
+                      float *C, int ldc, int64_t sc, int batch)
+{
+    cublasStatus_t s;
+    if (batch == 1)
+        s = cublasGemmEx(ops->blas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, B, CUDA_R_32F,
+                         ldb, &beta, C, CUDA_R_32F, ldc, ops->compute, CUBLAS_GEMM_DEFAULT);
+    else
+        s = cublasGemmStridedBatchedEx(ops->blas, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda,
+                                       (long long)sa, B, CUDA_R_32F, ldb, (long long)sb, &beta,
+                                       C, CUDA_R_32F, ldc, (long long)sc, batch, ops->compute,
+                                       CUBLAS_GEMM_DEFAULT);
+    return blas_status(s, op);
+}
+
 static unsigned grid_of(int64_t n, int per_block)
 {
     int64_t b = (n + per_block - 1) / per_block;
@@ -101,6 +123,37 @@ static unsigned grid_for(int64_t n) { return grid_of(n, NT); }
 #define GRID_STRIDE(i, n)                                                             \
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);         \
          i += (int64_t)blockDim.x * gridDim.x)
+
+/* ---------------------------------------------------------------- math modes */
+
+static const char *const math_names[] = {"fp32", "tf32", "bf16"};
+
+extern "C" const char *pw_cuda_math_name(pw_cuda_math m)
+{
+    return (unsigned)m < sizeof math_names / sizeof math_names[0] ? math_names[m] : "unknown";
+}
+
+extern "C" int pw_cuda_math_parse(const char *s, pw_cuda_math *out)
+{
+    for (unsigned i = 0; s && i < sizeof math_names / sizeof math_names[0]; i++)
+        if (!strcasecmp(s, math_names[i])) {
+            *out = (pw_cuda_math)i;
+            return 0;
+        }
+    return -1;
+}
+
+/* fp32 operands, fp32 accumulation and output in every mode; the FAST
+ * types let the tensor cores round the operands (TF32: 10-bit mantissa,
+ * bf16: 7-bit). */
+static cublasComputeType_t compute_type(pw_cuda_math m)
+{
+    switch (m) {
+    case PW_CUDA_MATH_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+    case PW_CUDA_MATH_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    default: return CUBLAS_COMPUTE_32F;
+    }
+}
 
 /* ---------------------------------------------------------------- context */
 
@@ -117,25 +170,27 @@ extern "C" pw_status pw_cuda_ops_create(const pw_cuda_ops_config *cfg, pw_cuda_o
     if (cfg->device < 0 || cfg->device >= n)
         return pw_error(PW_ERR_INVALID_ARG, "CUDA device %d does not exist (%d devices)",
                         cfg->device, n);
+    if ((unsigned)cfg->math > PW_CUDA_MATH_BF16)
+        return pw_error(PW_ERR_INVALID_ARG, "CUDA ops: math mode %d is not fp32, tf32 or bf16",
+                        (int)cfg->math);
     e = cudaSetDevice(cfg->device);
     if (e != cudaSuccess) return launch_status("create");
     pw_cuda_ops *ops = (pw_cuda_ops *)calloc(1, sizeof *ops);
     if (!ops) return pw_error(PW_ERR_NOMEM, "CUDA ops: out of host memory");
     ops->device = cfg->device;
     ops->stream = cfg->stream;
-    ops->allow_tf32 = cfg->allow_tf32;
+    ops->compute = compute_type(cfg->math);
     pw_status st = blas_status(cublasCreate(&ops->blas), "create");
     if (st != PW_OK) {
         free(ops);
         return st;
     }
-    /* Plain fp32 GEMMs unless TF32 is asked for (CUBLAS_DEFAULT_MATH never
-     * uses TF32 on its own). Atomics stay disallowed (the default, stated
-     * for the reader): some cuBLAS routines would otherwise change bits run
-     * to run. */
-    st = blas_status(cublasSetMathMode(ops->blas, cfg->allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH
-                                                                  : CUBLAS_DEFAULT_MATH),
-                     "create");
+    /* The math mode travels in each GEMM's compute type (gemm()); the
+     * handle's mode stays CUBLAS_DEFAULT_MATH, which never turns
+     * CUBLAS_COMPUTE_32F into TF32 on its own. Atomics stay disallowed (the
+     * default, stated for the reader): some cuBLAS routines would otherwise
+     * change bits run to run. */
+    st = blas_status(cublasSetMathMode(ops->blas, CUBLAS_DEFAULT_MATH), "create");
     if (st == PW_OK)
         st = blas_status(cublasSetAtomicsMode(ops->blas, CUBLAS_ATOMICS_NOT_ALLOWED), "create");
     ops->workspace_bytes = cfg->blas_workspace ? cfg->blas_workspace : (size_t)32 << 20;
@@ -219,6 +274,80 @@ __device__ static float block_max_f(float v, float *sh)
     return r;
 }
 
+/* ---------------------------------------------------------------- reductions over rows */
+
+/* db, layernorm dw/db and the embedding gradient add n rows into d columns.
+ * The CPU op adds row 0, then row 1, ...; float addition does not
+ * associate, so to keep its bits every column must be that same chain of n
+ * dependent adds: no tree, no split of the rows over threads or blocks.
+ * The floor is n FADD latencies (~4 cycles each: ~2 µs per 1000 rows),
+ * whatever the number of columns.
+ *
+ * One thread per column reading its rows from global memory (the first
+ * version) paid a memory latency per row instead, ~0.1 µs (layernorm
+ * bwd_weight, 1024 rows: 0.128 ms on the H100). Here a block owns COL_W
+ * columns: its COL_WARPS warps load a tile of rows (a warp per row at a
+ * time, 128 coalesced bytes) into registers, store it to shared memory, and
+ * warp 0 — a thread per column — adds the tile's rows in order into a
+ * register while the loads of the next tile are in flight. A tile costs
+ * about max(one memory latency, its rows' adds), so with 128-256 rows per
+ * tile the kernels run near the floor. The additions, their operands and
+ * their order are the old kernels' exactly: the same bits. (The grid-stride
+ * loop over column groups never changes a column's order either.) */
+#define COL_W 32                          /* columns per block: one per lane */
+#define COL_WARPS 8                       /* warps per block, loading rows */
+#define COL_THREADS (COL_W * COL_WARPS)
+#define DB_ROWS 256                       /* tile rows of db (one staged array) */
+
+/* v[i] = a[r, col] for rows r = r0 + warp + COL_WARPS·i (i < PER) of the
+ * (n, d) array a, 0 outside it: a warp reads COL_W consecutive floats of a
+ * row. Loads only; nothing waits for them until v is used. */
+template <int PER>
+__device__ static __forceinline__ void load_tile(float (&v)[PER], const float *__restrict__ a,
+                                                 int64_t r0, int64_t n, int64_t d, int64_t col)
+{
+    const int warp = threadIdx.x / 32;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const int64_t r = r0 + warp + (int64_t)COL_WARPS * i;
+        v[i] = col < d && r < n ? a[r * d + col] : 0.0f;
+    }
+}
+
+/* Rows of the tile that starts at r0 (≤ rows, the tile height). */
+__device__ static __forceinline__ int tile_rows(int64_t r0, int64_t n, int rows)
+{
+    return n - r0 < rows ? (int)(n - r0) : rows;
+}
+
+/* db[j] += Σ_r dy[r, j], r = 0, 1, ... in order (the CPU's order). */
+__global__ static void __launch_bounds__(COL_THREADS)
+    k_col_sum_add(const float *__restrict__ dy, float *__restrict__ db, int64_t n, int64_t d)
+{
+    constexpr int PER = DB_ROWS / COL_WARPS;
+    __shared__ float tile[DB_ROWS][COL_W];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int64_t c0 = (int64_t)blockIdx.x * COL_W; c0 < d; c0 += (int64_t)gridDim.x * COL_W) {
+        const int64_t col = c0 + lane;
+        float acc = warp == 0 && col < d ? db[col] : 0.0f;
+        float v[PER];
+        load_tile(v, dy, 0, n, d, col);
+        for (int64_t r0 = 0; r0 < n; r0 += DB_ROWS) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) tile[warp + COL_WARPS * i][lane] = v[i];
+            __syncthreads();
+            if (r0 + DB_ROWS < n) load_tile(v, dy, r0 + DB_ROWS, n, d, col);
+            if (warp == 0) {
+                const int rows = tile_rows(r0, n, DB_ROWS);
+#pragma unroll 16
+                for (int r = 0; r < rows; r++) acc += tile[r][lane];
+            }
+            __syncthreads(); /* the tile is read before the next one overwrites it */
+        }
+        if (warp == 0 && col < d) db[col] = acc;
+    }
+}
+
 /* ---------------------------------------------------------------- exp */
 
 /* The CPU's vec_exp (stages/cpu/ops.c), one lane: same constants, same
@@ -251,18 +380,6 @@ __global__ static void k_fill_rows(const float *__restrict__ b, float *__restric
     GRID_STRIDE(i, n * out) y[i] = b[i % out];
 }
 
-/* db[j] += Σ_r dy[r, j], r = 0, 1, ... in order (the CPU's order). */
-__global__ static void k_col_sum_add(const float *__restrict__ dy, float *__restrict__ db,
-                                     int64_t n, int64_t out)
-{
-    GRID_STRIDE(j, out)
-    {
-        float acc = db[j];
-        for (int64_t r = 0; r < n; r++) acc += dy[r * out + j];
-        db[j] = acc;
-    }
-}
-
 extern "C" pw_status pw_cuda_linear_fwd(pw_cuda_ops *ops, const float *x, const float *w,
                                         const float *b, float *y, int64_t n, int64_t in,
                                         int64_t out)
@@ -280,11 +397,9 @@ extern "C" pw_status pw_cuda_linear_fwd(pw_cuda_ops *ops, const float *x, const 
             return launch_status("linear_fwd");
         return PW_OK;
     }
-    const float one = 1.0f;
     /* y (n, out) = x · wᵀ  ⇔  yᵀ (out, n) = w · xᵀ; w is (in, out) column-major. */
-    return blas_status(cublasSgemm(ops->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)out, (int)n, (int)in,
-                                   &one, w, (int)in, x, (int)in, &beta, y, (int)out),
-                       "linear_fwd");
+    return gemm(ops, "linear_fwd", CUBLAS_OP_T, CUBLAS_OP_N, (int)out, (int)n, (int)in, 1.0f, w,
+                (int)in, 0, x, (int)in, 0, beta, y, (int)out, 0, 1);
 }
 
 extern "C" pw_status pw_cuda_linear_bwd_input(pw_cuda_ops *ops, const float *dy, const float *w,
@@ -298,11 +413,10 @@ extern "C" pw_status pw_cuda_linear_bwd_input(pw_cuda_ops *ops, const float *dy,
         return PW_OK;
     }
     PW_CHECK(dims_ok("linear_bwd_input", n, in, out));
-    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     /* dx (n, in) = dy · w  ⇔  dxᵀ (in, n) = wᵀ · dyᵀ. beta = 0 never reads dx. */
-    return blas_status(cublasSgemm(ops->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)in, (int)n, (int)out,
-                                   &one, w, (int)in, dy, (int)out, &beta, dx, (int)in),
-                       "linear_bwd_input");
+    return gemm(ops, "linear_bwd_input", CUBLAS_OP_N, CUBLAS_OP_N, (int)in, (int)n, (int)out,
+                1.0f, w, (int)in, 0, dy, (int)out, 0, accumulate ? 1.0f : 0.0f, dx, (int)in, 0,
+                1);
 }
 
 extern "C" pw_status pw_cuda_linear_bwd_weight(pw_cuda_ops *ops, const float *dy, const float *x,
@@ -312,15 +426,12 @@ extern "C" pw_status pw_cuda_linear_bwd_weight(pw_cuda_ops *ops, const float *dy
     if (n <= 0 || out <= 0) return PW_OK;
     PW_CHECK(dims_ok("linear_bwd_weight", n, in, out));
     if (in > 0) {
-        const float one = 1.0f;
         /* dw (out, in) += dyᵀ · x  ⇔  dwᵀ (in, out) += xᵀ · dy. */
-        PW_CHECK(blas_status(cublasSgemm(ops->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)in, (int)out,
-                                         (int)n, &one, x, (int)in, dy, (int)out, &one, dw,
-                                         (int)in),
-                             "linear_bwd_weight"));
+        PW_CHECK(gemm(ops, "linear_bwd_weight", CUBLAS_OP_N, CUBLAS_OP_T, (int)in, (int)out,
+                      (int)n, 1.0f, x, (int)in, 0, dy, (int)out, 0, 1.0f, dw, (int)in, 0, 1));
     }
     if (db) {
-        k_col_sum_add<<<grid_of(out, COL_NT), COL_NT, 0, ops->stream>>>(dy, db, n, out);
+        k_col_sum_add<<<grid_of(out, COL_W), COL_THREADS, 0, ops->stream>>>(dy, db, n, out);
         PW_CHECK(launch_status("linear_bwd_weight"));
     }
     return PW_OK;
@@ -470,23 +581,66 @@ __global__ static void __launch_bounds__(NT)
     }
 }
 
-/* Column j walks rows in order (the CPU's order: bit-identical). */
-__global__ static void k_layernorm_bwd_weight(const float *__restrict__ x,
-                                              const float *__restrict__ mean,
-                                              const float *__restrict__ rstd,
-                                              const float *__restrict__ dy, float *__restrict__ dw,
-                                              float *__restrict__ db, int64_t n, int64_t d)
+/* Tile rows of layernorm bwd_weight: two staged arrays, 32 KiB of shared
+ * memory and 4 × LN_ROWS / COL_WARPS prefetch registers per thread. */
+#define LN_ROWS 128
+
+/* dw[j] += Σ_r dy[r, j]·x̂[r, j], db[j] += Σ_r dy[r, j], rows in order (the
+ * CPU's order: bit-identical). The tile holds the product, computed as the
+ * CPU does, g·((x − mean)·rstd), and g; warp 0 adds them up ("reductions
+ * over rows"). */
+__global__ static void __launch_bounds__(COL_THREADS)
+    k_layernorm_bwd_weight(const float *__restrict__ x, const float *__restrict__ mean,
+                           const float *__restrict__ rstd, const float *__restrict__ dy,
+                           float *__restrict__ dw, float *__restrict__ db, int64_t n, int64_t d)
 {
-    GRID_STRIDE(j, d)
-    {
-        float aw = dw[j], ab = db[j];
-        for (int64_t r = 0; r < n; r++) {
-            float g = dy[r * d + j];
-            aw += g * ((x[r * d + j] - mean[r]) * rstd[r]);
-            ab += g;
+    constexpr int PER = LN_ROWS / COL_WARPS;
+    __shared__ float tp[LN_ROWS][COL_W]; /* g·x̂ */
+    __shared__ float tg[LN_ROWS][COL_W]; /* g */
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int64_t c0 = (int64_t)blockIdx.x * COL_W; c0 < d; c0 += (int64_t)gridDim.x * COL_W) {
+        const int64_t col = c0 + lane;
+        float aw = 0.0f, ab = 0.0f;
+        if (warp == 0 && col < d) {
+            aw = dw[col];
+            ab = db[col];
         }
-        dw[j] = aw;
-        db[j] = ab;
+        /* Raw loads of a tile (mean and rstd as (n, 1) arrays: each row's
+         * value); the product is formed when they are stored, so nothing
+         * waits for them before then. */
+        float vx[PER], vg[PER], vm[PER], vr[PER];
+        load_tile(vx, x, 0, n, d, col);
+        load_tile(vg, dy, 0, n, d, col);
+        load_tile(vm, mean, 0, n, 1, 0);
+        load_tile(vr, rstd, 0, n, 1, 0);
+        for (int64_t r0 = 0; r0 < n; r0 += LN_ROWS) {
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                tp[warp + COL_WARPS * i][lane] = vg[i] * ((vx[i] - vm[i]) * vr[i]);
+                tg[warp + COL_WARPS * i][lane] = vg[i];
+            }
+            __syncthreads();
+            const int64_t next = r0 + LN_ROWS;
+            if (next < n) {
+                load_tile(vx, x, next, n, d, col);
+                load_tile(vg, dy, next, n, d, col);
+                load_tile(vm, mean, next, n, 1, 0);
+                load_tile(vr, rstd, next, n, 1, 0);
+            }
+            if (warp == 0) {
+                const int rows = tile_rows(r0, n, LN_ROWS);
+#pragma unroll 16
+                for (int r = 0; r < rows; r++) {
+                    aw += tp[r][lane];
+                    ab += tg[r][lane];
+                }
+            }
+            __syncthreads(); /* the tile is read before the next one overwrites it */
+        }
+        if (warp == 0 && col < d) {
+            dw[col] = aw;
+            db[col] = ab;
+        }
     }
 }
 
@@ -527,8 +681,8 @@ extern "C" pw_status pw_cuda_layernorm_bwd_weight(pw_cuda_ops *ops, const float 
                                                   int64_t d)
 {
     if (d <= 0 || n <= 0) return PW_OK;
-    k_layernorm_bwd_weight<<<grid_of(d, COL_NT), COL_NT, 0, ops->stream>>>(x, mean, rstd, dy, dw,
-                                                                           db, n, d);
+    k_layernorm_bwd_weight<<<grid_of(d, COL_W), COL_THREADS, 0, ops->stream>>>(x, mean, rstd, dy,
+                                                                               dw, db, n, d);
     return launch_status("layernorm_bwd_weight");
 }
 
@@ -672,18 +826,127 @@ __global__ static void k_embedding_fwd(const int32_t *__restrict__ tokens,
     }
 }
 
-/* Column j walks the rows in order: a token that occurs twice sums its rows
- * in position order, as on the CPU. Parallel over d only; see docs/cuda.md. */
-__global__ static void k_embedding_bwd(const int32_t *__restrict__ tokens,
-                                       const float *__restrict__ dy, float *__restrict__ dw,
-                                       int64_t n, int64_t vocab, int64_t d)
+/* The embedding gradient, dw[tokens[r], j] += dy[r, j] for r = 0, 1, ...:
+ * each (token, column) is a chain of adds over that token's rows in
+ * position order, and chains of different tokens are independent. The
+ * first version walked all rows of a column in one thread, a dw
+ * read-modify-write per row (0.256 ms for 4096 rows on the H100).
+ *
+ * Here a block owns COL_W columns and goes through the rows in tiles of
+ * EMB_ROWS, with the tile's tokens and dy in shared memory. For each row
+ * the tile records whether it is its token's first row in the tile (a
+ * "head") and the tile's next row with the same token. Then each head's
+ * dw element is loaded once, its chain (the head, next, next of next, ...)
+ * added in row order in a register, and stored once. Heads of a tile have
+ * different tokens, so their loads are all in flight at once, and the only
+ * serial global traffic left is one dw read-modify-write per distinct token
+ * per tile; a tile's stores precede the next tile's loads (__syncthreads),
+ * so a token seen in both continues from the stored value. Every (token,
+ * column) gets the CPU's adds in the CPU's order: the same bits. While the
+ * dw loads of tile k are in flight, the block computes tile k+1's links
+ * (tokens double-buffered) and loads tile k+1's dy and tile k+2's tokens. */
+#define EMB_ROWS 128
+
+/* tokens[i], or −1 (never a valid token) past the end. */
+__device__ static __forceinline__ int32_t token_at(const int32_t *__restrict__ tokens, int64_t i,
+                                                   int64_t n)
 {
-    GRID_STRIDE(j, d)
-    {
-        for (int64_t r = 0; r < n; r++) {
-            const int32_t t = tokens[r];
-            if (t < 0 || t >= vocab) continue;
-            dw[(int64_t)t * d + j] += dy[r * d + j];
+    return i < n ? tokens[i] : -1;
+}
+
+/* For row r = threadIdx.x (< EMB_ROWS) of a tile of `rows` rows with
+ * tokens tok: head[r] = 1 when its token is valid and no earlier row of the
+ * tile has it; next[r] = the nearest later row of the tile with the same
+ * token, or −1 (also for invalid tokens and rows past the tile's end). */
+__device__ static void emb_links(const int32_t *tok, int rows, int64_t vocab, int *next,
+                                 int *head)
+{
+    const int r = threadIdx.x;
+    const int32_t t = tok[r];
+    const bool valid = r < rows && t >= 0 && (int64_t)t < vocab;
+    bool seen = false;
+    int nx = -1;
+    /* Every lane reads the same tok[k] (a broadcast); downwards, so the
+     * last match above r is the nearest. */
+    for (int k = rows - 1; k >= 0; k--) {
+        const bool same = tok[k] == t;
+        seen = seen || (same && k < r);
+        nx = same && k > r ? k : nx;
+    }
+    head[r] = valid && !seen;
+    next[r] = valid ? nx : -1;
+}
+
+/* dw is read and written by different threads of the block (a token's
+ * chain in tile k and in tile k+1 may be other warps'), ordered by
+ * __syncthreads, so it is a plain pointer: no __restrict__, never the
+ * read-only cache. */
+__global__ static void __launch_bounds__(COL_THREADS)
+    k_embedding_bwd(const int32_t *__restrict__ tokens, const float *__restrict__ dy, float *dw,
+                    int64_t n, int64_t vocab, int64_t d)
+{
+    constexpr int PER = EMB_ROWS / COL_WARPS; /* rows per thread and tile: warp + COL_WARPS·i */
+    __shared__ float sdy[EMB_ROWS][COL_W];    /* dy of this tile */
+    __shared__ int32_t stok[2][EMB_ROWS];     /* tokens of tiles k (k & 1) and k + 1 */
+    __shared__ int snext[2][EMB_ROWS];        /* links of tiles k and k + 1 (emb_links) */
+    __shared__ int shead[2][EMB_ROWS];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, tid = threadIdx.x;
+    const int64_t tiles = (n + EMB_ROWS - 1) / EMB_ROWS;
+    for (int64_t c0 = (int64_t)blockIdx.x * COL_W; c0 < d; c0 += (int64_t)gridDim.x * COL_W) {
+        const int64_t col = c0 + lane;
+        const bool in = col < d;
+        float v[PER];
+        /* Tokens of tiles 0 and 1, dy of tile 0, links of tile 0. */
+        if (tid < EMB_ROWS) {
+            stok[0][tid] = token_at(tokens, tid, n);
+            stok[1][tid] = token_at(tokens, EMB_ROWS + tid, n);
+        }
+        load_tile(v, dy, 0, n, d, col);
+#pragma unroll
+        for (int i = 0; i < PER; i++) sdy[warp + COL_WARPS * i][lane] = v[i];
+        __syncthreads();
+        if (tid < EMB_ROWS)
+            emb_links(stok[0], tile_rows(0, n, EMB_ROWS), vocab, snext[0], shead[0]);
+        __syncthreads();
+        for (int64_t k = 0; k < tiles; k++) {
+            const int b = (int)(k & 1);
+            const int64_t r0 = k * EMB_ROWS;
+            /* 1. The dw elements of this tile's heads. */
+            float w[PER];
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const int r = warp + COL_WARPS * i;
+                w[i] = in && shead[b][r] ? dw[(int64_t)stok[b][r] * d + col] : 0.0f;
+            }
+            /* 2. Prefetch: dy of tile k + 1, tokens of tile k + 2 (0 and −1
+             * past the end). Neither aliases dw. */
+            load_tile(v, dy, r0 + EMB_ROWS, n, d, col);
+            const int32_t t2 = tid < EMB_ROWS ? token_at(tokens, r0 + 2 * EMB_ROWS + tid, n) : -1;
+            /* 3. Links of tile k + 1, whose tokens are in the other buffer. */
+            if (k + 1 < tiles && tid < EMB_ROWS)
+                emb_links(stok[b ^ 1], tile_rows(r0 + EMB_ROWS, n, EMB_ROWS), vocab, snext[b ^ 1],
+                          shead[b ^ 1]);
+            /* 4. Each head's chain, in row order, into its dw element. */
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const int r = warp + COL_WARPS * i;
+                if (!in || !shead[b][r]) continue;
+                float acc = w[i];
+                int j = r;
+                do {
+                    acc += sdy[j][lane];
+                    j = snext[b][j];
+                } while (j >= 0);
+                dw[(int64_t)stok[b][r] * d + col] = acc;
+            }
+            /* This tile's dw stores before the next tile's loads; sdy,
+             * stok[b] and the links of tile k are free after this. */
+            __syncthreads();
+            /* 5. Tile k + 1's dy and tile k + 2's tokens into the freed buffers. */
+#pragma unroll
+            for (int i = 0; i < PER; i++) sdy[warp + COL_WARPS * i][lane] = v[i];
+            if (tid < EMB_ROWS) stok[b][tid] = t2;
+            __syncthreads();
         }
     }
 }
@@ -694,12 +957,18 @@ __global__ static void k_pos_fwd(const float *__restrict__ x, const float *__res
     GRID_STRIDE(i, batch * n) y[i] = x[i] + w[i % n];
 }
 
+/* dw[i] += Σ_b dy[b, i], b in order (the CPU's order). Unlike the other
+ * reductions over rows this one has T·d columns (hundreds of thousands) and
+ * few rows (the micro-batch): a thread per column, consecutive threads on
+ * consecutive elements, and the unrolled loads independent of the adds, so
+ * the kernel streams dy at memory bandwidth with no tiling. */
 __global__ static void k_pos_bwd(const float *__restrict__ dy, float *__restrict__ dw,
                                  int64_t batch, int64_t n)
 {
     GRID_STRIDE(i, n)
     {
         float acc = dw[i];
+#pragma unroll 4
         for (int64_t b = 0; b < batch; b++) acc += dy[b * n + i];
         dw[i] = acc;
     }
@@ -718,7 +987,8 @@ extern "C" pw_status pw_cuda_embedding_bwd_weight(pw_cuda_ops *ops, const int32_
                                                   int64_t vocab, int64_t d)
 {
     if (n <= 0 || d <= 0) return PW_OK;
-    k_embedding_bwd<<<grid_of(d, COL_NT), COL_NT, 0, ops->stream>>>(tokens, dy, dw, n, vocab, d);
+    k_embedding_bwd<<<grid_of(d, COL_W), COL_THREADS, 0, ops->stream>>>(tokens, dy, dw, n, vocab,
+                                                                        d);
     return launch_status("embedding_bwd_weight");
 }
 
@@ -791,24 +1061,19 @@ extern "C" pw_status pw_cuda_attention_fwd(pw_cuda_ops *ops, const float *qkv, f
     PW_CHECK(dims_ok("attention_fwd", T, 3 * D, H));
     PW_CHECK(rows_ok("attention_fwd", H * T));
     const int64_t hd = D / H, ld = 3 * D;
-    const float scale = (float)(1.0 / sqrt((double)hd)), one = 1.0f, zero = 0.0f;
+    const float scale = (float)(1.0 / sqrt((double)hd));
     for (int64_t b = 0; b < batch; b++) {
         const float *q = qkv + b * T * ld, *k = q + D, *v = q + 2 * D;
         float *a = att + b * H * T * T;
         /* S (T, T) = scale · Q · Kᵀ  (the CPU's NoTrans/Trans GEMM). */
-        PW_CHECK(blas_status(
-            cublasSgemmStridedBatched(ops->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)T, (int)T, (int)hd,
-                                      &scale, k, (int)ld, hd, q, (int)ld, hd, &zero, a, (int)T,
-                                      T * T, (int)H),
-            "attention_fwd"));
+        PW_CHECK(gemm(ops, "attention_fwd", CUBLAS_OP_T, CUBLAS_OP_N, (int)T, (int)T, (int)hd,
+                      scale, k, (int)ld, hd, q, (int)ld, hd, 0.0f, a, (int)T, T * T, (int)H));
         k_causal_softmax<<<(unsigned)(H * T), NT, 0, ops->stream>>>(a, T);
         PW_CHECK(launch_status("attention_fwd"));
         /* O (T, hd) = P · V  ⇔  Oᵀ = Vᵀ · Pᵀ. */
-        PW_CHECK(blas_status(
-            cublasSgemmStridedBatched(ops->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)hd, (int)T, (int)T,
-                                      &one, v, (int)ld, hd, a, (int)T, T * T, &zero,
-                                      out + b * T * D, (int)D, hd, (int)H),
-            "attention_fwd"));
+        PW_CHECK(gemm(ops, "attention_fwd", CUBLAS_OP_N, CUBLAS_OP_N, (int)hd, (int)T, (int)T,
+                      1.0f, v, (int)ld, hd, a, (int)T, T * T, 0.0f, out + b * T * D, (int)D, hd,
+                      (int)H));
     }
     return PW_OK;
 }
@@ -825,7 +1090,7 @@ extern "C" pw_status pw_cuda_attention_bwd_input(pw_cuda_ops *ops, const float *
     PW_CHECK(dims_ok("attention_bwd_input", T, 3 * D, H));
     PW_CHECK(rows_ok("attention_bwd_input", H * T));
     const int64_t hd = D / H, ld = 3 * D;
-    const float scale = (float)(1.0 / sqrt((double)hd)), one = 1.0f, zero = 0.0f;
+    const float scale = (float)(1.0 / sqrt((double)hd));
     const float beta = accumulate ? 1.0f : 0.0f;
     for (int64_t b = 0; b < batch; b++) {
         const float *q = qkv + b * T * ld, *k = q + D, *v = q + 2 * D;
@@ -834,31 +1099,23 @@ extern "C" pw_status pw_cuda_attention_bwd_input(pw_cuda_ops *ops, const float *
         const float *a = att + b * H * T * T;
         float *ds = scratch;
         /* dP (T, T) = dO · Vᵀ. */
-        PW_CHECK(blas_status(
-            cublasSgemmStridedBatched(ops->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)T, (int)T, (int)hd,
-                                      &one, v, (int)ld, hd, dO, (int)D, hd, &zero, ds, (int)T,
-                                      T * T, (int)H),
-            "attention_bwd_input"));
+        PW_CHECK(gemm(ops, "attention_bwd_input", CUBLAS_OP_T, CUBLAS_OP_N, (int)T, (int)T,
+                      (int)hd, 1.0f, v, (int)ld, hd, dO, (int)D, hd, 0.0f, ds, (int)T, T * T,
+                      (int)H));
         k_causal_softmax_bwd<<<(unsigned)(H * T), NT, 0, ops->stream>>>(a, ds, T, scale);
         PW_CHECK(launch_status("attention_bwd_input"));
         /* dQ (T, hd) = dS · K  ⇔  dQᵀ = Kᵀ · dSᵀ. */
-        PW_CHECK(blas_status(
-            cublasSgemmStridedBatched(ops->blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)hd, (int)T, (int)T,
-                                      &one, k, (int)ld, hd, ds, (int)T, T * T, &beta, dq,
-                                      (int)ld, hd, (int)H),
-            "attention_bwd_input"));
+        PW_CHECK(gemm(ops, "attention_bwd_input", CUBLAS_OP_N, CUBLAS_OP_N, (int)hd, (int)T,
+                      (int)T, 1.0f, k, (int)ld, hd, ds, (int)T, T * T, beta, dq, (int)ld, hd,
+                      (int)H));
         /* dK (T, hd) = dSᵀ · Q  ⇔  dKᵀ = Qᵀ · dS. */
-        PW_CHECK(blas_status(
-            cublasSgemmStridedBatched(ops->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)hd, (int)T, (int)T,
-                                      &one, q, (int)ld, hd, ds, (int)T, T * T, &beta, dk,
-                                      (int)ld, hd, (int)H),
-            "attention_bwd_input"));
+        PW_CHECK(gemm(ops, "attention_bwd_input", CUBLAS_OP_N, CUBLAS_OP_T, (int)hd, (int)T,
+                      (int)T, 1.0f, q, (int)ld, hd, ds, (int)T, T * T, beta, dk, (int)ld, hd,
+                      (int)H));
         /* dV (T, hd) = Pᵀ · dO  ⇔  dVᵀ = dOᵀ · P. */
-        PW_CHECK(blas_status(
-            cublasSgemmStridedBatched(ops->blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)hd, (int)T, (int)T,
-                                      &one, dO, (int)D, hd, a, (int)T, T * T, &beta, dv, (int)ld,
-                                      hd, (int)H),
-            "attention_bwd_input"));
+        PW_CHECK(gemm(ops, "attention_bwd_input", CUBLAS_OP_N, CUBLAS_OP_T, (int)hd, (int)T,
+                      (int)T, 1.0f, dO, (int)D, hd, a, (int)T, T * T, beta, dv, (int)ld, hd,
+                      (int)H));
     }
     return PW_OK;
 }

@@ -7,7 +7,7 @@
  * is the opaque pw_cuda_stream (the same type as cudaStream_t, so CUDA code
  * passes its streams unchanged).
  *
- *     pw_cuda_ops_config oc = { .device = 0, .stream = s, .allow_tf32 = 0 };
+ *     pw_cuda_ops_config oc = { .device = 0, .stream = s, .math = PW_CUDA_MATH_FP32 };
  *     pw_cuda_ops *ops;
  *     PW_CHECK(pw_cuda_ops_create(&oc, &ops));
  *     PW_CHECK(pw_cuda_linear_fwd(ops, x, w, b, y, n, in, out));   // on s
@@ -29,19 +29,28 @@
  *
  * Determinism. No reduction uses atomics: a row reduction (layernorm,
  * softmax) is one block with a fixed tree, and a reduction over rows (db,
- * layernorm dw/db, embedding and position-embedding gradients) walks the rows
+ * layernorm dw/db, embedding and position-embedding gradients) adds the rows
  * in order, row 0 first, exactly as the CPU op does. GEMMs are cuBLAS, which
  * gives the same bits run to run on one GPU model and toolkit (its atomics
- * mode stays off). So a CUDA op gives the same bits on every run; it is
- * within fp32 rounding of the CPU op, not bit-identical to it (different
- * GEMM and reduction orders). The custom kernels are compiled without FMA
- * contraction (--fmad=false), so the element-wise ops (relu, gelu, add,
- * dropout, embeddings, the xent backward) and the row-ordered sums round like
- * the CPU ones wherever the CPU build does not contract to FMA either
- * (x86-64 without -march); the tests still compare them with a tolerance.
+ * mode stays off). So a CUDA op gives the same bits on every run. The
+ * custom kernels are compiled without FMA contraction (--fmad=false), so the
+ * element-wise ops (relu, gelu, add, dropout, embeddings, the xent backward)
+ * round like the CPU ones, and the reductions over rows (linear db,
+ * layernorm dw/db, embedding and position-embedding gradients) give the CPU
+ * op's bits exactly, wherever the CPU build does not contract to FMA either
+ * (x86-64 without -march). GEMMs and the row reductions in double differ
+ * from the CPU in order: within rounding of the CPU op, not bit-identical.
  *
- * TF32. With allow_tf32 the GEMMs (linear and attention) may use TF32 tensor
- * cores: about 1e-3 relative error instead of fp32's 1e-6. Off by default.
+ * Math modes (pw_cuda_ops_config.math) set how every GEMM (linear and
+ * attention) multiplies; inputs, accumulation and outputs stay fp32 arrays:
+ *   PW_CUDA_MATH_FP32  plain fp32 (the default): ~1e-6 relative error;
+ *   PW_CUDA_MATH_TF32  operands rounded to TF32 (10-bit mantissa) inside the
+ *                      tensor cores, fp32 accumulation: ~1e-3 relative;
+ *   PW_CUDA_MATH_BF16  operands rounded to bf16 (7-bit mantissa) inside the
+ *                      tensor cores, fp32 accumulation and storage ("bf16
+ *                      compute, fp32 master weights"): ~1e-2 relative.
+ * Each mode is deterministic run to run; the modes differ from each other.
+ * The custom kernels are fp32 in every mode.
  */
 #ifndef PW_STAGES_CUDA_OPS_H
 #define PW_STAGES_CUDA_OPS_H
@@ -62,10 +71,23 @@ typedef struct CUstream_st *pw_cuda_stream;
 
 typedef struct pw_cuda_ops pw_cuda_ops;
 
+/* How the GEMMs multiply (see "Math modes" above). */
+typedef enum {
+    PW_CUDA_MATH_FP32 = 0, /* plain fp32 */
+    PW_CUDA_MATH_TF32 = 1, /* TF32 tensor cores, fp32 accumulation */
+    PW_CUDA_MATH_BF16 = 2  /* bf16 tensor cores, fp32 accumulation */
+} pw_cuda_math;
+
+/* "fp32", "tf32", "bf16"; "unknown" for any other value. */
+const char *pw_cuda_math_name(pw_cuda_math m);
+/* Parses one of those names (any case) into *out: 0, or -1 (and *out
+ * untouched) for anything else, NULL included. */
+int pw_cuda_math_parse(const char *s, pw_cuda_math *out);
+
 typedef struct pw_cuda_ops_config {
     int device;             /* CUDA device index the pointers live on */
     pw_cuda_stream stream;  /* where every op is enqueued */
-    int allow_tf32;         /* 1: GEMMs may use TF32 tensor cores */
+    pw_cuda_math math;      /* GEMM mode; 0 = PW_CUDA_MATH_FP32 */
     size_t blas_workspace;  /* bytes of cuBLAS workspace; 0 = 32 MiB */
 } pw_cuda_ops_config;
 
@@ -75,7 +97,8 @@ typedef struct pw_cuda_ops_config {
  * cuBLAS deterministic when several contexts run on concurrent streams of
  * one GPU (several stages on one GPU); with cuBLAS's shared default pool it
  * may pick different kernels. One context per stream. PW_ERR_UNSUPPORTED
- * with "no CUDA device: ..." when there is none. */
+ * with "no CUDA device: ..." when there is none; PW_ERR_INVALID_ARG for a
+ * device that does not exist or a math value outside pw_cuda_math. */
 pw_status pw_cuda_ops_create(const pw_cuda_ops_config *cfg, pw_cuda_ops **out);
 void pw_cuda_ops_destroy(pw_cuda_ops *ops); /* accepts NULL */
 /* Moves later ops (and their cuBLAS calls) onto another stream. */
@@ -134,7 +157,8 @@ pw_status pw_cuda_sum_d(pw_cuda_ops *ops, const double *v, int64_t n, double *ou
                         int accumulate);
 
 /* embedding: y (n, d) = w[tokens[r]]; out-of-range tokens give zero rows and
- * no gradient. Backward-weight walks the rows in order (see Determinism). */
+ * no gradient. Backward-weight adds the rows in order (see Determinism): a
+ * token that occurs twice gets its rows in position order. */
 pw_status pw_cuda_embedding_fwd(pw_cuda_ops *ops, const int32_t *tokens, const float *w, float *y,
                                 int64_t n, int64_t vocab, int64_t d);
 pw_status pw_cuda_embedding_bwd_weight(pw_cuda_ops *ops, const int32_t *tokens, const float *dy,

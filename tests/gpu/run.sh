@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
 # tests/gpu/run.sh — everything GPU-related in one command, for a lent GPU
-# machine (same Debian and CUDA toolkit as CI, no network):
-#   1. configure and build into build-gpu (PW_CUDA=ON; all targets);
+# machine (no network):
+#   1. configure and build into build-gpu (PW_CUDA=ON; all targets), or, on
+#      a bare GPU machine, use what tests/gpu/pack.sh built and packed
+#      elsewhere (PW_GPU_PREBUILT=.gpucarry);
 #   2. the CUDA tests (tests/test_cuda_ops.c: every CUDA op against the CPU op;
 #      tests/test_cuda_pipeline.c: 2- and 3-stage pipelines on one GPU byte-
-#      identical to one stage there, and close to the CPU);
-#   3. the GPU benchmark (tools/bench/bench_cuda.c), fp32 then TF32;
+#      identical to one stage there, and close to the CPU); a failing test
+#      runs again under compute-sanitizer;
+#   3. the GPU benchmark (tools/bench/bench_cuda.c), fp32, TF32 and bf16 GEMMs;
 #   4. the tiny GPT (examples/tiny_gpt.graph) through pipeline-run: 1 stage
-#      and 4 stages on the GPU, 1 stage on the CPU (tokens/s);
-#   5. a short table.
+#      and 4 stages on the GPU (fp32, and 1 stage with TF32 and bf16 GEMMs),
+#      1 stage on the CPU (steady tokens/s);
+#   5. the quick GPT example trained on the GPU (README's flags);
+#   6. a short table.
 # It never installs anything: a missing dependency stops the configure step
-# with CMake's message. Logs go to build-gpu/gpu-logs/ (and to $OUT/ when the
-# caller sets OUT, as the device runner does).
+# with CMake's message. Logs go to build-gpu/gpu-logs/ (/tmp/pw-gpu-logs with
+# PW_GPU_PREBUILT), and as one archive to $OUT/gpu-logs.tar.gz when the caller
+# sets OUT, as the device runner does.
 #
 #   bash tests/gpu/run.sh                  # everything
 #   PW_GPU_QUICK=1 bash tests/gpu/run.sh   # tests, and a shorter benchmark
 #   PW_CUDA_ARCHS="80;90" bash tests/gpu/run.sh   # other GPUs (default 90)
 #   PW_GPU_ALL_TESTS=1 bash tests/gpu/run.sh      # also the whole ctest suite
 #   PW_GPU_BUILD_DIR=dir bash tests/gpu/run.sh    # another build directory
+#   bash tests/gpu/pack.sh    # here; then on the GPU machine (device tool:
+#   PW_GPU_PREBUILT=.gpucarry bash tests/gpu/run.sh    # carry .gpucarry)
+#   PW_GPU_TEST_TIMEOUT / _BENCH_ / _GPT_ / _TRAIN_TIMEOUT, PW_GPU_TRAIN_STEPS:
+#                             seconds per step, and the quick GPT's steps
 #
 # Exit status: 0 when the CUDA tests pass (or skip without a GPU, which is
 # reported in the table), 1 when a test fails or the build does.
@@ -151,29 +161,30 @@ say "benchmark (bench_cuda)"
 iters=20; rows=4096
 [ "${PW_GPU_QUICK:-0}" = "1" ] && iters=5 && rows=1024
 bench_rc=0
-for tf in 0 1; do
-    timeout "$t_bench" "$build/bench_cuda" --tf32 $tf --iters $iters --rows $rows --threads "$jobs" \
-        >"$logs/bench_cuda_tf32_$tf.log" 2>&1
+for m in fp32 tf32 bf16; do
+    timeout "$t_bench" "$build/bench_cuda" --math $m --iters $iters --rows $rows --threads "$jobs" \
+        >"$logs/bench_cuda_$m.log" 2>&1
     rc=$?
-    grep -v "^SUMMARY" "$logs/bench_cuda_tf32_$tf.log"
+    # The op-against-CPU half does not depend on the GEMM mode: once is enough.
+    if [ $m = fp32 ]; then grep -v "^SUMMARY" "$logs/bench_cuda_$m.log"
+    else sed -n '/^SUMMARY/d; /^CUDA ops against CPU/q; p' "$logs/bench_cuda_$m.log"; fi
     [ $rc -ne 0 ] && bench_rc=$rc
 done
 [ "$bench_rc" -ne 0 ] && [ "$bench_rc" -ne 77 ] && status=1
 
 say "tiny GPT through pipeline-run (tokens/s = samples/s x 128)"
-# The training rate pipeline-run prints (samples since the start over wall
-# time, so it includes the first step's set-up); the held-out evaluation at
-# the end is not in it. Each run is cut off after 300 s.
-gpt_steps=30
-[ "${PW_GPU_QUICK:-0}" = "1" ] && gpt_steps=10
-gpt() { # name, extra flags; sets gpt_result (tokens/s, or - when it failed)
+# The steady training rate pipeline-run prints ("training rate": steps 2..N,
+# without the first step's set-up and without the evaluation).
+gpt_steps=40; cpu_steps=12
+[ "${PW_GPU_QUICK:-0}" = "1" ] && gpt_steps=25 && cpu_steps=6
+gpt() { # name, steps, extra flags; sets gpt_result (tokens/s, or - when it failed)
     gpt_result="-"
     timeout "$t_gpt" "$build/pipeline-run" examples/tiny_gpt.graph --data text:fortunes --batch 32 \
-        --micro-batches 8 --steps "$gpt_steps" --optimizer adamw --lr 1e-3 --no-pin $2 \
+        --micro-batches 8 --steps "$2" --optimizer adamw --lr 1e-3 --no-pin $3 \
         >"$logs/gpt_$1.log" 2>&1
     local rc=$?
     local sps
-    sps=$(grep -o "[0-9.]* samples/s" "$logs/gpt_$1.log" | tail -1 | awk '{print $1}')
+    sps=$(grep -o "training rate: [0-9.]* samples/s" "$logs/gpt_$1.log" | tail -1 | awk '{print $3}')
     if [ "$rc" -ne 0 ] || [ -z "$sps" ]; then
         echo "gpt $1: exit $rc"; tail -3 "$logs/gpt_$1.log"
         # No GPU here is a skip, as for the tests; a time-out is only slow.
@@ -183,9 +194,14 @@ gpt() { # name, extra flags; sets gpt_result (tokens/s, or - when it failed)
     fi
     gpt_result=$(echo "$sps" | awk '{printf "%.0f", $1 * 128}')
 }
-gpt gpu1 "--device cuda --stages 1"; gpt_gpu1=$gpt_result; echo "GPU, 1 stage:  $gpt_gpu1 tokens/s"
-gpt gpu4 "--device cuda --stages 4"; gpt_gpu4=$gpt_result; echo "GPU, 4 stages: $gpt_gpu4 tokens/s"
-gpt cpu1 "--device cpu --stages 1 --threads $jobs"; gpt_cpu1=$gpt_result
+gpt gpu1 "$gpt_steps" "--device cuda --stages 1 --trace $logs/gpt_gpu1.json"; gpt_gpu1=$gpt_result
+echo "GPU, 1 stage:  $gpt_gpu1 tokens/s"
+gpt gpu4 "$gpt_steps" "--device cuda --stages 4 --trace $logs/gpt_gpu4.json"; gpt_gpu4=$gpt_result
+echo "GPU, 4 stages: $gpt_gpu4 tokens/s"
+gpt gpu1tf32 "$gpt_steps" "--device cuda --stages 1 --gpu-math tf32"; gpt_gpu1tf32=$gpt_result
+gpt gpu1bf16 "$gpt_steps" "--device cuda --stages 1 --gpu-math bf16"; gpt_gpu1bf16=$gpt_result
+echo "GPU, 1 stage, TF32 / bf16 GEMMs: $gpt_gpu1tf32 / $gpt_gpu1bf16 tokens/s"
+gpt cpu1 "$cpu_steps" "--device cpu --stages 1 --threads $jobs"; gpt_cpu1=$gpt_result
 echo "CPU, 1 stage ($jobs threads): $gpt_cpu1 tokens/s"
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
 
@@ -203,25 +219,25 @@ heldout=$(grep -o "held-out loss [0-9.]*" "$logs/train_quick.log" | tail -1 | aw
 [ "$train_rc" -ne 0 ] && ! grep -q "no CUDA device" "$logs/train_quick.log" && status=1
 
 say "summary"
-sum() { grep -h "^SUMMARY $1" "$logs/bench_cuda_tf32_$2.log" 2>/dev/null; }
-device=$(sum device 0 | cut -d' ' -f3-)
+sum() { grep -h "^SUMMARY $1" "$logs/bench_cuda_$2.log" 2>/dev/null; }
+device=$(sum device fp32 | cut -d' ' -f3-)
 printf '%-34s %s\n' "device" "${device:-none (benchmark skipped: exit $bench_rc)}"
 printf '%-34s %s\n' "build (configure + all targets)" "${build_s} s"
 printf '%-34s %s\n' "test_cuda_ops" "${synth:-no result} | skipped: $skipped (exit $test_rc, ${test_s} s)"
 printf '%-34s %s\n' "test_cuda_pipeline" "${pipe_synth:-no result} | skipped: $pipe_skipped (exit $pipe_rc, ${pipe_s} s)"
-for tf in 0 1; do
-    label=$([ $tf = 1 ] && echo TF32 || echo fp32)
-    w=$(sum gemm_worst_ratio $tf | awk '{print $3}')
-    sq=$(sum "gemm square_4096.fwd" $tf | awk '{printf "%s TFLOP/s (cuBLAS %s)", $4, $5}')
-    printf '%-34s %s\n' "GEMM $label: worst op/cuBLAS ratio" "${w:--}"
-    printf '%-34s %s\n' "GEMM $label: 4096^3 linear_fwd" "${sq:--}"
+for m in fp32 tf32 bf16; do
+    w=$(sum gemm_worst_ratio $m | awk '{print $3}')
+    sq=$(sum "gemm square_4096.fwd" $m | awk '{printf "%s TFLOP/s (cuBLAS %s)", $4, $5}')
+    printf '%-34s %s\n' "GEMM $m: worst op/cuBLAS ratio" "${w:--}"
+    printf '%-34s %s\n' "GEMM $m: 4096^3 linear_fwd" "${sq:--}"
 done
 for op in attention_fwd attention_bwd_input layernorm_fwd "softmax_xent_fwd" gelu_fwd embedding_bwd_weight; do
-    r=$(sum "op $op " 0 | head -1 | awk '{printf "cpu %s ms, gpu %s ms, x%s", $4, $5, $6}')
+    r=$(sum "op $op " fp32 | head -1 | awk '{printf "cpu %s ms, gpu %s ms, x%s", $4, $5, $6}')
     printf '%-34s %s\n' "$op" "${r:--}"
 done
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 1 stage" "${gpt_gpu1:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 4 stages" "${gpt_gpu4:--} (x$(ratio "$gpt_gpu4" "$gpt_gpu1") of 1 stage)"
+printf '%-34s %s\n' "tiny GPT tokens/s: GPU tf32 / bf16" "${gpt_gpu1tf32:--} / ${gpt_gpu1bf16:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: CPU 1 stage" "${gpt_cpu1:--} (GPU 1 stage: x$(ratio "$gpt_gpu1" "$gpt_cpu1"))"
 printf '%-34s %s\n' "quick GPT trained, ${train_steps} steps" "held-out ${heldout:--} nats (exit $train_rc, ${train_s} s)"
 printf '%-34s %s\n' "total" "$(secs "$t_start") s, exit $status"

@@ -1,12 +1,17 @@
 /* bench_cuda — the CUDA backend on one GPU:
  *   1. GEMM throughput of the stage's linear ops (pw_cuda_linear_fwd,
  *      _bwd_input, _bwd_weight, bias and db included) against cuBLAS's own
- *      SGEMM on the same shapes, same stream, same math mode;
+ *      GEMM (cublasGemmEx) on the same shapes, same stream, same compute
+ *      type (the --math mode);
  *   2. every other CUDA op against its CPU op (stages/cpu/ops.h) at one
  *      transformer block's sizes: milliseconds per call and the speed-up.
  *
- *   bench_cuda [--tf32 0|1] [--iters N] [--rows R] [--width D] [--heads H]
- *              [--seq T] [--threads T]
+ *   bench_cuda [--math fp32|tf32|bf16] [--iters N] [--rows R] [--width D]
+ *              [--heads H] [--seq T] [--threads T]
+ *
+ * --math is the GEMMs' mode (stages/cuda/ops.h, "Math modes"; default
+ * fp32); the older --tf32 0|1 still works and means fp32 or tf32 when
+ * --math is not given.
  *
  * GPU times come from CUDA events around N back-to-back calls after two
  * warm-up calls (per-call time = total / N, so launch overhead counts).
@@ -139,7 +144,30 @@ typedef struct shape { int64_t n, in, out; const char *what; } shape;
 
 static double worst_ratio = 1e30;
 
-static void bench_gemm(timer *t, pw_cuda_ops *ops, cublasHandle_t blas, const shape *sh)
+/* The compute type ops.cu gives each GEMM in mode m. */
+static cublasComputeType_t compute_type(pw_cuda_math m)
+{
+    switch (m) {
+    case PW_CUDA_MATH_TF32: return CUBLAS_COMPUTE_32F_FAST_TF32;
+    case PW_CUDA_MATH_BF16: return CUBLAS_COMPUTE_32F_FAST_16BF;
+    default: return CUBLAS_COMPUTE_32F;
+    }
+}
+
+/* One fp32 GEMM straight to cuBLAS, column-major, in compute type ct. */
+static cublasStatus_t ref_gemm(cublasHandle_t blas, cublasComputeType_t ct, cublasOperation_t ta,
+                               cublasOperation_t tb, int64_t m, int64_t n, int64_t k,
+                               const float *A, int64_t lda, const float *B, int64_t ldb,
+                               float beta, float *C, int64_t ldc)
+{
+    const float one = 1.0f;
+    return cublasGemmEx(blas, ta, tb, (int)m, (int)n, (int)k, &one, A, CUDA_R_32F, (int)lda, B,
+                        CUDA_R_32F, (int)ldb, &beta, C, CUDA_R_32F, (int)ldc, ct,
+                        CUBLAS_GEMM_DEFAULT);
+}
+
+static void bench_gemm(timer *t, pw_cuda_ops *ops, cublasHandle_t blas, cublasComputeType_t ct,
+                       const shape *sh)
 {
     const int64_t n = sh->n, in = sh->in, out = sh->out;
     float *x = dev_rand(n * in, 1), *w = dev_rand(out * in, 2), *b = dev_rand(out, 3);
@@ -148,21 +176,20 @@ static void bench_gemm(timer *t, pw_cuda_ops *ops, cublasHandle_t blas, const sh
     float *dw = dev_copy(NULL, (size_t)(out * in) * sizeof(float));
     float *db = dev_copy(NULL, (size_t)out * sizeof(float));
     const double flop = 2.0 * (double)n * (double)in * (double)out;
-    const float one = 1.0f, zero = 0.0f;
     double op_ms[3], ref_ms[3];
     GPU_MS(t, op_ms[0], CK(pw_cuda_linear_fwd(ops, x, w, b, y, n, in, out)));
     GPU_MS(t, op_ms[1], CK(pw_cuda_linear_bwd_input(ops, dy, w, dx, n, in, out, 0)));
     GPU_MS(t, op_ms[2], CK(pw_cuda_linear_bwd_weight(ops, dy, x, dw, db, n, in, out)));
     /* The same three GEMMs straight to cuBLAS (ops.cu's operand order). */
     GPU_MS(t, ref_ms[0],
-           CBK(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)out, (int)n, (int)in, &one, w,
-                           (int)in, x, (int)in, &zero, y, (int)out)));
+           CBK(ref_gemm(blas, ct, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, w, in, x, in, 0.0f, y,
+                        out)));
     GPU_MS(t, ref_ms[1],
-           CBK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, (int)in, (int)n, (int)out, &one, w,
-                           (int)in, dy, (int)out, &zero, dx, (int)in)));
+           CBK(ref_gemm(blas, ct, CUBLAS_OP_N, CUBLAS_OP_N, in, n, out, w, in, dy, out, 0.0f, dx,
+                        in)));
     GPU_MS(t, ref_ms[2],
-           CBK(cublasSgemm(blas, CUBLAS_OP_N, CUBLAS_OP_T, (int)in, (int)out, (int)n, &one, x,
-                           (int)in, dy, (int)out, &one, dw, (int)in)));
+           CBK(ref_gemm(blas, ct, CUBLAS_OP_N, CUBLAS_OP_T, in, out, n, x, in, dy, out, 1.0f, dw,
+                        in)));
     static const char *const names[3] = {"fwd", "bwd_input", "bwd_weight"};
     for (int k = 0; k < 3; k++) {
         const double op_tf = flop / (op_ms[k] * 1e-3) / 1e12;
@@ -277,7 +304,10 @@ static void bench_ops(timer *t, pw_cuda_ops *ops, int64_t n, int64_t D, int64_t 
 
 int main(int argc, char **argv)
 {
-    const int tf32 = (int)arg_int(argc, argv, "--tf32", 0);
+    pw_cuda_math math = arg_int(argc, argv, "--tf32", 0) ? PW_CUDA_MATH_TF32 : PW_CUDA_MATH_FP32;
+    const char *math_arg = arg_str(argc, argv, "--math", NULL);
+    if (math_arg && pw_cuda_math_parse(math_arg, &math) != 0)
+        DIE("--math %s: expected fp32, tf32 or bf16", math_arg);
     const int iters = (int)arg_int(argc, argv, "--iters", 20);
     const int64_t rows = arg_int(argc, argv, "--rows", 4096);
     const int64_t D = arg_int(argc, argv, "--width", 768);
@@ -296,24 +326,29 @@ int main(int argc, char **argv)
     CK(pw_cuda_device_query(0, &info));
     printf("bench_cuda: %s (cc %d.%d, %d SMs, %zu MiB), %s GEMMs, %d iterations per figure\n",
            info.name, info.cc_major, info.cc_minor, info.sm_count, info.total_mem >> 20,
-           tf32 ? "TF32" : "fp32", iters);
+           pw_cuda_math_name(math), iters);
     printf("SUMMARY device %s\n", info.name);
     pw_cpu_set_threads(threads);
 
     pw_cuda_stream s;
     CK(pw_cuda_stream_create(0, &s));
-    pw_cuda_ops_config oc = {.device = 0, .stream = s, .allow_tf32 = tf32};
+    pw_cuda_ops_config oc = {.device = 0, .stream = s, .math = math};
     pw_cuda_ops *ops;
     CK(pw_cuda_ops_create(&oc, &ops));
+    /* The reference handle as ops.cu sets its own: default math mode, the
+     * mode in each call's compute type. */
     cublasHandle_t blas;
     CBK(cublasCreate(&blas));
-    CBK(cublasSetMathMode(blas, tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    CBK(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH));
     CBK(cublasSetStream(blas, s));
+    const cublasComputeType_t ct = compute_type(math);
     timer t = {.s = s, .iters = iters};
     CUK(cudaEventCreate(&t.a));
     CUK(cudaEventCreate(&t.b));
 
-    printf("\nlinear ops against cuBLAS SGEMM (same shapes; rows = micro-batch x sequence):\n");
+    printf("\nlinear ops against cuBLAS (cublasGemmEx, %s; same shapes; rows = micro-batch x "
+           "sequence):\n",
+           pw_cuda_math_name(math));
     const shape shapes[] = {
         {rows, D, 3 * D, "qkv_proj"},
         {rows, D, D, "attn_out"},
@@ -322,7 +357,7 @@ int main(int argc, char **argv)
         {4096, 4096, 4096, "square_4096"},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
-        bench_gemm(&t, ops, blas, &shapes[i]);
+        bench_gemm(&t, ops, blas, ct, &shapes[i]);
     printf("SUMMARY gemm_worst_ratio %.3f\n", worst_ratio);
 
     printf(
