@@ -122,6 +122,21 @@ typedef struct pw_backend_i {
     pw_status (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
     pw_status (*zero)(void *ctx, void *dst, size_t bytes);
 
+    /* (optional) Recording. The program brackets the ops of one training
+     * call — the forward, input backward or weight backward of one slot,
+     * uploads and downloads outside — with record_begin(ctx, key) and
+     * record_end(ctx, key, status of the calls between). The calls between
+     * two brackets of one key are the same ops on the same pointers and
+     * sizes every time; only dropout_fwd's key and first_sample change. The
+     * backend may record them the first time and replay the record later
+     * (CUDA: a graph, one launch instead of hundreds): then the op slots
+     * between the brackets only note their arguments, and record_end
+     * launches the record — or fails with PW_ERR_INTERNAL if the calls
+     * differ from the recorded ones. A failed status given to record_end
+     * discards the recording. NULL: every call runs as made. */
+    pw_status (*record_begin)(void *ctx, int key);
+    pw_status (*record_end)(void *ctx, int key, pw_status calls);
+
     /* ---- ops (stages/cpu/ops.h for shapes and semantics) ---- */
     pw_status (*linear_fwd)(void *ctx, const float *x, const float *w, const float *b, float *y,
                             int64_t n, int64_t in, int64_t out);

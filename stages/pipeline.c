@@ -499,6 +499,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
             .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
             .device = chunk_device(pl, s, device, sizeof device), .math = c->math,
+            .no_graphs = c->no_graphs,
         };
         PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
         pw_program_init_params(gs->piece[j], c->seed);

@@ -108,6 +108,8 @@ typedef struct pw_pipeline_config {
                                        transport for now (PW_ERR_UNSUPPORTED) */
     int math;                       /* a device's GEMM mode (pw_math, stages/backend.h):
                                        0 = fp32 (default), tf32, bf16; the CPU ignores it */
+    int no_graphs;                  /* 1: device programs never record their training
+                                       calls for replay (CUDA graphs; docs/cuda.md) */
 } pw_pipeline_config;
 
 pw_pipeline_config pw_pipeline_defaults(void);

@@ -868,20 +868,35 @@ static pw_status upload_inputs(pw_program *p, int slot, int64_t n)
     return PW_OK;
 }
 
-/* The ops of the range over n samples of `slot`. RUN_RECOMPUTE rebuilds the
- * activations of the last training forward in the shared region: the same
- * kernels on the same inputs with the same randomness, so the same bits; it
- * leaves the loss statistics and the outgoing messages alone. */
-static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
+/* ---- recording (stages/backend.h, record_begin) ----
+ * A device program whose calls complete asynchronously hands each training
+ * call's ops to its backend between record brackets, one key per (kind,
+ * slot): the same kernels on the same buffers every step, so the CUDA
+ * backend records them once as a graph and replays it (docs/cuda.md).
+ * Uploads of inputs and downloads of messages stay outside. Not under
+ * recompute (its redo paths vary) nor with cfg.no_graphs. */
+enum { REC_FORWARD = 0, REC_BACKWARD_INPUT, REC_BACKWARD_WEIGHT };
+
+static int recording(const pw_program *p)
+{
+    return p->async && p->be->record_begin && p->be->record_end && !p->cfg.recompute &&
+           !p->cfg.no_graphs;
+}
+
+typedef pw_status (*ops_fn)(pw_program *p, int slot, int64_t n, int how);
+
+static pw_status recorded(pw_program *p, int kind, int slot, ops_fn fn, int64_t n, int how)
+{
+    const int key = kind * p->cfg.slots + slot;
+    PW_CHECK(p->be->record_begin(p->be_ctx, key));
+    return p->be->record_end(p->be_ctx, key, fn(p, slot, n, how));
+}
+
+/* The forward ops of the range (run_forward's middle). */
+static pw_status forward_ops(pw_program *p, int slot, int64_t n, int how)
 {
     const pw_graph *g = p->g;
     slot_state *ss = &p->slots[slot];
-    if (how != RUN_RECOMPUTE) {
-        ss->loss_sum = 0.0;
-        ss->correct = 0;
-        ss->stats[0] = ss->stats[1] = 0.0;
-        if (p->dev) PW_CHECK(upload_inputs(p, slot, n));
-    }
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
         const pw_value *xv = &g->values[nd->inputs[0]];
@@ -945,6 +960,25 @@ static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
                             nd->line, nd->col, pw_op_name(nd->op), p->be->name);
         }
     }
+    return PW_OK;
+}
+
+/* The ops of the range over n samples of `slot`. RUN_RECOMPUTE rebuilds the
+ * activations of the last training forward in the shared region: the same
+ * kernels on the same inputs with the same randomness, so the same bits; it
+ * leaves the loss statistics and the outgoing messages alone. */
+static pw_status run_forward(pw_program *p, int slot, int64_t n, int how)
+{
+    const pw_graph *g = p->g;
+    slot_state *ss = &p->slots[slot];
+    if (how != RUN_RECOMPUTE) {
+        ss->loss_sum = 0.0;
+        ss->correct = 0;
+        ss->stats[0] = ss->stats[1] = 0.0;
+        if (p->dev) PW_CHECK(upload_inputs(p, slot, n));
+    }
+    if (how == RUN_TRAIN && recording(p)) PW_CHECK(recorded(p, REC_FORWARD, slot, forward_ops, n, how));
+    else PW_CHECK(forward_ops(p, slot, n, how));
     if (how == RUN_RECOMPUTE) return PW_OK;
     /* Values sent on. Under recompute, those produced here were computed in
      * the shared region and go to the slot's message now. Values received
@@ -1066,37 +1100,14 @@ static pw_status ensure_forward(pw_program *p, int slot)
     return PW_OK;
 }
 
-/* The input gradients of one slot, in reverse node order. */
-static pw_status run_backward_input(pw_program *p, int slot)
+/* The input-backward ops of the range, in reverse node order
+ * (run_backward_input's middle). */
+static pw_status backward_input_ops(pw_program *p, int slot, int64_t n, int how)
 {
+    (void)how;
     const pw_graph *g = p->g;
-    int64_t n = p->slots[slot].rows;
     unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)g->n_values];
-    memset(valid, 0, (size_t)g->n_values);
-    /* Gradients of this stage's outputs were written by the next stage. A
-     * value passed through arrives in GRAD_OUT and leaves in GRAD_IN: copy,
-     * then local uses add to it — the order a single stage sums in. Under
-     * recompute the gradient of a value produced here is summed in the
-     * shared region, starting from what the next stage sent, so the message
-     * is only read (and a redo can start over from it). */
-    for (int k = 0; k < p->n_outputs; k++) {
-        int v = p->outputs[k];
-        if (!p->requires_grad[v]) continue;
-        size_t bytes = value_bytes(&g->values[v], n);
-        if (p->is_in[v]) {
-            if (p->redo) continue; /* its gradient is not needed again */
-            valid[v] = 1;
-            const float *src = p->fwd_grad_src[sv(p, slot, v)];
-            if (src) BE(upload, pw_program_grad(p, v, slot), src, bytes);
-        } else {
-            valid[v] = 1;
-            /* A device program's copy of the (host) message, once. */
-            const float *msg = p->dev && !p->redo ? p->bind_grad[sv(p, slot, v)] : NULL;
-            if (msg) BE(upload, pw_program_grad(p, v, slot), msg, bytes);
-            if (p->cfg.recompute) BE(copy, grad_at(p, v, slot), pw_program_grad(p, v, slot), bytes);
-        }
-    }
-
+    (void)valid;
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
         const pw_value *xv = &g->values[nd->inputs[0]];
@@ -1167,6 +1178,42 @@ static pw_status run_backward_input(pw_program *p, int slot)
                             nd->line, nd->col, pw_op_name(nd->op), p->be->name);
         }
     }
+    return PW_OK;
+}
+
+/* The input gradients of one slot, in reverse node order. */
+static pw_status run_backward_input(pw_program *p, int slot)
+{
+    const pw_graph *g = p->g;
+    int64_t n = p->slots[slot].rows;
+    unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)g->n_values];
+    memset(valid, 0, (size_t)g->n_values);
+    /* Gradients of this stage's outputs were written by the next stage. A
+     * value passed through arrives in GRAD_OUT and leaves in GRAD_IN: copy,
+     * then local uses add to it — the order a single stage sums in. Under
+     * recompute the gradient of a value produced here is summed in the
+     * shared region, starting from what the next stage sent, so the message
+     * is only read (and a redo can start over from it). */
+    for (int k = 0; k < p->n_outputs; k++) {
+        int v = p->outputs[k];
+        if (!p->requires_grad[v]) continue;
+        size_t bytes = value_bytes(&g->values[v], n);
+        if (p->is_in[v]) {
+            if (p->redo) continue; /* its gradient is not needed again */
+            valid[v] = 1;
+            const float *src = p->fwd_grad_src[sv(p, slot, v)];
+            if (src) BE(upload, pw_program_grad(p, v, slot), src, bytes);
+        } else {
+            valid[v] = 1;
+            /* A device program's copy of the (host) message, once. */
+            const float *msg = p->dev && !p->redo ? p->bind_grad[sv(p, slot, v)] : NULL;
+            if (msg) BE(upload, pw_program_grad(p, v, slot), msg, bytes);
+            if (p->cfg.recompute) BE(copy, grad_at(p, v, slot), pw_program_grad(p, v, slot), bytes);
+        }
+    }
+
+    if (!p->redo && recording(p)) PW_CHECK(recorded(p, REC_BACKWARD_INPUT, slot, backward_input_ops, n, 0));
+    else PW_CHECK(backward_input_ops(p, slot, n, 0));
     if (p->redo) return PW_OK;
     /* A received value no local op sent a gradient to still owes the previous
      * stage a (zero) gradient. A device program then downloads the input
@@ -1200,27 +1247,11 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
     return be_end_call(p, backward_input(p, slot));
 }
 
-static pw_status backward_weight(pw_program *p, int slot)
+/* The weight-backward ops of the range, in reverse node order. */
+static pw_status backward_weight_ops(pw_program *p, int slot, int64_t n, int how)
 {
+    (void)how;
     const pw_graph *g = p->g;
-    int64_t n = p->slots[slot].rows;
-    if (p->cfg.recompute && !(p->shared_slot == slot && p->shared_state == SHARED_BWD)) {
-        /* Other work ran since this slot's backward_input (a split-W
-         * schedule): rebuild its activations and interior gradients. The
-         * input gradients were sent already; the redo keeps them local. */
-        PW_CHECK(ensure_forward(p, slot));
-        p->shared_state = SHARED_NONE;
-        p->redo = 1;
-        pw_status st = run_backward_input(p, slot);
-        p->redo = 0;
-        PW_CHECK(st);
-        p->shared_state = SHARED_BWD;
-    }
-    /* Reverse node order, as the fused backward would visit them. A tied
-     * parameter's uses each add into their own buffer (micro-batch order),
-     * summed once per step by pw_program_fold_grads: the same order however
-     * the uses are spread over stages. */
-    p->folded = 0;
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
         if (nd->n_params == 0 || !grad_ready(p, slot, nd->output)) continue;
@@ -1250,6 +1281,30 @@ static pw_status backward_weight(pw_program *p, int slot)
         }
     }
     return PW_OK;
+}
+
+static pw_status backward_weight(pw_program *p, int slot)
+{
+    int64_t n = p->slots[slot].rows;
+    if (p->cfg.recompute && !(p->shared_slot == slot && p->shared_state == SHARED_BWD)) {
+        /* Other work ran since this slot's backward_input (a split-W
+         * schedule): rebuild its activations and interior gradients. The
+         * input gradients were sent already; the redo keeps them local. */
+        PW_CHECK(ensure_forward(p, slot));
+        p->shared_state = SHARED_NONE;
+        p->redo = 1;
+        pw_status st = run_backward_input(p, slot);
+        p->redo = 0;
+        PW_CHECK(st);
+        p->shared_state = SHARED_BWD;
+    }
+    /* Reverse node order, as the fused backward would visit them. A tied
+     * parameter's uses each add into their own buffer (micro-batch order),
+     * summed once per step by pw_program_fold_grads: the same order however
+     * the uses are spread over stages. */
+    p->folded = 0;
+    if (recording(p)) return recorded(p, REC_BACKWARD_WEIGHT, slot, backward_weight_ops, n, 0);
+    return backward_weight_ops(p, slot, n, 0);
 }
 
 pw_status pw_program_backward_weight(pw_program *p, int slot)

@@ -108,6 +108,9 @@ typedef struct pw_program_config {
     int math;                  /* a device program's GEMM mode, a pw_math of
                                   stages/backend.h: 0 = fp32 (default), tf32, bf16;
                                   the CPU ignores it */
+    int no_graphs;             /* 1: a device program runs every call as made,
+                                  never recording a training call for replay
+                                  (stages/backend.h, record_begin; docs/cuda.md) */
 } pw_program_config;
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out);

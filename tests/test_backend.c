@@ -286,6 +286,42 @@ static void hd_message_free(void *base)
     free(base);
 }
 
+/* Recording brackets (backend.h, record_begin) as the CUDA backend needs
+ * them: paired, never nested, one key per (kind, slot), and no copy to or
+ * from the host between them (uploads and downloads stay outside). The
+ * ops still run as made. Per thread: each stage's worker brackets its own. */
+static _Thread_local int hd_rec_key = -1;
+static int hd_rec_count, hd_rec_violations;
+
+static pw_status hd_record_begin(void *ctx, int key)
+{
+    (void)ctx;
+    if (hd_rec_key != -1 || key < 0 || key >= 3 * 16) __atomic_add_fetch(&hd_rec_violations, 1, __ATOMIC_SEQ_CST);
+    hd_rec_key = key;
+    __atomic_add_fetch(&hd_rec_count, 1, __ATOMIC_SEQ_CST);
+    return PW_OK;
+}
+
+static pw_status hd_record_end(void *ctx, int key, pw_status calls)
+{
+    (void)ctx;
+    if (hd_rec_key != key) __atomic_add_fetch(&hd_rec_violations, 1, __ATOMIC_SEQ_CST);
+    hd_rec_key = -1;
+    return calls;
+}
+
+static pw_status hd_rec_upload(void *ctx, void *dst, const void *src, size_t bytes)
+{
+    if (hd_rec_key != -1) __atomic_add_fetch(&hd_rec_violations, 1, __ATOMIC_SEQ_CST);
+    return pw_backend_cpu_i.upload(ctx, dst, src, bytes);
+}
+
+static pw_status hd_rec_download(void *ctx, void *dst, const void *src, size_t bytes)
+{
+    if (hd_rec_key != -1) __atomic_add_fetch(&hd_rec_violations, 1, __ATOMIC_SEQ_CST);
+    return hd_async_download(ctx, dst, src, bytes);
+}
+
 static pw_backend_i hostdev_i, hostdev_async_i;
 
 static void register_hostdev(void)
@@ -311,6 +347,10 @@ static void register_hostdev(void)
     hostdev_async_i.sync = hd_async_sync;
     hostdev_async_i.download = hd_async_download;
     hostdev_async_i.notify = hd_async_notify;
+    hostdev_async_i.record_begin = hd_record_begin;
+    hostdev_async_i.record_end = hd_record_end;
+    hostdev_async_i.upload = hd_rec_upload;
+    hostdev_async_i.download = hd_rec_download;
     cr_assert_eq(pw_backend_register(&hostdev_async_i), PW_OK, "%s", pw_last_error());
 }
 
@@ -452,6 +492,11 @@ ParameterizedTest(case_t *c, backend, device_paths_match_the_cpu, .timeout = TIM
     unsigned before = hd_jobs_run();
     result adev = run(g, d, &r);
     cr_assert_gt(hd_jobs_run(), before, "no call completed asynchronously");
+    /* The training calls went through record brackets, properly (not
+     * under recompute, whose redo paths vary). */
+    cr_expect_eq(hd_rec_violations, 0, "record brackets misused");
+    if (!c->recompute) cr_expect_gt(hd_rec_count, 0, "no training call was bracketed for recording");
+    else cr_expect_eq(hd_rec_count, 0, "recompute must not record");
     snprintf(what, sizeof what, "%s, %d stages, %s%s: hostdev-async vs cpu", c->gpt ? "GPT" : "MLP",
              c->stages, pw_schedule_kind_name(c->kind), c->recompute ? ", recompute" : "");
     expect_same(&cpu, &adev, what);
@@ -694,6 +739,8 @@ ParameterizedTest(async_case *c, backend, async_device_every_schedule, .timeout 
     unsigned before = hd_jobs_run();
     result dev = run(g, d, &r);
     cr_assert_gt(hd_jobs_run(), before, "no call completed asynchronously");
+    cr_expect_eq(hd_rec_violations, 0, "record brackets misused");
+    cr_expect_gt(hd_rec_count, 0, "no training call was bracketed for recording");
     char what[128];
     snprintf(what, sizeof what, "MLP, %d stages, %s: hostdev-async vs cpu", c->stages,
              pw_schedule_kind_name(c->kind));

@@ -85,6 +85,7 @@ typedef struct options {
     const char *device;          /* --device: NULL = cpu */
     const char *gpu_memory;      /* --gpu-memory: each GPU's bytes for the plan */
     pw_math gpu_math;            /* --gpu-math */
+    int no_gpu_graphs;           /* --no-gpu-graphs */
     int gpu_math_set;
 } options;
 
@@ -119,6 +120,8 @@ static void usage(FILE *f)
 "                        (docs/cuda.md)\n"
 "  --gpu-math MODE       fp32 (default), tf32 or bf16: how GPU matrix products\n"
 "                        round their operands (storage stays fp32)\n"
+"  --no-gpu-graphs       run every GPU kernel as issued instead of replaying\n"
+"                        each training call's recorded CUDA graph\n"
 "  --partition METHOD    auto (default: the graph's cut markers when they make\n"
 "                        S stages, else flops), cuts, or flops\n"
 "  --trace FILE          write a Chrome trace (Perfetto, pipe-trace)\n"
@@ -261,7 +264,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
-       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH };
+       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -363,6 +366,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"device", required_argument, 0, OPT_DEVICE},
         {"gpu-memory", required_argument, 0, OPT_GPUMEM},
         {"gpu-math", required_argument, 0, OPT_GPUMATH},
+        {"no-gpu-graphs", no_argument, 0, OPT_NOGRAPHS},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -521,6 +525,7 @@ static int parse_args(int argc, char **argv, options *o)
             if (pw_math_parse(optarg, &o->gpu_math) != PW_OK) return bad_usage("--gpu-math: %s", pw_last_error());
             o->gpu_math_set = 1;
             break;
+        case OPT_NOGRAPHS: o->no_gpu_graphs = 1; break;
         case OPT_TOPK:
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
@@ -1475,6 +1480,7 @@ int main(int argc, char **argv)
     pc.recompute = o.recompute;
     pc.device = o.device;
     pc.math = (int)o.gpu_math;
+    pc.no_graphs = o.no_gpu_graphs;
     if (use_plan) {
         pc.cuts = pr.plan->part.begin;
         pc.n_cuts = pr.plan->part.n_stages + 1;

@@ -5,12 +5,31 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "stages/cuda/device.h"
 #include "stages/cuda/ops.h"
 
 #define ALIGN 256
+
+/* Recording (backend.h, record_begin): one CUDA graph per key, and per key
+ * the dropout parameters its replays read — {key, first_sample} per dropout
+ * call, written on the host (page-locked) and copied to the device just
+ * before each launch. The host copy is rewritten only by the key's next
+ * occurrence, which the engine starts after this one completed. */
+#define REC_MAX_DROPOUT 256
+
+typedef struct rec {
+    pw_cuda_graph graph;  /* NULL: not recorded (yet) */
+    uint64_t hash;        /* of the recorded calls' arguments */
+    int calls, drops;     /* recorded op calls and dropout calls */
+    uint64_t *host;       /* [REC_MAX_DROPOUT][2], page-locked */
+    uint64_t *dev;        /* the same on the device */
+} rec;
+
+enum { REC_OFF = 0, REC_CAPTURE, REC_REPLAY };
 
 typedef struct cuda_ctx {
     int device;
@@ -18,7 +37,42 @@ typedef struct cuda_ctx {
     pw_cuda_ops *ops;
     pw_cuda_stream s;      /* the stage's compute stream: everything goes here */
     double *scratch;       /* one device double (find_nonfinite) */
+    rec *recs;             /* [n_recs], by key */
+    int n_recs;
+    int mode, key;         /* REC_*, and the key between the brackets */
+    uint64_t hash;         /* of the calls so far between the brackets */
+    int calls, drops;
 } cuda_ctx;
+
+/* Between the brackets every op slot notes its arguments (FNV-1a over
+ * 64-bit words); replaying, that is all it does. */
+static void rec_mix(cuda_ctx *c, const uint64_t *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        c->hash ^= v[i];
+        c->hash *= 0x100000001b3ULL;
+    }
+    c->calls++;
+}
+
+#define U(x) ((uint64_t)(uintptr_t)(x))
+#define I(x) ((uint64_t)(int64_t)(x))
+static uint64_t fbits(double x)
+{
+    uint64_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+/* First thing in each op slot: REC(ctx, op number, its arguments...). */
+#define REC(ctx, ...)                                                   \
+    do {                                                                \
+        cuda_ctx *rc_ = (ctx);                                          \
+        if (rc_->mode != REC_OFF) {                                     \
+            const uint64_t rv_[] = {__VA_ARGS__};                       \
+            rec_mix(rc_, rv_, sizeof rv_ / sizeof *rv_);                \
+            if (rc_->mode == REC_REPLAY) return PW_OK;                  \
+        }                                                               \
+    } while (0)
 
 static size_t round_up(size_t b) { return (b + ALIGN - 1) / ALIGN * ALIGN; }
 
@@ -26,6 +80,13 @@ static void cuda_close(void *ctx)
 {
     cuda_ctx *c = ctx;
     if (!c) return;
+    if (c->st) (void)pw_cuda_sync(c->s); /* no replay in flight */
+    for (int k = 0; k < c->n_recs; k++) {
+        pw_cuda_graph_destroy(c->recs[k].graph);
+        pw_cuda_host_free(c->recs[k].host);
+        pw_cuda_free(c->recs[k].dev);
+    }
+    free(c->recs);
     pw_cuda_ops_destroy(c->ops);
     pw_cuda_stage_destroy(c->st); /* waits for its streams */
     free(c);
@@ -88,11 +149,13 @@ static pw_status cuda_notify(void *ctx, void (*fn)(void *arg), void *arg)
 
 static pw_status cuda_copy(void *ctx, void *dst, const void *src, size_t bytes)
 {
+    REC(ctx, 100, U(dst), U(src), I(bytes));
     return pw_cuda_copy_async(dst, src, bytes, ((cuda_ctx *)ctx)->s);
 }
 
 static pw_status cuda_zero(void *ctx, void *dst, size_t bytes)
 {
+    REC(ctx, 101, U(dst), I(bytes));
     return pw_cuda_memset_async(dst, 0, bytes, ((cuda_ctx *)ctx)->s);
 }
 
@@ -101,40 +164,47 @@ static pw_status cuda_zero(void *ctx, void *dst, size_t bytes)
 static pw_status cuda_linear_fwd(void *ctx, const float *x, const float *w, const float *b, float *y,
                                  int64_t n, int64_t in, int64_t out)
 {
+    REC(ctx, 1, U(x), U(w), U(b), U(y), I(n), I(in), I(out));
     return pw_cuda_linear_fwd(OPS(ctx), x, w, b, y, n, in, out);
 }
 
 static pw_status cuda_linear_bwd_input(void *ctx, const float *dy, const float *w, float *dx,
                                        int64_t n, int64_t in, int64_t out, int accumulate)
 {
+    REC(ctx, 2, U(dy), U(w), U(dx), I(n), I(in), I(out), I(accumulate));
     return pw_cuda_linear_bwd_input(OPS(ctx), dy, w, dx, n, in, out, accumulate);
 }
 
 static pw_status cuda_linear_bwd_weight(void *ctx, const float *dy, const float *x, float *dw,
                                         float *db, int64_t n, int64_t in, int64_t out)
 {
+    REC(ctx, 3, U(dy), U(x), U(dw), U(db), I(n), I(in), I(out));
     return pw_cuda_linear_bwd_weight(OPS(ctx), dy, x, dw, db, n, in, out);
 }
 
 static pw_status cuda_relu_fwd(void *ctx, const float *x, float *y, int64_t n)
 {
+    REC(ctx, 4, U(x), U(y), I(n));
     return pw_cuda_relu_fwd(OPS(ctx), x, y, n);
 }
 
 static pw_status cuda_relu_bwd_input(void *ctx, const float *y, const float *dy, float *dx,
                                      int64_t n, int accumulate)
 {
+    REC(ctx, 5, U(y), U(dy), U(dx), I(n), I(accumulate));
     return pw_cuda_relu_bwd_input(OPS(ctx), y, dy, dx, n, accumulate);
 }
 
 static pw_status cuda_gelu_fwd(void *ctx, const float *x, float *y, int64_t n)
 {
+    REC(ctx, 6, U(x), U(y), I(n));
     return pw_cuda_gelu_fwd(OPS(ctx), x, y, n);
 }
 
 static pw_status cuda_gelu_bwd_input(void *ctx, const float *x, const float *dy, float *dx,
                                      int64_t n, int accumulate)
 {
+    REC(ctx, 7, U(x), U(dy), U(dx), I(n), I(accumulate));
     return pw_cuda_gelu_bwd_input(OPS(ctx), x, dy, dx, n, accumulate);
 }
 
@@ -142,6 +212,7 @@ static pw_status cuda_layernorm_fwd(void *ctx, const float *x, const float *w, c
                                     float *y, float *mean, float *rstd, int64_t n, int64_t d,
                                     float eps)
 {
+    REC(ctx, 8, U(x), U(w), U(b), U(y), U(mean), U(rstd), I(n), I(d), fbits(eps));
     return pw_cuda_layernorm_fwd(OPS(ctx), x, w, b, y, mean, rstd, n, d, eps);
 }
 
@@ -149,6 +220,7 @@ static pw_status cuda_layernorm_bwd_input(void *ctx, const float *x, const float
                                           const float *mean, const float *rstd, const float *dy,
                                           float *dx, int64_t n, int64_t d, int accumulate)
 {
+    REC(ctx, 9, U(x), U(w), U(mean), U(rstd), U(dy), U(dx), I(n), I(d), I(accumulate));
     return pw_cuda_layernorm_bwd_input(OPS(ctx), x, w, mean, rstd, dy, dx, n, d, accumulate);
 }
 
@@ -156,16 +228,19 @@ static pw_status cuda_layernorm_bwd_weight(void *ctx, const float *x, const floa
                                            const float *rstd, const float *dy, float *dw,
                                            float *db, int64_t n, int64_t d)
 {
+    REC(ctx, 10, U(x), U(mean), U(rstd), U(dy), U(dw), U(db), I(n), I(d));
     return pw_cuda_layernorm_bwd_weight(OPS(ctx), x, mean, rstd, dy, dw, db, n, d);
 }
 
 static pw_status cuda_add_fwd(void *ctx, const float *a, const float *b, float *y, int64_t n)
 {
+    REC(ctx, 11, U(a), U(b), U(y), I(n));
     return pw_cuda_add_fwd(OPS(ctx), a, b, y, n);
 }
 
 static pw_status cuda_copy_grad(void *ctx, const float *dy, float *dx, int64_t n, int accumulate)
 {
+    REC(ctx, 12, U(dy), U(dx), I(n), I(accumulate));
     return pw_cuda_copy_grad(OPS(ctx), dy, dx, n, accumulate);
 }
 
@@ -175,6 +250,7 @@ static pw_status cuda_copy_grad(void *ctx, const float *dy, float *dx, int64_t n
 static pw_status cuda_xent_fwd(void *ctx, const float *logits, const int32_t *labels, float *probs,
                                double *stats, double *scratch, int64_t n, int64_t C)
 {
+    REC(ctx, 13, U(logits), U(labels), U(probs), U(stats), U(scratch), I(n), I(C));
     if (!scratch)
         return pw_error(PW_ERR_INVALID_ARG, "CUDA softmax cross-entropy needs %lld doubles of row "
                         "scratch", (long long)n);
@@ -188,41 +264,48 @@ static pw_status cuda_xent_fwd(void *ctx, const float *logits, const int32_t *la
 static pw_status cuda_xent_bwd(void *ctx, const float *probs, const int32_t *labels, float *dlogits,
                                int64_t n, int64_t C, float scale, int accumulate)
 {
+    REC(ctx, 14, U(probs), U(labels), U(dlogits), I(n), I(C), fbits(scale), I(accumulate));
     return pw_cuda_softmax_xent_bwd(OPS(ctx), probs, labels, dlogits, n, C, scale, accumulate);
 }
 
 static pw_status cuda_loss_fill(void *ctx, const double *stats, float *y, int64_t m, double div)
 {
+    REC(ctx, 15, U(stats), U(y), I(m), fbits(div));
     return pw_cuda_fill_mean(OPS(ctx), &stats[0], y, m, div);
 }
 
 static pw_status cuda_embedding_fwd(void *ctx, const int32_t *tokens, const float *w, float *y,
                                     int64_t n, int64_t vocab, int64_t d)
 {
+    REC(ctx, 16, U(tokens), U(w), U(y), I(n), I(vocab), I(d));
     return pw_cuda_embedding_fwd(OPS(ctx), tokens, w, y, n, vocab, d);
 }
 
 static pw_status cuda_embedding_bwd_weight(void *ctx, const int32_t *tokens, const float *dy,
                                            float *dw, int64_t n, int64_t vocab, int64_t d)
 {
+    REC(ctx, 17, U(tokens), U(dy), U(dw), I(n), I(vocab), I(d));
     return pw_cuda_embedding_bwd_weight(OPS(ctx), tokens, dy, dw, n, vocab, d);
 }
 
 static pw_status cuda_pos_embedding_fwd(void *ctx, const float *x, const float *w, float *y,
                                         int64_t batch, int64_t T, int64_t d)
 {
+    REC(ctx, 18, U(x), U(w), U(y), I(batch), I(T), I(d));
     return pw_cuda_pos_embedding_fwd(OPS(ctx), x, w, y, batch, T, d);
 }
 
 static pw_status cuda_pos_embedding_bwd_weight(void *ctx, const float *dy, float *dw, int64_t batch,
                                                int64_t T, int64_t d)
 {
+    REC(ctx, 19, U(dy), U(dw), I(batch), I(T), I(d));
     return pw_cuda_pos_embedding_bwd_weight(OPS(ctx), dy, dw, batch, T, d);
 }
 
 static pw_status cuda_attention_fwd(void *ctx, const float *qkv, float *out, float *att,
                                     int64_t batch, int64_t T, int64_t D, int64_t H)
 {
+    REC(ctx, 20, U(qkv), U(out), U(att), I(batch), I(T), I(D), I(H));
     return pw_cuda_attention_fwd(OPS(ctx), qkv, out, att, batch, T, D, H);
 }
 
@@ -231,6 +314,7 @@ static pw_status cuda_attention_bwd_input(void *ctx, const float *qkv, const flo
                                           int64_t batch, int64_t T, int64_t D, int64_t H,
                                           int accumulate)
 {
+    REC(ctx, 21, U(qkv), U(att), U(dout), U(dqkv), U(scratch), I(batch), I(T), I(D), I(H), I(accumulate));
     return pw_cuda_attention_bwd_input(OPS(ctx), qkv, att, dout, dqkv, scratch, batch, T, D, H,
                                        accumulate);
 }
@@ -240,12 +324,92 @@ static int64_t cuda_attention_scratch(int64_t T, int64_t H) { return H * T * T; 
 static pw_status cuda_dropout_fwd(void *ctx, const float *x, float *y, uint8_t *mask, int64_t batch,
                                   int64_t numel, float p, uint64_t key, int64_t first_sample)
 {
-    return pw_cuda_dropout_fwd(OPS(ctx), x, y, mask, batch, numel, p, key, first_sample);
+    cuda_ctx *c = ctx;
+    if (c->mode == REC_OFF)
+        return pw_cuda_dropout_fwd(c->ops, x, y, mask, batch, numel, p, key, first_sample);
+    /* Recorded: the parameters go to the key's table, which the kernel reads. */
+    rec *r = &c->recs[c->key];
+    if (c->drops == REC_MAX_DROPOUT)
+        return pw_error(PW_ERR_UNSUPPORTED, "CUDA graph: more than %d dropouts in one call",
+                        REC_MAX_DROPOUT);
+    const int d = c->drops++;
+    r->host[2 * d] = key;
+    r->host[2 * d + 1] = (uint64_t)first_sample;
+    REC(ctx, 200, U(x), U(y), U(mask), I(batch), I(numel), fbits(p));
+    return pw_cuda_dropout_fwd_dev(c->ops, x, y, mask, batch, numel, p, r->dev + 2 * d);
+}
+
+/* ---- recording (backend.h) ---- */
+
+static pw_status cuda_record_begin(void *ctx, int key)
+{
+    cuda_ctx *c = ctx;
+    if (c->mode != REC_OFF) return pw_error(PW_ERR_INTERNAL, "CUDA graph: nested recording");
+    if (key < 0) return pw_error(PW_ERR_INVALID_ARG, "CUDA graph: key %d", key);
+    if (key >= c->n_recs) {
+        int n = key + 1 > 2 * c->n_recs ? key + 1 : 2 * c->n_recs;
+        rec *r = realloc(c->recs, (size_t)n * sizeof *r);
+        if (!r) return pw_error(PW_ERR_NOMEM, "CUDA graph: out of memory");
+        memset(r + c->n_recs, 0, (size_t)(n - c->n_recs) * sizeof *r);
+        c->recs = r;
+        c->n_recs = n;
+    }
+    rec *r = &c->recs[key];
+    if (!r->host) {
+        const size_t bytes = 2 * REC_MAX_DROPOUT * sizeof(uint64_t);
+        PW_CHECK(pw_cuda_host_alloc(bytes, (void **)&r->host));
+        pw_status st = pw_cuda_malloc(c->device, bytes, (void **)&r->dev);
+        if (st != PW_OK) {
+            pw_cuda_host_free(r->host);
+            r->host = NULL;
+            return st;
+        }
+    }
+    c->key = key;
+    c->hash = 0xcbf29ce484222325ULL;
+    c->calls = c->drops = 0;
+    if (r->graph) {
+        c->mode = REC_REPLAY;
+        return PW_OK;
+    }
+    PW_CHECK(pw_cuda_capture_begin(c->s));
+    c->mode = REC_CAPTURE;
+    return PW_OK;
+}
+
+static pw_status cuda_record_end(void *ctx, int key, pw_status calls)
+{
+    cuda_ctx *c = ctx;
+    if (c->mode == REC_OFF || key != c->key)
+        return pw_error(PW_ERR_INTERNAL, "CUDA graph: record_end(%d) without its record_begin", key);
+    rec *r = &c->recs[key];
+    const int mode = c->mode;
+    c->mode = REC_OFF;
+    if (mode == REC_CAPTURE) {
+        pw_cuda_graph g = NULL;
+        pw_status st = pw_cuda_capture_end(c->s, calls != PW_OK, &g);
+        if (calls != PW_OK) return calls;
+        PW_CHECK(st);
+        r->graph = g;
+        r->hash = c->hash;
+        r->calls = c->calls;
+        r->drops = c->drops;
+    } else if (calls != PW_OK) {
+        return calls;
+    } else if (c->hash != r->hash || c->calls != r->calls || c->drops != r->drops) {
+        return pw_error(PW_ERR_INTERNAL, "CUDA graph %d: the program's calls differ from the recorded "
+                        "ones (%d calls, %d dropouts; recorded %d, %d): a bug; --no-gpu-graphs runs "
+                        "without recording", key, c->calls, c->drops, r->calls, r->drops);
+    }
+    if (r->drops)
+        PW_CHECK(pw_cuda_copy_async(r->dev, r->host, 2 * (size_t)r->drops * sizeof(uint64_t), c->s));
+    return pw_cuda_graph_launch(r->graph, c->s);
 }
 
 static pw_status cuda_dropout_bwd_input(void *ctx, const uint8_t *mask, const float *dy, float *dx,
                                         int64_t n, float p, int accumulate)
 {
+    REC(ctx, 22, U(mask), U(dy), U(dx), I(n), fbits(p), I(accumulate));
     return pw_cuda_dropout_bwd_input(OPS(ctx), mask, dy, dx, n, p, accumulate);
 }
 
@@ -299,6 +463,8 @@ static const pw_backend_i cuda_i = {
     .host_unregister = pw_cuda_host_unregister,
     .message_alloc = pw_cuda_message_alloc,
     .message_free = pw_cuda_free,
+    .record_begin = cuda_record_begin,
+    .record_end = cuda_record_end,
     .download = cuda_copy,
     .copy = cuda_copy,
     .zero = cuda_zero,

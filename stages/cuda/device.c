@@ -205,6 +205,58 @@ void pw_cuda_host_unregister(void *base)
     if (base && cudaHostUnregister(base) != cudaSuccess) (void)cudaGetLastError();
 }
 
+pw_status pw_cuda_capture_begin(pw_cuda_stream s)
+{
+    CUDA_TRY(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    return PW_OK;
+}
+
+pw_status pw_cuda_capture_end(pw_cuda_stream s, int discard, pw_cuda_graph *out)
+{
+    *out = NULL;
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(s, &graph);
+    if (discard || e != cudaSuccess) {
+        if (graph) (void)cudaGraphDestroy(graph);
+        if (e == cudaSuccess) return PW_OK;
+        (void)cudaGetLastError();
+        return pw_error(PW_ERR_INTERNAL, "cudaStreamEndCapture: %s", cudaGetErrorString(e));
+    }
+    cudaGraphExec_t exec = NULL;
+    e = cudaGraphInstantiate(&exec, graph, 0);
+    (void)cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return pw_error(PW_ERR_INTERNAL, "cudaGraphInstantiate: %s", cudaGetErrorString(e));
+    }
+    *out = exec;
+    return PW_OK;
+}
+
+pw_status pw_cuda_graph_launch(pw_cuda_graph g, pw_cuda_stream s)
+{
+    CUDA_TRY(cudaGraphLaunch(g, s), "cudaGraphLaunch");
+    return PW_OK;
+}
+
+void pw_cuda_graph_destroy(pw_cuda_graph g)
+{
+    if (g) (void)cudaGraphExecDestroy(g);
+}
+
+pw_status pw_cuda_host_alloc(size_t bytes, void **out)
+{
+    *out = NULL;
+    CUDA_TRY(cudaMallocHost(out, bytes ? bytes : 1), "cudaMallocHost");
+    memset(*out, 0, bytes);
+    return PW_OK;
+}
+
+void pw_cuda_host_free(void *p)
+{
+    if (p) (void)cudaFreeHost(p);
+}
+
 pw_status pw_cuda_memset_async(void *dptr, int byte, size_t bytes, pw_cuda_stream s)
 {
     if (!bytes) return PW_OK;

@@ -115,6 +115,19 @@ void pw_cuda_host_unregister(void *base);
  * waits): the message buffers of stages that all compute on `dev`. Makes
  * `dev` current on the calling thread. Free with pw_cuda_free. */
 pw_status pw_cuda_message_alloc(int dev, size_t bytes, void **dptr);
+/* CUDA graphs: the work a thread enqueues on `s` between capture_begin and
+ * capture_end is recorded (not run) and instantiated once; graph_launch
+ * replays it on a stream, as one launch. Capture is thread-local (other
+ * threads' streams go on as usual). capture_end with `discard` (the
+ * recorded calls failed) ends the capture and keeps nothing. */
+typedef struct CUgraphExec_st *pw_cuda_graph; /* cudaGraphExec_t */
+pw_status pw_cuda_capture_begin(pw_cuda_stream s);
+pw_status pw_cuda_capture_end(pw_cuda_stream s, int discard, pw_cuda_graph *out);
+pw_status pw_cuda_graph_launch(pw_cuda_graph g, pw_cuda_stream s);
+void pw_cuda_graph_destroy(pw_cuda_graph g); /* accepts NULL */
+/* Page-locked host memory (cudaMallocHost), zeroed; free with pw_cuda_host_free. */
+pw_status pw_cuda_host_alloc(size_t bytes, void **out);
+void pw_cuda_host_free(void *p); /* accepts NULL */
 /* Enqueues a fill of `bytes` device bytes with `byte` on `s`. */
 pw_status pw_cuda_memset_async(void *dptr, int byte, size_t bytes, pw_cuda_stream s);
 /* Enqueues fn(arg) on `s` (cudaLaunchHostFunc): it runs on a CUDA runtime

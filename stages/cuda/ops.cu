@@ -1149,6 +1149,25 @@ __global__ static void k_dropout_fwd(const float *__restrict__ x, float *__restr
     }
 }
 
+/* The same, with (key, first_sample) read from device memory: a recorded
+ * CUDA graph replays this kernel with new values written there first. */
+__global__ static void k_dropout_fwd_dev(const float *__restrict__ x, float *__restrict__ y,
+                                         uint8_t *__restrict__ mask, int64_t batch, int64_t numel,
+                                         float p, float scale,
+                                         const uint64_t *__restrict__ key_first)
+{
+    const uint64_t key = key_first[0];
+    const int64_t first_sample = (int64_t)key_first[1];
+    GRID_STRIDE(i, batch * numel)
+    {
+        const int64_t b = i / numel, j = i - b * numel;
+        const uint64_t idx = (uint64_t)(first_sample + b) * (uint64_t)numel + (uint64_t)j;
+        const bool keep = rng_uniform(key, idx) >= p;
+        mask[i] = (uint8_t)keep;
+        y[i] = keep ? x[i] * scale : 0.0f;
+    }
+}
+
 __global__ static void k_dropout_bwd(const uint8_t *__restrict__ mask,
                                      const float *__restrict__ dy, float *__restrict__ dx,
                                      int64_t n, float scale, int accumulate)
@@ -1167,6 +1186,16 @@ extern "C" pw_status pw_cuda_dropout_fwd(pw_cuda_ops *ops, const float *x, float
     if (batch <= 0 || numel <= 0) return PW_OK;
     k_dropout_fwd<<<grid_for(batch * numel), NT, 0, ops->stream>>>(
         x, y, mask, batch, numel, p, 1.0f / (1.0f - p), key, first_sample);
+    return launch_status("dropout_fwd");
+}
+
+extern "C" pw_status pw_cuda_dropout_fwd_dev(pw_cuda_ops *ops, const float *x, float *y,
+                                             uint8_t *mask, int64_t batch, int64_t numel, float p,
+                                             const uint64_t *key_first)
+{
+    if (batch <= 0 || numel <= 0) return PW_OK;
+    k_dropout_fwd_dev<<<grid_for(batch * numel), NT, 0, ops->stream>>>(
+        x, y, mask, batch, numel, p, 1.0f / (1.0f - p), key_first);
     return launch_status("dropout_fwd");
 }
 

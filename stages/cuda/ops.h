@@ -186,6 +186,11 @@ pw_status pw_cuda_attention_bwd_input(pw_cuda_ops *ops, const float *qkv, const 
 pw_status pw_cuda_dropout_fwd(pw_cuda_ops *ops, const float *x, float *y, uint8_t *mask,
                               int64_t batch, int64_t numel, float p, uint64_t key,
                               int64_t first_sample);
+/* The same with key_first = {key, (uint64_t)first_sample} in DEVICE memory,
+ * read when the kernel runs: what a recorded CUDA graph replays
+ * (stages/cuda/backend_cuda.c) with new values copied there first. */
+pw_status pw_cuda_dropout_fwd_dev(pw_cuda_ops *ops, const float *x, float *y, uint8_t *mask,
+                                  int64_t batch, int64_t numel, float p, const uint64_t *key_first);
 pw_status pw_cuda_dropout_bwd_input(pw_cuda_ops *ops, const uint8_t *mask, const float *dy,
                                     float *dx, int64_t n, float p, int accumulate);
 

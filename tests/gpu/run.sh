@@ -198,6 +198,9 @@ gpt gpu1 "$gpt_steps" "--device cuda --stages 1 --trace $logs/gpt_gpu1.json"; gp
 echo "GPU, 1 stage:  $gpt_gpu1 tokens/s"
 gpt gpu4 "$gpt_steps" "--device cuda --stages 4 --trace $logs/gpt_gpu4.json"; gpt_gpu4=$gpt_result
 echo "GPU, 4 stages: $gpt_gpu4 tokens/s"
+gpt gpu1nog "$gpt_steps" "--device cuda --stages 1 --no-gpu-graphs"; gpt_gpu1nog=$gpt_result
+gpt gpu4nog "$gpt_steps" "--device cuda --stages 4 --no-gpu-graphs"; gpt_gpu4nog=$gpt_result
+echo "GPU without CUDA graphs, 1 / 4 stages: $gpt_gpu1nog / $gpt_gpu4nog tokens/s"
 gpt gpu1tf32 "$gpt_steps" "--device cuda --stages 1 --gpu-math tf32"; gpt_gpu1tf32=$gpt_result
 gpt gpu1bf16 "$gpt_steps" "--device cuda --stages 1 --gpu-math bf16"; gpt_gpu1bf16=$gpt_result
 echo "GPU, 1 stage, TF32 / bf16 GEMMs: $gpt_gpu1tf32 / $gpt_gpu1bf16 tokens/s"
@@ -237,6 +240,7 @@ for op in attention_fwd attention_bwd_input layernorm_fwd "softmax_xent_fwd" gel
 done
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 1 stage" "${gpt_gpu1:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 4 stages" "${gpt_gpu4:--} (x$(ratio "$gpt_gpu4" "$gpt_gpu1") of 1 stage)"
+printf '%-34s %s\n' "tiny GPT tokens/s: no graphs 1 / 4" "${gpt_gpu1nog:--} / ${gpt_gpu4nog:--} (graphs: x$(ratio "$gpt_gpu1" "$gpt_gpu1nog") / x$(ratio "$gpt_gpu4" "$gpt_gpu4nog"))"
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU tf32 / bf16" "${gpt_gpu1tf32:--} / ${gpt_gpu1bf16:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: CPU 1 stage" "${gpt_cpu1:--} (GPU 1 stage: x$(ratio "$gpt_gpu1" "$gpt_cpu1"))"
 printf '%-34s %s\n' "quick GPT trained, ${train_steps} steps" "held-out ${heldout:--} nats (exit $train_rc, ${train_s} s)"
