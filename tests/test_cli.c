@@ -73,7 +73,8 @@ Test(cli, help_documents_every_flag)
     const char *flags[] = {"--epochs", "--steps", "--batch", "--micro-batches", "--stages",
                            "--schedule", "--partition", "--trace", "--watchdog", "--optimizer",
                            "--lr", "--momentum", "--weight-decay", "--data", "--shuffle", "--seed",
-                           "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check"};
+                           "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check",
+                           "--device", "--gpu-math", "--no-gpu-graphs"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         cr_assert(strstr(o, flags[i]), "--help does not mention %s", flags[i]);
     free(o);
@@ -532,6 +533,18 @@ Test(cli, device_flag)
     free(o);
     cr_assert_eq(run("m.graph " DATA " --device cuda:x", &o), 2, "%s", o);
     cr_assert(strstr(o, "cuda:N"), "%s", o);
+    free(o);
+    /* GEMM modes: named ones only; a reduced one needs a GPU; fp32 and
+     * --no-gpu-graphs change nothing on the CPU. */
+    cr_assert_eq(run("m.graph " DATA " --gpu-math fp16", &o), 2, "%s", o);
+    cr_assert(strstr(o, "--gpu-math") && strstr(o, "'fp16'") && strstr(o, "fp32, tf32 or bf16"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --batch 16 --gpu-math bf16", &o), 2, "%s", o);
+    cr_assert(strstr(o, "--gpu-math bf16: needs a GPU"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 2 --batch 16 --stages 2 --gpu-math fp32 --no-gpu-graphs", &o),
+                 0, "%s", o);
+    cr_assert(strstr(o, "training rate: "), "%s", o);
     free(o);
 #ifdef PW_HAVE_CUDA
     /* What the CUDA pipeline does not do yet: refused before the device is looked for. */
