@@ -1106,8 +1106,6 @@ static pw_status backward_input_ops(pw_program *p, int slot, int64_t n, int how)
 {
     (void)how;
     const pw_graph *g = p->g;
-    unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)g->n_values];
-    (void)valid;
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
         const pw_value *xv = &g->values[nd->inputs[0]];

@@ -26,6 +26,8 @@
 #   PW_GPU_BUILD_DIR=dir bash tests/gpu/run.sh    # another build directory
 #   bash tests/gpu/pack.sh    # here; then on the GPU machine (device tool:
 #   PW_GPU_PREBUILT=.gpucarry bash tests/gpu/run.sh    # carry .gpucarry)
+#   PW_GPU_SANITIZE_ALL=1 bash tests/gpu/run.sh   # the CUDA tests under
+#                             compute-sanitizer (memcheck, racecheck, synccheck)
 #   PW_GPU_TEST_TIMEOUT / _BENCH_ / _GPT_ / _TRAIN_TIMEOUT, PW_GPU_TRAIN_STEPS:
 #                             seconds per step, and the quick GPT's steps
 #
@@ -114,6 +116,34 @@ fi
 grep -E "warning" "$logs/build.log" | head -20 || true
 build_s=$(secs "$t0")
 echo "built in ${build_s} s"
+fi
+
+if [ "${PW_GPU_SANITIZE_ALL:-0}" = "1" ]; then
+    # Every CUDA test under compute-sanitizer instead of the usual steps:
+    # memcheck (out-of-bounds and misaligned accesses, leaks, API errors) on
+    # both test programs, racecheck (shared-memory hazards) and synccheck on
+    # the tests of the tiled kernels. Ends with each tool's error summary.
+    command -v compute-sanitizer >/dev/null 2>&1 || { echo "compute-sanitizer not found"; exit 1; }
+    cs() { # log name, tool, binary, filter
+        timeout "$t_test" compute-sanitizer --tool "$2" --target-processes all --print-limit 30 \
+            "$build/$3" --jobs 1 ${4:+--filter=$4} >"$logs/$1.log" 2>&1
+        local rc=$?
+        local errs
+        errs=$(grep -o "ERROR SUMMARY: [0-9]* error" "$logs/$1.log" | awk '{s += $3} END {print s + 0}')
+        local synth
+        synth=$(grep -o "Tested: [0-9]* | Passing: [0-9]* | Failing: [0-9]*" "$logs/$1.log" | tail -1)
+        printf '%-34s %s\n' "$1" "errors: $errs; ${synth:-no result} (exit $rc)"
+        grep -m 5 -E "^========= (Invalid|Race|Barrier|Program hit|.*ERROR)" "$logs/$1.log" || true
+        [ "$rc" -ne 0 ] || [ "$errs" -ne 0 ] && status=1
+    }
+    say "compute-sanitizer"
+    cs memcheck_ops memcheck test_cuda_ops
+    cs memcheck_pipeline memcheck test_cuda_pipeline
+    cs racecheck_reductions racecheck test_cuda_ops 'cuda_ops/reductions_over_rows_bit_exact'
+    cs racecheck_attention racecheck test_cuda_ops 'cuda_ops/attention'
+    cs synccheck_ops synccheck test_cuda_ops
+    printf '%-34s %s\n' "total" "$(secs "$t_start") s, exit $status"
+    exit $status
 fi
 
 say "CUDA tests (test_cuda_ops)"
