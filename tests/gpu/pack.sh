@@ -42,5 +42,5 @@ if [ -d /usr/share/games/fortunes ]; then
     find /usr/share/games/fortunes -maxdepth 1 -type f ! -name '*.dat' ! -name '*.u8' \
         -exec cp {} "$carry/fortunes/" \;
 fi
-grep -qx "/$carry/" .git/info/exclude 2>/dev/null || echo "/$carry/" >>.git/info/exclude
+# (.gitignore lists /.gpucarry/)
 du -sh "$carry"
