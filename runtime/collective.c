@@ -38,6 +38,7 @@ struct pw_shm_group {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     member *m;                 /* [n] */
+    const pw_span_mem *mem;    /* NULL: the spans are host memory */
 };
 
 /* How long a waiter sleeps between looks at the abort flag. */
@@ -130,9 +131,10 @@ static void bump(pw_shm_group *g, int k, int64_t to)
 /* ------------------------------------------------------- segment work */
 
 /* dst[lo, hi) = src[lo, hi) + dst[lo, hi) (add) or = src[lo, hi) (copy),
- * positions in the concatenations of the two span lists. */
-static void seg_apply(const pw_span *dst, int nd, const pw_span *src, int ns, int64_t lo,
-                      int64_t hi, int add)
+ * positions in the concatenations of the two span lists; through `mem`
+ * (then fenced) when the spans are not host memory. */
+static pw_status seg_apply(const pw_span_mem *mem, const pw_span *dst, int nd, const pw_span *src,
+                           int ns, int64_t lo, int64_t hi, int add)
 {
     int i = 0, j = 0;
     int64_t di = 0, sj = 0; /* start of dst[i], src[j] in the concatenation */
@@ -146,7 +148,9 @@ static void seg_apply(const pw_span *dst, int nd, const pw_span *src, int ns, in
         float *restrict d = dst[i].data + (x - di);
         const float *restrict s = src[j].data + (x - sj);
         int64_t len = end - x;
-        if (add)
+        if (mem && len > 0)
+            PW_CHECK(mem->apply(d, s, len, add));
+        else if (add)
             for (int64_t k = 0; k < len; k++) d[k] = s[k] + d[k];
         else if (len > 0)
             memcpy(d, s, (size_t)len * sizeof(float));
@@ -154,6 +158,7 @@ static void seg_apply(const pw_span *dst, int nd, const pw_span *src, int ns, in
         if (x == dend) di += dst[i++].n;
         if (x == send) sj += src[j++].n;
     }
+    return mem ? mem->fence() : PW_OK;
 }
 
 /* ------------------------------------------------------------ vtable */
@@ -191,8 +196,9 @@ static pw_status shm_allreduce(void *self, int k, const pw_span *spans, int n_sp
         pthread_mutex_unlock(&g->mu);
         int64_t lo, hi;
         pw_ring_segment(L, n, ((k - s - 1) % n + n) % n, &lo, &hi);
-        seg_apply(spans, n_spans, ps, pn, lo, hi, 1);
+        st = seg_apply(g->mem, spans, n_spans, ps, pn, lo, hi, 1);
         pthread_mutex_lock(&g->mu);
+        if (st != PW_OK) break;
         bump(g, k, B + 2 + s);
     }
     /* All-gather. */
@@ -204,8 +210,9 @@ static pw_status shm_allreduce(void *self, int k, const pw_span *spans, int n_sp
         pthread_mutex_unlock(&g->mu);
         int64_t lo, hi;
         pw_ring_segment(L, n, ((k - t) % n + n) % n, &lo, &hi);
-        seg_apply(spans, n_spans, ps, pn, lo, hi, 0);
+        st = seg_apply(g->mem, spans, n_spans, ps, pn, lo, hi, 0);
         pthread_mutex_lock(&g->mu);
+        if (st != PW_OK) break;
         bump(g, k, B + n + 1 + t);
     }
     /* Our floats are the caller's again once the next member has read them. */
@@ -237,6 +244,11 @@ static const pw_coll_i shm_coll_i = {
     .allreduce = shm_allreduce,
     .allgather_f64 = shm_allgather_f64,
 };
+
+void pw_shm_group_set_memory(pw_shm_group *g, const pw_span_mem *mem)
+{
+    g->mem = mem && mem->apply && mem->fence ? mem : NULL;
+}
 
 pw_coll pw_shm_group_member(pw_shm_group *g, int k)
 {

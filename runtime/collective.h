@@ -112,11 +112,27 @@ static inline void pw_ring_segment(int64_t L, int n, int j, int64_t *lo, int64_t
 
 typedef struct pw_shm_group pw_shm_group;
 
+/* Where the spans' floats live, for a group whose members' gradients are
+ * not host memory (stages on a GPU): the ring's two element operations,
+ * run on the calling member's thread. apply: dst[0..n) = src + dst (add)
+ * or = src (copy), float by float as the host loop does — so the same bits
+ * — and possibly asynchronous; fence: returns once every apply the calling
+ * thread made has finished (the ring calls it before telling the next
+ * member that a segment is ready). NULL fields or no memory set: host
+ * memory. */
+typedef struct pw_span_mem {
+    pw_status (*apply)(float *dst, const float *src, int64_t n, int add);
+    pw_status (*fence)(void);
+} pw_span_mem;
+
 /* A group of n >= 1 members that are threads of this process. PW_OK,
  * PW_ERR_INVALID_ARG (n < 1), PW_ERR_NOMEM. */
 pw_status pw_shm_group_create(int n, pw_shm_group **out);
 /* Accepts NULL. No member may be inside a call. */
 void pw_shm_group_destroy(pw_shm_group *g);
+/* The spans of every later all-reduce of the group live in `mem`'s memory
+ * (NULL: host memory, the default). Before any member's first call. */
+void pw_shm_group_set_memory(pw_shm_group *g, const pw_span_mem *mem);
 /* Member k's endpoint (0 <= k < n). */
 pw_coll pw_shm_group_member(pw_shm_group *g, int k);
 /* Members that have joined the collective member `k` is in now (for

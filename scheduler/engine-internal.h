@@ -254,6 +254,7 @@ struct pw_engine {
     pw_engine_msg_memory_fn msg_alloc; /* (optional) where msgs.base came from, else */
     void (*msg_free)(void *arg, void *base); /* pw_arena_commit; see pw_engine_config */
     void *msg_arg;
+    const pw_span_mem *span_mem; /* the replicas' gradient memory (pw_engine_config) */
 
     hwloc_topology_t topo;    /* pin only */
     pw_cpu_placement *place;

@@ -310,6 +310,7 @@ static pw_status allocate(pw_engine *e, const pw_engine_config *cfg, const pw_ec
     size_t o_bufs = pw_arena_plan(&e->book, n_bufs * sizeof(pw_msgbuf));
 
     pw_status st = pw_arena_commit(&e->book);
+    e->span_mem = cfg->span_mem;
     if (st == PW_OK && cfg->msg_alloc && e->msgs.size) {
         e->msg_alloc = cfg->msg_alloc;
         e->msg_free = cfg->msg_free;
@@ -423,7 +424,10 @@ static pw_status make_groups(pw_engine *e)
     if (e->bucketed) {
         e->groups = calloc((size_t)e->C, sizeof *e->groups);
         if (!e->groups) return pw_error(PW_ERR_NOMEM, "engine: out of memory");
-        for (int c = 0; c < e->C; c++) PW_CHECK(pw_shm_group_create(e->NR, &e->groups[c]));
+        for (int c = 0; c < e->C; c++) {
+            PW_CHECK(pw_shm_group_create(e->NR, &e->groups[c]));
+            pw_shm_group_set_memory(e->groups[c], e->span_mem);
+        }
     }
     if (e->clip > 0) {
         e->norm_groups = calloc((size_t)e->NRL, sizeof *e->norm_groups);

@@ -110,6 +110,10 @@ typedef struct pw_engine_config {
                                           the ports. msg_free(msg_arg, base) frees it. */
     void (*msg_free)(void *arg, void *base);
     void *msg_arg;
+    const pw_span_mem *span_mem;       /* (optional) where the stages' gradients live when
+                                          not in host memory (a GPU): the in-process
+                                          all-reduce of replicas works through it
+                                          (runtime/collective.h) */
 } pw_engine_config;
 
 pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out);

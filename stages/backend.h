@@ -35,6 +35,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "runtime/collective.h"
 #include "runtime/status.h"
 #include "stages/optim.h"
 
@@ -118,6 +119,12 @@ typedef struct pw_backend_i {
      * messages live in host memory. */
     pw_status (*message_alloc)(int device, size_t bytes, void **base);
     void (*message_free)(void *base);
+    /* (optional) The element operations of the replicas' in-process
+     * all-reduce on this backend's gradient memory (runtime/collective.h;
+     * from any thread, e.g. the engine's communication threads), with the
+     * host loop's bits. NULL: replicas > 1 are refused on a device backend
+     * (the ring would read device memory on the host). */
+    const pw_span_mem *span_memory;
     pw_status (*download)(void *ctx, void *dst, const void *src, size_t bytes);
     pw_status (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
     pw_status (*zero)(void *ctx, void *dst, size_t bytes);

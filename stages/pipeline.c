@@ -746,8 +746,8 @@ static pw_status check_device(const pw_pipeline_config *c, int NR)
     int dev;
     PW_CHECK(pw_backend_find(c->device, &be, &dev));
     if (!be->device_memory) return PW_OK;
-    const char *no = NR > 1 ? "--replicas > 1 (the all-reduce reads host gradients)"
-                     : c->transport ? "several processes (MPI; the NCCL transport is not written yet)"
+    const char *no = c->transport ? "several processes (MPI; the NCCL transport is not written yet)"
+                     : NR > 1 && !be->span_memory ? "--replicas > 1 (its all-reduce cannot reach the gradients)"
                      : NULL;
     if (no)
         return pw_error(PW_ERR_UNSUPPORTED, "device '%s': %s is not supported on %s yet (docs/cuda.md)",
@@ -850,6 +850,12 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .gpu_pci = gpu_pci,
     };
+    {
+        const pw_backend_i *be;
+        int idx;
+        if (pw_backend_find(c->device, &be, &idx) == PW_OK && be->device_memory)
+            ec.span_mem = be->span_memory; /* the replicas' gradients are there */
+    }
     if (messages_on_device(pl)) {
         ec.msg_alloc = msgs_alloc;
         ec.msg_free = msgs_free;

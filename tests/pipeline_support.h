@@ -66,7 +66,8 @@ static inline pw_graph *test_parse(const char *text, const char *file)
 }
 
 /* Every parameter in graph order, read through pw_program_param_read (a
- * host copy, also of device memory) from the first chunk holding it. */
+ * host copy, also of device memory) from the first program of replica 0
+ * holding it (with replicas a chunk is several programs, one per bucket). */
 static inline float *test_pipeline_params(pw_pipeline *pl, const pw_graph *g, int64_t *count)
 {
     int64_t total = 0;
@@ -77,14 +78,18 @@ static inline float *test_pipeline_params(pw_pipeline *pl, const pw_graph *g, in
     for (int i = 0; i < g->n_params; i++) {
         int found = 0;
         for (int s = 0; s < pw_pipeline_n_chunks(pl) && !found; s++) {
-            pw_program *p = pw_pipeline_program(pl, s);
-            for (int j = 0; p && j < pw_program_n_params(p) && !found; j++) {
-                pw_program_param pp;
-                pw_program_param_at(p, j, &pp);
-                if (pp.graph_param != i) continue;
-                cr_assert_eq(pw_program_param_read(p, j, PW_PARAM_DATA, 0, out + off), PW_OK, "%s",
-                             pw_last_error());
-                found = 1;
+            pw_program *progs[16];
+            int np = pw_pipeline_programs(pl, 0, s, progs, 16);
+            for (int q = 0; q < np && q < 16 && !found; q++) {
+                pw_program *p = progs[q];
+                for (int j = 0; j < pw_program_n_params(p) && !found; j++) {
+                    pw_program_param pp;
+                    pw_program_param_at(p, j, &pp);
+                    if (pp.graph_param != i) continue;
+                    cr_assert_eq(pw_program_param_read(p, j, PW_PARAM_DATA, 0, out + off), PW_OK, "%s",
+                                 pw_last_error());
+                    found = 1;
+                }
             }
         }
         cr_assert(found, "parameter %s held by no stage", g->params[i].name);

@@ -322,6 +322,28 @@ static pw_status hd_rec_download(void *ctx, void *dst, const void *src, size_t b
     return hd_async_download(ctx, dst, src, bytes);
 }
 
+/* The replicas' all-reduce through the backend (pw_span_mem): the host's
+ * float loop, counted, with a fence per ring step as a GPU needs. */
+static int hd_span_applies, hd_span_fences;
+
+static pw_status hd_span_apply(float *dst, const float *src, int64_t n, int add)
+{
+    if (add)
+        for (int64_t i = 0; i < n; i++) dst[i] = src[i] + dst[i];
+    else
+        memcpy(dst, src, (size_t)n * sizeof *dst);
+    __atomic_add_fetch(&hd_span_applies, 1, __ATOMIC_SEQ_CST);
+    return PW_OK;
+}
+
+static pw_status hd_span_fence(void)
+{
+    __atomic_add_fetch(&hd_span_fences, 1, __ATOMIC_SEQ_CST);
+    return PW_OK;
+}
+
+static const pw_span_mem hd_span_mem = {.apply = hd_span_apply, .fence = hd_span_fence};
+
 static pw_backend_i hostdev_i, hostdev_async_i;
 
 static void register_hostdev(void)
@@ -337,6 +359,7 @@ static void register_hostdev(void)
     hostdev_i.host_unregister = hd_host_unregister;
     hostdev_i.message_alloc = hd_message_alloc;
     hostdev_i.message_free = hd_message_free;
+    hostdev_i.span_memory = &hd_span_mem;
     cr_assert_eq(pw_backend_register(&hostdev_i), PW_OK, "%s", pw_last_error());
     /* "hostdev-async": completes each training call later, from its own
      * thread, and lands the downloads only then (like a GPU stream): a
@@ -385,6 +408,7 @@ typedef struct run_cfg {
     int chunks_per_rank;
     double clip;
     int batch, micro;  /* 0: 16 and 4 */
+    int replicas;      /* 0: 1 */
 } run_cfg;
 
 static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *r)
@@ -405,6 +429,7 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *
     pc.recompute = r->recompute;
     pc.clip_grad_norm = r->clip;
     pc.device = r->device;
+    pc.replicas = r->replicas ? r->replicas : 1;
     pw_pipeline *pl = NULL;
     cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
     return pl;
@@ -548,6 +573,36 @@ Test(backend, host_memory_is_locked_and_released, .timeout = TIMEOUT_S)
     cr_expect_eq(hdp.violations, 0, "registrations that cudaHostRegister would refuse");
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
+}
+
+/* Data-parallel replicas of device programs: the engine's all-reduce sums
+ * the gradients through the backend's span operations (a GPU's kernels),
+ * in the ring's order — the CPU replicas' bytes; with the tied GPT head,
+ * clipping, and the messages on one device. */
+Test(backend, replicas_all_reduce_through_the_backend, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    for (int gpt = 0; gpt < 2; gpt++) {
+        pw_graph *g = parse(gpt ? GPT : MLP);
+        pw_dataset *d = dataset(g, gpt);
+        for (int s = 1; s <= 2; s++) {
+            run_cfg r = {.device = "cpu", .stages = s, .kind = PW_SCHEDULE_1F1B, .replicas = 2,
+                         .clip = 0.5};
+            result cpu = run(g, d, &r);
+            r.device = "hostdev:0";
+            int before = hd_span_applies;
+            result dev = run(g, d, &r);
+            cr_expect_gt(hd_span_applies, before, "the all-reduce did not go through the backend");
+            cr_expect_geq(hd_span_fences, 1);
+            char what[96];
+            snprintf(what, sizeof what, "%s, %d stages x 2 replicas: hostdev vs cpu", gpt ? "GPT" : "MLP", s);
+            expect_same(&cpu, &dev, what);
+            free(cpu.params);
+            free(dev.params);
+        }
+        pw_dataset_destroy(d);
+        pw_graph_destroy(g);
+    }
 }
 
 /* Interleaved: several chunks per worker, each its own device program. */

@@ -296,8 +296,6 @@ static int check_device_flag(const options *o, int world)
     if (world > 1)
         return bad_usage("--device %s: several processes (mpirun) are not supported on CUDA yet "
                          "(no NCCL transport); run one process", o->device);
-    if (o->replicas > 1)
-        return bad_usage("--device %s: --replicas > 1 is not supported on CUDA yet", o->device);
     if (o->generate) return bad_usage("--device %s: --generate runs on the CPU only (drop --device)", o->device);
 #ifdef PW_HAVE_CUDA
     int n = 0;

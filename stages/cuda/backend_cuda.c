@@ -449,6 +449,8 @@ static pw_status cuda_find_nonfinite(void *ctx, float *const *g, const int64_t *
     return PW_OK;
 }
 
+static const pw_span_mem cuda_span_mem = {.apply = pw_cuda_span_apply, .fence = pw_cuda_span_fence};
+
 static const pw_backend_i cuda_i = {
     .name = "cuda",
     .device_memory = 1,
@@ -463,6 +465,7 @@ static const pw_backend_i cuda_i = {
     .host_unregister = pw_cuda_host_unregister,
     .message_alloc = pw_cuda_message_alloc,
     .message_free = pw_cuda_free,
+    .span_memory = &cuda_span_mem,
     .record_begin = cuda_record_begin,
     .record_end = cuda_record_end,
     .download = cuda_copy,

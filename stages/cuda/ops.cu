@@ -1209,6 +1209,37 @@ extern "C" pw_status pw_cuda_dropout_bwd_input(pw_cuda_ops *ops, const uint8_t *
     return launch_status("dropout_bwd_input");
 }
 
+/* ---------------------------------------------------------------- replicas' all-reduce */
+
+__global__ static void k_span_add(float *__restrict__ dst, const float *__restrict__ src, int64_t n)
+{
+    GRID_STRIDE(i, n) dst[i] = src[i] + dst[i];
+}
+
+extern "C" pw_status pw_cuda_span_apply(float *dst, const float *src, int64_t n, int add)
+{
+    if (n <= 0) return PW_OK;
+    cudaPointerAttributes a;
+    int cur = -1;
+    if (cudaPointerGetAttributes(&a, dst) != cudaSuccess || cudaGetDevice(&cur) != cudaSuccess)
+        return launch_status("all-reduce");
+    if (a.type == cudaMemoryTypeDevice && a.device != cur && cudaSetDevice(a.device) != cudaSuccess)
+        return launch_status("all-reduce");
+    if (add) {
+        k_span_add<<<grid_for(n), NT, 0, cudaStreamPerThread>>>(dst, src, n);
+        return launch_status("all-reduce");
+    }
+    if (cudaMemcpyAsync(dst, src, (size_t)n * sizeof(float), cudaMemcpyDefault, cudaStreamPerThread))
+        return launch_status("all-reduce");
+    return PW_OK;
+}
+
+extern "C" pw_status pw_cuda_span_fence(void)
+{
+    if (cudaStreamSynchronize(cudaStreamPerThread) != cudaSuccess) return launch_status("all-reduce");
+    return PW_OK;
+}
+
 /* ---------------------------------------------------------------- optimizer */
 
 /* optim.c's sgd_update, element by element (mode 0: no momentum; 1: first

@@ -191,6 +191,14 @@ pw_status pw_cuda_dropout_fwd(pw_cuda_ops *ops, const float *x, float *y, uint8_
  * (stages/cuda/backend_cuda.c) with new values copied there first. */
 pw_status pw_cuda_dropout_fwd_dev(pw_cuda_ops *ops, const float *x, float *y, uint8_t *mask,
                                   int64_t batch, int64_t numel, float p, const uint64_t *key_first);
+
+/* The replicas' all-reduce on device memory (runtime/collective.h,
+ * pw_span_mem): dst[0..n) = src + dst (add) or = src, enqueued on the
+ * calling thread's per-thread stream on dst's device (any thread: the
+ * engine's communication threads); fence waits for that stream. A float
+ * addition, so the host ring's bits. */
+pw_status pw_cuda_span_apply(float *dst, const float *src, int64_t n, int add);
+pw_status pw_cuda_span_fence(void);
 pw_status pw_cuda_dropout_bwd_input(pw_cuda_ops *ops, const uint8_t *mask, const float *dy,
                                     float *dx, int64_t n, float p, int accumulate);
 

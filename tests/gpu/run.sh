@@ -231,6 +231,8 @@ echo "GPU, 4 stages: $gpt_gpu4 tokens/s"
 gpt gpu1nog "$gpt_steps" "--device cuda --stages 1 --no-gpu-graphs"; gpt_gpu1nog=$gpt_result
 gpt gpu4nog "$gpt_steps" "--device cuda --stages 4 --no-gpu-graphs"; gpt_gpu4nog=$gpt_result
 echo "GPU without CUDA graphs, 1 / 4 stages: $gpt_gpu1nog / $gpt_gpu4nog tokens/s"
+gpt gpu2x2 "$gpt_steps" "--device cuda --stages 2 --replicas 2"; gpt_gpu2x2=$gpt_result
+echo "GPU, 2 stages x 2 replicas on the one GPU: $gpt_gpu2x2 tokens/s"
 gpt gpu1tf32 "$gpt_steps" "--device cuda --stages 1 --gpu-math tf32"; gpt_gpu1tf32=$gpt_result
 gpt gpu1bf16 "$gpt_steps" "--device cuda --stages 1 --gpu-math bf16"; gpt_gpu1bf16=$gpt_result
 echo "GPU, 1 stage, TF32 / bf16 GEMMs: $gpt_gpu1tf32 / $gpt_gpu1bf16 tokens/s"
@@ -271,6 +273,7 @@ done
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 1 stage" "${gpt_gpu1:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU 4 stages" "${gpt_gpu4:--} (x$(ratio "$gpt_gpu4" "$gpt_gpu1") of 1 stage)"
 printf '%-34s %s\n' "tiny GPT tokens/s: no graphs 1 / 4" "${gpt_gpu1nog:--} / ${gpt_gpu4nog:--} (graphs: x$(ratio "$gpt_gpu1" "$gpt_gpu1nog") / x$(ratio "$gpt_gpu4" "$gpt_gpu4nog"))"
+printf '%-34s %s\n' "tiny GPT tokens/s: 2 stages x 2 repl" "${gpt_gpu2x2:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: GPU tf32 / bf16" "${gpt_gpu1tf32:--} / ${gpt_gpu1bf16:--}"
 printf '%-34s %s\n' "tiny GPT tokens/s: CPU 1 stage" "${gpt_cpu1:--} (GPU 1 stage: x$(ratio "$gpt_gpu1" "$gpt_cpu1"))"
 printf '%-34s %s\n' "quick GPT trained, ${train_steps} steps" "held-out ${heldout:--} nats (exit $train_rc, ${train_s} s)"
