@@ -27,8 +27,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <strings.h>
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -37,10 +39,32 @@ static pw_status blas_status(cublasStatus_t s, const char *op);
 /* Blocks of the first level of pw_cuda_sumsq_d (part of its order). */
 #define SUM_BLOCKS 128
 
+/* The linear forward with its bias fused into the GEMM (cuBLASLt's bias
+ * epilogue: y = x·wᵀ + b in one pass instead of a fill and a GEMM that
+ * reads y back): one plan per shape, made on first use — the descriptors
+ * and the algorithm cuBLASLt's heuristic picks, which is then the same
+ * every call (the same bits every run). In-place split-K reductions are
+ * excluded from the choice (their order could vary). */
+#define LT_PLANS 32
+/* Pointer alignment the plans assume (bytes); a call with a less aligned
+ * pointer takes the unfused path. */
+#define LT_ALIGN 16
+
+typedef struct lt_plan {
+    int64_t n, in, out;          /* the shape; n == 0: a free entry */
+    int ok;                      /* 0: no algorithm: the unfused path */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t a, b, d;
+    cublasLtMatmulAlgo_t algo;
+} lt_plan;
+
 struct pw_cuda_ops {
     int device;
     cudaStream_t stream;
     cublasHandle_t blas;
+    cublasLtHandle_t lt;         /* NULL: no fused bias (cublasLtCreate failed) */
+    lt_plan plans[LT_PLANS];
+    int n_plans;
     cublasComputeType_t compute; /* every GEMM's compute type: the math mode */
     double *partials; /* SUM_BLOCKS doubles of device scratch, allocated at create */
     void *workspace;  /* cuBLAS workspace owned by this context */
@@ -185,6 +209,7 @@ extern "C" pw_status pw_cuda_ops_create(const pw_cuda_ops_config *cfg, pw_cuda_o
         free(ops);
         return st;
     }
+    if (cublasLtCreate(&ops->lt) != CUBLAS_STATUS_SUCCESS) ops->lt = NULL; /* unfused bias then */
     /* The math mode travels in each GEMM's compute type (gemm()); the
      * handle's mode stays CUBLAS_DEFAULT_MATH, which never turns
      * CUBLAS_COMPUTE_32F into TF32 on its own. Atomics stay disallowed (the
@@ -211,9 +236,75 @@ extern "C" pw_status pw_cuda_ops_create(const pw_cuda_ops_config *cfg, pw_cuda_o
     return PW_OK;
 }
 
+static void lt_plan_free(lt_plan *p)
+{
+    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->d) cublasLtMatrixLayoutDestroy(p->d);
+    memset(p, 0, sizeof *p);
+}
+
+/* The plan of y (n, out) = x (n, in) · wᵀ + b, i.e. yᵀ (out, n) = op(w)·xᵀ
+ * with w stored (in, out) column-major, as linear_fwd's cublasGemmEx call
+ * sees them; NULL when there is none (the caller takes the unfused path). */
+static lt_plan *lt_plan_for(pw_cuda_ops *ops, int64_t n, int64_t in, int64_t out)
+{
+    if (!ops->lt) return NULL;
+    for (int i = 0; i < ops->n_plans; i++) {
+        lt_plan *p = &ops->plans[i];
+        if (p->n == n && p->in == in && p->out == out) return p->ok ? p : NULL;
+    }
+    if (ops->n_plans == LT_PLANS) return NULL; /* many shapes: the rest unfused */
+    lt_plan *p = &ops->plans[ops->n_plans++];
+    memset(p, 0, sizeof *p);
+    p->n = n;
+    p->in = in;
+    p->out = out;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t f32 = CUDA_R_32F;
+    const uint64_t ws = ops->workspace_bytes;
+    const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_MASK & ~(uint32_t)CUBLASLT_REDUCTION_SCHEME_INPLACE;
+    const uint32_t align = LT_ALIGN; /* what the heuristic may assume of every pointer */
+    cublasLtMatmulPreference_t pref = NULL;
+    cublasLtMatmulHeuristicResult_t res;
+    int count = 0;
+    int ok = cublasLtMatmulDescCreate(&p->desc, ops->compute, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32, sizeof f32) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatrixLayoutCreate(&p->a, CUDA_R_32F, (uint64_t)in, (uint64_t)out, in) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatrixLayoutCreate(&p->b, CUDA_R_32F, (uint64_t)in, (uint64_t)n, in) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32F, (uint64_t)out, (uint64_t)n, out) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align, sizeof align) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align, sizeof align) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align, sizeof align) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align, sizeof align) == CUBLAS_STATUS_SUCCESS &&
+             cublasLtMatmulAlgoGetHeuristic(ops->lt, p->desc, p->a, p->b, p->d, p->d, pref, 1, &res, &count) == CUBLAS_STATUS_SUCCESS &&
+             count > 0;
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (!ok) {
+        lt_plan_free(p);
+        p->n = n; /* remembered as "none" */
+        p->in = in;
+        p->out = out;
+        return NULL;
+    }
+    p->algo = res.algo;
+    p->ok = 1;
+    return p;
+}
+
 extern "C" void pw_cuda_ops_destroy(pw_cuda_ops *ops)
 {
     if (!ops) return;
+    for (int i = 0; i < ops->n_plans; i++) lt_plan_free(&ops->plans[i]);
+    if (ops->lt) cublasLtDestroy(ops->lt);
     if (ops->blas) cublasDestroy(ops->blas);
     if (ops->partials) cudaFree(ops->partials);
     if (ops->workspace) cudaFree(ops->workspace);
@@ -386,6 +477,19 @@ extern "C" pw_status pw_cuda_linear_fwd(pw_cuda_ops *ops, const float *x, const 
 {
     if (n <= 0 || out <= 0) return PW_OK;
     PW_CHECK(dims_ok("linear_fwd", n, in, out));
+    const int aligned = ((uintptr_t)x | (uintptr_t)w | (uintptr_t)b | (uintptr_t)y) % LT_ALIGN == 0;
+    if (b && in > 0 && aligned) {
+        lt_plan *p = lt_plan_for(ops, n, in, out);
+        if (p) { /* the bias in the GEMM's epilogue: y = x·wᵀ + b in one pass */
+            const float one = 1.0f, zero = 0.0f;
+            PW_CHECK(blas_status(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                                &b, sizeof b), "linear_fwd"));
+            return blas_status(cublasLtMatmul(ops->lt, p->desc, &one, w, p->a, x, p->b, &zero, y, p->d,
+                                              y, p->d, &p->algo, ops->workspace,
+                                              ops->workspace_bytes, ops->stream),
+                               "linear_fwd");
+        }
+    }
     float beta = 0.0f;
     if (b) {
         k_fill_rows<<<grid_for(n * out), NT, 0, ops->stream>>>(b, y, n, out);
