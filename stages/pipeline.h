@@ -104,8 +104,9 @@ typedef struct pw_pipeline_config {
     const char *device;             /* where the stage programs run: NULL or "cpu" (default),
                                        "cuda:N" (every stage on GPU N, each with its own
                                        streams), "cuda" (rank r on GPU r mod the GPU count);
-                                       docs/cuda.md. CUDA refuses replicas > 1 and a
-                                       transport for now (PW_ERR_UNSUPPORTED) */
+                                       docs/cuda.md. CUDA refuses a transport for now
+                                       (PW_ERR_UNSUPPORTED); replicas > 1 need the
+                                       backend's span_memory (CUDA has it) */
     int math;                       /* a device's GEMM mode (pw_math, stages/backend.h):
                                        0 = fp32 (default), tf32, bf16; the CPU ignores it */
     int no_graphs;                  /* 1: device programs never record their training
