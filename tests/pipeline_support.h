@@ -66,9 +66,9 @@ static inline pw_graph *test_parse(const char *text, const char *file)
 }
 
 /* Every parameter in graph order, read through pw_program_param_read (a
- * host copy, also of device memory) from the first program of replica 0
+ * host copy, also of device memory) from the first program of `replica`
  * holding it (with replicas a chunk is several programs, one per bucket). */
-static inline float *test_pipeline_params(pw_pipeline *pl, const pw_graph *g, int64_t *count)
+static inline float *test_replica_params(pw_pipeline *pl, int replica, const pw_graph *g, int64_t *count)
 {
     int64_t total = 0;
     for (int i = 0; i < g->n_params; i++) total += pw_shape_numel(&g->params[i].shape);
@@ -79,7 +79,7 @@ static inline float *test_pipeline_params(pw_pipeline *pl, const pw_graph *g, in
         int found = 0;
         for (int s = 0; s < pw_pipeline_n_chunks(pl) && !found; s++) {
             pw_program *progs[16];
-            int np = pw_pipeline_programs(pl, 0, s, progs, 16);
+            int np = pw_pipeline_programs(pl, replica, s, progs, 16);
             for (int q = 0; q < np && q < 16 && !found; q++) {
                 pw_program *p = progs[q];
                 for (int j = 0; j < pw_program_n_params(p) && !found; j++) {
@@ -92,11 +92,17 @@ static inline float *test_pipeline_params(pw_pipeline *pl, const pw_graph *g, in
                 }
             }
         }
-        cr_assert(found, "parameter %s held by no stage", g->params[i].name);
+        cr_assert(found, "parameter %s held by no stage of replica %d", g->params[i].name, replica);
         off += pw_shape_numel(&g->params[i].shape);
     }
     *count = total;
     return out;
+}
+
+/* The same for replica 0 (every replica holds the same bytes). */
+static inline float *test_pipeline_params(pw_pipeline *pl, const pw_graph *g, int64_t *count)
+{
+    return test_replica_params(pl, 0, g, count);
 }
 
 #endif

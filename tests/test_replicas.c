@@ -42,37 +42,6 @@ static pw_dataset *data(int64_t n, int d0, int d1, int classes)
     return d;
 }
 
-/* Flat copy of all parameters of `replica`, in graph order. */
-static float *params_of(pw_pipeline *pl, int replica, int S, const pw_graph *g, int64_t *count)
-{
-    int64_t total = 0;
-    for (int i = 0; i < g->n_params; i++) total += pw_shape_numel(&g->params[i].shape);
-    float *out = calloc((size_t)total, sizeof(float));
-    int64_t off = 0;
-    for (int i = 0; i < g->n_params; i++) {
-        int64_t k = pw_shape_numel(&g->params[i].shape);
-        int found = 0;
-        for (int s = 0; s < S && !found; s++) {
-            pw_program *progs[16];
-            int n = pw_pipeline_programs(pl, replica, s, progs, 16);
-            for (int j = 0; j < n && !found; j++)
-                for (int q = 0; q < pw_program_n_params(progs[j]); q++) {
-                    pw_program_param pp;
-                    pw_program_param_at(progs[j], q, &pp);
-                    if (pp.graph_param == i) {
-                        memcpy(out + off, pp.data, (size_t)k * 4);
-                        found = 1;
-                        break;
-                    }
-                }
-        }
-        cr_assert(found, "parameter %s held by no stage of replica %d", g->params[i].name, replica);
-        off += k;
-    }
-    *count = total;
-    return out;
-}
-
 typedef struct run_cfg {
     int stages, replicas, micro, buckets, split_w;
     pw_schedule_kind kind;
@@ -119,10 +88,10 @@ static float *train(const pw_graph *g, const pw_dataset *d, const run_cfg *rc, i
         cr_assert_eq(pw_pipeline_step(pl, &s), PW_OK, "step %d: %s", i + 1, pw_last_error());
         if (losses) losses[i] = s.loss;
     }
-    float *p0 = params_of(pl, 0, rc->stages, g, n);
+    float *p0 = test_replica_params(pl, 0, g, n);
     for (int k = 1; k < rc->replicas; k++) {
         int64_t nk;
-        float *pk = params_of(pl, k, rc->stages, g, &nk);
+        float *pk = test_replica_params(pl, k, g, &nk);
         cr_assert_eq(memcmp(p0, pk, (size_t)nk * 4), 0, "replica %d's parameters differ from replica 0's", k);
         free(pk);
     }
@@ -280,11 +249,11 @@ Test(replicas, clip_grad_norm, .timeout = TIMEOUT)
         (void)pc;
         pw_pipeline *pl = make(g, d, &rc);
         int64_t n;
-        float *before = params_of(pl, 0, rc.stages, g, &n);
+        float *before = test_replica_params(pl, 0, g, &n);
         cr_assert_lt(pw_pipeline_grad_norm(pl), 0.0, "no norm before the first step");
         cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
         norms[i] = pw_pipeline_grad_norm(pl);
-        float *after = params_of(pl, 0, rc.stages, g, &n);
+        float *after = test_replica_params(pl, 0, g, &n);
         double moved = 0.0;
         for (int64_t k = 0; k < n; k++) moved += ((double)after[k] - before[k]) * ((double)after[k] - before[k]);
         moved = sqrt(moved);
