@@ -159,6 +159,18 @@ static void expect_same_bytes(const run_out *a, const run_out *b, const char *wh
     cr_assert_fail("%s: parameters differ (max abs error %g)", what, worst);
 }
 
+/* max |a − b| / max |a| over the parameters: how far b is from a, normalised. */
+static double norm_diff(const run_out *a, const run_out *b)
+{
+    double worst = 0, scale = 0;
+    for (int64_t i = 0; i < a->count; i++) {
+        double e = fabs((double)a->params[i] - (double)b->params[i]);
+        if (e > worst) worst = e;
+        if (fabs(a->params[i]) > scale) scale = fabs(a->params[i]);
+    }
+    return scale > 0 ? worst / scale : worst;
+}
+
 /* ---------------------------------------------------------------- GPU == GPU */
 
 typedef struct case_t {
@@ -256,13 +268,7 @@ Test(cuda_pipeline, close_to_cpu, .timeout = TIMEOUT_S)
         run_out cpu = run(g, d, &r);
         r.device = "cuda:0";
         run_out gpu = run(g, d, &r);
-        double worst = 0, scale = 0;
-        for (int64_t i = 0; i < cpu.count; i++) {
-            double e = fabs((double)cpu.params[i] - (double)gpu.params[i]);
-            if (e > worst) worst = e;
-            if (fabs(cpu.params[i]) > scale) scale = fabs(cpu.params[i]);
-        }
-        double rel = scale > 0 ? worst / scale : worst;
+        double rel = norm_diff(&cpu, &gpu);
         cr_log_info("%s: GPU vs CPU max |dp| / max |p| = %.3g, loss %.9g vs %.9g", gpt ? "GPT" : "MLP",
                     rel, gpu.last_loss, cpu.last_loss);
         cr_expect_lt(rel, 1e-4, "%s: GPU parameters differ from the CPU's by %g (normalised)",
@@ -298,13 +304,7 @@ Test(cuda_pipeline, replicas, .timeout = TIMEOUT_S)
         expect_same_bytes(&one, &two, what);
         r.device = "cpu";
         run_out cpu = run(g, d, &r);
-        double worst = 0, scale = 0;
-        for (int64_t i = 0; i < cpu.count; i++) {
-            double e = fabs((double)cpu.params[i] - (double)two.params[i]);
-            if (e > worst) worst = e;
-            if (fabs(cpu.params[i]) > scale) scale = fabs(cpu.params[i]);
-        }
-        double rel = scale > 0 ? worst / scale : worst;
+        double rel = norm_diff(&cpu, &two);
         cr_log_info("%s, 2 replicas x 2 stages: GPU vs CPU max |dp| / max |p| = %.3g", gpt ? "GPT" : "MLP",
                     rel);
         cr_expect_lt(rel, 1e-4, "%s: GPU replicas differ from the CPU's by %g (normalised)",

@@ -1239,18 +1239,23 @@ __device__ static float rng_uniform(uint64_t key, uint64_t i)
     return (float)(rng_mix64(key + (i + 1) * 0x9e3779b97f4a7c15ULL) >> 40) * (1.0f / 16777216.0f);
 }
 
+/* Element i of a dropout forward: the mask from (key, sample, position). */
+__device__ static void dropout_at(const float *__restrict__ x, float *__restrict__ y,
+                                  uint8_t *__restrict__ mask, int64_t i, int64_t numel, float p,
+                                  float scale, uint64_t key, int64_t first_sample)
+{
+    const int64_t b = i / numel, j = i - b * numel;
+    const uint64_t idx = (uint64_t)(first_sample + b) * (uint64_t)numel + (uint64_t)j;
+    const bool keep = rng_uniform(key, idx) >= p;
+    mask[i] = (uint8_t)keep;
+    y[i] = keep ? x[i] * scale : 0.0f;
+}
+
 __global__ static void k_dropout_fwd(const float *__restrict__ x, float *__restrict__ y,
                                      uint8_t *__restrict__ mask, int64_t batch, int64_t numel,
                                      float p, float scale, uint64_t key, int64_t first_sample)
 {
-    GRID_STRIDE(i, batch * numel)
-    {
-        const int64_t b = i / numel, j = i - b * numel;
-        const uint64_t idx = (uint64_t)(first_sample + b) * (uint64_t)numel + (uint64_t)j;
-        const bool keep = rng_uniform(key, idx) >= p;
-        mask[i] = (uint8_t)keep;
-        y[i] = keep ? x[i] * scale : 0.0f;
-    }
+    GRID_STRIDE(i, batch * numel) dropout_at(x, y, mask, i, numel, p, scale, key, first_sample);
 }
 
 /* The same, with (key, first_sample) read from device memory: a recorded
@@ -1262,14 +1267,7 @@ __global__ static void k_dropout_fwd_dev(const float *__restrict__ x, float *__r
 {
     const uint64_t key = key_first[0];
     const int64_t first_sample = (int64_t)key_first[1];
-    GRID_STRIDE(i, batch * numel)
-    {
-        const int64_t b = i / numel, j = i - b * numel;
-        const uint64_t idx = (uint64_t)(first_sample + b) * (uint64_t)numel + (uint64_t)j;
-        const bool keep = rng_uniform(key, idx) >= p;
-        mask[i] = (uint8_t)keep;
-        y[i] = keep ? x[i] * scale : 0.0f;
-    }
+    GRID_STRIDE(i, batch * numel) dropout_at(x, y, mask, i, numel, p, scale, key, first_sample);
 }
 
 __global__ static void k_dropout_bwd(const uint8_t *__restrict__ mask,
