@@ -194,7 +194,7 @@ typedef struct pw_backend_i {
     pw_status (*attention_bwd_input)(void *ctx, const float *qkv, const float *att,
                                      const float *dout, float *dqkv, float *scratch, int64_t batch,
                                      int64_t T, int64_t D, int64_t H, int accumulate);
-    int64_t (*attention_scratch)(int64_t T, int64_t H); /* floats: T·T (CPU), H·T·T (CUDA) */
+    int64_t (*attention_scratch)(int64_t T, int64_t H); /* floats: H·T·T (CPU and CUDA) */
     pw_status (*dropout_fwd)(void *ctx, const float *x, float *y, uint8_t *mask, int64_t batch,
                              int64_t numel, float p, uint64_t key, int64_t first_sample);
     pw_status (*dropout_bwd_input)(void *ctx, const uint8_t *mask, const float *dy, float *dx,

@@ -217,8 +217,7 @@ static pw_status cpu_attention_bwd_input(void *ctx, const float *qkv, const floa
 
 static int64_t cpu_attention_scratch(int64_t T, int64_t H)
 {
-    (void)H;
-    return T * T;
+    return H * T * T; /* one T×T per head: heads run in parallel */
 }
 
 static pw_status cpu_dropout_fwd(void *ctx, const float *x, float *y, uint8_t *mask, int64_t batch,

@@ -443,7 +443,7 @@ static pw_status plan(pw_program *p)
         if (nd->op == PW_OP_SOFTMAX_XENT) p->loss_node = i;
         if (nd->op == PW_OP_CAUSAL_ATTENTION) {
             int64_t T = g->values[nd->inputs[0]].shape.d[0];
-            int64_t w = p->be->attention_scratch(T, nd->attrs.heads); /* CPU: T·T */
+            int64_t w = p->be->attention_scratch(T, nd->attrs.heads); /* H·T·T */
             if (w > work) work = w;
         }
     }

@@ -824,7 +824,7 @@ static void run_attention(pw_cuda_math math, double tol)
         float *out = malloc((size_t)nout * sizeof(float)),
               *att = malloc((size_t)natt * sizeof(float));
         float *dqkv = malloc((size_t)nqkv * sizeof(float)),
-              *scr = malloc((size_t)(T * T) * sizeof(float));
+              *scr = malloc((size_t)(H * T * T) * sizeof(float));
         float *qkv_d = dev_f(&g, qkv, nqkv), *dout_d = dev_f(&g, dout, nout);
         float *out_d = dev_f(&g, NULL, nout), *att_d = dev_f(&g, NULL, natt);
         float *dqkv_d = dev_f(&g, NULL, nqkv), *acc_d = dev_f(&g, acc0, nqkv);

@@ -1,12 +1,15 @@
 /* pipewright — CPU reference kernels (fp32). Contract in ops.h.
  *
  * How the kernels are written, and why:
- *   - GEMMs are one cblas_sgemm each; everything else is a single sweep over
- *     its data, written (VEC_FOR below) so that gcc -O2 vectorises it.
- *     Kernels never allocate.
+ *   - GEMMs go through pw_cpu_gemm (gemm.h): single-threaded BLAS calls on
+ *     tiles fixed by the shape, spread over the CPU thread team, so their
+ *     bits do not depend on the thread count. Everything else is a single
+ *     sweep over its data, written (VEC_FOR below) so that gcc -O2
+ *     vectorises it. Kernels never allocate.
  *   - Every reduction that is not a GEMM runs in a fixed order on the calling
- *     thread, so its bits depend only on its inputs (not on the BLAS thread
- *     count, not on the call history). Row reductions in double use LANES
+ *     thread, so its bits depend only on its inputs (not on the thread
+ *     count, not on the call history). Attention runs its sequences and
+ *     heads as independent items over the team. Row reductions in double use LANES
  *     independent partial sums combined in a fixed order: the same bits on
  *     every run, and independent chains that the compiler can vectorise.
  *   - Reductions over rows (db, layernorm dw/db) add each row straight into
@@ -16,6 +19,7 @@
  *   - Pointers are `restrict`: ops.h promises arrays never alias.
  */
 #include "stages/cpu/ops.h"
+#include "stages/cpu/gemm.h"
 
 #include <limits.h>
 #include <math.h>
@@ -47,56 +51,6 @@
         for (int64_t i = vec_b_; i < vec_n_; i++) { __VA_ARGS__ }             \
     } while (0)
 
-/* ---------------------------------------------------------------- BLAS */
-
-#if defined(PW_BLAS_BLIS)
-#include <blis.h>
-#else
-#include <cblas.h>
-#ifndef OPENBLAS_VERSION
-/* Some cblas.h (the reference one, Debian's alternatives) omit these. */
-void openblas_set_num_threads(int num_threads);
-int openblas_get_num_threads(void);
-#endif
-#endif
-
-#if defined(OPENBLAS_VERSION)
-typedef blasint pw_blas_int; /* int, or int64 in an ILP64 build */
-#else
-typedef int pw_blas_int;
-#endif
-
-/* A dimension as the BLAS integer. Shapes are validated when a plan is built;
- * one that does not fit here is a bug, not bad input. */
-static pw_blas_int blas_dim(int64_t v)
-{
-    PW_ASSERT(v >= 0 && (sizeof(pw_blas_int) >= sizeof(int64_t) || v <= INT_MAX));
-    return (pw_blas_int)v;
-}
-
-/* Leading dimensions must be >= 1 even when the matrix is empty. */
-static pw_blas_int blas_ld(int64_t v) { return blas_dim(v > 0 ? v : 1); }
-
-void pw_cpu_set_threads(int n)
-{
-    if (n < 1) n = 1;
-#if defined(PW_BLAS_BLIS)
-    bli_thread_set_num_threads((dim_t)n);
-#else
-    openblas_set_num_threads(n);
-#endif
-}
-
-int pw_cpu_get_threads(void)
-{
-#if defined(PW_BLAS_BLIS)
-    dim_t n = bli_thread_get_num_threads();
-    return n < 1 ? 1 : (int)n;
-#else
-    return openblas_get_num_threads();
-#endif
-}
-
 /* ---------------------------------------------------------------- linear */
 
 void pw_cpu_linear_fwd(const float *restrict x, const float *restrict w,
@@ -115,9 +69,7 @@ void pw_cpu_linear_fwd(const float *restrict x, const float *restrict w,
         if (!b) memset(y, 0, (size_t)(n * out) * sizeof(float));
         return;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(n), blas_dim(out),
-                blas_dim(in), 1.0f, x, blas_ld(in), w, blas_ld(in), beta, y,
-                blas_ld(out));
+    pw_cpu_gemm(0, 1, n, out, in, 1.0f, x, in, w, in, beta, y, out);
 }
 
 void pw_cpu_linear_bwd_input(const float *restrict dy, const float *restrict w,
@@ -131,9 +83,7 @@ void pw_cpu_linear_bwd_input(const float *restrict dy, const float *restrict w,
     }
     /* beta = 0 makes the BLAS write C without reading it, so stale contents
      * (even NaN) never leak into dx. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(n), blas_dim(in),
-                blas_dim(out), 1.0f, dy, blas_ld(out), w, blas_ld(in),
-                accumulate ? 1.0f : 0.0f, dx, blas_ld(in));
+    pw_cpu_gemm(0, 0, n, in, out, 1.0f, dy, out, w, in, accumulate ? 1.0f : 0.0f, dx, in);
 }
 
 void pw_cpu_linear_bwd_weight(const float *restrict dy, const float *restrict x,
@@ -142,9 +92,7 @@ void pw_cpu_linear_bwd_weight(const float *restrict dy, const float *restrict x,
 {
     if (n <= 0 || out <= 0) return;
     if (in > 0)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(out),
-                    blas_dim(in), blas_dim(n), 1.0f, dy, blas_ld(out), x, blas_ld(in),
-                    1.0f, dw, blas_ld(in));
+        pw_cpu_gemm(1, 0, out, in, n, 1.0f, dy, out, x, in, 1.0f, dw, in);
     if (db) {
         /* Row by row into db: fixed order, and micro-batch splits are exact. */
         for (int64_t r = 0; r < n; r++) {
@@ -558,43 +506,52 @@ void pw_cpu_pos_embedding_bwd_weight(const float *restrict dy, float *restrict d
 _Static_assert(PW_CPU_ATTENTION_BLOCK == PW_ATTENTION_BLOCK,
                "graph/ops.c's attention cost counts blocks of PW_ATTENTION_BLOCK rows");
 
-/* Per (sequence, head), per row block: S = Q·Kᵀ/√hd and O = P·V as BLAS
- * GEMMs over the block's columns; the softmax writes exact zeros above the
- * diagonal (every entry of att above it is 0). Q, K, V are read in place
- * with leading dimension 3D; no copies. */
+typedef struct att_job {
+    const float *qkv, *att, *dout;
+    float *out, *attw, *dqkv, *scratch;
+    int64_t batch, T, D, H;
+    float beta;
+} att_job;
+
+/* One (sequence, head) of the forward, per row block: S = Q·Kᵀ/√hd and
+ * O = P·V as BLAS GEMMs over the block's columns; the softmax writes exact
+ * zeros above the diagonal (every entry of att above it is 0). Q, K, V are
+ * read in place with leading dimension 3D; no copies. Items write disjoint
+ * parts of att and out. */
+static void attention_fwd_item(void *arg, int64_t item, int worker)
+{
+    (void)worker;
+    const att_job *j = arg;
+    const int64_t T = j->T, D = j->D, H = j->H, b = item / H, h = item % H;
+    const int64_t hd = D / H, ld = 3 * D;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const float *q = j->qkv + b * T * ld + h * hd, *k = q + D, *v = q + 2 * D;
+    float *a = j->attw + (b * H + h) * T * T;
+    for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+        const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
+        float *ab = a + r0 * T;
+        pw_cpu_gemm_1t(0, 1, rn, cols, hd, scale, q + r0 * ld, ld, k, ld, 0.0f, ab, T);
+        for (int64_t t = r0; t < r0 + rn; t++) {
+            float *restrict row = a + t * T;
+            const int64_t len = t + 1;
+            float m = row[0];
+            for (int64_t s = 1; s < len; s++) m = row[s] > m ? row[s] : m;
+            VF_FOR(s, w, len, vec_store(row + s, vec_exp(vec_load(row + s, w) - m), w););
+            const float inv = (float)(1.0 / sum_d(row, len));
+            VEC_FOR(s, len, row[s] *= inv;);
+            if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
+        }
+        pw_cpu_gemm_1t(0, 0, rn, hd, cols, 1.0f, ab, T, v, ld, 0.0f,
+                       j->out + (b * T + r0) * D + h * hd, D);
+    }
+}
+
 void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float *restrict att,
                           int64_t batch, int64_t T, int64_t D, int64_t H)
 {
     if (batch <= 0 || T <= 0 || D <= 0 || H <= 0) return;
-    const int64_t hd = D / H, ld = 3 * D;
-    const float scale = (float)(1.0 / sqrt((double)hd));
-    for (int64_t b = 0; b < batch; b++) {
-        const float *q0 = qkv + b * T * ld;
-        for (int64_t h = 0; h < H; h++) {
-            const float *q = q0 + h * hd, *k = q + D, *v = q + 2 * D;
-            float *a = att + (b * H + h) * T * T;
-            for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
-                float *ab = a + r0 * T;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rn), blas_dim(cols),
-                            blas_dim(hd), scale, q + r0 * ld, blas_ld(ld), k, blas_ld(ld), 0.0f,
-                            ab, blas_ld(T));
-                for (int64_t t = r0; t < r0 + rn; t++) {
-                    float *restrict row = a + t * T;
-                    const int64_t len = t + 1;
-                    float m = row[0];
-                    for (int64_t s = 1; s < len; s++) m = row[s] > m ? row[s] : m;
-                    VF_FOR(s, w, len, vec_store(row + s, vec_exp(vec_load(row + s, w) - m), w););
-                    const float inv = (float)(1.0 / sum_d(row, len));
-                    VEC_FOR(s, len, row[s] *= inv;);
-                    if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
-                }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(rn), blas_dim(hd),
-                            blas_dim(cols), 1.0f, ab, blas_ld(T), v, blas_ld(ld), 0.0f,
-                            out + (b * T + r0) * D + h * hd, blas_ld(D));
-            }
-        }
-    }
+    att_job j = {.qkv = qkv, .out = out, .attw = att, .batch = batch, .T = T, .D = D, .H = H};
+    pw_cpu_parallel(batch * H, attention_fwd_item, &j);
 }
 
 /* With P the probabilities and dP = dO·Vᵀ:
@@ -602,61 +559,63 @@ void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float 
  *   dQ = dS·K,  dK = dSᵀ·Q,  dV = Pᵀ·dO
  * P is zero above the diagonal, so dS is too, and the row sums run over
  * s ≤ t only. dP and dQ go by row blocks (columns up to the block's last
- * row), dK and dV by key blocks (rows from the block's first column on). */
+ * row), dK and dV by key blocks (rows from the block's first column on).
+ * One item is one head over every sequence (sequences in order), with the
+ * head's own T×T of scratch; items write disjoint columns of dqkv. */
+static void attention_bwd_item(void *arg, int64_t h, int worker)
+{
+    (void)worker;
+    const att_job *j = arg;
+    const int64_t T = j->T, D = j->D, H = j->H;
+    const int64_t hd = D / H, ld = 3 * D;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    const float beta = j->beta;
+    float *ds = j->scratch + h * T * T;
+    for (int64_t b = 0; b < j->batch; b++) {
+        const float *q = j->qkv + b * T * ld + h * hd, *k = q + D, *v = q + 2 * D;
+        const float *dO = j->dout + b * T * D + h * hd;
+        float *dq = j->dqkv + b * T * ld + h * hd, *dk = dq + D, *dv = dq + 2 * D;
+        const float *a = j->att + (b * H + h) * T * T;
+        for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
+            const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
+            pw_cpu_gemm_1t(0, 1, rn, cols, hd, 1.0f, dO + r0 * D, D, v, ld, 0.0f, ds + r0 * T, T);
+            for (int64_t t = r0; t < r0 + rn; t++) {
+                const float *restrict pr = a + t * T;
+                float *restrict dr = ds + t * T;
+                const int64_t len = t + 1;
+                double acc[LANES] = {0};
+                int64_t s = 0;
+                for (; s + LANES <= len; s += LANES)
+                    for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
+                double dot = 0.0;
+                for (int l = 0; l < LANES; l++) dot += acc[l];
+                for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
+                const float df = (float)dot;
+                VEC_FOR(jj, len, dr[jj] = pr[jj] * (dr[jj] - df) * scale;);
+                if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
+            }
+            pw_cpu_gemm_1t(0, 0, rn, hd, cols, 1.0f, ds + r0 * T, T, k, ld, beta, dq + r0 * ld, ld);
+        }
+        for (int64_t c0 = 0; c0 < T; c0 += ATT_BLOCK) {
+            const int64_t cn = T - c0 < ATT_BLOCK ? T - c0 : ATT_BLOCK, rows = T - c0;
+            pw_cpu_gemm_1t(1, 0, cn, hd, rows, 1.0f, ds + c0 * T + c0, T, q + c0 * ld, ld, beta,
+                           dk + c0 * ld, ld);
+            pw_cpu_gemm_1t(1, 0, cn, hd, rows, 1.0f, a + c0 * T + c0, T, dO + c0 * D, D, beta,
+                           dv + c0 * ld, ld);
+        }
+    }
+}
+
 void pw_cpu_attention_bwd_input(const float *restrict qkv, const float *restrict att,
                                 const float *restrict dout, float *restrict dqkv,
                                 float *restrict scratch, int64_t batch, int64_t T, int64_t D,
                                 int64_t H, int accumulate)
 {
     if (batch <= 0 || T <= 0 || D <= 0 || H <= 0) return;
-    const int64_t hd = D / H, ld = 3 * D;
-    const float scale = (float)(1.0 / sqrt((double)hd));
-    const float beta = accumulate ? 1.0f : 0.0f; /* 0: C is written, never read */
-    for (int64_t b = 0; b < batch; b++) {
-        const float *q0 = qkv + b * T * ld;
-        float *dq0 = dqkv + b * T * ld;
-        const float *dob = dout + b * T * D;
-        for (int64_t h = 0; h < H; h++) {
-            const float *q = q0 + h * hd, *k = q + D, *v = q + 2 * D;
-            const float *dO = dob + h * hd;
-            float *dq = dq0 + h * hd, *dk = dq + D, *dv = dq + 2 * D;
-            const float *a = att + (b * H + h) * T * T;
-            float *ds = scratch;
-            for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
-                const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(rn), blas_dim(cols),
-                            blas_dim(hd), 1.0f, dO + r0 * D, blas_ld(D), v, blas_ld(ld), 0.0f,
-                            ds + r0 * T, blas_ld(T));
-                for (int64_t t = r0; t < r0 + rn; t++) {
-                    const float *restrict pr = a + t * T;
-                    float *restrict dr = ds + t * T;
-                    const int64_t len = t + 1;
-                    double acc[LANES] = {0};
-                    int64_t s = 0;
-                    for (; s + LANES <= len; s += LANES)
-                        for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
-                    double dot = 0.0;
-                    for (int l = 0; l < LANES; l++) dot += acc[l];
-                    for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
-                    const float df = (float)dot;
-                    VEC_FOR(j, len, dr[j] = pr[j] * (dr[j] - df) * scale;);
-                    if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
-                }
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_dim(rn), blas_dim(hd),
-                            blas_dim(cols), 1.0f, ds + r0 * T, blas_ld(T), k, blas_ld(ld), beta,
-                            dq + r0 * ld, blas_ld(ld));
-            }
-            for (int64_t c0 = 0; c0 < T; c0 += ATT_BLOCK) {
-                const int64_t cn = T - c0 < ATT_BLOCK ? T - c0 : ATT_BLOCK, rows = T - c0;
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(cn), blas_dim(hd),
-                            blas_dim(rows), 1.0f, ds + c0 * T + c0, blas_ld(T), q + c0 * ld,
-                            blas_ld(ld), beta, dk + c0 * ld, blas_ld(ld));
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, blas_dim(cn), blas_dim(hd),
-                            blas_dim(rows), 1.0f, a + c0 * T + c0, blas_ld(T), dO + c0 * D,
-                            blas_ld(D), beta, dv + c0 * ld, blas_ld(ld));
-            }
-        }
-    }
+    att_job j = {.qkv = qkv, .att = att, .dout = dout, .dqkv = dqkv, .scratch = scratch,
+                 .batch = batch, .T = T, .D = D, .H = H,
+                 .beta = accumulate ? 1.0f : 0.0f /* 0: C is written, never read */};
+    pw_cpu_parallel(H, attention_bwd_item, &j);
 }
 
 /* ---------------------------------------------------------------- dropout */

@@ -9,8 +9,10 @@
  *     order chosen by the caller).
  *   - Backward-weight functions always ADD into dw/db so gradients accumulate
  *     over micro-batches in micro-batch order.
- *   - GEMMs go through the CPU BLAS (cblas_sgemm); the thread count is the
- *     BLAS library's own setting (pw_cpu_set_threads).
+ *   - GEMMs go through pw_cpu_gemm (stages/cpu/gemm.h): the BLAS runs
+ *     single-threaded on tiles fixed by the shape, spread over the CPU
+ *     thread team (pw_cpu_set_threads), so no result depends on the thread
+ *     count.
  *   - Arrays never alias unless stated.
  */
 #ifndef PW_STAGES_CPU_OPS_H
@@ -22,7 +24,10 @@
 extern "C" {
 #endif
 
-/* Sets/gets the BLAS thread count (OpenBLAS / BLIS). */
+/* Sets/gets the size of the CPU thread team every kernel uses (the caller
+ * plus n - 1 helper threads; the BLAS itself always runs single-threaded).
+ * Default: OPENBLAS_NUM_THREADS when set, else the cores this process may
+ * run on. Results are the same for every n. Not while kernels run. */
 void pw_cpu_set_threads(int n);
 int pw_cpu_get_threads(void);
 
@@ -121,7 +126,8 @@ void pw_cpu_pos_embedding_bwd_weight(const float *dy, float *dw, int64_t batch, 
 void pw_cpu_attention_fwd(const float *qkv, float *out, float *att, int64_t batch,
                           int64_t T, int64_t D, int64_t H);
 /* dqkv (batch, T, 3D) (+)= the gradient for qkv from dout (batch, T, D), with
- * the forward's qkv and att. `scratch` is T·T floats of workspace. The op has
+ * the forward's qkv and att. `scratch` is H·T·T floats of workspace (one
+ * T×T per head: heads run in parallel). The op has
  * no weights, so there is no backward-weight. */
 void pw_cpu_attention_bwd_input(const float *qkv, const float *att, const float *dout,
                                 float *dqkv, float *scratch, int64_t batch, int64_t T,

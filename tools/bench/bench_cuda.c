@@ -225,7 +225,7 @@ static void bench_ops(timer *t, pw_cuda_ops *ops, int64_t n, int64_t D, int64_t 
     float *x = host_rand(n4, 11), *dy = host_rand(n4, 12), *y = host_rand(n4, 13);
     float *w = host_rand(D, 14), *bb = host_rand(D, 15), *mean = host_rand(n, 16);
     float *rstd = host_rand(n, 17), *dw = host_rand(V * D, 18), *db = host_rand(D, 19);
-    float *qkv = host_rand(nqkv, 20), *att = host_rand(natt, 21), *scr = host_rand(T * T, 22);
+    float *qkv = host_rand(nqkv, 20), *att = host_rand(natt, 21), *scr = host_rand(H * T * T, 22);
     float *logits = host_rand(n * C, 23), *probs = host_rand(n * C, 24);
     int32_t *labels = malloc((size_t)n * sizeof(int32_t));
     uint8_t *mask = malloc((size_t)n4);

@@ -41,6 +41,7 @@
 #include "graph/graph.h"
 #include "runtime/rng.h"
 #include "runtime/trace.h"
+#include "stages/cpu/gemm.h"
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
 #include "stages/pipeline.h"
@@ -90,10 +91,9 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, int stages, lon
     pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
     pc.optim.lr = 2e-3f;
     pc.pin = 1;
+    pc.threads = stages == 1 ? threads : 0; /* several stages: one thread per worker */
     pw_pipeline *pl;
     if (pw_pipeline_create(&pc, &pl) != PW_OK) die("");
-    /* A multi-stage pipeline sets one BLAS thread per worker (process-wide). */
-    pw_cpu_set_threads(stages == 1 ? threads : 1);
     return pl;
 }
 
@@ -154,7 +154,9 @@ static void attn_round(const attn_case *c, int reps, float *qkv, float *out, flo
     r[0] = causal * reps / dt * 1e-9;
     r[1] = executed * reps / dt * 1e-9;
     /* (a) A full T × T × hd GEMM over strided q and k (the shape of an
-     * unblocked kernel's products), 6 per sequence and head. */
+     * unblocked kernel's products), 6 per sequence and head. The references
+     * use the BLAS's own threads (the kernels need it at 1 again after). */
+    pw_cpu_blas_threads(pw_cpu_get_threads());
     t0 = now_s();
     for (int i = 0; i < reps; i++)
         for (long k = 0; k < 6 * B * H; k++)
@@ -173,6 +175,7 @@ static void attn_round(const attn_case *c, int reps, float *qkv, float *out, flo
                         1.0f, x, (int)D, w, (int)D, 0.0f, y, (int)(3 * D));
     dt = now_s() - t0;
     r[3] = lin * lin_reps * reps / dt * 1e-9;
+    pw_cpu_blas_threads(1);
 }
 
 static void bench_attention(const attn_case *cases, int n_cases, int threads, int reps, int rounds)
@@ -183,7 +186,7 @@ static void bench_attention(const attn_case *cases, int n_cases, int threads, in
         long q = c->B * c->T * 3 * c->D, a = c->B * c->H * c->T * c->T;
         if (q > max_qkv) max_qkv = q;
         if (a > max_att) max_att = a;
-        if (c->T * c->T > max_tt) max_tt = c->T * c->T;
+        if (c->H * c->T * c->T > max_tt) max_tt = c->H * c->T * c->T;
         if (c->B * c->T * c->D > max_x) max_x = c->B * c->T * c->D;
         if (3 * c->D * c->D > max_w) max_w = 3 * c->D * c->D;
         if (c->B * c->T * 3 * c->D > max_y) max_y = c->B * c->T * 3 * c->D;

@@ -1,0 +1,252 @@
+/* pipewright — the determinism matrix: parameters after a few AdamW steps are
+ * the same bits for every stage count (1-4), schedule (all six), CPU thread
+ * count (1, 2, 3: the team that tiles the GEMMs and runs attention heads)
+ * and replica layout, for each micro-batch layout.
+ *
+ * Run with whatever the environment says about the BLAS (CI leaves
+ * OPENBLAS_NUM_THREADS unset and OPENBLAS_CORETYPE as the machine set it):
+ * nothing here may depend on it. The MLP is wide enough that its GEMMs are
+ * cut into several tiles (checked), so more threads really do split them.
+ * Under the sanitizers (several times slower) a diagonal of the matrix runs.
+ */
+#include <criterion/criterion.h>
+#include <criterion/parameterized.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pipeline_support.h"
+#include "stages/cpu/gemm.h"
+#include "stages/cpu/ops.h"
+#include "stages/data.h"
+#include "stages/pipeline.h"
+
+#define TIMEOUT 600
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define PW_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define PW_SANITIZED 1
+#endif
+#endif
+#ifndef PW_SANITIZED
+#define PW_SANITIZED 0
+#endif
+
+/* 16 rows per micro-batch × 512 wide: 8-17 MFLOP per GEMM, 2-4 tiles. */
+static const char *WIDE =
+    "graph d_wide\n"
+    "input image : f32[16, 32]\n"
+    "label target : i32[]\n"
+    "x = flatten(image)\n"
+    "fc1 = linear(x, out=512)\n"
+    "n1 = layernorm(fc1)\n"
+    "h1 = gelu(n1)\n"
+    "fc2 = linear(h1, out=512)\n"
+    "h2 = relu(fc2)\n"
+    "fc3 = linear(h2, out=512)\n"
+    "h3 = relu(fc3)\n"
+    "r = add(h3, h1)\n"
+    "logits = linear(r, out=10) as head\n"
+    "loss = softmax_cross_entropy(logits, target)\n";
+
+static const char *GPT = "graph d_gpt\n" PW_TEST_GPT_BODY;
+
+static const int STEPS = 2;
+
+typedef struct layout {
+    int replicas, micro_batches;
+    int64_t batch;
+} layout;
+
+/* Micro-batch layouts: rows per micro-batch = batch / (replicas · M); M = 12
+ * suits every schedule at 1-4 stages (interleaved needs S | M). */
+static const layout LAYOUTS[] = {
+    {1, 12, 192}, /* 16 rows */
+    {1, 12, 384}, /* 32 rows */
+    {2, 12, 384}, /* 16 rows per replica's micro-batch */
+};
+#define N_LAYOUTS ((int)(sizeof LAYOUTS / sizeof LAYOUTS[0]))
+
+static const pw_schedule_kind KINDS[] = {PW_SCHEDULE_GPIPE, PW_SCHEDULE_1F1B, PW_SCHEDULE_INTERLEAVED,
+                                         PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V};
+#define N_KINDS 6
+
+static pw_dataset *image_data(void)
+{
+    pw_synthetic_config sc = {.n = 768, .sample_shape = {.ndim = 2, .d = {16, 32}},
+                              .n_classes = 10, .seed = 5, .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static pw_dataset *token_data(void)
+{
+    /* Byte-level text: enough for a few steps of 16-token windows. */
+    char path[] = "/tmp/pw_det_text_XXXXXX.txt";
+    int fd = mkstemps(path, 4);
+    cr_assert_geq(fd, 0);
+    FILE *f = fdopen(fd, "w");
+    cr_assert_not_null(f);
+    for (int i = 0; i < 400; i++)
+        fprintf(f, "%d: the quick brown fox jumps over the lazy dog %d times.\n", i, i * 7 % 13);
+    fclose(f);
+    pw_dataset *d = NULL;
+    pw_status st = pw_dataset_load_text(path, 16, 1, &d);
+    unlink(path);
+    cr_assert_eq(st, PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int stages,
+                    pw_schedule_kind kind, int threads, int64_t *n)
+{
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = L->batch;
+    pc.micro_batches = L->micro_batches;
+    pc.replicas = L->replicas;
+    pc.stages = stages;
+    pc.schedule = kind;
+    pc.partition = PW_PARTITION_FLOPS;
+    pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
+    pc.clip_grad_norm = 1.0;
+    pc.seed = 11;
+    pc.shuffle = 1;
+    pc.pin = 0;
+    pc.watchdog_s = 120;
+    pc.threads = threads;
+    pw_pipeline *pl;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s S=%d R=%d M=%d threads=%d: %s",
+                 pw_schedule_kind_name(kind), stages, L->replicas, L->micro_batches, threads,
+                 pw_last_error());
+    cr_assert_eq(pw_cpu_get_threads(), threads);
+    for (int i = 0; i < STEPS; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    float *p = test_replica_params(pl, 0, g, n);
+    if (L->replicas > 1) { /* every replica holds the same bytes */
+        int64_t n1;
+        float *p1 = test_replica_params(pl, L->replicas - 1, g, &n1);
+        cr_assert(n1 == *n && memcmp(p, p1, (size_t)n1 * 4) == 0, "replicas disagree");
+        free(p1);
+    }
+    pw_pipeline_destroy(pl);
+    return p;
+}
+
+static void expect_same(const float *got, const float *ref, int64_t n, const char *what)
+{
+    int64_t first = -1, ndiff = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &ref[i], 4) != 0) {
+            if (first < 0) first = i;
+            ndiff++;
+        }
+    cr_expect_eq(ndiff, 0, "%s: %lld of %lld parameters differ from 1 stage, 1 thread (first at %lld: "
+                 "%.9g vs %.9g)", what, (long long)ndiff, (long long)n, (long long)first,
+                 first >= 0 ? got[first] : 0.0, first >= 0 ? ref[first] : 0.0);
+}
+
+/* One micro-batch layout: its reference is 1 stage (GPipe), 1 thread. */
+static void matrix(const pw_graph *g, const pw_dataset *d, const layout *L, int max_threads)
+{
+    int64_t n_ref, n;
+    float *ref = train(g, d, L, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
+    int runs = 0;
+    for (int S = 1; S <= 4; S++)
+        for (int k = 0; k < N_KINDS; k++)
+            for (int th = 1; th <= max_threads; th++) {
+                if (PW_SANITIZED && (S + k + th) % 3 != 0) continue; /* a diagonal */
+                const int v = KINDS[k] == PW_SCHEDULE_INTERLEAVED || KINDS[k] == PW_SCHEDULE_ZB_V ? 2 : 1;
+                if (S * v > g->n_nodes) continue;
+                float *got = train(g, d, L, S, KINDS[k], th, &n);
+                cr_assert_eq(n, n_ref);
+                char what[128];
+                snprintf(what, sizeof what, "%s: R=%d M=%d batch=%lld, %s S=%d threads=%d", g->name,
+                         L->replicas, L->micro_batches, (long long)L->batch,
+                         pw_schedule_kind_name(KINDS[k]), S, th);
+                expect_same(got, ref, n, what);
+                free(got);
+                runs++;
+            }
+    cr_assert_gt(runs, 0);
+    free(ref);
+}
+
+ParameterizedTestParameters(determinism, mlp_matrix)
+{
+    static int idx[N_LAYOUTS];
+    for (int i = 0; i < N_LAYOUTS; i++) idx[i] = i;
+    return cr_make_param_array(int, idx, N_LAYOUTS);
+}
+
+ParameterizedTest(int *li, determinism, mlp_matrix, .timeout = TIMEOUT)
+{
+    const layout *L = &LAYOUTS[*li];
+    /* The GEMMs really are tiled: more than one tile for threads to share. */
+    int64_t rows = L->batch / (L->replicas * L->micro_batches), tm, tn;
+    pw_cpu_gemm_tiles(rows, 512, 512, &tm, &tn);
+    cr_assert((rows + tm - 1) / tm * ((512 + tn - 1) / tn) > 1, "%lld rows: one tile", (long long)rows);
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    matrix(g, d, L, 3);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* The GPT: attention heads spread over the team, dropout, a tie across
+ * stages, layernorm and GELU. */
+Test(determinism, gpt_matrix, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(GPT, "gpt.graph");
+    pw_dataset *d = token_data();
+    const layout L = {1, 12, 48};
+    matrix(g, d, &L, 3);
+    const layout R2 = {2, 12, 96};
+    matrix(g, d, &R2, 2);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* The kernel-level promise behind it: a GEMM's bits do not depend on the
+ * team's size, for shapes that tile in rows, in columns and in both, with
+ * and without transposes and with beta = 1 accumulation. */
+Test(determinism, gemm_bits_independent_of_threads, .timeout = TIMEOUT)
+{
+    static const int64_t shapes[][3] = {{16, 512, 512}, {512, 512, 16}, {300, 700, 129},
+                                        {1000, 40, 300}, {7, 2000, 257}, {64, 64, 64}};
+    const int saved = pw_cpu_get_threads();
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++) {
+                const int64_t M = shapes[si][0], N = shapes[si][1], K = shapes[si][2];
+                float *A = malloc((size_t)(M * K) * 4), *B = malloc((size_t)(K * N) * 4);
+                float *C[4];
+                uint64_t x = 88172645463325252ull;
+                for (int64_t i = 0; i < M * K; i++) {
+                    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+                    A[i] = (float)((double)(x >> 40) / (double)(1 << 24) - 0.5);
+                }
+                for (int64_t i = 0; i < K * N; i++) {
+                    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+                    B[i] = (float)((double)(x >> 40) / (double)(1 << 24) - 0.5);
+                }
+                for (int th = 1; th <= 4; th++) {
+                    pw_cpu_set_threads(th);
+                    C[th - 1] = malloc((size_t)(M * N) * 4);
+                    for (int64_t i = 0; i < M * N; i++) C[th - 1][i] = (float)(i % 7) * 0.25f;
+                    pw_cpu_gemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 1.0f, C[th - 1], N);
+                    if (th > 1)
+                        cr_expect(memcmp(C[0], C[th - 1], (size_t)(M * N) * 4) == 0,
+                                  "%lldx%lldx%lld ta=%d tb=%d: %d threads differ from 1", (long long)M,
+                                  (long long)N, (long long)K, ta, tb, th);
+                }
+                for (int th = 0; th < 4; th++) free(C[th]);
+                free(A);
+                free(B);
+            }
+    pw_cpu_set_threads(saved);
+}
