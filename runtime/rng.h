@@ -2,8 +2,11 @@
  *
  * Element i of a parameter is a pure function of (seed, parameter name, i),
  * so any partition of a graph, in any process, initialises identical weights.
- * The same keying gives data shuffles and (later) dropout masks reproducible
- * streams: key = pw_rng_key(seed, "shuffle/epoch3").
+ * The same keying gives data shuffles and dropout masks reproducible
+ * streams: key = pw_rng_key(seed, "shuffle/epoch3"). Every algorithm here,
+ * and how shuffles and dropout masks use them, is specified for
+ * reimplementation in docs/api.md ("Reproducing the math"); changing one
+ * changes tests/fixtures/rng_reference.py and the rng tests too.
  */
 #ifndef PW_RUNTIME_RNG_H
 #define PW_RUNTIME_RNG_H

@@ -1,5 +1,6 @@
 /* pipewright — trace buffers and the Chrome Trace Event JSON writer. */
 #include "runtime/trace.h"
+#include "runtime/tmpfile.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -160,10 +161,12 @@ static void write_meta(FILE *f, const pw_trace *t, const pw_trace_meta *m)
 pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_meta *m)
 {
     char tmp[4096];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp)
+    if (pw_tmpfile_name(path, tmp, sizeof tmp) != 0)
         return pw_error(PW_ERR_INVALID_ARG, "trace: path too long: %s", path);
     FILE *f = fopen(tmp, "w");
     if (!f) return pw_error(PW_ERR_IO, "%s: %s", tmp, strerror(errno));
+    /* An interrupted run unlinks it (pipeline-run's signal handler). */
+    const int tmp_slot = pw_tmpfile_register(tmp);
 
     int64_t t_base = INT64_MAX;
     for (int r = 0; r < t->n_tracks; r++)
@@ -204,12 +207,15 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
     if (bad) {
         int err = errno;
         unlink(tmp);
+        pw_tmpfile_forget(tmp_slot);
         return pw_error(PW_ERR_IO, "%s: cannot write trace: %s", path, strerror(err));
     }
     if (rename(tmp, path) != 0) {
         int err = errno;
         unlink(tmp);
+        pw_tmpfile_forget(tmp_slot);
         return pw_error(PW_ERR_IO, "%s: %s", path, strerror(err));
     }
+    pw_tmpfile_forget(tmp_slot);
     return PW_OK;
 }

@@ -4,9 +4,60 @@
 #include "runtime/transport.h"
 
 #include <hwloc.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
+
+const char *pw_phase_name(int phase)
+{
+    static const char *const names[PW_PHASE_COUNT] = {"start-up", "training step", "epoch boundary",
+                                                      "evaluation", "checkpoint save", "shutdown"};
+    return phase >= 0 && phase < PW_PHASE_COUNT ? names[phase] : "?";
+}
+
+int pw_transport_blame(const pw_transport *t, double stall_s, const char *(*act_name)(int), char *buf,
+                       size_t n)
+{
+    if (n) buf[0] = '\0';
+    if (!t || !t->vt || !t->vt->blame) return -2;
+    if (!act_name && t->state) act_name = t->state->act_name;
+    return t->vt->blame(t->self, stall_s, act_name, buf, n);
+}
+
+/* PW_TEST_HANG, parsed once: rank, phase, step, and whether to SIGSTOP. */
+static struct {
+    pthread_once_t once;
+    int rank, stop;
+    long long step;
+    char phase[16];
+} hang = {PTHREAD_ONCE_INIT, -1, 0, -1, ""};
+
+static void hang_read(void)
+{
+    const char *spec = getenv("PW_TEST_HANG");
+    char mode[8] = "";
+    if (!spec || sscanf(spec, "%d:%15[a-z]:%lld:%7[a-z]", &hang.rank, hang.phase, &hang.step, mode) < 3) {
+        hang.rank = -1;
+        return;
+    }
+    hang.stop = strcmp(mode, "stop") == 0;
+}
+
+void pw_transport_test_point(const pw_transport *t, const char *phase, int64_t step)
+{
+    if (!t) return;
+    pthread_once(&hang.once, hang_read);
+    if (hang.rank != t->world_rank || hang.step != step || strcmp(hang.phase, phase) != 0) return;
+    fprintf(stderr, "pipewright: PW_TEST_HANG: MPI rank %d %s at point '%s' of step %lld\n", t->world_rank,
+            hang.stop ? "stops (SIGSTOP)" : "hangs", phase, (long long)step);
+    fflush(NULL);
+    if (hang.stop) raise(SIGSTOP);
+    for (;;) pause();
+}
 
 void pw_transport_destroy(pw_transport *t)
 {

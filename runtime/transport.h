@@ -30,10 +30,25 @@
  * Failure. Every function returns a pw_status with a message; nothing here
  * exits. pw_transport_abort (MPI_Abort) is for tools that have reported an
  * error and want every other process stopped at once.
+ *
+ * No wait is unbounded. Each process publishes what it is doing on its
+ * progress board (pw_transport_state: phase, step, a progress counter, the
+ * engine action it runs and the process it waits for, if any); a heartbeat
+ * thread sends it to every other process several times a second. The
+ * blocking world functions poll their requests, and once one has waited
+ * watchdog_s they ask pw_transport_blame whom the run is stuck on: a process
+ * whose heartbeat stopped (SIGSTOP, a dead host), or one that is not waiting
+ * for anybody yet has made no progress for watchdog_s (hung inside a
+ * computation), found by following the chain of who waits for whom. The
+ * wait then fails with PW_ERR_TIMEOUT, naming that process and what it was
+ * doing; a wait whose chain ends at a process still making progress (a long
+ * evaluation on another replica) goes on. The engine's watchdog asks the
+ * same question (scheduler/engine.h).
  */
 #ifndef PW_RUNTIME_TRANSPORT_H
 #define PW_RUNTIME_TRANSPORT_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -49,6 +64,34 @@ typedef struct pw_treq {
     _Alignas(8) unsigned char opaque[16];
     size_t bytes;         /* a receive: what must arrive */
 } pw_treq;
+
+/* What a process does, for the others' watchdogs (pw_transport_state). */
+typedef enum pw_phase {
+    PW_PHASE_START = 0,      /* set-up: data, pipeline creation */
+    PW_PHASE_STEP,           /* a training step (the engine, then the tied sums and the loss) */
+    PW_PHASE_EPOCH,          /* the end of an epoch, before its evaluation */
+    PW_PHASE_EVAL,           /* evaluation */
+    PW_PHASE_SAVE,           /* gathering and writing a checkpoint */
+    PW_PHASE_SHUTDOWN,       /* the run is over: waiting for the others to finish */
+    PW_PHASE_COUNT
+} pw_phase;
+const char *pw_phase_name(int phase);
+
+/* wait_peer values besides a world rank. */
+enum { PW_WAIT_NOBODY = -1, PW_WAIT_ALL = -2 };
+
+/* This process's progress board, written by any of its threads (lock-free
+ * stores) and read by the heartbeat thread. */
+typedef struct pw_transport_state {
+    atomic_int phase;        /* pw_phase */
+    atomic_llong step;       /* the training step the phase belongs to */
+    atomic_llong progress;   /* bumped by every unit of work: an action, a message, a micro-batch */
+    atomic_int wait_peer;    /* the world rank this process waits for, PW_WAIT_ALL (a
+                                collective: several) or PW_WAIT_NOBODY (computing) */
+    atomic_int act, mb;      /* the engine action being run (its pw_action_kind, -1) and micro-batch */
+    const char *(*act_name)(int); /* (optional) names `act`; set by the engine's creator thread,
+                                     read by blame on the threads that wait */
+} pw_transport_state;
 
 typedef struct pw_transport_i {
     const char *name;
@@ -68,6 +111,8 @@ typedef struct pw_transport_i {
     /* Stops every process of the run (MPI_Abort); for tools, after reporting. */
     void (*abort)(void *self, int code);
     void (*destroy)(void *self);
+    /* (optional) see pw_transport_blame. */
+    int (*blame)(void *self, double stall_s, const char *(*act_name)(int), char *buf, size_t n);
 } pw_transport_i;
 
 typedef struct pw_transport {
@@ -81,7 +126,43 @@ typedef struct pw_transport {
     pw_coll stage_coll;       /* the R processes holding this rank: member = replica */
     pw_coll replica_coll;     /* the S ranks of this replica: member = rank */
     char desc[128];           /* "MPI (Open MPI 4.1.4), ring all-reduce, thread level multiple" */
+    pw_transport_state *state;/* this process's progress board (NULL: none) */
+    double watchdog_s;        /* how long a world wait may go without progress */
 } pw_transport;
+
+/* Progress board updates (any thread; t may be NULL: a run in one process). */
+static inline void pw_transport_phase(const pw_transport *t, pw_phase phase, int64_t step)
+{
+    if (!t || !t->state) return;
+    atomic_store_explicit(&t->state->phase, (int)phase, memory_order_relaxed);
+    atomic_store_explicit(&t->state->step, step, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->state->progress, 1, memory_order_relaxed);
+}
+static inline void pw_transport_progress(const pw_transport *t)
+{
+    if (t && t->state) atomic_fetch_add_explicit(&t->state->progress, 1, memory_order_relaxed);
+}
+/* peer: a world rank, PW_WAIT_ALL or PW_WAIT_NOBODY (the wait is over). */
+static inline void pw_transport_waiting(const pw_transport *t, int peer)
+{
+    if (t && t->state) atomic_store_explicit(&t->state->wait_peer, peer, memory_order_relaxed);
+}
+
+/* Whom is the run stuck on? Called by a process that has waited stall_s.
+ * Returns the world rank of the stalled process, with "MPI rank 3 (replica
+ * 1, stage 1) stalled in evaluation after step 12: ..." in buf; -1 when no
+ * process is stalled yet (the chain of waits ends at one still making
+ * progress: keep waiting); -2 when every process waits and none is stalled
+ * (a deadlock), described in buf. act_name (optional) names the engine's
+ * action codes. A transport without a board returns -2 and an empty buf. */
+int pw_transport_blame(const pw_transport *t, double stall_s, const char *(*act_name)(int), char *buf,
+                       size_t n);
+
+/* Test hook: PW_TEST_HANG=RANK:PHASE:STEP[:stop] (read once) makes world
+ * rank RANK, on reaching `phase` ("step", "epoch", "eval", "save") of step
+ * STEP, hang for good (sleep) or, with ":stop", stop itself with SIGSTOP.
+ * A no-op without a transport or without the variable. */
+void pw_transport_test_point(const pw_transport *t, const char *phase, int64_t step);
 
 /* Accepts NULL. For MPI: frees the communicators and calls MPI_Finalize. */
 void pw_transport_destroy(pw_transport *t);
@@ -117,6 +198,7 @@ typedef struct pw_mpi_config {
     int n_ranks;             /* S: pipeline ranks per replica */
     int n_replicas;          /* R; the world must have S × R processes */
     pw_allreduce_algo allreduce;
+    double watchdog_s;       /* world waits fail after this long without progress (0: 60 s) */
 } pw_mpi_config;
 
 /* 1 when this build has MPI (PW_HAVE_MPI). */

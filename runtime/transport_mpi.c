@@ -1,6 +1,17 @@
 /* pipewright — the MPI transport: initialisation, the process layout and
- * its communicators, non-blocking point-to-point for the engine, and the
- * blocking world operations tools use between steps (see transport.h). */
+ * its communicators, non-blocking point-to-point for the engine, the
+ * blocking world operations tools use between steps, and the heartbeat that
+ * bounds every one of them (see transport.h).
+ *
+ * Heartbeat. A thread per process sends this process's progress board (a
+ * 32-byte record) to every other process every HB_PERIOD_NS on a
+ * communicator of its own, at most one send in flight per peer, and keeps
+ * the last record received from each with its arrival time and the time its
+ * content last changed. pw_transport_blame reads that table: a peer whose
+ * records stopped coming is stopped or gone; a peer that waits for nobody
+ * and whose record has not changed for the watchdog is hung in a
+ * computation. The world operations are non-blocking requests polled
+ * against the watchdog; when it expires they ask blame whom to name. */
 #ifdef PW_HAVE_MPI
 #include <limits.h>
 #include <pthread.h>
@@ -12,6 +23,7 @@
 #include <time.h>
 
 #include "runtime/log.h"
+#include "runtime/trace.h"
 #include "runtime/transport-internal.h"
 
 int pw_mpi_serialize;
@@ -61,11 +73,291 @@ pw_status pw_mpi_wait(MPI_Request *reqs, int n, MPI_Status *sts, const atomic_in
 
 /* ------------------------------------------------------------ the transport */
 
+enum { HB_TAG = 1 };
+#define HB_PERIOD_NS 100000000LL /* 100 ms: 10 small messages a second to each peer ... */
+#define HB_TICK_NS 10000000LL    /* ... or sooner, after 10 ms, when the phase or the step changed */
+
+/* One heartbeat: a snapshot of a process's pw_transport_state. */
+typedef struct hb_rec {
+    int32_t phase, wait_peer, act, mb;
+    int64_t step, progress;
+} hb_rec;
+
+typedef struct hb_peer {
+    hb_rec rec;            /* (hb_mu) the last record received */
+    int64_t seen_ns;       /* (hb_mu) when it arrived (creation time before the first) */
+    int64_t changed_ns;    /* (hb_mu) when its content last changed */
+    hb_rec rbuf, sbuf;     /* heartbeat thread only: the posted receive and send */
+    MPI_Request rreq, sreq;
+} hb_peer;
+
 typedef struct mpi_transport {
     MPI_Comm world, replica_comm, stage_comm;
     int finalize;          /* we initialised MPI */
     pw_coll stage_coll, replica_coll;
+    int world_rank, world_size, n_ranks;
+    double watchdog_s;
+    pw_transport_state state;  /* this process's board (pw_transport.state points here) */
+    MPI_Comm hb_comm;
+    hb_peer *peers;        /* [world_size] */
+    pthread_mutex_t hb_mu;
+    pthread_t hb_thread;
+    int hb_started;
+    atomic_int hb_quit;
+    atomic_llong hb_last_ns;   /* when the heartbeat thread last read its messages */
+    atomic_int hb_failed;      /* the thread could not run: blame judges nobody */
 } mpi_transport;
+
+/* ------------------------------------------------------------ heartbeat */
+
+static hb_rec snapshot(mpi_transport *m)
+{
+    pw_transport_state *s = &m->state;
+    return (hb_rec){.phase = atomic_load(&s->phase), .wait_peer = atomic_load(&s->wait_peer),
+                    .act = atomic_load(&s->act), .mb = atomic_load(&s->mb), .step = atomic_load(&s->step),
+                    .progress = atomic_load(&s->progress)};
+}
+
+static void *hb_main(void *arg)
+{
+    mpi_transport *m = arg;
+    const int W = m->world_size;
+    hb_rec *got = calloc((size_t)W, sizeof *got);
+    unsigned char *fresh = calloc((size_t)W, 1);
+    if (!got || !fresh) {
+        free(got);
+        free(fresh);
+        PW_WARN("MPI rank %d: no memory for the heartbeat; hangs of other processes will be named less "
+                "precisely", m->world_rank);
+        atomic_store(&m->hb_failed, 1);
+        return NULL;
+    }
+    hb_rec sent = {.phase = -1};
+    int64_t sent_ns = 0;
+    while (!atomic_load(&m->hb_quit)) {
+        const hb_rec mine = snapshot(m);
+        int64_t t = pw_now_ns();
+        /* What the others last heard should say where this process is, even
+         * when it stops right after a change: send early on a new phase or
+         * step (a step every few ms means at most one record per tick). */
+        const int send = t - sent_ns >= HB_PERIOD_NS || mine.phase != sent.phase || mine.step != sent.step;
+        if (send) {
+            sent = mine;
+            sent_ns = t;
+        }
+        memset(fresh, 0, (size_t)W);
+        pw_mpi_lock();
+        for (int p = 0; p < W; p++) {
+            if (p == m->world_rank) continue;
+            hb_peer *q = &m->peers[p];
+            int flag = 0;
+            /* A peer that stopped reading (SIGSTOP) holds our one send; we
+             * skip it until the send completes instead of piling up more. */
+            if (q->sreq != MPI_REQUEST_NULL) MPI_Test(&q->sreq, &flag, MPI_STATUS_IGNORE);
+            if (send && q->sreq == MPI_REQUEST_NULL) {
+                q->sbuf = mine;
+                MPI_Isend(&q->sbuf, (int)sizeof q->sbuf, MPI_BYTE, p, HB_TAG, m->hb_comm, &q->sreq);
+            }
+            for (int k = 0; k < 16; k++) { /* drain what queued up; keep the newest */
+                flag = 0;
+                if (MPI_Test(&q->rreq, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS || !flag) break;
+                got[p] = q->rbuf;
+                fresh[p] = 1;
+                MPI_Irecv(&q->rbuf, (int)sizeof q->rbuf, MPI_BYTE, p, HB_TAG, m->hb_comm, &q->rreq);
+            }
+        }
+        pw_mpi_unlock();
+        const int64_t now = pw_now_ns();
+        atomic_store(&m->hb_last_ns, now);
+        pthread_mutex_lock(&m->hb_mu);
+        for (int p = 0; p < W; p++) {
+            if (!fresh[p]) continue;
+            hb_peer *q = &m->peers[p];
+            if (memcmp(&q->rec, &got[p], sizeof got[p]) != 0) q->changed_ns = now;
+            q->rec = got[p];
+            q->seen_ns = now;
+        }
+        pthread_mutex_unlock(&m->hb_mu);
+        nanosleep(&(struct timespec){0, HB_TICK_NS}, NULL);
+    }
+    free(got);
+    free(fresh);
+    return NULL;
+}
+
+static pw_status hb_start(mpi_transport *m)
+{
+    const int W = m->world_size;
+    m->peers = calloc((size_t)W, sizeof *m->peers);
+    if (!m->peers) return pw_error(PW_ERR_NOMEM, "MPI heartbeat: out of memory");
+    pthread_mutex_init(&m->hb_mu, NULL);
+    int rc = MPI_Comm_dup(m->world, &m->hb_comm);
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Comm_dup (heartbeat)");
+    const int64_t now = pw_now_ns();
+    for (int p = 0; p < W; p++) {
+        hb_peer *q = &m->peers[p];
+        q->rec.wait_peer = PW_WAIT_NOBODY;
+        q->rec.act = q->rec.mb = -1;
+        q->seen_ns = q->changed_ns = now;
+        q->sreq = q->rreq = MPI_REQUEST_NULL;
+        if (p == m->world_rank) continue;
+        rc = MPI_Irecv(&q->rbuf, (int)sizeof q->rbuf, MPI_BYTE, p, HB_TAG, m->hb_comm, &q->rreq);
+        if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Irecv (heartbeat)");
+    }
+    rc = pthread_create(&m->hb_thread, NULL, hb_main, m);
+    if (rc != 0) return pw_error(PW_ERR_NOMEM, "MPI heartbeat: cannot start its thread: %s", strerror(rc));
+    m->hb_started = 1;
+    return PW_OK;
+}
+
+static void hb_stop(mpi_transport *m)
+{
+    if (m->hb_started) {
+        atomic_store(&m->hb_quit, 1);
+        pthread_join(m->hb_thread, NULL);
+        m->hb_started = 0;
+    }
+    if (!m->peers) return;
+    for (int p = 0; p < m->world_size; p++) {
+        hb_peer *q = &m->peers[p];
+        if (q->rreq != MPI_REQUEST_NULL) {
+            MPI_Cancel(&q->rreq);
+            MPI_Wait(&q->rreq, MPI_STATUS_IGNORE);
+        }
+        /* Our last heartbeat completes (or is dropped) in the background. */
+        if (q->sreq != MPI_REQUEST_NULL) MPI_Request_free(&q->sreq);
+    }
+    free(m->peers);
+    m->peers = NULL;
+    pthread_mutex_destroy(&m->hb_mu);
+}
+
+/* "in training step 5 (F of micro-batch 1)", "in evaluation after step 12" */
+static void describe(const hb_rec *r, const char *(*act_name)(int), char *buf, size_t n)
+{
+    const char *ph = pw_phase_name(r->phase);
+    if (r->phase == PW_PHASE_STEP && r->act >= 0) {
+        char act[24];
+        if (act_name) snprintf(act, sizeof act, "%s", act_name(r->act));
+        else snprintf(act, sizeof act, "action %d", r->act);
+        if (r->mb >= 0) snprintf(buf, n, "in %s %lld (%s of micro-batch %d)", ph, (long long)r->step, act, r->mb);
+        else snprintf(buf, n, "in %s %lld (%s)", ph, (long long)r->step, act);
+    } else if (r->phase == PW_PHASE_STEP) {
+        snprintf(buf, n, "in %s %lld", ph, (long long)r->step);
+    } else if (r->phase == PW_PHASE_START) {
+        snprintf(buf, n, "in %s", ph);
+    } else {
+        snprintf(buf, n, "%s %s after step %lld", r->phase == PW_PHASE_EPOCH ? "at the" : "in", ph,
+                 (long long)r->step);
+    }
+}
+
+static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), char *buf, size_t n)
+{
+    mpi_transport *m = self;
+    const int W = m->world_size, me = m->world_rank, S = m->n_ranks;
+    if (!m->peers || atomic_load(&m->hb_failed)) {
+        if (n) buf[0] = '\0';
+        return -2; /* the wait fails after the watchdog, naming only whom it waited for */
+    }
+    const int64_t now = pw_now_ns(), stall = (int64_t)(stall_s * 1e9);
+    /* Silence: several heartbeat periods late, and half the watchdog. */
+    const int64_t silent = stall / 2 > 1000000000LL ? stall / 2 : 1000000000LL;
+    int culprit = -1, busy_progressing = 0;
+    int64_t worst = 0;
+    char what[128];
+    /* This process was itself stopped (Ctrl-Z, a frozen VM) or starved:
+     * its table is old, so judge nobody until the heartbeat catches up. */
+    if (now - atomic_load(&m->hb_last_ns) > HB_PERIOD_NS * 5) return -1;
+    pthread_mutex_lock(&m->hb_mu);
+    for (int p = 0; p < W; p++) {
+        if (p == me) continue;
+        int64_t age = now - m->peers[p].seen_ns;
+        if (age > silent && age > worst) worst = age, culprit = p;
+    }
+    if (culprit >= 0) {
+        describe(&m->peers[culprit].rec, act_name, what, sizeof what);
+        snprintf(buf, n, "MPI rank %d (replica %d, stage %d) stalled: no heartbeat from it for %.1f s (stopped, "
+                 "or its host is gone); last heard %s", culprit, culprit / S, culprit % S, (double)worst / 1e9,
+                 what);
+        pthread_mutex_unlock(&m->hb_mu);
+        return culprit;
+    }
+    /* Follow who waits for whom from here; the chain ends at the process
+     * that is computing. */
+    int cur = atomic_load(&m->state.wait_peer);
+    for (int hops = 0; cur >= 0 && cur < W && cur != me && hops < W; hops++) {
+        if (m->peers[cur].rec.wait_peer == PW_WAIT_NOBODY) break;
+        cur = m->peers[cur].rec.wait_peer;
+    }
+    if (cur >= 0 && cur < W && cur != me && m->peers[cur].rec.wait_peer == PW_WAIT_NOBODY) {
+        if (now - m->peers[cur].changed_ns > stall) culprit = cur;
+        else busy_progressing = 1;
+    }
+    /* Otherwise (a collective, or a chain that loops back): any process
+     * that waits for nobody and has not moved for the watchdog. */
+    for (int p = 0; culprit < 0 && !busy_progressing && p < W; p++) {
+        if (p == me || m->peers[p].rec.wait_peer != PW_WAIT_NOBODY) continue;
+        int64_t idle = now - m->peers[p].changed_ns;
+        if (idle > stall && idle > worst) worst = idle, culprit = p;
+    }
+    for (int p = 0; culprit < 0 && !busy_progressing && p < W; p++)
+        busy_progressing = p != me && m->peers[p].rec.wait_peer == PW_WAIT_NOBODY;
+    if (culprit >= 0) {
+        describe(&m->peers[culprit].rec, act_name, what, sizeof what);
+        snprintf(buf, n, "MPI rank %d (replica %d, stage %d) stalled %s: no progress for %.1f s and not "
+                 "waiting for any process", culprit, culprit / S, culprit % S, what,
+                 (double)(now - m->peers[culprit].changed_ns) / 1e9);
+    } else if (!busy_progressing) {
+        snprintf(buf, n, "no process is computing: each waits for another (a deadlock)");
+    }
+    pthread_mutex_unlock(&m->hb_mu);
+    if (culprit >= 0) return culprit;
+    return busy_progressing ? -1 : -2;
+}
+
+/* Polls reqs until they complete, publishing that this process waits for
+ * `peer`. Once the watchdog has passed, asks blame every 100 ms: a stalled
+ * process (or a deadlock) fails the wait, naming it; a chain that ends at a
+ * process still making progress goes on waiting. */
+static pw_status world_wait(mpi_transport *m, MPI_Request *reqs, int n, MPI_Status *sts, int peer,
+                            const char *what)
+{
+    atomic_store(&m->state.wait_peer, peer);
+    const int64_t t0 = pw_now_ns();
+    int64_t check = t0 + (int64_t)(m->watchdog_s * 1e9);
+    pw_status st = PW_OK;
+    for (int spin = 0;; spin++) {
+        int flag = 0;
+        pw_mpi_lock();
+        int rc = MPI_Testall(n, reqs, &flag, sts ? sts : MPI_STATUSES_IGNORE);
+        pw_mpi_unlock();
+        if (rc != MPI_SUCCESS) {
+            st = pw_mpi_error(rc, what);
+            break;
+        }
+        if (flag) break;
+        if (spin < 64) {
+            sched_yield();
+            continue;
+        }
+        nanosleep(&(struct timespec){0, 50000}, NULL);
+        int64_t now = pw_now_ns();
+        if (now < check) continue;
+        char why[400];
+        if (mt_blame(m, m->watchdog_s, m->state.act_name, why, sizeof why) == -1) {
+            check = now + 100000000LL;
+            continue;
+        }
+        st = pw_error(PW_ERR_TIMEOUT, "%s%sMPI rank %d (replica %d, stage %d) waited %.1f s for %s", why,
+                      why[0] ? "; " : "", m->world_rank, m->world_rank / m->n_ranks, m->world_rank % m->n_ranks,
+                      (double)(now - t0) / 1e9, what);
+        break;
+    }
+    atomic_store(&m->state.wait_peer, PW_WAIT_NOBODY);
+    atomic_fetch_add(&m->state.progress, 1);
+    return st;
+}
 
 static MPI_Request *req_of(pw_treq *r) { return (MPI_Request *)(void *)r->opaque; }
 
@@ -116,14 +408,19 @@ static int mt_test(void *self, pw_treq *req)
     return 1;
 }
 
+/* The world operations: non-blocking requests, waited for by world_wait. */
 static pw_status mt_send(void *self, int to, int tag, const void *buf, size_t bytes)
 {
     mpi_transport *m = self;
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI send of %zu bytes (max %d)", bytes, INT_MAX);
+    MPI_Request r;
     pw_mpi_lock();
-    int rc = MPI_Send(buf, (int)bytes, MPI_BYTE, to, tag, m->world);
+    int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, to, tag, m->world, &r);
     pw_mpi_unlock();
-    return rc == MPI_SUCCESS ? PW_OK : pw_mpi_error(rc, "MPI_Send");
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Isend");
+    char what[96];
+    snprintf(what, sizeof what, "MPI rank %d to take a message of %zu bytes", to, bytes);
+    return world_wait(m, &r, 1, NULL, to, what);
 }
 
 static pw_status mt_recv(void *self, int from, int tag, void *buf, size_t bytes)
@@ -131,10 +428,14 @@ static pw_status mt_recv(void *self, int from, int tag, void *buf, size_t bytes)
     mpi_transport *m = self;
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI receive of %zu bytes (max %d)", bytes, INT_MAX);
     MPI_Status st;
+    MPI_Request r;
     pw_mpi_lock();
-    int rc = MPI_Recv(buf, (int)bytes, MPI_BYTE, from, tag, m->world, &st);
+    int rc = MPI_Irecv(buf, (int)bytes, MPI_BYTE, from, tag, m->world, &r);
     pw_mpi_unlock();
-    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Recv");
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Irecv");
+    char what[96];
+    snprintf(what, sizeof what, "a message of %zu bytes from MPI rank %d", bytes, from);
+    PW_CHECK(world_wait(m, &r, 1, &st, from, what));
     int got = 0;
     MPI_Get_count(&st, MPI_BYTE, &got);
     if ((size_t)got != bytes)
@@ -146,19 +447,23 @@ static pw_status mt_allgather(void *self, const void *mine, size_t bytes, void *
 {
     mpi_transport *m = self;
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI all-gather of %zu bytes", bytes);
+    MPI_Request r;
     pw_mpi_lock();
-    int rc = MPI_Allgather(mine, (int)bytes, MPI_BYTE, all, (int)bytes, MPI_BYTE, m->world);
+    int rc = MPI_Iallgather(mine, (int)bytes, MPI_BYTE, all, (int)bytes, MPI_BYTE, m->world, &r);
     pw_mpi_unlock();
-    return rc == MPI_SUCCESS ? PW_OK : pw_mpi_error(rc, "MPI_Allgather");
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Iallgather");
+    return world_wait(m, &r, 1, NULL, PW_WAIT_ALL, "an all-gather of every process");
 }
 
 static pw_status mt_barrier(void *self)
 {
     mpi_transport *m = self;
+    MPI_Request r;
     pw_mpi_lock();
-    int rc = MPI_Barrier(m->world);
+    int rc = MPI_Ibarrier(m->world, &r);
     pw_mpi_unlock();
-    return rc == MPI_SUCCESS ? PW_OK : pw_mpi_error(rc, "MPI_Barrier");
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Ibarrier");
+    return world_wait(m, &r, 1, NULL, PW_WAIT_ALL, "a barrier of every process");
 }
 
 static void mt_abort(void *self, int code)
@@ -175,7 +480,9 @@ static void mt_destroy(void *self)
     pw_mpi_coll_fini(&m->replica_coll);
     int fin = 0;
     MPI_Finalized(&fin);
+    if (!fin) hb_stop(m);
     if (!fin) {
+        if (m->hb_comm != MPI_COMM_NULL) MPI_Comm_free(&m->hb_comm);
         if (m->stage_comm != MPI_COMM_NULL) MPI_Comm_free(&m->stage_comm);
         if (m->replica_comm != MPI_COMM_NULL) MPI_Comm_free(&m->replica_comm);
         if (m->world != MPI_COMM_NULL) MPI_Comm_free(&m->world);
@@ -195,6 +502,7 @@ static const pw_transport_i mpi_transport_i = {
     .barrier = mt_barrier,
     .abort = mt_abort,
     .destroy = mt_destroy,
+    .blame = mt_blame,
 };
 
 static const char *level_name(int l)
@@ -220,7 +528,19 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
         free(m);
         return pw_error(PW_ERR_NOMEM, "MPI transport: out of memory");
     }
-    m->world = m->replica_comm = m->stage_comm = MPI_COMM_NULL;
+    m->world = m->replica_comm = m->stage_comm = m->hb_comm = MPI_COMM_NULL;
+    atomic_init(&m->state.phase, PW_PHASE_START);
+    atomic_init(&m->state.step, 0);
+    atomic_init(&m->state.progress, 0);
+    atomic_init(&m->state.wait_peer, PW_WAIT_NOBODY);
+    atomic_init(&m->state.act, -1);
+    atomic_init(&m->state.mb, -1);
+    atomic_init(&m->hb_quit, 0);
+    atomic_init(&m->hb_last_ns, pw_now_ns());
+    atomic_init(&m->hb_failed, 0);
+    m->watchdog_s = cfg->watchdog_s > 0 ? cfg->watchdog_s : 60.0;
+    t->state = &m->state;
+    t->watchdog_s = m->watchdog_s;
     t->vt = &mpi_transport_i;
     t->self = m;
     pw_status st = PW_OK;
@@ -255,6 +575,9 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     }
     t->n_ranks = S;
     t->n_replicas = R;
+    m->world_rank = t->world_rank;
+    m->world_size = t->world_size;
+    m->n_ranks = S;
     t->replica = t->world_rank / S;
     t->rank = t->world_rank % S;
     if ((rc = MPI_Comm_split(m->world, t->replica, t->rank, &m->replica_comm)) != MPI_SUCCESS ||
@@ -281,6 +604,7 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     PW_CHECK_GOTO(pw_mpi_coll_init(m->replica_comm, PW_ALLREDUCE_RING, &m->replica_coll), st, fail);
     t->stage_coll = m->stage_coll;
     t->replica_coll = m->replica_coll;
+    PW_CHECK_GOTO(hb_start(m), st, fail);
     char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "MPI";
     int len = 0;
     MPI_Get_library_version(lib, &len);

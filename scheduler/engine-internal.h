@@ -323,6 +323,8 @@ void pw_eng_wake_cb(evutil_socket_t fd, short what, void *arg);
 void pw_eng_quit_cb(evutil_socket_t fd, short what, void *arg);
 void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg);
 void pw_eng_drive(pw_worker *w);
+/* pw_action_kind_name for the progress board's action codes. */
+const char *pw_eng_action_name(int kind);
 /* Records the first failure of the step and stops every worker. */
 void pw_eng_fail(pw_engine *e, pw_status st, const char *msg);
 void pw_eng_buf_put(pw_msgbuf *b);

@@ -650,6 +650,36 @@ static int exec(pw_worker *w, const pw_action *a)
 
 /* ---------------------------------------------------------- step and loop */
 
+/* With a transport, the worker keeps this process's progress board current
+ * (runtime/transport.h): the action it runs, a progress tick per action,
+ * and, while parked, the process it waits for. The watchdogs of the other
+ * processes follow these "waits for" links to the one that is stuck. */
+static void publish_action(pw_worker *w, const pw_action *a)
+{
+    pw_transport_state *s = w->e->t->state;
+    if (!s) return;
+    atomic_store_explicit(&s->act, (int)a->kind, memory_order_relaxed);
+    atomic_store_explicit(&s->mb, a->mb, memory_order_relaxed);
+    atomic_store_explicit(&s->wait_peer, PW_WAIT_NOBODY, memory_order_relaxed);
+    atomic_fetch_add_explicit(&s->progress, 1, memory_order_relaxed);
+}
+
+static void publish_park(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    int peer = PW_WAIT_ALL; /* a collective or pending sends: several processes */
+    if (w->call_pending) {
+        peer = PW_WAIT_NOBODY; /* our own stage is working */
+    } else if (w->wait_kind == PW_WAIT_RECV) {
+        const pw_action *a = &e->s->ranks[w->rank].actions[w->pc];
+        int src = a->kind == PW_ACT_RECV_F ? a->chunk - 1 : a->chunk + 1;
+        peer = pw_transport_world_of(e->t, w->replica, rank_of(e, src));
+    }
+    pw_transport_waiting(e->t, peer);
+}
+
+const char *pw_eng_action_name(int kind) { return pw_action_kind_name((pw_action_kind)kind); }
+
 static void begin_step(pw_worker *w)
 {
     pw_engine *e = w->e;
@@ -691,6 +721,10 @@ static void end_step(pw_worker *w)
     }
     w->total_ns += now - w->step_t0;
     if (e->trace) pw_eng_trace(w, "step", PW_TRACE_STEP, -1, -1, -1, 0, w->step_t0, now);
+    if (e->t && e->t->state) { /* the rest of the step is the caller's (tied sums, the loss) */
+        atomic_store_explicit(&e->t->state->act, -1, memory_order_relaxed);
+        pw_transport_waiting(e->t, PW_WAIT_NOBODY);
+    }
     pthread_mutex_lock(&e->mu);
     w->stopped_epoch = w->epoch;
     if (++e->n_stopped == e->NW) pthread_cond_signal(&e->cv);
@@ -717,8 +751,18 @@ void pw_eng_drive(pw_worker *w)
             end_step(w);
             return;
         }
+        if (e->t && !w->wait_t0 && !w->call_pending) { /* a new action, not a parked one's re-entry */
+            publish_action(w, &prog->actions[w->pc]);
+            /* PW_TEST_HANG=RANK:step:STEP: hang inside the step, at the
+             * rank's first backward (mid-step, messages in flight). */
+            if (prog->actions[w->pc].kind == PW_ACT_B)
+                pw_transport_test_point(e->t, "step", atomic_load(&e->step));
+        }
         int rc = exec(w, &prog->actions[w->pc]);
-        if (rc == EXEC_PARKED) return;
+        if (rc == EXEC_PARKED) {
+            if (e->t) publish_park(w);
+            return;
+        }
         if (rc != EXEC_OK) {
             end_step(w);
             return;
@@ -745,6 +789,7 @@ void pw_eng_drive(pw_worker *w)
                 w->flushing = 1;
                 w->wait_t0 = pw_now_ns();
                 w->wait_kind = PW_WAIT_SENDS;
+                pw_transport_waiting(e->t, PW_WAIT_ALL);
             }
             return;
         }
@@ -785,6 +830,16 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
     if (!w->running || (!w->wait_t0 && !w->call_pending)) return;
     int64_t waited = pw_now_ns() - (w->call_pending ? w->pend_t0 : w->wait_t0);
     if (waited < e->watchdog_ns || atomic_load(&e->abort)) return;
+    /* Across processes, name the process the run is stuck on first (the
+     * one we wait for may itself only be waiting); keep waiting while the
+     * chain of waits ends at a process that still makes progress. */
+    char stuck[512] = "";
+    if (e->t && !w->call_pending) {
+        char why[480];
+        int c = pw_transport_blame(e->t, (double)e->watchdog_ns / 1e9, pw_eng_action_name, why, sizeof why);
+        if (c == -1) return;
+        if (why[0]) snprintf(stuck, sizeof stuck, "%s; ", why);
+    }
     char who[64], from[64];
     pw_eng_name(e, w->replica, w->rank, who, sizeof who);
     const double secs = (double)waited / 1e9;
@@ -804,8 +859,8 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
         return;
     }
     if (w->wait_kind == PW_WAIT_SENDS) {
-        fail(w, PW_ERR_TIMEOUT, "%s: waited %.1f s for %d message(s) to other processes to be taken", who,
-             secs, w->n_pending);
+        fail(w, PW_ERR_TIMEOUT, "%s%s: waited %.1f s for %d message(s) to other processes to be taken", stuck,
+             who, secs, w->n_pending);
         end_step(w);
         return;
     }
@@ -822,11 +877,11 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
             }
         }
         if (w->wait_kind == PW_WAIT_BUCKET)
-            fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for the all-reduce of gradient bucket %d "
-                 "across %d replicas%s", who, w->wait_key_chunk, secs, w->wait_key_bucket, e->NR, there);
+            fail(w, PW_ERR_TIMEOUT, "%s%s (chunk %d): waited %.1f s for the all-reduce of gradient bucket %d "
+                 "across %d replicas%s", stuck, who, w->wait_key_chunk, secs, w->wait_key_bucket, e->NR, there);
         else
-            fail(w, PW_ERR_TIMEOUT, "%s: waited %.1f s for the global gradient norm from the %d ranks of "
-                 "replica %d", who, secs, e->S, w->replica);
+            fail(w, PW_ERR_TIMEOUT, "%s%s: waited %.1f s for the global gradient norm from the %d ranks of "
+                 "replica %d", stuck, who, secs, e->S, w->replica);
         end_step(w);
         return;
     }
@@ -840,8 +895,8 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
         if (arrived) return; /* its wake-up is queued behind us */
     }
     pw_eng_name(e, w->replica, rank_of(e, src), from, sizeof from);
-    fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for %s of micro-batch %d from %s (chunk %d)", who,
-         a->chunk, secs, pw_action_kind_name(a->kind), a->mb, from, src);
+    fail(w, PW_ERR_TIMEOUT, "%s%s (chunk %d): waited %.1f s for %s of micro-batch %d from %s (chunk %d)",
+         stuck, who, a->chunk, secs, pw_action_kind_name(a->kind), a->mb, from, src);
     end_step(w);
 }
 

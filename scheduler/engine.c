@@ -645,6 +645,7 @@ pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out)
     PW_CHECK_GOTO(make_groups(e), st, fail);
 
     if (cfg->pin) plan_pinning(e, cfg);
+    if (e->t && e->t->state) e->t->state->act_name = pw_eng_action_name; /* before the workers start */
     PW_CHECK_GOTO(start_workers(e), st, fail);
     PW_INFO(PW_SUB_SCHED, "engine: %d ranks x %d replicas (%d workers here), %d chunks, %d micro-batches, "
             "%d buckets, %lld message bytes%s", e->S, e->NR, e->NW, e->C, e->M, e->NB,

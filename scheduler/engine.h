@@ -24,7 +24,12 @@
  * Failure is loud and bounded: a chunk callback that fails, or a rank that
  * waits longer than watchdog_s for a message, stops every worker; run_step
  * returns the first error with its message ("rank 1 (chunk 1): waited 30.0 s
- * for RECV_F of micro-batch 7 from rank 0"). No hang.
+ * for RECV_F of micro-batch 7 from rank 0"). No hang. With a transport the
+ * worker publishes what it runs and whom it waits for on the process's
+ * progress board, and the watchdog first names the process the run is stuck
+ * on (pw_transport_blame: "MPI rank 3 (replica 1, stage 1) stalled in
+ * training step 5 (B of micro-batch 0): ...; " then its own wait); it waits
+ * on while the chain of waits ends at a process that still makes progress.
  *
  * Details (docs/engine.md has the whole design):
  *   - pw_engine_create checks shapes, every action's fields, the report's

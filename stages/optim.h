@@ -48,8 +48,9 @@ typedef struct pw_optim_config {
     float lr;
     float momentum;      /* SGD */
     float weight_decay;
-    float beta1, beta2;  /* AdamW */
-    float eps;           /* AdamW */
+    float beta1, beta2;  /* AdamW (defaults 0.9, 0.999) */
+    float eps;           /* AdamW (default 1e-8); the exact float32 update:
+                            docs/api.md, "Reproducing the math" */
     pw_lr_schedule schedule; /* after the warm-up (default constant) */
     int64_t warmup_steps;    /* linear warm-up over steps 1..warmup_steps (0: none) */
     int64_t decay_steps;     /* cosine/linear reach min_lr at this step (the run's length) */

@@ -835,9 +835,11 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
         }
     const char **gpu_pci = c->pin ? worker_gpu_pci(pl) : NULL;
     if (c->pin) bind_stage_memory(pl, gpu_pci);
-    /* One core per worker: BLAS threads would only fight the other stages
-     * and replicas (and every process of an MPI run has one worker). */
-    if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
+    /* By default one core per worker: more kernel threads would only fight
+     * the other stages and replicas (and every process of an MPI run has one
+     * worker). Either way the bits are the same (stages/cpu/gemm.h). */
+    if (c->threads > 0) pw_cpu_set_threads(c->threads);
+    else if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
     if (c->trace_events > 0 && (st = pw_trace_create(S * NR, c->trace_events, &pl->trace)) != PW_OK) {
         free(gpu_pci);
         goto fail;
@@ -1326,6 +1328,7 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
         pl->sampler_epoch = epoch;
     }
     pl->batch_idx = pl->sampler.order + in_epoch * pl->cfg.batch;
+    pw_transport_phase(pl->t, PW_PHASE_STEP, pl->step + 1); /* the other processes' watchdogs read it */
     double t0_busy, t0_wall, t1_wall;
     int nw;
     t0_busy = busy_sum(pl, &t0_wall, &nw);
@@ -1393,6 +1396,7 @@ pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_sta
     const int S = pl->C; /* chunks, run in chunk order */
     const pw_transport *t = pl->t;
     PW_CHECK(pw_trainer_check_data(g, d));
+    pw_transport_phase(t, PW_PHASE_EVAL, pl->step);
     void **link = calloc((size_t)S + 1, sizeof(void *));
     int64_t *idx = malloc((size_t)pl->micro * sizeof *idx);
     pw_status st = PW_OK;
@@ -1435,7 +1439,12 @@ pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_sta
                 correct += pw_program_correct(gs->piece[gs->loss_piece], 0);
             }
         }
+        /* A tick per micro-batch: the processes waiting for this one
+         * (replica 1 in its all-gather) see it is alive and go on waiting. */
+        pw_transport_progress(t);
+        if (start == 0) pw_transport_test_point(t, "eval", pl->step);
     }
+    if (t && !run) pw_transport_test_point(t, "eval", pl->step);
     if (t) {
         /* Everyone learns replica 0's figures (a failed process sends has = 0). */
         loss_part lp = {.loss = loss, .correct = correct, .has = run && st == PW_OK &&
@@ -1547,6 +1556,8 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
     if (g->n_params >= t->max_tag)
         return pw_error(PW_ERR_UNSUPPORTED, "save: %d parameters need more message tags than MPI's %d",
                         g->n_params, t->max_tag);
+    pw_transport_phase(t, PW_PHASE_SAVE, pl->step);
+    pw_transport_test_point(t, "save", pl->step);
     if (t->replica == 0 && t->rank != 0) {
         for (int p = 0; p < g->n_params && st == PW_OK; p++) {
             if (holder_rank(pl, p) != t->rank) continue;

@@ -111,6 +111,11 @@ typedef struct pw_pipeline_config {
                                        0 = fp32 (default), tf32, bf16; the CPU ignores it */
     int no_graphs;                  /* 1: device programs never record their training
                                        calls for replay (CUDA graphs; docs/cuda.md) */
+    int threads;                    /* CPU kernel threads (pw_cpu_set_threads: one team
+                                       that every worker of the process shares; results
+                                       never depend on it). 0: 1 when this process runs
+                                       several workers or is one rank of many, else
+                                       the team as it is (default: all cores) */
 } pw_pipeline_config;
 
 pw_pipeline_config pw_pipeline_defaults(void);

@@ -1,7 +1,9 @@
 /* Tests: pipeline-run as a user runs it — flags, errors, checkpoints,
  * schedules and traces, through the real binary. */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <jansson.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -600,4 +602,308 @@ Test(cli, plan_on_gpus)
 #endif
     }
     free(o);
+}
+
+/* ---- defaults that hold on any machine (issue 13, item 8) ---- */
+
+/* The stage count a run reported ("pipeline-run: S stage(s) (..."), or -1. */
+static int stages_reported(const char *o)
+{
+    for (const char *p = o; (p = strstr(p, "pipeline-run: ")) != NULL; p++) {
+        int s;
+        char word[8];
+        if (sscanf(p, "pipeline-run: %d %7s (", &s, word) == 2 && !strncmp(word, "stage", 5)) return s;
+    }
+    return -1;
+}
+
+/* PW_TEST_CORES fakes the core count pipeline-run takes --stages from; run()
+ * inherits this process's environment (each test is its own process). */
+static int run_on_cores(int cores, const char *args, char **out)
+{
+    char n[16];
+    snprintf(n, sizeof n, "%d", cores);
+    cr_assert_eq(setenv("PW_TEST_CORES", n, 1), 0);
+    return run(args, out);
+}
+
+#define EXAMPLE "'" PW_SOURCE_DIR "/examples/fashion_mlp.graph'"
+#define EXAMPLE_DATA "--data synthetic:64:784:10 --steps 1 --no-pin"
+
+Test(cli, default_stages_fit_the_graph_on_any_core_count)
+{
+    /* fashion_mlp has 8 nodes: S x V chunks of one node at least. */
+    struct { int cores; const char *args; int stages, clamped; } cases[] = {
+        {1, "", 1, 0},
+        {4, "", 4, 0},
+        {16, "", 8, 1},
+        {64, "", 8, 1},
+        {16, "--schedule interleaved", 4, 1},      /* 2 chunks per stage */
+        {64, "--schedule zb-v", 4, 1},
+        {64, "--replicas 2", 8, 1},                /* 32 per replica, 8 fit */
+        {4, "--replicas 2", 2, 0},
+        {64, "--stages 3", 3, 0},                  /* given: never changed */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char args[512];
+        snprintf(args, sizeof args, EXAMPLE " " EXAMPLE_DATA " %s", cases[i].args);
+        char *o;
+        int rc = run_on_cores(cases[i].cores, args, &o);
+        cr_assert_eq(rc, 0, "%d cores, '%s': exit %d: %s", cases[i].cores, cases[i].args, rc, o);
+        cr_assert(strstr(o, "done: 1 steps"), "%s", o);
+        cr_assert_eq(stages_reported(o), cases[i].stages, "%d cores, '%s': %d stages, want %d: %s",
+                     cases[i].cores, cases[i].args, stages_reported(o), cases[i].stages, o);
+        cr_assert_eq(strstr(o, "--stages defaults to") != NULL, cases[i].clamped,
+                     "%d cores, '%s': notice %s expected: %s", cases[i].cores, cases[i].args,
+                     cases[i].clamped ? "" : "not", o);
+        free(o);
+    }
+    char *o;
+    cr_assert_eq(run_on_cores(64, EXAMPLE " " EXAMPLE_DATA " --quiet", &o), 0, "%s", o);
+    cr_assert_null(strstr(o, "--stages defaults to"), "--quiet prints the notice: %s", o);
+    free(o);
+}
+
+/* scripts/train-example.sh's pipeline-run flags, after the graph's path and
+ * before "$@", joined over its line continuations. */
+static void train_example_flags(char *buf, size_t n)
+{
+    FILE *f = fopen(PW_SOURCE_DIR "/scripts/train-example.sh", "r");
+    cr_assert_not_null(f);
+    char text[4096];
+    size_t len = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[len] = '\0';
+    const char *key = "examples/fashion_mlp.graph";
+    char *p = strstr(text, "./build/pipeline-run ");
+    cr_assert(p && (p = strstr(p, key)), "train-example.sh does not run pipeline-run on the example");
+    p += strlen(key);
+    char *end = strstr(p, "\"$@\"");
+    cr_assert_not_null(end, "train-example.sh does not pass \"$@\" on");
+    size_t k = 0;
+    for (; p < end && k + 1 < n; p++)
+        if (*p != '\\' && *p != '\n') buf[k++] = *p;
+    buf[k] = '\0';
+}
+
+/* The README's promise (2 stages, 1F1B) whatever the machine: the script's
+ * own flags, with short synthetic data appended (later flags win). */
+Test(cli, train_example_trains_two_stages_on_any_core_count)
+{
+    char flags[1024], args[2048];
+    train_example_flags(flags, sizeof flags);
+    cr_assert(strstr(flags, "--stages 2"), "train-example.sh: %s", flags);
+    snprintf(args, sizeof args, EXAMPLE " %s " EXAMPLE_DATA, flags);
+    const int cores[] = {2, 4, 16, 64};
+    for (int i = 0; i < 4; i++) {
+        char *o;
+        int rc = run_on_cores(cores[i], args, &o);
+        cr_assert_eq(rc, 0, "%d cores: exit %d: %s", cores[i], rc, o);
+        cr_assert_eq(stages_reported(o), 2, "%d cores: %s", cores[i], o);
+        cr_assert(strstr(o, "schedule 1f1b") && strstr(o, "batch 64 = 1 x 8 x 8"), "%d cores: %s", cores[i], o);
+        cr_assert_null(strstr(o, "--stages defaults to"), "%s", o);
+        free(o);
+    }
+}
+
+/* ---- AdamW's hyper-parameters (issue 13, item 9) ---- */
+
+Test(cli, adam_flags_change_the_update_and_default_to_the_documented_values)
+{
+    const char *base = "m.graph " DATA " --steps 3 --stages 1 --batch 32 --optimizer adamw --lr 0.01";
+    struct { const char *extra, *save; } runs[] = {
+        {"", "default.safetensors"},
+        /* docs/api.md#optimizers: beta1 0.9, beta2 0.999, eps 1e-8 */
+        {"--adam-beta1 0.9 --adam-beta2 0.999 --adam-eps 1e-8", "explicit.safetensors"},
+        {"--adam-beta1 0.5", "beta1.safetensors"},
+        {"--adam-beta2 0.9", "beta2.safetensors"},
+        {"--adam-eps 1e-3", "eps.safetensors"},
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        char args[512];
+        snprintf(args, sizeof args, "%s %s --save %s", base, runs[i].extra, runs[i].save);
+        char *o;
+        cr_assert_eq(run(args, &o), 0, "'%s': %s", runs[i].extra, o);
+        free(o);
+    }
+    cr_assert(same_file("default.safetensors", "explicit.safetensors"),
+              "the defaults are not the documented beta1 0.9, beta2 0.999, eps 1e-8");
+    for (size_t i = 2; i < sizeof runs / sizeof runs[0]; i++)
+        cr_assert(!same_file("default.safetensors", runs[i].save), "'%s' changed nothing", runs[i].extra);
+
+    struct { const char *args, *msg; } bad[] = {
+        {"m.graph --optimizer adamw --adam-beta1 1", "--adam-beta1"},
+        {"m.graph --optimizer adamw --adam-beta1 -0.1", "--adam-beta1"},
+        {"m.graph --optimizer adamw --adam-beta2 0.99999999", "--adam-beta2"}, /* 1 in float32 */
+        {"m.graph --optimizer adamw --adam-beta2 x", "--adam-beta2"},
+        {"m.graph --optimizer adamw --adam-eps 0", "--adam-eps"},
+        {"m.graph --optimizer adamw --adam-eps nan", "--adam-eps"},
+        {"m.graph --adam-beta1 0.5", "adamw only"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *o;
+        int rc = run(bad[i].args, &o);
+        cr_assert_eq(rc, 2, "'%s': exit %d: %s", bad[i].args, rc, o);
+        cr_assert(strstr(o, bad[i].msg), "'%s': %s", bad[i].args, o);
+        free(o);
+    }
+    char *o;
+    cr_assert_eq(run("--help", &o), 0);
+    cr_assert(strstr(o, "--adam-beta1") && strstr(o, "--adam-beta2") && strstr(o, "--adam-eps"), "%s", o);
+    free(o);
+}
+
+/* ---- signals: SIGINT/SIGTERM stop at a step boundary, a second stops at
+ * once, and no temp file survives. Not timed: each test waits for the run's
+ * own progress lines before signalling, and gives the child a minute to
+ * leave. */
+
+/* Starts `pipeline-run args` in dir with its output in dir/log; the shell
+ * execs it, so the pid is pipeline-run's. */
+static pid_t spawn(const char *args, const char *env)
+{
+    pid_t pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        char cmd[2048];
+        snprintf(cmd, sizeof cmd, "cd '%s' && %s exec '%s/pipeline-run' %s > log 2>&1", dir, env ? env : "",
+                 PW_BINARY_DIR, args);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(127);
+    }
+    return pid;
+}
+
+static char *slurp(const char *name)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) return strdup("");
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    size_t got = fread(buf, 1, (size_t)n, f);
+    buf[got] = '\0';
+    fclose(f);
+    return buf;
+}
+
+/* Waits (up to a minute) until the log shows `needle`: training is under way. */
+static void wait_for_log(pid_t pid, const char *needle)
+{
+    for (int i = 0; i < 1200; i++) {
+        char *log = slurp("log");
+        int found = strstr(log, needle) != NULL;
+        free(log);
+        if (found) return;
+        int st;
+        cr_assert_eq(waitpid(pid, &st, WNOHANG), 0, "pipeline-run ended before training started");
+        usleep(50000);
+    }
+    kill(pid, SIGKILL);
+    cr_assert_fail("no '%s' in the log after a minute", needle);
+}
+
+/* The child's exit status (128 + signal when a signal killed it). */
+static int reap(pid_t pid)
+{
+    int st = 0;
+    for (int i = 0; i < 1200; i++) {
+        pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        usleep(50000);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    cr_assert_fail("pipeline-run did not stop within a minute of the signal");
+    return -1;
+}
+
+/* Names of leftover temp files ("*.tmp.*") in dir, "" when none. */
+static void tmp_files(char *out, size_t n)
+{
+    out[0] = '\0';
+    DIR *d = opendir(dir);
+    cr_assert_not_null(d);
+    struct dirent *e;
+    while ((e = readdir(d)))
+        if (strstr(e->d_name, ".tmp.")) snprintf(out + strlen(out), n - strlen(out), "%s ", e->d_name);
+    closedir(d);
+}
+
+#define LONG_RUN "m.graph --data synthetic:512:24:5 --no-pin --stages 2 --batch 32 --steps 100000000"
+
+static void interrupt_mid_run(int sig, int code, const char *name)
+{
+    pid_t pid = spawn(LONG_RUN " --trace t.json --save never.safetensors", NULL);
+    wait_for_log(pid, "step 2/");
+    cr_assert_eq(kill(pid, sig), 0);
+    int rc = reap(pid);
+    char *log = slurp("log"), msg[64], left[1024];
+    snprintf(msg, sizeof msg, "pipeline-run: interrupted by %s at step ", name);
+    cr_assert_eq(rc, code, "exit %d, expected %d: %s", rc, code, log);
+    cr_assert(strstr(log, msg), "no \"%s\": %s", msg, log);
+    cr_assert(strstr(log, "trace written to t.json"), "%s", log);
+    char path[128];
+    snprintf(path, sizeof path, "%s/t.json", dir);
+    json_error_t err;
+    json_t *j = json_load_file(path, 0, &err);
+    cr_assert_not_null(j, "the trace is not JSON: %s", err.text);
+    cr_assert_gt(json_array_size(json_object_get(j, "traceEvents")), 2);
+    json_decref(j);
+    cr_assert_eq(file_size("never.safetensors"), -1, "an interrupted run saved a checkpoint");
+    tmp_files(left, sizeof left);
+    cr_assert_str_eq(left, "", "temp files left: %s", left);
+    free(log);
+}
+
+Test(cli, sigint_stops_at_a_step_boundary_and_writes_the_trace) { interrupt_mid_run(SIGINT, 130, "SIGINT"); }
+Test(cli, sigterm_stops_at_a_step_boundary_and_writes_the_trace) { interrupt_mid_run(SIGTERM, 143, "SIGTERM"); }
+
+Test(cli, a_second_signal_stops_at_once_and_leaves_no_temp_file)
+{
+    /* Two signals back to back: wherever the second lands (the step, the
+     * trace being written, the exit), the run ends 130 and no temp file is
+     * left. */
+    pid_t pid = spawn(LONG_RUN " --trace t.json", NULL);
+    wait_for_log(pid, "step 2/");
+    cr_assert_eq(kill(pid, SIGINT), 0);
+    cr_assert_eq(kill(pid, SIGINT), 0);
+    int rc = reap(pid);
+    char *log = slurp("log"), left[1024];
+    cr_assert_eq(rc, 130, "exit %d: %s", rc, log);
+    tmp_files(left, sizeof left);
+    cr_assert_str_eq(left, "", "temp files left: %s", left);
+    free(log);
+
+    /* The second signal inside --save, with the temp file written half-way:
+     * PW_TEST_TMPFILE_SIGNALS raises SIGTERM twice right after the writer
+     * registers its temp file. */
+    char *o;
+    rc = run("m.graph " DATA " --stages 2 --batch 32 --steps 3 --save s.safetensors", &o); /* the reference */
+    cr_assert_eq(rc, 0, "%s", o);
+    free(o);
+    pid = spawn("m.graph " DATA " --stages 2 --batch 32 --steps 3 --save s2.safetensors", "PW_TEST_TMPFILE_SIGNALS=2");
+    rc = reap(pid);
+    log = slurp("log");
+    cr_assert_eq(rc, 143, "exit %d: %s", rc, log);
+    cr_assert(strstr(log, "second signal: stopping now"), "%s", log);
+    cr_assert_eq(file_size("s2.safetensors"), -1, "the interrupted save left a file");
+    tmp_files(left, sizeof left);
+    cr_assert_str_eq(left, "", "temp files left: %s", left);
+    free(log);
+
+    /* One signal inside --save: the save completes (it had begun), the run
+     * says so and exits 143. */
+    pid = spawn("m.graph " DATA " --stages 2 --batch 32 --steps 3 --save s3.safetensors", "PW_TEST_TMPFILE_SIGNALS=1");
+    rc = reap(pid);
+    log = slurp("log");
+    cr_assert_eq(rc, 143, "exit %d: %s", rc, log);
+    cr_assert(strstr(log, "interrupted by SIGTERM after the last step (3)"), "%s", log);
+    cr_assert(same_file("s.safetensors", "s3.safetensors"), "the save interrupted once is not the full checkpoint");
+    tmp_files(left, sizeof left);
+    cr_assert_str_eq(left, "", "temp files left: %s", left);
+    free(log);
 }

@@ -21,6 +21,7 @@
 #include "stages/cpu/ops.h"
 #include "stages/data.h"
 #include "stages/pipeline.h"
+#include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
 #define TIMEOUT 600
 

@@ -1,5 +1,6 @@
-/* Tests: stage programs, optimizers, micro-batch accumulation, training,
- * checkpoints, and the two-program (stage boundary) equivalence. */
+/* Tests: stage programs, optimizers, random numbers and dropout masks (against
+ * an independent reference), micro-batch accumulation, training, checkpoints,
+ * and the two-program (stage boundary) equivalence. */
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
@@ -122,6 +123,35 @@ Test(optim, no_decay_leaves_parameter_alone_without_gradient)
     cr_assert_lt(p[0], 3.0f);
 }
 
+/* The defaults and the exact float32 sequence of one AdamW update are what
+ * docs/api.md#reproducing-the-math says, bit for bit. */
+Test(optim, adamw_defaults_and_update_are_the_documented_ones)
+{
+    pw_optim_config c = pw_optim_defaults(PW_OPTIM_ADAMW);
+    cr_assert_eq(c.lr, 1e-3f);
+    cr_assert_eq(c.beta1, 0.9f);
+    cr_assert_eq(c.beta2, 0.999f);
+    cr_assert_eq(c.eps, 1e-8f);
+    cr_assert_eq(c.weight_decay, 0.01f);
+    c.lr = 0.01f;
+    c.beta1 = 0.8f;
+    c.beta2 = 0.99f;
+    c.eps = 1e-3f;
+    c.weight_decay = 0.1f;
+    float p[2] = {0.5f, -1.0f}, st[4] = {0}, rp[2] = {0.5f, -1.0f}, m[2] = {0}, v[2] = {0};
+    for (int t = 1; t <= 4; t++) {
+        const float g[2] = {0.1f * (float)t, -0.3f};
+        pw_optim_update(&c, t, p, g, st, 2, 1);
+        const float bc1 = (float)(1.0 - pow(0.8f, t)), bc2_sqrt = (float)sqrt(1.0 - pow(0.99f, t));
+        for (int i = 0; i < 2; i++) {
+            m[i] = 0.8f * m[i] + (1.0f - 0.8f) * g[i];
+            v[i] = 0.99f * v[i] + (1.0f - 0.99f) * g[i] * g[i];
+            rp[i] = rp[i] * (1.0f - 0.01f * 0.1f) - (0.01f / bc1) * m[i] / (sqrtf(v[i]) / bc2_sqrt + 1e-3f);
+            cr_assert_eq(p[i], rp[i], "step %d p[%d]: %.9g, the documented formula gives %.9g", t, i, p[i], rp[i]);
+        }
+    }
+}
+
 Test(optim, parse_kind)
 {
     pw_optim_kind k;
@@ -129,6 +159,72 @@ Test(optim, parse_kind)
     cr_assert_eq(k, PW_OPTIM_ADAMW);
     cr_assert_eq(pw_optim_parse_kind("adam", &k), PW_ERR_INVALID_ARG);
     cr_assert(strstr(pw_last_error(), "adam"));
+}
+
+/* ---- random numbers and dropout masks, against an independent reference.
+ * Every expected value below was printed by tests/fixtures/rng_reference.py,
+ * a Python implementation written from docs/api.md#reproducing-the-math
+ * alone (run once, values pasted); a change to runtime/rng.c or to how
+ * dropout keys its masks must change that document, that script and these. */
+
+Test(rng, matches_the_documented_algorithm)
+{
+    const uint64_t key = pw_rng_key(1, "dropout:x0");
+    cr_assert_eq(key, 0x5b7a7667c8aa1f5eULL, "pw_rng_key(1, \"dropout:x0\") = 0x%016llx", (unsigned long long)key);
+    cr_assert_eq(pw_rng_key(42, ""), 0x34869d7f6b4aa57fULL);
+    const uint64_t u64[3] = {0x77363fbb236915dcULL, 0xfbbc1211a7499779ULL, 0xa99b88ca16d4f633ULL};
+    for (int i = 0; i < 3; i++) cr_assert_eq(pw_rng_u64(key, (uint64_t)i), u64[i], "pw_rng_u64(key, %d)", i);
+    const uint32_t uniform_bits[4] = {0x3eee6c7e, 0x3f7bbc12, 0x3f299b88, 0x3f2c746c};
+    for (int i = 0; i < 4; i++) {
+        float u = pw_rng_uniform(key, (uint64_t)i);
+        uint32_t b;
+        memcpy(&b, &u, 4);
+        cr_assert_eq(b, uniform_bits[i], "pw_rng_uniform(key, %d) = %.9g (0x%08x)", i, u, b);
+    }
+    /* Box-Muller goes through libm's log and cos in double: equal to the
+     * reference up to the last float bit, which another libm may move. */
+    const float normal[2] = {1.22957659f, -0.418787956f};
+    for (int i = 0; i < 2; i++)
+        cr_assert_float_eq(pw_rng_normal(key, (uint64_t)i), normal[i], 2e-7f, "pw_rng_normal(key, %d) = %.9g", i,
+                           pw_rng_normal(key, (uint64_t)i));
+    /* The sequential generator is the counter stream from 0. */
+    pw_rng r = pw_rng_make(key);
+    for (int i = 0; i < 3; i++) cr_assert_eq(pw_rng_next(&r), u64[i]);
+}
+
+/* A dropout mask through a real stage program: seed 1, the dropout's output
+ * value "d", step 3, p = 0.25, 8 elements per sample, and a micro-batch
+ * holding samples 5 and 6 of the global batch. */
+Test(rng, dropout_mask_matches_the_documented_derivation)
+{
+    static const char *G = "graph t_drop\n"
+                           "input x : f32[8]\n"
+                           "label y : i32[]\n"
+                           "d = dropout(x, p=0.25)\n"
+                           "logits = linear(d, out=2) as head\n"
+                           "loss = softmax_cross_entropy(logits, y)\n";
+    static const char *keep[2] = {"11101101", "10110111"}; /* samples 5 and 6, elements 0..7 */
+    pw_graph *g = parse(G);
+    pw_program_config pc = {.graph = g, .micro_batch = 2, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_program *p = NULL;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_OK, "%s", pw_last_error());
+    pw_program_init_params(p, 1);
+    int d = -1;
+    for (int v = 0; v < g->n_values; v++)
+        if (!strcmp(g->values[v].name, "d")) d = v;
+    cr_assert_geq(d, 0);
+    float *x = pw_program_value(p, g->input, 0);
+    for (int i = 0; i < 16; i++) x[i] = 1.0f;
+    memset(pw_program_value(p, g->label, 0), 0, 2 * sizeof(int32_t));
+    cr_assert_eq(pw_program_set_rng(p, 0, 1, 3, 5), PW_OK);
+    cr_assert_eq(pw_program_forward(p, 0, 2), PW_OK, "%s", pw_last_error());
+    const float *y = pw_program_value(p, d, 0), scale = 1.0f / (1.0f - 0.25f);
+    for (int s = 0; s < 2; s++)
+        for (int j = 0; j < 8; j++)
+            cr_assert_eq(y[s * 8 + j], keep[s][j] == '1' ? scale : 0.0f, "sample %d element %d: %g", 5 + s, j,
+                         y[s * 8 + j]);
+    pw_program_destroy(p);
+    pw_graph_destroy(g);
 }
 
 /* Parameters depend on (seed, name) only: a program holding part of the
@@ -541,6 +637,35 @@ Test(checkpoint, mismatched_or_corrupt_files_are_refused_untouched)
     cr_assert_eq(pw_safetensors_write(path, ts, 1, NULL, 0), PW_OK);
     cr_assert_eq(pw_checkpoint_load(path, g, &a, 1, NULL), PW_ERR_FORMAT);
     cr_assert(strstr(pw_last_error(), "stray.weight"), "%s", pw_last_error());
+
+    /* Negative, overflowing or malformed counters in the metadata (issue 13:
+     * they were read with strtoll and taken as they came). */
+    cr_assert_eq(pw_checkpoint_save(path, g, &a, 1, NULL), PW_OK);
+    pw_safetensors *sf = NULL;
+    cr_assert_eq(pw_safetensors_open(path, &sf), PW_OK, "%s", pw_last_error());
+    int nt = pw_safetensors_count(sf);
+    pw_st_tensor *all = calloc((size_t)nt, sizeof *all);
+    for (int i = 0; i < nt; i++) cr_assert_eq(pw_safetensors_at(sf, i, &all[i]), PW_OK);
+    static const char *const bad_meta[][3] = {
+        {"step", "-3", "metadata \"step\" is '-3', not a whole number in 0..9223372036854775807"},
+        {"epoch", "9223372036854775808", "metadata \"epoch\" is '9223372036854775808'"},
+        {"seed", "18446744073709551616", "metadata \"seed\" is '18446744073709551616', not a whole "
+                                         "number in 0..18446744073709551615"},
+        {"step", "12x", "metadata \"step\" is '12x'"},
+        {"step", "", "metadata \"step\" is ''"},
+    };
+    char path2[160];
+    snprintf(path2, sizeof path2, "%s/ck2.safetensors", tmpdir);
+    for (size_t k = 0; k < sizeof bad_meta / sizeof bad_meta[0]; k++) {
+        pw_st_meta m[1] = {{bad_meta[k][0], bad_meta[k][1]}};
+        cr_assert_eq(pw_safetensors_write(path2, all, nt, m, 1), PW_OK, "%s", pw_last_error());
+        pw_checkpoint_info info = {0};
+        cr_assert_eq(pw_checkpoint_load(path2, g, &a, 1, &info), PW_ERR_FORMAT, "case %zu", k);
+        cr_assert(strstr(pw_last_error(), path2) && strstr(pw_last_error(), bad_meta[k][2]),
+                  "case %zu: %s", k, pw_last_error());
+    }
+    pw_safetensors_close(sf);
+    free(all);
     free(other);
     pw_program_destroy(a);
     pw_program_destroy(b);

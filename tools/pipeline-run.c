@@ -20,6 +20,7 @@
 
 #include "graph/graph.h"
 #include "runtime/log.h"
+#include "runtime/tmpfile.h"
 #include "runtime/topology.h"
 #include "runtime/trace.h"
 #include "runtime/transport.h"
@@ -45,6 +46,8 @@ typedef struct options {
     int64_t batch;
     int micro_batches;
     int stages;
+    int stages_default;          /* --stages not given: default_stages() may lower it */
+    const char *stages_why;      /* where the default came from, for the notice */
     int micro_set;
     const char *schedule;        /* name or CSV path */
     pw_partition_method partition;
@@ -53,6 +56,7 @@ typedef struct options {
     int pin, check;
     pw_optim_config optim;
     int lr_set, momentum_set, wd_set;
+    int adam_set;                /* any of --adam-beta1/--adam-beta2/--adam-eps */
     uint64_t seed;
     const char *data;
     int shuffle;
@@ -108,7 +112,9 @@ static void usage(FILE *f)
 "\n"
 "Pipeline\n"
 "  --stages S            pipeline stages, one worker thread each (default: the\n"
-"                        number of cores; with --device cuda the number of GPUs)\n"
+"                        number of cores / --replicas, with --device cuda the\n"
+"                        number of GPUs, lowered to the most stages the graph\n"
+"                        can make: nodes / chunks per rank)\n"
 "  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
 "                        auto (forecast every kind, train with the fastest that\n"
 "                        fits), or a schedule CSV file (docs/schedules.md);\n"
@@ -185,6 +191,10 @@ static void usage(FILE *f)
 "  --momentum X          SGD momentum (default 0.9)\n"
 "  --weight-decay X      decoupled for adamw (default 0.01), L2 for sgd (default 0);\n"
 "                        applies to weight matrices, not biases or norms\n"
+"  --adam-beta1 X        AdamW's first-moment decay, in [0, 1) (default 0.9)\n"
+"  --adam-beta2 X        AdamW's second-moment decay, in [0, 1) (default 0.999)\n"
+"  --adam-eps X          AdamW's epsilon, added to the corrected sqrt(v), in\n"
+"                        (0, 1] (default 1e-8); formulas in docs/api.md\n"
 "\n"
 "Data\n"
 "  --data SPEC           fashion-mnist (default; Debian package dataset-fashion-mnist)\n"
@@ -200,7 +210,10 @@ static void usage(FILE *f)
 "  --save FILE           write the trained weights at the end (atomically)\n"
 "\n"
 "Other\n"
-"  --threads N           BLAS threads (default: the BLAS library's choice)\n"
+"  --threads N           CPU kernel threads, shared by the stages of this process\n"
+"                        (default: 1 per stage with several stages or ranks,\n"
+"                        else OPENBLAS_NUM_THREADS or all cores); results are\n"
+"                        the same for every N\n"
 "  --print-graph         print the parsed graph with shapes and costs, then train\n"
 "  --quiet               only errors and the final result\n"
 "  --help                this text\n"
@@ -264,7 +277,8 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
-       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS };
+       OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
+       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -277,6 +291,35 @@ static int default_device_stages(const char *device)
     if (dev >= 0 || !be->device_count) return 1;
     int n = be->device_count();
     return n > 0 ? n : 0;
+}
+
+/* The online core count, the first guess at --stages. PW_TEST_CORES=N (a
+ * test hook, docs/pipeline-run.md) stands in for it, so tests can show what
+ * the defaults do on machines they do not run on; nothing else reads it. */
+static long machine_cores(void)
+{
+    const char *fake = getenv("PW_TEST_CORES");
+    if (fake && *fake) {
+        char *end;
+        errno = 0;
+        long n = strtol(fake, &end, 10);
+        if (!errno && !*end && n >= 1 && n <= 65536) return n;
+        fprintf(stderr, "pipeline-run: PW_TEST_CORES='%s' is not a core count in [1, 65536]; "
+                "using this machine's\n", fake);
+    }
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    return cores > 0 ? cores : 1;
+}
+
+/* --micro-batches not given: 1 on one stage, else 4 x stages, lowered
+ * until replicas x micro-batches divides the batch. */
+static void default_micro_batches(options *o)
+{
+    if (o->micro_set) return;
+    const int64_t R = o->replicas;
+    int64_t m = o->stages > 1 ? 4 * (int64_t)o->stages : 1;
+    while (m > 1 && (m * R > o->batch || o->batch % (m * R))) m--;
+    o->micro_batches = (int)m;
 }
 
 /* --device: the backend exists in this build, the GPU exists on this
@@ -365,6 +408,9 @@ static int parse_args(int argc, char **argv, options *o)
         {"gpu-memory", required_argument, 0, OPT_GPUMEM},
         {"gpu-math", required_argument, 0, OPT_GPUMATH},
         {"no-gpu-graphs", no_argument, 0, OPT_NOGRAPHS},
+        {"adam-beta1", required_argument, 0, OPT_ADAM_BETA1},
+        {"adam-beta2", required_argument, 0, OPT_ADAM_BETA2},
+        {"adam-eps", required_argument, 0, OPT_ADAM_EPS},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -382,6 +428,7 @@ static int parse_args(int argc, char **argv, options *o)
     o->temperature = 1.0;
     pw_optim_kind kind = PW_OPTIM_SGD;
     float lr = 0, momentum = 0, wd = 0;
+    float adam[3] = {-1, -1, -1}; /* beta1, beta2, eps; -1: the default */
     pw_lr_schedule lr_schedule = PW_LR_CONSTANT;
     int64_t warmup = 0;
     float min_lr = -1; /* -1: --lr / 10 */
@@ -524,6 +571,22 @@ static int parse_args(int argc, char **argv, options *o)
             o->gpu_math_set = 1;
             break;
         case OPT_NOGRAPHS: o->no_gpu_graphs = 1; break;
+        case OPT_ADAM_BETA1:
+        case OPT_ADAM_BETA2:
+        case OPT_ADAM_EPS: {
+            const int k = c - OPT_ADAM_BETA1;
+            const char *flag = k == 0 ? "--adam-beta1" : k == 1 ? "--adam-beta2" : "--adam-eps";
+            /* A decay of 1 never forgets and makes the bias correction
+             * 1 - beta^t zero; an epsilon of 0 divides 0 by 0 where v is 0. */
+            if (parse_f32(flag, optarg, k < 2 ? 0.0 : 1e-30, 1.0, &adam[k])) return 2;
+            if (k < 2 && adam[k] >= 1.0f) {
+                fprintf(stderr, "pipeline-run: %s wants a number in [0, 1), got '%s'%s\n", flag, optarg,
+                        strcmp(optarg, "1") ? " (1 in float32)" : "");
+                return 2;
+            }
+            o->adam_set = 1;
+            break;
+        }
         case OPT_TOPK:
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
@@ -560,18 +623,29 @@ static int parse_args(int argc, char **argv, options *o)
         o->optim.momentum = momentum;
     }
     if (o->wd_set) o->optim.weight_decay = wd;
+    if (o->adam_set) {
+        if (kind != PW_OPTIM_ADAMW)
+            return bad_usage("%s", "--adam-beta1, --adam-beta2 and --adam-eps apply to --optimizer "
+                                   "adamw only");
+        if (adam[0] >= 0) o->optim.beta1 = adam[0];
+        if (adam[1] >= 0) o->optim.beta2 = adam[1];
+        if (adam[2] >= 0) o->optim.eps = adam[2];
+    }
     const int world = pw_mpi_launched_size();
-    if (o->stages == 0) o->stages = default_device_stages(o->device);
-    if (o->stages == 0) {
-        if (world > 1) {
-            /* Under mpirun the processes are the workers. */
-            o->stages = world % o->replicas == 0 ? world / o->replicas : 1;
-        } else {
-            long cores = sysconf(_SC_NPROCESSORS_ONLN);
-            o->stages = cores > 0 ? (int)cores : 1;
-            if (o->replicas > 1) o->stages = o->stages / o->replicas > 0 ? o->stages / o->replicas : 1;
+    if (o->stages == 0 && world <= 1) {
+        /* A first guess from the machine; default_stages() lowers it to
+         * what the graph can make once the graph is read. */
+        o->stages_default = 1;
+        o->stages = default_device_stages(o->device);
+        o->stages_why = "the GPU count";
+        if (o->stages == 0) {
+            const long cores = machine_cores();
+            o->stages = cores / o->replicas > 0 ? (int)(cores / o->replicas) : 1;
+            o->stages_why = o->replicas > 1 ? "cores / --replicas" : "the core count";
         }
     }
+    /* Under mpirun the processes are the workers. */
+    if (o->stages == 0) o->stages = world % o->replicas == 0 ? world / o->replicas : 1;
     if (o->allreduce_set && world <= 1)
         return bad_usage("%s", "--allreduce applies to runs under mpirun only");
     if (o->simulate + o->plan + (o->generate != NULL) > 1)
@@ -592,11 +666,7 @@ static int parse_args(int argc, char **argv, options *o)
         o->replicas = 1;
     }
     const int64_t R = o->replicas;
-    if (!o->micro_set) {
-        int64_t m = o->stages > 1 ? 4 * (int64_t)o->stages : 1;
-        while (m > 1 && (m * R > o->batch || o->batch % (m * R))) m--;
-        o->micro_batches = (int)m;
-    }
+    default_micro_batches(o);
     if (o->batch % (R * o->micro_batches) != 0) {
         if (R > 1)
             fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --replicas %d x --micro-batches "
@@ -715,12 +785,73 @@ static void report_early_exit(void)
     }
 }
 
+/* ---- signals (docs/pipeline-run.md, "Signals and exit codes") ----
+ * The first SIGINT or SIGTERM only sets g_signal: the training loop stops at
+ * the next step boundary (under mpirun every process at the same one), says
+ * so, writes the trace it was asked for and exits 128 + the signal. A second
+ * one stops at once: the handler unlinks the temp files of atomic writes in
+ * flight (runtime/tmpfile.h; unlink and _exit are async-signal-safe). */
+static volatile sig_atomic_t g_signal;
+
+static void on_signal(int sig)
+{
+    if (g_signal) {
+        pw_tmpfile_unlink_all();
+        static const char msg[] = "pipeline-run: second signal: stopping now\n";
+        ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
+        (void)k;
+        _exit(128 + sig);
+    }
+    g_signal = sig;
+}
+
+static void install_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* The signal that stops the run at this step boundary, 0: none. Under
+ * mpirun the processes agree (an all-gather per step: the first process
+ * that saw one decides), so all stop after the same step. */
+static int stop_signal(void)
+{
+    int mine = g_signal;
+    if (!g_mpi) return mine;
+    int *all = calloc((size_t)g_mpi->world_size, sizeof *all), sig = mine;
+    if (!all || g_mpi->vt->allgather(g_mpi->self, &mine, sizeof mine, all) != PW_OK) {
+        free(all);
+        fail(""); /* a process is stalled (named) or gone: MPI_Abort */
+        return mine;
+    }
+    for (int w = g_mpi->world_size - 1; w >= 0; w--)
+        if (all[w]) sig = all[w];
+    free(all);
+    return sig;
+}
+
+/* Hook: the checkpoint on SIGTERM (a preempted job saves where it stopped)
+ * comes with resumable training; until then an interrupted run saves
+ * nothing. Called on every process once the run has stopped on `sig`. */
+static void checkpoint_on_signal(pw_pipeline *t, const options *o, int sig)
+{
+    (void)t;
+    (void)o;
+    (void)sig;
+}
+
 /* The sum over every process of `v` (world order). */
 static double world_sum(double v)
 {
     double *all = calloc((size_t)g_mpi->world_size, sizeof *all), sum = 0;
     if (!all || g_mpi->vt->allgather(g_mpi->self, &v, sizeof v, all) != PW_OK) {
         free(all);
+        fail(""); /* a process is stalled (named) or gone: MPI_Abort */
         return v;
     }
     for (int w = 0; w < g_mpi->world_size; w++) sum += all[w];
@@ -759,6 +890,7 @@ static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
                  ss.peak_slots, ss.slots, {ss.node_begin, ss.node_end}};
     if (!all || g_mpi->vt->allgather(g_mpi->self, &mine, sizeof mine, all) != PW_OK) {
         free(all);
+        fail("summary: ");
         return;
     }
     if (g_mpi->world_rank == 0 && !quiet) {
@@ -801,7 +933,8 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
                 "without mpirun (--replicas works in one process)\n", world);
         return 2;
     }
-    pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce};
+    pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce,
+                        .watchdog_s = o->watchdog_s};
     if (pw_mpi_transport_create(argc, argv, &mc, &g_mpi) != PW_OK) {
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
@@ -836,6 +969,53 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
         return 2;
     }
     *csv = o->schedule;
+    return 0;
+}
+
+/* --stages not given: parse_args guessed the core count (/ --replicas) or
+ * the GPU count; lower it to the most stages this graph can make. A run
+ * cuts the graph into stages x V chunks of at least one node each (V, the
+ * chunks per rank: interleaved's --chunks-per-rank or 2, zb-v 2, others
+ * 1), so at most n_nodes / V stages; each replica is a whole pipeline, so
+ * replicas do not change the bound. --schedule auto is bounded at V = 1
+ * (its candidates with more chunks than nodes say "not applicable"). A CSV
+ * schedule fixes the stage count (and, unless given, the micro-batches)
+ * itself. The micro-batch default follows the stage count. 0 or 2. */
+static int default_stages(const pw_graph *g, options *o)
+{
+    if (!o->stages_default) return 0;
+    const int guess = o->stages;
+    pw_schedule_kind kind;
+    int V = o->chunks_per_rank > 0 ? o->chunks_per_rank : 1;
+    if (pw_schedule_kind_parse(o->schedule, &kind) == PW_OK && kind != PW_SCHEDULE_CUSTOM) {
+        if (kind == PW_SCHEDULE_ZB_V) V = 2;
+        else if (kind == PW_SCHEDULE_INTERLEAVED && !o->chunks_per_rank) V = 2;
+    } else if (strcmp(o->schedule, "auto") != 0) {
+        pw_schedule *s = NULL;
+        /* An unreadable or bad CSV is reported, with its reason, later. */
+        if (access(o->schedule, R_OK) != 0 || pw_schedule_load_csv(o->schedule, &s) != PW_OK) return 0;
+        o->stages = s->n_ranks;
+        if (!o->micro_set) {
+            o->micro_batches = s->n_micro;
+            o->micro_set = 1;
+        }
+        pw_schedule_destroy(s);
+        if (o->batch % ((int64_t)o->replicas * o->micro_batches) != 0) {
+            fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --replicas %d x the %d "
+                    "micro-batches of %s\n", (long long)o->batch, o->replicas, o->micro_batches, o->schedule);
+            return 2;
+        }
+        return 0;
+    }
+    const int most = g->n_nodes / V > 0 ? g->n_nodes / V : 1;
+    if (o->stages > most) {
+        o->stages = most;
+        if (!o->quiet)
+            printf("pipeline-run: --stages defaults to %d, not %d (%s): graph '%s' has %d nodes, %d chunk%s "
+                   "per stage with %s; pass --stages to choose\n", most, guess, o->stages_why, g->name,
+                   g->n_nodes, V, V > 1 ? "s" : "", o->schedule);
+    }
+    default_micro_batches(o);
     return 0;
 }
 
@@ -1403,18 +1583,25 @@ int main(int argc, char **argv)
     if (rc) return rc == 1 ? 0 : rc;
     const int world = pw_mpi_launched_size();
     if (world > 1 && (rc = start_mpi(&argc, &argv, &o, world)) != 0) return rc;
+    install_signals(); /* after MPI_Init: ours, not the library's */
     if (o.threads) pw_cpu_set_threads(o.threads);
 
     pw_graph *g = NULL;
     pw_dataset *train = NULL, *test = NULL;
     pw_pipeline *t = NULL;
     int status = 1;
+    int stopped = 0;        /* the signal that stopped training (stop_signal) */
+    int64_t steps_done = 0; /* for the shutdown's progress board */
 
     if (pw_graph_parse_file(o.graph, &g) != PW_OK) {
         fprintf(stderr, "%s%s\n", g_who, pw_last_error());
         goto out;
     }
     if (o.print_graph && o.quiet < 2) pw_graph_print(g, stdout);
+    if ((rc = default_stages(g, &o)) != 0) {
+        status = rc;
+        goto out;
+    }
     if (o.simulate) {
         status = run_simulate(g, &o);
         goto out;
@@ -1469,6 +1656,7 @@ int main(int argc, char **argv)
     pc.shuffle = o.shuffle;
     pc.watchdog_s = o.watchdog_s;
     pc.pin = o.pin;
+    pc.threads = o.threads;
     pc.check = o.check;
     pc.replicas = o.replicas;
     pc.buckets = o.buckets;
@@ -1508,7 +1696,6 @@ int main(int argc, char **argv)
         fail("");
         goto out;
     }
-    if (o.threads) pw_cpu_set_threads(o.threads);
     if (o.init_from) {
         if (pw_pipeline_load(t, o.init_from, NULL) != PW_OK) {
             fail("--init-from: ");
@@ -1597,6 +1784,7 @@ int main(int argc, char **argv)
     int64_t print_every = spe / 10 > 0 ? spe / 10 : 1;
     double step_s = 0.0, first_step_s = 0.0; /* inside pw_pipeline_step (evaluations excluded) */
     for (int64_t i = 0; i < total; i++) {
+        if ((stopped = stop_signal()) != 0) break; /* a step boundary */
         double ts = now_s();
         pw_status step_st = pw_pipeline_step(t, &s);
         if (i == 0) first_step_s = now_s() - ts;
@@ -1607,6 +1795,7 @@ int main(int argc, char **argv)
             goto out;
         }
         maybe_fault(s.step);
+        steps_done = s.step;
         epoch_loss += s.loss;
         epoch_steps++;
         double now = now_s();
@@ -1626,6 +1815,8 @@ int main(int argc, char **argv)
         }
         if (epoch_done) {
             if (tty) printf("\n");
+            pw_transport_phase(g_mpi, PW_PHASE_EPOCH, s.step);
+            pw_transport_test_point(g_mpi, "epoch", s.step);
             if (test && pw_pipeline_evaluate(t, test, &ev) != PW_OK) {
                 fail("evaluation: ");
                 goto out;
@@ -1645,11 +1836,23 @@ int main(int argc, char **argv)
             epoch_steps = 0;
         }
     }
-    if (o.save) {
+    if (!stopped) stopped = stop_signal(); /* one that came during the last step */
+    if (stopped) {
+        if (tty) printf("\n");
+        fflush(stdout);
+        if (!g_mpi || g_mpi->world_rank == 0)
+            fprintf(stderr, "pipeline-run: interrupted by %s at step %lld; stopping\n",
+                    stopped == SIGINT ? "SIGINT" : stopped == SIGTERM ? "SIGTERM" : "a signal", (long long)s.step);
+        checkpoint_on_signal(t, &o, stopped);
+    }
+    if (o.save && !stopped) {
         char extra[320];
-        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d stages=%d replicas=%d "
-                 "schedule=%s optimizer=%s lr=%g", o.data, (long long)o.batch, o.micro_batches,
-                 o.stages, o.replicas, o.schedule, pw_optim_name(o.optim.kind), (double)o.optim.lr);
+        /* What fixes the numbers, not the layout (stages, replicas, schedule,
+         * threads, processes): a checkpoint is the same bytes whichever
+         * layout wrote it. */
+        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d optimizer=%s lr=%g",
+                 o.data, (long long)o.batch, o.micro_batches, pw_optim_name(o.optim.kind),
+                 (double)o.optim.lr);
         pw_checkpoint_info info = {.step = s.step, .epoch = s.epoch + 1, .seed = o.seed,
                                    .extra = extra};
         if (pw_pipeline_save(t, o.save, &info) != PW_OK) {
@@ -1667,6 +1870,13 @@ int main(int argc, char **argv)
         }
         if (!o.quiet) printf("trace written to %s%s\n", path, g_mpi ? " (one file per process)" : "");
     }
+    if (!stopped && (stopped = stop_signal()) != 0 && (!g_mpi || g_mpi->world_rank == 0))
+        fprintf(stderr, "pipeline-run: interrupted by %s after the last step (%lld); its files are written\n",
+                stopped == SIGINT ? "SIGINT" : stopped == SIGTERM ? "SIGTERM" : "a signal", (long long)s.step);
+    if (stopped) {
+        status = 128 + stopped; /* the shell's convention: 130 for SIGINT, 143 for SIGTERM */
+        goto out;
+    }
     if (g_mpi) print_summary_mpi(t, o.stages, o.quiet);
     else if (!o.quiet) print_summary(t, o.stages);
     if (o.quiet < 2 && total > 1 && step_s > 0.0)
@@ -1683,7 +1893,14 @@ int main(int argc, char **argv)
     }
     status = 0;
 out:
-    if (status != 0) stop_all();
+    if (status != 0 && !stopped) stop_all();
+    if (g_mpi) {
+        /* Wait (bounded by the watchdog) until every process is done before
+         * MPI_Finalize, which would otherwise wait for a hung one for good. */
+        pw_transport_phase(g_mpi, PW_PHASE_SHUTDOWN, steps_done);
+        if (g_mpi->vt->barrier(g_mpi->self) != PW_OK) fail("shutdown: ");
+    }
+    pw_tmpfile_unlink_all(); /* nothing is in flight here; a failed write cleaned up already */
     g_finished = 1;
     pw_pipeline_destroy(t);
     pw_dataset_destroy(train);

@@ -20,6 +20,14 @@
  *   failures    a rank killed (SIGKILL), exiting early, reporting an error
  *               or hanging: mpirun returns non-zero within a bounded time and
  *               the output names the rank (and stage)
+ *   hangs       a rank hung (PW_TEST_HANG: asleep for good, or stopped with
+ *               SIGSTOP) inside a training step, at an epoch boundary, during
+ *               the evaluation and during --save, and one stopped by SIGSTOP
+ *               from outside mid-run: mpirun returns non-zero within the
+ *               watchdog + 10 s, and the output names that rank as the
+ *               stalled one and no other
+ *   signals     SIGTERM to one process mid-run: all stop after the same
+ *               step, each writes its trace, no temp file is left
  *
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
@@ -574,6 +582,114 @@ static void failure(int np, const char *mode, const char *must_say, double bound
     free(out);
 }
 
+/* The watchdog of the hang cases (seconds): short, so the driver stays fast. */
+#define HANG_WD 2
+
+/* 1 when out names rank `victim` of an S-stage layout as the stalled process
+ * and no other rank as stalled; *why says what is wrong otherwise. */
+static int names_stalled(const char *out, int np, int S, int victim, char *why, size_t n)
+{
+    char name[96];
+    snprintf(name, sizeof name, "MPI rank %d (replica %d, stage %d) stalled", victim, victim / S, victim % S);
+    if (!strstr(out, name)) {
+        snprintf(why, n, "the output does not say \"%s\"", name);
+        return 0;
+    }
+    for (int r = 0; r < np; r++) {
+        snprintf(name, sizeof name, "MPI rank %d (replica %d, stage %d) stalled", r, r / S, r % S);
+        if (r != victim && strstr(out, name)) {
+            snprintf(why, n, "a healthy rank is named: \"%s\"", name);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Rank `victim` hangs (stop = 0: sleeps for good; 1: SIGSTOPs itself) on
+ * reaching `phase` of step `step` (PW_TEST_HANG). 768 samples at batch 48:
+ * 16 steps per epoch, so the epoch boundary and its evaluation come after
+ * step 16, and --save after step 20. */
+static void hang(int np, int victim, const char *phase, int step, int stop)
+{
+    const int S = np / 2, R = 2;
+    char cmd[2048], *out = NULL, why[160];
+    double took = 0;
+    snprintf(cmd, sizeof cmd, "PW_TEST_HANG=%d:%s:%d%s " MPIRUN " -np %d %s/pipeline-run m.graph " DATA
+             " --stages %d --replicas %d --batch 48 --steps 20 --watchdog %d --save hang.safetensors",
+             victim, phase, step, stop ? ":stop" : "", np, bin, S, R, HANG_WD);
+    int st = run(cmd, 60, &out, &took);
+    const char *how = stop ? "SIGSTOP" : "hang";
+    if (!strstr(out, "PW_TEST_HANG: MPI rank")) fail("%s at %s: the hook never fired\n%s", how, phase, out);
+    else if (st == 0) fail("%s at %s: mpirun returned 0 after rank %d hung\n%s", how, phase, victim, out);
+    else if (st == 124) fail("%s at %s: the run hung (killed by the test after %.0f s)\n%s", how, phase, took, out);
+    else if (took > HANG_WD + 10) fail("%s at %s: took %.1f s to stop (bound %d s)\n%s", how, phase, took, HANG_WD + 10, out);
+    else if (!names_stalled(out, np, S, victim, why, sizeof why)) fail("%s at %s: %s\n%s", how, phase, why, out);
+    else printf("ok   %s of rank %d at point '%s' of step %d: mpirun exit %d after %.1f s, names it as stalled\n",
+                how, victim, phase, step, st, took);
+    free(out);
+}
+
+/* Writes dir/signal.sh: a long run under mpirun whose rank `victim` gets
+ * `sig` from outside a second into training (its pid comes from the shell
+ * mpirun starts for it; exec keeps the pid). */
+static void write_signal_script(int np, int victim, const char *sig, const char *extra)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/signal.sh", dir);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "rm -f victim.pid\n"
+            "%s -np %d sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = %d ]; then echo $$ > victim.pid; fi; exec %s/pipeline-run "
+            "m.graph %s --stages %d --replicas 2 --batch 48 --steps 1000000 --watchdog %d %s' &\n"
+            "mp=$!\n"
+            "while [ ! -s victim.pid ]; do sleep 0.1; done\n"
+            "sleep 1\n"
+            "kill -%s $(cat victim.pid)\n"
+            "wait $mp\n", MPIRUN, np, victim, bin, DATA, np / 2, HANG_WD, extra, sig);
+    fclose(f);
+}
+
+/* SIGSTOP from outside, at whatever point the run has reached after a
+ * second of training. The bound counts from mpirun's start, so it adds the
+ * second before the stop. */
+static void sigstop_outside(int np, int victim)
+{
+    const int S = np / 2;
+    char *out = NULL, why[160];
+    write_signal_script(np, victim, "STOP", "");
+    double took = 0;
+    int st = run("sh signal.sh", 60, &out, &took);
+    if (st == 0) fail("outside SIGSTOP: mpirun returned 0\n%s", out);
+    else if (st == 124) fail("outside SIGSTOP: the run hung (killed by the test after %.0f s)\n%s", took, out);
+    else if (took > HANG_WD + 10 + 2) fail("outside SIGSTOP: took %.1f s (bound %d s)\n%s", took, HANG_WD + 12, out);
+    else if (!names_stalled(out, np, S, victim, why, sizeof why)) fail("outside SIGSTOP: %s\n%s", why, out);
+    else printf("ok   SIGSTOP of rank %d from outside, mid-run: mpirun exit %d after %.1f s (1 s before the stop), "
+                "names it\n", victim, st, took);
+    free(out);
+}
+
+/* SIGTERM to one process mid-run: every process stops after the same step,
+ * writes its trace, and the run ends non-zero with no temp file left. */
+static void sigterm_one(int np, int victim)
+{
+    char *out = NULL, cmd[256];
+    snprintf(cmd, sizeof cmd, "rm -f sig.*; sh signal.sh; st=$?; ls; exit $st");
+    write_signal_script(np, victim, "TERM", "--trace sig.json");
+    double took = 0;
+    int st = run(cmd, 60, &out, &took), traces = 0;
+    for (int r = 0; r < np; r++) {
+        char name[32];
+        snprintf(name, sizeof name, "sig.rank%d.json", r);
+        traces += strstr(out, name) != NULL;
+    }
+    if (st == 0 || st == 124) fail("SIGTERM to rank %d: exit %d\n%s", victim, st, out);
+    else if (!strstr(out, "pipeline-run: interrupted by SIGTERM at step ")) fail("SIGTERM: no message\n%s", out);
+    else if (traces != np) fail("SIGTERM: %d of %d traces written\n%s", traces, np, out);
+    else if (strstr(out, ".tmp.")) fail("SIGTERM: a temp file is left\n%s", out);
+    else printf("ok   SIGTERM to rank %d mid-run: all %d processes stop at one step, write their traces; exit %d "
+                "after %.1f s\n", victim, np, st, took);
+    free(out);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -600,7 +716,6 @@ int main(int argc, char **argv)
     setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
     setenv("OMPI_MCA_btl_vader_single_copy_mechanism", "none", 0);
-    setenv("OPENBLAS_NUM_THREADS", "1", 1);
     const char *asan = getenv("ASAN_OPTIONS");
     char asan_opts[512];
     snprintf(asan_opts, sizeof asan_opts, "%s%sdetect_leaks=0", asan ? asan : "", asan && *asan ? ":" : "");
@@ -628,6 +743,8 @@ int main(int argc, char **argv)
         binding(2);
         failure(2, "kill", "rank %d", 60);
         failure(2, "error", "MPI rank %d (replica %d, stage %d): step 2: injected fault", 60);
+        hang(2, 1, "step", 3, 0);
+        hang(2, 1, "eval", 16, 1);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
         identical(4, 4, 1, "--micro-batches 8 --optimizer adamw", "", "s4");
@@ -645,7 +762,17 @@ int main(int argc, char **argv)
         binding(4);
         failure(4, "kill", "rank %d", 60);
         failure(4, "exit", "MPI rank %d (replica %d, stage %d): exited before the end of the run", 60);
-        failure(4, "hang", "MPI rank %d = replica %d rank %d", 60);
+        failure(4, "hang", "MPI rank %d (replica %d, stage %d) stalled", 60);
+        hang(4, 3, "step", 3, 0);
+        hang(4, 1, "step", 3, 1);
+        hang(4, 0, "epoch", 16, 0);
+        hang(4, 2, "epoch", 16, 1);
+        hang(4, 1, "eval", 16, 0);
+        hang(4, 3, "eval", 16, 1);
+        hang(4, 2, "save", 20, 0);
+        hang(4, 1, "save", 20, 1);
+        sigstop_outside(4, 3);
+        sigterm_one(4, 2);
     }
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
