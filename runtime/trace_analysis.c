@@ -57,6 +57,17 @@ static uint64_t hash_bytes(const void *p, size_t n, uint64_t h)
 
 pw_status ta_oom(void) { return pw_error(PW_ERR_NOMEM, "trace analysis: out of memory"); }
 
+/* Sums over steps and ranks. One time is below 2^63 ns (the reader bounds
+ * ts and dur), but steps may overlap and ranks multiply: a sum that would
+ * pass INT64_MAX saturates and sets s->overflow, which finish() reports. */
+static inline void acc(ta *s, int64_t *d, int64_t x)
+{
+    if (__builtin_add_overflow(*d, x, d)) {
+        *d = x > 0 ? INT64_MAX : INT64_MIN;
+        s->overflow = 1;
+    }
+}
+
 /* ------------------------------------------------------------ names */
 
 /* Class of an event from its name and category. */
@@ -171,6 +182,9 @@ static int rank_lookup(ta *s, int64_t pid, int64_t tid)
     if (s->last_rank >= 0 && s->last_pid == pid && s->last_tid == tid) return s->last_rank;
     if (s->rank_ht_cap < 2 * (s->n_ranks + 1)) {
         size_t cap = s->rank_ht_cap ? 2 * s->rank_ht_cap : 64;
+        /* sort_ranks drops the table with every rank still in place: size it
+         * for all of them, or the rehash below never finds a free slot. */
+        while (cap < 2 * (s->n_ranks + 1)) cap *= 2;
         int32_t *ht = calloc(cap, sizeof *ht);
         if (!ht) return -1;
         for (size_t i = 0; i < s->n_ranks; i++) {
@@ -274,8 +288,8 @@ static int cause_add(ta *s, ta_cause_key k, const int64_t phase_ns[PW_TA_N_PHASE
     if (len <= 0) return 1;
     pw_ta_cause *c = cause_get(s, k);
     if (!c) return 0;
-    c->total_ns += len;
-    for (int p = 0; p < PW_TA_N_PHASES; p++) c->phase_ns[p] += phase_ns[p];
+    acc(s, &c->total_ns, len);
+    for (int p = 0; p < PW_TA_N_PHASES; p++) acc(s, &c->phase_ns[p], phase_ns[p]);
     c->n_gaps += new_gap;
     if (len > c->max_ns) {
         c->max_ns = len;
@@ -284,11 +298,23 @@ static int cause_add(ta *s, ta_cause_key k, const int64_t phase_ns[PW_TA_N_PHASE
     return 1;
 }
 
-static int step_skipped(ta *s, int64_t step)
+/* Index of the first skipped step >= `step` (s->skip is kept sorted, so a
+ * lookup is O(log n) however many steps --skip names). */
+static size_t skip_lower(const ta *s, int64_t step)
 {
-    for (size_t i = 0; i < s->n_skip; i++)
-        if (s->skip[i] == step) return 1;
-    return 0;
+    size_t lo = 0, hi = s->n_skip;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (s->skip[mid] < step) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+static int step_skipped(const ta *s, int64_t step)
+{
+    size_t i = skip_lower(s, step);
+    return i < s->n_skip && s->skip[i] == step;
 }
 
 /* ------------------------------------------------------------ the sweep */
@@ -351,16 +377,16 @@ typedef struct ta_run {
     int event, peer, phase;
 } ta_run;
 
-static void times_add(pw_ta_times *d, const pw_ta_times *x)
+static void times_add(ta *s, pw_ta_times *d, const pw_ta_times *x)
 {
-    d->window += x->window;
-    for (int c = 0; c <= PW_TA_COMM; c++) d->busy[c] += x->busy[c];
-    d->compute += x->compute;
-    d->idle += x->idle;
-    for (int p = 0; p < PW_TA_N_PHASES; p++) d->idle_phase[p] += x->idle_phase[p];
-    d->wait_comm += x->wait_comm;
-    d->wait_other += x->wait_other;
-    d->exposed_allreduce += x->exposed_allreduce;
+    acc(s, &d->window, x->window);
+    for (int c = 0; c <= PW_TA_COMM; c++) acc(s, &d->busy[c], x->busy[c]);
+    acc(s, &d->compute, x->compute);
+    acc(s, &d->idle, x->idle);
+    for (int p = 0; p < PW_TA_N_PHASES; p++) acc(s, &d->idle_phase[p], x->idle_phase[p]);
+    acc(s, &d->wait_comm, x->wait_comm);
+    acc(s, &d->wait_other, x->wait_other);
+    acc(s, &d->exposed_allreduce, x->exposed_allreduce);
     for (int k = 0; k < 3; k++) d->n_actions[k] += x->n_actions[k];
 }
 
@@ -593,7 +619,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     }
     for (int c = 0; c < PW_TA_N_COMPUTE; c++) t->compute += t->busy[c];
     if (t->n_actions[0] > s->max_f) s->max_f = t->n_actions[0];
-    if (!skipped) times_add(&s->ranks[r].total, t);
+    if (!skipped) times_add(s, &s->ranks[r].total, t);
     ta_rec rec = {
         .step = g->step, .t0 = a0, .t1 = a1, .head_ns = head_ns, .tail_ns = tail_ns, .compute = t->compute,
         .off0 = g->off0, .line0 = g->line0, .off1 = g->off1, .full = -1, .rank = r,
@@ -638,8 +664,13 @@ static pw_status add_event(ta *s, int r, const ta_ev *e, int64_t step, int64_t o
     ta_rank *rk = &s->ranks[r];
     if (s->detail && step != s->a->detail.step) return PW_OK;
     /* The first skip_steps distinct steps, in trace order. */
-    if (!s->detail && s->n_skip < (size_t)s->cfg->skip_steps && !step_skipped(s, step))
-        s->skip[s->n_skip++] = step;
+    if (!s->detail && s->n_skip < (size_t)s->cfg->skip_steps && !step_skipped(s, step)) {
+        VEC_PUSH(s->skip, s->n_skip, s->cap_skip, fail);
+        size_t at = skip_lower(s, step); /* writers emit steps in order: usually the end */
+        memmove(&s->skip[at + 1], &s->skip[at], (s->n_skip - at) * sizeof *s->skip);
+        s->skip[at] = step;
+        s->n_skip++;
+    }
     size_t i = 0;
     while (i < rk->n_open && rk->open[i].step < step) i++;
     if (i == rk->n_open || rk->open[i].step != step) {
@@ -800,7 +831,7 @@ static int cmp_cause(const void *x, const void *y)
  * 0..R-1 of the metadata even without any), ordered by (pid, tid), and
  * renumbers what holds a rank index. Threads a generic trace only names
  * (thread_name metadata) are no ranks. */
-static pw_status sort_ranks(ta *s)
+static pw_status sort_ranks(ta *s, int meta_ranks)
 {
     const size_t R = s->n_ranks;
     ta_rank *sorted = malloc((R ? R : 1) * sizeof *sorted);
@@ -815,7 +846,7 @@ static pw_status sort_ranks(ta *s)
         ta_rank *k = &s->ranks[i];
         k->new_index = (int)i; /* the old index, for now */
         map[i] = -1;
-        if (k->has_events || (s->a->has_meta && k->pid == 0 && k->tid >= 0 && k->tid < s->a->meta.ranks)) {
+        if (k->has_events || (s->a->has_meta && k->pid == 0 && k->tid >= 0 && k->tid < meta_ranks)) {
             sorted[kept++] = *k;
         } else {
             free(k->bstack);
@@ -852,6 +883,15 @@ static int cmp_step_dur(const void *x, const void *y)
     const pw_ta_step *a = *(pw_ta_step *const *)x, *b = *(pw_ta_step *const *)y;
     int64_t da = a->t1 - a->t0, db = b->t1 - b->t0;
     if (da != db) return da < db ? -1 : 1;
+    return (a->step > b->step) - (a->step < b->step);
+}
+
+/* Longest first, then the earliest step. */
+static int cmp_step_longest(const void *x, const void *y)
+{
+    const pw_ta_step *a = *(pw_ta_step *const *)x, *b = *(pw_ta_step *const *)y;
+    int64_t da = a->t1 - a->t0, db = b->t1 - b->t0;
+    if (da != db) return da > db ? -1 : 1;
     return (a->step > b->step) - (a->step < b->step);
 }
 
@@ -974,6 +1014,13 @@ static void explain(ta *s)
 #undef EX
 }
 
+static pw_status check_overflow(const ta *s)
+{
+    if (!s->overflow) return PW_OK;
+    return pw_error(PW_ERR_PARSE, "%s: the steps' times add up past 2^63 ns (292 years of rank time): "
+                    "\"ts\"/\"dur\" values too far apart to analyse", s->a->file);
+}
+
 static pw_status finish(ta *s)
 {
     pw_trace_analysis *a = s->a;
@@ -983,12 +1030,18 @@ static pw_status finish(ta *s)
         s->ranks[r].n_b = 0;
         while (s->ranks[r].n_open) PW_CHECK(ta_close_group(s, (int)r, 0));
     }
-    /* A pipewright trace has ranks 0..R-1 even when one never recorded. */
-    if (a->has_meta) {
-        for (int r = 0; r < a->meta.ranks; r++)
-            if (rank_lookup(s, 0, r) == -1) return ta_oom();
+    /* A pipewright trace has ranks 0..R-1 even when one never recorded. The
+     * count comes from the file: memory (a rank per step in each loop below)
+     * must follow the events, so at most 64 more ranks than events. */
+    int meta_ranks = a->has_meta ? a->meta.ranks : 0;
+    if (meta_ranks > a->n_events + 64) {
+        note(a, "the metadata says %d ranks but the trace has %" PRId64 " events: only ranks 0-%" PRId64
+             " without events are counted", meta_ranks, a->n_events, a->n_events + 63);
+        meta_ranks = (int)(a->n_events + 64);
     }
-    PW_CHECK(sort_ranks(s));
+    for (int r = 0; r < meta_ranks; r++)
+        if (rank_lookup(s, 0, r) == -1) return ta_oom();
+    PW_CHECK(sort_ranks(s, meta_ranks));
     const int R = (int)s->n_ranks;
     a->n_ranks = R;
     a->ranks = calloc(R ? (size_t)R : 1, sizeof *a->ranks);
@@ -1011,6 +1064,16 @@ static pw_status finish(ta *s)
     a->steps = calloc(n_steps ? (size_t)n_steps : 1, sizeof *a->steps);
     if (!a->steps) return ta_oom();
     a->n_steps = n_steps;
+    /* The per-(rank, step) table has ranks x steps entries; a sparse trace
+     * (many ranks and many steps, few events in each) would make it
+     * quadratic in the events, so it is kept only while it is not much
+     * larger than the (rank, step) pairs that have events. */
+    int per_step = s->cfg->per_step;
+    if (per_step && (uint64_t)R * (uint64_t)n_steps > 16 * (uint64_t)s->n_recs + 4096) {
+        per_step = 0;
+        note(a, "the per-(rank, step) table is left out: %d ranks x %" PRId64 " steps, but only %zu of those "
+             "pairs have events", R, n_steps, s->n_recs);
+    }
     int64_t k = -1;
     for (size_t i = 0; i < s->n_recs; i++) {
         const ta_rec *rc = &s->recs[i];
@@ -1020,7 +1083,7 @@ static pw_status finish(ta *s)
             sp->t0 = INT64_MAX;
             sp->t1 = INT64_MIN;
             sp->analysed = !step_skipped(s, rc->step);
-            if (s->cfg->per_step && !(sp->ranks = calloc((size_t)R, sizeof(pw_ta_rank_step)))) return ta_oom();
+            if (per_step && !(sp->ranks = calloc((size_t)R, sizeof(pw_ta_rank_step)))) return ta_oom();
         }
         pw_ta_step *sp = &a->steps[k];
         if (rc->t0 < sp->t0) sp->t0 = rc->t0;
@@ -1029,43 +1092,48 @@ static pw_status finish(ta *s)
             sp->last_rank = rc->rank;
         }
     }
+    /* Each step's ranks with events (its records, by rank); a rank's idle in
+     * the steps where it has none is what is left of the summed windows
+     * once its present steps are taken out, so the work follows the records,
+     * not ranks x steps. */
+    pw_ta_step **by_w = NULL;
+    int64_t *present_w = calloc(R ? (size_t)R : 1, sizeof *present_w); /* sum of W, analysed present steps, W > 0 */
+    int64_t *present_n = calloc(R ? (size_t)R : 1, sizeof *present_n); /* their count */
+    if (!present_w || !present_n) {
+        free(present_w);
+        free(present_n);
+        return ta_oom();
+    }
+    int64_t sum_w = 0, n_pos = 0; /* analysed steps with W > 0 */
     size_t ri = 0;
-    int64_t n_absent = 0;
     for (int64_t si = 0; si < n_steps; si++) {
         pw_ta_step *sp = &a->steps[si];
         const int64_t W = sp->t1 - sp->t0;
         int64_t compute = 0;
-        for (int r = 0; r < R; r++) {
+        if (sp->analysed && W > 0) {
+            acc(s, &sum_w, W);
+            n_pos++;
+        }
+        for (; ri < s->n_recs && s->recs[ri].step == sp->step; ri++) {
+            const ta_rec *rc = &s->recs[ri];
+            const int r = rc->rank;
             pw_ta_times *tot = &s->ranks[r].total;
-            const ta_rec *rc = NULL;
-            if (ri < s->n_recs && s->recs[ri].step == sp->step && s->recs[ri].rank == r) rc = &s->recs[ri++];
-            if (sp->analysed) tot->window += W;
-            if (!rc) {
-                n_absent++;
-                if (sp->analysed) {
-                    tot->idle_phase[PW_TA_WARMUP] += W;
-                    ta_cause_key key = {r, PW_CAUSE_ABSENT, -1, -1, -1, -1};
-                    int64_t ph[PW_TA_N_PHASES] = {W, 0, 0};
-                    if (!cause_add(s, key, ph, W, sp->step, 1)) return ta_oom();
-                }
-                if (sp->ranks) {
-                    pw_ta_times *t = &sp->ranks[r].t;
-                    t->window = t->idle = t->idle_phase[PW_TA_WARMUP] = W;
-                }
-                continue;
-            }
             const int64_t head = rc->t0 - sp->t0, tail = sp->t1 - rc->t1;
-            compute += rc->compute;
+            acc(s, &compute, rc->compute);
             if (sp->analysed) {
-                tot->idle_phase[PW_TA_WARMUP] += head;
-                tot->idle_phase[rc->tail_phase] += tail;
+                if (W > 0) {
+                    acc(s, &present_w[r], W);
+                    present_n[r]++;
+                }
+                acc(s, &tot->idle_phase[PW_TA_WARMUP], head);
+                acc(s, &tot->idle_phase[rc->tail_phase], tail);
                 ta_cause_key kh = {r, PW_CAUSE_NOT_STARTED, -1, -1, -1, -1};
                 int64_t ph[PW_TA_N_PHASES] = {head + rc->head_ns, 0, 0};
-                if (!cause_add(s, kh, ph, head + rc->head_ns, sp->step, 1)) return ta_oom();
+                if (!cause_add(s, kh, ph, head + rc->head_ns, sp->step, 1)) goto nomem;
                 ta_cause_key kt = {r, PW_CAUSE_DONE, -1, -1, -1, -1};
                 int64_t pt[PW_TA_N_PHASES] = {0, 0, 0};
                 pt[rc->tail_phase] = tail + rc->tail_ns;
-                if (!cause_add(s, kt, pt, tail + rc->tail_ns, sp->step, 1)) return ta_oom();
+                if (!cause_add(s, kt, pt, tail + rc->tail_ns, sp->step, 1)) goto nomem;
             }
             if (sp->ranks) {
                 pw_ta_rank_step *rs = &sp->ranks[r];
@@ -1079,18 +1147,61 @@ static pw_status finish(ta *s)
                 rs->t.idle = W - rs->t.compute - rs->t.busy[PW_TA_COMM];
             }
         }
+        if (sp->ranks) /* the table is small enough to visit whole */
+            for (int r = 0; r < R; r++) {
+                pw_ta_times *t = &sp->ranks[r].t;
+                if (!sp->ranks[r].present) t->window = t->idle = t->idle_phase[PW_TA_WARMUP] = W;
+            }
         sp->bubble = W > 0 && R > 0 ? 1.0 - (double)compute / ((double)R * (double)W) : 0;
     }
+    int64_t n_absent = (int64_t)R * n_steps - (int64_t)s->n_recs;
+    /* Every rank spans every analysed window; where it has no events the
+     * window is warm-up idle with cause ABSENT, one gap per such step. */
+    for (int r = 0; r < R; r++) {
+        pw_ta_times *tot = &s->ranks[r].total;
+        acc(s, &tot->window, sum_w);
+        const int64_t absent_w = sum_w - present_w[r], absent_n = n_pos - present_n[r];
+        if (absent_n <= 0) continue;
+        acc(s, &tot->idle_phase[PW_TA_WARMUP], absent_w);
+        if (!by_w) {
+            /* Analysed steps, longest first (earliest on ties): a rank's
+             * longest absent step is the first one it has no record in. */
+            by_w = malloc((size_t)n_pos * sizeof *by_w);
+            if (!by_w) goto nomem;
+            int64_t j = 0;
+            for (int64_t si = 0; si < n_steps; si++)
+                if (a->steps[si].analysed && a->steps[si].t1 > a->steps[si].t0) by_w[j++] = &a->steps[si];
+            ta_sort_n(by_w, (size_t)n_pos, sizeof *by_w, cmp_step_longest);
+        }
+        const pw_ta_step *longest = NULL;
+        for (int64_t j = 0; j < n_pos && !longest; j++) {
+            ta_rec key = {.step = by_w[j]->step, .rank = r};
+            if (!bsearch(&key, s->recs, s->n_recs, sizeof *s->recs, cmp_rec)) longest = by_w[j];
+        }
+        PW_ASSERT(longest); /* absent_n > 0 */
+        ta_cause_key key = {r, PW_CAUSE_ABSENT, -1, -1, -1, -1};
+        pw_ta_cause *c = cause_get(s, key);
+        if (!c) goto nomem;
+        c->total_ns = absent_w;
+        c->phase_ns[PW_TA_WARMUP] = absent_w;
+        c->n_gaps = absent_n;
+        c->max_ns = longest->t1 - longest->t0;
+        c->max_step = longest->step;
+    }
+    free(by_w);
+    free(present_w);
+    free(present_n);
     free(s->full);
     s->full = NULL;
     s->n_full = s->cap_full = 0;
+    PW_CHECK(check_overflow(s));
 
     /* Totals over analysed steps. */
     for (int r = 0; r < R; r++) {
         pw_ta_times *t = &s->ranks[r].total;
         t->idle = t->window - t->compute - t->busy[PW_TA_COMM];
         a->ranks[r].total = *t;
-        times_add(&a->total, t);
+        times_add(s, &a->total, t);
         a->ranks[r].bubble = t->window > 0 ? 1.0 - (double)t->compute / (double)t->window : 0;
     }
     a->bubble = a->total.window > 0 ? 1.0 - (double)a->total.compute / (double)a->total.window : -1;
@@ -1101,9 +1212,10 @@ static pw_status finish(ta *s)
         pw_ta_step *sp = &a->steps[si];
         if (!sp->analysed) continue;
         by_dur[na++] = sp;
-        sum += sp->t1 - sp->t0;
+        acc(s, &sum, sp->t1 - sp->t0);
     }
     a->n_analysed = na;
+    PW_CHECK(check_overflow(s));
     a->median_step = -1;
     if (na > 0) {
         ta_sort_n(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);
@@ -1181,6 +1293,11 @@ static pw_status finish(ta *s)
              a->meta.replicas);
     if (*pw_trace_reader_note(s->rd)) note(a, "%s", pw_trace_reader_note(s->rd));
     return PW_OK;
+nomem:
+    free(by_w);
+    free(present_w);
+    free(present_n);
+    return ta_oom();
 }
 
 /* ------------------------------------------------------------ entry points */
@@ -1281,10 +1398,6 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
         goto fail;
     }
     if ((s.id_other = intern(&s, "(other)")) < 0 || (s.id_step = intern(&s, "step")) < 0) {
-        st = ta_oom();
-        goto fail;
-    }
-    if (cfg->skip_steps > 0 && !(s.skip = calloc((size_t)cfg->skip_steps, sizeof *s.skip))) {
         st = ta_oom();
         goto fail;
     }

@@ -36,8 +36,16 @@
  * step has no steady-state idle at all, so steady-state stalls are waste the
  * schedule did not plan.
  *
+ * Bounds. Memory and work follow the trace's events, never a number read
+ * from it: ranks are keyed by (pid, tid) in a hash, a metadata "ranks" count
+ * adds at most 64 ranks more than the trace has events, and a rank's idle
+ * in steps where it has no events is derived from its records, not from a
+ * ranks x steps sweep. Sums of times that would pass 2^63 ns are an error.
+ *
  * Errors: PW_ERR_PARSE / PW_ERR_IO from the reader ("FILE:line N: ..."),
- * PW_ERR_INVALID_ARG when cfg->detail_step is not in the trace,
+ * PW_ERR_PARSE "FILE: the steps' times add up past 2^63 ns ..." for a
+ * hostile trace whose sums overflow, PW_ERR_INVALID_ARG when
+ * cfg->detail_step is not in the trace,
  * PW_ERR_NOMEM. What a trace lacks is not an error: the analysis says what
  * it could not compute in `notes` ("no pipewright metadata: ...").
  */
@@ -235,7 +243,10 @@ typedef struct pw_trace_analysis_config {
     int no_detail;                /* 1: skip the second pass */
     int skip_steps;               /* leave the first N steps (in trace order) out of totals */
     int per_step;                 /* 1: keep every (rank, step)'s figures in steps[].ranks
-                                   * (about 0.3 KB each); 0: totals and per-step windows only */
+                                   * (about 0.3 KB each); 0: totals and per-step windows only.
+                                   * Left out, with a note, when ranks x steps is more than
+                                   * 16 times the (rank, step) pairs with events + 4096 (a
+                                   * sparse trace would make it quadratic in its events) */
     /* Theoretical bubble for a schedule when the metadata has none (the
      * runtime does not know schedules; pipe-trace passes the scheduler's
      * formula). NULL, or < 0 returned: unknown. */

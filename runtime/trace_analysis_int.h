@@ -124,11 +124,12 @@ typedef struct ta {
     int32_t *cause_ht;
     size_t cause_ht_cap;
 
-    int64_t *skip;              /* the first skip_steps distinct steps */
-    size_t n_skip;
+    int64_t *skip;              /* the first skip_steps distinct steps met, sorted */
+    size_t n_skip, cap_skip;
 
     int64_t n_late, n_bad_args, n_other_ph, n_unmatched_e, n_unclosed_b;
     int64_t n_with_step, n_without_step, n_step_events, n_x;
+    int overflow;               /* a sum of times passed INT64_MAX ns (see acc) */
 
     /* sweep scratch */
     int64_t *bounds;

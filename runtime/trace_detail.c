@@ -230,11 +230,13 @@ pw_status ta_detail_pass(ta *s)
         while (s->ranks[r].n_open && st == PW_OK) st = ta_close_group(s, (int)r, 0);
     PW_CHECK(st);
 
-    /* Concatenate the ranks' outputs, rebasing event indices. */
+    /* Concatenate the ranks' outputs, rebasing event indices. A rank without
+     * events in the step gets one idle segment and one gap: count those
+     * gaps here, so the array is sized once for every rank. */
     size_t ne = 0, ng = 0;
     for (int r = 0; r < R; r++) {
         ne += s->drank[r].n_ev;
-        ng += s->drank[r].n_gap;
+        ng += s->drank[r].n_gap + (s->drank[r].n_seg == 0 && d->t1 > d->t0);
     }
     d->events = calloc(ne ? ne : 1, sizeof *d->events);
     d->gaps = calloc(ng ? ng : 1, sizeof *d->gaps);
@@ -256,9 +258,7 @@ pw_status ta_detail_pass(ta *s)
             if (!dr->seg) return ta_oom();
             dr->seg[0] = (pw_ta_segment){d->t0, d->t1, PW_TA_IDLE, -1, PW_TA_WARMUP};
             dr->n_seg = 1;
-            pw_ta_gap *grow_g = realloc(d->gaps, (size_t)(d->n_gaps + 1) * sizeof *d->gaps);
-            if (!grow_g) return ta_oom();
-            d->gaps = grow_g;
+            PW_ASSERT((size_t)d->n_gaps < ng);
             d->gaps[d->n_gaps++] = (pw_ta_gap){r, d->t0, d->t1, PW_CAUSE_ABSENT, -1, -1, PW_TA_WARMUP};
         }
         for (size_t i = 0; i < dr->n_seg; i++)

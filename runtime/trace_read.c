@@ -50,8 +50,11 @@ struct pw_trace_reader {
     int64_t base;         /* file position of offset 0 */
     char *name;
 
-    unsigned char *buf, *p, *end;
-    int64_t buf_off;      /* offset of buf[0] */
+    unsigned char *buf;   /* RD_BUF bytes read from f (NULL when reading memory) */
+    const unsigned char *data, *p, *end; /* the bytes in hand: buf, or the caller's memory */
+    size_t mem_size;      /* reading memory: all of it is in [data, data + mem_size) */
+    int mem;              /* 1: reading the caller's memory, never a file */
+    int64_t buf_off;      /* offset of data[0] */
     int64_t line;
     int eof;
 
@@ -59,6 +62,8 @@ struct pw_trace_reader {
     int array_format;     /* top level is [ ... ] */
     int seen_events;      /* a traceEvents member was found */
     int seeked;           /* re-reading after a seek: the metadata is known */
+    int64_t n_events;     /* traceEvents elements started (1-based index of the current one) */
+    int in_event;         /* parsing an element: messages name it */
     pw_status err;        /* sticky error */
     char *errmsg;
 
@@ -82,7 +87,11 @@ static pw_status rd_fail_at(pw_trace_reader *rd, int64_t line, const char *fmt, 
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    rd->err = pw_error(PW_ERR_PARSE, "%s:line %" PRId64 ": %s", rd->name, line, msg);
+    if (rd->in_event)
+        rd->err = pw_error(PW_ERR_PARSE, "%s:line %" PRId64 ": event %" PRId64 ": %s", rd->name, line,
+                           rd->n_events, msg);
+    else
+        rd->err = pw_error(PW_ERR_PARSE, "%s:line %" PRId64 ": %s", rd->name, line, msg);
     free(rd->errmsg);
     rd->errmsg = strdup(pw_last_error());
     rd->state = S_FAILED;
@@ -108,18 +117,22 @@ static pw_status rd_io_fail(pw_trace_reader *rd, const char *what)
 static int refill(pw_trace_reader *rd)
 {
     if (rd->eof) return 0;
-    rd->buf_off += rd->end - rd->buf;
+    if (rd->mem) { /* everything was in hand from the start */
+        rd->eof = 1;
+        return 0;
+    }
+    rd->buf_off += rd->end - rd->data;
     size_t n = fread(rd->buf, 1, RD_BUF, rd->f);
     if (n == 0) {
         rd->eof = ferror(rd->f) ? -1 : 1;
-        rd->p = rd->end = rd->buf;
+        rd->data = rd->p = rd->end = rd->buf;
         return 0;
     }
     if (rd->spool && rd->f != rd->spool && fwrite(rd->buf, 1, n, rd->spool) != n) {
         rd->eof = -1;
         return 0;
     }
-    rd->p = rd->buf;
+    rd->data = rd->p = rd->buf;
     rd->end = rd->buf + n;
     return 1;
 }
@@ -130,7 +143,7 @@ static inline int peekc(pw_trace_reader *rd)
     return *rd->p;
 }
 
-static inline int64_t cur_off(const pw_trace_reader *rd) { return rd->buf_off + (rd->p - rd->buf); }
+static inline int64_t cur_off(const pw_trace_reader *rd) { return rd->buf_off + (rd->p - rd->data); }
 
 /* Appends a consumed byte to the capture buffer (the metadata block). */
 static void capture_byte(pw_trace_reader *rd, int c)
@@ -301,7 +314,7 @@ static pw_status read_string(pw_trace_reader *rd, rd_str *out)
             if (rd->capture) {
                 for (const unsigned char *b = rd->p; b < q; b++) take(rd, *b);
             } else {
-                rd->p = (unsigned char *)q;
+                rd->p = q;
             }
             continue;
         }
@@ -413,7 +426,7 @@ static pw_status read_number(pw_trace_reader *rd, char *buf)
             size_t n = (size_t)(q - rd->p);
             memcpy(buf, rd->p, n);
             buf[n] = 0;
-            rd->p = (unsigned char *)q;
+            rd->p = q;
             return PW_OK;
         }
     }
@@ -559,13 +572,14 @@ static inline int fast_decimal(pw_trace_reader *rd, int int_only, uint64_t *ip, 
     *ip = v;
     *frac = fr;
     *nf = f;
-    rd->p = (unsigned char *)q;
+    rd->p = q;
     return 1;
 }
 
 /* ------------------------------------------------------------ values */
 
 static pw_status skip_value(pw_trace_reader *rd, int depth);
+static pw_status time_value(pw_trace_reader *rd, const char *key, int64_t *ns);
 
 static pw_status skip_literal(pw_trace_reader *rd, const char *lit)
 {
@@ -685,7 +699,7 @@ static pw_status read_key(pw_trace_reader *rd, int *id)
     }
     if (!rd->capture && q < rd->end && *q == '"') {
         *id = key_id((const char *)rd->p + 1, (size_t)(q - rd->p - 1));
-        rd->p = (unsigned char *)q + 1;
+        rd->p = q + 1;
     } else {
         PW_CHECK(read_string(rd, &rd->key));
         *id = key_id(rd->key.s, rd->key.n);
@@ -740,7 +754,7 @@ static pw_status event_args(pw_trace_reader *rd, pw_trace_record *ev)
             int32_t *small = bit == PW_TREC_STAGE ? &ev->stage : bit == PW_TREC_MB ? &ev->mb
                            : bit == PW_TREC_PEER ? &ev->peer : NULL;
             if (ok && small && (v < 0 || v > INT32_MAX)) ok = 0;
-            if (ok && bit == PW_TREC_STEP && v < 0) ok = 0;
+            if (ok && (bit == PW_TREC_STEP || bit == PW_TREC_BYTES) && v < 0) ok = 0;
             if (!ok) {
                 ev->has |= PW_TREC_BAD_ARGS;
             } else {
@@ -766,8 +780,25 @@ static pw_status event_args(pw_trace_reader *rd, pw_trace_record *ev)
     }
 }
 
-/* Reads a number member into ns; hard error naming `key` when it is not one. */
+/* Reads a time member (microseconds) into ns; a hard error naming `key`
+ * when it is not a number in [0, PW_TRACE_MAX_US]. */
 static pw_status time_member(pw_trace_reader *rd, const char *key, int64_t *ns)
+{
+    PW_CHECK(time_value(rd, key, ns));
+    if (*ns < 0) {
+        uint64_t m = 0 - (uint64_t)*ns;
+        return rd_fail(rd, "\"%s\" is negative (-%" PRIu64 ".%03u us); times must be >= 0", key, m / 1000,
+                       (unsigned)(m % 1000));
+    }
+    if (*ns > PW_TRACE_MAX_NS)
+        return rd_fail(rd, "\"%s\" %.6g us is out of range (at most %" PRId64 " us)", key, (double)*ns / 1e3,
+                       PW_TRACE_MAX_US);
+    return PW_OK;
+}
+
+/* Reads a number member into ns, any sign; hard error naming `key` when it
+ * is not a number or beyond int64 nanoseconds. */
+static pw_status time_value(pw_trace_reader *rd, const char *key, int64_t *ns)
 {
     int c = skip_ws(rd);
     char num[NUM_MAX];
@@ -787,9 +818,10 @@ static pw_status time_member(pw_trace_reader *rd, const char *key, int64_t *ns)
         return PW_OK;
     }
     if (!(c == '-' || (c >= '0' && c <= '9')))
-        return rd_fail(rd, "event \"%s\" is %s, expected a number (microseconds)", key, what_is(c).s);
+        return rd_fail(rd, "\"%s\" is %s, expected a number (microseconds)", key, what_is(c).s);
     PW_CHECK(read_number(rd, num));
-    if (!num_us_to_ns(num, ns)) return rd_fail(rd, "event \"%s\" %s is out of range", key, num);
+    if (!num_us_to_ns(num, ns))
+        return rd_fail(rd, "\"%s\" %s is out of range (0 to %" PRId64 " us)", key, num, PW_TRACE_MAX_US);
     return PW_OK;
 }
 
@@ -804,16 +836,16 @@ static pw_status id_member(pw_trace_reader *rd, const char *key, int64_t *v)
         return PW_OK;
     }
     if (!(c == '-' || (c >= '0' && c <= '9')))
-        return rd_fail(rd, "event \"%s\" is %s, expected an integer", key, what_is(c).s);
+        return rd_fail(rd, "\"%s\" is %s, expected an integer", key, what_is(c).s);
     PW_CHECK(read_number(rd, num));
-    if (!num_int(num, v)) return rd_fail(rd, "event \"%s\" %s is not an integer", key, num);
+    if (!num_int(num, v)) return rd_fail(rd, "\"%s\" %s is not a 64-bit integer", key, num);
     return PW_OK;
 }
 
 static pw_status string_member(pw_trace_reader *rd, const char *key, rd_str *out)
 {
     int c = skip_ws(rd);
-    if (c != '"') return rd_fail(rd, "event \"%s\" is %s, expected a string", key, what_is(c).s);
+    if (c != '"') return rd_fail(rd, "\"%s\" is %s, expected a string", key, what_is(c).s);
     return read_string(rd, out);
 }
 
@@ -822,6 +854,8 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
 {
     int c = skip_ws(rd);
     memset(ev, 0, sizeof *ev);
+    rd->n_events++;
+    rd->in_event = 1;
     ev->step = -1;
     ev->stage = ev->mb = ev->peer = -1;
     ev->line = rd->line;
@@ -849,7 +883,6 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
                 break;
             case K_DUR:
                 PW_CHECK(time_member(rd, "dur", &ev->dur_ns));
-                if (ev->dur_ns < 0) return rd_fail(rd, "event \"dur\" is negative");
                 ev->has |= PW_TREC_DUR;
                 break;
             case K_NAME:
@@ -858,7 +891,7 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
                 break;
             case K_PH:
                 PW_CHECK(string_member(rd, "ph", &rd->ph_s));
-                if (rd->ph_s.n == 0) return rd_fail(rd, "event \"ph\" is empty");
+                if (rd->ph_s.n == 0) return rd_fail(rd, "\"ph\" is empty");
                 has_ph = 1;
                 break;
             case K_PID:
@@ -888,7 +921,7 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
     ev->name = ev->has & PW_TREC_NAME ? rd->name_s.s : "";
     ev->cat = ev->has & PW_TREC_CAT ? rd->cat_s.s : "";
     ev->arg_name = ev->has & PW_TREC_ARG_NAME ? rd->argname_s.s : "";
-    if (!has_ph) return rd_fail_at(rd, ev->line, "event has no \"ph\" (phase)");
+    if (!has_ph) return rd_fail_at(rd, ev->line, "no \"ph\" (phase)");
     ev->ph = rd->ph_s.s[0];
     const char *need = NULL;
     if (ev->ph == 'X') {
@@ -901,6 +934,7 @@ static pw_status read_event(pw_trace_reader *rd, pw_trace_record *ev)
         else if (!(ev->has & PW_TREC_TID)) need = "tid";
     }
     if (need) return rd_fail_at(rd, ev->line, "\"%c\" event has no \"%s\"", ev->ph, need);
+    rd->in_event = 0;
     return PW_OK;
 }
 
@@ -1184,25 +1218,37 @@ pw_status pw_trace_reader_next(pw_trace_reader *rd, pw_trace_record *ev, int *mo
 
 /* ------------------------------------------------------------ lifecycle */
 
-static pw_status reader_new(FILE *f, FILE *own, const char *name, pw_trace_reader **out)
+/* A reader with its strings, reading nothing yet. */
+static pw_status reader_alloc(const char *name, pw_trace_reader **out)
 {
     *out = NULL;
     pw_trace_reader *rd = calloc(1, sizeof *rd);
     if (!rd) return pw_error(PW_ERR_NOMEM, "%s: out of memory", name);
-    rd->f = f;
-    rd->own = own;
     rd->name = strdup(name);
-    rd->buf = malloc(RD_BUF);
     rd->info.theory_bubble = -1.0;
     rd->info.schedule = strdup("");
     rd->info.graph = strdup("");
-    if (!rd->name || !rd->buf || !rd->info.schedule || !rd->info.graph) {
-        rd->own = NULL;
+    if (!rd->name || !rd->info.schedule || !rd->info.graph) {
         pw_trace_reader_close(rd);
         return pw_error(PW_ERR_NOMEM, "%s: out of memory", name);
     }
-    rd->p = rd->end = rd->buf;
     rd->line = 1;
+    *out = rd;
+    return PW_OK;
+}
+
+static pw_status reader_new(FILE *f, FILE *own, const char *name, pw_trace_reader **out)
+{
+    pw_trace_reader *rd;
+    PW_CHECK(reader_alloc(name, &rd));
+    rd->buf = malloc(RD_BUF);
+    if (!rd->buf) {
+        pw_trace_reader_close(rd);
+        return pw_error(PW_ERR_NOMEM, "%s: out of memory", name);
+    }
+    rd->f = f;
+    rd->own = own;
+    rd->data = rd->p = rd->end = rd->buf;
     off_t pos = ftello(f);
     rd->seekable = pos >= 0 && fseeko(f, pos, SEEK_SET) == 0;
     rd->base = rd->seekable ? (int64_t)pos : 0;
@@ -1216,6 +1262,25 @@ static pw_status reader_new(FILE *f, FILE *own, const char *name, pw_trace_reade
 pw_status pw_trace_reader_open_stream(FILE *f, const char *name, pw_trace_reader **out)
 {
     return reader_new(f, NULL, name ? name : "<stream>", out);
+}
+
+pw_status pw_trace_reader_open_memory(const void *data, size_t size, const char *name,
+                                      pw_trace_reader **out)
+{
+    *out = NULL;
+    if (!name) name = "<memory>";
+    if (!data && size) return pw_error(PW_ERR_INVALID_ARG, "%s: NULL data of %zu bytes", name, size);
+    if (size > (size_t)INT64_MAX) return pw_error(PW_ERR_INVALID_ARG, "%s: %zu bytes is too large", name, size);
+    pw_trace_reader *rd;
+    PW_CHECK(reader_alloc(name, &rd));
+    static const unsigned char empty[1];
+    rd->mem = 1;
+    rd->mem_size = size;
+    rd->seekable = 1;
+    rd->data = rd->p = size ? (const unsigned char *)data : empty;
+    rd->end = rd->data + size;
+    *out = rd;
+    return PW_OK;
 }
 
 pw_status pw_trace_reader_open(const char *path, pw_trace_reader **out)
@@ -1258,6 +1323,17 @@ pw_status pw_trace_reader_seek(pw_trace_reader *rd, int64_t offset, int64_t line
         return rd->err;
     }
     if (offset < 0) return pw_error(PW_ERR_INVALID_ARG, "%s: negative seek offset", rd->name);
+    if (rd->mem) {
+        if ((uint64_t)offset > rd->mem_size)
+            return pw_error(PW_ERR_INVALID_ARG, "%s: seek to byte %" PRId64 " of %zu", rd->name, offset, rd->mem_size);
+        rd->p = rd->data + offset;
+        rd->end = rd->data + rd->mem_size;
+        rd->eof = 0;
+        rd->line = line;
+        rd->state = S_EV_ELEM;
+        rd->seeked = 1;
+        return PW_OK;
+    }
     if (!rd->seekable && !rd->spool)
         return pw_error(PW_ERR_IO, "%s: cannot seek (a pipe?) and nothing was spooled: call "
                         "pw_trace_reader_seek only after reading", rd->name);
@@ -1271,7 +1347,7 @@ pw_status pw_trace_reader_seek(pw_trace_reader *rd, int64_t offset, int64_t line
     if (fseeko(rd->f, (off_t)(rd->base + offset), SEEK_SET) != 0) return rd_io_fail(rd, "seek");
     rd->eof = 0;
     rd->buf_off = offset;
-    rd->p = rd->end = rd->buf;
+    rd->data = rd->p = rd->end = rd->buf;
     rd->line = line;
     rd->state = S_EV_ELEM;
     rd->seeked = 1;

@@ -29,19 +29,27 @@
  * PW_ERR_PARSE "FILE:line N: what is wrong" with the line where it was found.
  * Each event must be an object with a string "ph"; complete events ("X") need
  * "name", "ts", "dur" and "tid", begin/end events ("B"/"E") need "ts" and
- * "tid"; "ts"/"dur" must be finite numbers (dur >= 0), "pid"/"tid" integers.
- * Those are hard errors. The "args" members pipewright uses (step, stage, mb,
- * peer, bytes) are optional; one of the wrong type (a generic trace may use
- * the same names for other things) is dropped and flagged in the record
- * (PW_TREC_BAD_ARGS) rather than failing the read.
+ * "tid"; "pid"/"tid" must be 64-bit integers, "ts"/"dur" numbers in
+ * [0, PW_TRACE_MAX_US] (JSON has no NaN or infinity), so that ts + dur and any difference of two times fit in int64
+ * nanoseconds. Those are hard errors; an error inside an event names it:
+ * "run.json:line 9: event 3: \"ts\" is negative (-5.000 us)", events counted
+ * from 1 in file order. The "args" members pipewright uses (step, stage, mb,
+ * peer, bytes) are optional; one of the wrong type or sign (a generic trace
+ * may use the same names for other things) is dropped and flagged in the
+ * record (PW_TREC_BAD_ARGS) rather than failing the read.
  *
  * Times. Chrome's ts and dur are microseconds; records carry integer
  * nanoseconds, converted from the decimal text exactly (no floating-point
  * rounding for up to 3 fractional digits, which is what pipewright writes).
+ *
+ * Memory. The reader holds one event, its 1 MiB buffer and the metadata
+ * block (at most 64 MiB); nothing it allocates is sized by a number read from
+ * the file. Thread safety: one reader per thread; readers share nothing.
  */
 #ifndef PW_RUNTIME_TRACE_READ_H
 #define PW_RUNTIME_TRACE_READ_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -51,6 +59,11 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Largest "ts" or "dur" accepted, in microseconds (4e15 us, about 127
+ * years): ts + dur stays below INT64_MAX nanoseconds. */
+#define PW_TRACE_MAX_US INT64_C(4000000000000000)
+#define PW_TRACE_MAX_NS (PW_TRACE_MAX_US * 1000)
 
 /* The "pipewright" metadata block (see pw_trace_write). */
 typedef struct pw_trace_info {
@@ -119,6 +132,11 @@ pw_status pw_trace_reader_open(const char *path, pw_trace_reader **out);
 /* Reads an already open stream, named `name` in messages; the caller keeps
  * ownership of `f` (close it after pw_trace_reader_close). */
 pw_status pw_trace_reader_open_stream(FILE *f, const char *name, pw_trace_reader **out);
+/* Reads the `size` bytes at `data` (a trace already in memory), named `name`
+ * in messages. Nothing is copied: `data` must stay valid and unchanged until
+ * pw_trace_reader_close; the reader never writes to it. Seeking works. */
+pw_status pw_trace_reader_open_memory(const void *data, size_t size, const char *name,
+                                      pw_trace_reader **out);
 /* Closes the reader (and the file it opened). Accepts NULL. */
 void pw_trace_reader_close(pw_trace_reader *rd);
 

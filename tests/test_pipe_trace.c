@@ -32,6 +32,13 @@
 #include "scheduler/schedule.h"
 
 #define TIMEOUT .timeout = 60
+#if defined(__SANITIZE_ADDRESS__)
+#define PT_ASAN 1 /* gcc */
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define PT_ASAN 1 /* clang */
+#endif
+#endif
 #define FIXTURES PW_SOURCE_DIR "/tests/fixtures/traces"
 #define TOOL PW_BINARY_DIR "/pipe-trace"
 #define US 1000 /* ns */
@@ -769,17 +776,33 @@ static const bad_case k_bad[] = {
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 1, \"dur\": 1},]}",
      "traceEvents element is ']', expected an event object", 1},
     {"{\"traceEvents\": [\n{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": \"0\", \"dur\": 1}]}",
-     "event \"ts\" is a string, expected a number (microseconds)", 2},
-    {"{\"traceEvents\": [\n\n{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 0}]}", "\"X\" event has no \"dur\"", 3},
+     "event 1: \"ts\" is a string, expected a number (microseconds)", 2},
+    {"{\"traceEvents\": [\n\n{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 0}]}", "event 1: \"X\" event has no \"dur\"", 3},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 0, \"dur\": -1}]}",
-     "event \"dur\" is negative", 1},
-    {"{\"traceEvents\": [{\"name\": \"F\", \"tid\": 0, \"ts\": 0, \"dur\": 1}]}", "event has no \"ph\"", 1},
+     "event 1: \"dur\" is negative (-1.000 us); times must be >= 0", 1},
+    {"{\"traceEvents\": [\n{\"ph\": \"M\"},\n{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": -5, \"dur\": 1}]}",
+     "event 2: \"ts\" is negative (-5.000 us); times must be >= 0", 3},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": -0.0005, \"dur\": 1}]}",
+     "event 1: \"ts\" is negative (-0.001 us)", 1},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 4000000000000001, \"dur\": 1}]}",
+     "event 1: \"ts\" 4e+15 us is out of range (at most 4000000000000000 us)", 1},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 0, \"dur\": 5e15}]}",
+     "event 1: \"dur\" 5e+15 us is out of range (at most 4000000000000000 us)", 1},
+    {"{\"traceEvents\": [{\"ph\": \"B\", \"tid\": 0, \"ts\": -9e18}]}",
+     "event 1: \"ts\" -9e18 is out of range (0 to 4000000000000000 us)", 1},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": NaN, \"dur\": 1}]}",
+     "event 1: \"ts\" is 'N', expected a number (microseconds)", 1},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 0, \"dur\": -Infinity}]}",
+     "event 1: expected a digit, found 'I'", 1},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 99999999999999999999, \"ts\": 0, \"dur\": 1}]}",
+     "event 1: \"tid\" 99999999999999999999 is not a 64-bit integer", 1},
+    {"{\"traceEvents\": [{\"name\": \"F\", \"tid\": 0, \"ts\": 0, \"dur\": 1}]}", "event 1: no \"ph\" (phase)", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": 5, \"tid\": 0, \"ts\": 0, \"dur\": 1}]}",
-     "event \"name\" is a number, expected a string", 1},
+     "event 1: \"name\" is a number, expected a string", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 1.5, \"ts\": 0, \"dur\": 1}]}",
-     "event \"tid\" 1.5 is not an integer", 1},
+     "event 1: \"tid\" 1.5 is not a 64-bit integer", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"tid\": 0, \"ts\": 1e400, \"dur\": 1}]}",
-     "event \"ts\" 1e400 is out of range", 1},
+     "event 1: \"ts\" 1e400 is out of range", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"\xff\", \"tid\": 0, \"ts\": 0, \"dur\": 1}]}",
      "invalid UTF-8 byte 0xff inside a string", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"a\\qb\"}]}", "invalid escape '\\q'", 1},
@@ -787,7 +810,7 @@ static const bad_case k_bad[] = {
     {"{\"traceEvents\": [{\"ph\": \"X\", \"other\": tru}]}", "expected a JSON value, found '}'", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\" \"name\": \"F\"}]}", "expected ',' or '}' after an event member, found '\"'", 1},
     {"{\"traceEvents\": [{\"x\": 01}]}", "invalid number (leading zero)", 1},
-    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"ts\": 1, \"dur\": 1}]}", "\"X\" event has no \"tid\"", 1},
+    {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"ts\": 1, \"dur\": 1}]}", "event 1: \"X\" event has no \"tid\"", 1},
     {"{\"traceEvents\": [{\"ph\": \"X\", \"name\": \"F\", \"ts\": 1., \"dur\": 1}]}", "expected a digit after '.'", 1},
     {"{\"traceEvents\": []} x", "data after the end of the trace ('x')", 1},
     {"{\"displayTimeUnit\": \"ns\"}", "no \"traceEvents\" array in the trace object", 1},
@@ -844,6 +867,211 @@ Test(pipe_trace, missing_file_is_io_error, TIMEOUT)
     pw_trace_analysis *a;
     cr_assert_eq(pw_trace_analyze("/nonexistent/trace.json", NULL, &a), PW_ERR_IO);
     cr_assert(strstr(pw_last_error(), "/nonexistent/trace.json: No such file"), "%s", pw_last_error());
+}
+
+/* ------------------------------------------------------------ crash reproducers
+ *
+ * tests/fixtures/crashes/: inputs that once crashed pipe-trace or the reader
+ * (found by hand or by tests/fuzz/fuzz_trace.c). Each must give a clean
+ * error or a consistent analysis, in the library and in the tool. */
+
+#define CRASHES PW_SOURCE_DIR "/tests/fixtures/crashes"
+
+/* Runs pipe-trace with every output on `path`; returns its exit status and
+ * its stderr+stdout in *out. */
+static int tool_all_outputs(const char *path, char **out)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, TOOL " --gaps --path --svg '%s' '%s' 2>&1 && " TOOL " --json '%s' 2>&1", tmp_path("crash.svg"),
+             path, path);
+    return run(cmd, out);
+}
+
+Test(pipe_trace, crash_rank_without_events_in_the_detail_step, TIMEOUT)
+{
+    /* Three ranks; the median step 2 has events on two of them only: the
+     * third's "absent" gap used to shrink the gap array under the others'. */
+    const char *p = CRASHES "/heap-overflow-ta_detail_pass.json";
+    pw_trace_analysis *a = analyse(p);
+    cr_assert_eq(a->n_ranks, 3);
+    cr_assert_eq(a->detail.step, 2);
+    int absent = 0;
+    for (int i = 0; i < a->detail.n_gaps; i++) {
+        const pw_ta_gap *g = &a->detail.gaps[i];
+        cr_assert(g->rank >= 0 && g->rank < a->n_ranks && g->t0 <= g->t1, "gap %d", i);
+        absent += g->kind == PW_CAUSE_ABSENT;
+    }
+    cr_assert_eq(absent, 1, "one rank has no events in step 2");
+    check_consistency(a);
+    pw_trace_analysis_destroy(a);
+    char *out;
+    cr_assert_eq(tool_all_outputs(p, &out), 0, "%s", out);
+    free(out);
+}
+
+Test(pipe_trace, crash_negative_ts_is_a_clean_error, TIMEOUT)
+{
+#define NEG_TS CRASHES "/ubsan-negative-ts.json"
+    const char *p = NEG_TS;
+    pw_trace_analysis *a = (pw_trace_analysis *)1;
+    cr_assert_eq(pw_trace_analyze(p, NULL, &a), PW_ERR_PARSE);
+    cr_assert_null(a);
+    const char *want = NEG_TS ":line 1: event 1: \"ts\" is negative (-50.406 us); times must be >= 0";
+    cr_assert_str_eq(pw_last_error(), want);
+    char *out;
+    cr_assert_eq(tool_all_outputs(p, &out), 1, "%s", out);
+    cr_assert(strstr(out, want), "%s", out);
+    cr_assert_null(strstr(out, "median"), "no report after the error: %s", out);
+    free(out);
+}
+
+Test(pipe_trace, huge_ids_and_rank_counts_size_nothing, TIMEOUT)
+{
+    /* pid/tid anywhere in int64 are just keys; a metadata rank count far
+     * beyond the events materialises at most 64 silent ranks. */
+    const char *p = tmp_path("huge_ids.json");
+    const char *text =
+        "{\"pipewright\": {\"version\": 1, \"schedule\": \"1f1b\", \"ranks\": 1048576, \"micro_batches\": 16777216},\n"
+        "\"traceEvents\": [\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"pid\": 0, \"tid\": 9223372036854775807, \"ts\": 0, \"dur\": 1},\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"pid\": -9223372036854775808, \"tid\": -1, \"ts\": 1, \"dur\": 1},\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"pid\": 0, \"tid\": 0, \"ts\": 2, \"dur\": 1, "
+        "\"args\": {\"step\": 9223372036854775807, \"mb\": -1, \"bytes\": -5}}]}\n";
+    write_text(p, text, strlen(text));
+    pw_trace_analysis *a = analyse(p);
+    cr_assert_eq(a->n_events, 3);
+    cr_assert_eq(a->n_ranks, 2 + 67, "ranks 0-66 (3 events + 64) and two more with events: %d", a->n_ranks);
+    cr_assert(has_note(a, "the metadata says 1048576 ranks but the trace has 3 events"));
+    cr_assert(has_note(a, "1 events had args.step/stage/mb/peer/bytes of the wrong type"));
+    cr_assert_eq(a->n_steps, 2);
+    check_consistency(a);
+    pw_trace_analysis_destroy(a);
+    char *out;
+    cr_assert_eq(tool_all_outputs(p, &out), 0, "%s", out);
+    free(out);
+}
+
+Test(pipe_trace, times_adding_past_int64_are_refused, TIMEOUT)
+{
+    /* Each time is in range, but two steps of 8e18 ns each add past 2^63. */
+    const char *p = tmp_path("long.json");
+    const char *text =
+        "[{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 0, \"dur\": 1, \"args\": {\"step\": 1}},\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 4000000000000000, \"dur\": 4000000000000000, \"args\": {\"step\": 1}},\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 0, \"dur\": 1, \"args\": {\"step\": 2}},\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 4000000000000000, \"dur\": 4000000000000000, \"args\": {\"step\": 2}}]\n";
+    write_text(p, text, strlen(text));
+    pw_trace_analysis *a = (pw_trace_analysis *)1;
+    cr_assert_eq(pw_trace_analyze(p, NULL, &a), PW_ERR_PARSE);
+    cr_assert_null(a);
+    cr_assert(strstr(pw_last_error(), "long.json: the steps' times add up past 2^63 ns"), "%s", pw_last_error());
+    /* One such step alone is fine. */
+    const char *one =
+        "[{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 0, \"dur\": 1},\n"
+        "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 4000000000000000, \"dur\": 4000000000000000}]\n";
+    write_text(p, one, strlen(one));
+    a = analyse(p);
+    cr_assert_eq(a->step_ns_median, INT64_C(8000000000000000000));
+    pw_trace_analysis_destroy(a);
+}
+
+Test(pipe_trace, sparse_ranks_and_steps_stay_linear, TIMEOUT)
+{
+    /* Every event on its own thread and its own step: ranks x steps is
+     * quadratic in the events (9 M pairs, 1.6 GB of per-step table), the
+     * work and memory must not be. */
+    enum { N = 3000 };
+    const char *p = tmp_path("sparse.json");
+    FILE *f = fopen(p, "w");
+    cr_assert(f);
+    fputs("[", f);
+    for (int i = 0; i < N; i++)
+        fprintf(f, "%s\n{\"name\": \"F\", \"ph\": \"X\", \"tid\": %d, \"ts\": %d, \"dur\": 1, \"args\": {\"step\": %d}}",
+                i ? "," : "", i, 10 * i, i);
+    fputs("]\n", f);
+    cr_assert_eq(fclose(f), 0);
+#ifndef PT_ASAN
+    struct rlimit lim = {1u << 30, 1u << 30}; /* ASan reserves terabytes of address space */
+    cr_assert_eq(setrlimit(RLIMIT_AS, &lim), 0);
+#endif
+    pw_trace_analysis *a = analyse(p); /* with the per-step table asked for */
+    cr_assert_eq(a->n_ranks, N);
+    cr_assert_eq(a->n_steps, N);
+    cr_assert(has_note(a, "the per-(rank, step) table is left out: 3000 ranks x 3000 steps"));
+    cr_assert(has_note(a, "8997000 (rank, step) pairs have no events"));
+    cr_assert_null(a->steps[0].ranks);
+    int absent = 0;
+    for (int i = 0; i < a->n_causes; i++) {
+        const pw_ta_cause *c = &a->causes[i];
+        if (c->kind != PW_CAUSE_ABSENT) continue;
+        absent++;
+        cr_assert_eq(c->total_ns, (N - 1) * US, "rank %d", c->rank);
+        cr_assert_eq(c->n_gaps, N - 1);
+        cr_assert_eq(c->max_ns, US);
+        cr_assert_eq(c->max_step, c->rank == 0 ? 1 : 0, "the earliest step it missed");
+    }
+    cr_assert_eq(absent, N);
+    cr_assert_eq(a->total.window, (int64_t)N * N * US);
+    cr_assert_eq(a->total.compute, N * US);
+    pw_trace_analysis_destroy(a);
+}
+
+Test(pipe_trace, skip_count_does_not_size_memory, TIMEOUT)
+{
+    pw_trace_analysis_config cfg = PW_TRACE_ANALYSIS_DEFAULTS;
+    cfg.skip_steps = 1 << 30; /* 8 GiB if it sized an array */
+    cfg.no_detail = 1;
+    pw_trace_analysis *a = analyse_cfg(gpipe_fixture(), cfg);
+    cr_assert_eq(a->n_analysed, 0);
+    pw_trace_analysis_destroy(a);
+    /* The first N distinct steps in trace order, whatever their numbers. */
+    const char *p = tmp_path("skip.json");
+    const char *text = "[{\"name\": \"F\", \"ph\": \"X\", \"tid\": 0, \"ts\": 0, \"dur\": 1, \"args\": {\"step\": 7}},\n"
+                       "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 1, \"ts\": 0, \"dur\": 2, \"args\": {\"step\": 3}},\n"
+                       "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 2, \"ts\": 0, \"dur\": 3, \"args\": {\"step\": 5}},\n"
+                       "{\"name\": \"F\", \"ph\": \"X\", \"tid\": 3, \"ts\": 0, \"dur\": 4, \"args\": {\"step\": 3}}]\n";
+    write_text(p, text, strlen(text));
+    cfg.skip_steps = 2;
+    a = analyse_cfg(p, cfg);
+    cr_assert_eq(a->n_steps, 3);
+    cr_assert_eq(a->n_analysed, 1);
+    cr_assert(a->steps[1].analysed && a->steps[1].step == 5, "steps 7 and 3 came first");
+    cr_assert_eq(a->step_ns_median, 3 * US);
+    pw_trace_analysis_destroy(a);
+}
+
+Test(pipe_trace, memory_reader_reads_like_the_file_reader, TIMEOUT)
+{
+    const char *p = gpipe_fixture();
+    size_t n;
+    char *text = read_all(p, &n);
+    pw_trace_reader *rd;
+    cr_assert_eq(pw_trace_reader_open_memory(text, n, "mem.json", &rd), PW_OK);
+    pw_trace_analysis_config cfg = PW_TRACE_ANALYSIS_DEFAULTS;
+    cfg.per_step = 1;
+    pw_trace_analysis *m = NULL;
+    cr_assert_eq(pw_trace_analyze_reader(rd, &cfg, &m), PW_OK, "%s", pw_last_error());
+    pw_trace_reader_close(rd);
+    pw_trace_analysis *f = analyse(p);
+    cr_assert_str_eq(m->file, "mem.json");
+    cr_assert_eq(m->n_events, f->n_events);
+    cr_assert_eq(m->total.compute, f->total.compute);
+    cr_assert_eq(m->total.idle, f->total.idle);
+    cr_assert_eq(m->detail.n_events, f->detail.n_events, "the second pass seeks in memory");
+    cr_assert_eq(m->detail.n_gaps, f->detail.n_gaps);
+    cr_assert_eq(m->detail.n_path, f->detail.n_path);
+    pw_trace_analysis_destroy(m);
+    pw_trace_analysis_destroy(f);
+    /* Empty and truncated memory: errors named after the buffer. */
+    cr_assert_eq(pw_trace_reader_open_memory(NULL, 0, "empty", &rd), PW_OK);
+    cr_assert_eq(pw_trace_analyze_reader(rd, NULL, &m), PW_ERR_PARSE);
+    cr_assert(strstr(pw_last_error(), "empty:line 1: empty file"), "%s", pw_last_error());
+    pw_trace_reader_close(rd);
+    cr_assert_eq(pw_trace_reader_open_memory(text, n / 2, "half", &rd), PW_OK);
+    cr_assert_eq(pw_trace_analyze_reader(rd, NULL, &m), PW_ERR_PARSE);
+    cr_assert(strstr(pw_last_error(), "unexpected end of file"), "%s", pw_last_error());
+    pw_trace_reader_close(rd);
+    free(text);
 }
 
 /* ------------------------------------------------------------ degraded */
@@ -1093,7 +1321,7 @@ Test(pipe_trace, cli_exit_codes, TIMEOUT)
     write_text(bad, bad_text, strlen(bad_text));
     snprintf(cmd, sizeof cmd, TOOL " '%s' 2>&1", bad);
     cr_assert_eq(run(cmd, &out), 1);
-    cr_assert(strstr(out, ":line 2: event \"ph\" is a number, expected a string"), "%s", out);
+    cr_assert(strstr(out, ":line 2: event 1: \"ph\" is a number, expected a string"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --svg /nonexistent/dir/x.svg '%s' 2>&1", p);
     cr_assert_eq(run(cmd, &out), 1);
