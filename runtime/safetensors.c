@@ -6,6 +6,7 @@
  * returned, so every accessor is a lookup that cannot meet a malformed file.
  */
 #include "runtime/safetensors.h"
+#include "runtime/tmpfile.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -700,7 +701,7 @@ pw_status pw_safetensors_write(const char *path, const pw_st_tensor *t, int n,
     unsigned char *hdr = NULL;
     size_t hdr_len = 0;
     char *tmp = NULL;
-    int fd = -1, created = 0;
+    int fd = -1, created = 0, tmp_slot = -1;
     const pw_st_tensor **order = malloc(sizeof *order * (size_t)(n ? n : 1));
     const pw_st_meta **mord = malloc(sizeof *mord * (size_t)(n_meta ? n_meta : 1));
     if (!order || !mord) {
@@ -745,13 +746,14 @@ pw_status pw_safetensors_write(const char *path, const pw_st_tensor *t, int n,
         rc = pw_error(PW_ERR_NOMEM, "%s: out of memory", path);
         goto done;
     }
-    snprintf(tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
+    pw_tmpfile_name(path, tmp, tlen);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
     if (fd < 0) {
         rc = pw_error(PW_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto done;
     }
     created = 1;
+    tmp_slot = pw_tmpfile_register(tmp); /* an interrupted run unlinks it */
     if (write_full(fd, hdr, hdr_len) != 0) goto io_fail;
     for (int i = 0; i < n; i++)
         if (order[i]->nbytes && write_full(fd, order[i]->data, order[i]->nbytes) != 0)
@@ -774,6 +776,7 @@ io_fail:
 done:
     if (fd >= 0) close(fd);
     if (created) unlink(tmp);
+    pw_tmpfile_forget(tmp_slot);
     free(tmp);
     free(hdr);
     free(order);

@@ -24,11 +24,20 @@ size_t pw_dtype_size(pw_dtype t)
     }
 }
 
-int64_t pw_shape_numel(const pw_shape *s)
+int pw_shape_numel_checked(const pw_shape *s, int64_t *out)
 {
     int64_t n = 1;
-    for (int i = 0; i < s->ndim; i++) n *= s->d[i];
-    return n;
+    if (s->ndim < 0 || s->ndim > PW_MAX_DIMS) return 0;
+    for (int i = 0; i < s->ndim; i++)
+        if (s->d[i] < 0 || __builtin_mul_overflow(n, s->d[i], &n)) return 0;
+    *out = n;
+    return 1;
+}
+
+int64_t pw_shape_numel(const pw_shape *s)
+{
+    int64_t n;
+    return pw_shape_numel_checked(s, &n) ? n : -1;
 }
 
 int pw_shape_equal(const pw_shape *a, const pw_shape *b)

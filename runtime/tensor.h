@@ -31,8 +31,14 @@ typedef struct pw_shape {
 const char *pw_dtype_name(pw_dtype t);
 size_t pw_dtype_size(pw_dtype t);
 
-/* Product of the dimensions (1 for a scalar). */
+/* Product of the dimensions (1 for a scalar); -1 when a dimension is
+ * negative, ndim is outside 0..PW_MAX_DIMS or the product overflows int64_t
+ * (never undefined behaviour). Shapes from a parsed graph are checked when
+ * read, so -1 only reaches code that builds shapes from raw input: readers
+ * of user files call pw_shape_numel_checked and say what is wrong. */
 int64_t pw_shape_numel(const pw_shape *s);
+/* 1 with *out set to the product, or 0 (*out untouched) in the cases above. */
+int pw_shape_numel_checked(const pw_shape *s, int64_t *out);
 int pw_shape_equal(const pw_shape *a, const pw_shape *b);
 /* Writes "[2, 3, 4]" (or "[]") into buf; returns buf. */
 char *pw_shape_str(const pw_shape *s, char *buf, size_t n);

@@ -192,6 +192,106 @@ int pw_cpu_bind_thread(hwloc_topology_t topo, hwloc_const_cpuset_t set, const ch
 
 /* ------------------------------------------------------------ topologies */
 
+/* Largest OS index of a PU or NUMA node in a topology file: far above any
+ * machine's (a 2^20-bit hwloc bitmap is 128 KB). */
+#define PW_TOPOLOGY_MAX_OS_INDEX (1u << 20)
+
+/* The value of attribute `name` in the attribute list tag[0, n) (` name="v"`
+ * or with single quotes), its length in *len; NULL when absent. */
+static const char *attr_value(const char *tag, size_t n, const char *name, size_t *len)
+{
+    size_t k = strlen(name);
+    for (size_t i = 1; i + k + 1 < n; i++) {
+        if ((tag[i - 1] == ' ' || tag[i - 1] == '\t' || tag[i - 1] == '\n' || tag[i - 1] == '\r') &&
+            memcmp(tag + i, name, k) == 0 && tag[i + k] == '=') {
+            char q = tag[i + k + 1];
+            const char *v = tag + i + k + 2, *end = tag + n;
+            if (q != '"' && q != '\'') return v - 1; /* malformed: hwloc will say so */
+            const char *e = v;
+            while (e < end && *e != q) e++;
+            *len = (size_t)(e - v);
+            return v;
+        }
+    }
+    return NULL;
+}
+
+static int has_attr(const char *tag, size_t n, const char *name)
+{
+    size_t len;
+    return attr_value(tag, n, name, &len) != NULL;
+}
+
+/* hwloc 2.9 dereferences NULL while loading an XML <object> that has a
+ * cpuset but no complete_cpuset (or the reverse, or the same for nodesets),
+ * which any hand edit or a typo in an attribute name makes; lstopo always
+ * writes them in pairs. Checked here, so such a file is an error and not a
+ * crash (found by tests/fuzz/fuzz_topology.c). */
+static pw_status xml_precheck(const char *path, FILE *f)
+{
+    static const char *const pairs[][2] = {{"cpuset", "complete_cpuset"},
+                                           {"nodeset", "complete_nodeset"}};
+    pw_status st = PW_OK;
+    size_t cap = 4096, n = 0;
+    char *tag = malloc(cap);
+    if (!tag) return pw_error(PW_ERR_NOMEM, "%s: out of memory", path);
+    int c, line = 1, in_tag = 0, tag_line = 0;
+    const char open_tag[] = "<object";
+    size_t match = 0;
+    while (st == PW_OK && (c = getc(f)) != EOF) {
+        if (c == '\n') line++;
+        if (!in_tag) {
+            match = c == open_tag[match] ? match + 1 : c == '<' ? 1 : 0;
+            if (match == sizeof open_tag - 1) {
+                in_tag = 1, n = 0, match = 0, tag_line = line;
+            }
+            continue;
+        }
+        if (c != '>') {
+            if (n + 1 == cap) {
+                char *q = realloc(tag, cap * 2);
+                if (!q) {
+                    st = pw_error(PW_ERR_NOMEM, "%s: out of memory", path);
+                    break;
+                }
+                tag = q, cap *= 2;
+            }
+            tag[n++] = (char)c;
+            continue;
+        }
+        in_tag = 0;
+        if (n > 0 && tag[0] != ' ' && tag[0] != '\t' && tag[0] != '\n' && tag[0] != '\r')
+            continue; /* <objectfoo>: not an object */
+        for (int k = 0; k < 2 && st == PW_OK; k++) {
+            int a = has_attr(tag, n, pairs[k][0]), b = has_attr(tag, n, pairs[k][1]);
+            if (a != b)
+                st = pw_error(PW_ERR_FORMAT, "%s:%d: <object> has %s but no %s (lstopo writes "
+                              "both; hwloc cannot load one without the other)", path, tag_line,
+                              pairs[k][a ? 0 : 1], pairs[k][a ? 1 : 0]);
+        }
+        /* A PU or NUMA node without an OS index (hwloc's UINT_MAX) or with a
+         * huge one makes hwloc build bitmaps up to that bit: seconds and
+         * hundreds of MB for a 2 KB file. */
+        size_t tl, il;
+        const char *type = attr_value(tag, n, "type", &tl);
+        if (st != PW_OK || !type || !((tl == 2 && !memcmp(type, "PU", 2)) ||
+                                      (tl == 8 && !memcmp(type, "NUMANode", 8))))
+            continue;
+        const char *idx = attr_value(tag, n, "os_index", &il);
+        unsigned long v = 0;
+        size_t d = 0;
+        while (idx && d < il && d < 10 && idx[d] >= '0' && idx[d] <= '9') v = v * 10 + (unsigned long)(idx[d++] - '0');
+        if (!idx || d == 0 || d != il || v > PW_TOPOLOGY_MAX_OS_INDEX)
+            st = pw_error(PW_ERR_FORMAT, "%s:%d: <object type=\"%.*s\"> needs an os_index in 0..%u "
+                          "(got %s%.*s%s)", path, tag_line, (int)tl, type,
+                          (unsigned)PW_TOPOLOGY_MAX_OS_INDEX, idx ? "'" : "none", idx ? (int)(il < 24 ? il : 24) : 0,
+                          idx ? idx : "", idx ? "'" : "");
+    }
+    if (st == PW_OK && ferror(f)) st = pw_error(PW_ERR_IO, "%s: read failed: %s", path, strerror(errno));
+    free(tag);
+    return st;
+}
+
 pw_status pw_topology_load_xml(const char *path, hwloc_topology_t *out)
 {
     if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_topology_load_xml: out is NULL");
@@ -199,7 +299,9 @@ pw_status pw_topology_load_xml(const char *path, hwloc_topology_t *out)
     if (!path) return pw_error(PW_ERR_INVALID_ARG, "pw_topology_load_xml: path is NULL");
     FILE *f = fopen(path, "rb");
     if (!f) return pw_error(PW_ERR_IO, "%s: cannot open topology: %s", path, strerror(errno));
+    pw_status pre = xml_precheck(path, f);
     fclose(f);
+    if (pre != PW_OK) return pre;
     hwloc_topology_t t;
     if (hwloc_topology_init(&t) != 0)
         return pw_error(PW_ERR_UNSUPPORTED, "hwloc: cannot initialise a topology: %s", strerror(errno));
@@ -210,6 +312,26 @@ pw_status pw_topology_load_xml(const char *path, hwloc_topology_t *out)
         hwloc_topology_destroy(t);
         return pw_error(PW_ERR_FORMAT, "%s: not an hwloc topology XML (lstopo --of xml): %s", path,
                         strerror(err));
+    }
+    /* Placement sets bits by the OS indices of PUs and NUMA nodes (hwloc
+     * bitmaps grow to the largest): a missing one (hwloc's "unknown",
+     * UINT_MAX) or an absurd one would make a 512 MB bitmap and a long loop
+     * per rank (found by tests/fuzz/fuzz_topology.c). */
+    static const hwloc_obj_type_t indexed[] = {HWLOC_OBJ_PU, HWLOC_OBJ_NUMANODE};
+    for (int k = 0; k < 2; k++) {
+        hwloc_obj_t o = NULL;
+        while ((o = hwloc_get_next_obj_by_type(t, indexed[k], o)) != NULL) {
+            if (o->os_index <= PW_TOPOLOGY_MAX_OS_INDEX) continue;
+            pw_status st = o->os_index == HWLOC_UNKNOWN_INDEX
+                ? pw_error(PW_ERR_FORMAT, "%s: %s #%u (logical index) has no os_index (lstopo "
+                           "writes one for every PU and NUMANode)", path,
+                           hwloc_obj_type_string(indexed[k]), o->logical_index)
+                : pw_error(PW_ERR_FORMAT, "%s: %s #%u (logical index) has os_index %u, above the "
+                           "%u pipewright accepts", path, hwloc_obj_type_string(indexed[k]),
+                           o->logical_index, o->os_index, (unsigned)PW_TOPOLOGY_MAX_OS_INDEX);
+            hwloc_topology_destroy(t);
+            return st;
+        }
     }
     *out = t;
     return PW_OK;

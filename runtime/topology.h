@@ -112,7 +112,11 @@ int pw_cpu_bind_thread(hwloc_topology_t topo, hwloc_const_cpuset_t set, const ch
 
 /* Loads an hwloc XML file (lstopo --of xml), keeping the PCI and OS devices
  * it describes (GPUs). PW_ERR_IO when it cannot be read, PW_ERR_FORMAT when
- * hwloc refuses its content; *out is NULL then. */
+ * hwloc refuses its content, or when it has what hwloc 2.9 would crash on or
+ * placement cannot use: an <object> with a cpuset (nodeset) but no
+ * complete_cpuset (complete_nodeset), or the reverse ("FILE:LINE: ..."), a
+ * PU or NUMANode without an os_index or with one above 2^20; *out is NULL
+ * then. */
 pw_status pw_topology_load_xml(const char *path, hwloc_topology_t *out);
 
 /* One string for `--topology`: NULL, "" or "this" loads this machine (with

@@ -1215,7 +1215,10 @@ static pw_status finish(ta *s)
         acc(s, &sum, sp->t1 - sp->t0);
     }
     a->n_analysed = na;
-    PW_CHECK(check_overflow(s));
+    if (check_overflow(s) != PW_OK) {
+        free(by_dur);
+        return PW_ERR_PARSE;
+    }
     a->median_step = -1;
     if (na > 0) {
         ta_sort_n(by_dur, (size_t)na, sizeof *by_dur, cmp_step_dur);

@@ -225,7 +225,11 @@ typedef struct pw_schedule_report {
  *     0) waits; rank 0 at position 7 (RECV_B mb 1 from rank 1) waits").
  * The schedule must be lowered when it spans more than one rank (otherwise
  * the first F that needs a message reports the missing receive).
- * Runs in O(total actions + n_chunks * n_micro).
+ * Runs in O(total actions + n_chunks * n_micro) time and memory, where a
+ * shape with n_chunks * (n_micro + n_buckets) more than 65536 beyond the
+ * total actions (which cannot validate: some F or ALLREDUCE is missing) is
+ * reported from the actions alone ("rank R, at the end: chunk C mb M never
+ * runs F (the rank has K F actions for ...)"), so memory follows the actions.
  * PW_OK: *out (when out != NULL) is a new report. PW_ERR_SCHEDULE: the first
  * problem found, "rank R, position P (ACTION): what is wrong"; *out is NULL.
  * PW_ERR_INVALID_ARG (s NULL or its shape fields inconsistent),
@@ -275,8 +279,12 @@ void pw_schedule_checker_destroy(pw_schedule_checker *c); /* accepts NULL */
  * (pw_schedule_lower); rows that hold any SEND/RECV are kept as written.
  * PW_OK: *out is a new schedule. PW_ERR_PARSE: "file:line:col: error: ..."
  * (filename NULL reads "<string>") for a malformed cell, a chunk not on its
- * row's rank, an index beyond the header's counts, or a bad header; *out is
- * NULL. The result is not validated: call pw_schedule_validate. */
+ * row's rank, an index beyond the header's counts, a bad header, or a shape
+ * that the cells cannot fill (chunks x (micro-batches + buckets) more than
+ * 65536 beyond the number of cells: every chunk runs an F per micro-batch
+ * and an ALLREDUCE per bucket), so memory follows the cells, not the largest
+ * index; *out is NULL. The result is not validated: call
+ * pw_schedule_validate. */
 pw_status pw_schedule_parse_csv(const char *text, size_t len, const char *filename,
                                 pw_schedule **out);
 /* Reads `path` and parses it. PW_ERR_IO when it cannot be read. */

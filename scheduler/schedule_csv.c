@@ -19,6 +19,7 @@
 #define HEADER_TAG "pipewright schedule"
 #define NO_CHUNK (-2)       /* "AR0": the chunk comes from the row */
 #define MAX_INDEX 999999999 /* largest number a cell may hold */
+#define CELL_SLACK 65536    /* settle_shape: (chunk, micro-batch) pairs beyond the cells */
 
 typedef struct cell {
     pw_action a;
@@ -346,15 +347,16 @@ static pw_status settle_shape(parser *p, pw_schedule *shape)
         return perr(p, p->header_line, p->ranks.col, "header says ranks=%d but there are %d rows",
                     p->ranks.value, p->n_rows);
     long max_chunk = -1, max_mb = -1, max_bucket = -1;
+    const cell *at_chunk = NULL, *at_mb = NULL; /* where the largest ones are written */
     int any_w = 0;
     for (size_t i = 0; i < p->n_cells; i++) {
         const pw_action *a = &p->cells[i].a;
         if (a->kind == PW_ACT_OPTIM) continue;
-        if (a->chunk > max_chunk) max_chunk = a->chunk;
+        if (a->chunk > max_chunk) max_chunk = a->chunk, at_chunk = &p->cells[i];
         if (a->kind == PW_ACT_ALLREDUCE) {
             if (a->mb > max_bucket) max_bucket = a->mb;
         } else if (a->mb > max_mb) {
-            max_mb = a->mb;
+            max_mb = a->mb, at_mb = &p->cells[i];
         }
         if (a->kind == PW_ACT_W) any_w = 1;
     }
@@ -394,6 +396,28 @@ static pw_status settle_shape(parser *p, pw_schedule *shape)
     if (v > PW_SCHED_MAX_CHUNKS_PER_RANK || (int64_t)n * v > INT_MAX / 2)
         return perr(p, p->row_line[0], 1, "chunk %ld needs more than %d chunks per rank", max_chunk,
                     PW_SCHED_MAX_CHUNKS_PER_RANK);
+    /* Every chunk runs an F for each micro-batch and an ALLREDUCE for each
+     * bucket, so a shape with many more of those than the file has cells
+     * cannot make a schedule, and sizing tables by it (placement here, the
+     * validator's state later) would let a few bytes ask for gigabytes. The
+     * slack keeps small unfinished schedules for the validator to explain. */
+    const uint64_t pairs = (uint64_t)shape->n_chunks * ((uint64_t)m + (uint64_t)shape->n_buckets);
+    if (pairs > (uint64_t)p->n_cells + CELL_SLACK) {
+        char why[200] = "";
+        if (p->micro_batches.value < 0 && at_mb)
+            snprintf(why, sizeof why, "; micro-batch %ld at line %d, column %d sets micro_batches",
+                     max_mb, at_mb->line, at_mb->col);
+        if (p->chunks_per_rank.value < 0 && p->placement != PLACE_LIST && at_chunk && v > 1)
+            snprintf(why + strlen(why), sizeof why - strlen(why), "; chunk %ld at line %d, column "
+                     "%d sets chunks_per_rank", max_chunk, at_chunk->line, at_chunk->col);
+        char nb[48] = "";
+        if (shape->n_buckets) snprintf(nb, sizeof nb, " and %d buckets", shape->n_buckets);
+        return perr(p, p->header_line ? p->header_line : p->row_line[0], 1,
+                    "%zu cell%s cannot make a schedule of %d chunks x %d micro-batches%s (each "
+                    "chunk runs an F for every micro-batch%s)%s", p->n_cells,
+                    p->n_cells == 1 ? "" : "s", shape->n_chunks, m, nb,
+                    shape->n_buckets ? " and an ALLREDUCE for every bucket" : "", why);
+    }
     PW_CHECK(settle_placement(p, shape, list_n));
     const int *where = p->place; /* NULL: looping */
 

@@ -544,6 +544,68 @@ static pw_status run(replay *rp, uint32_t *start, int64_t *busy_out)
     return PW_OK;
 }
 
+/* ------------------------------------------------------ incomplete shapes
+ *
+ * The replay keeps dense state per (chunk, micro-batch) and per (chunk,
+ * bucket): about 9 bytes per chunk and micro-batch in all. A schedule that
+ * can validate has at least one F per (chunk, micro-batch) and one ALLREDUCE
+ * per (chunk, bucket), so for it that state is O(actions). A shape far larger
+ * than its actions (an 11-byte CSV naming micro-batch 1218364 of chunk 726
+ * asked for 8 GB) cannot validate: it is reported from its actions alone,
+ * naming the first missing F or ALLREDUCE of the first rank that lacks one,
+ * as the end-of-replay check would. Below DENSE_SLACK state entries the
+ * replay runs anyway, so small unfinished schedules get the replay's own
+ * first error (an order mistake before the missing action). */
+#define DENSE_SLACK 65536
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Called when the shape's (chunk, micro-batch) and (chunk, bucket) pairs
+ * outnumber the actions, so some rank lacks an F or an ALLREDUCE. Memory:
+ * one key per action of that rank. */
+static pw_status report_incomplete(const pw_schedule *s)
+{
+    const int v = s->chunks_per_rank, M = s->n_micro, NB = s->n_buckets;
+    for (int r = 0; r < s->n_ranks; r++) {
+        const pw_rank_program *p = &s->ranks[r];
+        for (int pass = 0; pass < 2; pass++) {
+            const pw_action_kind kind = pass == 0 ? PW_ACT_F : PW_ACT_ALLREDUCE;
+            const int per = pass == 0 ? M : NB;
+            int64_t have = 0;
+            for (int i = 0; i < p->n_actions; i++)
+                have += p->actions[i].kind == kind && pw_sched_action_valid(s, r, &p->actions[i]);
+            if (have >= (int64_t)v * per) continue;
+            int64_t *key = malloc((size_t)(have ? have : 1) * sizeof *key), n = 0;
+            if (!key) return pw_error(PW_ERR_NOMEM, "validator: cannot allocate %lld keys", (long long)have);
+            for (int i = 0; i < p->n_actions; i++) {
+                const pw_action *a = &p->actions[i];
+                if (a->kind == kind && pw_sched_action_valid(s, r, a))
+                    key[n++] = (int64_t)pw_sched_local(s, a->chunk) * per + a->mb;
+            }
+            qsort(key, (size_t)n, sizeof *key, cmp_i64);
+            int64_t miss = 0; /* the first key of 0, 1, ... not in the sorted list */
+            for (int64_t i = 0; i < n && key[i] <= miss; i++)
+                if (key[i] == miss) miss++;
+            free(key);
+            const int ch = pw_sched_chunk_at(s, r, (int)(miss / per)), k = (int)(miss % per);
+            char w[48];
+            if (kind == PW_ACT_F)
+                return pw_error(PW_ERR_SCHEDULE, "rank %d, at the end: %s never runs F (the rank has "
+                                "%lld F actions for its %d chunk%s x %d micro-batches)", r,
+                                what(s, ch, k, w, sizeof w), (long long)have, v, v == 1 ? "" : "s", M);
+            return pw_error(PW_ERR_SCHEDULE, "rank %d, at the end: bucket %d of chunk %d is never "
+                            "all-reduced (the rank has %lld ALLREDUCE actions for %d chunk%s x %d "
+                            "buckets)", r, k, ch, (long long)have, v, v == 1 ? "" : "s", NB);
+        }
+    }
+    return pw_error(PW_ERR_INTERNAL, "validator: the shape outnumbers the actions, yet no rank "
+                    "lacks an F or an ALLREDUCE");
+}
+
 pw_status pw_sched_replay(const pw_schedule *s, pw_schedule_report *rep, uint32_t *start)
 {
     PW_CHECK(pw_sched_check_shape(s));
@@ -558,6 +620,10 @@ pw_status pw_sched_replay(const pw_schedule *s, pw_schedule_report *rep, uint32_
     if (total >= (int64_t)UINT32_MAX)
         return pw_error(PW_ERR_UNSUPPORTED, "validator: %lld actions exceed the replay's clock",
                         (long long)total);
+
+    /* Size the state by the actions (see report_incomplete). */
+    const uint64_t pairs = (uint64_t)s->n_chunks * ((uint64_t)s->n_micro + (uint64_t)s->n_buckets);
+    if (pairs > (uint64_t)total + DENSE_SLACK) return report_incomplete(s);
 
     /* Plan every array, then one allocation. */
     size_t keys = (size_t)s->n_chunks * (size_t)s->n_micro, cmem = checker_mem_size(s), size = 0;

@@ -7,6 +7,7 @@ PKGS=(build-essential cmake pkg-config
       libhwloc-dev hwloc libevent-dev libjansson-dev zlib1g-dev
       libopenblas-dev libcriterion-dev
       libopenmpi-dev openmpi-bin
+      clang libclang-rt-14-dev
       dataset-fashion-mnist fortunes)
 
 missing=()

@@ -4,13 +4,17 @@
 #      loopback with 2 and 4 processes; skipped with a message without mpirun);
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
 #   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
-#      completing actions asynchronously), and a real pipeline run.
+#      completing actions asynchronously), the determinism matrix's diagonal
+#      (the CPU thread team), and a real pipeline run;
+#   4. every libFuzzer harness for 60 s (scripts/fuzz.sh; clang).
 # PW_TEST_FAST=1 runs only the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+# Nothing about the BLAS is set here: OPENBLAS_NUM_THREADS, OPENBLAS_CORETYPE
+# and OPENBLAS_L2_SIZE stay as the machine has them, and the determinism
+# tests must pass whatever they say.
 
 # Criterion runs each test in a child process and does not always turn a
 # sanitizer report into a failure, so the logs are searched too.
@@ -39,14 +43,19 @@ if [ "${PW_TEST_FAST:-0}" != "1" ]; then
 
     echo "== build (thread sanitizer)"
     bash scripts/build.sh build-tsan -DPW_SANITIZE=thread
-    echo "== engine and backend tests (asynchronous completions) and a 3-stage pipeline run under ThreadSanitizer"
+    echo "== engine, backend and determinism tests (asynchronous completions, the CPU thread team) and a 3-stage pipeline run under ThreadSanitizer"
     export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
-    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend)$' 2>&1 \
+    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism)$' 2>&1 \
         | tee ctest.log | tail -5)
     check_log build-tsan/ctest.log
     ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \
         --stages 3 --micro-batches 6 --batch 48 --steps 20 --quiet --no-pin 2>&1 \
         | tee build-tsan/pipeline.log | tail -3
     check_log build-tsan/pipeline.log
+
+    # Every reader of user files for 60 s on its seed corpus (docs/building.md,
+    # "Fuzzing"); at least three at a time keeps the phase near 5 minutes.
+    echo "== fuzzing: each libFuzzer harness 60 s (scripts/fuzz.sh)"
+    PW_FUZZ_JOBS="${PW_FUZZ_JOBS:-$(( $(nproc) > 3 ? $(nproc) : 3 ))}" bash scripts/fuzz.sh 60
 fi
 echo "== all tests passed"

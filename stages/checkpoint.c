@@ -86,10 +86,24 @@ out:
     return st;
 }
 
-static int64_t meta_int(const pw_safetensors *f, const char *key)
+/* A counter in the metadata: absent is 0 (plain safetensors from
+ * elsewhere); present, it is decimal digits only, at most `max`. */
+static pw_status meta_count(const pw_safetensors *f, const char *path, const char *key,
+                            uint64_t max, uint64_t *out)
 {
     const char *v = pw_safetensors_meta(f, key);
-    return v ? strtoll(v, NULL, 10) : 0;
+    *out = 0;
+    if (!v) return PW_OK;
+    uint64_t x = 0;
+    int ok = *v != '\0';
+    for (const char *c = v; ok && *c; c++)
+        ok = *c >= '0' && *c <= '9' && !__builtin_mul_overflow(x, 10, &x) &&
+             !__builtin_add_overflow(x, (uint64_t)(*c - '0'), &x);
+    if (!ok || x > max)
+        return pw_error(PW_ERR_FORMAT, "%s: metadata \"%s\" is '%.40s', not a whole number in 0..%llu",
+                        path, key, v, (unsigned long long)max);
+    *out = x;
+    return PW_OK;
 }
 
 pw_status pw_checkpoint_load(const char *path, const pw_graph *g, pw_program *const *programs,
@@ -130,6 +144,10 @@ pw_status pw_checkpoint_load(const char *path, const pw_graph *g, pw_program *co
         PW_CHECK_GOTO(pw_safetensors_get_as(f, g->params[i].name, PW_F32, &g->params[i].shape, &t),
                       st, out);
     }
+    uint64_t step, epoch, seed;
+    PW_CHECK_GOTO(meta_count(f, path, "step", INT64_MAX, &step), st, out);
+    PW_CHECK_GOTO(meta_count(f, path, "epoch", INT64_MAX, &epoch), st, out);
+    PW_CHECK_GOTO(meta_count(f, path, "seed", UINT64_MAX, &seed), st, out);
     for (int i = 0; i < g->n_params; i++) {
         pw_st_tensor t;
         PW_CHECK_GOTO(pw_safetensors_get(f, g->params[i].name, &t), st, out);
@@ -148,10 +166,9 @@ pw_status pw_checkpoint_load(const char *path, const pw_graph *g, pw_program *co
         }
     }
     if (info) {
-        info->step = meta_int(f, "step");
-        info->epoch = meta_int(f, "epoch");
-        const char *sd = pw_safetensors_meta(f, "seed");
-        info->seed = sd ? strtoull(sd, NULL, 10) : 0;
+        info->step = (int64_t)step;
+        info->epoch = (int64_t)epoch;
+        info->seed = seed;
         info->extra = NULL;
     }
 out:

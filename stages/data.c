@@ -14,6 +14,7 @@
 #include <zlib.h>
 
 #include "runtime/log.h"
+#include "runtime/tmpfile.h"
 #include "runtime/rng.h"
 
 #define IDX_U8 0x08
@@ -167,16 +168,29 @@ static pw_status idx_read(const char *path, idx_file *f, int header_only)
                       "ends after %zu of their %zu bytes", path, f->ndim, got, dlen);
         goto fail;
     }
-    uint64_t count = 1, nbytes;
+    /* Dimensions are u32, so neither is negative; their products are
+     * checked on their own: with a first dimension of 0 (no samples) the
+     * total is 0 whatever the rest, but the per-sample shape must still be
+     * a shape (pw_shape_numel of it overflowed before). */
+    uint64_t per_sample = 1, count, nbytes;
+    int overflow = 0;
     for (int i = 0; i < f->ndim; i++) {
         f->dims[i] = be32_load(head + 4 + 4 * i);
-        if (__builtin_mul_overflow(count, (uint64_t)f->dims[i], &count)) count = UINT64_MAX;
+        if (i > 0 && __builtin_mul_overflow(per_sample, (uint64_t)f->dims[i], &per_sample))
+            overflow = 1;
     }
-    if (count > INT64_MAX / 8 ||
+    if (overflow || per_sample > INT64_MAX / 8 ||
+        __builtin_mul_overflow(per_sample, (uint64_t)f->dims[0], &count) || count > INT64_MAX / 8 ||
         __builtin_mul_overflow(count, (uint64_t)idx_type_size(f->type), &nbytes) ||
         nbytes > SIZE_MAX / 2) {
-        rc = pw_error(PW_ERR_FORMAT, "%s: IDX dimensions are absurd (element count overflows)",
-                      path);
+        char dims[128];
+        size_t used = 0;
+        for (int i = 0; i < f->ndim && used < sizeof dims; i++)
+            used += (size_t)snprintf(dims + used, sizeof dims - used, "%s%lld", i ? " x " : "",
+                                     (long long)f->dims[i]);
+        rc = pw_error(PW_ERR_FORMAT, "%s: IDX header: dimensions %s overflow (%s has more than "
+                      "2^60 elements)", path, dims,
+                      overflow || per_sample > INT64_MAX / 8 ? "one sample" : "the file");
         goto fail;
     }
     f->count = (int64_t)count;
@@ -246,7 +260,8 @@ static pw_status dataset_fill_images(const char *path, const idx_file *im, pw_da
                         "(0x%02X)", path, idx_type_name(im->type), im->type);
     d->n = im->dims[0];
     d->sample_shape = pw_shape_make(im->ndim - 1, im->dims + 1);
-    d->sample_numel = pw_shape_numel(&d->sample_shape);
+    if (!pw_shape_numel_checked(&d->sample_shape, &d->sample_numel)) /* idx_read checked it */
+        return pw_error(PW_ERR_INTERNAL, "%s: per-sample shape overflows", path);
     d->label_numel = 1; /* label_shape [] */
     if (d->n == 0) return pw_error(PW_ERR_FORMAT, "%s: contains no samples", path);
     d->x = malloc(sizeof(float) * (size_t)im->count);
@@ -447,18 +462,19 @@ pw_status pw_idx_write(const char *path, pw_dtype dtype, const pw_shape *shape, 
     pw_status rc = PW_OK;
     size_t tlen = strlen(path) + 32;
     char *tmp = malloc(tlen);
-    int fd = -1, created = 0;
+    int fd = -1, created = 0, tmp_slot = -1;
     if (!tmp) {
         rc = pw_error(PW_ERR_NOMEM, "%s: out of memory", path);
         goto done;
     }
-    snprintf(tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
+    pw_tmpfile_name(path, tmp, tlen);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
     if (fd < 0) {
         rc = pw_error(PW_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto done;
     }
     created = 1;
+    tmp_slot = pw_tmpfile_register(tmp); /* an interrupted run unlinks it */
     if (write_payload(fd, ends_with(path, ".gz"), buf, total) != 0 || fsync(fd) != 0) {
         rc = pw_error(PW_ERR_IO, "%s: writing %s failed: %s", path, tmp, strerror(errno));
         goto done;
@@ -478,6 +494,7 @@ pw_status pw_idx_write(const char *path, pw_dtype dtype, const pw_shape *shape, 
 done:
     if (fd >= 0) close(fd);
     if (created) unlink(tmp);
+    pw_tmpfile_forget(tmp_slot);
     free(tmp);
     free(buf);
     return rc;
@@ -940,8 +957,9 @@ static pw_status load_text(const char *path, int is_fortunes, int64_t T, int tra
     if (part < (size_t)T + 1) {
         free(buf);
         return pw_error(PW_ERR_INVALID_ARG, "text data %s: the %s split has %zu bytes but a "
-                        "window of context %lld needs at least %lld", path,
-                        train ? "training" : "held-out", part, (long long)T, (long long)T + 1);
+                        "window of context %lld needs at least %llu", path,
+                        train ? "training" : "held-out", part, (long long)T,
+                        (unsigned long long)T + 1); /* T may be INT64_MAX */
     }
     pw_dataset *d = calloc(1, sizeof *d);
     size_t nl = strlen(path) + 16;

@@ -726,7 +726,10 @@ Test(idx, corrupt_files)
          "labels must be u8 (0x08) or i32 (0x0C), not f32"},
         {"img", "\0\0\x08\x01\0\0\0\x00", 8, 0, PW_ERR_FORMAT, "contains no samples"},
         {"img", "\0\0\x08\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", 16, 0,
-         PW_ERR_FORMAT, "IDX dimensions are absurd"},
+         PW_ERR_FORMAT, "IDX header: dimensions 4294967295 x 4294967295 x 4294967295 overflow "
+         "(one sample has more than 2^60 elements)"},
+        {"img", "\0\0\x08\x03\xff\xff\xff\xff\0\x10\0\0\0\x10\0\0", 16, 0, PW_ERR_FORMAT,
+         "dimensions 4294967295 x 1048576 x 1048576 overflow (the file has more than 2^60 elements)"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         const char *bad = tpath(cases[i].gz ? "bad.gz" : "bad");
@@ -759,6 +762,38 @@ Test(idx, corrupt_files)
 
     cr_expect_eq(pw_dataset_load_idx(tpath("missing"), tpath("lab"), &d), PW_ERR_IO);
     cr_expect(strstr(pw_last_error(), "No such file"), "%s", pw_last_error());
+}
+
+/* Issue 13: no samples, and a per-sample shape whose product overflows
+ * int64 (pw_shape_numel was undefined behaviour on it). */
+Test(idx, per_sample_shape_overflow)
+{
+    const char *im = PW_SOURCE_DIR "/tests/fixtures/crashes/numel-overflow.images.idx";
+    const char *lb = PW_SOURCE_DIR "/tests/fixtures/crashes/numel-overflow.labels.idx";
+    pw_dataset *d = (pw_dataset *)0x1;
+    cr_assert_eq(pw_dataset_load_idx(im, lb, &d), PW_ERR_FORMAT, "%s", pw_last_error());
+    cr_assert_null(d);
+    char want[512];
+    snprintf(want, sizeof want, "%s: IDX header: dimensions 0 x 4294903558 x 4278714368 overflow "
+             "(one sample has more than 2^60 elements)", im);
+    cr_assert_str_eq(pw_last_error(), want);
+    /* Only the labels' side (a last-stage process) reads the images file not
+     * at all, and the empty labels file is then the error. */
+    cr_assert_eq(pw_dataset_load_idx_parts(im, lb, PW_DATA_LABELS, &d), PW_ERR_FORMAT);
+    cr_assert(strstr(pw_last_error(), "numel-overflow.labels.idx: truncated: 0 bytes"), "%s",
+              pw_last_error());
+
+    /* The checked product itself. */
+    int64_t n = 7;
+    pw_shape big = {2, {INT64_C(1) << 40, INT64_C(1) << 30}}, neg = {2, {3, -2}}, ok = {3, {2, 3, 4}};
+    cr_assert_not(pw_shape_numel_checked(&big, &n));
+    cr_assert_not(pw_shape_numel_checked(&neg, &n));
+    cr_assert_eq(n, 7);
+    cr_assert_eq(pw_shape_numel(&big), -1);
+    cr_assert(pw_shape_numel_checked(&ok, &n));
+    cr_assert_eq(n, 24);
+    pw_shape scalar = {0, {0}};
+    cr_assert_eq(pw_shape_numel(&scalar), 1);
 }
 
 Test(idx, truncation_at_every_byte)
@@ -833,6 +868,24 @@ Test(idx, fashion_mnist_from_debian_package)
 }
 
 /* ---------------------------------------------------------------- specs */
+
+/* Contexts from a graph or a flag: any int64 gets an error, not overflow. */
+Test(dataset, text_context_extremes)
+{
+    spit(tpath("t.txt"), "hello, world\n", 13);
+    pw_dataset *d = (pw_dataset *)0x1;
+    cr_assert_eq(pw_dataset_load_text(tpath("t.txt"), INT64_MAX, 1, &d), PW_ERR_INVALID_ARG);
+    cr_assert_null(d);
+    cr_assert(strstr(pw_last_error(), "t.txt: the training split has 12 bytes but a window of "
+                     "context 9223372036854775807 needs at least 9223372036854775808"), "%s",
+              pw_last_error());
+    cr_assert_eq(pw_dataset_load_text(tpath("t.txt"), INT64_MIN, 0, &d), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "context must be >= 1 (got -9223372036854775808)"), "%s",
+              pw_last_error());
+    cr_assert_eq(pw_dataset_load_text(tpath("t.txt"), 11, 1, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n, 1);
+    pw_dataset_destroy(d);
+}
 
 Test(dataset, specs)
 {

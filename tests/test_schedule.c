@@ -459,6 +459,44 @@ Test(schedule_broken, bad_structs, .timeout = 300)
     cr_assert_eq(pw_schedule_validate(NULL, NULL), PW_ERR_INVALID_ARG);
 }
 
+/* Memory follows the actions, not the largest index (issue 13): an 11-byte
+ * CSV once made the validator ask for 7.97 GB. */
+Test(schedule_broken, sparse_indices_cost_no_memory, .timeout = 300)
+{
+    pw_schedule *s = (pw_schedule *)1;
+    cr_assert_eq(pw_schedule_load_csv(PW_SOURCE_DIR "/tests/fixtures/crashes/validator-7GB-malloc.csv", &s),
+                 PW_ERR_PARSE);
+    cr_assert_null(s);
+    cr_assert(strstr(pw_last_error(), "validator-7GB-malloc.csv:1:1: error: 1 cell cannot make a "
+                     "schedule of 727 chunks x 1218365 micro-batches (each chunk runs an F for every "
+                     "micro-batch); micro-batch 1218364 at line 1, column 1 sets micro_batches; chunk "
+                     "726 at line 1, column 1 sets chunks_per_rank"), "%s", pw_last_error());
+    expect_parse_error("# pipewright schedule v1: micro_batches=16777216\n0F0,0B0,OPT\n",
+                       "bad.csv:1:1: error: 3 cells cannot make a schedule of 1 chunks x 16777216 "
+                       "micro-batches (each chunk runs an F for every micro-batch)");
+    expect_parse_error("# pipewright schedule v1: buckets=65536 chunks_per_rank=2\n0F0,0B0,OPT\n",
+                       "2 chunks x 1 micro-batches and 65536 buckets (each chunk runs an F for every "
+                       "micro-batch and an ALLREDUCE for every bucket)");
+
+    /* A schedule built in memory with a huge shape and few actions: the
+     * validator reports the first missing action without dense state for
+     * 1024 chunks x 2^24 micro-batches (150 GB before). */
+    s = from_csv("0F0,0B0,OPT\n");
+    s->chunks_per_rank = s->n_chunks = 1024;
+    s->n_micro = 1 << 24;
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_ERR_SCHEDULE);
+    cr_assert(strstr(pw_last_error(), "rank 0, at the end: chunk 0 mb 1 never runs F (the rank has "
+                     "1 F actions for its 1024 chunks x 16777216 micro-batches)"), "%s", pw_last_error());
+    s->n_micro = 1;
+    s->n_buckets = 1 << 16;
+    s->ranks[0].actions[1].kind = PW_ACT_F; /* 0F0, 1F0: chunk 2 is the first without */
+    s->ranks[0].actions[1].chunk = 1;
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_ERR_SCHEDULE);
+    cr_assert(strstr(pw_last_error(), "rank 0, at the end: chunk 2 mb 0 never runs F"), "%s",
+              pw_last_error());
+    pw_schedule_destroy(s);
+}
+
 /* ------------------------------------------------------ generator arguments */
 
 Test(schedule, bad_configs, .timeout = 300)

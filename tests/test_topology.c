@@ -229,6 +229,21 @@ Test(placement, errors, .timeout = TIMEOUT)
                  PW_ERR_FORMAT);
     cr_assert(strstr(pw_last_error(), "not an hwloc topology XML"), "%s", pw_last_error());
     cr_assert_null(t);
+    /* hwloc 2.9 (lstopo too) dereferences NULL on an object with a cpuset
+     * but no complete_cpuset: a typo in one attribute name, found by
+     * tests/fuzz/fuzz_topology.c. Refused before hwloc sees it. */
+    cr_assert_eq(pw_topology_load_xml(PW_SOURCE_DIR "/tests/fixtures/crashes/hwloc-null-complete-cpuset.xml", &t),
+                 PW_ERR_FORMAT);
+    cr_assert(strstr(pw_last_error(), "hwloc-null-complete-cpuset.xml:16: <object> has cpuset but no "
+                     "complete_cpuset"), "%s", pw_last_error());
+    cr_assert_null(t);
+    /* A NUMA node without os_index made placement set bit UINT_MAX of a
+     * nodeset (a 512 MB bitmap, seconds per rank). */
+    cr_assert_eq(pw_topology_load_xml(PW_SOURCE_DIR "/tests/fixtures/crashes/hwloc-numa-without-os-index.xml", &t),
+                 PW_ERR_FORMAT);
+    cr_assert(strstr(pw_last_error(), "hwloc-numa-without-os-index.xml:10: <object type=\"NUMANode\"> "
+                     "needs an os_index in 0..1048576 (got none)"), "%s", pw_last_error());
+    cr_assert_null(t);
 
     t = load("pack:2 core:2 pu:1");
     pw_place_config c = {.n_stages = 2, .gpus = 1};
