@@ -21,6 +21,10 @@
 #define PW_GRAPH_MAX_REPEAT 100000            /* repeat count */
 #define PW_GRAPH_MAX_DEPTH 16                 /* repeat nesting */
 #define PW_GRAPH_MAX_NODES (1 << 20)          /* after repeat expansion */
+#define PW_GRAPH_MAX_EMPTY_ITERATIONS (1 << 20) /* repeat iterations that make no
+                                                 node (a body of one `return`) */
+#define PW_GRAPH_MAX_NAME_BYTES ((size_t)256 << 20) /* generated value, scope and
+                                                 parameter names after expansion */
 #define PW_GRAPH_MAX_FILE ((size_t)64 << 20)  /* bytes */
 #define PW_GRAPH_MAX_ATTRS 8                  /* attributes one op may declare */
 #define PW_GRAPH_MAX_LIST 16                  /* elements of an attribute list */

@@ -45,6 +45,8 @@ typedef struct lower {
     int pending_cut;
     pw_pos cut_pos, input_pos, label_pos, loss_pos;
     const char *where;        /* "blocks.2" while lowering a repeat body */
+    int64_t empty_iterations; /* repeat iterations that made no node */
+    size_t name_bytes;        /* bytes of the names the graph holds so far */
 } lower;
 
 static pw_status lerr(lower *L, pw_status st, pw_pos pos, const char *fmt, ...)
@@ -170,6 +172,7 @@ static pw_status new_value(lower *L, char *name, pw_dtype dt, const pw_shape *sh
     pw_value *v = &g->values[g->n_values];
     memset(v, 0, sizeof *v);
     v->name = name;
+    L->name_bytes += strlen(name) + 1;
     v->dtype = dt;
     v->shape = *shape;
     v->producer = producer;
@@ -190,6 +193,7 @@ static pw_status new_param(lower *L, char *name, const pw_param_tmpl *t, int own
     pw_param *p = &g->params[g->n_params];
     memset(p, 0, sizeof *p);
     p->name = name;
+    L->name_bytes += strlen(name) + 1;
     p->shape = t->shape;
     p->init = t->init;
     p->init_scale = t->init_scale;
@@ -245,6 +249,14 @@ static pw_status lower_op(lower *L, scope *s, const pw_ast_stmt *st)
         return lerr(L, PW_ERR_PARSE, st->op_pos,
                     "graph too large: more than %d nodes after repeat expansion",
                     PW_GRAPH_MAX_NODES);
+    /* The names this node adds (value, scope, up to 4 parameters) are at
+     * most this long each; bound the total before allocating them. */
+    size_t add = 6 * (strlen(s->pprefix) + strlen(s->vprefix) + PW_GRAPH_MAX_NAME + 16);
+    if (L->name_bytes + add > PW_GRAPH_MAX_NAME_BYTES)
+        return lerr(L, PW_ERR_PARSE, st->op_pos,
+                    "graph too large: its names would take more than %zu MiB after repeat "
+                    "expansion (use shorter names or paths, or fewer repeats)",
+                    PW_GRAPH_MAX_NAME_BYTES >> 20);
     if ((old = sym_find(s, st->name)) != NULL)
         return lerr(L, PW_ERR_PARSE, st->name_pos, "value '%s' already defined at %d:%d",
                     st->name, old->pos.line, old->pos.col);
@@ -353,6 +365,7 @@ static pw_status lower_op(lower *L, scope *s, const pw_ast_stmt *st)
     memset(n, 0, sizeof *n);
     n->op = spec->op;
     n->scope = scope_name;
+    L->name_bytes += strlen(scope_name) + 1;
     n->n_inputs = st->n_args;
     for (int k = 0; k < st->n_args; k++) {
         n->inputs[k] = ids[k];
@@ -416,30 +429,46 @@ static pw_status lower_repeat(lower *L, scope *s, const pw_ast_stmt *st)
     L->rpath[L->n_rpaths].pos = ppos;
     if (pw_strmap_put(&L->rpaths, path, L->n_rpaths++) != 0) return oom(L);
 
+    /* One scope and one set of prefix buffers serve every iteration: each
+     * starts empty (its names are local to it), so expansion costs no
+     * allocation per iteration beyond the nodes it makes. */
     const char *saved_where = L->where;
     pw_status rc = PW_OK;
+    size_t plen = strlen(path) + 32; /* "." + a 20-digit index + "/" or "." */
+    scope child;
+    memset(&child, 0, sizeof child);
+    child.parent = s;
+    char *where = malloc(plen);
+    child.vprefix = malloc(plen);
+    child.pprefix = malloc(plen);
+    if (!where || !child.vprefix || !child.pprefix) rc = oom(L);
     for (int64_t i = 0; i < st->count && rc == PW_OK; i++) {
-        char idx[32];
-        scope child;
-        memset(&child, 0, sizeof child);
-        child.parent = s;
-        snprintf(idx, sizeof idx, ".%lld", (long long)i);
-        char *where = str_cat3(path, idx, "");
-        child.vprefix = str_cat3(path, idx, "/");
-        child.pprefix = str_cat3(path, idx, ".");
-        if (!where || !child.vprefix || !child.pprefix) {
-            rc = oom(L);
-        } else {
-            L->where = where;
-            int ret = -1;
-            rc = sym_define(L, &child, st->carry, st->carry_pos, carried);
-            if (rc == PW_OK) rc = lower_block(L, &child, &st->body, &ret);
-            carried = ret;
+        /* Nested repeats multiply: bound the iterations that make no node
+         * (a body of one `return`), as the node limit bounds the others. */
+        int nodes_before = L->g->n_nodes;
+        snprintf(where, plen, "%s.%lld", path, (long long)i);
+        snprintf(child.vprefix, plen, "%s/", where);
+        snprintf(child.pprefix, plen, "%s.", where);
+        child.n = 0;
+        if (child.map.cap) {
+            memset(child.map.keys, 0, child.map.cap * sizeof *child.map.keys);
+            child.map.n = 0;
         }
+        L->where = where;
+        int ret = -1;
+        rc = sym_define(L, &child, st->carry, st->carry_pos, carried);
+        if (rc == PW_OK) rc = lower_block(L, &child, &st->body, &ret);
+        carried = ret;
         L->where = saved_where;
-        free(where);
-        scope_free(&child);
+        if (rc == PW_OK && L->g->n_nodes == nodes_before &&
+            ++L->empty_iterations > PW_GRAPH_MAX_EMPTY_ITERATIONS)
+            rc = lerr(L, PW_ERR_PARSE, st->pos,
+                      "graph too large: more than %d repeat iterations that make no node "
+                      "(nested repeats multiply)",
+                      PW_GRAPH_MAX_EMPTY_ITERATIONS);
     }
+    free(where);
+    scope_free(&child);
     PW_CHECK(rc);
     return sym_define(L, s, st->name, st->name_pos, carried);
 }

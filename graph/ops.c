@@ -516,12 +516,13 @@ pw_status pw_graph_node_cost(const pw_graph *g, int node, pw_op_cost *c)
          * mirrored column blocks. `cells` counts the (row, column) pairs the
          * blocks cover; with D = heads × head_dim each GEMM is 2·cells·D
          * FLOPs over all heads. */
-        const int64_t Ti = x->shape.d[0];
-        double cells = 0;
-        for (int64_t r0 = 0; r0 < Ti; r0 += PW_ATTENTION_BLOCK) {
-            int64_t rn = Ti - r0 < PW_ATTENTION_BLOCK ? Ti - r0 : PW_ATTENTION_BLOCK;
-            cells += (double)rn * (double)(r0 + rn);
-        }
+        const int64_t Ti = x->shape.d[0], Bk = PW_ATTENTION_BLOCK;
+        /* Σ over blocks of rows × (r0 + rows) in closed form, so the cost
+         * model stays O(1) per node: k full blocks give Bk² · k(k+1)/2, the
+         * partial one r · (k·Bk + r). Exact: T ≤ 2^20, so every term is an
+         * integer below 2^53. */
+        const int64_t k = Ti / Bk, r = Ti % Bk;
+        double cells = (double)(Bk * Bk) * (double)(k * (k + 1) / 2) + (double)(r * (k * Bk + r));
         double T = (double)Ti, D = (double)y->shape.d[1];
         double H = (double)nd->attrs.heads, tri = T * (T + 1) / 2;
         c->flops_fwd = 2 * (2 * cells * D) + 5 * H * tri;

@@ -62,6 +62,15 @@ typedef struct model {
     int64_t *cross_grad;        /* [n + 1] GRAD message bytes of that cut */
     int *vstamp, *pstamp;       /* walk marks */
     int stamp;
+    double comm_out_min;        /* least traffic time a stage before a cut / */
+    double comm_in_min;         /* after a cut can have (0 with one node) */
+    double *OW;                 /* [n + 1] prefix sums of the optimizer time of the
+                                   parameters each node introduces (speed 1, per step) */
+    double ow_err;              /* bound on the rounding of an OW difference */
+    int64_t *MP, *MA;           /* [n + 1] prefix sums of the bytes any stage holding
+                                   node i holds for it: parameters, their gradients
+                                   and state (MP), and per in-flight slot its
+                                   activations (MA); see model_init */
 } model;
 
 /* One range [i, j) being walked, j growing. Buffer sizes follow the stage
@@ -105,6 +114,9 @@ static void model_free(model *m)
     free(m->cross_grad);
     free(m->vstamp);
     free(m->pstamp);
+    free(m->OW);
+    free(m->MA);
+    free(m->MP);
     memset(m, 0, sizeof *m);
 }
 
@@ -180,10 +192,13 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
     m->cross_grad = calloc((size_t)n + 2, sizeof(int64_t));
     m->vstamp = calloc((size_t)nv + 1, sizeof(int));
     m->pstamp = calloc((size_t)np + 1, sizeof(int));
+    m->OW = calloc((size_t)n + 1, sizeof(double));
+    m->MA = calloc((size_t)n + 1, sizeof(int64_t));
+    m->MP = calloc((size_t)n + 1, sizeof(int64_t));
     unsigned char *rg = grad_flags(g);
     if (!m->ones || !m->F || !m->B || !m->W || !m->FL || !m->sample_flops || !m->last_use ||
         !m->vbytes || !m->gbytes || !m->stat_bytes || !m->pbytes || !m->obytes ||
-        !m->ptime || !m->cross_act || !m->cross_grad || !m->vstamp || !m->pstamp || !rg) {
+        !m->ptime || !m->cross_act || !m->cross_grad || !m->vstamp || !m->pstamp || !m->OW || !m->MA || !m->MP || !rg) {
         free(rg);
         model_free(m);
         return pw_error(PW_ERR_NOMEM, "partition: out of memory for %d nodes", n);
@@ -214,6 +229,14 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
         m->W[i + 1] = m->W[i] + w;
         m->FL[i + 1] = m->FL[i] + fl * mb;
         int64_t extra = oc.act_bytes - oc.out_bytes;
+        if ((double)extra * mb > 0x1p60) {
+            free(rg);
+            model_free(m);
+            return pw_error(PW_ERR_INVALID_ARG, "partition: node %d (%s) keeps %.3g bytes per "
+                            "micro-batch of %lld; too large to plan", i,
+                            g->values[g->nodes[i].output].name, (double)extra * mb,
+                            (long long)m->mb);
+        }
         m->stat_bytes[i] = extra > 0 ? ALIGN64(extra * m->mb) : 0;
     }
     for (int v = 0; v < nv; v++) {
@@ -247,8 +270,27 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
         m->cross_grad[k] += m->cross_grad[k - 1];
     }
     m->cross_act[0] = m->cross_grad[0] = 0;
+    /* The cheapest cut's messages, as stage_eval prices them: a lower bound
+     * on the traffic time of any stage next to a cut (the search's windows). */
+    const double bw = c->link_bandwidth;
+    m->comm_out_min = m->comm_in_min = n > 1 ? INFINITY : 0.0;
+    for (int k = 1; k < n; k++) {
+        double a = m->cross_act[k] > 0
+                       ? c->link_latency + (bw > 0 ? (double)m->cross_act[k] / bw : 0.0) : 0.0;
+        double gr = m->cross_grad[k] > 0
+                        ? c->link_latency + (bw > 0 ? (double)m->cross_grad[k] / bw : 0.0) : 0.0;
+        if (a < m->comm_out_min) m->comm_out_min = a;
+        if (gr < m->comm_in_min) m->comm_in_min = gr;
+    }
     for (int q = 0; q < np; q++) {
         int64_t numel = pw_shape_numel(&g->params[q].shape);
+        if ((double)numel * 4.0 * (double)c->optim_state_floats > 0x1p60) {
+            free(rg);
+            model_free(m);
+            return pw_error(PW_ERR_INVALID_ARG, "partition: parameter '%s' needs %.3g bytes of "
+                            "optimizer state; too large to plan", g->params[q].name,
+                            (double)numel * 4.0 * (double)c->optim_state_floats);
+        }
         m->pbytes[q] = ALIGN64(numel * 4);
         m->obytes[q] = ALIGN64(numel * 4 * (int64_t)c->optim_state_floats);
         if (c->balance == PW_BALANCE_FLOPS) m->ptime[q] = (double)numel * c->optim_flops / rate;
@@ -277,6 +319,62 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
         }
         memset(m->pstamp, 0, sizeof(int) * ((size_t)np + 1));
     }
+    /* Every stage pays at least the update of the parameters its nodes
+     * introduce: a lower bound on its optimizer time for the search. */
+    for (int i = 0; i < n; i++) {
+        double o = 0.0;
+        for (int k = 0; k < g->nodes[i].n_params; k++) {
+            int q = g->nodes[i].params[k];
+            if (g->params[q].owner == i && m->pstamp[q] != 1) {
+                m->pstamp[q] = 1; /* a node naming its parameter twice pays once */
+                o += m->ptime[q];
+            }
+        }
+        m->OW[i + 1] = m->OW[i] + o;
+    }
+    memset(m->pstamp, 0, sizeof(int) * ((size_t)np + 1));
+    m->ow_err = 1e-9 * m->OW[n];
+
+    /* Bytes a stage holding node i holds for it whatever the range: a
+     * gradient buffer per parameter use and the parameters and optimizer
+     * state it introduces (MP), and its output, the output's gradient and
+     * its statistics (MA), in each slot (with recompute: once, in the shared
+     * copy). stage_eval's total is at least MP + slots × MA summed over the
+     * range (memory_bound).
+     * The whole graph's bytes bound every sum the model forms (times the
+     * slots and message buffers): refuse graphs where that could overflow. */
+    double all = 0.0;
+    int most_slots = 1;
+    for (int s = 0; s < m->S; s++)
+        if (m->inflight[s] > most_slots) most_slots = m->inflight[s];
+    for (int v = 0; v < nv; v++) all += (double)m->vbytes[v] + (double)m->gbytes[v];
+    for (int q = 0; q < np; q++) all += 3.0 * (double)m->pbytes[q] + (double)m->obytes[q];
+    for (int i = 0; i < n; i++) {
+        all += (double)m->stat_bytes[i];
+        for (int k = 0; k < g->nodes[i].n_params; k++) all += (double)m->pbytes[g->nodes[i].params[k]];
+    }
+    if (all * ((double)most_slots + 2.0 * (double)m->M + 4.0) > 0x1p61) {
+        free(rg);
+        model_free(m);
+        return pw_error(PW_ERR_INVALID_ARG, "partition: graph '%s' holds %.3g bytes per "
+                        "micro-batch of %lld (values, gradients, parameters); too large to plan",
+                        g->name, all, (long long)(c->micro_batch_size > 0 ? c->micro_batch_size : 1));
+    }
+    for (int i = 0; i < n; i++) {
+        const pw_node *nd = &g->nodes[i];
+        int64_t b = 0;
+        for (int k = 0; k < nd->n_params; k++) {
+            int q = nd->params[k];
+            b += m->pbytes[q];
+            if (g->params[q].owner == i && m->pstamp[q] != 1) {
+                m->pstamp[q] = 1;
+                b += m->pbytes[q] + m->obytes[q];
+            }
+        }
+        m->MP[i + 1] = m->MP[i] + b;
+        m->MA[i + 1] = m->MA[i] + m->vbytes[nd->output] + m->gbytes[nd->output] + m->stat_bytes[i];
+    }
+    memset(m->pstamp, 0, sizeof(int) * ((size_t)np + 1));
     free(rg);
     return PW_OK;
 }
@@ -330,8 +428,8 @@ static void range_add(model *m, range *r)
     }
     r->stats += m->stat_bytes[r->j];
     if (nd->op == PW_OP_CAUSAL_ATTENTION) {
-        int64_t T = m->g->values[nd->inputs[0]].shape.d[0];
-        if (T * T > r->work) r->work = T * T;
+        int64_t T = m->g->values[nd->inputs[0]].shape.d[0], w = nd->attrs.heads * T * T;
+        if (w > r->work) r->work = w; /* the backward's scratch: H·T·T */
     }
     for (int k = 0; k < nd->n_params; k++) {
         int q = nd->params[k];
@@ -416,86 +514,339 @@ static int fits(const pw_stage_cost *o) { return o->mem.budget <= 0 || o->mem.to
 
 /* ------------------------------------------------------------------ search */
 
+/* The search. The optimum is the exact dynamic program over (stage s, end
+ * node j): best[s][j] is the best value of stages 0..s covering nodes [0, j)
+ * with stage s ending at j, min over the start i of stage s. Walking every
+ * (s, i, j) is O(S·n²); three exact prunings make it near-linear on graphs
+ * whose stages hold many nodes, without changing any value the answer is
+ * built from (docs/partition.md gives the argument):
+ *
+ *   1. a bound U on the answer (dp_tightened, bottleneck_search): for the
+ *      bottleneck the value of a split that fits, tightened from below;
+ *      for the sum pass the cap itself; for DP_MEMORY the least max
+ *      need / budget of a greedy split, tightened likewise. A pair (i, j)
+ *      that fails stage_may_pass (prefix-sum lower bounds on its time and
+ *      memory) or whose evaluated value exceeds U cannot be on a split of
+ *      value ≤ U; the bounds only grow with j, so the walk from i stops at
+ *      the first j where every stage fails them.
+ *   2. windows: the same bounds, extended greedily stage by stage from
+ *      node 0 and back from node n, confine where stage s of such a split
+ *      can end (windows()); best[] is stored for the windows only.
+ *   3. the start i of stage s must end stage s − 1 inside its window with
+ *      a finite value.
+ * Ties go to the smallest start i, as in the unpruned program: a state on a
+ * split of value ≤ U sees exactly the candidates it would see there. */
+
 typedef enum dp_mode {
-    DP_BOTTLENECK,  /* minimise max stage time over splits that fit */
+    DP_BOTTLENECK,  /* minimise max stage time over splits that fit (bound: U) */
     DP_SUM,         /* minimise Σ stage time with every stage ≤ cap, fitting */
     DP_MEMORY,      /* minimise max need / budget (diagnosis: the closest split) */
 } dp_mode;
 
-/* Exact dynamic program over (stage s, end node j): best[s][j] is the best
- * value of stages 0..s covering nodes [0, j) with stage s ending at j. The
- * outer loop walks the start node i, so best[s-1][i] is final when read and
- * one incremental walk over j serves every s. Fills begin[] and returns the
- * value, or INFINITY when no split qualifies. */
-static double dp(model *m, dp_mode mode, double cap, int *begin, pw_status *st)
+static double stage_speed(const model *m, int s)
+{
+    const pw_device_spec *d = m->cfg->devices ? &m->cfg->devices[s] : NULL;
+    return d && d->speed > 0 ? d->speed : 1.0;
+}
+
+/* Work of nodes [0, j) on a speed-1 device: what f + b + w sums, plus the
+ * update of the parameters they introduce spread over the M micro-batches
+ * (the part of a stage's time that prefix sums can bound). */
+static double compute_prefix(const model *m, int j)
+{
+    double c = m->F[j] + m->B[j] + m->W[j];
+    return (m->recompute ? c + m->F[j] : c) + m->OW[j] / m->M;
+}
+
+/* Largest j in [lo, hi] with pre(m, j) ≤ x, or lo − 1 (pre never decreases). */
+static int last_at_most(const model *m, double (*pre)(const model *, int), int lo, int hi,
+                        double x)
+{
+    int a = lo - 1;
+    while (a < hi) { /* invariant: pre(a) ≤ x or a = lo − 1 */
+        int mid = a + (hi - a + 1) / 2;
+        if (pre(m, mid) <= x) a = mid;
+        else hi = mid - 1;
+    }
+    return a;
+}
+
+static double param_prefix(const model *m, int j) { return (double)m->MP[j]; }
+static double act_prefix(const model *m, int j) { return (double)m->MA[j]; }
+
+/* Copies of the activations stage s holds (one with recompute: the shared
+ * copy; its slots keep less than that). */
+static int act_copies(const model *m, int s) { return m->recompute ? 1 : m->inflight[s]; }
+
+/* A lower bound on stage_eval's mem.total for stage s = [i, j), growing
+ * with j (exact integers). */
+static int64_t memory_bound(const model *m, int s, int i, int j)
+{
+    return m->MP[j] - m->MP[i] + (int64_t)act_copies(m, s) * (m->MA[j] - m->MA[i]);
+}
+
+/* Bytes stage s may hold: its budget, INFINITY when unlimited; and per
+ * copy of its activations. */
+static double budget_of(const model *m, int s)
+{
+    int64_t b = stage_budget(m, s);
+    return b > 0 ? (double)b : INFINITY;
+}
+
+static double act_budget_of(const model *m, int s) { return budget_of(m, s) / act_copies(m, s); }
+
+/* Whether stage s = [i, j) passes the lower bounds (see 2. above): its
+ * time bound plus the cheapest messages within U, its memory bound within
+ * the budget (DP_MEMORY: within U × budget). Each only grows as the range
+ * grows (prefix differences of non-decreasing sums, in the same operations
+ * either way), so a range that fails has no passing superset; and a stage
+ * that qualifies for the program passes (each bound is at most the value
+ * stage_eval computes, summed in the order it adds them). */
+static int stage_may_pass(const model *m, int memory_mode, double U, int s, int i, int j)
+{
+    const int S = m->S;
+    int64_t b = stage_budget(m, s), need = memory_bound(m, s, i, j);
+    if (memory_mode) return b <= 0 || (double)need / (double)b <= U;
+    if (b > 0 && need > b) return 0;
+    if (!isfinite(U)) return 1;
+    double speed = stage_speed(m, s);
+    double f = (m->F[j] - m->F[i]) / speed;
+    double bb = (m->B[j] - m->B[i]) / speed;
+    double w = (m->W[j] - m->W[i]) / speed;
+    if (m->recompute) bb += f;
+    double comm = 0.0;
+    if (s + 1 < S) comm += m->comm_out_min;
+    if (s > 0) comm += m->comm_in_min;
+    double o = m->OW[j] - m->OW[i] - m->ow_err;
+    return f + bb + w + comm + (o > 0 ? o / speed / m->M : 0.0) <= U;
+}
+
+/* The windows [lo[s], hi[s]] where stage s may end under the bound U (see
+ * 2. above), from the lower bounds alone: hi[s] is the furthest end s + 1
+ * passing stages reach from node 0, lo[s] the nearest point from which
+ * S − 1 − s passing stages reach node n. Extending each stage as far as it
+ * passes gives the furthest reach for bounds that only grow with the range
+ * (a stage of any split ending earlier lies inside the greedy one's range).
+ * Binary search per stage: O(S log n). Returns 0 when some window is
+ * empty: no split has value ≤ U. */
+static int windows(const model *m, int memory_mode, double U, int *lo, int *hi)
 {
     const int n = m->n, S = m->S;
-    size_t cells = (size_t)S * (size_t)(n + 1);
-    double *best = malloc(sizeof(double) * cells);
-    int *arg = malloc(sizeof(int) * cells);
-    *st = PW_OK;
-    if (!best || !arg) {
-        free(best);
-        free(arg);
-        *st = pw_error(PW_ERR_NOMEM, "partition: out of memory for %d stages x %d nodes", S, n);
-        return INFINITY;
+    int reach = 0; /* furthest end of stage s − 1 */
+    for (int s = 0; s < S; s++) {
+        int jmin = reach + 1, jmax = n - (S - 1 - s);
+        if (jmin > jmax) jmin = jmax;
+        int a = jmin - 1, z = jmax; /* largest j in [jmin, jmax] that passes */
+        while (a < z) {
+            int mid = a + (z - a + 1) / 2;
+            if (stage_may_pass(m, memory_mode, U, s, reach, mid)) a = mid;
+            else z = mid - 1;
+        }
+        if (a < jmin) {
+            if (s == 0) return 0; /* not even node 0 alone */
+            a = jmin; /* an earlier start may pass where this one fails */
+        }
+        hi[s] = a;
+        reach = a;
     }
-    for (size_t k = 0; k < cells; k++) {
+    if (hi[S - 1] != n) return 0;
+    int start = n; /* nearest start of stage s + 1 */
+    lo[S - 1] = n;
+    for (int s = S - 1; s > 0; s--) {
+        int imin = s, imax = start - 1;
+        if (imin > imax) imin = imax;
+        int a = imin, z = imax + 1; /* smallest i in [imin, imax] with [i, start) passing */
+        while (a < z) {
+            int mid = a + (z - a) / 2;
+            if (stage_may_pass(m, memory_mode, U, s, mid, start)) z = mid;
+            else a = mid + 1;
+        }
+        if (z > imax) z = imax;
+        lo[s - 1] = z;
+        start = z;
+    }
+    for (int s = 0; s < S; s++) {
+        if (lo[s] < s + 1) lo[s] = s + 1;
+        if (s > 0 && lo[s] <= lo[s - 1]) lo[s] = lo[s - 1] + 1;
+        if (lo[s] > hi[s]) return 0;
+    }
+    return 1;
+}
+
+/* The program itself; `bound` is U: for DP_BOTTLENECK an upper bound on
+ * the answer (INFINITY: none), for DP_SUM the cap, for DP_MEMORY an upper
+ * bound on the least ratio (INFINITY: none). Fills begin[] and returns the
+ * value, or INFINITY when no split qualifies. */
+static double dp(model *m, dp_mode mode, double bound, int *begin, pw_status *st)
+{
+    const int n = m->n, S = m->S;
+    const int memory_mode = mode == DP_MEMORY;
+    const double U = bound;
+    int *lo = malloc(sizeof(int) * (size_t)S), *hi = malloc(sizeof(int) * (size_t)S);
+    size_t *off = malloc(sizeof(size_t) * ((size_t)S + 1));
+    double *best = NULL;
+    int *arg = NULL;
+    double result = INFINITY;
+    *st = PW_OK;
+    if (!lo || !hi || !off) goto nomem;
+    if (!windows(m, memory_mode, U, lo, hi)) goto done;
+    off[0] = 0;
+    for (int s = 0; s < S; s++) off[s + 1] = off[s] + (size_t)(hi[s] - lo[s] + 1);
+    best = malloc(sizeof(double) * off[S]);
+    arg = malloc(sizeof(int) * off[S]);
+    if (!best || !arg) goto nomem;
+    for (size_t k = 0; k < off[S]; k++) {
         best[k] = INFINITY;
         arg[k] = -1;
     }
-#define BEST(s, j) best[(size_t)(s) * (size_t)(n + 1) + (size_t)(j)]
-#define ARG(s, j) arg[(size_t)(s) * (size_t)(n + 1) + (size_t)(j)]
+#define IN(s, j) ((j) >= lo[s] && (j) <= hi[s])
+#define BEST(s, j) best[off[s] + (size_t)((j) - lo[s])]
+#define ARG(s, j) arg[off[s] + (size_t)((j) - lo[s])]
     range r;
     pw_stage_cost o;
+    int ta = 0, tb = -1; /* stages t whose window holds i: t in [ta, tb] */
     for (int i = 0; i < n; i++) {
-        int smin = i == 0 ? 0 : 1, smax = i < S - 1 ? i : S - 1;
-        int any = i == 0;
-        for (int s = smin; s <= smax && !any; s++) any = isfinite(BEST(s - 1, i));
-        if (!any) continue;
+        /* Stage s starts at i: s = 0 at node 0, else stage s − 1 ends at i. */
+        while (ta < S && hi[ta] < i) ta++;
+        while (tb + 1 < S && lo[tb + 1] <= i) tb++;
+        int smin = i == 0 ? 0 : ta + 1, smax = i == 0 ? 0 : tb + 1;
+        if (smax > S - 1) smax = S - 1;
+        int jmax = 0;
+        for (int s = smin; s <= smax; s++)
+            if ((s == 0 || isfinite(BEST(s - 1, i))) && hi[s] > jmax) jmax = hi[s];
+        if (jmax <= i) continue;
         range_start(m, &r, i);
-        for (int j = i + 1; j <= n; j++) {
+        for (int j = i + 1; j <= jmax; j++) {
             range_add(m, &r);
+            int alive = 0;
             for (int s = smin; s <= smax; s++) {
-                if (S - 1 - s > n - j) continue; /* later stages need a node each */
+                if (j > hi[s]) continue;
                 double prev = s == 0 ? 0.0 : BEST(s - 1, i);
                 if (!isfinite(prev)) continue;
+                /* Lower bounds that only grow with j (see 1. above): once
+                 * one fails, it fails for every later j of this s. */
+                if (!stage_may_pass(m, memory_mode, U, s, i, j)) continue;
+                alive = 1;
+                if (j < lo[s]) continue;
                 stage_eval(m, s, &r, &o);
                 double v;
-                if (mode == DP_MEMORY) {
+                if (memory_mode) {
                     double ratio = o.mem.budget > 0 ? (double)o.mem.total / (double)o.mem.budget : 0.0;
+                    if (ratio > U) continue; /* above the bound: not on any split ≤ U */
                     v = prev > ratio ? prev : ratio;
                 } else {
-                    if (!fits(&o)) continue;
-                    if (mode == DP_SUM) {
-                        if (o.time > cap) continue;
-                        v = prev + o.time;
-                    } else {
-                        v = prev > o.time ? prev : o.time;
-                    }
+                    if (!fits(&o) || o.time > U) continue;
+                    v = mode == DP_SUM ? prev + o.time : (prev > o.time ? prev : o.time);
                 }
                 if (v < BEST(s, j)) {
                     BEST(s, j) = v;
                     ARG(s, j) = i;
                 }
             }
+            if (!alive) break;
         }
     }
-    double result = BEST(S - 1, n);
+    PW_ASSERT(IN(S - 1, n));
+    result = BEST(S - 1, n);
     if (isfinite(result)) {
         begin[S] = n;
         for (int s = S - 1, j = n; s >= 0; s--) {
+            PW_ASSERT(IN(s, j));
             j = ARG(s, j);
             PW_ASSERT(j >= 0);
             begin[s] = j;
         }
         PW_ASSERT(begin[0] == 0);
     }
+#undef IN
 #undef BEST
 #undef ARG
+    goto done;
+nomem:
+    *st = pw_error(PW_ERR_NOMEM, "partition: out of memory for %d stages x %d nodes", S, n);
+done:
+    free(lo);
+    free(hi);
+    free(off);
     free(best);
     free(arg);
     return result;
+}
+
+/* dp under the best bound it can use: U = Uhi is valid (a split reaches
+ * it) but may be loose, and the windows widen with U − optimum. The least U
+ * whose windows are not empty is a lower bound L on the answer (bisection,
+ * O(S log n) per probe); the program runs with U = L(1 + d) for d = 10^-3,
+ * 8·10^-3, ... and stops at the first U that some split reaches: its answer
+ * is then the optimum, since every split of value ≤ U took part. */
+static double dp_tightened(model *m, dp_mode mode, double Uhi, int *begin, pw_status *st)
+{
+    const int S = m->S;
+    int *lo = malloc(sizeof(int) * (size_t)S), *hi = malloc(sizeof(int) * (size_t)S);
+    double a = 0.0, b = Uhi;
+    if (lo && hi && isfinite(Uhi) && Uhi > 0) {
+        for (int it = 0; it < 64; it++) {
+            double mid = a + (b - a) / 2;
+            if (!(mid > a && mid < b)) break;
+            if (windows(m, mode == DP_MEMORY, mid, lo, hi)) b = mid;
+            else a = mid;
+        }
+    }
+    free(lo);
+    free(hi);
+    for (double d = 1e-3; isfinite(Uhi) && b * (1 + d) < Uhi; d *= 8) {
+        double v = dp(m, mode, b * (1 + d), begin, st);
+        if (*st != PW_OK || isfinite(v)) return v;
+    }
+    return dp(m, mode, Uhi, begin, st);
+}
+
+/* A split that balances a prefix: the least X such that filling stages
+ * greedily from the left, stage s taking at most X × weight(s) of pre and
+ * leaving a node for every later stage, covers the graph (binary search on
+ * X, O(S log n) per probe; weight INFINITY: no limit). For compute with
+ * weights the speeds, and for memory with weights the budgets. Only a
+ * starting bound for the exact search: approximate costs time, never the
+ * answer. */
+static double limit(const model *m, double (*pre)(const model *, int),
+                    double (*weight)(const model *, int), int b, int s, double x)
+{
+    double w = weight(m, s);
+    return isinf(w) ? INFINITY : pre(m, b) + x * w;
+}
+
+static void greedy_split(const model *m, double (*pre)(const model *, int),
+                         double (*weight)(const model *, int), int *begin)
+{
+    const int n = m->n, S = m->S;
+    const double all = pre(m, n);
+    double lo = 0.0, hi = 0.0;
+    for (int s = 0; s < S; s++) {
+        double t = isinf(weight(m, s)) ? 0.0 : all / weight(m, s);
+        if (t > hi) hi = t;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        for (int it = 0; pass == 0 && it < 100; it++) {
+            double x = lo + (hi - lo) / 2;
+            if (!(x > lo && x < hi)) break;
+            int b = 0;
+            for (int s = 0; s < S - 1; s++) {
+                int j = last_at_most(m, pre, b + 1, n - (S - 1 - s), limit(m, pre, weight, b, s, x));
+                b = j < b + 1 ? b + 1 : j;
+            }
+            if (isinf(weight(m, S - 1)) || (all - pre(m, b)) / weight(m, S - 1) <= x) hi = x;
+            else lo = x;
+        }
+        if (pass == 0) continue;
+        int b = 0;
+        begin[0] = 0;
+        for (int s = 0; s < S - 1; s++) {
+            int j = last_at_most(m, pre, b + 1, n - (S - 1 - s), limit(m, pre, weight, b, s, hi));
+            b = j < b + 1 ? b + 1 : j;
+            begin[s + 1] = b;
+        }
+        begin[S] = n;
+    }
 }
 
 /* ------------------------------------------------------------------ results */
@@ -620,6 +971,88 @@ static int worst_stage(const pw_partition *p)
     return worst;
 }
 
+/* The least bottleneck (dp DP_BOTTLENECK), its bound U taken from the
+ * greedy compute-balanced split when that split fits. */
+/* The value DP_MEMORY minimises for the split p (after fill). */
+static double memory_ratio(const pw_partition *p)
+{
+    double v = 0.0;
+    for (int s = 0; s < p->n_stages; s++) {
+        const pw_stage_memory *mm = &p->stage[s].mem;
+        double r = mm->budget > 0 ? (double)mm->total / (double)mm->budget : 0.0;
+        if (r > v) v = r;
+    }
+    return v;
+}
+
+static int all_fit(const pw_partition *p)
+{
+    for (int s = 0; s < p->n_stages; s++)
+        if (!fits(&p->stage[s])) return 0;
+    return 1;
+}
+
+/* The split that comes closest to fitting (least max need / budget), with
+ * its bound from the memory-balanced greedy split. */
+static double memory_search(model *m, int *begin, pw_status *st)
+{
+    double U = INFINITY;
+    pw_partition p;
+    if (alloc_partition(&p, m->S) == PW_OK) {
+        for (int k = 0; k < 2; k++) { /* balancing activations, then parameters */
+            greedy_split(m, k ? param_prefix : act_prefix, k ? budget_of : act_budget_of, p.begin);
+            fill(m, &p);
+            double v = memory_ratio(&p);
+            if (v < U) U = v;
+        }
+        pw_partition_free(&p);
+    }
+    return dp_tightened(m, DP_MEMORY, U, begin, st);
+}
+
+/* The least bottleneck (dp DP_BOTTLENECK). Its bound U is the bottleneck of
+ * a split that fits: the compute-balanced greedy split, else the
+ * memory-balanced one, else the split that comes closest to fitting, when
+ * that one fits; when even that one needs more than some budget, no split
+ * fits and the answer is INFINITY without a search. */
+static double bottleneck_search(model *m, int *begin, pw_status *st)
+{
+    double U = INFINITY;
+    pw_partition p;
+    *st = alloc_partition(&p, m->S);
+    if (*st != PW_OK) return INFINITY;
+    for (int k = 0; k < 3 && !isfinite(U); k++) {
+        if (k == 0) {
+            greedy_split(m, compute_prefix, stage_speed, p.begin);
+        } else if (k == 1) {
+            greedy_split(m, act_prefix, act_budget_of, p.begin);
+        } else {
+            /* The memory lower bounds alone may already show that no split
+             * fits (the windows at need / budget ≤ 1 are empty): then no
+             * search is needed to say so. */
+            int *lo = malloc(sizeof(int) * (size_t)m->S), *hi = malloc(sizeof(int) * (size_t)m->S);
+            int may_fit = !lo || !hi || windows(m, 1, 1.0, lo, hi);
+            free(lo);
+            free(hi);
+            if (!may_fit) {
+                pw_partition_free(&p);
+                return INFINITY;
+            }
+            double v = memory_search(m, p.begin, st);
+            if (*st != PW_OK || !isfinite(v)) break;
+            if (v > 1.0) { /* every split has a stage over its budget */
+                pw_partition_free(&p);
+                return INFINITY;
+            }
+        }
+        fill(m, &p);
+        if (all_fit(&p) && isfinite(p.bottleneck)) U = p.bottleneck;
+    }
+    pw_partition_free(&p);
+    if (*st != PW_OK) return INFINITY;
+    return dp_tightened(m, DP_BOTTLENECK, U, begin, st);
+}
+
 /* Whether some split fits under a variant of the model. */
 static int variant_fits(model *m, int recompute, int one_inflight, int *tmp)
 {
@@ -628,7 +1061,7 @@ static int variant_fits(model *m, int recompute, int one_inflight, int *tmp)
     m->recompute = recompute;
     if (one_inflight) m->inflight = m->ones;
     pw_status st;
-    double v = dp(m, DP_BOTTLENECK, 0.0, tmp, &st);
+    double v = bottleneck_search(m, tmp, &st);
     m->recompute = saved_r;
     m->inflight = saved_i;
     return st == PW_OK && isfinite(v);
@@ -659,7 +1092,7 @@ static pw_status refuse(model *m, const char *what)
     pw_partition p;
     pw_status st = alloc_partition(&p, m->S);
     if (st != PW_OK) return st;
-    double v = dp(m, DP_MEMORY, 0.0, p.begin, &st);
+    double v = memory_search(m, p.begin, &st);
     if (st != PW_OK || !isfinite(v)) {
         pw_partition_free(&p);
         return st != PW_OK ? st : pw_error(PW_ERR_INTERNAL, "partition: no split at all");
@@ -696,7 +1129,7 @@ static pw_status plan_cuts(model *m, pw_partition *out)
     pw_partition best;
     pw_status st = alloc_partition(&best, m->S);
     if (st != PW_OK) return st;
-    double bv = dp(m, DP_BOTTLENECK, 0.0, best.begin, &st);
+    double bv = bottleneck_search(m, best.begin, &st);
     if (st != PW_OK) {
         pw_partition_free(&best);
         return st;
@@ -764,7 +1197,7 @@ pw_status pw_partition_plan(const pw_graph *g, const pw_partition_config *cfg, p
     if (method == PW_PARTITION_CUTS) {
         st = plan_cuts(&m, out);
     } else {
-        double bv = dp(&m, DP_BOTTLENECK, 0.0, out->begin, &st);
+        double bv = bottleneck_search(&m, out->begin, &st);
         if (st == PW_OK && !isfinite(bv)) {
             st = refuse(&m, "no");
         } else if (st == PW_OK) {

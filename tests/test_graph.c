@@ -513,6 +513,31 @@ static const bad_case bad_cases[] = {
      "dropout: 'p' must be in [0, 1), got 1"},
     {"dropout p negative", HDR "d = dropout(x, p=-0.5)\n", 0, PW_ERR_PARSE, 3, 18,
      "dropout: 'p' must be in [0, 1), got -0.5"},
+    /* issue 13: infinite, overflowing and absurd values */
+    {"dropout p inf", HDR "d = dropout(x, p=1e999)\n", 0, PW_ERR_PARSE, 3, 18,
+     "dropout: 'p' must be in [0, 1), got inf"},
+    {"eps inf", HDR "n = layernorm(x, eps=1e999)\n", 0, PW_ERR_PARSE, 3, 22,
+     "layernorm: 'eps' must be a positive f32 number, got inf"},
+    {"eps underflows f32", HDR "n = layernorm(x, eps=1e-50)\n", 0, PW_ERR_PARSE, 3, 22,
+     "layernorm: 'eps' must be a positive f32 number"},
+    {"int over int64", HDR "h = linear(x, out=99999999999999999999)\n", 0, PW_ERR_PARSE, 3, 19,
+     "integer literal '99999999999999999999' is too large"},
+    {"negative int64 max", HDR "h = linear(x, out=-9223372036854775807)\n", 0, PW_ERR_SHAPE, 3, 19,
+     "linear: 'out' must be between 1 and 2^40"},
+    {"reshape product overflows", HDR "r = reshape(x, shape=[4611686018427387904, 4, -1])\n", 0,
+     PW_ERR_SHAPE, 3, 22, "reshape: dimension 0 must be positive (or -1)"},
+    {"reshape product over 2^40", HDR "r = reshape(x, shape=[1048576, 1048576, 1048576])\n", 0,
+     PW_ERR_SHAPE, 3, 22, "reshape: cannot reshape [4] (4 elements) into"},
+    {"dims product overflows int64", "input x : f32[1099511627776, 1099511627776, 1099511627776]\n",
+     0, PW_ERR_SHAPE, 1, 14, "shape has more than 2^40 elements"},
+    {"heads over 2^40", "input x : f32[4, 24]\nlabel y : i32[4]\n"
+     "a = causal_attention(x, heads=2199023255552)\n", 0, PW_ERR_SHAPE, 3, 31,
+     "causal_attention: 'heads' must be between 1 and 2^40"},
+    {"attention T x T x heads over 2^40", "input x : f32[2097152, 3]\nlabel y : i32[2097152]\n"
+     "a = causal_attention(x, heads=1)\n", 0, PW_ERR_SHAPE, 3, 22,
+     "heads × T × T attention weights would have more than 2^40 elements"},
+    {"repeat count absurd", HDR "o = repeat 99999999999999999 (b = x) {\n  return b\n}\n", 0,
+     PW_ERR_PARSE, 3, 12, "repeat count must be between 1 and 100000"},
     {"unknown op lists ops", HDR "h = conv2d(x)\n", 0, PW_ERR_PARSE, 3, 5,
      "causal_attention, dropout)"},
     /* bytes */
@@ -635,6 +660,70 @@ Test(graph_errors, node_limit, .timeout = 300)
                            "  return p\n}\n" TAIL;
     expect_error(text, strlen(text), PW_ERR_PARSE, "gen.graph:5:9: error: ",
                  "graph too large: more than 1048576 nodes after repeat expansion");
+}
+
+/* issue 13: nested repeats whose bodies make no node still expand (here
+ * 10^10 iterations); the expansion is bounded like the node count. */
+Test(graph_errors, empty_repeat_expansion_is_bounded, .timeout = 300)
+{
+    const char *text = HDR "o = repeat 100000 (a = x) {\n"
+                           "  p = repeat 100000 (b = a) {\n    return b\n  }\n"
+                           "  return p\n}\n" TAIL;
+    expect_error(text, strlen(text), PW_ERR_PARSE, "gen.graph:4:3: error: ",
+                 "graph too large: more than 1048576 repeat iterations that make no node");
+}
+
+/* issue 13: 16 nested repeats of 255-character paths make names of ~4 KiB
+ * per value; 2^20 nodes of them would take gigabytes. The names' total is
+ * bounded before they are allocated. */
+Test(graph_errors, name_bytes_are_bounded, .timeout = 300)
+{
+    char name[256];
+    memset(name, 'n', 255);
+    name[255] = '\0';
+    size_t cap = 64 << 10, off = 0;
+    char *text = malloc(cap);
+    cr_assert_not_null(text);
+    off += (size_t)snprintf(text + off, cap - off, "%s", HDR);
+    for (int d = 0; d < 16; d++) { /* lines 3-18 */
+        char init[16] = "x";
+        if (d) snprintf(init, sizeof init, "c%d", d - 1);
+        off += (size_t)snprintf(text + off, cap - off, "v%d = repeat %d as %s (c%d = %s) {\n", d,
+                                d == 15 ? 100000 : 1, name, d, init);
+    }
+    off += (size_t)snprintf(text + off, cap - off, "r = relu(c15)\nreturn r\n}\n");
+    for (int d = 14; d >= 0; d--)
+        off += (size_t)snprintf(text + off, cap - off, "return v%d\n}\n", d + 1);
+    snprintf(text + off, cap - off, "%s", TAIL);
+    expect_error(text, strlen(text), PW_ERR_PARSE, "gen.graph:19:5: error: ",
+                 "graph too large: its names would take more than 256 MiB");
+    free(text);
+}
+
+/* issue 13: the attention cost is closed-form (O(1) per node), equal to
+ * summing the kernel's row blocks one by one. */
+Test(graph_cost, attention_blocks_closed_form)
+{
+    static const int Ts[] = {1, 31, 32, 33, 64, 100, 1000, 4097};
+    for (size_t k = 0; k < sizeof Ts / sizeof Ts[0]; k++) {
+        int T = Ts[k];
+        char text[256];
+        snprintf(text, sizeof text,
+                 "input x : f32[%d, 24]\nlabel y : i32[%d]\na = causal_attention(x, heads=2)\n"
+                 "l = linear(a, out=3)\nloss = softmax_cross_entropy(l, y)\n", T, T);
+        pw_graph *g = parse_ok(text, "att.graph");
+        pw_op_cost c;
+        cr_assert_eq(pw_graph_node_cost(g, 0, &c), PW_OK);
+        double cells = 0;
+        for (int r0 = 0; r0 < T; r0 += PW_ATTENTION_BLOCK) {
+            int rn = T - r0 < PW_ATTENTION_BLOCK ? T - r0 : PW_ATTENTION_BLOCK;
+            cells += (double)rn * (double)(r0 + rn);
+        }
+        double D = 8, H = 2, tri = (double)T * (T + 1) / 2;
+        cr_expect_eq(c.flops_fwd, 2 * (2 * cells * D) + 5 * H * tri, "T=%d", T);
+        cr_expect_eq(c.flops_bwd_input, 4 * (2 * cells * D) + 5 * H * tri, "T=%d", T);
+        pw_graph_destroy(g);
+    }
 }
 
 /* ------------------------------------------------------------------ costs */

@@ -582,6 +582,123 @@ Test(partition, config_errors, .timeout = TIMEOUT)
     pw_graph_destroy(g);
 }
 
+/* Sizes whose byte counts would overflow the model's int64 sums are
+ * refused with a message, not computed (issue 13). */
+Test(partition, sizes_too_large_to_plan_are_refused, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(CHAIN);
+    pw_partition p;
+    pw_partition_config pc = {.n_stages = 2, .balance = PW_BALANCE_FLOPS,
+                              .micro_batch_size = INT64_MAX / 2};
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "too large to plan"), "%s", pw_last_error());
+    pc.micro_batch_size = 1;
+    pc.optim_state_floats = 2000000000;
+    pc.optim_flops = 1;
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_OK, "%s", pw_last_error());
+    pw_partition_free(&p);
+    pw_graph_destroy(g);
+    /* 2^20 x 2^20 parameters, 2^31 floats of state each */
+    g = parse("input x : f32[1048576]\nlabel y : i32[]\nh = linear(x, out=1048576)\n"
+              "r = relu(h)\nl = linear(r, out=2)\nloss = softmax_cross_entropy(l, y)\n");
+    pc.optim_state_floats = 2000000000;
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "optimizer state; too large to plan"), "%s", pw_last_error());
+    pw_graph_destroy(g);
+}
+
+/* A chain of n nodes (n ≡ 0 mod 2, with n − 4 not a multiple of 128):
+ * linear → relu blocks in nested repeats (a repeat counts at most 100000)
+ * and a tail repeat, then the classifier and the loss. */
+static pw_graph *long_chain(int n)
+{
+    char text[1024];
+    int blocks = (n - 4) / 2;
+    snprintf(text, sizeof text,
+             "input x : f32[16]\nlabel y : i32[]\nh00 = linear(x, out=16)\nh0 = relu(h00)\n"
+             "h1 = repeat %d as o (a = h0) {\n  h = repeat 64 as i (v = a) {\n"
+             "    l = linear(v, out=16)\n    r = relu(l)\n    return r\n  }\n  return h\n}\n"
+             "h2 = repeat %d as t (v = h1) {\n  l = linear(v, out=16)\n  r = relu(l)\n  return r\n}\n"
+             "o = linear(h2, out=4)\nloss = softmax_cross_entropy(o, y)\n", blocks / 64, blocks % 64);
+    pw_graph *g = parse(text);
+    cr_assert_eq(g->n_nodes, n);
+    return g;
+}
+
+/* A 2^17-node chain into 64 stages (issue 13: the planner scales). The
+ * oracle: with free links and no optimizer a stage's time is the sum of its
+ * nodes' times, and the least bottleneck of a contiguous split of additive
+ * non-negative costs is found by binary search on the bottleneck with a
+ * greedy check. Each node's time comes from the planner's own model
+ * (pw_partition_evaluate with one stage per node). */
+Test(partition, long_chain_into_64_stages_is_optimal, .timeout = TIMEOUT)
+{
+    const int n = 1 << 17, S = 64;
+    pw_graph *g = long_chain(n);
+    pw_partition p, each;
+    pw_partition_config pc = {.n_stages = n, .balance = PW_BALANCE_FLOPS, .micro_batch_size = 8};
+    int *cuts = malloc(sizeof(int) * ((size_t)n + 1));
+    cr_assert_not_null(cuts);
+    for (int i = 0; i <= n; i++) cuts[i] = i;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, cuts, &each), PW_OK, "%s", pw_last_error());
+    free(cuts);
+    double lo = 0, hi = 0;
+    for (int i = 0; i < n; i++) hi += each.stage[i].time;
+    for (int it = 0; it < 200 && hi - lo > 1e-12 * hi; it++) {
+        double x = 0.5 * (lo + hi), acc = 0;
+        int stages = 1, ok = 1;
+        for (int i = 0; i < n && ok; i++) {
+            double t = each.stage[i].time;
+            if (t > x) ok = 0;
+            else if (acc + t > x) stages++, acc = t;
+            else acc += t;
+        }
+        if (ok && stages <= S) hi = x;
+        else lo = x;
+    }
+    pw_partition_free(&each);
+
+    pc.n_stages = S;
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(p.n_stages, S);
+    cr_assert_eq(p.begin[0], 0);
+    cr_assert_eq(p.begin[S], n);
+    for (int s = 0; s < S; s++) cr_assert_lt(p.begin[s], p.begin[s + 1]);
+    cr_assert(fabs(p.bottleneck - hi) <= 1e-9 * hi, "bottleneck %.17g, optimum %.17g",
+              p.bottleneck, hi);
+    pw_partition_free(&p);
+
+    /* With links, budgets and the optimizer: a plan whose predictions are
+     * the model's for its cuts, no worse than the equal split, fitting. */
+    int inflight[64];
+    for (int s = 0; s < S; s++) inflight[s] = S - s < 4 ? S - s : 4;
+    pc.inflight = inflight;
+    pc.micro_batches = 8;
+    pc.link_bandwidth = 1e9;
+    pc.link_latency = 1e-6;
+    pc.optim_state_floats = 2;
+    pc.optim_flops = PW_OPTIM_FLOPS_ADAMW;
+    pc.memory_budget = 13 << 20; /* the best split needs 12.0 MiB on its fullest stage */
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_OK, "%s", pw_last_error());
+    int eq[65];
+    for (int s = 0; s <= S; s++) eq[s] = (int)((int64_t)n * s / S);
+    pw_partition e, again;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, eq, &e), PW_OK);
+    cr_assert_eq(pw_partition_evaluate(g, &pc, p.begin, &again), PW_OK);
+    cr_assert_eq(again.bottleneck, p.bottleneck);
+    cr_assert_leq(p.bottleneck, e.bottleneck);
+    for (int s = 0; s < S; s++) cr_assert_leq(p.stage[s].mem.total, pc.memory_budget);
+    pw_partition_free(&e);
+    pw_partition_free(&again);
+    pw_partition_free(&p);
+
+    /* A budget no split meets: refused (the closest split named) in time. */
+    pc.memory_budget = 4 << 10;
+    cr_assert_eq(pw_partition_plan(g, &pc, &p), PW_ERR_NOMEM);
+    cr_assert(strstr(pw_last_error(), "no split into 64 stages fits"), "%s", pw_last_error());
+    pw_graph_destroy(g);
+}
+
 /* The older entry point keeps its contract (tests/test_pipeline.c holds
  * its optimality). */
 Test(partition, make_still_works, .timeout = TIMEOUT)
