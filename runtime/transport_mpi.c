@@ -4,7 +4,7 @@
  * bounds every one of them (see transport.h).
  *
  * Heartbeat. A thread per process sends this process's progress board (a
- * 32-byte record) to every other process every HB_PERIOD_NS on a
+ * 40-byte record) to every other process every HB_PERIOD_NS on a
  * communicator of its own, at most one send in flight per peer, and keeps
  * the last record received from each with its arrival time and the time its
  * content last changed. pw_transport_blame reads that table: a peer whose
@@ -80,6 +80,8 @@ enum { HB_TAG = 1 };
 /* One heartbeat: a snapshot of a process's pw_transport_state. */
 typedef struct hb_rec {
     int32_t phase, wait_peer, act, mb;
+    int32_t verdict, pad;  /* the world rank this process found stalled and is aborting
+                              for, -1: none (see mt_blame) */
     int64_t step, progress;
 } hb_rec;
 
@@ -106,6 +108,7 @@ typedef struct mpi_transport {
     atomic_int hb_quit;
     atomic_llong hb_last_ns;   /* when the heartbeat thread last read its messages */
     atomic_int hb_failed;      /* the thread could not run: blame judges nobody */
+    atomic_int verdict;        /* whom this process's blame named (-1: nobody yet) */
 } mpi_transport;
 
 /* ------------------------------------------------------------ heartbeat */
@@ -115,7 +118,7 @@ static hb_rec snapshot(mpi_transport *m)
     pw_transport_state *s = &m->state;
     return (hb_rec){.phase = atomic_load(&s->phase), .wait_peer = atomic_load(&s->wait_peer),
                     .act = atomic_load(&s->act), .mb = atomic_load(&s->mb), .step = atomic_load(&s->step),
-                    .progress = atomic_load(&s->progress)};
+                    .progress = atomic_load(&s->progress), .verdict = atomic_load(&m->verdict)};
 }
 
 static void *hb_main(void *arg)
@@ -140,7 +143,8 @@ static void *hb_main(void *arg)
         /* What the others last heard should say where this process is, even
          * when it stops right after a change: send early on a new phase or
          * step (a step every few ms means at most one record per tick). */
-        const int send = t - sent_ns >= HB_PERIOD_NS || mine.phase != sent.phase || mine.step != sent.step;
+        const int send = t - sent_ns >= HB_PERIOD_NS || mine.phase != sent.phase || mine.step != sent.step ||
+                         mine.verdict != sent.verdict;
         if (send) {
             sent = mine;
             sent_ns = t;
@@ -197,7 +201,7 @@ static pw_status hb_start(mpi_transport *m)
     for (int p = 0; p < W; p++) {
         hb_peer *q = &m->peers[p];
         q->rec.wait_peer = PW_WAIT_NOBODY;
-        q->rec.act = q->rec.mb = -1;
+        q->rec.act = q->rec.mb = q->rec.verdict = -1;
         q->seen_ns = q->changed_ns = now;
         q->sreq = q->rreq = MPI_REQUEST_NULL;
         if (p == m->world_rank) continue;
@@ -252,6 +256,16 @@ static void describe(const hb_rec *r, const char *(*act_name)(int), char *buf, s
     }
 }
 
+/* The caller fails its wait and the job is aborted next: tell the others
+ * whom this process found (the heartbeat sends a changed record within a
+ * tick), and give that record a few ticks to leave before the abort. */
+static int publish_verdict(mpi_transport *m, int culprit)
+{
+    if (atomic_exchange(&m->verdict, culprit) != culprit)
+        nanosleep(&(struct timespec){0, 5 * HB_TICK_NS}, NULL);
+    return culprit;
+}
+
 static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), char *buf, size_t n)
 {
     mpi_transport *m = self;
@@ -270,8 +284,21 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
      * its table is old, so judge nobody until the heartbeat catches up. */
     if (now - atomic_load(&m->hb_last_ns) > HB_PERIOD_NS * 5) return -1;
     pthread_mutex_lock(&m->hb_mu);
+    /* A process whose watchdog fired first has named the culprit and is
+     * aborting the job (so its own heartbeat stops next): take its verdict
+     * rather than blame it, so every message names the same rank. A verdict
+     * naming this very process is stale (it is alive): ignored. */
     for (int p = 0; p < W; p++) {
-        if (p == me) continue;
+        const int v = m->peers[p].rec.verdict;
+        if (p == me || v < 0 || v >= W || v == me) continue;
+        describe(&m->peers[v].rec, act_name, what, sizeof what);
+        snprintf(buf, n, "MPI rank %d (replica %d, stage %d) stalled, as MPI rank %d found first; last "
+                 "heard here %s", v, v / S, v % S, p, what);
+        pthread_mutex_unlock(&m->hb_mu);
+        return publish_verdict(m, v);
+    }
+    for (int p = 0; p < W; p++) {
+        if (p == me || m->peers[p].rec.verdict >= 0) continue; /* aborting, not stalled */
         int64_t age = now - m->peers[p].seen_ns;
         if (age > silent && age > worst) worst = age, culprit = p;
     }
@@ -281,7 +308,7 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
                  "or its host is gone); last heard %s", culprit, culprit / S, culprit % S, (double)worst / 1e9,
                  what);
         pthread_mutex_unlock(&m->hb_mu);
-        return culprit;
+        return publish_verdict(m, culprit);
     }
     /* Follow who waits for whom from here; the chain ends at the process
      * that is computing. */
@@ -312,7 +339,7 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
         snprintf(buf, n, "no process is computing: each waits for another (a deadlock)");
     }
     pthread_mutex_unlock(&m->hb_mu);
-    if (culprit >= 0) return culprit;
+    if (culprit >= 0) return publish_verdict(m, culprit);
     return busy_progressing ? -1 : -2;
 }
 
@@ -533,6 +560,7 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     atomic_init(&m->state.step, 0);
     atomic_init(&m->state.progress, 0);
     atomic_init(&m->state.wait_peer, PW_WAIT_NOBODY);
+    atomic_init(&m->verdict, -1);
     atomic_init(&m->state.act, -1);
     atomic_init(&m->state.mb, -1);
     atomic_init(&m->hb_quit, 0);
