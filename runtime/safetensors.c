@@ -747,13 +747,15 @@ pw_status pw_safetensors_write(const char *path, const pw_st_tensor *t, int n,
         goto done;
     }
     pw_tmpfile_name(path, tmp, tlen);
+    /* Registered before it exists, so an interrupted run unlinks it
+     * wherever the signal lands. */
+    tmp_slot = pw_tmpfile_register(tmp);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
     if (fd < 0) {
         rc = pw_error(PW_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto done;
     }
     created = 1;
-    tmp_slot = pw_tmpfile_register(tmp); /* an interrupted run unlinks it */
     if (write_full(fd, hdr, hdr_len) != 0) goto io_fail;
     for (int i = 0; i < n; i++)
         if (order[i]->nbytes && write_full(fd, order[i]->data, order[i]->nbytes) != 0)

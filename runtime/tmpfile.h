@@ -7,8 +7,8 @@
  *
  *     char tmp[4096];
  *     pw_tmpfile_name(path, tmp, sizeof tmp);     // "<path>.tmp.<pid>"
+ *     int slot = pw_tmpfile_register(tmp);       // before it exists; -1: registry full
  *     int fd = open(tmp, ...);
- *     int slot = pw_tmpfile_register(tmp);       // -1: registry full (still works)
  *     ... write, fsync, close, rename or unlink ...
  *     pw_tmpfile_forget(slot);                   // accepts -1
  *

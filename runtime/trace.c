@@ -163,10 +163,14 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
     char tmp[4096];
     if (pw_tmpfile_name(path, tmp, sizeof tmp) != 0)
         return pw_error(PW_ERR_INVALID_ARG, "trace: path too long: %s", path);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return pw_error(PW_ERR_IO, "%s: %s", tmp, strerror(errno));
-    /* An interrupted run unlinks it (pipeline-run's signal handler). */
+    /* Registered before it exists, so an interrupted run (pipeline-run's
+     * signal handler) unlinks it wherever the signal lands. */
     const int tmp_slot = pw_tmpfile_register(tmp);
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        pw_tmpfile_forget(tmp_slot);
+        return pw_error(PW_ERR_IO, "%s: %s", tmp, strerror(errno));
+    }
 
     int64_t t_base = INT64_MAX;
     for (int r = 0; r < t->n_tracks; r++)

@@ -468,13 +468,15 @@ pw_status pw_idx_write(const char *path, pw_dtype dtype, const pw_shape *shape, 
         goto done;
     }
     pw_tmpfile_name(path, tmp, tlen);
+    /* Registered before it exists, so an interrupted run unlinks it
+     * wherever the signal lands. */
+    tmp_slot = pw_tmpfile_register(tmp);
     fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
     if (fd < 0) {
         rc = pw_error(PW_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto done;
     }
     created = 1;
-    tmp_slot = pw_tmpfile_register(tmp); /* an interrupted run unlinks it */
     if (write_payload(fd, ends_with(path, ".gz"), buf, total) != 0 || fsync(fd) != 0) {
         rc = pw_error(PW_ERR_IO, "%s: writing %s failed: %s", path, tmp, strerror(errno));
         goto done;
