@@ -75,18 +75,6 @@ static int parse_int(const char *s, long long lo, long long hi, long long *out)
     return 1;
 }
 
-/* The scheduler's formula for schedules the metadata gave no theory for. */
-static double theory_formula(const char *schedule, int stages, int micro, void *user)
-{
-    (void)user;
-    pw_schedule_kind k;
-    if (pw_schedule_kind_parse(schedule, &k) != PW_OK) {
-        pw_clear_error();
-        return -1;
-    }
-    return pw_schedule_theoretical_bubble(k, stages, micro);
-}
-
 static int terminal_width(void)
 {
     struct winsize ws;
@@ -105,7 +93,7 @@ static int analyse(const char *path, const pt_options *o, int detail, pw_trace_a
     cfg.skip_steps = o->skip;
     cfg.no_detail = !detail;
     cfg.per_step = o->json; /* the per-(rank, step) table is only printed in JSON */
-    cfg.theory = theory_formula;
+    cfg.theory = pt_theory_formula;
     pw_status st = pw_trace_analyze(path, &cfg, out);
     if (st == PW_OK) return 0;
     fprintf(stderr, "pipe-trace: %s\n", pw_last_error());

@@ -30,17 +30,6 @@
 
 #define NAME "fuzz.json"
 
-static double theory_formula(const char *schedule, int stages, int micro, void *user)
-{
-    (void)user;
-    pw_schedule_kind k;
-    if (pw_schedule_kind_parse(schedule, &k) != PW_OK) {
-        pw_clear_error();
-        return -1;
-    }
-    return pw_schedule_theoretical_bubble(k, stages, micro);
-}
-
 static void check_error(pw_status st)
 {
     /* Bad input is PW_ERR_PARSE naming the file; out of memory would be a
@@ -61,7 +50,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pw_trace_analysis_config cfg = PW_TRACE_ANALYSIS_DEFAULTS;
     cfg.per_step = 1;
     cfg.skip_steps = (int)(size % 3); /* vary --skip with the input, deterministically */
-    cfg.theory = theory_formula;
+    cfg.theory = pt_theory_formula;
     pw_trace_analysis *a = NULL;
     pw_status st = pw_trace_analyze_reader(rd, &cfg, &a);
     pw_trace_reader_close(rd);
