@@ -133,6 +133,9 @@ static pw_status check_config(const pw_graph *g, const pw_partition_config *c)
                         "nodes", c->n_stages, g->name, g->n_nodes);
     if (c->micro_batch_size < 0 || c->micro_batches < 0)
         return pw_error(PW_ERR_INVALID_ARG, "partition: negative micro-batch size or count");
+    if (c->grad_sum_copies < 0 || c->grad_sum_copies > 30)
+        return pw_error(PW_ERR_INVALID_ARG, "partition: %d copies of the gradients (0 to 30)",
+                        c->grad_sum_copies);
     if (c->balance != PW_BALANCE_FLOPS && c->balance != PW_BALANCE_TIME)
         return pw_error(PW_ERR_INVALID_ARG, "partition: unknown balance %d", (int)c->balance);
     if (c->balance == PW_BALANCE_TIME && !c->node_times)
@@ -348,10 +351,12 @@ static pw_status model_init(model *m, const pw_graph *g, const pw_partition_conf
     for (int s = 0; s < m->S; s++)
         if (m->inflight[s] > most_slots) most_slots = m->inflight[s];
     for (int v = 0; v < nv; v++) all += (double)m->vbytes[v] + (double)m->gbytes[v];
-    for (int q = 0; q < np; q++) all += 3.0 * (double)m->pbytes[q] + (double)m->obytes[q];
+    for (int q = 0; q < np; q++)
+        all += (3.0 + c->grad_sum_copies) * (double)m->pbytes[q] + (double)m->obytes[q];
     for (int i = 0; i < n; i++) {
         all += (double)m->stat_bytes[i];
-        for (int k = 0; k < g->nodes[i].n_params; k++) all += (double)m->pbytes[g->nodes[i].params[k]];
+        for (int k = 0; k < g->nodes[i].n_params; k++)
+            all += (1.0 + c->grad_sum_copies) * (double)m->pbytes[g->nodes[i].params[k]];
     }
     if (all * ((double)most_slots + 2.0 * (double)m->M + 4.0) > 0x1p61) {
         free(rg);
@@ -484,7 +489,7 @@ static void stage_eval(const model *m, int s, const range *r, pw_stage_cost *o)
     pw_stage_memory *mem = &o->mem;
     mem->slots = m->inflight[s];
     mem->params = r->params;
-    mem->grads = r->grads;
+    mem->grads = r->grads * (1 + (int64_t)c->grad_sum_copies);
     mem->optim_state = r->optim;
     /* Everything the range touches: its values (and received values passed
      * on), their gradients, the statistics. */

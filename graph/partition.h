@@ -153,12 +153,15 @@ typedef struct pw_partition_config {
                                        Balance TIME takes node_times[i].o */
     int recompute;                  /* 1: stash only stage inputs, recompute the
                                        forward before each backward */
+    int grad_sum_copies;            /* more copies of its gradients a stage holds (the
+                                       pending group sums of stages/program.h:
+                                       log2 of its gradient groups) */
 } pw_partition_config;
 
 /* Bytes one stage holds (what pw_program_memory and the engine's message
  * pools will allocate for it). */
 typedef struct pw_stage_memory {
-    int64_t params, grads, optim_state;
+    int64_t params, grads, optim_state; /* grads: with the group sums' copies */
     int64_t stash;          /* what one in-flight micro-batch keeps: its
                                values, gradients and statistics (with
                                recompute: the stage's inputs, what it sends on

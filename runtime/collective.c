@@ -1,7 +1,21 @@
-/* pipewright — the in-process ring all-reduce over shared memory (see
- * collective.h for the algorithm and its summation order).
+/* pipewright — the in-process all-reduces over shared memory, tree (the
+ * default) and ring (see collective.h for the algorithms and their
+ * summation orders).
  *
- * Each member works in place on its own spans and reads its predecessor's.
+ * Tree. Three counters steps per call, B = round × 3:
+ *   join           publish spans                         -> prog = B+1
+ *   sum            every member >= B+1; member k sums segment k of every
+ *                  member's spans in the tree order, in place, into member
+ *                  0's copy                              -> prog = B+2
+ *   gather         every member >= B+2; k != 0 copies the whole result
+ *                  from member 0                         -> prog = B+3
+ *   leave          member 0 waits for every member >= B+3 (they have read
+ *                  its floats); the others leave at once
+ * Segment k of every member is written only by member k during the sum,
+ * and only member 0's copy is read during the gather, so no two members
+ * touch the same float between two counter steps.
+ *
+ * Ring. Each member works in place on its own spans and reads its predecessor's.
  * Progress is one counter per member, bumped after each step under the
  * group mutex; a member waits on the condition variable until the counters
  * it depends on are far enough:
@@ -37,6 +51,7 @@ struct pw_shm_group {
     int n;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pw_coll_algo algo;
     member *m;                 /* [n] */
     const pw_span_mem *mem;    /* NULL: the spans are host memory */
 };
@@ -163,21 +178,15 @@ static pw_status seg_apply(const pw_span_mem *mem, const pw_span *dst, int nd, c
 
 /* ------------------------------------------------------------ vtable */
 
-static pw_status shm_allreduce(void *self, int k, const pw_span *spans, int n_spans,
-                               const atomic_int *abort)
+static pw_status shm_ring_allreduce(pw_shm_group *g, int k, const pw_span *spans, int n_spans,
+                                    const atomic_int *abort)
 {
-    pw_shm_group *g = self;
     const int n = g->n;
     int64_t L = pw_span_total(spans, n_spans);
     pthread_mutex_lock(&g->mu);
     member *me = &g->m[k];
     const int64_t B = me->rounds * (2 * (int64_t)n - 1);
     me->rounds++;
-    if (n == 1) {
-        bump(g, k, B + 1);
-        pthread_mutex_unlock(&g->mu);
-        return PW_OK;
-    }
     const int prev = (k + n - 1) % n, next = (k + 1) % n;
     member *pm = &g->m[prev], *nm = &g->m[next];
     me->spans = spans;
@@ -221,6 +230,71 @@ static pw_status shm_allreduce(void *self, int k, const pw_span *spans, int n_sp
     return st;
 }
 
+/* With g->mu held: every member's counter >= target. */
+static pw_status wait_all(pw_shm_group *g, int64_t target, const atomic_int *abort)
+{
+    for (int j = 0; j < g->n; j++) PW_CHECK(wait_for(g, &g->m[j].prog, target, abort));
+    return PW_OK;
+}
+
+static pw_status shm_tree_allreduce(pw_shm_group *g, int k, const pw_span *spans, int n_spans,
+                                    const atomic_int *abort)
+{
+    const int n = g->n;
+    const int64_t L = pw_span_total(spans, n_spans);
+    pthread_mutex_lock(&g->mu);
+    member *me = &g->m[k];
+    const int64_t B = me->rounds * 3;
+    me->rounds++;
+    me->spans = spans;
+    me->n_spans = n_spans;
+    me->total = L;
+    bump(g, k, B + 1);
+    pw_status st = wait_all(g, B + 1, abort);
+    for (int j = 0; st == PW_OK && j < n; j++)
+        if (g->m[j].total != L)
+            st = pw_error(PW_ERR_SHAPE, "all-reduce: member %d has %lld floats, member %d %lld", j,
+                          (long long)g->m[j].total, k, (long long)L);
+    pthread_mutex_unlock(&g->mu);
+    /* Segment k of every member: the pairs at distance 1, 2, 4 ... */
+    int64_t lo, hi;
+    pw_ring_segment(L, n, k, &lo, &hi);
+    for (int w = 1; st == PW_OK && w < n; w *= 2)
+        for (int a = 0; st == PW_OK && a + w < n; a += 2 * w)
+            st = seg_apply(g->mem, g->m[a].spans, g->m[a].n_spans, g->m[a + w].spans, g->m[a + w].n_spans,
+                           lo, hi, 1);
+    pthread_mutex_lock(&g->mu);
+    if (st == PW_OK) {
+        bump(g, k, B + 2);
+        st = wait_all(g, B + 2, abort);
+    }
+    if (st == PW_OK && k != 0) {
+        pthread_mutex_unlock(&g->mu);
+        st = seg_apply(g->mem, spans, n_spans, g->m[0].spans, g->m[0].n_spans, 0, L, 0);
+        pthread_mutex_lock(&g->mu);
+    }
+    if (st == PW_OK) {
+        bump(g, k, B + 3);
+        if (k == 0) st = wait_all(g, B + 3, abort);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return st;
+}
+
+static pw_status shm_allreduce(void *self, int k, const pw_span *spans, int n_spans,
+                               const atomic_int *abort)
+{
+    pw_shm_group *g = self;
+    if (g->n == 1) { /* nothing to sum; the round still counts for pw_shm_group_joined */
+        pthread_mutex_lock(&g->mu);
+        g->m[k].rounds++;
+        pthread_mutex_unlock(&g->mu);
+        return PW_OK;
+    }
+    if (g->algo == PW_COLL_TREE) return shm_tree_allreduce(g, k, spans, n_spans, abort);
+    return shm_ring_allreduce(g, k, spans, n_spans, abort);
+}
+
 static pw_status shm_allgather_f64(void *self, int k, double v, double *out, const atomic_int *abort)
 {
     pw_shm_group *g = self;
@@ -239,11 +313,21 @@ static pw_status shm_allgather_f64(void *self, int k, double v, double *out, con
     return st;
 }
 
-static const pw_coll_i shm_coll_i = {
+static const pw_coll_i shm_tree_i = {
+    .name = "shm-tree",
+    .allreduce = shm_allreduce,
+    .allgather_f64 = shm_allgather_f64,
+};
+static const pw_coll_i shm_ring_i = {
     .name = "shm-ring",
     .allreduce = shm_allreduce,
     .allgather_f64 = shm_allgather_f64,
 };
+
+void pw_shm_group_set_algo(pw_shm_group *g, pw_coll_algo algo)
+{
+    g->algo = algo == PW_COLL_RING ? PW_COLL_RING : PW_COLL_TREE;
+}
 
 void pw_shm_group_set_memory(pw_shm_group *g, const pw_span_mem *mem)
 {
@@ -252,6 +336,6 @@ void pw_shm_group_set_memory(pw_shm_group *g, const pw_span_mem *mem)
 
 pw_coll pw_shm_group_member(pw_shm_group *g, int k)
 {
-    pw_coll c = {.vt = &shm_coll_i, .self = g, .member = k, .n_members = g ? g->n : 0};
+    pw_coll c = {.vt = g && g->algo == PW_COLL_RING ? &shm_ring_i : &shm_tree_i, .self = g, .member = k, .n_members = g ? g->n : 0};
     return c;
 }

@@ -3,10 +3,10 @@
  *
  * A collective endpoint (pw_coll) is one member's handle on a group of n
  * members. Two implementations sit behind the same vtable:
- *   - in-process (this file): a ring over shared memory between threads of
- *     one process (pw_shm_group);
- *   - MPI (runtime/transport.h): the same ring over MPI point-to-point, or
- *     MPI_Iallreduce, on a communicator.
+ *   - in-process (this file): a tree or a ring over shared memory between
+ *     threads of one process (pw_shm_group);
+ *   - MPI (runtime/transport.h): the same tree or ring over MPI
+ *     point-to-point, or MPI_Iallreduce, on a communicator.
  *
  *     pw_shm_group *g;
  *     PW_CHECK(pw_shm_group_create(2, &g));
@@ -22,20 +22,40 @@
  * must make the same sequence of calls with spans of equal total length
  * (the layouts may differ; only the concatenation matters).
  *
- * The ring and its summation order. A bucket of L floats (its spans
- * concatenated) is cut into n segments, segment j = [⌊jL/n⌋, ⌊(j+1)L/n⌋).
- * Reduce-scatter: at step s = 0 .. n−2 member k adds the partial sum of
- * segment (k−s−1) mod n that member k−1 holds into its own copy:
+ * Two algorithms, each with a fixed summation order that depends only on
+ * the bucket's length L and the member count n — never on thread timing —
+ * and that the MPI versions reproduce exactly, so in-process and MPI runs
+ * give the same bytes. Either cuts the bucket into n segments, segment
+ * j = [⌊jL/n⌋, ⌊(j+1)L/n⌋).
+ *
+ * Tree (the default). Every element is the pairwise sum over the members
+ * in index order: at distance w = 1, 2, 4 … the partial of member a (a a
+ * multiple of 2w) becomes partial(a) + partial(a + w) where a + w < n, e.g.
+ *
+ *     (g0 + g1) + (g2 + g3)          n = 4
+ *     ((g0 + g1) + (g2 + g3)) + g4   n = 5
+ *
+ * Because a replica's gradient is itself the pairwise sum of its part of
+ * the global batch (stages/program.h, grad_groups), R replicas give the
+ * same bits as one replica summing the whole batch for every power of two R
+ * (docs/api.md, "Determinism"). Member j sums segment j: in process it
+ * reads the other members' copies of it in place and the others then copy
+ * the result from member 0; over MPI it receives the n − 1 other copies of
+ * segment j and sends the sum back to each, so a member sends and receives
+ * 2(n−1)/n·L floats, as in the ring (but to every member, not only its
+ * neighbours).
+ *
+ * Ring. Reduce-scatter: at step s = 0 .. n−2 member k adds the partial sum
+ * of segment (k−s−1) mod n that member k−1 holds into its own copy:
  * mine = prev + mine. After n−1 steps member k holds segment (k+1) mod n
  * complete. All-gather: at step t = 0 .. n−2 member k copies the complete
  * segment (k−t) mod n from member k−1. So every element of segment j is
  *
  *     ((g_j + g_{j+1}) + g_{j+2}) + … + g_{j−1}        (member indices mod n)
  *
- * summed left to right in float, starting at member j: a fixed order that
- * depends only on (L, n) — never on thread timing — and that the MPI ring
- * reproduces exactly, so in-process and MPI runs give the same bytes. Each
- * member moves 2(n−1)/n·L floats, the ring's optimum.
+ * summed left to right in float, starting at member j: the same bits as
+ * the tree for n <= 2 only. Each member moves 2(n−1)/n·L floats, the
+ * ring's optimum, to its neighbours only.
  *
  * Aborting. Every call polls `abort` (may be NULL) at least every few
  * milliseconds while it waits for another member and then returns
@@ -55,6 +75,12 @@
 extern "C" {
 #endif
 
+/* The all-reduce algorithms (see above). */
+typedef enum pw_coll_algo {
+    PW_COLL_TREE = 0,  /* pairwise over the members in index order (default) */
+    PW_COLL_RING,      /* the ring's order */
+} pw_coll_algo;
+
 /* A contiguous run of floats: one parameter's gradient, say. */
 typedef struct pw_span {
     float *data;
@@ -62,9 +88,9 @@ typedef struct pw_span {
 } pw_span;
 
 typedef struct pw_coll_i {
-    const char *name;  /* "shm-ring", "mpi-ring", "mpi-iallreduce" */
+    const char *name;  /* "shm-tree", "shm-ring", "mpi-tree", "mpi-ring", "mpi-iallreduce" */
     /* Sums the concatenation of `spans` across the group, in place, in the
-     * ring order above (an implementation that cannot, e.g. MPI_Iallreduce,
+     * algorithm's order above (an implementation that cannot, e.g. MPI_Iallreduce,
      * says so in docs/distributed.md). PW_OK; PW_ERR_TIMEOUT when aborted;
      * PW_ERR_SHAPE when members disagree on the total length; PW_ERR_IO on a
      * transport error. */
@@ -133,6 +159,9 @@ void pw_shm_group_destroy(pw_shm_group *g);
 /* The spans of every later all-reduce of the group live in `mem`'s memory
  * (NULL: host memory, the default). Before any member's first call. */
 void pw_shm_group_set_memory(pw_shm_group *g, const pw_span_mem *mem);
+/* The group's algorithm (PW_COLL_TREE unless set). Before any member's
+ * endpoint is taken. */
+void pw_shm_group_set_algo(pw_shm_group *g, pw_coll_algo algo);
 /* Member k's endpoint (0 <= k < n). */
 pw_coll pw_shm_group_member(pw_shm_group *g, int k);
 /* Members that have joined the collective member `k` is in now (for

@@ -1,6 +1,6 @@
-/* pipewright — collectives over MPI: the ring all-reduce of collective.h over
- * MPI_Isend/MPI_Irecv (the same additions in the same order as the
- * in-process ring, so the bytes match), MPI_Iallreduce as the alternative,
+/* pipewright — collectives over MPI: the tree and ring all-reduces of
+ * collective.h over MPI_Isend/MPI_Irecv (the same additions in the same
+ * order as in process, so the bytes match), MPI_Iallreduce as the alternative,
  * and an all-gather of one double. Blocking calls meant for a communication
  * thread: they test their requests without blocking inside MPI, so an abort
  * flag stops them. */
@@ -11,7 +11,7 @@
 
 #include "runtime/transport-internal.h"
 
-enum { TAG_RS = 11, TAG_AG = 12, TAG_AR = 13 };
+enum { TAG_RS = 11, TAG_AG = 12, TAG_AR = 13, TAG_TS = 14, TAG_TG = 15 };
 
 typedef struct mpi_coll {
     MPI_Comm comm;
@@ -19,9 +19,11 @@ typedef struct mpi_coll {
     pw_allreduce_algo algo;
     float *pack;          /* a bucket of several spans, contiguous */
     int64_t pack_cap;
-    float *tmp;           /* a received partial segment */
+    float *tmp;           /* received segments (ring: one partial; tree: n − 1 copies) */
     int64_t tmp_cap;
-    atomic_int waiting;   /* the member a ring step waits for, -1 */
+    MPI_Request *req;     /* [2n] the tree's requests */
+    atomic_int waiting;   /* the member a step waits for (the tree: the first
+                             member that has not sent), -1 */
 } mpi_coll;
 
 static pw_status grow(float **p, int64_t *cap, int64_t want)
@@ -105,6 +107,108 @@ static pw_status ring(mpi_coll *c, float *buf, int64_t L, const atomic_int *abor
     return PW_OK;
 }
 
+/* Waits for the tree's `n` requests; `from[i]` is whom request i waits on
+ * (for pw_transport_blame's "waiting for"). */
+static pw_status tree_wait(mpi_coll *c, int n, const int *from, const atomic_int *abort, const char *what)
+{
+    for (int i = 0; i < n; i++) { /* in order: the first one not done is whom we wait for */
+        if (from[i] >= 0) atomic_store(&c->waiting, from[i]);
+        pw_status st = pw_mpi_wait(&c->req[i], 1, MPI_STATUS_IGNORE, abort, what);
+        if (st != PW_OK) {
+            pw_mpi_lock();
+            for (int j = i + 1; j < n; j++) {
+                MPI_Cancel(&c->req[j]);
+                MPI_Request_free(&c->req[j]);
+            }
+            pw_mpi_unlock();
+            atomic_store(&c->waiting, -1);
+            return st;
+        }
+    }
+    atomic_store(&c->waiting, -1);
+    return PW_OK;
+}
+
+/* collective.h's tree: member k receives every other member's copy of
+ * segment k, sums them pairwise in member order, and sends the sum back. */
+static pw_status tree(mpi_coll *c, float *buf, int64_t L, const atomic_int *abort)
+{
+    const int n = c->n, k = c->me;
+    int64_t lo, hi;
+    pw_ring_segment(L, n, k, &lo, &hi);
+    const int64_t seg = L / n + 1; /* every segment fits */
+    PW_CHECK(grow(&c->tmp, &c->tmp_cap, seg * n));
+    if (!c->req && !(c->req = malloc(sizeof *c->req * 2 * (size_t)n)))
+        return pw_error(PW_ERR_NOMEM, "all-reduce: out of memory");
+    int from[2 * 64 + 2], *fromp = n <= 64 ? from : malloc(sizeof(int) * 2 * (size_t)n);
+    if (!fromp) return pw_error(PW_ERR_NOMEM, "all-reduce: out of memory");
+    /* Reduce: receive segment k from everyone, send segment j to member j. */
+    int nr = 0, rc = MPI_SUCCESS;
+    pw_mpi_lock();
+    for (int j = 0; j < n && rc == MPI_SUCCESS; j++) {
+        if (j == k) continue;
+        fromp[nr] = j;
+        rc = MPI_Irecv(c->tmp + (int64_t)j * seg, (int)(hi - lo), MPI_FLOAT, j, TAG_TS, c->comm, &c->req[nr++]);
+    }
+    for (int j = 0; j < n && rc == MPI_SUCCESS; j++) {
+        if (j == k) continue;
+        int64_t jlo, jhi;
+        pw_ring_segment(L, n, j, &jlo, &jhi);
+        fromp[nr] = -1;
+        rc = MPI_Isend(buf + jlo, (int)(jhi - jlo), MPI_FLOAT, j, TAG_TS, c->comm, &c->req[nr++]);
+    }
+    if (rc != MPI_SUCCESS)
+        for (int i = 0; i < nr - 1; i++) {
+            MPI_Cancel(&c->req[i]);
+            MPI_Request_free(&c->req[i]);
+        }
+    pw_mpi_unlock();
+    pw_status st = rc != MPI_SUCCESS ? pw_mpi_error(rc, "all-reduce tree") : tree_wait(c, nr, fromp, abort,
+                                                                                     "all-reduce tree");
+    if (st == PW_OK) {
+        /* Our own copy joins the others in member order; pairs at distance 1, 2, 4 ... */
+        float *part[64], **pp = n <= 64 ? part : malloc(sizeof(float *) * (size_t)n);
+        if (!pp) st = pw_error(PW_ERR_NOMEM, "all-reduce: out of memory");
+        for (int j = 0; pp && j < n; j++) pp[j] = j == k ? buf + lo : c->tmp + (int64_t)j * seg;
+        for (int w = 1; pp && w < n; w *= 2)
+            for (int a = 0; a + w < n; a += 2 * w) {
+                float *restrict d = pp[a];
+                const float *restrict q = pp[a + w];
+                for (int64_t i = 0; i < hi - lo; i++) d[i] = d[i] + q[i];
+            }
+        if (pp && k != 0) memcpy(buf + lo, pp[0], (size_t)(hi - lo) * sizeof(float));
+        if (pp != part) free(pp);
+    }
+    /* Gather: send our sum to everyone, receive theirs in place. */
+    nr = 0;
+    rc = MPI_SUCCESS;
+    if (st == PW_OK) {
+        pw_mpi_lock();
+        for (int j = 0; j < n && rc == MPI_SUCCESS; j++) {
+            if (j == k) continue;
+            int64_t jlo, jhi;
+            pw_ring_segment(L, n, j, &jlo, &jhi);
+            fromp[nr] = j;
+            rc = MPI_Irecv(buf + jlo, (int)(jhi - jlo), MPI_FLOAT, j, TAG_TG, c->comm, &c->req[nr++]);
+        }
+        for (int j = 0; j < n && rc == MPI_SUCCESS; j++) {
+            if (j == k) continue;
+            fromp[nr] = -1;
+            rc = MPI_Isend(buf + lo, (int)(hi - lo), MPI_FLOAT, j, TAG_TG, c->comm, &c->req[nr++]);
+        }
+        if (rc != MPI_SUCCESS)
+            for (int i = 0; i < nr - 1; i++) {
+                MPI_Cancel(&c->req[i]);
+                MPI_Request_free(&c->req[i]);
+            }
+        pw_mpi_unlock();
+        st = rc != MPI_SUCCESS ? pw_mpi_error(rc, "all-reduce tree") : tree_wait(c, nr, fromp, abort,
+                                                                               "all-reduce tree");
+    }
+    if (fromp != from) free(fromp);
+    return st;
+}
+
 static pw_status mpi_allreduce(void *self, int member, const pw_span *spans, int n_spans,
                                const atomic_int *abort)
 {
@@ -131,8 +235,10 @@ static pw_status mpi_allreduce(void *self, int member, const pw_span *spans, int
         pw_mpi_unlock();
         st = rc == MPI_SUCCESS ? pw_mpi_wait(&r, 1, NULL, abort, "MPI_Iallreduce")
                                : pw_mpi_error(rc, "MPI_Iallreduce");
-    } else {
+    } else if (c->algo == PW_ALLREDUCE_RING) {
         st = ring(c, buf, L, abort);
+    } else {
+        st = tree(c, buf, L, abort);
     }
     if (st == PW_OK && n_spans != 1) unpack_spans(c->pack, spans, n_spans);
     return st;
@@ -158,6 +264,9 @@ static int mpi_waiting_for(void *self, int member)
     return atomic_load(&c->waiting);
 }
 
+static const pw_coll_i mpi_tree_i = {
+    .name = "mpi-tree", .allreduce = mpi_allreduce, .allgather_f64 = mpi_allgather_f64,
+    .waiting_for = mpi_waiting_for};
 static const pw_coll_i mpi_ring_i = {
     .name = "mpi-ring", .allreduce = mpi_allreduce, .allgather_f64 = mpi_allgather_f64,
     .waiting_for = mpi_waiting_for};
@@ -176,7 +285,7 @@ pw_status pw_mpi_coll_init(MPI_Comm comm, pw_allreduce_algo algo, pw_coll *out)
     MPI_Comm_size(comm, &c->n);
     MPI_Comm_rank(comm, &c->me);
     pw_mpi_unlock();
-    out->vt = algo == PW_ALLREDUCE_MPI ? &mpi_iallreduce_i : &mpi_ring_i;
+    out->vt = algo == PW_ALLREDUCE_MPI ? &mpi_iallreduce_i : algo == PW_ALLREDUCE_RING ? &mpi_ring_i : &mpi_tree_i;
     out->self = c;
     out->member = c->me;
     out->n_members = c->n;
@@ -189,6 +298,7 @@ void pw_mpi_coll_fini(pw_coll *co)
     mpi_coll *c = co->self;
     free(c->pack);
     free(c->tmp);
+    free(c->req);
     free(c);
     co->self = NULL;
 }

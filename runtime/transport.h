@@ -189,8 +189,12 @@ int pw_transport_host_place(const pw_transport *t, struct hwloc_topology *topo, 
 /* ------------------------------------------------------------------ MPI */
 
 typedef enum pw_allreduce_algo {
-    PW_ALLREDUCE_RING = 0,   /* the ring of collective.h over MPI_Isend/Irecv:
-                                same bytes as in one process (default) */
+    PW_ALLREDUCE_TREE = 0,   /* the tree of collective.h over MPI_Isend/Irecv:
+                                same bytes as in one process, and as one
+                                replica for power-of-two replica counts
+                                (default) */
+    PW_ALLREDUCE_RING,       /* the ring of collective.h: same bytes as the
+                                in-process ring */
     PW_ALLREDUCE_MPI,        /* MPI_Iallreduce: the library's order */
 } pw_allreduce_algo;
 
@@ -207,7 +211,7 @@ int pw_mpi_built(void);
  * OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_SIZE...), 0 when the process was not
  * started by mpirun. Needs no MPI library. */
 int pw_mpi_launched_size(void);
-/* "ring" / "mpi" -> algorithm; PW_ERR_INVALID_ARG otherwise. */
+/* "tree" / "ring" / "mpi" -> algorithm; PW_ERR_INVALID_ARG otherwise. */
 pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out);
 
 /* Initialises MPI (MPI_Init_thread), checks the world has n_ranks ×

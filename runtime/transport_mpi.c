@@ -638,7 +638,8 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     MPI_Get_library_version(lib, &len);
     lib[strcspn(lib, ",\n")] = '\0';
     snprintf(t->desc, sizeof t->desc, "%s, %s all-reduce, thread level %s", lib,
-             cfg->allreduce == PW_ALLREDUCE_MPI ? "MPI_Iallreduce" : "ring", level_name(provided));
+             cfg->allreduce == PW_ALLREDUCE_MPI ? "MPI_Iallreduce" : cfg->allreduce == PW_ALLREDUCE_RING ? "ring" : "tree",
+             level_name(provided));
     PW_INFO(PW_SUB_COMM, "MPI rank %d: replica %d rank %d, host rank %d of %d (%s)", t->world_rank,
             t->replica, t->rank, t->local_rank, t->local_size, t->desc);
     *out = t;

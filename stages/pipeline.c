@@ -55,6 +55,7 @@ struct pw_pipeline {
     pw_schedule_config sc;    /* the generated schedule's config (kind CUSTOM for CSV) */
     int n_buckets;            /* the schedule's */
     int64_t micro;            /* samples per micro-batch */
+    int grad_groups;          /* K: each replica's micro-batches are summed in K groups */
     int64_t share;            /* samples per replica per step: batch / R */
     int64_t steps_per_epoch;
     int64_t step;             /* steps done */
@@ -499,7 +500,7 @@ static pw_status build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
             .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
             .device = chunk_device(pl, s, device, sizeof device), .math = c->math,
-            .no_graphs = c->no_graphs,
+            .no_graphs = c->no_graphs, .micro_batches = M, .grad_groups = pl->grad_groups,
         };
         PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
         pw_program_init_params(gs->piece[j], c->seed);
@@ -781,6 +782,11 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
                         "configuration asks for %d x %d", t->n_ranks, t->n_replicas, c->stages, NR);
     PW_CHECK(pw_trainer_check_batching(c->graph, c->train, c->batch, c->micro_batches, NR));
     PW_CHECK(check_device(c, NR));
+    int K;
+    if (pw_grad_groups(c->grad_groups, NR, c->micro_batches, &K) < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "gradient groups %d: must be a power of two dividing the "
+                        "%d micro-batches of a step (%d replicas x %d)", c->grad_groups,
+                        NR * c->micro_batches, NR, c->micro_batches);
 
     pw_pipeline *pl = calloc(1, sizeof *pl);
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
@@ -792,6 +798,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     pl->NRL = t ? 1 : NR;
     pl->share = c->batch / NR;
     pl->micro = pl->share / c->micro_batches;
+    pl->grad_groups = K;
     pl->steps_per_epoch = c->train->n / c->batch;
     pl->sampler_epoch = -1;
     pw_status st;

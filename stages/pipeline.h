@@ -116,7 +116,12 @@ typedef struct pw_pipeline_config {
                                        never depend on it). 0: 1 when this process runs
                                        several workers or is one rank of many, else
                                        the team as it is (default: all cores) */
+    int grad_groups;                /* G: the step's R·M micro-batch gradients are summed
+                                       as G groups of consecutive micro-batches, pairwise
+                                       (pw_grad_groups, stages/program.h); runs whose replica count
+                                       divides G are bit-identical. 0: the default */
 } pw_pipeline_config;
+
 
 pw_pipeline_config pw_pipeline_defaults(void);
 

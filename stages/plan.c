@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "scheduler/simulate.h"
+#include "stages/program.h"
 
 pw_plan_config pw_plan_defaults(void)
 {
@@ -124,6 +125,9 @@ static void fill_partition_config(const pw_plan_config *c, int S, const int *inf
     pc->optim_state_floats = pw_optim_state_floats(c->optim);
     pc->optim_flops = c->optim == PW_OPTIM_ADAMW ? PW_OPTIM_FLOPS_ADAMW : PW_OPTIM_FLOPS_SGD;
     pc->recompute = c->recompute;
+    int K = 1;
+    pw_grad_groups(c->grad_groups, c->replicas, c->micro_batches, &K);
+    while ((1 << pc->grad_sum_copies) < K) pc->grad_sum_copies++;
 }
 
 /* Peak in-flight per stage of a schedule for S stages (stage == rank). */

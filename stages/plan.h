@@ -79,6 +79,8 @@ typedef struct pw_plan_config {
     pw_optim_kind optim;             /* sizes the optimizer state and its update
                                         time (the profile must be measured for it) */
     int recompute;                   /* plan with activation recomputation */
+    int grad_groups;                 /* the pipeline's (pw_grad_groups; 0: its
+                                        default): sizes the gradients' group sums */
     hwloc_topology_t topology;       /* (optional) place the stages on it */
     const char *topology_name;       /* (optional) for the header: "2socket_8gpu.xml" */
     int cores_per_rank;              /* placement: 0: an equal share (pw_place_config) */

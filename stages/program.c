@@ -117,6 +117,14 @@ struct pw_program {
     size_t *use_off;             /* per use, in reverse node order of the users */
     size_t *node_grad_off;       /* per (node, param slot): that use's buffer */
     int folded;                  /* the uses are summed (until the next backward_weight) */
+    /* Group sums (cfg.grad_groups > 1): backward_weight calls this step, the
+     * gradient-sized buffers that hold group sums, and which buffer holds
+     * the pending sum of 2^l groups (-1: none). */
+    int n_bw;
+    int n_sum_bufs;
+    size_t off_sums;             /* n_sum_bufs × mem.grads bytes after the gradients */
+    int sum_level[32];
+    unsigned sum_busy;           /* bit b: buffer b holds a sum */
 
     prog_value *values;          /* per graph value */
     unsigned char *touched;      /* per graph value: read or written here */
@@ -407,6 +415,9 @@ static pw_status plan(pw_program *p)
                 p->use_off[pp->use_first + pp->n_uses++];
         }
     p->mem.grads = a->size - before;
+    p->off_sums = pw_arena_plan(a, (size_t)p->n_sum_bufs * p->mem.grads);
+    p->mem.grad_sums = (size_t)p->n_sum_bufs * p->mem.grads;
+    const size_t grads_category = a->size - before;
     before = a->size;
     p->cat_start[PW_MEM_OPTIM] = before;
     for (int i = 0; i < p->n_params; i++)
@@ -474,7 +485,7 @@ static pw_status plan(pw_program *p)
     p->mem.total = a->size;
     p->cat_start[PW_MEM_ACTIVATIONS] = p->shared_base;
     p->cat_bytes[PW_MEM_PARAMS] = p->mem.params;
-    p->cat_bytes[PW_MEM_GRADS] = p->mem.grads;
+    p->cat_bytes[PW_MEM_GRADS] = grads_category;
     p->cat_bytes[PW_MEM_OPTIM] = p->mem.optim_state;
     p->cat_bytes[PW_MEM_ACTIVATIONS] = a->size - p->shared_base;
     return PW_OK;
@@ -538,6 +549,25 @@ static pw_status commit(pw_program *p)
     return PW_OK;
 }
 
+int pw_grad_groups(int requested, int replicas, int micro_batches, int *per_replica)
+{
+    if (per_replica) *per_replica = 1;
+    if (replicas < 1) replicas = 1;
+    if (micro_batches < 1 || requested < 0) return -1;
+    const int64_t n = (int64_t)replicas * micro_batches;
+    int64_t G = requested;
+    if (G == 0) {
+        G = 1;
+        while (G < PW_GRAD_GROUPS_DEFAULT && n % (2 * G) == 0) G *= 2;
+    } else if ((G & (G - 1)) != 0 || n % G != 0) {
+        return -1;
+    }
+    int64_t gcd = 1;
+    while (gcd < G && replicas % (2 * gcd) == 0) gcd *= 2; /* G is a power of two */
+    if (per_replica) *per_replica = (int)(G / gcd);
+    return (int)G;
+}
+
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
 {
     *out = NULL;
@@ -555,6 +585,13 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
                         (long long)c.micro_batch);
     if (c.loss_batch <= 0) c.loss_batch = c.micro_batch;
     c.recompute = c.recompute != 0;
+    if (c.grad_groups <= 0) c.grad_groups = 1;
+    int sum_bufs = 0;
+    while ((1 << sum_bufs) < c.grad_groups && sum_bufs < 30) sum_bufs++;
+    if ((1 << sum_bufs) != c.grad_groups || (c.grad_groups > 1 && (c.micro_batches <= 0 ||
+                                                                   c.micro_batches % c.grad_groups)))
+        return pw_error(PW_ERR_INVALID_ARG, "program: %d gradient groups must be a power of two dividing "
+                        "the %d micro-batches of a step", c.grad_groups, c.micro_batches);
 
     const pw_backend_i *be;
     int dev_index;
@@ -573,6 +610,8 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     p->end = c.node_end;
     p->shared_slot = -1;
     p->loss_slot = -1;
+    p->n_sum_bufs = sum_bufs;
+    for (int l = 0; l < 32; l++) p->sum_level[l] = -1;
     pw_arena_init(&p->arena, "stage program");
     size_t nv = (size_t)g->n_values;
     p->params = calloc((size_t)g->n_params + 1, sizeof *p->params);
@@ -1305,16 +1344,70 @@ static pw_status backward_weight(pw_program *p, int slot)
     return backward_weight_ops(p, slot, n, 0);
 }
 
+/* The end of a group of micro-batches (cfg.grad_groups): its running sum,
+ * in the gradients, joins the pending sums like a binary counter — the sum
+ * of 2^l groups waits at level l until its right neighbour of the same size
+ * arrives — and the gradients start again from zero. The last group takes
+ * every pending sum, smallest first, which closes the tree:
+ * ((G0 + G1) + ((G2 + G3) ... )) for K groups. Float addition commutes, so
+ * which operand is the destination does not change a bit. */
+static pw_status group_end(pw_program *p)
+{
+    const int q = p->cfg.micro_batches / p->cfg.grad_groups;
+    if (p->cfg.grad_groups <= 1 || p->n_bw % q) return PW_OK;
+    if (p->n_params == 0) return PW_OK;
+    float *grad = at(p, p->params[0].off_grad);
+    const int64_t n = (int64_t)(p->mem.grads / sizeof(float));
+#define SUM_BUF(b) ((float *)at(p, p->off_sums + (size_t)(b) * p->mem.grads))
+    if (p->n_bw >= p->cfg.micro_batches) { /* the last group: close the tree in the gradients */
+        for (int l = 0; l < p->n_sum_bufs; l++)
+            if (p->sum_level[l] >= 0) {
+                BE(copy_grad, SUM_BUF(p->sum_level[l]), grad, n, 1);
+                p->sum_level[l] = -1;
+            }
+        p->sum_busy = 0;
+        return PW_OK;
+    }
+    int carry = -1; /* the buffer holding the sum being carried; -1: the gradients */
+    for (int l = 0; l < p->n_sum_bufs; l++) {
+        if (p->sum_level[l] < 0) {
+            if (carry < 0) {
+                for (carry = 0; p->sum_busy & (1u << carry); carry++) {}
+                p->sum_busy |= 1u << carry;
+                BE(copy_grad, grad, SUM_BUF(carry), n, 0);
+            }
+            p->sum_level[l] = carry;
+            break;
+        }
+        const int b = p->sum_level[l];
+        BE(copy_grad, carry < 0 ? grad : SUM_BUF(carry), SUM_BUF(b), n, 1);
+        if (carry >= 0) p->sum_busy &= ~(1u << carry);
+        carry = b;
+        p->sum_level[l] = -1;
+    }
+#undef SUM_BUF
+    BE(zero, grad, p->mem.grads);
+    return PW_OK;
+}
+
 pw_status pw_program_backward_weight(pw_program *p, int slot)
 {
     PW_CHECK(check_backward(p, slot));
     PW_CHECK(be_begin(p));
-    return be_end_call(p, backward_weight(p, slot));
+    pw_status st = backward_weight(p, slot);
+    if (st == PW_OK) {
+        p->n_bw++;
+        st = group_end(p);
+    }
+    return be_end_call(p, st);
 }
 
 static pw_status zero_grads(pw_program *p)
 {
     p->folded = 0;
+    p->n_bw = 0;
+    p->sum_busy = 0;
+    for (int l = 0; l < p->n_sum_bufs; l++) p->sum_level[l] = -1;
     if (p->n_params == 0) return PW_OK;
     BE(zero, at(p, p->params[0].off_grad), p->mem.grads);
     return PW_OK;

@@ -29,7 +29,15 @@
  *
  * Determinism: gradients of a value used several times are summed in reverse
  * node order; weight gradients accumulate in the order backward_weight is
- * called (micro-batch order under every schedule). A tied parameter used by
+ * called (micro-batch order under every schedule). With cfg.grad_groups
+ * K > 1 the step's M micro-batches (cfg.micro_batches) are summed as K
+ * groups of M/K consecutive ones, each a running sum, and the K group sums
+ * pairwise: (G0 + G1) + (G2 + G3) for K = 4. That is the shape of a sum that
+ * replicas can split: R replicas of M/R micro-batches each, summing theirs
+ * with K/R groups and the replicas' sums with collective.h's tree, add the
+ * same floats in the same order as one replica (docs/api.md,
+ * "Determinism"). It costs log2(K) more copies of the gradients
+ * (pw_program_memory's grad_sums) and a pass over them per group. A tied parameter used by
  * several nodes (an LM head reusing the token embedding) accumulates each
  * use's gradient in its own buffer over the step and sums the uses once, in
  * reverse node order, before the optimizer (pw_program_fold_grads): the one
@@ -111,7 +119,25 @@ typedef struct pw_program_config {
     int no_graphs;             /* 1: a device program runs every call as made,
                                   never recording a training call for replay
                                   (stages/backend.h, record_begin; docs/cuda.md) */
+    int micro_batches;         /* backward_weight calls per step (with grad_groups) */
+    int grad_groups;           /* K: sum the micro-batches' weight gradients in K
+                                  groups, pairwise (see "Determinism" above); a
+                                  power of two dividing micro_batches; 0 or 1:
+                                  one running sum */
 } pw_program_config;
+
+/* The default G: at most this many groups. */
+#define PW_GRAD_GROUPS_DEFAULT 8
+
+/* The gradient groups of a step of R replicas × M micro-batches
+ * (docs/api.md, "Determinism"). Returns G: `requested` when it is a power
+ * of two dividing R·M, or for 0 the largest power of two dividing R·M up to
+ * PW_GRAD_GROUPS_DEFAULT; -1 when `requested` is not valid. *per_replica
+ * (optional) receives K = G / gcd(G, R), the groups each replica sums its M
+ * micro-batches in: R | G gives G/R, and the replicas' tree all-reduce then
+ * completes the same pairwise sum over the G groups that one replica
+ * forms. Each program holds log2(K) extra copies of its gradients. */
+int pw_grad_groups(int requested, int replicas, int micro_batches, int *per_replica);
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out);
 void pw_program_destroy(pw_program *p); /* accepts NULL */
@@ -123,6 +149,7 @@ void pw_program_destroy(pw_program *p); /* accepts NULL */
 typedef struct pw_program_memory {
     size_t params, grads, optim_state, activations, total;
     size_t shared;
+    size_t grad_sums;          /* log2(grad_groups) copies of grads (counted in total) */
 } pw_program_memory;
 void pw_program_memory_usage(const pw_program *p, pw_program_memory *out);
 

@@ -44,6 +44,10 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
     *out = NULL;
     const pw_trainer_config *c = cfg;
     PW_CHECK(pw_trainer_check_batching(c->graph, c->train, c->batch, c->micro_batches, 1));
+    const int G = pw_grad_groups(c->grad_groups, 1, c->micro_batches, NULL);
+    if (G < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "gradient groups %d: must be a power of two dividing the %d "
+                        "micro-batches", c->grad_groups, c->micro_batches);
 
     pw_trainer *t = calloc(1, sizeof *t);
     if (!t) return pw_error(PW_ERR_NOMEM, "trainer: out of memory");
@@ -58,6 +62,8 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
         .slots = 1,
         .optim = c->optim,
         .recompute = c->recompute,
+        .micro_batches = c->micro_batches,
+        .grad_groups = G,
     };
     pw_status st = pw_program_create(&pc, &t->prog);
     if (st == PW_OK) st = pw_sampler_init(&t->sampler, c->train->n, c->shuffle, c->seed);

@@ -45,6 +45,9 @@ typedef struct pw_trainer_config {
     uint64_t seed;             /* parameter init and shuffling */
     int shuffle;               /* 0: data in file order every epoch */
     int recompute;             /* keep only inputs; recompute the forward in backward */
+    int grad_groups;           /* G (pw_grad_groups, stages/program.h): the micro-batch
+                                  gradients are summed in G groups, pairwise; 0: the
+                                  default, as a pipeline's */
 } pw_trainer_config;
 
 typedef struct pw_step_stats {

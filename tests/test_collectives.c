@@ -1,5 +1,5 @@
 /* Tests for the in-process collectives (runtime/collective.h): the shared-
- * memory ring sums in exactly the documented order for every member count,
+ * memory tree and ring sum in exactly the documented orders for every member count,
  * length and span layout; it can be used round after round; a member that
  * never comes cannot hang the others once abort is raised.
  *
@@ -72,10 +72,26 @@ static int random_spans(float *data, int64_t L, pw_span *out, int max)
     return n;
 }
 
-/* Element i of the result: segment j of i, summed left to right from member
- * j around the ring (collective.h). */
-static float expected(float *const *g, int n, int64_t L, int64_t i)
+/* Element i of the tree's result: pairs at distance 1, 2, 4 ... in member
+ * order (collective.h), written out as a recursion over halves of a
+ * power-of-two range rather than the implementation's loop. */
+static float tree_sum(float *const *g, int lo, int width, int n, int64_t i)
 {
+    if (width == 1) return g[lo][i];
+    int half = width / 2;
+    if (lo + half >= n) return tree_sum(g, lo, half, n, i); /* the right half is absent */
+    return tree_sum(g, lo, half, n, i) + tree_sum(g, lo + half, half, n, i);
+}
+
+/* Element i of the result: for the ring, segment j of i summed left to
+ * right from member j around the ring (collective.h). */
+static float expected(pw_coll_algo algo, float *const *g, int n, int64_t L, int64_t i)
+{
+    if (algo == PW_COLL_TREE) {
+        int width = 1;
+        while (width < n) width *= 2;
+        return tree_sum(g, 0, width, n, i);
+    }
     int j = 0;
     for (int s = 0; s < n; s++) {
         int64_t lo, hi;
@@ -87,7 +103,7 @@ static float expected(float *const *g, int n, int64_t L, int64_t i)
     return acc;
 }
 
-Test(collectives, ring_sums_in_the_documented_order, .timeout = TIMEOUT)
+static void check_order(pw_coll_algo algo)
 {
     static const int64_t lengths[] = {0, 1, 2, 5, 17, 1000, 4099};
     for (int n = 1; n <= 5; n++)
@@ -96,6 +112,7 @@ Test(collectives, ring_sums_in_the_documented_order, .timeout = TIMEOUT)
             const int rounds = 3;
             pw_shm_group *g;
             cr_assert_eq(pw_shm_group_create(n, &g), PW_OK);
+            pw_shm_group_set_algo(g, algo);
             float *data[MAXN][3], *orig[MAXN][3];
             pw_span spans[MAXN][3][64];
             member_job jobs[MAXN];
@@ -122,7 +139,7 @@ Test(collectives, ring_sums_in_the_documented_order, .timeout = TIMEOUT)
                 float *g_r[MAXN];
                 for (int k = 0; k < n; k++) g_r[k] = orig[k][r];
                 for (int64_t i = 0; i < L; i++) {
-                    float want = expected(g_r, n, L, i);
+                    float want = expected(algo, g_r, n, L, i);
                     for (int k = 0; k < n; k++)
                         cr_assert(memcmp(&data[k][r][i], &want, 4) == 0,
                                   "n=%d L=%lld round %d member %d element %lld: %.9g, expected %.9g", n,
@@ -137,6 +154,10 @@ Test(collectives, ring_sums_in_the_documented_order, .timeout = TIMEOUT)
             pw_shm_group_destroy(g);
         }
 }
+
+Test(collectives, tree_sums_in_the_documented_order, .timeout = TIMEOUT) { check_order(PW_COLL_TREE); }
+
+Test(collectives, ring_sums_in_the_documented_order, .timeout = TIMEOUT) { check_order(PW_COLL_RING); }
 
 static double now_s(void)
 {

@@ -1,7 +1,9 @@
 /* pipewright — the determinism matrix: parameters after a few AdamW steps are
  * the same bits for every stage count (1-4), schedule (all six), CPU thread
  * count (1, 2, 3: the team that tiles the GEMMs and runs attention heads)
- * and replica layout, for each micro-batch layout.
+ * and replica count (1, 2, 4: the micro-batches of the global batch spread
+ * over the replicas), for each micro-batch size. The reference of a layout
+ * is one replica taking all its micro-batches, on one stage and one thread.
  *
  * Run with whatever the environment says about the BLAS (CI leaves
  * OPENBLAS_NUM_THREADS unset and OPENBLAS_CORETYPE as the machine set it):
@@ -63,11 +65,13 @@ typedef struct layout {
 } layout;
 
 /* Micro-batch layouts: rows per micro-batch = batch / (replicas · M); M = 12
- * suits every schedule at 1-4 stages (interleaved needs S | M). */
+ * suits every schedule at 1-4 stages (interleaved needs S | M). The
+ * default gradient groups are 8 (24 and 48 micro-batches) or 4 (12). */
 static const layout LAYOUTS[] = {
     {1, 12, 192}, /* 16 rows */
     {1, 12, 384}, /* 32 rows */
-    {2, 12, 384}, /* 16 rows per replica's micro-batch */
+    {2, 12, 384}, /* 16 rows: equal to {1, 24, 384} */
+    {4, 12, 768}, /* 16 rows: equal to {1, 48, 768} */
 };
 #define N_LAYOUTS ((int)(sizeof LAYOUTS / sizeof LAYOUTS[0]))
 
@@ -146,16 +150,18 @@ static void expect_same(const float *got, const float *ref, int64_t n, const cha
             if (first < 0) first = i;
             ndiff++;
         }
-    cr_expect_eq(ndiff, 0, "%s: %lld of %lld parameters differ from 1 stage, 1 thread (first at %lld: "
+    cr_expect_eq(ndiff, 0, "%s: %lld of %lld parameters differ from 1 replica, 1 stage, 1 thread (first at %lld: "
                  "%.9g vs %.9g)", what, (long long)ndiff, (long long)n, (long long)first,
                  first >= 0 ? got[first] : 0.0, first >= 0 ? ref[first] : 0.0);
 }
 
-/* One micro-batch layout: its reference is 1 stage (GPipe), 1 thread. */
+/* One micro-batch layout: its reference is 1 replica with all the
+ * micro-batches, 1 stage (GPipe), 1 thread. */
 static void matrix(const pw_graph *g, const pw_dataset *d, const layout *L, int max_threads)
 {
     int64_t n_ref, n;
-    float *ref = train(g, d, L, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
+    const layout one = {1, L->replicas * L->micro_batches, L->batch};
+    float *ref = train(g, d, &one, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
     int runs = 0;
     for (int S = 1; S <= 4; S++)
         for (int k = 0; k < N_KINDS; k++)
@@ -193,7 +199,7 @@ ParameterizedTest(int *li, determinism, mlp_matrix, .timeout = TIMEOUT)
     cr_assert((rows + tm - 1) / tm * ((512 + tn - 1) / tn) > 1, "%lld rows: one tile", (long long)rows);
     pw_graph *g = test_parse(WIDE, "wide.graph");
     pw_dataset *d = image_data();
-    matrix(g, d, L, 3);
+    matrix(g, d, L, L->replicas > 2 ? 2 : 3);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }

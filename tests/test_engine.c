@@ -1171,31 +1171,29 @@ static void rh_fini(rharness *h)
     free(h->chunks);
 }
 
+/* Pairs at distance 1, 2, 4 ... over acc[lo, lo + width) with members >= R
+ * absent (runtime/collective.h's tree). */
+static float rtree(const float *acc, int lo, int width, int R)
+{
+    if (width == 1) return acc[lo];
+    int half = width / 2;
+    if (lo + half >= R) return rtree(acc, lo, half, R);
+    return rtree(acc, lo, half, R) + rtree(acc, lo + half, half, R);
+}
+
 /* What every replica's chunk c must see at OPTIM: each replica's
- * micro-batch sum, then the ring order over the replicas within each
- * bucket (runtime/collective.h). */
-static float rexpect(int R, int M, int NB, int c, int i)
+ * micro-batch sum, then the tree order over the replicas (the engine's
+ * in-process default, runtime/collective.h). */
+static float rexpect(int R, int M, int c, int i)
 {
     float acc[16];
     for (int k = 0; k < R; k++) {
         acc[k] = 0.0f;
         for (int m = 0; m < M; m++) acc[k] += rvalue(k, c, m, i);
     }
-    int lo, hi, b = 0;
-    for (int x = 0; x < NB; x++) {
-        rbucket_range(x, NB, &lo, &hi);
-        if (i >= lo && i < hi) b = x;
-    }
-    rbucket_range(b, NB, &lo, &hi);
-    int64_t L = hi - lo, slo, shi;
-    int j = 0;
-    for (int s = 0; s < R; s++) {
-        pw_ring_segment(L, R, s, &slo, &shi);
-        if (i - lo >= slo && i - lo < shi) j = s;
-    }
-    float sum = acc[j];
-    for (int t = 1; t < R; t++) sum = sum + acc[(j + t) % R];
-    return sum;
+    int width = 1;
+    while (width < R) width *= 2;
+    return rtree(acc, 0, width, R);
 }
 
 typedef struct rcase {
@@ -1231,7 +1229,7 @@ ParameterizedTest(rcase *c, engine, replicas_sum_buckets, .timeout = TIMEOUT)
                 rfake *f = &h.fakes[k * C + ch];
                 cr_assert_eq(f->optim_calls, step);
                 for (int i = 0; i < RF_N; i++) {
-                    float want = rexpect(c->R, c->M, c->NB, ch, i);
+                    float want = rexpect(c->R, c->M, ch, i);
                     cr_assert(memcmp(&f->snap[i], &want, 4) == 0,
                               "%s S=%d R=%d NB=%d step %d replica %d chunk %d element %d: %.9g, expected %.9g",
                               pw_schedule_kind_name(c->kind), c->S, c->R, c->NB, step, k, ch, i, f->snap[i], want);
@@ -1323,7 +1321,7 @@ Test(engine, clip_grad_norm, .timeout = TIMEOUT)
         for (int c = 0; c < 3; c++) {
             double part = 0;
             for (int i = 0; i < RF_N; i++) {
-                double v = rexpect(R, 2, R > 1 ? 2 : 1, c, i);
+                double v = rexpect(R, 2, c, i);
                 part += v * v;
             }
             total += part;

@@ -672,3 +672,136 @@ Test(checkpoint, mismatched_or_corrupt_files_are_refused_untouched)
     pw_graph_destroy(g);
     pw_graph_destroy(g2);
 }
+
+/* The gradients of all parameters, concatenated (use 0: the MLP has no tie). */
+static float *grads_of(pw_program *p, int64_t n)
+{
+    float *out = malloc((size_t)n * sizeof(float));
+    int64_t off = 0;
+    for (int i = 0; i < pw_program_n_params(p); i++) {
+        pw_program_param pp;
+        pw_program_param_at(p, i, &pp);
+        cr_assert_eq(pw_program_param_read(p, i, PW_PARAM_GRAD, 0, out + off), PW_OK);
+        off += pp.numel;
+    }
+    return out;
+}
+
+/* One micro-batch's forward and backward into `p`'s gradients. */
+static void micro_batch(pw_program *p, const pw_graph *g, const pw_dataset *d, int m, int64_t rows)
+{
+    int64_t idx[64];
+    for (int64_t r = 0; r < rows; r++) idx[r] = m * rows + r;
+    cr_assert_eq(pw_dataset_gather(d, idx, rows, pw_program_value(p, g->input, 0), pw_program_value(p, g->label, 0)),
+                 PW_OK);
+    cr_assert_eq(pw_program_forward(p, 0, rows), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_program_backward_input(p, 0), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_program_backward_weight(p, 0), PW_OK, "%s", pw_last_error());
+}
+
+/* grad_groups = M: the step's gradient is the pairwise sum of the M
+ * micro-batch gradients, ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7)),
+ * computed here from each micro-batch's own gradient; the program holds
+ * log2(M) more gradient copies for it; and the next step starts over. */
+Test(program, grad_groups_sum_pairwise)
+{
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = synthetic(256, 5, 0);
+    const int M = 8;
+    const int64_t rows = 8;
+    pw_program_config pc = {.graph = g, .micro_batch = rows, .loss_batch = rows * M, .micro_batches = M,
+                            .grad_groups = M, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pw_program *tree, *one;
+    cr_assert_eq(pw_program_create(&pc, &tree), PW_OK, "%s", pw_last_error());
+    pc.grad_groups = 1;
+    cr_assert_eq(pw_program_create(&pc, &one), PW_OK, "%s", pw_last_error());
+    pw_program_init_params(tree, 4);
+    pw_program_init_params(one, 4);
+    pw_program_memory mt, mo;
+    pw_program_memory_usage(tree, &mt);
+    pw_program_memory_usage(one, &mo);
+    cr_assert_eq(mt.grad_sums, 3 * mt.grads, "log2(8) = 3 copies");
+    cr_assert_eq(mo.grad_sums, 0);
+    cr_assert_eq(mt.total, mo.total + mt.grad_sums);
+    int64_t n = 0;
+    for (int i = 0; i < pw_program_n_params(one); i++) {
+        pw_program_param pp;
+        pw_program_param_at(one, i, &pp);
+        n += pp.numel;
+    }
+    for (int step = 0; step < 2; step++) {
+        float *gm[8];
+        for (int m = 0; m < M; m++) {
+            pw_program_zero_grads(one);
+            micro_batch(one, g, d, m + step * M, rows);
+            gm[m] = grads_of(one, n);
+            micro_batch(tree, g, d, m + step * M, rows);
+        }
+        float *got = grads_of(tree, n);
+        int64_t differ = 0, nonzero = 0;
+        for (int64_t i = 0; i < n; i++) {
+            float want = ((gm[0][i] + gm[1][i]) + (gm[2][i] + gm[3][i])) +
+                         ((gm[4][i] + gm[5][i]) + (gm[6][i] + gm[7][i]));
+            if (memcmp(&want, &got[i], 4) != 0) differ++;
+            if (want != 0.0f) nonzero++;
+        }
+        cr_assert_eq(differ, 0, "step %d: %lld of %lld gradient elements differ from the pairwise sum", step,
+                     (long long)differ, (long long)n);
+        cr_assert_gt(nonzero, n / 2, "the gradients are mostly zero; the test would be vacuous");
+        /* A running sum differs somewhere: the check above can fail. */
+        float *left = calloc((size_t)n, sizeof(float));
+        int64_t left_differs = 0;
+        for (int64_t i = 0; i < n; i++) {
+            for (int m = 0; m < M; m++) left[i] = left[i] + gm[m][i];
+            if (memcmp(&left[i], &got[i], 4) != 0) left_differs++;
+        }
+        cr_assert_gt(left_differs, 0, "the running sum is the same bits; the test would be vacuous");
+        free(left);
+        free(got);
+        for (int m = 0; m < M; m++) free(gm[m]);
+        cr_assert_eq(pw_program_optimizer_step(tree, step + 1), PW_OK, "%s", pw_last_error());
+        pw_program_zero_grads(one);
+        /* The same parameters for the next step. */
+        for (int i = 0; i < pw_program_n_params(one); i++) {
+            pw_program_param pp;
+            pw_program_param_at(tree, i, &pp);
+            cr_assert_eq(pw_program_param_write(one, i, PW_PARAM_DATA, pp.data), PW_OK);
+        }
+    }
+    pw_program_destroy(tree);
+    pw_program_destroy(one);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(program, grad_groups_defaults_and_refusals)
+{
+    int K;
+    cr_assert_eq(pw_grad_groups(0, 1, 12, &K), 4);
+    cr_assert_eq(K, 4);
+    cr_assert_eq(pw_grad_groups(0, 2, 12, &K), 8);
+    cr_assert_eq(K, 4);
+    cr_assert_eq(pw_grad_groups(0, 4, 12, &K), 8);
+    cr_assert_eq(K, 2);
+    cr_assert_eq(pw_grad_groups(0, 1, 3, &K), 1);
+    cr_assert_eq(K, 1);
+    cr_assert_eq(pw_grad_groups(0, 3, 8, &K), 8); /* R = 3 does not divide 8: K = 8 / gcd(8, 3) */
+    cr_assert_eq(K, 8);
+    cr_assert_eq(pw_grad_groups(0, 16, 1, &K), 8); /* 16 replicas: one group each is not G = 8 */
+    cr_assert_eq(K, 1);
+    cr_assert_eq(pw_grad_groups(16, 4, 4, &K), 16);
+    cr_assert_eq(K, 4);
+    cr_assert_eq(pw_grad_groups(3, 1, 6, NULL), -1);
+    cr_assert_eq(pw_grad_groups(4, 1, 6, NULL), -1);
+    pw_graph *g = parse(MLP);
+    pw_program_config pc = {.graph = g, .micro_batch = 2, .micro_batches = 6, .grad_groups = 4};
+    pw_program *p;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
+    pc.grad_groups = 3;
+    pc.micro_batches = 3;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
+    pc.grad_groups = 2;
+    pc.micro_batches = 0;
+    cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
+    pw_graph_destroy(g);
+}

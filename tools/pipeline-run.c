@@ -64,6 +64,7 @@ typedef struct options {
     const char *init_from;
     int quiet;
     int threads;
+    int grad_groups;
     int print_graph;
     int replicas;
     int buckets;
@@ -176,8 +177,8 @@ static void usage(FILE *f)
 "  --buckets N           all-reduce buckets per stage (default 4); a bucket's\n"
 "                        all-reduce starts as soon as its part of the backward\n"
 "                        is done, overlapping the rest\n"
-"  --allreduce ALGO      under mpirun: ring (default: the same bytes as one\n"
-"                        process) or mpi (MPI_Iallreduce)\n"
+"  --allreduce ALGO      under mpirun: tree (default: the same bytes as one\n"
+"                        process), ring, or mpi (MPI_Iallreduce)\n"
 "  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
 "                        stages, all replicas) is at most X\n"
 "\n"
@@ -214,6 +215,11 @@ static void usage(FILE *f)
 "                        (default: 1 per stage with several stages or ranks,\n"
 "                        else OPENBLAS_NUM_THREADS or all cores); results are\n"
 "                        the same for every N\n"
+"  --grad-groups G       sum the step's micro-batch gradients as G groups,\n"
+"                        pairwise (a power of two dividing replicas x\n"
+"                        micro-batches; default: up to 8): runs whose\n"
+"                        --replicas divides G give the same bits; each stage\n"
+"                        holds log2(G / replicas) more gradient copies\n"
 "  --print-graph         print the parsed graph with shapes and costs, then train\n"
 "  --quiet               only errors and the final result\n"
 "  --help                this text\n"
@@ -278,7 +284,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
-       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS };
+       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -372,6 +378,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"init-from", required_argument, 0, OPT_INIT},
         {"quiet", no_argument, 0, OPT_QUIET},
         {"threads", required_argument, 0, OPT_THREADS},
+        {"grad-groups", required_argument, 0, OPT_GRAD_GROUPS},
         {"print-graph", no_argument, 0, OPT_PRINT},
         {"help", no_argument, 0, OPT_HELP},
         {"schedule", required_argument, 0, OPT_SCHEDULE},
@@ -484,6 +491,10 @@ static int parse_args(int argc, char **argv, options *o)
             if (parse_i64("--threads", optarg, 1, 1024, &v)) return 2;
             o->threads = (int)v;
             break;
+        case OPT_GRAD_GROUPS:
+            if (parse_i64("--grad-groups", optarg, 1, 1 << 20, &v)) return 2;
+            o->grad_groups = (int)v;
+            break;
         case OPT_PRINT: o->print_graph = 1; break;
         case OPT_SCHEDULE: o->schedule = optarg; break;
         case OPT_PARTITION:
@@ -515,7 +526,7 @@ static int parse_args(int argc, char **argv, options *o)
         }
         case OPT_ALLREDUCE:
             if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
-                return bad_usage("--allreduce: '%s' is not ring or mpi", optarg);
+                return bad_usage("--allreduce: '%s' is not tree, ring or mpi", optarg);
             o->allreduce_set = 1;
             break;
         case OPT_CHUNKS:
@@ -675,6 +686,12 @@ static int parse_args(int argc, char **argv, options *o)
         else
             fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --micro-batches %d\n",
                     (long long)o->batch, o->micro_batches);
+        return 2;
+    }
+    if (pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0)
+    {
+        fprintf(stderr, "pipeline-run: --grad-groups %d: must be a power of two dividing --replicas x "
+                "--micro-batches (%d x %d)\n", o->grad_groups, o->replicas, o->micro_batches);
         return 2;
     }
     return check_device_flag(o, world);
@@ -1407,6 +1424,7 @@ static int make_plan(const pw_graph *g, const options *o, pw_schedule_kind kind,
     pc.link_latency = o->link_latency;
     pc.optim = o->optim.kind;
     pc.recompute = o->recompute;
+    pc.grad_groups = o->grad_groups;
     if (csv) {
         if (pw_schedule_load_csv(csv, &pr->custom) != PW_OK) {
             fprintf(stderr, "pipeline-run: %s--schedule: %s\n", g_who, pw_last_error());
@@ -1657,6 +1675,7 @@ int main(int argc, char **argv)
     pc.watchdog_s = o.watchdog_s;
     pc.pin = o.pin;
     pc.threads = o.threads;
+    pc.grad_groups = o.grad_groups;
     pc.check = o.check;
     pc.replicas = o.replicas;
     pc.buckets = o.buckets;
@@ -1847,12 +1866,13 @@ int main(int argc, char **argv)
     }
     if (o.save && !stopped) {
         char extra[320];
-        /* What fixes the numbers, not the layout (stages, replicas, schedule,
-         * threads, processes): a checkpoint is the same bytes whichever
-         * layout wrote it. */
-        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batches=%d optimizer=%s lr=%g",
-                 o.data, (long long)o.batch, o.micro_batches, pw_optim_name(o.optim.kind),
-                 (double)o.optim.lr);
+        /* What fixes the numbers, not the layout (stages, replicas and the
+         * micro-batches each takes, schedule, threads, processes): a
+         * checkpoint is the same bytes whichever layout wrote it. */
+        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batch=%lld grad_groups=%d optimizer=%s lr=%g",
+                 o.data, (long long)o.batch, (long long)micro_size(&o),
+                 pw_grad_groups(o.grad_groups, o.replicas, o.micro_batches, NULL),
+                 pw_optim_name(o.optim.kind), (double)o.optim.lr);
         pw_checkpoint_info info = {.step = s.step, .epoch = s.epoch + 1, .seed = o.seed,
                                    .extra = extra};
         if (pw_pipeline_save(t, o.save, &info) != PW_OK) {

@@ -4,7 +4,8 @@
  *
  *   identical   for every (stages, replicas) with stages × replicas = NP:
  *               the checkpoint's tensors are byte-identical to the same run
- *               in one process (SGD and AdamW, 1F1B / GPipe / split W, clipping);
+ *               in one process (SGD and AdamW, 1F1B / GPipe / split W, clipping),
+ *               and R replicas × M micro-batches to one replica of R·M;
  *               a run resumed with --init-from likewise; interleaved 1F1B and
  *               zb-v (two chunks per process) likewise
  *   tied        a tiny GPT whose head reuses the token embedding (wte.weight
@@ -201,14 +202,15 @@ static void write_tied(void)
 /* The same training run (model, data and step flags in `model`) in one
  * process and under mpirun -np NP; the checkpoints must hold the same
  * tensor bytes. */
-static void identical_model(const char *model, int np, int S, int R, const char *extra, const char *mpi_extra,
-                            const char *tag)
+/* The run `args` under mpirun -np `np` (plus `mpi_extra`) against `one_args`
+ * in one process: the same checkpoint tensors. */
+static void identical_runs(int np, const char *args, const char *mpi_extra, const char *one_args, const char *tag,
+                           const char *what)
 {
-    char args[1024], cmd[2048], why[256];
-    snprintf(args, sizeof args, "%s --stages %d --replicas %d %s", model, S, R, extra);
+    char cmd[2048], why[256];
     char *out = NULL;
     double took;
-    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save one_%s.st", bin, args, tag);
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save one_%s.st", bin, one_args, tag);
     int st = run(cmd, 300, &out, &took);
     if (st != 0) {
         fail("in one process (%s): exit %d\n%s", cmd, st, out);
@@ -229,11 +231,32 @@ static void identical_model(const char *model, int np, int S, int R, const char 
     snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
     snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
     if (!same_tensors(a, b, why, sizeof why))
-        fail("%s: %d stages x %d replicas %s %s: the MPI checkpoint differs from one process: %s", model, S,
-             R, extra, mpi_extra, why);
+        fail("%s %s: the MPI checkpoint differs from one process (%s): %s", what, mpi_extra, one_args, why);
     else
-        printf("ok   %.*s: %d stages x %d replicas %s %s: MPI checkpoint identical to one process (%.1f s)\n",
-               (int)strcspn(model, " "), model, S, R, extra, mpi_extra, took);
+        printf("ok   %s %s: MPI checkpoint identical to one process (%.1f s)\n", what, mpi_extra, took);
+}
+
+static void identical_model(const char *model, int np, int S, int R, const char *extra, const char *mpi_extra,
+                            const char *tag)
+{
+    char args[1024], what[1200];
+    snprintf(args, sizeof args, "%s --stages %d --replicas %d %s", model, S, R, extra);
+    snprintf(what, sizeof what, "%.*s: %d stages x %d replicas %s", (int)strcspn(model, " "), model, S, R, extra);
+    identical_runs(np, args, mpi_extra, args, tag, what);
+}
+
+/* R replicas of M micro-batches under MPI (the tree all-reduce) against one
+ * replica of R·M micro-batches on one stage in one process: the same bits
+ * for a power-of-two R (docs/api.md, "Determinism"). */
+static void one_replica(int np, int S, int R, int M, const char *extra, const char *tag)
+{
+    char args[1024], one[1024], what[1200];
+    const char *model = "m.graph " DATA " --batch 48 --steps 12";
+    snprintf(args, sizeof args, "%s --stages %d --replicas %d --micro-batches %d %s", model, S, R, M, extra);
+    snprintf(one, sizeof one, "%s --stages 1 --replicas 1 --micro-batches %d %s", model, R * M, extra);
+    snprintf(what, sizeof what, "m.graph: %d stages x %d replicas x %d micro-batches %s (= 1 x 1 x %d)", S, R, M,
+             extra, R * M);
+    identical_runs(np, args, "", one, tag, what);
 }
 
 /* One (stages, replicas) layout of the MLP. */
@@ -733,6 +756,7 @@ int main(int argc, char **argv)
         identical(2, 1, 2, "--micro-batches 2 --buckets 3", "", "r2");
         identical(2, 2, 1, "--schedule gpipe --optimizer adamw --clip-grad-norm 0.5", "", "s2g");
         identical(2, 1, 2, "--optimizer adamw", "--allreduce mpi", "r2mpi");
+        one_replica(2, 1, 2, 4, "--optimizer adamw", "r2one");
         resumed(2, 1, 2);
         identical(2, 2, 1, "--micro-batches 4 --schedule interleaved", "", "il2");
         identical(2, 2, 1, "--micro-batches 4 --schedule zb-v --optimizer adamw --clip-grad-norm 0.5", "", "zbv2");
@@ -749,6 +773,8 @@ int main(int argc, char **argv)
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
         identical(4, 4, 1, "--micro-batches 8 --optimizer adamw", "", "s4");
         identical(4, 1, 4, "--micro-batches 2 --buckets 2 --optimizer adamw", "", "r4");
+        one_replica(4, 1, 4, 3, "--buckets 2 --optimizer adamw --clip-grad-norm 0.5", "r4one");
+        one_replica(4, 2, 2, 6, "--schedule zb-h1 --optimizer adamw", "s2r2one");
         identical(4, 2, 2, "--schedule zb-h1 --micro-batches 4 --buckets 2", "", "zb");
         resumed(4, 2, 2);
         identical(4, 4, 1, "--micro-batches 8 --schedule interleaved --optimizer adamw", "", "il4");

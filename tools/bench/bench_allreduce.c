@@ -2,10 +2,10 @@
  *
  *   bench_allreduce [--members N] [--sizes 1,4,16,64,256] [--iters K]
  *       in one process: memcpy bandwidth of this machine, then the
- *       shared-memory ring (runtime/collective.h) between N threads;
+ *       shared-memory tree and ring (runtime/collective.h) between N threads;
  *   mpirun -np N bench_allreduce [--sizes ...]
- *       the ring over MPI point-to-point against MPI_Iallreduce on the
- *       world (rank 0 prints).
+ *       the tree and the ring over MPI point-to-point against
+ *       MPI_Iallreduce on the world (rank 0 prints).
  *
  * Figures per size, as nccl-tests defines them: time per all-reduce (best
  * of K), algorithm bandwidth = bytes / time, bus bandwidth = algbw ×
@@ -75,7 +75,7 @@ static double memcpy_gbs(int64_t bytes, int iters)
     return (double)bytes / best / 1e9;
 }
 
-/* --------------------------------------------------- in-process ring */
+/* ------------------------------------------------ in-process tree, ring */
 
 typedef struct member {
     pw_shm_group *g;
@@ -106,14 +106,16 @@ static void *member_main(void *arg)
     return NULL;
 }
 
-static void bench_shm(int n, const double *sizes, int n_sizes, int iters)
+static void bench_shm(int n, const double *sizes, int n_sizes, int iters, pw_coll_algo algo)
 {
-    printf("in-process ring (shared memory), %d members (threads); best of %d\n", n, iters);
+    printf("in-process %s (shared memory), %d members (threads); best of %d\n",
+           algo == PW_COLL_TREE ? "tree" : "ring", n, iters);
     printf("%10s %12s %14s %14s %14s\n", "size MB", "time ms", "algbw GB/s", "busbw GB/s", "memcpy GB/s");
     for (int si = 0; si < n_sizes; si++) {
         int64_t floats = (int64_t)(sizes[si] * 1e6 / 4);
         pw_shm_group *g;
         if (pw_shm_group_create(n, &g) != PW_OK) return;
+        pw_shm_group_set_algo(g, algo);
         pthread_barrier_t bar;
         pthread_barrier_init(&bar, NULL, (unsigned)n);
         member *m = calloc((size_t)n, sizeof *m);
@@ -171,31 +173,34 @@ static int bench_mpi(int *argc, char ***argv, const double *sizes, int n_sizes, 
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &n);
     MPI_Comm comm = MPI_COMM_WORLD;
-    pw_coll ring, lib;
-    if (pw_mpi_coll_create(&comm, PW_ALLREDUCE_RING, &ring) != PW_OK ||
+    pw_coll tree, ring, lib;
+    if (pw_mpi_coll_create(&comm, PW_ALLREDUCE_TREE, &tree) != PW_OK ||
+        pw_mpi_coll_create(&comm, PW_ALLREDUCE_RING, &ring) != PW_OK ||
         pw_mpi_coll_create(&comm, PW_ALLREDUCE_MPI, &lib) != PW_OK) {
         fprintf(stderr, "bench_allreduce: %s\n", pw_last_error());
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
     if (rank == 0) {
         printf("MPI, %d processes; best of %d; busbw = algbw x 2(n-1)/n\n", n, iters);
-        printf("%10s %12s %12s %14s %14s %14s\n", "size MB", "ring ms", "Iallred ms", "ring busbw", "Iallred busbw",
-               "memcpy GB/s");
+        printf("%10s %12s %12s %12s %12s %12s %14s %14s\n", "size MB", "tree ms", "ring ms", "Iallred ms",
+               "tree busbw", "ring busbw", "Iallred busbw", "memcpy GB/s");
     }
     for (int si = 0; si < n_sizes; si++) {
         int64_t floats = (int64_t)(sizes[si] * 1e6 / 4);
         float *buf = alloc_floats(floats);
         if (!buf) MPI_Abort(MPI_COMM_WORLD, 1);
+        double tt = time_mpi(&tree, buf, floats, iters);
         double tr = time_mpi(&ring, buf, floats, iters), tl = time_mpi(&lib, buf, floats, iters);
         double bytes = (double)floats * 4, f = 2.0 * (n - 1) / n;
         double mc = rank == 0 ? memcpy_gbs((int64_t)bytes, 3) : 0;
         if (rank == 0) {
-            printf("%10.0f %12.3f %12.3f %14.2f %14.2f %14.2f\n", sizes[si], tr * 1e3, tl * 1e3,
-                   bytes / tr / 1e9 * f, bytes / tl / 1e9 * f, mc);
+            printf("%10.0f %12.3f %12.3f %12.3f %12.2f %12.2f %14.2f %14.2f\n", sizes[si], tt * 1e3, tr * 1e3,
+                   tl * 1e3, bytes / tt / 1e9 * f, bytes / tr / 1e9 * f, bytes / tl / 1e9 * f, mc);
             fflush(stdout);
         }
         free(buf);
     }
+    pw_mpi_coll_destroy(&tree);
     pw_mpi_coll_destroy(&ring);
     pw_mpi_coll_destroy(&lib);
     MPI_Finalize();
@@ -230,6 +235,7 @@ int main(int argc, char **argv)
         return 2;
 #endif
     }
-    bench_shm(members, sizes, n_sizes, iters);
+    bench_shm(members, sizes, n_sizes, iters, PW_COLL_TREE);
+    bench_shm(members, sizes, n_sizes, iters, PW_COLL_RING);
     return 0;
 }

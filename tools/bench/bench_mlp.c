@@ -68,8 +68,11 @@ int main(int argc, char **argv)
     }
     free(text);
     const long mb = B / M;
+    /* The gradient groups a one-replica pipeline of M micro-batches uses
+     * by default (stages/program.h): their passes are part of the cost. */
     pw_program_config pc = {.graph = g, .micro_batch = mb, .loss_batch = B, .slots = 1,
-                            .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD), .micro_batches = M,
+                            .grad_groups = pw_grad_groups(0, 1, M, NULL)};
     pc.optim.lr = 1e-3f;
     pw_program *p;
     if (pw_program_create(&pc, &p) != PW_OK) {
