@@ -1,4 +1,5 @@
-/* pipewright — data sets: IDX reader/writer, synthetic task, sampler. */
+/* pipewright — data sets: IDX reader/writer, synthetic task, text, specs,
+ * checks against a graph, sampler. Token shards: data_tokens.c. */
 #include "stages/data.h"
 
 #include <errno.h>
@@ -16,6 +17,7 @@
 #include "runtime/log.h"
 #include "runtime/tmpfile.h"
 #include "runtime/rng.h"
+#include "stages/data-internal.h"
 
 #define IDX_U8 0x08
 #define IDX_I8 0x09
@@ -69,6 +71,8 @@ void pw_dataset_destroy(pw_dataset *d)
     free(d->x);
     free(d->y);
     free(d->text);
+    free(d->tokens);
+    pw_token_shards_free(d->shards);
     free(d->name);
     free(d);
 }
@@ -592,7 +596,7 @@ pw_status pw_dataset_synthetic(const pw_synthetic_config *cfg, pw_dataset **out)
 
 static const char *const spec_help =
     "expected fashion-mnist[:DIR], idx:IMAGES,LABELS[,TEST_IMAGES,TEST_LABELS], "
-    "synthetic[:N[:DIM[:CLASSES[:SEED]]]] or text:FILE|DIR|fortunes";
+    "synthetic[:N[:DIM[:CLASSES[:SEED]]]], text:FILE|DIR|fortunes or tokens:TRAIN[,HELDOUT]";
 
 static int file_exists(const char *p)
 {
@@ -742,20 +746,43 @@ bad:
 static pw_status load_text(const char *path, int is_fortunes, int64_t T, int train,
                            pw_dataset **out);
 
-/* The context length a text spec needs from the graph: its input i32 [T]. */
+/* The context length a text or tokens spec needs from the graph: its input
+ * i32 [T]. */
 static pw_status text_context(const char *spec, const pw_graph *g, int64_t *T)
 {
+    const int bytes = strncmp(spec, "text:", 5) == 0;
     if (!g)
-        return pw_error(PW_ERR_INVALID_ARG, "data spec '%s': text data is cut into windows of the "
-                        "model's context length; load it with pw_dataset_from_spec_for_graph", spec);
+        return pw_error(PW_ERR_INVALID_ARG, "data spec '%s': %s data is cut into windows of the "
+                        "model's context length; load it with pw_dataset_from_spec_for_graph", spec,
+                        bytes ? "text" : "token");
     const pw_value *in = &g->values[g->input];
     char b[96];
     if (in->dtype != PW_I32 || in->shape.ndim != 1)
-        return pw_error(PW_ERR_SHAPE, "%s: data spec '%s' gives byte tokens, so input '%s' must be "
-                        "i32[T] (got %s%s)", g->file, spec, in->name, pw_dtype_name(in->dtype),
-                        pw_shape_str(&in->shape, b, sizeof b));
+        return pw_error(PW_ERR_SHAPE, "%s: data spec '%s' gives %s, so input '%s' must be "
+                        "i32[T] (got %s%s)", g->file, spec, bytes ? "byte tokens" : "tokens", in->name,
+                        pw_dtype_name(in->dtype), pw_shape_str(&in->shape, b, sizeof b));
     *T = in->shape.d[0];
     return PW_OK;
+}
+
+/* "tokens:TRAIN[,HELDOUT]" with the graph's context T. */
+static pw_status load_tokens_spec(const char *spec, int64_t T, int train, unsigned parts,
+                                  pw_dataset **out)
+{
+    char *copy = strdup(spec + 7), *pat[2];
+    if (!copy) return pw_error(PW_ERR_NOMEM, "out of memory");
+    int n = split_commas(copy, pat, 2);
+    pw_status rc;
+    if (n < 1 || !pat[0][0] || (n == 2 && !pat[1][0])) {
+        rc = pw_error(PW_ERR_INVALID_ARG, "data spec '%s': write tokens:TRAIN[,HELDOUT], each a shard "
+                      "file or a glob", spec);
+    } else {
+        pw_tokens_config tc = {.train = pat[0], .heldout = n == 2 ? pat[1] : NULL, .context = T,
+                               .test = !train, .missing = PW_DATA_ALL & ~parts};
+        rc = pw_dataset_load_tokens(&tc, out);
+    }
+    free(copy);
+    return rc;
 }
 
 static pw_status from_spec(const char *spec, int train, const pw_graph *g, unsigned parts,
@@ -776,6 +803,11 @@ static pw_status from_spec(const char *spec, int train, const pw_graph *g, unsig
         PW_CHECK(text_context(spec, g, &T));
         if (strcmp(spec + 5, "fortunes") == 0) return load_text(PW_FORTUNES_DIR, 1, T, train, out);
         return load_text(spec + 5, 0, T, train, out);
+    }
+    if (strncmp(spec, "tokens:", 7) == 0 && spec[7]) {
+        int64_t T = 0;
+        PW_CHECK(text_context(spec, g, &T));
+        return load_tokens_spec(spec, T, train, parts, out);
     }
     return pw_error(PW_ERR_INVALID_ARG, "unknown data spec '%s' (%s)", spec, spec_help);
 }
@@ -832,6 +864,17 @@ pw_status pw_dataset_gather(const pw_dataset *d, const int64_t *idx, int64_t cou
             for (int64_t t = 0; t < T; t++) {
                 if (x) x[i * T + t] = w[t];
                 if (y_out) y_out[i * T + t] = w[t + 1];
+            }
+        }
+        return PW_OK;
+    }
+    if (d->tokens) {
+        int32_t *x = x_out;
+        for (int64_t i = 0; i < count; i++) {
+            const int64_t w = idx[i] * d->stride;
+            for (int64_t t = 0; t < T; t++) {
+                if (x) x[i * T + t] = (int32_t)pw_token_at(d, w + t);
+                if (y_out) y_out[i * T + t] = (int32_t)pw_token_at(d, w + t + 1);
             }
         }
         return PW_OK;
@@ -1002,6 +1045,7 @@ pw_status pw_dataset_load_text(const char *path, int64_t context, int train, pw_
 
 double pw_dataset_unigram_entropy(const pw_dataset *d)
 {
+    if (d && d->tokens) return pw_tokens_entropy(d);
     if (!d || d->n <= 0 || (!d->text && !d->y)) return 0.0;
     int64_t bins = d->n_classes > 0 ? d->n_classes : 1, total = 0;
     int64_t *count = calloc((size_t)bins, sizeof *count);
@@ -1028,7 +1072,7 @@ double pw_dataset_unigram_entropy(const pw_dataset *d)
 pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d)
 {
     const pw_value *in = &g->values[g->input];
-    char a[96], b[96];
+    char a[96], b[96], where[4200];
     /* Without its inputs an IDX set knows no sample shape: the process that
      * loads them checks it. */
     const int shape_known = !(d->missing & PW_DATA_INPUTS) || d->sample_numel > 0;
@@ -1058,15 +1102,28 @@ pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d)
         if (nd->op == PW_OP_SOFTMAX_XENT) {
             const pw_value *lg = &g->values[nd->inputs[0]];
             int64_t C = lg->shape.ndim ? lg->shape.d[lg->shape.ndim - 1] : 0;
+            if (d->n_classes > C && d->tokens &&
+                pw_tokens_first_at_least(d, 1, C > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)C, where,
+                                         sizeof where))
+                return pw_error(PW_ERR_SHAPE, "%s is not a class of the loss at %s:%d:%d (%lld "
+                                "classes; data set '%s')", where, g->file, nd->line, nd->col,
+                                (long long)C, d->name);
             if (d->n_classes > C)
                 return pw_error(PW_ERR_SHAPE, "%s: the loss has %lld classes but data set '%s' "
                                 "has labels up to %d", g->file, (long long)C, d->name,
                                 d->n_classes - 1);
         }
-        if (nd->op == PW_OP_EMBEDDING && nd->inputs[0] == g->input && d->n_tokens > nd->attrs.vocab)
+        if (nd->op == PW_OP_EMBEDDING && nd->inputs[0] == g->input && d->n_tokens > nd->attrs.vocab) {
+            /* Shards: the first id that does not fit, where it is. */
+            const uint32_t V = nd->attrs.vocab > (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)nd->attrs.vocab;
+            if (d->tokens && pw_tokens_first_at_least(d, 0, V, where, sizeof where))
+                return pw_error(PW_ERR_SHAPE, "%s is outside the vocabulary of %s:%d:%d (embedding "
+                                "vocab=%lld; data set '%s')", where, g->file, nd->line, nd->col,
+                                (long long)nd->attrs.vocab, d->name);
             return pw_error(PW_ERR_SHAPE, "%s:%d:%d: embedding has vocab=%lld but data set '%s' "
                             "has tokens up to %d", g->file, nd->line, nd->col,
                             (long long)nd->attrs.vocab, d->name, d->n_tokens - 1);
+        }
     }
     return PW_OK;
 }

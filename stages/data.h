@@ -1,5 +1,6 @@
 /* pipewright — data sets: IDX files (MNIST / Fashion-MNIST), a synthetic
- * learnable task, and a deterministic sampler.
+ * learnable task, byte-level text, llm.c token shards, and a deterministic
+ * sampler.
  *
  *     pw_dataset *train = NULL;
  *     if (pw_dataset_from_spec("fashion-mnist", 1, &train) != PW_OK) {
@@ -20,10 +21,10 @@
  *
  * Dense data sets (IDX, synthetic) store samples as f32 rows,
  * (n, numel(sample_shape)), row-major, and one i32 class index in
- * [0, n_classes) per sample. Token data sets (text:) are views of a byte
- * stream: sample i is a window of T + 1 bytes, its input the first T bytes
- * (i32 tokens [T]) and its labels the last T (the next byte at every
- * position, [T]). pw_dataset_gather serves both.
+ * [0, n_classes) per sample. Token data sets (text:, tokens:) are views of a
+ * token stream (bytes, or llm.c shards' ids): sample i is a window of T + 1
+ * tokens, its input the first T (i32 tokens [T]) and its labels the last T
+ * (the next token at every position, [T]). pw_dataset_gather serves both.
  *
  * Parts. A process of a multi-process run loads only the side its stages
  * read (pw_pipeline_data_parts): the first stage the inputs, the last the
@@ -77,6 +78,13 @@ typedef struct pw_dataset {
      * sample_numel 0 (IDX); labels missing, n_classes may be 0 (IDX). */
     unsigned missing;
     int64_t loaded_bytes;   /* bytes of samples and labels read or generated */
+    /* Token shards (tokens:): the stream is `tokens`, text_len ids of
+     * token_width bytes (2 or 4, host order), cut into windows as `text` is;
+     * NULL when the process loaded no side (missing == PW_DATA_ALL). `text`
+     * stays NULL. `shards` says which file each token came from (errors). */
+    void *tokens;
+    int token_width;
+    struct pw_token_shards *shards;
 } pw_dataset;
 
 /* Frees a data set and its arrays; accepts NULL. */
@@ -169,9 +177,78 @@ pw_status pw_dataset_load_text(const char *path, int64_t context, int train, pw_
  * links skipped), ~2.3 MB of English text. */
 #define PW_FORTUNES_DIR "/usr/share/games/fortunes"
 
-/* Entropy in nats of the split's label distribution: for text, of the
- * target bytes of its windows. It is the loss of the best model that ignores
- * its input (the unigram baseline a language model must beat). */
+/* ---------------------------------------------------------------- token shards
+ *
+ * Pre-tokenized corpora in llm.c's binary shard format
+ * (dev/data/data_common.py, write_datafile), as its fineweb.py,
+ * tinyshakespeare.py, ... write them:
+ *
+ *     bytes 0 .. 1023   header: 256 little-endian int32
+ *                       [0] magic, [1] version, [2] token count N, the rest 0
+ *     bytes 1024 ..     N tokens, little-endian
+ *
+ *     magic 20240520, version 1: GPT-2 tokens, uint16 (vocabulary 50257)
+ *     magic 20240801, version 7: llama-3 tokens, uint32 (vocabulary 128256)
+ *
+ * and the file is exactly 1024 + N · width bytes. A pattern is one file or a
+ * glob(7) pattern; the files it matches are read in byte order of their
+ * names and concatenated into one stream (a window may span two shards;
+ * llm.c starts every document with <|endoftext|>, so a shard boundary is a
+ * document boundary). All shards of a data set have one format.
+ *
+ * Splits. With `heldout` set, its shards are the held-out split and
+ * `train`'s the training split, whole (llm.c's *_train_* / *_val_* shards).
+ * Without it the held-out split is the last floor(N / 10) tokens of the
+ * stream and the training split the rest, as for text; a lone pattern that
+ * matches both llm.c training and validation shards (names containing
+ * "_train_" / "_val_", or ending "_train.bin" / "_val.bin") is refused, so
+ * validation tokens are never trained on by accident. Windows as for text:
+ * T + 1 tokens sharing their boundary token, n = (split length − 1) / T.
+ *
+ * Only what the split needs is read (pread at the offsets the header and the
+ * file size give; nothing is allocated before both agree). n_tokens is the
+ * largest input id of the windows + 1, n_classes the largest target id + 1;
+ * an id >= 2^31 − 1 is refused here, an id outside a graph's vocabulary by pw_dataset_check_graph
+ * (naming the file and position). With missing = PW_DATA_ALL (a middle
+ * pipeline stage under mpirun) only the headers are read: n is known, no
+ * token is.
+ *
+ * Returns PW_OK, or
+ *   PW_ERR_IO           a file cannot be opened or read, a directory or
+ *                       another file that is not regular, a glob that matches
+ *                       nothing ("tokens 'data/x_*.bin': no file
+ *                       matches");
+ *   PW_ERR_FORMAT       "FILE: what: where": a header shorter than 1024
+ *                       bytes, bad magic, a version that does not go with the
+ *                       magic, a negative count, a count that does not match
+ *                       the file size, shards of two formats, an id too large,
+ *                       a file that changed size while being read;
+ *   PW_ERR_INVALID_ARG  context < 1, a split shorter than T + 1 tokens, llm.c
+ *                       training and validation shards in one pattern;
+ *   PW_ERR_NOMEM        allocation failed.
+ * On failure *out is NULL. The data set owns its ids and shard table
+ * (pw_dataset_destroy); it is read-only after loading, so stages may gather
+ * from it on several threads. */
+#define PW_TOKENS_HEADER_BYTES 1024
+#define PW_TOKENS_MAGIC_GPT2 20240520   /* version 1, uint16 ids */
+#define PW_TOKENS_MAGIC_LLAMA3 20240801 /* version 7, uint32 ids */
+
+typedef struct pw_tokens_config {
+    const char *train;      /* file or glob: the training stream (all of it when
+                               `heldout` is set, else its first 90%) */
+    const char *heldout;    /* (optional) file or glob: the held-out split */
+    int64_t context;        /* T >= 1: window length (the graph's input i32 [T]) */
+    int test;               /* 0: training split, 1: held-out split */
+    unsigned missing;       /* PW_DATA_* sides not wanted (0: both). Inputs and
+                               labels are one stream, read whole unless both
+                               are missing */
+} pw_tokens_config;
+
+pw_status pw_dataset_load_tokens(const pw_tokens_config *cfg, pw_dataset **out);
+
+/* Entropy in nats of the split's label distribution: for text and tokens,
+ * of the target tokens of its windows. It is the loss of the best model that
+ * ignores its input (the unigram baseline a language model must beat). */
 double pw_dataset_unigram_entropy(const pw_dataset *d);
 
 /* Checks that a data set fits a graph: the input's dtype and size (f32 for
@@ -179,7 +256,9 @@ double pw_dataset_unigram_entropy(const pw_dataset *d);
  * position), the loss's class count against the labels, and every embedding
  * that reads the input against the token range; a missing side's checks are
  * left to the process that loads it. PW_ERR_SHAPE with a message naming the
- * graph file, the value and the data set. */
+ * graph file, the value and the data set; for token shards it also names the
+ * first id out of range, its shard and its position there ("fw_000001.bin:
+ * token 50300 at position 1234 (byte 3492) is outside ..."). */
 pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d);
 
 /* ---------------------------------------------------------------- specs
@@ -202,6 +281,10 @@ pw_status pw_dataset_check_graph(const pw_graph *g, const pw_dataset *d);
  *       (PW_FORTUNES_DIR; "... install the Debian package fortunes" when
  *       missing). The window length comes from the graph, so these need
  *       pw_dataset_from_spec_for_graph (pw_dataset_from_spec refuses them).
+ *   "tokens:TRAIN[,HELDOUT]"
+ *       pw_dataset_load_tokens; TRAIN and HELDOUT are each a file or a glob
+ *       ("tokens:fw/fineweb_train_*.bin,fw/fineweb_val_*.bin"). The window
+ *       length comes from the graph, as for text.
  *
  * Returns PW_OK, PW_ERR_INVALID_ARG for a malformed spec or an "idx:" spec
  * without a test pair when train == 0, PW_ERR_IO when the Fashion-MNIST files
@@ -218,7 +301,8 @@ pw_status pw_dataset_from_spec_for_graph(const char *spec, int train, const pw_g
  * IDX files (fashion-mnist, idx:) open only the file of each side asked for
  * (pw_dataset_load_idx_parts), synthetic data generates only those sides
  * (the same values as a full load), text data is loaded whole (inputs and
- * labels are the same bytes, shifted by one). `g` as for
+ * labels are the same bytes, shifted by one), token shards whole unless no
+ * side is asked for (then their headers alone give the count). `g` as for
  * pw_dataset_from_spec_for_graph (may be NULL but for text specs). The
  * sides not loaded are in (*out)->missing. */
 pw_status pw_dataset_from_spec_parts(const char *spec, int train, const pw_graph *g, unsigned parts,

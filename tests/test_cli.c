@@ -3,6 +3,7 @@
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <jansson.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -76,7 +77,8 @@ Test(cli, help_documents_every_flag)
                            "--schedule", "--partition", "--trace", "--watchdog", "--optimizer",
                            "--lr", "--momentum", "--weight-decay", "--data", "--shuffle", "--seed",
                            "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check",
-                           "--device", "--gpu-math", "--no-gpu-graphs"};
+                           "--device", "--gpu-math", "--no-gpu-graphs", "--metrics", "--eval-every",
+                           "tokens:"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         cr_assert(strstr(o, flags[i]), "--help does not mention %s", flags[i]);
     free(o);
@@ -906,4 +908,260 @@ Test(cli, a_second_signal_stops_at_once_and_leaves_no_temp_file)
     tmp_files(left, sizeof left);
     cr_assert_str_eq(left, "", "temp files left: %s", left);
     free(log);
+}
+
+/* ---------------------------------------------------------------- token shards, --metrics */
+
+/* An llm.c GPT-2 token shard (magic 20240520, version 1, uint16 ids), built
+ * from the format: 256 little-endian int32 of header, then the ids. */
+static void write_shard(const char *name, const uint32_t *ids, int n)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "wb");
+    cr_assert_not_null(f);
+    unsigned char head[1024] = {0};
+    const uint32_t h[3] = {20240520u, 1u, (uint32_t)n};
+    for (int k = 0; k < 3; k++)
+        for (int j = 0; j < 4; j++) head[4 * k + j] = (unsigned char)(h[k] >> (8 * j));
+    fwrite(head, 1, sizeof head, f);
+    for (int i = 0; i < n; i++) {
+        unsigned char b[2] = {(unsigned char)ids[i], (unsigned char)(ids[i] >> 8)};
+        fwrite(b, 1, 2, f);
+    }
+    fclose(f);
+}
+
+/* A GPT over a vocabulary of 300 ids (more than bytes) at context 16, and
+ * shards of a learnable stream: short phrases of ids, most of them >= 256. */
+static void write_token_gpt(void)
+{
+    write_file("gpt300.graph",
+               "graph gpt300\n"
+               "input tokens : i32[16]\n"
+               "label next : i32[16]\n"
+               "tok = embedding(tokens, vocab=300, dim=32) as wte\n"
+               "pos = pos_embedding(tok, max=16) as wpe\n"
+               "h = repeat 2 as h (x = pos) {\n"
+               "    a = layernorm(x) as ln_1\n"
+               "    qkv = linear(a, out=96) as attn.c_attn\n"
+               "    att = causal_attention(qkv, heads=2)\n"
+               "    o = linear(att, out=32) as attn.c_proj\n"
+               "    x1 = add(x, o)\n"
+               "    m = layernorm(x1) as ln_2\n"
+               "    fc = linear(m, out=64) as mlp.c_fc\n"
+               "    g = gelu(fc)\n"
+               "    pr = linear(g, out=32) as mlp.c_proj\n"
+               "    x2 = add(x1, pr)\n"
+               "    return x2\n"
+               "}\n"
+               "hf = layernorm(h) as ln_f\n"
+               "logits = linear(hf, out=300, bias=false, weight=wte.weight) as lm_head\n"
+               "loss = softmax_cross_entropy(logits, next)\n");
+    static const uint32_t phrase[3][5] = {{299, 256, 1, 270, 298}, {10, 280, 281, 282, 283}, {290, 40, 291, 41, 292}};
+    uint32_t *ids = malloc(sizeof(uint32_t) * 8000);
+    unsigned x = 7;
+    int n = 0;
+    while (n < 8000 - 5) {
+        x = x * 1103515245u + 12345u;
+        memcpy(ids + n, phrase[(x >> 16) % 3], sizeof phrase[0]);
+        n += 5;
+    }
+    write_shard("tok_train_000002.bin", ids + 3000, 2000); /* created first, read second */
+    write_shard("tok_train_000001.bin", ids, 3000);
+    write_shard("tok_val_000000.bin", ids + 5000, 1000);
+    free(ids);
+}
+
+/* The lines of a --metrics file, each one JSON object ending in '\n'; the
+ * file's lines as a JSON array. */
+static json_t *read_metrics(const char *name)
+{
+    char *text = slurp(name);
+    json_t *all = json_array();
+    size_t len = strlen(text);
+    cr_assert(len == 0 || text[len - 1] == '\n', "%s does not end with a complete line: %s", name, text);
+    for (char *line = text; *line;) {
+        char *nl = strchr(line, '\n');
+        cr_assert_not_null(nl);
+        *nl = '\0';
+        json_error_t err;
+        json_t *o = json_loads(line, 0, &err);
+        cr_assert(json_is_object(o), "%s: not a JSON object (%s): %s", name, err.text, line);
+        json_array_append_new(all, o);
+        line = nl + 1;
+    }
+    free(text);
+    return all;
+}
+
+static double num(const json_t *o, const char *key)
+{
+    const json_t *v = json_object_get(o, key);
+    cr_assert(json_is_number(v), "\"%s\" is not a number in %s", key, json_dumps(o, 0));
+    return json_number_value(v);
+}
+
+/* One "step" line: every documented key, plausible values. */
+static void check_step_line(const json_t *o, int64_t step, int stages, int clipped)
+{
+    cr_assert_str_eq(json_string_value(json_object_get(o, "type")), "step");
+    cr_assert(json_is_integer(json_object_get(o, "step")) && json_integer_value(json_object_get(o, "step")) == step,
+              "step %lld: %s", (long long)step, json_dumps(o, 0));
+    cr_assert(json_is_integer(json_object_get(o, "epoch")) && json_integer_value(json_object_get(o, "epoch")) >= 1);
+    double loss = num(o, "loss");
+    cr_assert(isfinite(loss) && loss > 0, "loss %g", loss);
+    cr_assert_gt(num(o, "lr"), 0);
+    if (clipped) cr_assert_gt(num(o, "grad_norm"), 0);
+    else cr_assert(json_is_null(json_object_get(o, "grad_norm")), "grad_norm without clipping: %s", json_dumps(o, 0));
+    cr_assert_gt(num(o, "samples_per_s"), 0);
+    cr_assert_gt(num(o, "step_ms"), 0);
+    double bubble = num(o, "bubble_pct");
+    cr_assert(bubble >= 0 && bubble <= 100, "bubble_pct %g", bubble);
+    const json_t *busy = json_object_get(o, "stage_busy_ms");
+    cr_assert(json_is_array(busy) && (int)json_array_size(busy) == stages, "%s", json_dumps(o, 0));
+    for (size_t r = 0; r < json_array_size(busy); r++) {
+        cr_assert(json_is_number(json_array_get(busy, r)));
+        cr_assert_geq(json_number_value(json_array_get(busy, r)), 0);
+    }
+}
+
+Test(cli, token_shards_train_a_gpt_over_300_ids_and_metrics_log_each_step)
+{
+    write_token_gpt();
+    char *o;
+    int rc = run("gpt300.graph --data 'tokens:tok_train_*.bin,tok_val_*.bin' --no-pin --stages 2 --batch 16 "
+                 "--micro-batches 4 --optimizer adamw --lr 0.01 --steps 30 --eval-every 10 --metrics m.jsonl", &o);
+    cr_assert_eq(rc, 0, "%s", o);
+    /* 5000 training ids: (5000 - 1) / 16 = 312 windows, 19 steps per epoch. */
+    cr_assert(strstr(o, "data tok_train_*.bin/train: 312 train / 62 test samples"), "%s", o);
+    cr_assert(strstr(o, "step 10: held-out loss"), "%s", o);
+    free(o);
+    json_t *all = read_metrics("m.jsonl");
+    int64_t steps = 0, evals = 0;
+    const int64_t eval_at[] = {10, 19, 20, 30}; /* --eval-every 10, the epoch's end, the last step */
+    double first_eval = 0, last_eval = 0, first_loss = 0, last_loss = 0;
+    for (size_t i = 0; i < json_array_size(all); i++) {
+        const json_t *l = json_array_get(all, i);
+        const char *type = json_string_value(json_object_get(l, "type"));
+        cr_assert_not_null(type);
+        if (!strcmp(type, "step")) {
+            check_step_line(l, ++steps, 2, 0);
+            cr_assert_eq(json_integer_value(json_object_get(l, "epoch")), steps <= 19 ? 1 : 2);
+            cr_assert_gt(num(l, "tokens_per_s"), num(l, "samples_per_s"));
+            if (steps == 1) first_loss = num(l, "loss");
+            last_loss = num(l, "loss");
+            continue;
+        }
+        cr_assert_str_eq(type, "eval");
+        cr_assert_lt(evals, 4, "too many eval lines");
+        cr_assert_eq(json_integer_value(json_object_get(l, "step")), eval_at[evals], "%s", json_dumps(l, 0));
+        cr_assert_eq(json_integer_value(json_object_get(l, "step")), steps, "an eval line follows its step");
+        cr_assert_eq(json_integer_value(json_object_get(l, "epoch")), eval_at[evals] <= 19 ? 1 : 2);
+        double loss = num(l, "loss");
+        cr_assert(isfinite(loss) && loss > 0);
+        cr_assert(json_is_null(json_object_get(l, "accuracy")), "a language model has no accuracy: %s",
+                  json_dumps(l, 0));
+        cr_assert_float_eq(num(l, "ppl"), exp(loss), 1e-6 * exp(loss));
+        cr_assert(num(l, "token_accuracy") >= 0 && num(l, "token_accuracy") <= 1);
+        cr_assert_eq(num(l, "samples"), 62);
+        if (evals == 0) first_eval = loss;
+        last_eval = loss;
+        evals++;
+    }
+    cr_assert_eq(steps, 30);
+    cr_assert_eq(evals, 4);
+    /* It learns: the phrases are predictable after their first id. */
+    cr_assert_lt(first_loss, log(300.0) + 0.5, "initial loss %g", first_loss);
+    cr_assert_lt(last_loss, first_loss - 1.0, "train loss %g -> %g", first_loss, last_loss);
+    cr_assert_lt(last_eval, first_eval, "held-out loss %g -> %g", first_eval, last_eval);
+    json_decref(all);
+}
+
+Test(cli, token_ids_outside_the_vocabulary_name_the_shard_and_position)
+{
+    write_token_gpt();
+    uint32_t ids[400];
+    for (int i = 0; i < 400; i++) ids[i] = (uint32_t)(i * 7) % 300;
+    ids[50] = 300;
+    write_shard("oov.bin", ids, 400);
+    char *o;
+    cr_assert_eq(run("gpt300.graph --data tokens:oov.bin --no-pin --stages 1 --batch 4 --steps 1 --quiet", &o), 1);
+    cr_assert(strstr(o, "oov.bin: token 300 at position 50 (byte 1124) is outside the vocabulary of "
+                        "gpt300.graph:4:7 (embedding vocab=300"), "%s", o);
+    free(o);
+    /* In the held-out split (the last 10%): refused before training, not at the first evaluation. */
+    ids[50] = 1;
+    ids[390] = 299 + 7;
+    write_shard("oov.bin", ids, 400);
+    cr_assert_eq(run("gpt300.graph --data tokens:oov.bin --no-pin --stages 1 --batch 4 --steps 1", &o), 1);
+    cr_assert(strstr(o, "--data (test set): oov.bin: token 306 at position 390 (byte 1804)"), "%s", o);
+    cr_assert(!strstr(o, "epoch 1/"), "trained before refusing: %s", o);
+    free(o);
+    cr_assert_eq(run("gpt300.graph --data 'tokens:tok_*.bin' --no-pin --stages 1 --batch 4 --steps 1", &o), 1);
+    cr_assert(strstr(o, "give them apart: tokens:TRAIN,HELDOUT"), "%s", o);
+    free(o);
+    cr_assert_eq(run("gpt300.graph --data 'tokens:nothing_*.bin' --no-pin --stages 1 --batch 4 --steps 1", &o), 1);
+    cr_assert(strstr(o, "pipeline-run: --data: tokens 'nothing_*.bin': no file matches"), "%s", o);
+    free(o);
+}
+
+Test(cli, metrics_of_a_classifier_have_accuracy_and_grad_norm_when_clipping)
+{
+    write_file("mm.jsonl", "an older log, replaced\n");
+    char *o;
+    int rc = run("m.graph " DATA " --stages 2 --batch 32 --epochs 2 --clip-grad-norm 100 --metrics mm.jsonl", &o);
+    cr_assert_eq(rc, 0, "%s", o);
+    free(o);
+    json_t *all = read_metrics("mm.jsonl");
+    /* 512 samples / 32 = 16 steps per epoch; an evaluation after each epoch. */
+    cr_assert_eq(json_array_size(all), 34);
+    int64_t step = 0;
+    for (size_t i = 0; i < json_array_size(all); i++) {
+        const json_t *l = json_array_get(all, i);
+        if (i == 16 || i == 33) {
+            cr_assert_str_eq(json_string_value(json_object_get(l, "type")), "eval");
+            cr_assert_eq(json_integer_value(json_object_get(l, "step")), step);
+            cr_assert_eq(json_integer_value(json_object_get(l, "epoch")), i == 16 ? 1 : 2);
+            double acc = num(l, "accuracy");
+            cr_assert(acc >= 0 && acc <= 1, "accuracy %g", acc);
+            cr_assert_null(json_object_get(l, "ppl"));
+            continue;
+        }
+        check_step_line(l, ++step, 2, 1);
+        cr_assert_null(json_object_get(l, "tokens_per_s"));
+        cr_assert_eq(json_integer_value(json_object_get(l, "epoch")), step <= 16 ? 1 : 2);
+    }
+    json_decref(all);
+
+    /* Refused where nothing trains (2) and where the file cannot be made (1). */
+    cr_assert_eq(run("m.graph --simulate --stages 2 --metrics x.jsonl", &o), 2);
+    cr_assert(strstr(o, "--metrics and --eval-every apply to training"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --eval-every 0", &o), 2);
+    cr_assert(strstr(o, "--eval-every"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --metrics nodir/m.jsonl", &o), 1);
+    cr_assert(strstr(o, "pipeline-run: --metrics: nodir/m.jsonl: No such file or directory"), "%s", o);
+    free(o);
+}
+
+Test(cli, metrics_log_is_complete_up_to_its_last_line_after_a_signal)
+{
+    pid_t pid = spawn(LONG_RUN " --metrics live.jsonl", NULL);
+    wait_for_log(pid, "step 3/");
+    cr_assert_eq(kill(pid, SIGINT), 0);
+    int rc = reap(pid);
+    char *log = slurp("log");
+    cr_assert_eq(rc, 130, "exit %d: %s", rc, log);
+    free(log);
+    json_t *all = read_metrics("live.jsonl"); /* every line whole */
+    int64_t steps = 0;
+    for (size_t i = 0; i < json_array_size(all); i++) {
+        const json_t *l = json_array_get(all, i);
+        if (strcmp(json_string_value(json_object_get(l, "type")), "eval") == 0) continue; /* after epochs */
+        check_step_line(l, ++steps, 2, 0);
+    }
+    cr_assert_geq(steps, 3);
+    json_decref(all);
 }

@@ -1,5 +1,5 @@
 /* Tests for checkpoint files (runtime/safetensors) and data sets
- * (stages/data: IDX, synthetic, sampler). */
+ * (stages/data: IDX, synthetic, llm.c token shards, sampler). */
 #include <criterion/criterion.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "graph/graph.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
 #include "stages/data.h"
@@ -1046,6 +1047,316 @@ Test(dataset, gather)
     cr_assert(strstr(pw_last_error(), "sample index 10 (batch position 1) out of range [0, 10)"),
               "%s", pw_last_error());
     pw_dataset_destroy(d);
+}
+
+/* ---------------------------------------------------------------- token shards */
+
+/* A shard as llm.c's write_datafile writes one, built here from the format
+ * (not by the reader's code): 256 little-endian int32 (magic, version, count,
+ * zeros), then the ids little-endian, 2 or 4 bytes each. `count` is what the
+ * header says (TRUE_N: n). */
+#define TRUE_N INT64_MIN
+static void write_shard(const char *path, int32_t magic, int32_t version, int width, const uint32_t *ids,
+                        int64_t n, int64_t count)
+{
+    size_t bytes = 1024 + (size_t)n * (size_t)width;
+    unsigned char *b = calloc(1, bytes);
+    const uint32_t head[3] = {(uint32_t)magic, (uint32_t)version, (uint32_t)(count == TRUE_N ? n : count)};
+    for (int k = 0; k < 3; k++)
+        for (int j = 0; j < 4; j++) b[4 * k + j] = (unsigned char)(head[k] >> (8 * j));
+    for (int64_t i = 0; i < n; i++)
+        for (int j = 0; j < width; j++) b[1024 + i * width + j] = (unsigned char)(ids[i] >> (8 * j));
+    spit(path, b, bytes);
+    free(b);
+}
+
+static void gpt2_shard(const char *name, const uint32_t *ids, int64_t n)
+{
+    write_shard(tpath(name), PW_TOKENS_MAGIC_GPT2, 1, 2, ids, n, TRUE_N);
+}
+
+/* The stream the tests cut: ids that differ at every position. */
+static uint32_t stream_id(int64_t i) { return (uint32_t)((i * 7919 + 13) % 50257); }
+
+/* Checks every window of d against stream ids [from, ...). */
+static void expect_windows(const pw_dataset *d, int64_t from, int64_t T)
+{
+    int32_t *x = malloc(sizeof(int32_t) * (size_t)T), *y = malloc(sizeof(int32_t) * (size_t)T);
+    for (int64_t i = 0; i < d->n; i++) {
+        cr_assert_eq(pw_dataset_gather(d, &i, 1, x, y), PW_OK, "%s", pw_last_error());
+        for (int64_t t = 0; t < T; t++) {
+            cr_assert_eq((uint32_t)x[t], stream_id(from + i * T + t), "window %lld, input %lld", (long long)i,
+                         (long long)t);
+            cr_assert_eq((uint32_t)y[t], stream_id(from + i * T + t + 1), "window %lld, label %lld", (long long)i,
+                         (long long)t);
+        }
+    }
+    free(x);
+    free(y);
+}
+
+Test(dataset, tokens_glob_of_shards_is_one_stream_split_like_text)
+{
+    /* Three GPT-2 shards of 300, 0 and 700 ids, named so that byte order is
+     * not the order of creation; an empty shard is valid. */
+    uint32_t ids[1000];
+    for (int i = 0; i < 1000; i++) ids[i] = stream_id(i);
+    gpt2_shard("c_000002.bin", ids + 300, 700);
+    gpt2_shard("c_000000.bin", ids, 300);
+    gpt2_shard("c_000001.bin", ids, 0);
+    char pattern[300];
+    snprintf(pattern, sizeof pattern, "%s/c_*.bin", tmpdir);
+    const int64_t T = 16;
+    pw_tokens_config tc = {.train = pattern, .context = T};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    /* Training split: the first 1000 - 100 ids, (900 - 1) / 16 windows. */
+    cr_assert_eq(d->n, 56);
+    cr_assert_eq(d->sample_numel, T);
+    cr_assert_eq(d->label_numel, T);
+    cr_assert_eq(d->x_dtype, PW_I32);
+    cr_assert_eq(d->token_width, 2);
+    cr_assert_eq(d->missing, 0u);
+    cr_assert_eq(d->text_len, 56 * 16 + 1);
+    expect_windows(d, 0, T); /* window 18 spans shards 0 and 2 */
+    uint32_t top_in = 0, top_label = 0;
+    for (int i = 0; i < 56 * 16; i++) top_in = ids[i] > top_in ? ids[i] : top_in;
+    for (int i = 1; i <= 56 * 16; i++) top_label = ids[i] > top_label ? ids[i] : top_label;
+    cr_assert_eq(d->n_tokens, (int)top_in + 1);
+    cr_assert_eq(d->n_classes, (int)top_label + 1);
+    cr_assert(strstr(d->name, "c_*.bin/train"), "%s", d->name);
+    cr_assert_gt(pw_dataset_unigram_entropy(d), 0.0);
+    pw_dataset_destroy(d);
+
+    /* Held-out split: the last floor(1000 / 10) ids. */
+    tc.test = 1;
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n, (100 - 1) / 16);
+    expect_windows(d, 900, T);
+    pw_dataset_destroy(d);
+
+    /* No side wanted (a middle stage under mpirun): headers only. */
+    tc.missing = PW_DATA_ALL;
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n, (100 - 1) / 16);
+    cr_assert_null(d->tokens);
+    cr_assert_eq(d->loaded_bytes, 0);
+    int64_t i0 = 0;
+    int32_t x[16];
+    cr_assert_eq(pw_dataset_gather(d, &i0, 1, x, NULL), PW_ERR_INVALID_ARG);
+    pw_dataset_destroy(d);
+}
+
+Test(dataset, tokens_heldout_shards_and_llama3_ids)
+{
+    /* llm.c's naming: the *_val_* shard is the held-out split, whole. */
+    uint32_t ids[600];
+    for (int i = 0; i < 600; i++) ids[i] = 100000 + (uint32_t)i * 37; /* above uint16 */
+    write_shard(tpath("l3_train_000001.bin"), PW_TOKENS_MAGIC_LLAMA3, 7, 4, ids, 500, TRUE_N);
+    write_shard(tpath("l3_val_000000.bin"), PW_TOKENS_MAGIC_LLAMA3, 7, 4, ids + 500, 100, TRUE_N);
+    char tr[300], va[300], both[300];
+    snprintf(tr, sizeof tr, "%s/l3_train_*.bin", tmpdir);
+    snprintf(va, sizeof va, "%s/l3_val_*.bin", tmpdir);
+    snprintf(both, sizeof both, "%s/l3_*.bin", tmpdir);
+    pw_tokens_config tc = {.train = tr, .heldout = va, .context = 8};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n, (500 - 1) / 8);
+    cr_assert_eq(d->token_width, 4);
+    int64_t last = d->n - 1;
+    int32_t x[8], y[8];
+    cr_assert_eq(pw_dataset_gather(d, &last, 1, x, y), PW_OK);
+    cr_assert_eq(x[0], (int32_t)ids[last * 8]);
+    cr_assert_eq(y[7], (int32_t)ids[last * 8 + 8]);
+    pw_dataset_destroy(d);
+    tc.test = 1;
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n, (100 - 1) / 8);
+    int64_t first = 0;
+    cr_assert_eq(pw_dataset_gather(d, &first, 1, x, y), PW_OK);
+    cr_assert_eq(x[0], (int32_t)ids[500]);
+    cr_assert(strstr(d->name, "l3_val_*.bin/test"), "%s", d->name);
+    pw_dataset_destroy(d);
+
+    /* One pattern over both: refused, so validation ids are never trained on. */
+    pw_tokens_config mix = {.train = both, .context = 8};
+    d = (pw_dataset *)0x1;
+    cr_assert_eq(pw_dataset_load_tokens(&mix, &d), PW_ERR_INVALID_ARG);
+    cr_assert_null(d);
+    cr_assert(strstr(pw_last_error(), "l3_train_000001.bin") && strstr(pw_last_error(), "l3_val_000000.bin") &&
+              strstr(pw_last_error(), "tokens:TRAIN,HELDOUT"), "%s", pw_last_error());
+
+    /* The --data spec, with the graph's context. */
+    const char *gt = "input t : i32[8]\nlabel n : i32[8]\n"
+                     "e = embedding(t, vocab=128256, dim=4) as wte\n"
+                     "l = linear(e, out=128256, bias=false, weight=wte.weight)\n"
+                     "loss = softmax_cross_entropy(l, n)\n";
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_string(gt, strlen(gt), "l3.graph", &g), PW_OK, "%s", pw_last_error());
+    char spec[700];
+    snprintf(spec, sizeof spec, "tokens:%s,%s", tr, va);
+    cr_assert_eq(pw_dataset_spec_has_test(spec), 1);
+    cr_assert_eq(pw_dataset_from_spec_for_graph(spec, 0, g, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n, (100 - 1) / 8);
+    cr_assert_eq(pw_dataset_check_graph(g, d), PW_OK, "%s", pw_last_error());
+    pw_dataset_destroy(d);
+    cr_assert_eq(pw_dataset_from_spec(spec, 1, &d), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "pw_dataset_from_spec_for_graph"), "%s", pw_last_error());
+    const char *bad[] = {"tokens:", "tokens:,x", "tokens:a,", "tokens:a,b,c"};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        cr_expect_neq(pw_dataset_from_spec_for_graph(bad[i], 1, g, &d), PW_OK, "'%s'", bad[i]);
+        cr_expect_null(d);
+    }
+    pw_graph_destroy(g);
+}
+
+Test(dataset, tokens_outside_the_vocabulary_are_named_by_shard_and_position)
+{
+    const char *gt = "input t : i32[4]\nlabel n : i32[4]\n"
+                     "e = embedding(t, vocab=300, dim=4) as wte\n"
+                     "l = linear(e, out=300, bias=false, weight=wte.weight)\n"
+                     "loss = softmax_cross_entropy(l, n)\n";
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_string(gt, strlen(gt), "v300.graph", &g), PW_OK, "%s", pw_last_error());
+    uint32_t ids[200];
+    for (int i = 0; i < 200; i++) ids[i] = (uint32_t)(i * 13) % 300;
+    gpt2_shard("v_000000.bin", ids, 100);
+    ids[100 + 42] = 50256; /* <|endoftext|> of GPT-2, outside vocabulary 300 */
+    gpt2_shard("v_000001.bin", ids + 100, 100);
+    char pattern[300];
+    snprintf(pattern, sizeof pattern, "%s/v_*.bin", tmpdir);
+    pw_tokens_config tc = {.train = pattern, .context = 4};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(d->n_tokens, 50257);
+    cr_assert_eq(pw_dataset_check_graph(g, d), PW_ERR_SHAPE);
+    char want[400];
+    snprintf(want, sizeof want, "%s/v_000001.bin: token 50256 at position 42 (byte %d) is outside the "
+             "vocabulary of v300.graph:3:5 (embedding vocab=300", tmpdir, 1024 + 2 * 42);
+    cr_assert(strstr(pw_last_error(), want), "expected '%s' in: %s", want, pw_last_error());
+    pw_dataset_destroy(d);
+    /* The first of several, whatever its size. */
+    ids[100 + 7] = 300;
+    gpt2_shard("v_000001.bin", ids + 100, 100);
+    cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_dataset_check_graph(g, d), PW_ERR_SHAPE);
+    cr_assert(strstr(pw_last_error(), "v_000001.bin: token 300 at position 7 (byte 1038)"), "%s", pw_last_error());
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(dataset, tokens_bad_input_is_an_error_naming_file_and_place)
+{
+    uint32_t ids[64];
+    for (int i = 0; i < 64; i++) ids[i] = (uint32_t)i;
+    unsigned char junk[2000];
+    memset(junk, 'x', sizeof junk);
+    struct {
+        const char *name;
+        int kind;            /* 0 GPT-2 shard, 1 llama-3 shard, 2 `raw` bytes of junk,
+                                3 a GPT-2 shard cut to `raw` bytes */
+        int32_t magic, version;
+        int64_t n, count;    /* ids written, what the header says */
+        size_t raw;
+        uint32_t bad_id;     /* (optional) id 10 */
+        pw_status st;
+        const char *msg;
+    } cases[] = {
+        {"empty.bin", 2, 0, 0, 0, 0, 0, 0, PW_ERR_FORMAT, "empty.bin: truncated header: the file has 0 bytes"},
+        {"short.bin", 3, PW_TOKENS_MAGIC_GPT2, 1, 64, TRUE_N, 1000, 0, PW_ERR_FORMAT,
+         "short.bin: truncated header: the file has 1000 bytes, the header alone 1024"},
+        {"junk.bin", 2, 0, 0, 0, 0, 2000, 0, PW_ERR_FORMAT, "junk.bin: bad magic: 2021161080 at byte 0"},
+        {"version.bin", 0, PW_TOKENS_MAGIC_GPT2, 7, 64, TRUE_N, 0, 0, PW_ERR_FORMAT,
+         "version.bin: unsupported version: 7 at byte 4 (magic 20240520 is version 1)"},
+        {"l3version.bin", 1, PW_TOKENS_MAGIC_LLAMA3, 1, 64, TRUE_N, 0, 0, PW_ERR_FORMAT,
+         "l3version.bin: unsupported version: 1 at byte 4 (magic 20240801 is version 7)"},
+        {"negative.bin", 0, PW_TOKENS_MAGIC_GPT2, 1, 64, -3, 0, 0, PW_ERR_FORMAT,
+         "negative.bin: negative token count: -3 at byte 8"},
+        {"truncated.bin", 0, PW_TOKENS_MAGIC_GPT2, 1, 64, 65, 0, 0, PW_ERR_FORMAT,
+         "truncated.bin: token count does not match the file size: 65 tokens at byte 8 make 1154 bytes with "
+         "the header, the file has 1152 (truncated)"},
+        {"trailing.bin", 0, PW_TOKENS_MAGIC_GPT2, 1, 64, 60, 0, 0, PW_ERR_FORMAT, "(trailing bytes)"},
+        {"huge.bin", 0, PW_TOKENS_MAGIC_GPT2, 1, 64, INT32_MAX, 0, 0, PW_ERR_FORMAT,
+         "huge.bin: token count does not match the file size: 2147483647 tokens"},
+        {"bigid.bin", 1, PW_TOKENS_MAGIC_LLAMA3, 7, 64, TRUE_N, 0, 0xFFFFFFFFu, PW_ERR_FORMAT,
+         "bigid.bin: token id too large: 4294967295 at position 10 (byte 1064)"},
+        {"tiny.bin", 0, PW_TOKENS_MAGIC_GPT2, 1, 5, TRUE_N, 0, 0, PW_ERR_INVALID_ARG,
+         "the training split has 5 tokens but a window of context 8 needs at least 9"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const char *path = tpath(cases[i].name);
+        if (cases[i].kind == 2) {
+            spit(path, junk, cases[i].raw);
+        } else if (cases[i].kind == 3) {
+            size_t len;
+            write_shard(path, cases[i].magic, cases[i].version, 2, ids, cases[i].n, cases[i].count);
+            unsigned char *b = slurp(path, &len);
+            spit(path, b, cases[i].raw);
+            free(b);
+        } else {
+            uint32_t v[64];
+            memcpy(v, ids, sizeof v);
+            if (cases[i].bad_id) v[10] = cases[i].bad_id;
+            write_shard(path, cases[i].magic, cases[i].version, cases[i].kind ? 4 : 2, v, cases[i].n,
+                        cases[i].count);
+        }
+        pw_tokens_config tc = {.train = path, .context = 8};
+        pw_dataset *d = (pw_dataset *)0x1;
+        pw_status st = pw_dataset_load_tokens(&tc, &d);
+        cr_expect_eq(st, cases[i].st, "%s: status %d, %s", cases[i].name, st, pw_last_error());
+        cr_expect_null(d, "%s", cases[i].name);
+        cr_expect(strstr(pw_last_error(), cases[i].msg), "%s: expected '%s' in: %s", cases[i].name,
+                  cases[i].msg, pw_last_error());
+        if (d && d != (pw_dataset *)0x1) pw_dataset_destroy(d);
+    }
+
+    /* Names that do not resolve, shards of two formats. */
+    char p[600];
+    pw_dataset *d = NULL;
+    struct { const char *pattern; pw_status st; const char *msg; } names[] = {
+        {"nomatch_*.bin", PW_ERR_IO, "no file matches"},
+        {"nodir/x_*.bin", PW_ERR_IO, "no file matches ("},
+        {"missing.bin", PW_ERR_IO, "missing.bin: No such file or directory"},
+        {"", PW_ERR_IO, "is a directory"},
+        {"mixed_*.bin", PW_ERR_FORMAT, "mixed_b.bin: a llama-3 (uint32 ids) shard after"},
+    };
+    write_shard(tpath("mixed_a.bin"), PW_TOKENS_MAGIC_GPT2, 1, 2, ids, 64, TRUE_N);
+    write_shard(tpath("mixed_b.bin"), PW_TOKENS_MAGIC_LLAMA3, 7, 4, ids, 64, TRUE_N);
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        snprintf(p, sizeof p, "%s/%s", tmpdir, names[i].pattern);
+        if (!names[i].pattern[0]) p[strlen(p) - 1] = '\0'; /* the directory itself */
+        pw_tokens_config tc = {.train = p, .context = 8};
+        cr_expect_eq(pw_dataset_load_tokens(&tc, &d), names[i].st, "%s: %s", p, pw_last_error());
+        cr_expect_null(d);
+        cr_expect(strstr(pw_last_error(), names[i].msg), "%s: expected '%s' in: %s", p, names[i].msg,
+                  pw_last_error());
+    }
+    pw_tokens_config tc = {.train = tpath("mixed_a.bin"), .context = 0};
+    cr_expect_eq(pw_dataset_load_tokens(&tc, &d), PW_ERR_INVALID_ARG);
+    cr_expect(strstr(pw_last_error(), "context must be >= 1 (got 0)"), "%s", pw_last_error());
+    tc.context = INT64_MAX;
+    cr_expect_eq(pw_dataset_load_tokens(&tc, &d), PW_ERR_INVALID_ARG);
+    cr_expect(strstr(pw_last_error(), "needs at least 9223372036854775808"), "%s", pw_last_error());
+    cr_expect_eq(pw_dataset_load_tokens(NULL, &d), PW_ERR_INVALID_ARG);
+    cr_expect_eq(pw_dataset_load_tokens(&tc, NULL), PW_ERR_INVALID_ARG);
+}
+
+Test(dataset, tokens_truncation_at_every_byte)
+{
+    uint32_t ids[40];
+    for (int i = 0; i < 40; i++) ids[i] = (uint32_t)i * 1000;
+    write_shard(tpath("whole.bin"), PW_TOKENS_MAGIC_GPT2, 1, 2, ids, 40, TRUE_N);
+    size_t len;
+    unsigned char *b = slurp(tpath("whole.bin"), &len);
+    for (size_t n = 0; n < len; n++) {
+        spit(tpath("cut.bin"), b, n);
+        pw_tokens_config tc = {.train = tpath("cut.bin"), .context = 4};
+        pw_dataset *d = (pw_dataset *)0x1;
+        cr_assert_eq(pw_dataset_load_tokens(&tc, &d), PW_ERR_FORMAT, "%zu bytes: %s", n, pw_last_error());
+        cr_assert_null(d);
+        cr_assert(strstr(pw_last_error(), "cut.bin: "), "%s", pw_last_error());
+    }
+    free(b);
 }
 
 /* ---------------------------------------------------------------- sampler */

@@ -7,11 +7,13 @@
  * Exit status: 0 success, 1 a run-time error (bad file, numeric failure),
  * 2 bad command line. Every error is one message on stderr. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -92,6 +94,8 @@ typedef struct options {
     pw_math gpu_math;            /* --gpu-math */
     int no_gpu_graphs;           /* --no-gpu-graphs */
     int gpu_math_set;
+    const char *metrics;         /* --metrics FILE: JSON Lines per step and evaluation */
+    int64_t eval_every;          /* --eval-every N: also evaluate every N steps (0: epochs only) */
 } options;
 
 static void usage(FILE *f)
@@ -132,6 +136,9 @@ static void usage(FILE *f)
 "  --partition METHOD    auto (default: the graph's cut markers when they make\n"
 "                        S stages, else flops), cuts, or flops\n"
 "  --trace FILE          write a Chrome trace (Perfetto, pipe-trace)\n"
+"  --metrics FILE        write one JSON line per step and per evaluation (loss,\n"
+"                        lr, grad norm, samples/s, step ms, bubble, per-stage\n"
+"                        busy ms), flushed as training goes (JSON Lines)\n"
 "  --watchdog SEC        fail a stage that waits longer than this (default 60)\n"
 "  --no-pin              do not bind stage threads to cores\n"
 "  --check               check every executed action against the schedule\n"
@@ -203,6 +210,11 @@ static void usage(FILE *f)
 "                        synthetic[:N[:DIM[:CLASSES]]]\n"
 "                        text:FILE, text:DIR or text:fortunes (byte tokens; the\n"
 "                        window length comes from the graph's input)\n"
+"                        tokens:TRAIN[,HELDOUT]: llm.c token shards, each a file\n"
+"                        or a quoted glob ('tokens:d/*train*.bin,d/*val*.bin');\n"
+"                        without HELDOUT the last 10% of the tokens are held out\n"
+"  --eval-every N        also evaluate the held-out split every N steps (default:\n"
+"                        after each epoch and the last step only)\n"
 "  --shuffle             reshuffle the training set every epoch (seeded)\n"
 "  --seed N              seed for parameters and shuffling (default 1)\n"
 "\n"
@@ -284,7 +296,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
-       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS };
+       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -418,6 +430,8 @@ static int parse_args(int argc, char **argv, options *o)
         {"adam-beta1", required_argument, 0, OPT_ADAM_BETA1},
         {"adam-beta2", required_argument, 0, OPT_ADAM_BETA2},
         {"adam-eps", required_argument, 0, OPT_ADAM_EPS},
+        {"metrics", required_argument, 0, OPT_METRICS},
+        {"eval-every", required_argument, 0, OPT_EVAL_EVERY},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -602,6 +616,10 @@ static int parse_args(int argc, char **argv, options *o)
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
             break;
+        case OPT_METRICS: o->metrics = optarg; break;
+        case OPT_EVAL_EVERY:
+            if (parse_i64("--eval-every", optarg, 1, INT64_MAX / 2, &o->eval_every)) return 2;
+            break;
         case 'h':
         case OPT_HELP: usage(stdout); return 1;
         case ':': return bad_usage("%s needs a value", argv[optind - 1]);
@@ -667,6 +685,9 @@ static int parse_args(int argc, char **argv, options *o)
         return bad_usage("%s", "--calibrate measures the compute rate that --flops-per-s gives; give one");
     if (o->generate && !o->init_from)
         return bad_usage("%s", "--generate needs --init-from FILE (the trained weights)");
+    if ((o->metrics || o->eval_every) && (o->simulate || o->plan || o->generate))
+        return bad_usage("%s", "--metrics and --eval-every apply to training, not to --simulate, --plan "
+                               "or --generate");
     if ((o->simulate || o->plan || o->generate) && world > 1)
         return bad_usage("%s", "--simulate, --plan and --generate run in one process, not under mpirun");
     if (o->generate) {
@@ -940,6 +961,208 @@ static void trace_path(const char *path, char *out, size_t n)
         snprintf(out, n, "%.*s.rank%d%s", (int)(dot - path), path, g_mpi->world_rank, dot);
     else
         snprintf(out, n, "%s.rank%d", path, g_mpi->world_rank);
+}
+
+/* ---- --metrics: JSON Lines (docs/pipeline-run.md, "Metrics log") ----
+ * One object per training step and one per evaluation, appended while the
+ * run goes. Each line is formatted whole and handed to the kernel in one
+ * write(2), so whatever ends the run (a signal, an error, a kill) leaves the
+ * file complete up to its last line; it is not a temp file renamed at the
+ * end (runtime/tmpfile.h), because a log is read while it grows. Under
+ * mpirun every process takes part (the per-stage figures are gathered) and
+ * world rank 0 writes. */
+typedef struct metrics {
+    int on;                 /* --metrics given (on every process) */
+    int fd;                 /* the file, on the writing process; else -1 */
+    const char *path;
+    int S;                  /* pipeline stages: the entries of stage_busy_ms */
+    double *busy;           /* (S) each stage's busy seconds so far (under mpirun:
+                               this process's own stage's entry only) */
+    double *stage_ms;       /* (S) the last step's busy ms per stage */
+    double *gathered;       /* under mpirun: (world, 2) each process's busy ms and bubble */
+    char *line;             /* the line being formatted, cap bytes */
+    size_t cap, len;
+} metrics;
+
+static void metrics_close(metrics *m)
+{
+    if (m->fd >= 0) close(m->fd);
+    free(m->busy);
+    free(m->stage_ms);
+    free(m->gathered);
+    free(m->line);
+    memset(m, 0, sizeof *m);
+    m->fd = -1;
+}
+
+/* Creates (truncates) the file; 0, or 1 after the error. */
+static int metrics_open(metrics *m, const char *path, int stages)
+{
+    memset(m, 0, sizeof *m);
+    m->fd = -1;
+    if (!path) return 0;
+    m->on = 1;
+    m->path = path;
+    m->S = stages;
+    m->cap = 1024 + 32 * (size_t)stages; /* a line's fixed keys, then one number per stage */
+    m->line = malloc(m->cap);
+    m->busy = calloc((size_t)stages, sizeof *m->busy);
+    m->stage_ms = calloc((size_t)stages, sizeof *m->stage_ms);
+    if (g_mpi) m->gathered = calloc(2 * (size_t)g_mpi->world_size, sizeof *m->gathered);
+    if (!m->line || !m->busy || !m->stage_ms || (g_mpi && !m->gathered)) {
+        pw_error(PW_ERR_NOMEM, "out of memory");
+        return fail("--metrics: ");
+    }
+    if (g_mpi && g_mpi->world_rank != 0) return 0;
+    m->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (m->fd < 0) {
+        pw_error(PW_ERR_IO, "%s: %s", path, strerror(errno));
+        return fail("--metrics: ");
+    }
+    return 0;
+}
+
+static void jput(metrics *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void jput(metrics *m, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(m->line + m->len, m->cap - m->len, fmt, ap);
+    va_end(ap);
+    if (k > 0) m->len += (size_t)k < m->cap - m->len ? (size_t)k : m->cap - m->len - 1;
+}
+
+/* `,"key":x`; JSON has no NaN or infinity, so those (and "not measured") are null. */
+static void jnum(metrics *m, const char *key, double x)
+{
+    if (isfinite(x)) jput(m, ",\"%s\":%.9g", key, x);
+    else jput(m, ",\"%s\":null", key);
+}
+
+/* A float (the lr) with the fewest digits that read back as the same float:
+ * 0.01, not 0.00999999978. */
+static void jfloat(metrics *m, const char *key, float x)
+{
+    if (!isfinite(x)) {
+        jnum(m, key, x);
+        return;
+    }
+    char b[40];
+    for (int digits = 6; digits <= 9; digits++) {
+        snprintf(b, sizeof b, "%.*g", digits, (double)x);
+        if ((float)strtod(b, NULL) == x) break;
+    }
+    jput(m, ",\"%s\":%s", key, b);
+}
+
+/* Ends the line and writes it in one piece; 0, or 1 after the error. */
+static int metrics_flush(metrics *m)
+{
+    jput(m, "}\n");
+    for (size_t done = 0; done < m->len;) {
+        ssize_t w = write(m->fd, m->line + done, m->len - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            pw_error(PW_ERR_IO, "%s: write failed: %s", m->path, w < 0 ? strerror(errno) : "nothing written");
+            return fail("--metrics: ");
+        }
+        done += (size_t)w;
+    }
+    m->len = 0;
+    return 0;
+}
+
+/* The engine worker of stage r here (replica 0 in one process, this
+ * process's own under mpirun): busy seconds since the pipeline started. */
+static double stage_busy_s(pw_pipeline *t, int S, int r)
+{
+    pw_engine_rank_stats rs;
+    pw_engine_rank_stats_get(pw_pipeline_engine(t), g_mpi ? g_mpi->replica * S + g_mpi->rank : r, &rs);
+    return rs.busy_s;
+}
+
+/* Before the first step: where the busy counters start. */
+static void metrics_start(metrics *m, pw_pipeline *t)
+{
+    if (!m->on) return;
+    for (int r = 0; r < m->S; r++)
+        if (!g_mpi || r == g_mpi->rank) m->busy[r] = stage_busy_s(t, m->S, r);
+}
+
+/* After a step: each stage's busy time in it and the step's bubble, which
+ * under mpirun every process contributes to (an all-gather: collective). */
+static int metrics_measure(metrics *m, pw_pipeline *t, double *bubble)
+{
+    *bubble = pw_pipeline_last_bubble(t);
+    if (!g_mpi) {
+        for (int r = 0; r < m->S; r++) {
+            double now = stage_busy_s(t, m->S, r);
+            m->stage_ms[r] = 1e3 * (now - m->busy[r]);
+            m->busy[r] = now;
+        }
+        return 0;
+    }
+    const int me = g_mpi->rank;
+    double now = stage_busy_s(t, m->S, me), mine[2] = {1e3 * (now - m->busy[me]), *bubble};
+    m->busy[me] = now;
+    if (g_mpi->vt->allgather(g_mpi->self, mine, sizeof mine, m->gathered) != PW_OK) return fail("--metrics: ");
+    /* Replica 0's stages; the bubble of every worker (their step walls agree). */
+    for (int r = 0; r < m->S; r++) m->stage_ms[r] = m->gathered[2 * pw_transport_world_of(g_mpi, 0, r)];
+    double sum = 0;
+    for (int w = 0; w < g_mpi->world_size; w++) sum += m->gathered[2 * w + 1];
+    *bubble = sum / g_mpi->world_size;
+    return 0;
+}
+
+/* {"type":"step", ...}: the figures of the step just done (s), which took
+ * step_s seconds inside pw_pipeline_step. `T`: tokens per sample for token
+ * data, else 0. 0, or 1 after the error. */
+static int metrics_step(metrics *m, pw_pipeline *t, const options *o, const pw_optim_config *optim,
+                        const pw_step_stats *s, double step_s, double elapsed_s, int64_t T)
+{
+    if (!m->on) return 0;
+    double bubble;
+    if (metrics_measure(m, t, &bubble)) return 1;
+    if (m->fd < 0) return 0;
+    jput(m, "{\"type\":\"step\",\"step\":%lld,\"epoch\":%lld", (long long)s->step, (long long)s->epoch + 1);
+    jnum(m, "loss", s->loss);
+    jfloat(m, "lr", pw_optim_lr_at(optim, s->step));
+    jnum(m, "grad_norm", o->clip > 0 ? pw_pipeline_grad_norm(t) : NAN); /* measured only when clipping */
+    jnum(m, "samples_per_s", (double)o->batch / step_s);
+    if (T > 0) jnum(m, "tokens_per_s", (double)(o->batch * T) / step_s);
+    jnum(m, "step_ms", 1e3 * step_s);
+    jnum(m, "bubble_pct", 100.0 * bubble);
+    jput(m, ",\"stage_busy_ms\":[");
+    for (int r = 0; r < m->S; r++) {
+        if (isfinite(m->stage_ms[r])) jput(m, "%s%.6g", r ? "," : "", m->stage_ms[r]);
+        else jput(m, "%snull", r ? "," : "");
+    }
+    jput(m, "]");
+    jnum(m, "elapsed_s", elapsed_s);
+    return metrics_flush(m);
+}
+
+/* {"type":"eval", ...} after an evaluation of the held-out split at step s.
+ * A language model (`entropy` >= 0) has no accuracy: its per-token argmax
+ * accuracy is token_accuracy, beside ppl = e^loss. 0, or 1 after the error. */
+static int metrics_eval(metrics *m, const pw_step_stats *s, const pw_eval_stats *ev, double entropy,
+                        double eval_s, double elapsed_s)
+{
+    if (m->fd < 0) return 0;
+    jput(m, "{\"type\":\"eval\",\"step\":%lld,\"epoch\":%lld", (long long)s->step, (long long)s->epoch + 1);
+    jnum(m, "loss", ev->loss);
+    if (entropy >= 0) {
+        jput(m, ",\"accuracy\":null");
+        jnum(m, "ppl", exp(ev->loss));
+        jnum(m, "token_accuracy", ev->accuracy);
+        jnum(m, "unigram_entropy", entropy);
+    } else {
+        jnum(m, "accuracy", ev->accuracy);
+    }
+    jput(m, ",\"samples\":%lld", (long long)ev->samples);
+    jnum(m, "eval_ms", 1e3 * eval_s);
+    jnum(m, "elapsed_s", elapsed_s);
+    return metrics_flush(m);
 }
 
 static int start_mpi(int *argc, char ***argv, options *o, int world)
@@ -1576,7 +1799,10 @@ static int load_data(const options *o, const pw_graph *g, const pw_pipeline_conf
     }
     log_data(*train, "train");
     if (pw_dataset_spec_has_test(o->data)) {
-        if (pw_dataset_from_spec_parts(o->data, 0, g, test_parts, test) != PW_OK) {
+        /* Checked against the graph now, not at the first evaluation (a token
+         * id outside the vocabulary, named with its shard and position). */
+        if (pw_dataset_from_spec_parts(o->data, 0, g, test_parts, test) != PW_OK ||
+            pw_dataset_check_graph(g, *test) != PW_OK) {
             fail("--data (test set): ");
             return 1;
         }
@@ -1610,6 +1836,9 @@ int main(int argc, char **argv)
     int status = 1;
     int stopped = 0;        /* the signal that stopped training (stop_signal) */
     int64_t steps_done = 0; /* for the shutdown's progress board */
+    metrics mx;             /* --metrics */
+    memset(&mx, 0, sizeof mx);
+    mx.fd = -1;
 
     if (pw_graph_parse_file(o.graph, &g) != PW_OK) {
         fprintf(stderr, "%s%s\n", g_who, pw_last_error());
@@ -1689,6 +1918,11 @@ int main(int argc, char **argv)
     if (use_plan) {
         pc.cuts = pr.plan->part.begin;
         pc.n_cuts = pr.plan->part.n_stages + 1;
+    }
+    /* Before the data (the slow part): a log that cannot be written fails now. */
+    if (metrics_open(&mx, o.metrics, o.stages) != 0) {
+        plan_run_free(&pr);
+        goto out;
     }
     /* The data, once the layout is known: under mpirun a process loads only
      * the sides its chunks read (docs/distributed.md). */
@@ -1802,17 +2036,21 @@ int main(int argc, char **argv)
     pw_eval_stats ev = {0};
     int64_t print_every = spe / 10 > 0 ? spe / 10 : 1;
     double step_s = 0.0, first_step_s = 0.0; /* inside pw_pipeline_step (evaluations excluded) */
+    const int64_t tokens_per_sample = train->x_dtype == PW_I32 ? train->sample_numel : 0;
+    metrics_start(&mx, t);
     for (int64_t i = 0; i < total; i++) {
         if ((stopped = stop_signal()) != 0) break; /* a step boundary */
         double ts = now_s();
         pw_status step_st = pw_pipeline_step(t, &s);
-        if (i == 0) first_step_s = now_s() - ts;
-        else step_s += now_s() - ts;
+        const double dt = now_s() - ts;
+        if (i == 0) first_step_s = dt;
+        else step_s += dt;
         if (step_st != PW_OK) {
             if (tty) printf("\n");
             fail("");
             goto out;
         }
+        if (metrics_step(&mx, t, &o, &pc.optim, &s, dt, now_s() - t0, tokens_per_sample) != 0) goto out;
         maybe_fault(s.step);
         steps_done = s.step;
         epoch_loss += s.loss;
@@ -1832,14 +2070,36 @@ int main(int argc, char **argv)
             fflush(stdout);
             last_print = now;
         }
+        if (!epoch_done && test && o.eval_every > 0 && s.step % o.eval_every == 0) {
+            /* --eval-every: between epochs; the progress line is redrawn after. */
+            double te = now_s();
+            if (pw_pipeline_evaluate(t, test, &ev) != PW_OK) {
+                if (tty) printf("\n");
+                fail("evaluation: ");
+                goto out;
+            }
+            if (metrics_eval(&mx, &s, &ev, entropy, now_s() - te, now_s() - t0) != 0) goto out;
+            if (!o.quiet) {
+                printf("%sstep %lld:", tty ? "\r\033[K" : "", (long long)s.step);
+                if (entropy >= 0)
+                    printf(" held-out loss %.4f nats (unigram entropy %.4f)  accuracy %.2f%%", ev.loss, entropy,
+                           100.0 * ev.accuracy);
+                else
+                    printf(" test loss %.4f  test accuracy %.2f%%", ev.loss, 100.0 * ev.accuracy);
+                printf("  (%.1f s)\n", now_s() - t0);
+                fflush(stdout);
+            }
+        }
         if (epoch_done) {
             if (tty) printf("\n");
             pw_transport_phase(g_mpi, PW_PHASE_EPOCH, s.step);
             pw_transport_test_point(g_mpi, "epoch", s.step);
+            double te = now_s();
             if (test && pw_pipeline_evaluate(t, test, &ev) != PW_OK) {
                 fail("evaluation: ");
                 goto out;
             }
+            if (test && metrics_eval(&mx, &s, &ev, entropy, now_s() - te, now_s() - t0) != 0) goto out;
             if (!o.quiet) {
                 printf("epoch %lld: train loss %.4f", (long long)s.epoch + 1,
                        epoch_loss / (double)epoch_steps);
@@ -1921,6 +2181,7 @@ out:
         if (g_mpi->vt->barrier(g_mpi->self) != PW_OK) fail("shutdown: ");
     }
     pw_tmpfile_unlink_all(); /* nothing is in flight here; a failed write cleaned up already */
+    metrics_close(&mx);
     g_finished = 1;
     pw_pipeline_destroy(t);
     pw_dataset_destroy(train);
