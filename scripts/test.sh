@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run the whole test suite:
-#   1. the optimised build and every test, then the MPI tests (mpirun on
-#      loopback with 2 and 4 processes; skipped with a message without mpirun);
+#   1. the optimised build and every test (the examples' ctest entries run
+#      examples/custom_trainer and examples/graph_trainer small), the
+#      examples' own Makefiles against the pipewright that pkg-config finds
+#      (skipped with a message when it finds none), then the MPI tests
+#      (mpirun on loopback with 2 and 4 processes; skipped with a message
+#      without mpirun);
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
 #   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
 #      completing actions asynchronously), the determinism matrix's diagonal
-#      (the CPU thread team), and a real pipeline run;
+#      (the CPU thread team), the runner's tests (tests/test_examples_api.c),
+#      and a real pipeline run;
 #   4. every libFuzzer harness for 60 s (scripts/fuzz.sh; clang).
 # PW_TEST_FAST=1 runs only the first.
 set -euo pipefail
@@ -30,6 +35,17 @@ echo "== build (RelWithDebInfo)"
 bash scripts/build.sh build
 echo "== tests"
 (cd build && ctest --output-on-failure --timeout 900 -LE mpi)
+echo "== examples built by their own Makefiles through pkg-config (skipped when pkg-config knows no pipewright)"
+if pkg-config --exists pipewright 2>/dev/null; then
+    rm -rf build/examples-pkg && mkdir -p build/examples-pkg
+    cp -r examples/custom_trainer examples/graph_trainer build/examples-pkg/
+    make -s -C build/examples-pkg/custom_trainer
+    make -s -C build/examples-pkg/graph_trainer
+    build/examples-pkg/custom_trainer/custom_trainer --schedule zb-h1 --stages 2 --steps 5 --quiet --no-pin
+    build/examples-pkg/graph_trainer/graph_trainer examples/fashion_mlp.graph --steps 3 --quiet --no-pin
+else
+    echo "skipped: pkg-config --exists pipewright fails (install pipewright, or set PKG_CONFIG_PATH)"
+fi
 echo "== MPI tests: pipeline-run under mpirun on loopback, 2 and 4 processes (skipped without mpirun)"
 (cd build && ctest --output-on-failure --timeout 900 -L mpi)
 
@@ -43,9 +59,9 @@ if [ "${PW_TEST_FAST:-0}" != "1" ]; then
 
     echo "== build (thread sanitizer)"
     bash scripts/build.sh build-tsan -DPW_SANITIZE=thread
-    echo "== engine, backend and determinism tests (asynchronous completions, the CPU thread team) and a 3-stage pipeline run under ThreadSanitizer"
+    echo "== engine, backend, determinism and runner tests (asynchronous completions, the CPU thread team) and a 3-stage pipeline run under ThreadSanitizer"
     export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
-    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism)$' 2>&1 \
+    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism|test_examples_api)$' 2>&1 \
         | tee ctest.log | tail -5)
     check_log build-tsan/ctest.log
     ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \

@@ -1553,6 +1553,8 @@ pw_status pw_program_bind_port(pw_program *p, int slot, pw_port port, void *buf)
 }
 
 /* ---- the scheduler's stage vtable ---- */
+const pw_program_config *pw_program_get_config(const pw_program *p) { return &p->cfg; }
+
 static pw_status stage_forward(void *self, int mb, int slot)
 {
     (void)mb;

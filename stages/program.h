@@ -312,8 +312,14 @@ int pw_program_submitted(pw_program *p, pw_stage_done_fn done, void *arg);
 pw_status pw_program_wait(pw_program *p);
 
 /* The scheduler's stage vtable over a program (self = pw_program*). The
- * micro-batch size used is the config's micro_batch. */
+ * micro-batch size used is the config's micro_batch. It has no ports and
+ * loads no data: stages/program_stage.h wraps a program with both, for the
+ * engine. */
 extern const pw_stage_i pw_program_stage_i;
+/* The configuration the program was created with, normalised: node_end set
+ * (not 0), slots >= 1, loss_batch set; device is NULL (read in create only).
+ * Valid until pw_program_destroy. */
+const pw_program_config *pw_program_get_config(const pw_program *p);
 
 #ifdef __cplusplus
 }

@@ -29,6 +29,9 @@
 #include "stages/data.h"
 #include "stages/pipeline.h"
 #include "stages/program.h"
+#include "stages/program_stage.h"
+#include "scheduler/runner.h"
+#include "graph/partition.h"
 #include "tests/pipeline_support.h"
 
 #define TIMEOUT_S 120
@@ -829,6 +832,134 @@ Test(backend, async_device_pipeline_paths, .timeout = TIMEOUT_S)
         expect_same(&cpu, &dev, what);
         free(cpu.params);
         free(dev.params);
+    }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* Programs as engine chunks (stages/program_stage.h) on an asynchronous
+ * device, through the runner (scheduler/runner.h): the loss read at
+ * completion, the messages landing at completion, the replicas' sum through
+ * the backend's span memory — the CPU's bytes. */
+typedef struct ps_model {
+    const pw_graph *g;
+    const pw_dataset *d;
+    const char *device;
+    int *cuts;
+    int n_chunks, replicas;
+    pw_program *progs[16];
+    pw_program_stage *stages[16];
+} ps_model;
+
+static pw_status ps_make(void *user, const pw_chunk_spec *c, pw_engine_chunk *out)
+{
+    ps_model *m = user;
+    if (!m->cuts) {
+        pw_partition part;
+        PW_CHECK(pw_partition_make(m->g, c->n_chunks, PW_PARTITION_FLOPS, &part));
+        m->cuts = malloc(((size_t)c->n_chunks + 1) * sizeof *m->cuts);
+        cr_assert_not_null(m->cuts);
+        memcpy(m->cuts, part.begin, ((size_t)c->n_chunks + 1) * sizeof *m->cuts);
+        pw_partition_free(&part);
+        m->n_chunks = c->n_chunks;
+        m->replicas = c->replicas;
+    }
+    const int i = c->replica * c->n_chunks + c->chunk;
+    cr_assert_lt(i, 16);
+    pw_program_config pc = {.graph = m->g, .node_begin = m->cuts[c->chunk], .node_end = m->cuts[c->chunk + 1],
+                            .micro_batch = 16 / (c->replicas * c->micro_batches), .loss_batch = 16,
+                            .slots = c->slots, .optim = pw_optim_defaults(PW_OPTIM_ADAMW), .device = m->device};
+    PW_CHECK(pw_program_create(&pc, &m->progs[i]));
+    pw_program_init_params(m->progs[i], 7);
+    pw_program_stage_config sc = {.program = m->progs[i], .batch = 16, .micro_batches = c->micro_batches,
+                                  .replica = c->replica, .replicas = c->replicas, .data = m->d,
+                                  .shuffle = 1, .seed = 7, .async = 1};
+    PW_CHECK(pw_program_stage_create(&sc, &m->stages[i]));
+    *out = pw_program_stage_chunk(m->stages[i]);
+    return PW_OK;
+}
+
+static void ps_unmake(void *user, const pw_chunk_spec *c, pw_engine_chunk *chunk)
+{
+    (void)chunk;
+    ps_model *m = user;
+    const int i = c->replica * c->n_chunks + c->chunk;
+    pw_program_stage_destroy(m->stages[i]);
+    pw_program_destroy(m->progs[i]);
+}
+
+/* Three steps; the loss sum of each, and replica 0's parameters in graph
+ * order (read before pw_runner_destroy unmakes the chunks). */
+static void ps_run(const pw_graph *g, const pw_dataset *d, const char *device, const char *schedule, int S,
+                   int R, double loss[3], float **params, int64_t *count)
+{
+    ps_model m = {.g = g, .d = d, .device = device};
+    pw_runner_config rc = pw_runner_defaults();
+    rc.schedule = schedule;
+    rc.micro_batches = 2;
+    rc.table = (pw_stage_table){.stages = S, .replicas = R, .make = ps_make, .unmake = ps_unmake, .user = &m};
+    rc.pin = 0;
+    rc.watchdog_s = 30;
+    const pw_backend_i *be;
+    int idx;
+    cr_assert_eq(pw_backend_find(device, &be, &idx), PW_OK, "%s", pw_last_error());
+    if (be->device_memory) rc.span_mem = be->span_memory;
+    pw_runner *r;
+    cr_assert_eq(pw_runner_create(&rc, &r), PW_OK, "%s: %s", device, pw_last_error());
+    for (int s = 0; s < 3; s++) {
+        cr_assert_eq(pw_runner_step(r), PW_OK, "%s: %s", device, pw_last_error());
+        loss[s] = 0.0;
+        for (int k = 0; k < R; k++) {
+            double l;
+            if (pw_program_stage_loss(m.stages[k * m.n_chunks + m.n_chunks - 1], &l, NULL)) loss[s] += l;
+        }
+    }
+    int64_t total = 0;
+    for (int p = 0; p < g->n_params; p++) total += pw_shape_numel(&g->params[p].shape);
+    *params = calloc((size_t)total, sizeof **params);
+    cr_assert_not_null(*params);
+    int64_t off = 0;
+    for (int p = 0; p < g->n_params; p++) {
+        for (int ch = 0; ch < m.n_chunks; ch++)
+            for (int j = 0; j < pw_program_n_params(m.progs[ch]); j++) {
+                pw_program_param pp;
+                pw_program_param_at(m.progs[ch], j, &pp);
+                if (pp.graph_param == p)
+                    cr_assert_eq(pw_program_param_read(m.progs[ch], j, PW_PARAM_DATA, 0, *params + off), PW_OK);
+            }
+        off += pw_shape_numel(&g->params[p].shape);
+    }
+    *count = total;
+    pw_runner_destroy(r);
+    free(m.cuts);
+}
+
+Test(backend, program_stages_on_an_async_device_match_the_cpu, .timeout = TIMEOUT_S)
+{
+    register_hostdev();
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = dataset(g, 0);
+    static const struct { const char *schedule; int stages, replicas; } cases[] = {
+        {"1f1b", 2, 1}, {"zb-v", 2, 1}, {"interleaved", 2, 2}, {"zb-h1", 3, 2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        double lc[3], ld[3];
+        float *pc, *pd;
+        int64_t nc, nd;
+        unsigned before = hd_jobs_run();
+        ps_run(g, d, "cpu", cases[i].schedule, cases[i].stages, cases[i].replicas, lc, &pc, &nc);
+        ps_run(g, d, "hostdev-async:0", cases[i].schedule, cases[i].stages, cases[i].replicas, ld, &pd, &nd);
+        cr_assert_gt(hd_jobs_run(), before, "%s: no call completed asynchronously", cases[i].schedule);
+        cr_assert_eq(nc, nd);
+        for (int s = 0; s < 3; s++)
+            cr_expect_eq(lc[s], ld[s], "%s S=%d R=%d: step %d loss %.17g (cpu) vs %.17g", cases[i].schedule,
+                         cases[i].stages, cases[i].replicas, s + 1, lc[s], ld[s]);
+        int64_t ndiff = 0;
+        for (int64_t j = 0; j < nc; j++) ndiff += memcmp(&pc[j], &pd[j], sizeof *pc) != 0;
+        cr_expect_eq(ndiff, 0, "%s S=%d R=%d: %lld of %lld parameters differ from the cpu's", cases[i].schedule,
+                     cases[i].stages, cases[i].replicas, (long long)ndiff, (long long)nc);
+        free(pc);
+        free(pd);
     }
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
