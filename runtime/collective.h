@@ -49,6 +49,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "runtime/atomic.h" /* atomic_int, also for C++ */
 #include "runtime/status.h"
 
 #ifdef __cplusplus
