@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run the whole test suite:
 #   1. the optimised build and every test, then the MPI tests (mpirun on
-#      loopback with 2 and 4 processes; skipped with a message without mpirun);
+#      loopback with 2 and 4 processes; skipped with a message without mpirun),
+#      then the install as a user's program sees it (scripts/check-install.sh);
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
 #   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
 #      completing actions asynchronously), the determinism matrix's diagonal
@@ -32,6 +33,8 @@ echo "== tests"
 (cd build && ctest --output-on-failure --timeout 900 -LE mpi)
 echo "== MPI tests: pipeline-run under mpirun on loopback, 2 and 4 processes (skipped without mpirun)"
 (cd build && ctest --output-on-failure --timeout 900 -L mpi)
+echo "== install: headers as C11 and C++17, pkg-config and find_package programs, exports (scripts/check-install.sh)"
+bash scripts/check-install.sh build
 
 if [ "${PW_TEST_FAST:-0}" != "1" ]; then
     echo "== build (address,undefined sanitizers)"
