@@ -69,6 +69,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "runtime/atomic.h" /* atomic_int, also for C++ */
 #include "runtime/status.h"
 
 #ifdef __cplusplus

@@ -48,10 +48,13 @@
 #ifndef PW_RUNTIME_TRANSPORT_H
 #define PW_RUNTIME_TRANSPORT_H
 
-#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#ifndef __cplusplus
+#include <stdalign.h> /* alignas: a keyword in C++ */
+#endif
 
+#include "runtime/atomic.h"
 #include "runtime/collective.h"
 #include "runtime/status.h"
 
@@ -61,7 +64,7 @@ extern "C" {
 
 /* A pending non-blocking operation: storage the caller owns. */
 typedef struct pw_treq {
-    _Alignas(8) unsigned char opaque[16];
+    alignas(8) unsigned char opaque[16];
     size_t bytes;         /* a receive: what must arrive */
 } pw_treq;
 

@@ -3,8 +3,11 @@
 # Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
 
-PKGS=(build-essential cmake pkg-config
-      libhwloc-dev hwloc libevent-dev libjansson-dev zlib1g-dev
+# g++ and libudev-dev: scripts/check-install.sh compiles the public headers
+# as C++17, and links libpipewright.a with `pkg-config --static`, which
+# follows hwloc's own static flags (-ludev).
+PKGS=(build-essential g++ cmake pkg-config
+      libhwloc-dev hwloc libevent-dev libjansson-dev zlib1g-dev libudev-dev
       libopenblas-dev libcriterion-dev
       libopenmpi-dev openmpi-bin
       clang libclang-rt-14-dev

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run the whole test suite:
 #   1. the optimised build and every test (the examples' ctest entries run
-#      examples/custom_trainer and examples/graph_trainer small), the
-#      examples' own Makefiles against the pipewright that pkg-config finds
-#      (skipped with a message when it finds none), then the MPI tests
-#      (mpirun on loopback with 2 and 4 processes; skipped with a message
-#      without mpirun);
+#      examples/custom_trainer and examples/graph_trainer small), then the MPI
+#      tests (mpirun on loopback with 2 and 4 processes; skipped with a
+#      message without mpirun), then the install as a user's program sees it
+#      (scripts/check-install.sh), and the examples' own Makefiles against
+#      that install through pkg-config alone;
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
 #   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
 #      completing actions asynchronously), the determinism matrix's diagonal
@@ -35,19 +35,10 @@ echo "== build (RelWithDebInfo)"
 bash scripts/build.sh build
 echo "== tests"
 (cd build && ctest --output-on-failure --timeout 900 -LE mpi)
-echo "== examples built by their own Makefiles through pkg-config (skipped when pkg-config knows no pipewright)"
-if pkg-config --exists pipewright 2>/dev/null; then
-    rm -rf build/examples-pkg && mkdir -p build/examples-pkg
-    cp -r examples/custom_trainer examples/graph_trainer build/examples-pkg/
-    make -s -C build/examples-pkg/custom_trainer
-    make -s -C build/examples-pkg/graph_trainer
-    build/examples-pkg/custom_trainer/custom_trainer --schedule zb-h1 --stages 2 --steps 5 --quiet --no-pin
-    build/examples-pkg/graph_trainer/graph_trainer examples/fashion_mlp.graph --steps 3 --quiet --no-pin
-else
-    echo "skipped: pkg-config --exists pipewright fails (install pipewright, or set PKG_CONFIG_PATH)"
-fi
 echo "== MPI tests: pipeline-run under mpirun on loopback, 2 and 4 processes (skipped without mpirun)"
 (cd build && ctest --output-on-failure --timeout 900 -L mpi)
+echo "== install: headers as C11 and C++17, pkg-config and find_package programs, the examples' Makefiles, exports (scripts/check-install.sh)"
+bash scripts/check-install.sh build
 
 if [ "${PW_TEST_FAST:-0}" != "1" ]; then
     echo "== build (address,undefined sanitizers)"
