@@ -105,7 +105,7 @@ static const char *cat_name(int cat)
 }
 
 /* JSON string body with escapes (names are ours, but paths are users'). */
-static void put_str(FILE *f, const char *s)
+void pw_trace_write_string(FILE *f, const char *s)
 {
     fputc('"', f);
     for (const unsigned char *p = (const unsigned char *)(s ? s : ""); *p; p++) {
@@ -123,16 +123,46 @@ static void put_int_array(FILE *f, const int *v, int n)
     fputc(']', f);
 }
 
-static void write_meta(FILE *f, const pw_trace *t, const pw_trace_meta *m)
+/* The process's clock record (pw_trace_set_clock): set once at start-up,
+ * before any trace is written, and only read after. */
+static pw_trace_clock g_clock;
+static int g_clock_set;
+
+void pw_trace_set_clock(const pw_trace_clock *c)
+{
+    if (c) g_clock = *c;
+    g_clock.host[sizeof g_clock.host - 1] = '\0';
+    g_clock_set = c != NULL;
+}
+
+int pw_trace_get_clock(pw_trace_clock *out)
+{
+    if (g_clock_set && out) *out = g_clock;
+    return g_clock_set;
+}
+
+static void write_clock(FILE *f, const pw_trace_clock *c, int64_t t0_ns)
+{
+    fprintf(f, ", \"clock\": {\"t0_ns\": %" PRId64 ", \"world_rank\": %d, \"world_size\": %d, "
+            "\"offset_ns\": %" PRId64 ", \"measured_offset_ns\": %" PRId64 ", \"rtt_ns\": %" PRId64
+            ", \"same_host\": %s, \"host\": ", t0_ns, c->world_rank, c->world_size, c->offset_ns,
+            c->measured_ns, c->rtt_ns, c->same_host ? "true" : "false");
+    pw_trace_write_string(f, c->host);
+    fprintf(f, ", \"run\": \"%016" PRIx64 "\"}", c->run_id);
+}
+
+void pw_trace_write_meta(FILE *f, const pw_trace_meta *m, int64_t dropped, const pw_trace_clock *clock,
+                         int64_t t0_ns)
 {
     fprintf(f, "\"pipewright\": {\"version\": 1, \"schedule\": ");
-    put_str(f, m->schedule);
+    pw_trace_write_string(f, m->schedule);
     fprintf(f, ", \"graph\": ");
-    put_str(f, m->graph);
-    fprintf(f, ", \"ranks\": %d, \"stages\": %d, \"micro_batches\": %d, \"replicas\": %d, "
-            "\"micro_batch_size\": %" PRId64 ", \"steps\": %" PRId64 ", \"theory_bubble\": %.6f",
-            m->n_ranks, m->n_chunks, m->n_micro, m->n_replicas > 0 ? m->n_replicas : 1,
-            m->micro_batch, m->steps, m->theory_bubble);
+    pw_trace_write_string(f, m->graph);
+    fprintf(f, ", \"ranks\": %d, \"stages\": %d", m->n_ranks, m->n_chunks);
+    if (m->n_micro > 0) fprintf(f, ", \"micro_batches\": %d", m->n_micro); /* a merged generic block may lack it */
+    fprintf(f, ", \"replicas\": %d, \"micro_batch_size\": %" PRId64 ", \"steps\": %" PRId64
+            ", \"theory_bubble\": %.6f", m->n_replicas > 0 ? m->n_replicas : 1, m->micro_batch, m->steps,
+            m->theory_bubble);
     if (m->peak_inflight) {
         fprintf(f, ", \"peak_inflight\": ");
         put_int_array(f, m->peak_inflight, m->n_ranks);
@@ -153,8 +183,7 @@ static void write_meta(FILE *f, const pw_trace *t, const pw_trace_meta *m)
         }
         fputc(']', f);
     }
-    int64_t dropped = 0;
-    for (int r = 0; r < t->n_tracks; r++) dropped += t->tracks[r].dropped;
+    if (clock) write_clock(f, clock, t0_ns);
     fprintf(f, ", \"dropped_events\": %" PRId64 "}", dropped);
 }
 
@@ -178,8 +207,12 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
             if (t->tracks[r].ev[i].t0_ns < t_base) t_base = t->tracks[r].ev[i].t0_ns;
     if (t_base == INT64_MAX) t_base = 0;
 
+    int64_t dropped = 0;
+    for (int r = 0; r < t->n_tracks; r++) dropped += t->tracks[r].dropped;
+    pw_trace_clock clock;
+    const int has_clock = pw_trace_get_clock(&clock);
     fprintf(f, "{\"displayTimeUnit\": \"ns\",\n");
-    write_meta(f, t, m);
+    pw_trace_write_meta(f, m, dropped, has_clock ? &clock : NULL, t_base);
     fprintf(f, ",\n\"traceEvents\": [\n");
     fprintf(f, "{\"name\": \"process_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": 0, "
             "\"args\": {\"name\": \"pipewright\"}}");
@@ -191,7 +224,7 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
             const pw_trace_event *e = &t->tracks[r].ev[i];
             /* Microseconds with ns precision, as Chrome's format wants. */
             fprintf(f, ",\n{\"name\": ");
-            put_str(f, e->name);
+            pw_trace_write_string(f, e->name);
             fprintf(f, ", \"cat\": \"%s\", \"ph\": \"X\", \"pid\": 0, \"tid\": %d, \"ts\": %.3f, "
                     "\"dur\": %.3f, \"args\": {\"step\": %" PRId64, cat_name(e->cat), r,
                     (double)(e->t0_ns - t_base) / 1e3, (double)(e->t1_ns - e->t0_ns) / 1e3,

@@ -19,6 +19,7 @@
 #define PW_RUNTIME_TRACE_H
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "runtime/status.h"
 
@@ -79,11 +80,52 @@ typedef struct pw_trace_meta {
     const pw_trace_stage_cost *costs; /* [n_chunks] or NULL */
 } pw_trace_meta;
 
+/* Where this process's clock stands in a multi-process run. Each process
+ * of an mpirun job writes its own trace, timed by its own CLOCK_MONOTONIC;
+ * pw_mpi_transport_create measures this at start-up (a few ping-pongs with
+ * world rank 0, keeping the one with the shortest round trip) and sets it
+ * with pw_trace_set_clock, and every trace the process writes records it in
+ * a "clock" block, so pw_trace_merge can put all ranks on rank 0's clock. */
+typedef struct pw_trace_clock {
+    int world_rank, world_size;
+    int64_t offset_ns;       /* add to this process's pw_now_ns() to get rank 0's:
+                              * 0 on rank 0's host (one kernel, one clock), else
+                              * measured_ns */
+    int64_t measured_ns;     /* the ping-pong estimate: rank 0's time at the
+                              * reply minus the midpoint of the round trip */
+    int64_t rtt_ns;          /* that round trip: the estimate is within +-rtt/2 */
+    int same_host;           /* 1: shares rank 0's host (MPI_COMM_TYPE_SHARED) */
+    uint64_t run_id;         /* drawn by rank 0, the same in every process of the run */
+    char host[64];           /* gethostname() */
+} pw_trace_clock;
+
+/* Sets (or with NULL clears) the process's clock record. Call it before any
+ * thread writes a trace (pw_mpi_transport_create does, at start-up); the
+ * record is process-wide because the clock is. */
+void pw_trace_set_clock(const pw_trace_clock *c);
+/* Copies the record into *out and returns 1, or returns 0 when none is set. */
+int pw_trace_get_clock(pw_trace_clock *out);
+
 /* Writes {"displayTimeUnit": "ns", "pipewright": {...}, "traceEvents": [...]}
  * (metadata first, so a streaming reader has it before the events; one event a line)
  * atomically (temp file + rename). Timestamps are microseconds from the first
- * event. PW_ERR_IO on failure. */
+ * event. With a clock record set (pw_trace_set_clock) the metadata carries
+ * "clock": {"t0_ns": the process's clock at "ts" 0, "world_rank",
+ * "world_size", "offset_ns", "measured_offset_ns", "rtt_ns", "same_host",
+ * "host", "run": 16 hex digits}. PW_ERR_IO on failure. */
 pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_meta *meta);
+
+/* The `"pipewright": {...}` member exactly as pw_trace_write puts it (no
+ * comma around it), for tools that write traces of their own (pw_trace_merge):
+ * `dropped` events the writer lost; `clock` NULL writes no "clock" block,
+ * else one whose "t0_ns" is `t0_ns`, the process's clock at the file's
+ * "ts": 0. Arrays are written with n_ranks (n_chunks) entries;
+ * "micro_batches" only when n_micro > 0. */
+void pw_trace_write_meta(FILE *f, const pw_trace_meta *m, int64_t dropped, const pw_trace_clock *clock,
+                         int64_t t0_ns);
+/* `s` (UTF-8; NULL writes "") as a JSON string literal: quotes, backslashes
+ * and control characters escaped, everything else as is. */
+void pw_trace_write_string(FILE *f, const char *s);
 
 #ifdef __cplusplus
 }

@@ -1404,6 +1404,8 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
         st = ta_oom();
         goto fail;
     }
+    for (int i = 0; cfg->notes && i < cfg->n_notes; i++)
+        if (cfg->notes[i]) note(a, "%s", cfg->notes[i]);
     pw_trace_record rec;
     int more = 1;
     for (;;) {
@@ -1414,6 +1416,9 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
     const pw_trace_info *info = pw_trace_reader_info(rd);
     a->has_meta = info->present;
     PW_CHECK_GOTO(copy_meta(a, info), st, fail);
+    if (info->present && info->has_clock && info->world_size > 1)
+        note(a, "one process's trace of a %d-process run (MPI rank %d): the other ranks' events are in their own "
+             "files (pipe-trace RUN.rank*.json analyses them as one run)", info->world_size, info->world_rank);
     PW_CHECK_GOTO(finish(&s), st, fail);
     if (!cfg->no_detail) PW_CHECK_GOTO(ta_detail_pass(&s), st, fail);
     priv->names = s.names;

@@ -252,10 +252,15 @@ typedef struct pw_trace_analysis_config {
      * formula). NULL, or < 0 returned: unknown. */
     double (*theory)(const char *schedule, int stages, int micro_batches, void *user);
     void *theory_user;
+    /* Notes the caller puts in front of the analysis's own (copied): pipe-trace
+     * says how it merged the per-process traces of one run (trace_merge.h). */
+    const char *const *notes;
+    int n_notes;
 } pw_trace_analysis_config;
 
 #define PW_TRACE_ANALYSIS_DEFAULTS                                                      \
-    {.detail_step = -1, .no_detail = 0, .skip_steps = 0, .per_step = 0, .theory = NULL, .theory_user = NULL}
+    {.detail_step = -1, .no_detail = 0, .skip_steps = 0, .per_step = 0, .theory = NULL, .theory_user = NULL, \
+     .notes = NULL, .n_notes = 0}
 
 /* Analyses the trace at `path` ("-": stdin). *out is NULL on error. */
 pw_status pw_trace_analyze(const char *path, const pw_trace_analysis_config *cfg,

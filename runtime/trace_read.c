@@ -949,11 +949,14 @@ static pw_status meta_fail(pw_trace_reader *rd, const char *field, const char *e
                       v && json_is_integer(v) ? "an out-of-range integer" : got);
 }
 
-/* Integer member within [lo, hi]; `def` when absent and not required. */
+/* Integer member within [lo, hi]; `def` when absent and not required. A
+ * dotted name ("clock.t0_ns") is looked up by its last part in `o` and
+ * named whole in the message. */
 static pw_status meta_int(pw_trace_reader *rd, json_t *o, const char *k, int required, int64_t lo,
                           int64_t hi, int64_t def, int64_t *out)
 {
-    json_t *v = json_object_get(o, k);
+    const char *dot = strrchr(k, '.');
+    json_t *v = json_object_get(o, dot ? dot + 1 : k);
     char expect[96];
     if (!v && !required) {
         *out = def;
@@ -1028,6 +1031,51 @@ static pw_status meta_costs(pw_trace_reader *rd, json_t *o)
     return PW_OK;
 }
 
+/* The "clock" block (pw_trace_clock as pw_trace_write_meta writes it). */
+static pw_status meta_clock(pw_trace_reader *rd, json_t *o)
+{
+    pw_trace_info *in = &rd->info;
+    json_t *c = json_object_get(o, "clock");
+    if (!c) return PW_OK;
+    if (!json_is_object(c)) return meta_fail(rd, "clock", "an object", c);
+    /* 2^61 ns is 73 years of uptime; it keeps t0 + offset, and the difference
+     * of two such sums, inside int64 (pw_trace_merge). */
+    const int64_t lim = INT64_C(1) << 61;
+    int64_t v;
+    PW_CHECK(meta_int(rd, c, "clock.t0_ns", 1, 0, lim, 0, &in->clock_t0_ns));
+    PW_CHECK(meta_int(rd, c, "clock.offset_ns", 0, -lim, lim, 0, &in->clock_offset_ns));
+    PW_CHECK(meta_int(rd, c, "clock.measured_offset_ns", 0, -lim, lim, 0, &in->clock_measured_ns));
+    PW_CHECK(meta_int(rd, c, "clock.rtt_ns", 0, 0, lim, -1, &in->clock_rtt_ns));
+    PW_CHECK(meta_int(rd, c, "clock.world_size", 0, 1, 1 << 20, 0, &v));
+    in->world_size = (int)v;
+    PW_CHECK(meta_int(rd, c, "clock.world_rank", 0, 0, (1 << 20) - 1, -1, &v));
+    in->world_rank = (int)v;
+    if (in->world_rank >= 0 && in->world_rank >= in->world_size)
+        return rd_fail_at(rd, in->line, "pipewright.clock: world_rank %d is not below world_size %d",
+                          in->world_rank, in->world_size);
+    json_t *sh = json_object_get(c, "same_host");
+    if (sh && !json_is_boolean(sh)) return meta_fail(rd, "clock.same_host", "a boolean", sh);
+    in->clock_same_host = sh && json_is_true(sh);
+    const struct { const char *key; char *dst; size_t n; } strs[] = {
+        {"host", in->host, sizeof in->host}, {"run", in->run_id, sizeof in->run_id}};
+    static const char *const labels[] = {"clock.host", "clock.run"};
+    for (size_t i = 0; i < sizeof strs / sizeof *strs; i++) {
+        json_t *x = json_object_get(c, strs[i].key);
+        if (x && !json_is_string(x)) return meta_fail(rd, labels[i], "a string", x);
+        /* Cut at a character boundary, so the copy stays valid UTF-8. */
+        const char *t = x ? json_string_value(x) : "";
+        size_t n = strlen(t);
+        if (n >= strs[i].n) {
+            n = strs[i].n - 1;
+            while (n > 0 && ((unsigned char)t[n] & 0xC0) == 0x80) n--;
+        }
+        memcpy(strs[i].dst, t, n);
+        strs[i].dst[n] = '\0';
+    }
+    in->has_clock = 1;
+    return PW_OK;
+}
+
 static pw_status meta_string(pw_trace_reader *rd, json_t *o, const char *k, char **out)
 {
     json_t *v = json_object_get(o, k);
@@ -1090,6 +1138,7 @@ static pw_status read_meta(pw_trace_reader *rd)
     PW_CHECK_GOTO(meta_int_array(rd, o, "peak_inflight", &in->peak_inflight, &in->n_peak_inflight), st, out);
     PW_CHECK_GOTO(meta_int_array(rd, o, "measured_peak", &in->measured_peak, &in->n_measured_peak), st, out);
     PW_CHECK_GOTO(meta_costs(rd, o), st, out);
+    PW_CHECK_GOTO(meta_clock(rd, o), st, out);
     in->present = 1;
 out:
     json_decref(o);
@@ -1226,6 +1275,8 @@ static pw_status reader_alloc(const char *name, pw_trace_reader **out)
     if (!rd) return pw_error(PW_ERR_NOMEM, "%s: out of memory", name);
     rd->name = strdup(name);
     rd->info.theory_bubble = -1.0;
+    rd->info.world_rank = -1;
+    rd->info.clock_rtt_ns = -1;
     rd->info.schedule = strdup("");
     rd->info.graph = strdup("");
     if (!rd->name || !rd->info.schedule || !rd->info.graph) {

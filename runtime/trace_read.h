@@ -86,6 +86,17 @@ typedef struct pw_trace_info {
     int n_costs;                 /* entries in costs (0: absent) */
     pw_trace_stage_cost *costs;
     int64_t dropped_events;      /* events the writer could not record */
+    /* "clock": written by a process of a multi-process run (pw_trace_clock);
+     * pw_trace_merge puts the processes' files on one clock with it. */
+    int has_clock;               /* 1: the block is there (then t0_ns is) */
+    int64_t clock_t0_ns;         /* the process's clock at "ts" 0, in [0, 2^61] */
+    int64_t clock_offset_ns;     /* add to reach world rank 0's clock, |.| <= 2^61 (0 absent) */
+    int64_t clock_measured_ns;   /* the ping-pong estimate (0 absent) */
+    int64_t clock_rtt_ns;        /* its round trip; -1 absent */
+    int clock_same_host;         /* 1: on world rank 0's host */
+    int world_rank, world_size;  /* -1 and 0 when absent; rank < size */
+    char host[64];               /* "" absent (longer names are cut) */
+    char run_id[40];             /* "" absent */
     char display_time_unit[8];   /* top-level "displayTimeUnit" ("" absent) */
 } pw_trace_info;
 

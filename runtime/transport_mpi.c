@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "runtime/log.h"
 #include "runtime/trace.h"
@@ -518,6 +519,91 @@ static void mt_destroy(void *self)
     free(m);
 }
 
+/* ------------------------------------------------------------ clock */
+
+enum { CLOCK_TAG = 2, CLOCK_ROUNDS = 8 };
+
+typedef struct clock_reply {
+    int64_t t0_ns;         /* rank 0's pw_now_ns() when it answered */
+    uint64_t run_id;
+} clock_reply;
+
+static uint64_t draw_run_id(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t z = ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^ ((uint64_t)getpid() << 40);
+    z += 0x9e3779b97f4a7c15u; /* splitmix64's finaliser: nearby times give unrelated ids */
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+    return z ^ (z >> 31);
+}
+
+/* Measures this process's clock against world rank 0's for its traces
+ * (pw_trace_set_clock; pw_trace_merge applies it). Rank 0 answers
+ * CLOCK_ROUNDS pings from each other rank in turn with its pw_now_ns(); a
+ * rank keeps the round with the shortest round trip, where rank 0's reading
+ * is pinned best: offset = T0 - (t_send + t_recv) / 2, within +-rtt/2. A
+ * rank on rank 0's host shares its CLOCK_MONOTONIC, so its offset is 0 and
+ * the estimate is only recorded (a check of the method). The waits are
+ * world_wait's, bounded by the watchdog; the hb_comm tag keeps the pings
+ * apart from heartbeats and from the tools' world messages. */
+static pw_status clock_sync(mpi_transport *m, int same_host)
+{
+    pw_trace_clock c = {.world_rank = m->world_rank, .world_size = m->world_size, .same_host = same_host};
+    gethostname(c.host, sizeof c.host - 1);
+    char what[96];
+    int rc = MPI_SUCCESS;
+    if (m->world_rank == 0) {
+        c.run_id = draw_run_id();
+        for (int w = 1; w < m->world_size; w++)
+            for (int k = 0; k < CLOCK_ROUNDS; k++) {
+                int64_t ping;
+                MPI_Request r;
+                pw_mpi_lock();
+                rc = MPI_Irecv(&ping, (int)sizeof ping, MPI_BYTE, w, CLOCK_TAG, m->hb_comm, &r);
+                pw_mpi_unlock();
+                if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Irecv (clock)");
+                snprintf(what, sizeof what, "a clock ping from MPI rank %d", w);
+                PW_CHECK(world_wait(m, &r, 1, NULL, w, what));
+                const clock_reply rep = {.t0_ns = pw_now_ns(), .run_id = c.run_id};
+                pw_mpi_lock();
+                rc = MPI_Isend(&rep, (int)sizeof rep, MPI_BYTE, w, CLOCK_TAG, m->hb_comm, &r);
+                pw_mpi_unlock();
+                if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Isend (clock)");
+                snprintf(what, sizeof what, "MPI rank %d to take a clock reply", w);
+                PW_CHECK(world_wait(m, &r, 1, NULL, w, what));
+            }
+    } else {
+        c.rtt_ns = INT64_MAX;
+        snprintf(what, sizeof what, "MPI rank 0's clock reply");
+        for (int k = 0; k < CLOCK_ROUNDS; k++) {
+            clock_reply rep;
+            MPI_Request r[2];
+            const int64_t t1 = pw_now_ns();
+            pw_mpi_lock();
+            rc = MPI_Irecv(&rep, (int)sizeof rep, MPI_BYTE, 0, CLOCK_TAG, m->hb_comm, &r[0]);
+            if (rc == MPI_SUCCESS) rc = MPI_Isend(&t1, (int)sizeof t1, MPI_BYTE, 0, CLOCK_TAG, m->hb_comm, &r[1]);
+            pw_mpi_unlock();
+            if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Isend (clock)");
+            PW_CHECK(world_wait(m, r, 2, NULL, 0, what));
+            const int64_t t2 = pw_now_ns();
+            if (t2 - t1 < c.rtt_ns) {
+                c.rtt_ns = t2 - t1;
+                c.measured_ns = rep.t0_ns - (t1 + (t2 - t1) / 2);
+            }
+            c.run_id = rep.run_id;
+        }
+        c.offset_ns = same_host ? 0 : c.measured_ns;
+    }
+    pw_trace_set_clock(&c);
+    PW_INFO(PW_SUB_COMM, "MPI rank %d on %s: clock offset to rank 0 %+.3f us (%s; estimate %+.3f us, round trip "
+            "%.3f us); run %016llx", c.world_rank, c.host, (double)c.offset_ns / 1e3,
+            m->world_rank == 0 ? "rank 0 itself" : same_host ? "its host" : "measured", (double)c.measured_ns / 1e3,
+            (double)c.rtt_ns / 1e3, (unsigned long long)c.run_id);
+    return PW_OK;
+}
+
 static const pw_transport_i mpi_transport_i = {
     .name = "mpi",
     .isend = mt_isend,
@@ -616,10 +702,21 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     MPI_Comm_set_errhandler(m->replica_comm, MPI_ERRORS_RETURN);
     MPI_Comm_set_errhandler(m->stage_comm, MPI_ERRORS_RETURN);
     MPI_Comm node;
+    int rank0_here = t->world_rank == 0; /* world rank 0 shares this host (its clock) */
     if (MPI_Comm_split_type(m->world, MPI_COMM_TYPE_SHARED, t->world_rank, MPI_INFO_NULL, &node) ==
         MPI_SUCCESS) {
         MPI_Comm_rank(node, &t->local_rank);
         MPI_Comm_size(node, &t->local_size);
+        MPI_Group wg, ng;
+        int zero = 0, in_node = MPI_UNDEFINED;
+        if (MPI_Comm_group(m->world, &wg) == MPI_SUCCESS) {
+            if (MPI_Comm_group(node, &ng) == MPI_SUCCESS) {
+                MPI_Group_translate_ranks(wg, 1, &zero, ng, &in_node);
+                MPI_Group_free(&ng);
+            }
+            MPI_Group_free(&wg);
+        }
+        rank0_here = in_node != MPI_UNDEFINED;
         MPI_Comm_free(&node);
     } else {
         t->local_rank = 0;
@@ -633,6 +730,7 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     t->stage_coll = m->stage_coll;
     t->replica_coll = m->replica_coll;
     PW_CHECK_GOTO(hb_start(m), st, fail);
+    PW_CHECK_GOTO(clock_sync(m, rank0_here), st, fail);
     char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "MPI";
     int len = 0;
     MPI_Get_library_version(lib, &len);

@@ -29,6 +29,14 @@
  *               stalled one and no other
  *   signals     SIGTERM to one process mid-run: all stop after the same
  *               step, each writes its trace, no temp file is left
+ *   traces      4 processes (2 stages x 2 replicas) write run.rankN.json;
+ *               each records its clock (rank, run id, an offset whose
+ *               estimate is within half its round trip of the one clock of
+ *               this host); `pipe-trace run.rank*.json` analyses them as one
+ *               run with the ranks, stages and replicas the same run in one
+ *               process reports, and --merge writes that run as one trace
+ *   hostfile    the run started with `mpirun --hostfile` naming localhost
+ *               once per slot trains and its traces analyse
  *
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
@@ -44,7 +52,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "runtime/safetensors.h"
+#include "runtime/trace_read.h"
 #include "runtime/topology.h"
 #include "runtime/transport.h"
 #include "graph/graph.h"
@@ -713,6 +724,156 @@ static void sigterm_one(int np, int victim)
     free(out);
 }
 
+/* The analysis `pipe-trace --json ARGS` prints (NULL with a failure). */
+static json_t *pipe_trace_json(const char *args, const char *what)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s/pipe-trace --json %s 2>/dev/null", bin, args);
+    int st = run(cmd, 60, &out, NULL);
+    json_error_t jerr;
+    json_t *j = st == 0 ? json_loads(out, 0, &jerr) : NULL;
+    if (!j) fail("%s: `%s` exit %d\n%.2000s", what, cmd, st, out);
+    free(out);
+    return j;
+}
+
+/* The figures that must not depend on one process or many: the layout, the
+ * ranks listed and each rank's forward, backward and weight counts. */
+static int same_structure(json_t *one, json_t *many, char *why, size_t n)
+{
+    static const char *const meta[] = {"graph", "schedule", "ranks", "stages", "replicas", "micro_batches", "steps"};
+    for (size_t i = 0; i < sizeof meta / sizeof *meta; i++)
+        if (!json_equal(json_object_get(json_object_get(one, "meta"), meta[i]),
+                        json_object_get(json_object_get(many, "meta"), meta[i])))
+            return snprintf(why, n, "meta.%s differs", meta[i]), 0;
+    if (!json_equal(json_object_get(one, "ranks_n"), json_object_get(many, "ranks_n")) ||
+        !json_equal(json_object_get(one, "steps_total"), json_object_get(many, "steps_total")))
+        return snprintf(why, n, "rank or step counts differ"), 0;
+    json_t *ra = json_object_get(one, "ranks"), *rb = json_object_get(many, "ranks");
+    if (json_array_size(ra) != json_array_size(rb) || json_array_size(ra) == 0)
+        return snprintf(why, n, "%zu ranks listed, %zu in one process", json_array_size(rb), json_array_size(ra)), 0;
+    for (size_t r = 0; r < json_array_size(ra); r++) {
+        json_t *a = json_array_get(ra, r), *b = json_array_get(rb, r);
+        if (!json_equal(json_object_get(a, "label"), json_object_get(b, "label")))
+            return snprintf(why, n, "rank %zu is labelled differently", r), 0;
+        static const char *const counts[] = {"n_F", "n_B", "n_W"};
+        for (int c = 0; c < 3; c++) {
+            json_t *x = json_object_get(json_object_get(a, "total"), counts[c]);
+            json_t *y = json_object_get(json_object_get(b, "total"), counts[c]);
+            if (!json_equal(x, y))
+                return snprintf(why, n, "rank %zu: %s %lld, %lld in one process", r, counts[c],
+                                (long long)json_integer_value(y), (long long)json_integer_value(x)), 0;
+        }
+        if (json_integer_value(json_object_get(json_object_get(b, "total"), "n_F")) <= 0)
+            return snprintf(why, n, "rank %zu has no forwards", r), 0;
+    }
+    return 1;
+}
+
+/* Each process's trace: its own clock block, one run. */
+static int clocks_ok(const char *prefix, int np, char *why, size_t n)
+{
+    char run_id[40] = "";
+    for (int w = 0; w < np; w++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s/%s.rank%d.json", dir, prefix, w);
+        pw_trace_reader *rd = NULL;
+        pw_trace_record ev;
+        int more = 0;
+        if (pw_trace_reader_open(path, &rd) != PW_OK || pw_trace_reader_next(rd, &ev, &more) != PW_OK) {
+            snprintf(why, n, "%.200s", pw_last_error());
+            pw_trace_reader_close(rd);
+            return 0;
+        }
+        const pw_trace_info in = *pw_trace_reader_info(rd);
+        pw_trace_reader_close(rd);
+        const int64_t err = in.clock_measured_ns < 0 ? -in.clock_measured_ns : in.clock_measured_ns;
+        if (!in.has_clock || in.world_rank != w || in.world_size != np || !in.run_id[0])
+            return snprintf(why, n, "%.120s: no clock block, or not MPI rank %d of %d", path, w, np), 0;
+        if (w == 0) snprintf(run_id, sizeof run_id, "%s", in.run_id);
+        else if (strcmp(run_id, in.run_id)) return snprintf(why, n, "%.120s: run %.32s, rank 0's is %.32s", path, in.run_id, run_id), 0;
+        /* One host, one CLOCK_MONOTONIC: the true offset is 0, so the
+         * ping-pong's estimate must lie within half its round trip. */
+        if (!in.clock_same_host || in.clock_offset_ns != 0 || (w > 0 && (in.clock_rtt_ns <= 0 || err > in.clock_rtt_ns / 2 + 1)))
+            return snprintf(why, n, "%.120s: offset %lld ns, estimate %lld ns, round trip %lld ns", path,
+                            (long long)in.clock_offset_ns, (long long)in.clock_measured_ns, (long long)in.clock_rtt_ns), 0;
+    }
+    return 1;
+}
+
+/* 4 processes write their traces; pipe-trace reads them as one run, the
+ * same run in one process gives the same structure. */
+static void traces(int np, int S, int R)
+{
+    char cmd[2048], why[256], args[512], *out = NULL;
+    snprintf(args, sizeof args, "m.graph " DATA " --stages %d --replicas %d --batch 48 --steps 6 --micro-batches 4",
+             S, R);
+    snprintf(cmd, sizeof cmd, "rm -f tr.*; " MPIRUN " -np %d %s/pipeline-run %s --trace tr.json && %s/pipeline-run %s "
+             "--trace tr_one.json", np, bin, args, bin, args);
+    if (run(cmd, 300, &out, NULL) != 0) {
+        fail("traces (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    free(out);
+    if (!clocks_ok("tr", np, why, sizeof why)) {
+        fail("traces: %s", why);
+        return;
+    }
+    char files[1024] = "", merged_args[1200];
+    for (int w = 0; w < np; w++) {
+        size_t len = strlen(files);
+        snprintf(files + len, sizeof files - len, " %s/tr.rank%d.json", dir, w);
+    }
+    snprintf(args, sizeof args, "%s/tr_one.json", dir);
+    json_t *one = pipe_trace_json(args, "traces: one process"), *many = pipe_trace_json(files, "traces: per-rank files");
+    snprintf(cmd, sizeof cmd, "%s/pipe-trace --merge %s/tr_merged.json%s", bin, dir, files);
+    int merged_ok = run(cmd, 60, &out, NULL) == 0 && strstr(out, "share MPI rank 0's host");
+    if (!merged_ok) fail("traces: `%s`:\n%s", cmd, out);
+    free(out);
+    snprintf(merged_args, sizeof merged_args, "%s/tr_merged.json", dir);
+    json_t *merged = merged_ok ? pipe_trace_json(merged_args, "traces: the --merge output") : NULL;
+    if (one && many && merged) {
+        if (!same_structure(one, many, why, sizeof why))
+            fail("traces: the %d per-rank files analysed as one run differ from one process: %s", np, why);
+        else if (!json_equal(json_object_get(many, "total"), json_object_get(merged, "total")) ||
+                 !json_equal(json_object_get(many, "causes"), json_object_get(merged, "causes")))
+            fail("traces: pipe-trace FILES and pipe-trace on their --merge output differ");
+        else
+            printf("ok   traces: %d processes (%d stages x %d replica%s) write their own traces, with their clocks; "
+                   "pipe-trace merges them into the run one process reports (%zu ranks)\n", np, S, R, R > 1 ? "s" : "",
+                   json_array_size(json_object_get(many, "ranks")));
+    }
+    json_decref(one);
+    json_decref(many);
+    json_decref(merged);
+}
+
+/* `mpirun --hostfile`: Open MPI 4.1 refuses a host named twice with slots=N,
+ * so localhost is listed once per slot (on a cluster: "node1 slots=2"). */
+static void hostfile(int np, int S, int R)
+{
+    char path[160], cmd[2048], *out = NULL;
+    snprintf(path, sizeof path, "%s/hosts", dir);
+    FILE *f = fopen(path, "w");
+    for (int i = 0; i < np; i++) fputs("localhost\n", f);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "rm -f hf.*; mpirun --hostfile hosts --bind-to none --mca btl self,vader -np %d "
+             "%s/pipeline-run m.graph --data synthetic:768:24:5 --no-pin --seed 5 --stages %d --replicas %d --batch 48 "
+             "--steps 8 --micro-batches 4 --trace hf.json && %s/pipe-trace --color never hf.rank*.json", np, bin, S, R, bin);
+    double took = 0;
+    int st = run(cmd, 300, &out, &took);
+    char last[32];
+    snprintf(last, sizeof last, "rank %d ", np - 1);
+    if (st != 0 || !strstr(out, "done: 8 steps") || !strstr(out, "pipe-trace: hf.rank*.json") || !strstr(out, last) ||
+        !strstr(out, "Bubble: measured"))
+        fail("hostfile (%s): exit %d\n%s", cmd, st, out);
+    else
+        printf("ok   hostfile: mpirun --hostfile (localhost x %d) trains %d stages x %d replica%s; its traces "
+               "analyse as one run (%.1f s)\n", np, S, R, R > 1 ? "s" : "", took);
+    free(out);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -769,6 +930,8 @@ int main(int argc, char **argv)
         failure(2, "error", "MPI rank %d (replica %d, stage %d): step 2: injected fault", 60);
         hang(2, 1, "step", 3, 0);
         hang(2, 1, "eval", 16, 1);
+        traces(2, 2, 1);
+        hostfile(2, 2, 1);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
         identical(4, 4, 1, "--micro-batches 8 --optimizer adamw", "", "s4");
@@ -799,6 +962,8 @@ int main(int argc, char **argv)
         hang(4, 1, "save", 20, 1);
         sigstop_outside(4, 3);
         sigterm_one(4, 2);
+        traces(4, 2, 2);
+        hostfile(4, 2, 2);
     }
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);

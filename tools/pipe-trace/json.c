@@ -97,6 +97,19 @@ static json_t *meta_json(const pw_trace_analysis *a)
     for (int i = 0; mp && i < m->n_measured_peak; i++) push(mp, json_integer(m->measured_peak[i]));
     put(o, "peak_inflight", pk);
     put(o, "measured_peak", mp);
+    json_t *c = json_null();
+    if (m->has_clock && (c = json_object())) {
+        put(c, "t0_ns", json_integer(m->clock_t0_ns));
+        put(c, "world_rank", int_or_null(m->world_rank));
+        put(c, "world_size", json_integer(m->world_size));
+        put(c, "offset_ns", json_integer(m->clock_offset_ns));
+        put(c, "measured_offset_ns", json_integer(m->clock_measured_ns));
+        put(c, "rtt_ns", m->clock_rtt_ns >= 0 ? json_integer(m->clock_rtt_ns) : json_null());
+        put(c, "same_host", json_boolean(m->clock_same_host));
+        put(c, "host", json_string(m->host));
+        put(c, "run", json_string(m->run_id));
+    }
+    put(o, "clock", c);
     return o;
 }
 

@@ -30,6 +30,16 @@ void pt_report_compare(FILE *f, const pw_trace_analysis *a, const pw_trace_analy
 /* svg.c: the detail step's timeline. 0 ok, -1 with errno set on a write error. */
 int pt_svg_write(FILE *f, const pw_trace_analysis *a, const char *title);
 
+/* svg.c: text content with XML's five specials escaped (control
+ * characters other than tab dropped). */
+void pt_xml_text(FILE *f, const char *s);
+
+/* plot.c: loss and throughput curves of a metrics file (metrics_read.h) as
+ * a standalone SVG: training loss and evaluation loss against the step, and
+ * samples/s against the step. 0 ok, -1 with errno set on a write error. */
+struct pw_metrics;
+int pt_plot_write(FILE *f, const struct pw_metrics *m, const char *title);
+
 /* json.c: the analysis as JSON (one document; `b` non-NULL: a comparison).
  * 0 ok, -1 on failure (message on stderr). */
 int pt_json_write(FILE *f, const pw_trace_analysis *a, const pw_trace_analysis *b);

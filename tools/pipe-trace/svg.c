@@ -21,8 +21,8 @@ static const char *k_fill[PW_TA_CLASS_COUNT] = {
     [PW_TA_OTHER] = "#76b7b2", [PW_TA_COMM] = "#9d9d9d", [PW_TA_WAIT] = "url(#wait)", [PW_TA_IDLE] = "#e9e9e9",
 };
 
-/* Text content with XML's five specials escaped. */
-static void xml_text(FILE *f, const char *s)
+/* Text content with XML's five specials escaped (pipe-trace.h). */
+void pt_xml_text(FILE *f, const char *s)
 {
     for (; *s; s++) {
         switch (*s) {
@@ -71,14 +71,14 @@ int pt_svg_write(FILE *f, const pw_trace_analysis *a, const char *title)
     /* Title and subtitle. */
     fprintf(f, "<text x=\"%.0f\" y=\"24\" font-size=\"16\" font-weight=\"bold\">", LEFT);
     if (title) {
-        xml_text(f, title);
+        pt_xml_text(f, title);
     } else if (a->has_meta) {
         char t[512];
         snprintf(t, sizeof t, "%s — %s, %d stages, %d micro-batches", *a->meta.graph ? a->meta.graph : "?",
                  *a->meta.schedule ? a->meta.schedule : "?", a->meta.stages, a->meta.micro_batches);
-        xml_text(f, t);
+        pt_xml_text(f, t);
     } else {
-        xml_text(f, a->file);
+        pt_xml_text(f, a->file);
     }
     fprintf(f, "</text>\n<text x=\"%.0f\" y=\"44\" fill=\"#444\">", LEFT);
     if (d->step >= 0) {
@@ -92,9 +92,9 @@ int pt_svg_write(FILE *f, const pw_trace_analysis *a, const char *title)
             n += snprintf(t + n, sizeof t - (size_t)n, ", bubble %.1f%%", 100 * sp->bubble);
         if (a->theory >= 0 && n > 0 && (size_t)n < sizeof t)
             snprintf(t + n, sizeof t - (size_t)n, " (theory %.1f%%)", 100 * a->theory);
-        xml_text(f, t);
+        pt_xml_text(f, t);
     } else {
-        xml_text(f, "no step to draw");
+        pt_xml_text(f, "no step to draw");
     }
     fprintf(f, "</text>\n");
 
@@ -103,7 +103,7 @@ int pt_svg_write(FILE *f, const pw_trace_analysis *a, const char *title)
         const double y = ROW(r) + (ROW_H - BAR_H) / 2;
         fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\" dominant-baseline=\"middle\">", LEFT - 8,
                 y + BAR_H / 2);
-        xml_text(f, a->ranks[r].label);
+        pt_xml_text(f, a->ranks[r].label);
         fprintf(f, "</text>\n<g>\n");
         for (int i = 0; i < d->n_segments[r]; i++) {
             const pw_ta_segment *s = &d->segments[r][i];
@@ -121,7 +121,7 @@ int pt_svg_write(FILE *f, const pw_trace_analysis *a, const char *title)
             char tip[192];
             if (s->event >= 0) {
                 pt_event_text(&d->events[s->event], tip, sizeof tip);
-                xml_text(f, tip);
+                pt_xml_text(f, tip);
                 if (d->events[s->event].peer >= 0) fprintf(f, " (rank %d)", d->events[s->event].peer);
             } else {
                 fprintf(f, "idle (%s)", pw_ta_phase_name(s->phase));
