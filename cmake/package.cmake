@@ -11,7 +11,7 @@
 #                                   (shared), pipewright::pipewright_static
 #
 # and, with PW_CUDA=ON, the install COMPONENT cuda: libpipewright_cuda.so.0 /
-# libpipewright_cuda.a, pipewright-cuda.pc, include/pipewright/stages/cuda/,
+# libpipewright_cuda.a, pipewright-cuda.pc, include/pipewright/stages/ops/cuda/,
 # and find_package(pipewright CONFIG COMPONENTS cuda): pipewright::cuda,
 # pipewright::cuda_static.
 #
@@ -25,23 +25,23 @@ include(CMakePackageConfigHelpers)
 
 # ---------------------------------------------------------------- public headers
 # What a program may include: the umbrella header and everything it includes,
-# the backend table (stages/backend.h: choosing and registering backends) and
-# the CPU reference kernels (stages/cpu/ops.h: pw_cpu_set_threads, and the
+# the backend table (stages/ops/backend.h: choosing and registering backends) and
+# the CPU reference kernels (stages/ops/cpu/ops.h: pw_cpu_set_threads, and the
 # kernels the CUDA ones are checked against). Every other header is internal
 # and is not installed: *-internal.h, *_int.h, runtime/pool.h (the CPU thread
-# team), runtime/tmpfile.h (the atomic writes' registry), stages/cpu/gemm.h.
+# team), runtime/tmpfile.h (the atomic writes' registry), stages/ops/cpu/gemm.h.
 set(PW_PUBLIC_HEADERS
   pipewright.h
   runtime/status.h runtime/log.h runtime/tensor.h runtime/rng.h runtime/arena.h
   runtime/safetensors.h runtime/topology.h runtime/trace.h runtime/trace_read.h
-  runtime/trace_analysis.h runtime/atomic.h runtime/collective.h runtime/transport.h
+  scheduler/analysis/trace_analysis.h runtime/atomic.h runtime/collective.h runtime/transport.h
   graph/graph.h graph/partition.h
   scheduler/stage.h scheduler/schedule.h scheduler/simulate.h scheduler/engine.h scheduler/runner.h
-  stages/optim.h stages/data.h stages/program.h stages/program_stage.h stages/checkpoint.h stages/trainer.h
-  stages/pipeline.h stages/forecast.h stages/profile.h stages/plan.h stages/generate.h
-  stages/backend.h stages/cpu/ops.h)
+  stages/ops/optim.h stages/train/data.h stages/program/program.h stages/train/program_stage.h stages/train/checkpoint.h stages/train/trainer.h
+  stages/train/pipeline.h stages/plan/forecast.h stages/plan/profile.h stages/plan/plan.h stages/train/generate.h
+  stages/ops/backend.h stages/ops/cpu/ops.h)
 # The CUDA backend's, installed with COMPONENT cuda (C headers: no CUDA header needed).
-set(PW_CUDA_PUBLIC_HEADERS stages/cuda/backend_cuda.h stages/cuda/device.h stages/cuda/ops.h)
+set(PW_CUDA_PUBLIC_HEADERS stages/ops/cuda/backend_cuda.h stages/ops/cuda/device.h stages/ops/cuda/ops.h)
 
 # The headers name each other from the source root ("runtime/status.h"), which
 # the build's -I finds. Installed under include/pipewright/ they are found

@@ -3,7 +3,7 @@
 # headers need only -I PREFIX/include (cmake/package.cmake):
 #
 #   graph/graph.h:        #include "runtime/status.h"  ->  #include "../runtime/status.h"
-#   stages/cuda/device.h: #include "runtime/status.h"  ->  #include "../../runtime/status.h"
+#   stages/ops/cuda/device.h: #include "runtime/status.h"  ->  #include "../../runtime/status.h"
 #   pipewright.h:         unchanged (it sits at the root)
 #
 # Only lines that start with #include change; comments and the rest are

@@ -35,7 +35,7 @@ extern "C" {
 #define PW_MAX_OP_INPUTS 4
 #define PW_MAX_OP_PARAMS 4
 /* Rows per block of the causal attention kernel: the cost model (ops.c)
- * counts the blocks it runs; stages/cpu/ops.c asserts it uses the same. */
+ * counts the blocks it runs; stages/ops/cpu/ops.c asserts it uses the same. */
 #define PW_ATTENTION_BLOCK 32
 
 typedef enum pw_op_kind {

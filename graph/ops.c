@@ -507,7 +507,7 @@ pw_status pw_graph_node_cost(const pw_graph *g, int node, pw_op_cost *c)
         c->flops_bwd_weight = n; /* no statistics: the backward reads only dy */
         break;
     case PW_OP_CAUSAL_ATTENTION: {
-        /* What the CPU kernel does per head (stages/cpu/ops.c): S = Q·Kᵀ and
+        /* What the CPU kernel does per head (stages/ops/cpu/ops.c): S = Q·Kᵀ and
          * O = P·V as GEMMs over blocks of PW_ATTENTION_BLOCK rows, each block
          * over the columns up to its last row (the blocks above the diagonal
          * are skipped; the masked part of a diagonal block is computed and

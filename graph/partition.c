@@ -74,7 +74,7 @@ typedef struct model {
 } model;
 
 /* One range [i, j) being walked, j growing. Buffer sizes follow the stage
- * program's plan (stages/program.c): the values the range reads or writes,
+ * program's plan (stages/program/program.c): the values the range reads or writes,
  * the gradients of those that carry one, the ops' saved statistics, and for
  * values received and passed on (live-in at i, read after j) a buffer too. */
 typedef struct range {

@@ -27,7 +27,7 @@
  *
  * This module sees only the graph: the schedule enters as numbers (the peak
  * in-flight count of each stage), measured op times as an array (a
- * pw_profile's `times`, stages/profile.h). stages/plan.h wires both from a
+ * pw_profile's `times`, stages/plan/profile.h). stages/plan/plan.h wires both from a
  * schedule kind and a profile and prints the plan; most callers want that.
  *
  * The cost model, per stage s = nodes [i, j) on device s, per micro-batch:
@@ -94,7 +94,7 @@ typedef enum pw_partition_method {
 /* What BALANCED minimises per stage. */
 typedef enum pw_balance {
     PW_BALANCE_FLOPS = 0,   /* analytic: FLOPs at flops_per_s */
-    PW_BALANCE_TIME,        /* measured: node_times (stages/profile.h) */
+    PW_BALANCE_TIME,        /* measured: node_times (stages/plan/profile.h) */
 } pw_balance;
 
 /* Seconds of one node for one micro-batch on a speed-1 device. */
@@ -109,7 +109,7 @@ typedef struct pw_op_time {
 } pw_op_time;
 
 /* FLOPs of one optimizer update per parameter element, counted from the
- * update loops of stages/optim.c (a square root or a division counts one):
+ * update loops of stages/ops/optim.c (a square root or a division counts one):
  * SGD with momentum g+wd·p, μ·buf+g, p−lr·buf = 6; AdamW decay, both moments,
  * the bias-corrected step = 14. What pw_partition_config.optim_flops takes
  * for the analytic (FLOPS) model. */
@@ -154,7 +154,7 @@ typedef struct pw_partition_config {
     int recompute;                  /* 1: stash only stage inputs, recompute the
                                        forward before each backward */
     int grad_sum_copies;            /* more copies of its gradients a stage holds (the
-                                       pending group sums of stages/program.h:
+                                       pending group sums of stages/program/program.h:
                                        log2 of its gradient groups) */
 } pw_partition_config;
 
@@ -203,7 +203,7 @@ typedef struct pw_partition {
                                equals bottleneck unless the cuts were given
                                (-1 when no split fits) */
     /* Estimate for GPipe / 1F1B: step = Σ stage time + (M−1) × bottleneck,
-     * bubble = 1 − Σ (compute × M + optim) / (S × step). stages/plan.h replaces both
+     * bubble = 1 − Σ (compute × M + optim) / (S × step). stages/plan/plan.h replaces both
      * with the simulator's figures for the actual schedule. */
     double step_time, bubble;
     char note[256];         /* "" or, for cut markers, how they compare */

@@ -25,7 +25,7 @@ pw_status pw_arena_commit(pw_arena *a)
 {
     PW_ASSERT(a->base == NULL);
     /* Whole pages, page-aligned: a device backend may page-lock the block
-     * (stages/backend.h, host_register), which must not share a page with
+     * (stages/ops/backend.h, host_register), which must not share a page with
      * other memory. */
     long pg = sysconf(_SC_PAGESIZE);
     size_t page = pg >= PW_ARENA_ALIGN ? (size_t)pg : PW_ARENA_ALIGN;

@@ -36,7 +36,7 @@
  *     ((g0 + g1) + (g2 + g3)) + g4   n = 5
  *
  * Because a replica's gradient is itself the pairwise sum of its part of
- * the global batch (stages/program.h, grad_groups), R replicas give the
+ * the global batch (stages/program/program.h, grad_groups), R replicas give the
  * same bits as one replica summing the whole batch for every power of two R
  * (docs/api.md, "Determinism"). Member j sums segment j: in process it
  * reads the other members' copies of it in place and the others then copy

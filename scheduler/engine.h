@@ -127,7 +127,7 @@ void pw_engine_destroy(pw_engine *e); /* accepts NULL; joins the workers */
 /* The host block that holds every message buffer of the engine (the
  * ports bound to the stages point into it): page-aligned, whole pages,
  * valid until pw_engine_destroy. A device pipeline page-locks it
- * (stages/backend.h, host_register). *base is NULL and *bytes 0 when there
+ * (stages/ops/backend.h, host_register). *base is NULL and *bytes 0 when there
  * are none, or when msg_alloc provided them. */
 void pw_engine_message_memory(const pw_engine *e, void **base, size_t *bytes);
 

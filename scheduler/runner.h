@@ -68,7 +68,7 @@
  * returned), its worker may still use the chunks, so report and exit
  * instead of destroying the runner.
  * CPU kernel threads are the caller's (a graph program's GEMMs share the
- * process's team, stages/cpu/ops.h); the results do not depend on them.
+ * process's team, stages/ops/cpu/ops.h); the results do not depend on them.
  */
 #ifndef PW_SCHEDULER_RUNNER_H
 #define PW_SCHEDULER_RUNNER_H
@@ -131,7 +131,7 @@ typedef struct pw_runner_config {
     int64_t first_step;      /* the step number of the first pw_runner_step (0: 1) */
     const pw_span_mem *span_mem; /* (optional) with replicas, where the chunks' gradients
                                     live when not in host memory: a device program's
-                                    backend's span_memory (stages/backend.h) */
+                                    backend's span_memory (stages/ops/backend.h) */
 } pw_runner_config;
 
 typedef struct pw_runner pw_runner;

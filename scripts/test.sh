@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 2: install what is missing, build, run the whole test suite:
-#   1. the optimised build and every test (the examples' ctest entries run
+#   1. the layering check (scripts/check-layering.sh), the optimised build and every test (the examples' ctest entries run
 #      examples/custom_trainer and examples/graph_trainer small), then the MPI
 #      tests (mpirun on loopback with 2 and 4 processes; skipped with a
 #      message without mpirun), then the install as a user's program sees it
@@ -31,6 +31,8 @@ check_log() {
     fi
 }
 
+echo "== layering: no room includes a header of a room it may not use (docs/architecture.md)"
+bash scripts/check-layering.sh
 echo "== build (RelWithDebInfo)"
 bash scripts/build.sh build
 echo "== tests"

@@ -11,8 +11,8 @@
 #include <string.h>
 
 #include "graph/graph.h"
-#include "stages/pipeline.h"
-#include "stages/program.h"
+#include "stages/train/pipeline.h"
+#include "stages/program/program.h"
 
 /* After a "graph NAME\n" line. 11 nodes; h1 is used again after the cut, so
  * with four stages a value crosses several boundaries. */

@@ -1,4 +1,4 @@
-/* pipewright — the stage program's backend table (stages/backend.h).
+/* pipewright — the stage program's backend table (stages/ops/backend.h).
  *
  * The CUDA path of the program (device memory in one block per category,
  * the data and the engine's host messages staged through uploads and
@@ -25,11 +25,11 @@
 
 #include "graph/graph.h"
 #include "runtime/status.h"
-#include "stages/backend.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
-#include "stages/program.h"
-#include "stages/program_stage.h"
+#include "stages/ops/backend.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
+#include "stages/program/program.h"
+#include "stages/train/program_stage.h"
 #include "scheduler/runner.h"
 #include "graph/partition.h"
 #include "tests/pipeline_support.h"
@@ -837,7 +837,7 @@ Test(backend, async_device_pipeline_paths, .timeout = TIMEOUT_S)
     pw_graph_destroy(g);
 }
 
-/* Programs as engine chunks (stages/program_stage.h) on an asynchronous
+/* Programs as engine chunks (stages/train/program_stage.h) on an asynchronous
  * device, through the runner (scheduler/runner.h): the loss read at
  * completion, the messages landing at completion, the replicas' sum through
  * the backend's span memory — the CPU's bytes. */

@@ -1,4 +1,4 @@
-/* pipewright — tests for the CUDA backend (stages/cuda/ops.h, device.h).
+/* pipewright — tests for the CUDA backend (stages/ops/cuda/ops.h, device.h).
  *
  * The CPU kernels are the oracle (STYLE 9): every CUDA op runs on random
  * inputs beside its CPU op, and the results must agree within fp32 rounding
@@ -39,10 +39,10 @@ Test(cuda, built_without_cuda)
 
 #include "runtime/rng.h"
 #include "runtime/status.h"
-#include "stages/cpu/ops.h"
-#include "stages/cuda/device.h"
-#include "stages/cuda/ops.h"
-#include "stages/optim.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/ops/cuda/device.h"
+#include "stages/ops/cuda/ops.h"
+#include "stages/ops/optim.h"
 
 /* Normalised-error tolerances. */
 #define TOL_EW 1e-6     /* element-wise ops (rounding identical by design) */

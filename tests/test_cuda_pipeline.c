@@ -1,5 +1,5 @@
 /* pipewright — the stage program on the GPU through real pipelines
- * (stages/backend.h, stages/cuda/backend_cuda.c; docs/cuda.md).
+ * (stages/ops/backend.h, stages/ops/cuda/backend_cuda.c; docs/cuda.md).
  *
  * The one-stage GPU run is the oracle for the GPU (STYLE 9): 2- and 3-stage
  * pipelines on cuda:0 (several stages on one GPU, each with its own
@@ -37,13 +37,13 @@ Test(cuda_pipeline, built_without_cuda)
 
 #include "graph/graph.h"
 #include "runtime/status.h"
-#include "stages/backend.h"
-#include "stages/checkpoint.h"
-#include "stages/cuda/backend_cuda.h"
-#include "stages/cuda/device.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
-#include "stages/program.h"
+#include "stages/ops/backend.h"
+#include "stages/train/checkpoint.h"
+#include "stages/ops/cuda/backend_cuda.h"
+#include "stages/ops/cuda/device.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
+#include "stages/program/program.h"
 #include "tests/pipeline_support.h"
 
 /* One timeout for every test (see test_cuda_ops.c: Criterion 2.4.1 leaks a

@@ -19,10 +19,10 @@
 #include <unistd.h>
 
 #include "pipeline_support.h"
-#include "stages/cpu/gemm.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
+#include "stages/ops/cpu/gemm.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
 #include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
 #define TIMEOUT 600

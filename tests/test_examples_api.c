@@ -1,5 +1,5 @@
 /* Tests for the helpers a custom trainer uses: a graph program as an engine
- * chunk (stages/program_stage.h) and the engine driven from a schedule
+ * chunk (stages/train/program_stage.h) and the engine driven from a schedule
  * name, a micro-batch count and a stage table (scheduler/runner.h).
  *
  * The reference is pw_pipeline on the same layout (the same cuts, schedule,
@@ -13,10 +13,10 @@
 #include <unistd.h>
 
 #include "graph/partition.h"
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "scheduler/runner.h"
-#include "stages/pipeline.h"
-#include "stages/program_stage.h"
+#include "stages/train/pipeline.h"
+#include "stages/train/program_stage.h"
 #include "tests/pipeline_support.h"
 
 #define TIMEOUT 60

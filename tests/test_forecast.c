@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "graph/graph.h"
-#include "stages/forecast.h"
+#include "stages/plan/forecast.h"
 
 #define TIMEOUT 120
 

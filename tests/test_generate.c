@@ -1,4 +1,4 @@
-/* Tests: text generation through a pipeline's programs (stages/generate.h). */
+/* Tests: text generation through a pipeline's programs (stages/train/generate.h). */
 #include <criterion/criterion.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -6,9 +6,9 @@
 #include <unistd.h>
 
 #include "graph/graph.h"
-#include "stages/data.h"
-#include "stages/generate.h"
-#include "stages/pipeline.h"
+#include "stages/train/data.h"
+#include "stages/train/generate.h"
+#include "stages/train/pipeline.h"
 
 static const char GPT[] =
     "graph gen_gpt\n"

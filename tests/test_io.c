@@ -17,7 +17,7 @@
 #include "graph/graph.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
-#include "stages/data.h"
+#include "stages/train/data.h"
 
 /* ---------------------------------------------------------------- fixtures */
 

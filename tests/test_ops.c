@@ -1,4 +1,4 @@
-/* pipewright — tests for the CPU fp32 kernels (stages/cpu/ops.h).
+/* pipewright — tests for the CPU fp32 kernels (stages/ops/cpu/ops.h).
  *
  * The CPU kernels are the oracle every other backend is checked against, so
  * they are checked here against first principles:
@@ -21,7 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "stages/cpu/ops.h"
+#include "stages/ops/cpu/ops.h"
 
 /* ---------------------------------------------------------------- helpers */
 

@@ -1,5 +1,5 @@
 /* Tests for the partitioner (graph/partition.h), measured profiles
- * (stages/profile.h) and the printed plan (stages/plan.h).
+ * (stages/plan/profile.h) and the printed plan (stages/plan/plan.h).
  *
  * The planner is checked against brute force over every split of small
  * random chains and DAGs with skip connections, under random budgets,
@@ -19,9 +19,9 @@
 #include "graph/graph.h"
 #include "graph/partition.h"
 #include "runtime/topology.h"
-#include "stages/plan.h"
-#include "stages/profile.h"
-#include "stages/program.h"
+#include "stages/plan/plan.h"
+#include "stages/plan/profile.h"
+#include "stages/program/program.h"
 
 #define TIMEOUT 60
 

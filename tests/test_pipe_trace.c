@@ -1,5 +1,5 @@
 /* Tests for trace reading and bubble accounting (runtime/trace_read.h,
- * runtime/trace_analysis.h) and the pipe-trace tool.
+ * scheduler/analysis/trace_analysis.h) and the pipe-trace tool.
  *
  * Hand-built traces are written with the trace writer (runtime/trace.h) from
  * event lists with known gaps, so their figures are exact by construction.
@@ -27,7 +27,7 @@
 #include <unistd.h>
 
 #include "runtime/trace.h"
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "runtime/trace_read.h"
 #include "scheduler/schedule.h"
 

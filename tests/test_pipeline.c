@@ -14,11 +14,11 @@
 #include "graph/partition.h"
 #include "runtime/log.h"
 #include "runtime/topology.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
-#include "stages/plan.h"
-#include "stages/profile.h"
-#include "stages/trainer.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
+#include "stages/plan/plan.h"
+#include "stages/plan/profile.h"
+#include "stages/train/trainer.h"
 #include "tests/pipeline_support.h"
 
 #define TIMEOUT 120

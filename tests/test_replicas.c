@@ -1,4 +1,4 @@
-/* Tests: data-parallel replicas in one process (stages/pipeline.h with
+/* Tests: data-parallel replicas in one process (stages/train/pipeline.h with
  * replicas > 1): R replicas train like one with the same global batch,
  * bucketing and thread timing do not change a bit, the loss is averaged
  * once, global-norm clipping, and bucketed all-reduces overlap the backward
@@ -18,9 +18,9 @@
 
 #include "graph/graph.h"
 #include "runtime/safetensors.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
-#include "stages/trainer.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
+#include "stages/train/trainer.h"
 #include "tests/pipeline_support.h"
 
 #define TIMEOUT 240

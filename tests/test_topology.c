@@ -14,9 +14,9 @@
 #include "graph/graph.h"
 #include "runtime/log.h"
 #include "runtime/topology.h"
-#include "stages/backend.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
+#include "stages/ops/backend.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
 
 #define TIMEOUT 60
 
@@ -259,7 +259,7 @@ Test(placement, errors, .timeout = TIMEOUT)
 }
 
 /* The engine's one-core-per-rank rule says which NUMA node each worker's
- * memory belongs to (stages/pipeline.c binds each stage's arena there). */
+ * memory belongs to (stages/train/pipeline.c binds each stage's arena there). */
 static void check_cpu_nodes(hwloc_topology_t t, int n_ranks, int cores_per_node, int nodes)
 {
     pw_cpu_placement *p = NULL;

@@ -23,7 +23,7 @@
 #include <unistd.h>
 
 #include "runtime/trace.h"
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "runtime/trace_merge.h"
 #include "runtime/trace_read.h"
 

@@ -11,12 +11,12 @@
 #include "graph/graph.h"
 #include "runtime/rng.h"
 #include "runtime/safetensors.h"
-#include "stages/checkpoint.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/optim.h"
-#include "stages/program.h"
-#include "stages/trainer.h"
+#include "stages/train/checkpoint.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/ops/optim.h"
+#include "stages/program/program.h"
+#include "stages/train/trainer.h"
 
 static const char *MLP =
     "graph t_mlp\n"

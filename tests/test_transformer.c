@@ -23,11 +23,11 @@
 
 #include "graph/graph.h"
 #include "runtime/rng.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/optim.h"
-#include "stages/pipeline.h"
-#include "stages/program.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/ops/optim.h"
+#include "stages/train/pipeline.h"
+#include "stages/program/program.h"
 
 #define TIMEOUT 120
 

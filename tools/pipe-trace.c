@@ -25,7 +25,7 @@
 #include "pipe-trace/pipe-trace.h"
 #include "runtime/metrics_read.h"
 #include "runtime/tmpfile.h"
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "runtime/trace_merge.h"
 #include "scheduler/schedule.h"
 

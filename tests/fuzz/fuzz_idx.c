@@ -1,11 +1,11 @@
-/* libFuzzer harness: the IDX reader (stages/data.c, pw_dataset_load_idx_parts).
+/* libFuzzer harness: the IDX reader (stages/train/data.c, pw_dataset_load_idx_parts).
  *
  * Input layout: byte 0 picks the parts to load (bits 0-1: inputs, labels;
  * 0 reads the labels header only), bytes 1-2 (little-endian) the length of
  * the images file, then the images file, then the labels file. Either may be
  * gzip-compressed. A data set that loads is gathered from, first and last
  * sample, as the trainer would. Seeds: tests/fuzz/corpus/idx/. */
-#include "stages/data.h"
+#include "stages/train/data.h"
 #include "tests/fuzz/fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -1,8 +1,8 @@
-/* libFuzzer harness: the op-time profile reader (stages/profile.c,
+/* libFuzzer harness: the op-time profile reader (stages/plan/profile.c,
  * pw_profile_load), the JSON file `pipeline-run --profile` reads and writes.
  * A profile that loads is saved again and reloaded: the round trip must
  * succeed. Seeds: tests/fuzz/corpus/profile/. */
-#include "stages/profile.h"
+#include "stages/plan/profile.h"
 #include "tests/fuzz/fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

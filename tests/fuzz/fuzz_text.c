@@ -1,10 +1,10 @@
-/* libFuzzer harness: the text data reader (stages/data.c,
+/* libFuzzer harness: the text data reader (stages/train/data.c,
  * pw_dataset_load_text). Byte 0 picks the split (bit 0) and the context:
  * bits 1-6 give 1..64, or with bit 7 set the next 8 bytes give any int64
  * (negative and huge contexts included); the rest is the file. A data set
  * that loads is gathered from (first and last window) and its entropy
  * computed, as the trainer does. Seeds: tests/fuzz/corpus/text/. */
-#include "stages/data.h"
+#include "stages/train/data.h"
 #include "tests/fuzz/fuzz_util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

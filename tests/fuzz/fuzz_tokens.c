@@ -1,4 +1,4 @@
-/* libFuzzer harness: the llm.c token shard reader (stages/data_tokens.c,
+/* libFuzzer harness: the llm.c token shard reader (stages/train/data_tokens.c,
  * pw_dataset_load_tokens). Byte 0 picks the split (bit 0), the context
  * (bits 1-6 give 1..64) and a headers-only load (bit 7: no side wanted, as
  * a middle pipeline stage loads); byte 1 bit 0 makes two files, the first
@@ -9,7 +9,7 @@
  * 300, which names the first id out of range by shard and position, as
  * pipeline-run does. Seeds: tests/fuzz/corpus/tokens/. */
 #include "graph/graph.h"
-#include "stages/data.h"
+#include "stages/train/data.h"
 #include "tests/fuzz/fuzz_util.h"
 
 static const char *const GPT =

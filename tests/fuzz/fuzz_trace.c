@@ -1,5 +1,5 @@
 /* libFuzzer harness for the Chrome-trace reader and pipe-trace's analysis
- * (runtime/trace_read.h, runtime/trace_analysis.h) and its outputs: the
+ * (runtime/trace_read.h, scheduler/analysis/trace_analysis.h) and its outputs: the
  * bytes go through the same path as `pipe-trace --json --gaps --path --svg`
  * (read from memory, both analysis passes, the per-step table), then the
  * report, the comparison, the SVG and the JSON are written to /dev/null.
@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "runtime/trace_read.h"
 #include "scheduler/schedule.h"
 

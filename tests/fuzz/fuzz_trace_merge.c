@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "runtime/trace_merge.h"
 #include "runtime/trace_read.h"
 

@@ -8,9 +8,9 @@
  * Prints "consumer_cuda: backend cuda, N device(s)" or "..., no device
  * (...)"; exits 1 when registering or finding the backend fails. */
 #include <pipewright/pipewright.h>
-#include <pipewright/stages/backend.h>
-#include <pipewright/stages/cuda/backend_cuda.h>
-#include <pipewright/stages/cuda/device.h>
+#include <pipewright/stages/ops/backend.h>
+#include <pipewright/stages/ops/cuda/backend_cuda.h>
+#include <pipewright/stages/ops/cuda/device.h>
 #include <stdio.h>
 
 int main(void)

@@ -59,8 +59,8 @@
 #include "runtime/topology.h"
 #include "runtime/transport.h"
 #include "graph/graph.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
 
 static const char *bin;       /* the build directory: pipeline-run */
 static char dir[64];          /* scratch */

@@ -3,13 +3,13 @@
  *      _bwd_input, _bwd_weight, bias and db included) against cuBLAS's own
  *      GEMM (cublasGemmEx) on the same shapes, same stream, same compute
  *      type (the --math mode);
- *   2. every other CUDA op against its CPU op (stages/cpu/ops.h) at one
+ *   2. every other CUDA op against its CPU op (stages/ops/cpu/ops.h) at one
  *      transformer block's sizes: milliseconds per call and the speed-up.
  *
  *   bench_cuda [--math fp32|tf32|bf16] [--iters N] [--rows R] [--width D]
  *              [--heads H] [--seq T] [--threads T]
  *
- * --math is the GEMMs' mode (stages/cuda/ops.h, "Math modes"; default
+ * --math is the GEMMs' mode (stages/ops/cuda/ops.h, "Math modes"; default
  * fp32); the older --tf32 0|1 still works and means fp32 or tf32 when
  * --math is not given.
  *
@@ -42,9 +42,9 @@ int main(void)
 
 #include "runtime/rng.h"
 #include "runtime/status.h"
-#include "stages/cpu/ops.h"
-#include "stages/cuda/device.h"
-#include "stages/cuda/ops.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/ops/cuda/device.h"
+#include "stages/ops/cuda/ops.h"
 #include "tools/bench/bench_util.h"
 
 static double now_s(void)

@@ -41,10 +41,10 @@
 #include "graph/graph.h"
 #include "runtime/rng.h"
 #include "runtime/trace.h"
-#include "stages/cpu/gemm.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
+#include "stages/ops/cpu/gemm.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
 #include "tools/bench/bench_util.h"
 
 static double now_s(void) { return (double)pw_now_ns() * 1e-9; }

@@ -22,9 +22,9 @@
 
 #include "graph/graph.h"
 #include "runtime/rng.h"
-#include "stages/cpu/gemm.h"
-#include "stages/cpu/ops.h"
-#include "stages/program.h"
+#include "stages/ops/cpu/gemm.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/program/program.h"
 #include "tools/bench/bench_util.h"
 
 static double now_s(void)
@@ -69,7 +69,7 @@ int main(int argc, char **argv)
     free(text);
     const long mb = B / M;
     /* The gradient groups a one-replica pipeline of M micro-batches uses
-     * by default (stages/program.h): their passes are part of the cost. */
+     * by default (stages/program/program.h): their passes are part of the cost. */
     pw_program_config pc = {.graph = g, .micro_batch = mb, .loss_batch = B, .slots = 1,
                             .optim = pw_optim_defaults(PW_OPTIM_SGD), .micro_batches = M,
                             .grad_groups = pw_grad_groups(0, 1, M, NULL)};

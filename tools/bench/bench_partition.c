@@ -38,11 +38,11 @@
 #include "graph/graph.h"
 #include "graph/partition.h"
 #include "runtime/trace.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
-#include "stages/plan.h"
-#include "stages/profile.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
+#include "stages/plan/plan.h"
+#include "stages/plan/profile.h"
 #include "tools/bench/bench_util.h"
 
 #define STAGES 2       /* the two cores */

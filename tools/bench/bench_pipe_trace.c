@@ -1,5 +1,5 @@
 /* bench_pipe_trace — speed and memory of trace analysis (pipe-trace's
- * engine, runtime/trace_analysis.h) on a large generated trace.
+ * engine, scheduler/analysis/trace_analysis.h) on a large generated trace.
  *
  *   bench_pipe_trace [--events N] [--ranks R] [--micro-batches M]
  *                    [--file PATH] [--keep] [--reuse] [--runs K] [--per-step]
@@ -28,7 +28,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "scheduler/schedule.h"
 #include "tools/bench/bench_util.h"
 

@@ -17,9 +17,9 @@
 
 #include "graph/graph.h"
 #include "runtime/trace.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/pipeline.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
 #include "tools/bench/bench_util.h"
 
 /* Median (and, in *best, minimum) seconds per step of `steps` steps, after

@@ -11,7 +11,7 @@
  *   calibrated   the raw profile scaled by one factor: the one-stage run's
  *                measured step over its simulation;
  *   forecast --calibrate  the user-facing path (pipeline-run --simulate
- *                --calibrate): the FLOP cost model of stages/forecast.h at
+ *                --calibrate): the FLOP cost model of stages/plan/forecast.h at
  *                the rate pw_forecast_calibrate measures here.
  *
  *   bench_schedules [--width W] [--layers L] [--micro-size B] [--steps N]
@@ -34,11 +34,11 @@
 #include "graph/graph.h"
 #include "runtime/trace.h"
 #include "scheduler/simulate.h"
-#include "stages/cpu/ops.h"
-#include "stages/data.h"
-#include "stages/forecast.h"
-#include "stages/pipeline.h"
-#include "stages/profile.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/data.h"
+#include "stages/plan/forecast.h"
+#include "stages/train/pipeline.h"
+#include "stages/plan/profile.h"
 #include "tools/bench/bench_util.h"
 
 static void die(const char *what)

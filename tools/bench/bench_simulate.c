@@ -13,7 +13,7 @@
  *   bench_simulate --topology SPEC [--ranks 64] [--replicas 8] [--micro 256] [--layers 200]
  *
  * instead times what `pipeline-run --simulate --topology` does: a forecast
- * (stages/forecast.h) of a chain graph (--layers linear+relu layers, width
+ * (stages/plan/forecast.h) of a chain graph (--layers linear+relu layers, width
  * 512) with the ranks placed on the topology, every link costed from the
  * placement, and the step simulated (pw_forecast_run, whole). */
 #include <stdio.h>
@@ -25,7 +25,7 @@
 #include "runtime/trace.h"
 #include "scheduler/schedule.h"
 #include "scheduler/simulate.h"
-#include "stages/forecast.h"
+#include "stages/plan/forecast.h"
 #include "tools/bench/bench_util.h"
 
 static void die(const char *what)

@@ -1,11 +1,11 @@
 /* pipe-trace — shared declarations of the tool's output modules (the
- * analysis itself is runtime/trace_analysis.h). Not installed. */
+ * analysis itself is scheduler/analysis/trace_analysis.h). Not installed. */
 #ifndef PW_TOOLS_PIPE_TRACE_H
 #define PW_TOOLS_PIPE_TRACE_H
 
 #include <stdio.h>
 
-#include "runtime/trace_analysis.h"
+#include "scheduler/analysis/trace_analysis.h"
 
 typedef struct pt_options {
     const char *trace;        /* TRACE.json ("-": stdin) */

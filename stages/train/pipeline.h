@@ -1,0 +1,200 @@
+/* pipewright — a graph trained through a pipeline of stages.
+ *
+ * Wires everything for a graph file: partition → one stage program per
+ * stage → schedule (generated or CSV) → validation → the engine, one worker
+ * thread per stage. This is what `pipeline-run` uses; the engine itself
+ * (scheduler/engine.h) knows nothing about graphs.
+ *
+ *     pw_pipeline_config pc = pw_pipeline_defaults();
+ *     pc.graph = g; pc.train = ds; pc.batch = 64; pc.micro_batches = 8;
+ *     pc.stages = 2; pc.schedule = PW_SCHEDULE_1F1B;
+ *     pw_pipeline *pl;
+ *     PW_CHECK(pw_pipeline_create(&pc, &pl));
+ *     pw_step_stats s;
+ *     for (int i = 0; i < 100; i++) PW_CHECK(pw_pipeline_step(pl, &s));
+ *     PW_CHECK(pw_pipeline_save(pl, "ckpt.safetensors", NULL));
+ *     pw_pipeline_destroy(pl);
+ *
+ * For the same graph, seed, data order, batch and micro-batch count, the
+ * parameters after N steps are bit-identical for every schedule and every
+ * stage count (tests/test_pipeline.c holds this).
+ *
+ * Chunks. The graph is cut into C = stages × chunks_per_rank contiguous
+ * chunks (interleaved and zb-v: 2 per rank by default), placed on ranks by
+ * the schedule (pw_schedule_rank_of: looping, or zb-v's V); each rank's
+ * worker runs all its chunks. A parameter tied across chunks (an embedding on
+ * chunk 0 reused by the head on the last) gets the gradient one stage would
+ * compute, and every copy the same update: the engine runs forward/backward
+ * (and the replica all-reduces) only, and after its step the pipeline sums
+ * the uses in reverse node order, clips and runs the optimizers (see
+ * finish_step in pipeline.c). Multi-process runs (transport) build the
+ * chunks of their rank; a tied parameter's partial sum then travels between
+ * the processes holding its uses in the same order, so the bytes match one
+ * process (docs/distributed.md).
+ *
+ * Data parallelism (docs/distributed.md). With replicas = R the pipeline runs
+ * R copies; replica k takes samples [k·B/R, (k+1)·B/R) of each step's global
+ * batch B, in M micro-batches of B/(R·M) (so R = 1 is the plain pipeline).
+ * Each stage's gradients are summed across the replicas in `buckets`
+ * buckets: the stage is cut into that many pieces of roughly equal parameter
+ * bytes, bucket 0 the last piece, and a bucket's all-reduce starts as soon as
+ * its piece's part of the last backward is done. The loss is averaged over
+ * the global batch and reported once. With a transport (mpirun -np S·R) this
+ * process builds only its own rank's chunks of its own replica and needs only
+ * the side of the data they read (pw_pipeline_data_parts); save gathers one
+ * file on world rank 0 with the same content as a run in one process.
+ */
+#ifndef PW_STAGES_PIPELINE_H
+#define PW_STAGES_PIPELINE_H
+
+#include <stdint.h>
+
+#include "graph/graph.h"
+#include "graph/partition.h"
+#include "runtime/status.h"
+#include "runtime/transport.h"
+#include "scheduler/engine.h"
+#include "scheduler/schedule.h"
+#include "stages/train/checkpoint.h"
+#include "stages/train/data.h"
+#include "stages/ops/optim.h"
+#include "stages/train/trainer.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pw_pipeline pw_pipeline;
+
+typedef struct pw_pipeline_config {
+    const pw_graph *graph;
+    const pw_dataset *train;        /* borrowed */
+    int64_t batch;                  /* global batch per step */
+    int micro_batches;              /* M */
+    int stages;                     /* S pipeline stages = ranks = worker threads */
+    pw_schedule_kind schedule;      /* any generated kind (ignored with schedule_csv) */
+    const char *schedule_csv;       /* (optional) a user's schedule file */
+    int split_w;                    /* split backward into B and W */
+    pw_partition_method partition;  /* how to cut the graph when `cuts` is NULL */
+    const int *cuts;                /* (optional) [n_cuts] chunk boundaries, pw_partition's
+                                       `begin` layout: 0 = cuts[0] < cuts[1] < ... <
+                                       cuts[C] = the graph's node count, chunk c runs
+                                       nodes [cuts[c], cuts[c+1]); e.g. a plan's
+                                       part.begin (stages/plan/plan.h). Overrides `partition` */
+    int n_cuts;                     /* entries in cuts: chunks + 1 */
+    pw_optim_config optim;
+    uint64_t seed;
+    int shuffle;
+    double watchdog_s;              /* 0: 60 s */
+    int pin;                        /* bind workers to cores */
+    int64_t trace_events;           /* > 0: record up to this many events per rank */
+    int check;                      /* run the schedule checker on every action */
+    int replicas;                   /* R data-parallel replicas (0: 1); batch must be a
+                                       multiple of R × micro_batches */
+    int buckets;                    /* gradient buckets per stage with replicas (0: 4;
+                                       1: one all-reduce after the whole backward) */
+    double clip_grad_norm;          /* > 0: clip the global gradient norm to this */
+    const pw_transport *transport;  /* (optional) multi-process run: this process is
+                                       (transport->replica, transport->rank) and builds
+                                       the chunks the schedule places on that rank */
+    int chunks_per_rank;            /* v: the graph is cut into stages × v chunks (0: the
+                                       kind's default: interleaved 2, zb-v 2, others 1) */
+    int recompute;                  /* 1: every program keeps only its inputs per slot and
+                                       re-runs its forward in backward (bit-identical) */
+    const char *device;             /* where the stage programs run: NULL or "cpu" (default),
+                                       "cuda:N" (every stage on GPU N, each with its own
+                                       streams), "cuda" (rank r on GPU r mod the GPU count);
+                                       docs/cuda.md. CUDA refuses a transport for now
+                                       (PW_ERR_UNSUPPORTED); replicas > 1 need the
+                                       backend's span_memory (CUDA has it) */
+    int math;                       /* a device's GEMM mode (pw_math, stages/ops/backend.h):
+                                       0 = fp32 (default), tf32, bf16; the CPU ignores it */
+    int no_graphs;                  /* 1: device programs never record their training
+                                       calls for replay (CUDA graphs; docs/cuda.md) */
+    int threads;                    /* CPU kernel threads (pw_cpu_set_threads: one team
+                                       that every worker of the process shares; results
+                                       never depend on it). 0: 1 when this process runs
+                                       several workers or is one rank of many, else
+                                       the team as it is (default: all cores) */
+    int grad_groups;                /* G: the step's R·M micro-batch gradients are summed
+                                       as G groups of consecutive micro-batches, pairwise
+                                       (pw_grad_groups, stages/program/program.h); runs whose replica count
+                                       divides G are bit-identical. 0: the default */
+} pw_pipeline_config;
+
+
+pw_pipeline_config pw_pipeline_defaults(void);
+
+pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out);
+void pw_pipeline_destroy(pw_pipeline *pl); /* accepts NULL */
+
+/* Which sides of the data this process's chunks read, before any data is
+ * loaded (cfg->train may be NULL): PW_DATA_INPUTS for the chunk holding the
+ * graph's input, PW_DATA_LABELS for the one holding the loss; *parts is
+ * PW_DATA_ALL without a transport (every chunk runs here) and 0 for a process
+ * that reads neither (a middle stage). With `evaluation` set, for the data
+ * pw_pipeline_evaluate reads: replica 0's processes only, so 0 on the other
+ * replicas. Computes the schedule and partition exactly as
+ * pw_pipeline_create does; any error it would report is returned. Load the
+ * data with pw_dataset_from_spec_parts and pass it as cfg->train: the data
+ * order (the sampler) needs only the sample count, so every process still
+ * visits the same samples. */
+pw_status pw_pipeline_data_parts(const pw_pipeline_config *cfg, int evaluation, unsigned *parts);
+
+int64_t pw_pipeline_steps_per_epoch(const pw_pipeline *pl);
+void pw_pipeline_seek(pw_pipeline *pl, int64_t step);
+/* One optimizer step: every micro-batch through every stage. */
+pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out);
+/* Forward-only over a data set, stage after stage (mean loss, accuracy). */
+pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out);
+
+pw_status pw_pipeline_save(pw_pipeline *pl, const char *path, const pw_checkpoint_info *info);
+pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info *info);
+
+/* What the pipeline was built from. */
+const pw_partition *pw_pipeline_partition(const pw_pipeline *pl);
+const pw_schedule *pw_pipeline_schedule(const pw_pipeline *pl);
+const pw_schedule_report *pw_pipeline_report(const pw_pipeline *pl);
+/* Chunks: stages × chunks_per_rank (the schedule's); the functions below that
+ * take a `stage` take a chunk id (the same thing with one chunk per rank). */
+int pw_pipeline_n_chunks(const pw_pipeline *pl);
+int pw_pipeline_chunks_per_rank(const pw_pipeline *pl);
+/* The first program of `stage` (replica 0 in one process; this process's
+ * replica with a transport, NULL for another process's stage). With buckets
+ * a stage holds several programs: see pw_pipeline_programs. */
+pw_program *pw_pipeline_program(pw_pipeline *pl, int stage);
+/* The programs (bucket pieces, in node order) of `stage` of `replica` into
+ * progs[0 .. max−1]; returns how many it has, 0 when not held here. */
+int pw_pipeline_programs(pw_pipeline *pl, int replica, int stage, pw_program **progs, int max);
+pw_engine *pw_pipeline_engine(pw_pipeline *pl);
+/* Global gradient norm of the last step before clipping; -1 without
+ * clip_grad_norm. */
+double pw_pipeline_grad_norm(const pw_pipeline *pl);
+
+/* Per chunk (`stage` is a chunk id), since creation (replica 0; with a
+ * transport only this process's chunks have figures). busy/wait/total are the
+ * figures of the rank that runs the chunk (shared by its chunks); slots,
+ * peak_slots, nodes, flops and memory are the chunk's own. */
+typedef struct pw_pipeline_stage_stats {
+    double busy_s, wait_s, total_s;
+    int rank;                       /* the rank running the chunk */
+    int slots, peak_slots;          /* planned (validator) and measured high-water mark */
+    int64_t node_begin, node_end;
+    double flops;                   /* per-sample fwd+bwd FLOPs of the stage */
+    size_t memory;                  /* stage program's arena bytes */
+} pw_pipeline_stage_stats;
+void pw_pipeline_stage_stats_get(const pw_pipeline *pl, int stage, pw_pipeline_stage_stats *out);
+/* Measured bubble of the last step: 1 − Σ busy / (S × step wall time). */
+double pw_pipeline_last_bubble(const pw_pipeline *pl);
+/* The schedule's theoretical bubble: pw_schedule_config_bubble of the
+ * generated schedule ((S−1)/(M+S−1) for GPipe and 1F1B without split W), the
+ * validator's replayed figure for a CSV schedule. */
+double pw_pipeline_theory_bubble(const pw_pipeline *pl);
+
+/* Writes the recorded trace (needs trace_events > 0). */
+pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
