@@ -2,9 +2,11 @@
  * attributes (kinds, defaults, ranges), shape/dtype inference, the parameters
  * each op creates, and the per-sample cost model.
  *
- * Adding an op: a pw_op_kind in graph.h, a row in op_table, a case in
- * pw_op_infer, pw_op_params (if it owns parameters) and op_cost, and a section
- * in docs/graph-format.md.
+ * Adding an op: a pw_op_kind in graph.h, a row in op_table, its attributes
+ * in pw_op_default_attrs and pw_op_set_attr, a case in pw_op_infer,
+ * pw_op_params (if it owns parameters) and pw_graph_node_cost — then the
+ * program, kernels, tests and docs listed in docs/building.md, "Adding an
+ * op".
  */
 #include <math.h>
 #include <stdint.h>

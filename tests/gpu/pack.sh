@@ -6,7 +6,8 @@
 # OpenMPI, the fortunes corpus) and cannot fetch them. This script builds
 # the CUDA targets here (build-gpu, PW_CUDA=ON, sm_90 by default) and puts
 # into .gpucarry/ (ignored by git) everything the run needs there:
-#   bin/         test_cuda_ops, test_cuda_pipeline, bench_cuda, pipeline-run
+#   bin/         test_cuda_ops, test_cuda_pipeline, test_op_table_cuda, bench_cuda,
+#                pipeline-run
 #   libs.tar.xz  their shared libraries, except the C runtime and CUDA's own
 #   fortunes/    the text corpus of `--data text:fortunes`
 # Then, on the GPU machine, from the repository root:
@@ -23,7 +24,7 @@ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPW_CUDA=ON \
     { cat "$build.cmake.log"; exit 1; }
 grep -q "✓ CUDA backend" "$build.cmake.log" ||
     { echo "pack.sh: the CUDA backend is not enabled (see $build.cmake.log)"; exit 1; }
-bins="test_cuda_ops test_cuda_pipeline bench_cuda pipeline-run"
+bins="test_cuda_ops test_cuda_pipeline test_op_table_cuda bench_cuda pipeline-run"
 # shellcheck disable=SC2086
 cmake --build "$build" -j"$(nproc)" --target $bins >"$build.build.log" 2>&1 ||
     { grep -E "error" "$build.build.log" | head -40; exit 1; }

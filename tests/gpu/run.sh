@@ -6,8 +6,9 @@
 #      elsewhere (PW_GPU_PREBUILT=.gpucarry);
 #   2. the CUDA tests (tests/test_cuda_ops.c: every CUDA op against the CPU op;
 #      tests/test_cuda_pipeline.c: 2- and 3-stage pipelines on one GPU byte-
-#      identical to one stage there, and close to the CPU); a failing test
-#      runs again under compute-sanitizer;
+#      identical to one stage there, and close to the CPU;
+#      tests/test_op_table.c's op_table::cuda: every row of the op table
+#      against the CPU); a failing test runs again under compute-sanitizer;
 #   3. the GPU benchmark (tools/bench/bench_cuda.c), fp32, TF32 and bf16 GEMMs;
 #   4. the tiny GPT (examples/tiny_gpt.graph) through pipeline-run: 1 stage
 #      and 4 stages on the GPU (fp32, and 1 stage with TF32 and bf16 GEMMs),
@@ -181,6 +182,17 @@ pipe_skipped=$(grep -c "^\[SKIP\]" "$logs/test_cuda_pipeline.log" || true)
 [ "$pipe_rc" -ne 0 ] && status=1
 [ "$pipe_rc" -ne 0 ] && diagnose "$build/test_cuda_pipeline" "$logs/test_cuda_pipeline.log"
 
+say "op table on the GPU (test_op_table_cuda: every op's rows against the CPU)"
+t0=$(date +%s)
+timeout "$t_test" "$build/test_op_table_cuda" --filter op_table/cuda --verbose --jobs 1 \
+    >"$logs/test_op_table_cuda.log" 2>&1
+table_rc=$?
+grep -E "^\[(FAIL|SKIP|PASS|ERR )|Synthesis|differ|error" "$logs/test_op_table_cuda.log" | head -60
+table_s=$(secs "$t0")
+table_synth=$(grep -o "Tested: [0-9]* | Passing: [0-9]* | Failing: [0-9]* | Crashing: [0-9]*" \
+        "$logs/test_op_table_cuda.log" | tail -1)
+[ "$table_rc" -ne 0 ] && status=1
+
 if [ "${PW_GPU_ALL_TESTS:-0}" = "1" ]; then
     say "whole test suite (ctest)"
     (cd "$build" && ctest --output-on-failure --timeout 900 -LE mpi) >"$logs/ctest.log" 2>&1 || status=1
@@ -260,6 +272,7 @@ printf '%-34s %s\n' "device" "${device:-none (benchmark skipped: exit $bench_rc)
 printf '%-34s %s\n' "build (configure + all targets)" "${build_s} s"
 printf '%-34s %s\n' "test_cuda_ops" "${synth:-no result} | skipped: $skipped (exit $test_rc, ${test_s} s)"
 printf '%-34s %s\n' "test_cuda_pipeline" "${pipe_synth:-no result} | skipped: $pipe_skipped (exit $pipe_rc, ${pipe_s} s)"
+printf '%-34s %s\n' "test_op_table_cuda" "${table_synth:-no result} (exit $table_rc, ${table_s} s)"
 for m in fp32 tf32 bf16; do
     w=$(sum gemm_worst_ratio $m | awk '{print $3}')
     sq=$(sum "gemm square_4096.fwd" $m | awk '{printf "%s TFLOP/s (cuBLAS %s)", $4, $5}')
