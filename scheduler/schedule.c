@@ -892,6 +892,25 @@ double pw_schedule_theoretical_bubble(pw_schedule_kind kind, int n_stages, int n
     return (double)(n_stages - 1) / (double)(n_micro + n_stages - 1);
 }
 
+pw_schedule_model pw_schedule_kind_model(pw_schedule_kind kind)
+{
+    switch (kind) {
+    case PW_SCHEDULE_GPIPE: return PW_SCHEDULE_MODEL_FILL_DRAIN;
+    case PW_SCHEDULE_1F1B: return PW_SCHEDULE_MODEL_ONE_F_ONE_B;
+    default: return PW_SCHEDULE_MODEL_NONE;
+    }
+}
+
+double pw_schedule_named_bubble(const char *name, int n_stages, int n_micro)
+{
+    pw_schedule_kind k;
+    if (!name || pw_schedule_kind_parse(name, &k) != PW_OK) {
+        pw_clear_error();
+        return -1.0;
+    }
+    return pw_schedule_theoretical_bubble(k, n_stages, n_micro);
+}
+
 int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micro, int stage)
 {
     if (n_stages < 1 || n_micro < 1 || stage < 0 || stage >= n_stages) return -1;

@@ -323,6 +323,21 @@ int pw_action_format(const pw_action *a, int one_chunk_per_rank, char *buf, size
  * schedule. -1.0 for custom and interleaved (it needs v: use
  * pw_schedule_config_bubble) or counts < 1. */
 double pw_schedule_theoretical_bubble(pw_schedule_kind kind, int n_stages, int n_micro);
+/* The first-order model of a kind's step for a bubble estimate from
+ * measured per-stage times (pipe-trace): FILL_DRAIN (GPipe: every forward,
+ * then every backward, so forwards and backwards each pay the slowest
+ * stage's fill), ONE_F_ONE_B (1F1B: the slowest stage's F + B sets the
+ * steady state), or NONE (no such model: interleaved, zero-bubble, custom). */
+typedef enum pw_schedule_model {
+    PW_SCHEDULE_MODEL_NONE = 0,
+    PW_SCHEDULE_MODEL_FILL_DRAIN,
+    PW_SCHEDULE_MODEL_ONE_F_ONE_B,
+} pw_schedule_model;
+pw_schedule_model pw_schedule_kind_model(pw_schedule_kind kind);
+/* The theoretical bubble of a schedule named as in a trace's metadata (a
+ * kind's name or spelling accepted by pw_schedule_kind_parse), -1 when the
+ * name is no kind or the kind has no formula (see above). */
+double pw_schedule_named_bubble(const char *name, int n_stages, int n_micro);
 /* Theoretical peak in-flight activations on `stage`: n_micro for GPipe,
  * min(n_stages - stage, n_micro) for 1F1B, pw_schedule_config_peak() for the
  * zero-bubble kinds; -1 for custom, interleaved or bad args. */

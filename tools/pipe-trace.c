@@ -319,7 +319,6 @@ static int analyse(const inputs *in, const pt_options *o, int detail, pw_trace_a
     cfg.skip_steps = o->skip;
     cfg.no_detail = !detail;
     cfg.per_step = o->json; /* the per-(rank, step) table is only printed in JSON */
-    cfg.theory = pt_theory_formula;
     if (in->n > 1) return analyse_merged(in, &cfg, out);
     pw_status st = pw_trace_analyze(in->paths[0], &cfg, out);
     return st == PW_OK ? 0 : analysis_failed(st);

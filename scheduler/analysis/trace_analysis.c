@@ -24,6 +24,7 @@
 #include <strings.h>
 
 #include "scheduler/analysis/trace_analysis_int.h"
+#include "scheduler/schedule.h"
 
 /* ------------------------------------------------------------ containers */
 
@@ -919,8 +920,14 @@ static void explain(ta *s)
      * (B + W); a stage that is slower sets the pace of the steady state. */
     const int m = a->micro_batches;
     const char *sched = a->has_meta ? a->meta.schedule : "";
-    const int gpipe = !strcasecmp(sched, "gpipe");
-    const int known = gpipe || !strcasecmp(sched, "1f1b") || !strcasecmp(sched, "pipedream-flush");
+    /* The schedule room says which kinds have a stage-time model, and of
+     * which shape; a name that is no kind has none. */
+    pw_schedule_kind kind;
+    pw_schedule_model model = PW_SCHEDULE_MODEL_NONE;
+    if (pw_schedule_kind_parse(sched, &kind) == PW_OK) model = pw_schedule_kind_model(kind);
+    else pw_clear_error();
+    const int gpipe = model == PW_SCHEDULE_MODEL_FILL_DRAIN;
+    const int known = model != PW_SCHEDULE_MODEL_NONE;
     int model_ok = known && a->meta.stages == R && R >= 1 && m >= 1 && a->n_analysed > 0;
     double sum_t = 0, max_t = 0, sum_f = 0, max_f = 0, sum_b = 0, max_b = 0, sum_o = 0, max_o = 0;
     double min_t = INFINITY, min_f = INFINITY, min_b = INFINITY;
@@ -1241,8 +1248,8 @@ static pw_status finish(ta *s)
     if (a->has_meta && a->meta.theory_bubble >= 0) {
         a->theory = a->meta.theory_bubble;
         a->theory_source = "metadata";
-    } else if (a->has_meta && s->cfg->theory) {
-        double th = s->cfg->theory(a->meta.schedule, a->meta.stages, a->micro_batches, s->cfg->theory_user);
+    } else if (a->has_meta) {
+        double th = pw_schedule_named_bubble(a->meta.schedule, a->meta.stages, a->micro_batches);
         if (th >= 0 && th < 1) {
             a->theory = th;
             a->theory_source = "formula";

@@ -247,11 +247,6 @@ typedef struct pw_trace_analysis_config {
                                    * Left out, with a note, when ranks x steps is more than
                                    * 16 times the (rank, step) pairs with events + 4096 (a
                                    * sparse trace would make it quadratic in its events) */
-    /* Theoretical bubble for a schedule when the metadata has none (the
-     * runtime does not know schedules; pipe-trace passes the scheduler's
-     * formula). NULL, or < 0 returned: unknown. */
-    double (*theory)(const char *schedule, int stages, int micro_batches, void *user);
-    void *theory_user;
     /* Notes the caller puts in front of the analysis's own (copied): pipe-trace
      * says how it merged the per-process traces of one run (trace_merge.h). */
     const char *const *notes;
@@ -259,7 +254,7 @@ typedef struct pw_trace_analysis_config {
 } pw_trace_analysis_config;
 
 #define PW_TRACE_ANALYSIS_DEFAULTS                                                      \
-    {.detail_step = -1, .no_detail = 0, .skip_steps = 0, .per_step = 0, .theory = NULL, .theory_user = NULL, \
+    {.detail_step = -1, .no_detail = 0, .skip_steps = 0, .per_step = 0, \
      .notes = NULL, .n_notes = 0}
 
 /* Analyses the trace at `path` ("-": stdin). *out is NULL on error. */

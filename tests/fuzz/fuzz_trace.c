@@ -50,7 +50,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     pw_trace_analysis_config cfg = PW_TRACE_ANALYSIS_DEFAULTS;
     cfg.per_step = 1;
     cfg.skip_steps = (int)(size % 3); /* vary --skip with the input, deterministically */
-    cfg.theory = pt_theory_formula;
     pw_trace_analysis *a = NULL;
     pw_status st = pw_trace_analyze_reader(rd, &cfg, &a);
     pw_trace_reader_close(rd);

@@ -46,10 +46,6 @@ int pt_json_write(FILE *f, const pw_trace_analysis *a, const pw_trace_analysis *
 
 /* Shared helpers. */
 double pt_ms(int64_t ns);
-/* The scheduler's closed-form bubble for a schedule named in a trace, -1 for
- * an unknown name (pw_trace_analysis_config.theory, for traces whose
- * metadata carry no theory). */
-double pt_theory_formula(const char *schedule, int stages, int micro, void *user);
 /* The label of rank r ("rank 0"), or "?" out of range. */
 const char *pt_rank_label(const pw_trace_analysis *a, int r);
 /* The short text of a detail event: "F3", "wait RECV_F mb 3", "OPTIM". */

@@ -7,20 +7,8 @@
 #include <string.h>
 
 #include "pipe-trace.h"
-#include "scheduler/schedule.h"
 
 double pt_ms(int64_t ns) { return (double)ns / 1e6; }
-
-double pt_theory_formula(const char *schedule, int stages, int micro, void *user)
-{
-    (void)user;
-    pw_schedule_kind k;
-    if (pw_schedule_kind_parse(schedule, &k) != PW_OK) {
-        pw_clear_error();
-        return -1;
-    }
-    return pw_schedule_theoretical_bubble(k, stages, micro);
-}
 
 const char *pt_rank_label(const pw_trace_analysis *a, int r)
 {
