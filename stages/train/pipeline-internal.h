@@ -1,0 +1,144 @@
+/* pipewright — pw_pipeline's internals, shared by its files
+ * (docs/architecture.md, "stages/train/pipeline*.c"): the pipeline object,
+ * a chunk of a replica (gstage), and the functions one file gives another.
+ * Not installed. */
+#ifndef PW_STAGES_TRAIN_PIPELINE_INTERNAL_H
+#define PW_STAGES_TRAIN_PIPELINE_INTERNAL_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/log.h"
+#include "runtime/topology.h"
+#include "runtime/trace.h"
+#include "stages/ops/backend.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/train/pipeline.h"
+
+#define DEFAULT_BUCKETS 4
+/* Tags of the blocking world messages: a parameter's is its graph index,
+ * evaluation's activations use the largest tag (the phases never overlap). */
+#define TAG_EVAL(t) ((t)->max_tag)
+
+/* One stage chunk of one replica: the stage's nodes cut into `n_pieces`
+ * programs (one per gradient bucket; one without replicas) chained through
+ * per-slot link buffers, plus the data it loads. */
+typedef struct gstage {
+    pw_pipeline *pl;
+    int index;                /* chunk id (= stage with one chunk per rank) */
+    int replica;              /* global replica index */
+    int n_pieces;
+    pw_program **piece;       /* [n_pieces] in node order; bucket b is piece n_pieces−1−b */
+    unsigned char *reads_input, *reads_label; /* [n_pieces] */
+    int loss_piece;           /* -1: no loss here */
+    void *links;              /* link buffers between pieces, every slot */
+    size_t link_bytes;
+    double *mb_loss;          /* [M]: loss sum of each micro-batch this step */
+    int64_t *mb_correct;      /* [M] */
+    /* Asynchronous (a device stage of one piece; pw_program_set_async):
+     * the forward whose loss is read at completion (-1: none), and the
+     * engine's done for the call in flight. */
+    int async;
+    int loss_mb, loss_slot;
+    pw_stage_done_fn done;
+    void *done_arg;
+} gstage;
+
+struct pw_pipeline {
+    pw_pipeline_config cfg;
+    const pw_graph *g;
+    const pw_transport *t;
+    int S, NR, NRL;           /* ranks (stages), replicas, replicas built here */
+    int V, C;                 /* chunks per rank; chunks C = S·V (graph cut into C) */
+    int post_optim;           /* 1: parameters tied across chunks; the pipeline runs the
+                                 optimizer after the engine's step (see finish_step) */
+    double grad_norm;         /* post_optim with clipping: last norm before clipping */
+    pw_schedule_config sc;    /* the generated schedule's config (kind CUSTOM for CSV) */
+    int n_buckets;            /* the schedule's */
+    int64_t micro;            /* samples per micro-batch */
+    int grad_groups;          /* K: each replica's micro-batches are summed in K groups */
+    int64_t share;            /* samples per replica per step: batch / R */
+    int64_t steps_per_epoch;
+    int64_t step;             /* steps done */
+    pw_sampler sampler;
+    int64_t sampler_epoch;
+    const int64_t *batch_idx; /* this step's samples, read by the workers */
+
+    pw_partition part;
+    pw_schedule *sched;
+    pw_schedule_report *rep;
+    gstage *stages;           /* [NRL][C]; with a transport only this process's chunk is built */
+    pw_engine_chunk *chunks;  /* [NRL][C], chunk-id order (the engine's) */
+    pw_engine *engine;
+    pw_trace *trace;
+    double last_bubble;
+    char *schedule_name;
+    void *msg_pinned;               /* the engine's message block, page-locked by msg_backend */
+    const pw_backend_i *msg_backend;
+    const pw_backend_i *dev_msgs;   /* messages in this backend's memory on msg_device */
+    int msg_device;
+};
+
+static inline gstage *stage_at(pw_pipeline *pl, int lrep, int c) { return &pl->stages[(size_t)lrep * (size_t)pl->C + (size_t)c]; }
+/* Chunk c is built in this process (always in one process; under a
+ * transport, the chunks the schedule places on this process's rank). */
+static inline int stage_here(const pw_pipeline *pl, int c) { return !pl->t || pw_schedule_rank_of(pl->sched, c) == pl->t->rank; }
+static inline int rank_here(const pw_pipeline *pl, int r) { return !pl->t || pl->t->rank == r; }
+/* Under a transport: the world rank of the process running chunk c of
+ * global replica k. */
+static inline int world_of_chunk(const pw_pipeline *pl, int k, int c)
+{
+    return pw_transport_world_of(pl->t, k, pw_schedule_rank_of(pl->sched, c));
+}
+/* The local replica index of global replica k, -1 when not here. */
+static inline int lrep_of(const pw_pipeline *pl, int k)
+{
+    if (pl->t) return k == pl->t->replica ? 0 : -1;
+    return k >= 0 && k < pl->NR ? k : -1;
+}
+
+
+/* Loss and correct count of one replica's loss stage this step, summed in
+ * micro-batch order (all-gathered across processes as bytes). */
+typedef struct loss_part {
+    double loss;
+    int64_t correct;
+    int32_t has;
+    int32_t pad;
+} loss_part;
+
+/* What one file gives another; each is documented at its definition. */
+
+/* pipeline.c */
+loss_part pl_replica_loss(const pw_pipeline *pl, int lrep);
+
+/* pipeline_device.c */
+void pl_bind_stage_memory(pw_pipeline *pl, const char *const *gpu_pci);
+pw_status pl_check_device(const pw_pipeline_config *c, int NR);
+int pl_messages_on_device(pw_pipeline *pl);
+pw_status pl_msgs_alloc(void *arg, size_t bytes, void **base);
+void pl_msgs_free(void *arg, void *base);
+void pl_pin_messages(pw_pipeline *pl);
+const char **pl_worker_gpu_pci(const pw_pipeline *pl);
+
+/* pipeline_stage.c */
+pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica);
+void pl_free_stage(gstage *gs);
+pw_status pl_host_grad(pw_program *p, int i, const pw_program_param *pp, float **tmp, float **out);
+pw_status pl_host_grad_done(pw_program *p, int i, const float *g);
+int pl_node_range_reads(const pw_graph *g, int begin, int end, int value);
+const char *pl_chunk_device(const pw_pipeline *pl, int s, char *buf, size_t size);
+pw_status pl_gs_bind(void *self, int slot, pw_port port, void *buf);
+size_t pl_gs_port_bytes(void *self, pw_port port);
+pw_status pl_gs_run_forward(gstage *s, const pw_dataset *d, const int64_t *idx, int64_t n, int slot, int train, int64_t step, int64_t sample_offset);
+extern const pw_stage_i pl_gstage_i, pl_gstage_post_i;
+
+/* pipeline_ties.c */
+pw_status pl_sum_ties(const pw_graph *g, pw_program **p, int np);
+pw_status pl_sum_ties_across(pw_pipeline *pl);
+pw_status pl_sumsq_across(pw_pipeline *pl, double *out);
+int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out);
+
+#endif

@@ -1,0 +1,424 @@
+/* pipewright — one chunk of one replica of a pw_pipeline: its nodes cut into
+ * programs (one per gradient bucket), the data it loads, and the engine's
+ * callbacks for it (docs/architecture.md). */
+#include "stages/train/pipeline-internal.h"
+
+/* ---- one stage's pieces ---- */
+
+/* Forward of `n` rows of samples idx[0..n) in `slot` through every piece;
+ * `train` sets the dropout stream (sample_offset: the micro-batch's first
+ * sample within the global batch). */
+pw_status pl_gs_run_forward(gstage *s, const pw_dataset *d, const int64_t *idx, int64_t n, int slot,
+                                int train, int64_t step, int64_t sample_offset)
+{
+    const pw_graph *g = s->pl->g;
+    for (int j = 0; j < s->n_pieces; j++) {
+        pw_program *p = s->piece[j];
+        if (s->reads_input[j] || s->reads_label[j])
+            PW_CHECK(pw_dataset_gather(d, idx, n, s->reads_input[j] ? pw_program_data(p, g->input, slot) : NULL,
+                                       s->reads_label[j] ? pw_program_data(p, g->label, slot) : NULL));
+        if (train) {
+            if (pw_program_needs_rng(p))
+                PW_CHECK(pw_program_set_rng(p, slot, s->pl->cfg.seed, step, sample_offset));
+            PW_CHECK(pw_program_forward(p, slot, n));
+        } else {
+            PW_CHECK(pw_program_forward_eval(p, slot, n));
+        }
+    }
+    return PW_OK;
+}
+
+static pw_status gs_forward(void *self, int mb, int slot)
+{
+    gstage *s = self;
+    pw_pipeline *pl = s->pl;
+    const int64_t offset = (int64_t)s->replica * pl->share + (int64_t)mb * pl->micro;
+    PW_CHECK(pl_gs_run_forward(s, pl->cfg.train, pl->batch_idx + offset, pl->micro, slot, 1, pl->step + 1,
+                            offset));
+    if (s->loss_piece >= 0 && s->async) { /* the statistics reach the host at completion */
+        s->loss_mb = mb;
+        s->loss_slot = slot;
+    } else if (s->loss_piece >= 0) {
+        s->mb_loss[mb] = pw_program_loss_sum(s->piece[s->loss_piece], slot);
+        s->mb_correct[mb] = pw_program_correct(s->piece[s->loss_piece], slot);
+    }
+    return PW_OK;
+}
+
+static pw_status gs_backward_input(void *self, int mb, int slot)
+{
+    (void)mb;
+    gstage *s = self;
+    for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
+    return PW_OK;
+}
+
+static pw_status gs_backward_weight(void *self, int mb, int slot)
+{
+    (void)mb;
+    gstage *s = self;
+    for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_weight(s->piece[j], slot));
+    return PW_OK;
+}
+
+/* Bucket b is piece n_pieces−1−b: the last layers first, the order the
+ * backward finishes them. */
+static pw_status gs_backward_bucket(void *self, int mb, int slot, int bucket, pw_bwd_part part)
+{
+    (void)mb;
+    gstage *s = self;
+    int j = s->n_pieces - 1 - bucket;
+    if (j < 0) return PW_OK; /* fewer pieces than buckets: an empty bucket */
+    if (part == PW_BWD_FULL) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
+    return pw_program_backward_weight(s->piece[j], slot);
+}
+
+static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans, int max_spans)
+{
+    (void)n_buckets;
+    gstage *s = self;
+    int j = s->n_pieces - 1 - bucket;
+    if (j < 0) return 0;
+    /* Every use buffer of a tied parameter is summed across the replicas
+     * (the uses are folded only before the optimizer). */
+    int n = 0;
+    for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+        pw_program_param pp;
+        pw_program_param_at(s->piece[j], i, &pp);
+        float *uses[16];
+        int nu = pw_program_param_uses(s->piece[j], i, uses, 16);
+        if (nu > 16) nu = 16; /* PW_ASSERT-worthy; 16 uses of one weight in one piece */
+        for (int u = 0; u < nu; u++, n++)
+            if (n < max_spans) spans[n] = (pw_span){uses[u], pp.numel};
+    }
+    return n;
+}
+
+/* Parameter i's (folded) gradient as host floats, for clipping: *out =
+ * pp->grad itself for a CPU program; a device program's downloaded into
+ * *tmp (grown as needed; the caller frees it). */
+pw_status pl_host_grad(pw_program *p, int i, const pw_program_param *pp, float **tmp, float **out)
+{
+    *out = pp->grad;
+    if (!pw_program_on_device(p)) return PW_OK;
+    float *t = realloc(*tmp, (size_t)pp->numel * sizeof *t + 1);
+    if (!t) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory reading the gradient of %s", pp->name);
+    *tmp = *out = t;
+    return pw_program_param_read(p, i, PW_PARAM_GRAD, 0, t);
+}
+
+/* After scaling a host copy: back to the device (nothing on the CPU). */
+pw_status pl_host_grad_done(pw_program *p, int i, const float *g)
+{
+    return pw_program_on_device(p) ? pw_program_param_write(p, i, PW_PARAM_GRAD, g) : PW_OK;
+}
+
+static double gs_grad_sumsq(void *self)
+{
+    gstage *s = self;
+    double sum = 0.0;
+    float *tmp = NULL;
+    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
+    for (int j = 0; j < s->n_pieces; j++)
+        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(s->piece[j], i, &pp);
+            float *gr;
+            if (pl_host_grad(s->piece[j], i, &pp, &tmp, &gr) != PW_OK) {
+                /* the norm becomes NaN: the optimizer's finiteness check stops the step */
+                PW_WARN("stage %d: %s", s->index, pw_last_error());
+                free(tmp);
+                return NAN;
+            }
+            for (int64_t k = 0; k < pp.numel; k++) sum += (double)gr[k] * (double)gr[k];
+        }
+    free(tmp);
+    return sum;
+}
+
+static void gs_scale_grads(void *self, float scale)
+{
+    gstage *s = self;
+    float *tmp = NULL;
+    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
+    for (int j = 0; j < s->n_pieces; j++)
+        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(s->piece[j], i, &pp);
+            float *gr;
+            pw_status st = pl_host_grad(s->piece[j], i, &pp, &tmp, &gr);
+            if (st == PW_OK)
+                for (int64_t k = 0; k < pp.numel; k++) gr[k] *= scale;
+            if (st != PW_OK || pl_host_grad_done(s->piece[j], i, gr) != PW_OK)
+                PW_WARN("stage %d: clipping the gradient of %s: %s", s->index, pp.name, pw_last_error());
+        }
+    free(tmp);
+}
+
+static pw_status gs_optimizer_step(void *self, long step)
+{
+    gstage *s = self;
+    for (int j = 0; j < s->n_pieces; j++) PW_CHECK(pw_program_optimizer_step(s->piece[j], step));
+    return PW_OK;
+}
+
+/* The program's completion (a backend thread): the forward's loss is on
+ * the host now; then the engine's. */
+static void gs_completed(void *arg, pw_status st, const char *msg)
+{
+    gstage *s = arg;
+    if (s->loss_mb >= 0 && st == PW_OK) {
+        s->mb_loss[s->loss_mb] = pw_program_loss_sum(s->piece[s->loss_piece], s->loss_slot);
+        s->mb_correct[s->loss_mb] = pw_program_correct(s->piece[s->loss_piece], s->loss_slot);
+    }
+    s->loss_mb = -1;
+    s->done(s->done_arg, st, msg);
+}
+
+/* An asynchronous stage has one piece (several come only with replicas,
+ * which a device refuses), so its call in flight is that program's. */
+static int gs_submitted(void *self, pw_stage_done_fn done, void *arg)
+{
+    gstage *s = self;
+    if (!s->async) return 0;
+    s->done = done;
+    s->done_arg = arg;
+    if (pw_program_submitted(s->piece[0], gs_completed, s)) return 1;
+    s->loss_mb = -1;
+    return 0;
+}
+
+/* The stage's inputs enter its first piece; its outputs leave its last. */
+static pw_program *port_piece(const gstage *s, pw_port port)
+{
+    return port == PW_PORT_ACT_IN || port == PW_PORT_GRAD_IN ? s->piece[0] : s->piece[s->n_pieces - 1];
+}
+
+size_t pl_gs_port_bytes(void *self, pw_port port)
+{
+    gstage *s = self;
+    return pw_program_port_bytes(port_piece(s, port), port);
+}
+
+pw_status pl_gs_bind(void *self, int slot, pw_port port, void *buf)
+{
+    gstage *s = self;
+    return pw_program_bind_port(port_piece(s, port), slot, port, buf);
+}
+
+const pw_stage_i pl_gstage_i = {
+    .name = "graph-stage",
+    .forward = gs_forward,
+    .backward_input = gs_backward_input,
+    .backward_weight = gs_backward_weight,
+    .optimizer_step = gs_optimizer_step,
+    .port_bytes = pl_gs_port_bytes,
+    .bind = pl_gs_bind,
+    .grad_bucket = gs_grad_bucket,
+    .backward_bucket = gs_backward_bucket,
+    .grad_sumsq = gs_grad_sumsq,
+    .scale_grads = gs_scale_grads,
+    .submitted = gs_submitted,
+};
+
+/* The same stage without an optimizer: with parameters tied across chunks
+ * the pipeline applies it after the engine's step (finish_step). */
+const pw_stage_i pl_gstage_post_i = {
+    .name = "graph-stage",
+    .forward = gs_forward,
+    .backward_input = gs_backward_input,
+    .backward_weight = gs_backward_weight,
+    .port_bytes = pl_gs_port_bytes,
+    .bind = pl_gs_bind,
+    .grad_bucket = gs_grad_bucket,
+    .backward_bucket = gs_backward_bucket,
+    .grad_sumsq = gs_grad_sumsq,
+    .scale_grads = gs_scale_grads,
+    .submitted = gs_submitted,
+};
+
+
+int pl_node_range_reads(const pw_graph *g, int begin, int end, int value)
+{
+    if (value < 0) return 0;
+    for (int i = begin; i < end; i++)
+        for (int k = 0; k < g->nodes[i].n_inputs; k++)
+            if (g->nodes[i].inputs[k] == value) return 1;
+    return 0;
+}
+
+/* Cuts nodes [b, e) into at most k pieces of roughly equal parameter bytes
+ * (each parameter counted at its first use in the range). A cut may not
+ * separate two uses of one parameter (a tied weight keeps one gradient) and
+ * every piece holds parameters. cut[0] = b < cut[1] < ... < cut[n] = e;
+ * returns n. Deterministic: the same graph and k give the same pieces in
+ * every process. */
+static int cut_pieces(const pw_graph *g, int b, int e, int k, int *cut)
+{
+    cut[0] = b;
+    int n = 1;
+    const int len = e - b;
+    int64_t *before = calloc((size_t)len + 1, sizeof *before);
+    int *first = malloc((size_t)g->n_params * sizeof *first), *last = malloc((size_t)g->n_params * sizeof *last);
+    if (!before || !first || !last || k <= 1) goto out;
+    for (int p = 0; p < g->n_params; p++) first[p] = last[p] = -1;
+    for (int i = b; i < e; i++)
+        for (int q = 0; q < g->nodes[i].n_params; q++) {
+            int p = g->nodes[i].params[q];
+            if (first[p] < 0) first[p] = i;
+            last[p] = i;
+        }
+    for (int i = b; i < e; i++) {
+        int64_t add = 0;
+        for (int q = 0; q < g->nodes[i].n_params; q++) {
+            int p = g->nodes[i].params[q];
+            if (first[p] == i) add += pw_shape_numel(&g->params[p].shape) * (int64_t)sizeof(float);
+        }
+        before[i - b + 1] = before[i - b] + add;
+    }
+    const int64_t total = before[len];
+    int prev = b;
+    for (int j = 1; j < k; j++) {
+        const double target = (double)total * j / k;
+        int best = -1;
+        double best_d = 0;
+        for (int i = prev + 1; i < e; i++) {
+            int64_t at = before[i - b];
+            if (at <= before[prev - b] || at >= total) continue; /* a piece without parameters */
+            int ok = 1;
+            for (int p = 0; p < g->n_params && ok; p++)
+                if (first[p] >= 0 && first[p] < i && last[p] >= i) ok = 0;
+            if (!ok) continue;
+            double d = fabs((double)at - target);
+            if (best < 0 || d < best_d) {
+                best = i;
+                best_d = d;
+            }
+        }
+        if (best < 0) break;
+        cut[n++] = best;
+        prev = best;
+    }
+out:
+    cut[n] = e;
+    free(before);
+    free(first);
+    free(last);
+    return n;
+}
+
+/* The device of chunk s: the configured one, except that a bare device
+ * name with several devices ("cuda" on a machine with 4 GPUs) puts rank r's
+ * chunks on device r mod the count (ARCHITECTURE.md: one rank per GPU). */
+const char *pl_chunk_device(const pw_pipeline *pl, int s, char *buf, size_t size)
+{
+    const pw_backend_i *be;
+    int idx;
+    if (pw_backend_find(pl->cfg.device, &be, &idx) != PW_OK || idx >= 0 || !be->device_count)
+        return pl->cfg.device;
+    int n = be->device_count();
+    if (n < 2) return pl->cfg.device;
+    snprintf(buf, size, "%s:%d", be->name, pw_schedule_rank_of(pl->sched, s) % n);
+    return buf;
+}
+
+pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
+{
+    const pw_pipeline_config *c = &pl->cfg;
+    const pw_graph *g = pl->g;
+    const int b = pl->part.begin[s], e = pl->part.begin[s + 1], M = c->micro_batches;
+    const int slots = pl->rep->peak_inflight_chunk[s];
+    gs->pl = pl;
+    gs->index = s;
+    gs->replica = replica;
+    gs->loss_piece = -1;
+    int k = pl->NR > 1 ? pl->n_buckets : 1;
+    char device[48];
+    int *cut = calloc((size_t)(k > 1 ? k : 1) + 1, sizeof *cut);
+    if (!cut) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    gs->n_pieces = cut_pieces(g, b, e, k, cut);
+    gs->loss_mb = -1;
+    gs->piece = calloc((size_t)gs->n_pieces, sizeof *gs->piece);
+    gs->reads_input = calloc((size_t)gs->n_pieces, 1);
+    gs->reads_label = calloc((size_t)gs->n_pieces, 1);
+    gs->mb_loss = calloc((size_t)M, sizeof(double));
+    gs->mb_correct = calloc((size_t)M, sizeof(int64_t));
+    pw_status st = PW_OK;
+    if (!gs->piece || !gs->reads_input || !gs->reads_label || !gs->mb_loss || !gs->mb_correct) {
+        st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+        goto out;
+    }
+    for (int j = 0; j < gs->n_pieces; j++) {
+        pw_program_config pc = {
+            .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
+            .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
+            .device = pl_chunk_device(pl, s, device, sizeof device), .math = c->math,
+            .no_graphs = c->no_graphs, .micro_batches = M, .grad_groups = pl->grad_groups,
+        };
+        PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
+        pw_program_init_params(gs->piece[j], c->seed);
+        gs->reads_input[j] = (unsigned char)pl_node_range_reads(g, cut[j], cut[j + 1], g->input);
+        gs->reads_label[j] = (unsigned char)pl_node_range_reads(g, cut[j], cut[j + 1], g->label);
+        if (pw_program_has_loss(gs->piece[j])) gs->loss_piece = j;
+    }
+    /* One device piece runs asynchronously under the engine (stage.h,
+     * "Asynchronous stages"); pieces chained through host links could not. */
+    if (gs->n_pieces == 1) gs->async = pw_program_set_async(gs->piece[0], 1);
+    /* Link buffers between pieces, one set per slot, bound once for good:
+     * piece j writes its outputs straight into piece j+1's inputs. */
+    if (gs->n_pieces > 1) {
+        size_t per_slot = 0;
+        for (int j = 0; j + 1 < gs->n_pieces; j++) {
+            size_t a = pw_program_port_bytes(gs->piece[j], PW_PORT_ACT_OUT);
+            size_t r = pw_program_port_bytes(gs->piece[j], PW_PORT_GRAD_OUT);
+            if (a != pw_program_port_bytes(gs->piece[j + 1], PW_PORT_ACT_IN) ||
+                r != pw_program_port_bytes(gs->piece[j + 1], PW_PORT_GRAD_IN)) {
+                st = pw_error(PW_ERR_INTERNAL, "pipeline: stage %d pieces %d and %d disagree on their link",
+                              s, j, j + 1);
+                goto out;
+            }
+            per_slot += (a + 63) / 64 * 64 + (r + 63) / 64 * 64;
+        }
+        gs->link_bytes = per_slot * (size_t)slots;
+        if (gs->link_bytes && posix_memalign(&gs->links, 64, gs->link_bytes) != 0) {
+            gs->links = NULL;
+            st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory for stage %d's link buffers", s);
+            goto out;
+        }
+        if (gs->links) memset(gs->links, 0, gs->link_bytes);
+        char *at = gs->links;
+        for (int slot = 0; slot < slots; slot++)
+            for (int j = 0; j + 1 < gs->n_pieces; j++) {
+                size_t a = pw_program_port_bytes(gs->piece[j], PW_PORT_ACT_OUT);
+                size_t r = pw_program_port_bytes(gs->piece[j], PW_PORT_GRAD_OUT);
+                if (a) {
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j], slot, PW_PORT_ACT_OUT, at), st, out);
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j + 1], slot, PW_PORT_ACT_IN, at), st, out);
+                    at += (a + 63) / 64 * 64;
+                }
+                if (r) {
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j], slot, PW_PORT_GRAD_OUT, at), st, out);
+                    PW_CHECK_GOTO(pw_program_bind_port(gs->piece[j + 1], slot, PW_PORT_GRAD_IN, at), st, out);
+                    at += (r + 63) / 64 * 64;
+                }
+            }
+    }
+out:
+    free(cut);
+    return st;
+}
+
+void pl_free_stage(gstage *gs)
+{
+    for (int j = 0; gs->piece && j < gs->n_pieces; j++) pw_program_destroy(gs->piece[j]);
+    free(gs->piece);
+    free(gs->reads_input);
+    free(gs->reads_label);
+    free(gs->links);
+    free(gs->mb_loss);
+    free(gs->mb_correct);
+    memset(gs, 0, sizeof *gs);
+}
+
+/* 1 when some parameter is used by nodes of two different chunks (an
+ * embedding on the first chunk tied with the head on the last). */
