@@ -23,197 +23,9 @@
  * flight and reports its completion through the backend's notify
  * (pw_program_submitted).
  */
-#include "stages/program/program.h"
-
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <unistd.h>
 
-#include "runtime/arena.h"
-#include "runtime/log.h"
-#include "runtime/rng.h"
-#include "stages/ops/backend.h"
-
-#define NO_OFF ((size_t)-1)
-
-typedef struct prog_param {
-    int gp;                /* graph param id */
-    size_t off_data, off_grad, off_state;
-    int64_t numel;
-    int n_uses;            /* nodes of the range that use it */
-    int use_first;         /* its uses' gradient buffers: use_off[use_first ..] */
-} prog_param;
-
-/* Where a value and its gradient live. Offsets are relative to the slot's
- * base (off_act, off_grad) or to the shared region (the _s ones); NO_OFF
- * when absent there. Without recompute only the slot offsets are used. */
-typedef struct prog_value {
-    size_t off_act, off_act_s;
-    size_t off_grad, off_grad_s;
-} prog_value;
-
-typedef struct prog_node {
-    /* layernorm mean/rstd, softmax probs, attention probs, dropout mask;
-     * relative to the slot, or to the shared region under recompute */
-    size_t off_stat0, off_stat1;
-    /* device backends, softmax cross-entropy: row scratch (off_stat1) and
-     * the loss statistics (off_stat2: 2 doubles for the forward, 2 for a
-     * recomputation); the CPU keeps its statistics in slot_state */
-    size_t off_stat2;
-    char *rng_name;              /* dropout: "dropout:<value name>" */
-} prog_node;
-
-/* Per slot: the last forward and the randomness it used. */
-typedef struct slot_state {
-    int64_t rows;                /* samples of the last forward; 0 = none */
-    int eval;                    /* the last forward was an evaluation forward */
-    int rng_pending;             /* pw_program_set_rng since the last training forward */
-    uint64_t seed;               /* pending: set by pw_program_set_rng */
-    int64_t step, offset;
-    uint64_t used_seed;          /* what the last training forward used (and so */
-    int64_t used_step, used_offset; /* what its recomputation must use) */
-    double loss_sum;
-    int64_t correct;
-    double stats[2];             /* the loss op's statistics of the last forward (host copy) */
-    double redo_stats[2];        /* the CPU's scratch statistics of a recomputation */
-} slot_state;
-
-/* What the shared region holds under recompute. */
-enum { SHARED_NONE = 0, SHARED_FWD, SHARED_BWD };
-
-struct pw_program {
-    pw_program_config cfg;
-    const pw_graph *g;
-    int begin, end;
-    pw_arena arena;              /* the plan; the memory itself for the CPU */
-    const pw_backend_i *be;
-    void *be_ctx;
-    int dev;                     /* p->be->device_memory */
-    int dev_index;               /* "cuda:N": N */
-    size_t cat_start[PW_MEM_COUNT]; /* plan offset where each category begins */
-    size_t cat_bytes[PW_MEM_COUNT];
-    char *cat_base[PW_MEM_COUNT];   /* its block (the arena's base + start on the CPU) */
-    char *staging;               /* device: per slot, host copies of the graph input and label;
-                                    then dev_stats (one page-aligned block) */
-    double *dev_stats;           /* device: per slot, the loss statistics downloaded (2 doubles) */
-    int staging_pinned;          /* the backend page-locked the staging block */
-    size_t stage_in_bytes, stage_slot_bytes;
-    float **gptr;                /* [n_params] each parameter's gradient (optimizer check) */
-    int64_t *gnum;               /* [n_params] */
-    size_t slot_bytes;           /* stride between slots in the activation region */
-    size_t act_base;             /* offset of slot 0's activation region */
-    size_t shared_base;          /* offset of the shared region */
-    size_t off_work;             /* kernel workspace in the shared region */
-    pw_program_memory mem;
-
-    int n_params;
-    prog_param *params;
-    int *param_of_graph;         /* graph param id -> local index or -1 */
-    /* Tied parameters: each use accumulates its weight gradient in its own
-     * buffer over a step (use 0, the last user in node order, in the
-     * parameter's gradient); pw_program_fold_grads sums them. */
-    size_t *use_off;             /* per use, in reverse node order of the users */
-    size_t *node_grad_off;       /* per (node, param slot): that use's buffer */
-    int folded;                  /* the uses are summed (until the next backward_weight) */
-    /* Group sums (cfg.grad_groups > 1): backward_weight calls this step, the
-     * gradient-sized buffers that hold group sums, and which buffer holds
-     * the pending sum of 2^l groups (-1: none). */
-    int n_bw;
-    int n_sum_bufs;
-    size_t off_sums;             /* n_sum_bufs × mem.grads bytes after the gradients */
-    int sum_level[32];
-    unsigned sum_busy;           /* bit b: buffer b holds a sum */
-
-    prog_value *values;          /* per graph value */
-    unsigned char *touched;      /* per graph value: read or written here */
-    unsigned char *requires_grad;/* per graph value (whole-graph analysis) */
-    unsigned char *grad_valid;   /* slots × n_values: gradient written this backward */
-    prog_node *nodes;            /* per graph node (only [begin, end) used) */
-
-    int n_inputs, n_outputs;
-    int *inputs, *outputs;       /* live-in / live-out values, value-id order */
-    unsigned char *is_in, *is_out; /* per graph value */
-
-    /* Ports: message layouts (offsets per value) and per-slot bindings. */
-    size_t port_bytes[PW_PORT_COUNT];
-    size_t *port_off[PW_PORT_COUNT];      /* per graph value; NO_OFF when absent */
-    void **bind_act;                      /* slots × n_values; NULL = own buffer */
-    float **bind_grad;                    /* slots × n_values */
-    char **fwd_act_dst;                   /* slots × n_values: ACT_OUT copy target of
-                                             a value received and passed on */
-    float **fwd_grad_src;                 /* slots × n_values: GRAD_OUT part of such a value */
-
-    slot_state *slots;
-    int loss_node;               /* node id of the loss in range, or -1 */
-    int needs_rng;               /* a dropout with p > 0 in range */
-
-    /* recompute */
-    int shared_slot;             /* slot whose state the shared region holds */
-    int shared_state;            /* SHARED_* */
-    int redo;                    /* re-running a backward for backward_weight: input
-                                    gradients go to the shared region, not the ports */
-
-    /* Asynchronous completion (pw_program_set_async). */
-    int async;                   /* training calls return with their work in flight */
-    int unsynced;                /* one did, and pw_program_submitted has not taken it */
-    int loss_slot;               /* its loss statistics reach the host at completion; -1: none */
-    pw_stage_done_fn done;       /* the caller's, for the call in flight */
-    void *done_arg;
-};
-
-/* Plan offset → address in its category's block. */
-static inline void *at(const pw_program *p, size_t off)
-{
-    int c = PW_MEM_COUNT - 1;
-    while (c > 0 && off < p->cat_start[c]) c--;
-    return p->cat_base[c] + (off - p->cat_start[c]);
-}
-
-static inline char *slot_base(const pw_program *p, int slot)
-{
-    return (char *)at(p, p->act_base) + (size_t)slot * p->slot_bytes;
-}
-
-static inline char *shared_at(const pw_program *p, size_t off)
-{
-    return (char *)at(p, p->shared_base) + off;
-}
-
-/* Runs a backend slot; returns its error from the calling function. */
-#define BE(slot, ...) PW_CHECK(p->be->slot(p->be_ctx, __VA_ARGS__))
-
-/* Every public call that touches memory starts here (the CUDA device is
- * current per thread: the engine's workers call from their own). */
-static pw_status be_begin(const pw_program *p)
-{
-    return p->be->activate ? p->be->activate(p->be_ctx) : PW_OK;
-}
-
-/* ... and ends here: a device program waits for its stream (program.h). */
-static pw_status be_end(const pw_program *p, pw_status st)
-{
-    if (st == PW_OK && p->be->sync) st = p->be->sync(p->be_ctx);
-    return st;
-}
-
-/* The training calls (forward, backward_input, backward_weight, optimizer
- * step) end here: an asynchronous program leaves the work in flight for
- * pw_program_submitted. */
-static pw_status be_end_call(pw_program *p, pw_status st)
-{
-    if (st == PW_OK && p->async) {
-        p->unsynced = 1;
-        return PW_OK;
-    }
-    return be_end(p, st);
-}
-
-static inline size_t sv(const pw_program *p, int slot, int v)
-{
-    return (size_t)slot * (size_t)p->g->n_values + (size_t)v;
-}
+#include "stages/program/program-internal.h"
 
 void *pw_program_value(const pw_program *p, int v, int slot)
 {
@@ -237,48 +49,6 @@ float *pw_program_grad(const pw_program *p, int v, int slot)
     return b ? b : (float *)(slot_base(p, slot) + pv->off_grad);
 }
 
-/* Where the ops read and write value v of `slot`: the shared region under
- * recompute (all but the stage's inputs), else the slot (or a bound port). */
-static void *act(const pw_program *p, int v, int slot)
-{
-    const prog_value *pv = &p->values[v];
-    if (pv->off_act_s != NO_OFF) return shared_at(p, pv->off_act_s);
-    return pw_program_value(p, v, slot);
-}
-
-/* Where the ops accumulate the gradient of v. Under recompute everything
- * but the gradients of received values (which go back to the previous stage)
- * is summed in the shared region; a redo sends those there too. */
-static float *grad_at(const pw_program *p, int v, int slot)
-{
-    const prog_value *pv = &p->values[v];
-    if (pv->off_grad_s != NO_OFF && (!p->is_in[v] || p->redo))
-        return (float *)shared_at(p, pv->off_grad_s);
-    return pw_program_grad(p, v, slot);
-}
-
-static void *stat(const pw_program *p, int slot, size_t off)
-{
-    return p->cfg.recompute ? shared_at(p, off) : slot_base(p, slot) + off;
-}
-
-/* Rows an op works over for n samples: all leading dims of the value. */
-static int64_t rows_of(const pw_value *v, int64_t n)
-{
-    int64_t last = v->shape.ndim ? v->shape.d[v->shape.ndim - 1] : 1;
-    return n * (pw_shape_numel(&v->shape) / (last ? last : 1));
-}
-
-static int64_t last_dim(const pw_value *v)
-{
-    return v->shape.ndim ? v->shape.d[v->shape.ndim - 1] : 1;
-}
-
-static size_t value_bytes(const pw_value *v, int64_t mb)
-{
-    return (size_t)mb * (size_t)pw_shape_numel(&v->shape) * pw_dtype_size(v->dtype);
-}
-
 /* requires_grad over the whole graph, so a stage knows which boundary
  * gradients exist whatever the partition. */
 static void analyse_grad(pw_program *p)
@@ -293,37 +63,12 @@ static void analyse_grad(pw_program *p)
     }
 }
 
-/* Statistics a node keeps for its backward, planned into `a`. */
+/* Statistics a node keeps for its backward, planned into `a` (the op
+ * table's plan_stats). */
 static void plan_stats(pw_program *p, int i, pw_arena *a)
 {
-    const pw_graph *g = p->g;
-    const int64_t mb = p->cfg.micro_batch;
-    const pw_node *nd = &g->nodes[i];
-    const pw_value *x = &g->values[nd->inputs[0]];
-    prog_node *pn = &p->nodes[i];
-    switch (nd->op) {
-    case PW_OP_LAYERNORM:
-        pn->off_stat0 = pw_arena_plan(a, (size_t)rows_of(x, mb) * 4);
-        pn->off_stat1 = pw_arena_plan(a, (size_t)rows_of(x, mb) * 4);
-        break;
-    case PW_OP_SOFTMAX_XENT:
-        pn->off_stat0 = pw_arena_plan(a, value_bytes(x, mb));
-        if (p->dev) { /* the device reduces per row; its statistics stay there */
-            pn->off_stat1 = pw_arena_plan(a, (size_t)rows_of(x, mb) * sizeof(double));
-            pn->off_stat2 = pw_arena_plan(a, 4 * sizeof(double));
-        }
-        break;
-    case PW_OP_CAUSAL_ATTENTION: {
-        int64_t T = x->shape.d[0];
-        pn->off_stat0 = pw_arena_plan(a, (size_t)(mb * nd->attrs.heads * T * T) * 4);
-        break;
-    }
-    case PW_OP_DROPOUT:
-        pn->off_stat0 = pw_arena_plan(a, (size_t)(mb * pw_shape_numel(&x->shape)));
-        break;
-    default:
-        break;
-    }
+    const prog_op *o = &pw_prog_ops[p->g->nodes[i].op];
+    if (o->plan_stats) o->plan_stats(p, i, a);
 }
 
 static pw_status plan(pw_program *p)
@@ -797,17 +542,7 @@ int pw_program_outputs(const pw_program *p, const int **values)
     return p->n_outputs;
 }
 
-static float *param_data(const pw_program *p, int gp)
-{
-    return at(p, p->params[p->param_of_graph[gp]].off_data);
-}
 
-/* The gradient buffer of parameter slot k of node i (its own for a tied
- * parameter's use; see pw_program_fold_grads). */
-static float *use_grad(const pw_program *p, int i, int k)
-{
-    return at(p, p->node_grad_off[(size_t)(i - p->begin) * PW_MAX_OP_PARAMS + (size_t)k]);
-}
 
 int pw_program_param_uses(const pw_program *p, int i, float **grads, int max)
 {
@@ -860,22 +595,8 @@ pw_status pw_program_set_rng(pw_program *p, int slot, uint64_t seed, int64_t ste
     return PW_OK;
 }
 
-/* Dropout's stream for one node and step: see pw_program_set_rng. */
-static uint64_t dropout_key(const pw_program *p, int node, const slot_state *s)
-{
-    return pw_rng_u64(pw_rng_key(s->used_seed, p->nodes[node].rng_name), (uint64_t)s->used_step);
-}
 
-enum { RUN_TRAIN = 0, RUN_EVAL = 1, RUN_RECOMPUTE = 2 };
 
-/* Where the loss op of node i keeps its statistics (2 doubles, backend
- * memory): the slot's for a forward, scratch ones for a recomputation. */
-static double *loss_stats(pw_program *p, int i, int slot, int how)
-{
-    slot_state *ss = &p->slots[slot];
-    if (!p->dev) return how == RUN_RECOMPUTE ? ss->redo_stats : ss->stats;
-    return (double *)stat(p, slot, p->nodes[i].off_stat2) + (how == RUN_RECOMPUTE ? 2 : 0);
-}
 
 /* The loss statistics of the slot's last forward join its totals; a device
  * program's arrive in the staging block (call once its download is done). */
@@ -931,73 +652,18 @@ static pw_status recorded(pw_program *p, int kind, int slot, ops_fn fn, int64_t 
     return p->be->record_end(p->be_ctx, key, fn(p, slot, n, how));
 }
 
-/* The forward ops of the range (run_forward's middle). */
+/* The forward ops of the range (run_forward's middle), in node order. */
 static pw_status forward_ops(pw_program *p, int slot, int64_t n, int how)
 {
     const pw_graph *g = p->g;
-    slot_state *ss = &p->slots[slot];
     for (int i = p->begin; i < p->end; i++) {
         const pw_node *nd = &g->nodes[i];
-        const pw_value *xv = &g->values[nd->inputs[0]];
-        const pw_value *yv = &g->values[nd->output];
-        void *x = act(p, nd->inputs[0], slot);
-        float *y = act(p, nd->output, slot);
-        int64_t numel = n * pw_shape_numel(&yv->shape);
-        switch (nd->op) {
-        case PW_OP_LINEAR:
-            BE(linear_fwd, x, param_data(p, nd->params[0]),
-               nd->n_params > 1 ? param_data(p, nd->params[1]) : NULL, y, rows_of(xv, n), last_dim(xv),
-               nd->attrs.out);
-            break;
-        case PW_OP_RELU: BE(relu_fwd, x, y, numel); break;
-        case PW_OP_GELU: BE(gelu_fwd, x, y, numel); break;
-        case PW_OP_LAYERNORM:
-            BE(layernorm_fwd, x, param_data(p, nd->params[0]), param_data(p, nd->params[1]), y,
-               stat(p, slot, p->nodes[i].off_stat0), stat(p, slot, p->nodes[i].off_stat1),
-               rows_of(xv, n), last_dim(xv), nd->attrs.eps);
-            break;
-        case PW_OP_ADD:
-            BE(add_fwd, x, act(p, nd->inputs[1], slot), y, numel);
-            break;
-        case PW_OP_FLATTEN:
-        case PW_OP_RESHAPE:
-            BE(copy, y, x, (size_t)numel * pw_dtype_size(yv->dtype));
-            break;
-        case PW_OP_SOFTMAX_XENT: {
-            const int32_t *lab = act(p, nd->inputs[1], slot);
-            float *probs = stat(p, slot, p->nodes[i].off_stat0);
-            int64_t rows = rows_of(xv, n), C = last_dim(xv);
-            double *st = loss_stats(p, i, slot, how);
-            double *rowbuf = p->dev ? (double *)stat(p, slot, p->nodes[i].off_stat1) : NULL;
-            BE(zero, st, 2 * sizeof(double));
-            BE(xent_fwd, x, lab, probs, st, rowbuf, rows, C);
-            /* The loss value holds the per-position mean loss of this micro-batch. */
-            BE(loss_fill, st, y, n, (double)rows);
-            break;
-        }
-        case PW_OP_EMBEDDING:
-            BE(embedding_fwd, x, param_data(p, nd->params[0]), y, n * pw_shape_numel(&xv->shape),
-               nd->attrs.vocab, nd->attrs.dim);
-            break;
-        case PW_OP_POS_EMBEDDING:
-            BE(pos_embedding_fwd, x, param_data(p, nd->params[0]), y, n, xv->shape.d[0],
-               xv->shape.d[1]);
-            break;
-        case PW_OP_CAUSAL_ATTENTION:
-            BE(attention_fwd, x, y, stat(p, slot, p->nodes[i].off_stat0), n, xv->shape.d[0],
-               yv->shape.d[1], nd->attrs.heads);
-            break;
-        case PW_OP_DROPOUT:
-            if (how == RUN_EVAL || nd->attrs.p == 0.0f)
-                BE(copy, y, x, (size_t)numel * sizeof(float)); /* the identity */
-            else
-                BE(dropout_fwd, x, y, stat(p, slot, p->nodes[i].off_stat0), n,
-                   pw_shape_numel(&xv->shape), nd->attrs.p, dropout_key(p, i, ss), ss->used_offset);
-            break;
-        default:
-            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s kernel", g->file,
-                            nd->line, nd->col, pw_op_name(nd->op), p->be->name);
-        }
+        const prog_op *o = &pw_prog_ops[nd->op];
+        if (!o->forward)
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s kernel", g->file, nd->line,
+                            nd->col, pw_op_name(nd->op), p->be->name);
+        const prog_op_call c = {.p = p, .i = i, .nd = nd, .slot = slot, .n = n, .how = how};
+        PW_CHECK(o->forward(&c));
     }
     return PW_OK;
 }
@@ -1100,21 +766,7 @@ pw_status pw_program_forward_eval(pw_program *p, int slot, int64_t n)
     return be_end(p, run_forward(p, slot, n, RUN_EVAL));
 }
 
-/* Hands gradient `dy` of a node to its input k: write or accumulate. Returns
- * the destination, or NULL when that input needs no gradient. */
-static float *grad_dest(pw_program *p, int slot, int v, int *accumulate)
-{
-    if (!p->requires_grad[v]) return NULL;
-    unsigned char *valid = &p->grad_valid[(size_t)slot * (size_t)p->g->n_values + (size_t)v];
-    *accumulate = *valid;
-    *valid = 1;
-    return grad_at(p, v, slot);
-}
 
-static int grad_ready(const pw_program *p, int slot, int v)
-{
-    return p->grad_valid[(size_t)slot * (size_t)p->g->n_values + (size_t)v];
-}
 
 static pw_status check_backward(const pw_program *p, int slot)
 {
@@ -1143,77 +795,17 @@ static pw_status ensure_forward(pw_program *p, int slot)
  * (run_backward_input's middle). */
 static pw_status backward_input_ops(pw_program *p, int slot, int64_t n, int how)
 {
-    (void)how;
     const pw_graph *g = p->g;
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
-        const pw_value *xv = &g->values[nd->inputs[0]];
-        const pw_value *yv = &g->values[nd->output];
-        int acc = 0;
-        int64_t numel = n * pw_shape_numel(&yv->shape);
-        if (nd->op == PW_OP_SOFTMAX_XENT) {
-            float *dx = grad_dest(p, slot, nd->inputs[0], &acc);
-            if (!dx) continue;
-            int64_t rows = rows_of(xv, n), C = last_dim(xv);
-            /* mean over every position of the global batch */
-            float scale = (float)(1.0 / ((double)p->cfg.loss_batch * (double)(rows / n)));
-            BE(xent_bwd, stat(p, slot, p->nodes[i].off_stat0), act(p, nd->inputs[1], slot), dx, rows,
-               C, scale, acc);
-            continue;
-        }
-        if (!grad_ready(p, slot, nd->output)) continue; /* no gradient flows here */
-        const float *dy = grad_at(p, nd->output, slot);
-        float *dx = grad_dest(p, slot, nd->inputs[0], &acc);
-        switch (nd->op) {
-        case PW_OP_LINEAR:
-            if (dx)
-                BE(linear_bwd_input, dy, param_data(p, nd->params[0]), dx, rows_of(xv, n), last_dim(xv),
-                   nd->attrs.out, acc);
-            break;
-        case PW_OP_RELU:
-            if (dx) BE(relu_bwd_input, act(p, nd->output, slot), dy, dx, numel, acc);
-            break;
-        case PW_OP_GELU:
-            if (dx) BE(gelu_bwd_input, act(p, nd->inputs[0], slot), dy, dx, numel, acc);
-            break;
-        case PW_OP_LAYERNORM:
-            if (dx)
-                BE(layernorm_bwd_input, act(p, nd->inputs[0], slot), param_data(p, nd->params[0]),
-                   stat(p, slot, p->nodes[i].off_stat0), stat(p, slot, p->nodes[i].off_stat1), dy, dx,
-                   rows_of(xv, n), last_dim(xv), acc);
-            break;
-        case PW_OP_ADD: {
-            if (dx) BE(copy_grad, dy, dx, numel, acc);
-            int acc1 = 0;
-            float *dx1 = grad_dest(p, slot, nd->inputs[1], &acc1);
-            if (dx1) BE(copy_grad, dy, dx1, numel, acc1);
-            break;
-        }
-        case PW_OP_FLATTEN:
-        case PW_OP_RESHAPE:
-        case PW_OP_POS_EMBEDDING: /* y = x + table: dx = dy */
-            if (dx) BE(copy_grad, dy, dx, numel, acc);
-            break;
-        case PW_OP_EMBEDDING:
-            break; /* tokens are integers: no gradient (dx is NULL) */
-        case PW_OP_CAUSAL_ATTENTION:
-            if (dx)
-                BE(attention_bwd_input, act(p, nd->inputs[0], slot), stat(p, slot, p->nodes[i].off_stat0),
-                   dy, dx, (float *)shared_at(p, p->off_work), n, xv->shape.d[0], yv->shape.d[1],
-                   nd->attrs.heads, acc);
-            break;
-        case PW_OP_DROPOUT:
-            if (!dx) break;
-            if (nd->attrs.p == 0.0f)
-                BE(copy_grad, dy, dx, numel, acc);
-            else
-                BE(dropout_bwd_input, stat(p, slot, p->nodes[i].off_stat0), dy, dx, numel, nd->attrs.p,
-                   acc);
-            break;
-        default:
-            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s backward", g->file,
-                            nd->line, nd->col, pw_op_name(nd->op), p->be->name);
-        }
+        const prog_op *o = &pw_prog_ops[nd->op];
+        /* No gradient flows here, unless the node is the loss, which seeds it. */
+        if (!o->loss && !grad_ready(p, slot, nd->output)) continue;
+        if (!o->backward_input)
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s backward", g->file, nd->line,
+                            nd->col, pw_op_name(nd->op), p->be->name);
+        const prog_op_call c = {.p = p, .i = i, .nd = nd, .slot = slot, .n = n, .how = how};
+        PW_CHECK(o->backward_input(&c));
     }
     return PW_OK;
 }
@@ -1287,35 +879,16 @@ pw_status pw_program_backward_input(pw_program *p, int slot)
 /* The weight-backward ops of the range, in reverse node order. */
 static pw_status backward_weight_ops(pw_program *p, int slot, int64_t n, int how)
 {
-    (void)how;
     const pw_graph *g = p->g;
     for (int i = p->end - 1; i >= p->begin; i--) {
         const pw_node *nd = &g->nodes[i];
         if (nd->n_params == 0 || !grad_ready(p, slot, nd->output)) continue;
-        const pw_value *xv = &g->values[nd->inputs[0]];
-        const float *dy = grad_at(p, nd->output, slot);
-        const void *x = act(p, nd->inputs[0], slot);
-        switch (nd->op) {
-        case PW_OP_LINEAR:
-            BE(linear_bwd_weight, dy, x, use_grad(p, i, 0), nd->n_params > 1 ? use_grad(p, i, 1) : NULL,
-               rows_of(xv, n), last_dim(xv), nd->attrs.out);
-            break;
-        case PW_OP_LAYERNORM:
-            BE(layernorm_bwd_weight, x, stat(p, slot, p->nodes[i].off_stat0),
-               stat(p, slot, p->nodes[i].off_stat1), dy, use_grad(p, i, 0), use_grad(p, i, 1),
-               rows_of(xv, n), last_dim(xv));
-            break;
-        case PW_OP_EMBEDDING:
-            BE(embedding_bwd_weight, x, dy, use_grad(p, i, 0), n * pw_shape_numel(&xv->shape),
-               nd->attrs.vocab, nd->attrs.dim);
-            break;
-        case PW_OP_POS_EMBEDDING:
-            BE(pos_embedding_bwd_weight, dy, use_grad(p, i, 0), n, xv->shape.d[0], xv->shape.d[1]);
-            break;
-        default:
-            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s weight backward",
-                            g->file, nd->line, nd->col, pw_op_name(nd->op), p->be->name);
-        }
+        const prog_op *o = &pw_prog_ops[nd->op];
+        if (!o->backward_weight)
+            return pw_error(PW_ERR_UNSUPPORTED, "%s:%d:%d: op '%s' has no %s weight backward", g->file,
+                            nd->line, nd->col, pw_op_name(nd->op), p->be->name);
+        const prog_op_call c = {.p = p, .i = i, .nd = nd, .slot = slot, .n = n, .how = how};
+        PW_CHECK(o->backward_weight(&c));
     }
     return PW_OK;
 }
