@@ -966,8 +966,8 @@ static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out
         char reason[600];
         snprintf(reason, sizeof reason, "%s", why);
         pw_safetensors_close(f);
-        return pw_error(PW_ERR_FORMAT, "%s: truncated or grown: %zu bytes, the manifest says %lld%s%s", path, len,
-                        (long long)want, reason[0] ? " (" : "", reason[0] ? reason : "");
+        return pw_error(PW_ERR_FORMAT, "%s: truncated or grown: %zu bytes, the manifest says %lld%s%s%s", path, len,
+                        (long long)want, reason[0] ? " (" : "", reason[0] ? reason : "", reason[0] ? ")" : "");
     }
     pw_safetensors *f = NULL;
     pw_status st = pw_safetensors_open(path, &f);

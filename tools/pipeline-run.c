@@ -823,9 +823,10 @@ static void stop_all(void)
 }
 
 /* Test hook (docs/distributed.md): PW_TEST_FAULT=MODE:RANK:STEP makes MPI
- * rank RANK fail after step STEP: "kill" (SIGKILL), "exit" (exits with
- * status 3 on the spot), "error" (reports an error) or "hang" (sleeps; the
- * others' watchdog must notice). */
+ * rank RANK (0 in one process) fail after step STEP: "kill" (SIGKILL),
+ * "exit" (exits with status 3 on the spot), "error" (reports an error),
+ * "hang" (sleeps; the others' watchdog must notice) or "term" (SIGTERM to
+ * itself: a preemption at a known step, docs/checkpoints.md). */
 static void maybe_fault(int64_t step)
 {
     const char *spec = getenv("PW_TEST_FAULT");
@@ -842,6 +843,10 @@ static void maybe_fault(int64_t step)
         return;
     fflush(NULL);
     if (!strcmp(mode, "kill")) raise(SIGKILL);
+    if (!strcmp(mode, "term")) {
+        raise(SIGTERM); /* as if sent now: the run stops at this step boundary */
+        return;
+    }
     if (!strcmp(mode, "exit")) exit(3);
     if (!strcmp(mode, "hang"))
         for (;;) pause();
@@ -990,7 +995,10 @@ static int resume_layout(options *o, const pw_state_meta *m, int world, char *no
         o->micro_set = 0;
     }
     const int64_t per = (int64_t)o->replicas * m->run.micro_batch;
-    if (!o->micro_set && per > 0 && o->batch % per == 0) o->micro_batches = (int)(o->batch / per);
+    if (!o->micro_set && per > 0 && o->batch % per == 0) {
+        o->micro_batches = (int)(o->batch / per);
+        o->micro_set = 1; /* not the stage count's default (default_stages) */
+    }
     if (o->batch % ((int64_t)o->replicas * o->micro_batches) != 0 ||
         pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0) {
         fprintf(stderr, "pipeline-run: --resume: --batch %lld does not split into %d replicas x %d micro-batches "
