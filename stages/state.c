@@ -237,16 +237,19 @@ static void ckpt_path(const char *dir, int64_t step, char *out, size_t n)
     snprintf(out, n, "%s/step-%08lld", dir, (long long)step);
 }
 
-/* Keeps the newest `keep` complete checkpoints (0: all) and removes
- * incomplete ones other than `busy` (a step being written; -1: none). */
-static void retain(const char *dir, int keep, int64_t busy)
+/* Keeps the newest `keep` complete checkpoints (0: all) and removes the
+ * incomplete ones: every one at start-up (`all_incomplete`: nothing is in
+ * flight yet), else only those older than the newest complete one — a
+ * newer one may be a checkpoint other processes are writing now. */
+static void retain(const char *dir, int keep, int all_incomplete)
 {
     ckpt_entry *v;
-    int n = list_checkpoints(dir, &v), kept = 0;
+    int n = list_checkpoints(dir, &v), kept = 0, seen_complete = 0;
     for (int i = 0; i < n; i++) {
         char p[PATH_MAX_LEN];
         ckpt_path(dir, v[i].step, p, sizeof p);
-        if (v[i].step == busy) continue;
+        seen_complete |= v[i].complete;
+        if (!v[i].complete && !seen_complete && !all_incomplete) continue;
         if (!v[i].complete) {
             PW_INFO(PW_SUB_TRAIN, "checkpoint: removing incomplete %s", p);
             remove_checkpoint(p);
@@ -390,7 +393,7 @@ pw_status pw_state_writer_create(const pw_state_config *cfg, pw_state_writer **o
         return pw_error(PW_ERR_IO, "--checkpoint-dir %s: not a directory", cfg->dir);
     }
     /* A run that stopped while writing left an incomplete checkpoint. */
-    if (!w->t || w->t->world_rank == 0) retain(cfg->dir, 0, -1);
+    if (!w->t || w->t->world_rank == 0) retain(cfg->dir, 0, 1);
     *out = w;
     return PW_OK;
 }
@@ -542,7 +545,7 @@ static pw_status write_checkpoint(pw_state_writer *w)
         pw_status st = write_json_atomic(p, m);
         json_decref(m);
         PW_CHECK(st);
-        retain(w->cfg.dir, w->cfg.keep, -1);
+        retain(w->cfg.dir, w->cfg.keep, 0);
     }
     w->write_s = now_s() - t0;
     return PW_OK;
@@ -640,7 +643,7 @@ static pw_status merge_manifest(pw_state_writer *w, int64_t *bytes)
         snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, r + 1);
         unlink(p);
     }
-    retain(w->cfg.dir, w->cfg.keep, -1);
+    retain(w->cfg.dir, w->cfg.keep, 0);
 out:
     json_decref(m);
     json_decref(files);
