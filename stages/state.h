@@ -176,9 +176,9 @@ pw_status pw_state_check(const pw_state *s, const pw_graph *g, const pw_state_ru
 /* Reads the files this process needs, checks each file's size and CRC-32
  * (naming the file, and the tensor whose bytes differ) and every tensor's
  * name, shape and dtype, and only then copies the parameters and optimizer
- * state into every program of `pl` held here (all `replicas` in one
- * process) and seeks the pipeline to the checkpoint's step. On failure
- * nothing is changed. */
+ * state into every program of `pl` held here (`replicas`: the run's
+ * replica count; under MPI only this process's replica is held) and seeks
+ * the pipeline to the checkpoint's step. On failure nothing is changed. */
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas);
 
 /* FNV-1a 64 of every parameter's "name:d0,d1,...;" in graph order, as

@@ -1779,7 +1779,8 @@ int main(int argc, char **argv)
         pw_state_close(resume);
         return rc;
     }
-    if (resume_note[0] && !o.quiet) fputs(resume_note, stdout);
+    /* Said even with --quiet: the run goes on with another replica count. */
+    if (resume_note[0] && (!g_mpi || g_mpi->world_rank == 0)) fputs(resume_note, stderr);
     install_signals(); /* after MPI_Init: ours, not the library's */
     if (o.threads) pw_cpu_set_threads(o.threads);
 
@@ -1914,7 +1915,7 @@ int main(int argc, char **argv)
     }
     if (resume) {
         const pw_state_meta *m = pw_state_get_meta(resume);
-        if (pw_state_restore(resume, t, g_mpi ? 1 : o.replicas) != PW_OK) {
+        if (pw_state_restore(resume, t, o.replicas) != PW_OK) {
             fail("--resume: ");
             goto out;
         }
