@@ -12,11 +12,13 @@
  * from the writer's thread while the block's steps run, and
  * pw_state_writer_poll at every step boundary) — what `pipeline-run
  * --checkpoint-dir DIR --checkpoint-every 100` does once per 100 steps. Both
- * kinds of block see the same machine, round after round; the rate of each is
- * its steps × batch over its wall time (the checkpoint's snapshot and any
- * wait for the previous write included). Reported: the median and best
- * block of each kind, the drop, the checkpoint's bytes, its snapshot and
- * write times; then the disk: --disk-mib MiB written to --dir in 4 MiB
+ * kinds of block see the same machine, round after round (in the order
+ * without, with; then with, without); the rate of each is its steps ×
+ * batch over its wall time (the checkpoint's snapshot and any wait for the
+ * previous write included), and its CPU time is the whole process's (the
+ * writer's thread included). Reported: the median and best block of each
+ * kind, the medians of each round's ratio, the checkpoint's bytes, its
+ * snapshot and write times; then the disk: --disk-mib MiB written to --dir in 4 MiB
  * writes and fsynced, the MB/s the checkpoint's write can at best reach.
  * (docs/performance.md, "Training-state checkpoints".) */
 #include <errno.h>
@@ -25,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "graph/graph.h"
@@ -36,6 +39,16 @@
 #include "tools/bench/bench_util.h"
 
 static double now_s(void) { return (double)pw_now_ns() * 1e-9; }
+
+/* CPU seconds of the whole process (every thread: the stage workers, the
+ * writer): what a checkpoint costs in work, much less sensitive than the
+ * wall clock to the other jobs of a shared machine. */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 static void die(const char *what)
 {
@@ -133,11 +146,15 @@ int main(int argc, char **argv)
            "alternating without / with one checkpoint (%s)\n", g->name, S, batch, M,
            synthetic ? "a random corpus (no fortunes package)" : "text:fortunes", every, dir);
     if (pw_pipeline_step(pl, NULL) != PW_OK) die(""); /* warm-up */
-    double rate[2][32], snap = 0, write = 0, stall = 0;
+    double rate[2][32], cpu[2][32], snap = 0, write = 0, stall = 0;
     int64_t bytes = 0, done_n = 0;
+    /* Rounds alternate the order (without, with; then with, without) so
+     * that a machine getting faster or slower over the run favours
+     * neither. */
     for (int r = 0; r < rounds; r++)
-        for (int with = 0; with < 2; with++) {
-            double t0 = now_s();
+        for (int k = 0; k < 2; k++) {
+            const int with = r % 2 ? 1 - k : k;
+            double t0 = now_s(), c0 = cpu_s();
             for (int i = 0; i < every; i++) {
                 pw_step_stats st;
                 if (pw_pipeline_step(pl, &st) != PW_OK) die("");
@@ -156,8 +173,9 @@ int main(int argc, char **argv)
                 } while (completed);
             }
             rate[with][r] = (double)every * (double)batch / (now_s() - t0);
-            printf("  round %d %-22s %8.1f samples/s\n", r + 1, with ? "with a checkpoint:" : "without:",
-                   rate[with][r]);
+            cpu[with][r] = (cpu_s() - c0) / (double)every;
+            printf("  round %d %-22s %8.1f samples/s  %.4f CPU s per step\n", r + 1,
+                   with ? "with a checkpoint:" : "without:", rate[with][r], cpu[with][r]);
             fflush(stdout);
         }
     pw_state_done dn;
@@ -175,10 +193,23 @@ int main(int argc, char **argv)
     for (int k = 0; k < 2; k++)
         for (int r = 0; r < rounds; r++)
             if (rate[k][r] > best[k]) best[k] = rate[k][r];
+    /* Each round's two blocks ran back to back: their ratio is the least
+     * disturbed comparison on a shared machine. */
+    double pair[32], cpair[32];
+    for (int r = 0; r < rounds; r++) {
+        pair[r] = rate[1][r] / rate[0][r];
+        cpair[r] = cpu[1][r] / cpu[0][r];
+    }
+    const double pr = median(pair, rounds), cpr = median(cpair, rounds);
     const double med0 = median(rate[0], rounds), med1 = median(rate[1], rounds);
     printf("steady rate without checkpoints  %.1f samples/s (median of %d blocks; best %.1f)\n", med0, rounds, best[0]);
     printf("steady rate with one per %d steps %.1f samples/s (median; best %.1f): %+.2f%% (median), %+.2f%% (best)\n",
            every, med1, best[1], 100.0 * (med1 / med0 - 1.0), 100.0 * (best[1] / best[0] - 1.0));
+    const double cpu0 = median(cpu[0], rounds), cpu1 = median(cpu[1], rounds);
+    printf("CPU time per step (all threads): %.4f s without, %.4f s with one checkpoint per %d steps: %+.2f%% "
+           "(medians)\n", cpu0, cpu1, every, 100.0 * (cpu1 / cpu0 - 1.0));
+    printf("paired by round (the two blocks back to back): rate %+.2f%%, CPU time %+.2f%% (medians of %d rounds)\n",
+           100.0 * (pr - 1.0), 100.0 * (cpr - 1.0), rounds);
     if (done_n > 0)
         printf("checkpoint: %.2f MiB; snapshot %.4f s on the training thread, files %.3f s on the writer's thread "
                "(%.0f MB/s), waits for a previous write %.4f s (means of %lld)\n", (double)bytes / (1 << 20),
