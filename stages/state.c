@@ -790,6 +790,18 @@ pw_status pw_state_open(const char *path, pw_state **out)
     }
     char mpath[PATH_MAX_LEN + 32];
     snprintf(mpath, sizeof mpath, "%s/" PW_STATE_MANIFEST, ckpt);
+    return pw_state_open_manifest(mpath, out);
+}
+
+pw_status pw_state_open_manifest(const char *mpath, pw_state **out)
+{
+    *out = NULL;
+    char ckpt[PATH_MAX_LEN];
+    if (strlen(mpath) >= sizeof ckpt) return pw_error(PW_ERR_INVALID_ARG, "--resume: path too long");
+    snprintf(ckpt, sizeof ckpt, "%s", mpath);
+    char *slash = strrchr(ckpt, '/');
+    if (slash) *slash = '\0';
+    else snprintf(ckpt, sizeof ckpt, ".");
     json_error_t je;
     json_t *root = json_load_file(mpath, 0, &je);
     if (!root) return pw_error(PW_ERR_FORMAT, "%s: line %d column %d: %s", mpath, je.line, je.column, je.text);
@@ -953,6 +965,10 @@ typedef struct open_file {
 static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out)
 {
     *out = NULL;
+    const char *name = jstr(rec, "name");
+    if (!name[0] || strchr(name, '/') || !strcmp(name, "..") || strlen(name) > 255)
+        return pw_error(PW_ERR_FORMAT, "%s/" PW_STATE_MANIFEST ": file name '%.80s' is not a plain name in the "
+                        "checkpoint directory", s->path, name);
     char path[PATH_MAX_LEN + 300];
     snprintf(path, sizeof path, "%s/%s", s->path, jstr(rec, "name"));
     unsigned char *b = NULL;
@@ -978,18 +994,18 @@ static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out
     if (strcmp(crc, jstr(rec, "crc32")) != 0) {
         /* Which tensor: the one whose bytes no longer match their CRC. */
         const char *bad = NULL;
-        const char *name;
+        const char *tname;
         json_t *c;
-        json_object_foreach(json_object_get(rec, "tensors"), name, c) {
+        json_object_foreach(json_object_get(rec, "tensors"), tname, c) {
             pw_st_tensor t;
-            if (pw_safetensors_get(f, name, &t) != PW_OK) {
-                bad = name;
+            if (pw_safetensors_get(f, tname, &t) != PW_OK) {
+                bad = tname;
                 break;
             }
             char tc[16];
             snprintf(tc, sizeof tc, "%08" PRIx32, crc_of(t.data, t.nbytes));
             if (strcmp(tc, json_string_value(c) ? json_string_value(c) : "")) {
-                bad = name;
+                bad = tname;
                 break;
             }
         }

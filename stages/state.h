@@ -153,6 +153,10 @@ typedef struct pw_state pw_state;
  *                  a weights-only file (--save's) with a hint to use
  *                  --init-from. */
 pw_status pw_state_open(const char *path, pw_state **out);
+/* The same for one manifest file (its directory holds the checkpoint's
+ * files): what pw_state_open does once it has found it; the fuzz harness's
+ * entry (tests/fuzz/fuzz_manifest.c). */
+pw_status pw_state_open_manifest(const char *manifest, pw_state **out);
 void pw_state_close(pw_state *s); /* accepts NULL */
 
 /* What the manifest says. Valid until close. */
