@@ -488,6 +488,39 @@ Test(resume, max_restarts_restarts_from_the_last_checkpoint)
     free(o);
 }
 
+/* SIGTERM to the supervisor (a scheduler preempting the job): passed on to
+ * the training child, which checkpoints and exits 75; no restart follows,
+ * and the supervisor exits 75 too. */
+Test(resume, sigterm_to_the_supervisor_stops_without_a_restart)
+{
+    pid_t pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        char cmd[2048];
+        if (chdir(dir) != 0) _exit(99);
+        snprintf(cmd, sizeof cmd, "exec '%s/pipeline-run' m.graph --data synthetic:4096:24:5 --no-pin --quiet "
+                 "--batch 48 --steps 1000000 --checkpoint-dir ck --checkpoint-every 20 --max-restarts 3 "
+                 ">out.txt 2>&1", PW_BINARY_DIR);
+        execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+        _exit(99);
+    }
+    int i = 0;
+    while (i++ < 600 && newest_complete("ck") < 0) usleep(50000);
+    const long first = newest_complete("ck");
+    kill(pid, SIGTERM);
+    int st = 0;
+    waitpid(pid, &st, 0);
+    cr_assert_gt(first, 0, "no checkpoint within 30 s");
+    size_t n;
+    char *out = (char *)slurp("out.txt", &n);
+    out = realloc(out, n + 1);
+    out[n] = '\0';
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 75, "exit status %d (want 75)\n%s",
+              WIFEXITED(st) ? WEXITSTATUS(st) : -1, out);
+    cr_assert(strstr(out, "checkpointed at step") && !strstr(out, "supervisor:"), "%s", out);
+    free(out);
+}
+
 /* What the files hold: the manifest's fields, PyTorch's optimizer state
  * names and shapes, and model.safetensors = what --save writes. */
 Test(resume, files_and_manifest)
