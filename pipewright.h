@@ -32,6 +32,7 @@
 #include "stages/train/checkpoint.h"
 #include "stages/train/trainer.h"
 #include "stages/train/pipeline.h"
+#include "stages/train/state.h"
 #include "stages/plan/forecast.h"
 #include "stages/plan/profile.h"
 #include "stages/plan/plan.h"

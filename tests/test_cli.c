@@ -78,7 +78,8 @@ Test(cli, help_documents_every_flag)
                            "--lr", "--momentum", "--weight-decay", "--data", "--shuffle", "--seed",
                            "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check",
                            "--device", "--gpu-math", "--no-gpu-graphs", "--metrics", "--eval-every",
-                           "tokens:"};
+                           "tokens:", "--checkpoint-dir", "--checkpoint-every", "--keep", "--resume",
+                           "--max-restarts"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         cr_assert(strstr(o, flags[i]), "--help does not mention %s", flags[i]);
     free(o);

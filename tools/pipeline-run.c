@@ -5,7 +5,9 @@
  *   mpirun -np 4 pipeline-run m.graph --stages 2 --replicas 2   (one process per worker)
  *
  * Exit status: 0 success, 1 a run-time error (bad file, numeric failure),
- * 2 bad command line. Every error is one message on stderr. */
+ * 2 bad command line, 75 interrupted by a signal after writing a
+ * checkpoint (--checkpoint-dir: resumable), 128 + the signal otherwise.
+ * Every error is one message on stderr. */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -37,6 +39,8 @@
 #include "stages/plan/profile.h"
 #include "stages/program/program.h"
 #include "stages/train/trainer.h"
+#include "stages/train/state.h"
+#include "pipeline-run/supervise.h"
 #ifdef PW_HAVE_CUDA
 #include "stages/ops/cuda/backend_cuda.h"
 #include "stages/ops/cuda/device.h"
@@ -96,6 +100,11 @@ typedef struct options {
     int gpu_math_set;
     const char *metrics;         /* --metrics FILE: JSON Lines per step and evaluation */
     int64_t eval_every;          /* --eval-every N: also evaluate every N steps (0: epochs only) */
+    const char *checkpoint_dir;  /* --checkpoint-dir: training-state checkpoints (stages/train/state.h) */
+    int64_t checkpoint_every;    /* steps; -1: each epoch's end; 0: only at the end and on a signal */
+    int keep;                    /* --keep K (0: all) */
+    const char *resume;          /* --resume DIR */
+    int max_restarts;            /* --max-restarts N (one process: a supervising parent) */
 } options;
 
 static void usage(FILE *f)
@@ -221,6 +230,17 @@ static void usage(FILE *f)
 "Checkpoints (safetensors, names from the graph, PyTorch layouts)\n"
 "  --init-from FILE      start from these weights instead of the seeded init\n"
 "  --save FILE           write the trained weights at the end (atomically)\n"
+"  --checkpoint-dir DIR  write training-state checkpoints (weights, optimizer\n"
+"                        state, step, data position) to DIR/step-NNNNNNNN/, in\n"
+"                        the background; at the end, and on SIGTERM/SIGINT\n"
+"                        (then exit 75: resumable); docs/checkpoints.md\n"
+"  --checkpoint-every N|epoch  also every N steps, or at each epoch's end\n"
+"  --keep K              keep the newest K checkpoints (default 2; 0: all)\n"
+"  --resume PATH         continue from a checkpoint (or the newest complete one\n"
+"                        in a --checkpoint-dir), bit-identically, on any layout\n"
+"  --max-restarts N      re-run the training after a failure, up to N times,\n"
+"                        from the newest checkpoint (needs --checkpoint-dir;\n"
+"                        under mpirun use tools/pipeline-launch)\n"
 "\n"
 "Other\n"
 "  --threads N           CPU kernel threads, shared by the stages of this process\n"
@@ -296,7 +316,8 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
-       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY };
+       OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
+       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -432,6 +453,11 @@ static int parse_args(int argc, char **argv, options *o)
         {"adam-eps", required_argument, 0, OPT_ADAM_EPS},
         {"metrics", required_argument, 0, OPT_METRICS},
         {"eval-every", required_argument, 0, OPT_EVAL_EVERY},
+        {"checkpoint-dir", required_argument, 0, OPT_CKPT_DIR},
+        {"checkpoint-every", required_argument, 0, OPT_CKPT_EVERY},
+        {"keep", required_argument, 0, OPT_KEEP},
+        {"resume", required_argument, 0, OPT_RESUME},
+        {"max-restarts", required_argument, 0, OPT_MAX_RESTARTS},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -447,6 +473,8 @@ static int parse_args(int argc, char **argv, options *o)
     o->data = "fashion-mnist";
     o->gen_tokens = 200;
     o->temperature = 1.0;
+    o->keep = 2;
+    int ckpt_flags = 0; /* --checkpoint-every, --keep, --max-restarts given */
     pw_optim_kind kind = PW_OPTIM_SGD;
     float lr = 0, momentum = 0, wd = 0;
     float adam[3] = {-1, -1, -1}; /* beta1, beta2, eps; -1: the default */
@@ -612,6 +640,23 @@ static int parse_args(int argc, char **argv, options *o)
             o->adam_set = 1;
             break;
         }
+        case OPT_CKPT_DIR: o->checkpoint_dir = optarg; break;
+        case OPT_CKPT_EVERY:
+            if (!strcmp(optarg, "epoch")) o->checkpoint_every = -1;
+            else if (parse_i64("--checkpoint-every", optarg, 1, INT64_MAX / 2, &o->checkpoint_every)) return 2;
+            ckpt_flags = 1;
+            break;
+        case OPT_KEEP:
+            if (parse_i64("--keep", optarg, 0, 1 << 20, &v)) return 2;
+            o->keep = (int)v;
+            ckpt_flags = 1;
+            break;
+        case OPT_RESUME: o->resume = optarg; break;
+        case OPT_MAX_RESTARTS:
+            if (parse_i64("--max-restarts", optarg, 0, 1000, &v)) return 2;
+            o->max_restarts = (int)v;
+            ckpt_flags = 1;
+            break;
         case OPT_TOPK:
             if (parse_i64("--top-k", optarg, 0, 1 << 20, &v)) return 2;
             o->top_k = (int)v;
@@ -688,6 +733,16 @@ static int parse_args(int argc, char **argv, options *o)
     if ((o->metrics || o->eval_every) && (o->simulate || o->plan || o->generate))
         return bad_usage("%s", "--metrics and --eval-every apply to training, not to --simulate, --plan "
                                "or --generate");
+    if (ckpt_flags && !o->checkpoint_dir)
+        return bad_usage("%s", "--checkpoint-every, --keep and --max-restarts need --checkpoint-dir DIR");
+    if ((o->checkpoint_dir || o->resume) && (o->simulate || o->plan || o->generate))
+        return bad_usage("%s", "--checkpoint-dir and --resume apply to training, not to --simulate, --plan or "
+                               "--generate");
+    if (o->resume && o->init_from)
+        return bad_usage("%s", "--resume restores the weights itself; give --resume or --init-from, not both");
+    if (o->max_restarts > 0 && world > 1)
+        return bad_usage("%s", "--max-restarts supervises one process; under mpirun re-run mpirun with "
+                               "tools/pipeline-launch (docs/checkpoints.md)");
     if ((o->simulate || o->plan || o->generate) && world > 1)
         return bad_usage("%s", "--simulate, --plan and --generate run in one process, not under mpirun");
     if (o->generate) {
@@ -789,20 +844,30 @@ static void stop_all(void)
 }
 
 /* Test hook (docs/distributed.md): PW_TEST_FAULT=MODE:RANK:STEP makes MPI
- * rank RANK fail after step STEP: "kill" (SIGKILL), "exit" (exits with
- * status 3 on the spot), "error" (reports an error) or "hang" (sleeps; the
- * others' watchdog must notice). */
+ * rank RANK (0 in one process) fail after step STEP: "kill" (SIGKILL),
+ * "exit" (exits with status 3 on the spot), "error" (reports an error),
+ * "hang" (sleeps; the others' watchdog must notice) or "term" (SIGTERM to
+ * itself: a preemption at a known step, docs/checkpoints.md). */
 static void maybe_fault(int64_t step)
 {
     const char *spec = getenv("PW_TEST_FAULT");
-    if (!g_mpi || !spec) return;
+    /* In one process the rank is 0. A restarted run (the --max-restarts
+     * supervisor or tools/pipeline-launch set PW_RESTART) does not fail
+     * again, so a test can see it finish. */
+    const char *restart = getenv("PW_RESTART");
+    if (!spec || (restart && strcmp(restart, "0") != 0)) return;
     char mode[16] = "";
     int rank = -1;
     long long at = -1;
-    if (sscanf(spec, "%15[a-z]:%d:%lld", mode, &rank, &at) != 3 || rank != g_mpi->world_rank || at != step)
+    if (sscanf(spec, "%15[a-z]:%d:%lld", mode, &rank, &at) != 3 || rank != (g_mpi ? g_mpi->world_rank : 0) ||
+        at != step)
         return;
     fflush(NULL);
     if (!strcmp(mode, "kill")) raise(SIGKILL);
+    if (!strcmp(mode, "term")) {
+        raise(SIGTERM); /* as if sent now: the run stops at this step boundary */
+        return;
+    }
     if (!strcmp(mode, "exit")) exit(3);
     if (!strcmp(mode, "hang"))
         for (;;) pause();
@@ -873,14 +938,106 @@ static int stop_signal(void)
     return sig;
 }
 
-/* Hook: the checkpoint on SIGTERM (a preempted job saves where it stopped)
- * comes with resumable training; until then an interrupted run saves
- * nothing. Called on every process once the run has stopped on `sig`. */
-static void checkpoint_on_signal(pw_pipeline *t, const options *o, int sig)
+static int64_t micro_size(const options *o);
+
+/* One finished training-state checkpoint, said on stdout. */
+static void report_checkpoint(const options *o, const pw_state_done *d)
 {
-    (void)t;
-    (void)o;
+    if (o->quiet) return;
+    printf("checkpoint %s: %.2f MiB in %.3f s%s (snapshot %.4f s on the training thread%s)\n", d->path,
+           (double)d->bytes / (1 << 20), d->write_s, g_mpi ? " by all processes" : " in the background",
+           d->snapshot_s, d->stall_s > 0.0005 ? ", waited for the previous write" : "");
+    fflush(stdout);
+}
+
+/* The checkpoint on SIGTERM/SIGINT (a preempted job saves where it
+ * stopped): with --checkpoint-dir, the state after the last finished step
+ * (every process at the same step), written and waited for. Returns 1 when
+ * it is complete (the run then exits PW_EXIT_RESUMABLE), 0 without
+ * --checkpoint-dir. Called on every process once the run has stopped on
+ * `sig`; a failed write stops the run (exit 1). */
+static int checkpoint_on_signal(pw_pipeline *t, const options *o, int sig, pw_state_writer *w, int64_t step,
+                                int64_t last_saved)
+{
     (void)sig;
+    if (!w) return 0;
+    pw_state_done d;
+    int completed = 0;
+    if (step != last_saved && pw_state_writer_save(w, t, step) != PW_OK) {
+        fail("checkpoint on the signal: ");
+        return -1;
+    }
+    do {
+        if (pw_state_writer_poll(w, 1, &d, &completed) != PW_OK) {
+            fail("checkpoint on the signal: ");
+            return -1;
+        }
+        if (completed) report_checkpoint(o, &d);
+    } while (completed);
+    if (!g_mpi || g_mpi->world_rank == 0)
+        fprintf(stderr, "pipeline-run: checkpointed at step %lld in %s/step-%08lld; resume with --resume %s "
+                "(exit %d)\n", (long long)step, o->checkpoint_dir, (long long)step, o->checkpoint_dir,
+                PW_EXIT_RESUMABLE);
+    return 1;
+}
+
+/* What fixes the numbers, not the layout (stages, replicas and the
+ * micro-batches each takes, schedule, threads, processes): --save's "run"
+ * metadata, so a checkpoint is the same bytes whichever layout wrote it. */
+static void run_extra(const options *o, char *extra, size_t n)
+{
+    snprintf(extra, n, "data=%s batch=%lld micro_batch=%lld grad_groups=%d optimizer=%s lr=%g", o->data,
+             (long long)o->batch, (long long)micro_size(o),
+             pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL), pw_optim_name(o->optim.kind),
+             (double)o->optim.lr);
+}
+
+/* The math a training-state checkpoint must agree on (stages/train/state.h). */
+static pw_state_run state_run(const options *o, const pw_dataset *train, const pw_optim_config *optim)
+{
+    pw_state_run r = {.data = o->data, .train_samples = train->n, .batch = o->batch,
+                      .micro_batch = micro_size(o),
+                      .grad_groups = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL),
+                      .seed = o->seed, .shuffle = o->shuffle, .clip_grad_norm = o->clip, .optim = *optim};
+    return r;
+}
+
+/* --resume, before anything is built: the checkpoint's micro-batch size
+ * fixes the micro-batches when --micro-batches is not given, so a run on
+ * fewer (or more) replicas keeps the global batch and the micro-batch size;
+ * under mpirun a process count that no longer fits --stages x --replicas
+ * takes world / stages replicas (elastic). *note receives what changed.
+ * 0, or 2 after a message. */
+static int resume_layout(options *o, const pw_state_meta *m, int world, char *note, size_t n)
+{
+    note[0] = '\0';
+    if (world > 1 && world != o->stages * o->replicas && world % o->stages == 0) {
+        o->replicas = world / o->stages;
+        o->micro_set = 0;
+    }
+    const int64_t per = (int64_t)o->replicas * m->run.micro_batch;
+    if (!o->micro_set && per > 0 && o->batch % per == 0) {
+        o->micro_batches = (int)(o->batch / per);
+        o->micro_set = 1; /* not the stage count's default (default_stages) */
+    }
+    if (o->batch % ((int64_t)o->replicas * o->micro_batches) != 0 ||
+        pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0) {
+        fprintf(stderr, "pipeline-run: --resume: --batch %lld does not split into %d replicas x %d micro-batches "
+                "(the checkpoint's micro-batches hold %lld samples)\n", (long long)o->batch, o->replicas,
+                o->micro_batches, (long long)m->run.micro_batch);
+        return 2;
+    }
+    if (m->layout.replicas > 0 && m->layout.replicas != o->replicas) {
+        const int G = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL);
+        snprintf(note, n, "pipeline-run: resuming on %d replica%s where the checkpoint's run had %d: the same "
+                 "global batch %lld, %d micro-batches of %lld per replica; %s\n", o->replicas,
+                 o->replicas > 1 ? "s" : "", m->layout.replicas, (long long)o->batch, o->micro_batches,
+                 (long long)micro_size(o),
+                 G % o->replicas == 0 ? "bit-identical (the replica count divides the gradient groups)"
+                                      : "equal to rounding only (the replica count does not divide the "
+                                        "gradient groups; docs/checkpoints.md)");
+    }
+    return 0;
 }
 
 /* The sum over every process of `v` (world order). */
@@ -1826,13 +1983,39 @@ int main(int argc, char **argv)
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : rc;
     const int world = pw_mpi_launched_size();
-    if (world > 1 && (rc = start_mpi(&argc, &argv, &o, world)) != 0) return rc;
+    /* --max-restarts: this process supervises; the training runs in its
+     * children (tools/pipeline-run/supervise.h). */
+    if (o.max_restarts > 0 && !getenv("PW_SUPERVISED"))
+        return pw_supervise(argc, argv, o.checkpoint_dir, o.max_restarts, o.quiet);
+    pw_state *resume = NULL;
+    char resume_note[512] = "";
+    if (o.resume) {
+        /* Before anything is built or written: a checkpoint that cannot be
+         * read is refused here, and its layout sets the micro-batches. */
+        if (pw_state_open(o.resume, &resume) != PW_OK) {
+            fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
+            return 1;
+        }
+        if ((rc = resume_layout(&o, pw_state_get_meta(resume), world, resume_note, sizeof resume_note)) != 0) {
+            pw_state_close(resume);
+            return rc;
+        }
+    }
+    if (world > 1 && (rc = start_mpi(&argc, &argv, &o, world)) != 0) {
+        pw_state_close(resume);
+        return rc;
+    }
+    /* Said even with --quiet: the run goes on with another replica count. */
+    if (resume_note[0] && (!g_mpi || g_mpi->world_rank == 0)) fputs(resume_note, stderr);
     install_signals(); /* after MPI_Init: ours, not the library's */
     if (o.threads) pw_cpu_set_threads(o.threads);
 
     pw_graph *g = NULL;
     pw_dataset *train = NULL, *test = NULL;
     pw_pipeline *t = NULL;
+    pw_state_writer *ckw = NULL; /* --checkpoint-dir */
+    int64_t last_saved = -1;     /* the step of the last checkpoint started */
+    int checkpointed = 0;        /* 1: the signal's checkpoint is complete */
     int status = 1;
     int stopped = 0;        /* the signal that stopped training (stop_signal) */
     int64_t steps_done = 0; /* for the shutdown's progress board */
@@ -1943,6 +2126,15 @@ int main(int argc, char **argv)
     }
     const pw_partition_method plan_method = use_plan ? pr.plan->part.method : o.partition;
     const pw_balance plan_balance = use_plan ? pr.plan->balance : PW_BALANCE_FLOPS;
+    if (resume) {
+        /* Another graph or other math is refused before anything runs. */
+        pw_state_run run = state_run(&o, train, &pc.optim);
+        if (pw_state_check(resume, g, &run) != PW_OK) {
+            plan_run_free(&pr);
+            fail("");
+            goto out;
+        }
+    }
     pw_status created = pw_pipeline_create(&pc, &t);
     plan_run_free(&pr); /* the pipeline keeps a copy of the cuts */
     if (created != PW_OK) {
@@ -1952,6 +2144,39 @@ int main(int argc, char **argv)
     if (o.init_from) {
         if (pw_pipeline_load(t, o.init_from, NULL) != PW_OK) {
             fail("--init-from: ");
+            goto out;
+        }
+    }
+    if (resume) {
+        const pw_state_meta *m = pw_state_get_meta(resume);
+        if (pw_state_restore(resume, t, o.replicas) != PW_OK) {
+            fail("--resume: ");
+            goto out;
+        }
+        if (!o.quiet)
+            printf("pipeline-run: resumed from %s: step %lld (epoch %lld, %lld of its steps done); written by "
+                   "pipewright %s on %d stage%s x %d replica%s, schedule %s, %d process%s\n", m->path,
+                   (long long)m->step, (long long)m->epoch + 1, (long long)m->step_in_epoch, m->version,
+                   m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
+                   m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
+                   m->layout.processes > 1 ? "es" : "");
+    }
+    if (o.checkpoint_dir) {
+        const pw_partition *part = pw_pipeline_partition(t);
+        static char extra[320];
+        run_extra(&o, extra, sizeof extra);
+        pw_state_config sc = {
+            .dir = o.checkpoint_dir, .keep = o.keep, .graph = g, .run = state_run(&o, train, &pc.optim),
+            .layout = {.stages = o.stages, .chunks_per_rank = pw_pipeline_chunks_per_rank(t),
+                       .replicas = o.replicas, .micro_batches = o.micro_batches,
+                       .processes = g_mpi ? g_mpi->world_size : 1, .threads = o.threads,
+                       .schedule = csv ? csv : pw_schedule_kind_name(kind), .cuts = part->begin,
+                       .n_cuts = part->n_stages + 1},
+            .extra = extra, .transport = g_mpi,
+            .foreground = getenv("PW_CHECKPOINT_FOREGROUND") != NULL,
+        };
+        if (pw_state_writer_create(&sc, &ckw) != PW_OK) {
+            fail("");
             goto out;
         }
     }
@@ -2033,17 +2258,21 @@ int main(int argc, char **argv)
     double epoch_loss = 0.0;
     int64_t epoch_steps = 0;
     pw_step_stats s = {0};
+    const int64_t start = resume ? pw_state_get_meta(resume)->step : 0; /* steps done before this run */
+    s.step = start;
+    s.epoch = start > 0 ? (start - 1) / spe : 0;
+    last_saved = resume ? start : -1;
     pw_eval_stats ev = {0};
     int64_t print_every = spe / 10 > 0 ? spe / 10 : 1;
     double step_s = 0.0, first_step_s = 0.0; /* inside pw_pipeline_step (evaluations excluded) */
     const int64_t tokens_per_sample = train->x_dtype == PW_I32 ? train->sample_numel : 0;
     metrics_start(&mx, t);
-    for (int64_t i = 0; i < total; i++) {
+    for (int64_t i = start; i < total; i++) {
         if ((stopped = stop_signal()) != 0) break; /* a step boundary */
         double ts = now_s();
         pw_status step_st = pw_pipeline_step(t, &s);
         const double dt = now_s() - ts;
-        if (i == 0) first_step_s = dt;
+        if (i == start) first_step_s = dt;
         else step_s += dt;
         if (step_st != PW_OK) {
             if (tty) printf("\n");
@@ -2055,8 +2284,31 @@ int main(int argc, char **argv)
         steps_done = s.step;
         epoch_loss += s.loss;
         epoch_steps++;
+        if (ckw) {
+            /* Every N steps or at each epoch's end (the last step's is
+             * written below); then, at every step boundary, whether the
+             * write in flight is complete (MPI: everyone's). */
+            const int due = o.checkpoint_every > 0 ? s.step % o.checkpoint_every == 0
+                            : o.checkpoint_every < 0 && s.step_in_epoch == spe;
+            pw_state_done d;
+            int completed = 0;
+            if (due && s.step < total) {
+                if (pw_state_writer_save(ckw, t, s.step) != PW_OK) {
+                    fail("checkpoint: ");
+                    goto out;
+                }
+                last_saved = s.step;
+            }
+            do {
+                if (pw_state_writer_poll(ckw, 0, &d, &completed) != PW_OK) {
+                    fail("");
+                    goto out;
+                }
+                if (completed) report_checkpoint(&o, &d);
+            } while (completed);
+        }
         double now = now_s();
-        double rate = (double)(i + 1) * (double)o.batch / (now - t0);
+        double rate = (double)(i + 1 - start) * (double)o.batch / (now - t0);
         int epoch_done = s.step_in_epoch == spe || i + 1 == total;
         if (!o.quiet && (tty ? (now - last_print > 0.1 || epoch_done)
                              : ((i + 1) % print_every == 0 || epoch_done))) {
@@ -2122,17 +2374,29 @@ int main(int argc, char **argv)
         if (!g_mpi || g_mpi->world_rank == 0)
             fprintf(stderr, "pipeline-run: interrupted by %s at step %lld; stopping\n",
                     stopped == SIGINT ? "SIGINT" : stopped == SIGTERM ? "SIGTERM" : "a signal", (long long)s.step);
-        checkpoint_on_signal(t, &o, stopped);
+        checkpointed = checkpoint_on_signal(t, &o, stopped, ckw, s.step, last_saved);
+        if (checkpointed < 0) goto out;
+    }
+    if (ckw && !stopped) {
+        /* The end of the run: its last step, and the wait for every write. */
+        pw_state_done d;
+        int completed = 0;
+        if (s.step != last_saved && pw_state_writer_save(ckw, t, s.step) != PW_OK) {
+            fail("checkpoint: ");
+            goto out;
+        }
+        do {
+            if (pw_state_writer_poll(ckw, 1, &d, &completed) != PW_OK) {
+                fail("checkpoint: ");
+                goto out;
+            }
+            if (completed) report_checkpoint(&o, &d);
+        } while (completed);
+        last_saved = s.step;
     }
     if (o.save && !stopped) {
         char extra[320];
-        /* What fixes the numbers, not the layout (stages, replicas and the
-         * micro-batches each takes, schedule, threads, processes): a
-         * checkpoint is the same bytes whichever layout wrote it. */
-        snprintf(extra, sizeof extra, "data=%s batch=%lld micro_batch=%lld grad_groups=%d optimizer=%s lr=%g",
-                 o.data, (long long)o.batch, (long long)micro_size(&o),
-                 pw_grad_groups(o.grad_groups, o.replicas, o.micro_batches, NULL),
-                 pw_optim_name(o.optim.kind), (double)o.optim.lr);
+        run_extra(&o, extra, sizeof extra);
         pw_checkpoint_info info = {.step = s.step, .epoch = s.epoch + 1, .seed = o.seed,
                                    .extra = extra};
         if (pw_pipeline_save(t, o.save, &info) != PW_OK) {
@@ -2154,18 +2418,20 @@ int main(int argc, char **argv)
         fprintf(stderr, "pipeline-run: interrupted by %s after the last step (%lld); its files are written\n",
                 stopped == SIGINT ? "SIGINT" : stopped == SIGTERM ? "SIGTERM" : "a signal", (long long)s.step);
     if (stopped) {
-        status = 128 + stopped; /* the shell's convention: 130 for SIGINT, 143 for SIGTERM */
+        /* The shell's convention: 130 for SIGINT, 143 for SIGTERM; 75 when a
+         * checkpoint makes the run resumable. */
+        status = checkpointed > 0 ? PW_EXIT_RESUMABLE : 128 + stopped;
         goto out;
     }
     if (g_mpi) print_summary_mpi(t, o.stages, o.quiet);
     else if (!o.quiet) print_summary(t, o.stages);
-    if (o.quiet < 2 && total > 1 && step_s > 0.0)
+    if (o.quiet < 2 && total - start > 1 && step_s > 0.0)
         /* The steady rate: the first step pays one-time set-up (a GPU's
          * kernel loading and cuBLAS's first choices, the first pages
          * touched), and evaluations are not training. */
-        printf("training rate: %.1f samples/s over steps 2-%lld (first step %.3f s, evaluations "
-               "excluded)\n", (double)(total - 1) * (double)o.batch / step_s, (long long)total,
-               first_step_s);
+        printf("training rate: %.1f samples/s over steps %lld-%lld (first step %.3f s, evaluations "
+               "excluded)\n", (double)(total - start - 1) * (double)o.batch / step_s, (long long)start + 2,
+               (long long)total, first_step_s);
     if (o.quiet < 2) {
         printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)s.step, now_s() - t0, s.loss);
         if (test) printf("; test accuracy %.2f%%", 100.0 * ev.accuracy);
@@ -2183,6 +2449,8 @@ out:
     pw_tmpfile_unlink_all(); /* nothing is in flight here; a failed write cleaned up already */
     metrics_close(&mx);
     g_finished = 1;
+    pw_state_writer_destroy(ckw);
+    pw_state_close(resume);
     pw_pipeline_destroy(t);
     pw_dataset_destroy(train);
     pw_dataset_destroy(test);

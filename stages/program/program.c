@@ -467,12 +467,15 @@ int pw_program_on_device(const pw_program *p) { return p->dev; }
 
 pw_status pw_program_param_read(const pw_program *p, int i, pw_param_part part, int use, float *dst)
 {
-    if (i < 0 || i >= p->n_params || (part != PW_PARAM_DATA && part != PW_PARAM_GRAD) ||
-        use < 0 || (part == PW_PARAM_GRAD ? use >= p->params[i].n_uses : use != 0))
+    const int sf = pw_optim_state_floats(p->cfg.optim.kind);
+    if (i < 0 || i >= p->n_params || (part != PW_PARAM_DATA && part != PW_PARAM_GRAD && part != PW_PARAM_STATE) ||
+        use < 0 || (part == PW_PARAM_GRAD ? use >= p->params[i].n_uses : part == PW_PARAM_STATE ? use >= sf : use != 0))
         return pw_error(PW_ERR_INVALID_ARG, "program: no parameter %d (part %d, use %d) to read", i,
                         (int)part, use);
     const prog_param *pp = &p->params[i];
-    size_t off = part == PW_PARAM_DATA ? pp->off_data : p->use_off[pp->use_first + use];
+    size_t off = part == PW_PARAM_DATA ? pp->off_data
+                 : part == PW_PARAM_STATE ? pp->off_state + (size_t)use * (size_t)pp->numel * sizeof(float)
+                 : p->use_off[pp->use_first + use];
     PW_CHECK(be_begin(p));
     BE(download, dst, at(p, off), (size_t)pp->numel * sizeof(float));
     return be_end(p, PW_OK);
@@ -485,6 +488,17 @@ pw_status pw_program_param_write(pw_program *p, int i, pw_param_part part, const
     const prog_param *pp = &p->params[i];
     PW_CHECK(be_begin(p));
     BE(upload, at(p, part == PW_PARAM_DATA ? pp->off_data : pp->off_grad), src,
+       (size_t)pp->numel * sizeof(float));
+    return be_end(p, PW_OK);
+}
+
+pw_status pw_program_param_write_state(pw_program *p, int i, int which, const float *src)
+{
+    if (i < 0 || i >= p->n_params || which < 0 || which >= pw_optim_state_floats(p->cfg.optim.kind))
+        return pw_error(PW_ERR_INVALID_ARG, "program: no optimizer state %d of parameter %d to write", which, i);
+    const prog_param *pp = &p->params[i];
+    PW_CHECK(be_begin(p));
+    BE(upload, at(p, pp->off_state + (size_t)which * (size_t)pp->numel * sizeof(float)), src,
        (size_t)pp->numel * sizeof(float));
     return be_end(p, PW_OK);
 }

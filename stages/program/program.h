@@ -179,12 +179,17 @@ int pw_program_on_device(const pw_program *p);
 /* Host copies of parameter i, for any program (a memcpy on the CPU, a
  * download or upload that waits on a device): PW_PARAM_DATA its values;
  * PW_PARAM_GRAD use `use` of its gradient (pw_program_param_uses' order; 0
- * is pw_program_param.grad). numel floats each. PW_ERR_INVALID_ARG for a bad
- * index or use; the backend's error otherwise. A write of the gradient
- * writes use 0. */
-typedef enum pw_param_part { PW_PARAM_DATA = 0, PW_PARAM_GRAD } pw_param_part;
+ * is pw_program_param.grad); PW_PARAM_STATE the optimizer's state buffer
+ * `use`, 0 <= use < pw_optim_state_floats (SGD: 0 the momentum buffer;
+ * AdamW: 0 exp_avg, 1 exp_avg_sq — training-state checkpoints,
+ * stages/train/state.h). numel floats each. PW_ERR_INVALID_ARG for a bad index
+ * or use; the backend's error otherwise. A write of the gradient writes use
+ * 0; a write of the state writes buffer `use` (pw_program_param_write_state). */
+typedef enum pw_param_part { PW_PARAM_DATA = 0, PW_PARAM_GRAD, PW_PARAM_STATE } pw_param_part;
 pw_status pw_program_param_read(const pw_program *p, int i, pw_param_part part, int use, float *dst);
 pw_status pw_program_param_write(pw_program *p, int i, pw_param_part part, const float *src);
+/* Writes optimizer state buffer `which` of parameter i (see above). */
+pw_status pw_program_param_write_state(pw_program *p, int i, int which, const float *src);
 
 /* Tied parameters. Parameter i accumulates the weight gradient of each node
  * of the range that uses it in its own buffer; writes up to `max` of them

@@ -37,6 +37,14 @@
  *               process reports, and --merge writes that run as one trace
  *   hostfile    the run started with `mpirun --hostfile` naming localhost
  *               once per slot trains and its traces analyse
+ *   checkpoints training-state checkpoints written by every process in
+ *               shards (docs/checkpoints.md): resumed in one process and
+ *               under mpirun on another layout, byte-identical to the
+ *               uninterrupted run; SIGTERM -> a complete checkpoint and
+ *               mpirun's exit 75; a rank SIGKILLed mid-run, restarted by
+ *               tools/pipeline-launch from the last checkpoint on the same
+ *               process count and on fewer (elastic: 2 stages x 2 replicas
+ *               -> 2 x 1): byte-identical to a run that never failed
  *
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
@@ -596,6 +604,120 @@ static void resumed(int np, int S, int R)
     else printf("ok   --init-from under MPI (%d x %d) identical to one process\n", S, R);
 }
 
+/* ---- training-state checkpoints (docs/checkpoints.md) ---- */
+
+/* 8 micro-batches of 6 samples per step, whatever the replica count: a
+ * resume without --micro-batches takes the checkpoint's micro-batch size. */
+#define CKPT_MODEL "m.graph " DATA " --batch 48 --steps 20 --optimizer adamw --lr-schedule cosine --warmup 4 " \
+                   "--clip-grad-norm 0.5"
+
+/* The uninterrupted run in one process, on one stage (ckref.st). */
+static int ckpt_reference(void)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " CKPT_MODEL " --stages 1 --micro-batches 8 --save ckref.st", bin);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("checkpoints: the reference run (%s): exit %d\n%s", cmd, st, out);
+    free(out);
+    return st == 0;
+}
+
+static void ckpt_compare(const char *file, const char *what)
+{
+    char a[160], b[160], why[256];
+    snprintf(a, sizeof a, "%s/ckref.st", dir);
+    snprintf(b, sizeof b, "%s/%s", dir, file);
+    if (!same_tensors(a, b, why, sizeof why)) fail("checkpoints: %s: differs from the uninterrupted run: %s", what, why);
+    else printf("ok   checkpoints: %s: identical to the uninterrupted run\n", what);
+}
+
+/* Written under mpirun -np np (S x R), resumed in one process on 3 stages
+ * and under mpirun on another S' x R'. */
+static void ckpt_mpi(int np, int S, int R, int S2, int R2)
+{
+    char cmd[2048], *out = NULL, what[256];
+    snprintf(cmd, sizeof cmd, "rm -rf ckm; " MPIRUN " -np %d %s/pipeline-run " CKPT_MODEL " --stages %d --replicas %d "
+             "--micro-batches %d --checkpoint-dir ckm --checkpoint-every 6 --keep 0", np, bin, S, R, 8 / R);
+    int st = run(cmd, 300, &out, NULL);
+    char m[200], shard[200];
+    snprintf(m, sizeof m, "%s/ckm/step-00000006/manifest.json", dir);
+    snprintf(shard, sizeof shard, "%s/ckm/step-00000006/optimizer-%05d-of-%05d.safetensors", dir, S, S);
+    if (st != 0 || access(m, R_OK) != 0 || access(shard, R_OK) != 0) {
+        fail("checkpoints: under mpirun -np %d (%s): exit %d, manifest %s, last stage's shard %s\n%s", np, cmd, st,
+             access(m, R_OK) ? "missing" : "there", access(shard, R_OK) ? "missing" : "there", out);
+        free(out);
+        return;
+    }
+    free(out);
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " CKPT_MODEL " --stages 3 --replicas 1 --resume ckm/step-00000006 "
+             "--save ck1.st", bin);
+    if ((st = run(cmd, 300, &out, NULL)) != 0) fail("checkpoints: %s: exit %d\n%s", cmd, st, out);
+    free(out);
+    snprintf(what, sizeof what, "written by %d x %d processes, resumed in one process on 3 stages", S, R);
+    if (st == 0) ckpt_compare("ck1.st", what);
+    snprintf(cmd, sizeof cmd, MPIRUN " -np %d %s/pipeline-run " CKPT_MODEL " --stages %d --replicas %d --resume ckm "
+             "--save ck2.st", S2 * R2, bin, S2, R2);
+    if ((st = run(cmd, 300, &out, NULL)) != 0) fail("checkpoints: %s: exit %d\n%s", cmd, st, out);
+    free(out);
+    snprintf(what, sizeof what, "written by %d x %d processes, resumed under mpirun on %d x %d", S, R, S2, R2);
+    if (st == 0) ckpt_compare("ck2.st", what);
+}
+
+/* SIGTERM to one process after step 7 (the PW_TEST_FAULT hook): every
+ * process stops after step 7, the checkpoint is complete, mpirun exits 75,
+ * and the run resumed from it matches. */
+static void ckpt_sigterm(int np)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "rm -rf ckt; PW_TEST_FAULT=term:%d:7 " MPIRUN " -np %d %s/pipeline-run " CKPT_MODEL
+             " --stages %d --replicas 2 --micro-batches 4 --checkpoint-dir ckt", np - 1, np, bin, np / 2);
+    int st = run(cmd, 300, &out, NULL);
+    char m[200];
+    snprintf(m, sizeof m, "%s/ckt/step-00000007/manifest.json", dir);
+    if (st != 75 || access(m, R_OK) != 0 || !strstr(out, "checkpointed at step 7")) {
+        fail("checkpoints: SIGTERM under mpirun -np %d: exit %d (want 75), step 7's manifest %s\n%s", np, st,
+             access(m, R_OK) ? "missing" : "there", out);
+        free(out);
+        return;
+    }
+    free(out);
+    printf("ok   checkpoints: SIGTERM to rank %d under mpirun -np %d: a complete checkpoint of step 7, exit 75\n",
+           np - 1, np);
+    snprintf(cmd, sizeof cmd, MPIRUN " -np %d %s/pipeline-run " CKPT_MODEL " --stages %d --replicas 2 --resume ckt "
+             "--save ckt.st", np, bin, np / 2);
+    if ((st = run(cmd, 300, &out, NULL)) != 0) fail("checkpoints: %s: exit %d\n%s", cmd, st, out);
+    free(out);
+    if (st == 0) ckpt_compare("ckt.st", "resumed after SIGTERM under mpirun");
+}
+
+/* tools/pipeline-launch: rank 3 of 4 (2 stages x 2 replicas) SIGKILLed
+ * after step 9; mpirun is re-run with --resume on `restart_np` processes. */
+static void ckpt_launch(int restart_np)
+{
+    char cmd[2048], *out = NULL, what[160];
+    snprintf(cmd, sizeof cmd, "rm -rf ckl; PW_TEST_FAULT=kill:3:9 %s/tools/pipeline-launch --np 4 --restart-np %d "
+             "--backoff 0.1 --max-restarts 2 --mpirun \"" MPIRUN "\" -- %s/pipeline-run " CKPT_MODEL " --stages 2 "
+             "--replicas 2 --micro-batches 4 --checkpoint-dir ckl --checkpoint-every 4 --save ckl%d.st", PW_SOURCE_DIR, restart_np, bin,
+             restart_np);
+    double took = 0;
+    int st = run(cmd, 300, &out, &took);
+    const int elastic = restart_np < 4;
+    if (st != 0 || !strstr(out, "pipeline-launch: mpirun exited with status") ||
+        (elastic && !strstr(out, "resuming on 1 replica where the checkpoint's run had 2"))) {
+        fail("checkpoints: pipeline-launch, restart on %d processes (%s): exit %d\n%s", restart_np, cmd, st, out);
+        free(out);
+        return;
+    }
+    const char *said = strstr(out, "pipeline-launch: mpirun exited");
+    printf("     %.*s\n", (int)strcspn(said, "\n"), said);
+    free(out);
+    snprintf(what, sizeof what, "a rank SIGKILLed after step 9, restarted by pipeline-launch on %d processes%s (%.1f s)",
+             restart_np, elastic ? " (elastic: 1 replica)" : "", took);
+    char f[32];
+    snprintf(f, sizeof f, "ckl%d.st", restart_np);
+    ckpt_compare(f, what);
+}
+
 /* A process fails after step 2: every mode must end the run, non-zero,
  * within the bound, with the failing rank named. */
 static void failure(int np, const char *mode, const char *must_say, double bound_s)
@@ -910,7 +1032,20 @@ int main(int argc, char **argv)
     write_tied();
     const int have_idx = write_idx();
 
-    if (np == 2) {
+    /* PW_MPI_ONLY=checkpoints: only the training-state checkpoint cases. */
+    const char *only = getenv("PW_MPI_ONLY");
+    if (only && !strcmp(only, "checkpoints")) {
+        if (ckpt_reference()) {
+            if (np == 2) {
+                ckpt_mpi(2, 2, 1, 1, 2);
+            } else {
+                ckpt_mpi(4, 2, 2, 4, 1);
+                ckpt_sigterm(4);
+                ckpt_launch(4);
+                ckpt_launch(2);
+            }
+        }
+    } else if (np == 2) {
         parts_unit();
         host_place_unit();
         identical(2, 2, 1, "--micro-batches 4", "", "s2");
@@ -932,6 +1067,7 @@ int main(int argc, char **argv)
         hang(2, 1, "eval", 16, 1);
         traces(2, 2, 1);
         hostfile(2, 2, 1);
+        if (ckpt_reference()) ckpt_mpi(2, 2, 1, 1, 2);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
         identical(4, 4, 1, "--micro-batches 8 --optimizer adamw", "", "s4");
@@ -964,6 +1100,12 @@ int main(int argc, char **argv)
         sigterm_one(4, 2);
         traces(4, 2, 2);
         hostfile(4, 2, 2);
+        if (ckpt_reference()) {
+            ckpt_mpi(4, 2, 2, 4, 1);
+            ckpt_sigterm(4);
+            ckpt_launch(4);
+            ckpt_launch(2);
+        }
     }
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
