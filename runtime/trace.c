@@ -256,3 +256,17 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
     pw_tmpfile_forget(tmp_slot);
     return PW_OK;
 }
+
+void pw_trace_rank_path(const char *path, int world_rank, char *out, size_t n)
+{
+    if (world_rank < 0) {
+        snprintf(out, n, "%s", path);
+        return;
+    }
+    const char *dot = strrchr(path, '.');
+    const char *slash = strrchr(path, '/');
+    if (dot && (!slash || dot > slash))
+        snprintf(out, n, "%.*s.rank%d%s", (int)(dot - path), path, world_rank, dot);
+    else
+        snprintf(out, n, "%s.rank%d", path, world_rank);
+}

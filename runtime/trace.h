@@ -49,6 +49,11 @@ typedef struct pw_trace pw_trace;
 
 pw_status pw_trace_create(int n_tracks, int64_t events_per_track, pw_trace **out);
 void pw_trace_destroy(pw_trace *t); /* accepts NULL */
+/* The file one process of a multi-process run writes for the run's trace
+ * `path`: "run.json" -> "run.rank3.json" (before the last extension; the
+ * suffix ".rank3" without one) for world rank 3, `path` itself for a
+ * world rank < 0 (one process). pipe-trace reads such files as one run. */
+void pw_trace_rank_path(const char *path, int world_rank, char *out, size_t n);
 
 /* Next free event of `track` (zeroed except chunk/mb/peer = -1), or NULL when
  * the track is full. Only the track's own thread may call it. */

@@ -100,6 +100,18 @@ int pw_mpi_launched_size(void)
     return 0;
 }
 
+pw_status pw_transport_allgather(const pw_transport *t, const void *mine, size_t bytes, void *all)
+{
+    if (!t || !t->vt || !t->vt->allgather) return pw_error(PW_ERR_INVALID_ARG, "allgather: no transport");
+    return t->vt->allgather(t->self, mine, bytes, all);
+}
+
+pw_status pw_transport_barrier(const pw_transport *t)
+{
+    if (!t || !t->vt || !t->vt->barrier) return pw_error(PW_ERR_INVALID_ARG, "barrier: no transport");
+    return t->vt->barrier(t->self);
+}
+
 pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out)
 {
     if (s && !strcasecmp(s, "tree")) *out = PW_ALLREDUCE_TREE;

@@ -167,6 +167,13 @@ int pw_transport_blame(const pw_transport *t, double stall_s, const char *(*act_
  * A no-op without a transport or without the variable. */
 void pw_transport_test_point(const pw_transport *t, const char *phase, int64_t step);
 
+/* Blocking, on the world, from one thread between steps: all[world_size ×
+ * bytes] receives every process's `mine`, in world order (the vtable's
+ * allgather); and a barrier. Errors name a stalled or lost process when the
+ * watchdog can tell which. */
+pw_status pw_transport_allgather(const pw_transport *t, const void *mine, size_t bytes, void *all);
+pw_status pw_transport_barrier(const pw_transport *t);
+
 /* Accepts NULL. For MPI: frees the communicators and calls MPI_Finalize. */
 void pw_transport_destroy(pw_transport *t);
 /* MPI_Abort on the world; returns only when the transport cannot abort. */

@@ -339,7 +339,7 @@ Test(cli, schedule_auto_prints_candidates_and_trains)
     cr_assert_eq(run("m.graph --data synthetic:512:24:5 --no-pin --steps 2 --batch 32 --stages 2 "
                      "--micro-batches 4 --schedule auto", &o), 0, "%s", o);
     cr_assert(strstr(o, "compute rate"), "%s", o);
-    cr_assert(strstr(o, "measured"), "%s", o);
+    cr_assert(strstr(o, "calibrated"), "%s", o);
     cr_assert(strstr(o, "1f1b"), "%s", o);
     cr_assert(strstr(o, "chose "), "%s", o);
     cr_assert(strstr(o, "done:"), "%s", o);

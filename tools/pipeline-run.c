@@ -927,7 +927,7 @@ static int stop_signal(void)
     int mine = g_signal;
     if (!g_mpi) return mine;
     int *all = calloc((size_t)g_mpi->world_size, sizeof *all), sig = mine;
-    if (!all || g_mpi->vt->allgather(g_mpi->self, &mine, sizeof mine, all) != PW_OK) {
+    if (!all || pw_transport_allgather(g_mpi, &mine, sizeof mine, all) != PW_OK) {
         free(all);
         fail(""); /* a process is stalled (named) or gone: MPI_Abort */
         return mine;
@@ -1044,7 +1044,7 @@ static int resume_layout(options *o, const pw_state_meta *m, int world, char *no
 static double world_sum(double v)
 {
     double *all = calloc((size_t)g_mpi->world_size, sizeof *all), sum = 0;
-    if (!all || g_mpi->vt->allgather(g_mpi->self, &v, sizeof v, all) != PW_OK) {
+    if (!all || pw_transport_allgather(g_mpi, &v, sizeof v, all) != PW_OK) {
         free(all);
         fail(""); /* a process is stalled (named) or gone: MPI_Abort */
         return v;
@@ -1083,7 +1083,7 @@ static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
     pw_engine_rank_stats_get(pw_pipeline_engine((pw_pipeline *)t), g_mpi->replica * S + g_mpi->rank, &rs);
     mine = (row){ss.busy_s, ss.total_s, rs.allreduce_s, rs.allreduce_wait_s, g_mpi->replica, g_mpi->rank,
                  ss.peak_slots, ss.slots, {ss.node_begin, ss.node_end}};
-    if (!all || g_mpi->vt->allgather(g_mpi->self, &mine, sizeof mine, all) != PW_OK) {
+    if (!all || pw_transport_allgather(g_mpi, &mine, sizeof mine, all) != PW_OK) {
         free(all);
         fail("summary: ");
         return;
@@ -1108,16 +1108,7 @@ static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
  * track; the same clock on one host). */
 static void trace_path(const char *path, char *out, size_t n)
 {
-    if (!g_mpi) {
-        snprintf(out, n, "%s", path);
-        return;
-    }
-    const char *dot = strrchr(path, '.');
-    const char *slash = strrchr(path, '/');
-    if (dot && (!slash || dot > slash))
-        snprintf(out, n, "%.*s.rank%d%s", (int)(dot - path), path, g_mpi->world_rank, dot);
-    else
-        snprintf(out, n, "%s.rank%d", path, g_mpi->world_rank);
+    pw_trace_rank_path(path, g_mpi ? g_mpi->world_rank : -1, out, n);
 }
 
 /* ---- --metrics: JSON Lines (docs/pipeline-run.md, "Metrics log") ----
@@ -1262,7 +1253,7 @@ static int metrics_measure(metrics *m, pw_pipeline *t, double *bubble)
     const int me = g_mpi->rank;
     double now = stage_busy_s(t, m->S, me), mine[2] = {1e3 * (now - m->busy[me]), *bubble};
     m->busy[me] = now;
-    if (g_mpi->vt->allgather(g_mpi->self, mine, sizeof mine, m->gathered) != PW_OK) return fail("--metrics: ");
+    if (pw_transport_allgather(g_mpi, mine, sizeof mine, m->gathered) != PW_OK) return fail("--metrics: ");
     /* Replica 0's stages; the bubble of every worker (their step walls agree). */
     for (int r = 0; r < m->S; r++) m->stage_ms[r] = m->gathered[2 * pw_transport_world_of(g_mpi, 0, r)];
     double sum = 0;
@@ -1419,41 +1410,6 @@ static int default_stages(const pw_graph *g, options *o)
 /* Compute rate of this machine on this graph: a whole-graph program at the
  * micro-batch size, forward + backward timed a few times (median-free:
  * the best of 3 after one warm-up). */
-static double measure_rate(const pw_graph *g, int64_t micro)
-{
-    pw_program_config pc = {.graph = g, .micro_batch = micro, .loss_batch = micro, .slots = 1,
-                            .optim = pw_optim_defaults(PW_OPTIM_SGD)};
-    pw_program *p = NULL;
-    if (pw_program_create(&pc, &p) != PW_OK) return 0;
-    pw_program_init_params(p, 1);
-    /* Inputs: zeros (a valid token and a valid class). */
-    const pw_value *in = &g->values[g->input];
-    void *x = pw_program_value(p, g->input, 0);
-    if (x) memset(x, 0, (size_t)(micro * pw_shape_numel(&in->shape)) * 4);
-    if (g->label >= 0) {
-        void *y = pw_program_value(p, g->label, 0);
-        if (y) memset(y, 0, (size_t)(micro * pw_shape_numel(&g->values[g->label].shape)) * 4);
-    }
-    double best = 0;
-    for (int it = 0; it < 4; it++) {
-        double t0 = now_s();
-        if (pw_program_needs_rng(p)) pw_program_set_rng(p, 0, 1, it + 1, 0);
-        if (pw_program_forward(p, 0, micro) != PW_OK || pw_program_backward_input(p, 0) != PW_OK ||
-            pw_program_backward_weight(p, 0) != PW_OK) {
-            pw_program_destroy(p);
-            return 0;
-        }
-        double dt = now_s() - t0;
-        if (it > 0 && (best == 0 || dt < best)) best = dt;
-    }
-    pw_program_zero_grads(p);
-    pw_program_destroy(p);
-    pw_op_cost c;
-    pw_graph_total_cost(g, &c);
-    double flops = (c.flops_fwd + c.flops_bwd_input + c.flops_bwd_weight) * (double)micro;
-    return best > 0 ? flops / best : 0;
-}
-
 static int64_t micro_size(const options *o)
 {
     return o->batch / ((int64_t)o->micro_batches * o->replicas);
@@ -1679,8 +1635,14 @@ static int choose_auto(const pw_graph *g, const options *o, pw_schedule_kind *ki
     double rate = o->flops_per_s;
     const char *src = "--flops-per-s";
     if (rate <= 0) {
-        rate = measure_rate(g, micro_size(o));
-        src = "measured: whole-graph forward + backward at the micro-batch size on this machine";
+        /* The forecasts' own calibration: the rate at which their cost model
+         * takes as long as a one-stage step measured here. */
+        pw_forecast_config cal = forecast_config(g, o, 0);
+        if (pw_forecast_calibrate(&cal, &rate, NULL) != PW_OK) {
+            pw_clear_error();
+            rate = 0;
+        }
+        src = "calibrated: a one-stage step of the whole graph on this machine (pw_forecast_calibrate)";
         if (rate <= 0) {
             rate = pw_forecast_defaults().flops_per_s;
             src = "the forecast default (measuring failed)";
@@ -1890,37 +1852,6 @@ static int run_plan(const pw_graph *g, const options *o)
 
 /* A one-window token data set of zeros: what a pipeline needs to be built
  * for --generate without loading any corpus. */
-static pw_dataset *generation_dataset(const pw_graph *g)
-{
-    const pw_value *in = &g->values[g->input];
-    if (in->dtype != PW_I32 || in->shape.ndim != 1) {
-        pw_error(PW_ERR_SHAPE, "%s: --generate needs a graph whose input is i32 [T] tokens; '%s' is not",
-                 g->file ? g->file : g->name, in->name);
-        return NULL;
-    }
-    const int64_t T = in->shape.d[0];
-    pw_dataset *d = calloc(1, sizeof *d);
-    if (!d) return NULL;
-    d->n = 1;
-    d->sample_shape = in->shape;
-    d->sample_numel = T;
-    d->x_dtype = PW_I32;
-    if (g->label >= 0) d->label_shape = g->values[g->label].shape;
-    d->label_numel = T;
-    d->n_classes = 256;
-    d->n_tokens = 256;
-    d->text = calloc((size_t)T + 1, 1);
-    d->text_len = T + 1;
-    d->stride = T;
-    d->name = strdup("generate");
-    if (!d->text || !d->name) {
-        pw_dataset_destroy(d);
-        pw_error(PW_ERR_NOMEM, "out of memory");
-        return NULL;
-    }
-    return d;
-}
-
 /* Under mpirun, PW_DEBUG=INFO says what this process loaded (the MPI tests
  * check that a middle stage loads nothing). */
 static void log_data(const pw_dataset *d, const char *split)
@@ -1941,7 +1872,7 @@ static int load_data(const options *o, const pw_graph *g, const pw_pipeline_conf
                      pw_dataset **test)
 {
     if (o->generate) {
-        *train = generation_dataset(g); /* no test set */
+        if (pw_generate_dataset(g, train) != PW_OK) *train = NULL; /* no test set */
         if (!*train) fail("--generate: ");
         return *train ? 0 : 1;
     }
@@ -2119,10 +2050,7 @@ int main(int argc, char **argv)
     pc.train = train;
     pc.optim.decay_steps = total0; /* --lr-schedule decays over this run */
     if (o.trace) {
-        /* Every action and wait of every step, plus a margin; capped. */
-        int64_t per_step = 8 * (int64_t)o.micro_batches + 16 + 4 * (o.buckets > 0 ? o.buckets : 4);
-        int64_t want = per_step * total0;
-        pc.trace_events = want < (INT64_C(1) << 23) ? want : (INT64_C(1) << 23);
+        pc.trace_events = pw_pipeline_trace_capacity(o.micro_batches, o.buckets, total0);
     }
     const pw_partition_method plan_method = use_plan ? pr.plan->part.method : o.partition;
     const pw_balance plan_balance = use_plan ? pr.plan->balance : PW_BALANCE_FLOPS;
@@ -2444,7 +2372,7 @@ out:
         /* Wait (bounded by the watchdog) until every process is done before
          * MPI_Finalize, which would otherwise wait for a hung one for good. */
         pw_transport_phase(g_mpi, PW_PHASE_SHUTDOWN, steps_done);
-        if (g_mpi->vt->barrier(g_mpi->self) != PW_OK) fail("shutdown: ");
+        if (pw_transport_barrier(g_mpi) != PW_OK) fail("shutdown: ");
     }
     pw_tmpfile_unlink_all(); /* nothing is in flight here; a failed write cleaned up already */
     metrics_close(&mx);

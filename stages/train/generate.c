@@ -153,3 +153,33 @@ out:
     free(order);
     return st;
 }
+
+pw_status pw_generate_dataset(const pw_graph *g, pw_dataset **out)
+{
+    *out = NULL;
+    const pw_value *in = &g->values[g->input];
+    if (in->dtype != PW_I32 || in->shape.ndim != 1)
+        return pw_error(PW_ERR_SHAPE, "%s: --generate needs a graph whose input is i32 [T] tokens; '%s' is not",
+                        g->file ? g->file : g->name, in->name);
+    const int64_t T = in->shape.d[0];
+    pw_dataset *d = calloc(1, sizeof *d);
+    if (!d) return pw_error(PW_ERR_NOMEM, "out of memory");
+    d->n = 1;
+    d->sample_shape = in->shape;
+    d->sample_numel = T;
+    d->x_dtype = PW_I32;
+    if (g->label >= 0) d->label_shape = g->values[g->label].shape;
+    d->label_numel = T;
+    d->n_classes = 256;
+    d->n_tokens = 256;
+    d->text = calloc((size_t)T + 1, 1);
+    d->text_len = T + 1;
+    d->stride = T;
+    d->name = strdup("generate");
+    if (!d->text || !d->name) {
+        pw_dataset_destroy(d);
+        return pw_error(PW_ERR_NOMEM, "out of memory");
+    }
+    *out = d;
+    return PW_OK;
+}

@@ -54,6 +54,13 @@ pw_generate_config pw_generate_defaults(void);
  * message names the graph), PW_ERR_NOMEM, or a program's error. */
 pw_status pw_generate(pw_pipeline *pl, const pw_generate_config *cfg, char **out);
 
+/* The one-window byte data set a pipeline for pw_generate is built over
+ * when no training data is loaded (a checkpoint is): one zero window of the
+ * graph's T tokens, byte vocabulary. PW_OK: *out is new
+ * (pw_dataset_destroy). PW_ERR_SHAPE when the graph's input is not i32 [T]
+ * (the message names the graph and its input), PW_ERR_NOMEM. */
+pw_status pw_generate_dataset(const pw_graph *g, pw_dataset **out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,6 +3,16 @@
  * replica under MPI). */
 #include "stages/train/pipeline-internal.h"
 
+int64_t pw_pipeline_trace_capacity(int micro_batches, int buckets, int64_t steps)
+{
+    const int64_t cap = INT64_C(1) << 23;
+    if (micro_batches < 1 || steps < 1) return 64;
+    /* F, B, W, two sends, two receives and their waits per micro-batch; a
+     * few per bucket (all-reduce and its wait) and per step. */
+    const int64_t per_step = 8 * (int64_t)micro_batches + 16 + 4 * (buckets > 0 ? buckets : DEFAULT_BUCKETS);
+    return steps > cap / per_step ? cap : per_step * steps;
+}
+
 pw_pipeline_config pw_pipeline_defaults(void)
 {
     pw_pipeline_config c;

@@ -125,6 +125,12 @@ typedef struct pw_pipeline_config {
 
 pw_pipeline_config pw_pipeline_defaults(void);
 
+/* Events per engine worker that hold every action and wait of `steps`
+ * steps of M micro-batches with `buckets` all-reduce buckets (0: the
+ * default), with a margin; capped at 2^23 (the older events are then
+ * dropped and counted). For pw_pipeline_config.trace_events. */
+int64_t pw_pipeline_trace_capacity(int micro_batches, int buckets, int64_t steps);
+
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out);
 void pw_pipeline_destroy(pw_pipeline *pl); /* accepts NULL */
 
