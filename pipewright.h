@@ -1,41 +1,52 @@
-/* pipewright — umbrella header: everything a custom trainer links against.
+/* pipewright — umbrella header: every public header, grouped by who needs it.
  *
- *     #include <pipewright/pipewright.h>
+ *     #include <pipewright/pipewright.h>          // cc ... $(pkg-config --cflags --libs pipewright)
  *
- * See docs/api.md for a walk-through. */
+ * docs/api.md walks from an empty directory to a running custom pipeline;
+ * docs/architecture.md maps the rooms these headers come from. Each header
+ * says, per function, who owns what it returns, how long it lives and from
+ * which threads it may be called. A program may include just the headers
+ * of its group instead of this one. */
 #ifndef PIPEWRIGHT_H
 #define PIPEWRIGHT_H
 
-#include "runtime/status.h"
-#include "runtime/log.h"
-#include "runtime/tensor.h"
-#include "runtime/rng.h"
-#include "runtime/arena.h"
-#include "runtime/safetensors.h"
-#include "runtime/topology.h"
-#include "runtime/trace.h"
-#include "runtime/trace_read.h"
-#include "scheduler/analysis/trace_analysis.h"
-#include "runtime/collective.h"
-#include "runtime/transport.h"
-#include "graph/graph.h"
-#include "graph/partition.h"
-#include "scheduler/stage.h"
-#include "scheduler/schedule.h"
-#include "scheduler/simulate.h"
-#include "scheduler/engine.h"
-#include "scheduler/runner.h"
-#include "stages/ops/optim.h"
-#include "stages/train/data.h"
-#include "stages/program/program.h"
-#include "stages/train/program_stage.h"
-#include "stages/train/checkpoint.h"
-#include "stages/train/trainer.h"
-#include "stages/train/pipeline.h"
-#include "stages/train/state.h"
-#include "stages/plan/forecast.h"
-#include "stages/plan/profile.h"
-#include "stages/plan/plan.h"
-#include "stages/train/generate.h"
+/* ---- Everyone: errors, logging, random numbers, tensors and files. */
+#include "runtime/status.h"      /* pw_status, pw_error, pw_last_error */
+#include "runtime/log.h"         /* PW_DEBUG levels and subsystems */
+#include "runtime/rng.h"         /* the documented RNG (weights, dropout) */
+#include "runtime/tensor.h"      /* shapes and dtypes */
+#include "runtime/arena.h"       /* plan-then-allocate memory */
+#include "runtime/safetensors.h" /* reading and writing safetensors files */
+
+/* ---- Custom-trainer authors: your own stage callbacks on the engine. */
+#include "scheduler/stage.h"     /* pw_stage_i: the callbacks the engine drives */
+#include "scheduler/schedule.h"  /* schedules: generate, lower, validate, CSV */
+#include "scheduler/engine.h"    /* the engine itself */
+#include "scheduler/runner.h"    /* the engine from a schedule name and a stage table */
+#include "runtime/collective.h"  /* gradient buckets summed across replicas */
+#include "runtime/transport.h"   /* several processes: MPI */
+#include "runtime/topology.h"    /* hwloc topology and placement */
+#include "runtime/trace.h"       /* recording a run's trace */
+
+/* ---- Graph users: a model as a graph file, trained through the library. */
+#include "graph/graph.h"              /* parsing, shapes, costs */
+#include "graph/partition.h"          /* cutting a graph into stages */
+#include "stages/ops/optim.h"         /* SGD, AdamW, learning-rate schedules */
+#include "stages/program/program.h"   /* a node range as a stage program */
+#include "stages/train/data.h"        /* data sets and samplers */
+#include "stages/train/program_stage.h" /* a program as an engine chunk */
+#include "stages/train/trainer.h"     /* one stage, the reference loop */
+#include "stages/train/pipeline.h"    /* stages x replicas x schedule: pw_pipeline */
+#include "stages/train/checkpoint.h"  /* weights: --save / --init-from files */
+#include "stages/train/state.h"       /* training state: checkpoints and resume */
+#include "stages/train/generate.h"    /* sampling text from a trained model */
+
+/* ---- Planners and tool builders: forecasts, plans, trace analysis. */
+#include "scheduler/simulate.h"              /* simulating a schedule's step */
+#include "stages/plan/forecast.h"            /* forecasting layouts, calibration */
+#include "stages/plan/profile.h"             /* measured op times */
+#include "stages/plan/plan.h"                /* the whole layout: partition, schedule, placement */
+#include "runtime/trace_read.h"              /* reading traces */
+#include "scheduler/analysis/trace_analysis.h" /* bubbles and their causes (pipe-trace) */
 
 #endif
