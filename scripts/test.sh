@@ -10,7 +10,8 @@
 #   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
 #      completing actions asynchronously), the determinism matrix's diagonal
 #      (the CPU thread team), the runner's tests (tests/test_examples_api.c),
-#      and a real pipeline run;
+#      and a real pipeline run, also writing checkpoints from the background
+#      thread;
 #   4. every libFuzzer harness for 60 s (scripts/fuzz.sh; clang).
 # PW_TEST_FAST=1 runs only the first.
 set -euo pipefail
@@ -61,6 +62,12 @@ if [ "${PW_TEST_FAST:-0}" != "1" ]; then
         --stages 3 --micro-batches 6 --batch 48 --steps 20 --quiet --no-pin 2>&1 \
         | tee build-tsan/pipeline.log | tail -3
     check_log build-tsan/pipeline.log
+    # Training-state checkpoints: the background writer thread beside the workers.
+    rm -rf build-tsan/ckpt
+    ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \
+        --stages 3 --micro-batches 6 --batch 48 --steps 20 --quiet --no-pin --optimizer adamw \
+        --checkpoint-dir build-tsan/ckpt --checkpoint-every 2 2>&1 | tee build-tsan/checkpoint.log | tail -1
+    check_log build-tsan/checkpoint.log
 
     # Every reader of user files for 60 s on its seed corpus (docs/building.md,
     # "Fuzzing"); at least three at a time keeps the phase near 5 minutes.

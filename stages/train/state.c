@@ -666,12 +666,13 @@ pw_status pw_state_writer_poll(pw_state_writer *w, int wait, pw_state_done *done
         w->thread_live = 0;
         mine = 1;
     }
-    pw_status st = w->result;
-    int64_t bytes = w->bytes;
+    /* The writer's results, once it has finished (joined: read after its writes). */
+    pw_status st = mine ? w->result : PW_OK;
+    int64_t bytes = mine ? w->bytes : 0;
     if (w->t) {
         /* Every process's progress; all finished: rank 0 writes the manifest. */
         typedef struct { int32_t state; int32_t pad; int64_t bytes; char msg[240]; } part;
-        part me = {mine ? (st == PW_OK ? 1 : -1) : 0, 0, w->bytes, ""};
+        part me = {mine ? (st == PW_OK ? 1 : -1) : 0, 0, bytes, ""};
         if (me.state < 0) snprintf(me.msg, sizeof me.msg, "%.200s", w->err);
         part *all = calloc((size_t)w->t->world_size, sizeof *all);
         if (!all) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
