@@ -1,7 +1,7 @@
 /* pipewright — the determinism matrix: parameters after a few AdamW steps are
  * the same bits for every stage count (1-4), schedule (all six), CPU thread
  * count (1, 2, 3: the team that tiles the GEMMs and runs attention heads)
- * and replica count (1, 2, 4: the micro-batches of the global batch spread
+ * and replica count (1, 2, 4, and 8 with 8 gradient groups: the micro-batches of the global batch spread
  * over the replicas), for each micro-batch size. The reference of a layout
  * is one replica taking all its micro-batches, on one stage and one thread.
  *
@@ -62,16 +62,17 @@ static const int STEPS = 2;
 typedef struct layout {
     int replicas, micro_batches;
     int64_t batch;
+    int grad_groups; /* 0: the default */
 } layout;
 
 /* Micro-batch layouts: rows per micro-batch = batch / (replicas · M); M = 12
  * suits every schedule at 1-4 stages (interleaved needs S | M). The
- * default gradient groups are 8 (24 and 48 micro-batches) or 4 (12). */
+ * default gradient groups are 4 (12, 24 and 48 micro-batches). */
 static const layout LAYOUTS[] = {
-    {1, 12, 192}, /* 16 rows */
-    {1, 12, 384}, /* 32 rows */
-    {2, 12, 384}, /* 16 rows: equal to {1, 24, 384} */
-    {4, 12, 768}, /* 16 rows: equal to {1, 48, 768} */
+    {1, 12, 192, 0}, /* 16 rows */
+    {1, 12, 384, 0}, /* 32 rows */
+    {2, 12, 384, 0}, /* 16 rows: equal to {1, 24, 384} */
+    {4, 12, 768, 0}, /* 16 rows: equal to {1, 48, 768} */
 };
 #define N_LAYOUTS ((int)(sizeof LAYOUTS / sizeof LAYOUTS[0]))
 
@@ -125,6 +126,7 @@ static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int
     pc.pin = 0;
     pc.watchdog_s = 120;
     pc.threads = threads;
+    pc.grad_groups = L->grad_groups;
     pw_pipeline *pl;
     cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s S=%d R=%d M=%d threads=%d: %s",
                  pw_schedule_kind_name(kind), stages, L->replicas, L->micro_batches, threads,
@@ -160,7 +162,7 @@ static void expect_same(const float *got, const float *ref, int64_t n, const cha
 static void matrix(const pw_graph *g, const pw_dataset *d, const layout *L, int max_threads)
 {
     int64_t n_ref, n;
-    const layout one = {1, L->replicas * L->micro_batches, L->batch};
+    const layout one = {1, L->replicas * L->micro_batches, L->batch, L->grad_groups};
     float *ref = train(g, d, &one, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
     int runs = 0;
     for (int S = 1; S <= 4; S++)
@@ -210,10 +212,42 @@ Test(determinism, gpt_matrix, .timeout = TIMEOUT)
 {
     pw_graph *g = test_parse(GPT, "gpt.graph");
     pw_dataset *d = token_data();
-    const layout L = {1, 12, 48};
+    const layout L = {1, 12, 48, 0};
     matrix(g, d, &L, 3);
-    const layout R2 = {2, 12, 96};
+    const layout R2 = {2, 12, 96, 0};
     matrix(g, d, &R2, 2);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* Eight replicas agree with one when the gradient groups are 8 (the
+ * default, 4, covers 1, 2 and 4 replicas): 1 and 2 stages, two schedules. */
+Test(determinism, eight_replicas_with_eight_groups, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const layout L8 = {8, 3, 384, 8}, L1 = {1, 24, 384, 8};
+    int64_t n_ref, n;
+    float *ref = train(g, d, &L1, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
+    for (int S = 1; S <= 2; S++)
+        for (int k = 0; k < 2; k++) {
+            const pw_schedule_kind kind = k ? PW_SCHEDULE_ZB_H1 : PW_SCHEDULE_1F1B;
+            float *got = train(g, d, &L8, S, kind, 1, &n);
+            cr_assert_eq(n, n_ref);
+            char what[96];
+            snprintf(what, sizeof what, "R=8 M=3 G=8, %s S=%d", pw_schedule_kind_name(kind), S);
+            expect_same(got, ref, n, what);
+            free(got);
+        }
+    /* With the default groups (4), 8 replicas are another tree: the check
+     * above can fail. */
+    const layout D8 = {8, 3, 384, 0}, D1 = {1, 24, 384, 0};
+    float *a = train(g, d, &D8, 1, PW_SCHEDULE_1F1B, 1, &n);
+    float *b = train(g, d, &D1, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
+    cr_assert(memcmp(a, b, (size_t)n * 4) != 0, "8 replicas equal 1 with 4 groups: the test above proves nothing");
+    free(a);
+    free(b);
+    free(ref);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }

@@ -244,7 +244,7 @@ Test(resume, at_epoch_ends_across_a_reshuffle)
 
 /* Replicas 2 -> 1 at the same global batch: the micro-batches follow the
  * checkpoint's micro-batch size, and the result is the same bits (1 and 2
- * divide the gradient groups). 3 replicas do not divide G = 8: accepted,
+ * divide the gradient groups). 3 replicas do not divide G = 4: accepted,
  * said, and equal to rounding. */
 Test(resume, other_replica_counts)
 {

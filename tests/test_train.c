@@ -777,17 +777,25 @@ Test(program, grad_groups_sum_pairwise)
 Test(program, grad_groups_defaults_and_refusals)
 {
     int K;
+    /* The default: the largest power of two dividing R·M, at most PW_GRAD_GROUPS_DEFAULT. */
+    cr_assert_eq(PW_GRAD_GROUPS_DEFAULT, 4);
     cr_assert_eq(pw_grad_groups(0, 1, 12, &K), 4);
     cr_assert_eq(K, 4);
-    cr_assert_eq(pw_grad_groups(0, 2, 12, &K), 8);
-    cr_assert_eq(K, 4);
-    cr_assert_eq(pw_grad_groups(0, 4, 12, &K), 8);
+    cr_assert_eq(pw_grad_groups(0, 2, 12, &K), 4);
+    cr_assert_eq(K, 2);
+    cr_assert_eq(pw_grad_groups(0, 4, 12, &K), 4);
+    cr_assert_eq(K, 1);
+    cr_assert_eq(pw_grad_groups(0, 1, 6, &K), 2);
     cr_assert_eq(K, 2);
     cr_assert_eq(pw_grad_groups(0, 1, 3, &K), 1);
     cr_assert_eq(K, 1);
-    cr_assert_eq(pw_grad_groups(0, 3, 8, &K), 8); /* R = 3 does not divide 8: K = 8 / gcd(8, 3) */
+    cr_assert_eq(pw_grad_groups(8, 1, 8, &K), 8); /* asked for: 8 replicas agree with 1 */
     cr_assert_eq(K, 8);
-    cr_assert_eq(pw_grad_groups(0, 16, 1, &K), 8); /* 16 replicas: one group each is not G = 8 */
+    cr_assert_eq(pw_grad_groups(8, 8, 1, &K), 8);
+    cr_assert_eq(K, 1);
+    cr_assert_eq(pw_grad_groups(0, 3, 8, &K), 4); /* R = 3 does not divide 4: K = 4 / gcd(4, 3) */
+    cr_assert_eq(K, 4);
+    cr_assert_eq(pw_grad_groups(0, 16, 1, &K), 4); /* 16 replicas: one group each is not G = 4 */
     cr_assert_eq(K, 1);
     cr_assert_eq(pw_grad_groups(16, 4, 4, &K), 16);
     cr_assert_eq(K, 4);

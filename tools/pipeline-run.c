@@ -249,7 +249,7 @@ static void usage(FILE *f)
 "                        the same for every N\n"
 "  --grad-groups G       sum the step's micro-batch gradients as G groups,\n"
 "                        pairwise (a power of two dividing replicas x\n"
-"                        micro-batches; default: up to 8): runs whose\n"
+"                        micro-batches; default: up to 4): runs whose\n"
 "                        --replicas divides G give the same bits; each stage\n"
 "                        holds log2(G / replicas) more gradient copies\n"
 "  --print-graph         print the parsed graph with shapes and costs, then train\n"

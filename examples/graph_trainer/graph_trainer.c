@@ -72,7 +72,7 @@ static pw_status make(void *user, const pw_chunk_spec *c, pw_engine_chunk *out)
     if (!t->cuts) PW_CHECK(plan(t, c));
     const int i = c->replica * c->n_chunks + c->chunk;
     /* The micro-batch gradients summed as pw_pipeline sums them (pairwise
-     * over groups: the same bits for 1, 2, 4 and 8 replicas). */
+     * over groups: the same bits for 1, 2 and 4 replicas by default). */
     int K;
     pw_grad_groups(0, c->replicas, c->micro_batches, &K);
     pw_program_config pc = {

@@ -22,7 +22,7 @@ static pw_status cpu_copy(void *ctx, void *dst, const void *src, size_t bytes)
 static pw_status cpu_zero(void *ctx, void *dst, size_t bytes)
 {
     (void)ctx;
-    if (bytes) memset(dst, 0, bytes);
+    pw_cpu_zero(dst, bytes);
     return PW_OK;
 }
 

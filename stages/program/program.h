@@ -127,7 +127,7 @@ typedef struct pw_program_config {
 } pw_program_config;
 
 /* The default G: at most this many groups. */
-#define PW_GRAD_GROUPS_DEFAULT 8
+#define PW_GRAD_GROUPS_DEFAULT 4
 
 /* The gradient groups of a step of R replicas × M micro-batches
  * (docs/api.md, "Determinism"). Returns G: `requested` when it is a power

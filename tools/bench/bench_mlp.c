@@ -3,7 +3,10 @@
  * count.
  *
  *   bench_mlp [--threads T] [--batch B] [--width W] [--layers L]
- *             [--micro-batches M] [--steps N] [--rounds R]
+ *             [--micro-batches M] [--grad-groups G] [--steps N] [--rounds R]
+ *
+ * --grad-groups: the micro-batch gradients summed as G groups, pairwise
+ * (stages/program/program.h); default: what a one-replica pipeline-run uses.
  *
  * Training FLOPs count the GEMM work a step must do: per linear layer
  * 2·B·in·out forward, the same for the weight gradient, and the same for the
@@ -41,6 +44,7 @@ int main(int argc, char **argv)
     const long W = arg_int(argc, argv, "--width", 2048);
     const long L = arg_int(argc, argv, "--layers", 4);
     const int M = (int)arg_int(argc, argv, "--micro-batches", 1);
+    const int G = (int)arg_int(argc, argv, "--grad-groups", 0); /* 0: pipeline-run's default */
     const int steps = (int)arg_int(argc, argv, "--steps", 5);
     const int rounds = (int)arg_int(argc, argv, "--rounds", 3);
     const long C = 16;
@@ -72,7 +76,7 @@ int main(int argc, char **argv)
      * by default (stages/program/program.h): their passes are part of the cost. */
     pw_program_config pc = {.graph = g, .micro_batch = mb, .loss_batch = B, .slots = 1,
                             .optim = pw_optim_defaults(PW_OPTIM_SGD), .micro_batches = M,
-                            .grad_groups = pw_grad_groups(0, 1, M, NULL)};
+                            .grad_groups = pw_grad_groups(G, 1, M, NULL)};
     pc.optim.lr = 1e-3f;
     pw_program *p;
     if (pw_program_create(&pc, &p) != PW_OK) {

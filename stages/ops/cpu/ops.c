@@ -380,15 +380,67 @@ void pw_cpu_add_fwd(const float *restrict a, const float *restrict b, float *res
     VEC_FOR(i, n, y[i] = a[i] + b[i];);
 }
 
+/* Element-wise passes over long arrays (gradients) run on the thread team
+ * in chunks of fixed size: each element is computed by the same code
+ * whichever thread takes its chunk, so the bits never depend on the team. */
+#define PASS_CHUNK ((int64_t)1 << 16)
+#define PASS_PARALLEL ((int64_t)1 << 18)
+
+typedef struct pass_job {
+    const float *src;
+    float *dst;
+    int64_t n;
+    int op; /* 0 copy, 1 accumulate, 2 zero */
+} pass_job;
+
+static void pass_range(const pass_job *j, int64_t lo, int64_t hi)
+{
+    const float *restrict dy = j->src;
+    float *restrict dx = j->dst;
+    if (j->op == 1) {
+        for (int64_t i = lo; i < hi; i++) dx[i] += dy[i];
+    } else if (j->op == 0) {
+        memcpy(dx + lo, dy + lo, (size_t)(hi - lo) * sizeof(float));
+    } else {
+        memset(dx + lo, 0, (size_t)(hi - lo) * sizeof(float));
+    }
+}
+
+static void pass_item(void *arg, int64_t item, int worker)
+{
+    (void)worker;
+    const pass_job *j = arg;
+    const int64_t lo = item * PASS_CHUNK, hi = lo + PASS_CHUNK < j->n ? lo + PASS_CHUNK : j->n;
+    pass_range(j, lo, hi);
+}
+
+static void pass_run(const float *src, float *dst, int64_t n, int op)
+{
+    if (n <= 0) return;
+    pass_job j = {.src = src, .dst = dst, .n = n, .op = op};
+    if (n < PASS_PARALLEL) pass_range(&j, 0, n);
+    else pw_cpu_parallel((n + PASS_CHUNK - 1) / PASS_CHUNK, pass_item, &j);
+}
+
 void pw_cpu_copy_grad(const float *restrict dy, float *restrict dx, int64_t n,
                       int accumulate)
 {
     if (n <= 0) return;
-    if (accumulate) {
+    if (n >= PASS_PARALLEL) {
+        pass_run(dy, dx, n, accumulate ? 1 : 0);
+    } else if (accumulate) {
         VEC_FOR(i, n, dx[i] += dy[i];);
     } else {
         memcpy(dx, dy, (size_t)n * sizeof(float));
     }
+}
+
+void pw_cpu_zero(void *dst, size_t bytes)
+{
+    if (bytes % sizeof(float) == 0 && (int64_t)(bytes / sizeof(float)) >= PASS_PARALLEL)
+        pass_run(NULL, dst, (int64_t)(bytes / sizeof(float)), 2);
+    else if (bytes)
+        memset(dst, 0, bytes);
 }
 
 /* ---------------------------------------------------------------- softmax xent */

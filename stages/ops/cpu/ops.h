@@ -18,6 +18,7 @@
 #ifndef PW_STAGES_CPU_OPS_H
 #define PW_STAGES_CPU_OPS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -77,6 +78,8 @@ void pw_cpu_layernorm_bwd_weight(const float *x, const float *mean, const float 
 void pw_cpu_add_fwd(const float *a, const float *b, float *y, int64_t n);
 /* dx (+)= dy: used for add's inputs and for identity ops (flatten, reshape). */
 void pw_cpu_copy_grad(const float *dy, float *dx, int64_t n, int accumulate);
+/* memset(dst, 0, bytes); long arrays of floats on the thread team. */
+void pw_cpu_zero(void *dst, size_t bytes);
 
 /* softmax cross-entropy over rows of C logits with integer labels.
  * Forward: probs (n, C) = softmax(logits) (max-subtracted, stable); returns
