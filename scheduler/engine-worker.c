@@ -263,11 +263,27 @@ static pw_msgbuf *pool_get_out(pw_worker *w, pw_pool *p)
 {
     pw_msgbuf *b = pw_eng_pool_get(p, 2);
     if (!b && w->e->t && pw_eng_progress_sends(w) >= 0) b = pw_eng_pool_get(p, 2);
+    if (b && w->wait_t0 && w->wait_kind == PW_WAIT_SENDS) { /* parked for it (pool_wait) */
+        w->wait_ns += pw_now_ns() - w->wait_t0;
+        w->wait_t0 = 0;
+        w->wait_kind = PW_WAIT_NONE;
+    }
     return b;
 }
 
-static int pool_exhausted(pw_worker *w, const char *kind, int chunk, int mb, const pw_pool *p)
+/* No buffer for a message this worker produces. Under a transport, while
+ * sends to other processes are in flight, the pool is only waiting for
+ * their receivers, which may lag (a loaded machine, a process handling a
+ * signal): the action parks, the poll timer tests the sends and drives the
+ * worker again, and the watchdog covers the wait. Otherwise the schedule's
+ * buffer count was wrong. */
+static int pool_wait(pw_worker *w, const char *kind, int chunk, int mb, const pw_pool *p)
 {
+    if (w->e->t && w->n_pending > 0) {
+        if (!w->wait_t0) w->wait_t0 = pw_now_ns();
+        w->wait_kind = PW_WAIT_SENDS;
+        return EXEC_PARKED;
+    }
     return fail_at(w, PW_ERR_INTERNAL, kind, chunk, mb,
                    "%s buffer pool of link %d->%d exhausted (%d buffers of %zu bytes); the "
                    "report's peak_inflight_chunk understates this schedule",
@@ -325,7 +341,7 @@ static int forward_prologue(pw_worker *w, int c, int m)
     }
     if (c < e->C - 1) {
         pw_pool *p = pw_eng_act_pool(e, w->lrep, c);
-        if (p->bytes && !(out = pool_get_out(w, p))) return pool_exhausted(w, "F", c, m, p);
+        if (p->bytes && !(out = pool_get_out(w, p))) return pool_wait(w, "F", c, m, p);
     }
     int slot = ch->free_slots[--ch->n_free];
     if (++ch->in_use > ch->peak) ch->peak = ch->in_use;
@@ -341,7 +357,10 @@ static int forward_prologue(pw_worker *w, int c, int m)
 
 static int do_forward(pw_worker *w, int c, int m)
 {
-    if (!w->resumed && forward_prologue(w, c, m) != EXEC_OK) return EXEC_FAILED;
+    if (!w->resumed) {
+        const int rc = forward_prologue(w, c, m); /* parks while its output buffer is in flight */
+        if (rc != EXEC_OK) return rc;
+    }
     pw_echunk *ch = pw_eng_chunk(w->e, w->lrep, c);
     return call_stage(w, 0, ch->vt->forward, "F", c, m, pw_eng_mb(w->e, w->lrep, c, m)->slot);
 }
@@ -383,7 +402,7 @@ static int backward_prologue(pw_worker *w, int c, int m)
     }
     if (c > 0) {
         pw_pool *p = pw_eng_grad_pool(e, w->lrep, c - 1);
-        if (p->bytes && !(gin = pool_get_out(w, p))) return pool_exhausted(w, "B", c, m, p);
+        if (p->bytes && !(gin = pool_get_out(w, p))) return pool_wait(w, "B", c, m, p);
     }
     st->grad_out = gout;
     st->grad_in = gin;
@@ -398,7 +417,10 @@ static int do_backward(pw_worker *w, int c, int m)
     pw_engine *e = w->e;
     pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
     pw_mbstate *st = pw_eng_mb(e, w->lrep, c, m);
-    if (!w->resumed && backward_prologue(w, c, m) != EXEC_OK) return EXEC_FAILED;
+    if (!w->resumed) {
+        const int rc = backward_prologue(w, c, m); /* parks while its gradient buffer is in flight */
+        if (rc != EXEC_OK) return rc;
+    }
     const int last = !e->split_w && is_last_backward(w, c);
     int rc;
     if (last && ch->vt->backward_bucket) {
