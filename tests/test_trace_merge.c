@@ -27,7 +27,7 @@
 #include "runtime/trace_merge.h"
 #include "runtime/trace_read.h"
 
-#define TIMEOUT .timeout = 60
+#define TIMEOUT .timeout = 240
 #define TOOL PW_BINARY_DIR "/pipe-trace"
 #define US INT64_C(1000)
 #define BASE_NS INT64_C(20000000000) /* rank 0's clock at the run's start: 20 s */
@@ -541,7 +541,7 @@ Test(trace_merge, clock_blocks_are_checked, TIMEOUT)
 
 /* Every prefix of one input, merged with an intact one: a clean error naming
  * that input, or a merge whose output reads back and analyses. */
-Test(trace_merge, every_truncation_is_a_clean_error, .timeout = 240)
+Test(trace_merge, every_truncation_is_a_clean_error, TIMEOUT)
 {
     write_rank_files("t", 11);
     size_t n;
