@@ -30,38 +30,9 @@
 
 /* ---------------------------------------------------------------- helpers */
 
-static char g_dir[64];
-
-static const char *tmpdir(void)
-{
-    if (!g_dir[0]) {
-        snprintf(g_dir, sizeof g_dir, "/tmp/pw_metrics_plot_XXXXXX");
-        cr_assert(mkdtemp(g_dir), "mkdtemp");
-    }
-    return g_dir;
-}
-
-static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static void remove_tmpdir(void)
-{
-    if (g_dir[0]) nftw(g_dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
-}
-
-TestSuite(metrics_plot, .fini = remove_tmpdir);
-
-static const char *tmp_path(const char *name)
-{
-    static char buf[4][256];
-    static int k;
-    char *p = buf[k++ % 4];
-    snprintf(p, 256, "%s/%s", tmpdir(), name);
-    return p;
-}
+#define PW_TEST_TMP_NAME "metrics_plot"
+#define PW_TEST_SUITE metrics_plot
+#include "tests/test_tmpdir.h"
 
 static void write_text(const char *path, const char *text)
 {
