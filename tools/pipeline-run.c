@@ -2165,7 +2165,7 @@ int main(int argc, char **argv)
                 printf("pipeline-run: %d replicas, each %lld samples of every batch; gradients summed in %d "
                        "bucket%s per stage%s\n", o.replicas, (long long)(o.batch / o.replicas),
                        pw_pipeline_schedule(t)->n_buckets, pw_pipeline_schedule(t)->n_buckets > 1 ? "s" : "",
-                       g_mpi ? "" : " (in-process ring)");
+                       g_mpi ? "" : " (in-process tree all-reduce)");
             char sched[96] = "";
             if (o.optim.schedule != PW_LR_CONSTANT)
                 snprintf(sched, sizeof sched, " %s to %g", pw_lr_schedule_name(o.optim.schedule),
