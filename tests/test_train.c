@@ -813,3 +813,52 @@ Test(program, grad_groups_defaults_and_refusals)
     cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
     pw_graph_destroy(g);
 }
+
+/* A step that runs fewer micro-batches than the program was told
+ * (micro_batches) leaves group sums pending: the optimizer step takes them
+ * in, so the update is that of every micro-batch run (to rounding). */
+Test(program, a_short_step_loses_no_gradient)
+{
+    pw_graph *g = parse(MLP);
+    pw_dataset *d = synthetic(256, 5, 0);
+    const int64_t rows = 8;
+    pw_program_config pc = {.graph = g, .micro_batch = rows, .loss_batch = rows * 4, .micro_batches = 4,
+                            .grad_groups = 4, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+    pc.optim.momentum = 0.0f;
+    pc.optim.weight_decay = 0.0f;
+    pw_program *tree, *one;
+    cr_assert_eq(pw_program_create(&pc, &tree), PW_OK, "%s", pw_last_error());
+    pc.grad_groups = 1;
+    cr_assert_eq(pw_program_create(&pc, &one), PW_OK, "%s", pw_last_error());
+    pw_program_init_params(tree, 4);
+    pw_program_init_params(one, 4);
+    for (int m = 0; m < 3; m++) { /* 3 of 4 */
+        micro_batch(tree, g, d, m, rows);
+        micro_batch(one, g, d, m, rows);
+    }
+    cr_assert_eq(pw_program_optimizer_step(tree, 1), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_program_optimizer_step(one, 1), PW_OK, "%s", pw_last_error());
+    float *a, *b;
+    int64_t n;
+    snapshot(tree, &a, &n);
+    snapshot(one, &b, &n);
+    double worst = 0, moved = 0;
+    for (int64_t i = 0; i < n; i++) worst = fmax(worst, fabs((double)a[i] - b[i]));
+    float *init;
+    pw_program *fresh;
+    cr_assert_eq(pw_program_create(&pc, &fresh), PW_OK);
+    pw_program_init_params(fresh, 4);
+    snapshot(fresh, &init, &n);
+    for (int64_t i = 0; i < n; i++) moved = fmax(moved, fabs((double)b[i] - init[i]));
+    cr_assert_gt(moved, 1e-4, "the step moved nothing: the check would be vacuous");
+    cr_assert_lt(worst, 1e-6 * moved + 1e-9, "the short step's update differs by %.3g (largest update %.3g)", worst,
+                 moved);
+    free(a);
+    free(b);
+    free(init);
+    pw_program_destroy(fresh);
+    pw_program_destroy(tree);
+    pw_program_destroy(one);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}

@@ -1011,6 +1011,19 @@ void pw_program_zero_grads(pw_program *p)
 static pw_status optimizer_step(pw_program *p, int64_t step)
 {
     if (p->n_params == 0) return PW_OK;
+    if (p->sum_busy) {
+        /* A step with fewer backward_weight calls than cfg.micro_batches left
+         * group sums pending: they join the gradients (smallest first), so
+         * nothing is lost, though the sum is then not the documented tree. */
+        float *grad = at(p, p->params[0].off_grad);
+        for (int l = 0; l < p->n_sum_bufs; l++)
+            if (p->sum_level[l] >= 0) {
+                BE(copy_grad, (float *)at(p, p->off_sums + (size_t)p->sum_level[l] * p->mem.grads), grad,
+                   (int64_t)(p->mem.grads / sizeof(float)), 1);
+                p->sum_level[l] = -1;
+            }
+        p->sum_busy = 0;
+    }
     if (!p->folded) PW_CHECK(fold(p));
     p->folded = 1;
     /* A non-finite gradient would silently poison every weight. */

@@ -119,7 +119,10 @@ typedef struct pw_program_config {
     int no_graphs;             /* 1: a device program runs every call as made,
                                   never recording a training call for replay
                                   (stages/ops/backend.h, record_begin; docs/cuda.md) */
-    int micro_batches;         /* backward_weight calls per step (with grad_groups) */
+    int micro_batches;         /* backward_weight calls per step (with grad_groups; a
+                                  step with fewer still sums every call, the
+                                  optimizer step taking in what is pending, but not
+                                  in the documented tree) */
     int grad_groups;           /* K: sum the micro-batches' weight gradients in K
                                   groups, pairwise (see "Determinism" above); a
                                   power of two dividing micro_batches; 0 or 1:
