@@ -206,7 +206,10 @@ static const char *attr_value(const char *tag, size_t n, const char *name, size_
             memcmp(tag + i, name, k) == 0 && tag[i + k] == '=') {
             char q = tag[i + k + 1];
             const char *v = tag + i + k + 2, *end = tag + n;
-            if (q != '"' && q != '\'') return v - 1; /* malformed: hwloc will say so */
+            if (q != '"' && q != '\'') { /* malformed: hwloc will say so */
+                *len = 0;
+                return v - 1;
+            }
             const char *e = v;
             while (e < end && *e != q) e++;
             *len = (size_t)(e - v);
@@ -220,6 +223,60 @@ static int has_attr(const char *tag, size_t n, const char *name)
 {
     size_t len;
     return attr_value(tag, n, name, &len) != NULL;
+}
+
+/* An hwloc bitmap attribute ("0x0000000f", "0xffffffff,0x00000001",
+ * "0xf...f" for an infinite set) as 64-bit words, least significant first,
+ * in *words[0, *n) (*full: infinite); 0 on bad syntax or more bits than
+ * PW_TOPOLOGY_MAX_OS_INDEX. *words is realloc'ed. */
+static int parse_bitmap(const char *v, size_t len, uint64_t **words, size_t *n, int *full)
+{
+    *n = 0;
+    *full = 0;
+    if (len == 7 && !memcmp(v, "0xf...f", 7)) {
+        *full = 1;
+        return 1;
+    }
+    size_t tokens = 1;
+    for (size_t i = 0; i < len; i++) tokens += v[i] == ',';
+    if (tokens * 32 > PW_TOPOLOGY_MAX_OS_INDEX + 64) return 0;
+    size_t nw = (tokens + 1) / 2;
+    uint64_t *w = realloc(*words, (nw ? nw : 1) * sizeof *w);
+    if (!w) return 0;
+    *words = w;
+    memset(w, 0, (nw ? nw : 1) * sizeof *w);
+    size_t t = tokens, i = 0; /* the first token is the most significant */
+    while (i <= len && t > 0) {
+        size_t j = i;
+        while (j < len && v[j] != ',') j++;
+        t--;
+        if (j - i == 7 && !memcmp(v + i, "0xf...f", 7)) { /* an infinite head: all ones above */
+            *full = 1;
+        } else {
+            if (j - i < 3 || j - i > 10 || v[i] != '0' || (v[i + 1] != 'x' && v[i + 1] != 'X')) return 0;
+            uint64_t word = 0;
+            for (size_t k = i + 2; k < j; k++) {
+                int c = v[k], d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+                if (d < 0) return 0;
+                word = word * 16 + (uint64_t)d;
+            }
+            w[t / 2] |= word << (32 * (t % 2));
+        }
+        i = j + 1;
+    }
+    *n = nw;
+    return 1;
+}
+
+/* a ⊆ b for parsed bitmaps. */
+static int bitmap_within(const uint64_t *a, size_t na, int afull, const uint64_t *b, size_t nb, int bfull)
+{
+    if (bfull) return 1;
+    if (afull) return 0;
+    for (size_t i = 0; i < na; i++)
+        if (a[i] & ~(i < nb ? b[i] : 0)) return 0;
+    return 1;
 }
 
 /* hwloc 2.9 dereferences NULL while loading an XML <object> that has a
@@ -238,6 +295,7 @@ static pw_status xml_precheck(const char *path, FILE *f)
     int c, line = 1, in_tag = 0, tag_line = 0;
     const char open_tag[] = "<object";
     size_t match = 0;
+    uint64_t *bm_a = NULL, *bm_b = NULL; /* parsed bitmaps, reused */
     while (st == PW_OK && (c = getc(f)) != EOF) {
         if (c == '\n') line++;
         if (!in_tag) {
@@ -269,6 +327,33 @@ static pw_status xml_precheck(const char *path, FILE *f)
                               "both; hwloc cannot load one without the other)", path, tag_line,
                               pairs[k][a ? 0 : 1], pairs[k][a ? 1 : 0]);
         }
+        /* hwloc 2.9 also crashes on a set that is not a bitmap ("0x0000pf")
+         * or a complete set that does not hold the object's set (found by
+         * fuzz_topology): the syntax and that inclusion are checked. */
+        for (int k = 0; k < 2 && st == PW_OK; k++) {
+            size_t la, lb;
+            const char *va = attr_value(tag, n, pairs[k][0], &la), *vb = attr_value(tag, n, pairs[k][1], &lb);
+            if (!va || !vb) continue;
+            size_t na, nb;
+            int fa, fb;
+            if (!parse_bitmap(va, la, &bm_a, &na, &fa) || !parse_bitmap(vb, lb, &bm_b, &nb, &fb))
+                st = pw_error(PW_ERR_FORMAT, "%s:%d: <object> %s or %s is not an hwloc bitmap "
+                              "(\"0x0000000f\", words of 8 hex digits separated by commas)", path,
+                              tag_line, pairs[k][0], pairs[k][1]);
+            else if (!bitmap_within(bm_a, na, fa, bm_b, nb, fb))
+                st = pw_error(PW_ERR_FORMAT, "%s:%d: <object> %s is not within its %s", path, tag_line,
+                              pairs[k][0], pairs[k][1]);
+        }
+        for (int k = 0; k < 4 && st == PW_OK; k++) { /* the other sets: syntax */
+            static const char *const others[] = {"allowed_cpuset", "allowed_nodeset", "complete_cpuset",
+                                                 "complete_nodeset"};
+            size_t l, nn;
+            int fl;
+            const char *v = attr_value(tag, n, others[k], &l);
+            if (v && !parse_bitmap(v, l, &bm_a, &nn, &fl))
+                st = pw_error(PW_ERR_FORMAT, "%s:%d: <object> %s is not an hwloc bitmap", path, tag_line,
+                              others[k]);
+        }
         /* A PU or NUMA node without an OS index (hwloc's UINT_MAX) or with a
          * huge one makes hwloc build bitmaps up to that bit: seconds and
          * hundreds of MB for a 2 KB file. */
@@ -289,6 +374,8 @@ static pw_status xml_precheck(const char *path, FILE *f)
     }
     if (st == PW_OK && ferror(f)) st = pw_error(PW_ERR_IO, "%s: read failed: %s", path, strerror(errno));
     free(tag);
+    free(bm_a);
+    free(bm_b);
     return st;
 }
 
