@@ -252,6 +252,39 @@ Test(determinism, eight_replicas_with_eight_groups, .timeout = TIMEOUT)
     pw_graph_destroy(g);
 }
 
+/* Replica counts that are not powers of two: with G = 12 groups, 3 and 6
+ * replicas (4 and 2 groups each, powers of two: subtrees of the tree over
+ * the 12) agree with one replica, on 1 and 2 stages; 2 replicas (6 groups
+ * each) do not (pw_grad_groups_identical), so the check can fail. */
+Test(determinism, three_and_six_replicas_with_twelve_groups, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const layout L1 = {1, 24, 384, 12}, L3 = {3, 8, 384, 12}, L6 = {6, 4, 384, 12}, L2 = {2, 12, 384, 12};
+    int64_t n_ref, n;
+    float *ref = train(g, d, &L1, 1, PW_SCHEDULE_GPIPE, 1, &n_ref);
+    const layout *Ls[] = {&L3, &L6};
+    for (int li = 0; li < 2; li++)
+        for (int S = 1; S <= 2; S++) {
+            const pw_schedule_kind kind = S == 1 ? PW_SCHEDULE_GPIPE : PW_SCHEDULE_ZB_H1;
+            float *got = train(g, d, Ls[li], S, kind, 2, &n);
+            cr_assert_eq(n, n_ref);
+            char what[96];
+            snprintf(what, sizeof what, "R=%d M=%d G=12, %s S=%d", Ls[li]->replicas, Ls[li]->micro_batches,
+                     pw_schedule_kind_name(kind), S);
+            expect_same(got, ref, n, what);
+            free(got);
+        }
+    cr_assert(pw_grad_groups_identical(12, 3) && pw_grad_groups_identical(12, 6) &&
+              !pw_grad_groups_identical(12, 2));
+    float *two = train(g, d, &L2, 1, PW_SCHEDULE_1F1B, 1, &n);
+    cr_assert(memcmp(two, ref, (size_t)n * 4) != 0, "2 replicas of 6 groups equal 1: the test above proves nothing");
+    free(two);
+    free(ref);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
 /* The kernel-level promise behind it: a GEMM's bits do not depend on the
  * team's size, for shapes that tile in rows, in columns and in both, with
  * and without transposes and with beta = 1 accumulation. */

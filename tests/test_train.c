@@ -699,18 +699,30 @@ static void micro_batch(pw_program *p, const pw_graph *g, const pw_dataset *d, i
     cr_assert_eq(pw_program_backward_weight(p, 0), PW_OK, "%s", pw_last_error());
 }
 
-/* grad_groups = M: the step's gradient is the pairwise sum of the M
- * micro-batch gradients, ((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7)),
- * computed here from each micro-batch's own gradient; the program holds
- * log2(M) more gradient copies for it; and the next step starts over. */
-Test(program, grad_groups_sum_pairwise)
+/* The documented tree over groups [lo, lo + n) of one element: the left
+ * block is the largest power of two below n (collective.h's tree), a group
+ * is its micro-batches' running sum as the kernels accumulate it. */
+static float tree_sum(float *const *gs, int64_t i, int lo, int n)
+{
+    if (n == 1) return gs[lo][i];
+    int left = 1;
+    while (2 * left < n) left *= 2;
+    return tree_sum(gs, i, lo, left) + tree_sum(gs, i, lo + left, n - left);
+}
+
+/* M micro-batches in K groups: the step's gradient is the tree over the K
+ * group sums, ((G0 + G1) + (G2 + G3)) + ((G4 + G5) + (G6 + G7)) for K = 8,
+ * ((G0 + G1) + (G2 + G3)) + (G4 + G5) for K = 6, computed here from each
+ * group's own gradient (a second program summing one group at a time); the
+ * program holds ceil(log2 K) more gradient
+ * copies for it; and the next step starts over. */
+static void check_grad_groups(int M, int K)
 {
     pw_graph *g = parse(MLP);
     pw_dataset *d = synthetic(256, 5, 0);
-    const int M = 8;
     const int64_t rows = 8;
     pw_program_config pc = {.graph = g, .micro_batch = rows, .loss_batch = rows * M, .micro_batches = M,
-                            .grad_groups = M, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
+                            .grad_groups = K, .optim = pw_optim_defaults(PW_OPTIM_SGD)};
     pw_program *tree, *one;
     cr_assert_eq(pw_program_create(&pc, &tree), PW_OK, "%s", pw_last_error());
     pc.grad_groups = 1;
@@ -720,7 +732,9 @@ Test(program, grad_groups_sum_pairwise)
     pw_program_memory mt, mo;
     pw_program_memory_usage(tree, &mt);
     pw_program_memory_usage(one, &mo);
-    cr_assert_eq(mt.grad_sums, 3 * mt.grads, "log2(8) = 3 copies");
+    int copies = 0;
+    while ((1 << copies) < K) copies++;
+    cr_assert_eq(mt.grad_sums, (size_t)copies * mt.grads, "K = %d: ceil(log2 K) = %d copies", K, copies);
     cr_assert_eq(mo.grad_sums, 0);
     cr_assert_eq(mt.total, mo.total + mt.grad_sums);
     int64_t n = 0;
@@ -730,35 +744,36 @@ Test(program, grad_groups_sum_pairwise)
         n += pp.numel;
     }
     for (int step = 0; step < 2; step++) {
-        float *gm[8];
+        float *gs[16];
+        cr_assert_leq(K, 16);
         for (int m = 0; m < M; m++) {
-            pw_program_zero_grads(one);
+            if (m % (M / K) == 0) pw_program_zero_grads(one);
             micro_batch(one, g, d, m + step * M, rows);
-            gm[m] = grads_of(one, n);
+            if ((m + 1) % (M / K) == 0) gs[m / (M / K)] = grads_of(one, n);
             micro_batch(tree, g, d, m + step * M, rows);
         }
         float *got = grads_of(tree, n);
         int64_t differ = 0, nonzero = 0;
         for (int64_t i = 0; i < n; i++) {
-            float want = ((gm[0][i] + gm[1][i]) + (gm[2][i] + gm[3][i])) +
-                         ((gm[4][i] + gm[5][i]) + (gm[6][i] + gm[7][i]));
+            float want = tree_sum(gs, i, 0, K);
             if (memcmp(&want, &got[i], 4) != 0) differ++;
             if (want != 0.0f) nonzero++;
         }
-        cr_assert_eq(differ, 0, "step %d: %lld of %lld gradient elements differ from the pairwise sum", step,
-                     (long long)differ, (long long)n);
+        cr_assert_eq(differ, 0, "M = %d K = %d step %d: %lld of %lld gradient elements differ from the tree", M,
+                     K, step, (long long)differ, (long long)n);
         cr_assert_gt(nonzero, n / 2, "the gradients are mostly zero; the test would be vacuous");
-        /* A running sum differs somewhere: the check above can fail. */
+        /* Another association differs somewhere: the check above can fail. */
         float *left = calloc((size_t)n, sizeof(float));
         int64_t left_differs = 0;
         for (int64_t i = 0; i < n; i++) {
-            for (int m = 0; m < M; m++) left[i] = left[i] + gm[m][i];
+            left[i] = gs[K - 1][i]; /* the right fold: not the tree for K >= 3 */
+            for (int k = K - 2; k >= 0; k--) left[i] = gs[k][i] + left[i];
             if (memcmp(&left[i], &got[i], 4) != 0) left_differs++;
         }
-        cr_assert_gt(left_differs, 0, "the running sum is the same bits; the test would be vacuous");
+        cr_assert_gt(left_differs, 0, "the right fold is the same bits; the test would be vacuous");
         free(left);
         free(got);
-        for (int m = 0; m < M; m++) free(gm[m]);
+        for (int k = 0; k < K; k++) free(gs[k]);
         cr_assert_eq(pw_program_optimizer_step(tree, step + 1), PW_OK, "%s", pw_last_error());
         pw_program_zero_grads(one);
         /* The same parameters for the next step. */
@@ -772,6 +787,22 @@ Test(program, grad_groups_sum_pairwise)
     pw_program_destroy(one);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
+}
+
+Test(program, grad_groups_sum_pairwise)
+{
+    check_grad_groups(8, 8);
+}
+
+/* Group counts that are not powers of two close the same tree as the
+ * all-reduce over that many members: 3, 6, 7 groups, and groups of two
+ * micro-batches. */
+Test(program, grad_groups_any_count)
+{
+    check_grad_groups(6, 6);
+    check_grad_groups(6, 3);
+    check_grad_groups(7, 7);
+    check_grad_groups(12, 6);
 }
 
 Test(program, grad_groups_defaults_and_refusals)
@@ -799,14 +830,30 @@ Test(program, grad_groups_defaults_and_refusals)
     cr_assert_eq(K, 1);
     cr_assert_eq(pw_grad_groups(16, 4, 4, &K), 16);
     cr_assert_eq(K, 4);
-    cr_assert_eq(pw_grad_groups(3, 1, 6, NULL), -1);
+    cr_assert_eq(pw_grad_groups(3, 1, 6, &K), 3); /* any G dividing R·M */
+    cr_assert_eq(K, 3);
+    cr_assert_eq(pw_grad_groups(12, 3, 8, &K), 12);
+    cr_assert_eq(K, 4);
+    cr_assert_eq(pw_grad_groups(12, 2, 12, &K), 12);
+    cr_assert_eq(K, 6);
+    cr_assert_eq(pw_grad_groups(12, 8, 3, &K), 12); /* R does not divide G: K = 12 / gcd(12, 8) */
+    cr_assert_eq(K, 3);
     cr_assert_eq(pw_grad_groups(4, 1, 6, NULL), -1);
+    cr_assert_eq(pw_grad_groups(5, 2, 6, NULL), -1);
+    /* Which replica counts give one replica's bits. */
+    cr_assert(pw_grad_groups_identical(12, 1));
+    cr_assert(pw_grad_groups_identical(12, 3));
+    cr_assert(pw_grad_groups_identical(12, 12));
+    cr_assert(!pw_grad_groups_identical(12, 2)); /* 6 groups per replica: another tree */
+    cr_assert(!pw_grad_groups_identical(12, 5));
+    cr_assert(pw_grad_groups_identical(4, 2));
+    cr_assert(!pw_grad_groups_identical(4, 3));
     pw_graph *g = parse(MLP);
     pw_program_config pc = {.graph = g, .micro_batch = 2, .micro_batches = 6, .grad_groups = 4};
     pw_program *p;
     cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
-    pc.grad_groups = 3;
-    pc.micro_batches = 3;
+    pc.grad_groups = 5;
+    pc.micro_batches = 6;
     cr_assert_eq(pw_program_create(&pc, &p), PW_ERR_INVALID_ARG);
     pc.grad_groups = 2;
     pc.micro_batches = 0;

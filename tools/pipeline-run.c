@@ -248,10 +248,12 @@ static void usage(FILE *f)
 "                        else OPENBLAS_NUM_THREADS or all cores); results are\n"
 "                        the same for every N\n"
 "  --grad-groups G       sum the step's micro-batch gradients as G groups,\n"
-"                        pairwise (a power of two dividing replicas x\n"
-"                        micro-batches; default: up to 4): runs whose\n"
-"                        --replicas divides G give the same bits; each stage\n"
-"                        holds log2(G / replicas) more gradient copies\n"
+"                        pairwise (G divides replicas x micro-batches;\n"
+"                        default: the largest power of two doing so, up to\n"
+"                        4): --replicas R gives the same bits as 1 replica\n"
+"                        when G / R is a power of two (e.g. G = 12 for R =\n"
+"                        1, 3, 6, 12); each stage holds ceil(log2(G / R))\n"
+"                        more gradient copies\n"
 "  --print-graph         print the parsed graph with shapes and costs, then train\n"
 "  --quiet               only errors and the final result\n"
 "  --help                this text\n"
@@ -766,7 +768,7 @@ static int parse_args(int argc, char **argv, options *o)
     }
     if (pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0)
     {
-        fprintf(stderr, "pipeline-run: --grad-groups %d: must be a power of two dividing --replicas x "
+        fprintf(stderr, "pipeline-run: --grad-groups %d: must divide --replicas x "
                 "--micro-batches (%d x %d)\n", o->grad_groups, o->replicas, o->micro_batches);
         return 2;
     }
@@ -1033,9 +1035,10 @@ static int resume_layout(options *o, const pw_state_meta *m, int world, char *no
                  "global batch %lld, %d micro-batches of %lld per replica; %s\n", o->replicas,
                  o->replicas > 1 ? "s" : "", m->layout.replicas, (long long)o->batch, o->micro_batches,
                  (long long)micro_size(o),
-                 G % o->replicas == 0 ? "bit-identical (the replica count divides the gradient groups)"
-                                      : "equal to rounding only (the replica count does not divide the "
-                                        "gradient groups; docs/checkpoints.md)");
+                 pw_grad_groups_identical(G, o->replicas) && pw_grad_groups_identical(G, m->layout.replicas)
+                     ? "bit-identical (gradient groups / replicas is a power of two)"
+                     : "equal to rounding only (gradient groups / replicas is not a power of two for "
+                       "both runs; docs/checkpoints.md)");
     }
     return 0;
 }
@@ -2161,11 +2164,22 @@ int main(int argc, char **argv)
             if (o.recompute) printf(", recompute");
             printf("), schedule %s, theoretical bubble %.1f%%\n", csv ? csv : pw_schedule_kind_name(kind),
                    100.0 * pw_pipeline_theory_bubble(t));
-            if (o.replicas > 1)
+            if (o.replicas > 1) {
+                const int G = pw_grad_groups(o.grad_groups, o.replicas, o.micro_batches, NULL);
+                char same[160];
+                if (g_mpi && o.allreduce != PW_ALLREDUCE_TREE && o.replicas > 2)
+                    snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s)",
+                             o.allreduce == PW_ALLREDUCE_RING ? "ring" : "mpi");
+                else if (pw_grad_groups_identical(G, o.replicas))
+                    snprintf(same, sizeof same, "the same bits as 1 replica (%d gradient groups)", G);
+                else
+                    snprintf(same, sizeof same, "equal to 1 replica to rounding only (%d gradient groups; "
+                             "--grad-groups %d makes it bit-identical)", G, o.replicas);
                 printf("pipeline-run: %d replicas, each %lld samples of every batch; gradients summed in %d "
-                       "bucket%s per stage%s\n", o.replicas, (long long)(o.batch / o.replicas),
+                       "bucket%s per stage%s; %s\n", o.replicas, (long long)(o.batch / o.replicas),
                        pw_pipeline_schedule(t)->n_buckets, pw_pipeline_schedule(t)->n_buckets > 1 ? "s" : "",
-                       g_mpi ? "" : " (in-process tree all-reduce)");
+                       g_mpi ? "" : " (in-process tree all-reduce)", same);
+            }
             char sched[96] = "";
             if (o.optim.schedule != PW_LR_CONSTANT)
                 snprintf(sched, sizeof sched, " %s to %g", pw_lr_schedule_name(o.optim.schedule),

@@ -294,6 +294,16 @@ static pw_status commit(pw_program *p)
     return PW_OK;
 }
 
+static int64_t gcd64(int64_t a, int64_t b)
+{
+    while (b) {
+        const int64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
 int pw_grad_groups(int requested, int replicas, int micro_batches, int *per_replica)
 {
     if (per_replica) *per_replica = 1;
@@ -304,13 +314,19 @@ int pw_grad_groups(int requested, int replicas, int micro_batches, int *per_repl
     if (G == 0) {
         G = 1;
         while (G < PW_GRAD_GROUPS_DEFAULT && n % (2 * G) == 0) G *= 2;
-    } else if ((G & (G - 1)) != 0 || n % G != 0) {
+    } else if (n % G != 0) {
         return -1;
     }
-    int64_t gcd = 1;
-    while (gcd < G && replicas % (2 * gcd) == 0) gcd *= 2; /* G is a power of two */
-    if (per_replica) *per_replica = (int)(G / gcd);
+    if (per_replica) *per_replica = (int)(G / gcd64(G, replicas));
     return (int)G;
+}
+
+int pw_grad_groups_identical(int grad_groups, int replicas)
+{
+    if (replicas <= 1) return 1;
+    if (grad_groups < 1 || grad_groups % replicas) return 0;
+    const int k = grad_groups / replicas;
+    return (k & (k - 1)) == 0;
 }
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
@@ -331,12 +347,13 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     if (c.loss_batch <= 0) c.loss_batch = c.micro_batch;
     c.recompute = c.recompute != 0;
     if (c.grad_groups <= 0) c.grad_groups = 1;
+    if (c.grad_groups > 1 && (c.micro_batches <= 0 || c.micro_batches % c.grad_groups))
+        return pw_error(PW_ERR_INVALID_ARG, "program: %d gradient groups must divide the %d micro-batches "
+                        "of a step", c.grad_groups, c.micro_batches);
+    /* The binary counter over K groups holds at most bit-length(K - 1)
+     * pending sums (group_end). */
     int sum_bufs = 0;
-    while ((1 << sum_bufs) < c.grad_groups && sum_bufs < 30) sum_bufs++;
-    if ((1 << sum_bufs) != c.grad_groups || (c.grad_groups > 1 && (c.micro_batches <= 0 ||
-                                                                   c.micro_batches % c.grad_groups)))
-        return pw_error(PW_ERR_INVALID_ARG, "program: %d gradient groups must be a power of two dividing "
-                        "the %d micro-batches of a step", c.grad_groups, c.micro_batches);
+    while (sum_bufs < 30 && (1 << sum_bufs) < c.grad_groups) sum_bufs++;
 
     const pw_backend_i *be;
     int dev_index;

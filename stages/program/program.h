@@ -32,11 +32,13 @@
  * called (micro-batch order under every schedule). With cfg.grad_groups
  * K > 1 the step's M micro-batches (cfg.micro_batches) are summed as K
  * groups of M/K consecutive ones, each a running sum, and the K group sums
- * pairwise: (G0 + G1) + (G2 + G3) for K = 4. That is the shape of a sum that
- * replicas can split: R replicas of M/R micro-batches each, summing theirs
- * with K/R groups and the replicas' sums with collective.h's tree, add the
- * same floats in the same order as one replica (docs/api.md,
- * "Determinism"). It costs log2(K) more copies of the gradients
+ * pairwise: (G0 + G1) + (G2 + G3) for K = 4, ((G0 + G1) + (G2 + G3)) +
+ * (G4 + G5) for K = 6 — collective.h's tree over K members. That is the
+ * shape of a sum that replicas can split: R replicas of M/R micro-batches
+ * each, summing theirs with K/R groups (K/R a power of two) and the
+ * replicas' sums with the same tree, add the same floats in the same order
+ * as one replica (docs/api.md, "Determinism"). It costs ceil(log2 K) more
+ * copies of the gradients
  * (pw_program_memory's grad_sums) and a pass over them per group. A tied parameter used by
  * several nodes (an LM head reusing the token embedding) accumulates each
  * use's gradient in its own buffer over the step and sums the uses once, in
@@ -124,23 +126,29 @@ typedef struct pw_program_config {
                                   optimizer step taking in what is pending, but not
                                   in the documented tree) */
     int grad_groups;           /* K: sum the micro-batches' weight gradients in K
-                                  groups, pairwise (see "Determinism" above); a
-                                  power of two dividing micro_batches; 0 or 1:
-                                  one running sum */
+                                  groups, pairwise (see "Determinism" above);
+                                  dividing micro_batches; 0 or 1: one running
+                                  sum */
 } pw_program_config;
 
 /* The default G: at most this many groups. */
 #define PW_GRAD_GROUPS_DEFAULT 4
 
 /* The gradient groups of a step of R replicas × M micro-batches
- * (docs/api.md, "Determinism"). Returns G: `requested` when it is a power
- * of two dividing R·M, or for 0 the largest power of two dividing R·M up to
+ * (docs/api.md, "Determinism"). Returns G: `requested` when it divides
+ * R·M, or for 0 the largest power of two dividing R·M up to
  * PW_GRAD_GROUPS_DEFAULT; -1 when `requested` is not valid. *per_replica
  * (optional) receives K = G / gcd(G, R), the groups each replica sums its M
  * micro-batches in: R | G gives G/R, and the replicas' tree all-reduce then
- * completes the same pairwise sum over the G groups that one replica
- * forms. Each program holds log2(K) extra copies of its gradients. */
+ * completes the same sum over the G groups that one replica forms when
+ * pw_grad_groups_identical(G, R). Each program holds ceil(log2 K) extra
+ * copies of its gradients. Pure functions: any thread. */
 int pw_grad_groups(int requested, int replicas, int micro_batches, int *per_replica);
+
+/* 1 when R replicas give the same bits as one replica with G gradient
+ * groups: R = 1, or R divides G and G / R is a power of two (each replica's
+ * groups are then one subtree of the documented tree); else 0. */
+int pw_grad_groups_identical(int grad_groups, int replicas);
 
 pw_status pw_program_create(const pw_program_config *cfg, pw_program **out);
 void pw_program_destroy(pw_program *p); /* accepts NULL */

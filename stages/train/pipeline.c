@@ -137,7 +137,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     PW_CHECK(pl_check_device(c, NR));
     int K;
     if (pw_grad_groups(c->grad_groups, NR, c->micro_batches, &K) < 0)
-        return pw_error(PW_ERR_INVALID_ARG, "gradient groups %d: must be a power of two dividing the "
+        return pw_error(PW_ERR_INVALID_ARG, "gradient groups %d: must divide the "
                         "%d micro-batches of a step (%d replicas x %d)", c->grad_groups,
                         NR * c->micro_batches, NR, c->micro_batches);
 

@@ -118,8 +118,9 @@ typedef struct pw_pipeline_config {
                                        the team as it is (default: all cores) */
     int grad_groups;                /* G: the step's R·M micro-batch gradients are summed
                                        as G groups of consecutive micro-batches, pairwise
-                                       (pw_grad_groups, stages/program/program.h); runs whose replica count
-                                       divides G are bit-identical. 0: the default */
+                                       (pw_grad_groups, stages/program/program.h); replica counts R with G/R
+                                       a power of two (and R = 1) are bit-identical
+                                       (pw_grad_groups_identical). 0: the default */
 } pw_pipeline_config;
 
 

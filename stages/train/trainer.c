@@ -46,7 +46,7 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
     PW_CHECK(pw_trainer_check_batching(c->graph, c->train, c->batch, c->micro_batches, 1));
     const int G = pw_grad_groups(c->grad_groups, 1, c->micro_batches, NULL);
     if (G < 0)
-        return pw_error(PW_ERR_INVALID_ARG, "gradient groups %d: must be a power of two dividing the %d "
+        return pw_error(PW_ERR_INVALID_ARG, "gradient groups %d: must divide the %d "
                         "micro-batches", c->grad_groups, c->micro_batches);
 
     pw_trainer *t = calloc(1, sizeof *t);
