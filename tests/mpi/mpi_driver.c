@@ -690,6 +690,27 @@ static void ckpt_sigterm(int np)
     if (st == 0) ckpt_compare("ckt.st", "resumed after SIGTERM under mpirun");
 }
 
+/* tools/pipeline-launch asked to stop (SIGTERM to the launcher, as a
+ * batch system does): mpirun, signalled, exits 1, but the processes
+ * checkpointed, so the launcher exits 75 and names the checkpoint. */
+static void ckpt_launch_sigterm(void)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "rm -rf cks; %s/tools/pipeline-launch --np 2 --mpirun \"" MPIRUN "\" -- "
+             "%s/pipeline-run m.graph " DATA " --batch 48 --steps 1000000 --stages 2 --checkpoint-dir cks "
+             "--checkpoint-every 20 --quiet & p=$!; i=0; while [ ! -e cks/step-00000020/manifest.json ] && "
+             "[ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; kill -TERM $p; wait $p", PW_SOURCE_DIR, bin);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 75 || !strstr(out, "pipeline-launch: stopped on request; checkpoint cks/step-")) {
+        fail("checkpoints: SIGTERM to pipeline-launch: exit %d (want 75)\n%s", st, out);
+        free(out);
+        return;
+    }
+    const char *said = strstr(out, "pipeline-launch: stopped");
+    printf("ok   checkpoints: SIGTERM to pipeline-launch: exit 75, %.*s\n", (int)strcspn(said, "\n"), said);
+    free(out);
+}
+
 /* tools/pipeline-launch: rank 3 of 4 (2 stages x 2 replicas) SIGKILLed
  * after step 9; mpirun is re-run with --resume on `restart_np` processes. */
 static void ckpt_launch(int restart_np)
@@ -1041,6 +1062,7 @@ int main(int argc, char **argv)
             } else {
                 ckpt_mpi(4, 2, 2, 4, 1);
                 ckpt_sigterm(4);
+                ckpt_launch_sigterm();
                 ckpt_launch(4);
                 ckpt_launch(2);
             }
@@ -1103,6 +1125,7 @@ int main(int argc, char **argv)
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);
+            ckpt_launch_sigterm();
             ckpt_launch(4);
             ckpt_launch(2);
         }
