@@ -27,6 +27,7 @@
 #include "runtime/transport.h"   /* several processes: MPI */
 #include "runtime/topology.h"    /* hwloc topology and placement */
 #include "runtime/trace.h"       /* recording a run's trace */
+#include "runtime/metrics_log.h" /* a metrics log (JSON Lines) of your own figures */
 
 /* ---- Graph users: a model as a graph file, trained through the library. */
 #include "graph/graph.h"              /* parsing, shapes, costs */
@@ -38,6 +39,7 @@
 #include "stages/train/trainer.h"     /* one stage, the reference loop */
 #include "stages/train/pipeline.h"    /* stages x replicas x schedule: pw_pipeline */
 #include "stages/train/checkpoint.h"  /* weights: --save / --init-from files */
+#include "stages/train/pipeline_metrics.h" /* a pipeline's metrics log (--metrics) */
 #include "stages/train/state.h"       /* training state: checkpoints and resume */
 #include "stages/train/generate.h"    /* sampling text from a trained model */
 

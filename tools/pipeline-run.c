@@ -9,13 +9,11 @@
  * checkpoint (--checkpoint-dir: resumable), 128 + the signal otherwise.
  * Every error is one message on stderr. */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,6 +33,7 @@
 #include "stages/plan/forecast.h"
 #include "stages/train/generate.h"
 #include "stages/train/pipeline.h"
+#include "stages/train/pipeline_metrics.h"
 #include "stages/plan/plan.h"
 #include "stages/plan/profile.h"
 #include "stages/program/program.h"
@@ -942,9 +941,11 @@ static int stop_signal(void)
 
 static int64_t micro_size(const options *o);
 
-/* One finished training-state checkpoint, said on stdout. */
-static void report_checkpoint(const options *o, const pw_state_done *d)
+/* One finished training-state checkpoint, said on stdout (a
+ * pw_state_report_fn; arg: the options). */
+static void report_checkpoint(const pw_state_done *d, void *arg)
 {
+    const options *o = arg;
     if (o->quiet) return;
     printf("checkpoint %s: %.2f MiB in %.3f s%s (snapshot %.4f s on the training thread%s)\n", d->path,
            (double)d->bytes / (1 << 20), d->write_s, g_mpi ? " by all processes" : " in the background",
@@ -956,26 +957,15 @@ static void report_checkpoint(const options *o, const pw_state_done *d)
  * stopped): with --checkpoint-dir, the state after the last finished step
  * (every process at the same step), written and waited for. Returns 1 when
  * it is complete (the run then exits PW_EXIT_RESUMABLE), 0 without
- * --checkpoint-dir. Called on every process once the run has stopped on
- * `sig`; a failed write stops the run (exit 1). */
-static int checkpoint_on_signal(pw_pipeline *t, const options *o, int sig, pw_state_writer *w, int64_t step,
-                                int64_t last_saved)
+ * --checkpoint-dir, -1 after a failed write was reported (exit 1). Called
+ * on every process once the run has stopped. */
+static int checkpoint_on_signal(pw_pipeline *t, const options *o, pw_state_writer *w, int64_t step)
 {
-    (void)sig;
     if (!w) return 0;
-    pw_state_done d;
-    int completed = 0;
-    if (step != last_saved && pw_state_writer_save(w, t, step) != PW_OK) {
+    if (pw_state_writer_finish(w, t, step, report_checkpoint, (void *)o) != PW_OK) {
         fail("checkpoint on the signal: ");
         return -1;
     }
-    do {
-        if (pw_state_writer_poll(w, 1, &d, &completed) != PW_OK) {
-            fail("checkpoint on the signal: ");
-            return -1;
-        }
-        if (completed) report_checkpoint(o, &d);
-    } while (completed);
     if (!g_mpi || g_mpi->world_rank == 0)
         fprintf(stderr, "pipeline-run: checkpointed at step %lld in %s/step-%08lld; resume with --resume %s "
                 "(exit %d)\n", (long long)step, o->checkpoint_dir, (long long)step, o->checkpoint_dir,
@@ -994,36 +984,17 @@ static void run_extra(const options *o, char *extra, size_t n)
              (double)o->optim.lr);
 }
 
-/* The math a training-state checkpoint must agree on (stages/train/state.h). */
-static pw_state_run state_run(const options *o, const pw_dataset *train, const pw_optim_config *optim)
-{
-    pw_state_run r = {.data = o->data, .train_samples = train->n, .batch = o->batch,
-                      .micro_batch = micro_size(o),
-                      .grad_groups = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL),
-                      .seed = o->seed, .shuffle = o->shuffle, .clip_grad_norm = o->clip, .optim = *optim};
-    return r;
-}
-
-/* --resume, before anything is built: the checkpoint's micro-batch size
- * fixes the micro-batches when --micro-batches is not given, so a run on
- * fewer (or more) replicas keeps the global batch and the micro-batch size;
- * under mpirun a process count that no longer fits --stages x --replicas
- * takes world / stages replicas (elastic). *note receives what changed.
- * 0, or 2 after a message. */
+/* --resume, before anything is built: the layout fitted to the checkpoint
+ * (pw_state_fit_layout: its micro-batch size fixes the micro-batches when
+ * --micro-batches is not given; under mpirun a process count that no
+ * longer fits --stages x --replicas takes world / stages replicas). *note
+ * receives what changed. 0, or 2 after a message. */
 static int resume_layout(options *o, const pw_state_meta *m, int world, char *note, size_t n)
 {
     note[0] = '\0';
-    if (world > 1 && world != o->stages * o->replicas && world % o->stages == 0) {
-        o->replicas = world / o->stages;
-        o->micro_set = 0;
-    }
-    const int64_t per = (int64_t)o->replicas * m->run.micro_batch;
-    if (!o->micro_set && per > 0 && o->batch % per == 0) {
-        o->micro_batches = (int)(o->batch / per);
-        o->micro_set = 1; /* not the stage count's default (default_stages) */
-    }
-    if (o->batch % ((int64_t)o->replicas * o->micro_batches) != 0 ||
-        pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0) {
+    if (pw_state_fit_layout(m, world, o->stages, o->batch, o->grad_groups, &o->replicas, &o->micro_batches,
+                            &o->micro_set) != PW_OK) {
+        pw_clear_error();
         fprintf(stderr, "pipeline-run: --resume: --batch %lld does not split into %d replicas x %d micro-batches "
                 "(the checkpoint's micro-batches hold %lld samples)\n", (long long)o->batch, o->replicas,
                 o->micro_batches, (long long)m->run.micro_batch);
@@ -1043,50 +1014,14 @@ static int resume_layout(options *o, const pw_state_meta *m, int world, char *no
     return 0;
 }
 
-/* The sum over every process of `v` (world order). */
-static double world_sum(double v)
-{
-    double *all = calloc((size_t)g_mpi->world_size, sizeof *all), sum = 0;
-    if (!all || pw_transport_allgather(g_mpi, &v, sizeof v, all) != PW_OK) {
-        free(all);
-        fail(""); /* a process is stalled (named) or gone: MPI_Abort */
-        return v;
-    }
-    for (int w = 0; w < g_mpi->world_size; w++) sum += all[w];
-    free(all);
-    return sum;
-}
-
-/* Under mpirun: one row per process, printed by world rank 0. */
-typedef struct row {
-    double busy, total, allreduce, exposed;
-    int32_t replica, stage, peak, slots;
-    int64_t nodes[2];
-} row;
-
-static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
+/* Under mpirun: one row per process (pw_pipeline_gather_process_stats,
+ * collective), printed by world rank 0. */
+static void print_summary_mpi(pw_pipeline *t, int quiet)
 {
     const int W = g_mpi->world_size;
-    row mine = {0}, *all = calloc((size_t)W, sizeof mine);
-    /* The rank's figures from its first chunk; slots summed over its chunks
-     * (interleaved and zb-v place several on each rank). */
-    pw_pipeline_stage_stats ss = {0};
-    int found = 0, peak = 0, slots = 0;
-    for (int ch = 0; ch < pw_pipeline_n_chunks(t); ch++) {
-        if (pw_schedule_rank_of(pw_pipeline_schedule(t), ch) != g_mpi->rank) continue;
-        pw_pipeline_stage_stats cs;
-        pw_pipeline_stage_stats_get(t, ch, &cs);
-        if (!found++) ss = cs;
-        peak += cs.peak_slots;
-        slots += cs.slots;
-    }
-    ss.peak_slots = peak;
-    ss.slots = slots;
-    pw_engine_rank_stats rs;
-    pw_engine_rank_stats_get(pw_pipeline_engine((pw_pipeline *)t), g_mpi->replica * S + g_mpi->rank, &rs);
-    mine = (row){ss.busy_s, ss.total_s, rs.allreduce_s, rs.allreduce_wait_s, g_mpi->replica, g_mpi->rank,
-                 ss.peak_slots, ss.slots, {ss.node_begin, ss.node_end}};
-    if (!all || pw_transport_allgather(g_mpi, &mine, sizeof mine, all) != PW_OK) {
+    pw_pipeline_process_stats *all = calloc((size_t)W, sizeof *all);
+    if (!all) pw_error(PW_ERR_NOMEM, "out of memory");
+    if (!all || pw_pipeline_gather_process_stats(t, all) != PW_OK) {
         free(all);
         fail("summary: ");
         return;
@@ -1096,12 +1031,12 @@ static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
         printf("\nrank  replica stage  nodes        busy s   idle s   bubble   theory   all-reduce s "
                "(exposed)   slots\n");
         for (int w = 0; w < W; w++) {
-            const row *r = &all[w];
-            double idle = r->total - r->busy;
+            const pw_pipeline_process_stats *r = &all[w];
+            double idle = r->total_s - r->busy_s;
             printf("%4d  %7d %5d  [%3lld,%3lld)  %8.2f %8.2f  %6.1f%%  %6.1f%%   %8.3f (%8.3f)   %d/%d\n", w,
-                   r->replica, r->stage, (long long)r->nodes[0], (long long)r->nodes[1], r->busy, idle,
-                   r->total > 0 ? 100.0 * idle / r->total : 0.0, 100.0 * theory, r->allreduce, r->exposed,
-                   r->peak, r->slots);
+                   r->replica, r->stage, (long long)r->node_begin, (long long)r->node_end, r->busy_s, idle,
+                   r->total_s > 0 ? 100.0 * idle / r->total_s : 0.0, 100.0 * theory, r->allreduce_s,
+                   r->allreduce_wait_s, r->peak_slots, r->slots);
         }
     }
     free(all);
@@ -1112,208 +1047,6 @@ static void print_summary_mpi(const pw_pipeline *t, int S, int quiet)
 static void trace_path(const char *path, char *out, size_t n)
 {
     pw_trace_rank_path(path, g_mpi ? g_mpi->world_rank : -1, out, n);
-}
-
-/* ---- --metrics: JSON Lines (docs/pipeline-run.md, "Metrics log") ----
- * One object per training step and one per evaluation, appended while the
- * run goes. Each line is formatted whole and handed to the kernel in one
- * write(2), so whatever ends the run (a signal, an error, a kill) leaves the
- * file complete up to its last line; it is not a temp file renamed at the
- * end (runtime/tmpfile.h), because a log is read while it grows. Under
- * mpirun every process takes part (the per-stage figures are gathered) and
- * world rank 0 writes. */
-typedef struct metrics {
-    int on;                 /* --metrics given (on every process) */
-    int fd;                 /* the file, on the writing process; else -1 */
-    const char *path;
-    int S;                  /* pipeline stages: the entries of stage_busy_ms */
-    double *busy;           /* (S) each stage's busy seconds so far (under mpirun:
-                               this process's own stage's entry only) */
-    double *stage_ms;       /* (S) the last step's busy ms per stage */
-    double *gathered;       /* under mpirun: (world, 2) each process's busy ms and bubble */
-    char *line;             /* the line being formatted, cap bytes */
-    size_t cap, len;
-} metrics;
-
-static void metrics_close(metrics *m)
-{
-    if (m->fd >= 0) close(m->fd);
-    free(m->busy);
-    free(m->stage_ms);
-    free(m->gathered);
-    free(m->line);
-    memset(m, 0, sizeof *m);
-    m->fd = -1;
-}
-
-/* Creates (truncates) the file; 0, or 1 after the error. */
-static int metrics_open(metrics *m, const char *path, int stages)
-{
-    memset(m, 0, sizeof *m);
-    m->fd = -1;
-    if (!path) return 0;
-    m->on = 1;
-    m->path = path;
-    m->S = stages;
-    m->cap = 1024 + 32 * (size_t)stages; /* a line's fixed keys, then one number per stage */
-    m->line = malloc(m->cap);
-    m->busy = calloc((size_t)stages, sizeof *m->busy);
-    m->stage_ms = calloc((size_t)stages, sizeof *m->stage_ms);
-    if (g_mpi) m->gathered = calloc(2 * (size_t)g_mpi->world_size, sizeof *m->gathered);
-    if (!m->line || !m->busy || !m->stage_ms || (g_mpi && !m->gathered)) {
-        pw_error(PW_ERR_NOMEM, "out of memory");
-        return fail("--metrics: ");
-    }
-    if (g_mpi && g_mpi->world_rank != 0) return 0;
-    m->fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (m->fd < 0) {
-        pw_error(PW_ERR_IO, "%s: %s", path, strerror(errno));
-        return fail("--metrics: ");
-    }
-    return 0;
-}
-
-static void jput(metrics *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void jput(metrics *m, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(m->line + m->len, m->cap - m->len, fmt, ap);
-    va_end(ap);
-    if (k > 0) m->len += (size_t)k < m->cap - m->len ? (size_t)k : m->cap - m->len - 1;
-}
-
-/* `,"key":x`; JSON has no NaN or infinity, so those (and "not measured") are null. */
-static void jnum(metrics *m, const char *key, double x)
-{
-    if (isfinite(x)) jput(m, ",\"%s\":%.9g", key, x);
-    else jput(m, ",\"%s\":null", key);
-}
-
-/* A float (the lr) with the fewest digits that read back as the same float:
- * 0.01, not 0.00999999978. */
-static void jfloat(metrics *m, const char *key, float x)
-{
-    if (!isfinite(x)) {
-        jnum(m, key, x);
-        return;
-    }
-    char b[40];
-    for (int digits = 6; digits <= 9; digits++) {
-        snprintf(b, sizeof b, "%.*g", digits, (double)x);
-        if ((float)strtod(b, NULL) == x) break;
-    }
-    jput(m, ",\"%s\":%s", key, b);
-}
-
-/* Ends the line and writes it in one piece; 0, or 1 after the error. */
-static int metrics_flush(metrics *m)
-{
-    jput(m, "}\n");
-    for (size_t done = 0; done < m->len;) {
-        ssize_t w = write(m->fd, m->line + done, m->len - done);
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-            pw_error(PW_ERR_IO, "%s: write failed: %s", m->path, w < 0 ? strerror(errno) : "nothing written");
-            return fail("--metrics: ");
-        }
-        done += (size_t)w;
-    }
-    m->len = 0;
-    return 0;
-}
-
-/* The engine worker of stage r here (replica 0 in one process, this
- * process's own under mpirun): busy seconds since the pipeline started. */
-static double stage_busy_s(pw_pipeline *t, int S, int r)
-{
-    pw_engine_rank_stats rs;
-    pw_engine_rank_stats_get(pw_pipeline_engine(t), g_mpi ? g_mpi->replica * S + g_mpi->rank : r, &rs);
-    return rs.busy_s;
-}
-
-/* Before the first step: where the busy counters start. */
-static void metrics_start(metrics *m, pw_pipeline *t)
-{
-    if (!m->on) return;
-    for (int r = 0; r < m->S; r++)
-        if (!g_mpi || r == g_mpi->rank) m->busy[r] = stage_busy_s(t, m->S, r);
-}
-
-/* After a step: each stage's busy time in it and the step's bubble, which
- * under mpirun every process contributes to (an all-gather: collective). */
-static int metrics_measure(metrics *m, pw_pipeline *t, double *bubble)
-{
-    *bubble = pw_pipeline_last_bubble(t);
-    if (!g_mpi) {
-        for (int r = 0; r < m->S; r++) {
-            double now = stage_busy_s(t, m->S, r);
-            m->stage_ms[r] = 1e3 * (now - m->busy[r]);
-            m->busy[r] = now;
-        }
-        return 0;
-    }
-    const int me = g_mpi->rank;
-    double now = stage_busy_s(t, m->S, me), mine[2] = {1e3 * (now - m->busy[me]), *bubble};
-    m->busy[me] = now;
-    if (pw_transport_allgather(g_mpi, mine, sizeof mine, m->gathered) != PW_OK) return fail("--metrics: ");
-    /* Replica 0's stages; the bubble of every worker (their step walls agree). */
-    for (int r = 0; r < m->S; r++) m->stage_ms[r] = m->gathered[2 * pw_transport_world_of(g_mpi, 0, r)];
-    double sum = 0;
-    for (int w = 0; w < g_mpi->world_size; w++) sum += m->gathered[2 * w + 1];
-    *bubble = sum / g_mpi->world_size;
-    return 0;
-}
-
-/* {"type":"step", ...}: the figures of the step just done (s), which took
- * step_s seconds inside pw_pipeline_step. `T`: tokens per sample for token
- * data, else 0. 0, or 1 after the error. */
-static int metrics_step(metrics *m, pw_pipeline *t, const options *o, const pw_optim_config *optim,
-                        const pw_step_stats *s, double step_s, double elapsed_s, int64_t T)
-{
-    if (!m->on) return 0;
-    double bubble;
-    if (metrics_measure(m, t, &bubble)) return 1;
-    if (m->fd < 0) return 0;
-    jput(m, "{\"type\":\"step\",\"step\":%lld,\"epoch\":%lld", (long long)s->step, (long long)s->epoch + 1);
-    jnum(m, "loss", s->loss);
-    jfloat(m, "lr", pw_optim_lr_at(optim, s->step));
-    jnum(m, "grad_norm", o->clip > 0 ? pw_pipeline_grad_norm(t) : NAN); /* measured only when clipping */
-    jnum(m, "samples_per_s", (double)o->batch / step_s);
-    if (T > 0) jnum(m, "tokens_per_s", (double)(o->batch * T) / step_s);
-    jnum(m, "step_ms", 1e3 * step_s);
-    jnum(m, "bubble_pct", 100.0 * bubble);
-    jput(m, ",\"stage_busy_ms\":[");
-    for (int r = 0; r < m->S; r++) {
-        if (isfinite(m->stage_ms[r])) jput(m, "%s%.6g", r ? "," : "", m->stage_ms[r]);
-        else jput(m, "%snull", r ? "," : "");
-    }
-    jput(m, "]");
-    jnum(m, "elapsed_s", elapsed_s);
-    return metrics_flush(m);
-}
-
-/* {"type":"eval", ...} after an evaluation of the held-out split at step s.
- * A language model (`entropy` >= 0) has no accuracy: its per-token argmax
- * accuracy is token_accuracy, beside ppl = e^loss. 0, or 1 after the error. */
-static int metrics_eval(metrics *m, const pw_step_stats *s, const pw_eval_stats *ev, double entropy,
-                        double eval_s, double elapsed_s)
-{
-    if (m->fd < 0) return 0;
-    jput(m, "{\"type\":\"eval\",\"step\":%lld,\"epoch\":%lld", (long long)s->step, (long long)s->epoch + 1);
-    jnum(m, "loss", ev->loss);
-    if (entropy >= 0) {
-        jput(m, ",\"accuracy\":null");
-        jnum(m, "ppl", exp(ev->loss));
-        jnum(m, "token_accuracy", ev->accuracy);
-        jnum(m, "unigram_entropy", entropy);
-    } else {
-        jnum(m, "accuracy", ev->accuracy);
-    }
-    jput(m, ",\"samples\":%lld", (long long)ev->samples);
-    jnum(m, "eval_ms", 1e3 * eval_s);
-    jnum(m, "elapsed_s", elapsed_s);
-    return metrics_flush(m);
 }
 
 static int start_mpi(int *argc, char ***argv, options *o, int world)
@@ -1669,83 +1402,31 @@ static int choose_auto(const pw_graph *g, const options *o, pw_schedule_kind *ki
 }
 
 /* What a plan borrows (a CSV schedule, the profile, the devices, the
- * topology), freed with it. */
+ * topology, this machine's GPUs), freed with it. */
 typedef struct plan_run {
     pw_plan *plan;
     pw_schedule *custom;
     pw_profile *prof;
     pw_device_spec *devs;
     hwloc_topology_t topo;
-    pw_gpu_desc *gpus;           /* --device cuda: this machine's GPUs */
-    struct gpu_text { char name[16], pci[16], model[256]; } *gpu_text;
+    pw_plan_local *local;        /* --device cuda: this machine's GPUs and topology */
 } plan_run;
 
 static void plan_run_free(plan_run *pr)
 {
-    free(pr->gpus);
-    free(pr->gpu_text);
     pw_plan_destroy(pr->plan);
+    pw_plan_local_destroy(pr->local);
     if (pr->topo) hwloc_topology_destroy(pr->topo);
     free(pr->devs);
     pw_profile_destroy(pr->prof);
     pw_schedule_destroy(pr->custom);
     memset(pr, 0, sizeof *pr);
 }
-
 /* The planner's flags besides --memory-budget (which --schedule auto also
  * takes). Any planner flag makes training run the plan's cuts. */
 static int planner_flags(const options *o)
 {
     return o->balance_set || o->profile || o->topology || o->device_speeds || o->link_set || o->gpu_memory;
-}
-
-/* --device cuda[:N] without --topology: the plan places on this machine's
- * GPUs (the ones the run uses, in device order) with their free memory, on
- * this machine's topology with its I/O devices for their cores. 0, or the
- * exit status after the message. */
-static int plan_on_this_machines_gpus(const options *o, plan_run *pr, pw_plan_config *pc)
-{
-#ifdef PW_HAVE_CUDA
-    const pw_backend_i *be;
-    int dev, n = 0;
-    if (pw_backend_find(o->device, &be, &dev) != PW_OK || !be->device_memory) return 0;
-    if (pw_cuda_device_count(&n) != PW_OK) {
-        fprintf(stderr, "pipeline-run: %s--device: %s\n", g_who, pw_last_error());
-        return 2;
-    }
-    const int first = dev >= 0 ? dev : 0, count = dev >= 0 ? 1 : n;
-    pr->gpus = calloc((size_t)count, sizeof *pr->gpus);
-    pr->gpu_text = calloc((size_t)count, sizeof *pr->gpu_text);
-    if (!pr->gpus || !pr->gpu_text) {
-        fprintf(stderr, "pipeline-run: out of memory\n");
-        return 1;
-    }
-    for (int k = 0; k < count; k++) {
-        pw_cuda_device_info info;
-        struct gpu_text *t = &pr->gpu_text[k];
-        if (pw_cuda_device_query(first + k, &info) != PW_OK || pw_cuda_device_pci(first + k, t->pci, sizeof t->pci) != PW_OK) {
-            fprintf(stderr, "pipeline-run: %s--device %s: %s\n", g_who, o->device, pw_last_error());
-            return 1;
-        }
-        snprintf(t->name, sizeof t->name, "cuda%d", first + k);
-        snprintf(t->model, sizeof t->model, "%s", info.name);
-        pr->gpus[k] = (pw_gpu_desc){.pci = t->pci, .name = t->name, .model = t->model,
-                                    .memory = (int64_t)info.free_mem};
-    }
-    if (pw_topology_load_spec("this", &pr->topo) != PW_OK) {
-        fprintf(stderr, "pipeline-run: %s--device %s: %s\n", g_who, o->device, pw_last_error());
-        return 1;
-    }
-    pc->topology = pr->topo;
-    pc->topology_name = "this machine";
-    pc->gpu_list = pr->gpus;
-    pc->n_gpu_list = count;
-#else
-    (void)o;
-    (void)pr;
-    (void)pc;
-#endif
-    return 0;
 }
 
 /* pw_plan_make from the flags, for --plan and for training (which then runs
@@ -1820,9 +1501,12 @@ static int make_plan(const pw_graph *g, const options *o, pw_schedule_kind kind,
         }
         pc.topology = pr->topo;
         pc.topology_name = o->topology;
-    } else {
-        int rc = plan_on_this_machines_gpus(o, pr, &pc);
-        if (rc) return rc;
+    } else if (pw_plan_local_devices(o->device ? o->device : "cpu", &pc, &pr->local) != PW_OK) {
+        /* --device cuda[:N]: the plan places on this machine's GPUs (the
+         * ones the run uses, in device order) with their free memory, on
+         * this machine's topology for their cores. */
+        fprintf(stderr, "pipeline-run: %s--device %s: %s\n", g_who, o->device, pw_last_error());
+        return 1;
     }
     if (pw_plan_make(&pc, &pr->plan) != PW_OK) {
         fprintf(stderr, "pipeline-run: %s%s%s\n", g_who, what, pw_last_error());
@@ -1904,187 +1588,162 @@ static int load_data(const options *o, const pw_graph *g, const pw_pipeline_conf
     return 0;
 }
 
-int main(int argc, char **argv)
-{
+/* ---- the training run ---- */
+
+/* Everything one run holds; finish_process frees it. */
+typedef struct run {
     options o;
-#ifdef PW_HAVE_CUDA
-    /* The stage program's CUDA backend (pw_stages does not link CUDA). */
-    if (pw_backend_register(pw_backend_cuda()) != PW_OK) {
+    int world;                   /* processes mpirun started (1: none) */
+    pw_state *resume;            /* --resume */
+    pw_graph *g;
+    pw_dataset *train, *test;
+    double entropy;              /* the held-out split's unigram entropy (token data), else -1 */
+    pw_schedule_kind kind;       /* resolved (--schedule auto: chosen) */
+    const char *csv;             /* --schedule FILE */
+    int use_plan;                /* training runs the plan's cuts (the planner's flags) */
+    pw_partition_method plan_method;
+    pw_balance plan_balance;
+    pw_pipeline_config pc;
+    pw_pipeline *t;
+    pw_state_writer *ckw;        /* --checkpoint-dir */
+    pw_pipeline_metrics *mx;     /* --metrics */
+    /* The training loop's. */
+    int64_t spe, total, start;   /* steps per epoch, the last step, steps done before this run */
+    int tty;                     /* the progress line is redrawn in place */
+    pw_step_stats s;
+    pw_eval_stats ev;
+    double t0;                   /* training started */
+    double step_s, first_step_s; /* inside pw_pipeline_step (evaluations excluded) */
+    int stopped;                 /* the signal that stopped training (stop_signal) */
+    int checkpointed;            /* 1: the signal's checkpoint is complete */
+    int64_t steps_done;          /* for the shutdown's progress board */
+} run;
+
+static const char *signal_name(int sig)
+{
+    return sig == SIGINT ? "SIGINT" : sig == SIGTERM ? "SIGTERM" : "a signal";
+}
+
+/* --resume: opened before anything is built or written, so a checkpoint
+ * that cannot be read is refused here; its layout sets the micro-batches.
+ * 0, or the exit status after the message. */
+static int open_resume(run *r, char *note, size_t n)
+{
+    note[0] = '\0';
+    if (!r->o.resume) return 0;
+    if (pw_state_open(r->o.resume, &r->resume) != PW_OK) {
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-#endif
-    int rc = parse_args(argc, argv, &o);
-    if (rc) return rc == 1 ? 0 : rc;
-    const int world = pw_mpi_launched_size();
-    /* --max-restarts: this process supervises; the training runs in its
-     * children (tools/pipeline-run/supervise.h). */
-    if (o.max_restarts > 0 && !getenv("PW_SUPERVISED"))
-        return pw_supervise(argc, argv, o.checkpoint_dir, o.max_restarts, o.quiet);
-    pw_state *resume = NULL;
-    char resume_note[512] = "";
-    if (o.resume) {
-        /* Before anything is built or written: a checkpoint that cannot be
-         * read is refused here, and its layout sets the micro-batches. */
-        if (pw_state_open(o.resume, &resume) != PW_OK) {
-            fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
-            return 1;
-        }
-        if ((rc = resume_layout(&o, pw_state_get_meta(resume), world, resume_note, sizeof resume_note)) != 0) {
-            pw_state_close(resume);
-            return rc;
-        }
+    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world, note, n);
+    if (rc) {
+        pw_state_close(r->resume);
+        r->resume = NULL;
     }
-    if (world > 1 && (rc = start_mpi(&argc, &argv, &o, world)) != 0) {
-        pw_state_close(resume);
-        return rc;
-    }
-    /* Said even with --quiet: the run goes on with another replica count. */
-    if (resume_note[0] && (!g_mpi || g_mpi->world_rank == 0)) fputs(resume_note, stderr);
-    install_signals(); /* after MPI_Init: ours, not the library's */
-    if (o.threads) pw_cpu_set_threads(o.threads);
+    return rc;
+}
 
-    pw_graph *g = NULL;
-    pw_dataset *train = NULL, *test = NULL;
-    pw_pipeline *t = NULL;
-    pw_state_writer *ckw = NULL; /* --checkpoint-dir */
-    int64_t last_saved = -1;     /* the step of the last checkpoint started */
-    int checkpointed = 0;        /* 1: the signal's checkpoint is complete */
-    int status = 1;
-    int stopped = 0;        /* the signal that stopped training (stop_signal) */
-    int64_t steps_done = 0; /* for the shutdown's progress board */
-    metrics mx;             /* --metrics */
-    memset(&mx, 0, sizeof mx);
-    mx.fd = -1;
-
-    if (pw_graph_parse_file(o.graph, &g) != PW_OK) {
+static int load_graph(run *r)
+{
+    if (pw_graph_parse_file(r->o.graph, &r->g) != PW_OK) {
         fprintf(stderr, "%s%s\n", g_who, pw_last_error());
-        goto out;
+        return 1;
     }
-    if (o.print_graph && o.quiet < 2) pw_graph_print(g, stdout);
-    if ((rc = default_stages(g, &o)) != 0) {
-        status = rc;
-        goto out;
-    }
-    if (o.simulate) {
-        status = run_simulate(g, &o);
-        goto out;
-    }
-    if (o.plan) {
-        status = run_plan(g, &o);
-        goto out;
-    }
-    pw_schedule_kind kind = PW_SCHEDULE_1F1B;
-    const char *csv = NULL;
-    int is_auto = 0;
-    if ((rc = resolve_schedule(&o, &kind, &csv, &is_auto)) != 0) {
-        status = rc;
-        goto out;
-    }
+    if (r->o.print_graph && r->o.quiet < 2) pw_graph_print(r->g, stdout);
+    return default_stages(r->g, &r->o);
+}
+
+/* The schedule to train with (--schedule auto: forecast and chosen), and
+ * whether training runs a plan's cuts: the planner's flags make it (the
+ * cuts --plan prints), refused when it does not fit. --schedule auto has
+ * already applied a lone --memory-budget to a schedule of several chunks
+ * per rank, which the planner does not cut. */
+static int choose_schedule(run *r)
+{
+    int is_auto = 0, rc;
+    if ((rc = resolve_schedule(&r->o, &r->kind, &r->csv, &is_auto)) != 0) return rc;
     if (is_auto) {
         int v = 0;
-        if ((rc = choose_auto(g, &o, &kind, &v)) != 0) {
-            status = rc;
-            goto out;
-        }
-        o.chunks_per_rank = v;
+        if ((rc = choose_auto(r->g, &r->o, &r->kind, &v)) != 0) return rc;
+        r->o.chunks_per_rank = v;
     }
-    /* The planner's flags: train with the plan's cuts (the ones --plan
-     * prints), refused here when it does not fit. --schedule auto has
-     * already applied a lone --memory-budget to a schedule of several
-     * chunks per rank, which the planner does not cut. */
-    plan_run pr = {0};
-    const int use_plan = planner_flags(&o) || (o.memory_budget && !(is_auto && o.chunks_per_rank > 1));
-    if (use_plan) {
-        if ((rc = make_plan(g, &o, kind, csv, "", &pr)) != 0) {
-            plan_run_free(&pr);
-            status = rc;
-            goto out;
-        }
-        if (!o.quiet && pw_plan_print(stdout, pr.plan) != PW_OK) {
-            fail("plan: ");
-            plan_run_free(&pr);
-            goto out;
-        }
-    }
+    r->use_plan = planner_flags(&r->o) || (r->o.memory_budget && !(is_auto && r->o.chunks_per_rank > 1));
+    return 0;
+}
+
+/* The pipeline's configuration from the flags (and the plan's cuts). */
+static void pipeline_config(run *r, const plan_run *pr)
+{
+    const options *o = &r->o;
     pw_pipeline_config pc = pw_pipeline_defaults();
-    pc.graph = g;
-    pc.batch = o.batch;
-    pc.micro_batches = o.micro_batches;
-    pc.stages = o.stages;
-    pc.schedule = kind;
-    pc.schedule_csv = csv;
-    pc.partition = o.partition;
-    pc.optim = o.optim;
-    pc.seed = o.seed;
-    pc.shuffle = o.shuffle;
-    pc.watchdog_s = o.watchdog_s;
-    pc.pin = o.pin;
-    pc.threads = o.threads;
-    pc.grad_groups = o.grad_groups;
-    pc.check = o.check;
-    pc.replicas = o.replicas;
-    pc.buckets = o.buckets;
-    pc.clip_grad_norm = o.clip;
+    pc.graph = r->g;
+    pc.batch = o->batch;
+    pc.micro_batches = o->micro_batches;
+    pc.stages = o->stages;
+    pc.schedule = r->kind;
+    pc.schedule_csv = r->csv;
+    pc.partition = o->partition;
+    pc.optim = o->optim;
+    pc.seed = o->seed;
+    pc.shuffle = o->shuffle;
+    pc.watchdog_s = o->watchdog_s;
+    pc.pin = o->pin;
+    pc.threads = o->threads;
+    pc.grad_groups = o->grad_groups;
+    pc.check = o->check;
+    pc.replicas = o->replicas;
+    pc.buckets = o->buckets;
+    pc.clip_grad_norm = o->clip;
     pc.transport = g_mpi;
-    pc.chunks_per_rank = o.chunks_per_rank;
-    pc.recompute = o.recompute;
-    pc.device = o.device;
-    pc.math = (int)o.gpu_math;
-    pc.no_graphs = o.no_gpu_graphs;
-    if (use_plan) {
-        pc.cuts = pr.plan->part.begin;
-        pc.n_cuts = pr.plan->part.n_stages + 1;
+    pc.chunks_per_rank = o->chunks_per_rank;
+    pc.recompute = o->recompute;
+    pc.device = o->device;
+    pc.math = (int)o->gpu_math;
+    pc.no_graphs = o->no_gpu_graphs;
+    if (r->use_plan) {
+        pc.cuts = pr->plan->part.begin;
+        pc.n_cuts = pr->plan->part.n_stages + 1;
     }
-    /* Before the data (the slow part): a log that cannot be written fails now. */
-    if (metrics_open(&mx, o.metrics, o.stages) != 0) {
-        plan_run_free(&pr);
-        goto out;
+    r->plan_method = r->use_plan ? pr->plan->part.method : o->partition;
+    r->plan_balance = r->use_plan ? pr->plan->balance : PW_BALANCE_FLOPS;
+    r->pc = pc;
+}
+
+/* What the pipeline needs before it is made: the metrics log (before the
+ * data, the slow part: a log that cannot be written fails now), the data
+ * (once the layout is known: under mpirun a process loads only the sides
+ * its chunks read, docs/distributed.md), the run's length, and a resumed
+ * checkpoint's agreement (another graph or other math is refused before
+ * anything runs). 0, or 1 after the error. */
+static int prepare(run *r)
+{
+    const options *o = &r->o;
+    if (o->metrics && pw_pipeline_metrics_open(o->metrics, o->stages, g_mpi, &r->mx) != PW_OK)
+        return fail("--metrics: ");
+    if (load_data(o, r->g, &r->pc, &r->train, &r->test) != 0) return 1;
+    r->entropy = r->test && r->test->x_dtype == PW_I32 ? pw_dataset_unigram_entropy(r->test) : -1;
+    const int64_t spe0 = r->train->n / o->batch;
+    const int64_t total0 = o->steps ? o->steps : o->epochs * (spe0 > 0 ? spe0 : 1);
+    r->pc.train = r->train;
+    r->pc.optim.decay_steps = total0; /* --lr-schedule decays over this run */
+    if (o->trace) r->pc.trace_events = pw_pipeline_trace_capacity(o->micro_batches, o->buckets, total0);
+    if (r->resume) {
+        pw_state_run run = pw_state_run_of(&r->pc, o->data);
+        if (pw_state_check(r->resume, r->g, &run) != PW_OK) return fail("");
     }
-    /* The data, once the layout is known: under mpirun a process loads only
-     * the sides its chunks read (docs/distributed.md). */
-    if (load_data(&o, g, &pc, &train, &test) != 0) {
-        plan_run_free(&pr);
-        goto out;
-    }
-    const double entropy = test && test->x_dtype == PW_I32 ? pw_dataset_unigram_entropy(test) : -1;
-    const int64_t spe0 = train->n / o.batch;
-    const int64_t total0 = o.steps ? o.steps : o.epochs * (spe0 > 0 ? spe0 : 1);
-    pc.train = train;
-    pc.optim.decay_steps = total0; /* --lr-schedule decays over this run */
-    if (o.trace) {
-        pc.trace_events = pw_pipeline_trace_capacity(o.micro_batches, o.buckets, total0);
-    }
-    const pw_partition_method plan_method = use_plan ? pr.plan->part.method : o.partition;
-    const pw_balance plan_balance = use_plan ? pr.plan->balance : PW_BALANCE_FLOPS;
-    if (resume) {
-        /* Another graph or other math is refused before anything runs. */
-        pw_state_run run = state_run(&o, train, &pc.optim);
-        if (pw_state_check(resume, g, &run) != PW_OK) {
-            plan_run_free(&pr);
-            fail("");
-            goto out;
-        }
-    }
-    pw_status created = pw_pipeline_create(&pc, &t);
-    plan_run_free(&pr); /* the pipeline keeps a copy of the cuts */
-    if (created != PW_OK) {
-        fail("");
-        goto out;
-    }
-    if (o.init_from) {
-        if (pw_pipeline_load(t, o.init_from, NULL) != PW_OK) {
-            fail("--init-from: ");
-            goto out;
-        }
-    }
-    if (resume) {
-        const pw_state_meta *m = pw_state_get_meta(resume);
-        if (pw_state_restore(resume, t, o.replicas) != PW_OK) {
-            fail("--resume: ");
-            goto out;
-        }
-        if (!o.quiet)
+    return 0;
+}
+
+/* --init-from, --resume's restore and --checkpoint-dir's writer, once the
+ * pipeline exists. 0, or 1 after the error. */
+static int restore_and_checkpoints(run *r)
+{
+    const options *o = &r->o;
+    if (o->init_from && pw_pipeline_load(r->t, o->init_from, NULL) != PW_OK) return fail("--init-from: ");
+    if (r->resume) {
+        const pw_state_meta *m = pw_state_get_meta(r->resume);
+        if (pw_state_restore(r->resume, r->t, o->replicas) != PW_OK) return fail("--resume: ");
+        if (!o->quiet)
             printf("pipeline-run: resumed from %s: step %lld (epoch %lld, %lld of its steps done); written by "
                    "pipewright %s on %d stage%s x %d replica%s, schedule %s, %d process%s\n", m->path,
                    (long long)m->step, (long long)m->epoch + 1, (long long)m->step_in_epoch, m->version,
@@ -2092,311 +1751,390 @@ int main(int argc, char **argv)
                    m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
                    m->layout.processes > 1 ? "es" : "");
     }
-    if (o.checkpoint_dir) {
-        const pw_partition *part = pw_pipeline_partition(t);
-        static char extra[320];
-        run_extra(&o, extra, sizeof extra);
-        pw_state_config sc = {
-            .dir = o.checkpoint_dir, .keep = o.keep, .graph = g, .run = state_run(&o, train, &pc.optim),
-            .layout = {.stages = o.stages, .chunks_per_rank = pw_pipeline_chunks_per_rank(t),
-                       .replicas = o.replicas, .micro_batches = o.micro_batches,
-                       .processes = g_mpi ? g_mpi->world_size : 1, .threads = o.threads,
-                       .schedule = csv ? csv : pw_schedule_kind_name(kind), .cuts = part->begin,
-                       .n_cuts = part->n_stages + 1},
-            .extra = extra, .transport = g_mpi,
-            .foreground = getenv("PW_CHECKPOINT_FOREGROUND") != NULL,
-        };
-        if (pw_state_writer_create(&sc, &ckw) != PW_OK) {
-            fail("");
-            goto out;
-        }
-    }
-    if (o.generate) {
-        pw_generate_config gc = pw_generate_defaults();
-        gc.graph = g;
-        gc.prompt = o.generate;
-        gc.tokens = o.gen_tokens;
-        gc.temperature = o.temperature;
-        gc.top_k = o.top_k;
-        gc.seed = o.seed;
-        char *text = NULL;
-        if (pw_generate(t, &gc, &text) != PW_OK) {
-            fail("--generate: ");
-            goto out;
-        }
-        fputs(text, stdout);
-        fputs("\n", stdout);
-        free(text);
-        status = 0;
-        goto out;
-    }
+    if (!o->checkpoint_dir) return 0;
+    static char extra[320];
+    run_extra(o, extra, sizeof extra);
+    pw_state_config sc = {
+        .dir = o->checkpoint_dir, .keep = o->keep, .every = o->checkpoint_every, .graph = r->g,
+        .run = pw_state_run_of(&r->pc, o->data), .layout = pw_state_layout_of(r->t), .extra = extra,
+        .transport = g_mpi, .resumed = r->resume,
+        .foreground = getenv("PW_CHECKPOINT_FOREGROUND") != NULL,
+    };
+    if (pw_state_writer_create(&sc, &r->ckw) != PW_OK) return fail("");
+    return 0;
+}
 
-    const int64_t spe = pw_pipeline_steps_per_epoch(t);
-    const int64_t total = o.steps ? o.steps : o.epochs * spe;
-    const int64_t n_epochs = (total + spe - 1) / spe;
-    /* mpirun forwards output through a terminal of its own: no \r updates. */
-    const int tty = isatty(STDOUT_FILENO) && !o.quiet && !g_mpi;
-    {
-        /* Collective under mpirun: every process takes part. */
-        double planned = 0;
-        for (int st = 0; st < pw_pipeline_n_chunks(t); st++) {
-            pw_pipeline_stage_stats ss;
-            pw_pipeline_stage_stats_get(t, st, &ss);
-            planned += (double)ss.memory;
+/* Schedule, plan, configuration, data, pipeline, restored state. 0, or the
+ * exit status after the error. */
+static int build(run *r)
+{
+    int rc;
+    if ((rc = choose_schedule(r)) != 0) return rc;
+    plan_run pr = {0};
+    if (r->use_plan) {
+        if ((rc = make_plan(r->g, &r->o, r->kind, r->csv, "", &pr)) != 0) {
+            plan_run_free(&pr);
+            return rc;
         }
-        if (g_mpi) planned = world_sum(planned);
-        else planned *= o.replicas;
-        if (!o.quiet) {
-            pw_op_cost cost;
-            pw_graph_total_cost(g, &cost);
-            const pw_partition *part = pw_pipeline_partition(t);
-            printf("pipeline-run: %s: %d nodes, %d parameter tensors (%.2f M values), %.1f MiB planned\n",
-                   g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6, planned / (1 << 20));
-            if (use_plan)
-                printf("pipeline-run: %d stage%s (planned %s partition, balance %s:", o.stages,
-                       o.stages > 1 ? "s" : "", pw_partition_method_name(plan_method),
-                       pw_balance_name(plan_balance));
-            else
-                printf("pipeline-run: %d stage%s (%s partition:", o.stages, o.stages > 1 ? "s" : "",
-                       pw_partition_method_name(part->method));
-            for (int st = 0; st < part->n_stages; st++) printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
-            if (pw_pipeline_chunks_per_rank(t) > 1) printf(" = %d chunks per stage", pw_pipeline_chunks_per_rank(t));
-            if (o.recompute) printf(", recompute");
-            printf("), schedule %s, theoretical bubble %.1f%%\n", csv ? csv : pw_schedule_kind_name(kind),
-                   100.0 * pw_pipeline_theory_bubble(t));
-            if (o.replicas > 1) {
-                const int G = pw_grad_groups(o.grad_groups, o.replicas, o.micro_batches, NULL);
-                char same[160];
-                if (g_mpi && o.allreduce != PW_ALLREDUCE_TREE && o.replicas > 2)
-                    snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s)",
-                             o.allreduce == PW_ALLREDUCE_RING ? "ring" : "mpi");
-                else if (pw_grad_groups_identical(G, o.replicas))
-                    snprintf(same, sizeof same, "the same bits as 1 replica (%d gradient groups)", G);
-                else
-                    snprintf(same, sizeof same, "equal to 1 replica to rounding only (%d gradient groups; "
-                             "--grad-groups %d makes it bit-identical)", G, o.replicas);
-                printf("pipeline-run: %d replicas, each %lld samples of every batch; gradients summed in %d "
-                       "bucket%s per stage%s; %s\n", o.replicas, (long long)(o.batch / o.replicas),
-                       pw_pipeline_schedule(t)->n_buckets, pw_pipeline_schedule(t)->n_buckets > 1 ? "s" : "",
-                       g_mpi ? "" : " (in-process tree all-reduce)", same);
-            }
-            char sched[96] = "";
-            if (o.optim.schedule != PW_LR_CONSTANT)
-                snprintf(sched, sizeof sched, " %s to %g", pw_lr_schedule_name(o.optim.schedule),
-                         (double)o.optim.min_lr);
-            if (o.optim.warmup_steps > 0)
-                snprintf(sched + strlen(sched), sizeof sched - strlen(sched), " after %lld warm-up steps",
-                         (long long)o.optim.warmup_steps);
-            printf("pipeline-run: data %s: %lld train / %lld test samples; batch %lld = %d x %d x %lld; "
-                   "%s lr %g%s; %lld steps (%lld per epoch)\n",
-                   train->name, (long long)train->n, test ? (long long)test->n : 0LL, (long long)o.batch,
-                   o.replicas, o.micro_batches, (long long)(o.batch / o.micro_batches / o.replicas),
-                   pw_optim_name(o.optim.kind), (double)o.optim.lr, sched, (long long)total, (long long)spe);
-            fflush(stdout);
+        if (!r->o.quiet && pw_plan_print(stdout, pr.plan) != PW_OK) {
+            plan_run_free(&pr);
+            return fail("plan: ");
         }
     }
+    pipeline_config(r, &pr);
+    rc = prepare(r);
+    if (rc == 0 && pw_pipeline_create(&r->pc, &r->t) != PW_OK) rc = fail("");
+    plan_run_free(&pr); /* the pipeline keeps a copy of the cuts */
+    if (rc) return rc;
+    return restore_and_checkpoints(r);
+}
 
-    double t0 = now_s(), last_print = t0;
-    double epoch_loss = 0.0;
+/* --generate: text after the prompt, no training. */
+static int run_generate(run *r)
+{
+    pw_generate_config gc = pw_generate_defaults();
+    gc.graph = r->g;
+    gc.prompt = r->o.generate;
+    gc.tokens = r->o.gen_tokens;
+    gc.temperature = r->o.temperature;
+    gc.top_k = r->o.top_k;
+    gc.seed = r->o.seed;
+    char *text = NULL;
+    if (pw_generate(r->t, &gc, &text) != PW_OK) return fail("--generate: ");
+    fputs(text, stdout);
+    fputs("\n", stdout);
+    free(text);
+    return 0;
+}
+
+/* The lines before training: graph, stages and schedule, replicas, data
+ * and optimizer. The planned memory is summed over every process
+ * (collective under mpirun: every process takes part). */
+static void print_header(const run *r)
+{
+    const options *o = &r->o;
+    double planned = 0;
+    if (pw_pipeline_planned_bytes(r->t, &planned) != PW_OK) fail("");
+    if (o->quiet) return;
+    const pw_graph *g = r->g;
+    pw_op_cost cost;
+    pw_graph_total_cost(g, &cost);
+    const pw_partition *part = pw_pipeline_partition(r->t);
+    printf("pipeline-run: %s: %d nodes, %d parameter tensors (%.2f M values), %.1f MiB planned\n",
+           g->name, g->n_nodes, g->n_params, (double)cost.param_bytes / 4e6, planned / (1 << 20));
+    if (r->use_plan)
+        printf("pipeline-run: %d stage%s (planned %s partition, balance %s:", o->stages,
+               o->stages > 1 ? "s" : "", pw_partition_method_name(r->plan_method),
+               pw_balance_name(r->plan_balance));
+    else
+        printf("pipeline-run: %d stage%s (%s partition:", o->stages, o->stages > 1 ? "s" : "",
+               pw_partition_method_name(part->method));
+    for (int st = 0; st < part->n_stages; st++) printf(" [%d,%d)", part->begin[st], part->begin[st + 1]);
+    if (pw_pipeline_chunks_per_rank(r->t) > 1) printf(" = %d chunks per stage", pw_pipeline_chunks_per_rank(r->t));
+    if (o->recompute) printf(", recompute");
+    printf("), schedule %s, theoretical bubble %.1f%%\n", r->csv ? r->csv : pw_schedule_kind_name(r->kind),
+           100.0 * pw_pipeline_theory_bubble(r->t));
+    const pw_schedule *sched = pw_pipeline_schedule(r->t);
+    if (o->replicas > 1) {
+        const int G = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL);
+        char same[160];
+        if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->replicas > 2)
+            snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s)",
+                     o->allreduce == PW_ALLREDUCE_RING ? "ring" : "mpi");
+        else if (pw_grad_groups_identical(G, o->replicas))
+            snprintf(same, sizeof same, "the same bits as 1 replica (%d gradient groups)", G);
+        else
+            snprintf(same, sizeof same, "equal to 1 replica to rounding only (%d gradient groups; "
+                     "--grad-groups %d makes it bit-identical)", G, o->replicas);
+        printf("pipeline-run: %d replicas, each %lld samples of every batch; gradients summed in %d "
+               "bucket%s per stage%s; %s\n", o->replicas, (long long)(o->batch / o->replicas), sched->n_buckets,
+               sched->n_buckets > 1 ? "s" : "", g_mpi ? "" : " (in-process tree all-reduce)", same);
+    }
+    char lr_sched[96] = "";
+    if (o->optim.schedule != PW_LR_CONSTANT)
+        snprintf(lr_sched, sizeof lr_sched, " %s to %g", pw_lr_schedule_name(o->optim.schedule),
+                 (double)o->optim.min_lr);
+    if (o->optim.warmup_steps > 0)
+        snprintf(lr_sched + strlen(lr_sched), sizeof lr_sched - strlen(lr_sched), " after %lld warm-up steps",
+                 (long long)o->optim.warmup_steps);
+    printf("pipeline-run: data %s: %lld train / %lld test samples; batch %lld = %d x %d x %lld; "
+           "%s lr %g%s; %lld steps (%lld per epoch)\n",
+           r->train->name, (long long)r->train->n, r->test ? (long long)r->test->n : 0LL, (long long)o->batch,
+           o->replicas, o->micro_batches, (long long)(o->batch / o->micro_batches / o->replicas),
+           pw_optim_name(o->optim.kind), (double)o->optim.lr, lr_sched, (long long)r->total, (long long)r->spe);
+    fflush(stdout);
+}
+
+/* The progress line after step i (of this run's loop), at most every
+ * 0.1 s on a terminal, else every tenth of an epoch, and at each epoch's end. */
+static void print_progress(const run *r, int64_t i, int epoch_done, double *last_print)
+{
+    const options *o = &r->o;
+    double now = now_s();
+    double rate = (double)(i + 1 - r->start) * (double)o->batch / (now - r->t0);
+    const int64_t print_every = r->spe / 10 > 0 ? r->spe / 10 : 1;
+    if (o->quiet || !(r->tty ? (now - *last_print > 0.1 || epoch_done) : ((i + 1) % print_every == 0 || epoch_done)))
+        return;
+    char eta[32], norm[48] = "";
+    fmt_time((double)(r->total - i - 1) * (double)o->batch / rate, eta, sizeof eta);
+    if (o->clip > 0) snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
+    const int64_t n_epochs = (r->total + r->spe - 1) / r->spe;
+    printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "
+           "ETA %s%s", r->tty ? "\r\033[K" : "", (long long)r->s.epoch + 1, (long long)n_epochs,
+           (long long)r->s.step_in_epoch, (long long)r->spe, r->s.loss, norm, rate,
+           100.0 * pw_pipeline_last_bubble(r->t), eta, r->tty ? "" : "\n");
+    fflush(stdout);
+    *last_print = now;
+}
+
+/* `sep` then "test loss L  test accuracy A%", or a language model's
+ * held-out loss. */
+static void print_eval(const run *r, const char *sep)
+{
+    if (r->entropy >= 0)
+        printf("%sheld-out loss %.4f nats (unigram entropy %.4f)  accuracy %.2f%%", sep, r->ev.loss, r->entropy,
+               100.0 * r->ev.accuracy);
+    else
+        printf("%stest loss %.4f  test accuracy %.2f%%", sep, r->ev.loss, 100.0 * r->ev.accuracy);
+}
+
+/* Evaluates the held-out split and logs it. 0, or 1 after the error
+ * (`newline`: end the progress line first). */
+static int evaluate(run *r, int newline)
+{
+    double te = now_s();
+    if (pw_pipeline_evaluate(r->t, r->test, &r->ev) != PW_OK) {
+        if (newline) printf("\n");
+        return fail("evaluation: ");
+    }
+    if (pw_pipeline_metrics_eval(r->mx, &r->s, &r->ev, r->entropy, now_s() - te, now_s() - r->t0) != PW_OK)
+        return fail("--metrics: ");
+    return 0;
+}
+
+/* --eval-every: between epochs; the progress line is redrawn after. */
+static int eval_between_epochs(run *r)
+{
+    if (evaluate(r, r->tty) != 0) return 1;
+    if (!r->o.quiet) {
+        printf("%sstep %lld:", r->tty ? "\r\033[K" : "", (long long)r->s.step);
+        print_eval(r, " ");
+        printf("  (%.1f s)\n", now_s() - r->t0);
+        fflush(stdout);
+    }
+    return 0;
+}
+
+/* An epoch's end (or the run's last step): the MPI progress board, the
+ * evaluation, the epoch's line. */
+static int end_epoch(run *r, double epoch_loss, int64_t epoch_steps)
+{
+    if (r->tty) printf("\n");
+    pw_transport_phase(g_mpi, PW_PHASE_EPOCH, r->s.step);
+    pw_transport_test_point(g_mpi, "epoch", r->s.step);
+    if (r->test && evaluate(r, 0) != 0) return 1;
+    if (!r->o.quiet) {
+        printf("epoch %lld: train loss %.4f", (long long)r->s.epoch + 1, epoch_loss / (double)epoch_steps);
+        if (r->test) print_eval(r, "  ");
+        printf("  (%.1f s)\n", now_s() - r->t0);
+        fflush(stdout);
+    }
+    return 0;
+}
+
+/* The steps, from the first this run has to do (a resumed run's start)
+ * to the last, until a signal stops them at a step boundary. 0, or 1
+ * after the error. */
+static int train_loop(run *r)
+{
+    const options *o = &r->o;
+    double last_print = r->t0, epoch_loss = 0.0;
     int64_t epoch_steps = 0;
-    pw_step_stats s = {0};
-    const int64_t start = resume ? pw_state_get_meta(resume)->step : 0; /* steps done before this run */
-    s.step = start;
-    s.epoch = start > 0 ? (start - 1) / spe : 0;
-    last_saved = resume ? start : -1;
-    pw_eval_stats ev = {0};
-    int64_t print_every = spe / 10 > 0 ? spe / 10 : 1;
-    double step_s = 0.0, first_step_s = 0.0; /* inside pw_pipeline_step (evaluations excluded) */
-    const int64_t tokens_per_sample = train->x_dtype == PW_I32 ? train->sample_numel : 0;
-    metrics_start(&mx, t);
-    for (int64_t i = start; i < total; i++) {
-        if ((stopped = stop_signal()) != 0) break; /* a step boundary */
+    pw_pipeline_metrics_start(r->mx, r->t);
+    for (int64_t i = r->start; i < r->total; i++) {
+        if ((r->stopped = stop_signal()) != 0) break; /* a step boundary */
         double ts = now_s();
-        pw_status step_st = pw_pipeline_step(t, &s);
+        pw_status step_st = pw_pipeline_step(r->t, &r->s);
         const double dt = now_s() - ts;
-        if (i == start) first_step_s = dt;
-        else step_s += dt;
+        if (i == r->start) r->first_step_s = dt;
+        else r->step_s += dt;
         if (step_st != PW_OK) {
-            if (tty) printf("\n");
-            fail("");
-            goto out;
+            if (r->tty) printf("\n");
+            return fail("");
         }
-        if (metrics_step(&mx, t, &o, &pc.optim, &s, dt, now_s() - t0, tokens_per_sample) != 0) goto out;
-        maybe_fault(s.step);
-        steps_done = s.step;
-        epoch_loss += s.loss;
+        if (pw_pipeline_metrics_step(r->mx, r->t, &r->s, dt, now_s() - r->t0) != PW_OK) return fail("--metrics: ");
+        maybe_fault(r->s.step);
+        r->steps_done = r->s.step;
+        epoch_loss += r->s.loss;
         epoch_steps++;
-        if (ckw) {
-            /* Every N steps or at each epoch's end (the last step's is
-             * written below); then, at every step boundary, whether the
-             * write in flight is complete (MPI: everyone's). */
-            const int due = o.checkpoint_every > 0 ? s.step % o.checkpoint_every == 0
-                            : o.checkpoint_every < 0 && s.step_in_epoch == spe;
-            pw_state_done d;
-            int completed = 0;
-            if (due && s.step < total) {
-                if (pw_state_writer_save(ckw, t, s.step) != PW_OK) {
-                    fail("checkpoint: ");
-                    goto out;
-                }
-                last_saved = s.step;
-            }
-            do {
-                if (pw_state_writer_poll(ckw, 0, &d, &completed) != PW_OK) {
-                    fail("");
-                    goto out;
-                }
-                if (completed) report_checkpoint(&o, &d);
-            } while (completed);
-        }
-        double now = now_s();
-        double rate = (double)(i + 1 - start) * (double)o.batch / (now - t0);
-        int epoch_done = s.step_in_epoch == spe || i + 1 == total;
-        if (!o.quiet && (tty ? (now - last_print > 0.1 || epoch_done)
-                             : ((i + 1) % print_every == 0 || epoch_done))) {
-            char eta[32], norm[48] = "";
-            fmt_time((double)(total - i - 1) * (double)o.batch / rate, eta, sizeof eta);
-            if (o.clip > 0) snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(t));
-            printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "
-                   "ETA %s%s", tty ? "\r\033[K" : "", (long long)s.epoch + 1, (long long)n_epochs,
-                   (long long)s.step_in_epoch, (long long)spe, s.loss, norm, rate,
-                   100.0 * pw_pipeline_last_bubble(t), eta, tty ? "" : "\n");
-            fflush(stdout);
-            last_print = now;
-        }
-        if (!epoch_done && test && o.eval_every > 0 && s.step % o.eval_every == 0) {
-            /* --eval-every: between epochs; the progress line is redrawn after. */
-            double te = now_s();
-            if (pw_pipeline_evaluate(t, test, &ev) != PW_OK) {
-                if (tty) printf("\n");
-                fail("evaluation: ");
-                goto out;
-            }
-            if (metrics_eval(&mx, &s, &ev, entropy, now_s() - te, now_s() - t0) != 0) goto out;
-            if (!o.quiet) {
-                printf("%sstep %lld:", tty ? "\r\033[K" : "", (long long)s.step);
-                if (entropy >= 0)
-                    printf(" held-out loss %.4f nats (unigram entropy %.4f)  accuracy %.2f%%", ev.loss, entropy,
-                           100.0 * ev.accuracy);
-                else
-                    printf(" test loss %.4f  test accuracy %.2f%%", ev.loss, 100.0 * ev.accuracy);
-                printf("  (%.1f s)\n", now_s() - t0);
-                fflush(stdout);
-            }
-        }
+        /* --checkpoint-every's checkpoints (the last step's is written at
+         * the end), and the report of each that completed. */
+        if (r->ckw && pw_state_writer_step(r->ckw, r->t, &r->s, r->total, report_checkpoint, (void *)o) != PW_OK)
+            return fail("checkpoint: ");
+        const int epoch_done = r->s.step_in_epoch == r->spe || i + 1 == r->total;
+        print_progress(r, i, epoch_done, &last_print);
+        if (!epoch_done && r->test && o->eval_every > 0 && r->s.step % o->eval_every == 0 &&
+            eval_between_epochs(r) != 0)
+            return 1;
         if (epoch_done) {
-            if (tty) printf("\n");
-            pw_transport_phase(g_mpi, PW_PHASE_EPOCH, s.step);
-            pw_transport_test_point(g_mpi, "epoch", s.step);
-            double te = now_s();
-            if (test && pw_pipeline_evaluate(t, test, &ev) != PW_OK) {
-                fail("evaluation: ");
-                goto out;
-            }
-            if (test && metrics_eval(&mx, &s, &ev, entropy, now_s() - te, now_s() - t0) != 0) goto out;
-            if (!o.quiet) {
-                printf("epoch %lld: train loss %.4f", (long long)s.epoch + 1,
-                       epoch_loss / (double)epoch_steps);
-                if (test && entropy >= 0)
-                    printf("  held-out loss %.4f nats (unigram entropy %.4f)  accuracy %.2f%%", ev.loss,
-                           entropy, 100.0 * ev.accuracy);
-                else if (test)
-                    printf("  test loss %.4f  test accuracy %.2f%%", ev.loss, 100.0 * ev.accuracy);
-                printf("  (%.1f s)\n", now_s() - t0);
-                fflush(stdout);
-            }
+            if (end_epoch(r, epoch_loss, epoch_steps) != 0) return 1;
             epoch_loss = 0.0;
             epoch_steps = 0;
         }
     }
-    if (!stopped) stopped = stop_signal(); /* one that came during the last step */
-    if (stopped) {
-        if (tty) printf("\n");
-        fflush(stdout);
-        if (!g_mpi || g_mpi->world_rank == 0)
-            fprintf(stderr, "pipeline-run: interrupted by %s at step %lld; stopping\n",
-                    stopped == SIGINT ? "SIGINT" : stopped == SIGTERM ? "SIGTERM" : "a signal", (long long)s.step);
-        checkpointed = checkpoint_on_signal(t, &o, stopped, ckw, s.step, last_saved);
-        if (checkpointed < 0) goto out;
-    }
-    if (ckw && !stopped) {
-        /* The end of the run: its last step, and the wait for every write. */
-        pw_state_done d;
-        int completed = 0;
-        if (s.step != last_saved && pw_state_writer_save(ckw, t, s.step) != PW_OK) {
-            fail("checkpoint: ");
-            goto out;
-        }
-        do {
-            if (pw_state_writer_poll(ckw, 1, &d, &completed) != PW_OK) {
-                fail("checkpoint: ");
-                goto out;
-            }
-            if (completed) report_checkpoint(&o, &d);
-        } while (completed);
-        last_saved = s.step;
-    }
-    if (o.save && !stopped) {
+    if (!r->stopped) r->stopped = stop_signal(); /* one that came during the last step */
+    return 0;
+}
+
+/* --save and --trace after training. 0, or 1 after the error. */
+static int write_outputs(run *r)
+{
+    const options *o = &r->o;
+    if (o->save && !r->stopped) {
         char extra[320];
-        run_extra(&o, extra, sizeof extra);
-        pw_checkpoint_info info = {.step = s.step, .epoch = s.epoch + 1, .seed = o.seed,
-                                   .extra = extra};
-        if (pw_pipeline_save(t, o.save, &info) != PW_OK) {
-            fail("--save: ");
-            goto out;
-        }
-        if (!o.quiet) printf("saved %s\n", o.save);
+        run_extra(o, extra, sizeof extra);
+        pw_checkpoint_info info = {.step = r->s.step, .epoch = r->s.epoch + 1, .seed = o->seed, .extra = extra};
+        if (pw_pipeline_save(r->t, o->save, &info) != PW_OK) return fail("--save: ");
+        if (!o->quiet) printf("saved %s\n", o->save);
     }
-    if (o.trace) {
+    if (o->trace) {
         char path[4096];
-        trace_path(o.trace, path, sizeof path);
-        if (pw_pipeline_write_trace(t, path) != PW_OK) {
-            fail("--trace: ");
-            goto out;
-        }
-        if (!o.quiet) printf("trace written to %s%s\n", path, g_mpi ? " (one file per process)" : "");
+        trace_path(o->trace, path, sizeof path);
+        if (pw_pipeline_write_trace(r->t, path) != PW_OK) return fail("--trace: ");
+        if (!o->quiet) printf("trace written to %s%s\n", path, g_mpi ? " (one file per process)" : "");
     }
-    if (!stopped && (stopped = stop_signal()) != 0 && (!g_mpi || g_mpi->world_rank == 0))
-        fprintf(stderr, "pipeline-run: interrupted by %s after the last step (%lld); its files are written\n",
-                stopped == SIGINT ? "SIGINT" : stopped == SIGTERM ? "SIGTERM" : "a signal", (long long)s.step);
-    if (stopped) {
-        /* The shell's convention: 130 for SIGINT, 143 for SIGTERM; 75 when a
-         * checkpoint makes the run resumable. */
-        status = checkpointed > 0 ? PW_EXIT_RESUMABLE : 128 + stopped;
-        goto out;
-    }
-    if (g_mpi) print_summary_mpi(t, o.stages, o.quiet);
-    else if (!o.quiet) print_summary(t, o.stages);
-    if (o.quiet < 2 && total - start > 1 && step_s > 0.0)
+    return 0;
+}
+
+/* The tables and the final lines of a run that finished. */
+static void print_results(const run *r)
+{
+    const options *o = &r->o;
+    if (g_mpi) print_summary_mpi(r->t, o->quiet);
+    else if (!o->quiet) print_summary(r->t, o->stages);
+    if (o->quiet < 2 && r->total - r->start > 1 && r->step_s > 0.0)
         /* The steady rate: the first step pays one-time set-up (a GPU's
          * kernel loading and cuBLAS's first choices, the first pages
          * touched), and evaluations are not training. */
         printf("training rate: %.1f samples/s over steps %lld-%lld (first step %.3f s, evaluations "
-               "excluded)\n", (double)(total - start - 1) * (double)o.batch / step_s, (long long)start + 2,
-               (long long)total, first_step_s);
-    if (o.quiet < 2) {
-        printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)s.step, now_s() - t0, s.loss);
-        if (test) printf("; test accuracy %.2f%%", 100.0 * ev.accuracy);
+               "excluded)\n", (double)(r->total - r->start - 1) * (double)o->batch / r->step_s,
+               (long long)r->start + 2, (long long)r->total, r->first_step_s);
+    if (o->quiet < 2) {
+        printf("done: %lld steps in %.1f s; final train loss %.4f", (long long)r->s.step, now_s() - r->t0,
+               r->s.loss);
+        if (r->test) printf("; test accuracy %.2f%%", 100.0 * r->ev.accuracy);
         printf("\n");
     }
-    status = 0;
-out:
-    if (status != 0 && !stopped) stop_all();
+}
+
+/* After the loop: the signal's checkpoint or the last one, the files asked
+ * for, the results. The exit status: 0; after a signal 75 when a
+ * checkpoint makes the run resumable, else the shell's 128 + the signal
+ * (130 SIGINT, 143 SIGTERM); 1 after an error. */
+static int finish_training(run *r)
+{
+    const options *o = &r->o;
+    if (r->stopped) {
+        if (r->tty) printf("\n");
+        fflush(stdout);
+        if (!g_mpi || g_mpi->world_rank == 0)
+            fprintf(stderr, "pipeline-run: interrupted by %s at step %lld; stopping\n", signal_name(r->stopped),
+                    (long long)r->s.step);
+        r->checkpointed = checkpoint_on_signal(r->t, o, r->ckw, r->s.step);
+        if (r->checkpointed < 0) return 1;
+    }
+    /* The end of the run: its last step, and the wait for every write. */
+    if (r->ckw && !r->stopped &&
+        pw_state_writer_finish(r->ckw, r->t, r->s.step, report_checkpoint, (void *)o) != PW_OK)
+        return fail("checkpoint: ");
+    if (write_outputs(r) != 0) return 1;
+    if (!r->stopped && (r->stopped = stop_signal()) != 0 && (!g_mpi || g_mpi->world_rank == 0))
+        fprintf(stderr, "pipeline-run: interrupted by %s after the last step (%lld); its files are written\n",
+                signal_name(r->stopped), (long long)r->s.step);
+    if (r->stopped) return r->checkpointed > 0 ? PW_EXIT_RESUMABLE : 128 + r->stopped;
+    print_results(r);
+    return 0;
+}
+
+/* Training: the run's length, the header, the loop, the end. */
+static int train(run *r)
+{
+    const options *o = &r->o;
+    r->spe = pw_pipeline_steps_per_epoch(r->t);
+    r->total = o->steps ? o->steps : o->epochs * r->spe;
+    /* mpirun forwards output through a terminal of its own: no \r updates. */
+    r->tty = isatty(STDOUT_FILENO) && !o->quiet && !g_mpi;
+    print_header(r);
+    r->t0 = now_s();
+    r->start = r->resume ? pw_state_get_meta(r->resume)->step : 0; /* steps done before this run */
+    r->s.step = r->start;
+    r->s.epoch = r->start > 0 ? (r->start - 1) / r->spe : 0;
+    if (train_loop(r) != 0) return 1;
+    return finish_training(r);
+}
+
+/* Everything after the options and the processes are set up. */
+static int run_main(run *r)
+{
+    int rc;
+    if ((rc = load_graph(r)) != 0) return rc;
+    if (r->o.simulate) return run_simulate(r->g, &r->o);
+    if (r->o.plan) return run_plan(r->g, &r->o);
+    if ((rc = build(r)) != 0) return rc;
+    if (r->o.generate) return run_generate(r);
+    return train(r);
+}
+
+/* Every process leaves together: an error stops the others (MPI_Abort);
+ * otherwise each waits (bounded by the watchdog) until every process is
+ * done before MPI_Finalize, which would otherwise wait for a hung one for
+ * good. Frees the run; returns `status`. */
+static int finish_process(run *r, int status)
+{
+    if (status != 0 && !r->stopped) stop_all();
     if (g_mpi) {
-        /* Wait (bounded by the watchdog) until every process is done before
-         * MPI_Finalize, which would otherwise wait for a hung one for good. */
-        pw_transport_phase(g_mpi, PW_PHASE_SHUTDOWN, steps_done);
+        pw_transport_phase(g_mpi, PW_PHASE_SHUTDOWN, r->steps_done);
         if (pw_transport_barrier(g_mpi) != PW_OK) fail("shutdown: ");
     }
     pw_tmpfile_unlink_all(); /* nothing is in flight here; a failed write cleaned up already */
-    metrics_close(&mx);
+    pw_pipeline_metrics_close(r->mx);
     g_finished = 1;
-    pw_state_writer_destroy(ckw);
-    pw_state_close(resume);
-    pw_pipeline_destroy(t);
-    pw_dataset_destroy(train);
-    pw_dataset_destroy(test);
-    pw_graph_destroy(g);
+    pw_state_writer_destroy(r->ckw);
+    pw_state_close(r->resume);
+    pw_pipeline_destroy(r->t);
+    pw_dataset_destroy(r->train);
+    pw_dataset_destroy(r->test);
+    pw_graph_destroy(r->g);
     pw_transport_destroy(g_mpi);
     return status;
+}
+
+int main(int argc, char **argv)
+{
+    static run r; /* zeroed */
+#ifdef PW_HAVE_CUDA
+    /* The stage program's CUDA backend (pw_stages does not link CUDA). */
+    if (pw_backend_register(pw_backend_cuda()) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
+        return 1;
+    }
+#endif
+    int rc = parse_args(argc, argv, &r.o);
+    if (rc) return rc == 1 ? 0 : rc;
+    r.world = pw_mpi_launched_size();
+    /* --max-restarts: this process supervises; the training runs in its
+     * children (tools/pipeline-run/supervise.h). */
+    if (r.o.max_restarts > 0 && !getenv("PW_SUPERVISED"))
+        return pw_supervise(argc, argv, r.o.checkpoint_dir, r.o.max_restarts, r.o.quiet);
+    char resume_note[512];
+    if ((rc = open_resume(&r, resume_note, sizeof resume_note)) != 0) return rc;
+    if (r.world > 1 && (rc = start_mpi(&argc, &argv, &r.o, r.world)) != 0) {
+        pw_state_close(r.resume);
+        return rc;
+    }
+    /* Said even with --quiet: the run goes on with another replica count. */
+    if (resume_note[0] && (!g_mpi || g_mpi->world_rank == 0)) fputs(resume_note, stderr);
+    install_signals(); /* after MPI_Init: ours, not the library's */
+    if (r.o.threads) pw_cpu_set_threads(r.o.threads);
+    return finish_process(&r, run_main(&r));
 }

@@ -67,6 +67,13 @@ const char *pw_math_name(pw_math m);
 /* The mode named s (the names above); PW_ERR_INVALID_ARG otherwise. */
 pw_status pw_math_parse(const char *s, pw_math *out);
 
+/* One device of a backend, as a plan sees it (the device_info slot). */
+typedef struct pw_device_info {
+    char name[256];            /* the model: "NVIDIA H100 80GB HBM3" */
+    int64_t total_memory;      /* bytes */
+    int64_t free_memory;       /* bytes free at the time of the query */
+} pw_device_info;
+
 typedef struct pw_backend_i {
     const char *name;        /* "cpu", "cuda" */
     int device_memory;       /* 1: the program's buffers are not host-addressable */
@@ -215,6 +222,11 @@ typedef struct pw_backend_i {
      * device to the cores near it (runtime/topology.h, pw_cpu_place_gpus).
      * NULL: the backend's devices have no PCI locality (the CPU). */
     pw_status (*device_pci)(int device, char *buf, size_t n);
+    /* (optional) Name and memory of device `device` (0 .. device_count-1):
+     * what a plan on this machine's devices places by (stages/plan/plan.h,
+     * pw_plan_local_devices). PW_ERR_INVALID_ARG for a device out of range.
+     * NULL: the backend has no devices to describe (the CPU). */
+    pw_status (*device_info)(int device, pw_device_info *out);
 } pw_backend_i;
 
 /* The CPU backend (always present). */

@@ -142,6 +142,25 @@ void pw_plan_destroy(pw_plan *p); /* accepts NULL */
 /* The table (docs/partition.md shows one). PW_ERR_IO on a write error. */
 pw_status pw_plan_print(FILE *f, const pw_plan *p);
 
+/* ------------------------------------------- this machine's devices */
+
+typedef struct pw_plan_local pw_plan_local;
+
+/* Points `pc` at this machine for a run on `device` (a backend device
+ * string, stages/ops/backend.h: "cuda" every GPU, "cuda:N" GPU N): loads
+ * this machine's topology and describes each device through the backend
+ * table (device_count; device_pci, for the cores near it; device_info: its
+ * model and free memory), then sets pc->topology, topology_name ("this
+ * machine"), gpu_list (named "cuda0", ... by device index) and n_gpu_list.
+ * A backend without device memory (the CPU) changes nothing: *out is NULL
+ * and PW_OK. Otherwise *out owns what pc points at: destroy it after the
+ * plan (pw_plan_destroy). Errors (pc unchanged, *out NULL): pw_backend_find's;
+ * PW_ERR_UNSUPPORTED when the backend has no device (or cannot describe
+ * them); the backend's own query errors; the topology's. Queries the
+ * devices: call it from one thread. */
+pw_status pw_plan_local_devices(const char *device, pw_plan_config *pc, pw_plan_local **out);
+void pw_plan_local_destroy(pw_plan_local *l); /* accepts NULL */
+
 /* ------------------------------------------------------ flag helpers */
 
 /* "4096", "512K", "1.5G", "2GiB", "64MB": K, M, G, T (with or without

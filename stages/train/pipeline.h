@@ -198,6 +198,30 @@ double pw_pipeline_last_bubble(const pw_pipeline *pl);
  * validator's replayed figure for a CSV schedule. */
 double pw_pipeline_theory_bubble(const pw_pipeline *pl);
 
+/* ---- figures of every process (stages/train/pipeline_stats.c) ---- */
+
+/* The memory the stage programs planned (arenas and message links), summed
+ * over every chunk of every replica, in bytes. Under a transport this is a
+ * collective: every process calls it, and each gets the sum of every
+ * process's chunks (in world order). Errors: the transport's. */
+pw_status pw_pipeline_planned_bytes(pw_pipeline *pl, double *bytes);
+
+/* One process of a multi-process run: its rank's figures since creation. */
+typedef struct pw_pipeline_process_stats {
+    double busy_s, total_s;         /* the rank's worker: busy and wall time */
+    double allreduce_s;             /* its replica all-reduces */
+    double allreduce_wait_s;        /* the part of them the backward did not hide */
+    int32_t replica, stage;         /* the process's replica and pipeline rank */
+    int32_t peak_slots, slots;      /* activation slots, measured and planned, summed
+                                       over the rank's chunks */
+    int64_t node_begin, node_end;   /* the nodes of the rank's first chunk */
+} pw_pipeline_process_stats;
+
+/* Every process's figures, in world order, into all[transport->world_size]
+ * on every process. A collective: every process calls it. Without a
+ * transport PW_ERR_INVALID_ARG; otherwise the transport's errors. */
+pw_status pw_pipeline_gather_process_stats(pw_pipeline *pl, pw_pipeline_process_stats *all);
+
 /* Writes the recorded trace (needs trace_events > 0). */
 pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path);
 

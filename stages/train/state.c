@@ -299,6 +299,7 @@ struct pw_state_writer {
     double write_s, snapshot_s, stall_s;
     pw_state_done stash;       /* completed inside save (a write waited for), not reported yet */
     int stashed;
+    int64_t last_saved;        /* the step of the last checkpoint started (or resumed from); -1 none */
 };
 
 static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
@@ -382,6 +383,7 @@ pw_status pw_state_writer_create(const pw_state_config *cfg, pw_state_writer **o
     w->shard = w->t ? w->t->rank : -1;
     w->n_shards = w->t ? w->t->n_ranks : 0;
     w->writes = !w->t || w->t->replica == 0;
+    w->last_saved = cfg->resumed ? pw_state_get_meta(cfg->resumed)->step : -1;
     if (mkdir(cfg->dir, 0777) != 0 && errno != EEXIST) {
         pw_status st = pw_error(PW_ERR_IO, "--checkpoint-dir %s: cannot create: %s", cfg->dir, strerror(errno));
         free(w);
@@ -716,6 +718,40 @@ pw_status pw_state_writer_poll(pw_state_writer *w, int wait, pw_state_done *done
     done->write_s = w->write_s;
     done->stall_s = w->stall_s;
     return PW_OK;
+}
+
+/* Reports every checkpoint that became complete (wait: all in flight). */
+static pw_status report_completed(pw_state_writer *w, int wait, pw_state_report_fn report, void *arg)
+{
+    pw_state_done d;
+    int completed = 0;
+    do {
+        PW_CHECK(pw_state_writer_poll(w, wait, &d, &completed));
+        if (completed && report) report(&d, arg);
+    } while (completed);
+    return PW_OK;
+}
+
+pw_status pw_state_writer_step(pw_state_writer *w, pw_pipeline *pl, const pw_step_stats *s, int64_t last_step,
+                               pw_state_report_fn report, void *arg)
+{
+    const int64_t every = w->cfg.every;
+    const int due = every > 0 ? s->step % every == 0
+                    : every < 0 && s->step_in_epoch == pw_pipeline_steps_per_epoch(pl);
+    if (due && s->step < last_step) {
+        PW_CHECK(pw_state_writer_save(w, pl, s->step));
+        w->last_saved = s->step;
+    }
+    /* At every step boundary: whether the write in flight is complete (MPI: everyone's). */
+    return report_completed(w, 0, report, arg);
+}
+
+pw_status pw_state_writer_finish(pw_state_writer *w, pw_pipeline *pl, int64_t step, pw_state_report_fn report,
+                                 void *arg)
+{
+    if (step != w->last_saved) PW_CHECK(pw_state_writer_save(w, pl, step));
+    w->last_saved = step;
+    return report_completed(w, 1, report, arg);
 }
 
 void pw_state_writer_destroy(pw_state_writer *w)

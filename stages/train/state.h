@@ -47,8 +47,27 @@
  *     PW_CHECK(pw_state_restore(s, pl, replicas));   // parameters, optimizer state, step
  *     pw_state_close(s);
  *
+ * A training loop that checkpoints on a policy (every N steps, at each
+ * epoch's end) and resumes can leave the bookkeeping to the loop helpers
+ * (what pipeline-run does):
+ *
+ *     pw_state_config sc = {.dir = "ckpts", .keep = 2, .every = 100, .graph = g,
+ *                           .run = pw_state_run_of(&pc, "my data"), .resumed = s};
+ *     ... create the pipeline pl ...
+ *     sc.layout = pw_state_layout_of(pl);
+ *     PW_CHECK(pw_state_writer_create(&sc, &w));
+ *     for each step: PW_CHECK(pw_pipeline_step(pl, &st));
+ *                    PW_CHECK(pw_state_writer_step(w, pl, &st, total, report, arg));
+ *     PW_CHECK(pw_state_writer_finish(w, pl, st.step, report, arg));  // the end, or a signal
+ *
+ * Ownership: a writer copies its config but borrows what it points to (the
+ * strings, the graph, the transport, the resumed state): they must outlive
+ * it. pw_state_meta and its strings belong to the pw_state.
+ *
  * Thread-safety: a writer and a state belong to the thread that made them;
- * the writer's own thread touches only the snapshot it was handed.
+ * the writer's own thread touches only the snapshot it was handed. Under
+ * MPI every process calls save, poll, step and finish at the same step
+ * (they exchange progress); open, check and restore are local.
  */
 #ifndef PW_STAGES_STATE_H
 #define PW_STAGES_STATE_H
@@ -101,6 +120,10 @@ typedef struct pw_state_config {
     pw_state_layout layout;
     const char *extra;         /* model.safetensors' "run" metadata, as --save writes it */
     const pw_transport *transport; /* (optional) MPI: shards, rank 0 writes the manifest */
+    int64_t every;             /* pw_state_writer_step's policy: > 0 every N steps,
+                                  -1 at each epoch's end, 0 only at finish */
+    const struct pw_state *resumed; /* (optional) the checkpoint this run resumed from:
+                                  its step counts as saved (finish does not rewrite it) */
 } pw_state_config;
 
 /* A finished checkpoint, reported by pw_state_writer_poll. */
@@ -138,6 +161,36 @@ pw_status pw_state_writer_poll(pw_state_writer *w, int wait, pw_state_done *done
 
 /* Waits for a write in flight (its result is lost: call poll first), frees. Accepts NULL. */
 void pw_state_writer_destroy(pw_state_writer *w);
+
+/* ---- the training loop's checkpoints ---- */
+
+/* Called with each checkpoint that became complete (on the caller's thread,
+ * inside step and finish). `done` is valid during the call. */
+typedef void (*pw_state_report_fn)(const pw_state_done *done, void *arg);
+
+/* After the step `s` of pl (every process at the same one): saves when the
+ * config's `every` says it is due and s->step < last_step (finish writes
+ * the last one), then reports every checkpoint that became complete
+ * (report may be NULL). Errors: save's and poll's. */
+pw_status pw_state_writer_step(pw_state_writer *w, pw_pipeline *pl, const pw_step_stats *s, int64_t last_step,
+                               pw_state_report_fn report, void *arg);
+/* The end of a run (its last step, or a signal that stopped it after `step`
+ * steps): saves the state after `step` unless that step was saved already
+ * (by step, or it is the resumed checkpoint's), then waits for every write
+ * and reports each. Errors: save's and poll's. */
+pw_status pw_state_writer_finish(pw_state_writer *w, pw_pipeline *pl, int64_t step, pw_state_report_fn report,
+                                 void *arg);
+
+/* The math of the run `pc` describes, for pw_state_config.run and
+ * pw_state_check: `data` (its data spec, compared as written), the size of
+ * pc->train (which must be set), the batch, micro-batch size and gradient
+ * groups, seed, shuffle, clipping and the optimizer (its decay_steps
+ * included). Strings point at the caller's. */
+pw_state_run pw_state_run_of(const pw_pipeline_config *pc, const char *data);
+/* The layout of `pl`, for pw_state_config.layout: its stages, chunks per
+ * rank, replicas, micro-batches, processes, configured threads, schedule
+ * name and cuts (pointers into pl: valid while it lives). */
+pw_state_layout pw_state_layout_of(const pw_pipeline *pl);
 
 /* ---- resuming ---- */
 
@@ -184,6 +237,20 @@ pw_status pw_state_check(const pw_state *s, const pw_graph *g, const pw_state_ru
  * replica count; under MPI only this process's replica is held) and seeks
  * the pipeline to the checkpoint's step. On failure nothing is changed. */
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas);
+
+/* Resuming on another layout (docs/checkpoints.md): the replica and
+ * micro-batch counts for a run of `stages` stages and global batch `batch`
+ * that resumes the checkpoint `m`. Under MPI (world > 1 processes) a
+ * process count that is not stages x *replicas but a multiple of stages
+ * takes world / stages replicas, and the micro-batches then follow the
+ * checkpoint. Unless *micro_fixed, *micro_batches becomes batch /
+ * (*replicas x the checkpoint's micro-batch size) when that divides (the
+ * checkpoint's micro-batch size, so its bits: docs/checkpoints.md) and
+ * *micro_fixed is set. PW_ERR_INVALID_ARG when batch then does not split
+ * into *replicas x *micro_batches or `grad_groups` (pw_grad_groups' request)
+ * does not fit them; the counts are left as computed, for the message. */
+pw_status pw_state_fit_layout(const pw_state_meta *m, int world, int stages, int64_t batch, int grad_groups,
+                              int *replicas, int *micro_batches, int *micro_fixed);
 
 /* FNV-1a 64 of every parameter's "name:d0,d1,...;" in graph order, as
  * 16 hex digits (the manifest's graph.hash). */

@@ -449,6 +449,16 @@ static pw_status cuda_find_nonfinite(void *ctx, float *const *g, const int64_t *
     return PW_OK;
 }
 
+static pw_status cuda_device_info(int dev, pw_device_info *out)
+{
+    pw_cuda_device_info info;
+    PW_CHECK(pw_cuda_device_query(dev, &info));
+    snprintf(out->name, sizeof out->name, "%s", info.name);
+    out->total_memory = (int64_t)info.total_mem;
+    out->free_memory = (int64_t)info.free_mem;
+    return PW_OK;
+}
+
 static const pw_span_mem cuda_span_mem = {.apply = pw_cuda_span_apply, .fence = pw_cuda_span_fence};
 
 static const pw_backend_i cuda_i = {
@@ -498,6 +508,7 @@ static const pw_backend_i cuda_i = {
     .optim_update = cuda_optim_update,
     .find_nonfinite = cuda_find_nonfinite,
     .device_pci = pw_cuda_device_pci,
+    .device_info = cuda_device_info,
 };
 
 const pw_backend_i *pw_backend_cuda(void) { return &cuda_i; }
