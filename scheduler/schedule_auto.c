@@ -149,10 +149,19 @@ typedef struct greedy {
     int f_first;                 /* 1: a ready F goes before a ready B (1F1B's
                                   * steady order: the next micro-batch enters
                                   * the pipeline as early as possible) */
+    int fit_w;                   /* 1: a W fills a gap only if it ends by the
+                                  * time the next input already placed lands
+                                  * (else the rank waits for it, and the W
+                                  * goes later): a W that overruns delays the
+                                  * B the previous rank waits for */
     int64_t *cf, *cb, *cw, comm; /* [S] ns */
     auto_rank *rk;               /* [S] */
     int64_t *end_f, *end_b;      /* [S][M] ns; NOT_YET */
     heap h;
+    /* (optional) A given order to time instead of choosing one: rank r's
+     * compute actions, 3M of them (a handcrafted schedule as a candidate). */
+    const pw_action *const *fixed;
+    int *done;                   /* [S] actions placed, with `fixed` */
 } greedy;
 
 /* When rank r's next B and next F could start (NOT_YET: their input is not
@@ -170,7 +179,7 @@ static int64_t b_ready_at(const greedy *g, int r)
 static int64_t f_ready_at(const greedy *g, int r)
 {
     const auto_rank *k = &g->rk[r];
-    int cap = g->limit;
+    int cap = g->fixed ? g->M : g->limit; /* a given order keeps its own memory */
     if (g->taper && k->b == 0 && cap - r >= 1) cap -= r;
     if (k->f >= g->M || k->f - k->w >= cap) return NOT_YET;
     if (r == 0) return 0;
@@ -182,12 +191,21 @@ static int64_t f_ready_at(const greedy *g, int r)
 static int decide(greedy *g, int r, int64_t t, pw_action **pos)
 {
     auto_rank *k = &g->rk[r];
-    const int64_t tf = f_ready_at(g, r);
-    int64_t tb = b_ready_at(g, r);
+    int64_t tf = f_ready_at(g, r), tb = b_ready_at(g, r);
+    if (g->fixed) { /* only the order's next action may run */
+        pw_action_kind next = g->fixed[r][g->done[r]].kind;
+        if (next != PW_ACT_F) tf = NOT_YET;
+        if (next != PW_ACT_B) tb = NOT_YET;
+        if (next == PW_ACT_W) tb = tf = t; /* its B has run: ready now */
+    }
     const int run_f = tf <= t && !(g->prefer_w && k->b > 0 && k->w < k->b);
+    const int64_t next_in = tb < tf ? tb : tf; /* the earliest input placed */
     pw_action a;
     int64_t d;
-    if (tb <= t && !(g->f_first && run_f)) {
+    if (g->fixed && g->fixed[r][g->done[r]].kind == PW_ACT_W) {
+        a = (pw_action){PW_ACT_W, r, k->w++};
+        d = g->cw[r];
+    } else if (tb <= t && !(g->f_first && run_f)) {
         a = (pw_action){PW_ACT_B, r, k->b};
         d = g->cb[r];
         g->end_b[(size_t)r * g->M + k->b++] = t + d;
@@ -198,16 +216,18 @@ static int decide(greedy *g, int r, int64_t t, pw_action **pos)
         d = g->cf[r];
         g->end_f[(size_t)r * g->M + k->f++] = t + d;
         if (r + 1 < g->S && g->rk[r + 1].f == a.mb && heap_push(&g->h, t + d + g->comm, r + 1)) return -1;
-    } else if (k->w < k->b) {
+    } else if (!g->fixed && k->w < k->b && !(g->fit_w && k->f - k->w < g->limit && next_in > t && next_in < NOT_YET &&
+                                t + g->cw[r] > next_in)) {
         a = (pw_action){PW_ACT_W, r, k->w++};
         d = g->cw[r];
     } else {
         /* Idle: try again when the earliest input already placed lands;
          * with none placed, sleep until the neighbour places it. */
-        int64_t next = tb < tf ? tb : tf;
-        return next != NOT_YET ? heap_push(&g->h, next, r) : 0;
+        PW_ASSERT(next_in > t);
+        return next_in != NOT_YET ? heap_push(&g->h, next_in, r) : 0;
     }
     *pos[r]++ = a;
+    if (g->fixed) g->done[r]++;
     if (k->first < 0) k->first = t;
     k->free_at = t + d;
     return k->w == g->M ? 0 : heap_push(&g->h, t + d, r);
@@ -217,11 +237,14 @@ static int64_t to_ns(double sec) { return llround(sec * 1e9); }
 
 /* One run of the greedy with the given rules; *span and *makespan in ns. */
 static pw_status run_greedy(const pw_schedule *s, const pw_schedule_config *cfg, int variant,
-                            pw_action **pos, int64_t *span, int64_t *makespan)
+                            const pw_action *const *fixed, pw_action **pos, int64_t *span,
+                            int64_t *makespan)
 {
     const int S = s->n_ranks, M = s->n_micro;
+    if (fixed) variant = 0; /* a given order has no rules to vary */
     greedy g = {.S = S, .M = M, .limit = cfg->memory_limit > 0 ? cfg->memory_limit : 2 * S,
-                .prefer_w = variant & 1, .taper = (variant >> 1) & 1, .f_first = (variant >> 2) & 1};
+                .prefer_w = variant & 1, .taper = (variant >> 1) & 1, .f_first = (variant >> 2) & 1,
+                .fit_w = (variant >> 3) & 1, .fixed = fixed};
     if (g.limit > M) g.limit = M;
     const size_t keys = (size_t)S * (size_t)M;
     g.cf = malloc(3 * (size_t)S * sizeof *g.cf);
@@ -232,6 +255,13 @@ static pw_status run_greedy(const pw_schedule *s, const pw_schedule_config *cfg,
         free(g.rk);
         free(g.end_f);
         return pw_error(PW_ERR_NOMEM, "zb-auto: cannot allocate the %d x %d build clock", S, M);
+    }
+    g.done = calloc((size_t)S, sizeof *g.done);
+    if (!g.done) {
+        free(g.cf);
+        free(g.rk);
+        free(g.end_f);
+        return pw_error(PW_ERR_NOMEM, "zb-auto: out of memory");
     }
     g.cb = g.cf + S;
     g.cw = g.cb + S;
@@ -266,49 +296,75 @@ static pw_status run_greedy(const pw_schedule *s, const pw_schedule_config *cfg,
     *span = longest;
     *makespan = last;
     free(g.h.a);
+    free(g.done);
     free(g.cf);
     free(g.rk);
     free(g.end_f);
     return st;
 }
 
-/* The greedy's rules have variants, three switches (W before F once a rank's
- * backward has started; a ZB-H1-shaped warm-up; F before B): none is best
- * for every memory limit and set of times (with F = B = W, B first is ZB-H2
- * at 2p, F first with the memory limit forcing W is ZB-H1 at p). Each is built on the cost clock and the
- * one with the shortest span — the period of overlapped steps, the paper's
- * measure — wins; ties go to the shorter step, then to the earlier variant.
- * The winner is built once more into pos. */
-#define N_VARIANTS 8
+/* The greedy's rules have variants, four switches (W before F once a rank's
+ * backward has started; a ZB-H1-shaped warm-up; F before B; W only where it
+ * fits before the next input): none is best for every memory limit and set
+ * of times (with F = B = W, B first is ZB-H2 at 2p, F first with the memory
+ * limit forcing W is ZB-H1 at p). The handcrafted orders that fit the limit
+ * (ZB-H1: min(p, m) in flight, ZB-H2: min(2p − 1, m)) are candidates too,
+ * timed on the same clock. The candidate with the shortest span — the period
+ * of overlapped steps, the paper's measure — wins; ties go to the shorter
+ * step, then to the earlier candidate. The winner is built once more into
+ * pos. */
+#define N_VARIANTS 16
+
+/* ZB-H1's or ZB-H2's compute order for s's shape, or NULL when it holds
+ * more than the limit (or cannot be built). */
+static pw_schedule *handcrafted(const pw_schedule *s, int limit, pw_schedule_kind kind)
+{
+    const int p = s->n_ranks, m = s->n_micro;
+    int need = kind == PW_SCHEDULE_ZB_H1 ? p : 2 * p - 1;
+    if ((need < m ? need : m) > limit) return NULL;
+    pw_schedule_config c = {.kind = kind, .n_stages = p, .n_micro = m};
+    pw_schedule *h = NULL;
+    if (pw_schedule_generate(&c, &h) != PW_OK) pw_clear_error();
+    return h;
+}
 
 pw_status pw_sched_gen_zb_auto(const pw_schedule *s, const pw_schedule_config *cfg, pw_action **pos,
                                int64_t *span)
 {
     const int S = s->n_ranks;
+    const int limit = cfg->memory_limit > 0 ? cfg->memory_limit : 2 * S;
     const size_t per_rank = 3 * (size_t)s->n_micro;
     pw_action *scratch = malloc((size_t)S * per_rank * sizeof *scratch);
     pw_action **tmp = malloc((size_t)S * sizeof *tmp);
-    if (!scratch || !tmp) {
-        free(scratch);
-        free(tmp);
-        return pw_error(PW_ERR_NOMEM, "zb-auto: cannot allocate %d ranks x %zu actions", S, per_rank);
-    }
+    const pw_action **order = malloc(2 * (size_t)S * sizeof *order);
+    pw_schedule *hand[2] = {handcrafted(s, limit, PW_SCHEDULE_ZB_H1),
+                            handcrafted(s, limit, PW_SCHEDULE_ZB_H2)};
+    pw_status st = PW_OK;
+    if (!scratch || !tmp || !order) st = pw_error(PW_ERR_NOMEM, "zb-auto: cannot allocate %d ranks x %zu "
+                                                  "actions", S, per_rank);
+    for (int h = 0; h < 2 && st == PW_OK; h++)
+        for (int r = 0; r < S; r++) order[h * S + r] = hand[h] ? hand[h]->ranks[r].actions : NULL;
     int best = -1;
     int64_t best_span = 0, best_make = 0, sp = 0, mk = 0;
-    pw_status st = PW_OK;
-    for (int v = 0; v < N_VARIANTS && st == PW_OK; v++) {
+    for (int v = 0; v < N_VARIANTS + 2 && st == PW_OK; v++) {
+        const pw_action *const *fixed = v < N_VARIANTS ? NULL : order + (size_t)(v - N_VARIANTS) * S;
+        if (fixed && !hand[v - N_VARIANTS]) continue;
         for (int r = 0; r < S; r++) tmp[r] = scratch + (size_t)r * per_rank;
-        st = run_greedy(s, cfg, v, tmp, &sp, &mk);
+        st = run_greedy(s, cfg, v, fixed, tmp, &sp, &mk);
         if (st == PW_OK && (best < 0 || sp < best_span || (sp == best_span && mk < best_make))) {
             best = v;
             best_span = sp;
             best_make = mk;
         }
     }
+    if (st == PW_OK)
+        st = run_greedy(s, cfg, best, best < N_VARIANTS ? NULL : order + (size_t)(best - N_VARIANTS) * S,
+                        pos, &sp, &mk);
+    if (span) *span = sp;
     free(scratch);
     free(tmp);
-    if (st != PW_OK) return st;
-    st = run_greedy(s, cfg, best, pos, &sp, &mk);
-    if (span) *span = sp;
+    free(order);
+    pw_schedule_destroy(hand[0]);
+    pw_schedule_destroy(hand[1]);
     return st;
 }
