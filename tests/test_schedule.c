@@ -508,7 +508,7 @@ Test(schedule, bad_configs, .timeout = 300)
     cr_assert(strstr(pw_last_error(), "n_stages must be in 1.."), "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_CUSTOM, .n_stages = 2, .n_micro = 4};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
-    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v (got custom)"),
+    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or zb-auto (got custom)"),
               "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_GPIPE, .n_stages = 2, .n_micro = 0};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);

@@ -78,6 +78,7 @@ typedef struct options {
     pw_allreduce_algo allreduce;
     int allreduce_set;
     int chunks_per_rank;         /* 0: the schedule's default */
+    const char *memory_limit;    /* zb-auto: "2p", "1p" or a count (NULL: 2p) */
     int simulate;
     int calibrate;               /* --simulate: measure the compute rate here */
     double flops_per_s;          /* 0: measured (auto) or the forecast default */
@@ -130,9 +131,12 @@ static void usage(FILE *f)
 "                        number of GPUs, lowered to the most stages the graph\n"
 "                        can make: nodes / chunks per rank)\n"
 "  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
-"                        auto (forecast every kind, train with the fastest that\n"
-"                        fits), or a schedule CSV file (docs/schedules.md);\n"
-"                        validated before anything runs\n"
+"                        zb-auto (ZB-1p/2p: built from the stages' predicted\n"
+"                        times under --memory-limit), auto (forecast every kind,\n"
+"                        train with the fastest that fits), or a schedule CSV\n"
+"                        file (docs/schedules.md); validated before anything runs\n"
+"  --memory-limit N|Np   zb-auto: micro-batches in flight per stage, a count or a\n"
+"                        multiple of the stages (default 2p; 1p is 1F1B's)\n"
 "  --chunks-per-rank V   model chunks per rank for interleaved (default 2)\n"
 "  --recompute           recompute activations in the backward (less memory)\n"
 "  --device cpu|cuda[:N] where the stages compute (default cpu); cuda: rank r on\n"
@@ -313,7 +317,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
-       OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
+       OPT_CHUNKS, OPT_MEMLIMIT, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
@@ -425,6 +429,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
         {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
+        {"memory-limit", required_argument, 0, OPT_MEMLIMIT},
         {"simulate", no_argument, 0, OPT_SIMULATE},
         {"calibrate", no_argument, 0, OPT_CALIBRATE},
         {"flops-per-s", required_argument, 0, OPT_FLOPS},
@@ -575,6 +580,7 @@ static int parse_args(int argc, char **argv, options *o)
             if (parse_i64("--chunks-per-rank", optarg, 1, 64, &v)) return 2;
             o->chunks_per_rank = (int)v;
             break;
+        case OPT_MEMLIMIT: o->memory_limit = optarg; break;
         case OPT_SIMULATE: o->simulate = 1; break;
         case OPT_CALIBRATE: o->calibrate = 1; break;
         case OPT_FLOPS:
@@ -1353,7 +1359,7 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
     if (pw_schedule_kind_parse(o->schedule, kind) == PW_OK && *kind != PW_SCHEDULE_CUSTOM) return 0;
     if (access(o->schedule, R_OK) != 0) {
         fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
-                "auto or a readable CSV file\n", g_who, o->schedule);
+                "zb-auto, auto or a readable CSV file\n", g_who, o->schedule);
         return 2;
     }
     *csv = o->schedule;
@@ -1986,6 +1992,12 @@ int main(int argc, char **argv)
         }
         o.chunks_per_rank = v;
     }
+    int memory_limit = 0; /* zb-auto's; 0: its default, 2p */
+    if (o.memory_limit && pw_schedule_memory_limit_parse(o.memory_limit, o.stages, &memory_limit) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s--memory-limit: %s\n", g_who, pw_last_error());
+        status = 2;
+        goto out;
+    }
     /* The planner's flags: train with the plan's cuts (the ones --plan
      * prints), refused here when it does not fit. --schedule auto has
      * already applied a lone --memory-budget to a schedule of several
@@ -2025,6 +2037,7 @@ int main(int argc, char **argv)
     pc.clip_grad_norm = o.clip;
     pc.transport = g_mpi;
     pc.chunks_per_rank = o.chunks_per_rank;
+    pc.memory_limit = memory_limit;
     pc.recompute = o.recompute;
     pc.device = o.device;
     pc.math = (int)o.gpu_math;
