@@ -377,6 +377,8 @@ int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micr
  *     with split W     T = 3vm + 2(p-1)       bubble 2(p-1)/(3vm+2(p-1))
  *   zb-h1, zb-h2       T = 3m + p-1 + max(0, p-m)
  *   zb-v               T = max(6m + p-1, 4m + 4p-2)
+ *   zb-auto            no closed form: the generated order (cfg's limit,
+ *                      unit costs) replayed, O(actions) per call
  * (the tests replay every p <= 8, m <= 16 against these). -1.0 when cfg is
  * out of range. */
 double pw_schedule_config_bubble(const pw_schedule_config *cfg);
@@ -384,7 +386,8 @@ double pw_schedule_config_bubble(const pw_schedule_config *cfg);
  * schedule (pw_schedule_report.peak_inflight):
  *   gpipe m; 1f1b min(p-r, m); interleaved min(2(p-r-1) + (v-1)p + 1, vm)
  *   (Megatron's warm-up plus one); zb-h1 min(p, m); zb-h2 min(2p-1, m);
- *   zb-v min(2p, 2m, m+1+r) (two half-stage chunks: 2p slots are p stages).
+ *   zb-v min(2p, 2m, m+1+r) (two half-stage chunks: 2p slots are p stages);
+ *   zb-auto: the generated order's replayed peak, at most min(limit, m).
  * -1 when cfg or rank is out of range. */
 int pw_schedule_config_peak(const pw_schedule_config *cfg, int rank);
 
