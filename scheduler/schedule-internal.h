@@ -3,6 +3,7 @@
 #ifndef PW_SCHEDULER_SCHEDULE_INTERNAL_H
 #define PW_SCHEDULER_SCHEDULE_INTERNAL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "scheduler/schedule.h"
@@ -82,5 +83,14 @@ void pw_sched_describe(const pw_schedule *s, int rank, const pw_action *a, char 
  * order (rank 0's actions, then rank 1's, ...), the unit-cost step at which it
  * starts. */
 pw_status pw_sched_replay(const pw_schedule *s, pw_schedule_report *rep, uint32_t *start);
+
+/* zb-auto (schedule_auto.c). pw_sched_auto_check: 0 when cfg's memory
+ * limit and costs are usable, else -1 with the reason in why (silent). The
+ * generator writes each rank's compute actions at pos[r] and advances it;
+ * span (may be NULL) receives the longest rank's span (first F start to last
+ * W end) on the cost clock, in ns. */
+int pw_sched_auto_check(const pw_schedule_config *cfg, char *why, size_t n);
+pw_status pw_sched_gen_zb_auto(const pw_schedule *s, const pw_schedule_config *cfg, pw_action **pos,
+                               int64_t *span);
 
 #endif

@@ -36,6 +36,7 @@ static const char *const schedule_names[PW_SCHEDULE_KIND_COUNT] = {
     [PW_SCHEDULE_ZB_H1] = "zb-h1",
     [PW_SCHEDULE_ZB_H2] = "zb-h2",
     [PW_SCHEDULE_ZB_V] = "zb-v",
+    [PW_SCHEDULE_ZB_AUTO] = "zb-auto",
 };
 
 /* Other spellings pw_schedule_kind_parse accepts. */
@@ -48,6 +49,7 @@ static const struct {
     {"zb_h1", PW_SCHEDULE_ZB_H1}, {"zbh1", PW_SCHEDULE_ZB_H1},
     {"zb_h2", PW_SCHEDULE_ZB_H2}, {"zbh2", PW_SCHEDULE_ZB_H2},
     {"zb_v", PW_SCHEDULE_ZB_V},   {"zbv", PW_SCHEDULE_ZB_V},
+    {"zb_auto", PW_SCHEDULE_ZB_AUTO}, {"zbauto", PW_SCHEDULE_ZB_AUTO},
 };
 
 const char *pw_action_kind_name(pw_action_kind k)
@@ -78,8 +80,8 @@ pw_status pw_schedule_kind_parse(const char *name, pw_schedule_kind *out)
         }
     }
     return pw_error(PW_ERR_INVALID_ARG,
-                    "unknown schedule '%s' (expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v "
-                    "or custom)", name);
+                    "unknown schedule '%s' (expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
+                    "zb-auto or custom)", name);
 }
 
 int pw_action_format(const pw_action *a, int one_chunk_per_rank, char *buf, size_t n)
@@ -350,7 +352,7 @@ static int config_shape(const pw_schedule_config *cfg, int *v_out, int *split_ou
 {
     const pw_schedule_kind k = cfg->kind;
     if (k <= PW_SCHEDULE_CUSTOM || k >= PW_SCHEDULE_KIND_COUNT) {
-        snprintf(why, n, "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v (got %s)",
+        snprintf(why, n, "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or zb-auto (got %s)",
                  pw_schedule_kind_name(k));
         return -1;
     }
@@ -405,13 +407,14 @@ static int config_shape(const pw_schedule_config *cfg, int *v_out, int *split_ou
             return -1;
         }
     }
+    if (k == PW_SCHEDULE_ZB_AUTO && pw_sched_auto_check(cfg, why, n) != 0) return -1;
     if ((int64_t)cfg->n_stages * v > INT_MAX / 2) {
         snprintf(why, n, "n_stages x chunks_per_rank (%d x %d) is too large", cfg->n_stages, v);
         return -1;
     }
     *v_out = v;
-    *split_out = k == PW_SCHEDULE_ZB_H1 || k == PW_SCHEDULE_ZB_H2 || k == PW_SCHEDULE_ZB_V
-                     ? 1 : cfg->split_w;
+    *split_out = k == PW_SCHEDULE_ZB_H1 || k == PW_SCHEDULE_ZB_H2 || k == PW_SCHEDULE_ZB_V ||
+                 k == PW_SCHEDULE_ZB_AUTO ? 1 : cfg->split_w;
     return 0;
 }
 
@@ -759,6 +762,8 @@ pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out)
     for (int r = 0; r < S; r++) pos[r] = s->ranks[r].actions;
     if (cfg->kind == PW_SCHEDULE_ZB_H2) {
         PW_CHECK_GOTO(gen_zb_h2(s, pos), st, out);
+    } else if (cfg->kind == PW_SCHEDULE_ZB_AUTO) {
+        PW_CHECK_GOTO(pw_sched_gen_zb_auto(s, cfg, pos, NULL), st, out);
     } else {
         for (int r = 0; r < S; r++) {
             switch (cfg->kind) {
@@ -876,7 +881,8 @@ pw_status pw_schedule_lower(pw_schedule *s)
 
 static int zero_bubble_kind(pw_schedule_kind k)
 {
-    return k == PW_SCHEDULE_ZB_H1 || k == PW_SCHEDULE_ZB_H2 || k == PW_SCHEDULE_ZB_V;
+    return k == PW_SCHEDULE_ZB_H1 || k == PW_SCHEDULE_ZB_H2 || k == PW_SCHEDULE_ZB_V ||
+           k == PW_SCHEDULE_ZB_AUTO;
 }
 
 double pw_schedule_theoretical_bubble(pw_schedule_kind kind, int n_stages, int n_micro)
@@ -921,6 +927,24 @@ int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micr
     return -1;
 }
 
+/* zb-auto has no closed form: its order is generated and replayed on the
+ * validator's unit-cost clock. rank < 0: the bubble; else that rank's peak
+ * in-flight count. -1 when it cannot be generated (no memory). */
+static double auto_replayed(const pw_schedule_config *cfg, int rank)
+{
+    pw_schedule *s = NULL;
+    pw_schedule_report *rep = NULL;
+    double out = -1.0;
+    if (pw_schedule_generate(cfg, &s) == PW_OK && pw_schedule_lower(s) == PW_OK &&
+        pw_schedule_validate(s, &rep) == PW_OK)
+        out = rank < 0 ? rep->bubble : (double)rep->peak_inflight[rank];
+    else
+        pw_clear_error();
+    pw_schedule_report_destroy(rep);
+    pw_schedule_destroy(s);
+    return out;
+}
+
 /* The closed forms below were derived on the unit-cost clock and are checked
  * against the validator's replay for every p <= 8, m <= 16 by the tests. The
  * busy time of a rank is its number of compute actions: v m (2 + split). */
@@ -952,6 +976,9 @@ double pw_schedule_config_bubble(const pw_schedule_config *cfg)
          * the V has too few micro-batches to close its gaps. */
         T = 6 * m + p - 1 > 4 * m + 4 * p - 2 ? 6 * m + p - 1 : 4 * m + 4 * p - 2;
         break;
+    case PW_SCHEDULE_ZB_AUTO:
+        /* No closed form: the generated order's unit-cost replay. */
+        return auto_replayed(cfg, -1);
     default:
         return -1.0;
     }
@@ -982,6 +1009,7 @@ int pw_schedule_config_peak(const pw_schedule_config *cfg, int rank)
         if (k > 2 * m) k = 2 * m;
         if (k > m + 1 + r) k = m + 1 + r;
         break;
+    case PW_SCHEDULE_ZB_AUTO: return (int)auto_replayed(cfg, rank);
     default: return -1;
     }
     if (v == 1 && k > m) k = m;

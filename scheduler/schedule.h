@@ -99,6 +99,9 @@ typedef enum pw_schedule_kind {
                               * moved to the tail (always splits W) */
     PW_SCHEDULE_ZB_V,        /* Zero Bubble ZB-V: 2 chunks per rank in a V,
                               * 1F1B memory (always splits W) */
+    PW_SCHEDULE_ZB_AUTO,     /* Zero Bubble ZB-1p / ZB-2p: a greedy order over
+                              * the stages' F, B, W and message times under an
+                              * activation-memory limit (always splits W) */
     PW_SCHEDULE_KIND_COUNT
 } pw_schedule_kind;
 
@@ -140,6 +143,15 @@ int pw_schedule_rank_of(const pw_schedule *s, int chunk);
 
 /* ------------------------------------------------------------ generators */
 
+/* Times of one micro-batch on each stage (zb-auto): seconds (>= 0, finite;
+ * rounded to whole nanoseconds), e.g. a partition's predicted stage costs or
+ * the measured times of the stages' programs. */
+typedef struct pw_schedule_costs {
+    const double *f, *b, *w; /* [n_stages]: forward, backward for the input,
+                              * backward for the weights */
+    double comm;             /* one message between neighbouring stages */
+} pw_schedule_costs;
+
 typedef struct pw_schedule_config {
     pw_schedule_kind kind;   /* any kind but PW_SCHEDULE_CUSTOM */
     int n_stages;            /* pipeline ranks (p), >= 1 */
@@ -154,6 +166,12 @@ typedef struct pw_schedule_config {
                               * parallelism); 0 for a single replica */
     int chunks_per_rank;     /* v. Interleaved: >= 2 (0 means 2). ZB-V: 2
                               * (0 means 2). Other kinds: 1 (0 means 1) */
+    /* zb-auto only (the other kinds ignore both). */
+    int memory_limit;        /* activation slots per rank: micro-batches between
+                              * their F and their W, >= 1; 0 means 2·n_stages
+                              * (ZB-2p); n_stages is ZB-1p (1F1B's first rank).
+                              * pw_schedule_memory_limit_parse reads "2p" */
+    const pw_schedule_costs *costs; /* NULL: F = B = W = 1 s, free messages */
 } pw_schedule_config;
 
 /* Builds the compute-only schedule (F, B, W, ALLREDUCE, then one OPTIM per
@@ -166,6 +184,12 @@ pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out)
 
 /* Accepts NULL. */
 void pw_schedule_destroy(pw_schedule *s);
+
+/* Reads a zb-auto memory limit: "Np" (N whole: N·n_stages slots, the paper's
+ * ZB-1p and ZB-2p are "1p" and "2p") or a plain count of slots ("12").
+ * PW_OK: *out >= 1. PW_ERR_INVALID_ARG: "memory limit 'x': expected a count
+ * of micro-batches (e.g. 12) or a multiple of the stages (1p, 2p)". */
+pw_status pw_schedule_memory_limit_parse(const char *text, int n_stages, int *out);
 
 /* Inserts the communication, in place: RECV_F immediately before each F whose
  * input comes from another rank, SEND_F immediately after each F whose output
@@ -353,6 +377,8 @@ int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micr
  *     with split W     T = 3vm + 2(p-1)       bubble 2(p-1)/(3vm+2(p-1))
  *   zb-h1, zb-h2       T = 3m + p-1 + max(0, p-m)
  *   zb-v               T = max(6m + p-1, 4m + 4p-2)
+ *   zb-auto            no closed form: the generated order (cfg's limit,
+ *                      unit costs) replayed, O(actions) per call
  * (the tests replay every p <= 8, m <= 16 against these). -1.0 when cfg is
  * out of range. */
 double pw_schedule_config_bubble(const pw_schedule_config *cfg);
@@ -360,7 +386,8 @@ double pw_schedule_config_bubble(const pw_schedule_config *cfg);
  * schedule (pw_schedule_report.peak_inflight):
  *   gpipe m; 1f1b min(p-r, m); interleaved min(2(p-r-1) + (v-1)p + 1, vm)
  *   (Megatron's warm-up plus one); zb-h1 min(p, m); zb-h2 min(2p-1, m);
- *   zb-v min(2p, 2m, m+1+r) (two half-stage chunks: 2p slots are p stages).
+ *   zb-v min(2p, 2m, m+1+r) (two half-stage chunks: 2p slots are p stages);
+ *   zb-auto: the generated order's replayed peak, at most min(limit, m).
  * -1 when cfg or rank is out of range. */
 int pw_schedule_config_peak(const pw_schedule_config *cfg, int rank);
 

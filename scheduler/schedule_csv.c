@@ -224,7 +224,7 @@ static pw_status parse_header(parser *p, size_t line_b, size_t at, size_t e, int
             snprintf(name, sizeof name, "%.*s", (int)(vl < 31 ? vl : 31), v);
             if (vl >= 31 || pw_schedule_kind_parse(name, &k) != PW_OK)
                 return perr(p, line, col, "header: unknown kind '%.*s' (gpipe, 1f1b, interleaved, "
-                            "zb-h1, zb-h2, zb-v or custom)", (int)vl, v);
+                            "zb-h1, zb-h2, zb-v, zb-auto or custom)", (int)vl, v);
             p->kind = (int)k;
         } else if (strcmp(key, "placement") == 0) {
             p->placement_col = col;

@@ -58,6 +58,11 @@ typedef struct sim {
     int *stack, sp;         /* ranks ready to run */
     pw_trace *trace;
     int64_t step, n_events, n_messages, n_waits;
+    /* Several steps back to back (post-validated): the length of one step's
+     * program on each rank, and each step's end (max over ranks of its
+     * OPTIM's end); NULL for one step. */
+    const int *step_len;    /* [R] */
+    int64_t *step_end;      /* [steps] */
 } sim;
 
 static const char *const compute_name[] = {[PW_ACT_F] = "F", [PW_ACT_B] = "B", [PW_ACT_W] = "W"};
@@ -334,6 +339,10 @@ static pw_status run_rank(sim *m, int r)
                 t = k->ar_free;
             }
             d = k->optim_ns;
+            if (m->step_len) { /* OPTIM is the last action of each step */
+                int64_t *e = &m->step_end[i / m->step_len[r]];
+                if (t + d > *e) *e = t + d;
+            }
             break;
         default:
             return bad_action(m, r, i, "unknown action kind");
@@ -411,19 +420,11 @@ static pw_status fill_result(const sim *m, pw_sim_result **out)
     return PW_OK;
 }
 
-pw_status pw_simulate(const pw_schedule *s, const pw_sim_config *cfg, pw_sim_result **out)
+/* The simulation proper. step_len and step_end as in struct sim (NULL for
+ * one step); trace may be NULL. */
+static pw_status simulate_core(const pw_schedule *s, const pw_sim_config *cfg, pw_trace *trace,
+                               const int *step_len, int64_t *step_end, pw_sim_result **out)
 {
-    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_simulate: out is NULL");
-    *out = NULL;
-    if (!s) return pw_error(PW_ERR_INVALID_ARG, "pw_simulate: schedule is NULL");
-    PW_CHECK(pw_sched_check_shape(s));
-    for (int r = 0; r < s->n_ranks; r++)
-        if (s->ranks[r].n_actions < 0 || (s->ranks[r].n_actions > 0 && !s->ranks[r].actions))
-            return pw_error(PW_ERR_INVALID_ARG, "simulate: rank %d has a bad action list", r);
-    if (!s->lowered && s->n_ranks > 1)
-        return pw_error(PW_ERR_SCHEDULE, "simulate: the schedule is not lowered (call "
-                        "pw_schedule_lower: the simulator times its SEND/RECV actions)");
-
     /* Plan every array, then one allocation. */
     const int R = s->n_ranks, C = s->n_chunks;
     const size_t keys = (size_t)C * (size_t)s->n_micro;
@@ -444,8 +445,10 @@ pw_status pw_simulate(const pw_schedule *s, const pw_sim_config *cfg, pw_sim_res
         .link_f = (int *)(block + o_lf),
         .xfer_f = (int64_t *)(block + o_xf),
         .stack = (int *)(block + o_stack),
-        .trace = cfg ? cfg->trace : NULL,
+        .trace = trace,
         .step = cfg && cfg->step > 0 ? cfg->step : 1,
+        .step_len = step_len,
+        .step_end = step_end,
     };
     m.arr_b = m.arr_f + keys;
     m.link_b = m.link_f + C;
@@ -475,6 +478,97 @@ out:
     free(m.links);
     free(block);
     return st;
+}
+
+/* `steps` copies of s's programs back to back on every rank, micro-batch
+ * k of copy n renumbered n·M + k (bucket indices kept): the post-validated
+ * run, in which nothing holds a rank between its steps. */
+static pw_status concat_steps(const pw_schedule *s, int steps, pw_schedule **out)
+{
+    *out = NULL;
+    if ((int64_t)s->n_micro * steps > PW_SCHED_MAX_MICRO)
+        return pw_error(PW_ERR_INVALID_ARG, "simulate: %d steps of %d micro-batches are too many "
+                        "(at most %d in all)", steps, s->n_micro, PW_SCHED_MAX_MICRO);
+    int64_t *counts = malloc((size_t)s->n_ranks * sizeof *counts);
+    if (!counts) return pw_error(PW_ERR_NOMEM, "simulate: out of memory (steps)");
+    for (int r = 0; r < s->n_ranks; r++) counts[r] = (int64_t)s->ranks[r].n_actions * steps;
+    pw_schedule shape = *s;
+    shape.n_micro = s->n_micro * steps;
+    pw_schedule *c = NULL;
+    pw_status st = pw_sched_alloc(&shape, counts, &c);
+    free(counts);
+    if (st != PW_OK) return st;
+    for (int r = 0; r < s->n_ranks; r++) {
+        const pw_rank_program *p = &s->ranks[r];
+        pw_action *q = c->ranks[r].actions;
+        for (int n = 0; n < steps; n++)
+            for (int i = 0; i < p->n_actions; i++) {
+                pw_action a = p->actions[i];
+                if (a.kind != PW_ACT_ALLREDUCE && a.kind != PW_ACT_OPTIM) a.mb += n * s->n_micro;
+                *q++ = a;
+            }
+    }
+    c->lowered = s->lowered;
+    *out = c;
+    return PW_OK;
+}
+
+/* The steps_* and period figures of res (one step: the step's own). */
+static pw_status several_steps(const pw_schedule *s, const pw_sim_config *cfg, pw_sim_result *res)
+{
+    const int K = cfg && cfg->steps > 1 ? cfg->steps : 1;
+    const double per_step = res->busy;
+    res->steps = K;
+    res->steps_time = res->step_time * K;
+    res->period = res->step_time;
+    if (K > 1 && cfg->post_validate) {
+        pw_schedule *c = NULL;
+        int *len = malloc((size_t)s->n_ranks * sizeof *len);
+        int64_t *end = calloc((size_t)K, sizeof *end);
+        pw_sim_result *all = NULL;
+        pw_status st = len && end ? PW_OK : pw_error(PW_ERR_NOMEM, "simulate: out of memory (steps)");
+        for (int r = 0; st == PW_OK && r < s->n_ranks; r++) len[r] = s->ranks[r].n_actions;
+        if (st == PW_OK) st = concat_steps(s, K, &c);
+        if (st == PW_OK) st = simulate_core(c, cfg, NULL, len, end, &all);
+        if (st == PW_OK) {
+            res->steps_time = all->step_time;
+            res->period = 1e-9 * (double)(end[K - 1] - end[0]) / (K - 1);
+        }
+        pw_sim_result_destroy(all);
+        pw_schedule_destroy(c);
+        free(len);
+        free(end);
+        PW_CHECK(st);
+    }
+    const double R = res->n_ranks;
+    res->steps_bubble = res->steps_time > 0 ? 1.0 - K * per_step / (R * res->steps_time) : 0.0;
+    res->period_bubble = res->period > 0 ? 1.0 - per_step / (R * res->period) : 0.0;
+    return PW_OK;
+}
+
+pw_status pw_simulate(const pw_schedule *s, const pw_sim_config *cfg, pw_sim_result **out)
+{
+    if (!out) return pw_error(PW_ERR_INVALID_ARG, "pw_simulate: out is NULL");
+    *out = NULL;
+    if (!s) return pw_error(PW_ERR_INVALID_ARG, "pw_simulate: schedule is NULL");
+    PW_CHECK(pw_sched_check_shape(s));
+    for (int r = 0; r < s->n_ranks; r++)
+        if (s->ranks[r].n_actions < 0 || (s->ranks[r].n_actions > 0 && !s->ranks[r].actions))
+            return pw_error(PW_ERR_INVALID_ARG, "simulate: rank %d has a bad action list", r);
+    if (!s->lowered && s->n_ranks > 1)
+        return pw_error(PW_ERR_SCHEDULE, "simulate: the schedule is not lowered (call "
+                        "pw_schedule_lower: the simulator times its SEND/RECV actions)");
+    if (cfg && cfg->steps < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "simulate: steps must be >= 0 (got %d)", cfg->steps);
+    pw_sim_result *res = NULL;
+    PW_CHECK(simulate_core(s, cfg, cfg ? cfg->trace : NULL, NULL, NULL, &res));
+    pw_status st = several_steps(s, cfg, res);
+    if (st != PW_OK) {
+        pw_sim_result_destroy(res);
+        return st;
+    }
+    *out = res;
+    return PW_OK;
 }
 
 void pw_sim_result_destroy(pw_sim_result *r) { free(r); }

@@ -46,6 +46,16 @@
  * steady state, and steady_bubble its idle share; ZB-H2 and ZB-V reach 0
  * with F = B = W and m >= 2p − 1. See docs/schedules.md.
  *
+ * Several steps. cfg->steps > 1 runs that many consecutive steps. Without
+ * post-validation each step starts when every rank has finished the last, so
+ * it replays the first exactly (steps_time = steps × step_time). With
+ * cfg->post_validate a rank runs on into its next step as soon as its own
+ * OPTIM is done (the steps' programs back to back on every rank; messages of
+ * different steps never mix), and period is the time a step adds in that
+ * overlapped run: the schedules whose ranks end their step at staggered
+ * times (ZB-H2, ZB-V, zb-auto at 2p) gain, 1F1B (its first rank ends last)
+ * does not.
+ *
  * Trace. With cfg->trace the simulator pushes, on track r, the events the
  * engine records, timed on the simulated clock (t0_ns / t1_ns from 0):
  *   "F" "B" "W" "OPTIM"             PW_TRACE_COMPUTE  chunk, mb
@@ -100,6 +110,16 @@ typedef struct pw_sim_config {
     pw_trace *trace;                  /* (optional) n_ranks tracks of at least
                                        * pw_sim_trace_capacity() events */
     int64_t step;                     /* step number written into trace events; 0 means 1 */
+    /* Consecutive steps (the result's steps_* and period figures; the trace
+     * and the per-rank figures are of the first step). */
+    int steps;                        /* 0 or 1: one step */
+    int post_validate;                /* 1: a rank starts step n+1 as soon as its
+                                       * own OPTIM of step n is done — the global
+                                       * checks (gradient norm, non-finite values)
+                                       * are validated after the fact and cost
+                                       * nothing unless they fail (Zero Bubble
+                                       * §4); 0: every rank starts step n+1 when
+                                       * the last rank has finished step n */
 } pw_sim_config;
 
 typedef struct pw_sim_rank {
@@ -127,6 +147,15 @@ typedef struct pw_sim_result {
     int64_t n_waits;          /* receives that had to wait */
     int64_t n_trace_events;   /* events pushed to cfg->trace, dropped ones
                                * included (pw_trace_dropped); 0 without one */
+    /* cfg->steps consecutive steps (one when steps <= 1): */
+    int steps;
+    double steps_time;        /* s: from the first action to the end of the last step */
+    double steps_bubble;      /* 1 - steps x busy / (n_ranks x steps_time): fill
+                               * and drain paid once */
+    double period;            /* s: (end of the last step - end of the first) /
+                               * (steps - 1), the time a step adds once steps
+                               * follow each other; step_time for one step */
+    double period_bubble;     /* 1 - busy / (n_ranks x period) */
     pw_sim_rank *ranks;       /* [n_ranks] */
 } pw_sim_result;
 

@@ -77,8 +77,9 @@ static const layout LAYOUTS[] = {
 #define N_LAYOUTS ((int)(sizeof LAYOUTS / sizeof LAYOUTS[0]))
 
 static const pw_schedule_kind KINDS[] = {PW_SCHEDULE_GPIPE, PW_SCHEDULE_1F1B, PW_SCHEDULE_INTERLEAVED,
-                                         PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V};
-#define N_KINDS 6
+                                         PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V,
+                                         PW_SCHEDULE_ZB_AUTO};
+#define N_KINDS 7
 
 static pw_dataset *image_data(void)
 {

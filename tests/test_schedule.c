@@ -508,7 +508,7 @@ Test(schedule, bad_configs, .timeout = 300)
     cr_assert(strstr(pw_last_error(), "n_stages must be in 1.."), "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_CUSTOM, .n_stages = 2, .n_micro = 4};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
-    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2 or zb-v (got custom)"),
+    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or zb-auto (got custom)"),
               "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_GPIPE, .n_stages = 2, .n_micro = 0};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
@@ -757,11 +757,12 @@ typedef struct new_param {
 
 ParameterizedTestParameters(schedule_new, generated)
 {
-    static new_param params[6 * 8];
+    static new_param params[7 * 8];
     static const new_param kinds[] = {
         {PW_SCHEDULE_INTERLEAVED, 2, 0}, {PW_SCHEDULE_INTERLEAVED, 3, 0},
         {PW_SCHEDULE_INTERLEAVED, 4, 0}, {PW_SCHEDULE_ZB_H1, 0, 0},
         {PW_SCHEDULE_ZB_H2, 0, 0},       {PW_SCHEDULE_ZB_V, 0, 0},
+        {PW_SCHEDULE_ZB_AUTO, 0, 0},
     };
     int n = 0;
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
@@ -778,6 +779,7 @@ static double published_peak(pw_schedule_kind kind, int S, int v, int M)
     case PW_SCHEDULE_ZB_H1: return M >= S ? S : -1;               /* as 1F1B: p */
     case PW_SCHEDULE_ZB_H2: return M >= 2 * S - 1 ? 2 * S - 1 : -1; /* 2p - 1 */
     case PW_SCHEDULE_ZB_V: return M >= 2 * S - 1 ? S : -1;          /* p */
+    case PW_SCHEDULE_ZB_AUTO: return M == 1 << 20 ? 2 * S : -1;     /* a bound only: its limit, 2p */
     case PW_SCHEDULE_INTERLEAVED:
         /* Korthikanti et al. 2022, §4.2: the first stage holds p(1 + (p-1)/(pv)). */
         return S == 1 || M >= 2 * S ? S + (double)(S - 1) / v : -1;
@@ -1089,7 +1091,8 @@ Test(schedule_new, names, .timeout = 300)
         {"interleaved", PW_SCHEDULE_INTERLEAVED}, {"Interleaved-1F1B", PW_SCHEDULE_INTERLEAVED},
         {"zb-h1", PW_SCHEDULE_ZB_H1}, {"ZB_H1", PW_SCHEDULE_ZB_H1}, {"zbh1", PW_SCHEDULE_ZB_H1},
         {"zb-h2", PW_SCHEDULE_ZB_H2}, {"zbh2", PW_SCHEDULE_ZB_H2}, {"zb-v", PW_SCHEDULE_ZB_V},
-        {"ZBV", PW_SCHEDULE_ZB_V}, {"zb_v", PW_SCHEDULE_ZB_V},
+        {"ZBV", PW_SCHEDULE_ZB_V}, {"zb_v", PW_SCHEDULE_ZB_V}, {"zb-auto", PW_SCHEDULE_ZB_AUTO},
+        {"ZB_AUTO", PW_SCHEDULE_ZB_AUTO},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         pw_schedule_kind k = PW_SCHEDULE_CUSTOM;
@@ -1107,8 +1110,8 @@ Test(schedule_new, names, .timeout = 300)
     cr_assert_eq(PW_SCHEDULE_1F1B, 2);
     pw_schedule_kind k;
     cr_assert_eq(pw_schedule_kind_parse("zb", &k), PW_ERR_INVALID_ARG);
-    cr_assert(strstr(pw_last_error(), "(expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or "
-                                      "custom)"), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "(expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
+                                      "zb-auto or custom)"), "%s", pw_last_error());
 }
 
 /* The V placement and explicit placements in the CSV header. */
@@ -1354,4 +1357,95 @@ Test(schedule_scale, onefoneb_1024x4096, .timeout = 300)
             (long long)rep->n_actions, t1 - t0, t2 - t1, t3 - t2, t3 - t0);
     pw_schedule_report_destroy(rep);
     pw_schedule_destroy(s);
+}
+
+/* ---------------------------------------------------------------- zb-auto */
+
+/* Every memory limit from 1 to 2p, p = 1..8, m = 1..16 and 2p, 4p: the
+ * greedy finishes, the order validates (the validator's replay is the
+ * proof: the generator is not trusted), no rank holds more micro-batches
+ * than the limit, and 1p is no longer than ZB-H1 on the unit clock. */
+Test(schedule_auto, every_limit_validates, .timeout = 300)
+{
+    int checked = 0;
+    for (int S = 1; S <= 8; S++)
+        for (int M = 1; M <= 16 + 4 * S; M += M < 16 ? 1 : 2 * S) {
+            for (int L = 1; L <= 2 * S; L++) {
+                pw_schedule_config cfg = {.kind = PW_SCHEDULE_ZB_AUTO, .n_stages = S, .n_micro = M,
+                                          .memory_limit = L};
+                pw_schedule *s = NULL;
+                pw_schedule_report *rep = NULL;
+                cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_OK, "S=%d M=%d L=%d: %s", S, M, L,
+                             pw_last_error());
+                cr_assert_eq(s->kind, PW_SCHEDULE_ZB_AUTO);
+                cr_assert_eq(s->split_w, 1);
+                cr_assert_eq(pw_schedule_lower(s), PW_OK);
+                cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK, "S=%d M=%d L=%d: %s", S, M, L,
+                             pw_last_error());
+                for (int r = 0; r < S; r++)
+                    cr_assert_leq(rep->peak_inflight[r], L < M ? L : M, "S=%d M=%d L=%d rank %d: %d",
+                                  S, M, L, r, rep->peak_inflight[r]);
+                if (L == S) {
+                    pw_schedule_config h1 = {.kind = PW_SCHEDULE_ZB_H1, .n_stages = S, .n_micro = M};
+                    cr_assert_leq(rep->bubble, pw_schedule_config_bubble(&h1) + 1e-12,
+                                  "S=%d M=%d: zb-auto 1p %g, zb-h1 %g", S, M, rep->bubble,
+                                  pw_schedule_config_bubble(&h1));
+                }
+                pw_schedule_report_destroy(rep);
+                pw_schedule_destroy(s);
+                checked++;
+            }
+        }
+    cr_assert_gt(checked, 1000);
+}
+
+Test(schedule_auto, config_errors_and_limits, .timeout = 300)
+{
+    int L = 0;
+    cr_assert_eq(pw_schedule_memory_limit_parse("2p", 8, &L), PW_OK);
+    cr_assert_eq(L, 16);
+    cr_assert_eq(pw_schedule_memory_limit_parse("1P", 8, &L), PW_OK);
+    cr_assert_eq(L, 8);
+    cr_assert_eq(pw_schedule_memory_limit_parse("12", 8, &L), PW_OK);
+    cr_assert_eq(L, 12);
+    const char *bad[] = {"", "p", "0", "0p", "-1", "2q", "2p5", "1.5p", "99999999999"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cr_assert_eq(pw_schedule_memory_limit_parse(bad[i], 8, &L), PW_ERR_INVALID_ARG, "'%s'", bad[i]);
+        cr_assert(strstr(pw_last_error(), "expected a count of micro-batches"), "%s", pw_last_error());
+    }
+    pw_schedule *s = NULL;
+    pw_schedule_config cfg = {.kind = PW_SCHEDULE_ZB_AUTO, .n_stages = 4, .n_micro = 8, .memory_limit = -1};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "memory_limit >= 1"), "%s", pw_last_error());
+    double f[4] = {1, 1, 1, 1}, b[4] = {1, 1, -1, 1}, w[4] = {1, 1, 1, 1};
+    pw_schedule_costs costs = {.f = f, .b = b, .w = w};
+    cfg.memory_limit = 0;
+    cfg.costs = &costs;
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "stage 2: b must be a time"), "%s", pw_last_error());
+    costs.b = NULL;
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cfg.costs = NULL;
+    cfg.chunks_per_rank = 2;
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "zb-auto has one chunk per rank"), "%s", pw_last_error());
+    cr_assert_null(s);
+}
+
+/* The order follows the times it is given: with a slow last stage the
+ * greedy's order differs from the unit-cost one (it is not ignoring them). */
+Test(schedule_auto, costs_shape_the_order, .timeout = 300)
+{
+    double f[4] = {1, 1, 1, 3}, b[4] = {1, 1, 1, 3}, w[4] = {1, 1, 1, 3};
+    pw_schedule_costs costs = {.f = f, .b = b, .w = w, .comm = 0.25};
+    pw_schedule_config cfg = {.kind = PW_SCHEDULE_ZB_AUTO, .n_stages = 4, .n_micro = 12, .memory_limit = 6};
+    pw_schedule *unit = NULL, *timed = NULL;
+    cr_assert_eq(pw_schedule_generate(&cfg, &unit), PW_OK);
+    cfg.costs = &costs;
+    cr_assert_eq(pw_schedule_generate(&cfg, &timed), PW_OK, "%s", pw_last_error());
+    cr_assert_not(pw_schedule_equal(unit, timed), "the costs changed nothing");
+    cr_assert_eq(pw_schedule_lower(timed), PW_OK);
+    cr_assert_eq(pw_schedule_validate(timed, NULL), PW_OK, "%s", pw_last_error());
+    pw_schedule_destroy(unit);
+    pw_schedule_destroy(timed);
 }

@@ -649,3 +649,89 @@ Test(sim_scale, onefoneb_1024x4096, .timeout = 300)
     pw_schedule_report_destroy(rep);
     pw_schedule_destroy(s);
 }
+
+/* ------------------------------------------------------ several steps */
+
+/* Synchronous steps replay the first; post-validated ones overlap: the
+ * period of 1F1B and ZB-H1 (their first rank ends last) stays a whole step,
+ * that of ZB-H2, ZB-V and zb-auto at 2p falls to the steady step — exactly,
+ * on the unit clock — and K steps cost the fill once. */
+Test(sim_steps, sync_and_post_validated, .timeout = 300)
+{
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2,
+                                      PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO};
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
+        for (int S = 2; S <= 4; S++)
+            for (int M = 2 * S; M <= 4 * S; M += S) {
+                pw_schedule *s = make(kinds[k], S, M, 0, 0, 0);
+                const char *name = pw_schedule_kind_name(kinds[k]);
+                pw_sim_chunk_cost *c = uniform(s, 1.0 / s->chunks_per_rank, 1.0 / s->chunks_per_rank,
+                                               1.0 / s->chunks_per_rank);
+                pw_sim_config cfg = {.chunks = c, .steps = 5};
+                pw_sim_result *one = sim(s, &(pw_sim_config){.chunks = c});
+                pw_sim_result *syn = sim(s, &cfg);
+                cfg.post_validate = 1;
+                pw_sim_result *pv = sim(s, &cfg);
+                cr_assert_eq(one->steps, 1);
+                cr_assert_float_eq(one->period, one->step_time, 1e-12);
+                cr_assert_eq(syn->steps, 5);
+                cr_assert_float_eq(syn->steps_time, 5 * one->step_time, 1e-9);
+                cr_assert_float_eq(syn->period, one->step_time, 1e-12);
+                cr_assert_float_eq(syn->step_time, one->step_time, 1e-12); /* the first step's figures */
+                const int staggered = kinds[k] == PW_SCHEDULE_ZB_H2 || kinds[k] == PW_SCHEDULE_ZB_V ||
+                                      kinds[k] == PW_SCHEDULE_ZB_AUTO;
+                double want = staggered ? one->steady_step_time : one->step_time;
+                cr_assert_float_eq(pv->period, want, 1e-9, "%s S=%d M=%d: period %g, want %g", name, S,
+                                   M, pv->period, want);
+                if (staggered)
+                    cr_assert_lt(pv->period, one->step_time, "%s S=%d M=%d: no overlap", name, S, M);
+                cr_assert_float_eq(pv->steps_time, one->step_time + 4 * pv->period, 1e-9,
+                                   "%s S=%d M=%d", name, S, M);
+                cr_assert_leq(pv->steps_bubble, syn->steps_bubble + 1e-12);
+                pw_sim_result_destroy(one);
+                pw_sim_result_destroy(syn);
+                pw_sim_result_destroy(pv);
+                free(c);
+                pw_schedule_destroy(s);
+            }
+}
+
+/* zb-auto given the stages' times (uneven stages, a message time) is never
+ * slower in the overlapped steady state than the handcrafted schedule of the
+ * same memory: ZB-H1 at p, ZB-H2 at 2p - 1. */
+Test(sim_steps, zb_auto_beats_handcrafted_on_measured_times, .timeout = 300)
+{
+    static const double shapes[][4] = {{1, 1, 1, 1}, {1, 1, 1, 2}, {2, 1, 1, 1}, {1, 1.5, 0.7, 1.2}};
+    for (size_t sh = 0; sh < sizeof shapes / sizeof shapes[0]; sh++)
+        for (int S = 2; S <= 4; S++)
+            for (int M = S; M <= 4 * S; M += S) {
+                double f[4], b[4], w[4];
+                for (int r = 0; r < S; r++) {
+                    f[r] = 1e-3 * shapes[sh][r];
+                    b[r] = 1.1e-3 * shapes[sh][r];
+                    w[r] = 0.8e-3 * shapes[sh][(r + 1) % 4];
+                }
+                pw_schedule_costs costs = {.f = f, .b = b, .w = w, .comm = 0.1e-3};
+                for (int two = 0; two <= 1; two++) {
+                    pw_schedule_config ac = {.kind = PW_SCHEDULE_ZB_AUTO, .n_stages = S, .n_micro = M,
+                                             .memory_limit = two ? 2 * S - 1 : S, .costs = &costs};
+                    pw_schedule *a = NULL;
+                    cr_assert_eq(pw_schedule_generate(&ac, &a), PW_OK, "%s", pw_last_error());
+                    cr_assert_eq(pw_schedule_lower(a), PW_OK);
+                    cr_assert_eq(pw_schedule_validate(a, NULL), PW_OK, "%s", pw_last_error());
+                    pw_schedule *h = make(two ? PW_SCHEDULE_ZB_H2 : PW_SCHEDULE_ZB_H1, S, M, 0, 0, 0);
+                    pw_sim_chunk_cost c[4];
+                    for (int r = 0; r < S; r++) c[r] = (pw_sim_chunk_cost){.f = f[r], .b = b[r], .w = w[r]};
+                    pw_sim_config cfg = {.chunks = c, .link_latency = costs.comm, .steps = 4,
+                                         .post_validate = 1};
+                    pw_sim_result *ra = sim(a, &cfg), *rh = sim(h, &cfg);
+                    cr_assert_leq(ra->period, rh->period * (1 + 1e-9), "shape %zu S=%d M=%d %s: zb-auto %g, %s %g",
+                                  sh, S, M, two ? "2p-1" : "1p", ra->period, two ? "zb-h2" : "zb-h1",
+                                  rh->period);
+                    pw_sim_result_destroy(ra);
+                    pw_sim_result_destroy(rh);
+                    pw_schedule_destroy(a);
+                    pw_schedule_destroy(h);
+                }
+            }
+}

@@ -77,6 +77,7 @@ typedef struct options {
     pw_allreduce_algo allreduce;
     int allreduce_set;
     int chunks_per_rank;         /* 0: the schedule's default */
+    const char *memory_limit;    /* zb-auto: "2p", "1p" or a count (NULL: 2p) */
     int simulate;
     int calibrate;               /* --simulate: measure the compute rate here */
     double flops_per_s;          /* 0: measured (auto) or the forecast default */
@@ -129,9 +130,12 @@ static void usage(FILE *f)
 "                        number of GPUs, lowered to the most stages the graph\n"
 "                        can make: nodes / chunks per rank)\n"
 "  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
-"                        auto (forecast every kind, train with the fastest that\n"
-"                        fits), or a schedule CSV file (docs/schedules.md);\n"
-"                        validated before anything runs\n"
+"                        zb-auto (ZB-1p/2p: built from the stages' predicted\n"
+"                        times under --memory-limit), auto (forecast every kind,\n"
+"                        train with the fastest that fits), or a schedule CSV\n"
+"                        file (docs/schedules.md); validated before anything runs\n"
+"  --memory-limit N|Np   zb-auto: micro-batches in flight per stage, a count or a\n"
+"                        multiple of the stages (default 2p; 1p is 1F1B's)\n"
 "  --chunks-per-rank V   model chunks per rank for interleaved (default 2)\n"
 "  --recompute           recompute activations in the backward (less memory)\n"
 "  --device cpu|cuda[:N] where the stages compute (default cpu); cuda: rank r on\n"
@@ -314,7 +318,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
-       OPT_CHUNKS, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
+       OPT_CHUNKS, OPT_MEMLIMIT, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
@@ -426,6 +430,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
         {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
+        {"memory-limit", required_argument, 0, OPT_MEMLIMIT},
         {"simulate", no_argument, 0, OPT_SIMULATE},
         {"calibrate", no_argument, 0, OPT_CALIBRATE},
         {"flops-per-s", required_argument, 0, OPT_FLOPS},
@@ -576,6 +581,7 @@ static int parse_args(int argc, char **argv, options *o)
             if (parse_i64("--chunks-per-rank", optarg, 1, 64, &v)) return 2;
             o->chunks_per_rank = (int)v;
             break;
+        case OPT_MEMLIMIT: o->memory_limit = optarg; break;
         case OPT_SIMULATE: o->simulate = 1; break;
         case OPT_CALIBRATE: o->calibrate = 1; break;
         case OPT_FLOPS:
@@ -1089,7 +1095,7 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
     if (pw_schedule_kind_parse(o->schedule, kind) == PW_OK && *kind != PW_SCHEDULE_CUSTOM) return 0;
     if (access(o->schedule, R_OK) != 0) {
         fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
-                "auto or a readable CSV file\n", g_who, o->schedule);
+                "zb-auto, auto or a readable CSV file\n", g_who, o->schedule);
         return 2;
     }
     *csv = o->schedule;
@@ -1600,6 +1606,7 @@ typedef struct run {
     double entropy;              /* the held-out split's unigram entropy (token data), else -1 */
     pw_schedule_kind kind;       /* resolved (--schedule auto: chosen) */
     const char *csv;             /* --schedule FILE */
+    int memory_limit;            /* zb-auto's micro-batches in flight per stage (0: 2p) */
     int use_plan;                /* training runs the plan's cuts (the planner's flags) */
     pw_partition_method plan_method;
     pw_balance plan_balance;
@@ -1667,6 +1674,12 @@ static int choose_schedule(run *r)
         if ((rc = choose_auto(r->g, &r->o, &r->kind, &v)) != 0) return rc;
         r->o.chunks_per_rank = v;
     }
+    r->memory_limit = 0; /* zb-auto's; 0: its default, 2p */
+    if (r->o.memory_limit &&
+        pw_schedule_memory_limit_parse(r->o.memory_limit, r->o.stages, &r->memory_limit) != PW_OK) {
+        fprintf(stderr, "pipeline-run: %s--memory-limit: %s\n", g_who, pw_last_error());
+        return 2;
+    }
     r->use_plan = planner_flags(&r->o) || (r->o.memory_budget && !(is_auto && r->o.chunks_per_rank > 1));
     return 0;
 }
@@ -1696,6 +1709,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.clip_grad_norm = o->clip;
     pc.transport = g_mpi;
     pc.chunks_per_rank = o->chunks_per_rank;
+    pc.memory_limit = r->memory_limit;
     pc.recompute = o->recompute;
     pc.device = o->device;
     pc.math = (int)o->gpu_math;

@@ -291,7 +291,7 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     PW_CHECK_GOTO(pw_partition_make(g, C, PW_PARTITION_FLOPS, &part), st, out);
     pw_schedule_config sc = {.kind = c->schedule, .n_stages = S, .n_micro = c->micro_batches,
                              .split_w = c->split_w, .chunks_per_rank = v,
-                             .n_buckets = c->replicas > 1 ? 1 : 0};
+                             .n_buckets = c->replicas > 1 ? 1 : 0, .memory_limit = c->memory_limit};
     PW_CHECK_GOTO(pw_schedule_generate(&sc, &s), st, out);
     PW_CHECK_GOTO(pw_schedule_lower(s), st, out);
     PW_CHECK_GOTO(pw_schedule_validate(s, &rep), st, out);

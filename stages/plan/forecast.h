@@ -98,6 +98,7 @@ typedef struct pw_forecast_config {
     pw_schedule_kind schedule;
     int chunks_per_rank;        /* v for interleaved (0 = 2); ZB-V uses 2 */
     int split_w;                /* GPipe/1F1B only */
+    int memory_limit;           /* zb-auto's (pw_schedule_config); 0: 2p */
     double flops_per_s;         /* compute rate of one rank */
     double link_latency_s;      /* per message */
     double link_bandwidth;      /* bytes/s between neighbouring ranks */

@@ -55,7 +55,8 @@ static pw_status make_schedule(pw_pipeline *pl)
         pw_schedule_config sc = {.kind = c->schedule, .n_stages = c->stages,
                                  .n_micro = c->micro_batches, .split_w = c->split_w,
                                  .n_buckets = pl->NR > 1 ? (c->buckets > 0 ? c->buckets : DEFAULT_BUCKETS) : 0,
-                                 .chunks_per_rank = c->chunks_per_rank};
+                                 .chunks_per_rank = c->chunks_per_rank,
+                                 .memory_limit = c->memory_limit};
         pl->sc = sc;
         PW_CHECK(pw_schedule_generate(&sc, &pl->sched));
         PW_CHECK(pw_schedule_lower(pl->sched));
@@ -69,6 +70,43 @@ static pw_status make_schedule(pw_pipeline *pl)
     return st;
 }
 
+
+/* zb-auto orders the stages by their times, which the partition predicts:
+ * make_schedule built it on unit times (for its shape), and it is built again
+ * here from the stages' predicted F, B, W and message times (a stage's comm
+ * covers its two messages) and validated again. */
+static pw_status retime_zb_auto(pw_pipeline *pl)
+{
+    if (pl->sc.kind != PW_SCHEDULE_ZB_AUTO) return PW_OK;
+    const int S = pl->S;
+    double *t = malloc(3 * (size_t)S * sizeof *t);
+    if (!t) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    pw_schedule_costs costs = {.f = t, .b = t + S, .w = t + 2 * S};
+    for (int s = 0; s < S; s++) {
+        const pw_stage_cost *k = &pl->part.stage[s];
+        t[s] = k->f;
+        t[S + s] = k->b;
+        t[2 * S + s] = k->w;
+        if (k->comm / 2 > costs.comm) costs.comm = k->comm / 2;
+    }
+    pw_schedule_config sc = pl->sc;
+    sc.costs = &costs;
+    pw_schedule *sched = NULL;
+    pw_schedule_report *rep = NULL;
+    pw_status st = pw_schedule_generate(&sc, &sched);
+    if (st == PW_OK) st = pw_schedule_lower(sched);
+    if (st == PW_OK) st = pw_schedule_validate(sched, &rep);
+    free(t);
+    if (st != PW_OK) {
+        pw_schedule_destroy(sched);
+        return st;
+    }
+    pw_schedule_destroy(pl->sched);
+    pw_schedule_report_destroy(pl->rep);
+    pl->sched = sched;
+    pl->rep = rep;
+    return PW_OK;
+}
 
 static int ties_across_chunks(const pw_pipeline *pl)
 {
@@ -169,6 +207,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
         goto fail;
     }
     PW_CHECK_GOTO(make_partition(pl), st, fail);
+    PW_CHECK_GOTO(retime_zb_auto(pl), st, fail);
     pl->cfg.cuts = NULL; /* the caller's array; pl->part keeps a copy */
     pl->post_optim = ties_across_chunks(pl);
     if (t && pl->post_optim && g->n_params >= t->max_tag) {

@@ -75,6 +75,9 @@ typedef struct pw_pipeline_config {
     pw_schedule_kind schedule;      /* any generated kind (ignored with schedule_csv) */
     const char *schedule_csv;       /* (optional) a user's schedule file */
     int split_w;                    /* split backward into B and W */
+    int memory_limit;               /* zb-auto: micro-batches in flight per rank, F to
+                                       W (0: 2 × stages, ZB-2p); its order is built
+                                       on the partition's predicted stage times */
     pw_partition_method partition;  /* how to cut the graph when `cuts` is NULL */
     const int *cuts;                /* (optional) [n_cuts] chunk boundaries, pw_partition's
                                        `begin` layout: 0 = cuts[0] < cuts[1] < ... <

@@ -15,7 +15,15 @@
  * instead times what `pipeline-run --simulate --topology` does: a forecast
  * (stages/plan/forecast.h) of a chain graph (--layers linear+relu layers, width
  * 512) with the ranks placed on the topology, every link costed from the
- * placement, and the step simulated (pw_forecast_run, whole). */
+ * placement, and the step simulated (pw_forecast_run, whole).
+ *
+ *   bench_simulate --table [--ranks 8] [--steps 8] [--comm 0]
+ *
+ * instead prints the Zero Bubble paper's Table 5 setting: p ranks, m = 24,
+ * 32, 64, F = B = W (one unit; a ZB-V chunk half of it), messages --comm
+ * units each (percent of F), and for every schedule the bubble of one
+ * synchronous step and of --steps consecutive post-validated steps (whole
+ * run, and the period a step adds; pw_sim_config.steps). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,8 +93,60 @@ static int bench_forecast(int argc, char **argv, const char *spec, pw_schedule_k
     return 0;
 }
 
+/* --table: see the top of the file. */
+static int bench_table(int argc, char **argv)
+{
+    const int P = (int)arg_int(argc, argv, "--ranks", 8);
+    const int K = (int)arg_int(argc, argv, "--steps", 8);
+    const double comm = (double)arg_int(argc, argv, "--comm", 0) / 100.0;
+    if (P < 1 || P > 64 || K < 2 || K > 64 || comm < 0) {
+        fprintf(stderr, "bench_simulate: --table needs --ranks 1..64, --steps 2..64, --comm >= 0\n");
+        return 2;
+    }
+    static const struct { pw_schedule_kind kind; int mem_p; const char *name; } rows[] = {
+        {PW_SCHEDULE_1F1B, 0, "1f1b"},         {PW_SCHEDULE_ZB_H1, 0, "zb-h1"},
+        {PW_SCHEDULE_ZB_H2, 0, "zb-h2"},       {PW_SCHEDULE_ZB_V, 0, "zb-v"},
+        {PW_SCHEDULE_ZB_AUTO, 1, "zb-auto 1p"}, {PW_SCHEDULE_ZB_AUTO, 2, "zb-auto 2p"},
+    };
+    static const int ms[] = {24, 32, 64};
+    printf("bench_simulate --table: p = %d, F = B = W = 1, messages %.2f, %d post-validated steps\n", P,
+           comm, K);
+    printf("| schedule | rank 0 peak (stages) | m | one step | %d steps | period |\n", K);
+    printf("| --- | --- | --- | --- | --- | --- |\n");
+    for (size_t k = 0; k < sizeof rows / sizeof rows[0]; k++)
+        for (size_t i = 0; i < sizeof ms / sizeof ms[0]; i++) {
+            const int M = ms[i];
+            double f[64], b[64], w[64];
+            for (int r = 0; r < P; r++) f[r] = b[r] = w[r] = 1.0;
+            pw_schedule_costs costs = {.f = f, .b = b, .w = w, .comm = comm};
+            pw_schedule_config cfg = {.kind = rows[k].kind, .n_stages = P, .n_micro = M,
+                                      .memory_limit = rows[k].mem_p * P, .costs = &costs};
+            pw_schedule *s = NULL;
+            pw_schedule_report *rep = NULL;
+            if (pw_schedule_generate(&cfg, &s) != PW_OK || pw_schedule_lower(s) != PW_OK ||
+                pw_schedule_validate(s, &rep) != PW_OK)
+                die(rows[k].name);
+            const double u = 1.0 / s->chunks_per_rank;
+            pw_sim_chunk_cost *cost = malloc((size_t)s->n_chunks * sizeof *cost);
+            if (!cost) die("cost table");
+            for (int c = 0; c < s->n_chunks; c++) cost[c] = (pw_sim_chunk_cost){.f = u, .b = u, .w = u};
+            pw_sim_config sc = {.chunks = cost, .link_latency = comm, .steps = K, .post_validate = 1};
+            pw_sim_result *res = NULL;
+            if (pw_simulate(s, &sc, &res) != PW_OK) die("simulate");
+            printf("| %s | %.1f | %d | %.1f %% | %.1f %% | %.1f %% |\n", rows[k].name, rep->peak_stages[0], M,
+                   100 * res->bubble, 100 * res->steps_bubble, 100 * res->period_bubble);
+            pw_sim_result_destroy(res);
+            pw_schedule_report_destroy(rep);
+            pw_schedule_destroy(s);
+            free(cost);
+        }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--table")) return bench_table(argc, argv);
     const int R = (int)arg_int(argc, argv, "--ranks", 1024);
     const int M = (int)arg_int(argc, argv, "--micro", 4096);
     const int V = (int)arg_int(argc, argv, "--chunks", 0);
