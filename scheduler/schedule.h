@@ -107,8 +107,12 @@ typedef struct pw_rank_program {
     pw_action *actions;      /* [n_actions], run in this order */
 } pw_rank_program;
 
-/* Plain data, read-only to users after creation; destroy with
- * pw_schedule_destroy. */
+/* A schedule: plain data to read, made only by the library
+ * (pw_schedule_generate, pw_schedule_parse_csv, pw_schedule_load_csv),
+ * which keeps more beside these fields; a pw_schedule declared or copied by
+ * the caller is not one, so pass the functions here only the pointers they
+ * made. Read-only after creation except through pw_schedule_lower; owned by
+ * the caller, freed with pw_schedule_destroy. */
 typedef struct pw_schedule {
     pw_schedule_kind kind;
     int n_ranks;             /* pipeline ranks (one replica) */
@@ -127,12 +131,6 @@ typedef struct pw_schedule {
      * exactly chunks_per_rank chunks. Read it with pw_schedule_rank_of().
      * A table equal to the looping placement is stored as NULL. */
     const int *chunk_rank;
-    const int *chunk_local;  /* private: [n_chunks] c's index among its rank's
-                              * chunks, in chunk order (NULL when looping) */
-    const int *rank_chunks;  /* private: [n_ranks][chunks_per_rank] each
-                              * rank's chunks in chunk order (NULL when looping) */
-    void *storage;           /* private: one block holding every action and
-                              * the placement tables */
 } pw_schedule;
 
 /* The rank that runs `chunk`; -1 when chunk is out of range. */

@@ -235,7 +235,6 @@ typedef struct pw_trace_analysis {
     pw_ta_cause *causes;          /* largest first */
 
     pw_ta_detail detail;
-    void *priv;
 } pw_trace_analysis;
 
 typedef struct pw_trace_analysis_config {
