@@ -48,6 +48,15 @@
  * "rank R, position P (ACTION): what is wrong" (positions count from 0 and
  * equal the cell index in the rank's CSV row); CSV errors read
  * "file:line:col: error: ...". See docs/schedules.md.
+ *
+ * Ownership and threads: generators and parsers return a new schedule (and
+ * validate a new report) owned by the caller, freed with pw_schedule_destroy
+ * (pw_schedule_report_destroy). A schedule is only written by the call that
+ * makes it and by pw_schedule_lower; after that any number of threads may
+ * read it at once (the engine's workers do, and the checkers). A checker is
+ * used by one thread (the engine calls it from the rank's worker) and
+ * borrows its schedule. Strings returned by the *_name functions are
+ * static.
  */
 #ifndef PW_SCHEDULER_SCHEDULE_H
 #define PW_SCHEDULER_SCHEDULE_H
