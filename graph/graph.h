@@ -18,6 +18,12 @@
  * batch dimension). Every value has exactly one producer (a node, or the
  * graph's input/label declarations); parameters have stable dotted names
  * ("fc1.weight", "blocks.3.fc.bias") that checkpoints use.
+ *
+ * Ownership and threads: the parser returns a new graph owned by the caller
+ * (pw_graph_destroy); its names, nodes and parameters point into it and are
+ * valid until destroy. A graph is never changed after parsing, and every
+ * function here only reads it, so any number of threads may read one graph
+ * at once. Parses share nothing with each other.
  */
 #ifndef PW_GRAPH_GRAPH_H
 #define PW_GRAPH_GRAPH_H

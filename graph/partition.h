@@ -67,6 +67,11 @@
  * linear in the node count on chains (2^20 nodes into 64 stages in under a
  * second), O(n_stages × n_nodes²) in the worst case (docs/partition.md,
  * "How it scales").
+ *
+ * Ownership and threads: a pw_partition is the caller's struct; its arrays
+ * are allocated by plan/make and freed by pw_partition_free. The graph and
+ * the config are only read (borrowed for the call). Calls share nothing:
+ * any thread may plan, also several at once on one graph.
  */
 #ifndef PW_GRAPH_PARTITION_H
 #define PW_GRAPH_PARTITION_H

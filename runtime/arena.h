@@ -11,6 +11,12 @@
  * Every planned region is 64-byte aligned; the block is page-aligned and a
  * whole number of pages (so a device backend can page-lock it). Step
  * boundaries reuse the block; only pw_arena_release frees it.
+ *
+ * Ownership and threads: the pw_arena struct is the caller's; the block it
+ * commits belongs to the arena until pw_arena_release frees it, and every
+ * pointer from pw_arena_at is valid until then. Planning and committing are
+ * not thread-safe (one thread); once committed, threads may use disjoint
+ * parts of the block at once.
  */
 #ifndef PW_RUNTIME_ARENA_H
 #define PW_RUNTIME_ARENA_H

@@ -14,6 +14,9 @@
  * means the same thing to the C library and to a C++ caller. Where
  * <stdatomic.h> already gave the names (C++23, or clang's C header under
  * clang++), nothing is added.
+ *
+ * Ownership and threads: declarations only (no functions): the C11 atomic
+ * types and operations under one spelling for C and C++.
  */
 #ifndef PW_RUNTIME_ATOMIC_H
 #define PW_RUNTIME_ATOMIC_H

@@ -12,6 +12,12 @@
  * pw_log_set() redirects every message to a callback (tests use this to
  * capture warnings); by default messages go to stderr as
  * "pipewright WARN [SCHED] ...".
+ *
+ * Ownership and threads: logging may be called from any thread. The level
+ * and subsystems are read from the environment once (the first call) and
+ * cached. The sink is called under the library's lock, so calls to it never
+ * overlap; it must not log itself. Its `user` pointer is borrowed: it must
+ * stay valid until the sink is replaced.
  */
 #ifndef PW_RUNTIME_LOG_H
 #define PW_RUNTIME_LOG_H

@@ -7,6 +7,11 @@
  * and how shuffles and dropout masks use them, is specified for
  * reimplementation in docs/api.md ("Reproducing the math"); changing one
  * changes tests/fixtures/rng_reference.py and the rng tests too.
+ *
+ * Ownership and threads: the keyed functions are pure (draw i of a key
+ * never depends on other draws), so any thread may draw any index in any
+ * order. A pw_rng stream is the caller's value: one thread advances one
+ * stream.
  */
 #ifndef PW_RUNTIME_RNG_H
 #define PW_RUNTIME_RNG_H

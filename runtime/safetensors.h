@@ -37,6 +37,13 @@
  * Every failure leaves a message in pw_last_error() that starts with the file
  * path and says what is wrong ("ckpt.safetensors: tensor 'fc1.bias':
  * data_offsets [0, 12] hold 12 bytes but F32 [4] needs 16").
+ *
+ * Ownership and threads: pw_safetensors_write reads the caller's tensors and
+ * writes atomically (a temp file renamed into place), sharing nothing between
+ * calls. A reader owns the file's bytes: the data pointers, names and
+ * metadata strings it hands out stay valid until pw_safetensors_close. A
+ * reader is read-only after open, so several threads may read one at once;
+ * close it once they are done.
  */
 #ifndef PW_RUNTIME_SAFETENSORS_H
 #define PW_RUNTIME_SAFETENSORS_H

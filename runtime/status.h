@@ -12,6 +12,12 @@
  *
  * The library never exits and never aborts on bad input; PW_ASSERT is reserved
  * for broken internal invariants (bugs).
+ *
+ * Ownership and threads: every function here may be called from any
+ * thread. The last error is per thread (thread-local storage): a call that
+ * fails records its message on the calling thread only, and the string
+ * pw_last_error returns belongs to the library, valid until the next error
+ * recorded on that thread; pw_status_str's strings are static.
  */
 #ifndef PW_RUNTIME_STATUS_H
 #define PW_RUNTIME_STATUS_H

@@ -2,6 +2,10 @@
  *
  * Shapes in a graph are per sample: an input written `f32[1, 28, 28]` has
  * ndim 3; the batch dimension is added at run time. Row-major throughout.
+ *
+ * Ownership and threads: pure functions of their arguments (no state),
+ * callable from any thread; pw_shape_str writes into the caller's buffer and
+ * returns it; pw_dtype_name's strings are static.
  */
 #ifndef PW_RUNTIME_TENSOR_H
 #define PW_RUNTIME_TENSOR_H

@@ -14,6 +14,13 @@
  *
  * One track per rank, written only by that rank's thread. A full track drops
  * further events and counts them (the file says how many were dropped).
+ *
+ * Ownership and threads: a trace owns its event buffers (allocated once by
+ * create, freed by destroy); pw_trace_events' pointer is valid until destroy.
+ * Each track is written by one thread (push takes no lock); count, events,
+ * dropped and pw_trace_write read every track, so call them when no thread
+ * pushes. The clock (pw_trace_set_clock) is one per process: set it before
+ * any thread records. pw_now_ns may be called from any thread.
  */
 #ifndef PW_RUNTIME_TRACE_H
 #define PW_RUNTIME_TRACE_H

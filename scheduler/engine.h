@@ -56,6 +56,16 @@
  * the last backward that touches it returns, overlapping the rest of the
  * backward; OPTIM waits for the rank's buckets through the event loop (never
  * blocking it), then optionally clips the global gradient norm.
+ *
+ * Ownership and threads: the engine copies its config and borrows what it
+ * points to (the lowered schedule and its report, the chunks, the transport,
+ * the trace): they must outlive it. It owns its workers, one thread per rank,
+ * started by create and joined by destroy, and its message memory (its own,
+ * or the config's msg_alloc's, handed back through msg_free). One
+ * thread drives it (not a worker): pw_engine_run_step runs one step at a
+ * time and returns when every worker has finished it; while it runs, the
+ * workers call the chunks (scheduler/stage.h says from where). The figures
+ * (rank stats, peaks, norm, message memory) are read between steps.
  */
 #ifndef PW_SCHEDULER_ENGINE_H
 #define PW_SCHEDULER_ENGINE_H

@@ -15,6 +15,22 @@
 #define PW_SCHED_MAX_MICRO (1 << 24)
 #define PW_SCHED_MAX_BUCKETS (1 << 16)
 
+/* What the library keeps beside a schedule's public fields: every
+ * pw_schedule is made by pw_sched_alloc as the head of one of these (a
+ * schedule is only ever handed out by pointer), and only the schedule files
+ * look past the head. */
+typedef struct pw_sched_impl {
+    pw_schedule pub;         /* first: a pw_schedule * points here */
+    const int *chunk_local;  /* [n_chunks] c's index among its rank's chunks, in
+                              * chunk order (NULL when looping) */
+    const int *rank_chunks;  /* [n_ranks][chunks_per_rank] each rank's chunks in
+                              * chunk order (NULL when looping) */
+    void *storage;           /* one block holding every action and the placement
+                              * tables */
+} pw_sched_impl;
+
+static inline const pw_sched_impl *pw_sched_impl_of(const pw_schedule *s) { return (const pw_sched_impl *)s; }
+
 /* The placement. Looping (chunk_rank == NULL): chunk c runs on rank
  * c mod n_ranks and is that rank's (c / n_ranks)-th chunk (its local index).
  * Otherwise the tables built by pw_sched_alloc say. `chunk` must be in
@@ -28,13 +44,15 @@ static inline int pw_sched_rank_of(const pw_schedule *s, int chunk)
 }
 static inline int pw_sched_local(const pw_schedule *s, int chunk)
 {
-    if (s->chunk_local) return s->chunk_local[chunk];
+    const pw_sched_impl *im = pw_sched_impl_of(s);
+    if (im->chunk_local) return im->chunk_local[chunk];
     return chunk < s->n_ranks ? 0 : chunk / s->n_ranks;
 }
 /* The chunk that is `rank`'s local-th chunk (inverse of the two above). */
 static inline int pw_sched_chunk_at(const pw_schedule *s, int rank, int local)
 {
-    if (s->rank_chunks) return s->rank_chunks[(size_t)rank * (size_t)s->chunks_per_rank + (size_t)local];
+    const pw_sched_impl *im = pw_sched_impl_of(s);
+    if (im->rank_chunks) return im->rank_chunks[(size_t)rank * (size_t)s->chunks_per_rank + (size_t)local];
     return local * s->n_ranks + rank;
 }
 
@@ -56,8 +74,8 @@ static inline int pw_sched_action_valid(const pw_schedule *s, int rank, const pw
     return a->mb >= 0 && a->mb < limit;
 }
 
-/* Allocates a schedule with the shape fields of `shape` (ranks pointer and
- * storage ignored) and room for counts[r] actions on rank r, all in one block;
+/* Allocates a schedule (a pw_sched_impl) with the shape fields of `shape`
+ * (its ranks pointer ignored; a shape is any pw_schedule, not one of ours) and room for counts[r] actions on rank r, all in one block;
  * the actions are left for the caller to fill. A placement table in
  * shape->chunk_rank (the derived tables ignored) is checked (every rank holds
  * chunks_per_rank chunks; PW_ERR_INVALID_ARG otherwise) and copied into the

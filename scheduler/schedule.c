@@ -187,17 +187,18 @@ pw_status pw_sched_alloc(const pw_schedule *shape, const int64_t *counts, pw_sch
     if ((uint64_t)total > (SIZE_MAX - head) / sizeof(pw_action))
         return pw_error(PW_ERR_NOMEM, "schedule: %lld actions do not fit in memory",
                         (long long)total);
-    pw_schedule *s = malloc(sizeof *s);
+    pw_sched_impl *im = malloc(sizeof *im);
     void *block = malloc(head + (size_t)total * sizeof(pw_action));
-    if (!s || !block) {
-        free(s);
+    if (!im || !block) {
+        free(im);
         free(block);
         return pw_error(PW_ERR_NOMEM, "schedule: cannot allocate %lld actions", (long long)total);
     }
+    pw_schedule *s = &im->pub;
     *s = *shape;
-    s->storage = block;
+    im->storage = block;
     s->ranks = block;
-    s->chunk_rank = s->chunk_local = s->rank_chunks = NULL;
+    s->chunk_rank = im->chunk_local = im->rank_chunks = NULL;
     if (!is_loop) {
         const int C = shape->n_chunks, v = shape->chunks_per_rank;
         int *rank_of = (int *)((char *)block + (size_t)shape->n_ranks * sizeof(pw_rank_program));
@@ -208,7 +209,7 @@ pw_status pw_sched_alloc(const pw_schedule *shape, const int64_t *counts, pw_sch
         int *seen = calloc((size_t)shape->n_ranks, sizeof *seen);
         if (!seen) {
             free(block);
-            free(s);
+            free(im);
             return pw_error(PW_ERR_NOMEM, "schedule: cannot allocate the placement tables");
         }
         for (int c = 0; c < C; c++) {
@@ -218,8 +219,8 @@ pw_status pw_sched_alloc(const pw_schedule *shape, const int64_t *counts, pw_sch
         }
         free(seen);
         s->chunk_rank = rank_of;
-        s->chunk_local = local;
-        s->rank_chunks = chunks;
+        im->chunk_local = local;
+        im->rank_chunks = chunks;
     }
     pw_action *next = (pw_action *)((char *)block + head);
     for (int r = 0; r < s->n_ranks; r++) {
@@ -234,8 +235,9 @@ pw_status pw_sched_alloc(const pw_schedule *shape, const int64_t *counts, pw_sch
 void pw_schedule_destroy(pw_schedule *s)
 {
     if (!s) return;
-    free(s->storage);
-    free(s);
+    pw_sched_impl *im = (pw_sched_impl *)s;
+    free(im->storage);
+    free(im);
 }
 
 int pw_schedule_equal(const pw_schedule *a, const pw_schedule *b)
@@ -866,14 +868,15 @@ pw_status pw_schedule_lower(pw_schedule *s)
         PW_ASSERT(q == n->ranks[r].actions + n->ranks[r].n_actions);
     }
     /* Swap the new storage in; s keeps its identity for the caller. */
-    free(s->storage);
-    s->storage = n->storage;
+    pw_sched_impl *si = (pw_sched_impl *)s, *ni = (pw_sched_impl *)n;
+    free(si->storage);
+    si->storage = ni->storage;
     s->ranks = n->ranks;
     s->chunk_rank = n->chunk_rank; /* the placement moved with the block */
-    s->chunk_local = n->chunk_local;
-    s->rank_chunks = n->rank_chunks;
+    si->chunk_local = ni->chunk_local;
+    si->rank_chunks = ni->rank_chunks;
     s->lowered = 1;
-    free(n);
+    free(ni);
     return PW_OK;
 }
 

@@ -48,6 +48,15 @@
  * "rank R, position P (ACTION): what is wrong" (positions count from 0 and
  * equal the cell index in the rank's CSV row); CSV errors read
  * "file:line:col: error: ...". See docs/schedules.md.
+ *
+ * Ownership and threads: generators and parsers return a new schedule (and
+ * validate a new report) owned by the caller, freed with pw_schedule_destroy
+ * (pw_schedule_report_destroy). A schedule is only written by the call that
+ * makes it and by pw_schedule_lower; after that any number of threads may
+ * read it at once (the engine's workers do, and the checkers). A checker is
+ * used by one thread (the engine calls it from the rank's worker) and
+ * borrows its schedule. Strings returned by the *_name functions are
+ * static.
  */
 #ifndef PW_SCHEDULER_SCHEDULE_H
 #define PW_SCHEDULER_SCHEDULE_H
@@ -110,8 +119,12 @@ typedef struct pw_rank_program {
     pw_action *actions;      /* [n_actions], run in this order */
 } pw_rank_program;
 
-/* Plain data, read-only to users after creation; destroy with
- * pw_schedule_destroy. */
+/* A schedule: plain data to read, made only by the library
+ * (pw_schedule_generate, pw_schedule_parse_csv, pw_schedule_load_csv),
+ * which keeps more beside these fields; a pw_schedule declared or copied by
+ * the caller is not one, so pass the functions here only the pointers they
+ * made. Read-only after creation except through pw_schedule_lower; owned by
+ * the caller, freed with pw_schedule_destroy. */
 typedef struct pw_schedule {
     pw_schedule_kind kind;
     int n_ranks;             /* pipeline ranks (one replica) */
@@ -130,12 +143,6 @@ typedef struct pw_schedule {
      * exactly chunks_per_rank chunks. Read it with pw_schedule_rank_of().
      * A table equal to the looping placement is stored as NULL. */
     const int *chunk_rank;
-    const int *chunk_local;  /* private: [n_chunks] c's index among its rank's
-                              * chunks, in chunk order (NULL when looping) */
-    const int *rank_chunks;  /* private: [n_ranks][chunks_per_rank] each
-                              * rank's chunks in chunk order (NULL when looping) */
-    void *storage;           /* private: one block holding every action and
-                              * the placement tables */
 } pw_schedule;
 
 /* The rank that runs `chunk`; -1 when chunk is out of range. */

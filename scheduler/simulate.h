@@ -68,6 +68,12 @@
  *   "wait ALLREDUCE"                PW_TRACE_WAIT     OPTIM waiting for reductions
  *   "step"                          PW_TRACE_STEP     0 .. the rank's end
  * so pw_trace_write() gives a file pipe-trace reads like a measured run.
+ *
+ * Ownership and threads: pw_simulate borrows the schedule and the config
+ * (and writes into the config's trace, if any) for the call only and returns
+ * a new result owned by the caller (pw_sim_result_destroy). Simulations
+ * share nothing: several threads may simulate one schedule at once, each
+ * with its own trace.
  */
 #ifndef PW_SCHEDULER_SIMULATE_H
 #define PW_SCHEDULER_SIMULATE_H

@@ -33,6 +33,7 @@
 #define PW_TEST_TMP_NAME "metrics_plot"
 #define PW_TEST_SUITE metrics_plot
 #include "tests/test_tmpdir.h"
+#include "tests/test_helpers.h"
 
 static void write_text(const char *path, const char *text)
 {
@@ -40,24 +41,6 @@ static void write_text(const char *path, const char *text)
     cr_assert(f, "%s", path);
     fputs(text, f);
     cr_assert_eq(fclose(f), 0);
-}
-
-static int run(const char *cmd, char **out)
-{
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "popen %s", cmd);
-    size_t cap = 1 << 16, n = 0, k;
-    char *buf = malloc(cap);
-    cr_assert(buf);
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (cap - n < 4096) cr_assert((buf = realloc(buf, cap *= 2)));
-    }
-    buf[n] = 0;
-    int st = pclose(p);
-    if (out) *out = buf;
-    else free(buf);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 static pw_metrics *read_text(const char *text)
@@ -391,37 +374,37 @@ Test(metrics_plot, cli_plot, TIMEOUT)
     write_text(tmp_path("good.jsonl"), k_good);
     char cmd[1024], *out = NULL;
     snprintf(cmd, sizeof cmd, "%s --plot %s -o %s 2>&1", TOOL, tmp_path("good.jsonl"), tmp_path("c.svg"));
-    cr_assert_eq(run(cmd, &out), 0, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 0, "%s", out);
     cr_assert(strstr(out, "note: ") && strstr(out, "1 line of other types ignored"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, "cat %s", tmp_path("c.svg"));
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     cr_assert_null(xml_problem(out), "%s", xml_problem(out));
     cr_assert(strstr(out, "<polyline class=\"loss\"") && strstr(out, "<polyline class=\"samples_per_s\""));
     free(out);
     /* To stdout without -o; --title. */
     snprintf(cmd, sizeof cmd, "%s --plot %s --title 'my run' 2>/dev/null", TOOL, tmp_path("good.jsonl"));
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     cr_assert(strstr(out, ">my run</text>"));
     free(out);
     /* Malformed: exit 1 with FILE:LINE. */
     write_text(tmp_path("bad.jsonl"), "{\"type\":\"step\",\"step\":1}\n{\"type\":\"step\",\"step\":2,\"loss\":\"x\"}\n");
     snprintf(cmd, sizeof cmd, "%s --plot %s -o %s 2>&1", TOOL, tmp_path("bad.jsonl"), tmp_path("d.svg"));
-    cr_assert_eq(run(cmd, &out), 1, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 1, "%s", out);
     cr_assert(strstr(out, "bad.jsonl:2: \"loss\" is a string, expected a number"), "%s", out);
     free(out);
     /* Usage: a trace beside --plot, -o without --plot, --plot with --merge. */
     snprintf(cmd, sizeof cmd, "%s --plot %s t.json 2>&1", TOOL, tmp_path("good.jsonl"));
-    cr_assert_eq(run(cmd, &out), 2, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 2, "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, "%s -o x.svg t.json 2>&1", TOOL);
-    cr_assert_eq(run(cmd, &out), 2, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 2, "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, "%s --plot %s --merge m.json 2>&1", TOOL, tmp_path("good.jsonl"));
-    cr_assert_eq(run(cmd, &out), 2, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 2, "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, "%s --plot %s/missing.jsonl 2>&1", TOOL, tmpdir());
-    cr_assert_eq(run(cmd, &out), 1, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 1, "%s", out);
     free(out);
 }
 

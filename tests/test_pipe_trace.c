@@ -48,6 +48,7 @@
 #define PW_TEST_TMP_NAME "pipe_trace"
 #define PW_TEST_SUITE pipe_trace
 #include "tests/test_tmpdir.h"
+#include "tests/test_helpers.h"
 
 /* One event of a hand-built trace; times in microseconds. */
 typedef struct ev_spec {
@@ -155,53 +156,12 @@ static void check_consistency(const pw_trace_analysis *a)
     cr_assert_null(why, "%s", why);
 }
 
-/* Runs a shell command; returns its exit status, output in *out (freed by
- * the caller, may be NULL). */
-static int run(const char *cmd, char **out)
-{
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "popen %s", cmd);
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    cr_assert(buf);
-    size_t k;
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (cap - n < 4096) {
-            cap *= 2;
-            buf = realloc(buf, cap);
-            cr_assert(buf);
-        }
-    }
-    buf[n] = 0;
-    int st = pclose(p);
-    if (out) *out = buf;
-    else free(buf);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
 static void write_text(const char *path, const char *text, size_t n)
 {
     FILE *f = fopen(path, "wb");
     cr_assert(f, "%s", path);
     cr_assert_eq(fwrite(text, 1, n, f), n);
     cr_assert_eq(fclose(f), 0);
-}
-
-static char *read_all(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    cr_assert(f, "%s", path);
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)len + 1);
-    cr_assert(b);
-    cr_assert_eq(fread(b, 1, (size_t)len, f), (size_t)len);
-    b[len] = 0;
-    fclose(f);
-    *n = (size_t)len;
-    return b;
 }
 
 /* ---------------------------------------------------- the hand-built GPipe */
@@ -854,7 +814,7 @@ static int tool_all_outputs(const char *path, char **out)
     char cmd[1024];
     snprintf(cmd, sizeof cmd, TOOL " --gaps --path --svg '%s' '%s' 2>&1 && " TOOL " --json '%s' 2>&1", tmp_path("crash.svg"),
              path, path);
-    return run(cmd, out);
+    return test_run(cmd, out);
 }
 
 Test(pipe_trace, crash_rank_without_events_in_the_detail_step, TIMEOUT)
@@ -1014,7 +974,7 @@ Test(pipe_trace, memory_reader_reads_like_the_file_reader, TIMEOUT)
 {
     const char *p = gpipe_fixture();
     size_t n;
-    char *text = read_all(p, &n);
+    char *text = test_read_file_or_fail(p, &n);
     pw_trace_reader *rd;
     cr_assert_eq(pw_trace_reader_open_memory(text, n, "mem.json", &rd), PW_OK);
     pw_trace_analysis_config cfg = PW_TRACE_ANALYSIS_DEFAULTS;
@@ -1170,7 +1130,7 @@ Test(pipe_trace, every_truncation_is_a_clean_error, TIMEOUT)
     const char *p = tmp_path("trunc.json");
     simulate(&c, p);
     size_t n;
-    char *text = read_all(p, &n);
+    char *text = test_read_file_or_fail(p, &n);
     size_t end = n;
     while (end > 0 && (text[end - 1] == '\n' || text[end - 1] == ' ')) end--;
     for (size_t len = 0; len < n; len++) {
@@ -1196,7 +1156,7 @@ Test(pipe_trace, random_mutations_never_crash, TIMEOUT)
     const char *p = tmp_path("mutate.json");
     simulate(&c, p);
     size_t n;
-    char *text = read_all(p, &n);
+    char *text = test_read_file_or_fail(p, &n);
     char *m = malloc(n + 64);
     uint64_t rng = 0x9e3779b97f4a7c15ull;
 #define NEXT() (rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17, rng)
@@ -1255,7 +1215,7 @@ Test(pipe_trace, random_mutations_never_crash, TIMEOUT)
 Test(pipe_trace, cli_help_documents_every_flag, TIMEOUT)
 {
     char *out;
-    cr_assert_eq(run(TOOL " --help", &out), 0);
+    cr_assert_eq(test_run(TOOL " --help", &out), 0);
     const char *flags[] = {"--step N", "--skip N", "--compare OTHER", "--svg FILE", "--title TEXT", "--json",
                            "--top N", "--gaps", "--path", "--width N", "--color WHEN", "--merge OUT",
                            "--plot METRICS", "-o, --output FILE", "--help",
@@ -1268,38 +1228,38 @@ Test(pipe_trace, cli_exit_codes, TIMEOUT)
 {
     char cmd[1024], *out;
     const char *p = gpipe_fixture();
-    cr_assert_eq(run(TOOL " 2>&1", &out), 2);
+    cr_assert_eq(test_run(TOOL " 2>&1", &out), 2);
     cr_assert(strstr(out, "no trace file given"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --bogus '%s' 2>&1", p);
-    cr_assert_eq(run(cmd, &out), 2);
+    cr_assert_eq(test_run(cmd, &out), 2);
     cr_assert(strstr(out, "unknown option '--bogus'"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --step x '%s' 2>&1", p);
-    cr_assert_eq(run(cmd, &out), 2);
+    cr_assert_eq(test_run(cmd, &out), 2);
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --step 7 '%s' 2>&1", p);
-    cr_assert_eq(run(cmd, &out), 2);
+    cr_assert_eq(test_run(cmd, &out), 2);
     cr_assert(strstr(out, "step 7 is not in the trace (steps 1-1)"), "%s", out);
     free(out);
     /* Several files are one run's per-process traces (test_trace_merge.c):
      * the same file twice holds the same rank twice. */
     snprintf(cmd, sizeof cmd, TOOL " '%s' '%s' 2>&1", p, p);
-    cr_assert_eq(run(cmd, &out), 1);
+    cr_assert_eq(test_run(cmd, &out), 1);
     cr_assert(strstr(out, "both hold events of track 0"), "%s", out);
     free(out);
-    cr_assert_eq(run(TOOL " /nonexistent.json 2>&1", &out), 1);
+    cr_assert_eq(test_run(TOOL " /nonexistent.json 2>&1", &out), 1);
     cr_assert(strstr(out, "pipe-trace: /nonexistent.json: No such file"), "%s", out);
     free(out);
     const char *bad = tmp_path("cli_bad.json");
     const char *bad_text = "{\"traceEvents\": [\n{\"ph\": 1}]}";
     write_text(bad, bad_text, strlen(bad_text));
     snprintf(cmd, sizeof cmd, TOOL " '%s' 2>&1", bad);
-    cr_assert_eq(run(cmd, &out), 1);
+    cr_assert_eq(test_run(cmd, &out), 1);
     cr_assert(strstr(out, ":line 2: event 1: \"ph\" is a number, expected a string"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --svg /nonexistent/dir/x.svg '%s' 2>&1", p);
-    cr_assert_eq(run(cmd, &out), 1);
+    cr_assert_eq(test_run(cmd, &out), 1);
     free(out);
 }
 
@@ -1308,7 +1268,7 @@ Test(pipe_trace, cli_report_plain_and_colour, TIMEOUT)
     char cmd[1024], *out;
     const char *p = gpipe_fixture();
     snprintf(cmd, sizeof cmd, TOOL " --width 80 --gaps --path '%s'", p);
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     const char *want[] = {"measured 31.6%", "theory 33.3% (metadata)", "Per rank", "rank 0", "rank 1",
                           "Idle by cause", "wait RECV_B mb 0 (stage 0) from rank 1 [warm-up]",
                           "done: the step ends with a slower rank [cool-down]", "Critical path of step 1: 0.095 ms",
@@ -1318,12 +1278,12 @@ Test(pipe_trace, cli_report_plain_and_colour, TIMEOUT)
     cr_assert_null(strchr(out, '\033'), "plain output has escape codes");
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --color always '%s'", p);
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     cr_assert(strstr(out, "\033[38;5;33m"), "colour output without colours");
     free(out);
     /* stdin */
     snprintf(cmd, sizeof cmd, "cat '%s' | " TOOL " -", p);
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     cr_assert(strstr(out, "measured 31.6%"), "%s", out);
     free(out);
 }
@@ -1333,7 +1293,7 @@ Test(pipe_trace, cli_json_and_svg, TIMEOUT)
     char cmd[1024], *out;
     const char *p = gpipe_fixture(), *svg = tmp_path("t.svg");
     snprintf(cmd, sizeof cmd, TOOL " --json --svg '%s' '%s'", svg, p);
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     json_error_t err;
     json_t *j = json_loads(out, 0, &err);
     cr_assert(j, "not JSON (%s): %s", err.text, out);
@@ -1351,7 +1311,7 @@ Test(pipe_trace, cli_json_and_svg, TIMEOUT)
     json_decref(j);
     free(out);
     size_t n;
-    char *s = read_all(svg, &n);
+    char *s = test_read_file_or_fail(svg, &n);
     cr_assert(!strncmp(s, "<?xml", 5));
     cr_assert(strstr(s, "</svg>\n"));
     cr_assert(strstr(s, "fixture — gpipe, 2 stages, 2 micro-batches"), "title");
@@ -1369,12 +1329,12 @@ Test(pipe_trace, cli_compare, TIMEOUT)
     simulate(&f, pf);
     char cmd[1024], *out;
     snprintf(cmd, sizeof cmd, TOOL " --compare '%s' '%s'", pg, pf);
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     cr_assert(strstr(out, "A = ") && strstr(out, "B = ") && strstr(out, "B - A"), "%s", out);
     cr_assert(strstr(out, "bubble measured (%)") && strstr(out, "Per rank"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, TOOL " --json --compare '%s' '%s'", pg, pf);
-    cr_assert_eq(run(cmd, &out), 0);
+    cr_assert_eq(test_run(cmd, &out), 0);
     json_t *j = json_loads(out, 0, NULL);
     cr_assert(j);
     cr_assert_float_eq(json_real_value(json_object_get(json_object_get(j, "diff"), "bubble_points")), 0.0, 1e-9,
@@ -1395,7 +1355,7 @@ Test(pipe_trace, cli_survives_mutated_traces, TIMEOUT)
     int exit0 = 0, exit1 = 0;
     for (int iter = 0; iter < 60; iter++) {
         size_t n;
-        char *text = read_all(src[iter % 2], &n);
+        char *text = test_read_file_or_fail(src[iter % 2], &n);
         for (int e = 0; e < 2; e++) {
             size_t at = (size_t)(NEXT() % n);
             text[at] = "\"{}[],:0123456789-.ex\x1b\xc3"[NEXT() % 24];
@@ -1405,13 +1365,13 @@ Test(pipe_trace, cli_survives_mutated_traces, TIMEOUT)
         free(text);
         char cmd[1024], *out;
         snprintf(cmd, sizeof cmd, TOOL " --gaps --path --top 0 --color always --svg '%s' '%s' 2>&1", svg, p);
-        int rc = run(cmd, &out);
+        int rc = test_run(cmd, &out);
         cr_assert(rc == 0 || rc == 1, "iteration %d: exit %d\n%s", iter, rc, out);
         if (rc == 1) cr_assert(strstr(out, ":line ") || strstr(out, "cannot write"), "iteration %d: %s", iter, out);
         rc ? exit1++ : exit0++;
         free(out);
         snprintf(cmd, sizeof cmd, TOOL " --json '%s' 2>/dev/null", p);
-        rc = run(cmd, &out);
+        rc = test_run(cmd, &out);
         cr_assert(rc == 0 || rc == 1, "iteration %d: --json exit %d", iter, rc);
         if (rc == 0) {
             json_t *j = json_loads(out, 0, NULL);

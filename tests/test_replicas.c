@@ -22,6 +22,7 @@
 #include "stages/train/pipeline.h"
 #include "stages/train/trainer.h"
 #include "tests/pipeline_support.h"
+#include "tests/test_helpers.h"
 
 #define TIMEOUT 240
 
@@ -414,18 +415,7 @@ static int run_tool(const char *args, char **out)
 {
     char cmd[2048];
     snprintf(cmd, sizeof cmd, "cd /tmp && '%s/pipeline-run' %s 2>&1", PW_BINARY_DIR, args);
-    FILE *p = popen(cmd, "r");
-    cr_assert_not_null(p);
-    size_t cap = 1 << 16, n = 0, k;
-    char *buf = malloc(cap);
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
-    }
-    buf[n] = '\0';
-    int st = pclose(p);
-    *out = buf;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return test_run(cmd, out);
 }
 
 Test(replicas, cli_flags, .timeout = TIMEOUT)
@@ -470,25 +460,8 @@ Test(replicas, cli_flags, .timeout = TIMEOUT)
              "--micro-batches 2 --steps 6 --clip-grad-norm 10 --save %s --quiet", graph, b);
     cr_assert_eq(run_tool(args, &o), 0, "%s", o);
     free(o);
-    pw_graph *g = parse(MLP);
-    pw_safetensors *fa = NULL, *fb = NULL;
-    cr_assert_eq(pw_safetensors_open(a, &fa), PW_OK, "%s", pw_last_error());
-    cr_assert_eq(pw_safetensors_open(b, &fb), PW_OK, "%s", pw_last_error());
-    for (int p = 0; p < g->n_params; p++) {
-        pw_st_tensor ta, tb;
-        cr_assert_eq(pw_safetensors_get(fa, g->params[p].name, &ta), PW_OK);
-        cr_assert_eq(pw_safetensors_get(fb, g->params[p].name, &tb), PW_OK);
-        const float *x = ta.data, *y = tb.data;
-        double scale = 0, diff = 0;
-        for (size_t i = 0; i < ta.nbytes / 4; i++) {
-            scale = fmax(scale, fabs(x[i]));
-            diff = fmax(diff, fabs((double)x[i] - y[i]));
-        }
-        cr_assert_leq(diff, 1e-6 * scale, "%s: differs by %g (scale %g)", g->params[p].name, diff, scale);
-    }
-    pw_safetensors_close(fa);
-    pw_safetensors_close(fb);
-    pw_graph_destroy(g);
+    char why[256]; /* every element within 1e-6 of its tensor's largest in a */
+    cr_assert(test_compare_tensors(b, a, 1e-6, 0, why, sizeof why), "%s", why);
     unlink(a);
     unlink(b);
     unlink(graph);

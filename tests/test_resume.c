@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "runtime/safetensors.h"
+#include "tests/test_helpers.h"
 
 #define TIMEOUT 240
 
@@ -92,19 +93,7 @@ static int run_env(const char *env, const char *args, char **out)
 {
     char cmd[4096];
     snprintf(cmd, sizeof cmd, "cd '%s' && %s '%s/pipeline-run' %s 2>&1", dir, env, PW_BINARY_DIR, args);
-    FILE *p = popen(cmd, "r");
-    cr_assert_not_null(p);
-    size_t cap = 1 << 16, n = 0, k;
-    char *buf = malloc(cap);
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
-    }
-    buf[n] = '\0';
-    int st = pclose(p);
-    if (out) *out = buf;
-    else free(buf);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return test_run(cmd, out);
 }
 
 static int run(const char *args, char **out) { return run_env("", args, out); }
@@ -127,20 +116,11 @@ static int exists(const char *name)
 }
 
 /* The bytes of dir/name; *n its size. */
-static unsigned char *slurp(const char *name, size_t *n)
+static char *slurp(const char *name, size_t *n)
 {
     char path[1200];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "rb");
-    cr_assert_not_null(f, "cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc((size_t)len + 1);
-    cr_assert_eq(fread(b, 1, (size_t)len, f), (size_t)len);
-    fclose(f);
-    *n = (size_t)len;
-    return b;
+    return test_read_file_or_fail(path, n);
 }
 
 /* Byte-identical files (tensors and metadata: --save's "run" metadata holds
@@ -149,30 +129,15 @@ static unsigned char *slurp(const char *name, size_t *n)
 static void same_bytes(const char *a, const char *b, const char *what)
 {
     size_t na, nb;
-    unsigned char *x = slurp(a, &na), *y = slurp(b, &nb);
+    char *x = slurp(a, &na), *y = slurp(b, &nb);
     int same = na == nb && memcmp(x, y, na) == 0;
     free(x);
     free(y);
     if (same) return;
-    char pa[1200], pb[1200], why[256] = "the headers differ";
+    char pa[1200], pb[1200], why[256];
     snprintf(pa, sizeof pa, "%s/%s", dir, a);
     snprintf(pb, sizeof pb, "%s/%s", dir, b);
-    pw_safetensors *fa = NULL, *fb = NULL;
-    if (pw_safetensors_open(pa, &fa) == PW_OK && pw_safetensors_open(pb, &fb) == PW_OK)
-        for (int i = 0; i < pw_safetensors_count(fa); i++) {
-            pw_st_tensor ta, tb;
-            pw_safetensors_at(fa, i, &ta);
-            if (pw_safetensors_get(fb, ta.name, &tb) != PW_OK || ta.nbytes != tb.nbytes) continue;
-            const float *u = ta.data, *v = tb.data;
-            for (size_t e = 0; e < ta.nbytes / 4; e++)
-                if (memcmp(&u[e], &v[e], 4)) {
-                    snprintf(why, sizeof why, "tensor %s element %zu: %.9g vs %.9g", ta.name, e, u[e], v[e]);
-                    i = pw_safetensors_count(fa);
-                    break;
-                }
-        }
-    pw_safetensors_close(fa);
-    pw_safetensors_close(fb);
+    if (test_same_tensors(pa, pb, why, sizeof why)) snprintf(why, sizeof why, "the headers differ");
     cr_assert_fail("%s: %s and %s differ: %s", what, a, b, why);
 }
 
@@ -266,26 +231,10 @@ Test(resume, other_replica_counts)
     cr_assert(strstr(o, "resuming on 3 replicas") && strstr(o, "equal to rounding only"), "%s", o);
     free(o);
     /* Within rounding: every element within 1e-4 of its tensor's largest. */
-    char pa[160], pb[160];
+    char pa[160], pb[160], why[256];
     snprintf(pa, sizeof pa, "%s/r3.st", dir);
     snprintf(pb, sizeof pb, "%s/ref.st", dir);
-    pw_safetensors *fa, *fb;
-    cr_assert_eq(pw_safetensors_open(pa, &fa), PW_OK);
-    cr_assert_eq(pw_safetensors_open(pb, &fb), PW_OK);
-    for (int i = 0; i < pw_safetensors_count(fb); i++) {
-        pw_st_tensor ta, tb;
-        pw_safetensors_at(fb, i, &tb);
-        cr_assert_eq(pw_safetensors_get(fa, tb.name, &ta), PW_OK);
-        const float *x = ta.data, *y = tb.data;
-        double big = 0, err = 0;
-        for (size_t e = 0; e < tb.nbytes / 4; e++) {
-            big = fmax(big, fabs(y[e]));
-            err = fmax(err, fabs((double)x[e] - y[e]));
-        }
-        cr_assert_leq(err, 1e-4 * big + 1e-7, "3 replicas: %s differs by %g (largest %g)", tb.name, err, big);
-    }
-    pw_safetensors_close(fa);
-    pw_safetensors_close(fb);
+    cr_assert(test_compare_tensors(pa, pb, 1e-4, 1e-7, why, sizeof why), "3 replicas: %s", why);
 }
 
 /* ---- refusals: before anything runs, naming what differs; nothing is
@@ -309,14 +258,14 @@ static void refused(const char *args, const char *must_say, const char *must_say
 {
     char full[1024], *o;
     size_t n0, n1;
-    unsigned char *before = slurp("keep.st", &n0);
+    char *before = slurp("keep.st", &n0);
     snprintf(full, sizeof full, MLP " --optimizer adamw --steps 12 --save keep.st %s", args);
     int rc = run(full, &o);
     cr_assert_eq(rc, 1, "%s: exit %d\n%s", args, rc, o);
     cr_assert(strstr(o, must_say), "%s: the message lacks \"%s\":\n%s", args, must_say, o);
     cr_assert(!must_say2 || strstr(o, must_say2), "%s: the message lacks \"%s\":\n%s", args, must_say2, o);
     cr_assert(!strstr(o, "epoch 1"), "%s: trained before refusing:\n%s", args, o);
-    unsigned char *after = slurp("keep.st", &n1);
+    char *after = slurp("keep.st", &n1);
     cr_assert(n0 == n1 && !memcmp(before, after, n0), "%s: --save's file was overwritten", args);
     free(before);
     free(after);
@@ -512,7 +461,7 @@ Test(resume, sigterm_to_the_supervisor_stops_without_a_restart)
     waitpid(pid, &st, 0);
     cr_assert_gt(first, 0, "no checkpoint within 30 s");
     size_t n;
-    char *out = (char *)slurp("out.txt", &n);
+    char *out = slurp("out.txt", &n);
     out = realloc(out, n + 1);
     out[n] = '\0';
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 75, "exit status %d (want 75)\n%s",

@@ -37,40 +37,7 @@
 #define PW_TEST_TMP_NAME "trace_merge"
 #define PW_TEST_SUITE trace_merge
 #include "tests/test_tmpdir.h"
-
-static int run(const char *cmd, char **out)
-{
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "popen %s", cmd);
-    size_t cap = 1 << 16, n = 0, k;
-    char *buf = malloc(cap);
-    cr_assert(buf);
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (cap - n < 4096) cr_assert((buf = realloc(buf, cap *= 2)));
-    }
-    buf[n] = 0;
-    int st = pclose(p);
-    if (out) *out = buf;
-    else free(buf);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-static char *read_all(const char *path, size_t *n)
-{
-    FILE *f = fopen(path, "rb");
-    cr_assert(f, "%s", path);
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)len + 1);
-    cr_assert(b);
-    cr_assert_eq(fread(b, 1, (size_t)len, f), (size_t)len);
-    b[len] = 0;
-    fclose(f);
-    *n = (size_t)len;
-    return b;
-}
+#include "tests/test_helpers.h"
 
 static void write_text(const char *path, const char *text, size_t n)
 {
@@ -228,7 +195,7 @@ Test(trace_merge, rank_files_merge_into_the_one_process_trace, TIMEOUT)
 {
     write_rank_files("a", 0x1234);
     size_t n;
-    char *want = read_all(reference(), &n);
+    char *want = test_read_file_or_fail(reference(), &n);
     /* In rank order, reversed, and shuffled: the same bytes. */
     const int orders[3][RANKS] = {{0, 1, 2, 3}, {3, 2, 1, 0}, {2, 0, 3, 1}};
     for (int o = 0; o < 3; o++) {
@@ -256,9 +223,9 @@ Test(trace_merge, the_analysis_of_the_merge_is_the_one_process_analysis, TIMEOUT
     write_rank_files("b", 7);
     char *one = NULL, *many = NULL, cmd[1024];
     snprintf(cmd, sizeof cmd, "%s --color never --top 0 %s 2>&1", TOOL, reference());
-    cr_assert_eq(run(cmd, &one), 0, "%s", one);
+    cr_assert_eq(test_run(cmd, &one), 0, "%s", one);
     snprintf(cmd, sizeof cmd, "%s --color never --top 0 %s/b/run.rank*.json 2>&1", TOOL, tmpdir());
-    cr_assert_eq(run(cmd, &many), 0, "%s", many);
+    cr_assert_eq(test_run(cmd, &many), 0, "%s", many);
     /* The same report from the first figure on: only the header names the
      * files, and the notes say how the files were merged. */
     const char *a = strstr(one, "  graph "), *b = strstr(many, "  graph ");
@@ -274,16 +241,16 @@ Test(trace_merge, the_analysis_of_the_merge_is_the_one_process_analysis, TIMEOUT
     /* A directory is its rank files. */
     char *dir = NULL;
     snprintf(cmd, sizeof cmd, "%s --color never --top 0 %s/b 2>&1", TOOL, tmpdir());
-    cr_assert_eq(run(cmd, &dir), 0, "%s", dir);
+    cr_assert_eq(test_run(cmd, &dir), 0, "%s", dir);
     const char *c = strstr(dir, "  graph ");
     cr_assert(c && !strcmp(c, b), "%s\n----\n%s", dir, many);
     /* --merge writes the one-process trace. */
     snprintf(cmd, sizeof cmd, "%s --merge %s %s/b 2>&1", TOOL, tmp_path("merged.json"), tmpdir());
     char *out = NULL;
-    cr_assert_eq(run(cmd, &out), 0, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 0, "%s", out);
     cr_assert(strstr(out, "merged ") && strstr(out, "4 processes on 4 hosts"), "%s", out);
     size_t n1, n2;
-    char *x = read_all(reference(), &n1), *y = read_all(tmp_path("merged.json"), &n2);
+    char *x = test_read_file_or_fail(reference(), &n1), *y = test_read_file_or_fail(tmp_path("merged.json"), &n2);
     cr_assert(n1 == n2 && !memcmp(x, y, n1), "--merge output differs from the one-process trace");
     free(x), free(y), free(out), free(dir), free(one), free(many);
 }
@@ -348,15 +315,15 @@ Test(trace_merge, files_of_two_runs_or_one_rank_twice_are_refused, TIMEOUT)
     /* The tool: exit 1, the message names the files. */
     char cmd[1024], *out = NULL;
     snprintf(cmd, sizeof cmd, "%s %s %s 2>&1", TOOL, two_runs[0], two_runs[1]);
-    cr_assert_eq(run(cmd, &out), 1, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 1, "%s", out);
     cr_assert(strstr(out, "come from different runs"), "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, "%s --merge %s %s %s 2>&1", TOOL, tmp_path("bad.json"), twice[0], twice[1]);
-    cr_assert_eq(run(cmd, &out), 0, "%s", out); /* two distinct ranks: fine */
+    cr_assert_eq(test_run(cmd, &out), 0, "%s", out); /* two distinct ranks: fine */
     free(out);
     snprintf(cmd, sizeof cmd, "%s --merge %s %s %s %s 2>&1; ls %s", TOOL, tmp_path("bad2.json"), twice[0], twice[1],
              twice[2], tmpdir());
-    run(cmd, &out);
+    test_run(cmd, &out);
     cr_assert(strstr(out, "are both MPI rank 1") && !strstr(out, "bad2.json"), "%s", out);
     free(out);
 }
@@ -382,7 +349,7 @@ Test(trace_merge, missing_ranks_are_a_warning, TIMEOUT)
     pw_trace_merge_report_free(&rep);
     char cmd[1024], *out = NULL;
     snprintf(cmd, sizeof cmd, "%s --color never %s %s %s", TOOL, three[0], three[1], three[2]);
-    cr_assert_eq(run(cmd, &out), 0, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 0, "%s", out);
     cr_assert(strstr(out, "warning: no trace of MPI rank 2"), "%s", out);
     free(out);
 }
@@ -435,7 +402,7 @@ Test(trace_merge, same_host_processes_need_no_offset, TIMEOUT)
     cr_assert_eq(rep.max_estimate_ns, 700); /* measured_ns = offset + 700 in write_file */
     cr_assert(has_note(&rep, "share MPI rank 0's host (host0) and its clock"), "%s", rep.notes[0]);
     size_t n;
-    char *want = read_all(reference(), &n);
+    char *want = test_read_file_or_fail(reference(), &n);
     cr_assert_str_eq(got, want);
     free(want), free(got);
     pw_trace_merge_report_free(&rep);
@@ -448,7 +415,7 @@ Test(trace_merge, directories_name_one_run, TIMEOUT)
     /* Another run's files beside them. */
     snprintf(cmd, sizeof cmd, "cp %s %s/h/other.rank0.json && %s %s/h 2>&1", rank_path("h", 0), tmpdir(), TOOL,
              tmpdir());
-    cr_assert_eq(run(cmd, &out), 1, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 1, "%s", out);
     cr_assert(strstr(out, "more than one run") && strstr(out, "run.rank*.json") && strstr(out, "other.rank*.json"),
               "%s", out);
     free(out);
@@ -456,15 +423,15 @@ Test(trace_merge, directories_name_one_run, TIMEOUT)
     snprintf(empty, sizeof empty, "%s/empty", tmpdir());
     mkdir(empty, 0755);
     snprintf(cmd, sizeof cmd, "%s %s 2>&1", TOOL, empty);
-    cr_assert_eq(run(cmd, &out), 1, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 1, "%s", out);
     cr_assert(strstr(out, "no per-process traces"), "%s", out);
     free(out);
     /* stdin cannot be one of several. */
     snprintf(cmd, sizeof cmd, "%s - %s 2>&1 </dev/null", TOOL, rank_path("h", 1));
-    cr_assert_eq(run(cmd, &out), 2, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 2, "%s", out);
     free(out);
     snprintf(cmd, sizeof cmd, "%s --merge %s --json %s 2>&1", TOOL, tmp_path("x.json"), rank_path("h", 1));
-    cr_assert_eq(run(cmd, &out), 2, "%s", out);
+    cr_assert_eq(test_run(cmd, &out), 2, "%s", out);
     free(out);
 }
 
@@ -516,7 +483,7 @@ Test(trace_merge, every_truncation_is_a_clean_error, TIMEOUT)
 {
     write_rank_files("t", 11);
     size_t n;
-    char *full = read_all(rank_path("t", 1), &n);
+    char *full = test_read_file_or_fail(rank_path("t", 1), &n);
     const char *cut = tmp_path("cut.rank1.json");
     const char *paths[] = {rank_path("t", 0), cut};
     for (size_t len = 0; len < n; len += 1 + len / 64) {

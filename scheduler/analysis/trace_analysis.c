@@ -1345,8 +1345,12 @@ static void ta_free(ta *s)
     /* names belong to the analysis (priv) */
 }
 
+/* What the library keeps beside an analysis's public fields: every
+ * pw_trace_analysis is the head of one of these (handed out by pointer
+ * only). */
 typedef struct ta_priv {
-    char **names;
+    pw_trace_analysis pub;      /* first: a pw_trace_analysis * points here */
+    char **names;               /* the interned names the figures point at */
     size_t n_names;
 } ta_priv;
 
@@ -1387,15 +1391,10 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
     s.rd = rd;
     s.last_rank = -1;
     s.id_other = -1;
-    pw_trace_analysis *a = calloc(1, sizeof *a);
     ta_priv *priv = calloc(1, sizeof *priv);
     pw_status st = PW_OK;
-    if (!a || !priv) {
-        free(a);
-        free(priv);
-        return ta_oom();
-    }
-    a->priv = priv;
+    if (!priv) return ta_oom();
+    pw_trace_analysis *a = &priv->pub;
     a->detail.step = -1;
     a->bubble = a->theory = a->model_bubble = a->model_bubble_optim = -1;
     a->slow_rank = a->fast_rank = -1;
@@ -1455,12 +1454,9 @@ pw_status pw_trace_analyze(const char *path, const pw_trace_analysis_config *cfg
 void pw_trace_analysis_destroy(pw_trace_analysis *a)
 {
     if (!a) return;
-    ta_priv *priv = a->priv;
-    if (priv) {
-        for (size_t i = 0; i < priv->n_names; i++) free(priv->names[i]);
-        free(priv->names);
-        free(priv);
-    }
+    ta_priv *priv = (ta_priv *)a;
+    for (size_t i = 0; i < priv->n_names; i++) free(priv->names[i]);
+    free(priv->names);
     free(a->file);
     free(a->meta.schedule);
     free(a->meta.graph);

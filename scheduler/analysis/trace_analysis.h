@@ -48,6 +48,12 @@
  * cfg->detail_step is not in the trace,
  * PW_ERR_NOMEM. What a trace lacks is not an error: the analysis says what
  * it could not compute in `notes` ("no pipewright metadata: ...").
+ *
+ * Ownership and threads: an analysis is a new object owned by the caller
+ * (pw_trace_analysis_destroy); every string and array in it (names, causes,
+ * steps, the detail) belongs to it and is valid until destroy. The reader of
+ * pw_trace_analyze_reader is borrowed for the call. Analyses share nothing:
+ * one per thread, several threads at once.
  */
 #ifndef PW_RUNTIME_TRACE_ANALYSIS_H
 #define PW_RUNTIME_TRACE_ANALYSIS_H
@@ -235,7 +241,6 @@ typedef struct pw_trace_analysis {
     pw_ta_cause *causes;          /* largest first */
 
     pw_ta_detail detail;
-    void *priv;
 } pw_trace_analysis;
 
 typedef struct pw_trace_analysis_config {

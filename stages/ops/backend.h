@@ -28,6 +28,14 @@
  *
  * (pipeline-run and the CUDA tests do). Without it, "cuda" is refused with
  * "built without CUDA" (docs/cuda.md, "Choosing the backend").
+ *
+ * Ownership and threads: backend tables are static and read-only. The
+ * registry is not locked: register every backend from one thread before any
+ * program is created; pw_backend_find may then be called from any thread.
+ * A context (open's) is used by one thread at a time, the program's, which
+ * calls activate first; notify's fn runs on another thread; span_memory's
+ * operations run on any thread; host_register and message_alloc are
+ * process-wide.
  */
 #ifndef PW_STAGES_BACKEND_H
 #define PW_STAGES_BACKEND_H

@@ -28,6 +28,10 @@
  * computed in double, rounded once to float. Steps past decay_steps stay at
  * min_lr; decay_steps ≤ warmup_steps (0 included) means no decay. The
  * defaults (constant, no warm-up) leave lr untouched.
+ *
+ * Ownership and threads: pure functions of the config and the step, callable
+ * from any thread; pw_optim_update updates the caller's arrays in place, so
+ * concurrent calls must touch disjoint arrays. Names are static strings.
  */
 #ifndef PW_STAGES_OPTIM_H
 #define PW_STAGES_OPTIM_H

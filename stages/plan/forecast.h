@@ -44,6 +44,13 @@
  * A pipeline link between two stages takes the slowest figures over the
  * replicas; each stage's gradient all-reduce is a ring over its replicas at
  * the figures of the ring's slowest hop.
+ *
+ * Ownership and threads: a forecast borrows its config (graph, topology,
+ * trace) for the call; pw_forecast's arrays are allocated by run/auto and
+ * freed by pw_forecast_free. Forecasts share nothing and may run on several
+ * threads at once, except pw_forecast_calibrate, which times a program on
+ * the calling thread with the CPU thread team as it is set (do not change
+ * it meanwhile).
  */
 #ifndef PW_STAGES_FORECAST_H
 #define PW_STAGES_FORECAST_H

@@ -38,6 +38,13 @@
  * devices or memory_budget say otherwise. The table then shows each
  * stage's GPU, its PCI id, its cores and its budget, and a list of the GPUs.
  * docs/partition.md has the model and the flags.
+ *
+ * Ownership and threads: pw_plan_make borrows its config (graph, profile,
+ * devices, topology, GPU list) and returns a new plan owned by the caller
+ * (pw_plan_destroy); the plan may point at the config's strings and device
+ * specs, so keep them until the plan is destroyed. Plans share nothing;
+ * several threads may plan at once (each with its own topology handle:
+ * hwloc topologies are not shared here).
  */
 #ifndef PW_STAGES_PLAN_H
 #define PW_STAGES_PLAN_H

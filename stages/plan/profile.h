@@ -44,6 +44,12 @@
  * key differs; so is a version-1 file or a node without "o" (measured
  * before the optimizer was timed). A file that is not such JSON is corrupt
  * and refused with where.
+ *
+ * Ownership and threads: measure, load and load_or_measure return a new
+ * profile owned by the caller (pw_profile_destroy); the graph is borrowed
+ * for the call. Measuring sets the process's CPU thread team
+ * (pw_cpu_set_threads) while it runs: call it when no other kernels run.
+ * Loading, checking and saving share nothing.
  */
 #ifndef PW_STAGES_PROFILE_H
 #define PW_STAGES_PROFILE_H

@@ -80,6 +80,15 @@
  *     where the training calls return once their work is enqueued and
  *     report completion through pw_program_submitted;
  *   - pw_program_bind_memory does nothing.
+ *
+ * Ownership and threads: a program owns its memory (one host arena, or a
+ * device backend's blocks) and its backend context, and borrows the graph
+ * (which must outlive it). Pointers into its memory (pw_program_value,
+ * pw_program_data, the gradient uses) are valid until destroy. A program is
+ * used by one thread at a time: the engine calls each chunk from its rank's
+ * worker; calls on different programs may run at once (they share only the
+ * CPU thread team, stages/ops/cpu/ops.h, which is thread-safe). With
+ * pw_program_set_async, completion is reported on another thread (below).
  */
 #ifndef PW_STAGES_PROGRAM_H
 #define PW_STAGES_PROGRAM_H

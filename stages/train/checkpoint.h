@@ -10,6 +10,11 @@
  *     pw_checkpoint_info info = {.step = 1200, .epoch = 3};
  *     PW_CHECK(pw_checkpoint_save("run.safetensors", g, stages, 1, &info));
  *     PW_CHECK(pw_checkpoint_load("run.safetensors", g, stages, 1, &info));
+ *
+ * Ownership and threads: save and load borrow the graph and the programs for
+ * the call; save writes atomically (a temp file renamed into place). The
+ * programs must be idle (between steps, on the thread that drives them).
+ * Calls on different programs share nothing.
  */
 #ifndef PW_STAGES_CHECKPOINT_H
 #define PW_STAGES_CHECKPOINT_H

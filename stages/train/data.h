@@ -31,6 +31,13 @@
  * labels, a middle stage neither (only the sample count, which the sampler
  * needs). pw_dataset_from_spec_parts asks for the sides; the others are
  * `missing` and gather refuses them.
+ *
+ * Ownership and threads: every loader returns a new data set owned by the
+ * caller (pw_dataset_destroy frees it and its arrays); a data set built by
+ * hand is the caller's to free. A data set is read-only once loaded, so any
+ * number of threads may read and gather from one at once (the engine's
+ * workers do). A pw_sampler is the caller's struct (pw_sampler_free), used
+ * by one thread.
  */
 #ifndef PW_STAGES_DATA_H
 #define PW_STAGES_DATA_H

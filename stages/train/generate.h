@@ -20,6 +20,11 @@
  * (0: all), drawn with pw_rng from `seed` and the token index, so the text
  * is a pure function of the weights, prompt and config. temperature 0 is
  * greedy (argmax). One process only (no transport).
+ *
+ * Ownership and threads: pw_generate borrows the pipeline and the graph for
+ * the call and returns a new string owned by the caller (free()); it drives
+ * the pipeline, so the one thread that drives it calls it, between steps.
+ * pw_generate_dataset returns a new data set (pw_dataset_destroy).
  */
 #ifndef PW_STAGES_GENERATE_H
 #define PW_STAGES_GENERATE_H

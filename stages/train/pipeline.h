@@ -43,6 +43,18 @@
  * process builds only its own rank's chunks of its own replica and needs only
  * the side of the data they read (pw_pipeline_data_parts); save gathers one
  * file on world rank 0 with the same content as a run in one process.
+ *
+ * Ownership and threads: a pipeline copies its config (schedule_csv and
+ * cuts included) and borrows the graph, the training set and the transport,
+ * which must outlive it. It owns its schedule, partition, stage programs,
+ * engine (one worker thread per rank) and trace; the pointers the accessors
+ * return (partition, schedule, report, programs, engine) are valid until
+ * destroy. One thread drives a pipeline: create, step, evaluate, save, load,
+ * seek, the figures and destroy are not thread-safe and run between steps;
+ * the engine's workers run only inside step and evaluate. Under a transport
+ * step, evaluate, save and the gathers (pw_pipeline_planned_bytes,
+ * pw_pipeline_gather_process_stats) are collectives: every process calls
+ * them in the same order; write_trace writes this process's file only.
  */
 #ifndef PW_STAGES_PIPELINE_H
 #define PW_STAGES_PIPELINE_H

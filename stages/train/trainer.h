@@ -18,6 +18,11 @@
  *
  * The pipeline engine (several stages) drives the same programs through the
  * scheduler's stage interface; this loop is the one-stage reference.
+ *
+ * Ownership and threads: a trainer copies its config, borrows the graph and
+ * the data sets (they must outlive it) and owns its program
+ * (pw_trainer_program's pointer is valid until destroy). One thread uses a
+ * trainer; the kernels it calls spread over the CPU thread team.
  */
 #ifndef PW_STAGES_TRAINER_H
 #define PW_STAGES_TRAINER_H

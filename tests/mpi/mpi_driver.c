@@ -69,6 +69,7 @@
 #include "graph/graph.h"
 #include "stages/train/data.h"
 #include "stages/train/pipeline.h"
+#include "tests/test_helpers.h"
 
 static const char *bin;       /* the build directory: pipeline-run */
 static char dir[64];          /* scratch */
@@ -102,60 +103,9 @@ static int run(const char *cmd, int limit_s, char **out, double *took)
     char full[8192];
     snprintf(full, sizeof full, "cd '%s' && timeout -k 5 %d sh -c '%s' 2>&1", dir, limit_s, cmd);
     double t0 = now_s();
-    FILE *p = popen(full, "r");
-    if (!p) return -2;
-    size_t cap = 1 << 16, n = 0, k;
-    char *buf = malloc(cap);
-    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
-        n += k;
-        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
-    }
-    buf[n] = '\0';
-    int st = pclose(p);
+    int st = test_run(full, out);
     if (took) *took = now_s() - t0;
-    if (out) *out = buf;
-    else free(buf);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
-
-/* 1 when every tensor of a matches b's byte for byte (names, shapes, data). */
-static int same_tensors(const char *a, const char *b, char *why, size_t n)
-{
-    pw_safetensors *fa = NULL, *fb = NULL;
-    int ok = 0;
-    if (pw_safetensors_open(a, &fa) != PW_OK || pw_safetensors_open(b, &fb) != PW_OK) {
-        snprintf(why, n, "%s", pw_last_error());
-        goto out;
-    }
-    if (pw_safetensors_count(fa) != pw_safetensors_count(fb)) {
-        snprintf(why, n, "%d tensors vs %d", pw_safetensors_count(fa), pw_safetensors_count(fb));
-        goto out;
-    }
-    for (int i = 0; i < pw_safetensors_count(fa); i++) {
-        pw_st_tensor ta, tb;
-        pw_safetensors_at(fa, i, &ta);
-        if (pw_safetensors_get(fb, ta.name, &tb) != PW_OK) {
-            snprintf(why, n, "tensor %s missing", ta.name);
-            goto out;
-        }
-        if (ta.nbytes != tb.nbytes || memcmp(ta.data, tb.data, ta.nbytes) != 0) {
-            size_t k = 0;
-            while (k + 4 <= ta.nbytes && k < tb.nbytes && !memcmp((const char *)ta.data + k, (const char *)tb.data + k, 4))
-                k += 4;
-            float x = 0, y = 0;
-            if (k + 4 <= ta.nbytes && k + 4 <= tb.nbytes) {
-                memcpy(&x, (const char *)ta.data + k, 4);
-                memcpy(&y, (const char *)tb.data + k, 4);
-            }
-            snprintf(why, n, "tensor %s differs at element %zu: %.9g vs %.9g", ta.name, k / 4, x, y);
-            goto out;
-        }
-    }
-    ok = 1;
-out:
-    pw_safetensors_close(fa);
-    pw_safetensors_close(fb);
-    return ok;
+    return st;
 }
 
 static void write_graph(void)
@@ -249,7 +199,7 @@ static void identical_runs(int np, const char *args, const char *mpi_extra, cons
     char a[160], b[160];
     snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
     snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
-    if (!same_tensors(a, b, why, sizeof why))
+    if (!test_same_tensors(a, b, why, sizeof why))
         fail("%s %s: the MPI checkpoint differs from one process (%s): %s", what, mpi_extra, one_args, why);
     else
         printf("ok   %s %s: MPI checkpoint identical to one process (%.1f s)\n", what, mpi_extra, took);
@@ -365,7 +315,7 @@ static void data_parts(int np, int S, int R)
     snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
     snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
     int bad = 0;
-    if (!same_tensors(a, b, why, sizeof why)) {
+    if (!test_same_tensors(a, b, why, sizeof why)) {
         fail("data parts, %d stages x %d replicas: the MPI checkpoint differs from one process: %s", S, R, why);
         bad = 1;
     }
@@ -600,7 +550,7 @@ static void resumed(int np, int S, int R)
     char p1[160], p2[160];
     snprintf(p1, sizeof p1, "%s/r1.st", dir);
     snprintf(p2, sizeof p2, "%s/r2.st", dir);
-    if (!same_tensors(p1, p2, why, sizeof why)) fail("--init-from under MPI differs: %s", why);
+    if (!test_same_tensors(p1, p2, why, sizeof why)) fail("--init-from under MPI differs: %s", why);
     else printf("ok   --init-from under MPI (%d x %d) identical to one process\n", S, R);
 }
 
@@ -627,7 +577,7 @@ static void ckpt_compare(const char *file, const char *what)
     char a[160], b[160], why[256];
     snprintf(a, sizeof a, "%s/ckref.st", dir);
     snprintf(b, sizeof b, "%s/%s", dir, file);
-    if (!same_tensors(a, b, why, sizeof why)) fail("checkpoints: %s: differs from the uninterrupted run: %s", what, why);
+    if (!test_same_tensors(a, b, why, sizeof why)) fail("checkpoints: %s: differs from the uninterrupted run: %s", what, why);
     else printf("ok   checkpoints: %s: identical to the uninterrupted run\n", what);
 }
 
