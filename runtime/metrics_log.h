@@ -3,7 +3,7 @@
  * runtime/metrics_read.h reads; docs/pipeline-run.md, "Metrics log").
  *
  *     pw_metrics_log *log;
- *     PW_CHECK(pw_metrics_log_open("metrics.jsonl", &log));  // created or truncated
+ *     PW_CHECK(pw_metrics_log_open("metrics.jsonl", 4, &log)); // created or truncated; up to 4 stages
  *     for each step:
  *         pw_metrics_step_rec r = {.step = s, .epoch = 1, .loss = loss, .lr = lr,
  *                                  .grad_norm = NAN, .samples_per_s = ..., .step_ms = ...,
