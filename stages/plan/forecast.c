@@ -258,13 +258,20 @@ static int chunks_per_rank(const pw_forecast_config *c)
     return 1;
 }
 
-/* Whether value v (produced before node `end`) is still needed at or after it. */
-static int crosses(const pw_graph *g, int v, int end)
+/* The last node that reads each value (-1: none): value v produced before
+ * node `end` is still needed at or after it when last[v] >= end. NULL when
+ * out of memory. */
+static int *last_uses(const pw_graph *g)
 {
-    for (int i = end; i < g->n_nodes; i++)
-        for (int k = 0; k < g->nodes[i].n_inputs; k++)
-            if (g->nodes[i].inputs[k] == v) return 1;
-    return 0;
+    int *last = malloc(sizeof(int) * (size_t)(g->n_values > 0 ? g->n_values : 1));
+    if (!last) return NULL;
+    for (int v = 0; v < g->n_values; v++) last[v] = -1;
+    for (int i = 0; i < g->n_nodes; i++)
+        for (int k = 0; k < g->nodes[i].n_inputs; k++) {
+            const int v = g->nodes[i].inputs[k];
+            if (v >= 0 && v < g->n_values && i > last[v]) last[v] = i;
+        }
+    return last;
 }
 
 pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
@@ -287,8 +294,18 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     double *ar = NULL;     /* per rank: all-reduce seconds per step */
     fplace fp = {0};
 
+    int *last = NULL;
     if (c->topology) PW_CHECK_GOTO(fplace_make(c, &fp), st, out);
-    PW_CHECK_GOTO(pw_partition_make(g, C, PW_PARTITION_FLOPS, &part), st, out);
+    if (c->cuts) {
+        part.begin = malloc(sizeof(int) * ((size_t)C + 1));
+        if (!part.begin) {
+            st = pw_error(PW_ERR_NOMEM, "forecast: out of memory");
+            goto out;
+        }
+        memcpy(part.begin, c->cuts, sizeof(int) * ((size_t)C + 1));
+    } else {
+        PW_CHECK_GOTO(pw_partition_make(g, C, PW_PARTITION_FLOPS, &part), st, out);
+    }
     pw_schedule_config sc = {.kind = c->schedule, .n_stages = S, .n_micro = c->micro_batches,
                              .split_w = c->split_w, .chunks_per_rank = v,
                              .n_buckets = c->replicas > 1 ? 1 : 0};
@@ -304,8 +321,9 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     out->cuts = calloc((size_t)C + 1, sizeof(int));
     out->chunk_rank = calloc((size_t)C, sizeof(int));
     out->chunk_inflight = calloc((size_t)C, sizeof(int));
+    last = last_uses(g);
     if (!cost || !fixed || !ar || !out->peak_memory || !out->peak_inflight || !out->cuts ||
-        !out->chunk_rank || !out->chunk_inflight) {
+        !out->chunk_rank || !out->chunk_inflight || !last) {
         st = pw_error(PW_ERR_NOMEM, "forecast: out of memory");
         goto out;
     }
@@ -328,7 +346,7 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         int64_t msg = 0;
         for (int val = 0; val < g->n_values; val++) {
             int prod = g->values[val].producer;
-            if (prod >= 0 && prod < e && crosses(g, val, e))
+            if (prod >= 0 && prod < e && last[val] >= e)
                 msg += (int64_t)pw_dtype_size(g->values[val].dtype) *
                        pw_shape_numel(&g->values[val].shape);
         }
@@ -410,6 +428,7 @@ out:
     pw_schedule_report_destroy(rep);
     pw_schedule_destroy(s);
     pw_partition_free(&part);
+    free(last);
     free(cost);
     free(fixed);
     free(ar);

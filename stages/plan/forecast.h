@@ -103,6 +103,10 @@ typedef struct pw_forecast_config {
     double link_bandwidth;      /* bytes/s between neighbouring ranks */
     double allreduce_bandwidth; /* bytes/s of the replica all-reduce ring */
     int optim_state_floats;     /* 1 SGD, 2 AdamW */
+    const int *cuts;            /* (optional) [stages x chunks + 1] the chunks' node
+                                 * ranges (0 < ... < n_nodes) instead of
+                                 * pw_partition_make(graph, chunks, FLOPS); not
+                                 * checked: a caller's cached FLOP partition */
     int recompute;              /* activation recomputation: each backward re-runs
                                  * its chunk's forward first (B pays F again), and
                                  * a micro-batch in flight keeps only the chunk's

@@ -481,12 +481,14 @@ typedef struct chunk_sums {
     double *work;                /* [C] f + b + w FLOPs per sample */
     double *fwd;                 /* [C] f per sample */
     double *params;              /* [C] parameter bytes the chunk introduces */
+    int *begin;                  /* [C + 1] the cuts */
 } chunk_sums;
 
 struct pw_layout_forecaster {
     pw_layout_forecast_config c;
     double flops_sample;         /* f + b + w per sample, the whole graph */
     double param_bytes;          /* each parameter once */
+    double act_sample;           /* activation bytes stashed per sample, every node */
     chunk_sums *sums;            /* [n_nodes + 1], by C; C = 0 unused */
     rate_entry *rates;
     int n_rates, cap_rates;
@@ -520,6 +522,7 @@ pw_status pw_layout_forecaster_create(const pw_layout_forecast_config *c, pw_lay
     pw_graph_total_cost(c->graph, &oc);
     f->flops_sample = oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight;
     f->param_bytes = (double)oc.param_bytes;
+    f->act_sample = (double)oc.act_bytes;
     *out = f;
     return PW_OK;
 }
@@ -531,6 +534,7 @@ void pw_layout_forecaster_destroy(pw_layout_forecaster *f)
         free(f->sums[C].work);
         free(f->sums[C].fwd);
         free(f->sums[C].params);
+        free(f->sums[C].begin);
     }
     free(f->sums);
     free(f->rates);
@@ -609,6 +613,7 @@ static const chunk_sums *sums_for(pw_layout_forecaster *f, int C)
         s->work = s->fwd = s->params = NULL;
         return NULL;
     }
+
     for (int ch = 0; ch < C; ch++)
         for (int i = part.begin[ch]; i < part.begin[ch + 1]; i++) {
             pw_op_cost oc;
@@ -618,6 +623,8 @@ static const chunk_sums *sums_for(pw_layout_forecaster *f, int C)
             s->params[ch] += (double)oc.param_bytes;
         }
     s->C = C;
+    s->begin = part.begin; /* kept: the forecasts' cuts */
+    part.begin = NULL;
     pw_partition_free(&part);
     return s;
 }
@@ -635,7 +642,10 @@ static void fc_bound(void *ctx, const pw_layout *l, double *step_lb, int64_t *me
     *memory_lb = 0;
     const int S = l->stages, C = S * l->chunks_per_rank;
     const double state = 2 + pw_optim_state_floats(f->c.optim);
-    *memory_lb = (int64_t)floor(f->param_bytes * state / S);
+    /* ... and one micro-batch of its chunks' activations (outputs and saved
+     * statistics), which a stage holds once even with recomputation (in
+     * its shared copy). */
+    *memory_lb = (int64_t)floor((f->param_bytes * state + f->act_sample * (double)micro_size(f, l)) / S);
     const double rate = rank_rate(f, l);
     const chunk_sums *s = C <= f->c.graph->n_nodes ? sums_for(f, C) : NULL;
     if (!(rate > 0) || !s) return;
@@ -647,7 +657,11 @@ static void fc_bound(void *ctx, const pw_layout *l, double *step_lb, int64_t *me
         if (w > most) most = w;
     }
     const double lb = total / S > most ? total / S : most;
-    *step_lb = lb * (1.0 - 1e-9); /* the simulator adds in another order */
+    /* The simulator rounds each action to a whole nanosecond (half a
+     * nanosecond at most, down or up) and adds in another order. */
+    const double actions = 3.0 * l->micro_batches * l->chunks_per_rank + 4.0;
+    *step_lb = lb * (1.0 - 1e-12) - actions * 1e-9;
+    if (*step_lb < 0) *step_lb = 0;
 }
 
 static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const pw_layout *l, double rate)
@@ -708,6 +722,9 @@ static pw_status forecast_layout(pw_layout_forecaster *f, const pw_layout *l, pw
     if (!(*rate > 0)) return pw_error(PW_ERR_INVALID_ARG, "layout: no compute rate for %d threads at "
                                       "micro-batch %lld", l->threads, (long long)micro_size(f, l));
     pw_forecast_config fc = layout_forecast(f, l, *rate);
+    const int C = l->stages * l->chunks_per_rank;
+    const chunk_sums *s = C >= 1 && C <= f->c.graph->n_nodes ? sums_for(f, C) : NULL;
+    if (s) fc.cuts = s->begin; /* the same FLOP partition, made once */
     return pw_forecast_run(&fc, fo);
 }
 

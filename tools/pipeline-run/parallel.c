@@ -22,8 +22,9 @@ static double wall_s(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-/* The machine's slots: GPUs (on_gpus) or cores. 0, or 1 after the message. */
-static int machine_slots(hwloc_topology_t topo, int this_machine, int *on_gpus, int *slots)
+/* The machine's slots: GPUs (on_gpus) or cores, and the least memory of
+ * its GPUs (*gpu_memory, 0 when unknown). 0, or 1 after the message. */
+static int machine_slots(hwloc_topology_t topo, int this_machine, int *on_gpus, int *slots, int64_t *gpu_memory)
 {
     pw_place_config pc = {.n_stages = 1, .n_replicas = 1, .gpus = this_machine ? 0 : PW_PLACE_GPUS_AUTO};
     pw_placement *pl = NULL;
@@ -33,6 +34,10 @@ static int machine_slots(hwloc_topology_t topo, int this_machine, int *on_gpus, 
     }
     *on_gpus = pl->on_gpus;
     *slots = pl->on_gpus ? pl->n_gpus : pl->n_cores;
+    *gpu_memory = 0;
+    for (int g = 0; pl->on_gpus && g < pl->n_gpus; g++)
+        if (pl->gpus[g].memory > 0 && (!*gpu_memory || pl->gpus[g].memory < *gpu_memory))
+            *gpu_memory = pl->gpus[g].memory;
     pw_placement_destroy(pl);
     /* This machine: the cores this process may run on. */
     if (this_machine) *slots = pw_available_cores();
@@ -53,6 +58,7 @@ typedef struct machine {
     hwloc_topology_t topo;
     int on_gpus, slots;
     int64_t budget;
+    int budget_is_gpu;           /* the budget is the GPUs' memory (the topology's) */
 } machine;
 
 /* Topology, slots and budget from the flags. 0 or the exit status. */
@@ -70,7 +76,11 @@ static int describe_machine(const pr_parallel_request *rq, machine *m)
         fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
         return 1;
     }
-    return machine_slots(m->topo, here, &m->on_gpus, &m->slots);
+    int64_t gpu_memory = 0;
+    int rc = machine_slots(m->topo, here, &m->on_gpus, &m->slots, &gpu_memory);
+    /* One rank per GPU: its memory is the budget unless one is given. */
+    if (!rc && !m->budget && gpu_memory > 0) m->budget = gpu_memory, m->budget_is_gpu = 1;
+    return rc;
 }
 
 int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
@@ -111,6 +121,11 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
         else
             printf("  compute: measured here per thread count and micro-batch size (pw_forecast_calibrate)%s\n",
                    here ? "" : ", taking that machine's cores to be like this one's");
+        if (m.budget_is_gpu) {
+            char b[32];
+            printf("  memory: %s per rank, the topology's GPU memory (set --memory-budget to change)\n",
+                   pw_format_bytes((double)m.budget, b, sizeof b));
+        }
         printf("  links: from the placement on %s, default figures per link class (docs/schedules.md)\n",
                here ? "this machine's topology" : rq->topology);
         fflush(stdout);
