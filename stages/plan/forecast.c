@@ -355,6 +355,8 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         cost[ch].w = bw * mbs / c->flops_per_s;
         /* The optimizer: about 4 FLOPs per parameter element (4 bytes each). */
         cost[ch].optim = 4.0 * ((double)params / 4.0) / c->flops_per_s;
+        if (c->grad_groups > 1 && c->group_pass_bandwidth > 0) /* counted with the update */
+            cost[ch].optim += (c->grad_groups - 1) * (double)params / c->group_pass_bandwidth;
         const int rank = pw_schedule_rank_of(s, ch);
         cost[ch].allreduce = 0.0;
         if (c->replicas > 1 && fp.pl) {

@@ -107,6 +107,12 @@ typedef struct pw_forecast_config {
                                  * ranges (0 < ... < n_nodes) instead of
                                  * pw_partition_make(graph, chunks, FLOPS); not
                                  * checked: a caller's cached FLOP partition */
+    int grad_groups;            /* K, the gradient groups a replica sums (pw_grad_groups'
+                                 * per_replica); with K > 1 each rank pays K - 1
+                                 * passes over its gradients per step (a group's sum
+                                 * joins the pending sums, the gradients are zeroed:
+                                 * stages/program/program.h) at group_pass_bandwidth */
+    double group_pass_bandwidth;/* bytes of gradients per s such a pass covers; 0: free */
     int recompute;              /* activation recomputation: each backward re-runs
                                  * its chunk's forward first (B pays F again), and
                                  * a micro-batch in flight keeps only the chunk's

@@ -493,6 +493,7 @@ struct pw_layout_forecaster {
     rate_entry *rates;
     int n_rates, cap_rates;
     double measure_s;            /* time spent measuring */
+    double pass_bandwidth;       /* bytes/s of a gradient-group pass; 0: not measured */
 };
 
 pw_layout_forecast_config pw_layout_forecast_defaults(void)
@@ -582,6 +583,38 @@ static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t 
                 threads, threads > 1 ? "s" : "", (long long)mbs, 1e3 * e.micro_s, 1e3 * e.optim_s);
     f->rates[f->n_rates] = e;
     return &f->rates[f->n_rates++];
+}
+
+/* The bandwidth of one gradient-group pass here (add a group's sum into
+ * its pending sum, zero the gradients: stages/program/program.c,
+ * group_end), over 16 MiB of floats, the fastest of three. 0 when rates
+ * are not measured here. */
+static double pass_bandwidth(pw_layout_forecaster *f)
+{
+    if (f->pass_bandwidth > 0 || f->c.rate || f->c.flops_per_s > 0) return f->pass_bandwidth;
+    const size_t n = (size_t)4 << 20;
+    float *a = calloc(n, sizeof *a), *b = calloc(n, sizeof *b);
+    if (!a || !b) {
+        free(a);
+        free(b);
+        return 0;
+    }
+    double best = 0;
+    for (int r = 0; r < 4; r++) {
+        const int64_t t0 = pw_now_ns();
+        for (size_t i = 0; i < n; i++) a[i] += b[i];
+        memset(b, 0, n * sizeof *b);
+        const double s = (double)(pw_now_ns() - t0) * 1e-9;
+        if (r > 0 && s > 0 && (best == 0 || s < best)) best = s;
+    }
+    const volatile float sink = a[n / 2];
+    (void)sink;
+    free(a);
+    free(b);
+    f->pass_bandwidth = best > 0 ? (double)(n * sizeof(float)) / best : 0;
+    if (f->c.log && best > 0)
+        fprintf(f->c.log, "  measured: a gradient-group pass at %.3g GB/s\n", f->pass_bandwidth / 1e9);
+    return f->pass_bandwidth;
 }
 
 /* FLOP/s of one rank of layout l; 0 on a failed measurement. */
@@ -677,6 +710,9 @@ static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const pw_layo
     fc.flops_per_s = rate;
     fc.optim_state_floats = pw_optim_state_floats(f->c.optim);
     fc.recompute = l->recompute;
+    int K = 1;
+    fc.grad_groups = pw_grad_groups(f->c.grad_groups, l->replicas, l->micro_batches, &K) > 0 ? K : 1;
+    fc.group_pass_bandwidth = pass_bandwidth(f);
     fc.topology = f->c.topology;
     fc.host_latency_s = f->c.host_latency_s;
     fc.host_bandwidth = f->c.host_bandwidth;
