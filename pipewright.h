@@ -48,6 +48,7 @@
 #include "stages/plan/forecast.h"            /* forecasting layouts, calibration */
 #include "stages/plan/profile.h"             /* measured op times */
 #include "stages/plan/plan.h"                /* the whole layout: partition, schedule, placement */
+#include "stages/plan/layout.h"              /* searching stages x replicas x threads x schedule */
 #include "runtime/trace_read.h"              /* reading traces */
 #include "scheduler/analysis/trace_analysis.h" /* bubbles and their causes (pipe-trace) */
 

@@ -68,7 +68,7 @@ Test(cli, help_documents_every_flag)
                            "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check",
                            "--device", "--gpu-math", "--no-gpu-graphs", "--metrics", "--eval-every",
                            "tokens:", "--checkpoint-dir", "--checkpoint-every", "--keep", "--resume",
-                           "--max-restarts"};
+                           "--max-restarts", "--parallel", "--processes"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         cr_assert(strstr(o, flags[i]), "--help does not mention %s", flags[i]);
     free(o);
@@ -1143,4 +1143,48 @@ Test(cli, metrics_log_is_complete_up_to_its_last_line_after_a_signal)
     }
     cr_assert_geq(steps, 3);
     json_decref(all);
+}
+
+/* --parallel auto (docs/pipeline-run.md, "Choosing the layout"): prints the
+ * choice and its runners-up, trains with it, fixes the axes the flags give,
+ * and refuses an impossible budget with the least memory that fits. */
+Test(cli, parallel_auto_plans_trains_and_refuses)
+{
+    char *o;
+    cr_assert_eq(run("m.graph --data synthetic:512:24:5 --no-pin --steps 2 --batch 32 --parallel auto", &o), 0,
+                 "%s", o);
+    cr_assert(strstr(o, "chose S="), "%s", o);
+    cr_assert(strstr(o, "T = 1"), "%s", o);
+    cr_assert(strstr(o, "runners-up:"), "%s", o);
+    cr_assert(strstr(o, "run it: pipeline-run m.graph --batch 32 --stages"), "%s", o);
+    cr_assert(strstr(o, "done:"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --parallel auto --batch 32 --stages 2 --flops-per-s 1e10", &o), 0, "%s", o);
+    cr_assert(strstr(o, "chose S=2 "), "%s", o);
+    cr_assert(!strstr(o, "done:"), "--plan trains nothing: %s", o);
+    free(o);
+    cr_assert_eq(run("m.graph --plan --parallel auto --batch 32 --memory-budget 1K --flops-per-s 1e10", &o), 1,
+                 "%s", o);
+    const char *fits = strstr(o, "a budget of ");
+    cr_assert(strstr(o, "the least any layout needs is") && fits, "%s", o);
+    char size[32] = "";
+    cr_assert_eq(sscanf(fits, "a budget of %31[0-9.] ", size), 1, "%s", o);
+    const char *unit = strstr(fits, "KiB") ? "K" : "M";
+    free(o);
+    char args[256];
+    snprintf(args, sizeof args, "m.graph --plan --parallel auto --batch 32 --memory-budget %s%s --flops-per-s 1e10",
+             size, unit);
+    cr_assert_eq(run(args, &o), 0, "the suggested budget must fit: %s", o);
+    free(o);
+    struct { const char *args, *msg; } bad[] = {
+        {"m.graph --processes 2", "--processes applies to --parallel auto"},
+        {"m.graph --parallel auto --processes 2", "add --plan"},
+        {"m.graph --parallel sometimes", "is not auto"},
+        {"m.graph --parallel auto --simulate", "does not combine"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cr_assert_eq(run(bad[i].args, &o), 2, "'%s': %s", bad[i].args, o);
+        cr_assert(strstr(o, bad[i].msg), "'%s': %s", bad[i].args, o);
+        free(o);
+    }
 }

@@ -40,6 +40,7 @@
 #include "stages/train/trainer.h"
 #include "stages/train/state.h"
 #include "pipeline-run/supervise.h"
+#include "pipeline-run/parallel.h"
 #ifdef PW_HAVE_CUDA
 #include "stages/ops/cuda/backend_cuda.h"
 #include "stages/ops/cuda/device.h"
@@ -105,6 +106,9 @@ typedef struct options {
     int keep;                    /* --keep K (0: all) */
     const char *resume;          /* --resume DIR */
     int max_restarts;            /* --max-restarts N (one process: a supervising parent) */
+    /* --parallel auto: the layout search chooses what the flags leave open
+     * (tools/pipeline-run/parallel.h); --processes P: the ranks it may use. */
+    int parallel, processes, replicas_set, schedule_set;
 } options;
 
 static void usage(FILE *f)
@@ -257,6 +261,13 @@ static void usage(FILE *f)
 "                        when G / R is a power of two (e.g. G = 12 for R =\n"
 "                        1, 3, 6, 12); each stage holds ceil(log2(G / R))\n"
 "                        more gradient copies\n"
+"  --parallel auto       search stages x replicas x threads x micro-batches x\n"
+"                        schedule x recomputation for the fastest layout that\n"
+"                        fits --memory-budget, print it and its runners-up,\n"
+"                        then train with it (with --plan: print only); flags\n"
+"                        such as --stages fix their axis (docs/parallelism.md)\n"
+"  --processes P         --parallel auto: ranks it may use (default: the cores,\n"
+"                        or the GPUs of --topology)\n"
 "  --print-graph         print the parsed graph with shapes and costs, then train\n"
 "  --quiet               only errors and the final result\n"
 "  --help                this text\n"
@@ -322,7 +333,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
-       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS };
+       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS, OPT_PARALLEL, OPT_PROCESSES };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -396,6 +407,31 @@ static int check_device_flag(const options *o, int world)
     return 0;
 }
 
+/* --parallel auto and --processes against the other flags: 0 or 2. */
+static int check_parallel_flags(const options *o, int world)
+{
+    if (o->processes && !o->parallel) return bad_usage("%s", "--processes applies to --parallel auto only");
+    if (!o->parallel) return 0;
+    if (world > 1)
+        return bad_usage("%s", "--parallel auto plans in one process: run pipeline-run GRAPH --plan --parallel "
+                               "auto --processes N, then launch the command it prints under mpirun");
+    if (o->simulate || o->generate || o->resume || o->device)
+        return bad_usage("%s", "--parallel auto does not combine with --simulate, --generate, --resume or "
+                               "--device (it plans CPU ranks here, or any machine with --plan --topology)");
+    if (o->topology && strcmp(o->topology, "this") && !o->plan)
+        return bad_usage("%s", "--parallel auto --topology FILE plans for another machine: add --plan (training "
+                               "runs on this one)");
+    if (o->processes && !o->plan)
+        return bad_usage("%s", "--parallel auto --processes P plans for P processes under mpirun: add --plan and "
+                               "launch the command it prints");
+    if (o->schedule_set && strcmp(o->schedule, "auto") && access(o->schedule, R_OK) == 0)
+        return bad_usage("%s", "--parallel auto chooses among the built-in schedules, not a CSV file");
+    if (o->balance_set || o->profile || o->device_speeds || o->link_set || o->gpu_memory)
+        return bad_usage("%s", "--parallel auto costs layouts with its own forecast: drop --balance, --profile, "
+                               "--device-speeds, --gpu-memory and the link flags");
+    return 0;
+}
+
 /* Returns 0 to run, 1 when --help was printed, 2 on a usage error. */
 static int parse_args(int argc, char **argv, options *o)
 {
@@ -464,6 +500,8 @@ static int parse_args(int argc, char **argv, options *o)
         {"keep", required_argument, 0, OPT_KEEP},
         {"resume", required_argument, 0, OPT_RESUME},
         {"max-restarts", required_argument, 0, OPT_MAX_RESTARTS},
+        {"parallel", required_argument, 0, OPT_PARALLEL},
+        {"processes", required_argument, 0, OPT_PROCESSES},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -544,7 +582,7 @@ static int parse_args(int argc, char **argv, options *o)
             o->grad_groups = (int)v;
             break;
         case OPT_PRINT: o->print_graph = 1; break;
-        case OPT_SCHEDULE: o->schedule = optarg; break;
+        case OPT_SCHEDULE: o->schedule = optarg, o->schedule_set = 1; break;
         case OPT_PARTITION:
             if (pw_partition_method_parse(optarg, &o->partition) != PW_OK)
                 return bad_usage("--partition: '%s' is not auto, cuts or flops", optarg);
@@ -561,6 +599,7 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_REPLICAS:
             if (parse_i64("--replicas", optarg, 1, 4096, &v)) return 2;
             o->replicas = (int)v;
+            o->replicas_set = 1;
             break;
         case OPT_BUCKETS:
             if (parse_i64("--buckets", optarg, 1, 4096, &v)) return 2;
@@ -672,6 +711,14 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_EVAL_EVERY:
             if (parse_i64("--eval-every", optarg, 1, INT64_MAX / 2, &o->eval_every)) return 2;
             break;
+        case OPT_PARALLEL:
+            if (strcmp(optarg, "auto")) return bad_usage("--parallel: '%s' is not auto", optarg);
+            o->parallel = 1;
+            break;
+        case OPT_PROCESSES:
+            if (parse_i64("--processes", optarg, 1, 1 << 20, &v)) return 2;
+            o->processes = (int)v;
+            break;
         case 'h':
         case OPT_HELP: usage(stdout); return 1;
         case ':': return bad_usage("%s needs a value", argv[optind - 1]);
@@ -759,6 +806,8 @@ static int parse_args(int argc, char **argv, options *o)
         o->micro_set = 1;
         o->replicas = 1;
     }
+    const int prc = check_parallel_flags(o, world);
+    if (prc) return prc;
     const int64_t R = o->replicas;
     default_micro_batches(o);
     if (o->batch % (R * o->micro_batches) != 0) {
@@ -1543,6 +1592,49 @@ static int run_plan(const pw_graph *g, const options *o)
     return rc;
 }
 
+/* --parallel auto: the layout search (tools/pipeline-run/parallel.h) takes
+ * the axes the flags fixed and chooses the rest; training then runs the
+ * choice with the forecast's FLOP-balanced cuts. Its --memory-budget is
+ * spent on the search. 0 or the exit status. */
+static int choose_parallel(const pw_graph *g, options *o)
+{
+    pr_parallel_request rq = {.graph = g, .graph_path = o->graph, .batch = o->batch, .processes = o->processes,
+                              .topology = o->topology, .memory_budget = o->memory_budget,
+                              .flops_per_s = o->flops_per_s, .optim = o->optim.kind,
+                              .grad_groups = o->grad_groups, .pins = pw_layout_space_defaults(),
+                              .quiet = o->quiet};
+    pw_layout_space *p = &rq.pins;
+    p->stages = o->stages_default ? 0 : o->stages;
+    p->replicas = o->replicas_set ? o->replicas : 0;
+    p->threads = o->threads;
+    p->micro_batches = o->micro_set ? o->micro_batches : 0;
+    p->chunks_per_rank = o->chunks_per_rank;
+    p->recompute = o->recompute ? 1 : -1;
+    if (o->schedule_set && strcmp(o->schedule, "auto")) {
+        int is_auto, rc;
+        const char *csv;
+        if ((rc = resolve_schedule(o, &p->schedule, &csv, &is_auto)) != 0) return rc;
+        p->schedule_pinned = 1;
+    }
+    pw_layout l;
+    const int rc = pr_parallel_auto(&rq, &l);
+    if (rc) return rc;
+    o->stages = l.stages;
+    o->stages_default = 0;
+    o->replicas = l.replicas;
+    o->threads = l.threads;
+    o->micro_batches = l.micro_batches;
+    o->micro_set = 1;
+    o->schedule = pw_schedule_kind_name(l.schedule);
+    o->chunks_per_rank = l.schedule == PW_SCHEDULE_INTERLEAVED ? l.chunks_per_rank : 0;
+    o->recompute = l.recompute;
+    o->partition = PW_PARTITION_FLOPS;
+    o->memory_budget = NULL;
+    o->topology = NULL;
+    pw_cpu_set_threads(o->threads);
+    return 0;
+}
+
 /* A one-window token data set of zeros: what a pipeline needs to be built
  * for --generate without loading any corpus. */
 /* Under mpirun, PW_DEBUG=INFO says what this process loaded (the MPI tests
@@ -1657,6 +1749,8 @@ static int load_graph(run *r)
         return 1;
     }
     if (r->o.print_graph && r->o.quiet < 2) pw_graph_print(r->g, stdout);
+    int rc;
+    if (r->o.parallel && (rc = choose_parallel(r->g, &r->o)) != 0) return rc; /* --parallel auto */
     return default_stages(r->g, &r->o);
 }
 
@@ -2092,6 +2186,7 @@ static int run_main(run *r)
 {
     int rc;
     if ((rc = load_graph(r)) != 0) return rc;
+    if (r->o.parallel && r->o.plan) return 0; /* --plan --parallel auto: printed */
     if (r->o.simulate) return run_simulate(r->g, &r->o);
     if (r->o.plan) return run_plan(r->g, &r->o);
     if ((rc = build(r)) != 0) return rc;

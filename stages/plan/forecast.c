@@ -258,13 +258,20 @@ static int chunks_per_rank(const pw_forecast_config *c)
     return 1;
 }
 
-/* Whether value v (produced before node `end`) is still needed at or after it. */
-static int crosses(const pw_graph *g, int v, int end)
+/* The last node that reads each value (-1: none): value v produced before
+ * node `end` is still needed at or after it when last[v] >= end. NULL when
+ * out of memory. */
+static int *last_uses(const pw_graph *g)
 {
-    for (int i = end; i < g->n_nodes; i++)
-        for (int k = 0; k < g->nodes[i].n_inputs; k++)
-            if (g->nodes[i].inputs[k] == v) return 1;
-    return 0;
+    int *last = malloc(sizeof(int) * (size_t)(g->n_values > 0 ? g->n_values : 1));
+    if (!last) return NULL;
+    for (int v = 0; v < g->n_values; v++) last[v] = -1;
+    for (int i = 0; i < g->n_nodes; i++)
+        for (int k = 0; k < g->nodes[i].n_inputs; k++) {
+            const int v = g->nodes[i].inputs[k];
+            if (v >= 0 && v < g->n_values && i > last[v]) last[v] = i;
+        }
+    return last;
 }
 
 pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
@@ -287,8 +294,18 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     double *ar = NULL;     /* per rank: all-reduce seconds per step */
     fplace fp = {0};
 
+    int *last = NULL;
     if (c->topology) PW_CHECK_GOTO(fplace_make(c, &fp), st, out);
-    PW_CHECK_GOTO(pw_partition_make(g, C, PW_PARTITION_FLOPS, &part), st, out);
+    if (c->cuts) {
+        part.begin = malloc(sizeof(int) * ((size_t)C + 1));
+        if (!part.begin) {
+            st = pw_error(PW_ERR_NOMEM, "forecast: out of memory");
+            goto out;
+        }
+        memcpy(part.begin, c->cuts, sizeof(int) * ((size_t)C + 1));
+    } else {
+        PW_CHECK_GOTO(pw_partition_make(g, C, PW_PARTITION_FLOPS, &part), st, out);
+    }
     pw_schedule_config sc = {.kind = c->schedule, .n_stages = S, .n_micro = c->micro_batches,
                              .split_w = c->split_w, .chunks_per_rank = v,
                              .n_buckets = c->replicas > 1 ? 1 : 0, .memory_limit = c->memory_limit};
@@ -301,10 +318,18 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     ar = calloc((size_t)S, sizeof *ar);
     out->peak_memory = calloc((size_t)S, sizeof(int64_t));
     out->peak_inflight = calloc((size_t)S, sizeof(int));
-    if (!cost || !fixed || !ar || !out->peak_memory || !out->peak_inflight) {
+    out->cuts = calloc((size_t)C + 1, sizeof(int));
+    out->chunk_rank = calloc((size_t)C, sizeof(int));
+    out->chunk_inflight = calloc((size_t)C, sizeof(int));
+    last = last_uses(g);
+    if (!cost || !fixed || !ar || !out->peak_memory || !out->peak_inflight || !out->cuts ||
+        !out->chunk_rank || !out->chunk_inflight || !last) {
         st = pw_error(PW_ERR_NOMEM, "forecast: out of memory");
         goto out;
     }
+    const double in_bytes = g->input >= 0
+        ? (double)pw_dtype_size(g->values[g->input].dtype) * (double)pw_shape_numel(&g->values[g->input].shape)
+        : 0.0;
     for (int ch = 0; ch < C; ch++) {
         int b = part.begin[ch], e = part.begin[ch + 1];
         double f = 0, bi = 0, bw = 0;
@@ -321,15 +346,17 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         int64_t msg = 0;
         for (int val = 0; val < g->n_values; val++) {
             int prod = g->values[val].producer;
-            if (prod >= 0 && prod < e && crosses(g, val, e))
+            if (prod >= 0 && prod < e && last[val] >= e)
                 msg += (int64_t)pw_dtype_size(g->values[val].dtype) *
                        pw_shape_numel(&g->values[val].shape);
         }
         cost[ch].f = f * mbs / c->flops_per_s;
-        cost[ch].b = bi * mbs / c->flops_per_s;
+        cost[ch].b = (bi + (c->recompute ? f : 0.0)) * mbs / c->flops_per_s;
         cost[ch].w = bw * mbs / c->flops_per_s;
         /* The optimizer: about 4 FLOPs per parameter element (4 bytes each). */
         cost[ch].optim = 4.0 * ((double)params / 4.0) / c->flops_per_s;
+        if (c->grad_groups > 1 && c->group_pass_bandwidth > 0) /* counted with the update */
+            cost[ch].optim += (c->grad_groups - 1) * (double)params / c->group_pass_bandwidth;
         const int rank = pw_schedule_rank_of(s, ch);
         cost[ch].allreduce = 0.0;
         if (c->replicas > 1 && fp.pl) {
@@ -344,8 +371,15 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         ar[rank] += cost[ch].allreduce * sc.n_buckets;
         cost[ch].msg_bytes = ch + 1 < C ? (int64_t)(msg * mbs) : 0;
         cost[ch].act_bytes = (int64_t)((double)act * mbs);
+        if (c->recompute) /* only the chunk's input stays stashed */
+            cost[ch].act_bytes = ch > 0 ? cost[ch - 1].msg_bytes : (int64_t)(in_bytes * mbs);
         fixed[rank] += params * (2 + c->optim_state_floats);
+        out->cuts[ch] = b;
+        out->chunk_rank[ch] = rank;
+        out->chunk_inflight[ch] = rep->peak_inflight_chunk[ch] > 0 ? rep->peak_inflight_chunk[ch] : 1;
     }
+    out->cuts[C] = g->n_nodes;
+    out->n_chunks = C;
     pw_sim_config sim = {.chunks = cost, .link_latency = c->link_latency_s,
                          .link_bandwidth = c->link_bandwidth, .trace = c->trace};
     if (fp.pl) {
@@ -396,6 +430,7 @@ out:
     pw_schedule_report_destroy(rep);
     pw_schedule_destroy(s);
     pw_partition_free(&part);
+    free(last);
     free(cost);
     free(fixed);
     free(ar);
@@ -409,6 +444,11 @@ void pw_forecast_free(pw_forecast *f)
     free(f->peak_memory);
     free(f->peak_inflight);
     free(f->links);
+    free(f->cuts);
+    free(f->chunk_rank);
+    free(f->chunk_inflight);
+    f->cuts = f->chunk_rank = f->chunk_inflight = NULL;
+    f->n_chunks = 0;
     f->peak_memory = NULL;
     f->peak_inflight = NULL;
     f->links = NULL;
@@ -487,13 +527,12 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-pw_status pw_forecast_calibrate(const pw_forecast_config *c, double *flops_per_s, double *step_s)
+/* Three timed rounds (after one warm-up micro-batch) of min(2, M)
+ * micro-batches, each forward, backward for inputs and for weights, then the
+ * optimizer: round k's time per micro-batch in micro[k], its optimizer step
+ * in optim[k]. */
+static pw_status time_rounds(const pw_forecast_config *c, double micro[3], double optim[3])
 {
-    if (flops_per_s) *flops_per_s = 0;
-    if (step_s) *step_s = 0;
-    if (!c || !c->graph || !flops_per_s || c->micro_batches < 1 || c->micro_batch_size < 1)
-        return pw_error(PW_ERR_INVALID_ARG, "calibrate: a graph, micro-batches and a micro-batch size "
-                        "are needed");
     const pw_graph *g = c->graph;
     const int64_t mbs = c->micro_batch_size;
     const int timed = c->micro_batches < 2 ? c->micro_batches : 2;
@@ -513,7 +552,6 @@ pw_status pw_forecast_calibrate(const pw_forecast_config *c, double *flops_per_s
         if (x) memset(x, 0, (size_t)(mbs * pw_shape_numel(&v->shape)) * pw_dtype_size(v->dtype));
     }
     pw_status st = PW_OK;
-    double t[4];
     for (int it = 0; it < 4 && st == PW_OK; it++) {
         int64_t t0 = pw_now_ns();
         for (int mb = 0; mb < (it ? timed : 1) && st == PW_OK; mb++) { /* it 0: warm-up */
@@ -525,25 +563,62 @@ pw_status pw_forecast_calibrate(const pw_forecast_config *c, double *flops_per_s
         int64_t t1 = pw_now_ns();
         if (st == PW_OK) st = pw_program_optimizer_step(p, it + 1);
         int64_t t2 = pw_now_ns();
-        /* The step: the timed micro-batches scaled to all of them. */
-        t[it] = ((double)(t1 - t0) * c->micro_batches / (it ? timed : 1) + (double)(t2 - t1)) * 1e-9;
+        if (it) {
+            micro[it - 1] = (double)(t1 - t0) * 1e-9 / timed;
+            optim[it - 1] = (double)(t2 - t1) * 1e-9;
+        }
     }
     pw_program_destroy(p);
-    if (st != PW_OK) return st;
-    /* t[0] was the warm-up; the fastest round is the one least disturbed by
-     * whatever else the machine runs. */
-    qsort(t + 1, 3, sizeof t[0], cmp_double);
-    const double step = t[1];
+    return st;
+}
+
+static pw_status check_calibrate(const pw_forecast_config *c)
+{
+    if (!c || !c->graph || c->micro_batches < 1 || c->micro_batch_size < 1)
+        return pw_error(PW_ERR_INVALID_ARG, "calibrate: a graph, micro-batches and a micro-batch size "
+                        "are needed");
+    return PW_OK;
+}
+
+pw_status pw_forecast_calibrate(const pw_forecast_config *c, double *flops_per_s, double *step_s)
+{
+    if (flops_per_s) *flops_per_s = 0;
+    if (step_s) *step_s = 0;
+    if (!flops_per_s) return pw_error(PW_ERR_INVALID_ARG, "calibrate: flops_per_s is NULL");
+    PW_CHECK(check_calibrate(c));
+    const pw_graph *g = c->graph;
+    double micro[3], optim[3], t[3];
+    PW_CHECK(time_rounds(c, micro, optim));
+    /* The step: the timed micro-batches scaled to all of them; the fastest
+     * round is the one least disturbed by whatever else the machine runs. */
+    for (int k = 0; k < 3; k++) t[k] = micro[k] * c->micro_batches + optim[k];
+    qsort(t, 3, sizeof t[0], cmp_double);
+    const double step = t[0];
     pw_op_cost oc;
     pw_graph_total_cost(g, &oc);
     /* What forecast_run counts for the same step (f + b + w per sample per
      * micro-batch, and 4 FLOPs per 4-byte parameter for the optimizer). */
-    double flops = (oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight) * (double)mbs *
+    double flops = (oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight) * (double)c->micro_batch_size *
                    c->micro_batches + (double)oc.param_bytes;
     if (!(step > 0) || !(flops > 0))
         return pw_error(PW_ERR_INVALID_ARG, "calibrate: graph '%s' has no work to time", g->name);
     *flops_per_s = flops / step;
     if (step_s) *step_s = step;
+    return PW_OK;
+}
+
+pw_status pw_forecast_calibrate_parts(const pw_forecast_config *c, double *micro_s, double *optim_s)
+{
+    PW_CHECK(check_calibrate(c));
+    if (!micro_s || !optim_s) return pw_error(PW_ERR_INVALID_ARG, "calibrate: an output is NULL");
+    double micro[3], optim[3];
+    PW_CHECK(time_rounds(c, micro, optim));
+    qsort(micro, 3, sizeof micro[0], cmp_double);
+    qsort(optim, 3, sizeof optim[0], cmp_double);
+    if (!(micro[0] > 0))
+        return pw_error(PW_ERR_INVALID_ARG, "calibrate: graph '%s' has no work to time", c->graph->name);
+    *micro_s = micro[0];
+    *optim_s = optim[0];
     return PW_OK;
 }
 

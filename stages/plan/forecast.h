@@ -111,6 +111,20 @@ typedef struct pw_forecast_config {
     double link_bandwidth;      /* bytes/s between neighbouring ranks */
     double allreduce_bandwidth; /* bytes/s of the replica all-reduce ring */
     int optim_state_floats;     /* 1 SGD, 2 AdamW */
+    const int *cuts;            /* (optional) [stages x chunks + 1] the chunks' node
+                                 * ranges (0 < ... < n_nodes) instead of
+                                 * pw_partition_make(graph, chunks, FLOPS); not
+                                 * checked: a caller's cached FLOP partition */
+    int grad_groups;            /* K, the gradient groups a replica sums (pw_grad_groups'
+                                 * per_replica); with K > 1 each rank pays K - 1
+                                 * passes over its gradients per step (a group's sum
+                                 * joins the pending sums, the gradients are zeroed:
+                                 * stages/program/program.h) at group_pass_bandwidth */
+    double group_pass_bandwidth;/* bytes of gradients per s such a pass covers; 0: free */
+    int recompute;              /* activation recomputation: each backward re-runs
+                                 * its chunk's forward first (B pays F again), and
+                                 * a micro-batch in flight keeps only the chunk's
+                                 * input */
     int64_t memory_budget;      /* bytes per rank; 0 = unlimited */
     pw_trace *trace;            /* (optional) record the simulated step */
     /* (optional) place the ranks on this topology and cost each link and
@@ -148,6 +162,14 @@ typedef struct pw_forecast {
     int n_links;                /* chunk boundaries between different ranks */
     pw_forecast_link *links;    /* [n_links] */
     char placement[192];        /* "512 ranks (64 stages x 8 replicas) on 64 hosts: ..." */
+    /* The pipeline it simulated, for callers that cost it further (the
+     * layout search, stages/plan/layout.h, sizes memory from these): */
+    int n_chunks;               /* stages x chunks per rank */
+    int *cuts;                  /* [n_chunks + 1] chunk k runs nodes [cuts[k], cuts[k+1]):
+                                 * pw_partition_make(graph, n_chunks, FLOPS), which is
+                                 * also what a pipeline with partition `flops` runs */
+    int *chunk_rank;            /* [n_chunks] the rank (stage) that runs chunk k */
+    int *chunk_inflight;        /* [n_chunks] its peak in-flight micro-batches */
 } pw_forecast;
 
 pw_status pw_forecast_run(const pw_forecast_config *cfg, pw_forecast *out);
@@ -177,6 +199,15 @@ pw_status pw_forecast_auto(const pw_forecast_config *cfg, pw_forecast *best, FIL
  * (a valid token or class). PW_ERR_INVALID_ARG: no graph, counts < 1;
  * errors of pw_program_create (e.g. PW_ERR_NOMEM). */
 pw_status pw_forecast_calibrate(const pw_forecast_config *cfg, double *flops_per_s, double *step_s);
+
+/* The two halves of the calibration's measurement, for callers that need
+ * the rate at several micro-batch counts: the fastest of the same three
+ * rounds' time per micro-batch (forward, backward for inputs and weights)
+ * in *micro_s and the fastest optimizer step in *optim_s, at
+ * cfg->micro_batch_size samples and the caller's team size. The layout
+ * search (stages/plan/layout.h) takes the rate of a step of M micro-batches
+ * as its FLOPs over micro_s x M + optim_s. Errors as pw_forecast_calibrate. */
+pw_status pw_forecast_calibrate_parts(const pw_forecast_config *cfg, double *micro_s, double *optim_s);
 
 /* Writes the simulated trace's metadata and events (cfg->trace must have
  * been set for the run). */

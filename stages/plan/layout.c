@@ -1,0 +1,804 @@
+/* pipewright — the layout search and its built-in model. See layout.h. */
+#include "stages/plan/layout.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "graph/partition.h"
+#include "runtime/log.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/plan/forecast.h"
+#include "stages/program/program.h"
+
+/* The schedules of the search, with their chunks per rank. */
+static const struct {
+    pw_schedule_kind kind;
+    int v;
+} kinds[] = {
+    {PW_SCHEDULE_GPIPE, 1}, {PW_SCHEDULE_1F1B, 1},  {PW_SCHEDULE_INTERLEAVED, 2}, {PW_SCHEDULE_INTERLEAVED, 4},
+    {PW_SCHEDULE_ZB_H1, 1}, {PW_SCHEDULE_ZB_H2, 1}, {PW_SCHEDULE_ZB_V, 2},
+};
+#define N_KINDS ((int)(sizeof kinds / sizeof kinds[0]))
+
+pw_layout_space pw_layout_space_defaults(void)
+{
+    pw_layout_space s;
+    memset(&s, 0, sizeof s);
+    s.recompute = -1;
+    s.max_micro_batches = 64;
+    return s;
+}
+
+const char *pw_layout_describe(const pw_layout *l, char *buf, size_t n)
+{
+    int len = snprintf(buf, n, "S=%d R=%d T=%d threads=%d M=%d %s", l->stages, l->replicas, l->tensor,
+                       l->threads, l->micro_batches, pw_schedule_kind_name(l->schedule));
+    if (len > 0 && (size_t)len < n && l->chunks_per_rank > 1)
+        len += snprintf(buf + len, n - (size_t)len, " v=%d", l->chunks_per_rank);
+    if (len > 0 && (size_t)len < n && l->recompute) snprintf(buf + len, n - (size_t)len, " recompute");
+    return buf;
+}
+
+/* ------------------------------------------------------------ the space */
+
+/* Thread counts for `ranks` ranks: powers of two up to the cores each
+ * rank gets, and that share itself; 1 on GPUs and for several ranks of one
+ * team. Returns the count written to t[]. */
+static int thread_counts(const pw_layout_space *sp, int ranks, int t[32])
+{
+    int most = 1;
+    if (sp->cores > 0) {
+        most = sp->cores / ranks;
+        if (sp->shared_team && ranks > 1) most = most > 0 ? 1 : 0;
+    }
+    int n = 0;
+    for (int k = 1; k <= most && n < 31; k *= 2) t[n++] = k;
+    if (most > 1 && t[n - 1] != most) t[n++] = most;
+    if (sp->threads > 0) { /* pinned */
+        int ok = sp->threads <= most;
+        t[0] = sp->threads;
+        return ok;
+    }
+    return n;
+}
+
+/* The chunks per rank schedule entry k runs with at S stages; 0 when the
+ * space leaves it out. */
+static int schedule_v(const pw_layout_space *sp, int S, int k)
+{
+    const pw_schedule_kind kind = kinds[k].kind;
+    if (sp->schedule_pinned && kind != sp->schedule) return 0;
+    /* One stage: every one-chunk schedule runs the same work on one rank. */
+    if (!sp->schedule_pinned && S == 1 && kind != PW_SCHEDULE_1F1B) return 0;
+    if (kind == PW_SCHEDULE_INTERLEAVED && sp->chunks_per_rank > 0) /* one entry, at the pinned v */
+        return kinds[k - 1].kind == PW_SCHEDULE_INTERLEAVED ? 0 : sp->chunks_per_rank;
+    if (sp->chunks_per_rank > 0 && kinds[k].v != sp->chunks_per_rank) return 0;
+    return kinds[k].v;
+}
+
+/* Appends to *out (growing it); 0 or -1 when out of memory. */
+static int push(pw_layout **out, int *n, int *cap, pw_layout l)
+{
+    if (*n == *cap) {
+        int nc = *cap ? 2 * *cap : 64;
+        pw_layout *p = realloc(*out, (size_t)nc * sizeof *p);
+        if (!p) return -1;
+        *out = p;
+        *cap = nc;
+    }
+    (*out)[(*n)++] = l;
+    return 0;
+}
+
+static pw_status check_space(const pw_layout_space *sp)
+{
+    if (!sp || sp->batch < 1 || sp->processes < 1 || sp->n_nodes < 1 || sp->cores < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "layout: a batch, a process count and the graph's node count "
+                        "are needed (each >= 1)");
+    if (sp->max_tensor > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "layout: tensor parallelism (T = %d) is not built yet; the "
+                        "search takes T = 1", sp->max_tensor);
+    return PW_OK;
+}
+
+pw_status pw_layout_enumerate(const pw_layout_space *sp, pw_layout **out, int *n_out)
+{
+    *out = NULL;
+    *n_out = 0;
+    PW_CHECK(check_space(sp));
+    const int maxM = sp->max_micro_batches > 0 ? sp->max_micro_batches : 64;
+    const int rc = sp->recompute;
+    pw_layout *v = NULL;
+    int n = 0, cap = 0;
+    for (int S = 1; S <= sp->processes; S++) {
+        if (sp->stages > 0 && S != sp->stages) continue;
+        for (int R = 1; S * R <= sp->processes; R++) {
+            if ((sp->replicas > 0 && R != sp->replicas) || sp->batch % R) continue;
+            const int ranks = S * R; /* x T, which is 1 */
+            if (sp->cores > 0 && ranks > sp->cores) continue;
+            int tc[32];
+            const int nt = thread_counts(sp, ranks, tc);
+            for (int ti = 0; ti < nt; ti++)
+                for (int M = 1; M <= maxM && M <= sp->batch / R; M++) {
+                    if ((sp->batch / R) % M || (sp->micro_batches > 0 && M != sp->micro_batches)) continue;
+                    for (int k = 0; k < N_KINDS; k++) {
+                        const int vv = schedule_v(sp, S, k);
+                        if (!vv || S * vv > sp->n_nodes) continue;
+                        for (int r = 0; r <= 1; r++) {
+                            if (rc >= 0 && r != rc) continue;
+                            pw_layout l = {.stages = S, .replicas = R, .tensor = 1, .threads = tc[ti],
+                                           .micro_batches = M, .schedule = kinds[k].kind,
+                                           .chunks_per_rank = vv, .recompute = r};
+                            if (push(&v, &n, &cap, l)) {
+                                free(v);
+                                return pw_error(PW_ERR_NOMEM, "layout: out of memory");
+                            }
+                        }
+                    }
+                }
+        }
+    }
+    if (n == 0)
+        return pw_error(PW_ERR_INVALID_ARG, "layout: no layout of batch %lld on %d process%s%s%s satisfies "
+                        "the fixed axes (stages %d, replicas %d, threads %d, micro-batches %d; 0 = searched; "
+                        "replicas x micro-batches must divide the batch%s)", (long long)sp->batch,
+                        sp->processes, sp->processes > 1 ? "es" : "", sp->cores ? " and cores " : "",
+                        sp->cores ? "given" : "", sp->stages, sp->replicas, sp->threads, sp->micro_batches,
+                        sp->cores ? ", ranks x threads fit the cores" : "");
+    *out = v;
+    *n_out = n;
+    return PW_OK;
+}
+
+/* ------------------------------------------------------------ the search */
+
+/* a before b: less step, then less memory, then earlier. */
+static int faster(const pw_layout_entry *a, const pw_layout_entry *b)
+{
+    if (a->cost.step_time != b->cost.step_time) return a->cost.step_time < b->cost.step_time;
+    if (a->cost.memory != b->cost.memory) return a->cost.memory < b->cost.memory;
+    return a->index < b->index;
+}
+
+/* a before b: less memory, then less step, then earlier. */
+static int smaller(const pw_layout_entry *a, const pw_layout_entry *b)
+{
+    if (a->cost.memory != b->cost.memory) return a->cost.memory < b->cost.memory;
+    return faster(a, b);
+}
+
+static int group(const pw_layout_entry *e) { return e->costed ? (e->fits ? 0 : 1) : 2; }
+
+static int cmp_entry(const void *x, const void *y)
+{
+    const pw_layout_entry *a = x, *b = y;
+    int ga = group(a), gb = group(b);
+    if (ga != gb) return ga - gb;
+    if (ga == 2) return (a->index > b->index) - (a->index < b->index);
+    return faster(a, b) ? -1 : faster(b, a) ? 1 : 0;
+}
+
+typedef struct search_ctx {
+    pw_layout_entry *e;
+    char *state;        /* 0 not costed, 1 costed, 2 failed */
+    const pw_layout_model *m;
+    int64_t budget;
+    pw_status last;
+    char last_msg[512];
+} search_ctx;
+
+static void cost_one(search_ctx *c, int i)
+{
+    if (c->state[i]) return;
+    pw_layout_entry *e = &c->e[i];
+    pw_status st = c->m->cost(c->m->ctx, &e->layout, &e->cost);
+    if (st != PW_OK) {
+        c->state[i] = 2;
+        e->failed_cost = 1;
+        c->last = st;
+        snprintf(c->last_msg, sizeof c->last_msg, "%s", pw_last_error());
+        pw_clear_error();
+        return;
+    }
+    c->state[i] = 1;
+    e->costed = 1;
+    e->failed_cost = 0;
+    e->fits = c->budget <= 0 || e->cost.memory <= c->budget;
+}
+
+/* Sort keys for the two passes (qsort has no context argument). */
+static const pw_layout_entry *g_sort_entries;
+static int by_step_lb(const void *x, const void *y)
+{
+    const pw_layout_entry *a = &g_sort_entries[*(const int *)x], *b = &g_sort_entries[*(const int *)y];
+    if (a->step_lb != b->step_lb) return a->step_lb < b->step_lb ? -1 : 1;
+    return (a->index > b->index) - (a->index < b->index);
+}
+static int by_memory_lb(const void *x, const void *y)
+{
+    const pw_layout_entry *a = &g_sort_entries[*(const int *)x], *b = &g_sort_entries[*(const int *)y];
+    if (a->memory_lb != b->memory_lb) return a->memory_lb < b->memory_lb ? -1 : 1;
+    return (a->index > b->index) - (a->index < b->index);
+}
+
+/* "3.2 MiB" rounded up, so that the figure given back as a budget fits. */
+static const char *bytes_up(int64_t b, char *buf, size_t n)
+{
+    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)b;
+    int k = 0;
+    while (v >= 1024.0 && k < 4) v /= 1024.0, k++;
+    if (k == 0) snprintf(buf, n, "%lld B", (long long)b);
+    else snprintf(buf, n, "%.1f %s", ceil(v * 10.0) / 10.0, unit[k]);
+    return buf;
+}
+
+/* The best fitting entry (-1: none), costing in ascending step bound. */
+static int pass_time(search_ctx *c, int *order, int n)
+{
+    int best = -1;
+    for (int k = 0; k < n; k++) {
+        const int i = order[k];
+        if (c->budget > 0 && c->e[i].memory_lb > c->budget) continue; /* cannot fit */
+        if (best >= 0 && c->e[i].step_lb > c->e[best].cost.step_time) break;
+        cost_one(c, i);
+        if (c->e[i].fits && (best < 0 || faster(&c->e[i], &c->e[best]))) best = i;
+    }
+    return best;
+}
+
+/* The entry of least memory (-1: every cost failed), costing in ascending
+ * memory bound. */
+static int pass_memory(search_ctx *c, int *order, int n)
+{
+    int least = -1;
+    for (int k = 0; k < n; k++) {
+        const int i = order[k];
+        if (least >= 0 && c->e[i].memory_lb > c->e[least].cost.memory) break;
+        cost_one(c, i);
+        if (c->e[i].costed && (least < 0 || smaller(&c->e[i], &c->e[least]))) least = i;
+    }
+    return least;
+}
+
+static pw_status run_search(const pw_layout_space *sp, const pw_layout_model *m, int64_t budget,
+                            pw_layout_result *res, int use_bounds)
+{
+    memset(res, 0, sizeof *res);
+    res->budget = budget;
+    if (!m || !m->cost) return pw_error(PW_ERR_INVALID_ARG, "layout: no cost model");
+    pw_layout *cand = NULL;
+    int n = 0;
+    PW_CHECK(pw_layout_enumerate(sp, &cand, &n));
+    search_ctx c = {.m = m, .budget = budget};
+    c.e = calloc((size_t)n, sizeof *c.e);
+    c.state = calloc((size_t)n, 1);
+    int *order = malloc((size_t)n * sizeof *order);
+    if (!c.e || !c.state || !order) {
+        free(cand);
+        free(c.e);
+        free(c.state);
+        free(order);
+        return pw_error(PW_ERR_NOMEM, "layout: out of memory");
+    }
+    for (int i = 0; i < n; i++) {
+        c.e[i].layout = cand[i];
+        c.e[i].index = i;
+        if (use_bounds && m->bound) m->bound(m->ctx, &cand[i], &c.e[i].step_lb, &c.e[i].memory_lb);
+        order[i] = i;
+    }
+    free(cand);
+    g_sort_entries = c.e;
+    qsort(order, (size_t)n, sizeof *order, by_step_lb);
+    int best = pass_time(&c, order, n);
+    pw_status st = PW_OK;
+    if (best < 0) {
+        qsort(order, (size_t)n, sizeof *order, by_memory_lb);
+        best = pass_memory(&c, order, n);
+        if (best < 0) {
+            st = pw_error(c.last != PW_OK ? c.last : PW_ERR_INVALID_ARG, "layout: no layout could be costed "
+                          "(the last error: %s)", c.last_msg);
+        } else {
+            char need[32], have[32], d[160];
+            st = pw_error(PW_ERR_NOMEM, "no layout fits a memory budget of %s per rank; the least any "
+                          "layout needs is %s per rank (%lld bytes: %s); a budget of %s or more fits",
+                          bytes_up(budget, have, sizeof have), bytes_up(c.e[best].cost.memory, need, sizeof need),
+                          (long long)c.e[best].cost.memory, pw_layout_describe(&c.e[best].layout, d, sizeof d),
+                          need);
+        }
+    }
+    if (best >= 0) {
+        res->best = c.e[best].layout;
+        res->best_cost = c.e[best].cost;
+    }
+    for (int i = 0; i < n; i++) {
+        if (c.state[i] == 1) res->n_costed++;
+        else if (c.state[i] == 2) res->n_failed++;
+        else if (budget > 0 && c.e[i].memory_lb > budget) res->n_skipped_memory++;
+        else res->n_skipped_time++;
+    }
+    qsort(c.e, (size_t)n, sizeof *c.e, cmp_entry);
+    res->entries = c.e;
+    res->n_entries = n;
+    free(c.state);
+    free(order);
+    return st;
+}
+
+pw_status pw_layout_search(const pw_layout_space *sp, const pw_layout_model *m, int64_t budget,
+                           pw_layout_result *res)
+{
+    return run_search(sp, m, budget, res, 1);
+}
+
+pw_status pw_layout_search_exhaustive(const pw_layout_space *sp, const pw_layout_model *m, int64_t budget,
+                                      pw_layout_result *res)
+{
+    return run_search(sp, m, budget, res, 0);
+}
+
+void pw_layout_result_free(pw_layout_result *res)
+{
+    if (!res) return;
+    free(res->entries);
+    res->entries = NULL;
+    res->n_entries = 0;
+}
+
+pw_status pw_layout_cost_more(const pw_layout_model *m, pw_layout_result *res, int k)
+{
+    if (!m || !res || !res->entries) return pw_error(PW_ERR_INVALID_ARG, "layout: nothing to add to");
+    while (k-- > 0) {
+        pw_layout_entry *next = NULL;
+        for (int i = 0; i < res->n_entries; i++) {
+            pw_layout_entry *e = &res->entries[i];
+            if (e->costed || e->failed_cost || (res->budget > 0 && e->memory_lb > res->budget)) continue;
+            if (!next || e->step_lb < next->step_lb || (e->step_lb == next->step_lb && e->index < next->index))
+                next = e;
+        }
+        if (!next) break;
+        if (m->cost(m->ctx, &next->layout, &next->cost) != PW_OK) {
+            pw_clear_error();
+            next->failed_cost = 1;
+            res->n_failed++;
+        } else {
+            next->costed = 1;
+            next->fits = res->budget <= 0 || next->cost.memory <= res->budget;
+            res->n_costed++;
+        }
+        res->n_skipped_time--;
+    }
+    qsort(res->entries, (size_t)res->n_entries, sizeof *res->entries, cmp_entry);
+    return PW_OK;
+}
+
+/* ------------------------------------------------------------ printing */
+
+static int same_layout(const pw_layout *a, const pw_layout *b)
+{
+    return a->stages == b->stages && a->replicas == b->replicas && a->tensor == b->tensor &&
+           a->threads == b->threads && a->micro_batches == b->micro_batches && a->schedule == b->schedule &&
+           a->chunks_per_rank == b->chunks_per_rank && a->recompute == b->recompute;
+}
+
+const char *pw_layout_why_lost(const pw_layout_result *res, const pw_layout_entry *e, char *buf, size_t n)
+{
+    char a[32];
+    const pw_layout_cost *x = &e->cost, *b = &res->best_cost;
+    if (!e->costed) {
+        snprintf(buf, n, "not costed");
+        return buf;
+    }
+    if (!e->fits) {
+        snprintf(buf, n, "over the memory budget (needs %s per rank)", bytes_up(x->memory, a, sizeof a));
+        return buf;
+    }
+    if (same_layout(&e->layout, &res->best)) {
+        snprintf(buf, n, "the choice");
+        return buf;
+    }
+    /* The terms of the step that differ most from the choice's. */
+    int len = 0;
+    const double bub = x->bubble * x->step_time - b->bubble * b->step_time;
+    const double compute = (1 - x->bubble) * x->step_time - (1 - b->bubble) * b->step_time;
+    if (x->step_time == b->step_time) len = snprintf(buf, n, "as fast; uses more memory or comes later");
+    else if (bub >= compute && bub > 0)
+        len = snprintf(buf, n, "bubble %.1f%% (the choice: %.1f%%)", 100 * x->bubble, 100 * b->bubble);
+    else if (x->rate > 0 && b->rate > 0 && x->rate < 0.99 * b->rate)
+        len = snprintf(buf, n, "compute at %.3g FLOP/s per rank (the choice: %.3g)", x->rate, b->rate);
+    else if (e->layout.recompute && !res->best.recompute)
+        len = snprintf(buf, n, "recomputation repeats each forward");
+    else
+        len = snprintf(buf, n, "more work per rank");
+    if (len > 0 && (size_t)len < n && x->allreduce > 0.02 * x->step_time)
+        snprintf(buf + len, n - (size_t)len, "; all-reduce %.3g ms per step", 1e3 * x->allreduce);
+    return buf;
+}
+
+pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, const int64_t *rank_memory,
+                          int n_ranks)
+{
+    if (!f || !res || !res->entries) return pw_error(PW_ERR_INVALID_ARG, "layout: nothing to print");
+    const pw_layout *l = &res->best;
+    const pw_layout_cost *c = &res->best_cost;
+    char d[160], a[32], b[32];
+    fprintf(f, "layout search: %d candidate%s over stages x replicas x tensor x threads x micro-batches x "
+            "schedule x recomputation; %d costed (simulated), %d never costed (lower bound on the step above "
+            "the choice's), %d never costed (memory lower bound above the budget), %d not applicable\n",
+            res->n_entries, res->n_entries > 1 ? "s" : "", res->n_costed, res->n_skipped_time,
+            res->n_skipped_memory, res->n_failed);
+    fprintf(f, "  tensor parallelism is not built yet: every candidate has T = 1 (T is an axis of the "
+            "search once tensor-parallel ops exist)\n");
+    fprintf(f, "chose %s\n", pw_layout_describe(l, d, sizeof d));
+    const int ranks = l->stages * l->replicas * l->tensor;
+    fprintf(f, "  %d rank%s (%d stage%s x %d replica%s x T %d), %d thread%s each\n", ranks, ranks > 1 ? "s" : "",
+            l->stages, l->stages > 1 ? "s" : "", l->replicas, l->replicas > 1 ? "s" : "", l->tensor, l->threads,
+            l->threads > 1 ? "s" : "");
+    fprintf(f, "  predicted step %.3f ms, bubble %.1f%%", 1e3 * c->step_time, 100 * c->bubble);
+    if (c->rate > 0) fprintf(f, ", compute %.3g FLOP/s per rank", c->rate);
+    if (c->allreduce > 0) fprintf(f, ", all-reduce %.3f ms", 1e3 * c->allreduce);
+    fprintf(f, "\n  memory per rank: %s (the largest), budget %s\n", pw_format_bytes((double)c->memory, a, sizeof a),
+            res->budget > 0 ? pw_format_bytes((double)res->budget, b, sizeof b) : "none");
+    if (rank_memory && n_ranks > 0) {
+        fprintf(f, "   ");
+        for (int r = 0; r < n_ranks && r < 16; r++)
+            fprintf(f, " stage %d %s%s", r, pw_format_bytes((double)rank_memory[r], a, sizeof a),
+                    r + 1 < n_ranks && r < 15 ? "," : "");
+        if (n_ranks > 16) fprintf(f, " ... (%d stages)", n_ranks);
+        fprintf(f, "\n");
+    }
+    int shown = 0;
+    for (int i = 0; i < res->n_entries && shown < runners_up; i++) {
+        const pw_layout_entry *e = &res->entries[i];
+        if (!e->costed) break;
+        if (same_layout(&e->layout, l)) continue;
+        if (!shown)
+            fprintf(f, "runners-up:\n  %-44s %12s %9s %12s  %s\n", "layout", "step ms", "vs choice", "memory",
+                    "why it lost");
+        char why[160];
+        fprintf(f, "  %-44s %12.3f %+8.1f%% %12s  %s\n", pw_layout_describe(&e->layout, d, sizeof d),
+                1e3 * e->cost.step_time, 100.0 * (e->cost.step_time / c->step_time - 1.0),
+                pw_format_bytes((double)e->cost.memory, a, sizeof a), pw_layout_why_lost(res, e, why, sizeof why));
+        shown++;
+    }
+    if (ferror(f)) return pw_error(PW_ERR_IO, "layout: write error");
+    return PW_OK;
+}
+
+/* ------------------------------------------------------------ the forecaster */
+
+typedef struct rate_entry {
+    int threads;
+    int64_t mbs;
+    double micro_s, optim_s;     /* measured: per micro-batch, per optimizer step */
+} rate_entry;
+
+/* FLOP sums per chunk of one partition into C chunks (pw_partition_make,
+ * FLOPS: the forecast's cuts). */
+typedef struct chunk_sums {
+    int C;
+    double *work;                /* [C] f + b + w FLOPs per sample */
+    double *fwd;                 /* [C] f per sample */
+    double *params;              /* [C] parameter bytes the chunk introduces */
+    int *begin;                  /* [C + 1] the cuts */
+} chunk_sums;
+
+struct pw_layout_forecaster {
+    pw_layout_forecast_config c;
+    double flops_sample;         /* f + b + w per sample, the whole graph */
+    double param_bytes;          /* each parameter once */
+    double act_sample;           /* activation bytes stashed per sample, every node */
+    chunk_sums *sums;            /* [n_nodes + 1], by C; C = 0 unused */
+    rate_entry *rates;
+    int n_rates, cap_rates;
+    double measure_s;            /* time spent measuring */
+    double pass_bandwidth;       /* bytes/s of a gradient-group pass; 0: not measured */
+};
+
+pw_layout_forecast_config pw_layout_forecast_defaults(void)
+{
+    pw_layout_forecast_config c;
+    memset(&c, 0, sizeof c);
+    c.optim = PW_OPTIM_SGD;
+    c.host_latency_s = -1;
+    c.host_bandwidth = -1;
+    return c;
+}
+
+pw_status pw_layout_forecaster_create(const pw_layout_forecast_config *c, pw_layout_forecaster **out)
+{
+    *out = NULL;
+    if (!c || !c->graph || c->batch < 1)
+        return pw_error(PW_ERR_INVALID_ARG, "layout: the forecaster needs a graph and a batch");
+    pw_layout_forecaster *f = calloc(1, sizeof *f);
+    if (!f) return pw_error(PW_ERR_NOMEM, "layout: out of memory");
+    f->c = *c;
+    f->sums = calloc((size_t)c->graph->n_nodes + 1, sizeof *f->sums);
+    if (!f->sums) {
+        free(f);
+        return pw_error(PW_ERR_NOMEM, "layout: out of memory");
+    }
+    pw_op_cost oc;
+    pw_graph_total_cost(c->graph, &oc);
+    f->flops_sample = oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight;
+    f->param_bytes = (double)oc.param_bytes;
+    f->act_sample = (double)oc.act_bytes;
+    *out = f;
+    return PW_OK;
+}
+
+void pw_layout_forecaster_destroy(pw_layout_forecaster *f)
+{
+    if (!f) return;
+    for (int C = 0; f->c.graph && C <= f->c.graph->n_nodes; C++) {
+        free(f->sums[C].work);
+        free(f->sums[C].fwd);
+        free(f->sums[C].params);
+        free(f->sums[C].begin);
+    }
+    free(f->sums);
+    free(f->rates);
+    free(f);
+}
+
+int pw_layout_forecaster_measurements(const pw_layout_forecaster *f, double *seconds)
+{
+    if (seconds) *seconds = f ? f->measure_s : 0;
+    return f ? f->n_rates : 0;
+}
+
+static int64_t micro_size(const pw_layout_forecaster *f, const pw_layout *l)
+{
+    return f->c.batch / ((int64_t)l->replicas * l->micro_batches);
+}
+
+/* The measured halves of (threads, mbs), measuring them once. NULL on error. */
+static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t mbs)
+{
+    for (int i = 0; i < f->n_rates; i++)
+        if (f->rates[i].threads == threads && f->rates[i].mbs == mbs) return &f->rates[i];
+    if (f->n_rates == f->cap_rates) {
+        int nc = f->cap_rates ? 2 * f->cap_rates : 16;
+        rate_entry *p = realloc(f->rates, (size_t)nc * sizeof *p);
+        if (!p) return NULL;
+        f->rates = p;
+        f->cap_rates = nc;
+    }
+    pw_forecast_config fc = pw_forecast_defaults();
+    fc.graph = f->c.graph;
+    fc.micro_batches = 1;
+    fc.micro_batch_size = mbs;
+    fc.optim_state_floats = pw_optim_state_floats(f->c.optim);
+    const int before = pw_cpu_get_threads();
+    pw_cpu_set_threads(threads);
+    rate_entry e = {.threads = threads, .mbs = mbs};
+    const int64_t t0 = pw_now_ns();
+    pw_status st = pw_forecast_calibrate_parts(&fc, &e.micro_s, &e.optim_s);
+    f->measure_s += (double)(pw_now_ns() - t0) * 1e-9;
+    pw_cpu_set_threads(before);
+    if (st != PW_OK) return NULL;
+    if (f->c.log)
+        fprintf(f->c.log, "  measured: %d thread%s, micro-batch %lld: %.3f ms per micro-batch, optimizer %.3f ms\n",
+                threads, threads > 1 ? "s" : "", (long long)mbs, 1e3 * e.micro_s, 1e3 * e.optim_s);
+    f->rates[f->n_rates] = e;
+    return &f->rates[f->n_rates++];
+}
+
+/* The bandwidth of one gradient-group pass here (add a group's sum into
+ * its pending sum, zero the gradients: stages/program/program.c,
+ * group_end), over 16 MiB of floats, the fastest of three. 0 when rates
+ * are not measured here. */
+static double pass_bandwidth(pw_layout_forecaster *f)
+{
+    if (f->pass_bandwidth > 0 || f->c.rate || f->c.flops_per_s > 0) return f->pass_bandwidth;
+    const size_t n = (size_t)4 << 20;
+    float *a = calloc(n, sizeof *a), *b = calloc(n, sizeof *b);
+    if (!a || !b) {
+        free(a);
+        free(b);
+        return 0;
+    }
+    double best = 0;
+    for (int r = 0; r < 4; r++) {
+        const int64_t t0 = pw_now_ns();
+        for (size_t i = 0; i < n; i++) a[i] += b[i];
+        memset(b, 0, n * sizeof *b);
+        const double s = (double)(pw_now_ns() - t0) * 1e-9;
+        if (r > 0 && s > 0 && (best == 0 || s < best)) best = s;
+    }
+    const volatile float sink = a[n / 2];
+    (void)sink;
+    free(a);
+    free(b);
+    f->pass_bandwidth = best > 0 ? (double)(n * sizeof(float)) / best : 0;
+    if (f->c.log && best > 0)
+        fprintf(f->c.log, "  measured: a gradient-group pass at %.3g GB/s\n", f->pass_bandwidth / 1e9);
+    return f->pass_bandwidth;
+}
+
+/* FLOP/s of one rank of layout l; 0 on a failed measurement. */
+static double rank_rate(pw_layout_forecaster *f, const pw_layout *l)
+{
+    const int64_t mbs = micro_size(f, l);
+    if (f->c.rate) return f->c.rate(f->c.rate_ctx, l->threads, mbs);
+    if (f->c.flops_per_s > 0) return f->c.flops_per_s;
+    const rate_entry *e = measured(f, l->threads, mbs);
+    if (!e) return 0;
+    /* A one-rank step of M micro-batches, as pw_forecast_calibrate counts it. */
+    const double M = l->micro_batches;
+    return (f->flops_sample * (double)mbs * M + f->param_bytes) / (e->micro_s * M + e->optim_s);
+}
+
+static const chunk_sums *sums_for(pw_layout_forecaster *f, int C)
+{
+    chunk_sums *s = &f->sums[C];
+    if (s->work) return s;
+    const pw_graph *g = f->c.graph;
+    pw_partition part;
+    if (pw_partition_make(g, C, PW_PARTITION_FLOPS, &part) != PW_OK) return NULL;
+    s->work = calloc((size_t)C, sizeof *s->work);
+    s->fwd = calloc((size_t)C, sizeof *s->fwd);
+    s->params = calloc((size_t)C, sizeof *s->params);
+    if (!s->work || !s->fwd || !s->params) {
+        pw_partition_free(&part);
+        free(s->work), free(s->fwd), free(s->params);
+        s->work = s->fwd = s->params = NULL;
+        return NULL;
+    }
+
+    for (int ch = 0; ch < C; ch++)
+        for (int i = part.begin[ch]; i < part.begin[ch + 1]; i++) {
+            pw_op_cost oc;
+            if (pw_graph_node_cost(g, i, &oc) != PW_OK) continue;
+            s->work[ch] += oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight;
+            s->fwd[ch] += oc.flops_fwd;
+            s->params[ch] += (double)oc.param_bytes;
+        }
+    s->C = C;
+    s->begin = part.begin; /* kept: the forecasts' cuts */
+    part.begin = NULL;
+    pw_partition_free(&part);
+    return s;
+}
+
+/* Lower bounds (layout.h): the forecast charges chunk k f, b (+ f with
+ * recomputation) and w per micro-batch and its parameter bytes / rate for
+ * the optimizer; a rank is busy at least its chunks' sum, the step lasts
+ * at least the busiest rank's, which is at least the average and at least
+ * any one chunk's. Memory: every rank holds at least the average share of
+ * parameters, gradients and optimizer state. */
+static void fc_bound(void *ctx, const pw_layout *l, double *step_lb, int64_t *memory_lb)
+{
+    pw_layout_forecaster *f = ctx;
+    *step_lb = 0;
+    *memory_lb = 0;
+    const int S = l->stages, C = S * l->chunks_per_rank;
+    const double state = 2 + pw_optim_state_floats(f->c.optim);
+    /* ... and one micro-batch of its chunks' activations (outputs and saved
+     * statistics), which a stage holds once even with recomputation (in
+     * its shared copy). */
+    *memory_lb = (int64_t)floor((f->param_bytes * state + f->act_sample * (double)micro_size(f, l)) / S);
+    const double rate = rank_rate(f, l);
+    const chunk_sums *s = C <= f->c.graph->n_nodes ? sums_for(f, C) : NULL;
+    if (!(rate > 0) || !s) return;
+    const double samples = (double)micro_size(f, l) * l->micro_batches;
+    double total = 0, most = 0;
+    for (int ch = 0; ch < C; ch++) {
+        double w = ((s->work[ch] + (l->recompute ? s->fwd[ch] : 0)) * samples + s->params[ch]) / rate;
+        total += w;
+        if (w > most) most = w;
+    }
+    const double lb = total / S > most ? total / S : most;
+    /* The simulator rounds each action to a whole nanosecond (half a
+     * nanosecond at most, down or up) and adds in another order. */
+    const double actions = 3.0 * l->micro_batches * l->chunks_per_rank + 4.0;
+    *step_lb = lb * (1.0 - 1e-12) - actions * 1e-9;
+    if (*step_lb < 0) *step_lb = 0;
+}
+
+static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const pw_layout *l, double rate)
+{
+    pw_forecast_config fc = pw_forecast_defaults();
+    fc.graph = f->c.graph;
+    fc.stages = l->stages;
+    fc.replicas = l->replicas;
+    fc.micro_batches = l->micro_batches;
+    fc.micro_batch_size = micro_size(f, l);
+    fc.schedule = l->schedule;
+    fc.chunks_per_rank = l->chunks_per_rank;
+    fc.flops_per_s = rate;
+    fc.optim_state_floats = pw_optim_state_floats(f->c.optim);
+    fc.recompute = l->recompute;
+    int K = 1;
+    fc.grad_groups = pw_grad_groups(f->c.grad_groups, l->replicas, l->micro_batches, &K) > 0 ? K : 1;
+    fc.group_pass_bandwidth = pass_bandwidth(f);
+    fc.topology = f->c.topology;
+    fc.host_latency_s = f->c.host_latency_s;
+    fc.host_bandwidth = f->c.host_bandwidth;
+    return fc;
+}
+
+/* Per-rank memory of the forecast's pipeline: the partitioner's model of
+ * its cuts with the schedule's in-flight counts. */
+static pw_status rank_memory(pw_layout_forecaster *f, const pw_layout *l, const pw_forecast *fo, double rate,
+                             int64_t *mem, int n)
+{
+    pw_partition_config pc;
+    memset(&pc, 0, sizeof pc);
+    pc.n_stages = fo->n_chunks;
+    pc.method = PW_PARTITION_CUTS;
+    pc.balance = PW_BALANCE_FLOPS;
+    pc.micro_batch_size = micro_size(f, l);
+    pc.micro_batches = l->micro_batches;
+    pc.flops_per_s = rate;
+    pc.inflight = fo->chunk_inflight;
+    pc.optim_state_floats = pw_optim_state_floats(f->c.optim);
+    pc.optim_flops = f->c.optim == PW_OPTIM_ADAMW ? PW_OPTIM_FLOPS_ADAMW : PW_OPTIM_FLOPS_SGD;
+    pc.recompute = l->recompute;
+    int K = 1;
+    pw_grad_groups(f->c.grad_groups, l->replicas, l->micro_batches, &K);
+    while ((1 << pc.grad_sum_copies) < K) pc.grad_sum_copies++;
+    pw_partition part;
+    PW_CHECK(pw_partition_evaluate(f->c.graph, &pc, fo->cuts, &part));
+    for (int r = 0; r < n; r++) mem[r] = 0;
+    for (int ch = 0; ch < fo->n_chunks; ch++) {
+        const int r = fo->chunk_rank[ch];
+        if (r < n) mem[r] += part.stage[ch].mem.total;
+    }
+    pw_partition_free(&part);
+    return PW_OK;
+}
+
+static pw_status forecast_layout(pw_layout_forecaster *f, const pw_layout *l, pw_forecast *fo, double *rate)
+{
+    if (l->tensor != 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "layout: tensor parallelism (T = %d) is not built yet", l->tensor);
+    *rate = rank_rate(f, l);
+    if (!(*rate > 0)) return pw_error(PW_ERR_INVALID_ARG, "layout: no compute rate for %d threads at "
+                                      "micro-batch %lld", l->threads, (long long)micro_size(f, l));
+    pw_forecast_config fc = layout_forecast(f, l, *rate);
+    const int C = l->stages * l->chunks_per_rank;
+    const chunk_sums *s = C >= 1 && C <= f->c.graph->n_nodes ? sums_for(f, C) : NULL;
+    if (s) fc.cuts = s->begin; /* the same FLOP partition, made once */
+    return pw_forecast_run(&fc, fo);
+}
+
+static pw_status fc_cost(void *ctx, const pw_layout *l, pw_layout_cost *out)
+{
+    pw_layout_forecaster *f = ctx;
+    memset(out, 0, sizeof *out);
+    pw_forecast fo;
+    double rate;
+    PW_CHECK(forecast_layout(f, l, &fo, &rate));
+    int64_t *mem = calloc((size_t)l->stages, sizeof *mem);
+    pw_status st = mem ? rank_memory(f, l, &fo, rate, mem, l->stages)
+                       : pw_error(PW_ERR_NOMEM, "layout: out of memory");
+    if (st == PW_OK) {
+        out->step_time = fo.step_time;
+        out->bubble = fo.bubble;
+        out->rate = rate;
+        out->allreduce = fo.allreduce_time;
+        for (int r = 0; r < l->stages; r++)
+            if (mem[r] > out->memory) out->memory = mem[r];
+    }
+    free(mem);
+    pw_forecast_free(&fo);
+    return st;
+}
+
+pw_layout_model pw_layout_forecaster_model(pw_layout_forecaster *f)
+{
+    pw_layout_model m = {.cost = fc_cost, .bound = fc_bound, .ctx = f};
+    return m;
+}
+
+pw_status pw_layout_forecaster_memory(pw_layout_forecaster *f, const pw_layout *l, int64_t *mem, int n)
+{
+    pw_forecast fo;
+    double rate;
+    PW_CHECK(forecast_layout(f, l, &fo, &rate));
+    pw_status st = rank_memory(f, l, &fo, rate, mem, n < l->stages ? n : l->stages);
+    pw_forecast_free(&fo);
+    return st;
+}

@@ -1,0 +1,364 @@
+/* Tests: the layout search (stages/plan/layout.h) — its choice against an
+ * exhaustive search on hand-made cost tables, memory budgets, the refusal of
+ * an impossible request, the space's rules, and the built-in model's bounds. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "graph/graph.h"
+#include "runtime/rng.h"
+#include "stages/plan/layout.h"
+
+#define TIMEOUT 300
+
+/* ------------------------------------------------------------ cost tables */
+
+/* A hand-made model: each candidate of the space (by enumeration index)
+ * has a step and a memory drawn at random, and bounds below them. */
+typedef struct table {
+    pw_layout *cand;
+    int n;
+    double *step;
+    int64_t *mem;
+    double *step_lb;
+    int64_t *mem_lb;
+    int calls;
+} table;
+
+static int find(const table *t, const pw_layout *l)
+{
+    for (int i = 0; i < t->n; i++)
+        if (!memcmp(&t->cand[i], l, sizeof *l)) return i;
+    cr_assert_fail("layout not in the table");
+    return -1;
+}
+
+static pw_status table_cost(void *ctx, const pw_layout *l, pw_layout_cost *out)
+{
+    table *t = ctx;
+    const int i = find(t, l);
+    t->calls++;
+    memset(out, 0, sizeof *out);
+    out->step_time = t->step[i];
+    out->memory = t->mem[i];
+    return PW_OK;
+}
+
+static void table_bound(void *ctx, const pw_layout *l, double *step_lb, int64_t *mem_lb)
+{
+    table *t = ctx;
+    const int i = find(t, l);
+    *step_lb = t->step_lb[i];
+    *mem_lb = t->mem_lb[i];
+}
+
+static double uni(uint64_t key, uint64_t i) { return (double)pw_rng_uniform(key, i); }
+
+/* A random space of the kind the CLI builds. */
+static pw_layout_space random_space(uint64_t key)
+{
+    pw_layout_space sp = pw_layout_space_defaults();
+    static const int64_t batches[] = {8, 12, 16, 24, 32};
+    sp.batch = batches[(int)(uni(key, 1) * 5)];
+    sp.processes = 1 + (int)(uni(key, 2) * 6);
+    sp.cores = uni(key, 3) < 0.3 ? 0 : sp.processes + (int)(uni(key, 4) * 4);
+    sp.shared_team = uni(key, 5) < 0.5;
+    sp.n_nodes = 2 + (int)(uni(key, 6) * 10);
+    sp.max_micro_batches = 8;
+    if (uni(key, 7) < 0.2) sp.stages = 1 + (int)(uni(key, 8) * 2);
+    if (uni(key, 9) < 0.2) sp.recompute = 0;
+    return sp;
+}
+
+/* Steps and memories with many ties (few distinct values), bounds between
+ * a fraction of the truth and the truth itself. */
+static void fill_table(table *t, uint64_t key)
+{
+    t->step = malloc((size_t)t->n * sizeof *t->step);
+    t->mem = malloc((size_t)t->n * sizeof *t->mem);
+    t->step_lb = malloc((size_t)t->n * sizeof *t->step_lb);
+    t->mem_lb = malloc((size_t)t->n * sizeof *t->mem_lb);
+    for (int i = 0; i < t->n; i++) {
+        t->step[i] = 1.0 + (int)(uni(key, 100 + 4 * (uint64_t)i) * 12);
+        t->mem[i] = 100 + 10 * (int64_t)(uni(key, 101 + 4 * (uint64_t)i) * 20);
+        const double f = uni(key, 102 + 4 * (uint64_t)i);
+        t->step_lb[i] = f < 0.3 ? t->step[i] : t->step[i] * (0.3 + 0.7 * f);
+        t->mem_lb[i] = (int64_t)((double)t->mem[i] * uni(key, 103 + 4 * (uint64_t)i));
+    }
+}
+
+static void table_free(table *t)
+{
+    free(t->cand);
+    free(t->step);
+    free(t->mem);
+    free(t->step_lb);
+    free(t->mem_lb);
+}
+
+/* The reference, written out here: the fitting candidate of least step,
+ * then least memory, then first; or, when none fits, the least memory. */
+static int brute_force(const table *t, int64_t budget, int *fits)
+{
+    int best = -1;
+    for (int i = 0; i < t->n; i++) {
+        if (budget > 0 && t->mem[i] > budget) continue;
+        if (best < 0 || t->step[i] < t->step[best] ||
+            (t->step[i] == t->step[best] && t->mem[i] < t->mem[best]))
+            best = i;
+    }
+    *fits = best >= 0;
+    if (best >= 0) return best;
+    for (int i = 0; i < t->n; i++)
+        if (best < 0 || t->mem[i] < t->mem[best] ||
+            (t->mem[i] == t->mem[best] && t->step[i] < t->step[best]))
+            best = i;
+    return best;
+}
+
+Test(layout, search_equals_exhaustive_on_cost_tables, .timeout = TIMEOUT)
+{
+    int checked = 0, refused = 0, pruned = 0;
+    for (uint64_t seed = 1; seed <= 400; seed++) {
+        const uint64_t key = pw_rng_key(seed, "test_layout");
+        pw_layout_space sp = random_space(key);
+        table t = {0};
+        if (pw_layout_enumerate(&sp, &t.cand, &t.n) != PW_OK) {
+            pw_clear_error();
+            continue;
+        }
+        fill_table(&t, key);
+        /* Budgets: none, binding, and below every candidate. */
+        const int64_t budgets[3] = {0, 100 + 10 * (int64_t)(uni(key, 50) * 20), 50};
+        pw_layout_model m = {.cost = table_cost, .bound = table_bound, .ctx = &t};
+        for (int b = 0; b < 3; b++) {
+            int fits;
+            const int want = brute_force(&t, budgets[b], &fits);
+            pw_layout_result res, ex;
+            t.calls = 0;
+            pw_status st = pw_layout_search(&sp, &m, budgets[b], &res);
+            const int calls = t.calls;
+            pw_status st_ex = pw_layout_search_exhaustive(&sp, &m, budgets[b], &ex);
+            cr_assert_eq(st, fits ? PW_OK : PW_ERR_NOMEM, "seed %llu: %s", (unsigned long long)seed,
+                         pw_last_error());
+            cr_assert_eq(st_ex, st);
+            cr_assert(!memcmp(&res.best, &t.cand[want], sizeof res.best),
+                      "seed %llu budget %lld: the search chose another layout than brute force",
+                      (unsigned long long)seed, (long long)budgets[b]);
+            cr_assert(!memcmp(&ex.best, &t.cand[want], sizeof ex.best));
+            cr_assert_eq(res.best_cost.step_time, t.step[want]);
+            if (fits && budgets[b] > 0) cr_assert_leq(res.best_cost.memory, budgets[b]);
+            refused += !fits;
+            pruned += calls < t.n;
+            checked++;
+            pw_layout_result_free(&res);
+            pw_layout_result_free(&ex);
+        }
+        table_free(&t);
+    }
+    cr_log_info("%d searches checked, %d refused, %d costed fewer candidates than exhaustive", checked, refused,
+                pruned);
+    cr_assert_gt(checked, 600);
+    cr_assert_gt(refused, 300);
+    cr_assert_gt(pruned, checked / 3, "the bounds must let the search skip candidates");
+}
+
+/* The comparison can fail: a bound above the truth hides the optimum. */
+Test(layout, an_overstated_bound_changes_the_choice, .timeout = TIMEOUT)
+{
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 16;
+    sp.processes = 4;
+    sp.cores = 4;
+    sp.n_nodes = 8;
+    table t = {0};
+    cr_assert_eq(pw_layout_enumerate(&sp, &t.cand, &t.n), PW_OK, "%s", pw_last_error());
+    fill_table(&t, pw_rng_key(7, "overstated"));
+    int fits;
+    const int want = brute_force(&t, 0, &fits);
+    pw_layout_model m = {.cost = table_cost, .bound = table_bound, .ctx = &t};
+    pw_layout_result res;
+    cr_assert_eq(pw_layout_search(&sp, &m, 0, &res), PW_OK);
+    cr_assert(!memcmp(&res.best, &t.cand[want], sizeof res.best));
+    pw_layout_result_free(&res);
+    t.step_lb[want] = 2 * t.step[want] + 100; /* a wrong bound */
+    cr_assert_eq(pw_layout_search(&sp, &m, 0, &res), PW_OK);
+    cr_assert(memcmp(&res.best, &t.cand[want], sizeof res.best), "the wrong bound went unnoticed");
+    pw_layout_result_free(&res);
+    table_free(&t);
+}
+
+Test(layout, impossible_budget_is_refused_with_the_least_memory, .timeout = TIMEOUT)
+{
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 32;
+    sp.processes = 4;
+    sp.cores = 8;
+    sp.n_nodes = 10;
+    table t = {0};
+    cr_assert_eq(pw_layout_enumerate(&sp, &t.cand, &t.n), PW_OK);
+    fill_table(&t, pw_rng_key(3, "impossible"));
+    int64_t least = t.mem[0];
+    for (int i = 0; i < t.n; i++)
+        if (t.mem[i] < least) least = t.mem[i];
+    pw_layout_model m = {.cost = table_cost, .bound = table_bound, .ctx = &t};
+    pw_layout_result res;
+    cr_assert_eq(pw_layout_search(&sp, &m, least - 1, &res), PW_ERR_NOMEM);
+    char want[64];
+    snprintf(want, sizeof want, "(%lld bytes", (long long)least);
+    cr_assert(strstr(pw_last_error(), want), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "no layout fits a memory budget of"), "%s", pw_last_error());
+    cr_assert_eq(res.best_cost.memory, least);
+    pw_layout_result_free(&res);
+    /* That much memory is enough, and the choice then needs no more. */
+    cr_assert_eq(pw_layout_search(&sp, &m, least, &res), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(res.best_cost.memory, least);
+    pw_layout_result_free(&res);
+    table_free(&t);
+}
+
+/* ------------------------------------------------------------ the space */
+
+Test(layout, the_space_follows_its_rules, .timeout = TIMEOUT)
+{
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 24;
+    sp.processes = 4;
+    sp.cores = 4;
+    sp.shared_team = 1;
+    sp.n_nodes = 6;
+    pw_layout *v;
+    int n;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK, "%s", pw_last_error());
+    int one_rank_two_threads = 0, zbv = 0, recompute = 0;
+    for (int i = 0; i < n; i++) {
+        const pw_layout *l = &v[i];
+        const int ranks = l->stages * l->replicas * l->tensor;
+        cr_assert_eq(l->tensor, 1);
+        cr_assert_leq(ranks, 4);
+        cr_assert_leq(ranks * l->threads, 4);
+        if (ranks > 1) cr_assert_eq(l->threads, 1, "a shared team gives several ranks one thread");
+        cr_assert_eq(24 % (l->replicas * l->micro_batches), 0);
+        cr_assert_leq(l->stages * l->chunks_per_rank, 6);
+        if (l->stages == 1) cr_assert_eq(l->schedule, PW_SCHEDULE_1F1B);
+        one_rank_two_threads += ranks == 1 && l->threads == 2;
+        zbv += l->schedule == PW_SCHEDULE_ZB_V;
+        recompute += l->recompute;
+    }
+    cr_assert_gt(one_rank_two_threads, 0);
+    cr_assert_gt(zbv, 0);
+    cr_assert_eq(recompute * 2, n);
+    free(v);
+    /* Separate processes each have their own team. */
+    sp.shared_team = 0;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+    int two_by_two = 0;
+    for (int i = 0; i < n; i++) two_by_two += v[i].stages == 2 && v[i].replicas == 1 && v[i].threads == 2;
+    cr_assert_gt(two_by_two, 0);
+    free(v);
+    /* Pins. */
+    sp.stages = 2;
+    sp.micro_batches = 4;
+    sp.schedule_pinned = 1;
+    sp.schedule = PW_SCHEDULE_ZB_H1;
+    sp.recompute = 0;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+    for (int i = 0; i < n; i++)
+        cr_assert(v[i].stages == 2 && v[i].micro_batches == 4 && v[i].schedule == PW_SCHEDULE_ZB_H1 &&
+                  !v[i].recompute);
+    cr_assert_eq(n, 3, "R = 1 (threads 1, 2) and R = 2; got %d", n); /* 2x1 threads 1,2; 2x2 threads 1 */
+    free(v);
+    /* Tensor parallelism is not built. */
+    sp = pw_layout_space_defaults();
+    sp.batch = 8;
+    sp.processes = 2;
+    sp.n_nodes = 4;
+    sp.max_tensor = 2;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_ERR_UNSUPPORTED);
+    sp.max_tensor = 1;
+    sp.replicas = 3; /* does not divide the batch */
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "replicas 3"), "%s", pw_last_error());
+}
+
+/* ------------------------------------------------------------ the built-in model */
+
+static double fake_rate(void *ctx, int threads, int64_t mbs)
+{
+    (void)ctx;
+    /* Faster with more threads and larger micro-batches, as measured rates are. */
+    return 1e10 * (threads == 1 ? 1.0 : 1.7) * (mbs >= 16 ? 1.0 : 0.6 + 0.025 * (double)mbs);
+}
+
+static pw_graph *load(const char *path)
+{
+    pw_graph *g;
+    cr_assert_eq(pw_graph_parse_file(path, &g), PW_OK, "%s", pw_last_error());
+    return g;
+}
+
+/* On real graphs, the forecaster's bounds never exceed its costs, and the
+ * search agrees with the exhaustive one, budgets included. */
+Test(layout, forecaster_bounds_hold_on_the_examples, .timeout = TIMEOUT)
+{
+    const char *graphs[] = {PW_SOURCE_DIR "/examples/fashion_mlp.graph", PW_SOURCE_DIR "/examples/tiny_gpt_quick.graph",
+                            PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_tiny_cuts.graph"};
+    for (int k = 0; k < 3; k++) {
+        pw_graph *g = load(graphs[k]);
+        pw_layout_space sp = pw_layout_space_defaults();
+        sp.batch = 16;
+        sp.processes = 4;
+        sp.cores = 4;
+        sp.shared_team = 1;
+        sp.n_nodes = g->n_nodes;
+        sp.max_micro_batches = 16;
+        pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+        fc.graph = g;
+        fc.batch = sp.batch;
+        fc.optim = k == 1 ? PW_OPTIM_ADAMW : PW_OPTIM_SGD;
+        fc.rate = fake_rate;
+        pw_layout_forecaster *f;
+        cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+        pw_layout_model m = pw_layout_forecaster_model(f);
+        pw_layout *v;
+        int n;
+        cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+        int64_t least = -1;
+        double worst_mem_ratio = 0;
+        for (int i = 0; i < n; i++) {
+            pw_layout_cost c;
+            double slb;
+            int64_t mlb;
+            if (m.cost(m.ctx, &v[i], &c) != PW_OK) {
+                pw_clear_error();
+                continue;
+            }
+            m.bound(m.ctx, &v[i], &slb, &mlb);
+            char d[160];
+            cr_assert_leq(slb, c.step_time, "%s: %s: step bound %.9g above %.9g", graphs[k],
+                          pw_layout_describe(&v[i], d, sizeof d), slb, c.step_time);
+            cr_assert_leq(mlb, c.memory, "%s: %s: memory bound %lld above %lld", graphs[k],
+                          pw_layout_describe(&v[i], d, sizeof d), (long long)mlb, (long long)c.memory);
+            if ((double)mlb / (double)c.memory > worst_mem_ratio) worst_mem_ratio = (double)mlb / (double)c.memory;
+            if (least < 0 || c.memory < least) least = c.memory;
+        }
+        cr_log_info("%s: %d candidates, memory bound up to %.2f of the memory", graphs[k], n, worst_mem_ratio);
+        for (int b = 0; b < 3; b++) {
+            const int64_t budget = b == 0 ? 0 : b == 1 ? least + least / 2 : least - 1;
+            pw_layout_result a, e;
+            pw_status sa = pw_layout_search(&sp, &m, budget, &a);
+            pw_status se = pw_layout_search_exhaustive(&sp, &m, budget, &e);
+            cr_assert_eq(sa, se);
+            cr_assert_eq(sa, b == 2 ? PW_ERR_NOMEM : PW_OK, "%s", pw_last_error());
+            cr_assert(!memcmp(&a.best, &e.best, sizeof a.best), "%s budget %lld", graphs[k], (long long)budget);
+            if (sa == PW_OK && budget) cr_assert_leq(a.best_cost.memory, budget);
+            if (b == 0) cr_assert_lt(a.n_costed, e.n_costed, "the bounds should skip some candidates");
+            pw_layout_result_free(&a);
+            pw_layout_result_free(&e);
+        }
+        free(v);
+        pw_layout_forecaster_destroy(f);
+        pw_graph_destroy(g);
+    }
+}
