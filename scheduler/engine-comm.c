@@ -274,6 +274,98 @@ static void apply_clip(pw_worker *w, double total)
     }
 }
 
+/* ------------------------------------------------------ post-validation */
+
+/* Parameters and optimizer state of the rank's tried chunks back (undo) or
+ * their gradients zeroed (commit). A failure fails the step. */
+static int settle_tried(pw_worker *w, int undo)
+{
+    pw_engine *e = w->e;
+    int rc = 0;
+    for (int l = 0; l < w->tried; l++) {
+        pw_echunk *ch = pw_eng_chunk(e, w->lrep, w->chunk_ids[l]);
+        if (!ch->vt->optimizer_step) continue;
+        pw_clear_error();
+        pw_status st = undo ? ch->vt->optimizer_undo(ch->self) : ch->vt->optimizer_commit(ch->self);
+        if (st != PW_OK && rc == 0) {
+            comm_fail(w, st, " (chunk %d): %s the optimizer step: %s", w->chunk_ids[l],
+                      undo ? "undoing" : "committing", pw_last_error());
+            rc = -1;
+        }
+    }
+    w->tried = 0;
+    return rc;
+}
+
+void pw_eng_optim_abandon(pw_worker *w)
+{
+    if (w->tried > 0) (void)settle_tried(w, 1);
+}
+
+/* The optimistic step of every chunk of the rank, in chunk order: the
+ * synchronous OPTIM's calls and checks, its failure message included. A
+ * failure undoes the chunks already stepped. */
+static int try_all(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    const long step = (long)atomic_load_explicit(&e->step, memory_order_relaxed);
+    const int64_t t0 = pw_now_ns();
+    w->tried = 0;
+    for (int l = 0; l < w->n_chunks; l++) {
+        const int c = w->chunk_ids[l];
+        pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
+        pw_status st = PW_OK;
+        pw_clear_error();
+        if (ch->vt->optimizer_step) st = ch->vt->optimizer_try(ch->self, step);
+        if (st != PW_OK) {
+            char msg[PW_ENGINE_ERRMSG / 2];
+            snprintf(msg, sizeof msg, "%s", pw_last_error()[0] ? pw_last_error() : pw_status_str(st));
+            (void)settle_tried(w, 1);
+            comm_fail(w, st, " (chunk %d), OPTIM of step %ld: %s", c, step, msg);
+            return -1;
+        }
+        w->tried = l + 1;
+    }
+    const int64_t t1 = pw_now_ns();
+    w->busy_ns += t1 - t0;
+    if (e->trace) pw_eng_trace(w, "OPTIM", PW_TRACE_COMPUTE, -1, -1, -1, 0, t0, t1);
+    return 0;
+}
+
+/* The verdict on the optimistic step, once the global sum of squares is
+ * known: commit it, or undo it and leave the gradients scaled for OPTIM to
+ * redo the step (w->redo). A non-finite norm undoes and fails the step;
+ * the rank holding the non-finite gradient has already failed it in
+ * try_all, with the synchronous message, before sharing its norm, so this
+ * is only a guard. */
+static int validate(pw_worker *w, double total)
+{
+    pw_engine *e = w->e;
+    const double norm = sqrt(total), coef = e->clip / (norm + 1e-6);
+    w->grad_norm = norm;
+    if (!isfinite(total)) {
+        (void)settle_tried(w, 1);
+        comm_fail(w, PW_ERR_NUMERIC, ": the global gradient norm of step %lld is not finite",
+                  (long long)atomic_load_explicit(&e->step, memory_order_relaxed));
+        return -1;
+    }
+    if (!(coef < 1.0)) return settle_tried(w, 0);
+    if (settle_tried(w, 1) != 0) return -1;
+    apply_clip(w, total);
+    w->redo = 1;
+    w->rollbacks++;
+    return 0;
+}
+
+/* With clipping: the total the norm is taken from is settled here, by
+ * clipping (synchronous) or validating (post-validation). */
+static int settle_norm(pw_worker *w, double total)
+{
+    if (w->e->post_validate) return validate(w, total);
+    apply_clip(w, total);
+    return 0;
+}
+
 int pw_eng_comm_before_optim(pw_worker *w)
 {
     pw_engine *e = w->e;
@@ -287,11 +379,13 @@ int pw_eng_comm_before_optim(pw_worker *w)
     if (e->clip <= 0) return 0;
     if (w->optim_phase == 1) {
         double mine = local_sumsq(w);
+        /* Post-validation: step first, share the norm after (a rank whose
+         * own gradient is not finite fails here, never sharing its norm). */
+        if (e->post_validate && try_all(w) != 0) return -1;
         if (!e->use_comm) {
             /* One rank of one replica: the norm is ours alone. */
-            apply_clip(w, mine);
             w->optim_phase = 3;
-            return 0;
+            return settle_norm(w, mine);
         }
         pthread_mutex_lock(&w->comm_mu);
         w->norm_state = PW_BK_QUEUED;
@@ -318,8 +412,8 @@ int pw_eng_comm_before_optim(pw_worker *w)
         pthread_mutex_lock(&w->comm_mu);
         for (int r = 0; r < e->S; r++) total += w->norm_vals[r];
         pthread_mutex_unlock(&w->comm_mu);
-        apply_clip(w, total);
         w->optim_phase = 3;
+        return settle_norm(w, total);
     }
     return 0;
 }

@@ -178,6 +178,10 @@ typedef struct pw_worker {
     int pc;                   /* next action */
     int resumed;              /* actions[pc] parked before (the checker saw it) */
     int optim_phase;          /* OPTIM: 0 buckets, 1 norm queued, 2 optimizer */
+    int tried;                /* post-validation: chunks (of chunk_ids, in order) whose
+                               * optimizer step awaits the norm's verdict */
+    int redo;                 /* post-validation: the verdict was "clip": redo the step */
+    int64_t rollbacks;        /* post-validation: steps undone and redone */
     int flushing;             /* actions done; sends to other processes pending */
     /* Asynchronous stage calls of actions[pc] (a compute action is a short
      * run of calls: F one, B one or two or one per bucket, OPTIM one per
@@ -232,6 +236,7 @@ struct pw_engine {
     int NW;                   /* local workers */
     const pw_transport *t;    /* NULL: in-process */
     double clip;              /* > 0: clip the global gradient norm */
+    int post_validate;        /* clip > 0: optimizer steps before the norm, validated after */
     int bucketed;             /* NR > 1: gradients are all-reduced */
     int use_comm;             /* workers have communication threads */
     int64_t watchdog_ns;
@@ -343,6 +348,9 @@ void pw_eng_bucket_start(pw_worker *w, int chunk, int b);
  * done (and, with clipping, the norm is known and applied); 1 when parked;
  * -1 when failed (the engine is failing). */
 int pw_eng_comm_before_optim(pw_worker *w);
+/* Post-validation: a step left (failed or aborted) while optimizer steps
+ * awaited their verdict undoes them. */
+void pw_eng_optim_abandon(pw_worker *w);
 
 /* engine-comm.c: messages to and from other processes. */
 int pw_eng_remote_send(pw_worker *w, const char *kind, int src_chunk, int dir, int dst_chunk, int mb,

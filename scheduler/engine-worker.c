@@ -482,6 +482,9 @@ static int do_optim(pw_worker *w)
     int rc = pw_eng_comm_before_optim(w);
     if (rc > 0) return EXEC_PARKED;
     if (rc < 0) return EXEC_FAILED;
+    /* Post-validation: the step was taken and validated before the norm
+     * came (engine-comm.c); only a rolled-back one runs again here. */
+    if (e->post_validate && !w->redo) return EXEC_OK;
     long step = (long)atomic_load_explicit(&e->step, memory_order_relaxed);
     if (w->calls_done == 0 && !w->call_pending) w->act_t0 = pw_now_ns();
     for (int l = 0; l < w->n_chunks; l++) {
@@ -711,6 +714,8 @@ static void begin_step(pw_worker *w)
     w->wait_kind = PW_WAIT_NONE;
     w->resumed = 0;
     w->optim_phase = 0;
+    w->tried = 0;
+    w->redo = 0;
     w->flushing = 0;
     w->calls_done = 0;
     w->act_t1 = 0;
@@ -734,6 +739,7 @@ static void end_step(pw_worker *w)
 {
     pw_engine *e = w->e;
     if (!w->running) return;
+    pw_eng_optim_abandon(w);
     w->running = 0;
     if (w->poll) event_del(w->poll);
     int64_t now = pw_now_ns();

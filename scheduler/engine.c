@@ -126,6 +126,11 @@ static pw_status check_config(const pw_engine_config *cfg)
                 return pw_error(PW_ERR_INVALID_ARG,
                                 "engine: chunk %d%s has no grad_sumsq/scale_grads: cannot clip the "
                                 "gradient norm", c, who);
+            if (cfg->clip_grad_norm > 0 && cfg->post_validate && vt->optimizer_step &&
+                (!vt->optimizer_try || !vt->optimizer_commit || !vt->optimizer_undo))
+                return pw_error(PW_ERR_INVALID_ARG,
+                                "engine: chunk %d%s has no optimizer_try/_commit/_undo: cannot "
+                                "post-validate its optimizer step", c, who);
         }
     }
     if (cfg->watchdog_s < 0 || cfg->watchdog_s != cfg->watchdog_s)
@@ -599,6 +604,7 @@ pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out)
     e->NRL = e->t ? 1 : e->NR;
     e->NW = e->t ? 1 : e->NR * e->S;
     e->clip = cfg->clip_grad_norm;
+    e->post_validate = cfg->post_validate && e->clip > 0; /* nothing global to validate otherwise */
     e->bucketed = e->NR > 1;
     e->use_comm = e->bucketed || (e->clip > 0 && e->S > 1);
     e->trace = cfg->trace;
@@ -897,6 +903,7 @@ void pw_engine_rank_stats_get(const pw_engine *e, int rank, pw_engine_rank_stats
     out->actions = w->actions;
     out->allreduce_s = (double)w->coll_ns / 1e9;
     out->allreduce_wait_s = (double)w->coll_wait_ns / 1e9;
+    out->rollbacks = w->rollbacks;
     pthread_mutex_unlock(&m->mu);
 }
 

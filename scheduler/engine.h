@@ -110,6 +110,12 @@ typedef struct pw_engine_config {
                                           the engine */
     double clip_grad_norm;             /* > 0: before OPTIM, scale all gradients so that
                                           their global L2 norm (all chunks) is at most this */
+    int post_validate;                 /* 1 (with clip_grad_norm): each rank steps its
+                                          optimizer before the global norm is known and
+                                          validates afterwards, undoing and redoing the
+                                          step with the clip factor when clipping
+                                          triggers (docs/engine.md, "Post-validation");
+                                          the chunks need optimizer_try/_commit/_undo */
     const char *const *gpu_pci;        /* (optional, with pin, in one process) [replicas ×
                                           n_ranks], indexed like the workers: the PCI bus id
                                           ("0000:11:00.0") of the GPU each worker's rank
@@ -155,6 +161,8 @@ typedef struct pw_engine_rank_stats {
     int64_t actions;        /* actions executed */
     double allreduce_s;     /* sum over buckets of start-to-finish all-reduce time */
     double allreduce_wait_s;/* of which OPTIM waited for (exposed) */
+    int64_t rollbacks;      /* post_validate: optimizer steps undone and redone (the
+                               norm was over clip_grad_norm), over the rank's steps */
 } pw_engine_rank_stats;
 /* `rank` is the worker: replica × n_ranks + rank (just the rank with one
  * replica); with a transport only this process's own worker has figures. */

@@ -48,6 +48,10 @@
  *                                   be final when call b returns. So bucket 0
  *                                   holds the chunk's last layers;
  *   grad_sumsq() / scale_grads(s)   global gradient-norm clipping.
+ *   optimizer_try(step) /          post-validation (pw_engine_config
+ *   optimizer_commit() /           .post_validate, docs/engine.md): the
+ *   optimizer_undo()               optimizer step taken before the global
+ *                                  norm is known, then kept or undone.
  *
  * Asynchronous stages (optional slot `submitted`; docs/engine.md, "Pending
  * completions"). A stage whose work runs elsewhere (a GPU stream, a thread
@@ -138,6 +142,16 @@ typedef struct pw_stage_i {
      * PW_OK: 0 = complete now, 1 = done(arg, ...) follows once (see
      * "Asynchronous stages" above). */
     int (*submitted)(void *self, pw_stage_done_fn done, void *arg);
+    /* (optional) Post-validation. optimizer_try does what optimizer_step
+     * does (the same checks, the same bits) but keeps the gradients and a
+     * copy of the parameters and optimizer state; then the engine calls
+     * exactly one of optimizer_commit (zero the gradients: the step stands)
+     * and optimizer_undo (parameters and state back; the gradients stay,
+     * so scale_grads and optimizer_step can redo the step). All three
+     * complete inside the call (submitted is not asked). */
+    pw_status (*optimizer_try)(void *self, long step);
+    pw_status (*optimizer_commit)(void *self);
+    pw_status (*optimizer_undo)(void *self);
 } pw_stage_i;
 
 #ifdef __cplusplus

@@ -13,6 +13,7 @@
  */
 #include <criterion/criterion.h>
 #include <criterion/parameterized.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,8 +109,16 @@ static pw_dataset *token_data(void)
     return d;
 }
 
-static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int stages,
-                    pw_schedule_kind kind, int threads, int64_t *n)
+/* What a run clips at and whether it post-validates its optimizer step;
+ * `rollbacks` (optional) receives the engine's count of undone steps. */
+typedef struct run_opts {
+    double clip;
+    int post_validate;
+    int64_t *rollbacks;
+} run_opts;
+
+static pw_pipeline *make_pipeline(const pw_graph *g, const pw_dataset *d, const layout *L, int stages,
+                                  pw_schedule_kind kind, int threads, const run_opts *o)
 {
     pw_pipeline_config pc = pw_pipeline_defaults();
     pc.graph = g;
@@ -121,7 +130,8 @@ static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int
     pc.schedule = kind;
     pc.partition = PW_PARTITION_FLOPS;
     pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
-    pc.clip_grad_norm = 1.0;
+    pc.clip_grad_norm = o->clip;
+    pc.post_validate = o->post_validate;
     pc.seed = 11;
     pc.shuffle = 1;
     pc.pin = 0;
@@ -133,6 +143,13 @@ static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int
                  pw_schedule_kind_name(kind), stages, L->replicas, L->micro_batches, threads,
                  pw_last_error());
     cr_assert_eq(pw_cpu_get_threads(), threads);
+    return pl;
+}
+
+static float *train_with(const pw_graph *g, const pw_dataset *d, const layout *L, int stages,
+                         pw_schedule_kind kind, int threads, const run_opts *o, int64_t *n)
+{
+    pw_pipeline *pl = make_pipeline(g, d, L, stages, kind, threads, o);
     for (int i = 0; i < STEPS; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
     float *p = test_replica_params(pl, 0, g, n);
     if (L->replicas > 1) { /* every replica holds the same bytes */
@@ -141,8 +158,23 @@ static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int
         cr_assert(n1 == *n && memcmp(p, p1, (size_t)n1 * 4) == 0, "replicas disagree");
         free(p1);
     }
+    if (o->rollbacks) {
+        *o->rollbacks = 0;
+        for (int w = 0; w < stages * L->replicas; w++) {
+            pw_engine_rank_stats rs;
+            pw_engine_rank_stats_get(pw_pipeline_engine(pl), w, &rs);
+            *o->rollbacks += rs.rollbacks;
+        }
+    }
     pw_pipeline_destroy(pl);
     return p;
+}
+
+static float *train(const pw_graph *g, const pw_dataset *d, const layout *L, int stages,
+                    pw_schedule_kind kind, int threads, int64_t *n)
+{
+    const run_opts o = {.clip = 1.0};
+    return train_with(g, d, L, stages, kind, threads, &o, n);
 }
 
 static void expect_same(const float *got, const float *ref, int64_t n, const char *what)
@@ -324,4 +356,125 @@ Test(determinism, gemm_bits_independent_of_threads, .timeout = TIMEOUT)
                 free(B);
             }
     pw_cpu_set_threads(saved);
+}
+
+/* ---- post-validation (docs/engine.md, "Post-validation") ---- */
+
+static const pw_schedule_kind PV_KINDS[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2,
+                                            PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO};
+#define N_PV_KINDS 5
+/* The WIDE MLP's gradient norm is about 2-4 in its first steps: 0.05 clips
+ * every step, 1000 never. */
+static const double CLIP_ALWAYS = 0.05, CLIP_NEVER = 1000.0;
+
+/* Each rank steps its optimizer before the global norm is known and undoes
+ * and redoes the step when clipping triggers: the parameters are the bits
+ * of the synchronous step (1 stage, 1 thread, GPipe), for every stage count,
+ * schedule, thread count and replica count, with clipping that triggers
+ * every step (every rank rolls back every step: counted) and with clipping
+ * that never does (no rollback). The two references differ, so a rollback
+ * that did not redo the step with the clip factor would be seen. */
+static void pv_matrix(const layout *L)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const layout one = {1, L->replicas * L->micro_batches, L->batch, L->grad_groups};
+    int64_t n_ref, n, n2, rb;
+    const run_opts sync_always = {.clip = CLIP_ALWAYS}, sync_never = {.clip = CLIP_NEVER};
+    float *ref_always = train_with(g, d, &one, 1, PW_SCHEDULE_GPIPE, 1, &sync_always, &n_ref);
+    float *ref_never = train_with(g, d, &one, 1, PW_SCHEDULE_GPIPE, 1, &sync_never, &n2);
+    cr_assert(n2 == n_ref && memcmp(ref_always, ref_never, (size_t)n_ref * 4) != 0,
+              "clipping at %g changes nothing: the test below proves nothing", CLIP_ALWAYS);
+    int runs = 0;
+    for (int S = 1; S <= 4; S++)
+        for (int k = 0; k < N_PV_KINDS; k++)
+            for (int th = 1; th <= 2; th++)
+                for (int c = 0; c < 2; c++) {
+                    if (PW_SANITIZED && (S + k + th + c) % 4 != 0) continue; /* a diagonal */
+                    const run_opts pv = {.clip = c ? CLIP_NEVER : CLIP_ALWAYS, .post_validate = 1,
+                                         .rollbacks = &rb};
+                    float *got = train_with(g, d, L, S, PV_KINDS[k], th, &pv, &n);
+                    cr_assert_eq(n, n_ref);
+                    char what[160];
+                    snprintf(what, sizeof what, "post-validated, clip %g: R=%d M=%d, %s S=%d threads=%d", pv.clip,
+                             L->replicas, L->micro_batches, pw_schedule_kind_name(PV_KINDS[k]), S, th);
+                    expect_same(got, c ? ref_never : ref_always, n, what);
+                    const int64_t want = c ? 0 : (int64_t)STEPS * S * L->replicas;
+                    cr_expect_eq(rb, want, "%s: %lld rollbacks, want %lld", what, (long long)rb, (long long)want);
+                    free(got);
+                    runs++;
+                }
+    cr_assert_gt(runs, 0);
+    free(ref_always);
+    free(ref_never);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(determinism, post_validation_one_replica, .timeout = TIMEOUT) { pv_matrix(&LAYOUTS[0]); }
+Test(determinism, post_validation_two_replicas, .timeout = TIMEOUT) { pv_matrix(&LAYOUTS[2]); }
+
+/* Runs two steps, the second with a NaN written into the gradient of the
+ * first parameter of the first (last = 0) or last (last = 1) chunk that has
+ * parameters, before it (the backward adds into it): the second step must
+ * fail; its status and message come back. */
+static pw_status nan_step(const pw_graph *g, const pw_dataset *d, const layout *L, int S, pw_schedule_kind kind,
+                          int last, int post_validate, char *msg, size_t cap)
+{
+    const run_opts o = {.clip = CLIP_ALWAYS, .post_validate = post_validate};
+    pw_pipeline *pl = make_pipeline(g, d, L, S, kind, 1, &o);
+    cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+    pw_program *progs[16] = {NULL};
+    const int C = pw_pipeline_n_chunks(pl);
+    for (int i = 0; i < C; i++) {
+        pw_program *q[16];
+        const int c = last ? C - 1 - i : i;
+        if (pw_pipeline_programs(pl, 0, c, q, 16) >= 1 && pw_program_n_params(q[0]) > 0) {
+            progs[0] = q[0];
+            break;
+        }
+    }
+    cr_assert_not_null(progs[0]);
+    pw_program_param pp;
+    pw_program_param_at(progs[0], 0, &pp);
+    float *nan = malloc((size_t)pp.numel * sizeof *nan);
+    cr_assert_not_null(nan);
+    for (int64_t i = 0; i < pp.numel; i++) nan[i] = NAN;
+    cr_assert_eq(pw_program_param_write(progs[0], 0, PW_PARAM_GRAD, nan), PW_OK, "%s", pw_last_error());
+    free(nan);
+    pw_status st = pw_pipeline_step(pl, NULL);
+    snprintf(msg, cap, "%s", st == PW_OK ? "" : pw_last_error());
+    pw_pipeline_destroy(pl);
+    return st;
+}
+
+/* An injected non-finite gradient: the post-validated step fails exactly
+ * as the synchronous one, with PW_ERR_NUMERIC and the same message naming
+ * the rank, chunk, step and parameter (one replica: the same text; two:
+ * either replica may be first, so the text after its name). */
+Test(determinism, post_validation_nonfinite_fails_like_sync, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO};
+    const layout *Ls[] = {&LAYOUTS[0], &LAYOUTS[2]};
+    for (int li = 0; li < 2; li++)
+        for (int S = 1; S <= 4; S *= 2)
+            for (int k = 0; k < 4; k++) {
+                for (int bad = 0; bad < (S > 1 ? 2 : 1); bad++) {
+                    char sync_msg[1024], pv_msg[1024];
+                    pw_status a = nan_step(g, d, Ls[li], S, kinds[k], bad, 0, sync_msg, sizeof sync_msg);
+                    pw_status b = nan_step(g, d, Ls[li], S, kinds[k], bad, 1, pv_msg, sizeof pv_msg);
+                    cr_expect_eq(a, PW_ERR_NUMERIC, "sync %s S=%d: %s", pw_schedule_kind_name(kinds[k]), S, sync_msg);
+                    cr_expect_eq(b, PW_ERR_NUMERIC, "post-validated %s S=%d: %s", pw_schedule_kind_name(kinds[k]), S,
+                                 pv_msg);
+                    const char *sa = Ls[li]->replicas > 1 ? strstr(sync_msg, "rank ") : sync_msg;
+                    const char *sb = Ls[li]->replicas > 1 ? strstr(pv_msg, "rank ") : pv_msg;
+                    cr_expect(sa && sb && strstr(sa, "is not finite") && strcmp(sa, sb) == 0,
+                              "%s S=%d R=%d, NaN in %s chunk:\n  sync: %s\n  post: %s", pw_schedule_kind_name(kinds[k]),
+                              S, Ls[li]->replicas, bad ? "the last" : "the first", sync_msg, pv_msg);
+                }
+            }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
 }

@@ -75,6 +75,7 @@ typedef struct options {
     int replicas;
     int buckets;
     double clip;
+    int post_validate;
     pw_allreduce_algo allreduce;
     int allreduce_set;
     int chunks_per_rank;         /* 0: the schedule's default */
@@ -204,6 +205,9 @@ static void usage(FILE *f)
 "                        process), ring, or mpi (MPI_Iallreduce)\n"
 "  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
 "                        stages, all replicas) is at most X\n"
+"  --post-validate       with --clip-grad-norm: each stage steps its optimizer\n"
+"                        before the global norm is known and undoes and redoes\n"
+"                        the step when clipping triggers (same bits)\n"
 "\n"
 "Optimizer\n"
 "  --optimizer NAME      sgd (default) or adamw\n"
@@ -328,7 +332,7 @@ static int parse_f32(const char *flag, const char *s, double lo, double hi, floa
 enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM, OPT_LR,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
-       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_ALLREDUCE,
+       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_POST_VALIDATE, OPT_ALLREDUCE,
        OPT_CHUNKS, OPT_MEMLIMIT, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
@@ -464,6 +468,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"replicas", required_argument, 0, OPT_REPLICAS},
         {"buckets", required_argument, 0, OPT_BUCKETS},
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
+        {"post-validate", no_argument, 0, OPT_POST_VALIDATE},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
         {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
         {"memory-limit", required_argument, 0, OPT_MEMLIMIT},
@@ -611,6 +616,7 @@ static int parse_args(int argc, char **argv, options *o)
             o->clip = x;
             break;
         }
+        case OPT_POST_VALIDATE: o->post_validate = 1; break;
         case OPT_ALLREDUCE:
             if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
                 return bad_usage("--allreduce: '%s' is not tree, ring or mpi", optarg);
@@ -1801,6 +1807,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.replicas = o->replicas;
     pc.buckets = o->buckets;
     pc.clip_grad_norm = o->clip;
+    pc.post_validate = o->post_validate;
     pc.transport = g_mpi;
     pc.chunks_per_rank = o->chunks_per_rank;
     pc.memory_limit = r->memory_limit;

@@ -104,6 +104,11 @@ struct pw_program {
     size_t off_sums;             /* n_sum_bufs × mem.grads bytes after the gradients */
     int sum_level[32];
     unsigned sum_busy;           /* bit b: buffer b holds a sum */
+    /* Post-validation: the copy of parameters and optimizer state
+     * (cfg.post_validate; mem.backup bytes in the OPTIM category), and
+     * whether a _try's update is waiting for its _commit or _undo. */
+    size_t off_backup;
+    int tried;
 
     prog_value *values;          /* per graph value */
     unsigned char *touched;      /* per graph value: read or written here */

@@ -168,6 +168,10 @@ static pw_status plan(pw_program *p)
     for (int i = 0; i < p->n_params; i++)
         p->params[i].off_state = pw_arena_plan(a, (size_t)p->params[i].numel * 4 * (size_t)sf);
     p->mem.optim_state = a->size - before;
+    if (p->cfg.post_validate) {
+        p->off_backup = pw_arena_plan(a, p->mem.params + p->mem.optim_state);
+        p->mem.backup = p->mem.params + p->mem.optim_state;
+    }
 
     /* One slot's layout (offsets relative to the slot's base, the same for
      * every slot) and the shared region's. */
@@ -231,7 +235,7 @@ static pw_status plan(pw_program *p)
     p->cat_start[PW_MEM_ACTIVATIONS] = p->shared_base;
     p->cat_bytes[PW_MEM_PARAMS] = p->mem.params;
     p->cat_bytes[PW_MEM_GRADS] = grads_category;
-    p->cat_bytes[PW_MEM_OPTIM] = p->mem.optim_state;
+    p->cat_bytes[PW_MEM_OPTIM] = p->mem.optim_state + p->mem.backup;
     p->cat_bytes[PW_MEM_ACTIVATIONS] = a->size - p->shared_base;
     return PW_OK;
 }
@@ -1025,9 +1029,10 @@ void pw_program_zero_grads(pw_program *p)
         PW_WARN("program: zeroing gradients on %s failed: %s", p->be->name, pw_last_error());
 }
 
-static pw_status optimizer_step(pw_program *p, int64_t step)
+/* The step's gradients, final and checked: pending group sums joined, tied
+ * uses folded, PW_ERR_NUMERIC when one is not finite. */
+static pw_status final_grads(pw_program *p, int64_t step)
 {
-    if (p->n_params == 0) return PW_OK;
     if (p->sum_busy) {
         /* A step with fewer backward_weight calls than cfg.micro_batches left
          * group sums pending: they join the gradients (smallest first), so
@@ -1049,11 +1054,25 @@ static pw_status optimizer_step(pw_program *p, int64_t step)
     if (bad >= 0)
         return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite", (long long)step,
                         p->g->params[p->params[bad].gp].name);
+    return PW_OK;
+}
+
+static pw_status update(pw_program *p, int64_t step)
+{
     for (int i = 0; i < p->n_params; i++) {
         const prog_param *pp = &p->params[i];
         BE(optim_update, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
            at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
     }
+    return PW_OK;
+}
+
+static pw_status optimizer_step(pw_program *p, int64_t step)
+{
+    if (p->n_params == 0) return PW_OK;
+    p->tried = 0;
+    PW_CHECK(final_grads(p, step));
+    PW_CHECK(update(p, step));
     return zero_grads(p);
 }
 
@@ -1062,6 +1081,56 @@ pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
     if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "optimizer step must count from 1");
     PW_CHECK(be_begin(p));
     return be_end_call(p, optimizer_step(p, step));
+}
+
+/* Parameters and optimizer state to the backup (save) or back from it. */
+static pw_status backup_copy(pw_program *p, int save)
+{
+    char *params = at(p, p->cat_start[PW_MEM_PARAMS]), *state = at(p, p->cat_start[PW_MEM_OPTIM]);
+    char *copy = at(p, p->off_backup);
+    if (save) {
+        BE(copy, copy, params, p->mem.params);
+        BE(copy, copy + p->mem.params, state, p->mem.optim_state);
+    } else {
+        BE(copy, params, copy, p->mem.params);
+        BE(copy, state, copy + p->mem.params, p->mem.optim_state);
+    }
+    return PW_OK;
+}
+
+static pw_status optimizer_try(pw_program *p, int64_t step)
+{
+    if (p->n_params == 0) return PW_OK;
+    PW_CHECK(final_grads(p, step));
+    PW_CHECK(backup_copy(p, 1));
+    p->tried = 1;
+    return update(p, step);
+}
+
+pw_status pw_program_optimizer_try(pw_program *p, int64_t step)
+{
+    if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "optimizer step must count from 1");
+    if (!p->cfg.post_validate)
+        return pw_error(PW_ERR_INVALID_ARG, "program: an optimizer step to validate later needs "
+                        "post_validate in the program's configuration");
+    PW_CHECK(be_begin(p));
+    return be_end_call(p, optimizer_try(p, step));
+}
+
+pw_status pw_program_optimizer_commit(pw_program *p)
+{
+    if (!p->tried) return PW_OK;
+    p->tried = 0;
+    PW_CHECK(be_begin(p));
+    return be_end_call(p, zero_grads(p));
+}
+
+pw_status pw_program_optimizer_undo(pw_program *p)
+{
+    if (!p->tried) return PW_OK;
+    p->tried = 0;
+    PW_CHECK(be_begin(p));
+    return be_end_call(p, backup_copy(p, 0));
 }
 
 /* ---- asynchronous completion ---- */

@@ -138,6 +138,11 @@ typedef struct pw_program_config {
                                   groups, pairwise (see "Determinism" above);
                                   dividing micro_batches; 0 or 1: one running
                                   sum */
+    int post_validate;         /* 1: keep room for a copy of the parameters and the
+                                  optimizer state, so that an optimizer step can be
+                                  taken before the global checks and undone
+                                  (pw_program_optimizer_try; docs/engine.md,
+                                  "Post-validation") */
 } pw_program_config;
 
 /* The default G: at most this many groups. */
@@ -170,6 +175,8 @@ typedef struct pw_program_memory {
     size_t params, grads, optim_state, activations, total;
     size_t shared;
     size_t grad_sums;          /* log2(grad_groups) copies of grads (counted in total) */
+    size_t backup;             /* cfg.post_validate: a copy of params and optim_state
+                                  (counted in total) */
 } pw_program_memory;
 void pw_program_memory_usage(const pw_program *p, pw_program_memory *out);
 
@@ -304,6 +311,20 @@ pw_status pw_program_backward_input(pw_program *p, int slot);
 pw_status pw_program_backward_weight(pw_program *p, int slot);
 /* Applies the optimizer (step counts from 1) and zeroes the gradients. */
 pw_status pw_program_optimizer_step(pw_program *p, int64_t step);
+/* Post-validation (cfg.post_validate; docs/engine.md): the optimizer step
+ * taken before the global checks of the step (gradient-norm clipping) are
+ * known. _try does what _optimizer_step does — the same non-finite check
+ * and the same update, with the same bits — but first copies the
+ * parameters and the optimizer state aside and keeps the gradients. Then
+ * exactly one of: _commit (the step stands: zeroes the gradients, as
+ * _optimizer_step would have) or _undo (parameters and optimizer state
+ * back to their copy; the gradients are still the step's, so the caller
+ * may scale them and call _optimizer_step: the synchronous step's bits).
+ * _try fails with PW_ERR_INVALID_ARG without cfg.post_validate; _commit and
+ * _undo without a _try before are no-ops. */
+pw_status pw_program_optimizer_try(pw_program *p, int64_t step);
+pw_status pw_program_optimizer_commit(pw_program *p);
+pw_status pw_program_optimizer_undo(pw_program *p);
 void pw_program_zero_grads(pw_program *p);
 /* Sum of per-position losses and count of correct argmax predictions from the
  * last forward in `slot` (0 when this stage has no loss). The training loss

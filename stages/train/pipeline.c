@@ -249,6 +249,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
         .replicas = NR, .transport = t,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
+        .post_validate = c->post_validate,
         .gpu_pci = gpu_pci,
     };
     {

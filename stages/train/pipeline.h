@@ -109,6 +109,13 @@ typedef struct pw_pipeline_config {
     int buckets;                    /* gradient buckets per stage with replicas (0: 4;
                                        1: one all-reduce after the whole backward) */
     double clip_grad_norm;          /* > 0: clip the global gradient norm to this */
+    int post_validate;              /* 1 (with clip_grad_norm): each rank steps its
+                                       optimizer before the global norm is known and
+                                       undoes and redoes the step when clipping
+                                       triggers; bit-identical to 0 (docs/engine.md,
+                                       "Post-validation"). No effect without
+                                       clip_grad_norm or with parameters tied across
+                                       stages */
     const pw_transport *transport;  /* (optional) multi-process run: this process is
                                        (transport->replica, transport->rank) and builds
                                        the chunks the schedule places on that rank */

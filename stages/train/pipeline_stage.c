@@ -162,6 +162,39 @@ static pw_status gs_optimizer_step(void *self, long step)
     return PW_OK;
 }
 
+/* Post-validation: the pieces' steps, complete when the call returns
+ * (the engine does not ask `submitted` for these). A piece that fails its
+ * try has changed nothing; the pieces before it are undone. */
+static pw_status gs_optimizer_try(void *self, long step)
+{
+    gstage *s = self;
+    for (int j = 0; j < s->n_pieces; j++) {
+        pw_status st = pw_program_optimizer_try(s->piece[j], step);
+        if (st == PW_OK) st = pw_program_wait(s->piece[j]);
+        if (st != PW_OK) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", pw_last_error());
+            for (int k = 0; k < j; k++)
+                if (pw_program_optimizer_undo(s->piece[k]) != PW_OK || pw_program_wait(s->piece[k]) != PW_OK)
+                    PW_WARN("stage %d: undoing the optimizer step: %s", s->index, pw_last_error());
+            return pw_error(st, "%s", msg);
+        }
+    }
+    return PW_OK;
+}
+
+static pw_status gs_optimizer_settle(gstage *s, int undo)
+{
+    for (int j = 0; j < s->n_pieces; j++) {
+        PW_CHECK(undo ? pw_program_optimizer_undo(s->piece[j]) : pw_program_optimizer_commit(s->piece[j]));
+        PW_CHECK(pw_program_wait(s->piece[j]));
+    }
+    return PW_OK;
+}
+
+static pw_status gs_optimizer_commit(void *self) { return gs_optimizer_settle(self, 0); }
+static pw_status gs_optimizer_undo(void *self) { return gs_optimizer_settle(self, 1); }
+
 /* The program's completion (a backend thread): the forward's loss is on
  * the host now; then the engine's. */
 static void gs_completed(void *arg, pw_status st, const char *msg)
@@ -219,6 +252,9 @@ const pw_stage_i pl_gstage_i = {
     .grad_sumsq = gs_grad_sumsq,
     .scale_grads = gs_scale_grads,
     .submitted = gs_submitted,
+    .optimizer_try = gs_optimizer_try,
+    .optimizer_commit = gs_optimizer_commit,
+    .optimizer_undo = gs_optimizer_undo,
 };
 
 /* The same stage without an optimizer: with parameters tied across chunks
@@ -354,6 +390,7 @@ pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
             .device = pl_chunk_device(pl, s, device, sizeof device), .math = c->math,
             .no_graphs = c->no_graphs, .micro_batches = M, .grad_groups = pl->grad_groups,
+            .post_validate = c->post_validate && c->clip_grad_norm > 0 && !pl->post_optim,
         };
         PW_CHECK_GOTO(pw_program_create(&pc, &gs->piece[j]), st, out);
         pw_program_init_params(gs->piece[j], c->seed);

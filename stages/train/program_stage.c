@@ -98,6 +98,30 @@ static pw_status ps_optimizer_step(void *self, long step)
     return PW_OK;
 }
 
+/* Post-validation (pw_stage_i.optimizer_try): complete inside the call. */
+static pw_status ps_optimizer_try(void *self, long step)
+{
+    pw_program_stage *s = self;
+    PW_CHECK(pw_program_optimizer_try(s->p, step));
+    PW_CHECK(pw_program_wait(s->p));
+    s->next_step = (int64_t)step + 1;
+    return PW_OK;
+}
+
+static pw_status ps_optimizer_commit(void *self)
+{
+    pw_program_stage *s = self;
+    PW_CHECK(pw_program_optimizer_commit(s->p));
+    return pw_program_wait(s->p);
+}
+
+static pw_status ps_optimizer_undo(void *self)
+{
+    pw_program_stage *s = self;
+    PW_CHECK(pw_program_optimizer_undo(s->p));
+    return pw_program_wait(s->p);
+}
+
 static size_t ps_port_bytes(void *self, pw_port port)
 {
     return pw_program_port_bytes(((pw_program_stage *)self)->p, port);
@@ -233,6 +257,9 @@ static const pw_stage_i program_stage_i = {
     .grad_sumsq = ps_grad_sumsq,
     .scale_grads = ps_scale_grads,
     .submitted = ps_submitted,
+    .optimizer_try = ps_optimizer_try,
+    .optimizer_commit = ps_optimizer_commit,
+    .optimizer_undo = ps_optimizer_undo,
 };
 
 pw_status pw_program_stage_create(const pw_program_stage_config *cfg, pw_program_stage **out)

@@ -15,6 +15,15 @@
  *                the rate pw_forecast_calibrate measures here.
  *
  *   bench_schedules [--width W] [--layers L] [--micro-size B] [--steps N] [--stages S] [--micro M]
+ *   bench_schedules --post-validate [--clip X] [--rounds N] [...]
+ *
+ * --post-validate: 1F1B, ZB-H2, ZB-V and zb-auto 2p, each with clipping at
+ * X (default 1e6: never triggers, the common case; 0.001 triggers every
+ * step), synchronous and post-validated, built side by side and stepped in
+ * alternating rounds (median step times); beside them the simulator's
+ * period over 4 steps on the stage-timed chunk costs, without and with its
+ * post_validate model (which overlaps steps: more than the engine does;
+ * docs/engine.md, "Post-validation").
  *
  * Model: an L × W MLP (linear + relu), partitioned by FLOPs into the
  * schedule's chunks. OPTIM is timed on each chunk's program. Messages are
@@ -162,6 +171,91 @@ static void time_chunks_concurrently(pw_pipeline *pl, int M, int64_t mbs, int re
     pthread_barrier_destroy(&start);
 }
 
+/* --post-validate (see the top). */
+static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, int M, int64_t mbs, int rounds,
+                                double clip)
+{
+    static const struct { pw_schedule_kind kind; const char *name; int mem_p; } kinds[] = {
+        {PW_SCHEDULE_1F1B, "1f1b", 0}, {PW_SCHEDULE_ZB_H2, "zb-h2", 0},
+        {PW_SCHEDULE_ZB_V, "zb-v", 0}, {PW_SCHEDULE_ZB_AUTO, "zb-auto 2p", 2},
+    };
+    enum { NK = sizeof kinds / sizeof kinds[0] };
+    pw_pipeline *pl[NK][2];
+    double *t[NK][2], sim[NK][2];
+    int64_t rollbacks[NK] = {0};
+    for (int k = 0; k < NK; k++)
+        for (int v = 0; v < 2; v++) {
+            pw_pipeline_config pc = pw_pipeline_defaults();
+            pc.graph = g;
+            pc.train = d;
+            pc.batch = (int64_t)M * mbs;
+            pc.micro_batches = M;
+            pc.stages = S;
+            pc.schedule = kinds[k].kind;
+            pc.memory_limit = kinds[k].mem_p * S;
+            pc.partition = PW_PARTITION_FLOPS;
+            pc.optim.lr = 1e-3f;
+            pc.clip_grad_norm = clip;
+            pc.post_validate = v;
+            if (pw_pipeline_create(&pc, &pl[k][v]) != PW_OK) die(kinds[k].name);
+            t[k][v] = calloc((size_t)rounds, sizeof(double));
+            if (!t[k][v]) die("memory");
+            pw_cpu_set_threads(1);
+            if (pw_pipeline_step(pl[k][v], NULL) != PW_OK) die("step"); /* warm */
+        }
+    for (int r = 0; r < rounds; r++)
+        for (int k = 0; k < NK; k++)
+            for (int v = 0; v < 2; v++) {
+                const int vv = (r & 1) ? 1 - v : v; /* alternate which goes first */
+                int64_t t0 = pw_now_ns();
+                if (pw_pipeline_step(pl[k][vv], NULL) != PW_OK) die("step");
+                t[k][vv][r] = (double)(pw_now_ns() - t0) * 1e-9;
+            }
+    for (int k = 0; k < NK; k++) {
+        for (int w = 0; w < S; w++) {
+            pw_engine_rank_stats rs;
+            pw_engine_rank_stats_get(pw_pipeline_engine(pl[k][1]), w, &rs);
+            rollbacks[k] += rs.rollbacks;
+        }
+        const int C = pw_pipeline_n_chunks(pl[k][0]);
+        pw_sim_chunk_cost *cost = calloc((size_t)C, sizeof *cost);
+        if (!cost) die("memory");
+        time_chunks_concurrently(pl[k][0], M, mbs, 5, cost);
+        for (int c = 0; c < C; c++) {
+            pw_program *p = pw_pipeline_program(pl[k][0], c);
+            int64_t o0 = pw_now_ns();
+            for (int r = 0; r < 3; r++) pw_program_optimizer_step(p, 1000 + r);
+            cost[c].optim = (double)(pw_now_ns() - o0) * 1e-9 / 3;
+        }
+        for (int v = 0; v < 2; v++) {
+            pw_sim_config sc = {.chunks = cost, .link_latency = 10e-6, .steps = 4, .post_validate = v};
+            pw_sim_result *res;
+            if (pw_simulate(pw_pipeline_schedule(pl[k][0]), &sc, &res) != PW_OK) die("simulate");
+            sim[k][v] = res->period;
+            pw_sim_result_destroy(res);
+        }
+        free(cost);
+        for (int v = 0; v < 2; v++) qsort(t[k][v], (size_t)rounds, sizeof(double), cmp_double);
+    }
+    printf("bench_schedules --post-validate: p = %d, m = %d micro-batches of %lld, clip %g, %d alternating "
+           "rounds (medians)\n", S, M, (long long)mbs, clip, rounds);
+    printf("  schedule       sync step   vs 1f1b   post-validated   vs 1f1b   post/sync   rollbacks   "
+           "simulated period sync   vs 1f1b   overlapped (sim post_validate)   vs 1f1b\n");
+    const double base = t[0][0][rounds / 2];
+    for (int k = 0; k < NK; k++) {
+        const double a = t[k][0][rounds / 2], b = t[k][1][rounds / 2];
+        printf("  %-12s %8.2f ms  %+6.1f%%   %10.2f ms    %+6.1f%%   %+6.1f%%    %7lld     %12.2f ms       "
+               "%+6.1f%%   %18.2f ms           %+6.1f%%\n",
+               kinds[k].name, a * 1e3, 100 * (a / base - 1), b * 1e3, 100 * (b / base - 1), 100 * (b / a - 1),
+               (long long)rollbacks[k], sim[k][0] * 1e3, 100 * (sim[k][0] / sim[0][0] - 1), sim[k][1] * 1e3,
+               100 * (sim[k][1] / sim[0][0] - 1));
+        for (int v = 0; v < 2; v++) {
+            pw_pipeline_destroy(pl[k][v]);
+            free(t[k][v]);
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     const long W = arg_int(argc, argv, "--width", 512);
@@ -193,6 +287,19 @@ int main(int argc, char **argv)
     pw_dataset *d;
     if (pw_dataset_synthetic(&sc, &d) != PW_OK) die("data");
     pw_cpu_set_threads(1);
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--post-validate")) {
+            const int rounds = (int)arg_int(argc, argv, "--rounds", 15);
+            const double clip = strtod(arg_str(argc, argv, "--clip", "1e6"), NULL);
+            if (rounds < 1 || rounds > 1000 || !(clip > 0)) {
+                fprintf(stderr, "bench_schedules: --rounds 1..1000, --clip > 0\n");
+                return 2;
+            }
+            post_validate_table(g, d, S, M, mbs, rounds, clip);
+            pw_dataset_destroy(d);
+            pw_graph_destroy(g);
+            return 0;
+        }
     pw_profile_config prc = {.micro_batch = mbs, .iterations = 9, .threads = 1};
     pw_profile *prof;
     if (pw_profile_measure(g, &prc, &prof) != PW_OK) die("profile");
