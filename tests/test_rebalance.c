@@ -373,3 +373,98 @@ Test(rebalance, slow_rank_keeps_bits, .timeout = TIMEOUT)
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
+
+/* ---- the decision (stages/plan/rebalancer.h), fed with chosen stage times ---- */
+
+#include "graph/partition.h"
+#include "stages/plan/rebalancer.h"
+
+/* A 4-stage 1F1B rebalancer over the MLP at the FLOPs model; each rank's
+ * busy time per step is the model's for its chunk × slow[r]. Returns the
+ * step of the first proposed move (0: none within 60 steps) and its cuts. */
+static int64_t first_move(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why, size_t n)
+{
+    pw_schedule_config sc = {.kind = PW_SCHEDULE_1F1B, .n_stages = 4, .n_micro = 8};
+    pw_schedule *s;
+    pw_schedule_report *rep;
+    cr_assert_eq(pw_schedule_generate(&sc, &s), PW_OK);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK);
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, 4, PW_PARTITION_FLOPS, &part), PW_OK);
+    pw_rebalancer_config rc = pw_rebalancer_defaults();
+    rc.mode = PW_REBALANCE_AUTO;
+    rc.plan.graph = g;
+    rc.plan.stages = 4;
+    rc.plan.micro_batches = 8;
+    rc.plan.micro_batch_size = 16;
+    rc.plan.memory_budget = budget;
+    rc.schedule = s;
+    rc.report = rep;
+    pw_rebalancer *rb;
+    cr_assert_eq(pw_rebalancer_create(&rc, part.begin, &rb), PW_OK, "%s", pw_last_error());
+    /* The model's busy time per step of each chunk (speed 1). */
+    pw_partition_config pc;
+    pw_plan_partition_config(&rc.plan, 4, rep->peak_inflight_chunk, &pc);
+    pw_partition ev;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, part.begin, &ev), PW_OK);
+    double busy[4];
+    for (int r = 0; r < 4; r++)
+        busy[r] = slow[r] * (8 * (ev.stage[r].f + ev.stage[r].b + ev.stage[r].w) + ev.stage[r].optim);
+    int64_t at = 0;
+    for (int64_t step = 1; step <= 60 && !at; step++) {
+        pw_rebalance_decision d;
+        cr_assert_eq(pw_rebalancer_observe(rb, step, busy, 1e-3, &d), PW_OK, "%s", pw_last_error());
+        if (d.decided) snprintf(why, n, "%s", d.why);
+        if (d.move) {
+            at = step;
+            memcpy(moved_to, d.new_cuts, 5 * sizeof(int));
+            cr_assert_gt(d.predicted_gain, 0.05);
+        }
+    }
+    pw_partition_free(&ev);
+    pw_partition_free(&part);
+    pw_rebalancer_destroy(rb);
+    pw_schedule_report_destroy(rep);
+    pw_schedule_destroy(s);
+    return at;
+}
+
+Test(rebalance, decides_from_the_measured_times)
+{
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    int cuts[5];
+    char why[256] = "";
+    /* As the model says: no move. */
+    const double even[4] = {1, 1, 1, 1};
+    cr_assert_eq(first_move(g, even, 0, cuts, why, sizeof why), 0, "moved on equal speeds");
+    cr_assert(strstr(why, "best") || strstr(why, "below"), "%s", why);
+    /* Rank 2 three times slower: its chunk shrinks, within two windows (AUTO confirms). */
+    const double slow2[4] = {1, 1, 3, 1};
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, 4, PW_PARTITION_FLOPS, &part), PW_OK);
+    const int64_t at = first_move(g, slow2, 0, cuts, why, sizeof why);
+    cr_assert(at > 0 && at <= 20, "moved at step %lld (%s)", (long long)at, why);
+    cr_assert_lt(cuts[3] - cuts[2], part.begin[3] - part.begin[2], "stage 2 did not lose nodes: [%d,%d)", cuts[2],
+                 cuts[3]);
+    /* A budget the move would break (but the current cuts do not matter):
+     * no move, and it says why. */
+    cr_assert_eq(first_move(g, slow2, 4096, cuts, why, sizeof why), 0);
+    cr_assert(strstr(why, "budget"), "%s", why);
+    pw_partition_free(&part);
+    pw_graph_destroy(g);
+}
+
+Test(rebalance, parses_the_mode)
+{
+    pw_rebalance_mode m;
+    int every;
+    cr_assert_eq(pw_rebalance_parse("auto", &m, &every), PW_OK);
+    cr_assert_eq(m, PW_REBALANCE_AUTO);
+    cr_assert_eq(pw_rebalance_parse("every:25", &m, &every), PW_OK);
+    cr_assert(m == PW_REBALANCE_EVERY && every == 25);
+    cr_assert_eq(pw_rebalance_parse("off", &m, &every), PW_OK);
+    cr_assert_eq(m, PW_REBALANCE_OFF);
+    const char *bad[] = {"every:1", "every:", "every:x", "sometimes", "every:5x", ""};
+    for (int i = 0; i < 6; i++) cr_assert_eq(pw_rebalance_parse(bad[i], &m, &every), PW_ERR_INVALID_ARG, "%s", bad[i]);
+}

@@ -40,6 +40,7 @@
 #include "stages/program/program.h"
 #include "stages/train/trainer.h"
 #include "stages/train/state.h"
+#include "pipeline-run/rebalance.h"
 #include "pipeline-run/supervise.h"
 #ifdef PW_HAVE_CUDA
 #include "stages/ops/cuda/backend_cuda.h"
@@ -105,6 +106,9 @@ typedef struct options {
     int keep;                    /* --keep K (0: all) */
     const char *resume;          /* --resume DIR */
     int max_restarts;            /* --max-restarts N (one process: a supervising parent) */
+    const char *rebalance;       /* --rebalance auto|every:N|off (tools/pipeline-run/rebalance.h) */
+    const char *rebalance_at;    /* --rebalance-at STEP:CUTS[/...]: forced moves (tests) */
+    double rebalance_gain;       /* --rebalance-gain PCT, as a fraction (0: 5%) */
 } options;
 
 static void usage(FILE *f)
@@ -150,6 +154,11 @@ static void usage(FILE *f)
 "                        busy ms), flushed as training goes (JSON Lines)\n"
 "  --watchdog SEC        fail a stage that waits longer than this (default 60)\n"
 "  --no-pin              do not bind stage threads to cores\n"
+"  --rebalance MODE      auto, every:N or off (default): move the cuts between\n"
+"                        steps when the stage times measured say that another\n"
+"                        split is --rebalance-gain PCT faster (default 5); the\n"
+"                        results stay bit-identical (docs/partition.md)\n"
+"  --rebalance-at STEP:C1,C2,..[/STEP:..]  move the cuts after STEP (tests)\n"
 "  --check               check every executed action against the schedule\n"
 "\n"
 "Forecasts and plans (nothing trains; no data is loaded)\n"
@@ -317,7 +326,8 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
-       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS };
+       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS,
+       OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -458,6 +468,9 @@ static int parse_args(int argc, char **argv, options *o)
         {"keep", required_argument, 0, OPT_KEEP},
         {"resume", required_argument, 0, OPT_RESUME},
         {"max-restarts", required_argument, 0, OPT_MAX_RESTARTS},
+        {"rebalance", required_argument, 0, OPT_REBALANCE},
+        {"rebalance-at", required_argument, 0, OPT_REBALANCE_AT},
+        {"rebalance-gain", required_argument, 0, OPT_REBALANCE_GAIN},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -662,6 +675,12 @@ static int parse_args(int argc, char **argv, options *o)
             o->top_k = (int)v;
             break;
         case OPT_METRICS: o->metrics = optarg; break;
+        case OPT_REBALANCE: o->rebalance = optarg; break;
+        case OPT_REBALANCE_AT: o->rebalance_at = optarg; break;
+        case OPT_REBALANCE_GAIN:
+            if (parse_f64("--rebalance-gain", optarg, 0.1, 90, &o->rebalance_gain)) return 2;
+            o->rebalance_gain /= 100;
+            break;
         case OPT_EVAL_EVERY:
             if (parse_i64("--eval-every", optarg, 1, INT64_MAX / 2, &o->eval_every)) return 2;
             break;
@@ -733,6 +752,8 @@ static int parse_args(int argc, char **argv, options *o)
     if ((o->metrics || o->eval_every) && (o->simulate || o->plan || o->generate))
         return bad_usage("%s", "--metrics and --eval-every apply to training, not to --simulate, --plan "
                                "or --generate");
+    if ((o->rebalance || o->rebalance_at || o->rebalance_gain) && (o->simulate || o->plan || o->generate))
+        return bad_usage("%s", "--rebalance, --rebalance-at and --rebalance-gain apply to training");
     if (ckpt_flags && !o->checkpoint_dir)
         return bad_usage("%s", "--checkpoint-every, --keep and --max-restarts need --checkpoint-dir DIR");
     if ((o->checkpoint_dir || o->resume) && (o->simulate || o->plan || o->generate))
@@ -1310,6 +1331,36 @@ static int metrics_eval(metrics *m, const pw_step_stats *s, const pw_eval_stats 
     jput(m, ",\"samples\":%lld", (long long)ev->samples);
     jnum(m, "eval_ms", 1e3 * eval_s);
     jnum(m, "elapsed_s", elapsed_s);
+    return metrics_flush(m);
+}
+
+/* {"type":"rebalance", ...} after a move; {"type":"rebalance_gain", ...}
+ * when its gain is measured (a window of steps later). 0, or 1 after the error. */
+static int metrics_rebalance(metrics *m, const pr_rebalance_event *ev, int64_t step)
+{
+    if (m->fd < 0 || !(ev->moved || ev->measured)) return 0;
+    if (ev->measured) {
+        jput(m, "{\"type\":\"rebalance_gain\",\"step\":%lld,\"move_step\":%lld", (long long)step,
+             (long long)ev->measured_of);
+        jnum(m, "step_ms_before", 1e3 * ev->before_s);
+        jnum(m, "step_ms_after", 1e3 * ev->after_s);
+        jnum(m, "measured_gain", ev->measured_gain);
+        if (metrics_flush(m)) return 1;
+    }
+    if (!ev->moved) return 0;
+    jput(m, "{\"type\":\"rebalance\",\"step\":%lld,\"forced\":%s", (long long)ev->step,
+         ev->forced ? "true" : "false");
+    for (int k = 0; k < 2; k++) {
+        const int *c = k ? ev->new_cuts : ev->old_cuts;
+        jput(m, ",\"%s\":[", k ? "new_cuts" : "old_cuts");
+        for (int i = 0; i < ev->n_cuts; i++) jput(m, "%s%d", i ? "," : "", c[i]);
+        jput(m, "]");
+    }
+    jnum(m, "predicted_gain", ev->forced ? NAN : ev->predicted_gain);
+    jnum(m, "step_ms_before", ev->forced ? NAN : 1e3 * ev->measured_step_s);
+    jnum(m, "predicted_step_ms", ev->forced ? NAN : 1e3 * ev->predicted_step_s);
+    jnum(m, "move_ms", 1e3 * ev->move_s);
+    jput(m, ",\"moved_bytes\":%lld", (long long)ev->bytes);
     return metrics_flush(m);
 }
 
@@ -1945,6 +1996,8 @@ int main(int argc, char **argv)
     pw_dataset *train = NULL, *test = NULL;
     pw_pipeline *t = NULL;
     pw_state_writer *ckw = NULL; /* --checkpoint-dir */
+    pr_rebalance *rbl = NULL;    /* --rebalance, --rebalance-at */
+    pw_profile *prof = NULL;     /* --balance time's op times */
     int64_t last_saved = -1;     /* the step of the last checkpoint started */
     int checkpointed = 0;        /* 1: the signal's checkpoint is complete */
     int status = 1;
@@ -2064,6 +2117,8 @@ int main(int argc, char **argv)
         }
     }
     pw_status created = pw_pipeline_create(&pc, &t);
+    prof = pr.prof; /* --rebalance decides with the same op times */
+    pr.prof = NULL;
     plan_run_free(&pr); /* the pipeline keeps a copy of the cuts */
     if (created != PW_OK) {
         fail("");
@@ -2128,6 +2183,25 @@ int main(int argc, char **argv)
         goto out;
     }
 
+    {
+        int rc_status;
+        pw_plan_config rp = pw_plan_defaults();
+        rp.graph = g;
+        rp.stages = o.stages;
+        rp.replicas = o.replicas;
+        rp.micro_batches = o.micro_batches;
+        rp.micro_batch_size = micro_size(&o);
+        rp.optim = o.optim.kind;
+        rp.recompute = o.recompute;
+        rp.grad_groups = o.grad_groups;
+        pr_rebalance_config rc = {.mode = o.rebalance, .min_gain = o.rebalance_gain, .forced = o.rebalance_at,
+                                  .plan = rp, .profile = prof, .t = g_mpi, .quiet = o.quiet};
+        if ((rc.mode || rc.forced) && ((rc.mode && (rc_status = one_budget(&o, &rc.plan.memory_budget)) != 0) ||
+                                       (rc_status = pr_rebalance_open(&rc, t, &rbl)) != 0)) {
+            status = rc_status; /* one budget for every stage: the rebalancer's */
+            goto out;
+        }
+    }
     const int64_t spe = pw_pipeline_steps_per_epoch(t);
     const int64_t total = o.steps ? o.steps : o.epochs * spe;
     const int64_t n_epochs = (total + spe - 1) / spe;
@@ -2208,6 +2282,11 @@ int main(int argc, char **argv)
             goto out;
         }
         if (metrics_step(&mx, t, &o, &pc.optim, &s, dt, now_s() - t0, tokens_per_sample) != 0) goto out;
+        if (rbl) { /* a step boundary: the cuts may move */
+            pr_rebalance_event rev;
+            if (pr_rebalance_step(rbl, &t, s.step, dt, &rev) || metrics_rebalance(&mx, &rev, s.step)) goto out;
+            if (rev.moved) metrics_start(&mx, t); /* a new engine counts from zero */
+        }
         maybe_fault(s.step);
         steps_done = s.step;
         epoch_loss += s.loss;
@@ -2378,6 +2457,8 @@ out:
     metrics_close(&mx);
     g_finished = 1;
     pw_state_writer_destroy(ckw);
+    pr_rebalance_close(rbl);
+    pw_profile_destroy(prof);
     pw_state_close(resume);
     pw_pipeline_destroy(t);
     pw_dataset_destroy(train);
