@@ -18,8 +18,7 @@ struct pw_rebalancer {
     pw_rebalancer_config cfg;
     int S, C, window, min_interval;
     int *cuts, *proposal;     /* [C + 1] now, and this window's proposal */
-    int *pending;             /* [C + 1] AUTO: the last window's proposal, awaiting confirmation */
-    int has_pending;
+    int has_pending;          /* AUTO: the last window proposed a move; this one confirms */
     int *inflight;            /* [C] activation slots (the report's peaks) */
     double *busy;             /* [window][S] this window's busy seconds per step */
     double *step_s;           /* [window] */
@@ -64,7 +63,6 @@ void pw_rebalancer_destroy(pw_rebalancer *rb)
     if (!rb) return;
     free(rb->cuts);
     free(rb->proposal);
-    free(rb->pending);
     free(rb->inflight);
     free(rb->busy);
     free(rb->step_s);
@@ -98,14 +96,13 @@ pw_status pw_rebalancer_create(const pw_rebalancer_config *cfg, const int *cuts,
     const size_t S = (size_t)rb->S, C = (size_t)rb->C, W = (size_t)rb->window;
     rb->cuts = malloc((C + 1) * sizeof(int));
     rb->proposal = malloc((C + 1) * sizeof(int));
-    rb->pending = malloc((C + 1) * sizeof(int));
     rb->inflight = malloc(C * sizeof(int));
     rb->busy = calloc(W * S, sizeof(double));
     rb->step_s = calloc(W, sizeof(double));
     rb->med = calloc(S, sizeof(double));
     rb->speed = calloc(S, sizeof(double));
     rb->tmp = calloc(W > S ? W : S, sizeof(double));
-    if (!rb->cuts || !rb->proposal || !rb->pending || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
+    if (!rb->cuts || !rb->proposal || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
         !rb->tmp) {
         pw_rebalancer_destroy(rb);
         return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
@@ -231,11 +228,10 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
     else if (d->predicted_gain < rb->cfg.min_gain)
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%% is below %.1f%%", 100 * d->predicted_gain,
                  100 * rb->cfg.min_gain);
-    else if (rb->cfg.mode == PW_REBALANCE_AUTO &&
-             !(rb->has_pending && !memcmp(rb->pending, rb->proposal, sizeof(int) * (size_t)(C + 1)))) {
+    else if (rb->cfg.mode == PW_REBALANCE_AUTO && !rb->has_pending) {
         /* A window can be unlucky (another job took the core for a while):
-         * AUTO moves when two windows in a row propose the same cuts. */
-        memcpy(rb->pending, rb->proposal, sizeof(int) * (size_t)(C + 1));
+         * AUTO moves when two windows in a row want to, to the cuts the
+         * second one proposes (noise moves a cut by a node or two). */
         rb->has_pending = 1;
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%%: to be confirmed by the next window",
                  100 * d->predicted_gain);

@@ -36,8 +36,9 @@
  *
  * When a move is proposed. Mode AUTO: when a window is full, at least
  * min_interval steps after the last move, the predicted gain is at least
- * min_gain, and the window before proposed the same cuts (one unlucky
- * window, another job taking a core for a while, does not move layers).
+ * min_gain, and the window before also proposed a move (one unlucky
+ * window, another job taking a core for a while, does not move layers;
+ * the move goes to the second window's cuts).
  * Mode EVERY: every `every` steps (the window is those
  * steps) with the same gain test. Never a move whose chunks' memory
  * (parameters, gradients, optimizer state, activations, buffers: the
