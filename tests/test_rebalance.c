@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "pipeline_support.h"
@@ -467,4 +468,61 @@ Test(rebalance, parses_the_mode)
     cr_assert_eq(m, PW_REBALANCE_OFF);
     const char *bad[] = {"every:1", "every:", "every:x", "sometimes", "every:5x", ""};
     for (int i = 0; i < 6; i++) cr_assert_eq(pw_rebalance_parse(bad[i], &m, &every), PW_ERR_INVALID_ARG, "%s", bad[i]);
+}
+
+/* ---- pipeline-run's flags ---- */
+
+/* Runs pipeline-run with `args` in the scratch directory; its exit status,
+ * and its output in *out (malloc'ed). */
+static int cli(const char *args, char **out)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd '%s' && '%s/pipeline-run' %s 2>&1", tmpdir(), PW_BINARY_DIR, args);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    size_t cap = 1 << 16, n = 0, k;
+    char *buf = malloc(cap);
+    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
+        n += k;
+        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = 0;
+    int st = pclose(p);
+    *out = buf;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(rebalance, cli_flags, .timeout = TIMEOUT)
+{
+    FILE *f = fopen(tmp_path("m.graph"), "w");
+    cr_assert_not_null(f);
+    fputs(MLP, f);
+    fclose(f);
+    const char *base = "m.graph --data synthetic:480:24:5 --stages 2 --batch 24 --micro-batches 4 --no-pin";
+    const char *bad[] = {"--rebalance sometimes", "--rebalance every:1", "--rebalance-gain 0", "--rebalance-at 0:3",
+                         "--rebalance-at 2:3,4", "--rebalance-at 2:11", "--rebalance-at 2:x", "--rebalance auto --plan"};
+    for (int i = 0; i < 8; i++) {
+        char args[512], *out;
+        snprintf(args, sizeof args, "%s --steps 4 %s", base, bad[i]);
+        cr_expect_eq(cli(args, &out), 2, "%s: want exit 2\n%s", bad[i], out);
+        cr_expect(strstr(out, "rebalance"), "%s: the message does not name the flag\n%s", bad[i], out);
+        free(out);
+    }
+    /* Forced moves both ways, with the automatic mode on: said, logged, and
+     * the weights of the run that never moved. */
+    char args[1024], *out;
+    snprintf(args, sizeof args, "%s --steps 30 --optimizer adamw --rebalance-at 3:4/9:7 --rebalance every:5 "
+             "--metrics m.jsonl --save moved.st", base);
+    cr_assert_eq(cli(args, &out), 0, "%s", out);
+    cr_assert(strstr(out, "-> [0,4) [4,11) (--rebalance-at)"), "%s", out);
+    cr_assert(strstr(out, "rebalance after step 9:"), "%s", out);
+    free(out);
+    snprintf(args, sizeof args, "%s --steps 30 --optimizer adamw --save still.st", base);
+    cr_assert_eq(cli(args, &out), 0, "%s", out);
+    free(out);
+    snprintf(args, sizeof args, "cmp moved.st still.st && grep -q '\"type\":\"rebalance\",\"step\":3,\"forced\":true' "
+             "m.jsonl");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd '%s' && %s", tmpdir(), args);
+    cr_assert_eq(system(cmd), 0, "the moved run's weights differ from the still one's, or the move is not logged");
 }
