@@ -373,6 +373,26 @@ static pw_status check_cuts(const pw_pipeline *pl, const int *cuts, int n_cuts)
     return PW_OK;
 }
 
+/* Under mpirun a process loaded only the sides of the data its chunks read
+ * (pw_pipeline_data_parts): new chunks that read another side (a graph
+ * that reads its input or labels beyond the first and last nodes) cannot
+ * run here. */
+static pw_status data_here(const pw_pipeline *pl)
+{
+    const pw_graph *g = pl->g;
+    unsigned need = 0;
+    for (int c = 0; c < pl->C; c++) {
+        if (!stage_here(pl, c)) continue;
+        if (pl_node_range_reads(g, pl->part.begin[c], pl->part.begin[c + 1], g->input)) need |= PW_DATA_INPUTS;
+        if (pl_node_range_reads(g, pl->part.begin[c], pl->part.begin[c + 1], g->label)) need |= PW_DATA_LABELS;
+    }
+    const unsigned lacking = need & pl->cfg.train->missing;
+    if (!lacking) return PW_OK;
+    return pw_error(PW_ERR_UNSUPPORTED, "the new cuts give stage %d nodes that read the %s, which this process did "
+                    "not load (under mpirun a process loads only the sides of the data its chunks read)",
+                    pl->t->rank, lacking & PW_DATA_INPUTS ? "inputs" : "labels");
+}
+
 /* One event per worker of this process on the (adopted) trace: the move. */
 static void trace_move(pw_pipeline *pl, int64_t step, int64_t t0, int64_t t1, int64_t bytes)
 {
@@ -411,6 +431,7 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
     if (old->sc.kind == PW_SCHEDULE_CUSTOM) c.schedule_csv = old->schedule_name;
     pw_pipeline *np = NULL;
     pw_status st = pl_create(&c, old->trace, &np);
+    if (st == PW_OK && t) st = data_here(np);
     if (st == PW_OK && injected_failure(old))
         st = pw_error(PW_ERR_NOMEM, "PW_TEST_REBALANCE_FAIL: the new layout's build failed after step %lld",
                       (long long)old->step);

@@ -9,7 +9,7 @@
 #   (b) the tiny GPT (examples/tiny_gpt_quick.graph) on 3 stages with stage 1
 #       slowed (PW_TEST_SLOW=1:SLOW: every compute callback of rank 1 takes
 #       SLOW times as long), against every split whose cuts lie on block
-#       boundaries, then every split within ±2 nodes of the best of those;
+#       boundaries, then every split within ±1 node of the best of those, and the rebalancer's own final cuts;
 #   (c) the same GPT with stage 1 slowed from step HALF on (half-way).
 #
 #   bash tools/bench/bench_rebalance.sh [BUILD_DIR] [ROUNDS] [SLOW]
@@ -81,7 +81,7 @@ for c in $gpt_coarse; do
 done
 b1=${best%,*}; b2=${best#*,}
 fine=""
-for d1 in -2 -1 0 1 2; do for d2 in -2 -1 0 1 2; do
+for d1 in -1 0 1; do for d2 in -1 0 1; do
     x=$((b1 + d1)); y=$((b2 + d2))
     if [ $x -ge 1 ] && [ $y -gt $x ] && [ $y -le 44 ] && [ "$x,$y" != "$best" ]; then fine="$fine $x,$y"; fi
 done; done
