@@ -19,6 +19,9 @@ struct pw_rebalancer {
     int S, C, window, min_interval;
     int *cuts, *proposal;     /* [C + 1] now, and this window's proposal */
     int has_pending;          /* AUTO: the last window proposed a move; this one confirms */
+    int *pending;             /* [C + 1] its cuts: the confirming proposal must lie near them */
+    int backoff;              /* min_interval multiplier: doubled after a move that did not
+                                 deliver its gain, back to 1 after one that did */
     int *inflight;            /* [C] activation slots (the report's peaks) */
     double *busy;             /* [window][S] this window's busy seconds per step */
     double *step_s;           /* [window] */
@@ -63,6 +66,7 @@ void pw_rebalancer_destroy(pw_rebalancer *rb)
     if (!rb) return;
     free(rb->cuts);
     free(rb->proposal);
+    free(rb->pending);
     free(rb->inflight);
     free(rb->busy);
     free(rb->step_s);
@@ -93,16 +97,18 @@ pw_status pw_rebalancer_create(const pw_rebalancer_config *cfg, const int *cuts,
     if (rb->cfg.min_gain == 0) rb->cfg.min_gain = DEFAULT_GAIN;
     rb->last_move = -1;
     rb->skip = 1;
+    rb->backoff = 1;
     const size_t S = (size_t)rb->S, C = (size_t)rb->C, W = (size_t)rb->window;
     rb->cuts = malloc((C + 1) * sizeof(int));
     rb->proposal = malloc((C + 1) * sizeof(int));
+    rb->pending = malloc((C + 1) * sizeof(int));
     rb->inflight = malloc(C * sizeof(int));
     rb->busy = calloc(W * S, sizeof(double));
     rb->step_s = calloc(W, sizeof(double));
     rb->med = calloc(S, sizeof(double));
     rb->speed = calloc(S, sizeof(double));
     rb->tmp = calloc(W > S ? W : S, sizeof(double));
-    if (!rb->cuts || !rb->proposal || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
+    if (!rb->cuts || !rb->proposal || !rb->pending || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
         !rb->tmp) {
         pw_rebalancer_destroy(rb);
         return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
@@ -177,6 +183,17 @@ static int64_t rank_memory(const pw_rebalancer *rb, const pw_partition *p, int *
     return worst;
 }
 
+/* Whether every cut of a and b lies within a sixteenth of the graph (at
+ * least one node) of each other. */
+static int near(const pw_rebalancer *rb, const int *a, const int *b)
+{
+    int tol = rb->cfg.plan.graph->n_nodes / 16;
+    if (tol < 1) tol = 1;
+    for (int c = 0; c <= rb->C; c++)
+        if (abs(a[c] - b[c]) > tol) return 0;
+    return 1;
+}
+
 /* The decision of a full window (rb->med holds its medians). */
 static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
 {
@@ -236,10 +253,12 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
     else if (d->predicted_gain < rb->cfg.min_gain)
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%% is below %.1f%%", 100 * d->predicted_gain,
                  100 * rb->cfg.min_gain);
-    else if (rb->cfg.mode == PW_REBALANCE_AUTO && !rb->has_pending) {
+    else if (rb->cfg.mode == PW_REBALANCE_AUTO && !(rb->has_pending && near(rb, rb->pending, rb->proposal))) {
         /* A window can be unlucky (another job took the core for a while):
-         * AUTO moves when two windows in a row want to, to the cuts the
-         * second one proposes (noise moves a cut by a node or two). */
+         * AUTO moves when two windows in a row want nearly the same cuts
+         * (noise moves a cut by a node or two; a contended machine makes
+         * every window want something else), to the second one's. */
+        memcpy(rb->pending, rb->proposal, sizeof(int) * (size_t)(C + 1));
         rb->has_pending = 1;
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%%: to be confirmed by the next window",
                  100 * d->predicted_gain);
@@ -287,9 +306,14 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
         d->measured_before_s = rb->before_s;
         d->measured_after_s = m;
         d->measured_gain = rb->before_s > 0 ? 1.0 - m / rb->before_s : 0.0;
+        /* A move that did not deliver the gain it needed: the predictions
+         * are not to be trusted on this machine now; wait longer (up to 16
+         * times the interval) before the next. */
+        if (d->measured_gain < 0.5 * rb->cfg.min_gain) rb->backoff = rb->backoff < 16 ? 2 * rb->backoff : 16;
+        else rb->backoff = 1;
     }
     rb->last_median = m;
-    if (rb->last_move >= 0 && step - rb->last_move < rb->min_interval) return PW_OK;
+    if (rb->last_move >= 0 && step - rb->last_move < (int64_t)rb->min_interval * rb->backoff) return PW_OK;
     d->decided = 1;
     return decide(rb, d);
 }

@@ -36,9 +36,12 @@
  *
  * When a move is proposed. Mode AUTO: when a window is full, at least
  * min_interval steps after the last move, the predicted gain is at least
- * min_gain, and the window before also proposed a move (one unlucky
- * window, another job taking a core for a while, does not move layers;
- * the move goes to the second window's cuts).
+ * min_gain, and the window before proposed nearly the same cuts (every
+ * cut within a sixteenth of the graph's nodes; one unlucky window, or a
+ * contended machine where each window wants something else, does not move
+ * layers; the move goes to the second window's cuts). A move whose
+ * measured gain falls below half of min_gain doubles the interval before
+ * the next (up to 16 times); one that delivers resets it.
  * Mode EVERY: every `every` steps (the window is those
  * steps) with the same gain test. Never a move whose chunks' memory
  * (parameters, gradients, optimizer state, activations, buffers: the
