@@ -383,7 +383,17 @@ Test(rebalance, slow_rank_keeps_bits, .timeout = TIMEOUT)
 /* A 4-stage 1F1B rebalancer over the MLP at the FLOPs model; each rank's
  * busy time per step is the model's for its chunk × slow[r]. Returns the
  * step of the first proposed move (0: none within 60 steps) and its cuts. */
+static int64_t first_move_of(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why,
+                             size_t n, int alternate);
 static int64_t first_move(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why, size_t n)
+{
+    return first_move_of(g, slow, budget, moved_to, why, n, 0);
+}
+
+/* With `alternate`, the slow rank changes every window (rank r's factor
+ * moves to rank r + 2): a machine whose contention wanders. */
+static int64_t first_move_of(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why,
+                             size_t n, int alternate)
 {
     pw_schedule_config sc = {.kind = PW_SCHEDULE_1F1B, .n_stages = 4, .n_micro = 8};
     pw_schedule *s;
@@ -410,10 +420,12 @@ static int64_t first_move(const pw_graph *g, const double *slow, int64_t budget,
     pw_partition ev;
     cr_assert_eq(pw_partition_evaluate(g, &pc, part.begin, &ev), PW_OK);
     double busy[4];
-    for (int r = 0; r < 4; r++)
-        busy[r] = slow[r] * (8 * (ev.stage[r].f + ev.stage[r].b + ev.stage[r].w) + ev.stage[r].optim);
     int64_t at = 0;
     for (int64_t step = 1; step <= 60 && !at; step++) {
+        const int shift = alternate ? 2 * (int)((step - 2) / 8) : 0; /* windows: steps 2-9, 10-17, ... */
+        for (int r = 0; r < 4; r++)
+            busy[r] = slow[(r + 4 - shift % 4) % 4] *
+                      (8 * (ev.stage[r].f + ev.stage[r].b + ev.stage[r].w) + ev.stage[r].optim);
         pw_rebalance_decision d;
         cr_assert_eq(pw_rebalancer_observe(rb, step, busy, 1e-3, &d), PW_OK, "%s", pw_last_error());
         if (d.decided) snprintf(why, n, "%s", d.why);
@@ -452,6 +464,11 @@ Test(rebalance, decides_from_the_measured_times)
      * no move, and it says why. */
     cr_assert_eq(first_move(g, slow2, 4096, cuts, why, sizeof why), 0);
     cr_assert(strstr(why, "budget"), "%s", why);
+    /* The slow rank wanders from window to window: each window wants other
+     * cuts, and none is confirmed. */
+    cr_assert_eq(first_move_of(g, slow2, 0, cuts, why, sizeof why, 1), 0, "moved after a wandering slowdown: %s",
+                 why);
+    cr_assert(strstr(why, "confirmed"), "%s", why);
     pw_partition_free(&part);
     pw_graph_destroy(g);
 }

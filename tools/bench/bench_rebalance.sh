@@ -33,8 +33,9 @@ gpt="examples/tiny_gpt_quick.graph --stages 3 --batch 12 --micro-batches 6 --dat
 median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print "nan"; else print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 # Median step_ms of the steps in [from, to] of a metrics log.
 steps_ms() { jq -r --argjson a "$2" --argjson b "$3" 'select(.type=="step" and .step>=$a and .step<=$b) | .step_ms' "$1" | median; }
-# The step after which the first automatic move was made (0: none).
-first_move() { jq -r 'select(.type=="rebalance" and .forced==false) | .step' "$1" | head -1 | awk 'BEGIN{s=0} {s=$1} END{print s}'; }
+# The step after which the first automatic move at or after step $2 (default
+# 1) was made (0: none).
+first_move() { jq -r --argjson a "${2:-1}" 'select(.type=="rebalance" and .forced==false and .step>=$a) | .step' "$1" | head -1 | awk 'BEGIN{s=0} {s=$1} END{print s}'; }
 last_cuts() { jq -r 'select(.type=="rebalance" and .forced==false) | .new_cuts | .[1:-1] | map(tostring) | join(",")' "$1" | tail -1; }
 
 # static LABEL ENV CUTS STEPS FLAGS...: one static run, its median step ms
@@ -66,8 +67,9 @@ for r in $(seq 1 "$rounds"); do
     steps_ms "$tmp/b.jsonl" $((m + 5)) 100 >> "$tmp/b_after"
     # (c) slowed half-way.
     PW_TEST_SLOW=1:$slow@80 "$run" $gpt --steps 160 --rebalance auto --metrics "$tmp/c.jsonl" >/dev/null
-    m=$(first_move "$tmp/c.jsonl")
+    m=$(first_move "$tmp/c.jsonl" 80)
     echo "$m" >> "$tmp/c_move"
+    jq -r 'select(.type=="rebalance" and .forced==false and .step<80) | .step' "$tmp/c.jsonl" | wc -l >> "$tmp/c_early"
     steps_ms "$tmp/c.jsonl" 10 79 >> "$tmp/c_fast"
     steps_ms "$tmp/c.jsonl" 81 "$m" >> "$tmp/c_before"
     steps_ms "$tmp/c.jsonl" $((m + 5)) 160 >> "$tmp/c_after"
@@ -115,6 +117,7 @@ printf '%-40s %10.2f %10.2f %8.2f [%s] %10s %9.1f%%\n' "(b) GPT 3 stages, stage 
 printf '%-40s %10.2f %10.2f %8.2f [%s] %10s %9.1f%%\n' "(c) GPT, stage 1 x$slow from step 80" \
     "$(median < "$tmp/c_before")" "$c_after" "$b_best" "$b_cuts" "$(median < "$tmp/c_move")" \
     "$(awk -v x="$c_after" -v y="$b_best" 'BEGIN{print 100*(x/y-1)}')"
-echo "(c) before the slowdown (steps 10-79): $(median < "$tmp/c_fast") ms"
+echo "(c) before the slowdown (steps 10-79): $(median < "$tmp/c_fast") ms; moves before the slowdown per run: $(tr '\n' ' ' < "$tmp/c_early")"
+echo "first automatic move (step) per round: (a) $(tr '\n' ' ' < "$tmp/a_move") (b) $(tr '\n' ' ' < "$tmp/b_move") (c) $(tr '\n' ' ' < "$tmp/c_move")"
 echo "every static split (median ms over rounds):"
 for f in "$tmp"/a_static_* "$tmp"/b_static_*; do printf '  %-24s %8.2f\n' "${f##*/}" "$(median < "$f")"; done
