@@ -49,6 +49,8 @@
 #include "stages/plan/profile.h"             /* measured op times */
 #include "stages/plan/plan.h"                /* the whole layout: partition, schedule, placement */
 #include "stages/plan/layout.h"              /* searching stages x replicas x threads x schedule */
+#include "stages/train/rebalance.h"          /* moving a running pipeline's cuts */
+#include "stages/plan/rebalancer.h"          /* when and where to move them */
 #include "runtime/trace_read.h"              /* reading traces */
 #include "scheduler/analysis/trace_analysis.h" /* bubbles and their causes (pipe-trace) */
 

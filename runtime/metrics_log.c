@@ -137,3 +137,31 @@ pw_status pw_metrics_log_eval(pw_metrics_log *m, const pw_metrics_eval_rec *r)
     jnum(m, "elapsed_s", r->elapsed_s);
     return flush_line(m);
 }
+
+pw_status pw_metrics_log_move(pw_metrics_log *m, const pw_metrics_move_rec *r)
+{
+    jput(m, "{\"type\":\"rebalance\",\"step\":%lld,\"forced\":%s", (long long)r->step,
+         r->forced ? "true" : "false");
+    for (int k = 0; k < 2; k++) {
+        const int *c = k ? r->new_cuts : r->old_cuts;
+        jput(m, ",\"%s\":[", k ? "new_cuts" : "old_cuts");
+        for (int i = 0; i < r->n_cuts; i++) jput(m, "%s%d", i ? "," : "", c[i]);
+        jput(m, "]");
+    }
+    jnum(m, "predicted_gain", r->predicted_gain);
+    jnum(m, "step_ms_before", r->step_ms_before);
+    jnum(m, "predicted_step_ms", r->predicted_step_ms);
+    jnum(m, "move_ms", r->move_ms);
+    jput(m, ",\"moved_bytes\":%lld", (long long)r->moved_bytes);
+    return flush_line(m);
+}
+
+pw_status pw_metrics_log_move_gain(pw_metrics_log *m, const pw_metrics_move_gain_rec *r)
+{
+    jput(m, "{\"type\":\"rebalance_gain\",\"step\":%lld,\"move_step\":%lld", (long long)r->step,
+         (long long)r->move_step);
+    jnum(m, "step_ms_before", r->step_ms_before);
+    jnum(m, "step_ms_after", r->step_ms_after);
+    jnum(m, "measured_gain", r->measured_gain);
+    return flush_line(m);
+}

@@ -70,6 +70,26 @@ typedef struct pw_metrics_eval_rec {
     double elapsed_s;
 } pw_metrics_eval_rec;
 
+/* {"type":"rebalance", ...}: the cut points moved after `step`
+ * (stages/train/rebalance.h, docs/partition.md). */
+typedef struct pw_metrics_move_rec {
+    int64_t step;
+    int forced;                /* asked for (--rebalance-at), not decided */
+    const int *old_cuts, *new_cuts; /* [n_cuts] each */
+    int n_cuts;
+    double predicted_gain;     /* fraction of the step; NaN: none (forced) */
+    double step_ms_before;     /* measured before the move; NaN: none */
+    double predicted_step_ms;  /* NaN: none */
+    double move_ms;            /* what the move took */
+    int64_t moved_bytes;       /* parameters and optimizer state that changed owner */
+} pw_metrics_move_rec;
+
+/* {"type":"rebalance_gain", ...}: a move's gain measured a window later. */
+typedef struct pw_metrics_move_gain_rec {
+    int64_t step, move_step;
+    double step_ms_before, step_ms_after, measured_gain;
+} pw_metrics_move_gain_rec;
+
 /* Creates (or truncates) the file at `path`. PW_ERR_IO "PATH: reason" when it
  * cannot; PW_ERR_NOMEM. `max_stages` bounds n_stages of the step records
  * (the line buffer is sized once, here). */
@@ -78,6 +98,9 @@ pw_status pw_metrics_log_open(const char *path, int max_stages, pw_metrics_log *
  * ends at its last complete line. */
 pw_status pw_metrics_log_step(pw_metrics_log *log, const pw_metrics_step_rec *r);
 pw_status pw_metrics_log_eval(pw_metrics_log *log, const pw_metrics_eval_rec *r);
+/* n_cuts at most max_stages + 1 of open. */
+pw_status pw_metrics_log_move(pw_metrics_log *log, const pw_metrics_move_rec *r);
+pw_status pw_metrics_log_move_gain(pw_metrics_log *log, const pw_metrics_move_gain_rec *r);
 /* Closes the file and frees the log. Accepts NULL. */
 void pw_metrics_log_close(pw_metrics_log *log);
 

@@ -100,6 +100,7 @@ static const char *cat_name(int cat)
     case PW_TRACE_COMM: return "comm";
     case PW_TRACE_WAIT: return "wait";
     case PW_TRACE_STEP: return "step";
+    case PW_TRACE_REBALANCE: return "rebalance";
     default: return "other";
     }
 }

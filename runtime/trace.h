@@ -39,6 +39,9 @@ typedef enum pw_trace_cat {
     PW_TRACE_COMM,          /* SEND_*, RECV_* (the hand-off itself) */
     PW_TRACE_WAIT,          /* idle: waiting for a message / all-reduce / data */
     PW_TRACE_STEP,          /* a whole training step */
+    PW_TRACE_REBALANCE,     /* a re-partition between steps (stages/train/rebalance.h):
+                               name "rebalance", step = the steps done before it,
+                               bytes = parameter and optimizer bytes it moved */
 } pw_trace_cat;
 
 typedef struct pw_trace_event {

@@ -15,7 +15,8 @@
 const char *pw_phase_name(int phase)
 {
     static const char *const names[PW_PHASE_COUNT] = {"start-up", "training step", "epoch boundary",
-                                                      "evaluation", "checkpoint save", "shutdown"};
+                                                      "evaluation", "checkpoint save", "shutdown",
+                                                      "re-partition"};
     return phase >= 0 && phase < PW_PHASE_COUNT ? names[phase] : "?";
 }
 

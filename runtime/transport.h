@@ -76,6 +76,7 @@ typedef enum pw_phase {
     PW_PHASE_EVAL,           /* evaluation */
     PW_PHASE_SAVE,           /* gathering and writing a checkpoint */
     PW_PHASE_SHUTDOWN,       /* the run is over: waiting for the others to finish */
+    PW_PHASE_REBALANCE,      /* moving the cuts between steps (stages/train/rebalance.h) */
     PW_PHASE_COUNT
 } pw_phase;
 const char *pw_phase_name(int phase);

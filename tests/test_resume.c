@@ -207,6 +207,28 @@ Test(resume, at_epoch_ends_across_a_reshuffle)
     same_bytes("r.st", "ref.st", "resumed at the end of epoch 1");
 }
 
+/* Checkpoints written after the cuts moved (--rebalance-at): the same bytes
+ * as a run that never moved, the new cuts in the manifest, and a resume on
+ * another layout from it. (The layout's schedule name once pointed into the
+ * replaced pipeline: the checkpoint failed after a move.) */
+Test(resume, checkpoints_after_a_rebalance)
+{
+    ok(MLP " --optimizer adamw --steps 8 --stages 1 --save ref8.st");
+    ok(MLP " --optimizer adamw --steps 4 --stages 1 --save ref4.st");
+    ok(MLP " --optimizer adamw --steps 8 --stages 2 --rebalance-at 2:2 --checkpoint-dir ckm --checkpoint-every 4 "
+           "--keep 0");
+    same_bytes("ckm/step-00000004/model.safetensors", "ref4.st", "a checkpoint after the move");
+    char path[1200];
+    snprintf(path, sizeof path, "%s/ckm/step-00000004/manifest.json", dir);
+    json_t *m = json_load_file(path, 0, NULL);
+    json_t *cuts = json_object_get(json_object_get(m, "layout"), "cuts");
+    cr_assert(json_array_size(cuts) == 3 && json_integer_value(json_array_get(cuts, 1)) == 2,
+              "the moved cuts [0, 2, ...] in the manifest");
+    json_decref(m);
+    ok(MLP " --optimizer adamw --steps 8 --stages 3 --resume ckm/step-00000004 --save r8.st");
+    same_bytes("r8.st", "ref8.st", "resumed from a checkpoint written after a move");
+}
+
 /* Replicas 2 -> 1 at the same global batch: the micro-batches follow the
  * checkpoint's micro-batch size, and the result is the same bits (1 and 2
  * divide the gradient groups). 3 replicas do not divide G = 4: accepted,

@@ -39,6 +39,7 @@
 #include "stages/program/program.h"
 #include "stages/train/trainer.h"
 #include "stages/train/state.h"
+#include "pipeline-run/rebalance.h"
 #include "pipeline-run/supervise.h"
 #include "pipeline-run/parallel.h"
 #ifdef PW_HAVE_CUDA
@@ -110,6 +111,9 @@ typedef struct options {
     /* --parallel auto: the layout search chooses what the flags leave open
      * (tools/pipeline-run/parallel.h); --processes P: the ranks it may use. */
     int parallel, processes, replicas_set, schedule_set;
+    const char *rebalance;       /* --rebalance auto|every:N|off (tools/pipeline-run/rebalance.h) */
+    const char *rebalance_at;    /* --rebalance-at STEP:CUTS[/...]: forced moves (tests) */
+    double rebalance_gain;       /* --rebalance-gain PCT, as a fraction (0: 5%) */
 } options;
 
 static void usage(FILE *f)
@@ -158,6 +162,11 @@ static void usage(FILE *f)
 "                        busy ms), flushed as training goes (JSON Lines)\n"
 "  --watchdog SEC        fail a stage that waits longer than this (default 60)\n"
 "  --no-pin              do not bind stage threads to cores\n"
+"  --rebalance MODE      auto, every:N or off (default): move the cuts between\n"
+"                        steps when the stage times measured say that another\n"
+"                        split is --rebalance-gain PCT faster (default 5); the\n"
+"                        results stay bit-identical (docs/partition.md)\n"
+"  --rebalance-at STEP:C1,C2,..[/STEP:..]  move the cuts after STEP (tests)\n"
 "  --check               check every executed action against the schedule\n"
 "\n"
 "Forecasts and plans (nothing trains; no data is loaded)\n"
@@ -337,7 +346,8 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
-       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS, OPT_PARALLEL, OPT_PROCESSES };
+       OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS, OPT_PARALLEL, OPT_PROCESSES,
+       OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -507,6 +517,9 @@ static int parse_args(int argc, char **argv, options *o)
         {"max-restarts", required_argument, 0, OPT_MAX_RESTARTS},
         {"parallel", required_argument, 0, OPT_PARALLEL},
         {"processes", required_argument, 0, OPT_PROCESSES},
+        {"rebalance", required_argument, 0, OPT_REBALANCE},
+        {"rebalance-at", required_argument, 0, OPT_REBALANCE_AT},
+        {"rebalance-gain", required_argument, 0, OPT_REBALANCE_GAIN},
         {0, 0, 0, 0},
     };
     memset(o, 0, sizeof *o);
@@ -714,6 +727,12 @@ static int parse_args(int argc, char **argv, options *o)
             o->top_k = (int)v;
             break;
         case OPT_METRICS: o->metrics = optarg; break;
+        case OPT_REBALANCE: o->rebalance = optarg; break;
+        case OPT_REBALANCE_AT: o->rebalance_at = optarg; break;
+        case OPT_REBALANCE_GAIN:
+            if (parse_f64("--rebalance-gain", optarg, 0.1, 90, &o->rebalance_gain)) return 2;
+            o->rebalance_gain /= 100;
+            break;
         case OPT_EVAL_EVERY:
             if (parse_i64("--eval-every", optarg, 1, INT64_MAX / 2, &o->eval_every)) return 2;
             break;
@@ -793,6 +812,8 @@ static int parse_args(int argc, char **argv, options *o)
     if ((o->metrics || o->eval_every) && (o->simulate || o->plan || o->generate))
         return bad_usage("%s", "--metrics and --eval-every apply to training, not to --simulate, --plan "
                                "or --generate");
+    if ((o->rebalance || o->rebalance_at || o->rebalance_gain) && (o->simulate || o->plan || o->generate))
+        return bad_usage("%s", "--rebalance, --rebalance-at and --rebalance-gain apply to training");
     if (ckpt_flags && !o->checkpoint_dir)
         return bad_usage("%s", "--checkpoint-every, --keep and --max-restarts need --checkpoint-dir DIR");
     if ((o->checkpoint_dir || o->resume) && (o->simulate || o->plan || o->generate))
@@ -1110,6 +1131,29 @@ static void trace_path(const char *path, char *out, size_t n)
     pw_trace_rank_path(path, g_mpi ? g_mpi->world_rank : -1, out, n);
 }
 
+/* {"type":"rebalance", ...} after a move; {"type":"rebalance_gain", ...}
+ * when its gain is measured (a window of steps later), into the metrics
+ * log (world rank 0 writes). 0, or 1 after the error. */
+static int metrics_rebalance(pw_pipeline_metrics *mx, const pr_rebalance_event *ev, int64_t step)
+{
+    pw_metrics_log *log = pw_pipeline_metrics_log(mx);
+    if (!log || !(ev->moved || ev->measured)) return 0;
+    if (ev->measured) {
+        pw_metrics_move_gain_rec g = {.step = step, .move_step = ev->measured_of, .step_ms_before = 1e3 * ev->before_s,
+                                      .step_ms_after = 1e3 * ev->after_s, .measured_gain = ev->measured_gain};
+        if (pw_metrics_log_move_gain(log, &g) != PW_OK) return fail("metrics: ");
+    }
+    if (!ev->moved) return 0;
+    pw_metrics_move_rec m = {
+        .step = ev->step, .forced = ev->forced, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
+        .n_cuts = ev->n_cuts, .predicted_gain = ev->forced ? NAN : ev->predicted_gain,
+        .step_ms_before = ev->forced ? NAN : 1e3 * ev->measured_step_s,
+        .predicted_step_ms = ev->forced ? NAN : 1e3 * ev->predicted_step_s, .move_ms = 1e3 * ev->move_s,
+        .moved_bytes = (int64_t)ev->bytes,
+    };
+    if (pw_metrics_log_move(log, &m) != PW_OK) return fail("metrics: ");
+    return 0;
+}
 static int start_mpi(int *argc, char ***argv, options *o, int world)
 {
     if (!pw_mpi_built()) {
@@ -1712,6 +1756,8 @@ typedef struct run {
     pw_pipeline *t;
     pw_state_writer *ckw;        /* --checkpoint-dir */
     pw_pipeline_metrics *mx;     /* --metrics */
+    pr_rebalance *rbl;           /* --rebalance, --rebalance-at */
+    pw_profile *prof;            /* --balance time's op times (--rebalance decides with them too) */
     /* The training loop's. */
     int64_t spe, total, start;   /* steps per epoch, the last step, steps done before this run */
     int tty;                     /* the progress line is redrawn in place */
@@ -1879,6 +1925,29 @@ static int restore_and_checkpoints(run *r)
     return 0;
 }
 
+/* --rebalance, --rebalance-at: the rebalancer watches the pipeline's step
+ * times (tools/pipeline-run/rebalance.h); one budget for every stage. 0, or
+ * the exit status after the error. */
+static int open_rebalance(run *r)
+{
+    const options *o = &r->o;
+    if (!o->rebalance && !o->rebalance_at) return 0;
+    pw_plan_config rp = pw_plan_defaults();
+    rp.graph = r->g;
+    rp.stages = o->stages;
+    rp.replicas = o->replicas;
+    rp.micro_batches = o->micro_batches;
+    rp.micro_batch_size = micro_size(o);
+    rp.optim = o->optim.kind;
+    rp.recompute = o->recompute;
+    rp.grad_groups = o->grad_groups;
+    pr_rebalance_config rc = {.mode = o->rebalance, .min_gain = o->rebalance_gain, .forced = o->rebalance_at,
+                              .plan = rp, .profile = r->prof, .t = g_mpi, .quiet = o->quiet};
+    int st;
+    if (rc.mode && (st = one_budget(o, &rc.plan.memory_budget)) != 0) return st;
+    return pr_rebalance_open(&rc, r->t, &r->rbl);
+}
+
 /* Schedule, plan, configuration, data, pipeline, restored state. 0, or the
  * exit status after the error. */
 static int build(run *r)
@@ -1899,9 +1968,12 @@ static int build(run *r)
     pipeline_config(r, &pr);
     rc = prepare(r);
     if (rc == 0 && pw_pipeline_create(&r->pc, &r->t) != PW_OK) rc = fail("");
+    r->prof = pr.prof; /* --rebalance decides with the same op times */
+    pr.prof = NULL;
     plan_run_free(&pr); /* the pipeline keeps a copy of the cuts */
     if (rc) return rc;
-    return restore_and_checkpoints(r);
+    if ((rc = restore_and_checkpoints(r)) != 0) return rc;
+    return open_rebalance(r);
 }
 
 /* --generate: text after the prompt, no training. */
@@ -2078,6 +2150,12 @@ static int train_loop(run *r)
             return fail("");
         }
         if (pw_pipeline_metrics_step(r->mx, r->t, &r->s, dt, now_s() - r->t0) != PW_OK) return fail("--metrics: ");
+        if (r->rbl) { /* a step boundary: the cuts may move */
+            pr_rebalance_event rev;
+            if (pr_rebalance_step(r->rbl, &r->t, r->s.step, dt, &rev) || metrics_rebalance(r->mx, &rev, r->s.step))
+                return 1;
+            if (rev.moved) pw_pipeline_metrics_start(r->mx, r->t); /* a new engine counts from zero */
+        }
         maybe_fault(r->s.step);
         r->steps_done = r->s.step;
         epoch_loss += r->s.loss;
@@ -2216,6 +2294,8 @@ static int finish_process(run *r, int status)
     pw_pipeline_metrics_close(r->mx);
     g_finished = 1;
     pw_state_writer_destroy(r->ckw);
+    pr_rebalance_close(r->rbl);
+    pw_profile_destroy(r->prof);
     pw_state_close(r->resume);
     pw_pipeline_destroy(r->t);
     pw_dataset_destroy(r->train);

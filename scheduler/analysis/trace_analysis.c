@@ -703,6 +703,58 @@ fail:
     return ta_oom();
 }
 
+/* One worker's "rebalance" event: a new move, or another worker's view of
+ * the same one (the longest span, the most bytes). */
+static pw_status add_move(pw_trace_analysis *a, const pw_trace_record *rec)
+{
+    const int64_t step = rec->has & PW_TREC_STEP ? rec->step : 0;
+    const int64_t t1 = rec->dur_ns > INT64_MAX - rec->ts_ns ? INT64_MAX : rec->ts_ns + rec->dur_ns;
+    for (int i = 0; i < a->n_moves; i++) {
+        pw_ta_move *m = &a->moves[i];
+        if (m->step != step) continue;
+        if (rec->ts_ns < m->t0) m->t0 = rec->ts_ns;
+        if (t1 > m->t1) m->t1 = t1;
+        if (rec->bytes > m->bytes) m->bytes = rec->bytes;
+        return PW_OK;
+    }
+    pw_ta_move *m = realloc(a->moves, (size_t)(a->n_moves + 1) * sizeof *m);
+    if (!m) return ta_oom();
+    a->moves = m;
+    a->moves[a->n_moves++] = (pw_ta_move){.step = step, .t0 = rec->ts_ns, .t1 = t1,
+                                          .bytes = rec->bytes > 0 ? rec->bytes : 0};
+    return PW_OK;
+}
+
+static int by_move_step(const void *x, const void *y)
+{
+    return cmp_i64(&((const pw_ta_move *)x)->step, &((const pw_ta_move *)y)->step);
+}
+
+/* Median step time of the steps numbered in (from, to]; 0 when none. */
+static int64_t median_step_ns(const pw_trace_analysis *a, int64_t from, int64_t to)
+{
+    int64_t *v = malloc(sizeof *v * (size_t)(a->n_steps + 1)), n = 0;
+    if (!v) return 0;
+    for (int64_t i = 0; i < a->n_steps; i++)
+        if (a->steps[i].step > from && a->steps[i].step <= to) v[n++] = a->steps[i].t1 - a->steps[i].t0;
+    qsort(v, (size_t)n, sizeof *v, cmp_i64);
+    const int64_t m = n == 0 ? 0 : n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+    free(v);
+    return m;
+}
+
+/* Each move's step times before and after it. */
+static void moves_finish(pw_trace_analysis *a)
+{
+    if (a->n_moves > 1) qsort(a->moves, (size_t)a->n_moves, sizeof *a->moves, by_move_step);
+    for (int i = 0; i < a->n_moves; i++) {
+        const int64_t prev = i > 0 ? a->moves[i - 1].step : INT64_MIN;
+        const int64_t next = i + 1 < a->n_moves ? a->moves[i + 1].step : INT64_MAX;
+        a->moves[i].step_ns_before = median_step_ns(a, prev, a->moves[i].step);
+        a->moves[i].step_ns_after = median_step_ns(a, a->moves[i].step, next);
+    }
+}
+
 pw_status ta_ingest(ta *s, const pw_trace_record *rec)
 {
     if (!s->detail) s->a->n_events++;
@@ -722,6 +774,8 @@ pw_status ta_ingest(ta *s, const pw_trace_record *rec)
         if (!s->detail) s->n_other_ph++;
         return PW_OK;
     }
+    if (rec->ph == 'X' && !strcmp(rec->cat, "rebalance")) /* between steps: no part of one */
+        return s->detail ? PW_OK : add_move(s->a, rec);
     int r = rank_lookup(s, rec->pid, rec->tid);
     if (r == -2) return PW_OK;
     if (r < 0) return ta_oom();
@@ -1426,6 +1480,7 @@ pw_status pw_trace_analyze_reader(pw_trace_reader *rd, const pw_trace_analysis_c
         note(a, "one process's trace of a %d-process run (MPI rank %d): the other ranks' events are in their own "
              "files (pipe-trace RUN.rank*.json analyses them as one run)", info->world_size, info->world_rank);
     PW_CHECK_GOTO(finish(&s), st, fail);
+    moves_finish(a);
     if (!cfg->no_detail) PW_CHECK_GOTO(ta_detail_pass(&s), st, fail);
     priv->names = s.names;
     priv->n_names = s.n_names;
@@ -1458,6 +1513,7 @@ void pw_trace_analysis_destroy(pw_trace_analysis *a)
     for (size_t i = 0; i < priv->n_names; i++) free(priv->names[i]);
     free(priv->names);
     free(a->file);
+    free(a->moves);
     free(a->meta.schedule);
     free(a->meta.graph);
     free(a->meta.peak_inflight);

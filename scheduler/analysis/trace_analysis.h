@@ -206,6 +206,17 @@ typedef struct pw_ta_detail {
     int64_t path_compute_ns; /* of PW_PATH_ACTION: compute events only */
 } pw_ta_detail;
 
+/* A re-partition between steps (stages/train/rebalance.h): the trace's
+ * "rebalance" events (one per worker), one entry per move. */
+typedef struct pw_ta_move {
+    int64_t step;           /* the move came after this step */
+    int64_t t0, t1;         /* its span, the longest worker's (trace clock, ns) */
+    int64_t bytes;          /* parameter and optimizer bytes: the most one process moved */
+    int64_t step_ns_before; /* median step time from the previous move (or the start) to
+                               this one, and from this one to the next (or the end); */
+    int64_t step_ns_after;  /* 0 when no step is there */
+} pw_ta_move;
+
 typedef struct pw_trace_analysis {
     char *file;
     int has_meta;                 /* the trace has a pipewright block */
@@ -241,6 +252,8 @@ typedef struct pw_trace_analysis {
     pw_ta_cause *causes;          /* largest first */
 
     pw_ta_detail detail;
+    int n_moves;
+    pw_ta_move *moves;            /* re-partitions, by step */
 } pw_trace_analysis;
 
 typedef struct pw_trace_analysis_config {

@@ -106,8 +106,7 @@ static pw_status make_schedule(const pw_plan_config *c, int S, pw_schedule **sch
     return PW_OK;
 }
 
-static void fill_partition_config(const pw_plan_config *c, int S, const int *inflight,
-                                  pw_partition_config *pc)
+void pw_plan_partition_config(const pw_plan_config *c, int S, const int *inflight, pw_partition_config *pc)
 {
     memset(pc, 0, sizeof *pc);
     pc->n_stages = S;
@@ -157,7 +156,7 @@ static int fits_with(const pw_plan_config *c, int s2)
     char nm[64];
     if (peaks_for(c, s2, &inf, nm, sizeof nm) != PW_OK) return -1;
     pw_partition_config pc;
-    fill_partition_config(c, s2, inf, &pc);
+    pw_plan_partition_config(c, s2, inf, &pc);
     pc.method = PW_PARTITION_BALANCED;
     if (c->method == PW_PARTITION_FLOPS) pc.balance = PW_BALANCE_FLOPS;
     pw_partition pt;
@@ -272,7 +271,7 @@ pw_status pw_plan_make(const pw_plan_config *c, pw_plan **out)
         p->inflight[s] = rep->peak_inflight_chunk[s] > 0 ? rep->peak_inflight_chunk[s] : 1;
 
     pw_partition_config pc;
-    fill_partition_config(c, S, p->inflight, &pc);
+    pw_plan_partition_config(c, S, p->inflight, &pc);
     st = pw_partition_plan(g, &pc, &p->part);
     if (st == PW_ERR_NOMEM) {
         char msg[2048];

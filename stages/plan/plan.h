@@ -135,6 +135,13 @@ typedef struct pw_plan {
     char topology[128];              /* its name for the header, "" */
 } pw_plan;
 
+/* The partitioner's configuration the plan uses for `c` cut into S stages
+ * with inflight[S] activation slots each (balance, op times, devices,
+ * budget, links, optimizer state and update, recompute, the gradient
+ * group sums): for callers that partition under the same model with other
+ * devices (stages/plan/rebalance.c). */
+void pw_plan_partition_config(const pw_plan_config *c, int S, const int *inflight, pw_partition_config *pc);
+
 /* Builds the plan. PW_OK: *out is new (pw_plan_destroy). Errors (*out NULL):
  * PW_ERR_INVALID_ARG (counts, a profile for another graph or micro-batch,
  * balance time without a profile; a profile measured for another optimizer

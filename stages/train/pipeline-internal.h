@@ -6,6 +6,7 @@
 #define PW_STAGES_TRAIN_PIPELINE_INTERNAL_H
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,6 +80,9 @@ struct pw_pipeline {
     const pw_backend_i *msg_backend;
     const pw_backend_i *dev_msgs;   /* messages in this backend's memory on msg_device */
     int msg_device;
+    uint64_t generation;      /* unique per pipeline object of the process: a caller that
+                                 keeps pointers into its programs (the checkpoint writer)
+                                 sees a re-partition (stages/train/rebalance.c) by it */
 };
 
 static inline gstage *stage_at(pw_pipeline *pl, int lrep, int c) { return &pl->stages[(size_t)lrep * (size_t)pl->C + (size_t)c]; }
@@ -113,6 +117,10 @@ typedef struct loss_part {
 
 /* pipeline.c */
 loss_part pl_replica_loss(const pw_pipeline *pl, int lrep);
+pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline **out);
+
+/* rebalance.c */
+const pw_stage_i *pl_chunk_vt(const pw_pipeline *pl);
 
 /* pipeline_device.c */
 void pl_bind_stage_memory(pw_pipeline *pl, const char *const *gpu_pci);

@@ -149,6 +149,15 @@ static pw_status make_partition(pw_pipeline *pl)
 
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
 {
+    return pl_create(cfg, NULL, out);
+}
+
+/* pw_pipeline_create; `adopt` (optional) is the trace of a pipeline being
+ * re-partitioned (stages/train/rebalance.c): the new engine records into
+ * it and the new pipeline owns it on success (on failure it is untouched). */
+pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline **out)
+{
+    static atomic_ullong generations;
     *out = NULL;
     const pw_pipeline_config *c = cfg;
     if (!c->graph || !c->train)
@@ -192,6 +201,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     pl->grad_groups = K;
     pl->steps_per_epoch = c->train->n / c->batch;
     pl->sampler_epoch = -1;
+    pl->generation = atomic_fetch_add(&generations, 1) + 1;
     pw_status st;
     const pw_graph *g = c->graph;
     const int S = c->stages;
@@ -229,8 +239,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
             if (!stage_here(pl, ch)) continue;
             gstage *gs = stage_at(pl, k, ch);
             PW_CHECK_GOTO(pl_build_stage(pl, gs, ch, t ? t->replica : k), st, fail);
-            pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] =
-                (pw_engine_chunk){pl->post_optim ? &pl_gstage_post_i : &pl_gstage_i, gs};
+            pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] = (pw_engine_chunk){pl_chunk_vt(pl), gs};
         }
     const char **gpu_pci = c->pin ? pl_worker_gpu_pci(pl) : NULL;
     if (c->pin) pl_bind_stage_memory(pl, gpu_pci);
@@ -239,7 +248,8 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
      * worker). Either way the bits are the same (stages/ops/cpu/gemm.h). */
     if (c->threads > 0) pw_cpu_set_threads(c->threads);
     else if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
-    if (c->trace_events > 0 && (st = pw_trace_create(S * NR, c->trace_events, &pl->trace)) != PW_OK) {
+    if (adopt) pl->trace = adopt;
+    else if (c->trace_events > 0 && (st = pw_trace_create(S * NR, c->trace_events, &pl->trace)) != PW_OK) {
         free(gpu_pci);
         goto fail;
     }
@@ -270,6 +280,7 @@ pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out)
     *out = pl;
     return PW_OK;
 fail:
+    if (adopt) pl->trace = NULL; /* still the caller's */
     pw_pipeline_destroy(pl);
     return st;
 }

@@ -130,3 +130,8 @@ pw_status pw_pipeline_metrics_eval(pw_pipeline_metrics *m, const pw_step_stats *
     };
     return pw_metrics_log_eval(m->log, &r);
 }
+
+pw_metrics_log *pw_pipeline_metrics_log(pw_pipeline_metrics *m)
+{
+    return m ? m->log : NULL;
+}

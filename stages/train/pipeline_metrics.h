@@ -28,6 +28,7 @@
 #ifndef PW_STAGES_PIPELINE_METRICS_H
 #define PW_STAGES_PIPELINE_METRICS_H
 
+#include "runtime/metrics_log.h"
 #include "runtime/status.h"
 #include "runtime/transport.h"
 #include "stages/train/pipeline.h"
@@ -58,6 +59,10 @@ pw_status pw_pipeline_metrics_step(pw_pipeline_metrics *m, pw_pipeline *pl, cons
  * instead of accuracy. Not collective: only world rank 0 writes. */
 pw_status pw_pipeline_metrics_eval(pw_pipeline_metrics *m, const pw_step_stats *s, const pw_eval_stats *ev,
                                    double unigram_entropy, double eval_s, double elapsed_s);
+/* The log this process writes (world rank 0's), for records of other kinds
+ * (pw_metrics_log_move after a re-partition); NULL on the other processes
+ * and for a NULL `m`. Owned by `m`. */
+pw_metrics_log *pw_pipeline_metrics_log(pw_pipeline_metrics *m);
 /* Accepts NULL. */
 void pw_pipeline_metrics_close(pw_pipeline_metrics *m);
 

@@ -21,6 +21,7 @@
 #include "runtime/safetensors.h"
 #include "runtime/tmpfile.h"
 #include "stages/train/checkpoint.h"
+#include "stages/train/pipeline-internal.h" /* the pipeline's generation */
 
 #ifndef PW_VERSION
 #define PW_VERSION "unknown"
@@ -300,7 +301,23 @@ struct pw_state_writer {
     pw_state_done stash;       /* completed inside save (a write waited for), not reported yet */
     int stashed;
     int64_t last_saved;        /* the step of the last checkpoint started (or resumed from); -1 none */
+    uint64_t generation;       /* of the pipeline the items point into (a re-partition
+                                  replaces it: stages/train/rebalance.h) */
+    int *cuts;                 /* the layout's cuts, owned: cfg.layout.cuts points here */
+    char *schedule;            /* the layout's schedule name, owned: cfg.layout.schedule
+                                  (the caller's may live in a pipeline a move replaces) */
 };
+
+static void free_items(pw_state_writer *w)
+{
+    for (int i = 0; w->items && i < w->n_items; i++) free(w->items[i].name);
+    free(w->items);
+    free(w->block);
+    w->items = NULL;
+    w->block = NULL;
+    w->n_items = w->n_model = 0;
+    w->block_floats = 0;
+}
 
 static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
 {
@@ -365,6 +382,7 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
     free(taken);
     for (int i = 0; i < n; i++)
         if (!w->items[i].name) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    w->generation = pl->generation;
     w->block = malloc(off * sizeof(float) + 64);
     if (!w->block) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory for a %zu-byte snapshot",
                                    off * sizeof(float));
@@ -384,13 +402,35 @@ pw_status pw_state_writer_create(const pw_state_config *cfg, pw_state_writer **o
     w->n_shards = w->t ? w->t->n_ranks : 0;
     w->writes = !w->t || w->t->replica == 0;
     w->last_saved = cfg->resumed ? pw_state_get_meta(cfg->resumed)->step : -1;
+    if (cfg->layout.cuts && cfg->layout.n_cuts > 0) {
+        w->cuts = malloc(sizeof(int) * (size_t)cfg->layout.n_cuts);
+        if (!w->cuts) {
+            free(w);
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        }
+        memcpy(w->cuts, cfg->layout.cuts, sizeof(int) * (size_t)cfg->layout.n_cuts);
+        w->cfg.layout.cuts = w->cuts;
+    }
+    if (cfg->layout.schedule) {
+        w->schedule = strdup(cfg->layout.schedule);
+        if (!w->schedule) {
+            free(w->cuts);
+            free(w);
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        }
+        w->cfg.layout.schedule = w->schedule;
+    }
     if (mkdir(cfg->dir, 0777) != 0 && errno != EEXIST) {
         pw_status st = pw_error(PW_ERR_IO, "--checkpoint-dir %s: cannot create: %s", cfg->dir, strerror(errno));
+        free(w->schedule);
+        free(w->cuts);
         free(w);
         return st;
     }
     struct stat sb;
     if (stat(cfg->dir, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
+        free(w->schedule);
+        free(w->cuts);
         free(w);
         return pw_error(PW_ERR_IO, "--checkpoint-dir %s: not a directory", cfg->dir);
     }
@@ -573,6 +613,14 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
         w->stall_s = now_s() - t0;
     } else {
         w->stall_s = 0;
+    }
+    if (w->items && w->generation != pl->generation) {
+        /* Re-partitioned since the last save: other programs, other cuts
+         * (no write is in flight: it was waited for above). */
+        free_items(w);
+        const pw_partition *part = pw_pipeline_partition(pl);
+        if (w->cuts && w->cfg.layout.n_cuts == part->n_stages + 1)
+            memcpy(w->cuts, part->begin, sizeof(int) * (size_t)w->cfg.layout.n_cuts);
     }
     if (!w->items) PW_CHECK(build_items(w, pl));
     w->spe = pw_pipeline_steps_per_epoch(pl);
@@ -758,10 +806,10 @@ void pw_state_writer_destroy(pw_state_writer *w)
 {
     if (!w) return;
     if (w->thread_live) pthread_join(w->thread, NULL);
-    for (int i = 0; w->items && i < w->n_items; i++) free(w->items[i].name);
-    free(w->items);
-    free(w->block);
+    free_items(w);
     json_decref(w->files);
+    free(w->schedule);
+    free(w->cuts);
     free(w);
 }
 

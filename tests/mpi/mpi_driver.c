@@ -967,6 +967,133 @@ static void hostfile(int np, int S, int R)
     free(out);
 }
 
+/* Lines of dir/name holding `needle`; -1 when it cannot be read. */
+static int count_lines(const char *name, const char *needle)
+{
+    char path[256], line[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int n = 0;
+    while (fgets(line, sizeof line, f))
+        if (strstr(line, needle)) n++;
+    fclose(f);
+    return n;
+}
+
+/* Re-partitioning under mpirun (stages/train/rebalance.h): the run with
+ * forced moves (`moves`, --rebalance-at's spec; `env` may inject a fault or
+ * a slowdown, `more` adds flags to the MPI run only) ends with the bytes of
+ * the run in one process that never moved, and the metrics log records
+ * `want_moves` moves. */
+static void rebalanced(const char *model, int np, int S, int R, const char *extra, const char *moves,
+                       const char *env, const char *more, int want_moves, const char *tag)
+{
+    char args[1400], one[1024], what[1400], mpi_extra[512];
+    snprintf(one, sizeof one, "%s --stages %d --replicas %d %s", model, S, R, extra);
+    snprintf(args, sizeof args, "%s %s%s --metrics reb_%s.jsonl", one, moves ? "--rebalance-at " : "",
+             moves ? moves : "", tag);
+    snprintf(mpi_extra, sizeof mpi_extra, "%s", more ? more : "");
+    snprintf(what, sizeof what, "rebalance %.*s: %d stages x %d replicas %s, moves %s%s%s", (int)strcspn(model, " "),
+             model, S, R, extra, moves ? moves : "(auto)", env ? ", " : "", env ? env : "");
+    const int before = failures;
+    if (env) {
+        /* Both runs see it (PW_TEST_SLOW and PW_TEST_REBALANCE_FAIL change no bit). */
+        const char *eq = strchr(env, '=');
+        char name[64];
+        snprintf(name, sizeof name, "%.*s", (int)(eq - env), env);
+        setenv(name, eq + 1, 1);
+        identical_runs(np, args, mpi_extra, one, tag, what);
+        unsetenv(name);
+    } else {
+        identical_runs(np, args, mpi_extra, one, tag, what);
+    }
+    if (failures != before) return;
+    char log[64];
+    snprintf(log, sizeof log, "reb_%s.jsonl", tag);
+    const int n = count_lines(log, "\"type\":\"rebalance\"");
+    if (want_moves >= 0 ? n != want_moves : n < 1)
+        fail("%s: the metrics log records %d moves, want %s%d", what, n, want_moves >= 0 ? "" : "at least ",
+             want_moves >= 0 ? want_moves : 1);
+    else
+        printf("ok   %s: %d move%s in the metrics log\n", what, n, n == 1 ? "" : "s");
+}
+
+/* A process that hangs in the middle of a move: the others end with an
+ * error naming it, within the watchdog's bound. */
+static void rebalance_hang(int np, int victim)
+{
+    const int S = np;
+    char cmd[2048], *out = NULL, why[160];
+    double took = 0;
+    snprintf(cmd, sizeof cmd, "PW_TEST_HANG=%d:rebalance:3 " MPIRUN " -np %d %s/pipeline-run m.graph " DATA
+             " --stages %d --batch 48 --steps 10 --watchdog %d --rebalance-at 3:1,3,6", victim, np, bin, S, HANG_WD);
+    int st = run(cmd, 60, &out, &took);
+    if (!strstr(out, "PW_TEST_HANG: MPI rank")) fail("hang in a move: the hook never fired\n%s", out);
+    else if (st == 0 || st == 124) fail("hang in a move: mpirun exit %d after %.0f s\n%s", st, took, out);
+    else if (took > HANG_WD + 10) fail("hang in a move: took %.1f s to stop\n%s", took, out);
+    else if (!names_stalled(out, np, S, victim, why, sizeof why)) fail("hang in a move: %s\n%s", why, out);
+    else printf("ok   rank %d hangs in a move: mpirun exit %d after %.1f s, names it as stalled\n", victim, st, took);
+    free(out);
+}
+
+/* A graph that reads its input again near the end (r = add(h2, x)); the
+ * cut marker keeps that node on stage 0 at first, so stage 1's process
+ * loads only the labels. */
+static void write_skip(void)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/skip.graph", dir);
+    FILE *f = fopen(path, "w");
+    fputs("graph mpi_skip\n"
+          "input x : f32[24]\n"
+          "label y : i32[]\n"
+          "h1 = linear(x, out=24) as fc1\n"
+          "a1 = relu(h1)\n"
+          "h2 = linear(a1, out=24) as fc2\n"
+          "r = add(h2, x)\n"
+          "cut\n"
+          "logits = linear(r, out=5) as head\n"
+          "loss = softmax_cross_entropy(logits, y)\n", f);
+    fclose(f);
+}
+
+static void rebalance_cases(int np)
+{
+    write_skip();
+    const char *mlp = "m.graph " DATA " --batch 48 --steps 12";
+    const char *gpt = "tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6";
+    if (np == 2) {
+        rebalanced(mlp, 2, 2, 1, "--micro-batches 4 --optimizer adamw", "3:3/6:7", NULL, NULL, 2, "rb2");
+        rebalanced(gpt, 2, 2, 1, "--micro-batches 4 --schedule zb-v --optimizer adamw --clip-grad-norm 0.05",
+                   "2:4,14,22/4:9,12,25", NULL, NULL, 2, "rb2t");
+        /* Stage 1 would read the inputs its process never loaded: refused, the run goes on. */
+        rebalanced("skip.graph " DATA " --batch 48 --steps 8", 2, 2, 1, "--micro-batches 4", "3:3/5:2", NULL, NULL, 0,
+                   "rbskip");
+        return;
+    }
+    rebalanced(mlp, 4, 4, 1, "--micro-batches 8 --optimizer adamw", "3:1,3,6/6:4,6,8/9:2,5,7", NULL, NULL, 3, "rb4");
+    rebalanced(mlp, 4, 2, 2, "--micro-batches 4 --schedule zb-h1 --optimizer adamw --buckets 2", "4:2/8:6", NULL,
+               NULL, 2, "rb4zb");
+    rebalanced(mlp, 4, 2, 2, "--micro-batches 4 --schedule interleaved --optimizer adamw --clip-grad-norm 0.5",
+               "4:2,5,8/8:3,6,7", NULL, NULL, 2, "rb4il");
+    rebalanced(mlp, 4, 4, 1, "--micro-batches 8 --schedule gpipe --optimizer adamw", "5:2,4,6/9:3,6,8", NULL, NULL,
+               2, "rb4gp");
+    rebalanced(mlp, 4, 4, 1, "--micro-batches 8 --schedule zb-h2 --optimizer adamw", "5:2,4,6/9:3,6,8", NULL, NULL,
+               2, "rb4h2");
+    rebalanced(gpt, 4, 4, 1, "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.05", "2:5,12,20/4:3,18,25",
+               NULL, NULL, 2, "rb4t");
+    rebalanced(gpt, 4, 2, 2, "--micro-batches 2 --schedule zb-v --clip-grad-norm 0.05", "2:4,14,22/4:9,12,25", NULL,
+               NULL, 2, "rb4tzbv");
+    /* A build that fails on one process: nobody moves, the run goes on. */
+    rebalanced(mlp, 4, 4, 1, "--micro-batches 8 --optimizer adamw", "3:1,3,6/6:4,6,8", "PW_TEST_REBALANCE_FAIL=2:3",
+               NULL, 1, "rb4fail");
+    /* Automatic: rank 1 twice as slow; the cuts move, the bits stay. */
+    rebalanced("m.graph " DATA " --batch 48 --steps 40", 4, 4, 1, "--micro-batches 8 --optimizer adamw", NULL,
+               "PW_TEST_SLOW=1:3", "--rebalance every:6", -1, "rb4auto");
+    rebalance_hang(4, 2);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -1005,7 +1132,9 @@ int main(int argc, char **argv)
 
     /* PW_MPI_ONLY=checkpoints: only the training-state checkpoint cases. */
     const char *only = getenv("PW_MPI_ONLY");
-    if (only && !strcmp(only, "checkpoints")) {
+    if (only && !strcmp(only, "rebalance")) {
+        rebalance_cases(np);
+    } else if (only && !strcmp(only, "checkpoints")) {
         if (ckpt_reference()) {
             if (np == 2) {
                 ckpt_mpi(2, 2, 1, 1, 2);
@@ -1039,6 +1168,7 @@ int main(int argc, char **argv)
         hang(2, 1, "eval", 16, 1);
         traces(2, 2, 1);
         hostfile(2, 2, 1);
+        rebalance_cases(2);
         if (ckpt_reference()) ckpt_mpi(2, 2, 1, 1, 2);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
@@ -1072,6 +1202,7 @@ int main(int argc, char **argv)
         sigterm_one(4, 2);
         traces(4, 2, 2);
         hostfile(4, 2, 2);
+        rebalance_cases(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);

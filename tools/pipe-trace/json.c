@@ -124,6 +124,14 @@ static json_t *analysis_json(const pw_trace_analysis *a)
     json_t *notes = json_array();
     for (int i = 0; notes && i < a->n_notes; i++) push(notes, json_string(a->notes[i]));
     put(o, "notes", notes);
+    json_t *moves = json_array();
+    for (int i = 0; moves && i < a->n_moves; i++) {
+        const pw_ta_move *m = &a->moves[i];
+        push(moves, json_pack("{s:I, s:o, s:o, s:I, s:o, s:o}", "step", (json_int_t)m->step, "start_us", us(m->t0),
+                              "dur_us", us(m->t1 - m->t0), "bytes", (json_int_t)m->bytes, "step_us_before",
+                              us(m->step_ns_before), "step_us_after", us(m->step_ns_after)));
+    }
+    put(o, "moves", moves);
     put(o, "events", json_integer(a->n_events));
     put(o, "events_used", json_integer(a->n_used));
     put(o, "ranks_n", json_integer(a->n_ranks));

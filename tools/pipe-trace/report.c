@@ -414,6 +414,24 @@ static void notes(FILE *f, const pw_trace_analysis *a, const pt_options *o)
     for (int i = 0; i < a->n_notes; i++) fprintf(f, "  - %s\n", a->notes[i]);
 }
 
+/* Re-partitions (pipeline-run --rebalance): when, what they moved, and the
+ * step time before and after. */
+static void moves_section(FILE *f, const pw_trace_analysis *a, const pt_options *o)
+{
+    if (a->n_moves == 0) return;
+    fprintf(f, "\n%sRe-partitions%s (the cuts moved between steps)\n", bold(o), reset(o));
+    for (int i = 0; i < a->n_moves; i++) {
+        const pw_ta_move *m = &a->moves[i];
+        fprintf(f, "  after step %lld: %.2f MiB in %.1f ms", (long long)m->step, (double)m->bytes / 1048576.0,
+                (double)(m->t1 - m->t0) / 1e6);
+        if (m->step_ns_before > 0 && m->step_ns_after > 0)
+            fprintf(f, "; median step %.2f ms before, %.2f ms after (%+.1f%%)", (double)m->step_ns_before / 1e6,
+                    (double)m->step_ns_after / 1e6,
+                    100.0 * ((double)m->step_ns_after / (double)m->step_ns_before - 1.0));
+        fprintf(f, "\n");
+    }
+}
+
 void pt_report(FILE *f, const pw_trace_analysis *a, const pt_options *o)
 {
     header(f, a, o);
@@ -424,6 +442,7 @@ void pt_report(FILE *f, const pw_trace_analysis *a, const pt_options *o)
     gap_section(f, a, o);
     gantt(f, a, o);
     if (a->detail.step >= 0) legend(f, o);
+    moves_section(f, a, o);
     notes(f, a, o);
 }
 

@@ -1,0 +1,545 @@
+/* pipewright — re-partitioning a running pipeline (stages/train/rebalance.h):
+ * forced moves at chosen steps, in both directions, on 2-4 stages, every
+ * schedule, AdamW with clipping, 1 and 2 replicas, end with the same bits
+ * (parameters and optimizer state) as the run that never moved; a move
+ * that fails leaves the old pipeline running; checkpoints written after a
+ * move hold the moved pipeline's state. The MPI version is in
+ * tests/mpi/mpi_driver.c ("rebalance").
+ */
+#define _GNU_SOURCE /* nftw (tests/test_tmpdir.h) */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "pipeline_support.h"
+#include "stages/train/data.h"
+#include "stages/train/pipeline.h"
+#include "stages/train/rebalance.h"
+#include "stages/train/state.h"
+#include "tests/tsan_criterion.h"
+#define PW_TEST_TMP_NAME "rebalance"
+#define PW_TEST_SUITE rebalance
+#include "tests/test_tmpdir.h"
+
+#define TIMEOUT 600
+#define STEPS 4
+
+static const char *MLP = "graph r_mlp\n" PW_TEST_MLP_BODY;
+static const char *GPT = "graph r_gpt\n" PW_TEST_GPT_BODY;
+
+static const pw_schedule_kind KINDS[] = {PW_SCHEDULE_GPIPE, PW_SCHEDULE_1F1B, PW_SCHEDULE_INTERLEAVED,
+                                         PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V};
+#define N_KINDS 6
+
+static pw_dataset *image_data(void)
+{
+    pw_synthetic_config sc = {.n = 480, .sample_shape = {.ndim = 2, .d = {4, 6}}, .n_classes = 5, .seed = 3,
+                              .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static pw_dataset *token_data(void)
+{
+    char path[] = "/tmp/pw_rebal_text_XXXXXX.txt";
+    int fd = mkstemps(path, 4);
+    cr_assert_geq(fd, 0);
+    FILE *f = fdopen(fd, "w");
+    cr_assert_not_null(f);
+    for (int i = 0; i < 300; i++) fprintf(f, "%d: a slow stage gives its layers to a fast one %d.\n", i, i * 5 % 11);
+    fclose(f);
+    pw_dataset *d = NULL;
+    pw_status st = pw_dataset_load_text(path, 16, 1, &d);
+    unlink(path);
+    cr_assert_eq(st, PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, int S, pw_schedule_kind kind, int R)
+{
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.micro_batches = 12;
+    pc.batch = 24 * R;
+    pc.replicas = R;
+    pc.stages = S;
+    pc.schedule = kind;
+    pc.partition = PW_PARTITION_FLOPS;
+    pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
+    pc.clip_grad_norm = 1.0;
+    pc.seed = 7;
+    pc.shuffle = 1;
+    pc.pin = 0;
+    pc.watchdog_s = 120;
+    pw_pipeline *pl;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s S=%d R=%d: %s", pw_schedule_kind_name(kind), S, R,
+                 pw_last_error());
+    return pl;
+}
+
+/* Every parameter, then every optimizer state buffer, of replica `rep`, in
+ * graph order (the first program holding each). */
+static float *state_of(pw_pipeline *pl, int rep, const pw_graph *g, int64_t *n)
+{
+    int64_t np;
+    float *p = test_replica_params(pl, rep, g, &np);
+    float *out = malloc((size_t)np * 3 * sizeof(float));
+    cr_assert_not_null(out);
+    memcpy(out, p, (size_t)np * sizeof(float));
+    free(p);
+    int64_t off = np;
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < g->n_params; i++) {
+            int found = 0;
+            for (int c = 0; c < pw_pipeline_n_chunks(pl) && !found; c++) {
+                pw_program *progs[16];
+                int m = pw_pipeline_programs(pl, rep, c, progs, 16);
+                for (int q = 0; q < m && !found; q++)
+                    for (int j = 0; j < pw_program_n_params(progs[q]) && !found; j++) {
+                        pw_program_param pp;
+                        pw_program_param_at(progs[q], j, &pp);
+                        if (pp.graph_param != i) continue;
+                        cr_assert_eq(pw_program_param_read(progs[q], j, PW_PARAM_STATE, k, out + off), PW_OK);
+                        found = 1;
+                    }
+            }
+            cr_assert(found);
+            off += pw_shape_numel(&g->params[i].shape);
+        }
+    *n = off;
+    return out;
+}
+
+/* The cuts `base` with every interior boundary moved by `delta` nodes,
+ * kept in order and inside the graph; 0 when that is not possible. */
+static int shifted(const pw_partition *base, int n_nodes, int delta, int *out)
+{
+    const int C = base->n_stages;
+    out[0] = 0;
+    out[C] = n_nodes;
+    for (int c = 1; c < C; c++) {
+        int v = base->begin[c] + delta;
+        if (v <= out[c - 1]) v = out[c - 1] + 1;
+        out[c] = v;
+    }
+    for (int c = 0; c < C; c++)
+        if (out[c + 1] <= out[c]) return 0;
+    for (int c = 0; c <= C; c++)
+        if (out[c] != base->begin[c]) return 1;
+    return 0;
+}
+
+static void move_to(pw_pipeline **pl, const int *cuts, int C)
+{
+    pw_repartition_info info;
+    cr_assert_eq(pw_pipeline_repartition(pl, cuts, C + 1, &info), PW_OK, "%s", pw_last_error());
+    const pw_partition *p = pw_pipeline_partition(*pl);
+    for (int c = 0; c <= C; c++) cr_assert_eq(p->begin[c], cuts[c], "the move did not take cut %d", c);
+    cr_assert_gt(info.bytes_local, 0);
+}
+
+/* Trains STEPS steps; with `moves`, after step 1 every cut moves one node
+ * earlier, after step 2 two nodes later, after step 3 back to the start. */
+static float *run(const pw_graph *g, const pw_dataset *d, int S, pw_schedule_kind kind, int R, int moves,
+                  int64_t *n, int *moved)
+{
+    pw_pipeline *pl = make(g, d, S, kind, R);
+    const int C = pw_pipeline_n_chunks(pl);
+    int start[64], a[64], b[64];
+    memcpy(start, pw_pipeline_partition(pl)->begin, sizeof(int) * (size_t)(C + 1));
+    const int can_a = shifted(pw_pipeline_partition(pl), g->n_nodes, -1, a);
+    const int can_b = shifted(pw_pipeline_partition(pl), g->n_nodes, +2, b);
+    *moved = 0;
+    for (int i = 0; i < STEPS; i++) {
+        cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+        if (!moves) continue;
+        const int *to = i == 0 && can_a ? a : i == 1 && can_b ? b : i == 2 ? start : NULL;
+        if (!to || (i == 2 && !*moved)) continue;
+        move_to(&pl, to, C);
+        cr_assert_eq(pw_pipeline_steps_per_epoch(pl) > 0, 1);
+        (*moved)++;
+    }
+    float *s = state_of(pl, 0, g, n);
+    if (R > 1) {
+        int64_t n1;
+        float *s1 = state_of(pl, R - 1, g, &n1);
+        cr_assert(n1 == *n && memcmp(s, s1, (size_t)n1 * 4) == 0, "replicas disagree after the moves");
+        free(s1);
+    }
+    pw_pipeline_destroy(pl);
+    return s;
+}
+
+static void expect_same(const float *got, const float *ref, int64_t n, const char *what)
+{
+    int64_t first = -1, nd = 0;
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&got[i], &ref[i], 4) != 0) {
+            if (first < 0) first = i;
+            nd++;
+        }
+    cr_expect_eq(nd, 0, "%s: %lld of %lld values (parameters, then AdamW state) differ from the run that never "
+                 "moved (first at %lld: %.9g vs %.9g)", what, (long long)nd, (long long)n, (long long)first,
+                 first >= 0 ? got[first] : 0.0, first >= 0 ? ref[first] : 0.0);
+}
+
+static void matrix(const char *text, pw_dataset *d)
+{
+    pw_graph *g = test_parse(text, "rebalance.graph");
+    int runs = 0;
+    for (int R = 1; R <= 2; R++)
+        for (int S = 2; S <= 4; S++)
+            for (int k = 0; k < N_KINDS; k++) {
+                const int v = KINDS[k] == PW_SCHEDULE_INTERLEAVED || KINDS[k] == PW_SCHEDULE_ZB_V ? 2 : 1;
+                if (S * v > g->n_nodes - 2) continue;
+                int64_t n_ref, n;
+                int moved;
+                float *ref = run(g, d, S, KINDS[k], R, 0, &n_ref, &moved);
+                float *got = run(g, d, S, KINDS[k], R, 1, &n, &moved);
+                cr_assert_eq(n, n_ref);
+                cr_assert_geq(moved, 2, "%s S=%d: fewer than two moves", pw_schedule_kind_name(KINDS[k]), S);
+                char what[128];
+                snprintf(what, sizeof what, "%s: %s S=%d R=%d, %d moves", g->name, pw_schedule_kind_name(KINDS[k]),
+                         S, R, moved);
+                expect_same(got, ref, n, what);
+                free(ref);
+                free(got);
+                runs++;
+            }
+    cr_assert_gt(runs, 20);
+    pw_graph_destroy(g);
+    pw_dataset_destroy(d);
+}
+
+Test(rebalance, mlp_moves_keep_bits, .timeout = TIMEOUT) { matrix(MLP, image_data()); }
+
+/* The GPT's head is tied to its embedding across chunks: moves change which
+ * chunks (and how many) hold the tie. */
+Test(rebalance, gpt_moves_keep_bits, .timeout = TIMEOUT) { matrix(GPT, token_data()); }
+
+/* The comparison above sees a move that loses state: the same moves with
+ * one AdamW buffer zeroed after the first move end with other bits. */
+Test(rebalance, a_lost_optimizer_state_is_seen, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    pw_dataset *d = image_data();
+    int64_t n_ref, n;
+    int moved;
+    float *ref = run(g, d, 2, PW_SCHEDULE_1F1B, 1, 0, &n_ref, &moved);
+    pw_pipeline *pl = make(g, d, 2, PW_SCHEDULE_1F1B, 1);
+    int a[3];
+    cr_assert(shifted(pw_pipeline_partition(pl), g->n_nodes, -1, a));
+    for (int i = 0; i < STEPS; i++) {
+        cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+        if (i != 0) continue;
+        move_to(&pl, a, 2);
+        pw_program *p = pw_pipeline_program(pl, 1);
+        pw_program_param pp;
+        pw_program_param_at(p, 0, &pp);
+        float *zero = calloc((size_t)pp.numel, sizeof(float));
+        cr_assert_eq(pw_program_param_write_state(p, 0, 0, zero), PW_OK);
+        free(zero);
+    }
+    float *got = state_of(pl, 0, g, &n);
+    cr_assert_eq(n, n_ref);
+    cr_assert(memcmp(got, ref, (size_t)n * 4) != 0, "zeroed optimizer state went unnoticed");
+    free(got);
+    free(ref);
+    pw_pipeline_destroy(pl);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* All or nothing: a move whose build fails leaves the old pipeline (same
+ * object, same cuts) training, and the bits are those of a run without it;
+ * bad cuts are refused before anything is built. */
+Test(rebalance, a_failed_move_changes_nothing, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    pw_dataset *d = image_data();
+    int64_t n_ref, n;
+    int moved;
+    float *ref = run(g, d, 3, PW_SCHEDULE_ZB_H1, 1, 0, &n_ref, &moved);
+    pw_pipeline *pl = make(g, d, 3, PW_SCHEDULE_ZB_H1, 1);
+    int a[4], before[4];
+    memcpy(before, pw_pipeline_partition(pl)->begin, sizeof before);
+    cr_assert(shifted(pw_pipeline_partition(pl), g->n_nodes, -1, a));
+    setenv("PW_TEST_REBALANCE_FAIL", "2", 1);
+    for (int i = 0; i < STEPS; i++) {
+        cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+        if (i != 1) continue;
+        pw_pipeline *same = pl;
+        pw_repartition_info info;
+        cr_assert_eq(pw_pipeline_repartition(&pl, a, 4, &info), PW_ERR_NOMEM);
+        cr_assert(strstr(pw_last_error(), "PW_TEST_REBALANCE_FAIL"), "%s", pw_last_error());
+        cr_assert_eq(info.kept, 1);
+        cr_assert_eq(pl, same);
+        cr_assert_eq(memcmp(pw_pipeline_partition(pl)->begin, before, sizeof before), 0);
+        const int bad[][4] = {{0, 5, 5, 11}, {0, 3, 7, 10}, {1, 3, 7, 11}};
+        for (int b = 0; b < 3; b++) {
+            cr_assert_eq(pw_pipeline_repartition(&pl, bad[b], 4, &info), PW_ERR_INVALID_ARG);
+            cr_assert_eq(pl, same);
+        }
+        cr_assert_eq(pw_pipeline_repartition(&pl, a, 3, &info), PW_ERR_INVALID_ARG);
+    }
+    unsetenv("PW_TEST_REBALANCE_FAIL");
+    float *got = state_of(pl, 0, g, &n);
+    expect_same(got, ref, n, "after a failed move");
+    free(got);
+    free(ref);
+    pw_pipeline_destroy(pl);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* A checkpoint writer that saved before a move saves the moved pipeline
+ * after it (its pointers into the old programs are renewed), and the
+ * checkpoint resumes to the same state. */
+Test(rebalance, checkpoints_after_a_move, .timeout = TIMEOUT)
+{
+    const char *dir = tmp_path("ckpt");
+    pw_graph *g = test_parse(GPT, "rebalance.graph");
+    pw_dataset *d = token_data();
+    pw_pipeline *pl = make(g, d, 3, PW_SCHEDULE_1F1B, 1);
+    const pw_partition *part = pw_pipeline_partition(pl);
+    pw_state_config sc = {.dir = dir, .foreground = 1, .graph = g,
+                          .run = {.data = "t", .train_samples = d->n, .batch = 24, .micro_batch = 2, .seed = 7,
+                                  .optim = pw_optim_defaults(PW_OPTIM_ADAMW)},
+                          .layout = {.stages = 3, .replicas = 1, .micro_batches = 12, .cuts = part->begin,
+                                     .n_cuts = 4}};
+    pw_state_writer *w;
+    cr_assert_eq(pw_state_writer_create(&sc, &w), PW_OK, "%s", pw_last_error());
+    int a[4];
+    cr_assert(shifted(part, g->n_nodes, +2, a));
+    pw_state_done done;
+    int completed;
+    cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK);
+    cr_assert_eq(pw_state_writer_save(w, pl, 1), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_state_writer_poll(w, 1, &done, &completed), PW_OK);
+    move_to(&pl, a, 3);
+    cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK);
+    cr_assert_eq(pw_state_writer_save(w, pl, 2), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_state_writer_poll(w, 1, &done, &completed), PW_OK);
+    cr_assert_eq(done.step, 2);
+    int64_t n_want, n_got;
+    float *want = state_of(pl, 0, g, &n_want);
+    pw_state_writer_destroy(w);
+    pw_pipeline_destroy(pl);
+
+    pw_state *s;
+    cr_assert_eq(pw_state_open(dir, &s), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_state_get_meta(s)->step, 2);
+    pw_pipeline *fresh = make(g, d, 2, PW_SCHEDULE_GPIPE, 1);
+    cr_assert_eq(pw_state_restore(s, fresh, 1), PW_OK, "%s", pw_last_error());
+    float *got = state_of(fresh, 0, g, &n_got);
+    cr_assert_eq(n_got, n_want);
+    expect_same(got, want, n_got, "the checkpoint written after a move");
+    free(got);
+    free(want);
+    pw_state_close(s);
+    pw_pipeline_destroy(fresh);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* PW_TEST_SLOW slows a rank without changing a bit; the stage times are
+ * there to read. */
+Test(rebalance, slow_rank_keeps_bits, .timeout = TIMEOUT)
+{
+    setenv("PW_TEST_SLOW", "1:2@2", 1);
+    cr_assert_eq(pw_test_slow_factor(1, 1), 1.0);
+    cr_assert_eq(pw_test_slow_factor(1, 2), 2.0);
+    cr_assert_eq(pw_test_slow_factor(0, 9), 1.0);
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    pw_dataset *d = image_data();
+    int64_t n_ref, n;
+    int moved;
+    float *got = run(g, d, 2, PW_SCHEDULE_1F1B, 1, 1, &n, &moved);
+    unsetenv("PW_TEST_SLOW"); /* read once: still in force here, which is what we want */
+    float *ref = run(g, d, 2, PW_SCHEDULE_1F1B, 1, 0, &n_ref, &moved);
+    expect_same(got, ref, n, "PW_TEST_SLOW");
+    pw_pipeline *pl = make(g, d, 2, PW_SCHEDULE_1F1B, 1);
+    cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK);
+    double busy[2];
+    cr_assert_eq(pw_pipeline_rank_busy(pl, busy), PW_OK);
+    cr_assert(busy[0] > 0 && busy[1] > 0, "busy %g %g", busy[0], busy[1]);
+    pw_pipeline_destroy(pl);
+    free(got);
+    free(ref);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* ---- the decision (stages/plan/rebalancer.h), fed with chosen stage times ---- */
+
+#include "graph/partition.h"
+#include "stages/plan/rebalancer.h"
+
+/* A 4-stage 1F1B rebalancer over the MLP at the FLOPs model; each rank's
+ * busy time per step is the model's for its chunk × slow[r]. Returns the
+ * step of the first proposed move (0: none within 60 steps) and its cuts. */
+static int64_t first_move_of(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why,
+                             size_t n, int alternate);
+static int64_t first_move(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why, size_t n)
+{
+    return first_move_of(g, slow, budget, moved_to, why, n, 0);
+}
+
+/* With `alternate`, the slow rank changes every window (rank r's factor
+ * moves to rank r + 2): a machine whose contention wanders. */
+static int64_t first_move_of(const pw_graph *g, const double *slow, int64_t budget, int *moved_to, char *why,
+                             size_t n, int alternate)
+{
+    pw_schedule_config sc = {.kind = PW_SCHEDULE_1F1B, .n_stages = 4, .n_micro = 8};
+    pw_schedule *s;
+    pw_schedule_report *rep;
+    cr_assert_eq(pw_schedule_generate(&sc, &s), PW_OK);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK);
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, 4, PW_PARTITION_FLOPS, &part), PW_OK);
+    pw_rebalancer_config rc = pw_rebalancer_defaults();
+    rc.mode = PW_REBALANCE_AUTO;
+    rc.plan.graph = g;
+    rc.plan.stages = 4;
+    rc.plan.micro_batches = 8;
+    rc.plan.micro_batch_size = 16;
+    rc.plan.memory_budget = budget;
+    rc.schedule = s;
+    rc.report = rep;
+    pw_rebalancer *rb;
+    cr_assert_eq(pw_rebalancer_create(&rc, part.begin, &rb), PW_OK, "%s", pw_last_error());
+    /* The model's busy time per step of each chunk (speed 1). */
+    pw_partition_config pc;
+    pw_plan_partition_config(&rc.plan, 4, rep->peak_inflight_chunk, &pc);
+    pw_partition ev;
+    cr_assert_eq(pw_partition_evaluate(g, &pc, part.begin, &ev), PW_OK);
+    double busy[4];
+    int64_t at = 0;
+    for (int64_t step = 1; step <= 60 && !at; step++) {
+        const int shift = alternate ? 2 * (int)((step - 2) / 8) : 0; /* windows: steps 2-9, 10-17, ... */
+        for (int r = 0; r < 4; r++)
+            busy[r] = slow[(r + 4 - shift % 4) % 4] *
+                      (8 * (ev.stage[r].f + ev.stage[r].b + ev.stage[r].w) + ev.stage[r].optim);
+        pw_rebalance_decision d;
+        cr_assert_eq(pw_rebalancer_observe(rb, step, busy, 1e-3, &d), PW_OK, "%s", pw_last_error());
+        if (d.decided) snprintf(why, n, "%s", d.why);
+        if (d.move) {
+            at = step;
+            memcpy(moved_to, d.new_cuts, 5 * sizeof(int));
+            cr_assert_gt(d.predicted_gain, 0.05);
+        }
+    }
+    pw_partition_free(&ev);
+    pw_partition_free(&part);
+    pw_rebalancer_destroy(rb);
+    pw_schedule_report_destroy(rep);
+    pw_schedule_destroy(s);
+    return at;
+}
+
+Test(rebalance, decides_from_the_measured_times)
+{
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    int cuts[5];
+    char why[256] = "";
+    /* As the model says: no move. */
+    const double even[4] = {1, 1, 1, 1};
+    cr_assert_eq(first_move(g, even, 0, cuts, why, sizeof why), 0, "moved on equal speeds");
+    cr_assert(strstr(why, "best") || strstr(why, "below"), "%s", why);
+    /* Rank 2 three times slower: its chunk shrinks, within two windows (AUTO confirms). */
+    const double slow2[4] = {1, 1, 3, 1};
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, 4, PW_PARTITION_FLOPS, &part), PW_OK);
+    const int64_t at = first_move(g, slow2, 0, cuts, why, sizeof why);
+    cr_assert(at > 0 && at <= 20, "moved at step %lld (%s)", (long long)at, why);
+    cr_assert_lt(cuts[3] - cuts[2], part.begin[3] - part.begin[2], "stage 2 did not lose nodes: [%d,%d)", cuts[2],
+                 cuts[3]);
+    /* A budget the move would break (but the current cuts do not matter):
+     * no move, and it says why. */
+    cr_assert_eq(first_move(g, slow2, 4096, cuts, why, sizeof why), 0);
+    cr_assert(strstr(why, "budget"), "%s", why);
+    /* The slow rank wanders from window to window: each window wants other
+     * cuts, and none is confirmed. */
+    cr_assert_eq(first_move_of(g, slow2, 0, cuts, why, sizeof why, 1), 0, "moved after a wandering slowdown: %s",
+                 why);
+    cr_assert(strstr(why, "confirmed"), "%s", why);
+    pw_partition_free(&part);
+    pw_graph_destroy(g);
+}
+
+Test(rebalance, parses_the_mode)
+{
+    pw_rebalance_mode m;
+    int every;
+    cr_assert_eq(pw_rebalance_parse("auto", &m, &every), PW_OK);
+    cr_assert_eq(m, PW_REBALANCE_AUTO);
+    cr_assert_eq(pw_rebalance_parse("every:25", &m, &every), PW_OK);
+    cr_assert(m == PW_REBALANCE_EVERY && every == 25);
+    cr_assert_eq(pw_rebalance_parse("off", &m, &every), PW_OK);
+    cr_assert_eq(m, PW_REBALANCE_OFF);
+    const char *bad[] = {"every:1", "every:", "every:x", "sometimes", "every:5x", ""};
+    for (int i = 0; i < 6; i++) cr_assert_eq(pw_rebalance_parse(bad[i], &m, &every), PW_ERR_INVALID_ARG, "%s", bad[i]);
+}
+
+/* ---- pipeline-run's flags ---- */
+
+/* Runs pipeline-run with `args` in the scratch directory; its exit status,
+ * and its output in *out (malloc'ed). */
+static int cli(const char *args, char **out)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd '%s' && '%s/pipeline-run' %s 2>&1", tmpdir(), PW_BINARY_DIR, args);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    size_t cap = 1 << 16, n = 0, k;
+    char *buf = malloc(cap);
+    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
+        n += k;
+        if (n + 1 >= cap) buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = 0;
+    int st = pclose(p);
+    *out = buf;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(rebalance, cli_flags, .timeout = TIMEOUT)
+{
+    FILE *f = fopen(tmp_path("m.graph"), "w");
+    cr_assert_not_null(f);
+    fputs(MLP, f);
+    fclose(f);
+    const char *base = "m.graph --data synthetic:480:24:5 --stages 2 --batch 24 --micro-batches 4 --no-pin";
+    const char *bad[] = {"--rebalance sometimes", "--rebalance every:1", "--rebalance-gain 0", "--rebalance-at 0:3",
+                         "--rebalance-at 2:3,4", "--rebalance-at 2:11", "--rebalance-at 2:x", "--rebalance auto --plan"};
+    for (int i = 0; i < 8; i++) {
+        char args[512], *out;
+        snprintf(args, sizeof args, "%s --steps 4 %s", base, bad[i]);
+        cr_expect_eq(cli(args, &out), 2, "%s: want exit 2\n%s", bad[i], out);
+        cr_expect(strstr(out, "rebalance"), "%s: the message does not name the flag\n%s", bad[i], out);
+        free(out);
+    }
+    /* Forced moves both ways, with the automatic mode on: said, logged, and
+     * the weights of the run that never moved. */
+    char args[1024], *out;
+    snprintf(args, sizeof args, "%s --steps 30 --optimizer adamw --rebalance-at 3:4/9:7 --rebalance every:5 "
+             "--metrics m.jsonl --save moved.st", base);
+    cr_assert_eq(cli(args, &out), 0, "%s", out);
+    cr_assert(strstr(out, "-> [0,4) [4,11) (--rebalance-at)"), "%s", out);
+    cr_assert(strstr(out, "rebalance after step 9:"), "%s", out);
+    free(out);
+    snprintf(args, sizeof args, "%s --steps 30 --optimizer adamw --save still.st", base);
+    cr_assert_eq(cli(args, &out), 0, "%s", out);
+    free(out);
+    snprintf(args, sizeof args, "cmp moved.st still.st && grep -q '\"type\":\"rebalance\",\"step\":3,\"forced\":true' "
+             "m.jsonl");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd '%s' && %s", tmpdir(), args);
+    cr_assert_eq(system(cmd), 0, "the moved run's weights differ from the still one's, or the move is not logged");
+}
