@@ -749,6 +749,54 @@ typedef struct att_job {
     float beta;
 } att_job;
 
+/* The largest of v[0 .. n), n ≥ 1, as `m = v[s] > m ? v[s] : m` from
+ * m = v[0] would find it: lanes start at v[0], so a NaN there gives NaN and
+ * a NaN elsewhere is passed over, as in that loop. The lanes may pick the
+ * other zero of ±0 when the largest value is a zero; x − m and so exp(x − m)
+ * are the same either way. */
+static float max_f(const float *restrict v, int64_t n)
+{
+    const float v0 = v[0];
+    vf mv = {v0, v0, v0, v0};
+    int64_t s = 0;
+    for (; s + VF <= n; s += VF) {
+        vf x = vec_load(v + s, VF);
+        vi gt = x > mv;
+        mv = (vf)(((vi)x & gt) | ((vi)mv & ~gt));
+    }
+    float m = mv[0];
+    for (int l = 1; l < VF; l++) m = mv[l] > m ? mv[l] : m;
+    for (; s < n; s++) m = v[s] > m ? v[s] : m;
+    return m;
+}
+
+/* A causal softmax row in place: row[0 .. len) = exp(row − max) / Σ, the sum
+ * in double as sum_d adds (LANES partial sums, then the tail), taken as the
+ * exponentials are stored; row[len .. T) = 0. */
+static void softmax_row(float *restrict row, int64_t len, int64_t T)
+{
+    const float m = max_f(row, len);
+    double acc[LANES] = {0};
+    int64_t s = 0;
+    for (; s + LANES <= len; s += LANES) {
+        _Static_assert(LANES == 2 * 4, "two vectors per group of LANES");
+        const vf e0 = vec_exp(vec_load(row + s, VF) - m), e1 = vec_exp(vec_load(row + s + VF, VF) - m);
+        vec_store(row + s, e0, VF);
+        vec_store(row + s + VF, e1, VF);
+        for (int l = 0; l < VF; l++) {
+            acc[l] += (double)e0[l];
+            acc[VF + l] += (double)e1[l];
+        }
+    }
+    double sum = 0.0;
+    for (int l = 0; l < LANES; l++) sum += acc[l];
+    VF_FOR(k, w, len - s, vec_store(row + s + k, vec_exp(vec_load(row + s + k, w) - m), w););
+    for (; s < len; s++) sum += (double)row[s];
+    const float inv = (float)(1.0 / sum);
+    VEC_FOR(k, len, row[k] *= inv;);
+    if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
+}
+
 /* One (sequence, head) of the forward, per row block: S = Q·Kᵀ/√hd and
  * O = P·V as BLAS GEMMs over the block's columns; the softmax writes exact
  * zeros above the diagonal (every entry of att above it is 0). Q, K, V are
@@ -767,16 +815,7 @@ static void attention_fwd_item(void *arg, int64_t item, int worker)
         const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
         float *ab = a + r0 * T;
         pw_cpu_gemm_1t(0, 1, rn, cols, hd, scale, q + r0 * ld, ld, k, ld, 0.0f, ab, T);
-        for (int64_t t = r0; t < r0 + rn; t++) {
-            float *restrict row = a + t * T;
-            const int64_t len = t + 1;
-            float m = row[0];
-            for (int64_t s = 1; s < len; s++) m = row[s] > m ? row[s] : m;
-            VF_FOR(s, w, len, vec_store(row + s, vec_exp(vec_load(row + s, w) - m), w););
-            const float inv = (float)(1.0 / sum_d(row, len));
-            VEC_FOR(s, len, row[s] *= inv;);
-            if (len < T) memset(row + len, 0, (size_t)(T - len) * sizeof(float));
-        }
+        for (int64_t t = r0; t < r0 + rn; t++) softmax_row(a + t * T, t + 1, T);
         pw_cpu_gemm_1t(0, 0, rn, hd, cols, 1.0f, ab, T, v, ld, 0.0f,
                        j->out + (b * T + r0) * D + h * hd, D);
     }
