@@ -48,14 +48,17 @@ static int64_t rows_per_range(int64_t d)
     return d >= PW_CPU_GRAIN ? 1 : PW_CPU_GRAIN / (d > 0 ? d : 1);
 }
 
-/* Columns per range of a reduction over n rows: about PW_CPU_GRAIN
- * elements, in whole 64-byte lines (16 floats, a multiple of VEC_N) so two
- * ranges rarely write the same cache line. */
-static int64_t cols_per_range(int64_t n)
+/* Columns per range of a reduction over n rows of d: an eighth of the row
+ * in whole 64-byte lines (16 floats, a multiple of VEC_N; two ranges
+ * rarely write one cache line), at least 64 columns so that each range
+ * reads runs of a few lines per row (narrower ranges walk the rows with too
+ * little to read in each: slower than one thread); one range when the whole
+ * is small. */
+static int64_t cols_per_range(int64_t n, int64_t d)
 {
-    int64_t c = PW_CPU_GRAIN / (n > 0 ? n : 1);
-    c = (c + 15) / 16 * 16;
-    return c < 16 ? 16 : c;
+    if (n * d < 2 * PW_CPU_GRAIN) return d;
+    int64_t c = (d / 8 + 15) / 16 * 16;
+    return c < 64 ? 64 : c;
 }
 
 /* The arguments of the sweeps below: each kernel uses the fields it names. */
@@ -109,15 +112,20 @@ void pw_cpu_linear_bwd_input(const float *restrict dy, const float *restrict w,
     pw_cpu_gemm(0, 0, n, in, out, 1.0f, dy, out, w, in, accumulate ? 1.0f : 0.0f, dx, in);
 }
 
-/* db[lo, hi) += every row of dy, row 0 first. */
+/* db[0, m) += every row of dy (rows of ld), row 0 first. */
+static void column_sums(const float *restrict dy, float *restrict db, int64_t n, int64_t ld,
+                        int64_t m)
+{
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict g = dy + r * ld;
+        VEC_FOR(c, m, db[c] += g[c];);
+    }
+}
+
 static void bias_grad_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    float *restrict db = j->db + lo;
-    for (int64_t r = 0; r < j->n; r++) {
-        const float *restrict g = j->dy + r * j->d + lo;
-        VEC_FOR(c, hi - lo, db[c] += g[c];);
-    }
+    column_sums(j->dy + lo, j->db + lo, j->n, j->d, hi - lo);
 }
 
 void pw_cpu_linear_bwd_weight(const float *restrict dy, const float *restrict x,
@@ -130,20 +138,25 @@ void pw_cpu_linear_bwd_weight(const float *restrict dy, const float *restrict x,
     if (db) {
         /* Row by row into db: fixed order, and micro-batch splits are exact. */
         const sweep j = {.dy = dy, .db = db, .n = n, .d = out};
-        pw_cpu_parallel_for(out, cols_per_range(n), bias_grad_range, &j);
+        pw_cpu_parallel_for(out, cols_per_range(n, out), bias_grad_range, &j);
     }
 }
 
 /* ---------------------------------------------------------------- relu */
 
+/* Each range is a call of a sequential kernel whose pointers are restrict
+ * parameters: gcc vectorises VEC_FOR over those, not over restrict locals. */
+static void relu_fwd_seq(const float *restrict x, float *restrict y, int64_t n)
+{
+    /* `x < 0 ? 0 : x` rather than fmaxf: NaN passes through, so a diverging
+     * run is caught by the loss check instead of being silently zeroed. */
+    VEC_FOR(i, n, float v = x[i]; y[i] = v < 0.0f ? 0.0f : v;);
+}
+
 static void relu_fwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float *restrict x = j->x + lo;
-    float *restrict y = j->y + lo;
-    /* `x < 0 ? 0 : x` rather than fmaxf: NaN passes through, so a diverging
-     * run is caught by the loss check instead of being silently zeroed. */
-    VEC_FOR(i, hi - lo, float v = x[i]; y[i] = v < 0.0f ? 0.0f : v;);
+    relu_fwd_seq(j->x + lo, j->y + lo, hi - lo);
 }
 
 void pw_cpu_relu_fwd(const float *restrict x, float *restrict y, int64_t n)
@@ -152,16 +165,20 @@ void pw_cpu_relu_fwd(const float *restrict x, float *restrict y, int64_t n)
     pw_cpu_parallel_for(n, PW_CPU_GRAIN, relu_fwd_range, &j);
 }
 
+static void relu_bwd_seq(const float *restrict y, const float *restrict dy, float *restrict dx,
+                         int64_t n, int acc)
+{
+    if (acc) {
+        VEC_FOR(i, n, float g = dy[i]; dx[i] += y[i] > 0.0f ? g : 0.0f;);
+    } else {
+        VEC_FOR(i, n, float g = dy[i]; dx[i] = y[i] > 0.0f ? g : 0.0f;);
+    }
+}
+
 static void relu_bwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float *restrict y = j->x + lo, *restrict dy = j->dy + lo;
-    float *restrict dx = j->dx + lo;
-    if (j->acc) {
-        VEC_FOR(i, hi - lo, float g = dy[i]; dx[i] += y[i] > 0.0f ? g : 0.0f;);
-    } else {
-        VEC_FOR(i, hi - lo, float g = dy[i]; dx[i] = y[i] > 0.0f ? g : 0.0f;);
-    }
+    relu_bwd_seq(j->x + lo, j->dy + lo, j->dx + lo, hi - lo, j->acc);
 }
 
 void pw_cpu_relu_bwd_input(const float *restrict y, const float *restrict dy,
@@ -287,12 +304,15 @@ static inline vf vec_gelu_grad(vf v)
     return s + 2.0f * v * s * (e * s) * du;
 }
 
+static void gelu_fwd_seq(const float *restrict x, float *restrict y, int64_t n)
+{
+    VF_FOR(i, m, n, vec_store(y + i, vec_gelu(vec_load(x + i, m)), m););
+}
+
 static void gelu_fwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float *restrict x = j->x + lo;
-    float *restrict y = j->y + lo;
-    VF_FOR(i, m, hi - lo, vec_store(y + i, vec_gelu(vec_load(x + i, m)), m););
+    gelu_fwd_seq(j->x + lo, j->y + lo, hi - lo);
 }
 
 void pw_cpu_gelu_fwd(const float *restrict x, float *restrict y, int64_t n)
@@ -301,18 +321,22 @@ void pw_cpu_gelu_fwd(const float *restrict x, float *restrict y, int64_t n)
     pw_cpu_parallel_for(n, PW_CPU_GRAIN, gelu_fwd_range, &j);
 }
 
+static void gelu_bwd_seq(const float *restrict x, const float *restrict dy, float *restrict dx,
+                         int64_t n, int acc)
+{
+    if (acc) {
+        VF_FOR(i, m, n, vf g = vec_load(dy + i, m) * vec_gelu_grad(vec_load(x + i, m));
+               vec_store(dx + i, vec_load(dx + i, m) + g, m););
+    } else {
+        VF_FOR(i, m, n, vf g = vec_load(dy + i, m) * vec_gelu_grad(vec_load(x + i, m));
+               vec_store(dx + i, g, m););
+    }
+}
+
 static void gelu_bwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float *restrict x = j->x + lo, *restrict dy = j->dy + lo;
-    float *restrict dx = j->dx + lo;
-    if (j->acc) {
-        VF_FOR(i, m, hi - lo, vf g = vec_load(dy + i, m) * vec_gelu_grad(vec_load(x + i, m));
-               vec_store(dx + i, vec_load(dx + i, m) + g, m););
-    } else {
-        VF_FOR(i, m, hi - lo, vf g = vec_load(dy + i, m) * vec_gelu_grad(vec_load(x + i, m));
-               vec_store(dx + i, g, m););
-    }
+    gelu_bwd_seq(j->x + lo, j->dy + lo, j->dx + lo, hi - lo, j->acc);
 }
 
 void pw_cpu_gelu_bwd_input(const float *restrict x, const float *restrict dy,
@@ -360,26 +384,30 @@ static double sumsq_dev_d(const float *restrict v, double m, int64_t d)
     return s;
 }
 
+static void layernorm_fwd_row(const float *restrict xr, const float *restrict w,
+                              const float *restrict b, float *restrict yr, float *restrict mean,
+                              float *restrict rstd, int64_t d, float eps)
+{
+    /* Two passes (mean, then squared deviations) in double: no
+     * catastrophic cancellation when |mean| ≫ std. */
+    double m = sum_d(xr, d) / (double)d;
+    double var = sumsq_dev_d(xr, m, d) / (double)d;
+    float mf = (float)m;
+    float rs = 1.0f / sqrtf((float)var + eps);
+    *mean = mf;
+    *rstd = rs;
+    /* The backward recomputes x̂ from the stored float mean/rstd exactly
+     * as here, so forward and backward see the same x̂. */
+    VEC_FOR(c, d, yr[c] = (xr[c] - mf) * rs * w[c] + b[c];);
+}
+
 static void layernorm_fwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
     const int64_t d = j->d;
-    const float *restrict w = j->w, *restrict b = j->b;
-    for (int64_t r = lo; r < hi; r++) {
-        const float *restrict xr = j->x + r * d;
-        float *restrict yr = j->y + r * d;
-        /* Two passes (mean, then squared deviations) in double: no
-         * catastrophic cancellation when |mean| ≫ std. */
-        double m = sum_d(xr, d) / (double)d;
-        double var = sumsq_dev_d(xr, m, d) / (double)d;
-        float mf = (float)m;
-        float rs = 1.0f / sqrtf((float)var + j->eps);
-        j->mean_out[r] = mf;
-        j->rstd_out[r] = rs;
-        /* The backward recomputes x̂ from the stored float mean/rstd exactly
-         * as here, so forward and backward see the same x̂. */
-        VEC_FOR(c, d, yr[c] = (xr[c] - mf) * rs * w[c] + b[c];);
-    }
+    for (int64_t r = lo; r < hi; r++)
+        layernorm_fwd_row(j->x + r * d, j->w, j->b, j->y + r * d, j->mean_out + r, j->rstd_out + r, d,
+                          j->eps);
 }
 
 void pw_cpu_layernorm_fwd(const float *restrict x, const float *restrict w,
@@ -393,47 +421,49 @@ void pw_cpu_layernorm_fwd(const float *restrict x, const float *restrict w,
     pw_cpu_parallel_for(n, rows_per_range(d), layernorm_fwd_range, &j);
 }
 
+static void layernorm_bwd_input_row(const float *restrict xr, const float *restrict w,
+                                    const float *restrict gr, float *restrict dxr, float mf,
+                                    float rs, int64_t d, int acc)
+{
+    /* With g = dy·w and x̂ = (x − mean)·rstd:
+     *   dx = rstd · (g − mean(g) − x̂ · mean(g·x̂))                      */
+    double s1[LANES] = {0}, s2[LANES] = {0};
+    int64_t c = 0;
+    for (; c + LANES <= d; c += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float g = gr[c + l] * w[c + l];
+            float xh = (xr[c + l] - mf) * rs;
+            s1[l] += (double)g;
+            s2[l] += (double)g * (double)xh;
+        }
+    double t1 = 0.0, t2 = 0.0;
+    for (int l = 0; l < LANES; l++) {
+        t1 += s1[l];
+        t2 += s2[l];
+    }
+    for (; c < d; c++) {
+        float g = gr[c] * w[c];
+        float xh = (xr[c] - mf) * rs;
+        t1 += (double)g;
+        t2 += (double)g * (double)xh;
+    }
+    const float mg = (float)(t1 / (double)d), mgx = (float)(t2 / (double)d);
+    if (acc) {
+        VEC_FOR(k, d, float xh = (xr[k] - mf) * rs;
+                dxr[k] += rs * (gr[k] * w[k] - mg - xh * mgx););
+    } else {
+        VEC_FOR(k, d, float xh = (xr[k] - mf) * rs;
+                dxr[k] = rs * (gr[k] * w[k] - mg - xh * mgx););
+    }
+}
+
 static void layernorm_bwd_input_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
     const int64_t d = j->d;
-    const float *restrict w = j->w;
-    for (int64_t r = lo; r < hi; r++) {
-        const float *restrict xr = j->x + r * d;
-        const float *restrict gr = j->dy + r * d;
-        float *restrict dxr = j->dx + r * d;
-        const float mf = j->mean[r], rs = j->rstd[r];
-        /* With g = dy·w and x̂ = (x − mean)·rstd:
-         *   dx = rstd · (g − mean(g) − x̂ · mean(g·x̂))                      */
-        double s1[LANES] = {0}, s2[LANES] = {0};
-        int64_t c = 0;
-        for (; c + LANES <= d; c += LANES)
-            for (int l = 0; l < LANES; l++) {
-                float g = gr[c + l] * w[c + l];
-                float xh = (xr[c + l] - mf) * rs;
-                s1[l] += (double)g;
-                s2[l] += (double)g * (double)xh;
-            }
-        double t1 = 0.0, t2 = 0.0;
-        for (int l = 0; l < LANES; l++) {
-            t1 += s1[l];
-            t2 += s2[l];
-        }
-        for (; c < d; c++) {
-            float g = gr[c] * w[c];
-            float xh = (xr[c] - mf) * rs;
-            t1 += (double)g;
-            t2 += (double)g * (double)xh;
-        }
-        const float mg = (float)(t1 / (double)d), mgx = (float)(t2 / (double)d);
-        if (j->acc) {
-            VEC_FOR(k, d, float xh = (xr[k] - mf) * rs;
-                    dxr[k] += rs * (gr[k] * w[k] - mg - xh * mgx););
-        } else {
-            VEC_FOR(k, d, float xh = (xr[k] - mf) * rs;
-                    dxr[k] = rs * (gr[k] * w[k] - mg - xh * mgx););
-        }
-    }
+    for (int64_t r = lo; r < hi; r++)
+        layernorm_bwd_input_row(j->x + r * d, j->w, j->dy + r * d, j->dx + r * d, j->mean[r],
+                                j->rstd[r], d, j->acc);
 }
 
 void pw_cpu_layernorm_bwd_input(const float *restrict x, const float *restrict w,
@@ -447,17 +477,25 @@ void pw_cpu_layernorm_bwd_input(const float *restrict x, const float *restrict w
     pw_cpu_parallel_for(n, rows_per_range(d), layernorm_bwd_input_range, &j);
 }
 
-/* Columns [lo, hi) of dw and db, every row added in row order. */
+/* dw[0, m) and db[0, m) += every row's terms (rows of ld), in row order. */
+static void layernorm_bwd_weight_cols(const float *restrict x, const float *restrict mean,
+                                      const float *restrict rstd, const float *restrict dy,
+                                      float *restrict dw, float *restrict db, int64_t n,
+                                      int64_t ld, int64_t m)
+{
+    for (int64_t r = 0; r < n; r++) {
+        const float *restrict xr = x + r * ld;
+        const float *restrict gr = dy + r * ld;
+        const float mf = mean[r], rs = rstd[r];
+        VEC_FOR(c, m, dw[c] += gr[c] * ((xr[c] - mf) * rs); db[c] += gr[c];);
+    }
+}
+
 static void layernorm_bwd_weight_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    float *restrict dw = j->dw + lo, *restrict db = j->db + lo;
-    for (int64_t r = 0; r < j->n; r++) {
-        const float *restrict xr = j->x + r * j->d + lo;
-        const float *restrict gr = j->dy + r * j->d + lo;
-        const float mf = j->mean[r], rs = j->rstd[r];
-        VEC_FOR(c, hi - lo, dw[c] += gr[c] * ((xr[c] - mf) * rs); db[c] += gr[c];);
-    }
+    layernorm_bwd_weight_cols(j->x + lo, j->mean, j->rstd, j->dy + lo, j->dw + lo, j->db + lo, j->n,
+                              j->d, hi - lo);
 }
 
 void pw_cpu_layernorm_bwd_weight(const float *restrict x, const float *restrict mean,
@@ -467,17 +505,20 @@ void pw_cpu_layernorm_bwd_weight(const float *restrict x, const float *restrict 
 {
     if (n <= 0) return;
     const sweep j = {.x = x, .mean = mean, .rstd = rstd, .dy = dy, .dw = dw, .db = db, .n = n, .d = d};
-    pw_cpu_parallel_for(d, cols_per_range(n), layernorm_bwd_weight_range, &j);
+    pw_cpu_parallel_for(d, cols_per_range(n, d), layernorm_bwd_weight_range, &j);
 }
 
 /* ---------------------------------------------------------------- add, copy */
 
+static void add_seq(const float *restrict a, const float *restrict b, float *restrict y, int64_t n)
+{
+    VEC_FOR(i, n, y[i] = a[i] + b[i];);
+}
+
 static void add_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float *restrict a = j->x + lo, *restrict b = j->w + lo;
-    float *restrict y = j->y + lo;
-    VEC_FOR(i, hi - lo, y[i] = a[i] + b[i];);
+    add_seq(j->x + lo, j->w + lo, j->y + lo, hi - lo);
 }
 
 void pw_cpu_add_fwd(const float *restrict a, const float *restrict b, float *restrict y,
@@ -491,16 +532,19 @@ void pw_cpu_add_fwd(const float *restrict a, const float *restrict b, float *res
  * long arrays (gradients) are split. */
 #define MEM_GRAIN (16 * PW_CPU_GRAIN)
 
+static void copy_grad_seq(const float *restrict dy, float *restrict dx, int64_t n, int acc)
+{
+    if (acc) {
+        VEC_FOR(i, n, dx[i] += dy[i];);
+    } else {
+        memcpy(dx, dy, (size_t)n * sizeof(float));
+    }
+}
+
 static void copy_grad_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float *restrict dy = j->dy + lo;
-    float *restrict dx = j->dx + lo;
-    if (j->acc) {
-        VEC_FOR(i, hi - lo, dx[i] += dy[i];);
-    } else {
-        memcpy(dx, dy, (size_t)(hi - lo) * sizeof(float));
-    }
+    copy_grad_seq(j->dy + lo, j->dx + lo, hi - lo, j->acc);
 }
 
 void pw_cpu_copy_grad(const float *restrict dy, float *restrict dx, int64_t n,
@@ -609,26 +653,26 @@ double pw_cpu_softmax_xent_fwd(const float *restrict logits, const int32_t *rest
     return pw_cpu_softmax_xent_fwd_count(logits, labels, probs, n, C, NULL);
 }
 
+static void xent_bwd_row(const float *restrict pr, int32_t lab, float *restrict dr, int64_t C,
+                         float scale, int acc)
+{
+    int ok = label_ok(lab, C);
+    /* Sweep with no one-hot, then redo the label's element from its
+     * saved old value, so it is rounded once: old + (p − 1)·scale. */
+    float old = (ok && acc) ? dr[lab] : 0.0f;
+    if (acc) {
+        VEC_FOR(c, C, dr[c] += pr[c] * scale;);
+    } else {
+        VEC_FOR(c, C, dr[c] = pr[c] * scale;);
+    }
+    if (ok) dr[lab] = old + (pr[lab] - 1.0f) * scale;
+}
+
 static void xent_bwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const int64_t C = j->d;
-    const float scale = j->s;
-    for (int64_t r = lo; r < hi; r++) {
-        const float *restrict pr = j->x + r * C;
-        float *restrict dr = j->dx + r * C;
-        int32_t lab = j->tok[r];
-        int ok = label_ok(lab, C);
-        /* Sweep with no one-hot, then redo the label's element from its
-         * saved old value, so it is rounded once: old + (p − 1)·scale. */
-        float old = (ok && j->acc) ? dr[lab] : 0.0f;
-        if (j->acc) {
-            VEC_FOR(c, C, dr[c] += pr[c] * scale;);
-        } else {
-            VEC_FOR(c, C, dr[c] = pr[c] * scale;);
-        }
-        if (ok) dr[lab] = old + (pr[lab] - 1.0f) * scale;
-    }
+    for (int64_t r = lo; r < hi; r++)
+        xent_bwd_row(j->x + r * j->d, j->tok[r], j->dx + r * j->d, j->d, j->s, j->acc);
 }
 
 void pw_cpu_softmax_xent_bwd(const float *restrict probs, const int32_t *restrict labels,
@@ -662,6 +706,11 @@ void pw_cpu_embedding_fwd(const int32_t *restrict tokens, const float *restrict 
     pw_cpu_parallel_for(n, rows_per_range(d), embedding_fwd_range, &j);
 }
 
+static void add_into(const float *restrict g, float *restrict row, int64_t m)
+{
+    VEC_FOR(c, m, row[c] += g[c];);
+}
+
 /* Columns [lo, hi) of every row of dw, the rows of dy added in order. */
 static void embedding_bwd_range(const void *v, int64_t lo, int64_t hi)
 {
@@ -670,9 +719,7 @@ static void embedding_bwd_range(const void *v, int64_t lo, int64_t hi)
     for (int64_t r = 0; r < j->n; r++) {
         int32_t t = j->tok[r];
         if (t < 0 || (int64_t)t >= j->vocab) continue;
-        float *restrict row = j->dw + (int64_t)t * d + lo;
-        const float *restrict g = j->dy + r * d + lo;
-        VEC_FOR(c, hi - lo, row[c] += g[c];);
+        add_into(j->dy + r * d + lo, j->dw + (int64_t)t * d + lo, hi - lo);
     }
 }
 
@@ -683,7 +730,7 @@ void pw_cpu_embedding_bwd_weight(const int32_t *restrict tokens, const float *re
      * position order, and micro-batch splits give the same bits. */
     if (n <= 0) return;
     const sweep j = {.tok = tokens, .dy = dy, .dw = dw, .n = n, .d = d, .vocab = vocab};
-    pw_cpu_parallel_for(d, cols_per_range(n), embedding_bwd_range, &j);
+    pw_cpu_parallel_for(d, cols_per_range(n, d), embedding_bwd_range, &j);
 }
 
 /* Elements [lo, hi) of the batch × T·d output; a range may span samples. */
@@ -693,9 +740,7 @@ static void pos_embedding_fwd_range(const void *v, int64_t lo, int64_t hi)
     const int64_t n = j->d;
     for (int64_t e = lo; e < hi;) {
         const int64_t i = e % n, len = hi - e < n - i ? hi - e : n - i;
-        const float *restrict x = j->x + e, *restrict w = j->w + i;
-        float *restrict y = j->y + e;
-        VEC_FOR(k, len, y[k] = x[k] + w[k];); /* one addition: lanes cannot change it */
+        add_seq(j->x + e, j->w + i, j->y + e, len); /* one addition: lanes cannot change it */
         e += len;
     }
 }
@@ -711,11 +756,7 @@ void pw_cpu_pos_embedding_fwd(const float *restrict x, const float *restrict w,
 static void pos_embedding_bwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    float *restrict dw = j->dw + lo;
-    for (int64_t b = 0; b < j->n; b++) {
-        const float *restrict g = j->dy + b * j->d + lo;
-        VEC_FOR(i, hi - lo, dw[i] += g[i];);
-    }
+    column_sums(j->dy + lo, j->dw + lo, j->n, j->d, hi - lo);
 }
 
 void pw_cpu_pos_embedding_bwd_weight(const float *restrict dy, float *restrict dw,
@@ -898,16 +939,21 @@ void pw_cpu_attention_bwd_input(const float *restrict qkv, const float *restrict
 /* Elements [lo, hi) of the batch × numel output: element e is element
  * e mod numel of sample first_sample + e / numel, whose random index is
  * (first_sample + e / numel)·numel + e mod numel = first_sample·numel + e. */
+static void dropout_fwd_seq(const float *restrict x, float *restrict y, uint8_t *restrict mask,
+                            int64_t n, float p, float scale, uint64_t key, uint64_t first)
+{
+    for (int64_t e = 0; e < n; e++) {
+        int keep = pw_rng_uniform(key, first + (uint64_t)e) >= p;
+        mask[e] = (uint8_t)keep;
+        y[e] = keep ? x[e] * scale : 0.0f;
+    }
+}
+
 static void dropout_fwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const float p = j->eps, scale = j->s;
-    const uint64_t base = (uint64_t)j->first;
-    for (int64_t e = lo; e < hi; e++) {
-        int keep = pw_rng_uniform(j->key, base + (uint64_t)e) >= p;
-        j->mask_out[e] = (uint8_t)keep;
-        j->y[e] = keep ? j->x[e] * scale : 0.0f;
-    }
+    dropout_fwd_seq(j->x + lo, j->y + lo, j->mask_out + lo, hi - lo, j->eps, j->s, j->key,
+                    (uint64_t)j->first + (uint64_t)lo);
 }
 
 void pw_cpu_dropout_fwd(const float *restrict x, float *restrict y, uint8_t *restrict mask,
@@ -919,18 +965,20 @@ void pw_cpu_dropout_fwd(const float *restrict x, float *restrict y, uint8_t *res
     pw_cpu_parallel_for(batch * numel, PW_CPU_GRAIN, dropout_fwd_range, &j);
 }
 
+static void dropout_bwd_seq(const uint8_t *restrict mask, const float *restrict dy,
+                            float *restrict dx, int64_t n, float scale, int acc)
+{
+    if (acc) {
+        VEC_FOR(i, n, float g = dy[i] * scale; dx[i] += mask[i] ? g : 0.0f;);
+    } else {
+        VEC_FOR(i, n, float g = dy[i] * scale; dx[i] = mask[i] ? g : 0.0f;);
+    }
+}
+
 static void dropout_bwd_range(const void *v, int64_t lo, int64_t hi)
 {
     const sweep *j = v;
-    const uint8_t *restrict mask = j->mask + lo;
-    const float *restrict dy = j->dy + lo;
-    float *restrict dx = j->dx + lo;
-    const float scale = j->s;
-    if (j->acc) {
-        VEC_FOR(i, hi - lo, float g = dy[i] * scale; dx[i] += mask[i] ? g : 0.0f;);
-    } else {
-        VEC_FOR(i, hi - lo, float g = dy[i] * scale; dx[i] = mask[i] ? g : 0.0f;);
-    }
+    dropout_bwd_seq(j->mask + lo, j->dy + lo, j->dx + lo, hi - lo, j->s, j->acc);
 }
 
 void pw_cpu_dropout_bwd_input(const uint8_t *restrict mask, const float *restrict dy,
