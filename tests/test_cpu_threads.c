@@ -264,9 +264,9 @@ Test(cpu_threads, softmax_xent, .init = setup, .fini = teardown, .timeout = 120)
     free(logits); free(p_ref); free(p); free(lab); free(d0); free(d_ref); free(dl);
 }
 
-/* The CPU backend's optimizer slot (ranges on the team) against
- * pw_optim_update over the whole tensor, SGD with momentum and AdamW,
- * three steps each. */
+/* The CPU backend's optimizer slots (ranges on the team; one also clears
+ * the gradient) against pw_optim_update over the whole tensor, SGD with
+ * momentum and AdamW, three steps each. */
 Test(cpu_threads, optimizer, .init = setup, .fini = teardown, .timeout = 120)
 {
     const int64_t n = N_ELEM;
@@ -280,7 +280,7 @@ Test(cpu_threads, optimizer, .init = setup, .fini = teardown, .timeout = 120)
         memset(s_ref, 0, (size_t)(sf * n) * sizeof(float));
         pw_cpu_set_threads(1);
         for (int step = 1; step <= 3; step++) pw_optim_update(&c, step, p_ref, g, s_ref, n, 1);
-        float *p = vec(n, 0), *s = vec(sf * n, 0);
+        float *p = vec(n, 0), *s = vec(sf * n, 0), *gz = vec(n, 0);
         for (int th = 1; th <= MAX_THREADS; th++) {
             pw_cpu_set_threads(th);
             memcpy(p, p0, (size_t)n * sizeof(float));
@@ -289,8 +289,20 @@ Test(cpu_threads, optimizer, .init = setup, .fini = teardown, .timeout = 120)
                 cr_assert_eq(be->optim_update(NULL, &c, step, p, g, s, n, 1), PW_OK);
             expect_bits(p, p_ref, n, kind ? "adamw parameters" : "sgd parameters", th);
             expect_bits(s, s_ref, sf * n, kind ? "adamw state" : "sgd momentum", th);
+            /* optim_update_zero: the same update, and the gradient cleared. */
+            memcpy(p, p0, (size_t)n * sizeof(float));
+            memset(s, 0, (size_t)(sf * n) * sizeof(float));
+            for (int step = 1; step <= 3; step++) {
+                memcpy(gz, g, (size_t)n * sizeof(float));
+                cr_assert_eq(be->optim_update_zero(NULL, &c, step, p, gz, s, n, 1), PW_OK);
+                int64_t nonzero = 0;
+                for (int64_t i = 0; i < n; i++) nonzero += gz[i] != 0.0f || signbit(gz[i]);
+                cr_expect_eq(nonzero, 0, "optim_update_zero left %lld gradient elements", (long long)nonzero);
+            }
+            expect_bits(p, p_ref, n, kind ? "adamw parameters (zeroing)" : "sgd parameters (zeroing)", th);
+            expect_bits(s, s_ref, sf * n, kind ? "adamw state (zeroing)" : "sgd momentum (zeroing)", th);
         }
-        free(p0); free(g); free(p_ref); free(s_ref); free(p); free(s);
+        free(p0); free(g); free(p_ref); free(s_ref); free(p); free(s); free(gz);
     }
 }
 

@@ -233,6 +233,7 @@ typedef struct optim_job {
     int64_t step, n;
     float *p, *state;
     const float *g;
+    float *g_zero; /* g, to clear after its range is updated; NULL: keep it */
     int decay;
 } optim_job;
 
@@ -240,6 +241,9 @@ static void optim_range(const void *v, int64_t lo, int64_t hi)
 {
     const optim_job *j = v;
     pw_optim_update_range(j->c, j->step, j->p, j->g, j->state, j->n, lo, hi, j->decay);
+    /* The range's gradient was just read: still in cache, so clearing it
+     * here costs no pass over memory of its own. */
+    if (j->g_zero) memset(j->g_zero + lo, 0, (size_t)(hi - lo) * sizeof(float));
 }
 
 static pw_status cpu_optim_update(void *ctx, const pw_optim_config *c, int64_t step, float *p,
@@ -247,6 +251,16 @@ static pw_status cpu_optim_update(void *ctx, const pw_optim_config *c, int64_t s
 {
     (void)ctx;
     const optim_job j = {.c = c, .step = step, .n = n, .p = p, .state = state, .g = g, .decay = decay};
+    pw_cpu_parallel_for(n, PW_CPU_GRAIN, optim_range, &j);
+    return PW_OK;
+}
+
+static pw_status cpu_optim_update_zero(void *ctx, const pw_optim_config *c, int64_t step, float *p,
+                                       float *g, float *state, int64_t n, int decay)
+{
+    (void)ctx;
+    const optim_job j = {.c = c, .step = step, .n = n, .p = p, .state = state, .g = g, .g_zero = g,
+                         .decay = decay};
     pw_cpu_parallel_for(n, PW_CPU_GRAIN, optim_range, &j);
     return PW_OK;
 }
@@ -328,6 +342,7 @@ const pw_backend_i pw_backend_cpu_i = {
     .dropout_fwd = cpu_dropout_fwd,
     .dropout_bwd_input = cpu_dropout_bwd_input,
     .optim_update = cpu_optim_update,
+    .optim_update_zero = cpu_optim_update_zero,
     .find_nonfinite = cpu_find_nonfinite,
     .device_pci = NULL, /* workers bind by the CPU rule */
 };

@@ -989,16 +989,20 @@ pw_status pw_program_backward_weight(pw_program *p, int slot)
     return be_end_call(p, st);
 }
 
-static pw_status zero_grads(pw_program *p)
+/* A new step's gradient bookkeeping; `memory`: zero the gradient region
+ * too (not needed after optim_update_zero, which left it zero). */
+static pw_status restart_grads(pw_program *p, int memory)
 {
     p->folded = 0;
     p->n_bw = 0;
     p->sum_busy = 0;
     for (int l = 0; l < p->n_sum_bufs; l++) p->sum_level[l] = -1;
-    if (p->n_params == 0) return PW_OK;
+    if (p->n_params == 0 || !memory) return PW_OK;
     BE(zero, at(p, p->params[0].off_grad), p->mem.grads);
     return PW_OK;
 }
+
+static pw_status zero_grads(pw_program *p) { return restart_grads(p, 1); }
 
 void pw_program_zero_grads(pw_program *p)
 {
@@ -1032,12 +1036,20 @@ static pw_status optimizer_step(pw_program *p, int64_t step)
     if (bad >= 0)
         return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite", (long long)step,
                         p->g->params[p->params[bad].gp].name);
+    /* With optim_update_zero each gradient is cleared in the update's own
+     * sweep; the rest of the region — tied uses (cleared by fold) and the
+     * alignment between arrays (never written) — is zero already. */
+    const int fused = p->be->optim_update_zero != NULL;
     for (int i = 0; i < p->n_params; i++) {
         const prog_param *pp = &p->params[i];
-        BE(optim_update, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
-           at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
+        if (fused)
+            BE(optim_update_zero, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
+               at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
+        else
+            BE(optim_update, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
+               at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
     }
-    return zero_grads(p);
+    return restart_grads(p, !fused);
 }
 
 pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
