@@ -9,7 +9,7 @@
 #   2. the AddressSanitizer + UndefinedBehaviorSanitizer build and every test;
 #   3. the ThreadSanitizer build: the engine's and the backend's tests (threads
 #      completing actions asynchronously), the determinism matrix's diagonal
-#      (the CPU thread team), the runner's tests (tests/test_examples_api.c),
+#      and the kernels' thread checks (the CPU thread team), the runner's tests (tests/test_examples_api.c),
 #      and a real pipeline run, also writing checkpoints from the background
 #      thread;
 #   4. every libFuzzer harness for 60 s (scripts/fuzz.sh; clang).
@@ -53,9 +53,9 @@ if [ "${PW_TEST_FAST:-0}" != "1" ]; then
 
     echo "== build (thread sanitizer)"
     bash scripts/build.sh build-tsan -DPW_SANITIZE=thread
-    echo "== engine, backend, determinism and runner tests (asynchronous completions, the CPU thread team) and a 3-stage pipeline run under ThreadSanitizer"
+    echo "== engine, backend, determinism, CPU-kernel thread and runner tests (asynchronous completions, the CPU thread team) and a 3-stage pipeline run under ThreadSanitizer"
     export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
-    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism|test_examples_api)$' 2>&1 \
+    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism|test_cpu_threads|test_examples_api)$' 2>&1 \
         | tee ctest.log | tail -5)
     check_log build-tsan/ctest.log
     ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \

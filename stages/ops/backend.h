@@ -219,6 +219,12 @@ typedef struct pw_backend_i {
     /* pw_optim_update on backend memory. */
     pw_status (*optim_update)(void *ctx, const pw_optim_config *c, int64_t step, float *p,
                               const float *g, float *state, int64_t n, int decay);
+    /* (optional) optim_update, and g[0 .. n) = 0 in the same sweep (one pass
+     * over the gradient fewer). With it the program does not zero the
+     * gradients after a step: its other gradient memory is zero already.
+     * NULL: optim_update, then the program zeroes the gradients. */
+    pw_status (*optim_update_zero)(void *ctx, const pw_optim_config *c, int64_t step, float *p,
+                                   float *g, float *state, int64_t n, int decay);
     /* *bad = the index of the first of `count` arrays (g[i], n[i] floats)
      * holding an infinity or a NaN, or -1 when all are finite. Waits for
      * the work before it (the host needs the answer). */

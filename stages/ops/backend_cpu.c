@@ -4,11 +4,14 @@
 #include "stages/ops/backend.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "stages/ops/cpu/gemm.h"
 #include "stages/ops/cpu/ops.h"
+#include "stages/ops/cpu/vec.h"
 
 /* ---------------------------------------------------------------- memory */
 
@@ -123,29 +126,16 @@ static pw_status cpu_copy_grad(void *ctx, const float *dy, float *dx, int64_t n,
     return PW_OK;
 }
 
-/* Rows whose first largest logit is the label. */
-static int64_t argmax_correct(const float *logits, const int32_t *labels, int64_t rows, int64_t C)
-{
-    int64_t correct = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *l = logits + r * C;
-        int64_t best = 0;
-        for (int64_t c = 1; c < C; c++)
-            if (l[c] > l[best]) best = c;
-        correct += best == labels[r];
-    }
-    return correct;
-}
-
 static pw_status cpu_xent_fwd(void *ctx, const float *logits, const int32_t *labels, float *probs,
                               double *stats, double *scratch, int64_t n, int64_t C)
 {
     (void)ctx;
     (void)scratch;
-    double s = pw_cpu_softmax_xent_fwd(logits, labels, probs, n, C);
+    int64_t correct = 0;
+    double s = pw_cpu_softmax_xent_fwd_count(logits, labels, probs, n, C, stats ? &correct : NULL);
     if (stats) {
         stats[0] += s;
-        stats[1] += (double)argmax_correct(logits, labels, n, C);
+        stats[1] += (double)correct;
     }
     return PW_OK;
 }
@@ -236,12 +226,67 @@ static pw_status cpu_dropout_bwd_input(void *ctx, const uint8_t *mask, const flo
     return PW_OK;
 }
 
+/* The optimizer on the thread team, in ranges fixed by the tensor's size:
+ * each element's update is its own, so the bits are pw_optim_update's. */
+typedef struct optim_job {
+    const pw_optim_config *c;
+    int64_t step, n;
+    float *p, *state;
+    const float *g;
+    float *g_zero; /* g, to clear after its range is updated; NULL: keep it */
+    int decay;
+} optim_job;
+
+static void optim_range(const void *v, int64_t lo, int64_t hi)
+{
+    const optim_job *j = v;
+    pw_optim_update_range(j->c, j->step, j->p, j->g, j->state, j->n, lo, hi, j->decay);
+    /* The range's gradient was just read: still in cache, so clearing it
+     * here costs no pass over memory of its own. */
+    if (j->g_zero) memset(j->g_zero + lo, 0, (size_t)(hi - lo) * sizeof(float));
+}
+
 static pw_status cpu_optim_update(void *ctx, const pw_optim_config *c, int64_t step, float *p,
                                   const float *g, float *state, int64_t n, int decay)
 {
     (void)ctx;
-    pw_optim_update(c, step, p, g, state, n, decay);
+    const optim_job j = {.c = c, .step = step, .n = n, .p = p, .state = state, .g = g, .decay = decay};
+    pw_cpu_parallel_for(n, PW_CPU_GRAIN, optim_range, &j);
     return PW_OK;
+}
+
+static pw_status cpu_optim_update_zero(void *ctx, const pw_optim_config *c, int64_t step, float *p,
+                                       float *g, float *state, int64_t n, int decay)
+{
+    (void)ctx;
+    const optim_job j = {.c = c, .step = step, .n = n, .p = p, .state = state, .g = g, .g_zero = g,
+                         .decay = decay};
+    pw_cpu_parallel_for(n, PW_CPU_GRAIN, optim_range, &j);
+    return PW_OK;
+}
+
+/* Whether g[lo, hi) holds an infinity or a NaN. x·0 is 0 for a finite x
+ * and NaN otherwise; summed in VEC_N independent lanes (so the loop
+ * vectorises) the total is ±0 exactly when every element is finite. The
+ * answer is a yes or no, the same however the array is cut. */
+typedef struct finite_job {
+    const float *g;
+    atomic_int bad;
+} finite_job;
+
+static void finite_range(const void *v, int64_t lo, int64_t hi)
+{
+    finite_job *j = (finite_job *)v;
+    if (atomic_load_explicit(&j->bad, memory_order_relaxed)) return; /* answered already */
+    const float *restrict g = j->g + lo;
+    float acc[VEC_N] = {0};
+    int64_t i = 0;
+    for (; i + VEC_N <= hi - lo; i += VEC_N)
+        for (int l = 0; l < VEC_N; l++) acc[l] += g[i + l] * 0.0f;
+    float s = 0.0f;
+    for (int l = 0; l < VEC_N; l++) s += acc[l];
+    for (; i < hi - lo; i++) s += g[i] * 0.0f;
+    if (s != 0.0f || isnan(s)) atomic_store_explicit(&j->bad, 1, memory_order_relaxed);
 }
 
 static pw_status cpu_find_nonfinite(void *ctx, float *const *g, const int64_t *n, int count,
@@ -250,10 +295,10 @@ static pw_status cpu_find_nonfinite(void *ctx, float *const *g, const int64_t *n
     (void)ctx;
     *bad = -1;
     for (int i = 0; i < count; i++) {
-        /* x·0 is 0 for a finite x and NaN otherwise: one pass, no branches. */
-        float s = 0.0f;
-        for (int64_t j = 0; j < n[i]; j++) s += g[i][j] * 0.0f;
-        if (s != 0.0f || isnan(s)) {
+        finite_job j = {.g = g[i]};
+        atomic_init(&j.bad, 0);
+        pw_cpu_parallel_for(n[i], 4 * PW_CPU_GRAIN, finite_range, &j);
+        if (atomic_load(&j.bad)) {
             *bad = i;
             break;
         }
@@ -297,6 +342,7 @@ const pw_backend_i pw_backend_cpu_i = {
     .dropout_fwd = cpu_dropout_fwd,
     .dropout_bwd_input = cpu_dropout_bwd_input,
     .optim_update = cpu_optim_update,
+    .optim_update_zero = cpu_optim_update_zero,
     .find_nonfinite = cpu_find_nonfinite,
     .device_pci = NULL, /* workers bind by the CPU rule */
 };

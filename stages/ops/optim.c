@@ -1,5 +1,6 @@
 /* pipewright — SGD and AdamW updates (PyTorch semantics, fp32). */
 #include "stages/ops/optim.h"
+#include "stages/ops/cpu/vec.h"
 
 #include <math.h>
 #include <string.h>
@@ -69,51 +70,57 @@ float pw_optim_lr_at(const pw_optim_config *c, int64_t step)
 
 int pw_optim_state_floats(pw_optim_kind kind) { return kind == PW_OPTIM_SGD ? 1 : 2; }
 
-static void sgd_update(const pw_optim_config *c, int64_t step, float *p, const float *g,
-                       float *buf, int64_t n, int decay)
+/* Every element's update depends on that element alone, so a tensor cut
+ * into ranges (pw_optim_update_range, the CPU backend's team) gives the
+ * same bits as one call; VEC_FOR vectorises each loop without changing an
+ * element's arithmetic. */
+static void sgd_range(const pw_optim_config *c, int64_t step, float *restrict p,
+                      const float *restrict g, float *restrict buf, int64_t n, int decay)
 {
     const float lr = pw_optim_lr_at(c, step), mu = c->momentum, wd = decay ? c->weight_decay : 0.0f;
     if (mu == 0.0f) {
-        for (int64_t i = 0; i < n; i++) p[i] -= lr * (g[i] + wd * p[i]);
+        VEC_FOR(i, n, p[i] -= lr * (g[i] + wd * p[i]););
         return;
     }
     if (step == 1) {
-        for (int64_t i = 0; i < n; i++) {
-            float gi = g[i] + wd * p[i];
-            buf[i] = gi;
-            p[i] -= lr * gi;
-        }
+        VEC_FOR(i, n, float gi = g[i] + wd * p[i]; buf[i] = gi; p[i] -= lr * gi;);
         return;
     }
-    for (int64_t i = 0; i < n; i++) {
-        float gi = g[i] + wd * p[i];
-        buf[i] = mu * buf[i] + gi;
-        p[i] -= lr * buf[i];
-    }
+    VEC_FOR(i, n, float gi = g[i] + wd * p[i]; buf[i] = mu * buf[i] + gi; p[i] -= lr * buf[i];);
 }
 
-static void adamw_update(const pw_optim_config *c, int64_t step, float *p, const float *g,
-                         float *state, int64_t n, int decay)
+/* m, v: the two halves of the state (first and second moments). sqrtf
+ * vectorises because CMakeLists.txt builds this file with -fno-math-errno
+ * (sqrt is exact in IEEE arithmetic either way; only errno differs). */
+static void adamw_range(const pw_optim_config *c, int64_t step, float *restrict p,
+                        const float *restrict g, float *restrict m, float *restrict v, int64_t n,
+                        int decay)
 {
-    float *m = state, *v = state + n;
     const float b1 = c->beta1, b2 = c->beta2, lr = pw_optim_lr_at(c, step), eps = c->eps;
     const float decay_mul = decay ? 1.0f - lr * c->weight_decay : 1.0f;
     /* Bias corrections in double: (1 − β2ᵗ) loses precision in float for small t. */
     const float bc1 = (float)(1.0 - pow(b1, (double)step));
     const float bc2_sqrt = (float)sqrt(1.0 - pow(b2, (double)step));
     const float step_size = lr / bc1;
-    for (int64_t i = 0; i < n; i++) {
-        float gi = g[i];
-        m[i] = b1 * m[i] + (1.0f - b1) * gi;
-        v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
-        float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-        p[i] = p[i] * decay_mul - step_size * m[i] / denom;
-    }
+    VEC_FOR(i, n, float gi = g[i];
+            m[i] = b1 * m[i] + (1.0f - b1) * gi;
+            v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+            float denom = sqrtf(v[i]) / bc2_sqrt + eps;
+            p[i] = p[i] * decay_mul - step_size * m[i] / denom;);
+}
+
+void pw_optim_update_range(const pw_optim_config *c, int64_t step, float *p, const float *g,
+                           float *state, int64_t n, int64_t lo, int64_t hi, int decay)
+{
+    if (lo < 0) lo = 0;
+    if (hi > n) hi = n;
+    if (hi <= lo) return;
+    if (c->kind == PW_OPTIM_SGD) sgd_range(c, step, p + lo, g + lo, state + lo, hi - lo, decay);
+    else adamw_range(c, step, p + lo, g + lo, state + lo, state + n + lo, hi - lo, decay);
 }
 
 void pw_optim_update(const pw_optim_config *c, int64_t step, float *p, const float *g,
                      float *state, int64_t n, int decay)
 {
-    if (c->kind == PW_OPTIM_SGD) sgd_update(c, step, p, g, state, n, decay);
-    else adamw_update(c, step, p, g, state, n, decay);
+    pw_optim_update_range(c, step, p, g, state, n, 0, n, decay);
 }

@@ -79,6 +79,12 @@ int pw_optim_state_floats(pw_optim_kind kind);
  * before the first step. */
 void pw_optim_update(const pw_optim_config *c, int64_t step, float *p, const float *g,
                      float *state, int64_t n, int decay);
+/* Elements [lo, hi) of that update (clamped to [0, n)): every element
+ * depends on its own p, g and state only, so cutting a tensor into ranges,
+ * updated in any order or on any threads, gives exactly the bits of one
+ * pw_optim_update (the CPU backend spreads them over its thread team). */
+void pw_optim_update_range(const pw_optim_config *c, int64_t step, float *p, const float *g,
+                           float *state, int64_t n, int64_t lo, int64_t hi, int decay);
 
 #ifdef __cplusplus
 }

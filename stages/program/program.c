@@ -1010,16 +1010,20 @@ pw_status pw_program_backward_weight(pw_program *p, int slot)
     return be_end_call(p, st);
 }
 
-static pw_status zero_grads(pw_program *p)
+/* A new step's gradient bookkeeping; `memory`: zero the gradient region
+ * too (not needed after optim_update_zero, which left it zero). */
+static pw_status restart_grads(pw_program *p, int memory)
 {
     p->folded = 0;
     p->n_bw = 0;
     p->sum_busy = 0;
     for (int l = 0; l < p->n_sum_bufs; l++) p->sum_level[l] = -1;
-    if (p->n_params == 0) return PW_OK;
+    if (p->n_params == 0 || !memory) return PW_OK;
     BE(zero, at(p, p->params[0].off_grad), p->mem.grads);
     return PW_OK;
 }
+
+static pw_status zero_grads(pw_program *p) { return restart_grads(p, 1); }
 
 void pw_program_zero_grads(pw_program *p)
 {
@@ -1057,12 +1061,21 @@ static pw_status final_grads(pw_program *p, int64_t step)
     return PW_OK;
 }
 
-static pw_status update(pw_program *p, int64_t step)
+/* The update of every parameter; `fused`: with the backend's
+ * optim_update_zero, which clears each gradient in the update's own sweep
+ * (the rest of the region — tied uses, cleared by fold, and the alignment
+ * between arrays, never written — is zero already). A post-validated try
+ * keeps its gradients for a redo: not fused. */
+static pw_status update(pw_program *p, int64_t step, int fused)
 {
     for (int i = 0; i < p->n_params; i++) {
         const prog_param *pp = &p->params[i];
-        BE(optim_update, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
-           at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
+        if (fused)
+            BE(optim_update_zero, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
+               at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
+        else
+            BE(optim_update, &p->cfg.optim, step, at(p, pp->off_data), at(p, pp->off_grad),
+               at(p, pp->off_state), pp->numel, p->g->params[pp->gp].decay);
     }
     return PW_OK;
 }
@@ -1072,8 +1085,9 @@ static pw_status optimizer_step(pw_program *p, int64_t step)
     if (p->n_params == 0) return PW_OK;
     p->tried = 0;
     PW_CHECK(final_grads(p, step));
-    PW_CHECK(update(p, step));
-    return zero_grads(p);
+    const int fused = p->be->optim_update_zero != NULL;
+    PW_CHECK(update(p, step, fused));
+    return restart_grads(p, !fused);
 }
 
 pw_status pw_program_optimizer_step(pw_program *p, int64_t step)
@@ -1104,7 +1118,7 @@ static pw_status optimizer_try(pw_program *p, int64_t step)
     PW_CHECK(final_grads(p, step));
     PW_CHECK(backup_copy(p, 1));
     p->tried = 1;
-    return update(p, step);
+    return update(p, step, 0);
 }
 
 pw_status pw_program_optimizer_try(pw_program *p, int64_t step)

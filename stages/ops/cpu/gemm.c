@@ -15,6 +15,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "runtime/log.h"
 #include "runtime/status.h"
@@ -131,6 +132,32 @@ int pw_cpu_get_threads(void)
 
 void pw_cpu_parallel(int64_t n, pw_pool_fn fn, void *arg) { pw_pool_run(team_get(), n, fn, arg); }
 
+typedef struct range_job {
+    pw_cpu_range_fn fn;
+    const void *job;
+    int64_t n, per;
+} range_job;
+
+static void range_item(void *arg, int64_t item, int worker)
+{
+    (void)worker;
+    const range_job *r = arg;
+    const int64_t lo = item * r->per, hi = r->n - lo < r->per ? r->n : lo + r->per;
+    r->fn(r->job, lo, hi);
+}
+
+void pw_cpu_parallel_for(int64_t n, int64_t per, pw_cpu_range_fn fn, const void *job)
+{
+    if (n <= 0) return;
+    if (per < 1) per = 1;
+    if (n <= per) {
+        fn(job, 0, n);
+        return;
+    }
+    range_job r = {.fn = fn, .job = job, .n = n, .per = per};
+    pw_cpu_parallel((n + per - 1) / per, range_item, &r);
+}
+
 /* ---------------------------------------------------------------- GEMM */
 
 void pw_cpu_gemm_1t(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha,
@@ -188,7 +215,15 @@ typedef struct gemm_job {
     const float *A, *B;
     float *C;
     int64_t lda, ldb, ldc;
+    const float *bias; /* (N) or NULL: each tile's rows of C start as it (beta = 1) */
 } gemm_job;
+
+/* C's rows r0 .. r0+rn, columns c0 .. c0+cn = bias[c0 .. c0+cn]. */
+static void fill_bias(const gemm_job *j, int64_t r0, int64_t rn, int64_t c0, int64_t cn)
+{
+    for (int64_t r = r0; r < r0 + rn; r++)
+        memcpy(j->C + r * j->ldc + c0, j->bias + c0, (size_t)cn * sizeof(float));
+}
 
 static void gemm_tile(void *arg, int64_t t, int worker)
 {
@@ -200,8 +235,23 @@ static void gemm_tile(void *arg, int64_t t, int worker)
     /* Row r0 of op(A), column c0 of op(B). */
     const float *a = j->ta ? j->A + r0 : j->A + r0 * j->lda;
     const float *b = j->tb ? j->B + c0 * j->ldb : j->B + c0;
+    if (j->bias) fill_bias(j, r0, rn, c0, cn); /* while the tile is about to be in cache */
     pw_cpu_gemm_1t(j->ta, j->tb, rn, cn, j->K, j->alpha, a, j->lda, b, j->ldb, j->beta,
                    j->C + r0 * j->ldc + c0, j->ldc);
+}
+
+static void gemm_run(gemm_job *j)
+{
+    pw_cpu_gemm_tiles(j->M, j->N, j->K, &j->tm, &j->tn);
+    j->nc = ceil_div(j->N, j->tn);
+    const int64_t n_tiles = ceil_div(j->M, j->tm) * j->nc;
+    if (n_tiles == 1) {
+        if (j->bias) fill_bias(j, 0, j->M, 0, j->N);
+        pw_cpu_gemm_1t(j->ta, j->tb, j->M, j->N, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta,
+                       j->C, j->ldc);
+        return;
+    }
+    pw_cpu_parallel(n_tiles, gemm_tile, j);
 }
 
 void pw_cpu_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
@@ -210,12 +260,14 @@ void pw_cpu_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, c
     if (M <= 0 || N <= 0) return;
     gemm_job j = {.ta = ta, .tb = tb, .M = M, .N = N, .K = K, .alpha = alpha, .beta = beta,
                   .A = A, .B = B, .C = C, .lda = lda, .ldb = ldb, .ldc = ldc};
-    pw_cpu_gemm_tiles(M, N, K, &j.tm, &j.tn);
-    j.nc = ceil_div(N, j.tn);
-    const int64_t n_tiles = ceil_div(M, j.tm) * j.nc;
-    if (n_tiles == 1) {
-        pw_cpu_gemm_1t(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    pw_cpu_parallel(n_tiles, gemm_tile, &j);
+    gemm_run(&j);
+}
+
+void pw_cpu_gemm_bias(int ta, int tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, const float *bias, float *C, int64_t ldc)
+{
+    if (M <= 0 || N <= 0) return;
+    gemm_job j = {.ta = ta, .tb = tb, .M = M, .N = N, .K = K, .alpha = 1.0f, .beta = 1.0f,
+                  .A = A, .B = B, .C = C, .lda = lda, .ldb = ldb, .ldc = ldc, .bias = bias};
+    gemm_run(&j);
 }

@@ -12,7 +12,9 @@
  *   - GEMMs go through pw_cpu_gemm (stages/ops/cpu/gemm.h): the BLAS runs
  *     single-threaded on tiles fixed by the shape, spread over the CPU
  *     thread team (pw_cpu_set_threads), so no result depends on the thread
- *     count.
+ *     count. The other kernels run on the same team, cut by the shape into
+ *     ranges that never split a reduction (ops.c says how): their bits do
+ *     not depend on the thread count either.
  *   - Arrays never alias unless stated.
  */
 #ifndef PW_STAGES_CPU_OPS_H
@@ -92,6 +94,10 @@ void pw_cpu_zero(void *dst, size_t bytes);
  * error, handled only so that nothing crashes or reads out of bounds. */
 double pw_cpu_softmax_xent_fwd(const float *logits, const int32_t *labels, float *probs,
                                int64_t n, int64_t C);
+/* The same, and *correct (when not NULL) = the rows whose first largest
+ * logit is the label (accuracy), from the same sweep. */
+double pw_cpu_softmax_xent_fwd_count(const float *logits, const int32_t *labels, float *probs,
+                                     int64_t n, int64_t C, int64_t *correct);
 void pw_cpu_softmax_xent_bwd(const float *probs, const int32_t *labels, float *dlogits,
                              int64_t n, int64_t C, float scale, int accumulate);
 
