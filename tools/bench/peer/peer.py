@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""pipewright beside PyTorch eager: the same models, batch, micro-batching,
+optimizer, loss and thread count, in alternating rounds of one run.
+
+    /work/venv-torch/bin/python tools/bench/peer/peer.py [--models mlp,gpt,quick]
+        [--threads 1,2] [--rounds 3] [--steps 6] [--warmup 2] [--no-pipeline]
+        [--no-check | --check-only] [--build build]
+
+Install PyTorch first, outside the repository (tools/bench/peer/README.md);
+without it this prints how and exits 0. pipewright's side is its own tool,
+build/pipeline-run, so kernel and schedule changes show up here unchanged.
+
+Each run is a fresh process pinned to N threads (OMP_NUM_THREADS,
+MKL_NUM_THREADS, OPENBLAS_NUM_THREADS = N; torch.set_num_threads(N) and
+set_num_interop_threads(N); pipeline-run --threads N) that trains `--warmup`
++ `--steps` optimizer steps; its figure is the median of the timed steps:
+pipewright's from `--metrics` (step_ms: every micro-batch's forward and
+backward and the optimizer step), PyTorch's from perf_counter around the
+same work (zero_grad, M forward/backward, optimizer.step). Start-up, data
+loading and pipeline-run's held-out evaluations are outside both. Rounds run
+every configuration once, in reversed order every other round; a figure is
+the median over rounds, the ratio is PyTorch's step time / pipewright's.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.normpath(os.path.join(HERE, "..", "..", ".."))
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+INSTALL = ("python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch\n"
+           "  (CPU-only wheels, smaller: add --index-url https://download.pytorch.org/whl/cpu "
+           "where that host is reachable)")
+
+SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+
+
+def adamw(lr):
+    return {"name": "adamw", "lr": lr, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+            "weight_decay": 0.01}
+
+
+# The models and their settings, shared by both sides. `pipeline`: the
+# 2-stage layout pipewright runs beside PyTorch's single process.
+MODELS = {
+    "mlp": {"title": "MLP 784-2048x4-10", "kind": "mlp", "graph": "tools/bench/peer/mlp.graph",
+            "batch": 256, "micro": 1, "optim": SGD, "unit": "samples",
+            "pipeline": {"micro": 8, "args": ["--schedule", "1f1b"]}},
+    "gpt": {"title": "tiny GPT", "kind": "gpt", "graph": "examples/tiny_gpt.graph",
+            "batch": 16, "micro": 4, "optim": adamw(2e-3), "unit": "tokens",
+            "pipeline": {"micro": 4, "args": ["--schedule", "1f1b"]}},
+    "quick": {"title": "quick GPT", "kind": "gpt", "graph": "examples/tiny_gpt_quick.graph",
+              "batch": 32, "micro": 4, "optim": adamw(3e-3), "unit": "tokens",
+              "pipeline": {"micro": 4, "args": ["--schedule", "1f1b"]}},
+}
+
+
+def thread_env(n):
+    env = dict(os.environ)
+    for v in THREAD_VARS:
+        env[v] = str(n)
+    return env
+
+
+def optim_flags(o):
+    f = ["--optimizer", o["name"], "--lr", repr(o["lr"]), "--weight-decay", repr(o["weight_decay"])]
+    if o["name"] == "sgd":
+        return f + ["--momentum", repr(o["momentum"])]
+    return f + ["--adam-beta1", repr(o["beta1"]), "--adam-beta2", repr(o["beta2"]),
+                "--adam-eps", repr(o["eps"])]
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------- sides
+
+class Pipewright:
+    """Runs build/pipeline-run for one model; returns its metrics' step lines."""
+
+    def __init__(self, binary, spec, data, directory):
+        self.binary, self.spec, self.data, self.dir = binary, spec, data, directory
+
+    def command(self, graph, stages, threads, micro, steps, extra):
+        metrics = os.path.join(self.dir, "metrics.jsonl")
+        return [self.binary, graph, "--data", self.data, "--batch", str(self.spec["batch"]),
+                "--micro-batches", str(micro), "--stages", str(stages), "--threads", str(threads),
+                "--steps", str(steps), "--metrics", metrics, "--quiet"] + \
+            optim_flags(self.spec["optim"]) + extra, metrics
+
+    def __call__(self, graph, stages, threads, micro, steps, extra):
+        cmd, metrics = self.command(graph, stages, threads, micro, steps, extra)
+        n = stages * threads
+        p = subprocess.run(cmd, env=thread_env(n), cwd=ROOT, capture_output=True, text=True)
+        shown = " ".join(["%s=%d" % (v, n) for v in THREAD_VARS] + cmd)
+        if p.returncode != 0:
+            sys.exit("peer: %s failed (%d):\n%s%s" % (shown, p.returncode, p.stdout, p.stderr))
+        with open(metrics) as f:
+            lines = [json.loads(line) for line in f]
+        return shown, [m for m in lines if m["type"] == "step"]
+
+    def step_times(self, stages, threads, micro, extra, warmup, steps):
+        cmd, lines = self(self.spec["graph"], stages, threads, micro, warmup + steps, extra)
+        return cmd, [m["step_ms"] * 1e-3 for m in lines[warmup:]]
+
+
+def torch_times(key, data, threads, warmup, steps, opts):
+    """Step times of PyTorch in a fresh process pinned to `threads` threads."""
+    job = {"model": key, "data": data, "threads": threads, "warmup": warmup, "steps": steps,
+           "attention": opts.attention, "optimizer_impl": opts.torch_optimizer}
+    cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", json.dumps(job)]
+    p = subprocess.run(cmd, env=thread_env(threads), cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit("peer: the PyTorch worker failed (%d):\n%s%s" % (p.returncode, p.stdout, p.stderr))
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if out["threads"] != threads or out["interop"] != threads:
+        sys.exit("peer: PyTorch runs %d / %d threads, not %d" % (out["threads"], out["interop"], threads))
+    env = " ".join("%s=%d" % (v, threads) for v in THREAD_VARS)
+    return "%s %s %s %s '%s'" % (env, *cmd), out["step_s"]
+
+
+def torch_worker(job):
+    """The child process: trains the model in PyTorch, prints the timings."""
+    import torch
+    torch.set_num_threads(job["threads"])
+    torch.set_num_interop_threads(job["threads"])
+    import files
+    import models
+    spec = MODELS[job["model"]]
+    graph = os.path.join(ROOT, spec["graph"])
+    model = models.build(spec["kind"], graph, job["attention"])
+    model.train()
+    opt = models.make_optimizer(model, spec["optim"], job["optimizer_impl"])
+    x, y = read_data(spec, job["data"])
+    times = []
+    for s in range(job["warmup"] + job["steps"]):
+        xb, yb = files.batch_of(x, y, s, spec["batch"])
+        t0 = time.perf_counter()
+        loss = models.train_step(model, opt, xb, yb, spec["micro"])
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"step_s": times[job["warmup"]:], "loss": loss, "threads": torch.get_num_threads(),
+                      "interop": torch.get_num_interop_threads()}))
+
+
+def read_data(spec, data):
+    import files
+    import models
+    if spec["kind"] == "mlp":
+        return files.read_idx_mlp(data)
+    return files.read_corpus(data, models.read_gpt(os.path.join(ROOT, spec["graph"]))["T"])
+
+
+def write_data(spec, directory):
+    """The data files of one model (16 batches; the runs roll over)."""
+    import files
+    import models
+    graph = os.path.join(ROOT, spec["graph"])
+    if spec["kind"] == "mlp":
+        cfg = models.read_mlp(graph)
+        return files.write_idx_mlp(directory, 16 * spec["batch"], cfg["input"], cfg["layers"][-1][1], 1)
+    return files.write_corpus(directory, 16 * spec["batch"], models.read_gpt(graph)["T"])
+
+
+# ----------------------------------------------------------------- runs
+
+def configurations(spec, threads, pipeline):
+    """(label, side, stages, threads, micro) rows; the 2-stage pipeline
+    (1 thread per stage) goes beside PyTorch at 2 threads."""
+    rows = []
+    for n in threads:
+        rows.append(("pw", "pipewright", 1, n, spec["micro"]))
+        rows.append(("torch", "PyTorch", 1, n, spec["micro"]))
+    if pipeline and 2 in threads:
+        rows.append(("pipe", "pipewright", 2, 1, spec["pipeline"]["micro"]))
+    return rows
+
+
+def tag_of(row):
+    """pw1, torch2, ... and pipe2x1 (2 stages of 1 thread)."""
+    return "pipe2x%d" % row[3] if row[0] == "pipe" else "%s%d" % (row[0], row[3])
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def measure(key, spec, pw, data, opts):
+    """{config: [per-round median step seconds]}, the load averages seen and
+    each configuration's command."""
+    rows = configurations(spec, opts.threads, not opts.no_pipeline)
+    times, loads, cmds = {r: [] for r in rows}, [], {}
+    for r in range(opts.rounds):
+        for row in (rows if r % 2 == 0 else rows[::-1]):
+            loads.append(loadavg())
+            tag, _, stages, n, micro = row
+            if tag == "torch":
+                cmds[row], t = torch_times(key, data, n, opts.warmup, opts.steps, opts)
+            else:
+                extra = spec["pipeline"]["args"] if stages > 1 else []
+                cmds[row], t = pw.step_times(stages, n, micro, extra, opts.warmup, opts.steps)
+            times[row].append(median(t))
+        print("  round %d: %s" % (r + 1, "  ".join(
+            "%s %.1f ms" % (tag_of(row), times[row][-1] * 1e3)
+            for row in rows)), flush=True)
+    return rows, times, loads, cmds
+
+
+def rate(spec, seconds, T):
+    per_step = spec["batch"] * (T if spec["unit"] == "tokens" else 1)
+    return per_step / seconds
+
+
+def table_rows(key, spec, rows, times, T):
+    """Markdown rows: pipewright beside PyTorch at the same thread count."""
+    med = {r: median(v) for r, v in times.items()}
+    torch_at = {r[3]: r for r in rows if r[0] == "torch"}
+    out = []
+    for r in rows:
+        if r[0] == "torch":
+            continue
+        total = r[2] * r[3]
+        t = torch_at.get(total)
+        if t is None:
+            continue
+        layout = ("1 stage" if r[2] == 1 else
+                  "2 stages (%s, %d micro-batches), 1 thread each" %
+                  (" ".join(spec["pipeline"]["args"]).replace("--schedule ", ""), r[4]))
+        out.append("| %s | %d | %s: %.1f ms, %.0f %s/s | 1 process: %.1f ms, %.0f %s/s | **%.2f×** |" % (
+            spec["title"], total, layout, med[r] * 1e3, rate(spec, med[r], T), spec["unit"],
+            med[t] * 1e3, rate(spec, med[t], T), spec["unit"], med[t] / med[r]))
+    return out
+
+
+# ----------------------------------------------------------------- main
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="mlp,gpt,quick")
+    p.add_argument("--threads", default="1,2", help="thread counts, comma-separated")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--no-pipeline", action="store_true", help="skip pipewright's 2-stage runs")
+    p.add_argument("--no-check", action="store_true", help="skip the numerical cross-check")
+    p.add_argument("--check-only", action="store_true", help="only the numerical cross-check")
+    p.add_argument("--check-steps", type=int, default=5)
+    p.add_argument("--build", default="build", help="pipewright's build directory")
+    p.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
+                   help="PyTorch attention: scaled_dot_product_attention or nanoGPT's explicit one")
+    p.add_argument("--torch-optimizer", choices=("default", "foreach", "fused"), default="default")
+    p.add_argument("--torch-worker", help=argparse.SUPPRESS)
+    o = p.parse_args(argv)
+    o.models = o.models.split(",")
+    o.threads = [int(t) for t in o.threads.split(",")]
+    bad = [m for m in o.models if m not in MODELS]
+    if bad or o.rounds < 1 or o.steps < 1 or o.warmup < 0 or min(o.threads) < 1:
+        p.error("unknown model %s (know %s) or a count below 1" % (bad, ",".join(MODELS)))
+    return o
+
+
+def import_torch():
+    """torch, or exit 0 with how to install it (CI never has it)."""
+    for v in THREAD_VARS:  # the cross-check runs here, on one thread
+        os.environ[v] = "1"
+    try:
+        import torch
+    except Exception as e:  # not installed, or a broken install
+        print("peer: skipped: PyTorch is not importable by %s (%s: %s).\n"
+              "Install it outside the repository (about 5 GB):\n  %s\n"
+              "then run: /work/venv-torch/bin/python tools/bench/peer/peer.py"
+              % (sys.executable, type(e).__name__, e, INSTALL))
+        sys.exit(0)
+    torch.set_num_threads(1)
+    return torch
+
+
+def header(torch, binary, opts):
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip()
+    cpu = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    print("peer: pipewright %s (%s) beside PyTorch %s eager (%s, BLAS %s, CPU %s)" % (
+        git, os.path.relpath(binary, ROOT), torch.__version__, sys.executable,
+        "MKL" if torch.backends.mkl.is_available() else "other", cpu))
+    print("peer: %d cores, load average %.2f; threads %s, %d rounds x (%d warm-up + %d timed steps)" % (
+        os.cpu_count(), loadavg(), ",".join(map(str, opts.threads)), opts.rounds, opts.warmup, opts.steps))
+
+
+def run_model(key, opts, binary, torch):
+    import crosscheck
+    import models
+    spec = dict(MODELS[key])
+    spec["graph"] = os.path.join(ROOT, spec["graph"])
+    T = models.read_gpt(spec["graph"])["T"] if spec["kind"] == "gpt" else 1
+    with tempfile.TemporaryDirectory(prefix="pw-peer-") as d:
+        data = write_data(MODELS[key], d)
+        pw = Pipewright(binary, spec, data, d)
+        print("\n%s: %s, batch %d in %d micro-batch%s, %s; data %s" % (
+            spec["title"], os.path.relpath(spec["graph"], ROOT), spec["batch"], spec["micro"],
+            "es" if spec["micro"] > 1 else "", " ".join(optim_flags(spec["optim"])), data), flush=True)
+        rows = []
+        if not opts.check_only:
+            cfgs, times, loads, cmds = measure(key, spec, pw, data, opts)
+            print("  load average during the runs: %.2f-%.2f" % (min(loads), max(loads)))
+            for row, cmd in cmds.items():
+                print("  %s: %s" % (tag_of(row), cmd))
+            rows = table_rows(key, spec, cfgs, times, T)
+        if not opts.no_check:
+            r = crosscheck.run(spec["kind"], spec, data, lambda s: read_data(MODELS[key], s), pw, d,
+                               opts.check_steps)
+            print(crosscheck.report(spec["title"], r), flush=True)
+    return rows
+
+
+def main(argv):
+    opts = parse(argv)
+    if opts.torch_worker:
+        return torch_worker(json.loads(opts.torch_worker))
+    torch = import_torch()
+    sys.path.insert(0, HERE)
+    binary = os.path.join(ROOT, opts.build, "pipeline-run")
+    if not os.access(binary, os.X_OK):
+        sys.exit("peer: %s not found: build pipewright first (README.md)" % binary)
+    header(torch, binary, opts)
+    rows = []
+    for key in opts.models:
+        rows += run_model(key, opts, binary, torch)
+    if rows:
+        print("\n| model | threads | pipewright | PyTorch eager | pipewright speed-up |\n"
+              "| --- | --- | --- | --- | --- |")
+        print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    sys.exit(main(sys.argv[1:]))
