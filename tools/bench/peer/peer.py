@@ -3,8 +3,9 @@
 optimizer, loss and thread count, in alternating rounds of one run.
 
     /work/venv-torch/bin/python tools/bench/peer/peer.py [--models mlp,gpt,quick]
-        [--threads 1,2] [--rounds 3] [--steps 6] [--warmup 2] [--no-pipeline]
-        [--no-check | --check-only] [--build build]
+        [--threads 1,2] [--rounds 3] [--steps 6] [--warmup 2] [--pipeline M:SCHED,...|none]
+        [--no-check | --check-only] [--check-steps 5] [--build build]
+        [--attention sdpa|manual] [--torch-optimizer default|foreach|fused]
 
 Install PyTorch first, outside the repository (tools/bench/peer/README.md);
 without it this prints how and exits 0. pipewright's side is its own tool,
@@ -22,6 +23,7 @@ every configuration once, in reversed order every other round; a figure is
 the median over rounds, the ratio is PyTorch's step time / pipewright's.
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -46,17 +48,20 @@ def adamw(lr):
 
 
 # The models and their settings, shared by both sides. `pipeline`: the
-# 2-stage layout pipewright runs beside PyTorch's single process.
+# 2-stage layouts (micro-batches, schedule) pipewright runs beside PyTorch's
+# single process at 2 threads; zb-v with 4 micro-batches was the fastest of
+# 1f1b / zb-h1 / zb-v at 2, 4, 8 and 16 micro-batches on the 2-core machine
+# (docs/performance.md).
 MODELS = {
     "mlp": {"title": "MLP 784-2048x4-10", "kind": "mlp", "graph": "tools/bench/peer/mlp.graph",
             "batch": 256, "micro": 1, "optim": SGD, "unit": "samples",
-            "pipeline": {"micro": 8, "args": ["--schedule", "1f1b"]}},
+            "pipeline": [(4, "zb-v")]},
     "gpt": {"title": "tiny GPT", "kind": "gpt", "graph": "examples/tiny_gpt.graph",
             "batch": 16, "micro": 4, "optim": adamw(2e-3), "unit": "tokens",
-            "pipeline": {"micro": 4, "args": ["--schedule", "1f1b"]}},
+            "pipeline": [(4, "zb-v")]},
     "quick": {"title": "quick GPT", "kind": "gpt", "graph": "examples/tiny_gpt_quick.graph",
               "batch": 32, "micro": 4, "optim": adamw(3e-3), "unit": "tokens",
-              "pipeline": {"micro": 4, "args": ["--schedule", "1f1b"]}},
+              "pipeline": [(4, "zb-v")]},
 }
 
 
@@ -169,21 +174,31 @@ def write_data(spec, directory):
 
 # ----------------------------------------------------------------- runs
 
-def configurations(spec, threads, pipeline):
-    """(label, side, stages, threads, micro) rows; the 2-stage pipeline
-    (1 thread per stage) goes beside PyTorch at 2 threads."""
+class Config(collections.namedtuple("Config", "side stages threads micro schedule")):
+    """One column of a round: pipewright ("pw") or PyTorch ("torch"), and
+    for pipewright's pipeline its stage count, micro-batches and schedule."""
+
+    @property
+    def tag(self):  # pw1, torch2, pipe2x1-zb-v-4
+        if self.stages > 1:
+            return "pipe%dx%d-%s-%d" % (self.stages, self.threads, self.schedule, self.micro)
+        return "%s%d" % (self.side, self.threads)
+
+    @property
+    def total_threads(self):
+        return self.stages * self.threads
+
+
+def configurations(spec, threads, layouts):
+    """Both sides at each thread count, then pipewright's 2-stage layouts
+    (1 thread per stage), which go beside PyTorch at 2 threads."""
     rows = []
     for n in threads:
-        rows.append(("pw", "pipewright", 1, n, spec["micro"]))
-        rows.append(("torch", "PyTorch", 1, n, spec["micro"]))
-    if pipeline and 2 in threads:
-        rows.append(("pipe", "pipewright", 2, 1, spec["pipeline"]["micro"]))
+        rows.append(Config("pw", 1, n, spec["micro"], None))
+        rows.append(Config("torch", 1, n, spec["micro"], None))
+    if 2 in threads:
+        rows += [Config("pw", 2, 1, m, sched) for m, sched in layouts]
     return rows
-
-
-def tag_of(row):
-    """pw1, torch2, ... and pipe2x1 (2 stages of 1 thread)."""
-    return "pipe2x%d" % row[3] if row[0] == "pipe" else "%s%d" % (row[0], row[3])
 
 
 def loadavg():
@@ -194,21 +209,20 @@ def loadavg():
 def measure(key, spec, pw, data, opts):
     """{config: [per-round median step seconds]}, the load averages seen and
     each configuration's command."""
-    rows = configurations(spec, opts.threads, not opts.no_pipeline)
+    layouts = opts.pipeline if opts.pipeline is not None else spec["pipeline"]
+    rows = configurations(spec, opts.threads, layouts)
     times, loads, cmds = {r: [] for r in rows}, [], {}
     for r in range(opts.rounds):
-        for row in (rows if r % 2 == 0 else rows[::-1]):
+        for c in (rows if r % 2 == 0 else rows[::-1]):
             loads.append(loadavg())
-            tag, _, stages, n, micro = row
-            if tag == "torch":
-                cmds[row], t = torch_times(key, data, n, opts.warmup, opts.steps, opts)
+            if c.side == "torch":
+                cmds[c], t = torch_times(key, data, c.threads, opts.warmup, opts.steps, opts)
             else:
-                extra = spec["pipeline"]["args"] if stages > 1 else []
-                cmds[row], t = pw.step_times(stages, n, micro, extra, opts.warmup, opts.steps)
-            times[row].append(median(t))
+                extra = ["--schedule", c.schedule] if c.schedule else []
+                cmds[c], t = pw.step_times(c.stages, c.threads, c.micro, extra, opts.warmup, opts.steps)
+            times[c].append(median(t))
         print("  round %d: %s" % (r + 1, "  ".join(
-            "%s %.1f ms" % (tag_of(row), times[row][-1] * 1e3)
-            for row in rows)), flush=True)
+            "%s %.1f ms" % (c.tag, times[c][-1] * 1e3) for c in rows)), flush=True)
     return rows, times, loads, cmds
 
 
@@ -217,24 +231,24 @@ def rate(spec, seconds, T):
     return per_step / seconds
 
 
-def table_rows(key, spec, rows, times, T):
-    """Markdown rows: pipewright beside PyTorch at the same thread count."""
-    med = {r: median(v) for r, v in times.items()}
-    torch_at = {r[3]: r for r in rows if r[0] == "torch"}
+def table_rows(spec, rows, times, T):
+    """Markdown rows: pipewright beside PyTorch at the same thread count; the
+    speed-up is PyTorch's median step time / pipewright's, and in brackets
+    the range of the same ratio within each round."""
+    med = {c: median(v) for c, v in times.items()}
+    torch_at = {c.threads: c for c in rows if c.side == "torch"}
     out = []
-    for r in rows:
-        if r[0] == "torch":
+    for c in rows:
+        t = torch_at.get(c.total_threads)
+        if c.side == "torch" or t is None:
             continue
-        total = r[2] * r[3]
-        t = torch_at.get(total)
-        if t is None:
-            continue
-        layout = ("1 stage" if r[2] == 1 else
-                  "2 stages (%s, %d micro-batches), 1 thread each" %
-                  (" ".join(spec["pipeline"]["args"]).replace("--schedule ", ""), r[4]))
-        out.append("| %s | %d | %s: %.1f ms, %.0f %s/s | 1 process: %.1f ms, %.0f %s/s | **%.2f×** |" % (
-            spec["title"], total, layout, med[r] * 1e3, rate(spec, med[r], T), spec["unit"],
-            med[t] * 1e3, rate(spec, med[t], T), spec["unit"], med[t] / med[r]))
+        layout = ("1 stage" if c.stages == 1 else
+                  "%d stages (%s, %d micro-batches), 1 thread each" % (c.stages, c.schedule, c.micro))
+        per_round = [a / b for a, b in zip(times[t], times[c])]
+        out.append("| %s | %d | %s: %.1f ms, %.0f %s/s | %.1f ms, %.0f %s/s | **%.2f×** (%.2f-%.2f) |" % (
+            spec["title"], c.total_threads, layout, med[c] * 1e3, rate(spec, med[c], T), spec["unit"],
+            med[t] * 1e3, rate(spec, med[t], T), spec["unit"], med[t] / med[c],
+            min(per_round), max(per_round)))
     return out
 
 
@@ -247,7 +261,8 @@ def parse(argv):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--no-pipeline", action="store_true", help="skip pipewright's 2-stage runs")
+    p.add_argument("--pipeline", help="pipewright's 2-stage layouts, M:SCHEDULE[,...] "
+                   "(default: each model's, below); 'none' skips them")
     p.add_argument("--no-check", action="store_true", help="skip the numerical cross-check")
     p.add_argument("--check-only", action="store_true", help="only the numerical cross-check")
     p.add_argument("--check-steps", type=int, default=5)
@@ -259,6 +274,9 @@ def parse(argv):
     o = p.parse_args(argv)
     o.models = o.models.split(",")
     o.threads = [int(t) for t in o.threads.split(",")]
+    if o.pipeline is not None:
+        o.pipeline = [] if o.pipeline == "none" else \
+            [(int(m), sched) for m, sched in (x.split(":") for x in o.pipeline.split(","))]
     bad = [m for m in o.models if m not in MODELS]
     if bad or o.rounds < 1 or o.steps < 1 or o.warmup < 0 or min(o.threads) < 1:
         p.error("unknown model %s (know %s) or a count below 1" % (bad, ",".join(MODELS)))
@@ -304,18 +322,19 @@ def run_model(key, opts, binary, torch):
         print("\n%s: %s, batch %d in %d micro-batch%s, %s; data %s" % (
             spec["title"], os.path.relpath(spec["graph"], ROOT), spec["batch"], spec["micro"],
             "es" if spec["micro"] > 1 else "", " ".join(optim_flags(spec["optim"])), data), flush=True)
-        rows = []
+        rows, ok = [], True
         if not opts.check_only:
             cfgs, times, loads, cmds = measure(key, spec, pw, data, opts)
             print("  load average during the runs: %.2f-%.2f" % (min(loads), max(loads)))
             for row, cmd in cmds.items():
-                print("  %s: %s" % (tag_of(row), cmd))
-            rows = table_rows(key, spec, cfgs, times, T)
+                print("  %s: %s" % (row.tag, cmd))
+            rows = table_rows(spec, cfgs, times, T)
         if not opts.no_check:
             r = crosscheck.run(spec["kind"], spec, data, lambda s: read_data(MODELS[key], s), pw, d,
                                opts.check_steps)
             print(crosscheck.report(spec["title"], r), flush=True)
-    return rows
+            ok = crosscheck.passed(r)
+    return rows, ok
 
 
 def main(argv):
@@ -328,13 +347,18 @@ def main(argv):
     if not os.access(binary, os.X_OK):
         sys.exit("peer: %s not found: build pipewright first (README.md)" % binary)
     header(torch, binary, opts)
-    rows = []
+    rows, failed = [], []
     for key in opts.models:
-        rows += run_model(key, opts, binary, torch)
+        r, ok = run_model(key, opts, binary, torch)
+        rows += r
+        failed += [] if ok else [key]
     if rows:
         print("\n| model | threads | pipewright | PyTorch eager | pipewright speed-up |\n"
               "| --- | --- | --- | --- | --- |")
         print("\n".join(rows))
+    if failed:
+        print("peer: the numerical cross-check failed for %s" % ",".join(failed))
+        return 1
     return 0
 
 
