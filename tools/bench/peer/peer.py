@@ -34,6 +34,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.normpath(os.path.join(HERE, "..", "..", ".."))
+sys.path.insert(0, HERE)
+import files  # noqa: E402 (both without torch: the checks below run without it)
+import graphs  # noqa: E402
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 INSTALL = ("python3 -m venv /work/venv-torch && /work/venv-torch/bin/pip install torch\n"
            "  (CPU-only wheels, smaller: add --index-url https://download.pytorch.org/whl/cpu "
@@ -135,7 +138,6 @@ def torch_worker(job):
     import torch
     torch.set_num_threads(job["threads"])
     torch.set_num_interop_threads(job["threads"])
-    import files
     import models
     spec = MODELS[job["model"]]
     graph = os.path.join(ROOT, spec["graph"])
@@ -154,22 +156,18 @@ def torch_worker(job):
 
 
 def read_data(spec, data):
-    import files
-    import models
     if spec["kind"] == "mlp":
         return files.read_idx_mlp(data)
-    return files.read_corpus(data, models.read_gpt(os.path.join(ROOT, spec["graph"]))["T"])
+    return files.read_corpus(data, graphs.read_gpt(os.path.join(ROOT, spec["graph"]))["T"])
 
 
 def write_data(spec, directory):
     """The data files of one model (16 batches; the runs roll over)."""
-    import files
-    import models
     graph = os.path.join(ROOT, spec["graph"])
     if spec["kind"] == "mlp":
-        cfg = models.read_mlp(graph)
+        cfg = graphs.read_mlp(graph)
         return files.write_idx_mlp(directory, 16 * spec["batch"], cfg["input"], cfg["layers"][-1][1], 1)
-    return files.write_corpus(directory, 16 * spec["batch"], models.read_gpt(graph)["T"])
+    return files.write_corpus(directory, 16 * spec["batch"], graphs.read_gpt(graph)["T"])
 
 
 # ----------------------------------------------------------------- runs
@@ -270,6 +268,8 @@ def parse(argv):
     p.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
                    help="PyTorch attention: scaled_dot_product_attention or nanoGPT's explicit one")
     p.add_argument("--torch-optimizer", choices=("default", "foreach", "fused"), default="default")
+    p.add_argument("--graphs", action="store_true",
+                   help="print what the twins read from each graph and exit (no torch needed)")
     p.add_argument("--torch-worker", help=argparse.SUPPRESS)
     o = p.parse_args(argv)
     o.models = o.models.split(",")
@@ -281,6 +281,20 @@ def parse(argv):
     if bad or o.rounds < 1 or o.steps < 1 or o.warmup < 0 or min(o.threads) < 1:
         p.error("unknown model %s (know %s) or a count below 1" % (bad, ",".join(MODELS)))
     return o
+
+
+def print_graphs(keys):
+    """The sizes the PyTorch twins take from each model's graph, without
+    torch: a graph the twins do not cover is refused here (exit 1)."""
+    for key in keys:
+        path = os.path.join(ROOT, MODELS[key]["graph"])
+        try:
+            cfg = graphs.read_mlp(path) if MODELS[key]["kind"] == "mlp" else graphs.read_gpt(path)
+        except graphs.GraphMismatch as e:
+            print("peer: %s" % e)
+            return 1
+        print("%s: %s %s" % (key, MODELS[key]["graph"], json.dumps(cfg, sort_keys=True)))
+    return 0
 
 
 def import_torch():
@@ -312,10 +326,9 @@ def header(torch, binary, opts):
 
 def run_model(key, opts, binary, torch):
     import crosscheck
-    import models
     spec = dict(MODELS[key])
     spec["graph"] = os.path.join(ROOT, spec["graph"])
-    T = models.read_gpt(spec["graph"])["T"] if spec["kind"] == "gpt" else 1
+    T = graphs.read_gpt(spec["graph"])["T"] if spec["kind"] == "gpt" else 1
     with tempfile.TemporaryDirectory(prefix="pw-peer-") as d:
         data = write_data(MODELS[key], d)
         pw = Pipewright(binary, spec, data, d)
@@ -341,8 +354,9 @@ def main(argv):
     opts = parse(argv)
     if opts.torch_worker:
         return torch_worker(json.loads(opts.torch_worker))
+    if opts.graphs:
+        return print_graphs(opts.models)
     torch = import_torch()
-    sys.path.insert(0, HERE)
     binary = os.path.join(ROOT, opts.build, "pipeline-run")
     if not os.access(binary, os.X_OK):
         sys.exit("peer: %s not found: build pipewright first (README.md)" % binary)
@@ -363,5 +377,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
     sys.exit(main(sys.argv[1:]))
