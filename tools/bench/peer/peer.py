@@ -138,6 +138,8 @@ def torch_worker(job):
     import torch
     torch.set_num_threads(job["threads"])
     torch.set_num_interop_threads(job["threads"])
+    if job["model"] == "sgemm":
+        return torch_sgemm(torch, job)
     import models
     spec = MODELS[job["model"]]
     graph = os.path.join(ROOT, spec["graph"])
@@ -153,6 +155,72 @@ def torch_worker(job):
         times.append(time.perf_counter() - t0)
     print(json.dumps({"step_s": times[job["warmup"]:], "loss": loss, "threads": torch.get_num_threads(),
                       "interop": torch.get_num_interop_threads()}))
+
+
+# The BLAS reference: bench_mlp's three GEMM shapes of a 2048-wide layer at
+# batch 256 (x·Wᵀ, dy·W, dyᵀ·x), OpenBLAS through bench_mlp's SGEMM line
+# and PyTorch's BLAS through torch.mm, at the same thread count.
+SGEMM_B, SGEMM_W = 256, 2048
+SGEMM_FLOPS = 3 * 2.0 * SGEMM_B * SGEMM_W * SGEMM_W
+
+
+def torch_sgemm(torch, job):
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(SGEMM_B, SGEMM_W, generator=g) - 0.5
+    w = (torch.rand(SGEMM_W, SGEMM_W, generator=g) - 0.5) * 0.01
+    c, dw = torch.empty(SGEMM_B, SGEMM_W), torch.zeros(SGEMM_W, SGEMM_W)
+
+    def triple():
+        torch.mm(a, w.t(), out=c)
+        torch.mm(c, w, out=a)
+        dw.addmm_(c.t(), a)
+    for _ in range(2):
+        triple()
+    t0 = time.perf_counter()
+    for _ in range(job["steps"]):
+        triple()
+    dt = (time.perf_counter() - t0) / job["steps"]
+    print(json.dumps({"step_s": [dt], "threads": torch.get_num_threads(),
+                      "interop": torch.get_num_interop_threads()}))
+
+
+def pw_sgemm(build, threads, steps):
+    """Seconds per GEMM triple from bench_mlp's SGEMM line (OpenBLAS's own
+    threading, as bench_mlp runs it)."""
+    cmd = [os.path.join(ROOT, build, "bench_mlp"), "--threads", str(threads), "--rounds", "1",
+           "--steps", str(steps), "--batch", str(SGEMM_B), "--width", str(SGEMM_W)]
+    p = subprocess.run(cmd, env=thread_env(threads), cwd=ROOT, capture_output=True, text=True)
+    line = [x for x in p.stdout.splitlines() if "SGEMM (same shapes)" in x]
+    if p.returncode != 0 or not line:
+        sys.exit("peer: %s failed (%d):\n%s%s" % (" ".join(cmd), p.returncode, p.stdout, p.stderr))
+    gflops = float(line[0].split(")")[1].split()[0])
+    shown = " ".join(["%s=%d" % (v, threads) for v in THREAD_VARS] + cmd)
+    return shown, [SGEMM_FLOPS / (gflops * 1e9)]
+
+
+def measure_sgemm(opts):
+    """Markdown rows of the BLAS reference, alternating like the models."""
+    print("\nBLAS reference: SGEMM %d x %d x %d, the three shapes of a layer" % (SGEMM_B, SGEMM_W, SGEMM_W))
+    rows = [(side, n) for n in opts.threads for side in ("pw", "torch")]
+    times = {r: [] for r in rows}
+    for r in range(opts.rounds):
+        for side, n in (rows if r % 2 == 0 else rows[::-1]):
+            if side == "pw":
+                cmd, t = pw_sgemm(opts.build, n, max(opts.steps, 5))
+            else:
+                cmd, t = torch_times("sgemm", None, n, 0, max(opts.steps, 5), opts)
+            times[(side, n)].append(t[0])
+        print("  round %d: %s" % (r + 1, "  ".join("%s%d %.1f GFLOP/s" % (s, n, SGEMM_FLOPS / times[(s, n)][-1] / 1e9)
+                                                for s, n in rows)), flush=True)
+    out = []
+    for n in opts.threads:
+        pw, t = median(times[("pw", n)]), median(times[("torch", n)])
+        per_round = [a / b for a, b in zip(times[("torch", n)], times[("pw", n)])]
+        out.append("| SGEMM %dx%dx%d (reference) | %d | OpenBLAS `cblas_sgemm` (bench_mlp): %.1f GFLOP/s | "
+                   "`torch.mm`: %.1f GFLOP/s | %.2f× (%.2f-%.2f) |" % (
+                       SGEMM_B, SGEMM_W, SGEMM_W, n, SGEMM_FLOPS / pw / 1e9, SGEMM_FLOPS / t / 1e9,
+                       t / pw, min(per_round), max(per_round)))
+    return out
 
 
 def read_data(spec, data):
@@ -268,6 +336,8 @@ def parse(argv):
     p.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
                    help="PyTorch attention: scaled_dot_product_attention or nanoGPT's explicit one")
     p.add_argument("--torch-optimizer", choices=("default", "foreach", "fused"), default="default")
+    p.add_argument("--no-sgemm", dest="sgemm", action="store_false",
+                   help="skip the BLAS reference (OpenBLAS against PyTorch's BLAS)")
     p.add_argument("--graphs", action="store_true",
                    help="print what the twins read from each graph and exit (no torch needed)")
     p.add_argument("--torch-worker", help=argparse.SUPPRESS)
@@ -366,6 +436,8 @@ def main(argv):
         r, ok = run_model(key, opts, binary, torch)
         rows += r
         failed += [] if ok else [key]
+    if opts.sgemm and not opts.check_only:
+        rows += measure_sgemm(opts)
     if rows:
         print("\n| model | threads | pipewright | PyTorch eager | pipewright speed-up |\n"
               "| --- | --- | --- | --- | --- |")
