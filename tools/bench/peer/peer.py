@@ -217,9 +217,10 @@ def measure_sgemm(opts):
         pw, t = median(times[("pw", n)]), median(times[("torch", n)])
         per_round = [a / b for a, b in zip(times[("torch", n)], times[("pw", n)])]
         out.append("| SGEMM %dx%dx%d (reference) | %d | OpenBLAS `cblas_sgemm` (bench_mlp): %.1f GFLOP/s | "
-                   "`torch.mm`: %.1f GFLOP/s | %.2f× (%.2f-%.2f) |" % (
+                   "`torch.mm`: %.1f GFLOP/s | %.2f× (%.2f-%.2f) | %.2f× |" % (
                        SGEMM_B, SGEMM_W, SGEMM_W, n, SGEMM_FLOPS / pw / 1e9, SGEMM_FLOPS / t / 1e9,
-                       t / pw, min(per_round), max(per_round)))
+                       t / pw, min(per_round), max(per_round),
+                       min(times[("torch", n)]) / min(times[("pw", n)])))
     return out
 
 
@@ -298,9 +299,10 @@ def rate(spec, seconds, T):
 
 
 def table_rows(spec, rows, times, T):
-    """Markdown rows: pipewright beside PyTorch at the same thread count; the
-    speed-up is PyTorch's median step time / pipewright's, and in brackets
-    the range of the same ratio within each round."""
+    """Markdown rows: pipewright beside PyTorch at the same thread count. The
+    speed-up is PyTorch's median step time / pipewright's, in brackets the
+    range of the same ratio within each round; then the ratio of the best
+    rounds (on a shared machine the fastest run is the least disturbed)."""
     med = {c: median(v) for c, v in times.items()}
     torch_at = {c.threads: c for c in rows if c.side == "torch"}
     out = []
@@ -311,10 +313,10 @@ def table_rows(spec, rows, times, T):
         layout = ("1 stage" if c.stages == 1 else
                   "%d stages (%s, %d micro-batches), 1 thread each" % (c.stages, c.schedule, c.micro))
         per_round = [a / b for a, b in zip(times[t], times[c])]
-        out.append("| %s | %d | %s: %.1f ms, %.0f %s/s | %.1f ms, %.0f %s/s | **%.2f×** (%.2f-%.2f) |" % (
+        out.append("| %s | %d | %s: %.1f ms, %.0f %s/s | %.1f ms, %.0f %s/s | **%.2f×** (%.2f-%.2f) | %.2f× |" % (
             spec["title"], c.total_threads, layout, med[c] * 1e3, rate(spec, med[c], T), spec["unit"],
             med[t] * 1e3, rate(spec, med[t], T), spec["unit"], med[t] / med[c],
-            min(per_round), max(per_round)))
+            min(per_round), max(per_round), min(times[t]) / min(times[c])))
     return out
 
 
@@ -439,8 +441,8 @@ def main(argv):
     if opts.sgemm and not opts.check_only:
         rows += measure_sgemm(opts)
     if rows:
-        print("\n| model | threads | pipewright | PyTorch eager | pipewright speed-up |\n"
-              "| --- | --- | --- | --- | --- |")
+        print("\n| model | threads | pipewright | PyTorch eager | pipewright speed-up (per round) | "
+              "best rounds |\n| --- | --- | --- | --- | --- | --- |")
         print("\n".join(rows))
     if failed:
         print("peer: the numerical cross-check failed for %s" % ",".join(failed))
