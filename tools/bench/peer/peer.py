@@ -6,6 +6,7 @@ optimizer, loss and thread count, in alternating rounds of one run.
         [--threads 1,2] [--rounds 3] [--steps 6] [--warmup 2] [--pipeline M:SCHED,...|none]
         [--no-check | --check-only] [--check-steps 5] [--build build]
         [--attention sdpa|manual] [--torch-optimizer default|foreach|fused]
+        [--no-torch-passive] [--no-sgemm] [--graphs]
 
 Install PyTorch first, outside the repository (tools/bench/peer/README.md);
 without it this prints how and exits 0. pipewright's side is its own tool,
@@ -118,19 +119,25 @@ class Pipewright:
         return cmd, [m["step_ms"] * 1e-3 for m in lines[warmup:]]
 
 
-def torch_times(key, data, threads, warmup, steps, opts):
-    """Step times of PyTorch in a fresh process pinned to `threads` threads."""
+def torch_times(key, data, threads, warmup, steps, opts, passive=False):
+    """Step times of PyTorch in a fresh process pinned to `threads` threads;
+    `passive`: with OMP_WAIT_POLICY=PASSIVE (its OpenMP threads sleep at once
+    instead of spinning when they run out of work)."""
     job = {"model": key, "data": data, "threads": threads, "warmup": warmup, "steps": steps,
            "attention": opts.attention, "optimizer_impl": opts.torch_optimizer}
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", json.dumps(job)]
-    p = subprocess.run(cmd, env=thread_env(threads), cwd=ROOT, capture_output=True, text=True)
+    env = thread_env(threads)
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit("peer: the PyTorch worker failed (%d):\n%s%s" % (p.returncode, p.stdout, p.stderr))
     out = json.loads(p.stdout.strip().splitlines()[-1])
     if out["threads"] != threads or out["interop"] != threads:
         sys.exit("peer: PyTorch runs %d / %d threads, not %d" % (out["threads"], out["interop"], threads))
-    env = " ".join("%s=%d" % (v, threads) for v in THREAD_VARS)
-    return "%s %s %s %s '%s'" % (env, *cmd), out["step_s"]
+    shown = " ".join(["%s=%d" % (v, threads) for v in THREAD_VARS] +
+                     (["OMP_WAIT_POLICY=PASSIVE"] if passive else []))
+    return "%s %s %s %s '%s'" % (shown, *cmd), out["step_s"]
 
 
 def torch_worker(job):
@@ -241,30 +248,42 @@ def write_data(spec, directory):
 
 # ----------------------------------------------------------------- runs
 
-class Config(collections.namedtuple("Config", "side stages threads micro schedule")):
-    """One column of a round: pipewright ("pw") or PyTorch ("torch"), and
-    for pipewright's pipeline its stage count, micro-batches and schedule."""
+class Config(collections.namedtuple("Config", "side stages threads micro schedule passive")):
+    """One column of a round: pipewright ("pw") or PyTorch ("torch"); for
+    pipewright's pipeline its stage count, micro-batches and schedule; for
+    PyTorch whether OMP_WAIT_POLICY=PASSIVE."""
 
     @property
-    def tag(self):  # pw1, torch2, pipe2x1-zb-v-4
+    def tag(self):  # pw1, torch2, torch2-passive, pipe2x1-zb-v-4
         if self.stages > 1:
             return "pipe%dx%d-%s-%d" % (self.stages, self.threads, self.schedule, self.micro)
-        return "%s%d" % (self.side, self.threads)
+        return "%s%d%s" % (self.side, self.threads, "-passive" if self.passive else "")
+
+    @property
+    def label(self):
+        if self.side == "torch":
+            return "OMP_WAIT_POLICY=PASSIVE: " if self.passive else ""
+        if self.stages == 1:
+            return "1 stage: "
+        return "%d stages (%s, %d micro-batches), 1 thread each: " % (self.stages, self.schedule, self.micro)
 
     @property
     def total_threads(self):
         return self.stages * self.threads
 
 
-def configurations(spec, threads, layouts):
-    """Both sides at each thread count, then pipewright's 2-stage layouts
-    (1 thread per stage), which go beside PyTorch at 2 threads."""
+def configurations(spec, threads, layouts, passive):
+    """Both sides at each thread count (and PyTorch with passive OpenMP
+    waiting where it has several threads), then pipewright's 2-stage
+    layouts (1 thread per stage), which go beside PyTorch at 2 threads."""
     rows = []
     for n in threads:
-        rows.append(Config("pw", 1, n, spec["micro"], None))
-        rows.append(Config("torch", 1, n, spec["micro"], None))
+        rows.append(Config("pw", 1, n, spec["micro"], None, False))
+        rows.append(Config("torch", 1, n, spec["micro"], None, False))
+        if passive and n > 1:
+            rows.append(Config("torch", 1, n, spec["micro"], None, True))
     if 2 in threads:
-        rows += [Config("pw", 2, 1, m, sched) for m, sched in layouts]
+        rows += [Config("pw", 2, 1, m, sched, False) for m, sched in layouts]
     return rows
 
 
@@ -277,13 +296,13 @@ def measure(key, spec, pw, data, opts):
     """{config: [per-round median step seconds]}, the load averages seen and
     each configuration's command."""
     layouts = opts.pipeline if opts.pipeline is not None else spec["pipeline"]
-    rows = configurations(spec, opts.threads, layouts)
+    rows = configurations(spec, opts.threads, layouts, opts.torch_passive)
     times, loads, cmds = {r: [] for r in rows}, [], {}
     for r in range(opts.rounds):
         for c in (rows if r % 2 == 0 else rows[::-1]):
             loads.append(loadavg())
             if c.side == "torch":
-                cmds[c], t = torch_times(key, data, c.threads, opts.warmup, opts.steps, opts)
+                cmds[c], t = torch_times(key, data, c.threads, opts.warmup, opts.steps, opts, c.passive)
             else:
                 extra = ["--schedule", c.schedule] if c.schedule else []
                 cmds[c], t = pw.step_times(c.stages, c.threads, c.micro, extra, opts.warmup, opts.steps)
@@ -304,19 +323,15 @@ def table_rows(spec, rows, times, T):
     range of the same ratio within each round; then the ratio of the best
     rounds (on a shared machine the fastest run is the least disturbed)."""
     med = {c: median(v) for c, v in times.items()}
-    torch_at = {c.threads: c for c in rows if c.side == "torch"}
     out = []
     for c in rows:
-        t = torch_at.get(c.total_threads)
-        if c.side == "torch" or t is None:
-            continue
-        layout = ("1 stage" if c.stages == 1 else
-                  "%d stages (%s, %d micro-batches), 1 thread each" % (c.stages, c.schedule, c.micro))
-        per_round = [a / b for a, b in zip(times[t], times[c])]
-        out.append("| %s | %d | %s: %.1f ms, %.0f %s/s | %.1f ms, %.0f %s/s | **%.2f×** (%.2f-%.2f) | %.2f× |" % (
-            spec["title"], c.total_threads, layout, med[c] * 1e3, rate(spec, med[c], T), spec["unit"],
-            med[t] * 1e3, rate(spec, med[t], T), spec["unit"], med[t] / med[c],
-            min(per_round), max(per_round), min(times[t]) / min(times[c])))
+        for t in (t for t in rows if c.side == "pw" and t.side == "torch" and t.threads == c.total_threads):
+            per_round = [a / b for a, b in zip(times[t], times[c])]
+            out.append("| %s | %d | %s%.1f ms, %.0f %s/s | %s%.1f ms, %.0f %s/s | **%.2f×** (%.2f-%.2f) | "
+                       "%.2f× |" % (
+                           spec["title"], c.total_threads, c.label, med[c] * 1e3, rate(spec, med[c], T),
+                           spec["unit"], t.label, med[t] * 1e3, rate(spec, med[t], T), spec["unit"],
+                           med[t] / med[c], min(per_round), max(per_round), min(times[t]) / min(times[c])))
     return out
 
 
@@ -338,6 +353,8 @@ def parse(argv):
     p.add_argument("--attention", choices=("sdpa", "manual"), default="sdpa",
                    help="PyTorch attention: scaled_dot_product_attention or nanoGPT's explicit one")
     p.add_argument("--torch-optimizer", choices=("default", "foreach", "fused"), default="default")
+    p.add_argument("--no-torch-passive", dest="torch_passive", action="store_false",
+                   help="skip PyTorch with OMP_WAIT_POLICY=PASSIVE at 2+ threads")
     p.add_argument("--no-sgemm", dest="sgemm", action="store_false",
                    help="skip the BLAS reference (OpenBLAS against PyTorch's BLAS)")
     p.add_argument("--graphs", action="store_true",
