@@ -14,9 +14,9 @@ pipewright should be as far from the float64 result as PyTorch's float32 is:
 the check passes when pipewright vs PyTorch fp64 is within TOLERANCE times
 PyTorch fp32 vs fp64 (floored at FLOOR, for runs where that happens to be
 tiny), for the loss and for the update alike. Deliberately wrong twins fail
-it by far (docs/performance.md: the exact GELU for the tanh one, 1e-6 for
-layernorm's ε, no weight decay on the embeddings, no causal mask give 120
-to 50000 times the float32 figure on the loss).
+it by far (peer.py --break-twin; docs/performance.md: the exact GELU for
+the tanh one, 1e-6 for layernorm's ε, no weight decay on the embeddings, no
+causal mask give 120 to 49 000 times the float32 figure on the loss).
 """
 import json
 import os

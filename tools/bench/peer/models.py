@@ -20,6 +20,13 @@ import torch.nn.functional as F
 
 from graphs import read_gpt, read_mlp
 
+# A deliberate error for showing that the cross-check fails (peer.py
+# --break-twin): "gelu" (the exact GELU), "causal" (no causal mask), "eps"
+# (layernorm ε 1e-6), "decay" (no weight decay on the embeddings). None: the
+# twin as it should be.
+FAULT = None
+FAULTS = ("gelu", "causal", "eps", "decay")
+
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -43,11 +50,13 @@ def causal_attention(qkv, heads, impl):
     heads of D/H columns; position t attends to positions <= t."""
     b, t, d3 = qkv.shape
     q, k, v = (z.view(b, t, heads, d3 // 3 // heads).transpose(1, 2) for z in qkv.split(d3 // 3, 2))
+    causal = FAULT != "causal"
     if impl == "sdpa":
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:  # nanoGPT's explicit version
         s = (q @ k.transpose(-2, -1)) * (1.0 / (q.shape[-1] ** 0.5))
-        mask = torch.ones(t, t, dtype=torch.bool, device=qkv.device).tril()
+        mask = torch.ones(t, t, dtype=torch.bool, device=qkv.device)
+        mask = mask.tril() if causal else mask
         y = s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
     return y.transpose(1, 2).reshape(b, t, d3 // 3)
 
@@ -62,8 +71,8 @@ class _Pair(nn.Module):
 class Block(nn.Module):
     def __init__(self, c, attn):
         super().__init__()
-        d = c["dim"]
-        self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=1e-5), nn.LayerNorm(d, eps=1e-5)
+        d, eps = c["dim"], 1e-6 if FAULT == "eps" else 1e-5
+        self.ln_1, self.ln_2 = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
         self.attn = _Pair(("c_attn", nn.Linear(d, 3 * d)), ("c_proj", nn.Linear(d, d)))
         self.mlp = _Pair(("c_fc", nn.Linear(d, c["ff"])), ("c_proj", nn.Linear(c["ff"], d)))
         self.drop, self.heads, self.impl = nn.Dropout(c["dropout"]), c["heads"], attn
@@ -71,7 +80,8 @@ class Block(nn.Module):
     def forward(self, x):
         o = self.attn.c_proj(causal_attention(self.attn.c_attn(self.ln_1(x)), self.heads, self.impl))
         x1 = x + self.drop(o)
-        pr = self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x1)), approximate="tanh"))
+        gelu = "none" if FAULT == "gelu" else "tanh"
+        pr = self.mlp.c_proj(F.gelu(self.mlp.c_fc(self.ln_2(x1)), approximate=gelu))
         return x1 + self.drop(pr)
 
 
@@ -106,9 +116,11 @@ def make_optimizer(model, o, impl="default"):
     2 or more dimensions (linear weights and embeddings), none on biases and
     layernorm (docs/api.md, "Optimizers"). impl: "default" (PyTorch's
     choice: the per-tensor loop on the CPU), "foreach" or "fused"."""
-    params = [p for p in model.parameters()]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    def decayed(name, p):
+        return p.dim() >= 2 and not (FAULT == "decay" and name.startswith(("wte.", "wpe.")))
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": o["weight_decay"]},
+              {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}]
     kw = {} if impl == "default" else {impl: True}
     if o["name"] == "sgd":
         return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], **kw)

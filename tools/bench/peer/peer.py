@@ -357,6 +357,8 @@ def parse(argv):
                    help="skip PyTorch with OMP_WAIT_POLICY=PASSIVE at 2+ threads")
     p.add_argument("--no-sgemm", dest="sgemm", action="store_false",
                    help="skip the BLAS reference (OpenBLAS against PyTorch's BLAS)")
+    p.add_argument("--break-twin", choices=("gelu", "causal", "eps", "decay"),
+                   help="the cross-check against a deliberately wrong PyTorch twin (it must fail)")
     p.add_argument("--graphs", action="store_true",
                    help="print what the twins read from each graph and exit (no torch needed)")
     p.add_argument("--torch-worker", help=argparse.SUPPRESS)
@@ -446,6 +448,10 @@ def main(argv):
     if opts.graphs:
         return print_graphs(opts.models)
     torch = import_torch()
+    if opts.break_twin:
+        import models
+        models.FAULT = opts.break_twin
+        print("peer: the PyTorch twin is broken on purpose (--break-twin %s)" % opts.break_twin)
     binary = os.path.join(ROOT, opts.build, "pipeline-run")
     if not os.access(binary, os.X_OK):
         sys.exit("peer: %s not found: build pipewright first (README.md)" % binary)
