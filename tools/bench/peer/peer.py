@@ -12,7 +12,7 @@ Install PyTorch first, outside the repository (tools/bench/peer/README.md);
 without it this prints how and exits 0. pipewright's side is its own tool,
 build/pipeline-run, so kernel and schedule changes show up here unchanged.
 
-Each run is a fresh process pinned to N threads (OMP_NUM_THREADS,
+Each run is a fresh process limited to N threads (OMP_NUM_THREADS,
 MKL_NUM_THREADS, OPENBLAS_NUM_THREADS = N; torch.set_num_threads(N) and
 set_num_interop_threads(N); pipeline-run --threads N) that trains `--warmup`
 + `--steps` optimizer steps; its figure is the median of the timed steps:
@@ -120,7 +120,7 @@ class Pipewright:
 
 
 def torch_times(key, data, threads, warmup, steps, opts, passive=False):
-    """Step times of PyTorch in a fresh process pinned to `threads` threads;
+    """Step times of PyTorch in a fresh process limited to `threads` threads;
     `passive`: with OMP_WAIT_POLICY=PASSIVE (its OpenMP threads sleep at once
     instead of spinning when they run out of work)."""
     job = {"model": key, "data": data, "threads": threads, "warmup": warmup, "steps": steps,
@@ -415,7 +415,7 @@ def header(torch, binary, opts):
         os.cpu_count(), loadavg(), ",".join(map(str, opts.threads)), opts.rounds, opts.warmup, opts.steps))
 
 
-def run_model(key, opts, binary, torch):
+def run_model(key, opts, binary):
     import crosscheck
     spec = dict(MODELS[key])
     spec["graph"] = os.path.join(ROOT, spec["graph"])
@@ -458,7 +458,7 @@ def main(argv):
     header(torch, binary, opts)
     rows, failed = [], []
     for key in opts.models:
-        r, ok = run_model(key, opts, binary, torch)
+        r, ok = run_model(key, opts, binary)
         rows += r
         failed += [] if ok else [key]
     if opts.sgemm and not opts.check_only:
