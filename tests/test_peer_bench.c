@@ -2,8 +2,9 @@
  * PyTorch is absent, as in CI: the benchmark must say how to install it and
  * exit 0, and the graphs it trains must still be the ones its PyTorch twins
  * implement, so a changed example graph fails here rather than in the next
- * benchmark run. python3 runs with -I -S: no site-packages, so no torch even
- * where one is installed. Skipped without python3. */
+ * benchmark run. python3 runs with -I -S -B: no site-packages, so no torch even
+ * where one is installed, and no bytecode written into the source tree.
+ * Skipped without python3. */
 #define _GNU_SOURCE /* nftw, popen */
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -19,7 +20,7 @@
 
 static void need_python(void)
 {
-    if (system("python3 -I -S -c 'import json, re' >/dev/null 2>&1") != 0)
+    if (system("python3 -I -S -B -c 'import json, re' >/dev/null 2>&1") != 0)
         cr_skip_test("python3 not available");
 }
 
@@ -45,7 +46,7 @@ Test(peer_bench, without_torch_says_how_to_install_and_exits_0)
 {
     need_python();
     char *out;
-    int rc = run("cd " PW_SOURCE_DIR " && python3 -I -S " PEER "/peer.py --models quick", &out);
+    int rc = run("cd " PW_SOURCE_DIR " && python3 -I -S -B " PEER "/peer.py --models quick", &out);
     cr_expect_eq(rc, 0, "exit %d:\n%s", rc, out);
     cr_expect(strstr(out, "peer: skipped: PyTorch is not importable"), "%s", out);
     cr_expect(strstr(out, "pip install torch"), "%s", out);
@@ -59,7 +60,7 @@ Test(peer_bench, twins_read_the_shipped_graphs)
 {
     need_python();
     char *out;
-    int rc = run("cd " PW_SOURCE_DIR " && python3 -I -S " PEER "/peer.py --graphs", &out);
+    int rc = run("cd " PW_SOURCE_DIR " && python3 -I -S -B " PEER "/peer.py --graphs", &out);
     cr_assert_eq(rc, 0, "exit %d:\n%s", rc, out);
     cr_expect(strstr(out, "mlp: tools/bench/peer/mlp.graph {\"input\": 784, \"layers\": [[\"fc1\", 2048], "
                           "[\"fc2\", 2048], [\"fc3\", 2048], [\"fc4\", 2048], [\"head\", 10]]}"), "%s", out);
@@ -77,7 +78,7 @@ static int read_graph(const char *fn, const char *graph, char **out)
 {
     char cmd[1024];
     snprintf(cmd, sizeof cmd,
-             "python3 -I -S -c \"import sys; sys.path.insert(0, '%s'); import graphs; "
+             "python3 -I -S -B -c \"import sys; sys.path.insert(0, '%s'); import graphs; "
              "print(graphs.%s('%s'))\"", PEER, fn, graph);
     return run(cmd, out);
 }
