@@ -40,6 +40,7 @@
 #include "stages/train/trainer.h"
 #include "stages/train/state.h"
 #include "pipeline-run/rebalance.h"
+#include "pipeline-run/startup.h"
 #include "pipeline-run/supervise.h"
 #include "pipeline-run/parallel.h"
 #ifdef PW_HAVE_CUDA
@@ -1164,7 +1165,14 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     }
     pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce,
                         .watchdog_s = o->watchdog_s};
-    if (pw_mpi_transport_create(argc, argv, &mc, &g_mpi) != PW_OK) {
+    /* MPI start-up waits for every process before the watchdog exists: a
+     * process that never arrives ends the wait after the watchdog's time
+     * (at least 10 s: starting MPI on a loaded machine takes seconds). */
+    const double wd = o->watchdog_s > 0 ? o->watchdog_s : 60.0;
+    pr_startup_guard *guard = pr_startup_guard_arm(wd > 10 ? wd : 10);
+    const pw_status created = pw_mpi_transport_create(argc, argv, &mc, &g_mpi);
+    pr_startup_guard_done(guard);
+    if (created != PW_OK) {
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }

@@ -759,19 +759,24 @@ static void hang(int np, int victim, const char *phase, int step, int stop)
 /* Writes dir/signal.sh: a long run under mpirun whose rank `victim` gets
  * `sig` from outside a second into training (its pid comes from the shell
  * mpirun starts for it; exec keeps the pid). */
-static void write_signal_script(int np, int victim, const char *sig, const char *extra)
+/* signal.sh: mpirun in the background, then `sig` to the victim `delay`
+ * seconds after its pid is known — or, with `ready` (a file the run
+ * writes once training has started), that long after the file has content. */
+static void write_signal_script(int np, int victim, const char *sig, const char *extra, const char *ready,
+                                const char *delay)
 {
     char path[128];
     snprintf(path, sizeof path, "%s/signal.sh", dir);
     FILE *f = fopen(path, "w");
-    fprintf(f, "rm -f victim.pid\n"
+    fprintf(f, "rm -f victim.pid %s\n"
             "%s -np %d sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = %d ]; then echo $$ > victim.pid; fi; exec %s/pipeline-run "
             "m.graph %s --stages %d --replicas 2 --batch 48 --steps 1000000 --watchdog %d %s' &\n"
             "mp=$!\n"
-            "while [ ! -s victim.pid ]; do sleep 0.1; done\n"
-            "sleep 1\n"
+            "while [ ! -s %s ]; do sleep 0.05; done\n"
+            "sleep %s\n"
             "kill -%s $(cat victim.pid)\n"
-            "wait $mp\n", MPIRUN, np, victim, bin, DATA, np / 2, HANG_WD, extra, sig);
+            "wait $mp\n", ready ? ready : "", MPIRUN, np, victim, bin, DATA, np / 2, HANG_WD, extra,
+            ready ? ready : "victim.pid", delay, sig);
     fclose(f);
 }
 
@@ -782,7 +787,7 @@ static void sigstop_outside(int np, int victim)
 {
     const int S = np / 2;
     char *out = NULL, why[160];
-    write_signal_script(np, victim, "STOP", "");
+    write_signal_script(np, victim, "STOP", "--metrics sig.jsonl", "sig.jsonl", "0.5");
     double took = 0;
     int st = run("sh signal.sh", 60, &out, &took);
     if (st == 0) fail("outside SIGSTOP: mpirun returned 0\n%s", out);
@@ -794,13 +799,41 @@ static void sigstop_outside(int np, int victim)
     free(out);
 }
 
+/* SIGSTOP during start-up (MPI_Init, before the heartbeats): every other
+ * process gives up after the start-up limit (the watchdog's time, at least
+ * 10 s), says so naming itself, and the run ends non-zero; the victim is
+ * the one rank that does not report. */
+static void sigstop_startup(int np, int victim)
+{
+    char *out = NULL;
+    write_signal_script(np, victim, "STOP", "", NULL, "0");
+    double took = 0;
+    const double limit = HANG_WD > 10 ? HANG_WD : 10;
+    int st = run("sh signal.sh", 90, &out, &took);
+    char victim_says[64];
+    snprintf(victim_says, sizeof victim_says, "MPI rank %d (host", victim);
+    if (st == 0 || st == 124) fail("start-up SIGSTOP: exit %d after %.0f s\n%s", st, took, out);
+    else if (took > limit + 10 + 2) fail("start-up SIGSTOP: took %.1f s (bound %.0f s)\n%s", took, limit + 12, out);
+    else if (strstr(out, "MPI start-up did not complete")) {
+        if (strstr(out, victim_says)) fail("start-up SIGSTOP: the stopped rank %d reported\n%s", victim, out);
+        else printf("ok   SIGSTOP of rank %d in MPI start-up: mpirun exit %d after %.1f s, the others report the "
+                    "start-up that did not complete\n", victim, st, took);
+    } else if (strstr(out, "stalled")) { /* the stop landed after start-up: the watchdog's case */
+        printf("ok   SIGSTOP of rank %d right after launch landed after start-up: exit %d after %.1f s, the "
+               "watchdog named a stall\n", victim, st, took);
+    } else {
+        fail("start-up SIGSTOP: no start-up message\n%s", out);
+    }
+    free(out);
+}
+
 /* SIGTERM to one process mid-run: every process stops after the same step,
  * writes its trace, and the run ends non-zero with no temp file left. */
 static void sigterm_one(int np, int victim)
 {
     char *out = NULL, cmd[256];
     snprintf(cmd, sizeof cmd, "rm -f sig.*; sh signal.sh; st=$?; ls; exit $st");
-    write_signal_script(np, victim, "TERM", "--trace sig.json");
+    write_signal_script(np, victim, "TERM", "--trace sig.json --metrics sig.jsonl", "sig.jsonl", "0.5");
     double took = 0;
     int st = run(cmd, 60, &out, &took), traces = 0;
     for (int r = 0; r < np; r++) {
@@ -1199,6 +1232,7 @@ int main(int argc, char **argv)
         hang(4, 2, "save", 20, 0);
         hang(4, 1, "save", 20, 1);
         sigstop_outside(4, 3);
+        sigstop_startup(4, 2);
         sigterm_one(4, 2);
         traces(4, 2, 2);
         hostfile(4, 2, 2);

@@ -1,0 +1,90 @@
+/* pipeline-run — a timer over MPI start-up (startup.h). */
+#include "startup.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+struct pr_startup_guard {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+    double limit_s;
+};
+
+/* This process's world rank before MPI knows it: mpirun's environment. */
+static const char *env_rank(void)
+{
+    const char *names[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v && *v) return v;
+    }
+    return "?";
+}
+
+static void *guard_main(void *arg)
+{
+    pr_startup_guard *g = arg;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)g->limit_s;
+    until.tv_nsec += (long)((g->limit_s - (double)(time_t)g->limit_s) * 1e9);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&g->mu);
+    int rc = 0;
+    while (!g->done && rc != ETIMEDOUT) rc = pthread_cond_timedwait(&g->cv, &g->mu, &until);
+    const int done = g->done;
+    pthread_mutex_unlock(&g->mu);
+    if (done) return NULL;
+    char host[128] = "?";
+    gethostname(host, sizeof host - 1);
+    char msg[512];
+    int n = snprintf(msg, sizeof msg,
+                     "pipeline-run: MPI rank %s (host %s, pid %ld): MPI start-up did not complete in %.0f s: another "
+                     "process of the run did not arrive (stopped, hung or lost); every process still waiting "
+                     "reports this, so the rank that does not is the stalled one (--watchdog sets the limit)\n",
+                     env_rank(), host, (long)getpid(), g->limit_s);
+    if (n > 0) {
+        ssize_t w = write(STDERR_FILENO, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+        (void)w;
+    }
+    _exit(1); /* MPI cannot be left or aborted before it has started */
+}
+
+pr_startup_guard *pr_startup_guard_arm(double limit_s)
+{
+    pr_startup_guard *g = calloc(1, sizeof *g);
+    if (!g) return NULL;
+    g->limit_s = limit_s;
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    if (pthread_create(&g->thread, NULL, guard_main, g) != 0) {
+        pthread_cond_destroy(&g->cv);
+        pthread_mutex_destroy(&g->mu);
+        free(g);
+        return NULL;
+    }
+    return g;
+}
+
+void pr_startup_guard_done(pr_startup_guard *g)
+{
+    if (!g) return;
+    pthread_mutex_lock(&g->mu);
+    g->done = 1;
+    pthread_cond_signal(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+    pthread_join(g->thread, NULL);
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+}
