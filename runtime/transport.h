@@ -229,7 +229,10 @@ pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out);
  * n_replicas processes ("mpirun -np 3, but --stages 2 x --replicas 2 needs
  * 4 processes") and splits the communicators. PW_OK: *out is new.
  * PW_ERR_UNSUPPORTED without MPI in this build; PW_ERR_INVALID_ARG for a
- * bad layout; PW_ERR_IO when MPI fails. */
+ * bad layout; PW_ERR_IO when MPI fails. Collective over every process and
+ * unbounded until the heartbeats start at its end: MPI_Init waits for a
+ * process that never arrives for good, so a caller that must not hang arms
+ * its own timer around this call (pipeline-run does: docs/distributed.md). */
 pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *cfg,
                                   pw_transport **out);
 
