@@ -898,8 +898,11 @@ Test(program, a_short_step_loses_no_gradient)
     snapshot(fresh, &init, &n);
     for (int64_t i = 0; i < n; i++) moved = fmax(moved, fabs((double)b[i] - init[i]));
     cr_assert_gt(moved, 1e-4, "the step moved nothing: the check would be vacuous");
-    cr_assert_lt(worst, 1e-6 * moved + 1e-9, "the short step's update differs by %.3g (largest update %.3g)", worst,
-                 moved);
+    /* "To rounding": the parameters may differ in their last bits (the sum
+     * order differs, and so do a kernel's roundings: 7.5e-9 on a 0.1-sized
+     * weight under OpenBLAS's Haswell kernel, one ulp), while a lost
+     * micro-batch would move them by about a third of the update. */
+    cr_assert_lt(worst, 1e-4 * moved, "the short step's update differs by %.3g (largest update %.3g)", worst, moved);
     free(a);
     free(b);
     free(init);
