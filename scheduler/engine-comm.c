@@ -69,11 +69,17 @@ static void *comm_main(void *arg)
         w->jobs_head = (w->jobs_head + 1) % w->jobs_cap;
         w->jobs_n--;
         pw_bucket *bk = j.kind == PW_JOB_ALLREDUCE ? pw_eng_bucket(e, w->lrep, j.chunk, j.bucket) : NULL;
+        const int failed = w->comm_err != PW_OK;
         pthread_mutex_unlock(&w->comm_mu);
 
         pw_clear_error();
         pw_status st;
-        if (bk) {
+        if (failed || atomic_load(&e->abort)) {
+            /* After an aborted or failed collective the group may only be
+             * destroyed (collective.h): a member that left early must not
+             * start another round while its peers still read its spans. */
+            st = pw_error(PW_ERR_TIMEOUT, "collective skipped: the step was aborted");
+        } else if (bk) {
             pw_coll co = bucket_coll(w, j.chunk);
             st = pw_coll_allreduce(&co, bk->spans, bk->n_spans, &e->abort);
         } else {
