@@ -13,6 +13,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -979,9 +980,18 @@ static void report_early_exit(void)
  * one stops at once: the handler unlinks the temp files of atomic writes in
  * flight (runtime/tmpfile.h; unlink and _exit are async-signal-safe). */
 static volatile sig_atomic_t g_signal;
+static pthread_t g_main_thread; /* the one that handles them (install_signals) */
 
 static void on_signal(int sig)
 {
+    /* Any thread may receive it; the main thread acts, so that a second
+     * signal interrupts the thread that writes the files (a temp file
+     * registered but not yet created when another thread unlinked them all
+     * was left behind). pthread_kill is async-signal-safe. */
+    if (!pthread_equal(pthread_self(), g_main_thread)) {
+        pthread_kill(g_main_thread, sig);
+        return;
+    }
     if (g_signal) {
         pw_tmpfile_unlink_all();
         static const char msg[] = "pipeline-run: second signal: stopping now\n";
@@ -996,6 +1006,7 @@ static void install_signals(void)
 {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
+    g_main_thread = pthread_self();
     sa.sa_handler = on_signal;
     sigemptyset(&sa.sa_mask);
     sa.sa_flags = SA_RESTART;
