@@ -149,4 +149,8 @@ pw_status pl_sum_ties_across(pw_pipeline *pl);
 pw_status pl_sumsq_across(pw_pipeline *pl, double *out);
 int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out);
 
+/* The piece of local chunk ch of local replica lrep holding graph
+ * parameter gp and its index there (*local); NULL: none (pipeline_ties.c). */
+pw_program *pl_chunk_param(pw_pipeline *pl, int lrep, int ch, int gp, int *local);
+
 #endif

@@ -137,11 +137,12 @@ static int chunks_using(const pw_pipeline *pl, int gp, int *out)
     return n;
 }
 
-/* The piece of local chunk ch holding graph parameter gp (one: cut_pieces
- * never separates two uses), and the parameter's index there. */
-static pw_program *chunk_param(pw_pipeline *pl, int ch, int gp, int *local)
+/* The piece of local chunk ch of local replica lrep holding graph
+ * parameter gp (one: cut_pieces never separates two uses), and the
+ * parameter's index there; NULL when the chunk holds no use of it. */
+pw_program *pl_chunk_param(pw_pipeline *pl, int lrep, int ch, int gp, int *local)
 {
-    gstage *gs = stage_at(pl, 0, ch);
+    gstage *gs = stage_at(pl, lrep, ch);
     for (int j = 0; j < gs->n_pieces; j++)
         for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
             pw_program_param pp;
@@ -185,7 +186,7 @@ pw_status pl_sum_ties_across(pw_pipeline *pl)
             prev = r;
             if (st != PW_OK || r != me) continue;
             int li = 0;
-            pw_program *p = chunk_param(pl, ch, gp, &li);
+            pw_program *p = pl_chunk_param(pl, 0, ch, gp, &li);
             float *bufs[16];
             int uses = p ? pw_program_param_uses(p, li, bufs, 16) : 0;
             if (uses < 1 || uses > 16) {
@@ -212,7 +213,7 @@ pw_status pl_sum_ties_across(pw_pipeline *pl)
         for (int i = 0; i < nc && st == PW_OK; i++) {
             if (pw_schedule_rank_of(pl->sched, list[i]) != me) continue;
             int li = 0;
-            pw_program *p = chunk_param(pl, list[i], gp, &li);
+            pw_program *p = pl_chunk_param(pl, 0, list[i], gp, &li);
             pw_program_param pp;
             pw_program_fold_grads(p);
             pw_program_param_at(p, li, &pp);

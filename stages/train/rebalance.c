@@ -181,16 +181,8 @@ static pw_program *holder(pw_pipeline *pl, int lrep, int gp, int *local)
 {
     for (int c = 0; c < pl->C; c++) {
         if (!stage_here(pl, c)) continue;
-        gstage *gs = stage_at(pl, lrep, c);
-        for (int j = 0; j < gs->n_pieces; j++)
-            for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
-                pw_program_param pp;
-                pw_program_param_at(gs->piece[j], i, &pp);
-                if (pp.graph_param == gp) {
-                    *local = i;
-                    return gs->piece[j];
-                }
-            }
+        pw_program *p = pl_chunk_param(pl, lrep, c, gp, local);
+        if (p) return p;
     }
     return NULL;
 }
