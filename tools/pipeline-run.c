@@ -29,6 +29,7 @@
 #include "runtime/transport.h"
 #include "stages/ops/backend.h"
 #include "stages/train/checkpoint.h"
+#include "stages/ops/cpu/gemm.h"
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/data.h"
 #include "stages/plan/forecast.h"
@@ -2040,6 +2041,11 @@ static void print_header(const run *r)
     if (o->recompute) printf(", recompute");
     printf("), schedule %s, theoretical bubble %.1f%%\n", r->csv ? r->csv : pw_schedule_kind_name(r->kind),
            100.0 * pw_pipeline_theory_bubble(r->t));
+    char blas[96], coretype[32];
+    if (!o->device && pw_cpu_blas_describe(blas, sizeof blas, coretype, sizeof coretype))
+        printf("pipeline-run: note: the CPU BLAS (%s) does not know this processor and runs a kernel "
+               "without AVX, several times slower; OPENBLAS_CORETYPE=%s selects a faster one "
+               "(docs/performance.md, \"The BLAS kernel\")\n", blas, coretype);
     const pw_schedule *sched = pw_pipeline_schedule(r->t);
     if (o->replicas > 1) {
         const int G = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL);
