@@ -979,7 +979,10 @@ static void report_early_exit(void)
  * the next step boundary (under mpirun every process at the same one), says
  * so, writes the trace it was asked for and exits 128 + the signal. A second
  * one stops at once: the handler unlinks the temp files of atomic writes in
- * flight (runtime/tmpfile.h; unlink and _exit are async-signal-safe). */
+ * flight, after letting a create in progress on another thread (the
+ * background checkpoint writer) finish, and stopping any later one
+ * (pw_tmpfile_abort_all, runtime/tmpfile.h; it and _exit are
+ * async-signal-safe). */
 static volatile sig_atomic_t g_signal;
 static pthread_t g_main_thread; /* the one that handles them (install_signals) */
 
@@ -994,7 +997,7 @@ static void on_signal(int sig)
         return;
     }
     if (g_signal) {
-        pw_tmpfile_unlink_all();
+        pw_tmpfile_abort_all();
         static const char msg[] = "pipeline-run: second signal: stopping now\n";
         ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
         (void)k;
