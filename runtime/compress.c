@@ -448,22 +448,32 @@ static void mat_mtp(const float *M, const float *P, float *Q, int64_t rows, int6
     }
 }
 
-/* Gram–Schmidt on P's columns in order; a column with nothing left stays 0. */
+static double col_norm2(const float *P, int64_t rows, int q, int c)
+{
+    double nn = 0.0;
+    for (int64_t i = 0; i < rows; i++) nn += (double)P[i * q + c] * P[i * q + c];
+    return nn;
+}
+
+/* Gram–Schmidt on P's columns in order, each projected out twice ("twice is
+ * enough": orthogonal to rounding even when nearly dependent). A column
+ * with less than 1e-4 of its length left lies in the span of the ones
+ * before it (a gradient of lower rank than r) and becomes 0: normalising
+ * its rounding noise would add a direction that is not in the gradient. */
 static void orthogonalise(float *P, int64_t rows, int q)
 {
     for (int c = 0; c < q; c++) {
-        for (int d = 0; d < c; d++) {
-            double dot = 0.0;
-            for (int64_t i = 0; i < rows; i++) dot += (double)P[i * q + d] * P[i * q + c];
-            const float f = (float)dot;
-            for (int64_t i = 0; i < rows; i++) P[i * q + c] -= f * P[i * q + d];
-        }
-        double nn = 0.0;
-        for (int64_t i = 0; i < rows; i++) nn += (double)P[i * q + c] * P[i * q + c];
-        if (nn > 0.0) {
-            const float inv = (float)(1.0 / sqrt(nn));
-            for (int64_t i = 0; i < rows; i++) P[i * q + c] *= inv;
-        }
+        const double before = col_norm2(P, rows, q, c);
+        for (int pass = 0; pass < 2; pass++)
+            for (int d = 0; d < c; d++) {
+                double dot = 0.0;
+                for (int64_t i = 0; i < rows; i++) dot += (double)P[i * q + d] * P[i * q + c];
+                const float f = (float)dot;
+                for (int64_t i = 0; i < rows; i++) P[i * q + c] -= f * P[i * q + d];
+            }
+        const double nn = col_norm2(P, rows, q, c);
+        const float inv = nn > 1e-8 * before && nn > 0.0 ? (float)(1.0 / sqrt(nn)) : 0.0f;
+        for (int64_t i = 0; i < rows; i++) P[i * q + c] *= inv;
     }
 }
 
