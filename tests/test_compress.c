@@ -423,6 +423,7 @@ Test(compress, bad_compressors_are_refused, .timeout = TIMEOUT)
 /* ------------------------------------------------------------ pipelines */
 
 #include "runtime/trace_read.h"
+#include "scheduler/analysis/trace_analysis.h"
 #include "stages/train/data.h"
 
 typedef struct zrun {
@@ -539,6 +540,16 @@ Test(compress, the_trace_records_bytes_before_and_after, .timeout = TIMEOUT)
         cr_assert_gt(seen, 0, "%s: no ALLREDUCE in the trace", modes[m]);
         if (m == 1) cr_assert_eq(2 * wire, raw, "bf16: %lld bytes on the wire of %lld", (long long)wire, (long long)raw);
         if (m == 2) cr_assert_lt(4 * wire, raw, "topk:0.1: %lld bytes on the wire of %lld", (long long)wire, (long long)raw);
+        /* pipe-trace's analysis sums the same. */
+        pw_trace_analysis_config tc = PW_TRACE_ANALYSIS_DEFAULTS;
+        tc.no_detail = 1;
+        pw_trace_analysis *ta;
+        cr_assert_eq(pw_trace_analyze(path, &tc, &ta), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(ta->allreduce_n, seen);
+        cr_assert_eq(ta->allreduce_bytes, raw);
+        cr_assert_eq(ta->allreduce_wire_bytes, m > 0 ? wire : raw);
+        cr_assert_eq(ta->allreduce_compressed, m > 0);
+        pw_trace_analysis_destroy(ta);
     }
     remove(path);
     pw_dataset_destroy(d);
