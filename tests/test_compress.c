@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "runtime/collective.h"
@@ -554,4 +555,32 @@ Test(compress, the_trace_records_bytes_before_and_after, .timeout = TIMEOUT)
     remove(path);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
+}
+
+Test(compress, a_missing_member_cannot_hang_the_gather, .timeout = TIMEOUT)
+{
+    /* Member 1 never comes; once abort is raised member 0 returns. */
+    pw_shm_group *g;
+    cr_assert_eq(pw_shm_group_create(2, &g), PW_OK);
+    pw_coll c = pw_shm_group_member(g, 0);
+    atomic_int abort_flag;
+    atomic_init(&abort_flag, 1);
+    char mine[4] = "abc", all[8];
+    cr_assert_eq(pw_coll_allgather_bytes(&c, mine, 4, all, &abort_flag), PW_ERR_TIMEOUT);
+    pw_shm_group_destroy(g);
+}
+
+Test(compress, cli_refuses_a_bad_mode, .timeout = TIMEOUT)
+{
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PW_SOURCE_DIR "/examples/fashion_mlp.graph --data synthetic:64:784:10 "
+             "--compress topk:2 --steps 1 2>&1", PW_BINARY_DIR);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    char out[4096] = "";
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = 0;
+    int st = pclose(p);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 2, "exit %d: %s", WEXITSTATUS(st), out);
+    cr_assert(strstr(out, "--compress topk:2: the top-k ratio must be a number in (0, 1]"), "%s", out);
 }
