@@ -107,7 +107,9 @@ static float u2f(uint32_t u)
     return f;
 }
 
-uint16_t pw_f32_to_bf16(float f)
+/* The codecs as static inline for the per-float loops; the public names
+ * below call them. */
+static inline uint16_t enc_bf16(float f)
 {
     uint32_t u = f2u(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* a quiet NaN */
@@ -115,9 +117,9 @@ uint16_t pw_f32_to_bf16(float f)
     return (uint16_t)(u >> 16);
 }
 
-float pw_bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+static inline float dec_bf16(uint16_t h) { return u2f((uint32_t)h << 16); }
 
-uint16_t pw_f32_to_fp16(float f)
+static inline uint16_t enc_fp16(float f)
 {
     const uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
     if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
@@ -134,7 +136,7 @@ uint16_t pw_f32_to_fp16(float f)
     return (uint16_t)(sign | h);
 }
 
-float pw_fp16_to_f32(uint16_t h)
+static inline float dec_fp16(uint16_t h)
 {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
     if (e == 0) {
@@ -144,6 +146,11 @@ float pw_fp16_to_f32(uint16_t h)
     if (e == 31) return u2f(sign | 0x7f800000u | (m << 13));
     return u2f(sign | ((e + 112u) << 23) | (m << 13));
 }
+
+uint16_t pw_f32_to_bf16(float f) { return enc_bf16(f); }
+float pw_bf16_to_f32(uint16_t h) { return dec_bf16(h); }
+uint16_t pw_f32_to_fp16(float f) { return enc_fp16(f); }
+float pw_fp16_to_f32(uint16_t h) { return dec_fp16(h); }
 
 /* ------------------------------------------------------ create, state */
 
@@ -271,14 +278,18 @@ void pw_compressor_state_set(pw_compressor *z, const float *in)
 
 /* ------------------------------------------------ gather-decode-sum */
 
+/* Members up to which the 16-bit sum runs fused (sum16), without dense copies. */
+#define PW_COMPRESS_FUSED_MAX 16
+
 static pw_status scratch(pw_compressor *z, int n_members)
 {
     if (!z->mine && !(z->mine = malloc((size_t)z->payload + 1))) goto nomem;
     if (z->dense_members < n_members) {
+        const int dense = z->cfg.kind == PW_COMPRESS_TOPK || n_members > PW_COMPRESS_FUSED_MAX;
         free(z->all);
         free(z->dense);
         z->all = malloc((size_t)z->payload * (size_t)n_members + 1);
-        z->dense = malloc((size_t)z->L * (size_t)n_members * sizeof(float) + 1);
+        z->dense = malloc(dense ? (size_t)z->L * (size_t)n_members * sizeof(float) + 1 : 1);
         z->dense_members = z->all && z->dense ? n_members : 0;
         if (!z->dense_members) goto nomem;
     }
@@ -311,8 +322,30 @@ static void decode(const pw_compressor *z, const unsigned char *p, float *d)
     for (int64_t x = 0; x < z->L; x++) {
         uint16_t h;
         memcpy(&h, p + 2 * x, 2);
-        d[x] = bf ? pw_bf16_to_f32(h) : pw_fp16_to_f32(h);
+        d[x] = bf ? dec_bf16(h) : dec_fp16(h);
     }
+}
+
+/* The 16-bit sum in one pass: each element's n decoded values summed in
+ * the tree order, straight into the spans (the same operations in the same
+ * order as decode + the dense tree below, without the n dense copies). */
+static void sum16(const pw_compressor *z, int n, const pw_span *spans, int n_spans)
+{
+    const int bf = z->cfg.kind == PW_COMPRESS_BF16;
+    int64_t x = 0;
+    for (int i = 0; i < n_spans; i++)
+        for (int64_t e = 0; e < spans[i].n; e++, x++) {
+            float v[PW_COMPRESS_FUSED_MAX];
+            v[0] = 0.0f; /* n >= 1; this keeps the compiler sure of it */
+            for (int m = 0; m < n; m++) {
+                uint16_t h;
+                memcpy(&h, z->all + (size_t)m * (size_t)z->payload + 2 * (size_t)x, 2);
+                v[m] = bf ? dec_bf16(h) : dec_fp16(h);
+            }
+            for (int w = 1; w < n; w *= 2)
+                for (int a = 0; a + w < n; a += 2 * w) v[a] = v[a] + v[a + w];
+            spans[i].data[e] = v[0];
+        }
 }
 
 static pw_status gather_sum(pw_compressor *z, const pw_coll *co, const pw_span *spans, int n_spans,
@@ -320,6 +353,10 @@ static pw_status gather_sum(pw_compressor *z, const pw_coll *co, const pw_span *
 {
     const int n = co->n_members;
     PW_CHECK(pw_coll_allgather_bytes(co, z->mine, z->payload, z->all, abort));
+    if (z->cfg.kind != PW_COMPRESS_TOPK && n <= PW_COMPRESS_FUSED_MAX) {
+        sum16(z, n, spans, n_spans);
+        return PW_OK;
+    }
     for (int m = 0; m < n; m++) decode(z, z->all + (size_t)m * (size_t)z->payload, z->dense + (size_t)m * (size_t)z->L);
     /* The tree order of collective.h: pairs at distance 1, 2, 4 ... */
     for (int w = 1; w < n; w *= 2)
@@ -342,7 +379,7 @@ static void encode16(pw_compressor *z, const pw_span *spans, int n_spans)
     unsigned char *p = z->mine;
     for (int i = 0; i < n_spans; i++)
         for (int64_t x = 0; x < spans[i].n; x++, p += 2) {
-            uint16_t h = bf ? pw_f32_to_bf16(spans[i].data[x]) : pw_f32_to_fp16(spans[i].data[x]);
+            uint16_t h = bf ? enc_bf16(spans[i].data[x]) : enc_fp16(spans[i].data[x]);
             memcpy(p, &h, 2);
         }
 }
