@@ -239,6 +239,7 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
             if (e->mb >= 0) fprintf(f, ", \"mb\": %d", e->mb);
             if (e->peer >= 0) fprintf(f, ", \"peer\": %d", e->peer);
             if (e->bytes) fprintf(f, ", \"bytes\": %" PRId64, e->bytes);
+            if (e->wire_bytes) fprintf(f, ", \"wire_bytes\": %" PRId64, e->wire_bytes);
             fprintf(f, "}}");
         }
     }

@@ -82,6 +82,7 @@ typedef struct options {
     int post_validate;
     pw_allreduce_algo allreduce;
     int allreduce_set;
+    pw_compress_config compress; /* --compress (kind none: the plain all-reduce) */
     int chunks_per_rank;         /* 0: the schedule's default */
     const char *memory_limit;    /* zb-auto: "2p", "1p" or a count (NULL: 2p) */
     int simulate;
@@ -215,6 +216,10 @@ static void usage(FILE *f)
 "                        is done, overlapping the rest\n"
 "  --allreduce ALGO      under mpirun: tree (default: the same bytes as one\n"
 "                        process), ring, or mpi (MPI_Iallreduce)\n"
+"  --compress MODE       how the gradients travel between replicas: none\n"
+"                        (default), bf16, fp16, topk:RATIO (e.g. topk:0.01,\n"
+"                        with error feedback) or powersgd:RANK (e.g.\n"
+"                        powersgd:4); docs/distributed.md, \"Compression\"\n"
 "  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
 "                        stages, all replicas) is at most X\n"
 "  --post-validate       with --clip-grad-norm: each stage steps its optimizer\n"
@@ -345,6 +350,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_POST_VALIDATE, OPT_ALLREDUCE,
+       OPT_COMPRESS,
        OPT_CHUNKS, OPT_MEMLIMIT, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
@@ -480,6 +486,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"check", no_argument, 0, OPT_CHECK},
         {"replicas", required_argument, 0, OPT_REPLICAS},
         {"buckets", required_argument, 0, OPT_BUCKETS},
+        {"compress", required_argument, 0, OPT_COMPRESS},
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"post-validate", no_argument, 0, OPT_POST_VALIDATE},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
@@ -637,6 +644,10 @@ static int parse_args(int argc, char **argv, options *o)
             if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
                 return bad_usage("--allreduce: '%s' is not tree, ring or mpi", optarg);
             o->allreduce_set = 1;
+            break;
+        case OPT_COMPRESS:
+            if (pw_compress_parse(optarg, &o->compress) != PW_OK) return bad_usage("%s", pw_last_error());
+            o->compress.seed = 0x9e3779b97f4a7c15ull; /* PowerSGD's first Q: the same on every replica */
             break;
         case OPT_CHUNKS:
             if (parse_i64("--chunks-per-rank", optarg, 1, 64, &v)) return 2;
@@ -1877,6 +1888,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.buckets = o->buckets;
     pc.clip_grad_norm = o->clip;
     pc.post_validate = o->post_validate;
+    pc.compress = o->compress;
     pc.transport = g_mpi;
     pc.chunks_per_rank = o->chunks_per_rank;
     pc.memory_limit = r->memory_limit;
@@ -1934,6 +1946,10 @@ static int restore_and_checkpoints(run *r)
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
                    m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
                    m->layout.processes > 1 ? "es" : "");
+        if (o->compress.kind == PW_COMPRESS_TOPK || o->compress.kind == PW_COMPRESS_POWERSGD)
+            fprintf(stderr, "pipeline-run: --resume with --compress %s: the error-feedback state (residuals%s) "
+                    "is not in checkpoints; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
+                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "");
     }
     if (!o->checkpoint_dir) return 0;
     static char extra[320];
@@ -2053,7 +2069,12 @@ static void print_header(const run *r)
     if (o->replicas > 1) {
         const int G = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL);
         char same[160];
-        if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->replicas > 2)
+        if (o->compress.kind != PW_COMPRESS_NONE) {
+            char zn[32];
+            pw_compress_name(&o->compress, zn, sizeof zn);
+            snprintf(same, sizeof same, "compressed as %s (docs/distributed.md, \"Compression\"): not the bits "
+                     "of 1 replica", zn);
+        } else if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->replicas > 2)
             snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s)",
                      o->allreduce == PW_ALLREDUCE_RING ? "ring" : "mpi");
         else if (pw_grad_groups_identical(G, o->replicas))

@@ -46,6 +46,10 @@
  *               process count and on fewer (elastic: 2 stages x 2 replicas
  *               -> 2 x 1): byte-identical to a run that never failed
  *
+ *   compress    --compress bf16 / fp16 / topk / powersgd (runtime/compress.h):
+ *               byte-identical to the same compressed run in one process
+ *               (PW_MPI_ONLY=compress runs these alone)
+ *
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
  *               the full set, and gather refuses a side that was not loaded
@@ -239,6 +243,22 @@ static void tied(int np, int S, int R, const char *extra, const char *tag)
 {
     identical_model("tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6",
                     np, S, R, extra, "", tag);
+}
+
+/* Compressed gradients (runtime/compress.h): the 16-bit and top-k payloads
+ * travel by MPI_Iallgather, PowerSGD's P and Q by the tree; each sums in
+ * the same order as in process. */
+static void compress_cases(int np)
+{
+    if (np == 2) {
+        identical(2, 1, 2, "--micro-batches 2 --compress bf16", "", "zbf16");
+        identical(2, 1, 2, "--micro-batches 2 --buckets 3 --compress fp16", "", "zfp16");
+        identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "", "ztopk");
+        identical(2, 1, 2, "--micro-batches 2 --optimizer adamw --compress powersgd:2", "", "zpsgd");
+    } else {
+        identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
+        identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
+    }
 }
 
 /* 1 when some line of `out` that mpirun --tag-output marks as world rank
@@ -1167,6 +1187,8 @@ int main(int argc, char **argv)
     const char *only = getenv("PW_MPI_ONLY");
     if (only && !strcmp(only, "rebalance")) {
         rebalance_cases(np);
+    } else if (only && !strcmp(only, "compress")) {
+        compress_cases(np);
     } else if (only && !strcmp(only, "checkpoints")) {
         if (ckpt_reference()) {
             if (np == 2) {
@@ -1202,6 +1224,7 @@ int main(int argc, char **argv)
         traces(2, 2, 1);
         hostfile(2, 2, 1);
         rebalance_cases(2);
+        compress_cases(2);
         if (ckpt_reference()) ckpt_mpi(2, 2, 1, 1, 2);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
@@ -1237,6 +1260,7 @@ int main(int argc, char **argv)
         traces(4, 2, 2);
         hostfile(4, 2, 2);
         rebalance_cases(4);
+        compress_cases(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);
