@@ -58,29 +58,30 @@ typedef struct hier {
 } hier;
 
 /* This process's host id: PW_TEST_HOSTS's entry for its world rank, -1
- * without the variable. A malformed list is an error. */
+ * without the variable. The whole list is checked (every process then
+ * refuses a bad one alike, and none waits for another in a collective). */
 static pw_status test_host(int *out)
 {
     *out = -1;
     const char *spec = getenv("PW_TEST_HOSTS");
     if (!spec || !*spec) return PW_OK;
-    int w = 0;
+    int w = 0, size = 0, i = 0;
     MPI_Comm_rank(MPI_COMM_WORLD, &w);
-    const char *p = spec;
-    for (int i = 0;; i++) {
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    for (const char *p = spec;; i++) {
         char *end = NULL;
         long v = strtol(p, &end, 10);
         if (end == p || v < 0 || v > 1 << 20 || (*end && *end != ','))
-            return pw_error(PW_ERR_INVALID_ARG, "PW_TEST_HOSTS='%s': expected a host id (0, 1, ...) per world "
-                            "rank, separated by commas", spec);
-        if (i == w) {
-            *out = (int)v;
-            return PW_OK;
-        }
+            return pw_error(PW_ERR_INVALID_ARG, "PW_TEST_HOSTS='%s': entry %d is not a host id (0, 1, ...); give "
+                            "one per world rank, separated by commas", spec, i);
+        if (i == w) *out = (int)v;
         if (!*end) break;
         p = end + 1;
     }
-    return pw_error(PW_ERR_INVALID_ARG, "PW_TEST_HOSTS='%s' names no host for MPI rank %d", spec, w);
+    if (i + 1 != size)
+        return pw_error(PW_ERR_INVALID_ARG, "PW_TEST_HOSTS='%s' names %d host%s for %d processes (one per world "
+                        "rank)", spec, i + 1, i ? "s" : "", size);
+    return PW_OK;
 }
 
 static pw_status hier_allreduce(void *self, int member, const pw_span *spans, int n_spans, const atomic_int *abort)
