@@ -1294,6 +1294,8 @@ static pw_forecast_config forecast_config(const pw_graph *g, const options *o, d
     fc.chunks_per_rank = o->chunks_per_rank;
     if (rate > 0) fc.flops_per_s = rate;
     if (o->link_bandwidth > 0) fc.link_bandwidth = o->link_bandwidth;
+    /* The link carries the replicas' all-reduce too (as the throttle of a run does). */
+    if (o->link_bandwidth > 0) fc.allreduce_bandwidth = o->link_bandwidth;
     if (o->link_set) fc.link_latency_s = o->link_latency;
     fc.optim_state_floats = o->optim.kind == PW_OPTIM_ADAMW ? 2 : 1;
     return fc;
