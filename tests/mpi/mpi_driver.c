@@ -1,5 +1,5 @@
 /* MPI tests: pipeline-run under mpirun on loopback, against the same run in
- * one process. Run by CTest as `mpi_driver BUILD_DIR NP` for NP = 2 and 4
+ * one process. Run by CTest as `mpi_driver BUILD_DIR NP` for NP = 2, 3 and 4
  * (no Criterion: each case launches mpirun itself).
  *
  *   identical   for every (stages, replicas) with stages × replicas = NP:
@@ -46,6 +46,16 @@
  *               process count and on fewer (elastic: 2 stages x 2 replicas
  *               -> 2 x 1): byte-identical to a run that never failed
  *
+ *   algos       (also alone at NP = 3, or with PW_MPI_ONLY=algos) every MPI
+ *               all-reduce against its documented order float for float
+ *               (tests/mpi/coll_check.c: tree and ring against the
+ *               in-process ones, hierarchical against the tree of the
+ *               hosts' trees and the tree where pw_hier_matches_tree, auto
+ *               against the tree, MPI_Iallreduce at 2), with PW_TEST_HOSTS
+ *               fake hosts and behind a slow link; and training runs with
+ *               --allreduce tree / hierarchical / auto (and ring, mpi at 2)
+ *               and --link-bandwidth/--link-latency, byte-identical to the
+ *               tree in one process (with and without the in-process link)
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
  *               the full set, and gather refuses a side that was not loaded
@@ -261,10 +271,31 @@ static void algo_identical(int np, int S, int R, const char *algo, const char *h
     unsetenv("PW_TEST_HOSTS");
 }
 
+/* tests/mpi/coll_check under mpirun -np np with PW_TEST_HOSTS=hosts (NULL:
+ * none) and `extra` flags: every MPI all-reduce against its documented
+ * order, float for float. */
+static void coll_check(int np, const char *hosts, const char *extra)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s%s%s" MPIRUN " -np %d %s/coll_check %s", hosts ? "PW_TEST_HOSTS=" : "",
+             hosts ? hosts : "", hosts ? " " : "", np, bin, extra);
+    int st = run(cmd, 120, &out, NULL);
+    const char *line = out ? strstr(out, "ok: ") : NULL;
+    if (st != 0 || !line) fail("coll_check (%s): exit %d\n%s", cmd, st, out ? out : "");
+    else printf("ok   coll_check %.*s\n", (int)strcspn(line + 4, "\n"), line + 4);
+    free(out);
+}
+
 /* Every exact all-reduce (tree, hierarchical where the hosts make it the
  * tree's bytes, auto) and the slow link, at np processes. */
 static void algos(int np)
 {
+    /* The collectives alone, against their orders. */
+    coll_check(np, NULL, "");
+    coll_check(np, NULL, "--link-bandwidth 1e9 --link-latency 1e-4");
+    if (np == 3) coll_check(3, "0,0,1", ""), coll_check(3, "0,1,1", "");
+    if (np == 4) coll_check(4, "0,0,1,1", ""), coll_check(4, "0,1,0,1", "--link-bandwidth 1e9");
+    if (np == 2) coll_check(2, "0,1", "");
     const char *slow = "--link-bandwidth 2e8 --link-latency 2e-4";
     char hosts[64] = "", split[64] = "";
     /* Hosts of two members each (the last may hold one): the tree's bytes. */

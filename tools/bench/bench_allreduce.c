@@ -268,20 +268,23 @@ static int bench_mpi_auto(int *argc, char ***argv, const double *sizes, int n_si
         }
         free(buf);
     }
-    /* Least-squares alpha-beta line of each algorithm over the sizes. */
+    /* The alpha-beta line of each algorithm over the sizes, least squares
+     * in relative error (weights 1/t^2): the sizes span 4 KB .. 16 MB, and
+     * plain least squares would let the largest decide alone. */
     pw_ab ab[NA];
     for (int a = 0; a < NA; a++) {
-        double sx = 0, sy = 0, sxx = 0, sxy = 0;
+        double sw = 0, sx = 0, sy = 0, sxx = 0, sxy = 0;
         for (int si = 0; si < n_sizes; si++) {
-            double x = sizes[si] * 1e6, y = t[si][a];
-            sx += x, sy += y, sxx += x * x, sxy += x * y;
+            double x = sizes[si] * 1e6, y = t[si][a], w = 1.0 / (y * y);
+            sw += w, sx += w * x, sy += w * y, sxx += w * x * x, sxy += w * x * y;
         }
-        double d = n_sizes * sxx - sx * sx;
-        ab[a].beta = d > 0 ? (n_sizes * sxy - sx * sy) / d : 0;
-        ab[a].alpha = (sy - ab[a].beta * sx) / n_sizes;
+        double d = sw * sxx - sx * sx;
+        ab[a].beta = d > 0 ? (sw * sxy - sx * sy) / d : 0;
+        ab[a].alpha = (sy - ab[a].beta * sx) / sw;
     }
     if (rank == 0) {
-        printf("\nalpha-beta lines fitted over these sizes (t = alpha + beta x bytes):\n");
+        printf("\nalpha-beta lines fitted over these sizes (t = alpha + beta x bytes; least squares in "
+               "relative error):\n");
         for (int a = 0; a < NA; a++)
             printf("  %-13s alpha %9.1f us  beta %8.3f ns/byte (%.2f GB/s)\n", names[a], ab[a].alpha * 1e6,
                    ab[a].beta * 1e9, ab[a].beta > 0 ? 1e-9 / ab[a].beta : 0);
