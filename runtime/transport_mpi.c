@@ -421,6 +421,7 @@ static pw_status mt_irecv(void *self, int from, int tag, void *buf, size_t bytes
     mpi_transport *m = self;
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI receive of %zu bytes (max %d)", bytes, INT_MAX);
     req->bytes = bytes;
+    req->due_ns = 0; /* receives are never held back */
     pw_mpi_lock();
     int rc = MPI_Irecv(buf, (int)bytes, MPI_BYTE, from, tag, m->replica_comm, req_of(req));
     pw_mpi_unlock();
