@@ -241,6 +241,16 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
             PW_CHECK_GOTO(pl_build_stage(pl, gs, ch, t ? t->replica : k), st, fail);
             pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] = (pw_engine_chunk){pl_chunk_vt(pl), gs};
         }
+    if (c->ps_servers > 0) {
+        PW_CHECK_GOTO(pl_ps_create(pl), st, fail);
+        const pw_stage_i *vt = pl_ps_vt(pl, pl_chunk_vt(pl));
+        for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++)
+            if (pl->chunks[i].vt) pl->chunks[i].vt = vt;
+    } else if (c->ps_staleness != 0) {
+        st = pw_error(PW_ERR_INVALID_ARG, "pipeline: a staleness (%d) applies to a parameter server only",
+                      c->ps_staleness);
+        goto fail;
+    }
     const char **gpu_pci = c->pin ? pl_worker_gpu_pci(pl) : NULL;
     if (c->pin) pl_bind_stage_memory(pl, gpu_pci);
     /* By default one core per worker: more kernel threads would only fight
@@ -256,7 +266,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
-        .replicas = NR, .transport = t,
+        .replicas = NR, .transport = pl->ps ? pl_ps_transport(pl) : t,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .post_validate = c->post_validate,
@@ -276,6 +286,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     st = pw_engine_create(&ec, &pl->engine);
     free(gpu_pci);
     if (st != PW_OK) goto fail;
+    if (pl->ps) PW_CHECK_GOTO(pl_ps_start(pl), st, fail);
     pl_pin_messages(pl);
     *out = pl;
     return PW_OK;
@@ -288,6 +299,7 @@ fail:
 void pw_pipeline_destroy(pw_pipeline *pl)
 {
     if (!pl) return;
+    pl_ps_destroy(pl);
     if (pl->msg_pinned) pl->msg_backend->host_unregister(pl->msg_pinned);
     pw_engine_destroy(pl->engine);
     for (size_t i = 0; pl->stages && i < (size_t)pl->NRL * (size_t)pl->C; i++) pl_free_stage(&pl->stages[i]);
