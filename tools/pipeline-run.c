@@ -2219,7 +2219,8 @@ static int train_loop(run *r)
     int64_t epoch_steps = 0;
     pw_pipeline_metrics_start(r->mx, r->t);
     for (int64_t i = r->start; i < r->total; i++) {
-        if ((r->stopped = stop_signal()) != 0) break; /* a step boundary */
+        /* A step boundary (with --staleness S every S + 1 steps: an all-gather is a barrier). */
+        if ((i - r->start) % (o->staleness + 1) == 0 && (r->stopped = stop_signal()) != 0) break;
         double ts = now_s();
         pw_status step_st = pw_pipeline_step(r->t, &r->s);
         const double dt = now_s() - ts;

@@ -26,6 +26,15 @@
 /* One stage chunk of one replica: the stage's nodes cut into `n_pieces`
  * programs (one per gradient bucket; one without replicas) chained through
  * per-slot link buffers, plus the data it loads. */
+/* Loss and correct count of one replica's loss stage this step, summed in
+ * micro-batch order (all-gathered across processes as bytes). */
+typedef struct loss_part {
+    double loss;
+    int64_t correct;
+    int32_t has;
+    int32_t pad;
+} loss_part;
+
 typedef struct pl_ps pl_ps; /* the parameter server's worker side (pipeline_ps.c) */
 
 typedef struct gstage {
@@ -83,6 +92,10 @@ struct pw_pipeline {
     const pw_backend_i *dev_msgs;   /* messages in this backend's memory on msg_device */
     int msg_device;
     pl_ps *ps;                /* cfg.ps_servers > 0: pushes and pulls (pipeline_ps.c) */
+    loss_part win;            /* with staleness: this process's loss since the last agreement */
+    int64_t win_steps;
+    double win_last_loss;     /* the last agreed window's mean (summed over processes) */
+    int64_t win_last_correct;
     uint64_t generation;      /* unique per pipeline object of the process: a caller that
                                  keeps pointers into its programs (the checkpoint writer)
                                  sees a re-partition (stages/train/rebalance.c) by it */
@@ -107,14 +120,6 @@ static inline int lrep_of(const pw_pipeline *pl, int k)
 }
 
 
-/* Loss and correct count of one replica's loss stage this step, summed in
- * micro-batch order (all-gathered across processes as bytes). */
-typedef struct loss_part {
-    double loss;
-    int64_t correct;
-    int32_t has;
-    int32_t pad;
-} loss_part;
 
 /* What one file gives another; each is documented at its definition. */
 

@@ -484,10 +484,27 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
     /* Loss of the step: each replica's sum in micro-batch order, then the
      * replicas in order (the same bytes in one process or many). */
     double loss = 0.0;
-    int64_t correct = 0;
-    if (pl->t) {
+    int64_t correct = 0, steps = 1;
+    /* With a parameter server's staleness s the processes agree on the loss
+     * every s + 1 steps only (an all-gather is a barrier): the mean over
+     * that window, reported until the next (docs/distributed.md). */
+    const int window = pl->ps ? pl->cfg.ps_staleness + 1 : 1;
+    if (pl->t && (pl->step + 1) % window != 0) {
+        const loss_part lp = pl_replica_loss(pl, 0);
+        pl->win.loss += lp.loss;
+        pl->win.correct += lp.correct;
+        pl->win_steps++;
+        loss = pl->win_last_loss;
+        correct = pl->win_last_correct;
+        steps = 0;
+    } else if (pl->t) {
         const int W = pl->t->world_size;
         loss_part mine = pl_replica_loss(pl, 0);
+        mine.loss += pl->win.loss;
+        mine.correct += pl->win.correct;
+        steps = pl->win_steps + 1;
+        pl->win = (loss_part){0};
+        pl->win_steps = 0;
         loss_part *all = calloc((size_t)W, sizeof *all);
         if (!all) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
         pw_status st = pl->t->vt->allgather(pl->t->self, &mine, sizeof mine, all);
@@ -518,8 +535,13 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
         out->step = pl->step;
         out->epoch = epoch;
         out->step_in_epoch = in_epoch + 1;
+        if (steps > 0) { /* a window's figures (one step's without staleness) */
+            loss /= (double)steps;
+            pl->win_last_loss = loss;
+            pl->win_last_correct = correct / steps;
+        }
         out->loss = loss / (double)positions;
-        out->accuracy = (double)correct / (double)positions;
+        out->accuracy = (double)(steps > 0 ? correct / steps : correct) / (double)positions;
     }
     return PW_OK;
 }

@@ -3,7 +3,8 @@
  *
  * Messages (the transport's ps_isend / ps_irecv, by world rank):
  *   worker -> server, once:  HELLO_N (int64: bytes of the hello), HELLO
- *                            (int64 n, n x {int64 graph param, int64 numel},
+ *                            (int64 n, int64 staleness, n x {int64 graph
+ *                            param, int64 numel},
  *                            the pipeline's pw_optim_config in OPTIM_BYTES,
  *                            then the n parameters' initial values);
  *   worker -> server, each step and parameter: the gradient, tag = the graph
@@ -234,14 +235,16 @@ static pw_status ps_hello(pl_ps *ps)
         int64_t n = 0, floats = 0;
         for (int i = 0; i < ps->n_par; i++)
             if (ps->par[i].server == srv) n++, floats += ps->par[i].numel;
-        const int64_t bytes = (int64_t)sizeof(int64_t) * (1 + 2 * n) + (int64_t)OPTIM_BYTES +
+        const int64_t bytes = (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES +
                               floats * (int64_t)sizeof(float);
         char *msg = calloc(1, (size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
         int64_t *h = (int64_t *)(void *)msg;
-        memcpy(h + 1 + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
-        float *v = (float *)(void *)((char *)(h + 1 + 2 * n) + OPTIM_BYTES);
+        memcpy(h + 2 + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
+        float *v = (float *)(void *)((char *)(h + 2 + 2 * n) + OPTIM_BYTES);
         h[0] = n;
+        h[1] = ps->stale;
+        h++; /* the pairs follow the two counts */
         pw_status st = PW_OK;
         for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
             const ps_param *p = &ps->par[i];
@@ -424,14 +427,21 @@ void pl_ps_destroy(pw_pipeline *pl)
 
 /* ================================================================ servers */
 
+/* One parameter on its server. With staleness s the gradients of s + 1
+ * consecutive steps may be in flight from a replica; step v's go to ring
+ * slot v mod (s + 1), whose receives are posted as soon as the slot's
+ * previous step has been applied. */
 typedef struct srv_param {
     int gp, decay;
     int64_t numel;
     int *holder;              /* [R] world rank of the replica's process holding it */
-    float *data, *state, *grads; /* grads [R][numel] */
-    pw_treq *rreq, *sreq;     /* [R] */
-    unsigned char *got;       /* [R] this step's gradient arrived */
-    int n_got, sending;
+    float *data, *state;
+    float *grads;             /* [slots][R][numel] */
+    pw_treq *rreq;            /* [slots][R] */
+    unsigned char *got;       /* [slots][R] that step's gradient arrived */
+    int *n_got;               /* [slots] */
+    pw_treq *sreq;            /* [R] the current version's sends */
+    int sending;
     int64_t step;             /* updates done: the version the server holds */
 } srv_param;
 
@@ -439,7 +449,7 @@ typedef struct server {
     const pw_ps_server_config *cfg;
     pw_optim_config optim;    /* world rank 0's */
     const pw_transport *t;
-    int R, W, np;
+    int R, W, np, stale, slots;
     srv_param *par;
     int n_par;
     int *index;               /* [np] graph param -> par index, -1 */
@@ -456,9 +466,28 @@ static void srv_free(server *s)
         free(p->rreq);
         free(p->sreq);
         free(p->got);
+        free(p->n_got);
     }
     free(s->par);
     free(s->index);
+}
+
+/* The receive rings, once the staleness is known (world rank 0's hello). */
+static pw_status srv_alloc(server *s, int stale)
+{
+    s->stale = stale;
+    s->slots = stale + 1;
+    const size_t R = (size_t)s->R, sl = (size_t)s->slots;
+    for (int i = 0; i < s->n_par; i++) {
+        srv_param *p = &s->par[i];
+        p->grads = malloc(sl * R * (size_t)p->numel * sizeof(float) + 1);
+        p->rreq = calloc(sl * R, sizeof *p->rreq);
+        p->got = calloc(sl * R, 1);
+        p->n_got = calloc(sl, sizeof *p->n_got);
+        if (!p->grads || !p->rreq || !p->got || !p->n_got)
+            return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    }
+    return PW_OK;
 }
 
 /* Every worker's hello: which of this server's parameters it holds, and
@@ -475,20 +504,29 @@ static pw_status srv_hello(server *s)
         snprintf(what, sizeof what, "the parameters of MPI rank %d (replica %d, stage %d)", w, w / S, w % S);
         PW_CHECK(t->vt->ps_irecv(t->self, w, TAG_HELLO_N(s->np), &bytes, sizeof bytes, &r));
         PW_CHECK(ps_wait(t, &r, w, what));
-        if (bytes < (int64_t)sizeof(int64_t) || bytes > ((int64_t)1 << 31))
+        if (bytes < (int64_t)(2 * sizeof(int64_t) + OPTIM_BYTES) || bytes > ((int64_t)1 << 31))
             return pw_error(PW_ERR_IO, "parameter server: MPI rank %d announced %lld bytes", w, (long long)bytes);
         char *msg = malloc((size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
         pw_status st = t->vt->ps_irecv(t->self, w, TAG_HELLO(s->np), msg, (size_t)bytes, &r);
         if (st == PW_OK) st = ps_wait(t, &r, w, what);
         const int64_t *h = (const int64_t *)(const void *)msg;
-        const int64_t n = st == PW_OK ? h[0] : 0;
-        if (st == PW_OK && (n < 0 || (int64_t)sizeof(int64_t) * (1 + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
+        const int64_t n = st == PW_OK ? h[0] : 0, stale = st == PW_OK ? h[1] : 0;
+        const int64_t *pair = h + 2;
+        if (st == PW_OK && (n < 0 || (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
             st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
-        if (st == PW_OK && w == 0) memcpy(&s->optim, h + 1 + 2 * n, sizeof s->optim);
-        const float *v = (const float *)(const void *)((const char *)(h + 1 + 2 * n) + OPTIM_BYTES);
+        if (st == PW_OK && w == 0) {
+            memcpy(&s->optim, pair + 2 * n, sizeof s->optim);
+            st = stale < 0 || stale > 1000
+                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent staleness %lld", (long long)stale)
+                     : srv_alloc(s, (int)stale);
+        }
+        if (st == PW_OK && stale != s->stale)
+            st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d runs --staleness %lld, MPI rank 0 %d",
+                          w, (long long)stale, s->stale);
+        const float *v = (const float *)(const void *)((const char *)(pair + 2 * n) + OPTIM_BYTES);
         for (int64_t m = 0; m < n && st == PW_OK; m++) {
-            const int64_t gp = h[1 + 2 * m], numel = h[2 + 2 * m];
+            const int64_t gp = pair[2 * m], numel = pair[2 * m + 1];
             const int i = gp >= 0 && gp < s->np ? s->index[gp] : -1;
             if (i < 0 || numel != s->par[i].numel) {
                 st = pw_error(PW_ERR_INVALID_ARG, "parameter server %d: MPI rank %d sent parameter %lld (%lld "
@@ -518,25 +556,30 @@ static pw_status srv_hello(server *s)
     return PW_OK;
 }
 
-static pw_status srv_post(server *s, srv_param *p)
+/* The receives of step v's gradients (slot v mod slots). */
+static pw_status srv_post(server *s, srv_param *p, int64_t v)
 {
     const pw_transport *t = s->t;
+    const int sl = (int)(v % s->slots);
     for (int k = 0; k < s->R; k++) {
-        p->got[k] = 0;
-        PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, p->grads + (size_t)k * (size_t)p->numel,
-                                 (size_t)p->numel * sizeof(float), &p->rreq[k]));
+        const size_t at = (size_t)sl * (size_t)s->R + (size_t)k;
+        p->got[at] = 0;
+        PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, p->grads + at * (size_t)p->numel,
+                                 (size_t)p->numel * sizeof(float), &p->rreq[at]));
     }
-    p->n_got = 0;
+    p->n_got[sl] = 0;
     return PW_OK;
 }
 
 /* All R gradients of the parameter's next step are here: sum them in the
- * tree all-reduce's order, step the optimizer, send the new version. */
+ * tree all-reduce's order, step the optimizer, send the new version, and
+ * post the receives of the step that takes over the slot. */
 static pw_status srv_update(server *s, srv_param *p)
 {
     const pw_transport *t = s->t;
     const int R = s->R;
-    const int64_t n = p->numel;
+    const int64_t n = p->numel, step = p->step + 1;
+    const int sl = (int)(step % s->slots);
     /* The previous version's sends must be done before its values change. */
     for (int k = 0; p->sending && k < R; k++) {
         char what[128];
@@ -546,14 +589,13 @@ static pw_status srv_update(server *s, srv_param *p)
     }
     p->sending = 0;
     float *part[64];
-    for (int k = 0; k < R; k++) part[k] = p->grads + (size_t)k * (size_t)n;
+    for (int k = 0; k < R; k++) part[k] = p->grads + ((size_t)sl * (size_t)R + (size_t)k) * (size_t)n;
     for (int w = 1; w < R; w *= 2)
         for (int a = 0; a + w < R; a += 2 * w) {
             float *restrict d = part[a];
             const float *restrict q = part[a + w];
             for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
         }
-    const int64_t step = p->step + 1;
     for (int64_t i = 0; i < n; i++)
         if (!isfinite(part[0][i]))
             return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite (parameter server %d)",
@@ -563,33 +605,39 @@ static pw_status srv_update(server *s, srv_param *p)
     for (int k = 0; k < R; k++)
         PW_CHECK(t->vt->ps_isend(t->self, p->holder[k], p->gp, p->data, (size_t)n * sizeof(float), &p->sreq[k]));
     p->sending = 1;
-    return srv_post(s, p);
+    return srv_post(s, p, step + s->slots);
 }
 
 static pw_status srv_loop(server *s)
 {
     const pw_transport *t = s->t;
+    const int R = s->R;
     int64_t *bye = malloc((size_t)s->W * sizeof *bye);
     pw_treq *breq = calloc((size_t)s->W, sizeof *breq);
     unsigned char *said = calloc((size_t)s->W, 1);
     pw_status st = bye && breq && said ? PW_OK : pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     for (int w = 0; w < s->W && st == PW_OK; w++)
         st = t->vt->ps_irecv(t->self, w, TAG_BYE(s->np), &bye[w], sizeof bye[w], &breq[w]);
-    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_post(s, &s->par[i]);
+    for (int i = 0; i < s->n_par && st == PW_OK; i++)
+        for (int64_t v = 1; v <= s->slots && st == PW_OK; v++) st = srv_post(s, &s->par[i], v);
     int n_said = 0;
     int64_t last = pw_now_ns(), check = last + (int64_t)(t->watchdog_s * 1e9), version = 0;
     for (int spin = 0; st == PW_OK; spin++) {
         int moved = 0;
         for (int i = 0; i < s->n_par && st == PW_OK; i++) {
             srv_param *p = &s->par[i];
-            for (int k = 0; k < s->R && st == PW_OK; k++) {
-                if (p->got[k]) continue;
-                const int rc = t->vt->test(t->self, &p->rreq[k]);
-                if (rc < 0) st = pw_error(PW_ERR_IO, "parameter server %d: the gradient of %s from MPI rank %d: %s",
-                                          t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
-                if (rc == 1) p->got[k] = 1, p->n_got++, moved = 1;
-            }
-            if (st == PW_OK && p->n_got == s->R) st = srv_update(s, p);
+            /* Every posted slot: a fast replica's later gradients are taken as they come. */
+            for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
+                for (int k = 0; k < R && st == PW_OK; k++) {
+                    const size_t at = (size_t)sl * (size_t)R + (size_t)k;
+                    if (p->got[at]) continue;
+                    const int rc = t->vt->test(t->self, &p->rreq[at]);
+                    if (rc < 0)
+                        st = pw_error(PW_ERR_IO, "parameter server %d: the gradient of %s from MPI rank %d: %s",
+                                      t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
+                    if (rc == 1) p->got[at] = 1, p->n_got[sl]++, moved = 1;
+                }
+            while (st == PW_OK && p->n_got[(p->step + 1) % s->slots] == R) st = srv_update(s, p);
         }
         for (int w = 0; w < s->W && st == PW_OK; w++) {
             if (said[w]) continue;
@@ -619,14 +667,17 @@ static pw_status srv_loop(server *s)
             spin = 0;
             continue;
         }
-        /* Whom the server waits for: the first process whose gradient is missing. */
+        /* Whom the server waits for: the first process whose gradient of the next step is missing. */
         int peer = PW_WAIT_ALL;
-        for (int i = 0; i < s->n_par && peer == PW_WAIT_ALL; i++)
-            for (int k = 0; k < s->R; k++)
-                if (!s->par[i].got[k]) {
-                    peer = s->par[i].holder[k];
+        for (int i = 0; i < s->n_par && peer == PW_WAIT_ALL; i++) {
+            const srv_param *p = &s->par[i];
+            const size_t sl = (size_t)((p->step + 1) % s->slots);
+            for (int k = 0; k < R; k++)
+                if (!p->got[sl * (size_t)R + (size_t)k]) {
+                    peer = p->holder[k];
                     break;
                 }
+        }
         pw_transport_waiting(t, peer);
         if (spin < 64) sched_yield();
         else nanosleep(&(struct timespec){0, 20000}, NULL);
@@ -644,12 +695,13 @@ static pw_status srv_loop(server *s)
     /* The last versions' sends, then the receives nobody will send to. */
     for (int i = 0; i < s->n_par && st == PW_OK; i++) {
         srv_param *p = &s->par[i];
-        for (int k = 0; p->sending && k < s->R && st == PW_OK; k++) st = ps_wait(t, &p->sreq[k], p->holder[k], "the last parameters");
+        for (int k = 0; p->sending && k < R && st == PW_OK; k++)
+            st = ps_wait(t, &p->sreq[k], p->holder[k], "a worker to take the last parameters");
         p->sending = 0;
     }
     for (int i = 0; i < s->n_par; i++)
-        for (int k = 0; k < s->R; k++)
-            if (!s->par[i].got[k] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[k]);
+        for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)R; at++)
+            if (!s->par[i].got[at] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[at]);
     for (int w = 0; breq && said && w < s->W; w++)
         if (!said[w] && t->vt->cancel) t->vt->cancel(t->self, &breq[w]);
     free(bye);
@@ -684,11 +736,8 @@ pw_status pw_ps_serve(const pw_ps_server_config *cfg)
         p->holder = malloc((size_t)s.R * sizeof *p->holder);
         p->data = malloc(n * sizeof(float) + 1);
         p->state = calloc(n * (size_t)sf + 1, sizeof(float));
-        p->grads = malloc((size_t)s.R * n * sizeof(float) + 1);
-        p->rreq = calloc((size_t)s.R, sizeof *p->rreq);
         p->sreq = calloc((size_t)s.R, sizeof *p->sreq);
-        p->got = calloc((size_t)s.R, 1);
-        if (!p->holder || !p->data || !p->state || !p->grads || !p->rreq || !p->sreq || !p->got) {
+        if (!p->holder || !p->data || !p->state || !p->sreq) {
             st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
             break;
         }

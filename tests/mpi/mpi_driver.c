@@ -1200,12 +1200,59 @@ static void ps_refused(void)
     free(out);
 }
 
+/* --staleness S: no replica ever runs more than S steps ahead; checked from
+ * the trace (each PS_PULL event: step t took version mb >= t - S), with one
+ * replica slowed so that the other does run ahead (some pull older than
+ * the step). The run ends with the servers' final parameters: --save of a
+ * stale run equals nothing in particular, but every process agrees. */
+static void ps_staleness(int S)
+{
+    char cmd[2048], *out = NULL;
+    double took;
+    snprintf(cmd, sizeof cmd, "rm -f st.rank*.json; PW_TEST_SLOW=w1:4 " MPIRUN " -np 3 %s/pipeline-run m.graph " DATA
+             " --stages 1 --replicas 2 --batch 48 --steps 24 --sync ps --staleness %d --trace st.json", bin, S);
+    int st = run(cmd, 120, &out, &took);
+    if (st != 0) {
+        fail("--staleness %d: exit %d\n%s", S, st, out);
+        free(out);
+        return;
+    }
+    free(out);
+    int events = 0, worst = -1, ahead = 0;
+    for (int w = 0; w < 2; w++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s/st.rank%d.json", dir, w);
+        FILE *f = fopen(path, "r");
+        if (!f) {
+            fail("--staleness %d: no trace %s", S, path);
+            return;
+        }
+        char line[1024];
+        while (fgets(line, sizeof line, f)) {
+            if (!strstr(line, "\"PS_PULL\"")) continue;
+            const char *a = strstr(line, "\"step\": "), *b = strstr(line, "\"mb\": ");
+            if (!a || !b) continue;
+            const int step = atoi(a + 8), version = atoi(b + 6);
+            events++;
+            if (step - version > worst) worst = step - version;
+            if (step - version > 0) ahead++;
+        }
+        fclose(f);
+    }
+    if (events < 2 * 24) fail("--staleness %d: %d PS_PULL events in the traces, expected 48", S, events);
+    else if (worst > S) fail("--staleness %d: a step used a version %d steps old", S, worst);
+    else if (ahead == 0) fail("--staleness %d: no replica ran ahead with replica 1 4x slower", S);
+    else printf("ok   --staleness %d: %d pulls, at most %d steps stale (%d stale pulls; replica 1 4x slower)\n", S,
+                events, worst, ahead);
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
         ps_identical(1, 2, 1, "--micro-batches 2", "ps3");
         ps_stopped_server();
         ps_refused();
+        ps_staleness(2);
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
