@@ -119,6 +119,24 @@ struct pl_ps {
     int hello_sent;
 };
 
+/* Receives of later versions complete in order; taking each that has
+ * arrived lets MPI move the next (a large message needs both sides to
+ * progress it). No wait. */
+static pw_status ps_progress(pl_ps *ps)
+{
+    const pw_transport *t = &ps->t;
+    for (int i = 0; i < ps->n_par; i++) {
+        ps_param *p = &ps->par[i];
+        while (p->have < p->posted) {
+            const int rc = t->vt->test(t->self, &p->rreq[(p->have + 1) % ps->slots]);
+            if (rc < 0) return pw_error(PW_ERR_IO, "pulling %s: %s", ps->pl->g->params[p->gp].name, pw_last_error());
+            if (rc == 0) break;
+            p->have++;
+        }
+    }
+    return PW_OK;
+}
+
 /* The engine's all-reduce of one bucket, on the worker's communication
  * thread: send each parameter's gradient to its server and post the receive
  * of the version it will compute. The gradients stay as they are (the
@@ -150,11 +168,12 @@ static pw_status ps_push(void *self, int member, const pw_span *spans, int n_spa
             if (rc == 1) break;
             if (abort && atomic_load_explicit(abort, memory_order_relaxed))
                 return pw_error(PW_ERR_TIMEOUT, "pushing gradients to the servers: aborted");
+            if (ps->stale) PW_CHECK(ps_progress(ps));
             if (spin < 64) sched_yield();
             else nanosleep(&(struct timespec){0, 20000}, NULL);
         }
     }
-    return PW_OK;
+    return ps->stale ? ps_progress(ps) : PW_OK;
 }
 
 static pw_status ps_no_gather(void *self, int member, double v, double *out, const atomic_int *abort)
@@ -440,8 +459,9 @@ typedef struct srv_param {
     pw_treq *rreq;            /* [slots][R] */
     unsigned char *got;       /* [slots][R] that step's gradient arrived */
     int *n_got;               /* [slots] */
-    pw_treq *sreq;            /* [R] the current version's sends */
-    int sending;
+    float *sbuf;              /* [slots][numel] the versions being sent (v in slot v mod slots) */
+    pw_treq *sreq;            /* [slots][R] their sends */
+    unsigned char *sending;   /* [slots] */
     int64_t step;             /* updates done: the version the server holds */
 } srv_param;
 
@@ -467,6 +487,8 @@ static void srv_free(server *s)
         free(p->sreq);
         free(p->got);
         free(p->n_got);
+        free(p->sbuf);
+        free(p->sending);
     }
     free(s->par);
     free(s->index);
@@ -484,7 +506,10 @@ static pw_status srv_alloc(server *s, int stale)
         p->rreq = calloc(sl * R, sizeof *p->rreq);
         p->got = calloc(sl * R, 1);
         p->n_got = calloc(sl, sizeof *p->n_got);
-        if (!p->grads || !p->rreq || !p->got || !p->n_got)
+        p->sbuf = malloc(sl * (size_t)p->numel * sizeof(float) + 1);
+        p->sreq = calloc(sl * R, sizeof *p->sreq);
+        p->sending = calloc(sl, 1);
+        if (!p->grads || !p->rreq || !p->got || !p->n_got || !p->sbuf || !p->sreq || !p->sending)
             return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     }
     return PW_OK;
@@ -571,23 +596,34 @@ static pw_status srv_post(server *s, srv_param *p, int64_t v)
     return PW_OK;
 }
 
-/* All R gradients of the parameter's next step are here: sum them in the
- * tree all-reduce's order, step the optimizer, send the new version, and
- * post the receives of the step that takes over the slot. */
+/* 1 when the sends from slot sl are done (tested without waiting), so the
+ * slot may take the next version; -1: a send failed. */
+static int srv_slot_free(server *s, srv_param *p, int sl)
+{
+    const pw_transport *t = s->t;
+    for (int k = 0; p->sending[sl] && k < s->R; k++) {
+        const int rc = t->vt->test(t->self, &p->sreq[(size_t)sl * (size_t)s->R + (size_t)k]);
+        if (rc < 0) {
+            pw_error(PW_ERR_IO, "parameter server %d: sending %s to MPI rank %d: %s", t->server,
+                     s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
+            return -1;
+        }
+        if (rc == 0) return 0;
+    }
+    p->sending[sl] = 0;
+    return 1;
+}
+
+/* All R gradients of the parameter's next step are here (and its send slot
+ * is free): sum them in the tree all-reduce's order, step the optimizer,
+ * send the new version from a copy (a worker that takes it late holds
+ * nobody up), and post the receives of the step that takes over the slot. */
 static pw_status srv_update(server *s, srv_param *p)
 {
     const pw_transport *t = s->t;
     const int R = s->R;
     const int64_t n = p->numel, step = p->step + 1;
     const int sl = (int)(step % s->slots);
-    /* The previous version's sends must be done before its values change. */
-    for (int k = 0; p->sending && k < R; k++) {
-        char what[128];
-        snprintf(what, sizeof what, "MPI rank %d to take version %lld of %s", p->holder[k], (long long)p->step,
-                 s->cfg->graph->params[p->gp].name);
-        PW_CHECK(ps_wait(t, &p->sreq[k], p->holder[k], what));
-    }
-    p->sending = 0;
     float *part[64];
     for (int k = 0; k < R; k++) part[k] = p->grads + ((size_t)sl * (size_t)R + (size_t)k) * (size_t)n;
     for (int w = 1; w < R; w *= 2)
@@ -602,9 +638,12 @@ static pw_status srv_update(server *s, srv_param *p)
                             (long long)step, s->cfg->graph->params[p->gp].name, t->server);
     pw_optim_update(&s->optim, step, p->data, part[0], p->state, n, p->decay);
     p->step = step;
+    float *out = p->sbuf + (size_t)sl * (size_t)n;
+    memcpy(out, p->data, (size_t)n * sizeof(float));
     for (int k = 0; k < R; k++)
-        PW_CHECK(t->vt->ps_isend(t->self, p->holder[k], p->gp, p->data, (size_t)n * sizeof(float), &p->sreq[k]));
-    p->sending = 1;
+        PW_CHECK(t->vt->ps_isend(t->self, p->holder[k], p->gp, out, (size_t)n * sizeof(float),
+                                 &p->sreq[(size_t)sl * (size_t)R + (size_t)k]));
+    p->sending[sl] = 1;
     return srv_post(s, p, step + s->slots);
 }
 
@@ -637,7 +676,17 @@ static pw_status srv_loop(server *s)
                                       t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
                     if (rc == 1) p->got[at] = 1, p->n_got[sl]++, moved = 1;
                 }
-            while (st == PW_OK && p->n_got[(p->step + 1) % s->slots] == R) st = srv_update(s, p);
+            for (;;) {
+                const int next = (int)((p->step + 1) % s->slots);
+                if (st != PW_OK || p->n_got[next] != R) break;
+                const int free_ = srv_slot_free(s, p, next);
+                if (free_ < 0) st = PW_ERR_IO;
+                if (free_ <= 0) break;
+                st = srv_update(s, p);
+                moved = 1;
+            }
+            for (int sl = 0; sl < s->slots && st == PW_OK; sl++) /* lets MPI move the sends */
+                if (p->sending[sl] && srv_slot_free(s, p, sl) < 0) st = PW_ERR_IO;
         }
         for (int w = 0; w < s->W && st == PW_OK; w++) {
             if (said[w]) continue;
@@ -695,9 +744,10 @@ static pw_status srv_loop(server *s)
     /* The last versions' sends, then the receives nobody will send to. */
     for (int i = 0; i < s->n_par && st == PW_OK; i++) {
         srv_param *p = &s->par[i];
-        for (int k = 0; p->sending && k < R && st == PW_OK; k++)
-            st = ps_wait(t, &p->sreq[k], p->holder[k], "a worker to take the last parameters");
-        p->sending = 0;
+        for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
+            for (int k = 0; p->sending[sl] && k < R && st == PW_OK; k++)
+                st = ps_wait(t, &p->sreq[(size_t)sl * (size_t)R + (size_t)k], p->holder[k],
+                             "a worker to take the last parameters");
     }
     for (int i = 0; i < s->n_par; i++)
         for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)R; at++)
@@ -736,8 +786,7 @@ pw_status pw_ps_serve(const pw_ps_server_config *cfg)
         p->holder = malloc((size_t)s.R * sizeof *p->holder);
         p->data = malloc(n * sizeof(float) + 1);
         p->state = calloc(n * (size_t)sf + 1, sizeof(float));
-        p->sreq = calloc((size_t)s.R, sizeof *p->sreq);
-        if (!p->holder || !p->data || !p->state || !p->sreq) {
+        if (!p->holder || !p->data || !p->state) {
             st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
             break;
         }

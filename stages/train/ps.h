@@ -34,13 +34,16 @@
  * Errors name the process: a server that stops is named by the workers'
  * watchdogs ("MPI rank 4 (server 0) stalled: ..."), through the heartbeat
  * board of runtime/transport.h.
+ *
+ * Ownership and threads: pw_ps_serve borrows the graph and the transport
+ * for the call and runs on the caller's thread (it returns at the end of
+ * the run); pw_ps_assign is a pure function of its arguments.
  */
 #ifndef PW_STAGES_TRAIN_PS_H
 #define PW_STAGES_TRAIN_PS_H
 
 #include "graph/graph.h"
 #include "runtime/transport.h"
-#include "stages/ops/optim.h"
 
 #ifdef __cplusplus
 extern "C" {
