@@ -164,7 +164,9 @@ static pw_status ps_push(void *self, int member, const pw_span *spans, int n_spa
         ps_param *p = &ps->par[i];
         for (int spin = 0;; spin++) {
             const int rc = t->vt->test(t->self, &p->sreq);
-            if (rc < 0) return pw_error(PW_ERR_IO, "pushing the gradient of %s: %s", p->prog ? ps->pl->g->params[p->gp].name : "?", pw_last_error());
+            if (rc < 0)
+                return pw_error(PW_ERR_IO, "pushing the gradient of %s: %s", ps->pl->g->params[p->gp].name,
+                                pw_last_error());
             if (rc == 1) break;
             if (abort && atomic_load_explicit(abort, memory_order_relaxed))
                 return pw_error(PW_ERR_TIMEOUT, "pushing gradients to the servers: aborted");
