@@ -44,6 +44,7 @@
 #include "stages/train/pipeline_metrics.h" /* a pipeline's metrics log (--metrics) */
 #include "stages/train/state.h"       /* training state: checkpoints and resume */
 #include "stages/train/generate.h"    /* sampling text from a trained model */
+#include "stages/train/ps.h"          /* parameter servers: --sync ps */
 
 /* ---- Planners and tool builders: forecasts, plans, trace analysis. */
 #include "scheduler/simulate.h"              /* simulating a schedule's step */

@@ -14,7 +14,8 @@
  *     ...
  *     pw_transport_destroy(t);       // MPI_Finalize
  *
- * Layout. World rank w runs pipeline rank w mod S of replica w div S, so one
+ * Layout. World rank w < S·R runs pipeline rank w mod S of replica w div S
+ * (world ranks S·R .. S·R+K−1 are parameter servers when n_servers = K), so one
  * replica's ranks are consecutive (mpirun places them on neighbouring cores).
  * Two communicators are split from the world: the replica's (its S ranks,
  * for activations and gradients between stages and the global gradient norm)
@@ -123,14 +124,24 @@ typedef struct pw_transport_i {
     void (*destroy)(void *self);
     /* (optional) see pw_transport_blame. */
     int (*blame)(void *self, double stall_s, const char *(*act_name)(int), char *buf, size_t n);
+    /* (optional; a run with servers, pw_mpi_config.n_servers) Parameter-server
+     * messages between any two processes of the run, by world rank (servers
+     * included), on a communicator of their own; completed with `test`.
+     * Any thread. cancel: drops a request still pending (a receive nobody
+     * will send to) and frees it. */
+    pw_status (*ps_isend)(void *self, int to_world, int tag, const void *buf, size_t bytes, pw_treq *req);
+    pw_status (*ps_irecv)(void *self, int from_world, int tag, void *buf, size_t bytes, pw_treq *req);
+    void (*cancel)(void *self, pw_treq *req);
 } pw_transport_i;
 
 typedef struct pw_transport {
     const pw_transport_i *vt;
     void *self;
-    int world_rank, world_size;
-    int replica, n_replicas;  /* this process's replica */
-    int rank, n_ranks;        /* this process's pipeline rank */
+    int world_rank, world_size; /* world_size: the workers (S x R), servers not counted */
+    int replica, n_replicas;  /* this process's replica (-1 on a server) */
+    int rank, n_ranks;        /* this process's pipeline rank (-1 on a server) */
+    int server, n_servers;    /* parameter servers (--sync ps): this process's index, -1 on a
+                                 worker; server j is world rank S x R + j */
     int local_rank, local_size; /* among the run's processes on this host */
     int max_tag;              /* largest point-to-point tag */
     pw_coll stage_coll;       /* the R processes holding this rank: member = replica */
@@ -224,7 +235,10 @@ typedef enum pw_allreduce_algo {
 
 typedef struct pw_mpi_config {
     int n_ranks;             /* S: pipeline ranks per replica */
-    int n_replicas;          /* R; the world must have S × R processes */
+    int n_replicas;          /* R; the world must have S × R (+ n_servers) processes */
+    int n_servers;           /* K parameter servers (0: none), the last K world ranks; their
+                                world operations (allgather, barrier) are among the servers,
+                                the workers' among the workers; heartbeats span everyone */
     pw_allreduce_algo allreduce;
     double watchdog_s;       /* world waits fail after this long without progress (0: 60 s) */
     double link_latency_s;   /* > 0 or link_bandwidth > 0: a slow link (runtime/link.h) */

@@ -96,12 +96,15 @@ typedef struct hb_peer {
 } hb_peer;
 
 typedef struct mpi_transport {
-    MPI_Comm world, replica_comm, stage_comm;
+    MPI_Comm all;          /* every process of the run, servers included */
+    MPI_Comm world, replica_comm, stage_comm; /* world: the workers (or, on a server, the servers) */
+    MPI_Comm ps_comm;      /* parameter-server messages (n_servers > 0), over `all` */
+    int n_workers;         /* S x R: world ranks from n_workers on are servers */
     int finalize;          /* we initialised MPI */
     pw_coll stage_coll, replica_coll;
     pw_link link;          /* a slow link for the stages' messages and the all-reduce (link.h) */
     pw_link_clock link_clock; /* this process's link: the worker's thread only (mt_isend) */
-    int world_rank, world_size, n_ranks;
+    int world_rank, world_size, n_ranks; /* world_size: every process (the heartbeat's table) */
     double watchdog_s;
     pw_transport_state state;  /* this process's board (pw_transport.state points here) */
     MPI_Comm hb_comm;
@@ -199,7 +202,7 @@ static pw_status hb_start(mpi_transport *m)
     m->peers = calloc((size_t)W, sizeof *m->peers);
     if (!m->peers) return pw_error(PW_ERR_NOMEM, "MPI heartbeat: out of memory");
     pthread_mutex_init(&m->hb_mu, NULL);
-    int rc = MPI_Comm_dup(m->world, &m->hb_comm);
+    int rc = MPI_Comm_dup(m->all, &m->hb_comm);
     if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Comm_dup (heartbeat)");
     const int64_t now = pw_now_ns();
     for (int p = 0; p < W; p++) {
@@ -240,6 +243,14 @@ static void hb_stop(mpi_transport *m)
     pthread_mutex_destroy(&m->hb_mu);
 }
 
+/* "MPI rank 3 (replica 1, stage 1)" or, for a parameter server, "MPI rank 4 (server 0)". */
+static const char *who_is(const mpi_transport *m, int v, char *buf, size_t n)
+{
+    if (v >= m->n_workers) snprintf(buf, n, "MPI rank %d (server %d)", v, v - m->n_workers);
+    else snprintf(buf, n, "MPI rank %d (replica %d, stage %d)", v, v / m->n_ranks, v % m->n_ranks);
+    return buf;
+}
+
 /* "in training step 5 (F of micro-batch 1)", "in evaluation after step 12" */
 static void describe(const hb_rec *r, const char *(*act_name)(int), char *buf, size_t n)
 {
@@ -273,7 +284,8 @@ static int publish_verdict(mpi_transport *m, int culprit)
 static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), char *buf, size_t n)
 {
     mpi_transport *m = self;
-    const int W = m->world_size, me = m->world_rank, S = m->n_ranks;
+    const int W = m->world_size, me = m->world_rank;
+    char who[64];
     if (!m->peers || atomic_load(&m->hb_failed)) {
         if (n) buf[0] = '\0';
         return -2; /* the wait fails after the watchdog, naming only whom it waited for */
@@ -296,8 +308,8 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
         const int v = m->peers[p].rec.verdict;
         if (p == me || v < 0 || v >= W || v == me) continue;
         describe(&m->peers[v].rec, act_name, what, sizeof what);
-        snprintf(buf, n, "MPI rank %d (replica %d, stage %d) stalled, as MPI rank %d found first; last "
-                 "heard here %s", v, v / S, v % S, p, what);
+        snprintf(buf, n, "%s stalled, as MPI rank %d found first; last heard here %s",
+                 who_is(m, v, who, sizeof who), p, what);
         pthread_mutex_unlock(&m->hb_mu);
         return publish_verdict(m, v);
     }
@@ -308,9 +320,8 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
     }
     if (culprit >= 0) {
         describe(&m->peers[culprit].rec, act_name, what, sizeof what);
-        snprintf(buf, n, "MPI rank %d (replica %d, stage %d) stalled: no heartbeat from it for %.1f s (stopped, "
-                 "or its host is gone); last heard %s", culprit, culprit / S, culprit % S, (double)worst / 1e9,
-                 what);
+        snprintf(buf, n, "%s stalled: no heartbeat from it for %.1f s (stopped, or its host is gone); last "
+                 "heard %s", who_is(m, culprit, who, sizeof who), (double)worst / 1e9, what);
         pthread_mutex_unlock(&m->hb_mu);
         return publish_verdict(m, culprit);
     }
@@ -336,9 +347,8 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
         busy_progressing = p != me && m->peers[p].rec.wait_peer == PW_WAIT_NOBODY;
     if (culprit >= 0) {
         describe(&m->peers[culprit].rec, act_name, what, sizeof what);
-        snprintf(buf, n, "MPI rank %d (replica %d, stage %d) stalled %s: no progress for %.1f s and not "
-                 "waiting for any process", culprit, culprit / S, culprit % S, what,
-                 (double)(now - m->peers[culprit].changed_ns) / 1e9);
+        snprintf(buf, n, "%s stalled %s: no progress for %.1f s and not waiting for any process",
+                 who_is(m, culprit, who, sizeof who), what, (double)(now - m->peers[culprit].changed_ns) / 1e9);
     } else if (!busy_progressing) {
         snprintf(buf, n, "no process is computing: each waits for another (a deadlock)");
     }
@@ -380,9 +390,9 @@ static pw_status world_wait(mpi_transport *m, MPI_Request *reqs, int n, MPI_Stat
             check = now + 100000000LL;
             continue;
         }
-        st = pw_error(PW_ERR_TIMEOUT, "%s%sMPI rank %d (replica %d, stage %d) waited %.1f s for %s", why,
-                      why[0] ? "; " : "", m->world_rank, m->world_rank / m->n_ranks, m->world_rank % m->n_ranks,
-                      (double)(now - t0) / 1e9, what);
+        char me[64];
+        st = pw_error(PW_ERR_TIMEOUT, "%s%s%s waited %.1f s for %s", why, why[0] ? "; " : "",
+                      who_is(m, m->world_rank, me, sizeof me), (double)(now - t0) / 1e9, what);
         break;
     }
     atomic_store(&m->state.wait_peer, PW_WAIT_NOBODY);
@@ -465,6 +475,44 @@ static int mt_test(void *self, pw_treq *req)
     return 1;
 }
 
+/* Parameter-server messages: any two processes of the run, by world rank. */
+static pw_status mt_ps_isend(void *self, int to, int tag, const void *buf, size_t bytes, pw_treq *req)
+{
+    mpi_transport *m = self;
+    if (m->ps_comm == MPI_COMM_NULL) return pw_error(PW_ERR_INVALID_ARG, "MPI: the run has no servers");
+    if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI send of %zu bytes (max %d)", bytes, INT_MAX);
+    req->bytes = SIZE_MAX;
+    req->due_ns = 0; /* never held back (mt_test): the servers' messages are not on the slow link */
+    pw_mpi_lock();
+    int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, to, tag, m->ps_comm, req_of(req));
+    pw_mpi_unlock();
+    return rc == MPI_SUCCESS ? PW_OK : pw_mpi_error(rc, "MPI_Isend (parameter server)");
+}
+
+static pw_status mt_ps_irecv(void *self, int from, int tag, void *buf, size_t bytes, pw_treq *req)
+{
+    mpi_transport *m = self;
+    if (m->ps_comm == MPI_COMM_NULL) return pw_error(PW_ERR_INVALID_ARG, "MPI: the run has no servers");
+    if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI receive of %zu bytes (max %d)", bytes, INT_MAX);
+    req->bytes = bytes;
+    req->due_ns = 0;
+    pw_mpi_lock();
+    int rc = MPI_Irecv(buf, (int)bytes, MPI_BYTE, from, tag, m->ps_comm, req_of(req));
+    pw_mpi_unlock();
+    return rc == MPI_SUCCESS ? PW_OK : pw_mpi_error(rc, "MPI_Irecv (parameter server)");
+}
+
+static void mt_cancel(void *self, pw_treq *req)
+{
+    (void)self;
+    pw_mpi_lock();
+    if (*req_of(req) != MPI_REQUEST_NULL) {
+        MPI_Cancel(req_of(req));
+        MPI_Request_free(req_of(req));
+    }
+    pw_mpi_unlock();
+}
+
 /* The world operations: non-blocking requests, waited for by world_wait. */
 static pw_status mt_send(void *self, int to, int tag, const void *buf, size_t bytes)
 {
@@ -526,7 +574,7 @@ static pw_status mt_barrier(void *self)
 static void mt_abort(void *self, int code)
 {
     mpi_transport *m = self;
-    MPI_Abort(m ? m->world : MPI_COMM_WORLD, code);
+    MPI_Abort(m ? m->all : MPI_COMM_WORLD, code);
 }
 
 static void mt_destroy(void *self)
@@ -542,7 +590,9 @@ static void mt_destroy(void *self)
         if (m->hb_comm != MPI_COMM_NULL) MPI_Comm_free(&m->hb_comm);
         if (m->stage_comm != MPI_COMM_NULL) MPI_Comm_free(&m->stage_comm);
         if (m->replica_comm != MPI_COMM_NULL) MPI_Comm_free(&m->replica_comm);
+        if (m->ps_comm != MPI_COMM_NULL) MPI_Comm_free(&m->ps_comm);
         if (m->world != MPI_COMM_NULL) MPI_Comm_free(&m->world);
+        if (m->all != MPI_COMM_NULL) MPI_Comm_free(&m->all);
         if (m->finalize) MPI_Finalize();
     }
     free(m);
@@ -579,7 +629,7 @@ static uint64_t draw_run_id(void)
  * apart from heartbeats and from the tools' world messages. */
 static pw_status clock_sync(mpi_transport *m, int same_host)
 {
-    pw_trace_clock c = {.world_rank = m->world_rank, .world_size = m->world_size, .same_host = same_host};
+    pw_trace_clock c = {.world_rank = m->world_rank, .world_size = m->n_workers, .same_host = same_host};
     gethostname(c.host, sizeof c.host - 1);
     char what[96];
     int rc = MPI_SUCCESS;
@@ -645,6 +695,9 @@ static const pw_transport_i mpi_transport_i = {
     .abort = mt_abort,
     .destroy = mt_destroy,
     .blame = mt_blame,
+    .ps_isend = mt_ps_isend,
+    .ps_irecv = mt_ps_irecv,
+    .cancel = mt_cancel,
 };
 
 static const char *level_name(int l)
@@ -661,8 +714,9 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
 {
     if (!out || !cfg) return pw_error(PW_ERR_INVALID_ARG, "pw_mpi_transport_create: NULL argument");
     *out = NULL;
-    const int S = cfg->n_ranks, R = cfg->n_replicas;
-    if (S < 1 || R < 1) return pw_error(PW_ERR_INVALID_ARG, "MPI: %d stages x %d replicas", S, R);
+    const int S = cfg->n_ranks, R = cfg->n_replicas, K = cfg->n_servers;
+    if (S < 1 || R < 1 || K < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "MPI: %d stages x %d replicas, %d servers", S, R, K);
     pw_transport *t = calloc(1, sizeof *t);
     mpi_transport *m = calloc(1, sizeof *m);
     if (!t || !m) {
@@ -670,7 +724,7 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
         free(m);
         return pw_error(PW_ERR_NOMEM, "MPI transport: out of memory");
     }
-    m->world = m->replica_comm = m->stage_comm = m->hb_comm = MPI_COMM_NULL;
+    m->all = m->world = m->replica_comm = m->stage_comm = m->hb_comm = m->ps_comm = MPI_COMM_NULL;
     atomic_init(&m->state.phase, PW_PHASE_START);
     atomic_init(&m->state.step, 0);
     atomic_init(&m->state.progress, 0);
@@ -706,39 +760,63 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
         goto fail;
     }
     pw_mpi_serialize = provided < MPI_THREAD_MULTIPLE;
-    MPI_Comm_dup(MPI_COMM_WORLD, &m->world);
-    MPI_Comm_set_errhandler(m->world, MPI_ERRORS_RETURN);
-    MPI_Comm_rank(m->world, &t->world_rank);
-    MPI_Comm_size(m->world, &t->world_size);
-    if (t->world_size != S * R) {
-        st = pw_error(PW_ERR_INVALID_ARG, "mpirun started %d process%s, but --stages %d x --replicas %d "
-                      "needs %d (one per stage of each replica)", t->world_size,
-                      t->world_size == 1 ? "" : "es", S, R, S * R);
+    int all_size = 0;
+    MPI_Comm_dup(MPI_COMM_WORLD, &m->all);
+    MPI_Comm_set_errhandler(m->all, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(m->all, &t->world_rank);
+    MPI_Comm_size(m->all, &all_size);
+    if (all_size != S * R + K) {
+        char servers[48] = "";
+        if (K > 0) snprintf(servers, sizeof servers, " + --servers %d", K);
+        st = pw_error(PW_ERR_INVALID_ARG, "mpirun started %d process%s, but --stages %d x --replicas %d%s "
+                      "needs %d (one per stage of each replica%s)", all_size, all_size == 1 ? "" : "es", S, R,
+                      servers, S * R + K, K > 0 ? ", then one per server" : "");
         goto fail;
     }
     t->n_ranks = S;
     t->n_replicas = R;
+    t->n_servers = K;
     m->world_rank = t->world_rank;
-    m->world_size = t->world_size;
+    m->world_size = all_size;
+    m->n_workers = S * R;
     m->n_ranks = S;
-    t->replica = t->world_rank / S;
-    t->rank = t->world_rank % S;
-    if ((rc = MPI_Comm_split(m->world, t->replica, t->rank, &m->replica_comm)) != MPI_SUCCESS ||
-        (rc = MPI_Comm_split(m->world, t->rank, t->replica, &m->stage_comm)) != MPI_SUCCESS) {
+    const int is_server = t->world_rank >= S * R;
+    t->server = is_server ? t->world_rank - S * R : -1;
+    if (K > 0) {
+        /* The tools' world operations stay among the workers (servers have
+         * their own); the servers are the last K world ranks. */
+        if ((rc = MPI_Comm_dup(m->all, &m->ps_comm)) != MPI_SUCCESS ||
+            (rc = MPI_Comm_split(m->all, is_server, t->world_rank, &m->world)) != MPI_SUCCESS) {
+            st = pw_mpi_error(rc, "MPI_Comm_split (servers)");
+            goto fail;
+        }
+        MPI_Comm_set_errhandler(m->ps_comm, MPI_ERRORS_RETURN);
+    } else {
+        MPI_Comm_dup(m->all, &m->world);
+    }
+    MPI_Comm_set_errhandler(m->world, MPI_ERRORS_RETURN);
+    MPI_Comm_size(m->world, &t->world_size);
+    t->replica = is_server ? -1 : t->world_rank / S;
+    t->rank = is_server ? -1 : t->world_rank % S;
+    if (!is_server &&
+        ((rc = MPI_Comm_split(m->world, t->replica, t->rank, &m->replica_comm)) != MPI_SUCCESS ||
+         (rc = MPI_Comm_split(m->world, t->rank, t->replica, &m->stage_comm)) != MPI_SUCCESS)) {
         st = pw_mpi_error(rc, "MPI_Comm_split");
         goto fail;
     }
-    MPI_Comm_set_errhandler(m->replica_comm, MPI_ERRORS_RETURN);
-    MPI_Comm_set_errhandler(m->stage_comm, MPI_ERRORS_RETURN);
+    if (!is_server) {
+        MPI_Comm_set_errhandler(m->replica_comm, MPI_ERRORS_RETURN);
+        MPI_Comm_set_errhandler(m->stage_comm, MPI_ERRORS_RETURN);
+    }
     MPI_Comm node;
     int rank0_here = t->world_rank == 0; /* world rank 0 shares this host (its clock) */
-    if (MPI_Comm_split_type(m->world, MPI_COMM_TYPE_SHARED, t->world_rank, MPI_INFO_NULL, &node) ==
+    if (MPI_Comm_split_type(m->all, MPI_COMM_TYPE_SHARED, t->world_rank, MPI_INFO_NULL, &node) ==
         MPI_SUCCESS) {
         MPI_Comm_rank(node, &t->local_rank);
         MPI_Comm_size(node, &t->local_size);
         MPI_Group wg, ng;
         int zero = 0, in_node = MPI_UNDEFINED;
-        if (MPI_Comm_group(m->world, &wg) == MPI_SUCCESS) {
+        if (MPI_Comm_group(m->all, &wg) == MPI_SUCCESS) {
             if (MPI_Comm_group(node, &ng) == MPI_SUCCESS) {
                 MPI_Group_translate_ranks(wg, 1, &zero, ng, &in_node);
                 MPI_Group_free(&ng);
@@ -755,10 +833,12 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     MPI_Comm_get_attr(m->world, MPI_TAG_UB, &ub, &flag);
     t->max_tag = flag && ub ? *ub : 32767;
     m->link = (pw_link){.latency_s = cfg->link_latency_s, .bandwidth = cfg->link_bandwidth};
-    char algo_desc[64] = "";
-    PW_CHECK_GOTO(pw_mpi_coll_build(m->stage_comm, cfg->allreduce, &m->link, &m->stage_coll, algo_desc,
-                                    sizeof algo_desc), st, fail);
-    PW_CHECK_GOTO(pw_mpi_coll_init(m->replica_comm, PW_ALLREDUCE_RING, &m->replica_coll), st, fail);
+    char algo_desc[64] = "none (a parameter server)";
+    if (!is_server) {
+        PW_CHECK_GOTO(pw_mpi_coll_build(m->stage_comm, cfg->allreduce, &m->link, &m->stage_coll, algo_desc,
+                                        sizeof algo_desc), st, fail);
+        PW_CHECK_GOTO(pw_mpi_coll_init(m->replica_comm, PW_ALLREDUCE_RING, &m->replica_coll), st, fail);
+    }
     t->stage_coll = m->stage_coll;
     t->replica_coll = m->replica_coll;
     PW_CHECK_GOTO(hb_start(m), st, fail);

@@ -27,6 +27,7 @@
 #include "runtime/topology.h"
 #include "runtime/trace.h"
 #include "runtime/transport.h"
+#include "stages/train/ps.h"
 #include "stages/ops/backend.h"
 #include "stages/train/checkpoint.h"
 #include "stages/ops/cpu/gemm.h"
@@ -83,6 +84,9 @@ typedef struct options {
     pw_allreduce_algo allreduce;
     int allreduce_set;
     pw_compress_config compress; /* --compress (kind none: the plain all-reduce) */
+    int ps_servers;              /* --sync ps: K parameter servers (0: all-reduce) */
+    int staleness;               /* --staleness (--sync ps) */
+    int sync_set, servers_set, staleness_set;
     int chunks_per_rank;         /* 0: the schedule's default */
     const char *memory_limit;    /* zb-auto: "2p", "1p" or a count (NULL: 2p) */
     int simulate;
@@ -227,6 +231,13 @@ static void usage(FILE *f)
 "                        (default), bf16, fp16, topk:RATIO (e.g. topk:0.01,\n"
 "                        with error feedback) or powersgd:RANK (e.g.\n"
 "                        powersgd:4); docs/distributed.md, \"Compression\"\n"
+"  --sync ps             under mpirun: synchronise through parameter servers\n"
+"                        (the last --servers K world ranks: mpirun -np S*R+K)\n"
+"                        instead of the all-reduce; bit-identical to --allreduce\n"
+"                        tree unless --staleness (docs/distributed.md)\n"
+"  --servers K           parameter servers (default 1), sharded by parameter\n"
+"  --staleness S         --sync ps: a replica may run S steps ahead of the\n"
+"                        slowest (stale-synchronous; default 0)\n"
 "  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
 "                        stages, all replicas) is at most X\n"
 "  --post-validate       with --clip-grad-norm: each stage steps its optimizer\n"
@@ -363,7 +374,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
        OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS, OPT_PARALLEL, OPT_PROCESSES,
-       OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN };
+       OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN, OPT_SYNC, OPT_SERVERS, OPT_STALENESS };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -497,6 +508,9 @@ static int parse_args(int argc, char **argv, options *o)
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"post-validate", no_argument, 0, OPT_POST_VALIDATE},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
+        {"sync", required_argument, 0, OPT_SYNC},
+        {"servers", required_argument, 0, OPT_SERVERS},
+        {"staleness", required_argument, 0, OPT_STALENESS},
         {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
         {"memory-limit", required_argument, 0, OPT_MEMLIMIT},
         {"simulate", no_argument, 0, OPT_SIMULATE},
@@ -656,6 +670,20 @@ static int parse_args(int argc, char **argv, options *o)
             if (pw_compress_parse(optarg, &o->compress) != PW_OK) return bad_usage("%s", pw_last_error());
             o->compress.seed = 0x9e3779b97f4a7c15ull; /* PowerSGD's first Q: the same on every replica */
             break;
+        case OPT_SYNC: /* --sync ps --servers K --staleness S: docs/distributed.md, "Parameter server" */
+            if (strcmp(optarg, "ps") && strcmp(optarg, "allreduce"))
+                return bad_usage("--sync: '%s' is not allreduce or ps", optarg);
+            o->sync_set = !strcmp(optarg, "ps");
+            break;
+        case OPT_SERVERS:
+        case OPT_STALENESS: {
+            int64_t v;
+            const int srv = c == OPT_SERVERS;
+            if (parse_i64(srv ? "--servers" : "--staleness", optarg, srv ? 1 : 0, srv ? 64 : 1000, &v)) return 2;
+            *(srv ? &o->ps_servers : &o->staleness) = (int)v;
+            *(srv ? &o->servers_set : &o->staleness_set) = 1;
+            break;
+        }
         case OPT_CHUNKS:
             if (parse_i64("--chunks-per-rank", optarg, 1, 64, &v)) return 2;
             o->chunks_per_rank = (int)v;
@@ -818,8 +846,33 @@ static int parse_args(int argc, char **argv, options *o)
             o->stages_why = o->replicas > 1 ? "cores / --replicas" : "the core count";
         }
     }
-    /* Under mpirun the processes are the workers. */
-    if (o->stages == 0) o->stages = world % o->replicas == 0 ? world / o->replicas : 1;
+    if ((o->servers_set || o->staleness_set) && !o->sync_set)
+        return bad_usage("%s", "--servers and --staleness apply to --sync ps");
+    if (o->sync_set && !o->servers_set) o->ps_servers = 1;
+    if (o->sync_set) {
+        const char *no = world <= 1 ? "runs under mpirun only (the servers are processes of their own: mpirun "
+                                      "-np S*R+K)"
+                         : o->replicas < 2 ? "needs --replicas 2 or more"
+                         : o->clip > 0 ? "does not support --clip-grad-norm yet"
+                         : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
+                         : o->checkpoint_dir || o->resume ? "does not checkpoint or resume yet (the servers' "
+                                                           "optimizer state is not saved): no --checkpoint-dir "
+                                                           "or --resume"
+                         : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
+                         : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
+                                                                  "all-reduce"
+                         : o->link_bandwidth > 0 || o->link_latency > 0 ? "does not throttle the servers' "
+                                                                          "messages yet: no --link-bandwidth or "
+                                                                          "--link-latency"
+                         : o->device && strcmp(o->device, "cpu") ? "runs on the CPU only"
+                         : NULL;
+        if (no) return bad_usage("--sync ps %s", no);
+    }
+    /* Under mpirun the processes are the workers (and the servers, the last K). */
+    if (o->stages == 0) {
+        const int wk = world - o->ps_servers;
+        o->stages = wk > 0 && wk % o->replicas == 0 ? wk / o->replicas : 1;
+    }
     if (o->allreduce_set && world <= 1)
         return bad_usage("%s", "--allreduce applies to runs under mpirun only");
     if (o->simulate + o->plan + (o->generate != NULL) > 1)
@@ -1198,7 +1251,7 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     }
     pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce,
                         .watchdog_s = o->watchdog_s, .link_latency_s = o->link_latency,
-                        .link_bandwidth = o->link_bandwidth};
+                        .link_bandwidth = o->link_bandwidth, .n_servers = o->ps_servers};
     /* MPI start-up waits for every process before the watchdog exists: a
      * process that never arrives ends the wait after the watchdog's time
      * (at least 10 s: starting MPI on a loaded machine takes seconds). */
@@ -1210,14 +1263,25 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-    snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d): ", g_mpi->world_rank, g_mpi->replica,
-             g_mpi->rank);
+    if (g_mpi->server >= 0)
+        snprintf(g_who, sizeof g_who, "MPI rank %d (server %d): ", g_mpi->world_rank, g_mpi->server);
+    else
+        snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d): ", g_mpi->world_rank, g_mpi->replica,
+                 g_mpi->rank);
     atexit(report_early_exit);
     if (g_mpi->world_rank != 0) o->quiet = 2; /* only rank 0 talks */
     else if (!o->quiet)
         printf("pipeline-run: MPI: %d processes = %d stage%s x %d replica%s (rank w runs replica w / %d, "
                "stage w %% %d); %s\n", g_mpi->world_size, o->stages, o->stages > 1 ? "s" : "", o->replicas,
                o->replicas > 1 ? "s" : "", o->stages, o->stages, g_mpi->desc);
+    if (g_mpi->world_rank == 0 && !o->quiet && o->ps_servers > 0)
+        printf("pipeline-run: MPI: + %d parameter server%s (rank%s %d..%d), %s\n", o->ps_servers,
+               o->ps_servers > 1 ? "s" : "", o->ps_servers > 1 ? "s" : "", g_mpi->world_size,
+               g_mpi->world_size + o->ps_servers - 1,
+               o->staleness > 0 ? "stale-synchronous" : "synchronous (the same bytes as the tree all-reduce)");
+    if (o->staleness > 0 && g_mpi->world_rank == 0 && !o->quiet)
+        printf("pipeline-run: MPI: a replica runs at most %d step%s ahead of the slowest (--staleness)\n",
+               o->staleness, o->staleness > 1 ? "s" : "");
     return 0;
 }
 
@@ -1901,6 +1965,8 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.compress = o->compress;
     pc.transport = g_mpi;
     pc.link = (pw_link){.latency_s = o->link_latency, .bandwidth = o->link_bandwidth};
+    pc.ps_servers = o->ps_servers;
+    pc.ps_staleness = o->staleness;
     pc.chunks_per_rank = o->chunks_per_rank;
     pc.memory_limit = r->memory_limit;
     pc.recompute = o->recompute;
@@ -2200,7 +2266,8 @@ static int train_loop(run *r)
     int64_t epoch_steps = 0;
     pw_pipeline_metrics_start(r->mx, r->t);
     for (int64_t i = r->start; i < r->total; i++) {
-        if ((r->stopped = stop_signal()) != 0) break; /* a step boundary */
+        /* A step boundary (with --staleness S every S + 1 steps: an all-gather is a barrier). */
+        if ((i - r->start) % (o->staleness + 1) == 0 && (r->stopped = stop_signal()) != 0) break;
         double ts = now_s();
         pw_status step_st = pw_pipeline_step(r->t, &r->s);
         const double dt = now_s() - ts;
@@ -2332,6 +2399,11 @@ static int run_main(run *r)
 {
     int rc;
     if ((rc = load_graph(r)) != 0) return rc;
+    if (g_mpi && g_mpi->server >= 0) { /* --sync ps: this process is a server (stages/train/ps.h) */
+        pw_transport_phase(g_mpi, PW_PHASE_STEP, 0);
+        const pw_ps_server_config sc = {.graph = r->g, .transport = g_mpi};
+        return pw_ps_serve(&sc) == PW_OK ? 0 : fail("");
+    }
     if (r->o.parallel && r->o.plan) return 0; /* --plan --parallel auto: printed */
     if (r->o.simulate) return run_simulate(r->g, &r->o);
     if (r->o.plan) return run_plan(r->g, &r->o);

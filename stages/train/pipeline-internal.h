@@ -26,6 +26,17 @@
 /* One stage chunk of one replica: the stage's nodes cut into `n_pieces`
  * programs (one per gradient bucket; one without replicas) chained through
  * per-slot link buffers, plus the data it loads. */
+/* Loss and correct count of one replica's loss stage this step, summed in
+ * micro-batch order (all-gathered across processes as bytes). */
+typedef struct loss_part {
+    double loss;
+    int64_t correct;
+    int32_t has;
+    int32_t pad;
+} loss_part;
+
+typedef struct pl_ps pl_ps; /* the parameter server's worker side (pipeline_ps.c) */
+
 typedef struct gstage {
     pw_pipeline *pl;
     int index;                /* chunk id (= stage with one chunk per rank) */
@@ -80,6 +91,11 @@ struct pw_pipeline {
     const pw_backend_i *msg_backend;
     const pw_backend_i *dev_msgs;   /* messages in this backend's memory on msg_device */
     int msg_device;
+    pl_ps *ps;                /* cfg.ps_servers > 0: pushes and pulls (pipeline_ps.c) */
+    loss_part win;            /* with staleness: this process's loss since the last agreement */
+    int64_t win_steps;
+    double win_last_loss;     /* the last agreed window's mean (summed over processes) */
+    int64_t win_last_correct;
     uint64_t generation;      /* unique per pipeline object of the process: a caller that
                                  keeps pointers into its programs (the checkpoint writer)
                                  sees a re-partition (stages/train/rebalance.c) by it */
@@ -104,14 +120,6 @@ static inline int lrep_of(const pw_pipeline *pl, int k)
 }
 
 
-/* Loss and correct count of one replica's loss stage this step, summed in
- * micro-batch order (all-gathered across processes as bytes). */
-typedef struct loss_part {
-    double loss;
-    int64_t correct;
-    int32_t has;
-    int32_t pad;
-} loss_part;
 
 /* What one file gives another; each is documented at its definition. */
 
@@ -148,6 +156,18 @@ pw_status pl_sum_ties(const pw_graph *g, pw_program **p, int np);
 pw_status pl_sum_ties_across(pw_pipeline *pl);
 pw_status pl_sumsq_across(pw_pipeline *pl, double *out);
 int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out);
+
+/* pipeline_ps.c: the worker's side of --sync ps (stages/train/ps.h).
+ * create: after the stages, before the engine (which then takes
+ * pl_ps_transport and the chunks' pl_ps_vt); start: after the engine (the
+ * parameters to the servers); settle: every version pushed received and
+ * in place (before an evaluation or a save); destroy: goodbye and free. */
+pw_status pl_ps_create(pw_pipeline *pl);
+const pw_stage_i *pl_ps_vt(pw_pipeline *pl, const pw_stage_i *base);
+const pw_transport *pl_ps_transport(pw_pipeline *pl);
+pw_status pl_ps_start(pw_pipeline *pl);
+pw_status pl_ps_settle(pw_pipeline *pl);
+void pl_ps_destroy(pw_pipeline *pl);
 
 /* The piece of local chunk ch of local replica lrep holding graph
  * parameter gp and its index there (*local); NULL: none (pipeline_ties.c). */

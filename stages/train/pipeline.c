@@ -241,6 +241,16 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
             PW_CHECK_GOTO(pl_build_stage(pl, gs, ch, t ? t->replica : k), st, fail);
             pl->chunks[(size_t)k * (size_t)pl->C + (size_t)ch] = (pw_engine_chunk){pl_chunk_vt(pl), gs};
         }
+    if (c->ps_servers > 0) {
+        PW_CHECK_GOTO(pl_ps_create(pl), st, fail);
+        const pw_stage_i *vt = pl_ps_vt(pl, pl_chunk_vt(pl));
+        for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++)
+            if (pl->chunks[i].vt) pl->chunks[i].vt = vt;
+    } else if (c->ps_staleness != 0) {
+        st = pw_error(PW_ERR_INVALID_ARG, "pipeline: a staleness (%d) applies to a parameter server only",
+                      c->ps_staleness);
+        goto fail;
+    }
     const char **gpu_pci = c->pin ? pl_worker_gpu_pci(pl) : NULL;
     if (c->pin) pl_bind_stage_memory(pl, gpu_pci);
     /* By default one core per worker: more kernel threads would only fight
@@ -256,7 +266,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
-        .replicas = NR, .transport = t, .link = c->link,
+        .replicas = NR, .transport = pl->ps ? pl_ps_transport(pl) : t, .link = c->link,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .post_validate = c->post_validate,
@@ -277,6 +287,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     st = pw_engine_create(&ec, &pl->engine);
     free(gpu_pci);
     if (st != PW_OK) goto fail;
+    if (pl->ps) PW_CHECK_GOTO(pl_ps_start(pl), st, fail);
     pl_pin_messages(pl);
     *out = pl;
     return PW_OK;
@@ -289,6 +300,7 @@ fail:
 void pw_pipeline_destroy(pw_pipeline *pl)
 {
     if (!pl) return;
+    pl_ps_destroy(pl);
     if (pl->msg_pinned) pl->msg_backend->host_unregister(pl->msg_pinned);
     pw_engine_destroy(pl->engine);
     for (size_t i = 0; pl->stages && i < (size_t)pl->NRL * (size_t)pl->C; i++) pl_free_stage(&pl->stages[i]);
@@ -473,10 +485,27 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
     /* Loss of the step: each replica's sum in micro-batch order, then the
      * replicas in order (the same bytes in one process or many). */
     double loss = 0.0;
-    int64_t correct = 0;
-    if (pl->t) {
+    int64_t correct = 0, steps = 1;
+    /* With a parameter server's staleness s the processes agree on the loss
+     * every s + 1 steps only (an all-gather is a barrier): the mean over
+     * that window, reported until the next (docs/distributed.md). */
+    const int window = pl->ps ? pl->cfg.ps_staleness + 1 : 1;
+    if (pl->t && (pl->step + 1) % window != 0) {
+        const loss_part lp = pl_replica_loss(pl, 0);
+        pl->win.loss += lp.loss;
+        pl->win.correct += lp.correct;
+        pl->win_steps++;
+        loss = pl->win_last_loss;
+        correct = pl->win_last_correct;
+        steps = 0;
+    } else if (pl->t) {
         const int W = pl->t->world_size;
         loss_part mine = pl_replica_loss(pl, 0);
+        mine.loss += pl->win.loss;
+        mine.correct += pl->win.correct;
+        steps = pl->win_steps + 1;
+        pl->win = (loss_part){0};
+        pl->win_steps = 0;
         loss_part *all = calloc((size_t)W, sizeof *all);
         if (!all) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
         pw_status st = pl->t->vt->allgather(pl->t->self, &mine, sizeof mine, all);
@@ -507,8 +536,13 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
         out->step = pl->step;
         out->epoch = epoch;
         out->step_in_epoch = in_epoch + 1;
+        if (steps > 0) { /* a window's figures (one step's without staleness) */
+            loss /= (double)steps;
+            pl->win_last_loss = loss;
+            pl->win_last_correct = correct / steps;
+        }
         out->loss = loss / (double)positions;
-        out->accuracy = (double)correct / (double)positions;
+        out->accuracy = (double)(steps > 0 ? correct / steps : correct) / (double)positions;
     }
     return PW_OK;
 }

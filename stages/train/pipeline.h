@@ -153,6 +153,14 @@ typedef struct pw_pipeline_config {
                                        engine, per replica and bucket, and is not in the
                                        training-state checkpoints (docs/distributed.md,
                                        "Compression") */
+    int ps_servers;                 /* K > 0: synchronise through K parameter servers
+                                       instead of the all-reduce (stages/train/ps.h,
+                                       docs/distributed.md "Parameter server"): needs
+                                       a transport with n_servers = K, replicas >= 2,
+                                       no clipping, no tied parameters */
+    int ps_staleness;               /* with ps_servers: a replica may run up to this
+                                       many steps ahead of the slowest (0: synchronous,
+                                       bit-identical to the tree all-reduce) */
 } pw_pipeline_config;
 
 

@@ -9,6 +9,7 @@
  * takes its turn each time the chain comes back to it). */
 pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out)
 {
+    PW_CHECK(pl_ps_settle(pl)); /* --sync ps with staleness: the servers' newest parameters */
     const pw_graph *g = pl->g;
     const int S = pl->C; /* chunks, run in chunk order */
     const pw_transport *t = pl->t;

@@ -136,6 +136,7 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
 
 pw_status pw_pipeline_save(pw_pipeline *pl, const char *path, const pw_checkpoint_info *info)
 {
+    PW_CHECK(pl_ps_settle(pl)); /* --sync ps with staleness: the servers' newest parameters */
     pw_checkpoint_info def = {.step = pl->step, .seed = pl->cfg.seed};
     if (!info) info = &def;
     if (pl->t) return save_gathered(pl, path, info);

@@ -18,7 +18,9 @@ static struct {
     int rank[MAX_SLOW];
     double factor[MAX_SLOW];
     long long from[MAX_SLOW];
-} slow = {PTHREAD_ONCE_INIT, 0, {0}, {0}, {0}};
+    long long every[MAX_SLOW];   /* 0: every step from `from` on */
+    unsigned char world[MAX_SLOW]; /* rank is a world rank (wRANK) */
+} slow = {PTHREAD_ONCE_INIT, 0, {0}, {0}, {0}, {0}, {0}};
 
 static void slow_read(void)
 {
@@ -26,13 +28,17 @@ static void slow_read(void)
     while (spec && *spec && slow.n < MAX_SLOW) {
         int r, k = 0;
         double f;
-        long long from = 1;
-        if (sscanf(spec, "%d:%lf%n", &r, &f, &k) < 2 || r < 0 || !(f >= 1.0) || f > 1e3) {
-            PW_WARN("PW_TEST_SLOW: '%s' is not RANK:FACTOR[@STEP] (FACTOR in [1, 1000]); ignored", spec);
+        long long from = 1, every = 0;
+        const int world = *spec == 'w';
+        if (sscanf(spec + world, "%d:%lf%n", &r, &f, &k) < 2 || r < 0 || !(f >= 1.0) || f > 1e3) {
+            PW_WARN("PW_TEST_SLOW: '%s' is not [w]RANK:FACTOR[@STEP][/EVERY] (FACTOR in [1, 1000]); ignored", spec);
             break;
         }
-        spec += k;
+        spec += world + k;
         if (*spec == '@' && sscanf(spec + 1, "%lld%n", &from, &k) == 1) spec += 1 + k;
+        if (*spec == '/' && sscanf(spec + 1, "%lld%n", &every, &k) == 1 && every > 0) spec += 1 + k;
+        slow.world[slow.n] = (unsigned char)world;
+        slow.every[slow.n] = every;
         slow.rank[slow.n] = r;
         slow.factor[slow.n] = f;
         slow.from[slow.n] = from;
@@ -42,20 +48,26 @@ static void slow_read(void)
     }
 }
 
-double pw_test_slow_factor(int rank, int64_t step)
+static double slow_factor(int world, int rank, int64_t step)
 {
     pthread_once(&slow.once, slow_read);
     double f = 1.0;
     for (int i = 0; i < slow.n; i++)
-        if (slow.rank[i] == rank && step >= slow.from[i]) f = slow.factor[i];
+        if (slow.world[i] == world && slow.rank[i] == rank && step >= slow.from[i] &&
+            (slow.every[i] == 0 || (step - slow.from[i]) % slow.every[i] == 0))
+            f = slow.factor[i];
     return f;
 }
+
+double pw_test_slow_factor(int rank, int64_t step) { return slow_factor(0, rank, step); }
+double pw_test_slow_factor_world(int world_rank, int64_t step) { return slow_factor(1, world_rank, step); }
 
 /* After a compute callback that began at t0: sleep (factor − 1) × its time. */
 static void slow_after(const gstage *gs, int64_t t0)
 {
     const pw_pipeline *pl = gs->pl;
-    const double f = pw_test_slow_factor(pw_schedule_rank_of(pl->sched, gs->index), pl->step + 1);
+    double f = pw_test_slow_factor(pw_schedule_rank_of(pl->sched, gs->index), pl->step + 1);
+    if (pl->t) f *= pw_test_slow_factor_world(pl->t->world_rank, pl->step + 1);
     if (f <= 1.0) return;
     const double extra = (f - 1.0) * (double)(pw_now_ns() - t0);
     struct timespec ts = {(time_t)(extra / 1e9), (long)fmod(extra, 1e9)};
@@ -410,6 +422,9 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
     pw_pipeline *old = *plp;
     memset(info, 0, sizeof *info);
     info->kept = 1;
+    if (old->ps)
+        return pw_error(PW_ERR_UNSUPPORTED, "re-partition: a pipeline synchronised by parameter servers (--sync ps) "
+                        "cannot move its cuts yet");
     PW_CHECK(check_cuts(old, cuts, n_cuts));
     const int64_t t0 = pw_now_ns();
     const pw_transport *t = old->t;

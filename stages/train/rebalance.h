@@ -83,13 +83,17 @@ pw_status pw_pipeline_repartition(pw_pipeline **pl, const int *cuts, int n_cuts,
  * (an all-gather). */
 pw_status pw_pipeline_rank_busy(pw_pipeline *pl, double *busy);
 
-/* Test hook, read once: PW_TEST_SLOW=RANK:FACTOR[@STEP][,...] makes every
+/* Test hook, read once: PW_TEST_SLOW=RANK:FACTOR[@STEP][/EVERY][,...] makes every
  * compute callback of the chunks on pipeline rank RANK (every replica)
  * take FACTOR times as long, from training step STEP on (default 1), by
  * sleeping (FACTOR − 1) × the callback's time after it: a slower device or
- * a core shared with another job. Results are unchanged. Returns the
- * factor in force for `rank` at `step` (1 without the variable). */
+ * a core shared with another job. wRANK (e.g. w1:3) names one process of
+ * an MPI run, world rank RANK, instead: one slow worker. /EVERY slows only
+ * steps STEP, STEP + EVERY, ... (a straggler now and then). Results are
+ * unchanged. Returns the factor in force for pipeline rank `rank` at
+ * `step` (1 without the variable); pw_test_slow_factor_world for a world rank. */
 double pw_test_slow_factor(int rank, int64_t step);
+double pw_test_slow_factor_world(int world_rank, int64_t step);
 
 #ifdef __cplusplus
 }

@@ -1258,6 +1258,138 @@ static void rebalance_cases(int np)
     rebalance_hang(4, 2);
 }
 
+/* --sync ps (docs/distributed.md, "Parameter server"): S x R workers and K
+ * servers, the last K world ranks. Synchronous mode gives the bytes of the
+ * tree all-reduce, which gives those of one process (checked against one
+ * process here); a stopped server is named by the watchdog; the flags it
+ * does not support yet are refused. */
+static void ps_identical(int S, int R, int K, const char *extra, const char *tag)
+{
+    char args[1100], one[1024], what[1200];
+    const char *model = "m.graph " DATA " --batch 48 --steps 12";
+    snprintf(one, sizeof one, "%s --stages %d --replicas %d %s", model, S, R, extra);
+    snprintf(args, sizeof args, "%s --sync ps --servers %d", one, K);
+    snprintf(what, sizeof what, "--sync ps: %d stages x %d replicas + %d server%s %s", S, R, K, K > 1 ? "s" : "",
+             extra);
+    identical_runs(S * R + K, args, "", one, tag, what);
+}
+
+static void ps_stopped_server(void)
+{
+    char path[128], *out = NULL;
+    const int np = 3, victim = 2; /* 1 stage x 2 replicas + 1 server */
+    snprintf(path, sizeof path, "%s/signal.sh", dir);
+    FILE *f = fopen(path, "w");
+    fprintf(f, "rm -f victim.pid sig.jsonl\n"
+            "%s -np %d sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = %d ]; then echo $$ > victim.pid; fi; exec %s/pipeline-run "
+            "m.graph %s --stages 1 --replicas 2 --sync ps --batch 48 --steps 1000000 --watchdog %d --metrics sig.jsonl' &\n"
+            "mp=$!\n"
+            "while [ ! -s sig.jsonl ]; do sleep 0.05; done\n"
+            "sleep 0.5\n"
+            "kill -STOP $(cat victim.pid)\n"
+            "wait $mp\n", MPIRUN, np, victim, bin, DATA, HANG_WD);
+    fclose(f);
+    double took = 0;
+    int st = run("sh signal.sh", 60, &out, &took);
+    if (st == 0 || st == 124) fail("--sync ps, SIGSTOP of the server: exit %d after %.0f s\n%s", st, took, out);
+    else if (took > HANG_WD + 12) fail("--sync ps, SIGSTOP of the server: took %.1f s (bound %d s)\n%s", took,
+                                       HANG_WD + 12, out);
+    else if (!strstr(out, "MPI rank 2 (server 0) stalled")) fail("--sync ps: the stopped server is not named\n%s", out);
+    else if (strstr(out, "MPI rank 0 (replica 0, stage 0) stalled") || strstr(out, "MPI rank 1 (replica 1, stage 0) stalled"))
+        fail("--sync ps: a healthy worker is named as stalled\n%s", out);
+    else printf("ok   --sync ps: SIGSTOP of server rank 2 mid-run: mpirun exit %d after %.1f s, names it\n", st, took);
+    free(out);
+}
+
+static void ps_refused(void)
+{
+    static const struct {
+        const char *args, *says;
+    } cases[] = {
+        {"--sync ps --checkpoint-dir ck", "--sync ps does not checkpoint or resume yet"},
+        {"--sync ps --clip-grad-norm 1", "--sync ps does not support --clip-grad-norm yet"},
+        {"--servers 2", "--servers and --staleness apply to --sync ps"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char cmd[1024], *out = NULL;
+        double took;
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run m.graph " DATA " --stages 1 --replicas 2 --batch 48 "
+                 "--steps 2 %s", bin, cases[i].args);
+        int st = run(cmd, 60, &out, &took);
+        if (st == 0 || !strstr(out, cases[i].says)) fail("%s: exit %d, expected \"%s\"\n%s", cmd, st, cases[i].says, out);
+        else printf("ok   %s refused: \"%s\"\n", cases[i].args, cases[i].says);
+        free(out);
+    }
+    /* A process count that does not fit S x R + K says how many it needs. */
+    char cmd[1024], *out = NULL;
+    double took;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run m.graph " DATA " --stages 1 --replicas 2 --batch 48 "
+             "--steps 2 --sync ps --servers 1", bin);
+    int st = run(cmd, 60, &out, &took);
+    if (st == 0 || !strstr(out, "needs 3")) fail("%s: exit %d, expected \"needs 3\"\n%s", cmd, st, out);
+    else printf("ok   --sync ps with a process too many: refused, naming the count\n");
+    free(out);
+}
+
+/* --staleness S: no replica ever runs more than S steps ahead; checked from
+ * the trace (each PS_PULL event: step t took version mb >= t - S), with one
+ * replica slowed so that the other does run ahead (some pull older than
+ * the step). The run ends with the servers' final parameters: --save of a
+ * stale run equals nothing in particular, but every process agrees. */
+static void ps_staleness(int S)
+{
+    char cmd[2048], *out = NULL;
+    double took;
+    snprintf(cmd, sizeof cmd, "rm -f st.rank*.json; PW_TEST_SLOW=w1:4 " MPIRUN " -np 3 %s/pipeline-run m.graph " DATA
+             " --stages 1 --replicas 2 --batch 48 --steps 24 --sync ps --staleness %d --trace st.json", bin, S);
+    int st = run(cmd, 120, &out, &took);
+    if (st != 0) {
+        fail("--staleness %d: exit %d\n%s", S, st, out);
+        free(out);
+        return;
+    }
+    free(out);
+    int events = 0, worst = -1, ahead = 0;
+    for (int w = 0; w < 2; w++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s/st.rank%d.json", dir, w);
+        FILE *f = fopen(path, "r");
+        if (!f) {
+            fail("--staleness %d: no trace %s", S, path);
+            return;
+        }
+        char line[1024];
+        while (fgets(line, sizeof line, f)) {
+            if (!strstr(line, "\"PS_PULL\"")) continue;
+            const char *a = strstr(line, "\"step\": "), *b = strstr(line, "\"mb\": ");
+            if (!a || !b) continue;
+            const int step = atoi(a + 8), version = atoi(b + 6);
+            events++;
+            if (step - version > worst) worst = step - version;
+            if (step - version > 0) ahead++;
+        }
+        fclose(f);
+    }
+    if (events < 2 * 24) fail("--staleness %d: %d PS_PULL events in the traces, expected 48", S, events);
+    else if (worst > S) fail("--staleness %d: a step used a version %d steps old", S, worst);
+    else if (ahead == 0) fail("--staleness %d: no replica ran ahead with replica 1 4x slower", S);
+    else printf("ok   --staleness %d: %d pulls, at most %d steps stale (%d stale pulls; replica 1 4x slower)\n", S,
+                events, worst, ahead);
+}
+
+static void ps_cases(int np)
+{
+    if (np == 2) {
+        ps_identical(1, 2, 1, "--micro-batches 2", "ps3");
+        ps_stopped_server();
+        ps_refused();
+        ps_staleness(2);
+    } else {
+        ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
+        ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -1304,6 +1436,8 @@ int main(int argc, char **argv)
         rebalance_cases(np);
     } else if (only && !strcmp(only, "compress")) {
         compress_cases(np);
+    } else if (only && !strcmp(only, "ps")) {
+        ps_cases(np);
     } else if (only && !strcmp(only, "checkpoints")) {
         if (ckpt_reference()) {
             if (np == 2) {
@@ -1341,6 +1475,7 @@ int main(int argc, char **argv)
         rebalance_cases(2);
         compress_cases(2);
         algos(2);
+        ps_cases(2);
         if (ckpt_reference()) ckpt_mpi(2, 2, 1, 1, 2);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
@@ -1378,6 +1513,7 @@ int main(int argc, char **argv)
         rebalance_cases(4);
         compress_cases(4);
         algos(4);
+        ps_cases(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);

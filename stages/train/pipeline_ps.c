@@ -1,0 +1,806 @@
+/* pipewright — the parameter server (stages/train/ps.h): the workers' side
+ * (pushing gradient buckets, pulling parameters) and the servers' loop.
+ *
+ * Messages (the transport's ps_isend / ps_irecv, by world rank):
+ *   worker -> server, once:  HELLO_N (int64: bytes of the hello), HELLO
+ *                            (int64 n, int64 staleness, n x {int64 graph
+ *                            param, int64 numel},
+ *                            the pipeline's pw_optim_config in OPTIM_BYTES,
+ *                            then the n parameters' initial values);
+ *   worker -> server, each step and parameter: the gradient, tag = the graph
+ *                            parameter's index;
+ *   server -> worker, each step and parameter: the new values, same tag;
+ *   worker -> server, once at the end: BYE (int64: steps done).
+ * Between one pair of processes MPI delivers messages of one tag in order,
+ * so step t's gradient and version t's values never need a step number. */
+#include <sched.h>
+#include <time.h>
+
+#include "stages/train/pipeline-internal.h"
+#include "stages/train/ps.h"
+
+#define TAG_HELLO_N(np) (np)
+#define TAG_HELLO(np) ((np) + 1)
+#define TAG_BYE(np) ((np) + 2)
+#define OPTIM_BYTES ((sizeof(pw_optim_config) + 7) / 8 * 8)
+
+void pw_ps_assign(const pw_graph *g, int K, int *out)
+{
+    const int n = g->n_params;
+    int64_t *load = calloc((size_t)(K > 0 ? K : 1), sizeof *load);
+    unsigned char *done = calloc((size_t)(n > 0 ? n : 1), 1);
+    for (int k = 0; k < n; k++) {
+        int best = -1;
+        int64_t bb = -1;
+        for (int p = 0; p < n; p++) { /* the largest not placed yet; ties: graph order */
+            const int64_t b = pw_shape_numel(&g->params[p].shape);
+            if (!done[p] && b > bb) bb = b, best = p;
+        }
+        int s = 0;
+        for (int j = 1; j < K && load; j++)
+            if (load[j] < load[s]) s = j;
+        done[best] = 1;
+        out[best] = s;
+        if (load) load[s] += bb * (int64_t)sizeof(float);
+    }
+    free(load);
+    free(done);
+}
+
+/* Waits for `req`, bounded the way the transport's world waits are: after
+ * the watchdog, pw_transport_blame names a stalled or lost process (a wait
+ * whose chain ends at a process still making progress goes on). */
+static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const char *what)
+{
+    pw_transport_waiting(t, peer);
+    const int64_t t0 = pw_now_ns();
+    int64_t check = t0 + (int64_t)(t->watchdog_s * 1e9);
+    pw_status st = PW_OK;
+    for (int spin = 0;; spin++) {
+        const int rc = t->vt->test(t->self, req);
+        if (rc < 0) {
+            st = pw_error(PW_ERR_IO, "%s: %s", what, pw_last_error());
+            break;
+        }
+        if (rc == 1) break;
+        if (spin < 64) {
+            sched_yield();
+            continue;
+        }
+        nanosleep(&(struct timespec){0, 20000}, NULL);
+        const int64_t now = pw_now_ns();
+        if (now < check) continue;
+        char why[400] = "";
+        if (pw_transport_blame(t, t->watchdog_s, t->state ? t->state->act_name : NULL, why, sizeof why) == -1) {
+            check = now + 100000000LL;
+            continue;
+        }
+        st = pw_error(PW_ERR_TIMEOUT, "%s%swaited %.1f s for %s", why, why[0] ? "; " : "", (double)(now - t0) / 1e9,
+                      what);
+        break;
+    }
+    pw_transport_waiting(t, PW_WAIT_NOBODY);
+    pw_transport_progress(t);
+    return st;
+}
+
+/* ================================================================ workers */
+
+typedef struct ps_param {
+    int gp, server;           /* graph parameter; the server's world rank */
+    pw_program *prog;
+    int idx;                  /* its index in prog */
+    int64_t numel;
+    float *grad;              /* the gradient pushed (the parameter's only use) */
+    float *slot;              /* [slots][numel]: versions being received */
+    pw_treq *rreq;            /* [slots] */
+    int64_t posted;           /* versions 1 .. posted have a receive posted */
+    int64_t have;             /* the newest version received */
+    int64_t applied;          /* the version in the program */
+    pw_treq sreq;             /* the gradient send in flight */
+} ps_param;
+
+typedef struct ps_bucket {
+    const float *key;         /* the bucket's first span (the engine's spans[0].data) */
+    int first, n;             /* its parameters in par[] */
+} ps_bucket;
+
+struct pl_ps {
+    pw_pipeline *pl;
+    pw_transport t;           /* the pipeline's, with stage_coll = the push */
+    pw_stage_i vt;            /* the chunks' vtable, with optimizer_step = the pull */
+    int K, stale, slots;
+    int *server_of;           /* [n_params] */
+    ps_param *par;
+    int n_par;
+    int *chunk_first;         /* [C + 1] parameters of chunk c: par[chunk_first[c] .. chunk_first[c+1]) */
+    ps_bucket *bk;
+    int n_bk;
+    int hello_sent;
+};
+
+/* Receives of later versions complete in order; taking each that has
+ * arrived lets MPI move the next (a large message needs both sides to
+ * progress it). No wait. */
+static pw_status ps_progress(pl_ps *ps)
+{
+    const pw_transport *t = &ps->t;
+    for (int i = 0; i < ps->n_par; i++) {
+        ps_param *p = &ps->par[i];
+        while (p->have < p->posted) {
+            const int rc = t->vt->test(t->self, &p->rreq[(p->have + 1) % ps->slots]);
+            if (rc < 0) return pw_error(PW_ERR_IO, "pulling %s: %s", ps->pl->g->params[p->gp].name, pw_last_error());
+            if (rc == 0) break;
+            p->have++;
+        }
+    }
+    return PW_OK;
+}
+
+/* The engine's all-reduce of one bucket, on the worker's communication
+ * thread: send each parameter's gradient to its server and post the receive
+ * of the version it will compute. The gradients stay as they are (the
+ * worker does not step); the pull replaces the parameters at OPTIM. */
+static pw_status ps_push(void *self, int member, const pw_span *spans, int n_spans, const atomic_int *abort)
+{
+    (void)member;
+    pl_ps *ps = self;
+    const pw_transport *t = &ps->t;
+    if (n_spans < 1) return PW_OK;
+    const ps_bucket *b = NULL;
+    for (int i = 0; i < ps->n_bk && !b; i++)
+        if (ps->bk[i].key == spans[0].data) b = &ps->bk[i];
+    if (!b) return pw_error(PW_ERR_INTERNAL, "parameter server: a gradient bucket the pipeline does not know");
+    for (int i = b->first; i < b->first + b->n; i++) {
+        ps_param *p = &ps->par[i];
+        const int64_t v = ++p->posted;
+        const int s = (int)(v % ps->slots);
+        PW_CHECK(t->vt->ps_irecv(t->self, p->server, p->gp, p->slot + (size_t)s * (size_t)p->numel,
+                                 (size_t)p->numel * sizeof(float), &p->rreq[s]));
+        PW_CHECK(t->vt->ps_isend(t->self, p->server, p->gp, p->grad, (size_t)p->numel * sizeof(float), &p->sreq));
+    }
+    /* The sends complete once the servers take them (small ones at once). */
+    for (int i = b->first; i < b->first + b->n; i++) {
+        ps_param *p = &ps->par[i];
+        for (int spin = 0;; spin++) {
+            const int rc = t->vt->test(t->self, &p->sreq);
+            if (rc < 0)
+                return pw_error(PW_ERR_IO, "pushing the gradient of %s: %s", ps->pl->g->params[p->gp].name,
+                                pw_last_error());
+            if (rc == 1) break;
+            if (abort && atomic_load_explicit(abort, memory_order_relaxed))
+                return pw_error(PW_ERR_TIMEOUT, "pushing gradients to the servers: aborted");
+            if (ps->stale) PW_CHECK(ps_progress(ps));
+            if (spin < 64) sched_yield();
+            else nanosleep(&(struct timespec){0, 20000}, NULL);
+        }
+    }
+    return ps->stale ? ps_progress(ps) : PW_OK;
+}
+
+static pw_status ps_no_gather(void *self, int member, double v, double *out, const atomic_int *abort)
+{
+    (void)self, (void)member, (void)v, (void)out, (void)abort;
+    return pw_error(PW_ERR_UNSUPPORTED, "parameter server: no gradient norm across replicas");
+}
+
+static const pw_coll_i ps_coll_i = {.name = "ps-push", .allreduce = ps_push, .allgather_f64 = ps_no_gather};
+
+/* OPTIM of a chunk: every parameter at version step − staleness or newer
+ * (the newest received), then the gradients cleared for the next step. */
+static pw_status ps_pull(void *self, long step)
+{
+    gstage *gs = self;
+    pw_pipeline *pl = gs->pl;
+    pl_ps *ps = pl->ps;
+    const pw_transport *t = &ps->t;
+    const int64_t need = step - ps->stale;
+    const int64_t t0 = pw_now_ns();
+    int64_t oldest = INT64_MAX, bytes = 0;
+    int server = -1;
+    for (int i = ps->chunk_first[gs->index]; i < ps->chunk_first[gs->index + 1]; i++) {
+        ps_param *p = &ps->par[i];
+        /* Versions arrive in order: take what is there, wait for what is needed. */
+        while (p->have < p->posted) {
+            pw_treq *r = &p->rreq[(p->have + 1) % ps->slots];
+            if (p->have >= need) {
+                const int rc = t->vt->test(t->self, r);
+                if (rc < 0) return pw_error(PW_ERR_IO, "pulling %s: %s", pl->g->params[p->gp].name, pw_last_error());
+                if (rc == 0) break;
+            } else {
+                char what[256];
+                snprintf(what, sizeof what, "version %lld of %s from MPI rank %d (server %d)",
+                         (long long)(p->have + 1), pl->g->params[p->gp].name, p->server,
+                         p->server - t->n_ranks * t->n_replicas);
+                PW_CHECK(ps_wait(t, r, p->server, what));
+            }
+            p->have++;
+        }
+        if (p->have < need)
+            return pw_error(PW_ERR_INTERNAL, "parameter server: %s: version %lld needed, only %lld pushed",
+                            pl->g->params[p->gp].name, (long long)need, (long long)p->posted);
+        if (p->have > p->applied) {
+            const float *src = p->slot + (size_t)(p->have % ps->slots) * (size_t)p->numel;
+            PW_CHECK(pw_program_param_write(p->prog, p->idx, PW_PARAM_DATA, src));
+            p->applied = p->have;
+            bytes += p->numel * (int64_t)sizeof(float);
+        }
+        if (p->applied < oldest) oldest = p->applied, server = p->server;
+    }
+    for (int j = 0; j < gs->n_pieces; j++) pw_program_zero_grads(gs->piece[j]);
+    if (pl->trace && ps->chunk_first[gs->index + 1] > ps->chunk_first[gs->index]) {
+        /* The version the next forward uses (the oldest of the chunk's
+         * parameters): step − version − 1 steps stale. */
+        pw_trace_event *ev = pw_trace_push(pl->trace, t->world_rank);
+        if (ev) {
+            ev->name = "PS_PULL";
+            ev->cat = PW_TRACE_COMM;
+            ev->chunk = gs->index;
+            ev->mb = (int32_t)oldest;
+            ev->peer = server;
+            ev->step = step;
+            ev->bytes = bytes;
+            ev->t0_ns = t0;
+            ev->t1_ns = pw_now_ns();
+        }
+    }
+    return PW_OK;
+}
+
+static pw_status ps_hello(pl_ps *ps)
+{
+    const pw_transport *t = &ps->t;
+    const int np = ps->pl->g->n_params;
+    for (int k = 0; k < ps->K; k++) {
+        const int srv = t->n_ranks * t->n_replicas + k;
+        int64_t n = 0, floats = 0;
+        for (int i = 0; i < ps->n_par; i++)
+            if (ps->par[i].server == srv) n++, floats += ps->par[i].numel;
+        const int64_t bytes = (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES +
+                              floats * (int64_t)sizeof(float);
+        char *msg = calloc(1, (size_t)bytes);
+        if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        int64_t *h = (int64_t *)(void *)msg;
+        memcpy(h + 2 + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
+        float *v = (float *)(void *)((char *)(h + 2 + 2 * n) + OPTIM_BYTES);
+        h[0] = n;
+        h[1] = ps->stale;
+        h++; /* the pairs follow the two counts */
+        pw_status st = PW_OK;
+        for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
+            const ps_param *p = &ps->par[i];
+            if (p->server != srv) continue;
+            h[1 + 2 * m] = p->gp;
+            h[2 + 2 * m] = p->numel;
+            m++;
+            st = pw_program_param_read(p->prog, p->idx, PW_PARAM_DATA, 0, v);
+            v += p->numel;
+        }
+        pw_treq r[2];
+        char what[96];
+        snprintf(what, sizeof what, "MPI rank %d (server %d) to take this process's parameters", srv, k);
+        if (st == PW_OK) st = t->vt->ps_isend(t->self, srv, TAG_HELLO_N(np), &bytes, sizeof bytes, &r[0]);
+        if (st == PW_OK) st = ps_wait(t, &r[0], srv, what);
+        if (st == PW_OK) st = t->vt->ps_isend(t->self, srv, TAG_HELLO(np), msg, (size_t)bytes, &r[1]);
+        if (st == PW_OK) st = ps_wait(t, &r[1], srv, what);
+        free(msg);
+        PW_CHECK(st);
+    }
+    ps->hello_sent = 1;
+    return PW_OK;
+}
+
+pw_status pl_ps_create(pw_pipeline *pl)
+{
+    const pw_pipeline_config *c = &pl->cfg;
+    const pw_transport *t = pl->t;
+    const pw_graph *g = pl->g;
+    const int K = c->ps_servers;
+    if (!t || !t->vt->ps_isend || t->n_servers != K)
+        return pw_error(PW_ERR_INVALID_ARG, "parameter server: %d servers need a run under mpirun with "
+                        "--servers %d (this process's transport has %d)", K, K, t ? t->n_servers : 0);
+    if (c->ps_staleness < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "parameter server: staleness must be >= 0 (got %d)", c->ps_staleness);
+    if (pl->NR < 2)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: needs --replicas 2 or more (one replica has "
+                        "nothing to synchronise; train without --sync ps)");
+    if (c->clip_grad_norm > 0)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm is not supported with --sync ps "
+                        "yet (the servers would need the global norm in the workers' summation order)");
+    if (pl->post_optim)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: graph '%s' ties parameters across stages; "
+                        "not supported with --sync ps yet", g->name);
+    if (g->n_params + 3 > t->max_tag)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters need more message tags than "
+                        "MPI's %d", g->n_params, t->max_tag);
+    pl_ps *ps = calloc(1, sizeof *ps);
+    if (!ps) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    pl->ps = ps;
+    ps->pl = pl;
+    ps->K = K;
+    ps->stale = c->ps_staleness;
+    ps->slots = c->ps_staleness + 1;
+    ps->t = *t;
+    ps->t.stage_coll = (pw_coll){.vt = &ps_coll_i, .self = ps, .member = t->replica, .n_members = pl->NR};
+    ps->server_of = malloc((size_t)(g->n_params > 0 ? g->n_params : 1) * sizeof *ps->server_of);
+    ps->chunk_first = calloc((size_t)pl->C + 1, sizeof *ps->chunk_first);
+    int n = 0, nb = 0;
+    for (int ch = 0; ch < pl->C; ch++) {
+        if (!stage_here(pl, ch)) continue;
+        const gstage *gs = stage_at(pl, 0, ch);
+        for (int j = 0; j < gs->n_pieces; j++) {
+            n += pw_program_n_params(gs->piece[j]);
+            nb++;
+        }
+    }
+    ps->par = calloc((size_t)(n > 0 ? n : 1), sizeof *ps->par);
+    ps->bk = calloc((size_t)(nb > 0 ? nb : 1), sizeof *ps->bk);
+    if (!ps->server_of || !ps->chunk_first || !ps->par || !ps->bk)
+        return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    pw_ps_assign(g, K, ps->server_of);
+    const int W = t->n_ranks * t->n_replicas;
+    for (int ch = 0; ch < pl->C; ch++) {
+        ps->chunk_first[ch] = ps->n_par;
+        if (!stage_here(pl, ch)) continue;
+        gstage *gs = stage_at(pl, 0, ch);
+        for (int j = 0; j < gs->n_pieces; j++) {
+            pw_program *pr = gs->piece[j];
+            const int np = pw_program_n_params(pr);
+            if (np == 0) continue;
+            ps_bucket *b = &ps->bk[ps->n_bk++];
+            b->first = ps->n_par;
+            b->n = np;
+            for (int i = 0; i < np; i++) {
+                pw_program_param pp;
+                pw_program_param_at(pr, i, &pp);
+                float *uses[2];
+                if (pw_program_param_uses(pr, i, uses, 2) != 1)
+                    return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %s is used twice in one stage "
+                                    "(tied); not supported with --sync ps yet", pp.name);
+                if (i == 0) b->key = uses[0];
+                ps_param *p = &ps->par[ps->n_par++];
+                p->gp = pp.graph_param;
+                p->server = W + ps->server_of[p->gp];
+                p->prog = pr;
+                p->idx = i;
+                p->numel = pp.numel;
+                p->grad = uses[0];
+                p->slot = malloc((size_t)ps->slots * (size_t)pp.numel * sizeof(float) + 1);
+                p->rreq = calloc((size_t)ps->slots, sizeof *p->rreq);
+                if (!p->slot || !p->rreq) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+            }
+        }
+    }
+    ps->chunk_first[pl->C] = ps->n_par;
+    return PW_OK;
+}
+
+const pw_stage_i *pl_ps_vt(pw_pipeline *pl, const pw_stage_i *base)
+{
+    pl_ps *ps = pl->ps;
+    ps->vt = *base;
+    ps->vt.optimizer_step = ps_pull;
+    ps->vt.optimizer_try = NULL;
+    ps->vt.optimizer_commit = NULL;
+    ps->vt.optimizer_undo = NULL;
+    return &ps->vt;
+}
+
+const pw_transport *pl_ps_transport(pw_pipeline *pl) { return &pl->ps->t; }
+
+pw_status pl_ps_start(pw_pipeline *pl) { return ps_hello(pl->ps); }
+
+/* Every version pushed so far received, the newest in the programs: what
+ * the servers hold (with staleness, before an evaluation or a save). */
+pw_status pl_ps_settle(pw_pipeline *pl)
+{
+    pl_ps *ps = pl->ps;
+    if (!ps) return PW_OK;
+    const pw_transport *t = &ps->t;
+    for (int i = 0; i < ps->n_par; i++) {
+        ps_param *p = &ps->par[i];
+        while (p->have < p->posted) {
+            char what[256];
+            snprintf(what, sizeof what, "version %lld of %s from MPI rank %d", (long long)(p->have + 1),
+                     pl->g->params[p->gp].name, p->server);
+            PW_CHECK(ps_wait(t, &p->rreq[(p->have + 1) % ps->slots], p->server, what));
+            p->have++;
+        }
+        if (p->have > p->applied) {
+            PW_CHECK(pw_program_param_write(p->prog, p->idx, PW_PARAM_DATA,
+                                            p->slot + (size_t)(p->have % ps->slots) * (size_t)p->numel));
+            p->applied = p->have;
+        }
+    }
+    return PW_OK;
+}
+
+void pl_ps_destroy(pw_pipeline *pl)
+{
+    pl_ps *ps = pl->ps;
+    if (!ps) return;
+    const pw_transport *t = &ps->t;
+    if (ps->hello_sent && pl_ps_settle(pl) == PW_OK) {
+        /* Goodbye to every server (bounded; a failure is only a warning: the
+         * run is over and the servers' watchdogs name the silence). */
+        const int64_t steps = pl->step;
+        for (int k = 0; k < ps->K; k++) {
+            const int srv = t->n_ranks * t->n_replicas + k;
+            pw_treq r;
+            char what[96];
+            snprintf(what, sizeof what, "MPI rank %d (server %d) to take the goodbye", srv, k);
+            pw_status st = t->vt->ps_isend(t->self, srv, TAG_BYE(pl->g->n_params), &steps, sizeof steps, &r);
+            if (st == PW_OK) st = ps_wait(t, &r, srv, what);
+            if (st != PW_OK) PW_WARN("parameter server: %s", pw_last_error());
+        }
+    }
+    for (int i = 0; i < ps->n_par; i++) {
+        free(ps->par[i].slot);
+        free(ps->par[i].rreq);
+    }
+    free(ps->par);
+    free(ps->bk);
+    free(ps->chunk_first);
+    free(ps->server_of);
+    free(ps);
+    pl->ps = NULL;
+}
+
+/* ================================================================ servers */
+
+/* One parameter on its server. With staleness s the gradients of s + 1
+ * consecutive steps may be in flight from a replica; step v's go to ring
+ * slot v mod (s + 1), whose receives are posted as soon as the slot's
+ * previous step has been applied. */
+typedef struct srv_param {
+    int gp, decay;
+    int64_t numel;
+    int *holder;              /* [R] world rank of the replica's process holding it */
+    float *data, *state;
+    float *grads;             /* [slots][R][numel] */
+    pw_treq *rreq;            /* [slots][R] */
+    unsigned char *got;       /* [slots][R] that step's gradient arrived */
+    int *n_got;               /* [slots] */
+    float *sbuf;              /* [slots][numel] the versions being sent (v in slot v mod slots) */
+    pw_treq *sreq;            /* [slots][R] their sends */
+    unsigned char *sending;   /* [slots] */
+    int64_t step;             /* updates done: the version the server holds */
+} srv_param;
+
+typedef struct server {
+    const pw_ps_server_config *cfg;
+    pw_optim_config optim;    /* world rank 0's */
+    const pw_transport *t;
+    int R, W, np, stale, slots;
+    srv_param *par;
+    int n_par;
+    int *index;               /* [np] graph param -> par index, -1 */
+} server;
+
+static void srv_free(server *s)
+{
+    for (int i = 0; s->par && i < s->n_par; i++) {
+        srv_param *p = &s->par[i];
+        free(p->holder);
+        free(p->data);
+        free(p->state);
+        free(p->grads);
+        free(p->rreq);
+        free(p->sreq);
+        free(p->got);
+        free(p->n_got);
+        free(p->sbuf);
+        free(p->sending);
+    }
+    free(s->par);
+    free(s->index);
+}
+
+/* The receive rings, once the staleness is known (world rank 0's hello). */
+static pw_status srv_alloc(server *s, int stale)
+{
+    s->stale = stale;
+    s->slots = stale + 1;
+    const size_t R = (size_t)s->R, sl = (size_t)s->slots;
+    for (int i = 0; i < s->n_par; i++) {
+        srv_param *p = &s->par[i];
+        p->grads = malloc(sl * R * (size_t)p->numel * sizeof(float) + 1);
+        p->rreq = calloc(sl * R, sizeof *p->rreq);
+        p->got = calloc(sl * R, 1);
+        p->n_got = calloc(sl, sizeof *p->n_got);
+        p->sbuf = malloc(sl * (size_t)p->numel * sizeof(float) + 1);
+        p->sreq = calloc(sl * R, sizeof *p->sreq);
+        p->sending = calloc(sl, 1);
+        if (!p->grads || !p->rreq || !p->got || !p->n_got || !p->sbuf || !p->sreq || !p->sending)
+            return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    }
+    return PW_OK;
+}
+
+/* Every worker's hello: which of this server's parameters it holds, and
+ * (replica 0's) their initial values. */
+static pw_status srv_hello(server *s)
+{
+    const pw_transport *t = s->t;
+    const pw_graph *g = s->cfg->graph;
+    const int S = t->n_ranks;
+    for (int w = 0; w < s->W; w++) {
+        int64_t bytes = 0;
+        pw_treq r;
+        char what[128];
+        snprintf(what, sizeof what, "the parameters of MPI rank %d (replica %d, stage %d)", w, w / S, w % S);
+        PW_CHECK(t->vt->ps_irecv(t->self, w, TAG_HELLO_N(s->np), &bytes, sizeof bytes, &r));
+        PW_CHECK(ps_wait(t, &r, w, what));
+        if (bytes < (int64_t)(2 * sizeof(int64_t) + OPTIM_BYTES) || bytes > ((int64_t)1 << 31))
+            return pw_error(PW_ERR_IO, "parameter server: MPI rank %d announced %lld bytes", w, (long long)bytes);
+        char *msg = malloc((size_t)bytes);
+        if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        pw_status st = t->vt->ps_irecv(t->self, w, TAG_HELLO(s->np), msg, (size_t)bytes, &r);
+        if (st == PW_OK) st = ps_wait(t, &r, w, what);
+        const int64_t *h = (const int64_t *)(const void *)msg;
+        const int64_t n = st == PW_OK ? h[0] : 0, stale = st == PW_OK ? h[1] : 0;
+        const int64_t *pair = h + 2;
+        if (st == PW_OK && (n < 0 || (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
+            st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
+        if (st == PW_OK && w == 0) {
+            memcpy(&s->optim, pair + 2 * n, sizeof s->optim);
+            st = stale < 0 || stale > 1000
+                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent staleness %lld", (long long)stale)
+                     : srv_alloc(s, (int)stale);
+        }
+        if (st == PW_OK && stale != s->stale)
+            st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d runs --staleness %lld, MPI rank 0 %d",
+                          w, (long long)stale, s->stale);
+        const float *v = (const float *)(const void *)((const char *)(pair + 2 * n) + OPTIM_BYTES);
+        for (int64_t m = 0; m < n && st == PW_OK; m++) {
+            const int64_t gp = pair[2 * m], numel = pair[2 * m + 1];
+            const int i = gp >= 0 && gp < s->np ? s->index[gp] : -1;
+            if (i < 0 || numel != s->par[i].numel) {
+                st = pw_error(PW_ERR_INVALID_ARG, "parameter server %d: MPI rank %d sent parameter %lld (%lld "
+                              "floats), which this server does not hold in that size (do all processes run "
+                              "the same graph and --servers?)", t->server, w, (long long)gp, (long long)numel);
+                break;
+            }
+            srv_param *p = &s->par[i];
+            const int k = w / S;
+            if (p->holder[k] >= 0) {
+                st = pw_error(PW_ERR_UNSUPPORTED, "parameter server: %s is held by MPI ranks %d and %d of "
+                              "replica %d (tied across stages)", g->params[gp].name, p->holder[k], w, k);
+                break;
+            }
+            p->holder[k] = w;
+            if (k == 0) memcpy(p->data, v, (size_t)numel * sizeof(float));
+            v += numel;
+        }
+        free(msg);
+        PW_CHECK(st);
+    }
+    for (int i = 0; i < s->n_par; i++)
+        for (int k = 0; k < s->R; k++)
+            if (s->par[i].holder[k] < 0)
+                return pw_error(PW_ERR_INTERNAL, "parameter server %d: no process of replica %d holds %s",
+                                t->server, k, g->params[s->par[i].gp].name);
+    return PW_OK;
+}
+
+/* The receives of step v's gradients (slot v mod slots). */
+static pw_status srv_post(server *s, srv_param *p, int64_t v)
+{
+    const pw_transport *t = s->t;
+    const int sl = (int)(v % s->slots);
+    for (int k = 0; k < s->R; k++) {
+        const size_t at = (size_t)sl * (size_t)s->R + (size_t)k;
+        p->got[at] = 0;
+        PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, p->grads + at * (size_t)p->numel,
+                                 (size_t)p->numel * sizeof(float), &p->rreq[at]));
+    }
+    p->n_got[sl] = 0;
+    return PW_OK;
+}
+
+/* 1 when the sends from slot sl are done (tested without waiting), so the
+ * slot may take the next version; -1: a send failed. */
+static int srv_slot_free(server *s, srv_param *p, int sl)
+{
+    const pw_transport *t = s->t;
+    for (int k = 0; p->sending[sl] && k < s->R; k++) {
+        const int rc = t->vt->test(t->self, &p->sreq[(size_t)sl * (size_t)s->R + (size_t)k]);
+        if (rc < 0) {
+            pw_error(PW_ERR_IO, "parameter server %d: sending %s to MPI rank %d: %s", t->server,
+                     s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
+            return -1;
+        }
+        if (rc == 0) return 0;
+    }
+    p->sending[sl] = 0;
+    return 1;
+}
+
+/* All R gradients of the parameter's next step are here (and its send slot
+ * is free): sum them in the tree all-reduce's order, step the optimizer,
+ * send the new version from a copy (a worker that takes it late holds
+ * nobody up), and post the receives of the step that takes over the slot. */
+static pw_status srv_update(server *s, srv_param *p)
+{
+    const pw_transport *t = s->t;
+    const int R = s->R;
+    const int64_t n = p->numel, step = p->step + 1;
+    const int sl = (int)(step % s->slots);
+    float *part[64];
+    for (int k = 0; k < R; k++) part[k] = p->grads + ((size_t)sl * (size_t)R + (size_t)k) * (size_t)n;
+    for (int w = 1; w < R; w *= 2)
+        for (int a = 0; a + w < R; a += 2 * w) {
+            float *restrict d = part[a];
+            const float *restrict q = part[a + w];
+            for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
+        }
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(part[0][i]))
+            return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite (parameter server %d)",
+                            (long long)step, s->cfg->graph->params[p->gp].name, t->server);
+    pw_optim_update(&s->optim, step, p->data, part[0], p->state, n, p->decay);
+    p->step = step;
+    float *out = p->sbuf + (size_t)sl * (size_t)n;
+    memcpy(out, p->data, (size_t)n * sizeof(float));
+    for (int k = 0; k < R; k++)
+        PW_CHECK(t->vt->ps_isend(t->self, p->holder[k], p->gp, out, (size_t)n * sizeof(float),
+                                 &p->sreq[(size_t)sl * (size_t)R + (size_t)k]));
+    p->sending[sl] = 1;
+    return srv_post(s, p, step + s->slots);
+}
+
+static pw_status srv_loop(server *s)
+{
+    const pw_transport *t = s->t;
+    const int R = s->R;
+    int64_t *bye = malloc((size_t)s->W * sizeof *bye);
+    pw_treq *breq = calloc((size_t)s->W, sizeof *breq);
+    unsigned char *said = calloc((size_t)s->W, 1);
+    pw_status st = bye && breq && said ? PW_OK : pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int w = 0; w < s->W && st == PW_OK; w++)
+        st = t->vt->ps_irecv(t->self, w, TAG_BYE(s->np), &bye[w], sizeof bye[w], &breq[w]);
+    for (int i = 0; i < s->n_par && st == PW_OK; i++)
+        for (int64_t v = 1; v <= s->slots && st == PW_OK; v++) st = srv_post(s, &s->par[i], v);
+    int n_said = 0;
+    int64_t last = pw_now_ns(), check = last + (int64_t)(t->watchdog_s * 1e9), version = 0;
+    for (int spin = 0; st == PW_OK; spin++) {
+        int moved = 0;
+        for (int i = 0; i < s->n_par && st == PW_OK; i++) {
+            srv_param *p = &s->par[i];
+            /* Every posted slot: a fast replica's later gradients are taken as they come. */
+            for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
+                for (int k = 0; k < R && st == PW_OK; k++) {
+                    const size_t at = (size_t)sl * (size_t)R + (size_t)k;
+                    if (p->got[at]) continue;
+                    const int rc = t->vt->test(t->self, &p->rreq[at]);
+                    if (rc < 0)
+                        st = pw_error(PW_ERR_IO, "parameter server %d: the gradient of %s from MPI rank %d: %s",
+                                      t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
+                    if (rc == 1) p->got[at] = 1, p->n_got[sl]++, moved = 1;
+                }
+            for (;;) {
+                const int next = (int)((p->step + 1) % s->slots);
+                if (st != PW_OK || p->n_got[next] != R) break;
+                const int free_ = srv_slot_free(s, p, next);
+                if (free_ < 0) st = PW_ERR_IO;
+                if (free_ <= 0) break;
+                st = srv_update(s, p);
+                moved = 1;
+            }
+            for (int sl = 0; sl < s->slots && st == PW_OK; sl++) /* lets MPI move the sends */
+                if (p->sending[sl] && srv_slot_free(s, p, sl) < 0) st = PW_ERR_IO;
+        }
+        for (int w = 0; w < s->W && st == PW_OK; w++) {
+            if (said[w]) continue;
+            const int rc = t->vt->test(t->self, &breq[w]);
+            if (rc < 0) st = pw_error(PW_ERR_IO, "parameter server: %s", pw_last_error());
+            if (rc == 1) said[w] = 1, n_said++, moved = 1;
+        }
+        int64_t low = INT64_MAX;
+        for (int i = 0; i < s->n_par; i++)
+            if (s->par[i].step < low) low = s->par[i].step;
+        if (low != INT64_MAX && low > version) {
+            version = low;
+            pw_transport_phase(t, PW_PHASE_STEP, version);
+        }
+        if (st != PW_OK) break;
+        if (n_said == s->W) {
+            int64_t steps = 0;
+            for (int w = 0; w < s->W; w++)
+                if (bye[w] > steps) steps = bye[w];
+            if (s->n_par == 0 || low >= steps) break;
+        }
+        const int64_t now = pw_now_ns();
+        if (moved) {
+            pw_transport_progress(t);
+            last = now;
+            check = now + (int64_t)(t->watchdog_s * 1e9);
+            spin = 0;
+            continue;
+        }
+        /* Whom the server waits for: the first process whose gradient of the next step is missing. */
+        int peer = PW_WAIT_ALL;
+        for (int i = 0; i < s->n_par && peer == PW_WAIT_ALL; i++) {
+            const srv_param *p = &s->par[i];
+            const size_t sl = (size_t)((p->step + 1) % s->slots);
+            for (int k = 0; k < R; k++)
+                if (!p->got[sl * (size_t)R + (size_t)k]) {
+                    peer = p->holder[k];
+                    break;
+                }
+        }
+        pw_transport_waiting(t, peer);
+        if (spin < 64) sched_yield();
+        else nanosleep(&(struct timespec){0, 20000}, NULL);
+        if (now < check) continue;
+        char why[400] = "";
+        if (pw_transport_blame(t, t->watchdog_s, NULL, why, sizeof why) == -1) {
+            check = now + 100000000LL;
+            continue;
+        }
+        st = pw_error(PW_ERR_TIMEOUT, "%s%sMPI rank %d (server %d) waited %.1f s for the gradients of step %lld",
+                      why, why[0] ? "; " : "", t->world_rank, t->server, (double)(now - last) / 1e9,
+                      (long long)version + 1);
+    }
+    pw_transport_waiting(t, PW_WAIT_NOBODY);
+    /* The last versions' sends, then the receives nobody will send to. */
+    for (int i = 0; i < s->n_par && st == PW_OK; i++) {
+        srv_param *p = &s->par[i];
+        for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
+            for (int k = 0; p->sending[sl] && k < R && st == PW_OK; k++)
+                st = ps_wait(t, &p->sreq[(size_t)sl * (size_t)R + (size_t)k], p->holder[k],
+                             "a worker to take the last parameters");
+    }
+    for (int i = 0; i < s->n_par; i++)
+        for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)R; at++)
+            if (!s->par[i].got[at] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[at]);
+    for (int w = 0; breq && said && w < s->W; w++)
+        if (!said[w] && t->vt->cancel) t->vt->cancel(t->self, &breq[w]);
+    free(bye);
+    free(breq);
+    free(said);
+    return st;
+}
+
+pw_status pw_ps_serve(const pw_ps_server_config *cfg)
+{
+    const pw_transport *t = cfg ? cfg->transport : NULL;
+    if (!t || !cfg->graph || t->server < 0 || !t->vt->ps_irecv)
+        return pw_error(PW_ERR_INVALID_ARG, "pw_ps_serve: needs a graph and a transport whose process is a server");
+    const pw_graph *g = cfg->graph;
+    server s = {.cfg = cfg, .t = t, .R = t->n_replicas, .W = t->n_ranks * t->n_replicas, .np = g->n_params};
+    if (s.R > 64) return pw_error(PW_ERR_UNSUPPORTED, "parameter server: at most 64 replicas (got %d)", s.R);
+    int *owner = malloc((size_t)(s.np > 0 ? s.np : 1) * sizeof *owner);
+    s.index = malloc((size_t)(s.np > 0 ? s.np : 1) * sizeof *s.index);
+    s.par = calloc((size_t)(s.np > 0 ? s.np : 1), sizeof *s.par);
+    pw_status st = owner && s.index && s.par ? PW_OK : pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    if (st == PW_OK) pw_ps_assign(g, t->n_servers, owner);
+    const int sf = 2; /* the most any optimizer keeps (AdamW); the kind arrives with the hello */
+    for (int gp = 0; gp < s.np && st == PW_OK; gp++) {
+        s.index[gp] = -1;
+        if (owner[gp] != t->server) continue;
+        s.index[gp] = s.n_par;
+        srv_param *p = &s.par[s.n_par++];
+        p->gp = gp;
+        p->decay = g->params[gp].decay;
+        p->numel = pw_shape_numel(&g->params[gp].shape);
+        const size_t n = (size_t)p->numel;
+        p->holder = malloc((size_t)s.R * sizeof *p->holder);
+        p->data = malloc(n * sizeof(float) + 1);
+        p->state = calloc(n * (size_t)sf + 1, sizeof(float));
+        if (!p->holder || !p->data || !p->state) {
+            st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+            break;
+        }
+        for (int k = 0; k < s.R; k++) p->holder[k] = -1;
+    }
+    free(owner);
+    int64_t bytes = 0;
+    for (int i = 0; i < s.n_par; i++) bytes += s.par[i].numel * (int64_t)sizeof(float);
+    PW_INFO(PW_SUB_COMM, "parameter server %d (MPI rank %d): %d parameters, %.2f MB, %d replicas",
+            t->server, t->world_rank, s.n_par, (double)bytes / 1e6, s.R);
+    if (st == PW_OK) st = srv_hello(&s);
+    if (st == PW_OK) st = srv_loop(&s);
+    srv_free(&s);
+    return st;
+}

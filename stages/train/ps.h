@@ -1,0 +1,70 @@
+/* pipewright — a parameter server for pipelines under MPI (--sync ps
+ * --servers K; docs/distributed.md, "Parameter server").
+ *
+ * A run of S stages x R replicas with K servers has S·R + K processes: the
+ * workers are world ranks 0 .. S·R−1 as in any run (pw_mpi_config), the
+ * servers the last K (server j is world rank S·R + j). The servers hold the
+ * parameters and their optimizer state, sharded by parameter
+ * (pw_ps_assign); a worker builds its pipeline with
+ * pw_pipeline_config.ps_servers = K and then, instead of all-reducing a
+ * gradient bucket, pushes each of its parameters' gradients to the server
+ * holding it as soon as the bucket's last backward returns, and at OPTIM
+ * pulls the parameters the server computed. A server runs pw_ps_serve
+ * until every worker has said it is done; it takes the optimizer's
+ * configuration (its learning-rate schedule included) from world rank 0.
+ *
+ *     // on a server (t->server >= 0):
+ *     pw_ps_server_config sc = {.graph = g, .transport = t};
+ *     if (pw_ps_serve(&sc) != PW_OK) { report pw_last_error(); pw_transport_abort(t, 1); }
+ *
+ * Synchronous (staleness 0): the server sums the R replicas' gradients of a
+ * parameter in the tree all-reduce's order (runtime/collective.h: pairwise
+ * over the replicas in index order), then steps the optimizer exactly as a
+ * worker would (pw_optim_update, the same step count): the parameters are
+ * bit-identical to --allreduce tree.
+ *
+ * Stale-synchronous (staleness s > 0): the server still applies one update
+ * per step, step t's from the R replicas' step-t gradients, making version
+ * t of the parameters; a worker's OPTIM of step t waits only until it holds
+ * version t − s or newer and takes the newest it has, so the forward of
+ * step t + 1 uses a version in [t − s, t] and no replica runs more than s
+ * steps ahead of the slowest. The version each step used is in the trace
+ * ("PS pull" events, docs/distributed.md).
+ *
+ * Errors name the process: a server that stops is named by the workers'
+ * watchdogs ("MPI rank 4 (server 0) stalled: ..."), through the heartbeat
+ * board of runtime/transport.h.
+ *
+ * Ownership and threads: pw_ps_serve borrows the graph and the transport
+ * for the call and runs on the caller's thread (it returns at the end of
+ * the run); pw_ps_assign is a pure function of its arguments.
+ */
+#ifndef PW_STAGES_TRAIN_PS_H
+#define PW_STAGES_TRAIN_PS_H
+
+#include "graph/graph.h"
+#include "runtime/transport.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Which server holds each graph parameter: out[p] in [0, K) for every p <
+ * g->n_params. Balanced by bytes, deterministic: the parameters from the
+ * largest to the smallest (ties: graph order) each go to the server with
+ * the fewest bytes so far (ties: the lowest index). */
+void pw_ps_assign(const pw_graph *g, int K, int *out);
+
+typedef struct pw_ps_server_config {
+    const pw_graph *graph;
+    const pw_transport *transport; /* this process is server transport->server */
+} pw_ps_server_config;
+
+/* Serves until every worker has said goodbye; bounded by the transport's
+ * watchdog (a worker that stops is named). PW_OK at the end of the run. */
+pw_status pw_ps_serve(const pw_ps_server_config *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,108 @@
+/* The parameter server's pieces that run in one process (stages/train/ps.h):
+ * the sharding of parameters over servers, and the refusals. The servers
+ * themselves run under mpirun: tests/mpi/mpi_driver.c (PW_MPI_ONLY=ps). */
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipewright.h"
+
+static const char *MLP = "graph t\n"
+                         "input x : f32[16]\n"
+                         "label y : i32[]\n"
+                         "a = linear(x, out=64)\n"
+                         "b = relu(a)\n"
+                         "c = linear(b, out=32)\n"
+                         "d = relu(c)\n"
+                         "e = linear(d, out=4)\n"
+                         "loss = softmax_cross_entropy(e, y)\n";
+
+static pw_graph *parse(const char *text)
+{
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "t.graph", &g), PW_OK, "%s", pw_last_error());
+    return g;
+}
+
+/* Every parameter on one server in range; the same answer twice; the
+ * servers' bytes within the largest parameter of each other (greedy by
+ * bytes, largest first). */
+Test(ps, assign_balances_by_bytes)
+{
+    pw_graph *g = parse(MLP);
+    cr_assert_eq(g->n_params, 6);
+    for (int K = 1; K <= 8; K++) {
+        int a[6], b[6];
+        pw_ps_assign(g, K, a);
+        pw_ps_assign(g, K, b);
+        cr_assert_arr_eq(a, b, sizeof a, "K=%d: not deterministic", K);
+        int64_t load[8] = {0}, biggest = 0;
+        for (int p = 0; p < g->n_params; p++) {
+            cr_assert(a[p] >= 0 && a[p] < K, "K=%d: parameter %d on server %d", K, p, a[p]);
+            const int64_t bytes = pw_shape_numel(&g->params[p].shape) * 4;
+            load[a[p]] += bytes;
+            if (bytes > biggest) biggest = bytes;
+        }
+        int64_t lo = INT64_MAX, hi = 0;
+        for (int k = 0; k < K; k++) {
+            if (load[k] < lo) lo = load[k];
+            if (load[k] > hi) hi = load[k];
+        }
+        cr_assert(hi - lo <= biggest, "K=%d: servers hold %lld to %lld bytes", K, (long long)lo, (long long)hi);
+    }
+    /* K = 2: the 64x16 and 32x64 weights (4 KiB, 8 KiB) go to different servers. */
+    int a[6];
+    pw_ps_assign(g, 2, a);
+    int w1 = -1, w2 = -1;
+    for (int p = 0; p < g->n_params; p++) {
+        if (!strcmp(g->params[p].name, "a.weight")) w1 = a[p];
+        if (!strcmp(g->params[p].name, "c.weight")) w2 = a[p];
+    }
+    cr_assert(w1 >= 0 && w2 >= 0 && w1 != w2, "a.weight on %d, c.weight on %d", w1, w2);
+    pw_graph_destroy(g);
+}
+
+/* Without a transport that has the servers, a pipeline refuses them with
+ * a message saying what is missing; a staleness without servers too. */
+Test(ps, pipeline_needs_servers)
+{
+    pw_graph *g = parse(MLP);
+    pw_synthetic_config sc0 = {.n = 64, .sample_shape = {.ndim = 1, .d = {16}}, .n_classes = 4, .seed = 3,
+                               .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc0, &d), PW_OK, "%s", pw_last_error());
+    pw_pipeline_config c = pw_pipeline_defaults();
+    c.graph = g;
+    c.train = d;
+    c.batch = 16;
+    c.replicas = 2;
+    c.pin = 0;
+    c.ps_servers = 1;
+    pw_pipeline *pl = NULL;
+    cr_assert_eq(pw_pipeline_create(&c, &pl), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "--servers 1"), "%s", pw_last_error());
+    c.ps_servers = 0;
+    c.ps_staleness = 2;
+    cr_assert_eq(pw_pipeline_create(&c, &pl), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "staleness"), "%s", pw_last_error());
+    pw_ps_server_config sc = {.graph = g};
+    cr_assert_eq(pw_ps_serve(&sc), PW_ERR_INVALID_ARG);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* PW_TEST_SLOW's one-process form (wN: world rank N) and its /EVERY, used
+ * to measure staleness with a slowed worker; read once per process (each
+ * Criterion test is a process of its own). */
+Test(ps, slow_hook_per_process)
+{
+    setenv("PW_TEST_SLOW", "w3:2@2/3,1:5", 1);
+    cr_assert_eq(pw_test_slow_factor_world(3, 1), 1.0);
+    cr_assert_eq(pw_test_slow_factor_world(3, 2), 2.0);
+    cr_assert_eq(pw_test_slow_factor_world(3, 3), 1.0);
+    cr_assert_eq(pw_test_slow_factor_world(3, 5), 2.0);
+    cr_assert_eq(pw_test_slow_factor_world(2, 2), 1.0);
+    cr_assert_eq(pw_test_slow_factor_world(1, 2), 1.0, "a pipeline rank's entry is not a world rank's");
+    cr_assert_eq(pw_test_slow_factor(1, 1), 5.0);
+    cr_assert_eq(pw_test_slow_factor(3, 2), 1.0, "a world rank's entry is not a pipeline rank's");
+}
