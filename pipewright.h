@@ -24,6 +24,7 @@
 #include "scheduler/engine.h"    /* the engine itself */
 #include "scheduler/runner.h"    /* the engine from a schedule name and a stage table */
 #include "runtime/collective.h"  /* gradient buckets summed across replicas */
+#include "runtime/compress.h"    /* ... compressed: bf16, fp16, top-k, PowerSGD */
 #include "runtime/transport.h"   /* several processes: MPI */
 #include "runtime/link.h"        /* a slow link for runs; --allreduce auto and hierarchical */
 #include "runtime/topology.h"    /* hwloc topology and placement */

@@ -45,6 +45,10 @@ typedef struct member {
     int64_t total;
     int64_t gather_rounds;     /* allgather calls done writing */
     double gather[2];          /* by round parity */
+    const void *blob;          /* allgather_bytes: this round's contribution */
+    int64_t blob_bytes;
+    int64_t blob_rounds;       /* allgather_bytes calls published */
+    int64_t blob_read;         /* allgather_bytes calls done reading the others' */
 } member;
 
 struct pw_shm_group {
@@ -313,15 +317,50 @@ static pw_status shm_allgather_f64(void *self, int k, double v, double *out, con
     return st;
 }
 
+/* Publish the pointer, copy every member's bytes once all have published,
+ * and leave once all have copied (the caller may then reuse `mine`). Host
+ * memory only. */
+static pw_status shm_allgather_bytes(void *self, int k, const void *mine, int64_t bytes, void *out,
+                                     const atomic_int *abort)
+{
+    pw_shm_group *g = self;
+    pthread_mutex_lock(&g->mu);
+    member *me = &g->m[k];
+    const int64_t r = me->blob_rounds;
+    me->blob = mine;
+    me->blob_bytes = bytes;
+    me->blob_rounds = r + 1;
+    pthread_cond_broadcast(&g->cv);
+    pw_status st = PW_OK;
+    for (int j = 0; j < g->n && st == PW_OK; j++) st = wait_for(g, &g->m[j].blob_rounds, r + 1, abort);
+    for (int j = 0; j < g->n && st == PW_OK; j++)
+        if (g->m[j].blob_bytes != bytes)
+            st = pw_error(PW_ERR_SHAPE, "all-gather: member %d has %lld bytes, member %d %lld", j,
+                          (long long)g->m[j].blob_bytes, k, (long long)bytes);
+    pthread_mutex_unlock(&g->mu);
+    for (int j = 0; j < g->n && st == PW_OK; j++)
+        if (bytes) memcpy((char *)out + (size_t)j * (size_t)bytes, g->m[j].blob, (size_t)bytes);
+    pthread_mutex_lock(&g->mu);
+    if (st == PW_OK) {
+        me->blob_read = r + 1;
+        pthread_cond_broadcast(&g->cv);
+        for (int j = 0; j < g->n && st == PW_OK; j++) st = wait_for(g, &g->m[j].blob_read, r + 1, abort);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return st;
+}
+
 static const pw_coll_i shm_tree_i = {
     .name = "shm-tree",
     .allreduce = shm_allreduce,
     .allgather_f64 = shm_allgather_f64,
+    .allgather_bytes = shm_allgather_bytes,
 };
 static const pw_coll_i shm_ring_i = {
     .name = "shm-ring",
     .allreduce = shm_allreduce,
     .allgather_f64 = shm_allgather_f64,
+    .allgather_bytes = shm_allgather_bytes,
 };
 
 void pw_shm_group_set_algo(pw_shm_group *g, pw_coll_algo algo)

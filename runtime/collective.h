@@ -104,6 +104,14 @@ typedef struct pw_coll_i {
     /* (optional) For messages, from any thread: the member whose data
      * `member` is waiting for right now, or -1 (not waiting, or unknown). */
     int (*waiting_for)(void *self, int member);
+    /* (optional) Every member contributes `bytes` bytes at `mine` (the same
+     * count on every member); out[0 .. n_members·bytes) receives all of
+     * them in member order. The compressed all-reduces (runtime/compress.h)
+     * move their payloads with it. PW_OK; PW_ERR_TIMEOUT when aborted;
+     * PW_ERR_SHAPE when the members' counts differ (where detectable);
+     * PW_ERR_IO on a transport error. */
+    pw_status (*allgather_bytes)(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                 const atomic_int *abort);
 } pw_coll_i;
 
 /* One member's endpoint. */
@@ -123,6 +131,16 @@ static inline pw_status pw_coll_allgather_f64(const pw_coll *c, double v, double
                                               const atomic_int *abort)
 {
     return c->vt->allgather_f64(c->self, c->member, v, out, abort);
+}
+
+/* PW_ERR_UNSUPPORTED when the endpoint has no allgather_bytes. */
+static inline pw_status pw_coll_allgather_bytes(const pw_coll *c, const void *mine, int64_t bytes, void *out,
+                                                const atomic_int *abort)
+{
+    if (!c->vt->allgather_bytes)
+        return pw_error(PW_ERR_UNSUPPORTED, "collective %s cannot gather bytes (needed by --compress)",
+                        c->vt->name);
+    return c->vt->allgather_bytes(c->self, c->member, mine, bytes, out, abort);
 }
 
 /* Total floats of a span list. */

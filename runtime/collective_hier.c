@@ -219,8 +219,25 @@ static int st_waiting_for(void *self, int member)
     return s->top.vt->waiting_for ? s->top.vt->waiting_for(s->top.self, s->top.member) : -1;
 }
 
+/* The compressed all-reduces' gather: the top endpoint's when it has one,
+ * else the first algorithm's that has (behind the link when throttled);
+ * the hierarchical all-reduce alone has none (PW_ERR_UNSUPPORTED, naming
+ * it). */
+static pw_status st_allgather_bytes(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                    const atomic_int *abort)
+{
+    stack *s = self;
+    (void)member;
+    if (s->top.vt->allgather_bytes) return pw_coll_allgather_bytes(&s->top, mine, bytes, out, abort);
+    for (int i = 0; i < s->n; i++) {
+        const pw_coll *c = s->throttled ? &s->thr[i] : &s->base[i];
+        if (s->base[i].vt->allgather_bytes) return pw_coll_allgather_bytes(c, mine, bytes, out, abort);
+    }
+    return pw_coll_allgather_bytes(&s->top, mine, bytes, out, abort);
+}
+
 static const pw_coll_i stack_i = {.name = "mpi", .allreduce = st_allreduce, .allgather_f64 = st_allgather,
-                                  .waiting_for = st_waiting_for};
+                                  .waiting_for = st_waiting_for, .allgather_bytes = st_allgather_bytes};
 
 static const char *algo_name(pw_allreduce_algo a)
 {

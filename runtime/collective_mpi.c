@@ -257,6 +257,26 @@ static pw_status mpi_allgather_f64(void *self, int member, double v, double *out
     return pw_mpi_wait(&r, 1, NULL, abort, "MPI_Iallgather");
 }
 
+static pw_status mpi_allgather_bytes(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                     const atomic_int *abort)
+{
+    (void)member;
+    mpi_coll *c = self;
+    if (bytes > INT_MAX)
+        return pw_error(PW_ERR_UNSUPPORTED, "all-gather: %lld bytes are too many for MPI (use more buckets)",
+                        (long long)bytes);
+    if (c->n == 1) {
+        if (bytes) memcpy(out, mine, (size_t)bytes);
+        return PW_OK;
+    }
+    MPI_Request r;
+    pw_mpi_lock();
+    int rc = MPI_Iallgather(mine, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, c->comm, &r);
+    pw_mpi_unlock();
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Iallgather of a compressed bucket");
+    return pw_mpi_wait(&r, 1, NULL, abort, "MPI_Iallgather of a compressed bucket");
+}
+
 static int mpi_waiting_for(void *self, int member)
 {
     (void)member;
@@ -266,12 +286,13 @@ static int mpi_waiting_for(void *self, int member)
 
 static const pw_coll_i mpi_tree_i = {
     .name = "mpi-tree", .allreduce = mpi_allreduce, .allgather_f64 = mpi_allgather_f64,
-    .waiting_for = mpi_waiting_for};
+    .waiting_for = mpi_waiting_for, .allgather_bytes = mpi_allgather_bytes};
 static const pw_coll_i mpi_ring_i = {
     .name = "mpi-ring", .allreduce = mpi_allreduce, .allgather_f64 = mpi_allgather_f64,
-    .waiting_for = mpi_waiting_for};
+    .waiting_for = mpi_waiting_for, .allgather_bytes = mpi_allgather_bytes};
 static const pw_coll_i mpi_iallreduce_i = {
-    .name = "mpi-iallreduce", .allreduce = mpi_allreduce, .allgather_f64 = mpi_allgather_f64};
+    .name = "mpi-iallreduce", .allreduce = mpi_allreduce, .allgather_f64 = mpi_allgather_f64,
+    .allgather_bytes = mpi_allgather_bytes};
 
 pw_status pw_mpi_coll_init(MPI_Comm comm, pw_allreduce_algo algo, pw_coll *out)
 {

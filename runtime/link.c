@@ -87,9 +87,24 @@ static int th_waiting_for(void *self, int member)
     return t->inner.vt->waiting_for ? t->inner.vt->waiting_for(t->inner.self, t->inner.member) : -1;
 }
 
+/* The compressed all-reduces' gather (runtime/compress.h): each member
+ * receives the n − 1 other payloads, as n − 1 messages of `bytes` over
+ * the link. */
+static pw_status th_allgather_bytes(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                    const atomic_int *abort)
+{
+    throttle *t = self;
+    (void)member;
+    PW_CHECK(pw_coll_allgather_bytes(&t->inner, mine, bytes, out, abort));
+    const int n = t->inner.n_members;
+    const double inv_b = t->link.bandwidth > 0 ? 1.0 / t->link.bandwidth : 0.0;
+    const double s = n > 1 ? (n - 1) * ((double)bytes * inv_b + t->link.latency_s) : 0.0;
+    return pw_link_sleep_until(pw_now_ns() + (int64_t)(s * 1e9), abort, "throttled all-gather");
+}
+
 static const pw_coll_i throttle_i = {
     .name = "throttled", .allreduce = th_allreduce, .allgather_f64 = th_allgather,
-    .waiting_for = th_waiting_for};
+    .waiting_for = th_waiting_for, .allgather_bytes = th_allgather_bytes};
 
 pw_status pw_coll_throttle_create(const pw_coll *inner, const pw_link *l, pw_allreduce_algo algo, int hosts,
                                   pw_coll *out)
@@ -161,7 +176,19 @@ static pw_status au_allgather(void *self, int member, double v, double *out, con
     return pw_coll_allgather_f64(&a->cands[0], v, out, abort);
 }
 
-static const pw_coll_i auto_i = {.name = "auto", .allreduce = au_allreduce, .allgather_f64 = au_allgather};
+/* Gathers take the first candidate that can (the tree, when it is one). */
+static pw_status au_allgather_bytes(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                    const atomic_int *abort)
+{
+    coll_auto *a = self;
+    (void)member;
+    for (int i = 0; i < a->n; i++)
+        if (a->cands[i].vt->allgather_bytes) return pw_coll_allgather_bytes(&a->cands[i], mine, bytes, out, abort);
+    return pw_coll_allgather_bytes(&a->cands[0], mine, bytes, out, abort); /* the error */
+}
+
+static const pw_coll_i auto_i = {.name = "auto", .allreduce = au_allreduce, .allgather_f64 = au_allgather,
+                                 .allgather_bytes = au_allgather_bytes};
 
 pw_status pw_coll_auto_create(const pw_coll_auto_cfg *cfg, pw_coll *out)
 {

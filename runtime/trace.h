@@ -53,6 +53,8 @@ typedef struct pw_trace_event {
     int64_t step;           /* training step, from 1 */
     int64_t bytes;          /* bytes moved, 0 none */
     int64_t t0_ns, t1_ns;   /* CLOCK_MONOTONIC */
+    int64_t wire_bytes;     /* ALLREDUCE with --compress: the bucket's payload after
+                               compression (bytes is then its fp32 size), 0 none */
 } pw_trace_event;
 
 typedef struct pw_trace pw_trace;

@@ -355,7 +355,8 @@ static void write_event(FILE *f, const pw_trace_record *ev, int64_t shift)
     if (ev->has & PW_TREC_TID) fprintf(f, ", \"tid\": %" PRId64, ev->tid);
     if (ev->has & PW_TREC_TS) put_time(f, "ts", ev->ts_ns + shift);
     if (ev->has & PW_TREC_DUR) put_time(f, "dur", ev->dur_ns);
-    const unsigned args = PW_TREC_STEP | PW_TREC_STAGE | PW_TREC_MB | PW_TREC_PEER | PW_TREC_BYTES | PW_TREC_ARG_NAME;
+    const unsigned args = PW_TREC_STEP | PW_TREC_STAGE | PW_TREC_MB | PW_TREC_PEER | PW_TREC_BYTES | PW_TREC_ARG_NAME |
+                          PW_TREC_WIRE_BYTES;
     if (ev->has & args) {
         fputs(", \"args\": {", f);
         sep = "";
@@ -364,6 +365,7 @@ static void write_event(FILE *f, const pw_trace_record *ev, int64_t shift)
         if (ev->has & PW_TREC_MB) fprintf(f, "%s\"mb\": %d", sep, (int)ev->mb), sep = ", ";
         if (ev->has & PW_TREC_PEER) fprintf(f, "%s\"peer\": %d", sep, (int)ev->peer), sep = ", ";
         if (ev->has & PW_TREC_BYTES) fprintf(f, "%s\"bytes\": %" PRId64, sep, ev->bytes), sep = ", ";
+        if (ev->has & PW_TREC_WIRE_BYTES) fprintf(f, "%s\"wire_bytes\": %" PRId64, sep, ev->wire_bytes), sep = ", ";
         if (ev->has & PW_TREC_ARG_NAME) {
             fprintf(f, "%s\"name\": ", sep);
             pw_trace_write_string(f, ev->arg_name);

@@ -658,7 +658,8 @@ static pw_status skip_value(pw_trace_reader *rd, int depth)
 /* ------------------------------------------------------------ events */
 
 /* Member names the reader keeps; K_OTHER is skipped. */
-enum { K_OTHER = 0, K_NAME, K_CAT, K_PH, K_PID, K_TID, K_TS, K_DUR, K_ARGS, K_STEP, K_STAGE, K_MB, K_PEER, K_BYTES };
+enum { K_OTHER = 0, K_NAME, K_CAT, K_PH, K_PID, K_TID, K_TS, K_DUR, K_ARGS, K_STEP, K_STAGE, K_MB, K_PEER, K_BYTES,
+       K_WIRE_BYTES };
 
 static int key_id(const char *k, size_t n)
 {
@@ -683,6 +684,9 @@ static int key_id(const char *k, size_t n)
     case 5:
         if (!memcmp(k, "stage", 5)) return K_STAGE;
         if (!memcmp(k, "bytes", 5)) return K_BYTES;
+        break;
+    case 10:
+        if (!memcmp(k, "wire_bytes", 10)) return K_WIRE_BYTES;
         break;
     }
     return K_OTHER;
@@ -748,19 +752,21 @@ static pw_status event_args(pw_trace_reader *rd, pw_trace_record *ev)
         int64_t v;
         int ok;
         unsigned bit = k == K_STEP ? PW_TREC_STEP : k == K_STAGE ? PW_TREC_STAGE : k == K_MB ? PW_TREC_MB
-                     : k == K_PEER ? PW_TREC_PEER : k == K_BYTES ? PW_TREC_BYTES : 0;
+                     : k == K_PEER ? PW_TREC_PEER : k == K_BYTES ? PW_TREC_BYTES
+                     : k == K_WIRE_BYTES ? PW_TREC_WIRE_BYTES : 0;
         if (bit) {
             PW_CHECK(read_int_member(rd, &v, &ok));
             int32_t *small = bit == PW_TREC_STAGE ? &ev->stage : bit == PW_TREC_MB ? &ev->mb
                            : bit == PW_TREC_PEER ? &ev->peer : NULL;
             if (ok && small && (v < 0 || v > INT32_MAX)) ok = 0;
-            if (ok && (bit == PW_TREC_STEP || bit == PW_TREC_BYTES) && v < 0) ok = 0;
+            if (ok && (bit == PW_TREC_STEP || bit == PW_TREC_BYTES || bit == PW_TREC_WIRE_BYTES) && v < 0) ok = 0;
             if (!ok) {
                 ev->has |= PW_TREC_BAD_ARGS;
             } else {
                 ev->has |= bit;
                 if (small) *small = (int32_t)v;
                 else if (bit == PW_TREC_STEP) ev->step = v;
+                else if (bit == PW_TREC_WIRE_BYTES) ev->wire_bytes = v;
                 else ev->bytes = v;
             }
         } else if (k == K_NAME && skip_ws(rd) == '"') {

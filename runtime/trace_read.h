@@ -115,6 +115,7 @@ enum {
     PW_TREC_BYTES = 1u << 10,
     PW_TREC_ARG_NAME = 1u << 11,
     PW_TREC_BAD_ARGS = 1u << 12,  /* an args member we read had the wrong type */
+    PW_TREC_WIRE_BYTES = 1u << 13,
 };
 
 /* One event as read. The strings belong to the reader and stay valid until
@@ -130,6 +131,7 @@ typedef struct pw_trace_record {
     int64_t step;                /* args.step, -1 when absent */
     int32_t stage, mb, peer;     /* args.*, -1 when absent */
     int64_t bytes;               /* args.bytes, 0 when absent */
+    int64_t wire_bytes;          /* args.wire_bytes (a compressed ALLREDUCE's payload), 0 when absent */
     int64_t line;                /* line where the event's '{' is */
     int64_t offset;              /* byte offset of that '{' (for pw_trace_reader_seek) */
 } pw_trace_record;

@@ -75,14 +75,21 @@ static void *comm_main(void *arg)
 
         pw_clear_error();
         pw_status st;
+        int64_t wire = 0;
         if (failed || atomic_load(&e->abort)) {
             /* After an aborted or failed collective the group may only be
              * destroyed (collective.h): a member that left early must not
              * start another round while its peers still read its spans. */
             st = pw_error(PW_ERR_TIMEOUT, "collective skipped: the step was aborted");
+        } else if (bk && bk->z) {
+            pw_coll co = bucket_coll(w, j.chunk);
+            pw_compress_bytes by = {0, 0};
+            st = pw_compressor_allreduce(bk->z, &co, bk->spans, bk->n_spans, &e->abort, &by);
+            wire = by.wire;
         } else if (bk) {
             pw_coll co = bucket_coll(w, j.chunk);
             st = pw_coll_allreduce(&co, bk->spans, bk->n_spans, &e->abort);
+            wire = bk->floats * (int64_t)sizeof(float);
         } else {
             pw_coll co = norm_coll(w);
             st = pw_coll_allgather_f64(&co, j.value, w->norm_vals, &e->abort);
@@ -93,6 +100,7 @@ static void *comm_main(void *arg)
         if (bk) {
             bk->state = st == PW_OK ? PW_BK_DONE : PW_BK_FAILED;
             bk->t1 = t1;
+            bk->wire_bytes = wire;
         } else {
             w->norm_state = st == PW_OK ? PW_BK_DONE : PW_BK_FAILED;
         }
@@ -246,11 +254,18 @@ static int buckets_done(pw_worker *w)
             const int c = w->chunk_ids[l];
             pw_bucket *bk = pw_eng_bucket(e, w->lrep, c, b);
             pthread_mutex_lock(&w->comm_mu);
-            int64_t t0 = bk->t0, t1 = bk->t1;
+            int64_t t0 = bk->t0, t1 = bk->t1, wire = bk->wire_bytes;
             pthread_mutex_unlock(&w->comm_mu);
             w->coll_ns += t1 - t0;
-            if (e->trace && bk->floats > 0)
-                pw_eng_trace(w, "ALLREDUCE", PW_TRACE_COMM, c, b, -1, bk->floats * (int64_t)sizeof(float), t0, t1);
+            if (bk->floats > 0) {
+                w->coll_bytes += bk->floats * (int64_t)sizeof(float);
+                w->coll_wire_bytes += wire;
+            }
+            if (e->trace && bk->floats > 0) {
+                pw_trace_event *ev = pw_eng_trace(w, "ALLREDUCE", PW_TRACE_COMM, c, b, -1,
+                                                  bk->floats * (int64_t)sizeof(float), t0, t1);
+                if (ev && bk->z) ev->wire_bytes = wire;
+            }
         }
     return 0;
 }

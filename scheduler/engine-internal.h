@@ -129,6 +129,8 @@ typedef struct pw_bucket {
     int64_t floats;
     int state;            /* PW_BK_* (comm_mu) */
     int64_t t0, t1;       /* queued (worker) / finished (comm thread, comm_mu) */
+    pw_compressor *z;     /* (optional) the bucket's compressor (pw_engine_config.compress) */
+    int64_t wire_bytes;   /* the last sum's bytes on the wire (comm_mu) */
 } pw_bucket;
 
 /* A communication thread's work item. */
@@ -203,6 +205,7 @@ typedef struct pw_worker {
     int n_slots;
     int64_t busy_ns, wait_ns, total_ns, actions;
     int64_t coll_wait_ns, coll_ns;
+    int64_t coll_bytes, coll_wire_bytes; /* the buckets' fp32 bytes / on the wire, all steps */
     double grad_norm;         /* last step's global norm (clip only) */
 
     /* Sends to other processes still in flight. */
@@ -263,6 +266,7 @@ struct pw_engine {
     void (*msg_free)(void *arg, void *base); /* pw_arena_commit; see pw_engine_config */
     void *msg_arg;
     const pw_span_mem *span_mem; /* the replicas' gradient memory (pw_engine_config) */
+    pw_compress_config compress; /* kind PW_COMPRESS_NONE: the plain all-reduce */
     pw_link link;             /* in process: a slow link (pw_engine_config) */
     pw_coll *slow_colls;      /* in process, bucketed, behind the link: [C × NR] chunk-major */
 
@@ -339,8 +343,9 @@ const char *pw_eng_action_name(int kind);
 void pw_eng_fail(pw_engine *e, pw_status st, const char *msg);
 void pw_eng_buf_put(pw_msgbuf *b);
 pw_msgbuf *pw_eng_pool_get(pw_pool *p, int refs);
-void pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk, int mb, int peer, int64_t bytes,
-                  int64_t t0, int64_t t1);
+/* The event it pushed, or NULL (no room on the track). */
+pw_trace_event *pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk, int mb, int peer,
+                             int64_t bytes, int64_t t0, int64_t t1);
 
 /* engine-comm.c: buckets and the communication thread. */
 pw_status pw_eng_comm_start(pw_engine *e, pw_worker *w);

@@ -31,11 +31,11 @@ enum { EXEC_OK = 0, EXEC_PARKED, EXEC_FAILED };
 
 static inline int rank_of(const pw_engine *e, int chunk) { return pw_sched_rank_of(e->s, chunk); }
 
-void pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk, int mb, int peer, int64_t bytes,
-                  int64_t t0, int64_t t1)
+pw_trace_event *pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk, int mb, int peer,
+                             int64_t bytes, int64_t t0, int64_t t1)
 {
     pw_trace_event *ev = pw_trace_push(w->e->trace, w->gid);
-    if (!ev) return; /* full track: the trace counts the drop */
+    if (!ev) return NULL; /* full track: the trace counts the drop */
     ev->name = name;
     ev->cat = cat;
     ev->chunk = chunk;
@@ -45,6 +45,8 @@ void pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk, int mb, in
     ev->bytes = bytes;
     ev->t0_ns = t0;
     ev->t1_ns = t1;
+    ev->wire_bytes = 0;
+    return ev;
 }
 
 /* The trace track of the worker that runs `chunk` in w's replica. */

@@ -118,6 +118,9 @@ static pw_status check_config(const pw_engine_config *cfg)
                 return pw_error(PW_ERR_INVALID_ARG,
                                 "engine: chunk %d%s has no stage vtable with forward and backward_input",
                                 c, who);
+            if (NR > 1 && cfg->compress && cfg->compress->kind != PW_COMPRESS_NONE && cfg->span_mem)
+                return pw_error(PW_ERR_UNSUPPORTED, "engine: gradient compression needs the gradients in "
+                                "host memory (chunk %d%s computes on a device)", c, who);
             if (NR > 1 && !vt->grad_bucket)
                 return pw_error(PW_ERR_INVALID_ARG,
                                 "engine: chunk %d%s has no grad_bucket: %d replicas cannot sum its "
@@ -414,6 +417,18 @@ static pw_status allocate(pw_engine *e, const pw_engine_config *cfg, const pw_ec
             const pw_engine_chunk *ch = &cfg->chunks[(size_t)k * (size_t)C + (size_t)c];
             ch->vt->grad_bucket(ch->self, b, NB, spans, bk->n_spans);
             bk->floats = pw_span_total(spans, bk->n_spans);
+            if (bk->floats > 0 && e->compress.kind != PW_COMPRESS_NONE) {
+                int64_t *rows = calloc((size_t)bk->n_spans, sizeof *rows);
+                if (rows && ch->vt->grad_bucket_rows) ch->vt->grad_bucket_rows(ch->self, b, NB, rows, bk->n_spans);
+                pw_status zs = rows ? pw_compressor_create(&e->compress, spans, rows, bk->n_spans, &bk->z)
+                                    : pw_error(PW_ERR_NOMEM, "out of memory");
+                free(rows);
+                if (zs != PW_OK) {
+                    free(o_data);
+                    free(span_count);
+                    return pw_error_prefix(zs, "engine: chunk %d, bucket %d: ", c, b);
+                }
+            }
         }
         spans += bk->n_spans;
     }
@@ -617,6 +632,7 @@ pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out)
     e->clip = cfg->clip_grad_norm;
     e->post_validate = cfg->post_validate && e->clip > 0; /* nothing global to validate otherwise */
     e->bucketed = e->NR > 1;
+    if (cfg->compress && e->bucketed) e->compress = *cfg->compress;
     e->use_comm = e->bucketed || (e->clip > 0 && e->S > 1);
     e->trace = cfg->trace;
     const char *env = getenv("PW_DEBUG_CHECK");
@@ -691,6 +707,8 @@ void pw_eng_free(pw_engine *e)
     }
     for (size_t i = 0; e->pools && i < (size_t)e->NRL * (size_t)(2 * (e->C - 1)); i++)
         if (e->pools[i].init) pthread_mutex_destroy(&e->pools[i].mu);
+    for (size_t i = 0; e->buckets && i < (size_t)e->NRL * (size_t)e->C * (size_t)e->NB; i++)
+        pw_compressor_destroy(e->buckets[i].z);
     for (size_t i = 0; e->slow_colls && i < (size_t)e->C * (size_t)e->NR; i++)
         pw_coll_throttle_destroy(&e->slow_colls[i]);
     free(e->slow_colls);
@@ -918,6 +936,8 @@ void pw_engine_rank_stats_get(const pw_engine *e, int rank, pw_engine_rank_stats
     out->allreduce_s = (double)w->coll_ns / 1e9;
     out->allreduce_wait_s = (double)w->coll_wait_ns / 1e9;
     out->rollbacks = w->rollbacks;
+    out->allreduce_bytes = w->coll_bytes;
+    out->allreduce_wire_bytes = w->coll_wire_bytes;
     pthread_mutex_unlock(&m->mu);
 }
 

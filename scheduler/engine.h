@@ -72,6 +72,7 @@
 
 #include <stdint.h>
 
+#include "runtime/compress.h"
 #include "runtime/status.h"
 #include "runtime/trace.h"
 #include "runtime/link.h"
@@ -142,6 +143,11 @@ typedef struct pw_engine_config {
                                           not in host memory (a GPU): the in-process
                                           all-reduce of replicas works through it
                                           (runtime/collective.h) */
+    const pw_compress_config *compress; /* (optional) with replicas: each bucket's sum is
+                                          compressed (runtime/compress.h; kind none or NULL:
+                                          the plain all-reduce, bit for bit); host gradients
+                                          only (no span_mem). The engine keeps one compressor
+                                          per bucket of each of its replicas' chunks. */
 } pw_engine_config;
 
 pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out);
@@ -170,6 +176,9 @@ typedef struct pw_engine_rank_stats {
     double allreduce_wait_s;/* of which OPTIM waited for (exposed) */
     int64_t rollbacks;      /* post_validate: optimizer steps undone and redone (the
                                norm was over clip_grad_norm), over the rank's steps */
+    int64_t allreduce_bytes;      /* with replicas: the buckets' fp32 bytes summed, all steps */
+    int64_t allreduce_wire_bytes; /* of which put on the wire after compression (the same
+                                     without --compress; runtime/compress.h says what counts) */
 } pw_engine_rank_stats;
 /* `rank` is the worker: replica × n_ranks + rank (just the rank with one
  * replica); with a transport only this process's own worker has figures. */

@@ -152,6 +152,13 @@ typedef struct pw_stage_i {
     pw_status (*optimizer_try)(void *self, long step);
     pw_status (*optimizer_commit)(void *self);
     pw_status (*optimizer_undo)(void *self);
+    /* (optional) With gradient compression that uses shapes (PowerSGD,
+     * runtime/compress.h): for each span grad_bucket reports for `bucket`,
+     * in the same order, rows[i] > 0 when span i is a rows × (n / rows)
+     * matrix, row-major (a weight (out, in); a tensor of more dimensions as
+     * (dim 0, the rest)), or 0 for a vector. Writes up to max entries.
+     * Without it every span is a vector. */
+    void (*grad_bucket_rows)(void *self, int bucket, int n_buckets, int64_t *rows, int max);
 } pw_stage_i;
 
 #ifdef __cplusplus

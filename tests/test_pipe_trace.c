@@ -363,7 +363,7 @@ static void simulate(const sim *c, const char *path)
                         if (at > now[r]) {
                             pw_trace_event *w = pw_trace_push(t, r);
                             *w = (pw_trace_event){dir ? "wait RECV_B" : "wait RECV_F", PW_TRACE_WAIT, x->chunk, x->mb,
-                                                  peer, step, 0, now[r] * US, at * US};
+                                                  peer, step, 0, now[r] * US, at * US, 0};
                             now[r] = at;
                         }
                         cat = PW_TRACE_COMM;
@@ -388,7 +388,7 @@ static void simulate(const sim *c, const char *path)
                     pw_trace_event *e = pw_trace_push(t, r);
                     *e = (pw_trace_event){name, cat, x->kind == PW_ACT_OPTIM ? -1 : x->chunk,
                                           x->kind == PW_ACT_OPTIM ? -1 : x->mb, peer, step, 0, now[r] * US,
-                                          (now[r] + dur) * US};
+                                          (now[r] + dur) * US, 0};
                     now[r] += dur;
                     pc[r]++;
                     progressed = 1;
@@ -400,7 +400,7 @@ static void simulate(const sim *c, const char *path)
         int64_t end = step_start;
         for (int r = 0; r < c->S; r++) {
             pw_trace_event *e = pw_trace_push(t, r);
-            *e = (pw_trace_event){"step", PW_TRACE_STEP, -1, -1, -1, step, 0, step_start * US, now[r] * US};
+            *e = (pw_trace_event){"step", PW_TRACE_STEP, -1, -1, -1, step, 0, step_start * US, now[r] * US, 0};
             if (now[r] > end) end = now[r];
         }
         step_start = end + 3; /* a little gap between steps, outside every window */

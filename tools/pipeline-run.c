@@ -29,6 +29,7 @@
 #include "runtime/transport.h"
 #include "stages/ops/backend.h"
 #include "stages/train/checkpoint.h"
+#include "stages/ops/cpu/gemm.h"
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/data.h"
 #include "stages/plan/forecast.h"
@@ -81,6 +82,7 @@ typedef struct options {
     int post_validate;
     pw_allreduce_algo allreduce;
     int allreduce_set;
+    pw_compress_config compress; /* --compress (kind none: the plain all-reduce) */
     int chunks_per_rank;         /* 0: the schedule's default */
     const char *memory_limit;    /* zb-auto: "2p", "1p" or a count (NULL: 2p) */
     int simulate;
@@ -221,6 +223,10 @@ static void usage(FILE *f)
 "                        (within hosts, then across), or auto (per bucket,\n"
 "                        by measured alpha-beta, among those with the tree's\n"
 "                        bytes)\n"
+"  --compress MODE       how the gradients travel between replicas: none\n"
+"                        (default), bf16, fp16, topk:RATIO (e.g. topk:0.01,\n"
+"                        with error feedback) or powersgd:RANK (e.g.\n"
+"                        powersgd:4); docs/distributed.md, \"Compression\"\n"
 "  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
 "                        stages, all replicas) is at most X\n"
 "  --post-validate       with --clip-grad-norm: each stage steps its optimizer\n"
@@ -351,6 +357,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
        OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_POST_VALIDATE, OPT_ALLREDUCE,
+       OPT_COMPRESS,
        OPT_CHUNKS, OPT_MEMLIMIT, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
@@ -486,6 +493,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"check", no_argument, 0, OPT_CHECK},
         {"replicas", required_argument, 0, OPT_REPLICAS},
         {"buckets", required_argument, 0, OPT_BUCKETS},
+        {"compress", required_argument, 0, OPT_COMPRESS},
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"post-validate", no_argument, 0, OPT_POST_VALIDATE},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
@@ -643,6 +651,10 @@ static int parse_args(int argc, char **argv, options *o)
             if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
                 return bad_usage("--allreduce: '%s' is not tree, ring, mpi, hierarchical or auto", optarg);
             o->allreduce_set = 1;
+            break;
+        case OPT_COMPRESS:
+            if (pw_compress_parse(optarg, &o->compress) != PW_OK) return bad_usage("%s", pw_last_error());
+            o->compress.seed = 0x9e3779b97f4a7c15ull; /* PowerSGD's first Q: the same on every replica */
             break;
         case OPT_CHUNKS:
             if (parse_i64("--chunks-per-rank", optarg, 1, 64, &v)) return 2;
@@ -985,7 +997,10 @@ static void report_early_exit(void)
  * the next step boundary (under mpirun every process at the same one), says
  * so, writes the trace it was asked for and exits 128 + the signal. A second
  * one stops at once: the handler unlinks the temp files of atomic writes in
- * flight (runtime/tmpfile.h; unlink and _exit are async-signal-safe). */
+ * flight, after letting a create in progress on another thread (the
+ * background checkpoint writer) finish, and stopping any later one
+ * (pw_tmpfile_abort_all, runtime/tmpfile.h; it and _exit are
+ * async-signal-safe). */
 static volatile sig_atomic_t g_signal;
 static pthread_t g_main_thread; /* the one that handles them (install_signals) */
 
@@ -1000,7 +1015,7 @@ static void on_signal(int sig)
         return;
     }
     if (g_signal) {
-        pw_tmpfile_unlink_all();
+        pw_tmpfile_abort_all();
         static const char msg[] = "pipeline-run: second signal: stopping now\n";
         ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
         (void)k;
@@ -1164,7 +1179,7 @@ static int metrics_rebalance(pw_pipeline_metrics *mx, const pr_rebalance_event *
     }
     if (!ev->moved) return 0;
     pw_metrics_move_rec m = {
-        .step = ev->step, .forced = ev->forced, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
+        .step = ev->step, .forced = ev->forced, .revert = ev->revert, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
         .n_cuts = ev->n_cuts, .predicted_gain = ev->forced ? NAN : ev->predicted_gain,
         .step_ms_before = ev->forced ? NAN : 1e3 * ev->measured_step_s,
         .predicted_step_ms = ev->forced ? NAN : 1e3 * ev->predicted_step_s, .move_ms = 1e3 * ev->move_s,
@@ -1883,6 +1898,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.buckets = o->buckets;
     pc.clip_grad_norm = o->clip;
     pc.post_validate = o->post_validate;
+    pc.compress = o->compress;
     pc.transport = g_mpi;
     pc.link = (pw_link){.latency_s = o->link_latency, .bandwidth = o->link_bandwidth};
     pc.chunks_per_rank = o->chunks_per_rank;
@@ -1941,6 +1957,10 @@ static int restore_and_checkpoints(run *r)
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
                    m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
                    m->layout.processes > 1 ? "es" : "");
+        if (o->compress.kind == PW_COMPRESS_TOPK || o->compress.kind == PW_COMPRESS_POWERSGD)
+            fprintf(stderr, "pipeline-run: --resume with --compress %s: the error-feedback state (residuals%s) "
+                    "is not in checkpoints; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
+                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "");
     }
     if (!o->checkpoint_dir) return 0;
     static char extra[320];
@@ -2051,11 +2071,21 @@ static void print_header(const run *r)
     if (o->recompute) printf(", recompute");
     printf("), schedule %s, theoretical bubble %.1f%%\n", r->csv ? r->csv : pw_schedule_kind_name(r->kind),
            100.0 * pw_pipeline_theory_bubble(r->t));
+    char blas[96], coretype[32];
+    if (!o->device && pw_cpu_blas_describe(blas, sizeof blas, coretype, sizeof coretype))
+        printf("pipeline-run: note: the CPU BLAS (%s) does not know this processor and runs a kernel "
+               "without AVX, several times slower; OPENBLAS_CORETYPE=%s selects a faster one "
+               "(docs/performance.md, \"The BLAS kernel\")\n", blas, coretype);
     const pw_schedule *sched = pw_pipeline_schedule(r->t);
     if (o->replicas > 1) {
         const int G = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL);
         char same[160];
-        if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->allreduce != PW_ALLREDUCE_AUTO && o->replicas > 2)
+        if (o->compress.kind != PW_COMPRESS_NONE) {
+            char zn[32];
+            pw_compress_name(&o->compress, zn, sizeof zn);
+            snprintf(same, sizeof same, "compressed as %s (docs/distributed.md, \"Compression\"): not the bits "
+                     "of 1 replica", zn);
+        } else if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->allreduce != PW_ALLREDUCE_AUTO && o->replicas > 2)
             snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s%s)",
                      o->allreduce == PW_ALLREDUCE_RING ? "ring" : o->allreduce == PW_ALLREDUCE_MPI ? "mpi" : "hierarchical",
                      o->allreduce == PW_ALLREDUCE_HIER ? ", unless hosts hold contiguous power-of-two groups" : "");

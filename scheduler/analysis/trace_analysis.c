@@ -835,6 +835,13 @@ pw_status ta_ingest(ta *s, const pw_trace_record *rec)
         if (rec->ph == 'X' ? (rec->has & PW_TREC_STEP) : step != 0) s->n_with_step++;
         else s->n_without_step++;
         s->a->n_used++;
+        if (rec->ph == 'X' && rec->bytes > 0 && !strcmp(rec->name, "ALLREDUCE")) {
+            pw_trace_analysis *a = s->a;
+            a->allreduce_n++;
+            a->allreduce_bytes += rec->bytes;
+            a->allreduce_wire_bytes += rec->has & PW_TREC_WIRE_BYTES ? rec->wire_bytes : rec->bytes;
+            if (rec->has & PW_TREC_WIRE_BYTES) a->allreduce_compressed = 1;
+        }
     }
     return add_event(s, r, &e, step, off0, line0, rec->offset);
 fail:

@@ -254,6 +254,14 @@ typedef struct pw_trace_analysis {
     pw_ta_detail detail;
     int n_moves;
     pw_ta_move *moves;            /* re-partitions, by step */
+
+    /* Gradient buckets summed across replicas: the ALLREDUCE events of
+     * every step (skip_steps does not apply). */
+    int64_t allreduce_n;          /* events with bytes */
+    int64_t allreduce_bytes;      /* their buckets' fp32 bytes (args.bytes) */
+    int64_t allreduce_wire_bytes; /* on the wire: args.wire_bytes where the run
+                                     compressed (--compress), else args.bytes */
+    int allreduce_compressed;     /* 1: some ALLREDUCE carried wire_bytes */
 } pw_trace_analysis;
 
 typedef struct pw_trace_analysis_config {

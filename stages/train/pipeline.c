@@ -261,6 +261,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .post_validate = c->post_validate,
         .gpu_pci = gpu_pci,
+        .compress = &c->compress,
     };
     {
         const pw_backend_i *be;

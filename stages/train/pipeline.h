@@ -147,6 +147,12 @@ typedef struct pw_pipeline_config {
                                        (pw_grad_groups, stages/program/program.h); replica counts R with G/R
                                        a power of two (and R = 1) are bit-identical
                                        (pw_grad_groups_identical). 0: the default */
+    pw_compress_config compress;    /* with replicas: how the gradient buckets travel
+                                       (runtime/compress.h; zeroed = none, the plain
+                                       all-reduce). The error-feedback state lives in the
+                                       engine, per replica and bucket, and is not in the
+                                       training-state checkpoints (docs/distributed.md,
+                                       "Compression") */
 } pw_pipeline_config;
 
 

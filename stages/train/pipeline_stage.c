@@ -94,6 +94,26 @@ static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
     return n;
 }
 
+/* The rows of gs_grad_bucket's spans, in its order: a weight of 2 or more
+ * dimensions is (dim 0, the rest), for PowerSGD (runtime/compress.h). */
+static void gs_grad_bucket_rows(void *self, int bucket, int n_buckets, int64_t *rows, int max)
+{
+    (void)n_buckets;
+    gstage *s = self;
+    int j = s->n_pieces - 1 - bucket;
+    if (j < 0) return;
+    int n = 0;
+    for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+        pw_program_param pp;
+        pw_program_param_at(s->piece[j], i, &pp);
+        float *uses[16];
+        int nu = pw_program_param_uses(s->piece[j], i, uses, 16);
+        if (nu > 16) nu = 16; /* as gs_grad_bucket */
+        for (int u = 0; u < nu; u++, n++)
+            if (n < max) rows[n] = pp.shape.ndim >= 2 ? pp.shape.d[0] : 0;
+    }
+}
+
 /* Parameter i's (folded) gradient as host floats, for clipping: *out =
  * pp->grad itself for a CPU program; a device program's downloaded into
  * *tmp (grown as needed; the caller frees it). */
@@ -248,6 +268,7 @@ const pw_stage_i pl_gstage_i = {
     .port_bytes = pl_gs_port_bytes,
     .bind = pl_gs_bind,
     .grad_bucket = gs_grad_bucket,
+    .grad_bucket_rows = gs_grad_bucket_rows,
     .backward_bucket = gs_backward_bucket,
     .grad_sumsq = gs_grad_sumsq,
     .scale_grads = gs_scale_grads,
@@ -267,6 +288,7 @@ const pw_stage_i pl_gstage_post_i = {
     .port_bytes = pl_gs_port_bytes,
     .bind = pl_gs_bind,
     .grad_bucket = gs_grad_bucket,
+    .grad_bucket_rows = gs_grad_bucket_rows,
     .backward_bucket = gs_backward_bucket,
     .grad_sumsq = gs_grad_sumsq,
     .scale_grads = gs_scale_grads,

@@ -168,6 +168,33 @@ static int ps_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
     return n;
 }
 
+/* The rows of ps_grad_bucket's spans, in its order: a weight of 2 or more
+ * dimensions is (dim 0, the rest), for PowerSGD (runtime/compress.h). */
+static int param_rows(const pw_program *p, int i, int64_t *rows, int max)
+{
+    pw_program_param pp;
+    pw_program_param_at(p, i, &pp);
+    const int cap = PW_MAX_OP_PARAMS * 8; /* as param_spans */
+    int nu = pw_program_param_uses(p, i, NULL, 0);
+    if (nu > cap) nu = cap;
+    for (int u = 0; u < nu && u < max; u++) rows[u] = pp.shape.ndim >= 2 ? pp.shape.d[0] : 0;
+    return nu;
+}
+
+static void ps_grad_bucket_rows(void *self, int bucket, int n_buckets, int64_t *rows, int max)
+{
+    pw_program_stage *s = self;
+    const int np = pw_program_n_params(s->p);
+    if (n_buckets >= np) {
+        const int i = np - 1 - bucket;
+        if (i >= 0) (void)param_rows(s->p, i, rows, max);
+        return;
+    }
+    if (bucket != 0) return;
+    int n = 0;
+    for (int i = 0; i < np; i++) n += param_rows(s->p, i, rows + (n < max ? n : max), n < max ? max - n : 0);
+}
+
 /* Parameter i's folded gradient as host floats: the program's own buffer on
  * the CPU, a downloaded copy in *tmp (grown as needed) on a device. */
 static pw_status host_grad(pw_program *p, int i, const pw_program_param *pp, float **tmp, float **out)
@@ -254,6 +281,7 @@ static const pw_stage_i program_stage_i = {
     .port_bytes = ps_port_bytes,
     .bind = ps_bind,
     .grad_bucket = ps_grad_bucket,
+    .grad_bucket_rows = ps_grad_bucket_rows,
     .grad_sumsq = ps_grad_sumsq,
     .scale_grads = ps_scale_grads,
     .submitted = ps_submitted,

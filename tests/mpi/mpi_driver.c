@@ -46,6 +46,10 @@
  *               process count and on fewer (elastic: 2 stages x 2 replicas
  *               -> 2 x 1): byte-identical to a run that never failed
  *
+ *   compress    --compress bf16 / fp16 / topk / powersgd (runtime/compress.h):
+ *               byte-identical to the same compressed run in one process
+ *               (PW_MPI_ONLY=compress runs these alone)
+ *
  *   algos       (also alone at NP = 3, or with PW_MPI_ONLY=algos) every MPI
  *               all-reduce against its documented order float for float
  *               (tests/mpi/coll_check.c: tree and ring against the
@@ -250,6 +254,28 @@ static void tied(int np, int S, int R, const char *extra, const char *tag)
 {
     identical_model("tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6",
                     np, S, R, extra, "", tag);
+}
+
+/* Compressed gradients (runtime/compress.h): the 16-bit and top-k payloads
+ * travel by MPI_Iallgather, PowerSGD's P and Q by the tree; each sums in
+ * the same order as in process. */
+static void compress_cases(int np)
+{
+    if (np == 2) {
+        identical(2, 1, 2, "--micro-batches 2 --compress bf16", "", "zbf16");
+        identical(2, 1, 2, "--micro-batches 2 --buckets 3 --compress fp16", "", "zfp16");
+        identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "", "ztopk");
+        identical(2, 1, 2, "--micro-batches 2 --optimizer adamw --compress powersgd:2", "", "zpsgd");
+        /* Behind a slow link (the payload's gather is throttled too) and
+         * with auto's endpoint: the same bytes as in process. */
+        identical(2, 1, 2, "--micro-batches 2 --compress bf16 --link-bandwidth 2e8 --link-latency 1e-4", "",
+                  "zbf16slow");
+        identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "--allreduce auto --link-bandwidth 2e8",
+                  "ztopkauto");
+    } else {
+        identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
+        identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
+    }
 }
 
 /* --allreduce ALGO (and a slow link) under mpirun, with PW_TEST_HOSTS
@@ -1305,6 +1331,8 @@ int main(int argc, char **argv)
         algos(3); /* np 3: the all-reduce algorithms at a non-power-of-two count only */
     } else if (only && !strcmp(only, "rebalance")) {
         rebalance_cases(np);
+    } else if (only && !strcmp(only, "compress")) {
+        compress_cases(np);
     } else if (only && !strcmp(only, "checkpoints")) {
         if (ckpt_reference()) {
             if (np == 2) {
@@ -1340,6 +1368,7 @@ int main(int argc, char **argv)
         traces(2, 2, 1);
         hostfile(2, 2, 1);
         rebalance_cases(2);
+        compress_cases(2);
         algos(2);
         if (ckpt_reference()) ckpt_mpi(2, 2, 1, 1, 2);
     } else {
@@ -1376,6 +1405,7 @@ int main(int argc, char **argv)
         traces(4, 2, 2);
         hostfile(4, 2, 2);
         rebalance_cases(4);
+        compress_cases(4);
         algos(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);

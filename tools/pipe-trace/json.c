@@ -132,6 +132,12 @@ static json_t *analysis_json(const pw_trace_analysis *a)
                               us(m->step_ns_before), "step_us_after", us(m->step_ns_after)));
     }
     put(o, "moves", moves);
+    if (a->allreduce_n > 0)
+        put(o, "allreduce", json_pack("{s:I, s:I, s:I, s:b, s:f}", "buckets", (json_int_t)a->allreduce_n,
+                                      "bytes", (json_int_t)a->allreduce_bytes, "wire_bytes",
+                                      (json_int_t)a->allreduce_wire_bytes, "compressed", a->allreduce_compressed,
+                                      "ratio", a->allreduce_wire_bytes > 0 ? (double)a->allreduce_bytes /
+                                      (double)a->allreduce_wire_bytes : 0.0));
     put(o, "events", json_integer(a->n_events));
     put(o, "events_used", json_integer(a->n_used));
     put(o, "ranks_n", json_integer(a->n_ranks));

@@ -432,6 +432,24 @@ static void moves_section(FILE *f, const pw_trace_analysis *a, const pt_options 
     }
 }
 
+/* Gradient all-reduce across replicas: the bytes before and after
+ * compression (pipeline-run --compress) and the time the step waited for it. */
+static void allreduce_section(FILE *f, const pw_trace_analysis *a, const pt_options *o)
+{
+    if (a->allreduce_n == 0) return;
+    const double na = a->n_analysed > 0 ? (double)a->n_analysed : 1;
+    fprintf(f, "\n%sGradient all-reduce%s: %lld buckets, %.3f MiB of fp32 gradients", bold(o), reset(o),
+            (long long)a->allreduce_n, (double)a->allreduce_bytes / 1048576.0);
+    if (a->allreduce_compressed)
+        fprintf(f, ", %.3f MiB on the wire after compression (ratio %.2fx)",
+                (double)a->allreduce_wire_bytes / 1048576.0,
+                a->allreduce_wire_bytes > 0 ? (double)a->allreduce_bytes / (double)a->allreduce_wire_bytes : 0.0);
+    else
+        fprintf(f, ", uncompressed");
+    fprintf(f, "\n  exposed all-reduce time %.3f ms per step (all ranks; the rest overlapped the backward)\n",
+            pt_ms(a->total.exposed_allreduce) / na);
+}
+
 void pt_report(FILE *f, const pw_trace_analysis *a, const pt_options *o)
 {
     header(f, a, o);
@@ -443,6 +461,7 @@ void pt_report(FILE *f, const pw_trace_analysis *a, const pt_options *o)
     gantt(f, a, o);
     if (a->detail.step >= 0) legend(f, o);
     moves_section(f, a, o);
+    allreduce_section(f, a, o);
     notes(f, a, o);
 }
 
