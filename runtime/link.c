@@ -64,6 +64,7 @@ static pw_status th_allreduce(void *self, int member, const pw_span *spans, int 
     (void)member;
     PW_CHECK(pw_coll_allreduce(&t->inner, spans, n_spans, abort));
     const double bytes = (double)pw_span_total(spans, n_spans) * sizeof(float);
+    if (bytes == 0) return PW_OK; /* no message is sent */
     const double s = pw_link_allreduce_s(&t->link, t->algo, t->inner.n_members, t->hosts, bytes);
     return pw_link_sleep_until(pw_now_ns() + (int64_t)(s * 1e9), abort, "throttled all-reduce");
 }

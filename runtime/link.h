@@ -75,8 +75,9 @@ int64_t pw_link_clock_due(pw_link_clock *c, const pw_link *l, int64_t now_ns, si
 double pw_link_allreduce_s(const pw_link *l, pw_allreduce_algo algo, int n, int hosts, double bytes);
 
 /* A pw_coll that runs `inner`'s calls unchanged and then sleeps the link
- * time of the call (pw_link_allreduce_s for `algo` with `hosts`; the
- * all-gather of one double: 2(n−1) messages of 8 bytes as a ring). Polls
+ * time of the call (pw_link_allreduce_s for `algo` with `hosts`, nothing
+ * for an empty bucket; the all-gather of one double: 2(n−1) messages of 8
+ * bytes as a ring). Polls
  * the abort flag while it sleeps. `inner` is borrowed and must outlive
  * *out. PW_OK; PW_ERR_NOMEM. */
 pw_status pw_coll_throttle_create(const pw_coll *inner, const pw_link *l, pw_allreduce_algo algo, int hosts,

@@ -59,7 +59,8 @@
  *               fake hosts and behind a slow link; and training runs with
  *               --allreduce tree / hierarchical / auto (and ring, mpi at 2)
  *               and --link-bandwidth/--link-latency, byte-identical to the
- *               tree in one process (with and without the in-process link)
+ *               tree in one process (with and without the in-process link);
+ *               at 2, runs behind a 20 ms link take at least its latencies
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
  *               the full set, and gather refuses a side that was not loaded
@@ -359,6 +360,34 @@ static void algos(int np)
             fail("hierarchical over hosts 0,1,1: the layout does not say it is not the tree's bytes:\n%s", out);
         else printf("ok   hierarchical over hosts 0,1,1 (1 + 2 members) runs, and says it is not the tree's bytes\n");
         free(out);
+    }
+    /* The link is really there under MPI: a training run's own time (the
+     * "done: N steps in T s" line) is at least what the link alone imposes.
+     * 2 stages: each step's last micro-batch goes to stage 1 and its
+     * gradient comes back, each >= 20 ms; 2 replicas: each step's
+     * non-empty buckets (at least one) wait 2 x 20 ms each. */
+    if (np == 2) {
+        static const struct {
+            const char *layout;
+            double min_s;
+        } lk[] = {{"--stages 2 --replicas 1 --micro-batches 4 --steps 12", 12 * 2 * 0.02},
+                  {"--stages 1 --replicas 2 --micro-batches 2 --buckets 3 --steps 6", 6 * 2 * 0.02}};
+        for (size_t i = 0; i < sizeof lk / sizeof lk[0]; i++) {
+            char cmd[2048], *out = NULL;
+            snprintf(cmd, sizeof cmd, MPIRUN " -np 2 %s/pipeline-run m.graph " DATA " --batch 48 %s --link-latency 0.02",
+                     bin, lk[i].layout);
+            int st = run(cmd, 300, &out, NULL);
+            const char *done = out ? strstr(out, "done: ") : NULL;
+            int steps = 0;
+            double took = -1;
+            if (done) sscanf(done, "done: %d steps in %lf s", &steps, &took);
+            if (st != 0 || took < 0) fail("slow link under MPI (%s): exit %d\n%s", lk[i].layout, st, out ? out : "");
+            else if (took < lk[i].min_s)
+                fail("slow link under MPI (%s): %d steps took %.3f s, the 20 ms link alone needs %.2f s", lk[i].layout,
+                     steps, took, lk[i].min_s);
+            else printf("ok   slow link under MPI (%s): %.2f s >= %.2f s\n", lk[i].layout, took, lk[i].min_s);
+            free(out);
+        }
     }
     /* Bad input: a malformed host list is refused with its name. */
     {
