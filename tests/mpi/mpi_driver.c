@@ -1303,7 +1303,9 @@ static void ps_identical(int S, int R, int K, const char *extra, const char *tag
     identical_runs(S * R + K, args, "", one, tag, what);
 }
 
-static void ps_stopped_server(void)
+/* sig: "STOP" (the watchdog names the server as stalled) or "KILL" (mpirun
+ * names the process that died). */
+static void ps_stopped_server(const char *sig)
 {
     char path[128], *out = NULL;
     const int np = 3, victim = 2; /* 1 stage x 2 replicas + 1 server */
@@ -1315,14 +1317,18 @@ static void ps_stopped_server(void)
             "mp=$!\n"
             "while [ ! -s sig.jsonl ]; do sleep 0.05; done\n"
             "sleep 0.5\n"
-            "kill -STOP $(cat victim.pid)\n"
-            "wait $mp\n", MPIRUN, np, victim, bin, DATA, HANG_WD);
+            "kill -%s $(cat victim.pid)\n"
+            "wait $mp\n", MPIRUN, np, victim, bin, DATA, HANG_WD, sig);
     fclose(f);
     double took = 0;
     int st = run("sh signal.sh", 60, &out, &took);
-    if (st == 0 || st == 124) fail("--sync ps, SIGSTOP of the server: exit %d after %.0f s\n%s", st, took, out);
-    else if (took > HANG_WD + 12) fail("--sync ps, SIGSTOP of the server: took %.1f s (bound %d s)\n%s", took,
+    const int kill9 = !strcmp(sig, "KILL");
+    if (st == 0 || st == 124) fail("--sync ps, SIG%s of the server: exit %d after %.0f s\n%s", sig, st, took, out);
+    else if (took > HANG_WD + 12) fail("--sync ps, SIG%s of the server: took %.1f s (bound %d s)\n%s", sig, took,
                                        HANG_WD + 12, out);
+    else if (kill9 && !strstr(out, "rank 2")) fail("--sync ps: the killed server is not named\n%s", out);
+    else if (kill9) printf("ok   --sync ps: SIGKILL of server rank 2 mid-run: mpirun exit %d after %.1f s, names it\n", st,
+                           took);
     else if (!strstr(out, "MPI rank 2 (server 0) stalled")) fail("--sync ps: the stopped server is not named\n%s", out);
     else if (strstr(out, "MPI rank 0 (replica 0, stage 0) stalled") || strstr(out, "MPI rank 1 (replica 1, stage 0) stalled"))
         fail("--sync ps: a healthy worker is named as stalled\n%s", out);
@@ -1410,7 +1416,8 @@ static void ps_cases(int np)
 {
     if (np == 2) {
         ps_identical(1, 2, 1, "--micro-batches 2", "ps3");
-        ps_stopped_server();
+        ps_stopped_server("STOP");
+        ps_stopped_server("KILL");
         ps_refused();
         ps_staleness(2);
     } else {
