@@ -26,6 +26,7 @@
 #include "runtime/collective.h"  /* gradient buckets summed across replicas */
 #include "runtime/compress.h"    /* ... compressed: bf16, fp16, top-k, PowerSGD */
 #include "runtime/transport.h"   /* several processes: MPI */
+#include "runtime/link.h"        /* a slow link for runs; --allreduce auto and hierarchical */
 #include "runtime/topology.h"    /* hwloc topology and placement */
 #include "runtime/trace.h"       /* recording a run's trace */
 #include "runtime/metrics_log.h" /* a metrics log (JSON Lines) of your own figures */

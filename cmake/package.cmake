@@ -34,7 +34,7 @@ set(PW_PUBLIC_HEADERS
   pipewright.h
   runtime/status.h runtime/log.h runtime/tensor.h runtime/rng.h runtime/arena.h
   runtime/safetensors.h runtime/topology.h runtime/trace.h runtime/trace_read.h runtime/metrics_log.h
-  scheduler/analysis/trace_analysis.h runtime/atomic.h runtime/collective.h runtime/compress.h runtime/transport.h
+  scheduler/analysis/trace_analysis.h runtime/atomic.h runtime/collective.h runtime/compress.h runtime/transport.h runtime/link.h
   graph/graph.h graph/partition.h
   scheduler/stage.h scheduler/schedule.h scheduler/simulate.h scheduler/engine.h scheduler/runner.h
   stages/ops/optim.h stages/train/data.h stages/program/program.h stages/train/program_stage.h stages/train/checkpoint.h stages/train/trainer.h

@@ -75,6 +75,7 @@ typedef struct pw_metrics_eval_rec {
 typedef struct pw_metrics_move_rec {
     int64_t step;
     int forced;                /* asked for (--rebalance-at), not decided */
+    int revert;                /* back to the cuts before the last move, which measured slower */
     const int *old_cuts, *new_cuts; /* [n_cuts] each */
     int n_cuts;
     double predicted_gain;     /* fraction of the step; NaN: none (forced) */

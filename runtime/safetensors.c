@@ -750,7 +750,7 @@ pw_status pw_safetensors_write(const char *path, const pw_st_tensor *t, int n,
     /* Registered before it exists, so an interrupted run unlinks it
      * wherever the signal lands. */
     tmp_slot = pw_tmpfile_register(tmp);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    fd = pw_tmpfile_create(tmp_slot, tmp);
     if (fd < 0) {
         rc = pw_error(PW_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto done;

@@ -7,7 +7,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
+#include <fcntl.h>
+#include <errno.h>
 
 /* Slot states: FREE -> CLAIMED (being filled; a signal handler skips it) ->
  * LIVE (the handler may unlink it) -> FREE. */
@@ -15,8 +19,14 @@ enum { SLOT_FREE = 0, SLOT_CLAIMED, SLOT_LIVE };
 
 static struct {
     atomic_int state;
+    atomic_int creating; /* pw_tmpfile_create between its check and open(2) */
+    atomic_long creator; /* ... on this thread (its kernel id) */
     char path[PW_TMPFILE_PATH];
 } slots[PW_TMPFILE_SLOTS];
+
+static atomic_int closing; /* pw_tmpfile_abort_all ran: no more creates */
+
+static long thread_id(void) { return (long)syscall(SYS_gettid); }
 
 int pw_tmpfile_name(const char *path, char *out, size_t n)
 {
@@ -69,4 +79,42 @@ int pw_tmpfile_unlink_all(void)
         if (unlink(slots[i].path) == 0) n++;
     }
     return n;
+}
+
+int pw_tmpfile_create(int slot, const char *tmp)
+{
+    const int tracked = slot >= 0 && slot < PW_TMPFILE_SLOTS;
+    if (tracked) {
+        atomic_store(&slots[slot].creator, thread_id());
+        atomic_store(&slots[slot].creating, 1);
+    }
+    /* Sequentially consistent: either this sees `closing`, or the abort
+     * sees `creating` and waits for the open below to finish before it
+     * unlinks (so a file created here is never left behind). */
+    if (atomic_load(&closing)) {
+        if (tracked) atomic_store(&slots[slot].creating, 0);
+        errno = ECANCELED;
+        return -1;
+    }
+    const int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    const int err = errno;
+    if (tracked) atomic_store(&slots[slot].creating, 0);
+    errno = err;
+    return fd;
+}
+
+int pw_tmpfile_abort_all(void)
+{
+    atomic_store(&closing, 1);
+    const long me = thread_id();
+    for (int i = 0; i < PW_TMPFILE_SLOTS; i++) {
+        /* Another thread between its check and open(2): let it finish
+         * (an open takes microseconds; at most 2 s in all, should a
+         * file system hang). This thread cannot be there: it is here. */
+        for (int k = 0; k < 2000 && atomic_load(&slots[i].creating) && atomic_load(&slots[i].creator) != me; k++) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+        }
+    }
+    return pw_tmpfile_unlink_all();
 }

@@ -8,12 +8,12 @@
  *     char tmp[4096];
  *     pw_tmpfile_name(path, tmp, sizeof tmp);     // "<path>.tmp.<pid>"
  *     int slot = pw_tmpfile_register(tmp);       // before it exists; -1: registry full
- *     int fd = open(tmp, ...);
+ *     int fd = pw_tmpfile_create(slot, tmp);     // open(2), or -1
  *     ... write, fsync, close, rename or unlink ...
  *     pw_tmpfile_forget(slot);                   // accepts -1
  *
  * A signal handler (pipeline-run's second SIGINT/SIGTERM) calls
- * pw_tmpfile_unlink_all(), which is async-signal-safe: it only reads the
+ * pw_tmpfile_abort_all(), which is async-signal-safe: it only reads the
  * fixed slots and calls unlink(2). An exit path may call it too.
  *
  * Thread-safety: register and forget may be called from any thread; a slot
@@ -43,6 +43,19 @@ void pw_tmpfile_forget(int slot);
 /* Unlinks every registered temp file; async-signal-safe. Returns how many
  * it removed. */
 int pw_tmpfile_unlink_all(void);
+
+/* open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666) for a
+ * registered slot (or -1: untracked), so that pw_tmpfile_abort_all on
+ * another thread cannot miss it: -1 with errno ECANCELED once an abort has
+ * begun. */
+int pw_tmpfile_create(int slot, const char *tmp);
+
+/* For a process about to _exit (a second signal): stops every later
+ * pw_tmpfile_create, waits (at most 2 s) for those in progress on other
+ * threads, then unlinks every registered temp file. Async-signal-safe
+ * (atomics, nanosleep, unlink, the gettid system call). Returns how many it
+ * removed. */
+int pw_tmpfile_abort_all(void);
 
 #ifdef __cplusplus
 }

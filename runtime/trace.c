@@ -196,8 +196,13 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
     /* Registered before it exists, so an interrupted run (pipeline-run's
      * signal handler) unlinks it wherever the signal lands. */
     const int tmp_slot = pw_tmpfile_register(tmp);
-    FILE *f = fopen(tmp, "w");
+    const int fd = pw_tmpfile_create(tmp_slot, tmp);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!f) {
+        if (fd >= 0) {
+            close(fd);
+            unlink(tmp);
+        }
         pw_tmpfile_forget(tmp_slot);
         return pw_error(PW_ERR_IO, "%s: %s", tmp, strerror(errno));
     }

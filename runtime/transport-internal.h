@@ -29,6 +29,14 @@ pw_status pw_mpi_wait(MPI_Request *reqs, int n, MPI_Status *sts, const atomic_in
 /* collective_mpi.c: the collectives on `comm` (borrowed; must outlive it). */
 pw_status pw_mpi_coll_init(MPI_Comm comm, pw_allreduce_algo algo, pw_coll *out);
 void pw_mpi_coll_fini(pw_coll *c);
+
+/* collective_hier.c: the endpoint the transport uses (algo, possibly
+ * hierarchical or auto, each behind `link` when set); desc (optional)
+ * receives "ring", "auto over tree, ring, mpi", ... */
+struct pw_link;
+pw_status pw_mpi_coll_build(MPI_Comm comm, pw_allreduce_algo algo, const struct pw_link *link, pw_coll *out,
+                            char *desc, size_t desc_n);
+void pw_mpi_coll_unbuild(pw_coll *c);
 #endif
 
 #endif

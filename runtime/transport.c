@@ -118,7 +118,10 @@ pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out)
     if (s && !strcasecmp(s, "tree")) *out = PW_ALLREDUCE_TREE;
     else if (s && !strcasecmp(s, "ring")) *out = PW_ALLREDUCE_RING;
     else if (s && (!strcasecmp(s, "mpi") || !strcasecmp(s, "iallreduce"))) *out = PW_ALLREDUCE_MPI;
-    else return pw_error(PW_ERR_INVALID_ARG, "all-reduce '%s' is not tree, ring or mpi", s ? s : "(null)");
+    else if (s && (!strcasecmp(s, "hierarchical") || !strcasecmp(s, "hier"))) *out = PW_ALLREDUCE_HIER;
+    else if (s && !strcasecmp(s, "auto")) *out = PW_ALLREDUCE_AUTO;
+    else return pw_error(PW_ERR_INVALID_ARG, "all-reduce '%s' is not tree, ring, mpi, hierarchical or auto",
+                         s ? s : "(null)");
     return PW_OK;
 }
 

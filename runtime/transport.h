@@ -66,6 +66,12 @@ extern "C" {
 typedef struct pw_treq {
     alignas(8) unsigned char opaque[16];
     size_t bytes;         /* a receive: what must arrive */
+    /* A send held back by a slow link (runtime/link.h) until due_ns; the
+     * transport posts it then (0: posted). */
+    int64_t due_ns;
+    const void *held_buf;
+    size_t held_bytes;
+    int held_to, held_tag;
 } pw_treq;
 
 /* What a process does, for the others' watchdogs (pw_transport_state). */
@@ -207,6 +213,13 @@ typedef enum pw_allreduce_algo {
     PW_ALLREDUCE_RING,       /* the ring of collective.h: same bytes as the
                                 in-process ring */
     PW_ALLREDUCE_MPI,        /* MPI_Iallreduce: the library's order */
+    PW_ALLREDUCE_HIER,       /* hierarchical: a tree within each host, a tree
+                                across the hosts' leaders, a copy back
+                                (runtime/collective_hier.c; the tree's bytes
+                                when hosts hold contiguous power-of-two blocks) */
+    PW_ALLREDUCE_AUTO,       /* per bucket, the fastest by the measured
+                                alpha-beta lines among the algorithms that
+                                give the tree's bytes (runtime/link.h) */
 } pw_allreduce_algo;
 
 typedef struct pw_mpi_config {
@@ -214,6 +227,8 @@ typedef struct pw_mpi_config {
     int n_replicas;          /* R; the world must have S × R processes */
     pw_allreduce_algo allreduce;
     double watchdog_s;       /* world waits fail after this long without progress (0: 60 s) */
+    double link_latency_s;   /* > 0 or link_bandwidth > 0: a slow link (runtime/link.h) */
+    double link_bandwidth;   /* bytes/s per process and direction (0: unlimited) */
 } pw_mpi_config;
 
 /* 1 when this build has MPI (PW_HAVE_MPI). */
@@ -222,7 +237,8 @@ int pw_mpi_built(void);
  * OMPI_COMM_WORLD_SIZE, PMI_SIZE, PMIX_SIZE...), 0 when the process was not
  * started by mpirun. Needs no MPI library. */
 int pw_mpi_launched_size(void);
-/* "tree" / "ring" / "mpi" -> algorithm; PW_ERR_INVALID_ARG otherwise. */
+/* "tree" / "ring" / "mpi" / "hierarchical" / "auto" -> algorithm;
+ * PW_ERR_INVALID_ARG otherwise. */
 pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out);
 
 /* Initialises MPI (MPI_Init_thread), checks the world has n_ranks ×

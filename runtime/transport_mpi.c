@@ -23,6 +23,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "runtime/link.h"
 #include "runtime/log.h"
 #include "runtime/trace.h"
 #include "runtime/transport-internal.h"
@@ -98,6 +99,8 @@ typedef struct mpi_transport {
     MPI_Comm world, replica_comm, stage_comm;
     int finalize;          /* we initialised MPI */
     pw_coll stage_coll, replica_coll;
+    pw_link link;          /* a slow link for the stages' messages and the all-reduce (link.h) */
+    pw_link_clock link_clock; /* this process's link: the worker's thread only (mt_isend) */
     int world_rank, world_size, n_ranks;
     double watchdog_s;
     pw_transport_state state;  /* this process's board (pw_transport.state points here) */
@@ -394,6 +397,19 @@ static pw_status mt_isend(void *self, int to, int tag, const void *buf, size_t b
     mpi_transport *m = self;
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI send of %zu bytes (max %d)", bytes, INT_MAX);
     req->bytes = SIZE_MAX;
+    req->due_ns = 0;
+    if (pw_link_on(&m->link)) {
+        /* A slow link: the send is posted when the model says the message
+         * arrives (mt_test posts it); MPI's order per (peer, tag) is kept,
+         * since one link's arrival times never decrease. */
+        req->due_ns = pw_link_clock_due(&m->link_clock, &m->link, pw_now_ns(), bytes);
+        req->held_buf = buf;
+        req->held_bytes = bytes;
+        req->held_to = to;
+        req->held_tag = tag;
+        *req_of(req) = MPI_REQUEST_NULL;
+        return PW_OK;
+    }
     pw_mpi_lock();
     int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, to, tag, m->replica_comm, req_of(req));
     pw_mpi_unlock();
@@ -405,6 +421,7 @@ static pw_status mt_irecv(void *self, int from, int tag, void *buf, size_t bytes
     mpi_transport *m = self;
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI receive of %zu bytes (max %d)", bytes, INT_MAX);
     req->bytes = bytes;
+    req->due_ns = 0; /* receives are never held back */
     pw_mpi_lock();
     int rc = MPI_Irecv(buf, (int)bytes, MPI_BYTE, from, tag, m->replica_comm, req_of(req));
     pw_mpi_unlock();
@@ -413,9 +430,21 @@ static pw_status mt_irecv(void *self, int from, int tag, void *buf, size_t bytes
 
 static int mt_test(void *self, pw_treq *req)
 {
-    (void)self;
+    mpi_transport *m = self;
     int flag = 0;
     MPI_Status st;
+    if (req->due_ns) {
+        if (pw_now_ns() < req->due_ns) return 0;
+        req->due_ns = 0;
+        pw_mpi_lock();
+        int rc = MPI_Isend(req->held_buf, (int)req->held_bytes, MPI_BYTE, req->held_to, req->held_tag,
+                           m->replica_comm, req_of(req));
+        pw_mpi_unlock();
+        if (rc != MPI_SUCCESS) {
+            pw_mpi_error(rc, "MPI_Isend (held back by the slow link)");
+            return -1;
+        }
+    }
     pw_mpi_lock();
     int rc = MPI_Test(req_of(req), &flag, &st);
     pw_mpi_unlock();
@@ -504,7 +533,7 @@ static void mt_destroy(void *self)
 {
     mpi_transport *m = self;
     if (!m) return;
-    pw_mpi_coll_fini(&m->stage_coll);
+    pw_mpi_coll_unbuild(&m->stage_coll);
     pw_mpi_coll_fini(&m->replica_coll);
     int fin = 0;
     MPI_Finalized(&fin);
@@ -725,7 +754,10 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     int *ub = NULL, flag = 0;
     MPI_Comm_get_attr(m->world, MPI_TAG_UB, &ub, &flag);
     t->max_tag = flag && ub ? *ub : 32767;
-    PW_CHECK_GOTO(pw_mpi_coll_init(m->stage_comm, cfg->allreduce, &m->stage_coll), st, fail);
+    m->link = (pw_link){.latency_s = cfg->link_latency_s, .bandwidth = cfg->link_bandwidth};
+    char algo_desc[64] = "";
+    PW_CHECK_GOTO(pw_mpi_coll_build(m->stage_comm, cfg->allreduce, &m->link, &m->stage_coll, algo_desc,
+                                    sizeof algo_desc), st, fail);
     PW_CHECK_GOTO(pw_mpi_coll_init(m->replica_comm, PW_ALLREDUCE_RING, &m->replica_coll), st, fail);
     t->stage_coll = m->stage_coll;
     t->replica_coll = m->replica_coll;
@@ -736,8 +768,7 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     MPI_Get_library_version(lib, &len);
     lib[strcspn(lib, ",\n")] = '\0';
     snprintf(t->desc, sizeof t->desc, "%s, %s all-reduce, thread level %s", lib,
-             cfg->allreduce == PW_ALLREDUCE_MPI ? "MPI_Iallreduce" : cfg->allreduce == PW_ALLREDUCE_RING ? "ring" : "tree",
-             level_name(provided));
+             cfg->allreduce == PW_ALLREDUCE_MPI ? "MPI_Iallreduce" : algo_desc, level_name(provided));
     PW_INFO(PW_SUB_COMM, "MPI rank %d: replica %d rank %d, host rank %d of %d (%s)", t->world_rank,
             t->replica, t->rank, t->local_rank, t->local_size, t->desc);
     *out = t;

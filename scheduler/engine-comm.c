@@ -47,6 +47,7 @@ static pw_coll bucket_coll(pw_worker *w, int chunk)
 {
     pw_engine *e = w->e;
     if (e->t) return e->t->stage_coll;
+    if (e->slow_colls) return e->slow_colls[(size_t)chunk * (size_t)e->NR + (size_t)w->replica];
     return pw_shm_group_member(e->groups[chunk], w->replica);
 }
 

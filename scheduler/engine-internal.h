@@ -93,6 +93,7 @@ typedef struct pw_mail {
     pw_msgbuf *buf;       /* NULL when the link carries no bytes */
     uint8_t arrived;
     uint8_t posted;       /* from another process: its receive is posted in req */
+    int64_t due_ns;       /* in process, behind a slow link: not to be taken before */
     pw_treq req;
 } pw_mail;
 
@@ -157,7 +158,9 @@ typedef struct pw_worker {
     struct event *wake;       /* step start, message arrival, abort, collective done */
     struct event *quit;       /* destroy: break the loop */
     struct event *watchdog;   /* persistent timer */
-    struct event *poll;       /* transport only: progresses messages to/from other processes */
+    struct event *poll;       /* transport or slow link: progresses messages to/from other
+                                 processes, or retries a receive held back by the link */
+    pw_link_clock link_clock; /* this worker's outgoing link (pw_engine_config.link) */
     pw_schedule_checker *checker;
 
     /* Guarded by mbox_mu: the receive this worker is parked on (dir -1:
@@ -264,6 +267,8 @@ struct pw_engine {
     void *msg_arg;
     const pw_span_mem *span_mem; /* the replicas' gradient memory (pw_engine_config) */
     pw_compress_config compress; /* kind PW_COMPRESS_NONE: the plain all-reduce */
+    pw_link link;             /* in process: a slow link (pw_engine_config) */
+    pw_coll *slow_colls;      /* in process, bucketed, behind the link: [C × NR] chunk-major */
 
     hwloc_topology_t topo;    /* pin only */
     pw_cpu_placement *place;

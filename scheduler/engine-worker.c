@@ -518,11 +518,16 @@ static int deliver(pw_worker *w, const char *kind, int src_chunk, int dir, int c
     pw_worker *dst = pw_eng_worker(e, w->lrep, rank_of(e, chunk));
     pw_mail *mail = pw_eng_mail(e, w->lrep, dir, chunk, mb);
     int wake = 0, dup = 0;
+    /* Behind a slow link the receiver may take it only once it "arrives"
+     * (its poll timer retries the receive). */
+    const int64_t due = pw_link_on(&e->link) ? pw_link_clock_due(&w->link_clock, &e->link, pw_now_ns(),
+                                                                  buf && buf->pool ? buf->pool->bytes : 0) : 0;
     pthread_mutex_lock(&dst->mbox_mu);
     if (mail->arrived) {
         dup = 1;
     } else {
         mail->buf = buf;
+        mail->due_ns = due;
         mail->arrived = 1;
         if (dst->wait_dir == dir && dst->wait_chunk == chunk && dst->wait_mb == mb) {
             dst->wait_dir = -1;
@@ -586,7 +591,7 @@ static int do_recv(pw_worker *w, const pw_action *a)
     if (pw_eng_is_local(e, rank_of(e, src_chunk))) {
         pw_mail *mail = pw_eng_mail(e, w->lrep, dir, c, m);
         pthread_mutex_lock(&w->mbox_mu);
-        arrived = mail->arrived;
+        arrived = mail->arrived && (!mail->due_ns || pw_now_ns() >= mail->due_ns);
         if (arrived) {
             buf = mail->buf;
             mail->buf = NULL;

@@ -319,6 +319,7 @@ static pw_status allocate(pw_engine *e, const pw_engine_config *cfg, const pw_ec
 
     pw_status st = pw_arena_commit(&e->book);
     e->span_mem = cfg->span_mem;
+    if (!cfg->transport) e->link = cfg->link;
     if (st == PW_OK && cfg->msg_alloc && e->msgs.size) {
         e->msg_alloc = cfg->msg_alloc;
         e->msg_free = cfg->msg_free;
@@ -448,6 +449,16 @@ static pw_status make_groups(pw_engine *e)
             PW_CHECK(pw_shm_group_create(e->NR, &e->groups[c]));
             pw_shm_group_set_memory(e->groups[c], e->span_mem);
         }
+        if (pw_link_on(&e->link)) {
+            e->slow_colls = calloc((size_t)e->C * (size_t)e->NR, sizeof *e->slow_colls);
+            if (!e->slow_colls) return pw_error(PW_ERR_NOMEM, "engine: out of memory");
+            for (int c = 0; c < e->C; c++)
+                for (int r = 0; r < e->NR; r++) {
+                    pw_coll m = pw_shm_group_member(e->groups[c], r);
+                    PW_CHECK(pw_coll_throttle_create(&m, &e->link, PW_ALLREDUCE_TREE, 1,
+                                                     &e->slow_colls[(size_t)c * (size_t)e->NR + (size_t)r]));
+                }
+        }
     }
     if (e->clip > 0) {
         e->norm_groups = calloc((size_t)e->NRL, sizeof *e->norm_groups);
@@ -559,7 +570,7 @@ static pw_status start_workers(pw_engine *e)
         if (e->check) {
             PW_CHECK(pw_schedule_checker_create(e->s, w->rank, e->rep->peak_inflight[w->rank], &w->checker));
         }
-        if (e->t) {
+        if (e->t || pw_link_on(&e->link)) {
             /* The poll timer needs microseconds: epoll's own timeout has
              * millisecond steps, a timerfd does not. */
             struct event_config *ec = event_config_new();
@@ -576,8 +587,8 @@ static pw_status start_workers(pw_engine *e)
         w->wake = event_new(w->base, -1, 0, pw_eng_wake_cb, w);
         w->quit = event_new(w->base, -1, 0, pw_eng_quit_cb, w);
         w->watchdog = event_new(w->base, -1, EV_PERSIST, pw_eng_watchdog_cb, w);
-        if (e->t) w->poll = event_new(w->base, -1, EV_PERSIST, pw_eng_poll_cb, w);
-        if (!w->wake || !w->quit || !w->watchdog || (e->t && !w->poll) ||
+        if (e->t || pw_link_on(&e->link)) w->poll = event_new(w->base, -1, EV_PERSIST, pw_eng_poll_cb, w);
+        if (!w->wake || !w->quit || !w->watchdog || ((e->t || pw_link_on(&e->link)) && !w->poll) ||
             event_add(w->watchdog, &e->watchdog_tv) != 0)
             return pw_error(PW_ERR_INTERNAL, "engine: libevent cannot create worker %d's events", i);
         if (e->use_comm) PW_CHECK(pw_eng_comm_start(e, w));
@@ -698,6 +709,9 @@ void pw_eng_free(pw_engine *e)
         if (e->pools[i].init) pthread_mutex_destroy(&e->pools[i].mu);
     for (size_t i = 0; e->buckets && i < (size_t)e->NRL * (size_t)e->C * (size_t)e->NB; i++)
         pw_compressor_destroy(e->buckets[i].z);
+    for (size_t i = 0; e->slow_colls && i < (size_t)e->C * (size_t)e->NR; i++)
+        pw_coll_throttle_destroy(&e->slow_colls[i]);
+    free(e->slow_colls);
     for (int c = 0; e->groups && c < e->C; c++) pw_shm_group_destroy(e->groups[c]);
     free(e->groups);
     for (int k = 0; e->norm_groups && k < e->NRL; k++) pw_shm_group_destroy(e->norm_groups[k]);

@@ -75,6 +75,7 @@
 #include "runtime/compress.h"
 #include "runtime/status.h"
 #include "runtime/trace.h"
+#include "runtime/link.h"
 #include "runtime/transport.h"
 #include "scheduler/schedule.h"
 #include "scheduler/stage.h"
@@ -132,6 +133,12 @@ typedef struct pw_engine_config {
                                           the ports. msg_free(msg_arg, base) frees it. */
     void (*msg_free)(void *arg, void *base);
     void *msg_arg;
+    pw_link link;                      /* (optional, in one process) a slow link between
+                                          workers (runtime/link.h): each worker's messages
+                                          to other ranks arrive when the model says, and the
+                                          replicas' all-reduce waits its link time; results
+                                          are unchanged. Under MPI the transport carries it
+                                          (pw_mpi_config). All zero: none */
     const pw_span_mem *span_mem;       /* (optional) where the stages' gradients live when
                                           not in host memory (a GPU): the in-process
                                           all-reduce of replicas works through it

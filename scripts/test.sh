@@ -2,7 +2,7 @@
 # README command 2: install what is missing, build, run the whole test suite:
 #   1. the layering check (scripts/check-layering.sh), the optimised build and every test (the examples' ctest entries run
 #      examples/custom_trainer and examples/graph_trainer small), then the MPI
-#      tests (mpirun on loopback with 2 and 4 processes; skipped with a
+#      tests (mpirun on loopback with 2, 3 and 4 processes; skipped with a
 #      message without mpirun), then the install as a user's program sees it
 #      (scripts/check-install.sh), and the examples' own Makefiles against
 #      that install through pkg-config alone;
@@ -38,7 +38,7 @@ echo "== build (RelWithDebInfo)"
 bash scripts/build.sh build
 echo "== tests"
 (cd build && ctest --output-on-failure --timeout 900 -LE mpi)
-echo "== MPI tests: pipeline-run under mpirun on loopback, 2 and 4 processes (skipped without mpirun)"
+echo "== MPI tests: pipeline-run under mpirun on loopback, 2, 3 (the all-reduce algorithms) and 4 processes (skipped without mpirun)"
 (cd build && ctest --output-on-failure --timeout 900 -L mpi)
 echo "== install: headers as C11 and C++17, pkg-config and find_package programs, the examples' Makefiles, exports (scripts/check-install.sh)"
 bash scripts/check-install.sh build

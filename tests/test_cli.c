@@ -6,6 +6,7 @@
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
+#include <time.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
@@ -158,6 +159,38 @@ Test(cli, stage_counts_and_schedules_save_identical_checkpoints)
     cr_assert(same_file("s1.safetensors", "s2g.safetensors"), "gpipe on 2 stages differs from 1 stage");
     cr_assert(same_file("s1.safetensors", "s2.safetensors"), "1f1b on 2 stages differs from 1 stage");
     cr_assert(same_file("s1.safetensors", "s3.safetensors"), "3 stages differ from 1 stage");
+}
+
+/* A slow link (--link-bandwidth, --link-latency when training) in one
+ * process: the same bits as without it, for stages x replicas and for
+ * GPipe; and it does slow the run down (a bound the link
+ * alone imposes, not a timing of this machine): in each of 12 steps the
+ * last micro-batch's activation goes to stage 1 and its gradient comes
+ * back, one after the other, each at least the 20 ms latency. */
+Test(cli, slow_link_same_bits_and_slower)
+{
+    char *o;
+    const char *runs[] = {
+        "--stages 2 --replicas 2 --micro-batches 2 --save sl0.safetensors",
+        "--stages 2 --replicas 2 --micro-batches 2 --link-bandwidth 5e6 --link-latency 2e-4 --save sl1.safetensors",
+        "--stages 2 --micro-batches 4 --schedule gpipe --link-latency 1e-4 --save sl2.safetensors",
+        "--stages 2 --micro-batches 4 --link-latency 2e-2 --save sl3.safetensors",
+    };
+    double took[4];
+    for (size_t i = 0; i < 4; i++) {
+        char args[512];
+        snprintf(args, sizeof args, "m.graph " DATA " --steps 12 --batch 32 --shuffle --no-pin %s", runs[i]);
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        cr_assert_eq(run(args, &o), 0, "%s: %s", runs[i], o);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        took[i] = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+        free(o);
+    }
+    cr_assert(same_file("sl0.safetensors", "sl1.safetensors"), "the slow link changed the bits (2 x 2)");
+    cr_assert(same_file("sl0.safetensors", "sl2.safetensors"), "the slow link changed the bits (gpipe)");
+    cr_assert(same_file("sl0.safetensors", "sl3.safetensors"), "the slow link changed the bits (2 stages)");
+    cr_assert_geq(took[3], 12 * 2 * 0.02, "12 steps over a 20 ms link took %.3f s", took[3]);
 }
 
 Test(cli, init_from_and_corrupt_checkpoints)

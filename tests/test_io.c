@@ -1,7 +1,10 @@
 /* Tests for checkpoint files (runtime/safetensors) and data sets
  * (stages/data: IDX, synthetic, llm.c token shards, sampler). */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <jansson.h>
 #include <signal.h>
@@ -10,13 +13,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sched.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include "graph/graph.h"
 #include "runtime/safetensors.h"
 #include "runtime/status.h"
+#include "runtime/tmpfile.h"
 #include "stages/train/data.h"
 
 /* ---------------------------------------------------------------- fixtures */
@@ -43,6 +49,7 @@ static void drop_tmpdir(void) { remove_tree(tmpdir); }
 TestSuite(safetensors, .init = make_tmpdir, .fini = drop_tmpdir, .timeout = 60);
 TestSuite(idx, .init = make_tmpdir, .fini = drop_tmpdir, .timeout = 60);
 TestSuite(dataset, .init = make_tmpdir, .fini = drop_tmpdir, .timeout = 60);
+TestSuite(tmpfile, .init = make_tmpdir, .fini = drop_tmpdir, .timeout = 60);
 TestSuite(sampler, .timeout = 60);
 
 static const char *tpath(const char *name)
@@ -1451,4 +1458,90 @@ Test(sampler, shuffle_is_unbiased)
             cr_assert(cnt[i][v] > E / N - 400 && cnt[i][v] < E / N + 400,
                       "position %d value %d: %d", i, v, cnt[i][v]);
     pw_sampler_free(&s);
+}
+
+/* ------------------------------------------------------------ tmpfile */
+
+/* A writer thread doing atomic writes in a loop, as the background
+ * checkpoint writer does; `dead` set, it stops touching anything (the
+ * process has _exited under it). */
+static atomic_int writer_dead, writer_created;
+static void *writer_loop(void *arg)
+{
+    (void)arg;
+    for (int i = 0;; i++) {
+        char path[128], tmp[160];
+        snprintf(path, sizeof path, "%s/f%d", tmpdir, i % 4);
+        pw_tmpfile_name(path, tmp, sizeof tmp);
+        const int slot = pw_tmpfile_register(tmp);
+        const int fd = pw_tmpfile_create(slot, tmp);
+        if (fd < 0) {
+            if (errno != ECANCELED) _exit(4); /* (in the forked child: no Criterion here) */
+            pw_tmpfile_forget(slot);
+            return NULL;
+        }
+        atomic_fetch_add(&writer_created, 1);
+        if (write(fd, "x", 1) != 1) _exit(5);
+        if (atomic_load(&writer_dead)) return NULL; /* killed mid-write: leaves what it had */
+        close(fd);
+        unlink(tmp);
+        pw_tmpfile_forget(slot);
+    }
+}
+
+static int files_in(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) return -1;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        if (e->d_name[0] != '.') n++;
+    closedir(d);
+    return n;
+}
+
+/* A second signal's abort, with a writer thread creating temp files all
+ * the while: nothing is left behind, whichever point of its write the
+ * writer was at, and no file is created after it. (With a plain open(2)
+ * in place of pw_tmpfile_create, the writer's next file, created after the
+ * unlink, stayed.) */
+Test(tmpfile, an_abort_leaves_no_temp_file_of_another_thread)
+{
+    for (int round = 0; round < 20; round++) {
+        atomic_store(&writer_dead, 0);
+        atomic_store(&writer_created, 0);
+        pid_t pid = fork(); /* the abort is for good: one process per round */
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+            pthread_t th;
+            if (pthread_create(&th, NULL, writer_loop, NULL)) _exit(3);
+            while (atomic_load(&writer_created) < 1 + round * 7) sched_yield();
+            pw_tmpfile_abort_all();
+            atomic_store(&writer_dead, 1);
+            pthread_join(th, NULL);
+            _exit(files_in(tmpdir) == 0 ? 0 : 1);
+        }
+        int status;
+        cr_assert_eq(waitpid(pid, &status, 0), pid);
+        cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "round %d: a temp file was left behind", round);
+    }
+}
+
+Test(tmpfile, no_create_after_an_abort)
+{
+    char path[128], tmp[160];
+    snprintf(path, sizeof path, "%s/x", tmpdir);
+    pw_tmpfile_name(path, tmp, sizeof tmp);
+    int slot = pw_tmpfile_register(tmp);
+    int fd = pw_tmpfile_create(slot, tmp);
+    cr_assert_geq(fd, 0, "%s", strerror(errno));
+    close(fd);
+    cr_assert_eq(pw_tmpfile_abort_all(), 1);
+    cr_assert_eq(access(tmp, F_OK), -1, "the registered temp file is still there");
+    pw_tmpfile_forget(slot);
+    slot = pw_tmpfile_register(tmp);
+    cr_assert_eq(pw_tmpfile_create(slot, tmp), -1);
+    cr_assert_eq(errno, ECANCELED);
+    cr_assert_eq(access(tmp, F_OK), -1);
+    pw_tmpfile_forget(slot);
 }

@@ -330,8 +330,13 @@ static int merge_to(const inputs *in, const char *out_path)
     char tmp[PW_TMPFILE_PATH];
     if (pw_tmpfile_name(out_path, tmp, sizeof tmp) != 0) return usage_error("--merge: path too long: %s", out_path);
     const int slot = pw_tmpfile_register(tmp);
-    FILE *f = fopen(tmp, "w");
+    const int fd = pw_tmpfile_create(slot, tmp);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!f) {
+        if (fd >= 0) {
+            close(fd);
+            unlink(tmp);
+        }
         fprintf(stderr, "pipe-trace: %s: %s\n", tmp, strerror(errno));
         pw_tmpfile_forget(slot);
         return 1;

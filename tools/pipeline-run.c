@@ -29,6 +29,7 @@
 #include "runtime/transport.h"
 #include "stages/ops/backend.h"
 #include "stages/train/checkpoint.h"
+#include "stages/ops/cpu/gemm.h"
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/data.h"
 #include "stages/plan/forecast.h"
@@ -191,8 +192,12 @@ static void usage(FILE *f)
 "  --gpu-memory SIZE     memory of each GPU the plan places on (default: the\n"
 "                        topology's, or the free memory of --device cuda's\n"
 "                        GPUs), shared by the stages on one GPU\n"
-"  --link-bandwidth B    bytes/s between neighbouring stages\n"
-"  --link-latency SEC    seconds per stage-to-stage message\n"
+"  --link-bandwidth B    bytes/s between neighbouring stages; when training,\n"
+"                        also a real slow link: every message between stages\n"
+"                        and the replicas' all-reduce take its time, in one\n"
+"                        process and under mpirun (a test and teaching aid;\n"
+"                        results unchanged; docs/distributed.md, Slow links)\n"
+"  --link-latency SEC    seconds per stage-to-stage message (also real: above)\n"
 "                        (with --simulate --topology: the links between hosts)\n"
 "                        without --plan, --balance .. --link-latency make\n"
 "                        training run the plan's cuts (printed first)\n"
@@ -214,7 +219,10 @@ static void usage(FILE *f)
 "                        all-reduce starts as soon as its part of the backward\n"
 "                        is done, overlapping the rest\n"
 "  --allreduce ALGO      under mpirun: tree (default: the same bytes as one\n"
-"                        process), ring, or mpi (MPI_Iallreduce)\n"
+"                        process), ring, mpi (MPI_Iallreduce), hierarchical\n"
+"                        (within hosts, then across), or auto (per bucket,\n"
+"                        by measured alpha-beta, among those with the tree's\n"
+"                        bytes)\n"
 "  --compress MODE       how the gradients travel between replicas: none\n"
 "                        (default), bf16, fp16, topk:RATIO (e.g. topk:0.01,\n"
 "                        with error feedback) or powersgd:RANK (e.g.\n"
@@ -641,7 +649,7 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_POST_VALIDATE: o->post_validate = 1; break;
         case OPT_ALLREDUCE:
             if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
-                return bad_usage("--allreduce: '%s' is not tree, ring or mpi", optarg);
+                return bad_usage("--allreduce: '%s' is not tree, ring, mpi, hierarchical or auto", optarg);
             o->allreduce_set = 1;
             break;
         case OPT_COMPRESS:
@@ -989,7 +997,10 @@ static void report_early_exit(void)
  * the next step boundary (under mpirun every process at the same one), says
  * so, writes the trace it was asked for and exits 128 + the signal. A second
  * one stops at once: the handler unlinks the temp files of atomic writes in
- * flight (runtime/tmpfile.h; unlink and _exit are async-signal-safe). */
+ * flight, after letting a create in progress on another thread (the
+ * background checkpoint writer) finish, and stopping any later one
+ * (pw_tmpfile_abort_all, runtime/tmpfile.h; it and _exit are
+ * async-signal-safe). */
 static volatile sig_atomic_t g_signal;
 static pthread_t g_main_thread; /* the one that handles them (install_signals) */
 
@@ -1004,7 +1015,7 @@ static void on_signal(int sig)
         return;
     }
     if (g_signal) {
-        pw_tmpfile_unlink_all();
+        pw_tmpfile_abort_all();
         static const char msg[] = "pipeline-run: second signal: stopping now\n";
         ssize_t k = write(STDERR_FILENO, msg, sizeof msg - 1);
         (void)k;
@@ -1168,7 +1179,7 @@ static int metrics_rebalance(pw_pipeline_metrics *mx, const pr_rebalance_event *
     }
     if (!ev->moved) return 0;
     pw_metrics_move_rec m = {
-        .step = ev->step, .forced = ev->forced, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
+        .step = ev->step, .forced = ev->forced, .revert = ev->revert, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
         .n_cuts = ev->n_cuts, .predicted_gain = ev->forced ? NAN : ev->predicted_gain,
         .step_ms_before = ev->forced ? NAN : 1e3 * ev->measured_step_s,
         .predicted_step_ms = ev->forced ? NAN : 1e3 * ev->predicted_step_s, .move_ms = 1e3 * ev->move_s,
@@ -1186,7 +1197,8 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
         return 2;
     }
     pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce,
-                        .watchdog_s = o->watchdog_s};
+                        .watchdog_s = o->watchdog_s, .link_latency_s = o->link_latency,
+                        .link_bandwidth = o->link_bandwidth};
     /* MPI start-up waits for every process before the watchdog exists: a
      * process that never arrives ends the wait after the watchdog's time
      * (at least 10 s: starting MPI on a loaded machine takes seconds). */
@@ -1297,6 +1309,8 @@ static pw_forecast_config forecast_config(const pw_graph *g, const options *o, d
     fc.chunks_per_rank = o->chunks_per_rank;
     if (rate > 0) fc.flops_per_s = rate;
     if (o->link_bandwidth > 0) fc.link_bandwidth = o->link_bandwidth;
+    /* The link carries the replicas' all-reduce too (as the throttle of a run does). */
+    if (o->link_bandwidth > 0) fc.allreduce_bandwidth = o->link_bandwidth;
     if (o->link_set) fc.link_latency_s = o->link_latency;
     fc.optim_state_floats = o->optim.kind == PW_OPTIM_ADAMW ? 2 : 1;
     return fc;
@@ -1886,6 +1900,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.post_validate = o->post_validate;
     pc.compress = o->compress;
     pc.transport = g_mpi;
+    pc.link = (pw_link){.latency_s = o->link_latency, .bandwidth = o->link_bandwidth};
     pc.chunks_per_rank = o->chunks_per_rank;
     pc.memory_limit = r->memory_limit;
     pc.recompute = o->recompute;
@@ -2056,6 +2071,11 @@ static void print_header(const run *r)
     if (o->recompute) printf(", recompute");
     printf("), schedule %s, theoretical bubble %.1f%%\n", r->csv ? r->csv : pw_schedule_kind_name(r->kind),
            100.0 * pw_pipeline_theory_bubble(r->t));
+    char blas[96], coretype[32];
+    if (!o->device && pw_cpu_blas_describe(blas, sizeof blas, coretype, sizeof coretype))
+        printf("pipeline-run: note: the CPU BLAS (%s) does not know this processor and runs a kernel "
+               "without AVX, several times slower; OPENBLAS_CORETYPE=%s selects a faster one "
+               "(docs/performance.md, \"The BLAS kernel\")\n", blas, coretype);
     const pw_schedule *sched = pw_pipeline_schedule(r->t);
     if (o->replicas > 1) {
         const int G = pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL);
@@ -2065,9 +2085,10 @@ static void print_header(const run *r)
             pw_compress_name(&o->compress, zn, sizeof zn);
             snprintf(same, sizeof same, "compressed as %s (docs/distributed.md, \"Compression\"): not the bits "
                      "of 1 replica", zn);
-        } else if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->replicas > 2)
-            snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s)",
-                     o->allreduce == PW_ALLREDUCE_RING ? "ring" : "mpi");
+        } else if (g_mpi && o->allreduce != PW_ALLREDUCE_TREE && o->allreduce != PW_ALLREDUCE_AUTO && o->replicas > 2)
+            snprintf(same, sizeof same, "equal to 1 replica to rounding only (--allreduce %s%s)",
+                     o->allreduce == PW_ALLREDUCE_RING ? "ring" : o->allreduce == PW_ALLREDUCE_MPI ? "mpi" : "hierarchical",
+                     o->allreduce == PW_ALLREDUCE_HIER ? ", unless hosts hold contiguous power-of-two groups" : "");
         else if (pw_grad_groups_identical(G, o->replicas))
             snprintf(same, sizeof same, "the same bits as 1 replica (%d gradient groups)", G);
         else

@@ -33,6 +33,11 @@ struct pw_rebalancer {
     int measuring;            /* 1: the last move's gain is measured by the next window */
     int64_t moved_step;
     double before_s;
+    int *prev;                /* [C + 1] the cuts before the last move */
+    int last_revert;          /* 1: the last move was a revert (never reverted itself) */
+    int *rejected;            /* [C + 1] cuts a reverted move went to ... */
+    int64_t rejected_until;   /* ... not proposed again before this step (-1: none) */
+    int64_t now;              /* the step being observed */
 };
 
 pw_rebalancer_config pw_rebalancer_defaults(void)
@@ -67,6 +72,8 @@ void pw_rebalancer_destroy(pw_rebalancer *rb)
     free(rb->cuts);
     free(rb->proposal);
     free(rb->pending);
+    free(rb->prev);
+    free(rb->rejected);
     free(rb->inflight);
     free(rb->busy);
     free(rb->step_s);
@@ -102,13 +109,16 @@ pw_status pw_rebalancer_create(const pw_rebalancer_config *cfg, const int *cuts,
     rb->cuts = malloc((C + 1) * sizeof(int));
     rb->proposal = malloc((C + 1) * sizeof(int));
     rb->pending = malloc((C + 1) * sizeof(int));
+    rb->prev = malloc((C + 1) * sizeof(int));
+    rb->rejected = malloc((C + 1) * sizeof(int));
+    rb->rejected_until = -1;
     rb->inflight = malloc(C * sizeof(int));
     rb->busy = calloc(W * S, sizeof(double));
     rb->step_s = calloc(W, sizeof(double));
     rb->med = calloc(S, sizeof(double));
     rb->speed = calloc(S, sizeof(double));
     rb->tmp = calloc(W > S ? W : S, sizeof(double));
-    if (!rb->cuts || !rb->proposal || !rb->pending || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
+    if (!rb->cuts || !rb->proposal || !rb->pending || !rb->prev || !rb->rejected || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
         !rb->tmp) {
         pw_rebalancer_destroy(rb);
         return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
@@ -253,6 +263,10 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
     else if (d->predicted_gain < rb->cfg.min_gain)
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%% is below %.1f%%", 100 * d->predicted_gain,
                  100 * rb->cfg.min_gain);
+    else if (rb->now < rb->rejected_until && near(rb, rb->rejected, rb->proposal))
+        snprintf(d->why, sizeof d->why, "predicted gain %.1f%%, but a move to these cuts measured slower "
+                 "and was undone (not again before step %lld)", 100 * d->predicted_gain,
+                 (long long)rb->rejected_until);
     else if (rb->cfg.mode == PW_REBALANCE_AUTO && !(rb->has_pending && near(rb, rb->pending, rb->proposal))) {
         /* A window can be unlucky (another job took the core for a while):
          * AUTO moves when two windows in a row want nearly the same cuts
@@ -292,6 +306,7 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
         return PW_OK;
     }
     const int S = rb->S, W = rb->window;
+    rb->now = step;
     memcpy(rb->busy + (size_t)rb->n * (size_t)S, busy, sizeof(double) * (size_t)S);
     rb->step_s[rb->n++] = step_s;
     if (rb->n < W) return PW_OK;
@@ -311,6 +326,24 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
          * times the interval) before the next. */
         if (d->measured_gain < 0.5 * rb->cfg.min_gain) rb->backoff = rb->backoff < 16 ? 2 * rb->backoff : 16;
         else rb->backoff = 1;
+        /* A move that made the step slower by more than the gain a move
+         * needs is undone at once (AUTO; never a revert itself): the model
+         * was wrong here (a contended core, an op whose cost the profile
+         * missed), and the measurement is what counts. Its cuts are not
+         * proposed again for 8 intervals. */
+        if (rb->cfg.mode == PW_REBALANCE_AUTO && !rb->last_revert && d->measured_gain < -rb->cfg.min_gain) {
+            memcpy(rb->rejected, rb->cuts, sizeof(int) * (size_t)(rb->C + 1));
+            rb->rejected_until = step + 8 * (int64_t)rb->min_interval;
+            rb->last_median = m;
+            d->decided = d->move = d->revert = 1;
+            d->new_cuts = rb->prev;
+            d->predicted_step_s = rb->before_s;
+            d->predicted_gain = 1.0 - rb->before_s / m;
+            snprintf(d->why, sizeof d->why, "the move after step %lld measured %.1f%% slower "
+                     "(%.2f ms -> %.2f ms): back to the cuts before it", (long long)rb->moved_step,
+                     -100 * d->measured_gain, 1e3 * rb->before_s, 1e3 * m);
+            return PW_OK;
+        }
     }
     rb->last_median = m;
     if (rb->last_move >= 0 && step - rb->last_move < (int64_t)rb->min_interval * rb->backoff) return PW_OK;
@@ -324,7 +357,17 @@ void pw_rebalancer_moved(pw_rebalancer *rb, int64_t step, const int *cuts, const
     rb->cfg.schedule = schedule;
     rb->cfg.report = report;
     rb->has_pending = 0;
-    memcpy(rb->cuts, cuts, sizeof(int) * (size_t)(rb->C + 1));
+    /* A move back to the cuts before the last one is a revert, whoever
+     * asked for it. */
+    rb->last_revert = rb->last_move >= 0 && !memcmp(cuts, rb->prev, sizeof(int) * (size_t)(rb->C + 1));
+    if (cuts == rb->prev) { /* a revert's new_cuts: swap */
+        int *t = rb->prev;
+        rb->prev = rb->cuts;
+        rb->cuts = t;
+    } else {
+        memcpy(rb->prev, rb->cuts, sizeof(int) * (size_t)(rb->C + 1));
+        memcpy(rb->cuts, cuts, sizeof(int) * (size_t)(rb->C + 1));
+    }
     rb->last_move = step;
     rb->measuring = rb->last_median > 0;
     rb->moved_step = step;

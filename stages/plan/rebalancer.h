@@ -50,7 +50,11 @@
  *
  * Measured gain. After a move the next full window's median step time,
  * beside the median of the window that decided it: 1 − after / before,
- * reported once (decision.measured).
+ * reported once (decision.measured). AUTO undoes a move whose measured
+ * gain is below −min_gain (the step got slower by more than a move must
+ * gain) at once: the decision moves back to the cuts before it
+ * (decision.revert), and the rejected cuts are not proposed again for 8
+ * intervals. A revert is never itself reverted.
  *
  * Thread-safety: one thread. Under mpirun every process observes the same
  * gathered figures and so takes the same decisions.
@@ -115,6 +119,8 @@ typedef struct pw_rebalance_decision {
     int64_t measured_step;          /* the step after which that move was made */
     double measured_gain;           /* 1 − median step after / median step before */
     double measured_before_s, measured_after_s;
+    int revert;                     /* 1 (with move): new_cuts are the cuts before the last
+                                       move, which measured slower by more than min_gain */
 } pw_rebalance_decision;
 
 /* After training step `step`: busy[stages] each rank's compute seconds in

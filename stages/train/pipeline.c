@@ -256,7 +256,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
-        .replicas = NR, .transport = t,
+        .replicas = NR, .transport = t, .link = c->link,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .post_validate = c->post_validate,

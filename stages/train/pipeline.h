@@ -119,6 +119,10 @@ typedef struct pw_pipeline_config {
     const pw_transport *transport;  /* (optional) multi-process run: this process is
                                        (transport->replica, transport->rank) and builds
                                        the chunks the schedule places on that rank */
+    pw_link link;                   /* (optional, in one process) a slow link between the
+                                       workers: messages and the all-reduce take its time,
+                                       results are unchanged (runtime/link.h; under MPI
+                                       the transport's pw_mpi_config carries it) */
     int chunks_per_rank;            /* v: the graph is cut into stages × v chunks (0: the
                                        kind's default: interleaved 2, zb-v 2, others 1) */
     int recompute;                  /* 1: every program keeps only its inputs per slot and

@@ -115,7 +115,7 @@ static pw_status write_json_atomic(const char *path, json_t *doc)
     if (!text) return pw_error(PW_ERR_NOMEM, "%s: out of memory", path);
     int slot = pw_tmpfile_register(tmp);
     pw_status st = PW_OK;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    int fd = pw_tmpfile_create(slot, tmp);
     if (fd < 0) {
         st = pw_error(PW_ERR_IO, "%s: cannot create %s: %s", path, tmp, strerror(errno));
         goto out;

@@ -1,5 +1,5 @@
 /* MPI tests: pipeline-run under mpirun on loopback, against the same run in
- * one process. Run by CTest as `mpi_driver BUILD_DIR NP` for NP = 2 and 4
+ * one process. Run by CTest as `mpi_driver BUILD_DIR NP` for NP = 2, 3 and 4
  * (no Criterion: each case launches mpirun itself).
  *
  *   identical   for every (stages, replicas) with stages × replicas = NP:
@@ -50,6 +50,16 @@
  *               byte-identical to the same compressed run in one process
  *               (PW_MPI_ONLY=compress runs these alone)
  *
+ *   algos       (also alone at NP = 3, or with PW_MPI_ONLY=algos) every MPI
+ *               all-reduce against its documented order float for float
+ *               (tests/mpi/coll_check.c: tree and ring against the
+ *               in-process ones, hierarchical against the tree of the
+ *               hosts' trees and the tree where pw_hier_matches_tree, auto
+ *               against the tree, MPI_Iallreduce at 2), with PW_TEST_HOSTS
+ *               fake hosts and behind a slow link; and training runs with
+ *               --allreduce tree / hierarchical / auto (and ring, mpi at 2)
+ *               and --link-bandwidth/--link-latency, byte-identical to the
+ *               tree in one process (with and without the in-process link)
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
  *               the full set, and gather refuses a side that was not loaded
@@ -255,9 +265,110 @@ static void compress_cases(int np)
         identical(2, 1, 2, "--micro-batches 2 --buckets 3 --compress fp16", "", "zfp16");
         identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "", "ztopk");
         identical(2, 1, 2, "--micro-batches 2 --optimizer adamw --compress powersgd:2", "", "zpsgd");
+        /* Behind a slow link (the payload's gather is throttled too) and
+         * with auto's endpoint: the same bytes as in process. */
+        identical(2, 1, 2, "--micro-batches 2 --compress bf16 --link-bandwidth 2e8 --link-latency 1e-4", "",
+                  "zbf16slow");
+        identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "--allreduce auto --link-bandwidth 2e8",
+                  "ztopkauto");
     } else {
         identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
         identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
+    }
+}
+
+/* --allreduce ALGO (and a slow link) under mpirun, with PW_TEST_HOSTS
+ * making "hosts" of this machine (NULL: none), against the tree in one
+ * process (with `one_link` there: the in-process throttle): the same
+ * checkpoint bytes. */
+static void algo_identical(int np, int S, int R, const char *algo, const char *hosts, const char *link,
+                           const char *one_link, const char *tag)
+{
+    char args[1024], one[1400], mpi_extra[1400], what[1600];
+    snprintf(args, sizeof args, "m.graph " DATA " --batch 48 --steps 6 --stages %d --replicas %d --micro-batches 2 "
+             "--buckets 3", S, R);
+    snprintf(one, sizeof one, "%s %s", args, one_link);
+    snprintf(mpi_extra, sizeof mpi_extra, "--allreduce %s %s", algo, link);
+    snprintf(what, sizeof what, "m.graph: %d stages x %d replicas, hosts %s, in one process %s", S, R,
+             hosts ? hosts : "(one)", *one_link ? one_link : "(no link)");
+    if (hosts) setenv("PW_TEST_HOSTS", hosts, 1);
+    else unsetenv("PW_TEST_HOSTS");
+    identical_runs(np, args, mpi_extra, one, tag, what);
+    unsetenv("PW_TEST_HOSTS");
+}
+
+/* tests/mpi/coll_check under mpirun -np np with PW_TEST_HOSTS=hosts (NULL:
+ * none) and `extra` flags: every MPI all-reduce against its documented
+ * order, float for float. */
+static void coll_check(int np, const char *hosts, const char *extra)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s%s%s" MPIRUN " -np %d %s/coll_check %s", hosts ? "PW_TEST_HOSTS=" : "",
+             hosts ? hosts : "", hosts ? " " : "", np, bin, extra);
+    int st = run(cmd, 120, &out, NULL);
+    const char *line = out ? strstr(out, "ok: ") : NULL;
+    if (st != 0 || !line) fail("coll_check (%s): exit %d\n%s", cmd, st, out ? out : "");
+    else printf("ok   coll_check %.*s\n", (int)strcspn(line + 4, "\n"), line + 4);
+    free(out);
+}
+
+/* Every exact all-reduce (tree, hierarchical where the hosts make it the
+ * tree's bytes, auto) and the slow link, at np processes. */
+static void algos(int np)
+{
+    /* The collectives alone, against their orders. */
+    coll_check(np, NULL, "");
+    coll_check(np, NULL, "--link-bandwidth 1e9 --link-latency 1e-4");
+    if (np == 3) coll_check(3, "0,0,1", ""), coll_check(3, "0,1,1", "");
+    if (np == 4) coll_check(4, "0,0,1,1", ""), coll_check(4, "0,1,0,1", "--link-bandwidth 1e9");
+    if (np == 2) coll_check(2, "0,1", "");
+    const char *slow = "--link-bandwidth 2e8 --link-latency 2e-4";
+    char hosts[64] = "", split[64] = "";
+    /* Hosts of two members each (the last may hold one): the tree's bytes. */
+    for (int w = 0; w < np; w++)
+        snprintf(hosts + strlen(hosts), sizeof hosts - strlen(hosts), "%s%d", w ? "," : "", w / 2);
+    /* A host per member. */
+    for (int w = 0; w < np; w++)
+        snprintf(split + strlen(split), sizeof split - strlen(split), "%s%d", w ? "," : "", w);
+    algo_identical(np, 1, np, "tree", NULL, slow, slow, "al_tree");
+    algo_identical(np, 1, np, "hierarchical", hosts, "", "", "al_hier");
+    algo_identical(np, 1, np, "hierarchical", hosts, slow, "", "al_hier_slow");
+    algo_identical(np, 1, np, "hierarchical", NULL, "", "", "al_hier1");
+    algo_identical(np, 1, np, "hierarchical", split, "", "", "al_hierN");
+    algo_identical(np, 1, np, "auto", hosts, "", "", "al_auto");
+    algo_identical(np, 1, np, "auto", NULL, slow, "", "al_auto_slow");
+    if (np == 2) {
+        algo_identical(2, 2, 1, "tree", NULL, slow, slow, "al_s2_slow"); /* the stages' messages */
+        algo_identical(2, 1, 2, "ring", NULL, slow, "", "al_ring_slow");
+        algo_identical(2, 1, 2, "mpi", NULL, slow, "", "al_mpi_slow");
+    }
+    if (np == 4) {
+        /* A replica per host (the all-reduce crosses hosts), and a stage per
+         * host (--map-by node: the all-reduce stays within one). */
+        algo_identical(4, 2, 2, "hierarchical", "0,0,1,1", slow, slow, "al_s2r2_hier");
+        algo_identical(4, 2, 2, "auto", "0,1,0,1", slow, "", "al_s2r2_auto");
+    }
+    /* Hosts of 1 and 2 members (np 3): not the tree's bytes; it runs. */
+    if (np == 3) {
+        char cmd[2048], *out = NULL;
+        snprintf(cmd, sizeof cmd, "PW_TEST_HOSTS=0,1,1 PW_DEBUG=INFO PW_DEBUG_SUBSYS=COMM " MPIRUN " -np 3 "
+                 "%s/pipeline-run m.graph " DATA " --batch 48 --steps 6 --replicas 3 --allreduce hierarchical", bin);
+        int st = run(cmd, 300, &out, NULL);
+        if (st != 0) fail("hierarchical over hosts 0,1,1: exit %d\n%s", st, out);
+        else if (!strstr(out, "hierarchical (not the tree's bytes) all-reduce"))
+            fail("hierarchical over hosts 0,1,1: the layout does not say it is not the tree's bytes:\n%s", out);
+        else printf("ok   hierarchical over hosts 0,1,1 (1 + 2 members) runs, and says it is not the tree's bytes\n");
+        free(out);
+    }
+    /* Bad input: a malformed host list is refused with its name. */
+    {
+        char cmd[2048], *out = NULL;
+        snprintf(cmd, sizeof cmd, "PW_TEST_HOSTS=0,x " MPIRUN " -x PW_TEST_HOSTS -np 2 %s/pipeline-run m.graph " DATA
+                 " --batch 48 --steps 2 --replicas 2 --allreduce hierarchical", bin);
+        int st = run(cmd, 120, &out, NULL);
+        if (st == 0 || !strstr(out, "PW_TEST_HOSTS")) fail("PW_TEST_HOSTS=0,x: exit %d, expected an error naming it:\n%s", st, out);
+        else printf("ok   PW_TEST_HOSTS=0,x is refused\n");
+        free(out);
     }
 }
 
@@ -1185,7 +1296,11 @@ int main(int argc, char **argv)
 
     /* PW_MPI_ONLY=checkpoints: only the training-state checkpoint cases. */
     const char *only = getenv("PW_MPI_ONLY");
-    if (only && !strcmp(only, "rebalance")) {
+    if (only && !strcmp(only, "algos")) {
+        algos(np);
+    } else if (np == 3) {
+        algos(3); /* np 3: the all-reduce algorithms at a non-power-of-two count only */
+    } else if (only && !strcmp(only, "rebalance")) {
         rebalance_cases(np);
     } else if (only && !strcmp(only, "compress")) {
         compress_cases(np);
@@ -1225,6 +1340,7 @@ int main(int argc, char **argv)
         hostfile(2, 2, 1);
         rebalance_cases(2);
         compress_cases(2);
+        algos(2);
         if (ckpt_reference()) ckpt_mpi(2, 2, 1, 1, 2);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --clip-grad-norm 0.5", "", "s2r2");
@@ -1261,6 +1377,7 @@ int main(int argc, char **argv)
         hostfile(4, 2, 2);
         rebalance_cases(4);
         compress_cases(4);
+        algos(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);

@@ -206,8 +206,10 @@ static void bench_attention(const attn_case *cases, int n_cases, int threads, in
     fill(x, max_x, key + 2, 1.0f);
     fill(w, max_w, key + 3, 0.1f);
     const int tcounts[2] = {1, threads};
-    printf("\nattention fwd + bwd_input (pw_cpu_attention_*), GFLOP/s; median of %d rounds x %d reps\n",
-           rounds, reps);
+    char blas[96];
+    pw_cpu_blas_describe(blas, sizeof blas, NULL, 0);
+    printf("\nattention fwd + bwd_input (pw_cpu_attention_*), GFLOP/s; median of %d rounds x %d reps; %s\n",
+           rounds, reps, blas);
     printf("  threads     B    T    D   H  hd   ms/iter   causal  executed | SGEMM TxTxhd  SGEMM "
            "c_attn | causal/SGEMM-c_attn\n");
     for (int ti = 0; ti < (threads > 1 ? 2 : 1); ti++) {
@@ -236,9 +238,11 @@ static void bench_attention(const attn_case *cases, int n_cases, int threads, in
 static void bench_training(const char *path, const pw_graph *g, const pw_dataset *d, long T,
                            long batch, int M, int steps, int rounds, int threads, int synthetic)
 {
+    char blas[96];
+    pw_cpu_blas_describe(blas, sizeof blas, NULL, 0);
     printf("bench_gpt: %s (T = %ld), batch %ld = %d micro-batches x %ld, AdamW, 1F1B, data %s, %s\n",
            path, T, batch, M, batch / M, synthetic ? "random bytes (fortunes not installed)" : d->name,
-           PW_BLAS_NAME);
+           blas);
     printf("  round   1 stage (%d BLAS threads)        2 stages (1 core each)\n", threads);
     double s1[64], s2[64];
     for (int r = 0; r < rounds; r++) {

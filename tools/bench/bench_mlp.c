@@ -147,8 +147,10 @@ int main(int argc, char **argv)
         step_ms[r] = dt / steps * 1e3;
     }
     double tr = median(train_rate, rounds), gr = median(gemm_rate, rounds);
+    char blas[96];
+    pw_cpu_blas_describe(blas, sizeof blas, NULL, 0);
     printf("bench_mlp: %ld x %ld MLP (+ head %ld), batch %ld = %d x %ld, %d thread%s (%s)\n",
-           L, W, C, B, M, mb, threads, threads == 1 ? "" : "s", PW_BLAS_NAME);
+           L, W, C, B, M, mb, threads, threads == 1 ? "" : "s", blas);
     printf("  training step      %8.1f ms  (median of %d rounds x %d steps)\n",
            median(step_ms, rounds), rounds, steps);
     printf("  training           %8.1f GFLOP/s\n", tr);

@@ -224,15 +224,16 @@ int pr_rebalance_step(pr_rebalance *r, pw_pipeline **pl, int64_t step, double st
             PW_INFO(PW_SUB_TRAIN, "rebalance at step %lld: stage busy and speed:%s; %s", (long long)step, sp, d.why);
         }
         if (d.move && !move) {
-            move = 1;
+            move = d.revert ? 2 : 1;
             memcpy(ev->new_cuts, d.new_cuts, sizeof(int) * (size_t)(r->C + 1));
             ev->predicted_gain = d.predicted_gain;
             ev->predicted_step_s = d.predicted_step_s;
             ev->measured_step_s = d.measured_step_s;
         }
     }
-    if (share_decision(r, &move, ev->new_cuts)) return 1;
+    if (share_decision(r, &move, ev->new_cuts)) return 1; /* move: 0, 1, or 2 for a revert */
     if (!move) return 0;
+    ev->revert = move == 2;
     pw_repartition_info info;
     if (pw_pipeline_repartition(pl, ev->new_cuts, r->C + 1, &info) != PW_OK) {
         if (!info.kept) {
@@ -254,6 +255,8 @@ int pr_rebalance_step(pr_rebalance *r, pw_pipeline **pl, int64_t step, double st
         printf(" ->");
         print_cuts(ev->new_cuts, r->C + 1);
         if (ev->forced) printf(" (--rebalance-at)");
+        else if (ev->revert) printf(", undoing the last move (measured %.2f ms a step, %.2f ms before it)",
+                                    1e3 * ev->measured_step_s, 1e3 * ev->predicted_step_s);
         else printf(", predicted gain %.1f%% (step %.2f ms -> %.2f ms)", 100 * ev->predicted_gain,
                     1e3 * ev->measured_step_s, 1e3 * ev->predicted_step_s);
         printf("; moved %.2f MiB in %.1f ms\n", (double)ev->bytes / 1048576.0, 1e3 * ev->move_s);

@@ -30,6 +30,8 @@ typedef struct pr_rebalance_config {
 typedef struct pr_rebalance_event {
     int moved;                   /* 1: the cuts moved after this step */
     int forced;                  /* ... by --rebalance-at */
+    int revert;                  /* ... back to the cuts before the last move, which
+                                    measured slower (pw_rebalance_decision.revert) */
     int measured;                /* 1: the gain of an earlier move is measured now */
     int64_t step;                /* the step after which the move was made */
     int n_cuts;

@@ -15,7 +15,9 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 #include "runtime/log.h"
 #include "runtime/status.h"
@@ -74,6 +76,59 @@ void pw_cpu_blas_threads(int n)
     bli_thread_set_num_threads((dim_t)n);
 #else
     openblas_set_num_threads(n);
+#endif
+}
+
+#if !defined(PW_BLAS_BLIS)
+char *openblas_get_corename(void);
+char *openblas_get_config(void);
+#endif
+
+/* OpenBLAS's kernel names by the widest vector unit they use (its
+ * driver/others/dynamic.c): 3 AVX-512, 2 AVX2, 1 AVX, 0 anything else. */
+static int kernel_width(const char *core)
+{
+    static const char *const avx512[] = {"skylakex", "cooperlake", "sapphirerapids"};
+    static const char *const avx2[] = {"haswell", "zen", "excavator"};
+    static const char *const avx[] = {"sandybridge", "bulldozer", "piledriver", "steamroller"};
+    for (size_t i = 0; i < sizeof avx512 / sizeof *avx512; i++)
+        if (strcasecmp(core, avx512[i]) == 0) return 3;
+    for (size_t i = 0; i < sizeof avx2 / sizeof *avx2; i++)
+        if (strcasecmp(core, avx2[i]) == 0) return 2;
+    for (size_t i = 0; i < sizeof avx / sizeof *avx; i++)
+        if (strcasecmp(core, avx[i]) == 0) return 1;
+    return 0;
+}
+
+int pw_cpu_blas_describe(char *buf, size_t n, char *hint, size_t hint_n)
+{
+    if (hint && hint_n) hint[0] = '\0';
+#if defined(PW_BLAS_BLIS)
+    snprintf(buf, n, "BLIS");
+    return 0;
+#else
+    const char *core = openblas_get_corename();
+    if (!core) core = "unknown";
+    const char *version = "";
+#if defined(OPENBLAS_VERSION)
+    version = OPENBLAS_VERSION; /* "OpenBLAS 0.3.21" or " OpenBLAS 0.3.21 " */
+    while (*version == ' ') version++;
+#endif
+    char ver[48];
+    snprintf(ver, sizeof ver, "%s", *version ? version : "OpenBLAS");
+    for (size_t l = strlen(ver); l > 0 && ver[l - 1] == ' '; l--) ver[l - 1] = '\0';
+    snprintf(buf, n, "%s, %s kernel", ver, core);
+    const char *forced = getenv("OPENBLAS_CORETYPE");
+    if (forced && *forced) return 0;
+    int cpu = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 2
+          : __builtin_cpu_supports("avx") ? 1 : 0;
+#endif
+    if (cpu < 1 || kernel_width(core) >= 1) return 0;
+    if (hint && hint_n) snprintf(hint, hint_n, "%s", cpu >= 2 ? "Haswell" : "Sandybridge");
+    return 1;
 #endif
 }
 

@@ -12,6 +12,7 @@
 #ifndef PW_STAGES_CPU_GEMM_H
 #define PW_STAGES_CPU_GEMM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "runtime/pool.h"
@@ -66,6 +67,16 @@ void pw_cpu_parallel_for(int64_t n, int64_t per, pw_cpu_range_fn fn, const void 
  * a reference (a multi-threaded cblas_sgemm). Kernels need it at 1: set it
  * back before they run. */
 void pw_cpu_blas_threads(int n);
+
+/* The BLAS and the kernel it runs, e.g. "OpenBLAS 0.3.21, Prescott kernel"
+ * (BLIS: "BLIS"), into buf (always terminated). Returns 1 when the kernel
+ * uses less of the CPU than the CPU has — OpenBLAS builds older than the
+ * processor do not recognise it and fall back to an SSE kernel (Prescott)
+ * several times slower — and then writes to `hint` (may be NULL) the
+ * OPENBLAS_CORETYPE that selects a kernel this CPU runs ("Haswell" on a CPU
+ * with AVX2: docs/performance.md, "The BLAS kernel"). 0 otherwise, and
+ * when OPENBLAS_CORETYPE is set (whoever set it chose). */
+int pw_cpu_blas_describe(char *buf, size_t n, char *hint, size_t hint_n);
 
 #ifdef __cplusplus
 }
