@@ -119,32 +119,34 @@ static inline uint16_t enc_bf16(float f)
 
 static inline float dec_bf16(uint16_t h) { return u2f((uint32_t)h << 16); }
 
+/* fp16 without branches on the value (gradients straddle 2^-14, where a
+ * branch would be mispredicted half the time): both roundings are computed
+ * and one is selected. */
 static inline uint16_t enc_fp16(float f)
 {
     const uint32_t u = f2u(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
-    if (a >= 0x47800000u) return (uint16_t)(sign | 0x7c00u); /* >= 65536: inf */
-    if (a < 0x38800000u) {
-        /* Below the smallest normal (2^-14): a multiple of 2^-24, rounded by
-         * rintf (ties to even); 1024 is the smallest normal's encoding. */
-        float v = u2f(a) * 16777216.0f;
-        return (uint16_t)(sign | (uint32_t)rintf(v));
-    }
-    const uint32_t r = a - (112u << 23); /* exponent 127 → 15 */
-    uint32_t h = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;
-    if (h >= 0x7c00u) h = 0x7c00u; /* rounded past 65504: inf */
+    /* Below 2^-14 (subnormal in fp16): adding 0.5 rounds |f| to a multiple
+     * of 2^-24, 0.5's ulp, ties to even; the bits above 0.5's are then the
+     * encoding (1024 when it rounds up to the smallest normal). */
+    const uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3f000000u;
+    /* Normal: exponent 127 → 15, the 13 low bits rounded to nearest even;
+     * past 65504 (or inf) the result saturates to inf. */
+    const uint32_t r = a - (112u << 23);
+    uint32_t nrm = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;
+    nrm = nrm < 0x7c00u ? nrm : 0x7c00u;
+    uint32_t h = a < 0x38800000u ? sub : nrm;
+    h = a > 0x7f800000u ? 0x7e00u : h; /* NaN: a quiet NaN */
     return (uint16_t)(sign | h);
 }
 
 static inline float dec_fp16(uint16_t h)
 {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) {
-        float v = (float)m * (1.0f / 16777216.0f);
-        return sign ? -v : v;
-    }
-    if (e == 31) return u2f(sign | 0x7f800000u | (m << 13));
-    return u2f(sign | ((e + 112u) << 23) | (m << 13));
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
+    uint32_t o = (em << 13) + (112u << 23);        /* normal: exponent 15 → 127 */
+    o = em >= 0x7c00u ? o + (112u << 23) : o;      /* inf, NaN: exponent 255 */
+    const float sub = (float)em * (1.0f / 16777216.0f); /* subnormal: m · 2^-24, exact */
+    const float v = em < 0x400u ? sub : u2f(o);
+    return u2f(f2u(v) | sign);
 }
 
 uint16_t pw_f32_to_bf16(float f) { return enc_bf16(f); }

@@ -47,6 +47,9 @@
  *                                   those would, and bucket b's gradients must
  *                                   be final when call b returns. So bucket 0
  *                                   holds the chunk's last layers;
+ *   grad_bucket_rows(b, n, rows, max)  which of bucket b's spans are
+ *                                   matrices (for PowerSGD compression,
+ *                                   pw_engine_config.compress);
  *   grad_sumsq() / scale_grads(s)   global gradient-norm clipping.
  *   optimizer_try(step) /          post-validation (pw_engine_config
  *   optimizer_commit() /           .post_validate, docs/engine.md): the

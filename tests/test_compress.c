@@ -584,3 +584,29 @@ Test(compress, cli_refuses_a_bad_mode, .timeout = TIMEOUT)
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 2, "exit %d: %s", WEXITSTATUS(st), out);
     cr_assert(strstr(out, "--compress topk:2: the top-k ratio must be a number in (0, 1]"), "%s", out);
 }
+
+/* The error-feedback state is not in checkpoints: a resumed compressed run
+ * says that it starts again from zero (docs/distributed.md, "Compression"). */
+Test(compress, resume_says_the_state_restarts, .timeout = TIMEOUT)
+{
+    char dir[64], cmd[1024];
+    snprintf(dir, sizeof dir, "/tmp/pw_compress_ckpt_XXXXXX");
+    cr_assert(mkdtemp(dir));
+    const char *run = PW_BINARY_DIR "/pipeline-run " PW_SOURCE_DIR "/examples/fashion_mlp.graph "
+                      "--data synthetic:256:784:10 --batch 32 --micro-batches 2 --stages 1 --replicas 2 --no-pin "
+                      "--quiet --compress topk:0.1";
+    snprintf(cmd, sizeof cmd, "%s --steps 2 --checkpoint-dir %s --checkpoint-every 2 >/dev/null 2>&1", run, dir);
+    cr_assert_eq(system(cmd), 0, "%s", cmd);
+    snprintf(cmd, sizeof cmd, "%s --steps 4 --resume %s 2>&1", run, dir);
+    FILE *p = popen(cmd, "r");
+    cr_assert_not_null(p);
+    char out[8192] = "";
+    size_t n = fread(out, 1, sizeof out - 1, p);
+    out[n] = 0;
+    int st = pclose(p);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit %d: %s", WEXITSTATUS(st), out);
+    cr_assert(strstr(out, "--resume with --compress topk: the error-feedback state (residuals) is not in "
+                          "checkpoints; it starts again from zero"), "%s", out);
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    cr_assert_eq(system(cmd), 0);
+}

@@ -2163,6 +2163,8 @@ static void print_header(const run *r)
         printf("pipeline-run: %d replicas, each %lld samples of every batch; gradients summed in %d "
                "bucket%s per stage%s; %s\n", o->replicas, (long long)(o->batch / o->replicas), sched->n_buckets,
                sched->n_buckets > 1 ? "s" : "", g_mpi ? "" : " (in-process tree all-reduce)", same);
+    } else if (o->compress.kind != PW_COMPRESS_NONE) {
+        printf("pipeline-run: --compress has no effect with one replica (nothing is summed across replicas)\n");
     }
     char lr_sched[96] = "";
     if (o->optim.schedule != PW_LR_CONSTANT)
