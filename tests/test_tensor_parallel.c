@@ -1,0 +1,450 @@
+/* pipewright — tensor parallelism inside a stage (issue 16; docs/parallelism.md,
+ * "Tensor parallelism"): the rank graphs a graph's tp= marks make, their
+ * errors, training at T = 2, 3, 4 ranks (threads of this process) against
+ * T = 1, and checkpoints that hold the same full tensors at every T.
+ * The ops themselves are checked against the unsplit ones in
+ * tests/test_op_table.c (op_table::tensor_parallel). */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "graph/graph.h"
+#include "runtime/safetensors.h"
+#include "stages/ops/cpu/ops.h"
+#include "stages/ops/optim.h"
+#include "stages/train/checkpoint.h"
+#include "stages/train/data.h"
+#include "stages/train/trainer.h"
+
+#define TIMEOUT 120
+
+/* The Fashion MLP's shape, smaller: the MLP pair split column then row.
+ * Widths 37 and 19 do not divide by 2, 3 or 4. */
+static const char *MLP =
+    "graph tp_mlp\n"
+    "input image : f32[4, 6]\n"
+    "label target : i32[]\n"
+    "x = flatten(image)\n"
+    "n = layernorm(x) as norm_in\n"
+    "fc1 = linear(n, out=37, tp=column)\n"
+    "h1 = relu(fc1)\n"
+    "fc2 = linear(h1, out=19, tp=row)\n"
+    "h2 = relu(fc2)\n"
+    "logits = linear(h2, out=5) as head\n"
+    "loss = softmax_cross_entropy(logits, target)\n";
+
+/* The tiny GPT (tests/pipeline_support.h's, without dropout) with its MLPs
+ * split, the token embedding vocabulary-parallel and the tied head
+ * column-parallel, so the cross-entropy is vocabulary-parallel. Attention
+ * is not split (by heads: not built). */
+static const char *GPT =
+    "graph tp_gpt\n"
+    "input tokens : i32[16]\n"
+    "label next : i32[16]\n"
+    "tok = embedding(tokens, vocab=256, dim=32, tp=vocab) as wte\n"
+    "pos = pos_embedding(tok, max=16) as wpe\n"
+    "h = repeat 2 as h (x = pos) {\n"
+    "  a   = layernorm(x) as ln_1\n"
+    "  qkv = linear(a, out=96) as attn.c_attn\n"
+    "  att = causal_attention(qkv, heads=4)\n"
+    "  o   = linear(att, out=32) as attn.c_proj\n"
+    "  x1  = add(x, o)\n"
+    "  m   = layernorm(x1) as ln_2\n"
+    "  fc  = linear(m, out=128, tp=column) as mlp.c_fc\n"
+    "  g   = gelu(fc)\n"
+    "  pr  = linear(g, out=32, tp=row) as mlp.c_proj\n"
+    "  x2  = add(x1, pr)\n"
+    "  return x2\n"
+    "}\n"
+    "hf = layernorm(h) as ln_f\n"
+    "logits = linear(hf, out=256, bias=false, weight=wte.weight, tp=column) as lm_head\n"
+    "loss = softmax_cross_entropy(logits, next)\n";
+
+static pw_graph *parse(const char *text)
+{
+    pw_graph *g = NULL;
+    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "tp.graph", &g), PW_OK, "%s", pw_last_error());
+    return g;
+}
+
+static pw_dataset *images(void)
+{
+    pw_synthetic_config sc = {.n = 256, .sample_shape = {.ndim = 2, .d = {4, 6}}, .n_classes = 5, .seed = 3,
+                              .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+static pw_dataset *tokens(void)
+{
+    char path[] = "/tmp/pw_tp_text_XXXXXX.txt";
+    int fd = mkstemps(path, 4);
+    cr_assert_geq(fd, 0);
+    FILE *f = fdopen(fd, "w");
+    cr_assert_not_null(f);
+    for (int i = 0; i < 200; i++)
+        fprintf(f, "%d: the quick brown fox jumps over the lazy dog %d times.\n", i, i * 7 % 13);
+    fclose(f);
+    pw_dataset *d = NULL;
+    pw_status st = pw_dataset_load_text(path, 16, 1, &d);
+    unlink(path);
+    cr_assert_eq(st, PW_OK, "%s", pw_last_error());
+    return d;
+}
+
+/* ------------------------------------------------------------ rank graphs */
+
+Test(tensor_parallel, rank_graph_shapes, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(MLP);
+    const int w1 = pw_graph_find_param(g, "fc1.weight"), b1 = pw_graph_find_param(g, "fc1.bias");
+    const int w2 = pw_graph_find_param(g, "fc2.weight"), b2 = pw_graph_find_param(g, "fc2.bias");
+    cr_assert(w1 >= 0 && b1 >= 0 && w2 >= 0 && b2 >= 0);
+    for (int T = 1; T <= 4; T++) {
+        int64_t rows = 0, cols = 0;
+        for (int k = 0; k < T; k++) {
+            pw_graph *r = NULL;
+            cr_assert_eq(pw_graph_tp_rank(g, T, k, &r), PW_OK, "%s", pw_last_error());
+            const int64_t lo = 37 * k / T, hi = 37 * (k + 1) / T;
+            cr_expect_eq(r->params[w1].shape.d[0], hi - lo, "T=%d rank %d: fc1.weight rows", T, k);
+            cr_expect_eq(r->params[w1].shape.d[1], 24);
+            cr_expect_eq(r->params[b1].shape.d[0], hi - lo);
+            cr_expect_eq(r->params[w2].shape.d[0], 19, "fc2.weight keeps its output features");
+            cr_expect_eq(r->params[w2].shape.d[1], hi - lo, "T=%d rank %d: fc2.weight columns", T, k);
+            cr_expect_eq(r->params[b2].shape.d[0], 19, "the row-parallel bias is whole");
+            cr_expect_eq(r->params[b2].tp_full, 0);
+            rows += r->params[w1].shape.d[0];
+            cols += r->params[w2].shape.d[1];
+            /* names stay (checkpoints) */
+            cr_expect_str_eq(r->params[w1].name, "fc1.weight");
+            pw_graph_destroy(r);
+        }
+        cr_expect_eq(rows, 37, "T=%d: the parts cover fc1's rows", T);
+        cr_expect_eq(cols, 37);
+    }
+    pw_graph *r;
+    cr_expect_eq(pw_graph_tp_rank(g, 2, 2, &r), PW_ERR_INVALID_ARG);
+    cr_expect_eq(pw_graph_tp_rank(g, 0, 0, &r), PW_ERR_INVALID_ARG);
+    pw_graph_destroy(g);
+}
+
+/* A graph that cannot split as marked: an error naming the op and line. */
+Test(tensor_parallel, errors_name_the_op, .timeout = TIMEOUT)
+{
+    static const struct {
+        const char *body, *want;
+    } cases[] = {
+        {"a = linear(x, out=8, tp=row) as p\nlogits = linear(a, out=3)\n", "linear 'p' is tp=row but its input"},
+        {"a = linear(x, out=8, tp=column) as p\nb = layernorm(a) as ln\nlogits = linear(b, out=3)\n",
+         "layernorm 'ln' reads 'a', which is split"},
+        {"a = linear(x, out=8, tp=column) as p\nlogits = linear(a, out=3) as q\n",
+         "linear 'q' reads 'a', which is split across tensor-parallel ranks: mark it tp=row"},
+        {"a = linear(x, out=8, tp=column) as p\nb = linear(x, out=8) as q\nc = add(a, b)\nlogits = linear(c, out=3)\n",
+         "has 2 consumers"},
+        {"a = linear(x, out=8, tp=column) as p\nd = dropout(a, p=0.5)\nlogits = linear(d, out=3, tp=row)\n",
+         "split dropout's masks are not built"},
+        {"a = linear(x, out=8, tp=column) as p\nb = linear(a, out=8, tp=column) as q\nlogits = linear(b, out=3)\n",
+         "linear 'q' is tp=column but its input 'a' is already split"},
+        {"a = linear(x, out=24, tp=column) as p\nb = linear(a, out=24, tp=row, weight=p.weight) as q\n"
+         "logits = linear(b, out=3)\n",
+         "tied to an op that splits it differently"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char text[1024];
+        snprintf(text, sizeof text, "graph e\ninput x : f32[24]\nlabel t : i32[]\n%sloss = softmax_cross_entropy(logits, t)\n",
+                 cases[i].body);
+        pw_graph *g = parse(text), *r = NULL;
+        pw_status st = pw_graph_tp_rank(g, 2, 1, &r);
+        cr_expect_eq(st, PW_ERR_SHAPE, "case %zu: %s", i, st == PW_OK ? "accepted" : pw_last_error());
+        cr_expect(r == NULL);
+        cr_expect(strstr(pw_last_error(), cases[i].want) != NULL, "case %zu: '%s' does not say '%s'", i,
+                  pw_last_error(), cases[i].want);
+        cr_expect(strstr(pw_last_error(), "tp.graph:") != NULL, "case %zu: '%s' names no line", i, pw_last_error());
+        pw_graph_destroy(g);
+    }
+    /* bad attribute values are parse errors */
+    const char *bad = "graph e\ninput x : f32[4]\nlabel t : i32[]\nlogits = linear(x, out=3, tp=vocab)\n"
+                      "loss = softmax_cross_entropy(logits, t)\n";
+    pw_graph *g = NULL;
+    cr_expect_eq(pw_graph_parse_string(bad, strlen(bad), "bad.graph", &g), PW_ERR_PARSE);
+    cr_expect(strstr(pw_last_error(), "'tp' must be column or row") != NULL, "%s", pw_last_error());
+    /* a trainer at T = 2 over a graph with no marks is refused */
+    pw_graph *plain = parse("graph p\ninput image : f32[4, 6]\nlabel target : i32[]\nx = flatten(image)\n"
+                            "logits = linear(x, out=5)\nloss = softmax_cross_entropy(logits, target)\n");
+    pw_dataset *d = images();
+    pw_trainer_config tc = {.graph = plain, .train = d, .batch = 16, .micro_batches = 2,
+                            .optim = pw_optim_defaults(PW_OPTIM_SGD), .seed = 1, .tensor_parallel = 2};
+    pw_trainer *t = NULL;
+    cr_expect_eq(pw_trainer_create(&tc, &t), PW_ERR_INVALID_ARG);
+    cr_expect(strstr(pw_last_error(), "marks no op to split") != NULL, "%s", pw_last_error());
+    pw_dataset_destroy(d);
+    pw_graph_destroy(plain);
+}
+
+/* --------------------------------------------------------------- training */
+
+/* Every parameter, full (gathered over the ranks), in graph order. */
+static float *gather(pw_trainer *t, const pw_graph *g, int64_t *n_out)
+{
+    int64_t total = 0;
+    for (int i = 0; i < g->n_params; i++) total += pw_shape_numel(&g->params[i].shape);
+    float *all = calloc((size_t)total, sizeof *all);
+    cr_assert_not_null(all);
+    pw_program *const *progs;
+    const int T = pw_trainer_programs(t, &progs);
+    for (int k = 0; k < T; k++) {
+        const pw_graph *rg = pw_program_get_config(progs[k])->graph;
+        for (int j = 0; j < pw_program_n_params(progs[k]); j++) {
+            pw_program_param pp;
+            pw_program_param_at(progs[k], j, &pp);
+            int64_t off = 0;
+            for (int i = 0; i < pp.graph_param; i++) off += pw_shape_numel(&g->params[i].shape);
+            pw_graph_tp_slice(rg, pp.graph_param, all + off, pp.data, 0);
+        }
+    }
+    *n_out = total;
+    return all;
+}
+
+typedef struct run_result {
+    float *params;
+    int64_t n;
+    double loss[8];
+} run_result;
+
+static run_result train(const pw_graph *g, const pw_dataset *d, int T, int steps, int64_t batch, int M,
+                        pw_optim_kind opt, int threads)
+{
+    pw_cpu_set_threads(threads);
+    pw_optim_config oc = pw_optim_defaults(opt);
+    oc.lr = opt == PW_OPTIM_SGD ? 0.1f : 3e-3f;
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = batch, .micro_batches = M, .optim = oc, .seed = 11,
+                            .shuffle = 1, .tensor_parallel = T};
+    pw_trainer *t = NULL;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "T=%d: %s", T, pw_last_error());
+    run_result r = {0};
+    for (int s = 0; s < steps; s++) {
+        pw_step_stats st;
+        cr_assert_eq(pw_trainer_step(t, &st), PW_OK, "T=%d step %d: %s", T, s + 1, pw_last_error());
+        r.loss[s] = st.loss;
+    }
+    r.params = gather(t, g, &r.n);
+    pw_trainer_destroy(t);
+    return r;
+}
+
+/* max |a − b| / max |b| over every parameter. */
+static double rel_err(const run_result *a, const run_result *b)
+{
+    double d = 0.0, m = 0.0;
+    for (int64_t i = 0; i < a->n; i++) {
+        d = fmax(d, fabs((double)a->params[i] - (double)b->params[i]));
+        m = fmax(m, fabs((double)b->params[i]));
+    }
+    return d / m;
+}
+
+/* max |b| over every parameter. */
+static double scale_of(const run_result *b)
+{
+    double m = 0.0;
+    for (int64_t i = 0; i < b->n; i++) m = fmax(m, fabs((double)b->params[i]));
+    return m;
+}
+
+/* T ∈ {2, 3, 4} against T = 1 after several steps: each step's loss within
+ * 1e-6 relative; under SGD every parameter within 1e-6 of the largest (the
+ * row-parallel sums change order, so not the same bits: checked too); under
+ * AdamW see below. The same T twice — the second at another CPU thread
+ * count — gives the same bits. */
+static void against_one(const char *text, pw_dataset *d, int64_t batch, int M, pw_optim_kind opt, int steps)
+{
+    const int team = pw_cpu_get_threads();
+    const double lr = opt == PW_OPTIM_SGD ? 0.1 : 3e-3; /* train()'s */
+    pw_graph *g = parse(text);
+    run_result one = train(g, d, 1, steps, batch, M, opt, 1);
+    cr_assert(one.loss[steps - 1] < one.loss[0], "the run does not learn (%g -> %g): a vacuous comparison",
+              one.loss[0], one.loss[steps - 1]);
+    const char *on = pw_optim_name(opt);
+    for (int T = 2; T <= 4; T++) {
+        run_result r = train(g, d, T, steps, batch, M, opt, 1);
+        const double e = rel_err(&r, &one);
+        if (opt == PW_OPTIM_SGD) {
+            cr_expect_leq(e, 1e-6, "%s %s T=%d: parameters after %d steps differ from T=1 by %.3g of the largest",
+                          g->name, on, T, steps, e);
+        } else {
+            /* Adam divides each update by the gradient's own running scale,
+             * so an element whose gradient is near rounding level moves by a
+             * different fraction of lr at T = 2 than at T = 1. The others
+             * agree as under SGD, and none can drift further apart than
+             * Adam's steps (about lr each) allow. */
+            const double big = scale_of(&one);
+            int64_t off = 0;
+            double worst = 0.0;
+            for (int64_t i = 0; i < r.n; i++) {
+                const double dd = fabs((double)r.params[i] - (double)one.params[i]);
+                worst = fmax(worst, dd);
+                off += dd > 1e-6 * big;
+            }
+            cr_log_info("%s %s T=%d: %lld of %lld parameters differ from T=1 by more than 1e-6 of the largest; "
+                        "the most by %.3g (%.3g of the largest)", g->name, on, T, (long long)off, (long long)r.n,
+                        worst, e);
+            cr_expect_leq(off, r.n / 100, "%s %s T=%d: %lld of %lld parameters differ from T=1 by more than 1e-6 of "
+                          "the largest (more than 1 %%)", g->name, on, T, (long long)off, (long long)r.n);
+            cr_expect_leq(worst, lr * steps, "%s %s T=%d: a parameter differs from T=1 by %.3g, more than %d steps "
+                          "of lr %g", g->name, on, T, worst, steps, lr);
+        }
+        cr_expect_gt(e, 0.0, "%s %s T=%d: bit-identical to T=1, which the docs say it is not (the sums' order)",
+                     g->name, on, T);
+        for (int s = 0; s < steps; s++)
+            cr_expect_leq(fabs(r.loss[s] - one.loss[s]), 1e-6 * fabs(one.loss[s]),
+                          "%s %s T=%d step %d: loss %.9g, T=1 %.9g", g->name, on, T, s + 1, r.loss[s], one.loss[s]);
+        if (T == 2) {
+            run_result again = train(g, d, T, steps, batch, M, opt, 3);
+            cr_expect_eq(memcmp(again.params, r.params, (size_t)r.n * sizeof(float)), 0,
+                         "%s %s T=2: a second run at 3 CPU threads differs from the first", g->name, on);
+            free(again.params);
+        }
+        free(r.params);
+    }
+    free(one.params);
+    pw_graph_destroy(g);
+    pw_cpu_set_threads(team);
+}
+
+Test(tensor_parallel, mlp_matches_one_rank, .timeout = TIMEOUT)
+{
+    pw_dataset *d = images();
+    against_one(MLP, d, 32, 4, PW_OPTIM_SGD, 4);
+    against_one(MLP, d, 32, 2, PW_OPTIM_ADAMW, 4);
+    pw_dataset_destroy(d);
+}
+
+Test(tensor_parallel, gpt_matches_one_rank, .timeout = TIMEOUT)
+{
+    pw_dataset *d = tokens();
+    against_one(GPT, d, 8, 2, PW_OPTIM_SGD, 3);
+    against_one(GPT, d, 8, 2, PW_OPTIM_ADAMW, 3);
+    pw_dataset_destroy(d);
+}
+
+/* ------------------------------------------------------------ checkpoints */
+
+static pw_trainer *trainer(const pw_graph *g, const pw_dataset *d, int T)
+{
+    pw_optim_config oc = pw_optim_defaults(PW_OPTIM_SGD);
+    oc.lr = 0.1f;
+    pw_trainer_config tc = {.graph = g, .train = d, .batch = 8, .micro_batches = 2, .optim = oc, .seed = 11,
+                            .shuffle = 1, .tensor_parallel = T};
+    pw_trainer *t = NULL;
+    cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "T=%d: %s", T, pw_last_error());
+    return t;
+}
+
+static void save(pw_trainer *t, const pw_graph *g, const char *path)
+{
+    pw_program *const *progs;
+    const int n = pw_trainer_programs(t, &progs);
+    pw_checkpoint_info info = {.step = 2};
+    cr_assert_eq(pw_checkpoint_save(path, g, progs, n, &info), PW_OK, "%s", pw_last_error());
+}
+
+static void load(pw_trainer *t, const pw_graph *g, const char *path)
+{
+    pw_program *const *progs;
+    const int n = pw_trainer_programs(t, &progs);
+    cr_assert_eq(pw_checkpoint_load(path, g, progs, n, NULL), PW_OK, "%s", pw_last_error());
+}
+
+/* Every tensor of file a against b: same names, shapes and count; values
+ * bit for bit (exact) or within 1e-6 of b's largest. */
+static void same_tensors(const char *a, const char *b, int exact, const char *what)
+{
+    pw_safetensors *fa = NULL, *fb = NULL;
+    cr_assert_eq(pw_safetensors_open(a, &fa), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_safetensors_open(b, &fb), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_safetensors_count(fa), pw_safetensors_count(fb), "%s: tensor counts differ", what);
+    for (int i = 0; i < pw_safetensors_count(fb); i++) {
+        pw_st_tensor tb, ta;
+        cr_assert_eq(pw_safetensors_at(fb, i, &tb), PW_OK);
+        cr_assert_eq(pw_safetensors_get(fa, tb.name, &ta), PW_OK, "%s: '%s' missing: %s", what, tb.name,
+                     pw_last_error());
+        cr_assert(pw_shape_equal(&ta.shape, &tb.shape), "%s: '%s' has another shape", what, tb.name);
+        cr_assert_eq(ta.nbytes, tb.nbytes);
+        const float *x = ta.data, *y = tb.data;
+        const int64_t n = (int64_t)(tb.nbytes / sizeof(float));
+        if (exact) {
+            cr_expect_eq(memcmp(x, y, tb.nbytes), 0, "%s: '%s' differs", what, tb.name);
+            continue;
+        }
+        double d = 0.0, m = 0.0;
+        for (int64_t j = 0; j < n; j++) {
+            d = fmax(d, fabs((double)x[j] - (double)y[j]));
+            m = fmax(m, fabs((double)y[j]));
+        }
+        cr_expect_leq(d, 1e-6 * fmax(m, 1.0), "%s: '%s' differs by %.3g", what, tb.name, d);
+    }
+    pw_safetensors_close(fa);
+    pw_safetensors_close(fb);
+}
+
+/* A run at T = 2 saves the full tensors a run at T = 1 saves (names,
+ * shapes; values as training at T = 2 gives them); the file loads at
+ * T = 3 and T = 1 and saves again to the same bytes (split and gather are
+ * exact), and a resumed T = 3 run continues as the T = 1 run does. */
+Test(tensor_parallel, checkpoints_are_layout_free, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = tokens();
+    char p1[] = "/tmp/pw_tp_ck1_XXXXXX", p2[] = "/tmp/pw_tp_ck2_XXXXXX", p3[] = "/tmp/pw_tp_ck3_XXXXXX",
+         p4[] = "/tmp/pw_tp_ck4_XXXXXX";
+    char *paths[] = {p1, p2, p3, p4};
+    for (int i = 0; i < 4; i++) {
+        int fd = mkstemp(paths[i]);
+        cr_assert_geq(fd, 0);
+        close(fd);
+    }
+    pw_trainer *one = trainer(g, d, 1), *two = trainer(g, d, 2);
+    for (int s = 0; s < 2; s++) {
+        cr_assert_eq(pw_trainer_step(one, NULL), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_trainer_step(two, NULL), PW_OK, "%s", pw_last_error());
+    }
+    save(one, g, p1);
+    save(two, g, p2);
+    same_tensors(p2, p1, 0, "T=2 saved against T=1 saved");
+
+    pw_trainer *three = trainer(g, d, 3), *again = trainer(g, d, 1);
+    load(three, g, p2);
+    save(three, g, p3);
+    same_tensors(p3, p2, 1, "T=2 saved, loaded at T=3, saved");
+    load(again, g, p2);
+    save(again, g, p4);
+    same_tensors(p4, p2, 1, "T=2 saved, loaded at T=1, saved");
+
+    /* T = 1's file resumed at T = 3 and at T = 1 (weights only: both
+     * start without momentum) for a step: within 1e-6 */
+    pw_trainer *r3 = trainer(g, d, 3), *r1 = trainer(g, d, 1);
+    load(r3, g, p1);
+    load(r1, g, p1);
+    pw_trainer_seek(r3, 2);
+    pw_trainer_seek(r1, 2);
+    cr_assert_eq(pw_trainer_step(r3, NULL), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_trainer_step(r1, NULL), PW_OK, "%s", pw_last_error());
+    save(r3, g, p3);
+    save(r1, g, p4);
+    same_tensors(p3, p4, 0, "T=1's file resumed at T=3 for a step against resumed at T=1");
+    pw_trainer_destroy(r3);
+    pw_trainer_destroy(r1);
+
+    pw_trainer_destroy(one);
+    pw_trainer_destroy(two);
+    pw_trainer_destroy(three);
+    pw_trainer_destroy(again);
+    for (int i = 0; i < 4; i++) unlink(paths[i]);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
