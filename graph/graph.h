@@ -83,8 +83,11 @@ typedef struct pw_value {
     int producer;          /* node index; -1 for input/label declarations */
     int n_consumers;
     int line, col;         /* where it is defined */
-    int64_t tp_full;       /* a rank graph (pw_graph_tp_rank): this rank holds a slice
+    int64_t tp_full;       /* a rank graph (pw_graph_tp_rank): this rank holds a part
                               of the last dim, whose full length this is; 0: whole */
+    int64_t tp_unit;       /*   the part is whole units of this many (attention heads'
+                              width); 0: 1 */
+    int tp_blocks;         /*   in each of this many equal blocks (q, k, v: 3); 0: 1 */
 } pw_value;
 
 typedef struct pw_param {
@@ -97,6 +100,8 @@ typedef struct pw_param {
     int owner;             /* index of the node that created it (its first use) */
     int tp_dim;            /* a rank graph: split along this dim (0 rows, 1 columns) */
     int64_t tp_full;       /*   whose full length this is; 0: whole on every rank */
+    int64_t tp_unit;       /*   in units, per block, as pw_value's; 0: 1 */
+    int tp_blocks;
 } pw_param;
 
 typedef struct pw_node_attrs {
@@ -158,11 +163,15 @@ void pw_graph_destroy(pw_graph *g); /* accepts NULL */
  * take a split value as it is. Shapes, attributes (`out`) and parameter
  * shapes are the rank's; names stay, so a checkpoint's tensors are the full
  * ones gathered (pw_graph_tp_slice). Parts are pw_tp_range's: rank k of T
- * holds [⌊kL/T⌋, ⌊(k+1)L/T⌋). T = 1 gives a copy. PW_ERR_SHAPE naming the
+ * holds [⌊kL/T⌋, ⌊(k+1)L/T⌋). Attention splits by heads: a tp=column
+ * linear whose output feeds a causal_attention alone (c_attn) gives each
+ * rank whole heads, ⌊kH/T⌋ to ⌊(k+1)H/T⌋, in each of q, k and v; the
+ * attention runs those heads, and its output (those heads' features) feeds
+ * a tp=row linear (c_proj). T = 1 gives a copy. PW_ERR_SHAPE naming the
  * op ("file:line: linear 'mlp.c_proj' ...") when the graph cannot split as
  * marked: a tp=row linear whose input is whole, a split value read by an op
- * that cannot take one (layernorm, add, attention: splitting by heads is
- * not built), a column-parallel linear whose input has other consumers (its
+ * that cannot take one (layernorm, add, ...), attention with fewer heads
+ * than ranks, a column-parallel linear whose input has other consumers (its
  * input gradient is summed across ranks), a parameter tied across ops that
  * split it differently. PW_ERR_INVALID_ARG for T < 1 or k outside [0, T). */
 pw_status pw_graph_tp_rank(const pw_graph *g, int T, int k, pw_graph **out);

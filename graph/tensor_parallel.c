@@ -5,10 +5,34 @@
 
 #include "graph/graph-internal.h"
 
-static void part_of(int64_t L, int T, int k, int64_t *lo, int64_t *hi)
+/* How a dimension splits: `full` features, in `blocks` equal blocks, each
+ * split in whole units of `unit` features. */
+typedef struct split {
+    int64_t full, unit;
+    int blocks;
+} split;
+
+static split split_of(int64_t full, int64_t unit, int blocks)
 {
-    *lo = L * k / T;
-    *hi = L * (k + 1) / T;
+    return (split){full, unit > 0 ? unit : 1, blocks > 0 ? blocks : 1};
+}
+
+/* Rank k's features [*lo, *hi) within each block (offsets in the block),
+ * and the block's length. */
+static int64_t part_of(split s, int T, int k, int64_t *lo, int64_t *hi)
+{
+    const int64_t block = s.full / s.blocks, units = block / s.unit;
+    *lo = units * k / T * s.unit;
+    *hi = units * (k + 1) / T * s.unit;
+    return block;
+}
+
+/* Rank k's length of the dimension. */
+static int64_t part_len(split s, int T, int k)
+{
+    int64_t lo, hi;
+    part_of(s, T, k, &lo, &hi);
+    return s.blocks * (hi - lo);
 }
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
@@ -59,14 +83,17 @@ static const char *where(const pw_graph *g, const pw_node *nd, char *buf, size_t
     return buf;
 }
 
-/* Parameter p of rank graph r split along `dim` (full length `full`), or
- * whole (full = 0); the first user decides, the others must agree. */
-static pw_status split_param(pw_graph *r, const pw_node *nd, int p, int dim, int64_t full, unsigned char *seen)
+/* Parameter p of rank graph r split along `dim` as `sp`, or whole
+ * (sp.full = 0); the first user decides, the others must agree. */
+static pw_status split_param(pw_graph *r, const pw_node *nd, int p, int dim, split sp, unsigned char *seen)
 {
     pw_param *pp = &r->params[p];
+    const int64_t full = sp.full;
     char w[256];
     if (seen[p]) {
-        if (pp->tp_full != full || (full && pp->tp_dim != dim))
+        const split had = split_of(pp->tp_full, pp->tp_unit, pp->tp_blocks);
+        if (pp->tp_full != full ||
+            (full && (pp->tp_dim != dim || had.unit != sp.unit || had.blocks != sp.blocks)))
             return pw_error(PW_ERR_SHAPE,
                             "%s: parameter '%s' is tied to an op that splits it differently for tensor "
                             "parallelism (%s here, %s there)",
@@ -76,11 +103,11 @@ static pw_status split_param(pw_graph *r, const pw_node *nd, int p, int dim, int
     }
     seen[p] = 1;
     if (!full) return PW_OK;
-    int64_t lo, hi;
-    part_of(full, r->tp_size, r->tp_rank, &lo, &hi);
     pp->tp_dim = dim;
     pp->tp_full = full;
-    pp->shape.d[dim] = hi - lo;
+    pp->tp_unit = sp.unit;
+    pp->tp_blocks = sp.blocks;
+    pp->shape.d[dim] = part_len(sp, r->tp_size, r->tp_rank);
     return PW_OK;
 }
 
@@ -101,6 +128,7 @@ pw_status pw_graph_tp_rank(const pw_graph *g, int T, int k, pw_graph **out)
     r->tp_size = T;
     pw_status st = PW_OK;
     char w[256];
+    const split whole = {0, 1, 1};
     for (int i = 0; i < r->n_nodes && st == PW_OK; i++) {
         pw_node *nd = &r->nodes[i];
         pw_value *y = &r->values[nd->output];
@@ -109,7 +137,7 @@ pw_status pw_graph_tp_rank(const pw_graph *g, int T, int k, pw_graph **out)
         for (int j = 0; j < nd->n_inputs; j++)
             if (r->values[nd->inputs[j]].tp_full) split_in = j;
         const char *split_name = split_in >= 0 ? r->values[nd->inputs[split_in]].name : "";
-        int64_t lo, hi;
+        const split xs = x ? split_of(x->tp_full, x->tp_unit, x->tp_blocks) : whole;
         switch (nd->op) {
         case PW_OP_LINEAR:
             if (nd->attrs.tp == PW_TP_COLUMN) {
@@ -126,30 +154,54 @@ pw_status pw_graph_tp_rank(const pw_graph *g, int T, int k, pw_graph **out)
                                   where(r, nd, w, sizeof w), x->name, x->n_consumers);
                     break;
                 }
-                const int64_t full = nd->attrs.out;
-                part_of(full, T, k, &lo, &hi);
-                nd->attrs.out = hi - lo;
-                y->shape.d[y->shape.ndim - 1] = hi - lo;
-                y->tp_full = full;
+                /* Feeding attention alone (c_attn): whole heads of q, k and v. */
+                split ys = split_of(nd->attrs.out, 1, 1);
+                const pw_node *att = NULL;
+                for (int j = i + 1; j < r->n_nodes && y->n_consumers == 1; j++)
+                    if (r->nodes[j].n_inputs && r->nodes[j].inputs[0] == nd->output) {
+                        if (r->nodes[j].op == PW_OP_CAUSAL_ATTENTION) att = &r->nodes[j];
+                        break;
+                    }
+                if (att) {
+                    const int64_t H = att->attrs.heads, D = nd->attrs.out / 3;
+                    if (H < T) {
+                        st = pw_error(PW_ERR_SHAPE, "%s feeds causal_attention with %lld heads, fewer than the %d "
+                                      "tensor-parallel ranks (attention splits by whole heads)",
+                                      where(r, nd, w, sizeof w), (long long)H, T);
+                        break;
+                    }
+                    ys = split_of(nd->attrs.out, D / H, 3);
+                }
+                nd->attrs.out = part_len(ys, T, k);
+                y->shape.d[y->shape.ndim - 1] = nd->attrs.out;
+                y->tp_full = ys.full, y->tp_unit = ys.unit, y->tp_blocks = ys.blocks;
                 for (int p = 0; p < nd->n_params && st == PW_OK; p++)
-                    st = split_param(r, nd, nd->params[p], 0, full, seen);
+                    st = split_param(r, nd, nd->params[p], 0, ys, seen);
             } else if (nd->attrs.tp == PW_TP_ROW) {
                 if (split_in < 0) {
                     st = pw_error(PW_ERR_SHAPE, "%s is tp=row but its input '%s' is whole (a tp=column linear "
                                   "before it must split it)", where(r, nd, w, sizeof w), x->name);
                     break;
                 }
-                st = split_param(r, nd, nd->params[0], 1, x->tp_full, seen);
-                for (int p = 1; p < nd->n_params && st == PW_OK; p++) st = split_param(r, nd, nd->params[p], 0, 0, seen);
+                if (xs.blocks != 1) {
+                    st = pw_error(PW_ERR_SHAPE, "%s is tp=row but its input '%s' is split as q, k and v "
+                                  "(causal_attention must come between)", where(r, nd, w, sizeof w), x->name);
+                    break;
+                }
+                st = split_param(r, nd, nd->params[0], 1, xs, seen);
+                for (int p = 1; p < nd->n_params && st == PW_OK; p++)
+                    st = split_param(r, nd, nd->params[p], 0, whole, seen);
             } else if (split_in >= 0) {
                 st = pw_error(PW_ERR_SHAPE, "%s reads '%s', which is split across tensor-parallel ranks: mark "
                               "it tp=row to sum the parts", where(r, nd, w, sizeof w), split_name);
             } else {
-                for (int p = 0; p < nd->n_params && st == PW_OK; p++) st = split_param(r, nd, nd->params[p], 0, 0, seen);
+                for (int p = 0; p < nd->n_params && st == PW_OK; p++)
+                    st = split_param(r, nd, nd->params[p], 0, whole, seen);
             }
             break;
         case PW_OP_EMBEDDING:
-            st = split_param(r, nd, nd->params[0], 0, nd->attrs.tp == PW_TP_VOCAB ? nd->attrs.vocab : 0, seen);
+            st = split_param(r, nd, nd->params[0], 0,
+                             nd->attrs.tp == PW_TP_VOCAB ? split_of(nd->attrs.vocab, 1, 1) : whole, seen);
             break;
         case PW_OP_RELU:
         case PW_OP_GELU:
@@ -162,18 +214,35 @@ pw_status pw_graph_tp_rank(const pw_graph *g, int T, int k, pw_graph **out)
             }
             if (split_in >= 0) {
                 y->shape.d[y->shape.ndim - 1] = x->shape.d[x->shape.ndim - 1];
-                y->tp_full = x->tp_full;
+                y->tp_full = x->tp_full, y->tp_unit = x->tp_unit, y->tp_blocks = x->tp_blocks;
+            }
+            break;
+        case PW_OP_CAUSAL_ATTENTION:
+            if (split_in >= 0) { /* by heads: this rank's q, k, v heads (see above) */
+                const int64_t H = nd->attrs.heads, D = xs.full / 3;
+                if (xs.blocks != 3 || xs.unit != D / H) {
+                    st = pw_error(PW_ERR_SHAPE, "%s reads '%s', which is split but not by its heads (a tp=column "
+                                  "linear feeding it alone splits by heads)", where(r, nd, w, sizeof w), split_name);
+                    break;
+                }
+                const int64_t d_k = part_len(split_of(D, xs.unit, 1), T, k);
+                nd->attrs.heads = d_k / xs.unit;
+                y->shape.d[y->shape.ndim - 1] = d_k;
+                y->tp_full = D, y->tp_unit = xs.unit, y->tp_blocks = 1;
             }
             break;
         case PW_OP_SOFTMAX_XENT: /* vocabulary-parallel when its logits are split */
+            if (split_in == 0 && (xs.blocks != 1 || xs.unit != 1))
+                st = pw_error(PW_ERR_SHAPE, "%s reads '%s', which is split by heads, not by classes",
+                              where(r, nd, w, sizeof w), split_name);
             break;
         default:
             if (split_in >= 0)
                 st = pw_error(PW_ERR_SHAPE, "%s reads '%s', which is split across tensor-parallel ranks: only "
-                              "relu, gelu, dropout (p = 0), a tp=row linear and softmax_cross_entropy take a "
-                              "split value%s", where(r, nd, w, sizeof w), split_name,
-                              nd->op == PW_OP_CAUSAL_ATTENTION ? " (splitting attention by heads is not built)" : "");
-            for (int p = 0; p < nd->n_params && st == PW_OK; p++) st = split_param(r, nd, nd->params[p], 0, 0, seen);
+                              "relu, gelu, dropout (p = 0), causal_attention (by heads), a tp=row linear and "
+                              "softmax_cross_entropy take a split value", where(r, nd, w, sizeof w), split_name);
+            for (int p = 0; p < nd->n_params && st == PW_OK; p++)
+                st = split_param(r, nd, nd->params[p], 0, whole, seen);
             break;
         }
     }
@@ -195,19 +264,22 @@ void pw_graph_tp_slice(const pw_graph *r, int param, float *full, float *part, i
         else memcpy(full, part, (size_t)numel * sizeof(float));
         return;
     }
+    const split sp = split_of(pp->tp_full, pp->tp_unit, pp->tp_blocks);
     int64_t lo, hi;
-    part_of(pp->tp_full, r->tp_size, r->tp_rank, &lo, &hi);
-    /* rows of `inner` floats: dim 0 splits whole blocks of the trailing dims,
-     * dim 1 (a matrix's columns) splits within each row */
-    int64_t inner = 1;
+    const int64_t block = part_of(sp, r->tp_size, r->tp_rank, &lo, &hi);
+    /* The split dim: `outer` runs of it (dims before), each of its length
+     * times `inner` floats (dims after); in each run, each block's
+     * [lo, hi) is rank r's. */
+    int64_t inner = 1, outer = 1;
     for (int d = pp->tp_dim + 1; d < pp->shape.ndim; d++) inner *= pp->shape.d[d];
-    int64_t outer = 1;
     for (int d = 0; d < pp->tp_dim; d++) outer *= pp->shape.d[d];
-    const int64_t fullrow = pp->tp_full * inner, partrow = (hi - lo) * inner;
-    for (int64_t o = 0; o < outer; o++) {
-        float *f = full + o * fullrow + lo * inner;
-        float *q = part + o * partrow;
-        if (to_part) memcpy(q, f, (size_t)partrow * sizeof(float));
-        else memcpy(f, q, (size_t)partrow * sizeof(float));
-    }
+    const int64_t fullrun = sp.full * inner, partrun = pp->shape.d[pp->tp_dim] * inner;
+    const int64_t n = (hi - lo) * inner;
+    for (int64_t o = 0; o < outer; o++)
+        for (int b = 0; b < sp.blocks; b++) {
+            float *f = full + o * fullrun + (b * block + lo) * inner;
+            float *q = part + o * partrun + b * (hi - lo) * inner;
+            if (to_part) memcpy(q, f, (size_t)n * sizeof(float));
+            else memcpy(f, q, (size_t)n * sizeof(float));
+        }
 }
