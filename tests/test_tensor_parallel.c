@@ -493,3 +493,45 @@ Test(tensor_parallel, checkpoints_are_layout_free, .timeout = TIMEOUT)
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
+
+/* Evaluation at T = 2 and 3 gives T = 1's loss and accuracy (to rounding);
+ * recomputation at T = 2 gives T = 2's bits (the forward re-run in the
+ * backward repeats its all-reduces on every rank). */
+Test(tensor_parallel, evaluate_and_recompute, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = tokens();
+    pw_eval_stats e1, eT;
+    pw_trainer *one = trainer(g, d, 1);
+    cr_assert_eq(pw_trainer_step(one, NULL), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_trainer_evaluate(one, d, &e1), PW_OK, "%s", pw_last_error());
+    for (int T = 2; T <= 3; T++) {
+        pw_trainer *t = trainer(g, d, T);
+        cr_assert_eq(pw_trainer_step(t, NULL), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_trainer_evaluate(t, d, &eT), PW_OK, "%s", pw_last_error());
+        cr_expect_leq(fabs(eT.loss - e1.loss), 1e-6 * e1.loss, "T=%d: evaluation loss %.9g, T=1 %.9g", T, eT.loss,
+                      e1.loss);
+        cr_expect_leq(fabs(eT.accuracy - e1.accuracy), 1e-9, "T=%d: accuracy %.6f, T=1 %.6f", T, eT.accuracy,
+                      e1.accuracy);
+        cr_expect_eq(eT.samples, e1.samples);
+        pw_trainer_destroy(t);
+    }
+    pw_trainer_destroy(one);
+
+    pw_optim_config oc = pw_optim_defaults(PW_OPTIM_ADAMW);
+    int64_t n[2];
+    float *p[2];
+    for (int rc = 0; rc < 2; rc++) {
+        pw_trainer_config tc = {.graph = g, .train = d, .batch = 8, .micro_batches = 2, .optim = oc, .seed = 5,
+                                .tensor_parallel = 2, .recompute = rc};
+        pw_trainer *t = NULL;
+        cr_assert_eq(pw_trainer_create(&tc, &t), PW_OK, "%s", pw_last_error());
+        for (int s = 0; s < 2; s++) cr_assert_eq(pw_trainer_step(t, NULL), PW_OK, "%s", pw_last_error());
+        p[rc] = gather(t, g, &n[rc]);
+        pw_trainer_destroy(t);
+    }
+    cr_expect_eq(memcmp(p[0], p[1], (size_t)n[0] * sizeof(float)), 0, "T=2 with recomputation differs from without");
+    free(p[0]), free(p[1]);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}

@@ -42,6 +42,7 @@ struct pw_trainer {
     const int64_t *job_order;
     int64_t job_n;
     pw_status *rank_st;        /* [T] */
+    char (*rank_msg)[256];     /* [T]: each failed rank's message (pw_last_error is per thread) */
     double *rank_loss;         /* [T] */
     int64_t *rank_correct;     /* [T] */
     int64_t micro;             /* samples per micro-batch */
@@ -144,7 +145,8 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
     t->rank_st = calloc((size_t)t->T, sizeof *t->rank_st);
     t->rank_loss = calloc((size_t)t->T, sizeof *t->rank_loss);
     t->rank_correct = calloc((size_t)t->T, sizeof *t->rank_correct);
-    if (!t->progs || !t->rank_st || !t->rank_loss || !t->rank_correct) st = pw_error(PW_ERR_NOMEM, "trainer: out of memory");
+    t->rank_msg = calloc((size_t)t->T, sizeof *t->rank_msg);
+    if (!t->progs || !t->rank_st || !t->rank_loss || !t->rank_correct || !t->rank_msg) st = pw_error(PW_ERR_NOMEM, "trainer: out of memory");
     else if (t->T > 1) st = tp_open(t, &pc);
     else st = pw_program_create(&pc, &t->progs[0]);
     if (st == PW_OK) t->prog = t->progs[0];
@@ -181,6 +183,7 @@ void pw_trainer_destroy(pw_trainer *t)
     free(t->rank_st);
     free(t->rank_loss);
     free(t->rank_correct);
+    free(t->rank_msg);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->go);
     pthread_cond_destroy(&t->done);
@@ -254,7 +257,11 @@ static pw_status run_job(pw_trainer *t, int k, int job)
 {
     pw_status st = job == JOB_STEP ? rank_step(t, k, &t->rank_loss[k], &t->rank_correct[k])
                                    : rank_eval(t, k, &t->rank_loss[k], &t->rank_correct[k]);
-    if (st != PW_OK) atomic_store(&t->abort, 1); /* the others' all-reduces return */
+    t->rank_st[k] = st;
+    if (st != PW_OK) {
+        snprintf(t->rank_msg[k], sizeof t->rank_msg[k], "%s", pw_last_error());
+        atomic_store(&t->abort, 1); /* the others' all-reduces return */
+    }
     return st;
 }
 
@@ -270,9 +277,8 @@ static void *helper_main(void *arg)
         const int job = t->job;
         pthread_mutex_unlock(&t->mu);
         if (job == JOB_QUIT) return NULL;
-        pw_status st = run_job(t, h->k, job);
+        (void)run_job(t, h->k, job);
         pthread_mutex_lock(&t->mu);
-        t->rank_st[h->k] = st;
         if (--t->pending == 0) pthread_cond_signal(&t->done);
         pthread_mutex_unlock(&t->mu);
     }
@@ -293,22 +299,20 @@ static pw_status run_ranks(pw_trainer *t, int job)
     t->job_seq++;
     pthread_cond_broadcast(&t->go);
     pthread_mutex_unlock(&t->mu);
-    pw_status st0 = run_job(t, 0, job);
-    char msg0[512];
-    snprintf(msg0, sizeof msg0, "%s", st0 != PW_OK ? pw_last_error() : "");
+    (void)run_job(t, 0, job);
     pthread_mutex_lock(&t->mu);
     while (t->pending > 0) pthread_cond_wait(&t->done, &t->mu);
     pthread_mutex_unlock(&t->mu);
-    if (st0 != PW_OK) {
+    /* The cause: the first rank that failed other than by the abort the
+     * failure raised in the others. */
+    int bad = -1;
+    for (int k = 0; k < t->T; k++)
+        if (t->rank_st[k] != PW_OK && (bad < 0 || (t->rank_st[bad] == PW_ERR_TIMEOUT && t->rank_st[k] != PW_ERR_TIMEOUT)))
+            bad = k;
+    if (bad >= 0) {
         t->broken = 1;
-        return pw_error(st0, "tensor-parallel rank 0: %s", msg0);
+        return pw_error(t->rank_st[bad], "tensor-parallel rank %d of %d: %s", bad, t->T, t->rank_msg[bad]);
     }
-    for (int k = 1; k < t->T; k++)
-        if (t->rank_st[k] != PW_OK) {
-            t->broken = 1;
-            return pw_error(t->rank_st[k], "tensor-parallel rank %d of %d failed (its error was logged on its "
-                            "thread)", k, t->T);
-        }
     return PW_OK;
 }
 
