@@ -2,47 +2,28 @@
 #include "stages/train/trainer.h"
 
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "runtime/collective.h"
 #include "runtime/log.h"
 #include "stages/ops/tp.h"
-
-/* What the ranks of a tensor-parallel trainer run together. */
-enum { JOB_NONE = 0, JOB_STEP, JOB_EVAL, JOB_QUIT };
-
-typedef struct tp_helper {
-    struct pw_trainer *t;
-    int k;
-    pthread_t th;
-    int started;
-} tp_helper;
+#include "stages/train/tp_team.h"
 
 struct pw_trainer {
     pw_trainer_config cfg;
     pw_program *prog;          /* rank 0's (the only one at T = 1) */
     /* Tensor parallelism (cfg.tensor_parallel = T > 1): rank k's graph and
-     * program, the group, and T − 1 helper threads (rank 0 is the caller). */
+     * program, the group, and the team of threads (rank 0 is the caller). */
     int T;
     pw_graph **rank_g;         /* [T]; NULL at T = 1 */
     pw_program **progs;        /* [T]; progs[0] == prog */
     pw_shm_group *group;
-    tp_helper *helpers;        /* [T]; [0] unused */
+    pw_tp_team *team;
     atomic_int abort;          /* raised when a rank fails: the others' all-reduces return */
-    int broken;                /* a rank failed inside a collective: the trainer may only be destroyed */
-    pthread_mutex_t mu;
-    pthread_cond_t go, done;
-    int job;                   /* JOB_* */
-    int64_t job_seq;           /* bumped per job */
-    int pending;               /* helpers still running the job */
-    /* the job's arguments and per-rank results */
+    /* a run's arguments and per-rank results */
     const pw_dataset *job_data;
     const int64_t *job_order;
-    int64_t job_n;
-    pw_status *rank_st;        /* [T] */
-    char (*rank_msg)[256];     /* [T]: each failed rank's message (pw_last_error is per thread) */
     double *rank_loss;         /* [T] */
     int64_t *rank_correct;     /* [T] */
     int64_t micro;             /* samples per micro-batch */
@@ -74,9 +55,6 @@ pw_status pw_trainer_check_batching(const pw_graph *g, const pw_dataset *d, int6
     return pw_trainer_check_data(g, d);
 }
 
-static void *helper_main(void *arg);
-static pw_status run_ranks(pw_trainer *t, int job);
-
 /* Rank graphs, programs, the group and the helper threads (T > 1). */
 static pw_status tp_open(pw_trainer *t, const pw_program_config *pc)
 {
@@ -86,9 +64,7 @@ static pw_status tp_open(pw_trainer *t, const pw_program_config *pc)
         return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: graph '%s' marks no op to split (tp=column, "
                         "tp=row or tp=vocab; docs/parallelism.md, \"Tensor parallelism\")", T, c->graph->name);
     t->rank_g = calloc((size_t)T, sizeof *t->rank_g);
-    t->helpers = calloc((size_t)T, sizeof *t->helpers);
-    if (!t->rank_g || !t->helpers)
-        return pw_error(PW_ERR_NOMEM, "trainer: out of memory");
+    if (!t->rank_g) return pw_error(PW_ERR_NOMEM, "trainer: out of memory");
     PW_CHECK(pw_shm_group_create(T, &t->group));
     for (int k = 0; k < T; k++) {
         PW_CHECK(pw_graph_tp_rank(c->graph, T, k, &t->rank_g[k]));
@@ -99,12 +75,6 @@ static pw_status tp_open(pw_trainer *t, const pw_program_config *pc)
         PW_CHECK(pw_program_set_tp(t->progs[k], &tp));
     }
     t->prog = t->progs[0];
-    for (int k = 1; k < T; k++) {
-        t->helpers[k] = (tp_helper){.t = t, .k = k};
-        if (pthread_create(&t->helpers[k].th, NULL, helper_main, &t->helpers[k]) != 0)
-            return pw_error(PW_ERR_NOMEM, "trainer: cannot start tensor-parallel rank %d's thread", k);
-        t->helpers[k].started = 1;
-    }
     return PW_OK;
 }
 
@@ -127,9 +97,6 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
     t->micro = c->batch / c->micro_batches;
     t->steps_per_epoch = c->train->n / c->batch; /* the remainder is dropped */
     t->sampler_epoch = -1;
-    pthread_mutex_init(&t->mu, NULL);
-    pthread_cond_init(&t->go, NULL);
-    pthread_cond_init(&t->done, NULL);
     pw_program_config pc = {
         .graph = c->graph,
         .micro_batch = t->micro,
@@ -142,12 +109,11 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
     };
     pw_status st = PW_OK;
     t->progs = calloc((size_t)t->T, sizeof *t->progs);
-    t->rank_st = calloc((size_t)t->T, sizeof *t->rank_st);
     t->rank_loss = calloc((size_t)t->T, sizeof *t->rank_loss);
     t->rank_correct = calloc((size_t)t->T, sizeof *t->rank_correct);
-    t->rank_msg = calloc((size_t)t->T, sizeof *t->rank_msg);
-    if (!t->progs || !t->rank_st || !t->rank_loss || !t->rank_correct || !t->rank_msg) st = pw_error(PW_ERR_NOMEM, "trainer: out of memory");
-    else if (t->T > 1) st = tp_open(t, &pc);
+    if (!t->progs || !t->rank_loss || !t->rank_correct) st = pw_error(PW_ERR_NOMEM, "trainer: out of memory");
+    else if ((st = pw_tp_team_create(t->T, &t->abort, &t->team)) != PW_OK) {
+    } else if (t->T > 1) st = tp_open(t, &pc);
     else st = pw_program_create(&pc, &t->progs[0]);
     if (st == PW_OK) t->prog = t->progs[0];
     if (st == PW_OK) st = pw_sampler_init(&t->sampler, c->train->n, c->shuffle, c->seed);
@@ -164,29 +130,14 @@ pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out)
 void pw_trainer_destroy(pw_trainer *t)
 {
     if (!t) return;
-    if (t->helpers) {
-        pthread_mutex_lock(&t->mu);
-        t->job = JOB_QUIT;
-        t->job_seq++;
-        pthread_cond_broadcast(&t->go);
-        pthread_mutex_unlock(&t->mu);
-        for (int k = 1; k < t->T; k++)
-            if (t->helpers[k].started) pthread_join(t->helpers[k].th, NULL);
-    }
+    pw_tp_team_destroy(t->team); /* joins the helpers first */
     for (int k = 0; t->progs && k < t->T; k++) pw_program_destroy(t->progs[k]);
-    if (!t->progs) pw_program_destroy(t->prog);
     for (int k = 0; t->rank_g && k < t->T; k++) pw_graph_destroy(t->rank_g[k]);
     pw_shm_group_destroy(t->group);
     free(t->rank_g);
     free(t->progs);
-    free(t->helpers);
-    free(t->rank_st);
     free(t->rank_loss);
     free(t->rank_correct);
-    free(t->rank_msg);
-    pthread_mutex_destroy(&t->mu);
-    pthread_cond_destroy(&t->go);
-    pthread_cond_destroy(&t->done);
     pw_sampler_free(&t->sampler);
     free(t);
 }
@@ -253,67 +204,16 @@ static pw_status rank_eval(pw_trainer *t, int k, double *loss, int64_t *correct)
     return st;
 }
 
-static pw_status run_job(pw_trainer *t, int k, int job)
+static pw_status step_rank(void *arg, int k)
 {
-    pw_status st = job == JOB_STEP ? rank_step(t, k, &t->rank_loss[k], &t->rank_correct[k])
-                                   : rank_eval(t, k, &t->rank_loss[k], &t->rank_correct[k]);
-    t->rank_st[k] = st;
-    if (st != PW_OK) {
-        snprintf(t->rank_msg[k], sizeof t->rank_msg[k], "%s", pw_last_error());
-        atomic_store(&t->abort, 1); /* the others' all-reduces return */
-    }
-    return st;
+    pw_trainer *t = arg;
+    return rank_step(t, k, &t->rank_loss[k], &t->rank_correct[k]);
 }
 
-static void *helper_main(void *arg)
+static pw_status eval_rank(void *arg, int k)
 {
-    tp_helper *h = arg;
-    pw_trainer *t = h->t;
-    int64_t seen = 0;
-    for (;;) {
-        pthread_mutex_lock(&t->mu);
-        while (t->job_seq == seen) pthread_cond_wait(&t->go, &t->mu);
-        seen = t->job_seq;
-        const int job = t->job;
-        pthread_mutex_unlock(&t->mu);
-        if (job == JOB_QUIT) return NULL;
-        (void)run_job(t, h->k, job);
-        pthread_mutex_lock(&t->mu);
-        if (--t->pending == 0) pthread_cond_signal(&t->done);
-        pthread_mutex_unlock(&t->mu);
-    }
-}
-
-/* Runs `job` on every rank (rank 0 here) and waits for all. The first
- * failing rank's status; a failure inside a collective leaves the group
- * usable only for destruction. */
-static pw_status run_ranks(pw_trainer *t, int job)
-{
-    if (t->broken)
-        return pw_error(PW_ERR_INVALID_ARG, "trainer: a tensor-parallel rank failed earlier; the trainer may "
-                        "only be destroyed");
-    if (t->T == 1) return run_job(t, 0, job);
-    pthread_mutex_lock(&t->mu);
-    t->job = job;
-    t->pending = t->T - 1;
-    t->job_seq++;
-    pthread_cond_broadcast(&t->go);
-    pthread_mutex_unlock(&t->mu);
-    (void)run_job(t, 0, job);
-    pthread_mutex_lock(&t->mu);
-    while (t->pending > 0) pthread_cond_wait(&t->done, &t->mu);
-    pthread_mutex_unlock(&t->mu);
-    /* The cause: the first rank that failed other than by the abort the
-     * failure raised in the others. */
-    int bad = -1;
-    for (int k = 0; k < t->T; k++)
-        if (t->rank_st[k] != PW_OK && (bad < 0 || (t->rank_st[bad] == PW_ERR_TIMEOUT && t->rank_st[k] != PW_ERR_TIMEOUT)))
-            bad = k;
-    if (bad >= 0) {
-        t->broken = 1;
-        return pw_error(t->rank_st[bad], "tensor-parallel rank %d of %d: %s", bad, t->T, t->rank_msg[bad]);
-    }
-    return PW_OK;
+    pw_trainer *t = arg;
+    return rank_eval(t, k, &t->rank_loss[k], &t->rank_correct[k]);
 }
 
 pw_status pw_trainer_step(pw_trainer *t, pw_step_stats *out)
@@ -325,7 +225,7 @@ pw_status pw_trainer_step(pw_trainer *t, pw_step_stats *out)
         t->sampler_epoch = epoch;
     }
     t->job_order = t->sampler.order + in_epoch * t->cfg.batch;
-    PW_CHECK(run_ranks(t, JOB_STEP));
+    PW_CHECK(pw_tp_team_run(t->team, step_rank, t));
     /* Every rank has the same loss (the cross-entropy is replicated or
      * reduced to the same numbers on each): rank 0's. */
     double loss = t->rank_loss[0];
@@ -354,7 +254,7 @@ pw_status pw_trainer_evaluate(pw_trainer *t, const pw_dataset *d, pw_eval_stats 
 {
     PW_CHECK(pw_trainer_check_data(t->cfg.graph, d));
     t->job_data = d;
-    PW_CHECK(run_ranks(t, JOB_EVAL));
+    PW_CHECK(pw_tp_team_run(t->team, eval_rank, t));
     const double loss = t->rank_loss[0];
     const int64_t correct = t->rank_correct[0];
     int64_t positions = d->n * pw_program_loss_positions(t->prog);
