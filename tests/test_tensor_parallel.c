@@ -687,3 +687,51 @@ Test(tensor_parallel, pipeline_cut_inside_a_pair, .timeout = TIMEOUT)
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
+
+/* ------------------------------------------------------------ pipeline-run */
+
+#include "tests/test_helpers.h"
+
+static int run_tool(const char *args, char **out)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "cd /tmp && '%s/pipeline-run' %s 2>&1", PW_BINARY_DIR, args);
+    return test_run(cmd, out);
+}
+
+/* --tensor-parallel T: trains and saves the same named tensors as T = 1
+ * (within 1e-6; 2 stages), and is refused where it is not built. */
+Test(tensor_parallel, cli_flag, .timeout = TIMEOUT)
+{
+    char graph[96], ck[2][96], args[1024], *o;
+    snprintf(graph, sizeof graph, "/tmp/pw_test_tp_%d.graph", (int)getpid());
+    FILE *f = fopen(graph, "w");
+    cr_assert_not_null(f);
+    fputs(MLP, f);
+    fclose(f);
+    cr_assert_eq(run_tool("--help", &o), 0);
+    cr_assert(strstr(o, "--tensor-parallel T"), "--help does not mention --tensor-parallel");
+    free(o);
+    for (int T = 1; T <= 2; T++) {
+        snprintf(ck[T - 1], sizeof ck[T - 1], "/tmp/pw_test_tp_%d_%d.safetensors", (int)getpid(), T);
+        snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --quiet --stages 2 --batch 32 "
+                 "--micro-batches 4 --steps 3 --optimizer sgd --lr 0.1 --tensor-parallel %d --save %s", graph, T,
+                 ck[T - 1]);
+        cr_assert_eq(run_tool(args, &o), 0, "T=%d: %s", T, o);
+        free(o);
+    }
+    same_tensors(ck[1], ck[0], 0, "pipeline-run --tensor-parallel 2 against 1");
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --batch 32 --tensor-parallel 2 "
+             "--clip-grad-norm 1", graph);
+    cr_assert_eq(run_tool(args, &o), 1, "%s", o);
+    cr_expect(strstr(o, "gradient clipping"), "%s", o);
+    free(o);
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --batch 32 --tensor-parallel 2 "
+             "--parallel auto", graph);
+    cr_assert_eq(run_tool(args, &o), 2, "%s", o);
+    cr_expect(strstr(o, "--tensor-parallel with --parallel auto"), "%s", o);
+    free(o);
+    cr_assert_eq(run_tool("m.graph --tensor-parallel 0", &o), 2, "%s", o);
+    free(o);
+    unlink(graph), unlink(ck[0]), unlink(ck[1]);
+}

@@ -128,9 +128,64 @@ static int ties_across_chunks(const pw_pipeline *pl)
 
 /* The chunks' node ranges: the caller's cuts (a plan's, stages/plan/plan.h) or
  * the partition method's; both get the same FLOP-model predictions. */
+/* Tensor parallelism: a chosen cut may not split a column → row pair
+ * (a split value would cross it). Each cut that does moves to the nearest
+ * boundary no split value crosses between its neighbours (the earlier on a
+ * tie), and the partition is re-evaluated there; PW_ERR_INVALID_ARG when
+ * there is none. User-given cuts are left as given (pl_build_stage names
+ * a bad one). */
+static pw_status tp_move_cuts(pw_pipeline *pl)
+{
+    const pw_graph *r = pl->rank_g[0], *g = pl->g;
+    const int C = pl->C, N = g->n_nodes;
+    unsigned char *ok = malloc((size_t)N + 1);
+    int *cuts = malloc(((size_t)C + 1) * sizeof *cuts);
+    if (!ok || !cuts) {
+        free(ok), free(cuts);
+        return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    }
+    /* ok[b]: no value produced before node b and read from b on is split */
+    for (int b = 0; b <= N; b++) ok[b] = 1;
+    for (int i = 0; i < N; i++)
+        for (int q = 0; q < g->nodes[i].n_inputs; q++) {
+            const int v = g->nodes[i].inputs[q], prod = g->values[v].producer;
+            if (r->values[v].tp_full && prod >= 0)
+                for (int b = prod + 1; b <= i; b++) ok[b] = 0;
+        }
+    int moved = 0;
+    pw_status st = PW_OK;
+    for (int c = 0; c <= C; c++) cuts[c] = pl->part.begin[c];
+    for (int c = 1; c < C && st == PW_OK; c++) {
+        if (ok[cuts[c]]) continue;
+        int best = -1;
+        for (int d = 1; best < 0 && (cuts[c] - d > cuts[c - 1] || cuts[c] + d < cuts[c + 1]); d++) {
+            if (cuts[c] - d > cuts[c - 1] && ok[cuts[c] - d]) best = cuts[c] - d;
+            else if (cuts[c] + d < cuts[c + 1] && ok[cuts[c] + d]) best = cuts[c] + d;
+        }
+        if (best < 0)
+            st = pw_error(PW_ERR_INVALID_ARG, "tensor parallelism: chunk %d of %d cannot begin anywhere between "
+                          "nodes %d and %d without splitting a tensor-parallel pair; use fewer stages or a `cut` "
+                          "marker", c, C, cuts[c - 1] + 1, cuts[c + 1] - 1);
+        cuts[c] = best;
+        moved = 1;
+    }
+    if (st == PW_OK && moved) {
+        pw_partition_free(&pl->part);
+        pw_partition_config pc = {.n_stages = C, .balance = PW_BALANCE_FLOPS};
+        st = pw_partition_evaluate(g, &pc, cuts, &pl->part);
+    }
+    free(ok);
+    free(cuts);
+    return st;
+}
+
 static pw_status make_partition(pw_pipeline *pl)
 {
     const pw_pipeline_config *c = &pl->cfg;
+    if (!c->cuts && pl->T > 1) {
+        PW_CHECK(pw_partition_make(pl->g, pl->C, c->partition, &pl->part));
+        return tp_move_cuts(pl);
+    }
     if (!c->cuts) return pw_partition_make(pl->g, pl->C, c->partition, &pl->part);
     if (c->n_cuts != pl->C + 1)
         return pw_error(PW_ERR_INVALID_ARG, "pipeline: %d cut boundaries given for %d chunks (want %d: "

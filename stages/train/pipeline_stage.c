@@ -461,7 +461,7 @@ static pw_status build_tp(pw_pipeline *pl, gstage *gs, int s, int b, int e, int 
             if (r0->values[vals[i]].tp_full)
                 return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism: the cut %s chunk %d (nodes %d-%d) splits a "
                                 "tensor-parallel pair: value '%s' is split across ranks there; cut elsewhere (a "
-                                "`cut` marker or --cuts)", port ? "after" : "before", s, b, e - 1,
+                                "`cut` marker in the graph)", port ? "after" : "before", s, b, e - 1,
                                 r0->values[vals[i]].name);
     }
     gs->rank_prog = calloc((size_t)T, sizeof *gs->rank_prog);
