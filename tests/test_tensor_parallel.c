@@ -735,3 +735,38 @@ Test(tensor_parallel, cli_flag, .timeout = TIMEOUT)
     free(o);
     unlink(graph), unlink(ck[0]), unlink(ck[1]);
 }
+
+/* A pipeline at T = 2 loads a file saved at T = 1 (--init-from) and saves
+ * the same bytes back, over 2 stages. */
+Test(tensor_parallel, pipeline_load_save, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = tokens();
+    char a[] = "/tmp/pw_tp_pll_a_XXXXXX", b[] = "/tmp/pw_tp_pll_b_XXXXXX";
+    close(mkstemp(a));
+    close(mkstemp(b));
+    const pl_layout one = {1, 1, 1, 4, PW_SCHEDULE_1F1B};
+    pipeline_run(g, d, &one, 8, 1, a);
+    int cuts[8];
+    cr_assert(tp_cuts(g, 2, cuts));
+    pw_pipeline_config pc = pw_pipeline_defaults();
+    pc.graph = g;
+    pc.train = d;
+    pc.batch = 8;
+    pc.micro_batches = 4;
+    pc.stages = 2;
+    pc.cuts = cuts;
+    pc.n_cuts = 3;
+    pc.optim = pw_optim_defaults(PW_OPTIM_SGD);
+    pc.pin = 0;
+    pc.tensor_parallel = 2;
+    pw_pipeline *pl = NULL;
+    cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_pipeline_load(pl, a, NULL), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_pipeline_save(pl, b, NULL), PW_OK, "%s", pw_last_error());
+    same_tensors(b, a, 1, "T=1's file loaded into a 2-stage pipeline at T=2 and saved");
+    pw_pipeline_destroy(pl);
+    unlink(a), unlink(b);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
