@@ -36,6 +36,7 @@
 #include "graph/partition.h"          /* cutting a graph into stages */
 #include "stages/ops/optim.h"         /* SGD, AdamW, learning-rate schedules */
 #include "stages/program/program.h"   /* a node range as a stage program */
+#include "stages/ops/tp.h"            /* tensor-parallel ops and a program's group endpoint */
 #include "stages/train/data.h"        /* data sets and samplers */
 #include "stages/train/program_stage.h" /* a program as an engine chunk */
 #include "stages/train/trainer.h"     /* one stage, the reference loop */

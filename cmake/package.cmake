@@ -40,7 +40,7 @@ set(PW_PUBLIC_HEADERS
   stages/ops/optim.h stages/train/data.h stages/program/program.h stages/train/program_stage.h stages/train/checkpoint.h stages/train/trainer.h
   stages/train/pipeline.h stages/train/pipeline_metrics.h stages/train/state.h stages/plan/forecast.h stages/plan/profile.h stages/plan/plan.h stages/plan/layout.h stages/train/generate.h
   stages/train/rebalance.h stages/plan/rebalancer.h stages/train/ps.h
-  stages/ops/backend.h stages/ops/cpu/ops.h)
+  stages/ops/backend.h stages/ops/cpu/ops.h stages/ops/tp.h)
 # The CUDA backend's, installed with COMPONENT cuda (C headers: no CUDA header needed).
 set(PW_CUDA_PUBLIC_HEADERS stages/ops/cuda/backend_cuda.h stages/ops/cuda/device.h stages/ops/cuda/ops.h)
 

@@ -60,6 +60,15 @@ typedef enum pw_op_kind {
     PW_OP_COUNT
 } pw_op_kind;
 
+/* Tensor parallelism (docs/parallelism.md, "Tensor parallelism"): how an op
+ * splits over T ranks, from its `tp=` attribute. */
+typedef enum pw_tp_split {
+    PW_TP_NONE = 0,
+    PW_TP_COLUMN,          /* linear: weight rows (output features); output split */
+    PW_TP_ROW,             /* linear: weight columns (input features); input split, output summed */
+    PW_TP_VOCAB,           /* embedding: table rows (the vocabulary); output summed */
+} pw_tp_split;
+
 typedef enum pw_init_kind {
     PW_INIT_ZEROS = 0,
     PW_INIT_ONES,
@@ -74,6 +83,11 @@ typedef struct pw_value {
     int producer;          /* node index; -1 for input/label declarations */
     int n_consumers;
     int line, col;         /* where it is defined */
+    int64_t tp_full;       /* a rank graph (pw_graph_tp_rank): this rank holds a part
+                              of the last dim, whose full length this is; 0: whole */
+    int64_t tp_unit;       /*   the part is whole units of this many (attention heads'
+                              width); 0: 1 */
+    int tp_blocks;         /*   in each of this many equal blocks (q, k, v: 3); 0: 1 */
 } pw_value;
 
 typedef struct pw_param {
@@ -84,6 +98,10 @@ typedef struct pw_param {
     int decay;             /* weight decay applies (matrices yes, biases/norms no) */
     int n_uses;            /* > 1 when tied (e.g. weight=tok_emb.weight) */
     int owner;             /* index of the node that created it (its first use) */
+    int tp_dim;            /* a rank graph: split along this dim (0 rows, 1 columns) */
+    int64_t tp_full;       /*   whose full length this is; 0: whole on every rank */
+    int64_t tp_unit;       /*   in units, per block, as pw_value's; 0: 1 */
+    int tp_blocks;
 } pw_param;
 
 typedef struct pw_node_attrs {
@@ -95,6 +113,8 @@ typedef struct pw_node_attrs {
     int64_t max_len;       /* pos_embedding: table rows (≥ T; default T) */
     int64_t heads;         /* causal_attention: number of heads (divides D) */
     float p;               /* dropout: drop probability in [0, 1); default 0.1 */
+    int tp;                /* linear: PW_TP_COLUMN / PW_TP_ROW, embedding: PW_TP_VOCAB
+                              (`tp=column|row|vocab`); PW_TP_NONE: not split */
 } pw_node_attrs;
 
 typedef struct pw_node {
@@ -121,6 +141,8 @@ typedef struct pw_graph {
     int label;             /* value id of the `label` declaration, -1 if none */
     int loss;              /* value id of the loss (output of the softmax_xent node) */
     int n_cuts;            /* number of `cut` markers */
+    int tp_rank, tp_size;  /* a rank graph (pw_graph_tp_rank): rank tp_rank of tp_size;
+                              a parsed graph: 0, 0 (one rank) */
 } pw_graph;
 
 /* Parses a graph file. On error returns PW_ERR_PARSE / PW_ERR_SHAPE / PW_ERR_IO
@@ -130,6 +152,37 @@ pw_status pw_graph_parse_file(const char *path, pw_graph **out);
 pw_status pw_graph_parse_string(const char *text, size_t len, const char *filename,
                                 pw_graph **out);
 void pw_graph_destroy(pw_graph *g); /* accepts NULL */
+
+/* Tensor parallelism (docs/parallelism.md, "Tensor parallelism";
+ * graph/tensor_parallel.c). Rank k's graph of T: a copy of `g` in which
+ * every op marked `tp=` holds its part — a tp=column linear its rows of the
+ * weight and bias (its output value is rank k's slice of the features), a
+ * tp=row linear its columns of the weight (its input is such a slice; its
+ * output whole again), a tp=vocab embedding its rows of the table — and
+ * relu, gelu, dropout(p=0) and softmax_cross_entropy (vocabulary-parallel)
+ * take a split value as it is. Shapes, attributes (`out`) and parameter
+ * shapes are the rank's; names stay, so a checkpoint's tensors are the full
+ * ones gathered (pw_graph_tp_slice). Parts are pw_tp_range's: rank k of T
+ * holds [⌊kL/T⌋, ⌊(k+1)L/T⌋). Attention splits by heads: a tp=column
+ * linear whose output feeds a causal_attention alone (c_attn) gives each
+ * rank whole heads, ⌊kH/T⌋ to ⌊(k+1)H/T⌋, in each of q, k and v; the
+ * attention runs those heads, and its output (those heads' features) feeds
+ * a tp=row linear (c_proj). T = 1 gives a copy. PW_ERR_SHAPE naming the
+ * op ("file:line: linear 'mlp.c_proj' ...") when the graph cannot split as
+ * marked: a tp=row linear whose input is whole, a split value read by an op
+ * that cannot take one (layernorm, add, ...), attention with fewer heads
+ * than ranks, a column-parallel linear whose input has other consumers (its
+ * input gradient is summed across ranks), a parameter tied across ops that
+ * split it differently. PW_ERR_INVALID_ARG for T < 1 or k outside [0, T). */
+pw_status pw_graph_tp_rank(const pw_graph *g, int T, int k, pw_graph **out);
+/* 1 when some op of `g` is marked `tp=`. */
+int pw_graph_tp_marked(const pw_graph *g);
+/* Moves parameter `param` between its full tensor (the shape of the graph
+ * `r` was made from) and rank r's part (r a rank graph): to_part = 1 copies
+ * rank r's slice of `full` into `part`; 0 writes `part` into its place in
+ * `full` (gathering every rank's fills `full`). A whole parameter is copied
+ * as it is. */
+void pw_graph_tp_slice(const pw_graph *r, int param, float *full, float *part, int to_part);
 
 /* Name of an op as written in graph files ("linear", "softmax_cross_entropy"). */
 const char *pw_op_name(pw_op_kind op);

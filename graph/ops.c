@@ -18,9 +18,9 @@
 static const pw_op_spec op_table[PW_OP_COUNT] = {
     [PW_OP_LINEAR] = {
         .op = PW_OP_LINEAR, .name = "linear", .n_inputs = 1, .inputs = {"x"},
-        .n_attrs = 3,
+        .n_attrs = 4,
         .attrs = {{"out", PW_ATTR_INT, 1}, {"bias", PW_ATTR_BOOL, 0},
-                  {"weight", PW_ATTR_NAME, 0}},
+                  {"weight", PW_ATTR_NAME, 0}, {"tp", PW_ATTR_NAME, 0}},
     },
     [PW_OP_RELU] = {.op = PW_OP_RELU, .name = "relu", .n_inputs = 1, .inputs = {"x"}},
     [PW_OP_GELU] = {.op = PW_OP_GELU, .name = "gelu", .n_inputs = 1, .inputs = {"x"}},
@@ -40,9 +40,9 @@ static const pw_op_spec op_table[PW_OP_COUNT] = {
     },
     [PW_OP_EMBEDDING] = {
         .op = PW_OP_EMBEDDING, .name = "embedding", .n_inputs = 1, .inputs = {"tokens"},
-        .n_attrs = 3,
+        .n_attrs = 4,
         .attrs = {{"vocab", PW_ATTR_INT, 1}, {"dim", PW_ATTR_INT, 1},
-                  {"weight", PW_ATTR_NAME, 0}},
+                  {"weight", PW_ATTR_NAME, 0}, {"tp", PW_ATTR_NAME, 0}},
     },
     [PW_OP_POS_EMBEDDING] = {
         .op = PW_OP_POS_EMBEDDING, .name = "pos_embedding", .n_inputs = 1, .inputs = {"x"},
@@ -150,6 +150,16 @@ pw_status pw_op_set_attr(const pw_op_spec *spec, const pw_attr_spec *a,
         attrs->out = v->i;
     } else if (spec->op == PW_OP_LINEAR && strcmp(a->key, "bias") == 0) {
         attrs->bias = v->b;
+    } else if (strcmp(a->key, "tp") == 0) {
+        /* tensor parallelism: linear column|row, embedding vocab */
+        const int lin = spec->op == PW_OP_LINEAR;
+        if (lin && strcmp(v->s, "column") == 0) attrs->tp = PW_TP_COLUMN;
+        else if (lin && strcmp(v->s, "row") == 0) attrs->tp = PW_TP_ROW;
+        else if (!lin && strcmp(v->s, "vocab") == 0) attrs->tp = PW_TP_VOCAB;
+        else {
+            snprintf(msg, n, "%s: 'tp' must be %s, got '%s'", spec->name, lin ? "column or row" : "vocab", v->s);
+            return PW_ERR_PARSE;
+        }
     } else if (spec->op == PW_OP_LAYERNORM && strcmp(a->key, "eps") == 0) {
         double f = v->kind == PW_ATTR_INT ? (double)v->i : v->f;
         float ff = (float)f;

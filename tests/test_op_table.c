@@ -1219,3 +1219,312 @@ Test(op_table, covers_every_op, .timeout = TIMEOUT_S)
                      pw_op_name((pw_op_kind)op), op);
     }
 }
+
+/* ------------------------------------------------- tensor-parallel ops */
+
+/* op_table::tensor_parallel: each tensor-parallel op of stages/ops/tp.h
+ * (column- and row-parallel linear, vocabulary-parallel embedding and
+ * cross-entropy) at T = 1 … 4 ranks, as threads of one in-process group,
+ * against the unsplit CPU op on the same data: the forward, the input
+ * gradient and the weight gradient, each rank's slices put back together.
+ * Sizes include ones that T does not divide (17 over 3, 10 over 4) and
+ * ones smaller than T (a rank holding nothing). What tp.h promises bit for
+ * bit is compared with memcmp; what changes a sum's order within TP_TOL,
+ * normalised (max |split − whole| / max |whole|); at T = 1 everything is
+ * the unsplit op's bits. The comparator must reject the result with one
+ * element moved by 4·TP_TOL of the largest, so every check can fail. */
+
+#include <pthread.h>
+
+#include "stages/ops/tp.h"
+
+/* A split sum over the input features against the GEMM's own order: fp32
+ * rounding of a dot product of ≤ 64 terms of O(1), ~1e-7 relative; 1e-5
+ * leaves room while a missing or doubled part (errors of O(1)) cannot hide. */
+#define TP_TOL 1e-5
+
+typedef enum tp_kind { TP_COL, TP_ROW, TP_EMB, TP_XENT } tp_kind;
+static const char *const tp_kind_name[] = {"column-parallel linear", "row-parallel linear",
+                                           "vocabulary-parallel embedding",
+                                           "vocabulary-parallel cross-entropy"};
+
+typedef struct tp_shape {
+    tp_kind kind;
+    int64_t n;   /* rows */
+    int64_t a;   /* linear: in; embedding: vocab; cross-entropy: classes */
+    int64_t b;   /* linear: out; embedding: d */
+    int bias;
+} tp_shape;
+
+static const tp_shape tp_shapes[] = {
+    {TP_COL, 5, 16, 12, 1}, {TP_COL, 7, 33, 17, 1}, {TP_COL, 3, 8, 2, 0},
+    {TP_ROW, 5, 16, 12, 1}, {TP_ROW, 7, 33, 17, 1}, {TP_ROW, 3, 2, 9, 0},
+    {TP_EMB, 9, 10, 7, 0},  {TP_EMB, 4, 3, 5, 0},
+    {TP_XENT, 9, 10, 0, 0}, {TP_XENT, 6, 17, 0, 0}, {TP_XENT, 5, 3, 0, 0},
+};
+#define N_TP_SHAPES ((int)(sizeof tp_shapes / sizeof tp_shapes[0]))
+#define TP_MAX 4
+
+/* One rank's buffers (its slices) and the group. */
+typedef struct tp_env {
+    const tp_shape *s;
+    int T;
+    pw_shm_group *g;
+    const float *x, *w, *b, *dy;   /* whole inputs */
+    const int32_t *tok;
+    /* whole outputs, each rank writing its slice */
+    float *y, *dx, *dw, *db;
+    double loss[TP_MAX];
+    int64_t correct[TP_MAX];
+    pw_status st[TP_MAX];
+} tp_env;
+
+typedef struct tp_arg {
+    tp_env *e;
+    int k;
+} tp_arg;
+
+static float *tp_floats(int64_t n) { return calloc((size_t)(n > 0 ? n : 1), sizeof(float)); }
+
+static void *tp_rank(void *v)
+{
+    const tp_arg *a = v;
+    tp_env *e = a->e;
+    const tp_shape *s = e->s;
+    const int k = a->k, T = e->T;
+    pw_tp tp = {.rank = k, .size = T, .coll = pw_shm_group_member(e->g, k)};
+    const int64_t n = s->n;
+    int64_t lo, hi;
+    pw_status st = PW_OK;
+    switch (s->kind) {
+    case TP_COL: { /* w (out, in) by rows */
+        const int64_t in = s->a, out = s->b;
+        pw_tp_range(out, T, k, &lo, &hi);
+        const int64_t ok = hi - lo;
+        float *yk = tp_floats(n * ok), *dyk = tp_floats(n * ok), *dx = tp_floats(n * in);
+        float *dwk = tp_floats(ok * in), *dbk = tp_floats(ok);
+        for (int64_t r = 0; r < n; r++)
+            memcpy(dyk + r * ok, e->dy + r * out + lo, (size_t)ok * sizeof(float));
+        pw_tp_col_linear_fwd(e->x, e->w + lo * in, s->bias ? e->b + lo : NULL, yk, n, in, ok);
+        st = pw_tp_col_linear_bwd_input(&tp, dyk, e->w + lo * in, dx, n, in, ok);
+        pw_tp_col_linear_bwd_weight(dyk, e->x, dwk, s->bias ? dbk : NULL, n, in, ok);
+        for (int64_t r = 0; r < n; r++) memcpy(e->y + r * out + lo, yk + r * ok, (size_t)ok * sizeof(float));
+        memcpy(e->dw + lo * in, dwk, (size_t)(ok * in) * sizeof(float));
+        if (s->bias) memcpy(e->db + lo, dbk, (size_t)ok * sizeof(float));
+        if (k == T - 1) memcpy(e->dx, dx, (size_t)(n * in) * sizeof(float)); /* every rank holds it */
+        free(yk), free(dyk), free(dx), free(dwk), free(dbk);
+        break;
+    }
+    case TP_ROW: { /* w (out, in) by columns, x by columns */
+        const int64_t in = s->a, out = s->b;
+        pw_tp_range(in, T, k, &lo, &hi);
+        const int64_t ik = hi - lo;
+        float *xk = tp_floats(n * ik), *wk = tp_floats(out * ik), *y = tp_floats(n * out);
+        float *dxk = tp_floats(n * ik), *dwk = tp_floats(out * ik), *db = tp_floats(out);
+        for (int64_t r = 0; r < n; r++) memcpy(xk + r * ik, e->x + r * in + lo, (size_t)ik * sizeof(float));
+        for (int64_t o = 0; o < out; o++) memcpy(wk + o * ik, e->w + o * in + lo, (size_t)ik * sizeof(float));
+        st = pw_tp_row_linear_fwd(&tp, xk, wk, s->bias ? e->b : NULL, y, n, ik, out);
+        pw_tp_row_linear_bwd_input(e->dy, wk, dxk, n, ik, out, 0);
+        pw_tp_row_linear_bwd_weight(e->dy, xk, dwk, s->bias ? db : NULL, n, ik, out);
+        for (int64_t r = 0; r < n; r++) memcpy(e->dx + r * in + lo, dxk + r * ik, (size_t)ik * sizeof(float));
+        for (int64_t o = 0; o < out; o++) memcpy(e->dw + o * in + lo, dwk + o * ik, (size_t)ik * sizeof(float));
+        if (k == T - 1) {
+            memcpy(e->y, y, (size_t)(n * out) * sizeof(float));
+            if (s->bias) memcpy(e->db, db, (size_t)out * sizeof(float));
+        }
+        free(xk), free(wk), free(y), free(dxk), free(dwk), free(db);
+        break;
+    }
+    case TP_EMB: { /* table (vocab, d) by rows */
+        const int64_t vocab = s->a, d = s->b;
+        pw_tp_range(vocab, T, k, &lo, &hi);
+        float *y = tp_floats(n * d), *dwk = tp_floats((hi - lo) * d);
+        st = pw_tp_embedding_fwd(&tp, e->tok, e->w + lo * d, y, n, vocab, d);
+        pw_tp_embedding_bwd_weight(&tp, e->tok, e->dy, dwk, n, vocab, d);
+        memcpy(e->dw + lo * d, dwk, (size_t)((hi - lo) * d) * sizeof(float));
+        if (k == T - 1) memcpy(e->y, y, (size_t)(n * d) * sizeof(float));
+        free(y), free(dwk);
+        break;
+    }
+    case TP_XENT: { /* logits (n, C) by columns; y = probs, dx = dlogits */
+        const int64_t C = s->a;
+        pw_tp_range(C, T, k, &lo, &hi);
+        const int64_t ck = hi - lo;
+        float *lk = tp_floats(n * ck), *pk = tp_floats(n * ck), *dk = tp_floats(n * ck);
+        float *scratch = tp_floats(pw_tp_xent_scratch(n, T));
+        for (int64_t r = 0; r < n; r++) memcpy(lk + r * ck, e->x + r * C + lo, (size_t)ck * sizeof(float));
+        st = pw_tp_xent_fwd(&tp, lk, e->tok, pk, scratch, n, C, &e->loss[k], &e->correct[k]);
+        pw_tp_xent_bwd(&tp, pk, e->tok, dk, n, C, 0.25f, 0);
+        for (int64_t r = 0; r < n; r++) {
+            memcpy(e->y + r * C + lo, pk + r * ck, (size_t)ck * sizeof(float));
+            memcpy(e->dx + r * C + lo, dk + r * ck, (size_t)ck * sizeof(float));
+        }
+        free(lk), free(pk), free(dk), free(scratch);
+        break;
+    }
+    }
+    e->st[k] = st;
+    return NULL;
+}
+
+/* max |got − want| / max |want| (0 when both are 0). */
+static double tp_err(const float *got, const float *want, int64_t n)
+{
+    double d = 0.0, m = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)got[i] - (double)want[i]));
+        m = fmax(m, fabs((double)want[i]));
+    }
+    return m > 0.0 ? d / m : d;
+}
+
+/* `exact`: memcmp; else within TP_TOL normalised. Also checks that the
+ * comparator rejects `got` with its largest element moved by 4·TP_TOL of
+ * the tensor's largest (or, for exact, by one ulp). */
+static void tp_compare(const char *row, const char *what, const float *got, const float *want, int64_t n,
+                       int exact)
+{
+    if (n == 0) return;
+    if (exact) {
+        int64_t i = 0;
+        while (i < n && memcmp(&got[i], &want[i], sizeof(float)) == 0) i++;
+        cr_expect_eq(i, n, "%s: %s: element %lld is %.9g, the unsplit op's %.9g (promised bit for bit)", row,
+                     what, (long long)i, i < n ? got[i] : 0.0, i < n ? want[i] : 0.0);
+    } else {
+        double err = tp_err(got, want, n);
+        cr_expect_leq(err, TP_TOL, "%s: %s: max normalised error %.3g > %.1g", row, what, err, TP_TOL);
+    }
+    /* the check can fail */
+    float *bad = tp_floats(n);
+    memcpy(bad, got, (size_t)n * sizeof(float));
+    int64_t at = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (fabsf(want[i]) > fabsf(want[at])) at = i;
+    double scale = fabs((double)want[at]) > 0 ? fabs((double)want[at]) : 1.0;
+    bad[at] = exact ? nextafterf(bad[at], INFINITY) : (float)(bad[at] + 4.0 * TP_TOL * scale);
+    int rejected = exact ? memcmp(bad, want, (size_t)n * sizeof(float)) != 0 : tp_err(bad, want, n) > TP_TOL;
+    cr_expect(rejected, "%s: %s: the comparator accepted a wrong result", row, what);
+    free(bad);
+}
+
+/* uniform in [0, 1) */
+static float tp_u(pw_rng *r) { return (float)(pw_rng_next(r) >> 40) / 16777216.0f; }
+
+static int tp_case_count(void) { return N_TP_SHAPES * TP_MAX; }
+
+ParameterizedTestParameters(op_table, tensor_parallel)
+{
+    static int idx[N_TP_SHAPES * TP_MAX];
+    for (int i = 0; i < tp_case_count(); i++) idx[i] = i;
+    return cr_make_param_array(int, idx, (size_t)tp_case_count());
+}
+
+ParameterizedTest(int *ci, op_table, tensor_parallel, .timeout = TIMEOUT_S)
+{
+    const tp_shape *s = &tp_shapes[*ci / TP_MAX];
+    const int T = *ci % TP_MAX + 1;
+    char row[160];
+    snprintf(row, sizeof row, "%s n=%lld a=%lld b=%lld%s T=%d", tp_kind_name[s->kind], (long long)s->n,
+             (long long)s->a, (long long)s->b, s->bias ? " bias" : "", T);
+    const int64_t n = s->n, A = s->a, B = s->kind == TP_XENT ? s->a : s->b;
+    /* whole tensors: x (n, A), w (B, A) or (A, B), b (B), dy (n, B); tokens */
+    const int64_t wn = A * (s->b ? s->b : 1);
+    float *x = tp_floats(n * A), *w = tp_floats(wn), *b = tp_floats(B), *dy = tp_floats(n * B);
+    int32_t *tok = calloc((size_t)n, sizeof(int32_t));
+    pw_rng rng = pw_rng_make(pw_rng_key(SEED + (uint64_t)(*ci / TP_MAX), "tensor_parallel"));
+    for (int64_t i = 0; i < n * A; i++) x[i] = tp_u(&rng) * 4.0f - 2.0f;
+    for (int64_t i = 0; i < wn; i++) w[i] = tp_u(&rng) - 0.5f;
+    for (int64_t i = 0; i < B; i++) b[i] = tp_u(&rng) - 0.5f;
+    for (int64_t i = 0; i < n * B; i++) dy[i] = tp_u(&rng) - 0.5f;
+    for (int64_t r = 0; r < n; r++) tok[r] = (int32_t)pw_rng_below(&rng, (uint64_t)A);
+    if (s->kind == TP_EMB) tok[n - 1] = (int32_t)A; /* out of range: a zero row, no gradient */
+    if (s->kind == TP_EMB) dy = realloc(dy, (size_t)(n * s->b) * sizeof(float));
+    if (s->kind == TP_EMB)
+        for (int64_t i = 0; i < n * s->b; i++) dy[i] = tp_u(&rng) - 0.5f;
+
+    /* the unsplit op */
+    const int64_t ny = s->kind == TP_EMB ? n * s->b : n * B;
+    float *y0 = tp_floats(ny), *dx0 = tp_floats(n * A), *dw0 = tp_floats(wn), *db0 = tp_floats(B);
+    double loss0 = 0.0;
+    int64_t correct0 = 0;
+    switch (s->kind) {
+    case TP_COL:
+    case TP_ROW:
+        pw_cpu_linear_fwd(x, w, s->bias ? b : NULL, y0, n, A, B);
+        pw_cpu_linear_bwd_input(dy, w, dx0, n, A, B, 0);
+        pw_cpu_linear_bwd_weight(dy, x, dw0, s->bias ? db0 : NULL, n, A, B);
+        break;
+    case TP_EMB:
+        pw_cpu_embedding_fwd(tok, w, y0, n, A, s->b);
+        pw_cpu_embedding_bwd_weight(tok, dy, dw0, n, A, s->b);
+        break;
+    case TP_XENT:
+        loss0 = pw_cpu_softmax_xent_fwd_count(x, tok, y0, n, A, &correct0);
+        pw_cpu_softmax_xent_bwd(y0, tok, dx0, n, A, 0.25f, 0);
+        break;
+    }
+
+    /* split over T ranks */
+    tp_env e = {.s = s, .T = T, .x = x, .w = w, .b = b, .dy = dy, .tok = tok};
+    e.y = tp_floats(ny), e.dx = tp_floats(n * A), e.dw = tp_floats(wn), e.db = tp_floats(B);
+    cr_assert_eq(pw_shm_group_create(T, &e.g), PW_OK, "%s", pw_last_error());
+    pthread_t th[TP_MAX];
+    tp_arg args[TP_MAX];
+    for (int k = 0; k < T; k++) {
+        args[k] = (tp_arg){&e, k};
+        cr_assert_eq(pthread_create(&th[k], NULL, tp_rank, &args[k]), 0);
+    }
+    for (int k = 0; k < T; k++) pthread_join(th[k], NULL);
+    pw_shm_group_destroy(e.g);
+    for (int k = 0; k < T; k++) cr_assert_eq(e.st[k], PW_OK, "%s: rank %d: %s", row, k, pw_last_error());
+
+    /* What tp.h promises bit for bit at every T, and within rounding. */
+    const int one = T == 1;
+    switch (s->kind) {
+    case TP_COL:
+        tp_compare(row, "forward y", e.y, y0, n * B, one);
+        tp_compare(row, "input gradient dx (summed over ranks)", e.dx, dx0, n * A, one);
+        tp_compare(row, "weight gradient dw", e.dw, dw0, wn, 1);
+        if (s->bias) tp_compare(row, "bias gradient db", e.db, db0, B, 1);
+        break;
+    case TP_ROW:
+        tp_compare(row, "forward y (summed over ranks)", e.y, y0, n * B, one);
+        tp_compare(row, "input gradient dx", e.dx, dx0, n * A, one);
+        tp_compare(row, "weight gradient dw", e.dw, dw0, wn, 1);
+        if (s->bias) tp_compare(row, "bias gradient db", e.db, db0, B, 1);
+        break;
+    case TP_EMB:
+        tp_compare(row, "forward y", e.y, y0, ny, 1);
+        tp_compare(row, "weight gradient dw", e.dw, dw0, wn, 1);
+        break;
+    case TP_XENT:
+        tp_compare(row, "probabilities", e.y, y0, n * A, one);
+        tp_compare(row, "input gradient dlogits", e.dx, dx0, n * A, one);
+        for (int k = 0; k < T; k++) {
+            double rel = fabs(e.loss[k] - loss0) / fmax(fabs(loss0), 1e-30);
+            cr_expect(one ? e.loss[k] == loss0 : rel <= TP_TOL, "%s: rank %d's loss %.17g, the unsplit op's %.17g",
+                      row, k, e.loss[k], loss0);
+            cr_expect(e.loss[k] == e.loss[0], "%s: rank %d's loss differs from rank 0's", row, k);
+            cr_expect_eq(e.correct[k], correct0, "%s: rank %d counts %lld right, the unsplit op %lld", row, k,
+                         (long long)e.correct[k], (long long)correct0);
+        }
+        break;
+    }
+    free(x), free(w), free(b), free(dy), free(tok), free(y0), free(dx0), free(dw0), free(db0);
+    free(e.y), free(e.dx), free(e.dw), free(e.db);
+}
+
+/* A forward over an aborted group returns the collective's error, not a hang. */
+Test(op_table, tensor_parallel_abort, .timeout = TIMEOUT_S)
+{
+    pw_shm_group *g;
+    cr_assert_eq(pw_shm_group_create(2, &g), PW_OK);
+    atomic_int stop = 1;
+    pw_tp tp = {.rank = 0, .size = 2, .coll = pw_shm_group_member(g, 0), .abort = &stop};
+    float y[4] = {0};
+    int32_t tok[2] = {0, 1};
+    float w[4] = {1, 2, 3, 4};
+    pw_status st = pw_tp_embedding_fwd(&tp, tok, w, y, 2, 4, 2);
+    cr_expect_eq(st, PW_ERR_TIMEOUT, "an aborted all-reduce returned %s", pw_status_str(st));
+    pw_shm_group_destroy(g);
+}

@@ -76,6 +76,7 @@ typedef struct options {
     int quiet;
     int threads;
     int grad_groups;
+    int tensor_parallel;    /* --tensor-parallel T (0: none) */
     int print_graph;
     int replicas;
     int buckets;
@@ -300,6 +301,11 @@ static void usage(FILE *f)
 "                        when G / R is a power of two (e.g. G = 12 for R =\n"
 "                        1, 3, 6, 12); each stage holds ceil(log2(G / R))\n"
 "                        more gradient copies\n"
+"  --tensor-parallel T   split each stage's tp=-marked layers over T ranks,\n"
+"                        threads of this process (docs/parallelism.md): CPU,\n"
+"                        one process, no clipping, no --resume/--rebalance;\n"
+"                        within rounding of T = 1, the same bits for every\n"
+"                        stage count, schedule and replica count at one T\n"
 "  --parallel auto       search stages x replicas x threads x micro-batches x\n"
 "                        schedule x recomputation for the fastest layout that\n"
 "                        fits --memory-budget, print it and its runners-up,\n"
@@ -374,7 +380,8 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_LR_SCHEDULE, OPT_WARMUP, OPT_MIN_LR, OPT_DEVICE, OPT_GPUMEM, OPT_GPUMATH, OPT_NOGRAPHS,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
        OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS, OPT_PARALLEL, OPT_PROCESSES,
-       OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN, OPT_SYNC, OPT_SERVERS, OPT_STALENESS };
+       OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN, OPT_SYNC, OPT_SERVERS, OPT_STALENESS,
+       OPT_TENSOR_PARALLEL };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
  * stage for "cuda:N" (not one per core); 0 (the CPU's default) otherwise,
@@ -494,6 +501,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"quiet", no_argument, 0, OPT_QUIET},
         {"threads", required_argument, 0, OPT_THREADS},
         {"grad-groups", required_argument, 0, OPT_GRAD_GROUPS},
+        {"tensor-parallel", required_argument, 0, OPT_TENSOR_PARALLEL},
         {"print-graph", no_argument, 0, OPT_PRINT},
         {"help", no_argument, 0, OPT_HELP},
         {"schedule", required_argument, 0, OPT_SCHEDULE},
@@ -629,6 +637,10 @@ static int parse_args(int argc, char **argv, options *o)
         case OPT_GRAD_GROUPS:
             if (parse_i64("--grad-groups", optarg, 1, 1 << 20, &v)) return 2;
             o->grad_groups = (int)v;
+            break;
+        case OPT_TENSOR_PARALLEL:
+            if (parse_i64("--tensor-parallel", optarg, 1, 64, &v)) return 2;
+            o->tensor_parallel = (int)v;
             break;
         case OPT_PRINT: o->print_graph = 1; break;
         case OPT_SCHEDULE: o->schedule = optarg, o->schedule_set = 1; break;
@@ -919,6 +931,11 @@ static int parse_args(int argc, char **argv, options *o)
         else
             fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --micro-batches %d\n",
                     (long long)o->batch, o->micro_batches);
+        return 2;
+    }
+    if (o->tensor_parallel > 1 && o->parallel) {
+        fprintf(stderr, "pipeline-run: --tensor-parallel with --parallel auto: the layout search holds T = 1 "
+                "only (docs/parallelism.md)\n");
         return 2;
     }
     if (pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0)
@@ -1957,6 +1974,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.pin = o->pin;
     pc.threads = o->threads;
     pc.grad_groups = o->grad_groups;
+    pc.tensor_parallel = o->tensor_parallel;
     pc.check = o->check;
     pc.replicas = o->replicas;
     pc.buckets = o->buckets;

@@ -13,6 +13,7 @@
 #include "runtime/log.h"
 #include "runtime/rng.h"
 #include "stages/ops/backend.h"
+#include "stages/ops/tp.h"
 #include "stages/program/program.h"
 
 #define NO_OFF ((size_t)-1)
@@ -145,6 +146,11 @@ struct pw_program {
     int loss_slot;               /* its loss statistics reach the host at completion; -1: none */
     pw_stage_done_fn done;       /* the caller's, for the call in flight */
     void *done_arg;
+
+    /* Tensor parallelism: the graph is rank tp.rank of tp.size
+     * (pw_graph_tp_rank); the group's endpoint from pw_program_set_tp. */
+    pw_tp tp;
+    int tp_ready;
 };
 
 /* Plan offset → address in its category's block. */

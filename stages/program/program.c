@@ -365,9 +365,13 @@ pw_status pw_program_create(const pw_program_config *cfg, pw_program **out)
     if (dev_index < 0) dev_index = 0; /* "cuda" = "cuda:0" for one program */
     c.device = NULL; /* the caller's string: read here only */
 
+    if (g->tp_size > 1 && be->device_memory)
+        return pw_error(PW_ERR_UNSUPPORTED, "program: tensor parallelism (graph '%s', rank %d of %d) runs on the "
+                        "CPU only; device '%s' is not supported", g->name, g->tp_rank, g->tp_size, be->name);
     pw_program *p = calloc(1, sizeof *p);
     if (!p) return pw_error(PW_ERR_NOMEM, "program: out of memory");
     p->be = be;
+    p->tp = (pw_tp){.rank = g->tp_size > 1 ? g->tp_rank : 0, .size = g->tp_size > 1 ? g->tp_size : 1};
     p->dev = be->device_memory;
     p->dev_index = dev_index;
     p->cfg = c;
@@ -560,9 +564,35 @@ void pw_program_init_params(pw_program *p, uint64_t seed)
                                  pw_last_error());
         return;
     }
-    for (int i = 0; i < p->n_params; i++)
-        init_values(&p->g->params[p->params[i].gp], seed, at(p, p->params[i].off_data),
-                    p->params[i].numel);
+    for (int i = 0; i < p->n_params; i++) {
+        const pw_param *gp = &p->g->params[p->params[i].gp];
+        if (gp->tp_full) { /* a tensor-parallel rank's part: the full tensor's values, sliced */
+            const int64_t part = gp->shape.d[gp->tp_dim];
+            const int64_t full = p->params[i].numel / (part ? part : 1) * gp->tp_full;
+            float *w = malloc((size_t)full * sizeof *w + 1);
+            if (w) {
+                init_values(gp, seed, w, full);
+                pw_graph_tp_slice(p->g, p->params[i].gp, w, at(p, p->params[i].off_data), 1);
+                free(w);
+                continue;
+            }
+            PW_WARN("program: out of memory initialising '%s'; its part is zeros", gp->name);
+            memset(at(p, p->params[i].off_data), 0, (size_t)p->params[i].numel * 4);
+            continue;
+        }
+        init_values(gp, seed, at(p, p->params[i].off_data), p->params[i].numel);
+    }
+}
+
+pw_status pw_program_set_tp(pw_program *p, const pw_tp *tp)
+{
+    if (tp->size != p->tp.size || tp->rank != p->tp.rank || (tp->size > 1 && tp->coll.member != tp->rank))
+        return pw_error(PW_ERR_INVALID_ARG, "program: tensor-parallel endpoint for rank %d of %d (member %d), but "
+                        "graph '%s' is rank %d of %d", tp->rank, tp->size, tp->coll.member, p->g->name, p->tp.rank,
+                        p->tp.size);
+    p->tp = *tp;
+    p->tp_ready = 1;
+    return PW_OK;
 }
 
 int pw_program_inputs(const pw_program *p, const int **values)

@@ -247,6 +247,19 @@ void pw_program_fold_grads(pw_program *p);
 void pw_program_init_params(pw_program *p, uint64_t seed);
 
 /* ---- activations ---- */
+/* Tensor parallelism (docs/parallelism.md, "Tensor parallelism"): a program
+ * of a rank graph (pw_graph_tp_rank, cfg.graph->tp_size > 1) needs its
+ * group's endpoint before its first training or evaluation forward; the
+ * split linears, embedding and cross-entropy then all-reduce through it
+ * (stages/ops/tp.h) inside forward and backward_input, so the T programs of
+ * a group must make the same calls in the same order, each on its own
+ * thread. tp's rank and size must be the graph's. CPU only (a device
+ * program of a rank graph is refused at create). PW_OK or
+ * PW_ERR_INVALID_ARG. pw_program_init_params gives a split parameter its
+ * slice of the full tensor's initial values: T ranks start where one does. */
+typedef struct pw_tp pw_tp;
+pw_status pw_program_set_tp(pw_program *p, const pw_tp *tp);
+
 /* Buffer of a value for a slot: (micro_batch, numel) of its dtype; NULL if the
  * value is not touched by this stage. Under recompute, a value that is
  * neither a stage input nor sent on lives in the shared region: the pointer

@@ -27,9 +27,26 @@ static int64_t out_numel(const prog_op_call *c) { return c->n * pw_shape_numel(&
 
 /* ---------------------------------------------------------------- linear */
 
+/* Tensor parallelism (stages/ops/tp.h, graph.h pw_graph_tp_rank): the split
+ * ops of a rank graph talk to their group through p->tp. */
+static int tp_split(const pw_program *p) { return p->tp.size > 1; }
+
+static pw_status tp_check(const prog_op_call *c)
+{
+    if (c->p->tp_ready) return PW_OK;
+    return pw_error(PW_ERR_INVALID_ARG, "program: graph '%s' is tensor-parallel rank %d of %d but has no group "
+                    "endpoint (pw_program_set_tp) at node %d (%s)", c->p->g->name, c->p->tp.rank, c->p->tp.size,
+                    c->i, pw_op_name(c->nd->op));
+}
+
 static pw_status linear_forward(const prog_op_call *c)
 {
     pw_program *p = c->p;
+    if (tp_split(p) && c->nd->attrs.tp == PW_TP_ROW) { /* the partial sums, all-reduced */
+        PW_CHECK(tp_check(c));
+        return pw_tp_row_linear_fwd(&p->tp, X(c, 0), W(c, 0), c->nd->n_params > 1 ? W(c, 1) : NULL, Y(c),
+                                    rows_of(XV(c), c->n), last_dim(XV(c)), c->nd->attrs.out);
+    }
     BE(linear_fwd, X(c, 0), W(c, 0), c->nd->n_params > 1 ? W(c, 1) : NULL, Y(c), rows_of(XV(c), c->n),
        last_dim(XV(c)), c->nd->attrs.out);
     return PW_OK;
@@ -40,6 +57,15 @@ static pw_status linear_backward_input(const prog_op_call *c)
     pw_program *p = c->p;
     int acc = 0;
     float *dx = grad_dest(p, c->slot, c->nd->inputs[0], &acc);
+    if (dx && tp_split(p) && c->nd->attrs.tp == PW_TP_COLUMN) {
+        /* Σ over ranks; the rank graph gave this input no other consumer,
+         * so nothing is accumulated into dx before (acc == 0) */
+        PW_CHECK(tp_check(c));
+        if (acc)
+            return pw_error(PW_ERR_INTERNAL, "program: column-parallel node %d's input gradient accumulates", c->i);
+        return pw_tp_col_linear_bwd_input(&p->tp, DY(c), W(c, 0), dx, rows_of(XV(c), c->n), last_dim(XV(c)),
+                                          c->nd->attrs.out);
+    }
     if (dx)
         BE(linear_bwd_input, DY(c), W(c, 0), dx, rows_of(XV(c), c->n), last_dim(XV(c)), c->nd->attrs.out, acc);
     return PW_OK;
@@ -168,6 +194,8 @@ static void xent_plan(pw_program *p, int i, pw_arena *a)
     const pw_value *x = &p->g->values[p->g->nodes[i].inputs[0]];
     const int64_t mb = p->cfg.micro_batch;
     p->nodes[i].off_stat0 = pw_arena_plan(a, value_bytes(x, mb)); /* probabilities */
+    if (x->tp_full && p->tp.size > 1) /* vocabulary-parallel: the ranks' numbers per row */
+        p->nodes[i].off_stat1 = pw_arena_plan(a, (size_t)pw_tp_xent_scratch(rows_of(x, mb), p->tp.size) * 4);
     if (p->dev) { /* the device reduces per row; its statistics stay there */
         p->nodes[i].off_stat1 = pw_arena_plan(a, (size_t)rows_of(x, mb) * sizeof(double));
         p->nodes[i].off_stat2 = pw_arena_plan(a, 4 * sizeof(double));
@@ -181,6 +209,15 @@ static pw_status xent_forward(const prog_op_call *c)
     double *st = loss_stats(p, c->i, c->slot, c->how);
     double *rowbuf = p->dev ? (double *)STAT(c, off_stat1) : NULL;
     BE(zero, st, 2 * sizeof(double));
+    if (tp_split(p) && XV(c)->tp_full) { /* vocabulary-parallel: the logits are this rank's columns */
+        PW_CHECK(tp_check(c));
+        int64_t correct = 0;
+        PW_CHECK(pw_tp_xent_fwd(&p->tp, X(c, 0), (const int32_t *)X(c, 1), STAT(c, off_stat0), STAT(c, off_stat1),
+                                rows, XV(c)->tp_full, &st[0], &correct));
+        st[1] = (double)correct;
+        BE(loss_fill, st, Y(c), c->n, (double)rows);
+        return PW_OK;
+    }
     BE(xent_fwd, X(c, 0), (const int32_t *)X(c, 1), STAT(c, off_stat0), st, rowbuf, rows, C);
     /* The loss value holds the per-position mean loss of this micro-batch. */
     BE(loss_fill, st, Y(c), c->n, (double)rows);
@@ -197,6 +234,10 @@ static pw_status xent_backward_input(const prog_op_call *c)
     if (!dx) return PW_OK;
     const int64_t rows = rows_of(XV(c), c->n), C = last_dim(XV(c));
     float scale = (float)(1.0 / ((double)p->cfg.loss_batch * (double)(rows / c->n)));
+    if (tp_split(p) && XV(c)->tp_full) {
+        pw_tp_xent_bwd(&p->tp, STAT(c, off_stat0), X(c, 1), dx, rows, XV(c)->tp_full, scale, acc);
+        return PW_OK;
+    }
     BE(xent_bwd, STAT(c, off_stat0), X(c, 1), dx, rows, C, scale, acc);
     return PW_OK;
 }
@@ -206,6 +247,11 @@ static pw_status xent_backward_input(const prog_op_call *c)
 static pw_status embedding_forward(const prog_op_call *c)
 {
     pw_program *p = c->p;
+    if (tp_split(p) && c->nd->attrs.tp == PW_TP_VOCAB) { /* this rank's rows, all-reduced */
+        PW_CHECK(tp_check(c));
+        return pw_tp_embedding_fwd(&p->tp, X(c, 0), W(c, 0), Y(c), c->n * pw_shape_numel(&XV(c)->shape),
+                                   c->nd->attrs.vocab, c->nd->attrs.dim);
+    }
     BE(embedding_fwd, X(c, 0), W(c, 0), Y(c), c->n * pw_shape_numel(&XV(c)->shape), c->nd->attrs.vocab,
        c->nd->attrs.dim);
     return PW_OK;
@@ -221,6 +267,11 @@ static pw_status no_backward_input(const prog_op_call *c)
 static pw_status embedding_backward_weight(const prog_op_call *c)
 {
     pw_program *p = c->p;
+    if (tp_split(p) && c->nd->attrs.tp == PW_TP_VOCAB) {
+        pw_tp_embedding_bwd_weight(&p->tp, X(c, 0), DY(c), use_grad(p, c->i, 0),
+                                   c->n * pw_shape_numel(&XV(c)->shape), c->nd->attrs.vocab, c->nd->attrs.dim);
+        return PW_OK;
+    }
     BE(embedding_bwd_weight, X(c, 0), DY(c), use_grad(p, c->i, 0), c->n * pw_shape_numel(&XV(c)->shape),
        c->nd->attrs.vocab, c->nd->attrs.dim);
     return PW_OK;

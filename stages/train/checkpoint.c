@@ -8,6 +8,14 @@
 
 #include "runtime/safetensors.h"
 
+/* The rank graph program p runs when it splits parameter i (tensor
+ * parallelism), else NULL. */
+static const pw_graph *split_by(const pw_program *p, int i)
+{
+    const pw_graph *rg = pw_program_get_config(p)->graph;
+    return rg->tp_size > 1 && i < rg->n_params && rg->params[i].tp_full ? rg : NULL;
+}
+
 /* For each graph parameter, the program and local index that holds it
  * (owner / local may be NULL). */
 static pw_status locate_params(const pw_graph *g, pw_program *const *programs, int n_programs,
@@ -57,6 +65,26 @@ pw_status pw_checkpoint_save(const char *path, const pw_graph *g, pw_program *co
         t[i].shape = g->params[i].shape;
         t[i].data = where[i].data;
         t[i].nbytes = (size_t)where[i].numel * sizeof(float);
+        if (split_by(owner[i], i)) {
+            /* Tensor parallelism: every rank's part put in its place. The
+             * file holds the full tensor, as at T = 1. */
+            const int64_t full = pw_shape_numel(&g->params[i].shape);
+            if (!(host[i] = malloc((size_t)full * sizeof(float) + 1))) {
+                st = pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+                goto out;
+            }
+            for (int s = 0; s < n_programs; s++) {
+                const pw_graph *rg = split_by(programs[s], i);
+                for (int k = 0; rg && k < pw_program_n_params(programs[s]); k++) {
+                    pw_program_param pp;
+                    pw_program_param_at(programs[s], k, &pp);
+                    if (pp.graph_param == i) pw_graph_tp_slice(rg, i, host[i], pp.data, 0);
+                }
+            }
+            t[i].data = host[i];
+            t[i].nbytes = (size_t)full * sizeof(float);
+            continue;
+        }
         if (!pw_program_on_device(owner[i])) continue;
         if (!(host[i] = malloc(t[i].nbytes + 1))) {
             st = pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
@@ -158,7 +186,10 @@ pw_status pw_checkpoint_load(const char *path, const pw_graph *g, pw_program *co
                 pw_program_param pp;
                 pw_program_param_at(programs[s], k, &pp);
                 if (pp.graph_param != i) continue;
-                if (pw_program_on_device(programs[s])) /* t.data: the file's, aligned floats */
+                const pw_graph *rg = split_by(programs[s], i);
+                if (rg) /* this rank's part of the full tensor (CPU programs only) */
+                    pw_graph_tp_slice(rg, i, (float *)t.data, pp.data, 1);
+                else if (pw_program_on_device(programs[s])) /* t.data: the file's, aligned floats */
                     PW_CHECK_GOTO(pw_program_param_write(programs[s], k, PW_PARAM_DATA, t.data), st, out);
                 else
                     memcpy(pp.data, t.data, t.nbytes);

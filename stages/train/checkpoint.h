@@ -11,6 +11,12 @@
  *     PW_CHECK(pw_checkpoint_save("run.safetensors", g, stages, 1, &info));
  *     PW_CHECK(pw_checkpoint_load("run.safetensors", g, stages, 1, &info));
  *
+ * Tensor parallelism: the programs may be the T ranks' programs of rank
+ * graphs of `g` (pw_graph_tp_rank; pw_trainer_programs): save gathers each
+ * split parameter's parts into the full tensor, load gives each rank its
+ * slice, so a file holds the same named full tensors at every T and loads
+ * at any T. Every rank's program must then be passed.
+ *
  * Ownership and threads: save and load borrow the graph and the programs for
  * the call; save writes atomically (a temp file renamed into place). The
  * programs must be idle (between steps, on the thread that drives them).

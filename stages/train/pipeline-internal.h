@@ -17,6 +17,8 @@
 #include "stages/ops/backend.h"
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/pipeline.h"
+#include "stages/ops/tp.h"
+#include "stages/train/tp_team.h"
 
 #define DEFAULT_BUCKETS 4
 /* Tags of the blocking world messages: a parameter's is its graph index,
@@ -56,6 +58,15 @@ typedef struct gstage {
     int loss_mb, loss_slot;
     pw_stage_done_fn done;
     void *done_arg;
+    /* Tensor parallelism (pl->T > 1): one piece, run by T rank programs on
+     * the team's threads (the engine's worker is rank 0) over the group. */
+    pw_program **rank_prog;   /* [T]; [0] == piece[0] */
+    pw_shm_group *tp_group;
+    pw_tp_team *tp_team;
+    void **tp_grad_out;       /* [slots]: the engine's GRAD_OUT buffer, rank 0's */
+    char *tp_grad_mem;        /* ranks 1 .. T−1 × slots own GRAD_OUT buffers */
+    size_t tp_grad_bytes, tp_grad_stride;
+    atomic_int tp_abort;
 } gstage;
 
 struct pw_pipeline {
@@ -96,6 +107,8 @@ struct pw_pipeline {
     int64_t win_steps;
     double win_last_loss;     /* the last agreed window's mean (summed over processes) */
     int64_t win_last_correct;
+    int T;                    /* tensor-parallel ranks per chunk (1: none) */
+    pw_graph **rank_g;        /* [T] at T > 1: rank k's graph (pw_graph_tp_rank) */
     uint64_t generation;      /* unique per pipeline object of the process: a caller that
                                  keeps pointers into its programs (the checkpoint writer)
                                  sees a re-partition (stages/train/rebalance.c) by it */
@@ -156,6 +169,7 @@ pw_status pl_sum_ties(const pw_graph *g, pw_program **p, int np);
 pw_status pl_sum_ties_across(pw_pipeline *pl);
 pw_status pl_sumsq_across(pw_pipeline *pl, double *out);
 int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out);
+int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out);
 
 /* pipeline_ps.c: the worker's side of --sync ps (stages/train/ps.h).
  * create: after the stages, before the engine (which then takes

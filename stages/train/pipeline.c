@@ -128,9 +128,64 @@ static int ties_across_chunks(const pw_pipeline *pl)
 
 /* The chunks' node ranges: the caller's cuts (a plan's, stages/plan/plan.h) or
  * the partition method's; both get the same FLOP-model predictions. */
+/* Tensor parallelism: a chosen cut may not split a column → row pair
+ * (a split value would cross it). Each cut that does moves to the nearest
+ * boundary no split value crosses between its neighbours (the earlier on a
+ * tie), and the partition is re-evaluated there; PW_ERR_INVALID_ARG when
+ * there is none. User-given cuts are left as given (pl_build_stage names
+ * a bad one). */
+static pw_status tp_move_cuts(pw_pipeline *pl)
+{
+    const pw_graph *r = pl->rank_g[0], *g = pl->g;
+    const int C = pl->C, N = g->n_nodes;
+    unsigned char *ok = malloc((size_t)N + 1);
+    int *cuts = malloc(((size_t)C + 1) * sizeof *cuts);
+    if (!ok || !cuts) {
+        free(ok), free(cuts);
+        return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    }
+    /* ok[b]: no value produced before node b and read from b on is split */
+    for (int b = 0; b <= N; b++) ok[b] = 1;
+    for (int i = 0; i < N; i++)
+        for (int q = 0; q < g->nodes[i].n_inputs; q++) {
+            const int v = g->nodes[i].inputs[q], prod = g->values[v].producer;
+            if (r->values[v].tp_full && prod >= 0)
+                for (int b = prod + 1; b <= i; b++) ok[b] = 0;
+        }
+    int moved = 0;
+    pw_status st = PW_OK;
+    for (int c = 0; c <= C; c++) cuts[c] = pl->part.begin[c];
+    for (int c = 1; c < C && st == PW_OK; c++) {
+        if (ok[cuts[c]]) continue;
+        int best = -1;
+        for (int d = 1; best < 0 && (cuts[c] - d > cuts[c - 1] || cuts[c] + d < cuts[c + 1]); d++) {
+            if (cuts[c] - d > cuts[c - 1] && ok[cuts[c] - d]) best = cuts[c] - d;
+            else if (cuts[c] + d < cuts[c + 1] && ok[cuts[c] + d]) best = cuts[c] + d;
+        }
+        if (best < 0)
+            st = pw_error(PW_ERR_INVALID_ARG, "tensor parallelism: chunk %d of %d cannot begin anywhere between "
+                          "nodes %d and %d without splitting a tensor-parallel pair; use fewer stages or a `cut` "
+                          "marker", c, C, cuts[c - 1] + 1, cuts[c + 1] - 1);
+        cuts[c] = best;
+        moved = 1;
+    }
+    if (st == PW_OK && moved) {
+        pw_partition_free(&pl->part);
+        pw_partition_config pc = {.n_stages = C, .balance = PW_BALANCE_FLOPS};
+        st = pw_partition_evaluate(g, &pc, cuts, &pl->part);
+    }
+    free(ok);
+    free(cuts);
+    return st;
+}
+
 static pw_status make_partition(pw_pipeline *pl)
 {
     const pw_pipeline_config *c = &pl->cfg;
+    if (!c->cuts && pl->T > 1) {
+        PW_CHECK(pw_partition_make(pl->g, pl->C, c->partition, &pl->part));
+        return tp_move_cuts(pl);
+    }
     if (!c->cuts) return pw_partition_make(pl->g, pl->C, c->partition, &pl->part);
     if (c->n_cuts != pl->C + 1)
         return pw_error(PW_ERR_INVALID_ARG, "pipeline: %d cut boundaries given for %d chunks (want %d: "
@@ -188,9 +243,29 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
                         "%d micro-batches of a step (%d replicas x %d)", c->grad_groups,
                         NR * c->micro_batches, NR, c->micro_batches);
 
+    const int T = c->tensor_parallel > 1 ? c->tensor_parallel : 1;
+    if (c->tensor_parallel < 0 || c->tensor_parallel > 64)
+        return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: must be 1 to 64 ranks", c->tensor_parallel);
+    if (T > 1) {
+        /* What tensor parallelism does not cover yet (docs/parallelism.md). */
+        if (t)
+            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d under MPI: per-stage tensor-parallel "
+                            "communicators are not built (its ranks are threads of one process)", T);
+        if (c->device && strcmp(c->device, "cpu") != 0)
+            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d runs on the CPU only (device '%s')", T,
+                            c->device);
+        if (c->clip_grad_norm > 0)
+            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with gradient clipping: the global norm "
+                            "across the ranks' parts is not built", T);
+        if (!pw_graph_tp_marked(c->graph))
+            return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: graph '%s' marks no op to split (tp=column, "
+                            "tp=row or tp=vocab; docs/parallelism.md, \"Tensor parallelism\")", T, c->graph->name);
+    }
+
     pw_pipeline *pl = calloc(1, sizeof *pl);
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     pl->cfg = *c;
+    pl->T = T;
     pl->g = c->graph;
     pl->t = t;
     pl->S = c->stages;
@@ -207,6 +282,13 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     const int S = c->stages;
 
     PW_CHECK_GOTO(pw_sampler_init(&pl->sampler, c->train->n, c->shuffle, c->seed), st, fail);
+    if (T > 1) {
+        if (!(pl->rank_g = calloc((size_t)T, sizeof *pl->rank_g))) {
+            st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+            goto fail;
+        }
+        for (int k = 0; k < T; k++) PW_CHECK_GOTO(pw_graph_tp_rank(g, T, k, &pl->rank_g[k]), st, fail);
+    }
     PW_CHECK_GOTO(make_schedule(pl), st, fail);
     pl->cfg.schedule_csv = NULL; /* the caller's string; pl->schedule_name keeps a copy */
     pl->V = pl->sched->chunks_per_rank;
@@ -257,7 +339,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
      * the other stages and replicas (and every process of an MPI run has one
      * worker). Either way the bits are the same (stages/ops/cpu/gemm.h). */
     if (c->threads > 0) pw_cpu_set_threads(c->threads);
-    else if (S * pl->NRL > 1 || t) pw_cpu_set_threads(1);
+    else if (S * pl->NRL * T > 1 || t) pw_cpu_set_threads(1);
     if (adopt) pl->trace = adopt;
     else if (c->trace_events > 0 && (st = pw_trace_create(S * NR, c->trace_events, &pl->trace)) != PW_OK) {
         free(gpu_pci);
@@ -311,9 +393,13 @@ void pw_pipeline_destroy(pw_pipeline *pl)
     pw_schedule_destroy(pl->sched);
     pw_partition_free(&pl->part);
     pw_sampler_free(&pl->sampler);
+    for (int k = 0; pl->rank_g && k < pl->T; k++) pw_graph_destroy(pl->rank_g[k]);
+    free(pl->rank_g);
     free(pl->schedule_name);
     free(pl);
 }
+
+int pw_pipeline_tensor_parallel(const pw_pipeline *pl) { return pl->T; }
 
 pw_status pw_pipeline_data_parts(const pw_pipeline_config *cfg, int evaluation, unsigned *parts)
 {
@@ -416,8 +502,15 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
         goto out;
     }
     for (int k = 0; k < pl->NRL && st == PW_OK; k++) {
+        /* Tensor parallelism: each rank's parts summed with the same rank's
+         * in the other chunks (no clipping at T > 1: pl_create). */
+        for (int r = 1; r < pl->T; r++) {
+            int nr = pl_replica_rank_programs(pl, k, r, p);
+            PW_CHECK_GOTO(pl_sum_ties(pl->rank_g[r], p, nr), st, out);
+            for (int j = 0; j < nr; j++) PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
+        }
         int np = pl_replica_programs(pl, k, p);
-        PW_CHECK_GOTO(pl->t ? pl_sum_ties_across(pl) : pl_sum_ties(g, p, np), st, out);
+        PW_CHECK_GOTO(pl->t ? pl_sum_ties_across(pl) : pl_sum_ties(pl->T > 1 ? pl->rank_g[0] : g, p, np), st, out);
         if (pl->cfg.clip_grad_norm > 0) {
             /* Every parameter once, in node order (copies hold the same total). */
             double sumsq = 0.0;

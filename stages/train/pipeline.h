@@ -161,6 +161,11 @@ typedef struct pw_pipeline_config {
     int ps_staleness;               /* with ps_servers: a replica may run up to this
                                        many steps ahead of the slowest (0: synchronous,
                                        bit-identical to the tree all-reduce) */
+    int tensor_parallel;            /* T: every chunk's tp=-marked layers split over T ranks,
+                                       threads of this process (docs/parallelism.md, "Tensor
+                                       parallelism"); 0 or 1: none. In one process on the
+                                       CPU, without clipping; a cut may not split a
+                                       tensor-parallel pair */
 } pw_pipeline_config;
 
 
@@ -173,6 +178,10 @@ pw_pipeline_config pw_pipeline_defaults(void);
 int64_t pw_pipeline_trace_capacity(int micro_batches, int buckets, int64_t steps);
 
 pw_status pw_pipeline_create(const pw_pipeline_config *cfg, pw_pipeline **out);
+/* The tensor-parallel degree T the pipeline runs (1: none). At T > 1,
+ * pw_pipeline_program(s) return rank 0's programs (its parts of the split
+ * parameters); pw_pipeline_save and pw_pipeline_load gather and split. */
+int pw_pipeline_tensor_parallel(const pw_pipeline *pl);
 void pw_pipeline_destroy(pw_pipeline *pl); /* accepts NULL */
 
 /* Which sides of the data this process's chunks read, before any data is

@@ -2,16 +2,20 @@
  * (gathered across processes). */
 #include "stages/train/pipeline-internal.h"
 
+/* Replica 0's programs; with tensor parallelism every rank's (the
+ * checkpoint gathers each split parameter from its parts). */
 static int programs_of_replica(pw_pipeline *pl, pw_program **out)
 {
-    return pl_replica_programs(pl, 0, out);
+    int n = 0;
+    for (int r = 0; r < pl->T; r++) n += pl_replica_rank_programs(pl, 0, r, out + n);
+    return n;
 }
 
 static int total_pieces(const pw_pipeline *pl)
 {
     int n = 0;
     for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++) n += pl->stages[i].n_pieces;
-    return n;
+    return n * pl->T;
 }
 
 /* A program over the whole graph with one row and one slot: the parameters
@@ -179,8 +183,10 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
     int n = total_pieces(pl), k = 0;
     pw_program **p = malloc((size_t)n * sizeof *p);
     if (!p) return pw_error(PW_ERR_NOMEM, "load: out of memory");
-    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++)
+    for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++) {
         for (int j = 0; j < pl->stages[i].n_pieces; j++) p[k++] = pl->stages[i].piece[j];
+        for (int r = 1; pl->stages[i].rank_prog && r < pl->T; r++) p[k++] = pl->stages[i].rank_prog[r];
+    }
     pw_status st = pw_checkpoint_load(path, pl->g, p, k, info);
     free(p);
     return st;

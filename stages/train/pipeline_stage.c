@@ -5,6 +5,72 @@
 
 /* ---- one stage's pieces ---- */
 
+/* ---- tensor parallelism (pl->T > 1): one piece, T rank programs ----
+ *
+ * Each engine call on the chunk runs on every rank: rank 0 on the engine's
+ * worker, the others on the chunk's team; their split ops meet in the
+ * chunk's group (stages/ops/tp.h). Every rank reads the chunk's inputs
+ * from the engine's buffers; rank 0 alone writes its outputs and input
+ * gradients there (the others compute the same values into their own
+ * buffers: a cut never splits a tensor-parallel pair). The gradients of
+ * the outputs arrive in rank 0's buffer and are copied into the others'
+ * own before the backward: a program adds the gradient of an output it
+ * also reads into that buffer, which the ranks therefore cannot share. */
+enum { TP_FORWARD, TP_FORWARD_EVAL, TP_BACKWARD_INPUT, TP_BACKWARD_WEIGHT };
+
+/* Rank r's (r >= 1) own GRAD_OUT buffer of `slot`. */
+static char *tp_grad_buf(gstage *s, int r, int slot)
+{
+    const int slots = pw_program_get_config(s->piece[0])->slots;
+    return s->tp_grad_mem + ((size_t)(r - 1) * (size_t)slots + (size_t)slot) * s->tp_grad_stride;
+}
+
+typedef struct tp_call {
+    gstage *s;
+    int what;                 /* TP_* */
+    int slot;
+    const pw_dataset *d;      /* forward: the samples */
+    const int64_t *idx;
+    int64_t n, step, offset;
+} tp_call;
+
+static pw_status tp_rank_call(void *arg, int k)
+{
+    const tp_call *c = arg;
+    const pw_graph *g = c->s->pl->g;
+    pw_program *p = c->s->rank_prog[k];
+    switch (c->what) {
+    case TP_FORWARD:
+    case TP_FORWARD_EVAL:
+        if (c->s->reads_input[0] || c->s->reads_label[0])
+            PW_CHECK(pw_dataset_gather(c->d, c->idx, c->n,
+                                       c->s->reads_input[0] ? pw_program_data(p, g->input, c->slot) : NULL,
+                                       c->s->reads_label[0] ? pw_program_data(p, g->label, c->slot) : NULL));
+        if (c->what == TP_FORWARD_EVAL) return pw_program_forward_eval(p, c->slot, c->n);
+        if (pw_program_needs_rng(p)) PW_CHECK(pw_program_set_rng(p, c->slot, c->s->pl->cfg.seed, c->step, c->offset));
+        return pw_program_forward(p, c->slot, c->n);
+    case TP_BACKWARD_INPUT: return pw_program_backward_input(p, c->slot);
+    case TP_BACKWARD_WEIGHT: return pw_program_backward_weight(p, c->slot);
+    }
+    return pw_error(PW_ERR_INTERNAL, "tensor-parallel call %d", c->what);
+}
+
+/* The output gradients of `slot`, as the engine delivered them (rank 0's
+ * GRAD_OUT buffer), into the other ranks' own GRAD_OUT buffers. */
+static void tp_copy_grad_out(gstage *s, int slot)
+{
+    if (!s->tp_grad_bytes || !s->tp_grad_out[slot]) return;
+    for (int r = 1; r < s->pl->T; r++)
+        memcpy(tp_grad_buf(s, r, slot), s->tp_grad_out[slot], s->tp_grad_bytes);
+}
+
+static pw_status tp_run(gstage *s, tp_call c)
+{
+    if (c.what == TP_BACKWARD_INPUT) tp_copy_grad_out(s, c.slot);
+    c.s = s;
+    return pw_tp_team_run(s->tp_team, tp_rank_call, &c);
+}
+
 /* Forward of `n` rows of samples idx[0..n) in `slot` through every piece;
  * `train` sets the dropout stream (sample_offset: the micro-batch's first
  * sample within the global batch). */
@@ -12,6 +78,9 @@ pw_status pl_gs_run_forward(gstage *s, const pw_dataset *d, const int64_t *idx, 
                                 int train, int64_t step, int64_t sample_offset)
 {
     const pw_graph *g = s->pl->g;
+    if (s->rank_prog)
+        return tp_run(s, (tp_call){.what = train ? TP_FORWARD : TP_FORWARD_EVAL, .slot = slot, .d = d, .idx = idx,
+                                   .n = n, .step = step, .offset = sample_offset});
     for (int j = 0; j < s->n_pieces; j++) {
         pw_program *p = s->piece[j];
         if (s->reads_input[j] || s->reads_label[j])
@@ -49,6 +118,7 @@ static pw_status gs_backward_input(void *self, int mb, int slot)
 {
     (void)mb;
     gstage *s = self;
+    if (s->rank_prog) return tp_run(s, (tp_call){.what = TP_BACKWARD_INPUT, .slot = slot});
     for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
     return PW_OK;
 }
@@ -57,6 +127,7 @@ static pw_status gs_backward_weight(void *self, int mb, int slot)
 {
     (void)mb;
     gstage *s = self;
+    if (s->rank_prog) return tp_run(s, (tp_call){.what = TP_BACKWARD_WEIGHT, .slot = slot});
     for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_weight(s->piece[j], slot));
     return PW_OK;
 }
@@ -69,6 +140,10 @@ static pw_status gs_backward_bucket(void *self, int mb, int slot, int bucket, pw
     gstage *s = self;
     int j = s->n_pieces - 1 - bucket;
     if (j < 0) return PW_OK; /* fewer pieces than buckets: an empty bucket */
+    if (s->rank_prog) {
+        if (part == PW_BWD_FULL) PW_CHECK(tp_run(s, (tp_call){.what = TP_BACKWARD_INPUT, .slot = slot}));
+        return tp_run(s, (tp_call){.what = TP_BACKWARD_WEIGHT, .slot = slot});
+    }
     if (part == PW_BWD_FULL) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
     return pw_program_backward_weight(s->piece[j], slot);
 }
@@ -81,15 +156,21 @@ static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
     if (j < 0) return 0;
     /* Every use buffer of a tied parameter is summed across the replicas
      * (the uses are folded only before the optimizer). */
+    /* Tensor parallelism: every rank's parts, rank by rank (each replica's
+     * chunk lists the same spans). */
     int n = 0;
-    for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
-        pw_program_param pp;
-        pw_program_param_at(s->piece[j], i, &pp);
-        float *uses[16];
-        int nu = pw_program_param_uses(s->piece[j], i, uses, 16);
-        if (nu > 16) nu = 16; /* PW_ASSERT-worthy; 16 uses of one weight in one piece */
-        for (int u = 0; u < nu; u++, n++)
-            if (n < max_spans) spans[n] = (pw_span){uses[u], pp.numel};
+    const int ranks = s->rank_prog ? s->pl->T : 1;
+    for (int r = 0; r < ranks; r++) {
+        pw_program *p = s->rank_prog ? s->rank_prog[r] : s->piece[j];
+        for (int i = 0; i < pw_program_n_params(p); i++) {
+            pw_program_param pp;
+            pw_program_param_at(p, i, &pp);
+            float *uses[16];
+            int nu = pw_program_param_uses(p, i, uses, 16);
+            if (nu > 16) nu = 16; /* PW_ASSERT-worthy; 16 uses of one weight in one piece */
+            for (int u = 0; u < nu; u++, n++)
+                if (n < max_spans) spans[n] = (pw_span){uses[u], pp.numel};
+        }
     }
     return n;
 }
@@ -179,6 +260,8 @@ static pw_status gs_optimizer_step(void *self, long step)
 {
     gstage *s = self;
     for (int j = 0; j < s->n_pieces; j++) PW_CHECK(pw_program_optimizer_step(s->piece[j], step));
+    for (int r = 1; s->rank_prog && r < s->pl->T; r++) /* element-wise: each rank its parts */
+        PW_CHECK(pw_program_optimizer_step(s->rank_prog[r], step));
     return PW_OK;
 }
 
@@ -256,6 +339,11 @@ size_t pl_gs_port_bytes(void *self, pw_port port)
 pw_status pl_gs_bind(void *self, int slot, pw_port port, void *buf)
 {
     gstage *s = self;
+    /* Tensor parallelism: every rank reads the activations that arrive;
+     * rank 0 holds the rest (above). */
+    if (s->rank_prog && port == PW_PORT_GRAD_OUT) s->tp_grad_out[slot] = buf;
+    for (int r = 1; s->rank_prog && r < s->pl->T && port == PW_PORT_ACT_IN; r++)
+        PW_CHECK(pw_program_bind_port(s->rank_prog[r], slot, port, buf));
     return pw_program_bind_port(port_piece(s, port), slot, port, buf);
 }
 
@@ -380,6 +468,58 @@ const char *pl_chunk_device(const pw_pipeline *pl, int s, char *buf, size_t size
     return buf;
 }
 
+/* Tensor parallelism: ranks 1 .. T−1's programs of chunk s (rank 0's is
+ * piece 0), the group and the team; refuses a cut inside a
+ * tensor-parallel pair. */
+static pw_status build_tp(pw_pipeline *pl, gstage *gs, int s, int b, int e, int slots)
+{
+    const pw_pipeline_config *c = &pl->cfg;
+    const int T = pl->T;
+    const pw_graph *r0 = pl->rank_g[0];
+    for (int port = 0; port < 2; port++) {
+        const int *vals;
+        const int nv = port ? pw_program_outputs(gs->piece[0], &vals) : pw_program_inputs(gs->piece[0], &vals);
+        for (int i = 0; i < nv; i++)
+            if (r0->values[vals[i]].tp_full)
+                return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism: the cut %s chunk %d (nodes %d-%d) splits a "
+                                "tensor-parallel pair: value '%s' is split across ranks there; cut elsewhere (a "
+                                "`cut` marker in the graph)", port ? "after" : "before", s, b, e - 1,
+                                r0->values[vals[i]].name);
+    }
+    gs->rank_prog = calloc((size_t)T, sizeof *gs->rank_prog);
+    if (!gs->rank_prog) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    gs->rank_prog[0] = gs->piece[0];
+    PW_CHECK(pw_shm_group_create(T, &gs->tp_group));
+    PW_CHECK(pw_tp_team_create(T, &gs->tp_abort, &gs->tp_team));
+    {
+        const size_t bytes = pw_program_port_bytes(gs->piece[0], PW_PORT_GRAD_OUT);
+        gs->tp_grad_out = calloc((size_t)slots, sizeof *gs->tp_grad_out);
+        if (!gs->tp_grad_out) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+        gs->tp_grad_bytes = bytes;
+        gs->tp_grad_stride = (bytes + 63) / 64 * 64;
+        if (bytes && posix_memalign((void **)&gs->tp_grad_mem, 64,
+                                    gs->tp_grad_stride * (size_t)slots * (size_t)(T - 1)) != 0) {
+            gs->tp_grad_mem = NULL;
+            return pw_error(PW_ERR_NOMEM, "pipeline: out of memory for chunk %d's tensor-parallel buffers", s);
+        }
+        if (gs->tp_grad_mem) memset(gs->tp_grad_mem, 0, gs->tp_grad_stride * (size_t)slots * (size_t)(T - 1));
+    }
+    for (int r = 0; r < T; r++) {
+        if (r > 0) {
+            pw_program_config pc = *pw_program_get_config(gs->piece[0]);
+            pc.graph = pl->rank_g[r];
+            pc.slots = slots;
+            PW_CHECK(pw_program_create(&pc, &gs->rank_prog[r]));
+            pw_program_init_params(gs->rank_prog[r], c->seed);
+            for (int slot = 0; gs->tp_grad_bytes && slot < slots; slot++)
+                PW_CHECK(pw_program_bind_port(gs->rank_prog[r], slot, PW_PORT_GRAD_OUT, tp_grad_buf(gs, r, slot)));
+        }
+        pw_tp tp = {.rank = r, .size = T, .coll = pw_shm_group_member(gs->tp_group, r), .abort = &gs->tp_abort};
+        PW_CHECK(pw_program_set_tp(gs->rank_prog[r], &tp));
+    }
+    return PW_OK;
+}
+
 pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
 {
     const pw_pipeline_config *c = &pl->cfg;
@@ -390,7 +530,7 @@ pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     gs->index = s;
     gs->replica = replica;
     gs->loss_piece = -1;
-    int k = pl->NR > 1 ? pl->n_buckets : 1;
+    int k = pl->NR > 1 && pl->T == 1 ? pl->n_buckets : 1; /* tensor parallelism: one piece */
     char device[48];
     int *cut = calloc((size_t)(k > 1 ? k : 1) + 1, sizeof *cut);
     if (!cut) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
@@ -408,7 +548,7 @@ pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     }
     for (int j = 0; j < gs->n_pieces; j++) {
         pw_program_config pc = {
-            .graph = g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
+            .graph = pl->T > 1 ? pl->rank_g[0] : g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
             .device = pl_chunk_device(pl, s, device, sizeof device), .math = c->math,
             .no_graphs = c->no_graphs, .micro_batches = M, .grad_groups = pl->grad_groups,
@@ -420,6 +560,7 @@ pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
         gs->reads_label[j] = (unsigned char)pl_node_range_reads(g, cut[j], cut[j + 1], g->label);
         if (pw_program_has_loss(gs->piece[j])) gs->loss_piece = j;
     }
+    if (pl->T > 1) PW_CHECK_GOTO(build_tp(pl, gs, s, b, e, slots), st, out);
     /* One device piece runs asynchronously under the engine (stage.h,
      * "Asynchronous stages"); pieces chained through host links could not. */
     if (gs->n_pieces == 1) gs->async = pw_program_set_async(gs->piece[0], 1);
@@ -469,6 +610,12 @@ out:
 
 void pl_free_stage(gstage *gs)
 {
+    pw_tp_team_destroy(gs->tp_team); /* joins its threads */
+    for (int r = 1; gs->rank_prog && gs->pl && r < gs->pl->T; r++) pw_program_destroy(gs->rank_prog[r]);
+    free(gs->rank_prog);
+    free(gs->tp_grad_out);
+    free(gs->tp_grad_mem);
+    pw_shm_group_destroy(gs->tp_group);
     for (int j = 0; gs->piece && j < gs->n_pieces; j++) pw_program_destroy(gs->piece[j]);
     free(gs->piece);
     free(gs->reads_input);

@@ -24,7 +24,8 @@
  * cross-chunk sum. Multi-process runs pass the partial sums between the
  * chunks' processes in the same order (pl_sum_ties_across below). */
 
-/* The programs of local replica k in node order; returns the count. */
+/* The programs of local replica k in node order (tensor parallelism: rank
+ * 0's); returns the count. */
 int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out)
 {
     int n = 0;
@@ -33,6 +34,16 @@ int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out)
         gstage *gs = stage_at(pl, k, ch);
         for (int j = 0; j < gs->n_pieces; j++) out[n++] = gs->piece[j];
     }
+    return n;
+}
+
+/* The same for tensor-parallel rank `rank` (one piece per chunk at T > 1). */
+int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out)
+{
+    if (pl->T <= 1) return pl_replica_programs(pl, k, out);
+    int n = 0;
+    for (int ch = 0; ch < pl->C; ch++)
+        if (stage_here(pl, ch)) out[n++] = stage_at(pl, k, ch)->rank_prog[rank];
     return n;
 }
 

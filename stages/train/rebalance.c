@@ -425,6 +425,9 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
     if (old->ps)
         return pw_error(PW_ERR_UNSUPPORTED, "re-partition: a pipeline synchronised by parameter servers (--sync ps) "
                         "cannot move its cuts yet");
+    if (old->T > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "moving the cuts of a pipeline with tensor parallelism (%d ranks) is "
+                        "not built", old->T);
     PW_CHECK(check_cuts(old, cuts, n_cuts));
     const int64_t t0 = pw_now_ns();
     const pw_transport *t = old->t;

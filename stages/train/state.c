@@ -604,6 +604,9 @@ static void *writer_main(void *arg)
 
 pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step)
 {
+    if (pw_pipeline_tensor_parallel(pl) > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "training-state checkpoints with tensor parallelism (%d ranks) are not "
+                        "built; weights checkpoints (--save) are", pw_pipeline_tensor_parallel(pl));
     if (w->pending) {
         /* The previous write is still going: training waits for it. */
         const double t0 = now_s();
@@ -1107,6 +1110,9 @@ static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out
 
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
 {
+    if (pw_pipeline_tensor_parallel(pl) > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "--resume with tensor parallelism (%d ranks) is not built; "
+                        "--init-from a weights checkpoint is", pw_pipeline_tensor_parallel(pl));
     const int C = pw_pipeline_n_chunks(pl);
     const pw_graph *g = NULL;
     pw_status st = PW_OK;

@@ -19,8 +19,16 @@
  * The pipeline engine (several stages) drives the same programs through the
  * scheduler's stage interface; this loop is the one-stage reference.
  *
+ * Tensor parallelism (cfg.tensor_parallel = T > 1): the trainer makes the
+ * graph's T rank graphs (pw_graph_tp_rank), a program for each and an
+ * in-process group (runtime/collective.h), and runs rank k's forward and
+ * backward on its own thread (rank 0 on the caller's, T − 1 helper threads
+ * owned by the trainer); each rank steps its part of the parameters. When a
+ * rank fails, the others' collectives are aborted and the trainer may then
+ * only be destroyed.
+ *
  * Ownership and threads: a trainer copies its config, borrows the graph and
- * the data sets (they must outlive it) and owns its program
+ * the data sets (they must outlive it) and owns its programs
  * (pw_trainer_program's pointer is valid until destroy). One thread uses a
  * trainer; the kernels it calls spread over the CPU thread team.
  */
@@ -53,6 +61,9 @@ typedef struct pw_trainer_config {
     int grad_groups;           /* G (pw_grad_groups, stages/program/program.h): the micro-batch
                                   gradients are summed in G groups, pairwise; 0: the
                                   default, as a pipeline's */
+    int tensor_parallel;       /* T: the graph's tp= ops split over T ranks, threads of this
+                                  process (docs/parallelism.md, "Tensor parallelism");
+                                  0 or 1: none. CPU only */
 } pw_trainer_config;
 
 typedef struct pw_step_stats {
@@ -74,7 +85,13 @@ typedef struct pw_eval_stats {
 pw_status pw_trainer_create(const pw_trainer_config *cfg, pw_trainer **out);
 void pw_trainer_destroy(pw_trainer *t); /* accepts NULL */
 
+/* Rank 0's program (the only one at T = 1; at T > 1 its parameters are
+ * rank 0's parts). */
 pw_program *pw_trainer_program(pw_trainer *t);
+/* Every rank's program, rank order (T of them): what pw_checkpoint_save and
+ * pw_checkpoint_load take with the full graph (checkpoint.h: split
+ * parameters are gathered and split there). */
+int pw_trainer_programs(pw_trainer *t, pw_program *const **progs);
 int64_t pw_trainer_steps_per_epoch(const pw_trainer *t);
 /* Moves to an absolute step count (resuming from a checkpoint): the next
  * step is step+1, its batch the one a fresh run would use then. */
