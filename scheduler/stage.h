@@ -52,6 +52,8 @@
  *   optimizer_commit() /           .post_validate, docs/engine.md): the
  *   optimizer_undo()               optimizer step taken before the global
  *                                  norm is known, then kept or undone.
+ *   zero_grads()                   a discarded step's gradients dropped
+ *                                  (overlap_steps with post-validation).
  *
  * Asynchronous stages (optional slot `submitted`; docs/engine.md, "Pending
  * completions"). A stage whose work runs elsewhere (a GPU stream, a thread
@@ -152,6 +154,11 @@ typedef struct pw_stage_i {
     pw_status (*optimizer_try)(void *self, long step);
     pw_status (*optimizer_commit)(void *self);
     pw_status (*optimizer_undo)(void *self);
+    /* (optional) Zeroes the chunk's gradients: a step whose work the engine
+     * discards (pw_engine_config.overlap_steps with post-validation: the
+     * step had started on parameters that were then rolled back). Completes
+     * inside the call. */
+    pw_status (*zero_grads)(void *self);
 } pw_stage_i;
 
 #ifdef __cplusplus
