@@ -24,7 +24,6 @@
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/data.h"
 #include "stages/train/pipeline.h"
-#include "stages/train/pipeline-internal.h" /* the trace of overlapped_steps_do_overlap */
 #include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
 #define TIMEOUT 600
@@ -702,62 +701,3 @@ Test(determinism, overlapped_steps_nonfinite_fails_like_sync, .timeout = TIMEOUT
     pw_graph_destroy(g);
 }
 
-/* The overlap is real: in runs of 4 steps of ZB-H2 (whose first stage
- * ends a step before the last stage, which drains its W), a rank's
- * forwards of step k+1 start before the last backward or W of step k has
- * ended on another rank; one step at a time, never. */
-static int64_t overlapped_ns(pw_pipeline *pl, int S, int steps)
-{
-    const pw_trace *tr = pl->trace;
-    int64_t best = 0;
-    for (int k = 1; k < steps; k++) {
-        int64_t first_f = INT64_MAX, last_bw = 0;
-        for (int r = 0; r < S; r++) {
-            const pw_trace_event *ev = pw_trace_events(tr, r);
-            for (int64_t i = 0; i < pw_trace_count(tr, r); i++) {
-                if (ev[i].cat != PW_TRACE_COMPUTE) continue;
-                if (ev[i].step == k + 1 && ev[i].name[0] == 'F' && ev[i].t0_ns < first_f) first_f = ev[i].t0_ns;
-                if (ev[i].step == k && (ev[i].name[0] == 'B' || ev[i].name[0] == 'W') && ev[i].t1_ns > last_bw)
-                    last_bw = ev[i].t1_ns;
-            }
-        }
-        if (last_bw - first_f > best) best = last_bw - first_f;
-    }
-    return best;
-}
-
-Test(determinism, overlapped_steps_do_overlap, .timeout = TIMEOUT)
-{
-    pw_graph *g = test_parse(WIDE, "wide.graph");
-    pw_dataset *d = image_data();
-    const int S = 4;
-    for (int ov = 0; ov < 2; ov++) {
-        const run_opts o = {.clip = CLIP_NEVER, .post_validate = 1, .overlap_steps = ov ? 4 : 0};
-        pw_pipeline *pl;
-        {
-            pw_pipeline_config c = pw_pipeline_defaults();
-            c.graph = g;
-            c.train = d;
-            c.batch = LAYOUTS[0].batch;
-            c.micro_batches = LAYOUTS[0].micro_batches;
-            c.stages = S;
-            c.schedule = PW_SCHEDULE_ZB_H2;
-            c.partition = PW_PARTITION_FLOPS;
-            c.clip_grad_norm = o.clip;
-            c.post_validate = o.post_validate;
-            c.overlap_steps = o.overlap_steps;
-            c.threads = 1;
-            c.trace_events = 100000;
-            cr_assert_eq(pw_pipeline_create(&c, &pl), PW_OK, "%s", pw_last_error());
-        }
-        if (ov) cr_assert_eq(pw_pipeline_steps(pl, 4, NULL), PW_OK, "%s", pw_last_error());
-        else
-            for (int i = 0; i < 4; i++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
-        const int64_t ns = overlapped_ns(pl, S, 4);
-        if (ov) cr_expect_gt(ns, 0, "no forward of a step started before the previous step's drain ended");
-        else cr_expect_leq(ns, 0, "one step at a time, yet steps overlapped by %lld ns", (long long)ns);
-        pw_pipeline_destroy(pl);
-    }
-    pw_dataset_destroy(d);
-    pw_graph_destroy(g);
-}
