@@ -63,7 +63,8 @@
  * started by create and joined by destroy, and its message memory (its own,
  * or the config's msg_alloc's, handed back through msg_free). One
  * thread drives it (not a worker): pw_engine_run_step runs one step at a
- * time and returns when every worker has finished it; while it runs, the
+ * time and returns when every worker has finished it (pw_engine_run_steps
+ * several, overlapping with overlap_steps); while it runs, the
  * workers call the chunks (scheduler/stage.h says from where). The figures
  * (rank stats, peaks, norm, message memory) are read between steps.
  */
