@@ -894,10 +894,14 @@ static pw_status run(pw_engine *e, int64_t first, int n, int *n_done)
         e->err = st;
         snprintf(e->err_msg, sizeof e->err_msg, "%s", pw_last_error());
     }
-    /* Every worker saw the same verdicts, so all stand at the same step. */
+    /* Every worker saw the same verdicts, so all stand at the same step. A
+     * straggler (still inside a callback after a failure) counts none: its
+     * figures are its own until it stops. */
     int done = n;
-    for (int i = 0; i < e->NW; i++)
-        if (e->workers[i].steps_ok < done) done = e->workers[i].steps_ok;
+    for (int i = 0; i < e->NW; i++) {
+        const int ok = e->workers[i].stopped_epoch == epoch ? e->workers[i].steps_ok : 0;
+        if (ok < done) done = ok;
+    }
     if (st == PW_OK)
         for (int i = 0; i < e->NW; i++)
             if (e->workers[i].steps_ok != done) {
