@@ -149,14 +149,14 @@ void pw_eng_comm_free(pw_worker *w)
     w->comm_init = 0;
 }
 
-void pw_eng_comm_begin_step(pw_worker *w)
+void pw_eng_comm_begin_step(pw_worker *w, int keep_norm)
 {
     pw_engine *e = w->e;
     if (!e->use_comm) return;
     pthread_mutex_lock(&w->comm_mu);
     for (int l = 0; e->bucketed && l < w->n_chunks; l++)
         for (int b = 0; b < e->NB; b++) pw_eng_bucket(e, w->lrep, w->chunk_ids[l], b)->state = PW_BK_IDLE;
-    w->norm_state = PW_BK_IDLE;
+    if (!keep_norm) w->norm_state = PW_BK_IDLE;
     pthread_mutex_unlock(&w->comm_mu);
 }
 
@@ -330,7 +330,7 @@ void pw_eng_optim_abandon(pw_worker *w)
 static int try_all(pw_worker *w)
 {
     pw_engine *e = w->e;
-    const long step = (long)atomic_load_explicit(&e->step, memory_order_relaxed);
+    const long step = (long)w->step;
     const int64_t t0 = pw_now_ns();
     w->tried = 0;
     for (int l = 0; l < w->n_chunks; l++) {
@@ -368,7 +368,7 @@ static int validate(pw_worker *w, double total)
     if (!isfinite(total)) {
         (void)settle_tried(w, 1);
         comm_fail(w, PW_ERR_NUMERIC, ": the global gradient norm of step %lld is not finite",
-                  (long long)atomic_load_explicit(&e->step, memory_order_relaxed));
+                  (long long)(w->verdict ? w->step - 1 : w->step));
         return -1;
     }
     if (!(coef < 1.0)) return settle_tried(w, 0);
@@ -388,6 +388,77 @@ static int settle_norm(pw_worker *w, double total)
     return 0;
 }
 
+/* The norm job's outcome: 0 with *total set, 1 parked (or, !may_park,
+ * not there yet), -1 failed. */
+static int norm_total_or(pw_worker *w, double *total, int may_park)
+{
+    pw_engine *e = w->e;
+    pthread_mutex_lock(&w->comm_mu);
+    int s = w->norm_state;
+    pw_status err = w->comm_err;
+    char msg[sizeof w->comm_msg];
+    memcpy(msg, w->comm_msg, sizeof msg);
+    pthread_mutex_unlock(&w->comm_mu);
+    if (s == PW_BK_FAILED) {
+        comm_fail(w, err != PW_OK ? err : PW_ERR_INTERNAL, ": global gradient norm: %s", msg);
+        return -1;
+    }
+    if (s != PW_BK_DONE) return may_park ? park(w, PW_WAIT_NORM, -1, -1) : 1;
+    unpark(w, "wait GRADNORM");
+    /* Every rank's share, summed in rank order: the same total on every
+     * rank and replica, in one process or many. */
+    *total = 0.0;
+    pthread_mutex_lock(&w->comm_mu);
+    for (int r = 0; r < e->S; r++) *total += w->norm_vals[r];
+    w->norm_state = PW_BK_IDLE;
+    pthread_mutex_unlock(&w->comm_mu);
+    return 0;
+}
+
+static int norm_total(pw_worker *w, double *total) { return norm_total_or(w, total, 1); }
+
+int pw_eng_comm_verdict_or(pw_worker *w, int may_park)
+{
+    pw_engine *e = w->e;
+    double total;
+    int rc = norm_total_or(w, &total, may_park);
+    if (rc != 0) return rc;
+    /* The previous step's verdict, exactly as validate() takes it: the
+     * gradients of that step are still in the chunks (nothing of this step
+     * has accumulated yet: we are before the rank's first backward). */
+    const int64_t t0 = pw_now_ns();
+    if (validate(w, total) != 0) return -1;
+    w->verdict = 0;
+    if (!w->redo) return 0;
+    /* Clipping triggered: undone and scaled; the redo is the synchronous
+     * step's own (try + commit: optimizer_step's bits, complete in the
+     * call). This step has run forwards on the optimistic parameters: it is
+     * discarded and the run ends with it (every rank sees the same norm,
+     * so every rank discards the same step). */
+    w->redo = 0;
+    for (int l = 0; l < w->n_chunks; l++) {
+        const int c = w->chunk_ids[l];
+        pw_echunk *ch = pw_eng_chunk(e, w->lrep, c);
+        if (!ch->vt->optimizer_step) continue;
+        pw_clear_error();
+        pw_status st = ch->vt->optimizer_try(ch->self, (long)(w->step - 1));
+        if (st == PW_OK) st = ch->vt->optimizer_commit(ch->self);
+        if (st != PW_OK) {
+            comm_fail(w, st, " (chunk %d), OPTIM of step %lld (redone after clipping): %s", c,
+                      (long long)(w->step - 1), pw_last_error());
+            return -1;
+        }
+    }
+    w->discard = 1;
+    w->last_step = w->step;
+    const int64_t t1 = pw_now_ns();
+    w->busy_ns += t1 - t0;
+    if (e->trace) pw_eng_trace(w, "OPTIM", PW_TRACE_COMPUTE, -1, -1, -1, 0, t0, t1);
+    return 0;
+}
+
+int pw_eng_comm_verdict(pw_worker *w) { return pw_eng_comm_verdict_or(w, 1); }
+
 int pw_eng_comm_before_optim(pw_worker *w)
 {
     pw_engine *e = w->e;
@@ -399,6 +470,22 @@ int pw_eng_comm_before_optim(pw_worker *w)
         w->optim_phase = 1;
     }
     if (e->clip <= 0) return 0;
+    if (w->discard) { /* overlap: this step ran on rolled-back parameters */
+        if (w->optim_phase == 1) {
+            for (int l = 0; l < w->n_chunks; l++) {
+                pw_echunk *ch = pw_eng_chunk(e, w->lrep, w->chunk_ids[l]);
+                pw_clear_error();
+                pw_status st = ch->vt->zero_grads ? ch->vt->zero_grads(ch->self) : PW_OK;
+                if (st != PW_OK) {
+                    comm_fail(w, st, " (chunk %d): dropping the gradients of discarded step %lld: %s",
+                              w->chunk_ids[l], (long long)w->step, pw_last_error());
+                    return -1;
+                }
+            }
+            w->optim_phase = 3;
+        }
+        return 0;
+    }
     if (w->optim_phase == 1) {
         double mine = local_sumsq(w);
         /* Post-validation: step first, share the norm after (a rank whose
@@ -414,26 +501,18 @@ int pw_eng_comm_before_optim(pw_worker *w)
         push_job(w, (pw_job){.kind = PW_JOB_NORM, .value = mine});
         pthread_mutex_unlock(&w->comm_mu);
         w->optim_phase = 2;
+        if (e->post_validate && e->overlap && w->step < w->last_step) {
+            /* Overlap: the rank runs on into the next step; the verdict is
+             * taken there, before its first backward (pw_eng_comm_verdict). */
+            w->verdict = 1;
+            w->optim_phase = 3;
+            return 0;
+        }
     }
     if (w->optim_phase == 2) {
-        pthread_mutex_lock(&w->comm_mu);
-        int s = w->norm_state;
-        pw_status err = w->comm_err;
-        char msg[sizeof w->comm_msg];
-        memcpy(msg, w->comm_msg, sizeof msg);
-        pthread_mutex_unlock(&w->comm_mu);
-        if (s == PW_BK_FAILED) {
-            comm_fail(w, err != PW_OK ? err : PW_ERR_INTERNAL, ": global gradient norm: %s", msg);
-            return -1;
-        }
-        if (s != PW_BK_DONE) return park(w, PW_WAIT_NORM, -1, -1);
-        unpark(w, "wait GRADNORM");
-        /* Every rank's share, summed in rank order: the same total on every
-         * rank and replica, in one process or many. */
-        double total = 0.0;
-        pthread_mutex_lock(&w->comm_mu);
-        for (int r = 0; r < e->S; r++) total += w->norm_vals[r];
-        pthread_mutex_unlock(&w->comm_mu);
+        double total;
+        int rc = norm_total(w, &total);
+        if (rc != 0) return rc;
         w->optim_phase = 3;
         return settle_norm(w, total);
     }

@@ -187,6 +187,15 @@ typedef struct pw_worker {
                                * optimizer step awaits the norm's verdict */
     int redo;                 /* post-validation: the verdict was "clip": redo the step */
     int64_t rollbacks;        /* post-validation: steps undone and redone */
+    /* Steps of one run (pw_engine_run_steps; worker thread only, read by the
+     * caller after the run through the engine mutex). */
+    int64_t step;             /* the step the worker is in */
+    int64_t last_step;        /* the run's last step (lowered when a step is discarded) */
+    int steps_ok;             /* steps of the run finished and standing */
+    int verdict;              /* overlap: the previous step's optimistic optimizer step
+                               * (w->tried chunks) awaits the norm's verdict */
+    int discard;              /* overlap: this step started on parameters that were
+                               * rolled back: its work is dropped, the run ends with it */
     int flushing;             /* actions done; sends to other processes pending */
     /* Asynchronous stage calls of actions[pc] (a compute action is a short
      * run of calls: F one, B one or two or one per bucket, OPTIM one per
@@ -243,6 +252,9 @@ struct pw_engine {
     const pw_transport *t;    /* NULL: in-process */
     double clip;              /* > 0: clip the global gradient norm */
     int post_validate;        /* clip > 0: optimizer steps before the norm, validated after */
+    int overlap;              /* overlap_steps: a run's steps back to back */
+    int64_t run_first;        /* (mu) the current run's first step and count */
+    int run_n;
     int bucketed;             /* NR > 1: gradients are all-reduced */
     int use_comm;             /* workers have communication threads */
     int64_t watchdog_ns;
@@ -351,7 +363,8 @@ pw_trace_event *pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk,
 pw_status pw_eng_comm_start(pw_engine *e, pw_worker *w);
 void pw_eng_comm_stop(pw_worker *w);
 void pw_eng_comm_free(pw_worker *w);
-void pw_eng_comm_begin_step(pw_worker *w);
+/* keep_norm: the previous step's norm is still travelling (overlap). */
+void pw_eng_comm_begin_step(pw_worker *w, int keep_norm);
 /* Queues bucket b of chunk c of the worker's replica (no-op once queued). */
 void pw_eng_bucket_start(pw_worker *w, int chunk, int b);
 /* OPTIM's wait: EXEC_OK-like 0 when every bucket of the worker's chunks is
@@ -361,6 +374,14 @@ int pw_eng_comm_before_optim(pw_worker *w);
 /* Post-validation: a step left (failed or aborted) while optimizer steps
  * awaited their verdict undoes them. */
 void pw_eng_optim_abandon(pw_worker *w);
+/* Overlap with post-validation: the previous step's verdict, before the
+ * rank's first backward (or OPTIM) of this step: 0 settled (committed, or
+ * redone with the clip and this step marked discarded), 1 parked on the
+ * norm, -1 failed. */
+int pw_eng_comm_verdict(pw_worker *w);
+/* The same without parking (a run being left): 1 when the norm is not
+ * there (the caller undoes). */
+int pw_eng_comm_verdict_or(pw_worker *w, int may_park);
 
 /* engine-comm.c: messages to and from other processes. */
 int pw_eng_remote_send(pw_worker *w, const char *kind, int src_chunk, int dir, int dst_chunk, int mb,

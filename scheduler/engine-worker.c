@@ -41,7 +41,7 @@ pw_trace_event *pw_eng_trace(pw_worker *w, const char *name, int cat, int chunk,
     ev->chunk = chunk;
     ev->mb = mb;
     ev->peer = peer;
-    ev->step = atomic_load_explicit(&w->e->step, memory_order_relaxed);
+    ev->step = w->step;
     ev->bytes = bytes;
     ev->t0_ns = t0;
     ev->t1_ns = t1;
@@ -487,7 +487,7 @@ static int do_optim(pw_worker *w)
     /* Post-validation: the step was taken and validated before the norm
      * came (engine-comm.c); only a rolled-back one runs again here. */
     if (e->post_validate && !w->redo) return EXEC_OK;
-    long step = (long)atomic_load_explicit(&e->step, memory_order_relaxed);
+    long step = (long)w->step;
     if (w->calls_done == 0 && !w->call_pending) w->act_t0 = pw_now_ns();
     for (int l = 0; l < w->n_chunks; l++) {
         const int c = w->chunk_ids[l];
@@ -644,6 +644,14 @@ static int exec(pw_worker *w, const pw_action *a)
 {
     pw_engine *e = w->e;
     if (a->kind == PW_ACT_RECV_F || a->kind == PW_ACT_RECV_B) return do_recv(w, a);
+    /* Overlap with post-validation: the previous step's optimistic update
+     * is validated before the rank's first gradient of this step lands
+     * (its forwards have run on the optimistic parameters meanwhile). */
+    if (w->verdict && (a->kind == PW_ACT_B || a->kind == PW_ACT_W || a->kind == PW_ACT_OPTIM)) {
+        int rc = pw_eng_comm_verdict(w);
+        if (rc > 0) return EXEC_PARKED;
+        if (rc < 0) return EXEC_FAILED;
+    }
     /* The checker sees each action before it runs (receives: once arrived;
      * an OPTIM that parked: once). */
     if (!w->resumed && w->checker && pw_schedule_checker_step(w->checker, a) != PW_OK)
@@ -712,16 +720,22 @@ static void publish_park(pw_worker *w)
 
 const char *pw_eng_action_name(int kind) { return pw_action_kind_name((pw_action_kind)kind); }
 
+/* The step of the stage calls this thread makes (pw_engine_current_step). */
+static _Thread_local int64_t tls_step;
+
+int64_t pw_engine_current_step(void) { return tls_step; }
+
 static void begin_step(pw_worker *w)
 {
     pw_engine *e = w->e;
+    tls_step = w->step;
     w->running = 1;
     w->pc = 0;
     w->wait_t0 = 0;
     w->wait_kind = PW_WAIT_NONE;
     w->resumed = 0;
     w->optim_phase = 0;
-    w->tried = 0;
+    if (!w->verdict) w->tried = 0; /* else: the previous step's, awaiting their verdict */
     w->redo = 0;
     w->flushing = 0;
     w->calls_done = 0;
@@ -733,7 +747,7 @@ static void begin_step(pw_worker *w)
             row[m].slot = -1;
         }
     }
-    pw_eng_comm_begin_step(w);
+    pw_eng_comm_begin_step(w, w->verdict);
     if (w->poll) {
         struct timeval tv = {0, PW_ENG_POLL_US};
         event_add(w->poll, &tv);
@@ -741,14 +755,11 @@ static void begin_step(pw_worker *w)
     w->step_t0 = pw_now_ns();
 }
 
-/* Leaves the step (finished, failed or aborted) exactly once per step. */
-static void end_step(pw_worker *w)
+/* The step's own figures and trace event, once its actions are done (or
+ * it was left). */
+static void close_step(pw_worker *w)
 {
     pw_engine *e = w->e;
-    if (!w->running) return;
-    pw_eng_optim_abandon(w);
-    w->running = 0;
-    if (w->poll) event_del(w->poll);
     int64_t now = pw_now_ns();
     if (w->wait_t0) { /* stopped while parked */
         w->wait_ns += now - w->wait_t0;
@@ -756,6 +767,24 @@ static void end_step(pw_worker *w)
     }
     w->total_ns += now - w->step_t0;
     if (e->trace) pw_eng_trace(w, "step", PW_TRACE_STEP, -1, -1, -1, 0, w->step_t0, now);
+}
+
+/* Leaves the run (finished, failed or aborted) exactly once per run. */
+static void end_step(pw_worker *w)
+{
+    pw_engine *e = w->e;
+    if (!w->running) return;
+    /* A run failed (or aborted) in the step after an optimistic one whose
+     * verdict is pending: take the verdict if the norm is in (every rank
+     * that shared it then settles that step alike; its gradients are
+     * intact: this rank has not run a backward since), else undo it: that
+     * step no longer stands. */
+    if (w->verdict && pw_eng_comm_verdict_or(w, 0) != 0 && w->steps_ok > 0) w->steps_ok--;
+    pw_eng_optim_abandon(w);
+    w->verdict = 0;
+    w->running = 0;
+    if (w->poll) event_del(w->poll);
+    close_step(w);
     if (e->t && e->t->state) { /* the rest of the step is the caller's (tied sums, the loss) */
         atomic_store_explicit(&e->t->state->act, -1, memory_order_relaxed);
         pw_transport_waiting(e->t, PW_WAIT_NOBODY);
@@ -774,10 +803,18 @@ void pw_eng_drive(pw_worker *w)
     int64_t epoch = atomic_load_explicit(&e->epoch, memory_order_acquire);
     if (epoch != w->epoch) {
         w->epoch = epoch;
+        pthread_mutex_lock(&e->mu);
+        w->step = e->run_first;
+        w->last_step = e->run_first + e->run_n - 1;
+        pthread_mutex_unlock(&e->mu);
+        w->steps_ok = 0;
+        w->verdict = 0;
+        w->discard = 0;
         begin_step(w);
     }
     if (!w->running) return;
     const pw_rank_program *prog = &e->s->ranks[w->rank];
+next_step:
     while (w->pc < prog->n_actions) {
         /* A failed step is left at once, unless a stage call is pending: the
          * stage may still write engine-owned buffers, so its completion is
@@ -791,7 +828,7 @@ void pw_eng_drive(pw_worker *w)
             /* PW_TEST_HANG=RANK:step:STEP: hang inside the step, at the
              * rank's first backward (mid-step, messages in flight). */
             if (prog->actions[w->pc].kind == PW_ACT_B)
-                pw_transport_test_point(e->t, "step", atomic_load(&e->step));
+                pw_transport_test_point(e->t, "step", w->step);
         }
         int rc = exec(w, &prog->actions[w->pc]);
         if (rc == EXEC_PARKED) {
@@ -834,8 +871,23 @@ void pw_eng_drive(pw_worker *w)
         w->wait_t0 = 0;
         w->flushing = 0;
     }
-    if (w->checker && pw_schedule_checker_finish(w->checker) != PW_OK)
+    if (w->checker && pw_schedule_checker_finish(w->checker) != PW_OK) {
         fail(w, PW_ERR_SCHEDULE, "%s", pw_last_error());
+        end_step(w);
+        return;
+    }
+    if (!w->discard) w->steps_ok++;
+    /* Overlap: straight on into the run's next step; the others may still
+     * be in this one (their messages to us are keyed by micro-batch, and a
+     * step-n+1 message for a key can only be sent once ours of step n was
+     * received: see docs/engine.md, "Steps that overlap"). */
+    if (w->step < w->last_step && !atomic_load_explicit(&e->abort, memory_order_relaxed)) {
+        if (w->poll) event_del(w->poll);
+        close_step(w);
+        w->step++;
+        begin_step(w);
+        goto next_step;
+    }
     end_step(w);
 }
 
@@ -886,7 +938,7 @@ void pw_eng_watchdog_cb(evutil_socket_t fd, short what, void *arg)
         if (a->kind == PW_ACT_OPTIM)
             fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for the completion of OPTIM of step %lld "
                  "(submitted to stage '%s')", who, w->pending_chunk, secs,
-                 (long long)atomic_load(&e->step), ch->vt->name ? ch->vt->name : "?");
+                 (long long)w->step, ch->vt->name ? ch->vt->name : "?");
         else
             fail(w, PW_ERR_TIMEOUT, "%s (chunk %d): waited %.1f s for the completion of %s of micro-batch %d "
                  "(submitted to stage '%s')", who, w->pending_chunk, secs, pw_action_kind_name(a->kind),

@@ -134,8 +134,15 @@ static pw_status check_config(const pw_engine_config *cfg)
                 return pw_error(PW_ERR_INVALID_ARG,
                                 "engine: chunk %d%s has no optimizer_try/_commit/_undo: cannot "
                                 "post-validate its optimizer step", c, who);
+            if (cfg->overlap_steps && cfg->clip_grad_norm > 0 && cfg->post_validate && !vt->zero_grads)
+                return pw_error(PW_ERR_INVALID_ARG,
+                                "engine: chunk %d%s has no zero_grads: cannot overlap post-validated "
+                                "steps (a step started on rolled-back parameters is dropped)", c, who);
         }
     }
+    if (cfg->overlap_steps && t)
+        return pw_error(PW_ERR_UNSUPPORTED,
+                        "engine: overlap_steps runs in one process only (not with a transport yet)");
     if (cfg->watchdog_s < 0 || cfg->watchdog_s != cfg->watchdog_s)
         return pw_error(PW_ERR_INVALID_ARG, "engine: watchdog_s must be >= 0 (got %g)", cfg->watchdog_s);
     for (int r = 0; r < s->n_ranks; r++) {
@@ -213,7 +220,11 @@ static pw_status read_ports(const pw_engine_config *cfg, int NRL, int C, pw_echu
 static int pool_size(const pw_engine *e, int link)
 {
     int n = e->rep->peak_inflight_chunk[link] + e->rep->peak_inflight_chunk[link + 1];
-    return n < e->M ? n : e->M;
+    n = n < e->M ? n : e->M;
+    /* Overlapping steps: the two ends of a link are at most one step apart
+     * (c cannot finish step n+1 before c+1 has run every backward of it),
+     * so at most two steps' buffers are out at once. */
+    return e->overlap ? 2 * n : n;
 }
 
 static int link_is_local(const pw_engine *e, int link)
@@ -631,6 +642,7 @@ pw_status pw_engine_create(const pw_engine_config *cfg, pw_engine **out)
     e->NW = e->t ? 1 : e->NR * e->S;
     e->clip = cfg->clip_grad_norm;
     e->post_validate = cfg->post_validate && e->clip > 0; /* nothing global to validate otherwise */
+    e->overlap = cfg->overlap_steps != 0;
     e->bucketed = e->NR > 1;
     if (cfg->compress && e->bucketed) e->compress = *cfg->compress;
     e->use_comm = e->bucketed || (e->clip > 0 && e->S > 1);
@@ -850,10 +862,12 @@ static double straggler_grace_s(const pw_engine *e)
     return wd > 2.0 ? wd : 2.0;
 }
 
-pw_status pw_engine_run_step(pw_engine *e, int64_t step)
+/* One run: steps first .. first+n-1, back to back on each worker (n > 1
+ * only with overlap). *n_done: the steps that stand. */
+static pw_status run(pw_engine *e, int64_t first, int n, int *n_done)
 {
-    if (!e) return pw_error(PW_ERR_INVALID_ARG, "pw_engine_run_step: engine is NULL");
-    if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "pw_engine_run_step: step %lld (steps count from 1)", (long long)step);
+    int64_t step = first;
+    *n_done = 0;
     pthread_mutex_lock(&e->mu);
     if (e->failed) {
         pw_status err = e->err;
@@ -863,6 +877,8 @@ pw_status pw_engine_run_step(pw_engine *e, int64_t step)
         return pw_error(err, "engine stopped by an earlier failure (destroy it): %s", msg);
     }
     e->n_stopped = 0;
+    e->run_first = first;
+    e->run_n = n;
     atomic_store(&e->step, step);
     int64_t epoch = atomic_fetch_add(&e->epoch, 1) + 1;
     pthread_mutex_unlock(&e->mu);
@@ -905,13 +921,58 @@ pw_status pw_engine_run_step(pw_engine *e, int64_t step)
                 }
         }
         st = pw_error(e->err, "%s%s", e->err_msg, note);
-    } else if ((st = audit_step(e, step)) != PW_OK) {
+    } else if ((st = audit_step(e, first + n - 1)) != PW_OK) {
         e->failed = 1;
         e->err = st;
         snprintf(e->err_msg, sizeof e->err_msg, "%s", pw_last_error());
     }
+    /* Every worker saw the same verdicts, so all stand at the same step. A
+     * straggler (still inside a callback after a failure) counts none: its
+     * figures are its own until it stops. */
+    int done = n;
+    for (int i = 0; i < e->NW; i++) {
+        const int ok = e->workers[i].stopped_epoch == epoch ? e->workers[i].steps_ok : 0;
+        if (ok < done) done = ok;
+    }
+    if (st == PW_OK)
+        for (int i = 0; i < e->NW; i++)
+            if (e->workers[i].steps_ok != done) {
+                e->failed = 1;
+                e->err = st = pw_error(PW_ERR_INTERNAL, "engine: the workers disagree on where run %lld..%lld "
+                                       "stands (%d and %d steps)", (long long)first,
+                                       (long long)(first + n - 1), done, e->workers[i].steps_ok);
+                snprintf(e->err_msg, sizeof e->err_msg, "%s", pw_last_error());
+                break;
+            }
+    *n_done = done;
     pthread_mutex_unlock(&e->mu);
     return st;
+}
+
+pw_status pw_engine_run_step(pw_engine *e, int64_t step)
+{
+    if (!e) return pw_error(PW_ERR_INVALID_ARG, "pw_engine_run_step: engine is NULL");
+    if (step < 1) return pw_error(PW_ERR_INVALID_ARG, "pw_engine_run_step: step %lld (steps count from 1)", (long long)step);
+    int done;
+    return run(e, step, 1, &done);
+}
+
+pw_status pw_engine_run_steps(pw_engine *e, int64_t first, int n, int *n_done)
+{
+    int dummy;
+    if (!n_done) n_done = &dummy;
+    *n_done = 0;
+    if (!e) return pw_error(PW_ERR_INVALID_ARG, "pw_engine_run_steps: engine is NULL");
+    if (first < 1 || n < 1)
+        return pw_error(PW_ERR_INVALID_ARG, "pw_engine_run_steps: steps %lld..%lld (steps count from 1, n >= 1)",
+                        (long long)first, (long long)first + n - 1);
+    if (e->overlap) return run(e, first, n, n_done);
+    for (int i = 0; i < n; i++) {
+        int done;
+        PW_CHECK(run(e, first + i, 1, &done));
+        (*n_done)++;
+    }
+    return PW_OK;
 }
 
 /* -------------------------------------------------------------- figures */

@@ -63,7 +63,8 @@
  * started by create and joined by destroy, and its message memory (its own,
  * or the config's msg_alloc's, handed back through msg_free). One
  * thread drives it (not a worker): pw_engine_run_step runs one step at a
- * time and returns when every worker has finished it; while it runs, the
+ * time and returns when every worker has finished it (pw_engine_run_steps
+ * several, overlapping with overlap_steps); while it runs, the
  * workers call the chunks (scheduler/stage.h says from where). The figures
  * (rank stats, peaks, norm, message memory) are read between steps.
  */
@@ -118,6 +119,15 @@ typedef struct pw_engine_config {
                                           step with the clip factor when clipping
                                           triggers (docs/engine.md, "Post-validation");
                                           the chunks need optimizer_try/_commit/_undo */
+    int overlap_steps;                 /* 1: pw_engine_run_steps runs its steps back to back:
+                                          each rank starts step n+1 as soon as its own part
+                                          of step n is done, while the other ranks still
+                                          finish theirs (docs/engine.md, "Steps that
+                                          overlap"). Doubles the message buffers. With
+                                          post_validate the optimistic step n is validated
+                                          during step n+1, before the rank's first backward
+                                          of it; the chunks then also need zero_grads. In
+                                          one process only (no transport) */
     const char *const *gpu_pci;        /* (optional, with pin, in one process) [replicas ×
                                           n_ranks], indexed like the workers: the PCI bus id
                                           ("0000:11:00.0") of the GPU each worker's rank
@@ -163,6 +173,25 @@ void pw_engine_message_memory(const pw_engine *e, void **base, size_t *bytes);
 /* Runs one training step on every rank (through each rank's OPTIM) and
  * returns when all have finished or one has failed. */
 pw_status pw_engine_run_step(pw_engine *e, int64_t step);
+
+/* Runs steps first .. first+n-1 (n >= 1) and returns when every worker has
+ * finished them or one has failed; *n_done (optional) is how many of them
+ * stand. With overlap_steps the workers run them back to back (step n+1 of
+ * a rank overlaps step n of the others); otherwise it is n run_step calls.
+ * *n_done < n only with overlap_steps and post_validate, when clipping
+ * triggered at step first + *n_done − 1: that step was undone and redone
+ * with the clip factor (the synchronous bits), and step first + *n_done,
+ * which had started on the optimistic parameters, was discarded (its
+ * gradients zeroed, its optimizer step not taken; its forwards' losses are
+ * stale): the caller runs it again, and the steps after it. On an error
+ * *n_done is the steps that completed before the failed one; with
+ * post_validate the failed step and any started after it are undone. */
+pw_status pw_engine_run_steps(pw_engine *e, int64_t first, int n, int *n_done);
+
+/* Inside a stage callback the engine calls on its worker thread (forward,
+ * backward_*, optimizer_*): the step the call belongs to (with
+ * overlap_steps, workers are in different steps at once). 0 elsewhere. */
+int64_t pw_engine_current_step(void);
 
 /* Per-rank figures since creation. */
 typedef struct pw_engine_rank_stats {

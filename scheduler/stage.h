@@ -55,6 +55,8 @@
  *   optimizer_commit() /           .post_validate, docs/engine.md): the
  *   optimizer_undo()               optimizer step taken before the global
  *                                  norm is known, then kept or undone.
+ *   zero_grads()                   a discarded step's gradients dropped
+ *                                  (overlap_steps with post-validation).
  *
  * Asynchronous stages (optional slot `submitted`; docs/engine.md, "Pending
  * completions"). A stage whose work runs elsewhere (a GPU stream, a thread
@@ -162,6 +164,11 @@ typedef struct pw_stage_i {
      * (dim 0, the rest)), or 0 for a vector. Writes up to max entries.
      * Without it every span is a vector. */
     void (*grad_bucket_rows)(void *self, int bucket, int n_buckets, int64_t *rows, int max);
+    /* (optional) Zeroes the chunk's gradients: a step whose work the engine
+     * discards (pw_engine_config.overlap_steps with post-validation: the
+     * step had started on parameters that were then rolled back). Completes
+     * inside the call. */
+    pw_status (*zero_grads)(void *self);
 } pw_stage_i;
 
 #ifdef __cplusplus

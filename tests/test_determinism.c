@@ -115,6 +115,7 @@ typedef struct run_opts {
     double clip;
     int post_validate;
     int64_t *rollbacks;
+    int overlap_steps; /* pw_pipeline_config.overlap_steps */
 } run_opts;
 
 static pw_pipeline *make_pipeline(const pw_graph *g, const pw_dataset *d, const layout *L, int stages,
@@ -132,6 +133,7 @@ static pw_pipeline *make_pipeline(const pw_graph *g, const pw_dataset *d, const 
     pc.optim = pw_optim_defaults(PW_OPTIM_ADAMW);
     pc.clip_grad_norm = o->clip;
     pc.post_validate = o->post_validate;
+    pc.overlap_steps = o->overlap_steps;
     pc.seed = 11;
     pc.shuffle = 1;
     pc.pin = 0;
@@ -478,3 +480,224 @@ Test(determinism, post_validation_nonfinite_fails_like_sync, .timeout = TIMEOUT)
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
+
+/* ---- overlapping steps (docs/engine.md, "Steps that overlap") ---- */
+
+/* 768 samples / 192 a batch: 4 steps an epoch, so 6 steps cross an epoch
+ * (a run never does: pw_pipeline_steps cuts it there). */
+#define OV_STEPS 6
+
+static void rollbacks_of(pw_pipeline *pl, int workers, int64_t *rb)
+{
+    *rb = 0;
+    for (int w = 0; w < workers; w++) {
+        pw_engine_rank_stats rs;
+        pw_engine_rank_stats_get(pw_pipeline_engine(pl), w, &rs);
+        *rb += rs.rollbacks;
+    }
+}
+
+/* OV_STEPS steps: pw_pipeline_step one by one (o->overlap_steps 0) or one
+ * pw_pipeline_steps call; each step's loss in loss[], the parameters back. */
+static float *train_steps(const pw_graph *g, const pw_dataset *d, const layout *L, int S, pw_schedule_kind kind,
+                          const run_opts *o, double *loss, double *norm, int64_t *n)
+{
+    pw_pipeline *pl = make_pipeline(g, d, L, S, kind, 1, o);
+    pw_step_stats st[OV_STEPS];
+    if (o->overlap_steps > 1) {
+        cr_assert_eq(pw_pipeline_steps(pl, OV_STEPS, st), PW_OK, "%s", pw_last_error());
+    } else {
+        for (int i = 0; i < OV_STEPS; i++) {
+            cr_assert_eq(pw_pipeline_step(pl, &st[i]), PW_OK, "%s", pw_last_error());
+            if (norm) norm[i] = pw_pipeline_grad_norm(pl);
+        }
+    }
+    for (int i = 0; i < OV_STEPS; i++) {
+        cr_assert_eq(st[i].step, i + 1);
+        loss[i] = st[i].loss;
+    }
+    float *p = test_replica_params(pl, 0, g, n);
+    if (L->replicas > 1) {
+        int64_t n1;
+        float *p1 = test_replica_params(pl, L->replicas - 1, g, &n1);
+        cr_assert(n1 == *n && memcmp(p, p1, (size_t)n1 * 4) == 0, "replicas disagree");
+        free(p1);
+    }
+    if (o->rollbacks) rollbacks_of(pl, S * L->replicas, o->rollbacks);
+    pw_pipeline_destroy(pl);
+    return p;
+}
+
+/* Each rank runs on into the next step (its forwards on the optimistic
+ * parameters) while the norm travels; a verdict that clips redoes the step
+ * and discards the next, which the next run redoes. The parameters and
+ * every step's loss are the synchronous run's bits (1 stage, GPipe, one
+ * step at a time) for 2 and 4 stages, the zero-bubble schedules and 1F1B,
+ * 1 and 2 replicas, runs of 3 and 6 steps, with a clip that never
+ * triggers, one that triggers on some steps (the median of the reference's
+ * norms) and one that triggers on nearly every step (a run then stands one
+ * step and discards the next); the rollbacks are counted. */
+static void ov_matrix(const layout *L)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const layout one = {1, L->replicas * L->micro_batches, L->batch, L->grad_groups};
+    double norms[OV_STEPS], sorted[OV_STEPS], ref_loss[3][OV_STEPS], loss[OV_STEPS];
+    int64_t n_ref, n, rb;
+    const run_opts probe = {.clip = CLIP_NEVER};
+    free(train_steps(g, d, &one, 1, PW_SCHEDULE_GPIPE, &probe, ref_loss[0], norms, &n_ref));
+    memcpy(sorted, norms, sizeof sorted);
+    for (int i = 0; i < OV_STEPS; i++)
+        for (int j = i + 1; j < OV_STEPS; j++)
+            if (sorted[j] < sorted[i]) {
+                double t = sorted[i];
+                sorted[i] = sorted[j];
+                sorted[j] = t;
+            }
+    const double clips[3] = {CLIP_NEVER, 0.5 * (sorted[OV_STEPS / 2 - 1] + sorted[OV_STEPS / 2]), CLIP_ALWAYS};
+    cr_assert(sorted[0] < clips[1] && clips[1] < sorted[OV_STEPS - 1], "the reference's norms are all equal");
+    float *ref[3];
+    int clipped[3] = {0}; /* steps the reference clipped: each rolls back once per worker */
+    for (int c = 0; c < 3; c++) {
+        const run_opts sync = {.clip = clips[c]};
+        double nc[OV_STEPS];
+        ref[c] = train_steps(g, d, &one, 1, PW_SCHEDULE_GPIPE, &sync, ref_loss[c], nc, &n);
+        cr_assert_eq(n, n_ref);
+        for (int i = 0; i < OV_STEPS; i++) clipped[c] += clips[c] / (nc[i] + 1e-6) < 1.0;
+        if (L->replicas > 1) { /* the loss sums replica by replica: the same layout's own */
+            float *p = train_steps(g, d, L, 1, PW_SCHEDULE_GPIPE, &sync, ref_loss[c], NULL, &n);
+            free(p);
+        }
+    }
+    cr_assert(clipped[0] == 0 && clipped[1] > 0 && clipped[1] < clipped[2],
+              "clipped steps %d / %d / %d: the clips do not make the three cases", clipped[0], clipped[1],
+              clipped[2]);
+    cr_assert(memcmp(ref[0], ref[1], (size_t)n_ref * 4) != 0 && memcmp(ref[1], ref[2], (size_t)n_ref * 4) != 0,
+              "the clips change nothing: the test below proves nothing");
+    int runs = 0;
+    for (int S = 2; S <= 4; S += 2)
+        for (int k = 0; k < N_PV_KINDS; k++)
+            for (int c = 0; c < 3; c++) {
+                if (PW_SANITIZED && (S / 2 + k + c) % 3 != 0) continue; /* a diagonal */
+                const int K = (k + c) % 2 ? 6 : 3;
+                const run_opts ov = {.clip = clips[c], .post_validate = 1, .rollbacks = &rb, .overlap_steps = K};
+                float *got = train_steps(g, d, L, S, PV_KINDS[k], &ov, loss, NULL, &n);
+                cr_assert_eq(n, n_ref);
+                char what[160];
+                snprintf(what, sizeof what, "overlapped runs of %d, clip %g: R=%d M=%d, %s S=%d", K, ov.clip,
+                         L->replicas, L->micro_batches, pw_schedule_kind_name(PV_KINDS[k]), S);
+                expect_same(got, ref[c], n, what);
+                for (int i = 0; i < OV_STEPS; i++)
+                    cr_expect(memcmp(&loss[i], &ref_loss[c][i], sizeof loss[i]) == 0,
+                              "%s: step %d's loss %.17g, one step at a time %.17g", what, i + 1, loss[i], ref_loss[c][i]);
+                /* Each clipped step is undone and redone once on every
+                 * worker (at its verdict in the next step, or at the run's
+                 * end); a discarded step is validated when it runs again. */
+                const int64_t want = (int64_t)clipped[c] * S * L->replicas;
+                cr_expect_eq(rb, want, "%s: %lld rollbacks, want %lld", what, (long long)rb, (long long)want);
+                free(got);
+                runs++;
+            }
+    cr_assert_gt(runs, 0);
+    for (int c = 0; c < 3; c++) free(ref[c]);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(determinism, overlapped_steps_one_replica, .timeout = TIMEOUT) { ov_matrix(&LAYOUTS[0]); }
+Test(determinism, overlapped_steps_two_replicas, .timeout = TIMEOUT) { ov_matrix(&LAYOUTS[2]); }
+
+/* Without clipping nothing is validated: the steps just run back to back
+ * (1F1B and ZB-H2, 2 and 4 stages): the same bits as one at a time. */
+Test(determinism, overlapped_steps_without_clipping, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const layout *L = &LAYOUTS[0];
+    double ref_loss[OV_STEPS], loss[OV_STEPS];
+    int64_t n_ref, n;
+    const run_opts sync = {0};
+    float *ref = train_steps(g, d, L, 1, PW_SCHEDULE_GPIPE, &sync, ref_loss, NULL, &n_ref);
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H2};
+    for (int S = 2; S <= 4; S += 2)
+        for (int k = 0; k < 2; k++) {
+            const run_opts ov = {.overlap_steps = 4};
+            float *got = train_steps(g, d, L, S, kinds[k], &ov, loss, NULL, &n);
+            char what[96];
+            snprintf(what, sizeof what, "overlapped, no clipping: %s S=%d", pw_schedule_kind_name(kinds[k]), S);
+            cr_assert_eq(n, n_ref);
+            expect_same(got, ref, n, what);
+            cr_expect(memcmp(loss, ref_loss, sizeof loss) == 0, "%s: the losses differ", what);
+            free(got);
+        }
+    free(ref);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* A non-finite gradient in the middle of an overlapped run: an infinite
+ * input value in a sample of step 2 makes every gradient of that step NaN.
+ * The run fails at step 2 as the synchronous steps do (PW_ERR_NUMERIC, the
+ * message naming step 2), and the parameters are those after step 1: the
+ * optimistic step 2 is undone on every rank, and step 1, whose verdict may
+ * still have been pending on a rank when the run failed, stands. */
+Test(determinism, overlapped_steps_nonfinite_fails_like_sync, .timeout = TIMEOUT)
+{
+    pw_graph *g = test_parse(WIDE, "wide.graph");
+    pw_dataset *d = image_data();
+    const layout *Ls[] = {&LAYOUTS[0], &LAYOUTS[2]};
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V,
+                                      PW_SCHEDULE_ZB_AUTO};
+    for (int li = 0; li < 2; li++) {
+        const layout *L = Ls[li];
+        cr_assert_geq(d->n / L->batch, 2, "step 2 must be in the first epoch");
+        /* The parameters after one clipped step, before the poison. */
+        int64_t n_ref, n;
+        const run_opts one = {.clip = CLIP_ALWAYS};
+        pw_pipeline *pl = make_pipeline(g, d, L, 1, PW_SCHEDULE_GPIPE, 1, &one);
+        cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+        float *ref = test_replica_params(pl, 0, g, &n_ref);
+        pw_pipeline_destroy(pl);
+        /* Poison one sample of step 2 (the sampler's order of epoch 0). */
+        pw_sampler smp;
+        cr_assert_eq(pw_sampler_init(&smp, d->n, 1, 11), PW_OK);
+        pw_sampler_epoch(&smp, 0);
+        const int64_t victim = smp.order[L->batch + 5];
+        pw_sampler_free(&smp);
+        cr_assert(victim >= 0 && victim < d->n);
+        const float saved = d->x[victim * d->sample_numel];
+        d->x[victim * d->sample_numel] = INFINITY;
+        for (int S = 2; S <= 4; S += 2)
+            for (int k = 0; k < 5; k++)
+                for (int ov = 0; ov < 2; ov++) {
+                    if (PW_SANITIZED && (S / 2 + k + li) % 3 != 0) continue;
+                    const run_opts o = {.clip = CLIP_ALWAYS, .post_validate = 1, .overlap_steps = ov ? 4 : 0};
+                    pl = make_pipeline(g, d, L, S, kinds[k], 1, &o);
+                    pw_status st = PW_OK;
+                    if (ov) { /* step 2 is not the run's last where the epoch allows */
+                        st = pw_pipeline_steps(pl, d->n / L->batch >= 3 ? 3 : 2, NULL);
+                    } else {
+                        for (int i = 0; i < 2 && st == PW_OK; i++) st = pw_pipeline_step(pl, NULL);
+                    }
+                    char what[128];
+                    snprintf(what, sizeof what, "%s R=%d %s S=%d", ov ? "overlapped" : "one at a time", L->replicas,
+                             pw_schedule_kind_name(kinds[k]), S);
+                    const char *msg = st == PW_OK ? "" : pw_last_error();
+                    cr_expect_eq(st, PW_ERR_NUMERIC, "%s: %s", what, msg);
+                    cr_expect(strstr(msg, "OPTIM of step 2: step 2: gradient of") && strstr(msg, "is not finite"),
+                              "%s: %s", what, msg);
+                    if (ov) { /* the synchronous path may leave some ranks stepped */
+                        float *got = test_replica_params(pl, 0, g, &n);
+                        cr_assert_eq(n, n_ref);
+                        expect_same(got, ref, n, what);
+                        free(got);
+                    }
+                    pw_pipeline_destroy(pl);
+                }
+        d->x[victim * d->sample_numel] = saved;
+        free(ref);
+    }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+

@@ -1685,3 +1685,128 @@ Test(engine, async_trace_spans_completion, .timeout = TIMEOUT)
     executor_stop();
     free(as);
 }
+
+/* ------------------------------------------------- steps that overlap */
+
+/* The last rank's trailing W of step 1 (after its last SEND_B) waits until
+ * chunk 0 has begun step 2's forwards. Nothing of step 1 on rank 0 depends
+ * on that W, so a run whose steps overlap (overlap_steps) lets rank 0 run
+ * ahead into step 2 and the W goes on; one step at a time, step 2 cannot
+ * begin before every rank has ended step 1: the W gives up and fails. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int step2_forward;  /* chunk 0 has run a forward of step 2 */
+    int w_mb;           /* the micro-batch of the last chunk's last W */
+    double wait_s;      /* how long that W waits */
+} ahead = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, -1, 0};
+
+static pw_status ahead_forward(void *self, int mb, int slot)
+{
+    fake *f = self;
+    if (f->chunk == 0 && pw_engine_current_step() == 2) {
+        pthread_mutex_lock(&ahead.mu);
+        ahead.step2_forward = 1;
+        pthread_cond_broadcast(&ahead.cv);
+        pthread_mutex_unlock(&ahead.mu);
+    }
+    return fake_forward(self, mb, slot);
+}
+
+static pw_status ahead_backward_weight(void *self, int mb, int slot)
+{
+    fake *f = self;
+    if (f->chunk == f->n_chunks - 1 && pw_engine_current_step() == 1 && mb == ahead.w_mb) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += (time_t)ahead.wait_s;
+        pthread_mutex_lock(&ahead.mu);
+        int rc = 0;
+        while (!ahead.step2_forward && rc == 0) rc = pthread_cond_timedwait(&ahead.cv, &ahead.mu, &until);
+        const int seen = ahead.step2_forward;
+        pthread_mutex_unlock(&ahead.mu);
+        if (!seen)
+            return pw_error(PW_ERR_TIMEOUT, "fake chunk %d: step 2 never began on chunk 0 while W mb %d of step 1 "
+                            "waited %.0f s", f->chunk, mb, ahead.wait_s);
+    }
+    return fake_backward_weight(self, mb, slot);
+}
+
+static const pw_stage_i ahead_i = {
+    .name = "fake-ahead",
+    .forward = ahead_forward,
+    .backward_input = fake_backward_input,
+    .backward_weight = ahead_backward_weight,
+    .optimizer_step = fake_optimizer_step,
+    .port_bytes = fake_port_bytes,
+    .bind = fake_bind,
+};
+
+static pw_status run_ahead(pw_schedule_kind kind, int S, int M, int overlap, double wait_s, int *n_done)
+{
+    harness h;
+    harness_init(&h, make_schedule(kind, S, M, 1), NULL, &ahead_i);
+    /* The premise: the last rank's last W of the last chunk comes after its
+     * last SEND_B, so rank 0's step 1 does not wait for it. */
+    const pw_rank_program *p = &h.s->ranks[S - 1];
+    int last_w = -1, last_send = -1;
+    for (int i = 0; i < p->n_actions; i++) {
+        if (p->actions[i].kind == PW_ACT_W && p->actions[i].chunk == h.s->n_chunks - 1) last_w = i;
+        if (p->actions[i].kind == PW_ACT_SEND_B) last_send = i;
+    }
+    cr_assert(last_w > last_send && last_send >= 0, "%s: the last rank ends with no W after its sends",
+              pw_schedule_kind_name(kind));
+    ahead.w_mb = p->actions[last_w].mb;
+    ahead.step2_forward = 0;
+    ahead.wait_s = wait_s;
+    pw_engine_config cfg = harness_config(&h);
+    cfg.overlap_steps = overlap;
+    cfg.check = 1;
+    harness_create(&h, &cfg);
+    pw_status st = pw_engine_run_steps(h.e, 1, 2, n_done);
+    if (st == PW_OK)
+        for (int c = 0; c < h.s->n_chunks; c++) {
+            cr_expect_eq(h.fakes[c].optim_calls, 2, "chunk %d: %d optimizer steps", c, h.fakes[c].optim_calls);
+            cr_expect_eq(h.fakes[c].last_step, 2);
+        }
+    harness_fini(&h);
+    return st;
+}
+
+Test(engine, overlapped_steps_let_a_rank_run_ahead, .timeout = TIMEOUT)
+{
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2};
+    for (int k = 0; k < 2; k++)
+        for (int S = 2; S <= 4; S += 2) {
+            int done = -1;
+            pw_status st = run_ahead(kinds[k], S, 2 * S, 1, 60.0, &done);
+            cr_expect_eq(st, PW_OK, "%s S=%d, overlapped: %s", pw_schedule_kind_name(kinds[k]), S, pw_last_error());
+            cr_expect_eq(done, 2);
+        }
+    /* The control: one step at a time, the same W waits in vain. */
+    int done = -1;
+    pw_status st = run_ahead(PW_SCHEDULE_ZB_H1, 2, 4, 0, 1.0, &done);
+    cr_expect_eq(st, PW_ERR_TIMEOUT, "one step at a time: %s", st == PW_OK ? "ran" : pw_last_error());
+    cr_expect(strstr(pw_last_error(), "step 2 never began"), "%s", pw_last_error());
+    cr_expect_eq(done, 0);
+}
+
+/* overlap_steps is refused where it cannot run yet, and run_steps checks
+ * its arguments. */
+Test(engine, overlapped_steps_arguments, .timeout = TIMEOUT)
+{
+    harness h;
+    harness_init(&h, make_schedule(PW_SCHEDULE_1F1B, 2, 4, 0), NULL, &fake_full_i);
+    pw_engine_config cfg = harness_config(&h);
+    cfg.overlap_steps = 1;
+    harness_create(&h, &cfg);
+    int done = 7;
+    cr_expect_eq(pw_engine_run_steps(h.e, 0, 2, &done), PW_ERR_INVALID_ARG);
+    cr_expect_eq(done, 0);
+    cr_expect_eq(pw_engine_run_steps(h.e, 1, 0, &done), PW_ERR_INVALID_ARG);
+    cr_expect_eq(pw_engine_run_steps(NULL, 1, 2, &done), PW_ERR_INVALID_ARG);
+    cr_expect_eq(pw_engine_run_steps(h.e, 1, 3, &done), PW_OK, "%s", pw_last_error());
+    cr_expect_eq(done, 3);
+    cr_expect_eq(pw_engine_current_step(), 0, "the caller's thread is in no step");
+    harness_fini(&h);
+}

@@ -49,7 +49,8 @@ typedef struct gstage {
     int loss_piece;           /* -1: no loss here */
     void *links;              /* link buffers between pieces, every slot */
     size_t link_bytes;
-    double *mb_loss;          /* [M]: loss sum of each micro-batch this step */
+    double *mb_loss;          /* [K][M]: loss sum of each micro-batch of each step of
+                                 the run (K: pl->K) */
     int64_t *mb_correct;      /* [M] */
     /* Asynchronous (a device stage of one piece; pw_program_set_async):
      * the forward whose loss is read at completion (-1: none), and the
@@ -88,6 +89,8 @@ struct pw_pipeline {
     pw_sampler sampler;
     int64_t sampler_epoch;
     const int64_t *batch_idx; /* this step's samples, read by the workers */
+    int K;                    /* steps per engine run (overlap_steps; 1: off) */
+    int64_t run_first;        /* the current run's first step */
 
     pw_partition part;
     pw_schedule *sched;
@@ -137,7 +140,8 @@ static inline int lrep_of(const pw_pipeline *pl, int k)
 /* What one file gives another; each is documented at its definition. */
 
 /* pipeline.c */
-loss_part pl_replica_loss(const pw_pipeline *pl, int lrep);
+/* j: the step's index in the run (0 for pw_pipeline_step). */
+loss_part pl_replica_loss(const pw_pipeline *pl, int lrep, int j);
 pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline **out);
 
 /* rebalance.c */

@@ -302,6 +302,18 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     PW_CHECK_GOTO(retime_zb_auto(pl), st, fail);
     pl->cfg.cuts = NULL; /* the caller's array; pl->part keeps a copy */
     pl->post_optim = ties_across_chunks(pl);
+    if (c->overlap_steps < 0 || c->overlap_steps > 64) {
+        st = pw_error(PW_ERR_INVALID_ARG, "pipeline: overlap_steps must be 0..64 (got %d)", c->overlap_steps);
+        goto fail;
+    }
+    if (t && c->overlap_steps > 1) {
+        st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: overlap_steps runs in one process only (this run "
+                      "has %d processes)", t->world_size);
+        goto fail;
+    }
+    /* Tied parameters are summed and stepped after the engine's step
+     * (finish_step): every step needs the barrier. */
+    pl->K = c->overlap_steps > 1 && !pl->post_optim ? c->overlap_steps : 1;
     if (t && pl->post_optim && g->n_params >= t->max_tag) {
         /* finish_step's messages are tagged by parameter (and n_params). */
         st = pw_error(PW_ERR_UNSUPPORTED, "pipeline: graph '%s' ties parameters across stages; summing "
@@ -352,6 +364,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         /* With ties across chunks the norm is taken after their sum (finish_step). */
         .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
         .post_validate = c->post_validate,
+        .overlap_steps = pl->K > 1,
         .gpu_pci = gpu_pci,
         .compress = &c->compress,
     };
@@ -470,7 +483,7 @@ static double busy_sum(const pw_pipeline *pl, double *total_max, int *n_workers)
     return busy;
 }
 
-loss_part pl_replica_loss(const pw_pipeline *pl, int lrep)
+loss_part pl_replica_loss(const pw_pipeline *pl, int lrep, int j)
 {
     loss_part lp = {0};
     for (int s = 0; s < pl->C; s++) {
@@ -479,9 +492,10 @@ loss_part pl_replica_loss(const pw_pipeline *pl, int lrep)
         lp.has = 1;
         lp.loss = 0.0;
         lp.correct = 0;
-        for (int m = 0; m < pl->cfg.micro_batches; m++) {
-            lp.loss += gs->mb_loss[m];
-            lp.correct += gs->mb_correct[m];
+        const int M = pl->cfg.micro_batches;
+        for (int m = 0; m < M; m++) {
+            lp.loss += gs->mb_loss[j * M + m];
+            lp.correct += gs->mb_correct[j * M + m];
         }
     }
     return lp;
@@ -553,8 +567,12 @@ out:
     return st;
 }
 
-pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
+/* One engine run of up to n steps from pl->step + 1, all in one epoch;
+ * *n_done of them stand (fewer when post-validation discarded one), each
+ * with its stats in out[j] (optional). */
+static pw_status run_steps(pw_pipeline *pl, int n, pw_step_stats *out, int *n_done)
 {
+    *n_done = 0;
     const int64_t epoch = pl->step / pl->steps_per_epoch;
     const int64_t in_epoch = pl->step % pl->steps_per_epoch;
     if (epoch != pl->sampler_epoch) {
@@ -562,12 +580,14 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
         pl->sampler_epoch = epoch;
     }
     pl->batch_idx = pl->sampler.order + in_epoch * pl->cfg.batch;
+    pl->run_first = pl->step + 1;
     pw_transport_phase(pl->t, PW_PHASE_STEP, pl->step + 1); /* the other processes' watchdogs read it */
     double t0_busy, t0_wall, t1_wall;
-    int nw;
+    int nw, done = 1;
     t0_busy = busy_sum(pl, &t0_wall, &nw);
     int64_t t0 = pw_now_ns();
-    PW_CHECK(pw_engine_run_step(pl->engine, pl->step + 1));
+    if (n > 1) PW_CHECK(pw_engine_run_steps(pl->engine, pl->step + 1, n, &done));
+    else PW_CHECK(pw_engine_run_step(pl->engine, pl->step + 1));
     if (pl->post_optim) PW_CHECK(finish_step(pl, pl->step + 1));
     int64_t t1 = pw_now_ns();
     double busy = busy_sum(pl, &t1_wall, &nw) - t0_busy;
@@ -575,67 +595,95 @@ pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
     pl->last_bubble = wall > 0 && nw > 0 ? 1.0 - busy / ((double)nw * wall) : 0.0;
     if (pl->last_bubble < 0) pl->last_bubble = 0;
 
-    /* Loss of the step: each replica's sum in micro-batch order, then the
-     * replicas in order (the same bytes in one process or many). */
-    double loss = 0.0;
-    int64_t correct = 0, steps = 1;
+    const pw_graph *g = pl->g;
+    int64_t per_sample = g->label >= 0 ? pw_shape_numel(&g->values[g->label].shape) : 1;
+    int64_t positions = pl->cfg.batch * (per_sample > 0 ? per_sample : 1);
     /* With a parameter server's staleness s the processes agree on the loss
      * every s + 1 steps only (an all-gather is a barrier): the mean over
      * that window, reported until the next (docs/distributed.md). */
     const int window = pl->ps ? pl->cfg.ps_staleness + 1 : 1;
-    if (pl->t && (pl->step + 1) % window != 0) {
-        const loss_part lp = pl_replica_loss(pl, 0);
-        pl->win.loss += lp.loss;
-        pl->win.correct += lp.correct;
-        pl->win_steps++;
-        loss = pl->win_last_loss;
-        correct = pl->win_last_correct;
-        steps = 0;
-    } else if (pl->t) {
-        const int W = pl->t->world_size;
-        loss_part mine = pl_replica_loss(pl, 0);
-        mine.loss += pl->win.loss;
-        mine.correct += pl->win.correct;
-        steps = pl->win_steps + 1;
-        pl->win = (loss_part){0};
-        pl->win_steps = 0;
-        loss_part *all = calloc((size_t)W, sizeof *all);
-        if (!all) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
-        pw_status st = pl->t->vt->allgather(pl->t->self, &mine, sizeof mine, all);
-        if (st != PW_OK) {
-            free(all);
-            return pw_error_prefix(st, "step %lld: gathering the loss: ", (long long)pl->step + 1);
-        }
-        for (int k = 0; k < pl->NR; k++)
-            for (int r = 0; r < pl->S; r++) {
-                const loss_part *lp = &all[pw_transport_world_of(pl->t, k, r)];
-                if (!lp->has) continue;
-                loss += lp->loss;
-                correct += lp->correct;
+    for (int j = 0; j < done; j++) {
+        /* Loss of the step: each replica's sum in micro-batch order, then
+         * the replicas in order (the same bytes in one process or many). */
+        double loss = 0.0;
+        int64_t correct = 0, steps = 1;
+        if (pl->t && (pl->step + 1) % window != 0) {
+            const loss_part lp = pl_replica_loss(pl, 0, j);
+            pl->win.loss += lp.loss;
+            pl->win.correct += lp.correct;
+            pl->win_steps++;
+            loss = pl->win_last_loss;
+            correct = pl->win_last_correct;
+            steps = 0;
+        } else if (pl->t) {
+            const int W = pl->t->world_size;
+            loss_part mine = pl_replica_loss(pl, 0, j);
+            mine.loss += pl->win.loss;
+            mine.correct += pl->win.correct;
+            steps = pl->win_steps + 1;
+            pl->win = (loss_part){0};
+            pl->win_steps = 0;
+            loss_part *all = calloc((size_t)W, sizeof *all);
+            if (!all) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+            pw_status st = pl->t->vt->allgather(pl->t->self, &mine, sizeof mine, all);
+            if (st != PW_OK) {
+                free(all);
+                return pw_error_prefix(st, "step %lld: gathering the loss: ", (long long)pl->step + 1);
             }
-        free(all);
-    } else {
-        for (int k = 0; k < pl->NR; k++) {
-            loss_part lp = pl_replica_loss(pl, k);
-            loss += lp.loss;
-            correct += lp.correct;
+            for (int k = 0; k < pl->NR; k++)
+                for (int r = 0; r < pl->S; r++) {
+                    const loss_part *lp = &all[pw_transport_world_of(pl->t, k, r)];
+                    if (!lp->has) continue;
+                    loss += lp->loss;
+                    correct += lp->correct;
+                }
+            free(all);
+        } else {
+            for (int k = 0; k < pl->NR; k++) {
+                loss_part lp = pl_replica_loss(pl, k, j);
+                loss += lp.loss;
+                correct += lp.correct;
+            }
         }
-    }
-    const pw_graph *g = pl->g;
-    int64_t per_sample = g->label >= 0 ? pw_shape_numel(&g->values[g->label].shape) : 1;
-    int64_t positions = pl->cfg.batch * (per_sample > 0 ? per_sample : 1);
-    pl->step++;
-    if (out) {
-        out->step = pl->step;
-        out->epoch = epoch;
-        out->step_in_epoch = in_epoch + 1;
         if (steps > 0) { /* a window's figures (one step's without staleness) */
             loss /= (double)steps;
+            correct /= steps;
             pl->win_last_loss = loss;
-            pl->win_last_correct = correct / steps;
+            pl->win_last_correct = correct;
         }
-        out->loss = loss / (double)positions;
-        out->accuracy = (double)(steps > 0 ? correct / steps : correct) / (double)positions;
+        const int64_t ep = pl->step / pl->steps_per_epoch, in_ep = pl->step % pl->steps_per_epoch;
+        pl->step++;
+        (*n_done)++;
+        if (out) {
+            out[j].step = pl->step;
+            out[j].epoch = ep;
+            out[j].step_in_epoch = in_ep + 1;
+            out[j].loss = loss / (double)positions;
+            out[j].accuracy = (double)correct / (double)positions;
+        }
+    }
+    return PW_OK;
+}
+
+pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out)
+{
+    int done;
+    return run_steps(pl, 1, out, &done);
+}
+
+pw_status pw_pipeline_steps(pw_pipeline *pl, int n, pw_step_stats *out)
+{
+    if (!pl) return pw_error(PW_ERR_INVALID_ARG, "pw_pipeline_steps: pipeline is NULL");
+    if (n < 0) return pw_error(PW_ERR_INVALID_ARG, "pw_pipeline_steps: %d steps", n);
+    for (int i = 0; i < n;) {
+        int k = n - i < pl->K ? n - i : pl->K;
+        const int64_t left = pl->steps_per_epoch - pl->step % pl->steps_per_epoch;
+        if (k > left) k = (int)left;
+        int done;
+        PW_CHECK(run_steps(pl, k, out ? out + i : NULL, &done));
+        if (done < 1) return pw_error(PW_ERR_INTERNAL, "pipeline: a run of %d steps from step %lld made no "
+                                      "progress", k, (long long)pl->step + 1);
+        i += done; /* >= 1: a run's first step is never the discarded one */
     }
     return PW_OK;
 }

@@ -116,6 +116,15 @@ typedef struct pw_pipeline_config {
                                        "Post-validation"). No effect without
                                        clip_grad_norm or with parameters tied across
                                        stages */
+    int overlap_steps;              /* > 1: pw_pipeline_steps runs up to this many steps
+                                       per engine run, back to back: each rank starts
+                                       the next step as soon as its own part of the last
+                                       one is done (docs/engine.md, "Steps that
+                                       overlap"); with post_validate the next steps'
+                                       forwards run while the norm travels. The same
+                                       bits as pw_pipeline_step. 0 or 1: off; at most
+                                       64; one process only; no effect with parameters
+                                       tied across stages */
     const pw_transport *transport;  /* (optional) multi-process run: this process is
                                        (transport->replica, transport->rank) and builds
                                        the chunks the schedule places on that rank */
@@ -201,6 +210,15 @@ int64_t pw_pipeline_steps_per_epoch(const pw_pipeline *pl);
 void pw_pipeline_seek(pw_pipeline *pl, int64_t step);
 /* One optimizer step: every micro-batch through every stage. */
 pw_status pw_pipeline_step(pw_pipeline *pl, pw_step_stats *out);
+/* n steps (out: [n], optional): with overlap_steps > 1 in runs of up to
+ * overlap_steps steps that never cross an epoch (the sampler reshuffles at
+ * an epoch's start), each run one engine call whose steps overlap; a run
+ * whose post-validation rolled back a step ends early and the next run
+ * redoes the discarded step. Otherwise n calls of pw_pipeline_step. The
+ * caller's step boundaries that need every rank stopped (checkpoints,
+ * evaluation, re-partitioning, the end) fall between calls: pass n up to
+ * the next one. */
+pw_status pw_pipeline_steps(pw_pipeline *pl, int n, pw_step_stats *out);
 /* Forward-only over a data set, stage after stage (mean loss, accuracy). */
 pw_status pw_pipeline_evaluate(pw_pipeline *pl, const pw_dataset *d, pw_eval_stats *out);
 

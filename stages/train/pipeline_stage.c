@@ -102,14 +102,19 @@ static pw_status gs_forward(void *self, int mb, int slot)
     gstage *s = self;
     pw_pipeline *pl = s->pl;
     const int64_t offset = (int64_t)s->replica * pl->share + (int64_t)mb * pl->micro;
-    PW_CHECK(pl_gs_run_forward(s, pl->cfg.train, pl->batch_idx + offset, pl->micro, slot, 1, pl->step + 1,
-                            offset));
+    /* With overlapping steps the workers are in different steps: the
+     * engine says which one this call is in. A run never crosses an epoch,
+     * so the sampler's order is the step's. */
+    const int64_t step = pl->K > 1 ? pw_engine_current_step() : pl->step + 1;
+    const int64_t *batch = pl->sampler.order + ((step - 1) % pl->steps_per_epoch) * pl->cfg.batch;
+    const int at = (int)(step - pl->run_first) * pl->cfg.micro_batches + mb; /* mb_loss index */
+    PW_CHECK(pl_gs_run_forward(s, pl->cfg.train, batch + offset, pl->micro, slot, 1, step, offset));
     if (s->loss_piece >= 0 && s->async) { /* the statistics reach the host at completion */
-        s->loss_mb = mb;
+        s->loss_mb = at;
         s->loss_slot = slot;
     } else if (s->loss_piece >= 0) {
-        s->mb_loss[mb] = pw_program_loss_sum(s->piece[s->loss_piece], slot);
-        s->mb_correct[mb] = pw_program_correct(s->piece[s->loss_piece], slot);
+        s->mb_loss[at] = pw_program_loss_sum(s->piece[s->loss_piece], slot);
+        s->mb_correct[at] = pw_program_correct(s->piece[s->loss_piece], slot);
     }
     return PW_OK;
 }
@@ -298,6 +303,16 @@ static pw_status gs_optimizer_settle(gstage *s, int undo)
 static pw_status gs_optimizer_commit(void *self) { return gs_optimizer_settle(self, 0); }
 static pw_status gs_optimizer_undo(void *self) { return gs_optimizer_settle(self, 1); }
 
+static pw_status gs_zero_grads(void *self)
+{
+    gstage *s = self;
+    for (int j = 0; j < s->n_pieces; j++) {
+        pw_program_zero_grads(s->piece[j]);
+        PW_CHECK(pw_program_wait(s->piece[j]));
+    }
+    return PW_OK;
+}
+
 /* The program's completion (a backend thread): the forward's loss is on
  * the host now; then the engine's. */
 static void gs_completed(void *arg, pw_status st, const char *msg)
@@ -364,6 +379,7 @@ const pw_stage_i pl_gstage_i = {
     .optimizer_try = gs_optimizer_try,
     .optimizer_commit = gs_optimizer_commit,
     .optimizer_undo = gs_optimizer_undo,
+    .zero_grads = gs_zero_grads,
 };
 
 /* The same stage without an optimizer: with parameters tied across chunks
@@ -539,8 +555,8 @@ pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     gs->piece = calloc((size_t)gs->n_pieces, sizeof *gs->piece);
     gs->reads_input = calloc((size_t)gs->n_pieces, 1);
     gs->reads_label = calloc((size_t)gs->n_pieces, 1);
-    gs->mb_loss = calloc((size_t)M, sizeof(double));
-    gs->mb_correct = calloc((size_t)M, sizeof(int64_t));
+    gs->mb_loss = calloc((size_t)M * (size_t)pl->K, sizeof(double));
+    gs->mb_correct = calloc((size_t)M * (size_t)pl->K, sizeof(int64_t));
     pw_status st = PW_OK;
     if (!gs->piece || !gs->reads_input || !gs->reads_label || !gs->mb_loss || !gs->mb_correct) {
         st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory");

@@ -122,6 +122,13 @@ static pw_status ps_optimizer_undo(void *self)
     return pw_program_wait(s->p);
 }
 
+static pw_status ps_zero_grads(void *self)
+{
+    pw_program_stage *s = self;
+    pw_program_zero_grads(s->p);
+    return pw_program_wait(s->p);
+}
+
 static size_t ps_port_bytes(void *self, pw_port port)
 {
     return pw_program_port_bytes(((pw_program_stage *)self)->p, port);
@@ -288,6 +295,7 @@ static const pw_stage_i program_stage_i = {
     .optimizer_try = ps_optimizer_try,
     .optimizer_commit = ps_optimizer_commit,
     .optimizer_undo = ps_optimizer_undo,
+    .zero_grads = ps_zero_grads,
 };
 
 pw_status pw_program_stage_create(const pw_program_stage_config *cfg, pw_program_stage **out)

@@ -17,13 +17,14 @@
  *   bench_schedules [--width W] [--layers L] [--micro-size B] [--steps N] [--stages S] [--micro M]
  *   bench_schedules --post-validate [--clip X] [--rounds N] [...]
  *
- * --post-validate: 1F1B, ZB-H2, ZB-V and zb-auto 2p, each with clipping at
- * X (default 1e6: never triggers, the common case; 0.001 triggers every
- * step), synchronous and post-validated, built side by side and stepped in
- * alternating rounds (median step times); beside them the simulator's
- * period over 4 steps on the stage-timed chunk costs, without and with its
- * post_validate model (which overlaps steps: more than the engine does;
- * docs/engine.md, "Post-validation").
+ * --post-validate: 1F1B, ZB-H1, ZB-H2, ZB-V and zb-auto 2p, each with
+ * clipping at X (default 1e6: never triggers, the common case; 0.001
+ * triggers every step): synchronous, post-validated one step at a time, and
+ * post-validated in overlapping runs of 4 steps (overlap_steps,
+ * pw_pipeline_steps), built side by side and run in alternating rounds of 4
+ * steps (median time per step); beside them the simulator's time per step
+ * over 4 steps on the stage-timed chunk costs, one at a time and back to
+ * back (its post_validate model; docs/engine.md, "Steps that overlap").
  *
  * Model: an L × W MLP (linear + relu), partitioned by FLOPs into the
  * schedule's chunks. OPTIM is timed on each chunk's program. Messages are
@@ -172,19 +173,20 @@ static void time_chunks_concurrently(pw_pipeline *pl, int M, int64_t mbs, int re
 }
 
 /* --post-validate (see the top). */
+#define PV_RUN 4 /* steps per timed round (and per overlapped run) */
 static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, int M, int64_t mbs, int rounds,
                                 double clip)
 {
     static const struct { pw_schedule_kind kind; const char *name; int mem_p; } kinds[] = {
-        {PW_SCHEDULE_1F1B, "1f1b", 0}, {PW_SCHEDULE_ZB_H2, "zb-h2", 0},
+        {PW_SCHEDULE_1F1B, "1f1b", 0}, {PW_SCHEDULE_ZB_H1, "zb-h1", 0}, {PW_SCHEDULE_ZB_H2, "zb-h2", 0},
         {PW_SCHEDULE_ZB_V, "zb-v", 0}, {PW_SCHEDULE_ZB_AUTO, "zb-auto 2p", 2},
     };
-    enum { NK = sizeof kinds / sizeof kinds[0] };
-    pw_pipeline *pl[NK][2];
-    double *t[NK][2], sim[NK][2];
+    enum { NK = sizeof kinds / sizeof kinds[0], NV = 3 }; /* sync, post-validated, overlapped */
+    pw_pipeline *pl[NK][NV];
+    double *t[NK][NV], sim[NK][2];
     int64_t rollbacks[NK] = {0};
     for (int k = 0; k < NK; k++)
-        for (int v = 0; v < 2; v++) {
+        for (int v = 0; v < NV; v++) {
             pw_pipeline_config pc = pw_pipeline_defaults();
             pc.graph = g;
             pc.train = d;
@@ -196,25 +198,33 @@ static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, i
             pc.partition = PW_PARTITION_FLOPS;
             pc.optim.lr = 1e-3f;
             pc.clip_grad_norm = clip;
-            pc.post_validate = v;
+            pc.post_validate = v > 0;
+            pc.overlap_steps = v == 2 ? PV_RUN : 0;
             if (pw_pipeline_create(&pc, &pl[k][v]) != PW_OK) die(kinds[k].name);
             t[k][v] = calloc((size_t)rounds, sizeof(double));
             if (!t[k][v]) die("memory");
             pw_cpu_set_threads(1);
-            if (pw_pipeline_step(pl[k][v], NULL) != PW_OK) die("step"); /* warm */
+            if (pw_pipeline_steps(pl[k][v], PV_RUN, NULL) != PW_OK) die("step"); /* warm */
         }
+    /* Rounds of PV_RUN steps, the variants alternating (an epoch is a
+     * multiple of PV_RUN steps: no run is cut). */
     for (int r = 0; r < rounds; r++)
         for (int k = 0; k < NK; k++)
-            for (int v = 0; v < 2; v++) {
-                const int vv = (r & 1) ? 1 - v : v; /* alternate which goes first */
+            for (int i = 0; i < NV; i++) {
+                const int v = (i + r) % NV; /* rotate which goes first */
                 int64_t t0 = pw_now_ns();
-                if (pw_pipeline_step(pl[k][vv], NULL) != PW_OK) die("step");
-                t[k][vv][r] = (double)(pw_now_ns() - t0) * 1e-9;
+                if (v == 2) {
+                    if (pw_pipeline_steps(pl[k][v], PV_RUN, NULL) != PW_OK) die("steps");
+                } else {
+                    for (int j = 0; j < PV_RUN; j++)
+                        if (pw_pipeline_step(pl[k][v], NULL) != PW_OK) die("step");
+                }
+                t[k][v][r] = (double)(pw_now_ns() - t0) * 1e-9 / PV_RUN;
             }
     for (int k = 0; k < NK; k++) {
         for (int w = 0; w < S; w++) {
             pw_engine_rank_stats rs;
-            pw_engine_rank_stats_get(pw_pipeline_engine(pl[k][1]), w, &rs);
+            pw_engine_rank_stats_get(pw_pipeline_engine(pl[k][2]), w, &rs);
             rollbacks[k] += rs.rollbacks;
         }
         const int C = pw_pipeline_n_chunks(pl[k][0]);
@@ -228,28 +238,30 @@ static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, i
             cost[c].optim = (double)(pw_now_ns() - o0) * 1e-9 / 3;
         }
         for (int v = 0; v < 2; v++) {
-            pw_sim_config sc = {.chunks = cost, .link_latency = 10e-6, .steps = 4, .post_validate = v};
+            /* PV_RUN steps: one at a time (a barrier between) or back to
+             * back (post_validate), per step: the measured figures' terms. */
+            pw_sim_config sc = {.chunks = cost, .link_latency = 10e-6, .steps = PV_RUN, .post_validate = v};
             pw_sim_result *res;
             if (pw_simulate(pw_pipeline_schedule(pl[k][0]), &sc, &res) != PW_OK) die("simulate");
-            sim[k][v] = res->period;
+            sim[k][v] = res->steps_time / PV_RUN;
             pw_sim_result_destroy(res);
         }
         free(cost);
-        for (int v = 0; v < 2; v++) qsort(t[k][v], (size_t)rounds, sizeof(double), cmp_double);
+        for (int v = 0; v < NV; v++) qsort(t[k][v], (size_t)rounds, sizeof(double), cmp_double);
     }
     printf("bench_schedules --post-validate: p = %d, m = %d micro-batches of %lld, clip %g, %d alternating "
-           "rounds (medians)\n", S, M, (long long)mbs, clip, rounds);
-    printf("  schedule       sync step   vs 1f1b   post-validated   vs 1f1b   post/sync   rollbacks   "
-           "simulated period sync   vs 1f1b   overlapped (sim post_validate)   vs 1f1b\n");
+           "rounds of %d steps (medians, per step)\n", S, M, (long long)mbs, clip, rounds, PV_RUN);
+    printf("  schedule       sync step  vs 1f1b   post-validated  overlapped  vs 1f1b  vs sync  rollbacks   "
+           "sim sync  vs 1f1b   sim overlapped  vs 1f1b  vs sim sync\n");
     const double base = t[0][0][rounds / 2];
     for (int k = 0; k < NK; k++) {
-        const double a = t[k][0][rounds / 2], b = t[k][1][rounds / 2];
-        printf("  %-12s %8.2f ms  %+6.1f%%   %10.2f ms    %+6.1f%%   %+6.1f%%    %7lld     %12.2f ms       "
-               "%+6.1f%%   %18.2f ms           %+6.1f%%\n",
-               kinds[k].name, a * 1e3, 100 * (a / base - 1), b * 1e3, 100 * (b / base - 1), 100 * (b / a - 1),
-               (long long)rollbacks[k], sim[k][0] * 1e3, 100 * (sim[k][0] / sim[0][0] - 1), sim[k][1] * 1e3,
-               100 * (sim[k][1] / sim[0][0] - 1));
-        for (int v = 0; v < 2; v++) {
+        const double a = t[k][0][rounds / 2], b = t[k][1][rounds / 2], o = t[k][2][rounds / 2];
+        printf("  %-12s %8.2f ms  %+6.1f%%  %10.2f ms  %7.2f ms  %+6.1f%%  %+6.1f%%  %7lld   %7.2f ms  %+6.1f%%  "
+               "%11.2f ms  %+6.1f%%  %+6.1f%%\n",
+               kinds[k].name, a * 1e3, 100 * (a / base - 1), b * 1e3, o * 1e3, 100 * (o / base - 1),
+               100 * (o / a - 1), (long long)rollbacks[k], sim[k][0] * 1e3, 100 * (sim[k][0] / sim[0][0] - 1),
+               sim[k][1] * 1e3, 100 * (sim[k][1] / sim[0][0] - 1), 100 * (sim[k][1] / sim[k][0] - 1));
+        for (int v = 0; v < NV; v++) {
             pw_pipeline_destroy(pl[k][v]);
             free(t[k][v]);
         }
@@ -282,7 +294,7 @@ int main(int argc, char **argv)
              "loss = softmax_cross_entropy(logits, y)\n", L);
     pw_graph *g;
     if (pw_graph_parse_string(text, strlen(text), "bench_sched.graph", &g) != PW_OK) die("graph");
-    pw_synthetic_config sc = {.n = (int64_t)M * mbs * 4, .sample_shape = {.ndim = 1, .d = {W}},
+    pw_synthetic_config sc = {.n = (int64_t)M * mbs * 16, .sample_shape = {.ndim = 1, .d = {W}},
                               .n_classes = 10, .seed = 1, .noise = 1.0f};
     pw_dataset *d;
     if (pw_dataset_synthetic(&sc, &d) != PW_OK) die("data");
