@@ -18,6 +18,7 @@
 #include "stages/train/checkpoint.h"
 #include "stages/train/data.h"
 #include "stages/train/trainer.h"
+#include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
 #define TIMEOUT 120
 
