@@ -14,6 +14,10 @@
 #
 #   bash tools/bench/bench_compress.sh accuracy|timing [BUILD_DIR] [ROUNDS] [STEPS]
 #
+# LINK_BW=B (bytes/s) runs the timing over a slow link (--link-bandwidth B
+# --link-latency LINK_LAT, default 1e-4 s; docs/distributed.md, "Slow
+# links"), where the bytes compression saves are what the step waits for.
+#
 # The machine is shared: the load average is printed with each run. Set
 # OPENBLAS_CORETYPE=SkylakeX by hand for the faster kernel (this machine's
 # OpenBLAS 0.3.21 does not know the CPU); say so with the figures.
@@ -29,6 +33,7 @@ trap 'rm -rf "$tmp"' EXIT
 modes="none bf16 fp16 topk:0.01 powersgd:4"
 base="examples/fashion_mlp.graph --data fashion-mnist --stages 2 --replicas 2 --schedule 1f1b --batch 64
       --micro-batches 8 --optimizer sgd --seed 1 --no-pin"
+if [ -n "${LINK_BW:-}" ]; then base="$base --link-bandwidth $LINK_BW --link-latency ${LINK_LAT:-1e-4}"; fi
 
 if [ "$what" = accuracy ]; then
     for m in $modes; do
