@@ -67,7 +67,7 @@ Test(cli, help_documents_every_flag)
                            "--schedule", "--partition", "--trace", "--watchdog", "--optimizer",
                            "--lr", "--momentum", "--weight-decay", "--data", "--shuffle", "--seed",
                            "--init-from", "--save", "--threads", "--quiet", "--no-pin", "--check",
-                           "--device", "--gpu-math", "--no-gpu-graphs", "--metrics", "--eval-every",
+                           "--device", "--gpu-math", "--overlap-steps", "--no-gpu-graphs", "--metrics", "--eval-every",
                            "tokens:", "--checkpoint-dir", "--checkpoint-every", "--keep", "--resume",
                            "--max-restarts", "--parallel", "--processes"};
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
@@ -167,6 +167,46 @@ Test(cli, stage_counts_and_schedules_save_identical_checkpoints)
  * alone imposes, not a timing of this machine): in each of 12 steps the
  * last micro-batch's activation goes to stage 1 and its gradient comes
  * back, one after the other, each at least the 20 ms latency. */
+/* --overlap-steps: runs of steps back to back, post-validated, with
+ * clipping that triggers on every step (each run then redoes a step) and
+ * checkpoints and evaluations between runs: the same bytes as one step at
+ * a time; a step fewer differs (the comparison sees training). */
+Test(cli, overlapped_steps_save_identical_checkpoints)
+{
+    char *o;
+    const char *common = "m.graph " DATA " --seed 3 --shuffle --stages 2 --schedule zb-h1 --micro-batches 4 "
+                         "--batch 32 --optimizer adamw --clip-grad-norm 0.05 --post-validate";
+    const char *runs[] = {
+        "--steps 23 --save v1.safetensors",
+        "--steps 23 --overlap-steps 4 --save v4.safetensors --metrics v4.jsonl",
+        "--steps 23 --overlap-steps 3 --checkpoint-dir ck --checkpoint-every 5 --save v3.safetensors",
+        "--steps 22 --save v22.safetensors",
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof *runs; i++) {
+        char args[1024];
+        snprintf(args, sizeof args, "%s %s", common, runs[i]);
+        int st = run(args, &o);
+        cr_assert_eq(st, 0, "%s: exit %d\n%s", runs[i], st, o);
+        free(o);
+    }
+    cr_assert(same_file("v1.safetensors", "v4.safetensors"), "runs of 4 overlapped steps differ");
+    cr_assert(same_file("v1.safetensors", "v3.safetensors"), "runs of 3 with checkpoints between differ");
+    cr_assert_not(same_file("v1.safetensors", "v22.safetensors"), "22 and 23 steps agree: nothing trained");
+    /* Every step is in the metrics log, and the checkpoints fell on their steps. */
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "cd '%s' && grep -c '\"type\":\"step\"' v4.jsonl && ls ck", dir);
+    cr_assert_eq(test_run(cmd, &o), 0, "%s", o);
+    cr_assert(strstr(o, "23\n") == o, "not 23 step lines:\n%s", o);
+    cr_assert(strstr(o, "step-00000020") && strstr(o, "step-00000023"), "checkpoints:\n%s", o);
+    free(o);
+    /* Refused where it cannot run. */
+    cr_assert_eq(run("m.graph " DATA " --steps 4 --overlap-steps 2 --rebalance auto", &o), 2, "%s", o);
+    cr_assert(strstr(o, "--overlap-steps cannot be combined with --rebalance"), "%s", o);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 4 --overlap-steps 65", &o), 2, "%s", o);
+    free(o);
+}
+
 Test(cli, slow_link_same_bits_and_slower)
 {
     char *o;

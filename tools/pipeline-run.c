@@ -82,6 +82,7 @@ typedef struct options {
     int buckets;
     double clip;
     int post_validate;
+    int overlap_steps;           /* --overlap-steps N (0: one step per engine run) */
     pw_allreduce_algo allreduce;
     int allreduce_set;
     pw_compress_config compress; /* --compress (kind none: the plain all-reduce) */
@@ -244,6 +245,10 @@ static void usage(FILE *f)
 "  --post-validate       with --clip-grad-norm: each stage steps its optimizer\n"
 "                        before the global norm is known and undoes and redoes\n"
 "                        the step when clipping triggers (same bits)\n"
+"  --overlap-steps N     run up to N steps per engine run, back to back: each\n"
+"                        stage starts the next step as soon as its own part\n"
+"                        of the last is done (with --post-validate, while the\n"
+"                        norm travels); the same bits; one process only\n"
 "\n"
 "Optimizer\n"
 "  --optimizer NAME      sgd (default) or adamw\n"
@@ -373,7 +378,7 @@ static int parse_f32(const char *flag, const char *s, double lo, double hi, floa
 enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM, OPT_LR,
        OPT_MOMENTUM, OPT_WD, OPT_SEED, OPT_DATA, OPT_SHUFFLE, OPT_SAVE, OPT_INIT, OPT_QUIET,
        OPT_THREADS, OPT_PRINT, OPT_HELP, OPT_SCHEDULE, OPT_PARTITION, OPT_TRACE, OPT_WATCHDOG,
-       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_POST_VALIDATE, OPT_ALLREDUCE,
+       OPT_NOPIN, OPT_CHECK, OPT_REPLICAS, OPT_BUCKETS, OPT_CLIP, OPT_POST_VALIDATE, OPT_OVERLAP, OPT_ALLREDUCE,
        OPT_COMPRESS,
        OPT_CHUNKS, OPT_MEMLIMIT, OPT_SIMULATE, OPT_CALIBRATE, OPT_FLOPS, OPT_PLAN, OPT_BALANCE, OPT_PROFILE, OPT_TOPOLOGY, OPT_MEMBUDGET,
        OPT_SPEEDS, OPT_LINKBW, OPT_LINKLAT, OPT_RECOMPUTE, OPT_GENERATE, OPT_TOKENS, OPT_TEMP, OPT_TOPK,
@@ -515,6 +520,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"compress", required_argument, 0, OPT_COMPRESS},
         {"clip-grad-norm", required_argument, 0, OPT_CLIP},
         {"post-validate", no_argument, 0, OPT_POST_VALIDATE},
+        {"overlap-steps", required_argument, 0, OPT_OVERLAP},
         {"allreduce", required_argument, 0, OPT_ALLREDUCE},
         {"sync", required_argument, 0, OPT_SYNC},
         {"servers", required_argument, 0, OPT_SERVERS},
@@ -673,6 +679,12 @@ static int parse_args(int argc, char **argv, options *o)
             break;
         }
         case OPT_POST_VALIDATE: o->post_validate = 1; break;
+        case OPT_OVERLAP: {
+            int64_t v;
+            if (parse_i64("--overlap-steps", optarg, 1, 64, &v)) return 2;
+            o->overlap_steps = (int)v;
+            break;
+        }
         case OPT_ALLREDUCE:
             if (pw_allreduce_algo_parse(optarg, &o->allreduce) != PW_OK)
                 return bad_usage("--allreduce: '%s' is not tree, ring, mpi, hierarchical or auto", optarg);
@@ -884,6 +896,13 @@ static int parse_args(int argc, char **argv, options *o)
     if (o->stages == 0) {
         const int wk = world - o->ps_servers;
         o->stages = wk > 0 && wk % o->replicas == 0 ? wk / o->replicas : 1;
+    }
+    if (o->overlap_steps > 1) {
+        const char *no = world > 1 ? "runs in one process only (not under mpirun)"
+                         : o->rebalance || o->rebalance_at ? "cannot be combined with --rebalance (a move needs "
+                                                             "every step's own measurements)"
+                         : NULL;
+        if (no) return bad_usage("--overlap-steps %s", no);
     }
     if (o->allreduce_set && world <= 1)
         return bad_usage("%s", "--allreduce applies to runs under mpirun only");
@@ -1980,6 +1999,7 @@ static void pipeline_config(run *r, const plan_run *pr)
     pc.buckets = o->buckets;
     pc.clip_grad_norm = o->clip;
     pc.post_validate = o->post_validate;
+    pc.overlap_steps = o->overlap_steps;
     pc.compress = o->compress;
     pc.transport = g_mpi;
     pc.link = (pw_link){.latency_s = o->link_latency, .bandwidth = o->link_bandwidth};
@@ -2279,48 +2299,76 @@ static int end_epoch(run *r, double epoch_loss, int64_t epoch_steps)
 /* The steps, from the first this run has to do (a resumed run's start)
  * to the last, until a signal stops them at a step boundary. 0, or 1
  * after the error. */
+/* With --overlap-steps: how many steps the next engine run may take from
+ * step index i (0-based): up to N, never past a step boundary that needs
+ * every rank stopped — the end of the run or of the epoch, a checkpoint or
+ * an evaluation due (the loop's checks and writes happen after each step
+ * of the run, so the last step of a run must be the one that needs them). */
+static int run_length(const run *r, int64_t i)
+{
+    const options *o = &r->o;
+    int64_t n = o->overlap_steps > 1 ? o->overlap_steps : 1;
+    const int64_t step = i + 1; /* the first step of the run, 1-based */
+    if (n > r->total - i) n = r->total - i;
+    const int64_t to_epoch = r->spe - i % r->spe;
+    if (n > to_epoch) n = to_epoch;
+    const int64_t every[2] = {o->checkpoint_dir ? o->checkpoint_every : 0, r->test ? o->eval_every : 0};
+    for (int k = 0; k < 2; k++)
+        if (every[k] > 0) {
+            const int64_t to_due = every[k] - (step - 1) % every[k]; /* steps up to and including the next due */
+            if (n > to_due) n = to_due;
+        }
+    return n < 1 ? 1 : (int)n;
+}
+
 static int train_loop(run *r)
 {
     const options *o = &r->o;
     double last_print = r->t0, epoch_loss = 0.0;
     int64_t epoch_steps = 0;
+    pw_step_stats runs[64];
     pw_pipeline_metrics_start(r->mx, r->t);
-    for (int64_t i = r->start; i < r->total; i++) {
+    for (int64_t i = r->start; i < r->total;) {
         /* A step boundary (with --staleness S every S + 1 steps: an all-gather is a barrier). */
         if ((i - r->start) % (o->staleness + 1) == 0 && (r->stopped = stop_signal()) != 0) break;
+        const int n = run_length(r, i);
         double ts = now_s();
-        pw_status step_st = pw_pipeline_step(r->t, &r->s);
-        const double dt = now_s() - ts;
+        pw_status step_st = n > 1 ? pw_pipeline_steps(r->t, n, runs) : pw_pipeline_step(r->t, &runs[0]);
+        /* A run's steps overlap: each is given the run's mean time. */
+        const double dt = (now_s() - ts) / n;
         if (i == r->start) r->first_step_s = dt;
-        else r->step_s += dt;
+        r->step_s += (i == r->start ? n - 1 : n) * dt;
         if (step_st != PW_OK) {
             if (r->tty) printf("\n");
             return fail("");
         }
-        if (pw_pipeline_metrics_step(r->mx, r->t, &r->s, dt, now_s() - r->t0) != PW_OK) return fail("--metrics: ");
-        if (r->rbl) { /* a step boundary: the cuts may move */
-            pr_rebalance_event rev;
-            if (pr_rebalance_step(r->rbl, &r->t, r->s.step, dt, &rev) || metrics_rebalance(r->mx, &rev, r->s.step))
+        for (int j = 0; j < n; j++, i++) {
+            r->s = runs[j];
+            if (pw_pipeline_metrics_step(r->mx, r->t, &r->s, dt, now_s() - r->t0) != PW_OK) return fail("--metrics: ");
+            if (r->rbl) { /* a step boundary: the cuts may move */
+                pr_rebalance_event rev;
+                if (pr_rebalance_step(r->rbl, &r->t, r->s.step, dt, &rev) || metrics_rebalance(r->mx, &rev, r->s.step))
+                    return 1;
+                if (rev.moved) pw_pipeline_metrics_start(r->mx, r->t); /* a new engine counts from zero */
+            }
+            maybe_fault(r->s.step);
+            r->steps_done = r->s.step;
+            epoch_loss += r->s.loss;
+            epoch_steps++;
+            /* --checkpoint-every's checkpoints (the last step's is written at
+             * the end), and the report of each that completed. */
+            if (r->ckw && pw_state_writer_step(r->ckw, r->t, &r->s, r->total, report_checkpoint, (void *)o) != PW_OK)
+                return fail("checkpoint: ");
+            const int epoch_done = r->s.step_in_epoch == r->spe || i + 1 == r->total;
+            print_progress(r, i, epoch_done, &last_print);
+            if (!epoch_done && r->test && o->eval_every > 0 && r->s.step % o->eval_every == 0 &&
+                eval_between_epochs(r) != 0)
                 return 1;
-            if (rev.moved) pw_pipeline_metrics_start(r->mx, r->t); /* a new engine counts from zero */
-        }
-        maybe_fault(r->s.step);
-        r->steps_done = r->s.step;
-        epoch_loss += r->s.loss;
-        epoch_steps++;
-        /* --checkpoint-every's checkpoints (the last step's is written at
-         * the end), and the report of each that completed. */
-        if (r->ckw && pw_state_writer_step(r->ckw, r->t, &r->s, r->total, report_checkpoint, (void *)o) != PW_OK)
-            return fail("checkpoint: ");
-        const int epoch_done = r->s.step_in_epoch == r->spe || i + 1 == r->total;
-        print_progress(r, i, epoch_done, &last_print);
-        if (!epoch_done && r->test && o->eval_every > 0 && r->s.step % o->eval_every == 0 &&
-            eval_between_epochs(r) != 0)
-            return 1;
-        if (epoch_done) {
-            if (end_epoch(r, epoch_loss, epoch_steps) != 0) return 1;
-            epoch_loss = 0.0;
-            epoch_steps = 0;
+            if (epoch_done) {
+                if (end_epoch(r, epoch_loss, epoch_steps) != 0) return 1;
+                epoch_loss = 0.0;
+                epoch_steps = 0;
+            }
         }
     }
     if (!r->stopped) r->stopped = stop_signal(); /* one that came during the last step */
