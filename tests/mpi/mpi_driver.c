@@ -116,7 +116,11 @@ static void fail(const char *fmt, ...)
 static int run(const char *cmd, int limit_s, char **out, double *took)
 {
     char full[8192];
-    snprintf(full, sizeof full, "cd '%s' && timeout -k 5 %d sh -c '%s' 2>&1", dir, limit_s, cmd);
+    /* The output goes through a file: a process the timeout left behind
+     * (an mpirun that outlived its shell) would otherwise hold the pipe
+     * open and the read would never end. */
+    snprintf(full, sizeof full, "cd '%s' && timeout -k 5 %d sh -c '%s' > .run.out 2>&1; st=$?; cat .run.out; "
+             "exit $st", dir, limit_s, cmd);
     double t0 = now_s();
     int st = test_run(full, out);
     if (took) *took = now_s() - t0;
@@ -932,6 +936,8 @@ static void write_signal_script(int np, int victim, const char *sig, const char 
             "%s -np %d sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = %d ]; then echo $$ > victim.pid; fi; exec %s/pipeline-run "
             "m.graph %s --stages %d --replicas 2 --batch 48 --steps 1000000 --watchdog %d %s' &\n"
             "mp=$!\n"
+            "trap 'kill -KILL $mp 2>/dev/null' EXIT\n"
+            "trap 'exit 143' INT TERM\n"
             "while [ ! -s %s ]; do sleep 0.05; done\n"
             "sleep %s\n"
             "kill -%s $(cat victim.pid)\n"
@@ -1321,6 +1327,8 @@ static void ps_stopped_server(const char *sig)
             "%s -np %d sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = %d ]; then echo $$ > victim.pid; fi; exec %s/pipeline-run "
             "m.graph %s --stages 1 --replicas 2 --sync ps --batch 48 --steps 1000000 --watchdog %d --metrics sig.jsonl' &\n"
             "mp=$!\n"
+            "trap 'kill -KILL $mp 2>/dev/null' EXIT\n"
+            "trap 'exit 143' INT TERM\n"
             "while [ ! -s sig.jsonl ]; do sleep 0.05; done\n"
             "sleep 0.5\n"
             "kill -%s $(cat victim.pid)\n"
