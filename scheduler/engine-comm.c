@@ -81,7 +81,9 @@ static void *comm_main(void *arg)
              * destroyed (collective.h): a member that left early must not
              * start another round while its peers still read its spans. */
             st = pw_error(PW_ERR_TIMEOUT, "collective skipped: the step was aborted");
-        } else if (bk && bk->z) {
+        } else if (bk && bk->z && !j.discarded) {
+            /* (A discarded step's bucket takes the plain all-reduce below:
+             * every member discards the same step, as they share its norm.) */
             pw_coll co = bucket_coll(w, j.chunk);
             pw_compress_bytes by = {0, 0};
             st = pw_compressor_allreduce(bk->z, &co, bk->spans, bk->n_spans, &e->abort, &by);
@@ -185,7 +187,7 @@ void pw_eng_bucket_start(pw_worker *w, int chunk, int b)
             bk->t1 = now;
         } else {
             bk->state = PW_BK_QUEUED;
-            push_job(w, (pw_job){.kind = PW_JOB_ALLREDUCE, .chunk = chunk, .bucket = b});
+            push_job(w, (pw_job){.kind = PW_JOB_ALLREDUCE, .chunk = chunk, .bucket = b, .discarded = w->discard});
         }
     }
     pthread_mutex_unlock(&w->comm_mu);

@@ -138,6 +138,9 @@ enum { PW_JOB_ALLREDUCE = 1, PW_JOB_NORM };
 typedef struct pw_job {
     int kind;
     int chunk, bucket;    /* ALLREDUCE */
+    int discarded;        /* ALLREDUCE of a step post-validation discards (overlap_steps):
+                             summed uncompressed, so a compressor's state between steps
+                             (error feedback) never sees a step that does not stand */
     double value;         /* NORM: this rank's sum of squares */
 } pw_job;
 

@@ -432,6 +432,7 @@ typedef struct zrun {
     pw_schedule_kind kind;
     const char *mode;
     const char *trace; /* (optional) write the trace here */
+    int overlap;       /* > 1: post-validated clipping, runs of this many steps */
 } zrun;
 
 /* 2 replicas of the test MLP, 5 steps of AdamW: replica 0's parameters
@@ -457,11 +458,21 @@ static float *train_z(const pw_graph *g, const pw_dataset *d, const zrun *z, int
     pc.trace_events = z->trace ? 4096 : 0;
     cr_assert_eq(pw_compress_parse(z->mode, &pc.compress), PW_OK);
     pc.compress.seed = 1234;
+    if (z->overlap) { /* clipping that triggers on most steps, validated after the step */
+        pc.clip_grad_norm = 0.05f;
+        pc.post_validate = 1;
+        pc.overlap_steps = z->overlap;
+    }
     pw_pipeline *pl = NULL;
     cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
-    for (int i = 0; i < 5; i++) {
-        pw_step_stats s;
-        cr_assert_eq(pw_pipeline_step(pl, &s), PW_OK, "%s: step %d: %s", z->mode, i + 1, pw_last_error());
+    if (z->overlap > 1) {
+        pw_step_stats s[5];
+        cr_assert_eq(pw_pipeline_steps(pl, 5, s), PW_OK, "%s: %s", z->mode, pw_last_error());
+    } else {
+        for (int i = 0; i < 5; i++) {
+            pw_step_stats s;
+            cr_assert_eq(pw_pipeline_step(pl, &s), PW_OK, "%s: step %d: %s", z->mode, i + 1, pw_last_error());
+        }
     }
     float *p0 = test_replica_params(pl, 0, g, n);
     int64_t n1;
@@ -482,13 +493,13 @@ Test(compress, pipelines_compress_the_same_bits_on_every_layout, .timeout = TIME
     pw_dataset *d = NULL;
     cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
     int64_t n;
-    float *none = train_z(g, d, &(zrun){1, 4, PW_SCHEDULE_1F1B, "none", NULL}, &n);
+    float *none = train_z(g, d, &(zrun){1, 4, PW_SCHEDULE_1F1B, "none", NULL, 0}, &n);
     const char *modes[] = {"bf16", "fp16", "topk:0.1", "powersgd:2"};
     for (int m = 0; m < 4; m++) {
         int64_t n1, n2, n3;
-        float *a = train_z(g, d, &(zrun){1, 4, PW_SCHEDULE_1F1B, modes[m], NULL}, &n1);
-        float *b = train_z(g, d, &(zrun){2, 3, PW_SCHEDULE_GPIPE, modes[m], NULL}, &n2);
-        float *c = train_z(g, d, &(zrun){3, 1, PW_SCHEDULE_ZB_H1, modes[m], NULL}, &n3);
+        float *a = train_z(g, d, &(zrun){1, 4, PW_SCHEDULE_1F1B, modes[m], NULL, 0}, &n1);
+        float *b = train_z(g, d, &(zrun){2, 3, PW_SCHEDULE_GPIPE, modes[m], NULL, 0}, &n2);
+        float *c = train_z(g, d, &(zrun){3, 1, PW_SCHEDULE_ZB_H1, modes[m], NULL, 0}, &n3);
         cr_assert(n1 == n && n2 == n && n3 == n);
         cr_assert_eq(memcmp(a, b, (size_t)n * 4), 0, "%s: 1 stage (1F1B) and 2 stages (GPipe) differ", modes[m]);
         cr_assert_eq(memcmp(a, c, (size_t)n * 4), 0, "%s: 1 stage and 3 stages (ZB-H1) differ", modes[m]);
@@ -510,6 +521,32 @@ Test(compress, pipelines_compress_the_same_bits_on_every_layout, .timeout = TIME
     pw_graph_destroy(g);
 }
 
+/* Steps that overlap (post-validation with clipping that triggers): a
+ * discarded step's buckets must not reach the compressors' error
+ * feedback, so runs of steps give the bits of one step at a time. */
+Test(compress, overlapped_steps_keep_the_error_feedback, .timeout = TIMEOUT)
+{
+    static const char *MLP = "graph z_mlp\n" PW_TEST_MLP_BODY;
+    pw_graph *g = test_parse(MLP, "z.graph");
+    pw_synthetic_config sc = {.n = 384, .sample_shape = {.ndim = 2, .d = {4, 6}}, .n_classes = 5, .seed = 3,
+                              .noise = 1.0f};
+    pw_dataset *d = NULL;
+    cr_assert_eq(pw_dataset_synthetic(&sc, &d), PW_OK, "%s", pw_last_error());
+    const char *modes[] = {"topk:0.1", "powersgd:2"};
+    for (int m = 0; m < 2; m++) {
+        int64_t n1, n3;
+        float *one = train_z(g, d, &(zrun){2, 3, PW_SCHEDULE_1F1B, modes[m], NULL, 1}, &n1);
+        float *runs = train_z(g, d, &(zrun){2, 3, PW_SCHEDULE_1F1B, modes[m], NULL, 3}, &n3);
+        cr_assert_eq(n1, n3);
+        cr_assert_eq(memcmp(one, runs, (size_t)n1 * 4), 0, "%s: runs of 3 overlapped steps differ from one at a time",
+                     modes[m]);
+        free(one);
+        free(runs);
+    }
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
 Test(compress, the_trace_records_bytes_before_and_after, .timeout = TIMEOUT)
 {
     static const char *MLP = "graph z_mlp\n" PW_TEST_MLP_BODY;
@@ -523,7 +560,7 @@ Test(compress, the_trace_records_bytes_before_and_after, .timeout = TIMEOUT)
     const char *modes[] = {"none", "bf16", "topk:0.1"};
     for (int m = 0; m < 3; m++) {
         int64_t n;
-        free(train_z(g, d, &(zrun){2, 2, PW_SCHEDULE_1F1B, modes[m], path}, &n));
+        free(train_z(g, d, &(zrun){2, 2, PW_SCHEDULE_1F1B, modes[m], path, 0}, &n));
         pw_trace_reader *rd;
         cr_assert_eq(pw_trace_reader_open(path, &rd), PW_OK, "%s", pw_last_error());
         pw_trace_record ev;
