@@ -201,8 +201,9 @@ pw_status pw_compressor_create(const pw_compress_config *cfg, const pw_span *spa
         zspan *s = &z->s[i];
         s->n = spans[i].n;
         if (s->n < 0) {
+            const long long n = (long long)s->n; /* s is freed with z */
             pw_compressor_destroy(z);
-            return pw_error(PW_ERR_INVALID_ARG, "compressor: span %d has %lld floats", i, (long long)s->n);
+            return pw_error(PW_ERR_INVALID_ARG, "compressor: span %d has %lld floats", i, n);
         }
         z->L += s->n;
         switch (cfg->kind) {
@@ -219,9 +220,10 @@ pw_status pw_compressor_create(const pw_compress_config *cfg, const pw_span *spa
         case PW_COMPRESS_POWERSGD: {
             const int64_t rows = rows_of ? rows_of[i] : 0;
             if (rows > 0 && s->n % rows != 0) {
+                const long long n = (long long)s->n; /* s is freed with z */
                 pw_compressor_destroy(z);
                 return pw_error(PW_ERR_INVALID_ARG, "compressor: span %d has %lld floats, not a multiple of "
-                                "its %lld rows", i, (long long)s->n, (long long)rows);
+                                "its %lld rows", i, n, (long long)rows);
             }
             if (rows <= 0 || s->n == 0) break;
             const int64_t cols = s->n / rows;
