@@ -23,6 +23,7 @@
 
 #include "graph/graph.h"
 #include "runtime/rng.h"
+#include "stages/ops/cpu/attention_avx512.h"
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/data.h"
 #include "stages/ops/optim.h"
@@ -293,9 +294,10 @@ ParameterizedTestParameters(grad, attention)
     return cr_make_param_array(struct att_shape, s, sizeof s / sizeof s[0]);
 }
 
-ParameterizedTest(struct att_shape *sh, grad, attention, .timeout = TIMEOUT)
+/* Forward against the definition in double, zeros above the diagonal,
+ * rows summing to 1, dqkv against finite differences, accumulate. */
+static void check_attention(int64_t b, int64_t T, int64_t D, int64_t H)
 {
-    const int64_t b = 2, T = sh->T, H = sh->H, D = 8;
     const int64_t nq = b * T * 3 * D, no = b * T * D;
     float *qkv = rand_f(nq, -1.5f, 1.5f, 10 + (uint64_t)(T * 7 + H));
     float *r = rand_f(no, -1, 1, 20), *out = zeros_f(no), *att = zeros_f(b * H * T * T);
@@ -339,12 +341,81 @@ ParameterizedTest(struct att_shape *sh, grad, attention, .timeout = TIMEOUT)
         free(base);
 }
 
+ParameterizedTest(struct att_shape *sh, grad, attention, .timeout = TIMEOUT)
+{
+    check_attention(2, sh->T, 8, sh->H);
+}
+
+/* Head sizes that are multiples of 16 take the AVX-512 kernels
+ * (attention_avx512.h) where the CPU has them: every column chunk (16, 32,
+ * 64 wide and their sums), row tiles cut short by T, key tiles of 32 with a
+ * partial last one. */
+struct att_wide {
+    int64_t b, T, D, H;
+};
+
+ParameterizedTestParameters(grad, attention_wide)
+{
+    static struct att_wide s[] = {{2, 5, 16, 1},  {2, 37, 32, 2}, {1, 40, 32, 1}, {1, 33, 48, 1},
+                                  {1, 21, 64, 1}, {1, 18, 128, 1}, {1, 70, 32, 2}, {2, 16, 112, 1}};
+    return cr_make_param_array(struct att_wide, s, sizeof s / sizeof s[0]);
+}
+
+ParameterizedTest(struct att_wide *sh, grad, attention_wide, .timeout = TIMEOUT)
+{
+    cr_log_info("hd %lld: %s kernels", (long long)(sh->D / sh->H),
+                pw_cpu_att_fast_usable(sh->D / sh->H) ? "AVX-512" : "blocked BLAS");
+    check_attention(sh->b, sh->T, sh->D, sh->H);
+}
+
+/* Both attention paths (the AVX-512 kernels and the blocked BLAS, chosen
+ * by the CPU and hd) agree to rounding; each gives the same bits at 1, 2
+ * and 3 threads. */
+Test(attention, paths_agree_and_threads_do_not_matter, .timeout = TIMEOUT)
+{
+    const int64_t b = 3, T = 45, D = 64, H = 2, nq = b * T * 3 * D, no = b * T * D;
+    const int64_t na = b * H * T * T;
+    float *qkv = rand_f(nq, -2, 2, 51), *dout = rand_f(no, -1, 1, 52);
+    float *out[2], *att[2], *dqkv[2], *work = zeros_f(H * T * T);
+    float *o2 = zeros_f(no), *a2 = zeros_f(na), *d2 = zeros_f(nq);
+    const int threads0 = pw_cpu_get_threads();
+    for (int blas = 0; blas < 2; blas++) {
+        pw_cpu_attention_use_blas(blas);
+        out[blas] = zeros_f(no), att[blas] = zeros_f(na), dqkv[blas] = zeros_f(nq);
+        pw_cpu_set_threads(1);
+        pw_cpu_attention_fwd(qkv, out[blas], att[blas], b, T, D, H);
+        pw_cpu_attention_bwd_input(qkv, att[blas], dout, dqkv[blas], work, b, T, D, H, 0);
+        for (int th = 2; th <= 3; th++) {
+            pw_cpu_set_threads(th);
+            pw_cpu_attention_fwd(qkv, o2, a2, b, T, D, H);
+            pw_cpu_attention_bwd_input(qkv, a2, dout, d2, work, b, T, D, H, 0);
+            cr_expect(same_bits("attention out, 1 thread vs more", out[blas], o2, (size_t)no * 4));
+            cr_expect(same_bits("attention att, 1 thread vs more", att[blas], a2, (size_t)na * 4));
+            cr_expect(same_bits("attention dqkv, 1 thread vs more", dqkv[blas], d2, (size_t)nq * 4));
+        }
+    }
+    pw_cpu_attention_use_blas(0);
+    pw_cpu_set_threads(threads0);
+    double worst = 0.0, scale = 0.0;
+    for (int64_t i = 0; i < no; i++) worst = fmax(worst, fabs((double)out[0][i] - out[1][i]));
+    cr_expect_leq(worst, 1e-5, "attention out: paths differ by %.3g", worst);
+    worst = 0.0;
+    for (int64_t i = 0; i < nq; i++) {
+        worst = fmax(worst, fabs((double)dqkv[0][i] - dqkv[1][i]));
+        scale = fmax(scale, fabs((double)dqkv[1][i]));
+    }
+    cr_expect_leq(worst, 1e-5 * scale, "attention dqkv: paths differ by %.3g (max |dqkv| %.3g)",
+                  worst, scale);
+    for (int k = 0; k < 2; k++) free(out[k]), free(att[k]), free(dqkv[k]);
+    free(qkv), free(dout), free(work), free(o2), free(a2), free(d2);
+}
+
 /* The blocked kernels compute each sequence on its own: a batch of three
  * gives, bit for bit, what each sequence gives alone (so micro-batch splits
  * stay exact), forward and backward, with T spanning several blocks. */
-Test(attention, sequences_independent_of_batch, .timeout = TIMEOUT)
+static void check_batch_independence(int64_t T, int64_t D, int64_t H)
 {
-    const int64_t b = 3, T = 70, D = 16, H = 2, nq = T * 3 * D, no = T * D;
+    const int64_t b = 3, nq = T * 3 * D, no = T * D;
     float *qkv = rand_f(b * nq, -2, 2, 41), *dout = rand_f(b * no, -1, 1, 42);
     float *out = zeros_f(b * no), *att = zeros_f(b * H * T * T), *dqkv = zeros_f(b * nq);
     float *out1 = zeros_f(no), *att1 = zeros_f(H * T * T), *dqkv1 = zeros_f(nq);
@@ -361,6 +432,12 @@ Test(attention, sequences_independent_of_batch, .timeout = TIMEOUT)
     }
     free(qkv), free(dout), free(out), free(att), free(dqkv), free(out1), free(att1), free(dqkv1),
         free(work);
+}
+
+Test(attention, sequences_independent_of_batch, .timeout = TIMEOUT)
+{
+    check_batch_independence(70, 16, 2); /* hd 8: the blocked BLAS path */
+    check_batch_independence(70, 64, 2); /* hd 32: the AVX-512 kernels where usable */
 }
 
 /* Changing the query, key or value of a later position leaves every earlier

@@ -28,6 +28,7 @@
  *   - Pointers are `restrict`: ops.h promises arrays never alias.
  */
 #include "stages/ops/cpu/ops.h"
+#include "stages/ops/cpu/attention_avx512.h"
 #include "stages/ops/cpu/gemm.h"
 #include "stages/ops/cpu/vec.h"
 
@@ -852,13 +853,19 @@ static void attention_fwd_item(void *arg, int64_t item, int worker)
     const float scale = (float)(1.0 / sqrt((double)hd));
     const float *q = j->qkv + b * T * ld + h * hd, *k = q + D, *v = q + 2 * D;
     float *a = j->attw + (b * H + h) * T * T;
+    float *o = j->out + b * T * D + h * hd;
+    if (pw_cpu_att_fast_usable(hd)) {
+        pw_cpu_att_scores(q, ld, k, ld, a, T, hd, scale);
+        for (int64_t t = 0; t < T; t++) softmax_row(a + t * T, t + 1, T);
+        pw_cpu_att_rows(a, T, v, ld, o, D, hd, 0);
+        return;
+    }
     for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
         const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
         float *ab = a + r0 * T;
         pw_cpu_gemm_1t(0, 1, rn, cols, hd, scale, q + r0 * ld, ld, k, ld, 0.0f, ab, T);
         for (int64_t t = r0; t < r0 + rn; t++) softmax_row(a + t * T, t + 1, T);
-        pw_cpu_gemm_1t(0, 0, rn, hd, cols, 1.0f, ab, T, v, ld, 0.0f,
-                       j->out + (b * T + r0) * D + h * hd, D);
+        pw_cpu_gemm_1t(0, 0, rn, hd, cols, 1.0f, ab, T, v, ld, 0.0f, o + r0 * D, D);
     }
 }
 
@@ -878,6 +885,23 @@ void pw_cpu_attention_fwd(const float *restrict qkv, float *restrict out, float 
  * row), dK and dV by key blocks (rows from the block's first column on).
  * One item is one head over every sequence (sequences in order), with the
  * head's own T×T of scratch; items write disjoint columns of dqkv. */
+/* dS for row t in place of dP: dr[s] = pr[s]·(dr[s] − Σ_s' pr[s']·dr[s'])·scale
+ * for s < len, the dot in double as sum_d adds; dr[len .. T) = 0. */
+static void dsoftmax_row(const float *restrict pr, float *restrict dr, int64_t len, int64_t T,
+                         float scale)
+{
+    double acc[LANES] = {0};
+    int64_t s = 0;
+    for (; s + LANES <= len; s += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
+    double dot = 0.0;
+    for (int l = 0; l < LANES; l++) dot += acc[l];
+    for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
+    const float df = (float)dot;
+    VEC_FOR(jj, len, dr[jj] = pr[jj] * (dr[jj] - df) * scale;);
+    if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
+}
+
 static void attention_bwd_item(void *arg, int64_t h, int worker)
 {
     (void)worker;
@@ -887,29 +911,25 @@ static void attention_bwd_item(void *arg, int64_t h, int worker)
     const float scale = (float)(1.0 / sqrt((double)hd));
     const float beta = j->beta;
     float *ds = j->scratch + h * T * T;
+    const int fast = pw_cpu_att_fast_usable(hd);
     for (int64_t b = 0; b < j->batch; b++) {
         const float *q = j->qkv + b * T * ld + h * hd, *k = q + D, *v = q + 2 * D;
         const float *dO = j->dout + b * T * D + h * hd;
         float *dq = j->dqkv + b * T * ld + h * hd, *dk = dq + D, *dv = dq + 2 * D;
         const float *a = j->att + (b * H + h) * T * T;
+        if (fast) {
+            const int acc = beta != 0.0f;
+            pw_cpu_att_scores(dO, D, v, ld, ds, T, hd, 1.0f);
+            for (int64_t t = 0; t < T; t++) dsoftmax_row(a + t * T, ds + t * T, t + 1, T, scale);
+            pw_cpu_att_rows(ds, T, k, ld, dq, ld, hd, acc);
+            pw_cpu_att_cols(ds, T, q, ld, dk, ld, hd, acc);
+            pw_cpu_att_cols(a, T, dO, D, dv, ld, hd, acc);
+            continue;
+        }
         for (int64_t r0 = 0; r0 < T; r0 += ATT_BLOCK) {
             const int64_t rn = T - r0 < ATT_BLOCK ? T - r0 : ATT_BLOCK, cols = r0 + rn;
             pw_cpu_gemm_1t(0, 1, rn, cols, hd, 1.0f, dO + r0 * D, D, v, ld, 0.0f, ds + r0 * T, T);
-            for (int64_t t = r0; t < r0 + rn; t++) {
-                const float *restrict pr = a + t * T;
-                float *restrict dr = ds + t * T;
-                const int64_t len = t + 1;
-                double acc[LANES] = {0};
-                int64_t s = 0;
-                for (; s + LANES <= len; s += LANES)
-                    for (int l = 0; l < LANES; l++) acc[l] += (double)pr[s + l] * (double)dr[s + l];
-                double dot = 0.0;
-                for (int l = 0; l < LANES; l++) dot += acc[l];
-                for (; s < len; s++) dot += (double)pr[s] * (double)dr[s];
-                const float df = (float)dot;
-                VEC_FOR(jj, len, dr[jj] = pr[jj] * (dr[jj] - df) * scale;);
-                if (len < T) memset(dr + len, 0, (size_t)(T - len) * sizeof(float));
-            }
+            for (int64_t t = r0; t < r0 + rn; t++) dsoftmax_row(a + t * T, ds + t * T, t + 1, T, scale);
             pw_cpu_gemm_1t(0, 0, rn, hd, cols, 1.0f, ds + r0 * T, T, k, ld, beta, dq + r0 * ld, ld);
         }
         for (int64_t c0 = 0; c0 < T; c0 += ATT_BLOCK) {

@@ -1,0 +1,182 @@
+/* pipewright — causal attention's AVX-512 GEMM kernels. Contract in
+ * attention_avx512.h.
+ *
+ * Why not the BLAS: attention's products are small (T×T×hd per sequence
+ * and head, hd = 32..128) and triangular. The blocked BLAS path pays, per
+ * 32-row block, a call that packs both operands again, and computes whole
+ * 32×32 blocks on the diagonal (62.5 % of the square at T = 128 where the
+ * triangle is 50.4 %). Here one register-blocked micro-kernel does all five
+ * products: C (MR rows × NV vectors of 16 floats) = Σ_k a(r, k)·B[k, ·],
+ * a(r, k) read through two strides (so Q·Kᵀ, P·V, Pᵀ·dO, dSᵀ·Q are all the
+ * same loop), every a broadcast straight from memory, B rows loaded in
+ * place; the only copy is a transposed 32-column tile of K (or V) for the
+ * score products. The triangle is followed at 16-column / 4..8-row steps.
+ *
+ * Bits: every element is one FMA chain over k = 0, 1, ... in order, then
+ * multiplied by alpha once, then added to C when accumulating; the tiles
+ * depend on T and hd only. Different from the BLAS path's bits (another
+ * summation order), the same on every run and thread count. */
+#include "stages/ops/cpu/attention_avx512.h"
+
+static int force_blas;
+
+void pw_cpu_attention_use_blas(int on) { force_blas = on != 0; }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <immintrin.h>
+
+#define TGT __attribute__((target("avx512f,fma")))
+#define ALWAYS __attribute__((always_inline)) inline
+
+int pw_cpu_att_fast_usable(int64_t hd)
+{
+    return !force_blas && hd >= 16 && hd % 16 == 0 && hd <= PW_ATT_FAST_MAX_HD &&
+           __builtin_cpu_supports("avx512f");
+}
+
+/* C[r·ldc + 16v + l] for r < MR, v < NV, lanes l in mask[v]:
+ *   alpha·Σ_{k<K} A[r·ars + k·aks]·B[k·ldb + 16v + l]   (+ C when acc).
+ * MR and NV are constants once inlined: the MR·NV accumulators (at most 16)
+ * and NV B vectors live in registers. */
+static ALWAYS TGT void kern(const int MR, const int NV, int64_t K, const float *A, int64_t ars,
+                            int64_t aks, const float *B, int64_t ldb, float *C, int64_t ldc,
+                            float alpha, int acc, const __mmask16 *mask)
+{
+    /* Unrolled by hand-given pragmas: gcc -O2 would keep c[][] in memory. */
+    __m512 c[8][4];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) c[r][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 b[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            const __m512 a = _mm512_set1_ps(A[r * ars + k * aks]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+        }
+    }
+    const __m512 al = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) {
+            float *p = C + r * ldc + 16 * v;
+            __m512 x = _mm512_mul_ps(c[r][v], al);
+            if (acc) x = _mm512_add_ps(_mm512_maskz_loadu_ps(mask[v], p), x);
+            _mm512_mask_storeu_ps(p, mask[v], x);
+        }
+}
+
+/* kern with MR = mr (1 ≤ mr ≤ 8; ≤ 4 when nv = 4) and NV = nv (1, 2, 4). */
+static TGT void tile(int mr, int nv, int64_t K, const float *A, int64_t ars, int64_t aks,
+                     const float *B, int64_t ldb, float *C, int64_t ldc, float alpha, int acc,
+                     const __mmask16 *mask)
+{
+#define KC(m, n)                                                                          \
+    case (n) * 16 + (m):                                                                  \
+        kern(m, n, K, A, ars, aks, B, ldb, C, ldc, alpha, acc, mask);                     \
+        return
+    switch (nv * 16 + mr) {
+        KC(1, 1); KC(2, 1); KC(3, 1); KC(4, 1); KC(5, 1); KC(6, 1); KC(7, 1); KC(8, 1);
+        KC(1, 2); KC(2, 2); KC(3, 2); KC(4, 2); KC(5, 2); KC(6, 2); KC(7, 2); KC(8, 2);
+        KC(1, 4); KC(2, 4); KC(3, 4); KC(4, 4);
+    default: __builtin_unreachable();
+    }
+#undef KC
+}
+
+static const __mmask16 all_lanes[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
+
+static inline __mmask16 lanes(int64_t n) /* the first n of 16 lanes, n ≤ 16 */
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+/* Vectors per column chunk of hd (hd − c0 ≥ 16 left) and rows per tile. */
+static inline int chunk_nv(int64_t left) { return left >= 64 ? 4 : left >= 32 ? 2 : 1; }
+static inline int chunk_mr(int nv) { return nv == 4 ? 4 : 8; }
+
+TGT void pw_cpu_att_scores(const float *A, int64_t lda, const float *Bm, int64_t ldb, float *S,
+                           int64_t T, int64_t hd, float alpha)
+{
+    /* Bᵀ for 32 columns: bt[k·32 + c] = Bm[(s0 + c)·ldb + k], zero past T. */
+    float bt[PW_ATT_FAST_MAX_HD * 32] __attribute__((aligned(64)));
+    for (int64_t s0 = 0; s0 < T; s0 += 32) {
+        const int64_t cn = T - s0 < 32 ? T - s0 : 32;
+        for (int64_t c = 0; c < 32; c++)
+            for (int64_t k = 0; k < hd; k++) bt[k * 32 + c] = c < cn ? Bm[(s0 + c) * ldb + k] : 0.0f;
+        const __mmask16 m[2] = {lanes(cn), lanes(cn - 16)};
+        /* Rows s0 .. s0+16 see at most the tile's first 16 columns; the rows
+         * below see all of it. */
+        const int64_t split = cn > 16 ? s0 + 16 : T;
+        for (int64_t t0 = s0; t0 < split; t0 += 8) {
+            const int64_t mr = split - t0 < 8 ? split - t0 : 8;
+            tile((int)mr, 1, hd, A + t0 * lda, lda, 1, bt, 32, S + t0 * T + s0, T, alpha, 0, m);
+        }
+        for (int64_t t0 = split; t0 < T; t0 += 8) {
+            const int64_t mr = T - t0 < 8 ? T - t0 : 8;
+            tile((int)mr, 2, hd, A + t0 * lda, lda, 1, bt, 32, S + t0 * T + s0, T, alpha, 0, m);
+        }
+    }
+}
+
+TGT void pw_cpu_att_rows(const float *P, int64_t T, const float *X, int64_t ldx, float *O,
+                         int64_t ldo, int64_t hd, int accumulate)
+{
+    for (int64_t c0 = 0; c0 < hd;) {
+        const int nv = chunk_nv(hd - c0), MR = chunk_mr(nv);
+        for (int64_t t0 = 0; t0 < T; t0 += MR) {
+            const int64_t mr = T - t0 < MR ? T - t0 : MR;
+            tile((int)mr, nv, t0 + mr, P + t0 * T, T, 1, X + c0, ldx, O + t0 * ldo + c0, ldo,
+                 1.0f, accumulate, all_lanes);
+        }
+        c0 += 16 * nv;
+    }
+}
+
+TGT void pw_cpu_att_cols(const float *P, int64_t T, const float *X, int64_t ldx, float *O,
+                         int64_t ldo, int64_t hd, int accumulate)
+{
+    for (int64_t c0 = 0; c0 < hd;) {
+        const int nv = chunk_nv(hd - c0), MR = chunk_mr(nv);
+        for (int64_t s0 = 0; s0 < T; s0 += MR) {
+            const int64_t mr = T - s0 < MR ? T - s0 : MR;
+            tile((int)mr, nv, T - s0, P + s0 * T + s0, 1, T, X + s0 * ldx + c0, ldx,
+                 O + s0 * ldo + c0, ldo, 1.0f, accumulate, all_lanes);
+        }
+        c0 += 16 * nv;
+    }
+}
+
+#else /* not x86-64: the blocked BLAS path only */
+
+int pw_cpu_att_fast_usable(int64_t hd)
+{
+    (void)hd;
+    return 0;
+}
+
+void pw_cpu_att_scores(const float *A, int64_t lda, const float *Bm, int64_t ldb, float *S,
+                       int64_t T, int64_t hd, float alpha)
+{
+    (void)A; (void)lda; (void)Bm; (void)ldb; (void)S; (void)T; (void)hd; (void)alpha;
+}
+
+void pw_cpu_att_rows(const float *P, int64_t T, const float *X, int64_t ldx, float *O,
+                     int64_t ldo, int64_t hd, int accumulate)
+{
+    (void)P; (void)T; (void)X; (void)ldx; (void)O; (void)ldo; (void)hd; (void)accumulate;
+}
+
+void pw_cpu_att_cols(const float *P, int64_t T, const float *X, int64_t ldx, float *O,
+                     int64_t ldo, int64_t hd, int accumulate)
+{
+    (void)P; (void)T; (void)X; (void)ldx; (void)O; (void)ldo; (void)hd; (void)accumulate;
+}
+
+#endif
