@@ -41,6 +41,7 @@
 #include "graph/graph.h"
 #include "runtime/rng.h"
 #include "runtime/trace.h"
+#include "stages/ops/cpu/attention_avx512.h"
 #include "stages/ops/cpu/gemm.h"
 #include "stages/ops/cpu/ops.h"
 #include "stages/train/data.h"
@@ -210,24 +211,37 @@ static void bench_attention(const attn_case *cases, int n_cases, int threads, in
     pw_cpu_blas_describe(blas, sizeof blas, NULL, 0);
     printf("\nattention fwd + bwd_input (pw_cpu_attention_*), GFLOP/s; median of %d rounds x %d reps; %s\n",
            rounds, reps, blas);
-    printf("  threads     B    T    D   H  hd   ms/iter   causal  executed | SGEMM TxTxhd  SGEMM "
-           "c_attn | causal/SGEMM-c_attn\n");
+    printf("  kernel: blocked = BLAS GEMMs per 32-row block (the old path), avx512 = "
+           "attention_avx512.c; 'executed' counts the blocked path's GEMM work for both\n");
+    printf("  threads     B    T    D   H  hd  kernel   ms/iter   causal  executed | SGEMM TxTxhd  "
+           "SGEMM c_attn | causal/SGEMM-c_attn\n");
     for (int ti = 0; ti < (threads > 1 ? 2 : 1); ti++) {
         pw_cpu_set_threads(tcounts[ti]);
         for (int i = 0; i < n_cases; i++) {
             const attn_case *c = &cases[i];
-            double r[4], rr[4][64];
-            attn_round(c, 2, qkv, out, att, dout, dqkv, scratch, x, w, y, r); /* warm-up */
-            for (int k = 0; k < rounds; k++) {
-                attn_round(c, reps, qkv, out, att, dout, dqkv, scratch, x, w, y, r);
-                for (int j = 0; j < 4; j++) rr[j][k] = r[j];
+            /* Rounds alternate the two kernels (when the AVX-512 one is usable
+             * here); each round times its SGEMM references again. */
+            const int fast = pw_cpu_att_fast_usable(c->D / c->H), nk = fast ? 2 : 1;
+            double r[4], rr[2][4][64];
+            for (int kk = 0; kk < nk; kk++) {
+                pw_cpu_attention_use_blas(kk == 0);
+                attn_round(c, 2, qkv, out, att, dout, dqkv, scratch, x, w, y, r); /* warm-up */
             }
-            for (int j = 0; j < 4; j++) r[j] = median(rr[j], rounds);
-            const double ms = 6.0 * (double)(c->D / c->H) * (double)c->T * (double)(c->T + 1) *
-                              (double)(c->B * c->H) / (r[0] * 1e9) * 1e3;
-            printf("  %7d  %4ld %4ld %4ld %3ld %3ld  %8.2f  %7.1f  %8.1f | %12.1f  %12.1f | %5.1f %%\n",
-                   tcounts[ti], c->B, c->T, c->D, c->H, c->D / c->H, ms, r[0], r[1], r[2], r[3],
-                   100.0 * r[0] / r[3]);
+            for (int k = 0; k < rounds; k++)
+                for (int kk = 0; kk < nk; kk++) {
+                    pw_cpu_attention_use_blas(kk == 0);
+                    attn_round(c, reps, qkv, out, att, dout, dqkv, scratch, x, w, y, r);
+                    for (int j = 0; j < 4; j++) rr[kk][j][k] = r[j];
+                }
+            pw_cpu_attention_use_blas(0);
+            for (int kk = 0; kk < nk; kk++) {
+                for (int j = 0; j < 4; j++) r[j] = median(rr[kk][j], rounds);
+                const double ms = 6.0 * (double)(c->D / c->H) * (double)c->T * (double)(c->T + 1) *
+                                  (double)(c->B * c->H) / (r[0] * 1e9) * 1e3;
+                printf("  %7d  %4ld %4ld %4ld %3ld %3ld  %-7s %8.2f  %7.1f  %8.1f | %12.1f  %12.1f | "
+                       "%5.1f %%\n", tcounts[ti], c->B, c->T, c->D, c->H, c->D / c->H,
+                       kk == 0 ? "blocked" : "avx512", ms, r[0], r[1], r[2], r[3], 100.0 * r[0] / r[3]);
+            }
             fflush(stdout);
         }
     }
@@ -298,7 +312,24 @@ int main(int argc, char **argv)
             H = g->nodes[i].attrs.heads;
         }
 
-    if (do_train) bench_training(path, g, d, T, batch, M, steps, rounds, threads, synthetic);
+    /* PW_BENCH_ATTENTION=blocked: the training part runs the old blocked
+     * BLAS attention (for before/after figures); read by this bench only. */
+    const char *ak = getenv("PW_BENCH_ATTENTION");
+    const int blocked = ak && strcmp(ak, "blocked") == 0;
+    if (ak && !blocked && strcmp(ak, "avx512") != 0) {
+        fprintf(stderr, "bench_gpt: PW_BENCH_ATTENTION=%s: expected blocked or avx512\n", ak);
+        return 2;
+    }
+    if (do_train) {
+        pw_cpu_attention_use_blas(blocked);
+        const int fast = H > 0 && pw_cpu_att_fast_usable(D / H);
+        printf("attention kernel in training: %s\n",
+               blocked ? "blocked BLAS (PW_BENCH_ATTENTION=blocked)"
+               : fast  ? "avx512"
+                       : "blocked BLAS (avx512 not usable here)");
+        bench_training(path, g, d, T, batch, M, steps, rounds, threads, synthetic);
+        pw_cpu_attention_use_blas(0);
+    }
     if (D > 0 && do_attn) {
         const attn_case cases[] = {
             {batch / M, T, D, H},          /* the graph at this micro-batch */

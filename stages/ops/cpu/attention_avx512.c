@@ -37,15 +37,15 @@ int pw_cpu_att_fast_usable(int64_t hd)
 
 /* C[r·ldc + 16v + l] for r < MR, v < NV, lanes l in mask[v]:
  *   alpha·Σ_{k<K} A[r·ars + k·aks]·B[k·ldb + 16v + l]   (+ C when acc).
- * MR and NV are constants once inlined: the MR·NV accumulators (at most 16)
- * and NV B vectors live in registers. */
+ * MR and NV are constants once inlined: the MR·NV accumulators (at most 24)
+ * and NV B vectors live in registers (32 of them). */
 static ALWAYS TGT void kern(const int MR, const int NV, int64_t K, const float *A, int64_t ars,
                             int64_t aks, const float *B, int64_t ldb, float *C, int64_t ldc,
                             float alpha, int acc, const __mmask16 *mask)
 {
     /* Unrolled by hand-given pragmas: gcc -O2 would keep c[][] in memory. */
-    __m512 c[8][4];
-#pragma GCC unroll 8
+    __m512 c[12][4];
+#pragma GCC unroll 12
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) c[r][v] = _mm512_setzero_ps();
@@ -53,7 +53,7 @@ static ALWAYS TGT void kern(const int MR, const int NV, int64_t K, const float *
         __m512 b[4];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_ps(B + k * ldb + 16 * v);
-#pragma GCC unroll 8
+#pragma GCC unroll 12
         for (int r = 0; r < MR; r++) {
             const __m512 a = _mm512_set1_ps(A[r * ars + k * aks]);
 #pragma GCC unroll 4
@@ -61,7 +61,7 @@ static ALWAYS TGT void kern(const int MR, const int NV, int64_t K, const float *
         }
     }
     const __m512 al = _mm512_set1_ps(alpha);
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int r = 0; r < MR; r++)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; v++) {
@@ -72,7 +72,7 @@ static ALWAYS TGT void kern(const int MR, const int NV, int64_t K, const float *
         }
 }
 
-/* kern with MR = mr (1 ≤ mr ≤ 8; ≤ 4 when nv = 4) and NV = nv (1, 2, 4). */
+/* kern with NV = nv (1, 2, 4) and MR = mr (1 ≤ mr ≤ 8, 12, 6 for nv = 1, 2, 4). */
 static TGT void tile(int mr, int nv, int64_t K, const float *A, int64_t ars, int64_t aks,
                      const float *B, int64_t ldb, float *C, int64_t ldc, float alpha, int acc,
                      const __mmask16 *mask)
@@ -84,7 +84,8 @@ static TGT void tile(int mr, int nv, int64_t K, const float *A, int64_t ars, int
     switch (nv * 16 + mr) {
         KC(1, 1); KC(2, 1); KC(3, 1); KC(4, 1); KC(5, 1); KC(6, 1); KC(7, 1); KC(8, 1);
         KC(1, 2); KC(2, 2); KC(3, 2); KC(4, 2); KC(5, 2); KC(6, 2); KC(7, 2); KC(8, 2);
-        KC(1, 4); KC(2, 4); KC(3, 4); KC(4, 4);
+        KC(9, 2); KC(10, 2); KC(11, 2); KC(12, 2);
+        KC(1, 4); KC(2, 4); KC(3, 4); KC(4, 4); KC(5, 4); KC(6, 4);
     default: __builtin_unreachable();
     }
 #undef KC
@@ -99,7 +100,7 @@ static inline __mmask16 lanes(int64_t n) /* the first n of 16 lanes, n ≤ 16 */
 
 /* Vectors per column chunk of hd (hd − c0 ≥ 16 left) and rows per tile. */
 static inline int chunk_nv(int64_t left) { return left >= 64 ? 4 : left >= 32 ? 2 : 1; }
-static inline int chunk_mr(int nv) { return nv == 4 ? 4 : 8; }
+static inline int chunk_mr(int nv) { return nv == 4 ? 6 : nv == 2 ? 12 : 8; }
 
 TGT void pw_cpu_att_scores(const float *A, int64_t lda, const float *Bm, int64_t ldb, float *S,
                            int64_t T, int64_t hd, float alpha)
@@ -118,8 +119,8 @@ TGT void pw_cpu_att_scores(const float *A, int64_t lda, const float *Bm, int64_t
             const int64_t mr = split - t0 < 8 ? split - t0 : 8;
             tile((int)mr, 1, hd, A + t0 * lda, lda, 1, bt, 32, S + t0 * T + s0, T, alpha, 0, m);
         }
-        for (int64_t t0 = split; t0 < T; t0 += 8) {
-            const int64_t mr = T - t0 < 8 ? T - t0 : 8;
+        for (int64_t t0 = split; t0 < T; t0 += 12) {
+            const int64_t mr = T - t0 < 12 ? T - t0 : 12;
             tile((int)mr, 2, hd, A + t0 * lda, lda, 1, bt, 32, S + t0 * T + s0, T, alpha, 0, m);
         }
     }
@@ -153,6 +154,96 @@ TGT void pw_cpu_att_cols(const float *P, int64_t T, const float *X, int64_t ldx,
     }
 }
 
+/* ---------------------------------------------------------------- softmax */
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+/* ops.c's vec_exp on 16 lanes: the same clamps (NaN passes), Cody–Waite
+ * reduction, degree-7 Taylor series and exponent-bit scaling. */
+static ALWAYS TGT v16 exp16(v16 x)
+{
+    const float magic = 12582912.0f; /* 1.5·2^23 */
+    v16i lo = x < -87.33654f;
+    x = (v16)(((v16i)x & ~lo) | ((v16i)((v16){0} - 87.33654f) & lo));
+    v16i hi = x > 88.0f;
+    x = (v16)(((v16i)x & ~hi) | ((v16i)((v16){0} + 88.0f) & hi));
+    v16 t = x * 1.44269504088896341f + magic;
+    v16 n = t - magic;
+    v16 scale = (v16)(((v16u)t - 0x4B400000u + 127u) << 23);
+    v16 r = x - n * 0.693145751953125f;
+    r = r - n * 1.428606765330187045e-06f;
+    v16 q = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    q = q * r + 1.0f;
+    q = q * r + 1.0f;
+    return q * scale;
+}
+
+TGT void pw_cpu_att_softmax_row(float *row, int64_t len, int64_t T)
+{
+    /* The largest, as `m = v[s] > m ? v[s] : m` from m = v[0]. */
+    __m512 mv = _mm512_set1_ps(row[0]);
+    for (int64_t s = 0; s < len; s += 16) {
+        const __mmask16 in = lanes(len - s);
+        const __m512 x = _mm512_maskz_loadu_ps(in, row + s);
+        mv = _mm512_mask_blend_ps(_mm512_mask_cmp_ps_mask(in, x, mv, _CMP_GT_OQ), mv, x);
+    }
+    float ml[16];
+    _mm512_storeu_ps(ml, mv);
+    float m = ml[0];
+    for (int l = 1; l < 16; l++) m = ml[l] > m ? ml[l] : m;
+    /* e = exp(row − m), stored; Σ in double over 8 lanes, groups of 8 in
+     * order, then the tail (< 8) one by one. */
+    __m512d acc = _mm512_setzero_pd();
+    const int64_t full = len / 8 * 8;
+    for (int64_t s = 0; s < len; s += 16) {
+        const __mmask16 in = lanes(len - s);
+        v16 e = exp16((v16)_mm512_maskz_loadu_ps(in, row + s) - m);
+        _mm512_mask_storeu_ps(row + s, in, (__m512)e);
+        if (s + 8 <= full) acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256((__m512)e)));
+        if (s + 16 <= full)
+            acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(
+                                         _mm512_extractf64x4_pd(_mm512_castps_pd((__m512)e), 1))));
+    }
+    double al[8];
+    _mm512_storeu_pd(al, acc);
+    double sum = 0.0;
+    for (int l = 0; l < 8; l++) sum += al[l];
+    for (int64_t s = full; s < len; s++) sum += (double)row[s];
+    const __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
+    for (int64_t s = 0; s < T; s += 16) {
+        const __mmask16 in = lanes(len - s), out = lanes(T - s);
+        _mm512_mask_storeu_ps(row + s, out, _mm512_maskz_mul_ps(in, _mm512_maskz_loadu_ps(in, row + s), inv));
+    }
+}
+
+TGT void pw_cpu_att_dsoftmax_row(const float *pr, float *dr, int64_t len, int64_t T, float scale)
+{
+    __m512d acc = _mm512_setzero_pd();
+    const int64_t full = len / 8 * 8;
+    for (int64_t s = 0; s < full; s += 8) {
+        const __m512d p = _mm512_cvtps_pd(_mm256_loadu_ps(pr + s)),
+                      d = _mm512_cvtps_pd(_mm256_loadu_ps(dr + s));
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(p, d));
+    }
+    double al[8];
+    _mm512_storeu_pd(al, acc);
+    double dot = 0.0;
+    for (int l = 0; l < 8; l++) dot += al[l];
+    for (int64_t s = full; s < len; s++) dot += (double)pr[s] * (double)dr[s];
+    const __m512 df = _mm512_set1_ps((float)dot), sc = _mm512_set1_ps(scale);
+    for (int64_t s = 0; s < T; s += 16) {
+        const __mmask16 in = lanes(len - s), out = lanes(T - s);
+        const __m512 p = _mm512_maskz_loadu_ps(in, pr + s), d = _mm512_maskz_loadu_ps(in, dr + s);
+        _mm512_mask_storeu_ps(dr + s, out, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(d, df)), sc));
+    }
+}
+
 #else /* not x86-64: the blocked BLAS path only */
 
 int pw_cpu_att_fast_usable(int64_t hd)
@@ -171,6 +262,16 @@ void pw_cpu_att_rows(const float *P, int64_t T, const float *X, int64_t ldx, flo
                      int64_t ldo, int64_t hd, int accumulate)
 {
     (void)P; (void)T; (void)X; (void)ldx; (void)O; (void)ldo; (void)hd; (void)accumulate;
+}
+
+void pw_cpu_att_softmax_row(float *row, int64_t len, int64_t T)
+{
+    (void)row; (void)len; (void)T;
+}
+
+void pw_cpu_att_dsoftmax_row(const float *pr, float *dr, int64_t len, int64_t T, float scale)
+{
+    (void)pr; (void)dr; (void)len; (void)T; (void)scale;
 }
 
 void pw_cpu_att_cols(const float *P, int64_t T, const float *X, int64_t ldx, float *O,

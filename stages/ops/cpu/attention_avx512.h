@@ -47,4 +47,11 @@ void pw_cpu_att_rows(const float *P, int64_t T, const float *X, int64_t ldx, flo
 void pw_cpu_att_cols(const float *P, int64_t T, const float *X, int64_t ldx, float *O,
                      int64_t ldo, int64_t hd, int accumulate);
 
+/* ops.c's causal softmax row (max, exp, Σ in double over 8 partial sums,
+ * scale; zeros from len to T) and its backward row (dr = pr·(dr − Σ pr·dr)
+ * ·scale, zeros from len), 16 lanes wide: the same algorithm, bits that may
+ * differ from ops.c's (FMA contraction). */
+void pw_cpu_att_softmax_row(float *row, int64_t len, int64_t T);
+void pw_cpu_att_dsoftmax_row(const float *pr, float *dr, int64_t len, int64_t T, float scale);
+
 #endif

@@ -856,7 +856,7 @@ static void attention_fwd_item(void *arg, int64_t item, int worker)
     float *o = j->out + b * T * D + h * hd;
     if (pw_cpu_att_fast_usable(hd)) {
         pw_cpu_att_scores(q, ld, k, ld, a, T, hd, scale);
-        for (int64_t t = 0; t < T; t++) softmax_row(a + t * T, t + 1, T);
+        for (int64_t t = 0; t < T; t++) pw_cpu_att_softmax_row(a + t * T, t + 1, T);
         pw_cpu_att_rows(a, T, v, ld, o, D, hd, 0);
         return;
     }
@@ -920,7 +920,8 @@ static void attention_bwd_item(void *arg, int64_t h, int worker)
         if (fast) {
             const int acc = beta != 0.0f;
             pw_cpu_att_scores(dO, D, v, ld, ds, T, hd, 1.0f);
-            for (int64_t t = 0; t < T; t++) dsoftmax_row(a + t * T, ds + t * T, t + 1, T, scale);
+            for (int64_t t = 0; t < T; t++)
+                pw_cpu_att_dsoftmax_row(a + t * T, ds + t * T, t + 1, T, scale);
             pw_cpu_att_rows(ds, T, k, ld, dq, ld, hd, acc);
             pw_cpu_att_cols(ds, T, q, ld, dk, ld, hd, acc);
             pw_cpu_att_cols(a, T, dO, D, dv, ld, hd, acc);
