@@ -107,11 +107,18 @@ TGT void pw_cpu_att_scores(const float *A, int64_t lda, const float *Bm, int64_t
 {
     /* Bᵀ for 32 columns: bt[k·32 + c] = Bm[(s0 + c)·ldb + k], zero past T. */
     float bt[PW_ATT_FAST_MAX_HD * 32] __attribute__((aligned(64)));
+    /* Gathered 16 rows at a time: offsets of rows 0..15 (ldb·15 < 2^31:
+     * qkv rows are 3D floats). */
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32((int)ldb));
     for (int64_t s0 = 0; s0 < T; s0 += 32) {
         const int64_t cn = T - s0 < 32 ? T - s0 : 32;
-        for (int64_t c = 0; c < 32; c++)
-            for (int64_t k = 0; k < hd; k++) bt[k * 32 + c] = c < cn ? Bm[(s0 + c) * ldb + k] : 0.0f;
         const __mmask16 m[2] = {lanes(cn), lanes(cn - 16)};
+        for (int64_t k = 0; k < hd; k++)
+            for (int h = 0; h < 2; h++)
+                _mm512_store_ps(bt + k * 32 + 16 * h,
+                                _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m[h], rows,
+                                                         Bm + (s0 + 16 * h) * ldb + k, 4));
         /* Rows s0 .. s0+16 see at most the tile's first 16 columns; the rows
          * below see all of it. */
         const int64_t split = cn > 16 ? s0 + 16 : T;
