@@ -31,7 +31,14 @@
  * (a) a full T × T × hd GEMM with leading dimension 3D (the products of an
  * unblocked kernel), and (b) the model's c_attn linear, (B·T) × 3D × D, the
  * rate the model's big GEMMs reach. Rates are medians of --rounds rounds,
- * each timing the kernel and both references back to back. */
+ * each timing the kernel and both references back to back. Where the
+ * AVX-512 kernels (stages/ops/cpu/attention_avx512.h) are usable, each
+ * round times both kernels, the blocked BLAS one ("blocked") first, each
+ * with its own references, and both get a row.
+ *
+ * PW_BENCH_ATTENTION=blocked (read here only, never by the library) makes
+ * part 1 train with the blocked BLAS attention, for before/after figures;
+ * =avx512 or unset keeps the library's choice. */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
