@@ -255,6 +255,24 @@ Test(determinism, gpt_matrix, .timeout = TIMEOUT)
     pw_graph_destroy(g);
 }
 
+/* The same GPT with 2 heads of 16: attention takes the AVX-512 kernels
+ * (stages/ops/cpu/attention_avx512.h) where the CPU has them. */
+Test(determinism, gpt_matrix_hd16, .timeout = TIMEOUT)
+{
+    char text[4096];
+    cr_assert_lt(strlen(GPT), sizeof text);
+    strcpy(text, GPT);
+    char *h = strstr(text, "heads=4");
+    cr_assert_not_null(h);
+    h[6] = '2';
+    pw_graph *g = test_parse(text, "gpt_hd16.graph");
+    pw_dataset *d = token_data();
+    const layout L = {1, 12, 48, 0};
+    matrix(g, d, &L, 3);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
 /* Eight replicas agree with one when the gradient groups are 8 (the
  * default, 4, covers 1, 2 and 4 replicas): 1 and 2 stages, two schedules. */
 Test(determinism, eight_replicas_with_eight_groups, .timeout = TIMEOUT)
