@@ -22,7 +22,7 @@ static int force_blas;
 
 void pw_cpu_attention_use_blas(int on) { force_blas = on != 0; }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(PW_ATT_NO_AVX512)
 
 #include <immintrin.h>
 
@@ -251,7 +251,7 @@ TGT void pw_cpu_att_dsoftmax_row(const float *pr, float *dr, int64_t len, int64_
     }
 }
 
-#else /* not x86-64: the blocked BLAS path only */
+#else /* not x86-64 (or built with -DPW_ATT_NO_AVX512): the blocked BLAS path only */
 
 int pw_cpu_att_fast_usable(int64_t hd)
 {
