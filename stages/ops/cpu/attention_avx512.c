@@ -3,14 +3,16 @@
  *
  * Why not the BLAS: attention's products are small (T×T×hd per sequence
  * and head, hd = 32..128) and triangular. The blocked BLAS path pays, per
- * 32-row block, a call that packs both operands again, and computes whole
- * 32×32 blocks on the diagonal (62.5 % of the square at T = 128 where the
- * triangle is 50.4 %). Here one register-blocked micro-kernel does all five
- * products: C (MR rows × NV vectors of 16 floats) = Σ_k a(r, k)·B[k, ·],
- * a(r, k) read through two strides (so Q·Kᵀ, P·V, Pᵀ·dO, dSᵀ·Q are all the
- * same loop), every a broadcast straight from memory, B rows loaded in
- * place; the only copy is a transposed 32-column tile of K (or V) for the
- * score products. The triangle is followed at 16-column / 4..8-row steps.
+ * 32-row block, a BLAS call whose small-matrix kernel runs well below the
+ * BLAS's large-GEMM rate, and computes whole 32×32 blocks on the diagonal
+ * (62.5 % of the square at T = 128 where the triangle is 50.4 %). Here one
+ * register-blocked micro-kernel does all six products: C (MR rows × NV
+ * vectors of 16 floats) = Σ_k a(r, k)·B[k, ·], a(r, k) read through two
+ * strides (so Q·Kᵀ, P·V, Pᵀ·dO, dSᵀ·Q are all the same loop), every a
+ * broadcast straight from memory, B rows loaded from a contiguous copy
+ * (pack_rows) or in place; the score products read a gathered, transposed
+ * 32-column tile of K (or V). The triangle is followed at 16-column /
+ * 6..12-row steps.
  *
  * Bits: every element is one FMA chain over k = 0, 1, ... in order, then
  * multiplied by alpha once, then added to C when accumulating; the tiles

@@ -5,10 +5,11 @@
  * the only caller, apart from bench_gpt (pw_cpu_attention_use_blas).
  *
  * Every product runs over the lower triangle of a T×T matrix P (row-major,
- * leading dimension T), at a granularity of 16 columns or 4..8 rows instead
- * of the blocked BLAS path's 32×32 blocks, and reads its operands in place
- * (leading dimensions of qkv, no copies beyond one transposed 32-column
- * tile). Each output element is one FMA chain over k in increasing order,
+ * leading dimension T), at a granularity of 16 columns or 6..12 rows
+ * instead of the blocked BLAS path's 32×32 blocks, reading q, k, v, dO
+ * through their leading dimensions (copied to the stack only: a transposed
+ * 32-column tile, and rows packed contiguous when T·hd ≤ 16384). Each
+ * output element is one FMA chain over k in increasing order,
  * then scaled once: its bits depend on the shape alone, never on the thread
  * count or the batch. */
 #ifndef PW_STAGES_CPU_ATTENTION_AVX512_H
