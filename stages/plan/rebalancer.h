@@ -120,7 +120,14 @@ typedef struct pw_rebalance_decision {
     double measured_gain;           /* 1 − median step after / median step before */
     double measured_before_s, measured_after_s;
     int revert;                     /* 1 (with move): new_cuts are the cuts before the last
-                                       move, which measured slower by more than min_gain */
+                                       move, which measured slower by more than min_gain, or
+                                       (with refine) the refinement's best cuts */
+    int refine;                     /* 1 (with move): a measured refinement step: a
+                                       neighbouring cut on trial, or (with revert) back to
+                                       the best cuts measured; predicted_gain is NaN and
+                                       predicted_step_s the best cuts' measured step time */
+    int restarted;                  /* 1: the step time jumped; the window starts again
+                                       with the steps after the jump (why says from what) */
 } pw_rebalance_decision;
 
 /* After training step `step`: busy[stages] each rank's compute seconds in
