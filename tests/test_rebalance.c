@@ -840,7 +840,7 @@ Test(rebalance, cli_flags, .timeout = TIMEOUT)
     snprintf(args, sizeof args, "%s --steps 30 --optimizer adamw --save still.st", base);
     cr_assert_eq(cli(args, &out), 0, "%s", out);
     free(out);
-    snprintf(args, sizeof args, "cmp moved.st still.st && grep -q '\"type\":\"rebalance\",\"step\":3,\"forced\":true' "
+    snprintf(args, sizeof args, "cmp moved.st still.st && grep -q '\"type\":\"rebalance\",\"step\":3,\"forced\":true,\"revert\":false,\"refine\":false' "
              "m.jsonl");
     char cmd[2048];
     snprintf(cmd, sizeof cmd, "cd '%s' && %s", tmpdir(), args);
