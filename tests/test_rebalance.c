@@ -687,10 +687,19 @@ Test(rebalance, refines_to_the_measured_best_neighbour_and_stops)
     model_cut = hr.cuts[1];
     cr_assert(model_cut > 2 && model_cut < 9, "the model's cut %d leaves no room for the test", model_cut);
     /* Nothing better nearby: each neighbour is tried once, the run goes
-     * back and stays (the model's move, at most two trials, the way back). */
+     * back and stays (the model's move, at most two trials, the way back),
+     * with a ±3 % noise too. */
     cr_assert_leq(hr.moves, 4, "%d moves on flat step times", hr.moves);
     cr_assert_leq(hr.last_move, 60, "still moving at step %lld", (long long)hr.last_move);
     free(hr.log);
+    hand_run noisy = {.S = 2, .start = start, .steps = 400, .noise = 0.03, .slow = unit_slow, .step_time = flat_time};
+    hand(g, &noisy);
+    cr_assert_eq(noisy.cuts[1], model_cut, "a ±3 %% noise took the run from the model's cut %d to %d", model_cut,
+                 noisy.cuts[1]);
+    cr_assert_leq(noisy.moves, 4, "%d moves on flat step times with noise", noisy.moves);
+    cr_assert_leq(noisy.last_move, 60, "still moving at step %lld", (long long)noisy.last_move);
+    cr_assert_eq(noisy.restarts, 0, "the window restarted %d times on noise", noisy.restarts);
+    free(noisy.log);
     /* The fastest cut two nodes from the model's, either side, with and
      * without a ±3 % noise: the refinement walks there node by node, keeps
      * it, and moves no more (the model's own cut measured slower, so its

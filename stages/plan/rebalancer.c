@@ -465,11 +465,12 @@ static pw_status fits(const pw_rebalancer *rb, const int *cuts, int *ok)
 }
 
 /* The next neighbouring cut of the refinement's base into rb->trial: one
- * node across a boundary of the stage the base's measured busy times call
- * the bottleneck — first the boundary to its less busy neighbour, the
- * bottleneck giving a node, then taking one there, then the same at its
- * other boundary — that was not measured since the last jump and fits the
- * budget. *found: 0 when none is left. */
+ * node either way across the boundary between the stage the base's
+ * measured busy times call the bottleneck and its less busy neighbour —
+ * the bottleneck giving a node first, then taking one — that was not
+ * measured since the last jump and fits the budget. The bottleneck's other
+ * boundary only when neither way is possible at that one (a one-node
+ * chunk, the budget). *found: 0 when none is left. */
 static pw_status next_trial(pw_rebalancer *rb, int *found, int *stage)
 {
     const int C = rb->C;
@@ -485,21 +486,26 @@ static pw_status next_trial(pw_rebalancer *rb, int *found, int *stage)
     if (b == 0) first = right, second = -1;
     else if (b == C - 1) first = left, second = -1;
     else if (rb->base_med[b - 1] < rb->base_med[b + 1]) first = left, second = right;
-    const int order[4][2] = {{first, first == left ? +1 : -1}, {first, first == left ? -1 : +1},
-                             {second, second == left ? +1 : -1}, {second, second == left ? -1 : +1}};
-    for (int i = 0; i < 4; i++) {
-        const int k = order[i][0], dir = order[i][1];
+    const int bound[2] = {first, second};
+    for (int i = 0; i < 2; i++) {
+        const int k = bound[i];
         if (k <= 0 || k >= C) continue;
-        memcpy(rb->trial, rb->base, sizeof(int) * (size_t)(C + 1));
-        rb->trial[k] += dir;
-        if (rb->trial[k] <= rb->trial[k - 1] || rb->trial[k] >= rb->trial[k + 1]) continue;
-        if (memo_find(rb, rb->trial) >= 0) continue;
-        if (rb->now < rb->rejected_until && same(rb, rb->rejected, rb->trial)) continue;
-        int ok;
-        PW_CHECK(fits(rb, rb->trial, &ok));
-        if (!ok) continue;
-        *found = 1;
-        return PW_OK;
+        int possible = 0;
+        for (int j = 0; j < 2; j++) {
+            const int dir = (k == left) == (j == 0) ? +1 : -1; /* j = 0: the bottleneck gives */
+            memcpy(rb->trial, rb->base, sizeof(int) * (size_t)(C + 1));
+            rb->trial[k] += dir;
+            if (rb->trial[k] <= rb->trial[k - 1] || rb->trial[k] >= rb->trial[k + 1]) continue;
+            int ok;
+            PW_CHECK(fits(rb, rb->trial, &ok));
+            if (!ok) continue;
+            possible = 1;
+            if (memo_find(rb, rb->trial) >= 0) continue;
+            if (rb->now < rb->rejected_until && same(rb, rb->rejected, rb->trial)) continue;
+            *found = 1;
+            return PW_OK;
+        }
+        if (possible) break; /* this boundary's neighbours are measured: done */
     }
     return PW_OK;
 }

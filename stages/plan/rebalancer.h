@@ -62,10 +62,11 @@
  * measured it has the model wanting no further move, by trials
  * (decision.refine): one node across the boundary between the stage whose
  * measured busy time is the largest and its less busy neighbour — the
- * bottleneck giving a node first, then taking one — then the same at its
- * other boundary. A trial whose window's median step time beats the best
- * measured cuts' by more than min_gain becomes the best, and the trials go
- * on from it (the refinement walks); one that does not is left for the
+ * bottleneck giving a node first, then taking one (its other boundary
+ * only when neither is possible there). A trial whose window's median
+ * step time beats the best measured cuts' by more than min_gain becomes
+ * the best, and the trials go on from it (the refinement walks); one that
+ * does not is left for the
  * next neighbour, or, with none left, for the best cuts (refine + revert).
  * At most 5 trials after a move of the model; cuts measured since the last
  * jump are not tried again. Every full window's median is remembered for
