@@ -50,8 +50,7 @@ struct pw_rebalancer {
     int64_t rejected_until;   /* ... not proposed again before this step (-1: none) */
     int64_t now;              /* the step being observed */
     /* Which move was offered last and which one was made. */
-    int offered, moved_kind;
-    int *offered_cuts;        /* [C + 1] */
+    int offered, moved_kind;  /* MOVE_* */
     /* Measured refinement: the best cuts it measured, their window. */
     int refine;               /* REFINE_* */
     int *base;                /* [C + 1] */
@@ -112,7 +111,6 @@ void pw_rebalancer_destroy(pw_rebalancer *rb)
     free(rb->med);
     free(rb->speed);
     free(rb->tmp);
-    free(rb->offered_cuts);
     free(rb->base);
     free(rb->base_med);
     free(rb->trial);
@@ -156,14 +154,13 @@ pw_status pw_rebalancer_create(const pw_rebalancer_config *cfg, const int *cuts,
     rb->med = calloc(S, sizeof(double));
     rb->speed = calloc(S, sizeof(double));
     rb->tmp = calloc(W > S ? W : S, sizeof(double));
-    rb->offered_cuts = malloc((C + 1) * sizeof(int));
     rb->base = malloc((C + 1) * sizeof(int));
     rb->base_med = calloc(S, sizeof(double));
     rb->trial = malloc((C + 1) * sizeof(int));
     rb->memo_cuts = malloc(MEMO * (C + 1) * sizeof(int));
     rb->ring_busy = calloc(JUMP_STEPS * S, sizeof(double));
     if (!rb->cuts || !rb->proposal || !rb->pending || !rb->prev || !rb->rejected || !rb->inflight || !rb->busy ||
-        !rb->step_s || !rb->med || !rb->speed || !rb->tmp || !rb->offered_cuts || !rb->base || !rb->base_med ||
+        !rb->step_s || !rb->med || !rb->speed || !rb->tmp || !rb->base || !rb->base_med ||
         !rb->trial || !rb->memo_cuts || !rb->ring_busy) {
         pw_rebalancer_destroy(rb);
         return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
