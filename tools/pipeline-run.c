@@ -1269,8 +1269,8 @@ static int metrics_rebalance(pw_pipeline_metrics *mx, const pr_rebalance_event *
     }
     if (!ev->moved) return 0;
     pw_metrics_move_rec m = {
-        .step = ev->step, .forced = ev->forced, .revert = ev->revert, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
-        .n_cuts = ev->n_cuts, .predicted_gain = ev->forced ? NAN : ev->predicted_gain,
+        .step = ev->step, .forced = ev->forced, .revert = ev->revert, .refine = ev->refine, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
+        .n_cuts = ev->n_cuts, .predicted_gain = ev->forced || ev->refine ? NAN : ev->predicted_gain,
         .step_ms_before = ev->forced ? NAN : 1e3 * ev->measured_step_s,
         .predicted_step_ms = ev->forced ? NAN : 1e3 * ev->predicted_step_s, .move_ms = 1e3 * ev->move_s,
         .moved_bytes = (int64_t)ev->bytes,
