@@ -719,7 +719,7 @@ static pw_action *gen_zb_v(const pw_schedule *s, int r, pw_action *p)
  * the "cut-in-half" DualPipe of Sea AI Lab, as deepseek-ai/DualPipe's
  * dualpipev.py and PyTorch's ScheduleDualPipeV order it). ZB-V's placement:
  * rank r holds chunk r (phase 0, going down) and chunk 2p−1−r (phase 1,
- * coming back up). Eight phases, with q = p−r−1 (the ranks below r):
+ * coming back up). Eight phases, with q = p−r−1 (the ranks after r):
  *   1. 2q forwards of the down chunk;
  *   2. r+1 pairs: F down, F up;
  *   3. q triples of the up chunk: B, its W, F (zero bubble: W split);
@@ -734,8 +734,8 @@ static pw_action *gen_zb_v(const pw_schedule *s, int r, pw_action *p)
  * dualpipev.py itself runs when the module has no overlapped_forward_backward.
  * A backward without zero bubble is B with its W right behind it; a deferred
  * W joins a FIFO that phases 3, 7 and 8 pop (DeepSeek's WeightGradStore).
- * Every phase count is >= 0 exactly when m >= 2p, the limit both references
- * assert. `fifo` has room for 2m actions. */
+ * Every phase count is >= 0 once m >= 2p−1; both references, and
+ * config_shape, ask m >= 2p. `fifo` has room for 2m actions. */
 static pw_action *gen_dualpipe_v(const pw_schedule *s, int r, pw_action *p, pw_action *fifo)
 {
     const int S = s->n_ranks, M = s->n_micro, q = S - r - 1;
@@ -744,7 +744,6 @@ static pw_action *gen_dualpipe_v(const pw_schedule *s, int r, pw_action *p, pw_a
 #define F(c, n) (*p++ = act(PW_ACT_F, c, (n)++))
 #define B_FULL(c, n) (*p++ = act(PW_ACT_B, c, n), *p++ = act(PW_ACT_W, c, (n)++))
 #define B_ZB(c, n) (*p++ = act(PW_ACT_B, c, n), fifo[tail++] = act(PW_ACT_W, c, (n)++))
-#define B_MAYBE(zb, c, n)                                                          do {                                                                               if (zb) B_ZB(c, n);                                                            else B_FULL(c, n);                                                         } while (0)
 #define W_POP() (*p++ = fifo[head++])
     for (int i = 0; i < 2 * q; i++) F(c0, f0);
     for (int i = 0; i <= r; i++) {
@@ -772,9 +771,11 @@ static pw_action *gen_dualpipe_v(const pw_schedule *s, int r, pw_action *p, pw_a
     int zb = 0;
     for (int i = 0; i <= r; i++) {
         if (i == (r + 1) / 2 && r % 2 == 1) zb = 1;
-        B_MAYBE(zb, c1, b1);
+        if (zb) B_ZB(c1, b1);
+        else B_FULL(c1, b1);
         if (i == (r + 1) / 2 && r % 2 == 0) zb = 1;
-        B_MAYBE(zb, c0, b0);
+        if (zb) B_ZB(c0, b0);
+        else B_FULL(c0, b0);
     }
     for (int i = 0; i < q; i++) {
         W_POP();
@@ -784,7 +785,6 @@ static pw_action *gen_dualpipe_v(const pw_schedule *s, int r, pw_action *p, pw_a
 #undef F
 #undef B_FULL
 #undef B_ZB
-#undef B_MAYBE
 #undef W_POP
     PW_ASSERT(f0 == M && f1 == M && b0 == M && b1 == M && head == tail && tail <= 2 * M);
     return p;
