@@ -230,7 +230,8 @@ static void usage(FILE *f)
 "                        process), ring, mpi (MPI_Iallreduce), hierarchical\n"
 "                        (within hosts, then across), or auto (per bucket,\n"
 "                        by measured alpha-beta, among those with the tree's\n"
-"                        bytes)\n"
+"                        bytes); with --simulate: the all-reduce costed\n"
+"                        (default there: ring)\n"
 "  --compress MODE       how the gradients travel between replicas: none\n"
 "                        (default), bf16, fp16, topk:RATIO (e.g. topk:0.01,\n"
 "                        with error feedback) or powersgd:RANK (e.g.\n"
@@ -906,8 +907,8 @@ static int parse_args(int argc, char **argv, options *o)
                          : NULL;
         if (no) return bad_usage("--overlap-steps %s", no);
     }
-    if (o->allreduce_set && world <= 1)
-        return bad_usage("%s", "--allreduce applies to runs under mpirun only");
+    if (o->allreduce_set && world <= 1 && !o->simulate)
+        return bad_usage("%s", "--allreduce applies to runs under mpirun (and to --simulate) only");
     if (o->simulate + o->plan + (o->generate != NULL) > 1)
         return bad_usage("%s", "--simulate, --plan and --generate are separate modes; give one");
     if (o->calibrate && !o->simulate)
@@ -1414,6 +1415,10 @@ static pw_forecast_config forecast_config(const pw_graph *g, const options *o, d
     /* The link carries the replicas' all-reduce too (as the throttle of a run does). */
     if (o->link_bandwidth > 0) fc.allreduce_bandwidth = o->link_bandwidth;
     if (o->link_set) fc.link_latency_s = o->link_latency;
+    /* The replicas' sum as the run would do it (--simulate: the ring unless
+     * --allreduce says otherwise, as before --allreduce existed). */
+    if (o->allreduce_set) fc.allreduce_algo = o->allreduce;
+    fc.compress = o->compress;
     fc.optim_state_floats = o->optim.kind == PW_OPTIM_ADAMW ? 2 : 1;
     return fc;
 }

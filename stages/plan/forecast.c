@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "graph/partition.h"
+#include "runtime/link.h"
 #include "runtime/trace.h"
 #include "stages/program/program.h"
 
@@ -23,6 +24,7 @@ pw_forecast_config pw_forecast_defaults(void)
     c.link_bandwidth = 10e9;
     c.allreduce_bandwidth = 10e9;
     c.optim_state_floats = 1;
+    c.allreduce_algo = PW_ALLREDUCE_RING;
     c.gpus = PW_PLACE_GPUS_AUTO;
     c.host_latency_s = -1;
     c.host_bandwidth = -1;
@@ -30,6 +32,40 @@ pw_forecast_config pw_forecast_defaults(void)
 }
 
 /* ------------------------------------------------- placement and links */
+
+/* One all-reduce of chunk [b, e)'s parameters across the replicas over a
+ * link of latency `lat` and bandwidth `bw` (0: unlimited), with the
+ * configured algorithm and compression (pw_compress_model). */
+static double replica_sum_s(const pw_forecast_config *c, int b, int e, double lat, double bw)
+{
+    const pw_graph *g = c->graph;
+    int64_t numel[256], rows[256];
+    int n = 0;
+    double extra = 0.0; /* tensors past the local arrays: fp32 at the ring's cost */
+    for (int i = b; i < e; i++) {
+        const pw_node *nd = &g->nodes[i];
+        for (int k = 0; k < nd->n_params; k++) {
+            const pw_param *pp = &g->params[nd->params[k]];
+            if (pp->owner != i) continue; /* a tied use: summed with its owner */
+            const int64_t m = pw_shape_numel(&pp->shape);
+            if (n < 256) {
+                numel[n] = m;
+                rows[n++] = pp->shape.ndim >= 2 ? pp->shape.d[0] : 0;
+            } else {
+                extra += pw_sim_ring_allreduce(4 * m, c->replicas, 0.0, bw);
+            }
+        }
+    }
+    const pw_link l = {.latency_s = lat, .bandwidth = bw};
+    const int hosts = c->hosts > 0 ? c->hosts : c->replicas;
+    if (c->allreduce_algo != PW_ALLREDUCE_AUTO)
+        return pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, c->allreduce_algo).link_s +
+               extra;
+    /* auto: the faster of its candidates that give the tree's bytes. */
+    const double t = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_TREE).link_s;
+    const double h = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_HIER).link_s;
+    return (h > 0 && h < t ? h : t) + extra;
+}
 
 static const char *const link_names[PW_LINK_N] = {
     "same core/GPU", "same NUMA node", "same package", "across packages", "across hosts",
@@ -362,11 +398,10 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         if (c->replicas > 1 && fp.pl) {
             /* A ring over this stage's replicas, at its slowest hop. */
             pw_link_class cl = ring_link(&fp, rank);
-            cost[ch].allreduce = pw_sim_ring_allreduce(params, c->replicas, fp.lat[cl], fp.bw[cl]);
+            cost[ch].allreduce = replica_sum_s(c, b, e, fp.lat[cl], fp.bw[cl]);
             if (cost[ch].allreduce > 0 && (int)cl > out->allreduce_cls) out->allreduce_cls = (int)cl;
         } else if (c->replicas > 1) {
-            cost[ch].allreduce = pw_sim_ring_allreduce(params, c->replicas, c->link_latency_s,
-                                                       c->allreduce_bandwidth);
+            cost[ch].allreduce = replica_sum_s(c, b, e, c->link_latency_s, c->allreduce_bandwidth);
         }
         ar[rank] += cost[ch].allreduce * sc.n_buckets;
         cost[ch].msg_bytes = ch + 1 < C ? (int64_t)(msg * mbs) : 0;

@@ -59,8 +59,10 @@
 #include <stdio.h>
 
 #include "graph/graph.h"
+#include "runtime/compress.h"
 #include "runtime/status.h"
 #include "runtime/topology.h"
+#include "runtime/transport.h"
 #include "runtime/trace.h"
 #include "scheduler/schedule.h"
 #include "scheduler/simulate.h"
@@ -135,6 +137,14 @@ typedef struct pw_forecast_config {
     double host_latency_s;      /* with a topology: links across hosts; < 0 (as
                                  * pw_forecast_defaults sets it): the default */
     double host_bandwidth;      /* likewise (bytes/s; 0 = infinite); < 0: the default */
+    /* The replicas' gradient sum (replicas > 1): its algorithm
+     * (pw_forecast_defaults: the ring), the hosts the
+     * replicas span for the hierarchical one (0: one replica per host), and
+     * the compression (kind none: fp32). Costed by pw_compress_model on each
+     * chunk's parameter tensors over the all-reduce's link. */
+    pw_allreduce_algo allreduce_algo;
+    int hosts;
+    pw_compress_config compress;
 } pw_forecast_config;
 
 pw_forecast_config pw_forecast_defaults(void);

@@ -749,6 +749,11 @@ void pw_pipeline_stage_stats_get(const pw_pipeline *pl, int stage, pw_pipeline_s
     out->memory += gs->link_bytes;
 }
 
+const struct pw_trace *pw_pipeline_trace(const pw_pipeline *pl)
+{
+    return pl->trace;
+}
+
 pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path)
 {
     if (!pl->trace)

@@ -291,6 +291,10 @@ pw_status pw_pipeline_gather_process_stats(pw_pipeline *pl, pw_pipeline_process_
 
 /* Writes the recorded trace (needs trace_events > 0). */
 pw_status pw_pipeline_write_trace(const pw_pipeline *pl, const char *path);
+/* The recorded trace itself, to read its events in process (one track per
+ * worker: replica × stages + rank); NULL when trace_events was 0. Owned by
+ * the pipeline; read it only between steps. */
+const struct pw_trace *pw_pipeline_trace(const pw_pipeline *pl);
 
 #ifdef __cplusplus
 }

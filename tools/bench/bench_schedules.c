@@ -23,8 +23,13 @@
  * post-validated in overlapping runs of 4 steps (overlap_steps,
  * pw_pipeline_steps), built side by side and run in alternating rounds of 4
  * steps (median time per step); beside them the simulator's time per step
- * over 4 steps on the stage-timed chunk costs, one at a time and back to
- * back (its post_validate model; docs/engine.md, "Steps that overlap").
+ * over 4 steps, one at a time and back to back (its post_validate model;
+ * docs/engine.md, "Steps that overlap"), on two sources of chunk costs: the
+ * stage-timed ones below, and the in-step ones — the medians of the F, B, W
+ * and OPTIM events the engine recorded in the synchronous pipeline's timed
+ * steps (pw_pipeline_trace), so that what is left between prediction and
+ * measurement is the schedule's own doing. On a shared machine run it at
+ * real-time priority (chrt -f 50, as root): docs/performance.md.
  *
  * Model: an L × W MLP (linear + relu), partitioned by FLOPs into the
  * schedule's chunks. OPTIM is timed on each chunk's program. Messages are
@@ -172,6 +177,61 @@ static void time_chunks_concurrently(pw_pipeline *pl, int M, int64_t mbs, int re
     pthread_barrier_destroy(&start);
 }
 
+/* Each chunk's F, B and W as the engine ran them inside the timed steps:
+ * the medians of the trace's compute events of steps after `from_step`
+ * (an unsplit B is the whole backward: w = 0), and each rank's OPTIM median
+ * on the rank's first chunk. Wall time, so the cache, the other ranks and
+ * the scheduler are in them: the simulator then costs the schedule alone. */
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median_ns(int64_t *v, int64_t n)
+{
+    if (n == 0) return 0.0;
+    qsort(v, (size_t)n, sizeof v[0], cmp_i64);
+    return (double)v[n / 2] * 1e-9;
+}
+
+static void in_step_costs(const pw_pipeline *pl, int64_t from_step, pw_sim_chunk_cost *cost)
+{
+    const pw_trace *t = pw_pipeline_trace(pl);
+    const pw_schedule *sched = pw_pipeline_schedule(pl);
+    const int C = pw_pipeline_n_chunks(pl), R = sched->n_ranks;
+    for (int r = 0; r < R; r++) {
+        const pw_trace_event *ev = pw_trace_events(t, r);
+        const int64_t n = pw_trace_count(t, r);
+        if (pw_trace_dropped(t, r)) die("trace: events dropped");
+        int64_t *v = malloc((size_t)(n > 0 ? n : 1) * sizeof *v);
+        if (!v) die("memory");
+        static const char *const kinds[] = {"F", "B", "W", "OPTIM"};
+        for (int c = -1; c < C; c++) {
+            if (c >= 0 && pw_schedule_rank_of(sched, c) != r) continue;
+            for (int k = c < 0 ? 3 : 0; k < (c < 0 ? 4 : 3); k++) {
+                int64_t m = 0;
+                for (int64_t i = 0; i < n; i++)
+                    if (ev[i].cat == PW_TRACE_COMPUTE && ev[i].step > from_step && ev[i].chunk == c &&
+                        !strcmp(ev[i].name, kinds[k]))
+                        v[m++] = ev[i].t1_ns - ev[i].t0_ns;
+                const double x = median_ns(v, m);
+                if (k == 3) {
+                    for (int cc = 0; cc < C; cc++)
+                        if (pw_schedule_rank_of(sched, cc) == r) {
+                            cost[cc].optim = x;
+                            break;
+                        }
+                } else {
+                    double *dst = k == 0 ? &cost[c].f : k == 1 ? &cost[c].b : &cost[c].w;
+                    *dst = x;
+                }
+            }
+        }
+        free(v);
+    }
+}
+
 /* --post-validate (see the top). */
 #define PV_RUN 4 /* steps per timed round (and per overlapped run) */
 static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, int M, int64_t mbs, int rounds,
@@ -183,7 +243,7 @@ static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, i
     };
     enum { NK = sizeof kinds / sizeof kinds[0], NV = 3 }; /* sync, post-validated, overlapped */
     pw_pipeline *pl[NK][NV];
-    double *t[NK][NV], sim[NK][2];
+    double *t[NK][NV], sim[NK][2], ins[NK][2];
     int64_t rollbacks[NK] = {0};
     for (int k = 0; k < NK; k++)
         for (int v = 0; v < NV; v++) {
@@ -200,6 +260,7 @@ static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, i
             pc.clip_grad_norm = clip;
             pc.post_validate = v > 0;
             pc.overlap_steps = v == 2 ? PV_RUN : 0;
+            if (v == 0) pc.trace_events = pw_pipeline_trace_capacity(4 * M, 1, (int64_t)(rounds + 1) * PV_RUN); /* V: 2 chunks */
             if (pw_pipeline_create(&pc, &pl[k][v]) != PW_OK) die(kinds[k].name);
             t[k][v] = calloc((size_t)rounds, sizeof(double));
             if (!t[k][v]) die("memory");
@@ -246,21 +307,41 @@ static void post_validate_table(const pw_graph *g, const pw_dataset *d, int S, i
             sim[k][v] = res->steps_time / PV_RUN;
             pw_sim_result_destroy(res);
         }
+        /* The same two simulations on the costs the engine measured inside
+         * the timed synchronous steps (after the warm-up run). */
+        memset(cost, 0, (size_t)C * sizeof *cost);
+        in_step_costs(pl[k][0], PV_RUN, cost);
+        for (int v = 0; v < 2; v++) {
+            pw_sim_config sc = {.chunks = cost, .link_latency = 10e-6, .steps = PV_RUN, .post_validate = v};
+            pw_sim_result *res;
+            if (pw_simulate(pw_pipeline_schedule(pl[k][0]), &sc, &res) != PW_OK) die("simulate");
+            ins[k][v] = res->steps_time / PV_RUN;
+            pw_sim_result_destroy(res);
+        }
         free(cost);
         for (int v = 0; v < NV; v++) qsort(t[k][v], (size_t)rounds, sizeof(double), cmp_double);
     }
     printf("bench_schedules --post-validate: p = %d, m = %d micro-batches of %lld, clip %g, %d alternating "
            "rounds of %d steps (medians, per step)\n", S, M, (long long)mbs, clip, rounds, PV_RUN);
-    printf("  schedule       sync step  vs 1f1b   post-validated  overlapped  vs 1f1b  vs sync  rollbacks   "
-           "sim sync  vs 1f1b   sim overlapped  vs 1f1b  vs sim sync\n");
+    printf("  measured       sync step  vs 1f1b   post-validated  overlapped  vs 1f1b  vs sync  rollbacks\n");
     const double base = t[0][0][rounds / 2];
     for (int k = 0; k < NK; k++) {
         const double a = t[k][0][rounds / 2], b = t[k][1][rounds / 2], o = t[k][2][rounds / 2];
-        printf("  %-12s %8.2f ms  %+6.1f%%  %10.2f ms  %7.2f ms  %+6.1f%%  %+6.1f%%  %7lld   %7.2f ms  %+6.1f%%  "
-               "%11.2f ms  %+6.1f%%  %+6.1f%%\n",
-               kinds[k].name, a * 1e3, 100 * (a / base - 1), b * 1e3, o * 1e3, 100 * (o / base - 1),
-               100 * (o / a - 1), (long long)rollbacks[k], sim[k][0] * 1e3, 100 * (sim[k][0] / sim[0][0] - 1),
-               sim[k][1] * 1e3, 100 * (sim[k][1] / sim[0][0] - 1), 100 * (sim[k][1] / sim[k][0] - 1));
+        printf("  %-12s %8.2f ms  %+6.1f%%  %10.2f ms  %7.2f ms  %+6.1f%%  %+6.1f%%  %7lld\n", kinds[k].name,
+               a * 1e3, 100 * (a / base - 1), b * 1e3, o * 1e3, 100 * (o / base - 1), 100 * (o / a - 1),
+               (long long)rollbacks[k]);
+    }
+    printf("  simulated      chunk-timed  vs 1f1b | in-step  vs 1f1b  vs measured  measured vs 1f1b - sim's | "
+           "in-step overlapped  vs in-step sync\n");
+    for (int k = 0; k < NK; k++) {
+        const double a = t[k][0][rounds / 2];
+        printf("  %-12s %8.2f ms  %+6.1f%%  | %7.2f ms  %+6.1f%%  %+8.1f%%  %+14.1f points       | %10.2f ms  %+8.1f%%\n",
+               kinds[k].name, sim[k][0] * 1e3, 100 * (sim[k][0] / sim[0][0] - 1), ins[k][0] * 1e3,
+               100 * (ins[k][0] / ins[0][0] - 1), 100 * (ins[k][0] / a - 1),
+               100 * (a / base - 1) - 100 * (ins[k][0] / ins[0][0] - 1), ins[k][1] * 1e3,
+               100 * (ins[k][1] / ins[k][0] - 1));
+    }
+    for (int k = 0; k < NK; k++) {
         for (int v = 0; v < NV; v++) {
             pw_pipeline_destroy(pl[k][v]);
             free(t[k][v]);
