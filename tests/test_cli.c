@@ -367,7 +367,7 @@ static void write_gpt(void)
 Test(cli, every_schedule_kind_trains_the_same_weights)
 {
     char *o;
-    const char *kinds[] = {"gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"};
+    const char *kinds[] = {"gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev"};
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
         char args[512];
         snprintf(args, sizeof args, "m.graph " DATA " --steps 4 --batch 32 --stages 2 --micro-batches 4 "
@@ -379,6 +379,10 @@ Test(cli, every_schedule_kind_trains_the_same_weights)
         cr_assert(same_file("k0.safetensors", name), "%s differs from gpipe", kinds[i]);
     }
     cr_assert_eq(run("m.graph " DATA " --steps 1 --stages 2 --schedule zb-v --chunks-per-rank 3", &o), 1);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --batch 32 --stages 2 --micro-batches 2 --schedule dualpipev", &o),
+                 1);
+    cr_assert(strstr(o, "dualpipev needs n_micro >= 2 x n_stages"), "%s", o);
     free(o);
     cr_assert_eq(run("m.graph " DATA " --steps 1 --recompute --stages 2 --save r.safetensors", &o), 0, "%s", o);
     free(o);

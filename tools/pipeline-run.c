@@ -150,9 +150,11 @@ static void usage(FILE *f)
 "                        can make: nodes / chunks per rank)\n"
 "  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
 "                        zb-auto (ZB-1p/2p: built from the stages' predicted\n"
-"                        times under --memory-limit), auto (forecast every kind,\n"
-"                        train with the fastest that fits), or a schedule CSV\n"
-"                        file (docs/schedules.md); validated before anything runs\n"
+"                        times under --memory-limit), dualpipev (DeepSeek's\n"
+"                        DualPipeV: micro-batches >= 2 x stages), auto\n"
+"                        (forecast every kind, train with the fastest that\n"
+"                        fits), or a schedule CSV file (docs/schedules.md);\n"
+"                        validated before anything runs\n"
 "  --memory-limit N|Np   zb-auto: micro-batches in flight per stage, a count or a\n"
 "                        multiple of the stages (default 2p; 1p is 1F1B's)\n"
 "  --chunks-per-rank V   model chunks per rank for interleaved (default 2)\n"
@@ -1337,7 +1339,7 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
     if (pw_schedule_kind_parse(o->schedule, kind) == PW_OK && *kind != PW_SCHEDULE_CUSTOM) return 0;
     if (access(o->schedule, R_OK) != 0) {
         fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
-                "zb-auto, auto or a readable CSV file\n", g_who, o->schedule);
+                "zb-auto, dualpipev, auto or a readable CSV file\n", g_who, o->schedule);
         return 2;
     }
     *csv = o->schedule;
@@ -1347,8 +1349,8 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
 /* --stages not given: parse_args guessed the core count (/ --replicas) or
  * the GPU count; lower it to the most stages this graph can make. A run
  * cuts the graph into stages x V chunks of at least one node each (V, the
- * chunks per rank: interleaved's --chunks-per-rank or 2, zb-v 2, others
- * 1), so at most n_nodes / V stages; each replica is a whole pipeline, so
+ * chunks per rank: interleaved's --chunks-per-rank or 2, zb-v and dualpipev
+ * 2, others 1), so at most n_nodes / V stages; each replica is a whole pipeline, so
  * replicas do not change the bound. --schedule auto is bounded at V = 1
  * (its candidates with more chunks than nodes say "not applicable"). A CSV
  * schedule fixes the stage count (and, unless given, the micro-batches)
@@ -1360,7 +1362,7 @@ static int default_stages(const pw_graph *g, options *o)
     pw_schedule_kind kind;
     int V = o->chunks_per_rank > 0 ? o->chunks_per_rank : 1;
     if (pw_schedule_kind_parse(o->schedule, &kind) == PW_OK && kind != PW_SCHEDULE_CUSTOM) {
-        if (kind == PW_SCHEDULE_ZB_V) V = 2;
+        if (kind == PW_SCHEDULE_ZB_V || kind == PW_SCHEDULE_DUALPIPE_V) V = 2;
         else if (kind == PW_SCHEDULE_INTERLEAVED && !o->chunks_per_rank) V = 2;
     } else if (strcmp(o->schedule, "auto") != 0) {
         pw_schedule *s = NULL;

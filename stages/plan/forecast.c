@@ -289,7 +289,7 @@ static void describe_placement(const pw_forecast_config *c, const fplace *fp, ch
 
 static int chunks_per_rank(const pw_forecast_config *c)
 {
-    if (c->schedule == PW_SCHEDULE_ZB_V) return 2;
+    if (c->schedule == PW_SCHEDULE_ZB_V || c->schedule == PW_SCHEDULE_DUALPIPE_V) return 2;
     if (c->schedule == PW_SCHEDULE_INTERLEAVED) return c->chunks_per_rank > 0 ? c->chunks_per_rank : 2;
     return 1;
 }
@@ -503,7 +503,7 @@ pw_status pw_forecast_auto(const pw_forecast_config *cfg, pw_forecast *best, FIL
     static const struct { pw_schedule_kind kind; int v; } cand[] = {
         {PW_SCHEDULE_GPIPE, 1},       {PW_SCHEDULE_1F1B, 1},        {PW_SCHEDULE_INTERLEAVED, 2},
         {PW_SCHEDULE_INTERLEAVED, 4}, {PW_SCHEDULE_ZB_H1, 1},       {PW_SCHEDULE_ZB_H2, 1},
-        {PW_SCHEDULE_ZB_V, 2},
+        {PW_SCHEDULE_ZB_V, 2},        {PW_SCHEDULE_DUALPIPE_V, 2},
     };
     memset(best, 0, sizeof *best);
     int have = 0;

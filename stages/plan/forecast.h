@@ -105,7 +105,7 @@ typedef struct pw_forecast_config {
     int micro_batches;
     int64_t micro_batch_size;   /* samples */
     pw_schedule_kind schedule;
-    int chunks_per_rank;        /* v for interleaved (0 = 2); ZB-V uses 2 */
+    int chunks_per_rank;        /* v for interleaved (0 = 2); ZB-V and DualPipeV use 2 */
     int split_w;                /* GPipe/1F1B only */
     int memory_limit;           /* zb-auto's (pw_schedule_config); 0: 2p */
     double flops_per_s;         /* compute rate of one rank */
