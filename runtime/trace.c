@@ -101,6 +101,7 @@ static const char *cat_name(int cat)
     case PW_TRACE_WAIT: return "wait";
     case PW_TRACE_STEP: return "step";
     case PW_TRACE_REBALANCE: return "rebalance";
+    case PW_TRACE_TP: return "tp";
     default: return "other";
     }
 }

@@ -42,6 +42,10 @@ typedef enum pw_trace_cat {
     PW_TRACE_REBALANCE,     /* a re-partition between steps (stages/train/rebalance.h):
                                name "rebalance", step = the steps done before it,
                                bytes = parameter and optimizer bytes it moved */
+    PW_TRACE_TP,            /* a tensor-parallel all-reduce inside an F, B or W (name
+                               "TP_ALLREDUCE", cat "tp"; stages/ops/tp.h): chunk and mb
+                               of the call it is in, bytes = the floats summed × 4;
+                               nested in that event's time on the same track */
 } pw_trace_cat;
 
 typedef struct pw_trace_event {
