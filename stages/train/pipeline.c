@@ -363,6 +363,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         free(gpu_pci);
         goto fail;
     }
+    if (t && T > 1) pw_trace_set_pid(pl->trace, t->tp_rank); /* the T processes of a stage apart */
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
