@@ -246,12 +246,11 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     const int T = c->tensor_parallel > 1 ? c->tensor_parallel : 1;
     if (c->tensor_parallel < 0 || c->tensor_parallel > 64)
         return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: must be 1 to 64 ranks", c->tensor_parallel);
+    if (t && (t->n_tp > 1 ? t->n_tp : 1) != T)
+        return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d under MPI: the transport runs %d "
+                        "tensor-parallel ranks per stage (pw_mpi_config.n_tensor)", T, t->n_tp > 1 ? t->n_tp : 1);
     if (T > 1) {
         /* What tensor parallelism does not cover yet (docs/parallelism.md). */
-        if (t && (t->n_tp > 1 ? t->n_tp : 1) != T)
-            return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d under MPI: the transport runs %d "
-                            "tensor-parallel ranks per stage (pw_mpi_config.n_tensor)", T,
-                            t->n_tp > 1 ? t->n_tp : 1);
         if (t && c->ps_servers > 0)
             return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with parameter servers under MPI is not "
                             "built", T);
