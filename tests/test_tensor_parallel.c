@@ -18,6 +18,7 @@
 #include "stages/train/checkpoint.h"
 #include "stages/train/data.h"
 #include "runtime/trace_read.h"
+#include "runtime/transport.h"
 #include "stages/train/trainer.h"
 #include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
@@ -869,4 +870,29 @@ Test(tensor_parallel, trace_records_the_sums, .timeout = TIMEOUT)
     unlink(path);
     pw_graph_destroy(g);
     pw_dataset_destroy(d);
+}
+
+/* The MPI rank layout (runtime/transport.h, "Layout"; docs/distributed.md,
+ * "Rank layout"): w = (replica · S + stage) · T + tp, and a process's peer
+ * in another stage or replica has its own tensor rank; T = 1 is the layout
+ * without tensor parallelism. */
+Test(tensor_parallel, mpi_rank_layout, .timeout = TIMEOUT)
+{
+    const int S = 3, R = 2;
+    for (int T = 1; T <= 4; T++)
+        for (int w = 0; w < S * R * T; w++) {
+            /* what pw_mpi_transport_create derives from the world rank */
+            pw_transport t = {.n_ranks = S, .n_replicas = R, .n_tp = T, .replica = w / T / S, .rank = w / T % S,
+                              .tp_rank = w % T};
+            cr_assert_eq(pw_transport_world_of(&t, t.replica, t.rank), w, "T=%d w=%d", T, w);
+            for (int k = 0; k < R; k++)
+                for (int r = 0; r < S; r++) {
+                    const int peer = pw_transport_world_of(&t, k, r);
+                    cr_assert_eq(peer % T, t.tp_rank, "the peer keeps the tensor rank");
+                    cr_assert_eq(peer / T, k * S + r);
+                }
+        }
+    /* n_tp 0 (a transport built without tensor parallelism) is T = 1 */
+    pw_transport t0 = {.n_ranks = 2, .n_replicas = 2, .replica = 1, .rank = 1};
+    cr_assert_eq(pw_transport_world_of(&t0, 1, 0), 2);
 }
