@@ -310,8 +310,9 @@ static void usage(FILE *f)
 "                        1, 3, 6, 12); each stage holds ceil(log2(G / R))\n"
 "                        more gradient copies\n"
 "  --tensor-parallel T   split each stage's tp=-marked layers over T ranks,\n"
-"                        threads of this process (docs/parallelism.md): CPU,\n"
-"                        one process, no clipping, no --resume/--rebalance;\n"
+"                        threads of this process, or processes under mpirun\n"
+"                        -np S*R*T (docs/parallelism.md): CPU, no clipping,\n"
+"                        no --resume/--rebalance;\n"
 "                        within rounding of T = 1, the same bits for every\n"
 "                        stage count, schedule and replica count at one T\n"
 "  --parallel auto       search stages x replicas x threads x micro-batches x\n"
@@ -897,8 +898,15 @@ static int parse_args(int argc, char **argv, options *o)
     }
     /* Under mpirun the processes are the workers (and the servers, the last K). */
     if (o->stages == 0) {
-        const int wk = world - o->ps_servers;
-        o->stages = wk > 0 && wk % o->replicas == 0 ? wk / o->replicas : 1;
+        const int wk = world - o->ps_servers, rt = o->replicas * (o->tensor_parallel > 1 ? o->tensor_parallel : 1);
+        if (world > 1 && rt > 1 && (wk <= 0 || wk % rt != 0)) {
+            fprintf(stderr, "pipeline-run: mpirun -np %d%s is not a multiple of --replicas %d x --tensor-parallel %d "
+                    "(the processes are stages x replicas x tensor-parallel ranks; docs/distributed.md, \"Rank "
+                    "layout\")\n", wk, o->ps_servers > 0 ? " less --servers" : "", o->replicas,
+                    o->tensor_parallel > 1 ? o->tensor_parallel : 1);
+            return 2;
+        }
+        o->stages = wk > 0 && wk % rt == 0 ? wk / rt : 1;
     }
     if (o->overlap_steps > 1) {
         const char *no = world > 1 ? "runs in one process only (not under mpirun)"
@@ -1290,7 +1298,8 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     }
     pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce,
                         .watchdog_s = o->watchdog_s, .link_latency_s = o->link_latency,
-                        .link_bandwidth = o->link_bandwidth, .n_servers = o->ps_servers};
+                        .link_bandwidth = o->link_bandwidth, .n_servers = o->ps_servers,
+                        .n_tensor = o->tensor_parallel};
     /* MPI start-up waits for every process before the watchdog exists: a
      * process that never arrives ends the wait after the watchdog's time
      * (at least 10 s: starting MPI on a loaded machine takes seconds). */
@@ -1304,11 +1313,19 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     }
     if (g_mpi->server >= 0)
         snprintf(g_who, sizeof g_who, "MPI rank %d (server %d): ", g_mpi->world_rank, g_mpi->server);
+    else if (g_mpi->n_tp > 1)
+        snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d, tensor rank %d): ", g_mpi->world_rank,
+                 g_mpi->replica, g_mpi->rank, g_mpi->tp_rank);
     else
         snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d): ", g_mpi->world_rank, g_mpi->replica,
                  g_mpi->rank);
     atexit(report_early_exit);
     if (g_mpi->world_rank != 0) o->quiet = 2; /* only rank 0 talks */
+    else if (!o->quiet && g_mpi->n_tp > 1)
+        printf("pipeline-run: MPI: %d processes = %d stage%s x %d replica%s x %d tensor-parallel ranks (rank w runs "
+               "replica w / %d, stage (w / %d) %% %d, tensor rank w %% %d); %s\n", g_mpi->world_size, o->stages,
+               o->stages > 1 ? "s" : "", o->replicas, o->replicas > 1 ? "s" : "", g_mpi->n_tp,
+               o->stages * g_mpi->n_tp, g_mpi->n_tp, o->stages, g_mpi->n_tp, g_mpi->desc);
     else if (!o->quiet)
         printf("pipeline-run: MPI: %d processes = %d stage%s x %d replica%s (rank w runs replica w / %d, "
                "stage w %% %d); %s\n", g_mpi->world_size, o->stages, o->stages > 1 ? "s" : "", o->replicas,

@@ -59,15 +59,20 @@ typedef struct gstage {
     int loss_mb, loss_slot;
     pw_stage_done_fn done;
     void *done_arg;
-    /* Tensor parallelism (pl->T > 1): one piece, run by T rank programs on
-     * the team's threads (the engine's worker is rank 0) over the group. */
-    pw_program **rank_prog;   /* [T]; [0] == piece[0] */
-    pw_shm_group *tp_group;
+    /* Tensor parallelism (pl->T > 1): one piece, run by the TL rank programs
+     * of this process on the team's threads (the engine's worker is the
+     * first) over the group (in process) or the transport's tp_coll (MPI). */
+    pw_program **rank_prog;   /* [TL]: ranks tp0 .. tp0+TL−1; [0] == piece[0] */
+    pw_shm_group *tp_group;   /* in process only */
     pw_tp_team *tp_team;
     void **tp_grad_out;       /* [slots]: the engine's GRAD_OUT buffer, rank 0's */
-    char *tp_grad_mem;        /* ranks 1 .. T−1 × slots own GRAD_OUT buffers */
+    char *tp_grad_mem;        /* local ranks 1 .. TL−1 × slots own GRAD_OUT buffers */
     size_t tp_grad_bytes, tp_grad_stride;
     atomic_int tp_abort;
+    /* The engine call the first local rank is in, for its TP_ALLREDUCE
+     * trace events (pipeline_stage.c, tp_traced): none while evaluating. */
+    int tp_tracing, tp_mb;
+    int64_t tp_step;
 } gstage;
 
 struct pw_pipeline {
@@ -111,6 +116,9 @@ struct pw_pipeline {
     double win_last_loss;     /* the last agreed window's mean (summed over processes) */
     int64_t win_last_correct;
     int T;                    /* tensor-parallel ranks per chunk (1: none) */
+    int TL, tp0;              /* of which this process runs TL from rank tp0: in one
+                                 process all T from 0; under MPI one, the transport's
+                                 tp_rank (its peers are other processes: t->tp_coll) */
     pw_graph **rank_g;        /* [T] at T > 1: rank k's graph (pw_graph_tp_rank) */
     uint64_t generation;      /* unique per pipeline object of the process: a caller that
                                  keeps pointers into its programs (the checkpoint writer)

@@ -246,11 +246,14 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     const int T = c->tensor_parallel > 1 ? c->tensor_parallel : 1;
     if (c->tensor_parallel < 0 || c->tensor_parallel > 64)
         return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: must be 1 to 64 ranks", c->tensor_parallel);
+    if (t && (t->n_tp > 1 ? t->n_tp : 1) != T)
+        return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d under MPI: the transport runs %d "
+                        "tensor-parallel ranks per stage (pw_mpi_config.n_tensor)", T, t->n_tp > 1 ? t->n_tp : 1);
     if (T > 1) {
         /* What tensor parallelism does not cover yet (docs/parallelism.md). */
-        if (t)
-            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d under MPI: per-stage tensor-parallel "
-                            "communicators are not built (its ranks are threads of one process)", T);
+        if (t && c->ps_servers > 0)
+            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with parameter servers under MPI is not "
+                            "built", T);
         if (c->device && strcmp(c->device, "cpu") != 0)
             return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d runs on the CPU only (device '%s')", T,
                             c->device);
@@ -266,6 +269,8 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     pl->cfg = *c;
     pl->T = T;
+    pl->TL = t ? 1 : T;
+    pl->tp0 = t && T > 1 ? t->tp_rank : 0;
     pl->g = c->graph;
     pl->t = t;
     pl->S = c->stages;
@@ -357,6 +362,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         free(gpu_pci);
         goto fail;
     }
+    if (t && T > 1) pw_trace_set_pid(pl->trace, t->tp_rank); /* the T processes of a stage apart */
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
@@ -518,7 +524,7 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
     for (int k = 0; k < pl->NRL && st == PW_OK; k++) {
         /* Tensor parallelism: each rank's parts summed with the same rank's
          * in the other chunks (no clipping at T > 1: pl_create). */
-        for (int r = 1; r < pl->T; r++) {
+        for (int r = 1; r < pl->TL; r++) {
             int nr = pl_replica_rank_programs(pl, k, r, p);
             PW_CHECK_GOTO(pl_sum_ties(pl->rank_g[r], p, nr), st, out);
             for (int j = 0; j < nr; j++) PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);

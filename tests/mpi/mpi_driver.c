@@ -61,6 +61,20 @@
  *               and --link-bandwidth/--link-latency, byte-identical to the
  *               tree in one process (with and without the in-process link);
  *               at 2, runs behind a 20 ms link take at least its latencies
+ *   tp          (PW_MPI_ONLY=tp, at NP = 4; docs/parallelism.md "Under MPI")
+ *               tensor parallelism with its T ranks as processes: a tiny GPT
+ *               split Megatron-style (vocabulary-parallel embedding and tied
+ *               head, attention by heads, MLPs column then row; dropout) at
+ *               S x R x T = 2 x 1 x 2 and 1 x 2 x 2 (np 4) and 2 x 2 x 2
+ *               (np 8): the checkpoint byte-identical to the same layout in
+ *               one process (SGD and AdamW, 1F1B and GPipe), and not T = 1's;
+ *               bad layouts (np not S x R x T, not a multiple of R x T, heads
+ *               fewer than T) refused naming the numbers or the op; a tensor
+ *               rank hung mid-step named as the stalled one within the
+ *               watchdog (the tensor-parallel all-reduce's own watch), one
+ *               killed ending the job with its rank named; every process's
+ *               trace holds TP_ALLREDUCE events and pipe-trace reads the
+ *               four files as one run with the line for them
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
  *               the full set, and gather refuses a side that was not loaded
@@ -1440,6 +1454,188 @@ static void ps_cases(int np)
     }
 }
 
+/* ------------------------------------------------ tensor parallelism (tp) */
+
+/* The tied GPT of write_tied with tp= marks: vocabulary-parallel wte and
+ * head, attention split by its 2 heads, the MLP column then row. */
+static void write_tp(void)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/tp.graph", dir);
+    FILE *f = fopen(path, "w");
+    fputs("graph tiny_tp_gpt\n"
+          "input tokens : i32[8]\n"
+          "label next : i32[8]\n"
+          "tok = embedding(tokens, vocab=256, dim=16, tp=vocab) as wte\n"
+          "pos = pos_embedding(tok, max=8) as wpe\n"
+          "x0  = dropout(pos, p=0.1)\n"
+          "h = repeat 2 as h (x = x0) {\n"
+          "  a   = layernorm(x) as ln_1\n"
+          "  qkv = linear(a, out=48, tp=column) as attn.c_attn\n"
+          "  att = causal_attention(qkv, heads=2)\n"
+          "  o   = linear(att, out=16, tp=row) as attn.c_proj\n"
+          "  od  = dropout(o, p=0.1)\n"
+          "  x1  = add(x, od)\n"
+          "  m   = layernorm(x1) as ln_2\n"
+          "  fc  = linear(m, out=64, tp=column) as mlp.c_fc\n"
+          "  g   = gelu(fc)\n"
+          "  pr  = linear(g, out=16, tp=row) as mlp.c_proj\n"
+          "  x2  = add(x1, pr)\n"
+          "  return x2\n"
+          "}\n"
+          "hf = layernorm(h) as ln_f\n"
+          "logits = linear(hf, out=256, bias=false, weight=wte.weight, tp=column) as lm_head\n"
+          "loss = softmax_cross_entropy(logits, next)\n", f);
+    fclose(f);
+}
+
+#define TP_MODEL "tp.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16"
+
+/* S x R x T under mpirun -np S·R·T against the same layout in one process
+ * (T ranks as threads): the same checkpoint bytes. */
+static void tp_identical(int S, int R, int T, const char *extra, const char *tag)
+{
+    char args[1024], what[1200];
+    snprintf(args, sizeof args, TP_MODEL " --steps 6 --stages %d --replicas %d --tensor-parallel %d %s", S, R, T,
+             extra);
+    snprintf(what, sizeof what, "tp.graph: %d stages x %d replicas x %d tensor-parallel ranks %s", S, R, T, extra);
+    identical_runs(S * R * T, args, "", args, tag, what);
+}
+
+/* The MPI run at T = 2 is not T = 1's (the sums' order differs): the
+ * byte comparison above could fail. */
+static void tp_not_t1(void)
+{
+    char cmd[2048], why[256], *out = NULL, a[160], b[160];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " TP_MODEL " --steps 6 --stages 2 --micro-batches 4 --save tp_t1.st",
+             bin);
+    if (run(cmd, 300, &out, NULL) != 0) {
+        fail("tp: T = 1 in one process (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    free(out);
+    snprintf(a, sizeof a, "%s/tp_t1.st", dir);
+    snprintf(b, sizeof b, "%s/mpi_tp_s2.st", dir);
+    if (test_same_tensors(a, b, why, sizeof why)) fail("tp: the MPI run at T = 2 saved T = 1's very bytes");
+    else printf("ok   tp: the MPI run at T = 2 differs from T = 1 in its bits (%s)\n", why);
+}
+
+/* A layout mpirun cannot run: non-zero, and the output says `must_say`. */
+static void tp_refused(int np, const char *flags, const char *must_say)
+{
+    char cmd[2048], *out = NULL;
+    double took = 0;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np %d %s/pipeline-run " TP_MODEL " --steps 2 %s", np, bin, flags);
+    int st = run(cmd, 120, &out, &took);
+    if (st == 0) fail("tp: mpirun -np %d %s ran (expected a refusal)\n%s", np, flags, out);
+    else if (st == 124) fail("tp: mpirun -np %d %s hung\n%s", np, flags, out);
+    else if (!strstr(out, must_say)) fail("tp: mpirun -np %d %s: the output does not say \"%s\"\n%s", np, flags, must_say, out);
+    else printf("ok   tp: mpirun -np %d %s refused (%.1f s): \"%s\"\n", np, flags, took, must_say);
+    free(out);
+}
+
+/* World rank `victim` (S = 2, T = 2: rank 2·stage + tp) hangs mid-step: its
+ * tensor-parallel peer waits inside F or B, in the group's all-reduce; the
+ * watch on that wait names the victim as stalled, and no healthy rank. */
+static void tp_hang(int victim)
+{
+    char cmd[2048], *out = NULL, name[128];
+    double took = 0;
+    snprintf(cmd, sizeof cmd, "PW_TEST_HANG=%d:step:3 " MPIRUN " -np 4 %s/pipeline-run " TP_MODEL " --steps 20 "
+             "--stages 2 --tensor-parallel 2 --watchdog %d", victim, bin, HANG_WD);
+    int st = run(cmd, 60, &out, &took);
+    snprintf(name, sizeof name, "MPI rank %d (replica 0, stage %d, tensor rank %d) stalled", victim, victim / 2,
+             victim % 2);
+    int other = 0;
+    for (int w = 0; w < 4; w++) {
+        char x[128];
+        snprintf(x, sizeof x, "MPI rank %d (replica 0, stage %d, tensor rank %d) stalled", w, w / 2, w % 2);
+        other |= w != victim && strstr(out, x) != NULL;
+    }
+    /* How long the peer waited in the sum before it named the victim: the
+     * watch's own bound, which start-up time on a loaded machine does not
+     * stretch (the whole run's time, start-up included, is bounded loosely). */
+    double waited = -1;
+    const char *w = strstr(out, "s for the tensor-parallel all-reduce of its stage");
+    for (const char *q = w; q && q > out + 7; q--)
+        if (!strncmp(q, " waited ", 8)) {
+            waited = atof(q + 8);
+            break;
+        }
+    if (!strstr(out, "PW_TEST_HANG: MPI rank")) fail("tp hang: the hook never fired\n%s", out);
+    else if (st == 0) fail("tp hang: mpirun returned 0 after rank %d hung\n%s", victim, out);
+    else if (st == 124) fail("tp hang: the run hung (killed by the test after %.0f s)\n%s", took, out);
+    else if (took > HANG_WD + 30) fail("tp hang: took %.1f s to stop (bound %d s)\n%s", took, HANG_WD + 30, out);
+    else if (!strstr(out, name)) fail("tp hang: the output does not say \"%s\"\n%s", name, out);
+    else if (other) fail("tp hang: a healthy rank is named as stalled\n%s", out);
+    else if (waited < 0) fail("tp hang: no process says it waited in the tensor-parallel all-reduce\n%s", out);
+    else if (waited < HANG_WD || waited > HANG_WD + 3)
+        fail("tp hang: the peer named it after waiting %.1f s in the all-reduce (watchdog %d s)\n%s", waited, HANG_WD,
+             out);
+    else printf("ok   tp: tensor rank %d hung in step 3: its peer's tensor-parallel all-reduce named it after %.1f s "
+                "(--watchdog %d), mpirun exit %d after %.1f s: \"%s\"\n", victim, waited, HANG_WD, st, took, name);
+    free(out);
+}
+
+/* World rank `victim` killed after step 2: mpirun ends the job, naming it. */
+static void tp_kill(int victim)
+{
+    char cmd[2048], *out = NULL, name[64];
+    double took = 0;
+    snprintf(cmd, sizeof cmd, "PW_TEST_FAULT=kill:%d:2 " MPIRUN " -np 4 %s/pipeline-run " TP_MODEL " --steps 40 "
+             "--stages 2 --tensor-parallel 2 --watchdog 3", victim, bin);
+    int st = run(cmd, 120, &out, &took);
+    snprintf(name, sizeof name, "process rank %d", victim); /* mpirun's: "noticed that process rank 3 ..." */
+    if (st == 0) fail("tp kill: mpirun returned 0 after rank %d was killed\n%s", victim, out);
+    else if (st == 124) fail("tp kill: the run hung (killed by the test after %.0f s)\n%s", took, out);
+    else if (took > 60) fail("tp kill: the others took %.1f s to stop\n%s", took, out);
+    else if (!strstr(out, name)) fail("tp kill: the output does not say \"%s\"\n%s", name, out);
+    else printf("ok   tp: tensor rank %d killed: mpirun exit %d after %.1f s, says \"%s\"\n", victim, st, took, name);
+    free(out);
+}
+
+/* Each process's trace holds its TP_ALLREDUCE events (pid = its tensor
+ * rank); pipe-trace reads the 4 files as one run of 4 tracks with the
+ * tensor-parallel line. */
+static void tp_traces(void)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "rm -f tptr.*; " MPIRUN " -np 4 %s/pipeline-run " TP_MODEL " --steps 4 --stages 2 "
+             "--tensor-parallel 2 --trace tptr.json && grep -c TP_ALLREDUCE "
+             "tptr.rank0.json tptr.rank1.json tptr.rank2.json tptr.rank3.json && %s/pipe-trace tptr.rank0.json "
+             "tptr.rank1.json tptr.rank2.json tptr.rank3.json", bin, bin);
+    int st = run(cmd, 300, &out, NULL);
+    int ok = st == 0 && strstr(out, "Tensor-parallel all-reduce:") && strstr(out, "rank 0 tp 1") &&
+             strstr(out, "rank 1 tp 1") && !strstr(out, ".json:0\n");
+    if (!ok) fail("tp traces (%s): exit %d\n%s", cmd, st, out);
+    else printf("ok   tp: 4 processes' traces hold their tensor-parallel all-reduces; pipe-trace reads them as one "
+                "run with a line for them\n");
+    free(out);
+}
+
+static void tp_cases(int np)
+{
+    if (np != 4) {
+        printf("tp: runs at NP = 4 (and starts its own mpirun -np 8)\n");
+        return;
+    }
+    tp_identical(2, 1, 2, "--micro-batches 4", "tp_s2");
+    tp_not_t1();
+    tp_identical(2, 1, 2, "--micro-batches 4 --schedule gpipe --optimizer adamw", "tp_s2g");
+    tp_identical(1, 2, 2, "--micro-batches 2 --optimizer adamw", "tp_r2");
+    tp_identical(2, 2, 2, "--micro-batches 2", "tp_s2r2");
+    tp_refused(4, "--stages 2 --tensor-parallel 3",
+               "mpirun started 4 processes, but --stages 2 x --replicas 1 x --tensor-parallel 3 needs 6");
+    tp_refused(3, "--tensor-parallel 2", "mpirun -np 3 is not a multiple of --replicas 1 x --tensor-parallel 2");
+    tp_refused(3, "--stages 1 --tensor-parallel 3",
+               "linear 'h.0.attn.c_attn' feeds causal_attention with 2 heads, fewer than the 3 tensor-parallel ranks");
+    tp_hang(1);
+    tp_hang(2);
+    tp_kill(3);
+    tp_traces();
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
@@ -1474,6 +1670,7 @@ int main(int argc, char **argv)
     if (!mkdtemp(dir)) return 1;
     write_graph();
     write_tied();
+    write_tp();
     const int have_idx = write_idx();
 
     /* PW_MPI_ONLY=checkpoints: only the training-state checkpoint cases. */
@@ -1490,6 +1687,8 @@ int main(int argc, char **argv)
         compress_cases(np);
     } else if (only && !strcmp(only, "ps")) {
         ps_cases(np);
+    } else if (only && !strcmp(only, "tp")) {
+        tp_cases(np);
     } else if (only && !strcmp(only, "checkpoints")) {
         if (ckpt_reference()) {
             if (np == 2) {
@@ -1566,6 +1765,7 @@ int main(int argc, char **argv)
         compress_cases(4);
         algos(4);
         ps_cases(4);
+        tp_cases(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);
