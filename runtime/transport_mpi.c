@@ -295,7 +295,7 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
 {
     mpi_transport *m = self;
     const int W = m->world_size, me = m->world_rank;
-    char who[64];
+    char who[96];
     if (!m->peers || atomic_load(&m->hb_failed)) {
         if (n) buf[0] = '\0';
         return -2; /* the wait fails after the watchdog, naming only whom it waited for */
@@ -454,7 +454,7 @@ static pw_status world_wait(mpi_transport *m, MPI_Request *reqs, int n, MPI_Stat
             check = now + 100000000LL;
             continue;
         }
-        char me[64];
+        char me[96];
         st = pw_error(PW_ERR_TIMEOUT, "%s%s%s waited %.1f s for %s", why, why[0] ? "; " : "",
                       who_is(m, m->world_rank, me, sizeof me), (double)(now - t0) / 1e9, what);
         break;
