@@ -879,9 +879,6 @@ static int parse_args(int argc, char **argv, options *o)
                          : o->replicas < 2 ? "needs --replicas 2 or more"
                          : o->clip > 0 ? "does not support --clip-grad-norm yet"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
-                         : o->checkpoint_dir || o->resume ? "does not checkpoint or resume yet (the servers' "
-                                                           "optimizer state is not saved): no --checkpoint-dir "
-                                                           "or --resume"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
                          : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
                                                                   "all-reduce"
@@ -1930,7 +1927,8 @@ static int open_resume(run *r, char *note, size_t n)
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world, note, n);
+    /* The workers' count: --sync ps's servers are not replicas. */
+    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world - r->o.ps_servers, note, n);
     if (rc) {
         pw_state_close(r->resume);
         r->resume = NULL;

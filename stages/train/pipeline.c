@@ -581,6 +581,7 @@ static pw_status run_steps(pw_pipeline *pl, int n, pw_step_stats *out, int *n_do
     }
     pl->batch_idx = pl->sampler.order + in_epoch * pl->cfg.batch;
     pl->run_first = pl->step + 1;
+    if (pl->ps) PW_CHECK(pl_ps_begin(pl)); /* the first: the parameters to the servers */
     pw_transport_phase(pl->t, PW_PHASE_STEP, pl->step + 1); /* the other processes' watchdogs read it */
     double t0_busy, t0_wall, t1_wall;
     int nw, done = 1;

@@ -2,14 +2,21 @@
  * (pushing gradient buckets, pulling parameters) and the servers' loop.
  *
  * Messages (the transport's ps_isend / ps_irecv, by world rank):
- *   worker -> server, once:  HELLO_N (int64: bytes of the hello), HELLO
- *                            (int64 n, int64 staleness, n x {int64 graph
- *                            param, int64 numel},
- *                            the pipeline's pw_optim_config in OPTIM_BYTES,
- *                            then the n parameters' initial values);
+ *   worker -> server, once, before the first step: HELLO_N (int64: bytes
+ *                            of the hello), HELLO (int64 n, staleness, the
+ *                            step the run starts from, optimizer state
+ *                            floats per element sf; n x {int64 graph param,
+ *                            int64 numel}; the pipeline's pw_optim_config
+ *                            in OPTIM_BYTES; the n parameters' values; then
+ *                            their optimizer state, sf x numel each);
  *   worker -> server, each step and parameter: the gradient, tag = the graph
  *                            parameter's index;
  *   server -> worker, each step and parameter: the new values, same tag;
+ *   worker of replica 0 -> server, at a checkpoint: STATE_REQ (int64: the
+ *                            step); server -> worker, once it holds that
+ *                            version: STATE (the optimizer state of the
+ *                            worker's parameters there, graph order, sf x
+ *                            numel each);
  *   worker -> server, once at the end: BYE (int64: steps done).
  * Between one pair of processes MPI delivers messages of one tag in order,
  * so step t's gradient and version t's values never need a step number. */
@@ -22,6 +29,9 @@
 #define TAG_HELLO_N(np) (np)
 #define TAG_HELLO(np) ((np) + 1)
 #define TAG_BYE(np) ((np) + 2)
+#define TAG_STATE_REQ(np) ((np) + 3) /* worker -> server: int64 step */
+#define TAG_STATE(np) ((np) + 4)     /* server -> worker: the optimizer state */
+#define HELLO_HEAD 4                 /* int64 n, staleness, start step, state floats per element */
 #define OPTIM_BYTES ((sizeof(pw_optim_config) + 7) / 8 * 8)
 
 void pw_ps_assign(const pw_graph *g, int K, int *out)
@@ -116,7 +126,8 @@ struct pl_ps {
     int *chunk_first;         /* [C + 1] parameters of chunk c: par[chunk_first[c] .. chunk_first[c+1]) */
     ps_bucket *bk;
     int n_bk;
-    int hello_sent;
+    int ready;                /* the pipeline is built (pl_ps_start) */
+    int hello_sent;           /* the servers have this process's parameters (pl_ps_begin) */
 };
 
 /* Receives of later versions complete in order; taking each that has
@@ -247,34 +258,48 @@ static pw_status ps_pull(void *self, long step)
     return PW_OK;
 }
 
+/* The hello to every server: this process's parameters (their values and
+ * optimizer state as the programs hold them: initial, --init-from's or a
+ * resumed checkpoint's) and the step the run goes on from. Sent before the
+ * first step (not at construction), so that whatever the caller loads
+ * between the two is what the servers start from. */
 static pw_status ps_hello(pl_ps *ps)
 {
     const pw_transport *t = &ps->t;
     const int np = ps->pl->g->n_params;
+    const int sf = pw_optim_state_floats(ps->pl->cfg.optim.kind);
+    const int64_t start = ps->pl->step;
+    for (int i = 0; i < ps->n_par; i++) {
+        ps_param *p = &ps->par[i];
+        p->posted = p->have = p->applied = start; /* versions count the run's steps */
+    }
     for (int k = 0; k < ps->K; k++) {
         const int srv = t->n_ranks * t->n_replicas + k;
         int64_t n = 0, floats = 0;
         for (int i = 0; i < ps->n_par; i++)
             if (ps->par[i].server == srv) n++, floats += ps->par[i].numel;
-        const int64_t bytes = (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES +
-                              floats * (int64_t)sizeof(float);
+        const int64_t bytes = (int64_t)sizeof(int64_t) * (HELLO_HEAD + 2 * n) + (int64_t)OPTIM_BYTES +
+                              floats * (1 + sf) * (int64_t)sizeof(float);
         char *msg = calloc(1, (size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
-        int64_t *h = (int64_t *)(void *)msg;
-        memcpy(h + 2 + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
-        float *v = (float *)(void *)((char *)(h + 2 + 2 * n) + OPTIM_BYTES);
+        int64_t *h = (int64_t *)(void *)msg, *pair = h + HELLO_HEAD;
+        memcpy(pair + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
+        float *v = (float *)(void *)((char *)(pair + 2 * n) + OPTIM_BYTES), *sv = v + floats;
         h[0] = n;
         h[1] = ps->stale;
-        h++; /* the pairs follow the two counts */
+        h[2] = start;
+        h[3] = sf;
         pw_status st = PW_OK;
         for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
             const ps_param *p = &ps->par[i];
             if (p->server != srv) continue;
-            h[1 + 2 * m] = p->gp;
-            h[2 + 2 * m] = p->numel;
+            pair[2 * m] = p->gp;
+            pair[2 * m + 1] = p->numel;
             m++;
             st = pw_program_param_read(p->prog, p->idx, PW_PARAM_DATA, 0, v);
             v += p->numel;
+            for (int b = 0; b < sf && st == PW_OK; b++, sv += p->numel)
+                st = pw_program_param_read(p->prog, p->idx, PW_PARAM_STATE, b, sv);
         }
         pw_treq r[2];
         char what[96];
@@ -288,6 +313,58 @@ static pw_status ps_hello(pl_ps *ps)
     }
     ps->hello_sent = 1;
     return PW_OK;
+}
+
+static int by_gp(const void *a, const void *b)
+{
+    const ps_param *x = *(ps_param *const *)a, *y = *(ps_param *const *)b;
+    return (x->gp > y->gp) - (x->gp < y->gp);
+}
+
+/* A checkpoint after step pl->step: every worker settles (with staleness:
+ * version pl->step in place, so the checkpoint is a synchronisation point),
+ * and replica 0's workers, whose programs the checkpoint writer reads,
+ * fetch their parameters' optimizer state from the servers into their
+ * programs (a worker does not step, so its own state is the hello's). The
+ * servers answer once they hold exactly that version. */
+static pw_status ps_fetch_state(pl_ps *ps)
+{
+    const pw_transport *t = &ps->t;
+    const int np = ps->pl->g->n_params;
+    const int sf = pw_optim_state_floats(ps->pl->cfg.optim.kind);
+    ps_param **mine = malloc((size_t)(ps->n_par > 0 ? ps->n_par : 1) * sizeof *mine);
+    if (!mine) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    pw_status st = PW_OK;
+    for (int k = 0; k < ps->K && st == PW_OK; k++) {
+        const int srv = t->n_ranks * t->n_replicas + k;
+        int n = 0;
+        int64_t floats = 0;
+        for (int i = 0; i < ps->n_par; i++)
+            if (ps->par[i].server == srv) mine[n++] = &ps->par[i], floats += ps->par[i].numel * sf;
+        if (n == 0) continue;
+        qsort(mine, (size_t)n, sizeof *mine, by_gp); /* the server's order: graph order */
+        float *buf = malloc((size_t)floats * sizeof(float) + 1);
+        if (!buf) {
+            st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+            break;
+        }
+        const int64_t step = ps->pl->step;
+        pw_treq r[2];
+        char what[160];
+        snprintf(what, sizeof what, "the optimizer state of step %lld from MPI rank %d (server %d)", (long long)step,
+                 srv, k);
+        st = t->vt->ps_irecv(t->self, srv, TAG_STATE(np), buf, (size_t)floats * sizeof(float), &r[1]);
+        if (st == PW_OK) st = t->vt->ps_isend(t->self, srv, TAG_STATE_REQ(np), &step, sizeof step, &r[0]);
+        if (st == PW_OK) st = ps_wait(t, &r[0], srv, what);
+        if (st == PW_OK) st = ps_wait(t, &r[1], srv, what);
+        const float *src = buf;
+        for (int i = 0; i < n && st == PW_OK; i++)
+            for (int b = 0; b < sf && st == PW_OK; b++, src += mine[i]->numel)
+                st = pw_program_param_write_state(mine[i]->prog, mine[i]->idx, b, src);
+        free(buf);
+    }
+    free(mine);
+    return st;
 }
 
 pw_status pl_ps_create(pw_pipeline *pl)
@@ -310,7 +387,7 @@ pw_status pl_ps_create(pw_pipeline *pl)
     if (pl->post_optim)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: graph '%s' ties parameters across stages; "
                         "not supported with --sync ps yet", g->name);
-    if (g->n_params + 3 > t->max_tag)
+    if (g->n_params + 5 > t->max_tag)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters need more message tags than "
                         "MPI's %d", g->n_params, t->max_tag);
     pl_ps *ps = calloc(1, sizeof *ps);
@@ -388,7 +465,24 @@ const pw_stage_i *pl_ps_vt(pw_pipeline *pl, const pw_stage_i *base)
 
 const pw_transport *pl_ps_transport(pw_pipeline *pl) { return &pl->ps->t; }
 
-pw_status pl_ps_start(pw_pipeline *pl) { return ps_hello(pl->ps); }
+pw_status pl_ps_start(pw_pipeline *pl)
+{
+    pl->ps->ready = 1;
+    return PW_OK;
+}
+
+pw_status pl_ps_begin(pw_pipeline *pl)
+{
+    return pl->ps && !pl->ps->hello_sent ? ps_hello(pl->ps) : PW_OK;
+}
+
+pw_status pl_ps_checkpoint(pw_pipeline *pl)
+{
+    pl_ps *ps = pl->ps;
+    if (!ps || !ps->hello_sent) return PW_OK; /* no step yet: the programs hold what the servers would */
+    PW_CHECK(pl_ps_settle(pl));
+    return ps->t.replica == 0 ? ps_fetch_state(ps) : PW_OK;
+}
 
 /* Every version pushed so far received, the newest in the programs: what
  * the servers hold (with staleness, before an evaluation or a save). */
@@ -420,6 +514,8 @@ void pl_ps_destroy(pw_pipeline *pl)
     pl_ps *ps = pl->ps;
     if (!ps) return;
     const pw_transport *t = &ps->t;
+    /* A run that made no step still owes the servers its hello. */
+    if (ps->ready && !ps->hello_sent && ps_hello(ps) != PW_OK) PW_WARN("parameter server: %s", pw_last_error());
     if (ps->hello_sent && pl_ps_settle(pl) == PW_OK) {
         /* Goodbye to every server (bounded; a failure is only a warning: the
          * run is over and the servers' watchdogs name the silence). */
@@ -471,7 +567,8 @@ typedef struct server {
     const pw_ps_server_config *cfg;
     pw_optim_config optim;    /* world rank 0's */
     const pw_transport *t;
-    int R, W, np, stale, slots;
+    int R, W, np, stale, slots, sf;
+    int64_t start;            /* the step the run starts from (a resumed run's checkpoint) */
     srv_param *par;
     int n_par;
     int *index;               /* [np] graph param -> par index, -1 */
@@ -531,7 +628,7 @@ static pw_status srv_hello(server *s)
         snprintf(what, sizeof what, "the parameters of MPI rank %d (replica %d, stage %d)", w, w / S, w % S);
         PW_CHECK(t->vt->ps_irecv(t->self, w, TAG_HELLO_N(s->np), &bytes, sizeof bytes, &r));
         PW_CHECK(ps_wait(t, &r, w, what));
-        if (bytes < (int64_t)(2 * sizeof(int64_t) + OPTIM_BYTES) || bytes > ((int64_t)1 << 31))
+        if (bytes < (int64_t)(HELLO_HEAD * sizeof(int64_t) + OPTIM_BYTES) || bytes > ((int64_t)1 << 31))
             return pw_error(PW_ERR_IO, "parameter server: MPI rank %d announced %lld bytes", w, (long long)bytes);
         char *msg = malloc((size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
@@ -539,19 +636,36 @@ static pw_status srv_hello(server *s)
         if (st == PW_OK) st = ps_wait(t, &r, w, what);
         const int64_t *h = (const int64_t *)(const void *)msg;
         const int64_t n = st == PW_OK ? h[0] : 0, stale = st == PW_OK ? h[1] : 0;
-        const int64_t *pair = h + 2;
-        if (st == PW_OK && (n < 0 || (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
+        const int64_t start = st == PW_OK ? h[2] : 0, sf = st == PW_OK ? h[3] : 0;
+        const int64_t *pair = h + HELLO_HEAD;
+        if (st == PW_OK && (n < 0 || n > s->np || sf < 1 || sf > 2 || start < 0 ||
+                            (int64_t)sizeof(int64_t) * (HELLO_HEAD + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
             st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
         if (st == PW_OK && w == 0) {
             memcpy(&s->optim, pair + 2 * n, sizeof s->optim);
+            s->start = start;
+            s->sf = (int)sf;
             st = stale < 0 || stale > 1000
                      ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent staleness %lld", (long long)stale)
+                 : sf != pw_optim_state_floats(s->optim.kind)
+                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent %lld state floats for %s",
+                                (long long)sf, pw_optim_name(s->optim.kind))
                      : srv_alloc(s, (int)stale);
         }
         if (st == PW_OK && stale != s->stale)
             st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d runs --staleness %lld, MPI rank 0 %d",
                           w, (long long)stale, s->stale);
+        if (st == PW_OK && (start != s->start || sf != s->sf))
+            st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d starts from step %lld, MPI rank 0 "
+                          "from step %lld (did every process resume the same checkpoint?)", w, (long long)start,
+                          (long long)s->start);
+        int64_t floats = 0;
+        for (int64_t m = 0; m < n && st == PW_OK; m++) floats += pair[2 * m + 1] > 0 ? pair[2 * m + 1] : 0;
+        if (st == PW_OK && (int64_t)sizeof(int64_t) * (HELLO_HEAD + 2 * n) + (int64_t)OPTIM_BYTES +
+                                   floats * (1 + sf) * (int64_t)sizeof(float) != bytes)
+            st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
         const float *v = (const float *)(const void *)((const char *)(pair + 2 * n) + OPTIM_BYTES);
+        const float *sv = v + floats;
         for (int64_t m = 0; m < n && st == PW_OK; m++) {
             const int64_t gp = pair[2 * m], numel = pair[2 * m + 1];
             const int i = gp >= 0 && gp < s->np ? s->index[gp] : -1;
@@ -569,8 +683,11 @@ static pw_status srv_hello(server *s)
                 break;
             }
             p->holder[k] = w;
+            p->step = s->start;
             if (k == 0) memcpy(p->data, v, (size_t)numel * sizeof(float));
+            if (k == 0) memcpy(p->state, sv, (size_t)(numel * sf) * sizeof(float));
             v += numel;
+            sv += numel * sf;
         }
         free(msg);
         PW_CHECK(st);
@@ -649,6 +766,55 @@ static pw_status srv_update(server *s, srv_param *p)
     return srv_post(s, p, step + s->slots);
 }
 
+/* A checkpoint's request from worker w (replica 0's), for `step`: once
+ * every parameter it holds here is at that version, the optimizer state of
+ * them all (graph order) goes back. *answered = 1 when sent. */
+typedef struct srv_ask {
+    int64_t step;             /* the request's buffer */
+    pw_treq req;              /* its receive */
+    int64_t asked;            /* the step asked for; -1: none pending */
+    float *buf;               /* the answer being sent */
+    pw_treq sreq;
+    int sending, posted;
+} srv_ask;
+
+static pw_status srv_answer(server *s, int w, srv_ask *a, int *answered)
+{
+    const pw_transport *t = s->t;
+    *answered = 0;
+    int64_t floats = 0;
+    for (int i = 0; i < s->n_par; i++) {
+        const srv_param *p = &s->par[i];
+        if (p->holder[0] != w) continue;
+        if (p->step < a->asked) return PW_OK; /* not yet */
+        if (p->step > a->asked)
+            return pw_error(PW_ERR_INTERNAL, "parameter server %d: MPI rank %d asked for the optimizer state of "
+                            "step %lld, but %s is at version %lld already", t->server, w, (long long)a->asked,
+                            s->cfg->graph->params[p->gp].name, (long long)p->step);
+        floats += p->numel * s->sf;
+    }
+    if (a->sending) PW_CHECK(ps_wait(t, &a->sreq, w, "a worker to take the optimizer state"));
+    a->sending = 0;
+    free(a->buf);
+    a->buf = malloc((size_t)floats * sizeof(float) + 1);
+    if (!a->buf) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    float *d = a->buf;
+    for (int i = 0; i < s->n_par; i++) {
+        const srv_param *p = &s->par[i];
+        if (p->holder[0] != w) continue;
+        memcpy(d, p->state, (size_t)(p->numel * s->sf) * sizeof(float));
+        d += p->numel * s->sf;
+    }
+    PW_CHECK(t->vt->ps_isend(t->self, w, TAG_STATE(s->np), a->buf, (size_t)floats * sizeof(float), &a->sreq));
+    a->sending = 1;
+    a->asked = -1;
+    a->posted = 0;
+    *answered = 1;
+    PW_CHECK(t->vt->ps_irecv(t->self, w, TAG_STATE_REQ(s->np), &a->step, sizeof a->step, &a->req));
+    a->posted = 1;
+    return PW_OK;
+}
+
 static pw_status srv_loop(server *s)
 {
     const pw_transport *t = s->t;
@@ -659,10 +825,19 @@ static pw_status srv_loop(server *s)
     pw_status st = bye && breq && said ? PW_OK : pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     for (int w = 0; w < s->W && st == PW_OK; w++)
         st = t->vt->ps_irecv(t->self, w, TAG_BYE(s->np), &bye[w], sizeof bye[w], &breq[w]);
+    /* Checkpoints: replica 0's workers (world ranks 0 .. S-1) ask for the state. */
+    const int S = t->n_ranks;
+    srv_ask *ask = calloc((size_t)S, sizeof *ask);
+    if (!ask && st == PW_OK) st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int w = 0; w < S && st == PW_OK; w++) {
+        ask[w].asked = -1;
+        st = t->vt->ps_irecv(t->self, w, TAG_STATE_REQ(s->np), &ask[w].step, sizeof ask[w].step, &ask[w].req);
+        ask[w].posted = st == PW_OK;
+    }
     for (int i = 0; i < s->n_par && st == PW_OK; i++)
-        for (int64_t v = 1; v <= s->slots && st == PW_OK; v++) st = srv_post(s, &s->par[i], v);
+        for (int64_t v = s->start + 1; v <= s->start + s->slots && st == PW_OK; v++) st = srv_post(s, &s->par[i], v);
     int n_said = 0;
-    int64_t last = pw_now_ns(), check = last + (int64_t)(t->watchdog_s * 1e9), version = 0;
+    int64_t last = pw_now_ns(), check = last + (int64_t)(t->watchdog_s * 1e9), version = s->start;
     for (int spin = 0; st == PW_OK; spin++) {
         int moved = 0;
         for (int i = 0; i < s->n_par && st == PW_OK; i++) {
@@ -689,6 +864,17 @@ static pw_status srv_loop(server *s)
             }
             for (int sl = 0; sl < s->slots && st == PW_OK; sl++) /* lets MPI move the sends */
                 if (p->sending[sl] && srv_slot_free(s, p, sl) < 0) st = PW_ERR_IO;
+        }
+        for (int w = 0; w < S && st == PW_OK; w++) {
+            srv_ask *a = &ask[w];
+            if (a->posted && a->asked < 0) {
+                const int rc = t->vt->test(t->self, &a->req);
+                if (rc < 0) st = pw_error(PW_ERR_IO, "parameter server: %s", pw_last_error());
+                if (rc == 1) a->asked = a->step, moved = 1;
+            }
+            int answered = 0;
+            if (st == PW_OK && a->asked >= 0) st = srv_answer(s, w, a, &answered);
+            if (answered) moved = 1;
         }
         for (int w = 0; w < s->W && st == PW_OK; w++) {
             if (said[w]) continue;
@@ -756,6 +942,12 @@ static pw_status srv_loop(server *s)
             if (!s->par[i].got[at] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[at]);
     for (int w = 0; breq && said && w < s->W; w++)
         if (!said[w] && t->vt->cancel) t->vt->cancel(t->self, &breq[w]);
+    for (int w = 0; ask && w < S; w++) {
+        if (ask[w].sending && st == PW_OK) st = ps_wait(t, &ask[w].sreq, w, "a worker to take the optimizer state");
+        if (ask[w].posted && ask[w].asked < 0 && t->vt->cancel) t->vt->cancel(t->self, &ask[w].req);
+        free(ask[w].buf);
+    }
+    free(ask);
     free(bye);
     free(breq);
     free(said);

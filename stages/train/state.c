@@ -638,6 +638,7 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
     if (!w->t || w->t->world_rank == 0) unlink(p);
     /* The snapshot: host copies at this step boundary (the workers are idle). */
     const double t0 = now_s();
+    PW_CHECK(pl_ps_checkpoint(pl)); /* --sync ps: the servers hold the optimizer state */
     for (int i = 0; i < w->n_items; i++) {
         const item *it = &w->items[i];
         pw_status st = it->part < 0 ? pw_program_param_read(it->prog, it->local, PW_PARAM_DATA, 0, w->block + it->off)

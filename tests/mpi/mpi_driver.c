@@ -1355,7 +1355,6 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--sync ps --checkpoint-dir ck", "--sync ps does not checkpoint or resume yet"},
         {"--sync ps --clip-grad-norm 1", "--sync ps does not support --clip-grad-norm yet"},
         {"--servers 2", "--servers and --staleness apply to --sync ps"},
     };
@@ -1426,6 +1425,84 @@ static void ps_staleness(int S)
                 events, worst, ahead);
 }
 
+/* Runs `cmd` (in the test directory); 1 when it exits 0, else a failure naming `what`. */
+static int ps_run(const char *cmd, const char *what)
+{
+    char *out = NULL;
+    const int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("--sync ps checkpoints: %s: exit %d\n%s\n%s", what, st, cmd, out);
+    free(out);
+    return st == 0;
+}
+
+/* 1 when files a and b (in the test directory) hold the same tensors; else a failure. */
+static int ps_same(const char *a, const char *b, const char *what)
+{
+    char pa[200], pb[200], why[256];
+    snprintf(pa, sizeof pa, "%s/%s", dir, a);
+    snprintf(pb, sizeof pb, "%s/%s", dir, b);
+    if (!test_same_tensors(pa, pb, why, sizeof why)) {
+        fail("--sync ps checkpoints: %s: differs: %s", what, why);
+        return 0;
+    }
+    printf("ok   --sync ps checkpoints: %s: identical\n", what);
+    return 1;
+}
+
+/* Checkpoints of --sync ps (docs/distributed.md, "Checkpoints"): the
+ * servers' optimizer state is in them, so a run resumed at step 5 ends
+ * with the bytes of the unbroken run — resumed as PS (on another server
+ * count), as an all-reduce run in one process; and an all-reduce run's
+ * checkpoint resumed as PS. With staleness a checkpoint is a
+ * synchronisation point: resumed as PS (synchronous) and as all-reduce it
+ * gives the same bytes. */
+#define PS_CKPT "m.graph " DATA " --batch 48 --steps 12 --optimizer adamw --lr-schedule cosine --warmup 4 " \
+                "--micro-batches 2"
+static void ps_checkpoints(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --save psref.st", bin);
+    if (!ps_run(cmd, "the unbroken all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckp; " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 "
+             "--sync ps --checkpoint-dir ckp --checkpoint-every 5 --keep 0 --save psck.st", bin);
+    if (!ps_run(cmd, "the checkpointing PS run")) return;
+    ps_same("psref.st", "psck.st", "a PS run that checkpoints at steps 5 and 10 against the all-reduce run");
+    char m[200];
+    snprintf(m, sizeof m, "%s/ckp/step-00000005/manifest.json", dir);
+    if (access(m, R_OK) != 0) {
+        fail("--sync ps checkpoints: no complete checkpoint at step 5 (%s)", m);
+        return;
+    }
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+             "--servers 2 --resume ckp/step-00000005 --save ps1.st", bin);
+    if (ps_run(cmd, "PS (1 server) resumed on 2 servers"))
+        ps_same("psref.st", "ps1.st", "saved by 1 x 2 + 1 server at step 5, resumed on 1 x 2 + 2 servers");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --resume ckp/step-00000005 "
+             "--save ps2.st", bin);
+    if (ps_run(cmd, "PS resumed as an all-reduce run"))
+        ps_same("psref.st", "ps2.st", "saved by PS at step 5, resumed in one process on 2 stages x 2 replicas");
+    snprintf(cmd, sizeof cmd, "rm -rf cka; %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --steps 12 "
+             "--checkpoint-dir cka --checkpoint-every 5 --keep 0", bin);
+    if (ps_run(cmd, "the checkpointing all-reduce run")) {
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 5 %s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --sync ps "
+                 "--resume cka/step-00000005 --save ps3.st", bin);
+        if (ps_run(cmd, "an all-reduce checkpoint resumed as PS"))
+            ps_same("psref.st", "ps3.st", "saved by an all-reduce run at step 5, resumed as 2 x 2 + 1 server");
+    }
+    /* Staleness 2, replica 1 slowed: the checkpoint at step 6 holds version 6. */
+    snprintf(cmd, sizeof cmd, "rm -rf cks; PW_TEST_SLOW=w1:3 " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 "
+             "--replicas 2 --sync ps --staleness 2 --checkpoint-dir cks --checkpoint-every 6 --keep 0", bin);
+    if (!ps_run(cmd, "a stale PS run that checkpoints")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+             "--resume cks/step-00000006 --save ps4.st", bin);
+    const int a = ps_run(cmd, "a stale run's checkpoint resumed as synchronous PS");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --resume cks/step-00000006 "
+             "--save ps5.st", bin);
+    if (ps_run(cmd, "a stale run's checkpoint resumed as all-reduce") && a)
+        ps_same("ps4.st", "ps5.st", "a --staleness 2 run's checkpoint at step 6, resumed as synchronous PS and "
+                "as all-reduce");
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
@@ -1434,6 +1511,7 @@ static void ps_cases(int np)
         ps_stopped_server("KILL");
         ps_refused();
         ps_staleness(2);
+        ps_checkpoints();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
