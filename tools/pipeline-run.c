@@ -882,9 +882,6 @@ static int parse_args(int argc, char **argv, options *o)
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
                          : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
                                                                   "all-reduce"
-                         : o->link_bandwidth > 0 || o->link_latency > 0 ? "does not throttle the servers' "
-                                                                          "messages yet: no --link-bandwidth or "
-                                                                          "--link-latency"
                          : o->device && strcmp(o->device, "cpu") ? "runs on the CPU only"
                          : NULL;
         if (no) return bad_usage("--sync ps %s", no);

@@ -1442,10 +1442,10 @@ static int ps_same(const char *a, const char *b, const char *what)
     snprintf(pa, sizeof pa, "%s/%s", dir, a);
     snprintf(pb, sizeof pb, "%s/%s", dir, b);
     if (!test_same_tensors(pa, pb, why, sizeof why)) {
-        fail("--sync ps checkpoints: %s: differs: %s", what, why);
+        fail("--sync ps: %s: differs: %s", what, why);
         return 0;
     }
-    printf("ok   --sync ps checkpoints: %s: identical\n", what);
+    printf("ok   --sync ps: %s: identical\n", what);
     return 1;
 }
 
@@ -1466,7 +1466,7 @@ static void ps_checkpoints(void)
     snprintf(cmd, sizeof cmd, "rm -rf ckp; " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 "
              "--sync ps --checkpoint-dir ckp --checkpoint-every 5 --keep 0 --save psck.st", bin);
     if (!ps_run(cmd, "the checkpointing PS run")) return;
-    ps_same("psref.st", "psck.st", "a PS run that checkpoints at steps 5 and 10 against the all-reduce run");
+    ps_same("psref.st", "psck.st", "checkpoints: a PS run that checkpoints at steps 5 and 10 against the all-reduce run");
     char m[200];
     snprintf(m, sizeof m, "%s/ckp/step-00000005/manifest.json", dir);
     if (access(m, R_OK) != 0) {
@@ -1476,18 +1476,18 @@ static void ps_checkpoints(void)
     snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
              "--servers 2 --resume ckp/step-00000005 --save ps1.st", bin);
     if (ps_run(cmd, "PS (1 server) resumed on 2 servers"))
-        ps_same("psref.st", "ps1.st", "saved by 1 x 2 + 1 server at step 5, resumed on 1 x 2 + 2 servers");
+        ps_same("psref.st", "ps1.st", "checkpoints: saved by 1 x 2 + 1 server at step 5, resumed on 1 x 2 + 2 servers");
     snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --resume ckp/step-00000005 "
              "--save ps2.st", bin);
     if (ps_run(cmd, "PS resumed as an all-reduce run"))
-        ps_same("psref.st", "ps2.st", "saved by PS at step 5, resumed in one process on 2 stages x 2 replicas");
+        ps_same("psref.st", "ps2.st", "checkpoints: saved by PS at step 5, resumed in one process on 2 stages x 2 replicas");
     snprintf(cmd, sizeof cmd, "rm -rf cka; %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --steps 12 "
              "--checkpoint-dir cka --checkpoint-every 5 --keep 0", bin);
     if (ps_run(cmd, "the checkpointing all-reduce run")) {
         snprintf(cmd, sizeof cmd, MPIRUN " -np 5 %s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --sync ps "
                  "--resume cka/step-00000005 --save ps3.st", bin);
         if (ps_run(cmd, "an all-reduce checkpoint resumed as PS"))
-            ps_same("psref.st", "ps3.st", "saved by an all-reduce run at step 5, resumed as 2 x 2 + 1 server");
+            ps_same("psref.st", "ps3.st", "checkpoints: saved by an all-reduce run at step 5, resumed as 2 x 2 + 1 server");
     }
     /* Staleness 2, replica 1 slowed: the checkpoint at step 6 holds version 6. */
     snprintf(cmd, sizeof cmd, "rm -rf cks; PW_TEST_SLOW=w1:3 " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 "
@@ -1499,8 +1499,39 @@ static void ps_checkpoints(void)
     snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --resume cks/step-00000006 "
              "--save ps5.st", bin);
     if (ps_run(cmd, "a stale run's checkpoint resumed as all-reduce") && a)
-        ps_same("ps4.st", "ps5.st", "a --staleness 2 run's checkpoint at step 6, resumed as synchronous PS and "
+        ps_same("ps4.st", "ps5.st", "checkpoints: a --staleness 2 run's checkpoint at step 6, resumed as synchronous PS and "
                 "as all-reduce");
+}
+
+/* --sync ps over a slow link: the pushes and the versions the servers send
+ * back are held back by the link (runtime/link.h), the bytes are those of
+ * the unthrottled run, and the run's own time ("done: N steps in T s") is
+ * at least the link's: each step's gradients reach the server >= 20 ms
+ * after they are pushed, and the new version reaches the worker >= 20 ms
+ * after the server sends it. */
+static void ps_slow_link(void)
+{
+    char cmd[2048], *out = NULL;
+    const char *model = "m.graph " DATA " --batch 48 --steps 6 --stages 1 --replicas 2 --micro-batches 2 "
+                        "--optimizer adamw";
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save pslink_ref.st", bin, model);
+    if (!ps_run(cmd, "the unthrottled reference")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run %s --sync ps --servers 2 --link-latency 0.02 "
+             "--link-bandwidth 2e6 --save pslink.st", bin, model);
+    const int st = run(cmd, 300, &out, NULL);
+    const char *done = out ? strstr(out, "done: ") : NULL;
+    int steps = 0;
+    double took = -1;
+    if (done) sscanf(done, "done: %d steps in %lf s", &steps, &took);
+    const double min_s = 6 * 2 * 0.02;
+    if (st != 0 || took < 0) fail("--sync ps over a slow link: exit %d\n%s\n%s", st, cmd, out ? out : "");
+    else if (took < min_s)
+        fail("--sync ps over a slow link: %d steps took %.3f s, the 20 ms link alone needs %.2f s", steps, took, min_s);
+    else {
+        printf("ok   --sync ps over a slow link (20 ms, 2 MB/s, 2 servers): %.2f s >= %.2f s\n", took, min_s);
+        ps_same("pslink_ref.st", "pslink.st", "--sync ps over a slow link against the unthrottled all-reduce run");
+    }
+    free(out);
 }
 
 static void ps_cases(int np)
@@ -1512,6 +1543,7 @@ static void ps_cases(int np)
         ps_refused();
         ps_staleness(2);
         ps_checkpoints();
+        ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
