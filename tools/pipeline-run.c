@@ -2056,10 +2056,13 @@ static int restore_and_checkpoints(run *r)
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
                    m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
                    m->layout.processes > 1 ? "es" : "");
-        if (o->compress.kind == PW_COMPRESS_TOPK || o->compress.kind == PW_COMPRESS_POWERSGD)
+        /* --compress: the error-feedback state where the checkpoint has it. */
+        char why[600];
+        if (pw_state_restore_compress(r->resume, r->t, why, sizeof why) != PW_OK) return fail("--resume: ");
+        if (why[0])
             fprintf(stderr, "pipeline-run: --resume with --compress %s: the error-feedback state (residuals%s) "
-                    "is not in checkpoints; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
-                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "");
+                    "is not restored: %s; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
+                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "", why);
     }
     if (!o->checkpoint_dir) return 0;
     static char extra[320];

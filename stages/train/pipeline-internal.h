@@ -192,6 +192,22 @@ pw_status pl_ps_checkpoint(pw_pipeline *pl);
 pw_status pl_ps_settle(pw_pipeline *pl);
 void pl_ps_destroy(pw_pipeline *pl);
 
+/* pipeline_compress.c: the error-feedback state of --compress per
+ * (replica, parameter), for training-state checkpoints. One entry per
+ * parameter span whose compressor keeps state (top-k, PowerSGD), in
+ * (local replica, chunk, piece, parameter) order; *out is malloc'd (the
+ * caller frees), NULL with none. *why (a constant string) says why the
+ * state cannot be kept per parameter (ties, tensor parallelism): then
+ * nothing is listed. Between steps only. */
+typedef struct pl_zstate {
+    int replica;              /* the global replica index */
+    int gp;                   /* the graph parameter */
+    pw_compressor *z;         /* its bucket's compressor (the engine's) */
+    int span;                 /* its span there */
+    int64_t floats;           /* pw_compressor_span_state's */
+} pl_zstate;
+pw_status pl_compress_states(pw_pipeline *pl, pl_zstate **out, int *n, const char **why);
+
 /* The piece of local chunk ch of local replica lrep holding graph
  * parameter gp and its index there (*local); NULL: none (pipeline_ties.c). */
 pw_program *pl_chunk_param(pw_pipeline *pl, int lrep, int ch, int gp, int *local);

@@ -263,6 +263,61 @@ static void tied(int np, int S, int R, const char *extra, const char *tag)
 /* Compressed gradients (runtime/compress.h): the 16-bit and top-k payloads
  * travel by MPI_Iallgather, PowerSGD's P and Q by the tree; each sums in
  * the same order as in process. */
+/* The error-feedback state of --compress (top-k's residuals, PowerSGD's
+ * residuals and Q) in checkpoints under mpirun: every process writes its
+ * replica's (compress-RANK-of-N files); a run written by 1 x 2 processes
+ * and resumed at step 2 under mpirun on 2 x 2, and in one process, ends
+ * with the bytes of the unbroken run in one process. */
+static void compress_resumed(const char *mode)
+{
+    char cmd[2048], *out = NULL, ref[64], what[256];
+    char model[512];
+    snprintf(model, sizeof model, "m.graph " DATA " --batch 48 --steps 6 --replicas 2 --micro-batches 2 "
+             "--optimizer adamw --compress %s", mode);
+    snprintf(ref, sizeof ref, "zref.st");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --stages 1 --save %s", bin, model, ref);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("--compress %s resumed: the unbroken run: exit %d\n%s", mode, st, out);
+    free(out);
+    if (st) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 2 %s/pipeline-run %s --stages 1 --checkpoint-dir ckz "
+             "--checkpoint-every 2 --keep 0", bin, model);
+    st = run(cmd, 300, &out, NULL);
+    char z2[200];
+    snprintf(z2, sizeof z2, "%s/ckz/step-00000002/compress-00002-of-00002.safetensors", dir);
+    if (st != 0 || access(z2, R_OK) != 0) {
+        fail("--compress %s under mpirun with checkpoints: exit %d, replica 1's state file %s\n%s", mode, st,
+             access(z2, R_OK) ? "missing" : "there", out);
+        free(out);
+        return;
+    }
+    free(out);
+    static const struct {
+        int np;
+        const char *layout;
+    } resume[] = {{4, "--stages 2"}, {0, "--stages 3"}};
+    for (int i = 0; i < 2; i++) {
+        char prefix[128] = "";
+        if (resume[i].np) snprintf(prefix, sizeof prefix, MPIRUN " -np %d ", resume[i].np);
+        snprintf(cmd, sizeof cmd, "%s%s/pipeline-run %s %s --resume ckz/step-00000002 --save zres%d.st", prefix, bin,
+                 model, resume[i].layout, i);
+        st = run(cmd, 300, &out, NULL);
+        if (st != 0 || strstr(out, "not restored")) {
+            fail("--compress %s resumed (%s): exit %d\n%s", mode, cmd, st, out);
+            free(out);
+            continue;
+        }
+        free(out);
+        char a[200], b[200], why[256];
+        snprintf(a, sizeof a, "%s/%s", dir, ref);
+        snprintf(b, sizeof b, "%s/zres%d.st", dir, i);
+        snprintf(what, sizeof what, "--compress %s: written by 1 x 2 processes at step 2, resumed %s on %s x 2", mode,
+                 resume[i].np ? "under mpirun" : "in one process", resume[i].layout + 9);
+        if (!test_same_tensors(a, b, why, sizeof why)) fail("%s: differs from the unbroken run: %s", what, why);
+        else printf("ok   %s: identical to the unbroken run\n", what);
+    }
+}
+
 static void compress_cases(int np)
 {
     if (np == 2) {
@@ -276,6 +331,8 @@ static void compress_cases(int np)
                   "zbf16slow");
         identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "--allreduce auto --link-bandwidth 2e8",
                   "ztopkauto");
+        compress_resumed("topk:0.05");
+        compress_resumed("powersgd:2");
     } else {
         identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
         identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
