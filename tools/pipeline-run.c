@@ -877,7 +877,8 @@ static int parse_args(int argc, char **argv, options *o)
         const char *no = world <= 1 ? "runs under mpirun only (the servers are processes of their own: mpirun "
                                       "-np S*R+K)"
                          : o->replicas < 2 ? "needs --replicas 2 or more"
-                         : o->clip > 0 ? "does not support --clip-grad-norm yet"
+                         : o->clip > 0 && o->ps_servers > 1 ? "with --clip-grad-norm needs --servers 1 (one server "
+                                                              "takes the global norm in the workers' order)"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
                          : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
@@ -2229,7 +2230,8 @@ static void print_progress(const run *r, int64_t i, int epoch_done, double *last
         return;
     char eta[32], norm[48] = "";
     fmt_time((double)(r->total - i - 1) * (double)o->batch / rate, eta, sizeof eta);
-    if (o->clip > 0) snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
+    if (o->clip > 0 && pw_pipeline_grad_norm(r->t) >= 0) /* --sync ps: the server's, not known here */
+        snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
     const int64_t n_epochs = (r->total + r->spe - 1) / r->spe;
     printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "
            "ETA %s%s", r->tty ? "\r\033[K" : "", (long long)r->s.epoch + 1, (long long)n_epochs,

@@ -362,7 +362,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
         .replicas = NR, .transport = pl->ps ? pl_ps_transport(pl) : t, .link = c->link,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
-        .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
+        .clip_grad_norm = pl->post_optim || pl->ps ? 0.0 : c->clip_grad_norm, /* --sync ps: the server clips */
         .post_validate = c->post_validate,
         .overlap_steps = pl->K > 1,
         .gpu_pci = gpu_pci,

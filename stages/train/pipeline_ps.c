@@ -5,8 +5,10 @@
  *   worker -> server, once, before the first step: HELLO_N (int64: bytes
  *                            of the hello), HELLO (int64 n, staleness, the
  *                            step the run starts from, optimizer state
- *                            floats per element sf; n x {int64 graph param,
- *                            int64 numel}; the pipeline's pw_optim_config
+ *                            floats per element sf, --clip-grad-norm as a
+ *                            double; n x {int64 graph param, numel, chunk},
+ *                            in the worker's order (chunks, pieces,
+ *                            parameters: grad_sumsq's); the pipeline's pw_optim_config
  *                            in OPTIM_BYTES; the n parameters' values; then
  *                            their optimizer state, sf x numel each);
  *   worker -> server, each step and parameter: the gradient, tag = the graph
@@ -31,7 +33,9 @@
 #define TAG_BYE(np) ((np) + 2)
 #define TAG_STATE_REQ(np) ((np) + 3) /* worker -> server: int64 step */
 #define TAG_STATE(np) ((np) + 4)     /* server -> worker: the optimizer state */
-#define HELLO_HEAD 4                 /* int64 n, staleness, start step, state floats per element */
+#define HELLO_HEAD 5                 /* int64 n, staleness, start step, state floats per element,
+                                        --clip-grad-norm (a double's bits) */
+#define PAIR 3                       /* per parameter: int64 graph param, numel, chunk */
 #define OPTIM_BYTES ((sizeof(pw_optim_config) + 7) / 8 * 8)
 
 void pw_ps_assign(const pw_graph *g, int K, int *out)
@@ -98,6 +102,7 @@ static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const ch
 
 typedef struct ps_param {
     int gp, server;           /* graph parameter; the server's world rank */
+    int chunk;
     pw_program *prog;
     int idx;                  /* its index in prog */
     int64_t numel;
@@ -278,23 +283,25 @@ static pw_status ps_hello(pl_ps *ps)
         int64_t n = 0, floats = 0;
         for (int i = 0; i < ps->n_par; i++)
             if (ps->par[i].server == srv) n++, floats += ps->par[i].numel;
-        const int64_t bytes = (int64_t)sizeof(int64_t) * (HELLO_HEAD + 2 * n) + (int64_t)OPTIM_BYTES +
+        const int64_t bytes = (int64_t)sizeof(int64_t) * (HELLO_HEAD + PAIR * n) + (int64_t)OPTIM_BYTES +
                               floats * (1 + sf) * (int64_t)sizeof(float);
         char *msg = calloc(1, (size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
         int64_t *h = (int64_t *)(void *)msg, *pair = h + HELLO_HEAD;
-        memcpy(pair + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
-        float *v = (float *)(void *)((char *)(pair + 2 * n) + OPTIM_BYTES), *sv = v + floats;
+        memcpy(pair + PAIR * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
+        float *v = (float *)(void *)((char *)(pair + PAIR * n) + OPTIM_BYTES), *sv = v + floats;
         h[0] = n;
         h[1] = ps->stale;
         h[2] = start;
         h[3] = sf;
+        memcpy(&h[4], &ps->pl->cfg.clip_grad_norm, sizeof(double));
         pw_status st = PW_OK;
         for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
             const ps_param *p = &ps->par[i];
             if (p->server != srv) continue;
-            pair[2 * m] = p->gp;
-            pair[2 * m + 1] = p->numel;
+            pair[PAIR * m] = p->gp;
+            pair[PAIR * m + 1] = p->numel;
+            pair[PAIR * m + 2] = p->chunk;
             m++;
             st = pw_program_param_read(p->prog, p->idx, PW_PARAM_DATA, 0, v);
             v += p->numel;
@@ -381,9 +388,9 @@ pw_status pl_ps_create(pw_pipeline *pl)
     if (pl->NR < 2)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: needs --replicas 2 or more (one replica has "
                         "nothing to synchronise; train without --sync ps)");
-    if (c->clip_grad_norm > 0)
-        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm is not supported with --sync ps "
-                        "yet (the servers would need the global norm in the workers' summation order)");
+    if (c->clip_grad_norm > 0 && K > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm with --sync ps needs --servers 1 "
+                        "(one server takes the global norm over every parameter, in the workers' order)");
     if (pl->post_optim)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: graph '%s' ties parameters across stages; "
                         "not supported with --sync ps yet", g->name);
@@ -437,6 +444,7 @@ pw_status pl_ps_create(pw_pipeline *pl)
                 if (i == 0) b->key = uses[0];
                 ps_param *p = &ps->par[ps->n_par++];
                 p->gp = pp.graph_param;
+                p->chunk = ch;
                 p->server = W + ps->server_of[p->gp];
                 p->prog = pr;
                 p->idx = i;
@@ -561,6 +569,8 @@ typedef struct srv_param {
     pw_treq *sreq;            /* [slots][R] their sends */
     unsigned char *sending;   /* [slots] */
     int64_t step;             /* updates done: the version the server holds */
+    int rank, chunk, seq;     /* replica 0's holder's pipeline rank, the chunk, its place in that
+                                 worker's hello (the order of the workers' grad_sumsq) */
 } srv_param;
 
 typedef struct server {
@@ -569,6 +579,8 @@ typedef struct server {
     const pw_transport *t;
     int R, W, np, stale, slots, sf;
     int64_t start;            /* the step the run starts from (a resumed run's checkpoint) */
+    double clip;              /* --clip-grad-norm (0: none): then every parameter steps together */
+    int *ord;                 /* [n_par] with clip: the parameters in the norm's order */
     srv_param *par;
     int n_par;
     int *index;               /* [np] graph param -> par index, -1 */
@@ -591,6 +603,7 @@ static void srv_free(server *s)
     }
     free(s->par);
     free(s->index);
+    free(s->ord);
 }
 
 /* The receive rings, once the staleness is known (world rank 0's hello). */
@@ -639,10 +652,11 @@ static pw_status srv_hello(server *s)
         const int64_t start = st == PW_OK ? h[2] : 0, sf = st == PW_OK ? h[3] : 0;
         const int64_t *pair = h + HELLO_HEAD;
         if (st == PW_OK && (n < 0 || n > s->np || sf < 1 || sf > 2 || start < 0 ||
-                            (int64_t)sizeof(int64_t) * (HELLO_HEAD + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
+                            (int64_t)sizeof(int64_t) * (HELLO_HEAD + PAIR * n) + (int64_t)OPTIM_BYTES > bytes))
             st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
         if (st == PW_OK && w == 0) {
-            memcpy(&s->optim, pair + 2 * n, sizeof s->optim);
+            memcpy(&s->optim, pair + PAIR * n, sizeof s->optim);
+            memcpy(&s->clip, &h[4], sizeof(double));
             s->start = start;
             s->sf = (int)sf;
             st = stale < 0 || stale > 1000
@@ -660,14 +674,14 @@ static pw_status srv_hello(server *s)
                           "from step %lld (did every process resume the same checkpoint?)", w, (long long)start,
                           (long long)s->start);
         int64_t floats = 0;
-        for (int64_t m = 0; m < n && st == PW_OK; m++) floats += pair[2 * m + 1] > 0 ? pair[2 * m + 1] : 0;
-        if (st == PW_OK && (int64_t)sizeof(int64_t) * (HELLO_HEAD + 2 * n) + (int64_t)OPTIM_BYTES +
+        for (int64_t m = 0; m < n && st == PW_OK; m++) floats += pair[PAIR * m + 1] > 0 ? pair[PAIR * m + 1] : 0;
+        if (st == PW_OK && (int64_t)sizeof(int64_t) * (HELLO_HEAD + PAIR * n) + (int64_t)OPTIM_BYTES +
                                    floats * (1 + sf) * (int64_t)sizeof(float) != bytes)
             st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
-        const float *v = (const float *)(const void *)((const char *)(pair + 2 * n) + OPTIM_BYTES);
+        const float *v = (const float *)(const void *)((const char *)(pair + PAIR * n) + OPTIM_BYTES);
         const float *sv = v + floats;
         for (int64_t m = 0; m < n && st == PW_OK; m++) {
-            const int64_t gp = pair[2 * m], numel = pair[2 * m + 1];
+            const int64_t gp = pair[PAIR * m], numel = pair[PAIR * m + 1];
             const int i = gp >= 0 && gp < s->np ? s->index[gp] : -1;
             if (i < 0 || numel != s->par[i].numel) {
                 st = pw_error(PW_ERR_INVALID_ARG, "parameter server %d: MPI rank %d sent parameter %lld (%lld "
@@ -684,6 +698,7 @@ static pw_status srv_hello(server *s)
             }
             p->holder[k] = w;
             p->step = s->start;
+            if (k == 0) p->rank = w % S, p->chunk = (int)pair[PAIR * m + 2], p->seq = (int)m;
             if (k == 0) memcpy(p->data, v, (size_t)numel * sizeof(float));
             if (k == 0) memcpy(p->state, sv, (size_t)(numel * sf) * sizeof(float));
             v += numel;
@@ -733,16 +748,13 @@ static int srv_slot_free(server *s, srv_param *p, int sl)
     return 1;
 }
 
-/* All R gradients of the parameter's next step are here (and its send slot
- * is free): sum them in the tree all-reduce's order, step the optimizer,
- * send the new version from a copy (a worker that takes it late holds
- * nobody up), and post the receives of the step that takes over the slot. */
-static pw_status srv_update(server *s, srv_param *p)
+/* The R replicas' gradients of the parameter's next step (slot of step
+ * p->step + 1), summed in the tree all-reduce's order into the first. */
+static float *srv_sum(server *s, srv_param *p)
 {
-    const pw_transport *t = s->t;
     const int R = s->R;
-    const int64_t n = p->numel, step = p->step + 1;
-    const int sl = (int)(step % s->slots);
+    const int64_t n = p->numel;
+    const int sl = (int)((p->step + 1) % s->slots);
     float *part[64];
     for (int k = 0; k < R; k++) part[k] = p->grads + ((size_t)sl * (size_t)R + (size_t)k) * (size_t)n;
     for (int w = 1; w < R; w *= 2)
@@ -751,11 +763,23 @@ static pw_status srv_update(server *s, srv_param *p)
             const float *restrict q = part[a + w];
             for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
         }
+    return part[0];
+}
+
+/* Steps the parameter with its summed gradient `g`, sends the new version
+ * from a copy (a worker that takes it late holds nobody up), and posts the
+ * receives of the step that takes over the slot. */
+static pw_status srv_apply(server *s, srv_param *p, const float *g)
+{
+    const pw_transport *t = s->t;
+    const int R = s->R;
+    const int64_t n = p->numel, step = p->step + 1;
+    const int sl = (int)(step % s->slots);
     for (int64_t i = 0; i < n; i++)
-        if (!isfinite(part[0][i]))
+        if (!isfinite(g[i]))
             return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite (parameter server %d)",
                             (long long)step, s->cfg->graph->params[p->gp].name, t->server);
-    pw_optim_update(&s->optim, step, p->data, part[0], p->state, n, p->decay);
+    pw_optim_update(&s->optim, step, p->data, g, p->state, n, p->decay);
     p->step = step;
     float *out = p->sbuf + (size_t)sl * (size_t)n;
     memcpy(out, p->data, (size_t)n * sizeof(float));
@@ -764,6 +788,73 @@ static pw_status srv_update(server *s, srv_param *p)
                                  &p->sreq[(size_t)sl * (size_t)R + (size_t)k]));
     p->sending[sl] = 1;
     return srv_post(s, p, step + s->slots);
+}
+
+/* All R gradients of the parameter's next step are here (and its send slot
+ * is free): sum, step, send. */
+static pw_status srv_update(server *s, srv_param *p) { return srv_apply(s, p, srv_sum(s, p)); }
+
+/* x before y in the norm's order: rank, chunk, then the worker's order. */
+static int norm_before(const srv_param *x, const srv_param *y)
+{
+    if (x->rank != y->rank) return x->rank < y->rank;
+    if (x->chunk != y->chunk) return x->chunk < y->chunk;
+    return x->seq < y->seq;
+}
+
+/* s->ord: the parameters in the norm's order (insertion sort: a graph's
+ * parameters are few). */
+static pw_status srv_norm_order(server *s)
+{
+    s->ord = malloc((size_t)(s->n_par > 0 ? s->n_par : 1) * sizeof *s->ord);
+    if (!s->ord) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int i = 0; i < s->n_par; i++) {
+        int j = i;
+        while (j > 0 && norm_before(&s->par[i], &s->par[s->ord[j - 1]])) s->ord[j] = s->ord[j - 1], j--;
+        s->ord[j] = i;
+    }
+    return PW_OK;
+}
+
+/* --clip-grad-norm (one server holds every parameter): once every
+ * parameter's gradients of the next step are here and their send slots
+ * free, the global norm of the summed gradients in the engine's order —
+ * each chunk's squares summed in double over its parameters in order
+ * (grad_sumsq), the chunks of a rank in chunk order, the ranks in rank
+ * order — then every gradient scaled by clip / (norm + 1e-6) when that is
+ * below 1, and every parameter stepped: the bits of the all-reduce run's
+ * clipping. *done = 1 when the step was taken. */
+static pw_status srv_update_clipped(server *s, int *done)
+{
+    *done = 0;
+    for (int i = 0; i < s->n_par; i++) {
+        srv_param *p = &s->par[i];
+        const int next = (int)((p->step + 1) % s->slots);
+        if (p->n_got[next] != s->R) return PW_OK;
+        const int free_ = srv_slot_free(s, p, next);
+        if (free_ < 0) return PW_ERR_IO;
+        if (free_ == 0) return PW_OK;
+    }
+    float **g = malloc((size_t)(s->n_par > 0 ? s->n_par : 1) * sizeof *g);
+    if (!g) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int i = 0; i < s->n_par; i++) g[i] = srv_sum(s, &s->par[i]);
+    double total = 0.0, rank_s = 0.0, chunk_s = 0.0;
+    for (int o = 0; o < s->n_par; o++) {
+        const srv_param *p = &s->par[s->ord[o]];
+        for (int64_t k = 0; k < p->numel; k++) chunk_s += (double)g[s->ord[o]][k] * (double)g[s->ord[o]][k];
+        const srv_param *q = o + 1 < s->n_par ? &s->par[s->ord[o + 1]] : NULL;
+        if (!q || q->chunk != p->chunk || q->rank != p->rank) rank_s += chunk_s, chunk_s = 0.0;
+        if (!q || q->rank != p->rank) total += rank_s, rank_s = 0.0;
+    }
+    const double norm = sqrt(total), coef = s->clip / (norm + 1e-6);
+    if (coef < 1.0)
+        for (int i = 0; i < s->n_par; i++)
+            for (int64_t k = 0; k < s->par[i].numel; k++) g[i][k] *= (float)coef;
+    pw_status st = PW_OK;
+    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_apply(s, &s->par[i], g[i]);
+    free(g);
+    *done = st == PW_OK;
+    return st;
 }
 
 /* A checkpoint's request from worker w (replica 0's), for `step`: once
@@ -853,7 +944,7 @@ static pw_status srv_loop(server *s)
                                       t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
                     if (rc == 1) p->got[at] = 1, p->n_got[sl]++, moved = 1;
                 }
-            for (;;) {
+            for (; !s->clip;) {
                 const int next = (int)((p->step + 1) % s->slots);
                 if (st != PW_OK || p->n_got[next] != R) break;
                 const int free_ = srv_slot_free(s, p, next);
@@ -864,6 +955,10 @@ static pw_status srv_loop(server *s)
             }
             for (int sl = 0; sl < s->slots && st == PW_OK; sl++) /* lets MPI move the sends */
                 if (p->sending[sl] && srv_slot_free(s, p, sl) < 0) st = PW_ERR_IO;
+        }
+        for (int done = 1; s->clip > 0 && done && st == PW_OK;) {
+            st = srv_update_clipped(s, &done);
+            if (done) moved = 1;
         }
         for (int w = 0; w < S && st == PW_OK; w++) {
             srv_ask *a = &ask[w];
@@ -992,6 +1087,10 @@ pw_status pw_ps_serve(const pw_ps_server_config *cfg)
     PW_INFO(PW_SUB_COMM, "parameter server %d (MPI rank %d): %d parameters, %.2f MB, %d replicas",
             t->server, t->world_rank, s.n_par, (double)bytes / 1e6, s.R);
     if (st == PW_OK) st = srv_hello(&s);
+    if (st == PW_OK && s.clip > 0 && t->n_servers != 1)
+        st = pw_error(PW_ERR_UNSUPPORTED, "parameter server %d: --clip-grad-norm needs one server (%d run)",
+                      t->server, t->n_servers);
+    if (st == PW_OK && s.clip > 0) st = srv_norm_order(&s);
     if (st == PW_OK) st = srv_loop(&s);
     srv_free(&s);
     return st;

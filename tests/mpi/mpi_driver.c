@@ -1412,7 +1412,7 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--sync ps --clip-grad-norm 1", "--sync ps does not support --clip-grad-norm yet"},
+        {"--sync ps --servers 2 --clip-grad-norm 1", "--sync ps with --clip-grad-norm needs --servers 1"},
         {"--servers 2", "--servers and --staleness apply to --sync ps"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1595,6 +1595,11 @@ static void ps_cases(int np)
 {
     if (np == 2) {
         ps_identical(1, 2, 1, "--micro-batches 2", "ps3");
+        /* --clip-grad-norm: the server takes the global norm in the engine's
+         * order (0.01 clips every step here). */
+        ps_identical(1, 2, 1, "--micro-batches 2 --clip-grad-norm 0.01", "psclip3");
+        ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --schedule interleaved --clip-grad-norm 0.01",
+                     "psclip5");
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
