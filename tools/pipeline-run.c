@@ -877,8 +877,6 @@ static int parse_args(int argc, char **argv, options *o)
         const char *no = world <= 1 ? "runs under mpirun only (the servers are processes of their own: mpirun "
                                       "-np S*R+K)"
                          : o->replicas < 2 ? "needs --replicas 2 or more"
-                         : o->clip > 0 && o->ps_servers > 1 ? "with --clip-grad-norm needs --servers 1 (one server "
-                                                              "takes the global norm in the workers' order)"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
                          : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "

@@ -6,7 +6,8 @@
  *                            of the hello), HELLO (int64 n, staleness, the
  *                            step the run starts from, optimizer state
  *                            floats per element sf, --clip-grad-norm as a
- *                            double; n x {int64 graph param, numel, chunk},
+ *                            double; n x {int64 graph param, numel, chunk,
+ *                            index in the worker's list},
  *                            in the worker's order (chunks, pieces,
  *                            parameters: grad_sumsq's); the pipeline's pw_optim_config
  *                            in OPTIM_BYTES; the n parameters' values; then
@@ -35,7 +36,8 @@
 #define TAG_STATE(np) ((np) + 4)     /* server -> worker: the optimizer state */
 #define HELLO_HEAD 5                 /* int64 n, staleness, start step, state floats per element,
                                         --clip-grad-norm (a double's bits) */
-#define PAIR 3                       /* per parameter: int64 graph param, numel, chunk */
+#define PAIR 4                       /* per parameter: int64 graph param, numel, chunk, its index in
+                                        the worker's order (chunks, pieces, parameters) */
 #define OPTIM_BYTES ((sizeof(pw_optim_config) + 7) / 8 * 8)
 
 void pw_ps_assign(const pw_graph *g, int K, int *out)
@@ -302,6 +304,7 @@ static pw_status ps_hello(pl_ps *ps)
             pair[PAIR * m] = p->gp;
             pair[PAIR * m + 1] = p->numel;
             pair[PAIR * m + 2] = p->chunk;
+            pair[PAIR * m + 3] = i;
             m++;
             st = pw_program_param_read(p->prog, p->idx, PW_PARAM_DATA, 0, v);
             v += p->numel;
@@ -388,13 +391,13 @@ pw_status pl_ps_create(pw_pipeline *pl)
     if (pl->NR < 2)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: needs --replicas 2 or more (one replica has "
                         "nothing to synchronise; train without --sync ps)");
-    if (c->clip_grad_norm > 0 && K > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm with --sync ps needs --servers 1 "
-                        "(one server takes the global norm over every parameter, in the workers' order)");
+    if (c->clip_grad_norm > 0 && K > g->n_params)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm with %d servers for %d parameters: "
+                        "every server must hold one (the norm's messages go with the updates)", K, g->n_params);
     if (pl->post_optim)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: graph '%s' ties parameters across stages; "
                         "not supported with --sync ps yet", g->name);
-    if (g->n_params + 5 > t->max_tag)
+    if (g->n_params + 9 > t->max_tag)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters need more message tags than "
                         "MPI's %d", g->n_params, t->max_tag);
     pl_ps *ps = calloc(1, sizeof *ps);
@@ -573,6 +576,9 @@ typedef struct srv_param {
                                  worker's hello (the order of the workers' grad_sumsq) */
 } srv_param;
 
+typedef struct srv_norm srv_norm;
+static void srv_norm_free(srv_norm *z);
+
 typedef struct server {
     const pw_ps_server_config *cfg;
     pw_optim_config optim;    /* world rank 0's */
@@ -580,7 +586,7 @@ typedef struct server {
     int R, W, np, stale, slots, sf;
     int64_t start;            /* the step the run starts from (a resumed run's checkpoint) */
     double clip;              /* --clip-grad-norm (0: none): then every parameter steps together */
-    int *ord;                 /* [n_par] with clip: the parameters in the norm's order */
+    srv_norm *norm;           /* with clip: the global norm's order and messages */
     srv_param *par;
     int n_par;
     int *index;               /* [np] graph param -> par index, -1 */
@@ -603,7 +609,7 @@ static void srv_free(server *s)
     }
     free(s->par);
     free(s->index);
-    free(s->ord);
+    srv_norm_free(s->norm);
 }
 
 /* The receive rings, once the staleness is known (world rank 0's hello). */
@@ -698,7 +704,7 @@ static pw_status srv_hello(server *s)
             }
             p->holder[k] = w;
             p->step = s->start;
-            if (k == 0) p->rank = w % S, p->chunk = (int)pair[PAIR * m + 2], p->seq = (int)m;
+            if (k == 0) p->rank = w % S, p->chunk = (int)pair[PAIR * m + 2], p->seq = (int)pair[PAIR * m + 3];
             if (k == 0) memcpy(p->data, v, (size_t)numel * sizeof(float));
             if (k == 0) memcpy(p->state, sv, (size_t)(numel * sf) * sizeof(float));
             v += numel;
@@ -794,67 +800,271 @@ static pw_status srv_apply(server *s, srv_param *p, const float *g)
  * is free): sum, step, send. */
 static pw_status srv_update(server *s, srv_param *p) { return srv_apply(s, p, srv_sum(s, p)); }
 
+/* ---- --clip-grad-norm: the global norm over every server's parameters ----
+ *
+ * The norm is the engine's (scheduler/engine-comm.c): each chunk's squares
+ * summed in double over its parameters in the worker's order, the chunks
+ * of a rank in chunk order, the ranks in rank order. Its parameters may be
+ * on several servers, so server 0 takes it: at start-up every other server
+ * tells it which parameters it holds (rank, chunk, place, size; NORM_META),
+ * and each step sends it their summed gradients (NORM_GRAD); server 0
+ * answers each with the coefficient (NORM_COEF), and every server scales
+ * its gradients by it in float and steps. With one server nothing travels. */
+#define TAG_NORM_META_N(np) ((np) + 5) /* server j -> 0, once: int64 n */
+#define TAG_NORM_META(np) ((np) + 6)   /* server j -> 0, once: n x {rank, chunk, seq, numel} */
+#define TAG_NORM_GRAD(np) ((np) + 7)   /* server j -> 0, each step: its summed gradients, in its order */
+#define TAG_NORM_COEF(np) ((np) + 8)   /* server 0 -> j, each step: double {coefficient, norm} */
+
+typedef struct norm_ent {
+    int rank, chunk, seq;
+    int64_t numel;
+    int own;                  /* this server's parameter index, or -1 */
+    const float *fixed;       /* -1: where another server's gradient lands each step */
+} norm_ent;
+
+typedef struct srv_norm {
+    int phase;                /* 0: waiting for this server's gradients; 1: summed, waiting for the rest */
+    norm_ent *ent;            /* server 0: every parameter, in the norm's order; others: their own */
+    int n_ent;
+    float **g;                /* [n_par] the summed gradients of the step under way */
+    /* server 0 */
+    int K;
+    float **peer_buf;         /* [K] each other server's gradients */
+    int64_t *peer_floats;     /* [K] */
+    pw_treq *peer_req;        /* [K] */
+    unsigned char *peer_got;  /* [K] */
+    double (*coef_out)[2];    /* [K] */
+    pw_treq *coef_sreq;       /* [K] */
+    unsigned char *coef_sending;
+    /* servers 1 .. K-1 */
+    float *gbuf;
+    int64_t gfloats;
+    pw_treq greq, coef_req;
+    int gsending;
+    double coef_in[2];
+} srv_norm;
+
 /* x before y in the norm's order: rank, chunk, then the worker's order. */
-static int norm_before(const srv_param *x, const srv_param *y)
+static int norm_before(const norm_ent *x, const norm_ent *y)
 {
     if (x->rank != y->rank) return x->rank < y->rank;
     if (x->chunk != y->chunk) return x->chunk < y->chunk;
     return x->seq < y->seq;
 }
 
-/* s->ord: the parameters in the norm's order (insertion sort: a graph's
- * parameters are few). */
-static pw_status srv_norm_order(server *s)
+static void norm_sort(norm_ent *e, int n) /* insertion sort: a graph's parameters are few */
 {
-    s->ord = malloc((size_t)(s->n_par > 0 ? s->n_par : 1) * sizeof *s->ord);
-    if (!s->ord) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
-    for (int i = 0; i < s->n_par; i++) {
+    for (int i = 1; i < n; i++) {
+        const norm_ent v = e[i];
         int j = i;
-        while (j > 0 && norm_before(&s->par[i], &s->par[s->ord[j - 1]])) s->ord[j] = s->ord[j - 1], j--;
-        s->ord[j] = i;
+        while (j > 0 && norm_before(&v, &e[j - 1])) e[j] = e[j - 1], j--;
+        e[j] = v;
     }
+}
+
+static void srv_norm_free(srv_norm *z)
+{
+    if (!z) return;
+    const int K = z->K;
+    for (int j = 0; z->peer_buf && j < K; j++) free(z->peer_buf[j]);
+    free(z->peer_buf);
+    free(z->peer_floats);
+    free(z->peer_req);
+    free(z->peer_got);
+    free(z->coef_out);
+    free(z->coef_sreq);
+    free(z->coef_sending);
+    free(z->ent);
+    free(z->g);
+    free(z->gbuf);
+    free(z);
+}
+
+/* Before the loop: the norm's order (server 0: every server's parameters,
+ * told by the others; another server: its own, sent to server 0). */
+static pw_status srv_norm_setup(server *s)
+{
+    const pw_transport *t = s->t;
+    const int K = t->n_servers, np = s->np, W = s->W;
+    srv_norm *z = calloc(1, sizeof *z);
+    if (!z) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    s->norm = z;
+    z->K = K;
+    if (s->n_par == 0)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server %d: --clip-grad-norm with a server that holds no "
+                        "parameter (more servers than parameters)", t->server);
+    z->g = calloc((size_t)s->n_par + 1, sizeof *z->g);
+    z->ent = calloc((size_t)s->n_par + 1, sizeof *z->ent);
+    if (!z->g || !z->ent) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int i = 0; i < s->n_par; i++) {
+        const srv_param *p = &s->par[i];
+        z->ent[z->n_ent++] = (norm_ent){.rank = p->rank, .chunk = p->chunk, .seq = p->seq, .numel = p->numel,
+                                        .own = i};
+    }
+    norm_sort(z->ent, z->n_ent);
+    if (K == 1) return PW_OK;
+    if (t->server > 0) {
+        int64_t n = z->n_ent;
+        int64_t *meta = malloc(((size_t)n * 4 + 1) * sizeof *meta);
+        if (!meta) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        for (int i = 0; i < z->n_ent; i++) {
+            meta[4 * i] = z->ent[i].rank, meta[4 * i + 1] = z->ent[i].chunk;
+            meta[4 * i + 2] = z->ent[i].seq, meta[4 * i + 3] = z->ent[i].numel;
+            z->gfloats += z->ent[i].numel;
+        }
+        pw_treq r[2];
+        pw_status st = t->vt->ps_isend(t->self, W, TAG_NORM_META_N(np), &n, sizeof n, &r[0]);
+        if (st == PW_OK) st = ps_wait(t, &r[0], W, "server 0 to take this server's parameter list");
+        if (st == PW_OK) st = t->vt->ps_isend(t->self, W, TAG_NORM_META(np), meta, (size_t)n * 4 * sizeof *meta, &r[1]);
+        if (st == PW_OK) st = ps_wait(t, &r[1], W, "server 0 to take this server's parameter list");
+        free(meta);
+        z->gbuf = malloc((size_t)z->gfloats * sizeof(float) + 1);
+        if (st == PW_OK && !z->gbuf) st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        return st;
+    }
+    z->peer_buf = calloc((size_t)K, sizeof *z->peer_buf);
+    z->peer_floats = calloc((size_t)K, sizeof *z->peer_floats);
+    z->peer_req = calloc((size_t)K, sizeof *z->peer_req);
+    z->peer_got = calloc((size_t)K, 1);
+    z->coef_out = calloc((size_t)K, sizeof *z->coef_out);
+    z->coef_sreq = calloc((size_t)K, sizeof *z->coef_sreq);
+    z->coef_sending = calloc((size_t)K, 1);
+    if (!z->peer_buf || !z->peer_floats || !z->peer_req || !z->peer_got || !z->coef_out || !z->coef_sreq || !z->coef_sending)
+        return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int j = 1; j < K; j++) {
+        char what[96];
+        snprintf(what, sizeof what, "the parameter list of MPI rank %d (server %d)", W + j, j);
+        int64_t n = 0;
+        pw_treq r;
+        PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_META_N(np), &n, sizeof n, &r));
+        PW_CHECK(ps_wait(t, &r, W + j, what));
+        if (n < 0 || n > np) return pw_error(PW_ERR_IO, "parameter server: %s: %lld parameters", what, (long long)n);
+        int64_t *meta = malloc(((size_t)n * 4 + 1) * sizeof *meta);
+        norm_ent *grown = realloc(z->ent, ((size_t)z->n_ent + (size_t)n + 1) * sizeof *z->ent);
+        if (!meta || !grown) {
+            free(meta);
+            return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        }
+        z->ent = grown;
+        pw_status st = t->vt->ps_irecv(t->self, W + j, TAG_NORM_META(np), meta, (size_t)n * 4 * sizeof *meta, &r);
+        if (st == PW_OK) st = ps_wait(t, &r, W + j, what);
+        int64_t floats = 0;
+        for (int64_t i = 0; i < n && st == PW_OK; i++) floats += meta[4 * i + 3] > 0 ? meta[4 * i + 3] : 0;
+        z->peer_floats[j] = floats;
+        if (st == PW_OK && !(z->peer_buf[j] = malloc((size_t)floats * sizeof(float) + 1)))
+            st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        const float *at = z->peer_buf[j];
+        for (int64_t i = 0; i < n && st == PW_OK; i++) {
+            z->ent[z->n_ent++] = (norm_ent){.rank = (int)meta[4 * i], .chunk = (int)meta[4 * i + 1],
+                                            .seq = (int)meta[4 * i + 2], .numel = meta[4 * i + 3], .own = -1,
+                                            .fixed = at};
+            at += meta[4 * i + 3];
+        }
+        free(meta);
+        PW_CHECK(st);
+        PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_GRAD(np), z->peer_buf[j], (size_t)floats * sizeof(float),
+                                 &z->peer_req[j]));
+    }
+    norm_sort(z->ent, z->n_ent);
     return PW_OK;
 }
 
-/* --clip-grad-norm (one server holds every parameter): once every
- * parameter's gradients of the next step are here and their send slots
- * free, the global norm of the summed gradients in the engine's order —
- * each chunk's squares summed in double over its parameters in order
- * (grad_sumsq), the chunks of a rank in chunk order, the ranks in rank
- * order — then every gradient scaled by clip / (norm + 1e-6) when that is
- * below 1, and every parameter stepped: the bits of the all-reduce run's
- * clipping. *done = 1 when the step was taken. */
-static pw_status srv_update_clipped(server *s, int *done)
+/* The squared global norm, in the engine's order. */
+static double norm_total(const srv_norm *z)
 {
-    *done = 0;
-    for (int i = 0; i < s->n_par; i++) {
-        srv_param *p = &s->par[i];
-        const int next = (int)((p->step + 1) % s->slots);
-        if (p->n_got[next] != s->R) return PW_OK;
-        const int free_ = srv_slot_free(s, p, next);
-        if (free_ < 0) return PW_ERR_IO;
-        if (free_ == 0) return PW_OK;
-    }
-    float **g = malloc((size_t)(s->n_par > 0 ? s->n_par : 1) * sizeof *g);
-    if (!g) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
-    for (int i = 0; i < s->n_par; i++) g[i] = srv_sum(s, &s->par[i]);
     double total = 0.0, rank_s = 0.0, chunk_s = 0.0;
-    for (int o = 0; o < s->n_par; o++) {
-        const srv_param *p = &s->par[s->ord[o]];
-        for (int64_t k = 0; k < p->numel; k++) chunk_s += (double)g[s->ord[o]][k] * (double)g[s->ord[o]][k];
-        const srv_param *q = o + 1 < s->n_par ? &s->par[s->ord[o + 1]] : NULL;
-        if (!q || q->chunk != p->chunk || q->rank != p->rank) rank_s += chunk_s, chunk_s = 0.0;
-        if (!q || q->rank != p->rank) total += rank_s, rank_s = 0.0;
+    for (int o = 0; o < z->n_ent; o++) {
+        const norm_ent *e = &z->ent[o];
+        const float *g = e->own >= 0 ? z->g[e->own] : e->fixed;
+        for (int64_t k = 0; k < e->numel; k++) chunk_s += (double)g[k] * (double)g[k];
+        const norm_ent *q = o + 1 < z->n_ent ? &z->ent[o + 1] : NULL;
+        if (!q || q->chunk != e->chunk || q->rank != e->rank) rank_s += chunk_s, chunk_s = 0.0;
+        if (!q || q->rank != e->rank) total += rank_s, rank_s = 0.0;
     }
-    const double norm = sqrt(total), coef = s->clip / (norm + 1e-6);
+    return total;
+}
+
+/* Every parameter here scaled by coef (when below 1, as apply_clip) and stepped. */
+static pw_status srv_clip_apply(server *s, double coef)
+{
+    srv_norm *z = s->norm;
     if (coef < 1.0)
         for (int i = 0; i < s->n_par; i++)
-            for (int64_t k = 0; k < s->par[i].numel; k++) g[i][k] *= (float)coef;
+            for (int64_t k = 0; k < s->par[i].numel; k++) z->g[i][k] *= (float)coef;
     pw_status st = PW_OK;
-    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_apply(s, &s->par[i], g[i]);
-    free(g);
-    *done = st == PW_OK;
+    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_apply(s, &s->par[i], z->g[i]);
     return st;
+}
+
+/* --clip-grad-norm: every parameter of a server steps together, once the
+ * global norm of the step is known. *done = 1 when a step was taken (or,
+ * on a server other than 0, its gradients went to server 0). */
+static pw_status srv_update_clipped(server *s, int *done)
+{
+    const pw_transport *t = s->t;
+    srv_norm *z = s->norm;
+    const int K = t->n_servers, W = s->W, np = s->np;
+    *done = 0;
+    if (z->phase == 0) {
+        for (int i = 0; i < s->n_par; i++) {
+            srv_param *p = &s->par[i];
+            const int next = (int)((p->step + 1) % s->slots);
+            if (p->n_got[next] != s->R) return PW_OK;
+            const int free_ = srv_slot_free(s, p, next);
+            if (free_ < 0) return PW_ERR_IO;
+            if (free_ == 0) return PW_OK;
+        }
+        for (int i = 0; i < s->n_par; i++) z->g[i] = srv_sum(s, &s->par[i]);
+        z->phase = 1;
+        *done = 1;
+        if (t->server > 0) {
+            if (z->gsending) PW_CHECK(ps_wait(t, &z->greq, W, "server 0 to take the summed gradients"));
+            float *d = z->gbuf;
+            for (int o = 0; o < z->n_ent; o++) {
+                memcpy(d, z->g[z->ent[o].own], (size_t)z->ent[o].numel * sizeof(float));
+                d += z->ent[o].numel;
+            }
+            PW_CHECK(t->vt->ps_irecv(t->self, W, TAG_NORM_COEF(np), z->coef_in, sizeof z->coef_in, &z->coef_req));
+            PW_CHECK(t->vt->ps_isend(t->self, W, TAG_NORM_GRAD(np), z->gbuf, (size_t)z->gfloats * sizeof(float),
+                                     &z->greq));
+            z->gsending = 1;
+            return PW_OK;
+        }
+    }
+    if (t->server > 0) {
+        const int rc = t->vt->test(t->self, &z->coef_req);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server %d: the norm from server 0: %s", t->server,
+                                    pw_last_error());
+        if (rc == 0) return PW_OK;
+        z->phase = 0;
+        *done = 1;
+        return srv_clip_apply(s, z->coef_in[0]);
+    }
+    for (int j = 1; j < K; j++) {
+        if (z->peer_got[j]) continue;
+        const int rc = t->vt->test(t->self, &z->peer_req[j]);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server 0: the gradients of server %d: %s", j,
+                                    pw_last_error());
+        if (rc == 0) return PW_OK;
+        z->peer_got[j] = 1;
+    }
+    const double norm = sqrt(norm_total(z)), coef = s->clip / (norm + 1e-6);
+    for (int j = 1; j < K; j++) {
+        /* The next step's gradients land where this step's were read. */
+        PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_GRAD(np), z->peer_buf[j],
+                                 (size_t)z->peer_floats[j] * sizeof(float), &z->peer_req[j]));
+        if (z->coef_sending[j])
+            PW_CHECK(ps_wait(t, &z->coef_sreq[j], W + j, "a server to take the norm"));
+        z->coef_out[j][0] = coef;
+        z->coef_out[j][1] = norm;
+        PW_CHECK(t->vt->ps_isend(t->self, W + j, TAG_NORM_COEF(np), z->coef_out[j], sizeof z->coef_out[j],
+                                 &z->coef_sreq[j]));
+        z->coef_sending[j] = 1;
+        z->peer_got[j] = 0;
+    }
+    z->phase = 0;
+    *done = 1;
+    return srv_clip_apply(s, coef);
 }
 
 /* A checkpoint's request from worker w (replica 0's), for `step`: once
@@ -1037,6 +1247,14 @@ static pw_status srv_loop(server *s)
             if (!s->par[i].got[at] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[at]);
     for (int w = 0; breq && said && w < s->W; w++)
         if (!said[w] && t->vt->cancel) t->vt->cancel(t->self, &breq[w]);
+    srv_norm *z = s->norm;
+    for (int j = 1; z && z->K > 1 && j < z->K; j++) {
+        if (t->server == 0 && z->coef_sending[j] && st == PW_OK)
+            st = ps_wait(t, &z->coef_sreq[j], s->W + j, "a server to take the norm");
+        if (t->server == 0 && t->vt->cancel) t->vt->cancel(t->self, &z->peer_req[j]); /* a step that never came */
+    }
+    if (z && t->server > 0 && z->gsending && st == PW_OK)
+        st = ps_wait(t, &z->greq, s->W, "server 0 to take the summed gradients");
     for (int w = 0; ask && w < S; w++) {
         if (ask[w].sending && st == PW_OK) st = ps_wait(t, &ask[w].sreq, w, "a worker to take the optimizer state");
         if (ask[w].posted && ask[w].asked < 0 && t->vt->cancel) t->vt->cancel(t->self, &ask[w].req);
@@ -1087,10 +1305,7 @@ pw_status pw_ps_serve(const pw_ps_server_config *cfg)
     PW_INFO(PW_SUB_COMM, "parameter server %d (MPI rank %d): %d parameters, %.2f MB, %d replicas",
             t->server, t->world_rank, s.n_par, (double)bytes / 1e6, s.R);
     if (st == PW_OK) st = srv_hello(&s);
-    if (st == PW_OK && s.clip > 0 && t->n_servers != 1)
-        st = pw_error(PW_ERR_UNSUPPORTED, "parameter server %d: --clip-grad-norm needs one server (%d run)",
-                      t->server, t->n_servers);
-    if (st == PW_OK && s.clip > 0) st = srv_norm_order(&s);
+    if (st == PW_OK && s.clip > 0) st = srv_norm_setup(&s);
     if (st == PW_OK) st = srv_loop(&s);
     srv_free(&s);
     return st;

@@ -31,6 +31,10 @@
  * steps ahead of the slowest. The version each step used is in the trace
  * ("PS pull" events, docs/distributed.md).
  *
+ * Clipping (--clip-grad-norm): the servers clip the summed gradients by the
+ * global norm in the engine's order; with K > 1 server 0 gathers the
+ * others' summed gradients each step and sends back the coefficient.
+ *
  * Checkpoints (docs/distributed.md, "Parameter server"): a worker's hello
  * goes before its first step and carries its parameters' optimizer state
  * and the step it starts from, so a resumed run's servers start from the

@@ -1412,7 +1412,6 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--sync ps --servers 2 --clip-grad-norm 1", "--sync ps with --clip-grad-norm needs --servers 1"},
         {"--servers 2", "--servers and --staleness apply to --sync ps"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1600,6 +1599,8 @@ static void ps_cases(int np)
         ps_identical(1, 2, 1, "--micro-batches 2 --clip-grad-norm 0.01", "psclip3");
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --schedule interleaved --clip-grad-norm 0.01",
                      "psclip5");
+        ps_identical(2, 2, 3, "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.01", "psclip7");
+        ps_identical(1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01", "psclip4");
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
