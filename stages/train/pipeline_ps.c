@@ -21,6 +21,11 @@
  *                            worker's parameters there, graph order, sf x
  *                            numel each);
  *   worker -> server, once at the end: BYE (int64: steps done).
+ *   --clip-grad-norm with K > 1 servers: server j -> server 0, once:
+ *                            NORM_META_N, NORM_META (its parameters' rank,
+ *                            chunk, place, size); each step: NORM_GRAD
+ *                            (their summed gradients); server 0 -> j:
+ *                            NORM_COEF (the coefficient and the norm).
  * Between one pair of processes MPI delivers messages of one tag in order,
  * so step t's gradient and version t's values never need a step number. */
 #include <sched.h>
@@ -819,7 +824,7 @@ typedef struct norm_ent {
     int rank, chunk, seq;
     int64_t numel;
     int own;                  /* this server's parameter index, or -1 */
-    const float *fixed;       /* -1: where another server's gradient lands each step */
+    const float *fixed;       /* own -1: where another server's gradient lands each step */
 } norm_ent;
 
 typedef struct srv_norm {
