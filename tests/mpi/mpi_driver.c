@@ -1545,6 +1545,17 @@ static void ps_checkpoints(void)
         if (ps_run(cmd, "an all-reduce checkpoint resumed as PS"))
             ps_same("psref.st", "ps3.st", "checkpoints: saved by an all-reduce run at step 5, resumed as 2 x 2 + 1 server");
     }
+    /* --init-from reaches the servers (the hello goes before the first step). */
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run m.graph " DATA " --batch 48 --steps 4 --save psinit.st", bin);
+    if (ps_run(cmd, "the weights to start from")) {
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+                 "--init-from psinit.st --save ps6.st", bin);
+        const int a = ps_run(cmd, "PS from --init-from");
+        snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --init-from psinit.st "
+                 "--save ps7.st", bin);
+        if (ps_run(cmd, "all-reduce from --init-from") && a)
+            ps_same("ps6.st", "ps7.st", "--init-from: PS against the all-reduce run");
+    }
     /* Staleness 2, replica 1 slowed: the checkpoint at step 6 holds version 6. */
     snprintf(cmd, sizeof cmd, "rm -rf cks; PW_TEST_SLOW=w1:3 " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 "
              "--replicas 2 --sync ps --staleness 2 --checkpoint-dir cks --checkpoint-every 6 --keep 0", bin);
