@@ -326,6 +326,31 @@ void pw_compressor_state_get(const pw_compressor *z, float *out)
     if (z && z->state_n) memcpy(out, z->state, (size_t)z->state_n * sizeof(float));
 }
 
+int64_t pw_compressor_span_state(const pw_compressor *z, int i, int64_t *off)
+{
+    *off = 0;
+    if (!z || i < 0 || i >= z->n_spans) return 0;
+    const zspan *s = &z->s[i];
+    *off = s->state_off;
+    if (z->cfg.kind == PW_COMPRESS_TOPK) return s->n;
+    if (z->cfg.kind == PW_COMPRESS_POWERSGD && s->q) return s->n + s->cols * s->q;
+    return 0;
+}
+
+void pw_compressor_span_state_get(const pw_compressor *z, int i, float *out)
+{
+    int64_t off;
+    const int64_t n = pw_compressor_span_state(z, i, &off);
+    if (n > 0) memcpy(out, z->state + off, (size_t)n * sizeof(float));
+}
+
+void pw_compressor_span_state_set(pw_compressor *z, int i, const float *in)
+{
+    int64_t off;
+    const int64_t n = pw_compressor_span_state(z, i, &off);
+    if (n > 0) memcpy(z->state + off, in, (size_t)n * sizeof(float));
+}
+
 void pw_compressor_state_set(pw_compressor *z, const float *in)
 {
     if (z && z->state_n) memcpy(z->state, in, (size_t)z->state_n * sizeof(float));

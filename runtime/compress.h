@@ -154,6 +154,15 @@ int64_t pw_compressor_state_floats(const pw_compressor *z);
 void pw_compressor_state_get(const pw_compressor *z, float *out);
 void pw_compressor_state_set(pw_compressor *z, const float *in);
 void pw_compressor_reset(pw_compressor *z);
+/* Span i's part of that state: its floats (0: the span carries none: bf16,
+ * fp16, or a PowerSGD span sent uncompressed) and, in *off, where they
+ * start. topk: the residual (the span's n floats); powersgd: the residual
+ * (n) then Q (cols x q). The parts of the spans are disjoint and in span
+ * order, so a checkpoint may keep them per span (per parameter). */
+int64_t pw_compressor_span_state(const pw_compressor *z, int i, int64_t *off);
+/* Copies span i's part out / in (pw_compressor_span_state's floats). */
+void pw_compressor_span_state_get(const pw_compressor *z, int i, float *out);
+void pw_compressor_span_state_set(pw_compressor *z, int i, const float *in);
 
 #ifdef __cplusplus
 }

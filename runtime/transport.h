@@ -83,6 +83,7 @@ typedef struct pw_treq {
     const void *held_buf;
     size_t held_bytes;
     int held_to, held_tag;
+    int held_ps;          /* 1: a parameter-server message (ps_isend's communicator) */
 } pw_treq;
 
 /* What a process does, for the others' watchdogs (pw_transport_state). */

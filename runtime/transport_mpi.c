@@ -108,6 +108,8 @@ typedef struct mpi_transport {
     int64_t tp_next_blame; /* tp_watch: when to ask blame next (0: not yet) */
     pw_link link;          /* a slow link for the stages' messages and the all-reduce (link.h) */
     pw_link_clock link_clock; /* this process's link: the worker's thread only (mt_isend) */
+    pw_link_clock ps_clock;   /* its link for parameter-server messages (mt_ps_isend, under ps_clock_mu) */
+    pthread_mutex_t ps_clock_mu;
     int world_rank, world_size, n_ranks; /* world_size: every process (the heartbeat's table) */
     double watchdog_s;
     pw_transport_state state;  /* this process's board (pw_transport.state points here) */
@@ -481,6 +483,7 @@ static pw_status mt_isend(void *self, int to, int tag, const void *buf, size_t b
         req->held_bytes = bytes;
         req->held_to = to;
         req->held_tag = tag;
+        req->held_ps = 0;
         *req_of(req) = MPI_REQUEST_NULL;
         return PW_OK;
     }
@@ -512,7 +515,7 @@ static int mt_test(void *self, pw_treq *req)
         req->due_ns = 0;
         pw_mpi_lock();
         int rc = MPI_Isend(req->held_buf, (int)req->held_bytes, MPI_BYTE, req->held_to, req->held_tag,
-                           m->replica_comm, req_of(req));
+                           req->held_ps ? m->ps_comm : m->replica_comm, req_of(req));
         pw_mpi_unlock();
         if (rc != MPI_SUCCESS) {
             pw_mpi_error(rc, "MPI_Isend (held back by the slow link)");
@@ -546,7 +549,23 @@ static pw_status mt_ps_isend(void *self, int to, int tag, const void *buf, size_
     if (m->ps_comm == MPI_COMM_NULL) return pw_error(PW_ERR_INVALID_ARG, "MPI: the run has no servers");
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI send of %zu bytes (max %d)", bytes, INT_MAX);
     req->bytes = SIZE_MAX;
-    req->due_ns = 0; /* never held back (mt_test): the servers' messages are not on the slow link */
+    req->due_ns = 0;
+    if (pw_link_on(&m->link)) {
+        /* A slow link: held back as mt_isend's (mt_test posts it on ps_comm),
+         * on the process's own clock for these messages: workers push from
+         * their communication thread and greet from the training thread,
+         * hence the mutex. */
+        pthread_mutex_lock(&m->ps_clock_mu);
+        req->due_ns = pw_link_clock_due(&m->ps_clock, &m->link, pw_now_ns(), bytes);
+        pthread_mutex_unlock(&m->ps_clock_mu);
+        req->held_buf = buf;
+        req->held_bytes = bytes;
+        req->held_to = to;
+        req->held_tag = tag;
+        req->held_ps = 1;
+        *req_of(req) = MPI_REQUEST_NULL;
+        return PW_OK;
+    }
     pw_mpi_lock();
     int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, to, tag, m->ps_comm, req_of(req));
     pw_mpi_unlock();
@@ -661,6 +680,7 @@ static void mt_destroy(void *self)
         if (m->all != MPI_COMM_NULL) MPI_Comm_free(&m->all);
         if (m->finalize) MPI_Finalize();
     }
+    pthread_mutex_destroy(&m->ps_clock_mu);
     free(m);
 }
 
@@ -793,6 +813,7 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
         return pw_error(PW_ERR_NOMEM, "MPI transport: out of memory");
     }
     m->all = m->world = m->replica_comm = m->stage_comm = m->tp_comm = m->hb_comm = m->ps_comm = MPI_COMM_NULL;
+    pthread_mutex_init(&m->ps_clock_mu, NULL); /* destroyed by mt_destroy */
     atomic_init(&m->state.phase, PW_PHASE_START);
     atomic_init(&m->state.step, 0);
     atomic_init(&m->state.progress, 0);

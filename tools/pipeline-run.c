@@ -881,17 +881,10 @@ static int parse_args(int argc, char **argv, options *o)
         const char *no = world <= 1 ? "runs under mpirun only (the servers are processes of their own: mpirun "
                                       "-np S*R+K)"
                          : o->replicas < 2 ? "needs --replicas 2 or more"
-                         : o->clip > 0 ? "does not support --clip-grad-norm yet"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
-                         : o->checkpoint_dir || o->resume ? "does not checkpoint or resume yet (the servers' "
-                                                           "optimizer state is not saved): no --checkpoint-dir "
-                                                           "or --resume"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
                          : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
                                                                   "all-reduce"
-                         : o->link_bandwidth > 0 || o->link_latency > 0 ? "does not throttle the servers' "
-                                                                          "messages yet: no --link-bandwidth or "
-                                                                          "--link-latency"
                          : o->device && strcmp(o->device, "cpu") ? "runs on the CPU only"
                          : NULL;
         if (no) return bad_usage("--sync ps %s", no);
@@ -1954,7 +1947,8 @@ static int open_resume(run *r, char *note, size_t n)
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world, note, n);
+    /* The workers' count: --sync ps's servers are not replicas. */
+    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world - r->o.ps_servers, note, n);
     if (rc) {
         pw_state_close(r->resume);
         r->resume = NULL;
@@ -2085,10 +2079,13 @@ static int restore_and_checkpoints(run *r)
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
                    m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
                    m->layout.processes > 1 ? "es" : "");
-        if (o->compress.kind == PW_COMPRESS_TOPK || o->compress.kind == PW_COMPRESS_POWERSGD)
+        /* --compress: the error-feedback state where the checkpoint has it. */
+        char why[600];
+        if (pw_state_restore_compress(r->resume, r->t, why, sizeof why) != PW_OK) return fail("--resume: ");
+        if (why[0])
             fprintf(stderr, "pipeline-run: --resume with --compress %s: the error-feedback state (residuals%s) "
-                    "is not in checkpoints; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
-                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "");
+                    "is not restored: %s; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
+                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "", why);
     }
     if (!o->checkpoint_dir) return 0;
     static char extra[320];
@@ -2255,7 +2252,8 @@ static void print_progress(const run *r, int64_t i, int epoch_done, double *last
         return;
     char eta[32], norm[48] = "";
     fmt_time((double)(r->total - i - 1) * (double)o->batch / rate, eta, sizeof eta);
-    if (o->clip > 0) snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
+    if (o->clip > 0 && pw_pipeline_grad_norm(r->t) >= 0) /* --sync ps: the server's, not known here */
+        snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
     const int64_t n_epochs = (r->total + r->spe - 1) / r->spe;
     printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "
            "ETA %s%s", r->tty ? "\r\033[K" : "", (long long)r->s.epoch + 1, (long long)n_epochs,

@@ -185,15 +185,36 @@ int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out)
 
 /* pipeline_ps.c: the worker's side of --sync ps (stages/train/ps.h).
  * create: after the stages, before the engine (which then takes
- * pl_ps_transport and the chunks' pl_ps_vt); start: after the engine (the
- * parameters to the servers); settle: every version pushed received and
- * in place (before an evaluation or a save); destroy: goodbye and free. */
+ * pl_ps_transport and the chunks' pl_ps_vt); start: after the engine;
+ * begin: before each step (the first sends the parameters and optimizer
+ * state to the servers); settle: every version pushed received and in
+ * place (before an evaluation or a save); checkpoint: settle, and replica
+ * 0 fetches the servers' optimizer state into its programs (before a
+ * training-state snapshot); destroy: goodbye and free. */
 pw_status pl_ps_create(pw_pipeline *pl);
 const pw_stage_i *pl_ps_vt(pw_pipeline *pl, const pw_stage_i *base);
 const pw_transport *pl_ps_transport(pw_pipeline *pl);
 pw_status pl_ps_start(pw_pipeline *pl);
+pw_status pl_ps_begin(pw_pipeline *pl);
+pw_status pl_ps_checkpoint(pw_pipeline *pl);
 pw_status pl_ps_settle(pw_pipeline *pl);
 void pl_ps_destroy(pw_pipeline *pl);
+
+/* pipeline_compress.c: the error-feedback state of --compress per
+ * (replica, parameter), for training-state checkpoints. One entry per
+ * parameter span whose compressor keeps state (top-k, PowerSGD), in
+ * (local replica, chunk, piece, parameter) order; *out is malloc'd (the
+ * caller frees), NULL with none. *why (a constant string) says why the
+ * state cannot be kept per parameter (ties, tensor parallelism): then
+ * nothing is listed. Between steps only. */
+typedef struct pl_zstate {
+    int replica;              /* the global replica index */
+    int gp;                   /* the graph parameter */
+    pw_compressor *z;         /* its bucket's compressor (the engine's) */
+    int span;                 /* its span there */
+    int64_t floats;           /* pw_compressor_span_state's */
+} pl_zstate;
+pw_status pl_compress_states(pw_pipeline *pl, pl_zstate **out, int *n, const char **why);
 
 /* The piece of local chunk ch of local replica lrep holding graph
  * parameter gp and its index there (*local); NULL: none (pipeline_ties.c). */

@@ -368,7 +368,7 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
         .replicas = NR, .transport = pl->ps ? pl_ps_transport(pl) : t, .link = c->link,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
-        .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
+        .clip_grad_norm = pl->post_optim || pl->ps ? 0.0 : c->clip_grad_norm, /* --sync ps: the server clips */
         .post_validate = c->post_validate,
         .overlap_steps = pl->K > 1,
         .gpu_pci = gpu_pci,
@@ -587,6 +587,7 @@ static pw_status run_steps(pw_pipeline *pl, int n, pw_step_stats *out, int *n_do
     }
     pl->batch_idx = pl->sampler.order + in_epoch * pl->cfg.batch;
     pl->run_first = pl->step + 1;
+    if (pl->ps) PW_CHECK(pl_ps_begin(pl)); /* the first: the parameters to the servers */
     pw_transport_phase(pl->t, PW_PHASE_STEP, pl->step + 1); /* the other processes' watchdogs read it */
     double t0_busy, t0_wall, t1_wall;
     int nw, done = 1;

@@ -29,6 +29,8 @@
 
 #define PATH_MAX_LEN 4096
 #define MAX_PIECES 64
+#define PART_COMPRESS (-2)
+#define COMPRESS_FORMAT "pipewright-compress-1"
 
 static double now_s(void)
 {
@@ -268,7 +270,10 @@ static void retain(const char *dir, int keep, int all_incomplete)
 typedef struct item {
     pw_program *prog;          /* where it is read from */
     int local;                 /* the parameter's index there */
-    int part;                  /* -1: the parameter; k >= 0: optimizer buffer k */
+    int part;                  /* -1: the parameter; k >= 0: optimizer buffer k;
+                                  PART_COMPRESS: a compressor's state (z, zspan) */
+    pw_compressor *z;
+    int zspan;
     int gp;
     char *name;                /* "fc1.weight" or "fc1.weight.exp_avg" */
     pw_shape shape;
@@ -283,6 +288,10 @@ struct pw_state_writer {
     int writes;                /* 0: a process of another replica (writes nothing) */
     item *items;
     int n_items, n_model;
+    int n_compress;            /* the last n_compress items: --compress's error-feedback state
+                                  (every process writes its replicas': "compress" files) */
+    char zmode[48];            /* its mode ("topk:0.01"), for the files' metadata */
+    char zreplicas[16];
     float *block;              /* the snapshot: every item's floats */
     size_t block_floats;
     int64_t spe;
@@ -315,7 +324,7 @@ static void free_items(pw_state_writer *w)
     free(w->block);
     w->items = NULL;
     w->block = NULL;
-    w->n_items = w->n_model = 0;
+    w->n_items = w->n_model = w->n_compress = 0;
     w->block_floats = 0;
 }
 
@@ -375,13 +384,44 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
             else snprintf(it->name, len, "%s.%s", g->params[p].name, state_suffix(w->cfg.run.optim.kind, k));
             if (k < 0) w->n_model++;
         }
-    w->n_items = n;
-    w->block_floats = off;
     free(tmp);
     free(first);
     free(taken);
+    w->n_items = n;
     for (int i = 0; i < n; i++)
         if (!w->items[i].name) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    /* --compress: every replica's error-feedback state, one tensor per
+     * (replica, parameter) (stages/train/pipeline_compress.c). */
+    pl_zstate *zs = NULL;
+    int nz = 0;
+    const char *zwhy = NULL;
+    PW_CHECK(pl_compress_states(pl, &zs, &nz, &zwhy));
+    if (nz > 0) {
+        item *grown = realloc(w->items, (size_t)(n + nz) * sizeof *w->items);
+        if (!grown) {
+            free(zs);
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        }
+        w->items = grown;
+        pw_compress_name(&pl->cfg.compress, w->zmode, sizeof w->zmode);
+        snprintf(w->zreplicas, sizeof w->zreplicas, "%d", pl->NR);
+    }
+    for (int i = 0; i < nz; i++) {
+        item *it = &w->items[n];
+        *it = (item){.part = PART_COMPRESS, .z = zs[i].z, .zspan = zs[i].span, .gp = zs[i].gp,
+                     .shape = {.ndim = 1, .d = {zs[i].floats}}, .numel = zs[i].floats, .off = off};
+        off += (size_t)it->numel;
+        const size_t len = strlen(g->params[it->gp].name) + 48;
+        if (!(it->name = malloc(len))) {
+            free(zs);
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        }
+        snprintf(it->name, len, "%s.compress.replica%d", g->params[it->gp].name, zs[i].replica);
+        w->n_items = ++n;
+        w->n_compress++;
+    }
+    free(zs);
+    w->block_floats = off;
     w->generation = pl->generation;
     w->block = malloc(off * sizeof(float) + 64);
     if (!w->block) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory for a %zu-byte snapshot",
@@ -445,6 +485,8 @@ pw_status pw_state_writer_create(const pw_state_config *cfg, pw_state_writer **o
 static void file_name(const pw_state_writer *w, const char *kind, char *out, size_t n)
 {
     if (w->shard < 0) snprintf(out, n, "%s.safetensors", kind);
+    else if (!strcmp(kind, "compress")) /* every process's replica: numbered by world rank */
+        snprintf(out, n, "%s-%05d-of-%05d.safetensors", kind, w->t->world_rank + 1, w->t->world_size);
     else snprintf(out, n, "%s-%05d-of-%05d.safetensors", kind, w->shard + 1, w->n_shards);
 }
 
@@ -465,7 +507,8 @@ static pw_status write_file(pw_state_writer *w, const char *kind, int from, int 
     }
     for (int i = from; i < to; i++) {
         const item *it = &w->items[i];
-        t[i - from] = (pw_st_tensor){.name = it->name, .dtype = PW_F32, .shape = g->params[it->gp].shape,
+        t[i - from] = (pw_st_tensor){.name = it->name, .dtype = PW_F32,
+                                     .shape = it->part == PART_COMPRESS ? it->shape : g->params[it->gp].shape,
                                      .data = w->block + it->off, .nbytes = (size_t)it->numel * sizeof(float)};
         char crc[16];
         snprintf(crc, sizeof crc, "%08" PRIx32, crc_of(t[i - from].data, t[i - from].nbytes));
@@ -564,15 +607,24 @@ static pw_status write_checkpoint(pw_state_writer *w)
     json_decref(w->files);
     w->files = json_array();
     if (!w->files) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    pw_st_meta zmeta[] = {
+        {"format", COMPRESS_FORMAT}, {"graph", g->name}, {"step", step}, {"compress", w->zmode},
+        {"replicas", w->zreplicas},
+    };
     if (w->writes) {
         PW_CHECK(write_file(w, "model", 0, w->n_model, meta, (int)(sizeof meta / sizeof meta[0])));
-        PW_CHECK(write_file(w, "optimizer", w->n_model, w->n_items, ometa, (int)(sizeof ometa / sizeof ometa[0])));
+        PW_CHECK(write_file(w, "optimizer", w->n_model, w->n_items - w->n_compress, ometa,
+                            (int)(sizeof ometa / sizeof ometa[0])));
     }
+    if (w->n_compress > 0)
+        PW_CHECK(write_file(w, "compress", w->n_items - w->n_compress, w->n_items, zmeta,
+                            (int)(sizeof zmeta / sizeof zmeta[0])));
     char p[PATH_MAX_LEN + 64];
     if (w->t) {
-        /* MPI: a note of what this process wrote; rank 0 merges them. */
-        if (w->writes) {
-            snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, w->shard + 1);
+        /* MPI: a note of what this process wrote (every process: the
+         * compressors' state is every replica's); rank 0 merges them. */
+        {
+            snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, w->t->world_rank + 1);
             json_t *note = json_pack("{s:O}", "files", w->files);
             pw_status st = note ? write_json_atomic(p, note) : pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
             json_decref(note);
@@ -638,8 +690,13 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
     if (!w->t || w->t->world_rank == 0) unlink(p);
     /* The snapshot: host copies at this step boundary (the workers are idle). */
     const double t0 = now_s();
+    PW_CHECK(pl_ps_checkpoint(pl)); /* --sync ps: the servers hold the optimizer state */
     for (int i = 0; i < w->n_items; i++) {
         const item *it = &w->items[i];
+        if (it->part == PART_COMPRESS) {
+            pw_compressor_span_state_get(it->z, it->zspan, w->block + it->off);
+            continue;
+        }
         pw_status st = it->part < 0 ? pw_program_param_read(it->prog, it->local, PW_PARAM_DATA, 0, w->block + it->off)
                                     : pw_program_param_read(it->prog, it->local, PW_PARAM_STATE, it->part,
                                                             w->block + it->off);
@@ -668,7 +725,7 @@ static pw_status merge_manifest(pw_state_writer *w, int64_t *bytes)
         goto out;
     }
     *bytes = 0;
-    for (int r = 0; r < w->n_shards; r++) {
+    for (int r = 0; r < w->t->world_size; r++) { /* world ranks 0 .. S-1 are replica 0's pipeline ranks */
         char p[PATH_MAX_LEN + 64];
         snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, r + 1);
         json_error_t je;
@@ -692,7 +749,7 @@ static pw_status merge_manifest(pw_state_writer *w, int64_t *bytes)
     char p[PATH_MAX_LEN + 32];
     snprintf(p, sizeof p, "%s/" PW_STATE_MANIFEST, w->path);
     PW_CHECK_GOTO(write_json_atomic(p, m), st, out);
-    for (int r = 0; r < w->n_shards; r++) {
+    for (int r = 0; r < w->t->world_size; r++) {
         snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, r + 1);
         unlink(p);
     }
@@ -1161,5 +1218,71 @@ pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
 out:
     for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
     free(of);
+    return st;
+}
+
+pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n)
+{
+    why[0] = '\0';
+    pl_zstate *zs = NULL;
+    int nz = 0;
+    const char *zwhy = NULL;
+    PW_CHECK(pl_compress_states(pl, &zs, &nz, &zwhy));
+    if (zwhy) {
+        snprintf(why, why_n, "%s", zwhy);
+        return PW_OK;
+    }
+    if (nz == 0) return PW_OK;
+    char mode[48], reps[16];
+    pw_compress_name(&pl->cfg.compress, mode, sizeof mode);
+    snprintf(reps, sizeof reps, "%d", pl->NR);
+    json_t *files = json_object_get(s->root, "files");
+    const size_t nf = json_array_size(files);
+    open_file *of = calloc(nf + 1, sizeof *of);
+    if (!of) {
+        free(zs);
+        return pw_error(PW_ERR_NOMEM, "--resume: out of memory");
+    }
+    pw_status st = PW_OK;
+    /* The mode and replica count the state was written with (every
+     * compress file says them; the first one found is asked). */
+    int any = 0;
+    for (size_t fi = 0; fi < nf && st == PW_OK && !any; fi++) {
+        json_t *rec = json_array_get(files, fi);
+        if (strcmp(jstr(rec, "kind"), "compress") != 0) continue;
+        any = 1;
+        PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
+        of[fi].rec = rec;
+        const char *m = pw_safetensors_meta(of[fi].st, "compress"), *r = pw_safetensors_meta(of[fi].st, "replicas");
+        if (!m || !r || strcmp(m, mode) || strcmp(r, reps))
+            snprintf(why, why_n, "the checkpoint's state is of --compress %s on %s replicas, this run's %s on %s",
+                     m ? m : "?", r ? r : "?", mode, reps);
+    }
+    if (!any) snprintf(why, why_n, "the checkpoint holds none (it was written without it)");
+    /* Pass 0: every tensor found and checked; pass 1: copied. */
+    for (int pass = 0; pass < 2 && st == PW_OK && !why[0]; pass++)
+        for (int i = 0; i < nz && st == PW_OK && !why[0]; i++) {
+            char name[512];
+            snprintf(name, sizeof name, "%s.compress.replica%d", pl->g->params[zs[i].gp].name, zs[i].replica);
+            json_t *rec = find_tensor(s, name, NULL);
+            if (!rec) {
+                snprintf(why, why_n, "the checkpoint has no '%s'", name);
+                break;
+            }
+            size_t fi = 0;
+            while (fi < nf && json_array_get(files, fi) != rec) fi++;
+            if (!of[fi].st) {
+                of[fi].rec = rec;
+                PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
+            }
+            const pw_shape shape = {.ndim = 1, .d = {zs[i].floats}};
+            pw_st_tensor t;
+            PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &shape, &t), st, out);
+            if (pass == 1) pw_compressor_span_state_set(zs[i].z, zs[i].span, t.data);
+        }
+out:
+    for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
+    free(of);
+    free(zs);
     return st;
 }

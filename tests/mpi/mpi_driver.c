@@ -277,6 +277,61 @@ static void tied(int np, int S, int R, const char *extra, const char *tag)
 /* Compressed gradients (runtime/compress.h): the 16-bit and top-k payloads
  * travel by MPI_Iallgather, PowerSGD's P and Q by the tree; each sums in
  * the same order as in process. */
+/* The error-feedback state of --compress (top-k's residuals, PowerSGD's
+ * residuals and Q) in checkpoints under mpirun: every process writes its
+ * replica's (compress-RANK-of-N files); a run written by 1 x 2 processes
+ * and resumed at step 2 under mpirun on 2 x 2, and in one process, ends
+ * with the bytes of the unbroken run in one process. */
+static void compress_resumed(const char *mode)
+{
+    char cmd[2048], *out = NULL, ref[64], what[256];
+    char model[512];
+    snprintf(model, sizeof model, "m.graph " DATA " --batch 48 --steps 6 --replicas 2 --micro-batches 2 "
+             "--optimizer adamw --compress %s", mode);
+    snprintf(ref, sizeof ref, "zref.st");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --stages 1 --save %s", bin, model, ref);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("--compress %s resumed: the unbroken run: exit %d\n%s", mode, st, out);
+    free(out);
+    if (st) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 2 %s/pipeline-run %s --stages 1 --checkpoint-dir ckz "
+             "--checkpoint-every 2 --keep 0", bin, model);
+    st = run(cmd, 300, &out, NULL);
+    char z2[200];
+    snprintf(z2, sizeof z2, "%s/ckz/step-00000002/compress-00002-of-00002.safetensors", dir);
+    if (st != 0 || access(z2, R_OK) != 0) {
+        fail("--compress %s under mpirun with checkpoints: exit %d, replica 1's state file %s\n%s", mode, st,
+             access(z2, R_OK) ? "missing" : "there", out);
+        free(out);
+        return;
+    }
+    free(out);
+    static const struct {
+        int np;
+        const char *layout;
+    } resume[] = {{4, "--stages 2"}, {0, "--stages 3"}};
+    for (int i = 0; i < 2; i++) {
+        char prefix[128] = "";
+        if (resume[i].np) snprintf(prefix, sizeof prefix, MPIRUN " -np %d ", resume[i].np);
+        snprintf(cmd, sizeof cmd, "%s%s/pipeline-run %s %s --resume ckz/step-00000002 --save zres%d.st", prefix, bin,
+                 model, resume[i].layout, i);
+        st = run(cmd, 300, &out, NULL);
+        if (st != 0 || strstr(out, "not restored")) {
+            fail("--compress %s resumed (%s): exit %d\n%s", mode, cmd, st, out);
+            free(out);
+            continue;
+        }
+        free(out);
+        char a[200], b[200], why[256];
+        snprintf(a, sizeof a, "%s/%s", dir, ref);
+        snprintf(b, sizeof b, "%s/zres%d.st", dir, i);
+        snprintf(what, sizeof what, "--compress %s: written by 1 x 2 processes at step 2, resumed %s on %s x 2", mode,
+                 resume[i].np ? "under mpirun" : "in one process", resume[i].layout + 9);
+        if (!test_same_tensors(a, b, why, sizeof why)) fail("%s: differs from the unbroken run: %s", what, why);
+        else printf("ok   %s: identical to the unbroken run\n", what);
+    }
+}
+
 static void compress_cases(int np)
 {
     if (np == 2) {
@@ -290,6 +345,8 @@ static void compress_cases(int np)
                   "zbf16slow");
         identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "--allreduce auto --link-bandwidth 2e8",
                   "ztopkauto");
+        compress_resumed("topk:0.05");
+        compress_resumed("powersgd:2");
     } else {
         identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
         identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
@@ -1369,8 +1426,6 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--sync ps --checkpoint-dir ck", "--sync ps does not checkpoint or resume yet"},
-        {"--sync ps --clip-grad-norm 1", "--sync ps does not support --clip-grad-norm yet"},
         {"--servers 2", "--servers and --staleness apply to --sync ps"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1440,14 +1495,143 @@ static void ps_staleness(int S)
                 events, worst, ahead);
 }
 
+/* Runs `cmd` (in the test directory); 1 when it exits 0, else a failure naming `what`. */
+static int ps_run(const char *cmd, const char *what)
+{
+    char *out = NULL;
+    const int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("--sync ps checkpoints: %s: exit %d\n%s\n%s", what, st, cmd, out);
+    free(out);
+    return st == 0;
+}
+
+/* 1 when files a and b (in the test directory) hold the same tensors; else a failure. */
+static int ps_same(const char *a, const char *b, const char *what)
+{
+    char pa[200], pb[200], why[256];
+    snprintf(pa, sizeof pa, "%s/%s", dir, a);
+    snprintf(pb, sizeof pb, "%s/%s", dir, b);
+    if (!test_same_tensors(pa, pb, why, sizeof why)) {
+        fail("--sync ps: %s: differs: %s", what, why);
+        return 0;
+    }
+    printf("ok   --sync ps: %s: identical\n", what);
+    return 1;
+}
+
+/* Checkpoints of --sync ps (docs/distributed.md, "Checkpoints"): the
+ * servers' optimizer state is in them, so a run resumed at step 5 ends
+ * with the bytes of the unbroken run — resumed as PS (on another server
+ * count), as an all-reduce run in one process; and an all-reduce run's
+ * checkpoint resumed as PS. With staleness a checkpoint is a
+ * synchronisation point: resumed as PS (synchronous) and as all-reduce it
+ * gives the same bytes. */
+#define PS_CKPT "m.graph " DATA " --batch 48 --steps 12 --optimizer adamw --lr-schedule cosine --warmup 4 " \
+                "--micro-batches 2"
+static void ps_checkpoints(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --save psref.st", bin);
+    if (!ps_run(cmd, "the unbroken all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckp; " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 "
+             "--sync ps --checkpoint-dir ckp --checkpoint-every 5 --keep 0 --save psck.st", bin);
+    if (!ps_run(cmd, "the checkpointing PS run")) return;
+    ps_same("psref.st", "psck.st", "checkpoints: a PS run that checkpoints at steps 5 and 10 against the all-reduce run");
+    char m[200];
+    snprintf(m, sizeof m, "%s/ckp/step-00000005/manifest.json", dir);
+    if (access(m, R_OK) != 0) {
+        fail("--sync ps checkpoints: no complete checkpoint at step 5 (%s)", m);
+        return;
+    }
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+             "--servers 2 --resume ckp/step-00000005 --save ps1.st", bin);
+    if (ps_run(cmd, "PS (1 server) resumed on 2 servers"))
+        ps_same("psref.st", "ps1.st", "checkpoints: saved by 1 x 2 + 1 server at step 5, resumed on 1 x 2 + 2 servers");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --resume ckp/step-00000005 "
+             "--save ps2.st", bin);
+    if (ps_run(cmd, "PS resumed as an all-reduce run"))
+        ps_same("psref.st", "ps2.st", "checkpoints: saved by PS at step 5, resumed in one process on 2 stages x 2 replicas");
+    snprintf(cmd, sizeof cmd, "rm -rf cka; %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --steps 12 "
+             "--checkpoint-dir cka --checkpoint-every 5 --keep 0", bin);
+    if (ps_run(cmd, "the checkpointing all-reduce run")) {
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 5 %s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --sync ps "
+                 "--resume cka/step-00000005 --save ps3.st", bin);
+        if (ps_run(cmd, "an all-reduce checkpoint resumed as PS"))
+            ps_same("psref.st", "ps3.st", "checkpoints: saved by an all-reduce run at step 5, resumed as 2 x 2 + 1 server");
+    }
+    /* --init-from reaches the servers (the hello goes before the first step). */
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run m.graph " DATA " --batch 48 --steps 4 --save psinit.st", bin);
+    if (ps_run(cmd, "the weights to start from")) {
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+                 "--init-from psinit.st --save ps6.st", bin);
+        const int a = ps_run(cmd, "PS from --init-from");
+        snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --init-from psinit.st "
+                 "--save ps7.st", bin);
+        if (ps_run(cmd, "all-reduce from --init-from") && a)
+            ps_same("ps6.st", "ps7.st", "--init-from: PS against the all-reduce run");
+    }
+    /* Staleness 2, replica 1 slowed: the checkpoint at step 6 holds version 6. */
+    snprintf(cmd, sizeof cmd, "rm -rf cks; PW_TEST_SLOW=w1:3 " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 "
+             "--replicas 2 --sync ps --staleness 2 --checkpoint-dir cks --checkpoint-every 6 --keep 0", bin);
+    if (!ps_run(cmd, "a stale PS run that checkpoints")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+             "--resume cks/step-00000006 --save ps4.st", bin);
+    const int a = ps_run(cmd, "a stale run's checkpoint resumed as synchronous PS");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --resume cks/step-00000006 "
+             "--save ps5.st", bin);
+    if (ps_run(cmd, "a stale run's checkpoint resumed as all-reduce") && a)
+        ps_same("ps4.st", "ps5.st", "checkpoints: a --staleness 2 run's checkpoint at step 6, resumed as synchronous PS and "
+                "as all-reduce");
+}
+
+/* --sync ps over a slow link: the pushes and the versions the servers send
+ * back are held back by the link (runtime/link.h), the bytes are those of
+ * the unthrottled run, and the run's own time ("done: N steps in T s") is
+ * at least the link's: each step's gradients reach the server >= 20 ms
+ * after they are pushed, and the new version reaches the worker >= 20 ms
+ * after the server sends it. */
+static void ps_slow_link(void)
+{
+    char cmd[2048], *out = NULL;
+    const char *model = "m.graph " DATA " --batch 48 --steps 6 --stages 1 --replicas 2 --micro-batches 2 "
+                        "--optimizer adamw";
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save pslink_ref.st", bin, model);
+    if (!ps_run(cmd, "the unthrottled reference")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run %s --sync ps --servers 2 --link-latency 0.02 "
+             "--link-bandwidth 2e6 --save pslink.st", bin, model);
+    const int st = run(cmd, 300, &out, NULL);
+    const char *done = out ? strstr(out, "done: ") : NULL;
+    int steps = 0;
+    double took = -1;
+    if (done) sscanf(done, "done: %d steps in %lf s", &steps, &took);
+    const double min_s = 6 * 2 * 0.02;
+    if (st != 0 || took < 0) fail("--sync ps over a slow link: exit %d\n%s\n%s", st, cmd, out ? out : "");
+    else if (took < min_s)
+        fail("--sync ps over a slow link: %d steps took %.3f s, the 20 ms link alone needs %.2f s", steps, took, min_s);
+    else {
+        printf("ok   --sync ps over a slow link (20 ms, 2 MB/s, 2 servers): %.2f s >= %.2f s\n", took, min_s);
+        ps_same("pslink_ref.st", "pslink.st", "--sync ps over a slow link against the unthrottled all-reduce run");
+    }
+    free(out);
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
         ps_identical(1, 2, 1, "--micro-batches 2", "ps3");
+        /* --clip-grad-norm: the server takes the global norm in the engine's
+         * order (0.01 clips every step here). */
+        ps_identical(1, 2, 1, "--micro-batches 2 --clip-grad-norm 0.01", "psclip3");
+        ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --schedule interleaved --clip-grad-norm 0.01",
+                     "psclip5");
+        ps_identical(2, 2, 3, "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.01", "psclip7");
+        ps_identical(1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01", "psclip4");
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
         ps_staleness(2);
+        ps_checkpoints();
+        ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
