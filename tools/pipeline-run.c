@@ -952,11 +952,6 @@ static int parse_args(int argc, char **argv, options *o)
                     (long long)o->batch, o->micro_batches);
         return 2;
     }
-    if (o->tensor_parallel > 1 && o->parallel) {
-        fprintf(stderr, "pipeline-run: --tensor-parallel with --parallel auto: the layout search holds T = 1 "
-                "only (docs/parallelism.md)\n");
-        return 2;
-    }
     if (pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0)
     {
         fprintf(stderr, "pipeline-run: --grad-groups %d: must divide --replicas x "
@@ -1800,6 +1795,7 @@ static int choose_parallel(const pw_graph *g, options *o)
     pw_layout_space *p = &rq.pins;
     p->stages = o->stages_default ? 0 : o->stages;
     p->replicas = o->replicas_set ? o->replicas : 0;
+    p->tensor = o->tensor_parallel;
     p->threads = o->threads;
     p->micro_batches = o->micro_set ? o->micro_batches : 0;
     p->chunks_per_rank = o->chunks_per_rank;
@@ -1816,6 +1812,7 @@ static int choose_parallel(const pw_graph *g, options *o)
     o->stages = l.stages;
     o->stages_default = 0;
     o->replicas = l.replicas;
+    o->tensor_parallel = l.tensor > 1 ? l.tensor : 0;
     o->threads = l.threads;
     o->micro_batches = l.micro_batches;
     o->micro_set = 1;
