@@ -2,6 +2,7 @@
  * exhaustive search on hand-made cost tables, memory budgets, the refusal of
  * an impossible request, the space's rules, and the built-in model's bounds. */
 #include <criterion/criterion.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +10,7 @@
 #include <time.h>
 
 #include "graph/graph.h"
+#include "graph/partition.h"
 #include "runtime/rng.h"
 #include "runtime/topology.h"
 #include "stages/plan/forecast.h"
@@ -588,6 +590,60 @@ Test(layout, megatron_layout_on_the_cluster, .timeout = TIMEOUT)
     cr_assert(strstr(why, "T = 16 crosses a node: all-reduce"), "%s", why);
     pw_layout_result_free(&res);
     pw_layout_forecaster_destroy(f);
+    hwloc_topology_destroy(topo);
+    pw_graph_destroy(g);
+}
+
+/* The forecast at T > 1 (pw_forecast_config.tensor) places a stage's T
+ * ranks on consecutive slots: on 4 nodes of 2 packages x 4 GPUs, T = 4
+ * stays in a package, T = 8 spans a node's packages, T = 16 crosses nodes,
+ * and the all-reduce per micro-batch grows with each; a rank's memory
+ * shrinks with T; a whole graph given as T > 1 is refused. */
+Test(layout, forecast_places_tensor_groups, .timeout = TIMEOUT)
+{
+    pw_graph *g = load(PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096_tp.graph");
+    hwloc_topology_t topo;
+    cr_assert_eq(pw_topology_load_spec(PW_SOURCE_DIR "/tests/fixtures/topologies/cluster_4node_8gpu.xml", &topo),
+                 PW_OK, "%s", pw_last_error());
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, 2, PW_PARTITION_FLOPS, &part), PW_OK);
+    static const struct {
+        int T;
+        pw_link_class cls;
+    } want[] = {{2, PW_LINK_PACKAGE}, {4, PW_LINK_PACKAGE}, {8, PW_LINK_PACKAGES}, {16, PW_LINK_HOSTS}};
+    double last_tp = 0;
+    int64_t last_mem = INT64_MAX;
+    for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
+        const int T = want[k].T;
+        pw_graph *rg;
+        cr_assert_eq(pw_graph_tp_rank(g, T, T - 1, &rg), PW_OK, "%s", pw_last_error());
+        pw_forecast_config fc = pw_forecast_defaults();
+        fc.graph = rg;
+        fc.tensor = T;
+        fc.cuts = part.begin;
+        fc.stages = 2;
+        fc.replicas = 1;
+        fc.micro_batches = 4;
+        fc.micro_batch_size = 1;
+        fc.schedule = PW_SCHEDULE_1F1B;
+        fc.flops_per_s = 3e13;
+        fc.optim_state_floats = 2;
+        fc.topology = topo;
+        pw_forecast f;
+        cr_assert_eq(pw_forecast_run(&fc, &f), PW_OK, "T=%d: %s", T, pw_last_error());
+        cr_assert_eq(f.tp_cls, (int)want[k].cls, "T=%d: %s, want %s", T, pw_link_class_name((pw_link_class)f.tp_cls),
+                     pw_link_class_name(want[k].cls));
+        cr_assert_gt(f.tp_time, last_tp, "T=%d: all-reduce %g s per micro-batch", T, f.tp_time);
+        cr_assert_lt(f.peak_memory[0], last_mem, "T=%d", T);
+        last_tp = f.tp_time;
+        last_mem = f.peak_memory[0];
+        if (T == 16) cr_assert(strstr(f.placement, "x T 16"), "%s", f.placement);
+        pw_forecast_free(&f);
+        fc.graph = g; /* the whole graph with T > 1 */
+        cr_assert_eq(pw_forecast_run(&fc, &f), PW_ERR_INVALID_ARG);
+        pw_graph_destroy(rg);
+    }
+    pw_partition_free(&part);
     hwloc_topology_destroy(topo);
     pw_graph_destroy(g);
 }

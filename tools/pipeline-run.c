@@ -1518,6 +1518,10 @@ static void print_forecast(const pw_forecast *f, const pw_forecast_config *fc)
     if (fc->memory_budget > 0)
         printf("  memory budget %.1f MiB per stage: %s\n", (double)fc->memory_budget / MiB,
                f->fits ? "fits" : "does NOT fit");
+    if (fc->tensor > 1)
+        printf("  tensor        T = %d per stage (one rank's figures above); its all-reduces %.3f ms per micro-batch "
+               "(the busiest stage, F and B)%s%s\n", fc->tensor, f->tp_time * 1e3, fc->topology ? ", " : "",
+               fc->topology ? pw_link_class_name((pw_link_class)f->tp_cls) : "");
     if (fc->replicas > 1)
         printf("  all-reduce    %.3f ms per step across %d replicas (stage %d, the slowest%s%s)\n",
                f->allreduce_time * 1e3, fc->replicas, f->allreduce_stage, fc->topology ? "; ring " : "",
@@ -1539,10 +1543,34 @@ static int run_simulate(const pw_graph *g, const options *o)
     pw_forecast_config fc = forecast_config(g, o, o->flops_per_s);
     if ((rc = one_budget(o, &fc.memory_budget)) != 0) return rc;
     fc.schedule = kind;
+    /* Tensor parallelism: one rank's graph (the last rank's, the largest
+     * parts) cut at the whole graph's FLOP cuts (pw_forecast_config.tensor). */
+    pw_graph *rank_g = NULL;
+    pw_partition tp_part = {0};
+    if (o->tensor_parallel > 1) {
+        const int C = o->stages * (kind == PW_SCHEDULE_ZB_V ? 2
+                                   : kind == PW_SCHEDULE_INTERLEAVED ? (o->chunks_per_rank > 0 ? o->chunks_per_rank : 2)
+                                                                      : 1);
+        if (is_auto) {
+            fprintf(stderr, "pipeline-run: --simulate --tensor-parallel takes a schedule kind, not auto\n");
+            return 2;
+        }
+        if (pw_graph_tp_rank(g, o->tensor_parallel, o->tensor_parallel - 1, &rank_g) != PW_OK ||
+            pw_partition_make(g, C, PW_PARTITION_FLOPS, &tp_part) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --simulate --tensor-parallel %d: %s\n", o->tensor_parallel, pw_last_error());
+            pw_graph_destroy(rank_g);
+            return 1;
+        }
+        fc.graph = rank_g;
+        fc.tensor = o->tensor_parallel;
+        fc.cuts = tp_part.begin;
+    }
     if (o->calibrate) {
         double step = 0;
         if (pw_forecast_calibrate(&fc, &fc.flops_per_s, &step) != PW_OK) {
             fprintf(stderr, "pipeline-run: --calibrate: %s\n", pw_last_error());
+            pw_graph_destroy(rank_g);
+            pw_partition_free(&tp_part);
             return 1;
         }
         printf("pipeline-run: --calibrate: a one-stage step of %d micro-batches of %lld takes %.3f ms here: "
@@ -1558,7 +1586,8 @@ static int run_simulate(const pw_graph *g, const options *o)
          * hosts, the other classes keep their defaults (docs/schedules.md). */
         if (pw_topology_load_spec(o->topology, &topo) != PW_OK) {
             fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
-            return 1;
+            rc = 1;
+            goto out;
         }
         fc.topology = topo;
         if (o->link_bandwidth > 0) fc.host_bandwidth = o->link_bandwidth;
@@ -1607,6 +1636,8 @@ out:
     pw_forecast_free(&f);
     pw_trace_destroy(tr);
     if (topo) hwloc_topology_destroy(topo);
+    pw_graph_destroy(rank_g);
+    pw_partition_free(&tp_part);
     return rc;
 }
 
