@@ -19,6 +19,7 @@
 #include "stages/train/data.h"
 #include "stages/train/pipeline.h"
 #include "stages/train/state.h"
+#include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
 #define TIMEOUT 180
 

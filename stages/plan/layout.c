@@ -478,6 +478,7 @@ pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, 
             fprintf(f, " stage %d %s%s", r, pw_format_bytes((double)rank_memory[r], a, sizeof a),
                     r + 1 < n_ranks && r < 15 ? "," : "");
         if (n_ranks > 16) fprintf(f, " ... (%d stages)", n_ranks);
+        if (l->tensor > 1) fprintf(f, " (each of a stage's %d tensor ranks)", l->tensor);
         fprintf(f, "\n");
     }
     int shown = 0;
