@@ -127,6 +127,7 @@ typedef struct run_cfg {
     int post_validate;
     pw_optim_kind optim;
     int64_t batch;
+    int overlap;                 /* > 1: pw_pipeline_steps with overlap_steps */
 } run_cfg;
 
 static int cuts_buf[64];
@@ -154,6 +155,7 @@ static pw_pipeline_config config(const pw_graph *g, const pw_dataset *d, const r
     pc.tensor_parallel = c->T;
     pc.clip_grad_norm = c->clip;
     pc.post_validate = c->post_validate;
+    pc.overlap_steps = c->overlap;
     return pc;
 }
 
@@ -168,6 +170,10 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, const run_cfg *
 
 static void steps(pw_pipeline *pl, int n, const run_cfg *c, double *norms)
 {
+    if (c->overlap > 1) { /* one engine run whose steps overlap (no norms per step) */
+        cr_assert_eq(pw_pipeline_steps(pl, n, NULL), PW_OK, "T=%d S=%d: %s", c->T, c->S, pw_last_error());
+        return;
+    }
     for (int s = 0; s < n; s++) {
         cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "T=%d S=%d: %s", c->T, c->S, pw_last_error());
         if (norms) norms[s] = pw_pipeline_grad_norm(pl);
@@ -268,7 +274,7 @@ static void clip_matrix(const char *text, pw_dataset *d, int64_t batch, int n)
     char *paths[] = {probe, ref, free_run, two, got};
     for (int i = 0; i < 5; i++) tmp_file(paths[i]);
     /* The unclipped norm (a clip that never triggers measures it). */
-    run_cfg c = {1, 1, 1, 4, PW_SCHEDULE_1F1B, 1e9, 0, PW_OPTIM_SGD, batch};
+    run_cfg c = {1, 1, 1, 4, PW_SCHEDULE_1F1B, 1e9, 0, PW_OPTIM_SGD, batch, 0};
     run_to(g, d, &c, n, probe, norms1);
     const double clip = 0.5 * norms1[0];
     c.clip = clip;
@@ -293,10 +299,11 @@ static void clip_matrix(const char *text, pw_dataset *d, int64_t batch, int n)
         cr_log_info("%s: largest difference %.3g, norms within %.3g relative", what, w, dn);
     }
     static const run_cfg layouts[] = {
-        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0},  {2, 1, 2, 4, PW_SCHEDULE_GPIPE, 0, 0, PW_OPTIM_SGD, 0},
-        {2, 1, 2, 4, PW_SCHEDULE_ZB_H1, 0, 1, PW_OPTIM_SGD, 0}, {3, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0},
-        {2, 1, 2, 4, PW_SCHEDULE_INTERLEAVED, 0, 0, PW_OPTIM_SGD, 0},
-        {1, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0},  {2, 2, 2, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0},
+        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0, 0},  {2, 1, 2, 4, PW_SCHEDULE_GPIPE, 0, 0, PW_OPTIM_SGD, 0, 0},
+        {2, 1, 2, 4, PW_SCHEDULE_ZB_H1, 0, 1, PW_OPTIM_SGD, 0, 0}, {3, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 0},
+        {2, 1, 2, 4, PW_SCHEDULE_INTERLEAVED, 0, 0, PW_OPTIM_SGD, 0, 0},
+        {1, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 0},  {2, 2, 2, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0, 0},
+        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 2}, /* post-validated steps that overlap */
     };
     for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
         run_cfg l = layouts[i];
@@ -304,8 +311,9 @@ static void clip_matrix(const char *text, pw_dataset *d, int64_t batch, int n)
         l.batch = batch;
         run_to(g, d, &l, n, got, normsT);
         char what[128];
-        snprintf(what, sizeof what, "%s clipped T=2: S=%d R=%d %s%s against S=1", g->name, l.S, l.R,
-                 pw_schedule_kind_name(l.kind), l.post_validate ? " post-validated" : "");
+        snprintf(what, sizeof what, "%s clipped T=2: S=%d R=%d %s%s%s against S=1", g->name, l.S, l.R,
+                 pw_schedule_kind_name(l.kind), l.post_validate ? " post-validated" : "",
+                 l.overlap > 1 ? ", overlapping steps" : "");
         compare(got, two, -1, 0, 0, what);
     }
     for (int i = 0; i < 5; i++) unlink(paths[i]);
@@ -391,7 +399,7 @@ Test(tp_state, checkpoints_resume_at_any_T, .timeout = TIMEOUT)
     cr_assert_not_null(mkdtemp(root));
     char unbroken[4][600], got[600];
     for (int T = 1; T <= 3; T++) {
-        const run_cfg c = {2, 1, T, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8};
+        const run_cfg c = {2, 1, T, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8, 0};
         snprintf(unbroken[T], sizeof unbroken[T], "%s/unbroken%d.safetensors", root, T);
         run_to(g, d, &c, 4, unbroken[T], NULL);
     }
@@ -400,8 +408,8 @@ Test(tp_state, checkpoints_resume_at_any_T, .timeout = TIMEOUT)
     for (size_t k = 0; k < sizeof pairs / sizeof pairs[0]; k++) {
         const int a = pairs[k][0], b = pairs[k][1];
         /* different stage counts on the two sides too */
-        const run_cfg ca = {2, 1, a, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8};
-        const run_cfg cb = {k % 2 ? 1 : 3, 1, b, 4, PW_SCHEDULE_ZB_H1, 0, 0, PW_OPTIM_ADAMW, 8};
+        const run_cfg ca = {2, 1, a, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8, 0};
+        const run_cfg cb = {k % 2 ? 1 : 3, 1, b, 4, PW_SCHEDULE_ZB_H1, 0, 0, PW_OPTIM_ADAMW, 8, 0};
         char d1[600], d2[600];
         snprintf(d1, sizeof d1, "%s/a%zu", root, k);
         snprintf(d2, sizeof d2, "%s/b%zu", root, k);
