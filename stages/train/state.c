@@ -366,7 +366,7 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
                     /* Gathered from the T ranks' parts into the full tensor
                      * (docs/parallelism.md, "Checkpoints"). */
                     item *it = &tmp[pp.graph_param];
-                    it->ranks = stage_at(pl, rep, c)->rank_prog;
+                    it->ranks = stage_at(pl, lrep_of(pl, rep), c)->rank_prog; /* progs[j] is its [0] */
                     it->shape = g->params[pp.graph_param].shape;
                     it->numel = pw_shape_numel(&it->shape);
                     if ((size_t)pp.numel > w->part_floats) w->part_floats = (size_t)pp.numel;
@@ -1163,9 +1163,9 @@ pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
                 for (int r = 0; r < T && st == PW_OK; r++) {
                     pw_program *progs[MAX_PIECES];
                     int np;
-                    if (T > 1) {
-                        np = stage_here(pl, c) ? 1 : 0;
-                        if (np) progs[0] = stage_at(pl, rep, c)->rank_prog[r];
+                    if (T > 1) { /* one piece per chunk: rank r's program of it */
+                        np = lrep_of(pl, rep) >= 0 && stage_here(pl, c) ? 1 : 0;
+                        if (np) progs[0] = stage_at(pl, lrep_of(pl, rep), c)->rank_prog[r];
                     } else {
                         np = pw_pipeline_programs(pl, rep, c, progs, MAX_PIECES);
                     }
