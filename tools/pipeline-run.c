@@ -2086,11 +2086,12 @@ static int restore_and_checkpoints(run *r)
         if (pw_state_restore(r->resume, r->t, o->replicas) != PW_OK) return fail("--resume: ");
         if (!o->quiet)
             printf("pipeline-run: resumed from %s: step %lld (epoch %lld, %lld of its steps done); written by "
-                   "pipewright %s on %d stage%s x %d replica%s, schedule %s, %d process%s\n", m->path,
+                   "pipewright %s on %d stage%s x %d replica%s%s%.0d, schedule %s, %d process%s\n", m->path,
                    (long long)m->step, (long long)m->epoch + 1, (long long)m->step_in_epoch, m->version,
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
-                   m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
-                   m->layout.processes > 1 ? "es" : "");
+                   m->layout.replicas > 1 ? "s" : "", m->layout.tensor_parallel > 1 ? " x T " : "",
+                   m->layout.tensor_parallel > 1 ? m->layout.tensor_parallel : 0, m->layout.schedule,
+                   m->layout.processes, m->layout.processes > 1 ? "es" : "");
         if (o->compress.kind == PW_COMPRESS_TOPK || o->compress.kind == PW_COMPRESS_POWERSGD)
             fprintf(stderr, "pipeline-run: --resume with --compress %s: the error-feedback state (residuals%s) "
                     "is not in checkpoints; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK

@@ -547,7 +547,7 @@ static json_t *manifest_json(const pw_state_writer *w)
         " s:{s:s, s:I},"
         " s:o,"
         " s:{s:s, s:I, s:I, s:f, s:f, s:f},"
-        " s:{s:i, s:s, s:i, s:o, s:i, s:i, s:i, s:i}}",
+        " s:{s:i, s:s, s:i, s:o, s:i, s:i, s:i, s:i, s:i}}",
         "format", PW_STATE_FORMAT, "pipewright_version", PW_VERSION, "step", (json_int_t)w->step, "epoch",
         (json_int_t)(w->step / spe), "step_in_epoch", (json_int_t)(w->step % spe), "steps_per_epoch", (json_int_t)spe,
         "graph", "name", c->graph->name, "hash", hash, "params", c->graph->n_params,
@@ -565,7 +565,7 @@ static json_t *manifest_json(const pw_state_writer *w)
         "layout", "stages", c->layout.stages, "schedule", c->layout.schedule ? c->layout.schedule : "",
         "chunks_per_rank", c->layout.chunks_per_rank, "cuts", cuts, "replicas", c->layout.replicas,
         "micro_batches", c->layout.micro_batches, "processes", c->layout.processes > 0 ? c->layout.processes : 1,
-        "threads", c->layout.threads);
+        "threads", c->layout.threads, "tensor_parallel", c->layout.tensor_parallel > 1 ? c->layout.tensor_parallel : 1);
     return m;
 }
 
@@ -984,6 +984,7 @@ pw_status pw_state_open_manifest(const char *mpath, pw_state **out)
     m->layout.micro_batches = (int)jint(lay, "micro_batches");
     m->layout.processes = (int)jint(lay, "processes");
     m->layout.threads = (int)jint(lay, "threads");
+    m->layout.tensor_parallel = jint(lay, "tensor_parallel") > 1 ? (int)jint(lay, "tensor_parallel") : 1;
     s->hash = jstr(gr, "hash");
     s->graph_name = jstr(gr, "name");
     s->n_params = (int)jint(gr, "params");
