@@ -1222,6 +1222,37 @@ Test(cli, metrics_log_is_complete_up_to_its_last_line_after_a_signal)
     json_decref(all);
 }
 
+/* --parallel auto with tensor parallelism (docs/parallelism.md, "Planning a
+ * machine we do not have"): the 48-block GPT with Megatron's marks on the
+ * 4-node x 8-GPU fixture plans T > 1 inside a node in under 5 s and prints
+ * it as --tensor-parallel; the same graph without marks keeps T = 1. */
+Test(cli, parallel_auto_plans_tensor_parallelism_inside_a_node, .timeout = 120)
+{
+    const char *common = "--plan --parallel auto --batch 512 --optimizer adamw --processes 32 --memory-budget 80G "
+                         "--topology " PW_SOURCE_DIR "/tests/fixtures/topologies/cluster_4node_8gpu.xml";
+    char args[1024], *o;
+    snprintf(args, sizeof args, PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096_tp.graph %s", common);
+    cr_assert_eq(run(args, &o), 0, "%s", o);
+    int S = 0, R = 0, T = 0;
+    const char *chose = strstr(o, "chose S=");
+    cr_assert(chose && sscanf(chose, "chose S=%d R=%d T=%d", &S, &R, &T) == 3, "%s", o);
+    cr_assert(T > 1 && T <= 8, "T = %d: within a node of 8 GPUs: %s", T, o);
+    cr_assert(strstr(o, "tensor-parallel all-reduce") && !strstr(strstr(o, "tensor-parallel all-reduce"), "across hosts\n"),
+              "%s", o);
+    char want[32];
+    snprintf(want, sizeof want, "--tensor-parallel %d", T);
+    cr_assert(strstr(o, want), "%s", o);
+    double planned = 99;
+    const char *p = strstr(o, "planned in ");
+    cr_assert(p && sscanf(p, "planned in %lf", &planned) == 1 && planned < 5.0, "%s", o);
+    free(o);
+    snprintf(args, sizeof args, PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096.graph %s", common);
+    cr_assert_eq(run(args, &o), 0, "%s", o);
+    cr_assert(strstr(o, "T = 1 only") && strstr(o, "chose S=") && strstr(strstr(o, "chose S="), " T=1 "), "%s", o);
+    cr_assert(!strstr(o, "--tensor-parallel"), "%s", o);
+    free(o);
+}
+
 /* --parallel auto (docs/pipeline-run.md, "Choosing the layout"): prints the
  * choice and its runners-up, trains with it, fixes the axes the flags give,
  * and refuses an impossible budget with the least memory that fits. */

@@ -311,11 +311,13 @@ static void usage(FILE *f)
 "                        more gradient copies\n"
 "  --tensor-parallel T   split each stage's tp=-marked layers over T ranks,\n"
 "                        threads of this process, or processes under mpirun\n"
-"                        -np S*R*T (docs/parallelism.md): CPU, no clipping,\n"
-"                        no --resume/--rebalance;\n"
+"                        -np S*R*T (docs/parallelism.md): CPU, no --rebalance;\n"
+"                        clipping and --checkpoint-dir/--resume in one process\n"
+"                        only;\n"
 "                        within rounding of T = 1, the same bits for every\n"
 "                        stage count, schedule and replica count at one T\n"
-"  --parallel auto       search stages x replicas x threads x micro-batches x\n"
+"  --parallel auto       search stages x replicas x tensor degree (graphs with\n"
+"                        tp= marks) x threads x micro-batches x\n"
 "                        schedule x recomputation for the fastest layout that\n"
 "                        fits --memory-budget, print it and its runners-up,\n"
 "                        then train with it (with --plan: print only); flags\n"
@@ -956,11 +958,6 @@ static int parse_args(int argc, char **argv, options *o)
                     (long long)o->batch, o->micro_batches);
         return 2;
     }
-    if (o->tensor_parallel > 1 && o->parallel) {
-        fprintf(stderr, "pipeline-run: --tensor-parallel with --parallel auto: the layout search holds T = 1 "
-                "only (docs/parallelism.md)\n");
-        return 2;
-    }
     if (pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0)
     {
         fprintf(stderr, "pipeline-run: --grad-groups %d: must divide --replicas x "
@@ -1538,6 +1535,10 @@ static void print_forecast(const pw_forecast *f, const pw_forecast_config *fc)
     if (fc->memory_budget > 0)
         printf("  memory budget %.1f MiB per stage: %s\n", (double)fc->memory_budget / MiB,
                f->fits ? "fits" : "does NOT fit");
+    if (fc->tensor > 1)
+        printf("  tensor        T = %d per stage (one rank's figures above); its all-reduces %.3f ms per micro-batch "
+               "(the busiest stage, F and B)%s%s\n", fc->tensor, f->tp_time * 1e3, fc->topology ? ", " : "",
+               fc->topology ? pw_link_class_name((pw_link_class)f->tp_cls) : "");
     if (fc->replicas > 1)
         printf("  all-reduce    %.3f ms per step across %d replicas (stage %d, the slowest%s%s)\n",
                f->allreduce_time * 1e3, fc->replicas, f->allreduce_stage, fc->topology ? "; ring " : "",
@@ -1559,10 +1560,34 @@ static int run_simulate(const pw_graph *g, const options *o)
     pw_forecast_config fc = forecast_config(g, o, o->flops_per_s);
     if ((rc = one_budget(o, &fc.memory_budget)) != 0) return rc;
     fc.schedule = kind;
+    /* Tensor parallelism: one rank's graph (the last rank's, the largest
+     * parts) cut at the whole graph's FLOP cuts (pw_forecast_config.tensor). */
+    pw_graph *rank_g = NULL;
+    pw_partition tp_part = {0};
+    if (o->tensor_parallel > 1) {
+        const int C = o->stages * (kind == PW_SCHEDULE_ZB_V ? 2
+                                   : kind == PW_SCHEDULE_INTERLEAVED ? (o->chunks_per_rank > 0 ? o->chunks_per_rank : 2)
+                                                                      : 1);
+        if (is_auto) {
+            fprintf(stderr, "pipeline-run: --simulate --tensor-parallel takes a schedule kind, not auto\n");
+            return 2;
+        }
+        if (pw_graph_tp_rank(g, o->tensor_parallel, o->tensor_parallel - 1, &rank_g) != PW_OK ||
+            pw_partition_make(g, C, PW_PARTITION_FLOPS, &tp_part) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --simulate --tensor-parallel %d: %s\n", o->tensor_parallel, pw_last_error());
+            pw_graph_destroy(rank_g);
+            return 1;
+        }
+        fc.graph = rank_g;
+        fc.tensor = o->tensor_parallel;
+        fc.cuts = tp_part.begin;
+    }
     if (o->calibrate) {
         double step = 0;
         if (pw_forecast_calibrate(&fc, &fc.flops_per_s, &step) != PW_OK) {
             fprintf(stderr, "pipeline-run: --calibrate: %s\n", pw_last_error());
+            pw_graph_destroy(rank_g);
+            pw_partition_free(&tp_part);
             return 1;
         }
         printf("pipeline-run: --calibrate: a one-stage step of %d micro-batches of %lld takes %.3f ms here: "
@@ -1578,7 +1603,8 @@ static int run_simulate(const pw_graph *g, const options *o)
          * hosts, the other classes keep their defaults (docs/schedules.md). */
         if (pw_topology_load_spec(o->topology, &topo) != PW_OK) {
             fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
-            return 1;
+            rc = 1;
+            goto out;
         }
         fc.topology = topo;
         if (o->link_bandwidth > 0) fc.host_bandwidth = o->link_bandwidth;
@@ -1627,6 +1653,8 @@ out:
     pw_forecast_free(&f);
     pw_trace_destroy(tr);
     if (topo) hwloc_topology_destroy(topo);
+    pw_graph_destroy(rank_g);
+    pw_partition_free(&tp_part);
     return rc;
 }
 
@@ -1817,6 +1845,7 @@ static int choose_parallel(const pw_graph *g, options *o)
     pw_layout_space *p = &rq.pins;
     p->stages = o->stages_default ? 0 : o->stages;
     p->replicas = o->replicas_set ? o->replicas : 0;
+    p->tensor = o->tensor_parallel;
     p->threads = o->threads;
     p->micro_batches = o->micro_set ? o->micro_batches : 0;
     p->chunks_per_rank = o->chunks_per_rank;
@@ -1833,6 +1862,7 @@ static int choose_parallel(const pw_graph *g, options *o)
     o->stages = l.stages;
     o->stages_default = 0;
     o->replicas = l.replicas;
+    o->tensor_parallel = l.tensor > 1 ? l.tensor : 0;
     o->threads = l.threads;
     o->micro_batches = l.micro_batches;
     o->micro_set = 1;
@@ -2074,11 +2104,12 @@ static int restore_and_checkpoints(run *r)
         if (pw_state_restore(r->resume, r->t, o->replicas) != PW_OK) return fail("--resume: ");
         if (!o->quiet)
             printf("pipeline-run: resumed from %s: step %lld (epoch %lld, %lld of its steps done); written by "
-                   "pipewright %s on %d stage%s x %d replica%s, schedule %s, %d process%s\n", m->path,
+                   "pipewright %s on %d stage%s x %d replica%s%s%.0d, schedule %s, %d process%s\n", m->path,
                    (long long)m->step, (long long)m->epoch + 1, (long long)m->step_in_epoch, m->version,
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
-                   m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
-                   m->layout.processes > 1 ? "es" : "");
+                   m->layout.replicas > 1 ? "s" : "", m->layout.tensor_parallel > 1 ? " x T " : "",
+                   m->layout.tensor_parallel > 1 ? m->layout.tensor_parallel : 0, m->layout.schedule,
+                   m->layout.processes, m->layout.processes > 1 ? "es" : "");
         /* --compress: the error-feedback state where the checkpoint has it. */
         char why[600];
         if (pw_state_restore_compress(r->resume, r->t, why, sizeof why) != PW_OK) return fail("--resume: ");

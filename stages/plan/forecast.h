@@ -145,6 +145,19 @@ typedef struct pw_forecast_config {
     pw_allreduce_algo allreduce_algo;
     int hosts;
     pw_compress_config compress;
+    /* Tensor parallelism: T ranks per stage (0 or 1: none). `graph` is then
+     * one rank's graph (pw_graph_tp_rank(full, T, T - 1, ...): the last rank
+     * holds the largest parts), so every FLOP, parameter and activation
+     * above is one rank's; `cuts` (when given) are the full graph's (the
+     * nodes are the same). Each rank takes its own slot of the placement,
+     * a stage's T ranks consecutive (slot (replica x S + stage) x T + t),
+     * and every tensor-parallel collective of a chunk's nodes (a tp=row
+     * linear's and a tp=vocab embedding's output forward, a tp=column
+     * linear's input gradient backward, the vocabulary-parallel
+     * cross-entropy's five floats per row forward) is a ring all-reduce
+     * over the T ranks at the class of the group's slowest hop (without a
+     * topology: link_latency_s and link_bandwidth), added to F and B. */
+    int tensor;
 } pw_forecast_config;
 
 pw_forecast_config pw_forecast_defaults(void);
@@ -164,6 +177,10 @@ typedef struct pw_forecast {
     double allreduce_time;      /* s: the slowest stage's gradient all-reduce (0 for
                                  * one replica) */
     int allreduce_stage;        /* ... that stage */
+    double tp_time;             /* s per micro-batch: the busiest stage's tensor-parallel
+                                 * all-reduces, F and B (0 at T = 1) */
+    int tp_cls;                 /* with a topology: the class of the slowest tensor-parallel
+                                 * group's slowest hop */
     /* With a topology only (0 / NULL / "" without): */
     int n_hosts;                /* hosts the placement spans */
     int on_gpus;                /* ranks run on GPUs */

@@ -262,43 +262,83 @@ pw_status pl_host_grad_done(pw_program *p, int i, const float *g)
     return pw_program_on_device(p) ? pw_program_param_write(p, i, PW_PARAM_GRAD, g) : PW_OK;
 }
 
+/* The programs whose gradients and optimizer state the chunk owns: its
+ * pieces, or at T > 1 its T rank programs (rank_prog[0] is its one piece). */
+static int gs_programs(gstage *s, pw_program ***out)
+{
+    if (s->rank_prog) {
+        *out = s->rank_prog;
+        return s->pl->T;
+    }
+    *out = s->piece;
+    return s->n_pieces;
+}
+
+/* Adds the squares of parameter i's gradient in program p to *sum, element
+ * by element in order (0, or -1 after the warning: the norm becomes NaN and
+ * the optimizer's finiteness check stops the step). */
+static int add_sumsq(gstage *s, pw_program *p, int i, float **tmp, double *sum)
+{
+    pw_program_param pp;
+    pw_program_param_at(p, i, &pp);
+    float *gr;
+    if (pl_host_grad(p, i, &pp, tmp, &gr) != PW_OK) {
+        PW_WARN("stage %d: %s", s->index, pw_last_error());
+        return -1;
+    }
+    for (int64_t k = 0; k < pp.numel; k++) *sum += (double)gr[k] * (double)gr[k];
+    return 0;
+}
+
+/* The chunk's share of the squared global norm: every parameter in piece
+ * and program order. At T > 1 (docs/parallelism.md, "Clipping") a split
+ * parameter counts each rank's part once, ranks in index order, and a
+ * whole one counts rank 0's gradient alone (every rank holds the same):
+ * the T = 1 sum of the same elements, in another order for parameters
+ * split by columns. */
 static double gs_grad_sumsq(void *self)
 {
     gstage *s = self;
     double sum = 0.0;
     float *tmp = NULL;
-    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
-    for (int j = 0; j < s->n_pieces; j++)
-        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) pw_program_fold_grads(progs[j]);
+    int bad = 0;
+    if (s->rank_prog) {
+        const pw_graph *rg = s->pl->rank_g[0];
+        for (int i = 0; i < pw_program_n_params(progs[0]) && !bad; i++) {
             pw_program_param pp;
-            pw_program_param_at(s->piece[j], i, &pp);
-            float *gr;
-            if (pl_host_grad(s->piece[j], i, &pp, &tmp, &gr) != PW_OK) {
-                /* the norm becomes NaN: the optimizer's finiteness check stops the step */
-                PW_WARN("stage %d: %s", s->index, pw_last_error());
-                free(tmp);
-                return NAN;
-            }
-            for (int64_t k = 0; k < pp.numel; k++) sum += (double)gr[k] * (double)gr[k];
+            pw_program_param_at(progs[0], i, &pp);
+            const int ranks = rg->params[pp.graph_param].tp_full > 0 ? s->pl->T : 1;
+            for (int r = 0; r < ranks && !bad; r++) bad = add_sumsq(s, progs[r], i, &tmp, &sum);
         }
+    } else {
+        for (int j = 0; j < np && !bad; j++)
+            for (int i = 0; i < pw_program_n_params(progs[j]) && !bad; i++) bad = add_sumsq(s, progs[j], i, &tmp, &sum);
+    }
     free(tmp);
-    return sum;
+    return bad ? NAN : sum;
 }
 
+/* Scales every gradient of the chunk (at T > 1 every rank's, so the whole
+ * parameters' copies stay the same). */
 static void gs_scale_grads(void *self, float scale)
 {
     gstage *s = self;
     float *tmp = NULL;
-    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
-    for (int j = 0; j < s->n_pieces; j++)
-        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) pw_program_fold_grads(progs[j]);
+    for (int j = 0; j < np; j++)
+        for (int i = 0; i < pw_program_n_params(progs[j]); i++) {
             pw_program_param pp;
-            pw_program_param_at(s->piece[j], i, &pp);
+            pw_program_param_at(progs[j], i, &pp);
             float *gr;
-            pw_status st = pl_host_grad(s->piece[j], i, &pp, &tmp, &gr);
+            pw_status st = pl_host_grad(progs[j], i, &pp, &tmp, &gr);
             if (st == PW_OK)
                 for (int64_t k = 0; k < pp.numel; k++) gr[k] *= scale;
-            if (st != PW_OK || pl_host_grad_done(s->piece[j], i, gr) != PW_OK)
+            if (st != PW_OK || pl_host_grad_done(progs[j], i, gr) != PW_OK)
                 PW_WARN("stage %d: clipping the gradient of %s: %s", s->index, pp.name, pw_last_error());
         }
     free(tmp);
@@ -313,20 +353,23 @@ static pw_status gs_optimizer_step(void *self, long step)
     return PW_OK;
 }
 
-/* Post-validation: the pieces' steps, complete when the call returns
- * (the engine does not ask `submitted` for these). A piece that fails its
- * try has changed nothing; the pieces before it are undone. */
+/* Post-validation: the pieces' steps (at T > 1 every rank's), complete
+ * when the call returns (the engine does not ask `submitted` for these). A
+ * program that fails its try has changed nothing; the ones before it are
+ * undone. */
 static pw_status gs_optimizer_try(void *self, long step)
 {
     gstage *s = self;
-    for (int j = 0; j < s->n_pieces; j++) {
-        pw_status st = pw_program_optimizer_try(s->piece[j], step);
-        if (st == PW_OK) st = pw_program_wait(s->piece[j]);
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) {
+        pw_status st = pw_program_optimizer_try(progs[j], step);
+        if (st == PW_OK) st = pw_program_wait(progs[j]);
         if (st != PW_OK) {
             char msg[512];
             snprintf(msg, sizeof msg, "%s", pw_last_error());
             for (int k = 0; k < j; k++)
-                if (pw_program_optimizer_undo(s->piece[k]) != PW_OK || pw_program_wait(s->piece[k]) != PW_OK)
+                if (pw_program_optimizer_undo(progs[k]) != PW_OK || pw_program_wait(progs[k]) != PW_OK)
                     PW_WARN("stage %d: undoing the optimizer step: %s", s->index, pw_last_error());
             return pw_error(st, "%s", msg);
         }
@@ -336,9 +379,11 @@ static pw_status gs_optimizer_try(void *self, long step)
 
 static pw_status gs_optimizer_settle(gstage *s, int undo)
 {
-    for (int j = 0; j < s->n_pieces; j++) {
-        PW_CHECK(undo ? pw_program_optimizer_undo(s->piece[j]) : pw_program_optimizer_commit(s->piece[j]));
-        PW_CHECK(pw_program_wait(s->piece[j]));
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) {
+        PW_CHECK(undo ? pw_program_optimizer_undo(progs[j]) : pw_program_optimizer_commit(progs[j]));
+        PW_CHECK(pw_program_wait(progs[j]));
     }
     return PW_OK;
 }
@@ -349,9 +394,11 @@ static pw_status gs_optimizer_undo(void *self) { return gs_optimizer_settle(self
 static pw_status gs_zero_grads(void *self)
 {
     gstage *s = self;
-    for (int j = 0; j < s->n_pieces; j++) {
-        pw_program_zero_grads(s->piece[j]);
-        PW_CHECK(pw_program_wait(s->piece[j]));
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) {
+        pw_program_zero_grads(progs[j]);
+        PW_CHECK(pw_program_wait(progs[j]));
     }
     return PW_OK;
 }

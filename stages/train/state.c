@@ -277,8 +277,11 @@ typedef struct item {
     int gp;
     char *name;                /* "fc1.weight" or "fc1.weight.exp_avg" */
     pw_shape shape;
-    int64_t numel;
+    int64_t numel;             /* the full tensor's */
     size_t off;                /* floats into the block */
+    pw_program **ranks;        /* tensor parallelism, a split parameter: the T rank
+                                  programs that hold its parts (same local index);
+                                  NULL: prog holds it whole */
 } item;
 
 struct pw_state_writer {
@@ -312,6 +315,10 @@ struct pw_state_writer {
     int64_t last_saved;        /* the step of the last checkpoint started (or resumed from); -1 none */
     uint64_t generation;       /* of the pipeline the items point into (a re-partition
                                   replaces it: stages/train/rebalance.h) */
+    int T;                     /* the pipeline's tensor-parallel degree */
+    pw_graph **rank_g;         /* [T] at T > 1: its rank graphs (borrowed) */
+    float *part;               /* a split parameter's part, read before it is gathered */
+    size_t part_floats;
     int *cuts;                 /* the layout's cuts, owned: cfg.layout.cuts points here */
     char *schedule;            /* the layout's schedule name, owned: cfg.layout.schedule
                                   (the caller's may live in a pipeline a move replaces) */
@@ -322,14 +329,20 @@ static void free_items(pw_state_writer *w)
     for (int i = 0; w->items && i < w->n_items; i++) free(w->items[i].name);
     free(w->items);
     free(w->block);
+    free(w->part);
     w->items = NULL;
     w->block = NULL;
+    w->part = NULL;
+    w->part_floats = 0;
     w->n_items = w->n_model = w->n_compress = 0;
     w->block_floats = 0;
 }
 
 static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
 {
+    if (pl->t && pl->T > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "checkpoint: tensor parallelism %d under MPI is not built (in one "
+                        "process it is: docs/parallelism.md)", pl->T);
     const pw_graph *g = w->cfg.graph;
     const pw_partition *part = pw_pipeline_partition(pl);
     const int C = pw_pipeline_n_chunks(pl), sf = pw_optim_state_floats(w->cfg.run.optim.kind);
@@ -361,6 +374,15 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
                 taken[pp.graph_param] = 1;
                 tmp[pp.graph_param] = (item){.prog = progs[j], .local = i, .part = -1, .gp = pp.graph_param,
                                              .shape = pp.shape, .numel = pp.numel};
+                if (pl->T > 1 && pl->rank_g[0]->params[pp.graph_param].tp_full > 0) {
+                    /* Gathered from the T ranks' parts into the full tensor
+                     * (docs/parallelism.md, "Checkpoints"). */
+                    item *it = &tmp[pp.graph_param];
+                    it->ranks = stage_at(pl, lrep_of(pl, rep), c)->rank_prog; /* progs[j] is its [0] */
+                    it->shape = g->params[pp.graph_param].shape;
+                    it->numel = pw_shape_numel(&it->shape);
+                    if ((size_t)pp.numel > w->part_floats) w->part_floats = (size_t)pp.numel;
+                }
             }
     }
     if (!tmp) {
@@ -423,6 +445,17 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
     free(zs);
     w->block_floats = off;
     w->generation = pl->generation;
+    w->T = pl->T;
+    w->rank_g = pl->rank_g;
+    if (w->part_floats) {
+        /* room for any rank's part (at most the full tensor) */
+        size_t most = 0;
+        for (int i = 0; i < n; i++)
+            if (w->items[i].ranks && (size_t)w->items[i].numel > most) most = (size_t)w->items[i].numel;
+        w->part_floats = most;
+        if (!(w->part = malloc(most * sizeof(float) + 64)))
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    }
     w->block = malloc(off * sizeof(float) + 64);
     if (!w->block) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory for a %zu-byte snapshot",
                                    off * sizeof(float));
@@ -560,7 +593,7 @@ static json_t *manifest_json(const pw_state_writer *w)
         " s:{s:s, s:I},"
         " s:o,"
         " s:{s:s, s:I, s:I, s:f, s:f, s:f},"
-        " s:{s:i, s:s, s:i, s:o, s:i, s:i, s:i, s:i}}",
+        " s:{s:i, s:s, s:i, s:o, s:i, s:i, s:i, s:i, s:i}}",
         "format", PW_STATE_FORMAT, "pipewright_version", PW_VERSION, "step", (json_int_t)w->step, "epoch",
         (json_int_t)(w->step / spe), "step_in_epoch", (json_int_t)(w->step % spe), "steps_per_epoch", (json_int_t)spe,
         "graph", "name", c->graph->name, "hash", hash, "params", c->graph->n_params,
@@ -578,7 +611,7 @@ static json_t *manifest_json(const pw_state_writer *w)
         "layout", "stages", c->layout.stages, "schedule", c->layout.schedule ? c->layout.schedule : "",
         "chunks_per_rank", c->layout.chunks_per_rank, "cuts", cuts, "replicas", c->layout.replicas,
         "micro_batches", c->layout.micro_batches, "processes", c->layout.processes > 0 ? c->layout.processes : 1,
-        "threads", c->layout.threads);
+        "threads", c->layout.threads, "tensor_parallel", c->layout.tensor_parallel > 1 ? c->layout.tensor_parallel : 1);
     return m;
 }
 
@@ -656,9 +689,6 @@ static void *writer_main(void *arg)
 
 pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step)
 {
-    if (pw_pipeline_tensor_parallel(pl) > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "training-state checkpoints with tensor parallelism (%d ranks) are not "
-                        "built; weights checkpoints (--save) are", pw_pipeline_tensor_parallel(pl));
     if (w->pending) {
         /* The previous write is still going: training waits for it. */
         const double t0 = now_s();
@@ -697,10 +727,16 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
             pw_compressor_span_state_get(it->z, it->zspan, w->block + it->off);
             continue;
         }
-        pw_status st = it->part < 0 ? pw_program_param_read(it->prog, it->local, PW_PARAM_DATA, 0, w->block + it->off)
-                                    : pw_program_param_read(it->prog, it->local, PW_PARAM_STATE, it->part,
-                                                            w->block + it->off);
-        if (st != PW_OK) return pw_error_prefix(st, "checkpoint: snapshot of %s: ", it->name);
+        /* A split parameter (and its state): each rank's part into its
+         * place in the full tensor; the parts tile it exactly. */
+        for (int r = 0; r < (it->ranks ? w->T : 1); r++) {
+            pw_program *p = it->ranks ? it->ranks[r] : it->prog;
+            float *dst = it->ranks ? w->part : w->block + it->off;
+            pw_status st = it->part < 0 ? pw_program_param_read(p, it->local, PW_PARAM_DATA, 0, dst)
+                                        : pw_program_param_read(p, it->local, PW_PARAM_STATE, it->part, dst);
+            if (st != PW_OK) return pw_error_prefix(st, "checkpoint: snapshot of %s: ", it->name);
+            if (it->ranks) pw_graph_tp_slice(w->rank_g[r], it->gp, w->block + it->off, w->part, 0);
+        }
     }
     w->snapshot_s = now_s() - t0;
     w->pending = 1;
@@ -1008,6 +1044,7 @@ pw_status pw_state_open_manifest(const char *mpath, pw_state **out)
     m->layout.micro_batches = (int)jint(lay, "micro_batches");
     m->layout.processes = (int)jint(lay, "processes");
     m->layout.threads = (int)jint(lay, "threads");
+    m->layout.tensor_parallel = jint(lay, "tensor_parallel") > 1 ? (int)jint(lay, "tensor_parallel") : 1;
     s->hash = jstr(gr, "hash");
     s->graph_name = jstr(gr, "name");
     s->n_params = (int)jint(gr, "params");
@@ -1167,57 +1204,85 @@ static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out
 
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
 {
-    if (pw_pipeline_tensor_parallel(pl) > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "--resume with tensor parallelism (%d ranks) is not built; "
-                        "--init-from a weights checkpoint is", pw_pipeline_tensor_parallel(pl));
-    const int C = pw_pipeline_n_chunks(pl);
-    const pw_graph *g = NULL;
+    const int C = pw_pipeline_n_chunks(pl), T = pl->T;
+    if (pl->t && T > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "--resume with tensor parallelism %d under MPI is not built (in one "
+                        "process it is: docs/parallelism.md)", T);
     pw_status st = PW_OK;
     json_t *files = json_object_get(s->root, "files");
     const size_t nf = json_array_size(files);
     open_file *of = calloc(nf + 1, sizeof *of);
+    float *part = NULL; /* tensor parallelism: a rank's part of a split tensor */
+    size_t part_floats = 0;
     if (!of) return pw_error(PW_ERR_NOMEM, "--resume: out of memory");
     const pw_optim_kind kind = s->meta.run.optim.kind;
     const int sf = pw_optim_state_floats(kind);
-    /* Pass 1: every tensor this process needs, found and checked. */
+    /* Pass 1: every tensor this process needs, found and checked. At T > 1
+     * every rank's programs take the full tensors of the file (the names
+     * and shapes of T = 1, whatever T wrote them), each its own part of a
+     * split one (docs/parallelism.md, "Checkpoints"). */
     for (int pass = 0; pass < 2 && st == PW_OK; pass++)
         for (int rep = 0; rep < replicas && st == PW_OK; rep++)
-            for (int c = 0; c < C && st == PW_OK; c++) {
-                pw_program *progs[MAX_PIECES];
-                int np = pw_pipeline_programs(pl, rep, c, progs, MAX_PIECES);
-                for (int j = 0; j < np && j < MAX_PIECES && st == PW_OK; j++)
-                    for (int i = 0; i < pw_program_n_params(progs[j]) && st == PW_OK; i++) {
-                        pw_program_param pp;
-                        pw_program_param_at(progs[j], i, &pp);
-                        for (int part = -1; part < sf && st == PW_OK; part++) {
-                            char name[512];
-                            if (part < 0) snprintf(name, sizeof name, "%s", pp.name);
-                            else snprintf(name, sizeof name, "%s.%s", pp.name, state_suffix(kind, part));
-                            json_t *rec = find_tensor(s, name, NULL);
-                            if (!rec) {
-                                st = pw_error(PW_ERR_FORMAT, "%s: the manifest lists no tensor '%s' in any file",
-                                              s->path, name);
-                                break;
-                            }
-                            size_t fi = 0;
-                            while (fi < nf && json_array_get(files, fi) != rec) fi++;
-                            if (!of[fi].st) {
-                                of[fi].rec = rec;
-                                PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
-                            }
-                            pw_st_tensor t;
-                            PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &pp.shape, &t), st, out);
-                            if (pass == 0) continue;
-                            st = part < 0 ? pw_program_param_write(progs[j], i, PW_PARAM_DATA, t.data)
-                                          : pw_program_param_write_state(progs[j], i, part, t.data);
-                        }
+            for (int c = 0; c < C && st == PW_OK; c++)
+                for (int r = 0; r < T && st == PW_OK; r++) {
+                    pw_program *progs[MAX_PIECES];
+                    int np;
+                    if (T > 1) { /* one piece per chunk: rank r's program of it */
+                        np = lrep_of(pl, rep) >= 0 && stage_here(pl, c) ? 1 : 0;
+                        if (np) progs[0] = stage_at(pl, lrep_of(pl, rep), c)->rank_prog[r];
+                    } else {
+                        np = pw_pipeline_programs(pl, rep, c, progs, MAX_PIECES);
                     }
-            }
-    (void)g;
+                    for (int j = 0; j < np && j < MAX_PIECES && st == PW_OK; j++)
+                        for (int i = 0; i < pw_program_n_params(progs[j]) && st == PW_OK; i++) {
+                            pw_program_param pp;
+                            pw_program_param_at(progs[j], i, &pp);
+                            const pw_graph *rg = T > 1 ? pl->rank_g[r] : NULL;
+                            const int split = rg && rg->params[pp.graph_param].tp_full > 0;
+                            const pw_shape full = split ? pl->g->params[pp.graph_param].shape : pp.shape;
+                            if (split && (size_t)pp.numel > part_floats) {
+                                float *np2 = realloc(part, (size_t)pp.numel * sizeof *np2);
+                                if (!np2) {
+                                    st = pw_error(PW_ERR_NOMEM, "--resume: out of memory");
+                                    break;
+                                }
+                                part = np2;
+                                part_floats = (size_t)pp.numel;
+                            }
+                            for (int k = -1; k < sf && st == PW_OK; k++) {
+                                char name[512];
+                                if (k < 0) snprintf(name, sizeof name, "%s", pp.name);
+                                else snprintf(name, sizeof name, "%s.%s", pp.name, state_suffix(kind, k));
+                                json_t *rec = find_tensor(s, name, NULL);
+                                if (!rec) {
+                                    st = pw_error(PW_ERR_FORMAT, "%s: the manifest lists no tensor '%s' in any file",
+                                                  s->path, name);
+                                    break;
+                                }
+                                size_t fi = 0;
+                                while (fi < nf && json_array_get(files, fi) != rec) fi++;
+                                if (!of[fi].st) {
+                                    of[fi].rec = rec;
+                                    PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
+                                }
+                                pw_st_tensor t;
+                                PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &full, &t), st, out);
+                                if (pass == 0) continue;
+                                const float *src = t.data;
+                                if (split) { /* this rank's slice of the full tensor */
+                                    pw_graph_tp_slice(rg, pp.graph_param, (float *)t.data, part, 1);
+                                    src = part;
+                                }
+                                st = k < 0 ? pw_program_param_write(progs[j], i, PW_PARAM_DATA, src)
+                                           : pw_program_param_write_state(progs[j], i, k, src);
+                            }
+                        }
+                }
     if (st == PW_OK) pw_pipeline_seek(pl, s->meta.step);
 out:
     for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
     free(of);
+    free(part);
     return st;
 }
 

@@ -106,6 +106,7 @@ typedef struct pw_state_run {
 /* The layout that wrote a checkpoint (recorded, never required). */
 typedef struct pw_state_layout {
     int stages, chunks_per_rank, replicas, micro_batches, processes, threads;
+    int tensor_parallel;       /* T (1: none; a checkpoint without it reads as 1) */
     const char *schedule;
     const int *cuts;           /* (optional) chunk boundaries, n_cuts of them */
     int n_cuts;
