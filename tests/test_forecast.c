@@ -359,5 +359,20 @@ Test(forecast, compression_and_algorithm_cost_what_travels, .timeout = TIMEOUT)
                   cases[i].algo, cases[i].R, f.allreduce_time, cases[i].want);
         pw_forecast_free(&f);
     }
+    /* --sync ps with 2 servers and 3 workers: the gradients out, then each
+     * server's half of the parameters to 3 workers. */
+    pw_forecast_config c = pw_forecast_defaults();
+    c.graph = g;
+    c.replicas = 3;
+    c.micro_batch_size = 4;
+    c.link_latency_s = a;
+    c.allreduce_bandwidth = B;
+    c.ps_servers = 2;
+    pw_forecast f;
+    cr_assert_eq(pw_forecast_run(&c, &f), PW_OK, "%s", pw_last_error());
+    const double want = raw / B + 3 * raw / 2 / B + 2 * a;
+    cr_expect(fabs(f.allreduce_time - want) < 1e-9 * want, "parameter servers: %.9g s, by hand %.9g s",
+              f.allreduce_time, want);
+    pw_forecast_free(&f);
     pw_graph_destroy(g);
 }

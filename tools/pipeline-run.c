@@ -880,8 +880,8 @@ static int parse_args(int argc, char **argv, options *o)
         return bad_usage("%s", "--servers and --staleness apply to --sync ps");
     if (o->sync_set && !o->servers_set) o->ps_servers = 1;
     if (o->sync_set) {
-        const char *no = world <= 1 ? "runs under mpirun only (the servers are processes of their own: mpirun "
-                                      "-np S*R+K)"
+        const char *no = world <= 1 && !o->simulate ? "runs under mpirun only (the servers are processes of "
+                                                      "their own: mpirun -np S*R+K)"
                          : o->replicas < 2 ? "needs --replicas 2 or more"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
@@ -1426,6 +1426,7 @@ static pw_forecast_config forecast_config(const pw_graph *g, const options *o, d
      * --allreduce says otherwise, as before --allreduce existed). */
     if (o->allreduce_set) fc.allreduce_algo = o->allreduce;
     fc.compress = o->compress;
+    if (o->sync_set) fc.ps_servers = o->ps_servers;
     fc.optim_state_floats = o->optim.kind == PW_OPTIM_ADAMW ? 2 : 1;
     return fc;
 }

@@ -58,6 +58,12 @@ static double replica_sum_s(const pw_forecast_config *c, int b, int e, double la
     }
     const pw_link l = {.latency_s = lat, .bandwidth = bw};
     const int hosts = c->hosts > 0 ? c->hosts : c->replicas;
+    if (c->ps_servers > 0) {
+        double bytes = 0.0;
+        for (int i = 0; i < n; i++) bytes += 4.0 * (double)numel[i];
+        const double inv_b = bw > 0 ? 1.0 / bw : 0.0;
+        return bytes * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat + extra;
+    }
     if (c->allreduce_algo != PW_ALLREDUCE_AUTO)
         return pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, c->allreduce_algo).link_s +
                extra;

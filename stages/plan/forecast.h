@@ -145,6 +145,12 @@ typedef struct pw_forecast_config {
     pw_allreduce_algo allreduce_algo;
     int hosts;
     pw_compress_config compress;
+    /* > 0: the replicas synchronise through this many parameter servers
+     * instead (--sync ps): per step a worker's link carries its gradients
+     * out and a server's link the parameters of its shard to each of the R
+     * workers, G/B + R·G/(K·B) + 2 latencies for a chunk of G bytes (the
+     * servers' own update and the workers' waits are not in it). */
+    int ps_servers;
     /* Tensor parallelism: T ranks per stage (0 or 1: none). `graph` is then
      * one rank's graph (pw_graph_tp_rank(full, T, T - 1, ...): the last rank
      * holds the largest parts), so every FLOP, parameter and activation

@@ -100,11 +100,8 @@ for bw in none $BWS; do
         for col in 2 3 4 5; do
             printf " %10s" "$(awk -v a="$v" -v c=$col '$1 == a {print $c}' "$T/res" | median)"
         done
-        sim="- -"
-        if [ "${v%%/*}" != ps ]; then
-            sim=$("$RUN" $G --simulate --calibrate --stages 1 --replicas 2 --batch "$BATCH" --micro-batches "$MB" \
-                  $(flags "$v") $link 2>&1 | awk '/step time/ {s = $3} /all-reduce/ {a = $2} END {print s, a}')
-        fi
+        sim=$("$RUN" $G --simulate --calibrate --stages 1 --replicas 2 --batch "$BATCH" --micro-batches "$MB" \
+              $(flags "$v") $link 2>&1 | awk '/step time/ {s = $3} /all-reduce/ {a = $2} END {print s, a}')
         set -- $sim
         printf " %12s %12s\n" "$1" "$2"
     done
