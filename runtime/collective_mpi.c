@@ -6,9 +6,12 @@
  * flag stops them. */
 #ifdef PW_HAVE_MPI
 #include <limits.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+#include "runtime/trace.h" /* pw_now_ns */
 #include "runtime/transport-internal.h"
 
 enum { TAG_RS = 11, TAG_AG = 12, TAG_AR = 13, TAG_TS = 14, TAG_TG = 15 };
@@ -24,7 +27,34 @@ typedef struct mpi_coll {
     MPI_Request *req;     /* [2n] the tree's requests */
     atomic_int waiting;   /* the member a step waits for (the tree: the first
                              member that has not sent), -1 */
+    pw_mpi_watch_fn watch; /* (optional) asked while the tree waits: pw_mpi_coll_watch */
+    void *watch_arg;
 } mpi_coll;
+
+/* pw_mpi_wait, asking the coll's watch (when set) every few tens of
+ * microseconds once the first spins have passed: a watch that returns an
+ * error ends the wait with it. */
+static pw_status coll_wait(mpi_coll *c, MPI_Request *reqs, int n, const atomic_int *abort, const char *what)
+{
+    if (!c->watch) return pw_mpi_wait(reqs, n, MPI_STATUSES_IGNORE, abort, what);
+    const int64_t t0 = pw_now_ns();
+    for (int spin = 0;; spin++) {
+        int flag = 0;
+        pw_mpi_lock();
+        int rc = MPI_Testall(n, reqs, &flag, MPI_STATUSES_IGNORE);
+        pw_mpi_unlock();
+        if (rc != MPI_SUCCESS) return pw_mpi_error(rc, what);
+        if (flag) return PW_OK;
+        if (abort && atomic_load_explicit(abort, memory_order_relaxed))
+            return pw_error(PW_ERR_TIMEOUT, "%s: aborted", what);
+        if (spin < 64) {
+            sched_yield();
+            continue;
+        }
+        nanosleep(&(struct timespec){0, 20000}, NULL);
+        PW_CHECK(c->watch(c->watch_arg, pw_now_ns() - t0, atomic_load(&c->waiting)));
+    }
+}
 
 static pw_status grow(float **p, int64_t *cap, int64_t want)
 {
@@ -113,7 +143,7 @@ static pw_status tree_wait(mpi_coll *c, int n, const int *from, const atomic_int
 {
     for (int i = 0; i < n; i++) { /* in order: the first one not done is whom we wait for */
         if (from[i] >= 0) atomic_store(&c->waiting, from[i]);
-        pw_status st = pw_mpi_wait(&c->req[i], 1, MPI_STATUS_IGNORE, abort, what);
+        pw_status st = coll_wait(c, &c->req[i], 1, abort, what);
         if (st != PW_OK) {
             pw_mpi_lock();
             for (int j = i + 1; j < n; j++) {
@@ -311,6 +341,13 @@ pw_status pw_mpi_coll_init(MPI_Comm comm, pw_allreduce_algo algo, pw_coll *out)
     out->member = c->me;
     out->n_members = c->n;
     return PW_OK;
+}
+
+void pw_mpi_coll_watch(pw_coll *co, pw_mpi_watch_fn fn, void *arg)
+{
+    mpi_coll *c = co->self;
+    c->watch = fn;
+    c->watch_arg = arg;
 }
 
 void pw_mpi_coll_fini(pw_coll *co)

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "runtime/link.h"
 #include "runtime/rng.h"
 
 typedef struct zspan {
@@ -89,6 +90,56 @@ void pw_compress_name(const pw_compress_config *c, char *out, size_t n)
     case PW_COMPRESS_POWERSGD: snprintf(out, n, "powersgd:%d", c->rank); break;
     default: snprintf(out, n, "none"); break;
     }
+}
+
+pw_compress_cost pw_compress_model(const pw_compress_config *cc, const int64_t *numel, const int64_t *rows, int n,
+                                   int members, int hosts, const pw_link *l, int algo)
+{
+    pw_compress_cost out = {0, 0, 0.0};
+    int64_t p = 0, q = 0, unc = 0, payload = 0;
+    const pw_compress_kind kind = cc ? cc->kind : PW_COMPRESS_NONE;
+    for (int i = 0; i < n; i++) {
+        const int64_t m = numel[i];
+        out.raw_bytes += 4 * m;
+        switch (kind) {
+        case PW_COMPRESS_BF16:
+        case PW_COMPRESS_FP16: payload += 2 * m; break;
+        case PW_COMPRESS_TOPK: payload += m == 0 ? 0 : 8 * (int64_t)ceil(cc->ratio * (double)m); break;
+        case PW_COMPRESS_POWERSGD: {
+            const int64_t r = rows ? rows[i] : 0, c = r > 0 ? m / r : 0;
+            int64_t k = cc->rank;
+            if (k > r) k = r;
+            if (k > c) k = c;
+            if (r > 0 && (r + c) * k < r * c) {
+                p += r * k;
+                q += c * k;
+            } else {
+                unc += m;
+            }
+            break;
+        }
+        default: break;
+        }
+    }
+    const double inv_b = l && l->bandwidth > 0 ? 1.0 / l->bandwidth : 0.0, a = l ? l->latency_s : 0.0;
+    switch (kind) {
+    case PW_COMPRESS_BF16:
+    case PW_COMPRESS_FP16:
+    case PW_COMPRESS_TOPK:
+        out.wire_bytes = payload;
+        if (pw_link_on(l) && members > 1) out.link_s = (members - 1) * ((double)payload * inv_b + a);
+        break;
+    case PW_COMPRESS_POWERSGD:
+        out.wire_bytes = 4 * (p + q + unc);
+        out.link_s = pw_link_allreduce_s(l, (pw_allreduce_algo)algo, members, hosts, 4.0 * (double)(p + unc)) +
+                     pw_link_allreduce_s(l, (pw_allreduce_algo)algo, members, hosts, 4.0 * (double)q);
+        break;
+    default:
+        out.wire_bytes = out.raw_bytes;
+        out.link_s = pw_link_allreduce_s(l, (pw_allreduce_algo)algo, members, hosts, (double)out.raw_bytes);
+        break;
+    }
+    return out;
 }
 
 /* ------------------------------------------------------------- codecs */
@@ -273,6 +324,31 @@ int64_t pw_compressor_state_floats(const pw_compressor *z) { return z ? z->state
 void pw_compressor_state_get(const pw_compressor *z, float *out)
 {
     if (z && z->state_n) memcpy(out, z->state, (size_t)z->state_n * sizeof(float));
+}
+
+int64_t pw_compressor_span_state(const pw_compressor *z, int i, int64_t *off)
+{
+    *off = 0;
+    if (!z || i < 0 || i >= z->n_spans) return 0;
+    const zspan *s = &z->s[i];
+    *off = s->state_off;
+    if (z->cfg.kind == PW_COMPRESS_TOPK) return s->n;
+    if (z->cfg.kind == PW_COMPRESS_POWERSGD && s->q) return s->n + s->cols * s->q;
+    return 0;
+}
+
+void pw_compressor_span_state_get(const pw_compressor *z, int i, float *out)
+{
+    int64_t off;
+    const int64_t n = pw_compressor_span_state(z, i, &off);
+    if (n > 0) memcpy(out, z->state + off, (size_t)n * sizeof(float));
+}
+
+void pw_compressor_span_state_set(pw_compressor *z, int i, const float *in)
+{
+    int64_t off;
+    const int64_t n = pw_compressor_span_state(z, i, &off);
+    if (n > 0) memcpy(z->state + off, in, (size_t)n * sizeof(float));
 }
 
 void pw_compressor_state_set(pw_compressor *z, const float *in)

@@ -94,6 +94,24 @@ pw_status pw_compress_parse(const char *s, pw_compress_config *out);
 /* The spelling back ("topk:0.01"). */
 void pw_compress_name(const pw_compress_config *c, char *out, size_t n);
 
+/* What one member of `members` puts on the wire, and the link time, for one
+ * all-reduce of the tensors numel[0..n) (rows[i] > 0: a rows × numel/rows
+ * matrix, as pw_compressor_create takes them; rows may be NULL) — the
+ * model the simulator forecasts with (pipeline-run --simulate --compress).
+ * wire_bytes: the bytes the compressor reports as `wire` (pw_compress_bytes).
+ * link_s: the link time by runtime/link.h's model, the throttle's: none is
+ * the fp32 all-reduce with `algo` (pw_link_allreduce_s); bf16, fp16 and
+ * topk an all-gather of each member's payload, members − 1 messages;
+ * powersgd two all-reduces with `algo`, of P with every uncompressed tensor
+ * and of Q. The compressor's own compute is not in it. `cc` NULL: none. */
+typedef struct pw_link pw_link;
+typedef struct pw_compress_cost {
+    int64_t raw_bytes, wire_bytes;
+    double link_s;
+} pw_compress_cost;
+pw_compress_cost pw_compress_model(const pw_compress_config *cc, const int64_t *numel, const int64_t *rows, int n,
+                                   int members, int hosts, const pw_link *l, int algo);
+
 /* The scalar codecs (round to nearest, ties to even; NaN stays NaN). */
 uint16_t pw_f32_to_bf16(float f);
 float pw_bf16_to_f32(uint16_t h);
@@ -136,6 +154,15 @@ int64_t pw_compressor_state_floats(const pw_compressor *z);
 void pw_compressor_state_get(const pw_compressor *z, float *out);
 void pw_compressor_state_set(pw_compressor *z, const float *in);
 void pw_compressor_reset(pw_compressor *z);
+/* Span i's part of that state: its floats (0: the span carries none: bf16,
+ * fp16, or a PowerSGD span sent uncompressed) and, in *off, where they
+ * start. topk: the residual (the span's n floats); powersgd: the residual
+ * (n) then Q (cols x q). The parts of the spans are disjoint and in span
+ * order, so a checkpoint may keep them per span (per parameter). */
+int64_t pw_compressor_span_state(const pw_compressor *z, int i, int64_t *off);
+/* Copies span i's part out / in (pw_compressor_span_state's floats). */
+void pw_compressor_span_state_get(const pw_compressor *z, int i, float *out);
+void pw_compressor_span_state_set(pw_compressor *z, int i, const float *in);
 
 #ifdef __cplusplus
 }

@@ -25,6 +25,8 @@
  * under the same model (pw_link_allreduce_s), so a throttled all-reduce
  * takes its real time plus the link's. The all-reduce's link and the
  * stages' link are modelled independently (not one shared NIC).
+ * The parameter server's messages (transport ps_isend, --sync ps) are held
+ * back by the same rule on a clock of the process's own for them.
  * Receiving is not throttled (the sender's link is the bottleneck).
  *
  * Thread-safety: pw_link is plain data; a pw_link_clock belongs to one

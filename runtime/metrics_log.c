@@ -140,8 +140,8 @@ pw_status pw_metrics_log_eval(pw_metrics_log *m, const pw_metrics_eval_rec *r)
 
 pw_status pw_metrics_log_move(pw_metrics_log *m, const pw_metrics_move_rec *r)
 {
-    jput(m, "{\"type\":\"rebalance\",\"step\":%lld,\"forced\":%s,\"revert\":%s", (long long)r->step,
-         r->forced ? "true" : "false", r->revert ? "true" : "false");
+    jput(m, "{\"type\":\"rebalance\",\"step\":%lld,\"forced\":%s,\"revert\":%s,\"refine\":%s", (long long)r->step,
+         r->forced ? "true" : "false", r->revert ? "true" : "false", r->refine ? "true" : "false");
     for (int k = 0; k < 2; k++) {
         const int *c = k ? r->new_cuts : r->old_cuts;
         jput(m, ",\"%s\":[", k ? "new_cuts" : "old_cuts");

@@ -75,7 +75,9 @@ typedef struct pw_metrics_eval_rec {
 typedef struct pw_metrics_move_rec {
     int64_t step;
     int forced;                /* asked for (--rebalance-at), not decided */
-    int revert;                /* back to the cuts before the last move, which measured slower */
+    int revert;                /* back to the cuts before the last move, which measured slower
+                                  (with refine: back to the refinement's fastest cuts) */
+    int refine;                /* a measured refinement step (docs/partition.md) */
     const int *old_cuts, *new_cuts; /* [n_cuts] each */
     int n_cuts;
     double predicted_gain;     /* fraction of the step; NaN: none (forced) */

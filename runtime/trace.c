@@ -19,7 +19,13 @@ typedef struct trace_track {
 struct pw_trace {
     int n_tracks;
     trace_track *tracks;
+    int pid;               /* the "pid" of every event (pw_trace_set_pid) */
 };
+
+void pw_trace_set_pid(pw_trace *t, int pid)
+{
+    if (t) t->pid = pid > 0 ? pid : 0;
+}
 
 int64_t pw_now_ns(void)
 {
@@ -101,6 +107,7 @@ static const char *cat_name(int cat)
     case PW_TRACE_WAIT: return "wait";
     case PW_TRACE_STEP: return "step";
     case PW_TRACE_REBALANCE: return "rebalance";
+    case PW_TRACE_TP: return "tp";
     default: return "other";
     }
 }
@@ -220,19 +227,28 @@ pw_status pw_trace_write(const pw_trace *t, const char *path, const pw_trace_met
     fprintf(f, "{\"displayTimeUnit\": \"ns\",\n");
     pw_trace_write_meta(f, m, dropped, has_clock ? &clock : NULL, t_base);
     fprintf(f, ",\n\"traceEvents\": [\n");
-    fprintf(f, "{\"name\": \"process_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": 0, "
-            "\"args\": {\"name\": \"pipewright\"}}");
-    for (int r = 0; r < t->n_tracks; r++)
-        fprintf(f, ",\n{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": %d, "
-                "\"args\": {\"name\": \"rank %d\"}}", r, r);
+    const int pid = t->pid;
+    if (pid == 0) {
+        fprintf(f, "{\"name\": \"process_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": 0, "
+                "\"args\": {\"name\": \"pipewright\"}}");
+        for (int r = 0; r < t->n_tracks; r++)
+            fprintf(f, ",\n{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": 0, \"tid\": %d, "
+                    "\"args\": {\"name\": \"rank %d\"}}", r, r);
+    } else {
+        fprintf(f, "{\"name\": \"process_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": 0, "
+                "\"args\": {\"name\": \"pipewright tensor rank %d\"}}", pid, pid);
+        for (int r = 0; r < t->n_tracks; r++)
+            fprintf(f, ",\n{\"name\": \"thread_name\", \"ph\": \"M\", \"pid\": %d, \"tid\": %d, "
+                    "\"args\": {\"name\": \"rank %d tp %d\"}}", pid, r, r, pid);
+    }
     for (int r = 0; r < t->n_tracks; r++) {
         for (int64_t i = 0; i < t->tracks[r].n; i++) {
             const pw_trace_event *e = &t->tracks[r].ev[i];
             /* Microseconds with ns precision, as Chrome's format wants. */
             fprintf(f, ",\n{\"name\": ");
             pw_trace_write_string(f, e->name);
-            fprintf(f, ", \"cat\": \"%s\", \"ph\": \"X\", \"pid\": 0, \"tid\": %d, \"ts\": %.3f, "
-                    "\"dur\": %.3f, \"args\": {\"step\": %" PRId64, cat_name(e->cat), r,
+            fprintf(f, ", \"cat\": \"%s\", \"ph\": \"X\", \"pid\": %d, \"tid\": %d, \"ts\": %.3f, "
+                    "\"dur\": %.3f, \"args\": {\"step\": %" PRId64, cat_name(e->cat), pid, r,
                     (double)(e->t0_ns - t_base) / 1e3, (double)(e->t1_ns - e->t0_ns) / 1e3,
                     e->step);
             if (e->chunk >= 0) fprintf(f, ", \"stage\": %d", e->chunk);

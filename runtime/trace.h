@@ -42,6 +42,10 @@ typedef enum pw_trace_cat {
     PW_TRACE_REBALANCE,     /* a re-partition between steps (stages/train/rebalance.h):
                                name "rebalance", step = the steps done before it,
                                bytes = parameter and optimizer bytes it moved */
+    PW_TRACE_TP,            /* a tensor-parallel all-reduce inside an F, B or W (name
+                               "TP_ALLREDUCE", cat "tp"; stages/ops/tp.h): chunk and mb
+                               of the call it is in, bytes = the floats summed × 4;
+                               nested in that event's time on the same track */
 } pw_trace_cat;
 
 typedef struct pw_trace_event {
@@ -60,6 +64,12 @@ typedef struct pw_trace_event {
 typedef struct pw_trace pw_trace;
 
 pw_status pw_trace_create(int n_tracks, int64_t events_per_track, pw_trace **out);
+/* The "pid" of the file's events (0 unless set): a process of a
+ * tensor-parallel MPI run writes its tensor-parallel rank there, so that
+ * the T processes holding the same pipeline ranks (tracks) stay apart when
+ * their files are read as one run ("rank 1 tp 1"; pid 0 is tp rank 0, named
+ * "rank 1" as in any run). Before pw_trace_write. */
+void pw_trace_set_pid(pw_trace *t, int pid);
 void pw_trace_destroy(pw_trace *t); /* accepts NULL */
 /* The file one process of a multi-process run writes for the run's trace
  * `path`: "run.json" -> "run.rank3.json" (before the last extension; the

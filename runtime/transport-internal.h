@@ -29,6 +29,12 @@ pw_status pw_mpi_wait(MPI_Request *reqs, int n, MPI_Status *sts, const atomic_in
 /* collective_mpi.c: the collectives on `comm` (borrowed; must outlive it). */
 pw_status pw_mpi_coll_init(MPI_Comm comm, pw_allreduce_algo algo, pw_coll *out);
 void pw_mpi_coll_fini(pw_coll *c);
+/* A watch over a tree endpoint's waits (tensor parallelism's, which run
+ * inside a stage's compute, where the engine's watchdog cannot look):
+ * called while a wait has lasted waited_ns, with the member it waits for
+ * (-1: unknown); a status other than PW_OK ends the wait with it. */
+typedef pw_status (*pw_mpi_watch_fn)(void *arg, int64_t waited_ns, int member);
+void pw_mpi_coll_watch(pw_coll *c, pw_mpi_watch_fn fn, void *arg);
 
 /* collective_hier.c: the endpoint the transport uses (algo, possibly
  * hierarchical or auto, each behind `link` when set); desc (optional)

@@ -14,13 +14,23 @@
  *     ...
  *     pw_transport_destroy(t);       // MPI_Finalize
  *
- * Layout. World rank w < S·R runs pipeline rank w mod S of replica w div S
- * (world ranks S·R .. S·R+K−1 are parameter servers when n_servers = K), so one
- * replica's ranks are consecutive (mpirun places them on neighbouring cores).
- * Two communicators are split from the world: the replica's (its S ranks,
- * for activations and gradients between stages and the global gradient norm)
- * and the stage's (the R processes that hold the same rank, for the gradient
- * all-reduce).
+ * Layout. With T tensor-parallel ranks per stage (n_tensor; 1: none), world
+ * rank w < S·R·T runs tensor-parallel rank w mod T of pipeline rank
+ * (w div T) mod S of replica w div (S·T):
+ *
+ *     w = (replica · S + rank) · T + tp
+ *
+ * (world ranks S·R·T .. S·R·T+K−1 are parameter servers when n_servers = K).
+ * A stage's T ranks are consecutive (mpirun places them on neighbouring
+ * cores, and on one host: their all-reduce runs per layer), then a
+ * replica's stages; at T = 1 this is w = replica · S + rank. Three
+ * communicators are split from the world: the replica's (its S ranks with
+ * this process's tp, for activations and gradients between stages and the
+ * global gradient norm: stage s talks to the same tp rank of stage s ± 1),
+ * the stage's (the R processes that hold the same rank and tp, for the
+ * gradient all-reduce of that tp rank's parts) and, at T > 1, the
+ * tensor-parallel group's (the T processes of this replica's stage, for
+ * the split layers' sums: stages/ops/tp.h, the tree's order).
  *
  * Threads. The engine's worker calls the point-to-point functions from its
  * event loop and its communication thread calls the collectives; the caller's
@@ -73,6 +83,7 @@ typedef struct pw_treq {
     const void *held_buf;
     size_t held_bytes;
     int held_to, held_tag;
+    int held_ps;          /* 1: a parameter-server message (ps_isend's communicator) */
 } pw_treq;
 
 /* What a process does, for the others' watchdogs (pw_transport_state). */
@@ -137,15 +148,20 @@ typedef struct pw_transport_i {
 typedef struct pw_transport {
     const pw_transport_i *vt;
     void *self;
-    int world_rank, world_size; /* world_size: the workers (S x R), servers not counted */
+    int world_rank, world_size; /* world_size: the workers (S x R x T), servers not counted */
     int replica, n_replicas;  /* this process's replica (-1 on a server) */
     int rank, n_ranks;        /* this process's pipeline rank (-1 on a server) */
     int server, n_servers;    /* parameter servers (--sync ps): this process's index, -1 on a
-                                 worker; server j is world rank S x R + j */
+                                 worker; server j is world rank S x R x T + j */
+    int tp_rank, n_tp;        /* this process's tensor-parallel rank of n_tp (T; 0 or 1: none;
+                                 -1 on a server) */
     int local_rank, local_size; /* among the run's processes on this host */
     int max_tag;              /* largest point-to-point tag */
     pw_coll stage_coll;       /* the R processes holding this rank: member = replica */
-    pw_coll replica_coll;     /* the S ranks of this replica: member = rank */
+    pw_coll replica_coll;     /* the S ranks of this replica (this tp): member = rank */
+    pw_coll tp_coll;          /* n_tp > 1: the T processes of this replica's stage, member =
+                                 tp_rank; the tree, its waits watched (a stalled peer fails
+                                 them after watchdog_s, naming it); vt NULL otherwise */
     char desc[128];           /* "MPI (Open MPI 4.1.4), ring all-reduce, thread level multiple" */
     pw_transport_state *state;/* this process's progress board (NULL: none) */
     double watchdog_s;        /* how long a world wait may go without progress */
@@ -196,10 +212,12 @@ pw_status pw_transport_barrier(const pw_transport *t);
 void pw_transport_destroy(pw_transport *t);
 /* MPI_Abort on the world; returns only when the transport cannot abort. */
 void pw_transport_abort(pw_transport *t, int code);
-/* The world rank running pipeline rank `rank` of `replica`. */
+/* The world rank running pipeline rank `rank` of `replica` with this
+ * process's tensor-parallel rank (the peer this process exchanges with). */
 static inline int pw_transport_world_of(const pw_transport *t, int replica, int rank)
 {
-    return replica * t->n_ranks + rank;
+    const int T = t->n_tp > 1 ? t->n_tp : 1;
+    return (replica * t->n_ranks + rank) * T + (T > 1 ? t->tp_rank : 0);
 }
 
 /* Where this process goes on its host: the one rule for pinning the engine's
@@ -235,7 +253,8 @@ typedef enum pw_allreduce_algo {
 
 typedef struct pw_mpi_config {
     int n_ranks;             /* S: pipeline ranks per replica */
-    int n_replicas;          /* R; the world must have S × R (+ n_servers) processes */
+    int n_replicas;          /* R; the world must have S × R × T (+ n_servers) processes */
+    int n_tensor;            /* T tensor-parallel ranks per stage (0 or 1: none) */
     int n_servers;           /* K parameter servers (0: none), the last K world ranks; their
                                 world operations (allgather, barrier) are among the servers,
                                 the workers' among the workers; heartbeats span everyone */
@@ -256,8 +275,8 @@ int pw_mpi_launched_size(void);
 pw_status pw_allreduce_algo_parse(const char *s, pw_allreduce_algo *out);
 
 /* Initialises MPI (MPI_Init_thread), checks the world has n_ranks ×
- * n_replicas processes ("mpirun -np 3, but --stages 2 x --replicas 2 needs
- * 4 processes") and splits the communicators. PW_OK: *out is new.
+ * n_replicas × n_tensor processes ("mpirun -np 3, but --stages 2 x
+ * --replicas 2 needs 4 processes") and splits the communicators. PW_OK: *out is new.
  * PW_ERR_UNSUPPORTED without MPI in this build; PW_ERR_INVALID_ARG for a
  * bad layout; PW_ERR_IO when MPI fails. Collective over every process and
  * unbounded until the heartbeats start at its end: MPI_Init waits for a

@@ -98,12 +98,18 @@ typedef struct hb_peer {
 typedef struct mpi_transport {
     MPI_Comm all;          /* every process of the run, servers included */
     MPI_Comm world, replica_comm, stage_comm; /* world: the workers (or, on a server, the servers) */
+    MPI_Comm tp_comm;      /* n_tp > 1: the T processes of this replica's stage */
     MPI_Comm ps_comm;      /* parameter-server messages (n_servers > 0), over `all` */
-    int n_workers;         /* S x R: world ranks from n_workers on are servers */
+    int n_workers;         /* S x R x T: world ranks from n_workers on are servers */
     int finalize;          /* we initialised MPI */
     pw_coll stage_coll, replica_coll;
+    pw_coll tp_inner;      /* n_tp > 1: the tree over tp_comm, watched (tp_watch) */
+    int n_tp, tp_rank;
+    int64_t tp_next_blame; /* tp_watch: when to ask blame next (0: not yet) */
     pw_link link;          /* a slow link for the stages' messages and the all-reduce (link.h) */
     pw_link_clock link_clock; /* this process's link: the worker's thread only (mt_isend) */
+    pw_link_clock ps_clock;   /* its link for parameter-server messages (mt_ps_isend, under ps_clock_mu) */
+    pthread_mutex_t ps_clock_mu;
     int world_rank, world_size, n_ranks; /* world_size: every process (the heartbeat's table) */
     double watchdog_s;
     pw_transport_state state;  /* this process's board (pw_transport.state points here) */
@@ -243,10 +249,16 @@ static void hb_stop(mpi_transport *m)
     pthread_mutex_destroy(&m->hb_mu);
 }
 
-/* "MPI rank 3 (replica 1, stage 1)" or, for a parameter server, "MPI rank 4 (server 0)". */
+/* "MPI rank 3 (replica 1, stage 1)", with tensor parallelism "MPI rank 3
+ * (replica 0, stage 1, tensor rank 1)", or, for a parameter server, "MPI
+ * rank 4 (server 0)". */
 static const char *who_is(const mpi_transport *m, int v, char *buf, size_t n)
 {
+    const int T = m->n_tp > 1 ? m->n_tp : 1, ps = v / T; /* ps: the pipeline process (replica, rank) */
     if (v >= m->n_workers) snprintf(buf, n, "MPI rank %d (server %d)", v, v - m->n_workers);
+    else if (T > 1)
+        snprintf(buf, n, "MPI rank %d (replica %d, stage %d, tensor rank %d)", v, ps / m->n_ranks, ps % m->n_ranks,
+                 v % T);
     else snprintf(buf, n, "MPI rank %d (replica %d, stage %d)", v, v / m->n_ranks, v % m->n_ranks);
     return buf;
 }
@@ -285,7 +297,7 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
 {
     mpi_transport *m = self;
     const int W = m->world_size, me = m->world_rank;
-    char who[64];
+    char who[96];
     if (!m->peers || atomic_load(&m->hb_failed)) {
         if (n) buf[0] = '\0';
         return -2; /* the wait fails after the watchdog, naming only whom it waited for */
@@ -357,6 +369,60 @@ static int mt_blame(void *self, double stall_s, const char *(*act_name)(int), ch
     return busy_progressing ? -1 : -2;
 }
 
+/* ------------------------------------------------- the tensor-parallel group */
+
+/* The tensor-parallel all-reduces run inside a stage's compute (F, B, W on
+ * the engine's worker), where the engine's watchdog cannot see them: the
+ * tree's waits ask this. It publishes the member waited for (as a world
+ * rank: a stage's T ranks are consecutive) so the others' blame follows
+ * the chain here, and once a wait has passed the watchdog it asks blame
+ * every 100 ms, as world_wait does: a stalled process fails the wait,
+ * naming it; a chain that ends at a process still making progress goes
+ * on. */
+static pw_status tp_watch(void *arg, int64_t waited_ns, int member)
+{
+    mpi_transport *m = arg;
+    atomic_store(&m->state.wait_peer, member >= 0 ? m->world_rank - m->tp_rank + member : PW_WAIT_ALL);
+    if (waited_ns < (int64_t)(m->watchdog_s * 1e9)) {
+        m->tp_next_blame = 0;
+        return PW_OK;
+    }
+    const int64_t now = pw_now_ns();
+    if (now < m->tp_next_blame) return PW_OK;
+    m->tp_next_blame = now + 100000000LL;
+    char why[400], me[96];
+    if (mt_blame(m, m->watchdog_s, m->state.act_name, why, sizeof why) == -1) return PW_OK;
+    return pw_error(PW_ERR_TIMEOUT, "%s%s%s waited %.1f s for the tensor-parallel all-reduce of its stage", why,
+                    why[0] ? "; " : "", who_is(m, m->world_rank, me, sizeof me), (double)waited_ns / 1e9);
+}
+
+/* The endpoint handed out (pw_transport.tp_coll): the watched tree, then
+ * "no longer waiting" and a unit of progress on the board. */
+static pw_status tp_allreduce(void *self, int member, const pw_span *spans, int n_spans, const atomic_int *abort)
+{
+    mpi_transport *m = self;
+    pw_status st = m->tp_inner.vt->allreduce(m->tp_inner.self, member, spans, n_spans, abort);
+    atomic_store(&m->state.wait_peer, PW_WAIT_NOBODY);
+    atomic_fetch_add(&m->state.progress, 1);
+    return st;
+}
+
+static pw_status tp_allgather_f64(void *self, int member, double v, double *out, const atomic_int *abort)
+{
+    mpi_transport *m = self;
+    return m->tp_inner.vt->allgather_f64(m->tp_inner.self, member, v, out, abort);
+}
+
+static int tp_waiting_for(void *self, int member)
+{
+    mpi_transport *m = self;
+    return m->tp_inner.vt->waiting_for(m->tp_inner.self, member);
+}
+
+static const pw_coll_i tp_coll_i = {
+    .name = "mpi-tree (tensor-parallel)", .allreduce = tp_allreduce, .allgather_f64 = tp_allgather_f64,
+    .waiting_for = tp_waiting_for};
+
 /* Polls reqs until they complete, publishing that this process waits for
  * `peer`. Once the watchdog has passed, asks blame every 100 ms: a stalled
  * process (or a deadlock) fails the wait, naming it; a chain that ends at a
@@ -390,7 +456,7 @@ static pw_status world_wait(mpi_transport *m, MPI_Request *reqs, int n, MPI_Stat
             check = now + 100000000LL;
             continue;
         }
-        char me[64];
+        char me[96];
         st = pw_error(PW_ERR_TIMEOUT, "%s%s%s waited %.1f s for %s", why, why[0] ? "; " : "",
                       who_is(m, m->world_rank, me, sizeof me), (double)(now - t0) / 1e9, what);
         break;
@@ -417,6 +483,7 @@ static pw_status mt_isend(void *self, int to, int tag, const void *buf, size_t b
         req->held_bytes = bytes;
         req->held_to = to;
         req->held_tag = tag;
+        req->held_ps = 0;
         *req_of(req) = MPI_REQUEST_NULL;
         return PW_OK;
     }
@@ -448,7 +515,7 @@ static int mt_test(void *self, pw_treq *req)
         req->due_ns = 0;
         pw_mpi_lock();
         int rc = MPI_Isend(req->held_buf, (int)req->held_bytes, MPI_BYTE, req->held_to, req->held_tag,
-                           m->replica_comm, req_of(req));
+                           req->held_ps ? m->ps_comm : m->replica_comm, req_of(req));
         pw_mpi_unlock();
         if (rc != MPI_SUCCESS) {
             pw_mpi_error(rc, "MPI_Isend (held back by the slow link)");
@@ -482,7 +549,23 @@ static pw_status mt_ps_isend(void *self, int to, int tag, const void *buf, size_
     if (m->ps_comm == MPI_COMM_NULL) return pw_error(PW_ERR_INVALID_ARG, "MPI: the run has no servers");
     if (bytes > INT_MAX) return pw_error(PW_ERR_UNSUPPORTED, "MPI send of %zu bytes (max %d)", bytes, INT_MAX);
     req->bytes = SIZE_MAX;
-    req->due_ns = 0; /* never held back (mt_test): the servers' messages are not on the slow link */
+    req->due_ns = 0;
+    if (pw_link_on(&m->link)) {
+        /* A slow link: held back as mt_isend's (mt_test posts it on ps_comm),
+         * on the process's own clock for these messages: workers push from
+         * their communication thread and greet from the training thread,
+         * hence the mutex. */
+        pthread_mutex_lock(&m->ps_clock_mu);
+        req->due_ns = pw_link_clock_due(&m->ps_clock, &m->link, pw_now_ns(), bytes);
+        pthread_mutex_unlock(&m->ps_clock_mu);
+        req->held_buf = buf;
+        req->held_bytes = bytes;
+        req->held_to = to;
+        req->held_tag = tag;
+        req->held_ps = 1;
+        *req_of(req) = MPI_REQUEST_NULL;
+        return PW_OK;
+    }
     pw_mpi_lock();
     int rc = MPI_Isend(buf, (int)bytes, MPI_BYTE, to, tag, m->ps_comm, req_of(req));
     pw_mpi_unlock();
@@ -583,18 +666,21 @@ static void mt_destroy(void *self)
     if (!m) return;
     pw_mpi_coll_unbuild(&m->stage_coll);
     pw_mpi_coll_fini(&m->replica_coll);
+    pw_mpi_coll_fini(&m->tp_inner);
     int fin = 0;
     MPI_Finalized(&fin);
     if (!fin) hb_stop(m);
     if (!fin) {
         if (m->hb_comm != MPI_COMM_NULL) MPI_Comm_free(&m->hb_comm);
         if (m->stage_comm != MPI_COMM_NULL) MPI_Comm_free(&m->stage_comm);
+        if (m->tp_comm != MPI_COMM_NULL) MPI_Comm_free(&m->tp_comm);
         if (m->replica_comm != MPI_COMM_NULL) MPI_Comm_free(&m->replica_comm);
         if (m->ps_comm != MPI_COMM_NULL) MPI_Comm_free(&m->ps_comm);
         if (m->world != MPI_COMM_NULL) MPI_Comm_free(&m->world);
         if (m->all != MPI_COMM_NULL) MPI_Comm_free(&m->all);
         if (m->finalize) MPI_Finalize();
     }
+    pthread_mutex_destroy(&m->ps_clock_mu);
     free(m);
 }
 
@@ -715,8 +801,10 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     if (!out || !cfg) return pw_error(PW_ERR_INVALID_ARG, "pw_mpi_transport_create: NULL argument");
     *out = NULL;
     const int S = cfg->n_ranks, R = cfg->n_replicas, K = cfg->n_servers;
-    if (S < 1 || R < 1 || K < 0)
-        return pw_error(PW_ERR_INVALID_ARG, "MPI: %d stages x %d replicas, %d servers", S, R, K);
+    const int T = cfg->n_tensor > 1 ? cfg->n_tensor : 1;
+    if (S < 1 || R < 1 || K < 0 || cfg->n_tensor < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "MPI: %d stages x %d replicas x %d tensor-parallel ranks, %d servers",
+                        S, R, cfg->n_tensor, K);
     pw_transport *t = calloc(1, sizeof *t);
     mpi_transport *m = calloc(1, sizeof *m);
     if (!t || !m) {
@@ -724,7 +812,8 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
         free(m);
         return pw_error(PW_ERR_NOMEM, "MPI transport: out of memory");
     }
-    m->all = m->world = m->replica_comm = m->stage_comm = m->hb_comm = m->ps_comm = MPI_COMM_NULL;
+    m->all = m->world = m->replica_comm = m->stage_comm = m->tp_comm = m->hb_comm = m->ps_comm = MPI_COMM_NULL;
+    pthread_mutex_init(&m->ps_clock_mu, NULL); /* destroyed by mt_destroy */
     atomic_init(&m->state.phase, PW_PHASE_START);
     atomic_init(&m->state.step, 0);
     atomic_init(&m->state.progress, 0);
@@ -765,23 +854,27 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     MPI_Comm_set_errhandler(m->all, MPI_ERRORS_RETURN);
     MPI_Comm_rank(m->all, &t->world_rank);
     MPI_Comm_size(m->all, &all_size);
-    if (all_size != S * R + K) {
-        char servers[48] = "";
+    if (all_size != S * R * T + K) {
+        char servers[48] = "", tensor[48] = "";
         if (K > 0) snprintf(servers, sizeof servers, " + --servers %d", K);
-        st = pw_error(PW_ERR_INVALID_ARG, "mpirun started %d process%s, but --stages %d x --replicas %d%s "
-                      "needs %d (one per stage of each replica%s)", all_size, all_size == 1 ? "" : "es", S, R,
-                      servers, S * R + K, K > 0 ? ", then one per server" : "");
+        if (T > 1) snprintf(tensor, sizeof tensor, " x --tensor-parallel %d", T);
+        st = pw_error(PW_ERR_INVALID_ARG, "mpirun started %d process%s, but --stages %d x --replicas %d%s%s "
+                      "needs %d (one per %sstage of each replica%s)", all_size, all_size == 1 ? "" : "es", S, R,
+                      tensor, servers, S * R * T + K, T > 1 ? "tensor-parallel rank of each " : "",
+                      K > 0 ? ", then one per server" : "");
         goto fail;
     }
     t->n_ranks = S;
     t->n_replicas = R;
     t->n_servers = K;
+    t->n_tp = T;
+    m->n_tp = T;
     m->world_rank = t->world_rank;
     m->world_size = all_size;
-    m->n_workers = S * R;
+    m->n_workers = S * R * T;
     m->n_ranks = S;
-    const int is_server = t->world_rank >= S * R;
-    t->server = is_server ? t->world_rank - S * R : -1;
+    const int is_server = t->world_rank >= S * R * T;
+    t->server = is_server ? t->world_rank - S * R * T : -1;
     if (K > 0) {
         /* The tools' world operations stay among the workers (servers have
          * their own); the servers are the last K world ranks. */
@@ -796,17 +889,23 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     }
     MPI_Comm_set_errhandler(m->world, MPI_ERRORS_RETURN);
     MPI_Comm_size(m->world, &t->world_size);
-    t->replica = is_server ? -1 : t->world_rank / S;
-    t->rank = is_server ? -1 : t->world_rank % S;
+    /* w = (replica · S + rank) · T + tp (transport.h, "Layout") */
+    t->replica = is_server ? -1 : t->world_rank / T / S;
+    t->rank = is_server ? -1 : t->world_rank / T % S;
+    t->tp_rank = is_server ? -1 : t->world_rank % T;
+    m->tp_rank = t->tp_rank;
     if (!is_server &&
-        ((rc = MPI_Comm_split(m->world, t->replica, t->rank, &m->replica_comm)) != MPI_SUCCESS ||
-         (rc = MPI_Comm_split(m->world, t->rank, t->replica, &m->stage_comm)) != MPI_SUCCESS)) {
+        ((rc = MPI_Comm_split(m->world, t->replica * T + t->tp_rank, t->rank, &m->replica_comm)) != MPI_SUCCESS ||
+         (rc = MPI_Comm_split(m->world, t->rank * T + t->tp_rank, t->replica, &m->stage_comm)) != MPI_SUCCESS ||
+         (T > 1 && (rc = MPI_Comm_split(m->world, t->replica * S + t->rank, t->tp_rank, &m->tp_comm)) !=
+                       MPI_SUCCESS))) {
         st = pw_mpi_error(rc, "MPI_Comm_split");
         goto fail;
     }
     if (!is_server) {
         MPI_Comm_set_errhandler(m->replica_comm, MPI_ERRORS_RETURN);
         MPI_Comm_set_errhandler(m->stage_comm, MPI_ERRORS_RETURN);
+        if (T > 1) MPI_Comm_set_errhandler(m->tp_comm, MPI_ERRORS_RETURN);
     }
     MPI_Comm node;
     int rank0_here = t->world_rank == 0; /* world rank 0 shares this host (its clock) */
@@ -838,6 +937,13 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
         PW_CHECK_GOTO(pw_mpi_coll_build(m->stage_comm, cfg->allreduce, &m->link, &m->stage_coll, algo_desc,
                                         sizeof algo_desc), st, fail);
         PW_CHECK_GOTO(pw_mpi_coll_init(m->replica_comm, PW_ALLREDUCE_RING, &m->replica_coll), st, fail);
+        if (T > 1) {
+            /* The tree whatever --allreduce says: the in-process group's
+             * order, so the bytes match one process (stages/ops/tp.h). */
+            PW_CHECK_GOTO(pw_mpi_coll_init(m->tp_comm, PW_ALLREDUCE_TREE, &m->tp_inner), st, fail);
+            pw_mpi_coll_watch(&m->tp_inner, tp_watch, m);
+            t->tp_coll = (pw_coll){.vt = &tp_coll_i, .self = m, .member = t->tp_rank, .n_members = T};
+        }
     }
     t->stage_coll = m->stage_coll;
     t->replica_coll = m->replica_coll;
@@ -849,8 +955,8 @@ pw_status pw_mpi_transport_create(int *argc, char ***argv, const pw_mpi_config *
     lib[strcspn(lib, ",\n")] = '\0';
     snprintf(t->desc, sizeof t->desc, "%s, %s all-reduce, thread level %s", lib,
              cfg->allreduce == PW_ALLREDUCE_MPI ? "MPI_Iallreduce" : algo_desc, level_name(provided));
-    PW_INFO(PW_SUB_COMM, "MPI rank %d: replica %d rank %d, host rank %d of %d (%s)", t->world_rank,
-            t->replica, t->rank, t->local_rank, t->local_size, t->desc);
+    PW_INFO(PW_SUB_COMM, "MPI rank %d: replica %d rank %d tensor rank %d of %d, host rank %d of %d (%s)",
+            t->world_rank, t->replica, t->rank, t->tp_rank, T, t->local_rank, t->local_size, t->desc);
     *out = t;
     return PW_OK;
 fail:

@@ -1012,6 +1012,13 @@ int pw_engine_chunk_peak(const pw_engine *e, int chunk)
     return p;
 }
 
+pw_compressor *pw_engine_compressor(pw_engine *e, int k, int chunk, int bucket)
+{
+    if (!e || !e->buckets || k < 0 || k >= e->NRL || chunk < 0 || chunk >= e->C || bucket < 0 || bucket >= e->NB)
+        return NULL;
+    return e->buckets[((size_t)k * (size_t)e->C + (size_t)chunk) * (size_t)e->NB + (size_t)bucket].z;
+}
+
 double pw_engine_grad_norm(const pw_engine *e)
 {
     if (!e || e->clip <= 0) return -1.0;

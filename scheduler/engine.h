@@ -220,6 +220,11 @@ int pw_engine_chunk_peak(const pw_engine *e, int chunk);
 double pw_engine_grad_norm(const pw_engine *e);
 /* Message bytes allocated (communication buffers), all links. */
 int64_t pw_engine_message_bytes(const pw_engine *e);
+/* The compressor of bucket `bucket` of chunk `chunk` of this process's
+ * replica `k` (0 .. local replicas − 1), or NULL: no compression, or an
+ * empty bucket. For checkpoints of its error-feedback state
+ * (runtime/compress.h); between steps only. */
+pw_compressor *pw_engine_compressor(pw_engine *e, int k, int chunk, int bucket);
 
 #ifdef __cplusplus
 }

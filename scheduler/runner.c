@@ -67,7 +67,7 @@ static pw_status make_schedule(pw_runner *r)
         r->schedule_name = strdup(c->schedule);
     } else {
         return pw_error(PW_ERR_INVALID_ARG, "runner: schedule '%s' is not gpipe, 1f1b, interleaved, zb-h1, "
-                        "zb-h2, zb-v or a readable schedule CSV file", c->schedule);
+                        "zb-h2, zb-v, zb-auto, dualpipev or a readable schedule CSV file", c->schedule);
     }
     if (!r->schedule_name) return pw_error(PW_ERR_NOMEM, "runner: out of memory");
     pw_status st = pw_schedule_validate(r->sched, &r->rep);

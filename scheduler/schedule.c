@@ -1,5 +1,5 @@
 /* pipewright — schedule IR: storage and placement, generators (GPipe, 1F1B,
- * interleaved 1F1B, ZB-H1, ZB-H2, ZB-V), lowering, names and closed-form
+ * interleaved 1F1B, ZB-H1, ZB-H2, ZB-V, DualPipeV), lowering, names and closed-form
  * theory. The validator lives in validate.c, the CSV form in schedule_csv.c,
  * the ASCII timeline in schedule_print.c, the simulator in simulate.c. */
 #include "scheduler/schedule.h"
@@ -37,6 +37,7 @@ static const char *const schedule_names[PW_SCHEDULE_KIND_COUNT] = {
     [PW_SCHEDULE_ZB_H2] = "zb-h2",
     [PW_SCHEDULE_ZB_V] = "zb-v",
     [PW_SCHEDULE_ZB_AUTO] = "zb-auto",
+    [PW_SCHEDULE_DUALPIPE_V] = "dualpipev",
 };
 
 /* Other spellings pw_schedule_kind_parse accepts. */
@@ -50,6 +51,7 @@ static const struct {
     {"zb_h2", PW_SCHEDULE_ZB_H2}, {"zbh2", PW_SCHEDULE_ZB_H2},
     {"zb_v", PW_SCHEDULE_ZB_V},   {"zbv", PW_SCHEDULE_ZB_V},
     {"zb_auto", PW_SCHEDULE_ZB_AUTO}, {"zbauto", PW_SCHEDULE_ZB_AUTO},
+    {"dualpipe-v", PW_SCHEDULE_DUALPIPE_V}, {"dualpipe_v", PW_SCHEDULE_DUALPIPE_V},
 };
 
 const char *pw_action_kind_name(pw_action_kind k)
@@ -81,7 +83,7 @@ pw_status pw_schedule_kind_parse(const char *name, pw_schedule_kind *out)
     }
     return pw_error(PW_ERR_INVALID_ARG,
                     "unknown schedule '%s' (expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
-                    "zb-auto or custom)", name);
+                    "zb-auto, dualpipev or custom)", name);
 }
 
 int pw_action_format(const pw_action *a, int one_chunk_per_rank, char *buf, size_t n)
@@ -354,8 +356,8 @@ static int config_shape(const pw_schedule_config *cfg, int *v_out, int *split_ou
 {
     const pw_schedule_kind k = cfg->kind;
     if (k <= PW_SCHEDULE_CUSTOM || k >= PW_SCHEDULE_KIND_COUNT) {
-        snprintf(why, n, "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or zb-auto (got %s)",
-                 pw_schedule_kind_name(k));
+        snprintf(why, n, "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, zb-auto or "
+                 "dualpipev (got %s)", pw_schedule_kind_name(k));
         return -1;
     }
     if (cfg->n_stages < 1 || cfg->n_stages > PW_SCHED_MAX_RANKS) {
@@ -395,10 +397,21 @@ static int config_shape(const pw_schedule_config *cfg, int *v_out, int *split_ou
                      "n_micro=%d with n_stages=%d; use %s", cfg->n_micro, cfg->n_stages, use);
             return -1;
         }
-    } else if (k == PW_SCHEDULE_ZB_V) {
+    } else if (k == PW_SCHEDULE_ZB_V || k == PW_SCHEDULE_DUALPIPE_V) {
         if (v == 0) v = 2;
         if (v != 2) {
-            snprintf(why, n, "zb-v has exactly 2 chunks per rank (got chunks_per_rank=%d)", v);
+            snprintf(why, n, "%s has exactly 2 chunks per rank (got chunks_per_rank=%d)",
+                     pw_schedule_kind_name(k), v);
+            return -1;
+        }
+        if (k == PW_SCHEDULE_DUALPIPE_V && cfg->n_micro < 2 * (int64_t)cfg->n_stages) {
+            /* DeepSeek's DualPipeV and PyTorch's ScheduleDualPipeV both
+             * refuse fewer (one micro-batch per chunk); the phases' counts
+             * stay >= 0 down to 2p−1, but that is neither reference's
+             * schedule. */
+            snprintf(why, n, "dualpipev needs n_micro >= 2 x n_stages (one micro-batch per "
+                     "chunk), as DeepSeek's DualPipeV does: got n_micro=%d with n_stages=%d; use "
+                     "%lld or more", cfg->n_micro, cfg->n_stages, 2 * (long long)cfg->n_stages);
             return -1;
         }
     } else {
@@ -416,7 +429,7 @@ static int config_shape(const pw_schedule_config *cfg, int *v_out, int *split_ou
     }
     *v_out = v;
     *split_out = k == PW_SCHEDULE_ZB_H1 || k == PW_SCHEDULE_ZB_H2 || k == PW_SCHEDULE_ZB_V ||
-                 k == PW_SCHEDULE_ZB_AUTO ? 1 : cfg->split_w;
+                 k == PW_SCHEDULE_ZB_AUTO || k == PW_SCHEDULE_DUALPIPE_V ? 1 : cfg->split_w;
     return 0;
 }
 
@@ -702,6 +715,81 @@ static pw_action *gen_zb_v(const pw_schedule *s, int r, pw_action *p)
     return p;
 }
 
+/* DualPipeV (DeepSeek-AI, "DeepSeek-V3 Technical Report", 2024, §3.2.1;
+ * the "cut-in-half" DualPipe of Sea AI Lab, as deepseek-ai/DualPipe's
+ * dualpipev.py and PyTorch's ScheduleDualPipeV order it). ZB-V's placement:
+ * rank r holds chunk r (phase 0, going down) and chunk 2p−1−r (phase 1,
+ * coming back up). Eight phases, with q = p−r−1 (the ranks after r):
+ *   1. 2q forwards of the down chunk;
+ *   2. r+1 pairs: F down, F up;
+ *   3. q triples of the up chunk: B, its W, F (zero bubble: W split);
+ *   4. m−2p+r+1 rounds of two overlapped pairs, F down & B up, F up & B down;
+ *   5. q rounds: B up, then the pair F up & B down;
+ *   6. r+1 pairs of B up, B down, the second half of them with W deferred;
+ *   7. q rounds: a deferred W, then B down with its W deferred;
+ *   8. the r+1 deferred W left.
+ * DeepSeek runs each pair "F&B" as one overlapped call (one micro-batch's
+ * forward computing while the other's backward communicates); the IR has no
+ * fused action, so a pair is its F followed by its B, which is what
+ * dualpipev.py itself runs when the module has no overlapped_forward_backward.
+ * A backward without zero bubble is B with its W right behind it; a deferred
+ * W joins a FIFO that phases 3, 7 and 8 pop (DeepSeek's WeightGradStore).
+ * Every phase count is >= 0 once m >= 2p−1; both references, and
+ * config_shape, ask m >= 2p. `fifo` has room for 2m actions. */
+static pw_action *gen_dualpipe_v(const pw_schedule *s, int r, pw_action *p, pw_action *fifo)
+{
+    const int S = s->n_ranks, M = s->n_micro, q = S - r - 1;
+    const int c0 = r, c1 = 2 * S - 1 - r;
+    int f0 = 0, f1 = 0, b0 = 0, b1 = 0, head = 0, tail = 0;
+#define F(c, n) (*p++ = act(PW_ACT_F, c, (n)++))
+#define B_FULL(c, n) (*p++ = act(PW_ACT_B, c, n), *p++ = act(PW_ACT_W, c, (n)++))
+#define B_ZB(c, n) (*p++ = act(PW_ACT_B, c, n), fifo[tail++] = act(PW_ACT_W, c, (n)++))
+#define W_POP() (*p++ = fifo[head++])
+    for (int i = 0; i < 2 * q; i++) F(c0, f0);
+    for (int i = 0; i <= r; i++) {
+        F(c0, f0);
+        F(c1, f1);
+    }
+    for (int i = 0; i < q; i++) {
+        B_ZB(c1, b1);
+        W_POP();
+        F(c1, f1);
+    }
+    for (int i = 0; i < M - 2 * S + r + 1; i++) {
+        F(c0, f0);
+        B_FULL(c1, b1);
+        F(c1, f1);
+        B_FULL(c0, b0);
+    }
+    for (int i = 0; i < q; i++) {
+        B_FULL(c1, b1);
+        F(c1, f1);
+        B_FULL(c0, b0);
+    }
+    /* From the middle of phase 6 on, W waits: the odd ranks switch before
+     * the up chunk's B of round (r+1)/2, the even ones after it. */
+    int zb = 0;
+    for (int i = 0; i <= r; i++) {
+        if (i == (r + 1) / 2 && r % 2 == 1) zb = 1;
+        if (zb) B_ZB(c1, b1);
+        else B_FULL(c1, b1);
+        if (i == (r + 1) / 2 && r % 2 == 0) zb = 1;
+        if (zb) B_ZB(c0, b0);
+        else B_FULL(c0, b0);
+    }
+    for (int i = 0; i < q; i++) {
+        W_POP();
+        B_ZB(c0, b0);
+    }
+    for (int i = 0; i <= r; i++) W_POP();
+#undef F
+#undef B_FULL
+#undef B_ZB
+#undef W_POP
+    PW_ASSERT(f0 == M && f1 == M && b0 == M && b1 == M && head == tail && tail <= 2 * M);
+    return p;
+}
+
 /* Completes rank r, whose first n_compute actions are its compute order: the
  * ALLREDUCE of each bucket of a chunk goes right after the chunk's last
  * backward (B, or W when split), so the reduction overlaps what the rank
@@ -745,12 +833,15 @@ pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out)
     const int64_t n_compute = (int64_t)v * M * (2 + split);
     const int64_t per_rank = n_compute + (int64_t)v * cfg->n_buckets + 1;
     int64_t *counts = calloc((size_t)S, sizeof *counts);
-    int *place = cfg->kind == PW_SCHEDULE_ZB_V ? malloc((size_t)C * sizeof *place) : NULL;
+    const int is_v = cfg->kind == PW_SCHEDULE_ZB_V || cfg->kind == PW_SCHEDULE_DUALPIPE_V;
+    int *place = is_v ? malloc((size_t)C * sizeof *place) : NULL;
     pw_action **pos = malloc((size_t)S * sizeof *pos);
     uint8_t *seen = malloc((size_t)v);
+    pw_action *fifo = cfg->kind == PW_SCHEDULE_DUALPIPE_V ? malloc(2 * (size_t)M * sizeof *fifo) : NULL;
     pw_schedule *s = NULL;
     pw_status st = PW_OK;
-    if (!counts || !pos || !seen || (cfg->kind == PW_SCHEDULE_ZB_V && !place)) {
+    if (!counts || !pos || !seen || (is_v && !place) ||
+        (cfg->kind == PW_SCHEDULE_DUALPIPE_V && !fifo)) {
         st = pw_error(PW_ERR_NOMEM, "schedule: cannot allocate the tables of %d ranks", S);
         goto out;
     }
@@ -772,6 +863,7 @@ pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out)
             case PW_SCHEDULE_INTERLEAVED: pos[r] = gen_interleaved(s, r, pos[r]); break;
             case PW_SCHEDULE_ZB_H1: pos[r] = gen_zb_h1(s, r, pos[r]); break;
             case PW_SCHEDULE_ZB_V: pos[r] = gen_zb_v(s, r, pos[r]); break;
+            case PW_SCHEDULE_DUALPIPE_V: pos[r] = gen_dualpipe_v(s, r, pos[r], fifo); break;
             default: pos[r] = gen_gpipe_1f1b(s, r, pos[r]); break;
             }
         }
@@ -788,6 +880,7 @@ out:
     free(place);
     free(pos);
     free(seen);
+    free(fifo);
     return st;
 }
 
@@ -885,7 +978,7 @@ pw_status pw_schedule_lower(pw_schedule *s)
 static int zero_bubble_kind(pw_schedule_kind k)
 {
     return k == PW_SCHEDULE_ZB_H1 || k == PW_SCHEDULE_ZB_H2 || k == PW_SCHEDULE_ZB_V ||
-           k == PW_SCHEDULE_ZB_AUTO;
+           k == PW_SCHEDULE_ZB_AUTO || k == PW_SCHEDULE_DUALPIPE_V;
 }
 
 double pw_schedule_theoretical_bubble(pw_schedule_kind kind, int n_stages, int n_micro)
@@ -982,6 +1075,12 @@ double pw_schedule_config_bubble(const pw_schedule_config *cfg)
     case PW_SCHEDULE_ZB_AUTO:
         /* No closed form: the generated order's unit-cost replay. */
         return auto_replayed(cfg, -1);
+    case PW_SCHEDULE_DUALPIPE_V:
+        /* Two chunks, 6m busy steps and the p−1 fill steps, with no gap:
+         * (p−1)(F&B + B − 3W) in DeepSeek's terms, with F&B = F + B (no
+         * overlap here) and B = B + W (a full backward). m >= 2p. */
+        T = 6 * m + p - 1;
+        break;
     default:
         return -1.0;
     }
@@ -1013,6 +1112,7 @@ int pw_schedule_config_peak(const pw_schedule_config *cfg, int rank)
         if (k > m + 1 + r) k = m + 1 + r;
         break;
     case PW_SCHEDULE_ZB_AUTO: return (int)auto_replayed(cfg, rank);
+    case PW_SCHEDULE_DUALPIPE_V: k = 2 * p + 1; break; /* DeepSeek's PP + 1, PP = 2p chunks */
     default: return -1;
     }
     if (v == 1 && k > m) k = m;

@@ -26,8 +26,8 @@
  * rank runs each chunk: by default chunk c runs on rank c mod n_ranks (the
  * looping placement: GPipe and 1F1B, with one chunk per rank, have chunk ==
  * rank; interleaved 1F1B gives rank r the chunks r, r + n_ranks, ...); ZB-V
- * uses the V placement (chunk c on rank c for c < n_ranks, on rank
- * 2·n_ranks − 1 − c after that), held in pw_schedule.chunk_rank. Every rank
+ * and DualPipeV use the V placement (chunk c on rank c for c < n_ranks, on
+ * rank 2·n_ranks − 1 − c after that), held in pw_schedule.chunk_rank. Every rank
  * holds chunks_per_rank chunks. A step pushes n_micro micro-batches through
  * every chunk: forward F in chunk order, then backward B in reverse chunk
  * order, optionally split into B (gradient of the chunk's input) and W
@@ -111,6 +111,10 @@ typedef enum pw_schedule_kind {
     PW_SCHEDULE_ZB_AUTO,     /* Zero Bubble ZB-1p / ZB-2p: a greedy order over
                               * the stages' F, B, W and message times under an
                               * activation-memory limit (always splits W) */
+    PW_SCHEDULE_DUALPIPE_V,  /* DeepSeek's DualPipeV: 2 chunks per rank in a V,
+                              * ZB-V's placement, overlapped F&B pairs written
+                              * as F then B; n_micro >= 2 n_stages (always
+                              * splits W) */
     PW_SCHEDULE_KIND_COUNT
 } pw_schedule_kind;
 
@@ -163,7 +167,7 @@ typedef struct pw_schedule_config {
     pw_schedule_kind kind;   /* any kind but PW_SCHEDULE_CUSTOM */
     int n_stages;            /* pipeline ranks (p), >= 1 */
     int n_micro;             /* micro-batches per step (m), >= 1; interleaved:
-                              * a multiple of n_stages */
+                              * a multiple of n_stages; dualpipev: >= 2 n_stages */
     int split_w;             /* 0 or 1: emit W right after each B (GPipe,
                               * 1F1B, interleaved). The zero-bubble kinds
                               * always split W and place it themselves; for
@@ -171,8 +175,9 @@ typedef struct pw_schedule_config {
     int n_buckets;           /* >= 0: ALLREDUCE actions per chunk, emitted
                               * right after the chunk's last backward (data
                               * parallelism); 0 for a single replica */
-    int chunks_per_rank;     /* v. Interleaved: >= 2 (0 means 2). ZB-V: 2
-                              * (0 means 2). Other kinds: 1 (0 means 1) */
+    int chunks_per_rank;     /* v. Interleaved: >= 2 (0 means 2). ZB-V and
+                              * DualPipeV: 2 (0 means 2). Other kinds: 1 (0
+                              * means 1) */
     /* zb-auto only (the other kinds ignore both). */
     int memory_limit;        /* activation slots per rank: micro-batches between
                               * their F and their W, >= 1; 0 means 2·n_stages
@@ -185,7 +190,8 @@ typedef struct pw_schedule_config {
  * rank) for `cfg`. PW_OK: *out is a new schedule with lowered == 0.
  * PW_ERR_INVALID_ARG: a config field is out of range (kind, counts, v, an
  * interleaved n_micro that is not a multiple of n_stages, or a rank would
- * exceed INT_MAX actions); *out is NULL. PW_ERR_NOMEM: *out is NULL.
+ * exceed INT_MAX actions, a dualpipev n_micro below 2 n_stages); *out is
+ * NULL. PW_ERR_NOMEM: *out is NULL.
  * The generators, their memory and their bubbles: docs/schedules.md. */
 pw_status pw_schedule_generate(const pw_schedule_config *cfg, pw_schedule **out);
 
@@ -305,7 +311,7 @@ void pw_schedule_checker_destroy(pw_schedule_checker *c); /* accepts NULL */
  *   # pipewright schedule v1: kind=1f1b ranks=4 chunks_per_rank=1
  *     micro_batches=8 split_w=0 buckets=0          (one line; any subset)
  * and, for a placement other than looping, placement=v (the V placement of
- * ZB-V; kind=zb-v implies it) or placement=R0,R1,... (the rank of each chunk,
+ * ZB-V; kind=zb-v or dualpipev implies it) or placement=R0,R1,... (the rank of each chunk,
  * in chunk order). Rows holding only compute actions are lowered by the parser
  * (pw_schedule_lower); rows that hold any SEND/RECV are kept as written.
  * PW_OK: *out is a new schedule. PW_ERR_PARSE: "file:line:col: error: ..."
@@ -332,12 +338,13 @@ pw_status pw_schedule_save_csv(const pw_schedule *s, const char *path);
 
 /* "F", "B", "W", "SEND_F", ..., "OPTIM"; "?" when out of range. */
 const char *pw_action_kind_name(pw_action_kind k);
-/* "custom", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"; "?"
- * when out of range. */
+/* "custom", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v",
+ * "zb-auto", "dualpipev"; "?" when out of range. */
 const char *pw_schedule_kind_name(pw_schedule_kind k);
 /* Inverse of pw_schedule_kind_name (case-insensitive; also accepted:
  * "pipedream-flush" for 1f1b, "interleaved-1f1b" for interleaved, and the
- * zero-bubble names with '_' or without the dash: "zb_h1", "zbh1", "zbv").
+ * zero-bubble names with '_' or without the dash: "zb_h1", "zbh1", "zbv";
+ * "dualpipe-v" and "dualpipe_v" for dualpipev).
  * PW_ERR_INVALID_ARG names the choices. */
 pw_status pw_schedule_kind_parse(const char *name, pw_schedule_kind *out);
 /* The action's CSV cell ("0F3", "1RB2", "AR0", "OPT") into buf, NUL
@@ -384,6 +391,7 @@ int pw_schedule_theoretical_peak(pw_schedule_kind kind, int n_stages, int n_micr
  *     with split W     T = 3vm + 2(p-1)       bubble 2(p-1)/(3vm+2(p-1))
  *   zb-h1, zb-h2       T = 3m + p-1 + max(0, p-m)
  *   zb-v               T = max(6m + p-1, 4m + 4p-2)
+ *   dualpipev          T = 6m + p-1                   (m >= 2p)
  *   zb-auto            no closed form: the generated order (cfg's limit,
  *                      unit costs) replayed, O(actions) per call
  * (the tests replay every p <= 8, m <= 16 against these). -1.0 when cfg is
@@ -394,6 +402,8 @@ double pw_schedule_config_bubble(const pw_schedule_config *cfg);
  *   gpipe m; 1f1b min(p-r, m); interleaved min(2(p-r-1) + (v-1)p + 1, vm)
  *   (Megatron's warm-up plus one); zb-h1 min(p, m); zb-h2 min(2p-1, m);
  *   zb-v min(2p, 2m, m+1+r) (two half-stage chunks: 2p slots are p stages);
+ *   dualpipev 2p+1 on every rank (DeepSeek's PP+1 half-stage chunks, PP = 2p:
+ *   p + 1/2 stages);
  *   zb-auto: the generated order's replayed peak, at most min(limit, m).
  * -1 when cfg or rank is out of range. */
 int pw_schedule_config_peak(const pw_schedule_config *cfg, int rank);

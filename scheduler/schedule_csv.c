@@ -42,7 +42,7 @@ typedef struct parser {
     int header_line;        /* 0: no header */
     int kind;               /* -1 when absent */
     field ranks, chunks_per_rank, micro_batches, split_w, buckets;
-    /* placement=: PLACE_* (absent: looping, or V with kind=zb-v); a list is
+    /* placement=: PLACE_* (absent: looping, or V with kind=zb-v or dualpipev); a list is
      * kept as text until the shape is known. */
     int placement, placement_col;
     const char *place_list;
@@ -224,7 +224,7 @@ static pw_status parse_header(parser *p, size_t line_b, size_t at, size_t e, int
             snprintf(name, sizeof name, "%.*s", (int)(vl < 31 ? vl : 31), v);
             if (vl >= 31 || pw_schedule_kind_parse(name, &k) != PW_OK)
                 return perr(p, line, col, "header: unknown kind '%.*s' (gpipe, 1f1b, interleaved, "
-                            "zb-h1, zb-h2, zb-v, zb-auto or custom)", (int)vl, v);
+                            "zb-h1, zb-h2, zb-v, zb-auto, dualpipev or custom)", (int)vl, v);
             p->kind = (int)k;
         } else if (strcmp(key, "placement") == 0) {
             p->placement_col = col;
@@ -291,12 +291,14 @@ static pw_status scan(parser *p)
 }
 
 /* The placement table for `shape` into p->place (NULL for looping): the
- * header's placement=, or V when the kind is zb-v and the header is silent.
+ * header's placement=, or V when the kind is zb-v or dualpipev and the header
+ * is silent.
  * list_n: the entries of a placement=R0,R1,... list. */
 static pw_status settle_placement(parser *p, pw_schedule *shape, size_t list_n)
 {
     int how = p->placement;
-    if (how == PLACE_ABSENT) how = shape->kind == PW_SCHEDULE_ZB_V ? PLACE_V : PLACE_LOOP;
+    if (how == PLACE_ABSENT)
+        how = shape->kind == PW_SCHEDULE_ZB_V || shape->kind == PW_SCHEDULE_DUALPIPE_V ? PLACE_V : PLACE_LOOP;
     if (how == PLACE_LOOP) return PW_OK;
     const int n = shape->n_ranks, C = shape->n_chunks, v = shape->chunks_per_rank;
     const int line = p->header_line, col = p->placement_col ? p->placement_col : 1;

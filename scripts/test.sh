@@ -55,7 +55,7 @@ if [ "${PW_TEST_FAST:-0}" != "1" ]; then
     bash scripts/build.sh build-tsan -DPW_SANITIZE=thread
     echo "== engine, backend, determinism, CPU-kernel thread, runner and tensor-parallel tests (asynchronous completions, the CPU thread team, tensor-parallel ranks as threads) and a 3-stage pipeline run under ThreadSanitizer"
     export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
-    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism|test_cpu_threads|test_examples_api|test_tensor_parallel)$' 2>&1 \
+    (cd build-tsan && ctest --output-on-failure --timeout 1800 -R '^(test_engine|test_backend|test_determinism|test_cpu_threads|test_examples_api|test_tensor_parallel|test_tp_state)$' 2>&1 \
         | tee ctest.log | tail -5)
     check_log build-tsan/ctest.log
     ./build-tsan/pipeline-run examples/fashion_mlp.graph --data synthetic:2048:784:10 \

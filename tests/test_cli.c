@@ -367,7 +367,7 @@ static void write_gpt(void)
 Test(cli, every_schedule_kind_trains_the_same_weights)
 {
     char *o;
-    const char *kinds[] = {"gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v"};
+    const char *kinds[] = {"gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev"};
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
         char args[512];
         snprintf(args, sizeof args, "m.graph " DATA " --steps 4 --batch 32 --stages 2 --micro-batches 4 "
@@ -379,6 +379,10 @@ Test(cli, every_schedule_kind_trains_the_same_weights)
         cr_assert(same_file("k0.safetensors", name), "%s differs from gpipe", kinds[i]);
     }
     cr_assert_eq(run("m.graph " DATA " --steps 1 --stages 2 --schedule zb-v --chunks-per-rank 3", &o), 1);
+    free(o);
+    cr_assert_eq(run("m.graph " DATA " --steps 1 --batch 32 --stages 2 --micro-batches 2 --schedule dualpipev", &o),
+                 1);
+    cr_assert(strstr(o, "dualpipev needs n_micro >= 2 x n_stages"), "%s", o);
     free(o);
     cr_assert_eq(run("m.graph " DATA " --steps 1 --recompute --stages 2 --save r.safetensors", &o), 0, "%s", o);
     free(o);
@@ -1216,6 +1220,37 @@ Test(cli, metrics_log_is_complete_up_to_its_last_line_after_a_signal)
     }
     cr_assert_geq(steps, 3);
     json_decref(all);
+}
+
+/* --parallel auto with tensor parallelism (docs/parallelism.md, "Planning a
+ * machine we do not have"): the 48-block GPT with Megatron's marks on the
+ * 4-node x 8-GPU fixture plans T > 1 inside a node in under 5 s and prints
+ * it as --tensor-parallel; the same graph without marks keeps T = 1. */
+Test(cli, parallel_auto_plans_tensor_parallelism_inside_a_node, .timeout = 120)
+{
+    const char *common = "--plan --parallel auto --batch 512 --optimizer adamw --processes 32 --memory-budget 80G "
+                         "--topology " PW_SOURCE_DIR "/tests/fixtures/topologies/cluster_4node_8gpu.xml";
+    char args[1024], *o;
+    snprintf(args, sizeof args, PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096_tp.graph %s", common);
+    cr_assert_eq(run(args, &o), 0, "%s", o);
+    int S = 0, R = 0, T = 0;
+    const char *chose = strstr(o, "chose S=");
+    cr_assert(chose && sscanf(chose, "chose S=%d R=%d T=%d", &S, &R, &T) == 3, "%s", o);
+    cr_assert(T > 1 && T <= 8, "T = %d: within a node of 8 GPUs: %s", T, o);
+    cr_assert(strstr(o, "tensor-parallel all-reduce") && !strstr(strstr(o, "tensor-parallel all-reduce"), "across hosts\n"),
+              "%s", o);
+    char want[32];
+    snprintf(want, sizeof want, "--tensor-parallel %d", T);
+    cr_assert(strstr(o, want), "%s", o);
+    double planned = 99;
+    const char *p = strstr(o, "planned in ");
+    cr_assert(p && sscanf(p, "planned in %lf", &planned) == 1 && planned < 5.0, "%s", o);
+    free(o);
+    snprintf(args, sizeof args, PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096.graph %s", common);
+    cr_assert_eq(run(args, &o), 0, "%s", o);
+    cr_assert(strstr(o, "T = 1 only") && strstr(o, "chose S=") && strstr(strstr(o, "chose S="), " T=1 "), "%s", o);
+    cr_assert(!strstr(o, "--tensor-parallel"), "%s", o);
+    free(o);
 }
 
 /* --parallel auto (docs/pipeline-run.md, "Choosing the layout"): prints the

@@ -1,5 +1,5 @@
 /* pipewright — the determinism matrix: parameters after a few AdamW steps are
- * the same bits for every stage count (1-4), schedule (all six), CPU thread
+ * the same bits for every stage count (1-4), schedule (every kind), CPU thread
  * count (1, 2, 3: the team that tiles the GEMMs and runs attention heads)
  * and replica count (1, 2, 4, and 8 with 8 gradient groups: the micro-batches of the global batch spread
  * over the replicas), for each micro-batch size. The reference of a layout
@@ -79,8 +79,8 @@ static const layout LAYOUTS[] = {
 
 static const pw_schedule_kind KINDS[] = {PW_SCHEDULE_GPIPE, PW_SCHEDULE_1F1B, PW_SCHEDULE_INTERLEAVED,
                                          PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V,
-                                         PW_SCHEDULE_ZB_AUTO};
-#define N_KINDS 7
+                                         PW_SCHEDULE_ZB_AUTO, PW_SCHEDULE_DUALPIPE_V};
+#define N_KINDS 8
 
 static pw_dataset *image_data(void)
 {
@@ -204,7 +204,10 @@ static void matrix(const pw_graph *g, const pw_dataset *d, const layout *L, int 
         for (int k = 0; k < N_KINDS; k++)
             for (int th = 1; th <= max_threads; th++) {
                 if (PW_SANITIZED && (S + k + th) % 3 != 0) continue; /* a diagonal */
-                const int v = KINDS[k] == PW_SCHEDULE_INTERLEAVED || KINDS[k] == PW_SCHEDULE_ZB_V ? 2 : 1;
+                const int v = KINDS[k] == PW_SCHEDULE_INTERLEAVED || KINDS[k] == PW_SCHEDULE_ZB_V ||
+                                      KINDS[k] == PW_SCHEDULE_DUALPIPE_V
+                                  ? 2
+                                  : 1;
                 if (S * v > g->n_nodes) continue;
                 float *got = train(g, d, L, S, KINDS[k], th, &n);
                 cr_assert_eq(n, n_ref);
@@ -381,8 +384,8 @@ Test(determinism, gemm_bits_independent_of_threads, .timeout = TIMEOUT)
 /* ---- post-validation (docs/engine.md, "Post-validation") ---- */
 
 static const pw_schedule_kind PV_KINDS[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2,
-                                            PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO};
-#define N_PV_KINDS 5
+                                            PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO, PW_SCHEDULE_DUALPIPE_V};
+#define N_PV_KINDS 6
 /* The WIDE MLP's gradient norm is about 2-4 in its first steps: 0.05 clips
  * every step, 1000 never. */
 static const double CLIP_ALWAYS = 0.05, CLIP_NEVER = 1000.0;
@@ -476,11 +479,12 @@ Test(determinism, post_validation_nonfinite_fails_like_sync, .timeout = TIMEOUT)
 {
     pw_graph *g = test_parse(WIDE, "wide.graph");
     pw_dataset *d = image_data();
-    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO};
+    const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO,
+                                      PW_SCHEDULE_DUALPIPE_V};
     const layout *Ls[] = {&LAYOUTS[0], &LAYOUTS[2]};
     for (int li = 0; li < 2; li++)
         for (int S = 1; S <= 4; S *= 2)
-            for (int k = 0; k < 4; k++) {
+            for (int k = 0; k < (int)(sizeof kinds / sizeof kinds[0]); k++) {
                 for (int bad = 0; bad < (S > 1 ? 2 : 1); bad++) {
                     char sync_msg[1024], pv_msg[1024];
                     pw_status a = nan_step(g, d, Ls[li], S, kinds[k], bad, 0, sync_msg, sizeof sync_msg);
@@ -665,7 +669,7 @@ Test(determinism, overlapped_steps_nonfinite_fails_like_sync, .timeout = TIMEOUT
     pw_dataset *d = image_data();
     const layout *Ls[] = {&LAYOUTS[0], &LAYOUTS[2]};
     const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2, PW_SCHEDULE_ZB_V,
-                                      PW_SCHEDULE_ZB_AUTO};
+                                      PW_SCHEDULE_ZB_AUTO, PW_SCHEDULE_DUALPIPE_V};
     for (int li = 0; li < 2; li++) {
         const layout *L = Ls[li];
         cr_assert_geq(d->n / L->batch, 2, "step 2 must be in the first epoch");
@@ -686,7 +690,7 @@ Test(determinism, overlapped_steps_nonfinite_fails_like_sync, .timeout = TIMEOUT
         const float saved = d->x[victim * d->sample_numel];
         d->x[victim * d->sample_numel] = INFINITY;
         for (int S = 2; S <= 4; S += 2)
-            for (int k = 0; k < 5; k++)
+            for (int k = 0; k < (int)(sizeof kinds / sizeof kinds[0]); k++)
                 for (int ov = 0; ov < 2; ov++) {
                     if (PW_SANITIZED && (S / 2 + k + li) % 3 != 0) continue;
                     const run_opts o = {.clip = CLIP_ALWAYS, .post_validate = 1, .overlap_steps = ov ? 4 : 0};

@@ -1,5 +1,6 @@
 /* Tests: forecasts (partition + cost model + simulator) and --schedule auto. */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -318,5 +319,60 @@ Test(forecast_calibrate, a_one_stage_forecast_at_the_measured_rate_takes_the_mea
     cr_assert_eq(pw_forecast_calibrate(&c, &rate, &step), PW_ERR_INVALID_ARG);
     cr_assert_eq(rate, 0);
     cr_assert_eq(pw_forecast_calibrate(NULL, &rate, NULL), PW_ERR_INVALID_ARG);
+    pw_graph_destroy(g);
+}
+
+/* The replicas' sum is costed by what the run puts on the wire: the
+ * algorithm's link model and the compression's payload (runtime/compress.h,
+ * pw_compress_model), worked out here by hand for one 256 × 256 matrix and
+ * its bias. */
+Test(forecast, compression_and_algorithm_cost_what_travels, .timeout = TIMEOUT)
+{
+    const char *text = "input x : f32[256]\nlabel y : i32[]\nl0 = linear(x, out=256)\nh = relu(l0)\n"
+                       "loss = softmax_cross_entropy(h, y)\n";
+    pw_graph *g;
+    cr_assert_eq(pw_graph_parse_string(text, strlen(text), "one.graph", &g), PW_OK, "%s", pw_last_error());
+    const double B = 1e8, a = 1e-4;
+    const double raw = 4.0 * (256 * 256 + 256);
+    struct { const char *mode; int algo, R; double want; } cases[] = {
+        {"none", PW_ALLREDUCE_RING, 4, 2 * 3 * (raw / 4 / B + a)},
+        {"none", PW_ALLREDUCE_TREE, 4, 2 * (3 * raw / 4 / B + a)},
+        {"bf16", PW_ALLREDUCE_RING, 4, 3 * (raw / 2 / B + a)},
+        /* ⌈0.01·65536⌉ = 656 and ⌈0.01·256⌉ = 3 (index, value) pairs */
+        {"topk:0.01", PW_ALLREDUCE_TREE, 2, 1 * (8.0 * (656 + 3) / B + a)},
+        /* P (256 × 4) with the bias, then Q (256 × 4), each a ring of 2 */
+        {"powersgd:4", PW_ALLREDUCE_RING, 2, 2 * (4.0 * (1024 + 256) / 2 / B + a) + 2 * (4.0 * 1024 / 2 / B + a)},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        pw_forecast_config c = pw_forecast_defaults();
+        c.graph = g;
+        c.replicas = cases[i].R;
+        c.micro_batch_size = 4;
+        c.link_latency_s = a;
+        c.allreduce_bandwidth = B;
+        c.allreduce_algo = cases[i].algo;
+        cr_assert_eq(pw_compress_parse(cases[i].mode, &c.compress), PW_OK, "%s", pw_last_error());
+        pw_forecast f;
+        cr_assert_eq(pw_forecast_run(&c, &f), PW_OK, "%s", pw_last_error());
+        cr_expect(fabs(f.allreduce_time - cases[i].want) < 1e-9 * cases[i].want + 1e-12,
+                  "%s (algorithm %d, %d replicas): all-reduce %.9g s, by hand %.9g s", cases[i].mode,
+                  cases[i].algo, cases[i].R, f.allreduce_time, cases[i].want);
+        pw_forecast_free(&f);
+    }
+    /* --sync ps with 2 servers and 3 workers: the gradients out, then each
+     * server's half of the parameters to 3 workers. */
+    pw_forecast_config c = pw_forecast_defaults();
+    c.graph = g;
+    c.replicas = 3;
+    c.micro_batch_size = 4;
+    c.link_latency_s = a;
+    c.allreduce_bandwidth = B;
+    c.ps_servers = 2;
+    pw_forecast f;
+    cr_assert_eq(pw_forecast_run(&c, &f), PW_OK, "%s", pw_last_error());
+    const double want = raw / B + 3 * raw / 2 / B + 2 * a;
+    cr_expect(fabs(f.allreduce_time - want) < 1e-9 * want, "parameter servers: %.9g s, by hand %.9g s",
+              f.allreduce_time, want);
+    pw_forecast_free(&f);
     pw_graph_destroy(g);
 }

@@ -2,12 +2,18 @@
  * exhaustive search on hand-made cost tables, memory budgets, the refusal of
  * an impossible request, the space's rules, and the built-in model's bounds. */
 #include <criterion/criterion.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <time.h>
+
 #include "graph/graph.h"
+#include "graph/partition.h"
 #include "runtime/rng.h"
+#include "runtime/topology.h"
+#include "stages/plan/forecast.h"
 #include "stages/plan/layout.h"
 
 #define TIMEOUT 300
@@ -235,7 +241,7 @@ Test(layout, the_space_follows_its_rules, .timeout = TIMEOUT)
     for (int i = 0; i < n; i++) {
         const pw_layout *l = &v[i];
         const int ranks = l->stages * l->replicas * l->tensor;
-        cr_assert_eq(l->tensor, 1);
+        cr_assert_eq(l->tensor, 1, "max_tensor 0: T = 1 only");
         cr_assert_leq(ranks, 4);
         cr_assert_leq(ranks * l->threads, 4);
         if (ranks > 1) cr_assert_eq(l->threads, 1, "a shared team gives several ranks one thread");
@@ -269,14 +275,32 @@ Test(layout, the_space_follows_its_rules, .timeout = TIMEOUT)
                   !v[i].recompute);
     cr_assert_eq(n, 3, "R = 1 (threads 1, 2) and R = 2; got %d", n); /* 2x1 threads 1,2; 2x2 threads 1 */
     free(v);
-    /* Tensor parallelism is not built. */
+    /* Tensor degrees: divisors of the process count up to max_tensor. */
     sp = pw_layout_space_defaults();
     sp.batch = 8;
-    sp.processes = 2;
+    sp.processes = 6;
     sp.n_nodes = 4;
-    sp.max_tensor = 2;
-    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_ERR_UNSUPPORTED);
-    sp.max_tensor = 1;
+    sp.max_tensor = 6;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK, "%s", pw_last_error());
+    int seen_t[7] = {0};
+    for (int i = 0; i < n; i++) {
+        cr_assert(v[i].tensor >= 1 && v[i].tensor <= 6);
+        cr_assert_leq(v[i].stages * v[i].replicas * v[i].tensor, 6);
+        seen_t[v[i].tensor]++;
+    }
+    cr_assert(seen_t[1] && seen_t[2] && seen_t[3] && seen_t[6], "T = 1, 2, 3, 6 all searched");
+    cr_assert(!seen_t[4] && !seen_t[5], "T must divide the 6 processes");
+    free(v);
+    sp.max_tensor = 1; /* a graph without tp marks: T = 1 only */
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+    for (int i = 0; i < n; i++) cr_assert_eq(v[i].tensor, 1);
+    free(v);
+    sp.tensor = 3; /* pinned */
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+    for (int i = 0; i < n; i++) cr_assert_eq(v[i].tensor, 3);
+    free(v);
+    sp.tensor = 0;
+    sp.processes = 2;
     sp.replicas = 3; /* does not divide the batch */
     cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_ERR_INVALID_ARG);
     cr_assert(strstr(pw_last_error(), "replicas 3"), "%s", pw_last_error());
@@ -361,4 +385,265 @@ Test(layout, forecaster_bounds_hold_on_the_examples, .timeout = TIMEOUT)
         pw_layout_forecaster_destroy(f);
         pw_graph_destroy(g);
     }
+}
+
+/* ------------------------------------------------------------ tensor parallelism */
+
+/* A small GPT with Megatron's marks (graph-format.md, "Tensor parallelism"). */
+static const char TP_GPT[] =
+    "graph tp_gpt\n"
+    "input tokens : i32[16]\n"
+    "label next : i32[16]\n"
+    "tok = embedding(tokens, vocab=64, dim=32, tp=vocab) as wte\n"
+    "x0  = pos_embedding(tok, max=16) as wpe\n"
+    "h = repeat 3 as h (x = x0) {\n"
+    "  a   = layernorm(x) as ln_1\n"
+    "  qkv = linear(a, out=96, tp=column) as attn.c_attn\n"
+    "  att = causal_attention(qkv, heads=4)\n"
+    "  o   = linear(att, out=32, tp=row) as attn.c_proj\n"
+    "  x1  = add(x, o)\n"
+    "  m   = layernorm(x1) as ln_2\n"
+    "  fc  = linear(m, out=128, tp=column) as mlp.c_fc\n"
+    "  g   = gelu(fc)\n"
+    "  pr  = linear(g, out=32, tp=row) as mlp.c_proj\n"
+    "  x2  = add(x1, pr)\n"
+    "  return x2\n"
+    "}\n"
+    "hf = layernorm(h) as ln_f\n"
+    "logits = linear(hf, out=64, bias=false, weight=wte.weight, tp=column) as lm_head\n"
+    "loss = softmax_cross_entropy(logits, next)\n";
+
+/* At T > 1 the bounds still never exceed the costs (the rank graph's work,
+ * the all-reduces on top), the search equals the exhaustive one, and the
+ * model divides what splits: per-rank parameters and step shrink with T,
+ * and the all-reduces appear. A T the graph cannot split (8 > 4 heads) is
+ * not applicable, never chosen. */
+Test(layout, tensor_parallel_candidates_are_costed_per_rank, .timeout = TIMEOUT)
+{
+    pw_graph *g;
+    cr_assert_eq(pw_graph_parse_string(TP_GPT, strlen(TP_GPT), "tp_gpt.graph", &g), PW_OK, "%s", pw_last_error());
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 16;
+    sp.processes = 8;
+    sp.cores = 8;
+    sp.shared_team = 1;
+    sp.n_nodes = g->n_nodes;
+    sp.max_micro_batches = 8;
+    sp.max_tensor = 8;
+    pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+    fc.graph = g;
+    fc.batch = sp.batch;
+    fc.optim = PW_OPTIM_ADAMW;
+    fc.rate = fake_rate;
+    pw_layout_forecaster *f;
+    cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+    pw_layout_model m = pw_layout_forecaster_model(f);
+    pw_layout *v;
+    int n, costed_t[9] = {0}, failed_t8 = 0;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+    for (int i = 0; i < n; i++) {
+        pw_layout_cost c;
+        double slb;
+        int64_t mlb;
+        char d[160];
+        m.bound(m.ctx, &v[i], &slb, &mlb);
+        if (m.cost(m.ctx, &v[i], &c) != PW_OK) {
+            /* (also not applicable: interleaved with M not a multiple of S) */
+            if (v[i].tensor == 8) {
+                cr_assert(strstr(pw_last_error(), "T = 8"), "%s", pw_last_error());
+                failed_t8++;
+            }
+            pw_clear_error();
+            continue;
+        }
+        costed_t[v[i].tensor]++;
+        cr_assert_leq(slb, c.step_time, "%s: step bound %.9g above %.9g", pw_layout_describe(&v[i], d, sizeof d),
+                      slb, c.step_time);
+        cr_assert_leq(mlb, c.memory, "%s", pw_layout_describe(&v[i], d, sizeof d));
+        if (v[i].tensor > 1) cr_assert_gt(c.tp_allreduce, 0, "%s", pw_layout_describe(&v[i], d, sizeof d));
+        else cr_assert_eq(c.tp_allreduce, 0);
+    }
+    cr_assert(costed_t[1] && costed_t[2] && costed_t[4], "T = 1, 2, 4 costed");
+    cr_assert_gt(failed_t8, 0, "T = 8 splits 4 heads: refused");
+    cr_assert_eq(costed_t[8], 0);
+    /* One stage, one replica, M = 4, 1f1b: T = 2 and 4 against T = 1. */
+    int64_t mem[3];
+    double step[3];
+    for (int k = 0; k < 3; k++) {
+        pw_layout l = {.stages = 1, .replicas = 1, .tensor = 1 << k, .threads = 1, .micro_batches = 4,
+                       .schedule = PW_SCHEDULE_1F1B, .chunks_per_rank = 1};
+        pw_layout_cost c;
+        cr_assert_eq(m.cost(m.ctx, &l, &c), PW_OK, "%s", pw_last_error());
+        mem[k] = c.memory;
+        step[k] = c.step_time - c.tp_allreduce * l.micro_batches;
+    }
+    cr_assert(mem[1] < mem[0] && mem[2] < mem[1], "memory per rank %lld, %lld, %lld", (long long)mem[0],
+              (long long)mem[1], (long long)mem[2]);
+    cr_assert(mem[1] > mem[0] / 2, "layernorms, positions and activations stay whole: more than half");
+    cr_assert(step[1] < step[0] && step[2] < step[1], "compute per rank %g, %g, %g", step[0], step[1], step[2]);
+    for (int b = 0; b < 2; b++) {
+        const int64_t budget = b ? mem[1] : 0;
+        pw_layout_result a, e;
+        cr_assert_eq(pw_layout_search(&sp, &m, budget, &a), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_layout_search_exhaustive(&sp, &m, budget, &e), PW_OK);
+        cr_assert(!memcmp(&a.best, &e.best, sizeof a.best));
+        cr_assert_neq(a.best.tensor, 8);
+        if (budget) cr_assert_leq(a.best_cost.memory, budget);
+        pw_layout_result_free(&a);
+        pw_layout_result_free(&e);
+    }
+    free(v);
+    pw_layout_forecaster_destroy(f);
+    pw_graph_destroy(g);
+}
+
+/* A graph without tp marks never gets T > 1, even when the space asks for
+ * it: each such candidate is not applicable. */
+Test(layout, unmarked_graphs_never_get_tensor_parallelism, .timeout = TIMEOUT)
+{
+    pw_graph *g = load(PW_SOURCE_DIR "/examples/tiny_gpt_quick.graph");
+    cr_assert(!pw_graph_tp_marked(g));
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 8;
+    sp.processes = 4;
+    sp.cores = 4;
+    sp.shared_team = 1;
+    sp.n_nodes = g->n_nodes;
+    sp.max_micro_batches = 4;
+    sp.max_tensor = 4;
+    pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+    fc.graph = g;
+    fc.batch = sp.batch;
+    fc.rate = fake_rate;
+    pw_layout_forecaster *f;
+    cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+    pw_layout_model m = pw_layout_forecaster_model(f);
+    pw_layout_result res;
+    cr_assert_eq(pw_layout_search_exhaustive(&sp, &m, 0, &res), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(res.best.tensor, 1);
+    int t_above = 0;
+    for (int i = 0; i < res.n_entries; i++) {
+        const pw_layout_entry *e = &res.entries[i];
+        if (e->layout.tensor > 1) {
+            t_above++;
+            cr_assert(!e->costed && e->failed_cost, "T = %d costed for a graph without marks", e->layout.tensor);
+        }
+    }
+    cr_assert_gt(t_above, 0, "the space held T > 1: the check above checked something");
+    cr_assert_geq(res.n_failed, t_above);
+    pw_layout_result_free(&res);
+    pw_layout_forecaster_destroy(f);
+    pw_graph_destroy(g);
+}
+
+/* Planning a machine we do not have (docs/parallelism.md): the 48-block,
+ * width-4096 GPT with Megatron's marks on 4 nodes x 8 GPUs at 80 GB each.
+ * The choice splits layers inside a node (its tensor group's links never
+ * cross hosts), the degrees that would cross a node (16, 32) lose, and
+ * the plan takes under 5 s of CPU. */
+Test(layout, megatron_layout_on_the_cluster, .timeout = TIMEOUT)
+{
+    const clock_t c0 = clock();
+    pw_graph *g = load(PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096_tp.graph");
+    hwloc_topology_t topo;
+    cr_assert_eq(pw_topology_load_spec(PW_SOURCE_DIR "/tests/fixtures/topologies/cluster_4node_8gpu.xml", &topo),
+                 PW_OK, "%s", pw_last_error());
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 512;
+    sp.processes = 32;
+    sp.n_nodes = g->n_nodes;
+    sp.max_tensor = 32;
+    pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+    fc.graph = g;
+    fc.batch = sp.batch;
+    fc.optim = PW_OPTIM_ADAMW;
+    fc.topology = topo;
+    fc.flops_per_s = 3e13;
+    pw_layout_forecaster *f;
+    cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+    pw_layout_model m = pw_layout_forecaster_model(f);
+    pw_layout_result res;
+    const int64_t budget = 80ll << 30;
+    cr_assert_eq(pw_layout_search(&sp, &m, budget, &res), PW_OK, "%s", pw_last_error());
+    const double cpu_s = (double)(clock() - c0) / CLOCKS_PER_SEC;
+    char d[160];
+    cr_log_info("chose %s: step %.3f s, T all-reduce %.3f ms per micro-batch (%s), %.2f s of CPU",
+                pw_layout_describe(&res.best, d, sizeof d), res.best_cost.step_time,
+                1e3 * res.best_cost.tp_allreduce, pw_link_class_name((pw_link_class)res.best_cost.tp_link), cpu_s);
+    cr_assert_gt(res.best.tensor, 1, "chose %s", d);
+    cr_assert_leq(res.best.tensor, 8, "chose %s", d);
+    cr_assert_neq(res.best_cost.tp_link, PW_LINK_HOSTS, "chose %s", d);
+    cr_assert_leq(res.best_cost.memory, budget);
+    cr_assert_lt(cpu_s, 5.0, "planning took %.2f s of CPU", cpu_s);
+    /* T = 16 crosses a node; costed, it is slower and says so. */
+    pw_layout l16 = res.best;
+    l16.tensor = 16;
+    l16.replicas = 32 / (16 * l16.stages);
+    if (l16.replicas < 1) l16.replicas = 1, l16.stages = 2;
+    pw_layout_cost c16;
+    cr_assert_eq(m.cost(m.ctx, &l16, &c16), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(c16.tp_link, PW_LINK_HOSTS, "%s", pw_layout_describe(&l16, d, sizeof d));
+    cr_assert_gt(c16.step_time, res.best_cost.step_time);
+    pw_layout_entry e16 = {.layout = l16, .cost = c16, .costed = 1, .fits = 1};
+    char why[200];
+    pw_layout_why_lost(&res, &e16, why, sizeof why);
+    cr_assert(strstr(why, "T = 16 crosses a node: all-reduce"), "%s", why);
+    pw_layout_result_free(&res);
+    pw_layout_forecaster_destroy(f);
+    hwloc_topology_destroy(topo);
+    pw_graph_destroy(g);
+}
+
+/* The forecast at T > 1 (pw_forecast_config.tensor) places a stage's T
+ * ranks on consecutive slots: on 4 nodes of 2 packages x 4 GPUs, T = 4
+ * stays in a package, T = 8 spans a node's packages, T = 16 crosses nodes,
+ * and the all-reduce per micro-batch grows with each; a rank's memory
+ * shrinks with T; a whole graph given as T > 1 is refused. */
+Test(layout, forecast_places_tensor_groups, .timeout = TIMEOUT)
+{
+    pw_graph *g = load(PW_SOURCE_DIR "/tests/fixtures/graphs/gpt_48x4096_tp.graph");
+    hwloc_topology_t topo;
+    cr_assert_eq(pw_topology_load_spec(PW_SOURCE_DIR "/tests/fixtures/topologies/cluster_4node_8gpu.xml", &topo),
+                 PW_OK, "%s", pw_last_error());
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, 2, PW_PARTITION_FLOPS, &part), PW_OK);
+    static const struct {
+        int T;
+        pw_link_class cls;
+    } want[] = {{2, PW_LINK_PACKAGE}, {4, PW_LINK_PACKAGE}, {8, PW_LINK_PACKAGES}, {16, PW_LINK_HOSTS}};
+    double last_tp = 0;
+    int64_t last_mem = INT64_MAX;
+    for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
+        const int T = want[k].T;
+        pw_graph *rg;
+        cr_assert_eq(pw_graph_tp_rank(g, T, T - 1, &rg), PW_OK, "%s", pw_last_error());
+        pw_forecast_config fc = pw_forecast_defaults();
+        fc.graph = rg;
+        fc.tensor = T;
+        fc.cuts = part.begin;
+        fc.stages = 2;
+        fc.replicas = 1;
+        fc.micro_batches = 4;
+        fc.micro_batch_size = 1;
+        fc.schedule = PW_SCHEDULE_1F1B;
+        fc.flops_per_s = 3e13;
+        fc.optim_state_floats = 2;
+        fc.topology = topo;
+        pw_forecast f;
+        cr_assert_eq(pw_forecast_run(&fc, &f), PW_OK, "T=%d: %s", T, pw_last_error());
+        cr_assert_eq(f.tp_cls, (int)want[k].cls, "T=%d: %s, want %s", T, pw_link_class_name((pw_link_class)f.tp_cls),
+                     pw_link_class_name(want[k].cls));
+        cr_assert_gt(f.tp_time, last_tp, "T=%d: all-reduce %g s per micro-batch", T, f.tp_time);
+        cr_assert_lt(f.peak_memory[0], last_mem, "T=%d", T);
+        last_tp = f.tp_time;
+        last_mem = f.peak_memory[0];
+        if (T == 16) cr_assert(strstr(f.placement, "x T 16"), "%s", f.placement);
+        pw_forecast_free(&f);
+        fc.graph = g; /* the whole graph with T > 1 */
+        cr_assert_eq(pw_forecast_run(&fc, &f), PW_ERR_INVALID_ARG);
+        pw_graph_destroy(rg);
+    }
+    pw_partition_free(&part);
+    hwloc_topology_destroy(topo);
+    pw_graph_destroy(g);
 }

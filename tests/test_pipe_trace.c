@@ -1547,3 +1547,99 @@ Test(pipe_trace, real_gpipe_m4, TIMEOUT) { real_run("gpipe", 4); }
 Test(pipe_trace, real_gpipe_m8, TIMEOUT) { real_run("gpipe", 8); }
 Test(pipe_trace, real_1f1b_m4, TIMEOUT) { real_run("1f1b", 4); }
 Test(pipe_trace, real_1f1b_m8, TIMEOUT) { real_run("1f1b", 8); }
+
+/* ------------------------------------------ tensor-parallel all-reduces */
+
+/* The hand-built GPipe with tensor parallelism's sums inside its F and B
+ * (TP_ALLREDUCE, cat "tp", as stages/train/pipeline_stage.c records them):
+ * they are counted on their own line (tp_allreduce) and change nothing
+ * else — the same busy times, idle, bubble and causes as without them. */
+static const char *gpipe_tp_fixture(int64_t *bytes)
+{
+    const int n0 = (int)(sizeof k_gpipe / sizeof *k_gpipe);
+    /* rank, stage, mb, t0, t1 (us): inside F0 and F1 of rank 0, B0 of rank 0, F0 of rank 1 */
+    static const struct { int rank, stage, mb; double t0, t1; } tp[] = {
+        {0, 0, 0, 2, 5}, {0, 0, 1, 12, 16}, {0, 0, 0, 55, 60}, {0, 0, 0, 61, 62}, {1, 1, 0, 14, 18},
+    };
+    const int ntp = (int)(sizeof tp / sizeof *tp);
+    pw_trace *t = NULL;
+    cr_assert_eq(pw_trace_create(2, n0 + ntp + 1, &t), PW_OK, "%s", pw_last_error());
+    *bytes = 0;
+    for (int i = 0; i < n0 + ntp; i++) {
+        const int r = i < n0 ? k_gpipe[i].rank : tp[i - n0].rank;
+        pw_trace_event *e = pw_trace_push(t, r);
+        cr_assert(e);
+        if (i < n0) {
+            const ev_spec *s = &k_gpipe[i];
+            *e = (pw_trace_event){.name = s->name, .cat = s->cat, .chunk = s->stage, .mb = s->mb, .peer = s->peer,
+                                  .step = s->step, .t0_ns = (int64_t)(s->t0 * US), .t1_ns = (int64_t)(s->t1 * US)};
+        } else {
+            *e = (pw_trace_event){.name = "TP_ALLREDUCE", .cat = PW_TRACE_TP, .chunk = tp[i - n0].stage,
+                                  .mb = tp[i - n0].mb, .peer = -1, .step = 1, .bytes = 4096 * (i - n0 + 1),
+                                  .t0_ns = (int64_t)(tp[i - n0].t0 * US), .t1_ns = (int64_t)(tp[i - n0].t1 * US)};
+            *bytes += e->bytes;
+        }
+    }
+    pw_trace_meta m = {.schedule = "gpipe", .graph = "fixture", .n_ranks = 2, .n_chunks = 2, .n_micro = 2,
+                       .n_replicas = 1, .micro_batch = 4, .steps = 1, .theory_bubble = 1.0 / 3.0};
+    const char *p = tmp_path("gpipe_tp.json");
+    cr_assert_eq(pw_trace_write(t, p, &m), PW_OK, "%s", pw_last_error());
+    pw_trace_destroy(t);
+    return p;
+}
+
+Test(pipe_trace, tensor_parallel_allreduce_has_its_own_line, TIMEOUT)
+{
+    int64_t bytes = 0;
+    const char *p = gpipe_tp_fixture(&bytes);
+    pw_trace_analysis *a = analyse(p), *plain = analyse(gpipe_fixture());
+    cr_assert_eq(a->tp_allreduce_n, 5);
+    cr_assert_eq(a->tp_allreduce_bytes, bytes);
+    cr_assert_eq(plain->tp_allreduce_n, 0);
+    cr_assert_eq(a->ranks[0].total.tp_allreduce, (3 + 4 + 5 + 1) * US);
+    cr_assert_eq(a->ranks[1].total.tp_allreduce, 4 * US);
+    cr_assert_eq(plain->ranks[0].total.tp_allreduce, 0);
+    /* Nothing else moves: the sums are part of the F and B they run in. */
+    for (int r = 0; r < 2; r++) {
+        const pw_ta_times *x = &a->ranks[r].total, *y = &plain->ranks[r].total;
+        for (int c = 0; c <= PW_TA_COMM; c++) cr_assert_eq(x->busy[c], y->busy[c], "rank %d class %d", r, c);
+        cr_assert_eq(x->idle, y->idle);
+        cr_assert_eq(x->wait_comm, y->wait_comm);
+        cr_assert_eq(x->n_actions[0], y->n_actions[0]);
+    }
+    cr_assert_float_eq(a->bubble, plain->bubble, 1e-15);
+    cr_assert_eq(a->n_causes, plain->n_causes);
+    check_consistency(a);
+    pw_trace_analysis_destroy(a);
+    pw_trace_analysis_destroy(plain);
+
+    /* The report's line, the JSON's figures, and the merged (Perfetto) file keeps the events. */
+    char cmd[1024], *out;
+    snprintf(cmd, sizeof cmd, TOOL " --width 80 '%s'", p);
+    cr_assert_eq(test_run(cmd, &out), 0);
+    cr_assert(strstr(out, "Tensor-parallel all-reduce: 5 sums"), "%s", out);
+    /* 13 us of rank 0's 65 of compute (F 20, B 40, optimizer 5), 4 of rank 1's 65 */
+    cr_assert(strstr(out, "rank 0        0.013 ms per step,  20.0% of its compute"), "%s", out);
+    cr_assert(strstr(out, "rank 1        0.004 ms per step,   6.2% of its compute"), "%s", out);
+    free(out);
+    snprintf(cmd, sizeof cmd, TOOL " --json '%s'", p);
+    cr_assert_eq(test_run(cmd, &out), 0);
+    json_error_t err;
+    json_t *j = json_loads(out, 0, &err);
+    cr_assert(j, "not JSON (%s): %s", err.text, out);
+    cr_assert_eq(json_integer_value(json_object_get(json_object_get(j, "tp_allreduce"), "sums")), 5);
+    json_t *r0 = json_array_get(json_object_get(j, "ranks"), 0);
+    cr_assert_float_eq(json_real_value(json_object_get(json_object_get(r0, "total"), "tp_allreduce_us")), 13.0, 1e-9);
+    json_decref(j);
+    free(out);
+    const char *merged = tmp_path("gpipe_tp_merged.json");
+    snprintf(cmd, sizeof cmd, TOOL " --merge '%s' '%s'", merged, p);
+    cr_assert_eq(test_run(cmd, &out), 0, "%s", out);
+    free(out);
+    size_t n;
+    char *s = test_read_file_or_fail(merged, &n);
+    int k = 0;
+    for (const char *q = s; (q = strstr(q, "\"name\": \"TP_ALLREDUCE\", \"cat\": \"tp\"")); q++) k++;
+    cr_assert_eq(k, 5, "the merged trace holds %d TP_ALLREDUCE events of cat tp", k);
+    free(s);
+}

@@ -8,6 +8,8 @@
  */
 #define _GNU_SOURCE /* nftw (tests/test_tmpdir.h) */
 #include <criterion/criterion.h>
+#include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -519,6 +521,11 @@ static int64_t revert_after(const pw_graph *g, double after_s, int *reverted_to,
         if (d.measured) measured++;
         if (back && d.decided) snprintf(why, n, "%s", d.why);
         if (!d.move) continue;
+        if (d.refine) { /* a kept move's neighbours, measured (refines_* below): not the model's */
+            cr_assert(moved && !back, "a refinement without a kept move: %s", d.why);
+            pw_rebalancer_moved(rb, step, d.new_cuts, s, rep);
+            continue;
+        }
         cr_assert(!back, "moved again after the revert at step %lld: %s", (long long)back_at, d.why);
         if (d.revert) {
             cr_assert(moved, "a revert before any move");
@@ -558,6 +565,223 @@ Test(rebalance, undoes_a_move_that_measured_slower)
      * And a faster step is kept, of course. */
     cr_assert_eq(revert_after(g, 1.03e-3, back, first, why, sizeof why), 0);
     cr_assert_eq(revert_after(g, 0.6e-3, back, first, why, sizeof why), 0);
+    pw_graph_destroy(g);
+}
+
+/* ---- measured refinement and the window's restart, on hand-made step times ---- */
+
+/* A hand-made run of the decision: S stages of the MLP (1F1B, 8
+ * micro-batches) from `start` (NULL: the FLOPs partition). Each step rank
+ * r is busy for the model's time of its chunk at the current cuts ×
+ * hr_slow(r, step), the step takes hr_step(cuts, step), both × a
+ * deterministic noise in ±noise; the moves decided are made. */
+typedef struct hand_log {
+    int decided, move, refine, revert, restarted;
+    double busy[4];              /* the decision's median busy times */
+    int cuts[5];                 /* after the step */
+} hand_log;
+
+typedef struct hand_run {
+    int S;
+    const int *start;
+    double noise;
+    int64_t steps;
+    double (*slow)(int r, int64_t step);
+    double (*step_time)(const int *cuts, int64_t step);
+    /* out */
+    int cuts[5];                 /* at the end */
+    int moves, refines, restarts;
+    int64_t last_move;
+    hand_log *log;               /* [steps + 1], malloc'ed */
+} hand_run;
+
+static double unit_slow(int r, int64_t step) { (void)r, (void)step; return 1.0; }
+
+static void hand(const pw_graph *g, hand_run *hr)
+{
+    const int S = hr->S;
+    pw_schedule_config sc = {.kind = PW_SCHEDULE_1F1B, .n_stages = S, .n_micro = 8};
+    pw_schedule *s;
+    pw_schedule_report *rep;
+    cr_assert_eq(pw_schedule_generate(&sc, &s), PW_OK);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK);
+    pw_partition part;
+    cr_assert_eq(pw_partition_make(g, S, PW_PARTITION_FLOPS, &part), PW_OK);
+    if (hr->start) memcpy(part.begin, hr->start, sizeof(int) * (size_t)(S + 1));
+    memcpy(hr->cuts, part.begin, sizeof(int) * (size_t)(S + 1));
+    pw_rebalancer_config rc = pw_rebalancer_defaults();
+    rc.mode = PW_REBALANCE_AUTO;
+    rc.plan.graph = g;
+    rc.plan.stages = S;
+    rc.plan.micro_batches = 8;
+    rc.plan.micro_batch_size = 16;
+    rc.schedule = s;
+    rc.report = rep;
+    pw_rebalancer *rb;
+    cr_assert_eq(pw_rebalancer_create(&rc, hr->cuts, &rb), PW_OK, "%s", pw_last_error());
+    pw_partition_config pc;
+    pw_plan_partition_config(&rc.plan, S, rep->peak_inflight_chunk, &pc);
+    hr->log = calloc((size_t)hr->steps + 1, sizeof *hr->log);
+    hr->moves = hr->refines = hr->restarts = 0;
+    hr->last_move = 0;
+    uint64_t x = 88172645463325252ull; /* xorshift64: the same noise every run */
+    for (int64_t step = 1; step <= hr->steps; step++) {
+        pw_partition ev;
+        cr_assert_eq(pw_partition_evaluate(g, &pc, hr->cuts, &ev), PW_OK);
+        double busy[4];
+        for (int r = 0; r < S; r++) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            const double e = 1.0 + hr->noise * (2.0 * (double)(x >> 11) / 9007199254740992.0 - 1.0);
+            busy[r] = e * hr->slow(r, step) * (8 * (ev.stage[r].f + ev.stage[r].b + ev.stage[r].w) + ev.stage[r].optim);
+        }
+        pw_partition_free(&ev);
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        const double e = 1.0 + hr->noise * (2.0 * (double)(x >> 11) / 9007199254740992.0 - 1.0);
+        pw_rebalance_decision d;
+        cr_assert_eq(pw_rebalancer_observe(rb, step, busy, e * hr->step_time(hr->cuts, step), &d), PW_OK, "%s",
+                     pw_last_error());
+        hand_log *l = &hr->log[step];
+        *l = (hand_log){.decided = d.decided, .move = d.move, .refine = d.refine, .revert = d.revert,
+                        .restarted = d.restarted};
+        memcpy(l->busy, d.rank_busy_s, sizeof(double) * (size_t)S);
+        hr->restarts += d.restarted;
+        memcpy(l->cuts, hr->cuts, sizeof(int) * (size_t)(S + 1));
+        if (!d.move) continue;
+        if (d.refine) cr_assert(isnan(d.predicted_gain), "a refinement with a prediction: %s", d.why);
+        hr->moves++;
+        hr->refines += d.refine;
+        hr->last_move = step;
+        memcpy(hr->cuts, d.new_cuts, sizeof(int) * (size_t)(S + 1));
+        pw_rebalancer_moved(rb, step, hr->cuts, s, rep);
+        memcpy(l->cuts, hr->cuts, sizeof(int) * (size_t)(S + 1));
+    }
+    pw_partition_free(&part);
+    pw_rebalancer_destroy(rb);
+    pw_schedule_report_destroy(rep);
+    pw_schedule_destroy(s);
+}
+
+/* Refinement: the step time of 2 stages is 1 ms × (1 + 12 % per node
+ * between the cut and `true_cut`), 2 ms from the start's bad cut; the
+ * model, whose busy times are exact, goes to `model_cut`. */
+static int true_cut, model_cut;
+static double cut_time(const int *cuts, int64_t step)
+{
+    (void)step;
+    return cuts[1] == 1 ? 2e-3 : 1e-3 * (1.0 + 0.12 * abs(cuts[1] - true_cut));
+}
+static double flat_time(const int *cuts, int64_t step)
+{
+    (void)step;
+    return cuts[1] == 1 ? 2e-3 : 1e-3;
+}
+
+Test(rebalance, refines_to_the_measured_best_neighbour_and_stops)
+{
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    /* Flat step times around the model's cut: it moves there once. */
+    const int start[3] = {0, 1, 11};
+    hand_run hr = {.S = 2, .start = start, .steps = 300, .slow = unit_slow, .step_time = flat_time};
+    hand(g, &hr);
+    model_cut = hr.cuts[1];
+    cr_assert(model_cut > 2 && model_cut < 9, "the model's cut %d leaves no room for the test", model_cut);
+    /* Nothing better nearby: each neighbour is tried once, the run goes
+     * back and stays (the model's move, at most two trials, the way back),
+     * with a ±3 % noise too. */
+    cr_assert_leq(hr.moves, 4, "%d moves on flat step times", hr.moves);
+    cr_assert_leq(hr.last_move, 60, "still moving at step %lld", (long long)hr.last_move);
+    free(hr.log);
+    hand_run noisy = {.S = 2, .start = start, .steps = 400, .noise = 0.03, .slow = unit_slow, .step_time = flat_time};
+    hand(g, &noisy);
+    cr_assert_eq(noisy.cuts[1], model_cut, "a ±3 %% noise took the run from the model's cut %d to %d", model_cut,
+                 noisy.cuts[1]);
+    cr_assert_leq(noisy.moves, 4, "%d moves on flat step times with noise", noisy.moves);
+    cr_assert_leq(noisy.last_move, 60, "still moving at step %lld", (long long)noisy.last_move);
+    cr_assert_eq(noisy.restarts, 0, "the window restarted %d times on noise", noisy.restarts);
+    free(noisy.log);
+    /* The fastest cut two nodes from the model's, either side, with and
+     * without a ±3 % noise: the refinement walks there node by node, keeps
+     * it, and moves no more (the model's own cut measured slower, so its
+     * proposals back are refused). */
+    for (int side = -1; side <= 1; side += 2)
+        for (int noisy = 0; noisy < 2; noisy++) {
+            true_cut = model_cut + 2 * side;
+            hand_run h = {.S = 2, .start = start, .steps = 400, .noise = noisy ? 0.03 : 0, .slow = unit_slow,
+                          .step_time = cut_time};
+            hand(g, &h);
+            cr_assert_eq(h.cuts[1], true_cut, "ended at cut %d, the fastest is %d (model %d, noise %d)", h.cuts[1],
+                         true_cut, model_cut, noisy);
+            cr_assert_geq(h.refines, 2, "%d refinement moves", h.refines);
+            cr_assert_leq(h.moves, 1 + 5 + 1, "%d moves: hunting", h.moves);
+            cr_assert_leq(h.last_move, 120, "still moving at step %lld", (long long)h.last_move);
+            cr_assert_eq(h.restarts, 0, "the window restarted %d times on moves and noise", h.restarts);
+            free(h.log);
+        }
+    pw_graph_destroy(g);
+}
+
+/* The window restarts: rank 2 of 4 three times slower from step
+ * `jump_at` to `jump_end`, the step time twice as long. */
+static int64_t jump_at, jump_end;
+static double jump_slow(int r, int64_t step) { return r == 2 && step >= jump_at && step < jump_end ? 3.0 : 1.0; }
+static double jump_time(const int *cuts, int64_t step)
+{
+    (void)cuts;
+    return step >= jump_at && step < jump_end ? 2e-3 : 1e-3;
+}
+
+Test(rebalance, restarts_the_window_when_the_step_time_jumps)
+{
+    pw_graph *g = test_parse(MLP, "rebalance.graph");
+    /* Where the model goes when rank 2 is slow from the start. */
+    int want[5];
+    char why[256];
+    const double slow2[4] = {1, 1, 3, 1};
+    cr_assert_gt(first_move(g, slow2, 0, want, why, sizeof why), 0, "%s", why);
+    /* The slowdown half-way into the window of steps 74-81: without a
+     * restart that window decides on half the steps before it. */
+    jump_at = 78;
+    jump_end = 1000;
+    hand_run hr = {.S = 4, .steps = 140, .slow = jump_slow, .step_time = jump_time};
+    hand(g, &hr);
+    const double slow_busy = 3.0 * hr.log[jump_at - 5].busy[2]; /* decided on steps 66-73 */
+    cr_assert(hr.log[jump_at - 5].decided && slow_busy > 0);
+    int64_t restart = 0, moved = 0;
+    for (int64_t s = jump_at; s <= hr.steps; s++) {
+        if (hr.log[s].restarted && !restart) restart = s;
+        if (hr.log[s].move && !moved) {
+            moved = s;
+            cr_assert(!hr.log[s].refine, "the first move after the jump is a refinement");
+        }
+        /* Every decision after the jump, until the move, on steps after it. */
+        if (hr.log[s].decided && !moved)
+            cr_assert_float_eq(hr.log[s].busy[2], slow_busy, 1e-12,
+                               "step %lld decided on stage 2 busy %g, after the jump %g: a window from before it",
+                               (long long)s, hr.log[s].busy[2], slow_busy);
+    }
+    cr_assert_eq(restart, jump_at + 2, "the window restarted at step %lld (the jump at %lld)", (long long)restart,
+                 (long long)jump_at);
+    cr_assert(moved > 0 && moved <= jump_at + 20, "the move came at step %lld", (long long)moved);
+    cr_assert_arr_eq(hr.log[moved].cuts, want, sizeof want, "moved to other cuts than a run slowed from the start");
+    free(hr.log);
+    /* The slowdown ends: a jump down restarts it too. One or two slow
+     * steps (a spike) and ±3 % noise do not. */
+    jump_at = 40, jump_end = 100;
+    hand_run down = {.S = 4, .steps = 130, .slow = jump_slow, .step_time = jump_time};
+    hand(g, &down);
+    int ups = 0, downs = 0;
+    for (int64_t s = 1; s <= down.steps; s++)
+        if (down.log[s].restarted) *(s < jump_end ? &ups : &downs) += 1;
+    cr_assert_eq(ups, 1, "%d restarts after the slowdown began", ups);
+    cr_assert_geq(downs, 1, "no restart when the slowdown ended");
+    free(down.log);
+    jump_at = 50, jump_end = 52;
+    hand_run spike = {.S = 4, .steps = 150, .noise = 0.03, .slow = jump_slow, .step_time = jump_time};
+    hand(g, &spike);
+    cr_assert_eq(spike.restarts, 0, "a 2-step spike restarted the window");
+    cr_assert_eq(spike.moves, 0, "moved %d times on a spike and noise", spike.moves);
+    free(spike.log);
     pw_graph_destroy(g);
 }
 
@@ -625,7 +849,7 @@ Test(rebalance, cli_flags, .timeout = TIMEOUT)
     snprintf(args, sizeof args, "%s --steps 30 --optimizer adamw --save still.st", base);
     cr_assert_eq(cli(args, &out), 0, "%s", out);
     free(out);
-    snprintf(args, sizeof args, "cmp moved.st still.st && grep -q '\"type\":\"rebalance\",\"step\":3,\"forced\":true' "
+    snprintf(args, sizeof args, "cmp moved.st still.st && grep -q '\"type\":\"rebalance\",\"step\":3,\"forced\":true,\"revert\":false,\"refine\":false' "
              "m.jsonl");
     char cmd[2048];
     snprintf(cmd, sizeof cmd, "cd '%s' && %s", tmpdir(), args);

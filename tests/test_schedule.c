@@ -508,7 +508,7 @@ Test(schedule, bad_configs, .timeout = 300)
     cr_assert(strstr(pw_last_error(), "n_stages must be in 1.."), "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_CUSTOM, .n_stages = 2, .n_micro = 4};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
-    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v or zb-auto (got custom)"),
+    cr_assert(strstr(pw_last_error(), "kind must be gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, zb-auto or dualpipev (got custom)"),
               "%s", pw_last_error());
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_GPIPE, .n_stages = 2, .n_micro = 0};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
@@ -757,12 +757,12 @@ typedef struct new_param {
 
 ParameterizedTestParameters(schedule_new, generated)
 {
-    static new_param params[7 * 8];
+    static new_param params[8 * 8];
     static const new_param kinds[] = {
         {PW_SCHEDULE_INTERLEAVED, 2, 0}, {PW_SCHEDULE_INTERLEAVED, 3, 0},
         {PW_SCHEDULE_INTERLEAVED, 4, 0}, {PW_SCHEDULE_ZB_H1, 0, 0},
         {PW_SCHEDULE_ZB_H2, 0, 0},       {PW_SCHEDULE_ZB_V, 0, 0},
-        {PW_SCHEDULE_ZB_AUTO, 0, 0},
+        {PW_SCHEDULE_ZB_AUTO, 0, 0},     {PW_SCHEDULE_DUALPIPE_V, 0, 0},
     };
     int n = 0;
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
@@ -780,6 +780,7 @@ static double published_peak(pw_schedule_kind kind, int S, int v, int M)
     case PW_SCHEDULE_ZB_H2: return M >= 2 * S - 1 ? 2 * S - 1 : -1; /* 2p - 1 */
     case PW_SCHEDULE_ZB_V: return M >= 2 * S - 1 ? S : -1;          /* p */
     case PW_SCHEDULE_ZB_AUTO: return M == 1 << 20 ? 2 * S : -1;     /* a bound only: its limit, 2p */
+    case PW_SCHEDULE_DUALPIPE_V: return M >= 2 * S ? S + 0.5 : -1;  /* DeepSeek: PP + 1 chunks, PP = 2p */
     case PW_SCHEDULE_INTERLEAVED:
         /* Korthikanti et al. 2022, §4.2: the first stage holds p(1 + (p-1)/(pv)). */
         return S == 1 || M >= 2 * S ? S + (double)(S - 1) / v : -1;
@@ -788,7 +789,8 @@ static double published_peak(pw_schedule_kind kind, int S, int v, int M)
 }
 
 /* Every interleaved and zero-bubble schedule of 1..8 stages and 1..16, p, 2p,
- * 4p micro-batches (interleaved: multiples of p) lowers, validates, has the
+ * 4p micro-batches (interleaved: multiples of p; dualpipev: 2p and more, the
+ * others refused) lowers, validates, has the
  * closed-form peaks and bubble, the published memory, round-trips through
  * CSV, and passes the run-time checker at its own bound. */
 ParameterizedTest(new_param *p, schedule_new, generated, .timeout = 300)
@@ -812,15 +814,25 @@ ParameterizedTest(new_param *p, schedule_new, generated, .timeout = 300)
                       pw_last_error());
             continue;
         }
+        if (p->kind == PW_SCHEDULE_DUALPIPE_V && M < 2 * S) {
+            cr_assert_eq(st, PW_ERR_INVALID_ARG, "dualpipev S=%d M=%d", S, M);
+            cr_assert_null(compute);
+            cr_assert(strstr(pw_last_error(), "dualpipev needs n_micro >= 2 x n_stages"), "%s",
+                      pw_last_error());
+            cr_assert_eq(pw_schedule_config_bubble(&cfg), -1.0);
+            cr_assert_eq(pw_schedule_config_peak(&cfg, 0), -1);
+            continue;
+        }
         cr_assert_eq(st, PW_OK, "%s S=%d M=%d: %s", name, S, M, pw_last_error());
         tested++;
         const int v = compute->chunks_per_rank, C = compute->n_chunks;
-        cr_assert_eq(v, p->kind == PW_SCHEDULE_ZB_V ? 2 : p->v ? p->v : 1);
+        const int is_v = p->kind == PW_SCHEDULE_ZB_V || p->kind == PW_SCHEDULE_DUALPIPE_V;
+        cr_assert_eq(v, is_v ? 2 : p->v ? p->v : 1);
         cr_assert_eq(compute->split_w, p->kind != PW_SCHEDULE_INTERLEAVED);
         /* (With one rank the V placement is the looping one, stored as NULL.) */
-        cr_assert_eq(compute->chunk_rank == NULL, p->kind != PW_SCHEDULE_ZB_V || S == 1);
+        cr_assert_eq(compute->chunk_rank == NULL, !is_v || S == 1);
         for (int c = 0; c < C; c++) {
-            int want = p->kind != PW_SCHEDULE_ZB_V ? c % S : c < S ? c : 2 * S - 1 - c;
+            int want = !is_v ? c % S : c < S ? c : 2 * S - 1 - c;
             cr_assert_eq(pw_schedule_rank_of(compute, c), want, "%s S=%d chunk %d", name, S, c);
         }
         cr_assert_eq(pw_schedule_rank_of(compute, C), -1);
@@ -877,7 +889,7 @@ ParameterizedTest(new_param *p, schedule_new, generated, .timeout = 300)
         snprintf(head, sizeof head, "kind=%s ranks=%d chunks_per_rank=%d micro_batches=%d", name, S,
                  v, M);
         cr_assert(strstr(csv1, head), "%s", csv1);
-        cr_assert_eq(strstr(csv1, "placement=v\n") != NULL, p->kind == PW_SCHEDULE_ZB_V && S > 1);
+        cr_assert_eq(strstr(csv1, "placement=v\n") != NULL, is_v && S > 1);
         pw_schedule *back = from_csv(csv1);
         cr_assert(pw_schedule_equal(s, back), "%s S=%d M=%d: CSV round trip differs", name, S, M);
         char *csv2 = to_csv(back, &len2);
@@ -1014,6 +1026,62 @@ Test(schedule_new, zero_bubble_orders, .timeout = 300)
     pw_schedule_destroy(s);
 }
 
+/* DualPipeV against DeepSeek's eight phases (dualpipev.py), written out by
+ * hand from the reference for each rank: q = p-r-1; an "F&B" pair is its F
+ * then its B; a full backward is B then W; from the middle of phase 6 on a
+ * W waits in a FIFO that phases 3, 7 and 8 pop. */
+Test(schedule_new, dualpipev_order, .timeout = 300)
+{
+    char row[2048];
+    pw_schedule *s = gen_cfg(PW_SCHEDULE_DUALPIPE_V, 2, 4, 0, 0);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,0F1,"                    /* 1: 2q F down */
+                          "0F2,3F0,"                    /* 2: r+1 pairs F down, F up */
+                          "3B0,3W0,3F1,"                /* 3: q x B up, W popped, F up */
+                          "0F3,3B1,3W1,3F2,0B0,0W0,"    /* 4: m-2p+r+1 x (F0&B1, F1&B0) */
+                          "3B2,3W2,3F3,0B1,0W1,"        /* 5: q x B up, F1&B0 */
+                          "3B3,3W3,0B2,"                /* 6: even rank: W waits from B down */
+                          "0W2,0B3,"                    /* 7: q x W popped, B down (W waits) */
+                          "0W3");                       /* 8: r+1 W popped */
+    compute_row_chunks(s, 1, row, sizeof row);
+    cr_assert_str_eq(row, "1F0,2F0,1F1,2F1,"            /* 2 */
+                          "1F2,2B0,2W0,2F2,1B0,1W0,1F3,2B1,2W1,2F3,1B1,1W1," /* 4 */
+                          "2B2,2W2,1B2,1W2,2B3,1B3,"    /* 6: odd rank: W waits from round (r+1)/2 */
+                          "2W3,1W3");                   /* 8 */
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_OK, "%s", pw_last_error());
+    pw_schedule_destroy(s);
+    /* p = 3, the last rank: phase 6 switches in the middle of round 1. */
+    s = gen_cfg(PW_SCHEDULE_DUALPIPE_V, 3, 6, 0, 0);
+    compute_row_chunks(s, 2, row, sizeof row);
+    cr_assert_str_eq(row, "2F0,3F0,2F1,3F1,2F2,3F2,"
+                          "2F3,3B0,3W0,3F3,2B0,2W0,2F4,3B1,3W1,3F4,2B1,2W1,2F5,3B2,3W2,3F5,2B2,2W2,"
+                          "3B3,3W3,2B3,2W3,3B4,3W4,2B4,3B5,2B5,"
+                          "2W4,3W5,2W5");
+    /* Chunks 2 and 3 meet on rank 2: a local hand-over, no message. */
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    char *csv = to_csv(s, NULL);
+    cr_assert(strstr(csv, "kind=dualpipev ranks=3 chunks_per_rank=2 micro_batches=6 split_w=1 "
+                          "buckets=0 placement=v\n"), "%s", csv);
+    cr_assert(strstr(csv, "\n2RF0,2F0,3F0,3SF0,"), "%s", csv);
+    free(csv);
+    pw_schedule_destroy(s);
+    /* Buckets: after each chunk's last W, wherever the FIFO put it. */
+    s = gen_cfg(PW_SCHEDULE_DUALPIPE_V, 1, 2, 0, 2);
+    compute_row_chunks(s, 0, row, sizeof row);
+    cr_assert_str_eq(row, "0F0,1F0,0F1,1B0,1W0,1F1,0B0,0W0,1B1,1W1,1AR0,1AR1,0B1,0W1,0AR0,0AR1");
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_OK, "%s", pw_last_error());
+    pw_schedule_destroy(s);
+    s = gen_cfg(PW_SCHEDULE_DUALPIPE_V, 4, 8, 0, 3);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    pw_schedule_report *rep = NULL;
+    cr_assert_eq(pw_schedule_validate(s, &rep), PW_OK, "%s", pw_last_error());
+    for (int r = 0; r < 4; r++) cr_assert_eq(rep->peak_inflight[r], 9, "rank %d", r);
+    pw_schedule_report_destroy(rep);
+    pw_schedule_destroy(s);
+}
+
 Test(schedule_new, print_zero_bubble, .timeout = 300)
 {
     pw_schedule *s = gen_cfg(PW_SCHEDULE_ZB_H1, 4, 8, 0, 0);
@@ -1037,6 +1105,16 @@ Test(schedule_new, print_zero_bubble, .timeout = 300)
     fclose(f);
     cr_assert(strstr(buf, "zb-v: 2 ranks x 2 chunks (V placement), 3 micro-batches, split W; "
                           "unit-cost makespan 19, bubble 5.3% (theory 5.3%)\n"), "%s", buf);
+    free(buf);
+    pw_schedule_destroy(s);
+    s = gen_cfg(PW_SCHEDULE_DUALPIPE_V, 2, 4, 0, 0);
+    cr_assert_eq(pw_schedule_lower(s), PW_OK);
+    buf = NULL;
+    f = open_memstream(&buf, &n);
+    cr_assert_eq(pw_schedule_print(s, f), PW_OK);
+    fclose(f);
+    cr_assert(strstr(buf, "dualpipev: 2 ranks x 2 chunks (V placement), 4 micro-batches, split W; "
+                          "unit-cost makespan 25, bubble 4.0% (theory 4.0%)\n"), "%s", buf);
     free(buf);
     pw_schedule_destroy(s);
 }
@@ -1063,6 +1141,21 @@ Test(schedule_new, bad_configs, .timeout = 300)
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
     cr_assert(strstr(pw_last_error(), "zb-v has exactly 2 chunks per rank (got chunks_per_rank=3)"),
               "%s", pw_last_error());
+    cfg.kind = PW_SCHEDULE_DUALPIPE_V;
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "dualpipev has exactly 2 chunks per rank (got chunks_per_rank=3)"),
+              "%s", pw_last_error());
+    /* DualPipeV takes DeepSeek's m >= 2p, nothing less. */
+    cfg = (pw_schedule_config){.kind = PW_SCHEDULE_DUALPIPE_V, .n_stages = 4, .n_micro = 7};
+    cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
+    cr_assert_null(s);
+    cr_assert(strstr(pw_last_error(), "schedule config: dualpipev needs n_micro >= 2 x n_stages (one "
+                                      "micro-batch per chunk), as DeepSeek's DualPipeV does: got "
+                                      "n_micro=7 with n_stages=4; use 8 or more"), "%s", pw_last_error());
+    cr_assert_eq(pw_schedule_theoretical_bubble(PW_SCHEDULE_DUALPIPE_V, 4, 7), -1.0);
+    cr_assert_eq(pw_schedule_theoretical_peak(PW_SCHEDULE_DUALPIPE_V, 4, 7, 0), -1);
+    cr_assert_eq(pw_schedule_theoretical_peak(PW_SCHEDULE_DUALPIPE_V, 4, 8, 3), 9);
+    cr_assert_float_eq(pw_schedule_theoretical_bubble(PW_SCHEDULE_DUALPIPE_V, 4, 8), 3.0 / 51, 1e-15);
     cfg = (pw_schedule_config){.kind = PW_SCHEDULE_1F1B, .n_stages = 2, .n_micro = 4,
                                .chunks_per_rank = 2};
     cr_assert_eq(pw_schedule_generate(&cfg, &s), PW_ERR_INVALID_ARG);
@@ -1092,7 +1185,9 @@ Test(schedule_new, names, .timeout = 300)
         {"zb-h1", PW_SCHEDULE_ZB_H1}, {"ZB_H1", PW_SCHEDULE_ZB_H1}, {"zbh1", PW_SCHEDULE_ZB_H1},
         {"zb-h2", PW_SCHEDULE_ZB_H2}, {"zbh2", PW_SCHEDULE_ZB_H2}, {"zb-v", PW_SCHEDULE_ZB_V},
         {"ZBV", PW_SCHEDULE_ZB_V}, {"zb_v", PW_SCHEDULE_ZB_V}, {"zb-auto", PW_SCHEDULE_ZB_AUTO},
-        {"ZB_AUTO", PW_SCHEDULE_ZB_AUTO},
+        {"ZB_AUTO", PW_SCHEDULE_ZB_AUTO}, {"dualpipev", PW_SCHEDULE_DUALPIPE_V},
+        {"DualPipeV", PW_SCHEDULE_DUALPIPE_V}, {"dualpipe-v", PW_SCHEDULE_DUALPIPE_V},
+        {"dualpipe_v", PW_SCHEDULE_DUALPIPE_V},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         pw_schedule_kind k = PW_SCHEDULE_CUSTOM;
@@ -1111,7 +1206,7 @@ Test(schedule_new, names, .timeout = 300)
     pw_schedule_kind k;
     cr_assert_eq(pw_schedule_kind_parse("zb", &k), PW_ERR_INVALID_ARG);
     cr_assert(strstr(pw_last_error(), "(expected gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
-                                      "zb-auto or custom)"), "%s", pw_last_error());
+                                      "zb-auto, dualpipev or custom)"), "%s", pw_last_error());
 }
 
 /* The V placement and explicit placements in the CSV header. */
@@ -1146,6 +1241,13 @@ Test(schedule_csv, placements, .timeout = 300)
     expect_parse_error("# pipewright schedule v1: kind=zb-v placement=loop\n"
                        "0F0,3F0,3B0,3W0,0B0,0W0,OPT\n1F0,2F0,2B0,2W0,1B0,1W0,OPT\n",
                        "bad.csv:2:5: error: chunk 3 runs on rank 1 (chunk mod 2), but this row is rank 0");
+    /* kind=dualpipev implies it too (a hand-written file, compute only). */
+    s = from_csv("# pipewright schedule v1: kind=dualpipev ranks=2 micro_batches=1\n"
+                 "0F0,3F0,3B0,3W0,0B0,0W0,OPT\n1F0,2F0,2B0,2W0,1B0,1W0,OPT\n");
+    cr_assert_eq(s->kind, PW_SCHEDULE_DUALPIPE_V);
+    cr_assert_eq(pw_schedule_rank_of(s, 3), 0);
+    cr_assert_eq(pw_schedule_validate(s, NULL), PW_OK, "%s", pw_last_error());
+    pw_schedule_destroy(s);
 
     /* A placement of its own: rank 0 holds chunks 0 and 1, rank 1 chunks 2 and 3. */
     s = from_csv("# pipewright schedule v1: placement=0,0,1,1\n"

@@ -75,20 +75,21 @@ ParameterizedTestParameters(sim_theory, matches_replay)
     static kind_param params[] = {
         {PW_SCHEDULE_GPIPE, 0},       {PW_SCHEDULE_1F1B, 0},        {PW_SCHEDULE_INTERLEAVED, 2},
         {PW_SCHEDULE_INTERLEAVED, 3}, {PW_SCHEDULE_ZB_H1, 0},       {PW_SCHEDULE_ZB_H2, 0},
-        {PW_SCHEDULE_ZB_V, 0},
+        {PW_SCHEDULE_ZB_V, 0},        {PW_SCHEDULE_DUALPIPE_V, 0},
     };
     return cr_make_param_array(kind_param, params, sizeof params / sizeof params[0]);
 }
 
 /* With F = B = W = 1 s and free links, the simulated step is the validator's
  * unit-cost makespan, its bubble the closed form, its peaks the validator's,
- * for every stage count 1..4 and m in {p, 2p, 4p}; with split W as generated
- * and, for the unsplit kinds, with split W too. */
+ * for every stage count 1..4 and m in {p, 2p, 4p} (dualpipev: 2p, 4p); with
+ * split W as generated and, for the unsplit kinds, with split W too. */
 ParameterizedTest(kind_param *p, sim_theory, matches_replay, .timeout = 300)
 {
     for (int S = 1; S <= 4; S++) {
         for (int k = 1; k <= 4; k *= 2) {
             const int M = k * S;
+            if (p->kind == PW_SCHEDULE_DUALPIPE_V && M < 2 * S) continue;
             for (int split = 0; split < 2; split++) {
                 pw_schedule *s = make(p->kind, S, M, p->v, split, 0);
                 pw_schedule_report *rep = NULL;
@@ -232,6 +233,30 @@ Test(sim_theory, zb_h2_zb_v_zero_bubble, .timeout = 300)
             }
         }
     }
+    /* DualPipeV (m >= 2p only): ZB-V's synchronous bubble, p−1 half-stage
+     * steps: (p−1)/(6m+p−1) — DeepSeek's (PP/2−1)(F&B + B − 3W) with F&B =
+     * F + B and a full B = B + W. But the idle is not only the fill: rank r
+     * starts at r and waits p−1−r steps in its cool-down (for the first
+     * rank's chunk 0 gradients), so rank 0's span is the whole step and the
+     * steady bubble is no smaller. */
+    for (int S = 1; S <= 4; S++)
+        for (int M = 2 * S; M <= 4 * S; M += S) {
+            pw_schedule *s = make(PW_SCHEDULE_DUALPIPE_V, S, M, 0, 0, 0);
+            pw_sim_result *res = sim_unit(s, 1.0, 1.0, 1.0);
+            const double sync = (double)(S - 1) / (6 * M + S - 1);
+            cr_assert_float_eq(res->bubble, sync, 1e-12);
+            cr_assert_float_eq(res->steady_bubble, sync, 1e-12, "dualpipev S=%d M=%d: steady %g",
+                               S, M, res->steady_bubble);
+            cr_assert_float_eq(res->steady_step_time, 6.0 * M + S - 1, 1e-9);
+            for (int r = 0; r < S; r++) {
+                cr_assert_float_eq(res->ranks[r].start, (double)r, 1e-9);
+                cr_assert_float_eq(res->ranks[r].end - res->ranks[r].start - res->ranks[r].busy,
+                                   (double)(S - 1 - r), 1e-9, "dualpipev S=%d M=%d rank %d", S, M, r);
+                cr_assert_eq(res->ranks[r].peak_inflight, 2 * S + 1); /* DeepSeek's PP + 1 */
+            }
+            pw_sim_result_destroy(res);
+            pw_schedule_destroy(s);
+        }
     /* Against 1F1B at p = 4, m = 16: ZB-V's synchronous bubble is about a
      * sixth (0.0303 vs 0.1579), ZB-H2's a third. */
     pw_schedule *a = make(PW_SCHEDULE_1F1B, 4, 16, 0, 0, 0), *b = make(PW_SCHEDULE_ZB_V, 4, 16, 0, 0, 0);
@@ -653,13 +678,14 @@ Test(sim_scale, onefoneb_1024x4096, .timeout = 300)
 /* ------------------------------------------------------ several steps */
 
 /* Synchronous steps replay the first; post-validated ones overlap: the
- * period of 1F1B and ZB-H1 (their first rank ends last) stays a whole step,
+ * period of 1F1B, ZB-H1 and DualPipeV (their first rank ends last) stays a
+ * whole step,
  * that of ZB-H2, ZB-V and zb-auto at 2p falls to the steady step — exactly,
  * on the unit clock — and K steps cost the fill once. */
 Test(sim_steps, sync_and_post_validated, .timeout = 300)
 {
     const pw_schedule_kind kinds[] = {PW_SCHEDULE_1F1B, PW_SCHEDULE_ZB_H1, PW_SCHEDULE_ZB_H2,
-                                      PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO};
+                                      PW_SCHEDULE_ZB_V, PW_SCHEDULE_ZB_AUTO, PW_SCHEDULE_DUALPIPE_V};
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++)
         for (int S = 2; S <= 4; S++)
             for (int M = 2 * S; M <= 4 * S; M += S) {
@@ -694,6 +720,51 @@ Test(sim_steps, sync_and_post_validated, .timeout = 300)
                 free(c);
                 pw_schedule_destroy(s);
             }
+}
+
+/* The Table 5 setting of docs/schedules.md (p = 8, F = B = W, m = 24, 32,
+ * 64; bench_simulate --table): DualPipeV's synchronous step idles
+ * (p−1)/(6m+p−1) = 4.6 / 3.5 / 1.8 %, ZB-V's figures, and post-validated
+ * steps keep it (rank 0 ends the step last: the period is the step). With
+ * messages a tenth of F (the table's --comm 10) one synchronous step idles
+ * less than ZB-V's, and the post-validated period more. */
+Test(sim_steps, dualpipev_table5, .timeout = 300)
+{
+    static const int ms[] = {24, 32, 64};
+    static const double sync_pct[] = {4.6, 3.5, 1.8};
+    for (int i = 0; i < 3; i++) {
+        const int S = 8, M = ms[i];
+        pw_schedule *d = make(PW_SCHEDULE_DUALPIPE_V, S, M, 0, 0, 0);
+        pw_schedule *z = make(PW_SCHEDULE_ZB_V, S, M, 0, 0, 0);
+        for (int comm = 0; comm <= 1; comm++) {
+            pw_sim_chunk_cost *cd = uniform(d, 0.5, 0.5, 0.5), *cz = uniform(z, 0.5, 0.5, 0.5);
+            pw_sim_config cfg = {.chunks = cd, .link_latency = comm ? 0.1 : 0.0, .steps = 8,
+                                 .post_validate = 1};
+            pw_sim_result *rd = sim(d, &cfg);
+            cfg.chunks = cz;
+            pw_sim_result *rz = sim(z, &cfg);
+            if (!comm) {
+                cr_assert_float_eq(rd->bubble, (double)(S - 1) / (6 * M + S - 1), 1e-12);
+                cr_assert_float_eq(100 * rd->bubble, sync_pct[i], 0.05, "m=%d: %.2f %%", M, 100 * rd->bubble);
+                cr_assert_float_eq(rd->bubble, rz->bubble, 1e-12);
+                cr_assert_float_eq(rd->period_bubble, rd->bubble, 1e-12, "m=%d: period %g", M,
+                                   rd->period_bubble);
+                cr_assert_float_eq(rz->period_bubble, 0.0, 1e-12);
+            } else {
+                cr_assert_lt(rd->bubble, rz->bubble, "m=%d: dualpipev %g, zb-v %g", M, rd->bubble,
+                             rz->bubble);
+                cr_assert_gt(rd->period, rz->period, "m=%d: dualpipev %g, zb-v %g", M, rd->period,
+                             rz->period);
+            }
+            cr_assert_float_eq(rd->period, rd->step_time, 1e-9);
+            pw_sim_result_destroy(rd);
+            pw_sim_result_destroy(rz);
+            free(cd);
+            free(cz);
+        }
+        pw_schedule_destroy(d);
+        pw_schedule_destroy(z);
+    }
 }
 
 /* zb-auto given the stages' times (uneven stages, a message time) is never

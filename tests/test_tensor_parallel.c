@@ -17,6 +17,8 @@
 #include "stages/ops/optim.h"
 #include "stages/train/checkpoint.h"
 #include "stages/train/data.h"
+#include "runtime/trace_read.h"
+#include "runtime/transport.h"
 #include "stages/train/trainer.h"
 #include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 
@@ -678,13 +680,6 @@ Test(tensor_parallel, pipeline_cut_inside_a_pair, .timeout = TIMEOUT)
     pw_pipeline *pl = NULL;
     cr_expect_eq(pw_pipeline_create(&pc, &pl), PW_ERR_INVALID_ARG);
     cr_expect(strstr(pw_last_error(), "splits a tensor-parallel pair: value 'fc1'") != NULL, "%s", pw_last_error());
-    pc.tensor_parallel = 2;
-    pc.cuts = NULL;
-    pc.n_cuts = 0;
-    pc.stages = 1;
-    pc.clip_grad_norm = 1.0;
-    cr_expect_eq(pw_pipeline_create(&pc, &pl), PW_ERR_UNSUPPORTED);
-    cr_expect(strstr(pw_last_error(), "gradient clipping") != NULL, "%s", pw_last_error());
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
@@ -722,15 +717,16 @@ Test(tensor_parallel, cli_flag, .timeout = TIMEOUT)
         free(o);
     }
     same_tensors(ck[1], ck[0], 0, "pipeline-run --tensor-parallel 2 against 1");
-    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --batch 32 --tensor-parallel 2 "
+    /* Clipping at T > 1 (tests/test_tp_state.c checks its numbers); with
+     * --parallel auto, --tensor-parallel fixes T. */
+    snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --batch 32 --steps 2 --tensor-parallel 2 "
              "--clip-grad-norm 1", graph);
-    cr_assert_eq(run_tool(args, &o), 1, "%s", o);
-    cr_expect(strstr(o, "gradient clipping"), "%s", o);
+    cr_assert_eq(run_tool(args, &o), 0, "%s", o);
     free(o);
     snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --no-pin --batch 32 --tensor-parallel 2 "
-             "--parallel auto", graph);
-    cr_assert_eq(run_tool(args, &o), 2, "%s", o);
-    cr_expect(strstr(o, "--tensor-parallel with --parallel auto"), "%s", o);
+             "--parallel auto --plan --flops-per-s 1e10", graph);
+    cr_assert_eq(run_tool(args, &o), 0, "%s", o);
+    cr_expect(strstr(o, " T=2 ") && strstr(o, "--tensor-parallel 2"), "%s", o);
     free(o);
     cr_assert_eq(run_tool("m.graph --tensor-parallel 0", &o), 2, "%s", o);
     free(o);
@@ -770,4 +766,127 @@ Test(tensor_parallel, pipeline_load_save, .timeout = TIMEOUT)
     unlink(a), unlink(b);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
+}
+
+/* The tensor-parallel all-reduces in the trace (runtime/trace.h,
+ * PW_TRACE_TP): at T = 2 every rank's track holds TP_ALLREDUCE events, each
+ * inside an F, B or W of the same chunk, micro-batch and step on that track,
+ * with the bytes of the split layers' sums; at T = 1 there are none. */
+typedef struct tr_ev {
+    char name[16];
+    int64_t tid, t0, t1, step, bytes;
+    int stage, mb;
+} tr_ev;
+
+static int read_events(const char *path, tr_ev *ev, int cap)
+{
+    pw_trace_reader *rd = NULL;
+    cr_assert_eq(pw_trace_reader_open(path, &rd), PW_OK, "%s", pw_last_error());
+    pw_trace_record rec;
+    int more = 1, n = 0;
+    while (pw_trace_reader_next(rd, &rec, &more) == PW_OK && more) {
+        if (rec.ph != 'X') continue;
+        cr_assert_lt(n, cap);
+        tr_ev *e = &ev[n++];
+        snprintf(e->name, sizeof e->name, "%s", rec.name);
+        e->tid = rec.tid;
+        e->t0 = rec.ts_ns;
+        e->t1 = rec.ts_ns + rec.dur_ns;
+        e->step = rec.step;
+        e->bytes = rec.bytes;
+        e->stage = rec.stage;
+        e->mb = rec.mb;
+        if (!strcmp(rec.name, "TP_ALLREDUCE")) cr_assert_str_eq(rec.cat, "tp");
+    }
+    pw_trace_reader_close(rd);
+    return n;
+}
+
+Test(tensor_parallel, trace_records_the_sums, .timeout = TIMEOUT)
+{
+    pw_dataset *d = images();
+    pw_graph *g = parse(MLP);
+    char path[] = "/tmp/pw_tp_trace_XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert_geq(fd, 0);
+    close(fd);
+    enum { CAP = 4096 };
+    tr_ev *ev = calloc(CAP, sizeof *ev);
+    cr_assert_not_null(ev);
+    for (int T = 1; T <= 2; T++) {
+        int cuts[8];
+        cr_assert(tp_cuts(g, 2, cuts));
+        pw_pipeline_config pc = pw_pipeline_defaults();
+        pc.graph = g;
+        pc.train = d;
+        pc.batch = 32;
+        pc.micro_batches = 4;
+        pc.stages = 2;
+        pc.cuts = cuts;
+        pc.n_cuts = 3;
+        pc.optim = pw_optim_defaults(PW_OPTIM_SGD);
+        pc.pin = 0;
+        pc.tensor_parallel = T;
+        pc.trace_events = pw_pipeline_trace_capacity(4, 1, 2) * 4;
+        pw_pipeline *pl = NULL;
+        cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s", pw_last_error());
+        for (int s = 0; s < 2; s++) cr_assert_eq(pw_pipeline_step(pl, NULL), PW_OK, "%s", pw_last_error());
+        cr_assert_eq(pw_pipeline_write_trace(pl, path), PW_OK, "%s", pw_last_error());
+        pw_pipeline_destroy(pl);
+        const int n = read_events(path, ev, CAP);
+        int tp = 0, per_track[2] = {0, 0};
+        for (int i = 0; i < n; i++) {
+            if (strcmp(ev[i].name, "TP_ALLREDUCE")) continue;
+            tp++;
+            cr_assert(ev[i].tid >= 0 && ev[i].tid < 2);
+            per_track[ev[i].tid]++;
+            cr_assert_gt(ev[i].bytes, 0);
+            cr_assert_eq(ev[i].bytes % 4, 0);
+            int inside = 0;
+            for (int j = 0; j < n && !inside; j++)
+                inside = (!strcmp(ev[j].name, "F") || !strcmp(ev[j].name, "B") || !strcmp(ev[j].name, "W")) &&
+                         ev[j].tid == ev[i].tid && ev[j].stage == ev[i].stage && ev[j].mb == ev[i].mb &&
+                         ev[j].step == ev[i].step && ev[j].t0 <= ev[i].t0 && ev[i].t1 <= ev[j].t1;
+            cr_assert(inside, "TP_ALLREDUCE of chunk %d mb %d step %lld on track %lld is inside no F, B or W of "
+                      "its own", ev[i].stage, ev[i].mb, (long long)ev[i].step, (long long)ev[i].tid);
+        }
+        if (T == 1) {
+            cr_assert_eq(tp, 0, "T = 1 recorded %d tensor-parallel sums", tp);
+        } else {
+            /* The chunk holding the fc1 -> fc2 pair (tp_cuts keeps it whole) sums once per F (fc2's
+             * output) and once per B (fc1's input gradient): 4 micro-batches x 2 steps x 2; the other
+             * chunk splits nothing. */
+            cr_assert((per_track[0] == 16 && per_track[1] == 0) || (per_track[0] == 0 && per_track[1] == 16),
+                      "sums per track: %d and %d", per_track[0], per_track[1]);
+        }
+    }
+    free(ev);
+    unlink(path);
+    pw_graph_destroy(g);
+    pw_dataset_destroy(d);
+}
+
+/* The MPI rank layout (runtime/transport.h, "Layout"; docs/distributed.md,
+ * "Rank layout"): w = (replica · S + stage) · T + tp, and a process's peer
+ * in another stage or replica has its own tensor rank; T = 1 is the layout
+ * without tensor parallelism. */
+Test(tensor_parallel, mpi_rank_layout, .timeout = TIMEOUT)
+{
+    const int S = 3, R = 2;
+    for (int T = 1; T <= 4; T++)
+        for (int w = 0; w < S * R * T; w++) {
+            /* what pw_mpi_transport_create derives from the world rank */
+            pw_transport t = {.n_ranks = S, .n_replicas = R, .n_tp = T, .replica = w / T / S, .rank = w / T % S,
+                              .tp_rank = w % T};
+            cr_assert_eq(pw_transport_world_of(&t, t.replica, t.rank), w, "T=%d w=%d", T, w);
+            for (int k = 0; k < R; k++)
+                for (int r = 0; r < S; r++) {
+                    const int peer = pw_transport_world_of(&t, k, r);
+                    cr_assert_eq(peer % T, t.tp_rank, "the peer keeps the tensor rank");
+                    cr_assert_eq(peer / T, k * S + r);
+                }
+        }
+    /* n_tp 0 (a transport built without tensor parallelism) is T = 1 */
+    pw_transport t0 = {.n_ranks = 2, .n_replicas = 2, .replica = 1, .rank = 1};
+    cr_assert_eq(pw_transport_world_of(&t0, 1, 0), 2);
 }

@@ -150,9 +150,11 @@ static void usage(FILE *f)
 "                        can make: nodes / chunks per rank)\n"
 "  --schedule NAME|FILE  gpipe, 1f1b (default), interleaved, zb-h1, zb-h2, zb-v,\n"
 "                        zb-auto (ZB-1p/2p: built from the stages' predicted\n"
-"                        times under --memory-limit), auto (forecast every kind,\n"
-"                        train with the fastest that fits), or a schedule CSV\n"
-"                        file (docs/schedules.md); validated before anything runs\n"
+"                        times under --memory-limit), dualpipev (DeepSeek's\n"
+"                        DualPipeV: micro-batches >= 2 x stages), auto\n"
+"                        (forecast every kind, train with the fastest that\n"
+"                        fits), or a schedule CSV file (docs/schedules.md);\n"
+"                        validated before anything runs\n"
 "  --memory-limit N|Np   zb-auto: micro-batches in flight per stage, a count or a\n"
 "                        multiple of the stages (default 2p; 1p is 1F1B's)\n"
 "  --chunks-per-rank V   model chunks per rank for interleaved (default 2)\n"
@@ -228,7 +230,8 @@ static void usage(FILE *f)
 "                        process), ring, mpi (MPI_Iallreduce), hierarchical\n"
 "                        (within hosts, then across), or auto (per bucket,\n"
 "                        by measured alpha-beta, among those with the tree's\n"
-"                        bytes)\n"
+"                        bytes); with --simulate: the all-reduce costed\n"
+"                        (default there: ring)\n"
 "  --compress MODE       how the gradients travel between replicas: none\n"
 "                        (default), bf16, fp16, topk:RATIO (e.g. topk:0.01,\n"
 "                        with error feedback) or powersgd:RANK (e.g.\n"
@@ -307,11 +310,14 @@ static void usage(FILE *f)
 "                        1, 3, 6, 12); each stage holds ceil(log2(G / R))\n"
 "                        more gradient copies\n"
 "  --tensor-parallel T   split each stage's tp=-marked layers over T ranks,\n"
-"                        threads of this process (docs/parallelism.md): CPU,\n"
-"                        one process, no clipping, no --resume/--rebalance;\n"
+"                        threads of this process, or processes under mpirun\n"
+"                        -np S*R*T (docs/parallelism.md): CPU, no --rebalance;\n"
+"                        clipping and --checkpoint-dir/--resume in one process\n"
+"                        only;\n"
 "                        within rounding of T = 1, the same bits for every\n"
 "                        stage count, schedule and replica count at one T\n"
-"  --parallel auto       search stages x replicas x threads x micro-batches x\n"
+"  --parallel auto       search stages x replicas x tensor degree (graphs with\n"
+"                        tp= marks) x threads x micro-batches x\n"
 "                        schedule x recomputation for the fastest layout that\n"
 "                        fits --memory-budget, print it and its runners-up,\n"
 "                        then train with it (with --plan: print only); flags\n"
@@ -874,28 +880,28 @@ static int parse_args(int argc, char **argv, options *o)
         return bad_usage("%s", "--servers and --staleness apply to --sync ps");
     if (o->sync_set && !o->servers_set) o->ps_servers = 1;
     if (o->sync_set) {
-        const char *no = world <= 1 ? "runs under mpirun only (the servers are processes of their own: mpirun "
-                                      "-np S*R+K)"
+        const char *no = world <= 1 && !o->simulate ? "runs under mpirun only (the servers are processes of "
+                                                      "their own: mpirun -np S*R+K)"
                          : o->replicas < 2 ? "needs --replicas 2 or more"
-                         : o->clip > 0 ? "does not support --clip-grad-norm yet"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
-                         : o->checkpoint_dir || o->resume ? "does not checkpoint or resume yet (the servers' "
-                                                           "optimizer state is not saved): no --checkpoint-dir "
-                                                           "or --resume"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
                          : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
                                                                   "all-reduce"
-                         : o->link_bandwidth > 0 || o->link_latency > 0 ? "does not throttle the servers' "
-                                                                          "messages yet: no --link-bandwidth or "
-                                                                          "--link-latency"
                          : o->device && strcmp(o->device, "cpu") ? "runs on the CPU only"
                          : NULL;
         if (no) return bad_usage("--sync ps %s", no);
     }
     /* Under mpirun the processes are the workers (and the servers, the last K). */
     if (o->stages == 0) {
-        const int wk = world - o->ps_servers;
-        o->stages = wk > 0 && wk % o->replicas == 0 ? wk / o->replicas : 1;
+        const int wk = world - o->ps_servers, rt = o->replicas * (o->tensor_parallel > 1 ? o->tensor_parallel : 1);
+        if (world > 1 && rt > 1 && (wk <= 0 || wk % rt != 0)) {
+            fprintf(stderr, "pipeline-run: mpirun -np %d%s is not a multiple of --replicas %d x --tensor-parallel %d "
+                    "(the processes are stages x replicas x tensor-parallel ranks; docs/distributed.md, \"Rank "
+                    "layout\")\n", wk, o->ps_servers > 0 ? " less --servers" : "", o->replicas,
+                    o->tensor_parallel > 1 ? o->tensor_parallel : 1);
+            return 2;
+        }
+        o->stages = wk > 0 && wk % rt == 0 ? wk / rt : 1;
     }
     if (o->overlap_steps > 1) {
         const char *no = world > 1 ? "runs in one process only (not under mpirun)"
@@ -904,8 +910,8 @@ static int parse_args(int argc, char **argv, options *o)
                          : NULL;
         if (no) return bad_usage("--overlap-steps %s", no);
     }
-    if (o->allreduce_set && world <= 1)
-        return bad_usage("%s", "--allreduce applies to runs under mpirun only");
+    if (o->allreduce_set && world <= 1 && !o->simulate)
+        return bad_usage("%s", "--allreduce applies to runs under mpirun (and to --simulate) only");
     if (o->simulate + o->plan + (o->generate != NULL) > 1)
         return bad_usage("%s", "--simulate, --plan and --generate are separate modes; give one");
     if (o->calibrate && !o->simulate)
@@ -950,11 +956,6 @@ static int parse_args(int argc, char **argv, options *o)
         else
             fprintf(stderr, "pipeline-run: --batch %lld is not divisible by --micro-batches %d\n",
                     (long long)o->batch, o->micro_batches);
-        return 2;
-    }
-    if (o->tensor_parallel > 1 && o->parallel) {
-        fprintf(stderr, "pipeline-run: --tensor-parallel with --parallel auto: the layout search holds T = 1 "
-                "only (docs/parallelism.md)\n");
         return 2;
     }
     if (pw_grad_groups(o->grad_groups, o->replicas, o->micro_batches, NULL) < 0)
@@ -1268,8 +1269,8 @@ static int metrics_rebalance(pw_pipeline_metrics *mx, const pr_rebalance_event *
     }
     if (!ev->moved) return 0;
     pw_metrics_move_rec m = {
-        .step = ev->step, .forced = ev->forced, .revert = ev->revert, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
-        .n_cuts = ev->n_cuts, .predicted_gain = ev->forced ? NAN : ev->predicted_gain,
+        .step = ev->step, .forced = ev->forced, .revert = ev->revert, .refine = ev->refine, .old_cuts = ev->old_cuts, .new_cuts = ev->new_cuts,
+        .n_cuts = ev->n_cuts, .predicted_gain = ev->forced || ev->refine ? NAN : ev->predicted_gain,
         .step_ms_before = ev->forced ? NAN : 1e3 * ev->measured_step_s,
         .predicted_step_ms = ev->forced ? NAN : 1e3 * ev->predicted_step_s, .move_ms = 1e3 * ev->move_s,
         .moved_bytes = (int64_t)ev->bytes,
@@ -1287,7 +1288,8 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     }
     pw_mpi_config mc = {.n_ranks = o->stages, .n_replicas = o->replicas, .allreduce = o->allreduce,
                         .watchdog_s = o->watchdog_s, .link_latency_s = o->link_latency,
-                        .link_bandwidth = o->link_bandwidth, .n_servers = o->ps_servers};
+                        .link_bandwidth = o->link_bandwidth, .n_servers = o->ps_servers,
+                        .n_tensor = o->tensor_parallel};
     /* MPI start-up waits for every process before the watchdog exists: a
      * process that never arrives ends the wait after the watchdog's time
      * (at least 10 s: starting MPI on a loaded machine takes seconds). */
@@ -1301,11 +1303,19 @@ static int start_mpi(int *argc, char ***argv, options *o, int world)
     }
     if (g_mpi->server >= 0)
         snprintf(g_who, sizeof g_who, "MPI rank %d (server %d): ", g_mpi->world_rank, g_mpi->server);
+    else if (g_mpi->n_tp > 1)
+        snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d, tensor rank %d): ", g_mpi->world_rank,
+                 g_mpi->replica, g_mpi->rank, g_mpi->tp_rank);
     else
         snprintf(g_who, sizeof g_who, "MPI rank %d (replica %d, stage %d): ", g_mpi->world_rank, g_mpi->replica,
                  g_mpi->rank);
     atexit(report_early_exit);
     if (g_mpi->world_rank != 0) o->quiet = 2; /* only rank 0 talks */
+    else if (!o->quiet && g_mpi->n_tp > 1)
+        printf("pipeline-run: MPI: %d processes = %d stage%s x %d replica%s x %d tensor-parallel ranks (rank w runs "
+               "replica w / %d, stage (w / %d) %% %d, tensor rank w %% %d); %s\n", g_mpi->world_size, o->stages,
+               o->stages > 1 ? "s" : "", o->replicas, o->replicas > 1 ? "s" : "", g_mpi->n_tp,
+               o->stages * g_mpi->n_tp, g_mpi->n_tp, o->stages, g_mpi->n_tp, g_mpi->desc);
     else if (!o->quiet)
         printf("pipeline-run: MPI: %d processes = %d stage%s x %d replica%s (rank w runs replica w / %d, "
                "stage w %% %d); %s\n", g_mpi->world_size, o->stages, o->stages > 1 ? "s" : "", o->replicas,
@@ -1336,7 +1346,7 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
     if (pw_schedule_kind_parse(o->schedule, kind) == PW_OK && *kind != PW_SCHEDULE_CUSTOM) return 0;
     if (access(o->schedule, R_OK) != 0) {
         fprintf(stderr, "pipeline-run: %s--schedule: '%s' is not gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
-                "zb-auto, auto or a readable CSV file\n", g_who, o->schedule);
+                "zb-auto, dualpipev, auto or a readable CSV file\n", g_who, o->schedule);
         return 2;
     }
     *csv = o->schedule;
@@ -1346,8 +1356,8 @@ static int resolve_schedule(const options *o, pw_schedule_kind *kind, const char
 /* --stages not given: parse_args guessed the core count (/ --replicas) or
  * the GPU count; lower it to the most stages this graph can make. A run
  * cuts the graph into stages x V chunks of at least one node each (V, the
- * chunks per rank: interleaved's --chunks-per-rank or 2, zb-v 2, others
- * 1), so at most n_nodes / V stages; each replica is a whole pipeline, so
+ * chunks per rank: interleaved's --chunks-per-rank or 2, zb-v and dualpipev
+ * 2, others 1), so at most n_nodes / V stages; each replica is a whole pipeline, so
  * replicas do not change the bound. --schedule auto is bounded at V = 1
  * (its candidates with more chunks than nodes say "not applicable"). A CSV
  * schedule fixes the stage count (and, unless given, the micro-batches)
@@ -1359,7 +1369,7 @@ static int default_stages(const pw_graph *g, options *o)
     pw_schedule_kind kind;
     int V = o->chunks_per_rank > 0 ? o->chunks_per_rank : 1;
     if (pw_schedule_kind_parse(o->schedule, &kind) == PW_OK && kind != PW_SCHEDULE_CUSTOM) {
-        if (kind == PW_SCHEDULE_ZB_V) V = 2;
+        if (kind == PW_SCHEDULE_ZB_V || kind == PW_SCHEDULE_DUALPIPE_V) V = 2;
         else if (kind == PW_SCHEDULE_INTERLEAVED && !o->chunks_per_rank) V = 2;
     } else if (strcmp(o->schedule, "auto") != 0) {
         pw_schedule *s = NULL;
@@ -1412,6 +1422,11 @@ static pw_forecast_config forecast_config(const pw_graph *g, const options *o, d
     /* The link carries the replicas' all-reduce too (as the throttle of a run does). */
     if (o->link_bandwidth > 0) fc.allreduce_bandwidth = o->link_bandwidth;
     if (o->link_set) fc.link_latency_s = o->link_latency;
+    /* The replicas' sum as the run would do it (--simulate: the ring unless
+     * --allreduce says otherwise, as before --allreduce existed). */
+    if (o->allreduce_set) fc.allreduce_algo = o->allreduce;
+    fc.compress = o->compress;
+    if (o->sync_set) fc.ps_servers = o->ps_servers;
     fc.optim_state_floats = o->optim.kind == PW_OPTIM_ADAMW ? 2 : 1;
     return fc;
 }
@@ -1521,6 +1536,10 @@ static void print_forecast(const pw_forecast *f, const pw_forecast_config *fc)
     if (fc->memory_budget > 0)
         printf("  memory budget %.1f MiB per stage: %s\n", (double)fc->memory_budget / MiB,
                f->fits ? "fits" : "does NOT fit");
+    if (fc->tensor > 1)
+        printf("  tensor        T = %d per stage (one rank's figures above); its all-reduces %.3f ms per micro-batch "
+               "(the busiest stage, F and B)%s%s\n", fc->tensor, f->tp_time * 1e3, fc->topology ? ", " : "",
+               fc->topology ? pw_link_class_name((pw_link_class)f->tp_cls) : "");
     if (fc->replicas > 1)
         printf("  all-reduce    %.3f ms per step across %d replicas (stage %d, the slowest%s%s)\n",
                f->allreduce_time * 1e3, fc->replicas, f->allreduce_stage, fc->topology ? "; ring " : "",
@@ -1542,10 +1561,34 @@ static int run_simulate(const pw_graph *g, const options *o)
     pw_forecast_config fc = forecast_config(g, o, o->flops_per_s);
     if ((rc = one_budget(o, &fc.memory_budget)) != 0) return rc;
     fc.schedule = kind;
+    /* Tensor parallelism: one rank's graph (the last rank's, the largest
+     * parts) cut at the whole graph's FLOP cuts (pw_forecast_config.tensor). */
+    pw_graph *rank_g = NULL;
+    pw_partition tp_part = {0};
+    if (o->tensor_parallel > 1) {
+        const int C = o->stages * (kind == PW_SCHEDULE_ZB_V ? 2
+                                   : kind == PW_SCHEDULE_INTERLEAVED ? (o->chunks_per_rank > 0 ? o->chunks_per_rank : 2)
+                                                                      : 1);
+        if (is_auto) {
+            fprintf(stderr, "pipeline-run: --simulate --tensor-parallel takes a schedule kind, not auto\n");
+            return 2;
+        }
+        if (pw_graph_tp_rank(g, o->tensor_parallel, o->tensor_parallel - 1, &rank_g) != PW_OK ||
+            pw_partition_make(g, C, PW_PARTITION_FLOPS, &tp_part) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --simulate --tensor-parallel %d: %s\n", o->tensor_parallel, pw_last_error());
+            pw_graph_destroy(rank_g);
+            return 1;
+        }
+        fc.graph = rank_g;
+        fc.tensor = o->tensor_parallel;
+        fc.cuts = tp_part.begin;
+    }
     if (o->calibrate) {
         double step = 0;
         if (pw_forecast_calibrate(&fc, &fc.flops_per_s, &step) != PW_OK) {
             fprintf(stderr, "pipeline-run: --calibrate: %s\n", pw_last_error());
+            pw_graph_destroy(rank_g);
+            pw_partition_free(&tp_part);
             return 1;
         }
         printf("pipeline-run: --calibrate: a one-stage step of %d micro-batches of %lld takes %.3f ms here: "
@@ -1561,7 +1604,8 @@ static int run_simulate(const pw_graph *g, const options *o)
          * hosts, the other classes keep their defaults (docs/schedules.md). */
         if (pw_topology_load_spec(o->topology, &topo) != PW_OK) {
             fprintf(stderr, "pipeline-run: --topology: %s\n", pw_last_error());
-            return 1;
+            rc = 1;
+            goto out;
         }
         fc.topology = topo;
         if (o->link_bandwidth > 0) fc.host_bandwidth = o->link_bandwidth;
@@ -1610,6 +1654,8 @@ out:
     pw_forecast_free(&f);
     pw_trace_destroy(tr);
     if (topo) hwloc_topology_destroy(topo);
+    pw_graph_destroy(rank_g);
+    pw_partition_free(&tp_part);
     return rc;
 }
 
@@ -1800,6 +1846,7 @@ static int choose_parallel(const pw_graph *g, options *o)
     pw_layout_space *p = &rq.pins;
     p->stages = o->stages_default ? 0 : o->stages;
     p->replicas = o->replicas_set ? o->replicas : 0;
+    p->tensor = o->tensor_parallel;
     p->threads = o->threads;
     p->micro_batches = o->micro_set ? o->micro_batches : 0;
     p->chunks_per_rank = o->chunks_per_rank;
@@ -1816,6 +1863,7 @@ static int choose_parallel(const pw_graph *g, options *o)
     o->stages = l.stages;
     o->stages_default = 0;
     o->replicas = l.replicas;
+    o->tensor_parallel = l.tensor > 1 ? l.tensor : 0;
     o->threads = l.threads;
     o->micro_batches = l.micro_batches;
     o->micro_set = 1;
@@ -1930,7 +1978,8 @@ static int open_resume(run *r, char *note, size_t n)
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world, note, n);
+    /* The workers' count: --sync ps's servers are not replicas. */
+    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world - r->o.ps_servers, note, n);
     if (rc) {
         pw_state_close(r->resume);
         r->resume = NULL;
@@ -2056,15 +2105,19 @@ static int restore_and_checkpoints(run *r)
         if (pw_state_restore(r->resume, r->t, o->replicas) != PW_OK) return fail("--resume: ");
         if (!o->quiet)
             printf("pipeline-run: resumed from %s: step %lld (epoch %lld, %lld of its steps done); written by "
-                   "pipewright %s on %d stage%s x %d replica%s, schedule %s, %d process%s\n", m->path,
+                   "pipewright %s on %d stage%s x %d replica%s%s%.0d, schedule %s, %d process%s\n", m->path,
                    (long long)m->step, (long long)m->epoch + 1, (long long)m->step_in_epoch, m->version,
                    m->layout.stages, m->layout.stages > 1 ? "s" : "", m->layout.replicas,
-                   m->layout.replicas > 1 ? "s" : "", m->layout.schedule, m->layout.processes,
-                   m->layout.processes > 1 ? "es" : "");
-        if (o->compress.kind == PW_COMPRESS_TOPK || o->compress.kind == PW_COMPRESS_POWERSGD)
+                   m->layout.replicas > 1 ? "s" : "", m->layout.tensor_parallel > 1 ? " x T " : "",
+                   m->layout.tensor_parallel > 1 ? m->layout.tensor_parallel : 0, m->layout.schedule,
+                   m->layout.processes, m->layout.processes > 1 ? "es" : "");
+        /* --compress: the error-feedback state where the checkpoint has it. */
+        char why[600];
+        if (pw_state_restore_compress(r->resume, r->t, why, sizeof why) != PW_OK) return fail("--resume: ");
+        if (why[0])
             fprintf(stderr, "pipeline-run: --resume with --compress %s: the error-feedback state (residuals%s) "
-                    "is not in checkpoints; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
-                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "");
+                    "is not restored: %s; it starts again from zero\n", o->compress.kind == PW_COMPRESS_TOPK
+                    ? "topk" : "powersgd", o->compress.kind == PW_COMPRESS_POWERSGD ? ", Q" : "", why);
     }
     if (!o->checkpoint_dir) return 0;
     static char extra[320];
@@ -2231,7 +2284,8 @@ static void print_progress(const run *r, int64_t i, int epoch_done, double *last
         return;
     char eta[32], norm[48] = "";
     fmt_time((double)(r->total - i - 1) * (double)o->batch / rate, eta, sizeof eta);
-    if (o->clip > 0) snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
+    if (o->clip > 0 && pw_pipeline_grad_norm(r->t) >= 0) /* --sync ps: the server's, not known here */
+        snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
     const int64_t n_epochs = (r->total + r->spe - 1) / r->spe;
     printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "
            "ETA %s%s", r->tty ? "\r\033[K" : "", (long long)r->s.epoch + 1, (long long)n_epochs,

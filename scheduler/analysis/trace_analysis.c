@@ -75,6 +75,7 @@ static inline void acc(ta *s, int64_t *d, int64_t x)
 static int classify(const char *name, const char *cat, int8_t *wk)
 {
     *wk = WK_NONE;
+    if (!strcmp(name, "TP_ALLREDUCE") || !strcmp(cat, "tp")) return CLS_TP;
     if (!strncmp(name, "wait", 4) || !strcmp(cat, "wait")) {
         if (strstr(name, "RECV")) *wk = WK_RECV;
         else if (strstr(name, "ALLREDUCE") || strstr(name, "allreduce") || strstr(name, "all-reduce"))
@@ -388,6 +389,7 @@ static void times_add(ta *s, pw_ta_times *d, const pw_ta_times *x)
     acc(s, &d->wait_comm, x->wait_comm);
     acc(s, &d->wait_other, x->wait_other);
     acc(s, &d->exposed_allreduce, x->exposed_allreduce);
+    acc(s, &d->tp_allreduce, x->tp_allreduce);
     for (int k = 0; k < 3; k++) d->n_actions[k] += x->n_actions[k];
 }
 
@@ -426,12 +428,16 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     for (size_t i = 0; i < n; i++) ord[i] = s->keys[i].idx;
 
     int64_t st0 = INT64_MAX, st1 = INT64_MIN, e0 = INT64_MAX, e1 = INT64_MIN;
-    int64_t first_b = INT64_MAX, first_w = INT64_MAX, last_f = INT64_MIN;
+    int64_t first_b = INT64_MAX, first_w = INT64_MAX, last_f = INT64_MIN, tp_ns = 0;
     for (size_t i = 0; i < n; i++) {
         const ta_ev *e = &ev[i];
         if (e->cls == CLS_STEP) {
             if (e->t0 < st0) st0 = e->t0;
             if (e->t1 > st1) st1 = e->t1;
+            continue;
+        }
+        if (e->cls == CLS_TP) { /* inside an F, B or W: its time on its own line */
+            tp_ns += e->t1 - e->t0;
             continue;
         }
         if (e->t0 < e0) e0 = e->t0;
@@ -455,7 +461,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     bd[nb++] = w0;
     for (size_t i = 0; i < n; i++) { /* in order, so usually already sorted */
         const ta_ev *e = &ev[ord[i]];
-        if (e->cls == CLS_STEP) continue;
+        if (e->cls == CLS_STEP || e->cls == CLS_TP) continue;
         bd[nb++] = e->t0;
         bd[nb++] = e->t1;
     }
@@ -471,6 +477,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
     pw_ta_times times;
     memset(&times, 0, sizeof times);
     pw_ta_times *t = &times;
+    t->tp_allreduce = tp_ns;
     int64_t head_ns = 0, tail_ns = 0;
     const int skipped = !s->detail && step_skipped(s, g->step);
 
@@ -482,7 +489,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
         size_t k = 0;
         for (size_t i = 0; i < n; i++) {
             const ta_ev *e = &ev[ord[i]];
-            if (e->cls == CLS_STEP) continue;
+            if (e->cls == CLS_STEP || e->cls == CLS_TP) continue;
             pw_ta_event *o = &dr->ev[k];
             o->rank = r;
             o->cls = (pw_ta_class)e->cls;
@@ -509,7 +516,7 @@ static pw_status reduce(ta *s, int r, ta_group *g)
         /* Enter events starting at or before x; drop the finished ones. */
         const size_t n_ord = dr ? dr->n_ev : n;
         while (next < n_ord && ev[ord[next]].t0 <= x) {
-            if (ev[ord[next]].cls != CLS_STEP) act[na++] = (int)next;
+            if (ev[ord[next]].cls != CLS_STEP && ev[ord[next]].cls != CLS_TP) act[na++] = (int)next;
             next++;
         }
         size_t k = 0;
@@ -841,6 +848,10 @@ pw_status ta_ingest(ta *s, const pw_trace_record *rec)
             a->allreduce_bytes += rec->bytes;
             a->allreduce_wire_bytes += rec->has & PW_TREC_WIRE_BYTES ? rec->wire_bytes : rec->bytes;
             if (rec->has & PW_TREC_WIRE_BYTES) a->allreduce_compressed = 1;
+        }
+        if (e.cls == CLS_TP) {
+            s->a->tp_allreduce_n++;
+            s->a->tp_allreduce_bytes += rec->ph == 'X' ? rec->bytes : 0;
         }
     }
     return add_event(s, r, &e, step, off0, line0, rec->offset);

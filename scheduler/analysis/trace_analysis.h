@@ -95,6 +95,9 @@ typedef struct pw_ta_times {
     int64_t wait_comm;                  /* idle inside "wait RECV_*" events */
     int64_t wait_other;                 /* idle inside other wait events (data, ...) */
     int64_t exposed_allreduce;          /* idle inside all-reduce waits + ALLREDUCE actions */
+    int64_t tp_allreduce;               /* inside tensor-parallel all-reduces (TP_ALLREDUCE
+                                           events, cat "tp"): part of F, B and W's busy
+                                           time, which they run inside, not added to it */
     int64_t n_actions[3];               /* F, B, W events */
 } pw_ta_times;
 
@@ -262,6 +265,11 @@ typedef struct pw_trace_analysis {
     int64_t allreduce_wire_bytes; /* on the wire: args.wire_bytes where the run
                                      compressed (--compress), else args.bytes */
     int allreduce_compressed;     /* 1: some ALLREDUCE carried wire_bytes */
+
+    /* Tensor parallelism's cross-rank sums inside F, B and W: the
+     * TP_ALLREDUCE events of every step (skip_steps does not apply). */
+    int64_t tp_allreduce_n;
+    int64_t tp_allreduce_bytes;   /* their floats × 4 */
 } pw_trace_analysis;
 
 typedef struct pw_trace_analysis_config {

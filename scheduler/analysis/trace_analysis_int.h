@@ -13,6 +13,9 @@
 #include "runtime/trace_read.h"
 
 #define CLS_STEP 100            /* a "step" event: defines the rank's span */
+#define CLS_TP 101              /* a tensor-parallel all-reduce ("TP_ALLREDUCE", cat "tp"): nested
+                                   inside an F, B or W, so it takes no part in the sweep; its
+                                   time is counted on its own (pw_ta_times.tp_allreduce) */
 #define MAX_NAMES (1 << 16)     /* distinct event names kept; more share "(other)" */
 
 enum { WK_NONE = 0, WK_RECV, WK_ALLREDUCE, WK_OTHER };

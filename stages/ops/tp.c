@@ -6,13 +6,17 @@
 #include <math.h>
 #include <string.h>
 
+#include "runtime/trace.h" /* pw_now_ns */
 #include "stages/ops/cpu/ops.h"
 
 pw_status pw_tp_allreduce(const pw_tp *tp, float *x, int64_t n)
 {
     if (tp->size <= 1) return PW_OK;
     pw_span sp = {x, n};
-    return pw_coll_allreduce(&tp->coll, &sp, 1, tp->abort);
+    const int64_t t0 = tp->on_sum ? pw_now_ns() : 0;
+    pw_status st = pw_coll_allreduce(&tp->coll, &sp, 1, tp->abort);
+    if (tp->on_sum && st == PW_OK) tp->on_sum(tp->on_sum_arg, t0, pw_now_ns(), n * (int64_t)sizeof(float));
+    return st;
 }
 
 double pw_tp_tree_sum_d(double *v, int T)

@@ -84,6 +84,12 @@ typedef struct pw_tp {
     int size;                 /* T >= 1 */
     pw_coll coll;             /* the group's endpoint, coll.member == rank (unused at T = 1) */
     const atomic_int *abort;  /* may be NULL: see runtime/collective.h "Aborting" */
+    /* (optional) told of every cross-rank sum once it returns, on the
+     * rank's thread: when it began and ended (pw_now_ns) and the bytes
+     * summed; the training driver records it in the trace (a TP_ALLREDUCE
+     * event, runtime/trace.h). */
+    void (*on_sum)(void *arg, int64_t t0_ns, int64_t t1_ns, int64_t bytes);
+    void *on_sum_arg;
 } pw_tp;
 
 /* Rank k's part of a dimension of length L over T ranks: [*lo, *hi). */

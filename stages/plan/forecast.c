@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "graph/partition.h"
+#include "runtime/link.h"
 #include "runtime/trace.h"
 #include "stages/program/program.h"
 
@@ -23,6 +24,7 @@ pw_forecast_config pw_forecast_defaults(void)
     c.link_bandwidth = 10e9;
     c.allreduce_bandwidth = 10e9;
     c.optim_state_floats = 1;
+    c.allreduce_algo = PW_ALLREDUCE_RING;
     c.gpus = PW_PLACE_GPUS_AUTO;
     c.host_latency_s = -1;
     c.host_bandwidth = -1;
@@ -30,6 +32,46 @@ pw_forecast_config pw_forecast_defaults(void)
 }
 
 /* ------------------------------------------------- placement and links */
+
+/* One all-reduce of chunk [b, e)'s parameters across the replicas over a
+ * link of latency `lat` and bandwidth `bw` (0: unlimited), with the
+ * configured algorithm and compression (pw_compress_model). */
+static double replica_sum_s(const pw_forecast_config *c, int b, int e, double lat, double bw)
+{
+    const pw_graph *g = c->graph;
+    int64_t numel[256], rows[256];
+    int n = 0;
+    double extra = 0.0; /* tensors past the local arrays: fp32 at the ring's cost */
+    for (int i = b; i < e; i++) {
+        const pw_node *nd = &g->nodes[i];
+        for (int k = 0; k < nd->n_params; k++) {
+            const pw_param *pp = &g->params[nd->params[k]];
+            if (pp->owner != i) continue; /* a tied use: summed with its owner */
+            const int64_t m = pw_shape_numel(&pp->shape);
+            if (n < 256) {
+                numel[n] = m;
+                rows[n++] = pp->shape.ndim >= 2 ? pp->shape.d[0] : 0;
+            } else {
+                extra += pw_sim_ring_allreduce(4 * m, c->replicas, 0.0, bw);
+            }
+        }
+    }
+    const pw_link l = {.latency_s = lat, .bandwidth = bw};
+    const int hosts = c->hosts > 0 ? c->hosts : c->replicas;
+    if (c->ps_servers > 0) {
+        double bytes = 0.0;
+        for (int i = 0; i < n; i++) bytes += 4.0 * (double)numel[i];
+        const double inv_b = bw > 0 ? 1.0 / bw : 0.0;
+        return bytes * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat + extra;
+    }
+    if (c->allreduce_algo != PW_ALLREDUCE_AUTO)
+        return pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, c->allreduce_algo).link_s +
+               extra;
+    /* auto: the faster of its candidates that give the tree's bytes. */
+    const double t = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_TREE).link_s;
+    const double h = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_HIER).link_s;
+    return (h > 0 && h < t ? h : t) + extra;
+}
 
 static const char *const link_names[PW_LINK_N] = {
     "same core/GPU", "same NUMA node", "same package", "across packages", "across hosts",
@@ -62,13 +104,17 @@ void pw_link_default(pw_link_class c, int on_gpus, double *latency, double *band
 }
 
 /* The forecast's ranks (rank = replica * S + stage) on the topology, which is
- * repeated when it has too few slots (forecast.h, "Hosts"). */
+ * repeated when it has too few slots (forecast.h, "Hosts"). With T
+ * tensor-parallel ranks per stage each rank takes T consecutive slots:
+ * slot (replica * S + stage) * T + t, placed as a pipeline of S x T stages,
+ * so a tensor-parallel group shares a host whenever the host's slots are a
+ * multiple of T. */
 typedef struct fplace {
-    int S, R;
+    int S, R, T;
     pw_placement *pl;     /* one copy's placement */
     int copies;
-    int *host;            /* [S*R] host index, 0 .. n_hosts-1 */
-    int *local;           /* [S*R] index into pl->ranks */
+    int *host;            /* [S*R*T] host index, 0 .. n_hosts-1 */
+    int *local;           /* [S*R*T] index into pl->ranks */
     int n_hosts;
     double lat[PW_LINK_N], bw[PW_LINK_N];
 } fplace;
@@ -104,7 +150,7 @@ static int cmp_int(const void *a, const void *b)
 static pw_status fplace_make(const pw_forecast_config *c, fplace *fp)
 {
     memset(fp, 0, sizeof *fp);
-    const int S = c->stages, R = c->replicas;
+    const int T = c->tensor > 1 ? c->tensor : 1, S = c->stages * T, R = c->replicas;
     const int64_t N = (int64_t)S * R;
     pw_status st;
     pw_place_config probe = {.n_stages = 1, .n_replicas = 1, .gpus = c->gpus};
@@ -115,8 +161,9 @@ static pw_status fplace_make(const pw_forecast_config *c, fplace *fp)
     if (slots < 1) return pw_error(PW_ERR_UNSUPPORTED, "forecast: the topology has no cores to place on");
     if (N > (int64_t)1 << 26)
         return pw_error(PW_ERR_INVALID_ARG, "forecast: %lld ranks are too many to place", (long long)N);
-    fp->S = S;
+    fp->S = c->stages;
     fp->R = R;
+    fp->T = T;
     fp->host = malloc((size_t)N * sizeof *fp->host);
     fp->local = malloc((size_t)N * sizeof *fp->local);
     int *copy = malloc((size_t)N * sizeof *copy);
@@ -187,7 +234,13 @@ fail:
     return st;
 }
 
-/* The class of the link between global ranks a and b. */
+/* Slot of tensor rank t of stage s of replica r. */
+static int64_t slot_of(const fplace *fp, int r, int s, int t)
+{
+    return ((int64_t)r * fp->S + s) * fp->T + t;
+}
+
+/* The class of the link between slots a and b. */
 static pw_link_class classify(const fplace *fp, int64_t a, int64_t b)
 {
     if (fp->host[a] != fp->host[b]) return PW_LINK_HOSTS;
@@ -202,14 +255,16 @@ static pw_link_class classify(const fplace *fp, int64_t a, int64_t b)
     return x->numa >= 0 && x->numa == y->numa ? PW_LINK_NUMA : PW_LINK_PACKAGE;
 }
 
-/* The slowest class of the link stage a -> stage b over the replicas. */
+/* The slowest class of the link stage a -> stage b over the replicas (and
+ * tensor ranks: rank t of one stage sends to rank t of the next). */
 static pw_link_class stage_link(const fplace *fp, int a, int b)
 {
     pw_link_class worst = PW_LINK_SAME_DEVICE;
-    for (int r = 0; r < fp->R; r++) {
-        pw_link_class cl = classify(fp, (int64_t)r * fp->S + a, (int64_t)r * fp->S + b);
-        if (cl > worst) worst = cl;
-    }
+    for (int r = 0; r < fp->R; r++)
+        for (int t = 0; t < fp->T; t++) {
+            pw_link_class cl = classify(fp, slot_of(fp, r, a, t), slot_of(fp, r, b, t));
+            if (cl > worst) worst = cl;
+        }
     return worst;
 }
 
@@ -222,14 +277,29 @@ static void link_params(void *ctx, int src, int dst, double *latency, double *ba
     *bandwidth = fp->bw[cl];
 }
 
-/* Stage s's ring over its replicas: the class of its slowest hop. */
+/* Stage s's ring over its replicas (one per tensor rank): the class of its
+ * slowest hop. */
 static pw_link_class ring_link(const fplace *fp, int s)
 {
     pw_link_class worst = PW_LINK_SAME_DEVICE;
-    for (int r = 0; r < fp->R; r++) {
-        pw_link_class cl = classify(fp, (int64_t)r * fp->S + s, (int64_t)((r + 1) % fp->R) * fp->S + s);
-        if (cl > worst) worst = cl;
-    }
+    for (int r = 0; r < fp->R; r++)
+        for (int t = 0; t < fp->T; t++) {
+            pw_link_class cl = classify(fp, slot_of(fp, r, s, t), slot_of(fp, (r + 1) % fp->R, s, t));
+            if (cl > worst) worst = cl;
+        }
+    return worst;
+}
+
+/* Stage s's tensor-parallel group (its T ranks, a ring): the class of its
+ * slowest hop over the replicas. */
+static pw_link_class tp_link(const fplace *fp, int s)
+{
+    pw_link_class worst = PW_LINK_SAME_DEVICE;
+    for (int r = 0; r < fp->R; r++)
+        for (int t = 0; t < fp->T; t++) {
+            pw_link_class cl = classify(fp, slot_of(fp, r, s, t), slot_of(fp, r, s, (t + 1) % fp->T));
+            if (cl > worst) worst = cl;
+        }
     return worst;
 }
 
@@ -238,9 +308,11 @@ static void describe_placement(const pw_forecast_config *c, const fplace *fp, ch
     const pw_placement *pl = fp->pl;
     const int slots = pl->on_gpus ? pl->n_gpus : pl->n_cores;
     const char *unit = pl->on_gpus ? "GPU" : pl->cores_are_pus ? "PU" : "core";
-    int len = snprintf(buf, n, "%lld ranks (%d stage%s x %d replica%s) on %d host%s",
-                       (long long)c->stages * c->replicas, c->stages, c->stages > 1 ? "s" : "",
-                       c->replicas, c->replicas > 1 ? "s" : "", fp->n_hosts, fp->n_hosts > 1 ? "s" : "");
+    int len = snprintf(buf, n, "%lld ranks (%d stage%s x %d replica%s", (long long)c->stages * c->replicas * fp->T,
+                       c->stages, c->stages > 1 ? "s" : "", c->replicas, c->replicas > 1 ? "s" : "");
+    if (len > 0 && (size_t)len < n && fp->T > 1) len += snprintf(buf + len, n - (size_t)len, " x T %d", fp->T);
+    if (len > 0 && (size_t)len < n)
+        len += snprintf(buf + len, n - (size_t)len, ") on %d host%s", fp->n_hosts, fp->n_hosts > 1 ? "s" : "");
     if (len < 0 || (size_t)len >= n) return;
     if (fp->copies > 1)
         snprintf(buf + len, n - (size_t)len, ": the topology (%d %s%s) taken %d times", slots, unit,
@@ -253,7 +325,7 @@ static void describe_placement(const pw_forecast_config *c, const fplace *fp, ch
 
 static int chunks_per_rank(const pw_forecast_config *c)
 {
-    if (c->schedule == PW_SCHEDULE_ZB_V) return 2;
+    if (c->schedule == PW_SCHEDULE_ZB_V || c->schedule == PW_SCHEDULE_DUALPIPE_V) return 2;
     if (c->schedule == PW_SCHEDULE_INTERLEAVED) return c->chunks_per_rank > 0 ? c->chunks_per_rank : 2;
     return 1;
 }
@@ -274,6 +346,33 @@ static int *last_uses(const pw_graph *g)
     return last;
 }
 
+/* The tensor-parallel all-reduces node i of a rank graph takes part in, per
+ * sample: *fwd and *bwd bytes summed, *nf and *nb counted. A tp=row linear
+ * and a tp=vocab embedding sum their output forward; a tp=column linear
+ * sums its input's gradient backward (the Megatron pair's two); the
+ * softmax cross-entropy over split logits gathers five floats per row
+ * forward (costed as an all-reduce of that many bytes per rank). */
+static void tp_collectives(const pw_graph *g, int i, double *fwd, double *bwd, int *nf, int *nb)
+{
+    const pw_node *nd = &g->nodes[i];
+    const pw_value *o = &g->values[nd->output];
+    const double out_bytes = (double)pw_dtype_size(o->dtype) * (double)pw_shape_numel(&o->shape);
+    if ((nd->op == PW_OP_LINEAR && nd->attrs.tp == PW_TP_ROW) ||
+        (nd->op == PW_OP_EMBEDDING && nd->attrs.tp == PW_TP_VOCAB)) {
+        *fwd += out_bytes;
+        (*nf)++;
+    } else if (nd->op == PW_OP_LINEAR && nd->attrs.tp == PW_TP_COLUMN && nd->n_inputs > 0) {
+        const pw_value *in = &g->values[nd->inputs[0]];
+        *bwd += (double)pw_dtype_size(in->dtype) * (double)pw_shape_numel(&in->shape);
+        (*nb)++;
+    } else if (nd->op == PW_OP_SOFTMAX_XENT && nd->n_inputs > 0 && g->values[nd->inputs[0]].tp_full > 0) {
+        const pw_value *lg = &g->values[nd->inputs[0]];
+        const int64_t last = lg->shape.ndim > 0 ? lg->shape.d[lg->shape.ndim - 1] : 1;
+        *fwd += 5.0 * 4.0 * (double)(pw_shape_numel(&lg->shape) / (last > 0 ? last : 1)) * g->tp_size;
+        (*nf)++;
+    }
+}
+
 pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
 {
     memset(out, 0, sizeof *out);
@@ -281,6 +380,10 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         c->micro_batch_size < 1 || !(c->flops_per_s > 0))
         return pw_error(PW_ERR_INVALID_ARG, "forecast: graph, stages, replicas, micro-batches, "
                         "micro-batch size and compute rate must all be positive");
+    const int T = c->tensor > 1 ? c->tensor : 1;
+    if (T > 1 && c->graph->tp_size != T)
+        return pw_error(PW_ERR_INVALID_ARG, "forecast: tensor parallelism %d needs one rank's graph of %d "
+                        "(pw_graph_tp_rank), not graph '%s'", T, T, c->graph->name);
     const pw_graph *g = c->graph;
     const int v = chunks_per_rank(c), S = c->stages, C = S * v;
     const double mbs = (double)c->micro_batch_size;
@@ -292,6 +395,7 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     pw_sim_chunk_cost *cost = NULL;
     int64_t *fixed = NULL; /* per rank: params + grads + optimizer state */
     double *ar = NULL;     /* per rank: all-reduce seconds per step */
+    double *tp_rank = NULL; /* per rank: tensor-parallel all-reduce seconds per micro-batch */
     fplace fp = {0};
 
     int *last = NULL;
@@ -316,13 +420,14 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     cost = calloc((size_t)C, sizeof *cost);
     fixed = calloc((size_t)S, sizeof *fixed);
     ar = calloc((size_t)S, sizeof *ar);
+    tp_rank = calloc((size_t)S, sizeof *tp_rank);
     out->peak_memory = calloc((size_t)S, sizeof(int64_t));
     out->peak_inflight = calloc((size_t)S, sizeof(int));
     out->cuts = calloc((size_t)C + 1, sizeof(int));
     out->chunk_rank = calloc((size_t)C, sizeof(int));
     out->chunk_inflight = calloc((size_t)C, sizeof(int));
     last = last_uses(g);
-    if (!cost || !fixed || !ar || !out->peak_memory || !out->peak_inflight || !out->cuts ||
+    if (!cost || !fixed || !ar || !tp_rank || !out->peak_memory || !out->peak_inflight || !out->cuts ||
         !out->chunk_rank || !out->chunk_inflight || !last) {
         st = pw_error(PW_ERR_NOMEM, "forecast: out of memory");
         goto out;
@@ -352,21 +457,44 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         }
         cost[ch].f = f * mbs / c->flops_per_s;
         cost[ch].b = (bi + (c->recompute ? f : 0.0)) * mbs / c->flops_per_s;
+        const int rank0 = pw_schedule_rank_of(s, ch);
+        if (T > 1) {
+            /* The tensor-parallel all-reduces: a ring over the stage's T
+             * ranks per collective, inside F and B (B repeats F's with
+             * recomputation). */
+            double lat = c->link_latency_s, bw = c->link_bandwidth;
+            if (fp.pl) {
+                pw_link_class cl = tp_link(&fp, rank0);
+                lat = fp.lat[cl];
+                bw = fp.bw[cl];
+                if ((int)cl > out->tp_cls) out->tp_cls = (int)cl;
+            }
+            double tf = 0, tb = 0;
+            for (int i = b; i < e; i++) {
+                double fb = 0, bb = 0;
+                int nf = 0, nb = 0;
+                tp_collectives(g, i, &fb, &bb, &nf, &nb);
+                if (nf) tf += nf * pw_sim_ring_allreduce((int64_t)(fb / nf * mbs), T, lat, bw);
+                if (nb) tb += nb * pw_sim_ring_allreduce((int64_t)(bb / nb * mbs), T, lat, bw);
+            }
+            cost[ch].f += tf;
+            cost[ch].b += tb + (c->recompute ? tf : 0.0);
+            tp_rank[rank0] += tf + tb + (c->recompute ? tf : 0.0);
+        }
         cost[ch].w = bw * mbs / c->flops_per_s;
         /* The optimizer: about 4 FLOPs per parameter element (4 bytes each). */
         cost[ch].optim = 4.0 * ((double)params / 4.0) / c->flops_per_s;
         if (c->grad_groups > 1 && c->group_pass_bandwidth > 0) /* counted with the update */
             cost[ch].optim += (c->grad_groups - 1) * (double)params / c->group_pass_bandwidth;
-        const int rank = pw_schedule_rank_of(s, ch);
+        const int rank = rank0;
         cost[ch].allreduce = 0.0;
         if (c->replicas > 1 && fp.pl) {
             /* A ring over this stage's replicas, at its slowest hop. */
             pw_link_class cl = ring_link(&fp, rank);
-            cost[ch].allreduce = pw_sim_ring_allreduce(params, c->replicas, fp.lat[cl], fp.bw[cl]);
+            cost[ch].allreduce = replica_sum_s(c, b, e, fp.lat[cl], fp.bw[cl]);
             if (cost[ch].allreduce > 0 && (int)cl > out->allreduce_cls) out->allreduce_cls = (int)cl;
         } else if (c->replicas > 1) {
-            cost[ch].allreduce = pw_sim_ring_allreduce(params, c->replicas, c->link_latency_s,
-                                                       c->allreduce_bandwidth);
+            cost[ch].allreduce = replica_sum_s(c, b, e, c->link_latency_s, c->allreduce_bandwidth);
         }
         ar[rank] += cost[ch].allreduce * sc.n_buckets;
         cost[ch].msg_bytes = ch + 1 < C ? (int64_t)(msg * mbs) : 0;
@@ -420,6 +548,7 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
     out->fits = 1;
     for (int r = 0; r < S; r++) {
         if (ar[r] > out->allreduce_time) out->allreduce_time = ar[r], out->allreduce_stage = r;
+        if (tp_rank[r] > out->tp_time) out->tp_time = tp_rank[r];
         out->peak_memory[r] = fixed[r] + res->ranks[r].peak_act_bytes;
         out->peak_inflight[r] = rep->peak_inflight[r];
         if (c->memory_budget > 0 && out->peak_memory[r] > c->memory_budget) out->fits = 0;
@@ -434,6 +563,7 @@ out:
     free(cost);
     free(fixed);
     free(ar);
+    free(tp_rank);
     fplace_free(&fp);
     return st;
 }
@@ -468,7 +598,7 @@ pw_status pw_forecast_auto(const pw_forecast_config *cfg, pw_forecast *best, FIL
     static const struct { pw_schedule_kind kind; int v; } cand[] = {
         {PW_SCHEDULE_GPIPE, 1},       {PW_SCHEDULE_1F1B, 1},        {PW_SCHEDULE_INTERLEAVED, 2},
         {PW_SCHEDULE_INTERLEAVED, 4}, {PW_SCHEDULE_ZB_H1, 1},       {PW_SCHEDULE_ZB_H2, 1},
-        {PW_SCHEDULE_ZB_V, 2},
+        {PW_SCHEDULE_ZB_V, 2},        {PW_SCHEDULE_DUALPIPE_V, 2},
     };
     memset(best, 0, sizeof *best);
     int have = 0;

@@ -59,8 +59,10 @@
 #include <stdio.h>
 
 #include "graph/graph.h"
+#include "runtime/compress.h"
 #include "runtime/status.h"
 #include "runtime/topology.h"
+#include "runtime/transport.h"
 #include "runtime/trace.h"
 #include "scheduler/schedule.h"
 #include "scheduler/simulate.h"
@@ -103,7 +105,7 @@ typedef struct pw_forecast_config {
     int micro_batches;
     int64_t micro_batch_size;   /* samples */
     pw_schedule_kind schedule;
-    int chunks_per_rank;        /* v for interleaved (0 = 2); ZB-V uses 2 */
+    int chunks_per_rank;        /* v for interleaved (0 = 2); ZB-V and DualPipeV use 2 */
     int split_w;                /* GPipe/1F1B only */
     int memory_limit;           /* zb-auto's (pw_schedule_config); 0: 2p */
     double flops_per_s;         /* compute rate of one rank */
@@ -135,6 +137,33 @@ typedef struct pw_forecast_config {
     double host_latency_s;      /* with a topology: links across hosts; < 0 (as
                                  * pw_forecast_defaults sets it): the default */
     double host_bandwidth;      /* likewise (bytes/s; 0 = infinite); < 0: the default */
+    /* The replicas' gradient sum (replicas > 1): its algorithm
+     * (pw_forecast_defaults: the ring), the hosts the
+     * replicas span for the hierarchical one (0: one replica per host), and
+     * the compression (kind none: fp32). Costed by pw_compress_model on each
+     * chunk's parameter tensors over the all-reduce's link. */
+    pw_allreduce_algo allreduce_algo;
+    int hosts;
+    pw_compress_config compress;
+    /* > 0: the replicas synchronise through this many parameter servers
+     * instead (--sync ps): per step a worker's link carries its gradients
+     * out and a server's link the parameters of its shard to each of the R
+     * workers, G/B + R·G/(K·B) + 2 latencies for a chunk of G bytes (the
+     * servers' own update and the workers' waits are not in it). */
+    int ps_servers;
+    /* Tensor parallelism: T ranks per stage (0 or 1: none). `graph` is then
+     * one rank's graph (pw_graph_tp_rank(full, T, T - 1, ...): the last rank
+     * holds the largest parts), so every FLOP, parameter and activation
+     * above is one rank's; `cuts` (when given) are the full graph's (the
+     * nodes are the same). Each rank takes its own slot of the placement,
+     * a stage's T ranks consecutive (slot (replica x S + stage) x T + t),
+     * and every tensor-parallel collective of a chunk's nodes (a tp=row
+     * linear's and a tp=vocab embedding's output forward, a tp=column
+     * linear's input gradient backward, the vocabulary-parallel
+     * cross-entropy's five floats per row forward) is a ring all-reduce
+     * over the T ranks at the class of the group's slowest hop (without a
+     * topology: link_latency_s and link_bandwidth), added to F and B. */
+    int tensor;
 } pw_forecast_config;
 
 pw_forecast_config pw_forecast_defaults(void);
@@ -154,6 +183,10 @@ typedef struct pw_forecast {
     double allreduce_time;      /* s: the slowest stage's gradient all-reduce (0 for
                                  * one replica) */
     int allreduce_stage;        /* ... that stage */
+    double tp_time;             /* s per micro-batch: the busiest stage's tensor-parallel
+                                 * all-reduces, F and B (0 at T = 1) */
+    int tp_cls;                 /* with a topology: the class of the slowest tensor-parallel
+                                 * group's slowest hop */
     /* With a topology only (0 / NULL / "" without): */
     int n_hosts;                /* hosts the placement spans */
     int on_gpus;                /* ranks run on GPUs */

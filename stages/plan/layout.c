@@ -96,10 +96,17 @@ static pw_status check_space(const pw_layout_space *sp)
     if (!sp || sp->batch < 1 || sp->processes < 1 || sp->n_nodes < 1 || sp->cores < 0)
         return pw_error(PW_ERR_INVALID_ARG, "layout: a batch, a process count and the graph's node count "
                         "are needed (each >= 1)");
-    if (sp->max_tensor > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "layout: tensor parallelism (T = %d) is not built yet; the "
-                        "search takes T = 1", sp->max_tensor);
+    if (sp->max_tensor < 0 || sp->tensor < 0)
+        return pw_error(PW_ERR_INVALID_ARG, "layout: a tensor-parallel degree must not be negative");
     return PW_OK;
+}
+
+/* Whether T is a tensor degree of the space: the pinned one, else 1, or a
+ * divisor of the process count up to max_tensor. */
+static int tensor_ok(const pw_layout_space *sp, int T)
+{
+    if (sp->tensor > 0) return T == sp->tensor;
+    return T == 1 || (T <= sp->max_tensor && sp->processes % T == 0);
 }
 
 pw_status pw_layout_enumerate(const pw_layout_space *sp, pw_layout **out, int *n_out)
@@ -115,36 +122,40 @@ pw_status pw_layout_enumerate(const pw_layout_space *sp, pw_layout **out, int *n
         if (sp->stages > 0 && S != sp->stages) continue;
         for (int R = 1; S * R <= sp->processes; R++) {
             if ((sp->replicas > 0 && R != sp->replicas) || sp->batch % R) continue;
-            const int ranks = S * R; /* x T, which is 1 */
-            if (sp->cores > 0 && ranks > sp->cores) continue;
-            int tc[32];
-            const int nt = thread_counts(sp, ranks, tc);
-            for (int ti = 0; ti < nt; ti++)
-                for (int M = 1; M <= maxM && M <= sp->batch / R; M++) {
-                    if ((sp->batch / R) % M || (sp->micro_batches > 0 && M != sp->micro_batches)) continue;
-                    for (int k = 0; k < N_KINDS; k++) {
-                        const int vv = schedule_v(sp, S, k);
-                        if (!vv || S * vv > sp->n_nodes) continue;
-                        for (int r = 0; r <= 1; r++) {
-                            if (rc >= 0 && r != rc) continue;
-                            pw_layout l = {.stages = S, .replicas = R, .tensor = 1, .threads = tc[ti],
-                                           .micro_batches = M, .schedule = kinds[k].kind,
-                                           .chunks_per_rank = vv, .recompute = r};
-                            if (push(&v, &n, &cap, l)) {
-                                free(v);
-                                return pw_error(PW_ERR_NOMEM, "layout: out of memory");
+            for (int T = 1; S * R * T <= sp->processes; T++) {
+                if (!tensor_ok(sp, T)) continue;
+                const int ranks = S * R * T;
+                if (sp->cores > 0 && ranks > sp->cores) continue;
+                int tc[32];
+                const int nt = thread_counts(sp, ranks, tc);
+                for (int ti = 0; ti < nt; ti++)
+                    for (int M = 1; M <= maxM && M <= sp->batch / R; M++) {
+                        if ((sp->batch / R) % M || (sp->micro_batches > 0 && M != sp->micro_batches)) continue;
+                        for (int k = 0; k < N_KINDS; k++) {
+                            const int vv = schedule_v(sp, S, k);
+                            if (!vv || S * vv > sp->n_nodes) continue;
+                            for (int r = 0; r <= 1; r++) {
+                                if (rc >= 0 && r != rc) continue;
+                                pw_layout l = {.stages = S, .replicas = R, .tensor = T, .threads = tc[ti],
+                                               .micro_batches = M, .schedule = kinds[k].kind,
+                                               .chunks_per_rank = vv, .recompute = r};
+                                if (push(&v, &n, &cap, l)) {
+                                    free(v);
+                                    return pw_error(PW_ERR_NOMEM, "layout: out of memory");
+                                }
                             }
                         }
                     }
-                }
+            }
         }
     }
     if (n == 0)
         return pw_error(PW_ERR_INVALID_ARG, "layout: no layout of batch %lld on %d process%s%s%s satisfies "
-                        "the fixed axes (stages %d, replicas %d, threads %d, micro-batches %d; 0 = searched; "
-                        "replicas x micro-batches must divide the batch%s)", (long long)sp->batch,
+                        "the fixed axes (stages %d, replicas %d, tensor %d, threads %d, micro-batches %d; 0 = "
+                        "searched; replicas x micro-batches must divide the batch%s)", (long long)sp->batch,
                         sp->processes, sp->processes > 1 ? "es" : "", sp->cores ? " and cores " : "",
-                        sp->cores ? "given" : "", sp->stages, sp->replicas, sp->threads, sp->micro_batches,
+                        sp->cores ? "given" : "", sp->stages, sp->replicas, sp->tensor, sp->threads,
+                        sp->micro_batches,
                         sp->cores ? ", ranks x threads fit the cores" : "");
     *out = v;
     *n_out = n;
@@ -402,7 +413,19 @@ const char *pw_layout_why_lost(const pw_layout_result *res, const pw_layout_entr
     int len = 0;
     const double bub = x->bubble * x->step_time - b->bubble * b->step_time;
     const double compute = (1 - x->bubble) * x->step_time - (1 - b->bubble) * b->step_time;
+    /* Tensor-parallel all-reduces per step of the busiest stage (they sit
+     * inside F and B, so inside `compute`). */
+    const double tp = x->tp_allreduce * e->layout.micro_batches - b->tp_allreduce * res->best.micro_batches;
+    const int crosses = x->tp_link == PW_LINK_HOSTS && b->tp_link != PW_LINK_HOSTS;
     if (x->step_time == b->step_time) len = snprintf(buf, n, "as fast; uses more memory or comes later");
+    else if (tp > 0 && tp >= 0.5 * (x->step_time - b->step_time) && crosses)
+        len = snprintf(buf, n, "T = %d crosses a node: all-reduce %.3g ms per micro-batch", e->layout.tensor,
+                       1e3 * x->tp_allreduce);
+    else if (tp > 0 && tp >= 0.5 * (x->step_time - b->step_time))
+        len = snprintf(buf, n, "T = %d: tensor-parallel all-reduce %.3g ms per micro-batch (%s; the choice: %.3g)",
+                       e->layout.tensor, 1e3 * x->tp_allreduce,
+                       x->tp_link >= 0 ? pw_link_class_name((pw_link_class)x->tp_link) : "in process",
+                       1e3 * b->tp_allreduce);
     else if (bub >= compute && bub > 0)
         len = snprintf(buf, n, "bubble %.1f%% (the choice: %.1f%%)", 100 * x->bubble, 100 * b->bubble);
     else if (x->rate > 0 && b->rate > 0 && x->rate < 0.99 * b->rate)
@@ -428,8 +451,13 @@ pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, 
             "the choice's), %d never costed (memory lower bound above the budget), %d not applicable\n",
             res->n_entries, res->n_entries > 1 ? "s" : "", res->n_costed, res->n_skipped_time,
             res->n_skipped_memory, res->n_failed);
-    fprintf(f, "  tensor parallelism is not built yet: every candidate has T = 1 (T is an axis of the "
-            "search once tensor-parallel ops exist)\n");
+    int most_t = 1;
+    for (int i = 0; i < res->n_entries; i++)
+        if (res->entries[i].layout.tensor > most_t) most_t = res->entries[i].layout.tensor;
+    if (most_t == 1)
+        fprintf(f, "  tensor parallelism: T = 1 only (the graph marks no op tp=, or T was fixed)\n");
+    else
+        fprintf(f, "  tensor parallelism: T up to %d (the divisors of the rank count)\n", most_t);
     fprintf(f, "chose %s\n", pw_layout_describe(l, d, sizeof d));
     const int ranks = l->stages * l->replicas * l->tensor;
     fprintf(f, "  %d rank%s (%d stage%s x %d replica%s x T %d), %d thread%s each\n", ranks, ranks > 1 ? "s" : "",
@@ -438,6 +466,10 @@ pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, 
     fprintf(f, "  predicted step %.3f ms, bubble %.1f%%", 1e3 * c->step_time, 100 * c->bubble);
     if (c->rate > 0) fprintf(f, ", compute %.3g FLOP/s per rank", c->rate);
     if (c->allreduce > 0) fprintf(f, ", all-reduce %.3f ms", 1e3 * c->allreduce);
+    if (l->tensor > 1)
+        fprintf(f, "\n  tensor-parallel all-reduce %.3f ms per micro-batch (the busiest stage, F and B), %s",
+                1e3 * c->tp_allreduce,
+                c->tp_link >= 0 ? pw_link_class_name((pw_link_class)c->tp_link) : "ranks of this process");
     fprintf(f, "\n  memory per rank: %s (the largest), budget %s\n", pw_format_bytes((double)c->memory, a, sizeof a),
             res->budget > 0 ? pw_format_bytes((double)res->budget, b, sizeof b) : "none");
     if (rank_memory && n_ranks > 0) {
@@ -446,6 +478,7 @@ pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, 
             fprintf(f, " stage %d %s%s", r, pw_format_bytes((double)rank_memory[r], a, sizeof a),
                     r + 1 < n_ranks && r < 15 ? "," : "");
         if (n_ranks > 16) fprintf(f, " ... (%d stages)", n_ranks);
+        if (l->tensor > 1) fprintf(f, " (each of a stage's %d tensor ranks)", l->tensor);
         fprintf(f, "\n");
     }
     int shown = 0;
@@ -484,12 +517,28 @@ typedef struct chunk_sums {
     int *begin;                  /* [C + 1] the cuts */
 } chunk_sums;
 
+/* The graph as one rank of T sees it: T = 1 the graph itself; T > 1 its
+ * last rank's graph (pw_graph_tp_rank: the largest parts), made on first
+ * use. Node k is the same node in both, so the FLOP cuts of the whole
+ * graph apply to it. */
+typedef struct tp_view {
+    int T;
+    pw_graph *rank_g;            /* owned; NULL at T = 1 */
+    const pw_graph *g;           /* what is costed: the graph or rank_g */
+    int refused;                 /* the graph does not split into T (why) */
+    char why[320];
+    double flops_sample;         /* f + b + w per sample */
+    double param_bytes;          /* each parameter (or part) once */
+    double act_sample;           /* activation bytes stashed per sample, every node */
+    chunk_sums *sums;            /* [n_nodes + 1], by C; C = 0 unused */
+} tp_view;
+
 struct pw_layout_forecaster {
     pw_layout_forecast_config c;
     double flops_sample;         /* f + b + w per sample, the whole graph */
     double param_bytes;          /* each parameter once */
-    double act_sample;           /* activation bytes stashed per sample, every node */
-    chunk_sums *sums;            /* [n_nodes + 1], by C; C = 0 unused */
+    tp_view *views;              /* [n_views]; views[0] is T = 1 */
+    int n_views, cap_views;
     rate_entry *rates;
     int n_rates, cap_rates;
     double measure_s;            /* time spent measuring */
@@ -514,30 +563,80 @@ pw_status pw_layout_forecaster_create(const pw_layout_forecast_config *c, pw_lay
     pw_layout_forecaster *f = calloc(1, sizeof *f);
     if (!f) return pw_error(PW_ERR_NOMEM, "layout: out of memory");
     f->c = *c;
-    f->sums = calloc((size_t)c->graph->n_nodes + 1, sizeof *f->sums);
-    if (!f->sums) {
+    f->views = calloc(4, sizeof *f->views);
+    if (!f->views || !(f->views[0].sums = calloc((size_t)c->graph->n_nodes + 1, sizeof *f->views[0].sums))) {
+        free(f->views);
         free(f);
         return pw_error(PW_ERR_NOMEM, "layout: out of memory");
     }
+    f->cap_views = 4;
+    f->n_views = 1;
+    tp_view *v = &f->views[0];
+    v->T = 1;
+    v->g = c->graph;
     pw_op_cost oc;
     pw_graph_total_cost(c->graph, &oc);
-    f->flops_sample = oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight;
-    f->param_bytes = (double)oc.param_bytes;
-    f->act_sample = (double)oc.act_bytes;
+    v->flops_sample = f->flops_sample = oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight;
+    v->param_bytes = f->param_bytes = (double)oc.param_bytes;
+    v->act_sample = (double)oc.act_bytes;
     *out = f;
     return PW_OK;
+}
+
+/* The view of T (made on first use); NULL when out of memory. A graph
+ * that does not split into T gives a view with `refused` set. */
+static tp_view *view_of(pw_layout_forecaster *f, int T)
+{
+    for (int i = 0; i < f->n_views; i++)
+        if (f->views[i].T == T) return &f->views[i];
+    if (f->n_views == f->cap_views) {
+        tp_view *p = realloc(f->views, (size_t)(2 * f->cap_views) * sizeof *p);
+        if (!p) return NULL;
+        f->views = p;
+        f->cap_views *= 2;
+    }
+    const pw_graph *g = f->c.graph;
+    tp_view *v = &f->views[f->n_views];
+    memset(v, 0, sizeof *v);
+    v->T = T;
+    if (!(v->sums = calloc((size_t)g->n_nodes + 1, sizeof *v->sums))) return NULL;
+    f->n_views++;
+    if (!pw_graph_tp_marked(g)) {
+        v->refused = 1;
+        snprintf(v->why, sizeof v->why, "graph '%s' marks no op to split (tp=column, tp=row or tp=vocab)",
+                 g->name);
+        return v;
+    }
+    if (pw_graph_tp_rank(g, T, T - 1, &v->rank_g) != PW_OK) {
+        v->refused = 1;
+        snprintf(v->why, sizeof v->why, "%s", pw_last_error());
+        pw_clear_error();
+        return v;
+    }
+    v->g = v->rank_g;
+    pw_op_cost oc;
+    pw_graph_total_cost(v->g, &oc);
+    v->flops_sample = oc.flops_fwd + oc.flops_bwd_input + oc.flops_bwd_weight;
+    v->param_bytes = (double)oc.param_bytes;
+    v->act_sample = (double)oc.act_bytes;
+    return v;
 }
 
 void pw_layout_forecaster_destroy(pw_layout_forecaster *f)
 {
     if (!f) return;
-    for (int C = 0; f->c.graph && C <= f->c.graph->n_nodes; C++) {
-        free(f->sums[C].work);
-        free(f->sums[C].fwd);
-        free(f->sums[C].params);
-        free(f->sums[C].begin);
+    for (int i = 0; i < f->n_views; i++) {
+        tp_view *v = &f->views[i];
+        for (int C = 0; v->sums && C <= f->c.graph->n_nodes; C++) {
+            free(v->sums[C].work);
+            free(v->sums[C].fwd);
+            free(v->sums[C].params);
+            free(v->sums[C].begin);
+        }
+        free(v->sums);
+        pw_graph_destroy(v->rank_g);
     }
-    free(f->sums);
+    free(f->views);
     free(f->rates);
     free(f);
 }
@@ -630,13 +729,23 @@ static double rank_rate(pw_layout_forecaster *f, const pw_layout *l)
     return (f->flops_sample * (double)mbs * M + f->param_bytes) / (e->micro_s * M + e->optim_s);
 }
 
-static const chunk_sums *sums_for(pw_layout_forecaster *f, int C)
+/* View v's FLOP sums over the whole graph's FLOP partition into C chunks. */
+static const chunk_sums *sums_for(pw_layout_forecaster *f, tp_view *v, int C)
 {
-    chunk_sums *s = &f->sums[C];
+    chunk_sums *s = &v->sums[C];
     if (s->work) return s;
-    const pw_graph *g = f->c.graph;
+    if (v->refused) return NULL;
+    const pw_graph *g = v->g;
     pw_partition part;
-    if (pw_partition_make(g, C, PW_PARTITION_FLOPS, &part) != PW_OK) return NULL;
+    if (v->T > 1) { /* the cuts of T = 1 */
+        const chunk_sums *one = sums_for(f, &f->views[0], C);
+        if (!one) return NULL;
+        memset(&part, 0, sizeof part);
+        if (!(part.begin = malloc(sizeof(int) * ((size_t)C + 1)))) return NULL;
+        memcpy(part.begin, one->begin, sizeof(int) * ((size_t)C + 1));
+    } else if (pw_partition_make(g, C, PW_PARTITION_FLOPS, &part) != PW_OK) {
+        return NULL;
+    }
     s->work = calloc((size_t)C, sizeof *s->work);
     s->fwd = calloc((size_t)C, sizeof *s->fwd);
     s->params = calloc((size_t)C, sizeof *s->params);
@@ -673,14 +782,17 @@ static void fc_bound(void *ctx, const pw_layout *l, double *step_lb, int64_t *me
     pw_layout_forecaster *f = ctx;
     *step_lb = 0;
     *memory_lb = 0;
+    tp_view *v = view_of(f, l->tensor);
+    if (!v || v->refused) return; /* its cost fails */
     const int S = l->stages, C = S * l->chunks_per_rank;
     const double state = 2 + pw_optim_state_floats(f->c.optim);
     /* ... and one micro-batch of its chunks' activations (outputs and saved
      * statistics), which a stage holds once even with recomputation (in
-     * its shared copy). */
-    *memory_lb = (int64_t)floor((f->param_bytes * state + f->act_sample * (double)micro_size(f, l)) / S);
+     * its shared copy). At T > 1 all of it is one tensor rank's (its rank
+     * graph's), and the all-reduces only add to the step. */
+    *memory_lb = (int64_t)floor((v->param_bytes * state + v->act_sample * (double)micro_size(f, l)) / S);
     const double rate = rank_rate(f, l);
-    const chunk_sums *s = C <= f->c.graph->n_nodes ? sums_for(f, C) : NULL;
+    const chunk_sums *s = C <= f->c.graph->n_nodes ? sums_for(f, v, C) : NULL;
     if (!(rate > 0) || !s) return;
     const double samples = (double)micro_size(f, l) * l->micro_batches;
     double total = 0, most = 0;
@@ -697,10 +809,12 @@ static void fc_bound(void *ctx, const pw_layout *l, double *step_lb, int64_t *me
     if (*step_lb < 0) *step_lb = 0;
 }
 
-static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const pw_layout *l, double rate)
+static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const tp_view *v, const pw_layout *l,
+                                          double rate)
 {
     pw_forecast_config fc = pw_forecast_defaults();
-    fc.graph = f->c.graph;
+    fc.graph = v->g;
+    fc.tensor = l->tensor;
     fc.stages = l->stages;
     fc.replicas = l->replicas;
     fc.micro_batches = l->micro_batches;
@@ -724,6 +838,8 @@ static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const pw_layo
 static pw_status rank_memory(pw_layout_forecaster *f, const pw_layout *l, const pw_forecast *fo, double rate,
                              int64_t *mem, int n)
 {
+    const tp_view *v = view_of(f, l->tensor); /* made by forecast_layout */
+    if (!v || v->refused) return pw_error(PW_ERR_INTERNAL, "layout: no view of T = %d", l->tensor);
     pw_partition_config pc;
     memset(&pc, 0, sizeof pc);
     pc.n_stages = fo->n_chunks;
@@ -740,7 +856,7 @@ static pw_status rank_memory(pw_layout_forecaster *f, const pw_layout *l, const 
     pw_grad_groups(f->c.grad_groups, l->replicas, l->micro_batches, &K);
     while ((1 << pc.grad_sum_copies) < K) pc.grad_sum_copies++;
     pw_partition part;
-    PW_CHECK(pw_partition_evaluate(f->c.graph, &pc, fo->cuts, &part));
+    PW_CHECK(pw_partition_evaluate(v->g, &pc, fo->cuts, &part));
     for (int r = 0; r < n; r++) mem[r] = 0;
     for (int ch = 0; ch < fo->n_chunks; ch++) {
         const int r = fo->chunk_rank[ch];
@@ -752,14 +868,15 @@ static pw_status rank_memory(pw_layout_forecaster *f, const pw_layout *l, const 
 
 static pw_status forecast_layout(pw_layout_forecaster *f, const pw_layout *l, pw_forecast *fo, double *rate)
 {
-    if (l->tensor != 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "layout: tensor parallelism (T = %d) is not built yet", l->tensor);
+    tp_view *v = l->tensor >= 1 ? view_of(f, l->tensor) : NULL;
+    if (!v) return pw_error(PW_ERR_NOMEM, "layout: out of memory (T = %d)", l->tensor);
+    if (v->refused) return pw_error(PW_ERR_UNSUPPORTED, "layout: T = %d: %s", l->tensor, v->why);
     *rate = rank_rate(f, l);
     if (!(*rate > 0)) return pw_error(PW_ERR_INVALID_ARG, "layout: no compute rate for %d threads at "
                                       "micro-batch %lld", l->threads, (long long)micro_size(f, l));
-    pw_forecast_config fc = layout_forecast(f, l, *rate);
+    pw_forecast_config fc = layout_forecast(f, v, l, *rate);
     const int C = l->stages * l->chunks_per_rank;
-    const chunk_sums *s = C >= 1 && C <= f->c.graph->n_nodes ? sums_for(f, C) : NULL;
+    const chunk_sums *s = C >= 1 && C <= f->c.graph->n_nodes ? sums_for(f, v, C) : NULL;
     if (s) fc.cuts = s->begin; /* the same FLOP partition, made once */
     return pw_forecast_run(&fc, fo);
 }
@@ -779,6 +896,8 @@ static pw_status fc_cost(void *ctx, const pw_layout *l, pw_layout_cost *out)
         out->bubble = fo.bubble;
         out->rate = rate;
         out->allreduce = fo.allreduce_time;
+        out->tp_allreduce = fo.tp_time;
+        out->tp_link = l->tensor > 1 && f->c.topology ? fo.tp_cls : -1;
         for (int r = 0; r < l->stages; r++)
             if (mem[r] > out->memory) out->memory = mem[r];
     }

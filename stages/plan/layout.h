@@ -23,17 +23,18 @@
  * The axes (pw_layout):
  *   S  pipeline stages (ranks of one pipeline), each running v chunks;
  *   R  data-parallel replicas (whole pipelines, batch / R samples each);
- *   T  tensor-parallel degree: the ranks that would split each stage's
- *      layers. Tensor-parallel ops are not built yet, so the space holds
- *      T = 1 only (a request for more is PW_ERR_UNSUPPORTED); the struct,
- *      the rank count S x R x T and the printout already carry it, so the
- *      search takes it as one more axis once the ops exist;
+ *   T  tensor-parallel degree: the ranks that split each stage's layers
+ *      marked tp= (docs/parallelism.md, "Tensor parallelism"); searched
+ *      over the divisors of `processes` up to max_tensor, which a caller
+ *      sets above 1 only for a graph with tp marks (pw_graph_tp_marked):
+ *      a graph without marks never gets T > 1;
  *   threads per rank (CPU ranks): the kernel team of each rank;
  *   M  micro-batches per replica (batch / (R x M) samples each);
  *   schedule (every built-in kind, interleaved at v = 2 and 4, zb-v at 2);
  *   recomputation off / on.
  *
- * The space (pw_layout_enumerate): S x R x T ranks at most `processes`;
+ * The space (pw_layout_enumerate): S x R x T ranks at most `processes`, T
+ * dividing `processes` (or pinned);
  * on CPUs ranks x threads at most `cores` (no core time-shared), and with a
  * shared team (ranks that are threads of one process, which share one CPU
  * team: pw_cpu_set_threads) several ranks run one thread each; R x M
@@ -59,7 +60,12 @@
  * each thread count and micro-batch size, or given), the discrete-event
  * simulator for the schedule's step, links and all-reduce rings from the
  * placement on a topology, and memory from the partitioner's exact model
- * (graph/partition.h: the sizes pw_program allocates).
+ * (graph/partition.h: the sizes pw_program allocates). At T > 1 all of it
+ * is one tensor rank's: its rank graph (pw_graph_tp_rank, the last rank's,
+ * whose parts are the largest) gives the FLOPs, the parameters (split ones
+ * divided, the rest whole) and the activations, and the forecast adds
+ * each split pair's all-reduces (one in F, one in B per micro-batch) as
+ * rings over the stage's T ranks at their link class on the placement.
  *
  * Thread safety: none of these objects may be used by two threads at once;
  * the forecaster's measurements set the CPU team size (pw_cpu_set_threads)
@@ -85,7 +91,7 @@ extern "C" {
 typedef struct pw_layout {
     int stages;                  /* S */
     int replicas;                /* R */
-    int tensor;                  /* T: 1 until tensor-parallel ops exist */
+    int tensor;                  /* T tensor-parallel ranks per stage */
     int threads;                 /* CPU kernel threads per rank (1 on GPUs) */
     int micro_batches;           /* M per replica */
     pw_schedule_kind schedule;
@@ -103,6 +109,10 @@ typedef struct pw_layout_cost {
     double rate;                 /* FLOP/s per rank it was costed at; 0: unknown */
     double allreduce;            /* s per step in gradient all-reduce (0: one replica) */
     int64_t memory;              /* bytes: the largest rank's need */
+    double tp_allreduce;         /* s per micro-batch in tensor-parallel all-reduces,
+                                    F and B, the busiest stage (0 at T = 1) */
+    int tp_link;                 /* T > 1 on a topology: its slowest hop's link class
+                                    (pw_link_class, stages/plan/forecast.h); -1 unknown */
 } pw_layout_cost;
 
 /* A cost model. cost: PW_OK and *out, or an error (the candidate is then
@@ -126,9 +136,10 @@ typedef struct pw_layout_space {
                                     1 thread */
     int n_nodes;                 /* the graph's nodes: S x v chunks at most this */
     int max_micro_batches;       /* 0: 64 */
-    int max_tensor;              /* 0 or 1: T = 1 (tensor parallelism is not built) */
+    int max_tensor;              /* the largest T searched (divisors of processes);
+                                    0 or 1: T = 1 only (a graph without tp marks) */
     /* Pinned axes: > 0 takes only that value (recompute: -1 searches both). */
-    int stages, replicas, threads, micro_batches, chunks_per_rank;
+    int stages, replicas, tensor, threads, micro_batches, chunks_per_rank;
     int schedule_pinned;         /* 1: only `schedule` */
     pw_schedule_kind schedule;
     int recompute;               /* -1 both, 0 off, 1 on */
@@ -140,8 +151,7 @@ pw_layout_space pw_layout_space_defaults(void);
 /* Every candidate of the space, in enumeration order (S, R, T, threads,
  * M, schedule and v, recompute, each ascending). PW_OK: *out is a new
  * array (free()) of *n >= 1. PW_ERR_INVALID_ARG: a bad space or one that
- * is empty, saying why ("--batch 6 is not divisible by 4 replicas");
- * PW_ERR_UNSUPPORTED: max_tensor > 1. */
+ * is empty, saying why ("--batch 6 is not divisible by 4 replicas"). */
 pw_status pw_layout_enumerate(const pw_layout_space *sp, pw_layout **out, int *n);
 
 /* One candidate as the search saw it. */
@@ -197,15 +207,17 @@ void pw_layout_result_free(pw_layout_result *res); /* accepts a zeroed result */
 pw_status pw_layout_cost_more(const pw_layout_model *m, pw_layout_result *res, int k);
 
 /* Why candidate e lost to the choice, in a few words: "over the memory
- * budget (needs 3.1 GiB)", "bubble 20.1% (the choice: 4.0%)", "compute
- * at 1.9e+10 FLOP/s per rank (the choice: 2.4e+10)", "all-reduce 3.1 ms
- * per step", or "slower by 3.2%". */
+ * budget (needs 3.1 GiB)", "T = 16 crosses a node: all-reduce 3.1 ms per
+ * micro-batch", "tensor-parallel all-reduce 1.2 ms per micro-batch (the
+ * choice: 0.4)", "bubble 20.1% (the choice: 4.0%)", "compute at 1.9e+10
+ * FLOP/s per rank (the choice: 2.4e+10)", "all-reduce 3.1 ms per step",
+ * or "more work per rank". */
 const char *pw_layout_why_lost(const pw_layout_result *res, const pw_layout_entry *e, char *buf,
                                size_t n);
 
 /* The choice, its predicted step, samples/s and memory (per rank when
  * rank_memory [n_ranks] is given, e.g. from pw_layout_forecaster_memory),
- * the axis it could not search (T), then up to `runners_up` costed
+ * its tensor-parallel all-reduce, then up to `runners_up` costed
  * candidates after it with why each lost, and how many were never costed
  * and why. PW_ERR_IO. */
 pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up,
@@ -240,8 +252,11 @@ pw_status pw_layout_forecaster_create(const pw_layout_forecast_config *c, pw_lay
 void pw_layout_forecaster_destroy(pw_layout_forecaster *f); /* accepts NULL */
 
 /* The model over f (valid while f lives). Its cost: pw_forecast_run of the
- * layout (S stages, R replicas, M micro-batches of batch / (R x M), the
- * schedule, recomputation) at the rank's rate; memory: the partitioner's
+ * layout (S stages, R replicas, T tensor ranks over the rank graph, M
+ * micro-batches of batch / (R x M), the schedule, recomputation) at the
+ * rank's rate (measured on the whole graph: a rank's smaller GEMMs at T > 1
+ * are taken to run at the same rate); a T the graph cannot split into
+ * (no tp marks, fewer heads than T) fails as not applicable; memory: the partitioner's
  * model (pw_partition_evaluate) of the forecast's cuts with the schedule's
  * in-flight counts, summed over each rank's chunks. Its bounds: every
  * rank's compute (F, B, W, recomputation's extra F, the optimizer) at the

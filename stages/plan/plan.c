@@ -87,7 +87,8 @@ static pw_status make_schedule(const pw_plan_config *c, int S, pw_schedule **sch
         else snprintf(name, n, "custom (%s)", pw_schedule_kind_name(s->kind));
         return PW_OK;
     }
-    if (c->schedule == PW_SCHEDULE_INTERLEAVED || c->schedule == PW_SCHEDULE_ZB_V)
+    if (c->schedule == PW_SCHEDULE_INTERLEAVED || c->schedule == PW_SCHEDULE_ZB_V ||
+        c->schedule == PW_SCHEDULE_DUALPIPE_V)
         return pw_error(PW_ERR_UNSUPPORTED, "plan: %s runs several chunks per rank; the planner "
                         "plans one stage per rank (gpipe, 1f1b, zb-h1, zb-h2)",
                         pw_schedule_kind_name(c->schedule));

@@ -145,7 +145,7 @@ void pw_plan_partition_config(const pw_plan_config *c, int S, const int *infligh
 /* Builds the plan. PW_OK: *out is new (pw_plan_destroy). Errors (*out NULL):
  * PW_ERR_INVALID_ARG (counts, a profile for another graph or micro-batch,
  * balance time without a profile; a profile measured for another optimizer
- * is used, and the `op times:` line says so), PW_ERR_UNSUPPORTED (interleaved or zb-v:
+ * is used, and the `op times:` line says so), PW_ERR_UNSUPPORTED (interleaved, zb-v or dualpipev:
  * several chunks per rank; a topology without what `gpus` asks),
  * PW_ERR_SCHEDULE (a custom schedule that does not validate), PW_ERR_NOMEM
  * (no split fits: pw_partition_plan's message, plus "N stages would fit"

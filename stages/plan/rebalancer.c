@@ -13,6 +13,17 @@
 
 #define DEFAULT_WINDOW 8
 #define DEFAULT_GAIN 0.05
+#define JUMP_STEPS 3        /* steps in a row beyond the last window's level: a jump */
+#define JUMP_FRACTION 0.15  /* ... by more than this fraction of its median */
+#define JUMP_SPREADS 4.0    /* ... and more than this many of its spreads (1.4826 × MAD) */
+#define REFINE_TRIES 5      /* neighbouring cuts tried after one move of the model */
+#define MEMO 16             /* cuts whose step time is remembered */
+#define MEMO_INTERVALS 32   /* a remembered time lasts this many intervals (or to a jump) */
+
+/* What the last offered move was (pw_rebalancer_moved tells which was made). */
+enum { MOVE_NONE = 0, MOVE_MODEL, MOVE_REVERT, MOVE_TRY, MOVE_BACK, MOVE_FORCED };
+/* Measured refinement after a move of the model. */
+enum { REFINE_IDLE = 0, REFINE_ARMED, REFINE_TRYING };
 
 struct pw_rebalancer {
     pw_rebalancer_config cfg;
@@ -38,6 +49,26 @@ struct pw_rebalancer {
     int *rejected;            /* [C + 1] cuts a reverted move went to ... */
     int64_t rejected_until;   /* ... not proposed again before this step (-1: none) */
     int64_t now;              /* the step being observed */
+    /* Which move was offered last and which one was made. */
+    int offered, moved_kind;  /* MOVE_* */
+    /* Measured refinement: the best cuts it measured, their window. */
+    int refine;               /* REFINE_* */
+    int *base;                /* [C + 1] */
+    double base_s;            /* their window's median step time */
+    double *base_med;         /* [S] their ranks' median busy times */
+    int tries;                /* neighbouring cuts tried since the model's move */
+    int *trial;               /* [C + 1] the cuts on trial */
+    /* Cuts measured since the step time last jumped: their latest window. */
+    int n_memo;
+    int *memo_cuts;           /* [MEMO][C + 1] */
+    double memo_s[MEMO];
+    int64_t memo_step[MEMO];  /* the window's last step */
+    /* Jump detection: the last full window's level and the last steps. */
+    int ref_valid;
+    double ref_s, ref_spread;
+    int ring_n;               /* steps in the ring (at most JUMP_STEPS) */
+    double ring_s[JUMP_STEPS];
+    double *ring_busy;        /* [JUMP_STEPS][S] */
 };
 
 pw_rebalancer_config pw_rebalancer_defaults(void)
@@ -80,6 +111,11 @@ void pw_rebalancer_destroy(pw_rebalancer *rb)
     free(rb->med);
     free(rb->speed);
     free(rb->tmp);
+    free(rb->base);
+    free(rb->base_med);
+    free(rb->trial);
+    free(rb->memo_cuts);
+    free(rb->ring_busy);
     free(rb);
 }
 
@@ -118,8 +154,14 @@ pw_status pw_rebalancer_create(const pw_rebalancer_config *cfg, const int *cuts,
     rb->med = calloc(S, sizeof(double));
     rb->speed = calloc(S, sizeof(double));
     rb->tmp = calloc(W > S ? W : S, sizeof(double));
-    if (!rb->cuts || !rb->proposal || !rb->pending || !rb->prev || !rb->rejected || !rb->inflight || !rb->busy || !rb->step_s || !rb->med || !rb->speed ||
-        !rb->tmp) {
+    rb->base = malloc((C + 1) * sizeof(int));
+    rb->base_med = calloc(S, sizeof(double));
+    rb->trial = malloc((C + 1) * sizeof(int));
+    rb->memo_cuts = malloc(MEMO * (C + 1) * sizeof(int));
+    rb->ring_busy = calloc(JUMP_STEPS * S, sizeof(double));
+    if (!rb->cuts || !rb->proposal || !rb->pending || !rb->prev || !rb->rejected || !rb->inflight || !rb->busy ||
+        !rb->step_s || !rb->med || !rb->speed || !rb->tmp || !rb->base || !rb->base_med ||
+        !rb->trial || !rb->memo_cuts || !rb->ring_busy) {
         pw_rebalancer_destroy(rb);
         return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
     }
@@ -204,12 +246,108 @@ static int near(const pw_rebalancer *rb, const int *a, const int *b)
     return 1;
 }
 
-/* The decision of a full window (rb->med holds its medians). */
-static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
+static int same(const pw_rebalancer *rb, const int *a, const int *b)
+{
+    return !memcmp(a, b, sizeof(int) * (size_t)(rb->C + 1));
+}
+
+/* ---- the cuts measured since the step time last jumped ---- */
+
+static int *memo_at(const pw_rebalancer *rb, int i) { return rb->memo_cuts + (size_t)i * (size_t)(rb->C + 1); }
+
+/* The entry of `cuts` still valid now, or -1. */
+static int memo_find(const pw_rebalancer *rb, const int *cuts)
+{
+    const int64_t life = (int64_t)MEMO_INTERVALS * rb->min_interval;
+    for (int i = 0; i < rb->n_memo; i++)
+        if (rb->now - rb->memo_step[i] <= life && same(rb, memo_at(rb, i), cuts)) return i;
+    return -1;
+}
+
+/* `cuts` measured `s` a step over the window that ends now (replaces an
+ * older figure of the same cuts, else the oldest entry when full). */
+static void memo_put(pw_rebalancer *rb, const int *cuts, double s)
+{
+    int i = 0;
+    while (i < rb->n_memo && !same(rb, memo_at(rb, i), cuts)) i++;
+    if (i == rb->n_memo) {
+        if (rb->n_memo < MEMO) {
+            rb->n_memo++;
+        } else {
+            i = 0;
+            for (int j = 1; j < MEMO; j++)
+                if (rb->memo_step[j] < rb->memo_step[i]) i = j;
+        }
+        memcpy(memo_at(rb, i), cuts, sizeof(int) * (size_t)(rb->C + 1));
+    }
+    rb->memo_s[i] = s;
+    rb->memo_step[i] = rb->now;
+}
+
+/* ---- the change detector ---- */
+
+/* Whether the last JUMP_STEPS step times all lie beyond the last full
+ * window's median, on the same side, by more than JUMP_FRACTION of it and
+ * JUMP_SPREADS of its spread. */
+static int jumped(const pw_rebalancer *rb)
+{
+    if (!rb->ref_valid || rb->ring_n < JUMP_STEPS) return 0;
+    double thr = JUMP_FRACTION * rb->ref_s;
+    if (JUMP_SPREADS * rb->ref_spread > thr) thr = JUMP_SPREADS * rb->ref_spread;
+    int up = 0, down = 0;
+    for (int i = 0; i < JUMP_STEPS; i++) {
+        up += rb->ring_s[i] > rb->ref_s + thr;
+        down += rb->ring_s[i] < rb->ref_s - thr;
+    }
+    return up == JUMP_STEPS || down == JUMP_STEPS;
+}
+
+static void ring_push(pw_rebalancer *rb, const double *busy, double step_s)
+{
+    const size_t S = (size_t)rb->S;
+    if (rb->ring_n == JUMP_STEPS) {
+        memmove(rb->ring_s, rb->ring_s + 1, sizeof(double) * (JUMP_STEPS - 1));
+        memmove(rb->ring_busy, rb->ring_busy + S, sizeof(double) * S * (JUMP_STEPS - 1));
+        rb->ring_n--;
+    }
+    rb->ring_s[rb->ring_n] = step_s;
+    memcpy(rb->ring_busy + (size_t)rb->ring_n * S, busy, sizeof(double) * S);
+    rb->ring_n++;
+}
+
+/* The step time jumped: the window starts again with the steps after the
+ * jump, and what was measured or decided before it no longer holds. */
+static void restart(pw_rebalancer *rb, pw_rebalance_decision *d)
+{
+    const size_t S = (size_t)rb->S;
+    const double was = rb->ref_s;
+    memcpy(rb->step_s, rb->ring_s, sizeof(double) * (size_t)rb->ring_n);
+    memcpy(rb->busy, rb->ring_busy, sizeof(double) * S * (size_t)rb->ring_n);
+    rb->n = rb->ring_n;
+    rb->ref_valid = 0;
+    rb->has_pending = 0;      /* a proposal from before the jump */
+    rb->backoff = 1;          /* moves that did not pay, before it */
+    rb->rejected_until = -1;  /* cuts that measured slower, before it */
+    rb->n_memo = 0;
+    rb->measuring = 0;        /* a gain across the jump would be the jump's */
+    rb->refine = REFINE_IDLE;
+    double now = median(rb->ring_s, rb->ring_n, 1, rb->tmp);
+    d->restarted = 1;
+    snprintf(d->why, sizeof d->why, "the step time jumped from %.2f ms to %.2f ms: the window starts again "
+             "with the last %d steps", 1e3 * was, 1e3 * now, rb->ring_n);
+}
+
+/* ---- the model ---- */
+
+/* The decision of a full window (rb->med holds its medians). *settled: 1
+ * when the model has no move to make (its best cuts are these, its gain
+ * too small, its cuts measured slower, or over the budget). */
+static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d, int *settled)
 {
     const pw_graph *g = rb->cfg.plan.graph;
     const int C = rb->C, S = rb->S;
     const int64_t budget = rb->cfg.plan.memory_budget;
+    *settled = 0;
     pw_partition_config pc;
     pw_plan_partition_config(&rb->cfg.plan, C, rb->inflight, &pc);
     pc.method = PW_PARTITION_BALANCED;
@@ -243,6 +381,7 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
     st = pw_partition_plan(g, &pc, &best);
     if (st == PW_ERR_NOMEM) {
         snprintf(d->why, sizeof d->why, "no other split fits the memory budget");
+        *settled = 1;
         st = PW_OK;
         goto out;
     }
@@ -255,7 +394,9 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
     d->predicted_step_s = d->measured_step_s * (t_now > 0 ? t_best / t_now : 1.0);
     int which;
     const int64_t need = rank_memory(rb, &best, &which);
-    if (!memcmp(rb->proposal, rb->cuts, sizeof(int) * (size_t)(C + 1)))
+    const int seen = memo_find(rb, rb->proposal);
+    *settled = 1;
+    if (same(rb, rb->proposal, rb->cuts))
         snprintf(d->why, sizeof d->why, "the cuts are the best for the measured speeds");
     else if (budget > 0 && need > budget)
         snprintf(d->why, sizeof d->why, "the best split needs %.1f MiB on stage %d, over the budget of %.1f MiB",
@@ -267,6 +408,13 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%%, but a move to these cuts measured slower "
                  "and was undone (not again before step %lld)", 100 * d->predicted_gain,
                  (long long)rb->rejected_until);
+    else if (rb->cfg.mode == PW_REBALANCE_AUTO && seen >= 0 &&
+             rb->memo_s[seen] >= rb->last_median * (1.0 - rb->cfg.min_gain))
+        /* The measurement beats the model: these cuts ran (a refinement
+         * left them, or a move came from them) and were not faster. */
+        snprintf(d->why, sizeof d->why, "predicted gain %.1f%%, but these cuts measured %.2f ms a step "
+                 "(window to step %lld) against %.2f ms now", 100 * d->predicted_gain,
+                 1e3 * rb->memo_s[seen], (long long)rb->memo_step[seen], 1e3 * rb->last_median);
     else if (rb->cfg.mode == PW_REBALANCE_AUTO && !(rb->has_pending && near(rb, rb->pending, rb->proposal))) {
         /* A window can be unlucky (another job took the core for a while):
          * AUTO moves when two windows in a row want nearly the same cuts
@@ -274,12 +422,15 @@ static pw_status decide(pw_rebalancer *rb, pw_rebalance_decision *d)
          * every window want something else), to the second one's. */
         memcpy(rb->pending, rb->proposal, sizeof(int) * (size_t)(C + 1));
         rb->has_pending = 1;
+        *settled = 0;
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%%: to be confirmed by the next window",
                  100 * d->predicted_gain);
         goto out;
     } else {
+        *settled = 0;
         d->move = 1;
         d->new_cuts = rb->proposal;
+        rb->offered = MOVE_MODEL;
         snprintf(d->why, sizeof d->why, "predicted gain %.1f%% (step %.2f ms -> %.2f ms)", 100 * d->predicted_gain,
                  1e3 * d->measured_step_s, 1e3 * d->predicted_step_s);
     }
@@ -292,6 +443,137 @@ out:
     return st;
 }
 
+/* ---- measured refinement ---- */
+
+/* Whether `cuts` fit the memory budget (no budget: yes). */
+static pw_status fits(const pw_rebalancer *rb, const int *cuts, int *ok)
+{
+    *ok = 1;
+    if (rb->cfg.plan.memory_budget <= 0) return PW_OK;
+    pw_partition_config pc;
+    pw_plan_partition_config(&rb->cfg.plan, rb->C, rb->inflight, &pc);
+    pc.memory_budget = 0;
+    pw_partition p = {0};
+    pw_status st = pw_partition_evaluate(rb->cfg.plan.graph, &pc, cuts, &p);
+    int which;
+    if (st == PW_OK) *ok = rank_memory(rb, &p, &which) <= rb->cfg.plan.memory_budget;
+    pw_partition_free(&p);
+    return st;
+}
+
+/* The next neighbouring cut of the refinement's base into rb->trial: one
+ * node either way across the boundary between the stage the base's
+ * measured busy times call the bottleneck and its less busy neighbour —
+ * the bottleneck giving a node first, then taking one — that was not
+ * measured since the last jump and fits the budget. The bottleneck's other
+ * boundary only when neither way is possible at that one (a one-node
+ * chunk, the budget). *found: 0 when none is left. */
+static pw_status next_trial(pw_rebalancer *rb, int *found, int *stage)
+{
+    const int C = rb->C;
+    *found = 0;
+    int b = 0;
+    for (int r = 1; r < rb->S; r++)
+        if (rb->base_med[r] > rb->base_med[b]) b = r;
+    *stage = b;
+    /* Boundary k is cut index k (between chunks k − 1 and k); +1 moves a
+     * node from chunk k to chunk k − 1. */
+    const int left = b, right = b + 1; /* the bottleneck's two boundaries */
+    int first = right, second = left;
+    if (b == 0) first = right, second = -1;
+    else if (b == C - 1) first = left, second = -1;
+    else if (rb->base_med[b - 1] < rb->base_med[b + 1]) first = left, second = right;
+    const int bound[2] = {first, second};
+    for (int i = 0; i < 2; i++) {
+        const int k = bound[i];
+        if (k <= 0 || k >= C) continue;
+        int possible = 0;
+        for (int j = 0; j < 2; j++) {
+            const int dir = (k == left) == (j == 0) ? +1 : -1; /* j = 0: the bottleneck gives */
+            memcpy(rb->trial, rb->base, sizeof(int) * (size_t)(C + 1));
+            rb->trial[k] += dir;
+            if (rb->trial[k] <= rb->trial[k - 1] || rb->trial[k] >= rb->trial[k + 1]) continue;
+            int ok;
+            PW_CHECK(fits(rb, rb->trial, &ok));
+            if (!ok) continue;
+            possible = 1;
+            if (memo_find(rb, rb->trial) >= 0) continue;
+            if (rb->now < rb->rejected_until && same(rb, rb->rejected, rb->trial)) continue;
+            *found = 1;
+            return PW_OK;
+        }
+        if (possible) break; /* this boundary's neighbours are measured: done */
+    }
+    return PW_OK;
+}
+
+static void say_cuts(char *buf, size_t n, const int *c, int C)
+{
+    size_t k = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < C && k < n; i++) {
+        int w = snprintf(buf + k, n - k, "%s[%d,%d)", i ? " " : "", c[i], c[i + 1]);
+        if (w < 0) break;
+        k += (size_t)w;
+    }
+}
+
+/* The refinement's next move from where it stands: a trial of the next
+ * neighbouring cut (within REFINE_TRIES), else back to the base when a
+ * trial is what runs now, else the refinement ends. `what` starts the
+ * reason. */
+static pw_status refine_next(pw_rebalancer *rb, pw_rebalance_decision *d, const char *what)
+{
+    int found = 0, b = 0;
+    if (rb->tries < REFINE_TRIES) PW_CHECK(next_trial(rb, &found, &b));
+    char cuts[160];
+    d->decided = 1;
+    if (found) {
+        rb->tries++;
+        rb->refine = REFINE_TRYING;
+        rb->offered = MOVE_TRY;
+        d->move = d->refine = 1;
+        d->new_cuts = rb->trial;
+        d->predicted_step_s = rb->base_s;
+        say_cuts(cuts, sizeof cuts, rb->trial, rb->C);
+        snprintf(d->why, sizeof d->why, "%srefining: trying %s (stage %d measured the slowest; try %d of %d)", what,
+                 cuts, b, rb->tries, REFINE_TRIES);
+    } else if (!same(rb, rb->cuts, rb->base)) {
+        rb->refine = REFINE_IDLE;
+        rb->offered = MOVE_BACK;
+        d->move = d->refine = d->revert = 1;
+        d->new_cuts = rb->base;
+        d->predicted_step_s = rb->base_s;
+        say_cuts(cuts, sizeof cuts, rb->base, rb->C);
+        snprintf(d->why, sizeof d->why, "%srefining: back to %s (%.2f ms a step), no neighbour measured faster",
+                 what, cuts, 1e3 * rb->base_s);
+    } else {
+        rb->refine = REFINE_IDLE;
+        snprintf(d->why, sizeof d->why, "%srefined: no neighbouring cut measured faster than these (%.2f ms a step)",
+                 what, 1e3 * rb->base_s);
+    }
+    return PW_OK;
+}
+
+/* The window after a trial measured `m` (rb->med its ranks): a trial
+ * faster than the base by more than min_gain becomes the base, and the
+ * refinement walks on from it; else the next neighbour of the base, or
+ * back to it. */
+static pw_status refine_measured(pw_rebalancer *rb, pw_rebalance_decision *d, double m)
+{
+    char what[96];
+    const double gain = rb->base_s > 0 ? 1.0 - m / rb->base_s : 0.0;
+    if (gain > rb->cfg.min_gain) {
+        snprintf(what, sizeof what, "kept the trial (%.1f%% faster); ", 100 * gain);
+        memcpy(rb->base, rb->cuts, sizeof(int) * (size_t)(rb->C + 1));
+        rb->base_s = m;
+        memcpy(rb->base_med, rb->med, sizeof(double) * (size_t)rb->S);
+    } else {
+        snprintf(what, sizeof what, "the trial measured %.1f%% %s; ", 100 * fabs(gain), gain >= 0 ? "faster" : "slower");
+    }
+    return refine_next(rb, d, what);
+}
+
 pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *busy, double step_s,
                                 pw_rebalance_decision *d)
 {
@@ -300,6 +582,8 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
     d->old_cuts = d->new_cuts = rb->cuts;
     d->rank_busy_s = rb->med;
     d->rank_speed = rb->speed;
+    d->predicted_gain = NAN;
+    rb->offered = MOVE_NONE;
     if (rb->cfg.mode == PW_REBALANCE_OFF) return PW_OK;
     if (rb->skip > 0) {
         rb->skip--;
@@ -309,11 +593,22 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
     rb->now = step;
     memcpy(rb->busy + (size_t)rb->n * (size_t)S, busy, sizeof(double) * (size_t)S);
     rb->step_s[rb->n++] = step_s;
+    ring_push(rb, busy, step_s);
+    if (rb->cfg.mode == PW_REBALANCE_AUTO && W > JUMP_STEPS && jumped(rb)) {
+        restart(rb, d);
+        return PW_OK;
+    }
     if (rb->n < W) return PW_OK;
     rb->n = 0;
     for (int r = 0; r < S; r++) rb->med[r] = median(rb->busy + r, W, S, rb->tmp);
     const double m = median(rb->step_s, W, 1, rb->tmp);
     d->measured_step_s = m;
+    /* This window's level and spread, for the change detector. */
+    for (int i = 0; i < W; i++) rb->tmp[i] = fabs(rb->step_s[i] - m);
+    rb->ref_spread = 1.4826 * median(rb->tmp, W, 1, rb->tmp);
+    rb->ref_s = m;
+    rb->ref_valid = 1;
+    if (rb->cfg.mode == PW_REBALANCE_AUTO) memo_put(rb, rb->cuts, m);
     if (rb->measuring) {
         rb->measuring = 0;
         d->measured = 1;
@@ -321,11 +616,17 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
         d->measured_before_s = rb->before_s;
         d->measured_after_s = m;
         d->measured_gain = rb->before_s > 0 ? 1.0 - m / rb->before_s : 0.0;
-        /* A move that did not deliver the gain it needed: the predictions
-         * are not to be trusted on this machine now; wait longer (up to 16
-         * times the interval) before the next. */
-        if (d->measured_gain < 0.5 * rb->cfg.min_gain) rb->backoff = rb->backoff < 16 ? 2 * rb->backoff : 16;
-        else rb->backoff = 1;
+        if (rb->moved_kind == MOVE_TRY && rb->refine == REFINE_TRYING) {
+            rb->last_median = m;
+            return refine_measured(rb, d, m);
+        }
+        if (rb->moved_kind == MOVE_MODEL || rb->moved_kind == MOVE_FORCED) {
+            /* A move that did not deliver the gain it needed: the
+             * predictions are not to be trusted on this machine now; wait
+             * longer (up to 16 times the interval) before the next. */
+            if (d->measured_gain < 0.5 * rb->cfg.min_gain) rb->backoff = rb->backoff < 16 ? 2 * rb->backoff : 16;
+            else rb->backoff = 1;
+        }
         /* A move that made the step slower by more than the gain a move
          * needs is undone at once (AUTO; never a revert itself): the model
          * was wrong here (a contended core, an op whose cost the profile
@@ -335,6 +636,8 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
             memcpy(rb->rejected, rb->cuts, sizeof(int) * (size_t)(rb->C + 1));
             rb->rejected_until = step + 8 * (int64_t)rb->min_interval;
             rb->last_median = m;
+            rb->refine = REFINE_IDLE;
+            rb->offered = MOVE_REVERT;
             d->decided = d->move = d->revert = 1;
             d->new_cuts = rb->prev;
             d->predicted_step_s = rb->before_s;
@@ -344,11 +647,43 @@ pw_status pw_rebalancer_observe(pw_rebalancer *rb, int64_t step, const double *b
                      -100 * d->measured_gain, 1e3 * rb->before_s, 1e3 * m);
             return PW_OK;
         }
+        /* A move of the model that stands: once the model has no further
+         * move, its neighbouring cuts are measured (refine_next). */
+        if (rb->cfg.mode == PW_REBALANCE_AUTO && rb->moved_kind == MOVE_MODEL) rb->refine = REFINE_ARMED;
     }
     rb->last_median = m;
-    if (rb->last_move >= 0 && step - rb->last_move < (int64_t)rb->min_interval * rb->backoff) return PW_OK;
+    const int64_t due = rb->last_move + (int64_t)rb->min_interval * rb->backoff;
+    /* Armed, the refinement asks the model at once whether it has a further
+     * move; a move it wants still waits for the interval. */
+    if (rb->refine != REFINE_ARMED && rb->last_move >= 0 && step < due) return PW_OK;
     d->decided = 1;
-    return decide(rb, d);
+    int settled;
+    PW_CHECK(decide(rb, d, &settled));
+    if (d->move && rb->last_move >= 0 && step < due) {
+        d->move = 0;
+        d->new_cuts = rb->cuts;
+        rb->offered = MOVE_NONE;
+        memcpy(rb->pending, rb->proposal, sizeof(int) * (size_t)(rb->C + 1));
+        rb->has_pending = 1;
+        const size_t k = strlen(d->why);
+        snprintf(d->why + k, sizeof d->why - k, "; not before step %lld (the interval)", (long long)due);
+        return PW_OK;
+    }
+    if (rb->refine == REFINE_ARMED && settled && !d->move) {
+        if (rb->S != rb->C) {
+            rb->refine = REFINE_IDLE; /* several chunks per rank: the model's cuts stand */
+            return PW_OK;
+        }
+        char what[300];
+        snprintf(what, sizeof what, "%s; ", d->why);
+        memcpy(rb->base, rb->cuts, sizeof(int) * (size_t)(rb->C + 1));
+        rb->base_s = m;
+        memcpy(rb->base_med, rb->med, sizeof(double) * (size_t)S);
+        rb->tries = 0;
+        d->predicted_gain = NAN;
+        PW_CHECK(refine_next(rb, d, what));
+    }
+    return PW_OK;
 }
 
 void pw_rebalancer_moved(pw_rebalancer *rb, int64_t step, const int *cuts, const pw_schedule *schedule,
@@ -357,9 +692,19 @@ void pw_rebalancer_moved(pw_rebalancer *rb, int64_t step, const int *cuts, const
     rb->cfg.schedule = schedule;
     rb->cfg.report = report;
     rb->has_pending = 0;
+    /* Which move this was: the one offered by the last decision, or one
+     * the caller chose (forced; a refinement then ends). */
+    const int *offered = rb->offered == MOVE_TRY ? rb->trial
+                         : rb->offered == MOVE_BACK ? rb->base
+                         : rb->offered == MOVE_REVERT ? rb->prev
+                         : rb->proposal;
+    rb->moved_kind = rb->offered != MOVE_NONE && same(rb, cuts, offered) ? rb->offered : MOVE_FORCED;
+    rb->offered = MOVE_NONE;
+    if (rb->moved_kind != MOVE_TRY) rb->refine = REFINE_IDLE;
     /* A move back to the cuts before the last one is a revert, whoever
      * asked for it. */
-    rb->last_revert = rb->last_move >= 0 && !memcmp(cuts, rb->prev, sizeof(int) * (size_t)(rb->C + 1));
+    rb->last_revert = rb->moved_kind == MOVE_BACK ||
+                      (rb->last_move >= 0 && !memcmp(cuts, rb->prev, sizeof(int) * (size_t)(rb->C + 1)));
     if (cuts == rb->prev) { /* a revert's new_cuts: swap */
         int *t = rb->prev;
         rb->prev = rb->cuts;
@@ -371,7 +716,11 @@ void pw_rebalancer_moved(pw_rebalancer *rb, int64_t step, const int *cuts, const
     rb->last_move = step;
     rb->measuring = rb->last_median > 0;
     rb->moved_step = step;
-    rb->before_s = rb->last_median;
+    /* A trial is measured against the refinement's base (a trial may follow
+     * a trial that measured slower, without going back in between). */
+    rb->before_s = rb->moved_kind == MOVE_TRY ? rb->base_s : rb->last_median;
     rb->n = 0;
     rb->skip = 1;
+    rb->ring_n = 0;
+    rb->ref_valid = 0;
 }

@@ -56,6 +56,36 @@
  * (decision.revert), and the rejected cuts are not proposed again for 8
  * intervals. A revert is never itself reverted.
  *
+ * Measured refinement (AUTO, one chunk per rank). The model can land a
+ * node or two from the fastest cut (its per-rank speed is one number). A
+ * move of the model that stands is followed, once the window that
+ * measured it has the model wanting no further move, by trials
+ * (decision.refine): one node across the boundary between the stage whose
+ * measured busy time is the largest and its less busy neighbour — the
+ * bottleneck giving a node first, then taking one (its other boundary
+ * only when neither is possible there). A trial whose window's median
+ * step time beats the best measured cuts' by more than min_gain becomes
+ * the best, and the trials go on from it (the refinement walks); one that
+ * does not is left for the
+ * next neighbour, or, with none left, for the best cuts (refine + revert).
+ * At most 5 trials after a move of the model; cuts measured since the last
+ * jump are not tried again. Every full window's median is remembered for
+ * its cuts (16 cuts, for 32 intervals or to the next jump), and the model
+ * does not move to remembered cuts that measured no faster than the
+ * current ones by min_gain: the refinement's result is not undone by the
+ * model that it corrected.
+ *
+ * Window restart (AUTO, windows over 3 steps). When the last 3 step times
+ * all lie on one side of the last full window's median by more than 15 %
+ * of it and 4 of its spreads (1.4826 × the median absolute deviation),
+ * the step time has jumped (a stage slowed, or its slowdown ended): the
+ * window starts again with those 3 steps (decision.restarted), and what
+ * came from before the jump is dropped: the proposal waiting to be
+ * confirmed, the doubled interval, the rejected and remembered cuts, a
+ * gain being measured and a refinement. Until the first full window after
+ * a start or a move there is no reference: a move's own change of the
+ * step time is no jump. The interval since the last move still holds.
+ *
  * Thread-safety: one thread. Under mpirun every process observes the same
  * gathered figures and so takes the same decisions.
  */
@@ -120,7 +150,14 @@ typedef struct pw_rebalance_decision {
     double measured_gain;           /* 1 − median step after / median step before */
     double measured_before_s, measured_after_s;
     int revert;                     /* 1 (with move): new_cuts are the cuts before the last
-                                       move, which measured slower by more than min_gain */
+                                       move, which measured slower by more than min_gain, or
+                                       (with refine) the refinement's best cuts */
+    int refine;                     /* 1 (with move): a measured refinement step: a
+                                       neighbouring cut on trial, or (with revert) back to
+                                       the best cuts measured; predicted_gain is NaN and
+                                       predicted_step_s the best cuts' measured step time */
+    int restarted;                  /* 1: the step time jumped; the window starts again
+                                       with the steps after the jump (why says from what) */
 } pw_rebalance_decision;
 
 /* After training step `step`: busy[stages] each rank's compute seconds in

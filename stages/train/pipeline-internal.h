@@ -59,15 +59,20 @@ typedef struct gstage {
     int loss_mb, loss_slot;
     pw_stage_done_fn done;
     void *done_arg;
-    /* Tensor parallelism (pl->T > 1): one piece, run by T rank programs on
-     * the team's threads (the engine's worker is rank 0) over the group. */
-    pw_program **rank_prog;   /* [T]; [0] == piece[0] */
-    pw_shm_group *tp_group;
+    /* Tensor parallelism (pl->T > 1): one piece, run by the TL rank programs
+     * of this process on the team's threads (the engine's worker is the
+     * first) over the group (in process) or the transport's tp_coll (MPI). */
+    pw_program **rank_prog;   /* [TL]: ranks tp0 .. tp0+TL−1; [0] == piece[0] */
+    pw_shm_group *tp_group;   /* in process only */
     pw_tp_team *tp_team;
     void **tp_grad_out;       /* [slots]: the engine's GRAD_OUT buffer, rank 0's */
-    char *tp_grad_mem;        /* ranks 1 .. T−1 × slots own GRAD_OUT buffers */
+    char *tp_grad_mem;        /* local ranks 1 .. TL−1 × slots own GRAD_OUT buffers */
     size_t tp_grad_bytes, tp_grad_stride;
     atomic_int tp_abort;
+    /* The engine call the first local rank is in, for its TP_ALLREDUCE
+     * trace events (pipeline_stage.c, tp_traced): none while evaluating. */
+    int tp_tracing, tp_mb;
+    int64_t tp_step;
 } gstage;
 
 struct pw_pipeline {
@@ -111,6 +116,9 @@ struct pw_pipeline {
     double win_last_loss;     /* the last agreed window's mean (summed over processes) */
     int64_t win_last_correct;
     int T;                    /* tensor-parallel ranks per chunk (1: none) */
+    int TL, tp0;              /* of which this process runs TL from rank tp0: in one
+                                 process all T from 0; under MPI one, the transport's
+                                 tp_rank (its peers are other processes: t->tp_coll) */
     pw_graph **rank_g;        /* [T] at T > 1: rank k's graph (pw_graph_tp_rank) */
     uint64_t generation;      /* unique per pipeline object of the process: a caller that
                                  keeps pointers into its programs (the checkpoint writer)
@@ -177,15 +185,36 @@ int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out)
 
 /* pipeline_ps.c: the worker's side of --sync ps (stages/train/ps.h).
  * create: after the stages, before the engine (which then takes
- * pl_ps_transport and the chunks' pl_ps_vt); start: after the engine (the
- * parameters to the servers); settle: every version pushed received and
- * in place (before an evaluation or a save); destroy: goodbye and free. */
+ * pl_ps_transport and the chunks' pl_ps_vt); start: after the engine;
+ * begin: before each step (the first sends the parameters and optimizer
+ * state to the servers); settle: every version pushed received and in
+ * place (before an evaluation or a save); checkpoint: settle, and replica
+ * 0 fetches the servers' optimizer state into its programs (before a
+ * training-state snapshot); destroy: goodbye and free. */
 pw_status pl_ps_create(pw_pipeline *pl);
 const pw_stage_i *pl_ps_vt(pw_pipeline *pl, const pw_stage_i *base);
 const pw_transport *pl_ps_transport(pw_pipeline *pl);
 pw_status pl_ps_start(pw_pipeline *pl);
+pw_status pl_ps_begin(pw_pipeline *pl);
+pw_status pl_ps_checkpoint(pw_pipeline *pl);
 pw_status pl_ps_settle(pw_pipeline *pl);
 void pl_ps_destroy(pw_pipeline *pl);
+
+/* pipeline_compress.c: the error-feedback state of --compress per
+ * (replica, parameter), for training-state checkpoints. One entry per
+ * parameter span whose compressor keeps state (top-k, PowerSGD), in
+ * (local replica, chunk, piece, parameter) order; *out is malloc'd (the
+ * caller frees), NULL with none. *why (a constant string) says why the
+ * state cannot be kept per parameter (ties, tensor parallelism): then
+ * nothing is listed. Between steps only. */
+typedef struct pl_zstate {
+    int replica;              /* the global replica index */
+    int gp;                   /* the graph parameter */
+    pw_compressor *z;         /* its bucket's compressor (the engine's) */
+    int span;                 /* its span there */
+    int64_t floats;           /* pw_compressor_span_state's */
+} pl_zstate;
+pw_status pl_compress_states(pw_pipeline *pl, pl_zstate **out, int *n, const char **why);
 
 /* The piece of local chunk ch of local replica lrep holding graph
  * parameter gp and its index there (*local); NULL: none (pipeline_ties.c). */

@@ -246,17 +246,21 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     const int T = c->tensor_parallel > 1 ? c->tensor_parallel : 1;
     if (c->tensor_parallel < 0 || c->tensor_parallel > 64)
         return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: must be 1 to 64 ranks", c->tensor_parallel);
+    if (t && (t->n_tp > 1 ? t->n_tp : 1) != T)
+        return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d under MPI: the transport runs %d "
+                        "tensor-parallel ranks per stage (pw_mpi_config.n_tensor)", T, t->n_tp > 1 ? t->n_tp : 1);
     if (T > 1) {
         /* What tensor parallelism does not cover yet (docs/parallelism.md). */
-        if (t)
-            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d under MPI: per-stage tensor-parallel "
-                            "communicators are not built (its ranks are threads of one process)", T);
+        if (t && c->ps_servers > 0)
+            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with parameter servers under MPI is not "
+                            "built", T);
+        if (t && c->clip_grad_norm > 0)
+            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with gradient clipping under MPI is not "
+                            "built (the norm counts a split parameter's parts across processes; in one "
+                            "process it is: docs/parallelism.md)", T);
         if (c->device && strcmp(c->device, "cpu") != 0)
             return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d runs on the CPU only (device '%s')", T,
                             c->device);
-        if (c->clip_grad_norm > 0)
-            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with gradient clipping: the global norm "
-                            "across the ranks' parts is not built", T);
         if (!pw_graph_tp_marked(c->graph))
             return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: graph '%s' marks no op to split (tp=column, "
                             "tp=row or tp=vocab; docs/parallelism.md, \"Tensor parallelism\")", T, c->graph->name);
@@ -266,6 +270,8 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
     if (!pl) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     pl->cfg = *c;
     pl->T = T;
+    pl->TL = t ? 1 : T;
+    pl->tp0 = t && T > 1 ? t->tp_rank : 0;
     pl->g = c->graph;
     pl->t = t;
     pl->S = c->stages;
@@ -357,12 +363,13 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         free(gpu_pci);
         goto fail;
     }
+    if (t && T > 1) pw_trace_set_pid(pl->trace, t->tp_rank); /* the T processes of a stage apart */
     pw_engine_config ec = {
         .schedule = pl->sched, .report = pl->rep, .chunks = pl->chunks,
         .watchdog_s = c->watchdog_s, .pin = c->pin, .trace = pl->trace, .check = c->check,
         .replicas = NR, .transport = pl->ps ? pl_ps_transport(pl) : t, .link = c->link,
         /* With ties across chunks the norm is taken after their sum (finish_step). */
-        .clip_grad_norm = pl->post_optim ? 0.0 : c->clip_grad_norm,
+        .clip_grad_norm = pl->post_optim || pl->ps ? 0.0 : c->clip_grad_norm, /* --sync ps: the server clips */
         .post_validate = c->post_validate,
         .overlap_steps = pl->K > 1,
         .gpu_pci = gpu_pci,
@@ -502,6 +509,34 @@ loss_part pl_replica_loss(const pw_pipeline *pl, int lrep, int j)
 }
 
 
+/* Tensor parallelism: the squared global norm of replica k's gradients
+ * here, each parameter once (seen[graph parameter], zeroed by the caller:
+ * a tie counts once), a split one as its T parts in rank order, a whole
+ * one as rank 0's (every rank holds the same). The gradients are folded. */
+static pw_status tp_sumsq(pw_pipeline *pl, int k, unsigned char *seen, float **tmp, double *sumsq)
+{
+    const pw_graph *rg = pl->rank_g[0];
+    for (int ch = 0; ch < pl->C; ch++) {
+        if (!stage_here(pl, ch)) continue;
+        pw_program **rp = stage_at(pl, k, ch)->rank_prog;
+        for (int r = 0; r < pl->T; r++) pw_program_fold_grads(rp[r]);
+        for (int i = 0; i < pw_program_n_params(rp[0]); i++) {
+            pw_program_param pp;
+            pw_program_param_at(rp[0], i, &pp);
+            if (seen[pp.graph_param]) continue;
+            seen[pp.graph_param] = 1;
+            const int ranks = rg->params[pp.graph_param].tp_full > 0 ? pl->T : 1;
+            for (int r = 0; r < ranks; r++) {
+                pw_program_param_at(rp[r], i, &pp);
+                float *gr;
+                PW_CHECK(pl_host_grad(rp[r], i, &pp, tmp, &gr));
+                for (int64_t e = 0; e < pp.numel; e++) *sumsq += (double)gr[e] * (double)gr[e];
+            }
+        }
+    }
+    return PW_OK;
+}
+
 static pw_status finish_step(pw_pipeline *pl, int64_t step)
 {
     const pw_graph *g = pl->g;
@@ -517,20 +552,22 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
     }
     for (int k = 0; k < pl->NRL && st == PW_OK; k++) {
         /* Tensor parallelism: each rank's parts summed with the same rank's
-         * in the other chunks (no clipping at T > 1: pl_create). */
-        for (int r = 1; r < pl->T; r++) {
+         * in the other chunks; with clipping, stepped after the norm. */
+        const int clip = pl->cfg.clip_grad_norm > 0;
+        for (int r = 1; r < pl->TL; r++) {
             int nr = pl_replica_rank_programs(pl, k, r, p);
             PW_CHECK_GOTO(pl_sum_ties(pl->rank_g[r], p, nr), st, out);
-            for (int j = 0; j < nr; j++) PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
+            for (int j = 0; j < nr && !clip; j++) PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
         }
         int np = pl_replica_programs(pl, k, p);
         PW_CHECK_GOTO(pl->t ? pl_sum_ties_across(pl) : pl_sum_ties(pl->T > 1 ? pl->rank_g[0] : g, p, np), st, out);
-        if (pl->cfg.clip_grad_norm > 0) {
+        if (clip) {
             /* Every parameter once, in node order (copies hold the same total). */
             double sumsq = 0.0;
             memset(seen, 0, (size_t)g->n_params);
             if (pl->t) PW_CHECK_GOTO(pl_sumsq_across(pl, &sumsq), st, out);
-            for (int j = 0; j < np && !pl->t; j++) {
+            else if (pl->T > 1) PW_CHECK_GOTO(tp_sumsq(pl, k, seen, &tmp, &sumsq), st, out);
+            for (int j = 0; j < np && !pl->t && pl->T == 1; j++) {
                 pw_program_fold_grads(p[j]);
                 for (int i = 0; i < pw_program_n_params(p[j]); i++) {
                     pw_program_param pp;
@@ -544,8 +581,9 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
             }
             double norm = sqrt(sumsq), coef = pl->cfg.clip_grad_norm / (norm + 1e-6);
             if (k == 0) pl->grad_norm = norm;
-            if (coef < 1.0)
-                for (int j = 0; j < np; j++)
+            for (int r = pl->T - 1; r >= 0; r--) { /* every rank's, rank 0's last (p holds them after) */
+                np = pl_replica_rank_programs(pl, k, r, p);
+                for (int j = 0; j < np && coef < 1.0; j++)
                     for (int i = 0; i < pw_program_n_params(p[j]); i++) {
                         pw_program_param pp;
                         pw_program_param_at(p[j], i, &pp);
@@ -554,6 +592,8 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
                         for (int64_t e = 0; e < pp.numel; e++) gr[e] *= (float)coef;
                         PW_CHECK_GOTO(pl_host_grad_done(p[j], i, gr), st, out);
                     }
+                for (int j = 0; j < np && r > 0; j++) PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
+            }
         }
         for (int j = 0; j < np; j++) {
             PW_CHECK_GOTO(pw_program_optimizer_step(p[j], (long)step), st, out);
@@ -581,6 +621,7 @@ static pw_status run_steps(pw_pipeline *pl, int n, pw_step_stats *out, int *n_do
     }
     pl->batch_idx = pl->sampler.order + in_epoch * pl->cfg.batch;
     pl->run_first = pl->step + 1;
+    if (pl->ps) PW_CHECK(pl_ps_begin(pl)); /* the first: the parameters to the servers */
     pw_transport_phase(pl->t, PW_PHASE_STEP, pl->step + 1); /* the other processes' watchdogs read it */
     double t0_busy, t0_wall, t1_wall;
     int nw, done = 1;

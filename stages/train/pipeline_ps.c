@@ -2,15 +2,30 @@
  * (pushing gradient buckets, pulling parameters) and the servers' loop.
  *
  * Messages (the transport's ps_isend / ps_irecv, by world rank):
- *   worker -> server, once:  HELLO_N (int64: bytes of the hello), HELLO
- *                            (int64 n, int64 staleness, n x {int64 graph
- *                            param, int64 numel},
- *                            the pipeline's pw_optim_config in OPTIM_BYTES,
- *                            then the n parameters' initial values);
+ *   worker -> server, once, before the first step: HELLO_N (int64: bytes
+ *                            of the hello), HELLO (int64 n, staleness, the
+ *                            step the run starts from, optimizer state
+ *                            floats per element sf, --clip-grad-norm as a
+ *                            double; n x {int64 graph param, numel, chunk,
+ *                            index in the worker's list},
+ *                            in the worker's order (chunks, pieces,
+ *                            parameters: grad_sumsq's); the pipeline's pw_optim_config
+ *                            in OPTIM_BYTES; the n parameters' values; then
+ *                            their optimizer state, sf x numel each);
  *   worker -> server, each step and parameter: the gradient, tag = the graph
  *                            parameter's index;
  *   server -> worker, each step and parameter: the new values, same tag;
+ *   worker of replica 0 -> server, at a checkpoint: STATE_REQ (int64: the
+ *                            step); server -> worker, once it holds that
+ *                            version: STATE (the optimizer state of the
+ *                            worker's parameters there, graph order, sf x
+ *                            numel each);
  *   worker -> server, once at the end: BYE (int64: steps done).
+ *   --clip-grad-norm with K > 1 servers: server j -> server 0, once:
+ *                            NORM_META_N, NORM_META (its parameters' rank,
+ *                            chunk, place, size); each step: NORM_GRAD
+ *                            (their summed gradients); server 0 -> j:
+ *                            NORM_COEF (the coefficient and the norm).
  * Between one pair of processes MPI delivers messages of one tag in order,
  * so step t's gradient and version t's values never need a step number. */
 #include <sched.h>
@@ -22,6 +37,12 @@
 #define TAG_HELLO_N(np) (np)
 #define TAG_HELLO(np) ((np) + 1)
 #define TAG_BYE(np) ((np) + 2)
+#define TAG_STATE_REQ(np) ((np) + 3) /* worker -> server: int64 step */
+#define TAG_STATE(np) ((np) + 4)     /* server -> worker: the optimizer state */
+#define HELLO_HEAD 5                 /* int64 n, staleness, start step, state floats per element,
+                                        --clip-grad-norm (a double's bits) */
+#define PAIR 4                       /* per parameter: int64 graph param, numel, chunk, its index in
+                                        the worker's order (chunks, pieces, parameters) */
 #define OPTIM_BYTES ((sizeof(pw_optim_config) + 7) / 8 * 8)
 
 void pw_ps_assign(const pw_graph *g, int K, int *out)
@@ -88,6 +109,7 @@ static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const ch
 
 typedef struct ps_param {
     int gp, server;           /* graph parameter; the server's world rank */
+    int chunk;
     pw_program *prog;
     int idx;                  /* its index in prog */
     int64_t numel;
@@ -116,7 +138,8 @@ struct pl_ps {
     int *chunk_first;         /* [C + 1] parameters of chunk c: par[chunk_first[c] .. chunk_first[c+1]) */
     ps_bucket *bk;
     int n_bk;
-    int hello_sent;
+    int ready;                /* the pipeline is built (pl_ps_start) */
+    int hello_sent;           /* the servers have this process's parameters (pl_ps_begin) */
 };
 
 /* Receives of later versions complete in order; taking each that has
@@ -247,34 +270,51 @@ static pw_status ps_pull(void *self, long step)
     return PW_OK;
 }
 
+/* The hello to every server: this process's parameters (their values and
+ * optimizer state as the programs hold them: initial, --init-from's or a
+ * resumed checkpoint's) and the step the run goes on from. Sent before the
+ * first step (not at construction), so that whatever the caller loads
+ * between the two is what the servers start from. */
 static pw_status ps_hello(pl_ps *ps)
 {
     const pw_transport *t = &ps->t;
     const int np = ps->pl->g->n_params;
+    const int sf = pw_optim_state_floats(ps->pl->cfg.optim.kind);
+    const int64_t start = ps->pl->step;
+    for (int i = 0; i < ps->n_par; i++) {
+        ps_param *p = &ps->par[i];
+        p->posted = p->have = p->applied = start; /* versions count the run's steps */
+    }
     for (int k = 0; k < ps->K; k++) {
         const int srv = t->n_ranks * t->n_replicas + k;
         int64_t n = 0, floats = 0;
         for (int i = 0; i < ps->n_par; i++)
             if (ps->par[i].server == srv) n++, floats += ps->par[i].numel;
-        const int64_t bytes = (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES +
-                              floats * (int64_t)sizeof(float);
+        const int64_t bytes = (int64_t)sizeof(int64_t) * (HELLO_HEAD + PAIR * n) + (int64_t)OPTIM_BYTES +
+                              floats * (1 + sf) * (int64_t)sizeof(float);
         char *msg = calloc(1, (size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
-        int64_t *h = (int64_t *)(void *)msg;
-        memcpy(h + 2 + 2 * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
-        float *v = (float *)(void *)((char *)(h + 2 + 2 * n) + OPTIM_BYTES);
+        int64_t *h = (int64_t *)(void *)msg, *pair = h + HELLO_HEAD;
+        memcpy(pair + PAIR * n, &ps->pl->cfg.optim, sizeof(pw_optim_config));
+        float *v = (float *)(void *)((char *)(pair + PAIR * n) + OPTIM_BYTES), *sv = v + floats;
         h[0] = n;
         h[1] = ps->stale;
-        h++; /* the pairs follow the two counts */
+        h[2] = start;
+        h[3] = sf;
+        memcpy(&h[4], &ps->pl->cfg.clip_grad_norm, sizeof(double));
         pw_status st = PW_OK;
         for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
             const ps_param *p = &ps->par[i];
             if (p->server != srv) continue;
-            h[1 + 2 * m] = p->gp;
-            h[2 + 2 * m] = p->numel;
+            pair[PAIR * m] = p->gp;
+            pair[PAIR * m + 1] = p->numel;
+            pair[PAIR * m + 2] = p->chunk;
+            pair[PAIR * m + 3] = i;
             m++;
             st = pw_program_param_read(p->prog, p->idx, PW_PARAM_DATA, 0, v);
             v += p->numel;
+            for (int b = 0; b < sf && st == PW_OK; b++, sv += p->numel)
+                st = pw_program_param_read(p->prog, p->idx, PW_PARAM_STATE, b, sv);
         }
         pw_treq r[2];
         char what[96];
@@ -288,6 +328,58 @@ static pw_status ps_hello(pl_ps *ps)
     }
     ps->hello_sent = 1;
     return PW_OK;
+}
+
+static int by_gp(const void *a, const void *b)
+{
+    const ps_param *x = *(ps_param *const *)a, *y = *(ps_param *const *)b;
+    return (x->gp > y->gp) - (x->gp < y->gp);
+}
+
+/* A checkpoint after step pl->step: every worker settles (with staleness:
+ * version pl->step in place, so the checkpoint is a synchronisation point),
+ * and replica 0's workers, whose programs the checkpoint writer reads,
+ * fetch their parameters' optimizer state from the servers into their
+ * programs (a worker does not step, so its own state is the hello's). The
+ * servers answer once they hold exactly that version. */
+static pw_status ps_fetch_state(pl_ps *ps)
+{
+    const pw_transport *t = &ps->t;
+    const int np = ps->pl->g->n_params;
+    const int sf = pw_optim_state_floats(ps->pl->cfg.optim.kind);
+    ps_param **mine = malloc((size_t)(ps->n_par > 0 ? ps->n_par : 1) * sizeof *mine);
+    if (!mine) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    pw_status st = PW_OK;
+    for (int k = 0; k < ps->K && st == PW_OK; k++) {
+        const int srv = t->n_ranks * t->n_replicas + k;
+        int n = 0;
+        int64_t floats = 0;
+        for (int i = 0; i < ps->n_par; i++)
+            if (ps->par[i].server == srv) mine[n++] = &ps->par[i], floats += ps->par[i].numel * sf;
+        if (n == 0) continue;
+        qsort(mine, (size_t)n, sizeof *mine, by_gp); /* the server's order: graph order */
+        float *buf = malloc((size_t)floats * sizeof(float) + 1);
+        if (!buf) {
+            st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+            break;
+        }
+        const int64_t step = ps->pl->step;
+        pw_treq r[2];
+        char what[160];
+        snprintf(what, sizeof what, "the optimizer state of step %lld from MPI rank %d (server %d)", (long long)step,
+                 srv, k);
+        st = t->vt->ps_irecv(t->self, srv, TAG_STATE(np), buf, (size_t)floats * sizeof(float), &r[1]);
+        if (st == PW_OK) st = t->vt->ps_isend(t->self, srv, TAG_STATE_REQ(np), &step, sizeof step, &r[0]);
+        if (st == PW_OK) st = ps_wait(t, &r[0], srv, what);
+        if (st == PW_OK) st = ps_wait(t, &r[1], srv, what);
+        const float *src = buf;
+        for (int i = 0; i < n && st == PW_OK; i++)
+            for (int b = 0; b < sf && st == PW_OK; b++, src += mine[i]->numel)
+                st = pw_program_param_write_state(mine[i]->prog, mine[i]->idx, b, src);
+        free(buf);
+    }
+    free(mine);
+    return st;
 }
 
 pw_status pl_ps_create(pw_pipeline *pl)
@@ -304,13 +396,13 @@ pw_status pl_ps_create(pw_pipeline *pl)
     if (pl->NR < 2)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: needs --replicas 2 or more (one replica has "
                         "nothing to synchronise; train without --sync ps)");
-    if (c->clip_grad_norm > 0)
-        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm is not supported with --sync ps "
-                        "yet (the servers would need the global norm in the workers' summation order)");
+    if (c->clip_grad_norm > 0 && K > g->n_params)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm with %d servers for %d parameters: "
+                        "every server must hold one (the norm's messages go with the updates)", K, g->n_params);
     if (pl->post_optim)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: graph '%s' ties parameters across stages; "
                         "not supported with --sync ps yet", g->name);
-    if (g->n_params + 3 > t->max_tag)
+    if (g->n_params + 9 > t->max_tag)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters need more message tags than "
                         "MPI's %d", g->n_params, t->max_tag);
     pl_ps *ps = calloc(1, sizeof *ps);
@@ -360,6 +452,7 @@ pw_status pl_ps_create(pw_pipeline *pl)
                 if (i == 0) b->key = uses[0];
                 ps_param *p = &ps->par[ps->n_par++];
                 p->gp = pp.graph_param;
+                p->chunk = ch;
                 p->server = W + ps->server_of[p->gp];
                 p->prog = pr;
                 p->idx = i;
@@ -388,7 +481,24 @@ const pw_stage_i *pl_ps_vt(pw_pipeline *pl, const pw_stage_i *base)
 
 const pw_transport *pl_ps_transport(pw_pipeline *pl) { return &pl->ps->t; }
 
-pw_status pl_ps_start(pw_pipeline *pl) { return ps_hello(pl->ps); }
+pw_status pl_ps_start(pw_pipeline *pl)
+{
+    pl->ps->ready = 1;
+    return PW_OK;
+}
+
+pw_status pl_ps_begin(pw_pipeline *pl)
+{
+    return pl->ps && !pl->ps->hello_sent ? ps_hello(pl->ps) : PW_OK;
+}
+
+pw_status pl_ps_checkpoint(pw_pipeline *pl)
+{
+    pl_ps *ps = pl->ps;
+    if (!ps || !ps->hello_sent) return PW_OK; /* no step yet: the programs hold what the servers would */
+    PW_CHECK(pl_ps_settle(pl));
+    return ps->t.replica == 0 ? ps_fetch_state(ps) : PW_OK;
+}
 
 /* Every version pushed so far received, the newest in the programs: what
  * the servers hold (with staleness, before an evaluation or a save). */
@@ -420,6 +530,8 @@ void pl_ps_destroy(pw_pipeline *pl)
     pl_ps *ps = pl->ps;
     if (!ps) return;
     const pw_transport *t = &ps->t;
+    /* A run that made no step still owes the servers its hello. */
+    if (ps->ready && !ps->hello_sent && ps_hello(ps) != PW_OK) PW_WARN("parameter server: %s", pw_last_error());
     if (ps->hello_sent && pl_ps_settle(pl) == PW_OK) {
         /* Goodbye to every server (bounded; a failure is only a warning: the
          * run is over and the servers' watchdogs name the silence). */
@@ -465,13 +577,21 @@ typedef struct srv_param {
     pw_treq *sreq;            /* [slots][R] their sends */
     unsigned char *sending;   /* [slots] */
     int64_t step;             /* updates done: the version the server holds */
+    int rank, chunk, seq;     /* replica 0's holder's pipeline rank, the chunk, its place in that
+                                 worker's hello (the order of the workers' grad_sumsq) */
 } srv_param;
+
+typedef struct srv_norm srv_norm;
+static void srv_norm_free(srv_norm *z);
 
 typedef struct server {
     const pw_ps_server_config *cfg;
     pw_optim_config optim;    /* world rank 0's */
     const pw_transport *t;
-    int R, W, np, stale, slots;
+    int R, W, np, stale, slots, sf;
+    int64_t start;            /* the step the run starts from (a resumed run's checkpoint) */
+    double clip;              /* --clip-grad-norm (0: none): then every parameter steps together */
+    srv_norm *norm;           /* with clip: the global norm's order and messages */
     srv_param *par;
     int n_par;
     int *index;               /* [np] graph param -> par index, -1 */
@@ -494,6 +614,7 @@ static void srv_free(server *s)
     }
     free(s->par);
     free(s->index);
+    srv_norm_free(s->norm);
 }
 
 /* The receive rings, once the staleness is known (world rank 0's hello). */
@@ -531,7 +652,7 @@ static pw_status srv_hello(server *s)
         snprintf(what, sizeof what, "the parameters of MPI rank %d (replica %d, stage %d)", w, w / S, w % S);
         PW_CHECK(t->vt->ps_irecv(t->self, w, TAG_HELLO_N(s->np), &bytes, sizeof bytes, &r));
         PW_CHECK(ps_wait(t, &r, w, what));
-        if (bytes < (int64_t)(2 * sizeof(int64_t) + OPTIM_BYTES) || bytes > ((int64_t)1 << 31))
+        if (bytes < (int64_t)(HELLO_HEAD * sizeof(int64_t) + OPTIM_BYTES) || bytes > ((int64_t)1 << 31))
             return pw_error(PW_ERR_IO, "parameter server: MPI rank %d announced %lld bytes", w, (long long)bytes);
         char *msg = malloc((size_t)bytes);
         if (!msg) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
@@ -539,21 +660,39 @@ static pw_status srv_hello(server *s)
         if (st == PW_OK) st = ps_wait(t, &r, w, what);
         const int64_t *h = (const int64_t *)(const void *)msg;
         const int64_t n = st == PW_OK ? h[0] : 0, stale = st == PW_OK ? h[1] : 0;
-        const int64_t *pair = h + 2;
-        if (st == PW_OK && (n < 0 || (int64_t)sizeof(int64_t) * (2 + 2 * n) + (int64_t)OPTIM_BYTES > bytes))
+        const int64_t start = st == PW_OK ? h[2] : 0, sf = st == PW_OK ? h[3] : 0;
+        const int64_t *pair = h + HELLO_HEAD;
+        if (st == PW_OK && (n < 0 || n > s->np || sf < 1 || sf > 2 || start < 0 ||
+                            (int64_t)sizeof(int64_t) * (HELLO_HEAD + PAIR * n) + (int64_t)OPTIM_BYTES > bytes))
             st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
         if (st == PW_OK && w == 0) {
-            memcpy(&s->optim, pair + 2 * n, sizeof s->optim);
+            memcpy(&s->optim, pair + PAIR * n, sizeof s->optim);
+            memcpy(&s->clip, &h[4], sizeof(double));
+            s->start = start;
+            s->sf = (int)sf;
             st = stale < 0 || stale > 1000
                      ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent staleness %lld", (long long)stale)
+                 : sf != pw_optim_state_floats(s->optim.kind)
+                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent %lld state floats for %s",
+                                (long long)sf, pw_optim_name(s->optim.kind))
                      : srv_alloc(s, (int)stale);
         }
         if (st == PW_OK && stale != s->stale)
             st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d runs --staleness %lld, MPI rank 0 %d",
                           w, (long long)stale, s->stale);
-        const float *v = (const float *)(const void *)((const char *)(pair + 2 * n) + OPTIM_BYTES);
+        if (st == PW_OK && (start != s->start || sf != s->sf))
+            st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d starts from step %lld, MPI rank 0 "
+                          "from step %lld (did every process resume the same checkpoint?)", w, (long long)start,
+                          (long long)s->start);
+        int64_t floats = 0;
+        for (int64_t m = 0; m < n && st == PW_OK; m++) floats += pair[PAIR * m + 1] > 0 ? pair[PAIR * m + 1] : 0;
+        if (st == PW_OK && (int64_t)sizeof(int64_t) * (HELLO_HEAD + PAIR * n) + (int64_t)OPTIM_BYTES +
+                                   floats * (1 + sf) * (int64_t)sizeof(float) != bytes)
+            st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
+        const float *v = (const float *)(const void *)((const char *)(pair + PAIR * n) + OPTIM_BYTES);
+        const float *sv = v + floats;
         for (int64_t m = 0; m < n && st == PW_OK; m++) {
-            const int64_t gp = pair[2 * m], numel = pair[2 * m + 1];
+            const int64_t gp = pair[PAIR * m], numel = pair[PAIR * m + 1];
             const int i = gp >= 0 && gp < s->np ? s->index[gp] : -1;
             if (i < 0 || numel != s->par[i].numel) {
                 st = pw_error(PW_ERR_INVALID_ARG, "parameter server %d: MPI rank %d sent parameter %lld (%lld "
@@ -569,8 +708,12 @@ static pw_status srv_hello(server *s)
                 break;
             }
             p->holder[k] = w;
+            p->step = s->start;
+            if (k == 0) p->rank = w % S, p->chunk = (int)pair[PAIR * m + 2], p->seq = (int)pair[PAIR * m + 3];
             if (k == 0) memcpy(p->data, v, (size_t)numel * sizeof(float));
+            if (k == 0) memcpy(p->state, sv, (size_t)(numel * sf) * sizeof(float));
             v += numel;
+            sv += numel * sf;
         }
         free(msg);
         PW_CHECK(st);
@@ -616,16 +759,13 @@ static int srv_slot_free(server *s, srv_param *p, int sl)
     return 1;
 }
 
-/* All R gradients of the parameter's next step are here (and its send slot
- * is free): sum them in the tree all-reduce's order, step the optimizer,
- * send the new version from a copy (a worker that takes it late holds
- * nobody up), and post the receives of the step that takes over the slot. */
-static pw_status srv_update(server *s, srv_param *p)
+/* The R replicas' gradients of the parameter's next step (slot of step
+ * p->step + 1), summed in the tree all-reduce's order into the first. */
+static float *srv_sum(server *s, srv_param *p)
 {
-    const pw_transport *t = s->t;
     const int R = s->R;
-    const int64_t n = p->numel, step = p->step + 1;
-    const int sl = (int)(step % s->slots);
+    const int64_t n = p->numel;
+    const int sl = (int)((p->step + 1) % s->slots);
     float *part[64];
     for (int k = 0; k < R; k++) part[k] = p->grads + ((size_t)sl * (size_t)R + (size_t)k) * (size_t)n;
     for (int w = 1; w < R; w *= 2)
@@ -634,11 +774,23 @@ static pw_status srv_update(server *s, srv_param *p)
             const float *restrict q = part[a + w];
             for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
         }
+    return part[0];
+}
+
+/* Steps the parameter with its summed gradient `g`, sends the new version
+ * from a copy (a worker that takes it late holds nobody up), and posts the
+ * receives of the step that takes over the slot. */
+static pw_status srv_apply(server *s, srv_param *p, const float *g)
+{
+    const pw_transport *t = s->t;
+    const int R = s->R;
+    const int64_t n = p->numel, step = p->step + 1;
+    const int sl = (int)(step % s->slots);
     for (int64_t i = 0; i < n; i++)
-        if (!isfinite(part[0][i]))
+        if (!isfinite(g[i]))
             return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite (parameter server %d)",
                             (long long)step, s->cfg->graph->params[p->gp].name, t->server);
-    pw_optim_update(&s->optim, step, p->data, part[0], p->state, n, p->decay);
+    pw_optim_update(&s->optim, step, p->data, g, p->state, n, p->decay);
     p->step = step;
     float *out = p->sbuf + (size_t)sl * (size_t)n;
     memcpy(out, p->data, (size_t)n * sizeof(float));
@@ -647,6 +799,326 @@ static pw_status srv_update(server *s, srv_param *p)
                                  &p->sreq[(size_t)sl * (size_t)R + (size_t)k]));
     p->sending[sl] = 1;
     return srv_post(s, p, step + s->slots);
+}
+
+/* All R gradients of the parameter's next step are here (and its send slot
+ * is free): sum, step, send. */
+static pw_status srv_update(server *s, srv_param *p) { return srv_apply(s, p, srv_sum(s, p)); }
+
+/* ---- --clip-grad-norm: the global norm over every server's parameters ----
+ *
+ * The norm is the engine's (scheduler/engine-comm.c): each chunk's squares
+ * summed in double over its parameters in the worker's order, the chunks
+ * of a rank in chunk order, the ranks in rank order. Its parameters may be
+ * on several servers, so server 0 takes it: at start-up every other server
+ * tells it which parameters it holds (rank, chunk, place, size; NORM_META),
+ * and each step sends it their summed gradients (NORM_GRAD); server 0
+ * answers each with the coefficient (NORM_COEF), and every server scales
+ * its gradients by it in float and steps. With one server nothing travels. */
+#define TAG_NORM_META_N(np) ((np) + 5) /* server j -> 0, once: int64 n */
+#define TAG_NORM_META(np) ((np) + 6)   /* server j -> 0, once: n x {rank, chunk, seq, numel} */
+#define TAG_NORM_GRAD(np) ((np) + 7)   /* server j -> 0, each step: its summed gradients, in its order */
+#define TAG_NORM_COEF(np) ((np) + 8)   /* server 0 -> j, each step: double {coefficient, norm} */
+
+typedef struct norm_ent {
+    int rank, chunk, seq;
+    int64_t numel;
+    int own;                  /* this server's parameter index, or -1 */
+    const float *fixed;       /* own -1: where another server's gradient lands each step */
+} norm_ent;
+
+typedef struct srv_norm {
+    int phase;                /* 0: waiting for this server's gradients; 1: summed, waiting for the rest */
+    norm_ent *ent;            /* server 0: every parameter, in the norm's order; others: their own */
+    int n_ent;
+    float **g;                /* [n_par] the summed gradients of the step under way */
+    /* server 0 */
+    int K;
+    float **peer_buf;         /* [K] each other server's gradients */
+    int64_t *peer_floats;     /* [K] */
+    pw_treq *peer_req;        /* [K] */
+    unsigned char *peer_got;  /* [K] */
+    double (*coef_out)[2];    /* [K] */
+    pw_treq *coef_sreq;       /* [K] */
+    unsigned char *coef_sending;
+    /* servers 1 .. K-1 */
+    float *gbuf;
+    int64_t gfloats;
+    pw_treq greq, coef_req;
+    int gsending;
+    double coef_in[2];
+} srv_norm;
+
+/* x before y in the norm's order: rank, chunk, then the worker's order. */
+static int norm_before(const norm_ent *x, const norm_ent *y)
+{
+    if (x->rank != y->rank) return x->rank < y->rank;
+    if (x->chunk != y->chunk) return x->chunk < y->chunk;
+    return x->seq < y->seq;
+}
+
+static void norm_sort(norm_ent *e, int n) /* insertion sort: a graph's parameters are few */
+{
+    for (int i = 1; i < n; i++) {
+        const norm_ent v = e[i];
+        int j = i;
+        while (j > 0 && norm_before(&v, &e[j - 1])) e[j] = e[j - 1], j--;
+        e[j] = v;
+    }
+}
+
+static void srv_norm_free(srv_norm *z)
+{
+    if (!z) return;
+    const int K = z->K;
+    for (int j = 0; z->peer_buf && j < K; j++) free(z->peer_buf[j]);
+    free(z->peer_buf);
+    free(z->peer_floats);
+    free(z->peer_req);
+    free(z->peer_got);
+    free(z->coef_out);
+    free(z->coef_sreq);
+    free(z->coef_sending);
+    free(z->ent);
+    free(z->g);
+    free(z->gbuf);
+    free(z);
+}
+
+/* Before the loop: the norm's order (server 0: every server's parameters,
+ * told by the others; another server: its own, sent to server 0). */
+static pw_status srv_norm_setup(server *s)
+{
+    const pw_transport *t = s->t;
+    const int K = t->n_servers, np = s->np, W = s->W;
+    srv_norm *z = calloc(1, sizeof *z);
+    if (!z) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    s->norm = z;
+    z->K = K;
+    if (s->n_par == 0)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server %d: --clip-grad-norm with a server that holds no "
+                        "parameter (more servers than parameters)", t->server);
+    z->g = calloc((size_t)s->n_par + 1, sizeof *z->g);
+    z->ent = calloc((size_t)s->n_par + 1, sizeof *z->ent);
+    if (!z->g || !z->ent) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int i = 0; i < s->n_par; i++) {
+        const srv_param *p = &s->par[i];
+        z->ent[z->n_ent++] = (norm_ent){.rank = p->rank, .chunk = p->chunk, .seq = p->seq, .numel = p->numel,
+                                        .own = i};
+    }
+    norm_sort(z->ent, z->n_ent);
+    if (K == 1) return PW_OK;
+    if (t->server > 0) {
+        int64_t n = z->n_ent;
+        int64_t *meta = malloc(((size_t)n * 4 + 1) * sizeof *meta);
+        if (!meta) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        for (int i = 0; i < z->n_ent; i++) {
+            meta[4 * i] = z->ent[i].rank, meta[4 * i + 1] = z->ent[i].chunk;
+            meta[4 * i + 2] = z->ent[i].seq, meta[4 * i + 3] = z->ent[i].numel;
+            z->gfloats += z->ent[i].numel;
+        }
+        pw_treq r[2];
+        pw_status st = t->vt->ps_isend(t->self, W, TAG_NORM_META_N(np), &n, sizeof n, &r[0]);
+        if (st == PW_OK) st = ps_wait(t, &r[0], W, "server 0 to take this server's parameter list");
+        if (st == PW_OK) st = t->vt->ps_isend(t->self, W, TAG_NORM_META(np), meta, (size_t)n * 4 * sizeof *meta, &r[1]);
+        if (st == PW_OK) st = ps_wait(t, &r[1], W, "server 0 to take this server's parameter list");
+        free(meta);
+        z->gbuf = malloc((size_t)z->gfloats * sizeof(float) + 1);
+        if (st == PW_OK && !z->gbuf) st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        return st;
+    }
+    z->peer_buf = calloc((size_t)K, sizeof *z->peer_buf);
+    z->peer_floats = calloc((size_t)K, sizeof *z->peer_floats);
+    z->peer_req = calloc((size_t)K, sizeof *z->peer_req);
+    z->peer_got = calloc((size_t)K, 1);
+    z->coef_out = calloc((size_t)K, sizeof *z->coef_out);
+    z->coef_sreq = calloc((size_t)K, sizeof *z->coef_sreq);
+    z->coef_sending = calloc((size_t)K, 1);
+    if (!z->peer_buf || !z->peer_floats || !z->peer_req || !z->peer_got || !z->coef_out || !z->coef_sreq || !z->coef_sending)
+        return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int j = 1; j < K; j++) {
+        char what[96];
+        snprintf(what, sizeof what, "the parameter list of MPI rank %d (server %d)", W + j, j);
+        int64_t n = 0;
+        pw_treq r;
+        PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_META_N(np), &n, sizeof n, &r));
+        PW_CHECK(ps_wait(t, &r, W + j, what));
+        if (n < 0 || n > np) return pw_error(PW_ERR_IO, "parameter server: %s: %lld parameters", what, (long long)n);
+        int64_t *meta = malloc(((size_t)n * 4 + 1) * sizeof *meta);
+        norm_ent *grown = realloc(z->ent, ((size_t)z->n_ent + (size_t)n + 1) * sizeof *z->ent);
+        if (!meta || !grown) {
+            free(meta);
+            return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        }
+        z->ent = grown;
+        pw_status st = t->vt->ps_irecv(t->self, W + j, TAG_NORM_META(np), meta, (size_t)n * 4 * sizeof *meta, &r);
+        if (st == PW_OK) st = ps_wait(t, &r, W + j, what);
+        int64_t floats = 0;
+        for (int64_t i = 0; i < n && st == PW_OK; i++) floats += meta[4 * i + 3] > 0 ? meta[4 * i + 3] : 0;
+        z->peer_floats[j] = floats;
+        if (st == PW_OK && !(z->peer_buf[j] = malloc((size_t)floats * sizeof(float) + 1)))
+            st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        const float *at = z->peer_buf[j];
+        for (int64_t i = 0; i < n && st == PW_OK; i++) {
+            z->ent[z->n_ent++] = (norm_ent){.rank = (int)meta[4 * i], .chunk = (int)meta[4 * i + 1],
+                                            .seq = (int)meta[4 * i + 2], .numel = meta[4 * i + 3], .own = -1,
+                                            .fixed = at};
+            at += meta[4 * i + 3];
+        }
+        free(meta);
+        PW_CHECK(st);
+        PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_GRAD(np), z->peer_buf[j], (size_t)floats * sizeof(float),
+                                 &z->peer_req[j]));
+    }
+    norm_sort(z->ent, z->n_ent);
+    return PW_OK;
+}
+
+/* The squared global norm, in the engine's order. */
+static double norm_total(const srv_norm *z)
+{
+    double total = 0.0, rank_s = 0.0, chunk_s = 0.0;
+    for (int o = 0; o < z->n_ent; o++) {
+        const norm_ent *e = &z->ent[o];
+        const float *g = e->own >= 0 ? z->g[e->own] : e->fixed;
+        for (int64_t k = 0; k < e->numel; k++) chunk_s += (double)g[k] * (double)g[k];
+        const norm_ent *q = o + 1 < z->n_ent ? &z->ent[o + 1] : NULL;
+        if (!q || q->chunk != e->chunk || q->rank != e->rank) rank_s += chunk_s, chunk_s = 0.0;
+        if (!q || q->rank != e->rank) total += rank_s, rank_s = 0.0;
+    }
+    return total;
+}
+
+/* Every parameter here scaled by coef (when below 1, as apply_clip) and stepped. */
+static pw_status srv_clip_apply(server *s, double coef)
+{
+    srv_norm *z = s->norm;
+    if (coef < 1.0)
+        for (int i = 0; i < s->n_par; i++)
+            for (int64_t k = 0; k < s->par[i].numel; k++) z->g[i][k] *= (float)coef;
+    pw_status st = PW_OK;
+    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_apply(s, &s->par[i], z->g[i]);
+    return st;
+}
+
+/* --clip-grad-norm: every parameter of a server steps together, once the
+ * global norm of the step is known. *done = 1 when a step was taken (or,
+ * on a server other than 0, its gradients went to server 0). */
+static pw_status srv_update_clipped(server *s, int *done)
+{
+    const pw_transport *t = s->t;
+    srv_norm *z = s->norm;
+    const int K = t->n_servers, W = s->W, np = s->np;
+    *done = 0;
+    if (z->phase == 0) {
+        for (int i = 0; i < s->n_par; i++) {
+            srv_param *p = &s->par[i];
+            const int next = (int)((p->step + 1) % s->slots);
+            if (p->n_got[next] != s->R) return PW_OK;
+            const int free_ = srv_slot_free(s, p, next);
+            if (free_ < 0) return PW_ERR_IO;
+            if (free_ == 0) return PW_OK;
+        }
+        for (int i = 0; i < s->n_par; i++) z->g[i] = srv_sum(s, &s->par[i]);
+        z->phase = 1;
+        *done = 1;
+        if (t->server > 0) {
+            if (z->gsending) PW_CHECK(ps_wait(t, &z->greq, W, "server 0 to take the summed gradients"));
+            float *d = z->gbuf;
+            for (int o = 0; o < z->n_ent; o++) {
+                memcpy(d, z->g[z->ent[o].own], (size_t)z->ent[o].numel * sizeof(float));
+                d += z->ent[o].numel;
+            }
+            PW_CHECK(t->vt->ps_irecv(t->self, W, TAG_NORM_COEF(np), z->coef_in, sizeof z->coef_in, &z->coef_req));
+            PW_CHECK(t->vt->ps_isend(t->self, W, TAG_NORM_GRAD(np), z->gbuf, (size_t)z->gfloats * sizeof(float),
+                                     &z->greq));
+            z->gsending = 1;
+            return PW_OK;
+        }
+    }
+    if (t->server > 0) {
+        const int rc = t->vt->test(t->self, &z->coef_req);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server %d: the norm from server 0: %s", t->server,
+                                    pw_last_error());
+        if (rc == 0) return PW_OK;
+        z->phase = 0;
+        *done = 1;
+        return srv_clip_apply(s, z->coef_in[0]);
+    }
+    for (int j = 1; j < K; j++) {
+        if (z->peer_got[j]) continue;
+        const int rc = t->vt->test(t->self, &z->peer_req[j]);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server 0: the gradients of server %d: %s", j,
+                                    pw_last_error());
+        if (rc == 0) return PW_OK;
+        z->peer_got[j] = 1;
+    }
+    const double norm = sqrt(norm_total(z)), coef = s->clip / (norm + 1e-6);
+    for (int j = 1; j < K; j++) {
+        /* The next step's gradients land where this step's were read. */
+        PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_GRAD(np), z->peer_buf[j],
+                                 (size_t)z->peer_floats[j] * sizeof(float), &z->peer_req[j]));
+        if (z->coef_sending[j])
+            PW_CHECK(ps_wait(t, &z->coef_sreq[j], W + j, "a server to take the norm"));
+        z->coef_out[j][0] = coef;
+        z->coef_out[j][1] = norm;
+        PW_CHECK(t->vt->ps_isend(t->self, W + j, TAG_NORM_COEF(np), z->coef_out[j], sizeof z->coef_out[j],
+                                 &z->coef_sreq[j]));
+        z->coef_sending[j] = 1;
+        z->peer_got[j] = 0;
+    }
+    z->phase = 0;
+    *done = 1;
+    return srv_clip_apply(s, coef);
+}
+
+/* A checkpoint's request from worker w (replica 0's), for `step`: once
+ * every parameter it holds here is at that version, the optimizer state of
+ * them all (graph order) goes back. *answered = 1 when sent. */
+typedef struct srv_ask {
+    int64_t step;             /* the request's buffer */
+    pw_treq req;              /* its receive */
+    int64_t asked;            /* the step asked for; -1: none pending */
+    float *buf;               /* the answer being sent */
+    pw_treq sreq;
+    int sending, posted;
+} srv_ask;
+
+static pw_status srv_answer(server *s, int w, srv_ask *a, int *answered)
+{
+    const pw_transport *t = s->t;
+    *answered = 0;
+    int64_t floats = 0;
+    for (int i = 0; i < s->n_par; i++) {
+        const srv_param *p = &s->par[i];
+        if (p->holder[0] != w) continue;
+        if (p->step < a->asked) return PW_OK; /* not yet */
+        if (p->step > a->asked)
+            return pw_error(PW_ERR_INTERNAL, "parameter server %d: MPI rank %d asked for the optimizer state of "
+                            "step %lld, but %s is at version %lld already", t->server, w, (long long)a->asked,
+                            s->cfg->graph->params[p->gp].name, (long long)p->step);
+        floats += p->numel * s->sf;
+    }
+    if (a->sending) PW_CHECK(ps_wait(t, &a->sreq, w, "a worker to take the optimizer state"));
+    a->sending = 0;
+    free(a->buf);
+    a->buf = malloc((size_t)floats * sizeof(float) + 1);
+    if (!a->buf) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    float *d = a->buf;
+    for (int i = 0; i < s->n_par; i++) {
+        const srv_param *p = &s->par[i];
+        if (p->holder[0] != w) continue;
+        memcpy(d, p->state, (size_t)(p->numel * s->sf) * sizeof(float));
+        d += p->numel * s->sf;
+    }
+    PW_CHECK(t->vt->ps_isend(t->self, w, TAG_STATE(s->np), a->buf, (size_t)floats * sizeof(float), &a->sreq));
+    a->sending = 1;
+    a->asked = -1;
+    a->posted = 0;
+    *answered = 1;
+    PW_CHECK(t->vt->ps_irecv(t->self, w, TAG_STATE_REQ(s->np), &a->step, sizeof a->step, &a->req));
+    a->posted = 1;
+    return PW_OK;
 }
 
 static pw_status srv_loop(server *s)
@@ -659,10 +1131,19 @@ static pw_status srv_loop(server *s)
     pw_status st = bye && breq && said ? PW_OK : pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     for (int w = 0; w < s->W && st == PW_OK; w++)
         st = t->vt->ps_irecv(t->self, w, TAG_BYE(s->np), &bye[w], sizeof bye[w], &breq[w]);
+    /* Checkpoints: replica 0's workers (world ranks 0 .. S-1) ask for the state. */
+    const int S = t->n_ranks;
+    srv_ask *ask = calloc((size_t)S, sizeof *ask);
+    if (!ask && st == PW_OK) st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    for (int w = 0; w < S && st == PW_OK; w++) {
+        ask[w].asked = -1;
+        st = t->vt->ps_irecv(t->self, w, TAG_STATE_REQ(s->np), &ask[w].step, sizeof ask[w].step, &ask[w].req);
+        ask[w].posted = st == PW_OK;
+    }
     for (int i = 0; i < s->n_par && st == PW_OK; i++)
-        for (int64_t v = 1; v <= s->slots && st == PW_OK; v++) st = srv_post(s, &s->par[i], v);
+        for (int64_t v = s->start + 1; v <= s->start + s->slots && st == PW_OK; v++) st = srv_post(s, &s->par[i], v);
     int n_said = 0;
-    int64_t last = pw_now_ns(), check = last + (int64_t)(t->watchdog_s * 1e9), version = 0;
+    int64_t last = pw_now_ns(), check = last + (int64_t)(t->watchdog_s * 1e9), version = s->start;
     for (int spin = 0; st == PW_OK; spin++) {
         int moved = 0;
         for (int i = 0; i < s->n_par && st == PW_OK; i++) {
@@ -678,7 +1159,7 @@ static pw_status srv_loop(server *s)
                                       t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
                     if (rc == 1) p->got[at] = 1, p->n_got[sl]++, moved = 1;
                 }
-            for (;;) {
+            for (; !s->clip;) {
                 const int next = (int)((p->step + 1) % s->slots);
                 if (st != PW_OK || p->n_got[next] != R) break;
                 const int free_ = srv_slot_free(s, p, next);
@@ -689,6 +1170,21 @@ static pw_status srv_loop(server *s)
             }
             for (int sl = 0; sl < s->slots && st == PW_OK; sl++) /* lets MPI move the sends */
                 if (p->sending[sl] && srv_slot_free(s, p, sl) < 0) st = PW_ERR_IO;
+        }
+        for (int done = 1; s->clip > 0 && done && st == PW_OK;) {
+            st = srv_update_clipped(s, &done);
+            if (done) moved = 1;
+        }
+        for (int w = 0; w < S && st == PW_OK; w++) {
+            srv_ask *a = &ask[w];
+            if (a->posted && a->asked < 0) {
+                const int rc = t->vt->test(t->self, &a->req);
+                if (rc < 0) st = pw_error(PW_ERR_IO, "parameter server: %s", pw_last_error());
+                if (rc == 1) a->asked = a->step, moved = 1;
+            }
+            int answered = 0;
+            if (st == PW_OK && a->asked >= 0) st = srv_answer(s, w, a, &answered);
+            if (answered) moved = 1;
         }
         for (int w = 0; w < s->W && st == PW_OK; w++) {
             if (said[w]) continue;
@@ -756,6 +1252,20 @@ static pw_status srv_loop(server *s)
             if (!s->par[i].got[at] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[at]);
     for (int w = 0; breq && said && w < s->W; w++)
         if (!said[w] && t->vt->cancel) t->vt->cancel(t->self, &breq[w]);
+    srv_norm *z = s->norm;
+    for (int j = 1; z && z->K > 1 && j < z->K; j++) {
+        if (t->server == 0 && z->coef_sending[j] && st == PW_OK)
+            st = ps_wait(t, &z->coef_sreq[j], s->W + j, "a server to take the norm");
+        if (t->server == 0 && t->vt->cancel) t->vt->cancel(t->self, &z->peer_req[j]); /* a step that never came */
+    }
+    if (z && t->server > 0 && z->gsending && st == PW_OK)
+        st = ps_wait(t, &z->greq, s->W, "server 0 to take the summed gradients");
+    for (int w = 0; ask && w < S; w++) {
+        if (ask[w].sending && st == PW_OK) st = ps_wait(t, &ask[w].sreq, w, "a worker to take the optimizer state");
+        if (ask[w].posted && ask[w].asked < 0 && t->vt->cancel) t->vt->cancel(t->self, &ask[w].req);
+        free(ask[w].buf);
+    }
+    free(ask);
     free(bye);
     free(breq);
     free(said);
@@ -800,6 +1310,7 @@ pw_status pw_ps_serve(const pw_ps_server_config *cfg)
     PW_INFO(PW_SUB_COMM, "parameter server %d (MPI rank %d): %d parameters, %.2f MB, %d replicas",
             t->server, t->world_rank, s.n_par, (double)bytes / 1e6, s.R);
     if (st == PW_OK) st = srv_hello(&s);
+    if (st == PW_OK && s.clip > 0) st = srv_norm_setup(&s);
     if (st == PW_OK) st = srv_loop(&s);
     srv_free(&s);
     return st;

@@ -7,7 +7,7 @@
 static int programs_of_replica(pw_pipeline *pl, pw_program **out)
 {
     int n = 0;
-    for (int r = 0; r < pl->T; r++) n += pl_replica_rank_programs(pl, 0, r, out + n);
+    for (int r = 0; r < pl->TL; r++) n += pl_replica_rank_programs(pl, 0, r, out + n);
     return n;
 }
 
@@ -15,7 +15,7 @@ static int total_pieces(const pw_pipeline *pl)
 {
     int n = 0;
     for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++) n += pl->stages[i].n_pieces;
-    return n * pl->T;
+    return n * pl->TL;
 }
 
 /* A program over the whole graph with one row and one slot: the parameters
@@ -67,9 +67,18 @@ static float *local_param(pw_pipeline *pl, int p, int64_t *numel)
     return NULL;
 }
 
+/* 1 when graph parameter p is split across the tensor-parallel ranks. */
+static int split_param(const pw_pipeline *pl, int p)
+{
+    return pl->T > 1 && pl->rank_g[0]->params[p].tp_full;
+}
+
 /* MPI: replica 0's processes send each parameter they hold first to world
  * rank 0, which writes the file with the same content as one process would;
- * every process returns rank 0's verdict. */
+ * every process returns rank 0's verdict. With tensor parallelism each of
+ * the holder stage's T processes sends its part of a split parameter (tp
+ * rank 0 alone a whole one), and rank 0 puts the parts together
+ * (pw_graph_tp_slice): the file is the one T = 1 writes, names and shapes. */
 static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_checkpoint_info *info)
 {
     const pw_transport *t = pl->t;
@@ -81,15 +90,16 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
                         g->n_params, t->max_tag);
     pw_transport_phase(t, PW_PHASE_SAVE, pl->step);
     pw_transport_test_point(t, "save", pl->step);
-    if (t->replica == 0 && t->rank != 0) {
+    if (t->replica == 0 && t->world_rank != 0) {
         for (int p = 0; p < g->n_params && st == PW_OK; p++) {
-            if (holder_rank(pl, p) != t->rank) continue;
+            if (holder_rank(pl, p) != t->rank || (pl->tp0 != 0 && !split_param(pl, p))) continue;
             int64_t n = 0;
             float *data = local_param(pl, p, &n);
             st = data ? t->vt->send(t->self, 0, p, data, (size_t)n * sizeof(float))
                       : pw_error(PW_ERR_INTERNAL, "save: stage %d lost parameter %s", t->rank, g->params[p].name);
         }
     } else if (t->world_rank == 0) {
+        float *part = NULL;
         st = whole_program(pl, &whole);
         /* In graph order, the order the holders send in (blocking sends of
          * large messages wait for their matching receive). */
@@ -104,7 +114,26 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
                 break;
             }
             int holder = holder_rank(pl, pp.graph_param);
-            if (holder == 0) {
+            if (split_param(pl, p)) {
+                /* T parts, from world ranks holder·T + k of replica 0 */
+                for (int k = 0; k < pl->T && st == PW_OK; k++) {
+                    const int64_t n = pw_shape_numel(&pl->rank_g[k]->params[p].shape);
+                    float *q = realloc(part, (size_t)(n > 0 ? n : 1) * sizeof *part);
+                    if (!q) {
+                        st = pw_error(PW_ERR_NOMEM, "save: out of memory for a part of %s", g->params[p].name);
+                        break;
+                    }
+                    part = q;
+                    if (holder == 0 && k == 0) {
+                        int64_t m = 0;
+                        const float *data = local_param(pl, p, &m);
+                        if (data) memcpy(part, data, (size_t)m * sizeof(float));
+                    } else {
+                        st = t->vt->recv(t->self, holder * pl->T + k, p, part, (size_t)n * sizeof(float));
+                    }
+                    if (st == PW_OK) pw_graph_tp_slice(pl->rank_g[k], p, pp.data, part, 0);
+                }
+            } else if (holder == 0) {
                 int64_t n = 0;
                 float *data = local_param(pl, pp.graph_param, &n);
                 if (data) memcpy(pp.data, data, (size_t)n * sizeof(float));
@@ -114,6 +143,7 @@ static pw_status save_gathered(pw_pipeline *pl, const char *path, const pw_check
             }
         }
         if (st == PW_OK) st = pw_checkpoint_save(path, g, &whole, 1, info);
+        free(part);
     }
     char msg[512] = "";
     if (st != PW_OK) snprintf(msg, sizeof msg, "%s", pw_last_error());
@@ -171,7 +201,10 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
                     for (int q = 0; q < pw_program_n_params(gs->piece[j]); q++) {
                         pw_program_param mine;
                         pw_program_param_at(gs->piece[j], q, &mine);
-                        if (mine.graph_param == pp.graph_param)
+                        if (mine.graph_param != pp.graph_param) continue;
+                        if (pl->T > 1) /* this process's tensor-parallel part */
+                            pw_graph_tp_slice(pl->rank_g[pl->tp0], pp.graph_param, pp.data, mine.data, 1);
+                        else
                             memcpy(mine.data, pp.data, (size_t)pp.numel * sizeof(float));
                     }
             }
@@ -185,7 +218,7 @@ pw_status pw_pipeline_load(pw_pipeline *pl, const char *path, pw_checkpoint_info
     if (!p) return pw_error(PW_ERR_NOMEM, "load: out of memory");
     for (size_t i = 0; i < (size_t)pl->NRL * (size_t)pl->C; i++) {
         for (int j = 0; j < pl->stages[i].n_pieces; j++) p[k++] = pl->stages[i].piece[j];
-        for (int r = 1; pl->stages[i].rank_prog && r < pl->T; r++) p[k++] = pl->stages[i].rank_prog[r];
+        for (int r = 1; pl->stages[i].rank_prog && r < pl->TL; r++) p[k++] = pl->stages[i].rank_prog[r];
     }
     pw_status st = pw_checkpoint_load(path, pl->g, p, k, info);
     free(p);

@@ -60,7 +60,7 @@ static pw_status tp_rank_call(void *arg, int k)
 static void tp_copy_grad_out(gstage *s, int slot)
 {
     if (!s->tp_grad_bytes || !s->tp_grad_out[slot]) return;
-    for (int r = 1; r < s->pl->T; r++)
+    for (int r = 1; r < s->pl->TL; r++)
         memcpy(tp_grad_buf(s, r, slot), s->tp_grad_out[slot], s->tp_grad_bytes);
 }
 
@@ -68,7 +68,41 @@ static pw_status tp_run(gstage *s, tp_call c)
 {
     if (c.what == TP_BACKWARD_INPUT) tp_copy_grad_out(s, c.slot);
     c.s = s;
-    return pw_tp_team_run(s->tp_team, tp_rank_call, &c);
+    s->tp_tracing = c.what != TP_FORWARD_EVAL; /* evaluation runs on another thread than the track's */
+    pw_status st = pw_tp_team_run(s->tp_team, tp_rank_call, &c);
+    s->tp_tracing = 0;
+    return st;
+}
+
+/* The engine call (its micro-batch and step) that tensor-parallel sums
+ * about to run belong to. */
+static void tp_call_of(gstage *s, int mb)
+{
+    s->tp_mb = mb;
+    s->tp_step = s->pl->K > 1 ? pw_engine_current_step() : s->pl->step + 1;
+}
+
+/* The first local rank's cross-rank sums (pw_tp.on_sum) as TP_ALLREDUCE
+ * events on the engine worker's track: that rank runs on the worker's
+ * thread (the track's writer), inside the F, B or W event the worker
+ * records around the call. The other ranks of one process are threads of
+ * their own and record nothing: they wait in the same sums. Under MPI each
+ * process's rank records its own. */
+static void tp_traced(void *arg, int64_t t0, int64_t t1, int64_t bytes)
+{
+    gstage *s = arg;
+    pw_pipeline *pl = s->pl;
+    if (!s->tp_tracing || !pl->trace) return;
+    pw_trace_event *ev = pw_trace_push(pl->trace, s->replica * pl->S + pw_schedule_rank_of(pl->sched, s->index));
+    if (!ev) return; /* a full track: the trace counts the drop */
+    ev->name = "TP_ALLREDUCE";
+    ev->cat = PW_TRACE_TP;
+    ev->chunk = s->index;
+    ev->mb = s->tp_mb;
+    ev->step = s->tp_step;
+    ev->bytes = bytes;
+    ev->t0_ns = t0;
+    ev->t1_ns = t1;
 }
 
 /* Forward of `n` rows of samples idx[0..n) in `slot` through every piece;
@@ -108,6 +142,8 @@ static pw_status gs_forward(void *self, int mb, int slot)
     const int64_t step = pl->K > 1 ? pw_engine_current_step() : pl->step + 1;
     const int64_t *batch = pl->sampler.order + ((step - 1) % pl->steps_per_epoch) * pl->cfg.batch;
     const int at = (int)(step - pl->run_first) * pl->cfg.micro_batches + mb; /* mb_loss index */
+    s->tp_mb = mb;
+    s->tp_step = step;
     PW_CHECK(pl_gs_run_forward(s, pl->cfg.train, batch + offset, pl->micro, slot, 1, step, offset));
     if (s->loss_piece >= 0 && s->async) { /* the statistics reach the host at completion */
         s->loss_mb = at;
@@ -123,7 +159,10 @@ static pw_status gs_backward_input(void *self, int mb, int slot)
 {
     (void)mb;
     gstage *s = self;
-    if (s->rank_prog) return tp_run(s, (tp_call){.what = TP_BACKWARD_INPUT, .slot = slot});
+    if (s->rank_prog) {
+        tp_call_of(s, mb);
+        return tp_run(s, (tp_call){.what = TP_BACKWARD_INPUT, .slot = slot});
+    }
     for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_input(s->piece[j], slot));
     return PW_OK;
 }
@@ -132,7 +171,10 @@ static pw_status gs_backward_weight(void *self, int mb, int slot)
 {
     (void)mb;
     gstage *s = self;
-    if (s->rank_prog) return tp_run(s, (tp_call){.what = TP_BACKWARD_WEIGHT, .slot = slot});
+    if (s->rank_prog) {
+        tp_call_of(s, mb);
+        return tp_run(s, (tp_call){.what = TP_BACKWARD_WEIGHT, .slot = slot});
+    }
     for (int j = s->n_pieces - 1; j >= 0; j--) PW_CHECK(pw_program_backward_weight(s->piece[j], slot));
     return PW_OK;
 }
@@ -146,6 +188,7 @@ static pw_status gs_backward_bucket(void *self, int mb, int slot, int bucket, pw
     int j = s->n_pieces - 1 - bucket;
     if (j < 0) return PW_OK; /* fewer pieces than buckets: an empty bucket */
     if (s->rank_prog) {
+        tp_call_of(s, mb);
         if (part == PW_BWD_FULL) PW_CHECK(tp_run(s, (tp_call){.what = TP_BACKWARD_INPUT, .slot = slot}));
         return tp_run(s, (tp_call){.what = TP_BACKWARD_WEIGHT, .slot = slot});
     }
@@ -164,7 +207,7 @@ static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
     /* Tensor parallelism: every rank's parts, rank by rank (each replica's
      * chunk lists the same spans). */
     int n = 0;
-    const int ranks = s->rank_prog ? s->pl->T : 1;
+    const int ranks = s->rank_prog ? s->pl->TL : 1;
     for (int r = 0; r < ranks; r++) {
         pw_program *p = s->rank_prog ? s->rank_prog[r] : s->piece[j];
         for (int i = 0; i < pw_program_n_params(p); i++) {
@@ -219,43 +262,83 @@ pw_status pl_host_grad_done(pw_program *p, int i, const float *g)
     return pw_program_on_device(p) ? pw_program_param_write(p, i, PW_PARAM_GRAD, g) : PW_OK;
 }
 
+/* The programs whose gradients and optimizer state the chunk owns: its
+ * pieces, or at T > 1 its T rank programs (rank_prog[0] is its one piece). */
+static int gs_programs(gstage *s, pw_program ***out)
+{
+    if (s->rank_prog) {
+        *out = s->rank_prog;
+        return s->pl->T;
+    }
+    *out = s->piece;
+    return s->n_pieces;
+}
+
+/* Adds the squares of parameter i's gradient in program p to *sum, element
+ * by element in order (0, or -1 after the warning: the norm becomes NaN and
+ * the optimizer's finiteness check stops the step). */
+static int add_sumsq(gstage *s, pw_program *p, int i, float **tmp, double *sum)
+{
+    pw_program_param pp;
+    pw_program_param_at(p, i, &pp);
+    float *gr;
+    if (pl_host_grad(p, i, &pp, tmp, &gr) != PW_OK) {
+        PW_WARN("stage %d: %s", s->index, pw_last_error());
+        return -1;
+    }
+    for (int64_t k = 0; k < pp.numel; k++) *sum += (double)gr[k] * (double)gr[k];
+    return 0;
+}
+
+/* The chunk's share of the squared global norm: every parameter in piece
+ * and program order. At T > 1 (docs/parallelism.md, "Clipping") a split
+ * parameter counts each rank's part once, ranks in index order, and a
+ * whole one counts rank 0's gradient alone (every rank holds the same):
+ * the T = 1 sum of the same elements, in another order for parameters
+ * split by columns. */
 static double gs_grad_sumsq(void *self)
 {
     gstage *s = self;
     double sum = 0.0;
     float *tmp = NULL;
-    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
-    for (int j = 0; j < s->n_pieces; j++)
-        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) pw_program_fold_grads(progs[j]);
+    int bad = 0;
+    if (s->rank_prog) {
+        const pw_graph *rg = s->pl->rank_g[0];
+        for (int i = 0; i < pw_program_n_params(progs[0]) && !bad; i++) {
             pw_program_param pp;
-            pw_program_param_at(s->piece[j], i, &pp);
-            float *gr;
-            if (pl_host_grad(s->piece[j], i, &pp, &tmp, &gr) != PW_OK) {
-                /* the norm becomes NaN: the optimizer's finiteness check stops the step */
-                PW_WARN("stage %d: %s", s->index, pw_last_error());
-                free(tmp);
-                return NAN;
-            }
-            for (int64_t k = 0; k < pp.numel; k++) sum += (double)gr[k] * (double)gr[k];
+            pw_program_param_at(progs[0], i, &pp);
+            const int ranks = rg->params[pp.graph_param].tp_full > 0 ? s->pl->T : 1;
+            for (int r = 0; r < ranks && !bad; r++) bad = add_sumsq(s, progs[r], i, &tmp, &sum);
         }
+    } else {
+        for (int j = 0; j < np && !bad; j++)
+            for (int i = 0; i < pw_program_n_params(progs[j]) && !bad; i++) bad = add_sumsq(s, progs[j], i, &tmp, &sum);
+    }
     free(tmp);
-    return sum;
+    return bad ? NAN : sum;
 }
 
+/* Scales every gradient of the chunk (at T > 1 every rank's, so the whole
+ * parameters' copies stay the same). */
 static void gs_scale_grads(void *self, float scale)
 {
     gstage *s = self;
     float *tmp = NULL;
-    for (int j = 0; j < s->n_pieces; j++) pw_program_fold_grads(s->piece[j]);
-    for (int j = 0; j < s->n_pieces; j++)
-        for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) pw_program_fold_grads(progs[j]);
+    for (int j = 0; j < np; j++)
+        for (int i = 0; i < pw_program_n_params(progs[j]); i++) {
             pw_program_param pp;
-            pw_program_param_at(s->piece[j], i, &pp);
+            pw_program_param_at(progs[j], i, &pp);
             float *gr;
-            pw_status st = pl_host_grad(s->piece[j], i, &pp, &tmp, &gr);
+            pw_status st = pl_host_grad(progs[j], i, &pp, &tmp, &gr);
             if (st == PW_OK)
                 for (int64_t k = 0; k < pp.numel; k++) gr[k] *= scale;
-            if (st != PW_OK || pl_host_grad_done(s->piece[j], i, gr) != PW_OK)
+            if (st != PW_OK || pl_host_grad_done(progs[j], i, gr) != PW_OK)
                 PW_WARN("stage %d: clipping the gradient of %s: %s", s->index, pp.name, pw_last_error());
         }
     free(tmp);
@@ -265,25 +348,28 @@ static pw_status gs_optimizer_step(void *self, long step)
 {
     gstage *s = self;
     for (int j = 0; j < s->n_pieces; j++) PW_CHECK(pw_program_optimizer_step(s->piece[j], step));
-    for (int r = 1; s->rank_prog && r < s->pl->T; r++) /* element-wise: each rank its parts */
+    for (int r = 1; s->rank_prog && r < s->pl->TL; r++) /* element-wise: each rank its parts */
         PW_CHECK(pw_program_optimizer_step(s->rank_prog[r], step));
     return PW_OK;
 }
 
-/* Post-validation: the pieces' steps, complete when the call returns
- * (the engine does not ask `submitted` for these). A piece that fails its
- * try has changed nothing; the pieces before it are undone. */
+/* Post-validation: the pieces' steps (at T > 1 every rank's), complete
+ * when the call returns (the engine does not ask `submitted` for these). A
+ * program that fails its try has changed nothing; the ones before it are
+ * undone. */
 static pw_status gs_optimizer_try(void *self, long step)
 {
     gstage *s = self;
-    for (int j = 0; j < s->n_pieces; j++) {
-        pw_status st = pw_program_optimizer_try(s->piece[j], step);
-        if (st == PW_OK) st = pw_program_wait(s->piece[j]);
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) {
+        pw_status st = pw_program_optimizer_try(progs[j], step);
+        if (st == PW_OK) st = pw_program_wait(progs[j]);
         if (st != PW_OK) {
             char msg[512];
             snprintf(msg, sizeof msg, "%s", pw_last_error());
             for (int k = 0; k < j; k++)
-                if (pw_program_optimizer_undo(s->piece[k]) != PW_OK || pw_program_wait(s->piece[k]) != PW_OK)
+                if (pw_program_optimizer_undo(progs[k]) != PW_OK || pw_program_wait(progs[k]) != PW_OK)
                     PW_WARN("stage %d: undoing the optimizer step: %s", s->index, pw_last_error());
             return pw_error(st, "%s", msg);
         }
@@ -293,9 +379,11 @@ static pw_status gs_optimizer_try(void *self, long step)
 
 static pw_status gs_optimizer_settle(gstage *s, int undo)
 {
-    for (int j = 0; j < s->n_pieces; j++) {
-        PW_CHECK(undo ? pw_program_optimizer_undo(s->piece[j]) : pw_program_optimizer_commit(s->piece[j]));
-        PW_CHECK(pw_program_wait(s->piece[j]));
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) {
+        PW_CHECK(undo ? pw_program_optimizer_undo(progs[j]) : pw_program_optimizer_commit(progs[j]));
+        PW_CHECK(pw_program_wait(progs[j]));
     }
     return PW_OK;
 }
@@ -306,9 +394,11 @@ static pw_status gs_optimizer_undo(void *self) { return gs_optimizer_settle(self
 static pw_status gs_zero_grads(void *self)
 {
     gstage *s = self;
-    for (int j = 0; j < s->n_pieces; j++) {
-        pw_program_zero_grads(s->piece[j]);
-        PW_CHECK(pw_program_wait(s->piece[j]));
+    pw_program **progs;
+    const int np = gs_programs(s, &progs);
+    for (int j = 0; j < np; j++) {
+        pw_program_zero_grads(progs[j]);
+        PW_CHECK(pw_program_wait(progs[j]));
     }
     return PW_OK;
 }
@@ -357,7 +447,7 @@ pw_status pl_gs_bind(void *self, int slot, pw_port port, void *buf)
     /* Tensor parallelism: every rank reads the activations that arrive;
      * rank 0 holds the rest (above). */
     if (s->rank_prog && port == PW_PORT_GRAD_OUT) s->tp_grad_out[slot] = buf;
-    for (int r = 1; s->rank_prog && r < s->pl->T && port == PW_PORT_ACT_IN; r++)
+    for (int r = 1; s->rank_prog && r < s->pl->TL && port == PW_PORT_ACT_IN; r++)
         PW_CHECK(pw_program_bind_port(s->rank_prog[r], slot, port, buf));
     return pw_program_bind_port(port_piece(s, port), slot, port, buf);
 }
@@ -484,14 +574,16 @@ const char *pl_chunk_device(const pw_pipeline *pl, int s, char *buf, size_t size
     return buf;
 }
 
-/* Tensor parallelism: ranks 1 .. T−1's programs of chunk s (rank 0's is
- * piece 0), the group and the team; refuses a cut inside a
- * tensor-parallel pair. */
+/* Tensor parallelism: this process's rank programs of chunk s after the
+ * first (piece 0), the group and the team; refuses a cut inside a
+ * tensor-parallel pair. In one process the chunk runs all T ranks, over an
+ * in-process group; under MPI its one rank (pl->tp0) meets the other
+ * processes of its stage over the transport's tp_coll. */
 static pw_status build_tp(pw_pipeline *pl, gstage *gs, int s, int b, int e, int slots)
 {
     const pw_pipeline_config *c = &pl->cfg;
-    const int T = pl->T;
-    const pw_graph *r0 = pl->rank_g[0];
+    const int T = pl->T, TL = pl->TL;
+    const pw_graph *r0 = pl->rank_g[pl->tp0];
     for (int port = 0; port < 2; port++) {
         const int *vals;
         const int nv = port ? pw_program_outputs(gs->piece[0], &vals) : pw_program_inputs(gs->piece[0], &vals);
@@ -502,35 +594,40 @@ static pw_status build_tp(pw_pipeline *pl, gstage *gs, int s, int b, int e, int 
                                 "`cut` marker in the graph)", port ? "after" : "before", s, b, e - 1,
                                 r0->values[vals[i]].name);
     }
-    gs->rank_prog = calloc((size_t)T, sizeof *gs->rank_prog);
+    gs->rank_prog = calloc((size_t)TL, sizeof *gs->rank_prog);
     if (!gs->rank_prog) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     gs->rank_prog[0] = gs->piece[0];
-    PW_CHECK(pw_shm_group_create(T, &gs->tp_group));
-    PW_CHECK(pw_tp_team_create(T, &gs->tp_abort, &gs->tp_team));
+    if (!pl->t) PW_CHECK(pw_shm_group_create(T, &gs->tp_group));
+    else if (!pl->t->tp_coll.vt || pl->t->tp_coll.n_members != T)
+        return pw_error(PW_ERR_INVALID_ARG, "tensor parallelism %d: the transport has no tensor-parallel group of "
+                        "%d processes", T, T);
+    PW_CHECK(pw_tp_team_create(TL, &gs->tp_abort, &gs->tp_team));
     {
         const size_t bytes = pw_program_port_bytes(gs->piece[0], PW_PORT_GRAD_OUT);
         gs->tp_grad_out = calloc((size_t)slots, sizeof *gs->tp_grad_out);
         if (!gs->tp_grad_out) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
         gs->tp_grad_bytes = bytes;
         gs->tp_grad_stride = (bytes + 63) / 64 * 64;
-        if (bytes && posix_memalign((void **)&gs->tp_grad_mem, 64,
-                                    gs->tp_grad_stride * (size_t)slots * (size_t)(T - 1)) != 0) {
+        if (bytes && TL > 1 && posix_memalign((void **)&gs->tp_grad_mem, 64,
+                                    gs->tp_grad_stride * (size_t)slots * (size_t)(TL - 1)) != 0) {
             gs->tp_grad_mem = NULL;
             return pw_error(PW_ERR_NOMEM, "pipeline: out of memory for chunk %d's tensor-parallel buffers", s);
         }
-        if (gs->tp_grad_mem) memset(gs->tp_grad_mem, 0, gs->tp_grad_stride * (size_t)slots * (size_t)(T - 1));
+        if (gs->tp_grad_mem) memset(gs->tp_grad_mem, 0, gs->tp_grad_stride * (size_t)slots * (size_t)(TL - 1));
     }
-    for (int r = 0; r < T; r++) {
+    for (int r = 0; r < TL; r++) {
         if (r > 0) {
             pw_program_config pc = *pw_program_get_config(gs->piece[0]);
-            pc.graph = pl->rank_g[r];
+            pc.graph = pl->rank_g[pl->tp0 + r];
             pc.slots = slots;
             PW_CHECK(pw_program_create(&pc, &gs->rank_prog[r]));
             pw_program_init_params(gs->rank_prog[r], c->seed);
             for (int slot = 0; gs->tp_grad_bytes && slot < slots; slot++)
                 PW_CHECK(pw_program_bind_port(gs->rank_prog[r], slot, PW_PORT_GRAD_OUT, tp_grad_buf(gs, r, slot)));
         }
-        pw_tp tp = {.rank = r, .size = T, .coll = pw_shm_group_member(gs->tp_group, r), .abort = &gs->tp_abort};
+        pw_tp tp = {.rank = pl->tp0 + r, .size = T, .abort = &gs->tp_abort,
+                    .coll = pl->t ? pl->t->tp_coll : pw_shm_group_member(gs->tp_group, r),
+                    .on_sum = r == 0 ? tp_traced : NULL, .on_sum_arg = gs};
         PW_CHECK(pw_program_set_tp(gs->rank_prog[r], &tp));
     }
     return PW_OK;
@@ -564,7 +661,7 @@ pw_status pl_build_stage(pw_pipeline *pl, gstage *gs, int s, int replica)
     }
     for (int j = 0; j < gs->n_pieces; j++) {
         pw_program_config pc = {
-            .graph = pl->T > 1 ? pl->rank_g[0] : g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
+            .graph = pl->T > 1 ? pl->rank_g[pl->tp0] : g, .node_begin = cut[j], .node_end = cut[j + 1], .micro_batch = pl->micro,
             .loss_batch = c->batch, .slots = slots, .optim = c->optim, .recompute = c->recompute,
             .device = pl_chunk_device(pl, s, device, sizeof device), .math = c->math,
             .no_graphs = c->no_graphs, .micro_batches = M, .grad_groups = pl->grad_groups,
@@ -627,7 +724,7 @@ out:
 void pl_free_stage(gstage *gs)
 {
     pw_tp_team_destroy(gs->tp_team); /* joins its threads */
-    for (int r = 1; gs->rank_prog && gs->pl && r < gs->pl->T; r++) pw_program_destroy(gs->rank_prog[r]);
+    for (int r = 1; gs->rank_prog && gs->pl && r < gs->pl->TL; r++) pw_program_destroy(gs->rank_prog[r]);
     free(gs->rank_prog);
     free(gs->tp_grad_out);
     free(gs->tp_grad_mem);

@@ -37,7 +37,9 @@ int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out)
     return n;
 }
 
-/* The same for tensor-parallel rank `rank` (one piece per chunk at T > 1). */
+/* The same for this process's tensor-parallel rank `rank` (0 .. TL−1: in
+ * one process rank `rank`, under MPI the process's own; one piece per chunk
+ * at T > 1). */
 int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out)
 {
     if (pl->T <= 1) return pl_replica_programs(pl, k, out);
@@ -168,7 +170,9 @@ pw_program *pl_chunk_param(pw_pipeline *pl, int lrep, int ch, int gp, int *local
 
 pw_status pl_sum_ties_across(pw_pipeline *pl)
 {
-    const pw_graph *g = pl->g;
+    /* tensor parallelism: this process's rank's parts (its peers in the
+     * other stages hold the same rank's) */
+    const pw_graph *g = pl->T > 1 ? pl->rank_g[pl->tp0] : pl->g;
     const pw_transport *t = pl->t;
     const int me = t->rank, k = t->replica;
     int *list = malloc((size_t)pl->C * sizeof *list);

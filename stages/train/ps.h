@@ -31,6 +31,16 @@
  * steps ahead of the slowest. The version each step used is in the trace
  * ("PS pull" events, docs/distributed.md).
  *
+ * Clipping (--clip-grad-norm): the servers clip the summed gradients by the
+ * global norm in the engine's order; with K > 1 server 0 gathers the
+ * others' summed gradients each step and sends back the coefficient.
+ *
+ * Checkpoints (docs/distributed.md, "Parameter server"): a worker's hello
+ * goes before its first step and carries its parameters' optimizer state
+ * and the step it starts from, so a resumed run's servers start from the
+ * checkpoint; at a checkpoint replica 0's workers fetch the state back
+ * (STATE_REQ / STATE), so the files are an all-reduce run's.
+ *
  * Errors name the process: a server that stops is named by the workers'
  * watchdogs ("MPI rank 4 (server 0) stalled: ..."), through the heartbeat
  * board of runtime/transport.h.

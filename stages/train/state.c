@@ -29,6 +29,8 @@
 
 #define PATH_MAX_LEN 4096
 #define MAX_PIECES 64
+#define PART_COMPRESS (-2)
+#define COMPRESS_FORMAT "pipewright-compress-1"
 
 static double now_s(void)
 {
@@ -268,12 +270,18 @@ static void retain(const char *dir, int keep, int all_incomplete)
 typedef struct item {
     pw_program *prog;          /* where it is read from */
     int local;                 /* the parameter's index there */
-    int part;                  /* -1: the parameter; k >= 0: optimizer buffer k */
+    int part;                  /* -1: the parameter; k >= 0: optimizer buffer k;
+                                  PART_COMPRESS: a compressor's state (z, zspan) */
+    pw_compressor *z;
+    int zspan;
     int gp;
     char *name;                /* "fc1.weight" or "fc1.weight.exp_avg" */
     pw_shape shape;
-    int64_t numel;
+    int64_t numel;             /* the full tensor's */
     size_t off;                /* floats into the block */
+    pw_program **ranks;        /* tensor parallelism, a split parameter: the T rank
+                                  programs that hold its parts (same local index);
+                                  NULL: prog holds it whole */
 } item;
 
 struct pw_state_writer {
@@ -283,6 +291,10 @@ struct pw_state_writer {
     int writes;                /* 0: a process of another replica (writes nothing) */
     item *items;
     int n_items, n_model;
+    int n_compress;            /* the last n_compress items: --compress's error-feedback state
+                                  (every process writes its replicas': "compress" files) */
+    char zmode[48];            /* its mode ("topk:0.01"), for the files' metadata */
+    char zreplicas[16];
     float *block;              /* the snapshot: every item's floats */
     size_t block_floats;
     int64_t spe;
@@ -303,6 +315,10 @@ struct pw_state_writer {
     int64_t last_saved;        /* the step of the last checkpoint started (or resumed from); -1 none */
     uint64_t generation;       /* of the pipeline the items point into (a re-partition
                                   replaces it: stages/train/rebalance.h) */
+    int T;                     /* the pipeline's tensor-parallel degree */
+    pw_graph **rank_g;         /* [T] at T > 1: its rank graphs (borrowed) */
+    float *part;               /* a split parameter's part, read before it is gathered */
+    size_t part_floats;
     int *cuts;                 /* the layout's cuts, owned: cfg.layout.cuts points here */
     char *schedule;            /* the layout's schedule name, owned: cfg.layout.schedule
                                   (the caller's may live in a pipeline a move replaces) */
@@ -313,14 +329,20 @@ static void free_items(pw_state_writer *w)
     for (int i = 0; w->items && i < w->n_items; i++) free(w->items[i].name);
     free(w->items);
     free(w->block);
+    free(w->part);
     w->items = NULL;
     w->block = NULL;
-    w->n_items = w->n_model = 0;
+    w->part = NULL;
+    w->part_floats = 0;
+    w->n_items = w->n_model = w->n_compress = 0;
     w->block_floats = 0;
 }
 
 static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
 {
+    if (pl->t && pl->T > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "checkpoint: tensor parallelism %d under MPI is not built (in one "
+                        "process it is: docs/parallelism.md)", pl->T);
     const pw_graph *g = w->cfg.graph;
     const pw_partition *part = pw_pipeline_partition(pl);
     const int C = pw_pipeline_n_chunks(pl), sf = pw_optim_state_floats(w->cfg.run.optim.kind);
@@ -352,6 +374,15 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
                 taken[pp.graph_param] = 1;
                 tmp[pp.graph_param] = (item){.prog = progs[j], .local = i, .part = -1, .gp = pp.graph_param,
                                              .shape = pp.shape, .numel = pp.numel};
+                if (pl->T > 1 && pl->rank_g[0]->params[pp.graph_param].tp_full > 0) {
+                    /* Gathered from the T ranks' parts into the full tensor
+                     * (docs/parallelism.md, "Checkpoints"). */
+                    item *it = &tmp[pp.graph_param];
+                    it->ranks = stage_at(pl, lrep_of(pl, rep), c)->rank_prog; /* progs[j] is its [0] */
+                    it->shape = g->params[pp.graph_param].shape;
+                    it->numel = pw_shape_numel(&it->shape);
+                    if ((size_t)pp.numel > w->part_floats) w->part_floats = (size_t)pp.numel;
+                }
             }
     }
     if (!tmp) {
@@ -375,14 +406,56 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
             else snprintf(it->name, len, "%s.%s", g->params[p].name, state_suffix(w->cfg.run.optim.kind, k));
             if (k < 0) w->n_model++;
         }
-    w->n_items = n;
-    w->block_floats = off;
     free(tmp);
     free(first);
     free(taken);
+    w->n_items = n;
     for (int i = 0; i < n; i++)
         if (!w->items[i].name) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    /* --compress: every replica's error-feedback state, one tensor per
+     * (replica, parameter) (stages/train/pipeline_compress.c). */
+    pl_zstate *zs = NULL;
+    int nz = 0;
+    const char *zwhy = NULL;
+    PW_CHECK(pl_compress_states(pl, &zs, &nz, &zwhy));
+    if (nz > 0) {
+        item *grown = realloc(w->items, (size_t)(n + nz) * sizeof *w->items);
+        if (!grown) {
+            free(zs);
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        }
+        w->items = grown;
+        pw_compress_name(&pl->cfg.compress, w->zmode, sizeof w->zmode);
+        snprintf(w->zreplicas, sizeof w->zreplicas, "%d", pl->NR);
+    }
+    for (int i = 0; i < nz; i++) {
+        item *it = &w->items[n];
+        *it = (item){.part = PART_COMPRESS, .z = zs[i].z, .zspan = zs[i].span, .gp = zs[i].gp,
+                     .shape = {.ndim = 1, .d = {zs[i].floats}}, .numel = zs[i].floats, .off = off};
+        off += (size_t)it->numel;
+        const size_t len = strlen(g->params[it->gp].name) + 48;
+        if (!(it->name = malloc(len))) {
+            free(zs);
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        }
+        snprintf(it->name, len, "%s.compress.replica%d", g->params[it->gp].name, zs[i].replica);
+        w->n_items = ++n;
+        w->n_compress++;
+    }
+    free(zs);
+    w->block_floats = off;
     w->generation = pl->generation;
+    w->T = pl->T;
+    w->rank_g = pl->rank_g;
+    if (w->part_floats) {
+        /* room for any rank's part (at most the full tensor) */
+        size_t most = 0;
+        for (int i = 0; i < n; i++)
+            if (w->items[i].ranks && (size_t)w->items[i].numel > most) most = (size_t)w->items[i].numel;
+        w->part_floats = most;
+        if (!(w->part = malloc(most * sizeof(float) + 64)))
+            return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    }
     w->block = malloc(off * sizeof(float) + 64);
     if (!w->block) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory for a %zu-byte snapshot",
                                    off * sizeof(float));
@@ -445,6 +518,8 @@ pw_status pw_state_writer_create(const pw_state_config *cfg, pw_state_writer **o
 static void file_name(const pw_state_writer *w, const char *kind, char *out, size_t n)
 {
     if (w->shard < 0) snprintf(out, n, "%s.safetensors", kind);
+    else if (!strcmp(kind, "compress")) /* every process's replica: numbered by world rank */
+        snprintf(out, n, "%s-%05d-of-%05d.safetensors", kind, w->t->world_rank + 1, w->t->world_size);
     else snprintf(out, n, "%s-%05d-of-%05d.safetensors", kind, w->shard + 1, w->n_shards);
 }
 
@@ -465,7 +540,8 @@ static pw_status write_file(pw_state_writer *w, const char *kind, int from, int 
     }
     for (int i = from; i < to; i++) {
         const item *it = &w->items[i];
-        t[i - from] = (pw_st_tensor){.name = it->name, .dtype = PW_F32, .shape = g->params[it->gp].shape,
+        t[i - from] = (pw_st_tensor){.name = it->name, .dtype = PW_F32,
+                                     .shape = it->part == PART_COMPRESS ? it->shape : g->params[it->gp].shape,
                                      .data = w->block + it->off, .nbytes = (size_t)it->numel * sizeof(float)};
         char crc[16];
         snprintf(crc, sizeof crc, "%08" PRIx32, crc_of(t[i - from].data, t[i - from].nbytes));
@@ -517,7 +593,7 @@ static json_t *manifest_json(const pw_state_writer *w)
         " s:{s:s, s:I},"
         " s:o,"
         " s:{s:s, s:I, s:I, s:f, s:f, s:f},"
-        " s:{s:i, s:s, s:i, s:o, s:i, s:i, s:i, s:i}}",
+        " s:{s:i, s:s, s:i, s:o, s:i, s:i, s:i, s:i, s:i}}",
         "format", PW_STATE_FORMAT, "pipewright_version", PW_VERSION, "step", (json_int_t)w->step, "epoch",
         (json_int_t)(w->step / spe), "step_in_epoch", (json_int_t)(w->step % spe), "steps_per_epoch", (json_int_t)spe,
         "graph", "name", c->graph->name, "hash", hash, "params", c->graph->n_params,
@@ -535,7 +611,7 @@ static json_t *manifest_json(const pw_state_writer *w)
         "layout", "stages", c->layout.stages, "schedule", c->layout.schedule ? c->layout.schedule : "",
         "chunks_per_rank", c->layout.chunks_per_rank, "cuts", cuts, "replicas", c->layout.replicas,
         "micro_batches", c->layout.micro_batches, "processes", c->layout.processes > 0 ? c->layout.processes : 1,
-        "threads", c->layout.threads);
+        "threads", c->layout.threads, "tensor_parallel", c->layout.tensor_parallel > 1 ? c->layout.tensor_parallel : 1);
     return m;
 }
 
@@ -564,15 +640,24 @@ static pw_status write_checkpoint(pw_state_writer *w)
     json_decref(w->files);
     w->files = json_array();
     if (!w->files) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+    pw_st_meta zmeta[] = {
+        {"format", COMPRESS_FORMAT}, {"graph", g->name}, {"step", step}, {"compress", w->zmode},
+        {"replicas", w->zreplicas},
+    };
     if (w->writes) {
         PW_CHECK(write_file(w, "model", 0, w->n_model, meta, (int)(sizeof meta / sizeof meta[0])));
-        PW_CHECK(write_file(w, "optimizer", w->n_model, w->n_items, ometa, (int)(sizeof ometa / sizeof ometa[0])));
+        PW_CHECK(write_file(w, "optimizer", w->n_model, w->n_items - w->n_compress, ometa,
+                            (int)(sizeof ometa / sizeof ometa[0])));
     }
+    if (w->n_compress > 0)
+        PW_CHECK(write_file(w, "compress", w->n_items - w->n_compress, w->n_items, zmeta,
+                            (int)(sizeof zmeta / sizeof zmeta[0])));
     char p[PATH_MAX_LEN + 64];
     if (w->t) {
-        /* MPI: a note of what this process wrote; rank 0 merges them. */
-        if (w->writes) {
-            snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, w->shard + 1);
+        /* MPI: a note of what this process wrote (every process: the
+         * compressors' state is every replica's); rank 0 merges them. */
+        {
+            snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, w->t->world_rank + 1);
             json_t *note = json_pack("{s:O}", "files", w->files);
             pw_status st = note ? write_json_atomic(p, note) : pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
             json_decref(note);
@@ -604,9 +689,6 @@ static void *writer_main(void *arg)
 
 pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step)
 {
-    if (pw_pipeline_tensor_parallel(pl) > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "training-state checkpoints with tensor parallelism (%d ranks) are not "
-                        "built; weights checkpoints (--save) are", pw_pipeline_tensor_parallel(pl));
     if (w->pending) {
         /* The previous write is still going: training waits for it. */
         const double t0 = now_s();
@@ -638,12 +720,23 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
     if (!w->t || w->t->world_rank == 0) unlink(p);
     /* The snapshot: host copies at this step boundary (the workers are idle). */
     const double t0 = now_s();
+    PW_CHECK(pl_ps_checkpoint(pl)); /* --sync ps: the servers hold the optimizer state */
     for (int i = 0; i < w->n_items; i++) {
         const item *it = &w->items[i];
-        pw_status st = it->part < 0 ? pw_program_param_read(it->prog, it->local, PW_PARAM_DATA, 0, w->block + it->off)
-                                    : pw_program_param_read(it->prog, it->local, PW_PARAM_STATE, it->part,
-                                                            w->block + it->off);
-        if (st != PW_OK) return pw_error_prefix(st, "checkpoint: snapshot of %s: ", it->name);
+        if (it->part == PART_COMPRESS) {
+            pw_compressor_span_state_get(it->z, it->zspan, w->block + it->off);
+            continue;
+        }
+        /* A split parameter (and its state): each rank's part into its
+         * place in the full tensor; the parts tile it exactly. */
+        for (int r = 0; r < (it->ranks ? w->T : 1); r++) {
+            pw_program *p = it->ranks ? it->ranks[r] : it->prog;
+            float *dst = it->ranks ? w->part : w->block + it->off;
+            pw_status st = it->part < 0 ? pw_program_param_read(p, it->local, PW_PARAM_DATA, 0, dst)
+                                        : pw_program_param_read(p, it->local, PW_PARAM_STATE, it->part, dst);
+            if (st != PW_OK) return pw_error_prefix(st, "checkpoint: snapshot of %s: ", it->name);
+            if (it->ranks) pw_graph_tp_slice(w->rank_g[r], it->gp, w->block + it->off, w->part, 0);
+        }
     }
     w->snapshot_s = now_s() - t0;
     w->pending = 1;
@@ -668,7 +761,7 @@ static pw_status merge_manifest(pw_state_writer *w, int64_t *bytes)
         goto out;
     }
     *bytes = 0;
-    for (int r = 0; r < w->n_shards; r++) {
+    for (int r = 0; r < w->t->world_size; r++) { /* world ranks 0 .. S-1 are replica 0's pipeline ranks */
         char p[PATH_MAX_LEN + 64];
         snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, r + 1);
         json_error_t je;
@@ -692,7 +785,7 @@ static pw_status merge_manifest(pw_state_writer *w, int64_t *bytes)
     char p[PATH_MAX_LEN + 32];
     snprintf(p, sizeof p, "%s/" PW_STATE_MANIFEST, w->path);
     PW_CHECK_GOTO(write_json_atomic(p, m), st, out);
-    for (int r = 0; r < w->n_shards; r++) {
+    for (int r = 0; r < w->t->world_size; r++) {
         snprintf(p, sizeof p, "%s/shard-%05d.json", w->path, r + 1);
         unlink(p);
     }
@@ -951,6 +1044,7 @@ pw_status pw_state_open_manifest(const char *mpath, pw_state **out)
     m->layout.micro_batches = (int)jint(lay, "micro_batches");
     m->layout.processes = (int)jint(lay, "processes");
     m->layout.threads = (int)jint(lay, "threads");
+    m->layout.tensor_parallel = jint(lay, "tensor_parallel") > 1 ? (int)jint(lay, "tensor_parallel") : 1;
     s->hash = jstr(gr, "hash");
     s->graph_name = jstr(gr, "name");
     s->n_params = (int)jint(gr, "params");
@@ -1110,56 +1204,150 @@ static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out
 
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
 {
-    if (pw_pipeline_tensor_parallel(pl) > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "--resume with tensor parallelism (%d ranks) is not built; "
-                        "--init-from a weights checkpoint is", pw_pipeline_tensor_parallel(pl));
-    const int C = pw_pipeline_n_chunks(pl);
-    const pw_graph *g = NULL;
+    const int C = pw_pipeline_n_chunks(pl), T = pl->T;
+    if (pl->t && T > 1)
+        return pw_error(PW_ERR_UNSUPPORTED, "--resume with tensor parallelism %d under MPI is not built (in one "
+                        "process it is: docs/parallelism.md)", T);
     pw_status st = PW_OK;
     json_t *files = json_object_get(s->root, "files");
     const size_t nf = json_array_size(files);
     open_file *of = calloc(nf + 1, sizeof *of);
+    float *part = NULL; /* tensor parallelism: a rank's part of a split tensor */
+    size_t part_floats = 0;
     if (!of) return pw_error(PW_ERR_NOMEM, "--resume: out of memory");
     const pw_optim_kind kind = s->meta.run.optim.kind;
     const int sf = pw_optim_state_floats(kind);
-    /* Pass 1: every tensor this process needs, found and checked. */
+    /* Pass 1: every tensor this process needs, found and checked. At T > 1
+     * every rank's programs take the full tensors of the file (the names
+     * and shapes of T = 1, whatever T wrote them), each its own part of a
+     * split one (docs/parallelism.md, "Checkpoints"). */
     for (int pass = 0; pass < 2 && st == PW_OK; pass++)
         for (int rep = 0; rep < replicas && st == PW_OK; rep++)
-            for (int c = 0; c < C && st == PW_OK; c++) {
-                pw_program *progs[MAX_PIECES];
-                int np = pw_pipeline_programs(pl, rep, c, progs, MAX_PIECES);
-                for (int j = 0; j < np && j < MAX_PIECES && st == PW_OK; j++)
-                    for (int i = 0; i < pw_program_n_params(progs[j]) && st == PW_OK; i++) {
-                        pw_program_param pp;
-                        pw_program_param_at(progs[j], i, &pp);
-                        for (int part = -1; part < sf && st == PW_OK; part++) {
-                            char name[512];
-                            if (part < 0) snprintf(name, sizeof name, "%s", pp.name);
-                            else snprintf(name, sizeof name, "%s.%s", pp.name, state_suffix(kind, part));
-                            json_t *rec = find_tensor(s, name, NULL);
-                            if (!rec) {
-                                st = pw_error(PW_ERR_FORMAT, "%s: the manifest lists no tensor '%s' in any file",
-                                              s->path, name);
-                                break;
-                            }
-                            size_t fi = 0;
-                            while (fi < nf && json_array_get(files, fi) != rec) fi++;
-                            if (!of[fi].st) {
-                                of[fi].rec = rec;
-                                PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
-                            }
-                            pw_st_tensor t;
-                            PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &pp.shape, &t), st, out);
-                            if (pass == 0) continue;
-                            st = part < 0 ? pw_program_param_write(progs[j], i, PW_PARAM_DATA, t.data)
-                                          : pw_program_param_write_state(progs[j], i, part, t.data);
-                        }
+            for (int c = 0; c < C && st == PW_OK; c++)
+                for (int r = 0; r < T && st == PW_OK; r++) {
+                    pw_program *progs[MAX_PIECES];
+                    int np;
+                    if (T > 1) { /* one piece per chunk: rank r's program of it */
+                        np = lrep_of(pl, rep) >= 0 && stage_here(pl, c) ? 1 : 0;
+                        if (np) progs[0] = stage_at(pl, lrep_of(pl, rep), c)->rank_prog[r];
+                    } else {
+                        np = pw_pipeline_programs(pl, rep, c, progs, MAX_PIECES);
                     }
-            }
-    (void)g;
+                    for (int j = 0; j < np && j < MAX_PIECES && st == PW_OK; j++)
+                        for (int i = 0; i < pw_program_n_params(progs[j]) && st == PW_OK; i++) {
+                            pw_program_param pp;
+                            pw_program_param_at(progs[j], i, &pp);
+                            const pw_graph *rg = T > 1 ? pl->rank_g[r] : NULL;
+                            const int split = rg && rg->params[pp.graph_param].tp_full > 0;
+                            const pw_shape full = split ? pl->g->params[pp.graph_param].shape : pp.shape;
+                            if (split && (size_t)pp.numel > part_floats) {
+                                float *np2 = realloc(part, (size_t)pp.numel * sizeof *np2);
+                                if (!np2) {
+                                    st = pw_error(PW_ERR_NOMEM, "--resume: out of memory");
+                                    break;
+                                }
+                                part = np2;
+                                part_floats = (size_t)pp.numel;
+                            }
+                            for (int k = -1; k < sf && st == PW_OK; k++) {
+                                char name[512];
+                                if (k < 0) snprintf(name, sizeof name, "%s", pp.name);
+                                else snprintf(name, sizeof name, "%s.%s", pp.name, state_suffix(kind, k));
+                                json_t *rec = find_tensor(s, name, NULL);
+                                if (!rec) {
+                                    st = pw_error(PW_ERR_FORMAT, "%s: the manifest lists no tensor '%s' in any file",
+                                                  s->path, name);
+                                    break;
+                                }
+                                size_t fi = 0;
+                                while (fi < nf && json_array_get(files, fi) != rec) fi++;
+                                if (!of[fi].st) {
+                                    of[fi].rec = rec;
+                                    PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
+                                }
+                                pw_st_tensor t;
+                                PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &full, &t), st, out);
+                                if (pass == 0) continue;
+                                const float *src = t.data;
+                                if (split) { /* this rank's slice of the full tensor */
+                                    pw_graph_tp_slice(rg, pp.graph_param, (float *)t.data, part, 1);
+                                    src = part;
+                                }
+                                st = k < 0 ? pw_program_param_write(progs[j], i, PW_PARAM_DATA, src)
+                                           : pw_program_param_write_state(progs[j], i, k, src);
+                            }
+                        }
+                }
     if (st == PW_OK) pw_pipeline_seek(pl, s->meta.step);
 out:
     for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
     free(of);
+    free(part);
+    return st;
+}
+
+pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n)
+{
+    why[0] = '\0';
+    pl_zstate *zs = NULL;
+    int nz = 0;
+    const char *zwhy = NULL;
+    PW_CHECK(pl_compress_states(pl, &zs, &nz, &zwhy));
+    if (zwhy) {
+        snprintf(why, why_n, "%s", zwhy);
+        return PW_OK;
+    }
+    if (nz == 0) return PW_OK;
+    char mode[48], reps[16];
+    pw_compress_name(&pl->cfg.compress, mode, sizeof mode);
+    snprintf(reps, sizeof reps, "%d", pl->NR);
+    json_t *files = json_object_get(s->root, "files");
+    const size_t nf = json_array_size(files);
+    open_file *of = calloc(nf + 1, sizeof *of);
+    if (!of) {
+        free(zs);
+        return pw_error(PW_ERR_NOMEM, "--resume: out of memory");
+    }
+    pw_status st = PW_OK;
+    /* The mode and replica count the state was written with (every
+     * compress file says them; the first one found is asked). */
+    int any = 0;
+    for (size_t fi = 0; fi < nf && st == PW_OK && !any; fi++) {
+        json_t *rec = json_array_get(files, fi);
+        if (strcmp(jstr(rec, "kind"), "compress") != 0) continue;
+        any = 1;
+        PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
+        of[fi].rec = rec;
+        const char *m = pw_safetensors_meta(of[fi].st, "compress"), *r = pw_safetensors_meta(of[fi].st, "replicas");
+        if (!m || !r || strcmp(m, mode) || strcmp(r, reps))
+            snprintf(why, why_n, "the checkpoint's state is of --compress %s on %s replicas, this run's %s on %s",
+                     m ? m : "?", r ? r : "?", mode, reps);
+    }
+    if (!any) snprintf(why, why_n, "the checkpoint holds none (it was written without it)");
+    /* Pass 0: every tensor found and checked; pass 1: copied. */
+    for (int pass = 0; pass < 2 && st == PW_OK && !why[0]; pass++)
+        for (int i = 0; i < nz && st == PW_OK && !why[0]; i++) {
+            char name[512];
+            snprintf(name, sizeof name, "%s.compress.replica%d", pl->g->params[zs[i].gp].name, zs[i].replica);
+            json_t *rec = find_tensor(s, name, NULL);
+            if (!rec) {
+                snprintf(why, why_n, "the checkpoint has no '%s'", name);
+                break;
+            }
+            size_t fi = 0;
+            while (fi < nf && json_array_get(files, fi) != rec) fi++;
+            if (!of[fi].st) {
+                of[fi].rec = rec;
+                PW_CHECK_GOTO(check_file(s, rec, &of[fi].st), st, out);
+            }
+            const pw_shape shape = {.ndim = 1, .d = {zs[i].floats}};
+            pw_st_tensor t;
+            PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &shape, &t), st, out);
+            if (pass == 1) pw_compressor_span_state_set(zs[i].z, zs[i].span, t.data);
+        }
+out:
+    for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
+    free(of);
+    free(zs);
     return st;
 }

@@ -106,6 +106,7 @@ typedef struct pw_state_run {
 /* The layout that wrote a checkpoint (recorded, never required). */
 typedef struct pw_state_layout {
     int stages, chunks_per_rank, replicas, micro_batches, processes, threads;
+    int tensor_parallel;       /* T (1: none; a checkpoint without it reads as 1) */
     const char *schedule;
     const int *cuts;           /* (optional) chunk boundaries, n_cuts of them */
     int n_cuts;
@@ -237,6 +238,17 @@ pw_status pw_state_check(const pw_state *s, const pw_graph *g, const pw_state_ru
  * replica count; under MPI only this process's replica is held) and seeks
  * the pipeline to the checkpoint's step. On failure nothing is changed. */
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas);
+
+/* --compress: restores this process's compressors' error-feedback state
+ * (top-k's residuals, PowerSGD's residuals and Q; per replica and
+ * parameter, in the checkpoint's "compress" files) after pw_state_restore,
+ * before the first step. PW_OK with why[0] == '\0' when restored, or when
+ * there is nothing to restore (no compression, or a mode without state);
+ * PW_OK with `why` saying why not when the checkpoint cannot give it (one
+ * written without it, by an older version or an uncompressed run; another
+ * mode or replica count; tied parameters): the state then starts from
+ * zero, as in a new run. Errors: a corrupt or truncated file (named). */
+pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n);
 
 /* Resuming on another layout (docs/checkpoints.md): the replica and
  * micro-batch counts for a run of `stages` stages and global batch `batch`

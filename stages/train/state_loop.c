@@ -22,7 +22,8 @@ pw_state_layout pw_state_layout_of(const pw_pipeline *pl)
 {
     pw_state_layout l = {.stages = pl->S, .chunks_per_rank = pl->V, .replicas = pl->NR,
                          .micro_batches = pl->cfg.micro_batches, .processes = pl->t ? pl->t->world_size : 1,
-                         .threads = pl->cfg.threads, .schedule = pl->schedule_name, .cuts = pl->part.begin,
+                         .threads = pl->cfg.threads, .tensor_parallel = pl->T, .schedule = pl->schedule_name,
+                         .cuts = pl->part.begin,
                          .n_cuts = pl->part.n_stages + 1};
     return l;
 }

@@ -61,6 +61,20 @@
  *               and --link-bandwidth/--link-latency, byte-identical to the
  *               tree in one process (with and without the in-process link);
  *               at 2, runs behind a 20 ms link take at least its latencies
+ *   tp          (PW_MPI_ONLY=tp, at NP = 4; docs/parallelism.md "Under MPI")
+ *               tensor parallelism with its T ranks as processes: a tiny GPT
+ *               split Megatron-style (vocabulary-parallel embedding and tied
+ *               head, attention by heads, MLPs column then row; dropout) at
+ *               S x R x T = 2 x 1 x 2 and 1 x 2 x 2 (np 4) and 2 x 2 x 2
+ *               (np 8): the checkpoint byte-identical to the same layout in
+ *               one process (SGD and AdamW, 1F1B and GPipe), and not T = 1's;
+ *               bad layouts (np not S x R x T, not a multiple of R x T, heads
+ *               fewer than T) refused naming the numbers or the op; a tensor
+ *               rank hung mid-step named as the stalled one within the
+ *               watchdog (the tensor-parallel all-reduce's own watch), one
+ *               killed ending the job with its rank named; every process's
+ *               trace holds TP_ALLREDUCE events and pipe-trace reads the
+ *               four files as one run with the line for them
  *   parts       (no mpirun) what pw_pipeline_data_parts gives each rank of a
  *               few layouts, partial synthetic data holds the same values as
  *               the full set, and gather refuses a side that was not loaded
@@ -263,6 +277,61 @@ static void tied(int np, int S, int R, const char *extra, const char *tag)
 /* Compressed gradients (runtime/compress.h): the 16-bit and top-k payloads
  * travel by MPI_Iallgather, PowerSGD's P and Q by the tree; each sums in
  * the same order as in process. */
+/* The error-feedback state of --compress (top-k's residuals, PowerSGD's
+ * residuals and Q) in checkpoints under mpirun: every process writes its
+ * replica's (compress-RANK-of-N files); a run written by 1 x 2 processes
+ * and resumed at step 2 under mpirun on 2 x 2, and in one process, ends
+ * with the bytes of the unbroken run in one process. */
+static void compress_resumed(const char *mode)
+{
+    char cmd[2048], *out = NULL, ref[64], what[256];
+    char model[512];
+    snprintf(model, sizeof model, "m.graph " DATA " --batch 48 --steps 6 --replicas 2 --micro-batches 2 "
+             "--optimizer adamw --compress %s", mode);
+    snprintf(ref, sizeof ref, "zref.st");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --stages 1 --save %s", bin, model, ref);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("--compress %s resumed: the unbroken run: exit %d\n%s", mode, st, out);
+    free(out);
+    if (st) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 2 %s/pipeline-run %s --stages 1 --checkpoint-dir ckz "
+             "--checkpoint-every 2 --keep 0", bin, model);
+    st = run(cmd, 300, &out, NULL);
+    char z2[200];
+    snprintf(z2, sizeof z2, "%s/ckz/step-00000002/compress-00002-of-00002.safetensors", dir);
+    if (st != 0 || access(z2, R_OK) != 0) {
+        fail("--compress %s under mpirun with checkpoints: exit %d, replica 1's state file %s\n%s", mode, st,
+             access(z2, R_OK) ? "missing" : "there", out);
+        free(out);
+        return;
+    }
+    free(out);
+    static const struct {
+        int np;
+        const char *layout;
+    } resume[] = {{4, "--stages 2"}, {0, "--stages 3"}};
+    for (int i = 0; i < 2; i++) {
+        char prefix[128] = "";
+        if (resume[i].np) snprintf(prefix, sizeof prefix, MPIRUN " -np %d ", resume[i].np);
+        snprintf(cmd, sizeof cmd, "%s%s/pipeline-run %s %s --resume ckz/step-00000002 --save zres%d.st", prefix, bin,
+                 model, resume[i].layout, i);
+        st = run(cmd, 300, &out, NULL);
+        if (st != 0 || strstr(out, "not restored")) {
+            fail("--compress %s resumed (%s): exit %d\n%s", mode, cmd, st, out);
+            free(out);
+            continue;
+        }
+        free(out);
+        char a[200], b[200], why[256];
+        snprintf(a, sizeof a, "%s/%s", dir, ref);
+        snprintf(b, sizeof b, "%s/zres%d.st", dir, i);
+        snprintf(what, sizeof what, "--compress %s: written by 1 x 2 processes at step 2, resumed %s on %s x 2", mode,
+                 resume[i].np ? "under mpirun" : "in one process", resume[i].layout + 9);
+        if (!test_same_tensors(a, b, why, sizeof why)) fail("%s: differs from the unbroken run: %s", what, why);
+        else printf("ok   %s: identical to the unbroken run\n", what);
+    }
+}
+
 static void compress_cases(int np)
 {
     if (np == 2) {
@@ -276,6 +345,8 @@ static void compress_cases(int np)
                   "zbf16slow");
         identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "--allreduce auto --link-bandwidth 2e8",
                   "ztopkauto");
+        compress_resumed("topk:0.05");
+        compress_resumed("powersgd:2");
     } else {
         identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
         identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
@@ -1355,8 +1426,6 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--sync ps --checkpoint-dir ck", "--sync ps does not checkpoint or resume yet"},
-        {"--sync ps --clip-grad-norm 1", "--sync ps does not support --clip-grad-norm yet"},
         {"--servers 2", "--servers and --staleness apply to --sync ps"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -1426,18 +1495,329 @@ static void ps_staleness(int S)
                 events, worst, ahead);
 }
 
+/* Runs `cmd` (in the test directory); 1 when it exits 0, else a failure naming `what`. */
+static int ps_run(const char *cmd, const char *what)
+{
+    char *out = NULL;
+    const int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("--sync ps checkpoints: %s: exit %d\n%s\n%s", what, st, cmd, out);
+    free(out);
+    return st == 0;
+}
+
+/* 1 when files a and b (in the test directory) hold the same tensors; else a failure. */
+static int ps_same(const char *a, const char *b, const char *what)
+{
+    char pa[200], pb[200], why[256];
+    snprintf(pa, sizeof pa, "%s/%s", dir, a);
+    snprintf(pb, sizeof pb, "%s/%s", dir, b);
+    if (!test_same_tensors(pa, pb, why, sizeof why)) {
+        fail("--sync ps: %s: differs: %s", what, why);
+        return 0;
+    }
+    printf("ok   --sync ps: %s: identical\n", what);
+    return 1;
+}
+
+/* Checkpoints of --sync ps (docs/distributed.md, "Checkpoints"): the
+ * servers' optimizer state is in them, so a run resumed at step 5 ends
+ * with the bytes of the unbroken run — resumed as PS (on another server
+ * count), as an all-reduce run in one process; and an all-reduce run's
+ * checkpoint resumed as PS. With staleness a checkpoint is a
+ * synchronisation point: resumed as PS (synchronous) and as all-reduce it
+ * gives the same bytes. */
+#define PS_CKPT "m.graph " DATA " --batch 48 --steps 12 --optimizer adamw --lr-schedule cosine --warmup 4 " \
+                "--micro-batches 2"
+static void ps_checkpoints(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --save psref.st", bin);
+    if (!ps_run(cmd, "the unbroken all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckp; " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 "
+             "--sync ps --checkpoint-dir ckp --checkpoint-every 5 --keep 0 --save psck.st", bin);
+    if (!ps_run(cmd, "the checkpointing PS run")) return;
+    ps_same("psref.st", "psck.st", "checkpoints: a PS run that checkpoints at steps 5 and 10 against the all-reduce run");
+    char m[200];
+    snprintf(m, sizeof m, "%s/ckp/step-00000005/manifest.json", dir);
+    if (access(m, R_OK) != 0) {
+        fail("--sync ps checkpoints: no complete checkpoint at step 5 (%s)", m);
+        return;
+    }
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+             "--servers 2 --resume ckp/step-00000005 --save ps1.st", bin);
+    if (ps_run(cmd, "PS (1 server) resumed on 2 servers"))
+        ps_same("psref.st", "ps1.st", "checkpoints: saved by 1 x 2 + 1 server at step 5, resumed on 1 x 2 + 2 servers");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --resume ckp/step-00000005 "
+             "--save ps2.st", bin);
+    if (ps_run(cmd, "PS resumed as an all-reduce run"))
+        ps_same("psref.st", "ps2.st", "checkpoints: saved by PS at step 5, resumed in one process on 2 stages x 2 replicas");
+    snprintf(cmd, sizeof cmd, "rm -rf cka; %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --steps 12 "
+             "--checkpoint-dir cka --checkpoint-every 5 --keep 0", bin);
+    if (ps_run(cmd, "the checkpointing all-reduce run")) {
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 5 %s/pipeline-run " PS_CKPT " --stages 2 --replicas 2 --sync ps "
+                 "--resume cka/step-00000005 --save ps3.st", bin);
+        if (ps_run(cmd, "an all-reduce checkpoint resumed as PS"))
+            ps_same("psref.st", "ps3.st", "checkpoints: saved by an all-reduce run at step 5, resumed as 2 x 2 + 1 server");
+    }
+    /* --init-from reaches the servers (the hello goes before the first step). */
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run m.graph " DATA " --batch 48 --steps 4 --save psinit.st", bin);
+    if (ps_run(cmd, "the weights to start from")) {
+        snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+                 "--init-from psinit.st --save ps6.st", bin);
+        const int a = ps_run(cmd, "PS from --init-from");
+        snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --init-from psinit.st "
+                 "--save ps7.st", bin);
+        if (ps_run(cmd, "all-reduce from --init-from") && a)
+            ps_same("ps6.st", "ps7.st", "--init-from: PS against the all-reduce run");
+    }
+    /* Staleness 2, replica 1 slowed: the checkpoint at step 6 holds version 6. */
+    snprintf(cmd, sizeof cmd, "rm -rf cks; PW_TEST_SLOW=w1:3 " MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 "
+             "--replicas 2 --sync ps --staleness 2 --checkpoint-dir cks --checkpoint-every 6 --keep 0", bin);
+    if (!ps_run(cmd, "a stale PS run that checkpoints")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 3 %s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --sync ps "
+             "--resume cks/step-00000006 --save ps4.st", bin);
+    const int a = ps_run(cmd, "a stale run's checkpoint resumed as synchronous PS");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_CKPT " --stages 1 --replicas 2 --resume cks/step-00000006 "
+             "--save ps5.st", bin);
+    if (ps_run(cmd, "a stale run's checkpoint resumed as all-reduce") && a)
+        ps_same("ps4.st", "ps5.st", "checkpoints: a --staleness 2 run's checkpoint at step 6, resumed as synchronous PS and "
+                "as all-reduce");
+}
+
+/* --sync ps over a slow link: the pushes and the versions the servers send
+ * back are held back by the link (runtime/link.h), the bytes are those of
+ * the unthrottled run, and the run's own time ("done: N steps in T s") is
+ * at least the link's: each step's gradients reach the server >= 20 ms
+ * after they are pushed, and the new version reaches the worker >= 20 ms
+ * after the server sends it. */
+static void ps_slow_link(void)
+{
+    char cmd[2048], *out = NULL;
+    const char *model = "m.graph " DATA " --batch 48 --steps 6 --stages 1 --replicas 2 --micro-batches 2 "
+                        "--optimizer adamw";
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save pslink_ref.st", bin, model);
+    if (!ps_run(cmd, "the unthrottled reference")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run %s --sync ps --servers 2 --link-latency 0.02 "
+             "--link-bandwidth 2e6 --save pslink.st", bin, model);
+    const int st = run(cmd, 300, &out, NULL);
+    const char *done = out ? strstr(out, "done: ") : NULL;
+    int steps = 0;
+    double took = -1;
+    if (done) sscanf(done, "done: %d steps in %lf s", &steps, &took);
+    const double min_s = 6 * 2 * 0.02;
+    if (st != 0 || took < 0) fail("--sync ps over a slow link: exit %d\n%s\n%s", st, cmd, out ? out : "");
+    else if (took < min_s)
+        fail("--sync ps over a slow link: %d steps took %.3f s, the 20 ms link alone needs %.2f s", steps, took, min_s);
+    else {
+        printf("ok   --sync ps over a slow link (20 ms, 2 MB/s, 2 servers): %.2f s >= %.2f s\n", took, min_s);
+        ps_same("pslink_ref.st", "pslink.st", "--sync ps over a slow link against the unthrottled all-reduce run");
+    }
+    free(out);
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
         ps_identical(1, 2, 1, "--micro-batches 2", "ps3");
+        /* --clip-grad-norm: the server takes the global norm in the engine's
+         * order (0.01 clips every step here). */
+        ps_identical(1, 2, 1, "--micro-batches 2 --clip-grad-norm 0.01", "psclip3");
+        ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --schedule interleaved --clip-grad-norm 0.01",
+                     "psclip5");
+        ps_identical(2, 2, 3, "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.01", "psclip7");
+        ps_identical(1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01", "psclip4");
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
         ps_staleness(2);
+        ps_checkpoints();
+        ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
     }
+}
+
+/* ------------------------------------------------ tensor parallelism (tp) */
+
+/* The tied GPT of write_tied with tp= marks: vocabulary-parallel wte and
+ * head, attention split by its 2 heads, the MLP column then row. */
+static void write_tp(void)
+{
+    char path[128];
+    snprintf(path, sizeof path, "%s/tp.graph", dir);
+    FILE *f = fopen(path, "w");
+    fputs("graph tiny_tp_gpt\n"
+          "input tokens : i32[8]\n"
+          "label next : i32[8]\n"
+          "tok = embedding(tokens, vocab=256, dim=16, tp=vocab) as wte\n"
+          "pos = pos_embedding(tok, max=8) as wpe\n"
+          "x0  = dropout(pos, p=0.1)\n"
+          "h = repeat 2 as h (x = x0) {\n"
+          "  a   = layernorm(x) as ln_1\n"
+          "  qkv = linear(a, out=48, tp=column) as attn.c_attn\n"
+          "  att = causal_attention(qkv, heads=2)\n"
+          "  o   = linear(att, out=16, tp=row) as attn.c_proj\n"
+          "  od  = dropout(o, p=0.1)\n"
+          "  x1  = add(x, od)\n"
+          "  m   = layernorm(x1) as ln_2\n"
+          "  fc  = linear(m, out=64, tp=column) as mlp.c_fc\n"
+          "  g   = gelu(fc)\n"
+          "  pr  = linear(g, out=16, tp=row) as mlp.c_proj\n"
+          "  x2  = add(x1, pr)\n"
+          "  return x2\n"
+          "}\n"
+          "hf = layernorm(h) as ln_f\n"
+          "logits = linear(hf, out=256, bias=false, weight=wte.weight, tp=column) as lm_head\n"
+          "loss = softmax_cross_entropy(logits, next)\n", f);
+    fclose(f);
+}
+
+#define TP_MODEL "tp.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16"
+
+/* S x R x T under mpirun -np S·R·T against the same layout in one process
+ * (T ranks as threads): the same checkpoint bytes. */
+static void tp_identical(int S, int R, int T, const char *extra, const char *tag)
+{
+    char args[1024], what[1200];
+    snprintf(args, sizeof args, TP_MODEL " --steps 6 --stages %d --replicas %d --tensor-parallel %d %s", S, R, T,
+             extra);
+    snprintf(what, sizeof what, "tp.graph: %d stages x %d replicas x %d tensor-parallel ranks %s", S, R, T, extra);
+    identical_runs(S * R * T, args, "", args, tag, what);
+}
+
+/* The MPI run at T = 2 is not T = 1's (the sums' order differs): the
+ * byte comparison above could fail. */
+static void tp_not_t1(void)
+{
+    char cmd[2048], why[256], *out = NULL, a[160], b[160];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " TP_MODEL " --steps 6 --stages 2 --micro-batches 4 --save tp_t1.st",
+             bin);
+    if (run(cmd, 300, &out, NULL) != 0) {
+        fail("tp: T = 1 in one process (%s):\n%s", cmd, out);
+        free(out);
+        return;
+    }
+    free(out);
+    snprintf(a, sizeof a, "%s/tp_t1.st", dir);
+    snprintf(b, sizeof b, "%s/mpi_tp_s2.st", dir);
+    if (test_same_tensors(a, b, why, sizeof why)) fail("tp: the MPI run at T = 2 saved T = 1's very bytes");
+    else printf("ok   tp: the MPI run at T = 2 differs from T = 1 in its bits (%s)\n", why);
+}
+
+/* A layout mpirun cannot run: non-zero, and the output says `must_say`. */
+static void tp_refused(int np, const char *flags, const char *must_say)
+{
+    char cmd[2048], *out = NULL;
+    double took = 0;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np %d %s/pipeline-run " TP_MODEL " --steps 2 %s", np, bin, flags);
+    int st = run(cmd, 120, &out, &took);
+    if (st == 0) fail("tp: mpirun -np %d %s ran (expected a refusal)\n%s", np, flags, out);
+    else if (st == 124) fail("tp: mpirun -np %d %s hung\n%s", np, flags, out);
+    else if (!strstr(out, must_say)) fail("tp: mpirun -np %d %s: the output does not say \"%s\"\n%s", np, flags, must_say, out);
+    else printf("ok   tp: mpirun -np %d %s refused (%.1f s): \"%s\"\n", np, flags, took, must_say);
+    free(out);
+}
+
+/* World rank `victim` (S = 2, T = 2: rank 2·stage + tp) hangs mid-step: its
+ * tensor-parallel peer waits inside F or B, in the group's all-reduce; the
+ * watch on that wait names the victim as stalled, and no healthy rank. */
+static void tp_hang(int victim)
+{
+    char cmd[2048], *out = NULL, name[128];
+    double took = 0;
+    snprintf(cmd, sizeof cmd, "PW_TEST_HANG=%d:step:3 " MPIRUN " -np 4 %s/pipeline-run " TP_MODEL " --steps 20 "
+             "--stages 2 --tensor-parallel 2 --watchdog %d", victim, bin, HANG_WD);
+    int st = run(cmd, 60, &out, &took);
+    snprintf(name, sizeof name, "MPI rank %d (replica 0, stage %d, tensor rank %d) stalled", victim, victim / 2,
+             victim % 2);
+    int other = 0;
+    for (int w = 0; w < 4; w++) {
+        char x[128];
+        snprintf(x, sizeof x, "MPI rank %d (replica 0, stage %d, tensor rank %d) stalled", w, w / 2, w % 2);
+        other |= w != victim && strstr(out, x) != NULL;
+    }
+    /* How long the peer waited in the sum before it named the victim: the
+     * watch's own bound, which start-up time on a loaded machine does not
+     * stretch (the whole run's time, start-up included, is bounded loosely). */
+    double waited = -1;
+    const char *w = strstr(out, "s for the tensor-parallel all-reduce of its stage");
+    for (const char *q = w; q && q > out + 7; q--)
+        if (!strncmp(q, " waited ", 8)) {
+            waited = atof(q + 8);
+            break;
+        }
+    if (!strstr(out, "PW_TEST_HANG: MPI rank")) fail("tp hang: the hook never fired\n%s", out);
+    else if (st == 0) fail("tp hang: mpirun returned 0 after rank %d hung\n%s", victim, out);
+    else if (st == 124) fail("tp hang: the run hung (killed by the test after %.0f s)\n%s", took, out);
+    else if (took > HANG_WD + 30) fail("tp hang: took %.1f s to stop (bound %d s)\n%s", took, HANG_WD + 30, out);
+    else if (!strstr(out, name)) fail("tp hang: the output does not say \"%s\"\n%s", name, out);
+    else if (other) fail("tp hang: a healthy rank is named as stalled\n%s", out);
+    else if (waited < 0) fail("tp hang: no process says it waited in the tensor-parallel all-reduce\n%s", out);
+    else if (waited < HANG_WD || waited > HANG_WD + 3)
+        fail("tp hang: the peer named it after waiting %.1f s in the all-reduce (watchdog %d s)\n%s", waited, HANG_WD,
+             out);
+    else printf("ok   tp: tensor rank %d hung in step 3: its peer's tensor-parallel all-reduce named it after %.1f s "
+                "(--watchdog %d), mpirun exit %d after %.1f s: \"%s\"\n", victim, waited, HANG_WD, st, took, name);
+    free(out);
+}
+
+/* World rank `victim` killed after step 2: mpirun ends the job, naming it. */
+static void tp_kill(int victim)
+{
+    char cmd[2048], *out = NULL, name[64];
+    double took = 0;
+    snprintf(cmd, sizeof cmd, "PW_TEST_FAULT=kill:%d:2 " MPIRUN " -np 4 %s/pipeline-run " TP_MODEL " --steps 40 "
+             "--stages 2 --tensor-parallel 2 --watchdog 3", victim, bin);
+    int st = run(cmd, 120, &out, &took);
+    snprintf(name, sizeof name, "process rank %d", victim); /* mpirun's: "noticed that process rank 3 ..." */
+    if (st == 0) fail("tp kill: mpirun returned 0 after rank %d was killed\n%s", victim, out);
+    else if (st == 124) fail("tp kill: the run hung (killed by the test after %.0f s)\n%s", took, out);
+    else if (took > 60) fail("tp kill: the others took %.1f s to stop\n%s", took, out);
+    else if (!strstr(out, name)) fail("tp kill: the output does not say \"%s\"\n%s", name, out);
+    else printf("ok   tp: tensor rank %d killed: mpirun exit %d after %.1f s, says \"%s\"\n", victim, st, took, name);
+    free(out);
+}
+
+/* Each process's trace holds its TP_ALLREDUCE events (pid = its tensor
+ * rank); pipe-trace reads the 4 files as one run of 4 tracks with the
+ * tensor-parallel line. */
+static void tp_traces(void)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "rm -f tptr.*; " MPIRUN " -np 4 %s/pipeline-run " TP_MODEL " --steps 4 --stages 2 "
+             "--tensor-parallel 2 --trace tptr.json && grep -c TP_ALLREDUCE "
+             "tptr.rank0.json tptr.rank1.json tptr.rank2.json tptr.rank3.json && %s/pipe-trace tptr.rank0.json "
+             "tptr.rank1.json tptr.rank2.json tptr.rank3.json", bin, bin);
+    int st = run(cmd, 300, &out, NULL);
+    int ok = st == 0 && strstr(out, "Tensor-parallel all-reduce:") && strstr(out, "rank 0 tp 1") &&
+             strstr(out, "rank 1 tp 1") && !strstr(out, ".json:0\n");
+    if (!ok) fail("tp traces (%s): exit %d\n%s", cmd, st, out);
+    else printf("ok   tp: 4 processes' traces hold their tensor-parallel all-reduces; pipe-trace reads them as one "
+                "run with a line for them\n");
+    free(out);
+}
+
+static void tp_cases(int np)
+{
+    if (np != 4) {
+        printf("tp: runs at NP = 4 (and starts its own mpirun -np 8)\n");
+        return;
+    }
+    tp_identical(2, 1, 2, "--micro-batches 4", "tp_s2");
+    tp_not_t1();
+    tp_identical(2, 1, 2, "--micro-batches 4 --schedule gpipe --optimizer adamw", "tp_s2g");
+    tp_identical(1, 2, 2, "--micro-batches 2 --optimizer adamw", "tp_r2");
+    tp_identical(2, 2, 2, "--micro-batches 2", "tp_s2r2");
+    tp_refused(4, "--stages 2 --tensor-parallel 3",
+               "mpirun started 4 processes, but --stages 2 x --replicas 1 x --tensor-parallel 3 needs 6");
+    tp_refused(3, "--tensor-parallel 2", "mpirun -np 3 is not a multiple of --replicas 1 x --tensor-parallel 2");
+    tp_refused(3, "--stages 1 --tensor-parallel 3",
+               "linear 'h.0.attn.c_attn' feeds causal_attention with 2 heads, fewer than the 3 tensor-parallel ranks");
+    tp_hang(1);
+    tp_hang(2);
+    tp_kill(3);
+    tp_traces();
 }
 
 int main(int argc, char **argv)
@@ -1474,6 +1854,7 @@ int main(int argc, char **argv)
     if (!mkdtemp(dir)) return 1;
     write_graph();
     write_tied();
+    write_tp();
     const int have_idx = write_idx();
 
     /* PW_MPI_ONLY=checkpoints: only the training-state checkpoint cases. */
@@ -1490,6 +1871,8 @@ int main(int argc, char **argv)
         compress_cases(np);
     } else if (only && !strcmp(only, "ps")) {
         ps_cases(np);
+    } else if (only && !strcmp(only, "tp")) {
+        tp_cases(np);
     } else if (only && !strcmp(only, "checkpoints")) {
         if (ckpt_reference()) {
             if (np == 2) {
@@ -1566,6 +1949,7 @@ int main(int argc, char **argv)
         compress_cases(4);
         algos(4);
         ps_cases(4);
+        tp_cases(4);
         if (ckpt_reference()) {
             ckpt_mpi(4, 2, 2, 4, 1);
             ckpt_sigterm(4);

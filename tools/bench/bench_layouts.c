@@ -6,7 +6,8 @@
  *                 [--steps 3] [--rounds 2] [--data SPEC,SPEC]
  *
  * Per graph: the planner (pw_layout_search over stages x replicas x
- * threads x micro-batches x schedule on this machine's cores, rates
+ * tensor degree (graphs with tp marks) x threads x micro-batches x
+ * schedule on this machine's cores, rates
  * measured here as pipeline-run --parallel auto measures them) chooses a
  * layout; then every candidate of the same space is measured with the
  * library (pw_pipeline: one warm-up step, then --steps timed steps, their
@@ -86,6 +87,7 @@ static double measure(const pw_graph *g, const pw_dataset *d, int64_t batch, con
     pc.batch = batch;
     pc.stages = l->stages;
     pc.replicas = l->replicas;
+    pc.tensor_parallel = l->tensor;
     pc.micro_batches = l->micro_batches;
     pc.schedule = l->schedule;
     pc.chunks_per_rank = l->schedule == PW_SCHEDULE_INTERLEAVED ? l->chunks_per_rank : 0;
@@ -135,6 +137,7 @@ static void bench_graph(const char *path, int64_t batch, const char *data, int m
     sp.cores = cores;
     sp.shared_team = 1;
     sp.n_nodes = g->n_nodes;
+    sp.max_tensor = pw_graph_tp_marked(g) ? cores : 1; /* as pipeline-run --parallel auto */
     sp.max_micro_batches = max_m;
     sp.recompute = 0;
     pw_layout_forecast_config fc = pw_layout_forecast_defaults();

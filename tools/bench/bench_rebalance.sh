@@ -36,8 +36,9 @@ steps_ms() { jq -r --argjson a "$2" --argjson b "$3" 'select(.type=="step" and .
 # The step after which the first automatic move at or after step $2 (default
 # 1) was made (0: none).
 first_move() { jq -r --argjson a "${2:-1}" 'select(.type=="rebalance" and .forced==false and .step>=$a) | .step' "$1" | head -1 | awk 'BEGIN{s=0} {s=$1} END{print s}'; }
-# Moves undone because they measured slower (revert), and moves in all.
-reverts() { echo "$(jq -r 'select(.type=="rebalance" and .revert==true) | .step' "$1" | wc -l)/$(jq -r 'select(.type=="rebalance" and .forced==false) | .step' "$1" | wc -l)"; }
+# Moves undone because they measured slower (revert, refinement's way back
+# included), refinement moves (trials and the way back), and automatic moves in all.
+reverts() { echo "$(jq -r 'select(.type=="rebalance" and .revert==true) | .step' "$1" | wc -l)/$(jq -r 'select(.type=="rebalance" and .refine==true) | .step' "$1" | wc -l)/$(jq -r 'select(.type=="rebalance" and .forced==false) | .step' "$1" | wc -l)"; }
 last_cuts() { jq -r 'select(.type=="rebalance" and .forced==false) | .new_cuts | .[1:-1] | map(tostring) | join(",")' "$1" | tail -1; }
 
 # static LABEL ENV CUTS STEPS FLAGS...: one static run, its median step ms
@@ -61,6 +62,7 @@ for r in $(seq 1 "$rounds"); do
     steps_ms "$tmp/a.jsonl" $((m + 5)) 150 >> "$tmp/a_after"
     steps_ms "$tmp/a.jsonl" 121 150 >> "$tmp/a_end"
     reverts "$tmp/a.jsonl" >> "$tmp/a_rev"
+    echo "$(last_cuts "$tmp/a.jsonl")" >> "$tmp/a_cuts"
     # (b) coarse splits, then the rebalancing run (slow from the start).
     for c in $gpt_coarse; do static "b_static_$c" "PW_TEST_SLOW=1:$slow" "$c" 30 $gpt; done
     PW_TEST_SLOW=1:$slow "$run" $gpt --steps 100 --rebalance auto --metrics "$tmp/b.jsonl" >/dev/null
@@ -81,6 +83,7 @@ for r in $(seq 1 "$rounds"); do
     steps_ms "$tmp/c.jsonl" $((m + 5)) 160 >> "$tmp/c_after"
     steps_ms "$tmp/c.jsonl" 131 160 >> "$tmp/c_end"
     reverts "$tmp/c.jsonl" >> "$tmp/c_rev"
+    echo "$(last_cuts "$tmp/c.jsonl")" >> "$tmp/c_cuts"
 done
 # (b, c) the fine search around the best coarse split, and the rebalancer's
 # own cuts as a static split, in the same number of rounds.
@@ -128,6 +131,7 @@ printf '%-40s %10.2f %10.2f %8.2f [%s] %10s %9.1f%%\n' "(c) GPT, stage 1 x$slow 
 echo "(c) before the slowdown (steps 10-79): $(median < "$tmp/c_fast") ms; moves before the slowdown per run: $(tr '\n' ' ' < "$tmp/c_early")"
 echo "first automatic move (step) per round: (a) $(tr '\n' ' ' < "$tmp/a_move") (b) $(tr '\n' ' ' < "$tmp/b_move") (c) $(tr '\n' ' ' < "$tmp/c_move")"
 echo "the last 30 steps of each run (the state it settled in; median over rounds, and vs the best static): (a) $(median < "$tmp/a_end") ms $(awk -v x="$(median < "$tmp/a_end")" -v y="$a_best" 'BEGIN{printf "%+.1f%%", 100*(x/y-1)}')  (b) $(median < "$tmp/b_end") ms $(awk -v x="$(median < "$tmp/b_end")" -v y="$b_best" 'BEGIN{printf "%+.1f%%", 100*(x/y-1)}')  (c) $(median < "$tmp/c_end") ms $(awk -v x="$(median < "$tmp/c_end")" -v y="$b_best" 'BEGIN{printf "%+.1f%%", 100*(x/y-1)}')"
-echo "reverts/automatic moves per round: (a) $(tr '\n' ' ' < "$tmp/a_rev") (b) $(tr '\n' ' ' < "$tmp/b_rev") (c) $(tr '\n' ' ' < "$tmp/c_rev")"
+echo "reverts/refinement moves/automatic moves per round: (a) $(tr '\n' ' ' < "$tmp/a_rev") (b) $(tr '\n' ' ' < "$tmp/b_rev") (c) $(tr '\n' ' ' < "$tmp/c_rev")"
+echo "the cuts each run ended with (interior cuts; empty: never moved): (a) $(tr '\n' ' ' < "$tmp/a_cuts") (b) $(tr '\n' ' ' < "$tmp/b_cuts") (c) $(tr '\n' ' ' < "$tmp/c_cuts")"
 echo "every static split (median ms over rounds):"
 for f in "$tmp"/a_static_* "$tmp"/b_static_*; do printf '  %-24s %8.2f\n' "${f##*/}" "$(median < "$f")"; done

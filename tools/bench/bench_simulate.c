@@ -3,7 +3,8 @@
  * (default: 1F1B, 1024 ranks x 4096 micro-batches, 25 M actions), with a
  * cost model that has link latency, bandwidth and activation sizes.
  *
- *   bench_simulate [--ranks R] [--micro M] [--schedule 1f1b|gpipe|interleaved|zb-h1|zb-h2|zb-v]
+ *   bench_simulate [--ranks R] [--micro M]
+ *                  [--schedule 1f1b|gpipe|interleaved|zb-h1|zb-h2|zb-v|zb-auto|dualpipev]
  *                  [--chunks V] [--rounds N]
  *
  * Prints each phase's time and the total (median of N rounds, default 3),
@@ -20,7 +21,7 @@
  *   bench_simulate --table [--ranks 8] [--steps 8] [--comm 0]
  *
  * instead prints the Zero Bubble paper's Table 5 setting: p ranks, m = 24,
- * 32, 64, F = B = W (one unit; a ZB-V chunk half of it), messages --comm
+ * 32, 64, F = B = W (one unit; a ZB-V or DualPipeV chunk half of it), messages --comm
  * units each (percent of F), and for every schedule the bubble of one
  * synchronous step and of --steps consecutive post-validated steps (whole
  * run, and the period a step adds; pw_sim_config.steps). */
@@ -107,6 +108,7 @@ static int bench_table(int argc, char **argv)
         {PW_SCHEDULE_1F1B, 0, "1f1b"},         {PW_SCHEDULE_ZB_H1, 0, "zb-h1"},
         {PW_SCHEDULE_ZB_H2, 0, "zb-h2"},       {PW_SCHEDULE_ZB_V, 0, "zb-v"},
         {PW_SCHEDULE_ZB_AUTO, 1, "zb-auto 1p"}, {PW_SCHEDULE_ZB_AUTO, 2, "zb-auto 2p"},
+        {PW_SCHEDULE_DUALPIPE_V, 0, "dualpipev"},
     };
     static const int ms[] = {24, 32, 64};
     printf("bench_simulate --table: p = %d, F = B = W = 1, messages %.2f, %d post-validated steps\n", P,

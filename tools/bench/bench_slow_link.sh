@@ -7,9 +7,17 @@
 #   tools/bench/bench_slow_link.sh [BUILD_DIR]      (default: build)
 #
 # Environment: STEPS (default 12), BATCH (default 8), MB (micro-batches,
-# default 2), REPS (default 3: runs alternate the algorithms, medians are
+# default 2), REPS (default 3: runs alternate the variants, medians are
 # reported), BWS (default "1e9 1e8"), LAT (default 5e-5 s per message),
-# ALGOS (default "ring tree hierarchical mpi").
+# ALGOS (default "ring tree hierarchical mpi"), COMPRESS (default "none":
+# the compression modes crossed with ALGOS, e.g. "none bf16 fp16 topk:0.01
+# powersgd:4"), PS (default empty; "1": also the parameter server, --sync
+# ps with one server, a third process). The simulator's forecast is given
+# per variant (--simulate --calibrate --allreduce A --compress C: the
+# link's time of what the variant sends; not the compressors' compute).
+#
+# On a shared machine, run it at real-time priority (as root):
+#   chrt -f 50 tools/bench/bench_slow_link.sh build
 #
 # The two processes are two "hosts" (PW_TEST_HOSTS=0,1), so the
 # hierarchical all-reduce's phase across hosts is on the slow link (with one
@@ -28,6 +36,8 @@ REPS=${REPS:-3}
 BWS=${BWS:-"1e9 1e8"}
 LAT=${LAT:-5e-5}
 ALGOS=${ALGOS:-"ring tree hierarchical mpi"}
+COMPRESS=${COMPRESS:-none}
+PS=${PS:-}
 G=examples/tiny_gpt_quick.graph
 RUN="$B/pipeline-run"
 T=$(mktemp -d /tmp/pw_slow_link.XXXXXX)
@@ -46,7 +56,9 @@ echo "# OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset} STEPS=$STEPS BATCH=$BATCH 
 
 # One run: prints "rate step_ms allreduce_ms exposed_ms" (per step, rank 0).
 one() {
-    out=$(PW_TEST_HOSTS=0,1 timeout 600 mpirun --oversubscribe --bind-to none --mca btl self,vader -np 2 \
+    np=2 hosts=0,1
+    case "$*" in *"--sync ps"*) np=3 hosts=0,1,1 ;; esac
+    out=$(PW_TEST_HOSTS=$hosts timeout 600 mpirun --oversubscribe --bind-to none --mca btl self,vader -np $np \
         "$RUN" $COMMON "$@" 2>&1) || { echo "FAILED: $*" >&2; echo "$out" >&2; echo "nan nan nan nan"; return; }
     rate=$(echo "$out" | sed -n 's/^training rate: \([0-9.]*\) samples.*/\1/p')
     # rank table: rank replica stage nodes... busy idle bubble theory allreduce (exposed) slots
@@ -59,33 +71,38 @@ one() {
 
 median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
+VARIANTS=""
+for z in $COMPRESS; do
+    for a in $ALGOS; do VARIANTS="$VARIANTS $a/$z"; done
+done
+[ -n "$PS" ] && VARIANTS="$VARIANTS ps/none"
+flags() { # variant -> pipeline-run flags
+    a=${1%%/*} z=${1#*/}
+    if [ "$a" = ps ]; then echo "--sync ps --servers 1"; else echo "--allreduce $a --compress $z"; fi
+}
+
 for bw in none $BWS; do
     if [ "$bw" = none ]; then link=""; else link="--link-bandwidth $bw --link-latency $LAT"; fi
     : > "$T/res"
     r=0
     while [ $r -lt "$REPS" ]; do
-        for a in $ALGOS; do
-            echo "$a $(one --allreduce "$a" $link)" >> "$T/res"
+        for v in $VARIANTS; do
+            echo "$v $(one $(flags "$v") $link)" >> "$T/res"
         done
         r=$((r + 1))
     done
-    sim=""
-    if [ "$bw" != none ]; then
-        sim=$("$RUN" $G --simulate --calibrate --stages 1 --replicas 2 --batch "$BATCH" --micro-batches "$MB" \
-              $link 2>&1 | awk '/step time/ {s = $3} /all-reduce/ {a = $2} END {print s, a}')
-    fi
     echo
     echo "link: ${bw} B/s${link:+, $LAT s per message}  (medians of $REPS; per step, MPI rank 0)"
-    printf "%-13s %10s %10s %12s %12s\n" algorithm "samples/s" "step ms" "all-red ms" "exposed ms"
-    for a in $ALGOS; do
-        printf "%-13s" "$a"
+    printf "%-22s %10s %10s %12s %12s %12s %12s\n" variant "samples/s" "step ms" "all-red ms" "exposed ms" \
+        "sim step" "sim all-red"
+    for v in $VARIANTS; do
+        printf "%-22s" "$v"
         for col in 2 3 4 5; do
-            printf " %10s" "$(awk -v a="$a" -v c=$col '$1 == a {print $c}' "$T/res" | median)"
+            printf " %10s" "$(awk -v a="$v" -v c=$col '$1 == a {print $c}' "$T/res" | median)"
         done
-        echo
-    done
-    if [ -n "$sim" ]; then
+        sim=$("$RUN" $G --simulate --calibrate --stages 1 --replicas 2 --batch "$BATCH" --micro-batches "$MB" \
+              $(flags "$v") $link 2>&1 | awk '/step time/ {s = $3} /all-reduce/ {a = $2} END {print s, a}')
         set -- $sim
-        echo "simulator (--simulate --calibrate, same link): step $1 ms, all-reduce $2 ms per step (a ring)"
-    fi
+        printf " %12s %12s\n" "$1" "$2"
+    done
 done

@@ -43,6 +43,7 @@ static json_t *times_json(const pw_ta_times *t, double div)
     T("wait_comm_us", t->wait_comm);
     T("wait_other_us", t->wait_other);
     T("exposed_allreduce_us", t->exposed_allreduce);
+    T("tp_allreduce_us", t->tp_allreduce);
 #undef T
     put(o, "n_F", json_integer(t->n_actions[0]));
     put(o, "n_B", json_integer(t->n_actions[1]));
@@ -138,6 +139,9 @@ static json_t *analysis_json(const pw_trace_analysis *a)
                                       (json_int_t)a->allreduce_wire_bytes, "compressed", a->allreduce_compressed,
                                       "ratio", a->allreduce_wire_bytes > 0 ? (double)a->allreduce_bytes /
                                       (double)a->allreduce_wire_bytes : 0.0));
+    if (a->tp_allreduce_n > 0)
+        put(o, "tp_allreduce", json_pack("{s:I, s:I}", "sums", (json_int_t)a->tp_allreduce_n, "bytes",
+                                         (json_int_t)a->tp_allreduce_bytes));
     put(o, "events", json_integer(a->n_events));
     put(o, "events_used", json_integer(a->n_used));
     put(o, "ranks_n", json_integer(a->n_ranks));

@@ -450,6 +450,22 @@ static void allreduce_section(FILE *f, const pw_trace_analysis *a, const pt_opti
             pt_ms(a->total.exposed_allreduce) / na);
 }
 
+/* Tensor parallelism's cross-rank sums (TP_ALLREDUCE events): time inside
+ * F, B and W, on its own line per rank. */
+static void tp_section(FILE *f, const pw_trace_analysis *a, const pt_options *o)
+{
+    if (a->tp_allreduce_n == 0) return;
+    const double na = a->n_analysed > 0 ? (double)a->n_analysed : 1;
+    fprintf(f, "\n%sTensor-parallel all-reduce%s: %lld sums, %.3f MiB (inside F, B and W; counted in their time "
+            "above)\n", bold(o), reset(o), (long long)a->tp_allreduce_n, (double)a->tp_allreduce_bytes / 1048576.0);
+    for (int r = 0; r < a->n_ranks; r++) {
+        const pw_ta_times *t = &a->ranks[r].total;
+        if (t->tp_allreduce == 0) continue;
+        fprintf(f, "  %-10s %8.3f ms per step, %5.1f%% of its compute\n", a->ranks[r].label,
+                pt_ms(t->tp_allreduce) / na, t->compute > 0 ? 100.0 * (double)t->tp_allreduce / (double)t->compute : 0.0);
+    }
+}
+
 void pt_report(FILE *f, const pw_trace_analysis *a, const pt_options *o)
 {
     header(f, a, o);
@@ -462,6 +478,7 @@ void pt_report(FILE *f, const pw_trace_analysis *a, const pt_options *o)
     if (a->detail.step >= 0) legend(f, o);
     moves_section(f, a, o);
     allreduce_section(f, a, o);
+    tp_section(f, a, o);
     notes(f, a, o);
 }
 

@@ -49,6 +49,7 @@ static void print_command(const pr_parallel_request *rq, const pw_layout *l)
     printf("run it: pipeline-run %s --batch %lld --stages %d --replicas %d --threads %d --micro-batches %d "
            "--schedule %s", rq->graph_path, (long long)rq->batch, l->stages, l->replicas, l->threads,
            l->micro_batches, pw_schedule_kind_name(l->schedule));
+    if (l->tensor > 1) printf(" --tensor-parallel %d", l->tensor);
     if (l->schedule == PW_SCHEDULE_INTERLEAVED) printf(" --chunks-per-rank %d", l->chunks_per_rank);
     printf(" --partition flops%s%s\n", l->recompute ? " --recompute" : "",
            rq->optim == PW_OPTIM_ADAMW ? " --optimizer adamw" : "");
@@ -100,6 +101,9 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
     /* In one process the ranks are threads that share one CPU team. */
     sp.shared_team = here && rq->processes == 0;
     sp.n_nodes = rq->graph->n_nodes;
+    /* T > 1 only where the graph marks what to split; at most the
+     * pipeline's 64 ranks per group (pw_pipeline_config.tensor_parallel). */
+    sp.max_tensor = pw_graph_tp_marked(rq->graph) ? (sp.processes < 64 ? sp.processes : 64) : 1;
 
     pw_layout_forecast_config fc = pw_layout_forecast_defaults();
     fc.graph = rq->graph;

@@ -223,17 +223,20 @@ int pr_rebalance_step(pr_rebalance *r, pw_pipeline **pl, int64_t step, double st
                 k += snprintf(sp + k, sizeof sp - (size_t)k, " %.2f ms x%.2f", 1e3 * d.rank_busy_s[s], d.rank_speed[s]);
             PW_INFO(PW_SUB_TRAIN, "rebalance at step %lld: stage busy and speed:%s; %s", (long long)step, sp, d.why);
         }
+        if (d.restarted && pw_log_enabled(PW_LOG_INFO, PW_SUB_TRAIN))
+            PW_INFO(PW_SUB_TRAIN, "rebalance at step %lld: %s", (long long)step, d.why);
         if (d.move && !move) {
-            move = d.revert ? 2 : 1;
+            move = 1 + d.revert + 2 * d.refine; /* 1 model, 2 revert, 3 refinement trial, 4 back */
             memcpy(ev->new_cuts, d.new_cuts, sizeof(int) * (size_t)(r->C + 1));
             ev->predicted_gain = d.predicted_gain;
             ev->predicted_step_s = d.predicted_step_s;
             ev->measured_step_s = d.measured_step_s;
         }
     }
-    if (share_decision(r, &move, ev->new_cuts)) return 1; /* move: 0, 1, or 2 for a revert */
+    if (share_decision(r, &move, ev->new_cuts)) return 1;
     if (!move) return 0;
-    ev->revert = move == 2;
+    ev->revert = move == 2 || move == 4;
+    ev->refine = move >= 3;
     pw_repartition_info info;
     if (pw_pipeline_repartition(pl, ev->new_cuts, r->C + 1, &info) != PW_OK) {
         if (!info.kept) {
@@ -255,6 +258,12 @@ int pr_rebalance_step(pr_rebalance *r, pw_pipeline **pl, int64_t step, double st
         printf(" ->");
         print_cuts(ev->new_cuts, r->C + 1);
         if (ev->forced) printf(" (--rebalance-at)");
+        else if (ev->refine && ev->revert)
+            printf(", refining: back to the fastest cuts measured (%.2f ms a step), no neighbour was faster",
+                   1e3 * ev->predicted_step_s);
+        else if (ev->refine)
+            printf(", refining: a neighbouring cut on trial (the best measured: %.2f ms a step)",
+                   1e3 * ev->predicted_step_s);
         else if (ev->revert) printf(", undoing the last move (measured %.2f ms a step, %.2f ms before it)",
                                     1e3 * ev->measured_step_s, 1e3 * ev->predicted_step_s);
         else printf(", predicted gain %.1f%% (step %.2f ms -> %.2f ms)", 100 * ev->predicted_gain,

@@ -32,6 +32,8 @@ typedef struct pr_rebalance_event {
     int forced;                  /* ... by --rebalance-at */
     int revert;                  /* ... back to the cuts before the last move, which
                                     measured slower (pw_rebalance_decision.revert) */
+    int refine;                  /* ... a measured refinement step (a neighbouring cut on
+                                    trial; with revert: back to the best measured) */
     int measured;                /* 1: the gain of an earlier move is measured now */
     int64_t step;                /* the step after which the move was made */
     int n_cuts;
