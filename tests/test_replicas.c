@@ -439,7 +439,7 @@ Test(replicas, cli_flags, .timeout = TIMEOUT)
     free(o);
     snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --allreduce ring", graph);
     cr_assert_eq(run_tool(args, &o), 2, "%s", o);
-    cr_assert(strstr(o, "--allreduce applies to runs under mpirun only"), "%s", o);
+    cr_assert(strstr(o, "--allreduce applies to runs under mpirun (and to --simulate) only"), "%s", o);
     free(o);
     snprintf(args, sizeof args, "%s --data synthetic:256:4x6:5 --replicas 0", graph);
     cr_assert_eq(run_tool(args, &o), 2, "%s", o);
