@@ -116,9 +116,21 @@ static pw_status hier_allgather(void *self, int member, double v, double *out, c
     return pw_coll_allgather_f64(&h->flat, v, out, abort);
 }
 
+/* The compressed all-reduces' gather (runtime/compress.h): over the whole
+ * group, as the flat algorithms do (the payloads are summed in member order
+ * by the compressor, not by the hierarchy). */
+static pw_status hier_allgather_bytes(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                      const atomic_int *abort)
+{
+    hier *h = self;
+    (void)member;
+    return pw_coll_allgather_bytes(&h->flat, mine, bytes, out, abort);
+}
+
 static const pw_coll_i hier_i = {.name = "mpi-hierarchical", .allreduce = hier_allreduce,
-                                 .allgather_f64 = hier_allgather}; /* no waiting_for: the sub-groups'
-                                                                      members are not the group's */
+                                 .allgather_f64 = hier_allgather,
+                                 .allgather_bytes = hier_allgather_bytes}; /* no waiting_for: the sub-groups'
+                                                                             members are not the group's */
 
 static void hier_free(hier *h)
 {

@@ -345,11 +345,15 @@ static void compress_cases(int np)
                   "zbf16slow");
         identical(2, 1, 2, "--micro-batches 2 --compress topk:0.05", "--allreduce auto --link-bandwidth 2e8",
                   "ztopkauto");
+        /* The hierarchical endpoint gathers the payloads over its whole
+         * group (it once had no byte gather: every such run failed). */
+        identical(2, 1, 2, "--micro-batches 2 --compress fp16", "--allreduce hierarchical", "zfp16hier");
         compress_resumed("topk:0.05");
         compress_resumed("powersgd:2");
     } else {
         identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
         identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
+        identical(4, 1, 4, "--micro-batches 2 --compress bf16", "--allreduce hierarchical", "zbf16hier4");
     }
 }
 
