@@ -39,38 +39,40 @@ pw_forecast_config pw_forecast_defaults(void)
 static double replica_sum_s(const pw_forecast_config *c, int b, int e, double lat, double bw)
 {
     const pw_graph *g = c->graph;
-    int64_t numel[256], rows[256];
     int n = 0;
-    double extra = 0.0; /* tensors past the local arrays: fp32 at the ring's cost */
+    for (int i = b; i < e; i++) n += g->nodes[i].n_params;
+    int64_t *numel = malloc((size_t)(n > 0 ? n : 1) * 2 * sizeof *numel);
+    int64_t *rows = numel ? numel + (n > 0 ? n : 1) : NULL;
+    double bytes = 0.0;
+    n = 0;
     for (int i = b; i < e; i++) {
         const pw_node *nd = &g->nodes[i];
         for (int k = 0; k < nd->n_params; k++) {
             const pw_param *pp = &g->params[nd->params[k]];
             if (pp->owner != i) continue; /* a tied use: summed with its owner */
-            const int64_t m = pw_shape_numel(&pp->shape);
-            if (n < 256) {
-                numel[n] = m;
-                rows[n++] = pp->shape.ndim >= 2 ? pp->shape.d[0] : 0;
-            } else {
-                extra += pw_sim_ring_allreduce(4 * m, c->replicas, 0.0, bw);
-            }
+            bytes += 4.0 * (double)pw_shape_numel(&pp->shape);
+            if (!numel) continue;
+            numel[n] = pw_shape_numel(&pp->shape);
+            rows[n++] = pp->shape.ndim >= 2 ? pp->shape.d[0] : 0;
         }
     }
+    double t;
     const pw_link l = {.latency_s = lat, .bandwidth = bw};
     const int hosts = c->hosts > 0 ? c->hosts : c->replicas;
     if (c->ps_servers > 0) {
-        double bytes = 0.0;
-        for (int i = 0; i < n; i++) bytes += 4.0 * (double)numel[i];
         const double inv_b = bw > 0 ? 1.0 / bw : 0.0;
-        return bytes * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat + extra;
+        t = bytes * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat;
+    } else if (!numel) { /* out of memory: the plain ring of the same bytes */
+        t = pw_sim_ring_allreduce((int64_t)bytes, c->replicas, lat, bw);
+    } else if (c->allreduce_algo != PW_ALLREDUCE_AUTO) {
+        t = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, c->allreduce_algo).link_s;
+    } else { /* auto: the faster of its candidates that give the tree's bytes */
+        t = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_TREE).link_s;
+        const double h = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_HIER).link_s;
+        if (h > 0 && h < t) t = h;
     }
-    if (c->allreduce_algo != PW_ALLREDUCE_AUTO)
-        return pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, c->allreduce_algo).link_s +
-               extra;
-    /* auto: the faster of its candidates that give the tree's bytes. */
-    const double t = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_TREE).link_s;
-    const double h = pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l, PW_ALLREDUCE_HIER).link_s;
-    return (h > 0 && h < t ? h : t) + extra;
+    free(numel);
+    return t;
 }
 
 static const char *const link_names[PW_LINK_N] = {
