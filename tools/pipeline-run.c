@@ -713,11 +713,11 @@ static int parse_args(int argc, char **argv, options *o)
                 return bad_usage("--sync: '%s' is not allreduce or ps", optarg);
             o->sync_set = !strcmp(optarg, "ps");
             break;
-        case OPT_SERVERS:
         case OPT_STALENESS_LR: /* docs/distributed.md, "Staleness-aware learning rate" */
             if (pw_ps_stale_lr_parse(optarg, &o->staleness_lr) != PW_OK) return bad_usage("%s", pw_last_error());
             o->staleness_lr_set = 1;
             break;
+        case OPT_SERVERS:
         case OPT_STALENESS: {
             int64_t v;
             const int srv = c == OPT_SERVERS;

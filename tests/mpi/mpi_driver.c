@@ -1430,7 +1430,9 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--servers 2", "--servers and --staleness apply to --sync ps"},
+        {"--servers 2", "--servers, --staleness and --staleness-lr apply to --sync ps"},
+        {"--staleness-lr inverse", "--servers, --staleness and --staleness-lr apply to --sync ps"},
+        {"--sync ps --staleness 1 --staleness-lr half", "--staleness-lr: 'half' is not none or inverse"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char cmd[1024], *out = NULL;
