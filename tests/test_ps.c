@@ -139,4 +139,6 @@ Test(ps, stale_lr_inverse_divides_by_mean_staleness)
     cr_assert_eq(r, PW_PS_STALE_LR_NONE);
     cr_assert_eq(pw_ps_stale_lr_parse("sqrt", &r), PW_ERR_INVALID_ARG);
     cr_assert(strstr(pw_last_error(), "--staleness-lr: 'sqrt'"), "%s", pw_last_error());
+    pw_ps_server_config zero = {0}; /* the default */
+    cr_assert_eq(zero.staleness_lr, PW_PS_STALE_LR_INVERSE);
 }

@@ -107,13 +107,13 @@ static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const ch
     return st;
 }
 
-static const char *const stale_lr_names[] = {"none", "inverse"};
+static const char *const stale_lr_names[] = {"inverse", "none"}; /* pw_ps_stale_lr's order */
 
 pw_status pw_ps_stale_lr_parse(const char *s, pw_ps_stale_lr *out)
 {
     for (int i = 0; i < 2; i++)
         if (s && !strcmp(s, stale_lr_names[i])) return *out = (pw_ps_stale_lr)i, PW_OK;
-    return pw_error(PW_ERR_INVALID_ARG, "--staleness-lr: '%s' is not none or inverse", s ? s : "(null)");
+    return pw_error(PW_ERR_INVALID_ARG, "--staleness-lr: '%s' is not inverse or none", s ? s : "(null)");
 }
 
 const char *pw_ps_stale_lr_name(pw_ps_stale_lr rule) { return (unsigned)rule < 2 ? stale_lr_names[rule] : "?"; }

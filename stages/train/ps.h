@@ -31,8 +31,9 @@
  * steps ahead of the slowest. The version each step used is in the trace
  * ("PS pull" events, docs/distributed.md). Each gradient travels with the
  * version its worker computed it on, so the server knows its staleness
- * exactly; with staleness_lr = PW_PS_STALE_LR_INVERSE it divides the
- * update's learning rate by their mean (pw_ps_stale_lr_factor).
+ * exactly, and (staleness_lr = PW_PS_STALE_LR_INVERSE, the default)
+ * divides the update's learning rate by their mean (pw_ps_stale_lr_factor;
+ * 1 for fresh gradients, so a synchronous run keeps its bits).
  *
  * Clipping (--clip-grad-norm): the servers clip the summed gradients by the
  * global norm in the engine's order; with K > 1 server 0 gathers the
@@ -71,11 +72,11 @@ void pw_ps_assign(const pw_graph *g, int K, int *out);
 /* How a server scales the learning rate of a stale update (--staleness-lr;
  * docs/distributed.md, "Staleness-aware learning rate"). */
 typedef enum pw_ps_stale_lr {
-    PW_PS_STALE_LR_NONE = 0,    /* every update at the optimizer's learning rate */
-    PW_PS_STALE_LR_INVERSE      /* divided by the mean staleness of its gradients (Zhang et al. 2016) */
+    PW_PS_STALE_LR_INVERSE = 0, /* (default) divided by the mean staleness of its gradients (Zhang et al. 2016) */
+    PW_PS_STALE_LR_NONE         /* every update at the optimizer's learning rate */
 } pw_ps_stale_lr;
 
-/* "none" / "inverse" -> rule; PW_ERR_INVALID_ARG otherwise. */
+/* "inverse" / "none" -> rule; PW_ERR_INVALID_ARG otherwise. */
 pw_status pw_ps_stale_lr_parse(const char *s, pw_ps_stale_lr *out);
 const char *pw_ps_stale_lr_name(pw_ps_stale_lr rule);
 
@@ -101,7 +102,7 @@ typedef struct pw_ps_server_stats {
 typedef struct pw_ps_server_config {
     const pw_graph *graph;
     const pw_transport *transport; /* this process is server transport->server */
-    pw_ps_stale_lr staleness_lr;   /* --staleness-lr (default none) */
+    pw_ps_stale_lr staleness_lr;   /* --staleness-lr (default, 0: inverse) */
     pw_ps_server_stats *stats;     /* NULL, or filled at the end of the run */
 } pw_ps_server_config;
 

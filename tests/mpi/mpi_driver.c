@@ -1432,7 +1432,7 @@ static void ps_refused(void)
     } cases[] = {
         {"--servers 2", "--servers, --staleness and --staleness-lr apply to --sync ps"},
         {"--staleness-lr inverse", "--servers, --staleness and --staleness-lr apply to --sync ps"},
-        {"--sync ps --staleness 1 --staleness-lr half", "--staleness-lr: 'half' is not none or inverse"},
+        {"--sync ps --staleness 1 --staleness-lr half", "--staleness-lr: 'half' is not inverse or none"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char cmd[1024], *out = NULL;
@@ -1464,8 +1464,8 @@ static void ps_refused(void)
  * (the version travels with the gradient) agrees with the traces: 2 x its
  * updates in all, the largest tau = the worst pull + 1 (pulls before the
  * last step: that one's version computes no gradient), and --staleness-lr
- * `lr` (NULL: the default, none) scales the learning rate by 1 with none,
- * by [1 / (S + 1), 1) with inverse once a gradient was stale. */
+ * `lr` (NULL: the default, inverse) scales the learning rate by 1 with
+ * none, by [1 / (S + 1), 1) with inverse once a gradient was stale. */
 static void ps_staleness(int S, const char *lr)
 {
     char cmd[2048], *out = NULL, lrflag[64] = "";
@@ -1532,7 +1532,7 @@ static void ps_staleness(int S, const char *lr)
         fail("--staleness %d%s: the server applied %lld gradients for %lld updates (2 replicas), the stalest at tau "
              "%d; the traces' worst pull before the last step was %d steps behind", S, lrflag, counted, updates,
              tau_max, worst_pushed);
-    else if (lr && !strcmp(lr, "inverse") ? !(factor < 1.0 && factor >= 1.0 / (S + 1) - 5e-4) : factor != 1.0)
+    else if (!lr || !strcmp(lr, "inverse") ? !(factor < 1.0 && factor >= 1.0 / (S + 1) - 5e-4) : factor != 1.0)
         fail("--staleness %d%s: mean learning-rate factor %.3f", S, lrflag, factor);
     else printf("ok   --staleness %d%s: %d pulls, at most %d steps stale (%d stale pulls; replica 1 4x slower); the "
                 "server's tau at most %d, mean lr factor %.3f\n", S, lrflag, events, worst, ahead, tau_max, factor);
@@ -1673,7 +1673,7 @@ static void ps_cases(int np)
         ps_stopped_server("KILL");
         ps_refused();
         ps_staleness(2, NULL);
-        ps_staleness(2, "inverse");
+        ps_staleness(2, "none");
         ps_checkpoints();
         ps_slow_link();
     } else {
