@@ -106,3 +106,39 @@ Test(ps, slow_hook_per_process)
     cr_assert_eq(pw_test_slow_factor(1, 1), 5.0);
     cr_assert_eq(pw_test_slow_factor(3, 2), 1.0, "a world rank's entry is not a pipeline rank's");
 }
+
+/* --staleness-lr inverse (Zhang et al. 2016) on hand-made versions: the
+ * update that makes version `step` from gradients computed on read[k] has
+ * staleness tau_k = step - read[k]; the learning rate is divided by their
+ * mean. A synchronous step (every tau 1) is exactly 1.0, so the bits of a
+ * synchronous run stay; none is always 1.0. */
+Test(ps, stale_lr_inverse_divides_by_mean_staleness)
+{
+    const int64_t sync2[2] = {9, 9}, mixed[2] = {8, 9}, four[4] = {6, 6, 6, 6}, three[3] = {5, 9, 7};
+    cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 10, sync2, 2), 1.0);
+    cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 10, mixed, 2), 2.0 / 3.0); /* tau 2, 1 */
+    cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 10, four, 4), 0.25);       /* tau 4 x 4 */
+    cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 10, three, 3), 1.0 / 3.0); /* tau 5, 1, 3 */
+    cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 1, (const int64_t[]){0}, 1), 1.0);
+    cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 7, (const int64_t[]){2}, 1), 0.2);
+    for (int R = 1; R <= 4; R++) cr_assert_eq(pw_ps_stale_lr_factor(PW_PS_STALE_LR_NONE, 10, four, R), 1.0);
+    /* The factor the server puts on the learning rate: an SGD step at
+     * lr × factor moves the parameter by exactly that (lr 0.5, tau 2, 2). */
+    pw_optim_config oc = pw_optim_defaults(PW_OPTIM_SGD);
+    oc.lr = 0.5f;
+    oc.momentum = 0.0f;
+    oc.lr = (float)(oc.lr * pw_ps_stale_lr_factor(PW_PS_STALE_LR_INVERSE, 5, (const int64_t[]){3, 3}, 2));
+    float p = 1.0f, g = 1.0f, st = 0.0f;
+    pw_optim_update(&oc, 5, &p, &g, &st, 1, 0);
+    cr_assert_eq(p, 0.75f, "%g", (double)p);
+    pw_ps_stale_lr r = PW_PS_STALE_LR_NONE;
+    cr_assert_eq(pw_ps_stale_lr_parse("inverse", &r), PW_OK);
+    cr_assert_eq(r, PW_PS_STALE_LR_INVERSE);
+    cr_assert_str_eq(pw_ps_stale_lr_name(r), "inverse");
+    cr_assert_eq(pw_ps_stale_lr_parse("none", &r), PW_OK);
+    cr_assert_eq(r, PW_PS_STALE_LR_NONE);
+    cr_assert_eq(pw_ps_stale_lr_parse("sqrt", &r), PW_ERR_INVALID_ARG);
+    cr_assert(strstr(pw_last_error(), "--staleness-lr: 'sqrt'"), "%s", pw_last_error());
+    pw_ps_server_config zero = {0}; /* the default */
+    cr_assert_eq(zero.staleness_lr, PW_PS_STALE_LR_INVERSE);
+}

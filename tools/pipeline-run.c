@@ -89,6 +89,8 @@ typedef struct options {
     int ps_servers;              /* --sync ps: K parameter servers (0: all-reduce) */
     int staleness;               /* --staleness (--sync ps) */
     int sync_set, servers_set, staleness_set;
+    pw_ps_stale_lr staleness_lr; /* --staleness-lr (--sync ps) */
+    int staleness_lr_set;
     int chunks_per_rank;         /* 0: the schedule's default */
     const char *memory_limit;    /* zb-auto: "2p", "1p" or a count (NULL: 2p) */
     int simulate;
@@ -243,6 +245,10 @@ static void usage(FILE *f)
 "  --servers K           parameter servers (default 1), sharded by parameter\n"
 "  --staleness S         --sync ps: a replica may run S steps ahead of the\n"
 "                        slowest (stale-synchronous; default 0)\n"
+"  --staleness-lr inverse|none\n"
+"                        --sync ps: the server divides the learning rate of\n"
+"                        a stale update by its gradients' mean staleness\n"
+"                        (inverse, default; Zhang et al. 2016) or not (none)\n"
 "  --clip-grad-norm X    scale the gradients so that their global L2 norm (all\n"
 "                        stages, all replicas) is at most X\n"
 "  --post-validate       with --clip-grad-norm: each stage steps its optimizer\n"
@@ -392,6 +398,7 @@ enum { OPT_EPOCHS = 256, OPT_STEPS, OPT_BATCH, OPT_MICRO, OPT_STAGES, OPT_OPTIM,
        OPT_ADAM_BETA1, OPT_ADAM_BETA2, OPT_ADAM_EPS, OPT_GRAD_GROUPS, OPT_METRICS, OPT_EVAL_EVERY,
        OPT_CKPT_DIR, OPT_CKPT_EVERY, OPT_KEEP, OPT_RESUME, OPT_MAX_RESTARTS, OPT_PARALLEL, OPT_PROCESSES,
        OPT_REBALANCE, OPT_REBALANCE_AT, OPT_REBALANCE_GAIN, OPT_SYNC, OPT_SERVERS, OPT_STALENESS,
+       OPT_STALENESS_LR,
        OPT_TENSOR_PARALLEL };
 
 /* The default --stages on a GPU: one rank per GPU for the bare "cuda", one
@@ -531,6 +538,7 @@ static int parse_args(int argc, char **argv, options *o)
         {"sync", required_argument, 0, OPT_SYNC},
         {"servers", required_argument, 0, OPT_SERVERS},
         {"staleness", required_argument, 0, OPT_STALENESS},
+        {"staleness-lr", required_argument, 0, OPT_STALENESS_LR},
         {"chunks-per-rank", required_argument, 0, OPT_CHUNKS},
         {"memory-limit", required_argument, 0, OPT_MEMLIMIT},
         {"simulate", no_argument, 0, OPT_SIMULATE},
@@ -705,6 +713,10 @@ static int parse_args(int argc, char **argv, options *o)
                 return bad_usage("--sync: '%s' is not allreduce or ps", optarg);
             o->sync_set = !strcmp(optarg, "ps");
             break;
+        case OPT_STALENESS_LR: /* docs/distributed.md, "Staleness-aware learning rate" */
+            if (pw_ps_stale_lr_parse(optarg, &o->staleness_lr) != PW_OK) return bad_usage("%s", pw_last_error());
+            o->staleness_lr_set = 1;
+            break;
         case OPT_SERVERS:
         case OPT_STALENESS: {
             int64_t v;
@@ -876,8 +888,8 @@ static int parse_args(int argc, char **argv, options *o)
             o->stages_why = o->replicas > 1 ? "cores / --replicas" : "the core count";
         }
     }
-    if ((o->servers_set || o->staleness_set) && !o->sync_set)
-        return bad_usage("%s", "--servers and --staleness apply to --sync ps");
+    if ((o->servers_set || o->staleness_set || o->staleness_lr_set) && !o->sync_set)
+        return bad_usage("%s", "--servers, --staleness and --staleness-lr apply to --sync ps");
     if (o->sync_set && !o->servers_set) o->ps_servers = 1;
     if (o->sync_set) {
         const char *no = world <= 1 && !o->simulate ? "runs under mpirun only (the servers are processes of "
@@ -2523,8 +2535,22 @@ static int run_main(run *r)
     if ((rc = load_graph(r)) != 0) return rc;
     if (g_mpi && g_mpi->server >= 0) { /* --sync ps: this process is a server (stages/train/ps.h) */
         pw_transport_phase(g_mpi, PW_PHASE_STEP, 0);
-        const pw_ps_server_config sc = {.graph = r->g, .transport = g_mpi};
-        return pw_ps_serve(&sc) == PW_OK ? 0 : fail("");
+        pw_ps_server_stats ss = {0};
+        const pw_ps_server_config sc = {.graph = r->g, .transport = g_mpi, .staleness_lr = r->o.staleness_lr,
+                                        .stats = &ss};
+        if (pw_ps_serve(&sc) != PW_OK) return fail("");
+        if (r->o.staleness > 0) { /* the staleness of what it applied, known exactly (the summary line) */
+            char line[512];
+            int at = snprintf(line, sizeof line, "pipeline-run: parameter server %d: %lld updates; gradients by "
+                              "staleness tau:", g_mpi->server, (long long)ss.updates);
+            for (int i = 0; i < PW_PS_TAU_BINS && at < (int)sizeof line - 40; i++)
+                if (ss.tau[i]) at += snprintf(line + at, sizeof line - (size_t)at, "%s %d%s: %lld", line[at - 1] == ':' ? "" : ",",
+                                              i + 1, i == PW_PS_TAU_BINS - 1 ? "+" : "", (long long)ss.tau[i]);
+            printf("%s; mean learning-rate factor %.3f (--staleness-lr %s)\n", line,
+                   ss.updates ? ss.lr_factor_sum / (double)ss.updates : 1.0, pw_ps_stale_lr_name(r->o.staleness_lr));
+            fflush(stdout);
+        }
+        return 0;
     }
     if (r->o.parallel && r->o.plan) return 0; /* --plan --parallel auto: printed */
     if (r->o.simulate) return run_simulate(r->g, &r->o);

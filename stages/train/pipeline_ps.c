@@ -13,7 +13,9 @@
  *                            in OPTIM_BYTES; the n parameters' values; then
  *                            their optimizer state, sf x numel each);
  *   worker -> server, each step and parameter: the gradient, tag = the graph
- *                            parameter's index;
+ *                            parameter's index; with staleness > 0 first
+ *                            (same tag) the version it was computed on
+ *                            (int64), so the server knows its staleness;
  *   server -> worker, each step and parameter: the new values, same tag;
  *   worker of replica 0 -> server, at a checkpoint: STATE_REQ (int64: the
  *                            step); server -> worker, once it holds that
@@ -105,6 +107,28 @@ static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const ch
     return st;
 }
 
+static const char *const stale_lr_names[] = {"inverse", "none"}; /* pw_ps_stale_lr's order */
+
+pw_status pw_ps_stale_lr_parse(const char *s, pw_ps_stale_lr *out)
+{
+    for (int i = 0; i < 2; i++)
+        if (s && !strcmp(s, stale_lr_names[i])) return *out = (pw_ps_stale_lr)i, PW_OK;
+    return pw_error(PW_ERR_INVALID_ARG, "--staleness-lr: '%s' is not inverse or none", s ? s : "(null)");
+}
+
+const char *pw_ps_stale_lr_name(pw_ps_stale_lr rule) { return (unsigned)rule < 2 ? stale_lr_names[rule] : "?"; }
+
+/* Zhang, Gupta, Lian, Liu, "Staleness-aware Async-SGD for Distributed Deep
+ * Learning" (IJCAI 2016): the learning rate divided by the staleness, for
+ * an update of several gradients by their mean. */
+double pw_ps_stale_lr_factor(pw_ps_stale_lr rule, int64_t step, const int64_t *read, int R)
+{
+    if (rule != PW_PS_STALE_LR_INVERSE || R < 1) return 1.0;
+    int64_t sum = 0;
+    for (int k = 0; k < R; k++) sum += step - read[k] > 1 ? step - read[k] : 1;
+    return sum == R ? 1.0 : (double)R / (double)sum;
+}
+
 /* ================================================================ workers */
 
 typedef struct ps_param {
@@ -120,6 +144,8 @@ typedef struct ps_param {
     int64_t have;             /* the newest version received */
     int64_t applied;          /* the version in the program */
     pw_treq sreq;             /* the gradient send in flight */
+    int64_t read;             /* with staleness: the version the pushed gradient was computed on */
+    pw_treq vreq;             /* its send */
 } ps_param;
 
 typedef struct ps_bucket {
@@ -180,17 +206,26 @@ static pw_status ps_push(void *self, int member, const pw_span *spans, int n_spa
         const int s = (int)(v % ps->slots);
         PW_CHECK(t->vt->ps_irecv(t->self, p->server, p->gp, p->slot + (size_t)s * (size_t)p->numel,
                                  (size_t)p->numel * sizeof(float), &p->rreq[s]));
+        /* The version this step's forward and backward used (the pull
+         * comes after the push), ahead of the gradient on the same tag. */
+        p->read = p->applied;
+        if (ps->stale) PW_CHECK(t->vt->ps_isend(t->self, p->server, p->gp, &p->read, sizeof p->read, &p->vreq));
         PW_CHECK(t->vt->ps_isend(t->self, p->server, p->gp, p->grad, (size_t)p->numel * sizeof(float), &p->sreq));
     }
-    /* The sends complete once the servers take them (small ones at once). */
+    /* The sends complete once the servers take them (small ones at once);
+     * the version's first (a slow link posts a held send when tested, so
+     * this keeps the two in order). */
     for (int i = b->first; i < b->first + b->n; i++) {
         ps_param *p = &ps->par[i];
-        for (int spin = 0;; spin++) {
-            const int rc = t->vt->test(t->self, &p->sreq);
+        for (int spin = 0, j = ps->stale ? 0 : 1; j < 2; spin++) {
+            const int rc = t->vt->test(t->self, j == 0 ? &p->vreq : &p->sreq);
             if (rc < 0)
                 return pw_error(PW_ERR_IO, "pushing the gradient of %s: %s", ps->pl->g->params[p->gp].name,
                                 pw_last_error());
-            if (rc == 1) break;
+            if (rc == 1) {
+                j++;
+                continue;
+            }
             if (abort && atomic_load_explicit(abort, memory_order_relaxed))
                 return pw_error(PW_ERR_TIMEOUT, "pushing gradients to the servers: aborted");
             if (ps->stale) PW_CHECK(ps_progress(ps));
@@ -571,7 +606,9 @@ typedef struct srv_param {
     float *data, *state;
     float *grads;             /* [slots][R][numel] */
     pw_treq *rreq;            /* [slots][R] */
-    unsigned char *got;       /* [slots][R] that step's gradient arrived */
+    unsigned char *got;       /* [slots][R] that step's gradient arrived (1; 2: its version only) */
+    int64_t *read;            /* [slots][R] with staleness: the version each gradient was computed on */
+    pw_treq *vreq;            /* [slots][R] their receives */
     int *n_got;               /* [slots] */
     float *sbuf;              /* [slots][numel] the versions being sent (v in slot v mod slots) */
     pw_treq *sreq;            /* [slots][R] their sends */
@@ -592,6 +629,7 @@ typedef struct server {
     int64_t start;            /* the step the run starts from (a resumed run's checkpoint) */
     double clip;              /* --clip-grad-norm (0: none): then every parameter steps together */
     srv_norm *norm;           /* with clip: the global norm's order and messages */
+    pw_ps_server_stats stats; /* the staleness of the gradients applied */
     srv_param *par;
     int n_par;
     int *index;               /* [np] graph param -> par index, -1 */
@@ -608,6 +646,8 @@ static void srv_free(server *s)
         free(p->rreq);
         free(p->sreq);
         free(p->got);
+        free(p->read);
+        free(p->vreq);
         free(p->n_got);
         free(p->sbuf);
         free(p->sending);
@@ -632,7 +672,10 @@ static pw_status srv_alloc(server *s, int stale)
         p->sbuf = malloc(sl * (size_t)p->numel * sizeof(float) + 1);
         p->sreq = calloc(sl * R, sizeof *p->sreq);
         p->sending = calloc(sl, 1);
-        if (!p->grads || !p->rreq || !p->got || !p->n_got || !p->sbuf || !p->sreq || !p->sending)
+        p->read = calloc(sl * R, sizeof *p->read);
+        p->vreq = calloc(sl * R, sizeof *p->vreq);
+        if (!p->grads || !p->rreq || !p->got || !p->n_got || !p->sbuf || !p->sreq || !p->sending || !p->read ||
+            !p->vreq)
             return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     }
     return PW_OK;
@@ -734,6 +777,8 @@ static pw_status srv_post(server *s, srv_param *p, int64_t v)
     for (int k = 0; k < s->R; k++) {
         const size_t at = (size_t)sl * (size_t)s->R + (size_t)k;
         p->got[at] = 0;
+        if (s->stale) /* the version first: one tag, matched in order */
+            PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, &p->read[at], sizeof p->read[at], &p->vreq[at]));
         PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, p->grads + at * (size_t)p->numel,
                                  (size_t)p->numel * sizeof(float), &p->rreq[at]));
     }
@@ -790,7 +835,24 @@ static pw_status srv_apply(server *s, srv_param *p, const float *g)
         if (!isfinite(g[i]))
             return pw_error(PW_ERR_NUMERIC, "step %lld: gradient of '%s' is not finite (parameter server %d)",
                             (long long)step, s->cfg->graph->params[p->gp].name, t->server);
-    pw_optim_update(&s->optim, step, p->data, g, p->state, n, p->decay);
+    /* Each gradient's staleness, exactly (synchronous: all 1), and the
+     * learning rate of --staleness-lr; a factor of 1 leaves the bits. */
+    pw_optim_config oc = s->optim;
+    double f = 1.0;
+    for (int k = 0; k < R; k++) {
+        const int64_t tau = s->stale ? step - p->read[(size_t)sl * (size_t)R + (size_t)k] : 1;
+        if (tau < 1 || tau > s->stale + 1)
+            return pw_error(PW_ERR_INTERNAL, "parameter server %d: step %lld: MPI rank %d's gradient of %s was "
+                            "computed on version %lld (staleness %lld; --staleness %d allows 1 to %d)", t->server,
+                            (long long)step, p->holder[k], s->cfg->graph->params[p->gp].name,
+                            (long long)(step - tau), (long long)tau, s->stale, s->stale + 1);
+        s->stats.tau[tau < PW_PS_TAU_BINS ? tau - 1 : PW_PS_TAU_BINS - 1]++;
+    }
+    if (s->stale) f = pw_ps_stale_lr_factor(s->cfg->staleness_lr, step, p->read + (size_t)sl * (size_t)R, R);
+    if (f != 1.0) oc.lr = (float)(oc.lr * f), oc.min_lr = (float)(oc.min_lr * f);
+    s->stats.updates++;
+    s->stats.lr_factor_sum += f;
+    pw_optim_update(&oc, step, p->data, g, p->state, n, p->decay);
     p->step = step;
     float *out = p->sbuf + (size_t)sl * (size_t)n;
     memcpy(out, p->data, (size_t)n * sizeof(float));
@@ -1152,7 +1214,16 @@ static pw_status srv_loop(server *s)
             for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
                 for (int k = 0; k < R && st == PW_OK; k++) {
                     const size_t at = (size_t)sl * (size_t)R + (size_t)k;
-                    if (p->got[at]) continue;
+                    if (p->got[at] == 1) continue;
+                    if (s->stale && p->got[at] == 0) { /* its version travels first */
+                        const int rv = t->vt->test(t->self, &p->vreq[at]);
+                        if (rv < 0)
+                            st = pw_error(PW_ERR_IO, "parameter server %d: the version of %s from MPI rank %d: %s",
+                                          t->server, s->cfg->graph->params[p->gp].name, p->holder[k],
+                                          pw_last_error());
+                        if (rv != 1) continue;
+                        p->got[at] = 2;
+                    }
                     const int rc = t->vt->test(t->self, &p->rreq[at]);
                     if (rc < 0)
                         st = pw_error(PW_ERR_IO, "parameter server %d: the gradient of %s from MPI rank %d: %s",
@@ -1220,7 +1291,7 @@ static pw_status srv_loop(server *s)
             const srv_param *p = &s->par[i];
             const size_t sl = (size_t)((p->step + 1) % s->slots);
             for (int k = 0; k < R; k++)
-                if (!p->got[sl * (size_t)R + (size_t)k]) {
+                if (p->got[sl * (size_t)R + (size_t)k] != 1) {
                     peer = p->holder[k];
                     break;
                 }
@@ -1249,7 +1320,10 @@ static pw_status srv_loop(server *s)
     }
     for (int i = 0; i < s->n_par; i++)
         for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)R; at++)
-            if (!s->par[i].got[at] && t->vt->cancel) t->vt->cancel(t->self, &s->par[i].rreq[at]);
+            if (s->par[i].got[at] != 1 && t->vt->cancel) {
+                t->vt->cancel(t->self, &s->par[i].rreq[at]);
+                if (s->stale && !s->par[i].got[at]) t->vt->cancel(t->self, &s->par[i].vreq[at]);
+            }
     for (int w = 0; breq && said && w < s->W; w++)
         if (!said[w] && t->vt->cancel) t->vt->cancel(t->self, &breq[w]);
     srv_norm *z = s->norm;
@@ -1312,6 +1386,7 @@ pw_status pw_ps_serve(const pw_ps_server_config *cfg)
     if (st == PW_OK) st = srv_hello(&s);
     if (st == PW_OK && s.clip > 0) st = srv_norm_setup(&s);
     if (st == PW_OK) st = srv_loop(&s);
+    if (cfg->stats) *cfg->stats = s.stats;
     srv_free(&s);
     return st;
 }

@@ -29,7 +29,11 @@
  * version t − s or newer and takes the newest it has, so the forward of
  * step t + 1 uses a version in [t − s, t] and no replica runs more than s
  * steps ahead of the slowest. The version each step used is in the trace
- * ("PS pull" events, docs/distributed.md).
+ * ("PS pull" events, docs/distributed.md). Each gradient travels with the
+ * version its worker computed it on, so the server knows its staleness
+ * exactly, and (staleness_lr = PW_PS_STALE_LR_INVERSE, the default)
+ * divides the update's learning rate by their mean (pw_ps_stale_lr_factor;
+ * 1 for fresh gradients, so a synchronous run keeps its bits).
  *
  * Clipping (--clip-grad-norm): the servers clip the summed gradients by the
  * global norm in the engine's order; with K > 1 server 0 gathers the
@@ -65,9 +69,41 @@ extern "C" {
  * the fewest bytes so far (ties: the lowest index). */
 void pw_ps_assign(const pw_graph *g, int K, int *out);
 
+/* How a server scales the learning rate of a stale update (--staleness-lr;
+ * docs/distributed.md, "Staleness-aware learning rate"). */
+typedef enum pw_ps_stale_lr {
+    PW_PS_STALE_LR_INVERSE = 0, /* (default) divided by the mean staleness of its gradients (Zhang et al. 2016) */
+    PW_PS_STALE_LR_NONE         /* every update at the optimizer's learning rate */
+} pw_ps_stale_lr;
+
+/* "inverse" / "none" -> rule; PW_ERR_INVALID_ARG otherwise. */
+pw_status pw_ps_stale_lr_parse(const char *s, pw_ps_stale_lr *out);
+const char *pw_ps_stale_lr_name(pw_ps_stale_lr rule);
+
+/* The factor on the learning rate of the update that makes version `step`
+ * from R gradients, gradient k computed on version read[k]. Its staleness
+ * is tau_k = step − read[k] (Zhang et al.'s: the updates between the read
+ * and this one, this one counted; 1 for a synchronous step). INVERSE:
+ * 1 / mean(tau_k), exactly 1.0 when every tau_k is 1; NONE: 1.0. */
+double pw_ps_stale_lr_factor(pw_ps_stale_lr rule, int64_t step, const int64_t *read, int R);
+
+/* What a server saw (optional, filled by pw_ps_serve): how many replica
+ * gradients it applied at each staleness tau (tau[i]: tau = i + 1; the
+ * last bin counts tau >= PW_PS_TAU_BINS), known exactly from the version
+ * each worker sends with its gradient (with staleness > 0; all tau = 1
+ * otherwise). */
+#define PW_PS_TAU_BINS 16
+typedef struct pw_ps_server_stats {
+    int64_t tau[PW_PS_TAU_BINS];
+    int64_t updates;               /* parameter updates applied */
+    double lr_factor_sum;          /* the sum of their learning-rate factors */
+} pw_ps_server_stats;
+
 typedef struct pw_ps_server_config {
     const pw_graph *graph;
     const pw_transport *transport; /* this process is server transport->server */
+    pw_ps_stale_lr staleness_lr;   /* --staleness-lr (default, 0: inverse) */
+    pw_ps_server_stats *stats;     /* NULL, or filled at the end of the run */
 } pw_ps_server_config;
 
 /* Serves until every worker has said goodbye; bounded by the transport's

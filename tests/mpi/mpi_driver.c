@@ -1430,7 +1430,9 @@ static void ps_refused(void)
     static const struct {
         const char *args, *says;
     } cases[] = {
-        {"--servers 2", "--servers and --staleness apply to --sync ps"},
+        {"--servers 2", "--servers, --staleness and --staleness-lr apply to --sync ps"},
+        {"--staleness-lr inverse", "--servers, --staleness and --staleness-lr apply to --sync ps"},
+        {"--sync ps --staleness 1 --staleness-lr half", "--staleness-lr: 'half' is not inverse or none"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char cmd[1024], *out = NULL;
@@ -1457,21 +1459,51 @@ static void ps_refused(void)
  * the trace (each PS_PULL event: step t took version mb >= t - S), with one
  * replica slowed so that the other does run ahead (some pull older than
  * the step). The run ends with the servers' final parameters: --save of a
- * stale run equals nothing in particular, but every process agrees. */
-static void ps_staleness(int S)
+ * stale run equals nothing in particular, but every process agrees.
+ * The server's own count of the staleness tau of each gradient it applied
+ * (the version travels with the gradient) agrees with the traces: 2 x its
+ * updates in all, the largest tau = the worst pull + 1 (pulls before the
+ * last step: that one's version computes no gradient), and --staleness-lr
+ * `lr` (NULL: the default, inverse) scales the learning rate by 1 with
+ * none, by [1 / (S + 1), 1) with inverse once a gradient was stale. */
+static void ps_staleness(int S, const char *lr)
 {
-    char cmd[2048], *out = NULL;
+    char cmd[2048], *out = NULL, lrflag[64] = "";
     double took;
+    if (lr) snprintf(lrflag, sizeof lrflag, " --staleness-lr %s", lr);
     snprintf(cmd, sizeof cmd, "rm -f st.rank*.json; PW_TEST_SLOW=w1:4 " MPIRUN " -np 3 %s/pipeline-run m.graph " DATA
-             " --stages 1 --replicas 2 --batch 48 --steps 24 --sync ps --staleness %d --trace st.json", bin, S);
+             " --stages 1 --replicas 2 --batch 48 --steps 24 --sync ps --staleness %d%s --trace st.json", bin, S,
+             lrflag);
     int st = run(cmd, 120, &out, &took);
     if (st != 0) {
-        fail("--staleness %d: exit %d\n%s", S, st, out);
+        fail("--staleness %d%s: exit %d\n%s", S, lrflag, st, out);
+        free(out);
+        return;
+    }
+    long long updates = -1, counted = 0;
+    int tau_max = 0;
+    double factor = -1.0;
+    const char *line = strstr(out, "parameter server 0: ");
+    if (line && sscanf(line, "parameter server 0: %lld updates", &updates) == 1) {
+        const char *a = strstr(line, "tau:"), *e = strstr(line, "; mean learning-rate factor ");
+        for (const char *q = a ? a + 4 : NULL; q && e && q < e;) {
+            int tau, n = 0;
+            long long c;
+            if (sscanf(q, " %d: %lld%n", &tau, &c, &n) != 2) break; /* "tau: 1: 243, 2: 213" */
+            if (q[n] == ',') n++;
+            counted += c;
+            if (tau > tau_max) tau_max = tau;
+            q += n;
+        }
+        if (e) factor = atof(e + strlen("; mean learning-rate factor "));
+    }
+    if (updates <= 0 || updates % 24 || factor < 0) {
+        fail("--staleness %d%s: no staleness line from the server\n%s", S, lrflag, out);
         free(out);
         return;
     }
     free(out);
-    int events = 0, worst = -1, ahead = 0;
+    int events = 0, worst = -1, ahead = 0, worst_pushed = -1;
     for (int w = 0; w < 2; w++) {
         char path[256];
         snprintf(path, sizeof path, "%s/st.rank%d.json", dir, w);
@@ -1488,6 +1520,7 @@ static void ps_staleness(int S)
             const int step = atoi(a + 8), version = atoi(b + 6);
             events++;
             if (step - version > worst) worst = step - version;
+            if (step < 24 && step - version > worst_pushed) worst_pushed = step - version;
             if (step - version > 0) ahead++;
         }
         fclose(f);
@@ -1495,8 +1528,14 @@ static void ps_staleness(int S)
     if (events < 2 * 24) fail("--staleness %d: %d PS_PULL events in the traces, expected 48", S, events);
     else if (worst > S) fail("--staleness %d: a step used a version %d steps old", S, worst);
     else if (ahead == 0) fail("--staleness %d: no replica ran ahead with replica 1 4x slower", S);
-    else printf("ok   --staleness %d: %d pulls, at most %d steps stale (%d stale pulls; replica 1 4x slower)\n", S,
-                events, worst, ahead);
+    else if (counted != 2 * updates || tau_max != worst_pushed + 1 || tau_max > S + 1)
+        fail("--staleness %d%s: the server applied %lld gradients for %lld updates (2 replicas), the stalest at tau "
+             "%d; the traces' worst pull before the last step was %d steps behind", S, lrflag, counted, updates,
+             tau_max, worst_pushed);
+    else if (!lr || !strcmp(lr, "inverse") ? !(factor < 1.0 && factor >= 1.0 / (S + 1) - 5e-4) : factor != 1.0)
+        fail("--staleness %d%s: mean learning-rate factor %.3f", S, lrflag, factor);
+    else printf("ok   --staleness %d%s: %d pulls, at most %d steps stale (%d stale pulls; replica 1 4x slower); the "
+                "server's tau at most %d, mean lr factor %.3f\n", S, lrflag, events, worst, ahead, tau_max, factor);
 }
 
 /* Runs `cmd` (in the test directory); 1 when it exits 0, else a failure naming `what`. */
@@ -1633,7 +1672,8 @@ static void ps_cases(int np)
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
-        ps_staleness(2);
+        ps_staleness(2, NULL);
+        ps_staleness(2, "none");
         ps_checkpoints();
         ps_slow_link();
     } else {
