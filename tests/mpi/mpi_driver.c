@@ -1390,6 +1390,61 @@ static void ps_identical(int S, int R, int K, const char *extra, const char *tag
     identical_runs(S * R + K, args, "", one, tag, what);
 }
 
+/* The grad_norm values of a metrics log's step lines, in order, into
+ * out[0 .. max); returns how many (-1: no file). */
+static int ps_norms(const char *name, char out[][40], int max)
+{
+    char path[256], line[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int n = 0;
+    while (fgets(line, sizeof line, f) && n < max) {
+        const char *a = strstr(line, "\"type\":\"step\"") ? strstr(line, "\"grad_norm\":") : NULL;
+        if (!a) continue;
+        a += strlen("\"grad_norm\":");
+        size_t k = strcspn(a, ",}");
+        snprintf(out[n++], 40, "%.*s", (int)(k < 39 ? k : 39), a);
+    }
+    fclose(f);
+    return n;
+}
+
+/* --sync ps against the all-reduce run in one process with the same flags
+ * (`model` a graph and its data; `extra` e.g. --compress): the bytes of the
+ * --save checkpoint, and with --clip-grad-norm the gradient norm the
+ * metrics log records each step (the servers send it back with the
+ * parameters), the same doubles as the all-reduce run's. */
+static void ps_identical_model(const char *model, int S, int R, int K, const char *extra, const char *tag)
+{
+    char args[1400], one[1200], what[1400];
+    const int clip = strstr(extra, "--clip-grad-norm") != NULL;
+    snprintf(one, sizeof one, "%s --stages %d --replicas %d %s%s%s", model, S, R, extra,
+             clip ? " --metrics norm_one_" : "", clip ? tag : "");
+    if (clip) strncat(one, ".jsonl", sizeof one - strlen(one) - 1);
+    snprintf(args, sizeof args, "%s --stages %d --replicas %d %s --sync ps --servers %d%s%s%s", model, S, R, extra, K,
+             clip ? " --metrics norm_ps_" : "", clip ? tag : "", clip ? ".jsonl" : "");
+    snprintf(what, sizeof what, "--sync ps: %s, %d stages x %d replicas + %d server%s %s", model, S, R, K,
+             K > 1 ? "s" : "", extra);
+    const int before = failures;
+    identical_runs(S * R + K, args, "", one, tag, what);
+    if (!clip || failures != before) return;
+    char a[64][40], b[64][40], na[64], nb[64];
+    snprintf(na, sizeof na, "norm_one_%s.jsonl", tag);
+    snprintf(nb, sizeof nb, "norm_ps_%s.jsonl", tag);
+    const int n = ps_norms(na, a, 64), m = ps_norms(nb, b, 64);
+    int same = n > 0 && n == m;
+    for (int i = 0; same && i < n; i++) same = !strcmp(a[i], b[i]) && strcmp(b[i], "-1") && strcmp(b[i], "null");
+    if (!same)
+        fail("%s: the metrics log's grad_norm differs from the all-reduce run's (%d and %d steps; first %s / %s)",
+             what, n, m, n > 0 ? a[0] : "-", m > 0 ? b[0] : "-");
+    else printf("ok   %s: the metrics log's grad_norm of %d steps is the all-reduce run's (%s ...)\n", what, n, b[0]);
+}
+
+/* The tied GPT (write_tied: wte.weight on the first chunk and in the head on
+ * the last, or twice in one program on one stage). */
+#define PS_TIED "tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6"
+
 /* sig: "STOP" (the watchdog names the server as stalled) or "KILL" (mpirun
  * names the process that died). */
 static void ps_stopped_server(const char *sig)
@@ -1431,6 +1486,7 @@ static void ps_refused(void)
         const char *args, *says;
     } cases[] = {
         {"--servers 2", "--servers and --staleness apply to --sync ps"},
+        {"--sync ps --compress powersgd:2", "does not push PowerSGD's factors"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char cmd[1024], *out = NULL;
@@ -1630,6 +1686,23 @@ static void ps_cases(int np)
                      "psclip5");
         ps_identical(2, 2, 3, "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.01", "psclip7");
         ps_identical(1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01", "psclip4");
+        /* Tied parameters: the server sums the copies' uses in the
+         * all-reduce run's order and sends every copy the same values. */
+        ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2", "pstied5");
+        ps_identical_model(PS_TIED, 2, 2, 2, "--micro-batches 2 --optimizer adamw", "pstied6");
+        ps_identical_model(PS_TIED, 1, 2, 1, "--micro-batches 2", "pstied3"); /* twice in one program */
+        ps_identical_model(PS_TIED, 2, 2, 2, "--micro-batches 2 --clip-grad-norm 0.05", "pstiedclip6");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01",
+                           "psnorm4");
+        /* --compress: the pushes compressed, the server decodes and sums as
+         * the gathering all-reduce does: the all-reduce run's bytes. */
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 1, "--micro-batches 2 --compress bf16",
+                           "pszbf3");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 2, 2, 2,
+                           "--micro-batches 2 --optimizer adamw --compress fp16", "pszfp6");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 2,
+                           "--micro-batches 2 --compress topk:0.05 --clip-grad-norm 0.01", "psztopk4");
+        ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2 --compress topk:0.1", "psztied5");
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
@@ -1639,6 +1712,7 @@ static void ps_cases(int np)
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
+        ps_identical_model(PS_TIED, 1, 4, 2, "--micro-batches 2 --compress bf16", "psztied6");
     }
 }
 
