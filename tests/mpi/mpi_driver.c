@@ -1675,6 +1675,27 @@ static void ps_slow_link(void)
     free(out);
 }
 
+/* --sync ps --compress topk: the workers' error-feedback residuals are in
+ * the checkpoint as in an all-reduce run, so PS resumed on another server
+ * count ends with the bytes of the unbroken all-reduce run (without the
+ * residuals it does not). */
+#define PS_ZCKPT "m.graph " DATA " --batch 48 --steps 12 --micro-batches 2 --stages 1 --replicas 2 " \
+                 "--compress topk:0.05 --optimizer adamw"
+static void ps_compress_resume(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_ZCKPT " --save pszref.st", bin);
+    if (!ps_run(cmd, "the unbroken top-k all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 3 %s/pipeline-run " PS_ZCKPT " --sync ps --checkpoint-dir ckz "
+             "--checkpoint-every 5 --keep 0", bin);
+    if (!ps_run(cmd, "the checkpointing top-k PS run")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_ZCKPT " --sync ps --servers 2 --resume "
+             "ckz/step-00000005 --save pszres.st", bin);
+    if (ps_run(cmd, "top-k PS resumed on 2 servers"))
+        ps_same("pszref.st", "pszres.st", "--compress topk:0.05: saved by 1 x 2 + 1 server at step 5 with the "
+                "residuals, resumed on 1 x 2 + 2 servers, against the unbroken all-reduce run");
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
@@ -1708,6 +1729,7 @@ static void ps_cases(int np)
         ps_refused();
         ps_staleness(2);
         ps_checkpoints();
+        ps_compress_resume();
         ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");

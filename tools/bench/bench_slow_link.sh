@@ -12,7 +12,8 @@
 # ALGOS (default "ring tree hierarchical mpi"), COMPRESS (default "none":
 # the compression modes crossed with ALGOS, e.g. "none bf16 fp16 topk:0.01
 # powersgd:4"), PS (default empty; "1": also the parameter server, --sync
-# ps with one server, a third process). The simulator's forecast is given
+# ps with one server, a third process, with each of COMPRESS's modes but
+# PowerSGD, which it does not push: ps/MODE). The simulator's forecast is given
 # per variant (--simulate --calibrate --allreduce A --compress C: the
 # link's time of what the variant sends; not the compressors' compute).
 #
@@ -75,10 +76,14 @@ VARIANTS=""
 for z in $COMPRESS; do
     for a in $ALGOS; do VARIANTS="$VARIANTS $a/$z"; done
 done
-[ -n "$PS" ] && VARIANTS="$VARIANTS ps/none"
+if [ -n "$PS" ]; then
+    for z in $COMPRESS; do
+        case "$z" in powersgd*) ;; *) VARIANTS="$VARIANTS ps/$z" ;; esac
+    done
+fi
 flags() { # variant -> pipeline-run flags
     a=${1%%/*} z=${1#*/}
-    if [ "$a" = ps ]; then echo "--sync ps --servers 1"; else echo "--allreduce $a --compress $z"; fi
+    if [ "$a" = ps ]; then echo "--sync ps --servers 1 --compress $z"; else echo "--allreduce $a --compress $z"; fi
 }
 
 for bw in none $BWS; do
