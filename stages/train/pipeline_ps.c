@@ -665,16 +665,17 @@ void pl_ps_destroy(pw_pipeline *pl)
 
 /* ================================================================ servers */
 
-/* One parameter on its server. With staleness s the gradients of s + 1
- * consecutive steps may be in flight from a replica; step v's go to ring
- * slot v mod (s + 1), whose receives are posted as soon as the slot's
- * previous step has been applied. */
 /* Where a use's gradient comes from, or a copy's values go: replica k's
  * process w, under tag; chunk and key order them (a use: its index in the
  * program; a copy: its place in the worker's hello). */
 typedef struct srv_link {
     int k, w, tag, chunk, key;
 } srv_link;
+
+/* One parameter on its server. With staleness s the gradients of s + 1
+ * consecutive steps may be in flight from a replica; step v's go to ring
+ * slot v mod (s + 1), whose receives are posted as soon as the slot's
+ * previous step has been applied. */
 
 typedef struct srv_param {
     int gp, decay;

@@ -1713,6 +1713,9 @@ static void ps_cases(int np)
         ps_identical_model(PS_TIED, 2, 2, 2, "--micro-batches 2 --optimizer adamw", "pstied6");
         ps_identical_model(PS_TIED, 1, 2, 1, "--micro-batches 2", "pstied3"); /* twice in one program */
         ps_identical_model(PS_TIED, 2, 2, 2, "--micro-batches 2 --clip-grad-norm 0.05", "pstiedclip6");
+        /* zb-v: chunks 0 and 3 (the embedding and the head) on one process, two copies there */
+        ps_identical_model(PS_TIED, 2, 2, 2, "--schedule zb-v --micro-batches 4 --clip-grad-norm 0.05 --compress bf16",
+                           "pstiedzbv6");
         ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01",
                            "psnorm4");
         /* --compress: the pushes compressed, the server decodes and sums as
