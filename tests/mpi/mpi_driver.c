@@ -1696,6 +1696,21 @@ static void ps_compress_resume(void)
                 "residuals, resumed on 1 x 2 + 2 servers, against the unbroken all-reduce run");
 }
 
+/* The trace counts a compressed push's bytes: pipe-trace's gradient line
+ * gives bf16's ratio of 2 for a --sync ps run. */
+static void ps_trace_ratio(void)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "rm -f zps.rank*.json; " MPIRUN " -np 3 %s/pipeline-run m.graph " DATA " --batch 48 "
+             "--steps 4 --stages 1 --replicas 2 --micro-batches 2 --sync ps --compress bf16 --trace zps.json && "
+             "%s/pipe-trace --color never zps.rank*.json", bin, bin);
+    const int st = run(cmd, 120, &out, NULL);
+    if (st != 0 || !strstr(out, "on the wire after compression (ratio 2.00x)"))
+        fail("--sync ps --compress bf16: pipe-trace does not give the push's ratio 2.00x (exit %d)\n%s", st, out);
+    else printf("ok   --sync ps --compress bf16: pipe-trace counts the pushes (ratio 2.00x)\n");
+    free(out);
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
@@ -1733,6 +1748,7 @@ static void ps_cases(int np)
         ps_staleness(2);
         ps_checkpoints();
         ps_compress_resume();
+        ps_trace_ratio();
         ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
