@@ -1696,6 +1696,29 @@ static void ps_compress_resume(void)
                 "residuals, resumed on 1 x 2 + 2 servers, against the unbroken all-reduce run");
 }
 
+/* Checkpoints of the tied GPT under --sync ps with zb-v (two copies of the
+ * tied weight in one process, each fetching the server's optimizer state):
+ * resumed on 2 servers and in one process, both end with the bytes of the
+ * unbroken all-reduce run. */
+#define PS_TCKPT PS_TIED " --steps 8 --micro-batches 4 --stages 2 --replicas 2 --schedule zb-v --optimizer adamw"
+static void ps_tied_checkpoint(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_TCKPT " --save pstref.st", bin);
+    if (!ps_run(cmd, "the unbroken tied all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckt; " MPIRUN " -np 5 %s/pipeline-run " PS_TCKPT " --sync ps --checkpoint-dir ckt "
+             "--checkpoint-every 3 --keep 0", bin);
+    if (!ps_run(cmd, "the checkpointing tied PS run")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 6 %s/pipeline-run " PS_TCKPT " --sync ps --servers 2 --resume "
+             "ckt/step-00000003 --save pstres.st", bin);
+    if (ps_run(cmd, "tied PS resumed on 2 servers"))
+        ps_same("pstref.st", "pstres.st", "tied GPT (zb-v): saved by 2 x 2 + 1 server at step 3, resumed on 2 x 2 + 2 "
+                "servers, against the unbroken all-reduce run");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_TCKPT " --resume ckt/step-00000003 --save pstres1.st", bin);
+    if (ps_run(cmd, "tied PS checkpoint resumed in one process"))
+        ps_same("pstref.st", "pstres1.st", "tied GPT (zb-v): saved by PS at step 3, resumed in one process");
+}
+
 /* The trace counts a compressed push's bytes: pipe-trace's gradient line
  * gives bf16's ratio of 2 for a --sync ps run. */
 static void ps_trace_ratio(void)
@@ -1749,6 +1772,7 @@ static void ps_cases(int np)
         ps_checkpoints();
         ps_compress_resume();
         ps_trace_ratio();
+        ps_tied_checkpoint();
         ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
