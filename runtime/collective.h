@@ -112,6 +112,14 @@ typedef struct pw_coll_i {
      * PW_ERR_IO on a transport error. */
     pw_status (*allgather_bytes)(void *self, int member, const void *mine, int64_t bytes, void *out,
                                  const atomic_int *abort);
+    /* (optional) A parameter server's push (stages/train/ps.h): the member
+     * sends its compressed payload of the spans (`mine`; span i's bytes
+     * are [off[i], off[i + 1])) to whoever sums them, and the spans stay
+     * as they are (nothing comes back here). pw_compressor_allreduce takes
+     * it instead of gathering when the endpoint has it (bf16, fp16, top-k;
+     * runtime/compress.h, pw_compress_decode_span for the other side). */
+    pw_status (*push_bytes)(void *self, int member, const pw_span *spans, int n_spans, const void *mine,
+                            const int64_t *off, const atomic_int *abort);
 } pw_coll_i;
 
 /* One member's endpoint. */

@@ -41,6 +41,7 @@ struct pw_compressor {
     uint32_t *keys;              /* topk: one span's |acc| bits */
     float *pq;                   /* powersgd: every P, then every Q */
     pw_span *ar;                 /* powersgd: the first all-reduce's spans */
+    int64_t *off;                /* a push (pw_coll_i.push_bytes): each span's bytes in `mine`, [n_spans + 1] */
 };
 
 /* ------------------------------------------------------------ parsing */
@@ -310,6 +311,7 @@ void pw_compressor_destroy(pw_compressor *z)
     if (!z) return;
     free(z->s);
     free(z->ar);
+    free(z->off);
     free(z->state);
     free(z->mine);
     free(z->all);
@@ -660,6 +662,52 @@ static pw_status powersgd(pw_compressor *z, const pw_coll *co, const pw_span *sp
     return PW_OK;
 }
 
+/* ------------------------------------------------ a parameter server */
+
+int64_t pw_compress_span_bytes(const pw_compress_config *cc, int64_t n)
+{
+    if (!cc || n <= 0) return 0;
+    switch (cc->kind) {
+    case PW_COMPRESS_BF16:
+    case PW_COMPRESS_FP16: return 2 * n;
+    case PW_COMPRESS_TOPK: { /* pw_compressor_create's k */
+        int64_t k = (int64_t)ceil(cc->ratio * (double)n);
+        if (k < 1) k = 1;
+        if (k > n) k = n;
+        return 8 * k;
+    }
+    default: return 0;
+    }
+}
+
+pw_status pw_compress_decode_span(const pw_compress_config *cc, int64_t n, const void *payload, int64_t bytes,
+                                  float *out)
+{
+    const int64_t want = pw_compress_span_bytes(cc, n);
+    if (n > 0 && (want == 0 || bytes != want))
+        return pw_error(PW_ERR_SHAPE, "compressed push: %lld bytes for a span of %lld floats (expected %lld)",
+                        (long long)bytes, (long long)n, (long long)want);
+    const unsigned char *p = payload;
+    if (cc->kind == PW_COMPRESS_TOPK) { /* decode()'s, for one span */
+        memset(out, 0, (size_t)n * sizeof(float));
+        for (int64_t e = 0; e < want / 8; e++) {
+            uint32_t idx;
+            float v;
+            memcpy(&idx, p + 8 * e, 4);
+            memcpy(&v, p + 8 * e + 4, 4);
+            if (idx < (uint64_t)n) out[idx] = v;
+        }
+        return PW_OK;
+    }
+    const int bf = cc->kind == PW_COMPRESS_BF16;
+    for (int64_t x = 0; x < n; x++) {
+        uint16_t h;
+        memcpy(&h, p + 2 * x, 2);
+        out[x] = bf ? dec_bf16(h) : dec_fp16(h);
+    }
+    return PW_OK;
+}
+
 /* ---------------------------------------------------------------- entry */
 
 pw_status pw_compressor_allreduce(pw_compressor *z, const pw_coll *co, const pw_span *spans, int n_spans,
@@ -673,7 +721,21 @@ pw_status pw_compressor_allreduce(pw_compressor *z, const pw_coll *co, const pw_
             return pw_error(PW_ERR_SHAPE, "compressed all-reduce: span %d has %lld floats, the compressor was "
                             "made for %lld", i, (long long)spans[i].n, (long long)z->s[i].n);
     int64_t wire = 0;
-    if (z->cfg.kind == PW_COMPRESS_POWERSGD) {
+    if (co->vt->push_bytes && z->cfg.kind == PW_COMPRESS_POWERSGD)
+        return pw_error(PW_ERR_UNSUPPORTED, "compressed push (%s): PowerSGD sums twice across the members with an "
+                        "orthogonalisation between; it has no push to a server", co->vt->name);
+    if (co->vt->push_bytes) {
+        /* A parameter server's push: encode (top-k's residual as always), send, no sum here. */
+        PW_CHECK(scratch(z, 1));
+        if (!z->off && !(z->off = malloc(((size_t)n_spans + 1) * sizeof *z->off)))
+            return pw_error(PW_ERR_NOMEM, "compressor: out of memory");
+        z->off[0] = 0;
+        for (int i = 0; i < n_spans; i++) z->off[i + 1] = z->off[i] + pw_compress_span_bytes(&z->cfg, z->s[i].n);
+        if (z->cfg.kind == PW_COMPRESS_TOPK) PW_CHECK(topk_encode(z, spans, n_spans));
+        else encode16(z, spans, n_spans);
+        PW_CHECK(co->vt->push_bytes(co->self, co->member, spans, n_spans, z->mine, z->off, abort));
+        wire = z->payload;
+    } else if (z->cfg.kind == PW_COMPRESS_POWERSGD) {
         int64_t unc = z->L;
         for (int i = 0; i < n_spans; i++)
             if (z->s[i].q) unc -= z->s[i].n;

@@ -55,6 +55,14 @@
  * the uncompressed tree does not hold: R replicas each compress their own
  * part.
  *
+ * A parameter server (the endpoint has push_bytes): the 16-bit and top-k
+ * modes encode as above (top-k's residual kept the same way) and push the
+ * payload instead of gathering it; the server decodes each member's spans
+ * (pw_compress_decode_span) and sums them in the tree order, which is the
+ * gathering all-reduce's sum. PowerSGD needs two sums with an
+ * orthogonalisation between them on every member: it does not push
+ * (PW_ERR_UNSUPPORTED).
+ *
  * Threads: a compressor is used by one thread at a time (its member's
  * communication thread); the group's members each have their own. Host
  * memory only (spans on a GPU are refused by the engine).
@@ -146,6 +154,17 @@ typedef struct pw_compress_bytes {
  * (the step fails; pw_compressor_reset before reuse). */
 pw_status pw_compressor_allreduce(pw_compressor *z, const pw_coll *co, const pw_span *spans, int n_spans,
                                   const atomic_int *abort, pw_compress_bytes *bytes);
+
+/* A parameter server's side of a push (pw_coll_i.push_bytes): the bytes one
+ * member's payload has for a span of n floats (bf16, fp16: 2n; topk: 8k,
+ * k as above; 0 for none and powersgd, which do not push), and that
+ * payload decoded into out[0 .. n) (top-k: zeros where nothing was sent),
+ * the same floats the gathering all-reduce decodes, so a server summing
+ * the members' decoded spans in the tree order gets its bytes.
+ * PW_ERR_SHAPE when `bytes` is not pw_compress_span_bytes(cc, n). */
+int64_t pw_compress_span_bytes(const pw_compress_config *cc, int64_t n);
+pw_status pw_compress_decode_span(const pw_compress_config *cc, int64_t n, const void *payload, int64_t bytes,
+                                  float *out);
 
 /* The state carried between steps, for checkpoints: its length in floats
  * (0 for bf16 and fp16), a copy out, a copy in (the same length), and back

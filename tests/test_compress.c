@@ -220,6 +220,124 @@ Test(compress, sixteen_bit_sum_is_the_tree_of_the_rounded, .timeout = TIMEOUT)
         }
 }
 
+/* ------------------------------------------ a parameter server's push */
+
+/* An endpoint with push_bytes (stages/train/ps.h's): it keeps the payload. */
+typedef struct pushed {
+    unsigned char buf[4096];
+    int64_t off[8];
+    int n_spans, calls;
+} pushed;
+
+static pw_status push_keep(void *self, int member, const pw_span *spans, int n_spans, const void *mine,
+                           const int64_t *off, const atomic_int *abort)
+{
+    (void)member, (void)spans, (void)abort;
+    pushed *p = self;
+    cr_assert(n_spans < 8 && off[n_spans] <= (int64_t)sizeof p->buf);
+    memcpy(p->off, off, ((size_t)n_spans + 1) * sizeof *off);
+    memcpy(p->buf, mine, (size_t)off[n_spans]);
+    p->n_spans = n_spans;
+    p->calls++;
+    return PW_OK;
+}
+
+static pw_status no_allreduce(void *self, int member, const pw_span *spans, int n_spans, const atomic_int *abort)
+{
+    (void)self, (void)member, (void)spans, (void)n_spans, (void)abort;
+    return pw_error(PW_ERR_INTERNAL, "a push endpoint does not all-reduce");
+}
+
+static pw_status no_gather(void *self, int member, double v, double *out, const atomic_int *abort)
+{
+    (void)self, (void)member, (void)v, (void)out, (void)abort;
+    return pw_error(PW_ERR_INTERNAL, "a push endpoint does not gather");
+}
+
+/* bf16, fp16 and top-k (with its error feedback over 3 steps): what a
+ * server gets by decoding each member's pushed spans and summing them in
+ * the tree order is, bit for bit, the gathering all-reduce's sum; the
+ * push leaves the spans as they are and reports the payload's bytes;
+ * PowerSGD refuses to push. */
+Test(compress, a_pushed_payload_decodes_to_the_gathered_sum, .timeout = TIMEOUT)
+{
+    const int64_t ns[] = {5, 0, 37, 1};
+    const int64_t L = 43;
+    const int n = 4, steps = 3; /* 4: the tree is not the left-to-right sum */
+    static const pw_coll_i push_i = {.name = "push", .allreduce = no_allreduce, .allgather_f64 = no_gather,
+                                     .push_bytes = push_keep};
+    for (int mode = 0; mode < 3; mode++) {
+        pw_compress_config cc = {.kind = mode == 0 ? PW_COMPRESS_BF16 : mode == 1 ? PW_COMPRESS_FP16 : PW_COMPRESS_TOPK,
+                                 .ratio = 0.2};
+        float *g = malloc(sizeof(float) * (size_t)(n * steps * L)), *out = malloc(sizeof(float) * (size_t)(n * steps * L));
+        uint32_t s = 7u + (uint32_t)mode;
+        for (int64_t i = 0; i < n * steps * L; i++) {
+            s = s * 1664525u + 1013904223u;
+            /* magnitudes 2^-12 .. 2^12: the members' sums round, so their order shows */
+            g[i] = ldexpf((float)(s >> 8) / 16777216.0f - 0.5f, (int)(s % 25u) - 12);
+        }
+        member ms[4];
+        run_group(&cc, n, ns, NULL, 4, steps, g, out, ms);
+        /* The same gradients pushed by fresh compressors, one per member. */
+        pw_compressor *z[4];
+        float buf[4][43], dec[4][43];
+        pw_span sp[4][4];
+        pushed got[4];
+        for (int k = 0; k < n; k++) {
+            int64_t at = 0;
+            for (int i = 0; i < 4; i++) sp[k][i] = (pw_span){buf[k] + at, ns[i]}, at += ns[i];
+            cr_assert_eq(pw_compressor_create(&cc, sp[k], NULL, 4, &z[k]), PW_OK, "%s", pw_last_error());
+        }
+        for (int st = 0; st < steps; st++) {
+            for (int k = 0; k < n; k++) {
+                memset(&got[k], 0, sizeof got[k]);
+                const float *gk = g + ((size_t)k * (size_t)steps + (size_t)st) * (size_t)L;
+                memcpy(buf[k], gk, sizeof buf[k]);
+                pw_coll c = {.vt = &push_i, .self = &got[k], .member = k, .n_members = n};
+                pw_compress_bytes by;
+                cr_assert_eq(pw_compressor_allreduce(z[k], &c, sp[k], 4, NULL, &by), PW_OK, "%s", pw_last_error());
+                cr_assert_eq(got[k].calls, 1);
+                cr_assert_eq(memcmp(buf[k], gk, sizeof buf[k]), 0, "the push changed the spans");
+                cr_assert_eq(by.wire, got[k].off[4]);
+                cr_assert_eq(by.wire, ms[0].by.wire);
+                int64_t at = 0;
+                for (int i = 0; i < 4; i++) {
+                    const int64_t b = got[k].off[i + 1] - got[k].off[i];
+                    cr_assert_eq(b, pw_compress_span_bytes(&cc, ns[i]));
+                    cr_assert_eq(pw_compress_decode_span(&cc, ns[i], got[k].buf + got[k].off[i], b, dec[k] + at), PW_OK,
+                                 "%s", pw_last_error());
+                    at += ns[i];
+                }
+            }
+            for (int w = 1; w < n; w *= 2) /* the server's tree */
+                for (int a = 0; a + w < n; a += 2 * w)
+                    for (int64_t x = 0; x < L; x++) dec[a][x] = dec[a][x] + dec[a + w][x];
+            for (int64_t x = 0; x < L; x++) {
+                const float want = out[(size_t)st * (size_t)L + (size_t)x]; /* member 0's gathered sum */
+                cr_assert_eq(memcmp(&dec[0][x], &want, sizeof want), 0, "mode %d step %d float %lld: %g, gathered %g",
+                             mode, st, (long long)x, dec[0][x], want);
+            }
+        }
+        float one = 1.0f;
+        cr_assert_eq(pw_compress_decode_span(&cc, 1, got[0].buf, 3, &one), PW_ERR_SHAPE, "a short payload is taken");
+        for (int k = 0; k < n; k++) pw_compressor_destroy(z[k]);
+        free_group(ms, n);
+        free(g);
+        free(out);
+    }
+    pw_compress_config pc = {.kind = PW_COMPRESS_POWERSGD, .rank = 1};
+    float m[16] = {0};
+    pw_span sp = {m, 16};
+    const int64_t rows = 4;
+    pw_compressor *z;
+    pushed got = {0};
+    pw_coll c = {.vt = &push_i, .self = &got, .member = 0, .n_members = 2};
+    cr_assert_eq(pw_compressor_create(&pc, &sp, &rows, 1, &z), PW_OK);
+    cr_assert_eq(pw_compressor_allreduce(z, &c, &sp, 1, NULL, NULL), PW_ERR_UNSUPPORTED);
+    cr_assert(strstr(pw_last_error(), "PowerSGD"), "%s", pw_last_error());
+    pw_compressor_destroy(z);
+}
+
 /* ---------------------------------------------------------------- top-k */
 
 Test(compress, topk_selects_the_largest_and_feeds_back_the_rest, .timeout = TIMEOUT)

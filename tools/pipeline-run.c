@@ -897,8 +897,8 @@ static int parse_args(int argc, char **argv, options *o)
                          : o->replicas < 2 ? "needs --replicas 2 or more"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
-                         : o->compress.kind != PW_COMPRESS_NONE ? "does not compress: --compress applies to the "
-                                                                  "all-reduce"
+                         : o->compress.kind == PW_COMPRESS_POWERSGD ? "does not push PowerSGD's factors: --compress "
+                                                                     "bf16, fp16 or topk:RATIO"
                          : o->device && strcmp(o->device, "cpu") ? "runs on the CPU only"
                          : NULL;
         if (no) return bad_usage("--sync ps %s", no);
@@ -2296,7 +2296,7 @@ static void print_progress(const run *r, int64_t i, int epoch_done, double *last
         return;
     char eta[32], norm[48] = "";
     fmt_time((double)(r->total - i - 1) * (double)o->batch / rate, eta, sizeof eta);
-    if (o->clip > 0 && pw_pipeline_grad_norm(r->t) >= 0) /* --sync ps: the server's, not known here */
+    if (o->clip > 0 && pw_pipeline_grad_norm(r->t) >= 0) /* --sync ps: the one the servers sent back */
         snprintf(norm, sizeof norm, "  grad norm %.3g", pw_pipeline_grad_norm(r->t));
     const int64_t n_epochs = (r->total + r->spe - 1) / r->spe;
     printf("%sepoch %lld/%lld  step %lld/%lld  loss %.4f%s  %.0f samples/s  bubble %.1f%%  "

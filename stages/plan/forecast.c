@@ -61,7 +61,12 @@ static double replica_sum_s(const pw_forecast_config *c, int b, int e, double la
     const int hosts = c->hosts > 0 ? c->hosts : c->replicas;
     if (c->ps_servers > 0) {
         const double inv_b = bw > 0 ? 1.0 / bw : 0.0;
-        t = bytes * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat;
+        /* The push (compressed with --compress: its payload's bytes), then the fp32 pull. */
+        const double push = numel && c->compress.kind != PW_COMPRESS_NONE
+                                ? (double)pw_compress_model(&c->compress, numel, rows, n, c->replicas, hosts, &l,
+                                                            PW_ALLREDUCE_TREE).wire_bytes
+                                : bytes;
+        t = push * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat;
     } else if (!numel) { /* out of memory: the plain ring of the same bytes */
         t = pw_sim_ring_allreduce((int64_t)bytes, c->replicas, lat, bw);
     } else if (c->allreduce_algo != PW_ALLREDUCE_AUTO) {

@@ -149,7 +149,9 @@ typedef struct pw_forecast_config {
      * instead (--sync ps): per step a worker's link carries its gradients
      * out and a server's link the parameters of its shard to each of the R
      * workers, G/B + R·G/(K·B) + 2 latencies for a chunk of G bytes (the
-     * servers' own update and the workers' waits are not in it). */
+     * servers' own update and the workers' waits are not in it); with
+     * `compress` the push is its payload's bytes (pw_compress_model's
+     * wire_bytes), the pull stays fp32. */
     int ps_servers;
     /* Tensor parallelism: T ranks per stage (0 or 1: none). `graph` is then
      * one rank's graph (pw_graph_tp_rank(full, T, T - 1, ...): the last rank

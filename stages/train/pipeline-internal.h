@@ -83,7 +83,8 @@ struct pw_pipeline {
     int V, C;                 /* chunks per rank; chunks C = S·V (graph cut into C) */
     int post_optim;           /* 1: parameters tied across chunks; the pipeline runs the
                                  optimizer after the engine's step (see finish_step) */
-    double grad_norm;         /* post_optim with clipping: last norm before clipping */
+    double grad_norm;         /* post_optim with clipping: last norm before clipping; --sync ps:
+                                 the servers' (sent with each version, -1 without clipping) */
     pw_schedule_config sc;    /* the generated schedule's config (kind CUSTOM for CSV) */
     int n_buckets;            /* the schedule's */
     int64_t micro;            /* samples per micro-batch */

@@ -736,7 +736,8 @@ pw_engine *pw_pipeline_engine(pw_pipeline *pl) { return pl->engine; }
 double pw_pipeline_last_bubble(const pw_pipeline *pl) { return pl->last_bubble; }
 double pw_pipeline_grad_norm(const pw_pipeline *pl)
 {
-    return pl->post_optim ? pl->grad_norm : pw_engine_grad_norm(pl->engine);
+    /* --sync ps: the norm the servers sent back with the parameters */
+    return pl->post_optim || pl->ps ? pl->grad_norm : pw_engine_grad_norm(pl->engine);
 }
 int pw_pipeline_n_chunks(const pw_pipeline *pl) { return pl->C; }
 int pw_pipeline_chunks_per_rank(const pw_pipeline *pl) { return pl->V; }

@@ -6,17 +6,27 @@
  *                            of the hello), HELLO (int64 n, staleness, the
  *                            step the run starts from, optimizer state
  *                            floats per element sf, --clip-grad-norm as a
- *                            double; n x {int64 graph param, numel, chunk,
- *                            index in the worker's list},
+ *                            double, tied across chunks, --compress's kind
+ *                            and ratio (a double); n x {int64 graph param,
+ *                            numel, chunk, index in the worker's list, uses
+ *                            in its program, the first use's index among
+ *                            the process's uses of the parameter},
  *                            in the worker's order (chunks, pieces,
  *                            parameters: grad_sumsq's); the pipeline's pw_optim_config
  *                            in OPTIM_BYTES; the n parameters' values; then
  *                            their optimizer state, sf x numel each);
- *   worker -> server, each step and parameter: the gradient, tag = the graph
- *                            parameter's index; with staleness > 0 first
- *                            (same tag) the version it was computed on
- *                            (int64), so the server knows its staleness;
- *   server -> worker, each step and parameter: the new values, same tag;
+ *   worker -> server, each step and use of a parameter: the use's gradient
+ *                            (fp32, or with --compress bf16/fp16/topk its
+ *                            compressed payload), tag = ps_tag(use): the
+ *                            graph parameter's index for its first use in
+ *                            the process (so every untied parameter's);
+ *                            with staleness > 0 first (same tag) the
+ *                            version it was computed on (int64), so the
+ *                            server knows its staleness;
+ *   server -> worker, each step and copy of a parameter: the new values and
+ *                            the step's gradient norm (a double; -1 without
+ *                            --clip-grad-norm), under the copy's first use's
+ *                            tag;
  *   worker of replica 0 -> server, at a checkpoint: STATE_REQ (int64: the
  *                            step); server -> worker, once it holds that
  *                            version: STATE (the optimizer state of the
@@ -41,11 +51,23 @@
 #define TAG_BYE(np) ((np) + 2)
 #define TAG_STATE_REQ(np) ((np) + 3) /* worker -> server: int64 step */
 #define TAG_STATE(np) ((np) + 4)     /* server -> worker: the optimizer state */
-#define HELLO_HEAD 5                 /* int64 n, staleness, start step, state floats per element,
-                                        --clip-grad-norm (a double's bits) */
-#define PAIR 4                       /* per parameter: int64 graph param, numel, chunk, its index in
-                                        the worker's order (chunks, pieces, parameters) */
+#define HELLO_HEAD 8                 /* int64 n, staleness, start step, state floats per element,
+                                        --clip-grad-norm (a double's bits), tied across chunks,
+                                        --compress's kind and top-k ratio (a double's bits) */
+#define PAIR 6                       /* per parameter: int64 graph param, numel, chunk, its index in
+                                        the worker's order (chunks, pieces, parameters), its uses in
+                                        the program, the first use's index in this process */
+#define MAX_USES 16                  /* uses of one parameter in one program (gs_grad_bucket's) */
+#define NORM_FLOATS 2                /* each version ends with a double: the step's gradient norm
+                                        (--clip-grad-norm; -1 without) */
 #define OPTIM_BYTES ((sizeof(pw_optim_config) + 7) / 8 * 8)
+
+/* The tag of use `lu` of graph parameter gp in one process (its uses
+ * counted over its chunks, pieces and each program's uses in order): use 0
+ * keeps the parameter's index, so an untied parameter's messages are as
+ * they were; the others come after the control tags. A copy's values
+ * travel under its first use's tag. */
+static int ps_tag(int np, int gp, int lu) { return lu == 0 ? gp : np + 9 + (lu - 1) * np + gp; }
 
 void pw_ps_assign(const pw_graph *g, int K, int *out)
 {
@@ -137,15 +159,18 @@ typedef struct ps_param {
     pw_program *prog;
     int idx;                  /* its index in prog */
     int64_t numel;
-    float *grad;              /* the gradient pushed (the parameter's only use) */
-    float *slot;              /* [slots][numel]: versions being received */
+    int n_uses, lu0;          /* its uses in the program; the first's index among this process's
+                                 uses of gp (ps_tag) */
+    float *use[MAX_USES];     /* each use's gradient, pushed as it is (a tied parameter's uses are
+                                 summed by the server, in pipeline_ties.c's order) */
+    float *slot;              /* [slots][numel + NORM_FLOATS]: versions being received */
     pw_treq *rreq;            /* [slots] */
     int64_t posted;           /* versions 1 .. posted have a receive posted */
     int64_t have;             /* the newest version received */
     int64_t applied;          /* the version in the program */
-    pw_treq sreq;             /* the gradient send in flight */
-    int64_t read;             /* with staleness: the version the pushed gradient was computed on */
-    pw_treq vreq;             /* its send */
+    pw_treq sreq[MAX_USES];   /* the gradient sends in flight */
+    int64_t read;             /* with staleness: the version the pushed gradients were computed on */
+    pw_treq vreq[MAX_USES];   /* its sends, one ahead of each use's gradient */
 } ps_param;
 
 typedef struct ps_bucket {
@@ -164,6 +189,7 @@ struct pl_ps {
     int *chunk_first;         /* [C + 1] parameters of chunk c: par[chunk_first[c] .. chunk_first[c+1]) */
     ps_bucket *bk;
     int n_bk;
+    int tied;                 /* parameters tied across chunks (the all-reduce run's finish_step) */
     int ready;                /* the pipeline is built (pl_ps_start) */
     int hello_sent;           /* the servers have this process's parameters (pl_ps_begin) */
 };
@@ -190,40 +216,73 @@ static pw_status ps_progress(pl_ps *ps)
  * thread: send each parameter's gradient to its server and post the receive
  * of the version it will compute. The gradients stay as they are (the
  * worker does not step); the pull replaces the parameters at OPTIM. */
+static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const unsigned char *mine,
+                         const int64_t *off, const atomic_int *abort);
+
 static pw_status ps_push(void *self, int member, const pw_span *spans, int n_spans, const atomic_int *abort)
 {
     (void)member;
-    pl_ps *ps = self;
+    return ps_send(self, spans, n_spans, NULL, NULL, abort);
+}
+
+/* --compress (bf16, fp16, top-k): the compressor has encoded the bucket;
+ * each use's payload goes where its gradient would (span j of the bucket is
+ * use j in the order of the bucket's parameters and their uses). */
+static pw_status ps_push_bytes(void *self, int member, const pw_span *spans, int n_spans, const void *mine,
+                               const int64_t *off, const atomic_int *abort)
+{
+    (void)member;
+    return ps_send(self, spans, n_spans, mine, off, abort);
+}
+
+/* The push of a bucket: fp32 gradients (mine NULL) or their compressed
+ * payloads. */
+static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const unsigned char *mine,
+                         const int64_t *off, const atomic_int *abort)
+{
     const pw_transport *t = &ps->t;
     if (n_spans < 1) return PW_OK;
     const ps_bucket *b = NULL;
     for (int i = 0; i < ps->n_bk && !b; i++)
         if (ps->bk[i].key == spans[0].data) b = &ps->bk[i];
     if (!b) return pw_error(PW_ERR_INTERNAL, "parameter server: a gradient bucket the pipeline does not know");
+    const int np = ps->pl->g->n_params;
+    int j = 0; /* the span (use) of the bucket */
     for (int i = b->first; i < b->first + b->n; i++) {
         ps_param *p = &ps->par[i];
         const int64_t v = ++p->posted;
         const int s = (int)(v % ps->slots);
-        PW_CHECK(t->vt->ps_irecv(t->self, p->server, p->gp, p->slot + (size_t)s * (size_t)p->numel,
-                                 (size_t)p->numel * sizeof(float), &p->rreq[s]));
+        PW_CHECK(t->vt->ps_irecv(t->self, p->server, ps_tag(np, p->gp, p->lu0),
+                                 p->slot + (size_t)s * (size_t)(p->numel + NORM_FLOATS),
+                                 (size_t)(p->numel + NORM_FLOATS) * sizeof(float), &p->rreq[s]));
         /* The version this step's forward and backward used (the pull
-         * comes after the push), ahead of the gradient on the same tag. */
+         * comes after the push), ahead of each use's gradient on its tag. */
         p->read = p->applied;
-        if (ps->stale) PW_CHECK(t->vt->ps_isend(t->self, p->server, p->gp, &p->read, sizeof p->read, &p->vreq));
-        PW_CHECK(t->vt->ps_isend(t->self, p->server, p->gp, p->grad, (size_t)p->numel * sizeof(float), &p->sreq));
+        for (int u = 0; u < p->n_uses; u++, j++) {
+            if (j >= n_spans || spans[j].data != p->use[u])
+                return pw_error(PW_ERR_INTERNAL, "parameter server: bucket span %d is not the use of %s expected", j,
+                                ps->pl->g->params[p->gp].name);
+            const void *src = mine ? (const void *)(mine + off[j]) : (const void *)p->use[u];
+            const size_t len = mine ? (size_t)(off[j + 1] - off[j]) : (size_t)p->numel * sizeof(float);
+            const int tag = ps_tag(np, p->gp, p->lu0 + u);
+            if (ps->stale) PW_CHECK(t->vt->ps_isend(t->self, p->server, tag, &p->read, sizeof p->read, &p->vreq[u]));
+            PW_CHECK(t->vt->ps_isend(t->self, p->server, tag, src, len, &p->sreq[u]));
+        }
     }
     /* The sends complete once the servers take them (small ones at once);
      * the version's first (a slow link posts a held send when tested, so
      * this keeps the two in order). */
     for (int i = b->first; i < b->first + b->n; i++) {
         ps_param *p = &ps->par[i];
-        for (int spin = 0, j = ps->stale ? 0 : 1; j < 2; spin++) {
-            const int rc = t->vt->test(t->self, j == 0 ? &p->vreq : &p->sreq);
+        /* per use: its version (with staleness), then its gradient */
+        for (int u = 0, v = ps->stale ? 0 : 1, spin = 0; u < p->n_uses; spin++) {
+            const int rc = t->vt->test(t->self, v == 0 ? &p->vreq[u] : &p->sreq[u]);
             if (rc < 0)
                 return pw_error(PW_ERR_IO, "pushing the gradient of %s: %s", ps->pl->g->params[p->gp].name,
                                 pw_last_error());
             if (rc == 1) {
-                j++;
+                if (v == 0) v = 1;
+                else u++, v = ps->stale ? 0 : 1;
                 continue;
             }
             if (abort && atomic_load_explicit(abort, memory_order_relaxed))
@@ -242,7 +301,8 @@ static pw_status ps_no_gather(void *self, int member, double v, double *out, con
     return pw_error(PW_ERR_UNSUPPORTED, "parameter server: no gradient norm across replicas");
 }
 
-static const pw_coll_i ps_coll_i = {.name = "ps-push", .allreduce = ps_push, .allgather_f64 = ps_no_gather};
+static const pw_coll_i ps_coll_i = {.name = "ps-push", .allreduce = ps_push, .allgather_f64 = ps_no_gather,
+                                    .push_bytes = ps_push_bytes};
 
 /* OPTIM of a chunk: every parameter at version step − staleness or newer
  * (the newest received), then the gradients cleared for the next step. */
@@ -278,10 +338,11 @@ static pw_status ps_pull(void *self, long step)
             return pw_error(PW_ERR_INTERNAL, "parameter server: %s: version %lld needed, only %lld pushed",
                             pl->g->params[p->gp].name, (long long)need, (long long)p->posted);
         if (p->have > p->applied) {
-            const float *src = p->slot + (size_t)(p->have % ps->slots) * (size_t)p->numel;
+            const float *src = p->slot + (size_t)(p->have % ps->slots) * (size_t)(p->numel + NORM_FLOATS);
             PW_CHECK(pw_program_param_write(p->prog, p->idx, PW_PARAM_DATA, src));
             p->applied = p->have;
             bytes += p->numel * (int64_t)sizeof(float);
+            memcpy(&pl->grad_norm, src + p->numel, sizeof(double)); /* the server's norm of that step */
         }
         if (p->applied < oldest) oldest = p->applied, server = p->server;
     }
@@ -337,6 +398,9 @@ static pw_status ps_hello(pl_ps *ps)
         h[2] = start;
         h[3] = sf;
         memcpy(&h[4], &ps->pl->cfg.clip_grad_norm, sizeof(double));
+        h[5] = ps->tied;
+        h[6] = ps->pl->cfg.compress.kind;
+        memcpy(&h[7], &ps->pl->cfg.compress.ratio, sizeof(double));
         pw_status st = PW_OK;
         for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
             const ps_param *p = &ps->par[i];
@@ -345,6 +409,8 @@ static pw_status ps_hello(pl_ps *ps)
             pair[PAIR * m + 1] = p->numel;
             pair[PAIR * m + 2] = p->chunk;
             pair[PAIR * m + 3] = i;
+            pair[PAIR * m + 4] = p->n_uses;
+            pair[PAIR * m + 5] = p->lu0;
             m++;
             st = pw_program_param_read(p->prog, p->idx, PW_PARAM_DATA, 0, v);
             v += p->numel;
@@ -434,16 +500,46 @@ pw_status pl_ps_create(pw_pipeline *pl)
     if (c->clip_grad_norm > 0 && K > g->n_params)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm with %d servers for %d parameters: "
                         "every server must hold one (the norm's messages go with the updates)", K, g->n_params);
-    if (pl->post_optim)
-        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: graph '%s' ties parameters across stages; "
-                        "not supported with --sync ps yet", g->name);
-    if (g->n_params + 9 > t->max_tag)
-        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters need more message tags than "
-                        "MPI's %d", g->n_params, t->max_tag);
+    if (c->compress.kind == PW_COMPRESS_POWERSGD)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --compress powersgd does not push (its two sums "
+                        "need an orthogonalisation on every replica between them; docs/distributed.md, "
+                        "\"Parameter server\"): use bf16, fp16 or topk");
+    /* The uses of each parameter in this process (ps_tag), for the tags. */
+    int *lu = calloc((size_t)(g->n_params > 0 ? g->n_params : 1), sizeof *lu);
+    if (!lu) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    int most = 1;
+    for (int ch = 0; ch < pl->C; ch++) {
+        if (!stage_here(pl, ch)) continue;
+        const gstage *gs = stage_at(pl, 0, ch);
+        for (int j = 0; j < gs->n_pieces; j++)
+            for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
+                pw_program_param pp;
+                float *uses[MAX_USES];
+                pw_program_param_at(gs->piece[j], i, &pp);
+                const int nu = pw_program_param_uses(gs->piece[j], i, uses, MAX_USES);
+                lu[pp.graph_param] += nu > 0 ? nu : 1;
+                if (lu[pp.graph_param] > most) most = lu[pp.graph_param];
+            }
+    }
+    memset(lu, 0, (size_t)g->n_params * sizeof *lu);
+    if ((int64_t)g->n_params * most + 9 > t->max_tag) {
+        free(lu);
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters (one used %d times here) need more "
+                        "message tags than MPI's %d", g->n_params, most, t->max_tag);
+    }
     pl_ps *ps = calloc(1, sizeof *ps);
-    if (!ps) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    if (!ps) {
+        free(lu);
+        return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    }
     pl->ps = ps;
     ps->pl = pl;
+    /* Tied parameters: the workers push every use's gradient and never
+     * step, the servers sum the uses in the all-reduce run's order (its
+     * finish_step's: pipeline_ties.c) and send every copy the same values,
+     * so the pipeline runs no step of its own after the engine's. */
+    ps->tied = pl->post_optim;
+    pl->post_optim = 0;
     ps->K = K;
     ps->stale = c->ps_staleness;
     ps->slots = c->ps_staleness + 1;
@@ -462,8 +558,10 @@ pw_status pl_ps_create(pw_pipeline *pl)
     }
     ps->par = calloc((size_t)(n > 0 ? n : 1), sizeof *ps->par);
     ps->bk = calloc((size_t)(nb > 0 ? nb : 1), sizeof *ps->bk);
-    if (!ps->server_of || !ps->chunk_first || !ps->par || !ps->bk)
+    if (!ps->server_of || !ps->chunk_first || !ps->par || !ps->bk) {
+        free(lu);
         return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+    }
     pw_ps_assign(g, K, ps->server_of);
     const int W = t->n_ranks * t->n_replicas;
     for (int ch = 0; ch < pl->C; ch++) {
@@ -480,25 +578,32 @@ pw_status pl_ps_create(pw_pipeline *pl)
             for (int i = 0; i < np; i++) {
                 pw_program_param pp;
                 pw_program_param_at(pr, i, &pp);
-                float *uses[2];
-                if (pw_program_param_uses(pr, i, uses, 2) != 1)
-                    return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %s is used twice in one stage "
-                                    "(tied); not supported with --sync ps yet", pp.name);
-                if (i == 0) b->key = uses[0];
                 ps_param *p = &ps->par[ps->n_par++];
+                p->n_uses = pw_program_param_uses(pr, i, p->use, MAX_USES);
+                if (p->n_uses < 1 || p->n_uses > MAX_USES) {
+                    free(lu);
+                    return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %s has %d uses in one stage (at "
+                                    "most %d)", pp.name, p->n_uses, MAX_USES);
+                }
+                if (i == 0) b->key = p->use[0];
+                p->lu0 = lu[pp.graph_param];
+                lu[pp.graph_param] += p->n_uses;
                 p->gp = pp.graph_param;
                 p->chunk = ch;
                 p->server = W + ps->server_of[p->gp];
                 p->prog = pr;
                 p->idx = i;
                 p->numel = pp.numel;
-                p->grad = uses[0];
-                p->slot = malloc((size_t)ps->slots * (size_t)pp.numel * sizeof(float) + 1);
+                p->slot = malloc((size_t)ps->slots * (size_t)(pp.numel + NORM_FLOATS) * sizeof(float));
                 p->rreq = calloc((size_t)ps->slots, sizeof *p->rreq);
-                if (!p->slot || !p->rreq) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+                if (!p->slot || !p->rreq) {
+                    free(lu);
+                    return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+                }
             }
         }
     }
+    free(lu);
     ps->chunk_first[pl->C] = ps->n_par;
     return PW_OK;
 }
@@ -553,7 +658,8 @@ pw_status pl_ps_settle(pw_pipeline *pl)
         }
         if (p->have > p->applied) {
             PW_CHECK(pw_program_param_write(p->prog, p->idx, PW_PARAM_DATA,
-                                            p->slot + (size_t)(p->have % ps->slots) * (size_t)p->numel));
+                                            p->slot + (size_t)(p->have % ps->slots) *
+                                                          (size_t)(p->numel + NORM_FLOATS)));
             p->applied = p->have;
         }
     }
@@ -595,23 +701,42 @@ void pl_ps_destroy(pw_pipeline *pl)
 
 /* ================================================================ servers */
 
+/* Where a use's gradient comes from, or a copy's values go: replica k's
+ * process w, under tag; chunk and key order them (a use: its index in the
+ * program; a copy: its place in the worker's hello). */
+typedef struct srv_link {
+    int k, w, tag, chunk, key;
+} srv_link;
+
 /* One parameter on its server. With staleness s the gradients of s + 1
  * consecutive steps may be in flight from a replica; step v's go to ring
  * slot v mod (s + 1), whose receives are posted as soon as the slot's
  * previous step has been applied. */
+
 typedef struct srv_param {
     int gp, decay;
     int64_t numel;
-    int *holder;              /* [R] world rank of the replica's process holding it */
+    /* A tied parameter has U uses and C copies (programs holding it) in
+     * each replica (1 and 1 untied); replica k's are at [k·U, k·U + U) in
+     * the order the uses are summed (pipeline_ties.c's: chunks last to
+     * first, each program's uses in order) and at [k·C, k·C + C). */
+    int U, C;
+    srv_link *use, *copy;
+    int n_use, n_copy;
+    int *holder;              /* [R] world rank of the replica's process holding its first copy */
     float *data, *state;
-    float *grads;             /* [slots][R][numel] */
-    pw_treq *rreq;            /* [slots][R] */
-    unsigned char *got;       /* [slots][R] that step's gradient arrived (1; 2: its version only) */
-    int64_t *read;            /* [slots][R] with staleness: the version each gradient was computed on */
-    pw_treq *vreq;            /* [slots][R] their receives */
+    int init;                 /* data and state hold replica 0's values (its first copy's) */
+    float *grads;             /* [slots][U][R][numel] */
+    int64_t cb;               /* --compress: bytes of one push's payload (0: fp32) */
+    unsigned char *cbuf;      /* --compress: [slots][U][R][cb] the payloads, decoded into grads */
+    pw_treq *rreq;            /* [slots][U][R] */
+    unsigned char *got;       /* [slots][U][R] that step's gradient arrived (1; 2: its version only) */
+    int64_t *read;            /* [slots][U][R] with staleness: the version each gradient was computed on */
+    pw_treq *vreq;            /* [slots][U][R] their receives */
     int *n_got;               /* [slots] */
-    float *sbuf;              /* [slots][numel] the versions being sent (v in slot v mod slots) */
-    pw_treq *sreq;            /* [slots][R] their sends */
+    float *sbuf;              /* [slots][numel + NORM_FLOATS] the versions being sent (v in slot v mod
+                                 slots), each followed by the step's gradient norm */
+    pw_treq *sreq;            /* [slots][R][C] their sends */
     unsigned char *sending;   /* [slots] */
     int64_t step;             /* updates done: the version the server holds */
     int rank, chunk, seq;     /* replica 0's holder's pipeline rank, the chunk, its place in that
@@ -628,6 +753,8 @@ typedef struct server {
     int R, W, np, stale, slots, sf;
     int64_t start;            /* the step the run starts from (a resumed run's checkpoint) */
     double clip;              /* --clip-grad-norm (0: none): then every parameter steps together */
+    int tied;                 /* parameters tied across chunks: the norm in pl_sumsq_across's order */
+    pw_compress_config cc;    /* --compress (world rank 0's): the pushes' payloads */
     srv_norm *norm;           /* with clip: the global norm's order and messages */
     pw_ps_server_stats stats; /* the staleness of the gradients applied */
     srv_param *par;
@@ -640,9 +767,12 @@ static void srv_free(server *s)
     for (int i = 0; s->par && i < s->n_par; i++) {
         srv_param *p = &s->par[i];
         free(p->holder);
+        free(p->use);
+        free(p->copy);
         free(p->data);
         free(p->state);
         free(p->grads);
+        free(p->cbuf);
         free(p->rreq);
         free(p->sreq);
         free(p->got);
@@ -665,20 +795,43 @@ static pw_status srv_alloc(server *s, int stale)
     const size_t R = (size_t)s->R, sl = (size_t)s->slots;
     for (int i = 0; i < s->n_par; i++) {
         srv_param *p = &s->par[i];
-        p->grads = malloc(sl * R * (size_t)p->numel * sizeof(float) + 1);
-        p->rreq = calloc(sl * R, sizeof *p->rreq);
-        p->got = calloc(sl * R, 1);
+        const size_t U = (size_t)p->U, C = (size_t)p->C;
+        p->grads = malloc(sl * U * R * (size_t)p->numel * sizeof(float) + 1);
+        p->cb = pw_compress_span_bytes(&s->cc, p->numel);
+        if (p->cb > 0 && !(p->cbuf = malloc(sl * U * R * (size_t)p->cb)))
+            return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        p->rreq = calloc(sl * U * R, sizeof *p->rreq);
+        p->got = calloc(sl * U * R, 1);
         p->n_got = calloc(sl, sizeof *p->n_got);
-        p->sbuf = malloc(sl * (size_t)p->numel * sizeof(float) + 1);
-        p->sreq = calloc(sl * R, sizeof *p->sreq);
+        p->sbuf = malloc(sl * (size_t)(p->numel + NORM_FLOATS) * sizeof(float));
+        p->sreq = calloc(sl * R * C, sizeof *p->sreq);
         p->sending = calloc(sl, 1);
-        p->read = calloc(sl * R, sizeof *p->read);
-        p->vreq = calloc(sl * R, sizeof *p->vreq);
+        p->read = calloc(sl * U * R, sizeof *p->read);
+        p->vreq = calloc(sl * U * R, sizeof *p->vreq);
         if (!p->grads || !p->rreq || !p->got || !p->n_got || !p->sbuf || !p->sreq || !p->sending || !p->read ||
             !p->vreq)
             return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     }
     return PW_OK;
+}
+
+/* The uses by replica, then in the order they are summed (pipeline_ties.c:
+ * chunks last to first, each program's uses in order); the copies by
+ * replica, then chunk. */
+static int use_order(const void *a, const void *b)
+{
+    const srv_link *x = a, *y = b;
+    if (x->k != y->k) return x->k < y->k ? -1 : 1;
+    if (x->chunk != y->chunk) return x->chunk > y->chunk ? -1 : 1;
+    return (x->key > y->key) - (x->key < y->key);
+}
+
+static int copy_order(const void *a, const void *b)
+{
+    const srv_link *x = a, *y = b;
+    if (x->k != y->k) return x->k < y->k ? -1 : 1;
+    if (x->chunk != y->chunk) return x->chunk < y->chunk ? -1 : 1;
+    return (x->key > y->key) - (x->key < y->key);
 }
 
 /* Every worker's hello: which of this server's parameters it holds, and
@@ -711,14 +864,21 @@ static pw_status srv_hello(server *s)
         if (st == PW_OK && w == 0) {
             memcpy(&s->optim, pair + PAIR * n, sizeof s->optim);
             memcpy(&s->clip, &h[4], sizeof(double));
+            s->tied = h[5] != 0;
+            s->cc.kind = (pw_compress_kind)h[6];
+            memcpy(&s->cc.ratio, &h[7], sizeof(double));
             s->start = start;
             s->sf = (int)sf;
+            s->stale = (int)stale;
             st = stale < 0 || stale > 1000
                      ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent staleness %lld", (long long)stale)
                  : sf != pw_optim_state_floats(s->optim.kind)
                      ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent %lld state floats for %s",
                                 (long long)sf, pw_optim_name(s->optim.kind))
-                     : srv_alloc(s, (int)stale);
+                 : s->cc.kind < PW_COMPRESS_NONE || s->cc.kind >= PW_COMPRESS_POWERSGD ||
+                         (s->cc.kind == PW_COMPRESS_TOPK && !(s->cc.ratio > 0.0 && s->cc.ratio <= 1.0))
+                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent compression mode %d", (int)s->cc.kind)
+                     : PW_OK;
         }
         if (st == PW_OK && stale != s->stale)
             st = pw_error(PW_ERR_INVALID_ARG, "parameter server: MPI rank %d runs --staleness %lld, MPI rank 0 %d",
@@ -736,7 +896,12 @@ static pw_status srv_hello(server *s)
         const float *sv = v + floats;
         for (int64_t m = 0; m < n && st == PW_OK; m++) {
             const int64_t gp = pair[PAIR * m], numel = pair[PAIR * m + 1];
+            const int64_t nu = pair[PAIR * m + 4], lu0 = pair[PAIR * m + 5];
             const int i = gp >= 0 && gp < s->np ? s->index[gp] : -1;
+            if (nu < 1 || nu > MAX_USES || lu0 < 0 || lu0 > (int64_t)MAX_USES * s->W) {
+                st = pw_error(PW_ERR_IO, "parameter server: a malformed hello from MPI rank %d", w);
+                break;
+            }
             if (i < 0 || numel != s->par[i].numel) {
                 st = pw_error(PW_ERR_INVALID_ARG, "parameter server %d: MPI rank %d sent parameter %lld (%lld "
                               "floats), which this server does not hold in that size (do all processes run "
@@ -744,29 +909,53 @@ static pw_status srv_hello(server *s)
                 break;
             }
             srv_param *p = &s->par[i];
-            const int k = w / S;
-            if (p->holder[k] >= 0) {
-                st = pw_error(PW_ERR_UNSUPPORTED, "parameter server: %s is held by MPI ranks %d and %d of "
-                              "replica %d (tied across stages)", g->params[gp].name, p->holder[k], w, k);
+            const int k = w / S, chunk = (int)pair[PAIR * m + 2], seq = (int)pair[PAIR * m + 3];
+            srv_link *cp = realloc(p->copy, ((size_t)p->n_copy + 1) * sizeof *cp);
+            srv_link *us = cp ? realloc(p->use, ((size_t)p->n_use + (size_t)nu) * sizeof *us) : NULL;
+            if (cp) p->copy = cp;
+            if (us) p->use = us;
+            if (!cp || !us) {
+                st = pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
                 break;
             }
-            p->holder[k] = w;
+            p->copy[p->n_copy++] = (srv_link){k, w, ps_tag(s->np, (int)gp, (int)lu0), chunk, seq};
+            for (int u = 0; u < nu; u++)
+                p->use[p->n_use++] = (srv_link){k, w, ps_tag(s->np, (int)gp, (int)lu0 + u), chunk, u};
             p->step = s->start;
-            if (k == 0) p->rank = w % S, p->chunk = (int)pair[PAIR * m + 2], p->seq = (int)pair[PAIR * m + 3];
-            if (k == 0) memcpy(p->data, v, (size_t)numel * sizeof(float));
-            if (k == 0) memcpy(p->state, sv, (size_t)(numel * sf) * sizeof(float));
+            /* The norm counts a parameter once, at replica 0's first chunk holding it. */
+            if (k == 0 && (!p->init || chunk < p->chunk)) p->rank = w % S, p->chunk = chunk, p->seq = seq;
+            if (k == 0 && !p->init) {
+                memcpy(p->data, v, (size_t)numel * sizeof(float));
+                memcpy(p->state, sv, (size_t)(numel * sf) * sizeof(float));
+                p->init = 1;
+            }
             v += numel;
             sv += numel * sf;
         }
         free(msg);
         PW_CHECK(st);
     }
-    for (int i = 0; i < s->n_par; i++)
-        for (int k = 0; k < s->R; k++)
-            if (s->par[i].holder[k] < 0)
-                return pw_error(PW_ERR_INTERNAL, "parameter server %d: no process of replica %d holds %s",
-                                t->server, k, g->params[s->par[i].gp].name);
-    return PW_OK;
+    /* Every replica holds the same copies and uses (replica 0's layout). */
+    for (int i = 0; i < s->n_par; i++) {
+        srv_param *p = &s->par[i];
+        qsort(p->use, (size_t)p->n_use, sizeof *p->use, use_order);
+        qsort(p->copy, (size_t)p->n_copy, sizeof *p->copy, copy_order);
+        p->U = p->n_use / s->R;
+        p->C = p->n_copy / s->R;
+        int ok = p->U >= 1 && p->C >= 1 && p->U * s->R == p->n_use && p->C * s->R == p->n_copy;
+        for (int k = 0; k < s->R && ok; k++) {
+            for (int u = 0; u < p->U && ok; u++) {
+                const srv_link *a = &p->use[u], *b = &p->use[k * p->U + u];
+                ok = b->k == k && a->chunk == b->chunk && a->key == b->key;
+            }
+            for (int c = 0; c < p->C && ok; c++) ok = p->copy[k * p->C + c].k == k;
+            if (ok) p->holder[k] = p->copy[k * p->C].w;
+        }
+        if (!ok)
+            return pw_error(PW_ERR_INTERNAL, "parameter server %d: the replicas hold %s differently (%d copies and %d "
+                            "uses in all, %d replicas)", t->server, g->params[p->gp].name, p->n_copy, p->n_use, s->R);
+    }
+    return srv_alloc(s, s->stale);
 }
 
 /* The receives of step v's gradients (slot v mod slots). */
@@ -774,14 +963,20 @@ static pw_status srv_post(server *s, srv_param *p, int64_t v)
 {
     const pw_transport *t = s->t;
     const int sl = (int)(v % s->slots);
-    for (int k = 0; k < s->R; k++) {
-        const size_t at = (size_t)sl * (size_t)s->R + (size_t)k;
-        p->got[at] = 0;
-        if (s->stale) /* the version first: one tag, matched in order */
-            PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, &p->read[at], sizeof p->read[at], &p->vreq[at]));
-        PW_CHECK(t->vt->ps_irecv(t->self, p->holder[k], p->gp, p->grads + at * (size_t)p->numel,
-                                 (size_t)p->numel * sizeof(float), &p->rreq[at]));
-    }
+    for (int u = 0; u < p->U; u++)
+        for (int k = 0; k < s->R; k++) {
+            const size_t at = ((size_t)sl * (size_t)p->U + (size_t)u) * (size_t)s->R + (size_t)k;
+            const srv_link *l = &p->use[k * p->U + u];
+            p->got[at] = 0;
+            if (s->stale) /* the version first: one tag, matched in order */
+                PW_CHECK(t->vt->ps_irecv(t->self, l->w, l->tag, &p->read[at], sizeof p->read[at], &p->vreq[at]));
+            if (p->cb > 0)
+                PW_CHECK(t->vt->ps_irecv(t->self, l->w, l->tag, p->cbuf + at * (size_t)p->cb, (size_t)p->cb,
+                                         &p->rreq[at]));
+            else
+                PW_CHECK(t->vt->ps_irecv(t->self, l->w, l->tag, p->grads + at * (size_t)p->numel,
+                                         (size_t)p->numel * sizeof(float), &p->rreq[at]));
+        }
     p->n_got[sl] = 0;
     return PW_OK;
 }
@@ -791,11 +986,12 @@ static pw_status srv_post(server *s, srv_param *p, int64_t v)
 static int srv_slot_free(server *s, srv_param *p, int sl)
 {
     const pw_transport *t = s->t;
-    for (int k = 0; p->sending[sl] && k < s->R; k++) {
-        const int rc = t->vt->test(t->self, &p->sreq[(size_t)sl * (size_t)s->R + (size_t)k]);
+    const int RC = s->R * p->C;
+    for (int c = 0; p->sending[sl] && c < RC; c++) {
+        const int rc = t->vt->test(t->self, &p->sreq[(size_t)sl * (size_t)RC + (size_t)c]);
         if (rc < 0) {
             pw_error(PW_ERR_IO, "parameter server %d: sending %s to MPI rank %d: %s", t->server,
-                     s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
+                     s->cfg->graph->params[p->gp].name, p->copy[c].w, pw_last_error());
             return -1;
         }
         if (rc == 0) return 0;
@@ -805,30 +1001,49 @@ static int srv_slot_free(server *s, srv_param *p, int sl)
 }
 
 /* The R replicas' gradients of the parameter's next step (slot of step
- * p->step + 1), summed in the tree all-reduce's order into the first. */
+ * p->step + 1), each use's summed in the tree all-reduce's order into its
+ * first replica's, then (tied) the uses one after the other in the order
+ * the all-reduce run sums them (pipeline_ties.c, and a program's own fold).
+ * Returns the total (in the first use's buffer). */
 static float *srv_sum(server *s, srv_param *p)
 {
     const int R = s->R;
     const int64_t n = p->numel;
     const int sl = (int)((p->step + 1) % s->slots);
-    float *part[64];
-    for (int k = 0; k < R; k++) part[k] = p->grads + ((size_t)sl * (size_t)R + (size_t)k) * (size_t)n;
-    for (int w = 1; w < R; w *= 2)
-        for (int a = 0; a + w < R; a += 2 * w) {
-            float *restrict d = part[a];
-            const float *restrict q = part[a + w];
-            for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
+    float *acc = NULL;
+    for (int u = 0; u < p->U; u++) {
+        float *part[64];
+        for (int k = 0; k < R; k++) {
+            const size_t at = ((size_t)sl * (size_t)p->U + (size_t)u) * (size_t)R + (size_t)k;
+            part[k] = p->grads + at * (size_t)n;
+            /* --compress: the replica's payload decoded as the gathering all-reduce decodes it (the
+             * size was checked by the receive) */
+            if (p->cb > 0) pw_compress_decode_span(&s->cc, n, p->cbuf + at * (size_t)p->cb, p->cb, part[k]);
         }
-    return part[0];
+        for (int w = 1; w < R; w *= 2)
+            for (int a = 0; a + w < R; a += 2 * w) {
+                float *restrict d = part[a];
+                const float *restrict q = part[a + w];
+                for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
+            }
+        if (!acc) {
+            acc = part[0];
+            continue;
+        }
+        float *restrict d = acc;
+        const float *restrict q = part[0];
+        for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
+    }
+    return acc;
 }
 
 /* Steps the parameter with its summed gradient `g`, sends the new version
  * from a copy (a worker that takes it late holds nobody up), and posts the
  * receives of the step that takes over the slot. */
-static pw_status srv_apply(server *s, srv_param *p, const float *g)
+static pw_status srv_apply(server *s, srv_param *p, const float *g, double norm)
 {
     const pw_transport *t = s->t;
-    const int R = s->R;
+    const int RC = s->R * p->C;
     const int64_t n = p->numel, step = p->step + 1;
     const int sl = (int)(step % s->slots);
     for (int64_t i = 0; i < n; i++)
@@ -839,33 +1054,36 @@ static pw_status srv_apply(server *s, srv_param *p, const float *g)
      * learning rate of --staleness-lr; a factor of 1 leaves the bits. */
     pw_optim_config oc = s->optim;
     double f = 1.0;
-    for (int k = 0; k < R; k++) {
-        const int64_t tau = s->stale ? step - p->read[(size_t)sl * (size_t)R + (size_t)k] : 1;
+    const int UR = p->U * s->R; /* every use of every replica ([U][R]) */
+    for (int q = 0; q < UR; q++) {
+        const int64_t tau = s->stale ? step - p->read[(size_t)sl * (size_t)UR + (size_t)q] : 1;
         if (tau < 1 || tau > s->stale + 1)
             return pw_error(PW_ERR_INTERNAL, "parameter server %d: step %lld: MPI rank %d's gradient of %s was "
                             "computed on version %lld (staleness %lld; --staleness %d allows 1 to %d)", t->server,
-                            (long long)step, p->holder[k], s->cfg->graph->params[p->gp].name,
-                            (long long)(step - tau), (long long)tau, s->stale, s->stale + 1);
+                            (long long)step, p->use[(q % s->R) * p->U + q / s->R].w,
+                            s->cfg->graph->params[p->gp].name, (long long)(step - tau), (long long)tau, s->stale,
+                            s->stale + 1);
         s->stats.tau[tau < PW_PS_TAU_BINS ? tau - 1 : PW_PS_TAU_BINS - 1]++;
     }
-    if (s->stale) f = pw_ps_stale_lr_factor(s->cfg->staleness_lr, step, p->read + (size_t)sl * (size_t)R, R);
+    if (s->stale) f = pw_ps_stale_lr_factor(s->cfg->staleness_lr, step, p->read + (size_t)sl * (size_t)UR, UR);
     if (f != 1.0) oc.lr = (float)(oc.lr * f), oc.min_lr = (float)(oc.min_lr * f);
     s->stats.updates++;
     s->stats.lr_factor_sum += f;
     pw_optim_update(&oc, step, p->data, g, p->state, n, p->decay);
     p->step = step;
-    float *out = p->sbuf + (size_t)sl * (size_t)n;
+    float *out = p->sbuf + (size_t)sl * (size_t)(n + NORM_FLOATS);
     memcpy(out, p->data, (size_t)n * sizeof(float));
-    for (int k = 0; k < R; k++)
-        PW_CHECK(t->vt->ps_isend(t->self, p->holder[k], p->gp, out, (size_t)n * sizeof(float),
-                                 &p->sreq[(size_t)sl * (size_t)R + (size_t)k]));
+    memcpy(out + n, &norm, sizeof norm);
+    for (int c = 0; c < RC; c++) /* every copy of every replica: the copies stay equal */
+        PW_CHECK(t->vt->ps_isend(t->self, p->copy[c].w, p->copy[c].tag, out, (size_t)(n + NORM_FLOATS) * sizeof(float),
+                                 &p->sreq[(size_t)sl * (size_t)RC + (size_t)c]));
     p->sending[sl] = 1;
     return srv_post(s, p, step + s->slots);
 }
 
 /* All R gradients of the parameter's next step are here (and its send slot
  * is free): sum, step, send. */
-static pw_status srv_update(server *s, srv_param *p) { return srv_apply(s, p, srv_sum(s, p)); }
+static pw_status srv_update(server *s, srv_param *p) { return srv_apply(s, p, srv_sum(s, p), -1.0); }
 
 /* ---- --clip-grad-norm: the global norm over every server's parameters ----
  *
@@ -911,20 +1129,21 @@ typedef struct srv_norm {
     double coef_in[2];
 } srv_norm;
 
-/* x before y in the norm's order: rank, chunk, then the worker's order. */
-static int norm_before(const norm_ent *x, const norm_ent *y)
+/* x before y in the norm's order: rank, chunk, then the worker's order;
+ * tied (pl_sumsq_across's): chunk, then the worker's order. */
+static int norm_before(const norm_ent *x, const norm_ent *y, int tied)
 {
-    if (x->rank != y->rank) return x->rank < y->rank;
+    if (!tied && x->rank != y->rank) return x->rank < y->rank;
     if (x->chunk != y->chunk) return x->chunk < y->chunk;
     return x->seq < y->seq;
 }
 
-static void norm_sort(norm_ent *e, int n) /* insertion sort: a graph's parameters are few */
+static void norm_sort(norm_ent *e, int n, int tied) /* insertion sort: a graph's parameters are few */
 {
     for (int i = 1; i < n; i++) {
         const norm_ent v = e[i];
         int j = i;
-        while (j > 0 && norm_before(&v, &e[j - 1])) e[j] = e[j - 1], j--;
+        while (j > 0 && norm_before(&v, &e[j - 1], tied)) e[j] = e[j - 1], j--;
         e[j] = v;
     }
 }
@@ -968,7 +1187,7 @@ static pw_status srv_norm_setup(server *s)
         z->ent[z->n_ent++] = (norm_ent){.rank = p->rank, .chunk = p->chunk, .seq = p->seq, .numel = p->numel,
                                         .own = i};
     }
-    norm_sort(z->ent, z->n_ent);
+    norm_sort(z->ent, z->n_ent, s->tied);
     if (K == 1) return PW_OK;
     if (t->server > 0) {
         int64_t n = z->n_ent;
@@ -1032,14 +1251,24 @@ static pw_status srv_norm_setup(server *s)
         PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_GRAD(np), z->peer_buf[j], (size_t)floats * sizeof(float),
                                  &z->peer_req[j]));
     }
-    norm_sort(z->ent, z->n_ent);
+    norm_sort(z->ent, z->n_ent, s->tied);
     return PW_OK;
 }
 
-/* The squared global norm, in the engine's order. */
-static double norm_total(const srv_norm *z)
+/* The squared global norm, in the engine's order; tied, in the all-reduce
+ * run's finish_step's (pl_sumsq_across: one running sum, the chunks in
+ * order, each parameter at its first chunk). */
+static double norm_total(const srv_norm *z, int tied)
 {
     double total = 0.0, rank_s = 0.0, chunk_s = 0.0;
+    if (tied) {
+        for (int o = 0; o < z->n_ent; o++) {
+            const norm_ent *e = &z->ent[o];
+            const float *g = e->own >= 0 ? z->g[e->own] : e->fixed;
+            for (int64_t k = 0; k < e->numel; k++) total += (double)g[k] * (double)g[k];
+        }
+        return total;
+    }
     for (int o = 0; o < z->n_ent; o++) {
         const norm_ent *e = &z->ent[o];
         const float *g = e->own >= 0 ? z->g[e->own] : e->fixed;
@@ -1052,14 +1281,14 @@ static double norm_total(const srv_norm *z)
 }
 
 /* Every parameter here scaled by coef (when below 1, as apply_clip) and stepped. */
-static pw_status srv_clip_apply(server *s, double coef)
+static pw_status srv_clip_apply(server *s, double coef, double norm)
 {
     srv_norm *z = s->norm;
     if (coef < 1.0)
         for (int i = 0; i < s->n_par; i++)
             for (int64_t k = 0; k < s->par[i].numel; k++) z->g[i][k] *= (float)coef;
     pw_status st = PW_OK;
-    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_apply(s, &s->par[i], z->g[i]);
+    for (int i = 0; i < s->n_par && st == PW_OK; i++) st = srv_apply(s, &s->par[i], z->g[i], norm);
     return st;
 }
 
@@ -1076,7 +1305,7 @@ static pw_status srv_update_clipped(server *s, int *done)
         for (int i = 0; i < s->n_par; i++) {
             srv_param *p = &s->par[i];
             const int next = (int)((p->step + 1) % s->slots);
-            if (p->n_got[next] != s->R) return PW_OK;
+            if (p->n_got[next] != p->U * s->R) return PW_OK;
             const int free_ = srv_slot_free(s, p, next);
             if (free_ < 0) return PW_ERR_IO;
             if (free_ == 0) return PW_OK;
@@ -1105,7 +1334,7 @@ static pw_status srv_update_clipped(server *s, int *done)
         if (rc == 0) return PW_OK;
         z->phase = 0;
         *done = 1;
-        return srv_clip_apply(s, z->coef_in[0]);
+        return srv_clip_apply(s, z->coef_in[0], z->coef_in[1]);
     }
     for (int j = 1; j < K; j++) {
         if (z->peer_got[j]) continue;
@@ -1115,7 +1344,7 @@ static pw_status srv_update_clipped(server *s, int *done)
         if (rc == 0) return PW_OK;
         z->peer_got[j] = 1;
     }
-    const double norm = sqrt(norm_total(z)), coef = s->clip / (norm + 1e-6);
+    const double norm = sqrt(norm_total(z, s->tied)), coef = s->clip / (norm + 1e-6);
     for (int j = 1; j < K; j++) {
         /* The next step's gradients land where this step's were read. */
         PW_CHECK(t->vt->ps_irecv(t->self, W + j, TAG_NORM_GRAD(np), z->peer_buf[j],
@@ -1131,7 +1360,7 @@ static pw_status srv_update_clipped(server *s, int *done)
     }
     z->phase = 0;
     *done = 1;
-    return srv_clip_apply(s, coef);
+    return srv_clip_apply(s, coef, norm);
 }
 
 /* A checkpoint's request from worker w (replica 0's), for `step`: once
@@ -1153,13 +1382,15 @@ static pw_status srv_answer(server *s, int w, srv_ask *a, int *answered)
     int64_t floats = 0;
     for (int i = 0; i < s->n_par; i++) {
         const srv_param *p = &s->par[i];
-        if (p->holder[0] != w) continue;
+        int held = 0; /* its copies in w (replica 0's copies come first) */
+        for (int c = 0; c < p->C; c++) held += p->copy[c].w == w;
+        if (!held) continue;
         if (p->step < a->asked) return PW_OK; /* not yet */
         if (p->step > a->asked)
             return pw_error(PW_ERR_INTERNAL, "parameter server %d: MPI rank %d asked for the optimizer state of "
                             "step %lld, but %s is at version %lld already", t->server, w, (long long)a->asked,
                             s->cfg->graph->params[p->gp].name, (long long)p->step);
-        floats += p->numel * s->sf;
+        floats += p->numel * s->sf * held;
     }
     if (a->sending) PW_CHECK(ps_wait(t, &a->sreq, w, "a worker to take the optimizer state"));
     a->sending = 0;
@@ -1167,11 +1398,13 @@ static pw_status srv_answer(server *s, int w, srv_ask *a, int *answered)
     a->buf = malloc((size_t)floats * sizeof(float) + 1);
     if (!a->buf) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
     float *d = a->buf;
-    for (int i = 0; i < s->n_par; i++) {
+    for (int i = 0; i < s->n_par; i++) { /* each copy's (the worker's order: graph order) */
         const srv_param *p = &s->par[i];
-        if (p->holder[0] != w) continue;
-        memcpy(d, p->state, (size_t)(p->numel * s->sf) * sizeof(float));
-        d += p->numel * s->sf;
+        for (int c = 0; c < p->C; c++) {
+            if (p->copy[c].w != w) continue;
+            memcpy(d, p->state, (size_t)(p->numel * s->sf) * sizeof(float));
+            d += p->numel * s->sf;
+        }
     }
     PW_CHECK(t->vt->ps_isend(t->self, w, TAG_STATE(s->np), a->buf, (size_t)floats * sizeof(float), &a->sreq));
     a->sending = 1;
@@ -1211,28 +1444,30 @@ static pw_status srv_loop(server *s)
         for (int i = 0; i < s->n_par && st == PW_OK; i++) {
             srv_param *p = &s->par[i];
             /* Every posted slot: a fast replica's later gradients are taken as they come. */
+            const int UR = p->U * R;
             for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
-                for (int k = 0; k < R && st == PW_OK; k++) {
-                    const size_t at = (size_t)sl * (size_t)R + (size_t)k;
+                for (int q = 0; q < UR && st == PW_OK; q++) {
+                    const size_t at = (size_t)sl * (size_t)UR + (size_t)q;
                     if (p->got[at] == 1) continue;
                     if (s->stale && p->got[at] == 0) { /* its version travels first */
                         const int rv = t->vt->test(t->self, &p->vreq[at]);
                         if (rv < 0)
                             st = pw_error(PW_ERR_IO, "parameter server %d: the version of %s from MPI rank %d: %s",
-                                          t->server, s->cfg->graph->params[p->gp].name, p->holder[k],
-                                          pw_last_error());
+                                          t->server, s->cfg->graph->params[p->gp].name,
+                                          p->use[(q % R) * p->U + q / R].w, pw_last_error());
                         if (rv != 1) continue;
                         p->got[at] = 2;
                     }
                     const int rc = t->vt->test(t->self, &p->rreq[at]);
                     if (rc < 0)
                         st = pw_error(PW_ERR_IO, "parameter server %d: the gradient of %s from MPI rank %d: %s",
-                                      t->server, s->cfg->graph->params[p->gp].name, p->holder[k], pw_last_error());
+                                      t->server, s->cfg->graph->params[p->gp].name, p->use[(q % R) * p->U + q / R].w,
+                                      pw_last_error());
                     if (rc == 1) p->got[at] = 1, p->n_got[sl]++, moved = 1;
                 }
             for (; !s->clip;) {
                 const int next = (int)((p->step + 1) % s->slots);
-                if (st != PW_OK || p->n_got[next] != R) break;
+                if (st != PW_OK || p->n_got[next] != UR) break;
                 const int free_ = srv_slot_free(s, p, next);
                 if (free_ < 0) st = PW_ERR_IO;
                 if (free_ <= 0) break;
@@ -1289,10 +1524,10 @@ static pw_status srv_loop(server *s)
         int peer = PW_WAIT_ALL;
         for (int i = 0; i < s->n_par && peer == PW_WAIT_ALL; i++) {
             const srv_param *p = &s->par[i];
-            const size_t sl = (size_t)((p->step + 1) % s->slots);
-            for (int k = 0; k < R; k++)
-                if (p->got[sl * (size_t)R + (size_t)k] != 1) {
-                    peer = p->holder[k];
+            const size_t sl = (size_t)((p->step + 1) % s->slots), UR = (size_t)(p->U * R);
+            for (size_t q = 0; q < UR; q++)
+                if (p->got[sl * UR + q] != 1) {
+                    peer = p->use[(int)(q % (size_t)R) * p->U + (int)(q / (size_t)R)].w;
                     break;
                 }
         }
@@ -1313,13 +1548,14 @@ static pw_status srv_loop(server *s)
     /* The last versions' sends, then the receives nobody will send to. */
     for (int i = 0; i < s->n_par && st == PW_OK; i++) {
         srv_param *p = &s->par[i];
+        const int RC = R * p->C;
         for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
-            for (int k = 0; p->sending[sl] && k < R && st == PW_OK; k++)
-                st = ps_wait(t, &p->sreq[(size_t)sl * (size_t)R + (size_t)k], p->holder[k],
+            for (int c = 0; p->sending[sl] && c < RC && st == PW_OK; c++)
+                st = ps_wait(t, &p->sreq[(size_t)sl * (size_t)RC + (size_t)c], p->copy[c].w,
                              "a worker to take the last parameters");
     }
     for (int i = 0; i < s->n_par; i++)
-        for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)R; at++)
+        for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)(s->par[i].U * R); at++)
             if (s->par[i].got[at] != 1 && t->vt->cancel) {
                 t->vt->cancel(t->self, &s->par[i].rreq[at]);
                 if (s->stale && !s->par[i].got[at]) t->vt->cancel(t->self, &s->par[i].vreq[at]);

@@ -1390,6 +1390,61 @@ static void ps_identical(int S, int R, int K, const char *extra, const char *tag
     identical_runs(S * R + K, args, "", one, tag, what);
 }
 
+/* The grad_norm values of a metrics log's step lines, in order, into
+ * out[0 .. max); returns how many (-1: no file). */
+static int ps_norms(const char *name, char out[][40], int max)
+{
+    char path[256], line[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    int n = 0;
+    while (fgets(line, sizeof line, f) && n < max) {
+        const char *a = strstr(line, "\"type\":\"step\"") ? strstr(line, "\"grad_norm\":") : NULL;
+        if (!a) continue;
+        a += strlen("\"grad_norm\":");
+        size_t k = strcspn(a, ",}");
+        snprintf(out[n++], 40, "%.*s", (int)(k < 39 ? k : 39), a);
+    }
+    fclose(f);
+    return n;
+}
+
+/* --sync ps against the all-reduce run in one process with the same flags
+ * (`model` a graph and its data; `extra` e.g. --compress): the bytes of the
+ * --save checkpoint, and with --clip-grad-norm the gradient norm the
+ * metrics log records each step (the servers send it back with the
+ * parameters), the same doubles as the all-reduce run's. */
+static void ps_identical_model(const char *model, int S, int R, int K, const char *extra, const char *tag)
+{
+    char args[1400], one[1200], what[1400];
+    const int clip = strstr(extra, "--clip-grad-norm") != NULL;
+    snprintf(one, sizeof one, "%s --stages %d --replicas %d %s%s%s", model, S, R, extra,
+             clip ? " --metrics norm_one_" : "", clip ? tag : "");
+    if (clip) strncat(one, ".jsonl", sizeof one - strlen(one) - 1);
+    snprintf(args, sizeof args, "%s --stages %d --replicas %d %s --sync ps --servers %d%s%s%s", model, S, R, extra, K,
+             clip ? " --metrics norm_ps_" : "", clip ? tag : "", clip ? ".jsonl" : "");
+    snprintf(what, sizeof what, "--sync ps: %s, %d stages x %d replicas + %d server%s %s", model, S, R, K,
+             K > 1 ? "s" : "", extra);
+    const int before = failures;
+    identical_runs(S * R + K, args, "", one, tag, what);
+    if (!clip || failures != before) return;
+    char a[64][40], b[64][40], na[64], nb[64];
+    snprintf(na, sizeof na, "norm_one_%s.jsonl", tag);
+    snprintf(nb, sizeof nb, "norm_ps_%s.jsonl", tag);
+    const int n = ps_norms(na, a, 64), m = ps_norms(nb, b, 64);
+    int same = n > 0 && n == m;
+    for (int i = 0; same && i < n; i++) same = !strcmp(a[i], b[i]) && strcmp(b[i], "-1") && strcmp(b[i], "null");
+    if (!same)
+        fail("%s: the metrics log's grad_norm differs from the all-reduce run's (%d and %d steps; first %s / %s)",
+             what, n, m, n > 0 ? a[0] : "-", m > 0 ? b[0] : "-");
+    else printf("ok   %s: the metrics log's grad_norm of %d steps is the all-reduce run's (%s ...)\n", what, n, b[0]);
+}
+
+/* The tied GPT (write_tied: wte.weight on the first chunk and in the head on
+ * the last, or twice in one program on one stage). */
+#define PS_TIED "tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6"
+
 /* sig: "STOP" (the watchdog names the server as stalled) or "KILL" (mpirun
  * names the process that died). */
 static void ps_stopped_server(const char *sig)
@@ -1433,6 +1488,7 @@ static void ps_refused(void)
         {"--servers 2", "--servers, --staleness and --staleness-lr apply to --sync ps"},
         {"--staleness-lr inverse", "--servers, --staleness and --staleness-lr apply to --sync ps"},
         {"--sync ps --staleness 1 --staleness-lr half", "--staleness-lr: 'half' is not inverse or none"},
+        {"--sync ps --compress powersgd:2", "does not push PowerSGD's factors"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char cmd[1024], *out = NULL;
@@ -1658,6 +1714,65 @@ static void ps_slow_link(void)
     free(out);
 }
 
+/* --sync ps --compress topk: the workers' error-feedback residuals are in
+ * the checkpoint as in an all-reduce run, so PS resumed on another server
+ * count ends with the bytes of the unbroken all-reduce run (without the
+ * residuals it does not). */
+#define PS_ZCKPT "m.graph " DATA " --batch 48 --steps 12 --micro-batches 2 --stages 1 --replicas 2 " \
+                 "--compress topk:0.05 --optimizer adamw"
+static void ps_compress_resume(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_ZCKPT " --save pszref.st", bin);
+    if (!ps_run(cmd, "the unbroken top-k all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 3 %s/pipeline-run " PS_ZCKPT " --sync ps --checkpoint-dir ckz "
+             "--checkpoint-every 5 --keep 0", bin);
+    if (!ps_run(cmd, "the checkpointing top-k PS run")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_ZCKPT " --sync ps --servers 2 --resume "
+             "ckz/step-00000005 --save pszres.st", bin);
+    if (ps_run(cmd, "top-k PS resumed on 2 servers"))
+        ps_same("pszref.st", "pszres.st", "--compress topk:0.05: saved by 1 x 2 + 1 server at step 5 with the "
+                "residuals, resumed on 1 x 2 + 2 servers, against the unbroken all-reduce run");
+}
+
+/* Checkpoints of the tied GPT under --sync ps with zb-v (two copies of the
+ * tied weight in one process, each fetching the server's optimizer state):
+ * resumed on 2 servers and in one process, both end with the bytes of the
+ * unbroken all-reduce run. */
+#define PS_TCKPT PS_TIED " --steps 8 --micro-batches 4 --stages 2 --replicas 2 --schedule zb-v --optimizer adamw"
+static void ps_tied_checkpoint(void)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_TCKPT " --save pstref.st", bin);
+    if (!ps_run(cmd, "the unbroken tied all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckt; " MPIRUN " -np 5 %s/pipeline-run " PS_TCKPT " --sync ps --checkpoint-dir ckt "
+             "--checkpoint-every 3 --keep 0", bin);
+    if (!ps_run(cmd, "the checkpointing tied PS run")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 6 %s/pipeline-run " PS_TCKPT " --sync ps --servers 2 --resume "
+             "ckt/step-00000003 --save pstres.st", bin);
+    if (ps_run(cmd, "tied PS resumed on 2 servers"))
+        ps_same("pstref.st", "pstres.st", "tied GPT (zb-v): saved by 2 x 2 + 1 server at step 3, resumed on 2 x 2 + 2 "
+                "servers, against the unbroken all-reduce run");
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_TCKPT " --resume ckt/step-00000003 --save pstres1.st", bin);
+    if (ps_run(cmd, "tied PS checkpoint resumed in one process"))
+        ps_same("pstref.st", "pstres1.st", "tied GPT (zb-v): saved by PS at step 3, resumed in one process");
+}
+
+/* The trace counts a compressed push's bytes: pipe-trace's gradient line
+ * gives bf16's ratio of 2 for a --sync ps run. */
+static void ps_trace_ratio(void)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "rm -f zps.rank*.json; " MPIRUN " -np 3 %s/pipeline-run m.graph " DATA " --batch 48 "
+             "--steps 4 --stages 1 --replicas 2 --micro-batches 2 --sync ps --compress bf16 --trace zps.json && "
+             "%s/pipe-trace --color never zps.rank*.json", bin, bin);
+    const int st = run(cmd, 120, &out, NULL);
+    if (st != 0 || !strstr(out, "on the wire after compression (ratio 2.00x)"))
+        fail("--sync ps --compress bf16: pipe-trace does not give the push's ratio 2.00x (exit %d)\n%s", st, out);
+    else printf("ok   --sync ps --compress bf16: pipe-trace counts the pushes (ratio 2.00x)\n");
+    free(out);
+}
+
 static void ps_cases(int np)
 {
     if (np == 2) {
@@ -1669,16 +1784,40 @@ static void ps_cases(int np)
                      "psclip5");
         ps_identical(2, 2, 3, "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.01", "psclip7");
         ps_identical(1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01", "psclip4");
+        /* Tied parameters: the server sums the copies' uses in the
+         * all-reduce run's order and sends every copy the same values. */
+        ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2", "pstied5");
+        ps_identical_model(PS_TIED, 2, 2, 2, "--micro-batches 2 --optimizer adamw", "pstied6");
+        ps_identical_model(PS_TIED, 1, 2, 1, "--micro-batches 2", "pstied3"); /* twice in one program */
+        ps_identical_model(PS_TIED, 2, 2, 2, "--micro-batches 2 --clip-grad-norm 0.05", "pstiedclip6");
+        /* zb-v: chunks 0 and 3 (the embedding and the head) on one process, two copies there */
+        ps_identical_model(PS_TIED, 2, 2, 2, "--schedule zb-v --micro-batches 4 --clip-grad-norm 0.05 --compress bf16",
+                           "pstiedzbv6");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 2, "--micro-batches 2 --clip-grad-norm 0.01",
+                           "psnorm4");
+        /* --compress: the pushes compressed, the server decodes and sums as
+         * the gathering all-reduce does: the all-reduce run's bytes. */
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 1, "--micro-batches 2 --compress bf16",
+                           "pszbf3");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 2, 2, 2,
+                           "--micro-batches 2 --optimizer adamw --compress fp16", "pszfp6");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 2,
+                           "--micro-batches 2 --compress topk:0.05 --clip-grad-norm 0.01", "psztopk4");
+        ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2 --compress topk:0.1", "psztied5");
         ps_stopped_server("STOP");
         ps_stopped_server("KILL");
         ps_refused();
         ps_staleness(2, NULL);
         ps_staleness(2, "none");
         ps_checkpoints();
+        ps_compress_resume();
+        ps_trace_ratio();
+        ps_tied_checkpoint();
         ps_slow_link();
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
+        ps_identical_model(PS_TIED, 1, 4, 2, "--micro-batches 2 --compress bf16", "psztied6");
     }
 }
 
