@@ -146,6 +146,8 @@ static void bench_graph(const char *path, int64_t batch, const char *data, int m
     hwloc_topology_t topo;
     if (pw_topology_load_spec("this", &topo) != PW_OK) die("topology");
     fc.topology = topo;
+    fc.in_process = 1; /* the layouts train as threads of this process */
+    fc.log = stdout; /* the measured: lines */
     pw_layout_forecaster *f;
     if (pw_layout_forecaster_create(&fc, &f) != PW_OK) die("forecaster");
     pw_layout_model m = pw_layout_forecaster_model(f);
