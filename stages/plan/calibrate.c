@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "runtime/collective.h"
+#include "runtime/topology.h"
 #include "runtime/trace.h"
 #include "scheduler/engine.h"
 #include "scheduler/schedule.h"
@@ -39,6 +40,8 @@ struct group_run {
     int n;                        /* members */
     int timed;                    /* micro-batches per timed round */
     pw_shm_group *shm;            /* T > 1: the group's sums */
+    hwloc_topology_t topo;        /* (NULL: unpinned) this machine's, and */
+    pw_cpu_placement *place;      /* one core per member, as the engine pins ranks */
     pthread_barrier_t bar;
     member *m;
 };
@@ -61,6 +64,7 @@ static void *member_main(void *arg)
     const int T = c->tensor > 1 ? c->tensor : 1;
     const int64_t mbs = c->micro_batch_size;
     const pw_graph *g = c->graph;
+    if (r->place) pw_cpu_bind_thread(r->topo, r->place->cpusets[me->k], "a calibration rank");
     if (T > 1) {
         pw_status st = pw_graph_tp_rank(c->graph, T, me->k, &me->rank_g);
         if (st != PW_OK) member_fail(me, st);
@@ -141,6 +145,13 @@ pw_status pw_forecast_calibrate_group(const pw_forecast_config *c, int ranks, do
     }
     pw_status st = PW_OK;
     if (T > 1) st = pw_shm_group_create(T, &r.shm);
+    /* Pinned as the engine pins ranks (one core each); unpinned when the
+     * machine's topology cannot be read. */
+    if (pw_topology_load(&r.topo) != PW_OK || pw_cpu_place_ranks(r.topo, ranks, &r.place) != PW_OK) {
+        pw_clear_error();
+        pw_cpu_placement_destroy(r.place);
+        r.place = NULL;
+    }
     if (st == PW_OK && pthread_barrier_init(&r.bar, NULL, (unsigned)ranks) != 0)
         st = pw_error(PW_ERR_NOMEM, "calibrate: no barrier for %d threads", ranks);
     int started = 0;
@@ -179,6 +190,8 @@ pw_status pw_forecast_calibrate_group(const pw_forecast_config *c, int ranks, do
         pw_graph_destroy(r.m[k].rank_g);
     }
     pw_shm_group_destroy(r.shm);
+    pw_cpu_placement_destroy(r.place);
+    if (r.topo) hwloc_topology_destroy(r.topo);
     free(r.m);
     free(th);
     if (st != PW_OK) return st;
