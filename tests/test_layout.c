@@ -678,6 +678,19 @@ static double cost_with_links(const pw_graph *g, const pw_layout *l, double hand
 
 Test(layout, given_link_figures_cost_as_computed_by_hand, .timeout = TIMEOUT)
 {
+    {
+        /* Nothing measured with a rate hook: nothing to re-check. */
+        pw_graph *g0 = load(PW_SOURCE_DIR "/examples/fashion_mlp.graph");
+        pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+        fc.graph = g0;
+        fc.batch = 64;
+        fc.rate = fake_rate;
+        pw_layout_forecaster *f;
+        cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+        cr_assert_eq(pw_layout_forecaster_recheck(f, 0), 0);
+        pw_layout_forecaster_destroy(f);
+        pw_graph_destroy(g0);
+    }
     pw_graph *g = load(PW_SOURCE_DIR "/examples/fashion_mlp.graph");
     const pw_layout two_stages = {.stages = 2, .replicas = 1, .tensor = 1, .threads = 1, .micro_batches = 1,
                                   .schedule = PW_SCHEDULE_GPIPE, .chunks_per_rank = 1};
@@ -783,6 +796,18 @@ Test(layout, in_process_measurements_keep_the_search_exact, .timeout = TIMEOUT)
     /* (threads 1, 2) x micro-batch (8, 4) alone, 2 at once (8, 4, 2), the
      * T = 2 group (8, 4), and the links: 10 at most. */
     cr_assert(meas >= 5 && meas <= 10, "%d measurements", meas);
+    /* A re-check with no tolerance always finds a change: everything is
+     * dropped and measured again by the next search, which agrees with
+     * the exhaustive one again; with an unbounded one, never. */
+    cr_assert_eq(pw_layout_forecaster_recheck(f, 1e9), 0);
+    cr_assert_eq(pw_layout_forecaster_recheck(f, 0), 1);
+    cr_assert_eq(pw_layout_forecaster_measurements(f, &s), 0, "dropped");
+    pw_layout_result_free(&a);
+    pw_layout_result_free(&e);
+    cr_assert_eq(pw_layout_search(&sp, &m, 0, &a), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_layout_search_exhaustive(&sp, &m, 0, &e), PW_OK);
+    cr_assert(!memcmp(&a.best, &e.best, sizeof a.best));
+    cr_assert_eq(pw_layout_forecaster_measurements(f, &s), meas, "measured again, once each");
     pw_layout_result_free(&a);
     pw_layout_result_free(&e);
     free(v);

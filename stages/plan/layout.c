@@ -704,6 +704,51 @@ static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t 
     return &f->rates[f->n_rates++];
 }
 
+int pw_layout_forecaster_recheck(pw_layout_forecaster *f, double tolerance)
+{
+    if (!f || !measuring_here(f) || f->n_rates < 1) return 0;
+    const int pick[2] = {0, f->n_rates - 1};
+    double worst = 0;
+    for (int k = 0; k < (f->n_rates > 1 ? 2 : 1); k++) {
+        const rate_entry was = f->rates[pick[k]];
+        pw_forecast_config fc = pw_forecast_defaults();
+        fc.graph = f->c.graph;
+        fc.micro_batches = 1;
+        fc.micro_batch_size = was.mbs;
+        fc.optim_state_floats = pw_optim_state_floats(f->c.optim);
+        fc.tensor = was.tensor;
+        const int before = pw_cpu_get_threads();
+        pw_cpu_set_threads(was.threads);
+        double mi = 0, op = 0;
+        const int64_t t0 = pw_now_ns();
+        pw_status st = pw_forecast_calibrate_group(&fc, was.ranks, &mi, &op);
+        f->measure_s += (double)(pw_now_ns() - t0) * 1e-9;
+        pw_cpu_set_threads(before);
+        if (st != PW_OK) {
+            pw_clear_error();
+            return 0;
+        }
+        const double r = (mi + op) / (was.micro_s + was.optim_s);
+        if (fabs(r - 1) > worst) worst = fabs(r - 1);
+        if (f->c.log)
+            fprintf(f->c.log, "  measured again: %d thread%s, micro-batch %lld%s: %.3f ms per micro-batch, optimizer "
+                    "%.3f ms (%+.1f%% against the first time)\n", was.threads, was.threads > 1 ? "s" : "",
+                    (long long)was.mbs, was.tensor > 1 ? ", the T group" : was.ranks > 1 ? ", ranks at once" : "",
+                    1e3 * mi, 1e3 * op, 100 * (r - 1));
+    }
+    if (worst <= tolerance) return 0;
+    if (f->c.log)
+        fprintf(f->c.log, "  the machine changed speed while measuring (%.0f%%): measuring everything again\n",
+                100 * worst);
+    f->n_rates = 0;
+    f->pass_bandwidth = 0;
+    if (f->n_link_measurements) { /* measured links again too; given ones stay */
+        f->links_state = 0;
+        f->n_link_measurements = 0;
+    }
+    return 1;
+}
+
 /* The bandwidth of one gradient-group pass here (add a group's sum into
  * its pending sum, zero the gradients: stages/program/program.c,
  * group_end), over 16 MiB of floats, the fastest of three. 0 when rates

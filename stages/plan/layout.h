@@ -294,6 +294,15 @@ pw_status pw_layout_forecaster_memory(pw_layout_forecaster *f, const pw_layout *
 /* Measurements taken so far (rate entries); for the printout. */
 int pw_layout_forecaster_measurements(const pw_layout_forecaster *f, double *seconds);
 
+/* After a search with rates measured here: times the first and the last
+ * rate measured again (the two furthest apart in time). When either now
+ * differs from its first measurement by more than `tolerance` (0.25: a
+ * quarter; the machine changed speed while the planner measured), every
+ * measurement is dropped, to be taken again by the next search, and 1 is
+ * returned (search again); else 0. Nothing measured here (a rate hook,
+ * flops_per_s), or a failed re-measurement: 0. One line to the log. */
+int pw_layout_forecaster_recheck(pw_layout_forecaster *f, double tolerance);
+
 #ifdef __cplusplus
 }
 #endif

@@ -153,6 +153,13 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
         fprintf(stderr, "pipeline-run: --parallel auto: %s\n", pw_last_error());
         goto out;
     }
+    if (pw_layout_forecaster_recheck(f, 0.25)) { /* the machine changed speed: once more */
+        pw_layout_result_free(&res);
+        if (pw_layout_search(&sp, &model, m.budget, &res) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --parallel auto: %s\n", pw_last_error());
+            goto out;
+        }
+    }
     pw_layout_cost_more(&model, &res, 5); /* runners-up to show beside the choice */
     const int S = res.best.stages;
     mem = calloc((size_t)S, sizeof *mem);
