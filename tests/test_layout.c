@@ -647,3 +647,170 @@ Test(layout, forecast_places_tensor_groups, .timeout = TIMEOUT)
     hwloc_topology_destroy(topo);
     pw_graph_destroy(g);
 }
+
+/* ------------------------------------------------- in-process measurements */
+
+/* Given in-process link figures replace the default ones, and the forecast
+ * moves by what they cost by hand: two stages of GPipe at M = 1 send one
+ * activation and one gradient on the critical path (2 hand-offs); two
+ * replicas of one stage sum the parameters once as a ring of two,
+ * 2 (alpha + bytes / (2 beta)). */
+static double cost_with_links(const pw_graph *g, const pw_layout *l, double handoff, double alpha, double beta)
+{
+    pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+    fc.graph = g;
+    fc.batch = 64;
+    fc.rate = fake_rate;
+    fc.in_process = 1; /* with a rate hook: nothing is measured */
+    fc.handoff_s = handoff;
+    fc.allreduce_latency_s = alpha;
+    fc.allreduce_bandwidth = beta;
+    pw_layout_forecaster *f;
+    cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+    pw_layout_model m = pw_layout_forecaster_model(f);
+    pw_layout_cost c;
+    cr_assert_eq(m.cost(m.ctx, l, &c), PW_OK, "%s", pw_last_error());
+    double s;
+    cr_assert_eq(pw_layout_forecaster_measurements(f, &s), 0, "a rate hook and given links: nothing measured");
+    pw_layout_forecaster_destroy(f);
+    return c.step_time;
+}
+
+Test(layout, given_link_figures_cost_as_computed_by_hand, .timeout = TIMEOUT)
+{
+    {
+        /* Nothing measured with a rate hook: nothing to re-check. */
+        pw_graph *g0 = load(PW_SOURCE_DIR "/examples/fashion_mlp.graph");
+        pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+        fc.graph = g0;
+        fc.batch = 64;
+        fc.rate = fake_rate;
+        pw_layout_forecaster *f;
+        cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+        cr_assert_eq(pw_layout_forecaster_recheck(f, 0), 0);
+        pw_layout_forecaster_destroy(f);
+        pw_graph_destroy(g0);
+    }
+    pw_graph *g = load(PW_SOURCE_DIR "/examples/fashion_mlp.graph");
+    const pw_layout two_stages = {.stages = 2, .replicas = 1, .tensor = 1, .threads = 1, .micro_batches = 1,
+                                  .schedule = PW_SCHEDULE_GPIPE, .chunks_per_rank = 1};
+    const double a = cost_with_links(g, &two_stages, 1e-3, 0, 0), b = cost_with_links(g, &two_stages, 3e-3, 0, 0);
+    cr_assert_float_eq(b - a, 2 * 2e-3, 1e-8, "two hand-offs of 2 ms more: %.9f s more", b - a);
+    const pw_layout two_replicas = {.stages = 1, .replicas = 2, .tensor = 1, .threads = 1, .micro_batches = 1,
+                                    .schedule = PW_SCHEDULE_1F1B, .chunks_per_rank = 1};
+    pw_op_cost oc;
+    pw_graph_total_cost(g, &oc);
+    const double bytes = (double)oc.param_bytes;
+    const double x = cost_with_links(g, &two_replicas, 1e-6, 1e-3, 1e9);
+    const double y = cost_with_links(g, &two_replicas, 1e-6, 2e-3, 4e9);
+    const double want = (2 * 2e-3 + bytes / 4e9) - (2 * 1e-3 + bytes / 1e9);
+    cr_assert_float_eq(y - x, want, 1e-8, "the replicas' sum: %.9f s, by hand %.9f s", y - x, want);
+    pw_graph_destroy(g);
+}
+
+/* The group calibrations run (a T = 2 group of a marked graph, two whole
+ * graphs side by side, the no-op engines of the links) and refuse what they
+ * cannot time; their figures are this machine's, so only their sanity is
+ * checked. */
+Test(layout, group_and_link_calibrations, .timeout = TIMEOUT)
+{
+    pw_graph *g;
+    cr_assert_eq(pw_graph_parse_string(TP_GPT, strlen(TP_GPT), "tp_gpt.graph", &g), PW_OK, "%s", pw_last_error());
+    pw_forecast_config fc = pw_forecast_defaults();
+    fc.graph = g;
+    fc.micro_batches = 2;
+    fc.micro_batch_size = 4;
+    fc.optim_state_floats = 2;
+    double mi = 0, op = 0;
+    for (int T = 1; T <= 2; T++) {
+        fc.tensor = T;
+        cr_assert_eq(pw_forecast_calibrate_group(&fc, 2, &mi, &op), PW_OK, "T = %d: %s", T, pw_last_error());
+        cr_assert(mi > 0 && op > 0, "T = %d: %g s per micro-batch, %g s optimizer", T, mi, op);
+    }
+    fc.tensor = 2;
+    cr_assert_eq(pw_forecast_calibrate_group(&fc, 3, &mi, &op), PW_ERR_INVALID_ARG, "3 ranks are not a T = 2 group");
+    cr_assert_eq(mi, 0);
+    fc.tensor = 8; /* 4 heads */
+    cr_assert_neq(pw_forecast_calibrate_group(&fc, 8, &mi, &op), PW_OK, "8 tensor ranks of 4 heads");
+    cr_assert(strstr(pw_last_error(), "rank"), "%s", pw_last_error());
+    pw_forecast_links lk;
+    cr_assert_eq(pw_forecast_calibrate_links(&lk), PW_OK, "%s", pw_last_error());
+    cr_assert(lk.noop_step_s > 0 && lk.two_stage_s > 0 && lk.sum_small_s > 0 && lk.sum_big_s > 0);
+    cr_assert(lk.handoff_s >= 0 && lk.allreduce_latency_s >= 0 && lk.allreduce_bandwidth >= 0);
+    cr_assert_eq(pw_forecast_calibrate_links(NULL), PW_ERR_INVALID_ARG);
+    pw_graph_destroy(g);
+}
+
+/* Ranks as threads, rates measured here: the T = 2 candidates are costed at
+ * the group's measured rate with their sums inside (none added), the links
+ * and the groups are measured once each, the bounds still hold and the
+ * search equals the exhaustive one. */
+Test(layout, in_process_measurements_keep_the_search_exact, .timeout = TIMEOUT)
+{
+    pw_graph *g;
+    cr_assert_eq(pw_graph_parse_string(TP_GPT, strlen(TP_GPT), "tp_gpt.graph", &g), PW_OK, "%s", pw_last_error());
+    pw_layout_space sp = pw_layout_space_defaults();
+    sp.batch = 8;
+    sp.processes = 2;
+    sp.cores = 2;
+    sp.shared_team = 1;
+    sp.n_nodes = g->n_nodes;
+    sp.max_micro_batches = 2;
+    sp.max_tensor = 2;
+    sp.recompute = 0;
+    pw_layout_forecast_config fc = pw_layout_forecast_defaults();
+    fc.graph = g;
+    fc.batch = sp.batch;
+    fc.in_process = 1;
+    pw_layout_forecaster *f;
+    cr_assert_eq(pw_layout_forecaster_create(&fc, &f), PW_OK);
+    pw_layout_model m = pw_layout_forecaster_model(f);
+    pw_layout *v;
+    int n, tp = 0;
+    cr_assert_eq(pw_layout_enumerate(&sp, &v, &n), PW_OK);
+    for (int i = 0; i < n; i++) {
+        pw_layout_cost c;
+        double slb;
+        int64_t mlb;
+        char d[160];
+        m.bound(m.ctx, &v[i], &slb, &mlb);
+        if (m.cost(m.ctx, &v[i], &c) != PW_OK) {
+            pw_clear_error();
+            continue;
+        }
+        cr_assert_leq(slb, c.step_time, "%s", pw_layout_describe(&v[i], d, sizeof d));
+        cr_assert_leq(mlb, c.memory, "%s", pw_layout_describe(&v[i], d, sizeof d));
+        if (v[i].tensor > 1) {
+            tp++;
+            cr_assert(c.tp_in_rate && c.tp_allreduce == 0, "%s", pw_layout_describe(&v[i], d, sizeof d));
+        }
+    }
+    cr_assert_gt(tp, 0);
+    double s;
+    const int meas = pw_layout_forecaster_measurements(f, &s);
+    pw_layout_result a, e;
+    cr_assert_eq(pw_layout_search(&sp, &m, 0, &a), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_layout_search_exhaustive(&sp, &m, 0, &e), PW_OK);
+    cr_assert(!memcmp(&a.best, &e.best, sizeof a.best));
+    cr_assert_eq(pw_layout_forecaster_measurements(f, &s), meas, "every figure measured once");
+    /* (threads 1, 2) x micro-batch (8, 4) alone, 2 at once (8, 4, 2), the
+     * T = 2 group (8, 4), and the links: 10 at most. */
+    cr_assert(meas >= 5 && meas <= 10, "%d measurements", meas);
+    /* A re-check with no tolerance always finds a change: everything is
+     * dropped and measured again by the next search, which agrees with
+     * the exhaustive one again; with an unbounded one, never. */
+    cr_assert_eq(pw_layout_forecaster_recheck(f, 1e9), 0);
+    cr_assert_eq(pw_layout_forecaster_recheck(f, 0), 1);
+    cr_assert_eq(pw_layout_forecaster_measurements(f, &s), 0, "dropped");
+    pw_layout_result_free(&a);
+    pw_layout_result_free(&e);
+    cr_assert_eq(pw_layout_search(&sp, &m, 0, &a), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_layout_search_exhaustive(&sp, &m, 0, &e), PW_OK);
+    cr_assert(!memcmp(&a.best, &e.best, sizeof a.best));
+    cr_assert_eq(pw_layout_forecaster_measurements(f, &s), meas, "measured again, once each");
+    pw_layout_result_free(&a);
+    pw_layout_result_free(&e);
+    free(v);
+    pw_layout_forecaster_destroy(f);
+    pw_graph_destroy(g);
+}

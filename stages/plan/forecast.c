@@ -465,7 +465,7 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
         cost[ch].f = f * mbs / c->flops_per_s;
         cost[ch].b = (bi + (c->recompute ? f : 0.0)) * mbs / c->flops_per_s;
         const int rank0 = pw_schedule_rank_of(s, ch);
-        if (T > 1) {
+        if (T > 1 && !c->tp_in_rate) {
             /* The tensor-parallel all-reduces: a ring over the stage's T
              * ranks per collective, inside F and B (B repeats F's with
              * recomputation). */
@@ -501,7 +501,10 @@ pw_status pw_forecast_run(const pw_forecast_config *c, pw_forecast *out)
             cost[ch].allreduce = replica_sum_s(c, b, e, fp.lat[cl], fp.bw[cl]);
             if (cost[ch].allreduce > 0 && (int)cl > out->allreduce_cls) out->allreduce_cls = (int)cl;
         } else if (c->replicas > 1) {
-            cost[ch].allreduce = replica_sum_s(c, b, e, c->link_latency_s, c->allreduce_bandwidth);
+            cost[ch].allreduce = replica_sum_s(c, b, e,
+                                               c->allreduce_latency_s > 0 ? c->allreduce_latency_s
+                                                                          : c->link_latency_s,
+                                               c->allreduce_bandwidth);
         }
         ar[rank] += cost[ch].allreduce * sc.n_buckets;
         cost[ch].msg_bytes = ch + 1 < C ? (int64_t)(msg * mbs) : 0;

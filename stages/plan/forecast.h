@@ -112,6 +112,9 @@ typedef struct pw_forecast_config {
     double link_latency_s;      /* per message */
     double link_bandwidth;      /* bytes/s between neighbouring ranks */
     double allreduce_bandwidth; /* bytes/s of the replica all-reduce ring */
+    double allreduce_latency_s; /* > 0: the replica all-reduce's latency per message
+                                 * instead of link_latency_s (without a topology:
+                                 * e.g. measured in this process, pw_forecast_calibrate_links) */
     int optim_state_floats;     /* 1 SGD, 2 AdamW */
     const int *cuts;            /* (optional) [stages x chunks + 1] the chunks' node
                                  * ranges (0 < ... < n_nodes) instead of
@@ -166,6 +169,10 @@ typedef struct pw_forecast_config {
      * over the T ranks at the class of the group's slowest hop (without a
      * topology: link_latency_s and link_bandwidth), added to F and B. */
     int tensor;
+    /* 1 (T > 1): flops_per_s was measured on the T ranks running as a group
+     * (pw_forecast_calibrate_group), their tensor-parallel sums inside it:
+     * the all-reduces above are not costed again (tp_time 0). */
+    int tp_in_rate;
 } pw_forecast_config;
 
 pw_forecast_config pw_forecast_defaults(void);
@@ -243,6 +250,41 @@ pw_status pw_forecast_calibrate(const pw_forecast_config *cfg, double *flops_per
  * search (stages/plan/layout.h) takes the rate of a step of M micro-batches
  * as its FLOPs over micro_s x M + optim_s. Errors as pw_forecast_calibrate. */
 pw_status pw_forecast_calibrate_parts(const pw_forecast_config *cfg, double *micro_s, double *optim_s);
+
+/* The same halves for `ranks` stage programs that run at once, each on its
+ * own thread of this process, in step (a barrier before each round), with
+ * the caller's team size (1 for ranks that share one team): cfg->tensor = T
+ * > 1 and ranks = T: the T ranks of one tensor-parallel group, rank t
+ * running pw_graph_tp_rank(cfg->graph, T, t) and summing through an
+ * in-process group (stages/ops/tp.h), so its smaller GEMMs, the shared
+ * caches and the real sums are in the time; T = 1: `ranks` copies of the
+ * whole graph, for the rate of a rank while others compute beside it
+ * (contention for caches and memory bandwidth). Per round the slowest
+ * member's time, then the fastest of the three rounds; ranks = 1 is
+ * pw_forecast_calibrate_parts. PW_ERR_INVALID_ARG (no graph, counts < 1,
+ * ranks outside 1..256 or not T at T > 1), the rank graph's error (a T the
+ * graph cannot split into), errors of pw_program_create. */
+pw_status pw_forecast_calibrate_group(const pw_forecast_config *cfg, int ranks, double *micro_s, double *optim_s);
+
+/* In-process links of this machine: ranks that are threads of one process
+ * (the engine's workers, pinned as pipelines pin them). */
+typedef struct pw_forecast_links {
+    double handoff_s;           /* one message between two ranks' workers: a 2-stage no-op
+                                 * pipeline's step less a 1-stage one's (16 micro-batches of
+                                 * 1F1B), over the messages on its critical path (the
+                                 * simulator's count) */
+    double allreduce_latency_s; /* the replicas' sum of 2 as a ring, 2 (alpha + bytes / (2
+                                 * beta)): alpha and beta fitted to a 2-replica no-op step with */
+    double allreduce_bandwidth; /* 1 KiB and 4 MiB of gradients less the 1-stage step */
+    double noop_step_s;         /* the 1-stage no-op step (the engine's per-step cost) */
+    double two_stage_s;         /* the 2-stage one's */
+    double sum_small_s, sum_big_s; /* the 2-replica ones' (1 KiB, 4 MiB) */
+} pw_forecast_links;
+
+/* Medians of 9 steps each (after 3 warm-ups) of four no-op engines; about
+ * 0.1 s. Figures that come out negative (noise) are 0. PW_ERR_INVALID_ARG
+ * (NULL), errors of the engine. */
+pw_status pw_forecast_calibrate_links(pw_forecast_links *out);
 
 /* Writes the simulated trace's metadata and events (cfg->trace must have
  * been set for the run). */

@@ -466,7 +466,9 @@ pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, 
     fprintf(f, "  predicted step %.3f ms, bubble %.1f%%", 1e3 * c->step_time, 100 * c->bubble);
     if (c->rate > 0) fprintf(f, ", compute %.3g FLOP/s per rank", c->rate);
     if (c->allreduce > 0) fprintf(f, ", all-reduce %.3f ms", 1e3 * c->allreduce);
-    if (l->tensor > 1)
+    if (l->tensor > 1 && c->tp_in_rate)
+        fprintf(f, "\n  tensor-parallel sums: inside the rate, measured as the T = %d group runs them", l->tensor);
+    else if (l->tensor > 1)
         fprintf(f, "\n  tensor-parallel all-reduce %.3f ms per micro-batch (the busiest stage, F and B), %s",
                 1e3 * c->tp_allreduce,
                 c->tp_link >= 0 ? pw_link_class_name((pw_link_class)c->tp_link) : "ranks of this process");
@@ -504,6 +506,8 @@ pw_status pw_layout_print(FILE *f, const pw_layout_result *res, int runners_up, 
 typedef struct rate_entry {
     int threads;
     int64_t mbs;
+    int ranks;                   /* programs that ran at once (1: alone) */
+    int tensor;                  /* T > 1: they were one tensor-parallel group */
     double micro_s, optim_s;     /* measured: per micro-batch, per optimizer step */
 } rate_entry;
 
@@ -543,6 +547,9 @@ struct pw_layout_forecaster {
     int n_rates, cap_rates;
     double measure_s;            /* time spent measuring */
     double pass_bandwidth;       /* bytes/s of a gradient-group pass; 0: not measured */
+    int n_link_measurements;     /* 1 once the links were measured here */
+    int links_state;             /* 0: not yet looked at, 1: known (links), -1: none */
+    pw_forecast_links links;     /* in-process figures (given or measured) */
 };
 
 pw_layout_forecast_config pw_layout_forecast_defaults(void)
@@ -644,7 +651,7 @@ void pw_layout_forecaster_destroy(pw_layout_forecaster *f)
 int pw_layout_forecaster_measurements(const pw_layout_forecaster *f, double *seconds)
 {
     if (seconds) *seconds = f ? f->measure_s : 0;
-    return f ? f->n_rates : 0;
+    return f ? f->n_rates + f->n_link_measurements : 0;
 }
 
 static int64_t micro_size(const pw_layout_forecaster *f, const pw_layout *l)
@@ -652,11 +659,17 @@ static int64_t micro_size(const pw_layout_forecaster *f, const pw_layout *l)
     return f->c.batch / ((int64_t)l->replicas * l->micro_batches);
 }
 
-/* The measured halves of (threads, mbs), measuring them once. NULL on error. */
-static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t mbs)
+/* Rates and links are measured here (layout.h, in_process). */
+static int measuring_here(const pw_layout_forecaster *f) { return !f->c.rate && !(f->c.flops_per_s > 0); }
+
+/* The measured halves of (threads, mbs) with `ranks` programs at once
+ * (tensor T > 1: one T group), measuring them once. NULL on error. */
+static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t mbs, int ranks, int tensor)
 {
     for (int i = 0; i < f->n_rates; i++)
-        if (f->rates[i].threads == threads && f->rates[i].mbs == mbs) return &f->rates[i];
+        if (f->rates[i].threads == threads && f->rates[i].mbs == mbs && f->rates[i].ranks == ranks &&
+            f->rates[i].tensor == tensor)
+            return &f->rates[i];
     if (f->n_rates == f->cap_rates) {
         int nc = f->cap_rates ? 2 * f->cap_rates : 16;
         rate_entry *p = realloc(f->rates, (size_t)nc * sizeof *p);
@@ -669,19 +682,71 @@ static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t 
     fc.micro_batches = 1;
     fc.micro_batch_size = mbs;
     fc.optim_state_floats = pw_optim_state_floats(f->c.optim);
+    fc.tensor = tensor;
     const int before = pw_cpu_get_threads();
     pw_cpu_set_threads(threads);
-    rate_entry e = {.threads = threads, .mbs = mbs};
+    rate_entry e = {.threads = threads, .mbs = mbs, .ranks = ranks, .tensor = tensor};
     const int64_t t0 = pw_now_ns();
-    pw_status st = pw_forecast_calibrate_parts(&fc, &e.micro_s, &e.optim_s);
-    f->measure_s += (double)(pw_now_ns() - t0) * 1e-9;
+    pw_status st = pw_forecast_calibrate_group(&fc, ranks, &e.micro_s, &e.optim_s);
+    const double took = (double)(pw_now_ns() - t0) * 1e-9;
+    f->measure_s += took;
     pw_cpu_set_threads(before);
     if (st != PW_OK) return NULL;
-    if (f->c.log)
-        fprintf(f->c.log, "  measured: %d thread%s, micro-batch %lld: %.3f ms per micro-batch, optimizer %.3f ms\n",
-                threads, threads > 1 ? "s" : "", (long long)mbs, 1e3 * e.micro_s, 1e3 * e.optim_s);
+    if (f->c.log) {
+        char who[64] = "";
+        if (tensor > 1) snprintf(who, sizeof who, ", the T = %d group (its rank graphs and sums)", tensor);
+        else if (ranks > 1) snprintf(who, sizeof who, ", %d ranks at once", ranks);
+        fprintf(f->c.log, "  measured: %d thread%s, micro-batch %lld%s: %.3f ms per micro-batch, optimizer "
+                "%.3f ms (%.2f s)\n", threads, threads > 1 ? "s" : "", (long long)mbs, who, 1e3 * e.micro_s,
+                1e3 * e.optim_s, took);
+    }
     f->rates[f->n_rates] = e;
     return &f->rates[f->n_rates++];
+}
+
+int pw_layout_forecaster_recheck(pw_layout_forecaster *f, double tolerance)
+{
+    if (!f || !measuring_here(f) || f->n_rates < 1) return 0;
+    const int pick[2] = {0, f->n_rates - 1};
+    double worst = 0;
+    for (int k = 0; k < (f->n_rates > 1 ? 2 : 1); k++) {
+        const rate_entry was = f->rates[pick[k]];
+        pw_forecast_config fc = pw_forecast_defaults();
+        fc.graph = f->c.graph;
+        fc.micro_batches = 1;
+        fc.micro_batch_size = was.mbs;
+        fc.optim_state_floats = pw_optim_state_floats(f->c.optim);
+        fc.tensor = was.tensor;
+        const int before = pw_cpu_get_threads();
+        pw_cpu_set_threads(was.threads);
+        double mi = 0, op = 0;
+        const int64_t t0 = pw_now_ns();
+        pw_status st = pw_forecast_calibrate_group(&fc, was.ranks, &mi, &op);
+        f->measure_s += (double)(pw_now_ns() - t0) * 1e-9;
+        pw_cpu_set_threads(before);
+        if (st != PW_OK) {
+            pw_clear_error();
+            return 0;
+        }
+        const double r = (mi + op) / (was.micro_s + was.optim_s);
+        if (fabs(r - 1) > worst) worst = fabs(r - 1);
+        if (f->c.log)
+            fprintf(f->c.log, "  measured again: %d thread%s, micro-batch %lld%s: %.3f ms per micro-batch, optimizer "
+                    "%.3f ms (%+.1f%% against the first time)\n", was.threads, was.threads > 1 ? "s" : "",
+                    (long long)was.mbs, was.tensor > 1 ? ", the T group" : was.ranks > 1 ? ", ranks at once" : "",
+                    1e3 * mi, 1e3 * op, 100 * (r - 1));
+    }
+    if (worst <= tolerance) return 0;
+    if (f->c.log)
+        fprintf(f->c.log, "  the machine changed speed while measuring (%.0f%%): measuring everything again\n",
+                100 * worst);
+    f->n_rates = 0;
+    f->pass_bandwidth = 0;
+    if (f->n_link_measurements) { /* measured links again too; given ones stay */
+        f->links_state = 0;
+        f->n_link_measurements = 0;
+    }
+    return 1;
 }
 
 /* The bandwidth of one gradient-group pass here (add a group's sum into
@@ -690,7 +755,7 @@ static const rate_entry *measured(pw_layout_forecaster *f, int threads, int64_t 
  * are not measured here. */
 static double pass_bandwidth(pw_layout_forecaster *f)
 {
-    if (f->pass_bandwidth > 0 || f->c.rate || f->c.flops_per_s > 0) return f->pass_bandwidth;
+    if (f->pass_bandwidth > 0 || !measuring_here(f)) return f->pass_bandwidth;
     const size_t n = (size_t)4 << 20;
     float *a = calloc(n, sizeof *a), *b = calloc(n, sizeof *b);
     if (!a || !b) {
@@ -722,11 +787,63 @@ static double rank_rate(pw_layout_forecaster *f, const pw_layout *l)
     const int64_t mbs = micro_size(f, l);
     if (f->c.rate) return f->c.rate(f->c.rate_ctx, l->threads, mbs);
     if (f->c.flops_per_s > 0) return f->c.flops_per_s;
-    const rate_entry *e = measured(f, l->threads, mbs);
+    /* In one process every rank computes at once: a T group is measured
+     * as that group, S x R ranks at T = 1 as that many programs side by
+     * side; else (or across processes) one rank alone. */
+    const int T = l->tensor > 1 ? l->tensor : 1;
+    const int at_once = l->stages * l->replicas;
+    const int group = f->c.in_process && T > 1 ? T : 1;
+    const int ranks = group > 1 ? group : f->c.in_process && at_once > 1 ? at_once : 1;
+    /* A step of M micro-batches, as pw_forecast_calibrate counts it, in the
+     * FLOPs of what ran: the whole graph, or a T group's largest rank. */
+    double flops = f->flops_sample, params = f->param_bytes;
+    if (group > 1) {
+        const tp_view *v = view_of(f, T);
+        if (!v || v->refused) return 0;
+        flops = v->flops_sample;
+        params = v->param_bytes;
+    }
+    const rate_entry *e = measured(f, l->threads, mbs, ranks, group);
     if (!e) return 0;
-    /* A one-rank step of M micro-batches, as pw_forecast_calibrate counts it. */
     const double M = l->micro_batches;
-    return (f->flops_sample * (double)mbs * M + f->param_bytes) / (e->micro_s * M + e->optim_s);
+    return (flops * (double)mbs * M + params) / (e->micro_s * M + e->optim_s);
+}
+
+/* The in-process link figures (layout.h): given, or measured once here;
+ * NULL when there are none (the topology's defaults then). */
+static const pw_forecast_links *links_of(pw_layout_forecaster *f)
+{
+    if (f->links_state == 0) {
+        f->links_state = -1;
+        if (f->c.handoff_s > 0 || f->c.allreduce_latency_s > 0 || f->c.allreduce_bandwidth > 0) {
+            f->links.handoff_s = f->c.handoff_s;
+            f->links.allreduce_latency_s = f->c.allreduce_latency_s;
+            f->links.allreduce_bandwidth = f->c.allreduce_bandwidth;
+            f->links_state = 1;
+        } else if (f->c.in_process && measuring_here(f)) {
+            const int64_t t0 = pw_now_ns();
+            pw_status st = pw_forecast_calibrate_links(&f->links);
+            const double took = (double)(pw_now_ns() - t0) * 1e-9;
+            f->measure_s += took;
+            if (st == PW_OK) {
+                f->links_state = 1;
+                f->n_link_measurements = 1;
+                if (f->c.log)
+                    fprintf(f->c.log, "  measured: a hand-off between two ranks' threads %.1f us; the replicas' "
+                            "sum of 2 as a ring: latency %.1f us, %.3g GB/s (no-op steps of 16 micro-batches: "
+                            "1 stage %.3f ms, 2 stages %.3f ms, 2 replicas summing 1 KiB %.3f ms, 4 MiB %.3f ms; "
+                            "%.2f s)\n",
+                            1e6 * f->links.handoff_s, 1e6 * f->links.allreduce_latency_s,
+                            f->links.allreduce_bandwidth / 1e9, 1e3 * f->links.noop_step_s,
+                            1e3 * f->links.two_stage_s, 1e3 * f->links.sum_small_s, 1e3 * f->links.sum_big_s,
+                            took);
+            } else {
+                PW_WARN("layout: in-process links not measured (%s): the default figures", pw_last_error());
+                pw_clear_error();
+            }
+        }
+    }
+    return f->links_state == 1 ? &f->links : NULL;
 }
 
 /* View v's FLOP sums over the whole graph's FLOP partition into C chunks. */
@@ -830,6 +947,16 @@ static pw_forecast_config layout_forecast(pw_layout_forecaster *f, const tp_view
     fc.topology = f->c.topology;
     fc.host_latency_s = f->c.host_latency_s;
     fc.host_bandwidth = f->c.host_bandwidth;
+    const pw_forecast_links *lk = links_of(f);
+    if (lk) { /* ranks in this process: its own figures, not the classes' */
+        fc.topology = NULL;
+        fc.link_latency_s = lk->handoff_s;
+        fc.link_bandwidth = 0;
+        fc.allreduce_latency_s = lk->allreduce_latency_s;
+        fc.allreduce_bandwidth = lk->allreduce_bandwidth;
+    }
+    /* The T group's rate has its sums inside (rank_rate). */
+    fc.tp_in_rate = l->tensor > 1 && f->c.in_process && measuring_here(f);
     return fc;
 }
 
@@ -897,7 +1024,8 @@ static pw_status fc_cost(void *ctx, const pw_layout *l, pw_layout_cost *out)
         out->rate = rate;
         out->allreduce = fo.allreduce_time;
         out->tp_allreduce = fo.tp_time;
-        out->tp_link = l->tensor > 1 && f->c.topology ? fo.tp_cls : -1;
+        out->tp_link = l->tensor > 1 && f->c.topology && !links_of(f) ? fo.tp_cls : -1;
+        out->tp_in_rate = l->tensor > 1 && f->c.in_process && measuring_here(f);
         for (int r = 0; r < l->stages; r++)
             if (mem[r] > out->memory) out->memory = mem[r];
     }

@@ -113,6 +113,8 @@ typedef struct pw_layout_cost {
                                     F and B, the busiest stage (0 at T = 1) */
     int tp_link;                 /* T > 1 on a topology: its slowest hop's link class
                                     (pw_link_class, stages/plan/forecast.h); -1 unknown */
+    int tp_in_rate;              /* T > 1: the sums are inside `rate` (measured as the
+                                    group runs them), tp_allreduce 0 */
 } pw_layout_cost;
 
 /* A cost model. cost: PW_OK and *out, or an error (the candidate is then
@@ -242,6 +244,25 @@ typedef struct pw_layout_forecast_config {
     double (*rate)(void *ctx, int threads, int64_t mbs);
     void *rate_ctx;
     FILE *log;                   /* (optional) one line per measurement */
+    /* 1: the ranks are threads of this process (pipeline-run --parallel auto
+     * without --processes, bench_layouts). With rates measured here (no
+     * flops_per_s, no rate hook) the forecaster then also measures, each
+     * once when first needed: the in-process links
+     * (pw_forecast_calibrate_links), unless given below; a candidate's rate
+     * with all its ranks computing at once (S x R > 1 at T = 1:
+     * pw_forecast_calibrate_group over S x R whole-graph programs, for the
+     * caches and memory bandwidth they share); and at T > 1 the rank
+     * graph's rate as the in-process T group runs it, its tensor-parallel
+     * sums inside (pw_forecast_config.tp_in_rate). */
+    int in_process;
+    /* In-process link figures (> 0: given; 0 with in_process: measured).
+     * When known they cost every pipeline message (handoff_s, bandwidth
+     * infinite: hand-offs do not copy) and the replicas' sum (a ring at
+     * allreduce_latency_s and allreduce_bandwidth, bytes/s; 0: infinite)
+     * instead of the topology's default figures. */
+    double handoff_s;
+    double allreduce_latency_s;
+    double allreduce_bandwidth;
 } pw_layout_forecast_config;
 
 /* Zeroed, optimizer SGD, host figures -1 (defaults). */
@@ -272,6 +293,15 @@ pw_status pw_layout_forecaster_memory(pw_layout_forecaster *f, const pw_layout *
 
 /* Measurements taken so far (rate entries); for the printout. */
 int pw_layout_forecaster_measurements(const pw_layout_forecaster *f, double *seconds);
+
+/* After a search with rates measured here: times the first and the last
+ * rate measured again (the two furthest apart in time). When either now
+ * differs from its first measurement by more than `tolerance` (0.25: a
+ * quarter; the machine changed speed while the planner measured), every
+ * measurement is dropped, to be taken again by the next search, and 1 is
+ * returned (search again); else 0. Nothing measured here (a rate hook,
+ * flops_per_s), or a failed re-measurement: 0. One line to the log. */
+int pw_layout_forecaster_recheck(pw_layout_forecaster *f, double tolerance);
 
 #ifdef __cplusplus
 }

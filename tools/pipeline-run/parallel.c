@@ -113,6 +113,7 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
     fc.topology = m.topo;
     fc.flops_per_s = rq->flops_per_s > 0 ? rq->flops_per_s : m.on_gpus ? GPU_FLOPS_DEFAULT : 0;
     fc.log = rq->quiet ? NULL : stdout;
+    fc.in_process = sp.shared_team; /* ranks as threads: measure their links and contention */
     if (!rq->quiet) {
         printf("pipeline-run: --parallel auto: graph %s, batch %lld, at most %d rank%s on %s (%d %s%s)%s\n",
                rq->graph->name, (long long)rq->batch, sp.processes, sp.processes > 1 ? "s" : "",
@@ -130,8 +131,12 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
             printf("  memory: %s per rank, the topology's GPU memory (set --memory-budget to change)\n",
                    pw_format_bytes((double)m.budget, b, sizeof b));
         }
-        printf("  links: from the placement on %s, default figures per link class (docs/schedules.md)\n",
-               here ? "this machine's topology" : rq->topology);
+        if (fc.in_process && !(fc.flops_per_s > 0))
+            printf("  links: measured here between this process's threads (hand-offs and the replicas' sum), "
+                   "ranks that compute at once measured together\n");
+        else
+            printf("  links: from the placement on %s, default figures per link class (docs/schedules.md)\n",
+                   here ? "this machine's topology" : rq->topology);
         fflush(stdout);
     }
     pw_layout_forecaster *f = NULL;
@@ -148,6 +153,13 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
         fprintf(stderr, "pipeline-run: --parallel auto: %s\n", pw_last_error());
         goto out;
     }
+    if (pw_layout_forecaster_recheck(f, 0.25)) { /* the machine changed speed: once more */
+        pw_layout_result_free(&res);
+        if (pw_layout_search(&sp, &model, m.budget, &res) != PW_OK) {
+            fprintf(stderr, "pipeline-run: --parallel auto: %s\n", pw_last_error());
+            goto out;
+        }
+    }
     pw_layout_cost_more(&model, &res, 5); /* runners-up to show beside the choice */
     const int S = res.best.stages;
     mem = calloc((size_t)S, sizeof *mem);
@@ -162,7 +174,7 @@ int pr_parallel_auto(const pr_parallel_request *rq, pw_layout *chosen)
         pw_layout_print(stdout, &res, 5, mem, mem ? S : 0);
         print_command(rq, &res.best);
         printf("planned in %.2f s", wall_s() - t0);
-        if (n_meas) printf(" (%.2f s measuring %d rate%s)", meas_s, n_meas, n_meas > 1 ? "s" : "");
+        if (n_meas) printf(" (%.2f s measuring: %d measurement%s)", meas_s, n_meas, n_meas > 1 ? "s" : "");
         printf("\n");
         fflush(stdout);
     }
