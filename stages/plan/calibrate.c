@@ -312,7 +312,7 @@ pw_status pw_forecast_calibrate_links(pw_forecast_links *out)
     memset(out, 0, sizeof *out);
     const int M = 16;
     const int64_t small = 256, big = (int64_t)1 << 20; /* floats: 1 KiB and 4 MiB */
-    double one, two, crit, sum_small, sum_big;
+    double one = 0, two = 0, crit = 0, sum_small = 0, sum_big = 0;
     /* Hand-offs: two stages against one, the same actions; what two add is
      * the messages on the critical path (the simulator counts them). */
     PW_CHECK(noop_step(1, 1, M, 0, &one, NULL));
