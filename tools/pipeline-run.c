@@ -1978,8 +1978,10 @@ static int open_resume(run *r, char *note, size_t n)
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-    /* The workers' count: --sync ps's servers are not replicas. */
-    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world - r->o.ps_servers, note, n);
+    /* The workers' count: --sync ps's servers are not replicas, and a
+     * stage's T tensor-parallel processes are one rank of the layout. */
+    const int T = r->o.tensor_parallel > 1 ? r->o.tensor_parallel : 1;
+    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), (r->world - r->o.ps_servers) / T, note, n);
     if (rc) {
         pw_state_close(r->resume);
         r->resume = NULL;
