@@ -1684,6 +1684,8 @@ static void write_tp(void)
 }
 
 #define TP_MODEL "tp.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16"
+#define TP_MODEL_R3 "tp.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 24 --steps 6 " \
+                    "--stages 1 --replicas 3 --tensor-parallel 2 --micro-batches 2"
 
 /* S x R x T under mpirun -np S·R·T against the same layout in one process
  * (T ranks as threads): the same checkpoint bytes. */
@@ -1938,6 +1940,53 @@ static void tp_checkpoints(void)
                  "of that resume in one process");
 }
 
+/* The replicas' sum at T > 1 under mpirun (docs/parallelism.md, "Under
+ * MPI"): each process's buckets hold its own tensor rank's parts, where one
+ * process puts every rank's parts in one bucket. At 1 x 3 x 2 (three
+ * replicas: with two every order of a sum is the same) against the same
+ * layout in one process: the per-element orders (the tree, hierarchical,
+ * auto) and compressors (bf16, fp16, top-k, whose k is per parameter part)
+ * give the same bytes; the ring (its segments follow the bucket) other
+ * bytes, within 1e-5 of each tensor's largest after 6 SGD steps; PowerSGD
+ * (its matrices' factors) trains, its bytes other than one process's. */
+static void tp_algo(const char *flags, int same, double tol, const char *tag)
+{
+    char cmd[2048], what[1200], a[160], b[160], why[256], *out = NULL;
+    /* --allreduce is mpirun's (one process sums with the tree); --compress both's */
+    const char *one = strncmp(flags, "--compress", 10) == 0 ? flags : "";
+    snprintf(what, sizeof what, "tp.graph: 1 stage x 3 replicas x 2 tensor-parallel ranks %s", flags);
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " TP_MODEL_R3 " %s --save one_%s.st", bin, one, tag);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("tp: %s in one process (%s): exit %d\n%s", what, cmd, st, out);
+    free(out);
+    if (st != 0) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 6 %s/pipeline-run " TP_MODEL_R3 " %s --save mpi_%s.st", bin, flags, tag);
+    st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("tp: %s under mpirun (%s): exit %d\n%s", what, cmd, st, out);
+    free(out);
+    if (st != 0) return;
+    snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
+    snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
+    const int equal = test_same_tensors(a, b, why, sizeof why);
+    if (same && !equal) fail("tp: %s: the MPI checkpoint differs from one process: %s", what, why);
+    else if (same) printf("ok   tp: %s: MPI checkpoint identical to one process\n", what);
+    else if (equal) fail("tp: %s: the same bytes as one process, where docs/parallelism.md says they differ", what);
+    else if (tol > 0 && !test_compare_tensors(a, b, tol, 0, why, sizeof why))
+        fail("tp: %s: beyond %g of the largest against one process: %s", what, tol, why);
+    else printf("ok   tp: %s: not one process's bytes (%s)%s\n", what, why, tol > 0 ? ", within the bound" : "");
+}
+
+static void tp_algos(void)
+{
+    tp_algo("--allreduce tree", 1, 0, "tp_r3");
+    tp_algo("--allreduce hierarchical", 1, 0, "tp_r3h");
+    tp_algo("--allreduce auto", 1, 0, "tp_r3a");
+    tp_algo("--compress bf16", 1, 0, "tp_r3bf");
+    tp_algo("--compress topk:0.1", 1, 0, "tp_r3k");
+    tp_algo("--allreduce ring", 0, 1e-5, "tp_r3r");
+    tp_algo("--compress powersgd:2", 0, 0, "tp_r3p");
+}
+
 static void tp_cases(int np)
 {
     if (np != 4) {
@@ -1952,6 +2001,7 @@ static void tp_cases(int np)
     tp_clip(2, 1, "--micro-batches 4", "tp_s2c", "mpi_tp_s2.st");
     tp_clip(1, 2, "--micro-batches 2 --optimizer adamw", "tp_r2c", "mpi_tp_r2.st");
     tp_checkpoints();
+    tp_algos();
     tp_refused(4, "--stages 2 --tensor-parallel 3",
                "mpirun started 4 processes, but --stages 2 x --replicas 1 x --tensor-parallel 3 needs 6");
     tp_refused(3, "--tensor-parallel 2", "mpirun -np 3 is not a multiple of --replicas 1 x --tensor-parallel 2");
