@@ -190,6 +190,12 @@ pw_status pl_sumsq_across(pw_pipeline *pl, double *out);
  * transport's tensor-parallel group (all must call it together), so every
  * process adds the numbers one process adds. Folds the gradients. */
 pw_status pl_tp_sumsq(gstage *gs, const unsigned char *skip, float **tmp, double *sum);
+/* Tensor parallelism (pipeline.c): a cut may not split a column → row pair
+ * (a split value would cross it). Each interior cut of cuts[0 .. C] that
+ * does moves to the nearest boundary no split value crosses between its
+ * neighbours (the earlier on a tie); *moved = 1 when one did.
+ * PW_ERR_INVALID_ARG, naming the chunk, when there is none. */
+pw_status pl_tp_snap_cuts(const pw_pipeline *pl, int *cuts, int *moved);
 int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out);
 int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out);
 

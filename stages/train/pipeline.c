@@ -126,24 +126,13 @@ static int ties_across_chunks(const pw_pipeline *pl)
     return tied;
 }
 
-/* The chunks' node ranges: the caller's cuts (a plan's, stages/plan/plan.h) or
- * the partition method's; both get the same FLOP-model predictions. */
-/* Tensor parallelism: a chosen cut may not split a column → row pair
- * (a split value would cross it). Each cut that does moves to the nearest
- * boundary no split value crosses between its neighbours (the earlier on a
- * tie), and the partition is re-evaluated there; PW_ERR_INVALID_ARG when
- * there is none. User-given cuts are left as given (pl_build_stage names
- * a bad one). */
-static pw_status tp_move_cuts(pw_pipeline *pl)
+pw_status pl_tp_snap_cuts(const pw_pipeline *pl, int *cuts, int *moved)
 {
     const pw_graph *r = pl->rank_g[0], *g = pl->g;
     const int C = pl->C, N = g->n_nodes;
+    *moved = 0;
     unsigned char *ok = malloc((size_t)N + 1);
-    int *cuts = malloc(((size_t)C + 1) * sizeof *cuts);
-    if (!ok || !cuts) {
-        free(ok), free(cuts);
-        return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
-    }
+    if (!ok) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     /* ok[b]: no value produced before node b and read from b on is split */
     for (int b = 0; b <= N; b++) ok[b] = 1;
     for (int i = 0; i < N; i++)
@@ -152,9 +141,7 @@ static pw_status tp_move_cuts(pw_pipeline *pl)
             if (r->values[v].tp_full && prod >= 0)
                 for (int b = prod + 1; b <= i; b++) ok[b] = 0;
         }
-    int moved = 0;
     pw_status st = PW_OK;
-    for (int c = 0; c <= C; c++) cuts[c] = pl->part.begin[c];
     for (int c = 1; c < C && st == PW_OK; c++) {
         if (ok[cuts[c]]) continue;
         int best = -1;
@@ -167,18 +154,33 @@ static pw_status tp_move_cuts(pw_pipeline *pl)
                           "nodes %d and %d without splitting a tensor-parallel pair; use fewer stages or a `cut` "
                           "marker", c, C, cuts[c - 1] + 1, cuts[c + 1] - 1);
         cuts[c] = best;
-        moved = 1;
+        *moved = 1;
     }
+    free(ok);
+    return st;
+}
+
+/* Tensor parallelism: the partition method's cuts, each that splits a pair
+ * moved (pl_tp_snap_cuts) and the partition re-evaluated there. User-given
+ * cuts are left as given (pl_build_stage names a bad one). */
+static pw_status tp_move_cuts(pw_pipeline *pl)
+{
+    const int C = pl->C;
+    int *cuts = malloc(((size_t)C + 1) * sizeof *cuts), moved = 0;
+    if (!cuts) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    for (int c = 0; c <= C; c++) cuts[c] = pl->part.begin[c];
+    pw_status st = pl_tp_snap_cuts(pl, cuts, &moved);
     if (st == PW_OK && moved) {
         pw_partition_free(&pl->part);
         pw_partition_config pc = {.n_stages = C, .balance = PW_BALANCE_FLOPS};
-        st = pw_partition_evaluate(g, &pc, cuts, &pl->part);
+        st = pw_partition_evaluate(pl->g, &pc, cuts, &pl->part);
     }
-    free(ok);
     free(cuts);
     return st;
 }
 
+/* The chunks' node ranges: the caller's cuts (a plan's, stages/plan/plan.h) or
+ * the partition method's; both get the same FLOP-model predictions. */
 static pw_status make_partition(pw_pipeline *pl)
 {
     const pw_pipeline_config *c = &pl->cfg;

@@ -74,6 +74,10 @@
  *               resumed in one process at T = 2 and 1 and under mpirun on
  *               other layouts, and one process's T = 1 checkpoint resumed
  *               under mpirun at T = 2, each against one process's bytes;
+ *               at 1 x 3 x 2 the replicas' sum: tree, hierarchical, auto,
+ *               bf16 and top-k one process's bytes, the ring within 1e-5,
+ *               PowerSGD other bytes; forced moves of the cuts at 2 x 1 x 2
+ *               (one inside a tensor-parallel pair) against the unmoved run;
  *               bad layouts (np not S x R x T, not a multiple of R x T, heads
  *               fewer than T) refused naming the numbers or the op; a tensor
  *               rank hung mid-step named as the stalled one within the
@@ -2002,6 +2006,10 @@ static void tp_cases(int np)
     tp_clip(1, 2, "--micro-batches 2 --optimizer adamw", "tp_r2c", "mpi_tp_r2.st");
     tp_checkpoints();
     tp_algos();
+    /* --rebalance-at under mpirun at T = 2: each process moves its tensor
+     * rank's parts; 6 splits the first attention pair (it goes to 7) */
+    rebalanced(TP_MODEL " --steps 6", 4, 2, 1, "--tensor-parallel 2 --micro-batches 4 --optimizer adamw "
+               "--clip-grad-norm 0.05", "2:8/3:6/4:17", NULL, NULL, 3, "tp_reb");
     tp_refused(4, "--stages 2 --tensor-parallel 3",
                "mpirun started 4 processes, but --stages 2 x --replicas 1 x --tensor-parallel 3 needs 6");
     tp_refused(3, "--tensor-parallel 2", "mpirun -np 3 is not a multiple of --replicas 1 x --tensor-parallel 2");
