@@ -314,19 +314,23 @@ pw_status pl_tp_sumsq(gstage *gs, const unsigned char *skip, float **tmp, double
             parts[(size_t)rank * (size_t)n + (size_t)i] = part;
         }
     }
-    if (st == PW_OK && pl->t) {
+    if (pl->t) {
         /* Under MPI every process of the stage holds one row: the others'
-         * from them (every one then adds the same numbers). */
+         * from them (every one then adds the same numbers). A process that
+         * failed above still takes part, so that its peers do not wait for
+         * it; its own error stands. */
         double *mine = malloc((size_t)n * sizeof *mine);
-        if (!mine) st = pw_error(PW_ERR_NOMEM, "chunk %d: out of memory for the gradient norm", gs->index);
+        pw_status gst;
+        if (!mine) gst = pw_error(PW_ERR_NOMEM, "chunk %d: out of memory for the gradient norm", gs->index);
         else {
             memcpy(mine, parts + (size_t)pl->tp0 * (size_t)n, (size_t)n * sizeof *mine);
-            st = pw_coll_allgather_bytes(&pl->t->tp_coll, mine, (int64_t)n * (int64_t)sizeof *mine, parts,
-                                         &gs->tp_abort);
+            gst = pw_coll_allgather_bytes(&pl->t->tp_coll, mine, (int64_t)n * (int64_t)sizeof *mine, parts,
+                                          &gs->tp_abort);
             free(mine);
-            if (st != PW_OK) st = pw_error_prefix(st, "chunk %d: the gradient norm's parts across its tensor "
-                                                  "ranks: ", gs->index);
+            if (gst != PW_OK) gst = pw_error_prefix(gst, "chunk %d: the gradient norm's parts across its tensor "
+                                                    "ranks: ", gs->index);
         }
+        if (st == PW_OK) st = gst;
     }
     for (int i = 0; i < n && st == PW_OK; i++) {
         pw_program_param pp;

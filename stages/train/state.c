@@ -713,7 +713,10 @@ static pw_status gather_item(pw_state_writer *w, const item *it)
     float *mine = w->part, *all = w->part + w->part_floats;
     pw_status st = it->part < 0 ? pw_program_param_read(it->prog, it->local, PW_PARAM_DATA, 0, mine)
                                 : pw_program_param_read(it->prog, it->local, PW_PARAM_STATE, it->part, mine);
-    if (st == PW_OK) st = pw_coll_allgather_bytes(&w->t->tp_coll, mine, most * (int64_t)sizeof(float), all, NULL);
+    /* A process whose read failed still takes part (its peers would wait
+     * for it); its own error stands. */
+    const pw_status gst = pw_coll_allgather_bytes(&w->t->tp_coll, mine, most * (int64_t)sizeof(float), all, NULL);
+    if (st == PW_OK) st = gst;
     if (st != PW_OK) return pw_error_prefix(st, "checkpoint: snapshot of %s (tensor rank %d of %d): ", it->name,
                                             w->t->tp_rank, T);
     for (int r = 0; r < T; r++) pw_graph_tp_slice(w->rank_g[r], it->gp, w->block + it->off, all + (size_t)r * (size_t)most, 0);
