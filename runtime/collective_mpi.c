@@ -303,8 +303,9 @@ static pw_status mpi_allgather_bytes(void *self, int member, const void *mine, i
     pw_mpi_lock();
     int rc = MPI_Iallgather(mine, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, c->comm, &r);
     pw_mpi_unlock();
-    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Iallgather of a compressed bucket");
-    return pw_mpi_wait(&r, 1, NULL, abort, "MPI_Iallgather of a compressed bucket");
+    if (rc != MPI_SUCCESS) return pw_mpi_error(rc, "MPI_Iallgather");
+    atomic_store(&c->waiting, -1); /* any member: the watch (if set) blames the group */
+    return coll_wait(c, &r, 1, abort, "MPI_Iallgather");
 }
 
 static int mpi_waiting_for(void *self, int member)

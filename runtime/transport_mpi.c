@@ -413,6 +413,20 @@ static pw_status tp_allgather_f64(void *self, int member, double v, double *out,
     return m->tp_inner.vt->allgather_f64(m->tp_inner.self, member, v, out, abort);
 }
 
+/* The gradient norm's parts and a checkpoint's split tensors (stages/train):
+ * MPI_Iallgather, between steps or in OPTIM; the board says this process
+ * waits for the group meanwhile. */
+static pw_status tp_allgather_bytes(void *self, int member, const void *mine, int64_t bytes, void *out,
+                                    const atomic_int *abort)
+{
+    mpi_transport *m = self;
+    atomic_store(&m->state.wait_peer, PW_WAIT_ALL);
+    pw_status st = m->tp_inner.vt->allgather_bytes(m->tp_inner.self, member, mine, bytes, out, abort);
+    atomic_store(&m->state.wait_peer, PW_WAIT_NOBODY);
+    atomic_fetch_add(&m->state.progress, 1);
+    return st;
+}
+
 static int tp_waiting_for(void *self, int member)
 {
     mpi_transport *m = self;
@@ -421,7 +435,7 @@ static int tp_waiting_for(void *self, int member)
 
 static const pw_coll_i tp_coll_i = {
     .name = "mpi-tree (tensor-parallel)", .allreduce = tp_allreduce, .allgather_f64 = tp_allgather_f64,
-    .waiting_for = tp_waiting_for};
+    .waiting_for = tp_waiting_for, .allgather_bytes = tp_allgather_bytes};
 
 /* Polls reqs until they complete, publishing that this process waits for
  * `peer`. Once the watchdog has passed, asks blame every 100 ms: a stalled

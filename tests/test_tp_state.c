@@ -2,8 +2,9 @@
  * docs/parallelism.md, "Clipping at T > 1" and "Checkpoints"): gradient-norm
  * clipping whose global norm counts each split parameter's parts once and
  * each whole one once, against T = 1 and across stage counts and schedules
- * at one T; and training-state checkpoints (--checkpoint-dir, --resume)
- * written at one T and resumed at another, AdamW state included. */
+ * at one T; training-state checkpoints (--checkpoint-dir, --resume)
+ * written at one T and resumed at another, AdamW state included; and a
+ * running pipeline's cuts moved at T = 2 (pw_pipeline_repartition). */
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <math.h>
@@ -18,6 +19,7 @@
 #include "stages/ops/optim.h"
 #include "stages/train/data.h"
 #include "stages/train/pipeline.h"
+#include "stages/train/rebalance.h"
 #include "stages/train/state.h"
 #include "tests/tsan_criterion.h" /* runs under ThreadSanitizer (scripts/test.sh) */
 #include "tests/tp_support.h"        /* MLP, GPT, parse, images, tokens */
@@ -372,6 +374,54 @@ Test(tp_state, checkpoints_resume_at_any_T, .timeout = TIMEOUT)
     char cmd[700];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
     cr_assert_eq(system(cmd), 0);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+/* ------------------------------------------------------------ moving cuts */
+
+/* pw_pipeline_repartition at T = 2 in one process (docs/parallelism.md,
+ * "Moving the cuts at T > 1"): the GPT on 2 stages, AdamW with clipping,
+ * moved after step 2 to other cuts and after step 3 to a cut inside an
+ * attention pair (moved to the nearest boundary outside it, as a first
+ * partition's cut is): after 5 steps the bytes of the unbroken run. Every
+ * rank's parts and optimizer state move, so any rank's left behind would
+ * show here. */
+Test(tp_state, repartition_at_T2, .timeout = TIMEOUT)
+{
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = tokens();
+    char ref[] = "/tmp/pw_tps_rb0_XXXXXX", got[] = "/tmp/pw_tps_rb1_XXXXXX";
+    tmp_file(ref);
+    tmp_file(got);
+    const run_cfg c = {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0.05, 0, PW_OPTIM_ADAMW, 8, 0};
+    run_to(g, d, &c, 5, ref, NULL);
+    pw_pipeline *pl = make(g, d, &c);
+    steps(pl, 2, &c, NULL);
+    /* other cuts: three chunks' worth of boundaries, the first of them */
+    int three[4];
+    cr_assert(tp_cuts(g, 3, three));
+    int cuts[3] = {0, three[1], g->n_nodes};
+    cr_assert_neq(cuts[1], pw_pipeline_partition(pl)->begin[1], "the move must move");
+    pw_repartition_info info;
+    cr_assert_eq(pw_pipeline_repartition(&pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_pipeline_partition(pl)->begin[1], cuts[1]);
+    steps(pl, 1, &c, NULL);
+    /* a cut between an attention's c_attn (column) and its c_proj (row) */
+    int att = -1; /* the second block's attention: qkv, split, comes into it */
+    for (int i = 0; i < g->n_nodes; i++)
+        if (g->nodes[i].op == PW_OP_CAUSAL_ATTENTION) att = i;
+    cr_assert_gt(att, cuts[1], "the second attention lies after the first cut");
+    cuts[1] = att;
+    cr_assert_eq(pw_pipeline_repartition(&pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
+    const int at = pw_pipeline_partition(pl)->begin[1];
+    cr_assert(at != att && at >= att - 3 && at <= att + 3, "the cut inside the pair went to %d (asked %d)", at, att);
+    steps(pl, 2, &c, NULL);
+    cr_assert_eq(pw_pipeline_save(pl, got, NULL), PW_OK, "%s", pw_last_error());
+    pw_pipeline_destroy(pl);
+    compare(got, ref, -1, 0, 0, "T=2, moved twice, against the unbroken run");
+    unlink(ref);
+    unlink(got);
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }

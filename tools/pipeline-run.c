@@ -317,9 +317,7 @@ static void usage(FILE *f)
 "                        more gradient copies\n"
 "  --tensor-parallel T   split each stage's tp=-marked layers over T ranks,\n"
 "                        threads of this process, or processes under mpirun\n"
-"                        -np S*R*T (docs/parallelism.md): CPU, no --rebalance;\n"
-"                        clipping and --checkpoint-dir/--resume in one process\n"
-"                        only;\n"
+"                        -np S*R*T (docs/parallelism.md): CPU;\n"
 "                        within rounding of T = 1, the same bits for every\n"
 "                        stage count, schedule and replica count at one T\n"
 "  --parallel auto       search stages x replicas x tensor degree (graphs with\n"
@@ -1990,8 +1988,10 @@ static int open_resume(run *r, char *note, size_t n)
         fprintf(stderr, "pipeline-run: %s\n", pw_last_error());
         return 1;
     }
-    /* The workers' count: --sync ps's servers are not replicas. */
-    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), r->world - r->o.ps_servers, note, n);
+    /* The workers' count: --sync ps's servers are not replicas, and a
+     * stage's T tensor-parallel processes are one rank of the layout. */
+    const int T = r->o.tensor_parallel > 1 ? r->o.tensor_parallel : 1;
+    int rc = resume_layout(&r->o, pw_state_get_meta(r->resume), (r->world - r->o.ps_servers) / T, note, n);
     if (rc) {
         pw_state_close(r->resume);
         r->resume = NULL;

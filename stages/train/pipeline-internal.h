@@ -181,6 +181,22 @@ extern const pw_stage_i pl_gstage_i, pl_gstage_post_i;
 pw_status pl_sum_ties(const pw_graph *g, pw_program **p, int np);
 pw_status pl_sum_ties_across(pw_pipeline *pl);
 pw_status pl_sumsq_across(pw_pipeline *pl, double *out);
+/* Tensor parallelism (pipeline_stage.c): adds chunk gs's share of the
+ * squared global norm to *sum, the order of docs/parallelism.md ("Clipping
+ * at T > 1"): parameter by parameter in program order, those whose graph
+ * parameter is not skip[]ped (skip NULL: all), each as its parts' sums in
+ * rank order (a split parameter's T parts, a whole one's rank 0 copy), each
+ * part's squares summed on their own from 0, elements in order. Under MPI
+ * the T processes of the stage all-gather their parts' sums over the
+ * transport's tensor-parallel group (all must call it together), so every
+ * process adds the numbers one process adds. Folds the gradients. */
+pw_status pl_tp_sumsq(gstage *gs, const unsigned char *skip, float **tmp, double *sum);
+/* Tensor parallelism (pipeline.c): a cut may not split a column → row pair
+ * (a split value would cross it). Each interior cut of cuts[0 .. C] that
+ * does moves to the nearest boundary no split value crosses between its
+ * neighbours (the earlier on a tie); *moved = 1 when one did.
+ * PW_ERR_INVALID_ARG, naming the chunk, when there is none. */
+pw_status pl_tp_snap_cuts(const pw_pipeline *pl, int *cuts, int *moved);
 int pl_replica_programs(pw_pipeline *pl, int k, pw_program **out);
 int pl_replica_rank_programs(pw_pipeline *pl, int k, int rank, pw_program **out);
 

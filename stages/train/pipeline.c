@@ -126,24 +126,13 @@ static int ties_across_chunks(const pw_pipeline *pl)
     return tied;
 }
 
-/* The chunks' node ranges: the caller's cuts (a plan's, stages/plan/plan.h) or
- * the partition method's; both get the same FLOP-model predictions. */
-/* Tensor parallelism: a chosen cut may not split a column → row pair
- * (a split value would cross it). Each cut that does moves to the nearest
- * boundary no split value crosses between its neighbours (the earlier on a
- * tie), and the partition is re-evaluated there; PW_ERR_INVALID_ARG when
- * there is none. User-given cuts are left as given (pl_build_stage names
- * a bad one). */
-static pw_status tp_move_cuts(pw_pipeline *pl)
+pw_status pl_tp_snap_cuts(const pw_pipeline *pl, int *cuts, int *moved)
 {
     const pw_graph *r = pl->rank_g[0], *g = pl->g;
     const int C = pl->C, N = g->n_nodes;
+    *moved = 0;
     unsigned char *ok = malloc((size_t)N + 1);
-    int *cuts = malloc(((size_t)C + 1) * sizeof *cuts);
-    if (!ok || !cuts) {
-        free(ok), free(cuts);
-        return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
-    }
+    if (!ok) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
     /* ok[b]: no value produced before node b and read from b on is split */
     for (int b = 0; b <= N; b++) ok[b] = 1;
     for (int i = 0; i < N; i++)
@@ -152,9 +141,7 @@ static pw_status tp_move_cuts(pw_pipeline *pl)
             if (r->values[v].tp_full && prod >= 0)
                 for (int b = prod + 1; b <= i; b++) ok[b] = 0;
         }
-    int moved = 0;
     pw_status st = PW_OK;
-    for (int c = 0; c <= C; c++) cuts[c] = pl->part.begin[c];
     for (int c = 1; c < C && st == PW_OK; c++) {
         if (ok[cuts[c]]) continue;
         int best = -1;
@@ -167,18 +154,33 @@ static pw_status tp_move_cuts(pw_pipeline *pl)
                           "nodes %d and %d without splitting a tensor-parallel pair; use fewer stages or a `cut` "
                           "marker", c, C, cuts[c - 1] + 1, cuts[c + 1] - 1);
         cuts[c] = best;
-        moved = 1;
+        *moved = 1;
     }
+    free(ok);
+    return st;
+}
+
+/* Tensor parallelism: the partition method's cuts, each that splits a pair
+ * moved (pl_tp_snap_cuts) and the partition re-evaluated there. User-given
+ * cuts are left as given (pl_build_stage names a bad one). */
+static pw_status tp_move_cuts(pw_pipeline *pl)
+{
+    const int C = pl->C;
+    int *cuts = malloc(((size_t)C + 1) * sizeof *cuts), moved = 0;
+    if (!cuts) return pw_error(PW_ERR_NOMEM, "pipeline: out of memory");
+    for (int c = 0; c <= C; c++) cuts[c] = pl->part.begin[c];
+    pw_status st = pl_tp_snap_cuts(pl, cuts, &moved);
     if (st == PW_OK && moved) {
         pw_partition_free(&pl->part);
         pw_partition_config pc = {.n_stages = C, .balance = PW_BALANCE_FLOPS};
-        st = pw_partition_evaluate(g, &pc, cuts, &pl->part);
+        st = pw_partition_evaluate(pl->g, &pc, cuts, &pl->part);
     }
-    free(ok);
     free(cuts);
     return st;
 }
 
+/* The chunks' node ranges: the caller's cuts (a plan's, stages/plan/plan.h) or
+ * the partition method's; both get the same FLOP-model predictions. */
 static pw_status make_partition(pw_pipeline *pl)
 {
     const pw_pipeline_config *c = &pl->cfg;
@@ -254,10 +256,6 @@ pw_status pl_create(const pw_pipeline_config *cfg, pw_trace *adopt, pw_pipeline 
         if (t && c->ps_servers > 0)
             return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with parameter servers under MPI is not "
                             "built", T);
-        if (t && c->clip_grad_norm > 0)
-            return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d with gradient clipping under MPI is not "
-                            "built (the norm counts a split parameter's parts across processes; in one "
-                            "process it is: docs/parallelism.md)", T);
         if (c->device && strcmp(c->device, "cpu") != 0)
             return pw_error(PW_ERR_UNSUPPORTED, "tensor parallelism %d runs on the CPU only (device '%s')", T,
                             c->device);
@@ -509,29 +507,20 @@ loss_part pl_replica_loss(const pw_pipeline *pl, int lrep, int j)
 }
 
 
-/* Tensor parallelism: the squared global norm of replica k's gradients
- * here, each parameter once (seen[graph parameter], zeroed by the caller:
- * a tie counts once), a split one as its T parts in rank order, a whole
- * one as rank 0's (every rank holds the same). The gradients are folded. */
+/* Tensor parallelism in one process: the squared global norm of replica
+ * k's gradients here, chunk by chunk, each parameter once (seen[graph
+ * parameter], zeroed by the caller: a tie counts once) in pl_tp_sumsq's
+ * order. The gradients are folded. */
 static pw_status tp_sumsq(pw_pipeline *pl, int k, unsigned char *seen, float **tmp, double *sumsq)
 {
-    const pw_graph *rg = pl->rank_g[0];
     for (int ch = 0; ch < pl->C; ch++) {
         if (!stage_here(pl, ch)) continue;
-        pw_program **rp = stage_at(pl, k, ch)->rank_prog;
-        for (int r = 0; r < pl->T; r++) pw_program_fold_grads(rp[r]);
-        for (int i = 0; i < pw_program_n_params(rp[0]); i++) {
+        gstage *gs = stage_at(pl, k, ch);
+        PW_CHECK(pl_tp_sumsq(gs, seen, tmp, sumsq));
+        for (int i = 0; i < pw_program_n_params(gs->rank_prog[0]); i++) {
             pw_program_param pp;
-            pw_program_param_at(rp[0], i, &pp);
-            if (seen[pp.graph_param]) continue;
+            pw_program_param_at(gs->rank_prog[0], i, &pp);
             seen[pp.graph_param] = 1;
-            const int ranks = rg->params[pp.graph_param].tp_full > 0 ? pl->T : 1;
-            for (int r = 0; r < ranks; r++) {
-                pw_program_param_at(rp[r], i, &pp);
-                float *gr;
-                PW_CHECK(pl_host_grad(rp[r], i, &pp, tmp, &gr));
-                for (int64_t e = 0; e < pp.numel; e++) *sumsq += (double)gr[e] * (double)gr[e];
-            }
         }
     }
     return PW_OK;
@@ -581,7 +570,7 @@ static pw_status finish_step(pw_pipeline *pl, int64_t step)
             }
             double norm = sqrt(sumsq), coef = pl->cfg.clip_grad_norm / (norm + 1e-6);
             if (k == 0) pl->grad_norm = norm;
-            for (int r = pl->T - 1; r >= 0; r--) { /* every rank's, rank 0's last (p holds them after) */
+            for (int r = pl->TL - 1; r >= 0; r--) { /* every local rank's, the first last (p holds them after) */
                 np = pl_replica_rank_programs(pl, k, r, p);
                 for (int j = 0; j < np && coef < 1.0; j++)
                     for (int i = 0; i < pw_program_n_params(p[j]); i++) {

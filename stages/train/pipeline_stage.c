@@ -263,12 +263,13 @@ pw_status pl_host_grad_done(pw_program *p, int i, const float *g)
 }
 
 /* The programs whose gradients and optimizer state the chunk owns: its
- * pieces, or at T > 1 its T rank programs (rank_prog[0] is its one piece). */
+ * pieces, or at T > 1 this process's TL rank programs (rank_prog[0] is its
+ * one piece; all T in one process, one under MPI). */
 static int gs_programs(gstage *s, pw_program ***out)
 {
     if (s->rank_prog) {
         *out = s->rank_prog;
-        return s->pl->T;
+        return s->pl->TL;
     }
     *out = s->piece;
     return s->n_pieces;
@@ -290,30 +291,77 @@ static int add_sumsq(gstage *s, pw_program *p, int i, float **tmp, double *sum)
     return 0;
 }
 
+pw_status pl_tp_sumsq(gstage *gs, const unsigned char *skip, float **tmp, double *sum)
+{
+    pw_pipeline *pl = gs->pl;
+    const int T = pl->T, n = pw_program_n_params(gs->rank_prog[0]);
+    if (n == 0) return PW_OK; /* the same on every rank: no exchange */
+    const pw_graph *rg = pl->rank_g[0];
+    double *parts = calloc((size_t)T * (size_t)n, sizeof *parts); /* [T][n] */
+    if (!parts) return pw_error(PW_ERR_NOMEM, "chunk %d: out of memory for the gradient norm", gs->index);
+    pw_status st = PW_OK;
+    for (int r = 0; r < pl->TL; r++) pw_program_fold_grads(gs->rank_prog[r]);
+    for (int r = 0; r < pl->TL && st == PW_OK; r++) {
+        const int rank = pl->tp0 + r;
+        for (int i = 0; i < n && st == PW_OK; i++) {
+            pw_program_param pp;
+            pw_program_param_at(gs->rank_prog[r], i, &pp);
+            if ((skip && skip[pp.graph_param]) || (rank > 0 && rg->params[pp.graph_param].tp_full <= 0)) continue;
+            float *gr;
+            if ((st = pl_host_grad(gs->rank_prog[r], i, &pp, tmp, &gr)) != PW_OK) break;
+            double part = 0.0;
+            for (int64_t e = 0; e < pp.numel; e++) part += (double)gr[e] * (double)gr[e];
+            parts[(size_t)rank * (size_t)n + (size_t)i] = part;
+        }
+    }
+    if (pl->t) {
+        /* Under MPI every process of the stage holds one row: the others'
+         * from them (every one then adds the same numbers). A process that
+         * failed above still takes part, so that its peers do not wait for
+         * it; its own error stands. */
+        double *mine = malloc((size_t)n * sizeof *mine);
+        pw_status gst;
+        if (!mine) gst = pw_error(PW_ERR_NOMEM, "chunk %d: out of memory for the gradient norm", gs->index);
+        else {
+            memcpy(mine, parts + (size_t)pl->tp0 * (size_t)n, (size_t)n * sizeof *mine);
+            gst = pw_coll_allgather_bytes(&pl->t->tp_coll, mine, (int64_t)n * (int64_t)sizeof *mine, parts,
+                                          &gs->tp_abort);
+            free(mine);
+            if (gst != PW_OK) gst = pw_error_prefix(gst, "chunk %d: the gradient norm's parts across its tensor "
+                                                    "ranks: ", gs->index);
+        }
+        if (st == PW_OK) st = gst;
+    }
+    for (int i = 0; i < n && st == PW_OK; i++) {
+        pw_program_param pp;
+        pw_program_param_at(gs->rank_prog[0], i, &pp);
+        if (skip && skip[pp.graph_param]) continue;
+        const int ranks = rg->params[pp.graph_param].tp_full > 0 ? T : 1;
+        for (int r = 0; r < ranks; r++) *sum += parts[(size_t)r * (size_t)n + (size_t)i];
+    }
+    free(parts);
+    return st;
+}
+
 /* The chunk's share of the squared global norm: every parameter in piece
- * and program order. At T > 1 (docs/parallelism.md, "Clipping") a split
- * parameter counts each rank's part once, ranks in index order, and a
- * whole one counts rank 0's gradient alone (every rank holds the same):
- * the T = 1 sum of the same elements, in another order for parameters
- * split by columns. */
+ * and program order; at T > 1 pl_tp_sumsq's order (docs/parallelism.md,
+ * "Clipping at T > 1"). 0, or NaN after a warning: the norm becomes NaN
+ * and the optimizer's finiteness check stops the step. */
 static double gs_grad_sumsq(void *self)
 {
     gstage *s = self;
     double sum = 0.0;
     float *tmp = NULL;
-    pw_program **progs;
-    const int np = gs_programs(s, &progs);
-    for (int j = 0; j < np; j++) pw_program_fold_grads(progs[j]);
     int bad = 0;
     if (s->rank_prog) {
-        const pw_graph *rg = s->pl->rank_g[0];
-        for (int i = 0; i < pw_program_n_params(progs[0]) && !bad; i++) {
-            pw_program_param pp;
-            pw_program_param_at(progs[0], i, &pp);
-            const int ranks = rg->params[pp.graph_param].tp_full > 0 ? s->pl->T : 1;
-            for (int r = 0; r < ranks && !bad; r++) bad = add_sumsq(s, progs[r], i, &tmp, &sum);
+        if (pl_tp_sumsq(s, NULL, &tmp, &sum) != PW_OK) {
+            PW_WARN("stage %d: %s", s->index, pw_last_error());
+            bad = 1;
         }
     } else {
+        pw_program **progs;
+        const int np = gs_programs(s, &progs);
+        for (int j = 0; j < np; j++) pw_program_fold_grads(progs[j]);
         for (int j = 0; j < np && !bad; j++)
             for (int i = 0; i < pw_program_n_params(progs[j]) && !bad; i++) bad = add_sumsq(s, progs[j], i, &tmp, &sum);
     }

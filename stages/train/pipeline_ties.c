@@ -244,7 +244,10 @@ pw_status pl_sum_ties_across(pw_pipeline *pl)
 
 /* The sum of squared gradients of the replica, every parameter once at its
  * first chunk, added in chunk order through the chunks' processes (the
- * order of one process); every process of the replica learns the total. */
+ * order of one process); every process of the replica learns the total.
+ * Tensor parallelism: each chunk's share is pl_tp_sumsq's, taken by the T
+ * processes of its stage together; the running sum then passes between the
+ * processes of one tensor rank (each holds the same). */
 pw_status pl_sumsq_across(pw_pipeline *pl, double *out)
 {
     const pw_graph *g = pl->g;
@@ -252,9 +255,10 @@ pw_status pl_sumsq_across(pw_pipeline *pl, double *out)
     const int me = t->rank, k = t->replica, tag = g->n_params;
     int *first = malloc((size_t)(g->n_params > 0 ? g->n_params : 1) * sizeof *first);
     double *all = calloc((size_t)t->world_size, sizeof *all);
+    unsigned char *skip = malloc((size_t)(g->n_params > 0 ? g->n_params : 1));
     double sumsq = 0.0;
     pw_status st = PW_OK;
-    if (!first || !all) {
+    if (!first || !all || !skip) {
         st = pw_error(PW_ERR_NOMEM, "pipeline: out of memory for the gradient norm");
         goto out;
     }
@@ -270,6 +274,15 @@ pw_status pl_sumsq_across(pw_pipeline *pl, double *out)
             st = t->vt->recv(t->self, pw_transport_world_of(t, k, pr), tag, &sumsq, sizeof sumsq);
         if (st != PW_OK || r != me) continue;
         gstage *gs = stage_at(pl, 0, ch);
+        if (gs->rank_prog) {
+            /* Tensor parallelism: the parts' sums of the stage's T processes
+             * (pl_tp_sumsq), the parameters first used here. */
+            for (int p = 0; p < g->n_params; p++) skip[p] = first[p] != ch;
+            float *tmp = NULL;
+            st = pl_tp_sumsq(gs, skip, &tmp, &sumsq);
+            free(tmp);
+            continue;
+        }
         for (int j = 0; j < gs->n_pieces; j++) {
             pw_program_fold_grads(gs->piece[j]);
             for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
@@ -290,6 +303,7 @@ pw_status pl_sumsq_across(pw_pipeline *pl, double *out)
 out:
     free(first);
     free(all);
+    free(skip);
     return st;
 }
 

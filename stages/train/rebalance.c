@@ -187,56 +187,70 @@ static unsigned char *rank_holdings(const pw_pipeline *pl)
     return h;
 }
 
+/* The graph whose parameter shapes local tensor rank r holds: the rank
+ * graph at T > 1 (its parts), else the pipeline's. */
+static const pw_graph *rank_graph(const pw_pipeline *pl, int r)
+{
+    return pl->T > 1 ? pl->rank_g[pl->tp0 + r] : pl->g;
+}
+
 /* The first program of local replica lrep holding graph parameter gp in
- * this process, with the parameter's index there; NULL when none. */
-static pw_program *holder(pw_pipeline *pl, int lrep, int gp, int *local)
+ * this process (at T > 1 local tensor rank r's: the same index), with the
+ * parameter's index there; NULL when none. */
+static pw_program *holder(pw_pipeline *pl, int lrep, int r, int gp, int *local)
 {
     for (int c = 0; c < pl->C; c++) {
         if (!stage_here(pl, c)) continue;
         pw_program *p = pl_chunk_param(pl, lrep, c, gp, local);
-        if (p) return p;
+        if (p) return pl->T > 1 ? stage_at(pl, lrep, c)->rank_prog[r] : p;
     }
     return NULL;
 }
 
-/* A parameter's values, then each optimizer state buffer: (1 + sf) × numel floats. */
-static pw_status read_param(pw_pipeline *pl, int lrep, int gp, int sf, float *buf)
+/* A parameter's values (local tensor rank r's part at T > 1), then each
+ * optimizer state buffer: (1 + sf) × numel floats. */
+static pw_status read_param(pw_pipeline *pl, int lrep, int r, int gp, int sf, float *buf)
 {
     int i;
-    pw_program *p = holder(pl, lrep, gp, &i);
+    pw_program *p = holder(pl, lrep, r, gp, &i);
     if (!p) return pw_error(PW_ERR_INTERNAL, "rebalance: parameter '%s' is not held here", pl->g->params[gp].name);
-    const int64_t n = pw_shape_numel(&pl->g->params[gp].shape);
+    const int64_t n = pw_shape_numel(&rank_graph(pl, r)->params[gp].shape);
     PW_CHECK(pw_program_param_read(p, i, PW_PARAM_DATA, 0, buf));
     for (int k = 0; k < sf; k++) PW_CHECK(pw_program_param_read(p, i, PW_PARAM_STATE, k, buf + (k + 1) * n));
     return PW_OK;
 }
 
-/* Every program of local replica lrep of `pl` takes its parameters from
- * the staged copies. */
-static pw_status write_params(pw_pipeline *pl, int lrep, int sf, float *const *staged)
+/* Every program of local replica lrep of `pl` (at T > 1 local tensor rank
+ * r's) takes its parameters from the staged copies. */
+static pw_status write_params(pw_pipeline *pl, int lrep, int r, int sf, float *const *staged)
 {
     for (int c = 0; c < pl->C; c++) {
         if (!stage_here(pl, c)) continue;
         gstage *gs = stage_at(pl, lrep, c);
-        for (int j = 0; j < gs->n_pieces; j++)
-            for (int i = 0; i < pw_program_n_params(gs->piece[j]); i++) {
+        pw_program **progs = pl->T > 1 ? &gs->rank_prog[r] : gs->piece;
+        const int np = pl->T > 1 ? 1 : gs->n_pieces;
+        for (int j = 0; j < np; j++)
+            for (int i = 0; i < pw_program_n_params(progs[j]); i++) {
                 pw_program_param pp;
-                pw_program_param_at(gs->piece[j], i, &pp);
+                pw_program_param_at(progs[j], i, &pp);
                 const float *src = staged[pp.graph_param];
                 if (!src) return pw_error(PW_ERR_INTERNAL, "rebalance: no copy of '%s' arrived", pp.name);
-                PW_CHECK(pw_program_param_write(gs->piece[j], i, PW_PARAM_DATA, src));
+                PW_CHECK(pw_program_param_write(progs[j], i, PW_PARAM_DATA, src));
                 for (int k = 0; k < sf; k++)
-                    PW_CHECK(pw_program_param_write_state(gs->piece[j], i, k, src + (k + 1) * pp.numel));
+                    PW_CHECK(pw_program_param_write_state(progs[j], i, k, src + (k + 1) * pp.numel));
             }
     }
     return PW_OK;
 }
 
-/* One replica's move: who held and who holds each parameter, and the
- * staged copies (values, then optimizer state) this process's new chunks
- * need, by graph parameter (NULL: not needed here). */
+/* One replica's move (at T > 1 one local tensor rank's: its parts): who
+ * held and who holds each parameter, and the staged copies (values, then
+ * optimizer state) this process's new chunks need, by graph parameter
+ * (NULL: not needed here). */
 typedef struct move {
     int P, sf;
+    int r;                      /* the local tensor rank (0 at T = 1) */
+    const pw_graph *rg;         /* its parameter shapes (rank_graph) */
     unsigned char *had, *has;   /* rank_holdings of the old and the new pipeline */
     float **staged;             /* [P] */
     float *tmp;                 /* a sender's buffer: the largest parameter */
@@ -252,19 +266,22 @@ static void move_free(move *mv)
     memset(mv, 0, sizeof *mv);
 }
 
-static int64_t param_floats(const move *mv, const pw_graph *g, int p)
+static int64_t param_floats(const move *mv, int p)
 {
-    return pw_shape_numel(&g->params[p].shape) * (1 + mv->sf);
+    return pw_shape_numel(&mv->rg->params[p].shape) * (1 + mv->sf);
 }
 
 /* Allocates the copies and fills those whose parameter this process held
  * already (in one process: all of them). Local work only. */
-static pw_status move_prepare(pw_pipeline *from, pw_pipeline *to, int lrep, move *mv, pw_repartition_info *info)
+static pw_status move_prepare(pw_pipeline *from, pw_pipeline *to, int lrep, int r, move *mv,
+                              pw_repartition_info *info)
 {
     const pw_graph *g = from->g;
     const pw_transport *t = from->t;
     const int me = t ? t->rank : -1;
     mv->P = g->n_params;
+    mv->r = r;
+    mv->rg = rank_graph(from, r);
     mv->sf = pw_optim_state_floats(from->cfg.optim.kind);
     mv->had = rank_holdings(from);
     mv->has = rank_holdings(to);
@@ -272,7 +289,7 @@ static pw_status move_prepare(pw_pipeline *from, pw_pipeline *to, int lrep, move
     if (!mv->had || !mv->has || !mv->staged) return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
     int64_t largest = 1;
     for (int p = 0; p < mv->P; p++) {
-        const int64_t n = param_floats(mv, g, p);
+        const int64_t n = param_floats(mv, p);
         if (n > largest) largest = n;
         const int want = !t || mv->has[(size_t)me * (size_t)mv->P + (size_t)p];
         const int held = !t || mv->had[(size_t)me * (size_t)mv->P + (size_t)p];
@@ -280,7 +297,7 @@ static pw_status move_prepare(pw_pipeline *from, pw_pipeline *to, int lrep, move
         mv->staged[p] = malloc((size_t)n * sizeof(float));
         if (!mv->staged[p]) return pw_error(PW_ERR_NOMEM, "rebalance: out of memory for '%s'", g->params[p].name);
         if (!held) continue;
-        PW_CHECK(read_param(from, lrep, p, mv->sf, mv->staged[p]));
+        PW_CHECK(read_param(from, lrep, r, p, mv->sf, mv->staged[p]));
         info->bytes_local += n * (int64_t)sizeof(float);
     }
     if (t && !(mv->tmp = malloc((size_t)largest * sizeof(float))))
@@ -300,12 +317,12 @@ static pw_status move_exchange(pw_pipeline *from, int lrep, move *mv, pw_reparti
         int src = -1;
         for (int r = 0; r < S && src < 0; r++)
             if (mv->had[(size_t)r * (size_t)P + (size_t)p]) src = r;
-        const size_t bytes = (size_t)param_floats(mv, g, p) * sizeof(float);
+        const size_t bytes = (size_t)param_floats(mv, p) * sizeof(float);
         for (int r = 0; r < S && src >= 0; r++) {
             if (!mv->has[(size_t)r * (size_t)P + (size_t)p] || mv->had[(size_t)r * (size_t)P + (size_t)p]) continue;
             pw_status st = PW_OK;
             if (me == src) {
-                st = read_param(from, lrep, p, mv->sf, mv->tmp);
+                st = read_param(from, lrep, mv->r, p, mv->sf, mv->tmp);
                 if (st == PW_OK) st = t->vt->send(t->self, pw_transport_world_of(t, t->replica, r), p, mv->tmp, bytes);
                 info->bytes_sent += (int64_t)bytes;
             } else if (me == r) {
@@ -425,10 +442,26 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
     if (old->ps)
         return pw_error(PW_ERR_UNSUPPORTED, "re-partition: a pipeline synchronised by parameter servers (--sync ps) "
                         "cannot move its cuts yet");
-    if (old->T > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "moving the cuts of a pipeline with tensor parallelism (%d ranks) is "
-                        "not built", old->T);
     PW_CHECK(check_cuts(old, cuts, n_cuts));
+    /* Tensor parallelism: a cut inside a column → row pair moves to the
+     * nearest boundary outside one, as the first partition's do; where
+     * that is where the cuts already are, nothing moves. */
+    int *snapped = NULL;
+    if (old->T > 1) {
+        int moved = 0, same = 1;
+        if (!(snapped = malloc((size_t)n_cuts * sizeof *snapped))) return pw_error(PW_ERR_NOMEM, "rebalance: out of memory");
+        memcpy(snapped, cuts, (size_t)n_cuts * sizeof *snapped);
+        pw_status sst = pl_tp_snap_cuts(old, snapped, &moved);
+        for (int c = 0; c < n_cuts && sst == PW_OK; c++) same &= snapped[c] == old->part.begin[c];
+        if (sst == PW_OK && moved && same)
+            sst = pw_error(PW_ERR_INVALID_ARG, "rebalance: the new cuts split a tensor-parallel pair; the nearest "
+                           "that do not are the current ones");
+        if (sst != PW_OK) {
+            free(snapped);
+            return sst;
+        }
+        cuts = snapped;
+    }
     const int64_t t0 = pw_now_ns();
     const pw_transport *t = old->t;
     pw_transport_phase(t, PW_PHASE_REBALANCE, old->step);
@@ -441,6 +474,7 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
     if (old->sc.kind == PW_SCHEDULE_CUSTOM) c.schedule_csv = old->schedule_name;
     pw_pipeline *np = NULL;
     pw_status st = pl_create(&c, old->trace, &np);
+    free(snapped); /* np keeps its own copy */
     if (st == PW_OK && t) st = data_here(np);
     if (st == PW_OK && injected_failure(old))
         st = pw_error(PW_ERR_NOMEM, "PW_TEST_REBALANCE_FAIL: the new layout's build failed after step %lld",
@@ -449,13 +483,14 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
     st = agree(t, st, "building the new layout", &lost);
     /* The state, replica by replica (one under a transport): local copies;
      * everyone ready; the exchange; written; everyone done. */
-    for (int k = 0; k < old->NRL && st == PW_OK; k++) {
-        move mv = {0};
-        st = agree(t, move_prepare(old, np, k, &mv, info), "preparing the move", &lost);
-        if (st == PW_OK && t && (st = move_exchange(old, k, &mv, info)) != PW_OK) lost = 1;
-        if (st == PW_OK) st = agree(t, write_params(np, k, mv.sf, mv.staged), "writing the moved state", &lost);
-        move_free(&mv);
-    }
+    for (int k = 0; k < old->NRL && st == PW_OK; k++)
+        for (int r = 0; r < old->TL && st == PW_OK; r++) { /* at T > 1 each local tensor rank its parts */
+            move mv = {0};
+            st = agree(t, move_prepare(old, np, k, r, &mv, info), "preparing the move", &lost);
+            if (st == PW_OK && t && (st = move_exchange(old, k, &mv, info)) != PW_OK) lost = 1;
+            if (st == PW_OK) st = agree(t, write_params(np, k, r, mv.sf, mv.staged), "writing the moved state", &lost);
+            move_free(&mv);
+        }
     if (st != PW_OK) {
         if (np) np->trace = NULL; /* the old pipeline's still */
         pw_pipeline_destroy(np);

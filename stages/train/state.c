@@ -282,13 +282,18 @@ typedef struct item {
     pw_program **ranks;        /* tensor parallelism, a split parameter: the T rank
                                   programs that hold its parts (same local index);
                                   NULL: prog holds it whole */
+    int gather;                /* tensor parallelism under MPI, a split parameter: prog
+                                  holds this process's part; the others' come over the
+                                  transport's tensor-parallel group */
 } item;
 
 struct pw_state_writer {
     pw_state_config cfg;
     const pw_transport *t;
     int shard, n_shards;       /* MPI: pipeline rank, ranks; one process: -1, 0 */
-    int writes;                /* 0: a process of another replica (writes nothing) */
+    int snaps;                 /* 1: takes the snapshot (one process; under MPI replica 0's) */
+    int writes;                /* 0: a process of another replica, or a tensor rank after the
+                                  first (writes nothing but its compressors' state) */
     item *items;
     int n_items, n_model;
     int n_compress;            /* the last n_compress items: --compress's error-feedback state
@@ -317,7 +322,8 @@ struct pw_state_writer {
                                   replaces it: stages/train/rebalance.h) */
     int T;                     /* the pipeline's tensor-parallel degree */
     pw_graph **rank_g;         /* [T] at T > 1: its rank graphs (borrowed) */
-    float *part;               /* a split parameter's part, read before it is gathered */
+    float *part;               /* a split parameter's part, read before it is gathered;
+                                  under MPI then the T parts all-gathered ([T][most]) */
     size_t part_floats;
     int *cuts;                 /* the layout's cuts, owned: cfg.layout.cuts points here */
     char *schedule;            /* the layout's schedule name, owned: cfg.layout.schedule
@@ -340,9 +346,6 @@ static void free_items(pw_state_writer *w)
 
 static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
 {
-    if (pl->t && pl->T > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "checkpoint: tensor parallelism %d under MPI is not built (in one "
-                        "process it is: docs/parallelism.md)", pl->T);
     const pw_graph *g = w->cfg.graph;
     const pw_partition *part = pw_pipeline_partition(pl);
     const int C = pw_pipeline_n_chunks(pl), sf = pw_optim_state_floats(w->cfg.run.optim.kind);
@@ -363,7 +366,7 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
      * files are canonical whatever the order). */
     item *tmp = calloc((size_t)g->n_params + 1, sizeof *tmp);
     int n = 0;
-    for (int c = 0; tmp && c < C && w->writes; c++) {
+    for (int c = 0; tmp && c < C && w->snaps; c++) {
         pw_program *progs[MAX_PIECES];
         int np = pw_pipeline_programs(pl, rep, c, progs, MAX_PIECES);
         for (int j = 0; j < np && j < MAX_PIECES; j++)
@@ -376,9 +379,12 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
                                              .shape = pp.shape, .numel = pp.numel};
                 if (pl->T > 1 && pl->rank_g[0]->params[pp.graph_param].tp_full > 0) {
                     /* Gathered from the T ranks' parts into the full tensor
-                     * (docs/parallelism.md, "Checkpoints"). */
+                     * (docs/parallelism.md, "Checkpoints"): in one process
+                     * from its rank programs, under MPI from the stage's T
+                     * processes. */
                     item *it = &tmp[pp.graph_param];
-                    it->ranks = stage_at(pl, lrep_of(pl, rep), c)->rank_prog; /* progs[j] is its [0] */
+                    if (pl->t) it->gather = 1;
+                    else it->ranks = stage_at(pl, lrep_of(pl, rep), c)->rank_prog; /* progs[j] is its [0] */
                     it->shape = g->params[pp.graph_param].shape;
                     it->numel = pw_shape_numel(&it->shape);
                     if ((size_t)pp.numel > w->part_floats) w->part_floats = (size_t)pp.numel;
@@ -451,9 +457,11 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
         /* room for any rank's part (at most the full tensor) */
         size_t most = 0;
         for (int i = 0; i < n; i++)
-            if (w->items[i].ranks && (size_t)w->items[i].numel > most) most = (size_t)w->items[i].numel;
+            if ((w->items[i].ranks || w->items[i].gather) && (size_t)w->items[i].numel > most)
+                most = (size_t)w->items[i].numel;
         w->part_floats = most;
-        if (!(w->part = malloc(most * sizeof(float) + 64)))
+        const size_t parts = pl->t ? 1 + (size_t)pl->T : 1; /* MPI: this process's, then all T */
+        if (!(w->part = malloc(parts * most * sizeof(float) + 64)))
             return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
     }
     w->block = malloc(off * sizeof(float) + 64);
@@ -473,7 +481,8 @@ pw_status pw_state_writer_create(const pw_state_config *cfg, pw_state_writer **o
     w->t = cfg->transport;
     w->shard = w->t ? w->t->rank : -1;
     w->n_shards = w->t ? w->t->n_ranks : 0;
-    w->writes = !w->t || w->t->replica == 0;
+    w->snaps = !w->t || w->t->replica == 0;
+    w->writes = w->snaps && (!w->t || w->t->n_tp <= 1 || w->t->tp_rank == 0);
     w->last_saved = cfg->resumed ? pw_state_get_meta(cfg->resumed)->step : -1;
     if (cfg->layout.cuts && cfg->layout.n_cuts > 0) {
         w->cuts = malloc(sizeof(int) * (size_t)cfg->layout.n_cuts);
@@ -687,6 +696,33 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
+/* Tensor parallelism under MPI: a split parameter (or its optimizer state)
+ * gathered from the T processes of its stage into its place in the full
+ * tensor. Each process reads its part, the T parts (padded to the largest)
+ * are all-gathered over the tensor-parallel group, and each goes where
+ * pw_graph_tp_slice puts rank r's, as in one process. Every process of the
+ * stage of replica 0 calls it for the same items in the same order. */
+static pw_status gather_item(pw_state_writer *w, const item *it)
+{
+    const int T = w->T;
+    int64_t most = 0; /* the largest part of this tensor */
+    for (int r = 0; r < T; r++) {
+        const int64_t k = pw_shape_numel(&w->rank_g[r]->params[it->gp].shape);
+        if (k > most) most = k;
+    }
+    float *mine = w->part, *all = w->part + w->part_floats;
+    pw_status st = it->part < 0 ? pw_program_param_read(it->prog, it->local, PW_PARAM_DATA, 0, mine)
+                                : pw_program_param_read(it->prog, it->local, PW_PARAM_STATE, it->part, mine);
+    /* A process whose read failed still takes part (its peers would wait
+     * for it); its own error stands. */
+    const pw_status gst = pw_coll_allgather_bytes(&w->t->tp_coll, mine, most * (int64_t)sizeof(float), all, NULL);
+    if (st == PW_OK) st = gst;
+    if (st != PW_OK) return pw_error_prefix(st, "checkpoint: snapshot of %s (tensor rank %d of %d): ", it->name,
+                                            w->t->tp_rank, T);
+    for (int r = 0; r < T; r++) pw_graph_tp_slice(w->rank_g[r], it->gp, w->block + it->off, all + (size_t)r * (size_t)most, 0);
+    return PW_OK;
+}
+
 pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step)
 {
     if (w->pending) {
@@ -725,6 +761,10 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
         const item *it = &w->items[i];
         if (it->part == PART_COMPRESS) {
             pw_compressor_span_state_get(it->z, it->zspan, w->block + it->off);
+            continue;
+        }
+        if (it->gather) {
+            PW_CHECK(gather_item(w, it));
             continue;
         }
         /* A split parameter (and its state): each rank's part into its
@@ -1204,10 +1244,9 @@ static pw_status check_file(const pw_state *s, json_t *rec, pw_safetensors **out
 
 pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
 {
-    const int C = pw_pipeline_n_chunks(pl), T = pl->T;
-    if (pl->t && T > 1)
-        return pw_error(PW_ERR_UNSUPPORTED, "--resume with tensor parallelism %d under MPI is not built (in one "
-                        "process it is: docs/parallelism.md)", T);
+    /* Tensor parallelism: this process's TL rank programs, ranks tp0 on
+     * (one process: all T; MPI: its own, each process reading its slices). */
+    const int C = pw_pipeline_n_chunks(pl), T = pl->T, TL = pl->TL, tp0 = pl->tp0;
     pw_status st = PW_OK;
     json_t *files = json_object_get(s->root, "files");
     const size_t nf = json_array_size(files);
@@ -1224,7 +1263,7 @@ pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
     for (int pass = 0; pass < 2 && st == PW_OK; pass++)
         for (int rep = 0; rep < replicas && st == PW_OK; rep++)
             for (int c = 0; c < C && st == PW_OK; c++)
-                for (int r = 0; r < T && st == PW_OK; r++) {
+                for (int r = 0; r < TL && st == PW_OK; r++) {
                     pw_program *progs[MAX_PIECES];
                     int np;
                     if (T > 1) { /* one piece per chunk: rank r's program of it */
@@ -1237,7 +1276,7 @@ pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas)
                         for (int i = 0; i < pw_program_n_params(progs[j]) && st == PW_OK; i++) {
                             pw_program_param pp;
                             pw_program_param_at(progs[j], i, &pp);
-                            const pw_graph *rg = T > 1 ? pl->rank_g[r] : NULL;
+                            const pw_graph *rg = T > 1 ? pl->rank_g[tp0 + r] : NULL;
                             const int split = rg && rg->params[pp.graph_param].tp_full > 0;
                             const pw_shape full = split ? pl->g->params[pp.graph_param].shape : pp.shape;
                             if (split && (size_t)pp.numel > part_floats) {

@@ -252,9 +252,10 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
 
 /* Resuming on another layout (docs/checkpoints.md): the replica and
  * micro-batch counts for a run of `stages` stages and global batch `batch`
- * that resumes the checkpoint `m`. Under MPI (world > 1 processes) a
- * process count that is not stages x *replicas but a multiple of stages
- * takes world / stages replicas, and the micro-batches then follow the
+ * that resumes the checkpoint `m`. Under MPI (world > 1 processes; with
+ * T tensor-parallel ranks per stage, the process count / T) a count that
+ * is not stages x *replicas but a multiple of stages takes world / stages
+ * replicas, and the micro-batches then follow the
  * checkpoint. Unless *micro_fixed, *micro_batches becomes batch /
  * (*replicas x the checkpoint's micro-batch size) when that divides (the
  * checkpoint's micro-batch size, so its bits: docs/checkpoints.md) and

@@ -68,6 +68,16 @@
  *               S x R x T = 2 x 1 x 2 and 1 x 2 x 2 (np 4) and 2 x 2 x 2
  *               (np 8): the checkpoint byte-identical to the same layout in
  *               one process (SGD and AdamW, 1F1B and GPipe), and not T = 1's;
+ *               with --clip-grad-norm (2 x 1 x 2, 1 x 2 x 2; clipping every
+ *               step) the same bytes and every step's norm as one process;
+ *               training-state checkpoints written at T = 2 under mpirun
+ *               resumed in one process at T = 2 and 1 and under mpirun on
+ *               other layouts, and one process's T = 1 checkpoint resumed
+ *               under mpirun at T = 2, each against one process's bytes;
+ *               at 1 x 3 x 2 the replicas' sum: tree, hierarchical, auto,
+ *               bf16 and top-k one process's bytes, the ring within 1e-5,
+ *               PowerSGD other bytes; forced moves of the cuts at 2 x 1 x 2
+ *               (one inside a tensor-parallel pair) against the unmoved run;
  *               bad layouts (np not S x R x T, not a multiple of R x T, heads
  *               fewer than T) refused naming the numbers or the op; a tensor
  *               rank hung mid-step named as the stalled one within the
@@ -1857,6 +1867,8 @@ static void write_tp(void)
 }
 
 #define TP_MODEL "tp.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16"
+#define TP_MODEL_R3 "tp.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 24 --steps 6 " \
+                    "--stages 1 --replicas 3 --tensor-parallel 2 --micro-batches 2"
 
 /* S x R x T under mpirun -np S·R·T against the same layout in one process
  * (T ranks as threads): the same checkpoint bytes. */
@@ -1981,6 +1993,183 @@ static void tp_traces(void)
     free(out);
 }
 
+/* Every step's grad_norm in a metrics log, as written (9 digits), joined
+ * by spaces; the count of steps; the smallest norm in *least. */
+static int tp_norms(const char *file, char *out, size_t n, double *least)
+{
+    char path[200], line[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    FILE *f = fopen(path, "r");
+    int k = 0;
+    size_t len = 0;
+    out[0] = '\0';
+    *least = 1e300;
+    while (f && fgets(line, sizeof line, f)) {
+        const char *g = strstr(line, "\"grad_norm\":");
+        if (!strstr(line, "\"type\":\"step\"") || !g) continue;
+        g += strlen("\"grad_norm\":");
+        const size_t w = strcspn(g, ",}");
+        if (len + w + 2 < n) len += (size_t)snprintf(out + len, n - len, "%s%.*s", k ? " " : "", (int)w, g);
+        const double v = atof(g);
+        if (v < *least) *least = v;
+        k++;
+    }
+    if (f) fclose(f);
+    return k;
+}
+
+/* Clipping at T > 1 under MPI (docs/parallelism.md, "Clipping at T > 1"):
+ * a clip below every step's norm, so it scales every step. The bytes of
+ * the same layout in one process, every step's norm the same as there (the
+ * metrics logs), and not the bytes of the same run without the clip (the
+ * clip did something; `unclipped` is that run's MPI checkpoint). */
+static void tp_clip(int S, int R, const char *extra, const char *tag, const char *unclipped)
+{
+    const double clip = 0.05;
+    char base[1024], args[1200], one[1200], what[1300], why[256];
+    snprintf(base, sizeof base, TP_MODEL " --steps 6 --stages %d --replicas %d --tensor-parallel 2 %s "
+             "--clip-grad-norm %g", S, R, extra, clip);
+    snprintf(args, sizeof args, "%s --metrics mpi_%s.jsonl", base, tag);
+    snprintf(one, sizeof one, "%s --metrics one_%s.jsonl", base, tag);
+    snprintf(what, sizeof what, "tp.graph: %d stages x %d replicas x 2 tensor-parallel ranks %s --clip-grad-norm %g",
+             S, R, extra, clip);
+    const int before = failures;
+    identical_runs(S * R * 2, args, "", one, tag, what);
+    if (failures != before) return;
+    char a[200], b[200], na[1024], nb[1024];
+    double la, lb;
+    snprintf(a, sizeof a, "one_%s.jsonl", tag);
+    snprintf(b, sizeof b, "mpi_%s.jsonl", tag);
+    const int ka = tp_norms(a, na, sizeof na, &la), kb = tp_norms(b, nb, sizeof nb, &lb);
+    if (ka != 6 || kb != 6 || strcmp(na, nb) != 0)
+        fail("tp clip %s: the norms differ: one process (%d steps) [%s], MPI (%d steps) [%s]", tag, ka, na, kb, nb);
+    else if (!(lb > clip))
+        fail("tp clip %s: the clip %g did not trigger every step (least norm %g): [%s]", tag, clip, lb, nb);
+    else printf("ok   tp clip %s: every step's norm as in one process, each above the clip %g: [%s]\n", tag, clip, nb);
+    snprintf(a, sizeof a, "%s/mpi_%s.st", dir, tag);
+    snprintf(b, sizeof b, "%s/%s", dir, unclipped);
+    if (test_same_tensors(a, b, why, sizeof why)) fail("tp clip %s: the clipped run saved the unclipped run's bytes", tag);
+}
+
+/* Training-state checkpoints at T > 1 under MPI (docs/parallelism.md,
+ * "Checkpoints at T > 1"): written at step 3 of 6 by mpirun at S x T = 2 x 2
+ * (AdamW, clipping), the checkpoint is layout-free. Resumed in one process
+ * at T = 2 on one stage, under mpirun at T = 2 with GPipe and on 1 stage x
+ * 2 replicas: the unbroken run's bytes. Resumed in one process at T = 1: the bytes of the same
+ * resume from the checkpoint one process writes at T = 2. And the other
+ * way: a checkpoint written in one process at T = 1, resumed under mpirun
+ * at T = 2, gives the bytes of that resume in one process at T = 2. */
+#define TPK_MODEL TP_MODEL " --steps 6 --optimizer adamw --clip-grad-norm 0.05 --micro-batches 4"
+
+static int tpk_run(const char *launch, const char *flags, const char *what)
+{
+    char cmd[2048], *out = NULL;
+    snprintf(cmd, sizeof cmd, "%s%s/pipeline-run " TPK_MODEL " %s", launch, bin, flags);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("tp checkpoints: %s (%s): exit %d\n%s", what, cmd, st, out);
+    free(out);
+    return st == 0;
+}
+
+static void tpk_same(const char *x, const char *y, const char *what)
+{
+    char a[200], b[200], why[256];
+    snprintf(a, sizeof a, "%s/%s", dir, x);
+    snprintf(b, sizeof b, "%s/%s", dir, y);
+    if (!test_same_tensors(a, b, why, sizeof why)) fail("tp checkpoints: %s: %s", what, why);
+    else printf("ok   tp checkpoints: %s\n", what);
+}
+
+static void tp_checkpoints(void)
+{
+    char mpi4[256], m[200];
+    snprintf(mpi4, sizeof mpi4, MPIRUN " -np 4 ");
+    /* The unbroken runs (one process, T = 2 and 1), each writing a checkpoint at step 3. */
+    if (!tpk_run("rm -rf tpk_o2 tpk_o1 tpk_m2; ", "--stages 2 --tensor-parallel 2 --checkpoint-dir tpk_o2 "
+                 "--checkpoint-every 3 --keep 0 --save tpk_ref2.st", "one process, T = 2") ||
+        !tpk_run("", "--stages 2 --checkpoint-dir tpk_o1 --checkpoint-every 3 --keep 0", "one process, T = 1") ||
+        !tpk_run(mpi4, "--stages 2 --tensor-parallel 2 --checkpoint-dir tpk_m2 --checkpoint-every 3 --keep 0 "
+                 "--save tpk_m2.st", "under mpirun, 2 x 1 x 2"))
+        return;
+    snprintf(m, sizeof m, "%s/tpk_m2/step-00000003/manifest.json", dir);
+    if (access(m, R_OK) != 0) {
+        fail("tp checkpoints: mpirun at T = 2 wrote no complete checkpoint of step 3 (%s)", m);
+        return;
+    }
+    tpk_same("tpk_ref2.st", "tpk_m2.st", "written under mpirun at 2 x 1 x 2: the run's bytes are one process's");
+    if (tpk_run("", "--stages 1 --tensor-parallel 2 --resume tpk_m2/step-00000003 --save tpk_a.st",
+                "mpirun's T = 2 checkpoint resumed in one process at T = 2"))
+        tpk_same("tpk_ref2.st", "tpk_a.st", "mpirun's T = 2 checkpoint resumed in one process at T = 2 (1 stage): "
+                 "the unbroken run's bytes");
+    if (tpk_run(mpi4, "--stages 2 --tensor-parallel 2 --schedule gpipe --resume tpk_m2/step-00000003 --save tpk_b.st",
+                "mpirun's T = 2 checkpoint resumed under mpirun at T = 2"))
+        tpk_same("tpk_ref2.st", "tpk_b.st", "mpirun's T = 2 checkpoint resumed under mpirun at 2 x 1 x 2 (GPipe): "
+                 "the unbroken run's bytes");
+    if (tpk_run(mpi4, "--stages 1 --replicas 2 --micro-batches 2 --tensor-parallel 2 --resume tpk_m2/step-00000003 "
+                "--save tpk_e.st", "mpirun's 2 x 1 x 2 checkpoint resumed under mpirun at 1 x 2 x 2"))
+        tpk_same("tpk_ref2.st", "tpk_e.st", "mpirun's 2 x 1 x 2 checkpoint resumed under mpirun at 1 x 2 x 2: the "
+                 "unbroken run's bytes");
+    if (tpk_run("", "--stages 2 --tensor-parallel 1 --resume tpk_m2/step-00000003 --save tpk_c1.st",
+                "mpirun's T = 2 checkpoint resumed at T = 1") &&
+        tpk_run("", "--stages 2 --tensor-parallel 1 --resume tpk_o2/step-00000003 --save tpk_c2.st",
+                "one process's T = 2 checkpoint resumed at T = 1"))
+        tpk_same("tpk_c2.st", "tpk_c1.st", "mpirun's T = 2 checkpoint resumed in one process at T = 1: the bytes of "
+                 "one process's T = 2 checkpoint resumed so");
+    if (tpk_run(mpi4, "--stages 2 --tensor-parallel 2 --resume tpk_o1/step-00000003 --save tpk_d1.st",
+                "one process's T = 1 checkpoint resumed under mpirun at T = 2") &&
+        tpk_run("", "--stages 2 --tensor-parallel 2 --resume tpk_o1/step-00000003 --save tpk_d2.st",
+                "one process's T = 1 checkpoint resumed in one process at T = 2"))
+        tpk_same("tpk_d2.st", "tpk_d1.st", "one process's T = 1 checkpoint resumed under mpirun at T = 2: the bytes "
+                 "of that resume in one process");
+}
+
+/* The replicas' sum at T > 1 under mpirun (docs/parallelism.md, "Under
+ * MPI"): each process's buckets hold its own tensor rank's parts, where one
+ * process puts every rank's parts in one bucket. At 1 x 3 x 2 (three
+ * replicas: with two every order of a sum is the same) against the same
+ * layout in one process: the per-element orders (the tree, hierarchical,
+ * auto) and compressors (bf16, fp16, top-k, whose k is per parameter part)
+ * give the same bytes; the ring (its segments follow the bucket) other
+ * bytes, within 1e-5 of each tensor's largest after 6 SGD steps; PowerSGD
+ * (its matrices' factors) trains, its bytes other than one process's. */
+static void tp_algo(const char *flags, int same, double tol, const char *tag)
+{
+    char cmd[2048], what[1200], a[160], b[160], why[256], *out = NULL;
+    /* --allreduce is mpirun's (one process sums with the tree); --compress both's */
+    const char *one = strncmp(flags, "--compress", 10) == 0 ? flags : "";
+    snprintf(what, sizeof what, "tp.graph: 1 stage x 3 replicas x 2 tensor-parallel ranks %s", flags);
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " TP_MODEL_R3 " %s --save one_%s.st", bin, one, tag);
+    int st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("tp: %s in one process (%s): exit %d\n%s", what, cmd, st, out);
+    free(out);
+    if (st != 0) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 6 %s/pipeline-run " TP_MODEL_R3 " %s --save mpi_%s.st", bin, flags, tag);
+    st = run(cmd, 300, &out, NULL);
+    if (st != 0) fail("tp: %s under mpirun (%s): exit %d\n%s", what, cmd, st, out);
+    free(out);
+    if (st != 0) return;
+    snprintf(a, sizeof a, "%s/one_%s.st", dir, tag);
+    snprintf(b, sizeof b, "%s/mpi_%s.st", dir, tag);
+    const int equal = test_same_tensors(a, b, why, sizeof why);
+    if (same && !equal) fail("tp: %s: the MPI checkpoint differs from one process: %s", what, why);
+    else if (same) printf("ok   tp: %s: MPI checkpoint identical to one process\n", what);
+    else if (equal) fail("tp: %s: the same bytes as one process, where docs/parallelism.md says they differ", what);
+    else if (tol > 0 && !test_compare_tensors(a, b, tol, 0, why, sizeof why))
+        fail("tp: %s: beyond %g of the largest against one process: %s", what, tol, why);
+    else printf("ok   tp: %s: not one process's bytes (%s)%s\n", what, why, tol > 0 ? ", within the bound" : "");
+}
+
+static void tp_algos(void)
+{
+    tp_algo("--allreduce tree", 1, 0, "tp_r3");
+    tp_algo("--allreduce hierarchical", 1, 0, "tp_r3h");
+    tp_algo("--allreduce auto", 1, 0, "tp_r3a");
+    tp_algo("--compress bf16", 1, 0, "tp_r3bf");
+    tp_algo("--compress topk:0.1", 1, 0, "tp_r3k");
+    tp_algo("--allreduce ring", 0, 1e-5, "tp_r3r");
+    tp_algo("--compress powersgd:2", 0, 0, "tp_r3p");
+}
+
 static void tp_cases(int np)
 {
     if (np != 4) {
@@ -1992,6 +2181,14 @@ static void tp_cases(int np)
     tp_identical(2, 1, 2, "--micro-batches 4 --schedule gpipe --optimizer adamw", "tp_s2g");
     tp_identical(1, 2, 2, "--micro-batches 2 --optimizer adamw", "tp_r2");
     tp_identical(2, 2, 2, "--micro-batches 2", "tp_s2r2");
+    tp_clip(2, 1, "--micro-batches 4", "tp_s2c", "mpi_tp_s2.st");
+    tp_clip(1, 2, "--micro-batches 2 --optimizer adamw", "tp_r2c", "mpi_tp_r2.st");
+    tp_checkpoints();
+    tp_algos();
+    /* --rebalance-at under mpirun at T = 2: each process moves its tensor
+     * rank's parts; 6 splits the first attention pair (it goes to 7) */
+    rebalanced(TP_MODEL " --steps 6", 4, 2, 1, "--tensor-parallel 2 --micro-batches 4 --optimizer adamw "
+               "--clip-grad-norm 0.05", "2:8/3:6/4:17", NULL, NULL, 3, "tp_reb");
     tp_refused(4, "--stages 2 --tensor-parallel 3",
                "mpirun started 4 processes, but --stages 2 x --replicas 1 x --tensor-parallel 3 needs 6");
     tp_refused(3, "--tensor-parallel 2", "mpirun -np 3 is not a multiple of --replicas 1 x --tensor-parallel 2");

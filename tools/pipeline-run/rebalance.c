@@ -248,6 +248,9 @@ int pr_rebalance_step(pr_rebalance *r, pw_pipeline **pl, int64_t step, double st
         return 0;
     }
     ev->moved = 1;
+    /* The cuts it has (with tensor parallelism a cut inside a column → row
+     * pair moved to the nearest boundary outside one). */
+    memcpy(ev->new_cuts, pw_pipeline_partition(*pl)->begin, sizeof(int) * (size_t)(r->C + 1));
     ev->move_s = info.seconds;
     ev->bytes = info.bytes_local + info.bytes_received;
     for (int s = 0; s < r->S; s++) r->last[s] = 0; /* the new engine counts from zero */
