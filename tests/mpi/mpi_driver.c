@@ -1521,6 +1521,27 @@ static void ps_refused(void)
     free(out);
 }
 
+/* Server 0's closing line of a stale run: its updates, the gradients it
+ * applied (all staleness counts) and the largest staleness, and the mean
+ * learning-rate factor; updates -1 or factor < 0 when the line is missing. */
+static void server_taus(const char *out, long long *updates, long long *counted, int *tau_max, double *factor)
+{
+    *updates = -1, *counted = 0, *tau_max = 0, *factor = -1.0;
+    const char *line = strstr(out, "parameter server 0: ");
+    if (!line || sscanf(line, "parameter server 0: %lld updates", updates) != 1) return;
+    const char *a = strstr(line, "tau:"), *e = strstr(line, "; mean learning-rate factor ");
+    for (const char *q = a ? a + 4 : NULL; q && e && q < e;) {
+        int tau, n = 0;
+        long long c;
+        if (sscanf(q, " %d: %lld%n", &tau, &c, &n) != 2) break; /* "tau: 1: 243, 2: 213" */
+        if (q[n] == ',') n++;
+        *counted += c;
+        if (tau > *tau_max) *tau_max = tau;
+        q += n;
+    }
+    if (e) *factor = atof(e + strlen("; mean learning-rate factor "));
+}
+
 /* --staleness S: no replica ever runs more than S steps ahead; checked from
  * the trace (each PS_PULL event: step t took version mb >= t - S), with one
  * replica slowed so that the other does run ahead (some pull older than
@@ -1546,23 +1567,10 @@ static void ps_staleness(int S, const char *lr)
         free(out);
         return;
     }
-    long long updates = -1, counted = 0;
-    int tau_max = 0;
-    double factor = -1.0;
-    const char *line = strstr(out, "parameter server 0: ");
-    if (line && sscanf(line, "parameter server 0: %lld updates", &updates) == 1) {
-        const char *a = strstr(line, "tau:"), *e = strstr(line, "; mean learning-rate factor ");
-        for (const char *q = a ? a + 4 : NULL; q && e && q < e;) {
-            int tau, n = 0;
-            long long c;
-            if (sscanf(q, " %d: %lld%n", &tau, &c, &n) != 2) break; /* "tau: 1: 243, 2: 213" */
-            if (q[n] == ',') n++;
-            counted += c;
-            if (tau > tau_max) tau_max = tau;
-            q += n;
-        }
-        if (e) factor = atof(e + strlen("; mean learning-rate factor "));
-    }
+    long long updates, counted;
+    int tau_max;
+    double factor;
+    server_taus(out, &updates, &counted, &tau_max, &factor);
     if (updates <= 0 || updates % 24 || factor < 0) {
         fail("--staleness %d%s: no staleness line from the server\n%s", S, lrflag, out);
         free(out);
@@ -1602,6 +1610,34 @@ static void ps_staleness(int S, const char *lr)
         fail("--staleness %d%s: mean learning-rate factor %.3f", S, lrflag, factor);
     else printf("ok   --staleness %d%s: %d pulls, at most %d steps stale (%d stale pulls; replica 1 4x slower); the "
                 "server's tau at most %d, mean lr factor %.3f\n", S, lrflag, events, worst, ahead, tau_max, factor);
+}
+
+/* The tied GPT stale (2 stages x 2 replicas + 1 server, stage 1's process
+ * of replica 0 slowed): every use of the tied weight carries its own
+ * version, so the server counts U x R gradients an update of it (one tied
+ * parameter of 2 uses: 2 more per step than 2 per update), each within
+ * the bound. */
+static void ps_staleness_tied(void)
+{
+    char cmd[2048], *out = NULL;
+    double took;
+    const int steps = 12;
+    snprintf(cmd, sizeof cmd, "PW_TEST_SLOW=w1:4 " MPIRUN " -np 5 %s/pipeline-run " PS_TIED " --stages 2 --replicas 2 "
+             "--micro-batches 2 --sync ps --staleness 2 --steps %d", bin, steps);
+    int st = run(cmd, 120, &out, &took);
+    long long updates, counted;
+    int tau_max;
+    double factor;
+    server_taus(out ? out : "", &updates, &counted, &tau_max, &factor);
+    if (st != 0) fail("tied GPT --staleness 2: exit %d\n%s", st, out);
+    else if (updates <= 0 || counted != 2 * updates + 2 * steps || tau_max < 1 || tau_max > 3)
+        fail("tied GPT --staleness 2: the server applied %lld gradients for %lld updates over %d steps (expected "
+             "2 per update and 2 more per step for the tied weight's second use), the stalest at tau %d\n%s", counted,
+             updates, steps, tau_max, out);
+    else printf("ok   --sync ps: tied GPT --staleness 2: %lld gradients for %lld updates (the tied weight's 2 uses "
+                "each with its version), the stalest at tau %d, mean lr factor %.3f\n", counted, updates, tau_max,
+                factor);
+    free(out);
 }
 
 /* Runs `cmd` (in the test directory); 1 when it exits 0, else a failure naming `what`. */
@@ -1819,6 +1855,7 @@ static void ps_cases(int np)
         ps_refused();
         ps_staleness(2, NULL);
         ps_staleness(2, "none");
+        ps_staleness_tied();
         ps_checkpoints();
         ps_compress_resume();
         ps_trace_ratio();
