@@ -1642,6 +1642,36 @@ static pw_status srv_answer(server *s, int w, srv_ask *a, int *answered)
     return PW_OK;
 }
 
+/* Tests the server's sends that nothing else tests until it needs their
+ * buffer again: the norm's messages between servers and the checkpoints'
+ * state answers. A slow link (--link-bandwidth) posts a held send only
+ * when it is tested, so without this the other side would wait for good. */
+static pw_status srv_sends_progress(server *s, srv_ask *ask, int n_ask)
+{
+    const pw_transport *t = s->t;
+    srv_norm *z = s->norm;
+    for (int j = 1; z && t->server == 0 && j < z->K; j++) {
+        if (!z->coef_sending[j]) continue;
+        const int rc = t->vt->test(t->self, &z->coef_sreq[j]);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server 0: the norm to server %d: %s", j, pw_last_error());
+        if (rc == 1) z->coef_sending[j] = 0;
+    }
+    if (z && t->server > 0 && z->gsending) {
+        const int rc = t->vt->test(t->self, &z->greq);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server %d: the summed gradients to server 0: %s", t->server,
+                                    pw_last_error());
+        if (rc == 1) z->gsending = 0;
+    }
+    for (int w = 0; ask && w < n_ask; w++) {
+        if (!ask[w].sending) continue;
+        const int rc = t->vt->test(t->self, &ask[w].sreq);
+        if (rc < 0) return pw_error(PW_ERR_IO, "parameter server %d: the optimizer state to MPI rank %d: %s",
+                                    t->server, w, pw_last_error());
+        if (rc == 1) ask[w].sending = 0;
+    }
+    return PW_OK;
+}
+
 static pw_status srv_loop(server *s)
 {
     const pw_transport *t = s->t;
@@ -1708,6 +1738,7 @@ static pw_status srv_loop(server *s)
             st = srv_update_clipped(s, &done);
             if (done) moved = 1;
         }
+        if (st == PW_OK) st = srv_sends_progress(s, ask, S);
         for (int w = 0; w < S && st == PW_OK; w++) {
             srv_ask *a = &ask[w];
             if (a->posted && a->asked < 0) {
