@@ -116,7 +116,8 @@ Test(compress, parse_and_name, .timeout = TIMEOUT)
 /* ------------------------------------------------- a group of threads */
 
 typedef struct member {
-    pw_shm_group *g;
+    pw_shm_group *g; /* NULL: coll is the endpoint */
+    pw_coll coll;
     int k;
     pw_compressor *z;
     pw_span *spans;
@@ -132,7 +133,7 @@ typedef struct member {
 static void *member_main(void *arg)
 {
     member *m = arg;
-    pw_coll c = pw_shm_group_member(m->g, m->k);
+    pw_coll c = m->g ? pw_shm_group_member(m->g, m->k) : m->coll;
     m->st = PW_OK;
     for (int s = 0; s < m->steps && m->st == PW_OK; s++) {
         /* The spans are consecutive pieces of one buffer of L floats. */
@@ -580,34 +581,6 @@ static pw_status fs_push_bytes(void *self, int member, const pw_span *spans, int
     return pw_error(PW_ERR_INTERNAL, "PowerSGD pushed a payload instead of its rounds");
 }
 
-typedef struct fs_thread {
-    fs_member m;
-    pw_compressor *z;
-    pw_span sp[FS_SPANS];
-    int n_spans, steps;
-    const float *grads; /* [steps][L] */
-    float *out, *state; /* [steps][L]: the spans after each call; the state after the last */
-    int64_t L;
-    pw_compress_bytes by;
-    pw_status st;
-} fs_thread;
-
-static void *fs_main(void *arg)
-{
-    fs_thread *t = arg;
-    static const pw_coll_i vt = {.name = "fake-ps", .allreduce = no_allreduce, .allgather_f64 = no_gather,
-                                 .push_bytes = fs_push_bytes, .push_round = fs_round};
-    pw_coll c = {.vt = &vt, .self = &t->m, .member = t->m.k, .n_members = t->m.fs->n};
-    t->st = PW_OK;
-    for (int s = 0; s < t->steps && t->st == PW_OK; s++) {
-        memcpy(t->sp[0].data, t->grads + s * t->L, sizeof(float) * (size_t)t->L);
-        t->st = pw_compressor_allreduce(t->z, &c, t->sp, t->n_spans, NULL, &t->by);
-        memcpy(t->out + s * t->L, t->sp[0].data, sizeof(float) * (size_t)t->L);
-    }
-    pw_compressor_state_get(t->z, t->state);
-    return NULL;
-}
-
 /* PowerSGD through a parameter server (the compressor's push_round; the
  * server's sums, orthogonalisation and rebuild as pipeline_ps.c does them)
  * against the tree all-reduce of the same members over 3 steps: the same
@@ -633,25 +606,28 @@ Test(compress, powersgd_through_a_server_is_the_tree_all_reduce, .timeout = TIME
     run_group(&cc, N, ns, rows, 3, T, g, want, ms);
     fake_server fs = {.n = N, .rows = {R, 0, C}};
     pthread_barrier_init(&fs.bar, NULL, N);
-    fs_thread th[N];
+    static const pw_coll_i vt = {.name = "fake-ps", .allreduce = no_allreduce, .allgather_f64 = no_gather,
+                                 .push_bytes = fs_push_bytes, .push_round = fs_round};
+    member th[N];
+    fs_member fm[N];
     pthread_t id[N];
-    static float state[N][2 * (R * C + C * 2) + 64];
     for (int k = 0; k < N; k++) {
-        fs_thread *t = &th[k];
-        memset(t, 0, sizeof *t);
-        t->m = (fs_member){&fs, k};
+        member *m = &th[k];
+        memset(m, 0, sizeof *m);
+        fm[k] = (fs_member){&fs, k};
+        m->coll = (pw_coll){.vt = &vt, .self = &fm[k], .member = k, .n_members = N};
+        m->k = k;
+        m->L = L;
+        m->steps = T;
+        m->n_spans = 3;
+        m->grads = g + (size_t)k * T * (size_t)L;
+        m->out = got + (size_t)k * T * (size_t)L;
         float *buf = calloc((size_t)L, sizeof *buf);
-        for (int i = 0, at = 0; i < 3; at += (int)ns[i], i++) t->sp[i] = (pw_span){buf + at, ns[i]};
-        cr_assert_eq(pw_compressor_create(&cc, t->sp, rows, 3, &t->z), PW_OK, "%s", pw_last_error());
-        cr_assert_leq(pw_compressor_state_floats(t->z), (int64_t)(sizeof state[0] / sizeof(float)));
-        t->n_spans = 3;
-        t->steps = T;
-        t->L = L;
-        t->grads = g + (size_t)k * T * (size_t)L;
-        t->out = got + (size_t)k * T * (size_t)L;
-        t->state = state[k];
+        m->spans = calloc(3, sizeof *m->spans);
+        for (int i = 0, at = 0; i < 3; at += (int)ns[i], i++) m->spans[i] = (pw_span){buf + at, ns[i]};
+        cr_assert_eq(pw_compressor_create(&cc, m->spans, rows, 3, &m->z), PW_OK, "%s", pw_last_error());
     }
-    for (int k = 0; k < N; k++) pthread_create(&id[k], NULL, fs_main, &th[k]);
+    for (int k = 0; k < N; k++) pthread_create(&id[k], NULL, member_main, &th[k]);
     for (int k = 0; k < N; k++) pthread_join(id[k], NULL);
     pthread_barrier_destroy(&fs.bar);
     cr_assert_eq(fs.rounds, 2 * T, "two rounds a step: %d in %d steps", fs.rounds, T);
@@ -668,13 +644,17 @@ Test(compress, powersgd_through_a_server_is_the_tree_all_reduce, .timeout = TIME
                          "member %d step %d: the second matrix's sum differs", k, t);
             cr_assert_eq(memcmp(a + R * C, mine + R * C, sizeof(float) * V), 0, "the pushed vector changed");
         }
-        float st_want[2 * (R * C + C * 2) + 64];
+        const int64_t nst = pw_compressor_state_floats(ms[k].z);
+        cr_assert_eq(pw_compressor_state_floats(th[k].z), nst);
+        float *st_got = malloc(sizeof(float) * (size_t)nst), *st_want = malloc(sizeof(float) * (size_t)nst);
+        pw_compressor_state_get(th[k].z, st_got);
         pw_compressor_state_get(ms[k].z, st_want);
-        cr_assert_eq(memcmp(state[k], st_want, sizeof(float) * (size_t)pw_compressor_state_floats(ms[k].z)), 0,
+        cr_assert_eq(memcmp(st_got, st_want, sizeof(float) * (size_t)nst), 0,
                      "member %d: the residuals or Q differ from the all-reduce's", k);
-        free(th[k].sp[0].data);
-        pw_compressor_destroy(th[k].z);
+        free(st_got);
+        free(st_want);
     }
+    free_group(th, N);
     /* The server's own rebuild of the last step is the members' sum. */
     const float *last = want + (size_t)(T - 1) * (size_t)L;
     cr_assert_eq(memcmp(fs.rebuilt[0], last, sizeof(float) * R * C), 0, "the server's rebuild differs");
