@@ -120,6 +120,17 @@ typedef struct pw_coll_i {
      * runtime/compress.h, pw_compress_decode_span for the other side). */
     pw_status (*push_bytes)(void *self, int member, const pw_span *spans, int n_spans, const void *mine,
                             const int64_t *off, const atomic_int *abort);
+    /* (optional) PowerSGD through a parameter server, two rounds per
+     * bucket: round 0 sends out[i] for each span i of the bucket `spans`
+     * (its P, or its fp32 gradient when the span travels uncompressed) and
+     * round 1 its Q (out[i].n == 0: nothing for that span); for each span
+     * with back[i].n > 0 the server's reply (round 0: the members' P summed
+     * in the tree order and orthogonalised; round 1: the summed Q) is in
+     * back[i] when it returns. pw_compressor_allreduce takes it for
+     * --compress powersgd when the endpoint has push_bytes. Statuses as
+     * push_bytes'. */
+    pw_status (*push_round)(void *self, int member, const pw_span *spans, int n_spans, int round,
+                            const pw_span *out, const pw_span *back, const atomic_int *abort);
 } pw_coll_i;
 
 /* One member's endpoint. */

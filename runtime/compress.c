@@ -42,6 +42,8 @@ struct pw_compressor {
     float *pq;                   /* powersgd: every P, then every Q */
     pw_span *ar;                 /* powersgd: the first all-reduce's spans */
     int64_t *off;                /* a push (pw_coll_i.push_bytes): each span's bytes in `mine`, [n_spans + 1] */
+    pw_span *back;               /* powersgd's push_round: what goes out, where the replies land [2 n_spans] */
+    float *pq_back;              /* powersgd's push_round: the replies (every P, then every Q) */
 };
 
 /* ------------------------------------------------------------ parsing */
@@ -277,15 +279,12 @@ pw_status pw_compressor_create(const pw_compress_config *cfg, const pw_span *spa
                 return pw_error(PW_ERR_INVALID_ARG, "compressor: span %d has %lld floats, not a multiple of "
                                 "its %lld rows", i, n, (long long)rows);
             }
-            if (rows <= 0 || s->n == 0) break;
+            const int q = pw_compress_powersgd_rank(cfg, s->n, rows);
+            if (!q) break;
             const int64_t cols = s->n / rows;
-            int64_t q = cfg->rank;
-            if (q > rows) q = rows;
-            if (q > cols) q = cols;
-            if ((rows + cols) * q >= rows * cols) break; /* no gain: uncompressed, as PyTorch's hook */
             s->rows = rows;
             s->cols = cols;
-            s->q = (int)q;
+            s->q = q;
             s->state_off = z->state_n;
             z->state_n += s->n + cols * q;
             z->total_p += rows * q;
@@ -312,6 +311,8 @@ void pw_compressor_destroy(pw_compressor *z)
     free(z->s);
     free(z->ar);
     free(z->off);
+    free(z->back);
+    free(z->pq_back);
     free(z->state);
     free(z->mine);
     free(z->all);
@@ -537,6 +538,17 @@ static pw_status topk_encode(pw_compressor *z, const pw_span *spans, int n_spans
 
 /* ------------------------------------------------------------- PowerSGD */
 
+int pw_compress_powersgd_rank(const pw_compress_config *cc, int64_t n, int64_t rows)
+{
+    if (!cc || cc->kind != PW_COMPRESS_POWERSGD || rows <= 0 || n <= 0 || n % rows) return 0;
+    const int64_t cols = n / rows;
+    int64_t q = cc->rank;
+    if (q > rows) q = rows;
+    if (q > cols) q = cols;
+    if (q < 1 || (rows + cols) * q >= rows * cols) return 0; /* no gain: uncompressed, as PyTorch's hook */
+    return (int)q;
+}
+
 /* P (rows × q) = M (rows × cols) Q (cols × q), sums over j in order. */
 static void mat_mq(const float *M, const float *Q, float *P, int64_t rows, int64_t cols, int q)
 {
@@ -579,7 +591,7 @@ static double col_norm2(const float *P, int64_t rows, int q, int c)
  * with less than 1e-4 of its length left lies in the span of the ones
  * before it (a gradient of lower rank than r) and becomes 0: normalising
  * its rounding noise would add a direction that is not in the gradient. */
-static void orthogonalise(float *P, int64_t rows, int q)
+void pw_compress_powersgd_orthogonalise(float *P, int64_t rows, int q)
 {
     for (int c = 0; c < q; c++) {
         const double before = col_norm2(P, rows, q, c);
@@ -596,58 +608,55 @@ static void orthogonalise(float *P, int64_t rows, int q)
     }
 }
 
-static pw_status powersgd(pw_compressor *z, const pw_coll *co, const pw_span *spans, int n_spans,
-                          const atomic_int *abort)
+void pw_compress_powersgd_rebuild(const float *P, const float *Q, int64_t rows, int64_t cols, int q, float *out)
 {
-    float *P = z->pq, *Qs = z->pq + z->total_p;
-    /* 1. M = gradient + residual (kept in the residual); P = M Q; the
-     *    uncompressed spans ride along in the same all-reduce. */
-    int na = 0;
-    if (z->total_p) z->ar[na++] = (pw_span){P, z->total_p};
-    float *p = P;
-    for (int i = 0; i < n_spans; i++) {
-        const zspan *s = &z->s[i];
-        if (!s->q) {
-            if (spans[i].n) z->ar[na++] = spans[i];
-            continue;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < cols; j++) {
+            float v = 0.0f;
+            for (int c = 0; c < q; c++) v += P[r * q + c] * Q[j * q + c];
+            out[r * cols + j] = v;
         }
-        float *M = z->state + s->state_off;
-        const float *g = spans[i].data;
-        for (int64_t x = 0; x < s->n; x++) M[x] = g[x] + M[x];
-        mat_mq(M, M + s->n, p, s->rows, s->cols, s->q);
-        p += s->rows * s->q;
-    }
-    PW_CHECK(pw_coll_allreduce(co, z->ar, na, abort));
-    if (!z->total_p) return PW_OK;
-    /* 2. Orthogonalise the summed P; Q = Mᵀ P (our own M); sum the Qs. */
-    p = P;
-    float *q = Qs;
+}
+
+/* 1. M = gradient + residual (kept in the residual); P = M Q, every
+ *    compressed span's P one after the other in P. */
+static void powersgd_p(pw_compressor *z, const pw_span *spans, int n_spans, float *P)
+{
     for (int i = 0; i < n_spans; i++) {
         const zspan *s = &z->s[i];
         if (!s->q) continue;
-        orthogonalise(p, s->rows, s->q);
-        mat_mtp(z->state + s->state_off, p, q, s->rows, s->cols, s->q);
-        p += s->rows * s->q;
-        q += s->cols * s->q;
+        float *M = z->state + s->state_off;
+        const float *g = spans[i].data;
+        for (int64_t x = 0; x < s->n; x++) M[x] = g[x] + M[x];
+        mat_mq(M, M + s->n, P, s->rows, s->cols, s->q);
+        P += s->rows * s->q;
     }
-    pw_span qs = {Qs, z->total_q};
-    PW_CHECK(pw_coll_allreduce(co, &qs, 1, abort));
-    /* 3. The sum is P Qᵀ; our residual is M − P Qᵀ / n; Q (the sum, the
-     *    same bytes on every member) is the next step's warm start. */
-    const float inv_n = 1.0f / (float)co->n_members;
-    p = P;
-    q = Qs;
+}
+
+/* 2. Q = Mᵀ P (our own M, P orthogonalised), every span's in Q. */
+static void powersgd_q(pw_compressor *z, int n_spans, const float *P, float *Q)
+{
+    for (int i = 0; i < n_spans; i++) {
+        const zspan *s = &z->s[i];
+        if (!s->q) continue;
+        mat_mtp(z->state + s->state_off, P, Q, s->rows, s->cols, s->q);
+        P += s->rows * s->q;
+        Q += s->cols * s->q;
+    }
+}
+
+/* 3. The sum is P Qᵀ (Q summed); our residual is M − P Qᵀ / n; Q (the sum,
+ *    the same bytes on every member) is the next step's warm start. */
+static void powersgd_finish(pw_compressor *z, const pw_span *spans, int n_spans, const float *p, const float *q,
+                            int n_members)
+{
+    const float inv_n = 1.0f / (float)n_members;
     for (int i = 0; i < n_spans; i++) {
         const zspan *s = &z->s[i];
         if (!s->q) continue;
         float *M = z->state + s->state_off, *Qkeep = M + s->n, *out = spans[i].data;
-        for (int64_t r = 0; r < s->rows; r++)
-            for (int64_t j = 0; j < s->cols; j++) {
-                float v = 0.0f;
-                for (int c = 0; c < s->q; c++) v += p[r * s->q + c] * q[j * s->q + c];
-                out[r * s->cols + j] = v;
-                M[r * s->cols + j] -= v * inv_n;
-            }
+        pw_compress_powersgd_rebuild(p, q, s->rows, s->cols, s->q, out);
+        for (int64_t x = 0; x < s->n; x++) M[x] -= out[x] * inv_n;
         memcpy(Qkeep, q, (size_t)(s->cols * s->q) * sizeof(float));
         /* A column that came back all zero (a zero gradient) would stay zero
          * for ever: draw it again from the seed. */
@@ -659,6 +668,66 @@ static pw_status powersgd(pw_compressor *z, const pw_coll *co, const pw_span *sp
         p += s->rows * s->q;
         q += s->cols * s->q;
     }
+}
+
+static pw_status powersgd(pw_compressor *z, const pw_coll *co, const pw_span *spans, int n_spans,
+                          const atomic_int *abort)
+{
+    float *P = z->pq, *Qs = z->pq + z->total_p;
+    /* P with the uncompressed spans in the same all-reduce. */
+    int na = 0;
+    if (z->total_p) z->ar[na++] = (pw_span){P, z->total_p};
+    for (int i = 0; i < n_spans; i++)
+        if (!z->s[i].q && spans[i].n) z->ar[na++] = spans[i];
+    powersgd_p(z, spans, n_spans, P);
+    PW_CHECK(pw_coll_allreduce(co, z->ar, na, abort));
+    if (!z->total_p) return PW_OK;
+    float *p = P;
+    for (int i = 0; i < n_spans; i++)
+        if (z->s[i].q) {
+            pw_compress_powersgd_orthogonalise(p, z->s[i].rows, z->s[i].q);
+            p += z->s[i].rows * z->s[i].q;
+        }
+    powersgd_q(z, n_spans, P, Qs);
+    pw_span qs = {Qs, z->total_q};
+    PW_CHECK(pw_coll_allreduce(co, &qs, 1, abort));
+    powersgd_finish(z, spans, n_spans, P, Qs, co->n_members);
+    return PW_OK;
+}
+
+/* Through a parameter server (push_round): P out, the summed and
+ * orthogonalised P back; Q out, the summed Q back (into the second half of
+ * pq's twin, so no buffer is sent from and received into at once). */
+static pw_status powersgd_push(pw_compressor *z, const pw_coll *co, const pw_span *spans, int n_spans,
+                               const atomic_int *abort)
+{
+    const size_t pqn = (size_t)(z->total_p + z->total_q);
+    if (!z->back && !(z->back = malloc(2 * (size_t)n_spans * sizeof *z->back + 1)))
+        return pw_error(PW_ERR_NOMEM, "compressor: out of memory");
+    if (pqn && !z->pq_back && !(z->pq_back = malloc(pqn * sizeof(float))))
+        return pw_error(PW_ERR_NOMEM, "compressor: out of memory");
+    pw_span *out = z->back, *back = z->back + n_spans;
+    float *P = z->pq, *Qs = z->pq + z->total_p, *Pb = z->pq_back, *Qb = z->pq_back + z->total_p;
+    powersgd_p(z, spans, n_spans, P);
+    int64_t o = 0;
+    for (int i = 0; i < n_spans; i++) {
+        const zspan *s = &z->s[i];
+        out[i] = s->q ? (pw_span){P + o, s->rows * s->q} : spans[i];
+        back[i] = s->q ? (pw_span){Pb + o, s->rows * s->q} : (pw_span){NULL, 0};
+        o += s->rows * s->q;
+    }
+    PW_CHECK(co->vt->push_round(co->self, co->member, spans, n_spans, 0, out, back, abort));
+    if (!z->total_p) return PW_OK;
+    powersgd_q(z, n_spans, Pb, Qs);
+    o = 0;
+    for (int i = 0; i < n_spans; i++) {
+        const zspan *s = &z->s[i];
+        out[i] = s->q ? (pw_span){Qs + o, s->cols * s->q} : (pw_span){NULL, 0};
+        back[i] = s->q ? (pw_span){Qb + o, s->cols * s->q} : (pw_span){NULL, 0};
+        o += s->cols * s->q;
+    }
+    PW_CHECK(co->vt->push_round(co->self, co->member, spans, n_spans, 1, out, back, abort));
+    powersgd_finish(z, spans, n_spans, Pb, Qb, co->n_members);
     return PW_OK;
 }
 
@@ -721,10 +790,16 @@ pw_status pw_compressor_allreduce(pw_compressor *z, const pw_coll *co, const pw_
             return pw_error(PW_ERR_SHAPE, "compressed all-reduce: span %d has %lld floats, the compressor was "
                             "made for %lld", i, (long long)spans[i].n, (long long)z->s[i].n);
     int64_t wire = 0;
-    if (co->vt->push_bytes && z->cfg.kind == PW_COMPRESS_POWERSGD)
-        return pw_error(PW_ERR_UNSUPPORTED, "compressed push (%s): PowerSGD sums twice across the members with an "
-                        "orthogonalisation between; it has no push to a server", co->vt->name);
-    if (co->vt->push_bytes) {
+    if (co->vt->push_bytes && z->cfg.kind == PW_COMPRESS_POWERSGD) {
+        if (!co->vt->push_round)
+            return pw_error(PW_ERR_UNSUPPORTED, "compressed push (%s): PowerSGD sums twice across the members with "
+                            "an orthogonalisation between, and this endpoint has no round trip", co->vt->name);
+        int64_t unc = z->L;
+        for (int i = 0; i < n_spans; i++)
+            if (z->s[i].q) unc -= z->s[i].n;
+        PW_CHECK(powersgd_push(z, co, spans, n_spans, abort));
+        wire = (z->total_p + z->total_q + unc) * (int64_t)sizeof(float);
+    } else if (co->vt->push_bytes) {
         /* A parameter server's push: encode (top-k's residual as always), send, no sum here. */
         PW_CHECK(scratch(z, 1));
         if (!z->off && !(z->off = malloc(((size_t)n_spans + 1) * sizeof *z->off)))

@@ -59,9 +59,15 @@
  * modes encode as above (top-k's residual kept the same way) and push the
  * payload instead of gathering it; the server decodes each member's spans
  * (pw_compress_decode_span) and sums them in the tree order, which is the
- * gathering all-reduce's sum. PowerSGD needs two sums with an
- * orthogonalisation between them on every member: it does not push
- * (PW_ERR_UNSUPPORTED).
+ * gathering all-reduce's sum. PowerSGD takes two round trips instead
+ * (the endpoint's push_round): each member pushes its P (and its
+ * uncompressed spans in fp32); the server sums the P's in the tree order,
+ * orthogonalises them (pw_compress_powersgd_orthogonalise) and sends the
+ * result back; each member pushes Q = Mᵀ P; the server sums the Q's,
+ * sends the sum back and rebuilds the gradient (pw_compress_powersgd_
+ * rebuild), and each member keeps its residual and the summed Q as here.
+ * With the tree all-reduce's sum order that is the all-reduce run's every
+ * float. An endpoint with push_bytes but no push_round: PW_ERR_UNSUPPORTED.
  *
  * Threads: a compressor is used by one thread at a time (its member's
  * communication thread); the group's members each have their own. Host
@@ -165,6 +171,17 @@ pw_status pw_compressor_allreduce(pw_compressor *z, const pw_coll *co, const pw_
 int64_t pw_compress_span_bytes(const pw_compress_config *cc, int64_t n);
 pw_status pw_compress_decode_span(const pw_compress_config *cc, int64_t n, const void *payload, int64_t bytes,
                                   float *out);
+
+/* PowerSGD's server side (a parameter server, see above), the functions
+ * the compressor itself uses. The rank q a span of n floats with `rows`
+ * rows (0: a vector) is compressed to, 0 when it travels uncompressed
+ * (pw_compressor_create's rule). */
+int pw_compress_powersgd_rank(const pw_compress_config *cc, int64_t n, int64_t rows);
+/* P (rows × q, row-major), summed over the members: its columns
+ * orthonormalised in order (Gram–Schmidt, each projection twice). */
+void pw_compress_powersgd_orthogonalise(float *P, int64_t rows, int q);
+/* out (rows × cols) = P Qᵀ, Q cols × q: the summed gradient. */
+void pw_compress_powersgd_rebuild(const float *P, const float *Q, int64_t rows, int64_t cols, int q, float *out);
 
 /* The state carried between steps, for checkpoints: its length in floats
  * (0 for bf16 and fp16), a copy out, a copy in (the same length), and back

@@ -258,7 +258,7 @@ static pw_status no_gather(void *self, int member, double v, double *out, const 
  * server gets by decoding each member's pushed spans and summing them in
  * the tree order is, bit for bit, the gathering all-reduce's sum; the
  * push leaves the spans as they are and reports the payload's bytes;
- * PowerSGD refuses to push. */
+ * PowerSGD refuses an endpoint that pushes but has no round trip. */
 Test(compress, a_pushed_payload_decodes_to_the_gathered_sum, .timeout = TIMEOUT)
 {
     const int64_t ns[] = {5, 0, 37, 1};
@@ -334,7 +334,7 @@ Test(compress, a_pushed_payload_decodes_to_the_gathered_sum, .timeout = TIMEOUT)
     pw_coll c = {.vt = &push_i, .self = &got, .member = 0, .n_members = 2};
     cr_assert_eq(pw_compressor_create(&pc, &sp, &rows, 1, &z), PW_OK);
     cr_assert_eq(pw_compressor_allreduce(z, &c, &sp, 1, NULL, NULL), PW_ERR_UNSUPPORTED);
-    cr_assert(strstr(pw_last_error(), "PowerSGD"), "%s", pw_last_error());
+    cr_assert(strstr(pw_last_error(), "PowerSGD") && strstr(pw_last_error(), "round trip"), "%s", pw_last_error());
     pw_compressor_destroy(z);
 }
 
@@ -515,6 +515,173 @@ Test(compress, powersgd_error_feedback, .timeout = TIMEOUT)
     cr_assert_neq(st0[L], 0.0f, "reset draws Q from the seed again");
     free_group(ms, 2);
 }
+
+/* ------------------------------------------ PowerSGD through a server */
+
+/* A parameter server for threads (pw_coll_i.push_round): the members
+ * deposit their round's spans; member 0 sums each replied span over the
+ * members in the tree order — round 0 then orthogonalises it, round 1 also
+ * rebuilds P Qᵀ — with the functions stages/train/pipeline_ps.c's server
+ * uses; every member copies the reply. */
+enum { FS_SPANS = 4, FS_MAX = 512 };
+typedef struct fake_server {
+    pthread_barrier_t bar;
+    int n;
+    int64_t rows[FS_SPANS];
+    const pw_span *out[8];
+    float reply[FS_SPANS][FS_MAX], p[FS_SPANS][FS_MAX], rebuilt[FS_SPANS][FS_MAX];
+    int rounds;
+} fake_server;
+
+typedef struct fs_member {
+    fake_server *fs;
+    int k;
+} fs_member;
+
+static pw_status fs_round(void *self, int member, const pw_span *spans, int n_spans, int round, const pw_span *out,
+                          const pw_span *back, const atomic_int *abort)
+{
+    (void)member, (void)spans, (void)abort;
+    fs_member *m = self;
+    fake_server *fs = m->fs;
+    fs->out[m->k] = out;
+    pthread_barrier_wait(&fs->bar);
+    if (m->k == 0) {
+        fs->rounds++;
+        for (int i = 0; i < n_spans; i++) {
+            if (back[i].n <= 0) continue;
+            const int64_t len = back[i].n;
+            cr_assert(len <= FS_MAX && out[i].n == len);
+            float part[8][FS_MAX];
+            for (int k = 0; k < fs->n; k++) memcpy(part[k], fs->out[k][i].data, sizeof(float) * (size_t)len);
+            for (int w = 1; w < fs->n; w *= 2)
+                for (int a = 0; a + w < fs->n; a += 2 * w)
+                    for (int64_t x = 0; x < len; x++) part[a][x] = part[a][x] + part[a + w][x];
+            const int64_t rows = fs->rows[i], cols = spans[i].n / rows;
+            if (round == 0) { /* P: rows × q */
+                pw_compress_powersgd_orthogonalise(part[0], rows, (int)(len / rows));
+                memcpy(fs->p[i], part[0], sizeof(float) * (size_t)len);
+            } else { /* Q: cols × q */
+                pw_compress_powersgd_rebuild(fs->p[i], part[0], rows, cols, (int)(len / cols), fs->rebuilt[i]);
+            }
+            memcpy(fs->reply[i], part[0], sizeof(float) * (size_t)len);
+        }
+    }
+    pthread_barrier_wait(&fs->bar);
+    for (int i = 0; i < n_spans; i++)
+        if (back[i].n > 0) memcpy(back[i].data, fs->reply[i], sizeof(float) * (size_t)back[i].n);
+    return PW_OK;
+}
+
+static pw_status fs_push_bytes(void *self, int member, const pw_span *spans, int n_spans, const void *mine,
+                               const int64_t *off, const atomic_int *abort)
+{
+    (void)self, (void)member, (void)spans, (void)n_spans, (void)mine, (void)off, (void)abort;
+    return pw_error(PW_ERR_INTERNAL, "PowerSGD pushed a payload instead of its rounds");
+}
+
+typedef struct fs_thread {
+    fs_member m;
+    pw_compressor *z;
+    pw_span sp[FS_SPANS];
+    int n_spans, steps;
+    const float *grads; /* [steps][L] */
+    float *out, *state; /* [steps][L]: the spans after each call; the state after the last */
+    int64_t L;
+    pw_compress_bytes by;
+    pw_status st;
+} fs_thread;
+
+static void *fs_main(void *arg)
+{
+    fs_thread *t = arg;
+    static const pw_coll_i vt = {.name = "fake-ps", .allreduce = no_allreduce, .allgather_f64 = no_gather,
+                                 .push_bytes = fs_push_bytes, .push_round = fs_round};
+    pw_coll c = {.vt = &vt, .self = &t->m, .member = t->m.k, .n_members = t->m.fs->n};
+    t->st = PW_OK;
+    for (int s = 0; s < t->steps && t->st == PW_OK; s++) {
+        memcpy(t->sp[0].data, t->grads + s * t->L, sizeof(float) * (size_t)t->L);
+        t->st = pw_compressor_allreduce(t->z, &c, t->sp, t->n_spans, NULL, &t->by);
+        memcpy(t->out + s * t->L, t->sp[0].data, sizeof(float) * (size_t)t->L);
+    }
+    pw_compressor_state_get(t->z, t->state);
+    return NULL;
+}
+
+/* PowerSGD through a parameter server (the compressor's push_round; the
+ * server's sums, orthogonalisation and rebuild as pipeline_ps.c does them)
+ * against the tree all-reduce of the same members over 3 steps: the same
+ * summed gradient of every compressed matrix, rebuilt on the server too,
+ * the same residuals and Q (the error feedback and warm start), the same
+ * wire bytes; the uncompressed vector is pushed as it is. 4 members: the
+ * tree, (0 + 1) + (2 + 3), is not the left-to-right sum. */
+Test(compress, powersgd_through_a_server_is_the_tree_all_reduce, .timeout = TIMEOUT)
+{
+    enum { R = 12, C = 10, V = 7, N = 4, T = 3 };
+    const int64_t ns[] = {R * C, V, C * R}, rows[] = {R, 0, C};
+    const int64_t L = 2 * R * C + V;
+    static float g[N * T * (2 * R * C + V)], want[N * T * (2 * R * C + V)], got[N * T * (2 * R * C + V)];
+    for (int k = 0; k < N; k++)
+        for (int t = 0; t < T; t++) {
+            float *m = g + (size_t)(k * T + t) * (size_t)L;
+            low_rank(m, R, C, 4, 17u + (uint32_t)(k * T + t));
+            for (int i = 0; i < V; i++) m[R * C + i] = 0.25f * (float)(i - k) + (float)t;
+            low_rank(m + R * C + V, C, R, 5, 91u + (uint32_t)(k * T + t));
+        }
+    pw_compress_config cc = {.kind = PW_COMPRESS_POWERSGD, .rank = 2, .seed = 5};
+    member ms[N];
+    run_group(&cc, N, ns, rows, 3, T, g, want, ms);
+    fake_server fs = {.n = N, .rows = {R, 0, C}};
+    pthread_barrier_init(&fs.bar, NULL, N);
+    fs_thread th[N];
+    pthread_t id[N];
+    static float state[N][2 * (R * C + C * 2) + 64];
+    for (int k = 0; k < N; k++) {
+        fs_thread *t = &th[k];
+        memset(t, 0, sizeof *t);
+        t->m = (fs_member){&fs, k};
+        float *buf = calloc((size_t)L, sizeof *buf);
+        for (int i = 0, at = 0; i < 3; at += (int)ns[i], i++) t->sp[i] = (pw_span){buf + at, ns[i]};
+        cr_assert_eq(pw_compressor_create(&cc, t->sp, rows, 3, &t->z), PW_OK, "%s", pw_last_error());
+        cr_assert_leq(pw_compressor_state_floats(t->z), (int64_t)(sizeof state[0] / sizeof(float)));
+        t->n_spans = 3;
+        t->steps = T;
+        t->L = L;
+        t->grads = g + (size_t)k * T * (size_t)L;
+        t->out = got + (size_t)k * T * (size_t)L;
+        t->state = state[k];
+    }
+    for (int k = 0; k < N; k++) pthread_create(&id[k], NULL, fs_main, &th[k]);
+    for (int k = 0; k < N; k++) pthread_join(id[k], NULL);
+    pthread_barrier_destroy(&fs.bar);
+    cr_assert_eq(fs.rounds, 2 * T, "two rounds a step: %d in %d steps", fs.rounds, T);
+    for (int k = 0; k < N; k++) {
+        cr_assert_eq(th[k].st, PW_OK, "member %d: %s", k, pw_status_str(th[k].st));
+        cr_assert_eq(th[k].by.wire, ms[k].by.wire, "wire bytes %lld, the all-reduce's %lld", (long long)th[k].by.wire,
+                     (long long)ms[k].by.wire);
+        for (int t = 0; t < T; t++) {
+            const float *a = got + (size_t)(k * T + t) * (size_t)L, *b = want + (size_t)(k * T + t) * (size_t)L;
+            const float *mine = g + (size_t)(k * T + t) * (size_t)L;
+            cr_assert_eq(memcmp(a, b, sizeof(float) * R * C), 0, "member %d step %d: the first matrix's sum differs",
+                         k, t);
+            cr_assert_eq(memcmp(a + R * C + V, b + R * C + V, sizeof(float) * C * R), 0,
+                         "member %d step %d: the second matrix's sum differs", k, t);
+            cr_assert_eq(memcmp(a + R * C, mine + R * C, sizeof(float) * V), 0, "the pushed vector changed");
+        }
+        float st_want[2 * (R * C + C * 2) + 64];
+        pw_compressor_state_get(ms[k].z, st_want);
+        cr_assert_eq(memcmp(state[k], st_want, sizeof(float) * (size_t)pw_compressor_state_floats(ms[k].z)), 0,
+                     "member %d: the residuals or Q differ from the all-reduce's", k);
+        free(th[k].sp[0].data);
+        pw_compressor_destroy(th[k].z);
+    }
+    /* The server's own rebuild of the last step is the members' sum. */
+    const float *last = want + (size_t)(T - 1) * (size_t)L;
+    cr_assert_eq(memcmp(fs.rebuilt[0], last, sizeof(float) * R * C), 0, "the server's rebuild differs");
+    cr_assert_eq(memcmp(fs.rebuilt[2], last + R * C + V, sizeof(float) * C * R), 0, "the server's rebuild differs");
+    free_group(ms, N);
+}
+
 
 Test(compress, bad_compressors_are_refused, .timeout = TIMEOUT)
 {

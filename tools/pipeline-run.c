@@ -895,8 +895,10 @@ static int parse_args(int argc, char **argv, options *o)
                          : o->replicas < 2 ? "needs --replicas 2 or more"
                          : o->allreduce_set ? "replaces the all-reduce: give --sync ps or --allreduce"
                          : o->rebalance || o->rebalance_at ? "does not support --rebalance yet"
-                         : o->compress.kind == PW_COMPRESS_POWERSGD ? "does not push PowerSGD's factors: --compress "
-                                                                     "bf16, fp16 or topk:RATIO"
+                         : o->compress.kind == PW_COMPRESS_POWERSGD && o->staleness > 0
+                             ? "with --compress powersgd takes --staleness 0 only (PowerSGD sums the replicas' "
+                               "factors of one step, so none can run ahead): --compress bf16, fp16 or topk:RATIO "
+                               "with staleness"
                          : o->device && strcmp(o->device, "cpu") ? "runs on the CPU only"
                          : NULL;
         if (no) return bad_usage("--sync ps %s", no);

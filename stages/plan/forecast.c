@@ -67,6 +67,16 @@ static double replica_sum_s(const pw_forecast_config *c, int b, int e, double la
                                                             PW_ALLREDUCE_TREE).wire_bytes
                                 : bytes;
         t = push * inv_b + (double)c->replicas * bytes / c->ps_servers * inv_b + 2.0 * lat;
+        if (c->compress.kind == PW_COMPRESS_POWERSGD) {
+            /* Two round trips: the server sends every replica the summed P
+             * and the summed Q of each matrix it compresses. */
+            double factors = 0.0;
+            for (int k = 0; numel && k < n; k++) {
+                const int q = pw_compress_powersgd_rank(&c->compress, numel[k], rows[k]);
+                if (q) factors += 4.0 * (double)q * (double)(rows[k] + numel[k] / rows[k]);
+            }
+            t += (double)c->replicas * factors / c->ps_servers * inv_b + 2.0 * lat;
+        }
     } else if (!numel) { /* out of memory: the plain ring of the same bytes */
         t = pw_sim_ring_allreduce((int64_t)bytes, c->replicas, lat, bw);
     } else if (c->allreduce_algo != PW_ALLREDUCE_AUTO) {

@@ -154,7 +154,9 @@ typedef struct pw_forecast_config {
      * workers, G/B + R·G/(K·B) + 2 latencies for a chunk of G bytes (the
      * servers' own update and the workers' waits are not in it); with
      * `compress` the push is its payload's bytes (pw_compress_model's
-     * wire_bytes), the pull stays fp32. */
+     * wire_bytes), the pull stays fp32; PowerSGD adds its replies, the
+     * summed P and Q of each compressed matrix to each worker through the
+     * server's link, and 2 latencies. */
     int ps_servers;
     /* Tensor parallelism: T ranks per stage (0 or 1: none). `graph` is then
      * one rank's graph (pw_graph_tp_rank(full, T, T - 1, ...): the last rank

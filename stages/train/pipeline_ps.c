@@ -6,8 +6,8 @@
  *                            of the hello), HELLO (int64 n, staleness, the
  *                            step the run starts from, optimizer state
  *                            floats per element sf, --clip-grad-norm as a
- *                            double, tied across chunks, --compress's kind
- *                            and ratio (a double); n x {int64 graph param,
+ *                            double, tied across chunks, --compress's kind,
+ *                            ratio (a double) and rank; n x {int64 graph param,
  *                            numel, chunk, index in the worker's list, uses
  *                            in its program, the first use's index among
  *                            the process's uses of the parameter},
@@ -17,7 +17,8 @@
  *                            their optimizer state, sf x numel each);
  *   worker -> server, each step and use of a parameter: the use's gradient
  *                            (fp32, or with --compress bf16/fp16/topk its
- *                            compressed payload), tag = ps_tag(use): the
+ *                            compressed payload; with --compress powersgd
+ *                            its P, then its Q: below), tag = ps_tag(use): the
  *                            graph parameter's index for its first use in
  *                            the process (so every untied parameter's);
  *                            with staleness > 0 first (same tag) the
@@ -32,6 +33,11 @@
  *                            version: STATE (the optimizer state of the
  *                            worker's parameters there, graph order, sf x
  *                            numel each);
+ *   --compress powersgd, per step and use of a matrix it compresses (after
+ *                            the worker's P, before its Q): server -> worker
+ *                            the replicas' P summed and orthogonalised, then
+ *                            (after the Q's) the summed Q, under the reply
+ *                            tag max_tag - ps_tag(use);
  *   worker -> server, once at the end: BYE (int64: steps done).
  *   --clip-grad-norm with K > 1 servers: server j -> server 0, once:
  *                            NORM_META_N, NORM_META (its parameters' rank,
@@ -51,9 +57,10 @@
 #define TAG_BYE(np) ((np) + 2)
 #define TAG_STATE_REQ(np) ((np) + 3) /* worker -> server: int64 step */
 #define TAG_STATE(np) ((np) + 4)     /* server -> worker: the optimizer state */
-#define HELLO_HEAD 8                 /* int64 n, staleness, start step, state floats per element,
+#define HELLO_HEAD 9                 /* int64 n, staleness, start step, state floats per element,
                                         --clip-grad-norm (a double's bits), tied across chunks,
-                                        --compress's kind and top-k ratio (a double's bits) */
+                                        --compress's kind, top-k ratio (a double's bits) and
+                                        PowerSGD rank */
 #define PAIR 6                       /* per parameter: int64 graph param, numel, chunk, its index in
                                         the worker's order (chunks, pieces, parameters), its uses in
                                         the program, the first use's index in this process */
@@ -68,6 +75,10 @@
  * they were; the others come after the control tags. A copy's values
  * travel under its first use's tag. */
 static int ps_tag(int np, int gp, int lu) { return lu == 0 ? gp : np + 9 + (lu - 1) * np + gp; }
+
+/* PowerSGD's replies to a use (server -> worker) count down from the top,
+ * clear of every ps_tag (pl_ps_create checks there is room). */
+static int ps_reply_tag(const pw_transport *t, int tag) { return t->max_tag - tag; }
 
 void pw_ps_assign(const pw_graph *g, int K, int *out)
 {
@@ -95,7 +106,17 @@ void pw_ps_assign(const pw_graph *g, int K, int *out)
 /* Waits for `req`, bounded the way the transport's world waits are: after
  * the watchdog, pw_transport_blame names a stalled or lost process (a wait
  * whose chain ends at a process still making progress goes on). */
+static pw_status ps_wait_or_abort(const pw_transport *t, pw_treq *req, int peer, const char *what,
+                                  const atomic_int *abort);
+
 static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const char *what)
+{
+    return ps_wait_or_abort(t, req, peer, what, NULL);
+}
+
+/* ps_wait that also gives up when the engine aborts the step. */
+static pw_status ps_wait_or_abort(const pw_transport *t, pw_treq *req, int peer, const char *what,
+                                  const atomic_int *abort)
 {
     pw_transport_waiting(t, peer);
     const int64_t t0 = pw_now_ns();
@@ -108,6 +129,10 @@ static pw_status ps_wait(const pw_transport *t, pw_treq *req, int peer, const ch
             break;
         }
         if (rc == 1) break;
+        if (abort && atomic_load_explicit(abort, memory_order_relaxed)) {
+            st = pw_error(PW_ERR_TIMEOUT, "%s: aborted", what);
+            break;
+        }
         if (spin < 64) {
             sched_yield();
             continue;
@@ -171,6 +196,8 @@ typedef struct ps_param {
     pw_treq sreq[MAX_USES];   /* the gradient sends in flight */
     int64_t read;             /* with staleness: the version the pushed gradients were computed on */
     pw_treq vreq[MAX_USES];   /* its sends, one ahead of each use's gradient */
+    pw_treq breq[MAX_USES];   /* --compress powersgd: each use's reply being received */
+    unsigned char sent[MAX_USES]; /* a message of this round went out for the use */
 } ps_param;
 
 typedef struct ps_bucket {
@@ -216,13 +243,22 @@ static pw_status ps_progress(pl_ps *ps)
  * thread: send each parameter's gradient to its server and post the receive
  * of the version it will compute. The gradients stay as they are (the
  * worker does not step); the pull replaces the parameters at OPTIM. */
-static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const unsigned char *mine,
-                         const int64_t *off, const atomic_int *abort);
+/* What a push sends per use instead of its fp32 gradient: a compressed
+ * payload (mine, off: bf16, fp16, top-k) or PowerSGD's round (out; the
+ * replies go to back). */
+typedef struct ps_src {
+    const unsigned char *mine;
+    const int64_t *off;
+    int round;
+    const pw_span *out, *back;
+} ps_src;
+
+static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const ps_src *src, const atomic_int *abort);
 
 static pw_status ps_push(void *self, int member, const pw_span *spans, int n_spans, const atomic_int *abort)
 {
     (void)member;
-    return ps_send(self, spans, n_spans, NULL, NULL, abort);
+    return ps_send(self, spans, n_spans, NULL, abort);
 }
 
 /* --compress (bf16, fp16, top-k): the compressor has encoded the bucket;
@@ -232,13 +268,25 @@ static pw_status ps_push_bytes(void *self, int member, const pw_span *spans, int
                                const int64_t *off, const atomic_int *abort)
 {
     (void)member;
-    return ps_send(self, spans, n_spans, mine, off, abort);
+    const ps_src src = {.mine = mine, .off = off};
+    return ps_send(self, spans, n_spans, &src, abort);
 }
 
-/* The push of a bucket: fp32 gradients (mine NULL) or their compressed
- * payloads. */
-static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const unsigned char *mine,
-                         const int64_t *off, const atomic_int *abort)
+/* --compress powersgd: round 0 (P, or the fp32 gradient of a use sent
+ * uncompressed) and round 1 (Q) of the bucket, each use's reply received
+ * into back[j] before it returns. */
+static pw_status ps_push_round(void *self, int member, const pw_span *spans, int n_spans, int round,
+                               const pw_span *out, const pw_span *back, const atomic_int *abort)
+{
+    (void)member;
+    const ps_src src = {.round = round, .out = out, .back = back};
+    return ps_send(self, spans, n_spans, &src, abort);
+}
+
+/* The push of a bucket: fp32 gradients (src NULL), their compressed
+ * payloads, or a PowerSGD round. Round 0 (every push but PowerSGD's Q)
+ * posts the receive of the version the step computes. */
+static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const ps_src *src, const atomic_int *abort)
 {
     const pw_transport *t = &ps->t;
     if (n_spans < 1) return PW_OK;
@@ -247,26 +295,36 @@ static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const uns
         if (ps->bk[i].key == spans[0].data) b = &ps->bk[i];
     if (!b) return pw_error(PW_ERR_INTERNAL, "parameter server: a gradient bucket the pipeline does not know");
     const int np = ps->pl->g->n_params;
+    const int round = src ? src->round : 0;
     int j = 0; /* the span (use) of the bucket */
     for (int i = b->first; i < b->first + b->n; i++) {
         ps_param *p = &ps->par[i];
-        const int64_t v = ++p->posted;
-        const int s = (int)(v % ps->slots);
-        PW_CHECK(t->vt->ps_irecv(t->self, p->server, ps_tag(np, p->gp, p->lu0),
-                                 p->slot + (size_t)s * (size_t)(p->numel + NORM_FLOATS),
-                                 (size_t)(p->numel + NORM_FLOATS) * sizeof(float), &p->rreq[s]));
-        /* The version this step's forward and backward used (the pull
-         * comes after the push), ahead of each use's gradient on its tag. */
-        p->read = p->applied;
+        if (round == 0) {
+            const int64_t v = ++p->posted;
+            const int s = (int)(v % ps->slots);
+            PW_CHECK(t->vt->ps_irecv(t->self, p->server, ps_tag(np, p->gp, p->lu0),
+                                     p->slot + (size_t)s * (size_t)(p->numel + NORM_FLOATS),
+                                     (size_t)(p->numel + NORM_FLOATS) * sizeof(float), &p->rreq[s]));
+            /* The version this step's forward and backward used (the pull
+             * comes after the push), ahead of each use's gradient on its tag. */
+            p->read = p->applied;
+        }
         for (int u = 0; u < p->n_uses; u++, j++) {
             if (j >= n_spans || spans[j].data != p->use[u])
                 return pw_error(PW_ERR_INTERNAL, "parameter server: bucket span %d is not the use of %s expected", j,
                                 ps->pl->g->params[p->gp].name);
-            const void *src = mine ? (const void *)(mine + off[j]) : (const void *)p->use[u];
-            const size_t len = mine ? (size_t)(off[j + 1] - off[j]) : (size_t)p->numel * sizeof(float);
+            const void *from = (const void *)p->use[u];
+            size_t len = (size_t)p->numel * sizeof(float);
+            if (src && src->out) from = src->out[j].data, len = (size_t)src->out[j].n * sizeof(float);
+            else if (src) from = src->mine + src->off[j], len = (size_t)(src->off[j + 1] - src->off[j]);
             const int tag = ps_tag(np, p->gp, p->lu0 + u);
+            if (src && src->back && src->back[j].n > 0) /* the reply's receive before the send it answers */
+                PW_CHECK(t->vt->ps_irecv(t->self, p->server, ps_reply_tag(t, tag), src->back[j].data,
+                                         (size_t)src->back[j].n * sizeof(float), &p->breq[u]));
+            p->sent[u] = len > 0 || round == 0;
+            if (!p->sent[u]) continue;
             if (ps->stale) PW_CHECK(t->vt->ps_isend(t->self, p->server, tag, &p->read, sizeof p->read, &p->vreq[u]));
-            PW_CHECK(t->vt->ps_isend(t->self, p->server, tag, src, len, &p->sreq[u]));
+            PW_CHECK(t->vt->ps_isend(t->self, p->server, tag, from, len, &p->sreq[u]));
         }
     }
     /* The sends complete once the servers take them (small ones at once);
@@ -276,6 +334,10 @@ static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const uns
         ps_param *p = &ps->par[i];
         /* per use: its version (with staleness), then its gradient */
         for (int u = 0, v = ps->stale ? 0 : 1, spin = 0; u < p->n_uses; spin++) {
+            if (!p->sent[u]) {
+                u++;
+                continue;
+            }
             const int rc = t->vt->test(t->self, v == 0 ? &p->vreq[u] : &p->sreq[u]);
             if (rc < 0)
                 return pw_error(PW_ERR_IO, "pushing the gradient of %s: %s", ps->pl->g->params[p->gp].name,
@@ -292,6 +354,19 @@ static pw_status ps_send(pl_ps *ps, const pw_span *spans, int n_spans, const uns
             else nanosleep(&(struct timespec){0, 20000}, NULL);
         }
     }
+    /* PowerSGD: the replies (the server sends them once every replica's
+     * factors of the use are in). */
+    for (int i = b->first, jj = 0; src && src->back && i < b->first + b->n; i++) {
+        ps_param *p = &ps->par[i];
+        for (int u = 0; u < p->n_uses; u++, jj++) {
+            if (src->back[jj].n <= 0) continue;
+            char what[256];
+            snprintf(what, sizeof what, "the summed PowerSGD %s of %s from MPI rank %d (server %d)",
+                     round == 0 ? "P" : "Q", ps->pl->g->params[p->gp].name, p->server,
+                     p->server - t->n_ranks * t->n_replicas);
+            PW_CHECK(ps_wait_or_abort(t, &p->breq[u], p->server, what, abort));
+        }
+    }
     return ps->stale ? ps_progress(ps) : PW_OK;
 }
 
@@ -302,7 +377,7 @@ static pw_status ps_no_gather(void *self, int member, double v, double *out, con
 }
 
 static const pw_coll_i ps_coll_i = {.name = "ps-push", .allreduce = ps_push, .allgather_f64 = ps_no_gather,
-                                    .push_bytes = ps_push_bytes};
+                                    .push_bytes = ps_push_bytes, .push_round = ps_push_round};
 
 /* OPTIM of a chunk: every parameter at version step − staleness or newer
  * (the newest received), then the gradients cleared for the next step. */
@@ -401,6 +476,7 @@ static pw_status ps_hello(pl_ps *ps)
         h[5] = ps->tied;
         h[6] = ps->pl->cfg.compress.kind;
         memcpy(&h[7], &ps->pl->cfg.compress.ratio, sizeof(double));
+        h[8] = ps->pl->cfg.compress.rank;
         pw_status st = PW_OK;
         for (int i = 0, m = 0; i < ps->n_par && st == PW_OK; i++) {
             const ps_param *p = &ps->par[i];
@@ -500,10 +576,10 @@ pw_status pl_ps_create(pw_pipeline *pl)
     if (c->clip_grad_norm > 0 && K > g->n_params)
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --clip-grad-norm with %d servers for %d parameters: "
                         "every server must hold one (the norm's messages go with the updates)", K, g->n_params);
-    if (c->compress.kind == PW_COMPRESS_POWERSGD)
-        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --compress powersgd does not push (its two sums "
-                        "need an orthogonalisation on every replica between them; docs/distributed.md, "
-                        "\"Parameter server\"): use bf16, fp16 or topk");
+    if (c->compress.kind == PW_COMPRESS_POWERSGD && c->ps_staleness > 0)
+        return pw_error(PW_ERR_UNSUPPORTED, "parameter server: --compress powersgd with --staleness %d: PowerSGD "
+                        "sums the replicas' factors of one step (twice, through the server), so no replica can "
+                        "run ahead; use --staleness 0, or bf16, fp16 or topk", c->ps_staleness);
     /* The uses of each parameter in this process (ps_tag), for the tags. */
     int *lu = calloc((size_t)(g->n_params > 0 ? g->n_params : 1), sizeof *lu);
     if (!lu) return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
@@ -522,7 +598,8 @@ pw_status pl_ps_create(pw_pipeline *pl)
             }
     }
     memset(lu, 0, (size_t)g->n_params * sizeof *lu);
-    if ((int64_t)g->n_params * most + 9 > t->max_tag) {
+    /* PowerSGD's replies take as many tags again, from the top (ps_reply_tag). */
+    if (((int64_t)g->n_params * most + 9) * (c->compress.kind == PW_COMPRESS_POWERSGD ? 2 : 1) > t->max_tag) {
         free(lu);
         return pw_error(PW_ERR_UNSUPPORTED, "parameter server: %d parameters (one used %d times here) need more "
                         "message tags than MPI's %d", g->n_params, most, t->max_tag);
@@ -741,6 +818,18 @@ typedef struct srv_param {
     int64_t step;             /* updates done: the version the server holds */
     int rank, chunk, seq;     /* replica 0's holder's pipeline rank, the chunk, its place in that
                                  worker's hello (the order of the workers' grad_sumsq) */
+    /* --compress powersgd, a matrix it compresses (q > 0; staleness 0, one
+     * slot): each use's two rounds. The P's and Q's of [U][R]; per use the
+     * replies (the summed P orthogonalised, the summed Q) and their R
+     * sends each; fgot bit 1: P here, bit 2: Q here; fphase[u] 0: waiting
+     * for the P's, 1: for the Q's, 2: the use's gradient rebuilt. */
+    int q;
+    int64_t rows, cols;
+    float *fp, *fq, *fpout, *fqout;
+    pw_treq *fpreq, *fqreq;   /* [U][R] */
+    pw_treq *fsreq;           /* [U][R][2] the replies' sends */
+    unsigned char *fgot, *fsent;    /* [U][R]; [U][R][2] 1: that reply's send is done (or none) */
+    int *fphase;              /* [U] */
 } srv_param;
 
 typedef struct srv_norm srv_norm;
@@ -781,6 +870,16 @@ static void srv_free(server *s)
         free(p->n_got);
         free(p->sbuf);
         free(p->sending);
+        free(p->fp);
+        free(p->fq);
+        free(p->fpout);
+        free(p->fqout);
+        free(p->fpreq);
+        free(p->fqreq);
+        free(p->fsreq);
+        free(p->fgot);
+        free(p->fsent);
+        free(p->fphase);
     }
     free(s->par);
     free(s->index);
@@ -811,6 +910,27 @@ static pw_status srv_alloc(server *s, int stale)
         if (!p->grads || !p->rreq || !p->got || !p->n_got || !p->sbuf || !p->sreq || !p->sending || !p->read ||
             !p->vreq)
             return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        /* PowerSGD's rank for the matrix, by the compressor's rule (rows: its first dimension) */
+        const pw_shape *sh = &s->cfg->graph->params[p->gp].shape;
+        p->rows = sh->ndim >= 2 ? sh->d[0] : 0;
+        p->q = pw_compress_powersgd_rank(&s->cc, p->numel, p->rows);
+        if (!p->q) continue;
+        p->cols = p->numel / p->rows;
+        const size_t fpn = (size_t)(p->rows * p->q), fqn = (size_t)(p->cols * p->q);
+        p->fp = malloc(U * R * fpn * sizeof(float));
+        p->fq = malloc(U * R * fqn * sizeof(float));
+        p->fpout = malloc(U * fpn * sizeof(float));
+        p->fqout = malloc(U * fqn * sizeof(float));
+        p->fpreq = calloc(U * R, sizeof *p->fpreq);
+        p->fqreq = calloc(U * R, sizeof *p->fqreq);
+        p->fsreq = calloc(2 * U * R, sizeof *p->fsreq);
+        p->fgot = calloc(U * R, 1);
+        p->fsent = malloc(2 * U * R);
+        p->fphase = calloc(U, sizeof *p->fphase);
+        if (!p->fp || !p->fq || !p->fpout || !p->fqout || !p->fpreq || !p->fqreq || !p->fsreq || !p->fgot ||
+            !p->fsent || !p->fphase)
+            return pw_error(PW_ERR_NOMEM, "parameter server: out of memory");
+        memset(p->fsent, 1, 2 * U * R);
     }
     return PW_OK;
 }
@@ -867,6 +987,7 @@ static pw_status srv_hello(server *s)
             s->tied = h[5] != 0;
             s->cc.kind = (pw_compress_kind)h[6];
             memcpy(&s->cc.ratio, &h[7], sizeof(double));
+            s->cc.rank = (int)(h[8] > 0 && h[8] <= 1024 ? h[8] : 0);
             s->start = start;
             s->sf = (int)sf;
             s->stale = (int)stale;
@@ -875,9 +996,11 @@ static pw_status srv_hello(server *s)
                  : sf != pw_optim_state_floats(s->optim.kind)
                      ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent %lld state floats for %s",
                                 (long long)sf, pw_optim_name(s->optim.kind))
-                 : s->cc.kind < PW_COMPRESS_NONE || s->cc.kind >= PW_COMPRESS_POWERSGD ||
-                         (s->cc.kind == PW_COMPRESS_TOPK && !(s->cc.ratio > 0.0 && s->cc.ratio <= 1.0))
-                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent compression mode %d", (int)s->cc.kind)
+                 : s->cc.kind < PW_COMPRESS_NONE || s->cc.kind > PW_COMPRESS_POWERSGD ||
+                         (s->cc.kind == PW_COMPRESS_TOPK && !(s->cc.ratio > 0.0 && s->cc.ratio <= 1.0)) ||
+                         (s->cc.kind == PW_COMPRESS_POWERSGD && (s->cc.rank < 1 || stale > 0))
+                     ? pw_error(PW_ERR_IO, "parameter server: MPI rank 0 sent compression mode %d (rank %lld, "
+                                "staleness %lld)", (int)s->cc.kind, (long long)h[8], (long long)stale)
                      : PW_OK;
         }
         if (st == PW_OK && stale != s->stale)
@@ -968,6 +1091,17 @@ static pw_status srv_post(server *s, srv_param *p, int64_t v)
             const size_t at = ((size_t)sl * (size_t)p->U + (size_t)u) * (size_t)s->R + (size_t)k;
             const srv_link *l = &p->use[k * p->U + u];
             p->got[at] = 0;
+            if (p->q) { /* PowerSGD (one slot): the P, then the Q, matched in order on the use's tag */
+                const size_t fa = (size_t)u * (size_t)s->R + (size_t)k;
+                const size_t fpn = (size_t)(p->rows * p->q), fqn = (size_t)(p->cols * p->q);
+                p->fgot[fa] = 0;
+                p->fphase[u] = 0;
+                PW_CHECK(t->vt->ps_irecv(t->self, l->w, l->tag, p->fp + fa * fpn, fpn * sizeof(float),
+                                         &p->fpreq[fa]));
+                PW_CHECK(t->vt->ps_irecv(t->self, l->w, l->tag, p->fq + fa * fqn, fqn * sizeof(float),
+                                         &p->fqreq[fa]));
+                continue;
+            }
             if (s->stale) /* the version first: one tag, matched in order */
                 PW_CHECK(t->vt->ps_irecv(t->self, l->w, l->tag, &p->read[at], sizeof p->read[at], &p->vreq[at]));
             if (p->cb > 0)
@@ -1000,6 +1134,18 @@ static int srv_slot_free(server *s, srv_param *p, int sl)
     return 1;
 }
 
+/* part[0] += part[1] + ... in the tree all-reduce's order (collective.h):
+ * pairs at distance 1, then 2, 4, ... */
+static void tree_sum(float *const *part, int R, int64_t n)
+{
+    for (int w = 1; w < R; w *= 2)
+        for (int a = 0; a + w < R; a += 2 * w) {
+            float *restrict d = part[a];
+            const float *restrict q = part[a + w];
+            for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
+        }
+}
+
 /* The R replicas' gradients of the parameter's next step (slot of step
  * p->step + 1), each use's summed in the tree all-reduce's order into its
  * first replica's, then (tied) the uses one after the other in the order
@@ -1020,12 +1166,8 @@ static float *srv_sum(server *s, srv_param *p)
              * size was checked by the receive) */
             if (p->cb > 0) pw_compress_decode_span(&s->cc, n, p->cbuf + at * (size_t)p->cb, p->cb, part[k]);
         }
-        for (int w = 1; w < R; w *= 2)
-            for (int a = 0; a + w < R; a += 2 * w) {
-                float *restrict d = part[a];
-                const float *restrict q = part[a + w];
-                for (int64_t i = 0; i < n; i++) d[i] = d[i] + q[i];
-            }
+        /* PowerSGD: srv_factors rebuilt the use's sum in its first replica's place */
+        if (!p->q) tree_sum(part, R, n);
         if (!acc) {
             acc = part[0];
             continue;
@@ -1079,6 +1221,90 @@ static pw_status srv_apply(server *s, srv_param *p, const float *g, double norm)
                                  &p->sreq[(size_t)sl * (size_t)RC + (size_t)c]));
     p->sending[sl] = 1;
     return srv_post(s, p, step + s->slots);
+}
+
+/* --compress powersgd, a matrix it compresses: each use's round that has
+ * every replica's factor (round 0 the P's, round 1 the Q's) summed in the
+ * tree order (round 0 then orthogonalised) and sent back to every replica
+ * (a worker waits for it); after round 1 the use's summed gradient P Qᵀ is
+ * rebuilt where srv_sum takes it, and counted as arrived. The compressor's
+ * all-reduce (runtime/compress.c) does the same on every member. */
+static pw_status srv_factors(server *s, srv_param *p, int *moved)
+{
+    const pw_transport *t = s->t;
+    const int R = s->R;
+    const size_t fpn = (size_t)(p->rows * p->q), fqn = (size_t)(p->cols * p->q);
+    /* The replies in flight, tested (a slow link posts a held send then). */
+    for (size_t x = 0; x < 2 * (size_t)p->U * (size_t)R; x++) {
+        if (p->fsent[x]) continue;
+        const int rc = t->vt->test(t->self, &p->fsreq[x]);
+        if (rc < 0)
+            return pw_error(PW_ERR_IO, "parameter server %d: sending PowerSGD's summed factors of %s: %s", t->server,
+                            s->cfg->graph->params[p->gp].name, pw_last_error());
+        p->fsent[x] = rc == 1;
+    }
+    for (int u = 0; u < p->U; u++) {
+        const int ph = p->fphase[u];
+        if (ph == 2) continue;
+        const unsigned char bit = ph == 0 ? 1 : 2;
+        int have = 0;
+        for (int k = 0; k < R; k++) {
+            const size_t fa = (size_t)u * (size_t)R + (size_t)k;
+            if (!(p->fgot[fa] & bit)) {
+                const int rc = t->vt->test(t->self, ph == 0 ? &p->fpreq[fa] : &p->fqreq[fa]);
+                if (rc < 0)
+                    return pw_error(PW_ERR_IO, "parameter server %d: PowerSGD's %s of %s from MPI rank %d: %s",
+                                    t->server, ph == 0 ? "P" : "Q", s->cfg->graph->params[p->gp].name,
+                                    p->use[k * p->U + u].w, pw_last_error());
+                if (rc == 1) p->fgot[fa] |= bit, *moved = 1;
+            }
+            have += (p->fgot[fa] & bit) != 0;
+        }
+        if (have < R) continue;
+        const size_t len = ph == 0 ? fpn : fqn;
+        float *part[64], *base = ph == 0 ? p->fp : p->fq;
+        for (int k = 0; k < R; k++) part[k] = base + ((size_t)u * (size_t)R + (size_t)k) * len;
+        tree_sum(part, R, (int64_t)len);
+        if (ph == 0) pw_compress_powersgd_orthogonalise(part[0], p->rows, p->q);
+        /* The reply buffer's last sends (a step ago) are done: that step's
+         * workers took them before they could send these factors. */
+        float *reply = (ph == 0 ? p->fpout : p->fqout) + (size_t)u * len;
+        pw_treq *sr = p->fsreq + (size_t)u * (size_t)R * 2;
+        unsigned char *done = p->fsent + (size_t)u * (size_t)R * 2;
+        for (int k = 0; k < R; k++)
+            if (!done[2 * k + ph])
+                PW_CHECK(ps_wait(t, &sr[2 * k + ph], p->use[k * p->U + u].w,
+                                 "a worker to take PowerSGD's summed factors"));
+        memcpy(reply, part[0], len * sizeof(float));
+        for (int k = 0; k < R; k++) {
+            const srv_link *l = &p->use[k * p->U + u];
+            done[2 * k + ph] = 0;
+            PW_CHECK(t->vt->ps_isend(t->self, l->w, ps_reply_tag(t, l->tag), reply, len * sizeof(float),
+                                     &sr[2 * k + ph]));
+        }
+        p->fphase[u] = ph + 1;
+        *moved = 1;
+        if (ph == 0) continue;
+        const int sl = (int)((p->step + 1) % s->slots);
+        const size_t at0 = ((size_t)sl * (size_t)p->U + (size_t)u) * (size_t)R;
+        pw_compress_powersgd_rebuild(p->fpout + (size_t)u * fpn, reply, p->rows, p->cols, p->q,
+                                     p->grads + at0 * (size_t)p->numel);
+        for (int k = 0; k < R; k++) p->got[at0 + (size_t)k] = 1;
+        p->n_got[sl] += R;
+    }
+    return PW_OK;
+}
+
+/* The process whose PowerSGD factor the matrix waits for, or -1. */
+static int srv_factor_peer(const server *s, const srv_param *p)
+{
+    for (int u = 0; u < p->U; u++) {
+        if (p->fphase[u] == 2) continue;
+        const unsigned char bit = p->fphase[u] == 0 ? 1 : 2;
+        for (int k = 0; k < s->R; k++)
+            if (!(p->fgot[(size_t)u * (size_t)s->R + (size_t)k] & bit)) return p->use[k * p->U + u].w;
+    }
+    return -1;
 }
 
 /* All R gradients of the parameter's next step are here (and its send slot
@@ -1445,7 +1671,8 @@ static pw_status srv_loop(server *s)
             srv_param *p = &s->par[i];
             /* Every posted slot: a fast replica's later gradients are taken as they come. */
             const int UR = p->U * R;
-            for (int sl = 0; sl < s->slots && st == PW_OK; sl++)
+            if (p->q) st = srv_factors(s, p, &moved);
+            for (int sl = 0; !p->q && sl < s->slots && st == PW_OK; sl++)
                 for (int q = 0; q < UR && st == PW_OK; q++) {
                     const size_t at = (size_t)sl * (size_t)UR + (size_t)q;
                     if (p->got[at] == 1) continue;
@@ -1524,6 +1751,11 @@ static pw_status srv_loop(server *s)
         int peer = PW_WAIT_ALL;
         for (int i = 0; i < s->n_par && peer == PW_WAIT_ALL; i++) {
             const srv_param *p = &s->par[i];
+            if (p->q) {
+                const int w = srv_factor_peer(s, p);
+                if (w >= 0) peer = w;
+                continue;
+            }
             const size_t sl = (size_t)((p->step + 1) % s->slots), UR = (size_t)(p->U * R);
             for (size_t q = 0; q < UR; q++)
                 if (p->got[sl * UR + q] != 1) {
@@ -1554,8 +1786,24 @@ static pw_status srv_loop(server *s)
                 st = ps_wait(t, &p->sreq[(size_t)sl * (size_t)RC + (size_t)c], p->copy[c].w,
                              "a worker to take the last parameters");
     }
+    for (int i = 0; i < s->n_par; i++) {
+        srv_param *p = &s->par[i];
+        for (int u = 0; p->q && u < p->U; u++) {
+            pw_treq *sr = p->fsreq + (size_t)u * (size_t)R * 2;
+            const unsigned char *done = p->fsent + (size_t)u * (size_t)R * 2;
+            for (int x = 0; x < 2 * R && st == PW_OK; x++)
+                if (!done[x])
+                    st = ps_wait(t, &sr[x], p->use[(x / 2) * p->U + u].w,
+                                 "a worker to take PowerSGD's last summed factors");
+            for (int k = 0; k < R && t->vt->cancel; k++) { /* the step nobody sent */
+                const size_t fa = (size_t)u * (size_t)R + (size_t)k;
+                if (!(p->fgot[fa] & 1)) t->vt->cancel(t->self, &p->fpreq[fa]);
+                if (!(p->fgot[fa] & 2)) t->vt->cancel(t->self, &p->fqreq[fa]);
+            }
+        }
+    }
     for (int i = 0; i < s->n_par; i++)
-        for (size_t at = 0; s->par[i].got && at < (size_t)s->slots * (size_t)(s->par[i].U * R); at++)
+        for (size_t at = 0; s->par[i].got && !s->par[i].q && at < (size_t)s->slots * (size_t)(s->par[i].U * R); at++)
             if (s->par[i].got[at] != 1 && t->vt->cancel) {
                 t->vt->cancel(t->self, &s->par[i].rreq[at]);
                 if (s->stale && !s->par[i].got[at]) t->vt->cancel(t->self, &s->par[i].vreq[at]);

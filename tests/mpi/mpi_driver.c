@@ -1461,38 +1461,53 @@ static void ps_identical_model(const char *model, int S, int R, int K, const cha
  * the last, or twice in one program on one stage). */
 #define PS_TIED "tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16 --steps 6"
 
-/* sig: "STOP" (the watchdog names the server as stalled) or "KILL" (mpirun
- * names the process that died). */
-static void ps_stopped_server(const char *sig)
+/* sig: "STOP" (the watchdog names the victim as stalled) or "KILL" (mpirun
+ * names the process that died); victim 2 is the server of 1 stage x 2
+ * replicas, 0 and 1 the workers; extra: more flags (--compress powersgd:
+ * the other worker waits for the server's reply, the server for the
+ * victim's factors). */
+static void ps_stopped(const char *sig, int victim, const char *extra)
 {
-    char path[128], *out = NULL;
-    const int np = 3, victim = 2; /* 1 stage x 2 replicas + 1 server */
+    char path[128], who[64], *out = NULL;
+    const int np = 3;
+    if (victim == 2) snprintf(who, sizeof who, "MPI rank 2 (server 0)");
+    else snprintf(who, sizeof who, "MPI rank %d (replica %d, stage 0)", victim, victim);
     snprintf(path, sizeof path, "%s/signal.sh", dir);
     FILE *f = fopen(path, "w");
     fprintf(f, "rm -f victim.pid sig.jsonl\n"
             "%s -np %d sh -c 'if [ \"$OMPI_COMM_WORLD_RANK\" = %d ]; then echo $$ > victim.pid; fi; exec %s/pipeline-run "
-            "m.graph %s --stages 1 --replicas 2 --sync ps --batch 48 --steps 1000000 --watchdog %d --metrics sig.jsonl' &\n"
+            "m.graph %s --stages 1 --replicas 2 --sync ps %s --batch 48 --steps 1000000 --watchdog %d "
+            "--metrics sig.jsonl' &\n"
             "mp=$!\n"
             "trap 'kill -KILL $mp 2>/dev/null' EXIT\n"
             "trap 'exit 143' INT TERM\n"
             "while [ ! -s sig.jsonl ]; do sleep 0.05; done\n"
             "sleep 0.5\n"
             "kill -%s $(cat victim.pid)\n"
-            "wait $mp\n", MPIRUN, np, victim, bin, DATA, HANG_WD, sig);
+            "wait $mp\n", MPIRUN, np, victim, bin, DATA, extra, HANG_WD, sig);
     fclose(f);
     double took = 0;
     int st = run("sh signal.sh", 60, &out, &took);
     const int kill9 = !strcmp(sig, "KILL");
-    if (st == 0 || st == 124) fail("--sync ps, SIG%s of the server: exit %d after %.0f s\n%s", sig, st, took, out);
-    else if (took > HANG_WD + 12) fail("--sync ps, SIG%s of the server: took %.1f s (bound %d s)\n%s", sig, took,
+    char rank[16], stalled[96];
+    snprintf(rank, sizeof rank, "rank %d", victim);
+    snprintf(stalled, sizeof stalled, "%s stalled", who);
+    int other = 0; /* a healthy process named as stalled */
+    for (int r = 0; r < np && !kill9; r++) {
+        char o[96];
+        if (r == victim) continue;
+        if (r == 2) snprintf(o, sizeof o, "MPI rank 2 (server 0) stalled");
+        else snprintf(o, sizeof o, "MPI rank %d (replica %d, stage 0) stalled", r, r);
+        other |= strstr(out, o) != NULL;
+    }
+    if (st == 0 || st == 124) fail("--sync ps %s, SIG%s of %s: exit %d after %.0f s\n%s", extra, sig, who, st, took, out);
+    else if (took > HANG_WD + 12) fail("--sync ps %s, SIG%s of %s: took %.1f s (bound %d s)\n%s", extra, sig, who, took,
                                        HANG_WD + 12, out);
-    else if (kill9 && !strstr(out, "rank 2")) fail("--sync ps: the killed server is not named\n%s", out);
-    else if (kill9) printf("ok   --sync ps: SIGKILL of server rank 2 mid-run: mpirun exit %d after %.1f s, names it\n", st,
-                           took);
-    else if (!strstr(out, "MPI rank 2 (server 0) stalled")) fail("--sync ps: the stopped server is not named\n%s", out);
-    else if (strstr(out, "MPI rank 0 (replica 0, stage 0) stalled") || strstr(out, "MPI rank 1 (replica 1, stage 0) stalled"))
-        fail("--sync ps: a healthy worker is named as stalled\n%s", out);
-    else printf("ok   --sync ps: SIGSTOP of server rank 2 mid-run: mpirun exit %d after %.1f s, names it\n", st, took);
+    else if (kill9 && !strstr(out, rank)) fail("--sync ps %s: the killed %s is not named\n%s", extra, who, out);
+    else if (!kill9 && !strstr(out, stalled)) fail("--sync ps %s: the stopped %s is not named\n%s", extra, who, out);
+    else if (other) fail("--sync ps %s: a healthy process is named as stalled\n%s", extra, out);
+    else printf("ok   --sync ps %s: SIG%s of %s mid-run: mpirun exit %d after %.1f s, names it\n", extra, sig, who, st,
+                took);
     free(out);
 }
 
@@ -1504,7 +1519,7 @@ static void ps_refused(void)
         {"--servers 2", "--servers, --staleness and --staleness-lr apply to --sync ps"},
         {"--staleness-lr inverse", "--servers, --staleness and --staleness-lr apply to --sync ps"},
         {"--sync ps --staleness 1 --staleness-lr half", "--staleness-lr: 'half' is not inverse or none"},
-        {"--sync ps --compress powersgd:2", "does not push PowerSGD's factors"},
+        {"--sync ps --staleness 1 --compress powersgd:2", "with --compress powersgd takes --staleness 0 only"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char cmd[1024], *out = NULL;
@@ -1741,11 +1756,11 @@ static void ps_checkpoints(void)
  * at least the link's: each step's gradients reach the server >= 20 ms
  * after they are pushed, and the new version reaches the worker >= 20 ms
  * after the server sends it. */
-static void ps_slow_link(void)
+static void ps_slow_link(const char *extra)
 {
-    char cmd[2048], *out = NULL;
-    const char *model = "m.graph " DATA " --batch 48 --steps 6 --stages 1 --replicas 2 --micro-batches 2 "
-                        "--optimizer adamw";
+    char cmd[2048], model[512], *out = NULL;
+    snprintf(model, sizeof model, "m.graph " DATA " --batch 48 --steps 6 --stages 1 --replicas 2 --micro-batches 2 "
+             "--optimizer adamw %s", extra);
     snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --save pslink_ref.st", bin, model);
     if (!ps_run(cmd, "the unthrottled reference")) return;
     snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run %s --sync ps --servers 2 --link-latency 0.02 "
@@ -1760,31 +1775,31 @@ static void ps_slow_link(void)
     else if (took < min_s)
         fail("--sync ps over a slow link: %d steps took %.3f s, the 20 ms link alone needs %.2f s", steps, took, min_s);
     else {
-        printf("ok   --sync ps over a slow link (20 ms, 2 MB/s, 2 servers): %.2f s >= %.2f s\n", took, min_s);
+        printf("ok   --sync ps %s over a slow link (20 ms, 2 MB/s, 2 servers): %.2f s >= %.2f s\n", extra, took,
+               min_s);
         ps_same("pslink_ref.st", "pslink.st", "--sync ps over a slow link against the unthrottled all-reduce run");
     }
     free(out);
 }
 
-/* --sync ps --compress topk: the workers' error-feedback residuals are in
- * the checkpoint as in an all-reduce run, so PS resumed on another server
- * count ends with the bytes of the unbroken all-reduce run (without the
- * residuals it does not). */
-#define PS_ZCKPT "m.graph " DATA " --batch 48 --steps 12 --micro-batches 2 --stages 1 --replicas 2 " \
-                 "--compress topk:0.05 --optimizer adamw"
-static void ps_compress_resume(void)
+/* --sync ps --compress topk / powersgd: the workers' error-feedback state
+ * (residuals; PowerSGD's Q) is in the checkpoint as in an all-reduce run,
+ * so PS resumed on another server count ends with the bytes of the
+ * unbroken all-reduce run (without the state it does not). */
+#define PS_ZCKPT "m.graph " DATA " --batch 48 --steps 12 --micro-batches 2 --stages 1 --replicas 2 --optimizer adamw"
+static void ps_compress_resume(const char *mode)
 {
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_ZCKPT " --save pszref.st", bin);
-    if (!ps_run(cmd, "the unbroken top-k all-reduce run")) return;
-    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 3 %s/pipeline-run " PS_ZCKPT " --sync ps --checkpoint-dir ckz "
-             "--checkpoint-every 5 --keep 0", bin);
-    if (!ps_run(cmd, "the checkpointing top-k PS run")) return;
-    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_ZCKPT " --sync ps --servers 2 --resume "
-             "ckz/step-00000005 --save pszres.st", bin);
-    if (ps_run(cmd, "top-k PS resumed on 2 servers"))
-        ps_same("pszref.st", "pszres.st", "--compress topk:0.05: saved by 1 x 2 + 1 server at step 5 with the "
-                "residuals, resumed on 1 x 2 + 2 servers, against the unbroken all-reduce run");
+    char cmd[2048], what[256];
+    snprintf(cmd, sizeof cmd, "%s/pipeline-run " PS_ZCKPT " --compress %s --save pszref.st", bin, mode);
+    if (!ps_run(cmd, "the unbroken compressed all-reduce run")) return;
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 3 %s/pipeline-run " PS_ZCKPT " --compress %s --sync ps "
+             "--checkpoint-dir ckz --checkpoint-every 5 --keep 0", bin, mode);
+    if (!ps_run(cmd, "the checkpointing compressed PS run")) return;
+    snprintf(cmd, sizeof cmd, MPIRUN " -np 4 %s/pipeline-run " PS_ZCKPT " --compress %s --sync ps --servers 2 --resume "
+             "ckz/step-00000005 --save pszres.st", bin, mode);
+    snprintf(what, sizeof what, "--compress %s: saved by 1 x 2 + 1 server at step 5 with its state, resumed on 1 x 2 "
+             "+ 2 servers, against the unbroken all-reduce run", mode);
+    if (ps_run(cmd, "compressed PS resumed on 2 servers")) ps_same("pszref.st", "pszres.st", what);
 }
 
 /* Checkpoints of the tied GPT under --sync ps with zb-v (two copies of the
@@ -1856,21 +1871,38 @@ static void ps_cases(int np)
         ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 2,
                            "--micro-batches 2 --compress topk:0.05 --clip-grad-norm 0.01", "psztopk4");
         ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2 --compress topk:0.1", "psztied5");
-        ps_stopped_server("STOP");
-        ps_stopped_server("KILL");
+        /* PowerSGD: two round trips through the server (P summed and
+         * orthogonalised there, then Q summed): the tree all-reduce's bytes. */
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 2, 1, "--micro-batches 2 --compress powersgd:2",
+                           "pszpsgd3");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 2, 2, 2,
+                           "--micro-batches 4 --optimizer adamw --clip-grad-norm 0.01 --compress powersgd:3",
+                           "pszpsgdclip6");
+        ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2 --compress powersgd:2", "pszpsgdtied5");
+        ps_identical_model(PS_TIED, 1, 2, 1, "--micro-batches 2 --compress powersgd:1", "pszpsgdtied3");
+        ps_stopped("STOP", 2, "");
+        ps_stopped("KILL", 2, "");
+        ps_stopped("STOP", 1, "--compress powersgd:2"); /* mid-round: the server and worker 0 wait for it */
+        ps_stopped("STOP", 2, "--compress powersgd:2");
         ps_refused();
         ps_staleness(2, NULL);
         ps_staleness(2, "none");
         ps_staleness_tied();
         ps_checkpoints();
-        ps_compress_resume();
+        ps_compress_resume("topk:0.05");
+        ps_compress_resume("powersgd:2");
         ps_trace_ratio();
         ps_tied_checkpoint();
-        ps_slow_link();
+        ps_slow_link("");
+        ps_slow_link("--compress powersgd:2");
     } else {
         ps_identical(2, 2, 1, "--micro-batches 4 --optimizer adamw --buckets 2", "ps5");
         ps_identical(1, 4, 2, "--micro-batches 2 --optimizer adamw", "ps6");
         ps_identical_model(PS_TIED, 1, 4, 2, "--micro-batches 2 --compress bf16", "psztied6");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 4, 2, "--micro-batches 2 --compress powersgd:2",
+                           "pszpsgd6");
+        ps_identical_model("m.graph " DATA " --batch 48 --steps 12", 1, 3, 1, "--micro-batches 2 --compress powersgd:2",
+                           "pszpsgd4"); /* three replicas: the tree's odd one out */
     }
 }
 

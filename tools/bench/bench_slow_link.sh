@@ -12,8 +12,8 @@
 # ALGOS (default "ring tree hierarchical mpi"), COMPRESS (default "none":
 # the compression modes crossed with ALGOS, e.g. "none bf16 fp16 topk:0.01
 # powersgd:4"), PS (default empty; "1": also the parameter server, --sync
-# ps with one server, a third process, with each of COMPRESS's modes but
-# PowerSGD, which it does not push: ps/MODE). The simulator's forecast is given
+# ps with one server, a third process, with each of COMPRESS's modes:
+# ps/MODE; PowerSGD's two round trips through the server included). The simulator's forecast is given
 # per variant (--simulate --calibrate --allreduce A --compress C: the
 # link's time of what the variant sends; not the compressors' compute).
 #
@@ -85,7 +85,7 @@ for z in $COMPRESS; do
 done
 if [ -n "$PS" ]; then
     for z in $COMPRESS; do
-        case "$z" in powersgd*) ;; *) VARIANTS="$VARIANTS ps/$z" ;; esac
+        VARIANTS="$VARIANTS ps/$z"
     done
 fi
 flags() { # variant -> pipeline-run flags
