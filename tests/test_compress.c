@@ -902,26 +902,42 @@ static int run_cli(const char *cmd, char *out, size_t n)
 }
 
 /* The error-feedback state is in training-state checkpoints (the
- * "compress" files, per replica and parameter): a compressed run resumed
- * at step 2, on another stage count, ends with the bytes of the unbroken
- * run (docs/distributed.md, "Compression"). Without the state the residuals
- * would restart from zero and the bytes differ. */
-static void resumed_is_unbroken(const char *mode)
+ * "compress" files, per replica, parameter and use): a compressed run
+ * resumed at step 2, on another stage count, ends with the bytes of the
+ * unbroken run (docs/distributed.md, "Compression"). Without the state the
+ * residuals would restart from zero and the bytes differ. `gpt`: a tiny GPT
+ * whose head is tied to its embedding (two uses, so two parts of the state:
+ * in one chunk on 1 stage, on the first and last chunks on 3). */
+static void resumed_is_unbroken(const char *mode, int gpt)
 {
-    char dir[64], cmd[2048], out[16384], a[128], b[128], why[256];
+    char dir[64], cmd[2048], out[16384], a[128], b[128], why[256], model[512];
     snprintf(dir, sizeof dir, "/tmp/pw_compress_ckpt_XXXXXX");
     cr_assert(mkdtemp(dir));
+    if (gpt) {
+        snprintf(model, sizeof model, "%s/g.graph", dir);
+        FILE *f = fopen(model, "w");
+        cr_assert_not_null(f);
+        fputs("graph z_gpt\n" PW_TEST_GPT_BODY, f);
+        fclose(f);
+        snprintf(model, sizeof model, "%s/text.txt", dir);
+        cr_assert_not_null(f = fopen(model, "w"));
+        for (int i = 0; i < 200; i++) fprintf(f, "%d: the error feedback of a tied weight, use by use %d.\n", i, i % 7);
+        fclose(f);
+        snprintf(model, sizeof model, "%s/g.graph --data text:%s/text.txt --batch 16", dir, dir);
+    } else {
+        snprintf(model, sizeof model, PW_SOURCE_DIR "/examples/fashion_mlp.graph --data synthetic:256:784:10 "
+                 "--batch 32");
+    }
     char run[1024];
-    snprintf(run, sizeof run, PW_BINARY_DIR "/pipeline-run " PW_SOURCE_DIR "/examples/fashion_mlp.graph "
-             "--data synthetic:256:784:10 --batch 32 --micro-batches 2 --replicas 2 --no-pin --quiet --steps 5 "
-             "--optimizer adamw --compress %s", mode);
+    snprintf(run, sizeof run, PW_BINARY_DIR "/pipeline-run %s --micro-batches 2 --replicas 2 --no-pin --quiet "
+             "--steps 5 --optimizer adamw --compress %s", model, mode);
     snprintf(a, sizeof a, "%s/unbroken.st", dir);
     snprintf(b, sizeof b, "%s/resumed.st", dir);
     snprintf(cmd, sizeof cmd, "%s --stages 1 --save %s", run, a);
     cr_assert_eq(run_cli(cmd, out, sizeof out), 0, "%s\n%s", cmd, out);
     snprintf(cmd, sizeof cmd, "%s --stages 1 --checkpoint-dir %s/ck --checkpoint-every 2 --keep 0", run, dir);
     cr_assert_eq(run_cli(cmd, out, sizeof out), 0, "%s\n%s", cmd, out);
-    snprintf(cmd, sizeof cmd, "%s --stages 2 --resume %s/ck/step-00000002 --save %s", run, dir, b);
+    snprintf(cmd, sizeof cmd, "%s --stages %d --resume %s/ck/step-00000002 --save %s", run, gpt ? 3 : 2, dir, b);
     cr_assert_eq(run_cli(cmd, out, sizeof out), 0, "%s\n%s", cmd, out);
     cr_assert(!strstr(out, "not restored"), "%s", out);
     cr_assert(test_same_tensors(a, b, why, sizeof why), "--compress %s resumed at step 2: %s", mode, why);
@@ -929,8 +945,13 @@ static void resumed_is_unbroken(const char *mode)
     cr_assert_eq(system(cmd), 0);
 }
 
-Test(compress, resume_of_topk_is_bit_identical, .timeout = 120) { resumed_is_unbroken("topk:0.1"); }
-Test(compress, resume_of_powersgd_is_bit_identical, .timeout = 120) { resumed_is_unbroken("powersgd:2"); }
+Test(compress, resume_of_topk_is_bit_identical, .timeout = 120) { resumed_is_unbroken("topk:0.1", 0); }
+Test(compress, resume_of_powersgd_is_bit_identical, .timeout = 120) { resumed_is_unbroken("powersgd:2", 0); }
+Test(compress, resume_of_a_tied_gpt_is_bit_identical, .timeout = 120)
+{
+    resumed_is_unbroken("topk:0.1", 1);
+    resumed_is_unbroken("powersgd:2", 1);
+}
 
 /* A checkpoint without the state (written by an uncompressed run, or by a
  * version before it was saved) still resumes, and says that the state

@@ -3,7 +3,8 @@
  * schedule, AdamW with clipping, 1 and 2 replicas, end with the same bits
  * (parameters and optimizer state) as the run that never moved; a move
  * that fails leaves the old pipeline running; checkpoints written after a
- * move hold the moved pipeline's state. The MPI version is in
+ * move hold the moved pipeline's state; with --compress topk and powersgd
+ * the error-feedback state moves too. The MPI version is in
  * tests/mpi/mpi_driver.c ("rebalance").
  */
 #define _GNU_SOURCE /* nftw (tests/test_tmpdir.h) */
@@ -17,6 +18,7 @@
 #include <unistd.h>
 
 #include "pipeline_support.h"
+#include "runtime/compress.h"
 #include "stages/train/data.h"
 #include "stages/train/pipeline.h"
 #include "stages/train/rebalance.h"
@@ -61,6 +63,9 @@ static pw_dataset *token_data(void)
     return d;
 }
 
+/* --compress of the pipelines make() builds (NULL: none). */
+static const char *zmode;
+
 static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, int S, pw_schedule_kind kind, int R)
 {
     pw_pipeline_config pc = pw_pipeline_defaults();
@@ -78,6 +83,10 @@ static pw_pipeline *make(const pw_graph *g, const pw_dataset *d, int S, pw_sched
     pc.shuffle = 1;
     pc.pin = 0;
     pc.watchdog_s = 120;
+    if (zmode) {
+        cr_assert_eq(pw_compress_parse(zmode, &pc.compress), PW_OK, "%s", pw_last_error());
+        pc.compress.seed = 99;
+    }
     pw_pipeline *pl;
     cr_assert_eq(pw_pipeline_create(&pc, &pl), PW_OK, "%s S=%d R=%d: %s", pw_schedule_kind_name(kind), S, R,
                  pw_last_error());
@@ -223,6 +232,52 @@ Test(rebalance, mlp_moves_keep_bits, .timeout = TIMEOUT) { matrix(MLP, image_dat
 /* The GPT's head is tied to its embedding across chunks: moves change which
  * chunks (and how many) hold the tie. */
 Test(rebalance, gpt_moves_keep_bits, .timeout = TIMEOUT) { matrix(GPT, token_data()); }
+
+/* --compress with error feedback: each replica's state (top-k's residuals,
+ * PowerSGD's residuals and Q: per parameter and use) moves with the cuts,
+ * so 2 replicas with moves end with the bits of the run that never moved
+ * (docs/distributed.md, "Compression"); started again from zero they would
+ * not. The GPT's tied embedding has two uses, on two chunks, each with its
+ * own state. */
+static void compressed(const char *text, pw_dataset *d, const char *mode)
+{
+    pw_graph *g = test_parse(text, "rebalance_z.graph");
+    static const struct { int S; pw_schedule_kind kind; } cases[] = {
+        {2, PW_SCHEDULE_1F1B}, {3, PW_SCHEDULE_ZB_H1}, {2, PW_SCHEDULE_INTERLEAVED}, {4, PW_SCHEDULE_GPIPE}};
+    int64_t n_plain, n_ref, n;
+    int moved;
+    float *plain = run(g, d, 2, PW_SCHEDULE_1F1B, 2, 0, &n_plain, &moved);
+    zmode = mode;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        float *ref = run(g, d, cases[i].S, cases[i].kind, 2, 0, &n_ref, &moved);
+        float *got = run(g, d, cases[i].S, cases[i].kind, 2, 1, &n, &moved);
+        cr_assert(n == n_ref && n == n_plain);
+        cr_assert_neq(memcmp(ref, plain, (size_t)n * 4), 0, "--compress %s: the bits of no compression", mode);
+        cr_assert_geq(moved, 2, "%s S=%d: fewer than two moves", pw_schedule_kind_name(cases[i].kind), cases[i].S);
+        char what[160];
+        snprintf(what, sizeof what, "%s --compress %s: %s S=%d R=2, %d moves", g->name, mode,
+                 pw_schedule_kind_name(cases[i].kind), cases[i].S, moved);
+        expect_same(got, ref, n, what);
+        free(ref);
+        free(got);
+    }
+    zmode = NULL;
+    free(plain);
+    pw_graph_destroy(g);
+    pw_dataset_destroy(d);
+}
+
+Test(rebalance, topk_state_moves_with_the_cuts, .timeout = TIMEOUT)
+{
+    compressed(MLP, image_data(), "topk:0.1");
+    compressed(GPT, token_data(), "topk:0.1");
+}
+
+Test(rebalance, powersgd_state_moves_with_the_cuts, .timeout = TIMEOUT)
+{
+    compressed(MLP, image_data(), "powersgd:2");
+    compressed(GPT, token_data(), "powersgd:2");
+}
 
 /* The comparison above sees a move that loses state: the same moves with
  * one AdamW buffer zeroed after the first move end with other bits. */

@@ -218,20 +218,30 @@ pw_status pl_ps_settle(pw_pipeline *pl);
 void pl_ps_destroy(pw_pipeline *pl);
 
 /* pipeline_compress.c: the error-feedback state of --compress per
- * (replica, parameter), for training-state checkpoints. One entry per
- * parameter span whose compressor keeps state (top-k, PowerSGD), in
- * (local replica, chunk, piece, parameter) order; *out is malloc'd (the
- * caller frees), NULL with none. *why (a constant string) says why the
- * state cannot be kept per parameter (ties, tensor parallelism): then
+ * (replica, parameter, use), for training-state checkpoints and moves of
+ * the cuts. One entry per gradient span whose compressor keeps state
+ * (top-k, PowerSGD), in (local replica, chunk, piece, parameter, use)
+ * order; a tied parameter has one span per use. A use is numbered over the
+ * whole graph as pw_program_param_uses numbers a program's: nodes last to
+ * first, a node's slots in order (pl_param_use_node: its node). *out is
+ * malloc'd (the caller frees), NULL with none. *why (a constant string)
+ * says why the state cannot be kept per use (tensor parallelism): then
  * nothing is listed. Between steps only. */
 typedef struct pl_zstate {
     int replica;              /* the global replica index */
     int gp;                   /* the graph parameter */
+    int use;                  /* its use, 0 .. n_uses − 1 */
+    int n_uses;               /* its uses in the graph (> 1: tied) */
     pw_compressor *z;         /* its bucket's compressor (the engine's) */
     int span;                 /* its span there */
     int64_t floats;           /* pw_compressor_span_state's */
 } pl_zstate;
 pw_status pl_compress_states(pw_pipeline *pl, pl_zstate **out, int *n, const char **why);
+/* The node of use `use` of graph parameter gp (-1: none). */
+int pl_param_use_node(const pw_graph *g, int gp, int use);
+/* The checkpoint tensor's name: "<parameter>.compress.replica<k>", and
+ * ".use<u>" after it for a tied parameter. */
+void pl_zstate_name(const pw_graph *g, const pl_zstate *z, char *out, size_t n);
 
 /* The piece of local chunk ch of local replica lrep holding graph
  * parameter gp and its index there (*local); NULL: none (pipeline_ties.c). */

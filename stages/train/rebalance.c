@@ -338,6 +338,123 @@ static pw_status move_exchange(pw_pipeline *from, int lrep, move *mv, pw_reparti
     return PW_OK;
 }
 
+/* --compress (top-k, PowerSGD): the error-feedback state, one part per
+ * (replica, parameter, use) (pipeline_compress.c), follows the use's node
+ * to the chunk that holds it under the new cuts. The old entries of this
+ * process and the new, and a sender's buffer. */
+typedef struct zmove {
+    pl_zstate *had, *has;
+    int n_had, n_has;
+    float *tmp;                 /* the largest part */
+} zmove;
+
+static void zmove_free(zmove *zm)
+{
+    free(zm->had);
+    free(zm->has);
+    free(zm->tmp);
+    memset(zm, 0, sizeof *zm);
+}
+
+/* The entry of (replica, gp, use) in z[0 .. n); NULL: none here. */
+static const pl_zstate *zfind(const pl_zstate *z, int n, int replica, int gp, int use)
+{
+    for (int i = 0; i < n; i++)
+        if (z[i].replica == replica && z[i].gp == gp && z[i].use == use) return &z[i];
+    return NULL;
+}
+
+/* The pipeline rank whose chunk holds node `node` under `pl`'s cuts. */
+static int node_rank(const pw_pipeline *pl, int node)
+{
+    int c = 0;
+    while (c + 1 < pl->C && node >= pl->part.begin[c + 1]) c++;
+    return pw_schedule_rank_of(pl->sched, c);
+}
+
+/* Lists both pipelines' parts and copies those that stay in this process
+ * (in one process: all of them). At T > 1 neither lists any (the state is
+ * not kept per parameter there: it starts again from zero, as on --resume).
+ * Local work only. */
+static pw_status zmove_prepare(pw_pipeline *from, pw_pipeline *to, zmove *zm, pw_repartition_info *info)
+{
+    const char *why_from = NULL, *why_to = NULL;
+    PW_CHECK(pl_compress_states(from, &zm->had, &zm->n_had, &why_from));
+    PW_CHECK(pl_compress_states(to, &zm->has, &zm->n_has, &why_to));
+    if (why_from || why_to) {
+        free(zm->had);
+        free(zm->has);
+        zm->had = zm->has = NULL;
+        zm->n_had = zm->n_has = 0;
+        return PW_OK;
+    }
+    int64_t largest = 1;
+    for (int i = 0; i < zm->n_had; i++)
+        if (zm->had[i].floats > largest) largest = zm->had[i].floats;
+    for (int i = 0; i < zm->n_has; i++)
+        if (zm->has[i].floats > largest) largest = zm->has[i].floats;
+    if (!(zm->tmp = malloc((size_t)largest * sizeof(float))))
+        return pw_error(PW_ERR_NOMEM, "rebalance: out of memory for the compression state");
+    for (int i = 0; i < zm->n_has; i++) {
+        const pl_zstate *n = &zm->has[i];
+        const pl_zstate *o = zfind(zm->had, zm->n_had, n->replica, n->gp, n->use);
+        if (!o) {
+            if (!from->t) /* every replica's every chunk is here */
+                return pw_error(PW_ERR_INTERNAL, "rebalance: no compression state of '%s' (replica %d, use %d)",
+                                from->g->params[n->gp].name, n->replica, n->use);
+            continue; /* it arrives (zmove_exchange) */
+        }
+        if (o->floats != n->floats)
+            return pw_error(PW_ERR_INTERNAL, "rebalance: the compression state of '%s' has %lld floats, now %lld",
+                            from->g->params[n->gp].name, (long long)o->floats, (long long)n->floats);
+        pw_compressor_span_state_get(o->z, o->span, zm->tmp);
+        pw_compressor_span_state_set(n->z, n->span, zm->tmp);
+        info->bytes_local += n->floats * (int64_t)sizeof(float);
+    }
+    return PW_OK;
+}
+
+/* Under a transport: the parts whose use changes process, in one global
+ * order (parameter, then use), each from the rank whose chunk held the
+ * use's node to the rank whose chunk holds it now: one blocking send
+ * meeting one blocking receive at a time, as the parameters travel. The
+ * sender has a part exactly when the receiver wants one (its size is the
+ * parameter's shape's and the mode's). */
+static pw_status zmove_exchange(pw_pipeline *from, pw_pipeline *to, zmove *zm, pw_repartition_info *info)
+{
+    const pw_graph *g = from->g;
+    const pw_transport *t = from->t;
+    const int me = t->rank, k = t->replica;
+    for (int gp = 0; gp < g->n_params; gp++)
+        for (int u = 0;; u++) {
+            const int node = pl_param_use_node(g, gp, u);
+            if (node < 0) break;
+            const int src = node_rank(from, node), dst = node_rank(to, node);
+            if (src == dst || (me != src && me != dst)) continue;
+            pw_status st = PW_OK;
+            if (me == src) {
+                const pl_zstate *o = zfind(zm->had, zm->n_had, k, gp, u);
+                if (!o) continue; /* no state for this span (a PowerSGD span sent uncompressed) */
+                const size_t bytes = (size_t)o->floats * sizeof(float);
+                pw_compressor_span_state_get(o->z, o->span, zm->tmp);
+                st = t->vt->send(t->self, pw_transport_world_of(t, k, dst), gp, zm->tmp, bytes);
+                info->bytes_sent += (int64_t)bytes;
+            } else {
+                const pl_zstate *n = zfind(zm->has, zm->n_has, k, gp, u);
+                if (!n) continue;
+                const size_t bytes = (size_t)n->floats * sizeof(float);
+                st = t->vt->recv(t->self, pw_transport_world_of(t, k, src), gp, zm->tmp, bytes);
+                if (st == PW_OK) pw_compressor_span_state_set(n->z, n->span, zm->tmp);
+                info->bytes_received += (int64_t)bytes;
+            }
+            if (st != PW_OK)
+                return pw_error_prefix(st, "rebalance: moving the compression state of '%s' (use %d) from stage %d "
+                                       "to stage %d: ", g->params[gp].name, u, src, dst);
+            pw_transport_progress(t);
+        }
+    return PW_OK;
+}
+
 /* Test hook, read once: PW_TEST_REBALANCE_FAIL=[WORLD_RANK:]STEP makes the
  * build of a move after STEP steps fail (on that process under mpirun). */
 static int injected_failure(const pw_pipeline *pl)
@@ -491,6 +608,16 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
             if (st == PW_OK) st = agree(t, write_params(np, k, r, mv.sf, mv.staged), "writing the moved state", &lost);
             move_free(&mv);
         }
+    /* --compress with error feedback: its state, every local replica's at
+     * once (the condition is every process's: the same configuration). */
+    const pw_compress_kind zk = old->cfg.compress.kind;
+    if (st == PW_OK && (zk == PW_COMPRESS_TOPK || zk == PW_COMPRESS_POWERSGD) && old->NR > 1 && old->T == 1) {
+        zmove zm = {0};
+        st = agree(t, zmove_prepare(old, np, &zm, info), "preparing the move of the compression state", &lost);
+        if (st == PW_OK && t && (st = zmove_exchange(old, np, &zm, info)) != PW_OK) lost = 1;
+        if (st == PW_OK) st = agree(t, PW_OK, "moving the compression state", &lost);
+        zmove_free(&zm);
+    }
     if (st != PW_OK) {
         if (np) np->trace = NULL; /* the old pipeline's still */
         pw_pipeline_destroy(np);

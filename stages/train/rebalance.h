@@ -19,8 +19,10 @@
  * order, the learning rate) is a function of the seed and the step. A move
  * builds a second pipeline with the new cuts (schedule, programs, message
  * buffers, engine: pw_pipeline_create's work, with the same configuration),
- * copies every parameter and its optimizer state into it from the old one,
- * and then frees the old one. Results do not depend on the cuts (pipeline.h),
+ * copies every parameter and its optimizer state into it from the old one
+ * (and --compress topk|powersgd's error-feedback state into its
+ * compressors, per replica, parameter and use; not at T > 1, where it
+ * starts again from zero), and then frees the old one. Results do not depend on the cuts (pipeline.h),
  * so the run stays bit-identical to one that never moved.
  *
  * Under a transport (mpirun) each process builds its own new chunks; the
@@ -30,6 +32,9 @@
  * (parameter, then receiving rank) of blocking world sends and receives, so
  * every send meets its receive (no deadlock) and every wait is bounded by
  * the watchdog (a lost process ends the move with PW_ERR_TIMEOUT naming it).
+ * The error-feedback state follows in the same way, (parameter, use) by
+ * (parameter, use), from the rank whose chunk held the use's node to the
+ * rank whose chunk holds it now.
  *
  * All or nothing. On any error *pl is unchanged and the old pipeline intact
  * in this process; info->kept says whether every process kept it (the run
@@ -60,7 +65,8 @@ extern "C" {
 
 typedef struct pw_repartition_info {
     double seconds;           /* the move's wall time on this process */
-    int64_t bytes_local;      /* parameter + optimizer bytes copied within this process */
+    int64_t bytes_local;      /* parameter + optimizer bytes (and --compress's error-feedback
+                                 state's) copied within this process */
     int64_t bytes_sent;       /* ... sent to other processes (transport) */
     int64_t bytes_received;   /* ... received from them */
     int kept;                 /* after an error: 1 when every process still runs the old

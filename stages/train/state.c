@@ -419,7 +419,7 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
     for (int i = 0; i < n; i++)
         if (!w->items[i].name) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
     /* --compress: every replica's error-feedback state, one tensor per
-     * (replica, parameter) (stages/train/pipeline_compress.c). */
+     * (replica, parameter, use) (stages/train/pipeline_compress.c). */
     pl_zstate *zs = NULL;
     int nz = 0;
     const char *zwhy = NULL;
@@ -439,12 +439,12 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
         *it = (item){.part = PART_COMPRESS, .z = zs[i].z, .zspan = zs[i].span, .gp = zs[i].gp,
                      .shape = {.ndim = 1, .d = {zs[i].floats}}, .numel = zs[i].floats, .off = off};
         off += (size_t)it->numel;
-        const size_t len = strlen(g->params[it->gp].name) + 48;
+        const size_t len = strlen(g->params[it->gp].name) + 64;
         if (!(it->name = malloc(len))) {
             free(zs);
             return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
         }
-        snprintf(it->name, len, "%s.compress.replica%d", g->params[it->gp].name, zs[i].replica);
+        pl_zstate_name(g, &zs[i], it->name, len);
         w->n_items = ++n;
         w->n_compress++;
     }
@@ -1367,7 +1367,7 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
     for (int pass = 0; pass < 2 && st == PW_OK && !why[0]; pass++)
         for (int i = 0; i < nz && st == PW_OK && !why[0]; i++) {
             char name[512];
-            snprintf(name, sizeof name, "%s.compress.replica%d", pl->g->params[zs[i].gp].name, zs[i].replica);
+            pl_zstate_name(pl->g, &zs[i], name, sizeof name);
             json_t *rec = find_tensor(s, name, NULL);
             if (!rec) {
                 snprintf(why, why_n, "the checkpoint has no '%s'", name);

@@ -241,13 +241,15 @@ pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas);
 
 /* --compress: restores this process's compressors' error-feedback state
  * (top-k's residuals, PowerSGD's residuals and Q; per replica and
- * parameter, in the checkpoint's "compress" files) after pw_state_restore,
- * before the first step. PW_OK with why[0] == '\0' when restored, or when
- * there is nothing to restore (no compression, or a mode without state);
- * PW_OK with `why` saying why not when the checkpoint cannot give it (one
- * written without it, by an older version or an uncompressed run; another
- * mode or replica count; tied parameters): the state then starts from
- * zero, as in a new run. Errors: a corrupt or truncated file (named). */
+ * parameter, and per use for a tied one, in the checkpoint's "compress"
+ * files) after pw_state_restore, before the first step. PW_OK with
+ * why[0] == '\0' when restored, or when there is nothing to restore (no
+ * compression, or a mode without state); PW_OK with `why` saying why not
+ * when the checkpoint cannot give it (one written without it, by an older
+ * version or an uncompressed run, or one of a graph with tied parameters
+ * written before their state was kept; another mode or replica count;
+ * tensor parallelism): the state then starts from zero, as in a new run.
+ * Errors: a corrupt or truncated file (named). */
 pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n);
 
 /* Resuming on another layout (docs/checkpoints.md): the replica and

@@ -1375,6 +1375,12 @@ static void rebalance_cases(int np)
                NULL, NULL, 2, "rb4t");
     rebalanced(gpt, 4, 2, 2, "--micro-batches 2 --schedule zb-v --clip-grad-norm 0.05", "2:4,14,22/4:9,12,25", NULL,
                NULL, 2, "rb4tzbv");
+    /* --compress with error feedback: each replica's state (per parameter
+     * and use) moves with the cuts, across processes where a layer does. */
+    rebalanced(mlp, 4, 2, 2, "--micro-batches 4 --optimizer adamw --compress topk:0.1", "4:2/8:6", NULL, NULL, 2,
+               "rb4ztopk");
+    rebalanced(gpt, 4, 2, 2, "--micro-batches 2 --compress powersgd:2 --clip-grad-norm 0.05", "2:9/4:20", NULL,
+               NULL, 2, "rb4zpsgd");
     /* A build that fails on one process: nobody moves, the run goes on. */
     rebalanced(mlp, 4, 4, 1, "--micro-batches 8 --optimizer adamw", "3:1,3,6/6:4,6,8", "PW_TEST_REBALANCE_FAIL=2:3",
                NULL, 1, "rb4fail");
