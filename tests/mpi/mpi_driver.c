@@ -292,23 +292,27 @@ static void tied(int np, int S, int R, const char *extra, const char *tag)
  * replica's (compress-RANK-of-N files); a run written by 1 x 2 processes
  * and resumed at step 2 under mpirun on 2 x 2, and in one process, ends
  * with the bytes of the unbroken run in one process. */
-static void compress_resumed(const char *mode)
+/* base: the graph, its data and batch; written by ws stages x 2 replicas
+ * under mpirun (ws 2 on the tied GPT: the embedding's and the head's uses
+ * of the tied weight in different processes, each writing its use's
+ * state). */
+static void compress_resumed(const char *base, const char *mode, int ws)
 {
     char cmd[2048], *out = NULL, ref[64], what[256];
     char model[512];
-    snprintf(model, sizeof model, "m.graph " DATA " --batch 48 --steps 6 --replicas 2 --micro-batches 2 "
-             "--optimizer adamw --compress %s", mode);
+    snprintf(model, sizeof model, "%s --steps 6 --replicas 2 --micro-batches 2 --optimizer adamw --compress %s", base,
+             mode);
     snprintf(ref, sizeof ref, "zref.st");
     snprintf(cmd, sizeof cmd, "%s/pipeline-run %s --stages 1 --save %s", bin, model, ref);
     int st = run(cmd, 300, &out, NULL);
     if (st != 0) fail("--compress %s resumed: the unbroken run: exit %d\n%s", mode, st, out);
     free(out);
     if (st) return;
-    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np 2 %s/pipeline-run %s --stages 1 --checkpoint-dir ckz "
-             "--checkpoint-every 2 --keep 0", bin, model);
+    snprintf(cmd, sizeof cmd, "rm -rf ckz; " MPIRUN " -np %d %s/pipeline-run %s --stages %d --checkpoint-dir ckz "
+             "--checkpoint-every 2 --keep 0", 2 * ws, bin, model, ws);
     st = run(cmd, 300, &out, NULL);
     char z2[200];
-    snprintf(z2, sizeof z2, "%s/ckz/step-00000002/compress-00002-of-00002.safetensors", dir);
+    snprintf(z2, sizeof z2, "%s/ckz/step-00000002/compress-%05d-of-%05d.safetensors", dir, 2 * ws, 2 * ws);
     if (st != 0 || access(z2, R_OK) != 0) {
         fail("--compress %s under mpirun with checkpoints: exit %d, replica 1's state file %s\n%s", mode, st,
              access(z2, R_OK) ? "missing" : "there", out);
@@ -335,8 +339,8 @@ static void compress_resumed(const char *mode)
         char a[200], b[200], why[256];
         snprintf(a, sizeof a, "%s/%s", dir, ref);
         snprintf(b, sizeof b, "%s/zres%d.st", dir, i);
-        snprintf(what, sizeof what, "--compress %s: written by 1 x 2 processes at step 2, resumed %s on %s x 2", mode,
-                 resume[i].np ? "under mpirun" : "in one process", resume[i].layout + 9);
+        snprintf(what, sizeof what, "%.24s --compress %s: written by %d x 2 processes at step 2, resumed %s on %s x 2",
+                 base, mode, ws, resume[i].np ? "under mpirun" : "in one process", resume[i].layout + 9);
         if (!test_same_tensors(a, b, why, sizeof why)) fail("%s: differs from the unbroken run: %s", what, why);
         else printf("ok   %s: identical to the unbroken run\n", what);
     }
@@ -358,8 +362,9 @@ static void compress_cases(int np)
         /* The hierarchical endpoint gathers the payloads over its whole
          * group (it once had no byte gather: every such run failed). */
         identical(2, 1, 2, "--micro-batches 2 --compress fp16", "--allreduce hierarchical", "zfp16hier");
-        compress_resumed("topk:0.05");
-        compress_resumed("powersgd:2");
+        compress_resumed("m.graph " DATA " --batch 48", "topk:0.05", 1);
+        compress_resumed("m.graph " DATA " --batch 48", "powersgd:2", 1);
+        compress_resumed("tied.graph --data text:text.txt --no-pin --quiet --seed 5 --shuffle --batch 16", "topk:0.1", 2);
     } else {
         identical(4, 2, 2, "--micro-batches 4 --buckets 2 --compress topk:0.1 --clip-grad-norm 0.5", "", "ztopk4");
         identical(4, 1, 4, "--micro-batches 2 --compress powersgd:3", "", "zpsgd4");
