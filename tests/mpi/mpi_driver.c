@@ -1889,6 +1889,9 @@ static void ps_cases(int np)
                            "pszpsgdclip6");
         ps_identical_model(PS_TIED, 2, 2, 1, "--micro-batches 2 --compress powersgd:2", "pszpsgdtied5");
         ps_identical_model(PS_TIED, 1, 2, 1, "--micro-batches 2 --compress powersgd:1", "pszpsgdtied3");
+        /* zb-v: the embedding's and the head's chunks on one process, each its own bucket's rounds */
+        ps_identical_model(PS_TIED, 2, 2, 2, "--schedule zb-v --micro-batches 4 --clip-grad-norm 0.05 "
+                           "--compress powersgd:2", "pszpsgdzbv6");
         ps_stopped("STOP", 2, "");
         ps_stopped("KILL", 2, "");
         ps_stopped("STOP", 1, "--compress powersgd:2"); /* mid-round: the server and worker 0 wait for it */
