@@ -1443,6 +1443,44 @@ static pw_status zfetch(const pw_state *s, open_file *of, size_t nf, const char 
     return pw_safetensors_get_as(of[fi].st, name, PW_F32, shape, t);
 }
 
+/* One span's state at T > 1, or PowerSGD's at another T than the
+ * checkpoint's (Tc): its slice of the use's residual (ztp_name's at
+ * Tc > 1; at Tc = 1 the first floats of the T = 1 tensor, residual then Q),
+ * and PowerSGD's Q of this rank at the same T, else the compressor's own
+ * (the seed's: a resumed run's compressors are new). Pass 0 checks, 1
+ * copies. */
+static pw_status zrestore_tp(const pw_state *s, open_file *of, size_t nf, pw_pipeline *pl, const pl_zstate *z,
+                             int Tc, int pass, float *tmp, char *why, size_t why_n)
+{
+    const int psgd = pl->cfg.compress.kind == PW_COMPRESS_POWERSGD, qfresh = psgd && Tc != pl->T;
+    const int64_t full = zresid_floats(pl->g, z);
+    char name[512];
+    pw_st_tensor t;
+    /* the residual: a T = 1 PowerSGD tensor is longer (its Q follows) */
+    if (Tc > 1) ztp_name(pl->g, z, psgd, 0, Tc, name, sizeof name);
+    else pl_zstate_name(pl->g, z, name, sizeof name);
+    const pw_shape shape = {.ndim = 1, .d = {full}};
+    PW_CHECK(zfetch(s, of, nf, name, psgd && Tc == 1 ? NULL : &shape, &t, why, why_n));
+    if (why[0]) return PW_OK;
+    if (t.nbytes < (size_t)full * sizeof(float))
+        return pw_error(PW_ERR_FORMAT, "%s: '%s' has %zu floats, fewer than the %lld of its residual", s->path, name,
+                        t.nbytes / sizeof(float), (long long)full);
+    if (pass == 1) {
+        if (qfresh) pw_compressor_span_state_get(z->z, z->span, tmp); /* the seed's Q */
+        if (z->split) pw_graph_tp_slice(pl->rank_g[z->tp_rank], z->gp, (float *)t.data, tmp, 1);
+        else memcpy(tmp, t.data, (size_t)z->numel * sizeof *tmp);
+    }
+    if (psgd && !qfresh) { /* this rank's Q */
+        ztp_name(pl->g, z, psgd, 1, pl->T, name, sizeof name);
+        const pw_shape qs = {.ndim = 1, .d = {z->floats - z->numel}};
+        PW_CHECK(zfetch(s, of, nf, name, &qs, &t, why, why_n));
+        if (why[0]) return PW_OK;
+        if (pass == 1) memcpy(tmp + z->numel, t.data, (size_t)qs.d[0] * sizeof *tmp);
+    }
+    if (pass == 1) pw_compressor_span_state_set(z->z, z->span, tmp);
+    return PW_OK;
+}
+
 pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n)
 {
     why[0] = '\0';
@@ -1483,14 +1521,12 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
     }
     if (!any) snprintf(why, why_n, "the checkpoint holds none (it was written without it)");
     /* PowerSGD's Q is per tensor rank, a matrix of its part's columns: only
-     * the T that wrote it takes it (top-k's residual, per element, is the
-     * full tensor's whatever T: docs/checkpoints.md). */
+     * the T that wrote it takes it; at another T the residuals (per
+     * element, the full tensor's whatever T, as top-k's: docs/checkpoints.md)
+     * are restored and Q stays the seed's. */
     const int T = pl->T, Tc = s->meta.layout.tensor_parallel > 1 ? s->meta.layout.tensor_parallel : 1;
-    const int psgd = pl->cfg.compress.kind == PW_COMPRESS_POWERSGD;
-    if (!why[0] && psgd && Tc != T)
-        snprintf(why, why_n, "PowerSGD's Q is per tensor rank, and the checkpoint's is of --tensor-parallel %d, "
-                 "this run's %d", Tc, T);
-    if (T > 1) {
+    const int psgd = pl->cfg.compress.kind == PW_COMPRESS_POWERSGD, qfresh = psgd && Tc != T;
+    if (T > 1 || qfresh) {
         int64_t most = 1;
         for (int i = 0; i < nz; i++)
             if (zs[i].floats > most) most = zs[i].floats;
@@ -1500,24 +1536,13 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
         }
     }
     /* Pass 0: every tensor found and checked; pass 1: copied. At T > 1
-     * each rank's span takes its slice of the use's residual (ztp_name),
-     * and with PowerSGD its own Q. */
+     * each rank's span takes its slice of the use's residual, and with
+     * PowerSGD its own Q (zrestore_tp). */
     for (int pass = 0; pass < 2 && st == PW_OK && !why[0]; pass++)
         for (int i = 0; i < nz && st == PW_OK && !why[0]; i++) {
             char name[512];
-            if (T > 1) {
-                for (int q = 0; q < 1 + psgd && st == PW_OK && !why[0]; q++) {
-                    ztp_name(pl->g, &zs[i], psgd, q, T, name, sizeof name);
-                    const pw_shape shape = {.ndim = 1,
-                                            .d = {q ? zs[i].floats - zs[i].numel : zresid_floats(pl->g, &zs[i])}};
-                    pw_st_tensor t;
-                    st = zfetch(s, of, nf, name, &shape, &t, why, why_n);
-                    if (st != PW_OK || why[0] || pass == 0) continue;
-                    if (q) memcpy(tmp + zs[i].numel, t.data, (size_t)shape.d[0] * sizeof *tmp);
-                    else if (zs[i].split) pw_graph_tp_slice(pl->rank_g[zs[i].tp_rank], zs[i].gp, (float *)t.data, tmp, 1);
-                    else memcpy(tmp, t.data, (size_t)zs[i].numel * sizeof *tmp);
-                }
-                if (st == PW_OK && !why[0] && pass == 1) pw_compressor_span_state_set(zs[i].z, zs[i].span, tmp);
+            if (T > 1 || qfresh) {
+                st = zrestore_tp(s, of, nf, pl, &zs[i], Tc, pass, tmp, why, why_n);
                 continue;
             }
             pl_zstate_name(pl->g, &zs[i], name, sizeof name);
@@ -1537,6 +1562,10 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
             PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &shape, &t), st, out);
             if (pass == 1) pw_compressor_span_state_set(zs[i].z, zs[i].span, t.data);
         }
+    if (st == PW_OK && !why[0] && qfresh)
+        PW_WARN("--resume with --compress %s: PowerSGD's Q is per tensor rank, and the checkpoint's is of "
+                "--tensor-parallel %d, this run's %d: the residuals are restored, Q starts again from the seed",
+                mode, Tc, T);
 out:
     for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
     free(of);
