@@ -4,7 +4,8 @@
  * each whole one once, against T = 1 and across stage counts and schedules
  * at one T; training-state checkpoints (--checkpoint-dir, --resume)
  * written at one T and resumed at another, AdamW state included; and a
- * running pipeline's cuts moved at T = 2 (pw_pipeline_repartition). */
+ * running pipeline's cuts moved at T = 2 (pw_pipeline_repartition); the
+ * error-feedback state of --compress (top-k, PowerSGD) in both. */
 #include <criterion/criterion.h>
 #include <dirent.h>
 #include <math.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 
 #include "graph/graph.h"
+#include "runtime/compress.h"
 #include "runtime/safetensors.h"
 #include "stages/ops/optim.h"
 #include "stages/train/data.h"
@@ -59,6 +61,7 @@ typedef struct run_cfg {
     pw_optim_kind optim;
     int64_t batch;
     int overlap;                 /* > 1: pw_pipeline_steps with overlap_steps */
+    const char *compress;        /* --compress (with replicas); NULL: none */
 } run_cfg;
 
 static int cuts_buf[64];
@@ -87,6 +90,7 @@ static pw_pipeline_config config(const pw_graph *g, const pw_dataset *d, const r
     pc.clip_grad_norm = c->clip;
     pc.post_validate = c->post_validate;
     pc.overlap_steps = c->overlap;
+    if (c->compress) cr_assert_eq(pw_compress_parse(c->compress, &pc.compress), PW_OK, "%s", pw_last_error());
     return pc;
 }
 
@@ -205,7 +209,7 @@ static void clip_matrix(const char *text, pw_dataset *d, int64_t batch, int n)
     char *paths[] = {probe, ref, free_run, two, got};
     for (int i = 0; i < 5; i++) tmp_file(paths[i]);
     /* The unclipped norm (a clip that never triggers measures it). */
-    run_cfg c = {1, 1, 1, 4, PW_SCHEDULE_1F1B, 1e9, 0, PW_OPTIM_SGD, batch, 0};
+    run_cfg c = {1, 1, 1, 4, PW_SCHEDULE_1F1B, 1e9, 0, PW_OPTIM_SGD, batch, 0, NULL};
     run_to(g, d, &c, n, probe, norms1);
     const double clip = 0.5 * norms1[0];
     c.clip = clip;
@@ -230,11 +234,14 @@ static void clip_matrix(const char *text, pw_dataset *d, int64_t batch, int n)
         cr_log_info("%s: largest difference %.3g, norms within %.3g relative", what, w, dn);
     }
     static const run_cfg layouts[] = {
-        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0, 0},  {2, 1, 2, 4, PW_SCHEDULE_GPIPE, 0, 0, PW_OPTIM_SGD, 0, 0},
-        {2, 1, 2, 4, PW_SCHEDULE_ZB_H1, 0, 1, PW_OPTIM_SGD, 0, 0}, {3, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 0},
-        {2, 1, 2, 4, PW_SCHEDULE_INTERLEAVED, 0, 0, PW_OPTIM_SGD, 0, 0},
-        {1, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 0},  {2, 2, 2, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0, 0},
-        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 2}, /* post-validated steps that overlap */
+        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0, 0, NULL},
+        {2, 1, 2, 4, PW_SCHEDULE_GPIPE, 0, 0, PW_OPTIM_SGD, 0, 0, NULL},
+        {2, 1, 2, 4, PW_SCHEDULE_ZB_H1, 0, 1, PW_OPTIM_SGD, 0, 0, NULL},
+        {3, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 0, NULL},
+        {2, 1, 2, 4, PW_SCHEDULE_INTERLEAVED, 0, 0, PW_OPTIM_SGD, 0, 0, NULL},
+        {1, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 0, NULL},
+        {2, 2, 2, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 0, 0, NULL},
+        {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0, 1, PW_OPTIM_SGD, 0, 2, NULL}, /* post-validated steps that overlap */
     };
     for (size_t i = 0; i < sizeof layouts / sizeof layouts[0]; i++) {
         run_cfg l = layouts[i];
@@ -306,15 +313,24 @@ static void save_state(pw_pipeline *pl, const pw_graph *g, const pw_dataset *d, 
     pw_state_writer_destroy(w);
 }
 
-static void resume(pw_pipeline *pl, const pw_graph *g, const pw_dataset *d, const run_cfg *c, const char *dir)
+/* Restores the checkpoint under dir into pl; with --compress its
+ * error-feedback state too, why (optional) saying why not. */
+static void resume_why(pw_pipeline *pl, const pw_graph *g, const pw_dataset *d, const run_cfg *c, const char *dir,
+                       char *why, size_t why_n)
 {
     pw_pipeline_config pc = config(g, d, c);
     pw_state_run run = pw_state_run_of(&pc, "tokens");
     pw_state *s = NULL;
     cr_assert_eq(pw_state_open(dir, &s), PW_OK, "%s", pw_last_error());
     cr_assert_eq(pw_state_check(s, g, &run), PW_OK, "%s", pw_last_error());
-    cr_assert_eq(pw_state_restore(s, pl, 1), PW_OK, "T=%d: %s", c->T, pw_last_error());
+    cr_assert_eq(pw_state_restore(s, pl, c->R), PW_OK, "T=%d: %s", c->T, pw_last_error());
+    if (why) cr_assert_eq(pw_state_restore_compress(s, pl, why, why_n), PW_OK, "T=%d: %s", c->T, pw_last_error());
     pw_state_close(s);
+}
+
+static void resume(pw_pipeline *pl, const pw_graph *g, const pw_dataset *d, const run_cfg *c, const char *dir)
+{
+    resume_why(pl, g, d, c, dir, NULL, 0);
 }
 
 /* AdamW, 2 steps at T = a, a checkpoint, 2 more at T = b, against 4 steps
@@ -330,7 +346,7 @@ Test(tp_state, checkpoints_resume_at_any_T, .timeout = TIMEOUT)
     cr_assert_not_null(mkdtemp(root));
     char unbroken[4][600], got[600];
     for (int T = 1; T <= 3; T++) {
-        const run_cfg c = {2, 1, T, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8, 0};
+        const run_cfg c = {2, 1, T, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8, 0, NULL};
         snprintf(unbroken[T], sizeof unbroken[T], "%s/unbroken%d.safetensors", root, T);
         run_to(g, d, &c, 4, unbroken[T], NULL);
     }
@@ -339,8 +355,8 @@ Test(tp_state, checkpoints_resume_at_any_T, .timeout = TIMEOUT)
     for (size_t k = 0; k < sizeof pairs / sizeof pairs[0]; k++) {
         const int a = pairs[k][0], b = pairs[k][1];
         /* different stage counts on the two sides too */
-        const run_cfg ca = {2, 1, a, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8, 0};
-        const run_cfg cb = {k % 2 ? 1 : 3, 1, b, 4, PW_SCHEDULE_ZB_H1, 0, 0, PW_OPTIM_ADAMW, 8, 0};
+        const run_cfg ca = {2, 1, a, 4, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_ADAMW, 8, 0, NULL};
+        const run_cfg cb = {k % 2 ? 1 : 3, 1, b, 4, PW_SCHEDULE_ZB_H1, 0, 0, PW_OPTIM_ADAMW, 8, 0, NULL};
         char d1[600], d2[600];
         snprintf(d1, sizeof d1, "%s/a%zu", root, k);
         snprintf(d2, sizeof d2, "%s/b%zu", root, k);
@@ -394,7 +410,7 @@ Test(tp_state, repartition_at_T2, .timeout = TIMEOUT)
     char ref[] = "/tmp/pw_tps_rb0_XXXXXX", got[] = "/tmp/pw_tps_rb1_XXXXXX";
     tmp_file(ref);
     tmp_file(got);
-    const run_cfg c = {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0.05, 0, PW_OPTIM_ADAMW, 8, 0};
+    const run_cfg c = {2, 1, 2, 4, PW_SCHEDULE_1F1B, 0.05, 0, PW_OPTIM_ADAMW, 8, 0, NULL};
     run_to(g, d, &c, 5, ref, NULL);
     pw_pipeline *pl = make(g, d, &c);
     steps(pl, 2, &c, NULL);
@@ -425,3 +441,196 @@ Test(tp_state, repartition_at_T2, .timeout = TIMEOUT)
     pw_dataset_destroy(d);
     pw_graph_destroy(g);
 }
+
+/* ------------------------------------------------------------ --compress */
+
+/* The checkpoint file of `kind` ("compress") under dir. */
+static void ckpt_file(const char *dir, const char *kind, char *out)
+{
+    char files[4][512];
+    const int n = ckpt_files(dir, files);
+    out[0] = 0;
+    for (int i = 0; i < n; i++)
+        if (!strncmp(strrchr(files[i], '/') + 1, kind, strlen(kind))) snprintf(out, 512, "%.500s", files[i]);
+    cr_assert(out[0], "no %s file under %s", kind, dir);
+}
+
+/* Whether a tensor of file `path` has a name ending in `tail`. */
+static int has_tensor_ending(const char *path, const char *tail)
+{
+    pw_safetensors *f = NULL;
+    cr_assert_eq(pw_safetensors_open(path, &f), PW_OK, "%s", pw_last_error());
+    int found = 0;
+    for (int i = 0; i < pw_safetensors_count(f) && !found; i++) {
+        pw_st_tensor t;
+        cr_assert_eq(pw_safetensors_at(f, i, &t), PW_OK);
+        const size_t n = strlen(t.name), k = strlen(tail);
+        found = n >= k && !strcmp(t.name + n - k, tail);
+    }
+    pw_safetensors_close(f);
+    return found;
+}
+
+/* PowerSGD's residuals written at T = 2 (`two`: "<name>.residual") and
+ * written again at T (`got`: the same names at T > 1; at T = 1 "<name>",
+ * the residual then Q): the same floats. */
+static void same_residuals(const char *got, const char *two, int T, const char *mode)
+{
+    pw_safetensors *fa = NULL, *fb = NULL;
+    cr_assert_eq(pw_safetensors_open(got, &fa), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_safetensors_open(two, &fb), PW_OK, "%s", pw_last_error());
+    int n = 0;
+    for (int i = 0; i < pw_safetensors_count(fb); i++) {
+        pw_st_tensor tb, ta;
+        cr_assert_eq(pw_safetensors_at(fb, i, &tb), PW_OK);
+        const char *dot = strstr(tb.name, ".residual");
+        if (!dot) continue;
+        char name[512];
+        snprintf(name, sizeof name, "%.*s", T > 1 ? (int)strlen(tb.name) : (int)(dot - tb.name), tb.name);
+        if (T == 1 && pw_safetensors_get(fa, name, &ta) != PW_OK) continue; /* uncompressed at T = 1 */
+        cr_assert_eq(pw_safetensors_get(fa, name, &ta), PW_OK, "%s at T=%d: no '%s'", mode, T, name);
+        cr_assert_geq(ta.nbytes, tb.nbytes, "%s at T=%d: '%s' is short", mode, T, name);
+        cr_expect_eq(memcmp(ta.data, tb.data, tb.nbytes), 0, "%s: '%s' restored at T=%d differs", mode, name, T);
+        n++;
+    }
+    cr_assert_gt(n, 0, "%s at T=%d: no residual compared", mode, T);
+    cr_log_info("%s: %d residuals written at T=2 restored at T=%d", mode, n, T);
+    pw_safetensors_close(fa);
+    pw_safetensors_close(fb);
+}
+
+/* --compress at T = 2 with 2 replicas (docs/distributed.md, "The
+ * error-feedback state is in checkpoints and moves with the cuts"): the
+ * GPT (every kind of split, the tied table) 2 steps on 2 stages, a
+ * checkpoint, resumed on 3 stages for 2 more: the bytes of 4 unbroken steps
+ * on 3. Resumed without the state (from zero) it differs, so the state is
+ * what makes it exact. The state restored and written again is the same
+ * tensors; top-k's (a residual per element, gathered into the full tensor)
+ * restores at T = 1 and T = 3 to the same tensors too, PowerSGD's to the
+ * same residuals (its Q is per tensor rank: the seed's there). */
+static void compressed_resume(const char *mode)
+{
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = tokens();
+    const int topk = !strncmp(mode, "topk", 4);
+    char root[] = "/tmp/pw_tps_z_XXXXXX";
+    cr_assert_not_null(mkdtemp(root));
+    char unbroken[600], got[600], fresh[600], d1[600], d2[600], z1[512], z2[512];
+    snprintf(unbroken, sizeof unbroken, "%s/unbroken.safetensors", root);
+    snprintf(got, sizeof got, "%s/got.safetensors", root);
+    snprintf(fresh, sizeof fresh, "%s/fresh.safetensors", root);
+    const run_cfg ca = {2, 2, 2, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 8, 0, mode};
+    const run_cfg cb = {3, 2, 2, 2, PW_SCHEDULE_ZB_H1, 0, 0, PW_OPTIM_SGD, 8, 0, mode};
+    run_to(g, d, &cb, 4, unbroken, NULL);
+    snprintf(d1, sizeof d1, "%s/a", root);
+    pw_pipeline *pa = make(g, d, &ca);
+    steps(pa, 2, &ca, NULL);
+    save_state(pa, g, d, &ca, d1, 2);
+    pw_pipeline_destroy(pa);
+    ckpt_file(d1, "compress", z1);
+    /* the tied table's second use, replica 1 (its residual; PowerSGD's Q of tensor rank 1 too) */
+    cr_assert(has_tensor_ending(z1, topk ? "wte.weight.compress.replica1.use1" : "wte.weight.compress.replica1.use1.residual"),
+              "%s: %s lacks the tied table's state", mode, z1);
+    cr_assert(topk || has_tensor_ending(z1, "wte.weight.compress.replica1.use1.Q.T2.rank1"), "%s: no Q of rank 1", mode);
+    for (int with = 1; with >= 0; with--) {
+        pw_pipeline *pb = make(g, d, &cb);
+        char why[600] = "";
+        if (with) {
+            resume_why(pb, g, d, &cb, d1, why, sizeof why);
+            cr_assert_eq(why[0], 0, "%s at T=2: the state is not restored: %s", mode, why);
+            snprintf(d2, sizeof d2, "%s/b", root);
+            save_state(pb, g, d, &cb, d2, 2);
+            ckpt_file(d2, "compress", z2);
+            compare(z2, z1, -1, 0, 0, "the compression state restored at T=2 and written again");
+        } else {
+            resume(pb, g, d, &cb, d1);
+        }
+        steps(pb, 2, &cb, NULL);
+        cr_assert_eq(pw_pipeline_save(pb, with ? got : fresh, NULL), PW_OK, "%s", pw_last_error());
+        pw_pipeline_destroy(pb);
+    }
+    char what[128];
+    snprintf(what, sizeof what, "%s at T=2, R=2: resumed with its state against the unbroken run", mode);
+    compare(got, unbroken, -1, 0, 0, what);
+    cr_assert_gt(max_diff(fresh, unbroken), 0, "%s: the state from zero changes nothing: the test proves nothing",
+                 mode);
+    /* At another T. */
+    for (int T = 1; T <= 3; T += 2) {
+        const run_cfg cc = {2, 2, T, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 8, 0, mode};
+        pw_pipeline *pc = make(g, d, &cc);
+        char why[600] = "", dT[600], zT[512];
+        resume_why(pc, g, d, &cc, d1, why, sizeof why);
+        if (topk) {
+            cr_assert_eq(why[0], 0, "%s written at T=2, at T=%d: not restored: %s", mode, T, why);
+            snprintf(dT, sizeof dT, "%s/T%d", root, T);
+            save_state(pc, g, d, &cc, dT, 2);
+            ckpt_file(dT, "compress", zT);
+            snprintf(what, sizeof what, "%s written at T=2, restored at T=%d and written", mode, T);
+            compare(zT, z1, -1, 0, 0, what);
+        } else { /* the residuals restored, Q from the seed */
+            cr_assert_eq(why[0], 0, "%s written at T=2, at T=%d: not restored: %s", mode, T, why);
+            snprintf(dT, sizeof dT, "%s/T%d", root, T);
+            save_state(pc, g, d, &cc, dT, 2);
+            ckpt_file(dT, "compress", zT);
+            same_residuals(zT, z1, T, mode);
+            if (T == 1) { /* and back: T = 1's tensors (residual then Q) restored at T = 2 */
+                pw_pipeline *p2 = make(g, d, &ca);
+                char d12[600], z12[512];
+                resume_why(p2, g, d, &ca, dT, why, sizeof why);
+                cr_assert_eq(why[0], 0, "%s written at T=1, at T=2: not restored: %s", mode, why);
+                snprintf(d12, sizeof d12, "%s/T1to2", root);
+                save_state(p2, g, d, &ca, d12, 2);
+                ckpt_file(d12, "compress", z12);
+                same_residuals(z12, z1, 2, mode);
+                pw_pipeline_destroy(p2);
+            }
+        }
+        pw_pipeline_destroy(pc);
+    }
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    cr_assert_eq(system(cmd), 0);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(tp_state, compress_topk_resume_at_T2, .timeout = TIMEOUT) { compressed_resume("topk:0.1"); }
+
+Test(tp_state, compress_powersgd_resume_at_T2, .timeout = TIMEOUT) { compressed_resume("powersgd:2"); }
+
+/* A move of the cuts at T = 2 with --compress and 2 replicas: every tensor
+ * rank's part of the state moves with its use's node, so after 4 steps
+ * (moved after 2) the bytes of the unbroken run; without it (the state
+ * restarted from zero at the move) they differ. */
+static void compressed_move(const char *mode)
+{
+    pw_graph *g = parse(GPT);
+    pw_dataset *d = tokens();
+    char ref[] = "/tmp/pw_tps_zm0_XXXXXX", got[] = "/tmp/pw_tps_zm1_XXXXXX";
+    tmp_file(ref);
+    tmp_file(got);
+    const run_cfg c = {2, 2, 2, 2, PW_SCHEDULE_1F1B, 0, 0, PW_OPTIM_SGD, 8, 0, mode};
+    run_to(g, d, &c, 4, ref, NULL);
+    pw_pipeline *pl = make(g, d, &c);
+    steps(pl, 2, &c, NULL);
+    int three[4];
+    cr_assert(tp_cuts(g, 3, three));
+    int cuts[3] = {0, three[1], g->n_nodes};
+    cr_assert_neq(cuts[1], pw_pipeline_partition(pl)->begin[1], "the move must move");
+    pw_repartition_info info;
+    cr_assert_eq(pw_pipeline_repartition(&pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
+    steps(pl, 2, &c, NULL);
+    cr_assert_eq(pw_pipeline_save(pl, got, NULL), PW_OK, "%s", pw_last_error());
+    pw_pipeline_destroy(pl);
+    char what[128];
+    snprintf(what, sizeof what, "%s at T=2, R=2: moved after step 2, against the unbroken run", mode);
+    compare(got, ref, -1, 0, 0, what);
+    unlink(ref);
+    unlink(got);
+    pw_dataset_destroy(d);
+    pw_graph_destroy(g);
+}
+
+Test(tp_state, compress_topk_move_at_T2, .timeout = TIMEOUT) { compressed_move("topk:0.1"); }
+
+Test(tp_state, compress_powersgd_move_at_T2, .timeout = TIMEOUT) { compressed_move("powersgd:2"); }

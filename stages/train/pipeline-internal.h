@@ -224,8 +224,11 @@ void pl_ps_destroy(pw_pipeline *pl);
  * order; a tied parameter has one span per use. A use is numbered over the
  * whole graph as pw_program_param_uses numbers a program's: nodes last to
  * first, a node's slots in order (pl_param_use_node: its node). *out is
- * malloc'd (the caller frees), NULL with none. *why (a constant string)
- * says why the state cannot be kept per use (tensor parallelism): then
+ * malloc'd (the caller frees), NULL with none. At T > 1 (in one process)
+ * each tensor rank's compressor holds its own part of a split parameter's
+ * use and its own copy of a whole one: one entry per (replica, parameter,
+ * use, tensor rank), ranks in order. *why (a constant string) says why the
+ * state cannot be kept per use (tensor parallelism under a transport): then
  * nothing is listed. Between steps only. */
 typedef struct pl_zstate {
     int replica;              /* the global replica index */
@@ -234,7 +237,13 @@ typedef struct pl_zstate {
     int n_uses;               /* its uses in the graph (> 1: tied) */
     pw_compressor *z;         /* its bucket's compressor (the engine's) */
     int span;                 /* its span there */
-    int64_t floats;           /* pw_compressor_span_state's */
+    int64_t floats;           /* pw_compressor_span_state's (0: none, a PowerSGD
+                                 span sent uncompressed) */
+    int tp_rank;              /* the tensor rank whose compressor it is (0 at T = 1) */
+    int split;                /* T > 1: the parameter is split, the span is tp_rank's
+                                 part of it (pw_graph_tp_slice) */
+    int64_t numel;            /* the span's floats: the residual's (the state's first
+                                 numel floats); PowerSGD's Q follows it */
 } pl_zstate;
 pw_status pl_compress_states(pw_pipeline *pl, pl_zstate **out, int *n, const char **why);
 /* The node of use `use` of graph parameter gp (-1: none). */

@@ -232,14 +232,18 @@ static void gs_grad_bucket_rows(void *self, int bucket, int n_buckets, int64_t *
     int j = s->n_pieces - 1 - bucket;
     if (j < 0) return;
     int n = 0;
-    for (int i = 0; i < pw_program_n_params(s->piece[j]); i++) {
-        pw_program_param pp;
-        pw_program_param_at(s->piece[j], i, &pp);
-        float *uses[16];
-        int nu = pw_program_param_uses(s->piece[j], i, uses, 16);
-        if (nu > 16) nu = 16; /* as gs_grad_bucket */
-        for (int u = 0; u < nu; u++, n++)
-            if (n < max) rows[n] = pp.shape.ndim >= 2 ? pp.shape.d[0] : 0;
+    const int ranks = s->rank_prog ? s->pl->TL : 1;
+    for (int r = 0; r < ranks; r++) { /* at T > 1 every rank's parts, as gs_grad_bucket */
+        pw_program *p = s->rank_prog ? s->rank_prog[r] : s->piece[j];
+        for (int i = 0; i < pw_program_n_params(p); i++) {
+            pw_program_param pp;
+            pw_program_param_at(p, i, &pp);
+            float *uses[16];
+            int nu = pw_program_param_uses(p, i, uses, 16);
+            if (nu > 16) nu = 16; /* as gs_grad_bucket */
+            for (int u = 0; u < nu; u++, n++)
+                if (n < max) rows[n] = pp.shape.ndim >= 2 ? pp.shape.d[0] : 0;
+        }
     }
 }
 

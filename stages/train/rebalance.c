@@ -356,11 +356,11 @@ static void zmove_free(zmove *zm)
     memset(zm, 0, sizeof *zm);
 }
 
-/* The entry of (replica, gp, use) in z[0 .. n); NULL: none here. */
-static const pl_zstate *zfind(const pl_zstate *z, int n, int replica, int gp, int use)
+/* The entry of (replica, gp, use, tensor rank) in z[0 .. n); NULL: none here. */
+static const pl_zstate *zfind(const pl_zstate *z, int n, int replica, int gp, int use, int tp_rank)
 {
     for (int i = 0; i < n; i++)
-        if (z[i].replica == replica && z[i].gp == gp && z[i].use == use) return &z[i];
+        if (z[i].replica == replica && z[i].gp == gp && z[i].use == use && z[i].tp_rank == tp_rank) return &z[i];
     return NULL;
 }
 
@@ -373,9 +373,10 @@ static int node_rank(const pw_pipeline *pl, int node)
 }
 
 /* Lists both pipelines' parts and copies those that stay in this process
- * (in one process: all of them). At T > 1 neither lists any (the state is
- * not kept per parameter there: it starts again from zero, as on --resume).
- * Local work only. */
+ * (in one process: all of them). At T > 1 in one process each tensor
+ * rank's part stays that rank's (a move keeps T); under mpirun at T > 1
+ * neither lists any (the state is not kept per parameter there: it starts
+ * again from zero, as on --resume). Local work only. */
 static pw_status zmove_prepare(pw_pipeline *from, pw_pipeline *to, zmove *zm, pw_repartition_info *info)
 {
     const char *why_from = NULL, *why_to = NULL;
@@ -397,7 +398,7 @@ static pw_status zmove_prepare(pw_pipeline *from, pw_pipeline *to, zmove *zm, pw
         return pw_error(PW_ERR_NOMEM, "rebalance: out of memory for the compression state");
     for (int i = 0; i < zm->n_has; i++) {
         const pl_zstate *n = &zm->has[i];
-        const pl_zstate *o = zfind(zm->had, zm->n_had, n->replica, n->gp, n->use);
+        const pl_zstate *o = zfind(zm->had, zm->n_had, n->replica, n->gp, n->use, n->tp_rank);
         if (!o) {
             if (!from->t) /* every replica's every chunk is here */
                 return pw_error(PW_ERR_INTERNAL, "rebalance: no compression state of '%s' (replica %d, use %d)",
@@ -433,14 +434,14 @@ static pw_status zmove_exchange(pw_pipeline *from, pw_pipeline *to, zmove *zm, p
             if (src == dst || (me != src && me != dst)) continue;
             pw_status st = PW_OK;
             if (me == src) {
-                const pl_zstate *o = zfind(zm->had, zm->n_had, k, gp, u);
+                const pl_zstate *o = zfind(zm->had, zm->n_had, k, gp, u, 0);
                 if (!o) continue; /* no state for this span (a PowerSGD span sent uncompressed) */
                 const size_t bytes = (size_t)o->floats * sizeof(float);
                 pw_compressor_span_state_get(o->z, o->span, zm->tmp);
                 st = t->vt->send(t->self, pw_transport_world_of(t, k, dst), gp, zm->tmp, bytes);
                 info->bytes_sent += (int64_t)bytes;
             } else {
-                const pl_zstate *n = zfind(zm->has, zm->n_has, k, gp, u);
+                const pl_zstate *n = zfind(zm->has, zm->n_has, k, gp, u, 0);
                 if (!n) continue;
                 const size_t bytes = (size_t)n->floats * sizeof(float);
                 st = t->vt->recv(t->self, pw_transport_world_of(t, k, src), gp, zm->tmp, bytes);
@@ -609,9 +610,10 @@ pw_status pw_pipeline_repartition(pw_pipeline **plp, const int *cuts, int n_cuts
             move_free(&mv);
         }
     /* --compress with error feedback: its state, every local replica's at
-     * once (the condition is every process's: the same configuration). */
+     * once (the condition is every process's: the same configuration; at
+     * T > 1 under a transport nothing is listed, zmove_prepare). */
     const pw_compress_kind zk = old->cfg.compress.kind;
-    if (st == PW_OK && (zk == PW_COMPRESS_TOPK || zk == PW_COMPRESS_POWERSGD) && old->NR > 1 && old->T == 1) {
+    if (st == PW_OK && (zk == PW_COMPRESS_TOPK || zk == PW_COMPRESS_POWERSGD) && old->NR > 1) {
         zmove zm = {0};
         st = agree(t, zmove_prepare(old, np, &zm, info), "preparing the move of the compression state", &lost);
         if (st == PW_OK && t && (st = zmove_exchange(old, np, &zm, info)) != PW_OK) lost = 1;

@@ -30,6 +30,8 @@
 #define PATH_MAX_LEN 4096
 #define MAX_PIECES 64
 #define PART_COMPRESS (-2)
+#define PART_ZRESID (-3) /* T > 1: a use's residual, gathered from its tensor ranks' compressors */
+#define PART_ZQ (-4)     /* T > 1: one tensor rank's PowerSGD Q */
 #define COMPRESS_FORMAT "pipewright-compress-1"
 
 static double now_s(void)
@@ -271,9 +273,11 @@ typedef struct item {
     pw_program *prog;          /* where it is read from */
     int local;                 /* the parameter's index there */
     int part;                  /* -1: the parameter; k >= 0: optimizer buffer k;
-                                  PART_COMPRESS: a compressor's state (z, zspan) */
+                                  PART_COMPRESS: a compressor's state (z, zspan);
+                                  PART_ZRESID, PART_ZQ: at T > 1, of the writer's zs[zi] */
     pw_compressor *z;
     int zspan;
+    int zi;
     int gp;
     char *name;                /* "fc1.weight" or "fc1.weight.exp_avg" */
     pw_shape shape;
@@ -300,6 +304,9 @@ struct pw_state_writer {
                                   (every process writes its replicas': "compress" files) */
     char zmode[48];            /* its mode ("topk:0.01"), for the files' metadata */
     char zreplicas[16];
+    pl_zstate *zs;             /* T > 1: the compressors' spans the PART_Z items read (owned) */
+    int nzs;
+    float *ztmp;               /* T > 1: one span's state */
     float *block;              /* the snapshot: every item's floats */
     size_t block_floats;
     int64_t spe;
@@ -336,12 +343,42 @@ static void free_items(pw_state_writer *w)
     free(w->items);
     free(w->block);
     free(w->part);
+    free(w->zs);
+    free(w->ztmp);
+    w->zs = NULL;
+    w->ztmp = NULL;
+    w->nzs = 0;
     w->items = NULL;
     w->block = NULL;
     w->part = NULL;
     w->part_floats = 0;
     w->n_items = w->n_model = w->n_compress = 0;
     w->block_floats = 0;
+}
+
+/* Whether two entries are spans of one (replica, parameter, use). */
+static int same_use(const pl_zstate *a, const pl_zstate *b)
+{
+    return a->replica == b->replica && a->gp == b->gp && a->use == b->use;
+}
+
+/* At T > 1 (docs/checkpoints.md, "compress"): a use's residual gathered
+ * into the full tensor — top-k's under the T = 1 name (the same tensor
+ * then, whatever T), PowerSGD's as "<name>.residual" — and PowerSGD's Q
+ * per tensor rank, "<name>.Q.T<T>.rank<r>" (q: 1). */
+static void ztp_name(const pw_graph *g, const pl_zstate *z, int powersgd, int q, int T, char *out, size_t n)
+{
+    char base[400];
+    pl_zstate_name(g, z, base, sizeof base);
+    if (q) snprintf(out, n, "%s.Q.T%d.rank%d", base, T, z->tp_rank);
+    else snprintf(out, n, "%s%s", base, powersgd ? ".residual" : "");
+}
+
+/* The residual floats of entry z's use in the checkpoint: the full tensor's
+ * for a split parameter, else the span's. */
+static int64_t zresid_floats(const pw_graph *g, const pl_zstate *z)
+{
+    return z->split ? pw_shape_numel(&g->params[z->gp].shape) : z->numel;
 }
 
 static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
@@ -425,7 +462,7 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
     const char *zwhy = NULL;
     PW_CHECK(pl_compress_states(pl, &zs, &nz, &zwhy));
     if (nz > 0) {
-        item *grown = realloc(w->items, (size_t)(n + nz) * sizeof *w->items);
+        item *grown = realloc(w->items, (size_t)(n + 2 * nz) * sizeof *w->items);
         if (!grown) {
             free(zs);
             return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
@@ -433,6 +470,37 @@ static pw_status build_items(pw_state_writer *w, pw_pipeline *pl)
         w->items = grown;
         pw_compress_name(&pl->cfg.compress, w->zmode, sizeof w->zmode);
         snprintf(w->zreplicas, sizeof w->zreplicas, "%d", pl->NR);
+    }
+    if (nz > 0 && pl->T > 1) {
+        /* Each tensor rank's compressor holds its part of a split parameter
+         * and its own copy of a whole one (the same floats on every rank:
+         * a whole parameter's gradient is computed alike on each). */
+        const int psgd = pl->cfg.compress.kind == PW_COMPRESS_POWERSGD;
+        int64_t most = 1;
+        for (int i = 0; i < nz; i++)
+            if (zs[i].floats > most) most = zs[i].floats;
+        w->zs = zs;
+        w->nzs = nz;
+        zs = NULL;
+        if (!(w->ztmp = malloc((size_t)most * sizeof(float)))) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+        for (int q = 0; q < 1 + psgd; q++)
+            for (int i = 0; i < nz; i++) {
+                const pl_zstate *e = &w->zs[i];
+                int first = 1;
+                for (int j = 0; j < i && first; j++) first = !same_use(&w->zs[j], e);
+                if (q == 0 ? !first : e->floats <= e->numel) continue;
+                item *it = &w->items[n];
+                const int64_t len = q ? e->floats - e->numel : zresid_floats(g, e);
+                *it = (item){.part = q ? PART_ZQ : PART_ZRESID, .zi = i, .gp = e->gp,
+                             .shape = {.ndim = 1, .d = {len}}, .numel = len, .off = off};
+                off += (size_t)len;
+                const size_t nlen = strlen(g->params[it->gp].name) + 96;
+                if (!(it->name = malloc(nlen))) return pw_error(PW_ERR_NOMEM, "checkpoint: out of memory");
+                ztp_name(g, e, psgd, q, pl->T, it->name, nlen);
+                w->n_items = ++n;
+                w->n_compress++;
+            }
+        nz = 0;
     }
     for (int i = 0; i < nz; i++) {
         item *it = &w->items[n];
@@ -550,7 +618,7 @@ static pw_status write_file(pw_state_writer *w, const char *kind, int from, int 
     for (int i = from; i < to; i++) {
         const item *it = &w->items[i];
         t[i - from] = (pw_st_tensor){.name = it->name, .dtype = PW_F32,
-                                     .shape = it->part == PART_COMPRESS ? it->shape : g->params[it->gp].shape,
+                                     .shape = it->part <= PART_COMPRESS ? it->shape : g->params[it->gp].shape,
                                      .data = w->block + it->off, .nbytes = (size_t)it->numel * sizeof(float)};
         char crc[16];
         snprintf(crc, sizeof crc, "%08" PRIx32, crc_of(t[i - from].data, t[i - from].nbytes));
@@ -723,6 +791,31 @@ static pw_status gather_item(pw_state_writer *w, const item *it)
     return PW_OK;
 }
 
+/* T > 1: a PART_ZRESID item (the use's residual: each rank's part into its
+ * place; a rank whose part has no state, a PowerSGD span sent
+ * uncompressed, has none: zeros) or a PART_ZQ item (one rank's Q). */
+static void snap_ztp(pw_state_writer *w, const item *it)
+{
+    const pl_zstate *a = &w->zs[it->zi];
+    float *dst = w->block + it->off;
+    if (it->part == PART_ZQ) {
+        pw_compressor_span_state_get(a->z, a->span, w->ztmp);
+        memcpy(dst, w->ztmp + a->numel, (size_t)it->numel * sizeof(float));
+        return;
+    }
+    memset(dst, 0, (size_t)it->numel * sizeof(float));
+    for (int i = it->zi; i < w->nzs; i++) {
+        const pl_zstate *e = &w->zs[i];
+        if (!same_use(e, a)) continue;
+        pw_compressor_span_state_get(e->z, e->span, w->ztmp);
+        if (!e->split) { /* a whole parameter: the first rank's copy */
+            memcpy(dst, w->ztmp, (size_t)e->numel * sizeof(float));
+            return;
+        }
+        pw_graph_tp_slice(w->rank_g[e->tp_rank], e->gp, dst, w->ztmp, 0);
+    }
+}
+
 pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step)
 {
     if (w->pending) {
@@ -761,6 +854,10 @@ pw_status pw_state_writer_save(pw_state_writer *w, pw_pipeline *pl, int64_t step
         const item *it = &w->items[i];
         if (it->part == PART_COMPRESS) {
             pw_compressor_span_state_get(it->z, it->zspan, w->block + it->off);
+            continue;
+        }
+        if (it->part == PART_ZRESID || it->part == PART_ZQ) {
+            snap_ztp(w, it);
             continue;
         }
         if (it->gather) {
@@ -1325,6 +1422,65 @@ out:
     return st;
 }
 
+/* The compress tensor `name` of the checkpoint, checked against `shape`
+ * (its file opened once, of[]); *why set (PW_OK) when the checkpoint has
+ * none of that name. */
+static pw_status zfetch(const pw_state *s, open_file *of, size_t nf, const char *name, const pw_shape *shape,
+                        pw_st_tensor *t, char *why, size_t why_n)
+{
+    json_t *files = json_object_get(s->root, "files");
+    json_t *rec = find_tensor(s, name, NULL);
+    if (!rec) {
+        snprintf(why, why_n, "the checkpoint has no '%s'", name);
+        return PW_OK;
+    }
+    size_t fi = 0;
+    while (fi < nf && json_array_get(files, fi) != rec) fi++;
+    if (!of[fi].st) {
+        of[fi].rec = rec;
+        PW_CHECK(check_file(s, rec, &of[fi].st));
+    }
+    return pw_safetensors_get_as(of[fi].st, name, PW_F32, shape, t);
+}
+
+/* One span's state at T > 1, or PowerSGD's at another T than the
+ * checkpoint's (Tc): its slice of the use's residual (ztp_name's at
+ * Tc > 1; at Tc = 1 the first floats of the T = 1 tensor, residual then Q),
+ * and PowerSGD's Q of this rank at the same T, else the compressor's own
+ * (the seed's: a resumed run's compressors are new). Pass 0 checks, 1
+ * copies. */
+static pw_status zrestore_tp(const pw_state *s, open_file *of, size_t nf, pw_pipeline *pl, const pl_zstate *z,
+                             int Tc, int pass, float *tmp, char *why, size_t why_n)
+{
+    const int psgd = pl->cfg.compress.kind == PW_COMPRESS_POWERSGD, qfresh = psgd && Tc != pl->T;
+    const int64_t full = zresid_floats(pl->g, z);
+    char name[512];
+    pw_st_tensor t;
+    /* the residual: a T = 1 PowerSGD tensor is longer (its Q follows) */
+    if (Tc > 1) ztp_name(pl->g, z, psgd, 0, Tc, name, sizeof name);
+    else pl_zstate_name(pl->g, z, name, sizeof name);
+    const pw_shape shape = {.ndim = 1, .d = {full}};
+    PW_CHECK(zfetch(s, of, nf, name, psgd && Tc == 1 ? NULL : &shape, &t, why, why_n));
+    if (why[0]) return PW_OK;
+    if (t.nbytes < (size_t)full * sizeof(float))
+        return pw_error(PW_ERR_FORMAT, "%s: '%s' has %zu floats, fewer than the %lld of its residual", s->path, name,
+                        t.nbytes / sizeof(float), (long long)full);
+    if (pass == 1) {
+        if (qfresh) pw_compressor_span_state_get(z->z, z->span, tmp); /* the seed's Q */
+        if (z->split) pw_graph_tp_slice(pl->rank_g[z->tp_rank], z->gp, (float *)t.data, tmp, 1);
+        else memcpy(tmp, t.data, (size_t)z->numel * sizeof *tmp);
+    }
+    if (psgd && !qfresh) { /* this rank's Q */
+        ztp_name(pl->g, z, psgd, 1, pl->T, name, sizeof name);
+        const pw_shape qs = {.ndim = 1, .d = {z->floats - z->numel}};
+        PW_CHECK(zfetch(s, of, nf, name, &qs, &t, why, why_n));
+        if (why[0]) return PW_OK;
+        if (pass == 1) memcpy(tmp + z->numel, t.data, (size_t)qs.d[0] * sizeof *tmp);
+    }
+    if (pass == 1) pw_compressor_span_state_set(z->z, z->span, tmp);
+    return PW_OK;
+}
+
 pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n)
 {
     why[0] = '\0';
@@ -1348,6 +1504,7 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
         return pw_error(PW_ERR_NOMEM, "--resume: out of memory");
     }
     pw_status st = PW_OK;
+    float *tmp = NULL; /* T > 1: one span's state */
     /* The mode and replica count the state was written with (every
      * compress file says them; the first one found is asked). */
     int any = 0;
@@ -1363,10 +1520,31 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
                      m ? m : "?", r ? r : "?", mode, reps);
     }
     if (!any) snprintf(why, why_n, "the checkpoint holds none (it was written without it)");
-    /* Pass 0: every tensor found and checked; pass 1: copied. */
+    /* PowerSGD's Q is per tensor rank, a matrix of its part's columns: only
+     * the T that wrote it takes it; at another T the residuals (per
+     * element, the full tensor's whatever T, as top-k's: docs/checkpoints.md)
+     * are restored and Q stays the seed's. */
+    const int T = pl->T, Tc = s->meta.layout.tensor_parallel > 1 ? s->meta.layout.tensor_parallel : 1;
+    const int psgd = pl->cfg.compress.kind == PW_COMPRESS_POWERSGD, qfresh = psgd && Tc != T;
+    if (T > 1 || qfresh) {
+        int64_t most = 1;
+        for (int i = 0; i < nz; i++)
+            if (zs[i].floats > most) most = zs[i].floats;
+        if (!(tmp = malloc((size_t)most * sizeof *tmp))) {
+            st = pw_error(PW_ERR_NOMEM, "--resume: out of memory");
+            goto out;
+        }
+    }
+    /* Pass 0: every tensor found and checked; pass 1: copied. At T > 1
+     * each rank's span takes its slice of the use's residual, and with
+     * PowerSGD its own Q (zrestore_tp). */
     for (int pass = 0; pass < 2 && st == PW_OK && !why[0]; pass++)
         for (int i = 0; i < nz && st == PW_OK && !why[0]; i++) {
             char name[512];
+            if (T > 1 || qfresh) {
+                st = zrestore_tp(s, of, nf, pl, &zs[i], Tc, pass, tmp, why, why_n);
+                continue;
+            }
             pl_zstate_name(pl->g, &zs[i], name, sizeof name);
             json_t *rec = find_tensor(s, name, NULL);
             if (!rec) {
@@ -1384,9 +1562,14 @@ pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *wh
             PW_CHECK_GOTO(pw_safetensors_get_as(of[fi].st, name, PW_F32, &shape, &t), st, out);
             if (pass == 1) pw_compressor_span_state_set(zs[i].z, zs[i].span, t.data);
         }
+    if (st == PW_OK && !why[0] && qfresh)
+        PW_WARN("--resume with --compress %s: PowerSGD's Q is per tensor rank, and the checkpoint's is of "
+                "--tensor-parallel %d, this run's %d: the residuals are restored, Q starts again from the seed",
+                mode, Tc, T);
 out:
     for (size_t i = 0; i < nf; i++) pw_safetensors_close(of[i].st);
     free(of);
+    free(tmp);
     free(zs);
     return st;
 }

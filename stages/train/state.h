@@ -248,7 +248,11 @@ pw_status pw_state_restore(const pw_state *s, pw_pipeline *pl, int replicas);
  * when the checkpoint cannot give it (one written without it, by an older
  * version or an uncompressed run, or one of a graph with tied parameters
  * written before their state was kept; another mode or replica count;
- * tensor parallelism): the state then starts from zero, as in a new run.
+ * tensor parallelism under mpirun): the state then starts from zero, as in
+ * a new run. At T > 1 in one process each tensor rank's compressor takes
+ * its part (docs/checkpoints.md); PowerSGD's Q is per tensor rank, so at
+ * another T than the checkpoint's only the residuals are restored, Q
+ * starts from the seed, and a warning says so on stderr.
  * Errors: a corrupt or truncated file (named). */
 pw_status pw_state_restore_compress(const pw_state *s, pw_pipeline *pl, char *why, size_t why_n);
 
