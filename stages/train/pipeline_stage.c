@@ -196,16 +196,16 @@ static pw_status gs_backward_bucket(void *self, int mb, int slot, int bucket, pw
     return pw_program_backward_weight(s->piece[j], slot);
 }
 
-static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans, int max_spans)
+/* A bucket's spans (spans) and their rows (rows) in one walk, so the two
+ * lists always agree (PowerSGD reads span i's rows at i): every use buffer
+ * of a tied parameter is summed across the replicas (the uses are folded
+ * only before the optimizer); under tensor parallelism every rank's parts,
+ * rank by rank (each replica's chunk lists the same spans). A weight of 2
+ * or more dimensions has rows = dim 0 (runtime/compress.h), else 0. */
+static int bucket_walk(gstage *s, int bucket, pw_span *spans, int64_t *rows, int max)
 {
-    (void)n_buckets;
-    gstage *s = self;
-    int j = s->n_pieces - 1 - bucket;
+    const int j = s->n_pieces - 1 - bucket;
     if (j < 0) return 0;
-    /* Every use buffer of a tied parameter is summed across the replicas
-     * (the uses are folded only before the optimizer). */
-    /* Tensor parallelism: every rank's parts, rank by rank (each replica's
-     * chunk lists the same spans). */
     int n = 0;
     const int ranks = s->rank_prog ? s->pl->TL : 1;
     for (int r = 0; r < ranks; r++) {
@@ -216,35 +216,27 @@ static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans,
             float *uses[16];
             int nu = pw_program_param_uses(p, i, uses, 16);
             if (nu > 16) nu = 16; /* PW_ASSERT-worthy; 16 uses of one weight in one piece */
-            for (int u = 0; u < nu; u++, n++)
-                if (n < max_spans) spans[n] = (pw_span){uses[u], pp.numel};
+            for (int u = 0; u < nu; u++, n++) {
+                if (n >= max) continue;
+                if (spans) spans[n] = (pw_span){uses[u], pp.numel};
+                if (rows) rows[n] = pp.shape.ndim >= 2 ? pp.shape.d[0] : 0;
+            }
         }
     }
     return n;
 }
 
-/* The rows of gs_grad_bucket's spans, in its order: a weight of 2 or more
- * dimensions is (dim 0, the rest), for PowerSGD (runtime/compress.h). */
+static int gs_grad_bucket(void *self, int bucket, int n_buckets, pw_span *spans, int max_spans)
+{
+    (void)n_buckets;
+    return bucket_walk(self, bucket, spans, NULL, max_spans);
+}
+
+/* The rows of gs_grad_bucket's spans, in its order, for PowerSGD. */
 static void gs_grad_bucket_rows(void *self, int bucket, int n_buckets, int64_t *rows, int max)
 {
     (void)n_buckets;
-    gstage *s = self;
-    int j = s->n_pieces - 1 - bucket;
-    if (j < 0) return;
-    int n = 0;
-    const int ranks = s->rank_prog ? s->pl->TL : 1;
-    for (int r = 0; r < ranks; r++) { /* at T > 1 every rank's parts, as gs_grad_bucket */
-        pw_program *p = s->rank_prog ? s->rank_prog[r] : s->piece[j];
-        for (int i = 0; i < pw_program_n_params(p); i++) {
-            pw_program_param pp;
-            pw_program_param_at(p, i, &pp);
-            float *uses[16];
-            int nu = pw_program_param_uses(p, i, uses, 16);
-            if (nu > 16) nu = 16; /* as gs_grad_bucket */
-            for (int u = 0; u < nu; u++, n++)
-                if (n < max) rows[n] = pp.shape.ndim >= 2 ? pp.shape.d[0] : 0;
-        }
-    }
+    bucket_walk(self, bucket, NULL, rows, max);
 }
 
 /* Parameter i's (folded) gradient as host floats, for clipping: *out =
