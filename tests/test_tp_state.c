@@ -396,6 +396,20 @@ Test(tp_state, checkpoints_resume_at_any_T, .timeout = TIMEOUT)
 
 /* ------------------------------------------------------------ moving cuts */
 
+/* Moves a 2-stage pipeline's cut to other boundaries: three chunks' worth
+ * of them, the first (it must move). Returns the new cut. */
+static int move_to_other_cuts(pw_pipeline **pl, const pw_graph *g)
+{
+    int three[4];
+    cr_assert(tp_cuts(g, 3, three));
+    int cuts[3] = {0, three[1], g->n_nodes};
+    cr_assert_neq(cuts[1], pw_pipeline_partition(*pl)->begin[1], "the move must move");
+    pw_repartition_info info;
+    cr_assert_eq(pw_pipeline_repartition(pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
+    cr_assert_eq(pw_pipeline_partition(*pl)->begin[1], cuts[1]);
+    return cuts[1];
+}
+
 /* pw_pipeline_repartition at T = 2 in one process (docs/parallelism.md,
  * "Moving the cuts at T > 1"): the GPT on 2 stages, AdamW with clipping,
  * moved after step 2 to other cuts and after step 3 to a cut inside an
@@ -414,21 +428,15 @@ Test(tp_state, repartition_at_T2, .timeout = TIMEOUT)
     run_to(g, d, &c, 5, ref, NULL);
     pw_pipeline *pl = make(g, d, &c);
     steps(pl, 2, &c, NULL);
-    /* other cuts: three chunks' worth of boundaries, the first of them */
-    int three[4];
-    cr_assert(tp_cuts(g, 3, three));
-    int cuts[3] = {0, three[1], g->n_nodes};
-    cr_assert_neq(cuts[1], pw_pipeline_partition(pl)->begin[1], "the move must move");
-    pw_repartition_info info;
-    cr_assert_eq(pw_pipeline_repartition(&pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
-    cr_assert_eq(pw_pipeline_partition(pl)->begin[1], cuts[1]);
+    const int first = move_to_other_cuts(&pl, g);
     steps(pl, 1, &c, NULL);
     /* a cut between an attention's c_attn (column) and its c_proj (row) */
     int att = -1; /* the second block's attention: qkv, split, comes into it */
     for (int i = 0; i < g->n_nodes; i++)
         if (g->nodes[i].op == PW_OP_CAUSAL_ATTENTION) att = i;
-    cr_assert_gt(att, cuts[1], "the second attention lies after the first cut");
-    cuts[1] = att;
+    cr_assert_gt(att, first, "the second attention lies after the first cut");
+    int cuts[3] = {0, att, g->n_nodes};
+    pw_repartition_info info;
     cr_assert_eq(pw_pipeline_repartition(&pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
     const int at = pw_pipeline_partition(pl)->begin[1];
     cr_assert(at != att && at >= att - 3 && at <= att + 3, "the cut inside the pair went to %d (asked %d)", at, att);
@@ -613,12 +621,7 @@ static void compressed_move(const char *mode)
     run_to(g, d, &c, 4, ref, NULL);
     pw_pipeline *pl = make(g, d, &c);
     steps(pl, 2, &c, NULL);
-    int three[4];
-    cr_assert(tp_cuts(g, 3, three));
-    int cuts[3] = {0, three[1], g->n_nodes};
-    cr_assert_neq(cuts[1], pw_pipeline_partition(pl)->begin[1], "the move must move");
-    pw_repartition_info info;
-    cr_assert_eq(pw_pipeline_repartition(&pl, cuts, 3, &info), PW_OK, "%s", pw_last_error());
+    move_to_other_cuts(&pl, g);
     steps(pl, 2, &c, NULL);
     cr_assert_eq(pw_pipeline_save(pl, got, NULL), PW_OK, "%s", pw_last_error());
     pw_pipeline_destroy(pl);
